@@ -1,0 +1,1 @@
+"""featbank's command line (installed as ``featbank.cli``): one click command per module."""

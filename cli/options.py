@@ -1,0 +1,47 @@
+"""Options shared by several commands, defined once and stacked as decorators."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import click
+
+F = Callable[..., Any]
+
+
+def backbone_options(f: F) -> F:
+    f = click.option(
+        "--weights-file",
+        type=click.Path(dir_okay=False, path_type=str),
+        default=None,
+        help="Load this local state_dict (loaded with weights_only=True) instead of the default weights.",
+    )(f)
+    f = click.option(
+        "--weights",
+        default=None,
+        metavar="NAME",
+        help="Weights of the backbone: a torchvision enum name (IMAGENET1K_V2), or 'random' "
+        "(no pretraining, warns). Default: the backbone's default pretrained weights.",
+    )(f)
+    f = click.option(
+        "--backbone",
+        "-b",
+        default="efficientnet_lite0",
+        show_default=True,
+        help="Backbone name (see 'featbank backbones'), or a fine-tuned bundle folder.",
+    )(f)
+    return f
+
+
+def device_option(f: F) -> F:
+    return click.option(
+        "--device",
+        type=click.Choice(["auto", "cpu", "cuda"]),
+        default="auto",
+        show_default=True,
+        help="Where to run the network; auto picks CUDA when a GPU is visible.",
+    )(f)
+
+
+def quiet_option(f: F) -> F:
+    return click.option("--quiet", "-q", is_flag=True, help="No progress bar; print only the result.")(f)

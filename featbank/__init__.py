@@ -1,0 +1,54 @@
+"""featbank: embed an image folder once, then fit heads in seconds, fine-tune, export to ONNX.
+
+The public API is re-exported here; submodules import torch lazily where they can so the
+command line starts fast.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "extract",
+    "ExtractReport",
+    "open_cache",
+    "FeatureCache",
+    "load_backbone",
+    "list_backbones",
+    "backbone_groups",
+    "scan_folder",
+    "PreprocessConfig",
+    "errors",
+]
+
+_LAZY = {
+    "extract": ("featbank.extract", "extract"),
+    "ExtractReport": ("featbank.extract", "ExtractReport"),
+    "open_cache": ("featbank.cache", "open_cache"),
+    "FeatureCache": ("featbank.cache", "FeatureCache"),
+    "load_backbone": ("featbank.backbones", "load_backbone"),
+    "list_backbones": ("featbank.backbones", "list_backbones"),
+    "backbone_groups": ("featbank.backbones", "backbone_groups"),
+    "scan_folder": ("featbank.data", "scan_folder"),
+    "PreprocessConfig": ("featbank.images", "PreprocessConfig"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    if name == "errors":
+        import importlib
+
+        return importlib.import_module("featbank.errors")
+    raise AttributeError(f"module 'featbank' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

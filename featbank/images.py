@@ -1,0 +1,306 @@
+"""Image decoding and eval preprocessing, with no torch import.
+
+This module is shared by extraction, prediction and the light ONNX runtime
+(``featbank.runtime``), so it may import only numpy and Pillow. Resizing follows torchvision's
+PIL path exactly (shorter side to ``resize_size``, then a centre crop), so a config taken from
+``weights.transforms()`` or timm's ``pretrained_cfg`` gives the same pixels here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "PreprocessConfig",
+    "ImageReadError",
+    "load_image",
+    "preprocess_image",
+    "load_and_preprocess",
+]
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
+)
+
+#: Larger images are refused as probable decompression bombs (Pillow's own default limit).
+DEFAULT_MAX_PIXELS = 178_956_970
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """The eval transform that travels with a backbone's weights.
+
+    Attributes:
+        input_size: (height, width) of the centre crop fed to the network.
+        resize_size: the shorter image side is resized to this before cropping.
+        interpolation: Pillow resampling filter name (``bicubic``, ``bilinear``, ...).
+        mean: per-channel mean, on the 0..1 scale, RGB order.
+        std: per-channel standard deviation, on the 0..1 scale, RGB order.
+    """
+
+    input_size: tuple[int, int]
+    resize_size: int
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
+        object.__setattr__(self, "resize_size", int(self.resize_size))
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        if self.interpolation not in _RESAMPLE:
+            raise ValueError(
+                f"Unknown interpolation {self.interpolation!r}; expected one of {sorted(_RESAMPLE)}."
+            )
+
+    @classmethod
+    def from_crop_pct(
+        cls,
+        input_size: int | Sequence[int],
+        crop_pct: float,
+        interpolation: str,
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> "PreprocessConfig":
+        """Build a config the way timm does: ``resize = floor(size / crop_pct)``."""
+        if isinstance(input_size, int):
+            input_size = (input_size, input_size)
+        h, w = input_size
+        resize = math.floor(min(h, w) / crop_pct) if h == w else math.floor(h / crop_pct)
+        return cls((h, w), resize, interpolation, tuple(mean), tuple(std))
+
+    @property
+    def crop_pct(self) -> float:
+        return min(self.input_size) / self.resize_size
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["input_size"] = list(self.input_size)
+        d["mean"] = list(self.mean)
+        d["std"] = list(self.std)
+        d["layout"] = "NHWC uint8 RGB"
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PreprocessConfig":
+        return cls(
+            input_size=tuple(d["input_size"]),
+            resize_size=d["resize_size"],
+            interpolation=d["interpolation"],
+            mean=tuple(d["mean"]),
+            std=tuple(d["std"]),
+        )
+
+
+class ImageReadError(Exception):
+    """An image file cannot be decoded; ``reason`` says why in a few words.
+
+    Extraction catches this per file, reports the reason and goes on with the next image.
+    """
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
+
+# EXIF orientation tag (0x0112) -> the transpose that shows the image upright (as ImageOps does).
+_EXIF_ORIENTATION = 0x0112
+_ORIENTATION_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _to_uint8_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in _SIXTEEN_BIT_MODES or mode == "I":
+        arr = np.asarray(img).astype(np.float64)
+        # 16-bit data spans 0..65535; Pillow's convert('L') would clip it to 255 instead of scaling.
+        # Mode "I" may hold 8-bit values too (some TIFFs), so only scale when it is really wider.
+        if mode in _SIXTEEN_BIT_MODES or arr.max(initial=0) > 255:
+            arr = arr / 257.0
+        arr = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        arr = np.nan_to_num(arr, nan=0.0, posinf=255.0, neginf=0.0)
+        hi = 1.0 if arr.size and arr.max() <= 1.0 else 255.0
+        arr = np.clip(np.rint(arr * (255.0 / hi)), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if mode in ("P", "PA"):
+        # convert('RGB') warns for palettes whose transparency is given as bytes; RGBA does not.
+        img = img.convert("RGBA")
+    # Alpha is dropped, not composited, exactly as torchvision's and timm's loaders do.
+    return img.convert("RGB")
+
+
+def _exif_orientation(img: Image.Image) -> int:
+    try:
+        value = img.getexif().get(_EXIF_ORIENTATION, 1)
+        return int(value)
+    except Exception:
+        # Broken metadata is no reason to refuse pixels that decoded fine.
+        return 1
+
+
+def _decode(fp: Any, max_pixels: int) -> Image.Image:
+    img = Image.open(fp)
+    w, h = img.size
+    # The header is parsed but no pixel is decoded yet: refuse bombs before allocating anything.
+    if w * h > max_pixels:
+        raise ImageReadError(
+            f"too large: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
+            "(possible decompression bomb)"
+        )
+    img.load()
+    orientation = _exif_orientation(img)
+    out = _to_uint8_rgb(img)
+    if orientation in _ORIENTATION_TRANSPOSE:
+        out = out.transpose(_ORIENTATION_TRANSPOSE[orientation])
+    return out
+
+
+def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode an image file into an 8-bit RGB Pillow image.
+
+    The EXIF orientation is applied. Grey, grey+alpha, palette (with or without transparency),
+    CMYK, 16-bit and float images are converted; 16-bit values are scaled by 1/257 (65535 -> 255),
+    not clipped; alpha is dropped as torchvision's loader does. Animated images give their first
+    frame. The pixel count is checked from the header, before anything is decoded, and no global
+    Pillow setting is changed (``Image.MAX_IMAGE_PIXELS`` still applies on top of ``max_pixels``).
+    Truncated files are refused, never padded, unless the caller has set Pillow's global
+    ``ImageFile.LOAD_TRUNCATED_IMAGES``. Decoder warnings are silenced (``warnings.catch_warnings``,
+    which on Python < 3.14 is process-wide while a file decodes).
+
+    Args:
+        path: the image file.
+        max_pixels: images with more pixels (width x height) are refused.
+
+    Returns:
+        A loaded Pillow image in mode ``RGB``.
+
+    Raises:
+        ImageReadError: the file is missing, not a regular file, unreadable, empty, truncated,
+            corrupt, not an image, or has more than ``max_pixels`` pixels. ``reason`` says which.
+
+    Example:
+        >>> img = load_image("DATA/cat/001.jpg")  # doctest: +SKIP
+        >>> img.mode
+        'RGB'
+    """
+    path = Path(path)
+    try:
+        fp = open(path, "rb")
+    except FileNotFoundError:
+        raise ImageReadError("file not found (moved or deleted since the scan, or a broken link)") from None
+    except IsADirectoryError:
+        raise ImageReadError("not a file: it is a directory") from None
+    except PermissionError:
+        raise ImageReadError("permission denied") from None
+    except OSError as e:
+        raise ImageReadError(f"cannot open: {e.strerror or e}") from None
+    with fp:
+        try:
+            st = os.fstat(fp.fileno())
+        except OSError as e:
+            raise ImageReadError(f"cannot stat: {e.strerror or e}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageReadError("not a regular file")
+        if st.st_size == 0:
+            raise ImageReadError("empty file (0 bytes)")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return _decode(fp, max_pixels)
+        except ImageReadError:
+            raise
+        except Image.DecompressionBombError as e:
+            raise ImageReadError(f"too large (possible decompression bomb): {e}") from None
+        except Image.UnidentifiedImageError:
+            raise ImageReadError("not an image (format not recognised)") from None
+        except PermissionError:
+            raise ImageReadError("permission denied") from None
+        except (OSError, SyntaxError, EOFError) as e:
+            msg = str(e) or type(e).__name__
+            raise ImageReadError(f"truncated or corrupt: {msg}") from None
+        except MemoryError:
+            raise ImageReadError("out of memory while decoding") from None
+        except Exception as e:  # noqa: BLE001 - any decoder failure is a per-file problem, not a crash
+            raise ImageReadError(f"cannot decode: {type(e).__name__}: {e}") from None
+
+
+def preprocess_image(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+    """Resize the shorter side and centre-crop, bit for bit as torchvision's PIL path does.
+
+    Equal to ``Resize(cfg.resize_size, interpolation) + CenterCrop(cfg.input_size)`` applied to a
+    PIL image (zero padding where the crop is larger than the resized image).
+
+    Args:
+        img: a Pillow image; modes other than RGB are converted as :func:`load_image` does.
+        cfg: the preprocessing config of the backbone.
+
+    Returns:
+        ``uint8`` array of shape ``(height, width, 3)``, RGB, not normalised.
+    """
+    if img.mode != "RGB":
+        img = _to_uint8_rgb(img)
+    w, h = img.size
+    size = cfg.resize_size
+    short, long = (w, h) if w <= h else (h, w)
+    if short != size:
+        new_short, new_long = size, int(size * long / short)
+        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+        img = img.resize((new_w, new_h), _RESAMPLE[cfg.interpolation])
+    w, h = img.size
+    ch, cw = cfg.input_size
+    if w < cw or h < ch:
+        # torchvision pads with zeros when the crop is larger than the image.
+        canvas = Image.new("RGB", (max(w, cw), max(h, ch)))
+        canvas.paste(img, ((max(w, cw) - w) // 2, (max(h, ch) - h) // 2))
+        img = canvas
+        w, h = img.size
+    top = int(round((h - ch) / 2.0))
+    left = int(round((w - cw) / 2.0))
+    img = img.crop((left, top, left + cw, top + ch))
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.shape != (ch, cw, 3):
+        raise ImageReadError(f"unexpected decoded shape {arr.shape}")
+    return arr
+
+
+def load_and_preprocess(path: str | os.PathLike, cfg: PreprocessConfig) -> np.ndarray:
+    """``preprocess_image(load_image(path), cfg)``."""
+    return preprocess_image(load_image(path), cfg)
