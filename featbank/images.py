@@ -13,9 +13,10 @@ import math
 import os
 import stat
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -30,7 +31,20 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
+    {
+        ".jpg",
+        ".jpeg",
+        ".png",
+        ".bmp",
+        ".gif",
+        ".tif",
+        ".tiff",
+        ".webp",
+        ".ppm",
+        ".pgm",
+        ".pbm",
+        ".jfif",
+    }
 )
 
 #: Larger images are refused as probable decompression bombs (Pillow's own default limit).
@@ -225,7 +239,9 @@ def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     try:
         fp = open(path, "rb")
     except FileNotFoundError:
-        raise ImageReadError("file not found (moved or deleted since the scan, or a broken link)") from None
+        raise ImageReadError(
+            "file not found (moved or deleted since the scan, or a broken link)"
+        ) from None
     except IsADirectoryError:
         raise ImageReadError("not a file: it is a directory") from None
     except PermissionError:

@@ -27,9 +27,10 @@ import os
 import shutil
 import struct
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -114,9 +115,13 @@ def _stratified_subset(
 
     idx = np.arange(len(labels))
     try:
-        keep, rest = train_test_split(idx, train_size=size, stratify=np.asarray(labels), random_state=seed)
+        keep, rest = train_test_split(
+            idx, train_size=size, stratify=np.asarray(labels), random_state=seed
+        )
     except ValueError as e:
-        raise PrepareError(f"Cannot take a stratified {what} of {len(labels)} images: {e}") from None
+        raise PrepareError(
+            f"Cannot take a stratified {what} of {len(labels)} images: {e}"
+        ) from None
     return np.sort(keep), np.sort(rest)
 
 
@@ -128,7 +133,9 @@ def _select(items: list[Item], split: str, seed: int, limit: int | None) -> list
                 f"--limit must be at least the number of classes ({n_classes}); got {limit}."
             )
         if limit < len(items):
-            keep, _ = _stratified_subset([str(it.label) for it in items], limit, seed, f"subset of {limit}")
+            keep, _ = _stratified_subset(
+                [str(it.label) for it in items], limit, seed, f"subset of {limit}"
+            )
             items = [items[i] for i in keep]
     if split == "70-30":
         train, test = _stratified_subset([str(it.label) for it in items], 0.7, seed, "70/30 split")
@@ -227,22 +234,30 @@ def _prepare(
 def elpv_data_dir() -> Path:
     """The ``data`` folder of the installed ``elpv-dataset`` package (labels.csv, images/)."""
     if importlib.util.find_spec("elpv_dataset") is None:
-        raise PrepareError("The ELPV data is not installed. Install it with: pip install elpv-dataset")
+        raise PrepareError(
+            "The ELPV data is not installed. Install it with: pip install elpv-dataset"
+        )
     data = Path(str(importlib.resources.files("elpv_dataset") / "data"))
     if not (data / "labels.csv").is_file():
-        raise PrepareError(f"'{data / 'labels.csv'}' is missing; reinstall with: pip install --force-reinstall elpv-dataset")
+        raise PrepareError(
+            f"'{data / 'labels.csv'}' is missing; reinstall with: pip install --force-reinstall elpv-dataset"
+        )
     return data
 
 
 def read_elpv_labels(data_dir: Path) -> list[tuple[str, float, str]]:
     """Rows ``(relative image path, defect probability, cell type)`` of ELPV's labels.csv."""
     rows = []
-    for line_no, line in enumerate((data_dir / "labels.csv").read_text(encoding="utf-8").splitlines(), 1):
+    for line_no, line in enumerate(
+        (data_dir / "labels.csv").read_text(encoding="utf-8").splitlines(), 1
+    ):
         if not line.strip():
             continue
         parts = line.split()
         if len(parts) != 3:
-            raise PrepareError(f"{data_dir / 'labels.csv'}:{line_no}: expected 'path probability type', got {line!r}")
+            raise PrepareError(
+                f"{data_dir / 'labels.csv'}:{line_no}: expected 'path probability type', got {line!r}"
+            )
         rows.append((parts[0], float(parts[1]), parts[2]))
     return rows
 
@@ -290,7 +305,9 @@ def _read_idx(path: Path) -> np.ndarray:
     shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if arr.size != int(np.prod(shape)):
-        raise PrepareError(f"'{path}' is truncated: expected {int(np.prod(shape))} values, found {arr.size}.")
+        raise PrepareError(
+            f"'{path}' is truncated: expected {int(np.prod(shape))} values, found {arr.size}."
+        )
     return arr.reshape(shape)
 
 
@@ -332,12 +349,16 @@ def build_fashion_mnist(
             images = _read_idx(_find_idx(src, f"{prefix}-images-idx3-ubyte"))
             labels = _read_idx(_find_idx(src, f"{prefix}-labels-idx1-ubyte"))
             if len(images) != len(labels) or images.ndim != 3:
-                raise PrepareError(f"Fashion-MNIST {split} images and labels in '{src}' do not match.")
+                raise PrepareError(
+                    f"Fashion-MNIST {split} images and labels in '{src}' do not match."
+                )
             keep = np.arange(len(labels))
             if n < len(labels):
                 keep, _ = _stratified_subset(labels.tolist(), n, seed, f"{split} subset of {n}")
             for i in keep:
-                items.append(Item(f"{i:05d}", FASHION_MNIST_CLASSES[labels[i]], images[i], split=split))
+                items.append(
+                    Item(f"{i:05d}", FASHION_MNIST_CLASSES[labels[i]], images[i], split=split)
+                )
         return items
 
     return _prepare(out, args, make_items, jpeg_fraction, seed, force)
@@ -352,7 +373,13 @@ def build_digits(
     force: bool = False,
 ) -> PrepareResult:
     """scikit-learn's 1,797 8x8 digits (0..16 scaled to 0..255), classes ``0`` ... ``9``."""
-    args = {"dataset": "digits", "split": split, "seed": seed, "limit": limit, "jpeg_fraction": jpeg_fraction}
+    args = {
+        "dataset": "digits",
+        "split": split,
+        "seed": seed,
+        "limit": limit,
+        "jpeg_fraction": jpeg_fraction,
+    }
 
     def make_items() -> list[Item]:
         from sklearn.datasets import load_digits
@@ -374,14 +401,22 @@ def build_lfw(
     force: bool = False,
 ) -> PrepareResult:
     """scikit-image's ``lfw_subset``: 200 25x25 grey photos, the first 100 ``face``, the rest ``non_face``."""
-    args = {"dataset": "lfw", "split": split, "seed": seed, "limit": limit, "jpeg_fraction": jpeg_fraction}
+    args = {
+        "dataset": "lfw",
+        "split": split,
+        "seed": seed,
+        "limit": limit,
+        "jpeg_fraction": jpeg_fraction,
+    }
 
     def make_items() -> list[Item]:
         from skimage import data
         from skimage.util import img_as_ubyte
 
         faces = img_as_ubyte(data.lfw_subset())
-        items = [Item(f"{i:03d}", "face" if i < 100 else "non_face", faces[i]) for i in range(len(faces))]
+        items = [
+            Item(f"{i:03d}", "face" if i < 100 else "non_face", faces[i]) for i in range(len(faces))
+        ]
         return _select(items, split, seed, limit)
 
     return _prepare(out, args, make_items, jpeg_fraction, seed, force)
@@ -394,7 +429,10 @@ def build_photos(out: str | os.PathLike[str], force: bool = False) -> PrepareRes
     def make_items() -> list[Item]:
         from skimage import data
 
-        return [Item(name, None, getattr(data, name)()) for name in ("coffee", "chelsea", "astronaut", "rocket")]
+        return [
+            Item(name, None, getattr(data, name)())
+            for name in ("coffee", "chelsea", "astronaut", "rocket")
+        ]
 
     return _prepare(out, args, make_items, 0.0, 0, force)
 
@@ -425,24 +463,56 @@ def _parser() -> argparse.ArgumentParser:
     )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("out", type=Path, help="output folder")
-    common.add_argument("--force", action="store_true", help="rebuild a folder prepared with other arguments")
+    common.add_argument(
+        "--force", action="store_true", help="rebuild a folder prepared with other arguments"
+    )
     labelled = argparse.ArgumentParser(add_help=False)
-    labelled.add_argument("--split", choices=SPLITS, default="none", help="none: OUT/<class>/; 70-30: stratified OUT/{train,test}/<class>/")
-    labelled.add_argument("--seed", type=int, default=0, help="random_state of the subset, split and JPEG choice")
-    labelled.add_argument("--limit", type=_positive_int, default=None, help="keep a stratified subset of N images")
-    labelled.add_argument("--jpeg-fraction", type=_fraction, default=0.0, help="save this fraction as JPEG quality 95")
+    labelled.add_argument(
+        "--split",
+        choices=SPLITS,
+        default="none",
+        help="none: OUT/<class>/; 70-30: stratified OUT/{train,test}/<class>/",
+    )
+    labelled.add_argument(
+        "--seed", type=int, default=0, help="random_state of the subset, split and JPEG choice"
+    )
+    labelled.add_argument(
+        "--limit", type=_positive_int, default=None, help="keep a stratified subset of N images"
+    )
+    labelled.add_argument(
+        "--jpeg-fraction", type=_fraction, default=0.0, help="save this fraction as JPEG quality 95"
+    )
     sub = parser.add_subparsers(dest="dataset", required=True, metavar="DATASET")
 
-    p = sub.add_parser("elpv", parents=[common, labelled], help="ELPV solar cells (pip install elpv-dataset)")
-    p.add_argument("--classes", type=int, choices=(4, 2), default=4, help="4 by defect probability, or 2 (p >= 0.5 defective)")
-    p = sub.add_parser("fashion-mnist", parents=[common], help="Fashion-MNIST (apt-get install dataset-fashion-mnist)")
+    p = sub.add_parser(
+        "elpv", parents=[common, labelled], help="ELPV solar cells (pip install elpv-dataset)"
+    )
+    p.add_argument(
+        "--classes",
+        type=int,
+        choices=(4, 2),
+        default=4,
+        help="4 by defect probability, or 2 (p >= 0.5 defective)",
+    )
+    p = sub.add_parser(
+        "fashion-mnist",
+        parents=[common],
+        help="Fashion-MNIST (apt-get install dataset-fashion-mnist)",
+    )
     p.add_argument("--n-train", type=_positive_int, default=5000)
     p.add_argument("--n-test", type=_positive_int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jpeg-fraction", type=_fraction, default=0.0)
-    p.add_argument("--source", type=Path, default=None, help=f"folder of the idx files (default {FASHION_MNIST_DIR})")
+    p.add_argument(
+        "--source",
+        type=Path,
+        default=None,
+        help=f"folder of the idx files (default {FASHION_MNIST_DIR})",
+    )
     sub.add_parser("digits", parents=[common, labelled], help="scikit-learn 8x8 digits, 10 classes")
-    sub.add_parser("lfw", parents=[common, labelled], help="scikit-image lfw_subset: face / non_face")
+    sub.add_parser(
+        "lfw", parents=[common, labelled], help="scikit-image lfw_subset: face / non_face"
+    )
     sub.add_parser("photos", parents=[common], help="four scikit-image photos, flat folder")
     return parser
 
@@ -456,7 +526,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.dataset == "elpv":
             result = build_elpv(ns.out, n_classes=ns.classes, force=ns.force, **labelled)
         elif ns.dataset == "fashion-mnist":
-            result = build_fashion_mnist(ns.out, ns.n_train, ns.n_test, ns.seed, ns.jpeg_fraction, ns.source, ns.force)
+            result = build_fashion_mnist(
+                ns.out, ns.n_train, ns.n_test, ns.seed, ns.jpeg_fraction, ns.source, ns.force
+            )
         elif ns.dataset == "digits":
             result = build_digits(ns.out, force=ns.force, **labelled)
         elif ns.dataset == "lfw":

@@ -1,0 +1,62 @@
+"""Shared fixtures: an isolated featbank cache dir, tiny real image folders, real caches."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test writes default caches and ONNX files under its own folder, never ~/.cache."""
+    d = tmp_path_factory.mktemp("featbank-cache")
+    monkeypatch.setenv("FEATBANK_CACHE_DIR", str(d))
+    return d
+
+
+@pytest.fixture(scope="session")
+def onnx_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("onnx-shared")
+
+
+def make_image_folder(
+    root: Path,
+    classes: tuple[str, ...] = ("cat", "dog", "fox"),
+    n_per_class: int = 8,
+    size: tuple[int, int] = (40, 48),
+    seed: int = 0,
+    splits: tuple[str, ...] | None = None,
+) -> Path:
+    """Real PNG/JPEG files whose colour depends on the class, so heads can learn something."""
+    rng = np.random.default_rng(seed)
+    base = {c: rng.integers(0, 255, 3) for c in classes}
+    for split in splits or (None,):
+        for c in classes:
+            d = root / split / c if split else root / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n_per_class):
+                noise = rng.normal(0, 25, (size[0], size[1], 3))
+                arr = np.clip(base[c] + noise, 0, 255).astype(np.uint8)
+                ext = ".png" if i % 2 == 0 else ".jpg"
+                Image.fromarray(arr).save(d / f"{c}_{i:03d}{ext}")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """An ImageFolder with 3 colour-coded classes x 8 images (PNG and JPEG)."""
+    return make_image_folder(tmp_path / "data")
+
+
+@pytest.fixture
+def tiny_cache(image_folder: Path, tmp_path: Path) -> Path:
+    """A real cache of ``image_folder`` made by featbank.extract with the test_tiny backbone."""
+    import featbank
+
+    out = tmp_path / "cache.h5"
+    featbank.extract(image_folder, out, backbone="test_tiny", engine="torch", num_workers=0, progress=False)
+    return out
