@@ -44,6 +44,7 @@ class ExtractReport:
         n_embedded: images embedded by this run.
         n_reused: rows kept from the existing cache (unchanged files).
         n_removed: rows dropped because their file was deleted or changed.
+        n_resumed: rows embedded by an interrupted earlier run and taken from its staging file.
         skipped: ``[(relative path, reason)]`` for every file that could not be read.
         engine, device, precision: how embeddings were computed (empty when nothing was embedded).
         seconds: wall time; ``images_per_second`` counts embedded images only.
@@ -56,6 +57,7 @@ class ExtractReport:
     n_embedded: int = 0
     n_reused: int = 0
     n_removed: int = 0
+    n_resumed: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     engine: str = ""
     device: str = ""
@@ -79,6 +81,8 @@ class ExtractReport:
             parts.append("up to date, nothing embedded")
         else:
             parts.append(f"{self.n_embedded} embedded, {self.n_reused} reused, {self.n_removed} dropped")
+            if self.n_resumed:
+                parts.append(f"{self.n_resumed} resumed from an interrupted run")
             if self.n_embedded:
                 parts.append(f"{self.images_per_second:.1f} img/s with {self.engine} on {self.device}")
         if self.skipped:
@@ -198,12 +202,13 @@ def export_embedder_onnx(backbone: Any, path: Path) -> Path:
 class _OrtEngine:
     name = "onnxruntime"
 
-    def __init__(self, backbone: Any):
+    def __init__(self, backbone: Any = None, path: Path | None = None):
         import onnxruntime as ort
 
-        path = _onnx_cache_path(backbone.identity())
-        if not path.exists():
-            export_embedder_onnx(backbone, path)
+        if path is None:
+            path = _onnx_cache_path(backbone.identity())
+            if not path.exists():
+                export_embedder_onnx(backbone, path)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -427,14 +432,18 @@ def extract(
             if done[j] and i is not None and old_row[i] < 0 and tuple(fps[i]) == tuple(staging.fingerprints[j]):
                 stage_row[i] = j
         staging.close()
-        if (stage_row >= 0).any():
+        folded = bool((stage_row >= 0).any())
+        if folded:
             _commit(out_path, index, old_row, stage_row, staging_path, kept_skipped, identity, key,
                     dtype, precision, "", "", state, partial=True)
         staging_path.unlink()
+        # After a fold the cache carries this run's key; without one, an --overwrite run must
+        # still overwrite (the old cache may have another key).
         return extract(
             data, out, backbone=backbone, weights=weights, weights_file=weights_file,
             batch_size=batch_size, num_workers=num_workers, device=device, engine=engine,
-            dtype=dtype, overwrite=False, strict=strict, progress=progress, on_progress=on_progress,
+            dtype=dtype, overwrite=overwrite and not folded, strict=strict, progress=progress,
+            on_progress=on_progress,
         )
     report.n_reused = int((old_row >= 0).sum())
     report.n_removed = (len(state.paths) - report.n_reused) if state is not None else 0
@@ -446,6 +455,8 @@ def extract(
         and len(need) == 0
         and report.n_removed == 0
         and state.metadata.get("classes_json") == json.dumps(index.classes)
+        and state.metadata.get("root") == str(index.root)
+        and state.metadata.get("layout") == index.layout
         and len(kept_skipped) == len(state.skipped_paths)
     ):
         report.up_to_date = True
@@ -457,22 +468,35 @@ def extract(
 
     skipped_now: dict[int, str] = {}
     if len(need):
-        if bb is None:
+        eng = None
+        if bb is None and engine in ("auto", "onnxruntime") and dev == "cpu":
+            # An exported graph of this identity is all onnxruntime needs: building the torch
+            # model too would cost seconds of fixed overhead per run.
+            onnx_path = _onnx_cache_path(identity)
+            if onnx_path.exists():
+                try:
+                    eng = _OrtEngine(path=onnx_path)
+                except Exception:  # noqa: BLE001 - the normal route below reports real problems
+                    eng = None
+        if eng is None and bb is None:
             bb = load_backbone(backbone, weights, weights_file)
             if bb.identity() != identity:  # pragma: no cover - peek_identity must agree with load
                 raise ConfigError("internal error: backbone identity changed between peek and load")
         report.model_loaded = True
-        if staging is None:
+        if staging is not None:
+            report.n_resumed = int(staging.done_mask().sum())
+        else:
             staging = StagingFile.create(
                 staging_path, key, plan, need_paths, fps[need], index.labels[need], index.splits[need],
-                bb.embed_dim, dtype,
+                int(identity["embed_dim"]), dtype,
             )
         new_skipped: dict[int, str] = {}
         try:
-            eng = _make_engine(engine, bb, dev, precision)
+            if eng is None:
+                eng = _make_engine(engine, bb, dev, precision)
             report.engine, report.device, report.precision = eng.name, dev, precision
-            report.n_embedded = _run(staging, index.root, bb.preprocess, eng, dev, batch_size, num_workers,
-                                     progress, on_progress, new_skipped)
+            report.n_embedded = _run(staging, index.root, PreprocessConfig.from_dict(identity["transform"]), eng,
+                                     dev, batch_size, num_workers, progress, on_progress, new_skipped)
         except KeyboardInterrupt:
             done_n = int(staging.done_mask().sum())
             staging.close()
@@ -647,3 +671,19 @@ def _commit(
         dtype=dtype,
         attrs=attrs,
     )
+
+
+class _CallableModule(type(os)):
+    """Keeps ``featbank.extract(...)`` working once this submodule is imported.
+
+    Importing ``featbank.extract`` binds the *module* to the package attribute ``extract``,
+    shadowing the lazily re-exported function after its first use; calling the module calls it.
+    """
+
+    # A staticmethod adds no frame, so warnings still point at the caller's line.
+    __call__ = staticmethod(extract)
+
+
+import sys as _sys  # noqa: E402
+
+_sys.modules[__name__].__class__ = _CallableModule

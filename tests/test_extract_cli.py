@@ -1,0 +1,113 @@
+"""`featbank extract` and `featbank backbones`: wiring, messages and exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from featbank.cache import open_cache
+from featbank.cli.main import cli
+from featbank.extract import default_cache_path
+
+try:  # tests/ may be run as a package (tests/__init__.py) or as plain folder
+    from .conftest import make_image_folder
+except ImportError:
+    from conftest import make_image_folder  # type: ignore[no-redef]
+
+TINY = ["--backbone", "test_tiny", "--engine", "torch", "--num-workers", "0", "--quiet"]
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def test_extract_default_location_printed_and_reused(image_folder: Path) -> None:
+    r = run("extract", str(image_folder), *TINY)
+    assert r.exit_code == 0, r.output
+    expected = default_cache_path(image_folder, "test_tiny")
+    assert f"Cache: {expected}" in r.output and "24 embedded" in r.output
+    r = run("extract", str(image_folder), *TINY)
+    assert r.exit_code == 0 and "up to date" in r.output and f"Cache: {expected}" in r.output
+
+
+def test_extract_options_reach_the_library(image_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "c.h5"
+    r = run("extract", str(image_folder), "--out", str(out), *TINY, "--dtype", "float16", "--batch-size", "5",
+            "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    with open_cache(out) as c:
+        assert c.metadata["dtype"] == "float16" and c.metadata["backbone"] == "test_tiny"
+        assert c.metadata["engine"] == "torch" and c.n_samples == 24
+    r = run("extract", str(image_folder), "--out", str(out), *TINY)
+    assert r.exit_code == 2 and "dtype" in r.output and "--overwrite" in r.output
+    r = run("extract", str(image_folder), "--out", str(out), *TINY, "--overwrite")
+    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "single"])
+def test_extract_dataset_errors_exit_2(tmp_path: Path, case: str) -> None:
+    data = tmp_path / "data"
+    if case == "empty":
+        data.mkdir()
+    elif case == "single":
+        make_image_folder(data, classes=("only",), n_per_class=1)
+    r = run("extract", str(data), *TINY)
+    assert r.exit_code == 2
+    assert {"missing": "does not exist", "empty": "No images", "single": "one class"}[case] in r.output
+    assert "Traceback" not in r.output
+
+
+def test_extract_usage_errors_exit_2(image_folder: Path) -> None:
+    r = run("extract", str(image_folder), "--backbone", "resnet19", "--quiet")
+    assert r.exit_code == 2 and "Did you mean 'resnet18'" in r.output
+    r = run("extract", str(image_folder), *TINY, "--batch-size", "0")
+    assert r.exit_code == 2
+    r = run("extract", str(image_folder), *TINY, "--weights-file", str(image_folder / "nope.pt"))
+    assert r.exit_code == 2 and "does not exist" in r.output
+
+
+def test_extract_strict_exits_3_and_lists_skipped(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", classes=("a", "b"), n_per_class=2)
+    (data / "b" / "zero.png").write_bytes(b"")
+    out = tmp_path / "c.h5"
+    r = run("extract", str(data), "--out", str(out), *TINY[:-1])
+    assert r.exit_code == 0 and "b/zero.png: empty file" in r.output and "1 skipped" in r.output
+    r = run("extract", str(data), "--out", str(out), *TINY, "--strict")
+    assert r.exit_code == 3 and "b/zero.png" in r.output
+    with open_cache(out) as c:
+        assert c.n_samples == 4
+
+
+def test_help_has_examples() -> None:
+    r = run("extract", "--help")
+    assert r.exit_code == 0 and "Examples:" in r.output and "--engine" in r.output and "--strict" in r.output
+    r = run("--help")
+    assert "130" in r.output and "extract" in r.output
+
+
+def test_backbones_lists_the_registry() -> None:
+    r = run("backbones")
+    assert r.exit_code == 0 and "efficientnet_lite0" in r.output and "test_tiny" in r.output
+    rows = json.loads(run("backbones", "--json").output)
+    lite0 = next(row for row in rows if row["name"] == "efficientnet_lite0")
+    assert lite0["embed_dim"] == 1280 and lite0["available"] is True
+
+
+def test_real_subprocess(image_folder: Path, tmp_path: Path) -> None:
+    exe = Path(sys.executable).with_name("featbank")
+    out = tmp_path / "sub.h5"
+    proc = subprocess.run([str(exe), "extract", str(image_folder), "--out", str(out), *TINY],
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr
+    assert f"Cache: {out}" in proc.stdout
+    with open_cache(out) as c:
+        assert c.n_samples == 24
+    proc = subprocess.run([str(exe), "extract", str(tmp_path / "nowhere"), *TINY], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
