@@ -19,9 +19,18 @@ __all__ = [
     "load_backbone",
     "list_backbones",
     "backbone_groups",
+    "finetune",
     "scan_folder",
     "PreprocessConfig",
+    "export_model",
+    "OnnxClassifier",
     "errors",
+    "fit",
+    "evaluate",
+    "predict",
+    "load_bundle",
+    "LinearHead",
+    "MLPHead",
 ]
 
 _LAZY = {
@@ -32,8 +41,17 @@ _LAZY = {
     "load_backbone": ("featbank.backbones", "load_backbone"),
     "list_backbones": ("featbank.backbones", "list_backbones"),
     "backbone_groups": ("featbank.backbones", "backbone_groups"),
+    "finetune": ("featbank.finetune", "finetune"),
     "scan_folder": ("featbank.data", "scan_folder"),
     "PreprocessConfig": ("featbank.images", "PreprocessConfig"),
+    "export_model": ("featbank.export", "export_model"),
+    "OnnxClassifier": ("featbank.runtime", "OnnxClassifier"),
+    "fit": ("featbank.fit", "fit"),
+    "evaluate": ("featbank.fit", "evaluate"),
+    "predict": ("featbank.fit", "predict"),
+    "load_bundle": ("featbank.bundle", "load_bundle"),
+    "LinearHead": ("featbank.heads", "LinearHead"),
+    "MLPHead": ("featbank.heads", "MLPHead"),
 }
 
 

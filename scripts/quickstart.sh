@@ -28,7 +28,7 @@ $FB fit --head linear --name quickstart-linear
 echo
 echo "== 4/6 finetune: LP-FT, last stages only, 1 epoch, starting from the probe"
 $FB finetune "$DATA" --strategy partial --trainable-from stage6 --init-head models/quickstart-linear \
-    --epochs 1 --name quickstart-lpft
+    --epochs 1 --out models/quickstart-lpft
 
 echo
 echo "== 5/6 export: backbone + head as one ONNX graph, checked against PyTorch"

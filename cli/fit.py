@@ -1,0 +1,65 @@
+"""featbank fit [CACHE]"""
+
+from __future__ import annotations
+
+import click
+
+from .options import device_option
+
+
+_EXAMPLES = """\b
+Examples:
+  featbank fit
+  featbank fit runs/elpv.h5 --head linear --class-weight balanced
+  featbank fit runs/elpv.h5 --head mlp --param hidden_sizes=(512,) --param dropout=0.3
+  featbank fit runs/elpv.h5 --head SVC --param C=10 --param kernel=rbf
+  featbank fit runs/elpv.h5 --shots 10 --seeds 0,1,2
+"""
+
+
+@click.command(epilog=_EXAMPLES)
+@click.argument("cache", required=False, type=click.Path(path_type=str))
+@click.option("--head", default="linear", show_default=True,
+              help="linear (L-BFGS logistic regression, C sweep), mlp, or a scikit-learn classifier name (SVC, ...).")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="Head parameter, repeatable; values are Python literals (C=0.1, hidden_sizes=(512,256), kernel=rbf).")
+@click.option("--standardize/--no-standardize", default=True, show_default=True, help="Standardise features (stored with the head).")
+@click.option("--l2-normalize", is_flag=True, help="L2-normalise each embedding first.")
+@click.option("--val-split", type=float, default=0.2, show_default=True,
+              help="Stratified fraction of train held out for selection when the cache has no val split.")
+@click.option("--class-weight", type=click.Choice(["balanced"]), default=None, help="Reweight classes for imbalanced data.")
+@click.option("--shots", type=click.IntRange(min=1), default=None, help="Sample K training images per class.")
+@click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds of the --shots sampling (mean ± std).")
+@click.option("--max-memory", default=None, metavar="SIZE", help="e.g. 2GB; below the data size, linear/mlp stream from disk.")
+@device_option
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=str), default=None, help="Root folder of bundles (default ./models).")
+@click.option("--name", default=None, help="Bundle name (default <cache>-<head>).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the validation split and the heads.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def fit(cache, head, params, standardize, l2_normalize, val_split, class_weight, shots, seeds, max_memory, device, out,
+        name, seed, as_json) -> None:
+    """Fit a head on a feature cache, report metrics and save a model bundle.
+
+    CACHE defaults to the most recent cache written by 'featbank extract'. The hyperparameter is
+    chosen on the validation split, the head refitted on train+val and evaluated on the test split.
+    """
+    import json
+
+    from featbank.errors import ConfigError
+    from featbank.fit import fit as fit_head
+    from featbank.heads import parse_param
+
+    if cache is None and not as_json:
+        from featbank.cache import find_latest_cache
+
+        cache = str(find_latest_cache())
+        click.echo(f"Using the most recent cache: {cache}", err=True)
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds must be comma-separated integers like 0,1,2; got {seeds!r}.") from None
+    result = fit_head(cache, head, params=dict(parse_param(p) for p in params), standardize=standardize,
+                      l2_normalize=l2_normalize, val_split=val_split, class_weight=class_weight, shots=shots,
+                      seeds=seed_list if shots else [seed], max_memory=max_memory, device=device, out=out, name=name,
+                      seed=seed)
+    click.echo(json.dumps(result.to_dict(), indent=2, default=str) if as_json else result.summary())

@@ -1,0 +1,43 @@
+"""featbank predict MODEL IMAGE_OR_FOLDER..."""
+
+from __future__ import annotations
+
+import click
+
+from .options import device_option
+
+
+_EXAMPLES = """\b
+Examples:
+  featbank predict models/elpv-linear new_cells/
+  featbank predict models/elpv-linear a.png b.png --top-k 2 --json
+  featbank predict exported/elpv.onnx new_cells/
+"""
+
+
+@click.command(epilog=_EXAMPLES)
+@click.argument("model", type=click.Path(path_type=str))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True, help="Show the K most probable classes.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@device_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON list of predictions.")
+def predict(model, images, top_k, batch_size, device, as_json) -> None:
+    """Classify images with a model bundle (runs its backbone) or an exported .onnx model.
+
+    Folders are searched recursively for images. Unreadable images are listed, the rest classified.
+    """
+    import json
+
+    from featbank.fit import predict as predict_images
+
+    preds = predict_images(model, images, top_k=top_k, device=device, batch_size=batch_size)
+    if as_json:
+        click.echo(json.dumps([p.to_dict() for p in preds], indent=2))
+        return
+    for p in preds:
+        if p.error:
+            click.echo(f"{p.path}\tERROR\t{p.error}")
+        else:
+            extra = "  " + ", ".join(f"{l} {q:.3f}" for l, q in p.top_k[1:]) if len(p.top_k) > 1 else ""
+            click.echo(f"{p.path}\t{p.label}\t{p.probability:.4f}{extra}")

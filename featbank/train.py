@@ -1,0 +1,180 @@
+"""Plain training helpers shared by the heads: row sources (in memory or streamed), loops.
+
+A :class:`Features` is a set of embedding rows that either sits in memory or is read from an
+HDF5 cache chunk by chunk, so the same optimisation code runs on data larger than memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "Features",
+    "resolve_device",
+    "feature_stats",
+    "train_one_epoch",
+    "evaluate_logits",
+]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto``/None -> CUDA when visible else CPU; ``cuda`` without a GPU falls back to CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from .errors import ConfigError
+
+        raise ConfigError("device='cuda' was asked for but no CUDA GPU is visible. Use --device cpu or auto.")
+    return dev
+
+
+class Features:
+    """Embedding rows for training: an in-memory array, or rows of a cache streamed in chunks.
+
+    Args:
+        X: an (N, D) array (in memory), or None.
+        cache: a :class:`featbank.cache.FeatureCache` to stream from (with ``rows``).
+        rows: row indices into the cache; they are sorted (HDF5 reads need ascending rows) and
+            ``positions`` of chunks refer to this sorted order.
+        chunk_rows: rows read per chunk when streaming.
+    """
+
+    def __init__(self, X: np.ndarray | None = None, *, cache: Any = None, rows: np.ndarray | None = None,
+                 chunk_rows: int = 4096):
+        if (X is None) == (cache is None):
+            raise ValueError("Features needs exactly one of X (an array) or cache (with rows).")
+        self.X = None if X is None else np.ascontiguousarray(X, dtype=np.float32)
+        self.cache = cache
+        self.rows = None if rows is None else np.sort(np.asarray(rows, dtype=np.int64))
+        if cache is not None and self.rows is None:
+            self.rows = np.arange(cache.n_samples)
+        self.chunk_rows = max(1, int(chunk_rows))
+
+    @property
+    def streaming(self) -> bool:
+        return self.X is None
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.X) if self.X is not None else len(self.rows)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.X.shape[1] if self.X is not None else self.cache.embed_dim
+
+    def __len__(self) -> int:
+        return self.n_samples
+
+    def chunks(self, chunk_order: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield ``(positions, X_chunk)``; ``chunk_order`` permutes the chunks (for SGD)."""
+        n = self.n_samples
+        starts = np.arange(0, n, self.chunk_rows)
+        if chunk_order is not None:
+            starts = starts[chunk_order]
+        for s in starts:
+            pos = np.arange(s, min(n, s + self.chunk_rows))
+            if self.X is not None:
+                yield pos, self.X[s : s + self.chunk_rows]
+            else:
+                idx = self.rows[s : s + self.chunk_rows]
+                yield pos, self.cache.embeddings[idx].astype(np.float32, copy=False)
+
+    @property
+    def n_chunks(self) -> int:
+        return (self.n_samples + self.chunk_rows - 1) // self.chunk_rows
+
+    def subset(self, positions: np.ndarray) -> "Features":
+        """The rows at ``positions`` (in this object's order), keeping the storage kind."""
+        positions = np.asarray(positions)
+        if self.X is not None:
+            return Features(self.X[positions])
+        return Features(cache=self.cache, rows=self.rows[np.sort(positions)], chunk_rows=self.chunk_rows)
+
+    def to_array(self) -> np.ndarray:
+        if self.X is not None:
+            return self.X
+        return np.concatenate([x for _, x in self.chunks()], axis=0) if self.n_samples else np.zeros((0, self.embed_dim), np.float32)
+
+
+def feature_stats(features: Features, l2_normalize: bool, sample_weight: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(Weighted) mean and standard deviation per column (after optional L2 normalisation), in one pass."""
+    d = features.embed_dim
+    s = np.zeros(d, np.float64)
+    s2 = np.zeros(d, np.float64)
+    n = 0.0
+    for pos, x in features.chunks():
+        x = x.astype(np.float64)
+        if l2_normalize:
+            x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        w = np.ones(len(pos)) if sample_weight is None else sample_weight[pos]
+        s += w @ x
+        s2 += w @ (x * x)
+        n += float(w.sum())
+    n = max(n, 1e-12)
+    mean = s / n
+    var = np.maximum(s2 / n - mean * mean, 0.0)
+    scale = np.sqrt(var)
+    scale[scale < 1e-8 * max(1.0, float(np.abs(mean).max(initial=0.0)))] = 1.0
+    return mean.astype(np.float32), scale.astype(np.float32)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    features: Features,
+    y: np.ndarray,
+    sample_weight: np.ndarray | None,
+    optimizer: torch.optim.Optimizer,
+    *,
+    batch_size: int,
+    device: torch.device,
+    generator: np.random.Generator,
+    transform: Any = None,
+) -> float:
+    """One pass over ``features`` in shuffled minibatches; returns the mean training loss."""
+    model.train()
+    total, count = 0.0, 0
+    order = generator.permutation(features.n_chunks)
+    for pos, xc in features.chunks(order):
+        perm = generator.permutation(len(pos))
+        xt = torch.from_numpy(np.ascontiguousarray(xc[perm])).to(device)
+        if transform is not None:
+            xt = transform(xt)
+        yt = torch.from_numpy(y[pos[perm]]).to(device)
+        wt = None if sample_weight is None else torch.from_numpy(sample_weight[pos[perm]]).to(device)
+        for s in range(0, len(pos), batch_size):
+            xb, yb = xt[s : s + batch_size], yt[s : s + batch_size]
+            loss_vec = nn.functional.cross_entropy(model(xb), yb, reduction="none")
+            if wt is not None:
+                wb = wt[s : s + batch_size]
+                loss = (loss_vec * wb).sum() / wb.sum().clamp_min(1e-12)
+            else:
+                loss = loss_vec.mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(xb)
+            count += len(xb)
+    return total / max(1, count)
+
+
+@torch.no_grad()
+def evaluate_logits(model: nn.Module, features: Features, *, device: torch.device, transform: Any = None,
+                    batch_size: int = 8192) -> np.ndarray:
+    """Logits of ``model`` for every row of ``features`` (eval mode), as float32 numpy."""
+    model.eval()
+    outs = []
+    for _, xc in features.chunks():
+        for s in range(0, len(xc), batch_size):
+            xt = torch.from_numpy(np.ascontiguousarray(xc[s : s + batch_size])).to(device)
+            if transform is not None:
+                xt = transform(xt)
+            outs.append(model(xt).float().cpu().numpy())
+    if not outs:
+        return np.zeros((0, 0), np.float32)
+    return np.concatenate(outs, axis=0)

@@ -1,0 +1,91 @@
+"""Model bundles: save -> load -> identical predictions; corrupt or foreign bundles are refused."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from featbank.bundle import load_bundle, save_bundle
+from featbank.errors import BundleError
+from featbank.fit import fit
+
+from _fitdata import blobs, write_synthetic_cache
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny problems: one intra-op thread avoids spin-waiting on a shared 2-core machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bundle")
+    X, y = blobs(20, 8, 3, sep=0.8)
+    return X, write_synthetic_cache(d / "c.h5", X, y), d
+
+
+@pytest.mark.parametrize("head,params", [("linear", {}), ("mlp", {"hidden_sizes": (8,), "max_epochs": 10}),
+                                         ("LogisticRegression", {"C": 0.5}), ("SVC", {}), ("RidgeClassifier", {})])
+def test_round_trip_gives_identical_predictions(data, head, params):
+    X, cache, d = data
+    r = fit(cache, head, params=params, out=d / "models")
+    b = load_bundle(r.path)
+    assert b.kind == "head" and b.classes == ["c0", "c1", "c2"] and b.embed_dim == 8
+    p = b.predict_proba(X)
+    assert p.shape == (len(X), 3)
+    np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-6)
+    expected = r.estimator.predict(X)
+    assert np.array_equal(np.asarray(b.load_head().predict(X)), expected)
+    if hasattr(r.estimator, "predict_proba") and head != "SVC":
+        np.testing.assert_array_equal(p, r.estimator.predict_proba(X))
+    m = json.loads((r.path / "manifest.json").read_text())
+    assert m["format"] == "featbank-bundle" and m["bundle_version"] == 1 and len(m["bundle_id"]) == 16
+    assert m["head"]["sha256"] == m["files"][m["head"]["file"]]
+
+
+def test_tampered_missing_and_foreign_bundles_are_refused(data, tmp_path):
+    X, cache, d = data
+    r = fit(cache, "LogisticRegression", out=tmp_path)
+    f = r.path / r.path.joinpath("manifest.json").read_text().split('"file": "')[1].split('"')[0]
+    f.write_bytes(f.read_bytes() + b"x")
+    with pytest.raises(BundleError, match="sha256"):
+        load_bundle(r.path).load_head()
+    f.unlink()
+    with pytest.raises(BundleError, match="missing"):
+        load_bundle(r.path)
+    with pytest.raises(BundleError, match="does not exist"):
+        load_bundle(tmp_path / "nothing")
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "keep.txt").write_text("mine")
+    with pytest.raises(BundleError, match="no manifest.json"):
+        load_bundle(tmp_path / "plain")
+    with pytest.raises(BundleError, match="not a featbank bundle"):
+        save_bundle(tmp_path / "plain", {"kind": "head", "classes": [], "backbone": {}}, {})
+    assert (tmp_path / "plain" / "keep.txt").read_text() == "mine"
+
+
+def test_future_bundle_version_is_refused(data, tmp_path):
+    X, cache, d = data
+    r = fit(cache, "linear", params={"C": 1.0}, out=tmp_path)
+    m = json.loads((r.path / "manifest.json").read_text())
+    m["bundle_version"] = 7
+    (r.path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="bundle_version 7"):
+        load_bundle(r.path)
+
+
+def test_save_bundle_replaces_an_old_bundle_atomically(tmp_path):
+    man = {"kind": "head", "classes": ["a", "b"], "backbone": {"embed_dim": 2},
+           "head": {"type": "sklearn", "file": "head.joblib"}}
+    p = save_bundle(tmp_path / "b", dict(man), {"head.joblib": b"one"})
+    save_bundle(tmp_path / "b", dict(man, head=dict(man["head"])), {"head.joblib": b"two"})
+    assert (p / "head.joblib").read_bytes() == b"two"
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["b"]  # no temp folders left behind

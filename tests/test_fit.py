@@ -1,0 +1,168 @@
+"""featbank.fit: the probe protocol, the C sweep, streaming, K-shot, evaluate, and every refusal."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import featbank
+from featbank.errors import BundleError, CacheError, ConfigError
+from featbank.fit import evaluate, fit
+
+from _fitdata import blobs, write_synthetic_cache
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _splits(n: int, test_frac: float = 0.3, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.where(rng.random(n) < test_frac, 2, 0).astype(np.int8)
+
+
+def test_sweep_picks_weak_regularisation_on_separable_data_and_strong_on_noise(tmp_path):
+    Xs, ys = blobs(60, 20, 3, sep=1.5, seed=0)  # well separated: the weakest C loses nothing
+    sep = fit(write_synthetic_cache(tmp_path / "sep.h5", Xs, ys), save=False)
+    # 60 dims, 30 rows per class, labels independent of X: any fit is overfitting -> strongest C.
+    rng = np.random.default_rng(1)
+    Xn = rng.normal(size=(90, 60)).astype(np.float32)
+    yn = np.repeat(np.arange(3), 30)
+    rng.shuffle(yn)
+    noisy = fit(write_synthetic_cache(tmp_path / "noise.h5", Xn, yn), save=False)
+    assert sep.chosen["C"] >= 1e-1, sep.sweep
+    assert noisy.chosen["C"] <= 1e-3, noisy.sweep
+    assert sep.headline["top1"] == 1.0
+    # coarse grid (9) + refinement (4) around the best, all reported
+    assert len(sep.sweep) == 13 and all("val_score" in r for r in sep.sweep)
+    assert sep.eval_split == "val" and sep.notes
+
+
+def test_uses_test_split_and_saves_a_complete_bundle(tmp_path):
+    X, y = blobs(40, 16, 4, sep=0.8, seed=2)
+    cache = write_synthetic_cache(tmp_path / "c.h5", X, y, splits=_splits(len(y)))
+    r = fit(cache, "linear", out=tmp_path / "models", class_weight="balanced")
+    assert r.eval_split == "test" and r.n_test == int((_splits(len(y)) == 2).sum())
+    m = r.headline
+    assert {"top1", "balanced_accuracy", "macro_f1", "per_class", "confusion_matrix"} <= set(m)
+    assert "top5" not in m  # only 4 classes
+    for f in ("manifest.json", "head.safetensors", "metrics.json", "confusion_matrix.png", "per_class_recall.png",
+              "misclassified.png"):
+        assert (r.path / f).is_file(), f
+    b = featbank.load_bundle(r.path)
+    assert b.manifest["head"]["chosen_C"] == r.chosen["C"]
+    assert b.manifest["head"]["preprocessing"] == {"standardize": True, "l2_normalize": False}
+    assert len(b.manifest["validation"]["paths"]) == r.n_val > 0
+    assert b.cache_key == "synthetic-key"
+    ev = evaluate(r.path, cache, split="test")
+    assert ev.metrics["top1"] == pytest.approx(m["top1"])
+
+
+def test_top5_with_many_classes_and_val_split_of_the_cache(tmp_path):
+    X, y = blobs(12, 8, 6, sep=1.0)
+    splits = np.zeros(len(y), np.int8)
+    splits[::4] = 1  # val
+    splits[1::4] = 2  # test
+    r = fit(write_synthetic_cache(tmp_path / "c.h5", X, y, splits=splits), save=False)
+    assert "top5" in r.headline and r.n_val == int((splits == 1).sum())
+
+
+def test_streaming_fit_matches_in_memory(tmp_path):
+    X, y = blobs(200, 32, 3, sep=0.4, seed=4)
+    cache = write_synthetic_cache(tmp_path / "c.h5", X, y, splits=_splits(len(y)))
+    mem = fit(cache, "linear", params={"C": 0.05}, save=False)
+    stream = fit(cache, "linear", params={"C": 0.05}, save=False, max_memory="100KB")
+    assert stream.streaming and not mem.streaming
+    np.testing.assert_allclose(stream.estimator.predict_proba(X), mem.estimator.predict_proba(X), atol=1e-3)
+    assert stream.headline["top1"] == pytest.approx(mem.headline["top1"], abs=0.01)
+    with pytest.raises(ConfigError, match="only 'linear' and 'mlp' stream"):
+        fit(cache, "SVC", save=False, max_memory="100KB")
+
+
+def test_shots_report_mean_and_std_over_seeds(tmp_path):
+    X, y = blobs(30, 8, 3, sep=1.0)
+    cache = write_synthetic_cache(tmp_path / "c.h5", X, y, splits=_splits(len(y)))
+    r = fit(cache, shots=5, seeds=[0, 1, 2], save=False)
+    s = r.metrics["shots"]
+    assert s["shots"] == 5 and s["seeds"] == [0, 1, 2] and len(s["top1_per_seed"]) == 3
+    assert s["top1_std"] >= 0 and 0 < s["top1_mean"] <= 1
+    assert r.n_train + r.n_val == 15
+    with pytest.raises(ConfigError, match="only"):
+        fit(cache, shots=1000, save=False)
+    with pytest.raises(ConfigError, match="--shots"):
+        fit(cache, seeds=[0, 1], save=False)
+
+
+# ---- refusals: clear error, nothing written ------------------------------------------------
+
+
+def _refuses(tmp_path, exc, match, cache, **kw):
+    out = tmp_path / "models-out"
+    with pytest.raises(exc, match=match):
+        fit(cache, out=out, **kw)
+    assert not out.exists()
+
+
+def test_refuses_missing_and_foreign_files(tmp_path):
+    _refuses(tmp_path, CacheError, "does not exist", tmp_path / "nope.h5")
+    (tmp_path / "text.h5").write_text("hello")
+    _refuses(tmp_path, CacheError, "not a readable HDF5", tmp_path / "text.h5")
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["x"] = np.zeros(3)
+    _refuses(tmp_path, CacheError, "not a featbank cache", tmp_path / "other.h5")
+
+
+def test_refuses_unknown_schema_version(tmp_path):
+    X, y = blobs(5, 4, 2, sep=1.0)
+    path = write_synthetic_cache(tmp_path / "c.h5", X, y)
+    with h5py.File(path, "r+") as f:
+        f.attrs["schema_version"] = 99
+    _refuses(tmp_path, CacheError, "schema version 99", path)
+
+
+def test_refuses_unlabelled_single_class_and_tiny_class(tmp_path):
+    X, y = blobs(5, 4, 2, sep=1.0)
+    _refuses(tmp_path, CacheError, "no labels", write_synthetic_cache(tmp_path / "a.h5", X, -np.ones(10, np.int64)))
+    _refuses(tmp_path, ConfigError, "single class", write_synthetic_cache(tmp_path / "b.h5", X, np.zeros(10, np.int64)))
+    y1 = np.array([0] * 9 + [1])
+    _refuses(tmp_path, ConfigError, r"at least 2 training images.*'c1' \(1\)", write_synthetic_cache(tmp_path / "c.h5", X, y1))
+
+
+def test_refuses_nan_and_inf_embeddings(tmp_path):
+    X, y = blobs(5, 4, 2, sep=1.0)
+    X[3, 1] = np.nan
+    _refuses(tmp_path, CacheError, "NaN or infinite.*img_00003", write_synthetic_cache(tmp_path / "n.h5", X, y))
+    X[3, 1] = np.inf
+    _refuses(tmp_path, CacheError, "NaN or infinite", write_synthetic_cache(tmp_path / "i.h5", X, y))
+
+
+def test_refuses_unknown_head_and_parameter(tmp_path):
+    X, y = blobs(5, 4, 2, sep=1.0)
+    cache = write_synthetic_cache(tmp_path / "c.h5", X, y)
+    _refuses(tmp_path, ConfigError, "Did you mean 'RandomForestClassifier'", cache, head="RandomForest")
+    _refuses(tmp_path, ConfigError, "no parameter 'hidden'", cache, head="mlp", params={"hidden": 3})
+    _refuses(tmp_path, ConfigError, "val-split", cache, val_split=1.5)
+
+
+def test_evaluate_refuses_a_cache_of_other_settings(tmp_path):
+    X, y = blobs(10, 4, 2, sep=1.0)
+    r = fit(write_synthetic_cache(tmp_path / "a.h5", X, y), out=tmp_path / "m")
+    other_key = write_synthetic_cache(tmp_path / "b.h5", X, y, key="another-key")
+    with pytest.raises(BundleError, match="cache key"):
+        evaluate(r.path, other_key)
+    X8, _ = blobs(10, 8, 2, sep=1.0)
+    with pytest.raises(BundleError, match="expects 4-d embeddings"):
+        evaluate(r.path, write_synthetic_cache(tmp_path / "c.h5", X8, y))
+
+
+def test_mlp_and_sklearn_heads_on_a_real_cache(tiny_cache, tmp_path):
+    r = fit(tiny_cache, "mlp", params={"hidden_sizes": (16,), "max_epochs": 30}, out=tmp_path / "m")
+    assert r.chosen["epochs"] >= 1 and r.headline["top1"] >= 0.6
+    s = fit(tiny_cache, "KNeighborsClassifier", params={"n_neighbors": 3}, out=tmp_path / "m")
+    assert s.headline["top1"] >= 0.6 and (s.path / "head.skops").is_file()
