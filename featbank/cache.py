@@ -228,12 +228,22 @@ class FeatureCache:
             rows = np.flatnonzero(rows)
         if rows.size == 0:
             return np.zeros((0, self.embed_dim), dtype)
-        order = np.argsort(rows, kind="stable")
-        sorted_rows = rows[order]
-        uniq, inverse = np.unique(sorted_rows, return_inverse=True)
-        block = self.embeddings[uniq].astype(dtype, copy=False)[inverse]
-        out = np.empty_like(block)
-        out[order] = block
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        if uniq[0] < 0 or uniq[-1] >= self.n_samples:
+            raise IndexError(f"row indices must lie in [0, {self.n_samples}); got {uniq[0]}..{uniq[-1]}")
+        return self._read_sorted(uniq, dtype)[inverse.reshape(-1)]
+
+    def _read_sorted(self, rows: np.ndarray, dtype: Any, block_rows: int = 1 << 14) -> np.ndarray:
+        # h5py's point selection is slow for many rows: read contiguous slabs and pick in numpy.
+        out = np.empty((len(rows), self.embed_dim), dtype)
+        pos = 0
+        while pos < len(rows):
+            lo = int(rows[pos])
+            end = int(np.searchsorted(rows, lo + block_rows, side="left"))
+            hi = int(rows[end - 1]) + 1
+            slab = self.embeddings[lo:hi]
+            out[pos:end] = slab[rows[pos:end] - lo]
+            pos = end
         return out
 
     def iter_chunks(self, rows: np.ndarray, chunk_rows: int, dtype=np.float32) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -241,7 +251,7 @@ class FeatureCache:
         rows = np.sort(np.asarray(rows))
         for start in range(0, len(rows), chunk_rows):
             idx = rows[start : start + chunk_rows]
-            yield idx, self.embeddings[idx].astype(dtype, copy=False)
+            yield idx, self._read_sorted(idx, dtype)
 
     def abspath(self, rel: str) -> Path:
         return self.root / rel

@@ -769,19 +769,33 @@ def predict(model: str | Path, images: Sequence[str | Path], *, top_k: int = 1, 
         raise ConfigError(f"--top-k must be >= 1; got {top_k}.")
     paths = _list_images(images)
     if str(model).endswith(".onnx"):
+        # The light runtime: numpy + Pillow + onnxruntime, preprocessing from the file's metadata.
+        from .errors import DatasetError
         from .runtime import OnnxClassifier
 
         clf = OnnxClassifier(model)
-        preds = []
-        for p, (label, prob, probs) in zip(paths, clf.predict([str(p) for p in paths])):
-            classes = getattr(clf, "classes", None)
-            tk = []
-            if classes is not None and probs is not None:
-                order = np.argsort(-np.asarray(probs))[:top_k]
-                tk = [(str(classes[i]), float(probs[i])) for i in order]
-            preds.append(Prediction(str(p), label, None if prob is None else float(prob), tk,
-                                    None if label is not None else "could not be read"))
-        return preds
+        out: list[Prediction | None] = [None] * len(paths)
+        pending: list[tuple[int, np.ndarray]] = []
+
+        def run_onnx() -> None:
+            if not pending:
+                return
+            probs, _ = clf.run(np.stack([a for _, a in pending]))
+            for (i, _), p in zip(pending, probs):
+                order = np.argsort(-p)[:top_k]
+                tk = [(clf.classes[j], float(p[j])) for j in order]
+                out[i] = Prediction(str(paths[i]), tk[0][0], tk[0][1], tk)
+            pending.clear()
+
+        for i, p in enumerate(paths):
+            try:
+                pending.append((i, clf.preprocess(p)))
+            except DatasetError as e:
+                out[i] = Prediction(str(p), None, None, [], str(e))
+            if len(pending) >= batch_size:
+                run_onnx()
+        run_onnx()
+        return [r for r in out if r is not None]
 
     import torch
 

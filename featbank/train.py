@@ -82,7 +82,7 @@ class Features:
                 yield pos, self.X[s : s + self.chunk_rows]
             else:
                 idx = self.rows[s : s + self.chunk_rows]
-                yield pos, self.cache.embeddings[idx].astype(np.float32, copy=False)
+                yield pos, self.cache._read_sorted(idx, np.float32)
 
     @property
     def n_chunks(self) -> int:
