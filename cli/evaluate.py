@@ -26,7 +26,7 @@ def evaluate(model, cache, split, as_json) -> None:
     """
     import json
 
-    from featbank.fit import evaluate as evaluate_model
+    from featbank.fitting import evaluate as evaluate_model
 
     result = evaluate_model(model, cache, split=split)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.summary())

@@ -56,7 +56,7 @@ def finetune(data, backbone, weights, weights_file, strategy, trainable_from, lr
       featbank fit --head linear --name probe && featbank finetune data/elpv --strategy full --init-head models/probe --lr-groups seed-lite
       featbank finetune data/elpv --resume
     """
-    import featbank.finetune as ft
+    import featbank.finetuning as ft
 
     report = ft.finetune(
         data, out, device=device, num_workers=num_workers, resume=resume, overwrite=overwrite, progress=not quiet,

@@ -46,7 +46,7 @@ def fit(cache, head, params, standardize, l2_normalize, val_split, class_weight,
     import json
 
     from featbank.errors import ConfigError
-    from featbank.fit import fit as fit_head
+    from featbank.fitting import fit as fit_head
     from featbank.heads import parse_param
 
     if cache is None and not as_json:

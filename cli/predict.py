@@ -29,7 +29,7 @@ def predict(model, images, top_k, batch_size, device, as_json) -> None:
     """
     import json
 
-    from featbank.fit import predict as predict_images
+    from featbank.fitting import predict as predict_images
 
     preds = predict_images(model, images, top_k=top_k, device=device, batch_size=batch_size)
     if as_json:

@@ -721,7 +721,7 @@ def load_backbone(
     """
     wf = Path(weights_file) if weights_file is not None else None
     if _is_bundle_dir(name):
-        from .finetune import load_finetuned_backbone
+        from .finetuning import load_finetuned_backbone
 
         return load_finetuned_backbone(Path(name))
     if name in _REGISTRY:

@@ -324,7 +324,7 @@ class Bundle:
         if len(weights) != 1 or len(biases) > 1:
             raise BundleError(
                 f"Fine-tuned bundle {str(self.path)!r} has a head that is not one linear layer "
-                f"(head tensors: {sorted(tensors)}); load it with featbank.finetune instead."
+                f"(head tensors: {sorted(tensors)}); load it with featbank.finetuning.load_finetuned_model instead."
             )
         w = tensors[weights[0]].astype(np.float32)
         b = tensors[biases[0]].astype(np.float32) if biases else np.zeros(w.shape[0], np.float32)

@@ -175,7 +175,7 @@ def _embedder_onnx(backbone: Any, opset: int | None, workdir: Path) -> Any:
     """The embedder graph, reused from extract's ONNX cache when it has the wanted opset."""
     import onnx
 
-    from .extract import _onnx_cache_path, export_embedder_onnx
+    from .extraction import _onnx_cache_path, export_embedder_onnx
 
     cached = _onnx_cache_path(backbone.identity())
     if opset is None:
@@ -470,10 +470,10 @@ def _bundle_backbone(bundle: Any, weights_file: str | os.PathLike | None) -> Any
 
 def _finetuned(bundle: Any) -> tuple[Any, Any]:
     try:
-        from .finetune import load_finetuned_model
+        from .finetuning import load_finetuned_model
     except ImportError as e:
         raise ExportError(
-            f"Exporting fine-tuned bundles needs featbank.finetune.load_finetuned_model, which this install "
+            f"Exporting fine-tuned bundles needs featbank.finetuning.load_finetuned_model, which this install "
             f"lacks ({e}). Update featbank."
         ) from None
     return load_finetuned_model(bundle.path)
@@ -785,7 +785,7 @@ def export_model(
                 "checked": True,
                 "image_source": source,
                 "skipped_images": skipped,
-                "reference": ("torch eager: featbank.finetune.load_finetuned_model -> softmax"
+                "reference": ("torch eager: featbank.finetuning.load_finetuned_model -> softmax"
                               if bundle.kind == "finetuned"
                               else "torch eager: load_backbone -> embedder -> Bundle.predict_proba"),
                 "bundle_id": bundle.bundle_id,

@@ -99,7 +99,7 @@ def count_images(root: Path) -> int:
 
 def bench_backbone(args: argparse.Namespace, device: str, precision: str, n: int) -> tuple[float, str]:
     from featbank.backbones import load_backbone
-    from featbank.extract import _make_engine  # the very engine extract builds
+    from featbank.extraction import _make_engine  # the very engine extract builds
 
     bb = load_backbone(args.backbone, args.weights)
     eng = _make_engine(args.engine, bb, device, precision)
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = args.data_dir or work
     data_dir.mkdir(parents=True, exist_ok=True)
     try:
-        from featbank.extract import _default_workers, _precision, resolve_device
+        from featbank.extraction import _default_workers, _precision, resolve_device
 
         device = resolve_device(args.device)
         args.device = device

@@ -63,9 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import featbank
-    import featbank.finetune as ft
+    import featbank.finetuning as ft
     from featbank.bundle import load_bundle
-    from featbank.fit import fit
+    from featbank.fitting import fit
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]

@@ -32,7 +32,7 @@ def _demo_bundle(work: Path) -> Path:
     from skimage import data as skdata
 
     import featbank
-    from featbank.fit import fit
+    from featbank.fitting import fit
 
     photos = {"cat": skdata.chelsea(), "coffee": skdata.coffee(), "person": skdata.astronaut(),
               "rocket": skdata.rocket()}

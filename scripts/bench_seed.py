@@ -85,7 +85,7 @@ def featbank_recipe(data: Path, work: Path, device: str, seed: int) -> tuple[flo
     cache = work / "cache.h5"
     featbank.extract(data, cache, backbone="efficientnet_lite0", device=device, progress=False)
     t1 = time.perf_counter()
-    from featbank.fit import fit as fit_head
+    from featbank.fitting import fit as fit_head
 
     r = fit_head(cache, "linear", device=device, seed=seed, save=False)
     t2 = time.perf_counter()

@@ -232,7 +232,14 @@ def _prepare(
 
 
 def elpv_data_dir() -> Path:
-    """The ``data`` folder of the installed ``elpv-dataset`` package (labels.csv, images/)."""
+    """The ``data`` folder of the installed ``elpv-dataset`` package (labels.csv, images/).
+
+    ``$FEATBANK_ELPV_DIR`` overrides it with a folder of the same layout (for machines where the
+    package cannot be installed, e.g. a GPU box without network).
+    """
+    override = os.environ.get("FEATBANK_ELPV_DIR")
+    if override:
+        return Path(override)
     if importlib.util.find_spec("elpv_dataset") is None:
         raise PrepareError(
             "The ELPV data is not installed. Install it with: pip install elpv-dataset"

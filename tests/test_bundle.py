@@ -9,7 +9,7 @@ import pytest
 
 from featbank.bundle import load_bundle, save_bundle
 from featbank.errors import BundleError
-from featbank.fit import fit
+from featbank.fitting import fit
 
 from _fitdata import blobs, write_synthetic_cache
 

@@ -28,7 +28,7 @@ from featbank.errors import (
     SkippedImagesError,
     SkippedImagesWarning,
 )
-from featbank.extract import default_cache_path
+from featbank.extraction import default_cache_path
 from featbank.images import load_and_preprocess
 
 try:  # tests/ may be run as a package (tests/__init__.py) or as plain folder

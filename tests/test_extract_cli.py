@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from featbank.cache import open_cache
 from featbank.cli.main import cli
-from featbank.extract import default_cache_path
+from featbank.extraction import default_cache_path
 
 try:  # tests/ may be run as a package (tests/__init__.py) or as plain folder
     from .conftest import make_image_folder

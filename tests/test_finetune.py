@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import warnings
@@ -15,7 +14,7 @@ import torch
 from click.testing import CliRunner
 
 import featbank
-import featbank.finetune as ft
+import featbank.finetuning as ft
 from featbank.backbones import _REGISTRY, backbone_groups, load_backbone, param_groups
 from featbank.bundle import load_bundle
 from featbank.cli.main import cli
@@ -153,7 +152,7 @@ def test_partial_freezes_early_groups_and_their_batchnorm(tmp_path: Path, image_
 @pytest.fixture(scope="module")
 def probe_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """(image folder, torch-engine cache of it, linear probe bundle fitted on that cache)."""
-    from featbank.fit import fit
+    from featbank.fitting import fit
 
     root = tmp_path_factory.mktemp("lpft")
     data = make_image_folder(root / "data")
@@ -197,7 +196,7 @@ def test_lpft_refuses_a_probe_of_other_classes(probe_setup: tuple[Path, Path, Pa
 
 _KILL_AFTER_EPOCH_1 = """
 import os, signal, sys
-import featbank.finetune as ft
+import featbank.finetuning as ft
 def stop(epoch, row):
     if epoch == 1:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -273,7 +272,7 @@ def test_refusals_exit_2(tmp_path: Path, image_folder: Path) -> None:
 
 
 def test_bundle_roundtrip_extract_evaluate_predict(image_folder: Path, tmp_path: Path) -> None:
-    from featbank.fit import evaluate, predict
+    from featbank.fitting import evaluate, predict
 
     model = tmp_path / "models" / "tiny-ft"
     res = CliRunner().invoke(cli, ["finetune", str(image_folder), "-b", "test_tiny", "--strategy", "full",

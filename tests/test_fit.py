@@ -9,7 +9,7 @@ import torch
 
 import featbank
 from featbank.errors import BundleError, CacheError, ConfigError
-from featbank.fit import evaluate, fit
+from featbank.fitting import evaluate, fit
 
 from _fitdata import blobs, write_synthetic_cache
 

@@ -84,7 +84,7 @@ import json
 import featbank.runtime as rt
 clf = rt.OnnxClassifier({str(model)!r})
 probs = clf.predict_proba({paths!r}, batch_size=4)
-bad = [m for m in sys.modules if m == "torch" or m.startswith(("torch.", "featbank.backbones", "featbank.extract"))]
+bad = [m for m in sys.modules if m == "torch" or m.startswith(("torch.", "featbank.backbones", "featbank.extraction"))]
 print(json.dumps({{"probs": probs.tolist(), "bad": bad, "labels": [p.label for p in clf.predict({paths!r})]}}))
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

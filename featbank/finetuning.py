@@ -864,7 +864,7 @@ def finetune(
         ...                   trainable_from="layer3", lr_groups="seed-resnet", epochs=10)
     """
     from .data import scan_folder
-    from .extract import resolve_device
+    from .extraction import resolve_device
 
     cfg = _settings_from(settings)
     dev = torch.device(resolve_device(device))
@@ -1270,7 +1270,7 @@ def predict_images(
     Returns:
         :class:`FinetunedPredictions` (softmax of the network's logits, float64).
     """
-    from .extract import resolve_device
+    from .extraction import resolve_device
 
     path = bundle.path if hasattr(bundle, "path") else Path(bundle)
     bb, head = load_finetuned_model(path)

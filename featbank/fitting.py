@@ -844,18 +844,3 @@ def predict(model: str | Path, images: Sequence[str | Path], *, top_k: int = 1, 
             flush()
     flush()
     return [r for r in results if r is not None]
-
-
-class _CallableModule(type(re)):
-    """Keeps ``featbank.fit(...)`` working once this submodule is imported.
-
-    Importing ``featbank.fit`` binds the *module* to the package attribute ``fit``, shadowing the
-    lazily re-exported function; calling the module calls the function (as featbank.extract does).
-    """
-
-    __call__ = staticmethod(fit)
-
-
-import sys as _sys  # noqa: E402
-
-_sys.modules[__name__].__class__ = _CallableModule

@@ -23,7 +23,7 @@ from .cache import (
     read_state,
     write_cache,
 )
-from .data import SPLIT_NAMES, ImageIndex, scan_folder
+from .data import ImageIndex, scan_folder
 from .errors import ConfigError, Interrupted, SkippedImagesError, SkippedImagesWarning
 from .images import ImageReadError, PreprocessConfig, load_and_preprocess
 
@@ -671,19 +671,3 @@ def _commit(
         dtype=dtype,
         attrs=attrs,
     )
-
-
-class _CallableModule(type(os)):
-    """Keeps ``featbank.extract(...)`` working once this submodule is imported.
-
-    Importing ``featbank.extract`` binds the *module* to the package attribute ``extract``,
-    shadowing the lazily re-exported function after its first use; calling the module calls it.
-    """
-
-    # A staticmethod adds no frame, so warnings still point at the caller's line.
-    __call__ = staticmethod(extract)
-
-
-import sys as _sys  # noqa: E402
-
-_sys.modules[__name__].__class__ = _CallableModule
