@@ -53,7 +53,13 @@ BUNDLE_FORMAT = "featbank-bundle"
 BUNDLE_VERSION = 1
 MANIFEST = "manifest.json"
 # Types a skops head file may contain: scikit-learn, numpy/scipy containers and featbank heads.
-TRUSTED_MODULE_PREFIXES = ("sklearn.", "numpy.", "scipy.", "featbank.heads.", "builtins.", "collections.")
+TRUSTED_MODULE_PREFIXES = ("sklearn.", "numpy.", "scipy.", "featbank.heads.", "collections.")
+# Plain data types only: never builtins such as eval/exec/getattr that a crafted file could name.
+TRUSTED_BUILTINS = frozenset(
+    f"builtins.{t}"
+    for t in ("dict", "list", "tuple", "set", "frozenset", "str", "bytes", "int", "float", "complex",
+              "bool", "slice", "NoneType", "type", "object")
+)
 _WEIGHT_SECTIONS = ("head", "finetune")
 
 
@@ -304,11 +310,11 @@ class Bundle:
                 f"{str(f)!r} is a skops file but skops is not installed. Run 'pip install skops'."
             ) from None
         untrusted = sorted(sio.get_untrusted_types(data=data))
-        bad = [t for t in untrusted if not t.startswith(TRUSTED_MODULE_PREFIXES)]
+        bad = [t for t in untrusted if not (t.startswith(TRUSTED_MODULE_PREFIXES) or t in TRUSTED_BUILTINS)]
         if bad:
             raise BundleError(
                 f"{str(f)!r} contains types featbank does not trust: {bad}. Refusing to load it. "
-                f"Only types from {', '.join(TRUSTED_MODULE_PREFIXES)} are loaded."
+                f"Only types from {', '.join(TRUSTED_MODULE_PREFIXES)} and plain builtin data types are loaded."
             )
         return sio.loads(data, trusted=untrusted)
 

@@ -32,12 +32,12 @@ $FB finetune "$DATA" --strategy partial --trainable-from stage6 --init-head mode
 
 echo
 echo "== 5/6 export: backbone + head as one ONNX graph, checked against PyTorch"
-$FB export models/quickstart-linear --out models/quickstart-linear/model.onnx
+$FB export models/quickstart-linear --out models/quickstart-linear.onnx
 
 echo
 echo "== 6/6 predict: the light runtime (numpy + Pillow + onnxruntime, no torch)"
 first=$(find "$DATA/test" -type f | sort | head -3)
-$FB predict models/quickstart-linear/model.onnx $first
+$FB predict models/quickstart-linear.onnx $first
 
 echo
 echo "Outputs:"
@@ -45,4 +45,4 @@ echo "  data folder:      $DATA"
 echo "  feature cache:    $($PY -c 'import featbank.cache as c; print(c.find_latest_cache())')"
 echo "  linear probe:     models/quickstart-linear/ (manifest.json, metrics.json, *.png)"
 echo "  fine-tuned model: models/quickstart-lpft/"
-echo "  ONNX model:       models/quickstart-linear/model.onnx (+ .parity.json)"
+echo "  ONNX model:       models/quickstart-linear.onnx (+ models/quickstart-linear.parity.json)"

@@ -404,3 +404,19 @@ def test_preprocess_converts_other_modes() -> None:
     grey16 = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
     assert (preprocess_image(grey16, cfg) == 255).all()
     assert (preprocess_image(Image.new("L", (4, 4), 9), cfg) == 9).all()
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+@pytest.mark.parametrize("size", [(300, 300), (517, 233), (1, 1), (20, 30)])
+def test_grey_fast_path_is_bit_identical_to_converting_first(tmp_path, interpolation, size):
+    """load_and_preprocess keeps grey images single-channel through the resize: same bytes."""
+    from featbank.images import PreprocessConfig, load_and_preprocess, preprocess_image
+
+    arr = np.random.default_rng(1).integers(0, 256, size, dtype=np.uint8)
+    path = tmp_path / "grey.png"
+    Image.fromarray(arr, "L").save(path)
+    cfg = PreprocessConfig((224, 224), 256, interpolation, (0.5,) * 3, (0.5,) * 3)
+    fast = load_and_preprocess(path, cfg)
+    reference = preprocess_image(Image.fromarray(arr, "L").convert("RGB"), cfg)
+    assert fast.shape == (224, 224, 3)
+    np.testing.assert_array_equal(fast, reference)
