@@ -14,7 +14,7 @@ from .options import backbone_options, device_option, quiet_option
               help="frozen: only a new head trains; partial: groups from --trainable-from on; full: everything.")
 @click.option("--trainable-from", metavar="GROUP", default=None,
               help="partial: first group that trains (default: the middle one). See 'featbank backbones --groups NAME'.")
-@click.option("--lr", type=float, default=None, help="Rate of groups not set otherwise. Default 1e-2 (sgd), 3e-4 (adamw).")
+@click.option("--lr", type=float, default=None, help="Rate of groups not set otherwise. Default 1e-2 (sgd), 3e-4 (adamw); 10x lower with --init-head (1e-3, 3e-5 for adamw).")
 @click.option("--lr-groups", metavar="SPEC", default=None,
               help="Per-group rates: a preset (seed, seed-resnet, seed-lite) or 'group=lr,...' (e.g. 'layer4=1e-3,head=1e-2').")
 @click.option("--layer-decay", type=float, default=None,
@@ -30,6 +30,9 @@ from .options import backbone_options, device_option, quiet_option
               help="Fraction of each class held out for validation when DATA has no val folder.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Fixes the head init, split, order and augmentation.")
 @click.option("--train-bn", is_flag=True, help="Also train BatchNorm layers of frozen groups (default: eval mode, stats unchanged).")
+@click.option("--bn-stats", type=click.Choice(["auto", "frozen", "train"]), default="auto", show_default=True,
+              help="BatchNorm running statistics: frozen keeps the pretrained ones everywhere; train updates "
+              "those of trainable groups; auto = frozen with --init-head (LP-FT), else train.")
 @click.option("--patience", type=click.IntRange(min=0), default=5, show_default=True,
               help="Early stopping: epochs without a better val metric (0: never stop early).")
 @click.option("--metric", type=click.Choice(["balanced_accuracy", "accuracy"]), default="balanced_accuracy",
@@ -42,7 +45,7 @@ from .options import backbone_options, device_option, quiet_option
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle and discard its checkpoint.")
 @quiet_option
 def finetune(data, backbone, weights, weights_file, strategy, trainable_from, lr, lr_groups, layer_decay,
-             optimizer, weight_decay, init_head, epochs, batch_size, val_split, seed, train_bn, patience, metric,
+             optimizer, weight_decay, init_head, epochs, batch_size, val_split, seed, train_bn, bn_stats, patience, metric,
              device, num_workers, out, resume, overwrite, quiet) -> None:
     """Fine-tune a backbone with a new linear head on DATA and write a model bundle.
 
@@ -63,7 +66,7 @@ def finetune(data, backbone, weights, weights_file, strategy, trainable_from, lr
         backbone=backbone, weights=weights, weights_file=weights_file, strategy=strategy,
         trainable_from=trainable_from, lr=lr, lr_groups=lr_groups, layer_decay=layer_decay, optimizer=optimizer,
         weight_decay=weight_decay, init_head=init_head, epochs=epochs, batch_size=batch_size, val_split=val_split,
-        seed=seed, train_bn=train_bn, patience=patience, metric=metric,
+        seed=seed, train_bn=train_bn, bn_stats=bn_stats, patience=patience, metric=metric,
     )
     if report.skipped and not quiet:
         click.echo(f"Skipped {len(report.skipped)} unreadable image(s), e.g. {report.skipped[0]}", err=True)

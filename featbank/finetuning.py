@@ -88,6 +88,9 @@ LR_PRESETS: dict[str, dict[str, float]] = {
 #: Other spellings accepted in ``--lr-groups`` / ``--trainable-from`` (torchvision's ResNet names).
 GROUP_ALIASES = {"conv1": "stem", "fc": "head", "classifier": "head"}
 _DEFAULT_LR = {"sgd": 1e-2, "adamw": 3e-4}
+# LP-FT starts from a tuned head: a 10x smaller step keeps the pretrained features from being
+# distorted before the head and the features agree (Kumar et al. 2022 tune it far lower still).
+_DEFAULT_LR_LPFT = {"sgd": 1e-3, "adamw": 3e-5}
 _DEFAULT_WD = {"sgd": 1e-4, "adamw": 0.05}
 
 
@@ -113,6 +116,11 @@ class FinetuneSettings:
         epochs, batch_size, seed: as usual; ``seed`` fixes init, split, order and augmentation.
         val_split: fraction of each class held out for validation when DATA has no val split.
         train_bn: BatchNorm of frozen groups trains too (statistics and affine parameters).
+        bn_stats: ``frozen`` keeps every BatchNorm layer in eval mode (running statistics fixed,
+            affine parameters of trainable groups still train); ``train`` updates the statistics
+            of trainable groups; ``auto`` (default) is ``frozen`` for LP-FT, since the probe was
+            fitted on features computed with the pretrained statistics (batch statistics of a
+            domain far from ImageNet would change them at step 0), and ``train`` otherwise.
         patience: stop after this many epochs without a better validation metric (0: never).
         metric: validation metric for early stopping and the best checkpoint.
         warmup_epochs: linear warmup length (at most a fifth of the run), then cosine to zero.
@@ -136,6 +144,7 @@ class FinetuneSettings:
     seed: int = 0
     val_split: float = 0.2
     train_bn: bool = False
+    bn_stats: str = "auto"
     patience: int = 5
     metric: str = "balanced_accuracy"
     warmup_epochs: float = 1.0
@@ -153,6 +162,8 @@ class FinetuneSettings:
             raise bad("optimizer", f"one of {', '.join(OPTIMIZERS)}")
         if self.metric not in METRICS:
             raise bad("metric", f"one of {', '.join(METRICS)}")
+        if self.bn_stats not in ("auto", "frozen", "train"):
+            raise bad("bn_stats", "one of auto, frozen, train")
         for name in ("epochs", "batch_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -185,7 +196,15 @@ class FinetuneSettings:
 
     @property
     def resolved_lr(self) -> float:
-        return self.lr if self.lr is not None else _DEFAULT_LR[self.optimizer]
+        if self.lr is not None:
+            return self.lr
+        return (_DEFAULT_LR_LPFT if self.init_head else _DEFAULT_LR)[self.optimizer]
+
+    @property
+    def resolved_bn_stats(self) -> str:
+        if self.bn_stats != "auto":
+            return self.bn_stats
+        return "frozen" if self.init_head else "train"
 
     @property
     def resolved_weight_decay(self) -> float:
@@ -984,6 +1003,10 @@ def finetune(
         model.train()
         for m in frozen_bn:
             m.eval()
+        if cfg.resolved_bn_stats == "frozen":
+            for m in model.modules():
+                if _is_bn(m):
+                    m.eval()
         if cfg.strategy == "frozen" and not cfg.train_bn:
             model.features.eval()
         t0 = time.perf_counter()
@@ -1107,6 +1130,7 @@ def finetune(
             "strategy": cfg.strategy,
             "trainable_from": trainable[0] if cfg.strategy == "partial" else None,
             "train_bn": cfg.train_bn,
+            "bn_stats": cfg.resolved_bn_stats,
             "groups": group_rows,
             "rates": rates,
             "lr": cfg.resolved_lr, "lr_groups": cfg.lr_groups, "layer_decay": cfg.layer_decay,

@@ -328,3 +328,19 @@ def test_real_lite0_short_run(tmp_path: Path) -> None:
     bb, head = ft.load_finetuned_model(rep.path)
     assert bb.embed_dim == 1280 and head.out_features == 3
     assert np.isfinite(rep.val["accuracy"]) and rep.history[0]["images_per_second"] > 0
+
+
+def test_lpft_keeps_batchnorm_statistics_by_default(probe_setup: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """LP-FT's probe was fitted on features with the pretrained BN statistics: bn_stats=auto keeps them."""
+    image_folder, _cache, probe = probe_setup
+    base = load_backbone("test_tiny").features.state_dict()
+    rep = ft.finetune(image_folder, tmp_path / "lpft-bn", strategy="full", init_head=str(probe), lr=0.05, **FAST)
+    after = _state(rep.path)
+    assert load_bundle(rep.path).manifest["finetune"]["bn_stats"] == "frozen"
+    assert torch.equal(after["features.stem.1.running_mean"], base["stem.1.running_mean"])
+    assert not torch.equal(after["features.stem.0.weight"], base["stem.0.weight"])  # weights still train
+
+    rep = ft.finetune(image_folder, tmp_path / "lpft-bn-train", strategy="full", init_head=str(probe), lr=0.05,
+                      bn_stats="train", **FAST)
+    after = _state(rep.path)
+    assert not torch.equal(after["features.stem.1.running_mean"], base["stem.1.running_mean"])
