@@ -24,9 +24,9 @@ __all__ = ["FitResult", "EvalResult", "Prediction", "fit", "evaluate", "predict"
 
 #: Coarse grid of C (inverse L2 strength, scikit-learn's convention) for the linear sweep.
 COARSE_GRID = tuple(float(c) for c in np.logspace(-6, 2, 9))
-_REFINE = (-0.5, -0.25, 0.25, 0.5)  # decades around the best coarse C
+_REFINE = (-0.5, 0.5)  # decades around the best coarse C
 _SWEEP_MAX_ITER = 150
-_SWEEP_TOL = 1e-4
+_SWEEP_TOL = 5e-4
 _PATIENCE = 3
 
 
@@ -294,11 +294,17 @@ def _sweep_linear(head: Any, Xtr: Any, ytr: np.ndarray, Xv: Any, yv: np.ndarray,
     worse = 0
     for C in sorted(grid):
         run(float(C))
-        # Weak regularisation costs the most iterations: stop once the validation score has stayed
-        # below the best for _PATIENCE grid steps past the best C.
-        worse = worse + 1 if best() < C and results[-1]["val_score"] < max(r["val_score"] for r in results) else 0
-        if worse >= _PATIENCE:
-            break
+        # Weak regularisation costs the most iterations, and the validation curve of an L2 sweep
+        # has one peak: stop once a step past the best C is worse in both score and log loss, or
+        # after _PATIENCE steps with a worse score.
+        top = max(results, key=lambda r: (round(r["val_score"], 12), -r["val_log_loss"]))
+        last = results[-1]
+        if top["C"] < C and last["val_score"] < top["val_score"]:
+            worse += 1
+            if worse >= _PATIENCE or last["val_log_loss"] > top["val_log_loss"]:
+                break
+        else:
+            worse = 0
     c0 = best()
     for d in _REFINE:
         C = float(c0 * 10**d)

@@ -165,7 +165,7 @@ class LinearHead(_TorchHead):
         l2_normalize: L2-normalise each embedding first (before standardising).
         class_weight: None, ``"balanced"`` or a dict class -> weight.
         max_iter: L-BFGS iterations at most.
-        tol: stop when the largest gradient entry is below this.
+        tol: stop when the largest gradient entry is below this (scikit-learn's default, 1e-4).
         warm_start: start from the previous solution when refitting (used by the C sweep).
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
 
@@ -179,7 +179,7 @@ class LinearHead(_TorchHead):
     """
 
     def __init__(self, C: float = 1.0, *, standardize: bool = True, l2_normalize: bool = False,
-                 class_weight: Any = None, max_iter: int = 500, tol: float = 1e-5, warm_start: bool = False,
+                 class_weight: Any = None, max_iter: int = 500, tol: float = 1e-4, warm_start: bool = False,
                  device: str = "cpu"):
         self.C = C
         self.standardize = standardize

@@ -16,15 +16,7 @@ from featbank.cli.main import cli
 VENV_FEATBANK = Path(sys.executable).parent / "featbank"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny problems: one intra-op thread avoids spin-waiting on a shared 2-core machine."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("head,params", [("linear", []), ("mlp", ["--param", "hidden_sizes=(8,)", "--param", "max_epochs=20"]),

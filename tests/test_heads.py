@@ -19,13 +19,7 @@ from _fitdata import blobs, write_synthetic_cache
 _MLP_EXPECTED = {"check_sample_weight_equivalence_on_dense_data": "minibatch SGD: weights != repeated rows"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny problems: one intra-op thread avoids spin-waiting on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _expected(est):
