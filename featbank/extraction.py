@@ -494,11 +494,17 @@ def extract(
             )
         new_skipped: dict[int, str] = {}
         try:
-            if eng is None:
-                eng = _make_engine(engine, bb, dev, precision)
-            report.engine, report.device, report.precision = eng.name, dev, precision
-            report.n_embedded = _run(staging, index.root, PreprocessConfig.from_dict(identity["transform"]), eng,
-                                     dev, batch_size, num_workers, progress, on_progress, new_skipped)
+            ready = eng
+
+            def make_engine() -> Any:
+                return ready if ready is not None else _make_engine(engine, bb, dev, precision)
+
+            report.n_embedded, eng = _run(
+                staging, index.root, PreprocessConfig.from_dict(identity["transform"]), make_engine, dev,
+                batch_size, num_workers, progress, on_progress, new_skipped,
+            )
+            if eng is not None:
+                report.engine, report.device, report.precision = eng.name, dev, precision
         except KeyboardInterrupt:
             done_n = int(staging.done_mask().sum())
             staging.close()
@@ -546,21 +552,21 @@ def _run(
     staging: StagingFile,
     root: Path,
     cfg: PreprocessConfig,
-    eng: Any,
+    make_engine: Callable[[], Any],
     device: str,
     batch_size: int,
     num_workers: int | None,
     progress: bool,
     on_progress: Callable[[int, int], None] | None,
     skipped: dict[int, str],
-) -> int:
+) -> tuple[int, Any]:
     import torch
     from torch.utils.data import DataLoader
 
     pending = np.flatnonzero(~staging.done_mask())
     total = len(staging.paths)
     if len(pending) == 0:
-        return 0
+        return 0, None
     workers = _default_workers(device) if num_workers is None else num_workers
     loader = DataLoader(
         _Images(root, staging.paths, pending, cfg),
@@ -579,8 +585,13 @@ def _run(
         desc="extract", dynamic_ncols=True, smoothing=0.1,
     )
     n_new = 0
+    # Start the decoding workers first (they fork before any inference thread exists) and build
+    # and warm up the engine while they fill the prefetch queue: fixed costs overlap.
+    batches = iter(loader)
+    eng = make_engine()
+    eng(np.zeros((min(batch_size, len(pending)), *cfg.input_size, 3), np.uint8))
     try:
-        for rows, batch, ok, reasons in loader:
+        for rows, batch, ok, reasons in batches:
             if ok.any():
                 emb = eng(batch if ok.all() else batch[torch.from_numpy(ok)])
                 full = np.zeros((len(rows), emb.shape[1]), staging.embeddings.dtype)
@@ -597,7 +608,7 @@ def _run(
                 on_progress(int(bar.n), total)
     finally:
         bar.close()
-    return n_new
+    return n_new, eng
 
 
 def _write_block(staging: StagingFile, rows: np.ndarray, emb: np.ndarray, ok: np.ndarray) -> None:
