@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -583,6 +584,8 @@ def _run(
     bar = tqdm(
         total=total, initial=total - len(pending), unit="img", disable=not progress,
         desc="extract", dynamic_ncols=True, smoothing=0.1,
+        # In a log file (CI, nohup) one line every 10 s, not one per batch.
+        mininterval=0.1 if sys.stderr.isatty() else 10.0,
     )
     n_new = 0
     # Start the decoding workers first (they fork before any inference thread exists) and build

@@ -1012,6 +1012,7 @@ def finetune(
         t0 = time.perf_counter()
         seen, loss_sum, correct, n_ok = 0, 0.0, 0, 0
         bar = tqdm(total=len(train_rows), unit="img", desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress,
+                   mininterval=0.1 if sys.stderr.isatty() else 10.0,
                    leave=True, dynamic_ncols=True, file=sys.stderr)
         params = [p for p in model.parameters() if p.requires_grad]
         for x, y, bad in _loader(train_set, batches, workers, bb.preprocess, pin):
