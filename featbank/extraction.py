@@ -280,7 +280,8 @@ class _Collate:
 
 def _default_workers(device: str) -> int:
     n = os.cpu_count() or 1
-    return min(8, max(1, n - 1)) if device == "cpu" else min(16, n)
+    # Two at least: one decoding process cannot keep up with onnxruntime even on 2 cores.
+    return min(8, max(2, n - 1)) if device == "cpu" else min(16, n)
 
 
 # --------------------------------------------------------------------------------------------
