@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .backbones import HEAD_GROUP, Backbone, Normalize, load_backbone, param_groups
+from .backbones import HEAD_GROUP, Backbone, ImageEmbedder, Normalize, load_backbone, param_groups
 from .errors import BundleError, ConfigError, DatasetError, Interrupted, RandomWeightsWarning
 from .images import ImageReadError, PreprocessConfig, load_image, preprocess_image
 
@@ -382,23 +382,26 @@ def _frozen_bn_modules(model: nn.Module, trainable_params: set[str]) -> list[nn.
 # --------------------------------------------------------------------------------------------
 
 
-class FinetuneModel(nn.Module):
-    """uint8 NHWC RGB images -> class logits: normalisation, backbone features, linear head."""
+class FinetuneModel(ImageEmbedder):
+    """uint8 NHWC RGB images -> class logits: the backbone's embedder plus a linear head."""
 
     def __init__(self, features: nn.Module, head: nn.Module, mean: Sequence[float], std: Sequence[float]):
-        super().__init__()
-        self.normalize = Normalize(tuple(mean), tuple(std))
-        self.features = features
+        super().__init__(Normalize(tuple(mean), tuple(std)), features)
         self.head = head
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.normalize(x)
-        if x.device.type == "cpu":
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.features(x).flatten(1)
+        return super().forward(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(x))
+
+
+def _logits(model: nn.Module, x: torch.Tensor, amp: torch.dtype | None) -> torch.Tensor:
+    """Forward pass, under autocast when ``amp`` is set (CUDA)."""
+    if amp is None:
+        return model(x)
+    with torch.autocast(x.device.type, dtype=amp):
+        return model(x)
 
 
 def _fold_affine(fn: Callable[[torch.Tensor], torch.Tensor], dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -823,12 +826,7 @@ def _evaluate(model: FinetuneModel, loader: Any, device: torch.device, amp: torc
         for x, y, bad in loader:
             skipped.extend(bad)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if amp is not None:
-                with torch.autocast(device.type, dtype=amp):
-                    logits = model(x)
-            else:
-                logits = model(x)
-            logits = logits.float()
+            logits = _logits(model, x, amp).float()
             losses.append(nn.functional.cross_entropy(logits, y, ignore_index=-100, reduction="sum").item())
             ys.append(y.cpu().numpy())
             logits_all.append(logits.cpu().numpy())
@@ -1018,11 +1016,7 @@ def finetune(
         for x, y, bad in _loader(train_set, batches, workers, bb.preprocess, pin):
             skipped.extend(bad)
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            if amp is not None:
-                with torch.autocast(dev.type, dtype=amp):
-                    logits = model(x)
-            else:
-                logits = model(x)
+            logits = _logits(model, x, amp)
             loss = nn.functional.cross_entropy(logits.float(), y, ignore_index=-100)
             if not torch.isfinite(loss):
                 raise ConfigError(
