@@ -126,6 +126,8 @@ class FinetuneSettings:
         warmup_epochs: linear warmup length (at most a fifth of the run), then cosine to zero.
         clip_grad: max gradient norm (0: no clipping).
         crop_scale: area range of the random resized crop; ``hflip``: random horizontal flips.
+        vflip, rot90: random vertical flips and random multiples of 90 degrees (off by default:
+            label-preserving only where up/down has no meaning, e.g. solar cells, microscopy, aerial).
     """
 
     backbone: str = "efficientnet_lite0"
@@ -151,6 +153,8 @@ class FinetuneSettings:
     clip_grad: float = 5.0
     crop_scale: tuple[float, float] = (0.25, 1.0)
     hflip: bool = True
+    vflip: bool = False
+    rot90: bool = False
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ConfigError:
@@ -523,9 +527,11 @@ class _ImageSet:
     seeded by (seed, epoch, i); eval items are keyed ``i`` and get the backbone's eval transform."""
 
     def __init__(self, root: Path, paths: list[str], labels: np.ndarray, cfg: PreprocessConfig,
-                 train: bool, seed: int = 0, crop_scale: tuple[float, float] = (0.25, 1.0), hflip: bool = True):
+                 train: bool, seed: int = 0, crop_scale: tuple[float, float] = (0.25, 1.0), hflip: bool = True,
+                 vflip: bool = False, rot90: bool = False):
         self.root, self.paths, self.labels, self.cfg = root, paths, labels, cfg
         self.train, self.seed, self.crop_scale, self.hflip = train, seed, crop_scale, hflip
+        self.vflip, self.rot90 = vflip, rot90
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -545,6 +551,13 @@ class _ImageSet:
             out = img.resize((w, h), resample=resample, box=box)
             if self.hflip and rng.random() < 0.5:
                 out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            if self.vflip and rng.random() < 0.5:
+                out = out.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+            if self.rot90 and w == h:
+                k = int(rng.integers(0, 4))
+                if k:
+                    out = out.transpose((Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180,
+                                         Image.Transpose.ROTATE_270)[k - 1])
             return np.asarray(out, dtype=np.uint8), int(self.labels[i]), ""
         except ImageReadError as e:
             return None, -100, f"{self.paths[i]}: {e.reason}"
@@ -943,7 +956,8 @@ def finetune(
     amp, _ = _autocast(dev)
     scaler = torch.amp.GradScaler("cuda", enabled=(amp == torch.float16))
 
-    train_set = _ImageSet(index.root, index.paths, index.labels, bb.preprocess, True, cfg.seed, cfg.crop_scale, cfg.hflip)
+    train_set = _ImageSet(index.root, index.paths, index.labels, bb.preprocess, True, cfg.seed, cfg.crop_scale, cfg.hflip,
+                           cfg.vflip, cfg.rot90)
     eval_set = _ImageSet(index.root, index.paths, index.labels, bb.preprocess, False)
     epoch_batches = [_batches(len(split.train), cfg.batch_size, cfg.seed, 0)]
     steps_per_epoch = len(epoch_batches[0])
@@ -1136,7 +1150,7 @@ def finetune(
             "batch_size": cfg.batch_size, "seed": cfg.seed, "metric": cfg.metric, "patience": cfg.patience,
             "schedule": {"type": "cosine", "warmup_steps": warmup, "total_steps": total_steps, "clip_grad": cfg.clip_grad},
             "augmentation": {"train": {"random_resized_crop": {"scale": list(cfg.crop_scale), "ratio": [0.75, 4 / 3]},
-                                       "hflip": cfg.hflip},
+                                       "hflip": cfg.hflip, "vflip": cfg.vflip, "rot90": cfg.rot90},
                              "eval": "backbone eval transform (resize shorter side + centre crop)"},
             "head": {"type": "linear", "in_features": bb.embed_dim, "out_features": n_classes},
             "device": dev.type, "precision": str(amp).replace("torch.", "") if amp else "float32",

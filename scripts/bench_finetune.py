@@ -56,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr-groups", default="seed", help="per-group rates for partial/full/LP-FT (default: the seed table)")
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
+    p.add_argument("--lr", type=float, default=None, help="rate of groups --lr-groups does not set (--lr-groups none: all)")
+    p.add_argument("--crop-scale", type=float, nargs=2, default=(0.25, 1.0), metavar=("MIN", "MAX"))
+    p.add_argument("--vflip", action="store_true", help="random vertical flips too")
+    p.add_argument("--rot90", action="store_true", help="random multiples of 90 degrees too")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--num-workers", type=int, default=None)
     p.add_argument("--methods", default="probe,partial,full,lpft", help=f"comma list of {', '.join(METHODS)}")
@@ -79,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     n_train, n_test = int((index.splits == 0).sum()), int((index.splits == 2).sum())
     print(f"data: {data} ({len(index)} images: {n_train} train, {n_test} test; classes {index.classes})")
     print(f"backbone {args.backbone}, {args.epochs} epoch(s), batch {args.batch_size}, lr-groups {args.lr_groups}, "
-          f"device {args.device}\n", flush=True)
+          f"optimizer {args.optimizer}, lr {args.lr}, crop scale {tuple(args.crop_scale)}, vflip {args.vflip}, "
+          f"rot90 {args.rot90}, device {args.device}\n", flush=True)
 
     rows: list[dict] = []
     probe_path = None
@@ -101,11 +107,13 @@ def main(argv: list[str] | None = None) -> int:
                      "s_per_epoch": None, "seconds": t_extract + t_fit, "note": f"extract {t_extract:.0f}s + fit {t_fit:.1f}s"})
         print(f"probe: acc {acc:.4f} bal {bal:.4f} ({t_extract:.0f}s extract, {t_fit:.1f}s fit)", flush=True)
 
+    lr_groups = None if args.lr_groups == "none" else args.lr_groups
+    common = dict(optimizer=args.optimizer, lr=args.lr, crop_scale=tuple(args.crop_scale), vflip=args.vflip, rot90=args.rot90)
     runs = {
         "frozen": dict(strategy="frozen"),
-        "partial": dict(strategy="partial", lr_groups=args.lr_groups),
-        "full": dict(strategy="full", lr_groups=args.lr_groups),
-        "lpft": dict(strategy="full", lr_groups=args.lr_groups, init_head=str(probe_path) if probe_path else None),
+        "partial": dict(strategy="partial", lr_groups=lr_groups),
+        "full": dict(strategy="full", lr_groups=lr_groups),
+        "lpft": dict(strategy="full", lr_groups=lr_groups, init_head=str(probe_path) if probe_path else None),
     }
     for m in methods:
         if m == "probe":
@@ -113,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         rep = ft.finetune(data, args.workdir / "models" / f"{m}-{data.name}", overwrite=True, device=args.device,
                           num_workers=args.num_workers, progress=False, backbone=args.backbone, epochs=args.epochs,
-                          batch_size=args.batch_size, val_split=0.15, patience=0, seed=0, **runs[m])
+                          batch_size=args.batch_size, val_split=0.15, patience=0, seed=0, **common, **runs[m])
         total = time.perf_counter() - t0
         trainable = next(g["name"] for g in rep.groups if g["trainable"])
         rows.append({"method": m if m != "lpft" else "LP-FT (full from probe)", "accuracy": rep.test["accuracy"],

@@ -53,7 +53,7 @@ __all__ = [
 
 MARKER = ".featbank-prepared.json"
 #: Bump when the output of a builder changes for the same arguments.
-PREPARE_VERSION = 1
+PREPARE_VERSION = 2  # 2: ELPV 2-class splits stratified on the 4 defect probabilities
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 # Index-prefixed so that sorted class names keep the dataset's own label order.
 FASHION_MNIST_CLASSES = (
@@ -76,6 +76,7 @@ class Item:
     pixels: np.ndarray | None = None
     source: Path | None = None
     split: str | None = None
+    strata: str | None = None  # what --split/--limit stratify on (default: the label)
 
 
 @dataclass
@@ -125,6 +126,10 @@ def _stratified_subset(
     return np.sort(keep), np.sort(rest)
 
 
+def _strata(items: list[Item]) -> list[str]:
+    return [it.strata if it.strata is not None else str(it.label) for it in items]
+
+
 def _select(items: list[Item], split: str, seed: int, limit: int | None) -> list[Item]:
     if limit is not None:
         n_classes = len({it.label for it in items})
@@ -133,12 +138,10 @@ def _select(items: list[Item], split: str, seed: int, limit: int | None) -> list
                 f"--limit must be at least the number of classes ({n_classes}); got {limit}."
             )
         if limit < len(items):
-            keep, _ = _stratified_subset(
-                [str(it.label) for it in items], limit, seed, f"subset of {limit}"
-            )
+            keep, _ = _stratified_subset(_strata(items), limit, seed, f"subset of {limit}")
             items = [items[i] for i in keep]
     if split == "70-30":
-        train, test = _stratified_subset([str(it.label) for it in items], 0.7, seed, "70/30 split")
+        train, test = _stratified_subset(_strata(items), 0.7, seed, "70/30 split")
         for i in train:
             items[i].split = "train"
         for i in test:
@@ -192,7 +195,8 @@ def _prepare(
                 f"'{out}' exists, is not empty and was not made by this script; refusing to overwrite it. "
                 "Choose another output folder or remove it."
             )
-        if marker is not None and not force:
+        outdated = marker is not None and marker.get("args") == args  # same request, older script
+        if marker is not None and not force and not outdated:
             raise PrepareError(
                 f"'{out}' was prepared with other arguments ({json.dumps(marker.get('args'))}). "
                 "Pass --force to rebuild it, or choose another output folder."
@@ -294,7 +298,9 @@ def build_elpv(
     def make_items() -> list[Item]:
         data = elpv_data_dir()
         items = [
-            Item(Path(rel).stem, _elpv_class(p, n_classes), source=data / rel)
+            # Stratified on the 4 defect probabilities for both label sets: the 2-class and
+            # 4-class folders of one seed hold the same test images, so their scores compare.
+            Item(Path(rel).stem, _elpv_class(p, n_classes), source=data / rel, strata=_elpv_class(p, 4))
             for rel, p, _cell_type in read_elpv_labels(data)
         ]
         return _select(items, split, seed, limit)
