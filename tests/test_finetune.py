@@ -252,6 +252,7 @@ def test_refusals_exit_2(tmp_path: Path, image_folder: Path) -> None:
         (["--strategy", "full", "--trainable-from", "stage1", "--out", str(tmp_path / "d")], "only applies to --strategy partial"),
         (["--lr-groups", "seed", "--layer-decay", "0.7", "--out", str(tmp_path / "e")], "only one of them"),
         (["--resume", "--out", str(tmp_path / "f")], "no checkpoint"),
+        (["--crop-scale", "0.9", "0.5", "--out", str(tmp_path / "i")], "'crop_scale' parameter of finetune must be"),
     ]
     for extra, message in cases:
         res = runner.invoke(cli, base + extra)
@@ -264,6 +265,23 @@ def test_refusals_exit_2(tmp_path: Path, image_folder: Path) -> None:
         ft.finetune(split, tmp_path / "g", **FAST)
     with pytest.raises(ConfigError, match="Unknown finetune setting"):
         ft.finetune(image_folder, tmp_path / "h", learning_rate=1, **FAST)
+
+
+def test_vflip_and_rot90_only_reorient_the_crop(image_folder: Path) -> None:
+    index = featbank.scan_folder(image_folder)
+    cfg = _random("test_tiny").preprocess
+    base = ft._ImageSet(index.root, index.paths, index.labels, cfg, True, seed=3, crop_scale=(0.5, 1.0))
+    aug = ft._ImageSet(index.root, index.paths, index.labels, cfg, True, seed=3, crop_scale=(0.5, 1.0),
+                       vflip=True, rot90=True)
+    changed = 0
+    for i in range(len(index)):
+        b, label, _ = base[(0, i)]
+        a, label_a, _ = aug[(0, i)]
+        assert label_a == label
+        variants = [np.rot90(v, r) for v in (b, b[::-1]) for r in range(4)]
+        assert any(np.array_equal(a, v) for v in variants), i
+        changed += not np.array_equal(a, b)
+    assert changed > 0
 
 
 # --------------------------------------------------------------------------------------------

@@ -114,6 +114,28 @@ def test_elpv_two_classes_split_and_jpeg(prep: ModuleType, tmp_path: Path) -> No
     assert _files(other.out) != _files(out)
 
 
+def test_elpv_two_and_four_classes_share_the_test_images(prep: ModuleType, tmp_path: Path) -> None:
+    four = prep.build_elpv(tmp_path / "e4", n_classes=4, split="70-30", seed=0, limit=80)
+    two = prep.build_elpv(tmp_path / "e2", n_classes=2, split="70-30", seed=0, limit=80)
+
+    def test_stems(out: Path) -> set[str]:
+        return {Path(p).stem for p in (out / "test").rglob("*.png")}
+
+    assert len(test_stems(four.out)) == 24 and test_stems(four.out) == test_stems(two.out)
+
+
+def test_an_older_script_version_rebuilds_without_force(prep: ModuleType, tmp_path: Path) -> None:
+    out = tmp_path / "lfw"
+    assert prep.main(["lfw", str(out)]) == 0
+    marker = out / prep.MARKER
+    data = json.loads(marker.read_text())
+    data["version"] = prep.PREPARE_VERSION - 1
+    marker.write_text(json.dumps(data))
+    result = prep.build_lfw(out)
+    assert not result.already_prepared
+    assert json.loads(marker.read_text())["version"] == prep.PREPARE_VERSION
+
+
 def test_other_arguments_need_force(
     prep: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
