@@ -241,8 +241,11 @@ class FeatureCache:
             lo = int(rows[pos])
             end = int(np.searchsorted(rows, lo + block_rows, side="left"))
             hi = int(rows[end - 1]) + 1
-            slab = self.embeddings[lo:hi]
-            out[pos:end] = slab[rows[pos:end] - lo]
+            if hi - lo == end - pos and np.dtype(dtype) == self.embeddings.dtype:
+                self.embeddings.read_direct(out, np.s_[lo:hi], np.s_[pos:end])  # contiguous: no copy
+            else:
+                slab = self.embeddings[lo:hi]
+                out[pos:end] = slab[rows[pos:end] - lo]
             pos = end
         return out
 

@@ -224,13 +224,29 @@ def _shot_rows(cache: Any, pool: np.ndarray, shots: int, seed: int) -> np.ndarra
 # --------------------------------------------------------------------------------------------
 
 
-def _features(cache: Any, rows: np.ndarray, chunk_rows: int | None) -> Any:
-    from .train import Features
+class _RowSource:
+    """Embedding rows of a cache as :class:`Features`: read once into memory (``chunk_rows`` None),
+    or streamed from the file in chunks."""
 
-    rows = np.sort(rows)
-    if chunk_rows is None:
-        return Features(cache.load_embeddings(rows))
-    return Features(cache=cache, rows=rows, chunk_rows=chunk_rows)
+    def __init__(self, cache: Any, rows: np.ndarray, chunk_rows: int | None):
+        self.cache, self.chunk_rows = cache, chunk_rows
+        self.rows = np.sort(rows)
+        self.X = cache.load_embeddings(self.rows) if chunk_rows is None else None
+
+    def __call__(self, rows: np.ndarray) -> Any:
+        from .train import Features
+
+        rows = np.sort(rows)
+        if self.X is None:
+            return Features(cache=self.cache, rows=rows, chunk_rows=self.chunk_rows)
+        return Features(self.X[np.searchsorted(self.rows, rows)])
+
+    def check_finite(self) -> None:
+        from .train import Features
+
+        feats = Features(self.X) if self.X is not None else Features(cache=self.cache, rows=self.rows,
+                                                                      chunk_rows=self.chunk_rows)
+        _check_finite(feats, self.cache, self.rows)
 
 
 def _val_score(est: Any, Xv: Any, yv: np.ndarray, k: int, balanced: bool) -> tuple[float, float, np.ndarray]:
@@ -365,7 +381,7 @@ def _fit_sklearn(est: Any, X: np.ndarray, y: np.ndarray, class_weight: Any) -> A
 
 def _fit_once(
     cache: Any, train: np.ndarray, val: np.ndarray, refit_rows: np.ndarray, *, head: str, params: dict[str, Any],
-    standardize: bool, l2_normalize: bool, class_weight: Any, device: str, seed: int, chunk_rows: int | None,
+    standardize: bool, l2_normalize: bool, class_weight: Any, device: str, seed: int, source: _RowSource,
     grid: Sequence[float] | None,
 ) -> tuple[Any, str, dict[str, Any], list[dict[str, Any]], dict[str, Any], np.ndarray | None]:
     """Select on val, refit on ``refit_rows``. Returns (estimator, type, chosen, sweep, val metrics, val proba)."""
@@ -375,9 +391,9 @@ def _fit_once(
     balanced = class_weight == "balanced"
     est, htype = _make_head(head, params, standardize=standardize, l2_normalize=l2_normalize,
                             class_weight=class_weight, device=device, seed=seed)
-    Xtr, ytr = _features(cache, train, chunk_rows), cache.labels[np.sort(train)]
+    Xtr, ytr = source(train), cache.labels[np.sort(train)]
     has_val = len(val) > 0
-    Xv, yv = (_features(cache, val, chunk_rows), cache.labels[np.sort(val)]) if has_val else (None, None)
+    Xv, yv = (source(val), cache.labels[np.sort(val)]) if has_val else (None, None)
     chosen: dict[str, Any] = {}
     sweep: list[dict[str, Any]] = []
     val_proba = None
@@ -409,7 +425,7 @@ def _fit_once(
 
     # Refit on train+val with the chosen setting.
     if len(refit_rows) != len(train) or not np.array_equal(np.sort(refit_rows), np.sort(train)):
-        Xall, yall = _features(cache, refit_rows, chunk_rows), cache.labels[np.sort(refit_rows)]
+        Xall, yall = source(refit_rows), cache.labels[np.sort(refit_rows)]
         if htype == "linear":
             est.set_params(warm_start=True)
             est.fit(Xall, yall)
@@ -517,10 +533,9 @@ def fit(
                 f"--max-memory {max_memory} is below the {need / 1e9:.2f} GB the {head} head needs in memory; only "
                 "'linear' and 'mlp' stream from disk. Raise --max-memory or use --head linear / mlp."
             )
-        from .train import Features
 
-        feats_all = Features(cache=cache_obj, rows=used, chunk_rows=chunk_rows or 65536)
-        _check_finite(feats_all, cache_obj, feats_all.rows)
+        source = _RowSource(cache_obj, used, chunk_rows)  # one read of every row fit needs
+        source.check_finite()
         # Validate the head and its parameters before any work is done.
         _make_head(head, params, standardize=standardize, l2_normalize=l2_normalize, class_weight=class_weight,
                    device=device, seed=seed)
@@ -555,12 +570,12 @@ def fit(
                     eval_split = "test"
             est, htype, chosen, sweep, val_metrics, val_proba = _fit_once(
                 cache_obj, tr, va, refit, head=head, params=params, standardize=standardize,
-                l2_normalize=l2_normalize, class_weight=class_weight, device=device, seed=s, chunk_rows=chunk_rows,
+                l2_normalize=l2_normalize, class_weight=class_weight, device=device, seed=s, source=source,
                 grid=grid,
             )
             ev_rows = np.sort(eval_rows)
             if eval_split == "test":
-                ev_proba = _proba_of(est, _features(cache_obj, ev_rows, chunk_rows), k)
+                ev_proba = _proba_of(est, source(ev_rows), k)
                 ev_metrics = compute_metrics(cache_obj.labels[ev_rows], ev_proba, cache_obj.classes)
             else:
                 ev_proba, ev_metrics = val_proba, val_metrics

@@ -2,11 +2,16 @@
 
 :class:`LinearHead` is multinomial logistic regression fitted with full-batch L-BFGS (strong-Wolfe
 line search) in torch, on CPU or CUDA; its objective is scikit-learn's ``LogisticRegression``
-one divided by the number of samples, so ``C`` means the same thing in both::
+one divided by the sum of the sample weights, so ``C`` means the same thing in both::
 
-    (1/n) * sum_i w_i * CE(x_i, y_i)  +  ||W||^2 / (2 * C * n)      (the intercept is not penalised)
+    (1/S) * sum_i w_i * CE(x_i, y_i)  +  ||W||^2 / (2 * C * S)      (S = sum_i w_i; intercept not penalised)
 
 :class:`MLPHead` is a small MLP trained with AdamW and early stopping on a validation set.
+In memory, L-BFGS runs on a preconditioned parametrisation ``W = M @ U.T`` with
+``U = V diag(1 / sqrt(c * e + 2 * lambda))`` from the eigendecomposition ``V diag(e) V^T`` of the
+standardised features' second-moment matrix (``c`` approximates the softmax curvature): the same
+objective and optimum, far fewer iterations on correlated embeddings (see scripts/bench_fit.py).
+
 Both accept an (N, D) array, or a :class:`featbank.train.Features` that streams rows of an HDF5
 cache in chunks (the linear head then accumulates the exact full-batch gradient chunk by chunk,
 so a streamed fit equals the in-memory one up to float rounding).
@@ -79,6 +84,27 @@ def _l2n(X: np.ndarray) -> np.ndarray:
 #: Standardised copies of in-memory Features, shared by the refits of one C sweep; entries go
 #: away with the Features object they belong to.
 _PREP_MEMO: "weakref.WeakKeyDictionary[Features, tuple]" = weakref.WeakKeyDictionary()
+
+
+#: Precondition L-BFGS when the embedding has at most this many dimensions (eigh of a D x D
+#: matrix: ~0.3 s at 1280 here, ~2 s at 2048; beyond that plain L-BFGS).
+_PRECONDITION_MAX_DIM = 2048
+#: Rows used to estimate the second-moment matrix (the preconditioner needs no exact one).
+_PRECONDITION_ROWS = 8192
+#: Softmax curvature assumed by the preconditioner (p * (1 - p) at p = 1/2; measured best of 0.02-0.25).
+_CURVATURE = 0.25
+
+
+def _second_moment_eig(Xs: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (clamped at 0) and eigenvectors of the ``w``-weighted ``Xs^T Xs / sum(w)`` over
+    at most ``_PRECONDITION_ROWS`` evenly spaced rows, in float64."""
+    n = Xs.shape[0]
+    if n > _PRECONDITION_ROWS:
+        pick = torch.linspace(0, n - 1, _PRECONDITION_ROWS, device=Xs.device).long()
+        Xs, w = Xs[pick], w[pick]
+    cov = (Xs.T @ (Xs * w[:, None])).to(torch.float64) / float(w.sum())
+    e, V = torch.linalg.eigh(cov)
+    return e.clamp_min(0.0), V
 
 
 class _TorchHead(ClassifierMixin, BaseEstimator):
@@ -209,63 +235,112 @@ class LinearHead(_TorchHead):
         dev = resolve_device(self.device)
         # Small in-memory problems run in float64: cheap, and exact enough for tight comparisons.
         dtype = torch.float64 if (not feats.streaming and n * d <= 2_000_000 and dev.type == "cpu") else torch.float32
-        W = torch.zeros(k, d, dtype=dtype, device=dev)
-        b = torch.zeros(k, dtype=dtype, device=dev)
+        W0 = np.zeros((k, d), np.float64)
+        b0 = np.zeros(k, np.float64)
         if self.warm_start and prev[0] is not None and prev[0].shape == (k, d) and np.array_equal(prev[2], self.classes_):
-            W.copy_(torch.as_tensor(prev[0]))
-            b.copy_(torch.as_tensor(prev[1]))
-        W.requires_grad_(True)
-        b.requires_grad_(True)
+            W0, b0 = np.asarray(prev[0], np.float64), np.asarray(prev[1], np.float64)
         mean = torch.as_tensor(self.mean_, dtype=dtype, device=dev)
         scale = torch.as_tensor(self.scale_, dtype=dtype, device=dev)
         yt_all = torch.as_tensor(y_enc, device=dev)
-        sw_all = torch.as_tensor(sw, dtype=dtype, device=dev)
-        reg = 1.0 / (2.0 * float(self.C) * n)
+        # scikit-learn's scaling: sum_i w_i CE_i / sum(w) + ||W||^2 / (2 C sum(w)), w including class weights.
+        sw_sum = float(sw.sum())
+        sw_all = torch.as_tensor(sw, dtype=dtype, device=dev) / sw_sum
+        reg = 1.0 / (2.0 * float(self.C) * sw_sum)
 
         def prep(x: torch.Tensor) -> torch.Tensor:
             if self.l2_normalize:
                 x = x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-12)
             return (x - mean) / scale
 
+        def loss_grad(xs: torch.Tensor, yt: torch.Tensor, swt: torch.Tensor, W: torch.Tensor, b: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            """sum_i w_i/n * CE_i and its gradients (closed form: no autograd graph)."""
+            z = torch.addmm(b, xs, W.T)
+            lse = torch.logsumexp(z, dim=1)
+            ce = lse - z.gather(1, yt[:, None])[:, 0]
+            g = torch.exp(z - lse[:, None])
+            g[torch.arange(len(yt), device=dev), yt] -= 1.0
+            g *= swt[:, None]
+            return (ce * swt).sum(dtype=torch.float64), g.T @ xs, g.sum(0)
+
+        U = None
         if not feats.streaming:
-            if Xs_memo is not None and Xs_memo.dtype == dtype and Xs_memo.device == dev:
-                Xs = Xs_memo
+            if Xs_memo is not None and Xs_memo[0].dtype == dtype and Xs_memo[0].device == dev:
+                Xs, eig = Xs_memo
             else:
                 Xs = prep(torch.as_tensor(feats.X, device=dev).to(dtype))
+                hint = getattr(self, "_eig", None) if self.warm_start else None
+                if d > _PRECONDITION_MAX_DIM:
+                    eig = None
+                elif hint is not None and hint[1].shape == (d, d) and hint[1].device == dev:
+                    eig = hint  # a refit on similar rows (the C sweep's train -> train+val): reuse
+                else:
+                    eig = _second_moment_eig(Xs, sw_all)
                 if isinstance(X, Features) and sample_weight is None:
                     base_sw = sw if self.class_weight is None else np.ones(n, np.float64)
                     _PREP_MEMO[X] = (memo_key, self.classes_, y_enc, base_sw, self.mean_, self.scale_,
-                                     self.n_features_in_, Xs)
+                                     self.n_features_in_, (Xs, eig))
+            self._eig = eig
+            if eig is not None:
+                # Optimise M = W U^-T: the same objective, with a Hessian close to the identity.
+                e, V = eig
+                curv = _CURVATURE
+                sdiag = 1.0 / torch.sqrt(curv * e + 2.0 * reg)
+                U64 = V * sdiag
+                U = U64.to(dtype)
+                W0 = (torch.as_tensor(W0, dtype=torch.float64, device=dev) @ (V / sdiag)).cpu().numpy()
 
-            def closure() -> torch.Tensor:
-                opt.zero_grad()
-                ce = nn.functional.cross_entropy(torch.addmm(b, Xs, W.T), yt_all, reduction="none")
-                loss = (ce * sw_all).sum() / n + reg * (W * W).sum()
-                loss.backward()
-                return loss
+            def data_term(W: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                return loss_grad(Xs, yt_all, sw_all, W, b)
         else:
 
-            def closure() -> torch.Tensor:
-                opt.zero_grad()
-                total = torch.zeros((), dtype=dtype, device=dev)
+            def data_term(W: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                loss = torch.zeros((), dtype=torch.float64, device=dev)
+                gW, gb = torch.zeros_like(W), torch.zeros_like(b)
                 for pos, xc in feats.chunks():
-                    xs = prep(torch.from_numpy(xc).to(dev, dtype))
                     p = torch.as_tensor(pos, device=dev)
-                    ce = nn.functional.cross_entropy(xs @ W.T + b, yt_all[p], reduction="none")
-                    part = (ce * sw_all[p]).sum() / n
-                    part.backward()
-                    total += part.detach()
-                r = reg * (W * W).sum()
-                r.backward()
-                return total + r.detach()
+                    lc, gWc, gbc = loss_grad(prep(torch.from_numpy(xc).to(dev, dtype)), yt_all[p], sw_all[p], W, b)
+                    loss += lc
+                    gW += gWc
+                    gb += gbc
+                return loss, gW, gb
 
-        opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=int(self.max_iter), max_eval=int(self.max_iter) * 2,
-                                tolerance_grad=float(self.tol), tolerance_change=1e-12, history_size=20,
-                                line_search_fn="strong_wolfe")
-        opt.step(closure)
-        self.n_iter_ = int(opt.state[opt._params[0]].get("n_iter", 0))
-        self._w = W.detach().cpu().numpy().astype(np.float64)
-        self._b = b.detach().cpu().numpy().astype(np.float64)
+        # The intercepts' curvature is ~p(1-p) at p = 1/k: scaled so that they, like M, see a Hessian
+        # near the identity (measured: 2.5x fewer iterations on the 50,000 x 1280 benchmark's refit).
+        bscale = 1.0 if U is None else 1.0 / float(np.sqrt((1.0 / k) * (1.0 - 1.0 / k)))
+        last: dict[str, Any] = {}
+
+        def fun(x: np.ndarray) -> tuple[float, np.ndarray]:
+            t = torch.as_tensor(x, device=dev).to(dtype)
+            P, b = t[: k * d].view(k, d), t[k * d:] * bscale
+            W = P if U is None else P @ U.T
+            loss, gW, gb = data_term(W, b)
+            loss = loss + reg * (W.to(torch.float64) ** 2).sum()
+            gW = gW + (2.0 * reg) * W
+            gP = gW if U is None else gW @ U
+            last["x"], last["gmax"] = x.copy(), max(float(gW.abs().max()), float(gb.abs().max()))
+            return float(loss), torch.cat([gP.reshape(-1), gb * bscale]).to(torch.float64).cpu().numpy()
+
+        def converged(intermediate_result: Any) -> None:
+            # scikit-learn's criterion: the largest entry of the gradient in W (not in M) below tol.
+            if last["gmax"] <= self.tol and np.array_equal(last["x"], intermediate_result.x):
+                raise StopIteration
+
+        from scipy.optimize import minimize
+        from threadpoolctl import threadpool_limits
+
+        # L-BFGS-B's own BLAS calls are tiny; idle OpenBLAS threads would spin against torch's.
+        with threadpool_limits(limits=1, user_api="blas"):
+            res = minimize(fun, np.concatenate([W0.reshape(-1), b0 / bscale]), jac=True, method="L-BFGS-B", callback=converged,
+                           options={"maxiter": int(self.max_iter), "maxls": 50, "maxcor": 20,
+                                    "gtol": float(self.tol) if U is None else 0.0,
+                                    "ftol": 64 * np.finfo(float).eps if self.tol >= 1e-6 else 0.0})
+        self.n_iter_ = int(res.nit)
+        self._opt_message = f"{res.message} nfev={res.nfev}"
+        P = torch.as_tensor(res.x[: k * d].reshape(k, d), dtype=torch.float64, device=dev)
+        W = P if U is None else P @ U64.T
+        self._w = W.cpu().numpy()
+        self._b = np.asarray(res.x[k * d:], np.float64) * bscale
         self._set_coef()
         return self
 
