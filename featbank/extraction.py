@@ -278,15 +278,6 @@ class _Collate:
         return rows, torch.from_numpy(batch), ok, [it[2] for it in items]
 
 
-def _yield_cpu_to_inference(worker_id: int) -> None:
-    """Decode workers on a CPU run: lower priority, so that the scheduler preempts them rather
-    than one of the inference threads (whose parallel loops would all wait for the slow one)."""
-    try:
-        os.nice(int(os.environ.get("FEATBANK_WORKER_NICE", "10")))
-    except (OSError, ValueError, AttributeError):  # not permitted / not POSIX: run as is
-        pass
-
-
 def _default_workers(device: str) -> int:
     n = os.cpu_count() or 1
     # Two at least: one decoding process cannot keep up with onnxruntime even on 2 cores.
@@ -588,7 +579,6 @@ def _run(
         pin_memory=device == "cuda",
         prefetch_factor=4 if workers > 0 else None,
         persistent_workers=False,
-        worker_init_fn=_yield_cpu_to_inference if device == "cpu" else None,
     )
     from tqdm.auto import tqdm
 

@@ -423,13 +423,3 @@ def test_overwrite_resume_after_folder_change_with_nothing_to_fold(image_folder:
     with h5py.File(out, "r") as f:
         assert f["embeddings"].dtype == np.float16 and f.attrs["complete"]
 
-
-def test_decode_workers_yield_the_cpu_to_inference() -> None:
-    import multiprocessing as mp
-
-    from featbank.extraction import _yield_cpu_to_inference
-
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(1, initializer=_yield_cpu_to_inference, initargs=(0,)) as pool:
-        child = pool.apply(os.nice, (0,))
-    assert child == min(19, os.nice(0) + 10)
