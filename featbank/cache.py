@@ -241,7 +241,8 @@ class FeatureCache:
             lo = int(rows[pos])
             end = int(np.searchsorted(rows, lo + block_rows, side="left"))
             hi = int(rows[end - 1]) + 1
-            if hi - lo == end - pos and np.dtype(dtype) == self.embeddings.dtype:
+            if (np.dtype(dtype) == self.embeddings.dtype and hi - lo == end - pos
+                    and bool(np.all(np.diff(rows[pos:end]) == 1))):
                 self.embeddings.read_direct(out, np.s_[lo:hi], np.s_[pos:end])  # contiguous: no copy
             else:
                 slab = self.embeddings[lo:hi]

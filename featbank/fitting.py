@@ -239,7 +239,12 @@ class _RowSource:
         rows = np.sort(rows)
         if self.X is None:
             return Features(cache=self.cache, rows=rows, chunk_rows=self.chunk_rows)
-        return Features(self.X[np.searchsorted(self.rows, rows)])
+        if len(rows) == len(self.rows) and np.array_equal(rows, self.rows):
+            return Features(self.X)
+        pos = np.searchsorted(self.rows, rows)
+        if len(rows) and (pos[-1] >= len(self.rows) or not np.array_equal(self.rows[pos], rows)):
+            raise RuntimeError("internal error: rows requested that were not read")
+        return Features(self.X[pos])
 
     def check_finite(self) -> None:
         from .train import Features
@@ -523,7 +528,7 @@ def fit(
         train, val, test, val_source = _split_rows(cache_obj, val_split, seed)
         d = cache_obj.embed_dim
         used = np.concatenate([train, val, test])
-        need = len(used) * d * 4 * 3  # rows as float32, plus standardised copies while fitting
+        need = len(used) * d * 4 * 4  # rows as float32, a split's copy, standardised copies while fitting
         chunk_rows = None
         if budget is not None and need > budget:
             chunk_rows = int(max(64, min(65536, budget // (d * 4 * 8))))

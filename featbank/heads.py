@@ -1,16 +1,19 @@
 """Heads on embeddings: torch linear / MLP heads as scikit-learn estimators, sklearn heads by name.
 
-:class:`LinearHead` is multinomial logistic regression fitted with full-batch L-BFGS (strong-Wolfe
-line search) in torch, on CPU or CUDA; its objective is scikit-learn's ``LogisticRegression``
-one divided by the sum of the sample weights, so ``C`` means the same thing in both::
+:class:`LinearHead` is multinomial logistic regression fitted with full-batch L-BFGS (scipy's
+L-BFGS-B driving losses and gradients computed in torch, on CPU or CUDA); its objective is
+scikit-learn's multinomial ``LogisticRegression`` one, so ``C`` means the same thing in both::
 
     (1/S) * sum_i w_i * CE(x_i, y_i)  +  ||W||^2 / (2 * C * S)      (S = sum_i w_i; intercept not penalised)
 
-:class:`MLPHead` is a small MLP trained with AdamW and early stopping on a validation set.
+(For two classes the head keeps one weight vector per class, like scikit-learn's multinomial
+solver; scikit-learn's binary ``LogisticRegression`` has one vector, and its C is twice this C.)
 In memory, L-BFGS runs on a preconditioned parametrisation ``W = M @ U.T`` with
 ``U = V diag(1 / sqrt(c * e + 2 * lambda))`` from the eigendecomposition ``V diag(e) V^T`` of the
 standardised features' second-moment matrix (``c`` approximates the softmax curvature): the same
 objective and optimum, far fewer iterations on correlated embeddings (see scripts/bench_fit.py).
+
+:class:`MLPHead` is a small MLP trained with AdamW and early stopping on a validation set.
 
 Both accept an (N, D) array, or a :class:`featbank.train.Features` that streams rows of an HDF5
 cache in chunks (the linear head then accumulates the exact full-batch gradient chunk by chunk,
@@ -102,6 +105,8 @@ def _second_moment_eig(Xs: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor,
     if n > _PRECONDITION_ROWS:
         pick = torch.linspace(0, n - 1, _PRECONDITION_ROWS, device=Xs.device).long()
         Xs, w = Xs[pick], w[pick]
+    if not float(w.sum()) > 0:
+        w = torch.ones_like(w)
     cov = (Xs.T @ (Xs * w[:, None])).to(torch.float64) / float(w.sum())
     e, V = torch.linalg.eigh(cov)
     return e.clamp_min(0.0), V
@@ -183,7 +188,7 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
 
 
 class LinearHead(_TorchHead):
-    """Multinomial logistic regression on embeddings, fitted with full-batch L-BFGS in torch.
+    """Multinomial logistic regression on embeddings, fitted with full-batch L-BFGS (scipy + torch).
 
     Args:
         C: inverse L2 strength, as in scikit-learn's ``LogisticRegression`` (same objective).
@@ -232,7 +237,7 @@ class LinearHead(_TorchHead):
             feats, y_enc, sw = self._prepare_fit(X, y, sample_weight)
             Xs_memo = None
         n, d, k = feats.n_samples, feats.embed_dim, len(self.classes_)
-        dev = resolve_device(self.device)
+        dev = torch.empty(0, device=resolve_device(self.device)).device  # "cuda" -> "cuda:0", comparable
         # Small in-memory problems run in float64: cheap, and exact enough for tight comparisons.
         dtype = torch.float64 if (not feats.streaming and n * d <= 2_000_000 and dev.type == "cpu") else torch.float32
         W0 = np.zeros((k, d), np.float64)
@@ -254,7 +259,7 @@ class LinearHead(_TorchHead):
 
         def loss_grad(xs: torch.Tensor, yt: torch.Tensor, swt: torch.Tensor, W: torch.Tensor, b: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            """sum_i w_i/n * CE_i and its gradients (closed form: no autograd graph)."""
+            """sum_i w_i/S * CE_i and its gradients (closed form: no autograd graph)."""
             z = torch.addmm(b, xs, W.T)
             lse = torch.logsumexp(z, dim=1)
             ce = lse - z.gather(1, yt[:, None])[:, 0]
@@ -272,20 +277,20 @@ class LinearHead(_TorchHead):
                 hint = getattr(self, "_eig", None) if self.warm_start else None
                 if d > _PRECONDITION_MAX_DIM:
                     eig = None
-                elif hint is not None and hint[1].shape == (d, d) and hint[1].device == dev:
-                    eig = hint  # a refit on similar rows (the C sweep's train -> train+val): reuse
+                elif hint is not None and hint[1].shape == (d, d):
+                    eig = (hint[0].to(dev), hint[1].to(dev))  # a refit on similar rows (sweep's train -> train+val)
                 else:
                     eig = _second_moment_eig(Xs, sw_all)
                 if isinstance(X, Features) and sample_weight is None:
                     base_sw = sw if self.class_weight is None else np.ones(n, np.float64)
                     _PREP_MEMO[X] = (memo_key, self.classes_, y_enc, base_sw, self.mean_, self.scale_,
                                      self.n_features_in_, (Xs, eig))
-            self._eig = eig
+            self._eig = None if eig is None else (eig[0].cpu(), eig[1].cpu())
             if eig is not None:
                 # Optimise M = W U^-T: the same objective, with a Hessian close to the identity.
                 e, V = eig
                 curv = _CURVATURE
-                sdiag = 1.0 / torch.sqrt(curv * e + 2.0 * reg)
+                sdiag = 1.0 / torch.sqrt((curv * e + 2.0 * reg).clamp_min(1e-8))  # C = inf: no reg
                 U64 = V * sdiag
                 U = U64.to(dtype)
                 W0 = (torch.as_tensor(W0, dtype=torch.float64, device=dev) @ (V / sdiag)).cpu().numpy()
@@ -330,7 +335,7 @@ class LinearHead(_TorchHead):
         from threadpoolctl import threadpool_limits
 
         # L-BFGS-B's own BLAS calls are tiny; idle OpenBLAS threads would spin against torch's.
-        with threadpool_limits(limits=1, user_api="blas"):
+        with threadpool_limits(limits={"libscipy_openblas": 1}):
             res = minimize(fun, np.concatenate([W0.reshape(-1), b0 / bscale]), jac=True, method="L-BFGS-B", callback=converged,
                            options={"maxiter": int(self.max_iter), "maxls": 50, "maxcor": 20,
                                     "gtol": float(self.tol) if U is None else 0.0,

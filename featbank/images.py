@@ -104,6 +104,18 @@ class PreprocessConfig:
         resize = math.floor(min(h, w) / crop_pct) if h == w else math.floor(h / crop_pct)
         return cls((h, w), resize, interpolation, tuple(mean), tuple(std))
 
+    def torchvision_transform(self) -> Any:
+        """The same transform as a torchvision pipeline (PIL image -> normalised float CHW tensor):
+        ``Resize``, ``CenterCrop``, ``ToTensor``, ``Normalize``, as tutorials write it. Needs torchvision."""
+        from torchvision import transforms
+
+        return transforms.Compose([
+            transforms.Resize(self.resize_size, interpolation=transforms.InterpolationMode(self.interpolation)),
+            transforms.CenterCrop(self.input_size),
+            transforms.ToTensor(),
+            transforms.Normalize(self.mean, self.std),
+        ])
+
     @property
     def crop_pct(self) -> float:
         return min(self.input_size) / self.resize_size

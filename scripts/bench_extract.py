@@ -148,19 +148,14 @@ def bench_extract(args: argparse.Namespace, data: Path, work: Path, n: int) -> t
 def bench_tutorial(args: argparse.Namespace, data: Path, device: str, n: int) -> float:
     import torch
     from torch.utils.data import DataLoader
-    from torchvision import datasets, transforms
+    from torchvision import datasets
 
     from featbank.backbones import load_backbone
 
     t0 = time.perf_counter()
     bb = load_backbone(args.backbone, args.weights)
     p = bb.preprocess
-    tf = transforms.Compose([
-        transforms.Resize(p.resize_size, interpolation=transforms.InterpolationMode(p.interpolation)),
-        transforms.CenterCrop(p.input_size),
-        transforms.ToTensor(),
-        transforms.Normalize(p.mean, p.std),
-    ])
+    tf = p.torchvision_transform()  # Resize, CenterCrop, ToTensor, Normalize
     ds = datasets.ImageFolder(str(data), transform=tf)
     loader = DataLoader(ds, batch_size=args.batch_size)
     model = bb.features.eval().to(device)

@@ -4,7 +4,10 @@ Each subcommand builds ``OUT/<class>/<image>`` (or ``OUT/{train,test}/<class>/<i
 ``--split 70-30``, or a flat ``OUT/<image>`` for ``photos``), ready for ``featbank``. The folder
 is written to a hidden temporary sibling and renamed into place at the end, so an interrupted run
 leaves nothing half-written. A marker file records the arguments: running the same command again
-prints "already prepared" and exits at once.
+prints "already prepared" and exits at once (a folder written by an older version of this script
+is rebuilt). ``--split 70-30`` is scikit-learn's ``train_test_split(train_size=0.7, stratify=...,
+random_state=seed)`` over the source order; ELPV's 2- and 4-class folders are both stratified on
+the 4 defect probabilities, so one seed gives both the same test images.
 
 Examples:
     python scripts/prepare_data.py elpv data/elpv                       # 2,624 images, 4 classes

@@ -37,6 +37,9 @@ def test_reader_api(tiny_cache: Path) -> None:
         assert c.load_embeddings([]).shape == (0, 32)
         got = np.concatenate([e for _, e in c.iter_chunks(np.array([9, 2, 5]), 2)])
         np.testing.assert_array_equal(got, full[[2, 5, 9]])
+        for picked in ([0, 1, 2, 3], [0, 1, 1, 3], [4, 5, 5, 6, 7]):  # contiguous read vs repeated rows
+            got = np.concatenate([e for _, e in c.iter_chunks(np.array(picked), 8)])
+            np.testing.assert_array_equal(got, full[picked])
         assert c.abspath(c.paths[0]).is_file()
         with pytest.raises(ValueError, match="Unknown split"):
             c.split_mask("holdout")

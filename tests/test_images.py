@@ -399,6 +399,16 @@ def test_preprocess_matches_torchvision(
     assert np.array_equal(out, expected)
 
 
+def test_torchvision_transform_is_the_same_transform() -> None:
+    cfg = PreprocessConfig((224, 224), 256, "bicubic", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    img = Image.fromarray(noise_rgb(300, 411, seed=3))
+    got = cfg.torchvision_transform()(img).numpy()
+    ours = (preprocess_image(img, cfg).astype(np.float32) / 255 - np.array(cfg.mean, np.float32)) / np.array(
+        cfg.std, np.float32
+    )
+    np.testing.assert_allclose(got, ours.transpose(2, 0, 1), atol=1e-6)
+
+
 def test_preprocess_converts_other_modes() -> None:
     cfg = PreprocessConfig((4, 4), 4, "bilinear", (0, 0, 0), (1, 1, 1))
     grey16 = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
