@@ -52,7 +52,7 @@ def test_find_latest_cache(image_folder: Path, tmp_path: Path, _isolated_cache_d
     with pytest.raises(CacheError, match="featbank extract"):
         open_cache()
     a = featbank.extract(image_folder, **TINY).path
-    b = featbank.extract(image_folder, **{**TINY, "dtype": "float16"}).path
+    featbank.extract(image_folder, **{**TINY, "dtype": "float16"}).path
     os.utime(a, ns=(time.time_ns(), time.time_ns() + 10**9))
     assert find_latest_cache() == a
     with open_cache() as c:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
-import torch
 
 import featbank
 from featbank.errors import BundleError, CacheError, ConfigError
