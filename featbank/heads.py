@@ -289,8 +289,7 @@ class LinearHead(_TorchHead):
             if eig is not None:
                 # Optimise M = W U^-T: the same objective, with a Hessian close to the identity.
                 e, V = eig
-                curv = _CURVATURE
-                sdiag = 1.0 / torch.sqrt((curv * e + 2.0 * reg).clamp_min(1e-8))  # C = inf: no reg
+                sdiag = 1.0 / torch.sqrt((_CURVATURE * e + 2.0 * reg).clamp_min(1e-8))  # C = inf: no reg
                 U64 = V * sdiag
                 U = U64.to(dtype)
                 W0 = (torch.as_tensor(W0, dtype=torch.float64, device=dev) @ (V / sdiag)).cpu().numpy()
@@ -341,7 +340,6 @@ class LinearHead(_TorchHead):
                                     "gtol": float(self.tol) if U is None else 0.0,
                                     "ftol": 64 * np.finfo(float).eps if self.tol >= 1e-6 else 0.0})
         self.n_iter_ = int(res.nit)
-        self._opt_message = f"{res.message} nfev={res.nfev}"
         P = torch.as_tensor(res.x[: k * d].reshape(k, d), dtype=torch.float64, device=dev)
         W = P if U is None else P @ U64.T
         self._w = W.cpu().numpy()
