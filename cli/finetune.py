@@ -41,6 +41,9 @@ from .options import backbone_options, device_option, quiet_option
               help="Area range of the training random resized crop; raise MIN when small details carry the label.")
 @click.option("--vflip", is_flag=True, help="Also flip training images vertically at random.")
 @click.option("--rot90", is_flag=True, help="Also rotate training images by random multiples of 90 degrees.")
+@click.option("--cache-frozen", is_flag=True,
+              help="partial/frozen: run the frozen groups once per image and flip/turn view, keep their outputs "
+              "in memory and train only the rest (fast epochs; no random crops).")
 @device_option
 @click.option("--num-workers", type=click.IntRange(min=0), default=None, help="Image-decoding processes.")
 @click.option("--out", "-o", type=click.Path(path_type=str), default=None,
@@ -50,7 +53,7 @@ from .options import backbone_options, device_option, quiet_option
 @quiet_option
 def finetune(data, backbone, weights, weights_file, strategy, trainable_from, lr, lr_groups, layer_decay,
              optimizer, weight_decay, init_head, epochs, batch_size, val_split, seed, train_bn, bn_stats, patience, metric,
-             crop_scale, vflip, rot90, device, num_workers, out, resume, overwrite, quiet) -> None:
+             crop_scale, vflip, rot90, cache_frozen, device, num_workers, out, resume, overwrite, quiet) -> None:
     """Fine-tune a backbone with a new linear head on DATA and write a model bundle.
 
     Checkpoints are written every epoch; rerun with --resume after a crash or Ctrl-C. The
@@ -71,7 +74,7 @@ def finetune(data, backbone, weights, weights_file, strategy, trainable_from, lr
         trainable_from=trainable_from, lr=lr, lr_groups=lr_groups, layer_decay=layer_decay, optimizer=optimizer,
         weight_decay=weight_decay, init_head=init_head, epochs=epochs, batch_size=batch_size, val_split=val_split,
         seed=seed, train_bn=train_bn, bn_stats=bn_stats, patience=patience, metric=metric,
-        crop_scale=crop_scale, vflip=vflip, rot90=rot90,
+        crop_scale=crop_scale, vflip=vflip, rot90=rot90, cache_frozen=cache_frozen,
     )
     if report.skipped and not quiet:
         click.echo(f"Skipped {len(report.skipped)} unreadable image(s), e.g. {report.skipped[0]}", err=True)

@@ -41,7 +41,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -128,6 +128,10 @@ class FinetuneSettings:
         crop_scale: area range of the random resized crop; ``hflip``: random horizontal flips.
         vflip, rot90: random vertical flips and random multiples of 90 degrees (off by default:
             label-preserving only where up/down has no meaning, e.g. solar cells, microscopy, aerial).
+        cache_frozen: run the frozen groups once per training image and view and train the rest on
+            their outputs, kept in memory (``partial``/``frozen`` only). Augmentation is then the
+            fixed set of views that ``hflip``/``vflip``/``rot90`` generate (of the eval transform's
+            crop; ``crop_scale`` does not apply), and each epoch costs only the trainable groups.
     """
 
     backbone: str = "efficientnet_lite0"
@@ -155,6 +159,7 @@ class FinetuneSettings:
     hflip: bool = True
     vflip: bool = False
     rot90: bool = False
+    cache_frozen: bool = False
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ConfigError:
@@ -192,6 +197,16 @@ class FinetuneSettings:
             raise ConfigError(
                 f"--trainable-from {self.trainable_from} only applies to --strategy partial (got "
                 f"--strategy {self.strategy}). Drop it, or use --strategy partial."
+            )
+        if self.cache_frozen and self.strategy == "full":
+            raise ConfigError(
+                "--cache-frozen caches the output of frozen groups, and --strategy full freezes none. Use "
+                "--strategy partial --trainable-from GROUP, or drop --cache-frozen."
+            )
+        if self.cache_frozen and self.train_bn:
+            raise ConfigError(
+                "--cache-frozen caches the output of frozen groups, and --train-bn makes their BatchNorm "
+                "layers train. Pass only one of them."
             )
         if self.lr_groups is not None and self.layer_decay is not None:
             raise ConfigError(
@@ -779,6 +794,7 @@ class FinetuneReport:
         resumed_from: the epoch a resumed run started after (0 for a fresh run).
         seconds_per_epoch: mean wall time of an epoch (training + validation).
         skipped: unreadable images ``(path, reason)`` (ignored in loss and metrics).
+        cache_seconds: time spent computing the frozen groups' outputs (``cache_frozen``), else 0.
     """
 
     path: Path
@@ -792,12 +808,14 @@ class FinetuneReport:
     seconds_per_epoch: float = 0.0
     skipped: list[str] = field(default_factory=list)
     device: str = "cpu"
+    cache_seconds: float = 0.0
 
     def summary(self) -> str:
         m = self.test or self.val
         which = "test" if self.test else "val"
+        cached = f", frozen groups cached in {self.cache_seconds:.1f} s" if self.cache_seconds else ""
         return (
-            f"Fine-tuned {self.epochs_run} epoch(s) on {self.device} ({self.seconds_per_epoch:.1f} s/epoch), "
+            f"Fine-tuned {self.epochs_run} epoch(s) on {self.device} ({self.seconds_per_epoch:.1f} s/epoch{cached}), "
             f"best epoch {self.best_epoch}: {which} accuracy {m['accuracy']:.4f}, balanced accuracy "
             f"{m['balanced_accuracy']:.4f}."
         )
@@ -847,6 +865,79 @@ def _evaluate(model: FinetuneModel, loader: Any, device: torch.device, amp: torc
     logits = np.concatenate(logits_all)
     n = max(1, int((y >= 0).sum()))
     return _metrics(y, logits.argmax(1), n_classes, loss=sum(losses) / n), logits
+
+
+@dataclass
+class _Trunk:
+    """What ``cache_frozen`` needs: the split, the views, the suffix+head model and the caches."""
+
+    split: Any
+    views: list[tuple[int, bool]]
+    model: nn.Module
+    train: Any = None
+    val: Any = None
+    seconds: float = 0.0
+
+
+class _SuffixModel(nn.Module):
+    def __init__(self, suffix: nn.Module, head: nn.Module):
+        super().__init__()
+        self.suffix, self.head = suffix, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.suffix(x))
+
+
+def _plan_trunk(model: FinetuneModel, bb: Backbone, cfg: FinetuneSettings, n_train: int, n_val: int) -> _Trunk:
+    """Split the model at its first trainable unit and check that the caches fit in memory."""
+    from .trunk import TrunkCache, available_memory, split_features, view_group
+
+    h, w = bb.preprocess.input_size
+    split = split_features(model.features, (h, w), bb.name)
+    views = view_group(cfg.hflip, cfg.vflip, cfg.rot90, square=(h == w))
+    need = TrunkCache.nbytes(n_train, len(views), split.out_shape) + TrunkCache.nbytes(n_val, 1, split.out_shape)
+    avail = available_memory()
+    if avail is not None and need > 0.7 * avail:
+        raise ConfigError(
+            f"--cache-frozen needs {need / 2**30:.1f} GiB of memory for {n_train} training image(s) x {len(views)} "
+            f"view(s) of {tuple(split.out_shape)} float16 outputs (and the val images), and "
+            f"{avail / 2**30:.1f} GiB are available. Use a later --trainable-from (smaller outputs), fewer "
+            "views (drop --rot90/--vflip), or drop --cache-frozen."
+        )
+    return _Trunk(split=split, views=views, model=_SuffixModel(split.suffix, model.head))
+
+
+def _fill_trunk(trunk: _Trunk, model: FinetuneModel, eval_set: "_ImageSet", split: "_Split", batch_size: int,
+                workers: int, cfg: PreprocessConfig, pin: bool, dev: torch.device, amp: torch.dtype | None,
+                skipped: list[str], progress: bool) -> None:
+    """Run the frozen prefix over every training image under every view, and over val once."""
+    from tqdm.auto import tqdm
+
+    from .trunk import TrunkCache
+
+    shape = trunk.split.out_shape
+    t0 = time.perf_counter()
+    n_views = len(trunk.views)
+    bar = tqdm(total=len(split.train) * n_views + len(split.val), unit="img", disable=not progress,
+               desc=f"caching {trunk.split.prefix_names[0]}..{trunk.split.prefix_names[-1]}",
+               mininterval=0.1 if sys.stderr.isatty() else 10.0, dynamic_ncols=True, file=sys.stderr)
+
+    def embed_input(x: torch.Tensor) -> torch.Tensor:
+        x = model.normalize(x)
+        return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
+
+    for name, rows, views in (("train", split.train, trunk.views), ("val", split.val, trunk.views[:1])):
+        cache = TrunkCache(len(rows), views, shape)
+        batches = [list(map(int, rows[i:i + batch_size])) for i in range(0, len(rows), batch_size)]
+
+        def step(n: int, bad: list[str], k: int = len(views)) -> None:
+            skipped.extend(bad)
+            bar.update(n * k)
+
+        cache.fill(_loader(eval_set, batches, workers, cfg, pin), embed_input, trunk.split.prefix, dev, amp, step)
+        setattr(trunk, name, cache)
+    bar.close()
+    trunk.seconds = time.perf_counter() - t0
 
 
 def finetune(
@@ -959,6 +1050,7 @@ def finetune(
     train_set = _ImageSet(index.root, index.paths, index.labels, bb.preprocess, True, cfg.seed, cfg.crop_scale, cfg.hflip,
                            cfg.vflip, cfg.rot90)
     eval_set = _ImageSet(index.root, index.paths, index.labels, bb.preprocess, False)
+    trunk = _plan_trunk(model, bb, cfg, len(split.train), len(split.val)) if cfg.cache_frozen else None
     epoch_batches = [_batches(len(split.train), cfg.batch_size, cfg.seed, 0)]
     steps_per_epoch = len(epoch_batches[0])
     total_steps = steps_per_epoch * cfg.epochs
@@ -1010,9 +1102,35 @@ def finetune(
     train_rows = split.train
     from tqdm.auto import tqdm
 
+    if trunk is not None:
+        _fill_trunk(trunk, model, eval_set, split, cfg.batch_size, workers, bb.preprocess, pin, dev, amp, skipped, progress)
+
+    def train_batches(epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+        order = _batches(len(train_rows), cfg.batch_size, cfg.seed, epoch)
+        if trunk is None:
+            batches = [[(e, int(train_rows[i])) for e, i in b] for b in order]
+            yield from _loader(train_set, batches, workers, bb.preprocess, pin)
+            return
+        # One view per image and epoch, drawn from a generator of (seed, epoch): resumable.
+        rng = np.random.default_rng((cfg.seed, 20_000 + epoch))
+        for b in order:
+            rows = np.array([i for _, i in b], np.int64)
+            x, y = trunk.train.batch(rows, rng.integers(0, len(trunk.views), len(rows)), dev)
+            yield x, y, []
+
+    def val_metrics() -> dict[str, Any]:
+        if trunk is None:
+            loader = _loader(eval_set, val_batches, workers, bb.preprocess, pin)
+            return _evaluate(model, loader, dev, amp, n_classes, skipped)[0]
+        starts = range(0, len(split.val), cfg.batch_size)
+        rows = [np.arange(i, min(i + cfg.batch_size, len(split.val))) for i in starts]
+        loader = ((*trunk.val.batch(r, np.zeros(len(r), np.int64), dev), []) for r in rows)
+        return _evaluate(trunk.model, loader, dev, amp, n_classes, skipped)[0]
+
     def run_epoch(epoch: int) -> dict[str, Any]:
-        batches = [[(e, int(train_rows[i])) for e, i in b] for b in _batches(len(train_rows), cfg.batch_size, cfg.seed, epoch)]
         model.train()
+        if trunk is not None:
+            trunk.model.train()
         for m in frozen_bn:
             m.eval()
         if cfg.resolved_bn_stats == "frozen":
@@ -1027,10 +1145,11 @@ def finetune(
                    mininterval=0.1 if sys.stderr.isatty() else 10.0,
                    leave=True, dynamic_ncols=True, file=sys.stderr)
         params = [p for p in model.parameters() if p.requires_grad]
-        for x, y, bad in _loader(train_set, batches, workers, bb.preprocess, pin):
+        net = model if trunk is None else trunk.model
+        for x, y, bad in train_batches(epoch):
             skipped.extend(bad)
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            logits = _logits(model, x, amp)
+            logits = _logits(net, x, amp)
             loss = nn.functional.cross_entropy(logits.float(), y, ignore_index=-100)
             if not torch.isfinite(loss):
                 raise ConfigError(
@@ -1054,7 +1173,7 @@ def finetune(
             bar.set_postfix(loss=f"{loss_sum / max(1, n_ok):.4f}", acc=f"{correct / max(1, n_ok):.3f}",
                             img_s=f"{seen / (time.perf_counter() - t0):.1f}")
         train_seconds = time.perf_counter() - t0
-        val, _ = _evaluate(model, _loader(eval_set, val_batches, workers, bb.preprocess, pin), dev, amp, n_classes, skipped)
+        val = val_metrics()
         seconds = time.perf_counter() - t0
         bar.set_postfix(loss=f"{loss_sum / max(1, n_ok):.4f}", **{f"val_{cfg.metric}": f"{val[cfg.metric]:.4f}"},
                         img_s=f"{seen / train_seconds:.1f}")
@@ -1126,6 +1245,18 @@ def finetune(
         "embed_dim": bb.embed_dim,
     }
     spe = float(np.mean([h["seconds"] for h in history])) if history else 0.0
+    if trunk is None:
+        train_aug: dict[str, Any] = {"random_resized_crop": {"scale": list(cfg.crop_scale), "ratio": [0.75, 4 / 3]},
+                                     "hflip": cfg.hflip, "vflip": cfg.vflip, "rot90": cfg.rot90}
+        trunk_info = None
+    else:
+        from .trunk import VIEW_NAMES
+
+        train_aug = {"views": [VIEW_NAMES[v] for v in trunk.views], "of": "backbone eval transform",
+                     "one_view_per_image_and_epoch": True}
+        trunk_info = {"prefix": trunk.split.prefix_names, "suffix": trunk.split.suffix_names,
+                      "output_shape": list(trunk.split.out_shape), "dtype": "float16",
+                      "n_views": len(trunk.views), "seconds": trunk.seconds}
     metrics = {"val": val, "test": test, "best_epoch": best["epoch"], "metric": cfg.metric}
     manifest: dict[str, Any] = {
         "kind": "finetuned",
@@ -1149,9 +1280,8 @@ def finetune(
             "epochs": cfg.epochs, "epochs_run": len(history), "best_epoch": best["epoch"],
             "batch_size": cfg.batch_size, "seed": cfg.seed, "metric": cfg.metric, "patience": cfg.patience,
             "schedule": {"type": "cosine", "warmup_steps": warmup, "total_steps": total_steps, "clip_grad": cfg.clip_grad},
-            "augmentation": {"train": {"random_resized_crop": {"scale": list(cfg.crop_scale), "ratio": [0.75, 4 / 3]},
-                                       "hflip": cfg.hflip, "vflip": cfg.vflip, "rot90": cfg.rot90},
-                             "eval": "backbone eval transform (resize shorter side + centre crop)"},
+            "augmentation": {"train": train_aug, "eval": "backbone eval transform (resize shorter side + centre crop)"},
+            "cache_frozen": trunk_info,
             "head": {"type": "linear", "in_features": bb.embed_dim, "out_features": n_classes},
             "device": dev.type, "precision": str(amp).replace("torch.", "") if amp else "float32",
             "seconds_per_epoch": spe,
@@ -1182,7 +1312,7 @@ def finetune(
     return FinetuneReport(
         path=out_path, epochs_run=len(history), best_epoch=best["epoch"], val=val, test=test, history=history,
         groups=group_rows, resumed_from=start_epoch, seconds_per_epoch=spe, skipped=sorted(set(skipped)),
-        device=dev.type,
+        device=dev.type, cache_seconds=trunk.seconds if trunk is not None else 0.0,
     )
 
 
