@@ -96,15 +96,23 @@ def _slug(text: str) -> str:
 
 
 def default_cache_path(
-    data: str | os.PathLike, backbone: str, weights: str | None = None, dtype: str = "float32"
+    data: str | os.PathLike, backbone: str, weights: str | None = None, dtype: str = "float32",
+    weights_file: str | os.PathLike | None = None,
 ) -> Path:
-    """``<cache dir>/caches/<folder>-<hash of its absolute path>-<backbone>[-<weights>][-<dtype>].h5``."""
+    """``<cache dir>/caches/<folder>-<hash>-<backbone>[-<weights>][-file-<name>-<hash>][-<dtype>].h5``.
+
+    The hashes are of absolute paths (the data folder, the weights file), so two weight files for
+    one backbone get two caches instead of refusing each other's.
+    """
     root = Path(data).expanduser().resolve()
     digest = hashlib.sha256(str(root).encode()).hexdigest()[:8]
     bb = Path(backbone).name if os.sep in backbone or Path(backbone).is_dir() else backbone
     name = f"{_slug(root.name)}-{digest}-{_slug(bb)}"
     if weights:
         name += f"-{_slug(weights)}"
+    if weights_file is not None:
+        wf = Path(weights_file).expanduser().resolve()
+        name += f"-file-{_slug(wf.stem)}-{hashlib.sha256(str(wf).encode()).hexdigest()[:8]}"
     if dtype != "float32":
         name += f"-{dtype}"
     return default_cache_dir() / "caches" / f"{name}.h5"
@@ -362,7 +370,7 @@ def extract(
     if engine not in ENGINES:
         raise ConfigError(f"The 'engine' parameter must be one of {ENGINES}. Got {engine!r} instead.")
     index = scan_folder(data)
-    out_path = Path(out).expanduser() if out is not None else default_cache_path(data, backbone, weights, dtype)
+    out_path = Path(out).expanduser() if out is not None else default_cache_path(data, backbone, weights, dtype, weights_file)
     if out_path.exists() and out_path.is_dir():
         raise ConfigError(f"--out {str(out_path)!r} is a directory; give a file path such as {out_path / 'cache.h5'}.")
     precision = _precision(dev)

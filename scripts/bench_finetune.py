@@ -61,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--crop-scale", type=float, nargs=2, default=(0.25, 1.0), metavar=("MIN", "MAX"))
     p.add_argument("--vflip", action="store_true", help="random vertical flips too")
     p.add_argument("--rot90", action="store_true", help="random multiples of 90 degrees too")
+    p.add_argument("--trainable-from", default=None, help="first trainable group of partial (and of LP-FT with --lpft-strategy partial)")
+    p.add_argument("--lpft-strategy", default="full", choices=["full", "partial"], help="what LP-FT trains after the probe")
+    p.add_argument("--cache-frozen", action="store_true", help="partial / LP-FT partial: cache the frozen groups' outputs")
+    p.add_argument("--weight-decay", type=float, default=None)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--num-workers", type=int, default=None)
     p.add_argument("--methods", default="probe,partial,full,lpft", help=f"comma list of {', '.join(METHODS)}")
@@ -85,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data: {data} ({len(index)} images: {n_train} train, {n_test} test; classes {index.classes})")
     print(f"backbone {args.backbone}, {args.epochs} epoch(s), batch {args.batch_size}, lr-groups {args.lr_groups}, "
           f"optimizer {args.optimizer}, lr {args.lr}, crop scale {tuple(args.crop_scale)}, vflip {args.vflip}, "
-          f"rot90 {args.rot90}, device {args.device}\n", flush=True)
+          f"rot90 {args.rot90}, trainable from {args.trainable_from}, LP-FT {args.lpft_strategy}, cache frozen "
+          f"{args.cache_frozen}, device {args.device}\n", flush=True)
 
     rows: list[dict] = []
     probe_path = None
@@ -108,12 +113,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"probe: acc {acc:.4f} bal {bal:.4f} ({t_extract:.0f}s extract, {t_fit:.1f}s fit)", flush=True)
 
     lr_groups = None if args.lr_groups == "none" else args.lr_groups
-    common = dict(optimizer=args.optimizer, lr=args.lr, crop_scale=tuple(args.crop_scale), vflip=args.vflip, rot90=args.rot90)
+    common = dict(optimizer=args.optimizer, lr=args.lr, crop_scale=tuple(args.crop_scale), vflip=args.vflip, rot90=args.rot90,
+                  weight_decay=args.weight_decay)
+    partial = dict(strategy="partial", trainable_from=args.trainable_from, cache_frozen=args.cache_frozen)
     runs = {
         "frozen": dict(strategy="frozen"),
-        "partial": dict(strategy="partial", lr_groups=lr_groups),
+        "partial": dict(lr_groups=lr_groups, **partial),
         "full": dict(strategy="full", lr_groups=lr_groups),
-        "lpft": dict(strategy="full", lr_groups=lr_groups, init_head=str(probe_path) if probe_path else None),
+        "lpft": dict(lr_groups=lr_groups, init_head=str(probe_path) if probe_path else None,
+                     **(partial if args.lpft_strategy == "partial" else dict(strategy="full"))),
     }
     for m in methods:
         if m == "probe":
@@ -124,9 +132,10 @@ def main(argv: list[str] | None = None) -> int:
                           batch_size=args.batch_size, val_split=0.15, patience=0, seed=0, **common, **runs[m])
         total = time.perf_counter() - t0
         trainable = next(g["name"] for g in rep.groups if g["trainable"])
-        rows.append({"method": m if m != "lpft" else "LP-FT (full from probe)", "accuracy": rep.test["accuracy"],
+        rows.append({"method": m if m != "lpft" else f"LP-FT ({args.lpft_strategy} from probe)", "accuracy": rep.test["accuracy"],
                      "balanced_accuracy": rep.test["balanced_accuracy"], "s_per_epoch": rep.seconds_per_epoch,
-                     "seconds": total, "note": f"best epoch {rep.best_epoch}/{rep.epochs_run}, trains from {trainable}"})
+                     "seconds": total, "note": f"best epoch {rep.best_epoch}/{rep.epochs_run}, trains from {trainable}"
+                     + (f", frozen groups cached in {rep.cache_seconds:.0f}s" if rep.cache_seconds else "")})
         print(f"{m}: acc {rep.test['accuracy']:.4f} bal {rep.test['balanced_accuracy']:.4f} "
               f"({rep.seconds_per_epoch:.1f} s/epoch, {total:.0f}s)", flush=True)
 

@@ -163,6 +163,8 @@ def test_default_location_is_reused(image_folder: Path, _isolated_cache_dir: Pat
     again = featbank.extract(image_folder, **TINY)
     assert again.path == expected and again.up_to_date and again.n_embedded == 0
     assert default_cache_path(image_folder, "test_tiny", dtype="float16") != expected
+    one, two = (default_cache_path(image_folder, "test_tiny", weights_file=f) for f in ("a/w.pt", "b/w.pt"))
+    assert len({one, two, expected}) == 3 and "-file-w-" in one.name
 
 
 def test_incremental_add_change_delete(image_folder: Path, tmp_path: Path) -> None:
