@@ -32,6 +32,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
 import h5py
@@ -41,6 +42,7 @@ from . import __version__
 from .errors import CacheError, CacheKeyMismatch
 
 __all__ = [
+    "writer_lock",
     "SCHEMA_VERSION",
     "SPLIT_NAMES",
     "FeatureCache",
@@ -557,3 +559,68 @@ def write_cache(
             h.close()
         if tmp.exists():
             tmp.unlink()
+
+
+# --------------------------------------------------------------------------------------------
+# One writer per cache file
+# --------------------------------------------------------------------------------------------
+
+_HELD: dict[str, int] = {}
+
+
+@contextmanager
+def writer_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold ``<path>.lock`` (an advisory ``flock``) while this process writes the cache ``path``.
+
+    A second process that wants to write the same cache gets a :class:`CacheError` at once
+    instead of sharing its staging file. Re-entrant within a process. The lock file is removed on
+    release; a stale one (its process died) is taken over, since the kernel drops ``flock`` locks
+    with the process. Without ``fcntl`` (Windows) nothing is locked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    lock = Path(str(Path(path).expanduser().resolve()) + ".lock")
+    key = str(lock)
+    if _HELD.get(key):
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            finally:
+                os.close(fd)
+            raise CacheError(
+                f"Another process (pid {holder}) is writing {str(path)!r} right now (it holds {str(lock)!r}). "
+                "Wait for it to finish, or write to another --out."
+            ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the file was removed by its last holder between our open and flock: retry
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        _HELD[key] = 1
+        yield
+    finally:
+        _HELD.pop(key, None)
+        try:
+            os.unlink(lock)
+        except OSError:
+            pass
+        os.close(fd)

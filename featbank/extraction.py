@@ -23,6 +23,7 @@ from .cache import (
     default_cache_dir,
     read_state,
     write_cache,
+    writer_lock,
 )
 from .data import ImageIndex, scan_folder
 from .errors import ConfigError, Interrupted, SkippedImagesError, SkippedImagesWarning
@@ -358,6 +359,7 @@ def extract(
     Raises:
         DatasetError: missing or empty folder, a single class.
         CacheKeyMismatch: the existing cache was made with other settings (file untouched).
+        CacheError: another process is writing the same cache (``<out>.lock`` is held).
         Interrupted: Ctrl-C; finished rows are kept and a rerun resumes.
 
     Example:
@@ -373,6 +375,18 @@ def extract(
     out_path = Path(out).expanduser() if out is not None else default_cache_path(data, backbone, weights, dtype, weights_file)
     if out_path.exists() and out_path.is_dir():
         raise ConfigError(f"--out {str(out_path)!r} is a directory; give a file path such as {out_path / 'cache.h5'}.")
+    with writer_lock(out_path):
+        return _extract_locked(
+            index, out_path, t0, data=data, out=out, backbone=backbone, weights=weights, weights_file=weights_file,
+            batch_size=batch_size, num_workers=num_workers, dev=dev, engine=engine, dtype=dtype,
+            overwrite=overwrite, strict=strict, progress=progress, on_progress=on_progress,
+        )
+
+
+def _extract_locked(index: Any, out_path: Path, t0: float, *, data: Any, out: Any, backbone: str, weights: Any,
+                    weights_file: Any, batch_size: int, num_workers: Any, dev: str, engine: str, dtype: str,
+                    overwrite: bool, strict: bool, progress: bool, on_progress: Any) -> "ExtractReport":
+    device = dev
     precision = _precision(dev)
 
     from .backbones import load_backbone, peek_identity

@@ -111,3 +111,34 @@ def test_real_subprocess(image_folder: Path, tmp_path: Path) -> None:
     proc = subprocess.run([str(exe), "extract", str(tmp_path / "nowhere"), *TINY], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+_HOLD_LOCK = """
+import sys, time
+from featbank.cache import writer_lock
+with writer_lock(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_second_writer_is_refused_and_a_dead_holder_is_taken_over(image_folder: Path, tmp_path: Path) -> None:
+    """Two extract runs into one cache would share its staging file: the second gets exit 2 at once."""
+    out = tmp_path / "c.h5"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        res = CliRunner().invoke(cli, ["extract", str(image_folder), "--out", str(out), "-b", "test_tiny",
+                                       "--engine", "torch", "--num-workers", "0", "-q"])
+        assert res.exit_code == 2, res.output
+        assert f"Another process (pid {holder.pid}) is writing" in res.output and "Traceback" not in res.output
+        assert not out.exists() and not (tmp_path / "c.h5.partial").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # The kernel dropped the dead process's lock; its lock file is left behind and taken over.
+    assert (tmp_path / "c.h5.lock").exists()
+    res = CliRunner().invoke(cli, ["extract", str(image_folder), "--out", str(out), "-b", "test_tiny",
+                                   "--engine", "torch", "--num-workers", "0", "-q"])
+    assert res.exit_code == 0, res.output
+    assert len(open_cache(out)) == 24 and not (tmp_path / "c.h5.lock").exists()
