@@ -424,6 +424,11 @@ class StagingFile:
             return None
         try:
             return StagingFile(path)
+        except BlockingIOError:
+            raise CacheError(
+                f"{str(path)!r} (an unfinished cache) is open in another program, which holds HDF5's file "
+                "lock. Close it there and rerun; the file was left untouched."
+            ) from None
         except Exception:  # noqa: BLE001 - a corrupt staging file counts as empty
             try:
                 path.unlink()

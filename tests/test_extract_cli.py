@@ -142,3 +142,24 @@ def test_a_second_writer_is_refused_and_a_dead_holder_is_taken_over(image_folder
                                    "--engine", "torch", "--num-workers", "0", "-q"])
     assert res.exit_code == 0, res.output
     assert len(open_cache(out)) == 24 and not (tmp_path / "c.h5.lock").exists()
+
+
+def test_a_staging_file_open_elsewhere_is_left_alone(image_folder: Path, tmp_path: Path) -> None:
+    """HDF5's own file lock (another program has the unfinished cache open): exit 2, file kept."""
+    import h5py
+
+    out = tmp_path / "c.h5"
+    staging = tmp_path / "c.h5.partial"
+    with h5py.File(staging, "w") as f:
+        f.attrs["x"] = 1
+    code = ("import h5py, sys, time\nf = h5py.File(sys.argv[1], 'r+')\nprint('open', flush=True)\ntime.sleep(60)")
+    other = subprocess.Popen([sys.executable, "-c", code, str(staging)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "open"
+        res = CliRunner().invoke(cli, ["extract", str(image_folder), "--out", str(out), "-b", "test_tiny",
+                                       "--engine", "torch", "--num-workers", "0", "-q"])
+        assert res.exit_code == 2 and "open in another program" in res.output, res.output
+        assert staging.exists() and not out.exists()
+    finally:
+        other.kill()
+        other.wait()
