@@ -383,10 +383,25 @@ def extract(
         )
 
 
+def _remove_stale_temporaries(out_path: Path) -> None:
+    """Temporary files of a run killed while it swapped a file into place (we hold the lock now)."""
+    import re
+
+    pattern = re.compile(rf"^(\.{re.escape(out_path.name)}|{re.escape(out_path.name)}\.partial)\.tmp\d+$")
+    if out_path.parent.is_dir():
+        for p in out_path.parent.iterdir():
+            if pattern.match(p.name):
+                try:
+                    p.unlink()
+                except OSError:
+                    pass
+
+
 def _extract_locked(index: Any, out_path: Path, t0: float, *, data: Any, out: Any, backbone: str, weights: Any,
                     weights_file: Any, batch_size: int, num_workers: Any, dev: str, engine: str, dtype: str,
                     overwrite: bool, strict: bool, progress: bool, on_progress: Any) -> "ExtractReport":
     device = dev
+    _remove_stale_temporaries(out_path)
     precision = _precision(dev)
 
     from .backbones import load_backbone, peek_identity

@@ -163,3 +163,15 @@ def test_a_staging_file_open_elsewhere_is_left_alone(image_folder: Path, tmp_pat
     finally:
         other.kill()
         other.wait()
+
+
+def test_temporaries_of_a_killed_commit_are_removed(image_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "c.h5"
+    stale = [tmp_path / ".c.h5.tmp4242", tmp_path / "c.h5.partial.tmp4243"]
+    kept = [tmp_path / ".other.h5.tmp4242", tmp_path / "c.h5.tmpnotapid"]
+    for p in stale + kept:
+        p.write_bytes(b"half-written")
+    res = CliRunner().invoke(cli, ["extract", str(image_folder), "--out", str(out), "-b", "test_tiny",
+                                   "--engine", "torch", "--num-workers", "0", "-q"])
+    assert res.exit_code == 0, res.output
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
