@@ -888,6 +888,14 @@ class _SuffixModel(nn.Module):
         return self.head(self.suffix(x))
 
 
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"  # pragma: no cover
+
+
 def _plan_trunk(model: FinetuneModel, bb: Backbone, cfg: FinetuneSettings, n_train: int, n_val: int) -> _Trunk:
     """Split the model at its first trainable unit and check that the caches fit in memory."""
     from .trunk import TrunkCache, available_memory, split_features, view_group
@@ -899,9 +907,9 @@ def _plan_trunk(model: FinetuneModel, bb: Backbone, cfg: FinetuneSettings, n_tra
     avail = available_memory()
     if avail is not None and need > 0.7 * avail:
         raise ConfigError(
-            f"--cache-frozen needs {need / 2**30:.1f} GiB of memory for {n_train} training image(s) x {len(views)} "
+            f"--cache-frozen needs {_size(need)} of memory for {n_train} training image(s) x {len(views)} "
             f"view(s) of {tuple(split.out_shape)} float16 outputs (and the val images), and "
-            f"{avail / 2**30:.1f} GiB are available. Use a later --trainable-from (smaller outputs), fewer "
+            f"{_size(avail)} are available. Use a later --trainable-from (smaller outputs), fewer "
             "views (drop --rot90/--vflip), or drop --cache-frozen."
         )
     return _Trunk(split=split, views=views, model=_SuffixModel(split.suffix, model.head))

@@ -184,3 +184,13 @@ def test_cache_frozen_refusals_exit_2(image_folder: Path, tmp_path: Path) -> Non
 
 def test_memory_estimate() -> None:
     assert TrunkCache.nbytes(1000, 8, (112, 14, 14)) == 1000 * 8 * 112 * 14 * 14 * 2
+
+
+def test_a_cache_that_would_not_fit_is_refused(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import featbank.trunk as trunk
+
+    monkeypatch.setattr(trunk, "available_memory", lambda: 9)
+    with pytest.raises(ConfigError, match=r"needs \d+\.\d KiB of memory for \d+ training image\(s\) x 8 view\(s\) .* 9 bytes are available"):
+        ft.finetune(image_folder, tmp_path / "m", strategy="partial", trainable_from="stage2", cache_frozen=True,
+                    vflip=True, rot90=True, **FAST)
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m.ckpt").exists()
