@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from featbank.cli.main import cli
 from torch import nn
 
 import featbank
 import featbank.finetuning as ft
 from featbank.backbones import load_backbone
 from featbank.bundle import load_bundle
-from featbank.cli.main import cli
 from featbank.errors import ConfigError
-from featbank.trunk import TrunkCache, apply_view, split_features, view_group
+from featbank.finetuning.trunk import TrunkCache, apply_view, split_features, view_group
 
 FAST = dict(backbone="test_tiny", epochs=2, batch_size=8, num_workers=0, progress=False)
 
@@ -81,7 +81,7 @@ def test_views_are_the_symmetries_asked_for() -> None:
     x = torch.arange(2 * 5 * 5 * 3, dtype=torch.uint8).view(2, 5, 5, 3)
     ref = x.numpy()
     expect = {"identity": ref, "hflip": ref[:, :, ::-1], "vflip": ref[:, ::-1], "rot180": ref[:, ::-1, ::-1]}
-    from featbank.trunk import VIEW_NAMES
+    from featbank.finetuning.trunk import VIEW_NAMES
 
     for v, name in VIEW_NAMES.items():
         if name in expect:
@@ -187,7 +187,7 @@ def test_memory_estimate() -> None:
 
 
 def test_a_cache_that_would_not_fit_is_refused(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import featbank.trunk as trunk
+    import featbank.finetuning.trunk as trunk
 
     monkeypatch.setattr(trunk, "available_memory", lambda: 9)
     with pytest.raises(ConfigError, match=r"needs \d+\.\d KiB of memory for \d+ training image\(s\) x 8 view\(s\) .* 9 bytes are available"):

@@ -1,4 +1,4 @@
-"""Frozen-trunk caching for fine-tuning: run the frozen groups once, train the rest on their outputs.
+"""Cached frozen groups for fine-tuning: run the frozen groups once, train the rest on their outputs.
 
 When ``featbank finetune --cache-frozen`` trains only the last groups of a backbone (``partial`` or
 ``frozen``), the frozen groups compute the same function in every epoch: their BatchNorm layers are
@@ -15,16 +15,27 @@ batch and refuses architectures whose forward pass is not the plain chain of its
 from __future__ import annotations
 
 import os
+import sys
+import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from .data import _loader
 
-__all__ = ["TrunkSplit", "split_features", "view_group", "apply_view", "TrunkCache", "available_memory"]
+if TYPE_CHECKING:
+    from ..backbones import Backbone
+    from ..images import PreprocessConfig
+    from .data import _ImageSet, _Split
+    from .model import FinetuneModel
+    from .settings import FinetuneSettings
+
+__all__ = ["TrunkSplit", "split_features", "view_group", "apply_view", "TrunkCache", "available_memory",
+           "CachedTrunk", "plan_trunk", "fill_trunk"]
 
 #: The eight symmetries of a square image as (quarter turns counter-clockwise, mirrored first).
 VIEW_NAMES = {
@@ -240,3 +251,87 @@ class TrunkCache:
         if device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
         return x, self.labels[r].to(device, non_blocking=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Planning and filling the caches of a run
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CachedTrunk:
+    """What ``cache_frozen`` needs: the split, the views, the suffix+head model and the caches."""
+
+    split: TrunkSplit
+    views: list[tuple[int, bool]]
+    model: nn.Module
+    train: TrunkCache | None = None
+    val: TrunkCache | None = None
+    seconds: float = 0.0
+
+
+class SuffixModel(nn.Module):
+    """Cached prefix outputs -> logits: the trainable units, then the head (parameters shared)."""
+
+    def __init__(self, suffix: nn.Module, head: nn.Module):
+        super().__init__()
+        self.suffix, self.head = suffix, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.suffix(x))
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"  # pragma: no cover
+
+
+def plan_trunk(model: FinetuneModel, bb: Backbone, cfg: FinetuneSettings, n_train: int, n_val: int) -> CachedTrunk:
+    """Split the model at its first trainable unit and check that the caches fit in memory."""
+    h, w = bb.preprocess.input_size
+    split = split_features(model.features, (h, w), bb.name)
+    views = view_group(cfg.hflip, cfg.vflip, cfg.rot90, square=(h == w))
+    need = TrunkCache.nbytes(n_train, len(views), split.out_shape) + TrunkCache.nbytes(n_val, 1, split.out_shape)
+    avail = available_memory()
+    if avail is not None and need > 0.7 * avail:
+        raise ConfigError(
+            f"--cache-frozen needs {_size(need)} of memory for {n_train} training image(s) x {len(views)} "
+            f"view(s) of {tuple(split.out_shape)} float16 outputs (and the val images), and "
+            f"{_size(avail)} are available. Use a later --trainable-from (smaller outputs), fewer "
+            "views (drop --rot90/--vflip), or drop --cache-frozen."
+        )
+    return CachedTrunk(split=split, views=views, model=SuffixModel(split.suffix, model.head))
+
+
+def fill_trunk(trunk: CachedTrunk, model: FinetuneModel, eval_set: _ImageSet, split: _Split, batch_size: int,
+               workers: int, cfg: PreprocessConfig, pin: bool, dev: torch.device, amp: torch.dtype | None,
+               skipped: list[str], progress: bool) -> None:
+    """Run the frozen prefix over every training image under every view, and over val once."""
+    from tqdm.auto import tqdm
+
+    shape = trunk.split.out_shape
+    t0 = time.perf_counter()
+    n_views = len(trunk.views)
+    bar = tqdm(total=len(split.train) * n_views + len(split.val), unit="img", disable=not progress,
+               desc=f"caching {trunk.split.prefix_names[0]}..{trunk.split.prefix_names[-1]}",
+               mininterval=0.1 if sys.stderr.isatty() else 10.0, dynamic_ncols=True, file=sys.stderr)
+
+    def embed_input(x: torch.Tensor) -> torch.Tensor:
+        x = model.normalize(x)
+        return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
+
+    for name, rows, views in (("train", split.train, trunk.views), ("val", split.val, trunk.views[:1])):
+        cache = TrunkCache(len(rows), views, shape)
+        batches = [list(map(int, rows[i:i + batch_size])) for i in range(0, len(rows), batch_size)]
+
+        def step(n: int, bad: list[str], k: int = len(views)) -> None:
+            skipped.extend(bad)
+            bar.update(n * k)
+
+        cache.fill(_loader(eval_set, batches, workers, cfg, pin), embed_input, trunk.split.prefix, dev, amp, step)
+        setattr(trunk, name, cache)
+    bar.close()
+    trunk.seconds = time.perf_counter() - t0

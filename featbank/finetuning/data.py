@@ -1,0 +1,155 @@
+"""Training and evaluation images: seeded augmentation, batches, the train/val/test split."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import DatasetError
+from ..images import ImageReadError, PreprocessConfig, load_image, preprocess_image
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+def _resized_crop_box(w: int, h: int, scale: tuple[float, float], rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params, drawn from ``rng``: (left, top, right, bottom)."""
+    area = w * h
+    log_ratio = (math.log(3 / 4), math.log(4 / 3))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        ratio = math.exp(rng.uniform(*log_ratio))
+        cw = int(round(math.sqrt(target * ratio)))
+        ch = int(round(math.sqrt(target / ratio)))
+        if 0 < cw <= w and 0 < ch <= h:
+            top = int(rng.integers(0, h - ch + 1))
+            left = int(rng.integers(0, w - cw + 1))
+            return left, top, left + cw, top + ch
+    in_ratio = w / h
+    if in_ratio < 3 / 4:
+        cw, ch = w, int(round(w / (3 / 4)))
+    elif in_ratio > 4 / 3:
+        ch, cw = h, int(round(h * (4 / 3)))
+    else:
+        cw, ch = w, h
+    left, top = (w - cw) // 2, (h - ch) // 2
+    return left, top, left + cw, top + ch
+
+
+class _ImageSet:
+    """Map-style dataset. Train items are keyed ``(epoch, i)`` and augmented with a generator
+    seeded by (seed, epoch, i); eval items are keyed ``i`` and get the backbone's eval transform."""
+
+    def __init__(self, root: Path, paths: list[str], labels: np.ndarray, cfg: PreprocessConfig,
+                 train: bool, seed: int = 0, crop_scale: tuple[float, float] = (0.25, 1.0), hflip: bool = True,
+                 vflip: bool = False, rot90: bool = False):
+        self.root, self.paths, self.labels, self.cfg = root, paths, labels, cfg
+        self.train, self.seed, self.crop_scale, self.hflip = train, seed, crop_scale, hflip
+        self.vflip, self.rot90 = vflip, rot90
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, key: Any) -> tuple[np.ndarray | None, int, str]:
+        from PIL import Image
+
+        epoch, i = key if self.train else (0, key)
+        try:
+            img = load_image(self.root / self.paths[i])
+            if not self.train:
+                return preprocess_image(img, self.cfg), int(self.labels[i]), ""
+            rng = np.random.default_rng((self.seed, epoch, i))
+            box = _resized_crop_box(img.width, img.height, self.crop_scale, rng)
+            h, w = self.cfg.input_size
+            resample = getattr(Image.Resampling, self.cfg.interpolation.upper())
+            out = img.resize((w, h), resample=resample, box=box)
+            if self.hflip and rng.random() < 0.5:
+                out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            if self.vflip and rng.random() < 0.5:
+                out = out.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+            if self.rot90 and w == h:
+                k = int(rng.integers(0, 4))
+                if k:
+                    out = out.transpose((Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180,
+                                         Image.Transpose.ROTATE_270)[k - 1])
+            return np.asarray(out, dtype=np.uint8), int(self.labels[i]), ""
+        except ImageReadError as e:
+            return None, -100, f"{self.paths[i]}: {e.reason}"
+
+
+class _Collate:
+    def __init__(self, cfg: PreprocessConfig):
+        self.shape = (*cfg.input_size, 3)
+
+    def __call__(self, items: list[tuple[np.ndarray | None, int, str]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        batch = np.zeros((len(items), *self.shape), np.uint8)
+        for j, (arr, _, _) in enumerate(items):
+            if arr is not None:
+                batch[j] = arr
+        labels = torch.tensor([it[1] for it in items], dtype=torch.int64)
+        return torch.from_numpy(batch), labels, [it[2] for it in items if it[2]]
+
+
+def _batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[tuple[int, int]]]:
+    order = np.random.default_rng((seed, 10_000 + epoch)).permutation(n)
+    chunks = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    if len(chunks) > 1 and len(chunks[-1]) == 1:  # a batch of one breaks BatchNorm in train mode
+        chunks[-2] = np.concatenate([chunks[-2], chunks[-1]])
+        chunks.pop()
+    return [[(epoch, int(i)) for i in c] for c in chunks]
+
+
+@dataclass
+class _Split:
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    val_source: str
+
+
+def _split(index: Any, val_split: float, seed: int) -> _Split:
+    labels, splits, classes = index.labels, index.splits, index.classes
+    if index.layout == "splits":
+        train = np.flatnonzero(splits == 0)
+        val = np.flatnonzero(splits == 1)
+        test = np.flatnonzero(splits == 2)
+        source = "val folder"
+    else:
+        train, val, test = np.arange(len(labels)), np.array([], np.int64), np.array([], np.int64)
+        source = ""
+    if len(val) == 0:
+        rng = np.random.default_rng(seed)
+        pool, keep = train, []
+        held = []
+        for c in range(len(classes)):
+            rows = pool[labels[pool] == c]
+            rows = rows[rng.permutation(len(rows))]
+            k = int(round(len(rows) * val_split)) if len(rows) >= 2 else 0
+            k = max(1, k) if len(rows) >= 2 else 0
+            held.append(rows[:k])
+            keep.append(rows[k:])
+        val = np.sort(np.concatenate(held)) if held else np.array([], np.int64)
+        train = np.sort(np.concatenate(keep)) if keep else train
+        source = f"stratified {val_split:.0%} of train (seed {seed})"
+    for name, rows in (("train", train), ("val", val)):
+        missing = [classes[c] for c in range(len(classes)) if not np.any(labels[rows] == c)]
+        if missing:
+            raise DatasetError(
+                f"The {name} split of '{index.root}' has no image of class(es) {missing} "
+                f"({len(rows)} image(s) in it). Every class needs images in train and val: add images, "
+                "or remove the class folder" + (", or lower --val-split." if name == "train" else ".")
+            )
+    return _Split(train, val, test, source)
+
+
+def _loader(dataset: _ImageSet, batches: Any, num_workers: int, cfg: PreprocessConfig, pin: bool) -> Any:
+    from torch.utils.data import DataLoader
+
+    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=_Collate(cfg),
+                      pin_memory=pin, persistent_workers=False)
