@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lpft-strategy", default="full", choices=["full", "partial"], help="what LP-FT trains after the probe")
     p.add_argument("--cache-frozen", action="store_true", help="partial / LP-FT partial: cache the frozen groups' outputs")
     p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--metric", default="balanced_accuracy", choices=["balanced_accuracy", "accuracy"],
+                   help="validation metric that picks the best epoch")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--num-workers", type=int, default=None)
     p.add_argument("--methods", default="probe,partial,full,lpft", help=f"comma list of {', '.join(METHODS)}")
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
     lr_groups = None if args.lr_groups == "none" else args.lr_groups
     common = dict(optimizer=args.optimizer, lr=args.lr, crop_scale=tuple(args.crop_scale), vflip=args.vflip, rot90=args.rot90,
-                  weight_decay=args.weight_decay)
+                  weight_decay=args.weight_decay, metric=args.metric)
     partial = dict(strategy="partial", trainable_from=args.trainable_from, cache_frozen=args.cache_frozen)
     runs = {
         "frozen": dict(strategy="frozen"),
