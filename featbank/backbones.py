@@ -82,11 +82,15 @@ class ImageEmbedder(nn.Module):
         self.normalize = normalize
         self.features = features
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 NHWC images -> the normalised NCHW input of ``features`` (channels_last on CPU)."""
         x = self.normalize(x)
         if x.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.features(x).flatten(1).float()
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(self.prepare(x)).flatten(1).float()
 
 
 @dataclass

@@ -31,8 +31,8 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import h5py

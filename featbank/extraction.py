@@ -385,8 +385,6 @@ def extract(
 
 def _remove_stale_temporaries(out_path: Path) -> None:
     """Temporary files of a run killed while it swapped a file into place (we hold the lock now)."""
-    import re
-
     pattern = re.compile(rf"^(\.{re.escape(out_path.name)}|{re.escape(out_path.name)}\.partial)\.tmp\d+$")
     if out_path.parent.is_dir():
         for p in out_path.parent.iterdir():
@@ -397,10 +395,13 @@ def _remove_stale_temporaries(out_path: Path) -> None:
                     pass
 
 
-def _extract_locked(index: Any, out_path: Path, t0: float, *, data: Any, out: Any, backbone: str, weights: Any,
-                    weights_file: Any, batch_size: int, num_workers: Any, dev: str, engine: str, dtype: str,
-                    overwrite: bool, strict: bool, progress: bool, on_progress: Any) -> "ExtractReport":
-    device = dev
+def _extract_locked(
+    index: ImageIndex, out_path: Path, t0: float, *, data: str | os.PathLike, out: str | os.PathLike | None,
+    backbone: str, weights: str | None, weights_file: str | os.PathLike | None, batch_size: int,
+    num_workers: int | None, dev: str, engine: str, dtype: str, overwrite: bool, strict: bool, progress: bool,
+    on_progress: Callable[[int, int], None] | None,
+) -> ExtractReport:
+    """The body of :func:`extract`, run while this process holds the cache's writer lock."""
     _remove_stale_temporaries(out_path)
     precision = _precision(dev)
 
@@ -482,7 +483,7 @@ def _extract_locked(index: Any, out_path: Path, t0: float, *, data: Any, out: An
         # still overwrite (the old cache may have another key).
         return extract(
             data, out, backbone=backbone, weights=weights, weights_file=weights_file,
-            batch_size=batch_size, num_workers=num_workers, device=device, engine=engine,
+            batch_size=batch_size, num_workers=num_workers, device=dev, engine=engine,
             dtype=dtype, overwrite=overwrite and not folded, strict=strict, progress=progress,
             on_progress=on_progress,
         )

@@ -46,7 +46,7 @@ from .settings import (
     FinetuneSettings,
     _settings_from,
 )
-from .trunk import fill_trunk, plan_trunk
+from .trunk import VIEW_NAMES, fill_trunk, plan_trunk
 
 # --------------------------------------------------------------------------------------------
 # Training
@@ -444,8 +444,6 @@ def finetune(
                                      "hflip": cfg.hflip, "vflip": cfg.vflip, "rot90": cfg.rot90}
         trunk_info = None
     else:
-        from .trunk import VIEW_NAMES
-
         train_aug = {"views": [VIEW_NAMES[v] for v in trunk.views], "of": "backbone eval transform",
                      "one_view_per_image_and_epoch": True}
         trunk_info = {"prefix": trunk.split.prefix_names, "suffix": trunk.split.suffix_names,
