@@ -596,9 +596,15 @@ def writer_lock(path: str | os.PathLike) -> Iterator[None]:
         finally:
             _HELD[key] -= 1
         return
-    lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise CacheError(
+                f"Cannot write next to {str(path)!r}: creating {str(lock)!r} failed ({e.strerror or e}). "
+                "Choose an --out in a folder you can write to."
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

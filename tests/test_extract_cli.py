@@ -175,3 +175,13 @@ def test_temporaries_of_a_killed_commit_are_removed(image_folder: Path, tmp_path
                                    "--engine", "torch", "--num-workers", "0", "-q"])
     assert res.exit_code == 0, res.output
     assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+
+
+def test_an_out_that_cannot_be_written_exits_2(image_folder: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where a folder should be")
+    res = CliRunner().invoke(cli, ["extract", str(image_folder), "--out", str(blocker / "c.h5"), "-b", "test_tiny",
+                                   "--engine", "torch", "--num-workers", "0", "-q"])
+    assert res.exit_code == 2, res.output
+    assert "Cannot write next to" in res.output and "Traceback" not in res.output
+    assert blocker.read_text() == "a file where a folder should be"
