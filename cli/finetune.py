@@ -23,11 +23,12 @@ from .options import backbone_options, device_option, quiet_option
               help="sgd uses momentum 0.9.")
 @click.option("--weight-decay", type=float, default=None, help="Default 1e-4 (sgd), 0.05 (adamw); not on biases/norms.")
 @click.option("--init-head", metavar="MODEL", default=None,
-              help="LP-FT: start from this linear head bundle ('featbank fit --head linear').")
+              help="LP-FT: start from this linear head bundle ('featbank fit --head linear --no-refit'); "
+              "without a val folder, validate on the images the probe held out.")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--val-split", type=float, default=0.2, show_default=True,
-              help="Fraction of each class held out for validation when DATA has no val folder.")
+              help="Fraction of each class held out for validation when DATA has no val folder (and no --init-head).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Fixes the head init, split, order and augmentation.")
 @click.option("--train-bn", is_flag=True, help="Also train BatchNorm layers of frozen groups (default: eval mode, stats unchanged).")
 @click.option("--bn-stats", type=click.Choice(["auto", "frozen", "train"]), default="auto", show_default=True,
@@ -63,7 +64,7 @@ def finetune(data, backbone, weights, weights_file, strategy, trainable_from, lr
     Examples:
       featbank finetune data/elpv --strategy partial --trainable-from stage4 --epochs 10
       featbank finetune data/pets -b resnet50 --strategy full --lr-groups seed-resnet
-      featbank fit --head linear --name probe && featbank finetune data/elpv --strategy full --init-head models/probe --lr-groups seed-lite
+      featbank fit --head linear --no-refit --name probe && featbank finetune data/elpv --strategy full --init-head models/probe --lr-groups seed-lite
       featbank finetune data/elpv --resume
     """
     import featbank.finetuning as ft

@@ -14,6 +14,7 @@ Examples:
   featbank fit runs/elpv.h5 --head mlp --param hidden_sizes=(512,) --param dropout=0.3
   featbank fit runs/elpv.h5 --head SVC --param C=10 --param kernel=rbf
   featbank fit runs/elpv.h5 --shots 10 --seeds 0,1,2
+  featbank fit runs/elpv.h5 --no-refit --name elpv-probe    # the start of an LP-FT
 """
 
 
@@ -27,6 +28,9 @@ Examples:
 @click.option("--l2-normalize", is_flag=True, help="L2-normalise each embedding first.")
 @click.option("--val-split", type=float, default=0.2, show_default=True,
               help="Stratified fraction of train held out for selection when the cache has no val split.")
+@click.option("--refit/--no-refit", default=True, show_default=True,
+              help="Refit the chosen head on train+val. --no-refit keeps the validation images unseen "
+                   "(for 'featbank finetune --init-head').")
 @click.option("--class-weight", type=click.Choice(["balanced"]), default=None, help="Reweight classes for imbalanced data.")
 @click.option("--shots", type=click.IntRange(min=1), default=None, help="Sample K training images per class.")
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds of the --shots sampling (mean ± std).")
@@ -36,12 +40,13 @@ Examples:
 @click.option("--name", default=None, help="Bundle name (default <cache>-<head>).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the validation split and the heads.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def fit(cache, head, params, standardize, l2_normalize, val_split, class_weight, shots, seeds, max_memory, device, out,
+def fit(cache, head, params, standardize, l2_normalize, val_split, refit, class_weight, shots, seeds, max_memory, device, out,
         name, seed, as_json) -> None:
     """Fit a head on a feature cache, report metrics and save a model bundle.
 
     CACHE defaults to the most recent cache written by 'featbank extract'. The hyperparameter is
-    chosen on the validation split, the head refitted on train+val and evaluated on the test split.
+    chosen on the validation split, the head refitted on train+val (unless --no-refit) and
+    evaluated on the test split.
     """
     import json
 
@@ -61,5 +66,5 @@ def fit(cache, head, params, standardize, l2_normalize, val_split, class_weight,
     result = fit_head(cache, head, params=dict(parse_param(p) for p in params), standardize=standardize,
                       l2_normalize=l2_normalize, val_split=val_split, class_weight=class_weight, shots=shots,
                       seeds=seed_list if shots else [seed], max_memory=max_memory, device=device, out=out, name=name,
-                      seed=seed)
+                      seed=seed, refit=refit)
     click.echo(json.dumps(result.to_dict(), indent=2, default=str) if as_json else result.summary())

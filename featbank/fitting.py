@@ -3,8 +3,8 @@
 Protocol (Kornblith et al. 2019, CLIP linear probes): a validation split — the cache's own ``val``
 split, else a deterministic stratified ``val_split`` of ``train`` — selects the hyperparameter
 (for ``linear`` a log-spaced sweep of ``C``: a coarse grid, then a finer one around the best,
-each fit warm-started from the nearest solution); the head is then refitted on train+val and
-evaluated on the ``test`` split when there is one (otherwise the reported numbers are those of
+each fit warm-started from the nearest solution); the head is then refitted on train+val (unless
+``refit=False``) and evaluated on the ``test`` split when there is one (otherwise the reported numbers are those of
 the validation split, which selected the model and so are slightly optimistic).
 """
 
@@ -472,6 +472,7 @@ def fit(
     seed: int = 0,
     save: bool = True,
     grid: Sequence[float] | None = None,
+    refit: bool = True,
 ) -> FitResult:
     """Fit a head on a feature cache with the linear-probe protocol and save a model bundle.
 
@@ -495,6 +496,9 @@ def fit(
             ``<cache>-<head>``); seed: seed of the validation split and the heads.
         save: write the bundle (``False``: just return the fitted head and metrics).
         grid: the coarse C grid of the sweep (default :data:`COARSE_GRID`, 1e-6 .. 1e2).
+        refit: refit the selected head on train+val (default). ``False`` keeps the head fitted on
+            train alone, so the validation images stay unseen: what a probe that starts
+            ``featbank finetune --init-head`` (LP-FT) needs for a clean best-epoch choice.
 
     Returns:
         FitResult with the fitted estimator, chosen hyperparameter, sweep, metrics and bundle path.
@@ -555,7 +559,7 @@ def fit(
         runs = []
         for s in (seeds if shots is not None else [seed]):
             if shots is None:
-                tr, va, refit = train, val, np.concatenate([train, val])
+                tr, va, refit_rows = train, val, np.concatenate([train, val]) if refit else train
             else:
                 sample = _shot_rows(cache_obj, np.concatenate([train, val]) if val_source.startswith("strat") else train,
                                     shots, s)
@@ -569,12 +573,12 @@ def fit(
                     tr, va = sample, np.zeros(0, np.int64)
                 else:
                     tr, va = sample, val
-                refit = sample
+                refit_rows = sample if refit else tr
                 if not len(test):
                     eval_rows = np.setdiff1d(np.concatenate([train, val]), np.concatenate([sample, va]))
                     eval_split = "test"
             est, htype, chosen, sweep, val_metrics, val_proba = _fit_once(
-                cache_obj, tr, va, refit, head=head, params=params, standardize=standardize,
+                cache_obj, tr, va, refit_rows, head=head, params=params, standardize=standardize,
                 l2_normalize=l2_normalize, class_weight=class_weight, device=device, seed=s, source=source,
                 grid=grid,
             )
@@ -645,6 +649,7 @@ def fit(
                 "training": {
                     "cache": str(Path(cache_path).resolve()), "val_source": val_source, "seed": seed,
                     "n_train": len(tr), "n_val": len(va), "n_test": len(test), "shots": shots,
+                    "fitted_on": "train+val" if refit else "train",
                     "streaming": chunk_rows is not None, "sweep": sweep,
                 },
             }

@@ -180,6 +180,32 @@ def test_lpft_starts_from_the_probe(probe_setup: tuple[Path, Path, Path], tmp_pa
     assert load_bundle(rep.path).manifest["finetune"]["init_head"]["bundle_id"] == load_bundle(probe).bundle_id
 
 
+def test_lpft_validates_on_the_images_its_probe_held_out(probe_setup: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    from featbank.fitting import fit
+
+    image_folder, tiny_cache, refitted = probe_setup
+    kept = fit(tiny_cache, "linear", out=tmp_path / "models", name="kept", refit=False).path
+    held = load_bundle(kept).manifest["validation"]["paths"]
+    assert held == load_bundle(refitted).manifest["validation"]["paths"]  # same seeded split
+    clean = ft.finetune(image_folder, tmp_path / "clean", strategy="frozen", init_head=str(kept), val_split=0.5, **FAST)
+    m = load_bundle(clean.path).manifest
+    assert m["validation"]["paths"] == held and "probe's validation images" in m["data"]["val_source"]
+    assert clean.notes == [] and m["data"]["notes"] == []
+    # fit's default refit has seen those images: the run says so (report, manifest, CLI), numbers stay.
+    res = CliRunner().invoke(cli, ["finetune", str(image_folder), "-b", "test_tiny", "--strategy", "frozen",
+                                   "--init-head", str(refitted), "--out", str(tmp_path / "seen"), "--epochs", "1",
+                                   "--batch-size", "8", "--num-workers", "0", "-q"])
+    assert res.exit_code == 0, res.output
+    note = f"fitted on {len(held)} of the {len(held)} validation images"
+    assert note in res.output and "--no-refit" in res.output
+    m = load_bundle(tmp_path / "seen").manifest
+    assert m["validation"]["paths"] == held and note in m["data"]["notes"][0]
+    # A probe of another folder says nothing about DATA's images: DATA's own split, no note.
+    other = make_image_folder(tmp_path / "copy")
+    rep = ft.finetune(other, tmp_path / "other", strategy="frozen", init_head=str(kept), val_split=0.5, **FAST)
+    assert rep.notes == [] and "stratified 50%" in load_bundle(rep.path).manifest["data"]["val_source"]
+
+
 def test_lpft_refuses_a_probe_of_other_classes(probe_setup: tuple[Path, Path, Path], tmp_path: Path) -> None:
     probe = probe_setup[2]
     other = make_image_folder(tmp_path / "other", classes=("ant", "bee", "cow"))

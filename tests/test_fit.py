@@ -38,6 +38,27 @@ def test_sweep_picks_weak_regularisation_on_separable_data_and_strong_on_noise(t
     assert sep.eval_split == "val" and sep.notes
 
 
+def test_no_refit_keeps_the_head_that_was_scored_on_validation(tmp_path):
+    from sklearn.metrics import log_loss
+
+    X, y = blobs(40, 16, 4, sep=0.5, seed=3)
+    cache = write_synthetic_cache(tmp_path / "c.h5", X, y, splits=_splits(len(y)))
+    kept = fit(cache, "linear", out=tmp_path / "models", name="kept", refit=False)
+    refit = fit(cache, "linear", out=tmp_path / "models", name="refit")
+    assert kept.chosen == refit.chosen  # same sweep, same choice
+    c = featbank.open_cache(cache)
+    row = {p: i for i, p in enumerate(c.paths)}
+    for r, fitted_on in ((kept, "train"), (refit, "train+val")):
+        b = featbank.load_bundle(r.path)
+        assert b.manifest["training"]["fitted_on"] == fitted_on
+        val_rows = np.sort([row[p] for p in b.manifest["validation"]["paths"]])
+        loss = log_loss(c.labels[val_rows], b.predict_proba(c.load_embeddings(val_rows)), labels=range(4))
+        if fitted_on == "train":  # the saved head is the one the sweep scored: val loss as reported
+            assert loss == pytest.approx(r.metrics["val"]["log_loss"], rel=1e-4)
+        else:  # refitted on the validation rows too: they now fit better than the sweep said
+            assert loss < r.metrics["val"]["log_loss"] - 1e-3
+
+
 def test_uses_test_split_and_saves_a_complete_bundle(tmp_path):
     X, y = blobs(40, 16, 4, sep=0.8, seed=2)
     cache = write_synthetic_cache(tmp_path / "c.h5", X, y, splits=_splits(len(y)))

@@ -113,7 +113,38 @@ class _Split:
     val_source: str
 
 
-def _split(index: Any, val_split: float, seed: int) -> _Split:
+@dataclass
+class _ProbeHoldout:
+    """What the LP-FT starting head (``init_head``) was fitted on, as its bundle records it."""
+
+    root: str
+    val_paths: list[str]
+    fitted_on: str  # "train+val" (fit's default refit) or "train" (fit --no-refit)
+
+
+def _probe_holdout(init_head: str | None) -> _ProbeHoldout | None:
+    if init_head is None:
+        return None
+    from ..bundle import load_bundle
+
+    m = load_bundle(init_head).manifest
+    val, training = m.get("validation") or {}, m.get("training") or {}
+    if not val.get("root"):
+        return None
+    # Bundles written before fit recorded it were always refitted on train+val.
+    return _ProbeHoldout(str(val["root"]), list(val.get("paths") or []), training.get("fitted_on", "train+val"))
+
+
+def _same_root(index: Any, probe: _ProbeHoldout) -> bool:
+    try:
+        return Path(probe.root).resolve() == Path(index.root).resolve()
+    except OSError:
+        return False
+
+
+def _split(index: Any, val_split: float, seed: int, probe: _ProbeHoldout | None = None) -> _Split:
+    """Train / val / test rows of DATA: its val folder; else the LP-FT probe's validation images
+    (``probe``, when it was fitted on a cache of this folder); else a stratified ``val_split``."""
     labels, splits, classes = index.labels, index.splits, index.classes
     if index.layout == "splits":
         train = np.flatnonzero(splits == 0)
@@ -123,6 +154,12 @@ def _split(index: Any, val_split: float, seed: int) -> _Split:
     else:
         train, val, test = np.arange(len(labels)), np.array([], np.int64), np.array([], np.int64)
         source = ""
+    if len(val) == 0 and probe is not None and probe.val_paths and _same_root(index, probe):
+        row_of = {p: i for i, p in enumerate(index.paths)}
+        held = np.intersect1d([row_of[p] for p in probe.val_paths if p in row_of], train)
+        if len(held):
+            val, train = held, np.setdiff1d(train, held)
+            source = f"the --init-head probe's validation images ({len(held)} of {len(probe.val_paths)} found)"
     if len(val) == 0:
         rng = np.random.default_rng(seed)
         pool, keep = train, []
@@ -146,6 +183,25 @@ def _split(index: Any, val_split: float, seed: int) -> _Split:
                 "or remove the class folder" + (", or lower --val-split." if name == "train" else ".")
             )
     return _Split(train, val, test, source)
+
+
+def _probe_overlap_note(index: Any, split: _Split, probe: _ProbeHoldout | None) -> str | None:
+    """A warning when the LP-FT probe was fitted on images this run validates on."""
+    if probe is None or not len(split.val) or not _same_root(index, probe):
+        return None
+    if probe.fitted_on == "train":
+        held = set(probe.val_paths)
+        seen = sum(index.paths[i] not in held for i in split.val)
+    else:  # refitted on every labelled non-test image of the folder
+        seen = len(split.val)
+    if not seen:
+        return None
+    why = "fit refits on train+val by default" if probe.fitted_on != "train" else "its validation split differs from this run's"
+    return (
+        f"the --init-head probe was fitted on {seen} of the {len(split.val)} validation images ({why}), so the "
+        "best epoch is chosen on images the starting head has seen and the validation metrics are optimistic. "
+        "Fit the probe with 'featbank fit --no-refit' (and the same val folder, if DATA has one) to keep them out."
+    )
 
 
 def _loader(dataset: _ImageSet, batches: Any, num_workers: int, cfg: PreprocessConfig, pin: bool) -> Any:

@@ -28,7 +28,14 @@ from .checkpoint import (
     _set_rng_state,
     _settings_diff,
 )
-from .data import _batches, _ImageSet, _loader, _split
+from .data import (
+    _batches,
+    _ImageSet,
+    _loader,
+    _probe_holdout,
+    _probe_overlap_note,
+    _split,
+)
 from .model import (
     FinetuneModel,
     _frozen_bn_modules,
@@ -69,6 +76,7 @@ class FinetuneReport:
         seconds_per_epoch: mean wall time of an epoch (training + validation).
         skipped: unreadable images ``(path, reason)`` (ignored in loss and metrics).
         cache_seconds: time spent computing the frozen groups' outputs (``cache_frozen``), else 0.
+        notes: caveats about the numbers (e.g. an LP-FT probe that has seen the validation images).
     """
 
     path: Path
@@ -83,6 +91,7 @@ class FinetuneReport:
     skipped: list[str] = field(default_factory=list)
     device: str = "cpu"
     cache_seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         m = self.test or self.val
@@ -92,7 +101,7 @@ class FinetuneReport:
             f"Fine-tuned {self.epochs_run} epoch(s) on {self.device} ({self.seconds_per_epoch:.1f} s/epoch{cached}), "
             f"best epoch {self.best_epoch}: {which} accuracy {m['accuracy']:.4f}, balanced accuracy "
             f"{m['balanced_accuracy']:.4f}."
-        )
+        ) + "".join(f"\nNote: {n}" for n in self.notes)
 
 
 def _default_out(data: Path, settings: FinetuneSettings) -> Path:
@@ -150,7 +159,10 @@ def finetune(
 
     Args:
         data: an ImageFolder (``DATA/<class>/<image>``) or ``DATA/{train,val,test}/<class>/...``.
-            Without a val folder, a stratified ``val_split`` of train is held out (seeded).
+            Without a val folder, LP-FT (``init_head``) validates on the images its probe held out
+            (when the probe was fitted on a cache of this folder); otherwise a stratified
+            ``val_split`` of train is held out (seeded). A note in the report says when the probe
+            was fitted on validation images (``fit`` refits on train+val unless ``--no-refit``).
         out: the bundle folder (default ``models/<data>-<backbone>-<strategy>[-lpft]``).
             Checkpoints go to ``<out>.ckpt/checkpoint.pt`` and are removed once the bundle is written.
         device: ``auto``, ``cpu`` or ``cuda`` (autocast bf16/fp16 on CUDA; channels_last on CPU).
@@ -184,7 +196,12 @@ def finetune(
     cfg = _settings_from(settings)
     dev = torch.device(resolve_device(device))
     index = scan_folder(data, require_labels=True)
-    split = _split(index, cfg.val_split, cfg.seed)
+    probe = _probe_holdout(cfg.init_head)
+    split = _split(index, cfg.val_split, cfg.seed, probe)
+    notes = [n for n in [_probe_overlap_note(index, split, probe)] if n]
+    if progress:
+        for n in notes:
+            print(f"Note: {n}", file=sys.stderr)
     out_path = Path(out).expanduser() if out is not None else _default_out(index.root, cfg)
     ckpt_path = out_path.with_name(out_path.name + ".ckpt") / "checkpoint.pt"
     if resume and overwrite:
@@ -482,7 +499,8 @@ def finetune(
         },
         "metrics": metrics,
         "data": {"root": str(index.root), "layout": index.layout, "n_train": int(len(split.train)),
-                 "n_val": int(len(split.val)), "n_test": int(len(split.test)), "val_source": split.val_source},
+                 "n_val": int(len(split.val)), "n_test": int(len(split.test)), "val_source": split.val_source,
+                 "notes": notes},
         "validation": {"root": str(index.root), "paths": [index.paths[i] for i in split.val]},
     }
     cm_src, cm_name = (test, "test") if test else (val, "val")
@@ -504,7 +522,7 @@ def finetune(
     return FinetuneReport(
         path=out_path, epochs_run=len(history), best_epoch=best["epoch"], val=val, test=test, history=history,
         groups=group_rows, resumed_from=start_epoch, seconds_per_epoch=spe, skipped=sorted(set(skipped)),
-        device=dev.type, cache_seconds=trunk.seconds if trunk is not None else 0.0,
+        device=dev.type, cache_seconds=trunk.seconds if trunk is not None else 0.0, notes=notes,
     )
 
 

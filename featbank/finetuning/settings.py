@@ -53,7 +53,8 @@ class FinetuneSettings:
         weight_decay: default 1e-4 (SGD) / 0.05 (AdamW); never on biases and norm weights.
         init_head: a linear head bundle from ``featbank fit --head linear`` (LP-FT).
         epochs, batch_size, seed: as usual; ``seed`` fixes init, split, order and augmentation.
-        val_split: fraction of each class held out for validation when DATA has no val split.
+        val_split: fraction of each class held out for validation when DATA has no val split
+            (LP-FT uses its probe's held-out images instead, when they are images of DATA).
         train_bn: BatchNorm of frozen groups trains too (statistics and affine parameters).
         bn_stats: ``frozen`` keeps every BatchNorm layer in eval mode (running statistics fixed,
             affine parameters of trainable groups still train); ``train`` updates the statistics
