@@ -25,6 +25,7 @@ __all__ = [
     "FeatbankWarning",
     "RandomWeightsWarning",
     "SkippedImagesWarning",
+    "ValidationLeakWarning",
 ]
 
 EXIT_OK = 0
@@ -94,3 +95,7 @@ class RandomWeightsWarning(FeatbankWarning):
 
 class SkippedImagesWarning(FeatbankWarning):
     """Some images could not be read and were skipped."""
+
+
+class ValidationLeakWarning(FeatbankWarning):
+    """A model selected on a validation set was fitted on some of its images (optimistic metrics)."""

@@ -19,7 +19,7 @@ import featbank
 import featbank.finetuning as ft
 from featbank.backbones import _REGISTRY, backbone_groups, load_backbone, param_groups
 from featbank.bundle import load_bundle
-from featbank.errors import BundleError, ConfigError, DatasetError
+from featbank.errors import BundleError, ConfigError, DatasetError, ValidationLeakWarning
 from featbank.finetuning import data as ft_data
 from featbank.finetuning import model as ft_model
 
@@ -187,7 +187,10 @@ def test_lpft_validates_on_the_images_its_probe_held_out(probe_setup: tuple[Path
     kept = fit(tiny_cache, "linear", out=tmp_path / "models", name="kept", refit=False).path
     held = load_bundle(kept).manifest["validation"]["paths"]
     assert held == load_bundle(refitted).manifest["validation"]["paths"]  # same seeded split
-    clean = ft.finetune(image_folder, tmp_path / "clean", strategy="frozen", init_head=str(kept), val_split=0.5, **FAST)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ValidationLeakWarning)
+        clean = ft.finetune(image_folder, tmp_path / "clean", strategy="frozen", init_head=str(kept), val_split=0.5,
+                            **FAST)
     m = load_bundle(clean.path).manifest
     assert m["validation"]["paths"] == held and "probe's validation images" in m["data"]["val_source"]
     assert clean.notes == [] and m["data"]["notes"] == []
@@ -200,6 +203,8 @@ def test_lpft_validates_on_the_images_its_probe_held_out(probe_setup: tuple[Path
     assert note in res.output and "--no-refit" in res.output
     m = load_bundle(tmp_path / "seen").manifest
     assert m["validation"]["paths"] == held and note in m["data"]["notes"][0]
+    with pytest.warns(ValidationLeakWarning, match="--no-refit"):
+        ft.finetune(image_folder, tmp_path / "seen-api", strategy="frozen", init_head=str(refitted), **FAST)
     # A probe of another folder says nothing about DATA's images: DATA's own split, no note.
     other = make_image_folder(tmp_path / "copy")
     rep = ft.finetune(other, tmp_path / "other", strategy="frozen", init_head=str(kept), val_split=0.5, **FAST)

@@ -19,7 +19,7 @@ from torch import nn
 
 from .. import __version__
 from ..backbones import HEAD_GROUP, load_backbone, param_groups
-from ..errors import ConfigError, Interrupted, RandomWeightsWarning
+from ..errors import ConfigError, Interrupted, RandomWeightsWarning, ValidationLeakWarning
 from .checkpoint import (
     _digest,
     _load_checkpoint,
@@ -199,9 +199,8 @@ def finetune(
     probe = _probe_holdout(cfg.init_head)
     split = _split(index, cfg.val_split, cfg.seed, probe)
     notes = [n for n in [_probe_overlap_note(index, split, probe)] if n]
-    if progress:
-        for n in notes:
-            print(f"Note: {n}", file=sys.stderr)
+    for n in notes:  # said now, not only after hours of training
+        warnings.warn(n, ValidationLeakWarning, stacklevel=2)
     out_path = Path(out).expanduser() if out is not None else _default_out(index.root, cfg)
     ckpt_path = out_path.with_name(out_path.name + ".ckpt") / "checkpoint.pt"
     if resume and overwrite:
