@@ -211,6 +211,23 @@ def test_lpft_validates_on_the_images_its_probe_held_out(probe_setup: tuple[Path
     assert rep.notes == [] and "stratified 50%" in load_bundle(rep.path).manifest["data"]["val_source"]
 
 
+def test_lpft_keeps_the_probe_when_no_epoch_beats_it(probe_setup: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    from featbank.fitting import fit
+
+    image_folder, tiny_cache, _ = probe_setup
+    probe = fit(tiny_cache, "linear", out=tmp_path / "models", name="kept", refit=False).path
+    # A rate this high wrecks the network in the first steps; the probe (step 0) is the best candidate.
+    rep = ft.finetune(image_folder, tmp_path / "wrecked", strategy="full", init_head=str(probe), lr=0.5,
+                      **{**FAST, "epochs": 2})
+    start = load_bundle(rep.path).manifest["finetune"]["start"]
+    assert all(h["val_accuracy"] < start["val_accuracy"] for h in rep.history), (start, rep.history)
+    assert rep.best_epoch == 0 and "starting probe" in rep.summary()
+    cache = featbank.open_cache(tiny_cache)
+    pred = ft.predict_images(rep.path, [cache.root / p for p in cache.paths], num_workers=0)
+    np.testing.assert_allclose(pred.proba, load_bundle(probe).predict_proba(cache.load_embeddings()), atol=1e-5)
+    assert rep.val["accuracy"] == pytest.approx(start["val_accuracy"])
+
+
 def test_lpft_refuses_a_probe_of_other_classes(probe_setup: tuple[Path, Path, Path], tmp_path: Path) -> None:
     probe = probe_setup[2]
     other = make_image_folder(tmp_path / "other", classes=("ant", "bee", "cow"))
@@ -384,13 +401,20 @@ def test_lpft_keeps_batchnorm_statistics_by_default(probe_setup: tuple[Path, Pat
     """LP-FT's probe was fitted on features with the pretrained BN statistics: bn_stats=auto keeps them."""
     image_folder, _cache, probe = probe_setup
     base = load_backbone("test_tiny").features.state_dict()
-    rep = ft.finetune(image_folder, tmp_path / "lpft-bn", strategy="full", init_head=str(probe), lr=0.05, **FAST)
-    after = _state(rep.path)
-    assert load_bundle(rep.path).manifest["finetune"]["bn_stats"] == "frozen"
-    assert torch.equal(after["features.stem.1.running_mean"], base["stem.1.running_mean"])
-    assert not torch.equal(after["features.stem.0.weight"], base["stem.0.weight"])  # weights still train
 
-    rep = ft.finetune(image_folder, tmp_path / "lpft-bn-train", strategy="full", init_head=str(probe), lr=0.05,
-                      bn_stats="train", **FAST)
-    after = _state(rep.path)
-    assert not torch.equal(after["features.stem.1.running_mean"], base["stem.1.running_mean"])
+    def trained(out: Path, **kw) -> dict[str, torch.Tensor]:
+        # The weights after epoch 1, from its checkpoint (the bundle may keep the probe: best epoch 0).
+        def stop(epoch: int, row: dict) -> None:
+            raise KeyboardInterrupt
+
+        with pytest.raises(featbank.errors.Interrupted):
+            ft.finetune(image_folder, out, strategy="full", init_head=str(probe), lr=0.05, on_epoch_end=stop,
+                        **FAST, **kw)
+        ckpt = torch.load(out.with_name(out.name + ".ckpt") / "checkpoint.pt", weights_only=True)
+        return {k.removeprefix("features."): v for k, v in ckpt["model"].items()}
+
+    after = trained(tmp_path / "lpft-bn")
+    assert torch.equal(after["stem.1.running_mean"], base["stem.1.running_mean"])
+    assert not torch.equal(after["stem.0.weight"], base["stem.0.weight"])  # weights still train
+    after = trained(tmp_path / "lpft-bn-train", bn_stats="train")
+    assert not torch.equal(after["stem.1.running_mean"], base["stem.1.running_mean"])

@@ -67,7 +67,8 @@ class FinetuneReport:
     Attributes:
         path: the bundle folder written.
         epochs_run: epochs trained (fewer than asked when early stopping fired).
-        best_epoch: the epoch whose weights were kept (best validation metric).
+        best_epoch: the epoch whose weights were kept (best validation metric); 0 for an LP-FT
+            in which no epoch beat the starting probe on validation (its weights are kept).
         val: metrics of the kept weights on the validation split; ``test``: on the test split
             (empty when DATA has none).
         history: one dict per epoch (train/val loss and metrics, seconds, images/s, lr).
@@ -99,7 +100,8 @@ class FinetuneReport:
         cached = f", frozen groups cached in {self.cache_seconds:.1f} s" if self.cache_seconds else ""
         return (
             f"Fine-tuned {self.epochs_run} epoch(s) on {self.device} ({self.seconds_per_epoch:.1f} s/epoch{cached}), "
-            f"best epoch {self.best_epoch}: {which} accuracy {m['accuracy']:.4f}, balanced accuracy "
+            f"best epoch {self.best_epoch}{' (the starting probe: no epoch beat it on validation)' if self.best_epoch == 0 else ''}"
+            f": {which} accuracy {m['accuracy']:.4f}, balanced accuracy "
             f"{m['balanced_accuracy']:.4f}."
         ) + "".join(f"\nNote: {n}" for n in self.notes)
 
@@ -283,6 +285,7 @@ def finetune(
 
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"epoch": 0, "metric": -1.0, "loss": float("inf"), "model": None}
+    start: dict[str, Any] | None = None  # validation metrics of the LP-FT starting point (the probe)
     bad_epochs, start_epoch, stopped = 0, 0, False
     if resume:
         ckpt = _load_checkpoint(ckpt_path)
@@ -302,6 +305,7 @@ def finetune(
         history = list(ckpt["history"])
         best = dict(ckpt["best"])
         bad_epochs, start_epoch, stopped = int(ckpt["bad_epochs"]), int(ckpt["epoch"]), bool(ckpt["stopped"])
+        start = ckpt.get("start")
     elif overwrite and ckpt_path.exists():
         ckpt_path.unlink()
 
@@ -394,6 +398,13 @@ def finetune(
             "lr_head": optimizer.param_groups[-1]["lr"], "seconds": seconds, "images_per_second": seen / train_seconds,
         }
 
+    if cfg.init_head is not None and start_epoch == 0:
+        # LP-FT's step 0 is the probe itself: a candidate like any epoch, so a fine-tuning that never
+        # beats it on validation keeps the probe's predictions instead of a worse network.
+        v0 = val_metrics()
+        start = {"val_loss": v0["loss"], "val_accuracy": v0["accuracy"], "val_balanced_accuracy": v0["balanced_accuracy"]}
+        best = {"epoch": 0, "metric": start[f"val_{cfg.metric}"], "loss": start["val_loss"],
+                "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
     try:
         for epoch in range(start_epoch + 1, cfg.epochs + 1):
             if stopped:
@@ -414,6 +425,7 @@ def finetune(
                 "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else {},
                 "rng": _rng_state(), "history": history, "best": best, "bad_epochs": bad_epochs, "stopped": stopped,
+                "start": start,
             })
             if on_epoch_end is not None:
                 on_epoch_end(epoch, row)
@@ -465,7 +477,7 @@ def finetune(
         trunk_info = {"prefix": trunk.split.prefix_names, "suffix": trunk.split.suffix_names,
                       "output_shape": list(trunk.split.out_shape), "dtype": "float16",
                       "n_views": len(trunk.views), "seconds": trunk.seconds}
-    metrics = {"val": val, "test": test, "best_epoch": best["epoch"], "metric": cfg.metric}
+    metrics = {"val": val, "test": test, "best_epoch": best["epoch"], "metric": cfg.metric, "start": start}
     manifest: dict[str, Any] = {
         "kind": "finetuned",
         "classes": classes,
@@ -494,6 +506,7 @@ def finetune(
             "device": dev.type, "precision": str(amp).replace("torch.", "") if amp else "float32",
             "seconds_per_epoch": spe,
             "settings_hash": settings_hash,
+            "start": start,
             "history": history,
         },
         "metrics": metrics,
@@ -506,7 +519,7 @@ def finetune(
     files = {
         "model.safetensors": weights_bytes,
         "metrics.json": (json.dumps({**metrics, "history": history}, indent=2) + "\n").encode(),
-        "learning_curve.png": _plot_learning_curve(history, cfg.metric, best["epoch"]),
+        "learning_curve.png": _plot_learning_curve(history, cfg.metric, best["epoch"], start),
         "confusion_matrix.png": _plot_confusion(np.asarray(cm_src["confusion_matrix"]), classes,
                                                 f"{cm_name} ({cm_src['n_samples']} images)"),
     }

@@ -41,7 +41,8 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
-def _plot_learning_curve(history: list[dict[str, Any]], metric: str, best_epoch: int) -> bytes:
+def _plot_learning_curve(history: list[dict[str, Any]], metric: str, best_epoch: int,
+                         start: dict[str, Any] | None = None) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -53,6 +54,9 @@ def _plot_learning_curve(history: list[dict[str, Any]], metric: str, best_epoch:
     a1.plot(ep, [h["val_loss"] for h in history], "o-", label="val")
     a1.set_xlabel("epoch"), a1.set_ylabel("cross-entropy"), a1.legend()
     a2.plot(ep, [h["train_accuracy"] for h in history], "o-", label="train accuracy")
+    if start:  # LP-FT: the probe at step 0
+        a1.plot([0], [start["val_loss"]], "s", color="C1")
+        a2.plot([0], [start[f"val_{metric}"]], "s", color="C1", label="val, starting probe")
     a2.plot(ep, [h[f"val_{metric}"] for h in history], "o-", label=f"val {metric}")
     a2.axvline(best_epoch, color="grey", ls="--", lw=1, label=f"best (epoch {best_epoch})")
     a2.set_xlabel("epoch"), a2.set_ylim(0, 1.02), a2.legend(fontsize=8)
