@@ -15,6 +15,8 @@ import torch
 from ..errors import ConfigError
 from .settings import CHECKPOINT_FORMAT
 
+__all__: list[str] = []  # machinery of the loop; nothing public
+
 # --------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ import torch
 from ..errors import DatasetError
 from ..images import ImageReadError, PreprocessConfig, load_image, preprocess_image
 
+__all__: list[str] = []  # machinery of the loop; nothing public
+
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------

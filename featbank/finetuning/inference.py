@@ -21,6 +21,8 @@ from .data import _ImageSet
 from .loop import _autocast, _default_workers, _loader
 from .model import FinetuneModel
 
+__all__ = ["FinetunedPredictions", "load_finetuned_backbone", "load_finetuned_model", "predict_images"]
+
 # --------------------------------------------------------------------------------------------
 # Using a fine-tuned bundle
 # --------------------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ from ..backbones import HEAD_GROUP, Backbone, ImageEmbedder, Normalize
 from ..errors import BundleError, ConfigError
 from .settings import GROUP_ALIASES, LR_PRESETS
 
+__all__ = ["FinetuneModel", "build_optimizer", "parse_lr_groups", "resolve_rates"]
+
 # --------------------------------------------------------------------------------------------
 # Parameter groups and learning rates
 # --------------------------------------------------------------------------------------------

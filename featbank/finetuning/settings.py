@@ -8,6 +8,9 @@ from typing import Any
 
 from ..errors import ConfigError
 
+__all__ = ["FinetuneSettings", "STRATEGIES", "OPTIMIZERS", "METRICS", "LR_PRESETS", "GROUP_ALIASES", "CHECKPOINT_FORMAT",
+           "CHECKPOINT_VERSION"]
+
 STRATEGIES = ("frozen", "partial", "full")
 OPTIMIZERS = ("sgd", "adamw")
 METRICS = ("balanced_accuracy", "accuracy")
