@@ -25,10 +25,13 @@ $FB extract "$DATA"
 echo
 echo "== 3/6 fit: linear probe with a regularisation sweep on the cache (seconds)"
 $FB fit --head linear --name quickstart-linear
+# LP-FT starts from a probe that has not been refitted on its validation images, so that the
+# fine-tuning's best epoch is chosen on images neither has trained on.
+$FB fit --head linear --no-refit --name quickstart-probe
 
 echo
 echo "== 4/6 finetune: LP-FT, last stages only, 1 epoch, starting from the probe"
-$FB finetune "$DATA" --strategy partial --trainable-from stage6 --init-head models/quickstart-linear \
+$FB finetune "$DATA" --strategy partial --trainable-from stage6 --init-head models/quickstart-probe \
     --epochs 1 --out models/quickstart-lpft --overwrite
 
 echo
@@ -45,5 +48,6 @@ echo "Outputs:"
 echo "  data folder:      $DATA"
 echo "  feature cache:    $($PY -c 'import featbank.cache as c; print(c.find_latest_cache())')"
 echo "  linear probe:     models/quickstart-linear/ (manifest.json, metrics.json, *.png)"
+echo "  LP-FT start:      models/quickstart-probe/ (the same probe, not refitted on its validation images)"
 echo "  fine-tuned model: models/quickstart-lpft/"
 echo "  ONNX model:       models/quickstart-linear.onnx (+ models/quickstart-linear.parity.json)"
