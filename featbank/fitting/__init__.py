@@ -1,0 +1,18 @@
+"""Fit a head on a feature cache with a linear-probe protocol; evaluate and predict with bundles.
+
+Protocol (Kornblith et al. 2019, CLIP linear probes): a validation split — the cache's own ``val``
+split, else a deterministic stratified ``val_split`` of ``train`` — selects the hyperparameter
+(for ``linear`` a log-spaced sweep of ``C``: a coarse grid, then a finer one around the best,
+each fit warm-started from the nearest solution); the head is then refitted on train+val (unless
+``refit=False``) and evaluated on the ``test`` split when there is one (otherwise the reported
+numbers are those of the validation split, which selected the model and so are slightly optimistic).
+"""
+
+from __future__ import annotations
+
+from ._rows import parse_memory
+from ._select import COARSE_GRID
+from .inference import EvalResult, Prediction, evaluate, predict
+from .probe import FitResult, fit
+
+__all__ = ["FitResult", "EvalResult", "Prediction", "fit", "evaluate", "predict", "COARSE_GRID", "parse_memory"]

@@ -1,0 +1,225 @@
+"""``evaluate`` and ``predict`` with model bundles (or an exported ``.onnx`` model)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import BundleError, CacheError, ConfigError
+from ._rows import _open
+
+__all__ = ["EvalResult", "Prediction", "evaluate", "predict"]
+
+
+@dataclass
+class EvalResult:
+    """Metrics of a bundle on (a split of) a cache."""
+
+    model: Path
+    cache_path: Path
+    split: str
+    metrics: dict[str, Any]
+
+    def summary(self) -> str:
+        from ..report import format_metrics
+
+        return format_metrics(self.metrics, f"{self.model} on {self.cache_path.name} ({self.split}):")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": str(self.model), "cache": str(self.cache_path), "split": self.split, "metrics": self.metrics}
+
+
+def _check_bundle_cache(bundle: Any, cache: Any) -> None:
+    if bundle.embed_dim is not None and bundle.embed_dim != cache.embed_dim:
+        raise BundleError(
+            f"Model {str(bundle.path)!r} expects {bundle.embed_dim}-d embeddings "
+            f"({bundle.backbone.get('backbone')!r}) but cache {str(cache.path)!r} holds {cache.embed_dim}-d "
+            f"embeddings ({cache.metadata.get('backbone')!r}). Extract the data with the model's backbone."
+        )
+    if bundle.cache_key and bundle.cache_key != cache.cache_key:
+        raise BundleError(
+            f"Model {str(bundle.path)!r} was fitted on embeddings with cache key {bundle.cache_key[:12]}... but "
+            f"{str(cache.path)!r} has key {cache.cache_key[:12]}... (backbone {cache.metadata.get('backbone')!r}, "
+            f"weights {cache.metadata.get('weights')!r}): its embeddings come from other settings. Extract with "
+            f"'featbank extract DATA --backbone {bundle.backbone.get('backbone')}' and the same weights/dtype."
+        )
+    if bundle.cache_key is None and bundle.backbone.get("weights_sha256") not in (None, cache.metadata.get("weights_sha256")):
+        raise BundleError(
+            f"Model {str(bundle.path)!r} needs embeddings of its own fine-tuned backbone; cache "
+            f"{str(cache.path)!r} was made with other weights. Extract with '--backbone {bundle.path}'."
+        )
+
+
+def evaluate(model: str | Path, cache: Any = None, *, split: str = "auto") -> EvalResult:
+    """Metrics of a model bundle on a cache extracted with the same backbone settings.
+
+    Args:
+        model: a bundle folder written by ``fit`` (or ``finetune``).
+        cache: cache path (default: the most recent one).
+        split: ``auto`` (``test`` when the cache has one, else every labelled row), ``train``,
+            ``val``, ``test`` or ``all``.
+
+    Raises:
+        BundleError: bad bundle, or its cache key / embedding dimension does not match the cache.
+        CacheError: bad cache, no labels, NaN/inf embeddings.
+    """
+    from ..bundle import load_bundle
+    from ..report import compute_metrics
+
+    bundle = load_bundle(model)
+    cache_obj, cache_path = _open(cache)
+    try:
+        _check_bundle_cache(bundle, cache_obj)
+        labelled = cache_obj.labels >= 0
+        if not labelled.any():
+            raise CacheError(f"Cache {str(cache_path)!r} has no labels; evaluation needs labelled images. "
+                             "Use 'featbank predict' for unlabelled images.")
+        if list(cache_obj.classes) != list(bundle.classes):
+            raise BundleError(
+                f"The cache's classes {cache_obj.classes} differ from the model's {bundle.classes}; "
+                "evaluate on a folder with the same class folders."
+            )
+        if split == "auto":
+            split = "test" if cache_obj.has_split("test") else "all"
+        if split == "all":
+            rows = np.flatnonzero(labelled)
+        elif split in ("train", "val", "test"):
+            rows = np.flatnonzero(labelled & cache_obj.split_mask(split))
+            if not len(rows):
+                raise ConfigError(f"Cache {str(cache_path)!r} has no labelled rows in split {split!r}.")
+        else:
+            raise ConfigError(f"split must be auto, all, train, val or test; got {split!r}.")
+        X = cache_obj.load_embeddings(rows)
+        if not np.isfinite(X).all():
+            raise CacheError(f"Cache {str(cache_path)!r} has NaN or infinite embeddings. Re-extract with --overwrite.")
+        proba = bundle.predict_proba(X)
+        return EvalResult(Path(model), cache_path, split, compute_metrics(cache_obj.labels[rows], proba, bundle.classes))
+    finally:
+        if cache is None or isinstance(cache, (str, Path)):
+            cache_obj.close()
+
+
+@dataclass
+class Prediction:
+    """One image's prediction: ``label`` and its ``probability``, the ``top_k`` list, or ``error``."""
+
+    path: str
+    label: str | None
+    probability: float | None
+    top_k: list[tuple[str, float]] = field(default_factory=list)
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "label": self.label, "probability": self.probability,
+                "top_k": [{"label": l, "probability": p} for l, p in self.top_k], "error": self.error}
+
+
+def _list_images(images: Sequence[str | Path]) -> list[Path]:
+    from ..images import IMAGE_EXTENSIONS
+
+    out: list[Path] = []
+    for item in images:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise ConfigError(f"Folder {str(p)!r} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
+            out += found
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise ConfigError(f"{str(p)!r} does not exist. Pass image files or folders.")
+    return out
+
+
+def predict(model: str | Path, images: Sequence[str | Path], *, top_k: int = 1, device: str = "auto",
+            batch_size: int = 32) -> list[Prediction]:
+    """Classify new images with a bundle (runs its backbone) or an exported ``.onnx`` model.
+
+    Unreadable images get a ``Prediction`` with ``error`` set; the others are still classified.
+
+    Raises:
+        BundleError: bad bundle; ConfigError: missing paths, bad ``top_k``.
+    """
+    if top_k < 1:
+        raise ConfigError(f"--top-k must be >= 1; got {top_k}.")
+    paths = _list_images(images)
+    if str(model).endswith(".onnx"):
+        # The light runtime: numpy + Pillow + onnxruntime, preprocessing from the file's metadata.
+        from ..errors import DatasetError
+        from ..runtime import OnnxClassifier
+
+        clf = OnnxClassifier(model)
+        out: list[Prediction | None] = [None] * len(paths)
+        pending: list[tuple[int, np.ndarray]] = []
+
+        def run_onnx() -> None:
+            if not pending:
+                return
+            probs, _ = clf.run(np.stack([a for _, a in pending]))
+            for (i, _), p in zip(pending, probs):
+                order = np.argsort(-p)[:top_k]
+                tk = [(clf.classes[j], float(p[j])) for j in order]
+                out[i] = Prediction(str(paths[i]), tk[0][0], tk[0][1], tk)
+            pending.clear()
+
+        for i, p in enumerate(paths):
+            try:
+                pending.append((i, clf.preprocess(p)))
+            except DatasetError as e:
+                out[i] = Prediction(str(p), None, None, [], str(e))
+            if len(pending) >= batch_size:
+                run_onnx()
+        run_onnx()
+        return [r for r in out if r is not None]
+
+    import torch
+
+    from ..backbones import load_backbone
+    from ..bundle import load_bundle
+    from ..images import ImageReadError, load_and_preprocess
+    from ..train import resolve_device
+
+    bundle = load_bundle(model)
+    bundle.load_head()
+    if bundle.kind == "finetuned":
+        bb = load_backbone(str(bundle.path))
+    else:
+        ident = bundle.backbone
+        bb = load_backbone(ident["backbone"], weights=ident.get("weights"))
+        if ident.get("weights_sha256") and bb.weights_sha256 != ident["weights_sha256"]:
+            raise BundleError(
+                f"Model {str(bundle.path)!r} was fitted on embeddings of {ident['backbone']} weights with sha256 "
+                f"{ident['weights_sha256'][:12]}..., but the weights on this machine have "
+                f"{bb.weights_sha256[:12]}...; the predictions would be meaningless."
+            )
+    dev = resolve_device(device)
+    net = bb.embedder().eval().to(dev)
+    results: list[Prediction | None] = [None] * len(paths)
+    batch: list[tuple[int, np.ndarray]] = []
+
+    def flush() -> None:
+        if not batch:
+            return
+        x = torch.from_numpy(np.stack([a for _, a in batch])).to(dev)
+        with torch.inference_mode():
+            emb = net(x).float().cpu().numpy()
+        proba = bundle.predict_proba(emb)
+        for (i, _), p in zip(batch, proba):
+            order = np.argsort(-p)[:top_k]
+            tk = [(bundle.classes[j], float(p[j])) for j in order]
+            results[i] = Prediction(str(paths[i]), tk[0][0], tk[0][1], tk)
+        batch.clear()
+
+    for i, p in enumerate(paths):
+        try:
+            batch.append((i, load_and_preprocess(p, bb.preprocess)))
+        except ImageReadError as e:
+            results[i] = Prediction(str(p), None, None, [], str(e))
+        if len(batch) >= batch_size:
+            flush()
+    flush()
+    return [r for r in results if r is not None]
