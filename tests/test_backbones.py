@@ -199,6 +199,7 @@ def test_unknown_backbone_suggests_a_name() -> None:
     with pytest.raises(ConfigError, match="Did you mean 'resnet18'") as e:
         load_backbone("resnet19")
     assert "featbank backbones" in str(e.value)
+    assert str(e.value).count("'resnet18'") == 1  # in torchvision and timm, suggested once
     with pytest.raises(ConfigError, match="Unknown backbone"):
         load_backbone("nosuchsource:resnet18")
     with pytest.raises(ConfigError, match="only 'seed1234'"):

@@ -42,7 +42,8 @@ def _all_names() -> list[str]:
 
 
 def _unknown(name: str) -> ConfigError:
-    close = difflib.get_close_matches(name.split(":")[-1], _all_names(), n=3, cutoff=0.6)
+    # torchvision and timm share many names (resnet18 is in both): suggest each name once.
+    close = difflib.get_close_matches(name.split(":")[-1], list(dict.fromkeys(_all_names())), n=3, cutoff=0.6)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     return ConfigError(f"Unknown backbone {name!r}.{hint} Run 'featbank backbones' to list them.")
 
