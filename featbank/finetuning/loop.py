@@ -19,7 +19,12 @@ from torch import nn
 
 from .. import __version__
 from ..backbones import HEAD_GROUP, load_backbone, param_groups
-from ..errors import ConfigError, Interrupted, RandomWeightsWarning, ValidationLeakWarning
+from ..errors import (
+    ConfigError,
+    Interrupted,
+    RandomWeightsWarning,
+    ValidationLeakWarning,
+)
 from .checkpoint import (
     _digest,
     _load_checkpoint,

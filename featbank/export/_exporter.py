@@ -1,0 +1,337 @@
+"""The entry point: bundle -> checked ONNX file with metadata, and its report; the torch reference classifier."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .. import __version__
+from ..errors import BundleError, ConfigError, ExportError
+from ..runtime import FORMAT_KEY, FORMAT_VERSION, INPUT_NAME, OUTPUT_NAMES
+from ._graph import _compose, _embedder_onnx, _export_torch, _opset_of, _torch_modules
+from ._heads import _head_to_torch, _sklearn_head_onnx
+from ._parity import (
+    DEFAULT_ATOL,
+    MAX_CHECK_IMAGES,
+    _atomic_write_text,
+    _collect_images,
+    _load_batch,
+    _parity_path,
+    _torch_batches,
+    check_parity,
+)
+
+__all__ = ["ExportReport", "export_model", "build_torch_classifier", "MIN_OPSET"]
+
+MIN_OPSET = 18
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_model` wrote.
+
+    Attributes:
+        path: the ONNX file.
+        parity_path: the JSON with the parity figures (also written with ``check=False``, saying so).
+        parity: the parity figures (``None`` with ``check=False``).
+        route: how the head entered the graph: ``torch`` (one export), ``torch+compose``
+            (embedder and torch head joined) or ``skl2onnx+compose``.
+        opset: the ai.onnx opset of the graph.
+        metadata: the ``metadata_props`` written.
+        seconds: wall time of the export and check.
+    """
+
+    path: Path
+    parity_path: Path
+    parity: dict[str, Any] | None
+    route: str
+    opset: int
+    metadata: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        lines = [f"Exported {self.metadata.get('backbone')} + {self.metadata.get('head')} "
+                 f"({self.route}, opset {self.opset}) in {self.seconds:.1f}s"]
+        if self.parity is None:
+            lines.append("Parity check: skipped (--no-check)")
+        else:
+            p = self.parity
+            lines.append(
+                f"Parity check on {p['n_images']} image(s) ({p['image_source']}), batch sizes "
+                f"{', '.join(map(str, p['batch_sizes']))}: max |dprob| = {p['max_abs_diff']:.2e} "
+                f"(limit {p['atol']:.0e}), top-1 agreement {100 * p['top1_agreement']:.1f}%"
+            )
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Bundle -> torch classifier (the reference) and graph
+# --------------------------------------------------------------------------------------------
+
+
+def _bundle_backbone(bundle: Any, weights_file: str | os.PathLike | None) -> Any:
+    from ..backbones import load_backbone
+
+    ident = bundle.backbone
+    name, weights = ident.get("backbone"), ident.get("weights")
+    if not name:
+        raise BundleError(f"Bundle {str(bundle.path)!r} names no backbone in its manifest; re-create it.")
+    if weights_file is None and str(weights or "").startswith("file:"):
+        raise ExportError(
+            f"Bundle {str(bundle.path)!r} was fitted on backbone {name!r} with weights from a file "
+            f"({weights}); pass that file with --weights-file PATH."
+        )
+    bb = load_backbone(name, weights=None if weights_file else weights, weights_file=weights_file)
+    want = ident.get("weights_sha256")
+    if want and bb.weights_sha256 != want:
+        raise BundleError(
+            f"The weights of backbone {name!r} on this machine (sha256 {bb.weights_sha256[:12]}...) are not "
+            f"the ones bundle {str(bundle.path)!r} was fitted with ({str(want)[:12]}...). Install the same "
+            "weights (or pass them with --weights-file), or re-fit the bundle."
+        )
+    return bb
+
+
+def _finetuned(bundle: Any) -> tuple[Any, Any]:
+    try:
+        from ..finetuning import load_finetuned_model
+    except ImportError as e:
+        raise ExportError(
+            f"Exporting fine-tuned bundles needs featbank.finetuning.load_finetuned_model, which this install "
+            f"lacks ({e}). Update featbank."
+        ) from None
+    return load_finetuned_model(bundle.path)
+
+
+def build_torch_classifier(
+    model: str | os.PathLike, *, weights_file: str | os.PathLike | None = None
+) -> tuple[Any, Any]:
+    """The PyTorch module equal to the exported graph: uint8 NHWC -> (probabilities, label).
+
+    Only for bundles whose head is linear in the embeddings (or fine-tuned bundles); used by
+    ``scripts/bench_onnx.py`` to time the same model in torch eager.
+
+    Returns:
+        ``(module, preprocess_config)``.
+
+    Raises:
+        ExportError: the head is not a torch-expressible (linear/MLP) head.
+    """
+    from ..bundle import load_bundle
+
+    bundle = load_bundle(model)
+    _, Classifier = _torch_modules()
+    if bundle.kind == "finetuned":
+        bb, head = _finetuned(bundle)
+        ProbaHead, _ = _torch_modules()
+        return Classifier(bb.embedder(), ProbaHead(head, "logits")).eval(), bb.preprocess
+    bb = _bundle_backbone(bundle, weights_file)
+    head = _head_to_torch(bundle.load_head(), bundle.n_classes)
+    if head is None:
+        raise ExportError(f"The head of {str(bundle.path)!r} is not a torch-expressible head.")
+    return Classifier(bb.embedder(), head).eval(), bb.preprocess
+
+
+def _metadata(bundle: Any, bb: Any, route: str) -> dict[str, str]:
+    import onnxruntime
+    import torch
+
+    head = bundle.head_info
+    pre = bb.preprocess.to_dict()
+    pre["crop_pct"] = round(bb.preprocess.crop_pct, 6)
+    pre["resize"] = "shorter side to resize_size, then centre crop to input_size (torchvision PIL)"
+    meta = {
+        FORMAT_KEY: FORMAT_VERSION,
+        "classes": json.dumps(list(bundle.classes)),
+        "preprocessing": json.dumps(pre, sort_keys=True),
+        "backbone": str(bb.name if bundle.kind == "finetuned" else bundle.backbone.get("backbone")),
+        "backbone_weights": str(bundle.backbone.get("weights", bb.weights)),
+        "weights_sha256": str(bundle.backbone.get("weights_sha256") or bb.weights_sha256),
+        "embed_dim": str(bb.embed_dim),
+        "cache_key": str(bundle.cache_key or ""),
+        "bundle_id": bundle.bundle_id,
+        "bundle_kind": bundle.kind,
+        "head": str(head.get("estimator") or head.get("type") or ("finetuned" if bundle.kind == "finetuned" else "")),
+        "head_type": str(head.get("type", "")),
+        "featbank_version": __version__,
+        "export_route": route,
+        "inputs": json.dumps({INPUT_NAME: "uint8 [N, H, W, 3] RGB, H, W = preprocessing.input_size"}),
+        "outputs": json.dumps({OUTPUT_NAMES[0]: "float32 [N, C], columns = classes",
+                               OUTPUT_NAMES[1]: "int64 [N], index into classes"}),
+        "exported_with": json.dumps({"torch": torch.__version__.split("+")[0], "onnxruntime": onnxruntime.__version__}),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    return meta
+
+
+def _stamp(model: Any, meta: dict[str, str]) -> None:
+    del model.metadata_props[:]
+    for k, v in meta.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = k, v
+    model.producer_name = "featbank"
+    model.producer_version = __version__
+    model.doc_string = (
+        f"featbank classifier: images uint8 NHWC RGB -> probabilities, label. classes={meta['classes']}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+
+def export_model(
+    model: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    *,
+    check_images: Sequence[str | os.PathLike] | str | os.PathLike | None = None,
+    check: bool = True,
+    opset: int | None = None,
+    weights_file: str | os.PathLike | None = None,
+    atol: float = DEFAULT_ATOL,
+    max_check_images: int = MAX_CHECK_IMAGES,
+) -> ExportReport:
+    """Export a model bundle to one ONNX file: uint8 images -> probabilities, label.
+
+    Args:
+        model: a bundle folder written by ``featbank fit`` or ``featbank finetune``.
+        out: the ONNX file. Default: ``<bundle folder>.onnx`` beside the bundle. A folder means
+            ``<folder>/<bundle name>.onnx``. An existing file is replaced only after the new one
+            passed its check.
+        check_images: image files or folders for the parity check. Default: the bundle's
+            validation images that still exist.
+        check: run the parity check (strongly recommended); ``False`` writes the model unchecked.
+        opset: ai.onnx opset of the graph. Default: the exporter's (the embedder cache's) opset.
+        weights_file: the backbone weights file, for bundles fitted with ``--weights-file``.
+        atol: the largest allowed |Δprobability| between ONNX and PyTorch.
+        max_check_images: use at most this many images for the check.
+
+    Returns:
+        An :class:`ExportReport`; ``<out stem>.parity.json`` beside the model holds the figures.
+
+    Raises:
+        BundleError: the bundle is missing, corrupt or incomplete, or its backbone weights differ.
+        ExportError: the head cannot be exported (the message says which and why), or the graph
+            does not match PyTorch (probabilities differ by more than ``atol`` or a top-1 label
+            differs). Nothing is left at ``out`` then.
+        ConfigError: bad options (no images for the check, bad opset).
+
+    Example:
+        >>> report = export_model("models/elpv-linear", "elpv.onnx")
+        >>> report.parity["max_abs_diff"] < 1e-4
+        True
+    """
+    import onnx
+
+    from ..bundle import load_bundle
+
+    t0 = time.perf_counter()
+    if opset is not None and not (MIN_OPSET <= int(opset) <= onnx.defs.onnx_opset_version()):
+        raise ConfigError(
+            f"The 'opset' parameter must be between {MIN_OPSET} (the oldest the torch dynamo exporter writes) and "
+            f"{onnx.defs.onnx_opset_version()}. Got {opset} instead."
+        )
+    bundle = load_bundle(model)
+    out_path = Path(out) if out is not None else bundle.path.parent / f"{bundle.path.name}.onnx"
+    if out_path.is_dir():
+        out_path = out_path / f"{bundle.path.name}.onnx"
+    if out_path.resolve() == bundle.path.resolve():
+        raise ConfigError(f"--out {str(out_path)!r} is the bundle folder itself; pass a file name ending in .onnx.")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    # Find the check images first: a missing --check-images should fail before minutes of export.
+    images: list[Path] = []
+    source = "none"
+    if check:
+        images, source = _collect_images(bundle, check_images, max_check_images)
+        if not images:
+            n_val = len(bundle.validation_paths())
+            raise ConfigError(
+                f"No images to check the export on: the bundle's {n_val} validation image(s) are not on this "
+                "machine (moved or deleted) and --check-images was not given. Pass --check-images DIR (a few "
+                "real images of the task), or --no-check to skip the check (not recommended)."
+            )
+
+    import torch
+
+    ProbaHead, Classifier = _torch_modules()
+    ref_fn: Callable[[np.ndarray], np.ndarray]
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        if bundle.kind == "finetuned":
+            bb, head = _finetuned(bundle)
+            module = Classifier(bb.embedder(), ProbaHead(head, "logits")).eval()
+            h, w = bb.preprocess.input_size
+            _export_torch(module, torch.zeros((2, h, w, 3), dtype=torch.uint8), tmp, INPUT_NAME, OUTPUT_NAMES, opset)
+            graph = onnx.load(str(tmp))
+            route = "torch"
+
+            def ref_fn(x: np.ndarray) -> np.ndarray:
+                return _torch_batches(lambda t: module(t)[0], x)
+        else:
+            bb = _bundle_backbone(bundle, weights_file)
+            if bundle.embed_dim is not None and bb.embed_dim != bundle.embed_dim:
+                raise BundleError(
+                    f"Backbone {bb.name!r} gives {bb.embed_dim}-d embeddings but the bundle's head expects "
+                    f"{bundle.embed_dim}; the bundle is inconsistent. Re-fit it."
+                )
+            est = bundle.load_head()
+            embedder_graph = _embedder_onnx(bb, opset, out_path.parent)
+            graph_opset = _opset_of(embedder_graph)
+            head_module = _head_to_torch(est, bundle.n_classes)
+            if head_module is not None:
+                _export_torch(head_module, torch.zeros((2, bb.embed_dim), dtype=torch.float32), tmp, "embeddings",
+                              OUTPUT_NAMES, graph_opset, small=True)
+                head_graph = onnx.load(str(tmp))
+                route = "torch+compose"
+            else:
+                head_graph = _sklearn_head_onnx(est, bb.embed_dim, bundle.n_classes, graph_opset)
+                route = "skl2onnx+compose"
+            graph = _compose(embedder_graph, head_graph)
+            embedder = bb.embedder().eval()
+
+            def ref_fn(x: np.ndarray) -> np.ndarray:
+                return bundle.predict_proba(_torch_batches(embedder, x))
+
+        meta = _metadata(bundle, bb, route)
+        _stamp(graph, meta)
+        onnx.save(graph, str(tmp))
+        parity: dict[str, Any] | None = None
+        parity_path = _parity_path(out_path)
+        if check:
+            batch, skipped = _load_batch(images, bb.preprocess)
+            parity = check_parity(tmp, ref_fn, batch, atol=atol)
+            parity.update({
+                "checked": True,
+                "image_source": source,
+                "skipped_images": skipped,
+                "reference": ("torch eager: featbank.finetuning.load_finetuned_model -> softmax"
+                              if bundle.kind == "finetuned"
+                              else "torch eager: load_backbone -> embedder -> Bundle.predict_proba"),
+                "bundle_id": bundle.bundle_id,
+                "onnx_file": out_path.name,
+                "torch": torch.__version__,
+                "onnxruntime": __import__("onnxruntime").__version__,
+            })
+            if not parity["passed"]:
+                raise ExportError(
+                    f"The exported graph does not match PyTorch on {parity['n_images']} image(s): max |dprob| = "
+                    f"{parity['max_abs_diff']:.2e} (limit {atol:.0e}), top-1 agreement "
+                    f"{100 * parity['top1_agreement']:.1f}% (need 100%), per batch size {parity['per_batch_size']}. "
+                    f"Nothing was written to {str(out_path)!r}. Try another --opset, or report the model "
+                    "(--no-check writes it anyway; not recommended)."
+                )
+        unchecked = {"checked": False, "passed": None, "reason": "--no-check"}
+        _atomic_write_text(parity_path, json.dumps(parity if parity is not None else unchecked, indent=2) + "\n")
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return ExportReport(out_path, parity_path, parity, route, _opset_of(graph), meta, time.perf_counter() - t0)

@@ -1,0 +1,238 @@
+"""A bundle's head as a graph piece: a torch module when linear in the embeddings, else skl2onnx."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import ExportError
+from ..runtime import OUTPUT_NAMES
+from ._graph import _torch_modules
+
+__all__ = ["_head_to_torch", "_sklearn_head_onnx"]
+
+
+# --------------------------------------------------------------------------------------------
+# Heads -> torch modules (embeddings -> probabilities)
+# --------------------------------------------------------------------------------------------
+
+
+def _affine_prefix(steps: Sequence[Any]) -> list[tuple[str, np.ndarray | None, np.ndarray | None]] | None:
+    """Pipeline preprocessing steps as ("scale", mean, scale) / ("l2", None, None); None if unknown."""
+    from sklearn.preprocessing import Normalizer, StandardScaler
+
+    out: list[tuple[str, np.ndarray | None, np.ndarray | None]] = []
+    for step in steps:
+        if step is None or step == "passthrough":
+            continue
+        if isinstance(step, StandardScaler):
+            mean = np.asarray(step.mean_, np.float64) if step.with_mean and step.mean_ is not None else None
+            scale = np.asarray(step.scale_, np.float64) if step.with_std and step.scale_ is not None else None
+            out.append(("scale", mean, scale))
+        elif isinstance(step, Normalizer) and step.norm == "l2":
+            out.append(("l2", None, None))
+        elif hasattr(step, "to_affine_steps"):
+            # featbank's own preprocessing transformer describes itself in these terms.
+            out.extend(step.to_affine_steps())
+        else:
+            return None
+    return out
+
+
+def _split_pipeline(est: Any) -> tuple[list[Any], Any]:
+    from sklearn.pipeline import Pipeline
+
+    if isinstance(est, Pipeline):
+        steps = [s for _, s in est.steps]
+        return steps[:-1], steps[-1]
+    return [], est
+
+
+def _has_proba(est: Any) -> bool:
+    try:
+        est.predict_proba  # noqa: B018 - available_if raises AttributeError when there is none
+    except AttributeError:
+        return False
+    return True
+
+
+def _class_columns(est: Any, n_classes: int) -> np.ndarray | None:
+    """Indices into the bundle's classes of the estimator's columns; None when they are 0..C-1."""
+    cols = np.asarray(getattr(est, "classes_", np.arange(n_classes)))
+    try:
+        cols = cols.astype(np.int64)
+    except (TypeError, ValueError):
+        raise ExportError(
+            f"The head's classes_ are {cols.tolist()[:5]}..., not class indices; featbank heads are fitted "
+            "on integer labels. Re-fit the bundle with 'featbank fit'."
+        ) from None
+    if len(cols) == n_classes and np.array_equal(cols, np.arange(n_classes)):
+        return None
+    return cols
+
+
+def _head_to_torch(est: Any, n_classes: int) -> Any | None:
+    """Module embeddings -> probabilities (bundle column order), or None when the head is not linear."""
+    import torch
+    from torch import nn
+
+    from ..heads import head_to_torch
+
+    ProbaHead, _ = _torch_modules()
+    m = head_to_torch(est)
+    if m is None:
+        return None
+    module = ProbaHead(m, "probabilities")
+    cols = _class_columns(est, n_classes)
+    if cols is None:
+        return module
+
+    class Scatter(nn.Module):
+        def __init__(self, inner: nn.Module):
+            super().__init__()
+            self.inner = inner
+            m = torch.zeros((len(cols), n_classes), dtype=torch.float32)
+            m[torch.arange(len(cols)), torch.from_numpy(cols)] = 1.0
+            self.register_buffer("map", m)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            p, _ = self.inner(x)
+            p = p @ self.map
+            return p, torch.argmax(p, dim=1)
+
+    return Scatter(module)
+
+
+# --------------------------------------------------------------------------------------------
+# skl2onnx side
+# --------------------------------------------------------------------------------------------
+
+
+def _unsupported(est: Any, why: str) -> ExportError:
+    return ExportError(
+        f"The head {type(est).__name__} of this bundle cannot be exported to ONNX: {why}. Fit an exportable "
+        "head instead (featbank fit --head linear|mlp|logistic, or a scikit-learn classifier that skl2onnx "
+        "converts, such as RandomForestClassifier, KNeighborsClassifier or CalibratedClassifierCV(SVC()))."
+    )
+
+
+def _prefix_nodes(
+    prefix: list[tuple[str, np.ndarray | None, np.ndarray | None]], x: str, opset: int
+) -> tuple[list, list, str]:
+    from onnx import helper, numpy_helper
+
+    nodes, inits = [], []
+    for i, (kind, mean, scale) in enumerate(prefix):
+        if kind == "l2":
+            if opset >= 18:
+                nodes.append(helper.make_node("ReduceL2", [x, f"pre{i}/axes"], [f"pre{i}/norm"], keepdims=1))
+                inits.append(numpy_helper.from_array(np.array([1], np.int64), f"pre{i}/axes"))
+            else:
+                nodes.append(helper.make_node("ReduceL2", [x], [f"pre{i}/norm"], keepdims=1, axes=[1]))
+            nodes += [
+                helper.make_node("Max", [f"pre{i}/norm", f"pre{i}/eps"], [f"pre{i}/safe"]),
+                helper.make_node("Div", [x, f"pre{i}/safe"], [f"pre{i}/out"]),
+            ]
+            inits.append(numpy_helper.from_array(np.array(1e-30, np.float32), f"pre{i}/eps"))
+        else:
+            cur = x
+            if mean is not None:
+                nodes.append(helper.make_node("Sub", [cur, f"pre{i}/mean"], [f"pre{i}/centred"]))
+                inits.append(numpy_helper.from_array(mean.astype(np.float32), f"pre{i}/mean"))
+                cur = f"pre{i}/centred"
+            inv = 1.0 / np.where(scale == 0, 1.0, scale) if scale is not None else np.ones(1)
+            nodes.append(helper.make_node("Mul", [cur, f"pre{i}/inv_scale"], [f"pre{i}/out"]))
+            inits.append(numpy_helper.from_array(inv.astype(np.float32), f"pre{i}/inv_scale"))
+        x = f"pre{i}/out"
+    return nodes, inits, x
+
+
+def _prune(graph: Any) -> None:
+    needed = {o.name for o in graph.output}
+    keep = []
+    for node in reversed(list(graph.node)):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(node.input)
+    keep.reverse()
+    del graph.node[:]
+    graph.node.extend(keep)
+    inits = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+
+
+def _sklearn_head_onnx(est: Any, embed_dim: int, n_classes: int, opset: int) -> Any:
+    """A graph embeddings (N, D) float -> probabilities (N, C) float32, label (N,) int64, via skl2onnx."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    steps, clf = _split_pipeline(est)
+    if not _has_proba(clf):
+        raise _unsupported(
+            clf, "it has no predict_proba, and its probabilities (softmax of a non-linear decision_function) "
+            "have no skl2onnx equivalent; refit it with probabilities (e.g. wrapped in CalibratedClassifierCV)"
+        )
+    prefix = _affine_prefix(steps)
+    if prefix is None:
+        # Unknown preprocessing: let skl2onnx try the whole pipeline.
+        prefix, model_est = [], est
+    else:
+        model_est = clf
+    try:
+        from skl2onnx import convert_sklearn
+        from skl2onnx.common.data_types import FloatTensorType
+    except ImportError:
+        raise ExportError("Exporting scikit-learn heads needs skl2onnx: run 'pip install skl2onnx'.") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            onx = convert_sklearn(
+                model_est,
+                initial_types=[("skl_input", FloatTensorType([None, embed_dim]))],
+                target_opset={"": opset, "ai.onnx.ml": 3},
+                options={id(clf): {"zipmap": False}},
+            )
+    except Exception as e:  # noqa: BLE001 - skl2onnx raises RuntimeError/NotImplementedError/...
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise _unsupported(clf, f"skl2onnx has no converter for it or failed ({type(e).__name__}: {msg})") from None
+    onx = onnx.compose.add_prefix(onx, "skl/", rename_inputs=False, rename_outputs=True)
+    g = onx.graph
+    proba_out = next((o.name for o in g.output if "prob" in o.name), None)
+    if proba_out is None:
+        raise _unsupported(clf, f"skl2onnx gave outputs {[o.name for o in g.output]} without probabilities")
+    pre_nodes, inits, x = _prefix_nodes(prefix, "embeddings", opset)
+    for node in g.node:
+        node.input[:] = [x if i == "skl_input" else i for i in node.input]
+    nodes = [helper.make_node("Cast", [proba_out], ["head/proba"], to=TensorProto.FLOAT)]
+    cols = _class_columns(clf, n_classes)
+    src = "head/proba"
+    if cols is not None:
+        m = np.zeros((len(cols), n_classes), np.float32)
+        m[np.arange(len(cols)), cols] = 1.0
+        inits.append(numpy_helper.from_array(m, "head/columns"))
+        nodes.append(helper.make_node("MatMul", [src, "head/columns"], ["head/proba_all"]))
+        src = "head/proba_all"
+    nodes += [
+        helper.make_node("Identity", [src], [OUTPUT_NAMES[0]]),
+        helper.make_node("ArgMax", [OUTPUT_NAMES[0]], [OUTPUT_NAMES[1]], axis=1, keepdims=0),
+    ]
+    new_nodes = pre_nodes + list(g.node) + nodes
+    del g.node[:]
+    g.node.extend(new_nodes)
+    g.initializer.extend(inits)
+    del g.input[:]
+    g.input.append(helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, ["batch", embed_dim]))
+    del g.output[:]
+    g.output.extend([
+        helper.make_tensor_value_info(OUTPUT_NAMES[0], TensorProto.FLOAT, ["batch", n_classes]),
+        helper.make_tensor_value_info(OUTPUT_NAMES[1], TensorProto.INT64, ["batch"]),
+    ])
+    _prune(g)
+    if not any(o.domain == "ai.onnx.ml" for o in onx.opset_import) and any(
+        n.domain == "ai.onnx.ml" for n in g.node
+    ):
+        onx.opset_import.append(helper.make_opsetid("ai.onnx.ml", 3))
+    return onx

@@ -1,0 +1,155 @@
+"""The parity check: the exported graph against featbank's PyTorch pipeline on real images."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..images import IMAGE_EXTENSIONS, ImageReadError, load_and_preprocess
+from ..runtime import INPUT_NAME, OUTPUT_NAMES
+
+__all__ = [
+    "check_parity",
+    "DEFAULT_ATOL",
+    "PARITY_BATCH_SIZES",
+    "MAX_CHECK_IMAGES",
+    "_collect_images",
+    "_atomic_write_text",
+    "_parity_path",
+    "_torch_batches",
+    "_load_batch",
+]
+
+#: Export fails when any probability differs from PyTorch's by more than this.
+DEFAULT_ATOL = 1e-4
+PARITY_BATCH_SIZES = (1, 7)
+#: At most this many images are used by the parity check (the first ones, in a fixed order).
+MAX_CHECK_IMAGES = 64
+
+
+def _collect_images(bundle: Any, check_images: Sequence[str | os.PathLike] | str | os.PathLike | None,
+                    limit: int) -> tuple[list[Path], str]:
+    if check_images is not None:
+        items = [check_images] if isinstance(check_images, (str, os.PathLike)) else list(check_images)
+        paths: list[Path] = []
+        for item in items:
+            p = Path(item)
+            if p.is_dir():
+                paths += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+            elif p.is_file():
+                paths.append(p)
+            else:
+                raise ConfigError(f"--check-images {str(p)!r} does not exist. Pass image files or a folder of images.")
+        if not paths:
+            raise ConfigError(
+                f"--check-images {', '.join(map(str, items))} holds no image files "
+                f"({', '.join(sorted(IMAGE_EXTENSIONS)[:6])}, ...)."
+            )
+        return paths[:limit], "check-images"
+    val = [p for p in bundle.validation_paths() if p.is_file()]
+    return val[:limit], "validation"
+
+
+def check_parity(
+    onnx_path: str | os.PathLike,
+    reference: Callable[[np.ndarray], np.ndarray],
+    batch: np.ndarray,
+    *,
+    batch_sizes: Sequence[int] = PARITY_BATCH_SIZES,
+    atol: float = DEFAULT_ATOL,
+) -> dict[str, Any]:
+    """Compare an exported graph with a reference on the same preprocessed pixels.
+
+    Args:
+        onnx_path: the ONNX file.
+        reference: uint8 NHWC batch -> (N, C) probabilities (featbank's PyTorch pipeline).
+        batch: (N, H, W, 3) uint8 images.
+        batch_sizes: the graph is run with exactly these batch sizes (the last chunk is padded
+            with repeated images, whose outputs are dropped).
+        atol: the largest allowed |Δprobability|.
+
+    Returns:
+        ``passed``, ``max_abs_diff``, ``top1_agreement``, per batch size figures, ``n_images``.
+        A top-1 disagreement where the reference's two best classes are within ``atol`` of each
+        other counts as a near tie (agreement), and is counted in ``n_near_ties``.
+    """
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    ref = np.asarray(reference(batch), dtype=np.float64)
+    n = len(batch)
+    ref_top = ref.argmax(axis=1)
+    srt = np.sort(ref, axis=1)
+    gap = srt[:, -1] - srt[:, -2] if ref.shape[1] > 1 else np.full(n, np.inf)
+    per: dict[str, Any] = {}
+    worst, agree_all, ties_all, labels_ok = 0.0, 1.0, 0, True
+    for bs in batch_sizes:
+        probs, labels = [], []
+        for start in range(0, n, bs):
+            idx = np.arange(start, start + bs) % n
+            p, lab = sess.run(list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(batch[idx])})
+            keep = min(bs, n - start)
+            probs.append(p[:keep])
+            labels.append(lab[:keep])
+        p = np.concatenate(probs).astype(np.float64)
+        lab = np.concatenate(labels)
+        diff = float(np.abs(p - ref).max())
+        same = lab == ref_top
+        ties = int(np.sum(~same & (gap <= atol)))
+        agree = float(np.mean(same | (gap <= atol)))
+        label_is_argmax = bool(np.array_equal(lab, p.argmax(axis=1)))
+        per[str(bs)] = {"max_abs_diff": diff, "top1_agreement": agree, "n_near_ties": ties,
+                        "label_is_argmax": label_is_argmax, "label_dtype": str(lab.dtype)}
+        worst, agree_all = max(worst, diff), min(agree_all, agree)
+        ties_all = max(ties_all, ties)
+        labels_ok = labels_ok and label_is_argmax and lab.dtype == np.int64
+    return {
+        "passed": bool(worst <= atol and agree_all == 1.0 and labels_ok),
+        "n_images": n,
+        "batch_sizes": list(batch_sizes),
+        "atol": atol,
+        "max_abs_diff": worst,
+        "top1_agreement": agree_all,
+        "n_near_ties": ties_all,
+        "per_batch_size": per,
+    }
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _parity_path(out: Path) -> Path:
+    return out.with_name((out.stem if out.suffix == ".onnx" else out.name) + ".parity.json")
+
+
+def _torch_batches(fn: Callable[[Any], Any], x: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    import torch
+
+    outs = []
+    with torch.inference_mode():
+        for i in range(0, len(x), batch_size):
+            outs.append(fn(torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size]))).float().numpy())
+    return np.concatenate(outs)
+
+
+def _load_batch(paths: Sequence[Path], cfg: Any) -> tuple[np.ndarray, list[list[str]]]:
+    arrays, skipped = [], []
+    for p in paths:
+        try:
+            arrays.append(load_and_preprocess(p, cfg))
+        except ImageReadError as e:
+            skipped.append([str(p), e.reason])
+    if not arrays:
+        raise ConfigError(
+            f"None of the {len(paths)} check image(s) could be read (first: {skipped[0][0]}: {skipped[0][1]}). "
+            "Pass readable images with --check-images."
+        )
+    return np.stack(arrays), skipped

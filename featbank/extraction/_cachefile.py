@@ -1,0 +1,120 @@
+"""The cache file on disk: its default path, temporaries left by a killed run, the final commit."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..cache import default_cache_dir, write_cache
+from ..data import ImageIndex
+
+__all__ = ["_slug", "default_cache_path", "_remove_stale_temporaries", "_commit"]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "data"
+
+
+def default_cache_path(
+    data: str | os.PathLike, backbone: str, weights: str | None = None, dtype: str = "float32",
+    weights_file: str | os.PathLike | None = None,
+) -> Path:
+    """``<cache dir>/caches/<folder>-<hash>-<backbone>[-<weights>][-file-<name>-<hash>][-<dtype>].h5``.
+
+    The hashes are of absolute paths (the data folder, the weights file), so two weight files for
+    one backbone get two caches instead of refusing each other's.
+    """
+    root = Path(data).expanduser().resolve()
+    digest = hashlib.sha256(str(root).encode()).hexdigest()[:8]
+    bb = Path(backbone).name if os.sep in backbone or Path(backbone).is_dir() else backbone
+    name = f"{_slug(root.name)}-{digest}-{_slug(bb)}"
+    if weights:
+        name += f"-{_slug(weights)}"
+    if weights_file is not None:
+        wf = Path(weights_file).expanduser().resolve()
+        name += f"-file-{_slug(wf.stem)}-{hashlib.sha256(str(wf).encode()).hexdigest()[:8]}"
+    if dtype != "float32":
+        name += f"-{dtype}"
+    return default_cache_dir() / "caches" / f"{name}.h5"
+
+
+def _remove_stale_temporaries(out_path: Path) -> None:
+    """Temporary files of a run killed while it swapped a file into place (we hold the lock now)."""
+    pattern = re.compile(rf"^(\.{re.escape(out_path.name)}|{re.escape(out_path.name)}\.partial)\.tmp\d+$")
+    if out_path.parent.is_dir():
+        for p in out_path.parent.iterdir():
+            if pattern.match(p.name):
+                try:
+                    p.unlink()
+                except OSError:
+                    pass
+
+
+def _commit(
+    out_path: Path,
+    index: ImageIndex,
+    old_row: np.ndarray,
+    stage_row: np.ndarray,
+    staging_path: Path,
+    skipped: dict[int, str],
+    identity: dict[str, Any],
+    key: str,
+    dtype: str,
+    precision: str,
+    engine: str,
+    device: str,
+    state: Any,
+    partial: bool,
+) -> None:
+    have = (old_row >= 0) | (stage_row >= 0)
+    rows = np.flatnonzero(have)
+    created = state.metadata.get("created") if state is not None else None
+    engines = list(state.metadata.get("engines", [])) if state is not None else []
+    if isinstance(engines, str):
+        engines = json.loads(engines)
+    if engine and engine not in engines:
+        engines.append(engine)
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    attrs = {
+        "cache_key": key,
+        "backbone": identity["backbone"],
+        "weights": identity["weights"],
+        "weights_sha256": identity["weights_sha256"],
+        "transform": identity["transform"],
+        "precision": precision,
+        "engine": engine or (state.metadata.get("engine", "") if state is not None else ""),
+        "engines": engines,
+        "device": device or (state.metadata.get("device", "") if state is not None else ""),
+        "root": str(index.root),
+        "layout": index.layout,
+        "classes_json": json.dumps(index.classes),
+        "created": created or now,
+        "updated": now,
+        "complete": not partial,
+    }
+    sources = []
+    if state is not None:
+        sources.append(("old", out_path, old_row[rows]))
+    if staging_path.exists():
+        sources.append(("new", staging_path, stage_row[rows]))
+    embed_dim = identity["embed_dim"]
+    write_cache(
+        out_path,
+        sources=sources,
+        order_paths=[index.paths[i] for i in rows],
+        row_fingerprints=index.fingerprints[rows],
+        row_labels=index.labels[rows],
+        row_splits=index.splits[rows],
+        classes=index.classes,
+        skipped=[(index.paths[i], r, tuple(int(v) for v in index.fingerprints[i])) for i, r in sorted(skipped.items())],
+        embed_dim=embed_dim,
+        dtype=dtype,
+        attrs=attrs,
+    )

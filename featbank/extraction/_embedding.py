@@ -1,0 +1,133 @@
+"""Data loading and the embedding loop: decode images in worker processes, embed them into the staging file."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..cache import StagingFile
+from ..images import ImageReadError, PreprocessConfig, load_and_preprocess
+
+__all__ = ["_Images", "_Collate", "_default_workers", "_run", "_write_block"]
+
+
+class _Images:
+    """Map-style dataset over staging rows; a bad image yields a reason instead of pixels."""
+
+    def __init__(self, root: Path, paths: list[str], rows: np.ndarray, cfg: PreprocessConfig):
+        self.root, self.paths, self.rows, self.cfg = root, paths, rows, cfg
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, str]:
+        row = int(self.rows[i])
+        try:
+            return row, load_and_preprocess(self.root / self.paths[row], self.cfg), ""
+        except ImageReadError as e:
+            return row, None, e.reason
+        except Exception as e:  # noqa: BLE001 - never let one file kill a long run
+            return row, None, f"unexpected error: {type(e).__name__}: {e}"
+
+
+class _Collate:
+    def __init__(self, cfg: PreprocessConfig):
+        self.shape = (*cfg.input_size, 3)
+
+    def __call__(self, items: list[tuple[int, np.ndarray | None, str]]) -> tuple[np.ndarray, Any, np.ndarray, list[str]]:
+        import torch
+
+        rows = np.array([it[0] for it in items], np.int64)
+        ok = np.array([it[1] is not None for it in items], bool)
+        batch = np.zeros((len(items), *self.shape), np.uint8)
+        for j, it in enumerate(items):
+            if it[1] is not None:
+                batch[j] = it[1]
+        return rows, torch.from_numpy(batch), ok, [it[2] for it in items]
+
+
+def _default_workers(device: str) -> int:
+    n = os.cpu_count() or 1
+    # Two at least: one decoding process cannot keep up with onnxruntime even on 2 cores.
+    return min(8, max(2, n - 1)) if device == "cpu" else min(16, n)
+
+
+def _run(
+    staging: StagingFile,
+    root: Path,
+    cfg: PreprocessConfig,
+    make_engine: Callable[[], Any],
+    device: str,
+    batch_size: int,
+    num_workers: int | None,
+    progress: bool,
+    on_progress: Callable[[int, int], None] | None,
+    skipped: dict[int, str],
+) -> tuple[int, Any]:
+    import torch
+    from torch.utils.data import DataLoader
+
+    pending = np.flatnonzero(~staging.done_mask())
+    total = len(staging.paths)
+    if len(pending) == 0:
+        return 0, None
+    workers = _default_workers(device) if num_workers is None else num_workers
+    loader = DataLoader(
+        _Images(root, staging.paths, pending, cfg),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_Collate(cfg),
+        pin_memory=device == "cuda",
+        prefetch_factor=4 if workers > 0 else None,
+        persistent_workers=False,
+    )
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=total, initial=total - len(pending), unit="img", disable=not progress,
+        desc="extract", dynamic_ncols=True, smoothing=0.1,
+        # In a log file (CI, nohup) one line every 10 s, not one per batch.
+        mininterval=0.1 if sys.stderr.isatty() else 10.0,
+    )
+    n_new = 0
+    # Start the decoding workers first (they fork before any inference thread exists) and build
+    # and warm up the engine while they fill the prefetch queue: fixed costs overlap.
+    batches = iter(loader)
+    eng = make_engine()
+    eng(np.zeros((min(batch_size, len(pending)), *cfg.input_size, 3), np.uint8))
+    try:
+        for rows, batch, ok, reasons in batches:
+            if ok.any():
+                emb = eng(batch if ok.all() else batch[torch.from_numpy(ok)])
+                full = np.zeros((len(rows), emb.shape[1]), staging.embeddings.dtype)
+                full[ok] = emb
+                _write_block(staging, rows, full, ok)
+                n_new += int(ok.sum())
+            for r, good, why in zip(rows, ok, reasons):
+                if not good:
+                    skipped[int(r)] = why
+            bar.update(len(rows))
+            if skipped:
+                bar.set_postfix(skipped=len(skipped), refresh=False)
+            if on_progress is not None:
+                on_progress(int(bar.n), total)
+    finally:
+        bar.close()
+    return n_new, eng
+
+
+def _write_block(staging: StagingFile, rows: np.ndarray, emb: np.ndarray, ok: np.ndarray) -> None:
+    lo, hi = int(rows[0]), int(rows[-1]) + 1
+    if hi - lo == len(rows):
+        staging.embeddings[lo:hi] = emb
+        staging.file.flush()
+        current = staging.status[lo:hi]
+        staging.status[lo:hi] = np.where(ok, 1, current).astype(np.uint8)
+        staging.file.flush()
+    else:
+        staging.write_rows(rows[ok], emb[ok])
