@@ -1,0 +1,47 @@
+"""The HDF5 feature cache: schema v1, cache key, crash-safe staging, and a lazy reader.
+
+Layout of a cache file (readable with plain h5py; see README "Cache format"):
+
+==========================  ==================  ============================================
+dataset                     shape, dtype        meaning
+==========================  ==================  ============================================
+``embeddings``              (N, D) f4 or f2     one row per image, chunked, resizable
+``labels``                  (N,) i8             class index, -1 for unlabelled
+``paths``                   (N,) UTF-8 str      path relative to the data root, sorted
+``splits``                  (N,) i1             index into attr ``split_names``, -1 = none
+``fingerprints``            (N, 2) i8           (size in bytes, mtime in ns) of the file
+``classes``                 (C,) UTF-8 str      class names, index = label
+``skipped/paths``           (M,) UTF-8 str      files that could not be read
+``skipped/reasons``         (M,) UTF-8 str      why, in a few words
+``skipped/fingerprints``    (M, 2) i8           their fingerprints (retried when they change)
+==========================  ==================  ============================================
+
+Crash safety: the file at ``path`` is only ever replaced whole (written to a temporary file in the
+same folder, fsync'ed, then ``os.replace``). New embeddings of a run go to a staging file
+``<path>.partial`` whose datasets are allocated in full when it is created, so writing rows
+touches no HDF5 metadata; a row's ``status`` flag is set only after its embedding was flushed.
+A run killed at any moment leaves ``path`` as it was and a staging file from which the next run
+resumes.
+"""
+
+from __future__ import annotations
+
+# Outside __all__ but imported from here, the path they had when this package was one module:
+# StagingFile, check_key, read_state and write_cache by featbank.extraction (write_cache also by
+# scripts/bench_fit.py and tests/_fitdata.py); CacheState and EMBEDDING_VERSION stay reachable too.
+from ._discovery import default_cache_dir, find_latest_cache
+from ._lock import writer_lock
+from ._reader import FeatureCache, open_cache
+from ._schema import EMBEDDING_VERSION, SCHEMA_VERSION, SPLIT_NAMES, compute_cache_key  # noqa: F401
+from ._writer import CacheState, StagingFile, check_key, read_state, write_cache  # noqa: F401
+
+__all__ = [
+    "writer_lock",
+    "SCHEMA_VERSION",
+    "SPLIT_NAMES",
+    "FeatureCache",
+    "open_cache",
+    "compute_cache_key",
+    "default_cache_dir",
+    "find_latest_cache",
+]

@@ -1,0 +1,288 @@
+"""Writing a cache (used by extract): the state of an existing one, the staging file, the atomic commit."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import h5py
+import numpy as np
+
+from .. import __version__
+from ..errors import CacheError, CacheKeyMismatch
+from ._reader import FeatureCache
+from ._schema import _FORMAT, _STR, SCHEMA_VERSION, SPLIT_NAMES, _decode
+
+__all__ = ["CacheState", "read_state", "check_key", "StagingFile", "write_cache"]
+
+
+# --------------------------------------------------------------------------------------------
+# Writing (used by extract)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CacheState:
+    """What an existing cache holds, read for planning an incremental run."""
+
+    key: str
+    metadata: dict[str, Any]
+    paths: list[str]
+    fingerprints: np.ndarray
+    skipped_paths: list[str]
+    skipped_reasons: list[str]
+    skipped_fingerprints: np.ndarray
+    embed_dim: int
+
+
+def read_state(path: Path) -> CacheState | None:
+    """The state of the cache at ``path``; ``None`` when there is no file.
+
+    Raises:
+        CacheError: the file exists but is not a readable featbank cache of this schema.
+    """
+    if not path.exists():
+        return None
+    with FeatureCache(path) as c:
+        return CacheState(
+            key=c.cache_key,
+            metadata=dict(c.metadata),
+            paths=c.paths,
+            fingerprints=c.fingerprints,
+            skipped_paths=[p for p, _ in c.skipped],
+            skipped_reasons=[r for _, r in c.skipped],
+            skipped_fingerprints=c.skipped_fingerprints,
+            embed_dim=c.embed_dim,
+        )
+
+
+def check_key(path: Path, state: CacheState, key: str, wanted: dict[str, Any]) -> None:
+    """Raise :class:`CacheKeyMismatch` naming what differs, when ``state.key != key``."""
+    if state.key == key:
+        return
+    diffs = []
+    for name in ("backbone", "weights", "weights_sha256", "dtype", "precision", "transform"):
+        have, want = state.metadata.get(name), wanted.get(name)
+        if name == "transform" and isinstance(want, dict):
+            want = json.loads(json.dumps(want))
+        if have != want:
+            diffs.append(f"{name}: cache has {have!r}, asked for {want!r}")
+    if not diffs:
+        diffs.append(
+            f"featbank version / embedding version: cache written by featbank "
+            f"{state.metadata.get('featbank_version')!r}"
+        )
+    raise CacheKeyMismatch(
+        f"Cache {str(path)!r} was made with other settings, so its embeddings would not match:\n  "
+        + "\n  ".join(diffs)
+        + "\nThe file was left untouched. Pass --overwrite to replace it, or choose another --out."
+    )
+
+
+def _create_contiguous(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: Any) -> h5py.Dataset:
+    """A dataset allocated in full now, so later writes to it change no HDF5 metadata."""
+    from h5py import h5d, h5p, h5s, h5t
+
+    dcpl = h5p.create(h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5d.FILL_TIME_ALLOC)
+    space = h5s.create_simple(shape)
+    tid = h5t.py_create(np.dtype(dtype), logical=True)
+    dsid = h5d.create(group.id, name.encode(), tid, space, dcpl=dcpl)
+    return h5py.Dataset(dsid)
+
+
+class StagingFile:
+    """The ``<cache>.partial`` file of one run: the rows to embed and which are done."""
+
+    def __init__(self, path: Path, mode: str = "r+"):
+        self.path = path
+        self.file = h5py.File(path, mode)
+        f = self.file
+        self.key = str(f.attrs["cache_key"])
+        self.plan = str(f.attrs["plan"])
+        self.paths = _decode(f["paths"][...])
+        self.fingerprints = f["fingerprints"][...].astype(np.int64)
+        self.labels = f["labels"][...].astype(np.int64)
+        self.splits = f["splits"][...].astype(np.int8)
+        self.embeddings = f["embeddings"]
+        self.status = f["status"]
+
+    @staticmethod
+    def create(
+        path: Path,
+        key: str,
+        plan: str,
+        paths: list[str],
+        fingerprints: np.ndarray,
+        labels: np.ndarray,
+        splits: np.ndarray,
+        embed_dim: int,
+        dtype: str,
+    ) -> "StagingFile":
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = "featbank-partial"
+            f.attrs["cache_key"] = key
+            f.attrs["plan"] = plan
+            f.attrs["featbank_version"] = __version__
+            n = len(paths)
+            f.create_dataset("paths", data=np.array(paths, dtype=object), dtype=_STR)
+            f.create_dataset("fingerprints", data=np.asarray(fingerprints, np.int64).reshape(n, 2))
+            f.create_dataset("labels", data=np.asarray(labels, np.int64))
+            f.create_dataset("splits", data=np.asarray(splits, np.int8))
+            _create_contiguous(f, "embeddings", (max(n, 1), embed_dim), dtype)
+            _create_contiguous(f, "status", (max(n, 1),), np.uint8)
+        os.replace(tmp, path)
+        return StagingFile(path)
+
+    @staticmethod
+    def open_if_valid(path: Path) -> "StagingFile | None":
+        """Open a staging file left by an earlier run; ``None`` if absent or unreadable."""
+        if not path.exists():
+            return None
+        try:
+            return StagingFile(path)
+        except BlockingIOError:
+            raise CacheError(
+                f"{str(path)!r} (an unfinished cache) is open in another program, which holds HDF5's file "
+                "lock. Close it there and rerun; the file was left untouched."
+            ) from None
+        except Exception:  # noqa: BLE001 - a corrupt staging file counts as empty
+            try:
+                path.unlink()
+            except OSError:
+                pass
+            return None
+
+    def done_mask(self) -> np.ndarray:
+        n = len(self.paths)
+        return self.status[:n] == 1 if n else np.zeros(0, bool)
+
+    def write_rows(self, rows: np.ndarray, emb: np.ndarray) -> None:
+        """Write embeddings of ``rows`` (ascending) and then mark them done, each step flushed."""
+        if len(rows) == 0:
+            return
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
+        if hi - lo == len(rows):
+            self.embeddings[lo:hi] = emb
+        else:
+            for r, e in zip(rows, emb):
+                self.embeddings[int(r)] = e
+        self.file.flush()
+        if hi - lo == len(rows):
+            self.status[lo:hi] = 1
+        else:
+            for r in rows:
+                self.status[int(r)] = 1
+        self.file.flush()
+
+    def close(self) -> None:
+        try:
+            self.file.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def write_cache(
+    path: Path,
+    *,
+    sources: list[tuple[str, Path | None, np.ndarray]],
+    order_paths: list[str],
+    row_fingerprints: np.ndarray,
+    row_labels: np.ndarray,
+    row_splits: np.ndarray,
+    classes: Sequence[str],
+    skipped: list[tuple[str, str, tuple[int, int]]],
+    embed_dim: int,
+    dtype: str,
+    attrs: dict[str, Any],
+    block_rows: int = 4096,
+) -> None:
+    """Write a complete cache atomically (temp file + fsync + os.replace).
+
+    ``sources`` lists, for each final row in order, where its embedding comes from: each entry
+    is ``(kind, file, src_rows)`` covering a contiguous run of final rows is too fiddly, so we
+    take one array per source: ``sources[i] = (name, h5 path, mapping)`` where ``mapping`` is an
+    int64 array with, for every final row, the source row or -1. Rows are copied in blocks, so
+    memory stays bounded whatever N is.
+    """
+    n = len(order_paths)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    opened = {}
+    try:
+        for name, src_path, _ in sources:
+            if src_path is not None and name not in opened:
+                opened[name] = h5py.File(src_path, "r")
+        with h5py.File(tmp, "w") as f:
+            chunk_rows = max(1, min(1024, (1 << 20) // max(1, embed_dim * np.dtype(dtype).itemsize)))
+            emb = f.create_dataset(
+                "embeddings",
+                shape=(n, embed_dim),
+                maxshape=(None, embed_dim),
+                dtype=dtype,
+                chunks=(max(1, min(chunk_rows, max(n, 1))), embed_dim),
+            )
+            for start in range(0, n, block_rows):
+                stop = min(n, start + block_rows)
+                block = np.empty((stop - start, embed_dim), dtype=dtype)
+                filled = np.zeros(stop - start, bool)
+                for name, _, mapping in sources:
+                    m = mapping[start:stop]
+                    sel = np.flatnonzero(m >= 0)
+                    if sel.size == 0:
+                        continue
+                    src_rows = m[sel]
+                    ds = opened[name]["embeddings"]
+                    order = np.argsort(src_rows)
+                    uniq = src_rows[order]
+                    block[sel[order]] = ds[uniq].astype(dtype, copy=False)
+                    filled[sel] = True
+                if not filled.all():
+                    raise CacheError("internal error: a cache row has no source")  # pragma: no cover
+                emb[start:stop] = block
+            f.create_dataset("labels", data=np.asarray(row_labels, np.int64), maxshape=(None,), chunks=True)
+            f.create_dataset("splits", data=np.asarray(row_splits, np.int8), maxshape=(None,), chunks=True)
+            f.create_dataset(
+                "paths", data=np.array(order_paths, dtype=object), dtype=_STR, maxshape=(None,), chunks=True
+            )
+            f.create_dataset(
+                "fingerprints",
+                data=np.asarray(row_fingerprints, np.int64).reshape(n, 2),
+                maxshape=(None, 2),
+                chunks=True,
+            )
+            f.create_dataset("classes", data=np.array(list(classes), dtype=object), dtype=_STR)
+            g = f.create_group("skipped")
+            g.create_dataset("paths", data=np.array([s[0] for s in skipped], dtype=object), dtype=_STR)
+            g.create_dataset("reasons", data=np.array([s[1] for s in skipped], dtype=object), dtype=_STR)
+            g.create_dataset(
+                "fingerprints", data=np.array([s[2] for s in skipped], np.int64).reshape(len(skipped), 2)
+            )
+            f.attrs["format"] = _FORMAT
+            f.attrs["schema_version"] = SCHEMA_VERSION
+            f.attrs["featbank_version"] = __version__
+            f.attrs["split_names"] = json.dumps(list(SPLIT_NAMES))
+            f.attrs["n_samples"] = n
+            f.attrs["embed_dim"] = embed_dim
+            f.attrs["dtype"] = dtype
+            for k, v in attrs.items():
+                f.attrs[k] = json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        try:
+            dfd = os.open(path.parent, os.O_RDONLY)
+            os.fsync(dfd)
+            os.close(dfd)
+        except OSError:
+            pass
+    finally:
+        for h in opened.values():
+            h.close()
+        if tmp.exists():
+            tmp.unlink()

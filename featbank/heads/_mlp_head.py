@@ -1,0 +1,150 @@
+"""MLPHead: a small MLP trained with AdamW and early stopping on a validation set."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_is_fitted
+from torch import nn
+
+from ..train import Features, evaluate_logits, resolve_device, train_one_epoch
+from ._torch_head import _Preprocess, _TorchHead
+
+__all__ = ["MLPHead", "_mlp"]
+
+
+def _mlp(d: int, hidden: tuple[int, ...], k: int, dropout: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for h in hidden:
+        layers += [nn.Linear(d, h), nn.ReLU(), nn.Dropout(dropout)]
+        d = h
+    layers.append(nn.Linear(d, k))
+    return nn.Sequential(*layers)
+
+
+class MLPHead(_TorchHead):
+    """A small MLP on embeddings: AdamW, minibatches, early stopping on a validation set.
+
+    Args:
+        hidden_sizes: widths of the hidden layers, e.g. ``(512,)`` or ``(512, 256)``.
+        dropout: dropout after each hidden layer.
+        lr, weight_decay: AdamW settings.
+        batch_size: minibatch size.
+        max_epochs: epochs at most.
+        patience: stop after this many epochs without a lower validation loss.
+        early_stopping: hold out ``validation_fraction`` of the training data for early stopping
+            when no ``eval_set`` is passed to :meth:`fit` (an ``eval_set`` always enables it).
+        validation_fraction: see ``early_stopping``.
+        standardize, l2_normalize, class_weight, device: as in :class:`LinearHead`.
+        random_state: seeds initialisation, shuffling and dropout.
+
+    Attributes:
+        classes_, n_features_in_, mean_, scale_, net_ (the trained nn.Module, CPU, eval mode),
+        best_epoch_ (epochs of the kept weights), n_epochs_ (epochs run), best_val_loss_.
+    """
+
+    def __init__(self, hidden_sizes: Any = (512,), *, dropout: float = 0.2, lr: float = 1e-3,
+                 weight_decay: float = 1e-4, batch_size: int = 256, max_epochs: int = 100, patience: int = 10,
+                 early_stopping: bool = False, validation_fraction: float = 0.1, standardize: bool = True,
+                 l2_normalize: bool = False, class_weight: Any = None, device: str = "cpu",
+                 random_state: Any = None):
+        self.hidden_sizes = hidden_sizes
+        self.dropout = dropout
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.batch_size = batch_size
+        self.max_epochs = max_epochs
+        self.patience = patience
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.standardize = standardize
+        self.l2_normalize = l2_normalize
+        self.class_weight = class_weight
+        self.device = device
+        self.random_state = random_state
+
+    def _hidden(self) -> tuple[int, ...]:
+        h = self.hidden_sizes
+        h = (h,) if isinstance(h, (int, np.integer)) else tuple(h)
+        if not all(isinstance(v, (int, np.integer)) and v > 0 for v in h):
+            raise ValueError(
+                f"The 'hidden_sizes' parameter of MLPHead must be a tuple of positive ints. Got {self.hidden_sizes!r} instead."
+            )
+        return tuple(int(v) for v in h)
+
+    def fit(self, X: Any, y: Any, sample_weight: Any = None, eval_set: tuple[Any, Any] | None = None) -> "MLPHead":
+        """Train; ``eval_set=(X_val, y_val)`` turns on early stopping on that set."""
+        hidden = self._hidden()
+        feats, y_enc, sw = self._prepare_fit(X, y, sample_weight)
+        rs = check_random_state(self.random_state)
+        seed = int(rs.randint(0, 2**31 - 1))
+        gen = np.random.default_rng(seed)
+        val_feats, yv = None, None
+        if eval_set is not None:
+            Xv, yv_raw = eval_set
+            val_feats = Xv if isinstance(Xv, Features) else Features(np.asarray(Xv, np.float32))
+            yv_raw = np.asarray(yv_raw)
+            unknown = np.setdiff1d(np.unique(yv_raw), self.classes_)
+            if unknown.size:
+                raise ValueError(f"eval_set has labels not seen in training: {unknown.tolist()}.")
+            yv = np.searchsorted(self.classes_, yv_raw).astype(np.int64)
+        elif self.early_stopping and feats.n_samples >= 10:
+            from sklearn.model_selection import train_test_split
+
+            pos = np.arange(feats.n_samples)
+            strat = y_enc if np.bincount(y_enc).min() >= 2 else None
+            tr, va = train_test_split(pos, test_size=self.validation_fraction, random_state=seed, stratify=strat)
+            val_feats, yv = feats.subset(np.sort(va)), y_enc[np.sort(va)]
+            feats, y_enc, sw = feats.subset(np.sort(tr)), y_enc[np.sort(tr)], sw[np.sort(tr)]
+
+        dev = resolve_device(self.device)
+        k, d = len(self.classes_), feats.embed_dim
+        pre = _Preprocess(self.l2_normalize, self.mean_, self.scale_).to(dev)
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(seed)
+            net = _mlp(d, hidden, k, float(self.dropout)).to(dev)
+            opt = torch.optim.AdamW(net.parameters(), lr=float(self.lr), weight_decay=float(self.weight_decay))
+            best_state, best_loss, best_epoch, bad = None, np.inf, 0, 0
+            sw32 = sw.astype(np.float32)
+            self.n_epochs_ = 0
+            for epoch in range(1, int(self.max_epochs) + 1):
+                train_one_epoch(net, feats, y_enc, sw32, opt, batch_size=int(self.batch_size), device=dev,
+                                generator=gen, transform=pre)
+                self.n_epochs_ = epoch
+                if val_feats is None:
+                    continue
+                logits = torch.as_tensor(evaluate_logits(net, val_feats, device=dev, transform=pre))
+                vloss = float(nn.functional.cross_entropy(logits, torch.as_tensor(yv)))
+                if vloss < best_loss - 1e-6:
+                    best_loss, best_epoch, bad = vloss, epoch, 0
+                    best_state = {kk: v.detach().clone() for kk, v in net.state_dict().items()}
+                else:
+                    bad += 1
+                    if bad >= int(self.patience):
+                        break
+        if best_state is not None:
+            net.load_state_dict(best_state)
+        self.best_epoch_ = best_epoch if val_feats is not None else self.n_epochs_
+        self.best_val_loss_ = float(best_loss) if val_feats is not None else None
+        self.net_ = net.cpu().eval()
+        return self
+
+    def _logits(self, X: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            x = torch.as_tensor(self._preprocess_np(X), dtype=torch.float32)
+            return self.net_(x).double().numpy()
+
+    def to_torch(self) -> nn.Module:
+        check_is_fitted(self)
+        import copy
+
+        return nn.Sequential(_Preprocess(self.l2_normalize, self.mean_, self.scale_), copy.deepcopy(self.net_)).eval()
+
+
+# Pickles, skops files and bundle manifests ("trusted_types") record a class by
+# `__module__.__qualname__`; keep the path it had when featbank.heads was one module, so files
+# written before and after the split name the same type (featbank.heads re-exports it).
+MLPHead.__module__ = "featbank.heads"

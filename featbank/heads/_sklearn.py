@@ -1,0 +1,92 @@
+"""scikit-learn classifiers as heads: the registry by name, ``key=value`` params, the pipeline."""
+
+from __future__ import annotations
+
+import ast
+import difflib
+from typing import Any
+
+from ..errors import ConfigError
+
+__all__ = ["make_sklearn_head", "parse_param", "sklearn_classifiers"]
+
+
+# --------------------------------------------------------------------------------------------
+# scikit-learn heads by name
+# --------------------------------------------------------------------------------------------
+
+
+def sklearn_classifiers() -> dict[str, type]:
+    """Every scikit-learn classifier class, by name."""
+    import warnings
+
+    from sklearn.utils import all_estimators
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return dict(all_estimators(type_filter="classifier"))
+
+
+def parse_param(text: str) -> tuple[str, Any]:
+    """``"key=value"`` -> ``(key, value)``; values are Python literals, else plain strings."""
+    if "=" not in text:
+        raise ConfigError(f"--param must look like key=value (e.g. --param C=0.5); got {text!r}.")
+    key, raw = text.split("=", 1)
+    key, raw = key.strip(), raw.strip()
+    if not key.isidentifier():
+        raise ConfigError(f"--param key {key!r} is not a valid parameter name (from {text!r}).")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = {"none": None, "true": True, "false": False}.get(raw.lower(), raw)
+    return key, value
+
+
+def make_sklearn_head(name: str, params: dict[str, Any], *, standardize: bool = True, l2_normalize: bool = False,
+                      random_state: int | None = 0) -> Any:
+    """A scikit-learn ``Pipeline`` ([Normalizer] [StandardScaler] classifier) for a classifier name.
+
+    Raises:
+        ConfigError: unknown classifier (with close matches) or parameter (with the valid ones).
+    """
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import Normalizer, StandardScaler
+
+    registry = sklearn_classifiers()
+    if name not in registry:
+        lower = {n.lower(): n for n in registry}
+        if name.lower() in lower:
+            name = lower[name.lower()]
+        else:
+            close = [lower[c] for c in difflib.get_close_matches(name.lower(), list(lower), n=4, cutoff=0.5)]
+            close += [n for n in registry if name.lower() in n.lower() and n not in close][: 4 - len(close)]
+            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise ConfigError(
+                f"Unknown head {name!r}.{hint} Use 'linear', 'mlp' or a scikit-learn classifier class name "
+                "(LogisticRegression, SVC, KNeighborsClassifier, ...)."
+            )
+    cls = registry[name]
+    try:
+        clf = cls()
+    except TypeError as e:
+        raise ConfigError(f"{name} cannot be used as a head on its own ({e}); choose another classifier.") from None
+    valid = clf.get_params(deep=False)
+    bad = [k for k in params if k not in valid]
+    if bad:
+        close = {k: difflib.get_close_matches(k, list(valid), n=1) for k in bad}
+        hints = "; ".join(f"{k!r}" + (f" (did you mean {c[0]!r}?)" if c else "") for k, c in close.items())
+        raise ConfigError(f"{name} has no parameter {hints}. Its parameters are: {', '.join(sorted(valid))}.")
+    p = dict(params)
+    if "random_state" in valid and "random_state" not in p and random_state is not None:
+        p["random_state"] = random_state
+    try:
+        clf.set_params(**p)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"Invalid parameters for {name}: {e}") from None
+    steps: list[tuple[str, Any]] = []
+    if l2_normalize:
+        steps.append(("l2", Normalizer(norm="l2")))
+    if standardize:
+        steps.append(("scale", StandardScaler()))
+    steps.append(("clf", clf))
+    return Pipeline(steps)

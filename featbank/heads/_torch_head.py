@@ -1,0 +1,128 @@
+"""Shared machinery of the torch heads: input checks and prediction, preprocessing and softmax modules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.class_weight import compute_sample_weight
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import (
+    _check_sample_weight,
+    check_is_fitted,
+    validate_data,
+)
+from torch import nn
+
+from ..train import Features, feature_stats
+
+__all__ = ["_Preprocess", "_Probabilities", "_TorchHead"]
+
+
+class _Preprocess(nn.Module):
+    """Optional L2 normalisation, then (x - mean) / scale."""
+
+    def __init__(self, l2_normalize: bool, mean: np.ndarray | None = None, scale: np.ndarray | None = None):
+        super().__init__()
+        self.l2_normalize = bool(l2_normalize)
+        self.standardize = mean is not None
+        if mean is not None:
+            self.register_buffer("mean", torch.as_tensor(np.asarray(mean, np.float32)))
+            self.register_buffer("scale", torch.as_tensor(np.asarray(scale, np.float32)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.l2_normalize:
+            x = x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-12)
+        if self.standardize:
+            x = (x - self.mean) / self.scale
+        return x
+
+
+class _Probabilities(nn.Module):
+    def __init__(self, logits: nn.Module):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.logits(x), dim=1)
+
+
+def _l2n(X: np.ndarray) -> np.ndarray:
+    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+
+
+class _TorchHead(ClassifierMixin, BaseEstimator):
+    """Shared input handling of the torch heads."""
+
+    def _prepare_fit(self, X: Any, y: Any, sample_weight: Any) -> tuple[Features, np.ndarray, np.ndarray]:
+        if isinstance(X, Features):
+            feats = X
+            y = np.asarray(y)
+            if len(y) != feats.n_samples:
+                raise ValueError(f"X has {feats.n_samples} rows but y has {len(y)} labels.")
+            self.n_features_in_ = feats.embed_dim
+        else:
+            X, y = validate_data(self, X, y, dtype=[np.float64, np.float32], y_numeric=False)
+            feats = Features(X)
+        check_classification_targets(y)
+        self.classes_, y_enc = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise ValueError(
+                f"{type(self).__name__} needs samples of at least 2 classes; got 1 class: {self.classes_[0]!r}."
+            )
+        if sample_weight is None:
+            sw = np.ones(len(y_enc), np.float64)
+        else:
+            sw = _check_sample_weight(sample_weight, np.empty((feats.n_samples, 0)), dtype=np.float64,
+                                      ensure_non_negative=True)
+            if not sw.sum() > 0:
+                raise ValueError("Sample weights must not all be zero.")
+            if len(np.unique(y_enc[sw > 0])) < 2:
+                raise ValueError(
+                    f"{type(self).__name__} needs samples of at least 2 classes with a positive sample weight."
+                )
+        if self.standardize:
+            # Weighted by the caller's sample weights (not class weights): a weight of 2 = a repeated row.
+            self.mean_, self.scale_ = feature_stats(feats, self.l2_normalize, None if sample_weight is None else sw)
+        else:
+            self.mean_ = np.zeros(feats.embed_dim, np.float32)
+            self.scale_ = np.ones(feats.embed_dim, np.float32)
+        if self.class_weight is not None:
+            sw = sw * compute_sample_weight(self.class_weight, y_enc if self.class_weight == "balanced" else y)
+        return feats, y_enc.astype(np.int64), sw
+
+    def _preprocess_np(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float32)
+        if self.l2_normalize:
+            X = _l2n(X)
+        return (X - self.mean_) / self.scale_
+
+    def _check_X(self, X: Any) -> np.ndarray:
+        check_is_fitted(self)
+        return validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        logits = self._logits(self._check_X(X)).astype(np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        return p / p.sum(axis=1, keepdims=True)
+
+    def predict_log_proba(self, X: Any) -> np.ndarray:
+        logits = self._logits(self._check_X(X)).astype(np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        return logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """Logits; for two classes the logit difference (class 1 - class 0), like scikit-learn."""
+        logits = self._logits(self._check_X(X))
+        return logits[:, 1] - logits[:, 0] if logits.shape[1] == 2 else logits
+
+    def predict(self, X: Any) -> np.ndarray:
+        logits = self._logits(self._check_X(X))
+        return self.classes_[np.argmax(logits, axis=1)]
+
+    def to_torch(self) -> nn.Module:
+        """A float32 module mapping embeddings to logits; its softmax equals :meth:`predict_proba`."""
+        raise NotImplementedError  # pragma: no cover
