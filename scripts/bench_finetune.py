@@ -12,7 +12,7 @@ Printed per method: test accuracy, balanced accuracy, seconds per epoch, total s
 LP-FT minus probe in points (target: >= +5).
 
 Examples:
-    python scripts/bench_finetune.py --device cuda                 # full ELPV; ~3-6 min on one H100
+    python scripts/bench_finetune.py --device cuda                 # the full benchmark on a GPU
     python scripts/bench_finetune.py --limit 60 --epochs 1         # a CPU smoke run
     python scripts/bench_finetune.py --data data/elpv-70-30 --methods probe,lpft --epochs 20
 """
