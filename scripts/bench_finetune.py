@@ -112,8 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         probe_path = Path(res.path)
         cache = featbank.open_cache(rep.path)
         test = cache.split_mask("test")
-        proba = load_bundle(probe_path).predict_proba(cache.load_embeddings(np.flatnonzero(test)))
-        acc, bal = _scores(cache.labels[test], proba.argmax(1))
+
+        def test_scores(bundle_path: Path) -> tuple[float, float]:
+            proba = load_bundle(bundle_path).predict_proba(cache.load_embeddings(np.flatnonzero(test)))
+            return _scores(cache.labels[test], proba.argmax(1))
+
+        acc, bal = test_scores(probe_path)
         rows.append({"method": "probe (fit --head linear)", "accuracy": acc, "balanced_accuracy": bal,
                      "s_per_epoch": None, "seconds": t_extract + t_fit, "note": f"extract {t_extract:.0f}s + fit {t_fit:.1f}s"})
         print(f"probe: acc {acc:.4f} bal {bal:.4f} ({t_extract:.0f}s extract, {t_fit:.1f}s fit)", flush=True)
@@ -122,8 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             probe_path = Path(fit(rep.path, "linear", out=args.workdir / "models", name=f"probe-norefit-{data.name}",
                                   device=args.device, class_weight=None, refit=False).path)
             t_fit = time.perf_counter() - t0
-            proba = load_bundle(probe_path).predict_proba(cache.load_embeddings(np.flatnonzero(test)))
-            acc, bal = _scores(cache.labels[test], proba.argmax(1))
+            acc, bal = test_scores(probe_path)
             rows.append({"method": "probe --no-refit", "accuracy": acc, "balanced_accuracy": bal, "s_per_epoch": None,
                          "seconds": t_fit, "note": "LP-FT's start; 80% of train"})
             print(f"probe --no-refit: acc {acc:.4f} bal {bal:.4f}", flush=True)

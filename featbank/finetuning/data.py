@@ -124,12 +124,11 @@ class _ProbeHoldout:
     fitted_on: str  # "train+val" (fit's default refit) or "train" (fit --no-refit)
 
 
-def _probe_holdout(init_head: str | None) -> _ProbeHoldout | None:
-    if init_head is None:
+def _probe_holdout(bundle: Any) -> _ProbeHoldout | None:
+    """From the ``init_head`` bundle (``None``: no LP-FT); other kinds are refused later."""
+    if bundle is None or bundle.kind != "head":
         return None
-    from ..bundle import load_bundle
-
-    m = load_bundle(init_head).manifest
+    m = bundle.manifest
     val, training = m.get("validation") or {}, m.get("training") or {}
     if not val.get("root"):
         return None

@@ -199,13 +199,15 @@ def finetune(
         >>> featbank.finetune("data/elpv", backbone="resnet50", strategy="partial",
         ...                   trainable_from="layer3", lr_groups="seed-resnet", epochs=10)
     """
+    from ..bundle import load_bundle
     from ..data import scan_folder
     from ..extraction import resolve_device
 
     cfg = _settings_from(settings)
     dev = torch.device(resolve_device(device))
     index = scan_folder(data, require_labels=True)
-    probe = _probe_holdout(cfg.init_head)
+    probe_bundle = load_bundle(cfg.init_head) if cfg.init_head is not None else None
+    probe = _probe_holdout(probe_bundle)
     split = _split(index, cfg.val_split, cfg.seed, probe)
     notes = [n for n in [_probe_overlap_note(index, split, probe)] if n]
     for n in notes:  # said now, not only after hours of training
@@ -237,7 +239,7 @@ def finetune(
     torch.manual_seed(cfg.seed)
     init_info = None
     if cfg.init_head is not None:
-        head, init_info = _head_from_probe(cfg.init_head, bb, classes)
+        head, init_info = _head_from_probe(cfg.init_head, bb, classes, probe_bundle)
     else:
         head = nn.Linear(bb.embed_dim, n_classes)
     features = bb.features
@@ -405,13 +407,15 @@ def finetune(
             "lr_head": optimizer.param_groups[-1]["lr"], "seconds": seconds, "images_per_second": seen / train_seconds,
         }
 
+    def snapshot() -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
     if cfg.init_head is not None and start_epoch == 0:
         # LP-FT's step 0 is the probe itself: a candidate like any epoch, so a fine-tuning that never
         # beats it on validation keeps the probe's predictions instead of a worse network.
         v0 = val_metrics()
         start = {"val_loss": v0["loss"], "val_accuracy": v0["accuracy"], "val_balanced_accuracy": v0["balanced_accuracy"]}
-        best = {"epoch": 0, "metric": start[f"val_{cfg.metric}"], "loss": start["val_loss"],
-                "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+        best = {"epoch": 0, "metric": start[f"val_{cfg.metric}"], "loss": start["val_loss"], "model": snapshot()}
     try:
         for epoch in range(start_epoch + 1, cfg.epochs + 1):
             if stopped:
@@ -420,8 +424,7 @@ def finetune(
             history.append(row)
             metric, vloss = row[f"val_{cfg.metric}"], row["val_loss"]
             if metric > best["metric"] + 1e-12 or (abs(metric - best["metric"]) <= 1e-12 and vloss < best["loss"]):
-                best = {"epoch": epoch, "metric": metric, "loss": vloss,
-                        "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+                best = {"epoch": epoch, "metric": metric, "loss": vloss, "model": snapshot()}
                 bad_epochs = 0
             else:
                 bad_epochs += 1

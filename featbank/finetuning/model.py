@@ -213,11 +213,13 @@ def _fold_affine(fn: Callable[[torch.Tensor], torch.Tensor], dim: int) -> tuple[
     return w, b
 
 
-def _head_from_probe(path: str | os.PathLike, backbone: Backbone, classes: list[str]) -> tuple[nn.Linear, dict[str, Any]]:
-    """A Linear equal to a fitted linear head bundle (standardisation folded in) for LP-FT."""
+def _head_from_probe(path: str | os.PathLike, backbone: Backbone, classes: list[str],
+                     bundle: Any = None) -> tuple[nn.Linear, dict[str, Any]]:
+    """A Linear equal to a fitted linear head bundle (standardisation folded in) for LP-FT;
+    ``bundle``: that bundle already opened."""
     from ..bundle import load_bundle
 
-    bundle = load_bundle(path)
+    bundle = bundle if bundle is not None else load_bundle(path)
     if bundle.kind != "head":
         raise BundleError(
             f"--init-head {str(path)!r} is a {bundle.kind!r} bundle; LP-FT needs a linear head made by "

@@ -153,28 +153,8 @@ def predict(model: str | Path, images: Sequence[str | Path], *, top_k: int = 1, 
         from ..runtime import OnnxClassifier
 
         clf = OnnxClassifier(model)
-        out: list[Prediction | None] = [None] * len(paths)
-        pending: list[tuple[int, np.ndarray]] = []
-
-        def run_onnx() -> None:
-            if not pending:
-                return
-            probs, _ = clf.run(np.stack([a for _, a in pending]))
-            for (i, _), p in zip(pending, probs):
-                order = np.argsort(-p)[:top_k]
-                tk = [(clf.classes[j], float(p[j])) for j in order]
-                out[i] = Prediction(str(paths[i]), tk[0][0], tk[0][1], tk)
-            pending.clear()
-
-        for i, p in enumerate(paths):
-            try:
-                pending.append((i, clf.preprocess(p)))
-            except DatasetError as e:
-                out[i] = Prediction(str(p), None, None, [], str(e))
-            if len(pending) >= batch_size:
-                run_onnx()
-        run_onnx()
-        return [r for r in out if r is not None]
+        return _predict_in_batches(paths, clf.preprocess, lambda x: clf.run(x)[0], clf.classes, DatasetError,
+                                   batch_size, top_k)
 
     import torch
 
@@ -198,28 +178,38 @@ def predict(model: str | Path, images: Sequence[str | Path], *, top_k: int = 1, 
             )
     dev = resolve_device(device)
     net = bb.embedder().eval().to(dev)
-    results: list[Prediction | None] = [None] * len(paths)
-    batch: list[tuple[int, np.ndarray]] = []
+
+    def proba_of(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            emb = net(torch.from_numpy(x).to(dev)).float().cpu().numpy()
+        return bundle.predict_proba(emb)
+
+    return _predict_in_batches(paths, lambda p: load_and_preprocess(p, bb.preprocess), proba_of, bundle.classes,
+                               ImageReadError, batch_size, top_k)
+
+
+def _predict_in_batches(paths: list[Path], preprocess: Any, proba_of: Any, classes: list[str], read_errors: Any,
+                        batch_size: int, top_k: int) -> list[Prediction]:
+    """Preprocess each path, run ``proba_of`` on full batches, keep the top-k; unreadable files
+    become a Prediction with ``error`` set, in their place."""
+    out: list[Prediction | None] = [None] * len(paths)
+    pending: list[tuple[int, np.ndarray]] = []
 
     def flush() -> None:
-        if not batch:
+        if not pending:
             return
-        x = torch.from_numpy(np.stack([a for _, a in batch])).to(dev)
-        with torch.inference_mode():
-            emb = net(x).float().cpu().numpy()
-        proba = bundle.predict_proba(emb)
-        for (i, _), p in zip(batch, proba):
+        for (i, _), p in zip(pending, proba_of(np.stack([a for _, a in pending]))):
             order = np.argsort(-p)[:top_k]
-            tk = [(bundle.classes[j], float(p[j])) for j in order]
-            results[i] = Prediction(str(paths[i]), tk[0][0], tk[0][1], tk)
-        batch.clear()
+            tk = [(classes[j], float(p[j])) for j in order]
+            out[i] = Prediction(str(paths[i]), tk[0][0], tk[0][1], tk)
+        pending.clear()
 
     for i, p in enumerate(paths):
         try:
-            batch.append((i, load_and_preprocess(p, bb.preprocess)))
-        except ImageReadError as e:
-            results[i] = Prediction(str(p), None, None, [], str(e))
-        if len(batch) >= batch_size:
+            pending.append((i, preprocess(p)))
+        except read_errors as e:
+            out[i] = Prediction(str(p), None, None, [], str(e))
+        if len(pending) >= batch_size:
             flush()
     flush()
-    return [r for r in results if r is not None]
+    return [r for r in out if r is not None]
