@@ -1,0 +1,192 @@
+"""File machinery shared by every writer: atomic writes, temporary names, orphans, output checks.
+
+One home for what the cache, bundle, export, checkpoint and ONNX-embedder writers all need, so a
+crash never leaves a half-written file under a final name and every writer names its temporaries
+the same way (which is what lets :func:`remove_orphans` find those of a killed run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import IO, Iterator
+
+from .errors import ConfigError
+
+__all__ = [
+    "timestamp",
+    "slugify",
+    "temporary_path",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "fsync_dir",
+    "remove_orphans",
+    "check_output_dir",
+    "describe_os_error",
+]
+
+_TMP_MARK = ".tmp-"
+
+
+def timestamp() -> str:
+    """Local time as ISO 8601 with offset, the one format every manifest and cache records."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def slugify(text: str, default: str = "data") -> str:
+    """A file-name-safe version of ``text`` (letters, digits, ``._-``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or default
+
+
+def temporary_path(path: Path) -> Path:
+    """A sibling name for a file or folder being written: ``.<name>.tmp-<pid>-<random>``.
+
+    The pid lets :func:`remove_orphans` tell a live writer's temporaries from a killed one's.
+    """
+    path = Path(path)
+    return path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO]:
+    """Write ``path`` through a temporary sibling, fsync it, then ``os.replace`` it into place.
+
+    Readers see the old file or the new one, never a part. If ``path`` is a symlink the link's
+    target is replaced (the link stays a link); an existing file's permission bits are kept.
+    On any error the temporary file is removed and the old file is untouched.
+    """
+    target = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
+    tmp = temporary_path(target)
+    mode_bits = _existing_mode(target)
+    try:
+        with open(tmp, mode) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        if mode_bits is not None:
+            os.chmod(tmp, mode_bits)
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_write(path, "wb") as fh:
+        fh.write(data)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_write(path, "w") as fh:
+        fh.write(text)
+
+
+def _existing_mode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_orphans(path: Path) -> list[Path]:
+    """Remove temporaries of ``path`` left by writers that no longer run; return what was removed.
+
+    Only names made by :func:`temporary_path` for this very ``path`` are considered, and only
+    when the pid in the name is not alive, so a concurrent writer's temporary is left alone.
+    """
+    path = Path(path)
+    pattern = re.compile(rf"^\.{re.escape(path.name)}{re.escape(_TMP_MARK)}(\d+)-[0-9a-f]{{8}}$")
+    removed: list[Path] = []
+    if not path.parent.is_dir():
+        return removed
+    for p in path.parent.iterdir():
+        m = pattern.match(p.name)
+        if not m or _pid_alive(int(m.group(1))):
+            continue
+        try:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
+
+
+def check_output_dir(folder: Path, what: str = "output") -> Path:
+    """Create ``folder`` if needed and check that files can be written there, before any work.
+
+    Raises:
+        ConfigError: the folder cannot be created (a file is in the way, a read-only or virtual
+            file system such as /proc) or written; the message names the path and the reason.
+    """
+    folder = Path(folder).expanduser()
+    for parent in [folder, *folder.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(
+                f"Cannot write the {what} under '{folder}': '{parent}' is a file, not a folder. "
+                "Choose another --out."
+            )
+        if parent.exists():
+            break
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = temporary_path(folder / ".write-check")
+        with open(probe, "wb") as fh:
+            fh.write(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(
+            f"Cannot write the {what} under '{folder}': {describe_os_error(e)}. Choose another --out."
+        ) from None
+    return folder
+
+
+def describe_os_error(e: OSError) -> str:
+    """A short, user-facing reason for an OSError (no traceback jargon)."""
+    reasons = {
+        errno.ENOSPC: "no space left on the device",
+        errno.EDQUOT: "disk quota exceeded",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "operation not permitted",
+        errno.EROFS: "read-only file system",
+        errno.ENOTDIR: "a part of the path is a file, not a folder",
+        errno.EEXIST: "a file is in the way",
+    }
+    return reasons.get(e.errno, e.strerror or str(e))
