@@ -5,37 +5,41 @@ Layout (format v1, shared by ``fit``, ``finetune``, ``export``, ``evaluate`` and
     models/<name>/
       manifest.json       what the model is: classes, backbone identity, cache key, head, metrics
       head.safetensors    torch heads (linear, mlp): tensors + their parameters in the metadata
-      head.skops          scikit-learn heads (loaded with an explicit list of trusted types);
-                          head.joblib only where skops is not installed (sha256 checked first)
+      head.skops          scikit-learn heads, loaded only if every type in it is one featbank writes
       model.safetensors   fine-tuned bundles: the full network state (features.* and head.*)
       metrics.json, confusion_matrix.png, per_class_recall.png, misclassified.png
 
-Every weights file has its sha256 in the manifest and is checked before it is read. A bundle is
-written to a temporary folder next to its destination and moved into place with ``os.replace``,
-so a crash never leaves a half-written bundle under the final name.
+Trust model: a bundle is data and opening it never runs code. There is no pickle path; a skops
+file is loaded only when every type it names is in :func:`trusted_skops_types` (exact names of the
+estimators featbank saves and the types their state needs, never a module prefix). Every file
+name in the manifest must be a bare name inside the folder (no ``..``, no absolute path, no
+symlink out), every field is type-checked (:mod:`featbank._manifest`), and every weights file has
+its sha256 in the manifest, checked before it is read. The sha256 detects corruption, not an
+attacker (who rewrites the manifest too).
+
+Writing (:func:`save_bundle`): one writer per bundle (a lock), a temporary folder swapped in
+atomically, an existing bundle replaced only with ``overwrite=True``; see :mod:`featbank._bundle_store`.
 
 Probabilities: :meth:`Bundle.predict_proba` is the canonical mapping embeddings -> (N, C)
-probabilities (ONNX export must match it). For a scikit-learn head without ``predict_proba``
-it is the softmax of ``decision_function`` (binary: ``sigmoid(d)`` for the second class, i.e.
-the softmax of ``[0, d]``).
+probabilities (ONNX export must match it): :func:`featbank.heads.estimator_proba`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
-import time
-import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
 from . import __version__
-from .errors import BundleError
+from ._bundle_store import recover, remove_leftovers, swap_in, writer_lock
+from ._files import describe_os_error, temporary_path, timestamp
+from ._manifest import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST, Manifest, check_file_name, parse_manifest, read_manifest
+from .errors import BundleError, ConfigError
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -43,24 +47,32 @@ __all__ = [
     "Bundle",
     "save_bundle",
     "load_bundle",
+    "check_bundle_target",
     "sha256_bytes",
     "sha256_file",
     "serialize_sklearn",
-    "TRUSTED_MODULE_PREFIXES",
+    "trusted_skops_types",
 ]
 
-BUNDLE_FORMAT = "featbank-bundle"
-BUNDLE_VERSION = 1
-MANIFEST = "manifest.json"
-# Types a skops head file may contain: scikit-learn, numpy/scipy containers and featbank heads.
-TRUSTED_MODULE_PREFIXES = ("sklearn.", "numpy.", "scipy.", "featbank.heads.", "collections.")
-# Plain data types only: never builtins such as eval/exec/getattr that a crafted file could name.
-TRUSTED_BUILTINS = frozenset(
-    f"builtins.{t}"
-    for t in ("dict", "list", "tuple", "set", "frozenset", "str", "bytes", "int", "float", "complex",
-              "bool", "slice", "NoneType", "type", "object")
-)
-_WEIGHT_SECTIONS = ("head", "finetune")
+# Types below scikit-learn's public estimators that the state of the heads featbank saves needs
+# (trees, neighbour indexes and their metrics, MLP optimisers, calibrators, GP kernels). Found by
+# fitting every classifier 'fit --head' accepts and listing skops' untrusted types;
+# tests/test_bundle.py re-derives it. Exact names only: a module prefix would let any callable
+# in that module (numpy.testing's runstring, say) run when a file names it.
+_SKLEARN_STATE_TYPES = frozenset({
+    "sklearn.tree._tree.Tree",
+    "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+    "sklearn.neighbors._kd_tree.KDTree",
+    "sklearn.neighbors._ball_tree.BallTree",
+    "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
+    "sklearn.neural_network._stochastic_optimizers.SGDOptimizer",
+    "sklearn.calibration._CalibratedClassifier",
+    "sklearn.calibration._SigmoidCalibration",
+    "sklearn.gaussian_process._gpc._BinaryGaussianProcessClassifierLaplace",
+    "sklearn.gaussian_process.kernels.ConstantKernel",
+    "sklearn.gaussian_process.kernels.Product",
+    "sklearn.gaussian_process.kernels.RBF",
+})
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -75,18 +87,53 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+def _type_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__name__}"  # skops' spelling of a type
 
 
-def _weight_files(manifest: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """``[(section, file name), ...]`` of the weights files a manifest names."""
-    out = []
-    for section in _WEIGHT_SECTIONS:
-        sec = manifest.get(section)
-        if isinstance(sec, dict) and sec.get("file"):
-            out.append((section, str(sec["file"])))
-    return out
+def trusted_skops_types() -> frozenset[str]:
+    """Exact type names a ``head.skops`` file may contain beyond skops' own defaults.
+
+    The scikit-learn classifiers ``fit --head`` accepts, the pipeline steps featbank builds
+    (``Pipeline``, ``StandardScaler``, ``Normalizer``), the distance metrics their neighbour
+    indexes name (all but the Python-callable one), and :data:`_SKLEARN_STATE_TYPES`.
+    """
+    from sklearn.metrics import _dist_metrics
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import Normalizer, StandardScaler
+
+    from .heads import sklearn_classifiers
+
+    classes = [*sklearn_classifiers().values(), Pipeline, StandardScaler, Normalizer]
+    metrics = [c for c in getattr(_dist_metrics, "METRIC_MAPPING64", {}).values() if "PyFunc" not in c.__name__]
+    return frozenset(map(_type_name, classes + metrics)) | _SKLEARN_STATE_TYPES
+
+
+def _untrusted(data: bytes) -> list[str]:
+    """Types named in a skops file that featbank does not trust (skops' defaults aside)."""
+    import skops.io as sio
+
+    allowed = trusted_skops_types()
+    return sorted(t for t in sio.get_untrusted_types(data=data) if t not in allowed)
+
+
+def serialize_sklearn(estimator: Any) -> tuple[str, bytes, list[str]]:
+    """``(file name, bytes, trusted types)`` of a fitted scikit-learn estimator, as skops.
+
+    Raises:
+        ConfigError: the estimator's state needs a type featbank does not load (it would write
+            a bundle that cannot be opened).
+    """
+    import skops.io as sio
+
+    data = sio.dumps(estimator)
+    bad = _untrusted(data)
+    if bad:
+        raise ConfigError(
+            f"featbank cannot save {type(estimator).__name__} safely: its state holds types featbank does not "
+            f"load from a bundle ({', '.join(bad)}). Use another head or other --param values."
+        )
+    return "head.skops", data, sorted(sio.get_untrusted_types(data=data))
 
 
 def _core_digest(manifest: Mapping[str, Any], hashes: Mapping[str, str]) -> str:
@@ -104,99 +151,109 @@ def _is_bundle_dir(path: Path) -> bool:
         return False
 
 
+def check_bundle_target(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Check, before any work, that a bundle may be written at ``path``; return it as a Path.
+
+    ``fit`` and ``finetune`` call it up front (and :func:`save_bundle` again under its lock).
+
+    Raises:
+        BundleError: ``path`` is a file or a folder that is not a featbank bundle (never
+            replaced), or an existing bundle and ``overwrite`` is False.
+    """
+    path = Path(path)
+    recover(path)
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise BundleError(f"{str(path)!r} exists and is not a bundle folder; refusing to replace it. "
+                          "Choose another --name or --out.")
+    if path.exists():
+        if any(path.iterdir()) and not _is_bundle_dir(path):
+            raise BundleError(
+                f"{str(path)!r} exists and is not a featbank bundle; refusing to replace it. "
+                "Choose another --name or --out."
+            )
+        if _is_bundle_dir(path) and not overwrite:
+            raise BundleError(
+                f"Bundle {str(path)!r} already exists. Pass --overwrite to replace it, or choose another --name/--out."
+            )
+    return path
+
+
 def save_bundle(
     path: str | os.PathLike,
     manifest: dict[str, Any],
     files: Mapping[str, bytes | str | os.PathLike],
     *,
-    overwrite: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Write a bundle folder atomically and return its path.
 
     Args:
         path: the bundle folder (``models/<name>``); its parent is created.
-        manifest: the manifest; ``format``, ``bundle_version``, ``featbank_version`` and
-            ``created`` are filled when missing; each weights section (``head``/``finetune``)
-            gets the ``sha256`` of its ``file``; ``files`` (name -> sha256 of every file) and
-            ``bundle_id`` are set. The dict is updated in place.
+        manifest: the manifest, validated with :func:`featbank._manifest.parse_manifest`;
+            ``format``, ``bundle_version``, ``featbank_version`` and ``created`` are filled
+            when missing; the weights section (``head``/``finetune``) gets the ``sha256`` of its
+            ``file``; ``files`` (name -> sha256 of every file) and ``bundle_id`` are set. The
+            dict is updated in place.
         files: file name -> content (bytes), or a path to a file to copy (large weights).
         overwrite: replace an existing bundle at ``path`` (a folder that is not a bundle is
-            never replaced).
+            never replaced). Without it an existing bundle is refused.
 
     Raises:
-        BundleError: a weights file named in the manifest is not in ``files``, a file name is
-            not a plain name, or ``path`` exists and may not be replaced.
+        BundleError: a bad manifest or file name, the weights file missing from ``files``,
+            ``path`` exists and may not be replaced, another process is writing it, or the
+            disk refused a write (the message names the path; the old bundle is unchanged).
     """
     path = Path(path)
     for name in files:
-        if name != Path(name).name or name in ("", ".", "..", MANIFEST):
-            raise BundleError(f"Bundle file name {name!r} must be a plain file name other than {MANIFEST}.")
-    for section, name in _weight_files(manifest):
-        if name not in files:
-            raise BundleError(f"The manifest's {section}.file is {name!r} but no such file was given to save_bundle.")
-    if path.exists():
-        if not path.is_dir() or (any(path.iterdir()) and not _is_bundle_dir(path)):
-            raise BundleError(
-                f"{str(path)!r} exists and is not a featbank bundle; refusing to replace it. "
-                "Choose another --name or --out."
-            )
-        if not overwrite:
-            raise BundleError(f"Bundle {str(path)!r} already exists. Choose another --name, or remove it first.")
-
-    manifest.setdefault("format", BUNDLE_FORMAT)
-    manifest.setdefault("bundle_version", BUNDLE_VERSION)
-    manifest.setdefault("featbank_version", __version__)
-    manifest.setdefault("created", _now())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+        if name == MANIFEST:
+            raise BundleError(f"Bundle file name {name!r} is reserved for the manifest.")
+        check_file_name(name)
+    man = parse_manifest(manifest, f"manifest for {str(path)!r}", written=False)
+    if man.weights.file not in files:
+        raise BundleError(f"The manifest's {man.weights_section}.file is {man.weights.file!r} but no such file "
+                          "was given to save_bundle.")
     try:
-        hashes: dict[str, str] = {}
-        for name, content in files.items():
-            dst = tmp / name
-            if isinstance(content, (bytes, bytearray, memoryview)):
-                dst.write_bytes(bytes(content))
-            else:
-                shutil.copyfile(content, dst)
-            hashes[name] = sha256_file(dst)
-        for section, name in _weight_files(manifest):
-            manifest[section]["sha256"] = hashes[name]
-        manifest["files"] = dict(sorted(hashes.items()))
-        weights = {n: hashes[n] for _, n in _weight_files(manifest)}
-        manifest["bundle_id"] = _core_digest(manifest, weights)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BundleError(f"Cannot write bundle {str(path)!r}: {describe_os_error(e)}.") from None
+    with writer_lock(path):
+        check_bundle_target(path, overwrite)
+        remove_leftovers(path)
+        tmp = temporary_path(path)
+        try:
+            _write_folder(tmp, manifest, files, man)
+            swap_in(tmp, path)
+        except OSError as e:
+            kept = " The previous bundle is unchanged." if path.exists() else ""
+            raise BundleError(f"Cannot write bundle {str(path)!r}: {describe_os_error(e)} ({e.filename or path})."
+                              f"{kept}") from None
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
-def serialize_sklearn(estimator: Any) -> tuple[str, bytes, list[str]]:
-    """``(file name, bytes, trusted types)`` of a fitted scikit-learn estimator.
-
-    skops when installed (no pickle: loading needs an explicit list of trusted types), else
-    joblib — whose file the bundle only loads after its sha256 matched the manifest.
-    """
-    try:
-        import skops.io as sio
-    except ImportError:
-        import joblib
-
-        buf = io.BytesIO()
-        joblib.dump(estimator, buf)
-        return "head.joblib", buf.getvalue(), []
-    data = sio.dumps(estimator)
-    return "head.skops", data, sorted(sio.get_untrusted_types(data=data))
+def _write_folder(tmp: Path, manifest: dict[str, Any], files: Mapping[str, Any], man: Manifest) -> None:
+    manifest.setdefault("format", BUNDLE_FORMAT)
+    manifest.setdefault("bundle_version", BUNDLE_VERSION)
+    manifest.setdefault("featbank_version", __version__)
+    manifest.setdefault("created", timestamp())
+    tmp.mkdir()
+    hashes: dict[str, str] = {}
+    for name, content in files.items():
+        dst = tmp / name
+        if isinstance(content, (bytes, bytearray, memoryview)):
+            dst.write_bytes(bytes(content))
+        else:
+            shutil.copyfile(content, dst)
+        hashes[name] = sha256_file(dst)
+    manifest[man.weights_section]["sha256"] = hashes[man.weights.file]
+    manifest["files"] = dict(sorted(hashes.items()))
+    manifest["bundle_id"] = _core_digest(manifest, {man.weights.file: hashes[man.weights.file]})
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
 
 
 class Bundle:
@@ -204,7 +261,8 @@ class Bundle:
 
     Attributes:
         path: the bundle folder.
-        manifest: the parsed manifest.json.
+        manifest: the parsed manifest.json (a plain dict, validated).
+        info: the same manifest, typed (:class:`featbank._manifest.Manifest`).
         kind: ``"head"`` (a head fitted on cached embeddings) or ``"finetuned"``.
         classes: class names; column ``i`` of :meth:`predict_proba` is ``classes[i]``.
         backbone: identity dict of the backbone (backbone, weights, weights_sha256, transform,
@@ -212,13 +270,16 @@ class Bundle:
         cache_key: key of the cache the head was fitted on (``None`` for fine-tuned bundles).
     """
 
-    def __init__(self, path: Path, manifest: dict[str, Any]):
-        self.path = path
-        self.manifest = manifest
-        self.kind: str = manifest["kind"]
-        self.classes: list[str] = list(manifest["classes"])
-        self.backbone: dict[str, Any] = dict(manifest.get("backbone") or {})
-        self.cache_key: str | None = manifest.get("cache_key")
+    def __init__(self, path: Path, manifest: Manifest | dict[str, Any]):
+        if isinstance(manifest, dict):
+            manifest = parse_manifest(manifest, str(Path(path) / MANIFEST))
+        self.path = Path(path)
+        self.info = manifest
+        self.manifest: dict[str, Any] = manifest.raw
+        self.kind: str = manifest.kind
+        self.classes: list[str] = list(manifest.classes)
+        self.backbone: dict[str, Any] = dict(manifest.raw["backbone"])
+        self.cache_key: str | None = manifest.cache_key
         self._head: Any = None
 
     @property
@@ -227,8 +288,7 @@ class Bundle:
 
     @property
     def embed_dim(self) -> int | None:
-        d = self.backbone.get("embed_dim")
-        return int(d) if d is not None else None
+        return self.info.backbone.embed_dim
 
     @property
     def bundle_id(self) -> str:
@@ -244,23 +304,41 @@ class Bundle:
         root = Path(val.get("root") or ".")
         return [Path(p) if Path(p).is_absolute() else root / p for p in val.get("paths", [])]
 
-    def _read_checked(self, section: str) -> tuple[Path, bytes]:
-        sec = self.manifest.get(section) or {}
-        name = sec.get("file")
-        if not name:
-            raise BundleError(f"Bundle {str(self.path)!r} names no {section} file in its manifest; it is incomplete.")
+    def file(self, name: str) -> Path:
+        """The path of ``name`` inside the bundle, refusing anything that leads outside it.
+
+        Raises:
+            BundleError: not a bare name, or a symlink whose target is outside the folder.
+        """
+        try:
+            check_file_name(name)
+        except BundleError as e:
+            raise BundleError(f"Bundle {str(self.path)!r}: {e}") from None
         f = self.path / name
+        root = self.path.resolve()
+        if f.is_symlink() and root not in f.resolve().parents:
+            raise BundleError(f"Bundle {str(self.path)!r}: {name} is a symlink to {os.readlink(f)!r}, outside the "
+                              "bundle; refusing to open it.")
+        return f
+
+    def read_weights(self) -> bytes:
+        """The bytes of the weights file (``head.file`` / ``finetune.file``), sha256-checked.
+
+        Raises:
+            BundleError: missing, outside the bundle, or changed since it was written.
+        """
+        sec = self.info.weights
+        f = self.file(sec.file)
         if not f.is_file():
-            raise BundleError(f"Bundle {str(self.path)!r} is incomplete: {name} is missing. Re-create the bundle.")
+            raise BundleError(f"Bundle {str(self.path)!r} is incomplete: {sec.file} is missing. Re-create the bundle.")
         data = f.read_bytes()
-        want = sec.get("sha256")
-        if not want or sha256_bytes(data) != want:
+        if sha256_bytes(data) != sec.sha256:
             raise BundleError(
                 f"{str(f)!r} does not match the sha256 recorded in the manifest (got "
-                f"{sha256_bytes(data)[:12]}..., recorded {str(want)[:12]}...): the file was changed or "
+                f"{sha256_bytes(data)[:12]}..., recorded {str(sec.sha256)[:12]}...): the file was changed or "
                 "corrupted. Refusing to load it; re-create the bundle."
             )
-        return f, data
+        return data
 
     def load_head(self) -> Any:
         """The fitted estimator mapping embeddings -> probabilities (preprocessing included).
@@ -270,61 +348,77 @@ class Bundle:
         whose head is one linear layer, a ``LinearHead`` built from ``head.*`` of the network.
 
         Raises:
-            BundleError: missing file, sha256 mismatch, untrusted types, unreadable content.
+            BundleError: missing file, sha256 mismatch, untrusted types, unreadable content, or
+                a head whose number of classes is not the manifest's.
         """
         if self._head is not None:
             return self._head
         if self.kind == "finetuned":
             self._head = self._load_finetuned_head()
             return self._head
-        info = self.head_info
-        f, data = self._read_checked("head")
-        htype = info.get("type")
+        head = self.info.head
+        data = self.read_weights()
+        f = self.path / head.file
         try:
-            if htype in ("linear", "mlp"):
+            if head.type in ("linear", "mlp"):
                 from safetensors.numpy import load as st_load
 
                 from .heads import head_from_state
 
-                self._head = head_from_state(htype, st_load(data), info)
+                est = head_from_state(head.type, st_load(data), self.head_info)
             elif f.suffix == ".skops":
-                self._head = self._load_skops(data, f)
-            elif f.suffix == ".joblib":
-                import joblib
-
-                # Safe only because the sha256 above matched the manifest written at fit time.
-                self._head = joblib.load(io.BytesIO(data))
+                est = self._load_skops(data, f)
             else:
-                raise BundleError(f"Unknown head file type {f.name!r} (head.type={htype!r}) in {str(self.path)!r}.")
+                raise BundleError(f"Bundle {str(self.path)!r}: head file {head.file!r} (head.type {head.type!r}) "
+                                  "is neither .safetensors nor .skops; featbank loads no other format (no pickle).")
         except BundleError:
             raise
         except Exception as e:  # noqa: BLE001 - any decoding failure means a corrupt bundle
             raise BundleError(f"Cannot read head file {str(f)!r}: {type(e).__name__}: {e}. Re-create the bundle.") from None
-        return self._head
+        self._check_head_classes(est)
+        self._head = est
+        return est
+
+    def _check_head_classes(self, est: Any) -> None:
+        # A head predicts every class of the manifest, in order; a head fitted on a subset of the
+        # classes says so in head.classes_seen. Anything else is a manifest that lies about the head.
+        cols = np.asarray(getattr(est, "classes_", []))
+        seen = self.head_info.get("classes_seen")
+        want = list(range(self.n_classes)) if seen is None else seen
+        if cols.ndim != 1 or [c.item() if hasattr(c, "item") else c for c in cols] != want or (
+                seen is not None and not set(seen) <= set(range(self.n_classes))):
+            raise BundleError(
+                f"Bundle {str(self.path)!r}: its head predicts classes {cols.tolist()[:10]} but the manifest names "
+                f"{self.n_classes} classes {self.classes[:10]}; the manifest and the head disagree. Re-create the bundle."
+            )
 
     def _load_skops(self, data: bytes, f: Path) -> Any:
+        import skops.io as sio
+
         try:
-            import skops.io as sio
-        except ImportError:
-            raise BundleError(
-                f"{str(f)!r} is a skops file but skops is not installed. Run 'pip install skops'."
-            ) from None
-        untrusted = sorted(sio.get_untrusted_types(data=data))
-        bad = [t for t in untrusted if not (t.startswith(TRUSTED_MODULE_PREFIXES) or t in TRUSTED_BUILTINS)]
+            bad = _untrusted(data)
+            trusted = sorted(sio.get_untrusted_types(data=data))
+        except Exception as e:  # noqa: BLE001 - not a readable skops archive
+            raise BundleError(f"Cannot read head file {str(f)!r}: {type(e).__name__}: {e}. Re-create the bundle.") from None
         if bad:
             raise BundleError(
-                f"{str(f)!r} contains types featbank does not trust: {bad}. Refusing to load it. "
-                f"Only types from {', '.join(TRUSTED_MODULE_PREFIXES)} and plain builtin data types are loaded."
+                f"Bundle {str(self.path)!r}: {f.name} names types featbank does not trust: {', '.join(bad)}. Refusing "
+                "to load it (a bundle is data; only the exact types of the heads featbank saves are loaded)."
             )
-        return sio.loads(data, trusted=untrusted)
+        return sio.loads(data, trusted=trusted)
 
     def _load_finetuned_head(self) -> Any:
         from safetensors.numpy import load as st_load
 
         from .heads import LinearHead
 
-        _, data = self._read_checked("finetune")
-        tensors = {k[len("head."):]: v for k, v in st_load(data).items() if k.startswith("head.")}
+        data = self.read_weights()
+        try:
+            state = st_load(data)
+        except Exception as e:  # noqa: BLE001 - any decoding failure means a corrupt bundle
+            raise BundleError(f"Cannot read {str(self.path / self.info.weights.file)!r}: {type(e).__name__}: {e}. "
+                              "Re-create the bundle.") from None
+        tensors = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
         weights = [k for k, v in tensors.items() if v.ndim == 2]
         biases = [k for k, v in tensors.items() if v.ndim == 1]
         if len(weights) != 1 or len(biases) > 1:
@@ -333,11 +427,16 @@ class Bundle:
                 f"(head tensors: {sorted(tensors)}); load it with featbank.finetuning.load_finetuned_model instead."
             )
         w = tensors[weights[0]].astype(np.float32)
+        if w.shape[0] != self.n_classes:
+            raise BundleError(f"Bundle {str(self.path)!r}: its network has {w.shape[0]} outputs but the manifest names "
+                              f"{self.n_classes} classes; the manifest and the weights disagree. Re-create the bundle.")
         b = tensors[biases[0]].astype(np.float32) if biases else np.zeros(w.shape[0], np.float32)
         return LinearHead.from_coef(w, b, classes=np.arange(w.shape[0]))
 
     def predict_proba(self, embeddings: np.ndarray) -> np.ndarray:
         """(N, C) probabilities for (N, D) embeddings, columns in the order of :attr:`classes`."""
+        from .heads import estimator_proba
+
         X = np.asarray(embeddings, dtype=np.float32)
         if X.ndim != 2:
             raise BundleError(f"Embeddings must be a 2-D array (n_samples, embed_dim); got shape {X.shape}.")
@@ -346,22 +445,7 @@ class Bundle:
                 f"Embeddings have dimension {X.shape[1]} but bundle {str(self.path)!r} expects "
                 f"{self.embed_dim} (backbone {self.backbone.get('backbone')!r})."
             )
-        est = self.load_head()
-        if hasattr(est, "predict_proba") and _has_proba(est):
-            p = np.asarray(est.predict_proba(X), dtype=np.float64)
-        else:
-            d = np.asarray(est.decision_function(X), dtype=np.float64)
-            if d.ndim == 1:
-                d = np.stack([np.zeros_like(d), d], axis=1)
-            d = d - d.max(axis=1, keepdims=True)
-            p = np.exp(d)
-            p /= p.sum(axis=1, keepdims=True)
-        cols = np.asarray(getattr(est, "classes_", np.arange(p.shape[1]))).astype(np.int64)
-        if p.shape[1] == self.n_classes and np.array_equal(cols, np.arange(self.n_classes)):
-            return p
-        out = np.zeros((X.shape[0], self.n_classes), dtype=np.float64)
-        out[:, cols] = p
-        return out
+        return estimator_proba(self.load_head(), X, self.n_classes)
 
     def predict(self, embeddings: np.ndarray) -> np.ndarray:
         """Class indices (into :attr:`classes`) of the most probable class."""
@@ -374,60 +458,35 @@ class Bundle:
         )
 
 
-def _has_proba(est: Any) -> bool:
-    try:
-        getattr(est, "predict_proba")
-    except AttributeError:  # e.g. SVC(probability=False) hides it behind available_if
-        return False
-    return True
-
-
 def load_bundle(path: str | os.PathLike) -> Bundle:
     """Open a model bundle folder (or its manifest.json).
 
+    A bundle left without its folder by a writer killed mid-swap is restored first.
+
     Raises:
         BundleError: the folder or manifest is missing, unreadable, not a featbank bundle, of
-            another bundle version, or incomplete (a weights file is missing). Hashes are checked
-            when the weights are read (:meth:`Bundle.load_head`).
+            another bundle version, has a field of the wrong type, names a file outside the
+            folder, or is incomplete (the weights file is missing). Hashes are checked when the
+            weights are read (:meth:`Bundle.load_head`).
 
     Example:
         >>> bundle = load_bundle("models/elpv-linear")
         >>> probs = bundle.predict_proba(embeddings)
     """
     path = Path(path)
-    if path.is_file() and path.name == MANIFEST:
+    if path.name == MANIFEST and path.is_file():
         path = path.parent
+    recover(path)
     if not path.exists():
         raise BundleError(f"Model bundle {str(path)!r} does not exist. Train one with 'featbank fit' first.")
     if not path.is_dir():
         raise BundleError(
             f"{str(path)!r} is a file, not a model bundle folder. Pass the folder written by 'featbank fit' "
-            "(models/<name>), or an .onnx file where ONNX models are accepted."
+            "(models/<name>)."
         )
-    mf = path / MANIFEST
-    if not mf.is_file():
-        raise BundleError(f"{str(path)!r} has no {MANIFEST}; it is not a featbank model bundle.")
-    try:
-        manifest = json.loads(mf.read_text())
-    except (OSError, ValueError) as e:
-        raise BundleError(f"{str(mf)!r} is not valid JSON ({e}); the bundle is corrupt. Re-create it.") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{str(mf)!r} is not a featbank bundle manifest (format != {BUNDLE_FORMAT!r}).")
-    version = manifest.get("bundle_version")
-    if version != BUNDLE_VERSION:
-        raise BundleError(
-            f"Bundle {str(path)!r} has bundle_version {version!r}; this featbank ({__version__}) reads "
-            f"version {BUNDLE_VERSION}. Re-create it with this featbank version."
-        )
-    missing = [k for k in ("kind", "classes", "backbone") if k not in manifest]
-    if missing or manifest.get("kind") not in ("head", "finetuned"):
-        raise BundleError(
-            f"Bundle manifest {str(mf)!r} is incomplete or has an unknown kind "
-            f"(missing {missing}, kind={manifest.get('kind')!r}); re-create the bundle."
-        )
-    for section, name in _weight_files(manifest):
-        if not (path / name).is_file():
-            raise BundleError(f"Bundle {str(path)!r} is incomplete: {name} ({section} weights) is missing.")
-    if not _weight_files(manifest):
-        raise BundleError(f"Bundle {str(path)!r} names no weights file in its manifest; it is incomplete.")
-    return Bundle(path, manifest)
+    bundle = Bundle(path, read_manifest(path))
+    sec = bundle.info.weights
+    if not bundle.file(sec.file).is_file():
+        raise BundleError(f"Bundle {str(path)!r} is incomplete: {sec.file} ({bundle.info.weights_section} weights) "
+                          "is missing. Re-create the bundle.")
+    return bundle

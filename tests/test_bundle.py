@@ -60,7 +60,9 @@ def test_tampered_missing_and_foreign_bundles_are_refused(data, tmp_path):
     with pytest.raises(BundleError, match="no manifest.json"):
         load_bundle(tmp_path / "plain")
     with pytest.raises(BundleError, match="not a featbank bundle"):
-        save_bundle(tmp_path / "plain", {"kind": "head", "classes": [], "backbone": {}}, {})
+        save_bundle(tmp_path / "plain", {"kind": "head", "classes": ["a", "b"], "backbone": {"backbone": "test_tiny"},
+                                         "head": {"type": "linear", "file": "head.safetensors"}},
+                    {"head.safetensors": b"x"}, overwrite=True)
     assert (tmp_path / "plain" / "keep.txt").read_text() == "mine"
 
 
@@ -75,9 +77,12 @@ def test_future_bundle_version_is_refused(data, tmp_path):
 
 
 def test_save_bundle_replaces_an_old_bundle_atomically(tmp_path):
-    man = {"kind": "head", "classes": ["a", "b"], "backbone": {"embed_dim": 2},
-           "head": {"type": "sklearn", "file": "head.joblib"}}
-    p = save_bundle(tmp_path / "b", dict(man), {"head.joblib": b"one"})
-    save_bundle(tmp_path / "b", dict(man, head=dict(man["head"])), {"head.joblib": b"two"})
-    assert (p / "head.joblib").read_bytes() == b"two"
-    assert sorted(x.name for x in tmp_path.iterdir()) == ["b"]  # no temp folders left behind
+    man = {"kind": "head", "classes": ["a", "b"], "backbone": {"backbone": "test_tiny", "embed_dim": 2},
+           "head": {"type": "sklearn", "file": "head.skops"}}
+    p = save_bundle(tmp_path / "b", dict(man), {"head.skops": b"one"})
+    with pytest.raises(BundleError, match="already exists. Pass --overwrite"):
+        save_bundle(tmp_path / "b", dict(man, head=dict(man["head"])), {"head.skops": b"two"})
+    assert (p / "head.skops").read_bytes() == b"one"
+    save_bundle(tmp_path / "b", dict(man, head=dict(man["head"])), {"head.skops": b"two"}, overwrite=True)
+    assert (p / "head.skops").read_bytes() == b"two"
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["b"]  # no temp folders or lock left behind

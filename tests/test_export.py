@@ -72,7 +72,8 @@ def make_bundle(root: Path, data: Path, head: object, *, backbone: str = "test_t
     else:
         fname, data_bytes, _ = serialize_sklearn(head)
         est = head.steps[-1][1] if hasattr(head, "steps") else head
-        manifest["head"] = {"type": "sklearn", "estimator": type(est).__name__, "file": fname}
+        manifest["head"] = {"type": "sklearn", "estimator": type(est).__name__, "file": fname,
+                            "classes_seen": [int(c) for c in np.unique(y[train])]}
         files = {fname: data_bytes}
     return save_bundle(root / "models" / name, manifest, files)
 

@@ -51,13 +51,8 @@ def load_finetuned_model(path: str | os.PathLike) -> tuple[Backbone, nn.Linear]:
         )
     ft = bundle.manifest["finetune"]
     wfile = bundle.path / ft["file"]
-    data = wfile.read_bytes()
+    data = bundle.read_weights()  # confined to the bundle folder, sha256-checked
     sha = hashlib.sha256(data).hexdigest()
-    if sha != ft.get("sha256"):
-        raise BundleError(
-            f"{str(wfile)!r} does not match the sha256 in its manifest (got {sha[:12]}..., recorded "
-            f"{str(ft.get('sha256'))[:12]}...): the file was changed or corrupted. Re-create the bundle."
-        )
     try:
         state = st_load(data)
     except Exception as e:  # noqa: BLE001

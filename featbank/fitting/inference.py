@@ -70,6 +70,7 @@ def evaluate(model: str | Path, cache: Any = None, *, split: str = "auto") -> Ev
     from ..report import compute_metrics
 
     bundle = load_bundle(model)
+    bundle.load_head()  # a bundle that lies about its head is refused before the cache is read
     cache_obj, cache_path = _open(cache)
     try:
         _check_bundle_cache(bundle, cache_obj)

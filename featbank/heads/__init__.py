@@ -27,7 +27,7 @@ from __future__ import annotations
 from ._conversion import head_to_torch
 from ._linear_head import LinearHead
 from ._mlp_head import MLPHead
-from ._sklearn import make_sklearn_head, parse_param, sklearn_classifiers
+from ._sklearn import estimator_proba, has_predict_proba, make_sklearn_head, parse_param, sklearn_classifiers
 from ._state import head_from_state, head_state
 
 __all__ = [
@@ -39,4 +39,6 @@ __all__ = [
     "make_sklearn_head",
     "sklearn_classifiers",
     "parse_param",
+    "estimator_proba",
+    "has_predict_proba",
 ]

@@ -6,9 +6,11 @@ import ast
 import difflib
 from typing import Any
 
+import numpy as np
+
 from ..errors import ConfigError
 
-__all__ = ["make_sklearn_head", "parse_param", "sklearn_classifiers"]
+__all__ = ["make_sklearn_head", "parse_param", "sklearn_classifiers", "has_predict_proba", "estimator_proba"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -25,6 +27,42 @@ def sklearn_classifiers() -> dict[str, type]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return dict(all_estimators(type_filter="classifier"))
+
+
+def has_predict_proba(estimator: Any) -> bool:
+    """Whether ``estimator.predict_proba`` exists (``SVC(probability=False)`` hides it behind ``available_if``)."""
+    try:
+        estimator.predict_proba  # noqa: B018 - the attribute access is the test
+    except AttributeError:
+        return False
+    return True
+
+
+def estimator_proba(estimator: Any, X: Any, n_classes: int | None = None) -> np.ndarray:
+    """(N, C) float64 probabilities of a fitted classifier: the one definition featbank uses.
+
+    ``predict_proba`` where the estimator has one, else the softmax of ``decision_function``
+    (binary: the softmax of ``[0, d]``, i.e. ``sigmoid(d)`` for the second class). With
+    ``n_classes``, columns are placed at the estimator's integer ``classes_`` among ``n_classes``
+    (a head that saw a subset of the classes gives 0 for the others). ONNX export must match this.
+    """
+    if has_predict_proba(estimator):
+        p = np.asarray(estimator.predict_proba(X), dtype=np.float64)
+    else:
+        d = np.asarray(estimator.decision_function(X), dtype=np.float64)
+        if d.ndim == 1:
+            d = np.stack([np.zeros_like(d), d], axis=1)
+        d = d - d.max(axis=1, keepdims=True)
+        p = np.exp(d)
+        p /= p.sum(axis=1, keepdims=True)
+    if n_classes is None:
+        return p
+    cols = np.asarray(getattr(estimator, "classes_", np.arange(p.shape[1]))).astype(np.int64)
+    if p.shape[1] == n_classes and np.array_equal(cols, np.arange(n_classes)):
+        return p
+    out = np.zeros((p.shape[0], n_classes), dtype=np.float64)
+    out[:, cols] = p
+    return out
 
 
 def parse_param(text: str) -> tuple[str, Any]:

@@ -1,0 +1,277 @@
+"""The bundle manifest: typed sections and the one validating reader both ends go through.
+
+``save_bundle`` checks the manifest its builders pass (``fitting/probe.fit``,
+``finetuning/loop.finetune``) with :func:`parse_manifest` before a byte is written, and
+``load_bundle`` reads every manifest with it, so a field has one definition. A manifest is data
+written by whoever made the bundle: every field is type-checked, and every file name in it must
+be a bare name inside the bundle folder, before any file is opened.
+
+Errors name the manifest file and the field, e.g.
+``'models/x/manifest.json': field 'backbone.embed_dim' must be a positive integer; got 'abc'.``
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import BundleError
+
+__all__ = [
+    "BUNDLE_FORMAT",
+    "BUNDLE_VERSION",
+    "MANIFEST",
+    "KINDS",
+    "HEAD_TYPES",
+    "BackboneIdentity",
+    "HeadSection",
+    "FinetuneSection",
+    "Manifest",
+    "parse_manifest",
+    "read_manifest",
+    "check_file_name",
+]
+
+BUNDLE_FORMAT = "featbank-bundle"
+BUNDLE_VERSION = 1
+MANIFEST = "manifest.json"
+KINDS = ("head", "finetuned")
+HEAD_TYPES = ("linear", "mlp", "sklearn")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class BackboneIdentity:
+    """What made the embeddings: ``Backbone.identity()`` as recorded in a manifest."""
+
+    backbone: str
+    weights: str | None = None
+    weights_sha256: str | None = None
+    transform: dict[str, Any] | None = None
+    embed_dim: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backbone": self.backbone, "weights": self.weights, "weights_sha256": self.weights_sha256,
+                "transform": self.transform, "embed_dim": self.embed_dim}
+
+
+@dataclass(frozen=True)
+class HeadSection:
+    """``manifest["head"]`` of a head bundle: the head's file and what it is."""
+
+    type: str
+    file: str
+    sha256: str | None = None
+    estimator: str | None = None
+
+
+@dataclass(frozen=True)
+class FinetuneSection:
+    """``manifest["finetune"]`` of a fine-tuned bundle: the network's file and its base architecture."""
+
+    file: str
+    base_backbone: BackboneIdentity
+    sha256: str | None = None
+    strategy: str | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A validated manifest. ``raw`` keeps every field, typed or not (metrics, training, ...)."""
+
+    kind: str
+    classes: tuple[str, ...]
+    backbone: BackboneIdentity
+    cache_key: str | None
+    head: HeadSection | None
+    finetune: FinetuneSection | None
+    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    @property
+    def weights(self) -> HeadSection | FinetuneSection:
+        """The section naming the weights file (``head`` or ``finetune``)."""
+        return self.finetune if self.kind == "finetuned" else self.head  # type: ignore[return-value]
+
+    @property
+    def weights_section(self) -> str:
+        return "finetune" if self.kind == "finetuned" else "head"
+
+
+class _Reader:
+    """Type checks with messages naming the manifest file and the field."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def fail(self, name: str, want: str, value: Any) -> BundleError:
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        return BundleError(
+            f"{self.source!r}: field {name!r} must be {want}; got {shown}. The bundle is corrupt or was not "
+            "written by featbank; re-create it."
+        )
+
+    def section(self, obj: Mapping[str, Any], key: str, prefix: str = "", required: bool = True) -> dict | None:
+        value = obj.get(key)
+        if value is None and not required:
+            return None
+        if not isinstance(value, dict):
+            raise self.fail(prefix + key, "an object", value)
+        return value
+
+    def text(self, obj: Mapping[str, Any], key: str, prefix: str = "", required: bool = True) -> str | None:
+        value = obj.get(key)
+        if value is None and not required:
+            return None
+        if not isinstance(value, str) or not value:
+            raise self.fail(prefix + key, "a non-empty string", value)
+        return value
+
+    def sha(self, obj: Mapping[str, Any], key: str, prefix: str = "") -> str | None:
+        value = obj.get(key)
+        if value is not None and not (isinstance(value, str) and _SHA256.match(value)):
+            raise self.fail(prefix + key, "a sha256 (64 lowercase hex digits)", value)
+        return value
+
+    def positive_int(self, obj: Mapping[str, Any], key: str, prefix: str = "") -> int | None:
+        value = obj.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise self.fail(prefix + key, "a positive integer", value)
+        return value
+
+    def file_name(self, obj: Mapping[str, Any], key: str, prefix: str) -> str:
+        value = self.text(obj, key, prefix)
+        try:
+            return check_file_name(value)  # type: ignore[arg-type]
+        except BundleError as e:
+            raise BundleError(f"{self.source!r}: field {prefix + key!r}: {e}") from None
+
+
+def check_file_name(name: str) -> str:
+    """``name`` if it is a bare file name (no folder part, not absolute, not ``.``/``..``).
+
+    Raises:
+        BundleError: anything that could point outside the bundle folder.
+    """
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+            or "\0" in name or Path(name).is_absolute() or Path(name).name != name):
+        raise BundleError(
+            f"file name {name!r} is not a bare file name inside the bundle (no folders, no '..', no absolute "
+            "paths); refusing to open it."
+        )
+    return name
+
+
+def _identity(r: _Reader, obj: Mapping[str, Any], prefix: str) -> BackboneIdentity:
+    name = r.text(obj, "backbone", prefix)
+    transform = r.section(obj, "transform", prefix, required=False)
+    weights = obj.get("weights")
+    if weights is not None and not isinstance(weights, str):
+        raise r.fail(prefix + "weights", "a string", weights)
+    return BackboneIdentity(backbone=name, weights=weights, weights_sha256=r.sha(obj, "weights_sha256", prefix),
+                            transform=transform, embed_dim=r.positive_int(obj, "embed_dim", prefix))
+
+
+def _classes(r: _Reader, raw: Mapping[str, Any]) -> tuple[str, ...]:
+    classes = raw.get("classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
+        raise r.fail("classes", "a non-empty list of class names (strings)", classes)
+    if len(set(classes)) != len(classes):
+        dup = sorted({c for c in classes if classes.count(c) > 1})
+        raise r.fail("classes", f"a list of distinct class names (repeated: {dup})", classes)
+    return tuple(classes)
+
+
+def _base_backbone(r: _Reader, ft: Mapping[str, Any]) -> BackboneIdentity:
+    base = _identity(r, r.section(ft, "base_backbone", "finetune."), "finetune.base_backbone.")
+    # The base is an architecture name (registry, torchvision, timm), never a folder: a bundle
+    # whose base is a bundle would load itself forever.
+    if "/" in base.backbone or "\\" in base.backbone or base.backbone.startswith("."):
+        raise r.fail("finetune.base_backbone.backbone", "a backbone name (not a folder)", base.backbone)
+    return base
+
+
+def parse_manifest(raw: Any, source: str, *, written: bool = True) -> Manifest:
+    """Validate a manifest dict and return its typed view.
+
+    Args:
+        raw: the parsed JSON (or the dict a builder passes to ``save_bundle``).
+        source: what to name in messages (the manifest file).
+        written: ``True`` for a manifest read from disk (format, version, sha256 of the weights
+            and the file table must be there); ``False`` for one about to be saved.
+
+    Raises:
+        BundleError: a missing field or a value of the wrong type, naming ``source`` and the field.
+    """
+    r = _Reader(source)
+    if not isinstance(raw, dict):
+        raise BundleError(f"{source!r} is not a featbank bundle manifest (a JSON object); got {type(raw).__name__}.")
+    if written and raw.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{source!r} is not a featbank bundle manifest (format != {BUNDLE_FORMAT!r}).")
+    if written and raw.get("bundle_version") != BUNDLE_VERSION:
+        from . import __version__
+
+        raise BundleError(
+            f"Bundle {str(Path(source).parent)!r} has bundle_version {raw.get('bundle_version')!r}; this featbank "
+            f"({__version__}) reads version {BUNDLE_VERSION}. Re-create it with this featbank version."
+        )
+    kind = raw.get("kind")
+    if kind not in KINDS:
+        raise r.fail("kind", f"one of {', '.join(KINDS)}", kind)
+    classes = _classes(r, raw)
+    backbone = _identity(r, r.section(raw, "backbone"), "backbone.")
+    cache_key = r.text(raw, "cache_key", required=False)
+    head = finetune = None
+    if kind == "head":
+        h = r.section(raw, "head")
+        if h.get("type") not in HEAD_TYPES:
+            raise r.fail("head.type", f"one of {', '.join(HEAD_TYPES)}", h.get("type"))
+        head = HeadSection(type=h["type"], file=r.file_name(h, "file", "head."), sha256=r.sha(h, "sha256", "head."),
+                           estimator=r.text(h, "estimator", "head.", required=False))
+    else:
+        ft = r.section(raw, "finetune")
+        finetune = FinetuneSection(file=r.file_name(ft, "file", "finetune."), base_backbone=_base_backbone(r, ft),
+                                   sha256=r.sha(ft, "sha256", "finetune."),
+                                   strategy=r.text(ft, "strategy", "finetune.", required=False))
+    m = Manifest(kind=kind, classes=classes, backbone=backbone, cache_key=cache_key, head=head, finetune=finetune,
+                 raw=raw)
+    if written:
+        _check_written(r, m)
+    return m
+
+
+def _check_written(r: _Reader, m: Manifest) -> None:
+    section = m.weights_section
+    if m.weights.sha256 is None:
+        raise r.fail(f"{section}.sha256", "the sha256 of the weights file", None)
+    files = r.section(m.raw, "files", required=False) or {}
+    for name, digest in files.items():
+        r.file_name({"name": name}, "name", "files.")
+        r.sha(files, name, "files.")
+    validation = r.section(m.raw, "validation", required=False)
+    if validation is not None:
+        paths = validation.get("paths", [])
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise r.fail("validation.paths", "a list of strings", paths)
+        if validation.get("root") is not None and not isinstance(validation.get("root"), str):
+            raise r.fail("validation.root", "a string", validation.get("root"))
+
+
+def read_manifest(path: Path) -> Manifest:
+    """Read and validate ``<bundle>/manifest.json``.
+
+    Raises:
+        BundleError: missing, unreadable, not JSON, or any field of the wrong type.
+    """
+    mf = Path(path) / MANIFEST
+    if mf.is_symlink() or not mf.is_file():
+        raise BundleError(f"{str(Path(path))!r} has no {MANIFEST}; it is not a featbank model bundle.")
+    try:
+        raw = json.loads(mf.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{str(mf)!r} is not valid JSON ({e}); the bundle is corrupt. Re-create it.") from None
+    return parse_manifest(raw, str(mf))
