@@ -86,3 +86,43 @@ def test_save_bundle_replaces_an_old_bundle_atomically(tmp_path):
     save_bundle(tmp_path / "b", dict(man, head=dict(man["head"])), {"head.skops": b"two"}, overwrite=True)
     assert (p / "head.skops").read_bytes() == b"two"
     assert sorted(x.name for x in tmp_path.iterdir()) == ["b"]  # no temp folders or lock left behind
+
+
+def test_trusted_skops_types_are_exact_names():
+    from featbank.bundle import trusted_skops_types
+
+    trusted = trusted_skops_types()
+    assert "sklearn.pipeline.Pipeline" in trusted and "sklearn.svm._classes.SVC" in trusted
+    assert all(not t.endswith(".") and t.count(".") >= 1 for t in trusted)
+    assert not any(t.startswith(("numpy.testing", "builtins.", "os.", "posix.", "subprocess.")) for t in trusted)
+    assert "sklearn.metrics._dist_metrics.PyFuncDistance64" not in trusted
+
+
+@pytest.mark.slow
+def test_every_head_fit_accepts_saves_and_loads_with_the_trusted_types(tmp_path):
+    """The allowlist is what featbank writes: every classifier `fit --head` accepts round-trips."""
+    import warnings
+
+    import skops.io as sio
+
+    from featbank.bundle import serialize_sklearn
+    from featbank.heads import make_sklearn_head, sklearn_classifiers
+
+    X, y = blobs(12, 6, 3, sep=2.0)
+    X = X - X.min()  # non-negative, for the naive Bayes heads that need counts
+    variants = [(n, {}) for n in sklearn_classifiers()] + [
+        ("KNeighborsClassifier", {"algorithm": "ball_tree", "metric": "manhattan"}), ("MLPClassifier", {"solver": "sgd"}),
+        ("CalibratedClassifierCV", {"method": "isotonic"}), ("SVC", {"probability": True})]
+    saved = 0
+    for name, params in variants:
+        try:
+            est = make_sklearn_head(name, params)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                est.fit(X, y)
+        except Exception:  # noqa: BLE001 - meta-estimators that need an inner estimator, etc.
+            continue
+        fname, data, _ = serialize_sklearn(est)  # raises if a type would not be trusted on load
+        sio.loads(data, trusted=sorted(sio.get_untrusted_types(data=data)))
+        saved += 1
+    assert saved >= 30
