@@ -22,7 +22,9 @@ Examples:
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @device_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON list of predictions.")
-def predict(model, images, top_k, batch_size, device, as_json) -> None:
+@click.option("--weights-file", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="The backbone weights file, for bundles fitted with --weights-file.")
+def predict(model, images, top_k, batch_size, device, as_json, weights_file) -> None:
     """Classify images with a model bundle (runs its backbone) or an exported .onnx model.
 
     Folders are searched recursively for images. Unreadable images are listed, the rest classified.
@@ -31,7 +33,7 @@ def predict(model, images, top_k, batch_size, device, as_json) -> None:
 
     from featbank.fitting import predict as predict_images
 
-    preds = predict_images(model, images, top_k=top_k, device=device, batch_size=batch_size)
+    preds = predict_images(model, images, top_k=top_k, device=device, batch_size=batch_size, weights_file=weights_file)
     if as_json:
         click.echo(json.dumps([p.to_dict() for p in preds], indent=2))
         return

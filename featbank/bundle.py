@@ -52,6 +52,8 @@ __all__ = [
     "sha256_file",
     "serialize_sklearn",
     "trusted_skops_types",
+    "backbone_of_bundle",
+    "is_bundle_folder",
 ]
 
 # Types below scikit-learn's public estimators that the state of the heads featbank saves needs
@@ -340,6 +342,41 @@ class Bundle:
             )
         return data
 
+    def load_backbone(self, weights_file: str | os.PathLike | None = None) -> Any:
+        """The :class:`featbank.backbones.Backbone` whose embeddings this bundle's head reads.
+
+        Head bundles: the backbone named in the manifest with the recorded weights, checked
+        against the recorded sha256. Fine-tuned bundles: the fine-tuned network itself.
+
+        Args:
+            weights_file: the weights file, for bundles fitted on a backbone loaded with
+                ``--weights-file`` (the manifest records its sha256, not where it lives).
+
+        Raises:
+            BundleError: the weights came from a file and none was given, or the weights on
+                this machine are not the ones the bundle was fitted with.
+        """
+        if self.kind == "finetuned":
+            from ._network import finetuned_network
+
+            return finetuned_network(self)[0]
+        from .backbones import load_backbone as load_named
+
+        ident = self.info.backbone
+        if weights_file is None and str(ident.weights or "").startswith("file:"):
+            raise BundleError(
+                f"Bundle {str(self.path)!r} was fitted on backbone {ident.backbone!r} with weights from a file "
+                f"({ident.weights}); pass that file with --weights-file PATH."
+            )
+        bb = load_named(ident.backbone, weights=None if weights_file else ident.weights, weights_file=weights_file)
+        if ident.weights_sha256 and bb.weights_sha256 != ident.weights_sha256:
+            raise BundleError(
+                f"The weights of backbone {ident.backbone!r} on this machine (sha256 {bb.weights_sha256[:12]}...) are "
+                f"not the ones bundle {str(self.path)!r} was fitted with ({ident.weights_sha256[:12]}...). Install the "
+                "same weights (or pass them with --weights-file), or re-fit the bundle."
+            )
+        return bb
+
     def load_head(self) -> Any:
         """The fitted estimator mapping embeddings -> probabilities (preprocessing included).
 
@@ -490,3 +527,42 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         raise BundleError(f"Bundle {str(path)!r} is incomplete: {sec.file} ({bundle.info.weights_section} weights) "
                           "is missing. Re-create the bundle.")
     return bundle
+
+
+def is_bundle_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder holding a manifest.json (a bundle, valid or not)."""
+    p = Path(path)
+    return p.is_dir() and (p / MANIFEST).exists()
+
+
+def backbone_of_bundle(folder: str | os.PathLike) -> Any:
+    """A fine-tuned bundle folder as a backbone; ``None`` for a folder that is no bundle.
+
+    Registered with :func:`featbank.backbones.register_backbone_source` when this module is
+    imported: this is where a bundle becomes a backbone (``extract --backbone models/<name>``,
+    ``finetune --backbone models/<name>``), so :mod:`featbank.backbones` never imports bundles
+    or fine-tuning code.
+
+    Raises:
+        BundleError: a bundle folder that is not a fine-tuned bundle, or a bad bundle.
+    """
+    name = folder
+    if is_bundle_folder(name):
+        bundle = load_bundle(name)
+        if bundle.kind != "finetuned":
+            raise BundleError(
+                f"{str(name)!r} is a {bundle.kind!r} bundle (a head fitted on cached embeddings), not a fine-tuned "
+                f"network; as --backbone pass the backbone it was fitted on ({bundle.info.backbone.backbone}), or a "
+                "bundle made by 'featbank finetune'."
+            )
+        return bundle.load_backbone()
+    return None
+
+
+def _register() -> None:
+    from .backbones import register_backbone_source
+
+    register_backbone_source(backbone_of_bundle)
+
+
+_register()

@@ -25,7 +25,7 @@ from __future__ import annotations
 # but featbank.finetuning, featbank.extraction and the tests import them from here, the path they
 # had when this package was one module.
 from . import _lite, _tiny  # noqa: F401
-from ._factory import describe_backbone, list_backbones, load_backbone, peek_identity  # noqa: F401
+from ._factory import describe_backbone, list_backbones, load_backbone, peek_identity, register_backbone_source  # noqa: F401
 from ._groups import HEAD_GROUP, _group_modules, backbone_groups, param_groups  # noqa: F401
 from ._lite import _lite_weights_path  # noqa: F401
 from ._registry import (
@@ -45,6 +45,7 @@ __all__ = [
     "Backbone",
     "BackboneInfo",
     "register_backbone",
+    "register_backbone_source",
     "list_backbones",
     "load_backbone",
     "describe_backbone",

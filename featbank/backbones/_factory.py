@@ -6,10 +6,11 @@ Also the listing (``featbank backbones``) and the cheap identity used to recogni
 from __future__ import annotations
 
 import difflib
+import importlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import ConfigError
 from ._lite import _LITE, _lite_preprocess, _lite_weights_path
@@ -24,7 +25,7 @@ from ._registry import (
 from ._timm import _build_timm
 from ._torchvision import _build_torchvision, _tv_info, _tv_models
 
-__all__ = ["load_backbone", "list_backbones", "describe_backbone", "peek_identity"]
+__all__ = ["load_backbone", "list_backbones", "describe_backbone", "peek_identity", "register_backbone_source"]
 
 def _all_names() -> list[str]:
     names = list(_REGISTRY)
@@ -48,9 +49,21 @@ def _unknown(name: str) -> ConfigError:
     return ConfigError(f"Unknown backbone {name!r}.{hint} Run 'featbank backbones' to list them.")
 
 
+# Callables folder -> Backbone (or None: not mine). featbank.bundle registers the fine-tuned
+# bundle loader, so backbones sit below bundles and fine-tuning with no import cycle.
+_SOURCES: list[Callable[[str], Backbone | None]] = []
+_BUNDLE_SOURCE_MODULE = "featbank.bundle"
+
+
+def register_backbone_source(source: Callable[[str], Backbone | None]) -> None:
+    """Let ``source(folder)`` turn a folder into a :class:`Backbone` in :func:`load_backbone`."""
+    if source not in _SOURCES:
+        _SOURCES.append(source)
+
+
 def _is_bundle_dir(name: str) -> bool:
     p = Path(name)
-    return p.is_dir() and (p / "manifest.json").is_file()
+    return p.is_dir() and (p / "manifest.json").exists()
 
 
 def load_backbone(
@@ -61,8 +74,10 @@ def load_backbone(
     """Build a backbone with its weights, offline.
 
     Args:
-        name: a registered name, a torchvision model name, a timm model name (optionally
-            prefixed ``torchvision:`` / ``timm:``), or the folder of a fine-tuned featbank bundle.
+        name: a registered name, a torchvision model name, or a timm model name (optionally
+            prefixed ``torchvision:`` / ``timm:``), or a folder a registered source opens: model
+            bundles register themselves (:func:`register_backbone_source`), so a fine-tuned
+            bundle folder works here while backbones never import bundle or fine-tuning code.
         weights: a weight name (torchvision enum such as ``IMAGENET1K_V2``), ``random`` for a
             random initialisation (warns), or ``None`` for the default pretrained weights.
         weights_file: a local state_dict to load instead (``weights_only=True``).
@@ -78,9 +93,13 @@ def load_backbone(
     """
     wf = Path(weights_file) if weights_file is not None else None
     if _is_bundle_dir(name):
-        from ..finetuning import load_finetuned_backbone
-
-        return load_finetuned_backbone(Path(name))
+        if not _SOURCES:
+            # Plugin-style: the bundle layer registers itself on import; backbones never names it.
+            importlib.import_module(_BUNDLE_SOURCE_MODULE)
+        for source in _SOURCES:
+            bb = source(name)
+            if bb is not None:
+                return bb
     if name in _REGISTRY:
         return _REGISTRY[name].build(weights, wf, weights == RANDOM)
     source, _, bare = name.rpartition(":")

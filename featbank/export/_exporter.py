@@ -132,7 +132,7 @@ def build_torch_classifier(
         bb, head = _finetuned(bundle)
         ProbaHead, _ = _torch_modules()
         return Classifier(bb.embedder(), ProbaHead(head, "logits")).eval(), bb.preprocess
-    bb = _bundle_backbone(bundle, weights_file)
+    bb = bundle.load_backbone(weights_file)
     head = _head_to_torch(bundle.load_head(), bundle.n_classes)
     if head is None:
         raise ExportError(f"The head of {str(bundle.path)!r} is not a torch-expressible head.")
@@ -277,7 +277,7 @@ def export_model(
             def ref_fn(x: np.ndarray) -> np.ndarray:
                 return _torch_batches(lambda t: module(t)[0], x)
         else:
-            bb = _bundle_backbone(bundle, weights_file)
+            bb = bundle.load_backbone(weights_file)
             if bundle.embed_dim is not None and bb.embed_dim != bundle.embed_dim:
                 raise BundleError(
                     f"Backbone {bb.name!r} gives {bb.embed_dim}-d embeddings but the bundle's head expects "

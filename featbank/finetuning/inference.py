@@ -2,94 +2,42 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
-from ..backbones import Backbone, load_backbone
-from ..errors import BundleError, RandomWeightsWarning
-from ..images import ImageReadError, PreprocessConfig, load_image
+from .._network import finetuned_network
+from ..backbones import Backbone
+from ..images import ImageReadError, load_image
 from .data import _ImageSet
 from .loop import _autocast, _default_workers, _loader
 from .model import FinetuneModel
 
 __all__ = ["FinetunedPredictions", "load_finetuned_backbone", "load_finetuned_model", "predict_images"]
 
-# --------------------------------------------------------------------------------------------
-# Using a fine-tuned bundle
-# --------------------------------------------------------------------------------------------
 
-
-def load_finetuned_model(path: str | os.PathLike) -> tuple[Backbone, nn.Linear]:
-    """The fine-tuned network of a bundle: ``(backbone, head)``.
+def load_finetuned_model(path: Any) -> tuple[Backbone, torch.nn.Linear]:
+    """The fine-tuned network of a bundle (a folder or an opened Bundle): ``(backbone, head)``.
 
     ``backbone.embedder()`` maps uint8 NHWC images to embeddings, ``head`` maps embeddings to
     logits (``softmax`` gives the bundle's probabilities, columns in ``manifest["classes"]``).
-    ``backbone.identity()`` keys caches on the sha256 of ``model.safetensors``.
 
     Raises:
         BundleError: not a fine-tuned bundle, weights missing or changed (sha256), or weights
             that do not fit the recorded base architecture.
     """
-    from safetensors.torch import load as st_load
+    from ..bundle import Bundle, load_bundle
 
-    from ..bundle import load_bundle
-
-    bundle = load_bundle(path)
-    if bundle.kind != "finetuned":
-        raise BundleError(
-            f"{str(path)!r} is a {bundle.kind!r} bundle (a head fitted on cached embeddings), not a fine-tuned "
-            "network; as --backbone pass the backbone it was fitted on, or a bundle made by 'featbank finetune'."
-        )
-    ft = bundle.manifest["finetune"]
-    wfile = bundle.path / ft["file"]
-    data = bundle.read_weights()  # confined to the bundle folder, sha256-checked
-    sha = hashlib.sha256(data).hexdigest()
-    try:
-        state = st_load(data)
-    except Exception as e:  # noqa: BLE001
-        raise BundleError(f"Cannot read {str(wfile)!r}: {e}. Re-create the bundle.") from None
-    base = ft["base_backbone"]
-    with warnings.catch_warnings():
-        # The architecture only: every tensor is replaced by the fine-tuned weights below.
-        warnings.simplefilter("ignore", RandomWeightsWarning)
-        arch = load_backbone(base["backbone"], weights="random")
-    feats = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
-    head_state = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
-    classes = bundle.classes
-    head = nn.Linear(arch.embed_dim, len(classes))
-    try:
-        arch.features.load_state_dict(feats, strict=True)
-        head.load_state_dict(head_state, strict=True)
-    except RuntimeError as e:
-        raise BundleError(
-            f"The weights in {str(wfile)!r} do not fit {base['backbone']!r}: {str(e).splitlines()[0]}"
-        ) from None
-    bb = Backbone(
-        name=bundle.backbone.get("backbone", f"finetuned:{base['backbone']}"),
-        weights="finetuned",
-        weights_sha256=sha,
-        preprocess=PreprocessConfig.from_dict(base["transform"]),
-        embed_dim=arch.embed_dim,
-        features=arch.features.eval(),
-        classifier=head.eval(),
-        family="finetuned",
-        embedding_note=f"pooled features of {base['backbone']} fine-tuned by featbank ({ft['strategy']})",
-        extra={"bundle": str(bundle.path), "classes": classes, "base": base, "base_family": ft.get("base_family")},
-    )
-    return bb, head
+    return finetuned_network(path if isinstance(path, Bundle) else load_bundle(path))
 
 
 def load_finetuned_backbone(path: str | os.PathLike) -> Backbone:
-    """A fine-tuned bundle as a :class:`Backbone` (``load_backbone(models/<name>)`` lands here)."""
+    """A fine-tuned bundle as a :class:`Backbone` (as ``featbank.load_backbone(models/<name>)``)."""
     return load_finetuned_model(path)[0]
 
 
@@ -130,8 +78,7 @@ def predict_images(
     """
     from ..extraction import resolve_device
 
-    path = bundle.path if hasattr(bundle, "path") else Path(bundle)
-    bb, head = load_finetuned_model(path)
+    bb, head = load_finetuned_model(bundle)
     dev = torch.device(resolve_device(device))
     model = FinetuneModel(bb.features, head, bb.preprocess.mean, bb.preprocess.std).eval().to(dev)
     if dev.type == "cpu":

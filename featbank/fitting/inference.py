@@ -137,10 +137,11 @@ def _list_images(images: Sequence[str | Path]) -> list[Path]:
 
 
 def predict(model: str | Path, images: Sequence[str | Path], *, top_k: int = 1, device: str = "auto",
-            batch_size: int = 32) -> list[Prediction]:
+            batch_size: int = 32, weights_file: str | Path | None = None) -> list[Prediction]:
     """Classify new images with a bundle (runs its backbone) or an exported ``.onnx`` model.
 
     Unreadable images get a ``Prediction`` with ``error`` set; the others are still classified.
+    ``weights_file``: the backbone weights file, for bundles fitted with ``--weights-file``.
 
     Raises:
         BundleError: bad bundle; ConfigError: missing paths, bad ``top_k``.
@@ -159,24 +160,13 @@ def predict(model: str | Path, images: Sequence[str | Path], *, top_k: int = 1, 
 
     import torch
 
-    from ..backbones import load_backbone
     from ..bundle import load_bundle
     from ..images import ImageReadError, load_and_preprocess
     from ..train import resolve_device
 
     bundle = load_bundle(model)
     bundle.load_head()
-    if bundle.kind == "finetuned":
-        bb = load_backbone(str(bundle.path))
-    else:
-        ident = bundle.backbone
-        bb = load_backbone(ident["backbone"], weights=ident.get("weights"))
-        if ident.get("weights_sha256") and bb.weights_sha256 != ident["weights_sha256"]:
-            raise BundleError(
-                f"Model {str(bundle.path)!r} was fitted on embeddings of {ident['backbone']} weights with sha256 "
-                f"{ident['weights_sha256'][:12]}..., but the weights on this machine have "
-                f"{bb.weights_sha256[:12]}...; the predictions would be meaningless."
-            )
+    bb = bundle.load_backbone(weights_file)
     dev = resolve_device(device)
     net = bb.embedder().eval().to(dev)
 
