@@ -218,3 +218,23 @@ def test_lite0_classifier_recognises_coffee_and_a_cat() -> None:
         probs = torch.softmax(bb.classifier(emb), dim=1).numpy()
     assert probs[0].argmax() == 967 and probs[0, 967] > 0.9, probs[0].max()
     assert 281 <= probs[1].argmax() <= 287, probs[1].argmax()
+
+
+def test_unknown_backbone_suggests_only_listed_names() -> None:
+    """timm's efficientnet_lite3/lite4 are not listed and not available offline: never suggested."""
+    with pytest.raises(ConfigError) as e:
+        load_backbone("efficientnet_lit0")
+    msg = str(e.value)
+    assert "'efficientnet_lite0'" in msg and "lite3" not in msg and "lite4" not in msg
+
+
+def test_listing_every_torchvision_model_prints_no_future_warning() -> None:
+    import warnings
+
+    from featbank.backbones import list_backbones
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = list_backbones(include_all=True)
+    assert any(r.name == "googlenet" for r in rows)
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]

@@ -122,3 +122,13 @@ def test_parse_param_literals():
     assert parse_param("fit_intercept=false") == ("fit_intercept", False)
     with pytest.raises(ConfigError, match="key=value"):
         parse_param("C0.5")
+
+
+def test_misspelt_featbank_head_suggests_it() -> None:
+    from featbank.errors import ConfigError
+    from featbank.heads import make_sklearn_head
+
+    with pytest.raises(ConfigError, match="Did you mean 'linear'"):
+        make_sklearn_head("linaer", {})
+    with pytest.raises(ConfigError, match="Did you mean 'mlp'"):
+        make_sklearn_head("mpl", {})

@@ -27,24 +27,20 @@ from ._torchvision import _build_torchvision, _tv_info, _tv_models
 
 __all__ = ["load_backbone", "list_backbones", "describe_backbone", "peek_identity", "register_backbone_source"]
 
-def _all_names() -> list[str]:
+def _listed_names() -> list[str]:
+    """The names 'featbank backbones --all' lists (featbank's own, torchvision's): the ones to suggest."""
     names = list(_REGISTRY)
     try:
         names += _tv_models()
-    except Exception:  # noqa: BLE001
-        pass
-    try:
-        import timm
-
-        names += timm.list_models()
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - a suggestion must never hide the real error
         pass
     return names
 
 
 def _unknown(name: str) -> ConfigError:
-    # torchvision and timm share many names (resnet18 is in both): suggest each name once.
-    close = difflib.get_close_matches(name.split(":")[-1], list(dict.fromkeys(_all_names())), n=3, cutoff=0.6)
+    # Suggest only what 'featbank backbones --all' lists: timm's thousand names (efficientnet_lite3,
+    # say) are not listed and have no weights offline, so they would only fail next.
+    close = difflib.get_close_matches(name.split(":")[-1], list(dict.fromkeys(_listed_names())), n=3, cutoff=0.6)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     return ConfigError(f"Unknown backbone {name!r}.{hint} Run 'featbank backbones' to list them.")
 

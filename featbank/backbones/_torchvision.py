@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +147,9 @@ def _tv_info(name: str) -> BackboneInfo:
     pre = _tv_preprocess(enum)
     dim = None
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), warnings.catch_warnings():
+            # GoogLeNet / Inception v3 warn about a future default init; irrelevant to a listing.
+            warnings.filterwarnings("ignore", category=FutureWarning, message=r"The default weight initialization")
             m = torchvision.models.get_model(name)
         dim = _last_linear(m)[1].in_features
     except Exception:  # noqa: BLE001 - listing must not fail on one model

@@ -10,12 +10,16 @@ import numpy as np
 
 from ..errors import ConfigError
 
-__all__ = ["make_sklearn_head", "parse_param", "sklearn_classifiers", "has_predict_proba", "estimator_proba"]
+__all__ = ["FEATBANK_HEADS", "make_sklearn_head", "parse_param", "sklearn_classifiers", "has_predict_proba", "estimator_proba"]
 
 
 # --------------------------------------------------------------------------------------------
 # scikit-learn heads by name
 # --------------------------------------------------------------------------------------------
+
+
+#: The heads featbank implements itself (torch, full-batch); every other head name is a scikit-learn classifier.
+FEATBANK_HEADS = ("linear", "mlp")
 
 
 def sklearn_classifiers() -> dict[str, type]:
@@ -96,7 +100,9 @@ def make_sklearn_head(name: str, params: dict[str, Any], *, standardize: bool = 
         if name.lower() in lower:
             name = lower[name.lower()]
         else:
-            close = [lower[c] for c in difflib.get_close_matches(name.lower(), list(lower), n=4, cutoff=0.5)]
+            # featbank's own heads are names too: 'linaer' should suggest 'linear' first.
+            names = {**{h: h for h in FEATBANK_HEADS}, **lower}
+            close = [names[c] for c in difflib.get_close_matches(name.lower(), list(names), n=4, cutoff=0.5)]
             close += [n for n in registry if name.lower() in n.lower() and n not in close][: 4 - len(close)]
             hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
             raise ConfigError(
