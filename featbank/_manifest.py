@@ -33,6 +33,7 @@ __all__ = [
     "parse_manifest",
     "read_manifest",
     "check_file_name",
+    "build_manifest",
 ]
 
 BUNDLE_FORMAT = "featbank-bundle"
@@ -275,3 +276,36 @@ def read_manifest(path: Path) -> Manifest:
     except (OSError, ValueError) as e:
         raise BundleError(f"{str(mf)!r} is not valid JSON ({e}); the bundle is corrupt. Re-create it.") from None
     return parse_manifest(raw, str(mf))
+
+
+def build_manifest(
+    kind: str,
+    classes: list[str],
+    backbone: BackboneIdentity,
+    *,
+    cache_key: str | None = None,
+    head: dict[str, Any] | None = None,
+    finetune: dict[str, Any] | None = None,
+    **sections: Any,
+) -> dict[str, Any]:
+    """The manifest dict ``save_bundle`` takes, built from typed parts and checked now.
+
+    ``head`` / ``finetune`` are the weights section (``type``/``file`` ... for a head,
+    ``file``/``base_backbone`` ... for a fine-tuned network); ``sections`` are the free-form
+    ones (``metrics``, ``validation``, ``training``, ``data``).
+
+    Raises:
+        BundleError: a field of the wrong type (the builder's bug, caught before any work).
+    """
+    raw: dict[str, Any] = {"kind": kind, "classes": list(classes), "backbone": backbone.to_dict(),
+                           "cache_key": cache_key}
+    if head is not None:
+        raw["head"] = dict(head)
+    if finetune is not None:
+        ft = dict(finetune)
+        if isinstance(ft.get("base_backbone"), BackboneIdentity):
+            ft["base_backbone"] = ft["base_backbone"].to_dict()
+        raw["finetune"] = ft
+    raw.update(sections)
+    parse_manifest(raw, f"the {kind} manifest being built", written=False)
+    return raw

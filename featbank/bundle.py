@@ -26,20 +26,16 @@ probabilities (ONNX export must match it): :func:`featbank.heads.estimator_proba
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from . import __version__
-from ._bundle_store import recover, remove_leftovers, swap_in, writer_lock
-from ._files import describe_os_error, temporary_path, timestamp
+from ._bundle_store import check_bundle_target, recover, save_bundle, sha256_bytes, sha256_file  # noqa: F401
 from ._manifest import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST, Manifest, check_file_name, parse_manifest, read_manifest
-from .errors import BundleError, ConfigError
+from ._skops import load_skops, serialize_sklearn, trusted_skops_types  # noqa: F401 - public here too
+from .errors import BundleError
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -55,208 +51,6 @@ __all__ = [
     "backbone_of_bundle",
     "is_bundle_folder",
 ]
-
-# Types below scikit-learn's public estimators that the state of the heads featbank saves needs
-# (trees, neighbour indexes and their metrics, MLP optimisers, calibrators, GP kernels). Found by
-# fitting every classifier 'fit --head' accepts and listing skops' untrusted types;
-# tests/test_bundle.py re-derives it. Exact names only: a module prefix would let any callable
-# in that module (numpy.testing's runstring, say) run when a file names it.
-_SKLEARN_STATE_TYPES = frozenset({
-    "sklearn.tree._tree.Tree",
-    "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
-    "sklearn.neighbors._kd_tree.KDTree",
-    "sklearn.neighbors._ball_tree.BallTree",
-    "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
-    "sklearn.neural_network._stochastic_optimizers.SGDOptimizer",
-    "sklearn.calibration._CalibratedClassifier",
-    "sklearn.calibration._SigmoidCalibration",
-    "sklearn.gaussian_process._gpc._BinaryGaussianProcessClassifierLaplace",
-    "sklearn.gaussian_process.kernels.ConstantKernel",
-    "sklearn.gaussian_process.kernels.Product",
-    "sklearn.gaussian_process.kernels.RBF",
-})
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _type_name(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__name__}"  # skops' spelling of a type
-
-
-def trusted_skops_types() -> frozenset[str]:
-    """Exact type names a ``head.skops`` file may contain beyond skops' own defaults.
-
-    The scikit-learn classifiers ``fit --head`` accepts, the pipeline steps featbank builds
-    (``Pipeline``, ``StandardScaler``, ``Normalizer``), the distance metrics their neighbour
-    indexes name (all but the Python-callable one), and :data:`_SKLEARN_STATE_TYPES`.
-    """
-    from sklearn.metrics import _dist_metrics
-    from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import Normalizer, StandardScaler
-
-    from .heads import sklearn_classifiers
-
-    classes = [*sklearn_classifiers().values(), Pipeline, StandardScaler, Normalizer]
-    metrics = [c for c in getattr(_dist_metrics, "METRIC_MAPPING64", {}).values() if "PyFunc" not in c.__name__]
-    return frozenset(map(_type_name, classes + metrics)) | _SKLEARN_STATE_TYPES
-
-
-def _untrusted(data: bytes) -> list[str]:
-    """Types named in a skops file that featbank does not trust (skops' defaults aside)."""
-    import skops.io as sio
-
-    allowed = trusted_skops_types()
-    return sorted(t for t in sio.get_untrusted_types(data=data) if t not in allowed)
-
-
-def serialize_sklearn(estimator: Any) -> tuple[str, bytes, list[str]]:
-    """``(file name, bytes, trusted types)`` of a fitted scikit-learn estimator, as skops.
-
-    Raises:
-        ConfigError: the estimator's state needs a type featbank does not load (it would write
-            a bundle that cannot be opened).
-    """
-    import skops.io as sio
-
-    data = sio.dumps(estimator)
-    bad = _untrusted(data)
-    if bad:
-        raise ConfigError(
-            f"featbank cannot save {type(estimator).__name__} safely: its state holds types featbank does not "
-            f"load from a bundle ({', '.join(bad)}). Use another head or other --param values."
-        )
-    return "head.skops", data, sorted(sio.get_untrusted_types(data=data))
-
-
-def _core_digest(manifest: Mapping[str, Any], hashes: Mapping[str, str]) -> str:
-    core = {k: v for k, v in manifest.items() if k not in ("bundle_id", "created", "metrics")}
-    h = hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode())
-    for name in sorted(hashes):
-        h.update(name.encode() + b"\0" + hashes[name].encode())
-    return h.hexdigest()[:16]
-
-
-def _is_bundle_dir(path: Path) -> bool:
-    try:
-        return json.loads((path / MANIFEST).read_text()).get("format") == BUNDLE_FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def check_bundle_target(path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Check, before any work, that a bundle may be written at ``path``; return it as a Path.
-
-    ``fit`` and ``finetune`` call it up front (and :func:`save_bundle` again under its lock).
-
-    Raises:
-        BundleError: ``path`` is a file or a folder that is not a featbank bundle (never
-            replaced), or an existing bundle and ``overwrite`` is False.
-    """
-    path = Path(path)
-    recover(path)
-    if path.is_symlink() or (path.exists() and not path.is_dir()):
-        raise BundleError(f"{str(path)!r} exists and is not a bundle folder; refusing to replace it. "
-                          "Choose another --name or --out.")
-    if path.exists():
-        if any(path.iterdir()) and not _is_bundle_dir(path):
-            raise BundleError(
-                f"{str(path)!r} exists and is not a featbank bundle; refusing to replace it. "
-                "Choose another --name or --out."
-            )
-        if _is_bundle_dir(path) and not overwrite:
-            raise BundleError(
-                f"Bundle {str(path)!r} already exists. Pass --overwrite to replace it, or choose another --name/--out."
-            )
-    return path
-
-
-def save_bundle(
-    path: str | os.PathLike,
-    manifest: dict[str, Any],
-    files: Mapping[str, bytes | str | os.PathLike],
-    *,
-    overwrite: bool = False,
-) -> Path:
-    """Write a bundle folder atomically and return its path.
-
-    Args:
-        path: the bundle folder (``models/<name>``); its parent is created.
-        manifest: the manifest, validated with :func:`featbank._manifest.parse_manifest`;
-            ``format``, ``bundle_version``, ``featbank_version`` and ``created`` are filled
-            when missing; the weights section (``head``/``finetune``) gets the ``sha256`` of its
-            ``file``; ``files`` (name -> sha256 of every file) and ``bundle_id`` are set. The
-            dict is updated in place.
-        files: file name -> content (bytes), or a path to a file to copy (large weights).
-        overwrite: replace an existing bundle at ``path`` (a folder that is not a bundle is
-            never replaced). Without it an existing bundle is refused.
-
-    Raises:
-        BundleError: a bad manifest or file name, the weights file missing from ``files``,
-            ``path`` exists and may not be replaced, another process is writing it, or the
-            disk refused a write (the message names the path; the old bundle is unchanged).
-    """
-    path = Path(path)
-    for name in files:
-        if name == MANIFEST:
-            raise BundleError(f"Bundle file name {name!r} is reserved for the manifest.")
-        check_file_name(name)
-    man = parse_manifest(manifest, f"manifest for {str(path)!r}", written=False)
-    if man.weights.file not in files:
-        raise BundleError(f"The manifest's {man.weights_section}.file is {man.weights.file!r} but no such file "
-                          "was given to save_bundle.")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise BundleError(f"Cannot write bundle {str(path)!r}: {describe_os_error(e)}.") from None
-    with writer_lock(path):
-        check_bundle_target(path, overwrite)
-        remove_leftovers(path)
-        tmp = temporary_path(path)
-        try:
-            _write_folder(tmp, manifest, files, man)
-            swap_in(tmp, path)
-        except OSError as e:
-            kept = " The previous bundle is unchanged." if path.exists() else ""
-            raise BundleError(f"Cannot write bundle {str(path)!r}: {describe_os_error(e)} ({e.filename or path})."
-                              f"{kept}") from None
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
-
-def _write_folder(tmp: Path, manifest: dict[str, Any], files: Mapping[str, Any], man: Manifest) -> None:
-    manifest.setdefault("format", BUNDLE_FORMAT)
-    manifest.setdefault("bundle_version", BUNDLE_VERSION)
-    manifest.setdefault("featbank_version", __version__)
-    manifest.setdefault("created", timestamp())
-    tmp.mkdir()
-    hashes: dict[str, str] = {}
-    for name, content in files.items():
-        dst = tmp / name
-        if isinstance(content, (bytes, bytearray, memoryview)):
-            dst.write_bytes(bytes(content))
-        else:
-            shutil.copyfile(content, dst)
-        hashes[name] = sha256_file(dst)
-    manifest[man.weights_section]["sha256"] = hashes[man.weights.file]
-    manifest["files"] = dict(sorted(hashes.items()))
-    manifest["bundle_id"] = _core_digest(manifest, {man.weights.file: hashes[man.weights.file]})
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-
 
 class Bundle:
     """A model bundle opened for use. Use :func:`load_bundle`.
@@ -377,6 +171,33 @@ class Bundle:
             )
         return bb
 
+    def check_cache(self, cache: Any) -> None:
+        """Check that an open cache holds embeddings this bundle's head can read.
+
+        Raises:
+            BundleError: another embedding size, another cache key (backbone, weights,
+                transform, dtype), or for a fine-tuned bundle embeddings of other weights.
+        """
+        bundle = self
+        if bundle.embed_dim is not None and bundle.embed_dim != cache.embed_dim:
+            raise BundleError(
+                f"Model {str(bundle.path)!r} expects {bundle.embed_dim}-d embeddings "
+                f"({bundle.backbone.get('backbone')!r}) but cache {str(cache.path)!r} holds {cache.embed_dim}-d "
+                f"embeddings ({cache.metadata.get('backbone')!r}). Extract the data with the model's backbone."
+            )
+        if bundle.cache_key and bundle.cache_key != cache.cache_key:
+            raise BundleError(
+                f"Model {str(bundle.path)!r} was fitted on embeddings with cache key {bundle.cache_key[:12]}... but "
+                f"{str(cache.path)!r} has key {cache.cache_key[:12]}... (backbone {cache.metadata.get('backbone')!r}, "
+                f"weights {cache.metadata.get('weights')!r}): its embeddings come from other settings. Extract with "
+                f"'featbank extract DATA --backbone {bundle.backbone.get('backbone')}' and the same weights/dtype."
+            )
+        if bundle.cache_key is None and bundle.backbone.get("weights_sha256") not in (None, cache.metadata.get("weights_sha256")):
+            raise BundleError(
+                f"Model {str(bundle.path)!r} needs embeddings of its own fine-tuned backbone; cache "
+                f"{str(cache.path)!r} was made with other weights. Extract with '--backbone {bundle.path}'."
+            )
+
     def load_head(self) -> Any:
         """The fitted estimator mapping embeddings -> probabilities (preprocessing included).
 
@@ -404,7 +225,7 @@ class Bundle:
 
                 est = head_from_state(head.type, st_load(data), self.head_info)
             elif f.suffix == ".skops":
-                est = self._load_skops(data, f)
+                est = load_skops(data, f"Bundle {str(self.path)!r}: {f.name}")
             else:
                 raise BundleError(f"Bundle {str(self.path)!r}: head file {head.file!r} (head.type {head.type!r}) "
                                   "is neither .safetensors nor .skops; featbank loads no other format (no pickle).")
@@ -428,21 +249,6 @@ class Bundle:
                 f"Bundle {str(self.path)!r}: its head predicts classes {cols.tolist()[:10]} but the manifest names "
                 f"{self.n_classes} classes {self.classes[:10]}; the manifest and the head disagree. Re-create the bundle."
             )
-
-    def _load_skops(self, data: bytes, f: Path) -> Any:
-        import skops.io as sio
-
-        try:
-            bad = _untrusted(data)
-            trusted = sorted(sio.get_untrusted_types(data=data))
-        except Exception as e:  # noqa: BLE001 - not a readable skops archive
-            raise BundleError(f"Cannot read head file {str(f)!r}: {type(e).__name__}: {e}. Re-create the bundle.") from None
-        if bad:
-            raise BundleError(
-                f"Bundle {str(self.path)!r}: {f.name} names types featbank does not trust: {', '.join(bad)}. Refusing "
-                "to load it (a bundle is data; only the exact types of the heads featbank saves are loaded)."
-            )
-        return sio.loads(data, trusted=trusted)
 
     def _load_finetuned_head(self) -> Any:
         from safetensors.numpy import load as st_load

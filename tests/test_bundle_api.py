@@ -57,3 +57,22 @@ def test_bundle_load_backbone_checks_the_weights(file_weights_bundle, tmp_path):
     torch.save({k: v * 2 for k, v in state.items()}, other)
     with pytest.raises(BundleError, match="not the ones"):
         b.load_backbone(weights_file=other)
+
+
+def test_manifest_schema_is_one_definition_for_both_ends(tmp_path):
+    """save_bundle checks builders' manifests with the reader's schema; build_manifest gives typed parts."""
+    from featbank._manifest import BackboneIdentity, build_manifest
+    from featbank.bundle import load_bundle, save_bundle
+    from featbank.errors import BundleError
+
+    ident = BackboneIdentity("test_tiny", "seed1234", "0" * 64, {"input_size": [32, 32]}, 32)
+    m = build_manifest("head", ["a", "b"], ident, cache_key="k", head={"type": "sklearn", "file": "head.skops"},
+                       metrics={})
+    b = load_bundle(save_bundle(tmp_path / "b", m, {"head.skops": b"x"}))
+    assert b.info.backbone == ident and b.info.head.file == "head.skops" and b.info.head.sha256
+    with pytest.raises(BundleError, match="field 'backbone.embed_dim'"):
+        build_manifest("head", ["a"], BackboneIdentity("test_tiny", embed_dim="32"), head={"type": "linear",
+                                                                                           "file": "h"})
+    with pytest.raises(BundleError, match="field 'head.file'.*bare file name"):
+        save_bundle(tmp_path / "c", {**m, "head": {"type": "sklearn", "file": "../h.skops"}}, {"h.skops": b"x"})
+    assert not (tmp_path / "c").exists()

@@ -32,27 +32,6 @@ class EvalResult:
         return {"model": str(self.model), "cache": str(self.cache_path), "split": self.split, "metrics": self.metrics}
 
 
-def _check_bundle_cache(bundle: Any, cache: Any) -> None:
-    if bundle.embed_dim is not None and bundle.embed_dim != cache.embed_dim:
-        raise BundleError(
-            f"Model {str(bundle.path)!r} expects {bundle.embed_dim}-d embeddings "
-            f"({bundle.backbone.get('backbone')!r}) but cache {str(cache.path)!r} holds {cache.embed_dim}-d "
-            f"embeddings ({cache.metadata.get('backbone')!r}). Extract the data with the model's backbone."
-        )
-    if bundle.cache_key and bundle.cache_key != cache.cache_key:
-        raise BundleError(
-            f"Model {str(bundle.path)!r} was fitted on embeddings with cache key {bundle.cache_key[:12]}... but "
-            f"{str(cache.path)!r} has key {cache.cache_key[:12]}... (backbone {cache.metadata.get('backbone')!r}, "
-            f"weights {cache.metadata.get('weights')!r}): its embeddings come from other settings. Extract with "
-            f"'featbank extract DATA --backbone {bundle.backbone.get('backbone')}' and the same weights/dtype."
-        )
-    if bundle.cache_key is None and bundle.backbone.get("weights_sha256") not in (None, cache.metadata.get("weights_sha256")):
-        raise BundleError(
-            f"Model {str(bundle.path)!r} needs embeddings of its own fine-tuned backbone; cache "
-            f"{str(cache.path)!r} was made with other weights. Extract with '--backbone {bundle.path}'."
-        )
-
-
 def evaluate(model: str | Path, cache: Any = None, *, split: str = "auto") -> EvalResult:
     """Metrics of a model bundle on a cache extracted with the same backbone settings.
 
@@ -73,7 +52,7 @@ def evaluate(model: str | Path, cache: Any = None, *, split: str = "auto") -> Ev
     bundle.load_head()  # a bundle that lies about its head is refused before the cache is read
     cache_obj, cache_path = _open(cache)
     try:
-        _check_bundle_cache(bundle, cache_obj)
+        bundle.check_cache(cache_obj)
         labelled = cache_obj.labels >= 0
         if not labelled.any():
             raise CacheError(f"Cache {str(cache_path)!r} has no labels; evaluation needs labelled images. "
