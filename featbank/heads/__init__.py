@@ -22,7 +22,7 @@ so a streamed fit equals the in-memory one up to float rounding).
 
 from __future__ import annotations
 
-# LinearHead and MLPHead keep __module__ == "featbank.heads" (set in their submodules): pickles,
+# LinearHead and MLPHead keep __module__ == "featbank.heads" (set in their submodules):
 # skops files and bundle manifests written before the split name them so, and resolve through here.
 from ._conversion import head_to_torch
 from ._linear_head import LinearHead
