@@ -214,3 +214,140 @@ def test_subprocess_exit_code_and_no_traceback(corpus: dict[str, Path], tmp_path
                        capture_output=True, text=True, timeout=300, cwd=REPO)
     assert r.returncode == 2, r.stderr
     assert "resize_size" in r.stderr and "60000" in r.stderr and "Traceback" not in r.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# The embedder graph cached under $FEATBANK_CACHE_DIR/onnx: verified on use, rebuilt when broken
+# --------------------------------------------------------------------------------------------
+
+
+def _embeddings(cache_path: Path) -> np.ndarray:
+    fc = featbank.open_cache(cache_path)
+    return fc.load_embeddings(np.ones(fc.n_samples, bool))
+
+
+@pytest.mark.slow  # real processes and ONNX exports: ~10-20 s on a free CPU
+def test_broken_embedder_onnx_is_rebuilt_by_extract_and_export(tmp_path: Path) -> None:
+    """FEATBANK_CACHE_DIR is this test's own (conftest): the graph is built here from nothing."""
+    from featbank.errors import OnnxCacheRebuiltWarning
+    from featbank.extraction._engines import _onnx_cache_path, check_embedder_onnx
+
+    data = make_image_folder(tmp_path / "data", n_per_class=3, size=(36, 40))
+    kw = dict(backbone="test_tiny", engine="onnxruntime", num_workers=0, progress=False)
+    fresh = _embeddings(featbank.extract(data, tmp_path / "a.h5", **kw).path)
+    graph = _onnx_cache_path(featbank.load_backbone("test_tiny").identity())
+    assert graph.is_file() and check_embedder_onnx(graph) is None
+    good = graph.read_bytes()
+
+    graph.write_bytes(good[: len(good) // 2])  # truncated: today extract silently fell back to torch
+    with pytest.warns(OnnxCacheRebuiltWarning, match="truncated"):
+        report = featbank.extract(data, tmp_path / "b.h5", **kw)
+    assert report.engine == "onnxruntime"  # not the silent fall back to torch
+    np.testing.assert_array_equal(_embeddings(report.path), fresh)
+    assert check_embedder_onnx(graph) is None and graph.stat().st_size == len(good)
+
+    corrupt = bytearray(good)
+    corrupt[len(good) // 2: len(good) // 2 + 64] = b"\xff" * 64  # same size, other bytes
+    graph.write_bytes(bytes(corrupt))
+    bundle = featbank.fit(tmp_path / "a.h5", "linear", out=tmp_path / "models", name="lin").path
+    with pytest.warns(OnnxCacheRebuiltWarning, match="sha256 differs"):
+        report = featbank.export_model(bundle, tmp_path / "k.onnx")
+    assert report.parity["passed"] and check_embedder_onnx(graph) is None
+
+    graph.with_name(graph.name + ".json").unlink()  # no record (an older featbank, a killed run)
+    with pytest.warns(OnnxCacheRebuiltWarning, match="no record"):
+        featbank.extract(data, tmp_path / "c.h5", **kw)
+    assert check_embedder_onnx(graph) is None
+    assert not [p for p in graph.parent.iterdir() if ".tmp-" in p.name]
+
+
+# --------------------------------------------------------------------------------------------
+# export's output: checked before the work, exit 2 with the path and the reason, old file intact
+# --------------------------------------------------------------------------------------------
+
+
+def test_export_refuses_unusable_outputs_before_the_work(corpus: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("my notes")
+    old = tmp_path / "old.onnx"
+    shutil.copy(corpus["model"], old)
+    cases = [
+        (tmp_path / "notes.txt" / "k.onnx", "notes.txt' is a file, not a folder"),
+        (Path("/proc/k.onnx"), "Cannot write the ONNX model under '/proc'"),
+        (Path("/dev/null"), "is not a regular file"),
+    ]
+    for out, words in cases:
+        r = CliRunner().invoke(cli, ["export", str(corpus["bundle"]), "--out", str(out)])
+        assert r.exit_code == 2 and words in r.output and "Traceback" not in r.output, r.output
+    r = CliRunner().invoke(cli, ["export", str(old)])
+    assert r.exit_code == 2 and "already an exported model" in r.output and f"featbank predict {old}" in r.output
+    # Refused before the slow part: this test's own FEATBANK_CACHE_DIR got no embedder graph.
+    assert not (Path(os.environ["FEATBANK_CACHE_DIR"]) / "onnx").exists()
+    assert (tmp_path / "notes.txt").read_text() == "my notes" and old.read_bytes() == corpus["model"].read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "old.onnx"]
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
+def test_export_into_read_only_folder_says_so(corpus: dict[str, Path], tmp_path: Path) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        r = CliRunner().invoke(cli, ["export", str(corpus["bundle"]), "--out", str(ro / "k.onnx")])
+    finally:
+        ro.chmod(0o755)
+    assert r.exit_code == 2 and "permission denied" in r.output and "opset" not in r.output, r.output
+
+
+def _export_cmd(bundle: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "featbank.cli.main", "export", str(bundle), "--out", str(out), *extra]
+
+
+@pytest.mark.slow  # real processes and ONNX exports: ~10-20 s on a free CPU
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE stands in for a full disk")
+def test_disk_full_during_export_keeps_the_old_file(corpus: dict[str, Path], tmp_path: Path,
+                                                    shared_cache: Path) -> None:
+    import resource
+
+    out = tmp_path / "k.onnx"
+    shutil.copy(corpus["model"], out)
+    before = out.read_bytes()
+    limit = len(before) // 2  # the embedder graph is cached already; the new model cannot be written
+
+    def small_disk() -> None:  # Python ignores SIGXFSZ, so writes past the limit fail with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    r = subprocess.run(_export_cmd(corpus["bundle"], out), capture_output=True, text=True, timeout=600, cwd=REPO,
+                       preexec_fn=small_disk)
+    assert r.returncode == 2, r.stderr
+    assert str(out) in r.stderr and "File too large" in r.stderr and "unchanged" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.onnx"]
+
+
+@pytest.mark.slow  # real processes and ONNX exports: ~10-20 s on a free CPU
+def test_killed_export_leaves_temporaries_that_the_next_export_removes(corpus: dict[str, Path], tmp_path: Path,
+                                                                       shared_cache: Path) -> None:
+    out = tmp_path / "k.onnx"
+    shutil.copy(corpus["model"], out)
+    before = out.read_bytes()
+    orphans: list[Path] = []
+    for _ in range(5):  # the temporary lives for the parity check; catch it there and SIGKILL
+        proc = subprocess.Popen(_export_cmd(corpus["bundle"], out, "--check-images", str(corpus["data"])),
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            if [p for p in tmp_path.iterdir() if p.name.startswith(".k.onnx.tmp-")]:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.002)
+        proc.wait(timeout=60)
+        orphans = [p for p in tmp_path.iterdir() if p.name.startswith(".k.onnx.tmp-")]
+        if orphans:
+            break
+    assert orphans, "the export finished before it could be killed five times"
+    assert out.read_bytes() == before  # the killed run never touched the published file
+    r = CliRunner().invoke(cli, ["export", str(corpus["bundle"]), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name], list(tmp_path.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.onnx", "k.parity.json"]
