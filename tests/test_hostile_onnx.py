@@ -351,3 +351,34 @@ def test_killed_export_leaves_temporaries_that_the_next_export_removes(corpus: d
     assert r.exit_code == 0, r.output
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name], list(tmp_path.iterdir())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k.onnx", "k.parity.json"]
+
+
+# --------------------------------------------------------------------------------------------
+# Messages that say what works
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # fits and exports seven heads
+def test_svc_refusal_suggests_only_heads_that_export(tmp_path: Path, shared_cache: Path) -> None:
+    import re
+
+    from featbank.errors import ExportError
+
+    # Enough images per class for CalibratedClassifierCV's default 5-fold calibration.
+    data = make_image_folder(tmp_path / "data", n_per_class=9, size=(36, 40))
+    cache = featbank.extract(data, tmp_path / "c.h5", backbone="test_tiny", engine="onnxruntime", num_workers=0,
+                             progress=False).path
+    svc = featbank.fit(cache, "SVC", out=tmp_path / "models", name="svc").path
+    with pytest.raises(ExportError) as info:
+        featbank.export_model(svc, tmp_path / "svc.onnx")
+    message = str(info.value)
+    assert "logistic|" not in message and "CalibratedClassifierCV(SVC())" not in message
+    suggestions = re.findall(r"--head (\w+(?: --param \w+=\w+)?)", message)
+    suggestions += re.search(r"\(or --head ([^)]*)\)", message).group(1).split(", ")
+    assert {"linear", "mlp", "SVC --param probability=True", "CalibratedClassifierCV"} <= set(suggestions)
+    for i, head in enumerate(dict.fromkeys(suggestions)):
+        args = ["fit", str(cache), "--head", *head.split(), "--name", f"h{i}", "-o", str(tmp_path / "models")]
+        r = CliRunner().invoke(cli, args)
+        assert r.exit_code == 0, (head, r.output)
+        r = CliRunner().invoke(cli, ["export", str(tmp_path / "models" / f"h{i}"), "--out", str(tmp_path / f"h{i}.onnx")])
+        assert r.exit_code == 0 and "top-1 agreement 100.0%" in r.output, (head, r.output)
