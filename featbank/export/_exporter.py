@@ -296,15 +296,8 @@ def export_model(
         meta = _metadata(bundle, bb, route)
         _stamp(graph, meta)
         onnx.save(graph, str(tmp))
-        parity = None
-        if check:
-            parity = _check(bundle, tmp, out_path, ref_fn, images, source, bb.preprocess, atol)
-        unchecked = {"checked": False, "passed": None, "reason": "--no-check"}
-        atomic_write_text(parity_path, json.dumps(parity if parity is not None else unchecked, indent=2) + "\n")
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out_path)
-        fsync_dir(out_path.parent)
+        parity = _check(bundle, tmp, out_path, ref_fn, images, source, bb.preprocess, atol) if check else None
+        _publish(tmp, out_path, parity_path, parity)
     except OSError as e:
         raise _file_error(e, out_path) from None
     finally:
@@ -397,6 +390,16 @@ def _check(bundle: Any, tmp: Path, out_path: Path, ref_fn: Callable[[np.ndarray]
             "(--no-check writes it anyway; not recommended)."
         )
     return parity
+
+
+def _publish(tmp: Path, out_path: Path, parity_path: Path, parity: dict[str, Any] | None) -> None:
+    """Write the parity JSON, then move the checked graph to its name (durably, in one rename)."""
+    unchecked = {"checked": False, "passed": None, "reason": "--no-check"}
+    atomic_write_text(parity_path, json.dumps(parity if parity is not None else unchecked, indent=2) + "\n")
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, out_path)
+    fsync_dir(out_path.parent)
 
 
 def _file_error(e: OSError, out_path: Path) -> ExportError:
