@@ -85,6 +85,8 @@ def _session(path: Path, providers: Sequence[str] | None, options: Any) -> Any:
     if path.is_dir():
         raise BundleError(f"{str(path)!r} is a folder, not an ONNX model file. Pass the .onnx file 'featbank "
                           "export' wrote (a model bundle folder is run with 'featbank predict BUNDLE IMAGES').")
+    if path.exists() and not path.is_file():
+        raise BundleError(f"{str(path)!r} is not a regular file; pass the .onnx file 'featbank export' wrote.")
     if not path.is_file():
         raise BundleError(f"ONNX model {str(path)!r} does not exist. Export one with 'featbank export MODEL'.")
     try:
@@ -355,7 +357,14 @@ class OnnxClassifier:
                 f"The model input must be uint8 of shape (N, {h}, {w}, 3) (NHWC RGB). Got {x.dtype} "
                 f"{x.shape} instead; use OnnxClassifier.preprocess or predict_proba on raw images."
             )
-        probs, label = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(x)})
+        try:
+            probs, label = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(x)})
+        except Exception as e:  # noqa: BLE001 - onnxruntime's own error types; the input was checked above
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BundleError(
+                f"{str(self.path)!r} failed to run on a batch of {len(x)} image(s) ({first}). The graph is "
+                "damaged or was not written by 'featbank export'; re-export the model."
+            ) from None
         if probs.shape != (len(x), self.n_classes) or label.shape != (len(x),):
             # A graph with a symbolic class axis passes the load-time check; its width shows here.
             raise BundleError(

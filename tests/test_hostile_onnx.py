@@ -274,6 +274,8 @@ def test_export_refuses_unusable_outputs_before_the_work(corpus: dict[str, Path]
         (tmp_path / "notes.txt" / "k.onnx", "notes.txt' is a file, not a folder"),
         (Path("/proc/k.onnx"), "Cannot write the ONNX model under '/proc'"),
         (Path("/dev/null"), "is not a regular file"),
+        (corpus["bundle"] / "manifest.json", "is inside the bundle folder"),  # would overwrite the bundle
+        (tmp_path / ("k" * 250 + ".onnx"), "File name too long"),
     ]
     for out, words in cases:
         r = CliRunner().invoke(cli, ["export", str(corpus["bundle"]), "--out", str(out)])
@@ -283,6 +285,7 @@ def test_export_refuses_unusable_outputs_before_the_work(corpus: dict[str, Path]
     # Refused before the slow part: this test's own FEATBANK_CACHE_DIR got no embedder graph.
     assert not (Path(os.environ["FEATBANK_CACHE_DIR"]) / "onnx").exists()
     assert (tmp_path / "notes.txt").read_text() == "my notes" and old.read_bytes() == corpus["model"].read_bytes()
+    assert json.loads((corpus["bundle"] / "manifest.json").read_text())["kind"] == "head"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "old.onnx"]
 
 
@@ -382,3 +385,48 @@ def test_svc_refusal_suggests_only_heads_that_export(tmp_path: Path, shared_cach
         assert r.exit_code == 0, (head, r.output)
         r = CliRunner().invoke(cli, ["export", str(tmp_path / "models" / f"h{i}"), "--out", str(tmp_path / f"h{i}.onnx")])
         assert r.exit_code == 0 and "top-1 agreement 100.0%" in r.output, (head, r.output)
+
+
+@pytest.mark.slow  # one real export
+def test_export_writes_through_a_symlink_and_keeps_the_mode(corpus: dict[str, Path], tmp_path: Path,
+                                                          shared_cache: Path) -> None:
+    target = tmp_path / "deploy" / "k.onnx"
+    target.parent.mkdir()
+    target.write_bytes(b"old model")
+    target.chmod(0o640)
+    link = tmp_path / "current.onnx"
+    link.symlink_to(target)
+    r = CliRunner().invoke(cli, ["export", str(corpus["bundle"]), "--out", str(link)])
+    assert r.exit_code == 0, r.output
+    assert link.is_symlink() and target.read_bytes() != b"old model"
+    assert featbank.OnnxClassifier(link).classes == ["cat", "dog", "fox"]
+    assert target.stat().st_mode & 0o777 == 0o640
+
+
+def test_graph_that_fails_when_run_is_exit_2(corpus: dict[str, Path], tmp_path: Path) -> None:
+    """A graph that loads and matches its metadata but fails inside onnxruntime: no traceback."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [
+        helper.make_node("Cast", ["images"], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("Reshape", ["f", "shape"], ["probabilities"]),  # 3072 values into [1, 3]: fails
+        helper.make_node("ArgMax", ["probabilities"], ["label"], axis=1, keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("images", TensorProto.UINT8, ["N", 32, 32, 3])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 3]),
+         helper.make_tensor_value_info("label", TensorProto.INT64, ["N"])],
+        [numpy_helper.from_array(np.array([1, 3], np.int64), "shape")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    good = onnx.load(str(corpus["model"]))
+    for p in good.metadata_props:
+        e = model.metadata_props.add()
+        e.key, e.value = p.key, p.value
+    bad = tmp_path / "fails.onnx"
+    onnx.save(model, str(bad))
+    image = next((corpus["data"] / "cat").iterdir())
+    r = CliRunner().invoke(cli, ["predict", str(bad), str(image)])
+    assert r.exit_code == 2 and "failed to run" in r.output and str(bad) in r.output, r.output

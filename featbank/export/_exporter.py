@@ -331,19 +331,34 @@ def _refuse_onnx_file(model: str | os.PathLike) -> None:
 
 
 def _output_path(bundle: Any, out: str | os.PathLike | None) -> Path:
-    """Where the ONNX file goes, checked writable before any slow work (exit 2 with the reason)."""
+    """Where the ONNX file goes, checked writable before any slow work (exit 2 with the reason).
+
+    A symlink is written through (its target is replaced, the link stays), as ``atomic_write`` does.
+    """
     out_path = Path(out).expanduser() if out is not None else bundle.path.parent / f"{bundle.path.name}.onnx"
     if out_path.is_dir():
         out_path = out_path / f"{bundle.path.name}.onnx"
-    if out_path.resolve() == bundle.path.resolve():
-        raise ConfigError(f"--out {str(out_path)!r} is the bundle folder itself; pass a file name ending in .onnx.")
+    if out_path.is_symlink():
+        out_path = Path(os.path.realpath(out_path))
+    bundle_dir = bundle.path.resolve()
+    if out_path.resolve() == bundle_dir or bundle_dir in out_path.resolve().parents:
+        raise ConfigError(
+            f"--out {str(out_path)!r} is inside the bundle folder {str(bundle.path)!r} (it would replace the "
+            "bundle's own files); pass a file name ending in .onnx outside it."
+        )
     check_output_dir(out_path.parent, "ONNX model")
-    if os.path.lexists(out_path) and not Path(os.path.realpath(out_path)).is_file():
+    if out_path.exists() and not out_path.is_file():
         # A device, FIFO or dangling link under the name would be replaced by (or write into) a file.
         raise ConfigError(
-            f"--out {str(out_path)!r} exists and is not a regular file (nor a link to one); export replaces "
-            "only .onnx files. Choose another --out."
+            f"--out {str(out_path)!r} exists and is not a regular file; export replaces only .onnx files. "
+            "Choose another --out."
         )
+    probe = temporary_path(out_path)
+    try:  # the very temporary name must be creatable (e.g. not too long for the file system)
+        probe.open("wb").close()
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"Cannot write {str(out_path)!r}: {describe_os_error(e)}. Choose another --out.") from None
     return out_path
 
 
@@ -398,6 +413,8 @@ def _publish(tmp: Path, out_path: Path, parity_path: Path, parity: dict[str, Any
     atomic_write_text(parity_path, json.dumps(parity if parity is not None else unchecked, indent=2) + "\n")
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
+    if out_path.exists():
+        os.chmod(tmp, out_path.stat().st_mode & 0o7777)  # a replaced model keeps its permissions
     os.replace(tmp, out_path)
     fsync_dir(out_path.parent)
 
