@@ -227,10 +227,14 @@ def export_model(
 
     Raises:
         BundleError: the bundle is missing, corrupt or incomplete, or its backbone weights differ.
-        ExportError: the head cannot be exported (the message says which and why), or the graph
+        ExportError: the head cannot be exported (the message says which and why), the graph
             does not match PyTorch (probabilities differ by more than ``atol`` or a top-1 label
-            differs). Nothing is left at ``out`` then.
-        ConfigError: bad options (no images for the check, bad opset).
+            differs), or a read or write failed during the export (disk full: the message names
+            the file and the reason). Nothing is left at ``out`` then; a file already there is
+            unchanged.
+        ConfigError: bad options (``model`` is an .onnx file, no images for the check, bad opset),
+            or ``out`` cannot be written (checked before the export: a file in the path, a
+            read-only or virtual folder, a non-regular file under the name, inside the bundle).
 
     Example:
         >>> report = export_model("models/elpv-linear", "elpv.onnx")
