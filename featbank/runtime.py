@@ -3,6 +3,9 @@
 A service that only needs predictions installs ``numpy pillow onnxruntime`` and this module
 (with ``featbank/images.py`` and ``featbank/errors.py``, both torch-free). The model file
 carries everything else in its metadata: class names and the exact preprocessing of training.
+That metadata is validated when the file is opened (sizes, class list, types, agreement with the
+graph's input and outputs; see :func:`parse_metadata`), so a damaged or crafted file is a
+``BundleError`` naming the field, never a multi-GB resize or a wrong class name.
 
 Example:
     >>> from featbank.runtime import OnnxClassifier
@@ -100,6 +103,8 @@ def _session(path: Path, providers: Sequence[str] | None, options: Any) -> Any:
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The ``metadata_props`` of an ONNX model file (string -> string), read with onnxruntime.
+
+    The values are returned as stored, unchecked; :func:`parse_metadata` validates featbank's own.
 
     Raises:
         BundleError: the file is missing or not an ONNX model.
