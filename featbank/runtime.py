@@ -153,6 +153,10 @@ def _parse_classes(path: Path, meta: dict[str, str]) -> list[str]:
     if not MIN_CLASSES <= len(classes) <= MAX_CLASSES:
         raise _invalid(path, "classes", classes, f"it must name {MIN_CLASSES} to {MAX_CLASSES} classes, "
                        f"not {len(classes)}")
+    shady = [c for c in classes if any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in c)]
+    if shady:
+        # Names are printed by predict: an escape sequence in one would drive the user's terminal.
+        raise _invalid(path, "classes", shady[0], "class names must not contain control characters")
     if len(set(classes)) != len(classes):
         dup = sorted({c for c in classes if classes.count(c) > 1})
         raise _invalid(path, "classes", classes, f"class names must be unique ({dup[:5]} repeat)")

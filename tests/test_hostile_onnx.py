@@ -126,6 +126,7 @@ METADATA_ATTACKS = [
     ("classes-not-names", {"classes": "[1, 2, 3]"}, ["classes", "[1, 2, 3]", "names"]),
     ("classes-duplicate", {"classes": '["cat", "cat", "dog"]'}, ["classes", "unique", "cat"]),
     ("classes-empty-name", {"classes": '["cat", "", "dog"]'}, ["classes", "non-empty"]),
+    ("classes-escape", {"classes": json.dumps(["cat", "\x1b[2Jdog", "fox"])}, ["classes", "\\x1b[2Jdog", "control"]),
     ("classes-huge", {"classes": json.dumps([f"c{i}" for i in range(100_001)])}, ["classes", "100001"]),
     ("classes-missing", {"classes": None}, ["not a featbank model", "classes"]),
     ("format-version", {"featbank_onnx": "2"}, ["format '2'", "reads format '1'"]),
