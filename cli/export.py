@@ -9,7 +9,8 @@ import click
 @click.argument("model", type=click.Path(path_type=str))
 @click.option("--out", "-o", type=click.Path(path_type=str), default=None,
               help="ONNX file to write (a folder means <folder>/<model name>.onnx). Default: <MODEL>.onnx "
-              "beside the bundle folder. The parity figures go to <out stem>.parity.json.")
+              "beside the bundle folder. Checked writable before the export starts; a symlink is written "
+              "through. The parity figures go to <out stem>.parity.json.")
 @click.option("--check-images", multiple=True, type=click.Path(path_type=str), metavar="DIR_OR_FILE",
               help="Images for the parity check (repeatable; folders are searched recursively). "
               "Default: the bundle's validation images that still exist.")
@@ -29,6 +30,9 @@ def export(model, out, check_images, no_check, opset, weights_file, atol) -> Non
     float32 and `label` (N,) int64. Before the file appears, real images go through featbank's
     PyTorch pipeline and through onnxruntime (batch sizes 1 and 7); the export fails (exit 2,
     nothing written) unless top-1 agrees on every image and probabilities agree within --atol.
+
+    MODEL is a bundle folder; an .onnx file is already an exported model (run it with predict).
+    A killed export's temporary files are removed by the next export into the same file.
 
     Run the result with `featbank predict FILE.onnx IMAGES`, or from Python with only numpy,
     Pillow and onnxruntime: `featbank.runtime.OnnxClassifier(FILE).predict(paths)`.

@@ -26,6 +26,7 @@ __all__ = [
     "RandomWeightsWarning",
     "SkippedImagesWarning",
     "ValidationLeakWarning",
+    "OnnxCacheRebuiltWarning",
 ]
 
 EXIT_OK = 0
@@ -99,3 +100,7 @@ class SkippedImagesWarning(FeatbankWarning):
 
 class ValidationLeakWarning(FeatbankWarning):
     """A model selected on a validation set was fitted on some of its images (optimistic metrics)."""
+
+
+class OnnxCacheRebuiltWarning(FeatbankWarning):
+    """A cached ONNX graph of a backbone was broken (truncated, corrupt, unrecorded) and was rebuilt."""

@@ -3,6 +3,9 @@
 A service that only needs predictions installs ``numpy pillow onnxruntime`` and this module
 (with ``featbank/images.py`` and ``featbank/errors.py``, both torch-free). The model file
 carries everything else in its metadata: class names and the exact preprocessing of training.
+That metadata is validated when the file is opened (sizes, class list, types, agreement with the
+graph's input and outputs; see :func:`parse_metadata`), so a damaged or crafted file is a
+``BundleError`` naming the field, never a multi-GB resize or a wrong class name.
 
 Example:
     >>> from featbank.runtime import OnnxClassifier
@@ -14,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import BundleError, DatasetError
-from .images import ImageReadError, PreprocessConfig, load_image, preprocess_image
+from .images import _RESAMPLE, ImageReadError, PreprocessConfig, load_image, preprocess_image
 
 __all__ = [
     "FORMAT_KEY",
@@ -34,7 +38,11 @@ __all__ = [
     "Prediction",
     "ImageLike",
     "read_metadata",
+    "parse_metadata",
     "image_to_pil",
+    "MIN_CLASSES",
+    "MAX_CLASSES",
+    "MAX_IMAGE_SIDE",
 ]
 
 #: metadata_props key marking a featbank model, and the format version this module reads.
@@ -44,6 +52,17 @@ INPUT_NAME = "images"
 OUTPUT_NAMES = ("probabilities", "label")
 #: metadata keys every featbank ONNX model has.
 REQUIRED_KEYS = (FORMAT_KEY, "classes", "preprocessing")
+#: keys of the ``preprocessing`` JSON the runtime needs.
+PREPROCESSING_KEYS = ("input_size", "resize_size", "interpolation", "mean", "std")
+RESAMPLING_FILTERS = tuple(sorted(_RESAMPLE))
+
+# Bounds on what an ONNX file's metadata may ask for. A classifier needs two classes (as `fit`
+# does); 100,000 is far above any image task and keeps a crafted list from costing memory. Image
+# sides (the crop and the resize of the shorter side) of 1 to 4096 pixels cover every backbone
+# (32..1024 px crops) while a crafted `resize_size: 60000` cannot make each image a multi-GB array.
+MIN_CLASSES = 2
+MAX_CLASSES = 100_000
+MAX_IMAGE_SIDE = 4096
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 
@@ -66,6 +85,11 @@ class Prediction:
 def _session(path: Path, providers: Sequence[str] | None, options: Any) -> Any:
     import onnxruntime as ort
 
+    if path.is_dir():
+        raise BundleError(f"{str(path)!r} is a folder, not an ONNX model file. Pass the .onnx file 'featbank "
+                          "export' wrote (a model bundle folder is run with 'featbank predict BUNDLE IMAGES').")
+    if path.exists() and not path.is_file():
+        raise BundleError(f"{str(path)!r} is not a regular file; pass the .onnx file 'featbank export' wrote.")
     if not path.is_file():
         raise BundleError(f"ONNX model {str(path)!r} does not exist. Export one with 'featbank export MODEL'.")
     try:
@@ -80,13 +104,99 @@ def _session(path: Path, providers: Sequence[str] | None, options: Any) -> Any:
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The ``metadata_props`` of an ONNX model file (string -> string), read with onnxruntime.
 
+    The values are returned as stored, unchecked; :func:`parse_metadata` validates featbank's own.
+
     Raises:
         BundleError: the file is missing or not an ONNX model.
     """
     return dict(_session(Path(path), None, None).get_modelmeta().custom_metadata_map)
 
 
-def _check_metadata(path: Path, meta: dict[str, str]) -> None:
+def _invalid(path: Path, field: str, value: Any, allowed: str) -> BundleError:
+    shown = repr(value)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    return BundleError(
+        f"{str(path)!r} has an invalid featbank metadata field {field!r}: {shown}; {allowed}. The file is "
+        "damaged or was not written by 'featbank export'; re-export the model with 'featbank export MODEL'."
+    )
+
+
+def _json_field(path: Path, meta: dict[str, str], key: str) -> Any:
+    try:
+        return json.loads(meta[key])
+    except ValueError as e:
+        raise _invalid(path, key, meta[key], f"it must be JSON ({e})") from None
+
+
+def _int_field(path: Path, field: str, value: Any, low: int, high: int, what: str) -> int:
+    # bool is an int subclass in Python; JSON true is not a size.
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise _invalid(path, field, value, f"it must be an integer from {low} to {high} ({what})")
+    return value
+
+
+def _floats_field(path: Path, field: str, value: Any, low: float, high: float, low_open: bool) -> tuple:
+    ok = isinstance(value, list) and len(value) == 3 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        and (low < v if low_open else low <= v) and v <= high for v in value
+    )
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise _invalid(path, field, value, f"it must be 3 numbers (R, G, B) in {interval}, on the 0..1 pixel scale")
+    return tuple(float(v) for v in value)
+
+
+def _parse_classes(path: Path, meta: dict[str, str]) -> list[str]:
+    classes = _json_field(path, meta, "classes")
+    if not isinstance(classes, list) or not all(isinstance(c, str) and c for c in classes):
+        raise _invalid(path, "classes", classes, "it must be a JSON list of class names (non-empty strings)")
+    if not MIN_CLASSES <= len(classes) <= MAX_CLASSES:
+        raise _invalid(path, "classes", classes, f"it must name {MIN_CLASSES} to {MAX_CLASSES} classes, "
+                       f"not {len(classes)}")
+    shady = [c for c in classes if any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in c)]
+    if shady:
+        # Names are printed by predict: an escape sequence in one would drive the user's terminal.
+        raise _invalid(path, "classes", shady[0], "class names must not contain control characters")
+    if len(set(classes)) != len(classes):
+        dup = sorted({c for c in classes if classes.count(c) > 1})
+        raise _invalid(path, "classes", classes, f"class names must be unique ({dup[:5]} repeat)")
+    return classes
+
+
+def _parse_preprocessing(path: Path, meta: dict[str, str]) -> PreprocessConfig:
+    pre = _json_field(path, meta, "preprocessing")
+    if not isinstance(pre, dict):
+        raise _invalid(path, "preprocessing", pre, "it must be a JSON object")
+    missing = [k for k in PREPROCESSING_KEYS if k not in pre]
+    if missing:
+        raise _invalid(path, "preprocessing", pre, f"it lacks {', '.join(missing)}")
+    size = pre["input_size"]
+    if not isinstance(size, list) or len(size) != 2:
+        raise _invalid(path, "preprocessing.input_size", size, "it must be [height, width]")
+    h, w = (_int_field(path, "preprocessing.input_size", v, 1, MAX_IMAGE_SIDE, "pixels") for v in size)
+    resize = _int_field(path, "preprocessing.resize_size", pre["resize_size"], 1, MAX_IMAGE_SIDE,
+                        "pixels of the shorter image side before the centre crop")
+    interp = pre["interpolation"]
+    if interp not in RESAMPLING_FILTERS:
+        raise _invalid(path, "preprocessing.interpolation", interp, f"it must be one of {list(RESAMPLING_FILTERS)}")
+    mean = _floats_field(path, "preprocessing.mean", pre["mean"], 0.0, 1.0, low_open=False)
+    std = _floats_field(path, "preprocessing.std", pre["std"], 0.0, 1.0, low_open=True)
+    return PreprocessConfig((h, w), resize, interp, mean, std)
+
+
+def parse_metadata(path: str | os.PathLike, meta: dict[str, str]) -> tuple[list[str], PreprocessConfig]:
+    """Validate featbank's own ``metadata_props`` of an ONNX file; return its classes and preprocessing.
+
+    Allowed values: ``classes`` a JSON list of :data:`MIN_CLASSES` to :data:`MAX_CLASSES` unique,
+    non-empty names; ``preprocessing.input_size`` ``[height, width]`` and ``resize_size``
+    integers from 1 to :data:`MAX_IMAGE_SIDE`; ``interpolation`` a Pillow filter name; ``mean``
+    and ``std`` three numbers each on the 0..1 scale (``std`` > 0).
+
+    Raises:
+        BundleError: a key is missing, of another format version, not JSON, or out of range; the
+            message names the file, the field, the value and what is allowed.
+    """
+    path = Path(path)
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
         raise BundleError(
@@ -99,6 +209,36 @@ def _check_metadata(path: Path, meta: dict[str, str]) -> None:
             f"{str(path)!r} has featbank ONNX format {meta[FORMAT_KEY]!r}; this featbank reads format "
             f"{FORMAT_VERSION!r}. Upgrade featbank or re-export the model with this version."
         )
+    return _parse_classes(path, meta), _parse_preprocessing(path, meta)
+
+
+def _check_graph(path: Path, session: Any, n_classes: int, input_size: tuple[int, int]) -> None:
+    """The graph's input and outputs must be what the metadata promises (names, types, sizes)."""
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name: o for o in session.get_outputs()}
+    if INPUT_NAME not in inputs or not set(OUTPUT_NAMES) <= set(outputs):
+        raise BundleError(
+            f"{str(path)!r} has inputs {sorted(inputs)} and outputs {sorted(outputs)}; a featbank "
+            f"model has input {INPUT_NAME!r} and outputs {list(OUTPUT_NAMES)}. Re-export it."
+        )
+    h, w = input_size
+    x, probs, label = inputs[INPUT_NAME], outputs[OUTPUT_NAMES[0]], outputs[OUTPUT_NAMES[1]]
+    expected = [
+        (x, "tensor(uint8)", [None, h, w, 3], f"uint8 [N, {h}, {w}, 3] (preprocessing.input_size)"),
+        (probs, "tensor(float)", [None, n_classes], f"float32 [N, {n_classes}] (one column per class)"),
+        (label, "tensor(int64)", [None], "int64 [N]"),
+    ]
+    for arg, dtype, dims, text in expected:
+        shape = list(arg.shape)
+        fixed_ok = len(shape) == len(dims) and all(
+            want is None or not isinstance(got, int) or got == want for got, want in zip(shape, dims, strict=True)
+        )
+        if arg.type != dtype or not fixed_ok:
+            raise BundleError(
+                f"{str(path)!r}: the graph's {arg.name!r} is {arg.type} {shape}, but its metadata says {text}"
+                f"{f' for {n_classes} classes' if arg is probs else ''}. The file is damaged or was not "
+                "written by 'featbank export'; re-export the model."
+            )
 
 
 def image_to_pil(image: ImageLike) -> Image.Image:
@@ -176,7 +316,9 @@ class OnnxClassifier:
         input_size: ``(height, width)`` of the model input.
 
     Raises:
-        BundleError: the file is missing, not an ONNX model, or not a featbank model.
+        BundleError: the file is missing, not an ONNX model, not a featbank model, or its metadata
+            is invalid or disagrees with the graph (see :func:`parse_metadata`); the message names
+            the file, the field and the value.
 
     Example:
         >>> clf = OnnxClassifier("model.onnx")
@@ -194,22 +336,11 @@ class OnnxClassifier:
         self.path = Path(path)
         self.session = _session(self.path, providers, session_options)
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
-        _check_metadata(self.path, self.metadata)
-        try:
-            self.classes: list[str] = [str(c) for c in json.loads(self.metadata["classes"])]
-            self.preprocess_config = PreprocessConfig.from_dict(json.loads(self.metadata["preprocessing"]))
-        except (ValueError, KeyError, TypeError) as e:
-            raise BundleError(
-                f"{str(self.path)!r} has unreadable featbank metadata ({type(e).__name__}: {e}); re-export it."
-            ) from None
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        outputs = {o.name for o in self.session.get_outputs()}
-        if INPUT_NAME not in inputs or not set(OUTPUT_NAMES) <= outputs:
-            raise BundleError(
-                f"{str(self.path)!r} has inputs {sorted(inputs)} and outputs {sorted(outputs)}; a featbank "
-                f"model has input {INPUT_NAME!r} and outputs {list(OUTPUT_NAMES)}. Re-export it."
-            )
+        self.classes: list[str]
+        self.preprocess_config: PreprocessConfig
+        self.classes, self.preprocess_config = parse_metadata(self.path, self.metadata)
         self.input_size: tuple[int, int] = self.preprocess_config.input_size
+        _check_graph(self.path, self.session, len(self.classes), self.input_size)
 
     @property
     def n_classes(self) -> int:
@@ -235,7 +366,21 @@ class OnnxClassifier:
                 f"The model input must be uint8 of shape (N, {h}, {w}, 3) (NHWC RGB). Got {x.dtype} "
                 f"{x.shape} instead; use OnnxClassifier.preprocess or predict_proba on raw images."
             )
-        probs, label = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(x)})
+        try:
+            probs, label = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(x)})
+        except Exception as e:  # noqa: BLE001 - onnxruntime's own error types; the input was checked above
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BundleError(
+                f"{str(self.path)!r} failed to run on a batch of {len(x)} image(s) ({first}). The graph is "
+                "damaged or was not written by 'featbank export'; re-export the model."
+            ) from None
+        if probs.shape != (len(x), self.n_classes) or label.shape != (len(x),):
+            # A graph with a symbolic class axis passes the load-time check; its width shows here.
+            raise BundleError(
+                f"{str(self.path)!r} returned probabilities of shape {probs.shape} and labels of shape "
+                f"{label.shape} for {len(x)} image(s); its metadata names {self.n_classes} classes. "
+                "The file is damaged or was not written by 'featbank export'; re-export the model."
+            )
         return probs, label
 
     def predict_proba(self, images: Iterable[ImageLike], batch_size: int = 32) -> np.ndarray:

@@ -161,7 +161,7 @@ def test_refuses_files_that_are_not_featbank_models(tmp_path: Path) -> None:
     newer = _plain_onnx(tmp_path / "newer.onnx", {"featbank_onnx": "2", "classes": "[]", "preprocessing": "{}"})
     with pytest.raises(BundleError, match="format '2'"):
         OnnxClassifier(newer)
-    odd = _plain_onnx(tmp_path / "odd.onnx", {"featbank_onnx": "1", "classes": '["a"]', "preprocessing": json.dumps(
+    odd = _plain_onnx(tmp_path / "odd.onnx", {"featbank_onnx": "1", "classes": '["a", "b"]', "preprocessing": json.dumps(
         {"input_size": [32, 32], "resize_size": 36, "interpolation": "bilinear", "mean": [0, 0, 0], "std": [1, 1, 1]})})
     with pytest.raises(BundleError, match="outputs"):
         OnnxClassifier(odd)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -13,6 +13,15 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .. import __version__
+from .._files import (
+    atomic_write_text,
+    check_output_dir,
+    describe_os_error,
+    fsync_dir,
+    remove_orphans,
+    temporary_path,
+    timestamp,
+)
 from ..errors import BundleError, ConfigError, ExportError
 from ..runtime import FORMAT_KEY, FORMAT_VERSION, INPUT_NAME, OUTPUT_NAMES
 from ._graph import _compose, _embedder_onnx, _export_torch, _opset_of, _torch_modules
@@ -20,7 +29,6 @@ from ._heads import _head_to_torch, _sklearn_head_onnx
 from ._parity import (
     DEFAULT_ATOL,
     MAX_CHECK_IMAGES,
-    _atomic_write_text,
     _collect_images,
     _load_batch,
     _parity_path,
@@ -166,7 +174,7 @@ def _metadata(bundle: Any, bb: Any, route: str) -> dict[str, str]:
         "outputs": json.dumps({OUTPUT_NAMES[0]: "float32 [N, C], columns = classes",
                                OUTPUT_NAMES[1]: "int64 [N], index into classes"}),
         "exported_with": json.dumps({"torch": torch.__version__.split("+")[0], "onnxruntime": onnxruntime.__version__}),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "created": timestamp(),
     }
     return meta
 
@@ -219,52 +227,40 @@ def export_model(
 
     Raises:
         BundleError: the bundle is missing, corrupt or incomplete, or its backbone weights differ.
-        ExportError: the head cannot be exported (the message says which and why), or the graph
+        ExportError: the head cannot be exported (the message says which and why), the graph
             does not match PyTorch (probabilities differ by more than ``atol`` or a top-1 label
-            differs). Nothing is left at ``out`` then.
-        ConfigError: bad options (no images for the check, bad opset).
+            differs), or a read or write failed during the export (disk full: the message names
+            the file and the reason). Nothing is left at ``out`` then; a file already there is
+            unchanged.
+        ConfigError: bad options (``model`` is an .onnx file, no images for the check, bad opset),
+            or ``out`` cannot be written (checked before the export: a file in the path, a
+            read-only or virtual folder, a non-regular file under the name, inside the bundle).
 
     Example:
         >>> report = export_model("models/elpv-linear", "elpv.onnx")
         >>> report.parity["max_abs_diff"] < 1e-4
         True
     """
-    import onnx
-
     from ..bundle import load_bundle
 
     t0 = time.perf_counter()
-    if opset is not None and not (MIN_OPSET <= int(opset) <= onnx.defs.onnx_opset_version()):
-        raise ConfigError(
-            f"The 'opset' parameter must be between {MIN_OPSET} (the oldest the torch dynamo exporter writes) and "
-            f"{onnx.defs.onnx_opset_version()}. Got {opset} instead."
-        )
+    _check_opset(opset)
+    _refuse_onnx_file(model)
     bundle = load_bundle(model)
-    out_path = Path(out) if out is not None else bundle.path.parent / f"{bundle.path.name}.onnx"
-    if out_path.is_dir():
-        out_path = out_path / f"{bundle.path.name}.onnx"
-    if out_path.resolve() == bundle.path.resolve():
-        raise ConfigError(f"--out {str(out_path)!r} is the bundle folder itself; pass a file name ending in .onnx.")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-
+    out_path = _output_path(bundle, out)
     # Find the check images first: a missing --check-images should fail before minutes of export.
-    images: list[Path] = []
-    source = "none"
-    if check:
-        images, source = _collect_images(bundle, check_images, max_check_images)
-        if not images:
-            n_val = len(bundle.validation_paths())
-            raise ConfigError(
-                f"No images to check the export on: the bundle's {n_val} validation image(s) are not on this "
-                "machine (moved or deleted) and --check-images was not given. Pass --check-images DIR (a few "
-                "real images of the task), or --no-check to skip the check (not recommended)."
-            )
+    images, source = _check_images(bundle, check, check_images, max_check_images)
 
+    import onnx
     import torch
 
     ProbaHead, Classifier = _torch_modules()
     ref_fn: Callable[[np.ndarray], np.ndarray]
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    parity_path = _parity_path(out_path)
+    # Temporaries of killed exports into the same file (named by temporary_path) go first.
+    remove_orphans(out_path)
+    remove_orphans(parity_path)
+    tmp = temporary_path(out_path)
     try:
         if bundle.kind == "finetuned":
             bb, head = _finetuned(bundle)
@@ -284,7 +280,7 @@ def export_model(
                     f"{bundle.embed_dim}; the bundle is inconsistent. Re-fit it."
                 )
             est = bundle.load_head()
-            embedder_graph = _embedder_onnx(bb, opset, out_path.parent)
+            embedder_graph = _embedder_onnx(bb, opset, out_path)
             graph_opset = _opset_of(embedder_graph)
             head_module = _head_to_torch(est, bundle.n_classes)
             if head_module is not None:
@@ -304,34 +300,135 @@ def export_model(
         meta = _metadata(bundle, bb, route)
         _stamp(graph, meta)
         onnx.save(graph, str(tmp))
-        parity: dict[str, Any] | None = None
-        parity_path = _parity_path(out_path)
-        if check:
-            batch, skipped = _load_batch(images, bb.preprocess)
-            parity = check_parity(tmp, ref_fn, batch, atol=atol)
-            parity.update({
-                "checked": True,
-                "image_source": source,
-                "skipped_images": skipped,
-                "reference": ("torch eager: featbank.finetuning.load_finetuned_model -> softmax"
-                              if bundle.kind == "finetuned"
-                              else "torch eager: load_backbone -> embedder -> Bundle.predict_proba"),
-                "bundle_id": bundle.bundle_id,
-                "onnx_file": out_path.name,
-                "torch": torch.__version__,
-                "onnxruntime": __import__("onnxruntime").__version__,
-            })
-            if not parity["passed"]:
-                raise ExportError(
-                    f"The exported graph does not match PyTorch on {parity['n_images']} image(s): max |dprob| = "
-                    f"{parity['max_abs_diff']:.2e} (limit {atol:.0e}), top-1 agreement "
-                    f"{100 * parity['top1_agreement']:.1f}% (need 100%), per batch size {parity['per_batch_size']}. "
-                    f"Nothing was written to {str(out_path)!r}. Try another --opset, or report the model "
-                    "(--no-check writes it anyway; not recommended)."
-                )
-        unchecked = {"checked": False, "passed": None, "reason": "--no-check"}
-        _atomic_write_text(parity_path, json.dumps(parity if parity is not None else unchecked, indent=2) + "\n")
-        os.replace(tmp, out_path)
+        parity = _check(bundle, tmp, out_path, ref_fn, images, source, bb.preprocess, atol) if check else None
+        _publish(tmp, out_path, parity_path, parity)
+    except OSError as e:
+        raise _file_error(e, out_path) from None
     finally:
         tmp.unlink(missing_ok=True)
     return ExportReport(out_path, parity_path, parity, route, _opset_of(graph), meta, time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------------------------
+# Checks made before the export, and the parity check after it
+# --------------------------------------------------------------------------------------------
+
+
+def _check_opset(opset: int | None) -> None:
+    import onnx
+
+    if opset is not None and not (MIN_OPSET <= int(opset) <= onnx.defs.onnx_opset_version()):
+        raise ConfigError(
+            f"The 'opset' parameter must be between {MIN_OPSET} (the oldest the torch dynamo exporter writes) and "
+            f"{onnx.defs.onnx_opset_version()}. Got {opset} instead."
+        )
+
+
+def _refuse_onnx_file(model: str | os.PathLike) -> None:
+    path = Path(model)
+    if path.is_file() and path.suffix.lower() == ".onnx":
+        raise ConfigError(
+            f"{str(path)!r} is a file, not a model bundle folder: export takes the folder that 'featbank fit' or "
+            "'featbank finetune' wrote (models/<name>). This .onnx file is already an exported model; run it "
+            f"with 'featbank predict {path} IMAGES' (or featbank.runtime.OnnxClassifier)."
+        )
+
+
+def _output_path(bundle: Any, out: str | os.PathLike | None) -> Path:
+    """Where the ONNX file goes, checked writable before any slow work (exit 2 with the reason).
+
+    A symlink is written through (its target is replaced, the link stays), as ``atomic_write`` does.
+    """
+    out_path = Path(out).expanduser() if out is not None else bundle.path.parent / f"{bundle.path.name}.onnx"
+    if out_path.is_dir():
+        out_path = out_path / f"{bundle.path.name}.onnx"
+    if out_path.is_symlink():
+        out_path = Path(os.path.realpath(out_path))
+    bundle_dir = bundle.path.resolve()
+    if out_path.resolve() == bundle_dir or bundle_dir in out_path.resolve().parents:
+        raise ConfigError(
+            f"--out {str(out_path)!r} is inside the bundle folder {str(bundle.path)!r} (it would replace the "
+            "bundle's own files); pass a file name ending in .onnx outside it."
+        )
+    check_output_dir(out_path.parent, "ONNX model")
+    if out_path.exists() and not out_path.is_file():
+        # A device, FIFO or dangling link under the name would be replaced by (or write into) a file.
+        raise ConfigError(
+            f"--out {str(out_path)!r} exists and is not a regular file; export replaces only .onnx files. "
+            "Choose another --out."
+        )
+    probe = temporary_path(out_path)
+    try:  # the very temporary name must be creatable (e.g. not too long for the file system)
+        probe.open("wb").close()
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"Cannot write {str(out_path)!r}: {describe_os_error(e)}. Choose another --out.") from None
+    return out_path
+
+
+def _check_images(bundle: Any, check: bool, check_images: Any, limit: int) -> tuple[list[Path], str]:
+    if not check:
+        return [], "none"
+    images, source = _collect_images(bundle, check_images, limit)
+    if not images:
+        n_val = len(bundle.validation_paths())
+        raise ConfigError(
+            f"No images to check the export on: the bundle's {n_val} validation image(s) are not on this "
+            "machine (moved or deleted) and --check-images was not given. Pass --check-images DIR (a few "
+            "real images of the task), or --no-check to skip the check (not recommended)."
+        )
+    return images, source
+
+
+def _check(bundle: Any, tmp: Path, out_path: Path, ref_fn: Callable[[np.ndarray], np.ndarray],
+           images: list[Path], source: str, preprocess: Any, atol: float) -> dict[str, Any]:
+    """Run the parity check on the written graph; raise when it fails (nothing is published then)."""
+    import onnxruntime
+    import torch
+
+    batch, skipped = _load_batch(images, preprocess)
+    parity = check_parity(tmp, ref_fn, batch, atol=atol)
+    parity.update({
+        "checked": True,
+        "image_source": source,
+        "skipped_images": skipped,
+        "reference": ("torch eager: featbank.finetuning.load_finetuned_model -> softmax"
+                      if bundle.kind == "finetuned"
+                      else "torch eager: load_backbone -> embedder -> Bundle.predict_proba"),
+        "bundle_id": bundle.bundle_id,
+        "onnx_file": out_path.name,
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    })
+    if not parity["passed"]:
+        raise ExportError(
+            f"The exported graph does not match PyTorch on {parity['n_images']} image(s): max |dprob| = "
+            f"{parity['max_abs_diff']:.2e} (limit {atol:.0e}), top-1 agreement "
+            f"{100 * parity['top1_agreement']:.1f}% (need 100%), per batch size {parity['per_batch_size']}. "
+            f"Nothing was written to {str(out_path)!r}. Try another --opset, or report the model "
+            "(--no-check writes it anyway; not recommended)."
+        )
+    return parity
+
+
+def _publish(tmp: Path, out_path: Path, parity_path: Path, parity: dict[str, Any] | None) -> None:
+    """Write the parity JSON, then move the checked graph to its name (durably, in one rename)."""
+    unchecked = {"checked": False, "passed": None, "reason": "--no-check"}
+    atomic_write_text(parity_path, json.dumps(parity if parity is not None else unchecked, indent=2) + "\n")
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    if out_path.exists():
+        os.chmod(tmp, out_path.stat().st_mode & 0o7777)  # a replaced model keeps its permissions
+    os.replace(tmp, out_path)
+    fsync_dir(out_path.parent)
+
+
+def _file_error(e: OSError, out_path: Path) -> ExportError:
+    """A failed read or write during the export (disk full, file-size limit, permissions) as a user error."""
+    where = f" at {e.filename!r}" if e.filename else ""
+    kept = "the file already there is unchanged" if out_path.exists() else "nothing was written there"
+    hint = " Free some space or choose another --out." if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) \
+        else " Choose another --out, or check the permissions."
+    return ExportError(
+        f"The export to {str(out_path)!r} stopped: {describe_os_error(e)}{where}; {kept}.{hint}"
+    )

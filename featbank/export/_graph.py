@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import io
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+from .._files import temporary_path
 from ..errors import ExportError
 from ..runtime import INPUT_NAME
 
@@ -71,6 +71,8 @@ def _export_torch(module: Any, example: Any, path: Path, input_name: str, output
                     opset_version=opset or 20,
                 )
                 return
+            except OSError:
+                raise  # a full disk or a read-only folder is not the exporter's fault: say so (the caller does)
             except Exception:  # noqa: BLE001 - fall back to the dynamo exporter below
                 pass
         try:
@@ -80,6 +82,9 @@ def _export_torch(module: Any, example: Any, path: Path, input_name: str, output
                 external_data=False, **kwargs,
             )
         except Exception as e:  # noqa: BLE001 - the exporter raises many types; say what failed
+            os_error = _os_error_in(e)
+            if os_error is not None:
+                raise os_error from None  # the caller reports the path and the reason, not the opset
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ExportError(
                 f"torch.onnx.export failed for {type(module).__name__}: {type(e).__name__}: {msg}. "
@@ -87,28 +92,42 @@ def _export_torch(module: Any, example: Any, path: Path, input_name: str, output
             ) from None
 
 
+def _os_error_in(e: BaseException) -> OSError | None:
+    """The OSError behind an exporter's exception (torch wraps the one that failed its write), if any."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, OSError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
 def _opset_of(model: Any) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def _embedder_onnx(backbone: Any, opset: int | None, workdir: Path) -> Any:
-    """The embedder graph, reused from extract's ONNX cache when it has the wanted opset."""
+def _embedder_onnx(backbone: Any, opset: int | None, out_path: Path) -> Any:
+    """The embedder graph, reused from extract's ONNX cache when it has the wanted opset.
+
+    Otherwise it is exported to a temporary sibling of ``out_path`` (named so that the next
+    export's ``remove_orphans(out_path)`` removes it if this run is killed).
+    """
     import onnx
 
-    from ..extraction import _onnx_cache_path, export_embedder_onnx
+    from ..extraction._engines import ensure_embedder_onnx
 
-    cached = _onnx_cache_path(backbone.identity())
     if opset is None:
         try:
-            if not cached.is_file():
-                export_embedder_onnx(backbone, cached)
-            return onnx.load(str(cached))
+            # Verified against the sha256 recorded when it was written; rebuilt (with a warning) if broken.
+            return onnx.load(str(ensure_embedder_onnx(backbone)))
         except OSError:
             pass  # read-only cache dir: export beside the output instead
     h, w = backbone.preprocess.input_size
     import torch
 
-    tmp = workdir / f".embedder-{uuid.uuid4().hex[:8]}.onnx"
+    tmp = temporary_path(out_path)
     try:
         _export_torch(backbone.embedder(), torch.zeros((2, h, w, 3), dtype=torch.uint8), tmp, INPUT_NAME,
                       ["embeddings"], opset)

@@ -33,9 +33,6 @@ def _affine_prefix(steps: Sequence[Any]) -> list[tuple[str, np.ndarray | None, n
             out.append(("scale", mean, scale))
         elif isinstance(step, Normalizer) and step.norm == "l2":
             out.append(("l2", None, None))
-        elif hasattr(step, "to_affine_steps"):
-            # featbank's own preprocessing transformer describes itself in these terms.
-            out.extend(step.to_affine_steps())
         else:
             return None
     return out
@@ -110,12 +107,27 @@ def _head_to_torch(est: Any, n_classes: int) -> Any | None:
 # --------------------------------------------------------------------------------------------
 
 
+#: Heads checked to export through featbank's CLI (tests/test_hostile_onnx.py runs each suggestion).
+EXPORTABLE_HEADS = ("linear", "mlp", "LogisticRegression", "KNeighborsClassifier", "RandomForestClassifier",
+                    "CalibratedClassifierCV")
+
+
 def _unsupported(est: Any, why: str) -> ExportError:
     return ExportError(
-        f"The head {type(est).__name__} of this bundle cannot be exported to ONNX: {why}. Fit an exportable "
-        "head instead (featbank fit --head linear|mlp|logistic, or a scikit-learn classifier that skl2onnx "
-        "converts, such as RandomForestClassifier, KNeighborsClassifier or CalibratedClassifierCV(SVC()))."
+        f"The head {type(est).__name__} of this bundle cannot be exported to ONNX: {why}. Fit a head that exports "
+        f"instead: 'featbank fit CACHE --head linear' (or --head {', '.join(EXPORTABLE_HEADS[1:])})."
     )
+
+
+def _no_proba_reason(clf: Any) -> str:
+    why = "it has no predict_proba, so there are no probabilities to put in the graph"
+    if type(clf).__name__ in ("SVC", "NuSVC"):
+        why += (
+            " (fitted without probability estimates). For a support vector machine that "
+            f"exports, fit '--head {type(clf).__name__} --param probability=True' (deprecated from scikit-learn "
+            "1.9) or '--head CalibratedClassifierCV' (a calibrated linear SVM)"
+        )
+    return why
 
 
 def _prefix_nodes(
@@ -171,10 +183,7 @@ def _sklearn_head_onnx(est: Any, embed_dim: int, n_classes: int, opset: int) -> 
 
     steps, clf = _split_pipeline(est)
     if not _has_proba(clf):
-        raise _unsupported(
-            clf, "it has no predict_proba, and its probabilities (softmax of a non-linear decision_function) "
-            "have no skl2onnx equivalent; refit it with probabilities (e.g. wrapped in CalibratedClassifierCV)"
-        )
+        raise _unsupported(clf, _no_proba_reason(clf))
     prefix = _affine_prefix(steps)
     if prefix is None:
         # Unknown preprocessing: let skl2onnx try the whole pipeline.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -19,7 +18,6 @@ __all__ = [
     "PARITY_BATCH_SIZES",
     "MAX_CHECK_IMAGES",
     "_collect_images",
-    "_atomic_write_text",
     "_parity_path",
     "_torch_batches",
     "_load_batch",
@@ -118,12 +116,6 @@ def check_parity(
         "n_near_ties": ties_all,
         "per_batch_size": per,
     }
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _parity_path(out: Path) -> Path:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import warnings
@@ -13,11 +15,20 @@ import numpy as np
 
 from .. import __version__
 from ..cache import default_cache_dir
-from ..errors import ConfigError
+from .._files import atomic_write_text, describe_os_error, remove_orphans, temporary_path, timestamp
+from ..errors import CacheError, ConfigError, OnnxCacheRebuiltWarning
 from ._cachefile import _slug
 from ._options import ENGINES
 
-__all__ = ["_TorchEngine", "_onnx_cache_path", "export_embedder_onnx", "_OrtEngine", "_make_engine"]
+__all__ = [
+    "_TorchEngine",
+    "_onnx_cache_path",
+    "check_embedder_onnx",
+    "export_embedder_onnx",
+    "ensure_embedder_onnx",
+    "_OrtEngine",
+    "_make_engine",
+]
 
 
 class _TorchEngine:
@@ -55,21 +66,63 @@ def _onnx_cache_path(identity: dict[str, Any]) -> Path:
     return default_cache_dir() / "onnx" / f"{_slug(identity['backbone'])}-{digest}.onnx"
 
 
+def _record_path(path: Path) -> Path:
+    """The JSON beside a cached graph that records its size and sha256 when it was written."""
+    return path.with_name(path.name + ".json")
+
+
+def _sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_embedder_onnx(path: Path) -> str | None:
+    """Why the cached embedder graph at ``path`` cannot be trusted, or ``None`` when it can.
+
+    A graph is trusted when its size and sha256 are those recorded beside it (``<name>.json``)
+    when featbank wrote it: a truncated, corrupt or unrecorded file is not used.
+    """
+    record = _record_path(path)
+    try:
+        rec = json.loads(record.read_text())
+        want_size, want_sha = int(rec["size"]), str(rec["sha256"])
+    except FileNotFoundError:
+        return f"it has no record of its sha256 ({record.name} is missing: an older featbank or a killed run)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"its record {record.name} is unreadable ({type(e).__name__})"
+    try:
+        size = path.stat().st_size
+        if size != want_size:
+            return f"it has {size} bytes where {want_size} were written (truncated or overwritten)"
+        if _sha256_of(path) != want_sha:
+            return "its sha256 differs from the one recorded when it was written (corrupt)"
+    except OSError as e:
+        return f"it cannot be read ({describe_os_error(e)})"
+    return None
+
+
 def export_embedder_onnx(backbone: Any, path: Path) -> Path:
-    """Export uint8 NHWC -> embeddings to ONNX with a dynamic batch axis (atomic write)."""
+    """Export uint8 NHWC -> embeddings to ONNX with a dynamic batch axis, and record its sha256.
+
+    The graph is written under a temporary name, then renamed into place; the record beside it
+    (``<name>.json``: size, sha256, backbone identity) is written after. Temporaries of killed
+    runs are removed first.
+    """
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphans(path)
+    remove_orphans(_record_path(path))
     h, w = backbone.preprocess.input_size
     model = backbone.embedder().eval()
     x = torch.zeros((2, h, w, 3), dtype=torch.uint8)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import contextlib
-        import io
-
-        with contextlib.redirect_stdout(io.StringIO()):
+    tmp = temporary_path(path)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
             torch.onnx.export(
                 model,
                 (x,),
@@ -80,8 +133,36 @@ def export_embedder_onnx(backbone: Any, path: Path) -> Path:
                 dynamo=True,
                 external_data=False,
             )
-    os.replace(tmp, path)
+        record = {"size": tmp.stat().st_size, "sha256": _sha256_of(tmp), "identity": backbone.identity(),
+                  "written": timestamp(), "featbank": __version__}
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    atomic_write_text(_record_path(path), json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
     return path
+
+
+def ensure_embedder_onnx(backbone: Any, path: Path | None = None) -> Path:
+    """The cached embedder graph of ``backbone``, verified; built when missing, rebuilt when broken.
+
+    Raises:
+        OSError: the cache folder cannot be written (callers fall back or report).
+
+    Warns:
+        OnnxCacheRebuiltWarning: the cached graph was broken (the warning says why) and was rebuilt.
+    """
+    path = path or _onnx_cache_path(backbone.identity())
+    if path.exists():
+        why = check_embedder_onnx(path)
+        if why is None:
+            return path
+        warnings.warn(
+            f"The cached ONNX graph of backbone {backbone.name!r} at {str(path)!r} is broken: {why}. "
+            "Rebuilding it.", OnnxCacheRebuiltWarning, stacklevel=2,
+        )
+    return export_embedder_onnx(backbone, path)
 
 
 class _OrtEngine:
@@ -91,9 +172,12 @@ class _OrtEngine:
         import onnxruntime as ort
 
         if path is None:
-            path = _onnx_cache_path(backbone.identity())
-            if not path.exists():
-                export_embedder_onnx(backbone, path)
+            path = ensure_embedder_onnx(backbone)
+        else:
+            why = check_embedder_onnx(path)
+            if why is not None:
+                # extract then builds the backbone and takes the route above, which rebuilds it.
+                raise CacheError(f"The cached ONNX graph {str(path)!r} cannot be used: {why}.")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Idle intra-op threads would otherwise spin and take CPU from the image-decoding workers.
