@@ -17,6 +17,7 @@ __all__ = [
     "DatasetError",
     "CacheError",
     "CacheKeyMismatch",
+    "NotACacheError",
     "WeightsUnavailable",
     "BundleError",
     "ExportError",
@@ -26,6 +27,7 @@ __all__ = [
     "RandomWeightsWarning",
     "SkippedImagesWarning",
     "ValidationLeakWarning",
+    "ExtremeEmbeddingsWarning",
 ]
 
 EXIT_OK = 0
@@ -59,6 +61,13 @@ class CacheError(FeatbankError):
 
 class CacheKeyMismatch(CacheError):
     """The cache on disk was made with other settings than the ones asked for."""
+
+
+class NotACacheError(CacheError):
+    """A file given as a cache is not one (not HDF5, or HDF5 without featbank's format attribute).
+
+    featbank never overwrites such a file, not even with ``--overwrite``.
+    """
 
 
 class WeightsUnavailable(FeatbankError):
@@ -99,3 +108,7 @@ class SkippedImagesWarning(FeatbankWarning):
 
 class ValidationLeakWarning(FeatbankWarning):
     """A model selected on a validation set was fitted on some of its images (optimistic metrics)."""
+
+
+class ExtremeEmbeddingsWarning(FeatbankWarning):
+    """Some cached embedding rows are finite but huge (beyond ``featbank.cache.EXTREME_VALUE``)."""

@@ -36,6 +36,7 @@ class CacheState:
     skipped_reasons: list[str]
     skipped_fingerprints: np.ndarray
     embed_dim: int
+    complete: bool = True
 
 
 def read_state(path: Path) -> CacheState | None:
@@ -44,9 +45,9 @@ def read_state(path: Path) -> CacheState | None:
     Raises:
         CacheError: the file exists but is not a readable featbank cache of this schema.
     """
-    if not path.exists():
-        return None
-    with FeatureCache(path) as c:
+    if not path.exists() or (path.is_file() and path.stat().st_size == 0):
+        return None  # an empty file holds nothing to keep
+    with FeatureCache(path, extreme="ignore", allow_incomplete=True) as c:
         return CacheState(
             key=c.cache_key,
             metadata=dict(c.metadata),
@@ -56,6 +57,7 @@ def read_state(path: Path) -> CacheState | None:
             skipped_reasons=[r for _, r in c.skipped],
             skipped_fingerprints=c.skipped_fingerprints,
             embed_dim=c.embed_dim,
+            complete=c.metadata.get("complete", True) is not False,
         )
 
 

@@ -14,8 +14,9 @@ import numpy as np
 
 from ..cache import default_cache_dir, write_cache
 from ..data import ImageIndex
+from ..errors import NotACacheError
 
-__all__ = ["_slug", "default_cache_path", "_remove_stale_temporaries", "_commit"]
+__all__ = ["_slug", "default_cache_path", "refuse_foreign_file", "_remove_stale_temporaries", "_commit"]
 
 
 def _slug(text: str) -> str:
@@ -43,6 +44,36 @@ def default_cache_path(
     if dtype != "float32":
         name += f"-{dtype}"
     return default_cache_dir() / "caches" / f"{name}.h5"
+
+
+def refuse_foreign_file(out_path: Path) -> None:
+    """Refuse an ``--out`` that holds something other than a featbank cache, even with --overwrite.
+
+    Raises:
+        NotACacheError: a non-empty file that is not HDF5, or HDF5 without featbank's format attribute.
+    """
+    import h5py
+
+    from ..cache._schema import _FORMAT
+    from ..cache._validate import is_hdf5
+
+    if not out_path.is_file() or out_path.stat().st_size == 0:
+        return
+    what = None
+    if not is_hdf5(out_path):
+        what = "not an HDF5 file"
+    else:
+        try:
+            with h5py.File(out_path, "r") as f:
+                if f.attrs.get("format") != _FORMAT:
+                    what = "an HDF5 file without featbank's format attribute"
+        except OSError:
+            return  # a damaged HDF5 file: --overwrite may replace it, as the reader's message says
+    if what:
+        raise NotACacheError(
+            f"--out '{out_path}' is not a featbank cache ({what}); featbank does not overwrite it, not "
+            "even with --overwrite. Choose another --out, or move the file away."
+        )
 
 
 def _remove_stale_temporaries(out_path: Path) -> None:

@@ -14,9 +14,9 @@ import numpy as np
 
 from ..cache import StagingFile, check_key, compute_cache_key, read_state, writer_lock
 from ..data import ImageIndex, scan_folder
-from ..errors import ConfigError, Interrupted, SkippedImagesError, SkippedImagesWarning
+from ..errors import CacheError, ConfigError, Interrupted, NotACacheError, SkippedImagesError, SkippedImagesWarning
 from ..images import PreprocessConfig
-from ._cachefile import _commit, _remove_stale_temporaries, default_cache_path
+from ._cachefile import _commit, _remove_stale_temporaries, default_cache_path, refuse_foreign_file
 from ._embedding import _run
 from ._engines import _make_engine, _onnx_cache_path, _OrtEngine
 from ._options import ENGINES, _precision, _validate, resolve_device
@@ -93,6 +93,7 @@ def extract(
     out_path = Path(out).expanduser() if out is not None else default_cache_path(data, backbone, weights, dtype, weights_file)
     if out_path.exists() and out_path.is_dir():
         raise ConfigError(f"--out {str(out_path)!r} is a directory; give a file path such as {out_path / 'cache.h5'}.")
+    refuse_foreign_file(out_path)
     with writer_lock(out_path):
         return _extract_locked(
             index, out_path, t0, data=data, out=out, backbone=backbone, weights=weights, weights_file=weights_file,
@@ -125,12 +126,10 @@ def _extract_locked(
     if not overwrite:
         try:
             state = read_state(out_path)
-        except Exception as e:  # noqa: BLE001
-            from ..errors import CacheError
-
-            if isinstance(e, CacheError):
-                raise CacheError(f"{e} The file was left untouched; pass --overwrite to replace it.") from None
+        except NotACacheError:
             raise
+        except CacheError as e:
+            raise CacheError(f"{e} The file was left untouched; pass --overwrite to replace it.") from None
         if state is not None:
             check_key(out_path, state, key, wanted)
 
@@ -206,6 +205,7 @@ def _extract_locked(
         and state.metadata.get("root") == str(index.root)
         and state.metadata.get("layout") == index.layout
         and len(kept_skipped) == len(state.skipped_paths)
+        and state.complete
     ):
         report.up_to_date = True
         report.skipped = [(index.paths[i], r) for i, r in sorted(kept_skipped.items())]
