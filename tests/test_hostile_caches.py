@@ -199,3 +199,29 @@ def test_choice_refuses_caches_of_two_data_folders(image_folder: Path, tmp_path:
     assert code == 2 and "2 data folders" in out, out
     code, out = _fit(str(b), "--out", str(tmp_path / "m"), "--json")  # naming one works
     assert code == 0 and json.loads(out)["path"], out
+
+
+# -- the file at --out: symlinks are written through, permission bits kept -------------------------
+
+
+def test_extract_writes_through_a_symlink_and_keeps_the_mode(image_folder: Path, tmp_path: Path) -> None:
+    real = tmp_path / "store" / "real.h5"
+    real.parent.mkdir()
+    featbank.extract(image_folder, real, **TINY)
+    link = tmp_path / "link.h5"
+    link.symlink_to(real)
+    os.chmod(real, 0o444)
+    from conftest import make_image_folder
+
+    make_image_folder(image_folder, n_per_class=10, seed=5)  # rewrites the 24 images and adds 6
+    rep = featbank.extract(image_folder, link, **TINY)
+    assert rep.n_embedded == 30 and link.is_symlink() and os.readlink(link) == str(real)
+    assert (os.stat(real).st_mode & 0o777) == 0o444
+    with open_cache(real) as c:  # the target got the new rows (it used to keep stale ones)
+        assert c.n_samples == 30
+    assert not [p for p in (tmp_path / "store").iterdir() if p.name != "real.h5"]
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name or p.name.endswith(".partial")]
+    dangling = tmp_path / "dangling.h5"
+    dangling.symlink_to(tmp_path / "store" / "new.h5")
+    featbank.extract(image_folder, dangling, **TINY)
+    assert dangling.is_symlink() and (tmp_path / "store" / "new.h5").is_file()

@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 
 from .. import __version__
-from .._files import describe_os_error, fsync_dir
+from .._files import describe_os_error, fsync_dir, temporary_path
 from ..errors import CacheError, CacheKeyMismatch
 from ._reader import FeatureCache
 from ._schema import _FORMAT, _STR, SCHEMA_VERSION, SPLIT_NAMES, _decode
@@ -183,7 +183,7 @@ class StagingFile:
         embed_dim: int,
         dtype: str,
     ) -> "StagingFile":
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        tmp = temporary_path(path)
         check_space(path, estimate_bytes(len(paths), embed_dim, dtype, paths), kept_message(path))
         with h5py.File(tmp, "w") as f:
             f.attrs["format"] = "featbank-partial"
@@ -289,7 +289,7 @@ def write_cache(
     staging = next((Path(p) for name, p, _ in sources if p is not None and Path(p).name.endswith(".partial")), None)
     kept = kept_message(target, staging)
     check_space(target, estimate_bytes(n, embed_dim, dtype, order_paths, len(skipped)), kept)
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    tmp = temporary_path(target)
     mode_bits = _existing_mode(target)
     opened = {}
     try:
