@@ -21,7 +21,11 @@ same folder, fsync'ed, then ``os.replace``). New embeddings of a run go to a sta
 ``<path>.partial`` whose datasets are allocated in full when it is created, so writing rows
 touches no HDF5 metadata; a row's ``status`` flag is set only after its embedding was flushed.
 A run killed at any moment leaves ``path`` as it was and a staging file from which the next run
-resumes.
+resumes. Space is checked before either file is written (HDF5 cannot survive a failed write).
+
+Validation (``_validate``): opening checks the attributes, dataset shapes and the small per-row
+arrays; embedding values are checked block by block as they are read, so opening stays lazy.
+``choose_cache`` picks the cache ``fit`` uses when none is named, by a rule it states.
 """
 
 from __future__ import annotations
