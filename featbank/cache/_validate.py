@@ -134,7 +134,8 @@ def check_rows(cache: Any, rows: np.ndarray, block: np.ndarray, policy: str) -> 
     """
     if block.size == 0:
         return
-    finite = np.isfinite(block).all(axis=1)
+    peak = np.abs(block).max(axis=1)  # one pass: NaN and inf propagate into the row maximum
+    finite = np.isfinite(peak)
     if not finite.all():
         bad = rows[~finite]
         raise CacheError(
@@ -143,7 +144,7 @@ def check_rows(cache: Any, rows: np.ndarray, block: np.ndarray, policy: str) -> 
         )
     if policy == "ignore":
         return
-    extreme = np.abs(block).max(axis=1) > EXTREME_VALUE
+    extreme = peak > EXTREME_VALUE
     if not extreme.any():
         return
     bad = rows[extreme]
