@@ -44,7 +44,8 @@ def fit(cache, head, params, standardize, l2_normalize, val_split, refit, class_
         name, seed, as_json) -> None:
     """Fit a head on a feature cache, report metrics and save a model bundle.
 
-    CACHE defaults to the most recent cache written by 'featbank extract'. The hyperparameter is
+    CACHE defaults to the newest complete cache in the default cache folder, said on stderr (refused
+    when that folder holds caches of more than one data folder: pass one). The hyperparameter is
     chosen on the validation split, the head refitted on train+val (unless --no-refit) and
     evaluated on the test split.
     """
@@ -55,10 +56,11 @@ def fit(cache, head, params, standardize, l2_normalize, val_split, refit, class_
     from featbank.heads import parse_param
 
     if cache is None and not as_json:
-        from featbank.cache import find_latest_cache
+        from featbank.cache import choose_cache
 
-        cache = str(find_latest_cache())
-        click.echo(f"Using the most recent cache: {cache}", err=True)
+        choice = choose_cache()
+        cache = str(choice.path)
+        click.echo(f"Using cache {cache}: {choice.reason}. Pass CACHE to use another.", err=True)
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:

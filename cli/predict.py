@@ -27,7 +27,9 @@ Examples:
 def predict(model, images, top_k, batch_size, device, as_json, weights_file) -> None:
     """Classify images with a model bundle (runs its backbone) or an exported .onnx model.
 
-    Folders are searched recursively for images. Unreadable images are listed, the rest classified.
+    Folders are searched recursively for images. An image that cannot be used (unreadable, corrupt,
+    too many pixels, an aspect ratio beyond 100:1) gets a line PATH<TAB>ERROR<TAB>reason ("error" in
+    --json) and never stops the others. Exit code 0 then too; 2 for a bad model or a missing path.
     """
     import json
 

@@ -17,6 +17,7 @@ __all__ = [
     "DatasetError",
     "CacheError",
     "CacheKeyMismatch",
+    "NotACacheError",
     "WeightsUnavailable",
     "BundleError",
     "ExportError",
@@ -27,6 +28,7 @@ __all__ = [
     "SkippedImagesWarning",
     "ValidationLeakWarning",
     "OnnxCacheRebuiltWarning",
+    "ExtremeEmbeddingsWarning",
 ]
 
 EXIT_OK = 0
@@ -60,6 +62,13 @@ class CacheError(FeatbankError):
 
 class CacheKeyMismatch(CacheError):
     """The cache on disk was made with other settings than the ones asked for."""
+
+
+class NotACacheError(CacheError):
+    """A file given as a cache is not one (not HDF5, or HDF5 without featbank's format attribute).
+
+    featbank never overwrites such a file, not even with ``--overwrite``.
+    """
 
 
 class WeightsUnavailable(FeatbankError):
@@ -104,3 +113,7 @@ class ValidationLeakWarning(FeatbankWarning):
 
 class OnnxCacheRebuiltWarning(FeatbankWarning):
     """A cached ONNX graph of a backbone was broken (truncated, corrupt, unrecorded) and was rebuilt."""
+
+
+class ExtremeEmbeddingsWarning(FeatbankWarning):
+    """Some cached embedding rows are finite but huge (beyond ``featbank.cache.EXTREME_VALUE``)."""

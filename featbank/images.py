@@ -19,12 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "PreprocessConfig",
     "ImageReadError",
+    "DEFAULT_MAX_PIXELS",
+    "MAX_ASPECT_RATIO",
+    "MAX_RESIZED_PIXELS",
+    "check_aspect_ratio",
     "load_image",
     "preprocess_image",
     "load_and_preprocess",
@@ -49,6 +53,11 @@ IMAGE_EXTENSIONS = frozenset(
 
 #: Larger images are refused as probable decompression bombs (Pillow's own default limit).
 DEFAULT_MAX_PIXELS = 178_956_970
+#: Images whose longer side is more than this many times the shorter one are refused: resizing the
+#: short side of a 1x20000 strip to 256 px would make a 256x5120000 image (3.9 GB).
+MAX_ASPECT_RATIO = 100
+#: The resized image (before the centre crop) may have at most this many pixels (192 MB as RGB).
+MAX_RESIZED_PIXELS = 1 << 26
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -155,19 +164,6 @@ class ImageReadError(Exception):
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
 
-# EXIF orientation tag (0x0112) -> the transpose that shows the image upright (as ImageOps does).
-_EXIF_ORIENTATION = 0x0112
-_ORIENTATION_TRANSPOSE = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
-
-
 def _to_uint8_rgb(img: Image.Image, keep_grey: bool = False) -> Image.Image:
     """8-bit RGB; with ``keep_grey`` single-channel images stay 8-bit ``L`` (3x less to resize)."""
     mode = img.mode
@@ -196,16 +192,29 @@ def _to_uint8_rgb(img: Image.Image, keep_grey: bool = False) -> Image.Image:
     return img.convert("RGB")
 
 
-def _exif_orientation(img: Image.Image) -> int:
+def _exif_transpose(img: Image.Image) -> None:
     try:
-        value = img.getexif().get(_EXIF_ORIENTATION, 1)
-        return int(value)
-    except Exception:
-        # Broken metadata is no reason to refuse pixels that decoded fine.
-        return 1
+        ImageOps.exif_transpose(img, in_place=True)
+    except Exception:  # noqa: BLE001 - broken metadata is no reason to refuse pixels that decoded fine
+        pass
 
 
-def _decode(fp: Any, max_pixels: int, keep_grey: bool = False) -> Image.Image:
+def check_aspect_ratio(width: int, height: int, max_aspect_ratio: float = MAX_ASPECT_RATIO) -> None:
+    """Refuse an image whose longer side is more than ``max_aspect_ratio`` times its shorter side.
+
+    Raises:
+        ImageReadError: with the size and the bound as ``reason``.
+    """
+    short, long = min(width, height), max(width, height)
+    if short < 1 or long > max_aspect_ratio * short:
+        ratio = f"{long / short:.0f}:1" if short >= 1 else "degenerate"
+        raise ImageReadError(
+            f"extreme aspect ratio: {width}x{height} ({ratio}; at most {max_aspect_ratio:g}:1 is accepted, "
+            "since resizing its short side would make a huge image)"
+        )
+
+
+def _decode(fp: Any, max_pixels: int, keep_grey: bool = False, max_aspect_ratio: float = MAX_ASPECT_RATIO) -> Image.Image:
     img = Image.open(fp)
     w, h = img.size
     # The header is parsed but no pixel is decoded yet: refuse bombs before allocating anything.
@@ -214,23 +223,24 @@ def _decode(fp: Any, max_pixels: int, keep_grey: bool = False) -> Image.Image:
             f"too large: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
             "(possible decompression bomb)"
         )
+    check_aspect_ratio(w, h, max_aspect_ratio)
     img.load()
-    orientation = _exif_orientation(img)
-    out = _to_uint8_rgb(img, keep_grey)
-    if orientation in _ORIENTATION_TRANSPOSE:
-        out = out.transpose(_ORIENTATION_TRANSPOSE[orientation])
-    return out
+    _exif_transpose(img)
+    return _to_uint8_rgb(img, keep_grey)
 
 
 def load_image(
-    path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, *, keep_grey: bool = False
+    path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, *, keep_grey: bool = False,
+    max_aspect_ratio: float = MAX_ASPECT_RATIO,
 ) -> Image.Image:
     """Decode an image file into an 8-bit RGB Pillow image.
 
     The EXIF orientation is applied. Grey, grey+alpha, palette (with or without transparency),
     CMYK, 16-bit and float images are converted; 16-bit values are scaled by 1/257 (65535 -> 255),
     not clipped; alpha is dropped as torchvision's loader does. Animated images give their first
-    frame. The pixel count is checked from the header, before anything is decoded, and no global
+    frame. The pixel count and the aspect ratio are checked from the header, before anything is
+    decoded (a 1x20000 PNG of 118 bytes would become a 256x5120000 image once its short side is
+    resized, 3.9 GB), and no global
     Pillow setting is changed (``Image.MAX_IMAGE_PIXELS`` still applies on top of ``max_pixels``).
     Truncated files are refused, never padded, unless the caller has set Pillow's global
     ``ImageFile.LOAD_TRUNCATED_IMAGES``. Decoder warnings are silenced (``warnings.catch_warnings``,
@@ -239,6 +249,7 @@ def load_image(
     Args:
         path: the image file.
         max_pixels: images with more pixels (width x height) are refused.
+        max_aspect_ratio: images whose longer side exceeds this many times the shorter are refused.
         keep_grey: return single-channel images as 8-bit ``L`` instead of ``RGB``;
             :func:`preprocess_image` then gives exactly the same array, faster.
 
@@ -247,7 +258,8 @@ def load_image(
 
     Raises:
         ImageReadError: the file is missing, not a regular file, unreadable, empty, truncated,
-            corrupt, not an image, or has more than ``max_pixels`` pixels. ``reason`` says which.
+            corrupt, not an image, has more than ``max_pixels`` pixels or an aspect ratio beyond
+            ``max_aspect_ratio``. ``reason`` says which.
 
     Example:
         >>> img = load_image("DATA/cat/001.jpg")  # doctest: +SKIP
@@ -279,7 +291,7 @@ def load_image(
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return _decode(fp, max_pixels, keep_grey)
+                return _decode(fp, max_pixels, keep_grey, max_aspect_ratio)
         except ImageReadError:
             raise
         except Image.DecompressionBombError as e:
@@ -309,6 +321,10 @@ def preprocess_image(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
 
     Returns:
         ``uint8`` array of shape ``(height, width, 3)``, RGB, not normalised.
+
+    Raises:
+        ImageReadError: the aspect ratio exceeds :data:`MAX_ASPECT_RATIO`, or the resized image
+            would exceed :data:`MAX_RESIZED_PIXELS` (memory stays bounded whatever the input).
     """
     if img.mode != "RGB":
         # Grey stays grey until the end: resampling is per channel, so replicating the channel
@@ -317,6 +333,12 @@ def preprocess_image(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     w, h = img.size
     size = cfg.resize_size
     short, long = (w, h) if w <= h else (h, w)
+    check_aspect_ratio(w, h)
+    if size * int(size * long / short) > MAX_RESIZED_PIXELS:
+        raise ImageReadError(
+            f"resize target too large: {w}x{h} with its short side resized to {size} would have "
+            f"{size * int(size * long / short)} pixels (limit {MAX_RESIZED_PIXELS})"
+        )
     if short != size:
         new_short, new_long = size, int(size * long / short)
         new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)

@@ -348,7 +348,11 @@ class OnnxClassifier:
 
     def preprocess(self, image: ImageLike) -> np.ndarray:
         """One image -> ``(H, W, 3)`` uint8 at the model's input size, exactly as at training time."""
-        return preprocess_image(image_to_pil(image), self.preprocess_config)
+        try:
+            return preprocess_image(image_to_pil(image), self.preprocess_config)
+        except ImageReadError as e:  # e.g. an extreme aspect ratio, found once the image is known
+            where = str(image) if isinstance(image, (str, os.PathLike)) else type(image).__name__
+            raise DatasetError(f"Cannot read image {where!r}: {e.reason}.") from None
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Run the graph on preprocessed pixels.

@@ -185,6 +185,19 @@ def _bomb(path: Path) -> None:
     path.write_bytes(bomb_png_bytes())
 
 
+def _strip_tall(path: Path) -> None:
+    # 1x20000 grey PNG of ~100 bytes: resizing its short side to 256 px used to allocate gigabytes.
+    Image.new("L", (1, BOMB_SIDE), 200).save(path)
+
+
+def _strip_wide(path: Path) -> None:
+    Image.new("RGB", (BOMB_SIDE, 1), (10, 20, 30)).save(path)
+
+
+def _strip_ok(path: Path) -> None:
+    Image.fromarray(noise_rgb(150, 2)).save(path)  # 75:1, inside MAX_ASPECT_RATIO
+
+
 _ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 #: (file name, writer, expectation); "ok" cases come first so each class gets some.
@@ -209,6 +222,9 @@ _CASES: list[tuple[str, Callable[[Path], None], str]] = [
     ("truncated.jpg", _truncated_jpeg, "skip"),
     ("text.jpg", _text_as_jpeg, "skip"),
     ("bomb.png", _bomb, "skip"),
+    ("strip_tall.png", _strip_tall, "skip"),
+    ("strip_wide.png", _strip_wide, "skip"),
+    ("strip_ok.png", _strip_ok, "ok"),
     # chmod 000 does not stop root from reading.
     ("unreadable.png", _unreadable, "ok" if _ROOT else "skip"),
 ]

@@ -64,8 +64,13 @@ def test_refusals(tmp_path: Path, tiny_cache: Path) -> None:
         open_cache(tmp_path / "missing.h5")
     junk = tmp_path / "junk.h5"
     junk.write_bytes(b"\0" * 100)
-    with pytest.raises(CacheError, match="not a readable HDF5"):
+    with pytest.raises(CacheError, match="not a featbank cache.*not an HDF5") as e:
         open_cache(junk)
+    assert "--overwrite" not in str(e.value)  # never advise overwriting a file that is not a cache
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(tiny_cache.read_bytes()[:600])  # an HDF5 cache cut short: a damaged cache
+    with pytest.raises(CacheError, match="not a readable HDF5.*--overwrite"):
+        open_cache(cut)
     other = tmp_path / "other.h5"
     with h5py.File(other, "w") as f:
         f["x"] = np.zeros(3)

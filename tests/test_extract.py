@@ -25,6 +25,7 @@ from featbank.errors import (
     ConfigError,
     DatasetError,
     Interrupted,
+    NotACacheError,
     SkippedImagesError,
     SkippedImagesWarning,
 )
@@ -245,9 +246,11 @@ def test_key_mismatch_refuses_and_leaves_file_untouched(image_folder: Path, tmp_
 def test_not_a_cache_is_refused_untouched(image_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "c.h5"
     out.write_bytes(b"precious, not HDF5")
-    with pytest.raises(Exception, match="--overwrite"):
-        featbank.extract(image_folder, out, **TINY)
-    assert out.read_bytes() == b"precious, not HDF5"
+    for overwrite in (False, True):  # not a cache: never overwritten, not even with --overwrite
+        with pytest.raises(NotACacheError, match="not a featbank cache.*not even with --overwrite"):
+            featbank.extract(image_folder, out, **{**TINY, "overwrite": overwrite})
+        assert out.read_bytes() == b"precious, not HDF5"
+    out.write_bytes(b"")  # an empty file holds nothing to lose
     assert featbank.extract(image_folder, out, **{**TINY, "overwrite": True}).n_embedded == 24
     with pytest.raises(ConfigError, match="directory"):
         featbank.extract(image_folder, tmp_path, **TINY)

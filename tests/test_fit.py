@@ -127,7 +127,7 @@ def _refuses(tmp_path, exc, match, cache, **kw):
 def test_refuses_missing_and_foreign_files(tmp_path):
     _refuses(tmp_path, CacheError, "does not exist", tmp_path / "nope.h5")
     (tmp_path / "text.h5").write_text("hello")
-    _refuses(tmp_path, CacheError, "not a readable HDF5", tmp_path / "text.h5")
+    _refuses(tmp_path, CacheError, "not a featbank cache .not an HDF5 file", tmp_path / "text.h5")
     with h5py.File(tmp_path / "other.h5", "w") as f:
         f["x"] = np.zeros(3)
     _refuses(tmp_path, CacheError, "not a featbank cache", tmp_path / "other.h5")

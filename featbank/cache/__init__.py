@@ -21,7 +21,11 @@ same folder, fsync'ed, then ``os.replace``). New embeddings of a run go to a sta
 ``<path>.partial`` whose datasets are allocated in full when it is created, so writing rows
 touches no HDF5 metadata; a row's ``status`` flag is set only after its embedding was flushed.
 A run killed at any moment leaves ``path`` as it was and a staging file from which the next run
-resumes.
+resumes. Space is checked before either file is written (HDF5 cannot survive a failed write).
+
+Validation (``_validate``): opening checks the attributes, dataset shapes and the small per-row
+arrays; embedding values are checked block by block as they are read, so opening stays lazy.
+``choose_cache`` picks the cache ``fit`` uses when none is named, by a rule it states.
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ from __future__ import annotations
 # Outside __all__ but imported from here, the path they had when this package was one module:
 # StagingFile, check_key, read_state and write_cache by featbank.extraction (write_cache also by
 # scripts/bench_fit.py and tests/_fitdata.py); CacheState and EMBEDDING_VERSION stay reachable too.
-from ._discovery import default_cache_dir, find_latest_cache
+from ._discovery import CacheChoice, choose_cache, default_cache_dir, find_latest_cache
 from ._lock import writer_lock
-from ._reader import FeatureCache, open_cache
+from ._reader import EXTREME_POLICIES, FeatureCache, open_cache
+from ._validate import EXTREME_VALUE
 from ._schema import EMBEDDING_VERSION, SCHEMA_VERSION, SPLIT_NAMES, compute_cache_key  # noqa: F401
 from ._writer import CacheState, StagingFile, check_key, read_state, write_cache  # noqa: F401
 
@@ -44,4 +49,8 @@ __all__ = [
     "compute_cache_key",
     "default_cache_dir",
     "find_latest_cache",
+    "choose_cache",
+    "CacheChoice",
+    "EXTREME_VALUE",
+    "EXTREME_POLICIES",
 ]

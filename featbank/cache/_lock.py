@@ -70,8 +70,11 @@ def writer_lock(path: str | os.PathLike) -> Iterator[None]:
             break
         os.close(fd)  # the file was removed by its last holder between our open and flock: retry
     try:
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        try:  # the pid only names the holder in messages; a full disk must not stop the lock
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+        except OSError:
+            pass
         _HELD[key] = 1
         yield
     finally:

@@ -11,9 +11,22 @@ import h5py
 import numpy as np
 
 from .. import __version__
-from ..errors import CacheError
+from ..errors import CacheError, ConfigError, NotACacheError
 from ._discovery import find_latest_cache
 from ._schema import _FORMAT, SCHEMA_VERSION, SPLIT_NAMES, _decode
+from ._validate import (
+    check_codes,
+    check_file_kind,
+    check_rows,
+    check_schema_version,
+    check_structure,
+    is_hdf5,
+    parse_json_attr,
+    recreate_hint,
+)
+
+#: What :func:`open_cache` does with finite but extreme embedding rows.
+EXTREME_POLICIES = ("raise", "warn", "ignore")
 
 __all__ = ["FeatureCache", "open_cache"]
 
@@ -39,59 +52,66 @@ class FeatureCache:
         skipped: ``[(path, reason), ...]`` for files that could not be read.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, extreme: str = "raise", allow_incomplete: bool = False):
+        if extreme not in EXTREME_POLICIES:
+            raise ConfigError(f"The 'extreme' parameter must be one of {EXTREME_POLICIES}. Got {extreme!r} instead.")
         self.path = Path(path)
-        if not self.path.exists():
-            raise CacheError(
-                f"Cache {str(self.path)!r} does not exist. Run 'featbank extract DATA --out "
-                f"{self.path}' first."
-            )
+        self.extreme = extreme
+        #: Rows already reported as extreme (``extreme='warn'`` warns once per row).
+        self.extreme_rows: set[int] = set()
+        self._file = _open_h5(self.path)
         try:
-            self._file = h5py.File(self.path, "r")
-        except OSError as e:
-            raise CacheError(
-                f"{str(self.path)!r} is not a readable HDF5 file ({e}). Re-create it with "
-                "'featbank extract DATA --overwrite'."
-            ) from None
-        f = self._file
+            self._read_small(allow_incomplete)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _read_small(self, allow_incomplete: bool) -> None:
+        f, path = self._file, self.path
         if f.attrs.get("format") != _FORMAT:
-            self._file.close()
-            raise CacheError(
-                f"{str(self.path)!r} is an HDF5 file but not a featbank cache (no "
-                f"format={_FORMAT!r} attribute). Point at a file written by 'featbank extract'."
+            raise NotACacheError(
+                f"'{path}' is an HDF5 file but not a featbank cache (no format={_FORMAT!r} attribute). "
+                "Point at a file written by 'featbank extract'."
             )
-        version = int(f.attrs.get("schema_version", -1))
-        if version != SCHEMA_VERSION:
-            self._file.close()
-            raise CacheError(
-                f"{str(self.path)!r} has cache schema version {version}; this featbank "
-                f"({__version__}) reads version {SCHEMA_VERSION}. Re-extract with "
-                "'featbank extract DATA --overwrite'."
-            )
+        check_schema_version(path, f.attrs.get("schema_version"), SCHEMA_VERSION, __version__)
         self.metadata: dict[str, Any] = {}
         for k, v in f.attrs.items():
             if isinstance(v, bytes):
-                v = v.decode()
+                v = v.decode("utf-8", "replace")
             if isinstance(v, np.generic):
                 v = v.item()
-            if isinstance(v, str) and k in ("transform", "engines"):
-                try:
-                    v = json.loads(v)
-                except ValueError:
-                    pass
             self.metadata[k] = v
+        root = self.metadata.get("root")
+        parsed = {k: parse_json_attr(path, k, self.metadata[k], root)
+                  for k in ("transform", "engines", "split_names", "classes_json") if k in self.metadata}
+        # transform and engines are handed out decoded; split_names and classes_json stay strings.
+        self.metadata.update({k: v for k, v in parsed.items() if k in ("transform", "engines")})
+        names = parsed.get("split_names", list(SPLIT_NAMES))
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise CacheError(f"Cache '{path}' is damaged: attribute 'split_names' is {names!r}, expected a list "
+                             f"of names. {recreate_hint(path, root)}")
+        self._split_names = tuple(names)
+        if not allow_incomplete and self.metadata.get("complete", True) is False:
+            data = root if isinstance(root, str) and root else "DATA"
+            raise CacheError(
+                f"Cache '{path}' is incomplete (attribute complete=False: an interrupted 'featbank extract' "
+                f"left it with {f['embeddings'].shape[0] if 'embeddings' in f else 0} rows). Finish it with "
+                f"'featbank extract {data} --out {path}' (same options as before), then rerun."
+            )
+        check_structure(path, f, root)
         self.embeddings: h5py.Dataset = f["embeddings"]
         self.labels = f["labels"][...].astype(np.int64)
         self.splits = f["splits"][...].astype(np.int8)
         self.paths = _decode(f["paths"][...])
         self.fingerprints = f["fingerprints"][...].astype(np.int64)
         self.classes = _decode(f["classes"][...])
+        check_codes(path, self.labels, f["splits"][...].astype(np.int64), len(self.classes), self._split_names, root)
         sk = f.get("skipped")
         self.skipped: list[tuple[str, str]] = (
             list(zip(_decode(sk["paths"][...]), _decode(sk["reasons"][...]))) if sk is not None else []
         )
         self.skipped_fingerprints = (
-            sk["fingerprints"][...].astype(np.int64) if sk is not None else np.zeros((0, 2), np.int64)
+            sk["fingerprints"][...].astype(np.int64).reshape(-1, 2) if sk is not None else np.zeros((0, 2), np.int64)
         )
 
     # -- convenience -------------------------------------------------------------------------
@@ -117,7 +137,7 @@ class FeatureCache:
 
     @property
     def split_names(self) -> tuple[str, ...]:
-        return tuple(json.loads(self.metadata.get("split_names", json.dumps(SPLIT_NAMES))))
+        return self._split_names
 
     def has_split(self, name: str) -> bool:
         return bool(np.any(self.split_mask(name)))
@@ -132,7 +152,9 @@ class FeatureCache:
     def load_embeddings(self, rows: np.ndarray | Sequence[int] | None = None, dtype=np.float32) -> np.ndarray:
         """Read embeddings into memory: all rows, or the given row indices / boolean mask."""
         if rows is None:
-            return self.embeddings[...].astype(dtype, copy=False)
+            out = self.embeddings[...].astype(dtype, copy=False)
+            check_rows(self, np.arange(len(out)), out, self.extreme)
+            return out
         rows = np.asarray(rows)
         if rows.dtype == bool:
             rows = np.flatnonzero(rows)
@@ -158,6 +180,7 @@ class FeatureCache:
                 slab = self.embeddings[lo:hi]
                 out[pos:end] = slab[rows[pos:end] - lo]
             pos = end
+        check_rows(self, rows, out, self.extreme)
         return out
 
     def iter_chunks(self, rows: np.ndarray, chunk_rows: int, dtype=np.float32) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -192,14 +215,44 @@ class FeatureCache:
         )
 
 
-def open_cache(path: str | os.PathLike | None = None) -> FeatureCache:
-    """Open a featbank cache for reading; with no path, the latest one in the default folder.
+def _open_h5(path: Path) -> h5py.File:
+    if not path.exists():
+        raise CacheError(f"Cache '{path}' does not exist. Run 'featbank extract DATA --out {path}' first.")
+    if path.is_dir():
+        raise CacheError(f"'{path}' is a folder; pass a cache file written by 'featbank extract' (an .h5 file).")
+    check_file_kind(path)
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        if not is_hdf5(path):
+            raise NotACacheError(f"'{path}' is not a featbank cache (an empty file).") from None
+        raise CacheError(f"'{path}' is not a readable HDF5 file ({e}). {recreate_hint(path)}") from None
+
+
+def open_cache(path: str | os.PathLike | None = None, *, extreme: str = "raise",
+               allow_incomplete: bool = False) -> FeatureCache:
+    """Open a featbank cache for reading; with no path, the one :func:`choose_cache` picks.
+
+    Opening validates everything but the embedding values: the format and schema version, that
+    every dataset is there with the right shape and one row per embedding, labels within the
+    classes, split codes within ``split_names``, JSON attributes. Embedding values are checked as
+    rows are read (NaN/inf always refused; see ``extreme``), so opening a large cache stays cheap.
+
+    Args:
+        path: the cache file; ``None`` for :func:`choose_cache`'s pick in the default folder.
+        extreme: rows with a value beyond ``EXTREME_VALUE`` (finite but huge, e.g. 1e38):
+            ``"raise"`` (default) refuses them with a :class:`CacheError` naming them, ``"warn"``
+            returns them with an :class:`ExtremeEmbeddingsWarning`, ``"ignore"`` returns them.
+        allow_incomplete: open a cache that an interrupted extract left with ``complete=False``.
 
     Raises:
-        CacheError: missing, unreadable, not a featbank cache, or of another schema version.
+        CacheError: missing, unreadable, damaged (the message names the field and the value),
+            incomplete, or of another schema version. :class:`NotACacheError` (a subclass) when the
+            file is not a featbank cache at all.
 
     Example:
         >>> with open_cache("runs/elpv.h5") as cache:
         ...     X = cache.load_embeddings(cache.split_mask("train"))
     """
-    return FeatureCache(path if path is not None else find_latest_cache())
+    return FeatureCache(path if path is not None else find_latest_cache(), extreme=extreme,
+                        allow_incomplete=allow_incomplete)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from typing import Any
 
 import h5py
@@ -39,10 +38,6 @@ def compute_cache_key(identity: dict[str, Any], dtype: str, precision: str) -> s
         "precision": precision,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def _decode(arr: np.ndarray) -> list[str]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -12,11 +14,13 @@ import h5py
 import numpy as np
 
 from .. import __version__
+from .._files import describe_os_error, fsync_dir, temporary_path
 from ..errors import CacheError, CacheKeyMismatch
 from ._reader import FeatureCache
 from ._schema import _FORMAT, _STR, SCHEMA_VERSION, SPLIT_NAMES, _decode
 
-__all__ = ["CacheState", "read_state", "check_key", "StagingFile", "write_cache"]
+__all__ = ["CacheState", "read_state", "check_key", "StagingFile", "write_cache", "estimate_bytes", "check_space",
+           "kept_message"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -36,6 +40,7 @@ class CacheState:
     skipped_reasons: list[str]
     skipped_fingerprints: np.ndarray
     embed_dim: int
+    complete: bool = True
 
 
 def read_state(path: Path) -> CacheState | None:
@@ -44,9 +49,9 @@ def read_state(path: Path) -> CacheState | None:
     Raises:
         CacheError: the file exists but is not a readable featbank cache of this schema.
     """
-    if not path.exists():
-        return None
-    with FeatureCache(path) as c:
+    if not path.exists() or (path.is_file() and path.stat().st_size == 0):
+        return None  # an empty file holds nothing to keep
+    with FeatureCache(path, extreme="ignore", allow_incomplete=True) as c:
         return CacheState(
             key=c.cache_key,
             metadata=dict(c.metadata),
@@ -56,6 +61,7 @@ def read_state(path: Path) -> CacheState | None:
             skipped_reasons=[r for _, r in c.skipped],
             skipped_fingerprints=c.skipped_fingerprints,
             embed_dim=c.embed_dim,
+            complete=c.metadata.get("complete", True) is not False,
         )
 
 
@@ -80,6 +86,60 @@ def check_key(path: Path, state: CacheState, key: str, wanted: dict[str, Any]) -
         + "\n  ".join(diffs)
         + "\nThe file was left untouched. Pass --overwrite to replace it, or choose another --out."
     )
+
+
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def estimate_bytes(n: int, embed_dim: int, dtype: str, paths: Sequence[str], extra_rows: int = 0) -> int:
+    """A generous size of a cache (or staging) file of ``n`` rows, for the free-space check."""
+    text = sum(len(p.encode("utf-8", "surrogateescape")) for p in paths)
+    # embeddings + labels, splits, fingerprints, status + a vlen reference and heap object per path
+    per_row = embed_dim * np.dtype(dtype).itemsize + 8 + 1 + 16 + 1 + 48
+    return int(((n + extra_rows) * per_row + 2 * text) * 1.05) + (64 << 10)
+
+
+def check_space(path: Path, nbytes: int, kept: str) -> None:
+    """Refuse to start writing ``path`` when ``nbytes`` do not fit (disk space, quota hint, ulimit -f).
+
+    HDF5 cannot recover from a write that fails half-way (a failed flush leaves objects open that
+    its exit handler flushes again, and the process dies with SIGSEGV), so running out of space must
+    be found before the first byte is written. ``kept`` says what stays as it was.
+
+    Raises:
+        CacheError: not enough space; the message names the path, the sizes and what was kept.
+    """
+    folder = path.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    limit = None
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        limit = None if soft == resource.RLIM_INFINITY else soft
+    except (ImportError, OSError, ValueError):
+        pass
+    if free is not None and nbytes > free:
+        where = f"{_size(free)} free on the file system of '{folder}'"
+    elif limit is not None and nbytes > limit:
+        where = f"the file size limit of this process (ulimit -f) is {_size(limit)}"
+    else:
+        return
+    raise CacheError(
+        f"Not enough space to write '{path}': about {_size(nbytes)} needed, {where}. {kept} "
+        "Free some space (or choose an --out elsewhere) and rerun."
+    )
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
+
+
+def _full_error(path: Path, e: OSError, kept: str) -> CacheError:
+    return CacheError(f"Cannot write '{path}': {describe_os_error(e)}. {kept} Free some space and rerun.")
 
 
 def _create_contiguous(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: Any) -> h5py.Dataset:
@@ -123,7 +183,8 @@ class StagingFile:
         embed_dim: int,
         dtype: str,
     ) -> "StagingFile":
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        tmp = temporary_path(path)
+        check_space(path, estimate_bytes(len(paths), embed_dim, dtype, paths), kept_message(path))
         with h5py.File(tmp, "w") as f:
             f.attrs["format"] = "featbank-partial"
             f.attrs["cache_key"] = key
@@ -187,6 +248,15 @@ class StagingFile:
             pass
 
 
+def kept_message(path: Path, staging: Path | None = None) -> str:
+    """What a failed write leaves as it was, for error messages."""
+    cache = path.with_name(path.name[: -len(".partial")]) if path.name.endswith(".partial") else path
+    msg = f"The cache '{cache}' was left as it was." if cache.exists() else "No cache was written."
+    if staging is not None and staging.exists():
+        msg += f" The embeddings computed so far are kept in '{staging}'; a rerun resumes from there."
+    return msg
+
+
 def write_cache(
     path: Path,
     *,
@@ -204,85 +274,109 @@ def write_cache(
 ) -> None:
     """Write a complete cache atomically (temp file + fsync + os.replace).
 
-    ``sources`` lists, for each final row in order, where its embedding comes from: each entry
-    is ``(kind, file, src_rows)`` covering a contiguous run of final rows is too fiddly, so we
-    take one array per source: ``sources[i] = (name, h5 path, mapping)`` where ``mapping`` is an
-    int64 array with, for every final row, the source row or -1. Rows are copied in blocks, so
-    memory stays bounded whatever N is.
+    ``sources`` lists where the embeddings come from: ``(name, h5 path, mapping)`` where
+    ``mapping`` is an int64 array with, for every final row, the source row or -1. Rows are
+    copied in blocks, so memory stays bounded whatever N is. If ``path`` is a symlink, its target
+    is replaced (the link stays); the permission bits of an existing file are kept.
+
+    Raises:
+        CacheError: not enough space (checked before writing) or the disk filled up meanwhile; the
+            old cache is left as it was.
     """
     n = len(order_paths)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     path.parent.mkdir(parents=True, exist_ok=True)
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    staging = next((Path(p) for name, p, _ in sources if p is not None and Path(p).name.endswith(".partial")), None)
+    kept = kept_message(target, staging)
+    check_space(target, estimate_bytes(n, embed_dim, dtype, order_paths, len(skipped)), kept)
+    tmp = temporary_path(target)
+    mode_bits = _existing_mode(target)
     opened = {}
     try:
         for name, src_path, _ in sources:
             if src_path is not None and name not in opened:
                 opened[name] = h5py.File(src_path, "r")
         with h5py.File(tmp, "w") as f:
-            chunk_rows = max(1, min(1024, (1 << 20) // max(1, embed_dim * np.dtype(dtype).itemsize)))
-            emb = f.create_dataset(
-                "embeddings",
-                shape=(n, embed_dim),
-                maxshape=(None, embed_dim),
-                dtype=dtype,
-                chunks=(max(1, min(chunk_rows, max(n, 1))), embed_dim),
-            )
-            for start in range(0, n, block_rows):
-                stop = min(n, start + block_rows)
-                block = np.empty((stop - start, embed_dim), dtype=dtype)
-                filled = np.zeros(stop - start, bool)
-                for name, _, mapping in sources:
-                    m = mapping[start:stop]
-                    sel = np.flatnonzero(m >= 0)
-                    if sel.size == 0:
-                        continue
-                    src_rows = m[sel]
-                    ds = opened[name]["embeddings"]
-                    order = np.argsort(src_rows)
-                    uniq = src_rows[order]
-                    block[sel[order]] = ds[uniq].astype(dtype, copy=False)
-                    filled[sel] = True
-                if not filled.all():
-                    raise CacheError("internal error: a cache row has no source")  # pragma: no cover
-                emb[start:stop] = block
-            f.create_dataset("labels", data=np.asarray(row_labels, np.int64), maxshape=(None,), chunks=True)
-            f.create_dataset("splits", data=np.asarray(row_splits, np.int8), maxshape=(None,), chunks=True)
-            f.create_dataset(
-                "paths", data=np.array(order_paths, dtype=object), dtype=_STR, maxshape=(None,), chunks=True
-            )
-            f.create_dataset(
-                "fingerprints",
-                data=np.asarray(row_fingerprints, np.int64).reshape(n, 2),
-                maxshape=(None, 2),
-                chunks=True,
-            )
-            f.create_dataset("classes", data=np.array(list(classes), dtype=object), dtype=_STR)
-            g = f.create_group("skipped")
-            g.create_dataset("paths", data=np.array([s[0] for s in skipped], dtype=object), dtype=_STR)
-            g.create_dataset("reasons", data=np.array([s[1] for s in skipped], dtype=object), dtype=_STR)
-            g.create_dataset(
-                "fingerprints", data=np.array([s[2] for s in skipped], np.int64).reshape(len(skipped), 2)
-            )
-            f.attrs["format"] = _FORMAT
-            f.attrs["schema_version"] = SCHEMA_VERSION
-            f.attrs["featbank_version"] = __version__
-            f.attrs["split_names"] = json.dumps(list(SPLIT_NAMES))
-            f.attrs["n_samples"] = n
-            f.attrs["embed_dim"] = embed_dim
-            f.attrs["dtype"] = dtype
-            for k, v in attrs.items():
-                f.attrs[k] = json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v
+            _copy_embeddings(f, sources, opened, n, embed_dim, dtype, block_rows)
+            _write_rows(f, order_paths, row_fingerprints, row_labels, row_splits, classes, skipped)
+            _write_attrs(f, n, embed_dim, dtype, attrs)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        try:
-            dfd = os.open(path.parent, os.O_RDONLY)
-            os.fsync(dfd)
-            os.close(dfd)
-        except OSError:
-            pass
+        if mode_bits is not None:
+            os.chmod(tmp, mode_bits)
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+    except OSError as e:
+        if e.errno in _FULL_ERRNOS:
+            raise _full_error(target, e, kept) from None
+        raise
     finally:
         for h in opened.values():
             h.close()
         if tmp.exists():
             tmp.unlink()
+
+
+def _existing_mode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        return None
+
+
+def _copy_embeddings(f: h5py.File, sources: list, opened: dict, n: int, embed_dim: int, dtype: str,
+                     block_rows: int) -> None:
+    chunk_rows = max(1, min(1024, (1 << 20) // max(1, embed_dim * np.dtype(dtype).itemsize)))
+    emb = f.create_dataset(
+        "embeddings",
+        shape=(n, embed_dim),
+        maxshape=(None, embed_dim),
+        dtype=dtype,
+        chunks=(max(1, min(chunk_rows, max(n, 1))), embed_dim),
+    )
+    for start in range(0, n, block_rows):
+        stop = min(n, start + block_rows)
+        block = np.empty((stop - start, embed_dim), dtype=dtype)
+        filled = np.zeros(stop - start, bool)
+        for name, _, mapping in sources:
+            m = mapping[start:stop]
+            sel = np.flatnonzero(m >= 0)
+            if sel.size == 0:
+                continue
+            src_rows = m[sel]
+            ds = opened[name]["embeddings"]
+            order = np.argsort(src_rows)
+            uniq = src_rows[order]
+            block[sel[order]] = ds[uniq].astype(dtype, copy=False)
+            filled[sel] = True
+        if not filled.all():
+            raise CacheError("internal error: a cache row has no source")  # pragma: no cover
+        emb[start:stop] = block
+
+
+def _write_rows(f: h5py.File, order_paths: list[str], row_fingerprints: np.ndarray, row_labels: np.ndarray,
+                row_splits: np.ndarray, classes: Sequence[str], skipped: list) -> None:
+    n = len(order_paths)
+    f.create_dataset("labels", data=np.asarray(row_labels, np.int64), maxshape=(None,), chunks=True)
+    f.create_dataset("splits", data=np.asarray(row_splits, np.int8), maxshape=(None,), chunks=True)
+    f.create_dataset("paths", data=np.array(order_paths, dtype=object), dtype=_STR, maxshape=(None,), chunks=True)
+    f.create_dataset(
+        "fingerprints", data=np.asarray(row_fingerprints, np.int64).reshape(n, 2), maxshape=(None, 2), chunks=True
+    )
+    f.create_dataset("classes", data=np.array(list(classes), dtype=object), dtype=_STR)
+    g = f.create_group("skipped")
+    g.create_dataset("paths", data=np.array([s[0] for s in skipped], dtype=object), dtype=_STR)
+    g.create_dataset("reasons", data=np.array([s[1] for s in skipped], dtype=object), dtype=_STR)
+    g.create_dataset("fingerprints", data=np.array([s[2] for s in skipped], np.int64).reshape(len(skipped), 2))
+
+
+def _write_attrs(f: h5py.File, n: int, embed_dim: int, dtype: str, attrs: dict[str, Any]) -> None:
+    f.attrs["format"] = _FORMAT
+    f.attrs["schema_version"] = SCHEMA_VERSION
+    f.attrs["featbank_version"] = __version__
+    f.attrs["split_names"] = json.dumps(list(SPLIT_NAMES))
+    f.attrs["n_samples"] = n
+    f.attrs["embed_dim"] = embed_dim
+    f.attrs["dtype"] = dtype
+    for k, v in attrs.items():
+        f.attrs[k] = json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v

@@ -6,20 +6,21 @@ import hashlib
 import json
 import os
 import re
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .._files import remove_orphans, slugify, timestamp
 from ..cache import default_cache_dir, write_cache
 from ..data import ImageIndex
+from ..errors import NotACacheError
 
-__all__ = ["_slug", "default_cache_path", "_remove_stale_temporaries", "_commit"]
+__all__ = ["_slug", "default_cache_path", "refuse_foreign_file", "_remove_stale_temporaries", "_commit"]
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "data"
+# extraction/_engines.py imports this name; one implementation lives in featbank._files.
+_slug = slugify
 
 
 def default_cache_path(
@@ -34,19 +35,53 @@ def default_cache_path(
     root = Path(data).expanduser().resolve()
     digest = hashlib.sha256(str(root).encode()).hexdigest()[:8]
     bb = Path(backbone).name if os.sep in backbone or Path(backbone).is_dir() else backbone
-    name = f"{_slug(root.name)}-{digest}-{_slug(bb)}"
+    name = f"{slugify(root.name)}-{digest}-{slugify(bb)}"
     if weights:
-        name += f"-{_slug(weights)}"
+        name += f"-{slugify(weights)}"
     if weights_file is not None:
         wf = Path(weights_file).expanduser().resolve()
-        name += f"-file-{_slug(wf.stem)}-{hashlib.sha256(str(wf).encode()).hexdigest()[:8]}"
+        name += f"-file-{slugify(wf.stem)}-{hashlib.sha256(str(wf).encode()).hexdigest()[:8]}"
     if dtype != "float32":
         name += f"-{dtype}"
     return default_cache_dir() / "caches" / f"{name}.h5"
 
 
+def refuse_foreign_file(out_path: Path) -> None:
+    """Refuse an ``--out`` that holds something other than a featbank cache, even with --overwrite.
+
+    Raises:
+        NotACacheError: a non-empty file that is not HDF5, or HDF5 without featbank's format attribute.
+    """
+    import h5py
+
+    from ..cache._schema import _FORMAT
+    from ..cache._validate import is_hdf5
+
+    if not out_path.is_file() or out_path.stat().st_size == 0:
+        return
+    what = None
+    if not is_hdf5(out_path):
+        what = "not an HDF5 file"
+    else:
+        try:
+            with h5py.File(out_path, "r") as f:
+                if f.attrs.get("format") != _FORMAT:
+                    what = "an HDF5 file without featbank's format attribute"
+        except OSError:
+            return  # a damaged HDF5 file: --overwrite may replace it, as the reader's message says
+    if what:
+        raise NotACacheError(
+            f"--out '{out_path}' is not a featbank cache ({what}); featbank does not overwrite it, not "
+            "even with --overwrite. Choose another --out, or move the file away."
+        )
+
+
 def _remove_stale_temporaries(out_path: Path) -> None:
     """Temporary files of a run killed while it swapped a file into place (we hold the lock now)."""
+    staging = out_path.with_name(out_path.name + ".partial")
+    for p in {out_path, staging, Path(os.path.realpath(out_path))}:
+        remove_orphans(p)
+    # Names used before featbank._files (.<name>.tmp<pid>, <name>.partial.tmp<pid>).
     pattern = re.compile(rf"^(\.{re.escape(out_path.name)}|{re.escape(out_path.name)}\.partial)\.tmp\d+$")
     if out_path.parent.is_dir():
         for p in out_path.parent.iterdir():
@@ -81,7 +116,7 @@ def _commit(
         engines = json.loads(engines)
     if engine and engine not in engines:
         engines.append(engine)
-    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    now = timestamp()
     attrs = {
         "cache_key": key,
         "backbone": identity["backbone"],

@@ -7,22 +7,23 @@ import json
 import os
 import time
 import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from ..cache import StagingFile, check_key, compute_cache_key, read_state, writer_lock
+from ..cache import CacheState, StagingFile, check_key, compute_cache_key, read_state, writer_lock
 from ..data import ImageIndex, scan_folder
-from ..errors import ConfigError, Interrupted, SkippedImagesError, SkippedImagesWarning
+from ..errors import CacheError, CacheKeyMismatch, ConfigError, Interrupted, NotACacheError, SkippedImagesError, SkippedImagesWarning
 from ..images import PreprocessConfig
-from ._cachefile import _commit, _remove_stale_temporaries, default_cache_path
+from ._cachefile import _commit, _remove_stale_temporaries, default_cache_path, refuse_foreign_file
 from ._embedding import _run
 from ._engines import _make_engine, _onnx_cache_path, _OrtEngine
 from ._options import ENGINES, _precision, _validate, resolve_device
 from ._report import ExtractReport, _strict_message
 
-__all__ = ["extract", "_plan_digest", "_extract_locked"]
+__all__ = ["extract", "ExtractOptions"]
 
 
 def _plan_digest(paths: list[str], fps: np.ndarray) -> str:
@@ -89,73 +90,141 @@ def extract(
     dev = resolve_device(device)
     if engine not in ENGINES:
         raise ConfigError(f"The 'engine' parameter must be one of {ENGINES}. Got {engine!r} instead.")
+    opts = ExtractOptions(backbone, weights, weights_file, batch_size, num_workers, dev, engine, dtype, overwrite,
+                          strict, progress, on_progress)
     index = scan_folder(data)
     out_path = Path(out).expanduser() if out is not None else default_cache_path(data, backbone, weights, dtype, weights_file)
     if out_path.exists() and out_path.is_dir():
         raise ConfigError(f"--out {str(out_path)!r} is a directory; give a file path such as {out_path / 'cache.h5'}.")
+    refuse_foreign_file(out_path)
     with writer_lock(out_path):
-        return _extract_locked(
-            index, out_path, t0, data=data, out=out, backbone=backbone, weights=weights, weights_file=weights_file,
-            batch_size=batch_size, num_workers=num_workers, dev=dev, engine=engine, dtype=dtype,
-            overwrite=overwrite, strict=strict, progress=progress, on_progress=on_progress,
-        )
+        while True:
+            report, folded = _extract_once(index, out_path, opts, t0)
+            if report is not None:
+                return report
+            # An interrupted run of another plan was folded into the cache: plan again from there.
+            # After a fold the cache carries this run's key; without one, an --overwrite run must
+            # still overwrite (the old cache may have another key).
+            opts = replace(opts, overwrite=opts.overwrite and not folded)
+            index = scan_folder(data)
 
 
-def _extract_locked(
-    index: ImageIndex, out_path: Path, t0: float, *, data: str | os.PathLike, out: str | os.PathLike | None,
-    backbone: str, weights: str | None, weights_file: str | os.PathLike | None, batch_size: int,
-    num_workers: int | None, dev: str, engine: str, dtype: str, overwrite: bool, strict: bool, progress: bool,
-    on_progress: Callable[[int, int], None] | None,
-) -> ExtractReport:
-    """The body of :func:`extract`, run while this process holds the cache's writer lock."""
+@dataclass(frozen=True)
+class ExtractOptions:
+    """The settings of one :func:`extract` run, as given (``device`` resolved)."""
+
+    backbone: str
+    weights: str | None
+    weights_file: str | os.PathLike | None
+    batch_size: int
+    num_workers: int | None
+    device: str
+    engine: str
+    dtype: str
+    overwrite: bool
+    strict: bool
+    progress: bool
+    on_progress: Callable[[int, int], None] | None
+
+
+@dataclass
+class _Target:
+    """What this run writes and with which identity: the cache, its staging file, the key."""
+
+    out_path: Path
+    staging_path: Path
+    identity: dict[str, Any]
+    key: str
+    precision: str
+    backbone: Any = None  # the loaded backbone, when peeking at its identity was not enough
+
+
+@dataclass
+class _Plan:
+    """Where each current file's embedding comes from: the old cache, the staging file, or nowhere yet."""
+
+    old_row: np.ndarray
+    stage_row: np.ndarray
+    kept_skipped: dict[int, str]
+    need: np.ndarray
+    digest: str
+
+
+def _extract_once(index: ImageIndex, out_path: Path, opts: ExtractOptions,
+                  t0: float) -> tuple[ExtractReport | None, bool]:
+    """One pass of :func:`extract` under the writer lock: ``(report, False)``, or ``(None, folded)``
+    when an interrupted run of another plan was found (and folded when it had rows): plan again."""
     _remove_stale_temporaries(out_path)
-    precision = _precision(dev)
+    target = _resolve_target(out_path, opts)
+    state = _read_existing(target, opts)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    staging = _open_staging(target, opts)
+    plan = _make_plan(index, state)
+    if staging is not None and staging.plan != plan.digest:
+        return None, _fold(index, state, staging, plan, target, opts)
+    report = ExtractReport(path=out_path, n_images=len(index), cache_key=target.key)
+    report.n_reused = int((plan.old_row >= 0).sum())
+    report.n_removed = (len(state.paths) - report.n_reused) if state is not None else 0
+    if staging is None and _is_up_to_date(index, state, plan, report):
+        report.up_to_date = True
+        report.skipped = [(index.paths[i], r) for i, r in sorted(plan.kept_skipped.items())]
+        report.seconds = time.perf_counter() - t0
+        if opts.strict and report.skipped:
+            raise SkippedImagesError(_strict_message(report))
+        return report, False
+    skipped_now = _embed(index, target, opts, staging, plan, report) if len(plan.need) else {}
+    if not len(plan.need) and staging is not None:
+        staging.close()
+    return _finish(index, target, opts, state, plan, {**plan.kept_skipped, **skipped_now}, report, t0), False
 
+
+def _resolve_target(out_path: Path, opts: ExtractOptions) -> _Target:
     from ..backbones import load_backbone, peek_identity
 
+    precision = _precision(opts.device)
     bb = None
-    identity = peek_identity(backbone, weights, weights_file)
+    identity = peek_identity(opts.backbone, opts.weights, opts.weights_file)
     if identity is None:
-        bb = load_backbone(backbone, weights, weights_file)
+        bb = load_backbone(opts.backbone, opts.weights, opts.weights_file)
         identity = bb.identity()
-    key = compute_cache_key(identity, dtype, precision)
-    wanted = {**identity, "dtype": dtype, "precision": precision}
+    key = compute_cache_key(identity, opts.dtype, precision)
+    return _Target(out_path, out_path.with_name(out_path.name + ".partial"), identity, key, precision, bb)
 
-    state = None
-    if not overwrite:
-        try:
-            state = read_state(out_path)
-        except Exception as e:  # noqa: BLE001
-            from ..errors import CacheError
 
-            if isinstance(e, CacheError):
-                raise CacheError(f"{e} The file was left untouched; pass --overwrite to replace it.") from None
-            raise
-        if state is not None:
-            check_key(out_path, state, key, wanted)
+def _read_existing(target: _Target, opts: ExtractOptions) -> CacheState | None:
+    """The cache already at ``out_path`` (None with --overwrite or when there is none), key checked."""
+    if opts.overwrite:
+        return None
+    try:
+        state = read_state(target.out_path)
+    except NotACacheError:
+        raise
+    except CacheError as e:
+        raise CacheError(f"{e} The file was left untouched; pass --overwrite to replace it.") from None
+    if state is not None:
+        wanted = {**target.identity, "dtype": opts.dtype, "precision": target.precision}
+        check_key(target.out_path, state, target.key, wanted)
+    return state
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    staging_path = out_path.with_name(out_path.name + ".partial")
-    staging = StagingFile.open_if_valid(staging_path)
-    if staging is not None and staging.key != key:
+
+def _open_staging(target: _Target, opts: ExtractOptions) -> StagingFile | None:
+    staging = StagingFile.open_if_valid(target.staging_path)
+    if staging is not None and staging.key != target.key:
         staging.close()
-        if not overwrite:
-            from ..errors import CacheKeyMismatch
-
+        if not opts.overwrite:
             raise CacheKeyMismatch(
-                f"An interrupted run with other settings left {str(staging_path)!r}. Rerun it with "
+                f"An interrupted run with other settings left {str(target.staging_path)!r}. Rerun it with "
                 "its original settings to finish it, or pass --overwrite to discard it."
             )
-        staging_path.unlink()
+        target.staging_path.unlink()
         staging = None
+    return staging
 
-    report = ExtractReport(path=out_path, n_images=len(index), cache_key=key)
+
+def _make_plan(index: ImageIndex, state: CacheState | None) -> _Plan:
     cur = {p: i for i, p in enumerate(index.paths)}
     fps = index.fingerprints
-
-    # Where each current file's embedding can come from.
     old_row = np.full(len(index), -1, np.int64)
-    stage_row = np.full(len(index), -1, np.int64)
     kept_skipped: dict[int, str] = {}
     if state is not None:
         for j, p in enumerate(state.paths):
@@ -169,118 +238,119 @@ def _extract_locked(
     kept_mask = np.zeros(len(index), bool)
     kept_mask[list(kept_skipped)] = True
     need = np.flatnonzero((old_row < 0) & ~kept_mask)
-    need_paths = [index.paths[i] for i in need]
-    plan = _plan_digest(need_paths, fps[need])
-    if staging is not None and staging.plan != plan:
-        # The folder changed since the interrupted run: fold its finished rows that are still
-        # current into the cache first, then plan again from there.
-        done = staging.done_mask()
-        for j, p in enumerate(staging.paths):
-            i = cur.get(p)
-            if done[j] and i is not None and old_row[i] < 0 and tuple(fps[i]) == tuple(staging.fingerprints[j]):
-                stage_row[i] = j
-        staging.close()
-        folded = bool((stage_row >= 0).any())
-        if folded:
-            _commit(out_path, index, old_row, stage_row, staging_path, kept_skipped, identity, key,
-                    dtype, precision, "", "", state, partial=True)
-        staging_path.unlink()
-        # After a fold the cache carries this run's key; without one, an --overwrite run must
-        # still overwrite (the old cache may have another key).
-        return extract(
-            data, out, backbone=backbone, weights=weights, weights_file=weights_file,
-            batch_size=batch_size, num_workers=num_workers, device=dev, engine=engine,
-            dtype=dtype, overwrite=overwrite and not folded, strict=strict, progress=progress,
-            on_progress=on_progress,
-        )
-    report.n_reused = int((old_row >= 0).sum())
-    report.n_removed = (len(state.paths) - report.n_reused) if state is not None else 0
+    digest = _plan_digest([index.paths[i] for i in need], fps[need])
+    return _Plan(old_row, np.full(len(index), -1, np.int64), kept_skipped, need, digest)
 
-    # Nothing to embed and nothing to drop: the cache is current, leave it byte for byte.
-    if (
+
+def _fold(index: ImageIndex, state: CacheState | None, staging: StagingFile, plan: _Plan, target: _Target,
+          opts: ExtractOptions) -> bool:
+    """The folder changed since the interrupted run: fold its finished rows that are still current
+    into the cache (marked incomplete), drop the staging file; True when rows were folded."""
+    cur = {p: i for i, p in enumerate(index.paths)}
+    fps = index.fingerprints
+    done = staging.done_mask()
+    for j, p in enumerate(staging.paths):
+        i = cur.get(p)
+        if done[j] and i is not None and plan.old_row[i] < 0 and tuple(fps[i]) == tuple(staging.fingerprints[j]):
+            plan.stage_row[i] = j
+    staging.close()
+    folded = bool((plan.stage_row >= 0).any())
+    if folded:
+        _commit(target.out_path, index, plan.old_row, plan.stage_row, target.staging_path, plan.kept_skipped,
+                target.identity, target.key, opts.dtype, target.precision, "", "", state, partial=True)
+    target.staging_path.unlink()
+    return folded
+
+
+def _is_up_to_date(index: ImageIndex, state: CacheState | None, plan: _Plan, report: ExtractReport) -> bool:
+    """Nothing to embed and nothing to drop: the cache is current, left byte for byte."""
+    return (
         state is not None
-        and staging is None
-        and len(need) == 0
+        and len(plan.need) == 0
         and report.n_removed == 0
         and state.metadata.get("classes_json") == json.dumps(index.classes)
         and state.metadata.get("root") == str(index.root)
         and state.metadata.get("layout") == index.layout
-        and len(kept_skipped) == len(state.skipped_paths)
-    ):
-        report.up_to_date = True
-        report.skipped = [(index.paths[i], r) for i, r in sorted(kept_skipped.items())]
-        report.seconds = time.perf_counter() - t0
-        if strict and report.skipped:
-            raise SkippedImagesError(_strict_message(report))
-        return report
+        and len(plan.kept_skipped) == len(state.skipped_paths)
+        and state.complete
+    )
 
-    skipped_now: dict[int, str] = {}
-    if len(need):
-        eng = None
-        if bb is None and engine in ("auto", "onnxruntime") and dev == "cpu":
-            # An exported graph of this identity is all onnxruntime needs: building the torch
-            # model too would cost seconds of fixed overhead per run.
-            onnx_path = _onnx_cache_path(identity)
-            if onnx_path.exists():
-                try:
-                    eng = _OrtEngine(path=onnx_path)
-                except Exception:  # noqa: BLE001 - the normal route below reports real problems
-                    eng = None
-        if eng is None and bb is None:
-            bb = load_backbone(backbone, weights, weights_file)
-            if bb.identity() != identity:  # pragma: no cover - peek_identity must agree with load
-                raise ConfigError("internal error: backbone identity changed between peek and load")
-        report.model_loaded = True
-        if staging is not None:
-            report.n_resumed = int(staging.done_mask().sum())
-        else:
-            staging = StagingFile.create(
-                staging_path, key, plan, need_paths, fps[need], index.labels[need], index.splits[need],
-                int(identity["embed_dim"]), dtype,
-            )
-        new_skipped: dict[int, str] = {}
-        try:
-            ready = eng
 
-            def make_engine() -> Any:
-                return ready if ready is not None else _make_engine(engine, bb, dev, precision)
+def _load_engine_source(target: _Target, opts: ExtractOptions) -> Any:
+    """An onnxruntime engine from extract's own exported graph when that is all the run needs (building
+    the torch model costs seconds per run), else None after making sure the backbone is loaded."""
+    from ..backbones import load_backbone
 
-            report.n_embedded, eng = _run(
-                staging, index.root, PreprocessConfig.from_dict(identity["transform"]), make_engine, dev,
-                batch_size, num_workers, progress, on_progress, new_skipped,
-            )
-            if eng is not None:
-                report.engine, report.device, report.precision = eng.name, dev, precision
-        except KeyboardInterrupt:
-            done_n = int(staging.done_mask().sum())
-            staging.close()
-            raise Interrupted(
-                f"Interrupted: {done_n} of {len(need)} images are embedded and kept in "
-                f"{staging_path}. Run the same command again to resume."
-            ) from None
-        done = staging.done_mask()
-        for j, i in enumerate(need):
-            if done[j]:
-                stage_row[i] = j
+    if target.backbone is None and opts.engine in ("auto", "onnxruntime") and opts.device == "cpu":
+        onnx_path = _onnx_cache_path(target.identity)
+        if onnx_path.exists():
+            try:
+                return _OrtEngine(path=onnx_path)
+            except Exception:  # noqa: BLE001 - the normal route below reports real problems
+                pass
+    if target.backbone is None:
+        target.backbone = load_backbone(opts.backbone, opts.weights, opts.weights_file)
+        if target.backbone.identity() != target.identity:  # pragma: no cover - peek_identity must agree with load
+            raise ConfigError("internal error: backbone identity changed between peek and load")
+    return None
+
+
+def _embed(index: ImageIndex, target: _Target, opts: ExtractOptions, staging: StagingFile | None, plan: _Plan,
+           report: ExtractReport) -> dict[int, str]:
+    """Embed the planned rows into the staging file (resuming it); returns ``{index row: skip reason}``."""
+    ready = _load_engine_source(target, opts)
+    report.model_loaded = True
+    need = plan.need
+    if staging is not None:
+        report.n_resumed = int(staging.done_mask().sum())
+    else:
+        staging = StagingFile.create(
+            target.staging_path, target.key, plan.digest, [index.paths[i] for i in need], index.fingerprints[need],
+            index.labels[need], index.splits[need], int(target.identity["embed_dim"]), opts.dtype,
+        )
+    new_skipped: dict[int, str] = {}
+    try:
+        def make_engine() -> Any:
+            return ready if ready is not None else _make_engine(opts.engine, target.backbone, opts.device,
+                                                                 target.precision)
+
+        report.n_embedded, eng = _run(
+            staging, index.root, PreprocessConfig.from_dict(target.identity["transform"]), make_engine, opts.device,
+            opts.batch_size, opts.num_workers, opts.progress, opts.on_progress, new_skipped,
+        )
+        if eng is not None:
+            report.engine, report.device, report.precision = eng.name, opts.device, target.precision
+    except KeyboardInterrupt:
+        done_n = int(staging.done_mask().sum())
         staging.close()
-        skipped_now = {int(need[j]): r for j, r in new_skipped.items()}
-    elif staging is not None:
-        staging.close()
+        raise Interrupted(
+            f"Interrupted: {done_n} of {len(need)} images are embedded and kept in "
+            f"{target.staging_path}. Run the same command again to resume."
+        ) from None
+    done = staging.done_mask()
+    for j, i in enumerate(need):
+        if done[j]:
+            plan.stage_row[i] = j
+    staging.close()
+    return {int(need[j]): r for j, r in new_skipped.items()}
 
-    all_skipped = {**kept_skipped, **skipped_now}
-    _commit(out_path, index, old_row, stage_row, staging_path, all_skipped, identity, key, dtype,
-            precision, report.engine, dev, state, partial=False)
-    if staging_path.exists():
-        staging_path.unlink()
+
+def _finish(index: ImageIndex, target: _Target, opts: ExtractOptions, state: CacheState | None, plan: _Plan,
+            all_skipped: dict[int, str], report: ExtractReport, t0: float) -> ExtractReport:
+    """Commit the cache, drop the staging file, fill in the report, warn about skipped files."""
+    _commit(target.out_path, index, plan.old_row, plan.stage_row, target.staging_path, all_skipped, target.identity,
+            target.key, opts.dtype, target.precision, report.engine, opts.device, state, partial=False)
+    if target.staging_path.exists():
+        target.staging_path.unlink()
     report.skipped = [(index.paths[i], r) for i, r in sorted(all_skipped.items())]
     report.seconds = time.perf_counter() - t0
     if report.skipped:
         warnings.warn(
             f"{report.n_skipped} image(s) could not be read and were skipped; they are listed in "
-            f"{out_path} under skipped/.",
+            f"{target.out_path} under skipped/.",
             SkippedImagesWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-        if strict:
+        if opts.strict:
             raise SkippedImagesError(_strict_message(report))
     return report

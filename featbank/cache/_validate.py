@@ -1,0 +1,179 @@
+"""Checks of a cache file against schema v1, run when it is opened and when rows are read.
+
+Opening checks what is cheap to read (attributes, the small per-row arrays, dataset shapes), so
+``open_cache`` stays lazy on the embeddings. Embedding values (NaN/inf, extreme magnitudes) are
+checked block by block as rows are read (:func:`check_rows`), so no extra pass over a large file
+is ever made and every reader (fit, evaluate, streaming) is covered.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from ._discovery import default_cache_dir
+from ..errors import CacheError, ExtremeEmbeddingsWarning, NotACacheError
+
+__all__ = [
+    "EXTREME_VALUE",
+    "HDF5_SIGNATURE",
+    "is_hdf5",
+    "recreate_hint",
+    "check_file_kind",
+    "check_schema_version",
+    "check_structure",
+    "check_codes",
+    "check_rows",
+    "parse_json_attr",
+]
+
+#: An embedding row with a component larger than this in absolute value is "extreme": real
+#: backbones give values of order 1-100, and standardising a row of 1e38 overflows float32.
+EXTREME_VALUE = 1e6
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+# Datasets every schema-v1 cache has, with the number of dimensions each must have.
+_REQUIRED = {"embeddings": 2, "labels": 1, "splits": 1, "paths": 1, "fingerprints": 2, "classes": 1}
+
+
+def is_hdf5(path: Path) -> bool:
+    """Whether ``path`` starts with the HDF5 signature (at 0 or a power-of-two user-block offset)."""
+    try:
+        with open(path, "rb") as fh:
+            for offset in (0, 512, 1024, 2048, 4096):
+                fh.seek(offset)
+                if fh.read(8) == HDF5_SIGNATURE:
+                    return True
+    except OSError:
+        return False
+    return False
+
+
+def recreate_hint(path: Path, root: Any = None) -> str:
+    """What to type to rebuild the cache at ``path`` (its data folder when the file names one)."""
+    data = root if isinstance(root, str) and root else "DATA"
+    return f"Re-create it with 'featbank extract {data} --out {path} --overwrite'."
+
+
+def _fail(path: Path, field: str, what: str, root: Any) -> CacheError:
+    return CacheError(f"Cache '{path}' is damaged: {field} {what}. {recreate_hint(path, root)}")
+
+
+def parse_json_attr(path: Path, name: str, value: Any, root: Any = None) -> Any:
+    """The JSON attribute ``name`` decoded; a :class:`CacheError` naming it when it is not JSON."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if not isinstance(value, str):
+        raise _fail(path, f"attribute '{name}'", f"is {value!r} ({type(value).__name__}), not a JSON string", root)
+    try:
+        return json.loads(value)
+    except ValueError:
+        raise _fail(path, f"attribute '{name}'", f"is not valid JSON: {value[:60]!r}", root) from None
+
+
+def check_schema_version(path: Path, value: Any, expected: int, version: str) -> None:
+    """``schema_version`` must be the integer ``expected``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise CacheError(
+            f"Cache '{path}' is damaged: attribute 'schema_version' is {value!r} "
+            f"({type(value).__name__}), expected the integer {expected}. {recreate_hint(path)}"
+        )
+    if int(value) != expected:
+        raise CacheError(
+            f"'{path}' has cache schema version {int(value)}; this featbank ({version}) reads version "
+            f"{expected}. {recreate_hint(path)}"
+        )
+
+
+def check_structure(path: Path, f: h5py.File, root: Any) -> None:
+    """Every required dataset is there, with the right rank, kind and length."""
+    for name, ndim in _REQUIRED.items():
+        ds = f.get(name)
+        if not isinstance(ds, h5py.Dataset):
+            raise _fail(path, f"dataset '{name}'", "is missing", root)
+        if ds.ndim != ndim:
+            raise _fail(path, f"dataset '{name}'", f"has shape {ds.shape}, expected {ndim} dimension(s)", root)
+    emb = f["embeddings"]
+    if emb.dtype.kind != "f" or emb.shape[1] < 1:
+        raise _fail(path, "dataset 'embeddings'", f"has shape {emb.shape} and dtype {emb.dtype}, "
+                    "expected (n_samples, embed_dim) floats", root)
+    n = emb.shape[0]
+    for name, shape in (("paths", (n,)), ("labels", (n,)), ("splits", (n,)), ("fingerprints", (n, 2))):
+        if f[name].shape != shape:
+            raise _fail(path, f"dataset '{name}'", f"has shape {f[name].shape}, but 'embeddings' has {n} rows "
+                        f"(expected {shape})", root)
+    for name in ("labels", "splits", "fingerprints"):
+        if f[name].dtype.kind not in "iu":
+            raise _fail(path, f"dataset '{name}'", f"has dtype {f[name].dtype}, expected integers", root)
+    sk = f.get("skipped")
+    if sk is not None:
+        sizes = {k: (sk[k].shape[0] if isinstance(sk.get(k), h5py.Dataset) and sk[k].ndim else None)
+                 for k in ("paths", "reasons", "fingerprints")}
+        if None in sizes.values() or len(set(sizes.values())) != 1:
+            raise _fail(path, "group 'skipped'", f"has datasets of lengths {sizes}, expected three equal", root)
+
+
+def check_codes(path: Path, labels: np.ndarray, splits: np.ndarray, n_classes: int, split_names: tuple, root: Any) -> None:
+    """Labels index ``classes`` (or are -1); split codes index ``split_names`` (or are -1)."""
+    for name, codes, n in (("labels", labels, n_classes), ("splits", splits, len(split_names))):
+        bad = np.flatnonzero((codes < -1) | (codes >= n))
+        if bad.size:
+            allowed = f"-1..{n - 1}" if n else "-1 (there are no classes)"
+            raise _fail(path, f"dataset '{name}'", f"has value {int(codes[bad[0]])} at row {int(bad[0])} "
+                        f"({bad.size} such rows); allowed: {allowed}", root)
+
+
+def check_rows(cache: Any, rows: np.ndarray, block: np.ndarray, policy: str) -> None:
+    """Refuse NaN/inf rows; refuse or warn about extreme rows (``policy``: raise, warn or ignore).
+
+    ``rows`` are the cache rows of ``block``'s lines. Called on every block a reader reads.
+    """
+    if block.size == 0:
+        return
+    peak = np.abs(block).max(axis=1)  # one pass: NaN and inf propagate into the row maximum
+    finite = np.isfinite(peak)
+    if not finite.all():
+        bad = rows[~finite]
+        raise CacheError(
+            f"Cache '{cache.path}' is damaged: dataset 'embeddings' has NaN or infinite values in "
+            f"{bad.size} row(s) of this read, e.g. {_name_rows(cache, bad)}. {recreate_hint(cache.path, cache.metadata.get('root'))}"
+        )
+    if policy == "ignore":
+        return
+    extreme = peak > EXTREME_VALUE
+    if not extreme.any():
+        return
+    bad = rows[extreme]
+    msg = (f"Cache '{cache.path}': dataset 'embeddings' has {bad.size} row(s) with values beyond "
+           f"+-{EXTREME_VALUE:g}, which would ruin a standardised fit: {_name_rows(cache, bad)}.")
+    if policy == "raise":
+        raise CacheError(
+            f"{msg} Check those images and re-extract ('featbank extract DATA --overwrite'), or remove them; "
+            "open_cache(path, extreme='warn') reads them anyway."
+        )
+    new = [int(r) for r in bad if int(r) not in cache.extreme_rows]
+    cache.extreme_rows.update(new)
+    if new:
+        warnings.warn(msg, ExtremeEmbeddingsWarning, stacklevel=4)
+
+
+def _name_rows(cache: Any, rows: np.ndarray, limit: int = 5) -> str:
+    names = [f"row {int(r)} ({cache.paths[int(r)]!r})" for r in rows[:limit]]
+    return ", ".join(names) + (f" and {rows.size - limit} more" if rows.size > limit else "")
+
+
+def check_file_kind(path: Path) -> None:
+    """Raise :class:`NotACacheError` when ``path`` is a non-empty file that is not HDF5."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return
+    if size and not is_hdf5(path):
+        raise NotACacheError(
+            f"'{path}' is not a featbank cache (not an HDF5 file). Pass a cache written by "
+            f"'featbank extract' (an .h5 file), such as those in '{default_cache_dir() / 'caches'}'."
+        )
