@@ -85,3 +85,22 @@ def test_real_subprocess_fit(tiny_cache, tmp_path):
     assert "Bundle:" in proc.stdout and (tmp_path / "m" / "sub" / "head.safetensors").is_file()
     bad = subprocess.run([str(VENV_FEATBANK), "fit", str(tmp_path / "none.h5")], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--param", "C=-1"], "The 'C' parameter of LinearHead must be a float > 0. Got -1 instead."),
+    (["--param", "max_iter=abc"], "The 'max_iter' parameter of LinearHead must be an int >= 1. Got 'abc' instead."),
+    (["--param", "tol=-0.5"], "The 'tol' parameter of LinearHead"),
+    (["--head", "mlp", "--param", "dropout=2"], "The 'dropout' parameter of MLPHead must be a float in [0, 1). Got 2 instead."),
+    (["--head", "mlp", "--param", "hidden_sizes=(0,)"], "The 'hidden_sizes' parameter of MLPHead"),
+    (["--head", "mlp", "--param", "lr=abc"], "The 'lr' parameter of MLPHead"),
+    (["--head", "mlp", "--param", "max_epochs=2.5"], "The 'max_epochs' parameter of MLPHead"),
+    (["--head", "SVC", "--param", "C=-1"], "The 'C' parameter of SVC"),
+])
+def test_bad_head_parameters_exit_2_before_any_work(tiny_cache, tmp_path, args, msg):
+    out = tmp_path / "models"
+    res = CliRunner().invoke(cli, ["fit", str(tiny_cache), *args, "--out", str(out), "--name", "m"])
+    assert res.exit_code == 2, res.output
+    assert msg in res.output
+    assert "Traceback" not in res.output
+    assert not out.exists()

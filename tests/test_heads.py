@@ -122,3 +122,32 @@ def test_parse_param_literals():
     assert parse_param("fit_intercept=false") == ("fit_intercept", False)
     with pytest.raises(ConfigError, match="key=value"):
         parse_param("C0.5")
+
+
+@pytest.mark.parametrize("make,msg", [
+    (lambda: LinearHead(C=-1), "The 'C' parameter of LinearHead must be a float > 0. Got -1 instead."),
+    (lambda: LinearHead(C=True), "The 'C' parameter of LinearHead"),
+    (lambda: LinearHead(max_iter="abc"), "The 'max_iter' parameter of LinearHead must be an int >= 1. Got 'abc' instead."),
+    (lambda: LinearHead(class_weight="auto"), "The 'class_weight' parameter of LinearHead"),
+    (lambda: MLPHead(dropout=2), "The 'dropout' parameter of MLPHead must be a float in [0, 1). Got 2 instead."),
+    (lambda: MLPHead(hidden_sizes=(8, -1)), "The 'hidden_sizes' parameter of MLPHead"),
+    (lambda: MLPHead(batch_size=0), "The 'batch_size' parameter of MLPHead"),
+    (lambda: MLPHead(validation_fraction=1.0), "The 'validation_fraction' parameter of MLPHead"),
+])
+def test_bad_parameters_raise_a_config_error_at_fit(make, msg):
+    X, y = blobs(10, 4, 2, 3.0)
+    with pytest.raises(ConfigError) as info:
+        make().fit(X, y)
+    assert msg in str(info.value)
+    assert isinstance(info.value, ValueError)  # scikit-learn's contract for invalid parameters
+
+
+def test_fit_library_refuses_bad_head_parameters_before_writing(tmp_path):
+    from featbank.fitting import fit
+
+    X, y = blobs(20, 4, 2, 3.0)
+    cache = write_synthetic_cache(tmp_path / "c.h5", X, y)
+    for head, params in [("linear", {"C": -1}), ("mlp", {"dropout": 2}), ("linear", {"max_iter": "abc"})]:
+        with pytest.raises(ConfigError, match="parameter of"):
+            fit(cache, head, params=params, out=tmp_path / "models", name="m")
+    assert not (tmp_path / "models").exists()

@@ -103,6 +103,7 @@ def _sweep_linear(head: Any, Xtr: Any, ytr: np.ndarray, Xv: Any, yv: np.ndarray,
 def _make_head(head: str, params: dict[str, Any], *, standardize: bool, l2_normalize: bool, class_weight: Any,
                device: str, seed: int) -> tuple[Any, str]:
     from ..heads import LinearHead, MLPHead, make_sklearn_head
+    from ..heads._torch_head import validate_head_params
 
     def build(cls: type, extra: dict[str, Any]) -> Any:
         valid = cls().get_params()
@@ -114,10 +115,9 @@ def _make_head(head: str, params: dict[str, Any], *, standardize: bool, l2_norma
             )
         kw = {"standardize": standardize, "l2_normalize": l2_normalize, "class_weight": class_weight,
               "device": device, **extra, **params}
-        try:
-            return cls(**kw)
-        except TypeError as e:
-            raise ConfigError(f"Invalid parameters for the {head} head: {e}") from None
+        est = cls(**kw)
+        validate_head_params(est)  # now, not at the end of a sweep
+        return est
 
     if head == "linear":
         return build(LinearHead, {}), "linear"

@@ -12,7 +12,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from ..train import Features, resolve_device
-from ._torch_head import _Preprocess, _TorchHead
+from ._torch_head import BOOLEAN, CLASS_WEIGHT, DEVICE, _Preprocess, _TorchHead, integer, real, validate_head_params
 
 __all__ = ["LinearHead"]
 
@@ -67,6 +67,12 @@ class LinearHead(_TorchHead):
         >>> head.predict_proba(X_test)
     """
 
+    parameter_constraints = {
+        "C": real(0, None, closed="neither"), "standardize": BOOLEAN, "l2_normalize": BOOLEAN,
+        "class_weight": CLASS_WEIGHT, "max_iter": integer(1), "tol": real(0, None), "warm_start": BOOLEAN,
+        "device": DEVICE,
+    }
+
     def __init__(self, C: float = 1.0, *, standardize: bool = True, l2_normalize: bool = False,
                  class_weight: Any = None, max_iter: int = 500, tol: float = 1e-4, warm_start: bool = False,
                  device: str = "cpu"):
@@ -80,8 +86,7 @@ class LinearHead(_TorchHead):
         self.device = device
 
     def fit(self, X: Any, y: Any, sample_weight: Any = None) -> "LinearHead":
-        if not (isinstance(self.C, (int, float)) and self.C > 0):
-            raise ValueError(f"The 'C' parameter of LinearHead must be a float > 0. Got {self.C!r} instead.")
+        validate_head_params(self)
         prev = (getattr(self, "_w", None), getattr(self, "_b", None), getattr(self, "classes_", None))
         memo_key = (self.standardize, self.l2_normalize, str(self.device))
         memo = _PREP_MEMO.get(X) if isinstance(X, Features) and sample_weight is None else None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -16,9 +16,78 @@ from sklearn.utils.validation import (
 )
 from torch import nn
 
+from ..errors import ConfigError
 from ..train import Features, feature_stats
 
-__all__ = ["_Preprocess", "_Probabilities", "_TorchHead"]
+__all__ = ["Constraint", "_Preprocess", "_Probabilities", "_TorchHead", "validate_head_params"]
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter validation (scikit-learn's rule: __init__ stores, fit validates; its wording)
+# --------------------------------------------------------------------------------------------
+
+
+class Constraint:
+    """What a parameter must be: a description for the message and a test."""
+
+    def __init__(self, description: str, test: Callable[[Any], bool]):
+        self.description = description
+        self.test = test
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def real(low: float | None = None, high: float | None = None, *, closed: str = "both") -> Constraint:
+    """A real number in an interval; ``closed`` is ``both``, ``left``, ``right`` or ``neither``."""
+    lo_in, hi_in = closed in ("both", "left"), closed in ("both", "right")
+
+    def test(v: Any) -> bool:
+        if not _is_real(v) or not np.isfinite(float(v)):
+            return False
+        if low is not None and (v < low or (v == low and not lo_in)):
+            return False
+        return high is None or not (v > high or (v == high and not hi_in))
+
+    if low is not None and high is not None:
+        text = f"a float in {'[' if lo_in else '('}{low:g}, {high:g}{']' if hi_in else ')'}"
+    elif low is not None:
+        text = f"a float {'>=' if lo_in else '>'} {low:g}"
+    else:
+        text = "a float"
+    return Constraint(text, test)
+
+
+def integer(low: int) -> Constraint:
+    return Constraint(f"an int >= {low}", lambda v: _is_int(v) and v >= low)
+
+
+BOOLEAN = Constraint("a bool", lambda v: isinstance(v, (bool, np.bool_)))
+CLASS_WEIGHT = Constraint("None, 'balanced' or a dict class -> weight",
+                          lambda v: v is None or v == "balanced" or isinstance(v, dict))
+DEVICE = Constraint("'auto', 'cpu', 'cuda' or 'cuda:N'",
+                    lambda v: isinstance(v, torch.device) or isinstance(v, str) and (v in ("auto", "cpu", "cuda") or (v.startswith("cuda:")
+                                                                                        and v[5:].isdigit())))
+
+
+def validate_head_params(est: Any) -> None:
+    """Check every parameter of a torch head against its ``parameter_constraints``.
+
+    Raises:
+        ConfigError (a ValueError, as scikit-learn raises for invalid parameters), worded like
+        scikit-learn: "The 'C' parameter of LinearHead must be a float > 0. Got -1 instead."
+    """
+    for name, constraint in type(est).parameter_constraints.items():
+        value = getattr(est, name)
+        if not constraint.test(value):
+            raise ConfigError(
+                f"The {name!r} parameter of {type(est).__name__} must be {constraint.description}. Got {value!r} instead."
+            )
 
 
 class _Preprocess(nn.Module):
@@ -55,6 +124,9 @@ def _l2n(X: np.ndarray) -> np.ndarray:
 
 class _TorchHead(ClassifierMixin, BaseEstimator):
     """Shared input handling of the torch heads."""
+
+    #: name -> :class:`Constraint`, checked at the start of ``fit`` by :func:`validate_head_params`.
+    parameter_constraints: dict[str, Constraint] = {}
 
     def _prepare_fit(self, X: Any, y: Any, sample_weight: Any) -> tuple[Features, np.ndarray, np.ndarray]:
         if isinstance(X, Features):
