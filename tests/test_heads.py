@@ -151,3 +151,23 @@ def test_fit_library_refuses_bad_head_parameters_before_writing(tmp_path):
         with pytest.raises(ConfigError, match="parameter of"):
             fit(cache, head, params=params, out=tmp_path / "models", name="m")
     assert not (tmp_path / "models").exists()
+
+
+def test_featbank_uses_only_public_scikit_learn_api():
+    import ast
+    from pathlib import Path
+
+    import featbank
+
+    private = []
+    for path in Path(featbank.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "sklearn":
+                names = [node.module, *(a.name for a in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names if a.name.split(".")[0] == "sklearn"]
+            else:
+                continue
+            if any(part.startswith("_") for n in names for part in n.split(".")):
+                private.append(f"{path.name}:{node.lineno}")
+    assert not private, private

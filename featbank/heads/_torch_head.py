@@ -9,11 +9,7 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.class_weight import compute_sample_weight
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import (
-    _check_sample_weight,
-    check_is_fitted,
-    validate_data,
-)
+from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import nn
 
 from ..errors import ConfigError
@@ -118,6 +114,20 @@ class _Probabilities(nn.Module):
         return torch.softmax(self.logits(x), dim=1)
 
 
+def _check_sample_weight(sample_weight: Any, n_samples: int) -> np.ndarray:
+    """A float64 copy of ``sample_weight`` (a scalar applies to every row), finite and >= 0."""
+    sw = np.array(sample_weight, dtype=np.float64)  # a copy: the caller's array is never changed
+    if sw.ndim == 0:
+        sw = np.full(n_samples, float(sw))
+    if sw.shape != (n_samples,):
+        raise ValueError(f"sample_weight.shape == {sw.shape}, expected ({n_samples},)!")
+    if not np.all(np.isfinite(sw)):
+        raise ValueError("Sample weights must be finite (no NaN or inf).")
+    if (sw < 0).any():
+        raise ValueError("Negative values in data passed to `sample_weight`: sample weights must be >= 0.")
+    return sw
+
+
 def _l2n(X: np.ndarray) -> np.ndarray:
     return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
 
@@ -147,8 +157,7 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
         if sample_weight is None:
             sw = np.ones(len(y_enc), np.float64)
         else:
-            sw = _check_sample_weight(sample_weight, np.empty((feats.n_samples, 0)), dtype=np.float64,
-                                      ensure_non_negative=True)
+            sw = _check_sample_weight(sample_weight, feats.n_samples)
             if not sw.sum() > 0:
                 raise ValueError("Sample weights must not all be zero.")
             if len(np.unique(y_enc[sw > 0])) < 2:
