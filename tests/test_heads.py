@@ -149,7 +149,7 @@ def test_fit_library_refuses_bad_head_parameters_before_writing(tmp_path):
     cache = write_synthetic_cache(tmp_path / "c.h5", X, y)
     for head, params in [("linear", {"C": -1}), ("mlp", {"dropout": 2}), ("linear", {"max_iter": "abc"})]:
         with pytest.raises(ConfigError, match="parameter of"):
-            fit(cache, head, params=params, out=tmp_path / "models", name="m")
+            fit(cache, head, params=params, out=tmp_path / "models" / "m")
     assert not (tmp_path / "models").exists()
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .. import __version__
+from .._files import check_bundle_dir, slugify
 from ..backbones import HEAD_GROUP, load_backbone, param_groups
 from ..errors import (
     ConfigError,
@@ -114,11 +115,9 @@ class FinetuneReport:
 
 
 def _default_out(data: Path, settings: FinetuneSettings) -> Path:
-    import re
-
     bb = Path(settings.backbone).name if Path(settings.backbone).is_dir() else settings.backbone
     name = f"{data.name}-{bb}-{settings.strategy}" + ("-lpft" if settings.init_head else "")
-    return Path("models") / re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")
+    return Path("models") / slugify(name, "model")
 
 
 def _autocast(device: torch.device) -> tuple[Any, torch.dtype | None]:
@@ -226,6 +225,7 @@ def finetune(
             raise ConfigError(f"{str(out_path)!r} already exists. Pass --overwrite to replace it, or choose another --out.")
     if resume and not ckpt_path.exists():
         raise ConfigError(f"--resume: there is no checkpoint at {str(ckpt_path)!r} to continue. Run without --resume.")
+    check_bundle_dir(out_path)  # a folder that cannot take the bundle fails now, not after training
 
     with warnings.catch_warnings():
         warnings.simplefilter("always", RandomWeightsWarning)

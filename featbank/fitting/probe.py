@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,11 +9,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .._files import check_bundle_dir, slugify
 from ..errors import ConfigError
 from ._rows import _open, _RowSource, _shot_rows, _split_rows, parse_memory
 from ._select import _fit_once, _make_head, _proba_of
 
-__all__ = ["FitResult", "fit"]
+__all__ = ["FitResult", "MODELS_ROOT", "bundle_dir", "fit"]
 
 
 @dataclass
@@ -103,7 +103,29 @@ def _identity(cache: Any) -> dict[str, Any]:
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-").lower() or "model"
+    return slugify(text, "model").lower()
+
+
+#: Where bundles named by ``name`` (and unnamed ones) go.
+MODELS_ROOT = Path("models")
+
+
+def bundle_dir(out: str | Path | None, name: str | None, default_name: str) -> Path:
+    """The bundle folder: ``out`` itself, else ``models/<name>`` (``name`` defaults to ``default_name``).
+
+    Raises:
+        ConfigError: both ``out`` and ``name`` are given (the old form, where ``--out`` was the
+            root folder of bundles named by ``--name``).
+    """
+    if out is not None and name is not None:
+        target = Path(out) / _slug(name)
+        raise ConfigError(
+            f"--out is the bundle folder itself and --name the name of a bundle under {MODELS_ROOT}/; give one of "
+            f"them, e.g. --out {target} (or --name {_slug(name)} for {MODELS_ROOT / _slug(name)})."
+        )
+    if out is not None:
+        return Path(out).expanduser()
+    return MODELS_ROOT / _slug(name or default_name)
 
 
 def fit(
@@ -144,8 +166,9 @@ def fit(
         max_memory: bytes (or ``"2GB"``) the embeddings may take in memory; below the size of the
             rows used, ``linear``/``mlp`` stream chunks from the HDF5 file.
         device: ``auto``, ``cpu`` or ``cuda`` for the torch heads.
-        out: root folder of bundles (default ``./models``); name: bundle name (default
-            ``<cache>-<head>``); seed: seed of the validation split and the heads.
+        out: the bundle folder, e.g. ``models/elpv-linear`` (an earlier bundle there is replaced).
+        name: instead of ``out``, the bundle ``models/<name>``; neither: ``models/<cache>-<head>``.
+        seed: seed of the validation split and the heads.
         save: write the bundle (``False``: just return the fitted head and metrics).
         grid: the coarse C grid of the sweep (default :data:`COARSE_GRID`, 1e-6 .. 1e2).
         refit: refit the selected head on train+val (default). ``False`` keeps the head fitted on
@@ -158,7 +181,8 @@ def fit(
     Raises:
         CacheError: missing/corrupt/non-featbank cache, no labels, NaN/inf embeddings.
         ConfigError: unknown head or parameter, single class, a class with < 2 training images,
-            sklearn heads with ``max_memory`` below the data size.
+            sklearn heads with ``max_memory`` below the data size, both ``out`` and ``name``, an
+            ``out`` that is a file or a folder of other files, an output folder that cannot be written.
 
     Example:
         >>> result = fit("runs/elpv.h5", head="linear", class_weight="balanced")
@@ -177,6 +201,8 @@ def fit(
     if shots is None and len(seeds) > 1:
         raise ConfigError("--seeds repeats K-shot sampling; give --shots K with it (e.g. --shots 10 --seeds 0,1,2).")
     budget = parse_memory(max_memory)
+    if save:
+        bundle_dir(out, name, "model")  # --out with --name: refused before the cache is opened
     if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
         raise ConfigError(f"device must be auto, cpu or cuda; got {device!r}.")
     cache_obj, cache_path = _open(cache)
@@ -195,11 +221,15 @@ def fit(
                 "'linear' and 'mlp' stream from disk. Raise --max-memory or use --head linear / mlp."
             )
 
-        source = _RowSource(cache_obj, used, chunk_rows)  # one read of every row fit needs
-        source.check_finite()
-        # Validate the head and its parameters before any work is done.
+        # Validate the head, its parameters and the output folder before any work is done.
         _make_head(head, params, standardize=standardize, l2_normalize=l2_normalize, class_weight=class_weight,
                    device=device, seed=seed)
+        bundle_path = None
+        if save:
+            default = f"{cache_path.stem}-{head}" + (f"-{shots}shot" if shots else "")
+            bundle_path = check_bundle_dir(bundle_dir(out, name, default))
+        source = _RowSource(cache_obj, used, chunk_rows)  # one read of every row fit needs
+        source.check_finite()
         notes: list[str] = []
         k = len(cache_obj.classes)
         metrics: dict[str, Any] = {}
@@ -288,8 +318,6 @@ def fit(
                                   "pipeline": [n for n, _ in est.steps], "trusted_types": trusted})
             abs_paths = [str(cache_obj.abspath(cache_obj.paths[r])) for r in ev_rows]
             files.update(write_report_files(metrics, cache_obj.classes, abs_paths, cache_obj.labels[ev_rows], ev_proba))
-            root = Path(out) if out is not None else Path("models")
-            bname = _slug(name) if name else _slug(f"{cache_path.stem}-{head}" + (f"-{shots}shot" if shots else ""))
             headline = {k2: v for k2, v in ev_metrics.items() if not isinstance(v, (dict, list))}
             manifest = {
                 "format": "featbank-bundle", "bundle_version": 1, "kind": "head",
@@ -305,7 +333,7 @@ def fit(
                     "streaming": chunk_rows is not None, "sweep": sweep,
                 },
             }
-            result.path = save_bundle(root / bname, manifest, files)
+            result.path = save_bundle(bundle_path, manifest, files)
         result.seconds = time.perf_counter() - t0
         return result
     finally:
