@@ -424,3 +424,34 @@ def test_lpft_keeps_batchnorm_statistics_by_default(probe_setup: tuple[Path, Pat
     assert not torch.equal(after["stem.0.weight"], base["stem.0.weight"])  # weights still train
     after = trained(tmp_path / "lpft-bn-train", bn_stats="train")
     assert not torch.equal(after["stem.1.running_mean"], base["stem.1.running_mean"])
+
+
+@pytest.mark.slow  # ~30 s: 90 large images and a real featbank process
+def test_ctrl_c_in_the_first_epoch_says_there_is_nothing_to_resume(tmp_path: Path) -> None:
+    import os
+    import signal
+    import time
+
+    # Large images, one per batch: the first epoch lasts long enough to be interrupted inside it.
+    data = make_image_folder(tmp_path / "data", n_per_class=30, size=(384, 384))
+    out = tmp_path / "m"
+    featbank_bin = Path(sys.executable).parent / "featbank"
+    proc = subprocess.Popen([str(featbank_bin), "finetune", str(data), "-b", "test_tiny", "--epochs", "3",
+                             "--batch-size", "1", "--num-workers", "0", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    seen = ""
+    deadline = time.monotonic() + 120
+    while "epoch 1/3" not in seen and time.monotonic() < deadline:
+        ch = proc.stderr.read(1)
+        if not ch:
+            break
+        seen += ch
+    assert "epoch 1/3" in seen, seen
+    proc.send_signal(signal.SIGINT)
+    stdout, rest = proc.communicate(timeout=60)
+    stderr = seen + rest
+    assert proc.returncode == 130, stderr
+    assert "epoch 1" in stderr and "nothing to resume" in stderr, stderr
+    assert "--resume to continue" not in stderr
+    assert not (tmp_path / "m.ckpt" / "checkpoint.pt").exists() and not out.exists()

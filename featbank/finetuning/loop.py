@@ -127,6 +127,15 @@ def _autocast(device: torch.device) -> tuple[Any, torch.dtype | None]:
     return dtype, dtype
 
 
+def _interrupted_message(history: list[dict[str, Any]], start_epoch: int, ckpt_path: Path) -> str:
+    done = history[-1]["epoch"] if history else start_epoch
+    if done == 0 or not ckpt_path.exists():
+        return (f"Interrupted during epoch {done + 1}, before any epoch finished: nothing is checkpointed, so there "
+                "is nothing to resume yet. Run the same command again (without --resume) to start over.")
+    return (f"Interrupted during epoch {done + 1}: {done} epoch(s) are checkpointed in {str(ckpt_path)!r}. Run the "
+            "same command with --resume to continue.")
+
+
 def _is_oom(e: BaseException) -> bool:
     if isinstance(e, torch.OutOfMemoryError):
         return True
@@ -440,11 +449,7 @@ def finetune(
             if on_epoch_end is not None:
                 on_epoch_end(epoch, row)
     except KeyboardInterrupt:
-        done = history[-1]["epoch"] if history else start_epoch
-        raise Interrupted(
-            f"Interrupted: {done} epoch(s) are checkpointed in {str(ckpt_path)!r}. Run the same command "
-            "with --resume to continue."
-        ) from None
+        raise Interrupted(_interrupted_message(history, start_epoch, ckpt_path)) from None
     except Exception as e:
         if _is_oom(e):
             if dev.type == "cuda":
