@@ -26,6 +26,7 @@ from ..errors import (
     RandomWeightsWarning,
     ValidationLeakWarning,
 )
+from ..report import compute_metrics, plot_confusion_matrix, plot_learning_curve
 from .checkpoint import (
     _digest,
     _load_checkpoint,
@@ -52,7 +53,6 @@ from .model import (
     build_optimizer,
     resolve_rates,
 )
-from .report import _metrics, _plot_confusion, _plot_learning_curve
 from .settings import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
@@ -143,7 +143,7 @@ def _is_oom(e: BaseException) -> bool:
 
 
 def _evaluate(model: FinetuneModel, loader: Any, device: torch.device, amp: torch.dtype | None,
-              n_classes: int, skipped: list[str]) -> tuple[dict[str, Any], np.ndarray]:
+              classes: list[str], skipped: list[str]) -> tuple[dict[str, Any], np.ndarray]:
     model.eval()
     losses, ys, logits_all = [], [], []
     with torch.inference_mode():
@@ -156,8 +156,9 @@ def _evaluate(model: FinetuneModel, loader: Any, device: torch.device, amp: torc
             logits_all.append(logits.cpu().numpy())
     y = np.concatenate(ys)
     logits = np.concatenate(logits_all)
-    n = max(1, int((y >= 0).sum()))
-    return _metrics(y, logits.argmax(1), n_classes, loss=sum(losses) / n), logits
+    ok = y >= 0  # unreadable images carry label -100
+    proba = torch.softmax(torch.from_numpy(logits[ok]).double(), dim=1).numpy()
+    return compute_metrics(y[ok], proba, classes, loss=sum(losses) / max(1, int(ok.sum()))), logits
 
 
 def finetune(
@@ -353,11 +354,11 @@ def finetune(
     def val_metrics() -> dict[str, Any]:
         if trunk is None:
             loader = _loader(eval_set, val_batches, workers, bb.preprocess, pin)
-            return _evaluate(model, loader, dev, amp, n_classes, skipped)[0]
+            return _evaluate(model, loader, dev, amp, classes, skipped)[0]
         starts = range(0, len(split.val), cfg.batch_size)
         rows = [np.arange(i, min(i + cfg.batch_size, len(split.val))) for i in starts]
         loader = ((*trunk.val.batch(r, np.zeros(len(r), np.int64), dev), []) for r in rows)
-        return _evaluate(trunk.model, loader, dev, amp, n_classes, skipped)[0]
+        return _evaluate(trunk.model, loader, dev, amp, classes, skipped)[0]
 
     def run_epoch(epoch: int) -> dict[str, Any]:
         model.train()
@@ -463,11 +464,11 @@ def finetune(
 
     # Final metrics with the best weights.
     model.load_state_dict(best["model"])
-    val, _ = _evaluate(model, _loader(eval_set, val_batches, workers, bb.preprocess, pin), dev, amp, n_classes, skipped)
+    val, _ = _evaluate(model, _loader(eval_set, val_batches, workers, bb.preprocess, pin), dev, amp, classes, skipped)
     test: dict[str, Any] = {}
     if len(split.test):
         test_batches = [list(map(int, split.test[i:i + cfg.batch_size])) for i in range(0, len(split.test), cfg.batch_size)]
-        test, _ = _evaluate(model, _loader(eval_set, test_batches, workers, bb.preprocess, pin), dev, amp, n_classes, skipped)
+        test, _ = _evaluate(model, _loader(eval_set, test_batches, workers, bb.preprocess, pin), dev, amp, classes, skipped)
 
     model.to("cpu")
     from safetensors.torch import save as st_save
@@ -534,9 +535,9 @@ def finetune(
     files = {
         "model.safetensors": weights_bytes,
         "metrics.json": (json.dumps({**metrics, "history": history}, indent=2) + "\n").encode(),
-        "learning_curve.png": _plot_learning_curve(history, cfg.metric, best["epoch"], start),
-        "confusion_matrix.png": _plot_confusion(np.asarray(cm_src["confusion_matrix"]), classes,
-                                                f"{cm_name} ({cm_src['n_samples']} images)"),
+        "learning_curve.png": plot_learning_curve(history, cfg.metric, best["epoch"], start),
+        "confusion_matrix.png": plot_confusion_matrix(cm_src["confusion_matrix"], classes,
+                                                      f"{cm_name} ({cm_src['n_samples']} images)"),
     }
     from ..bundle import save_bundle
 
