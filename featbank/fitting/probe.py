@@ -11,7 +11,8 @@ import numpy as np
 
 from .._files import check_bundle_dir, slugify
 from ..errors import ConfigError
-from ._rows import _open, _RowSource, _shot_rows, _split_rows, parse_memory
+from ..splits import sample_shots, stratified_holdout
+from ._rows import _open, _RowSource, _split_rows, parse_memory
 from ._select import _fit_once, _make_head, _proba_of
 
 __all__ = ["FitResult", "MODELS_ROOT", "bundle_dir", "fit"]
@@ -243,14 +244,13 @@ def fit(
             if shots is None:
                 tr, va, refit_rows = train, val, np.concatenate([train, val]) if refit else train
             else:
-                sample = _shot_rows(cache_obj, np.concatenate([train, val]) if val_source.startswith("strat") else train,
-                                    shots, s)
+                pool = np.concatenate([train, val]) if val_source.startswith("strat") else train
+                sample = sample_shots(pool, cache_obj.labels[pool], shots, s, list(cache_obj.classes))
                 if val_source.startswith("strat") and shots >= 2:
-                    rng = np.random.default_rng(s)
-                    n_v = max(1, int(round(shots * val_split)))
-                    va = np.sort(np.concatenate([rng.choice(sample[cache_obj.labels[sample] == c], n_v, replace=False)
-                                                 for c in np.unique(cache_obj.labels[sample])]))
-                    tr = np.setdiff1d(sample, va)
+                    # n_v of each class's K shots validate (the same count per class: K per class in, stratified).
+                    n_v = min(shots - 1, max(1, int(round(shots * val_split))))
+                    n_cls = len(np.unique(cache_obj.labels[sample]))
+                    tr, va = stratified_holdout(sample, cache_obj.labels[sample], n_v * n_cls, s)
                 elif val_source.startswith("strat"):
                     tr, va = sample, np.zeros(0, np.int64)
                 else:
