@@ -19,7 +19,8 @@ from ..images import PreprocessConfig
 from ._cachefile import _commit, _remove_stale_temporaries, default_cache_path
 from ._embedding import _run
 from ._engines import _make_engine, _onnx_cache_path, _OrtEngine
-from ._options import ENGINES, _precision, _validate, resolve_device
+from .._device import precision_name, resolve_device
+from ._options import ENGINES, _validate
 from ._report import ExtractReport, _strict_message
 
 __all__ = ["extract", "_plan_digest", "_extract_locked"]
@@ -86,7 +87,7 @@ def extract(
     """
     t0 = time.perf_counter()
     _validate(batch_size, num_workers, dtype)
-    dev = resolve_device(device)
+    dev = resolve_device(device).type
     if engine not in ENGINES:
         raise ConfigError(f"The 'engine' parameter must be one of {ENGINES}. Got {engine!r} instead.")
     index = scan_folder(data)
@@ -109,7 +110,7 @@ def _extract_locked(
 ) -> ExtractReport:
     """The body of :func:`extract`, run while this process holds the cache's writer lock."""
     _remove_stale_temporaries(out_path)
-    precision = _precision(dev)
+    precision = precision_name(dev)
 
     from ..backbones import load_backbone, peek_identity
 

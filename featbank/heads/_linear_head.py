@@ -11,7 +11,8 @@ from sklearn.utils.class_weight import compute_sample_weight
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from ..train import Features, resolve_device
+from .._device import resolve_device
+from ..train import Features
 from ._torch_head import BOOLEAN, CLASS_WEIGHT, DEVICE, _Preprocess, _TorchHead, integer, real, validate_head_params
 
 __all__ = ["LinearHead"]

@@ -10,7 +10,8 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from ..train import Features, evaluate_logits, resolve_device, train_one_epoch
+from .._device import resolve_device
+from ..train import Features, evaluate_logits, train_one_epoch
 from ._torch_head import (
     BOOLEAN,
     CLASS_WEIGHT,
