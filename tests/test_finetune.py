@@ -439,7 +439,10 @@ def test_ctrl_c_in_the_first_epoch_says_there_is_nothing_to_resume(tmp_path: Pat
     proc = subprocess.Popen([str(featbank_bin), "finetune", str(data), "-b", "test_tiny", "--epochs", "3",
                              "--batch-size", "1", "--num-workers", "0", "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            # A parent started in the background ignores SIGINT, and Python then
+                            # installs no KeyboardInterrupt handler: give the child the default.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = ""
     deadline = time.monotonic() + 120
     while "epoch 1/3" not in seen and time.monotonic() < deadline:

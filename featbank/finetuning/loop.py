@@ -60,7 +60,7 @@ from .settings import (
     FinetuneSettings,
     _settings_from,
 )
-from .trunk import VIEW_NAMES, fill_trunk, plan_trunk
+from .trunk import VIEW_NAMES, TrunkInputs, fill_trunk, plan_trunk
 
 __all__ = ["FinetuneReport", "finetune", "train_one_epoch", "evaluate"]
 
@@ -207,8 +207,9 @@ def finetune(
     run = _set_up(data, out, _settings_from(settings), device, num_workers, resume, overwrite)
     state = _resume_or_start(run, resume, overwrite)
     if run.trunk is not None:
-        fill_trunk(run.trunk, run.model, run.eval_set, run.split, run.cfg.batch_size, run.workers,
-                   run.bb.preprocess, run.pin, run.dev, run.amp, run.skipped, progress)
+        inputs = TrunkInputs(run.model, run.eval_set, run.split, run.cfg.batch_size, run.workers, run.bb.preprocess,
+                             run.pin, run.dev, run.amp)
+        fill_trunk(run.trunk, inputs, run.skipped, progress)
     if run.cfg.init_head is not None and state.start_epoch == 0:
         # LP-FT's step 0 is the probe itself: a candidate like any epoch, so a fine-tuning that never
         # beats it on validation keeps the probe's predictions instead of a worse network.
