@@ -171,3 +171,11 @@ def test_featbank_uses_only_public_scikit_learn_api():
             if any(part.startswith("_") for n in names for part in n.split(".")):
                 private.append(f"{path.name}:{node.lineno}")
     assert not private, private
+
+
+def test_class_weight_naming_unknown_classes_is_a_parameter_error():
+    X, y = blobs(10, 4, 2, 3.0)
+    with pytest.raises(ConfigError, match="The 'class_weight' parameter of LinearHead must name classes"):
+        LinearHead(class_weight={7: 1.0}).fit(X, y)
+    with pytest.raises(ConfigError, match="The 'class_weight' parameter of MLPHead must be"):
+        MLPHead(class_weight={0: "x"}).fit(X, y)

@@ -7,13 +7,22 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.utils.class_weight import compute_sample_weight
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from .._device import resolve_device
 from ..train import Features
-from ._torch_head import BOOLEAN, CLASS_WEIGHT, DEVICE, _Preprocess, _TorchHead, integer, real, validate_head_params
+from ._torch_head import (
+    BOOLEAN,
+    CLASS_WEIGHT,
+    DEVICE,
+    _class_weights,
+    _Preprocess,
+    _TorchHead,
+    integer,
+    real,
+    validate_head_params,
+)
 
 __all__ = ["LinearHead"]
 
@@ -176,7 +185,7 @@ class LinearHead(_TorchHead):
             # The C sweep refits on the same rows: reuse their statistics and standardised copy.
             _, self.classes_, y_enc, sw, self.mean_, self.scale_, self.n_features_in_, Xs_memo = memo
             if self.class_weight is not None:
-                sw = sw * compute_sample_weight(self.class_weight, y_enc if self.class_weight == "balanced" else y)
+                sw = sw * _class_weights(self, y_enc, y)
             return X, y_enc, sw, Xs_memo
         feats, y_enc, sw = self._prepare_fit(X, y, sample_weight)
         return feats, y_enc, sw, None

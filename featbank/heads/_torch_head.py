@@ -64,8 +64,9 @@ def integer(low: int) -> Constraint:
 
 
 BOOLEAN = Constraint("a bool", lambda v: isinstance(v, (bool, np.bool_)))
-CLASS_WEIGHT = Constraint("None, 'balanced' or a dict class -> weight",
-                          lambda v: v is None or v == "balanced" or isinstance(v, dict))
+CLASS_WEIGHT = Constraint("None, 'balanced' or a dict class -> weight >= 0",
+                          lambda v: v is None or (isinstance(v, str) and v == "balanced") or (
+                              isinstance(v, dict) and all(_is_real(w) and w >= 0 for w in v.values())))
 DEVICE = Constraint("'auto', 'cpu', 'cuda' or 'cuda:N'",
                     lambda v: isinstance(v, torch.device) or isinstance(v, str) and (v in ("auto", "cpu", "cuda") or (v.startswith("cuda:")
                                                                                         and v[5:].isdigit())))
@@ -128,6 +129,18 @@ def _check_sample_weight(sample_weight: Any, n_samples: int) -> np.ndarray:
     return sw
 
 
+def _class_weights(est: Any, y_enc: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per-row weights of ``est.class_weight``; a dict naming classes not in ``y`` is a parameter error."""
+    balanced = isinstance(est.class_weight, str) and est.class_weight == "balanced"
+    try:
+        return compute_sample_weight(est.class_weight, y_enc if balanced else y)
+    except ValueError as e:
+        raise ConfigError(
+            f"The 'class_weight' parameter of {type(est).__name__} must name classes of the labels "
+            f"({str(e).rstrip('.')}). Got {est.class_weight!r} instead."
+        ) from None
+
+
 def _l2n(X: np.ndarray) -> np.ndarray:
     return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
 
@@ -171,7 +184,7 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
             self.mean_ = np.zeros(feats.embed_dim, np.float32)
             self.scale_ = np.ones(feats.embed_dim, np.float32)
         if self.class_weight is not None:
-            sw = sw * compute_sample_weight(self.class_weight, y_enc if self.class_weight == "balanced" else y)
+            sw = sw * _class_weights(self, y_enc, y)
         return feats, y_enc.astype(np.int64), sw
 
     def _preprocess_np(self, X: np.ndarray) -> np.ndarray:
