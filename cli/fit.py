@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import click
 
-from .options import device_option
+from .options import device_option, quiet_option
 
 
 _EXAMPLES = """\b
 Examples:
   featbank fit
   featbank fit runs/elpv.h5 --head linear --class-weight balanced
-  featbank fit runs/elpv.h5 --head mlp --param hidden_sizes=(512,) --param dropout=0.3
+  featbank fit runs/elpv.h5 --head mlp --param 'hidden_sizes=(512,)' --param dropout=0.3
   featbank fit runs/elpv.h5 --head SVC --param C=10 --param kernel=rbf
   featbank fit runs/elpv.h5 --shots 10 --seeds 0,1,2
+  featbank fit runs/elpv.h5 --out models/elpv-linear
   featbank fit runs/elpv.h5 --no-refit --name elpv-probe    # the start of an LP-FT
 """
 
@@ -23,7 +24,8 @@ Examples:
 @click.option("--head", default="linear", show_default=True,
               help="linear (L-BFGS logistic regression, C sweep), mlp, or a scikit-learn classifier name (SVC, ...).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
-              help="Head parameter, repeatable; values are Python literals (C=0.1, hidden_sizes=(512,256), kernel=rbf).")
+              help="Head parameter, repeatable; values are Python literals (C=0.1, 'hidden_sizes=(512,256)', kernel=rbf); "
+                   "quote values with parentheses for the shell.")
 @click.option("--standardize/--no-standardize", default=True, show_default=True, help="Standardise features (stored with the head).")
 @click.option("--l2-normalize", is_flag=True, help="L2-normalise each embedding first.")
 @click.option("--val-split", type=float, default=0.2, show_default=True,
@@ -36,12 +38,14 @@ Examples:
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds of the --shots sampling (mean ± std).")
 @click.option("--max-memory", default=None, metavar="SIZE", help="e.g. 2GB; below the data size, linear/mlp stream from disk.")
 @device_option
-@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=str), default=None, help="Root folder of bundles (default ./models).")
-@click.option("--name", default=None, help="Bundle name (default <cache>-<head>).")
+@click.option("--out", "-o", type=click.Path(path_type=str), default=None,
+              help="Bundle folder, e.g. models/elpv-linear (as in 'featbank finetune'). Default: models/<name>.")
+@click.option("--name", default=None, help="Instead of --out: the bundle models/NAME. Default: <cache>-<head>.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the validation split and the heads.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@quiet_option
 def fit(cache, head, params, standardize, l2_normalize, val_split, refit, class_weight, shots, seeds, max_memory, device, out,
-        name, seed, as_json) -> None:
+        name, seed, as_json, quiet) -> None:
     """Fit a head on a feature cache, report metrics and save a model bundle.
 
     CACHE defaults to the newest complete cache in the default cache folder, said on stderr (refused
@@ -60,7 +64,8 @@ def fit(cache, head, params, standardize, l2_normalize, val_split, refit, class_
 
         choice = choose_cache()
         cache = str(choice.path)
-        click.echo(f"Using cache {cache}: {choice.reason}. Pass CACHE to use another.", err=True)
+        if not quiet:
+            click.echo(f"Using cache {cache}: {choice.reason}. Pass CACHE to use another.", err=True)
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:

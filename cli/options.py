@@ -44,4 +44,4 @@ def device_option(f: F) -> F:
 
 
 def quiet_option(f: F) -> F:
-    return click.option("--quiet", "-q", is_flag=True, help="No progress bar; print only the result.")(f)
+    return click.option("--quiet", "-q", is_flag=True, help="No progress bar or notes on stderr; print only the result.")(f)

@@ -29,6 +29,7 @@ __all__ = [
     "fsync_dir",
     "remove_orphans",
     "check_output_dir",
+    "check_bundle_dir",
     "describe_os_error",
 ]
 
@@ -174,6 +175,48 @@ def check_output_dir(folder: Path, what: str = "output") -> Path:
     except OSError as e:
         raise ConfigError(
             f"Cannot write the {what} under '{folder}': {describe_os_error(e)}. Choose another --out."
+        ) from None
+    return folder
+
+
+def check_bundle_dir(folder: Path) -> Path:
+    """Check, before any work, that a model bundle can be written as ``folder``.
+
+    ``folder`` is the bundle itself (``--out models/x``): absent, an empty folder, or an earlier
+    bundle (a folder with a ``manifest.json``, which the writer then replaces). Like
+    :func:`check_output_dir`, but nothing is created: a file is written and removed in the
+    nearest existing folder above, so a run refused later (a bad parameter) leaves no trace.
+
+    Raises:
+        ConfigError: ``folder`` is a file, a folder of other files (e.g. the ``models/`` root
+            that holds bundles), or its parent cannot be written.
+    """
+    folder = Path(folder).expanduser()
+    if folder.exists() or folder.is_symlink():
+        if not folder.is_dir():
+            raise ConfigError(f"Cannot write the model bundle '{folder}': it is a file, not a folder. Choose another --out.")
+        entries = sorted(p.name for p in folder.iterdir())
+        if entries and "manifest.json" not in entries:
+            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            raise ConfigError(
+                f"--out '{folder}' is not a featbank bundle: it holds other files ({shown}). --out names the "
+                f"bundle folder itself, e.g. --out {folder / 'my-model'}; choose a new or empty folder."
+            )
+    above = folder.parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise ConfigError(
+            f"Cannot write the model bundle under '{folder.parent}': '{above}' is a file, not a folder. Choose another --out."
+        )
+    try:
+        probe = temporary_path(above / ".write-check")
+        with open(probe, "wb"):
+            pass
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(
+            f"Cannot write the model bundle under '{folder.parent}': {describe_os_error(e)}. Choose another --out."
         ) from None
     return folder
 

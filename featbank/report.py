@@ -1,4 +1,9 @@
-"""Classification metrics, a printable table, and the pictures saved with a bundle."""
+"""Classification metrics, a printable table, and the pictures saved with a bundle.
+
+The one home of metrics and plots for ``fit``, ``evaluate`` and ``finetune``: every number comes
+from :func:`compute_metrics` (scikit-learn's metrics), every confusion matrix from
+:func:`plot_confusion_matrix`.
+"""
 
 from __future__ import annotations
 
@@ -15,41 +20,60 @@ __all__ = [
     "plot_confusion_matrix",
     "plot_per_class_recall",
     "plot_misclassified",
+    "plot_learning_curve",
     "write_report_files",
 ]
 
 
-def compute_metrics(y_true: np.ndarray, proba: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
+def compute_metrics(y_true: np.ndarray, proba: np.ndarray, classes: Sequence[str], *,
+                    loss: float | None = None) -> dict[str, Any]:
     """Top-1, top-5 (>= 5 classes), balanced accuracy, macro F1, per-class P/R/F1, confusion matrix.
 
     Args:
         y_true: (N,) class indices into ``classes``.
         proba: (N, C) probabilities, columns in the order of ``classes``.
+        loss: a mean loss to record as ``loss`` (fine-tuning's cross-entropy), if any.
+
+    Returns:
+        ``n_samples``, ``n_classes`` and, when there are samples: ``top1`` (top-1 accuracy; also
+        under ``accuracy``, the name fine-tuning's ``--metric`` and history use), ``top5`` (>= 5
+        classes), ``balanced_accuracy`` (mean recall of the classes present), ``macro_f1`` (over
+        the classes present), ``log_loss``, ``per_class`` (class -> precision, recall, f1,
+        support) and ``confusion_matrix`` (rows: true class).
     """
-    from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+    import warnings
+
+    from sklearn.metrics import (
+        accuracy_score,
+        balanced_accuracy_score,
+        confusion_matrix,
+        f1_score,
+        precision_recall_fscore_support,
+        top_k_accuracy_score,
+    )
 
     y_true = np.asarray(y_true, np.int64)
     proba = np.asarray(proba, np.float64)
     k = len(classes)
     labels = np.arange(k)
-    y_pred = proba.argmax(axis=1) if len(proba) else np.zeros(0, np.int64)
     out: dict[str, Any] = {"n_samples": int(len(y_true)), "n_classes": k}
     if len(y_true) == 0:
         return out
-    out["top1"] = float(np.mean(y_pred == y_true))
-    if k >= 5:
-        top5 = np.argsort(-proba, axis=1)[:, :5]
-        out["top5"] = float(np.mean((top5 == y_true[:, None]).any(axis=1)))
+    y_pred = proba.argmax(axis=1)
     present = np.unique(y_true)
-    import warnings
-
     with warnings.catch_warnings():
+        # "y_pred contains classes not in y_true": expected on small evaluation sets.
         warnings.simplefilter("ignore")
+        out["top1"] = out["accuracy"] = float(accuracy_score(y_true, y_pred))
+        if k >= 5:
+            out["top5"] = float(top_k_accuracy_score(y_true, proba, k=5, labels=labels))
         out["balanced_accuracy"] = float(balanced_accuracy_score(y_true, y_pred))
         out["macro_f1"] = float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0))
         p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
-    eps = 1e-15
-    out["log_loss"] = float(-np.mean(np.log(np.clip(proba[np.arange(len(y_true)), y_true], eps, 1.0))))
+    # Clipped rather than sklearn.metrics.log_loss, which renormalises rows and needs every class present.
+    out["log_loss"] = float(-np.mean(np.log(np.clip(proba[np.arange(len(y_true)), y_true], 1e-15, 1.0))))
+    if loss is not None:
+        out["loss"] = float(loss)
     out["per_class"] = {
         str(c): {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
         for i, c in enumerate(classes)
@@ -98,7 +122,10 @@ def _png(fig: Any) -> bytes:
 
 
 def plot_confusion_matrix(cm: Sequence[Sequence[int]], classes: Sequence[str], title: str = "") -> bytes:
-    """PNG bytes of the row-normalised confusion matrix (rows: true class, each sums to 1)."""
+    """PNG bytes of the row-normalised confusion matrix (rows: true class, each sums to 1).
+
+    Each cell shows the fraction of its true class and, up to 12 classes, the image count.
+    """
     plt = _plt()
     cm = np.asarray(cm, np.float64)
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
@@ -113,16 +140,23 @@ def plot_confusion_matrix(cm: Sequence[Sequence[int]], classes: Sequence[str], t
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     if k <= 30:
+        counts = k <= 12  # room for the image count under the fraction
         for i in range(k):
             for j in range(k):
-                ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                text = f"{norm[i, j]:.2f}" + (f"\n({int(cm[i, j])})" if counts else "")
+                ax.text(j, i, text, ha="center", va="center", fontsize=8,
                         color="white" if norm[i, j] > 0.5 else "black")
-    ax.set_title(title or "Confusion matrix (normalised by true class)")
+    note = "fraction of each true class" + ("; image count below" if k <= 12 else "")
+    ax.set_title(f"{title}\n({note})" if title else f"Confusion matrix ({note})")
     return _png(fig)
 
 
 def plot_per_class_recall(metrics: dict[str, Any], title: str = "") -> bytes:
     """PNG bytes of a horizontal bar chart of recall per class (support in the labels)."""
+    return _png(_per_class_recall_figure(metrics, title))
+
+
+def _per_class_recall_figure(metrics: dict[str, Any], title: str = "") -> Any:
     plt = _plt()
     per = metrics.get("per_class", {})
     names = list(per)
@@ -134,10 +168,57 @@ def plot_per_class_recall(metrics: dict[str, Any], title: str = "") -> bytes:
     ax.set_xlim(0, 1)
     ax.set_xlabel("recall")
     if "balanced_accuracy" in metrics:
-        ax.axvline(metrics["balanced_accuracy"], color="tab:red", ls="--", label="balanced accuracy")
-        ax.legend(loc="lower right")
+        ax.axvline(metrics["balanced_accuracy"], color="tab:red", ls="--",
+                   label=f"balanced accuracy (mean recall) {metrics['balanced_accuracy']:.3f}")
+        # Below the axis: inside it, the legend hid the last bar.
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), frameon=False)
     ax.set_title(title or "Recall per class")
-    return _png(fig)
+    return fig
+
+
+def plot_learning_curve(history: Sequence[dict[str, Any]], metric: str, best_epoch: int,
+                        start: dict[str, Any] | None = None) -> bytes:
+    """PNG bytes of a fine-tuning run: loss, accuracy (train and val) and the validation metric.
+
+    Args:
+        history: one row per epoch (``epoch``, ``train_loss``, ``val_loss``, ``train_accuracy``,
+            ``val_accuracy``, ``val_<metric>``).
+        metric: the selection metric (``balanced_accuracy`` or ``accuracy``); it gets its own
+            panel unless it is ``accuracy``, so train accuracy is never drawn against another metric.
+        best_epoch: the kept epoch (0: the LP-FT starting probe).
+        start: validation numbers of the LP-FT starting probe, drawn at epoch 0.
+    """
+    return _png(_learning_curve_figure(history, metric, best_epoch, start))
+
+
+def _learning_curve_figure(history: Sequence[dict[str, Any]], metric: str, best_epoch: int,
+                           start: dict[str, Any] | None) -> Any:
+    plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
+    ep = [h["epoch"] for h in history]
+    panels = [("loss", "cross-entropy"), ("accuracy", "accuracy")]
+    if metric != "accuracy":
+        panels.append((metric, metric.replace("_", " ")))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        if key in ("loss", "accuracy"):  # training has no balanced accuracy: that axis is val only
+            ax.plot(ep, [h[f"train_{key}"] for h in history], "o-", color="C0", label="train")
+        ax.plot(ep, [h[f"val_{key}"] for h in history], "o-", color="C1", label="val")
+        if start and f"val_{key}" in start:  # LP-FT: the probe is step 0
+            ax.plot([0], [start[f"val_{key}"]], "s", color="C1", label="val, starting probe")
+        if key == metric:
+            ax.axvline(best_epoch, color="grey", ls="--", lw=1, label=f"kept (epoch {best_epoch})")
+            label += " (selects the kept epoch)"
+        if key != "loss":
+            ax.set_ylim(0, 1.02)
+        ax.set_xlabel("epoch")
+        ax.set_title(label, fontsize=10)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=8)
+    fig.suptitle("featbank finetune: learning curve")
+    fig.tight_layout()
+    return fig
 
 
 def plot_misclassified(paths: Sequence[str | Path], y_true: np.ndarray, proba: np.ndarray, classes: Sequence[str],

@@ -14,23 +14,10 @@ from torch import nn
 
 __all__ = [
     "Features",
-    "resolve_device",
     "feature_stats",
     "train_one_epoch",
     "evaluate_logits",
 ]
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``auto``/None -> CUDA when visible else CPU; ``cuda`` without a GPU falls back to CPU."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        from .errors import ConfigError
-
-        raise ConfigError("device='cuda' was asked for but no CUDA GPU is visible. Use --device cpu or auto.")
-    return dev
 
 
 class Features:

@@ -219,11 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = args.data_dir or work
     data_dir.mkdir(parents=True, exist_ok=True)
     try:
-        from featbank.extraction import _default_workers, _precision, resolve_device
+        from featbank._device import default_num_workers, precision_name, resolve_device
 
-        device = resolve_device(args.device)
+        device = resolve_device(args.device).type
         args.device = device
-        precision = _precision(device)
+        precision = precision_name(device)
         big = prepare_folder(data_dir / f"elpv-{4 * args.n}", 4 * args.n) if not args.skip_rss else None
         small = data_dir / f"elpv-{args.n}"
         if big is not None and not small.exists():
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             prepare_folder(small, args.n)
         n = count_images(small)
-        workers = args.num_workers if args.num_workers is not None else _default_workers(device)
+        workers = args.num_workers if args.num_workers is not None else default_num_workers(device)
         import torch
 
         print(f"featbank bench_extract: N={n} images (ELPV, PNG+JPEG), backbone={args.backbone} "

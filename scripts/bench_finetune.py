@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                                device=args.device, num_workers=args.num_workers, batch_size=64, progress=False)
         t_extract = time.perf_counter() - t0
         t0 = time.perf_counter()
-        res = fit(rep.path, "linear", out=args.workdir / "models", name=f"probe-{data.name}", device=args.device,
+        res = fit(rep.path, "linear", out=args.workdir / "models" / f"probe-{data.name}", device=args.device,
                   class_weight=None)
         t_fit = time.perf_counter() - t0
         probe_path = Path(res.path)
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"probe: acc {acc:.4f} bal {bal:.4f} ({t_extract:.0f}s extract, {t_fit:.1f}s fit)", flush=True)
         if "lpft" in methods:  # LP-FT's start: the same probe, not refitted on its validation images
             t0 = time.perf_counter()
-            probe_path = Path(fit(rep.path, "linear", out=args.workdir / "models", name=f"probe-norefit-{data.name}",
+            probe_path = Path(fit(rep.path, "linear", out=args.workdir / "models" / f"probe-norefit-{data.name}",
                                   device=args.device, class_weight=None, refit=False).path)
             t_fit = time.perf_counter() - t0
             acc, bal = test_scores(probe_path)

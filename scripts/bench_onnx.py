@@ -43,7 +43,7 @@ def _demo_bundle(work: Path) -> Path:
         h, w = arr.shape[:2]
         Image.fromarray(arr[h // 8: h - h // 6, w // 6: w - w // 8]).save(root / name / "crop.jpg")
     cache = featbank.extract(root, work / "photos.h5", backbone="efficientnet_lite0", progress=False)
-    return fit(cache.path, "linear", params={"C": 1.0}, val_split=0.5, out=work / "models", name="bench").path
+    return fit(cache.path, "linear", params={"C": 1.0}, val_split=0.5, out=work / "models" / "bench").path
 
 
 def _percentile_ms(times: list[float], q: float) -> float:

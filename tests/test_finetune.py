@@ -159,7 +159,7 @@ def probe_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, P
     data = make_image_folder(root / "data")
     cache = featbank.extract(data, root / "cache.h5", backbone="test_tiny", engine="torch", num_workers=0,
                              progress=False).path
-    return data, cache, Path(fit(cache, "linear", out=root / "models", name="probe").path)
+    return data, cache, Path(fit(cache, "linear", out=root / "models" / "probe").path)
 
 
 def test_lpft_starts_from_the_probe(probe_setup: tuple[Path, Path, Path], tmp_path: Path) -> None:
@@ -184,7 +184,7 @@ def test_lpft_validates_on_the_images_its_probe_held_out(probe_setup: tuple[Path
     from featbank.fitting import fit
 
     image_folder, tiny_cache, refitted = probe_setup
-    kept = fit(tiny_cache, "linear", out=tmp_path / "models", name="kept", refit=False).path
+    kept = fit(tiny_cache, "linear", out=tmp_path / "models" / "kept", refit=False).path
     held = load_bundle(kept).manifest["validation"]["paths"]
     assert held == load_bundle(refitted).manifest["validation"]["paths"]  # same seeded split
     with warnings.catch_warnings():
@@ -215,7 +215,7 @@ def test_lpft_keeps_the_probe_when_no_epoch_beats_it(probe_setup: tuple[Path, Pa
     from featbank.fitting import fit
 
     image_folder, tiny_cache, _ = probe_setup
-    probe = fit(tiny_cache, "linear", out=tmp_path / "models", name="kept", refit=False).path
+    probe = fit(tiny_cache, "linear", out=tmp_path / "models" / "kept", refit=False).path
     # A rate this high wrecks the network in the first steps; the probe (step 0) is the best candidate.
     rep = ft.finetune(image_folder, tmp_path / "wrecked", strategy="full", init_head=str(probe), lr=0.5,
                       **{**FAST, "epochs": 2})
@@ -293,6 +293,9 @@ def test_kill_then_resume_equals_uninterrupted(image_folder: Path, tmp_path: Pat
 
 def test_refusals_exit_2(tmp_path: Path, image_folder: Path) -> None:
     runner = CliRunner()
+    (tmp_path / "afile").write_text("not a folder")
+    (tmp_path / "models" / "other").mkdir(parents=True)
+    (tmp_path / "models" / "other" / "manifest.json").write_text("{}")
     base = ["finetune", str(image_folder), "-b", "test_tiny", "--epochs", "1", "-q", "--num-workers", "0"]
     cases = [
         (["--trainable-from", "layer3", "--out", str(tmp_path / "a")], "Valid groups, input to output: stem, stage1, stage2, head"),
@@ -302,6 +305,9 @@ def test_refusals_exit_2(tmp_path: Path, image_folder: Path) -> None:
         (["--lr-groups", "seed", "--layer-decay", "0.7", "--out", str(tmp_path / "e")], "only one of them"),
         (["--resume", "--out", str(tmp_path / "f")], "no checkpoint"),
         (["--crop-scale", "0.9", "0.5", "--out", str(tmp_path / "i")], "'crop_scale' parameter of finetune must be"),
+        (["--out", "/proc/featbank-model"], "Cannot write"),
+        (["--out", str(tmp_path / "afile" / "m")], "is a file, not a folder"),
+        (["--out", str(tmp_path / "models"), "--overwrite"], "not a featbank bundle"),
     ]
     for extra, message in cases:
         res = runner.invoke(cli, base + extra)
@@ -418,3 +424,37 @@ def test_lpft_keeps_batchnorm_statistics_by_default(probe_setup: tuple[Path, Pat
     assert not torch.equal(after["stem.0.weight"], base["stem.0.weight"])  # weights still train
     after = trained(tmp_path / "lpft-bn-train", bn_stats="train")
     assert not torch.equal(after["stem.1.running_mean"], base["stem.1.running_mean"])
+
+
+@pytest.mark.slow  # ~30 s: 90 large images and a real featbank process
+def test_ctrl_c_in_the_first_epoch_says_there_is_nothing_to_resume(tmp_path: Path) -> None:
+    import os
+    import signal
+    import time
+
+    # Large images, one per batch: the first epoch lasts long enough to be interrupted inside it.
+    data = make_image_folder(tmp_path / "data", n_per_class=30, size=(384, 384))
+    out = tmp_path / "m"
+    featbank_bin = Path(sys.executable).parent / "featbank"
+    proc = subprocess.Popen([str(featbank_bin), "finetune", str(data), "-b", "test_tiny", "--epochs", "3",
+                             "--batch-size", "1", "--num-workers", "0", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            # A parent started in the background ignores SIGINT, and Python then
+                            # installs no KeyboardInterrupt handler: give the child the default.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    seen = ""
+    deadline = time.monotonic() + 120
+    while "epoch 1/3" not in seen and time.monotonic() < deadline:
+        ch = proc.stderr.read(1)
+        if not ch:
+            break
+        seen += ch
+    assert "epoch 1/3" in seen, seen
+    proc.send_signal(signal.SIGINT)
+    stdout, rest = proc.communicate(timeout=60)
+    stderr = seen + rest
+    assert proc.returncode == 130, stderr
+    assert "epoch 1" in stderr and "nothing to resume" in stderr, stderr
+    assert "--resume to continue" not in stderr
+    assert not (tmp_path / "m.ckpt" / "checkpoint.pt").exists() and not out.exists()

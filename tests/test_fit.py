@@ -43,8 +43,8 @@ def test_no_refit_keeps_the_head_that_was_scored_on_validation(tmp_path):
 
     X, y = blobs(40, 16, 4, sep=0.5, seed=3)
     cache = write_synthetic_cache(tmp_path / "c.h5", X, y, splits=_splits(len(y)))
-    kept = fit(cache, "linear", out=tmp_path / "models", name="kept", refit=False)
-    refit = fit(cache, "linear", out=tmp_path / "models", name="refit")
+    kept = fit(cache, "linear", out=tmp_path / "models" / "kept", refit=False)
+    refit = fit(cache, "linear", out=tmp_path / "models" / "refit")
     assert kept.chosen == refit.chosen  # same sweep, same choice
     c = featbank.open_cache(cache)
     row = {p: i for i, p in enumerate(c.paths)}

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_each_head_end_to_end(tiny_cache, image_folder, tmp_path, head, params):
     runner = CliRunner()
     out = tmp_path / "models"
-    res = runner.invoke(cli, ["fit", str(tiny_cache), "--head", head, *params, "--out", str(out), "--name", "m", "--json"])
+    res = runner.invoke(cli, ["fit", str(tiny_cache), "--head", head, *params, "--out", str(out / "m"), "--json"])
     assert res.exit_code == 0, res.output
     info = json.loads(res.output)
     assert info["metrics"]["val"]["top1"] >= 0.6 and Path(info["path"]).is_dir()
@@ -63,7 +63,7 @@ def test_refusals_exit_2_and_write_nothing(tiny_cache, tmp_path):
         (["fit", str(tiny_cache), "--max-memory", "lots"], "--max-memory"),
         (["evaluate", str(tmp_path / "nope"), str(tiny_cache)], "does not exist"),
     ]:
-        res = runner.invoke(cli, [*args[:1], *args[1:], *(["--out", str(out)] if args[0] == "fit" else [])])
+        res = runner.invoke(cli, [*args[:1], *args[1:], *(["--out", str(out / "m")] if args[0] == "fit" else [])])
         assert res.exit_code == 2, (args, res.output)
         assert msg in res.output
     assert not out.exists()
@@ -79,9 +79,73 @@ def test_help_ends_with_examples():
 
 def test_real_subprocess_fit(tiny_cache, tmp_path):
     env = dict(os.environ)
-    proc = subprocess.run([str(VENV_FEATBANK), "fit", str(tiny_cache), "--param", "C=1.0", "--out", str(tmp_path / "m"), "--name", "sub"],
+    proc = subprocess.run([str(VENV_FEATBANK), "fit", str(tiny_cache), "--param", "C=1.0", "--out", str(tmp_path / "m" / "sub")],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "Bundle:" in proc.stdout and (tmp_path / "m" / "sub" / "head.safetensors").is_file()
     bad = subprocess.run([str(VENV_FEATBANK), "fit", str(tmp_path / "none.h5")], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--param", "C=-1"], "The 'C' parameter of LinearHead must be a float > 0. Got -1 instead."),
+    (["--param", "max_iter=abc"], "The 'max_iter' parameter of LinearHead must be an int >= 1. Got 'abc' instead."),
+    (["--param", "tol=-0.5"], "The 'tol' parameter of LinearHead"),
+    (["--head", "mlp", "--param", "dropout=2"], "The 'dropout' parameter of MLPHead must be a float in [0, 1). Got 2 instead."),
+    (["--head", "mlp", "--param", "hidden_sizes=(0,)"], "The 'hidden_sizes' parameter of MLPHead"),
+    (["--head", "mlp", "--param", "lr=abc"], "The 'lr' parameter of MLPHead"),
+    (["--head", "mlp", "--param", "max_epochs=2.5"], "The 'max_epochs' parameter of MLPHead"),
+    (["--head", "SVC", "--param", "C=-1"], "The 'C' parameter of SVC"),
+])
+def test_bad_head_parameters_exit_2_before_any_work(tiny_cache, tmp_path, args, msg):
+    out = tmp_path / "models"
+    res = CliRunner().invoke(cli, ["fit", str(tiny_cache), *args, "--out", str(out / "m")])
+    assert res.exit_code == 2, res.output
+    assert msg in res.output
+    assert "Traceback" not in res.output
+    assert not out.exists()
+
+
+def test_out_is_the_bundle_folder_and_name_goes_under_models(tiny_cache, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    res = runner.invoke(cli, ["fit", str(tiny_cache), "--param", "C=1.0", "--out", "elsewhere/x", "-q"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "elsewhere" / "x" / "manifest.json").is_file()
+    res = runner.invoke(cli, ["fit", str(tiny_cache), "--param", "C=1.0", "--name", "y", "-q"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "models" / "y" / "manifest.json").is_file()
+    # Refitting into an existing bundle folder replaces it (as before).
+    res = runner.invoke(cli, ["fit", str(tiny_cache), "--param", "C=1.0", "--out", "models/y", "-q"])
+    assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("args,msg", [
+    # The old form: --out was the root of bundles named by --name.
+    (["--out", "models", "--name", "x"], "--out models/x"),
+    # A folder of other bundles is not a bundle folder.
+    (["--out", "models"], "not a featbank bundle"),
+    (["--out", "/proc/models"], "Cannot write"),
+    (["--out", "afile/x"], "is a file, not a folder"),
+])
+def test_bad_output_locations_exit_2_before_fitting(tiny_cache, tmp_path, monkeypatch, args, msg):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "other").mkdir(parents=True)
+    (tmp_path / "models" / "other" / "manifest.json").write_text("{}")
+    (tmp_path / "afile").write_text("not a folder")
+    res = CliRunner().invoke(cli, ["fit", str(tiny_cache), "--param", "C=1.0", *args])
+    assert res.exit_code == 2, res.output
+    assert msg in res.output and "Traceback" not in res.output
+    assert "Bundle:" not in res.output and "metrics" not in res.output.lower()
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["other"]
+
+
+def test_fit_help_quotes_parentheses_and_offers_quiet():
+    import re
+
+    res = CliRunner().invoke(cli, ["fit", "--help"], terminal_width=200)
+    assert res.exit_code == 0
+    # (512,) unquoted is a shell syntax error: every example with parentheses is quoted.
+    assert re.findall(r"\S*hidden_sizes=\(", res.output)
+    assert all(m.startswith("'") for m in re.findall(r"\S*hidden_sizes=\(", res.output)), res.output
+    assert "--quiet" in res.output and "-q" in res.output

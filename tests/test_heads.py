@@ -131,3 +131,60 @@ def test_misspelt_featbank_head_suggests_it() -> None:
         make_sklearn_head("linaer", {})
     with pytest.raises(ConfigError, match="Did you mean 'mlp'"):
         make_sklearn_head("mpl", {})
+
+
+@pytest.mark.parametrize("make,msg", [
+    (lambda: LinearHead(C=-1), "The 'C' parameter of LinearHead must be a float > 0. Got -1 instead."),
+    (lambda: LinearHead(C=True), "The 'C' parameter of LinearHead"),
+    (lambda: LinearHead(max_iter="abc"), "The 'max_iter' parameter of LinearHead must be an int >= 1. Got 'abc' instead."),
+    (lambda: LinearHead(class_weight="auto"), "The 'class_weight' parameter of LinearHead"),
+    (lambda: MLPHead(dropout=2), "The 'dropout' parameter of MLPHead must be a float in [0, 1). Got 2 instead."),
+    (lambda: MLPHead(hidden_sizes=(8, -1)), "The 'hidden_sizes' parameter of MLPHead"),
+    (lambda: MLPHead(batch_size=0), "The 'batch_size' parameter of MLPHead"),
+    (lambda: MLPHead(validation_fraction=1.0), "The 'validation_fraction' parameter of MLPHead"),
+])
+def test_bad_parameters_raise_a_config_error_at_fit(make, msg):
+    X, y = blobs(10, 4, 2, 3.0)
+    with pytest.raises(ConfigError) as info:
+        make().fit(X, y)
+    assert msg in str(info.value)
+    assert isinstance(info.value, ValueError)  # scikit-learn's contract for invalid parameters
+
+
+def test_fit_library_refuses_bad_head_parameters_before_writing(tmp_path):
+    from featbank.fitting import fit
+
+    X, y = blobs(20, 4, 2, 3.0)
+    cache = write_synthetic_cache(tmp_path / "c.h5", X, y)
+    for head, params in [("linear", {"C": -1}), ("mlp", {"dropout": 2}), ("linear", {"max_iter": "abc"})]:
+        with pytest.raises(ConfigError, match="parameter of"):
+            fit(cache, head, params=params, out=tmp_path / "models" / "m")
+    assert not (tmp_path / "models").exists()
+
+
+def test_featbank_uses_only_public_scikit_learn_api():
+    import ast
+    from pathlib import Path
+
+    import featbank
+
+    private = []
+    for path in Path(featbank.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "sklearn":
+                names = [node.module, *(a.name for a in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names if a.name.split(".")[0] == "sklearn"]
+            else:
+                continue
+            if any(part.startswith("_") for n in names for part in n.split(".")):
+                private.append(f"{path.name}:{node.lineno}")
+    assert not private, private
+
+
+def test_class_weight_naming_unknown_classes_is_a_parameter_error():
+    X, y = blobs(10, 4, 2, 3.0)
+    with pytest.raises(ConfigError, match="The 'class_weight' parameter of LinearHead must name classes"):
+        LinearHead(class_weight={7: 1.0}).fit(X, y)
+    with pytest.raises(ConfigError, match="The 'class_weight' parameter of MLPHead must be"):
+        MLPHead(class_weight={0: "x"}).fit(X, y)

@@ -122,7 +122,7 @@ def test_cached_lpft_starts_from_the_probe(image_folder: Path, tmp_path: Path) -
 
     cache = featbank.extract(image_folder, tmp_path / "c.h5", backbone="test_tiny", engine="torch", num_workers=0,
                              progress=False).path
-    probe = fit(cache, "linear", out=tmp_path / "models", name="probe").path
+    probe = fit(cache, "linear", out=tmp_path / "models" / "probe").path
     c = featbank.open_cache(cache)
     ref = load_bundle(probe).predict_proba(c.load_embeddings())
     rep = ft.finetune(image_folder, tmp_path / "lpft", strategy="partial", trainable_from="stage2",

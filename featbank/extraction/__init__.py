@@ -4,11 +4,11 @@ from __future__ import annotations
 
 # Outside __all__ but imported from here, the path they had when this package was one module:
 # export_embedder_onnx and _onnx_cache_path by featbank.export (to reuse extract's ONNX graph),
-# _make_engine, _default_workers and _precision by scripts/bench_extract.py.
+# _make_engine by scripts/bench_extract.py.
 from ._cachefile import default_cache_path
-from ._embedding import _default_workers  # noqa: F401
 from ._engines import _make_engine, _onnx_cache_path, export_embedder_onnx  # noqa: F401
-from ._options import DEVICES, DTYPES, ENGINES, _precision, resolve_device  # noqa: F401
+from .._device import DEVICES, resolve_device
+from ._options import DTYPES, ENGINES
 from ._pipeline import extract
 from ._report import ExtractReport
 

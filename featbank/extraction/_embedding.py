@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from .._device import default_num_workers
 from ..cache import StagingFile
 from ..images import ImageReadError, PreprocessConfig, load_and_preprocess
 
-__all__ = ["_Images", "_Collate", "_default_workers", "_run", "_write_block"]
+__all__ = ["_Images", "_Collate", "_run", "_write_block"]
 
 
 class _Images:
@@ -50,12 +50,6 @@ class _Collate:
         return rows, torch.from_numpy(batch), ok, [it[2] for it in items]
 
 
-def _default_workers(device: str) -> int:
-    n = os.cpu_count() or 1
-    # Two at least: one decoding process cannot keep up with onnxruntime even on 2 cores.
-    return min(8, max(2, n - 1)) if device == "cpu" else min(16, n)
-
-
 def _run(
     staging: StagingFile,
     root: Path,
@@ -75,7 +69,7 @@ def _run(
     total = len(staging.paths)
     if len(pending) == 0:
         return 0, None
-    workers = _default_workers(device) if num_workers is None else num_workers
+    workers = default_num_workers(device) if num_workers is None else num_workers
     loader = DataLoader(
         _Images(root, staging.paths, pending, cfg),
         batch_size=batch_size,

@@ -1,35 +1,14 @@
-"""The options of an extraction run: allowed values, device resolution, mixed precision, validation."""
+"""The options of an extraction run: allowed values and their validation (devices: featbank._device)."""
 
 from __future__ import annotations
 
+from .._device import DEVICES
 from ..errors import ConfigError
 
-__all__ = ["DEVICES", "ENGINES", "DTYPES", "resolve_device", "_precision", "_validate"]
+__all__ = ["DEVICES", "ENGINES", "DTYPES", "_validate"]
 
-DEVICES = ("auto", "cpu", "cuda")
 ENGINES = ("auto", "torch", "onnxruntime")
 DTYPES = ("float32", "float16")
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a CUDA GPU is visible, else ``cpu``."""
-    if device not in DEVICES:
-        raise ConfigError(f"The 'device' parameter must be one of {DEVICES}. Got {device!r} instead.")
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for, but no CUDA GPU is visible. Use --device cpu.")
-    return device
-
-
-def _precision(device: str) -> str:
-    if device == "cuda":
-        import torch
-
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "float32"
 
 
 def _validate(batch_size: int, num_workers: int | None, dtype: str) -> None:

@@ -20,7 +20,8 @@ from ..images import PreprocessConfig
 from ._cachefile import _commit, _remove_stale_temporaries, default_cache_path, refuse_foreign_file
 from ._embedding import _run
 from ._engines import _make_engine, _onnx_cache_path, _OrtEngine
-from ._options import ENGINES, _precision, _validate, resolve_device
+from .._device import precision_name, resolve_device
+from ._options import ENGINES, _validate
 from ._report import ExtractReport, _strict_message
 
 __all__ = ["extract", "ExtractOptions"]
@@ -87,7 +88,7 @@ def extract(
     """
     t0 = time.perf_counter()
     _validate(batch_size, num_workers, dtype)
-    dev = resolve_device(device)
+    dev = resolve_device(device).type
     if engine not in ENGINES:
         raise ConfigError(f"The 'engine' parameter must be one of {ENGINES}. Got {engine!r} instead.")
     opts = ExtractOptions(backbone, weights, weights_file, batch_size, num_workers, dev, engine, dtype, overwrite,
@@ -181,7 +182,7 @@ def _extract_once(index: ImageIndex, out_path: Path, opts: ExtractOptions,
 def _resolve_target(out_path: Path, opts: ExtractOptions) -> _Target:
     from ..backbones import load_backbone, peek_identity
 
-    precision = _precision(opts.device)
+    precision = precision_name(opts.device)
     bb = None
     identity = peek_identity(opts.backbone, opts.weights, opts.weights_file)
     if identity is None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._files import atomic_write
 from ..errors import ConfigError
 from .settings import CHECKPOINT_FORMAT
 
@@ -45,15 +45,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(payload, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_write(path) as fh:
+        torch.save(payload, fh)
 
 
 def _load_checkpoint(path: Path) -> dict[str, Any]:

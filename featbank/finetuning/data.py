@@ -12,6 +12,7 @@ import torch
 
 from ..errors import DatasetError
 from ..images import ImageReadError, PreprocessConfig, load_image, preprocess_image
+from ..splits import n_holdout, stratified_holdout
 
 __all__: list[str] = []  # machinery of the loop; nothing public
 
@@ -162,18 +163,10 @@ def _split(index: Any, val_split: float, seed: int, probe: _ProbeHoldout | None 
             val, train = held, np.setdiff1d(train, held)
             source = f"the --init-head probe's validation images ({len(held)} of {len(probe.val_paths)} found)"
     if len(val) == 0:
-        rng = np.random.default_rng(seed)
-        pool, keep = train, []
-        held = []
-        for c in range(len(classes)):
-            rows = pool[labels[pool] == c]
-            rows = rows[rng.permutation(len(rows))]
-            k = int(round(len(rows) * val_split)) if len(rows) >= 2 else 0
-            k = max(1, k) if len(rows) >= 2 else 0
-            held.append(rows[:k])
-            keep.append(rows[k:])
-        val = np.sort(np.concatenate(held)) if held else np.array([], np.int64)
-        train = np.sort(np.concatenate(keep)) if keep else train
+        counts = np.bincount(labels[train], minlength=len(classes))
+        if counts[counts > 0].min(initial=2) >= 2:  # else the check below names the classes val lacks
+            n_val = n_holdout(len(train), int((counts > 0).sum()), val_split)
+            train, val = stratified_holdout(train, labels[train], min(n_val, len(train) - int((counts > 0).sum())), seed)
         source = f"stratified {val_split:.0%} of train (seed {seed})"
     for name, rows in (("train", train), ("val", val)):
         missing = [classes[c] for c in range(len(classes)) if not np.any(labels[rows] == c)]

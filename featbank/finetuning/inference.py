@@ -15,7 +15,8 @@ from .._network import finetuned_network
 from ..backbones import Backbone
 from ..images import ImageReadError, load_image
 from .data import _ImageSet
-from .loop import _autocast, _default_workers, _loader
+from .._device import autocast_dtype, default_num_workers, resolve_device
+from .loop import _loader
 from .model import FinetuneModel
 
 __all__ = ["FinetunedPredictions", "load_finetuned_backbone", "load_finetuned_model", "predict_images"]
@@ -76,18 +77,16 @@ def predict_images(
     Returns:
         :class:`FinetunedPredictions` (softmax of the network's logits, float64).
     """
-    from ..extraction import resolve_device
-
     bb, head = load_finetuned_model(bundle)
-    dev = torch.device(resolve_device(device))
+    dev = resolve_device(device)
     model = FinetuneModel(bb.features, head, bb.preprocess.mean, bb.preprocess.std).eval().to(dev)
     if dev.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
-    amp, _ = _autocast(dev)
+    amp = autocast_dtype(dev)
     plist = [Path(p) for p in paths]
     ds = _ImageSet(Path("/"), [str(p.resolve()) for p in plist], np.zeros(len(plist), np.int64), bb.preprocess, False)
     batches = [list(range(i, min(i + batch_size, len(plist)))) for i in range(0, len(plist), batch_size)]
-    workers = num_workers if num_workers is not None else _default_workers(dev.type)
+    workers = num_workers if num_workers is not None else default_num_workers(dev, training=True)
     proba = np.full((len(plist), len(bb.extra["classes"])), np.nan)
     ok = np.zeros(len(plist), bool)
     skipped: list[tuple[str, str]] = []

@@ -18,13 +18,16 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..backbones import HEAD_GROUP, load_backbone, param_groups
+from .._device import autocast_dtype, default_num_workers, resolve_device
+from .._files import check_bundle_dir, slugify
+from ..backbones import HEAD_GROUP, _group_modules, load_backbone, param_groups
 from ..errors import (
     ConfigError,
     Interrupted,
     RandomWeightsWarning,
     ValidationLeakWarning,
 )
+from ..report import compute_metrics, plot_confusion_matrix, plot_learning_curve
 from .checkpoint import (
     _digest,
     _load_checkpoint,
@@ -51,16 +54,15 @@ from .model import (
     build_optimizer,
     resolve_rates,
 )
-from .report import _metrics, _plot_confusion, _plot_learning_curve
 from .settings import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
     FinetuneSettings,
     _settings_from,
 )
-from .trunk import VIEW_NAMES, fill_trunk, plan_trunk
+from .trunk import VIEW_NAMES, TrunkInputs, fill_trunk, plan_trunk
 
-__all__ = ["FinetuneReport", "finetune"]
+__all__ = ["FinetuneReport", "finetune", "train_one_epoch", "evaluate"]
 
 # --------------------------------------------------------------------------------------------
 # Training
@@ -114,18 +116,18 @@ class FinetuneReport:
 
 
 def _default_out(data: Path, settings: FinetuneSettings) -> Path:
-    import re
-
     bb = Path(settings.backbone).name if Path(settings.backbone).is_dir() else settings.backbone
     name = f"{data.name}-{bb}-{settings.strategy}" + ("-lpft" if settings.init_head else "")
-    return Path("models") / re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")
+    return Path("models") / slugify(name, "model")
 
 
-def _autocast(device: torch.device) -> tuple[Any, torch.dtype | None]:
-    if device.type != "cuda":
-        return None, None
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return dtype, dtype
+def _interrupted_message(history: list[dict[str, Any]], start_epoch: int, ckpt_path: Path) -> str:
+    done = history[-1]["epoch"] if history else start_epoch
+    if done == 0 or not ckpt_path.exists():
+        return (f"Interrupted during epoch {done + 1}, before any epoch finished: nothing is checkpointed, so there "
+                "is nothing to resume yet. Run the same command again (without --resume) to start over.")
+    return (f"Interrupted during epoch {done + 1}: {done} epoch(s) are checkpointed in {str(ckpt_path)!r}. Run the "
+            "same command with --resume to continue.")
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -134,8 +136,9 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and ("out of memory" in str(e).lower() or "can't allocate memory" in str(e))
 
 
-def _evaluate(model: FinetuneModel, loader: Any, device: torch.device, amp: torch.dtype | None,
-              n_classes: int, skipped: list[str]) -> tuple[dict[str, Any], np.ndarray]:
+def evaluate(model: FinetuneModel, loader: Any, device: torch.device, amp: torch.dtype | None,
+             classes: list[str], skipped: list[str]) -> tuple[dict[str, Any], np.ndarray]:
+    """Metrics (:func:`featbank.report.compute_metrics` plus ``loss``) and logits of ``model`` over ``loader``."""
     model.eval()
     losses, ys, logits_all = [], [], []
     with torch.inference_mode():
@@ -148,8 +151,9 @@ def _evaluate(model: FinetuneModel, loader: Any, device: torch.device, amp: torc
             logits_all.append(logits.cpu().numpy())
     y = np.concatenate(ys)
     logits = np.concatenate(logits_all)
-    n = max(1, int((y >= 0).sum()))
-    return _metrics(y, logits.argmax(1), n_classes, loss=sum(losses) / n), logits
+    ok = y >= 0  # unreadable images carry label -100
+    proba = torch.softmax(torch.from_numpy(logits[ok]).double(), dim=1).numpy()
+    return compute_metrics(y[ok], proba, classes, loss=sum(losses) / max(1, int(ok.sum()))), logits
 
 
 def finetune(
@@ -190,7 +194,8 @@ def finetune(
 
     Raises:
         ConfigError: a bad setting, unknown group, malformed ``lr_groups``, a checkpoint of other
-            settings, out of memory (with a smaller batch size to try), an existing bundle.
+            settings, out of memory (with a smaller batch size to try), an existing bundle, an
+            output folder that cannot be written.
         DatasetError: a missing folder, or a class absent from train or val.
         BundleError: an ``init_head`` that does not fit the data or backbone.
         Interrupted: Ctrl-C; the last finished epoch's checkpoint is kept for ``resume``.
@@ -199,21 +204,107 @@ def finetune(
         >>> featbank.finetune("data/elpv", backbone="resnet50", strategy="partial",
         ...                   trainable_from="layer3", lr_groups="seed-resnet", epochs=10)
     """
-    from ..bundle import load_bundle
-    from ..data import scan_folder
-    from ..extraction import resolve_device
+    run = _set_up(data, out, _settings_from(settings), device, num_workers, resume, overwrite)
+    state = _resume_or_start(run, resume, overwrite)
+    if run.trunk is not None:
+        inputs = TrunkInputs(run.model, run.eval_set, run.split, run.cfg.batch_size, run.workers, run.bb.preprocess,
+                             run.pin, run.dev, run.amp)
+        fill_trunk(run.trunk, inputs, run.skipped, progress)
+    if run.cfg.init_head is not None and state.start_epoch == 0:
+        # LP-FT's step 0 is the probe itself: a candidate like any epoch, so a fine-tuning that never
+        # beats it on validation keeps the probe's predictions instead of a worse network.
+        v0 = _val_metrics(run)
+        state.start = {"val_loss": v0["loss"], "val_accuracy": v0["accuracy"],
+                       "val_balanced_accuracy": v0["balanced_accuracy"]}
+        state.best = {"epoch": 0, "metric": state.start[f"val_{run.cfg.metric}"], "loss": state.start["val_loss"],
+                      "model": _snapshot(run.model)}
+    _train(run, state, progress, on_epoch_end)
 
-    cfg = _settings_from(settings)
-    dev = torch.device(resolve_device(device))
-    index = scan_folder(data, require_labels=True)
-    probe_bundle = load_bundle(cfg.init_head) if cfg.init_head is not None else None
-    probe = _probe_holdout(probe_bundle)
-    split = _split(index, cfg.val_split, cfg.seed, probe)
-    notes = [n for n in [_probe_overlap_note(index, split, probe)] if n]
-    for n in notes:  # said now, not only after hours of training
-        warnings.warn(n, ValidationLeakWarning, stacklevel=2)
-    out_path = Path(out).expanduser() if out is not None else _default_out(index.root, cfg)
-    ckpt_path = out_path.with_name(out_path.name + ".ckpt") / "checkpoint.pt"
+    # Final metrics with the best weights.
+    run.model.load_state_dict(state.best["model"])
+    val = _evaluate_rows(run, run.split.val)
+    test = _evaluate_rows(run, run.split.test) if len(run.split.test) else {}
+    _write_bundle(run, state, val, test)
+    try:
+        run.ckpt_path.unlink()
+        run.ckpt_path.parent.rmdir()
+    except OSError:
+        pass
+    return FinetuneReport(
+        path=run.out_path, epochs_run=len(state.history), best_epoch=state.best["epoch"], val=val, test=test,
+        history=state.history, groups=run.group_rows, resumed_from=state.start_epoch,
+        seconds_per_epoch=_seconds_per_epoch(state.history), skipped=sorted(set(run.skipped)), device=run.dev.type,
+        cache_seconds=run.trunk.seconds if run.trunk is not None else 0.0, notes=run.notes,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Set-up and resume
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """Everything the epochs of one fine-tuning run share (built once by :func:`_set_up`)."""
+
+    cfg: FinetuneSettings
+    dev: torch.device
+    index: Any
+    split: Any
+    notes: list[str]
+    out_path: Path
+    ckpt_path: Path
+    bb: Any
+    classes: list[str]
+    model: FinetuneModel
+    net: _Net
+    train_set: _ImageSet
+    eval_set: _ImageSet
+    trunk: Any
+    schedule: dict[str, int]
+    hashed: dict[str, Any]
+    settings_hash: str
+    workers: int
+    pin: bool
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def amp(self) -> torch.dtype | None:
+        return self.net.amp
+
+    @property
+    def group_rows(self) -> list[dict[str, Any]]:
+        return self.net.group_rows
+
+
+@dataclass
+class _Net:
+    """The model's trainable side: groups, rates, optimizer, schedule, gradient scaler."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    amp: torch.dtype | None
+    frozen_bn: list[nn.Module]
+    group_rows: list[dict[str, Any]]
+    rates: dict[str, float]
+    trainable: list[str]
+    init_info: dict[str, Any] | None
+
+
+@dataclass
+class _State:
+    """What a checkpoint carries from epoch to epoch."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=lambda: {"epoch": 0, "metric": -1.0, "loss": float("inf"), "model": None})
+    start: dict[str, Any] | None = None  # validation metrics of the LP-FT starting point (the probe)
+    bad_epochs: int = 0
+    start_epoch: int = 0
+    stopped: bool = False
+
+
+def _check_out(out_path: Path, ckpt_path: Path, resume: bool, overwrite: bool) -> None:
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other; pass one of them.")
     if not resume and not overwrite:
@@ -226,24 +317,63 @@ def finetune(
             raise ConfigError(f"{str(out_path)!r} already exists. Pass --overwrite to replace it, or choose another --out.")
     if resume and not ckpt_path.exists():
         raise ConfigError(f"--resume: there is no checkpoint at {str(ckpt_path)!r} to continue. Run without --resume.")
+    check_bundle_dir(out_path)  # a folder that cannot take the bundle fails now, not after training
+
+
+def _set_up(data: Any, out: Any, cfg: FinetuneSettings, device: str, num_workers: int | None, resume: bool,
+            overwrite: bool) -> _Run:
+    """Data, split, output checks, backbone, model, optimizer and schedule of a run (no training)."""
+    from ..bundle import load_bundle
+    from ..data import scan_folder
+
+    dev = resolve_device(device)
+    index = scan_folder(data, require_labels=True)
+    probe_bundle = load_bundle(cfg.init_head) if cfg.init_head is not None else None
+    probe = _probe_holdout(probe_bundle)
+    split = _split(index, cfg.val_split, cfg.seed, probe)
+    notes = [n for n in [_probe_overlap_note(index, split, probe)] if n]
+    for n in notes:  # said now, not only after hours of training
+        warnings.warn(n, ValidationLeakWarning, stacklevel=3)
+    out_path = Path(out).expanduser() if out is not None else _default_out(index.root, cfg)
+    ckpt_path = out_path.with_name(out_path.name + ".ckpt") / "checkpoint.pt"
+    _check_out(out_path, ckpt_path, resume, overwrite)
 
     with warnings.catch_warnings():
         warnings.simplefilter("always", RandomWeightsWarning)
         bb = load_backbone(cfg.backbone, cfg.weights, cfg.weights_file)
     classes = list(index.classes)
-    n_classes = len(classes)
+    model, net = _build_model(cfg, bb, classes, probe_bundle, dev, len(split.train))
+    train_set = _ImageSet(index.root, index.paths, index.labels, bb.preprocess, True, cfg.seed, cfg.crop_scale,
+                          cfg.hflip, cfg.vflip, cfg.rot90)
+    eval_set = _ImageSet(index.root, index.paths, index.labels, bb.preprocess, False)
+    trunk = plan_trunk(model, bb, cfg, len(split.train), len(split.val)) if cfg.cache_frozen else None
+    data_digest = _digest([index.paths, index.labels.tolist(), index.splits.tolist(), index.fingerprints.tolist(),
+                           split.train.tolist(), split.val.tolist()])
+    hashed = {**asdict(cfg), "backbone_identity": bb.identity(), "data": data_digest,
+              "init_head_id": net.init_info["bundle_id"] if net.init_info else None, "classes": classes}
+    hashed["crop_scale"] = list(cfg.crop_scale)
+    return _Run(
+        cfg=cfg, dev=dev, index=index, split=split, notes=notes, out_path=out_path, ckpt_path=ckpt_path, bb=bb,
+        classes=classes, model=model, net=net, train_set=train_set, eval_set=eval_set, trunk=trunk,
+        schedule=_schedule_steps(cfg, len(split.train)), hashed=hashed, settings_hash=_digest(hashed),
+        workers=num_workers if num_workers is not None else default_num_workers(dev, training=True),
+        pin=dev.type == "cuda",
+    )
+
+
+def _build_model(cfg: FinetuneSettings, bb: Any, classes: list[str], probe_bundle: Any, dev: torch.device,
+                 n_train: int) -> tuple[FinetuneModel, _Net]:
+    """The backbone plus a new (or the probe's) head, its parameter groups, optimizer and schedule."""
     groups = [(g, [f"features.{p}" for p in ps]) for g, ps in param_groups(bb)]
     if any(g == HEAD_GROUP for g, _ in groups):
         raise ConfigError(f"Backbone {bb.name!r} has a parameter group named 'head', which featbank reserves.")
-
     torch.manual_seed(cfg.seed)
     init_info = None
     if cfg.init_head is not None:
         head, init_info = _head_from_probe(cfg.init_head, bb, classes, probe_bundle)
     else:
-        head = nn.Linear(bb.embed_dim, n_classes)
-    features = bb.features
-    model = FinetuneModel(features, head, bb.preprocess.mean, bb.preprocess.std)
+        head = nn.Linear(bb.embed_dim, len(classes))
+    model = FinetuneModel(bb.features, head, bb.preprocess.mean, bb.preprocess.std)
     groups.append((HEAD_GROUP, [f"head.{p}" for p, _ in head.named_parameters()]))
     names = [g for g, _ in groups]
     rates = resolve_rates(names, cfg.resolved_lr, cfg.lr_groups, cfg.layer_decay)
@@ -253,29 +383,18 @@ def finetune(
     frozen_bn = _frozen_bn_modules(model, trainable_params)
     pcount = dict((n, p.numel()) for n, p in model.named_parameters())
     group_rows = [
-        {"name": g, "modules": None, "n_params": int(sum(pcount[p] for p in ps)), "trainable": g in trainable,
-         "n_trainable": int(sum(pcount[p] for p in ps if p in trainable_params)), "lr": rates[g]}
+        {"name": g, "modules": _group_modules(model, ps), "n_params": int(sum(pcount[p] for p in ps)),
+         "trainable": g in trainable, "n_trainable": int(sum(pcount[p] for p in ps if p in trainable_params)),
+         "lr": rates[g]}
         for g, ps in groups
     ]
-    from ..backbones import _group_modules
-
-    for row, (g, ps) in zip(group_rows, groups):
-        row["modules"] = _group_modules(model, ps)
-
     if dev.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
     model.to(dev)
-    amp, _ = _autocast(dev)
+    amp = autocast_dtype(dev)
     scaler = torch.amp.GradScaler("cuda", enabled=(amp == torch.float16))
-
-    train_set = _ImageSet(index.root, index.paths, index.labels, bb.preprocess, True, cfg.seed, cfg.crop_scale, cfg.hflip,
-                           cfg.vflip, cfg.rot90)
-    eval_set = _ImageSet(index.root, index.paths, index.labels, bb.preprocess, False)
-    trunk = plan_trunk(model, bb, cfg, len(split.train), len(split.val)) if cfg.cache_frozen else None
-    epoch_batches = [_batches(len(split.train), cfg.batch_size, cfg.seed, 0)]
-    steps_per_epoch = len(epoch_batches[0])
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup = int(round(min(cfg.warmup_epochs * steps_per_epoch, 0.2 * total_steps)))
+    steps = _schedule_steps(cfg, n_train)
+    warmup, total_steps = steps["warmup_steps"], steps["total_steps"]
 
     def lr_lambda(step: int) -> float:
         if step < warmup:
@@ -284,272 +403,273 @@ def finetune(
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    return model, _Net(optimizer=optimizer, scheduler=scheduler, scaler=scaler, amp=amp, frozen_bn=frozen_bn,
+                       group_rows=group_rows, rates=rates, trainable=trainable, init_info=init_info)
 
-    data_digest = _digest([index.paths, index.labels.tolist(), index.splits.tolist(), index.fingerprints.tolist(),
-                           split.train.tolist(), split.val.tolist()])
-    hashed = {**asdict(cfg), "backbone_identity": bb.identity(), "data": data_digest,
-              "init_head_id": init_info["bundle_id"] if init_info else None, "classes": classes}
-    hashed["crop_scale"] = list(cfg.crop_scale)
-    settings_hash = _digest(hashed)
 
-    history: list[dict[str, Any]] = []
-    best: dict[str, Any] = {"epoch": 0, "metric": -1.0, "loss": float("inf"), "model": None}
-    start: dict[str, Any] | None = None  # validation metrics of the LP-FT starting point (the probe)
-    bad_epochs, start_epoch, stopped = 0, 0, False
+def _schedule_steps(cfg: FinetuneSettings, n_train: int) -> dict[str, int]:
+    """Steps of the cosine schedule with linear warm-up (the last batch of one joins the one before)."""
+    steps_per_epoch = len(_batches(n_train, cfg.batch_size, cfg.seed, 0))
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup = int(round(min(cfg.warmup_epochs * steps_per_epoch, 0.2 * total_steps)))
+    return {"warmup_steps": warmup, "total_steps": total_steps}
+
+
+def _resume_or_start(run: _Run, resume: bool, overwrite: bool) -> _State:
+    """A fresh state, or the checkpoint's (refused when it was made with other settings)."""
+    state = _State()
     if resume:
-        ckpt = _load_checkpoint(ckpt_path)
-        if ckpt.get("settings_hash") != settings_hash:
-            diff = _settings_diff(ckpt.get("settings", {}), json.loads(json.dumps(hashed, default=str)))
+        ckpt = _load_checkpoint(run.ckpt_path)
+        if ckpt.get("settings_hash") != run.settings_hash:
+            diff = _settings_diff(ckpt.get("settings", {}), json.loads(json.dumps(run.hashed, default=str)))
             raise ConfigError(
-                f"--resume: the checkpoint {str(ckpt_path)!r} was made with other settings ("
+                f"--resume: the checkpoint {str(run.ckpt_path)!r} was made with other settings ("
                 + "; ".join(diff[:6]) + "). Rerun with the original settings, or pass --overwrite to "
                 "start over (the checkpoint is discarded)."
             )
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        run.model.load_state_dict(ckpt["model"])
+        run.net.optimizer.load_state_dict(ckpt["optimizer"])
+        run.net.scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
+            run.net.scaler.load_state_dict(ckpt["scaler"])
         _set_rng_state(ckpt["rng"])
-        history = list(ckpt["history"])
-        best = dict(ckpt["best"])
-        bad_epochs, start_epoch, stopped = int(ckpt["bad_epochs"]), int(ckpt["epoch"]), bool(ckpt["stopped"])
-        start = ckpt.get("start")
-    elif overwrite and ckpt_path.exists():
-        ckpt_path.unlink()
+        state = _State(history=list(ckpt["history"]), best=dict(ckpt["best"]), start=ckpt.get("start"),
+                       bad_epochs=int(ckpt["bad_epochs"]), start_epoch=int(ckpt["epoch"]),
+                       stopped=bool(ckpt["stopped"]))
+    elif overwrite and run.ckpt_path.exists():
+        run.ckpt_path.unlink()
+    return state
 
-    workers = num_workers if num_workers is not None else _default_workers(dev.type)
-    pin = dev.type == "cuda"
-    val_batches = [list(map(int, split.val[i:i + cfg.batch_size])) for i in range(0, len(split.val), cfg.batch_size)]
-    skipped: list[str] = []
-    train_rows = split.train
-    from tqdm.auto import tqdm
 
-    if trunk is not None:
-        fill_trunk(trunk, model, eval_set, split, cfg.batch_size, workers, bb.preprocess, pin, dev, amp, skipped, progress)
+# --------------------------------------------------------------------------------------------
+# Epochs
+# --------------------------------------------------------------------------------------------
 
-    def train_batches(epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-        order = _batches(len(train_rows), cfg.batch_size, cfg.seed, epoch)
-        if trunk is None:
-            batches = [[(e, int(train_rows[i])) for e, i in b] for b in order]
-            yield from _loader(train_set, batches, workers, bb.preprocess, pin)
-            return
-        # One view per image and epoch, drawn from a generator of (seed, epoch): resumable.
-        rng = np.random.default_rng((cfg.seed, 20_000 + epoch))
-        for b in order:
-            rows = np.array([i for _, i in b], np.int64)
-            x, y = trunk.train.batch(rows, rng.integers(0, len(trunk.views), len(rows)), dev)
-            yield x, y, []
 
-    def val_metrics() -> dict[str, Any]:
-        if trunk is None:
-            loader = _loader(eval_set, val_batches, workers, bb.preprocess, pin)
-            return _evaluate(model, loader, dev, amp, n_classes, skipped)[0]
-        starts = range(0, len(split.val), cfg.batch_size)
-        rows = [np.arange(i, min(i + cfg.batch_size, len(split.val))) for i in starts]
-        loader = ((*trunk.val.batch(r, np.zeros(len(r), np.int64), dev), []) for r in rows)
-        return _evaluate(trunk.model, loader, dev, amp, n_classes, skipped)[0]
-
-    def run_epoch(epoch: int) -> dict[str, Any]:
-        model.train()
-        if trunk is not None:
-            trunk.model.train()
-        for m in frozen_bn:
-            m.eval()
-        if cfg.resolved_bn_stats == "frozen":
-            for m in model.modules():
-                if _is_bn(m):
-                    m.eval()
-        if cfg.strategy == "frozen" and not cfg.train_bn:
-            model.features.eval()
-        t0 = time.perf_counter()
-        seen, loss_sum, correct, n_ok = 0, 0.0, 0, 0
-        bar = tqdm(total=len(train_rows), unit="img", desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress,
-                   mininterval=0.1 if sys.stderr.isatty() else 10.0,
-                   leave=True, dynamic_ncols=True, file=sys.stderr)
-        params = [p for p in model.parameters() if p.requires_grad]
-        net = model if trunk is None else trunk.model
-        for x, y, bad in train_batches(epoch):
-            skipped.extend(bad)
-            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            logits = _logits(net, x, amp)
-            loss = nn.functional.cross_entropy(logits.float(), y, ignore_index=-100)
-            if not torch.isfinite(loss):
-                raise ConfigError(
-                    f"Training diverged at epoch {epoch} (loss is {loss.item()}). Lower --lr (now "
-                    f"{cfg.resolved_lr:g}) or --lr-groups rates; earlier checkpoints are intact."
-                )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.clip_grad > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            k = int((y >= 0).sum())
-            loss_sum += loss.item() * k
-            correct += int((logits.argmax(1) == y).sum())
-            n_ok += k
-            seen += len(y)
-            bar.update(len(y))
-            bar.set_postfix(loss=f"{loss_sum / max(1, n_ok):.4f}", acc=f"{correct / max(1, n_ok):.3f}",
-                            img_s=f"{seen / (time.perf_counter() - t0):.1f}")
-        train_seconds = time.perf_counter() - t0
-        val = val_metrics()
-        seconds = time.perf_counter() - t0
-        bar.set_postfix(loss=f"{loss_sum / max(1, n_ok):.4f}", **{f"val_{cfg.metric}": f"{val[cfg.metric]:.4f}"},
-                        img_s=f"{seen / train_seconds:.1f}")
-        bar.close()
-        return {
-            "epoch": epoch, "train_loss": loss_sum / max(1, n_ok), "train_accuracy": correct / max(1, n_ok),
-            "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_balanced_accuracy": val["balanced_accuracy"],
-            "lr_head": optimizer.param_groups[-1]["lr"], "seconds": seconds, "images_per_second": seen / train_seconds,
-        }
-
-    def snapshot() -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-    if cfg.init_head is not None and start_epoch == 0:
-        # LP-FT's step 0 is the probe itself: a candidate like any epoch, so a fine-tuning that never
-        # beats it on validation keeps the probe's predictions instead of a worse network.
-        v0 = val_metrics()
-        start = {"val_loss": v0["loss"], "val_accuracy": v0["accuracy"], "val_balanced_accuracy": v0["balanced_accuracy"]}
-        best = {"epoch": 0, "metric": start[f"val_{cfg.metric}"], "loss": start["val_loss"], "model": snapshot()}
+def _train(run: _Run, state: _State, progress: bool,
+           on_epoch_end: Callable[[int, dict[str, Any]], None] | None) -> None:
+    """Epochs from the state's to ``cfg.epochs``: train, validate, keep the best, checkpoint."""
+    cfg = run.cfg
     try:
-        for epoch in range(start_epoch + 1, cfg.epochs + 1):
-            if stopped:
+        for epoch in range(state.start_epoch + 1, cfg.epochs + 1):
+            if state.stopped:
                 break
-            row = run_epoch(epoch)
-            history.append(row)
+            row = train_one_epoch(run, epoch, progress)
+            state.history.append(row)
             metric, vloss = row[f"val_{cfg.metric}"], row["val_loss"]
+            best = state.best
             if metric > best["metric"] + 1e-12 or (abs(metric - best["metric"]) <= 1e-12 and vloss < best["loss"]):
-                best = {"epoch": epoch, "metric": metric, "loss": vloss, "model": snapshot()}
-                bad_epochs = 0
+                state.best = {"epoch": epoch, "metric": metric, "loss": vloss, "model": _snapshot(run.model)}
+                state.bad_epochs = 0
             else:
-                bad_epochs += 1
-            stopped = cfg.patience > 0 and bad_epochs >= cfg.patience
-            _save_checkpoint(ckpt_path, {
-                "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "featbank_version": __version__,
-                "settings": json.loads(json.dumps(hashed, default=str)), "settings_hash": settings_hash,
-                "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-                "rng": _rng_state(), "history": history, "best": best, "bad_epochs": bad_epochs, "stopped": stopped,
-                "start": start,
-            })
+                state.bad_epochs += 1
+            state.stopped = cfg.patience > 0 and state.bad_epochs >= cfg.patience
+            _checkpoint(run, state, epoch)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, row)
     except KeyboardInterrupt:
-        done = history[-1]["epoch"] if history else start_epoch
-        raise Interrupted(
-            f"Interrupted: {done} epoch(s) are checkpointed in {str(ckpt_path)!r}. Run the same command "
-            "with --resume to continue."
-        ) from None
+        raise Interrupted(_interrupted_message(state.history, state.start_epoch, run.ckpt_path)) from None
     except Exception as e:
         if _is_oom(e):
-            if dev.type == "cuda":
+            if run.dev.type == "cuda":
                 torch.cuda.empty_cache()
             raise ConfigError(
-                f"Out of memory on {dev.type} with --batch-size {cfg.batch_size}. Try --batch-size "
+                f"Out of memory on {run.dev.type} with --batch-size {cfg.batch_size}. Try --batch-size "
                 f"{max(1, cfg.batch_size // 2)} (and --resume to keep finished epochs; the batch size "
                 "is part of the settings, so a smaller one starts over with --overwrite)."
             ) from None
         raise
 
-    # Final metrics with the best weights.
-    model.load_state_dict(best["model"])
-    val, _ = _evaluate(model, _loader(eval_set, val_batches, workers, bb.preprocess, pin), dev, amp, n_classes, skipped)
-    test: dict[str, Any] = {}
-    if len(split.test):
-        test_batches = [list(map(int, split.test[i:i + cfg.batch_size])) for i in range(0, len(split.test), cfg.batch_size)]
-        test, _ = _evaluate(model, _loader(eval_set, test_batches, workers, bb.preprocess, pin), dev, amp, n_classes, skipped)
 
-    model.to("cpu")
+def _checkpoint(run: _Run, state: _State, epoch: int) -> None:
+    net = run.net
+    _save_checkpoint(run.ckpt_path, {
+        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "featbank_version": __version__,
+        "settings": json.loads(json.dumps(run.hashed, default=str)), "settings_hash": run.settings_hash,
+        "epoch": epoch, "model": run.model.state_dict(), "optimizer": net.optimizer.state_dict(),
+        "scheduler": net.scheduler.state_dict(), "scaler": net.scaler.state_dict() if net.scaler.is_enabled() else {},
+        "rng": _rng_state(), "history": state.history, "best": state.best, "bad_epochs": state.bad_epochs,
+        "stopped": state.stopped, "start": state.start,
+    })
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _train_batches(run: _Run, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    cfg, rows, trunk = run.cfg, run.split.train, run.trunk
+    order = _batches(len(rows), cfg.batch_size, cfg.seed, epoch)
+    if trunk is None:
+        batches = [[(e, int(rows[i])) for e, i in b] for b in order]
+        yield from _loader(run.train_set, batches, run.workers, run.bb.preprocess, run.pin)
+        return
+    # One view per image and epoch, drawn from a generator of (seed, epoch): resumable.
+    rng = np.random.default_rng((cfg.seed, 20_000 + epoch))
+    for b in order:
+        idx = np.array([i for _, i in b], np.int64)
+        x, y = trunk.train.batch(idx, rng.integers(0, len(trunk.views), len(idx)), run.dev)
+        yield x, y, []
+
+
+def _set_train_mode(run: _Run) -> None:
+    """Train mode, except BatchNorm layers whose statistics stay as they are."""
+    run.model.train()
+    if run.trunk is not None:
+        run.trunk.model.train()
+    for m in run.net.frozen_bn:
+        m.eval()
+    if run.cfg.resolved_bn_stats == "frozen":
+        for m in run.model.modules():
+            if _is_bn(m):
+                m.eval()
+    if run.cfg.strategy == "frozen" and not run.cfg.train_bn:
+        run.model.features.eval()
+
+
+def train_one_epoch(run: _Run, epoch: int, progress: bool) -> dict[str, Any]:
+    """One pass over the training rows, then validation; returns the epoch's history row."""
+    from tqdm.auto import tqdm
+
+    cfg, net, dev = run.cfg, run.net, run.dev
+    _set_train_mode(run)
+    t0 = time.perf_counter()
+    seen, loss_sum, correct, n_ok = 0, 0.0, 0, 0
+    bar = tqdm(total=len(run.split.train), unit="img", desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress,
+               mininterval=0.1 if sys.stderr.isatty() else 10.0, leave=True, dynamic_ncols=True, file=sys.stderr)
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    module = run.model if run.trunk is None else run.trunk.model
+    for x, y, bad in _train_batches(run, epoch):
+        run.skipped.extend(bad)
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        logits = _logits(module, x, net.amp)
+        loss = nn.functional.cross_entropy(logits.float(), y, ignore_index=-100)
+        if not torch.isfinite(loss):
+            raise ConfigError(
+                f"Training diverged at epoch {epoch} (loss is {loss.item()}). Lower --lr (now "
+                f"{cfg.resolved_lr:g}) or --lr-groups rates; earlier checkpoints are intact."
+            )
+        net.optimizer.zero_grad(set_to_none=True)
+        net.scaler.scale(loss).backward()
+        if cfg.clip_grad > 0:
+            net.scaler.unscale_(net.optimizer)
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+        net.scaler.step(net.optimizer)
+        net.scaler.update()
+        net.scheduler.step()
+        k = int((y >= 0).sum())
+        loss_sum += loss.item() * k
+        correct += int((logits.argmax(1) == y).sum())
+        n_ok += k
+        seen += len(y)
+        bar.update(len(y))
+        bar.set_postfix(loss=f"{loss_sum / max(1, n_ok):.4f}", acc=f"{correct / max(1, n_ok):.3f}",
+                        img_s=f"{seen / (time.perf_counter() - t0):.1f}")
+    train_seconds = time.perf_counter() - t0
+    val = _val_metrics(run)
+    seconds = time.perf_counter() - t0
+    bar.set_postfix(loss=f"{loss_sum / max(1, n_ok):.4f}", **{f"val_{cfg.metric}": f"{val[cfg.metric]:.4f}"},
+                    img_s=f"{seen / train_seconds:.1f}")
+    bar.close()
+    return {
+        "epoch": epoch, "train_loss": loss_sum / max(1, n_ok), "train_accuracy": correct / max(1, n_ok),
+        "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_balanced_accuracy": val["balanced_accuracy"],
+        "lr_head": net.optimizer.param_groups[-1]["lr"], "seconds": seconds, "images_per_second": seen / train_seconds,
+    }
+
+
+def _batches_of(rows: np.ndarray, batch_size: int) -> list[list[int]]:
+    return [list(map(int, rows[i:i + batch_size])) for i in range(0, len(rows), batch_size)]
+
+
+def _val_metrics(run: _Run) -> dict[str, Any]:
+    """Validation metrics of the model as it trains (through the cached trunk when there is one)."""
+    if run.trunk is None:
+        return _evaluate_rows(run, run.split.val)
+    n_val, bs = len(run.split.val), run.cfg.batch_size
+    rows = [np.arange(i, min(i + bs, n_val)) for i in range(0, n_val, bs)]
+    loader = ((*run.trunk.val.batch(r, np.zeros(len(r), np.int64), run.dev), []) for r in rows)
+    return evaluate(run.trunk.model, loader, run.dev, run.amp, run.classes, run.skipped)[0]
+
+
+def _evaluate_rows(run: _Run, rows: np.ndarray) -> dict[str, Any]:
+    """Metrics of the whole model on image rows, decoded with the eval transform."""
+    loader = _loader(run.eval_set, _batches_of(rows, run.cfg.batch_size), run.workers, run.bb.preprocess, run.pin)
+    return evaluate(run.model, loader, run.dev, run.amp, run.classes, run.skipped)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# The bundle
+# --------------------------------------------------------------------------------------------
+
+
+def _seconds_per_epoch(history: list[dict[str, Any]]) -> float:
+    return float(np.mean([h["seconds"] for h in history])) if history else 0.0
+
+
+def _write_bundle(run: _Run, state: _State, val: dict[str, Any], test: dict[str, Any]) -> None:
+    """model.safetensors, metrics.json, the learning curve and the confusion matrix, atomically."""
     from safetensors.torch import save as st_save
 
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    weights_bytes = st_save(state, metadata={"format": "featbank-finetuned", "classes": json.dumps(classes)})
-    identity = {
-        "backbone": f"finetuned:{bb.name}",
-        "weights": "finetuned",
-        "weights_sha256": hashlib.sha256(weights_bytes).hexdigest(),
-        "transform": bb.preprocess.to_dict(),
-        "embed_dim": bb.embed_dim,
-    }
-    spe = float(np.mean([h["seconds"] for h in history])) if history else 0.0
-    if trunk is None:
-        train_aug: dict[str, Any] = {"random_resized_crop": {"scale": list(cfg.crop_scale), "ratio": [0.75, 4 / 3]},
-                                     "hflip": cfg.hflip, "vflip": cfg.vflip, "rot90": cfg.rot90}
-        trunk_info = None
-    else:
-        train_aug = {"views": [VIEW_NAMES[v] for v in trunk.views], "of": "backbone eval transform",
-                     "one_view_per_image_and_epoch": True}
-        trunk_info = {"prefix": trunk.split.prefix_names, "suffix": trunk.split.suffix_names,
-                      "output_shape": list(trunk.split.out_shape), "dtype": "float16",
-                      "n_views": len(trunk.views), "seconds": trunk.seconds}
-    metrics = {"val": val, "test": test, "best_epoch": best["epoch"], "metric": cfg.metric, "start": start}
-    manifest: dict[str, Any] = {
-        "kind": "finetuned",
-        "classes": classes,
-        "backbone": identity,
-        "cache_key": None,
-        "finetune": {
-            "file": "model.safetensors",
-            "base_backbone": bb.identity(),
-            "base_family": bb.family,
-            "strategy": cfg.strategy,
-            "trainable_from": trainable[0] if cfg.strategy == "partial" else None,
-            "train_bn": cfg.train_bn,
-            "bn_stats": cfg.resolved_bn_stats,
-            "groups": group_rows,
-            "rates": rates,
-            "lr": cfg.resolved_lr, "lr_groups": cfg.lr_groups, "layer_decay": cfg.layer_decay,
-            "optimizer": cfg.optimizer, "momentum": 0.9 if cfg.optimizer == "sgd" else None,
-            "weight_decay": cfg.resolved_weight_decay,
-            "init_head": init_info,
-            "epochs": cfg.epochs, "epochs_run": len(history), "best_epoch": best["epoch"],
-            "batch_size": cfg.batch_size, "seed": cfg.seed, "metric": cfg.metric, "patience": cfg.patience,
-            "schedule": {"type": "cosine", "warmup_steps": warmup, "total_steps": total_steps, "clip_grad": cfg.clip_grad},
-            "augmentation": {"train": train_aug, "eval": "backbone eval transform (resize shorter side + centre crop)"},
-            "cache_frozen": trunk_info,
-            "head": {"type": "linear", "in_features": bb.embed_dim, "out_features": n_classes},
-            "device": dev.type, "precision": str(amp).replace("torch.", "") if amp else "float32",
-            "seconds_per_epoch": spe,
-            "settings_hash": settings_hash,
-            "start": start,
-            "history": history,
-        },
-        "metrics": metrics,
-        "data": {"root": str(index.root), "layout": index.layout, "n_train": int(len(split.train)),
-                 "n_val": int(len(split.val)), "n_test": int(len(split.test)), "val_source": split.val_source,
-                 "notes": notes},
-        "validation": {"root": str(index.root), "paths": [index.paths[i] for i in split.val]},
-    }
+    from ..bundle import save_bundle
+
+    run.model.to("cpu")
+    state_dict = {k: v.detach().cpu().contiguous() for k, v in run.model.state_dict().items()}
+    weights_bytes = st_save(state_dict, metadata={"format": "featbank-finetuned", "classes": json.dumps(run.classes)})
+    metrics = {"val": val, "test": test, "best_epoch": state.best["epoch"], "metric": run.cfg.metric,
+               "start": state.start}
     cm_src, cm_name = (test, "test") if test else (val, "val")
     files = {
         "model.safetensors": weights_bytes,
-        "metrics.json": (json.dumps({**metrics, "history": history}, indent=2) + "\n").encode(),
-        "learning_curve.png": _plot_learning_curve(history, cfg.metric, best["epoch"], start),
-        "confusion_matrix.png": _plot_confusion(np.asarray(cm_src["confusion_matrix"]), classes,
-                                                f"{cm_name} ({cm_src['n_samples']} images)"),
+        "metrics.json": (json.dumps({**metrics, "history": state.history}, indent=2) + "\n").encode(),
+        "learning_curve.png": plot_learning_curve(state.history, run.cfg.metric, state.best["epoch"], state.start),
+        "confusion_matrix.png": plot_confusion_matrix(cm_src["confusion_matrix"], run.classes,
+                                                      f"{cm_name} ({cm_src['n_samples']} images)"),
     }
-    from ..bundle import save_bundle
-
-    save_bundle(out_path, manifest, files, overwrite=True)
-    try:
-        ckpt_path.unlink()
-        ckpt_path.parent.rmdir()
-    except OSError:
-        pass
-    return FinetuneReport(
-        path=out_path, epochs_run=len(history), best_epoch=best["epoch"], val=val, test=test, history=history,
-        groups=group_rows, resumed_from=start_epoch, seconds_per_epoch=spe, skipped=sorted(set(skipped)),
-        device=dev.type, cache_seconds=trunk.seconds if trunk is not None else 0.0, notes=notes,
-    )
+    save_bundle(run.out_path, _manifest(run, state, metrics, hashlib.sha256(weights_bytes).hexdigest()), files,
+                overwrite=True)
 
 
-def _default_workers(device: str) -> int:
-    n = os.cpu_count() or 1
-    if device == "cpu":
-        return 0 if n <= 2 else min(8, n - 1)
-    return min(12, n)
+def _augmentation(run: _Run) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    cfg, trunk = run.cfg, run.trunk
+    if trunk is None:
+        return {"random_resized_crop": {"scale": list(cfg.crop_scale), "ratio": [0.75, 4 / 3]},
+                "hflip": cfg.hflip, "vflip": cfg.vflip, "rot90": cfg.rot90}, None
+    train_aug = {"views": [VIEW_NAMES[v] for v in trunk.views], "of": "backbone eval transform",
+                 "one_view_per_image_and_epoch": True}
+    trunk_info = {"prefix": trunk.split.prefix_names, "suffix": trunk.split.suffix_names,
+                  "output_shape": list(trunk.split.out_shape), "dtype": "float16",
+                  "n_views": len(trunk.views), "seconds": trunk.seconds}
+    return train_aug, trunk_info
+
+
+def _manifest(run: _Run, state: _State, metrics: dict[str, Any], weights_sha256: str) -> dict[str, Any]:
+    cfg, bb, net, index, split = run.cfg, run.bb, run.net, run.index, run.split
+    train_aug, trunk_info = _augmentation(run)
+    identity = {"backbone": f"finetuned:{bb.name}", "weights": "finetuned", "weights_sha256": weights_sha256,
+                "transform": bb.preprocess.to_dict(), "embed_dim": bb.embed_dim}
+    finetune_info = {
+        "file": "model.safetensors", "base_backbone": bb.identity(), "base_family": bb.family,
+        "strategy": cfg.strategy, "trainable_from": net.trainable[0] if cfg.strategy == "partial" else None,
+        "train_bn": cfg.train_bn, "bn_stats": cfg.resolved_bn_stats, "groups": net.group_rows, "rates": net.rates,
+        "lr": cfg.resolved_lr, "lr_groups": cfg.lr_groups, "layer_decay": cfg.layer_decay,
+        "optimizer": cfg.optimizer, "momentum": 0.9 if cfg.optimizer == "sgd" else None,
+        "weight_decay": cfg.resolved_weight_decay, "init_head": net.init_info,
+        "epochs": cfg.epochs, "epochs_run": len(state.history), "best_epoch": state.best["epoch"],
+        "batch_size": cfg.batch_size, "seed": cfg.seed, "metric": cfg.metric, "patience": cfg.patience,
+        "schedule": {"type": "cosine", **run.schedule, "clip_grad": cfg.clip_grad},
+        "augmentation": {"train": train_aug, "eval": "backbone eval transform (resize shorter side + centre crop)"},
+        "cache_frozen": trunk_info,
+        "head": {"type": "linear", "in_features": bb.embed_dim, "out_features": len(run.classes)},
+        "device": run.dev.type, "precision": str(net.amp).replace("torch.", "") if net.amp else "float32",
+        "seconds_per_epoch": _seconds_per_epoch(state.history), "settings_hash": run.settings_hash,
+        "start": state.start, "history": state.history,
+    }
+    return {
+        "kind": "finetuned", "classes": run.classes, "backbone": identity, "cache_key": None,
+        "finetune": finetune_info, "metrics": metrics,
+        "data": {"root": str(index.root), "layout": index.layout, "n_train": int(len(split.train)),
+                 "n_val": int(len(split.val)), "n_test": int(len(split.test)), "val_source": split.val_source,
+                 "notes": run.notes},
+        "validation": {"root": str(index.root), "paths": [index.paths[i] for i in split.val]},
+    }

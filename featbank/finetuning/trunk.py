@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from .settings import FinetuneSettings
 
 __all__ = ["TrunkSplit", "split_features", "view_group", "apply_view", "TrunkCache", "available_memory",
-           "CachedTrunk", "plan_trunk", "fill_trunk"]
+           "CachedTrunk", "TrunkInputs", "plan_trunk", "fill_trunk"]
 
 #: The eight symmetries of a square image as (quarter turns counter-clockwise, mirrored first).
 VIEW_NAMES = {
@@ -284,11 +284,27 @@ def plan_trunk(model: FinetuneModel, bb: Backbone, cfg: FinetuneSettings, n_trai
     return CachedTrunk(split=split, views=views, model=SuffixModel(split.suffix, model.head))
 
 
-def fill_trunk(trunk: CachedTrunk, model: FinetuneModel, eval_set: _ImageSet, split: _Split, batch_size: int,
-               workers: int, cfg: PreprocessConfig, pin: bool, dev: torch.device, amp: torch.dtype | None,
-               skipped: list[str], progress: bool) -> None:
+@dataclass
+class TrunkInputs:
+    """The images and the model :func:`fill_trunk` runs, and how to load and run them."""
+
+    model: FinetuneModel
+    eval_set: _ImageSet
+    split: _Split
+    batch_size: int
+    workers: int
+    preprocess: PreprocessConfig
+    pin: bool
+    dev: torch.device
+    amp: torch.dtype | None
+
+
+def fill_trunk(trunk: CachedTrunk, inputs: TrunkInputs, skipped: list[str], progress: bool) -> None:
     """Run the frozen prefix over every training image under every view, and over val once."""
     from tqdm.auto import tqdm
+
+    model, eval_set, split, batch_size = inputs.model, inputs.eval_set, inputs.split, inputs.batch_size
+    workers, cfg, pin, dev, amp = inputs.workers, inputs.preprocess, inputs.pin, inputs.dev, inputs.amp
 
     shape = trunk.split.out_shape
     t0 = time.perf_counter()

@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import CacheError, ConfigError
+from ..splits import n_holdout, stratified_holdout
 
-__all__ = ["parse_memory", "_open", "_check_finite", "_split_rows", "_check_classes", "_shot_rows", "_RowSource"]
+__all__ = ["parse_memory", "_open", "_check_finite", "_split_rows", "_check_classes", "_RowSource"]
 
 
 def parse_memory(text: str | int | float | None) -> int | None:
@@ -73,18 +74,16 @@ def _split_rows(cache: Any, val_split: float, seed: int) -> tuple[np.ndarray, np
         return pool, val, test, "val split of the cache"
     if not 0.0 < val_split < 1.0:
         raise ConfigError(f"--val-split must be between 0 and 1 (exclusive); got {val_split!r}.")
-    from sklearn.model_selection import train_test_split
-
     y = labels[pool]
     n_classes = len(np.unique(y))
-    n_val = max(n_classes, int(round(val_split * len(pool))))
+    n_val = n_holdout(len(pool), n_classes, val_split)
     if len(pool) - n_val < n_classes:
         raise ConfigError(
             f"Too few labelled training images ({len(pool)}) to hold out a stratified validation split of "
             f"{val_split} for {n_classes} classes. Add images, or use a cache with a val/ split folder."
         )
-    tr, va = train_test_split(pool, test_size=n_val, random_state=seed, stratify=y)
-    return np.sort(tr), np.sort(va), test, f"stratified {val_split:g} of train (seed {seed})"
+    tr, va = stratified_holdout(pool, y, n_val, seed)
+    return tr, va, test, f"stratified {val_split:g} of train (seed {seed})"
 
 
 def _check_classes(cache: Any, rows: np.ndarray, what: str) -> None:
@@ -103,20 +102,6 @@ def _check_classes(cache: Any, rows: np.ndarray, what: str) -> None:
             f"Each class needs at least 2 training images; these have fewer: {listed}. Add images or remove "
             "those class folders, then re-run 'featbank extract'."
         )
-
-
-def _shot_rows(cache: Any, pool: np.ndarray, shots: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    out = []
-    for c in np.unique(cache.labels[pool]):
-        rows = pool[cache.labels[pool] == c]
-        if len(rows) < shots:
-            raise ConfigError(
-                f"--shots {shots} asks for {shots} training images per class, but class "
-                f"{cache.classes[c]!r} has only {len(rows)}. Use a smaller --shots."
-            )
-        out.append(rng.choice(rows, size=shots, replace=False))
-    return np.sort(np.concatenate(out))
 
 
 class _RowSource:

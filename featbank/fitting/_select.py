@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -9,7 +10,7 @@ import numpy as np
 from ..errors import ConfigError
 from ._rows import _RowSource
 
-__all__ = ["COARSE_GRID", "_val_score", "_proba_of", "_sweep_linear", "_make_head", "_fit_sklearn", "_fit_once"]
+__all__ = ["COARSE_GRID", "HeadSpec", "Selection", "proba_of", "make_head", "select_and_refit"]
 
 #: Coarse grid of C (inverse L2 strength, scikit-learn's convention) for the linear sweep.
 COARSE_GRID = tuple(float(c) for c in np.logspace(-6, 2, 9))
@@ -19,8 +20,37 @@ _SWEEP_TOL = 1e-3  # sweep fits only rank C on val (same choice as 5e-4 on the b
 _PATIENCE = 3
 
 
+@dataclass(frozen=True)
+class HeadSpec:
+    """A head to build and select: its name, parameters, preprocessing and the C grid of the sweep."""
+
+    head: str
+    params: dict[str, Any] = field(default_factory=dict)
+    standardize: bool = True
+    l2_normalize: bool = False
+    class_weight: Any = None
+    device: str = "auto"
+    grid: Sequence[float] | None = None
+
+    @property
+    def is_torch(self) -> bool:
+        return self.head in ("linear", "mlp")
+
+
+@dataclass
+class Selection:
+    """One select-on-val-then-refit: the estimator, its type, the chosen setting and the evidence."""
+
+    estimator: Any
+    htype: str  # "linear", "mlp" or "sklearn"
+    chosen: dict[str, Any]
+    sweep: list[dict[str, Any]]
+    val_metrics: dict[str, Any]
+    val_proba: np.ndarray | None
+
+
 def _val_score(est: Any, Xv: Any, yv: np.ndarray, k: int, balanced: bool) -> tuple[float, float, np.ndarray]:
-    proba = _proba_of(est, Xv, k)
+    proba = proba_of(est, Xv, k)
     pred = proba.argmax(1)
     if balanced:
         from sklearn.metrics import balanced_accuracy_score
@@ -32,12 +62,12 @@ def _val_score(est: Any, Xv: Any, yv: np.ndarray, k: int, balanced: bool) -> tup
     return score, loss, proba
 
 
-def _proba_of(est: Any, X: Any, k: int) -> np.ndarray:
+def proba_of(est: Any, X: Any, k: int) -> np.ndarray:
     """(N, k) probabilities; columns follow class indices, as Bundle.predict_proba does."""
     from ..train import Features
 
     if isinstance(X, Features):
-        parts = [_proba_of(est, x, k) for _, x in X.chunks()]
+        parts = [proba_of(est, x, k) for _, x in X.chunks()]
         return np.concatenate(parts) if parts else np.zeros((0, k))
     try:
         p = np.asarray(est.predict_proba(X), np.float64)
@@ -100,33 +130,39 @@ def _sweep_linear(head: Any, Xtr: Any, ytr: np.ndarray, Xv: Any, yv: np.ndarray,
     return best(), sorted(results, key=lambda r: r["C"]), sols
 
 
-def _make_head(head: str, params: dict[str, Any], *, standardize: bool, l2_normalize: bool, class_weight: Any,
-               device: str, seed: int) -> tuple[Any, str]:
+def make_head(spec: HeadSpec, seed: int) -> tuple[Any, str]:
+    """An unfitted estimator for ``spec`` and its type; every parameter is checked here, before any work.
+
+    Raises:
+        ConfigError: unknown head or parameter, a parameter value the head refuses, a class weight
+            the classifier cannot take.
+    """
     from ..heads import LinearHead, MLPHead, make_sklearn_head
+    from ..heads._torch_head import validate_head_params
 
     def build(cls: type, extra: dict[str, Any]) -> Any:
         valid = cls().get_params()
-        bad = [k for k in params if k not in valid]
+        bad = [k for k in spec.params if k not in valid]
         if bad:
             raise ConfigError(
-                f"The {head} head has no parameter {', '.join(map(repr, bad))}. Its parameters are: "
+                f"The {spec.head} head has no parameter {', '.join(map(repr, bad))}. Its parameters are: "
                 f"{', '.join(sorted(valid))}."
             )
-        kw = {"standardize": standardize, "l2_normalize": l2_normalize, "class_weight": class_weight,
-              "device": device, **extra, **params}
-        try:
-            return cls(**kw)
-        except TypeError as e:
-            raise ConfigError(f"Invalid parameters for the {head} head: {e}") from None
+        kw = {"standardize": spec.standardize, "l2_normalize": spec.l2_normalize, "class_weight": spec.class_weight,
+              "device": spec.device, **extra, **spec.params}
+        est = cls(**kw)
+        validate_head_params(est)  # now, not at the end of a sweep
+        return est
 
-    if head == "linear":
+    if spec.head == "linear":
         return build(LinearHead, {}), "linear"
-    if head == "mlp":
+    if spec.head == "mlp":
         return build(MLPHead, {"random_state": seed}), "mlp"
-    est = make_sklearn_head(head, params, standardize=standardize, l2_normalize=l2_normalize, random_state=seed)
-    if class_weight is not None:
+    est = make_sklearn_head(spec.head, spec.params, standardize=spec.standardize, l2_normalize=spec.l2_normalize,
+                            random_state=seed)
+    if spec.class_weight is not None:
         if "class_weight" in est[-1].get_params():
-            est.set_params(clf__class_weight=class_weight)
+            est.set_params(clf__class_weight=spec.class_weight)
         else:
             import inspect
 
@@ -149,18 +185,13 @@ def _fit_sklearn(est: Any, X: np.ndarray, y: np.ndarray, class_weight: Any) -> A
         raise ConfigError(f"{type(est[-1]).__name__} could not be fitted: {e}") from None
 
 
-def _fit_once(
-    cache: Any, train: np.ndarray, val: np.ndarray, refit_rows: np.ndarray, *, head: str, params: dict[str, Any],
-    standardize: bool, l2_normalize: bool, class_weight: Any, device: str, seed: int, source: _RowSource,
-    grid: Sequence[float] | None,
-) -> tuple[Any, str, dict[str, Any], list[dict[str, Any]], dict[str, Any], np.ndarray | None]:
-    """Select on val, refit on ``refit_rows``. Returns (estimator, type, chosen, sweep, val metrics, val proba)."""
+def select_and_refit(cache: Any, source: _RowSource, spec: HeadSpec, seed: int, train: np.ndarray, val: np.ndarray,
+                     refit_rows: np.ndarray) -> Selection:
+    """Select the head's setting on ``val`` (C sweep, MLP early stopping), then refit on ``refit_rows``."""
     from ..report import compute_metrics
 
     k = len(cache.classes)
-    balanced = class_weight == "balanced"
-    est, htype = _make_head(head, params, standardize=standardize, l2_normalize=l2_normalize,
-                            class_weight=class_weight, device=device, seed=seed)
+    est, htype = make_head(spec, seed)
     Xtr, ytr = source(train), cache.labels[np.sort(train)]
     has_val = len(val) > 0
     Xv, yv = (source(val), cache.labels[np.sort(val)]) if has_val else (None, None)
@@ -168,41 +199,44 @@ def _fit_once(
     sweep: list[dict[str, Any]] = []
     val_proba = None
     if htype == "linear":
-        if has_val and "C" not in params:
-            C, sweep, sols = _sweep_linear(est, Xtr, ytr, Xv, yv, k, balanced, grid or COARSE_GRID)
+        if has_val and "C" not in spec.params:
+            C, sweep, sols = _sweep_linear(est, Xtr, ytr, Xv, yv, k, spec.class_weight == "balanced",
+                                           spec.grid or COARSE_GRID)
             est.set_params(C=C, warm_start=False)
             est._w, est._b = sols[C]
             est._set_coef()
         else:
-            C = float(params.get("C", est.C))
+            C = float(spec.params.get("C", est.C))
             est.set_params(C=C).fit(Xtr, ytr)
         chosen = {"C": C}
         if has_val:
-            val_proba = _proba_of(est, Xv, k)
+            val_proba = proba_of(est, Xv, k)
     elif htype == "mlp":
         if has_val:
             est.fit(Xtr, ytr, eval_set=(Xv, yv))
             chosen = {"epochs": int(est.best_epoch_), "best_val_loss": float(est.best_val_loss_)}
-            val_proba = _proba_of(est, Xv, k)
+            val_proba = proba_of(est, Xv, k)
         else:
             est.fit(Xtr, ytr)
             chosen = {"epochs": int(est.n_epochs_)}
     else:
-        _fit_sklearn(est, Xtr.to_array(), ytr, class_weight)
+        _fit_sklearn(est, Xtr.to_array(), ytr, spec.class_weight)
         if has_val:
-            val_proba = _proba_of(est, Xv.X, k)
+            val_proba = proba_of(est, Xv.X, k)
     val_metrics = compute_metrics(yv, val_proba, cache.classes) if val_proba is not None else {}
-
-    # Refit on train+val with the chosen setting.
     if len(refit_rows) != len(train) or not np.array_equal(np.sort(refit_rows), np.sort(train)):
-        Xall, yall = source(refit_rows), cache.labels[np.sort(refit_rows)]
-        if htype == "linear":
-            est.set_params(warm_start=True)
-            est.fit(Xall, yall)
-            est.set_params(warm_start=False)
-        elif htype == "mlp":
-            est.set_params(max_epochs=max(1, chosen["epochs"]), early_stopping=False)
-            est.fit(Xall, yall)
-        else:
-            _fit_sklearn(est, Xall.to_array(), yall, class_weight)
-    return est, htype, chosen, sweep, val_metrics, val_proba
+        _refit(est, htype, chosen, source(refit_rows), cache.labels[np.sort(refit_rows)], spec.class_weight)
+    return Selection(est, htype, chosen, sweep, val_metrics, val_proba)
+
+
+def _refit(est: Any, htype: str, chosen: dict[str, Any], X: Any, y: np.ndarray, class_weight: Any) -> None:
+    """Refit with the chosen setting (train+val): warm-started L-BFGS, or the MLP for its best epochs."""
+    if htype == "linear":
+        est.set_params(warm_start=True)
+        est.fit(X, y)
+        est.set_params(warm_start=False)
+    elif htype == "mlp":
+        est.set_params(max_epochs=max(1, chosen["epochs"]), early_stopping=False)
+        est.fit(X, y)
+    else:
+        _fit_sklearn(est, X.to_array(), y, class_weight)

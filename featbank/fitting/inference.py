@@ -141,7 +141,7 @@ def predict(model: str | Path, images: Sequence[str | Path], *, top_k: int = 1, 
 
     from ..bundle import load_bundle
     from ..images import ImageReadError, load_and_preprocess
-    from ..train import resolve_device
+    from .._device import resolve_device
 
     bundle = load_bundle(model)
     bundle.load_head()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,11 +9,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .._files import check_bundle_dir, slugify
 from ..errors import ConfigError
-from ._rows import _open, _RowSource, _shot_rows, _split_rows, parse_memory
-from ._select import _fit_once, _make_head, _proba_of
+from ..splits import sample_shots, stratified_holdout
+from ._rows import _open, _RowSource, _split_rows, parse_memory
+from ._select import HeadSpec, Selection, make_head, proba_of, select_and_refit
 
-__all__ = ["FitResult", "fit"]
+__all__ = ["FitResult", "MODELS_ROOT", "bundle_dir", "fit"]
 
 
 @dataclass
@@ -103,7 +104,29 @@ def _identity(cache: Any) -> dict[str, Any]:
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-").lower() or "model"
+    return slugify(text, "model").lower()
+
+
+#: Where bundles named by ``name`` (and unnamed ones) go.
+MODELS_ROOT = Path("models")
+
+
+def bundle_dir(out: str | Path | None, name: str | None, default_name: str) -> Path:
+    """The bundle folder: ``out`` itself, else ``models/<name>`` (``name`` defaults to ``default_name``).
+
+    Raises:
+        ConfigError: both ``out`` and ``name`` are given (the old form, where ``--out`` was the
+            root folder of bundles named by ``--name``).
+    """
+    if out is not None and name is not None:
+        target = Path(out) / _slug(name)
+        raise ConfigError(
+            f"--out is the bundle folder itself and --name the name of a bundle under {MODELS_ROOT}/; give one of "
+            f"them, e.g. --out {target} (or --name {_slug(name)} for {MODELS_ROOT / _slug(name)})."
+        )
+    if out is not None:
+        return Path(out).expanduser()
+    return MODELS_ROOT / _slug(name or default_name)
 
 
 def fit(
@@ -144,8 +167,9 @@ def fit(
         max_memory: bytes (or ``"2GB"``) the embeddings may take in memory; below the size of the
             rows used, ``linear``/``mlp`` stream chunks from the HDF5 file.
         device: ``auto``, ``cpu`` or ``cuda`` for the torch heads.
-        out: root folder of bundles (default ``./models``); name: bundle name (default
-            ``<cache>-<head>``); seed: seed of the validation split and the heads.
+        out: the bundle folder, e.g. ``models/elpv-linear`` (an earlier bundle there is replaced).
+        name: instead of ``out``, the bundle ``models/<name>``; neither: ``models/<cache>-<head>``.
+        seed: seed of the validation split and the heads.
         save: write the bundle (``False``: just return the fitted head and metrics).
         grid: the coarse C grid of the sweep (default :data:`COARSE_GRID`, 1e-6 .. 1e2).
         refit: refit the selected head on train+val (default). ``False`` keeps the head fitted on
@@ -158,156 +182,254 @@ def fit(
     Raises:
         CacheError: missing/corrupt/non-featbank cache, no labels, NaN/inf embeddings.
         ConfigError: unknown head or parameter, single class, a class with < 2 training images,
-            sklearn heads with ``max_memory`` below the data size.
+            sklearn heads with ``max_memory`` below the data size, both ``out`` and ``name``, an
+            ``out`` that is a file or a folder of other files, an output folder that cannot be written.
 
     Example:
         >>> result = fit("runs/elpv.h5", head="linear", class_weight="balanced")
         >>> result.chosen, result.headline["top1"], result.path
     """
-    from ..bundle import save_bundle, serialize_sklearn
-    from ..report import compute_metrics, write_report_files
+    from ..bundle import save_bundle
 
     t0 = time.perf_counter()
-    params = dict(params or {})
-    if class_weight not in (None, "balanced"):
-        raise ConfigError(f"class_weight must be None or 'balanced'; got {class_weight!r}.")
-    if shots is not None and (not isinstance(shots, (int, np.integer)) or shots < 1):
-        raise ConfigError(f"--shots must be a positive integer; got {shots!r}.")
-    seeds = [int(s) for s in seeds] or [seed]
-    if shots is None and len(seeds) > 1:
-        raise ConfigError("--seeds repeats K-shot sampling; give --shots K with it (e.g. --shots 10 --seeds 0,1,2).")
+    seeds = _check_options(class_weight, shots, seeds, seed, device)
+    spec = HeadSpec(head, dict(params or {}), bool(standardize), bool(l2_normalize), class_weight, device, grid)
     budget = parse_memory(max_memory)
-    if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
-        raise ConfigError(f"device must be auto, cpu or cuda; got {device!r}.")
+    if save:
+        bundle_dir(out, name, "model")  # --out with --name: refused before the cache is opened
     cache_obj, cache_path = _open(cache)
     try:
-        train, val, test, val_source = _split_rows(cache_obj, val_split, seed)
-        d = cache_obj.embed_dim
-        used = np.concatenate([train, val, test])
-        need = len(used) * d * 4 * 4  # rows as float32, a split's copy, standardised copies while fitting
-        chunk_rows = None
-        if budget is not None and need > budget:
-            chunk_rows = int(max(64, min(65536, budget // (d * 4 * 8))))
-        is_torch = head in ("linear", "mlp")
-        if chunk_rows is not None and not is_torch:
-            raise ConfigError(
-                f"--max-memory {max_memory} is below the {need / 1e9:.2f} GB the {head} head needs in memory; only "
-                "'linear' and 'mlp' stream from disk. Raise --max-memory or use --head linear / mlp."
-            )
-
-        source = _RowSource(cache_obj, used, chunk_rows)  # one read of every row fit needs
+        rows = _plan_rows(cache_obj, spec, val_split, seed, budget, max_memory)
+        # Validate the head, its parameters and the output folder before any work is done.
+        make_head(spec, seed)
+        bundle_path = None
+        if save:
+            default = f"{cache_path.stem}-{head}" + (f"-{shots}shot" if shots else "")
+            bundle_path = check_bundle_dir(bundle_dir(out, name, default))
+        source = _RowSource(cache_obj, rows.used, rows.chunk_rows)  # one read of every row fit needs
         source.check_finite()
-        # Validate the head and its parameters before any work is done.
-        _make_head(head, params, standardize=standardize, l2_normalize=l2_normalize, class_weight=class_weight,
-                   device=device, seed=seed)
-        notes: list[str] = []
-        k = len(cache_obj.classes)
-        metrics: dict[str, Any] = {}
-        eval_rows = test if len(test) else val
-        eval_split = "test" if len(test) else "val"
-        if not len(test):
-            notes.append("the cache has no test split; metrics are on the validation split that selected the "
-                         "model (optimistic). Add a test/ split folder for an unbiased estimate.")
-        runs = []
-        for s in (seeds if shots is not None else [seed]):
-            if shots is None:
-                tr, va, refit_rows = train, val, np.concatenate([train, val]) if refit else train
-            else:
-                sample = _shot_rows(cache_obj, np.concatenate([train, val]) if val_source.startswith("strat") else train,
-                                    shots, s)
-                if val_source.startswith("strat") and shots >= 2:
-                    rng = np.random.default_rng(s)
-                    n_v = max(1, int(round(shots * val_split)))
-                    va = np.sort(np.concatenate([rng.choice(sample[cache_obj.labels[sample] == c], n_v, replace=False)
-                                                 for c in np.unique(cache_obj.labels[sample])]))
-                    tr = np.setdiff1d(sample, va)
-                elif val_source.startswith("strat"):
-                    tr, va = sample, np.zeros(0, np.int64)
-                else:
-                    tr, va = sample, val
-                refit_rows = sample if refit else tr
-                if not len(test):
-                    eval_rows = np.setdiff1d(np.concatenate([train, val]), np.concatenate([sample, va]))
-                    eval_split = "test"
-            est, htype, chosen, sweep, val_metrics, val_proba = _fit_once(
-                cache_obj, tr, va, refit_rows, head=head, params=params, standardize=standardize,
-                l2_normalize=l2_normalize, class_weight=class_weight, device=device, seed=s, source=source,
-                grid=grid,
-            )
-            ev_rows = np.sort(eval_rows)
-            if eval_split == "test":
-                ev_proba = _proba_of(est, source(ev_rows), k)
-                ev_metrics = compute_metrics(cache_obj.labels[ev_rows], ev_proba, cache_obj.classes)
-            else:
-                ev_proba, ev_metrics = val_proba, val_metrics
-            runs.append((s, est, htype, chosen, sweep, val_metrics, ev_metrics, ev_proba, ev_rows, tr, va))
-        s0, est, htype, chosen, sweep, val_metrics, ev_metrics, ev_proba, ev_rows, tr, va = runs[0]
-        metrics["val"] = val_metrics
-        metrics[eval_split] = ev_metrics
-        if shots is not None:
-            notes = [n for n in notes if "no test split" not in n]
-            if not len(test):
-                notes.append("the cache has no test split; K-shot metrics are on the labelled rows not sampled.")
-            agg: dict[str, Any] = {"shots": int(shots), "seeds": [r[0] for r in runs]}
-            for key in ("top1", "balanced_accuracy", "macro_f1"):
-                vals = np.array([r[6].get(key, np.nan) for r in runs])
-                agg[f"{key}_mean"], agg[f"{key}_std"] = float(np.mean(vals)), float(np.std(vals))
-                agg[f"{key}_per_seed"] = vals.tolist()
-            agg["chosen_per_seed"] = [r[3] for r in runs]
-            metrics["shots"] = agg
-        metrics["chosen"] = chosen
-        metrics["sweep"] = sweep
+        plan = _Plan(spec, rows, shots, val_split, refit)
+        runs = [_fit_seed(cache_obj, source, plan, s) for s in (seeds if shots is not None else [seed])]
+        metrics = _collect_metrics(runs, plan)
+        first = runs[0]
         result = FitResult(
-            path=None, head=head, estimator=est, classes=list(cache_obj.classes), chosen=chosen, sweep=sweep,
-            metrics=metrics, eval_split=eval_split, cache_path=cache_path, streaming=chunk_rows is not None,
-            n_train=len(tr), n_val=len(va), n_test=len(ev_rows) if eval_split == "test" else 0, notes=notes,
+            path=None, head=head, estimator=first.estimator, classes=list(cache_obj.classes), chosen=first.chosen,
+            sweep=first.sweep, metrics=metrics, eval_split=plan.eval_split, cache_path=cache_path,
+            streaming=rows.chunk_rows is not None, n_train=len(first.train), n_val=len(first.val),
+            n_test=len(first.eval_rows) if plan.eval_split == "test" else 0, notes=_notes(plan),
         )
         if save:
-            files: dict[str, bytes] = {}
-            head_info: dict[str, Any] = {
-                "type": htype, "estimator": type(est).__name__ if htype != "sklearn" else type(est[-1]).__name__,
-                "preprocessing": {"standardize": bool(standardize), "l2_normalize": bool(l2_normalize)},
-                "class_weight": class_weight, "chosen": chosen,
-            }
-            if htype in ("linear", "mlp"):
-                from safetensors.numpy import save as st_save
-
-                from ..heads import head_state
-
-                tensors, info = head_state(est)
-                files["head.safetensors"] = st_save(tensors, metadata={"format": "featbank-head", "type": htype})
-                head_info.update(info)
-                head_info["file"] = "head.safetensors"
-                if htype == "linear":
-                    head_info["chosen_C"] = chosen.get("C")
-            else:
-                fname, data, trusted = serialize_sklearn(est)
-                files[fname] = data
-                head_info.update({"file": fname, "params": {k2: repr(v) for k2, v in est[-1].get_params().items()},
-                                  "user_params": {k2: repr(v) for k2, v in params.items()},
-                                  "pipeline": [n for n, _ in est.steps], "trusted_types": trusted})
-            abs_paths = [str(cache_obj.abspath(cache_obj.paths[r])) for r in ev_rows]
-            files.update(write_report_files(metrics, cache_obj.classes, abs_paths, cache_obj.labels[ev_rows], ev_proba))
-            root = Path(out) if out is not None else Path("models")
-            bname = _slug(name) if name else _slug(f"{cache_path.stem}-{head}" + (f"-{shots}shot" if shots else ""))
-            headline = {k2: v for k2, v in ev_metrics.items() if not isinstance(v, (dict, list))}
-            manifest = {
-                "format": "featbank-bundle", "bundle_version": 1, "kind": "head",
-                "classes": list(cache_obj.classes), "backbone": _identity(cache_obj),
-                "cache_key": cache_obj.cache_key, "head": head_info,
-                "metrics": {"eval_split": eval_split, eval_split: headline,
-                            **({"shots": metrics["shots"]} if "shots" in metrics else {})},
-                "validation": {"root": str(cache_obj.root), "paths": [cache_obj.paths[r] for r in np.sort(va)]},
-                "training": {
-                    "cache": str(Path(cache_path).resolve()), "val_source": val_source, "seed": seed,
-                    "n_train": len(tr), "n_val": len(va), "n_test": len(test), "shots": shots,
-                    "fitted_on": "train+val" if refit else "train",
-                    "streaming": chunk_rows is not None, "sweep": sweep,
-                },
-            }
-            result.path = save_bundle(root / bname, manifest, files)
+            manifest, files = _bundle_contents(cache_obj, cache_path, plan, first, metrics, seed)
+            result.path = save_bundle(bundle_path, manifest, files)
         result.seconds = time.perf_counter() - t0
         return result
     finally:
         if cache is None or isinstance(cache, (str, Path)):
             cache_obj.close()
+
+
+# --------------------------------------------------------------------------------------------
+# The steps of fit
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Rows:
+    """The cache's rows as fit uses them, and whether they stream from disk (``chunk_rows``)."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    val_source: str
+    chunk_rows: int | None
+
+    @property
+    def used(self) -> np.ndarray:
+        return np.concatenate([self.train, self.val, self.test])
+
+
+@dataclass
+class _Plan:
+    """What every seed of one fit shares."""
+
+    spec: HeadSpec
+    rows: _Rows
+    shots: int | None
+    val_split: float
+    refit: bool
+
+    @property
+    def eval_split(self) -> str:
+        # K-shot runs without a test split evaluate on the labelled rows they did not sample.
+        return "test" if len(self.rows.test) or self.shots is not None else "val"
+
+
+@dataclass
+class _SeedRun:
+    """One seed's fitted head, and the rows and numbers it was selected and evaluated on."""
+
+    seed: int
+    selection: Selection
+    train: np.ndarray
+    val: np.ndarray
+    eval_rows: np.ndarray
+    eval_proba: np.ndarray | None
+    eval_metrics: dict[str, Any]
+
+    @property
+    def estimator(self) -> Any:
+        return self.selection.estimator
+
+    @property
+    def chosen(self) -> dict[str, Any]:
+        return self.selection.chosen
+
+    @property
+    def sweep(self) -> list[dict[str, Any]]:
+        return self.selection.sweep
+
+
+def _check_options(class_weight: Any, shots: Any, seeds: Sequence[int], seed: int, device: str) -> list[int]:
+    if class_weight not in (None, "balanced"):
+        raise ConfigError(f"class_weight must be None or 'balanced'; got {class_weight!r}.")
+    if shots is not None and (not isinstance(shots, (int, np.integer)) or shots < 1):
+        raise ConfigError(f"--shots must be a positive integer; got {shots!r}.")
+    seed_list = [int(s) for s in seeds] or [seed]
+    if shots is None and len(seed_list) > 1:
+        raise ConfigError("--seeds repeats K-shot sampling; give --shots K with it (e.g. --shots 10 --seeds 0,1,2).")
+    if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
+        raise ConfigError(f"device must be auto, cpu or cuda; got {device!r}.")
+    return seed_list
+
+
+def _plan_rows(cache: Any, spec: HeadSpec, val_split: float, seed: int, budget: int | None, max_memory: Any) -> _Rows:
+    """Train/val/test rows, and the chunk size when they do not fit in ``budget`` bytes."""
+    train, val, test, val_source = _split_rows(cache, val_split, seed)
+    d = cache.embed_dim
+    need = (len(train) + len(val) + len(test)) * d * 4 * 4  # float32 rows, a split's copy, standardised copies
+    chunk_rows = None
+    if budget is not None and need > budget:
+        chunk_rows = int(max(64, min(65536, budget // (d * 4 * 8))))
+    if chunk_rows is not None and not spec.is_torch:
+        raise ConfigError(
+            f"--max-memory {max_memory} is below the {need / 1e9:.2f} GB the {spec.head} head needs in memory; only "
+            "'linear' and 'mlp' stream from disk. Raise --max-memory or use --head linear / mlp."
+        )
+    return _Rows(train, val, test, val_source, chunk_rows)
+
+
+def _seed_rows(cache: Any, plan: _Plan, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train, val, refit, eval) rows of one seed: the splits, or a K-shot sample of them."""
+    rows = plan.rows
+    if plan.shots is None:
+        refit_rows = np.concatenate([rows.train, rows.val]) if plan.refit else rows.train
+        return rows.train, rows.val, refit_rows, rows.test if len(rows.test) else rows.val
+    stratified = rows.val_source.startswith("strat")
+    pool = np.concatenate([rows.train, rows.val]) if stratified else rows.train
+    sample = sample_shots(pool, cache.labels[pool], plan.shots, seed, list(cache.classes))
+    if stratified and plan.shots >= 2:
+        # n_v of each class's K shots validate (the same count per class: K per class in, stratified).
+        n_v = min(plan.shots - 1, max(1, int(round(plan.shots * plan.val_split))))
+        tr, va = stratified_holdout(sample, cache.labels[sample], n_v * len(np.unique(cache.labels[sample])), seed)
+    elif stratified:
+        tr, va = sample, np.zeros(0, np.int64)
+    else:
+        tr, va = sample, rows.val
+    ev = rows.test if len(rows.test) else np.setdiff1d(np.concatenate([rows.train, rows.val]),
+                                                      np.concatenate([sample, va]))
+    return tr, va, sample if plan.refit else tr, ev
+
+
+def _fit_seed(cache: Any, source: _RowSource, plan: _Plan, seed: int) -> _SeedRun:
+    from ..report import compute_metrics
+
+    tr, va, refit_rows, eval_rows = _seed_rows(cache, plan, seed)
+    sel = select_and_refit(cache, source, plan.spec, seed, tr, va, refit_rows)
+    ev_rows = np.sort(eval_rows)
+    if plan.eval_split == "test":
+        ev_proba = proba_of(sel.estimator, source(ev_rows), len(cache.classes))
+        ev_metrics = compute_metrics(cache.labels[ev_rows], ev_proba, cache.classes)
+    else:
+        ev_proba, ev_metrics = sel.val_proba, sel.val_metrics
+    return _SeedRun(seed, sel, tr, va, ev_rows, ev_proba, ev_metrics)
+
+
+def _collect_metrics(runs: list[_SeedRun], plan: _Plan) -> dict[str, Any]:
+    """The first seed's val and eval metrics, K-shot mean ± std over the seeds, the choice and the sweep."""
+    first = runs[0]
+    metrics: dict[str, Any] = {"val": first.selection.val_metrics, plan.eval_split: first.eval_metrics}
+    if plan.shots is not None:
+        agg: dict[str, Any] = {"shots": int(plan.shots), "seeds": [r.seed for r in runs]}
+        for key in ("top1", "balanced_accuracy", "macro_f1"):
+            vals = np.array([r.eval_metrics.get(key, np.nan) for r in runs])
+            agg[f"{key}_mean"], agg[f"{key}_std"] = float(np.mean(vals)), float(np.std(vals))
+            agg[f"{key}_per_seed"] = vals.tolist()
+        agg["chosen_per_seed"] = [r.chosen for r in runs]
+        metrics["shots"] = agg
+    metrics["chosen"] = first.chosen
+    metrics["sweep"] = first.sweep
+    return metrics
+
+
+def _notes(plan: _Plan) -> list[str]:
+    if len(plan.rows.test):
+        return []
+    if plan.shots is not None:
+        return ["the cache has no test split; K-shot metrics are on the labelled rows not sampled."]
+    return ["the cache has no test split; metrics are on the validation split that selected the "
+            "model (optimistic). Add a test/ split folder for an unbiased estimate."]
+
+
+def _head_files(run: _SeedRun, spec: HeadSpec) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The manifest's ``head`` section and the head's weights file."""
+    est, htype, chosen = run.estimator, run.selection.htype, run.chosen
+    head_info: dict[str, Any] = {
+        "type": htype, "estimator": type(est).__name__ if htype != "sklearn" else type(est[-1]).__name__,
+        "preprocessing": {"standardize": spec.standardize, "l2_normalize": spec.l2_normalize},
+        "class_weight": spec.class_weight, "chosen": chosen,
+    }
+    if htype == "sklearn":
+        from ..bundle import serialize_sklearn
+
+        fname, data, trusted = serialize_sklearn(est)
+        head_info.update({"file": fname, "params": {k: repr(v) for k, v in est[-1].get_params().items()},
+                          "user_params": {k: repr(v) for k, v in spec.params.items()},
+                          "pipeline": [n for n, _ in est.steps], "trusted_types": trusted})
+        return head_info, {fname: data}
+    from safetensors.numpy import save as st_save
+
+    from ..heads import head_state
+
+    tensors, info = head_state(est)
+    head_info.update(info)
+    head_info["file"] = "head.safetensors"
+    if htype == "linear":
+        head_info["chosen_C"] = chosen.get("C")
+    return head_info, {"head.safetensors": st_save(tensors, metadata={"format": "featbank-head", "type": htype})}
+
+
+def _bundle_contents(cache: Any, cache_path: Path, plan: _Plan, run: _SeedRun, metrics: dict[str, Any],
+                     seed: int) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The manifest and files of the bundle of the first seed's head."""
+    from ..report import write_report_files
+
+    head_info, files = _head_files(run, plan.spec)
+    abs_paths = [str(cache.abspath(cache.paths[r])) for r in run.eval_rows]
+    files.update(write_report_files(metrics, cache.classes, abs_paths, cache.labels[run.eval_rows], run.eval_proba))
+    eval_split, rows = plan.eval_split, plan.rows
+    headline = {k: v for k, v in run.eval_metrics.items() if not isinstance(v, (dict, list))}
+    manifest = {
+        "format": "featbank-bundle", "bundle_version": 1, "kind": "head",
+        "classes": list(cache.classes), "backbone": _identity(cache),
+        "cache_key": cache.cache_key, "head": head_info,
+        "metrics": {"eval_split": eval_split, eval_split: headline,
+                    **({"shots": metrics["shots"]} if "shots" in metrics else {})},
+        "validation": {"root": str(cache.root), "paths": [cache.paths[r] for r in np.sort(run.val)]},
+        "training": {
+            "cache": str(Path(cache_path).resolve()), "val_source": rows.val_source, "seed": seed,
+            "n_train": len(run.train), "n_val": len(run.val), "n_test": len(rows.test), "shots": plan.shots,
+            "fitted_on": "train+val" if plan.refit else "train",
+            "streaming": rows.chunk_rows is not None, "sweep": run.sweep,
+        },
+    }
+    return manifest, files

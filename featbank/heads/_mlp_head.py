@@ -10,8 +10,19 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from ..train import Features, evaluate_logits, resolve_device, train_one_epoch
-from ._torch_head import _Preprocess, _TorchHead
+from .._device import resolve_device
+from ..train import Features, evaluate_logits, train_one_epoch
+from ._torch_head import (
+    BOOLEAN,
+    CLASS_WEIGHT,
+    DEVICE,
+    Constraint,
+    _Preprocess,
+    _TorchHead,
+    integer,
+    real,
+    validate_head_params,
+)
 
 __all__ = ["MLPHead", "_mlp"]
 
@@ -23,6 +34,19 @@ def _mlp(d: int, hidden: tuple[int, ...], k: int, dropout: float) -> nn.Sequenti
         d = h
     layers.append(nn.Linear(d, k))
     return nn.Sequential(*layers)
+
+
+def _hidden_tuple(h: Any) -> tuple[int, ...] | None:
+    """``hidden_sizes`` as a tuple of ints, or None when it is not one."""
+    if isinstance(h, (bool, np.bool_)):
+        return None
+    if isinstance(h, (int, np.integer)):
+        h = (h,)
+    if not isinstance(h, (tuple, list)):
+        return None
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in h):
+        return None
+    return tuple(int(v) for v in h)
 
 
 class MLPHead(_TorchHead):
@@ -46,6 +70,18 @@ class MLPHead(_TorchHead):
         best_epoch_ (epochs of the kept weights), n_epochs_ (epochs run), best_val_loss_.
     """
 
+    parameter_constraints = {
+        "hidden_sizes": Constraint("a positive int or a tuple of positive ints, e.g. (512,) or (512, 256)",
+                                   lambda v: _hidden_tuple(v) is not None),
+        "dropout": real(0, 1, closed="left"), "lr": real(0, None, closed="neither"), "weight_decay": real(0, None),
+        "batch_size": integer(1), "max_epochs": integer(1), "patience": integer(1), "early_stopping": BOOLEAN,
+        "validation_fraction": real(0, 1, closed="neither"), "standardize": BOOLEAN, "l2_normalize": BOOLEAN,
+        "class_weight": CLASS_WEIGHT, "device": DEVICE,
+        "random_state": Constraint("None, an int >= 0 or a numpy RandomState",
+                                   lambda v: v is None or isinstance(v, np.random.RandomState)
+                                   or (isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0)),
+    }
+
     def __init__(self, hidden_sizes: Any = (512,), *, dropout: float = 0.2, lr: float = 1e-3,
                  weight_decay: float = 1e-4, batch_size: int = 256, max_epochs: int = 100, patience: int = 10,
                  early_stopping: bool = False, validation_fraction: float = 0.1, standardize: bool = True,
@@ -67,13 +103,8 @@ class MLPHead(_TorchHead):
         self.random_state = random_state
 
     def _hidden(self) -> tuple[int, ...]:
-        h = self.hidden_sizes
-        h = (h,) if isinstance(h, (int, np.integer)) else tuple(h)
-        if not all(isinstance(v, (int, np.integer)) and v > 0 for v in h):
-            raise ValueError(
-                f"The 'hidden_sizes' parameter of MLPHead must be a tuple of positive ints. Got {self.hidden_sizes!r} instead."
-            )
-        return tuple(int(v) for v in h)
+        validate_head_params(self)
+        return _hidden_tuple(self.hidden_sizes)  # type: ignore[return-value]
 
     def fit(self, X: Any, y: Any, sample_weight: Any = None, eval_set: tuple[Any, Any] | None = None) -> "MLPHead":
         """Train; ``eval_set=(X_val, y_val)`` turns on early stopping on that set."""

@@ -2,23 +2,89 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.class_weight import compute_sample_weight
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import (
-    _check_sample_weight,
-    check_is_fitted,
-    validate_data,
-)
+from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import nn
 
+from ..errors import ConfigError
 from ..train import Features, feature_stats
 
-__all__ = ["_Preprocess", "_Probabilities", "_TorchHead"]
+__all__ = ["Constraint", "_Preprocess", "_Probabilities", "_TorchHead", "validate_head_params"]
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter validation (scikit-learn's rule: __init__ stores, fit validates; its wording)
+# --------------------------------------------------------------------------------------------
+
+
+class Constraint:
+    """What a parameter must be: a description for the message and a test."""
+
+    def __init__(self, description: str, test: Callable[[Any], bool]):
+        self.description = description
+        self.test = test
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def real(low: float | None = None, high: float | None = None, *, closed: str = "both") -> Constraint:
+    """A real number in an interval; ``closed`` is ``both``, ``left``, ``right`` or ``neither``."""
+    lo_in, hi_in = closed in ("both", "left"), closed in ("both", "right")
+
+    def test(v: Any) -> bool:
+        if not _is_real(v) or not np.isfinite(float(v)):
+            return False
+        if low is not None and (v < low or (v == low and not lo_in)):
+            return False
+        return high is None or not (v > high or (v == high and not hi_in))
+
+    if low is not None and high is not None:
+        text = f"a float in {'[' if lo_in else '('}{low:g}, {high:g}{']' if hi_in else ')'}"
+    elif low is not None:
+        text = f"a float {'>=' if lo_in else '>'} {low:g}"
+    else:
+        text = "a float"
+    return Constraint(text, test)
+
+
+def integer(low: int) -> Constraint:
+    return Constraint(f"an int >= {low}", lambda v: _is_int(v) and v >= low)
+
+
+BOOLEAN = Constraint("a bool", lambda v: isinstance(v, (bool, np.bool_)))
+CLASS_WEIGHT = Constraint("None, 'balanced' or a dict class -> weight >= 0",
+                          lambda v: v is None or (isinstance(v, str) and v == "balanced") or (
+                              isinstance(v, dict) and all(_is_real(w) and w >= 0 for w in v.values())))
+DEVICE = Constraint("'auto', 'cpu', 'cuda' or 'cuda:N'",
+                    lambda v: isinstance(v, torch.device) or isinstance(v, str) and (v in ("auto", "cpu", "cuda") or (v.startswith("cuda:")
+                                                                                        and v[5:].isdigit())))
+
+
+def validate_head_params(est: Any) -> None:
+    """Check every parameter of a torch head against its ``parameter_constraints``.
+
+    Raises:
+        ConfigError (a ValueError, as scikit-learn raises for invalid parameters), worded like
+        scikit-learn: "The 'C' parameter of LinearHead must be a float > 0. Got -1 instead."
+    """
+    for name, constraint in type(est).parameter_constraints.items():
+        value = getattr(est, name)
+        if not constraint.test(value):
+            raise ConfigError(
+                f"The {name!r} parameter of {type(est).__name__} must be {constraint.description}. Got {value!r} instead."
+            )
 
 
 class _Preprocess(nn.Module):
@@ -49,12 +115,41 @@ class _Probabilities(nn.Module):
         return torch.softmax(self.logits(x), dim=1)
 
 
+def _check_sample_weight(sample_weight: Any, n_samples: int) -> np.ndarray:
+    """A float64 copy of ``sample_weight`` (a scalar applies to every row), finite and >= 0."""
+    sw = np.array(sample_weight, dtype=np.float64)  # a copy: the caller's array is never changed
+    if sw.ndim == 0:
+        sw = np.full(n_samples, float(sw))
+    if sw.shape != (n_samples,):
+        raise ValueError(f"sample_weight.shape == {sw.shape}, expected ({n_samples},)!")
+    if not np.all(np.isfinite(sw)):
+        raise ValueError("Sample weights must be finite (no NaN or inf).")
+    if (sw < 0).any():
+        raise ValueError("Negative values in data passed to `sample_weight`: sample weights must be >= 0.")
+    return sw
+
+
+def _class_weights(est: Any, y_enc: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per-row weights of ``est.class_weight``; a dict naming classes not in ``y`` is a parameter error."""
+    balanced = isinstance(est.class_weight, str) and est.class_weight == "balanced"
+    try:
+        return compute_sample_weight(est.class_weight, y_enc if balanced else y)
+    except ValueError as e:
+        raise ConfigError(
+            f"The 'class_weight' parameter of {type(est).__name__} must name classes of the labels "
+            f"({str(e).rstrip('.')}). Got {est.class_weight!r} instead."
+        ) from None
+
+
 def _l2n(X: np.ndarray) -> np.ndarray:
     return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
 
 
 class _TorchHead(ClassifierMixin, BaseEstimator):
     """Shared input handling of the torch heads."""
+
+    #: name -> :class:`Constraint`, checked at the start of ``fit`` by :func:`validate_head_params`.
+    parameter_constraints: dict[str, Constraint] = {}
 
     def _prepare_fit(self, X: Any, y: Any, sample_weight: Any) -> tuple[Features, np.ndarray, np.ndarray]:
         if isinstance(X, Features):
@@ -75,8 +170,7 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
         if sample_weight is None:
             sw = np.ones(len(y_enc), np.float64)
         else:
-            sw = _check_sample_weight(sample_weight, np.empty((feats.n_samples, 0)), dtype=np.float64,
-                                      ensure_non_negative=True)
+            sw = _check_sample_weight(sample_weight, feats.n_samples)
             if not sw.sum() > 0:
                 raise ValueError("Sample weights must not all be zero.")
             if len(np.unique(y_enc[sw > 0])) < 2:
@@ -90,7 +184,7 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
             self.mean_ = np.zeros(feats.embed_dim, np.float32)
             self.scale_ = np.ones(feats.embed_dim, np.float32)
         if self.class_weight is not None:
-            sw = sw * compute_sample_weight(self.class_weight, y_enc if self.class_weight == "balanced" else y)
+            sw = sw * _class_weights(self, y_enc, y)
         return feats, y_enc.astype(np.int64), sw
 
     def _preprocess_np(self, X: np.ndarray) -> np.ndarray:
