@@ -42,10 +42,11 @@ Examples:
               help="Bundle folder, e.g. models/elpv-linear (as in 'featbank finetune'). Default: models/<name>.")
 @click.option("--name", default=None, help="Instead of --out: the bundle models/NAME. Default: <cache>-<head>.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the validation split and the heads.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out/--name (refused otherwise).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @quiet_option
 def fit(cache, head, params, standardize, l2_normalize, val_split, refit, class_weight, shots, seeds, max_memory, device, out,
-        name, seed, as_json, quiet) -> None:
+        name, seed, overwrite, as_json, quiet) -> None:
     """Fit a head on a feature cache, report metrics and save a model bundle.
 
     CACHE defaults to the newest complete cache in the default cache folder, said on stderr (refused
@@ -73,5 +74,5 @@ def fit(cache, head, params, standardize, l2_normalize, val_split, refit, class_
     result = fit_head(cache, head, params=dict(parse_param(p) for p in params), standardize=standardize,
                       l2_normalize=l2_normalize, val_split=val_split, class_weight=class_weight, shots=shots,
                       seeds=seed_list if shots else [seed], max_memory=max_memory, device=device, out=out, name=name,
-                      seed=seed, refit=refit)
+                      seed=seed, refit=refit, overwrite=overwrite)
     click.echo(json.dumps(result.to_dict(), indent=2, default=str) if as_json else result.summary())

@@ -29,7 +29,7 @@ def file_weights_bundle(image_folder: Path, tmp_path: Path) -> tuple[Path, Path]
     torch.save(state, wfile)
     cache = featbank.extract(image_folder, tmp_path / "c.h5", backbone="test_tiny", weights_file=wfile,
                              engine="torch", num_workers=0, progress=False).path
-    return fit(cache, "linear", out=tmp_path / "models", name="filew").path, wfile
+    return fit(cache, "linear", out=tmp_path / "models" / "filew").path, wfile
 
 
 def test_predict_with_a_weights_file_bundle(file_weights_bundle, image_folder):

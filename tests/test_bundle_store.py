@@ -169,11 +169,11 @@ def test_fit_does_not_replace_a_finetuned_bundle_without_overwrite(tmp_path, tin
     from featbank.fitting import fit
 
     ft = _save(tmp_path / "models" / "keep", b"precious")
-    res = CliRunner().invoke(cli, ["fit", str(tiny_cache), "--head", "linear", "--name", "keep",
-                                   "--out", str(tmp_path / "models")])
+    res = CliRunner().invoke(cli, ["fit", str(tiny_cache), "--head", "linear",
+                                   "--out", str(tmp_path / "models" / "keep")])
     assert res.exit_code == 2, res.output
     assert "already exists" in res.output and "--overwrite" in res.output
     assert load_bundle(ft).read_weights() == b"precious"
     with pytest.raises(BundleError, match="already exists"):
-        fit(tiny_cache, "linear", out=tmp_path / "models", name="keep")
+        fit(tiny_cache, "linear", out=tmp_path / "models" / "keep")
     assert load_bundle(ft).read_weights() == b"precious"

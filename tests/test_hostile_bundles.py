@@ -63,8 +63,8 @@ def world(tmp_path_factory):
     data = make_image_folder(root / "data", n_per_class=4)
     cache = featbank.extract(data, root / "c.h5", backbone="test_tiny", engine="torch", num_workers=0,
                              progress=False).path
-    skl = fit(cache, "LogisticRegression", out=root / "models", name="skl").path
-    lin = fit(cache, "linear", out=root / "models", name="lin").path
+    skl = fit(cache, "LogisticRegression", out=root / "models" / "skl").path
+    lin = fit(cache, "linear", out=root / "models" / "lin").path
     classes = json.loads((skl / "manifest.json").read_text())["classes"]
     ft = _finetuned_bundle(root / "models" / "ft", classes)
     outside = root / "outside"

@@ -57,7 +57,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory, onnx_cache_dir: Path) -> di
     with _cache_dir_env(onnx_cache_dir):
         cache = featbank.extract(data, root / "c.h5", backbone="test_tiny", engine="onnxruntime", num_workers=0,
                                  progress=False)
-        bundle = featbank.fit(cache.path, "linear", out=root / "models", name="lin").path
+        bundle = featbank.fit(cache.path, "linear", out=root / "models" / "lin").path
         model = featbank.export_model(bundle, root / "good" / "k.onnx").path
     return {"root": root, "data": data, "bundle": Path(bundle), "model": model}
 
@@ -250,7 +250,7 @@ def test_broken_embedder_onnx_is_rebuilt_by_extract_and_export(tmp_path: Path) -
     corrupt = bytearray(good)
     corrupt[len(good) // 2: len(good) // 2 + 64] = b"\xff" * 64  # same size, other bytes
     graph.write_bytes(bytes(corrupt))
-    bundle = featbank.fit(tmp_path / "a.h5", "linear", out=tmp_path / "models", name="lin").path
+    bundle = featbank.fit(tmp_path / "a.h5", "linear", out=tmp_path / "models" / "lin").path
     with pytest.warns(OnnxCacheRebuiltWarning, match="sha256 differs"):
         report = featbank.export_model(bundle, tmp_path / "k.onnx")
     assert report.parity["passed"] and check_embedder_onnx(graph) is None
@@ -372,7 +372,7 @@ def test_svc_refusal_suggests_only_heads_that_export(tmp_path: Path, shared_cach
     data = make_image_folder(tmp_path / "data", n_per_class=9, size=(36, 40))
     cache = featbank.extract(data, tmp_path / "c.h5", backbone="test_tiny", engine="onnxruntime", num_workers=0,
                              progress=False).path
-    svc = featbank.fit(cache, "SVC", out=tmp_path / "models", name="svc").path
+    svc = featbank.fit(cache, "SVC", out=tmp_path / "models" / "svc").path
     with pytest.raises(ExportError) as info:
         featbank.export_model(svc, tmp_path / "svc.onnx")
     message = str(info.value)
@@ -381,7 +381,7 @@ def test_svc_refusal_suggests_only_heads_that_export(tmp_path: Path, shared_cach
     suggestions += re.search(r"\(or --head ([^)]*)\)", message).group(1).split(", ")
     assert {"linear", "mlp", "SVC --param probability=True", "CalibratedClassifierCV"} <= set(suggestions)
     for i, head in enumerate(dict.fromkeys(suggestions)):
-        args = ["fit", str(cache), "--head", *head.split(), "--name", f"h{i}", "-o", str(tmp_path / "models")]
+        args = ["fit", str(cache), "--head", *head.split(), "-o", str(tmp_path / "models" / f"h{i}")]
         r = CliRunner().invoke(cli, args)
         assert r.exit_code == 0, (head, r.output)
         r = CliRunner().invoke(cli, ["export", str(tmp_path / "models" / f"h{i}"), "--out", str(tmp_path / f"h{i}.onnx")])

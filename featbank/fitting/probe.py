@@ -148,6 +148,7 @@ def fit(
     save: bool = True,
     grid: Sequence[float] | None = None,
     refit: bool = True,
+    overwrite: bool = False,
 ) -> FitResult:
     """Fit a head on a feature cache with the linear-probe protocol and save a model bundle.
 
@@ -175,12 +176,14 @@ def fit(
         refit: refit the selected head on train+val (default). ``False`` keeps the head fitted on
             train alone, so the validation images stay unseen: what a probe that starts
             ``featbank finetune --init-head`` (LP-FT) needs for a clean best-epoch choice.
+        overwrite: replace an existing bundle at the output location (otherwise refused).
 
     Returns:
         FitResult with the fitted estimator, chosen hyperparameter, sweep, metrics and bundle path.
 
     Raises:
         CacheError: missing/corrupt/non-featbank cache, no labels, NaN/inf embeddings.
+        BundleError: the output is an existing bundle and ``overwrite`` is False.
         ConfigError: unknown head or parameter, single class, a class with < 2 training images,
             sklearn heads with ``max_memory`` below the data size, both ``out`` and ``name``, an
             ``out`` that is a file or a folder of other files, an output folder that cannot be written.
@@ -189,7 +192,7 @@ def fit(
         >>> result = fit("runs/elpv.h5", head="linear", class_weight="balanced")
         >>> result.chosen, result.headline["top1"], result.path
     """
-    from ..bundle import save_bundle
+    from ..bundle import check_bundle_target, save_bundle
 
     t0 = time.perf_counter()
     seeds = _check_options(class_weight, shots, seeds, seed, device)
@@ -205,7 +208,7 @@ def fit(
         bundle_path = None
         if save:
             default = f"{cache_path.stem}-{head}" + (f"-{shots}shot" if shots else "")
-            bundle_path = check_bundle_dir(bundle_dir(out, name, default))
+            bundle_path = check_bundle_dir(check_bundle_target(bundle_dir(out, name, default), overwrite))
         source = _RowSource(cache_obj, rows.used, rows.chunk_rows)  # one read of every row fit needs
         source.check_finite()
         plan = _Plan(spec, rows, shots, val_split, refit)
@@ -220,7 +223,7 @@ def fit(
         )
         if save:
             manifest, files = _bundle_contents(cache_obj, cache_path, plan, first, metrics, seed)
-            result.path = save_bundle(bundle_path, manifest, files)
+            result.path = save_bundle(bundle_path, manifest, files, overwrite=overwrite)
         result.seconds = time.perf_counter() - t0
         return result
     finally:
