@@ -46,15 +46,31 @@ def trusted_skops_types() -> frozenset[str]:
     (``Pipeline``, ``StandardScaler``, ``Normalizer``), the distance metrics their neighbour
     indexes name (all but the Python-callable one), and :data:`_SKLEARN_STATE_TYPES`.
     """
-    from sklearn.metrics import _dist_metrics
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import Normalizer, StandardScaler
 
     from .heads import sklearn_classifiers
 
     classes = [*sklearn_classifiers().values(), Pipeline, StandardScaler, Normalizer]
-    metrics = [c for c in getattr(_dist_metrics, "METRIC_MAPPING64", {}).values() if "PyFunc" not in c.__name__]
-    return frozenset(map(_type_name, classes + metrics)) | _SKLEARN_STATE_TYPES
+    return frozenset(map(_type_name, classes + _distance_metric_types())) | _SKLEARN_STATE_TYPES
+
+
+def _distance_metric_types() -> list[type]:
+    """The classes of the distance metrics neighbour heads can name, through public API only."""
+    import numpy as np
+    from sklearn.metrics import DistanceMetric
+    from sklearn.neighbors import VALID_METRICS
+
+    names = {n for v in VALID_METRICS.values() for n in v if isinstance(n, str)} | {"matching", "kulsinski"}
+    params = {"seuclidean": {"V": np.ones(1)}, "mahalanobis": {"VI": np.eye(1)}, "minkowski": {"p": 3},
+              "wminkowski": {"p": 3, "w": np.ones(1)}}
+    types = []
+    for name in sorted(names - {"pyfunc"}):  # a Python callable is code: never trusted
+        try:
+            types.append(type(DistanceMetric.get_metric(name, np.float64, **params.get(name, {}))))
+        except (ValueError, TypeError):  # names only scipy or the brute-force path know
+            continue
+    return types
 
 
 def _untrusted(data: bytes) -> list[str]:

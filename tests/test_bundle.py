@@ -28,7 +28,7 @@ def data(tmp_path_factory):
                                          ("LogisticRegression", {"C": 0.5}), ("SVC", {}), ("RidgeClassifier", {})])
 def test_round_trip_gives_identical_predictions(data, head, params):
     X, cache, d = data
-    r = fit(cache, head, params=params, out=d / "models")
+    r = fit(cache, head, params=params, out=d / "models" / head)
     b = load_bundle(r.path)
     assert b.kind == "head" and b.classes == ["c0", "c1", "c2"] and b.embed_dim == 8
     p = b.predict_proba(X)

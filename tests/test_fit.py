@@ -177,7 +177,7 @@ def test_evaluate_refuses_a_cache_of_other_settings(tmp_path):
 
 
 def test_mlp_and_sklearn_heads_on_a_real_cache(tiny_cache, tmp_path):
-    r = fit(tiny_cache, "mlp", params={"hidden_sizes": (16,), "max_epochs": 30}, out=tmp_path / "m")
+    r = fit(tiny_cache, "mlp", params={"hidden_sizes": (16,), "max_epochs": 30}, out=tmp_path / "m1")
     assert r.chosen["epochs"] >= 1 and r.headline["top1"] >= 0.6
-    s = fit(tiny_cache, "KNeighborsClassifier", params={"n_neighbors": 3}, out=tmp_path / "m")
+    s = fit(tiny_cache, "KNeighborsClassifier", params={"n_neighbors": 3}, out=tmp_path / "m2")
     assert s.headline["top1"] >= 0.6 and (s.path / "head.skops").is_file()

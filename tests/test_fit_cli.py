@@ -115,8 +115,10 @@ def test_out_is_the_bundle_folder_and_name_goes_under_models(tiny_cache, tmp_pat
     res = runner.invoke(cli, ["fit", str(tiny_cache), "--param", "C=1.0", "--name", "y", "-q"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "models" / "y" / "manifest.json").is_file()
-    # Refitting into an existing bundle folder replaces it (as before).
+    # Refitting into an existing bundle folder replaces it only with --overwrite.
     res = runner.invoke(cli, ["fit", str(tiny_cache), "--param", "C=1.0", "--out", "models/y", "-q"])
+    assert res.exit_code == 2 and "--overwrite" in res.output, res.output
+    res = runner.invoke(cli, ["fit", str(tiny_cache), "--param", "C=1.0", "--out", "models/y", "-q", "--overwrite"])
     assert res.exit_code == 0, res.output
 
 
