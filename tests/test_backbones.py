@@ -87,6 +87,7 @@ def test_lite_transforms_come_from_their_configs() -> None:
     assert lite1.preprocess.interpolation == "bicubic"
 
 
+@pytest.mark.slow
 def test_torchvision_random_weights_take_the_default_weights_transform(empty_torch_home: Path) -> None:
     import torchvision
 
@@ -114,6 +115,7 @@ def test_torchvision_weights_missing_offline_say_how_to_provide_them(empty_torch
         load_backbone("resnet50", weights="IMAGENET1K_V9")
 
 
+@pytest.mark.slow
 def test_torchvision_hub_cache_and_weights_file(empty_torch_home: Path, tmp_path: Path) -> None:
     import torchvision
 

@@ -41,13 +41,15 @@ def _needs_export(code: str) -> bool:
     return "OnnxClassifier(" in code
 
 
+def _is_slow(code: str) -> bool:
+    """Embedding with the real weights, fitting with the full protocol (plots), or an ONNX export."""
+    return "featbank.extract(" in code or "featbank.fit(" in code or _needs_export(code)
+
+
 def _python_params() -> list:
-    """One param per Python block; slow: blocks that embed with the real weights or need an ONNX export."""
-    return [
-        pytest.param(code, id=f"README.md:{line}",
-                     marks=[pytest.mark.slow] if "featbank.extract(" in code or _needs_export(code) else [])
-        for line, code in _blocks("python")
-    ]
+    """One param per Python block."""
+    return [pytest.param(code, id=f"README.md:{line}", marks=[pytest.mark.slow] if _is_slow(code) else [])
+            for line, code in _blocks("python")]
 
 
 def _featbank_commands() -> list:
@@ -77,12 +79,12 @@ def quickstart_like(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def quickstart_onnx(quickstart_like: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def quickstart_onnx(quickstart_like: Path, onnx_cache_dir: Path) -> Path:
     """Adds models/quickstart-linear.onnx: a linear probe on runs/elpv.h5, exported (seconds to minutes)."""
     import featbank
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FEATBANK_CACHE_DIR", str(tmp_path_factory.mktemp("featbank-cache")))  # the export's embedder
+        mp.setenv("FEATBANK_CACHE_DIR", str(onnx_cache_dir))  # the embedder's ONNX, shared with other tests
         result = featbank.fit(quickstart_like / "runs" / "elpv.h5", "linear", out=quickstart_like / "models",
                               name="quickstart-linear")
         featbank.export_model(result.path, quickstart_like / "models" / "quickstart-linear.onnx")
@@ -90,13 +92,15 @@ def quickstart_onnx(quickstart_like: Path, tmp_path_factory: pytest.TempPathFact
 
 
 @pytest.mark.parametrize("code", _python_params())
-def test_readme_python_block_runs(code: str, request: pytest.FixtureRequest, tmp_path: Path,
+def test_readme_python_block_runs(code: str, request: pytest.FixtureRequest, tmp_path: Path, _isolated_cache_dir: Path,
                                   monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     work = tmp_path / "work"
     shutil.copytree(request.getfixturevalue("quickstart_onnx" if _needs_export(code) else "quickstart_like"), work)
     if "featbank.extract(" in code:  # the block writes the cache itself, from nothing, as a reader would
         for name in ("elpv.h5", "elpv.h5.lock"):
             (work / "runs" / name).unlink(missing_ok=True)
+        # The backbone's ONNX export (a minute for Lite0) is shared with the other tests, as in test_extract.
+        (_isolated_cache_dir / "onnx").symlink_to(request.getfixturevalue("onnx_cache_dir"), target_is_directory=True)
     monkeypatch.chdir(work)
     exec(compile(code, "README.md", "exec"), {"__name__": "__readme__"})
     out = capsys.readouterr().out
