@@ -46,7 +46,10 @@ def empty_torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
-@pytest.mark.parametrize("name", sorted(_REGISTRY))
+# The default and the test backbone in the inner loop; loading the optional Lite1/Lite2 weights is slow.
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=() if n in ("efficientnet_lite0", "test_tiny") else pytest.mark.slow) for n in sorted(_REGISTRY)
+])
 def test_every_registered_backbone_builds(name: str) -> None:
     info = _REGISTRY[name].info()
     if info.available:
