@@ -8,7 +8,8 @@
 # A rerun redoes only what is out of date: the data folder and the cache are reused (no image is
 # decoded again), the linear probe is refitted and exported again (seconds), and the LP-FT start
 # probe and the fine-tuned model are kept while they are newer than what they were made from.
-# QUICKSTART_FORCE=1 redoes every step; QUICKSTART_LIMIT=300 runs on a stratified subset of 300 images.
+# QUICKSTART_FORCE=1 refits the start probe and fine-tunes again (a newer featbank does not count as a
+# change); QUICKSTART_LIMIT=300 runs on a stratified subset of 300 images, with its own files.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 trap 'echo "quickstart: stopped with exit code $? at line $LINENO: $BASH_COMMAND" >&2' ERR
