@@ -46,7 +46,10 @@ def empty_torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
-@pytest.mark.parametrize("name", sorted(_REGISTRY))
+# The default and the test backbone in the inner loop; loading the optional Lite1/Lite2 weights is slow.
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=() if n in ("efficientnet_lite0", "test_tiny") else pytest.mark.slow) for n in sorted(_REGISTRY)
+])
 def test_every_registered_backbone_builds(name: str) -> None:
     info = _REGISTRY[name].info()
     if info.available:
@@ -87,6 +90,7 @@ def test_lite_transforms_come_from_their_configs() -> None:
     assert lite1.preprocess.interpolation == "bicubic"
 
 
+@pytest.mark.slow
 def test_torchvision_random_weights_take_the_default_weights_transform(empty_torch_home: Path) -> None:
     import torchvision
 
@@ -114,6 +118,7 @@ def test_torchvision_weights_missing_offline_say_how_to_provide_them(empty_torch
         load_backbone("resnet50", weights="IMAGENET1K_V9")
 
 
+@pytest.mark.slow
 def test_torchvision_hub_cache_and_weights_file(empty_torch_home: Path, tmp_path: Path) -> None:
     import torchvision
 

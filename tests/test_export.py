@@ -25,6 +25,8 @@ import featbank
 from featbank.errors import BundleError, ConfigError, ExportError
 
 REPO = Path(__file__).resolve().parents[1]
+# Every test here exports a real ONNX graph or runs a real process: the whole module is slow.
+pytestmark = pytest.mark.slow
 
 
 # --------------------------------------------------------------------------------------------

@@ -356,6 +356,7 @@ def test_decode_workers_give_the_same_cache(image_folder: Path, tmp_path: Path) 
     assert_same_cache(a, b, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_torch_and_onnxruntime_agree_on_test_tiny(image_folder: Path, tmp_path: Path, shared_onnx: Path) -> None:
     a = featbank.extract(image_folder, tmp_path / "t.h5", **TINY)
     b = featbank.extract(image_folder, tmp_path / "o.h5", **{**TINY, "engine": "onnxruntime"})
@@ -367,6 +368,7 @@ def test_torch_and_onnxruntime_agree_on_test_tiny(image_folder: Path, tmp_path: 
     np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-4 * np.abs(x).max())
 
 
+@pytest.mark.slow
 def test_lite0_end_to_end_engines_and_fast_rerun(tmp_path: Path, shared_onnx: Path) -> None:
     """The real default weights: torch and onnxruntime agree, and an unchanged rerun is quick."""
     data = make_image_folder(tmp_path / "data", classes=("a", "b"), n_per_class=5, size=(64, 80))
@@ -411,6 +413,7 @@ def test_interrupt_then_resume_in_process(image_folder: Path, tmp_path: Path) ->
     assert_same_cache(out, featbank.extract(image_folder, tmp_path / "ref.h5", **TINY).path)
 
 
+@pytest.mark.slow
 def test_overwrite_resume_after_folder_change_with_nothing_to_fold(image_folder: Path, tmp_path: Path) -> None:
     """An interrupted --overwrite run whose finished rows all changed must not fall back on the old key."""
     out = tmp_path / "c.h5"

@@ -99,6 +99,7 @@ def test_backbones_lists_the_registry() -> None:
     assert lite0["embed_dim"] == 1280 and lite0["available"] is True
 
 
+@pytest.mark.slow
 def test_real_subprocess(image_folder: Path, tmp_path: Path) -> None:
     exe = Path(sys.executable).with_name("featbank")
     out = tmp_path / "sub.h5"

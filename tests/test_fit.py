@@ -38,6 +38,7 @@ def test_sweep_picks_weak_regularisation_on_separable_data_and_strong_on_noise(t
     assert sep.eval_split == "val" and sep.notes
 
 
+@pytest.mark.slow
 def test_no_refit_keeps_the_head_that_was_scored_on_validation(tmp_path):
     from sklearn.metrics import log_loss
 
@@ -59,6 +60,7 @@ def test_no_refit_keeps_the_head_that_was_scored_on_validation(tmp_path):
             assert loss < r.metrics["val"]["log_loss"] - 1e-3
 
 
+@pytest.mark.slow
 def test_uses_test_split_and_saves_a_complete_bundle(tmp_path):
     X, y = blobs(40, 16, 4, sep=0.8, seed=2)
     cache = write_synthetic_cache(tmp_path / "c.h5", X, y, splits=_splits(len(y)))
@@ -100,6 +102,7 @@ def test_streaming_fit_matches_in_memory(tmp_path):
         fit(cache, "SVC", save=False, max_memory="100KB")
 
 
+@pytest.mark.slow
 def test_shots_report_mean_and_std_over_seeds(tmp_path):
     X, y = blobs(30, 8, 3, sep=1.0)
     cache = write_synthetic_cache(tmp_path / "c.h5", X, y, splits=_splits(len(y)))
@@ -165,6 +168,7 @@ def test_refuses_unknown_head_and_parameter(tmp_path):
     _refuses(tmp_path, ConfigError, "val-split", cache, val_split=1.5)
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_a_cache_of_other_settings(tmp_path):
     X, y = blobs(10, 4, 2, sep=1.0)
     r = fit(write_synthetic_cache(tmp_path / "a.h5", X, y), out=tmp_path / "m")
@@ -176,6 +180,7 @@ def test_evaluate_refuses_a_cache_of_other_settings(tmp_path):
         evaluate(r.path, write_synthetic_cache(tmp_path / "c.h5", X8, y))
 
 
+@pytest.mark.slow
 def test_mlp_and_sklearn_heads_on_a_real_cache(tiny_cache, tmp_path):
     r = fit(tiny_cache, "mlp", params={"hidden_sizes": (16,), "max_epochs": 30}, out=tmp_path / "m1")
     assert r.chosen["epochs"] >= 1 and r.headline["top1"] >= 0.6

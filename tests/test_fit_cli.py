@@ -19,6 +19,7 @@ VENV_FEATBANK = Path(sys.executable).parent / "featbank"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head,params", [("linear", []), ("mlp", ["--param", "hidden_sizes=(8,)", "--param", "max_epochs=20"]),
                                          ("KNeighborsClassifier", ["--param", "n_neighbors=3"])])
 def test_each_head_end_to_end(tiny_cache, image_folder, tmp_path, head, params):
@@ -38,6 +39,7 @@ def test_each_head_end_to_end(tiny_cache, image_folder, tmp_path, head, params):
     assert len(preds[0]["top_k"]) == 2
 
 
+@pytest.mark.slow
 def test_fit_without_cache_uses_the_latest_and_says_so(tiny_cache, tmp_path, monkeypatch):
     import shutil
 
@@ -77,6 +79,7 @@ def test_help_ends_with_examples():
         assert "Examples:" in res.output
 
 
+@pytest.mark.slow
 def test_real_subprocess_fit(tiny_cache, tmp_path):
     env = dict(os.environ)
     proc = subprocess.run([str(VENV_FEATBANK), "fit", str(tiny_cache), "--param", "C=1.0", "--out", str(tmp_path / "m" / "sub")],

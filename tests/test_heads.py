@@ -73,6 +73,7 @@ def test_head_to_torch_for_linear_sklearn_pipelines(name, k):
     assert head_to_torch(make_sklearn_head("KNeighborsClassifier", {}).fit(X, y)) is None
 
 
+@pytest.mark.slow
 def test_linear_streaming_equals_in_memory(tmp_path):
     X, y = blobs(150, 24, 3, sep=0.5, seed=3)
     path = write_synthetic_cache(tmp_path / "c.h5", X, y)

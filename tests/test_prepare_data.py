@@ -36,6 +36,7 @@ def _files(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
 
 
+@pytest.mark.slow
 def test_digits(prep: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "digits"
     assert prep.main(["digits", str(out)]) == 0
@@ -85,6 +86,7 @@ def test_elpv_limit_four_classes(
     assert "already prepared" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_elpv_two_classes_split_and_jpeg(prep: ModuleType, tmp_path: Path) -> None:
     out = tmp_path / "elpv2"
     result = prep.build_elpv(out, n_classes=2, split="70-30", seed=1, limit=60, jpeg_fraction=0.5)
@@ -250,6 +252,7 @@ def test_bad_arguments(
     assert not (tmp_path / "e").exists()
 
 
+@pytest.mark.slow
 def test_photos_in_a_real_process(tmp_path: Path) -> None:
     out = tmp_path / "photos"
     cmd = [sys.executable, str(SCRIPT), "photos", str(out)]

@@ -137,6 +137,7 @@ def half_cache(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_then_resume(folder: Path, reference, half_cache: Path, tmp_path: Path) -> None:
     ref_path, ref = reference
     rng = random.Random(20240601)
@@ -167,6 +168,7 @@ def test_sigkill_at_random_points_then_resume(folder: Path, reference, half_cach
     assert killed >= 6, killed
 
 
+@pytest.mark.slow
 def test_resume_after_the_folder_changed(tmp_path: Path) -> None:
     data = make_image_folder(tmp_path / "data", classes=("a", "b"), n_per_class=30, size=(16, 16), seed=3)
     out = tmp_path / "c.h5"
@@ -181,6 +183,7 @@ def test_resume_after_the_folder_changed(tmp_path: Path) -> None:
     assert_equal_to(out, featbank.extract(data, tmp_path / "fresh.h5", **TINY).path)
 
 
+@pytest.mark.slow
 def test_ctrl_c_with_decode_workers_exits_130_and_resumes(tmp_path: Path) -> None:
     # Large smooth JPEGs take tens of ms each to decode: time to press Ctrl-C mid-run.
     data = tmp_path / "data"

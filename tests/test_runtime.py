@@ -74,6 +74,7 @@ def _odd_images(d: Path) -> list[Path]:
     return out
 
 
+@pytest.mark.slow
 def test_runtime_imports_and_predicts_without_torch(exported: tuple[Path, Path], tmp_path: Path) -> None:
     import featbank
 
@@ -96,6 +97,7 @@ print(json.dumps({{"probs": probs.tolist(), "bad": bad, "labels": [p.label for p
     assert len(out["labels"]) == len(paths) and set(out["labels"]) <= {"cat", "dog", "fox"}
 
 
+@pytest.mark.slow
 def test_any_mode_size_and_array_input(exported: tuple[Path, Path], tmp_path: Path) -> None:
     import featbank
 
@@ -121,6 +123,7 @@ def test_any_mode_size_and_array_input(exported: tuple[Path, Path], tmp_path: Pa
     assert clf.predict_proba([]).shape == (0, 3)
 
 
+@pytest.mark.slow
 def test_bad_images_and_inputs(exported: tuple[Path, Path], tmp_path: Path) -> None:
     import featbank
 
@@ -172,6 +175,7 @@ def test_refuses_files_that_are_not_featbank_models(tmp_path: Path) -> None:
         OnnxClassifier(tmp_path / "missing.onnx")
 
 
+@pytest.mark.slow
 def test_cli_predict_onnx_uses_runtime(exported: tuple[Path, Path], tmp_path: Path) -> None:
     from click.testing import CliRunner
 
@@ -204,6 +208,7 @@ def _node_ready() -> str | None:
     return None
 
 
+@pytest.mark.slow
 def test_node_snippet_matches_python(exported: tuple[Path, Path], tmp_path: Path) -> None:
     why = _node_ready()
     if why:

@@ -40,8 +40,10 @@ def _freeze_before(features: nn.Module, prefix: str) -> None:
 
 @pytest.mark.parametrize("name,first,units", [
     ("test_tiny", "stage2.", ["stage2.0", "stage2.1", "stage2.2", "pool"]),
-    ("resnet18", "layer3.", ["layer3.0", "layer3.1", "layer4.0", "layer4.1", "avgpool", "fc"]),
-    ("efficientnet_lite0", "blocks.5.", ["blocks.5", "blocks.6", "conv_head", "bn2", "global_pool", "classifier"]),
+    pytest.param("resnet18", "layer3.", ["layer3.0", "layer3.1", "layer4.0", "layer4.1", "avgpool", "fc"],
+                 marks=pytest.mark.slow),
+    pytest.param("efficientnet_lite0", "blocks.5.", ["blocks.5", "blocks.6", "conv_head", "bn2", "global_pool",
+                                                     "classifier"], marks=pytest.mark.slow),
 ])
 def test_split_is_exact(name: str, first: str, units: list[str]) -> None:
     """suffix(prefix(x)) equals the backbone's own forward pass, cut before the first trainable unit."""
@@ -96,6 +98,7 @@ def test_views_are_the_symmetries_asked_for() -> None:
     assert vs[0] == (0, False) and len({apply_view(x, v).numpy().tobytes() for v in vs}) == 8
 
 
+@pytest.mark.slow
 def test_cached_partial_trains_only_the_suffix(image_folder: Path, tmp_path: Path) -> None:
     base = load_backbone("test_tiny").features.state_dict()
     rep = ft.finetune(image_folder, tmp_path / "m", strategy="partial", trainable_from="stage2", lr=0.05,
@@ -117,6 +120,7 @@ def test_cached_partial_trains_only_the_suffix(image_folder: Path, tmp_path: Pat
     assert pred.ok.all()
 
 
+@pytest.mark.slow
 def test_cached_lpft_starts_from_the_probe(image_folder: Path, tmp_path: Path) -> None:
     from featbank.fitting import fit
 
@@ -147,6 +151,7 @@ ft.finetune(sys.argv[1], sys.argv[2], backbone="test_tiny", epochs=3, batch_size
 """
 
 
+@pytest.mark.slow
 def test_cached_kill_then_resume_equals_uninterrupted(image_folder: Path, tmp_path: Path) -> None:
     settings = dict(backbone="test_tiny", epochs=3, batch_size=8, lr=0.05, patience=0, strategy="partial",
                     trainable_from="stage2", cache_frozen=True, rot90=True, num_workers=0, progress=False)
