@@ -151,11 +151,12 @@ _DRIVER = textwrap.dedent(
     from featbank.extraction._launch import run_prepared
     from featbank.extraction._sharded import RowSource, prepare
 
-    data, out, launcher, procs = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-    prep = prepare(RowSource.from_index(scan_folder(data)), out, backbone="test_tiny", engine="torch",
-                   num_workers=0, shard_size=int(sys.argv[5]), batch_size=int(sys.argv[6]))
-    report = run_prepared(prep, launcher=launcher, procs=procs, finalize_only=launcher == "finalize")
-    print("published", report.published, report.n_written)
+    if __name__ == "__main__":  # spawned workers import this file again
+        data, out, launcher, procs = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+        prep = prepare(RowSource.from_index(scan_folder(data)), out, backbone="test_tiny", engine="torch",
+                       num_workers=0, shard_size=int(sys.argv[5]), batch_size=int(sys.argv[6]))
+        report = run_prepared(prep, launcher=launcher, procs=procs, finalize_only=launcher == "finalize")
+        print("published", report.published, report.n_written)
     """
 )
 
@@ -200,9 +201,9 @@ def test_ray_local_cluster_equals_one_process(image_folder, tmp_path):
 @pytest.mark.slow
 def test_a_worker_killed_mid_shard_resumes_exactly_once(tmp_path):
     psutil = pytest.importorskip("psutil")
-    data = make_image_folder(tmp_path / "data", n_per_class=12)
+    data = make_image_folder(tmp_path / "data", n_per_class=30, size=(160, 160))
     out, ref = tmp_path / "c.h5", tmp_path / "ref.h5"
-    cmd = [sys.executable, str(_driver(tmp_path)), str(data), str(out), "local", "2", "6", "1"]
+    cmd = [sys.executable, str(_driver(tmp_path)), str(data), str(out), "local", "2", "10", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     folder = parts_dir(out)
     deadline = time.time() + 240
@@ -211,12 +212,13 @@ def test_a_worker_killed_mid_shard_resumes_exactly_once(tmp_path):
         published = list(folder.glob("part-*.h5")) if folder.exists() else []
         partials = list(folder.glob(".part-*.partial")) if folder.exists() else []
         if published and partials:
-            children = psutil.Process(proc.pid).children()
+            children = [c for c in psutil.Process(proc.pid).children()
+                        if "resource_tracker" not in " ".join(c.cmdline())]
             if children:
                 killed = children[0].pid
                 os.kill(killed, signal.SIGKILL)
                 break
-        time.sleep(0.05)
+        time.sleep(0.01)
     _, err = proc.communicate(timeout=240)
     assert killed is not None, "no worker was caught mid-shard"
     assert proc.returncode != 0 and "died" in err and "run the same command again" in err
@@ -227,7 +229,7 @@ def test_a_worker_killed_mid_shard_resumes_exactly_once(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     after = _mtimes(out)
     assert all(after[n] == t for n, t in kept.items())  # finished parts not recomputed
-    run_prepared(_prepare(data, ref, shard_size=6, batch_size=1))
+    run_prepared(_prepare(data, ref, shard_size=10, batch_size=1))
     a, b = _read(out), _read(ref)
-    assert a["paths"] == b["paths"] and len(set(a["paths"])) == 36
+    assert a["paths"] == b["paths"] and len(set(a["paths"])) == 90
     np.testing.assert_allclose(a["emb"], b["emb"], atol=1e-5)

@@ -126,8 +126,8 @@ def run_local(jobs: Sequence[ShardJob], procs: int = 1) -> list[PartInfo]:
                 kind, payload = None, None
             if kind is None:  # the worker died
                 proc.join()
-                if current is not None:
-                    failures.append(f"worker {slot} (pid {proc.pid}) died with exit code {proc.exitcode} during shard {current.shard_id}")
+                during = f"during shard {current.shard_id}" if current is not None else "before taking a shard"
+                failures.append(f"worker {slot} (pid {proc.pid}) died with exit code {proc.exitcode} {during}")
                 del workers[slot]
                 continue
             if kind == "done":
@@ -143,7 +143,7 @@ def run_local(jobs: Sequence[ShardJob], procs: int = 1) -> list[PartInfo]:
                 workers[slot] = (conn, proc, nxt)
     if failures or pending:
         raise CacheError(
-            f"{len(failures)} shard(s) failed and {len(pending)} were not started:\n  " + "\n  ".join(failures[:10])
+            f"Sharded extraction failed ({len(pending)} shard(s) not started):\n  " + "\n  ".join(failures[:10])
             + "\nFinished parts are kept; run the same command again to resume."
         )
     return done
