@@ -39,7 +39,7 @@ class RowSource:
         layout: ``imagefolder``, ``splits``, ``flat``, ``manifest`` or ``webdataset``.
         tars: for WebDataset: tar names (relative to ``root``) and their row counts, in order.
         skipped: rows refused while listing (``(key, reason, fingerprint)``), recorded in the cache.
-        members: for WebDataset: per row, the image member's name in its tar.
+        members: for WebDataset: per row, ``"<tar>\\0<image member name>"``.
     """
 
     root: Path
@@ -190,7 +190,7 @@ def prepare(
 
 def _tar_rows(plan: Plan, source: RowSource) -> np.ndarray:
     pos = {s.tar: i for i, s in enumerate(plan.shards)}
-    return np.array([pos[k.rsplit("/", 1)[0]] for k in source.keys], np.int64).reshape(-1)
+    return np.array([pos[m.partition("\0")[0]] for m in source.members], np.int64).reshape(-1)
 
 
 _ENGINES: dict[tuple[Any, ...], Any] = {}
