@@ -75,6 +75,9 @@ def test_incremental_add_change_delete_rewrite_only_their_shard(image_folder, tm
     run_prepared(prep)
     after = _mtimes(out)
     assert table[2] not in after and sum(n not in before for n in after) == 1
+    new_part = next(n for n in after if n not in before)
+    with h5py.File(parts_dir(out) / new_part, "r") as f:
+        assert f.attrs["n_reused"] == 5  # the shard's 5 unchanged rows were copied, one was embedded
     assert all(after[n] == before[n] for n in after if n in before)  # untouched parts kept byte for byte
     fresh = tmp_path / "fresh.h5"
     run_prepared(_prepare(image_folder, fresh))

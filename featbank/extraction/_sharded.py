@@ -8,8 +8,8 @@ every planned part and publish the index, then drop parts no index refers to).
 
 from __future__ import annotations
 
+import bisect
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,7 +20,7 @@ import numpy as np
 from .._files import remove_orphans, timestamp
 from ..cache._index import PlannedPart, finalize_index, read_parts_table
 from ..cache._parts import PartInfo, PartRows, PartWriter, describe_part, part_name, parts_dir, rows_digest
-from ..cache._schema import compute_cache_key
+from ..cache._schema import _decode, compute_cache_key
 from ..errors import CacheError, CacheKeyMismatch, ConfigError
 from ._plan import DEFAULT_SHARD_SIZE, Plan, assign_rows, plan_shards, plan_tars, replan
 
@@ -90,6 +90,7 @@ class ShardJob:
     classes: list[str]
     layout: str
     settings: WorkerSettings
+    reuse: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -157,6 +158,7 @@ def prepare(
     identity = _identity(backbone, weights, weights_file)
     key = compute_cache_key(identity, dtype, precision)
     old = _old_plan(index_path, key, overwrite)
+    old_parts = {p.shard_id: p.name for p in read_parts_table(index_path)} if old is not None else {}
     if source.layout == "webdataset":
         plan = plan_tars([t for t, _ in source.tars], [n for _, n in source.tars], old if old and old.kind == "tar" else None)
     elif old is not None and old.kind == "range":
@@ -177,8 +179,9 @@ def prepare(
         planned_paths[shard.shard_id] = rows.paths
         if not (folder / part_name(shard.shard_id, digest)).exists():
             members = [source.members[r] for r in rows_i] if source.members else []
+            reuse = [old_parts[j] for j in _overlapping(old, plan, i) if j in old_parts] if old is not None else []
             jobs.append(ShardJob(shard.shard_id, rows, members, str(source.root), str(folder), key,
-                                 list(source.classes), source.layout, settings))
+                                 list(source.classes), source.layout, settings, reuse))
     attrs = {
         **{k: identity[k] for k in ("backbone", "weights", "weights_sha256", "transform")},
         "precision": precision, "engine": engine, "device": device, "root": str(source.root),
@@ -186,6 +189,19 @@ def prepare(
         "complete": True, "shard_size": plan.shard_size,
     }
     return Prepared(index_path, key, plan, planned, planned_paths, jobs, list(source.classes), attrs, list(source.skipped))
+
+
+def _overlapping(old: Plan, plan: Plan, i: int) -> list[int]:
+    """Ids of the old shards whose key range overlaps new shard ``i`` (whose parts may hold its rows)."""
+    if old.kind != plan.kind:
+        return []
+    if plan.kind == "tar":
+        return [s.shard_id for s in old.shards if s.tar == plan.shards[i].tar]
+    firsts = [s.first_key for s in old.shards]
+    a, b = plan.shards[i].first_key, plan.end_key(i)
+    lo = max(0, bisect.bisect_right(firsts, a) - 1)
+    hi = bisect.bisect_left(firsts, b) if b is not None else len(firsts)
+    return [old.shards[j].shard_id for j in range(lo, hi)]
 
 
 def _tar_rows(plan: Plan, source: RowSource) -> np.ndarray:
@@ -226,11 +242,48 @@ def run_shard(job: ShardJob) -> PartInfo:
         writer = PartWriter.create(folder, job.shard_id, job.key, job.rows, job.classes, s.embed_dim, s.dtype,
                                    attrs={"root": job.root, "layout": job.layout})
     try:
+        # Recorded in the part: how many rows were copied from old parts instead of embedded.
+        writer.file.attrs["n_reused"] = int(writer.file.attrs.get("n_reused", 0)) + _reuse_rows(writer, folder, job.reuse)
         skipped: dict[int, str] = {}
         _embed_rows(writer, job, skipped)
         return writer.finish(skipped)
     finally:
         writer.close()
+
+
+def _reuse_rows(writer: PartWriter, folder: Path, names: Sequence[str]) -> int:
+    """Copy the embeddings of unchanged rows (same key and fingerprint) from the shard's old parts.
+
+    This is what makes one new file cost one new row of compute, not a shard's worth.
+    """
+    todo = ~writer.done_mask()
+    want = {p: i for i, p in enumerate(writer.paths) if todo[i]}
+    copied = 0
+    for name in names:
+        try:
+            f = h5py.File(folder / name, "r")
+        except OSError:
+            continue  # a missing or damaged old part: its rows are embedded again
+        with f:
+            if str(f.attrs.get("cache_key", "")) != writer.key:
+                continue
+            old_paths = _decode(f["paths"][...])
+            old_fps = f["fingerprints"][...]
+            pairs = [(i, j) for j, p in enumerate(old_paths)
+                     if (i := want.get(p)) is not None and tuple(old_fps[j]) == tuple(writer.rows.fingerprints[i])]
+            if not pairs:
+                continue
+            new_rows = np.array([i for i, _ in pairs], np.int64)
+            old_rows = np.array([j for _, j in pairs], np.int64)
+            for start in range(0, len(pairs), 1 << 14):
+                sl = slice(start, start + (1 << 14))
+                lo, hi = int(old_rows[sl][0]), int(old_rows[sl][-1]) + 1
+                block = f["embeddings"][lo:hi][old_rows[sl] - lo]
+                writer.write_rows(new_rows[sl], block)
+            copied += len(pairs)
+            for i, _ in pairs:
+                want.pop(writer.paths[i], None)
+    return copied
 
 
 def _embed_rows(writer: PartWriter, job: ShardJob, skipped: dict[int, str]) -> None:
