@@ -217,7 +217,7 @@ def verify_cache(index_path: Path, *, full: bool = True) -> None:
 def finalize_index(
     index_path: Path, planned: Sequence[PlannedPart], key: str, classes: Sequence[str], attrs: dict[str, Any],
     *, planned_paths: dict[int, list[str]] | None = None, row_datasets: Sequence[str] = ROW_DATASETS,
-    plan_json: str = "",
+    plan_json: str = "", known: Sequence[PartInfo] = (),
 ) -> list[PartInfo]:
     """Publish the index once every planned shard has its part, or refuse.
 
@@ -225,7 +225,8 @@ def finalize_index(
     ``key``, holds (embedded + skipped) exactly the planned number of rows, and was written for
     the planned rows (its rows digest covers paths, fingerprints, labels, splits and classes). With
     ``planned_paths`` (shard id -> sorted paths) the parts' paths are also read and compared, and
-    checked unique across the whole cache.
+    checked unique across the whole cache. ``known`` (the previous index's table) spares hashing
+    a part again whose size and ``mtime_ns`` are unchanged, so publishing costs O(changed parts).
 
     Returns:
         The table of parts written into the index.
@@ -236,13 +237,18 @@ def finalize_index(
     folder = parts_dir(Path(index_path))
     problems: list[str] = []
     parts: list[PartInfo] = []
+    before = {p.name: p for p in known}
     for sp in planned:
         name = part_name(sp.shard_id, sp.rows_digest)
         path = folder / name
-        if not path.exists():
+        try:
+            st = path.stat()
+        except FileNotFoundError:
             problems.append(f"shard {sp.shard_id}: no part {folder.name}/{name}")
             continue
-        info = describe_part(path)
+        info = before.get(name)
+        if info is None or (info.size, info.mtime_ns) != (st.st_size, st.st_mtime_ns):
+            info = describe_part(path)
         if info.cache_key != key:
             problems.append(f"shard {sp.shard_id}: part {name} carries cache key {info.cache_key[:12]}…, the run's is {key[:12]}…")
         if info.n_rows + info.n_skipped != sp.n_rows:

@@ -269,20 +269,20 @@ def _reuse_rows(writer: PartWriter, folder: Path, names: Sequence[str]) -> int:
                 continue
             old_paths = _decode(f["paths"][...])
             old_fps = f["fingerprints"][...]
-            pairs = [(i, j) for j, p in enumerate(old_paths)
-                     if (i := want.get(p)) is not None and tuple(old_fps[j]) == tuple(writer.rows.fingerprints[i])]
-            if not pairs:
-                continue
-            new_rows = np.array([i for i, _ in pairs], np.int64)
-            old_rows = np.array([j for _, j in pairs], np.int64)
-            for start in range(0, len(pairs), 1 << 14):
-                sl = slice(start, start + (1 << 14))
-                lo, hi = int(old_rows[sl][0]), int(old_rows[sl][-1]) + 1
-                block = f["embeddings"][lo:hi][old_rows[sl] - lo]
-                writer.write_rows(new_rows[sl], block)
-            copied += len(pairs)
-            for i, _ in pairs:
-                want.pop(writer.paths[i], None)
+            idx = [(want.get(p, -1), j) for j, p in enumerate(old_paths)]
+            new_rows = np.array([i for i, _ in idx], np.int64)
+            old_rows = np.arange(len(idx), dtype=np.int64)
+            hit = new_rows >= 0
+            hit[hit] = np.all(old_fps[hit] == writer.rows.fingerprints[new_rows[hit]], axis=1)
+            new_rows, old_rows = new_rows[hit], old_rows[hit]
+            # Both sides are in key order: copy runs that are contiguous on both sides in one write each.
+            breaks = np.flatnonzero((np.diff(new_rows) != 1) | (np.diff(old_rows) != 1)) + 1
+            for a, b in zip(np.r_[0, breaks], np.r_[breaks, len(new_rows)]):
+                if b > a:
+                    writer.write_rows(new_rows[a:b], f["embeddings"][int(old_rows[a]):int(old_rows[b - 1]) + 1])
+            copied += len(new_rows)
+            for i in new_rows:
+                want.pop(writer.paths[int(i)], None)
     return copied
 
 
@@ -334,8 +334,12 @@ def finalize(prepared: Prepared) -> list[PartInfo]:
             created = None
     attrs = {**prepared.attrs, "created": created or prepared.attrs["updated"],
              "listing_skipped": json.dumps([list(s) for s in prepared.skipped])}
+    try:
+        known = read_parts_table(index_path) if created is not None else []
+    except (OSError, KeyError):  # a v1 file being replaced with --overwrite has no table
+        known = []
     parts = finalize_index(index_path, prepared.planned, prepared.key, prepared.classes, attrs,
-                           plan_json=prepared.plan.to_json())
+                           plan_json=prepared.plan.to_json(), known=known)
     _remove_unreferenced(index_path, parts)
     return parts
 
