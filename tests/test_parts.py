@@ -178,3 +178,13 @@ def test_part_writer_resumes_and_compacts_skipped_rows(tmp_path):
     w.close()
     assert PartWriter.open_if_valid(folder, 4, "z" * 64, w.digest) is None
     assert not PartWriter.partial_path(folder, 4, w.digest).exists()
+
+
+def test_read_rows_from_parts_equals_the_virtual_dataset(tmp_path):
+    from featbank.cache._index import read_rows
+
+    index, _, emb, _ = _cache(tmp_path)
+    np.testing.assert_array_equal(read_rows(index), emb)
+    np.testing.assert_array_equal(read_rows(index, 3, 13), emb[3:13])
+    assert read_rows(index, 0, 0).shape == (0, 8)
+    assert read_rows(index, name="labels").tolist() == [0, 1, 0, 1, 0, 0, 1, 0, 1, 0, 1, 0, 0, 1, 0]

@@ -236,3 +236,21 @@ def test_a_worker_killed_mid_shard_resumes_exactly_once(tmp_path):
     a, b = _read(out), _read(ref)
     assert a["paths"] == b["paths"] and len(set(a["paths"])) == 90
     np.testing.assert_allclose(a["emb"], b["emb"], atol=1e-5)
+
+
+def test_separate_jobs_then_finalize(image_folder, tmp_path):
+    from featbank.extraction._launch import run_slice
+
+    out, ref = tmp_path / "c.h5", tmp_path / "ref.h5"
+    prep = _prepare(image_folder, out)
+    run_slice(prep, 0, 2)  # shards 0, 2, 4
+    with pytest.raises(CacheError, match="(?s)shard 1: no part.*shard 3: no part"):
+        run_prepared(_prepare(image_folder, out), finalize_only=True)
+    assert not out.exists()
+    run_slice(_prepare(image_folder, out), 1, 2)
+    report = run_prepared(_prepare(image_folder, out), finalize_only=True)
+    assert report.published and report.n_rows == 24
+    run_prepared(_prepare(image_folder, ref))
+    np.testing.assert_array_equal(_read(out)["emb"], _read(ref)["emb"])
+    with pytest.raises(featbank.errors.ConfigError, match="rank"):
+        run_slice(prep, 2, 2)

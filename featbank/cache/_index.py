@@ -42,6 +42,7 @@ __all__ = [
     "check_parts",
     "verify_cache",
     "finalize_index",
+    "read_rows",
 ]
 
 INDEX_SCHEMA_VERSION = 2
@@ -280,3 +281,32 @@ def _check_paths(folder: Path, parts: Sequence[PartInfo], planned_paths: dict[in
             problems.append(f"shard {p.shard_id}: path {sorted(dup)[0]!r} is also in another part")
         seen.update(have)
     return problems
+
+
+def read_rows(index_path: Path, start: int = 0, stop: int | None = None, name: str = "embeddings",
+              parts: Sequence[PartInfo] | None = None) -> np.ndarray:
+    """Rows ``start:stop`` of a per-row dataset, read from the part files directly into one array.
+
+    The same values as the index's virtual dataset gives, without HDF5's virtual-dataset layer
+    (which costs a mapping lookup and a temporary copy per part); check the parts first.
+    """
+    index_path = Path(index_path)
+    folder = parts_dir(index_path)
+    parts = read_parts_table(index_path) if parts is None else parts
+    total = sum(p.n_rows for p in parts)
+    stop = total if stop is None else min(stop, total)
+    out = None
+    pos = 0
+    for p in parts:
+        lo, hi = max(start, pos), min(stop, pos + p.n_rows)
+        if hi > lo:
+            with h5py.File(folder / p.name, "r") as f:
+                ds = f[name]
+                if out is None:
+                    out = np.empty((stop - start, *ds.shape[1:]), ds.dtype)
+                ds.read_direct(out, np.s_[lo - pos:hi - pos], np.s_[lo - start:hi - start])
+        pos += p.n_rows
+    if out is None:
+        with h5py.File(index_path, "r") as f:
+            out = np.empty((max(0, stop - start), *f[name].shape[1:]), f[name].dtype)
+    return out

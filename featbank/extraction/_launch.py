@@ -31,7 +31,9 @@ from ..cache._parts import PartInfo
 from ..errors import CacheError, ConfigError, FeatbankError
 from ._sharded import Prepared, ShardJob, finalize, run_shard
 
-__all__ = ["LAUNCHERS", "ShardedReport", "resolve_launcher", "run_local", "run_torchrun", "run_ray", "run_prepared"]
+__all__ = [
+    "LAUNCHERS", "ShardedReport", "resolve_launcher", "run_local", "run_slice", "run_torchrun", "run_ray", "run_prepared",
+]
 
 LAUNCHERS = ("auto", "local", "torchrun", "ray")
 
@@ -147,6 +149,19 @@ def run_local(jobs: Sequence[ShardJob], procs: int = 1) -> list[PartInfo]:
             + "\nFinished parts are kept; run the same command again to resume."
         )
     return done
+
+
+def run_slice(prepared: Prepared, rank: int, world: int) -> list[PartInfo]:
+    """Run the shards whose id ≡ ``rank`` (mod ``world``) and publish nothing: one job of a Slurm
+    array (``rank = $SLURM_ARRAY_TASK_ID``); ``run_prepared(..., finalize_only=True)`` publishes
+    once every job is done.
+
+    Raises:
+        ConfigError: ``rank`` is not in ``[0, world)``.
+    """
+    if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
+        raise ConfigError(f"The rank must lie in [0, world size) and the world size be >= 1. Got rank {rank!r}, world {world!r}.")
+    return run_local([j for j in prepared.jobs if j.shard_id % world == rank], 1)
 
 
 def run_torchrun(prepared: Prepared, *, publish: bool = True) -> ShardedReport:
