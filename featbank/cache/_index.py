@@ -57,19 +57,27 @@ class PlannedPart:
     rows_digest: str
 
 
-def _vds(f: h5py.File, name: str, parts: Sequence[PartInfo], dataset: str, counts: Sequence[int],
+def _vds(f: h5py.Group, name: str, parts: Sequence[PartInfo], dataset: str, counts: Sequence[int],
          shape_tail: tuple[int, ...], dtype: Any, folder: str) -> None:
     total = int(sum(counts))
     if total == 0:
         f.create_dataset(name, shape=(0, *shape_tail), dtype=dtype)
         return
-    layout = h5py.VirtualLayout(shape=(total, *shape_tail), dtype=dtype)
+    from h5py import h5d, h5p, h5s, h5t
+
+    # The low-level calls: h5py's VirtualLayout costs ~0.4 ms of Python per mapping, which made
+    # rebuilding the index of 10^6 rows (100 parts x 8 datasets) the slowest step of an update.
+    dcpl = h5p.create(h5p.DATASET_CREATE)
+    vspace = h5s.create_simple((total, *shape_tail))
+    zeros = (0,) * len(shape_tail)
     pos = 0
     for p, n in zip(parts, counts):
         if n:
-            layout[pos:pos + n] = h5py.VirtualSource(f"{folder}/{p.name}", dataset, shape=(n, *shape_tail), dtype=dtype)
+            vspace.select_hyperslab((pos, *zeros), (n, *shape_tail))
+            dcpl.set_virtual(vspace, f"{folder}/{p.name}".encode(), dataset.encode(), h5s.create_simple((n, *shape_tail)))
             pos += n
-    f.create_virtual_dataset(name, layout, fillvalue=None)
+    tid = h5t.py_create(np.dtype(dtype), logical=True)
+    h5d.create(f.id, name.encode(), tid, h5s.create_simple((total, *shape_tail)), dcpl=dcpl).close()
 
 
 def _shapes(folder: Path, parts: Sequence[PartInfo], names: Sequence[str], group: str = "") -> dict[str, tuple[tuple[int, ...], Any]]:

@@ -17,7 +17,6 @@ WebDataset inputs get one shard per tar (:func:`plan_tars`), owned by the tar's 
 
 from __future__ import annotations
 
-import bisect
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
@@ -73,12 +72,16 @@ class Plan:
 def _check(keys: Sequence[str], shard_size: int) -> None:
     if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1:
         raise ConfigError(f"The 'shard_size' parameter must be a positive integer. Got {shard_size!r} instead.")
-    for a, b in zip(keys, keys[1:]):
-        if not a < b:
-            raise DatasetError(
-                f"Row keys must be unique and sorted; {a!r} is followed by {b!r}. "
-                "Two manifest rows name the same file? Remove the duplicate."
-            )
+    if len(keys) < 2:
+        return
+    arr = np.asarray(keys, dtype=str)
+    bad = np.flatnonzero(~(arr[1:] > arr[:-1]))  # numpy compares str by code point, as Python does
+    if bad.size:
+        a, b = keys[int(bad[0])], keys[int(bad[0]) + 1]
+        raise DatasetError(
+            f"Row keys must be unique and sorted; {a!r} is followed by {b!r}. "
+            "Two manifest rows name the same file? Remove the duplicate."
+        )
 
 
 def plan_shards(keys: Sequence[str], shard_size: int = DEFAULT_SHARD_SIZE) -> Plan:
@@ -98,8 +101,10 @@ def plan_shards(keys: Sequence[str], shard_size: int = DEFAULT_SHARD_SIZE) -> Pl
 
 def assign_rows(plan: Plan, keys: Sequence[str]) -> np.ndarray:
     """For each key, the index (into ``plan.shards``) of the shard whose range holds it."""
-    firsts = [s.first_key for s in plan.shards]
-    return np.array([bisect.bisect_right(firsts, k) - 1 for k in keys], np.int64).reshape(-1)
+    if len(keys) == 0:
+        return np.zeros(0, np.int64)
+    firsts = np.asarray([s.first_key for s in plan.shards], dtype=str)
+    return (np.searchsorted(firsts, np.asarray(keys, dtype=str), side="right") - 1).astype(np.int64)
 
 
 def replan(plan: Plan, keys: Sequence[str]) -> Plan:
