@@ -254,3 +254,76 @@ def test_separate_jobs_then_finalize(image_folder, tmp_path):
     np.testing.assert_array_equal(_read(out)["emb"], _read(ref)["emb"])
     with pytest.raises(featbank.errors.ConfigError, match="rank"):
         run_slice(prep, 2, 2)
+
+
+def _kill_mid_shard(proc: subprocess.Popen, folder: Path, pick) -> int | None:
+    """SIGKILL the first process ``pick`` selects once a part is published and another is in flight."""
+    import psutil
+
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if folder.exists() and list(folder.glob("part-*.h5")) and list(folder.glob(".part-*.partial")):
+            victims = [p for p in psutil.Process(proc.pid).children(recursive=True) if pick(" ".join(p.cmdline()))]
+            if victims:
+                os.kill(victims[0].pid, signal.SIGKILL)
+                return victims[0].pid
+        time.sleep(0.01)
+    return None
+
+
+@pytest.mark.slow
+def test_torchrun_rank_killed_mid_shard_then_rerun(tmp_path):
+    pytest.importorskip("psutil")
+    data = make_image_folder(tmp_path / "data", n_per_class=30, size=(160, 160))
+    out, ref = tmp_path / "c.h5", tmp_path / "ref.h5"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29518",
+           str(_driver(tmp_path)), str(data), str(out), "torchrun", "1", "10", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    killed = _kill_mid_shard(proc, parts_dir(out), lambda c: "driver.py" in c and "torch.distributed.run" not in c)
+    proc.communicate(timeout=240)
+    assert killed is not None and proc.returncode != 0 and not out.exists()
+    kept = _mtimes(out)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert all(_mtimes(out)[n] == t for n, t in kept.items())
+    run_prepared(_prepare(data, ref, shard_size=10, batch_size=1))
+    a, b = _read(out), _read(ref)
+    assert a["paths"] == b["paths"] and len(set(a["paths"])) == 90
+    np.testing.assert_allclose(a["emb"], b["emb"], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_ray_task_killed_mid_shard_is_retried(tmp_path):
+    pytest.importorskip("ray")
+    pytest.importorskip("psutil")
+    data = make_image_folder(tmp_path / "data", n_per_class=30, size=(160, 160))
+    out, ref = tmp_path / "c.h5", tmp_path / "ref.h5"
+    cmd = [sys.executable, str(_driver(tmp_path)), str(data), str(out), "ray", "2", "10", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    killed = _kill_mid_shard(proc, parts_dir(out), lambda c: c.startswith("ray::run_shard"))
+    _, err = proc.communicate(timeout=300)
+    assert killed is not None
+    assert proc.returncode == 0, err[-3000:]  # Ray retried the task; it resumed its own .partial
+    run_prepared(_prepare(data, ref, shard_size=10, batch_size=1))
+    a, b = _read(out), _read(ref)
+    assert a["paths"] == b["paths"] and len(set(a["paths"])) == 90
+    np.testing.assert_allclose(a["emb"], b["emb"], atol=1e-5)
+
+
+def test_a_v1_cache_migrates_in_place_and_the_next_run_has_nothing_to_do(image_folder, tiny_cache):
+    from featbank.extraction._sharded import migrate_v1
+
+    with h5py.File(tiny_cache, "r") as f:
+        v1 = {k: f[k][...] for k in ("embeddings", "labels", "splits", "paths", "fingerprints")}
+    parts = migrate_v1(tiny_cache, shard_size=5)
+    assert len(parts) == 5
+    got = _read(tiny_cache)
+    np.testing.assert_array_equal(got["emb"], v1["embeddings"])
+    assert got["paths"] == [p.decode() for p in v1["paths"]]
+    np.testing.assert_array_equal(got["labels"], v1["labels"])
+    with h5py.File(tiny_cache, "r") as f:
+        assert f.attrs["schema_version"] == 2 and f.attrs["backbone"] == "test_tiny"
+    prep = _prepare(image_folder, tiny_cache)
+    assert prep.jobs == []  # same rows, same key: every migrated part is reused as is
+    with pytest.raises(CacheError, match="schema version 2"):
+        migrate_v1(tiny_cache)

@@ -19,12 +19,12 @@ import numpy as np
 
 from .._files import remove_orphans, timestamp
 from ..cache._index import PlannedPart, finalize_index, read_parts_table
-from ..cache._parts import PartInfo, PartRows, PartWriter, describe_part, part_name, parts_dir, rows_digest
+from ..cache._parts import PartInfo, PartRows, PartWriter, describe_part, part_name, parts_dir, rows_digest, write_part
 from ..cache._schema import _decode, compute_cache_key
 from ..errors import CacheError, CacheKeyMismatch, ConfigError
 from ._plan import DEFAULT_SHARD_SIZE, Plan, assign_rows, plan_shards, plan_tars, replan
 
-__all__ = ["RowSource", "WorkerSettings", "ShardJob", "Prepared", "prepare", "run_shard", "finalize"]
+__all__ = ["RowSource", "WorkerSettings", "ShardJob", "Prepared", "prepare", "run_shard", "finalize", "migrate_v1"]
 
 
 @dataclass
@@ -353,3 +353,41 @@ def _remove_unreferenced(index_path: Path, parts: Sequence[PartInfo]) -> None:
             p.unlink(missing_ok=True)
         elif p.name.endswith(".partial"):  # every planned part is published: what is left is stale
             p.unlink(missing_ok=True)
+
+
+def migrate_v1(path: Path, *, shard_size: int = DEFAULT_SHARD_SIZE) -> list[PartInfo]:
+    """Turn a schema-v1 cache file into a v2 index over parts at the same path, embedding nothing.
+
+    Rows are copied shard by shard (one shard in memory at a time); the index replaces the v1
+    file atomically once every part is written, so a crash leaves the v1 file as it was.
+
+    Raises:
+        CacheError: ``path`` is not a readable schema-v1 featbank cache.
+    """
+    from ..cache import FeatureCache
+
+    path = Path(path)
+    with FeatureCache(path) as c:  # refuses anything but a readable v1 cache, with its message
+        meta = {k: v for k, v in c.metadata.items() if k not in ("format", "schema_version", "n_samples", "embed_dim")}
+        key, classes = c.cache_key, list(c.classes)
+        sk_fps = {p: tuple(int(v) for v in fp) for (p, _), fp in zip(c.skipped, c.skipped_fingerprints)}
+        sk_why = dict(c.skipped)
+        keys = sorted(set(c.paths) | set(sk_why))
+        plan = plan_shards(keys, shard_size)
+        where = assign_rows(plan, c.paths)
+        sk_where = assign_rows(plan, sorted(sk_why))
+        planned = []
+        for i, shard in enumerate(plan.shards):
+            rows_i = np.flatnonzero(where == i)
+            rows = PartRows([c.paths[r] for r in rows_i], c.fingerprints[rows_i], c.labels[rows_i], c.splits[rows_i])
+            bad_keys = [k for k, w in zip(sorted(sk_why), sk_where) if w == i]
+            bad = [(k, sk_why[k], sk_fps[k]) for k in bad_keys]
+            everything = sorted([*zip(rows.paths, rows.fingerprints.tolist(), rows.labels.tolist(), rows.splits.tolist()),
+                                 *((k, list(sk_fps[k]), -1, -1) for k in bad_keys)])
+            digest = rows_digest(PartRows([e[0] for e in everything], np.array([e[1] for e in everything], np.int64).reshape(-1, 2),
+                                          np.array([e[2] for e in everything], np.int64), np.array([e[3] for e in everything], np.int8)), classes)
+            emb = c.embeddings[int(rows_i[0]):int(rows_i[-1]) + 1] if len(rows_i) else np.zeros((0, c.embed_dim), c.embeddings.dtype)
+            write_part(parts_dir(path), shard.shard_id, key, rows, emb, classes, bad, digest=digest)
+            planned.append(PlannedPart(shard.shard_id, len(everything), digest))
+    meta.update(updated=timestamp(), shard_size=shard_size, migrated_from_schema=1)
+    return finalize_index(path, planned, key, classes, meta, plan_json=plan.to_json())
