@@ -188,3 +188,25 @@ def test_read_rows_from_parts_equals_the_virtual_dataset(tmp_path):
     np.testing.assert_array_equal(read_rows(index, 3, 13), emb[3:13])
     assert read_rows(index, 0, 0).shape == (0, 8)
     assert read_rows(index, name="labels").tolist() == [0, 1, 0, 1, 0, 0, 1, 0, 1, 0, 1, 0, 0, 1, 0]
+
+
+def test_parts_array_slices_like_the_virtual_dataset(tmp_path):
+    from featbank.cache._index import PartsArray
+
+    index, paths, emb, _ = _cache(tmp_path, sizes=(5, 0, 7, 3))
+    arr = PartsArray(index)
+    assert arr.shape == (15, 8) and arr.dtype == np.float32 and len(arr) == 15 and arr.ndim == 2
+    with h5py.File(index, "r") as f:
+        vds = f["embeddings"]
+        for sel in (slice(0, 15), slice(4, 6), slice(5, 12), slice(11, 15), slice(3, 3), 0, 14, -1, np.array([0, 4, 5, 13])):
+            np.testing.assert_array_equal(arr[sel], vds[sel])
+    out = np.zeros((20, 8), np.float32)
+    arr.read_direct(out, np.s_[2:14], np.s_[5:17])
+    np.testing.assert_array_equal(out[5:17], emb[2:14])
+    np.testing.assert_array_equal(arr[...], emb)
+    assert [p.decode() for p in PartsArray(index, "paths")[...]] == paths
+    with pytest.raises(IndexError):
+        arr[np.array([3, 1])]
+    with pytest.raises(IndexError):
+        arr[15]
+    arr.close()
