@@ -95,6 +95,7 @@ def add_v2(index: Path, keys: list[str], new: list[str], dim: int) -> dict[str, 
 
 
 def build_v1(path: Path, n: int, dim: int) -> None:
+    """A v1 cache of ``n`` synthetic rows, written by today's writer."""
     src = path.with_name("src.h5")
     with h5py.File(src, "w") as f:
         ds = f.create_dataset("embeddings", (n, dim), np.float32)
@@ -155,19 +156,26 @@ def contiguous_copy(index: Path, out: Path) -> None:
             ds[s:s + (1 << 16)] = src["embeddings"][s:s + (1 << 16)]
 
 
-def bench_incremental(work: Path, sizes: list[int], dim: int, shard_size: int) -> dict:
+def bench_incremental(work: Path, sizes: list[int], dim: int, shard_size: int, repeats: int = 3) -> dict:
+    """Median of ``repeats`` incremental adds per size (v2); one full rewrite (v1) per size."""
     out = {}
     for n in sizes:
         d = work / f"n{n}"
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
         keys = _keys(n)
-        new = [f"a/{n // 4:09d}.new{j}.png" for j in range(10)]  # 10 files landing in one shard
         build_v2(d / "v2.h5", keys, dim, shard_size)
-        v2 = add_v2(d / "v2.h5", keys, new, dim)
+        runs = []
+        for r in range(repeats):
+            new = [f"a/{n // 4 + r * 7:09d}.new{j}.png" for j in range(10)]  # 10 files landing in one shard
+            os.sync()  # flush the build's dirty pages: an fsync must not pay for them (ext4 data=ordered)
+            runs.append(add_v2(d / "v2.h5", keys, new, dim))
+            keys = sorted(keys + new)
         build_v1(d / "v1.h5", n, dim)
-        v1 = add_v1(d / "v1.h5", keys, new, dim)
-        row = {"rows": n, "v2_write_s": v2["write_s"], "v2_plan_s": v2["plan_s"], "v1_rewrite_s": v1}
+        os.sync()
+        v1 = add_v1(d / "v1.h5", _keys(n), [f"a/{n // 4:09d}.new{j}.png" for j in range(10)], dim)
+        row = {"rows": n, "v2_write_s": float(np.median([x["write_s"] for x in runs])),
+               "v2_plan_s": float(np.median([x["plan_s"] for x in runs])), "v1_rewrite_s": v1}
         if n == max(sizes):
             contiguous_copy(d / "v2.h5", d / "contiguous.h5")
             row["read_index_s"] = read_all(d / "v2.h5")

@@ -128,6 +128,15 @@ def test_a_deleted_part_is_named_and_recomputed_alone(image_folder, tmp_path):
     assert [j.shard_id for j in prep.jobs] == [victim.shard_id]
     run_prepared(prep)
     assert check_parts(out, full=True) == []
+    # Truncated in place: same name, other size. Named, then rewritten by the next run.
+    other = parts_dir(out) / read_parts_table(out)[0].name
+    with open(other, "r+b") as fh:
+        fh.truncate(other.stat().st_size // 2)
+    assert any(other.name in p and "truncated" in p for p in check_parts(out))
+    prep = _prepare(image_folder, out)
+    assert [(j.shard_id, j.replace_damaged) for j in prep.jobs] == [(0, True)]
+    run_prepared(prep)
+    assert check_parts(out, full=True) == [] and len(_read(out)["paths"]) == 24
 
 
 def test_procs_must_be_positive():

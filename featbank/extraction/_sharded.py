@@ -91,6 +91,7 @@ class ShardJob:
     layout: str
     settings: WorkerSettings
     reuse: list[str] = field(default_factory=list)
+    replace_damaged: bool = False
 
 
 @dataclass
@@ -158,7 +159,9 @@ def prepare(
     identity = _identity(backbone, weights, weights_file)
     key = compute_cache_key(identity, dtype, precision)
     old = _old_plan(index_path, key, overwrite)
-    old_parts = {p.shard_id: p.name for p in read_parts_table(index_path)} if old is not None else {}
+    table = read_parts_table(index_path) if old is not None else []
+    old_parts = {p.shard_id: p.name for p in table}
+    recorded = {p.name: (p.size, p.mtime_ns) for p in table}
     if source.layout == "webdataset":
         plan = plan_tars([t for t, _ in source.tars], [n for _, n in source.tars], old if old and old.kind == "tar" else None)
     elif old is not None and old.kind == "range":
@@ -177,11 +180,14 @@ def prepare(
         digest = rows_digest(rows, source.classes)
         planned.append(PlannedPart(shard.shard_id, len(rows), digest))
         planned_paths[shard.shard_id] = rows.paths
-        if not (folder / part_name(shard.shard_id, digest)).exists():
+        final = folder / part_name(shard.shard_id, digest)
+        damaged = final.name in recorded and final.exists() and recorded[final.name] != _stat(final)
+        if damaged or not final.exists():
             members = [source.members[r] for r in rows_i] if source.members else []
             reuse = [old_parts[j] for j in _overlapping(old, plan, i) if j in old_parts] if old is not None else []
+            reuse = [n for n in reuse if n != final.name]  # never copy rows out of a damaged part
             jobs.append(ShardJob(shard.shard_id, rows, members, str(source.root), str(folder), key,
-                                 list(source.classes), source.layout, settings, reuse))
+                                 list(source.classes), source.layout, settings, reuse, damaged))
     attrs = {
         **{k: identity[k] for k in ("backbone", "weights", "weights_sha256", "transform")},
         "precision": precision, "engine": engine, "device": device, "root": str(source.root),
@@ -189,6 +195,11 @@ def prepare(
         "complete": True, "shard_size": plan.shard_size,
     }
     return Prepared(index_path, key, plan, planned, planned_paths, jobs, list(source.classes), attrs, list(source.skipped))
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
 
 
 def _overlapping(old: Plan, plan: Plan, i: int) -> list[int]:
@@ -234,6 +245,8 @@ def run_shard(job: ShardJob) -> PartInfo:
     folder.mkdir(parents=True, exist_ok=True)
     digest = rows_digest(job.rows, job.classes)
     final = folder / part_name(job.shard_id, digest)
+    if job.replace_damaged:
+        final.unlink(missing_ok=True)  # changed since the index recorded it (truncated, edited)
     if final.exists():
         return describe_part(final)
     s = job.settings
