@@ -188,6 +188,21 @@ def bench_incremental(work: Path, sizes: list[int], dim: int, shard_size: int, r
     return out
 
 
+def bench_read(work: Path, n: int, dim: int, shard_size: int) -> dict:
+    """Read every embedding: the index (virtual datasets), the parts directly, one contiguous dataset."""
+    d = work / f"read{n}x{dim}"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    build_v2(d / "v2.h5", _keys(n), dim, shard_size)
+    contiguous_copy(d / "v2.h5", d / "contiguous.h5")
+    os.sync()
+    row = {"rows": n, "embed_dim": dim, "read_index_s": read_all(d / "v2.h5"),
+           "read_parts_direct_s": read_parts_direct(d / "v2.h5"), "read_contiguous_s": read_all(d / "contiguous.h5")}
+    print(json.dumps(row), flush=True)
+    shutil.rmtree(d, ignore_errors=True)
+    return row
+
+
 def bench_procs(work: Path, n_images: int, shard_size: int) -> dict:
     from PIL import Image
 
@@ -221,6 +236,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=240, help="images for the --procs comparison")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_scale"))
     ap.add_argument("--skip-procs", action="store_true")
+    ap.add_argument("--read-rows", type=int, default=100_000, help="rows of the read benchmark at --read-dim")
+    ap.add_argument("--read-dim", type=int, default=1280, help="a real backbone's width (EfficientNet-Lite0: 1280)")
     args = ap.parse_args()
     os.environ.setdefault("FEATBANK_CACHE_DIR", str(args.work / "featbank-cache"))
     inc = bench_incremental(args.work, args.sizes, args.embed_dim, args.shard_size)
@@ -233,6 +250,9 @@ def main() -> None:
         "read_index_over_contiguous_speed": hi["read_contiguous_s"] / hi["read_index_s"],
         "read_parts_direct_over_contiguous_speed": hi["read_contiguous_s"] / hi["read_parts_direct_s"],
     }
+    rd = bench_read(args.work, args.read_rows, args.read_dim, args.shard_size)
+    summary[f"read_index_over_contiguous_speed_at_{args.read_dim}d"] = rd["read_contiguous_s"] / rd["read_index_s"]
+    summary[f"read_parts_direct_over_contiguous_speed_at_{args.read_dim}d"] = rd["read_contiguous_s"] / rd["read_parts_direct_s"]
     if not args.skip_procs:
         procs = bench_procs(args.work, args.images, max(1, args.images // 8))
         summary["procs2_over_procs1_throughput"] = procs[2] / procs[1]

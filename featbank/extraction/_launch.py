@@ -67,10 +67,12 @@ def _pinned(job: ShardJob, slot: int, n_gpu: int) -> ShardJob:
     return job
 
 
-def _local_worker(conn: Any, slot: int, n_gpu: int) -> None:
+def _local_worker(conn: Any, slot: int, n_gpu: int, threads: int) -> None:
     """Loop of one local worker: ask for a job, run it, report; ``None`` means stop."""
     import torch
 
+    # N workers with torch's default (every core each) would oversubscribe the CPU N times over.
+    torch.set_num_threads(threads)
     if n_gpu:
         torch.cuda.set_device(slot % n_gpu)
     conn.send(("ready", None))
@@ -105,9 +107,11 @@ def run_local(jobs: Sequence[ShardJob], procs: int = 1) -> list[PartInfo]:
     n_gpu = torch.cuda.device_count() if any(j.settings.device.startswith("cuda") for j in jobs) else 0
     pending = deque(jobs)
     workers: dict[int, tuple[Any, Any, ShardJob | None]] = {}
-    for slot in range(min(procs, len(jobs))):
+    n_procs = min(procs, len(jobs))
+    threads = max(1, (os.cpu_count() or 1) // n_procs)
+    for slot in range(n_procs):
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_local_worker, args=(child, slot, n_gpu), daemon=True)
+        proc = ctx.Process(target=_local_worker, args=(child, slot, n_gpu, threads), daemon=True)
         proc.start()
         child.close()
         workers[slot] = (parent, proc, None)
