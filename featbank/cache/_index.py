@@ -313,7 +313,9 @@ def read_rows(index_path: Path, start: int = 0, stop: int | None = None, name: s
                 ds = f[name]
                 if out is None:
                     out = np.empty((stop - start, *ds.shape[1:]), ds.dtype)
-                ds.read_direct(out, np.s_[lo - pos:hi - pos], np.s_[lo - start:hi - start])
+                # Into a contiguous view, not through a memory selection: HDF5 then reads straight
+                # into the array instead of through its 1 MB conversion buffer.
+                ds.read_direct(out[lo - start:hi - start], np.s_[lo - pos:hi - pos])
         pos += p.n_rows
     if out is None:
         with h5py.File(index_path, "r") as f:
@@ -355,7 +357,11 @@ class PartsArray:
         while lo < hi:
             start, stop = int(self._starts[k]), int(self._starts[k + 1])
             n = min(hi, stop) - lo
-            self._ds(k).read_direct(out, np.s_[lo - start:lo - start + n], np.s_[d0:d0 + n])
+            view = out[d0:d0 + n]
+            if view.flags.c_contiguous:  # straight into the array (see read_rows)
+                self._ds(k).read_direct(view, np.s_[lo - start:lo - start + n])
+            else:
+                self._ds(k).read_direct(out, np.s_[lo - start:lo - start + n], np.s_[d0:d0 + n])
             lo, d0, k = lo + n, d0 + n, k + 1
 
     def __getitem__(self, sel: Any) -> np.ndarray:
