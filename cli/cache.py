@@ -1,0 +1,52 @@
+"""featbank cache info|verify|export"""
+
+from __future__ import annotations
+
+import click
+
+
+@click.group()
+def cache() -> None:
+    """Inspect, check and export a feature cache.
+
+    \b
+    Examples:
+      featbank cache info runs/elpv.h5
+      featbank cache verify runs/elpv.h5
+      featbank cache export runs/elpv.h5 --format npy --out vectors/
+    """
+
+
+@cache.command()
+@click.argument("path", type=click.Path(dir_okay=False))
+def info(path: str) -> None:
+    """Print what the cache holds: rows, classes, splits, backbone, key, parts, skipped files."""
+    from featbank.cache._tools import describe_cache
+
+    for line in describe_cache(path).lines():
+        click.echo(line)
+
+
+@cache.command()
+@click.argument("path", type=click.Path(dir_okay=False))
+def verify(path: str) -> None:
+    """Check every part (v2: each file hashed against the index) or every byte (v1). Exit 0 or 2."""
+    from featbank.cache._tools import check_cache
+
+    summary = check_cache(path)
+    click.echo(f"ok: {summary.n_samples} rows" + (f" in {summary.n_parts} intact part(s)" if summary.schema_version >= 2 else ""))
+
+
+@cache.command()
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["npy", "parquet"]), default="npy", show_default=True,
+              help="npy: embeddings-N.npy + metadata-N.parquet per shard; parquet: one table per shard with an embedding column.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write the shards into.")
+@click.option("--rows-per-file", type=click.IntRange(min=1), default=None,
+              help="Rows per shard; default: one shard per part (v2) or 100,000 rows (v1).")
+def export(path: str, fmt: str, out: str, rows_per_file: int | None) -> None:
+    """Write the embeddings as shards for faiss/autofaiss, LanceDB or Spark, one shard in memory at a time."""
+    from featbank.cache._tools import export_cache
+
+    files = export_cache(path, out, format=fmt, rows_per_file=rows_per_file)
+    click.echo(f"wrote {len(files)} file(s) to {out}")

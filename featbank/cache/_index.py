@@ -1,0 +1,396 @@
+"""Schema v2: the cache users open is a small index file whose datasets are HDF5 virtual datasets over part files.
+
+Layout of an index (``cache.h5``, parts in ``cache.h5.parts/``, mapped by *relative* names so the
+folder holding both can move; HDF5 resolves a relative source name against the index file's own
+folder)::
+
+    embeddings, labels, splits, paths, fingerprints   virtual, rows of every part in plan order
+    skipped/{paths,reasons,fingerprints}              virtual, over the parts' skipped rows
+    classes                                           real, the cache's class names
+    parts/{shard_ids,names,n_rows,n_skipped,sizes,mtimes_ns,sha256,rows_digests}   the table of parts
+
+HDF5 fills the rows of a missing source file with the fill value (zeros, empty strings) without
+an error, so nothing may read an index before :func:`check_parts` has checked every part. The
+cheap check is size and ``mtime_ns`` against the table (catches a deleted, truncated, or
+replaced part); where they differ, or in :func:`verify_cache`, the sha256 recorded at write time
+decides. Hashing every part on every open would read the whole cache (51 GB for 10M rows), so
+the full hash is kept for ``featbank cache verify`` and for parts whose stat changed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import h5py
+import numpy as np
+
+from .. import __version__
+from .._files import fsync_dir, temporary_path
+from ..errors import CacheError
+from ._parts import ROW_DATASETS, SKIPPED_DATASETS, PartInfo, describe_part, file_sha256, part_name, parts_dir
+from ._schema import _FORMAT, _STR, SPLIT_NAMES, _decode
+
+__all__ = [
+    "INDEX_SCHEMA_VERSION",
+    "PlannedPart",
+    "write_index",
+    "read_parts_table",
+    "check_parts",
+    "verify_cache",
+    "finalize_index",
+    "read_rows",
+    "PartsArray",
+]
+
+INDEX_SCHEMA_VERSION = 2
+
+
+@dataclass(frozen=True)
+class PlannedPart:
+    """What the plan expects of one shard's part: its id, its planned row count and rows digest."""
+
+    shard_id: int
+    n_rows: int
+    rows_digest: str
+
+
+def _vds(f: h5py.Group, name: str, parts: Sequence[PartInfo], dataset: str, counts: Sequence[int],
+         shape_tail: tuple[int, ...], dtype: Any, folder: str) -> None:
+    total = int(sum(counts))
+    if total == 0:
+        f.create_dataset(name, shape=(0, *shape_tail), dtype=dtype)
+        return
+    from h5py import h5d, h5p, h5s, h5t
+
+    # The low-level calls: h5py's VirtualLayout costs ~0.4 ms of Python per mapping, which made
+    # rebuilding the index of 10^6 rows (100 parts x 8 datasets) the slowest step of an update.
+    dcpl = h5p.create(h5p.DATASET_CREATE)
+    vspace = h5s.create_simple((total, *shape_tail))
+    zeros = (0,) * len(shape_tail)
+    pos = 0
+    for p, n in zip(parts, counts):
+        if n:
+            vspace.select_hyperslab((pos, *zeros), (n, *shape_tail))
+            dcpl.set_virtual(vspace, f"{folder}/{p.name}".encode(), dataset.encode(), h5s.create_simple((n, *shape_tail)))
+            pos += n
+    tid = h5t.py_create(np.dtype(dtype), logical=True)
+    h5d.create(f.id, name.encode(), tid, h5s.create_simple((total, *shape_tail)), dcpl=dcpl).close()
+
+
+def _shapes(folder: Path, parts: Sequence[PartInfo], names: Sequence[str], group: str = "") -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Trailing shape and dtype of each per-row dataset, read from the first part that has rows."""
+    out: dict[str, tuple[tuple[int, ...], Any]] = {}
+    counts = [p.n_rows if not group else p.n_skipped for p in parts]
+    src = next((p for p, n in zip(parts, counts) if n), parts[0] if parts else None)
+    if src is None:
+        return out
+    with h5py.File(folder / src.name, "r") as f:
+        for name in names:
+            ds = f[f"{group}{name}"]
+            out[name] = (tuple(ds.shape[1:]), ds.dtype)
+    return out
+
+
+def write_index(
+    index_path: Path, parts: Sequence[PartInfo], classes: Sequence[str], attrs: dict[str, Any],
+    *, row_datasets: Sequence[str] = ROW_DATASETS, plan_json: str = "",
+) -> None:
+    """Write the index over ``parts`` (in order) atomically: temporary name, fsync, rename.
+
+    ``row_datasets`` names the per-row datasets every part holds; each is mapped the same way,
+    so datasets added later (layers, views) need no other change here.
+    """
+    index_path = Path(index_path)
+    folder = parts_dir(index_path)
+    rel = folder.name
+    tmp = temporary_path(index_path)
+    rows = [p.n_rows for p in parts]
+    skipped = [p.n_skipped for p in parts]
+    shapes = _shapes(folder, parts, row_datasets)
+    sk_shapes = _shapes(folder, parts, SKIPPED_DATASETS, group="skipped/")
+    defaults = {"embeddings": ((0,), np.float32), "labels": ((), np.int64), "splits": ((), np.int8),
+                "paths": ((), _STR), "fingerprints": ((2,), np.int64), "reasons": ((), _STR)}
+    try:
+        with h5py.File(tmp, "w") as f:
+            for name in row_datasets:
+                tail, dt = shapes.get(name, defaults.get(name, ((), np.float32)))
+                _vds(f, name, parts, name, rows, tail, dt, rel)
+            g = f.create_group("skipped")
+            for name in SKIPPED_DATASETS:
+                tail, dt = sk_shapes.get(name, defaults[name])
+                _vds(g, name, parts, f"skipped/{name}", skipped, tail, dt, rel)
+            f.create_dataset("classes", data=np.array(list(classes), dtype=object), dtype=_STR, shape=(len(classes),))
+            _write_table(f.create_group("parts"), parts)
+            for k, v in attrs.items():
+                f.attrs[k] = json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v
+            emb_tail, emb_dt = shapes.get("embeddings", ((int(attrs.get("embed_dim", 0)),), np.float32))
+            f.attrs.update(
+                format=_FORMAT, schema_version=INDEX_SCHEMA_VERSION, featbank_version=__version__,
+                split_names=json.dumps(list(SPLIT_NAMES)), n_samples=int(sum(rows)),
+                embed_dim=int(emb_tail[0]) if emb_tail else 0, dtype=str(np.dtype(emb_dt)),
+                n_parts=len(parts), parts_dir=rel, plan=plan_json,
+            )
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, index_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(index_path.parent)
+
+
+def _write_table(g: h5py.Group, parts: Sequence[PartInfo]) -> None:
+    g.create_dataset("shard_ids", data=np.array([p.shard_id for p in parts], np.int64))
+    g.create_dataset("names", data=np.array([p.name for p in parts], dtype=object), dtype=_STR, shape=(len(parts),))
+    g.create_dataset("n_rows", data=np.array([p.n_rows for p in parts], np.int64))
+    g.create_dataset("n_skipped", data=np.array([p.n_skipped for p in parts], np.int64))
+    g.create_dataset("sizes", data=np.array([p.size for p in parts], np.int64))
+    g.create_dataset("mtimes_ns", data=np.array([p.mtime_ns for p in parts], np.int64))
+    g.create_dataset("sha256", data=np.array([p.sha256 for p in parts], dtype=object), dtype=_STR, shape=(len(parts),))
+    g.create_dataset("rows_digests", data=np.array([p.rows_digest for p in parts], dtype=object), dtype=_STR, shape=(len(parts),))
+    g.attrs["cache_keys"] = json.dumps(sorted({p.cache_key for p in parts}))
+
+
+def read_parts_table(index: h5py.File | Path) -> list[PartInfo]:
+    """The table of parts of an open index (or an index path)."""
+    if not isinstance(index, h5py.File):
+        with h5py.File(index, "r") as f:
+            return read_parts_table(f)
+    g = index["parts"]
+    key = str(index.attrs.get("cache_key", ""))
+    cols = [g[c][...] for c in ("shard_ids", "names", "n_rows", "n_skipped", "sizes", "mtimes_ns", "sha256", "rows_digests")]
+    names, sha, dig = _decode(cols[1]), _decode(cols[6]), _decode(cols[7])
+    return [
+        PartInfo(int(cols[0][i]), names[i], int(cols[2][i]), int(cols[3][i]), int(cols[4][i]), int(cols[5][i]), sha[i], dig[i], key)
+        for i in range(len(names))
+    ]
+
+
+def check_parts(index_path: Path, parts: Sequence[PartInfo] | None = None, *, full: bool = False) -> list[str]:
+    """Problems with the parts an index lists (empty when every part is present and unchanged).
+
+    Args:
+        index_path: the index file.
+        parts: its table of parts, if already read.
+        full: hash every part (``featbank cache verify``); otherwise hash only parts whose size
+            or ``mtime_ns`` differ from the table.
+    """
+    index_path = Path(index_path)
+    folder = parts_dir(index_path)
+    parts = read_parts_table(index_path) if parts is None else parts
+    problems = []
+    for p in parts:
+        path = folder / p.name
+        rel = f"{folder.name}/{p.name}"
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            problems.append(f"part {rel} (shard {p.shard_id}, {p.n_rows} rows) is missing")
+            continue
+        except OSError as e:
+            problems.append(f"part {rel} cannot be read: {e.strerror or e}")
+            continue
+        if st.st_size != p.size:
+            problems.append(f"part {rel} has {st.st_size} bytes, the index recorded {p.size} (truncated or replaced)")
+            continue
+        if full or st.st_mtime_ns != p.mtime_ns:
+            try:
+                digest = file_sha256(path)
+            except OSError as e:
+                problems.append(f"part {rel} cannot be read: {e.strerror or e}")
+                continue
+            if digest != p.sha256:
+                problems.append(f"part {rel} changed since the index was written (its sha256 differs)")
+    return problems
+
+
+def verify_cache(index_path: Path, *, full: bool = True) -> None:
+    """Raise :class:`CacheError` naming every missing or changed part of an index, and what to run.
+
+    Raises:
+        CacheError: a part is missing, truncated or changed.
+    """
+    problems = check_parts(Path(index_path), full=full)
+    if problems:
+        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise CacheError(
+            f"Cache {str(index_path)!r} cannot be read: {len(problems)} of its part files are missing or "
+            f"changed, and HDF5 would fill their rows with zeros:\n  {shown}\nRun 'featbank extract DATA "
+            f"--out {index_path}' again to recompute those parts (the others are kept), then "
+            f"'featbank cache verify {index_path}'."
+        )
+
+
+def finalize_index(
+    index_path: Path, planned: Sequence[PlannedPart], key: str, classes: Sequence[str], attrs: dict[str, Any],
+    *, planned_paths: dict[int, list[str]] | None = None, row_datasets: Sequence[str] = ROW_DATASETS,
+    plan_json: str = "", known: Sequence[PartInfo] = (),
+) -> list[PartInfo]:
+    """Publish the index once every planned shard has its part, or refuse.
+
+    Checks, per planned shard: its part ``part-<id>-<digest>.h5`` exists and is complete, carries
+    ``key``, holds (embedded + skipped) exactly the planned number of rows, and was written for
+    the planned rows (its rows digest covers paths, fingerprints, labels, splits and classes). With
+    ``planned_paths`` (shard id -> sorted paths) the parts' paths are also read and compared, and
+    checked unique across the whole cache. ``known`` (the previous index's table) spares hashing
+    a part again whose size and ``mtime_ns`` are unchanged, so publishing costs O(changed parts).
+
+    Returns:
+        The table of parts written into the index.
+
+    Raises:
+        CacheError: a shard has no part, or a part does not match the plan; nothing is published.
+    """
+    folder = parts_dir(Path(index_path))
+    problems: list[str] = []
+    parts: list[PartInfo] = []
+    before = {p.name: p for p in known}
+    for sp in planned:
+        name = part_name(sp.shard_id, sp.rows_digest)
+        path = folder / name
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            problems.append(f"shard {sp.shard_id}: no part {folder.name}/{name}")
+            continue
+        info = before.get(name)
+        if info is None or (info.size, info.mtime_ns) != (st.st_size, st.st_mtime_ns):
+            info = describe_part(path)
+        if info.cache_key != key:
+            problems.append(f"shard {sp.shard_id}: part {name} carries cache key {info.cache_key[:12]}…, the run's is {key[:12]}…")
+        if info.n_rows + info.n_skipped != sp.n_rows:
+            problems.append(f"shard {sp.shard_id}: part {name} holds {info.n_rows} + {info.n_skipped} skipped rows, the plan has {sp.n_rows}")
+        if info.rows_digest != sp.rows_digest:
+            problems.append(f"shard {sp.shard_id}: part {name} was written for other rows than the plan's")
+        parts.append(info)
+    if not problems and planned_paths is not None:
+        problems += _check_paths(folder, parts, planned_paths)
+    if problems:
+        raise CacheError(
+            f"Refusing to publish {str(index_path)!r}: {len(problems)} problem(s):\n  " + "\n  ".join(problems[:20])
+            + "\nRun the extraction again (finished parts are kept), or 'featbank extract --finalize' once every worker is done."
+        )
+    write_index(Path(index_path), parts, classes, {**attrs, "cache_key": key}, row_datasets=row_datasets, plan_json=plan_json)
+    return parts
+
+
+def _check_paths(folder: Path, parts: Sequence[PartInfo], planned_paths: dict[int, list[str]]) -> list[str]:
+    problems, seen = [], set()
+    for p in parts:
+        with h5py.File(folder / p.name, "r") as f:
+            have = sorted(_decode(f["paths"][...]) + _decode(f["skipped/paths"][...]))
+        want = planned_paths.get(p.shard_id)
+        if want is not None and have != list(want):
+            problems.append(f"shard {p.shard_id}: part {p.name} holds other paths than the plan's")
+        dup = seen.intersection(have)
+        if dup:
+            problems.append(f"shard {p.shard_id}: path {sorted(dup)[0]!r} is also in another part")
+        seen.update(have)
+    return problems
+
+
+def read_rows(index_path: Path, start: int = 0, stop: int | None = None, name: str = "embeddings",
+              parts: Sequence[PartInfo] | None = None) -> np.ndarray:
+    """Rows ``start:stop`` of a per-row dataset, read from the part files directly into one array.
+
+    The same values as the index's virtual dataset gives, without HDF5's virtual-dataset layer
+    (which costs a mapping lookup and a temporary copy per part); check the parts first.
+    """
+    index_path = Path(index_path)
+    folder = parts_dir(index_path)
+    parts = read_parts_table(index_path) if parts is None else parts
+    total = sum(p.n_rows for p in parts)
+    stop = total if stop is None else min(stop, total)
+    out = None
+    pos = 0
+    for p in parts:
+        lo, hi = max(start, pos), min(stop, pos + p.n_rows)
+        if hi > lo:
+            with h5py.File(folder / p.name, "r") as f:
+                ds = f[name]
+                if out is None:
+                    out = np.empty((stop - start, *ds.shape[1:]), ds.dtype)
+                # Into a contiguous view, not through a memory selection: HDF5 then reads straight
+                # into the array instead of through its 1 MB conversion buffer.
+                ds.read_direct(out[lo - start:hi - start], np.s_[lo - pos:hi - pos])
+        pos += p.n_rows
+    if out is None:
+        with h5py.File(index_path, "r") as f:
+            out = np.empty((max(0, stop - start), *f[name].shape[1:]), f[name].dtype)
+    return out
+
+
+class PartsArray:
+    """A per-row dataset of a v2 cache read straight from its parts, sliceable like an h5py dataset.
+
+    What ``FeatureCache.embeddings`` can be for a v2 cache: ``shape``, ``dtype``, ``ndim``,
+    ``len()``, ``[a:b]``, ``[i]``, ``[sorted int array]`` and ``read_direct(out, np.s_[a:b],
+    np.s_[c:d])``, without HDF5's virtual-dataset layer (slower by ~1/3 on full reads). Part files
+    are opened on first use and kept open until :meth:`close`. Check the parts before using it.
+    """
+
+    def __init__(self, index_path: Path, name: str = "embeddings", parts: Sequence[PartInfo] | None = None):
+        self.index_path, self.name = Path(index_path), name
+        self.parts = [p for p in (read_parts_table(self.index_path) if parts is None else parts) if p.n_rows]
+        self._starts = np.cumsum([0] + [p.n_rows for p in self.parts])
+        self._files: dict[int, h5py.File] = {}
+        with h5py.File(self.index_path, "r") as f:
+            self.shape: tuple[int, ...] = tuple(f[name].shape)
+            self.dtype = f[name].dtype
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _ds(self, k: int) -> h5py.Dataset:
+        if k not in self._files:
+            self._files[k] = h5py.File(parts_dir(self.index_path) / self.parts[k].name, "r")
+        return self._files[k][self.name]
+
+    def read_direct(self, out: np.ndarray, source_sel: slice, dest_sel: slice) -> None:
+        lo, hi, _ = source_sel.indices(self.shape[0])
+        d0 = dest_sel.start or 0
+        k = int(np.searchsorted(self._starts, lo, side="right")) - 1
+        while lo < hi:
+            start, stop = int(self._starts[k]), int(self._starts[k + 1])
+            n = min(hi, stop) - lo
+            view = out[d0:d0 + n]
+            if view.flags.c_contiguous:  # straight into the array (see read_rows)
+                self._ds(k).read_direct(view, np.s_[lo - start:lo - start + n])
+            else:
+                self._ds(k).read_direct(out, np.s_[lo - start:lo - start + n], np.s_[d0:d0 + n])
+            lo, d0, k = lo + n, d0 + n, k + 1
+
+    def __getitem__(self, sel: Any) -> np.ndarray:
+        if isinstance(sel, (int, np.integer)):
+            i = int(sel) + (self.shape[0] if sel < 0 else 0)
+            if not 0 <= i < self.shape[0]:
+                raise IndexError(f"row {sel} out of range for {self.shape[0]} rows")
+            return self[i:i + 1][0]
+        if isinstance(sel, slice) and sel.step in (None, 1):
+            lo, hi, _ = sel.indices(self.shape[0])
+            out = np.empty((max(0, hi - lo), *self.shape[1:]), self.dtype)
+            self.read_direct(out, np.s_[lo:hi], np.s_[0:max(0, hi - lo)])
+            return out
+        if sel is Ellipsis:
+            return self[0:self.shape[0]]
+        rows = np.asarray(sel)
+        if rows.dtype == bool:
+            rows = np.flatnonzero(rows)
+        if rows.size and (np.any(np.diff(rows) < 0) or rows[0] < 0 or rows[-1] >= self.shape[0]):
+            raise IndexError("row indices must be sorted and in range, as h5py requires")
+        if rows.size == 0:
+            return np.empty((0, *self.shape[1:]), self.dtype)
+        lo = int(rows[0])
+        return self[lo:int(rows[-1]) + 1][rows - lo]
+
+    def close(self) -> None:
+        for f in self._files.values():
+            try:
+                f.close()
+            except Exception:  # noqa: BLE001
+                pass
+        self._files.clear()

@@ -1,0 +1,347 @@
+"""Part files of a schema-v2 cache: one HDF5 file per shard, with the datasets a v1 cache has for its rows.
+
+A part is immutable once published. It is written as ``.<name>.partial`` (datasets allocated in
+full, a ``status`` flag per row set only after the row's embedding was flushed, so a killed worker
+resumes inside the shard), then finished: the ``status`` dataset is dropped, rows that could not be
+read are moved to ``skipped/`` (which compacts the file, the rare case), the file is fsync'ed and
+renamed to ``part-<shard id>-<rows digest>.h5``. The name carries the digest of the rows it
+holds, so a rewritten shard gets a new name and the index that points at the old part stays
+readable until the new index replaces it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import h5py
+import numpy as np
+
+from .. import __version__
+from .._files import fsync_dir, temporary_path
+from ..errors import CacheError
+from ._schema import _STR, SPLIT_NAMES, _decode
+
+__all__ = [
+    "PART_FORMAT",
+    "ROW_DATASETS",
+    "PartRows",
+    "PartInfo",
+    "PartWriter",
+    "rows_digest",
+    "part_name",
+    "parts_dir",
+    "file_sha256",
+    "describe_part",
+    "write_part",
+]
+
+PART_FORMAT = "featbank-part"
+#: Per-row datasets every part holds and the index maps; layers/views add theirs to this list.
+ROW_DATASETS = ("embeddings", "labels", "splits", "paths", "fingerprints")
+#: Per-skipped-row datasets under ``skipped/``.
+SKIPPED_DATASETS = ("paths", "reasons", "fingerprints")
+
+
+@dataclass
+class PartRows:
+    """The planned rows of one shard, in cache order.
+
+    Attributes:
+        paths: row keys (relative paths, or ``<tar>/<__key__>``), sorted.
+        fingerprints: ``int64`` ``(n, 2)``: size in bytes and ``mtime_ns`` (or a member digest).
+        labels: ``int64`` ``(n,)`` indices into the cache's classes, -1 for none.
+        splits: ``int8`` ``(n,)`` indices into ``SPLIT_NAMES``, -1 for none.
+    """
+
+    paths: list[str]
+    fingerprints: np.ndarray
+    labels: np.ndarray
+    splits: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def take(self, rows: np.ndarray) -> "PartRows":
+        rows = np.asarray(rows, np.int64)
+        return PartRows(
+            [self.paths[i] for i in rows],
+            np.asarray(self.fingerprints, np.int64).reshape(-1, 2)[rows],
+            np.asarray(self.labels, np.int64)[rows],
+            np.asarray(self.splits, np.int8)[rows],
+        )
+
+
+@dataclass(frozen=True)
+class PartInfo:
+    """One published part as the index's table of parts records it."""
+
+    shard_id: int
+    name: str
+    n_rows: int
+    n_skipped: int
+    size: int
+    mtime_ns: int
+    sha256: str
+    rows_digest: str
+    cache_key: str
+
+
+def rows_digest(rows: PartRows, classes: Sequence[str]) -> str:
+    """sha256 over what a part's content depends on besides the key: rows, fingerprints, labels, splits, classes."""
+    h = hashlib.sha256(json.dumps(list(classes)).encode() + b"\n")
+    fps = np.asarray(rows.fingerprints, np.int64).reshape(-1, 2)
+    for p, fp, lab, sp in zip(rows.paths, fps, np.asarray(rows.labels), np.asarray(rows.splits)):
+        h.update(f"{p}\0{fp[0]}:{fp[1]}\0{int(lab)}\0{int(sp)}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+def part_name(shard_id: int, digest: str) -> str:
+    """``part-000123-<first 12 hex of the rows digest>.h5``."""
+    return f"part-{int(shard_id):06d}-{digest[:12]}.h5"
+
+
+def parts_dir(index_path: Path) -> Path:
+    """The folder of an index's parts: ``<index file name>.parts`` beside it."""
+    index_path = Path(index_path)
+    return index_path.with_name(index_path.name + ".parts")
+
+
+def file_sha256(path: Path, block: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _create_allocated(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: Any) -> h5py.Dataset:
+    """Contiguous and allocated now: later row writes change no HDF5 metadata, and reads are one slab."""
+    from h5py import h5d, h5p, h5s, h5t
+
+    dcpl = h5p.create(h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5d.FILL_TIME_ALLOC)
+    tid = h5t.py_create(np.dtype(dtype), logical=True)
+    return h5py.Dataset(h5d.create(group.id, name.encode(), tid, h5s.create_simple(shape), dcpl=dcpl))
+
+
+def _write_rows(f: h5py.File, rows: PartRows, classes: Sequence[str]) -> None:
+    n = len(rows)
+    f.create_dataset("paths", data=np.array(rows.paths, dtype=object), dtype=_STR, shape=(n,))
+    f.create_dataset("fingerprints", data=np.asarray(rows.fingerprints, np.int64).reshape(n, 2))
+    f.create_dataset("labels", data=np.asarray(rows.labels, np.int64).reshape(n))
+    f.create_dataset("splits", data=np.asarray(rows.splits, np.int8).reshape(n))
+    f.create_dataset("classes", data=np.array(list(classes), dtype=object), dtype=_STR, shape=(len(classes),))
+
+
+def _write_skipped(f: h5py.File, skipped: list[tuple[str, str, tuple[int, int]]]) -> None:
+    g = f.require_group("skipped")
+    m = len(skipped)
+    g.create_dataset("paths", data=np.array([s[0] for s in skipped], dtype=object), dtype=_STR, shape=(m,))
+    g.create_dataset("reasons", data=np.array([s[1] for s in skipped], dtype=object), dtype=_STR, shape=(m,))
+    g.create_dataset("fingerprints", data=np.array([s[2] for s in skipped], np.int64).reshape(m, 2))
+
+
+class PartWriter:
+    """The ``.partial`` file of one shard in flight; duck-types the v1 ``StagingFile`` for the embedding loop.
+
+    Attributes ``paths``, ``embeddings``, ``status``, ``file`` and the methods ``done_mask`` and
+    ``write_rows`` are what ``featbank.extraction._embedding._run`` uses.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.file = h5py.File(self.path, "r+")
+        f = self.file
+        self.key = str(f.attrs["cache_key"])
+        self.shard_id = int(f.attrs["shard_id"])
+        self.digest = str(f.attrs["rows_digest"])
+        self.classes = _decode(f["classes"][...])
+        self.rows = PartRows(
+            _decode(f["paths"][...]), f["fingerprints"][...].astype(np.int64),
+            f["labels"][...].astype(np.int64), f["splits"][...].astype(np.int8),
+        )
+        self.paths = self.rows.paths
+        self.embeddings = f["embeddings"]
+        self.status = f["status"]
+
+    @staticmethod
+    def partial_path(folder: Path, shard_id: int, digest: str) -> Path:
+        return Path(folder) / ("." + part_name(shard_id, digest) + ".partial")
+
+    @classmethod
+    def create(
+        cls, folder: Path, shard_id: int, key: str, rows: PartRows, classes: Sequence[str],
+        embed_dim: int, dtype: str, attrs: dict[str, Any] | None = None,
+    ) -> "PartWriter":
+        """A new ``.partial`` for ``rows`` (written under a temporary name, then renamed)."""
+        digest = rows_digest(rows, classes)
+        path = cls.partial_path(folder, shard_id, digest)
+        tmp = temporary_path(path)
+        n = len(rows)
+        with h5py.File(tmp, "w") as f:
+            for k, v in (attrs or {}).items():
+                f.attrs[k] = json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v
+            f.attrs.update(
+                format=PART_FORMAT, schema_version=2, featbank_version=__version__, cache_key=key,
+                shard_id=int(shard_id), rows_digest=digest, embed_dim=int(embed_dim), dtype=dtype,
+                split_names=json.dumps(list(SPLIT_NAMES)), classes_json=json.dumps(list(classes)),
+                complete=False,
+            )
+            _write_rows(f, rows, classes)
+            _create_allocated(f, "embeddings", (n, int(embed_dim)), dtype)
+            _create_allocated(f, "status", (n,), np.uint8)
+        os.replace(tmp, path)
+        return cls(path)
+
+    @classmethod
+    def open_if_valid(cls, folder: Path, shard_id: int, key: str, digest: str) -> "PartWriter | None":
+        """The ``.partial`` of an earlier run for exactly these rows and key; ``None`` otherwise."""
+        path = cls.partial_path(folder, shard_id, digest)
+        if not path.exists():
+            return None
+        try:
+            w = cls(path)
+        except Exception:  # noqa: BLE001 - a corrupt partial counts as empty
+            path.unlink(missing_ok=True)
+            return None
+        if w.key != key or w.digest != digest:
+            w.close()
+            path.unlink(missing_ok=True)
+            return None
+        return w
+
+    def done_mask(self) -> np.ndarray:
+        return self.status[...] == 1 if len(self.paths) else np.zeros(0, bool)
+
+    def write_rows(self, rows: np.ndarray, emb: np.ndarray) -> None:
+        """Write embeddings of ``rows`` (ascending), flush, then mark them done and flush again."""
+        if len(rows) == 0:
+            return
+        rows = np.asarray(rows, np.int64)
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
+        if hi - lo == len(rows):
+            self.embeddings[lo:hi] = emb
+            self.file.flush()
+            self.status[lo:hi] = 1
+        else:
+            for r, e in zip(rows, emb):
+                self.embeddings[int(r)] = e
+            self.file.flush()
+            for r in rows:
+                self.status[int(r)] = 1
+        self.file.flush()
+
+    def finish(self, skipped: dict[int, str]) -> PartInfo:
+        """Publish the part: every row is done or in ``skipped`` (row -> reason)."""
+        done = self.done_mask()
+        missing = np.flatnonzero(~done & ~np.isin(np.arange(len(done)), list(skipped)))
+        if missing.size:
+            raise CacheError(
+                f"Part {self.path.name} of shard {self.shard_id} has {missing.size} row(s) neither embedded "
+                "nor skipped; run the extraction again to finish it."
+            )
+        final = self.path.with_name(part_name(self.shard_id, self.digest))
+        if skipped:
+            info = self._finish_compacted(final, skipped)
+        else:
+            del self.file["status"]
+            self.file.attrs["complete"] = True
+            self.file.attrs["n_samples"] = len(self.paths)
+            _write_skipped(self.file, [])
+            self.file.flush()
+            self.close()
+            with open(self.path, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(self.path, final)
+            info = describe_part(final)
+        fsync_dir(final.parent)
+        return info
+
+    def _finish_compacted(self, final: Path, skipped: dict[int, str]) -> PartInfo:
+        keep = np.flatnonzero(~np.isin(np.arange(len(self.paths)), list(skipped)))
+        emb = self.embeddings[...][keep]
+        bad = [(self.paths[r], why, tuple(int(v) for v in self.rows.fingerprints[r])) for r, why in sorted(skipped.items())]
+        attrs = {k: v for k, v in self.file.attrs.items() if k not in ("complete",)}
+        self.close()
+        info = write_part(
+            final.parent, self.shard_id, self.key, self.rows.take(keep), emb, self.classes, bad,
+            attrs=attrs, digest=self.digest,
+        )
+        self.path.unlink(missing_ok=True)
+        return info
+
+    def close(self) -> None:
+        try:
+            self.file.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def write_part(
+    folder: Path, shard_id: int, key: str, rows: PartRows, embeddings: np.ndarray, classes: Sequence[str],
+    skipped: list[tuple[str, str, tuple[int, int]]] | None = None, *, attrs: dict[str, Any] | None = None,
+    digest: str | None = None,
+) -> PartInfo:
+    """Write a complete part from arrays in one go (temporary name, fsync, rename) and describe it.
+
+    ``digest`` is the digest of the *planned* rows (skipped ones included); default: of ``rows``.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    digest = digest or rows_digest(rows, classes)
+    final = folder / part_name(shard_id, digest)
+    tmp = temporary_path(final)
+    embeddings = np.asarray(embeddings)
+    n = len(rows)
+    if embeddings.shape[0] != n:
+        raise CacheError(f"internal error: {embeddings.shape[0]} embeddings for {n} rows")  # pragma: no cover
+    try:
+        with h5py.File(tmp, "w") as f:
+            for k, v in (attrs or {}).items():
+                f.attrs[k] = v
+            f.attrs.update(
+                format=PART_FORMAT, schema_version=2, featbank_version=__version__, cache_key=key,
+                shard_id=int(shard_id), rows_digest=digest, embed_dim=int(embeddings.shape[1]),
+                dtype=str(embeddings.dtype), split_names=json.dumps(list(SPLIT_NAMES)),
+                classes_json=json.dumps(list(classes)), complete=True, n_samples=n,
+            )
+            _write_rows(f, rows, classes)
+            ds = _create_allocated(f, "embeddings", embeddings.shape, embeddings.dtype)
+            if n:
+                ds[...] = embeddings
+            _write_skipped(f, list(skipped or []))
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(folder)
+    return describe_part(final)
+
+
+def describe_part(path: Path) -> PartInfo:
+    """Read a published part's attributes and hash its bytes.
+
+    Raises:
+        CacheError: not a complete featbank part.
+    """
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != PART_FORMAT or not bool(f.attrs.get("complete", False)):
+                raise CacheError(f"{str(path)!r} is not a complete featbank part file.")
+            n_rows = int(f["paths"].shape[0])
+            n_skipped = int(f["skipped/paths"].shape[0])
+            shard_id = int(f.attrs["shard_id"])
+            digest = str(f.attrs["rows_digest"])
+            key = str(f.attrs["cache_key"])
+    except OSError as e:
+        raise CacheError(f"Part {str(path)!r} is not a readable HDF5 file ({e}).") from None
+    st = path.stat()
+    return PartInfo(shard_id, path.name, n_rows, n_skipped, st.st_size, st.st_mtime_ns, file_sha256(path), digest, key)

@@ -1,0 +1,406 @@
+"""Sharded extraction into a schema-v2 cache: plan shards, embed each into a part, publish the index.
+
+One function per step so every launcher runs the same code: :func:`prepare` (scan, key, plan, the
+jobs still to do; deterministic, so every torchrun rank computes the same), :func:`run_shard`
+(one shard -> one part, resumable, skipping a part already published), :func:`finalize` (check
+every planned part and publish the index, then drop parts no index refers to).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import h5py
+import numpy as np
+
+from .._files import remove_orphans, timestamp
+from ..cache._index import PlannedPart, finalize_index, read_parts_table
+from ..cache._parts import PartInfo, PartRows, PartWriter, describe_part, part_name, parts_dir, rows_digest, write_part
+from ..cache._schema import _decode, compute_cache_key
+from ..errors import CacheError, CacheKeyMismatch, ConfigError
+from ._plan import DEFAULT_SHARD_SIZE, Plan, assign_rows, plan_shards, plan_tars, replan
+
+__all__ = ["RowSource", "WorkerSettings", "ShardJob", "Prepared", "prepare", "run_shard", "finalize", "migrate_v1"]
+
+
+@dataclass
+class RowSource:
+    """The rows to extract, in key order, and how to read them.
+
+    Attributes:
+        root: folder that relative keys are read from (a manifest's folder, the data folder).
+        keys: sorted unique row keys (relative paths, absolute paths, or ``<tar>/<__key__>``).
+        fingerprints, labels, splits: per row, as in :class:`featbank.data.ImageIndex`.
+        classes: class names (labels index into them).
+        layout: ``imagefolder``, ``splits``, ``flat``, ``manifest`` or ``webdataset``.
+        tars: for WebDataset: tar names (relative to ``root``) and their row counts, in order.
+        skipped: rows refused while listing (``(key, reason, fingerprint)``), recorded in the cache.
+        members: for WebDataset: per row, ``"<tar>\\0<image member name>"``.
+    """
+
+    root: Path
+    keys: list[str]
+    fingerprints: np.ndarray
+    labels: np.ndarray
+    splits: np.ndarray
+    classes: list[str]
+    layout: str
+    tars: list[tuple[str, int]] = field(default_factory=list)
+    skipped: list[tuple[str, str, tuple[int, int]]] = field(default_factory=list)
+    members: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_index(cls, index: Any) -> "RowSource":
+        """From a :class:`featbank.data.ImageIndex` (a scanned folder)."""
+        return cls(Path(index.root), list(index.paths), index.fingerprints, index.labels, index.splits,
+                   list(index.classes), index.layout)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What a worker needs to build its engine: picklable, the same for every shard of a run."""
+
+    backbone: str
+    weights: str | None
+    weights_file: str | None
+    engine: str
+    device: str
+    precision: str
+    dtype: str
+    batch_size: int
+    num_workers: int
+    embed_dim: int
+    transform: dict[str, Any]
+
+
+@dataclass
+class ShardJob:
+    """One shard to embed into one part."""
+
+    shard_id: int
+    rows: PartRows
+    members: list[str]
+    root: str
+    folder: str
+    key: str
+    classes: list[str]
+    layout: str
+    settings: WorkerSettings
+    reuse: list[str] = field(default_factory=list)
+    replace_damaged: bool = False
+
+
+@dataclass
+class Prepared:
+    """The outcome of :func:`prepare`: the plan, every shard's planned part, the jobs still to run."""
+
+    index_path: Path
+    key: str
+    plan: Plan
+    planned: list[PlannedPart]
+    planned_paths: dict[int, list[str]]
+    jobs: list[ShardJob]
+    classes: list[str]
+    attrs: dict[str, Any]
+    skipped: list[tuple[str, str, tuple[int, int]]]
+
+
+def _identity(backbone: str, weights: str | None, weights_file: str | None) -> dict[str, Any]:
+    from ..backbones import load_backbone, peek_identity
+
+    ident = peek_identity(backbone, weights, weights_file)
+    return ident if ident is not None else load_backbone(backbone, weights, weights_file).identity()
+
+
+def _old_plan(index_path: Path, key: str, overwrite: bool) -> Plan | None:
+    if not index_path.exists() or overwrite:
+        return None
+    try:
+        with h5py.File(index_path, "r") as f:
+            version = int(f.attrs.get("schema_version", -1))
+            have_key = str(f.attrs.get("cache_key", ""))
+            plan = str(f.attrs.get("plan", ""))
+    except OSError as e:
+        raise CacheError(f"{str(index_path)!r} is not a readable HDF5 file ({e}); pass --overwrite to replace it.") from None
+    if version != 2:
+        raise CacheError(
+            f"{str(index_path)!r} is a schema-v{version} cache; sharded extraction writes schema v2. "
+            "Pass --overwrite to replace it, or choose another --out."
+        )
+    if have_key != key:
+        raise CacheKeyMismatch(
+            f"Cache {str(index_path)!r} was made with other settings (cache key {have_key[:12]}…, this run's is "
+            f"{key[:12]}…). The file was left untouched. Pass --overwrite to replace it, or choose another --out."
+        )
+    return Plan.from_json(plan) if plan else None
+
+
+def prepare(
+    source: RowSource, index_path: Path, *, backbone: str, weights: str | None = None,
+    weights_file: str | None = None, engine: str = "torch", device: str = "cpu", dtype: str = "float32",
+    batch_size: int = 32, num_workers: int = 0, shard_size: int = DEFAULT_SHARD_SIZE, overwrite: bool = False,
+) -> Prepared:
+    """Plan the run: the cache key, the shards (keeping an existing index's boundaries), the jobs left.
+
+    A shard needs a job when its part for exactly its planned rows is not yet published.
+
+    Raises:
+        CacheKeyMismatch: the existing index was made with other settings.
+        CacheError: ``index_path`` is not a schema-v2 index (and ``overwrite`` is not set).
+    """
+    from ._options import _precision
+
+    index_path = Path(index_path)
+    precision = _precision(device.split(":")[0])
+    identity = _identity(backbone, weights, weights_file)
+    key = compute_cache_key(identity, dtype, precision)
+    old = _old_plan(index_path, key, overwrite)
+    table = read_parts_table(index_path) if old is not None else []
+    old_parts = {p.shard_id: p.name for p in table}
+    recorded = {p.name: (p.size, p.mtime_ns) for p in table}
+    if source.layout == "webdataset":
+        plan = plan_tars([t for t, _ in source.tars], [n for _, n in source.tars], old if old and old.kind == "tar" else None)
+    elif old is not None and old.kind == "range":
+        plan = replan(old, source.keys)
+    else:
+        plan = plan_shards(source.keys, shard_size)
+    settings = WorkerSettings(backbone, weights, weights_file, engine, device, precision, dtype, batch_size,
+                              num_workers, int(identity["embed_dim"]), identity["transform"])
+    folder = parts_dir(index_path)
+    where = assign_rows(plan, source.keys) if plan.kind == "range" else _tar_rows(plan, source)
+    planned, planned_paths, jobs = [], {}, []
+    for i, shard in enumerate(plan.shards):
+        rows_i = np.flatnonzero(where == i)
+        rows = PartRows([source.keys[r] for r in rows_i], np.asarray(source.fingerprints).reshape(-1, 2)[rows_i],
+                        np.asarray(source.labels)[rows_i], np.asarray(source.splits)[rows_i])
+        digest = rows_digest(rows, source.classes)
+        planned.append(PlannedPart(shard.shard_id, len(rows), digest))
+        planned_paths[shard.shard_id] = rows.paths
+        final = folder / part_name(shard.shard_id, digest)
+        damaged = final.name in recorded and final.exists() and recorded[final.name] != _stat(final)
+        if damaged or not final.exists():
+            members = [source.members[r] for r in rows_i] if source.members else []
+            reuse = [old_parts[j] for j in _overlapping(old, plan, i) if j in old_parts] if old is not None else []
+            reuse = [n for n in reuse if n != final.name]  # never copy rows out of a damaged part
+            jobs.append(ShardJob(shard.shard_id, rows, members, str(source.root), str(folder), key,
+                                 list(source.classes), source.layout, settings, reuse, damaged))
+    attrs = {
+        **{k: identity[k] for k in ("backbone", "weights", "weights_sha256", "transform")},
+        "precision": precision, "engine": engine, "device": device, "root": str(source.root),
+        "layout": source.layout, "classes_json": json.dumps(list(source.classes)), "updated": timestamp(),
+        "complete": True, "shard_size": plan.shard_size,
+    }
+    return Prepared(index_path, key, plan, planned, planned_paths, jobs, list(source.classes), attrs, list(source.skipped))
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def _overlapping(old: Plan, plan: Plan, i: int) -> list[int]:
+    """Ids of the old shards whose key range overlaps new shard ``i`` (whose parts may hold its rows)."""
+    if old.kind != plan.kind:
+        return []
+    if plan.kind == "tar":
+        return [s.shard_id for s in old.shards if s.tar == plan.shards[i].tar]
+    firsts = [s.first_key for s in old.shards]
+    a, b = plan.shards[i].first_key, plan.end_key(i)
+    lo = max(0, bisect.bisect_right(firsts, a) - 1)
+    hi = bisect.bisect_left(firsts, b) if b is not None else len(firsts)
+    return [old.shards[j].shard_id for j in range(lo, hi)]
+
+
+def _tar_rows(plan: Plan, source: RowSource) -> np.ndarray:
+    pos = {s.tar: i for i, s in enumerate(plan.shards)}
+    return np.array([pos[m.partition("\0")[0]] for m in source.members], np.int64).reshape(-1)
+
+
+_ENGINES: dict[tuple[Any, ...], Any] = {}
+
+
+def _engine(settings: WorkerSettings) -> Any:
+    """One engine per process and settings, so a worker that runs many shards builds it once."""
+    k = (settings.backbone, settings.weights, settings.weights_file, settings.engine, settings.device, settings.precision)
+    if k not in _ENGINES:
+        from ..backbones import load_backbone
+        from ._engines import _make_engine
+
+        bb = load_backbone(settings.backbone, settings.weights, settings.weights_file)
+        _ENGINES[k] = _make_engine(settings.engine, bb, settings.device, settings.precision)
+    return _ENGINES[k]
+
+
+def run_shard(job: ShardJob) -> PartInfo:
+    """Embed one shard into its part and publish it; a part already published is returned as is.
+
+    Resumes a ``.partial`` left by a killed worker for the same rows and key. Unreadable images are
+    recorded in the part's ``skipped/`` with their reason.
+    """
+    folder = Path(job.folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    digest = rows_digest(job.rows, job.classes)
+    final = folder / part_name(job.shard_id, digest)
+    if job.replace_damaged:
+        final.unlink(missing_ok=True)  # changed since the index recorded it (truncated, edited)
+    if final.exists():
+        return describe_part(final)
+    s = job.settings
+    writer = PartWriter.open_if_valid(folder, job.shard_id, job.key, digest)
+    if writer is None:
+        writer = PartWriter.create(folder, job.shard_id, job.key, job.rows, job.classes, s.embed_dim, s.dtype,
+                                   attrs={"root": job.root, "layout": job.layout})
+    try:
+        # Recorded in the part: how many rows were copied from old parts instead of embedded.
+        writer.file.attrs["n_reused"] = int(writer.file.attrs.get("n_reused", 0)) + _reuse_rows(writer, folder, job.reuse)
+        skipped: dict[int, str] = {}
+        _embed_rows(writer, job, skipped)
+        return writer.finish(skipped)
+    finally:
+        writer.close()
+
+
+def _reuse_rows(writer: PartWriter, folder: Path, names: Sequence[str]) -> int:
+    """Copy the embeddings of unchanged rows (same key and fingerprint) from the shard's old parts.
+
+    This is what makes one new file cost one new row of compute, not a shard's worth.
+    """
+    todo = ~writer.done_mask()
+    want = {p: i for i, p in enumerate(writer.paths) if todo[i]}
+    copied = 0
+    for name in names:
+        try:
+            f = h5py.File(folder / name, "r")
+        except OSError:
+            continue  # a missing or damaged old part: its rows are embedded again
+        with f:
+            if str(f.attrs.get("cache_key", "")) != writer.key:
+                continue
+            old_paths = _decode(f["paths"][...])
+            old_fps = f["fingerprints"][...]
+            idx = [(want.get(p, -1), j) for j, p in enumerate(old_paths)]
+            new_rows = np.array([i for i, _ in idx], np.int64)
+            old_rows = np.arange(len(idx), dtype=np.int64)
+            hit = new_rows >= 0
+            hit[hit] = np.all(old_fps[hit] == writer.rows.fingerprints[new_rows[hit]], axis=1)
+            new_rows, old_rows = new_rows[hit], old_rows[hit]
+            # Both sides are in key order: copy runs that are contiguous on both sides in one write each.
+            breaks = np.flatnonzero((np.diff(new_rows) != 1) | (np.diff(old_rows) != 1)) + 1
+            for a, b in zip(np.r_[0, breaks], np.r_[breaks, len(new_rows)]):
+                if b > a:
+                    writer.write_rows(new_rows[a:b], f["embeddings"][int(old_rows[a]):int(old_rows[b - 1]) + 1])
+            copied += len(new_rows)
+            for i in new_rows:
+                want.pop(writer.paths[int(i)], None)
+    return copied
+
+
+def _embed_rows(writer: PartWriter, job: ShardJob, skipped: dict[int, str]) -> None:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from ..images import PreprocessConfig
+    from ._embedding import _Collate, _Images, _write_block
+
+    pending = np.flatnonzero(~writer.done_mask())
+    if len(pending) == 0:
+        return
+    s = job.settings
+    cfg = PreprocessConfig.from_dict(s.transform)
+    if job.layout == "webdataset":
+        from .._sources import TarImages
+
+        dataset: Any = TarImages(Path(job.root), writer.paths, job.members, pending, cfg)
+    else:
+        dataset = _Images(Path(job.root), writer.paths, pending, cfg)
+    loader = DataLoader(dataset, batch_size=s.batch_size, shuffle=False, num_workers=s.num_workers,
+                        collate_fn=_Collate(cfg), prefetch_factor=4 if s.num_workers > 0 else None)
+    eng = _engine(s)
+    for rows, batch, ok, reasons in loader:
+        if ok.any():
+            emb = eng(batch if ok.all() else batch[torch.from_numpy(ok)])
+            full = np.zeros((len(rows), emb.shape[1]), writer.embeddings.dtype)
+            full[ok] = emb
+            _write_block(writer, rows, full, ok)  # type: ignore[arg-type]  # PartWriter duck-types StagingFile
+        for r, good, why in zip(rows, ok, reasons):
+            if not good:
+                skipped[int(r)] = why
+
+
+def finalize(prepared: Prepared) -> list[PartInfo]:
+    """Check every planned part, publish the index, then remove parts and partials no plan refers to.
+
+    Raises:
+        CacheError: a planned part is missing or does not match the plan (nothing is published).
+    """
+    index_path = prepared.index_path
+    created = None
+    if index_path.exists():
+        try:
+            with h5py.File(index_path, "r") as f:
+                created = f.attrs.get("created")
+        except OSError:
+            created = None
+    attrs = {**prepared.attrs, "created": created or prepared.attrs["updated"],
+             "listing_skipped": json.dumps([list(s) for s in prepared.skipped])}
+    try:
+        known = read_parts_table(index_path) if created is not None else []
+    except (OSError, KeyError):  # a v1 file being replaced with --overwrite has no table
+        known = []
+    parts = finalize_index(index_path, prepared.planned, prepared.key, prepared.classes, attrs,
+                           plan_json=prepared.plan.to_json(), known=known)
+    _remove_unreferenced(index_path, parts)
+    return parts
+
+
+def _remove_unreferenced(index_path: Path, parts: Sequence[PartInfo]) -> None:
+    folder = parts_dir(index_path)
+    keep = {p.name for p in parts}
+    remove_orphans(index_path)
+    for p in folder.iterdir():
+        if p.name.startswith("part-") and p.name.endswith(".h5") and p.name not in keep:
+            p.unlink(missing_ok=True)
+        elif p.name.endswith(".partial"):  # every planned part is published: what is left is stale
+            p.unlink(missing_ok=True)
+
+
+def migrate_v1(path: Path, *, shard_size: int = DEFAULT_SHARD_SIZE) -> list[PartInfo]:
+    """Turn a schema-v1 cache file into a v2 index over parts at the same path, embedding nothing.
+
+    Rows are copied shard by shard (one shard in memory at a time); the index replaces the v1
+    file atomically once every part is written, so a crash leaves the v1 file as it was.
+
+    Raises:
+        CacheError: ``path`` is not a readable schema-v1 featbank cache.
+    """
+    from ..cache import FeatureCache
+
+    path = Path(path)
+    with FeatureCache(path) as c:  # refuses anything but a readable v1 cache, with its message
+        meta = {k: v for k, v in c.metadata.items() if k not in ("format", "schema_version", "n_samples", "embed_dim")}
+        key, classes = c.cache_key, list(c.classes)
+        sk_fps = {p: tuple(int(v) for v in fp) for (p, _), fp in zip(c.skipped, c.skipped_fingerprints)}
+        sk_why = dict(c.skipped)
+        keys = sorted(set(c.paths) | set(sk_why))
+        plan = plan_shards(keys, shard_size)
+        where = assign_rows(plan, c.paths)
+        sk_where = assign_rows(plan, sorted(sk_why))
+        planned = []
+        for i, shard in enumerate(plan.shards):
+            rows_i = np.flatnonzero(where == i)
+            rows = PartRows([c.paths[r] for r in rows_i], c.fingerprints[rows_i], c.labels[rows_i], c.splits[rows_i])
+            bad_keys = [k for k, w in zip(sorted(sk_why), sk_where) if w == i]
+            bad = [(k, sk_why[k], sk_fps[k]) for k in bad_keys]
+            everything = sorted([*zip(rows.paths, rows.fingerprints.tolist(), rows.labels.tolist(), rows.splits.tolist()),
+                                 *((k, list(sk_fps[k]), -1, -1) for k in bad_keys)])
+            digest = rows_digest(PartRows([e[0] for e in everything], np.array([e[1] for e in everything], np.int64).reshape(-1, 2),
+                                          np.array([e[2] for e in everything], np.int64), np.array([e[3] for e in everything], np.int8)), classes)
+            emb = c.embeddings[int(rows_i[0]):int(rows_i[-1]) + 1] if len(rows_i) else np.zeros((0, c.embed_dim), c.embeddings.dtype)
+            write_part(parts_dir(path), shard.shard_id, key, rows, emb, classes, bad, digest=digest)
+            planned.append(PlannedPart(shard.shard_id, len(everything), digest))
+    meta.update(updated=timestamp(), shard_size=shard_size, migrated_from_schema=1)
+    return finalize_index(path, planned, key, classes, meta, plan_json=plan.to_json())

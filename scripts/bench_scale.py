@@ -1,0 +1,264 @@
+"""Benchmark the schema-v2 cache at scale, ratios measured in one run.
+
+1. Incremental add of 10 images to caches of 10^4, 10^5, 10^6 rows (synthetic embeddings written
+   through the real part writer and index; the 10 new rows' "embeddings" are synthetic too, so
+   what is timed is the cache update, not the backbone): v2 rewrites one part (copying its
+   unchanged rows) and the index; v1 (``write_cache``, today's path) rewrites the whole file.
+   Planning (replan + row digests, pure Python over every key) is reported apart: it is O(N) like
+   the folder scan that precedes it, but microseconds per row.
+2. Reading all embeddings through the index (virtual datasets) vs one contiguous dataset.
+3. ``--procs 1`` vs ``--procs 2`` extraction throughput with the ``test_tiny`` backbone.
+
+Usage:
+    python scripts/bench_scale.py --sizes 10000 100000 1000000 --embed-dim 128 --work /tmp/bench_scale
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from featbank.cache._index import PlannedPart, finalize_index
+from featbank.cache._parts import PartRows, PartWriter, parts_dir, rows_digest, write_part
+from featbank.cache._writer import write_cache
+from featbank.extraction._plan import DEFAULT_SHARD_SIZE, assign_rows, plan_shards, replan
+from featbank.extraction._sharded import _reuse_rows
+
+KEY = "bench" + "0" * 59
+CLASSES = ["a", "b"]
+
+
+def _keys(n: int) -> list[str]:
+    return [f"{'ab'[i * 2 // n]}/{i:09d}.png" for i in range(n)]
+
+
+def _rows(keys: list[str]) -> PartRows:
+    n = len(keys)
+    fps = np.stack([np.full(n, 1000), np.arange(n)], 1).astype(np.int64)
+    return PartRows(keys, fps, np.array([0 if k[0] == "a" else 1 for k in keys], np.int64), np.zeros(n, np.int8))
+
+
+def build_v2(index: Path, keys: list[str], dim: int, shard_size: int) -> None:
+    plan = plan_shards(keys, shard_size)
+    where = assign_rows(plan, keys)
+    rng = np.random.default_rng(0)
+    planned = []
+    for i, s in enumerate(plan.shards):
+        rows = _rows([keys[r] for r in np.flatnonzero(where == i)])
+        write_part(parts_dir(index), s.shard_id, KEY, rows, rng.standard_normal((len(rows), dim), np.float32), CLASSES)
+        planned.append(PlannedPart(s.shard_id, len(rows), rows_digest(rows, CLASSES)))
+    finalize_index(index, planned, KEY, CLASSES, {"backbone": "synthetic"}, plan_json=plan.to_json())
+
+
+def add_v2(index: Path, keys: list[str], new: list[str], dim: int) -> dict[str, float]:
+    """The v2 incremental path for 10 new rows: replan, one part rewritten (reuse + 10 rows), index."""
+    from featbank.cache._index import read_parts_table
+    from featbank.extraction._plan import Plan
+
+    t0 = time.perf_counter()
+    with h5py.File(index, "r") as f:
+        old = Plan.from_json(f.attrs["plan"])
+    table = {p.shard_id: p for p in read_parts_table(index)}
+    all_keys = sorted(keys + new)
+    plan = replan(old, all_keys)
+    where = assign_rows(plan, all_keys)
+    touched = set(assign_rows(plan, new).tolist())
+    planned, jobs = [], []
+    for i, s in enumerate(plan.shards):
+        if i in touched:
+            rows = _rows([all_keys[r] for r in np.flatnonzero(where == i)])
+            planned.append(PlannedPart(s.shard_id, len(rows), rows_digest(rows, CLASSES)))
+            jobs.append((s.shard_id, rows))
+        else:
+            p = table[s.shard_id]  # untouched: its digest is the one the index recorded
+            planned.append(PlannedPart(s.shard_id, p.n_rows, p.rows_digest))
+    t_plan = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    folder = parts_dir(index)
+    for sid, rows in jobs:
+        w = PartWriter.create(folder, sid, KEY, rows, CLASSES, dim, "float32")
+        _reuse_rows(w, folder, [table[sid].name])
+        todo = np.flatnonzero(~w.done_mask())
+        w.write_rows(todo, np.ones((len(todo), dim), np.float32))
+        w.finish({})
+    finalize_index(index, planned, KEY, CLASSES, {"backbone": "synthetic"}, plan_json=plan.to_json(),
+                   known=list(table.values()))
+    return {"plan_s": t_plan, "write_s": time.perf_counter() - t1}
+
+
+def build_v1(path: Path, n: int, dim: int) -> None:
+    """A v1 cache of ``n`` synthetic rows, written by today's writer."""
+    src = path.with_name("src.h5")
+    with h5py.File(src, "w") as f:
+        ds = f.create_dataset("embeddings", (n, dim), np.float32)
+        rng = np.random.default_rng(0)
+        for s in range(0, n, 1 << 16):
+            ds[s:s + (1 << 16)] = rng.standard_normal((min(1 << 16, n - s), dim), np.float32)
+    _write_v1(path, [("old", src, np.arange(n))], _keys(n), dim)
+    src.unlink()
+
+
+def _write_v1(path: Path, sources: list, keys: list[str], dim: int) -> None:
+    rows = _rows(keys)
+    write_cache(path, sources=sources, order_paths=keys, row_fingerprints=rows.fingerprints, row_labels=rows.labels,
+                row_splits=rows.splits, classes=CLASSES, skipped=[], embed_dim=dim, dtype="float32",
+                attrs={"cache_key": KEY})
+
+
+def add_v1(path: Path, keys: list[str], new: list[str], dim: int) -> float:
+    """Today's path: the 10 new rows in a staging file, then the whole cache rewritten."""
+    staging = path.with_name("new.h5")
+    with h5py.File(staging, "w") as f:
+        f["embeddings"] = np.ones((len(new), dim), np.float32)
+    all_keys = sorted(keys + new)
+    pos = {k: i for i, k in enumerate(keys)}
+    newpos = {k: i for i, k in enumerate(new)}
+    old_map = np.array([pos.get(k, -1) for k in all_keys], np.int64)
+    new_map = np.array([newpos.get(k, -1) for k in all_keys], np.int64)
+    t0 = time.perf_counter()
+    _write_v1(path, [("old", path, old_map), ("new", staging, new_map)], all_keys, dim)
+    return time.perf_counter() - t0
+
+
+def read_all(path: Path, name: str = "embeddings") -> float:
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        with h5py.File(path, "r") as f:
+            f[name][...]
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def read_parts_direct(index: Path) -> float:
+    from featbank.cache._index import read_rows
+
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        read_rows(index)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def contiguous_copy(index: Path, out: Path) -> None:
+    with h5py.File(index, "r") as src, h5py.File(out, "w") as dst:
+        ds = dst.create_dataset("embeddings", src["embeddings"].shape, np.float32)  # contiguous layout
+        for s in range(0, ds.shape[0], 1 << 16):
+            ds[s:s + (1 << 16)] = src["embeddings"][s:s + (1 << 16)]
+
+
+def bench_incremental(work: Path, sizes: list[int], dim: int, shard_size: int, repeats: int = 3) -> dict:
+    """Median of ``repeats`` incremental adds per size (v2); one full rewrite (v1) per size."""
+    out = {}
+    for n in sizes:
+        d = work / f"n{n}"
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+        keys = _keys(n)
+        build_v2(d / "v2.h5", keys, dim, shard_size)
+        runs = []
+        for r in range(repeats):
+            new = [f"a/{n // 4 + r * 7:09d}.new{j}.png" for j in range(10)]  # 10 files landing in one shard
+            os.sync()  # flush the build's dirty pages: an fsync must not pay for them (ext4 data=ordered)
+            runs.append(add_v2(d / "v2.h5", keys, new, dim))
+            keys = sorted(keys + new)
+        build_v1(d / "v1.h5", n, dim)
+        os.sync()
+        v1 = add_v1(d / "v1.h5", _keys(n), [f"a/{n // 4:09d}.new{j}.png" for j in range(10)], dim)
+        row = {"rows": n, "v2_write_s": float(np.median([x["write_s"] for x in runs])),
+               "v2_plan_s": float(np.median([x["plan_s"] for x in runs])), "v1_rewrite_s": v1}
+        if n == max(sizes):
+            contiguous_copy(d / "v2.h5", d / "contiguous.h5")
+            row["read_index_s"] = read_all(d / "v2.h5")
+            row["read_parts_direct_s"] = read_parts_direct(d / "v2.h5")
+            row["read_contiguous_s"] = read_all(d / "contiguous.h5")
+            row["read_v1_chunked_s"] = read_all(d / "v1.h5")
+        out[n] = row
+        print(json.dumps(row), flush=True)
+        shutil.rmtree(d, ignore_errors=True) if n != max(sizes) else None
+    return out
+
+
+def bench_read(work: Path, n: int, dim: int, shard_size: int) -> dict:
+    """Read every embedding: the index (virtual datasets), the parts directly, one contiguous dataset."""
+    d = work / f"read{n}x{dim}"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    build_v2(d / "v2.h5", _keys(n), dim, shard_size)
+    contiguous_copy(d / "v2.h5", d / "contiguous.h5")
+    os.sync()
+    row = {"rows": n, "embed_dim": dim, "read_index_s": read_all(d / "v2.h5"),
+           "read_parts_direct_s": read_parts_direct(d / "v2.h5"), "read_contiguous_s": read_all(d / "contiguous.h5")}
+    print(json.dumps(row), flush=True)
+    shutil.rmtree(d, ignore_errors=True)
+    return row
+
+
+def bench_procs(work: Path, n_images: int, shard_size: int) -> dict:
+    from PIL import Image
+
+    from featbank.data import scan_folder
+    from featbank.extraction._launch import run_prepared
+    from featbank.extraction._sharded import RowSource, prepare
+
+    data = work / "images"
+    shutil.rmtree(data, ignore_errors=True)
+    rng = np.random.default_rng(0)
+    for i in range(n_images):
+        (data / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)).save(data / "ab"[i % 2] / f"{i:05d}.png")
+    out = {}
+    for procs in (1, 2):
+        index = work / f"procs{procs}.h5"
+        prep = prepare(RowSource.from_index(scan_folder(data)), index, backbone="test_tiny", engine="torch",
+                       num_workers=0, shard_size=shard_size, overwrite=True)
+        t0 = time.perf_counter()
+        run_prepared(prep, procs=procs)
+        out[procs] = n_images / (time.perf_counter() - t0)
+        print(json.dumps({"procs": procs, "images_per_s": out[procs]}), flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    ap.add_argument("--embed-dim", type=int, default=128, help="128 keeps 10^6 rows at 512 MB per copy")
+    ap.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE)
+    ap.add_argument("--images", type=int, default=240, help="images for the --procs comparison")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/bench_scale"))
+    ap.add_argument("--skip-procs", action="store_true")
+    ap.add_argument("--read-rows", type=int, default=100_000, help="rows of the read benchmark at --read-dim")
+    ap.add_argument("--read-dim", type=int, default=1280, help="a real backbone's width (EfficientNet-Lite0: 1280)")
+    args = ap.parse_args()
+    os.environ.setdefault("FEATBANK_CACHE_DIR", str(args.work / "featbank-cache"))
+    inc = bench_incremental(args.work, args.sizes, args.embed_dim, args.shard_size)
+    lo, hi = inc[min(args.sizes)], inc[max(args.sizes)]
+    summary = {
+        "embed_dim": args.embed_dim, "shard_size": args.shard_size,
+        "v2_write_ratio_largest_over_smallest": hi["v2_write_s"] / lo["v2_write_s"],
+        "v2_total_ratio_largest_over_smallest": (hi["v2_write_s"] + hi["v2_plan_s"]) / (lo["v2_write_s"] + lo["v2_plan_s"]),
+        "v1_over_v2_at_largest": hi["v1_rewrite_s"] / hi["v2_write_s"],
+        "read_index_over_contiguous_speed": hi["read_contiguous_s"] / hi["read_index_s"],
+        "read_parts_direct_over_contiguous_speed": hi["read_contiguous_s"] / hi["read_parts_direct_s"],
+    }
+    rd = bench_read(args.work, args.read_rows, args.read_dim, args.shard_size)
+    summary[f"read_index_over_contiguous_speed_at_{args.read_dim}d"] = rd["read_contiguous_s"] / rd["read_index_s"]
+    summary[f"read_parts_direct_over_contiguous_speed_at_{args.read_dim}d"] = rd["read_contiguous_s"] / rd["read_parts_direct_s"]
+    if not args.skip_procs:
+        procs = bench_procs(args.work, args.images, max(1, args.images // 8))
+        summary["procs2_over_procs1_throughput"] = procs[2] / procs[1]
+    print(json.dumps({"rows": inc, "summary": summary}, indent=2))
+    shutil.rmtree(args.work / f"n{max(args.sizes)}", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
