@@ -47,13 +47,13 @@ $FB extract "$DATA" --out "$CACHE"
 
 echo
 echo "== 3/6 fit: linear probe with a regularisation sweep on the cache (seconds)"
-$FB fit "$CACHE" --head linear --name "${LINEAR#models/}"
+$FB fit "$CACHE" --head linear --name "${LINEAR#models/}" --overwrite
 # LP-FT starts from a probe that has not been refitted on its validation images, so that the
 # fine-tuning's best epoch is chosen on images neither has trained on.
 if up_to_date "$PROBE/manifest.json" "$CACHE" scripts/quickstart.sh; then
     echo "Kept $PROBE (newer than $CACHE and this script; QUICKSTART_FORCE=1 refits it)."
 else
-    $FB fit "$CACHE" --head linear --no-refit --name "${PROBE#models/}"
+    $FB fit "$CACHE" --head linear --no-refit --name "${PROBE#models/}" --overwrite
 fi
 
 echo
