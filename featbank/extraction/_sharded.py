@@ -152,10 +152,10 @@ def prepare(
         CacheKeyMismatch: the existing index was made with other settings.
         CacheError: ``index_path`` is not a schema-v2 index (and ``overwrite`` is not set).
     """
-    from ._options import _precision
+    from .._device import precision_name
 
     index_path = Path(index_path)
-    precision = _precision(device.split(":")[0])
+    precision = precision_name(device.split(":")[0])
     identity = _identity(backbone, weights, weights_file)
     key = compute_cache_key(identity, dtype, precision)
     old = _old_plan(index_path, key, overwrite)
