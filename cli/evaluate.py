@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import click
 
-
 _EXAMPLES = """\b
 Examples:
   featbank evaluate models/elpv-linear runs/elpv-test.h5

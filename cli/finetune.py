@@ -14,7 +14,8 @@ from .options import backbone_options, device_option, quiet_option
               help="frozen: only a new head trains; partial: groups from --trainable-from on; full: everything.")
 @click.option("--trainable-from", metavar="GROUP", default=None,
               help="partial: first group that trains (default: the middle one). See 'featbank backbones --groups NAME'.")
-@click.option("--lr", type=float, default=None, help="Rate of groups not set otherwise. Default 1e-2 (sgd), 3e-4 (adamw); 10x lower with --init-head (1e-3, 3e-5 for adamw).")
+@click.option("--lr", type=float, default=None, help="Rate of groups not set otherwise. Default 1e-2 (sgd), 3e-4 (adamw); "
+              "10x lower with --init-head (1e-3, 3e-5 for adamw).")
 @click.option("--lr-groups", metavar="SPEC", default=None,
               help="Per-group rates: a preset (seed, seed-resnet, seed-lite) or 'group=lr,...' (e.g. 'layer4=1e-3,head=1e-2').")
 @click.option("--layer-decay", type=float, default=None,
@@ -30,7 +31,8 @@ from .options import backbone_options, device_option, quiet_option
 @click.option("--val-split", type=float, default=0.2, show_default=True,
               help="Fraction of each class held out for validation when DATA has no val folder (and no --init-head).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Fixes the head init, split, order and augmentation.")
-@click.option("--train-bn", is_flag=True, help="Also train BatchNorm layers of frozen groups (default: eval mode, stats unchanged).")
+@click.option("--train-bn", is_flag=True, help="Also train BatchNorm layers of frozen groups "
+              "(default: eval mode, stats unchanged).")
 @click.option("--bn-stats", type=click.Choice(["auto", "frozen", "train"]), default="auto", show_default=True,
               help="BatchNorm running statistics: frozen keeps the pretrained ones everywhere; train updates "
               "those of trainable groups; auto = frozen with --init-head (LP-FT), else train.")
@@ -64,7 +66,8 @@ def finetune(data, backbone, weights, weights_file, strategy, trainable_from, lr
     Examples:
       featbank finetune data/elpv --strategy partial --trainable-from stage4 --epochs 10
       featbank finetune data/pets -b resnet50 --strategy full --lr-groups seed-resnet
-      featbank fit --head linear --no-refit --name probe && featbank finetune data/elpv --strategy full --init-head models/probe --lr-groups seed-lite
+      featbank fit --head linear --no-refit --name probe
+      featbank finetune data/elpv --strategy full --init-head models/probe --lr-groups seed-lite
       featbank finetune data/elpv --resume
     """
     import featbank.finetuning as ft

@@ -6,7 +6,6 @@ import click
 
 from .options import device_option, quiet_option
 
-
 _EXAMPLES = """\b
 Examples:
   featbank fit
@@ -26,7 +25,8 @@ Examples:
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Head parameter, repeatable; values are Python literals (C=0.1, 'hidden_sizes=(512,256)', kernel=rbf); "
                    "quote values with parentheses for the shell.")
-@click.option("--standardize/--no-standardize", default=True, show_default=True, help="Standardise features (stored with the head).")
+@click.option("--standardize/--no-standardize", default=True, show_default=True,
+              help="Standardise features (stored with the head).")
 @click.option("--l2-normalize", is_flag=True, help="L2-normalise each embedding first.")
 @click.option("--val-split", type=float, default=0.2, show_default=True,
               help="Stratified fraction of train held out for selection when the cache has no val split.")

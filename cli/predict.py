@@ -6,7 +6,6 @@ import click
 
 from .options import device_option
 
-
 _EXAMPLES = """\b
 Examples:
   featbank predict models/elpv-linear new_cells/
@@ -43,5 +42,5 @@ def predict(model, images, top_k, batch_size, device, as_json, weights_file) -> 
         if p.error:
             click.echo(f"{p.path}\tERROR\t{p.error}")
         else:
-            extra = "  " + ", ".join(f"{l} {q:.3f}" for l, q in p.top_k[1:]) if len(p.top_k) > 1 else ""
+            extra = "  " + ", ".join(f"{name} {q:.3f}" for name, q in p.top_k[1:]) if len(p.top_k) > 1 else ""
             click.echo(f"{p.path}\t{p.label}\t{p.probability:.4f}{extra}")

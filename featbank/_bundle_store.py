@@ -23,15 +23,19 @@ import re
 import shutil
 import sys
 import uuid
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from . import __version__
 from ._files import _pid_alive, describe_os_error, fsync_dir, remove_orphans, temporary_path, timestamp
 from ._manifest import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST, Manifest, check_file_name, parse_manifest
 from .errors import BundleError
 
-__all__ = ["sha256_bytes", "sha256_file", "save_bundle", "check_bundle_target", "writer_lock", "swap_in", "recover", "remove_leftovers", "old_path"]
+__all__ = [
+    "sha256_bytes", "sha256_file", "save_bundle", "check_bundle_target", "writer_lock", "swap_in", "recover",
+    "remove_leftovers", "old_path",
+]
 
 _OLD_MARK = ".old-"
 

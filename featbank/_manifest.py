@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import BundleError
 
@@ -250,7 +251,7 @@ def _check_written(r: _Reader, m: Manifest) -> None:
     if m.weights.sha256 is None:
         raise r.fail(f"{section}.sha256", "the sha256 of the weights file", None)
     files = r.section(m.raw, "files", required=False) or {}
-    for name, digest in files.items():
+    for name in files:
         r.file_name({"name": name}, "name", "files.")
         r.sha(files, name, "files.")
     validation = r.section(m.raw, "validation", required=False)

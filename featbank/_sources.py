@@ -26,8 +26,9 @@ import os
 import re
 import stat
 import tarfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

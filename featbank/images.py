@@ -105,7 +105,7 @@ class PreprocessConfig:
         interpolation: str,
         mean: Sequence[float],
         std: Sequence[float],
-    ) -> "PreprocessConfig":
+    ) -> PreprocessConfig:
         """Build a config the way timm does: ``resize = floor(size / crop_pct)``."""
         if isinstance(input_size, int):
             input_size = (input_size, input_size)
@@ -141,7 +141,7 @@ class PreprocessConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PreprocessConfig":
+    def from_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
         return cls(
             input_size=tuple(d["input_size"]),
             resize_size=d["resize_size"],

@@ -8,8 +8,9 @@ from :func:`compute_metrics` (scikit-learn's metrics), every confusion matrix fr
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

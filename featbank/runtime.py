@@ -19,9 +19,10 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence, Union
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -64,7 +65,7 @@ MIN_CLASSES = 2
 MAX_CLASSES = 100_000
 MAX_IMAGE_SIDE = 4096
 
-ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
+ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ HDF5 cache chunk by chunk, so the same optimisation code runs on data larger tha
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,7 +76,7 @@ class Features:
     def n_chunks(self) -> int:
         return (self.n_samples + self.chunk_rows - 1) // self.chunk_rows
 
-    def subset(self, positions: np.ndarray) -> "Features":
+    def subset(self, positions: np.ndarray) -> Features:
         """The rows at ``positions`` (in this object's order), keeping the storage kind."""
         positions = np.asarray(positions)
         if self.X is not None:
@@ -85,7 +86,9 @@ class Features:
     def to_array(self) -> np.ndarray:
         if self.X is not None:
             return self.X
-        return np.concatenate([x for _, x in self.chunks()], axis=0) if self.n_samples else np.zeros((0, self.embed_dim), np.float32)
+        if not self.n_samples:
+            return np.zeros((0, self.embed_dim), np.float32)
+        return np.concatenate([x for _, x in self.chunks()], axis=0)
 
 
 def feature_stats(features: Features, l2_normalize: bool, sample_weight: np.ndarray | None = None

@@ -5,8 +5,9 @@ ELPV (Deitsch et al. 2019) is split 70/30, stratified, seed 0 (scripts/prepare_d
 (the baseline row); fine-tuning holds out a stratified --val-split of train for the best epoch;
 LP-FT starts from a second probe fitted with --no-refit and validates on the images that probe held
 out, so its best epoch is chosen on images neither the probe nor the fine-tuning has trained on.
-Every method is scored on the same 30% test split. The fine-tuning methods get the same epoch budget (no early stopping: --patience 0, the
-best validation epoch is kept). Published reference: fine-tuned VGG-19 88.42% (4 classes, ~75/25).
+Every method is scored on the same 30% test split. The fine-tuning methods get the same epoch budget
+(no early stopping: --patience 0, the best validation epoch is kept).
+Published reference: fine-tuned VGG-19 88.42% (4 classes, ~75/25).
 
 Printed per method: test accuracy, balanced accuracy, seconds per epoch, total seconds; then
 LP-FT minus probe in points (target: >= +5).
@@ -58,13 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr-groups", default="seed", help="per-group rates for partial/full/LP-FT (default: the seed table)")
-    p.add_argument("--layer-decay", type=float, default=None, help="geometric per-group rates below the head (instead of --lr-groups)")
+    p.add_argument("--layer-decay", type=float, default=None,
+                   help="geometric per-group rates below the head (instead of --lr-groups)")
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
     p.add_argument("--lr", type=float, default=None, help="rate of groups --lr-groups does not set (--lr-groups none: all)")
     p.add_argument("--crop-scale", type=float, nargs=2, default=(0.25, 1.0), metavar=("MIN", "MAX"))
     p.add_argument("--vflip", action="store_true", help="random vertical flips too")
     p.add_argument("--rot90", action="store_true", help="random multiples of 90 degrees too")
-    p.add_argument("--trainable-from", default=None, help="first trainable group of partial (and of LP-FT with --lpft-strategy partial)")
+    p.add_argument("--trainable-from", default=None,
+                   help="first trainable group of partial (and of LP-FT with --lpft-strategy partial)")
     p.add_argument("--lpft-strategy", default="full", choices=["full", "partial"], help="what LP-FT trains after the probe")
     p.add_argument("--cache-frozen", action="store_true", help="partial / LP-FT partial: cache the frozen groups' outputs")
     p.add_argument("--weight-decay", type=float, default=None)
@@ -94,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     n_train, n_test = int((index.splits == 0).sum()), int((index.splits == 2).sum())
     print(f"data: {data} ({len(index)} images: {n_train} train, {n_test} test; classes {index.classes})")
     print(f"backbone {args.backbone}, {args.epochs} epoch(s), batch {args.batch_size}, lr-groups {args.lr_groups}, "
-          f"layer decay {args.layer_decay}, optimizer {args.optimizer}, lr {args.lr}, crop scale {tuple(args.crop_scale)}, vflip {args.vflip}, "
+          f"layer decay {args.layer_decay}, optimizer {args.optimizer}, lr {args.lr}, "
+          f"crop scale {tuple(args.crop_scale)}, vflip {args.vflip}, "
           f"rot90 {args.rot90}, trainable from {args.trainable_from}, LP-FT {args.lpft_strategy}, cache frozen "
           f"{args.cache_frozen}, device {args.device}\n", flush=True)
 
@@ -163,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'method':<26} {'accuracy':>9} {'bal.acc':>8} {'s/epoch':>8} {'total s':>8}  note")
     for r in rows:
         spe = f"{r['s_per_epoch']:.1f}" if r["s_per_epoch"] is not None else "-"
-        print(f"{r['method']:<26} {r['accuracy']:>9.4f} {r['balanced_accuracy']:>8.4f} {spe:>8} {r['seconds']:>8.0f}  {r['note']}")
+        print(f"{r['method']:<26} {r['accuracy']:>9.4f} {r['balanced_accuracy']:>8.4f} {spe:>8} "
+              f"{r['seconds']:>8.0f}  {r['note']}")
     by = {r["method"].split()[0]: r for r in rows if r["method"] != "probe --no-refit"}
     if "probe" in by and "LP-FT" in by:
         d = 100 * (by["LP-FT"]["accuracy"] - by["probe"]["accuracy"])

@@ -2,8 +2,8 @@
 
 Seed recipe, as the tutorial writes it: torchvision ImageFolder + Resize/CenterCrop/ToTensor/
 Normalize + DataLoader (batch 32, shuffled), frozen backbone in eager NCHW float32 + a new fc
-layer, Adam lr 1e-3, 10 epochs, the backbone re-run on every image every epoch. featbank: embed every image once, then the linear probe
-(C sweep on a validation split, refit, test). Same backbone (efficientnet_lite0), same data
+layer, Adam lr 1e-3, 10 epochs, the backbone re-run on every image every epoch. featbank: embed every
+image once, then the linear probe (C sweep on a validation split, refit, test). Same backbone (efficientnet_lite0), same data
 (ELPV, stratified 70/30 split, seed 0), same test images.
 
     python scripts/bench_seed.py --limit 200      # quick subset
@@ -18,7 +18,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
 
 import featbank
 

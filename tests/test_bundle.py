@@ -13,7 +13,6 @@ from featbank.fitting import fit
 
 from _fitdata import blobs, write_synthetic_cache
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -7,7 +7,6 @@ The kills are real: a child process saves a bundle and SIGKILLs itself at the da
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

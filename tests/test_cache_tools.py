@@ -9,14 +9,13 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from test_parts import _cache
 
 from featbank.cache._index import read_parts_table
 from featbank.cache._parts import parts_dir
 from featbank.cache._tools import describe_cache, export_cache
 from featbank.cli.main import cli
 from featbank.errors import ConfigError
-
-from test_parts import _cache
 
 pq = pytest.importorskip("pyarrow.parquet")
 

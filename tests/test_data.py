@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _imagecorpus import make_bad_image_corpus
 from PIL import Image
 
 from featbank.data import SPLIT_NAMES, ImageIndex, scan_folder
 from featbank.errors import DatasetError, FeatbankError
+
+from _imagecorpus import make_bad_image_corpus
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 

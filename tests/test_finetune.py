@@ -12,16 +12,17 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_image_folder
-from featbank.cli.main import cli
 
 import featbank
 import featbank.finetuning as ft
 from featbank.backbones import _REGISTRY, backbone_groups, load_backbone, param_groups
 from featbank.bundle import load_bundle
+from featbank.cli.main import cli
 from featbank.errors import BundleError, ConfigError, DatasetError, ValidationLeakWarning
 from featbank.finetuning import data as ft_data
 from featbank.finetuning import model as ft_model
+
+from conftest import make_image_folder
 
 FAST = dict(backbone="test_tiny", epochs=1, batch_size=8, num_workers=0, progress=False)
 
@@ -304,10 +305,12 @@ def test_refusals_exit_2(tmp_path: Path, image_folder: Path) -> None:
     (tmp_path / "models" / "other" / "manifest.json").write_text("{}")
     base = ["finetune", str(image_folder), "-b", "test_tiny", "--epochs", "1", "-q", "--num-workers", "0"]
     cases = [
-        (["--trainable-from", "layer3", "--out", str(tmp_path / "a")], "Valid groups, input to output: stem, stage1, stage2, head"),
+        (["--trainable-from", "layer3", "--out", str(tmp_path / "a")],
+         "Valid groups, input to output: stem, stage1, stage2, head"),
         (["--lr-groups", "stem=1e-3,head", "--out", str(tmp_path / "b")], "Malformed --lr-groups entry 'head'"),
         (["--lr-groups", "seed-resnet", "--out", str(tmp_path / "c")], "does not fit this backbone"),
-        (["--strategy", "full", "--trainable-from", "stage1", "--out", str(tmp_path / "d")], "only applies to --strategy partial"),
+        (["--strategy", "full", "--trainable-from", "stage1", "--out", str(tmp_path / "d")],
+         "only applies to --strategy partial"),
         (["--lr-groups", "seed", "--layer-decay", "0.7", "--out", str(tmp_path / "e")], "only one of them"),
         (["--resume", "--out", str(tmp_path / "f")], "no checkpoint"),
         (["--crop-scale", "0.9", "0.5", "--out", str(tmp_path / "i")], "'crop_scale' parameter of finetune must be"),

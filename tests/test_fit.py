@@ -12,7 +12,6 @@ from featbank.fitting import evaluate, fit
 
 from _fitdata import blobs, write_synthetic_cache
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -16,13 +16,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from _hostile import copy_bundle, pickle_payload, rewrite, skops_with_call
 from click.testing import CliRunner
 
 import featbank
 from featbank.cli.main import cli
 from featbank.fitting import fit
-
-from _hostile import copy_bundle, pickle_payload, rewrite, skops_with_call
 
 try:
     from .conftest import make_image_folder

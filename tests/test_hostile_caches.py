@@ -10,8 +10,8 @@ import json
 import os
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import h5py
 import numpy as np
@@ -21,7 +21,7 @@ from click.testing import CliRunner
 import featbank
 from featbank.cache import EXTREME_VALUE, choose_cache, find_latest_cache, open_cache
 from featbank.cli.main import cli
-from featbank.errors import CacheError, ExtremeEmbeddingsWarning, NotACacheError
+from featbank.errors import CacheError, ExtremeEmbeddingsWarning
 
 TINY = dict(backbone="test_tiny", engine="torch", num_workers=0, progress=False)
 

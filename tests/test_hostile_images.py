@@ -8,7 +8,6 @@ the same predict call got no output.
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path

@@ -23,7 +23,6 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from PIL import Image
 
 try:  # tests/ may or may not be a package
     from .conftest import make_image_folder

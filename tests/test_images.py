@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _imagecorpus import BOMB_SIDE, make_bad_image_corpus, noise_rgb, png_bytes
 from PIL import Image, ImageFile
 
 from featbank.data import scan_folder
@@ -25,6 +24,8 @@ from featbank.images import (
     load_image,
     preprocess_image,
 )
+
+from _imagecorpus import BOMB_SIDE, make_bad_image_corpus, noise_rgb, png_bytes
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 

@@ -186,7 +186,8 @@ def test_webdataset_extracts_one_part_per_tar_and_skips_a_corrupt_member(tmp_pat
     import torch
 
     with torch.inference_mode():
-        want = bb.embedder().eval()(torch.from_numpy(np.array(load_and_preprocess(tmp_path / "x.png", bb.preprocess)[None]))).numpy()
+        pixels = torch.from_numpy(np.array(load_and_preprocess(tmp_path / "x.png", bb.preprocess)[None]))
+        want = bb.embedder().eval()(pixels).numpy()
     np.testing.assert_allclose(emb[0], want[0], atol=1e-5)
 
 

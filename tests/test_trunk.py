@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from featbank.cli.main import cli
 from torch import nn
 
 import featbank
 import featbank.finetuning as ft
 from featbank.backbones import load_backbone
 from featbank.bundle import load_bundle
+from featbank.cli.main import cli
 from featbank.errors import ConfigError
 from featbank.finetuning.trunk import TrunkCache, apply_view, split_features, view_group
 
@@ -195,7 +195,8 @@ def test_a_cache_that_would_not_fit_is_refused(image_folder: Path, tmp_path: Pat
     import featbank.finetuning.trunk as trunk
 
     monkeypatch.setattr(trunk, "available_memory", lambda: 9)
-    with pytest.raises(ConfigError, match=r"needs \d+\.\d KiB of memory for \d+ training image\(s\) x 8 view\(s\) .* 9 bytes are available"):
+    pattern = r"needs \d+\.\d KiB of memory for \d+ training image\(s\) x 8 view\(s\) .* 9 bytes are available"
+    with pytest.raises(ConfigError, match=pattern):
         ft.finetune(image_folder, tmp_path / "m", strategy="partial", trainable_from="stage2", cache_frozen=True,
                     vflip=True, rot90=True, **FAST)
     assert not (tmp_path / "m").exists() and not (tmp_path / "m.ckpt").exists()

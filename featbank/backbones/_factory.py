@@ -9,8 +9,9 @@ import difflib
 import importlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import ConfigError
 from ._lite import _LITE, _lite_preprocess, _lite_weights_path

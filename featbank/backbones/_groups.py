@@ -38,7 +38,7 @@ def _group_spec(features: nn.Module) -> list[tuple[str, list[str]]] | None:
 def _assign(features: nn.Module, spec: list[tuple[str, list[str]]]) -> list[tuple[str, list[str]]] | None:
     groups: list[tuple[str, list[str]]] = [(g, []) for g, _ in spec]
     for pname, _ in features.named_parameters():
-        for (g, prefixes), (_, out) in zip(spec, groups):
+        for (_, prefixes), (_, out) in zip(spec, groups):
             if any(pname == p or pname.startswith(p + ".") for p in prefixes):
                 out.append(pname)
                 break
@@ -103,7 +103,7 @@ def _generic_groups(features: nn.Module) -> list[tuple[str, list[str]]]:
     return out
 
 
-def param_groups(backbone: "Backbone | nn.Module") -> list[tuple[str, list[str]]]:
+def param_groups(backbone: Backbone | nn.Module) -> list[tuple[str, list[str]]]:
     """Every parameter of a backbone's features, in named groups ordered from input to output.
 
     Group names: ``stem``, then the stages (``layer1``..``layer4`` for ResNets as in torchvision,
@@ -144,7 +144,7 @@ def _group_modules(features: nn.Module, pnames: list[str]) -> list[str]:
     return list(seen)
 
 
-def backbone_groups(name_or_backbone: "str | os.PathLike | Backbone", n_classes: int | None = None) -> dict[str, dict[str, Any]]:
+def backbone_groups(name_or_backbone: str | os.PathLike | Backbone, n_classes: int | None = None) -> dict[str, dict[str, Any]]:
     """The parameter groups of a backbone, for ``featbank finetune --lr-groups`` / ``--trainable-from``.
 
     Args:

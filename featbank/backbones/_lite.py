@@ -6,8 +6,8 @@ Importing this module registers the three names.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 

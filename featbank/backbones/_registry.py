@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -171,8 +172,12 @@ def register_backbone(
     return deco
 
 
-def sha256_file(path: str | os.PathLike, _memo: dict = {}) -> str:
+_SHA256_MEMO: dict[tuple[str, int, int], str] = {}
+
+
+def sha256_file(path: str | os.PathLike) -> str:
     """sha256 of a file, memoised on (path, size, mtime) for the life of the process."""
+    _memo = _SHA256_MEMO
     p = Path(path)
     st = p.stat()
     key = (str(p.resolve()), st.st_size, st.st_mtime_ns)

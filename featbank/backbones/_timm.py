@@ -62,7 +62,7 @@ def _timm_preprocess(model: nn.Module) -> PreprocessConfig:
     crop_pct = cfg.get("crop_pct", 0.875)
     crop_mode = cfg.get("crop_mode", "center")
     if crop_mode != "center":
-        warnings.warn(f"timm crop_mode {crop_mode!r} is approximated by a centre crop", RuntimeWarning)
+        warnings.warn(f"timm crop_mode {crop_mode!r} is approximated by a centre crop", RuntimeWarning, stacklevel=2)
     resize = int(h / crop_pct) if h == w else int(h / crop_pct)
     return PreprocessConfig((h, w), resize, cfg.get("interpolation", "bicubic"), cfg["mean"], cfg["std"])
 

@@ -36,8 +36,8 @@ from __future__ import annotations
 from ._discovery import CacheChoice, choose_cache, default_cache_dir, find_latest_cache
 from ._lock import writer_lock
 from ._reader import EXTREME_POLICIES, FeatureCache, open_cache
-from ._validate import EXTREME_VALUE
 from ._schema import EMBEDDING_VERSION, SCHEMA_VERSION, SPLIT_NAMES, compute_cache_key  # noqa: F401
+from ._validate import EXTREME_VALUE
 from ._writer import CacheState, StagingFile, check_key, read_state, write_cache  # noqa: F401
 
 __all__ = [

@@ -14,9 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import h5py
 import numpy as np
@@ -66,7 +67,7 @@ class PartRows:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def take(self, rows: np.ndarray) -> "PartRows":
+    def take(self, rows: np.ndarray) -> PartRows:
         rows = np.asarray(rows, np.int64)
         return PartRows(
             [self.paths[i] for i in rows],
@@ -178,7 +179,7 @@ class PartWriter:
     def create(
         cls, folder: Path, shard_id: int, key: str, rows: PartRows, classes: Sequence[str],
         embed_dim: int, dtype: str, attrs: dict[str, Any] | None = None,
-    ) -> "PartWriter":
+    ) -> PartWriter:
         """A new ``.partial`` for ``rows`` (written under a temporary name, then renamed)."""
         digest = rows_digest(rows, classes)
         path = cls.partial_path(folder, shard_id, digest)
@@ -200,7 +201,7 @@ class PartWriter:
         return cls(path)
 
     @classmethod
-    def open_if_valid(cls, folder: Path, shard_id: int, key: str, digest: str) -> "PartWriter | None":
+    def open_if_valid(cls, folder: Path, shard_id: int, key: str, digest: str) -> PartWriter | None:
         """The ``.partial`` of an earlier run for exactly these rows and key; ``None`` otherwise."""
         path = cls.partial_path(folder, shard_id, digest)
         if not path.exists():

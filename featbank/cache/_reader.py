@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import h5py
 import numpy as np
@@ -199,7 +199,7 @@ class FeatureCache:
         except Exception:  # noqa: BLE001
             pass
 
-    def __enter__(self) -> "FeatureCache":
+    def __enter__(self) -> FeatureCache:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import h5py
 import numpy as np
 
 from .._files import check_output_dir, fsync_dir, temporary_path
 from ..errors import CacheError, ConfigError
-from ._index import check_parts, read_parts_table, verify_cache
+from ._index import check_parts, verify_cache
 from ._schema import _FORMAT, SPLIT_NAMES, _decode
 
 __all__ = ["CacheSummary", "describe_cache", "check_cache", "export_cache", "EXPORT_FORMATS"]

@@ -16,8 +16,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ._discovery import default_cache_dir
 from ..errors import CacheError, ExtremeEmbeddingsWarning, NotACacheError
+from ._discovery import default_cache_dir
 
 __all__ = [
     "EXTREME_VALUE",
@@ -140,7 +140,8 @@ def check_rows(cache: Any, rows: np.ndarray, block: np.ndarray, policy: str) -> 
         bad = rows[~finite]
         raise CacheError(
             f"Cache '{cache.path}' is damaged: dataset 'embeddings' has NaN or infinite values in "
-            f"{bad.size} row(s) of this read, e.g. {_name_rows(cache, bad)}. {recreate_hint(cache.path, cache.metadata.get('root'))}"
+            f"{bad.size} row(s) of this read, e.g. {_name_rows(cache, bad)}. "
+            f"{recreate_hint(cache.path, cache.metadata.get('root'))}"
         )
     if policy == "ignore":
         return

@@ -6,9 +6,10 @@ import errno
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import h5py
 import numpy as np
@@ -182,7 +183,7 @@ class StagingFile:
         splits: np.ndarray,
         embed_dim: int,
         dtype: str,
-    ) -> "StagingFile":
+    ) -> StagingFile:
         tmp = temporary_path(path)
         check_space(path, estimate_bytes(len(paths), embed_dim, dtype, paths), kept_message(path))
         with h5py.File(tmp, "w") as f:
@@ -201,7 +202,7 @@ class StagingFile:
         return StagingFile(path)
 
     @staticmethod
-    def open_if_valid(path: Path) -> "StagingFile | None":
+    def open_if_valid(path: Path) -> StagingFile | None:
         """Open a staging file left by an earlier run; ``None`` if absent or unreadable."""
         if not path.exists():
             return None

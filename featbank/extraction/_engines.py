@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from ..cache import default_cache_dir
 from .._files import atomic_write_text, describe_os_error, remove_orphans, temporary_path, timestamp
+from ..cache import default_cache_dir
 from ..errors import CacheError, ConfigError, OnnxCacheRebuiltWarning
 from ._cachefile import _slug
 from ._options import ENGINES

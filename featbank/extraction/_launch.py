@@ -22,10 +22,11 @@ import os
 import time
 import traceback
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..cache._parts import PartInfo
 from ..errors import CacheError, ConfigError, FeatbankError
@@ -99,9 +100,10 @@ def run_local(jobs: Sequence[ShardJob], procs: int = 1) -> list[PartInfo]:
         raise ConfigError(f"The 'procs' parameter must be a positive integer. Got {procs!r} instead.")
     if procs == 1 or len(jobs) <= 1:
         return [run_shard(j) for j in jobs]
+    from multiprocessing.connection import wait
+
     import torch
     import torch.multiprocessing as tmp
-    from multiprocessing.connection import wait
 
     ctx = tmp.get_context("spawn")
     n_gpu = torch.cuda.device_count() if any(j.settings.device.startswith("cuda") for j in jobs) else 0

@@ -7,20 +7,29 @@ import json
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
+from .._device import precision_name, resolve_device
 from ..cache import CacheState, StagingFile, check_key, compute_cache_key, read_state, writer_lock
 from ..data import ImageIndex, scan_folder
-from ..errors import CacheError, CacheKeyMismatch, ConfigError, Interrupted, NotACacheError, SkippedImagesError, SkippedImagesWarning
+from ..errors import (
+    CacheError,
+    CacheKeyMismatch,
+    ConfigError,
+    Interrupted,
+    NotACacheError,
+    SkippedImagesError,
+    SkippedImagesWarning,
+)
 from ..images import PreprocessConfig
 from ._cachefile import _commit, _remove_stale_temporaries, default_cache_path, refuse_foreign_file
 from ._embedding import _run
 from ._engines import _make_engine, _onnx_cache_path, _OrtEngine
-from .._device import precision_name, resolve_device
 from ._options import ENGINES, _validate
 from ._report import ExtractReport, _strict_message
 

@@ -18,8 +18,8 @@ WebDataset inputs get one shard per tar (:func:`plan_tars`), owned by the tar's 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
 
 import numpy as np
 
@@ -64,7 +64,7 @@ class Plan:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "Plan":
+    def from_json(cls, text: str) -> Plan:
         d = json.loads(text)
         return cls(int(d["shard_size"]), [Shard(**s) for s in d["shards"]], int(d["next_id"]), str(d.get("kind", "range")))
 

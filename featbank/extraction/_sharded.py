@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import bisect
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import h5py
 import numpy as np
@@ -21,7 +22,7 @@ from .._files import remove_orphans, timestamp
 from ..cache._index import PlannedPart, finalize_index, read_parts_table
 from ..cache._parts import PartInfo, PartRows, PartWriter, describe_part, part_name, parts_dir, rows_digest, write_part
 from ..cache._schema import _decode, compute_cache_key
-from ..errors import CacheError, CacheKeyMismatch, ConfigError
+from ..errors import CacheError, CacheKeyMismatch
 from ._plan import DEFAULT_SHARD_SIZE, Plan, assign_rows, plan_shards, plan_tars, replan
 
 __all__ = ["RowSource", "WorkerSettings", "ShardJob", "Prepared", "prepare", "run_shard", "finalize", "migrate_v1"]
@@ -54,7 +55,7 @@ class RowSource:
     members: list[str] = field(default_factory=list)
 
     @classmethod
-    def from_index(cls, index: Any) -> "RowSource":
+    def from_index(cls, index: Any) -> RowSource:
         """From a :class:`featbank.data.ImageIndex` (a scanned folder)."""
         return cls(Path(index.root), list(index.paths), index.fingerprints, index.labels, index.splits,
                    list(index.classes), index.layout)

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
+from .._device import autocast_dtype, default_num_workers, resolve_device
 from .._network import finetuned_network
 from ..backbones import Backbone
 from ..images import ImageReadError, load_image
 from .data import _ImageSet
-from .._device import autocast_dtype, default_num_workers, resolve_device
 from .loop import _loader
 from .model import FinetuneModel
 

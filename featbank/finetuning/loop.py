@@ -9,9 +9,10 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -109,7 +110,8 @@ class FinetuneReport:
         cached = f", frozen groups cached in {self.cache_seconds:.1f} s" if self.cache_seconds else ""
         return (
             f"Fine-tuned {self.epochs_run} epoch(s) on {self.device} ({self.seconds_per_epoch:.1f} s/epoch{cached}), "
-            f"best epoch {self.best_epoch}{' (the starting probe: no epoch beat it on validation)' if self.best_epoch == 0 else ''}"
+            f"best epoch {self.best_epoch}"
+            f"{' (the starting probe: no epoch beat it on validation)' if self.best_epoch == 0 else ''}"
             f": {which} accuracy {m['accuracy']:.4f}, balanced accuracy "
             f"{m['balanced_accuracy']:.4f}."
         ) + "".join(f"\nNote: {n}" for n in self.notes)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import copy
 import math
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -130,7 +131,7 @@ def _no_decay(name: str, p: torch.Tensor) -> bool:
 
 
 def build_optimizer(
-    model: "FinetuneModel",
+    model: FinetuneModel,
     groups: Sequence[tuple[str, list[str]]],
     rates: dict[str, float],
     trainable: Sequence[str],

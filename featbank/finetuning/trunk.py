@@ -17,8 +17,9 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -204,7 +205,8 @@ class TrunkCache:
     def nbytes(n: int, n_views: int, shape: tuple[int, ...]) -> int:
         return int(n) * int(n_views) * int(np.prod(shape)) * 2
 
-    def fill(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor, list[str]]], prepare: Callable[[torch.Tensor], torch.Tensor],
+    def fill(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor, list[str]]],
+             prepare: Callable[[torch.Tensor], torch.Tensor],
              prefix: nn.Module, device: torch.device, amp: torch.dtype | None,
              on_batch: Callable[[int, list[str]], None] | None = None) -> None:
         """Run ``prefix`` on every view of every batch (uint8 NHWC images, in dataset order);

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -94,7 +95,7 @@ class Prediction:
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "label": self.label, "probability": self.probability,
-                "top_k": [{"label": l, "probability": p} for l, p in self.top_k], "error": self.error}
+                "top_k": [{"label": name, "probability": p} for name, p in self.top_k], "error": self.error}
 
 
 def _list_images(images: Sequence[str | Path]) -> list[Path]:
@@ -139,9 +140,9 @@ def predict(model: str | Path, images: Sequence[str | Path], *, top_k: int = 1, 
 
     import torch
 
+    from .._device import resolve_device
     from ..bundle import load_bundle
     from ..images import ImageReadError, load_and_preprocess
-    from .._device import resolve_device
 
     bundle = load_bundle(model)
     bundle.load_head()

@@ -20,11 +20,7 @@ def _sk_linear_to_torch(steps: list[Any], clf: Any) -> nn.Module | None:
     if not hasattr(clf, "coef_") or not hasattr(clf, "intercept_"):
         return None
     proba_is_softmax = isinstance(clf, LogisticRegression)
-    try:
-        getattr(clf, "predict_proba")
-        has_proba = True
-    except AttributeError:
-        has_proba = False
+    has_proba = hasattr(clf, "predict_proba")  # False where the property raises (SVC without probability)
     if has_proba and not proba_is_softmax:
         return None  # e.g. SGDClassifier(loss="log_loss"): one-vs-rest probabilities, not a softmax
     mods: list[nn.Module] = []

@@ -29,7 +29,7 @@ __all__ = ["LinearHead"]
 
 #: Standardised copies of in-memory Features, shared by the refits of one C sweep; entries go
 #: away with the Features object they belong to.
-_PREP_MEMO: "weakref.WeakKeyDictionary[Features, tuple]" = weakref.WeakKeyDictionary()
+_PREP_MEMO: weakref.WeakKeyDictionary[Features, tuple] = weakref.WeakKeyDictionary()
 
 
 #: Precondition L-BFGS when the embedding has at most this many dimensions (eigh of a D x D
@@ -58,7 +58,7 @@ def _second_moment_eig(Xs: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor,
 class _Objective:
     """The weighted cross-entropy data term of one fit, in memory (``Xs``) or streamed chunk by chunk."""
 
-    def __init__(self, head: "LinearHead", feats: Features, y_enc: np.ndarray, sw: np.ndarray, dev: torch.device,
+    def __init__(self, head: LinearHead, feats: Features, y_enc: np.ndarray, sw: np.ndarray, dev: torch.device,
                  dtype: torch.dtype):
         self.feats, self.dev, self.dtype, self.l2_normalize = feats, dev, dtype, head.l2_normalize
         self.mean = torch.as_tensor(head.mean_, dtype=dtype, device=dev)
@@ -141,7 +141,7 @@ class LinearHead(_TorchHead):
         self.warm_start = warm_start
         self.device = device
 
-    def fit(self, X: Any, y: Any, sample_weight: Any = None) -> "LinearHead":
+    def fit(self, X: Any, y: Any, sample_weight: Any = None) -> LinearHead:
         validate_head_params(self)
         prev = (getattr(self, "_w", None), getattr(self, "_b", None), getattr(self, "classes_", None))
         feats, y_enc, sw, Xs_memo = self._fit_inputs(X, y, sample_weight)
@@ -190,7 +190,7 @@ class LinearHead(_TorchHead):
         feats, y_enc, sw = self._prepare_fit(X, y, sample_weight)
         return feats, y_enc, sw, None
 
-    def _in_memory(self, obj: "_Objective", X: Any, sample_weight: Any, y_enc: np.ndarray, sw: np.ndarray,
+    def _in_memory(self, obj: _Objective, X: Any, sample_weight: Any, y_enc: np.ndarray, sw: np.ndarray,
                    Xs_memo: Any) -> Any:
         """Standardise the rows once (or reuse the sweep's copy); returns the preconditioner's eigh or None."""
         d = obj.feats.embed_dim
@@ -211,7 +211,7 @@ class LinearHead(_TorchHead):
                              self.mean_, self.scale_, self.n_features_in_, (obj.Xs, eig))
         return eig
 
-    def _minimize(self, obj: "_Objective", U: Any, bscale: float, x0: np.ndarray, k: int, d: int) -> Any:
+    def _minimize(self, obj: _Objective, U: Any, bscale: float, x0: np.ndarray, k: int, d: int) -> Any:
         """scipy's L-BFGS-B on the (preconditioned) objective, stopped by scikit-learn's criterion."""
         last: dict[str, Any] = {}
 
@@ -250,7 +250,7 @@ class LinearHead(_TorchHead):
         return Xs @ self._w.T + self._b
 
     @classmethod
-    def from_coef(cls, coef: np.ndarray, intercept: np.ndarray, classes: np.ndarray, l2_normalize: bool = False) -> "LinearHead":
+    def from_coef(cls, coef: np.ndarray, intercept: np.ndarray, classes: np.ndarray, l2_normalize: bool = False) -> LinearHead:
         """A fitted head from raw weights (logits = x @ coef.T + intercept), e.g. a fine-tuned fc."""
         head = cls(standardize=False, l2_normalize=l2_normalize)
         head.classes_ = np.asarray(classes)

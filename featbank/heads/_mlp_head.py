@@ -106,7 +106,7 @@ class MLPHead(_TorchHead):
         validate_head_params(self)
         return _hidden_tuple(self.hidden_sizes)  # type: ignore[return-value]
 
-    def fit(self, X: Any, y: Any, sample_weight: Any = None, eval_set: tuple[Any, Any] | None = None) -> "MLPHead":
+    def fit(self, X: Any, y: Any, sample_weight: Any = None, eval_set: tuple[Any, Any] | None = None) -> MLPHead:
         """Train; ``eval_set=(X_val, y_val)`` turns on early stopping on that set."""
         hidden = self._hidden()
         feats, y_enc, sw = self._prepare_fit(X, y, sample_weight)

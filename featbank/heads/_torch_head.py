@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,9 +68,13 @@ BOOLEAN = Constraint("a bool", lambda v: isinstance(v, (bool, np.bool_)))
 CLASS_WEIGHT = Constraint("None, 'balanced' or a dict class -> weight >= 0",
                           lambda v: v is None or (isinstance(v, str) and v == "balanced") or (
                               isinstance(v, dict) and all(_is_real(w) and w >= 0 for w in v.values())))
-DEVICE = Constraint("'auto', 'cpu', 'cuda' or 'cuda:N'",
-                    lambda v: isinstance(v, torch.device) or isinstance(v, str) and (v in ("auto", "cpu", "cuda") or (v.startswith("cuda:")
-                                                                                        and v[5:].isdigit())))
+def _is_device(v: Any) -> bool:
+    if isinstance(v, torch.device):
+        return True
+    return isinstance(v, str) and (v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()))
+
+
+DEVICE = Constraint("'auto', 'cpu', 'cuda' or 'cuda:N'", _is_device)
 
 
 def validate_head_params(est: Any) -> None:
