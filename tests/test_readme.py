@@ -85,8 +85,8 @@ def quickstart_onnx(quickstart_like: Path, onnx_cache_dir: Path) -> Path:
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FEATBANK_CACHE_DIR", str(onnx_cache_dir))  # the embedder's ONNX, shared with other tests
-        result = featbank.fit(quickstart_like / "runs" / "elpv.h5", "linear", out=quickstart_like / "models",
-                              name="quickstart-linear")
+        result = featbank.fit(quickstart_like / "runs" / "elpv.h5", "linear",
+                              out=quickstart_like / "models" / "quickstart-linear")
         featbank.export_model(result.path, quickstart_like / "models" / "quickstart-linear.onnx")
     return quickstart_like
 
