@@ -168,7 +168,7 @@ _DRIVER = textwrap.dedent(
         prep = prepare(RowSource.from_index(scan_folder(data)), out, backbone="test_tiny", engine="torch",
                        num_workers=0, shard_size=int(sys.argv[5]), batch_size=int(sys.argv[6]))
         report = run_prepared(prep, launcher=launcher, procs=procs, finalize_only=launcher == "finalize")
-        print("published", report.published, report.n_written)
+        print(f"published {report.published} {report.n_written}", flush=True)  # one write: ranks share stdout
     """
 )
 
