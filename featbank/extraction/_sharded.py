@@ -152,7 +152,7 @@ def prepare(
         CacheKeyMismatch: the existing index was made with other settings.
         CacheError: ``index_path`` is not a schema-v2 index (and ``overwrite`` is not set).
     """
-    from ._options import _precision
+    from .._device import precision_name as _precision
 
     index_path = Path(index_path)
     precision = _precision(device.split(":")[0])
