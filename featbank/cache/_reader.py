@@ -73,7 +73,14 @@ class FeatureCache:
                 f"'{path}' is an HDF5 file but not a featbank cache (no format={_FORMAT!r} attribute). "
                 "Point at a file written by 'featbank extract'."
             )
-        check_schema_version(path, f.attrs.get("schema_version"), SCHEMA_VERSION, __version__)
+        version = f.attrs.get("schema_version")
+        if isinstance(version, (int, np.integer)) and not isinstance(version, (bool, np.bool_)) and int(version) == 2:
+            from ._index import verify_cache
+
+            # HDF5 fills a missing part's rows with zeros: every part is checked before any row is read.
+            verify_cache(path, full=False)
+        else:
+            check_schema_version(path, version, SCHEMA_VERSION, __version__)
         self.metadata: dict[str, Any] = {}
         for k, v in f.attrs.items():
             if isinstance(v, bytes):
@@ -113,6 +120,16 @@ class FeatureCache:
         self.skipped_fingerprints = (
             sk["fingerprints"][...].astype(np.int64).reshape(-1, 2) if sk is not None else np.zeros((0, 2), np.int64)
         )
+        if "listing_skipped" in self.metadata:  # schema v2: rows refused while listing a manifest or tars
+            listed = parse_json_attr(path, "listing_skipped", self.metadata["listing_skipped"], root)
+            try:
+                rows = [(str(k), str(r)) for k, r, _ in listed]
+                extra = np.array([fp for *_, fp in listed], np.int64).reshape(-1, 2)
+            except (TypeError, ValueError):
+                raise CacheError(f"Cache '{path}' is damaged: attribute 'listing_skipped' is not a list of "
+                                 f"[path, reason, fingerprint]. {recreate_hint(path, root)}") from None
+            self.skipped += rows
+            self.skipped_fingerprints = np.concatenate([self.skipped_fingerprints, extra])
 
     # -- convenience -------------------------------------------------------------------------
     @property
