@@ -149,11 +149,13 @@ def _up_to_date(prep: Any) -> bool:
     return names == want and same_attrs and listed == json.dumps([list(s) for s in prep.skipped])
 
 
-def _counts(prep: Any) -> tuple[int, int]:
-    """(embedded, reused) rows of the parts this process's jobs wrote, read from the parts."""
+def _counts(prep: Any, rank: int = 0, world: int = 1) -> tuple[int, int]:
+    """(embedded, reused) rows of the parts the jobs of ``rank`` (all jobs when ``world`` is 1) wrote."""
     embedded = reused = 0
     folder = parts_dir(prep.index_path)
     for job in prep.jobs:
+        if job.shard_id % world != rank:
+            continue
         part = folder / part_name(job.shard_id, rows_digest(job.rows, job.classes))
         try:
             with h5py.File(part, "r") as f:
@@ -219,7 +221,7 @@ def extract_sharded(data: str, out_path: Path, opts: Any, scale: ScaleOptions, t
             report.model_loaded = bool(prep.jobs) and not scale.finalize
             report.engine, report.device = (engine, opts.device) if report.model_loaded else ("", "")
             if not sharded.published:  # a torchrun rank other than 0: rank 0 publishes
-                report.n_embedded, report.n_reused = _counts(prep)
+                report.n_embedded, report.n_reused = _counts(prep, rank, _world_size())
                 report.n_images = sum(p.n_rows for p in prep.planned)
                 report.seconds = time.perf_counter() - t0
                 return report
