@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from .options import backbone_options, device_option, quiet_option
@@ -72,6 +74,8 @@ def extract(data, out, backbone, weights, weights_file, batch_size, num_workers,
         finalize=finalize, num_gpus=num_gpus, max_retries=max_retries, path_column=path_column,
         label_column=label_column or None, split_column=split_column or None, label_from=label_from,
     )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0":
+        return  # torchrun: rank 0 reports for every rank (errors still reach each rank's stderr)
     if report.skipped and not quiet:
         click.echo(f"Skipped {report.n_skipped} file(s):", err=True)
         for path, reason in report.skipped[:20]:

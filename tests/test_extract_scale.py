@@ -24,12 +24,12 @@ from featbank.errors import CacheError, ConfigError
 from conftest import make_image_folder
 
 TINY = ["--backbone", "test_tiny", "--engine", "torch", "--num-workers", "0", "-q"]
-BIN = Path(sys.executable).parent
 
 
 def _cli(*args: str, cwd: Path | None = None, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    cmd = [*prefix, sys.executable, "-m", "featbank.cli", *args] if not prefix else [*prefix, "-m", "featbank.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [*(prefix or (sys.executable,)), "-m", "featbank.cli", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=300, env=env)
 
 
 def _reference(data: Path, tmp_path: Path) -> featbank.cache.FeatureCache:

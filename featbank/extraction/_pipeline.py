@@ -118,7 +118,8 @@ def extract(
         raise ConfigError(f"The 'engine' parameter must be one of {ENGINES}. Got {engine!r} instead.")
     opts = ExtractOptions(backbone, weights, weights_file, batch_size, num_workers, dev, engine, dtype, overwrite,
                           strict, progress, on_progress)
-    out_path = Path(out).expanduser() if out is not None else default_cache_path(data, backbone, weights, dtype, weights_file)
+    out_path = (Path(out).expanduser() if out is not None
+                else default_cache_path(data, backbone, weights, dtype, weights_file))
     if out_path.exists() and out_path.is_dir():
         raise ConfigError(f"--out {str(out_path)!r} is a directory; give a file path such as {out_path / 'cache.h5'}.")
     refuse_foreign_file(out_path)
