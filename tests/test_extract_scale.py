@@ -192,3 +192,54 @@ def test_num_workers_with_local_procs_is_refused(image_folder, tmp_path):
     with pytest.raises(ConfigError, match="--num-workers must be 0"):
         featbank.extract(image_folder, tmp_path / "x.h5", backbone="test_tiny", engine="torch", num_workers=2,
                          procs=2, progress=False)
+
+
+def _tamper(index: Path, fn) -> None:
+    with h5py.File(index, "a") as f:
+        fn(f)
+
+
+@pytest.mark.parametrize("attack", ["no_table", "short_sizes", "row_count_lie", "foreign_mapping", "bad_listing"])
+def test_hostile_v2_index_is_refused_with_a_message(v2_cache, tmp_path, attack):
+    def no_table(f):
+        del f["parts"]
+
+    def short_sizes(f):
+        del f["parts/sizes"]
+        f["parts"].create_dataset("sizes", data=np.arange(1))
+
+    def row_count_lie(f):
+        n = f["parts/n_rows"][...]
+        n[0] += 1
+        f["parts/n_rows"][...] = n
+
+    def foreign_mapping(f):  # rows mapped onto a file the table does not list
+        other = tmp_path / "other.h5"
+        with h5py.File(other, "w") as g:
+            g["embeddings"] = np.ones((24, 16), np.float32)
+        shape = f["embeddings"].shape
+        layout = h5py.VirtualLayout(shape=shape, dtype="f4")
+        layout[:] = h5py.VirtualSource(str(other), "embeddings", shape=shape)
+        del f["embeddings"]
+        f.create_virtual_dataset("embeddings", layout)
+
+    def bad_listing(f):
+        f.attrs["listing_skipped"] = "[1, 2]"
+
+    _tamper(v2_cache, locals()[attack])
+    with pytest.raises(CacheError, match="damaged"):
+        featbank.open_cache(v2_cache)
+
+
+def test_renamed_index_is_refused_and_a_moved_folder_reads(v2_cache, tmp_path):
+    renamed = tmp_path / "renamed.h5"
+    shutil.copy(v2_cache, renamed)
+    shutil.copytree(parts_dir(v2_cache), parts_dir(renamed))
+    with pytest.raises(CacheError, match="renamed"):
+        featbank.open_cache(renamed)
+    moved = tmp_path / "elsewhere" / v2_cache.name
+    moved.parent.mkdir()
+    shutil.copy(v2_cache, moved)
+    shutil.copytree(parts_dir(v2_cache), parts_dir(moved))
+    with featbank.open_cache(moved) as a, featbank.open_cache(v2_cache) as b:
+        np.testing.assert_array_equal(a.embeddings[...], b.embeddings[...])

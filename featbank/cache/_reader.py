@@ -36,6 +36,43 @@ __all__ = ["FeatureCache", "open_cache"]
 # --------------------------------------------------------------------------------------------
 
 
+def _check_v2(path: Path, f: h5py.File) -> None:
+    """A schema-v2 index: every part of its table present and unchanged, and every virtual dataset
+    mapped onto those parts only (HDF5 fills a missing source with zeros, and a hostile index could
+    map rows onto any file)."""
+    from ._index import read_parts_table, verify_cache
+    from ._parts import parts_dir
+
+    try:
+        table = read_parts_table(f)
+        # The folder verify_cache checks (named after the index), so a renamed index cannot read the
+        # zeros of a folder that is no longer there.
+        allowed = {f"{parts_dir(path).name}/{p.name}" for p in table}
+        n_rows = sum(int(p.n_rows) for p in table)
+    except (KeyError, IndexError, ValueError, TypeError, OSError) as e:
+        raise CacheError(f"Cache '{path}' is damaged: its table of parts (group 'parts') cannot be read ({e}). "
+                         f"{recreate_hint(path)}") from None
+    try:
+        verify_cache(path, full=False)  # names every missing or changed part, and what to run
+    except (KeyError, IndexError, ValueError, TypeError) as e:
+        raise CacheError(f"Cache '{path}' is damaged: its table of parts is inconsistent ({e}). "
+                         f"{recreate_hint(path)}") from None
+    names = ["embeddings", "labels", "splits", "paths", "fingerprints",
+             "skipped/paths", "skipped/reasons", "skipped/fingerprints"]
+    for name in names:
+        ds = f.get(name)
+        if isinstance(ds, h5py.Dataset) and ds.is_virtual:
+            bad = sorted({vs.file_name for vs in ds.virtual_sources()} - allowed)
+            if bad:
+                raise CacheError(f"Cache '{path}' is damaged: dataset '{name}' maps rows onto {bad[:3]}, which its "
+                                 f"table of parts does not list in '{parts_dir(path).name}' (an index renamed without renaming its "
+                                  f"parts folder to match reads like this). {recreate_hint(path)}")
+    emb = f.get("embeddings")
+    if isinstance(emb, h5py.Dataset) and emb.shape[:1] != (n_rows,):
+        raise CacheError(f"Cache '{path}' is damaged: 'embeddings' has {emb.shape[0] if emb.shape else 0} rows, its "
+                         f"table of parts lists {n_rows}. {recreate_hint(path)}")
+
+
 class FeatureCache:
     """A featbank cache opened for reading. Embeddings stay on disk until asked for.
 
@@ -75,10 +112,7 @@ class FeatureCache:
             )
         version = f.attrs.get("schema_version")
         if isinstance(version, (int, np.integer)) and not isinstance(version, (bool, np.bool_)) and int(version) == 2:
-            from ._index import verify_cache
-
-            # HDF5 fills a missing part's rows with zeros: every part is checked before any row is read.
-            verify_cache(path, full=False)
+            _check_v2(path, f)
         else:
             check_schema_version(path, version, SCHEMA_VERSION, __version__)
         self.metadata: dict[str, Any] = {}
