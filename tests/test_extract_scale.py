@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -243,3 +244,18 @@ def test_renamed_index_is_refused_and_a_moved_folder_reads(v2_cache, tmp_path):
     shutil.copytree(parts_dir(v2_cache), parts_dir(moved))
     with featbank.open_cache(moved) as a, featbank.open_cache(v2_cache) as b:
         np.testing.assert_array_equal(a.embeddings[...], b.embeddings[...])
+
+
+@pytest.mark.slow
+def test_fit_streams_from_a_v2_cache_like_from_v1(v2_cache, image_folder, tmp_path):
+    """fit --max-memory below the data size streams the v2 cache through iter_chunks; same head as v1."""
+    _reference(image_folder, tmp_path)
+    scores = []
+    for cache in (v2_cache, tmp_path / "ref.h5"):
+        r = _cli("fit", str(cache), "--head", "linear", "--max-memory", "1KB", "--out", str(tmp_path / cache.stem),
+                 "--seed", "0")
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "(streamed)" in r.stdout
+        lines = [line for line in r.stdout.splitlines() if "top-1" in line or "chosen" in line]
+        scores.append([re.sub(r"; [0-9.]+ s$", "", line.replace(cache.name, "CACHE")) for line in lines])
+    assert len(scores[0]) == 2 and scores[0] == scores[1]

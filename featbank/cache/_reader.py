@@ -64,9 +64,11 @@ def _check_v2(path: Path, f: h5py.File) -> None:
         if isinstance(ds, h5py.Dataset) and ds.is_virtual:
             bad = sorted({vs.file_name for vs in ds.virtual_sources()} - allowed)
             if bad:
-                raise CacheError(f"Cache '{path}' is damaged: dataset '{name}' maps rows onto {bad[:3]}, which its "
-                                 f"table of parts does not list in '{parts_dir(path).name}' (an index renamed without renaming its "
-                                  f"parts folder to match reads like this). {recreate_hint(path)}")
+                raise CacheError(
+                    f"Cache '{path}' is damaged: dataset '{name}' maps rows onto {bad[:3]}, which its table of "
+                    f"parts does not list in '{parts_dir(path).name}' (an index renamed without renaming its parts "
+                    f"folder to match reads like this). {recreate_hint(path)}"
+                )
     emb = f.get("embeddings")
     if isinstance(emb, h5py.Dataset) and emb.shape[:1] != (n_rows,):
         raise CacheError(f"Cache '{path}' is damaged: 'embeddings' has {emb.shape[0] if emb.shape else 0} rows, its "
