@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from .options import backbone_options, device_option, quiet_option
@@ -23,28 +25,57 @@ from .options import backbone_options, device_option, quiet_option
               help="Stored dtype of the embeddings.")
 @click.option("--overwrite", is_flag=True, help="Replace a cache that was made with other settings.")
 @click.option("--strict", is_flag=True, help="Exit with code 3 if any image was skipped (the cache is still written).")
+@click.option("--procs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Local worker processes (one per GPU when GPUs are used). Over 1: a sharded (schema-v2) cache.")
+@click.option("--launcher", type=click.Choice(["auto", "local", "torchrun", "ray"]), default=None,
+              help="Who runs the shards. auto: torchrun when WORLD_SIZE > 1, else local processes. "
+              "ray: one Ray task per shard (pip install 'featbank[ray]'). Any value: a sharded cache.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=None,
+              help="Rows per shard of a new sharded cache. Default: 10000.")
+@click.option("--finalize", is_flag=True,
+              help="Run no shard: check the parts written by separate jobs (a Slurm array) and publish the index.")
+@click.option("--num-gpus", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="GPUs per Ray task (--launcher ray).")
+@click.option("--max-retries", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Retries of a Ray task whose worker died (--launcher ray).")
+@click.option("--path-column", default="path", show_default=True, help="Manifest column of image paths.")
+@click.option("--label-column", default="label", show_default=True, help="Manifest column of labels (optional).")
+@click.option("--split-column", default="split", show_default=True, help="Manifest column of splits (optional).")
+@click.option("--label-from", type=click.Choice(["cls", "txt", "json", "none"]), default="cls", show_default=True,
+              help="WebDataset member that holds the label.")
 @quiet_option
 def extract(data, out, backbone, weights, weights_file, batch_size, num_workers, device, engine, dtype,
-            overwrite, strict, quiet) -> None:
+            overwrite, strict, procs, launcher, shard_size, finalize, num_gpus, max_retries, path_column,
+            label_column, split_column, label_from, quiet) -> None:
     """Embed every image in DATA with a frozen backbone into an HDF5 cache.
 
     DATA is an ImageFolder (DATA/<class>/<image>), a folder with train/val/test split folders
-    (DATA/train/<class>/<image>), or a flat folder of unlabelled images. Reruns embed only new or
-    changed files and resume an interrupted run; unreadable images are skipped and listed.
+    (DATA/train/<class>/<image>), a flat folder of unlabelled images, a CSV/TSV/parquet manifest
+    with a path column, or WebDataset shards (a folder of .tar files or shards/{000000..000099}.tar).
+    Reruns embed only new or changed files and resume an interrupted run; unreadable images are
+    skipped and listed. --procs, --launcher, --shard-size, a manifest or tars write a sharded cache
+    (schema v2: part files + an index; see README "At scale").
 
     \b
     Examples:
       featbank extract data/elpv
       featbank extract data/elpv --out runs/elpv.h5 --backbone resnet50 --weights IMAGENET1K_V2
       featbank extract data/photos --engine torch --device cuda --batch-size 256
+      featbank extract data/photos --out runs/photos.h5 --procs 4
+      torchrun --nproc-per-node 8 -m featbank.cli extract data/photos --out runs/photos.h5
+      featbank extract 'shards/{000000..000099}.tar' --out runs/wds.h5 --launcher ray
     """
     import featbank
 
     report = featbank.extract(
         data, out, backbone=backbone, weights=weights, weights_file=weights_file, batch_size=batch_size,
         num_workers=num_workers, device=device, engine=engine, dtype=dtype, overwrite=overwrite,
-        strict=strict, progress=not quiet,
+        strict=strict, progress=not quiet, procs=procs, launcher=launcher, shard_size=shard_size,
+        finalize=finalize, num_gpus=num_gpus, max_retries=max_retries, path_column=path_column,
+        label_column=label_column or None, split_column=split_column or None, label_from=label_from,
     )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0":
+        return  # torchrun: rank 0 reports for every rank (errors still reach each rank's stderr)
     if report.skipped and not quiet:
         click.echo(f"Skipped {report.n_skipped} file(s):", err=True)
         for path, reason in report.skipped[:20]:

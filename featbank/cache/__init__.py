@@ -34,6 +34,7 @@ from __future__ import annotations
 # StagingFile, check_key, read_state and write_cache by featbank.extraction (write_cache also by
 # scripts/bench_fit.py and tests/_fitdata.py); CacheState and EMBEDDING_VERSION stay reachable too.
 from ._discovery import CacheChoice, choose_cache, default_cache_dir, find_latest_cache
+from ._index import verify_cache
 from ._lock import writer_lock
 from ._reader import EXTREME_POLICIES, FeatureCache, open_cache
 from ._schema import EMBEDDING_VERSION, SCHEMA_VERSION, SPLIT_NAMES, compute_cache_key  # noqa: F401
@@ -42,6 +43,7 @@ from ._writer import CacheState, StagingFile, check_key, read_state, write_cache
 
 __all__ = [
     "writer_lock",
+    "verify_cache",
     "SCHEMA_VERSION",
     "SPLIT_NAMES",
     "FeatureCache",

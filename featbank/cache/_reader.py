@@ -36,6 +36,45 @@ __all__ = ["FeatureCache", "open_cache"]
 # --------------------------------------------------------------------------------------------
 
 
+def _check_v2(path: Path, f: h5py.File) -> None:
+    """A schema-v2 index: every part of its table present and unchanged, and every virtual dataset
+    mapped onto those parts only (HDF5 fills a missing source with zeros, and a hostile index could
+    map rows onto any file)."""
+    from ._index import read_parts_table, verify_cache
+    from ._parts import parts_dir
+
+    try:
+        table = read_parts_table(f)
+        # The folder verify_cache checks (named after the index), so a renamed index cannot read the
+        # zeros of a folder that is no longer there.
+        allowed = {f"{parts_dir(path).name}/{p.name}" for p in table}
+        n_rows = sum(int(p.n_rows) for p in table)
+    except (KeyError, IndexError, ValueError, TypeError, OSError) as e:
+        raise CacheError(f"Cache '{path}' is damaged: its table of parts (group 'parts') cannot be read ({e}). "
+                         f"{recreate_hint(path)}") from None
+    try:
+        verify_cache(path, full=False)  # names every missing or changed part, and what to run
+    except (KeyError, IndexError, ValueError, TypeError) as e:
+        raise CacheError(f"Cache '{path}' is damaged: its table of parts is inconsistent ({e}). "
+                         f"{recreate_hint(path)}") from None
+    names = ["embeddings", "labels", "splits", "paths", "fingerprints",
+             "skipped/paths", "skipped/reasons", "skipped/fingerprints"]
+    for name in names:
+        ds = f.get(name)
+        if isinstance(ds, h5py.Dataset) and ds.is_virtual:
+            bad = sorted({vs.file_name for vs in ds.virtual_sources()} - allowed)
+            if bad:
+                raise CacheError(
+                    f"Cache '{path}' is damaged: dataset '{name}' maps rows onto {bad[:3]}, which its table of "
+                    f"parts does not list in '{parts_dir(path).name}' (an index renamed without renaming its parts "
+                    f"folder to match reads like this). {recreate_hint(path)}"
+                )
+    emb = f.get("embeddings")
+    if isinstance(emb, h5py.Dataset) and emb.shape[:1] != (n_rows,):
+        raise CacheError(f"Cache '{path}' is damaged: 'embeddings' has {emb.shape[0] if emb.shape else 0} rows, its "
+                         f"table of parts lists {n_rows}. {recreate_hint(path)}")
+
+
 class FeatureCache:
     """A featbank cache opened for reading. Embeddings stay on disk until asked for.
 
@@ -73,7 +112,11 @@ class FeatureCache:
                 f"'{path}' is an HDF5 file but not a featbank cache (no format={_FORMAT!r} attribute). "
                 "Point at a file written by 'featbank extract'."
             )
-        check_schema_version(path, f.attrs.get("schema_version"), SCHEMA_VERSION, __version__)
+        version = f.attrs.get("schema_version")
+        if isinstance(version, (int, np.integer)) and not isinstance(version, (bool, np.bool_)) and int(version) == 2:
+            _check_v2(path, f)
+        else:
+            check_schema_version(path, version, SCHEMA_VERSION, __version__)
         self.metadata: dict[str, Any] = {}
         for k, v in f.attrs.items():
             if isinstance(v, bytes):
@@ -113,6 +156,16 @@ class FeatureCache:
         self.skipped_fingerprints = (
             sk["fingerprints"][...].astype(np.int64).reshape(-1, 2) if sk is not None else np.zeros((0, 2), np.int64)
         )
+        if "listing_skipped" in self.metadata:  # schema v2: rows refused while listing a manifest or tars
+            listed = parse_json_attr(path, "listing_skipped", self.metadata["listing_skipped"], root)
+            try:
+                rows = [(str(k), str(r)) for k, r, _ in listed]
+                extra = np.array([fp for *_, fp in listed], np.int64).reshape(-1, 2)
+            except (TypeError, ValueError):
+                raise CacheError(f"Cache '{path}' is damaged: attribute 'listing_skipped' is not a list of "
+                                 f"[path, reason, fingerprint]. {recreate_hint(path, root)}") from None
+            self.skipped += rows
+            self.skipped_fingerprints = np.concatenate([self.skipped_fingerprints, extra])
 
     # -- convenience -------------------------------------------------------------------------
     @property

@@ -32,6 +32,7 @@ from ._embedding import _run
 from ._engines import _make_engine, _onnx_cache_path, _OrtEngine
 from ._options import ENGINES, _validate
 from ._report import ExtractReport, _strict_message
+from ._scaled import ScaleOptions, extract_sharded, wants_sharded
 
 __all__ = ["extract", "ExtractOptions"]
 
@@ -59,12 +60,28 @@ def extract(
     strict: bool = False,
     progress: bool = True,
     on_progress: Callable[[int, int], None] | None = None,
+    procs: int = 1,
+    launcher: str | None = None,
+    shard_size: int | None = None,
+    finalize: bool = False,
+    num_gpus: float = 0.0,
+    max_retries: int = 3,
+    path_column: str = "path",
+    label_column: str | None = "label",
+    split_column: str | None = "split",
+    label_from: str = "cls",
 ) -> ExtractReport:
     """Embed every image of a folder with a frozen backbone into an HDF5 cache.
 
     Reruns are incremental (only new or changed files are embedded, deleted ones dropped) and
     resume after a crash or Ctrl-C. A cache made with other settings is refused unless
     ``overwrite``.
+
+    At scale (README "At scale"): with ``procs > 1``, a ``launcher``, a ``shard_size``,
+    ``finalize``, under torchrun (``WORLD_SIZE`` > 1), for a manifest or WebDataset ``data``, or
+    when ``out`` is already a schema-v2 cache, the rows are cut into shards and written as a
+    schema-v2 cache (part files + an index); a schema-v1 cache at ``out`` is migrated first. A
+    plain image folder into a new or v1 cache writes schema v1 as before.
 
     Args:
         data: an ImageFolder (``data/<class>/<image>``), a folder with ``train``/``val``/``test``
@@ -80,7 +97,15 @@ def extract(
         dtype: stored dtype, ``float32`` or ``float16``.
         overwrite: replace a cache made with other settings.
         strict: raise :class:`SkippedImagesError` (after writing the cache) if any file was skipped.
-        progress: show a progress bar on stderr.
+        progress: show a progress bar on stderr (schema-v1 route only).
+        procs: local worker processes (one per GPU when GPUs are used).
+        launcher: ``auto`` (torchrun when ``WORLD_SIZE`` > 1, else local), ``local``, ``torchrun``
+            or ``ray``; None means ``auto``.
+        shard_size: rows per shard (default 10,000); only a new plan uses it.
+        finalize: run no shard; check the parts separate jobs wrote and publish the index.
+        num_gpus, max_retries: per Ray task.
+        path_column, label_column, split_column: a manifest's column names.
+        label_from: WebDataset label member: ``cls``, ``txt``, ``json`` or ``none``.
 
     Returns:
         An :class:`ExtractReport`.
@@ -102,11 +127,16 @@ def extract(
         raise ConfigError(f"The 'engine' parameter must be one of {ENGINES}. Got {engine!r} instead.")
     opts = ExtractOptions(backbone, weights, weights_file, batch_size, num_workers, dev, engine, dtype, overwrite,
                           strict, progress, on_progress)
-    index = scan_folder(data)
-    out_path = Path(out).expanduser() if out is not None else default_cache_path(data, backbone, weights, dtype, weights_file)
+    out_path = (Path(out).expanduser() if out is not None
+                else default_cache_path(data, backbone, weights, dtype, weights_file))
     if out_path.exists() and out_path.is_dir():
         raise ConfigError(f"--out {str(out_path)!r} is a directory; give a file path such as {out_path / 'cache.h5'}.")
     refuse_foreign_file(out_path)
+    scale = ScaleOptions(procs, launcher, shard_size, finalize, num_gpus, max_retries, path_column, label_column,
+                         split_column, label_from)
+    if wants_sharded(str(data), out_path, scale):
+        return extract_sharded(str(data), out_path, opts, scale, t0)
+    index = scan_folder(data)
     with writer_lock(out_path):
         while True:
             report, folded = _extract_once(index, out_path, opts, t0)

@@ -381,6 +381,13 @@ def migrate_v1(path: Path, *, shard_size: int = DEFAULT_SHARD_SIZE) -> list[Part
     from ..cache import FeatureCache
 
     path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            version = f.attrs.get("schema_version")
+    except OSError:
+        version = None  # FeatureCache below says what is wrong with the file
+    if isinstance(version, (int, np.integer)) and int(version) == 2:
+        raise CacheError(f"{str(path)!r} has cache schema version 2 already; only a schema-v1 cache can be migrated.")
     with FeatureCache(path) as c:  # refuses anything but a readable v1 cache, with its message
         meta = {k: v for k, v in c.metadata.items() if k not in ("format", "schema_version", "n_samples", "embed_dim")}
         key, classes = c.cache_key, list(c.classes)
