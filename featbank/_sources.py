@@ -27,16 +27,49 @@ import re
 import stat
 import tarfile
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .errors import ConfigError, DatasetError
-from .extraction._sharded import RowSource
 from .images import IMAGE_EXTENSIONS, ImageReadError, PreprocessConfig, preprocess_image
 
-__all__ = ["LABEL_SOURCES", "read_manifest", "read_webdataset", "expand_braces", "TarImages"]
+__all__ = ["RowSource", "LABEL_SOURCES", "read_manifest", "read_webdataset", "expand_braces", "TarImages"]
+
+@dataclass
+class RowSource:
+    """The rows to extract, in key order, and how to read them.
+
+    Attributes:
+        root: folder that relative keys are read from (a manifest's folder, the data folder).
+        keys: sorted unique row keys (relative paths, absolute paths, or ``<tar>/<__key__>``).
+        fingerprints, labels, splits: per row, as in :class:`featbank.data.ImageIndex`.
+        classes: class names (labels index into them).
+        layout: ``imagefolder``, ``splits``, ``flat``, ``manifest`` or ``webdataset``.
+        tars: for WebDataset: tar names (relative to ``root``) and their row counts, in order.
+        skipped: rows refused while listing (``(key, reason, fingerprint)``), recorded in the cache.
+        members: for WebDataset: per row, ``"<tar>\\0<image member name>"``.
+    """
+
+    root: Path
+    keys: list[str]
+    fingerprints: np.ndarray
+    labels: np.ndarray
+    splits: np.ndarray
+    classes: list[str]
+    layout: str
+    tars: list[tuple[str, int]] = field(default_factory=list)
+    skipped: list[tuple[str, str, tuple[int, int]]] = field(default_factory=list)
+    members: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_index(cls, index: Any) -> RowSource:
+        """From a :class:`featbank.data.ImageIndex` (a scanned folder)."""
+        return cls(Path(index.root), list(index.paths), index.fingerprints, index.labels, index.splits,
+                   list(index.classes), index.layout)
+
 
 LABEL_SOURCES = ("cls", "txt", "json", "none")
 _SPLITS = {"train": 0, "val": 1, "valid": 1, "validation": 1, "test": 2}
@@ -270,7 +303,8 @@ def read_webdataset(spec: str | os.PathLike, *, label_from: str = "cls") -> RowS
         root = Path(expanded[0]).parent.resolve()
         names = sorted(os.path.relpath(Path(p).resolve(), root) for p in expanded)
     if not names:
-        raise DatasetError(f"No .tar shards found in '{spec}'. Pass a folder of .tar files or a pattern such as shards/{{000000..000099}}.tar.")
+        raise DatasetError(f"No .tar shards found in '{spec}'. Pass a folder of .tar files or a pattern such as "
+                           "shards/{000000..000099}.tar.")
     found: dict[str, tuple[str, int, tuple[int, int]]] = {}
     skipped: list[tuple[str, str, tuple[int, int]]] = []
     members: dict[str, str] = {}

@@ -12,7 +12,6 @@ import pytest
 
 import featbank
 from featbank.cache import (
-    SCHEMA_VERSION,
     StagingFile,
     compute_cache_key,
     find_latest_cache,

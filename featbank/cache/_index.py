@@ -82,7 +82,9 @@ def _vds(f: h5py.Group, name: str, parts: Sequence[PartInfo], dataset: str, coun
     h5d.create(f.id, name.encode(), tid, h5s.create_simple((total, *shape_tail)), dcpl=dcpl).close()
 
 
-def _shapes(folder: Path, parts: Sequence[PartInfo], names: Sequence[str], group: str = "") -> dict[str, tuple[tuple[int, ...], Any]]:
+def _shapes(
+    folder: Path, parts: Sequence[PartInfo], names: Sequence[str], group: str = ""
+) -> dict[str, tuple[tuple[int, ...], Any]]:
     """Trailing shape and dtype of each per-row dataset, read from the first part that has rows."""
     out: dict[str, tuple[tuple[int, ...], Any]] = {}
     counts = [p.n_rows if not group else p.n_skipped for p in parts]
@@ -165,7 +167,8 @@ def read_parts_table(index: h5py.File | Path) -> list[PartInfo]:
     cols = [g[c][...] for c in ("shard_ids", "names", "n_rows", "n_skipped", "sizes", "mtimes_ns", "sha256", "rows_digests")]
     names, sha, dig = _decode(cols[1]), _decode(cols[6]), _decode(cols[7])
     return [
-        PartInfo(int(cols[0][i]), names[i], int(cols[2][i]), int(cols[3][i]), int(cols[4][i]), int(cols[5][i]), sha[i], dig[i], key)
+        PartInfo(int(cols[0][i]), names[i], int(cols[2][i]), int(cols[3][i]), int(cols[4][i]), int(cols[5][i]),
+                 sha[i], dig[i], key)
         for i in range(len(names))
     ]
 
@@ -261,9 +264,11 @@ def finalize_index(
         if info is None or (info.size, info.mtime_ns) != (st.st_size, st.st_mtime_ns):
             info = describe_part(path)
         if info.cache_key != key:
-            problems.append(f"shard {sp.shard_id}: part {name} carries cache key {info.cache_key[:12]}…, the run's is {key[:12]}…")
+            problems.append(f"shard {sp.shard_id}: part {name} carries cache key {info.cache_key[:12]}…, "
+                            f"the run's is {key[:12]}…")
         if info.n_rows + info.n_skipped != sp.n_rows:
-            problems.append(f"shard {sp.shard_id}: part {name} holds {info.n_rows} + {info.n_skipped} skipped rows, the plan has {sp.n_rows}")
+            problems.append(f"shard {sp.shard_id}: part {name} holds {info.n_rows} + {info.n_skipped} skipped rows, "
+                            f"the plan has {sp.n_rows}")
         if info.rows_digest != sp.rows_digest:
             problems.append(f"shard {sp.shard_id}: part {name} was written for other rows than the plan's")
         parts.append(info)

@@ -119,7 +119,8 @@ def check_cache(path: str | os.PathLike) -> CacheSummary:
             for start, stop in _blocks(f["embeddings"].shape[0], 1 << 14):
                 block = f["embeddings"][start:stop]
                 if not np.isfinite(block).all():
-                    raise CacheError(f"Cache {str(path)!r} has non-finite embeddings in rows {start}..{stop - 1}; re-extract with --overwrite.")
+                    raise CacheError(f"Cache {str(path)!r} has non-finite embeddings in rows {start}..{stop - 1}; "
+                                     "re-extract with --overwrite.")
             for name in ("labels", "splits", "paths", "fingerprints", "classes"):
                 f[name][...]
         except OSError as e:

@@ -19,6 +19,7 @@ import h5py
 import numpy as np
 
 from .._files import remove_orphans, timestamp
+from .._sources import RowSource, TarImages
 from ..cache._index import PlannedPart, finalize_index, read_parts_table
 from ..cache._parts import PartInfo, PartRows, PartWriter, describe_part, part_name, parts_dir, rows_digest, write_part
 from ..cache._schema import _decode, compute_cache_key
@@ -26,39 +27,6 @@ from ..errors import CacheError, CacheKeyMismatch
 from ._plan import DEFAULT_SHARD_SIZE, Plan, assign_rows, plan_shards, plan_tars, replan
 
 __all__ = ["RowSource", "WorkerSettings", "ShardJob", "Prepared", "prepare", "run_shard", "finalize", "migrate_v1"]
-
-
-@dataclass
-class RowSource:
-    """The rows to extract, in key order, and how to read them.
-
-    Attributes:
-        root: folder that relative keys are read from (a manifest's folder, the data folder).
-        keys: sorted unique row keys (relative paths, absolute paths, or ``<tar>/<__key__>``).
-        fingerprints, labels, splits: per row, as in :class:`featbank.data.ImageIndex`.
-        classes: class names (labels index into them).
-        layout: ``imagefolder``, ``splits``, ``flat``, ``manifest`` or ``webdataset``.
-        tars: for WebDataset: tar names (relative to ``root``) and their row counts, in order.
-        skipped: rows refused while listing (``(key, reason, fingerprint)``), recorded in the cache.
-        members: for WebDataset: per row, ``"<tar>\\0<image member name>"``.
-    """
-
-    root: Path
-    keys: list[str]
-    fingerprints: np.ndarray
-    labels: np.ndarray
-    splits: np.ndarray
-    classes: list[str]
-    layout: str
-    tars: list[tuple[str, int]] = field(default_factory=list)
-    skipped: list[tuple[str, str, tuple[int, int]]] = field(default_factory=list)
-    members: list[str] = field(default_factory=list)
-
-    @classmethod
-    def from_index(cls, index: Any) -> RowSource:
-        """From a :class:`featbank.data.ImageIndex` (a scanned folder)."""
-        return cls(Path(index.root), list(index.paths), index.fingerprints, index.labels, index.splits,
-                   list(index.classes), index.layout)
 
 
 @dataclass(frozen=True)
@@ -313,8 +281,6 @@ def _embed_rows(writer: PartWriter, job: ShardJob, skipped: dict[int, str]) -> N
     s = job.settings
     cfg = PreprocessConfig.from_dict(s.transform)
     if job.layout == "webdataset":
-        from .._sources import TarImages
-
         dataset: Any = TarImages(Path(job.root), writer.paths, job.members, pending, cfg)
     else:
         dataset = _Images(Path(job.root), writer.paths, pending, cfg)
@@ -405,9 +371,13 @@ def migrate_v1(path: Path, *, shard_size: int = DEFAULT_SHARD_SIZE) -> list[Part
             bad = [(k, sk_why[k], sk_fps[k]) for k in bad_keys]
             everything = sorted([*zip(rows.paths, rows.fingerprints.tolist(), rows.labels.tolist(), rows.splits.tolist()),
                                  *((k, list(sk_fps[k]), -1, -1) for k in bad_keys)])
-            digest = rows_digest(PartRows([e[0] for e in everything], np.array([e[1] for e in everything], np.int64).reshape(-1, 2),
-                                          np.array([e[2] for e in everything], np.int64), np.array([e[3] for e in everything], np.int8)), classes)
-            emb = c.embeddings[int(rows_i[0]):int(rows_i[-1]) + 1] if len(rows_i) else np.zeros((0, c.embed_dim), c.embeddings.dtype)
+            listed = PartRows([e[0] for e in everything], np.array([e[1] for e in everything], np.int64).reshape(-1, 2),
+                              np.array([e[2] for e in everything], np.int64), np.array([e[3] for e in everything], np.int8))
+            digest = rows_digest(listed, classes)
+            if len(rows_i):
+                emb = c.embeddings[int(rows_i[0]):int(rows_i[-1]) + 1]
+            else:
+                emb = np.zeros((0, c.embed_dim), c.embeddings.dtype)
             write_part(parts_dir(path), shard.shard_id, key, rows, emb, classes, bad, digest=digest)
             planned.append(PlannedPart(shard.shard_id, len(everything), digest))
     meta.update(updated=timestamp(), shard_size=shard_size, migrated_from_schema=1)
