@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from ._files import _pid_alive, describe_os_error, fsync_dir, remove_orphans, temporary_path, timestamp
+from ._files import LockBusy, describe_os_error, exclusive_lock, fsync_dir, pid_alive, remove_orphans, temporary_path, timestamp
 from ._manifest import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST, Manifest, check_file_name, parse_manifest
 from .errors import BundleError
 
@@ -57,46 +57,22 @@ def writer_lock(path: Path) -> Iterator[None]:
         BundleError: another live process holds it (the message names its pid), or the lock
             file cannot be created.
     """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
     lock = path.with_name(f".{path.name}.lock")
-    while True:
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        except OSError as e:
-            raise BundleError(
-                f"Cannot write bundle {str(path)!r}: creating {str(lock)!r} failed ({describe_os_error(e)}). "
-                "Choose an --out in a folder you can write to."
-            ) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try:
-                holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-            finally:
-                os.close(fd)
-            raise BundleError(
-                f"Another process (pid {holder}) is writing bundle {str(path)!r} right now (it holds "
-                f"{str(lock)!r}). Wait for it to finish, or choose another --name/--out."
-            ) from None
-        try:
-            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)  # its last holder removed the file between our open and flock: retry
+    held = contextlib.ExitStack()
     try:
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        held.enter_context(exclusive_lock(lock))
+    except LockBusy as e:
+        raise BundleError(
+            f"Another process (pid {e.holder}) is writing bundle {str(path)!r} right now (it holds "
+            f"{str(lock)!r}). Wait for it to finish, or choose another --name/--out."
+        ) from None
+    except OSError as e:
+        raise BundleError(
+            f"Cannot write bundle {str(path)!r}: creating {str(lock)!r} failed ({describe_os_error(e)}). "
+            "Choose an --out in a folder you can write to."
+        ) from None
+    with held:
         yield
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(lock)
-        os.close(fd)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -145,7 +121,7 @@ def recover(path: Path) -> Path | None:
     parked = []
     for p in path.parent.iterdir():
         m = pattern.match(p.name)
-        if m and not _pid_alive(int(m.group(1))) and p.is_dir() and not p.is_symlink():
+        if m and not pid_alive(int(m.group(1))) and p.is_dir() and not p.is_symlink():
             parked.append(p)
     for p in sorted(parked, key=lambda q: q.stat().st_mtime, reverse=True):
         try:
@@ -165,7 +141,7 @@ def remove_leftovers(path: Path) -> list[Path]:
     pattern = _old_pattern(path)
     for p in path.parent.iterdir():
         m = pattern.match(p.name)
-        if m and not _pid_alive(int(m.group(1))):
+        if m and not pid_alive(int(m.group(1))):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed

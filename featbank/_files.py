@@ -32,6 +32,9 @@ __all__ = [
     "check_output_dir",
     "check_bundle_dir",
     "describe_os_error",
+    "pid_alive",
+    "LockBusy",
+    "exclusive_lock",
 ]
 
 _TMP_MARK = ".tmp-"
@@ -113,7 +116,8 @@ def _existing_mode(path: Path) -> int | None:
         return None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs (ours counts; one we may not signal counts as alive)."""
     if pid == os.getpid():
         return True
     try:
@@ -138,7 +142,7 @@ def remove_orphans(path: Path) -> list[Path]:
         return removed
     for p in path.parent.iterdir():
         m = pattern.match(p.name)
-        if not m or _pid_alive(int(m.group(1))):
+        if not m or pid_alive(int(m.group(1))):
             continue
         try:
             if p.is_dir() and not p.is_symlink():
@@ -149,6 +153,61 @@ def remove_orphans(path: Path) -> list[Path]:
         except OSError:
             pass
     return removed
+
+
+class LockBusy(Exception):
+    """Another live process holds the lock; ``holder`` is the pid it wrote there (or ``unknown``)."""
+
+    def __init__(self, holder: str):
+        super().__init__(holder)
+        self.holder = holder
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock: Path) -> Iterator[None]:
+    """Hold an advisory ``flock`` on the file ``lock`` (created, then removed on release).
+
+    The one writer lock behind the cache and bundle writers: a second process gets
+    :class:`LockBusy` at once (never waits), and a lock file left by a dead process is simply taken
+    over, since the kernel drops ``flock`` locks with their process. The holder's pid is written
+    into the file for messages. A symlink at ``lock`` is not followed. Without ``fcntl``
+    (Windows) nothing is locked.
+
+    Raises:
+        LockBusy: another live process holds it.
+        OSError: the lock file cannot be created.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            finally:
+                os.close(fd)
+            raise LockBusy(holder) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # its last holder removed the file between our open and flock: retry
+    try:
+        with contextlib.suppress(OSError):  # the pid only names the holder; a full disk must not stop the lock
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(fd)
 
 
 def check_output_dir(folder: Path, what: str = "output") -> Path:
