@@ -28,7 +28,17 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from ._files import LockBusy, describe_os_error, exclusive_lock, fsync_dir, pid_alive, remove_orphans, temporary_path, timestamp
+from ._files import (
+    LockBusy,
+    describe_os_error,
+    exclusive_lock,
+    fsync_dir,
+    pid_alive,
+    remove_orphans,
+    sha256_file,
+    temporary_path,
+    timestamp,
+)
 from ._manifest import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST, Manifest, check_file_name, parse_manifest
 from .errors import BundleError
 
@@ -149,14 +159,6 @@ def remove_leftovers(path: Path) -> list[Path]:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _core_digest(manifest: Mapping[str, Any], hashes: Mapping[str, str]) -> str:

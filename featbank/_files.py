@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import re
 import shutil
@@ -33,6 +34,7 @@ __all__ = [
     "check_bundle_dir",
     "describe_os_error",
     "pid_alive",
+    "sha256_file",
     "LockBusy",
     "exclusive_lock",
 ]
@@ -97,6 +99,15 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO]:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def sha256_file(path: str | os.PathLike, block_size: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes, read in blocks (the one hash every recorded file uses)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block_size):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

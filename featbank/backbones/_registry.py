@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._files import sha256_file as _sha256_file
 from ..errors import ConfigError, RandomWeightsWarning
 from ..images import PreprocessConfig
 
@@ -182,11 +183,7 @@ def sha256_file(path: str | os.PathLike) -> str:
     st = p.stat()
     key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _memo:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _memo[key] = h.hexdigest()
+        _memo[key] = _sha256_file(p)
     return _memo[key]
 
 

@@ -30,9 +30,9 @@ import h5py
 import numpy as np
 
 from .. import __version__
-from .._files import fsync_dir, temporary_path
+from .._files import fsync_dir, sha256_file, temporary_path
 from ..errors import CacheError
-from ._parts import ROW_DATASETS, SKIPPED_DATASETS, PartInfo, describe_part, file_sha256, part_name, parts_dir
+from ._parts import ROW_DATASETS, SKIPPED_DATASETS, PartInfo, describe_part, part_name, parts_dir
 from ._schema import _FORMAT, _STR, SPLIT_NAMES, _decode
 
 __all__ = [
@@ -202,7 +202,7 @@ def check_parts(index_path: Path, parts: Sequence[PartInfo] | None = None, *, fu
             continue
         if full or st.st_mtime_ns != p.mtime_ns:
             try:
-                digest = file_sha256(path)
+                digest = sha256_file(path)
             except OSError as e:
                 problems.append(f"part {rel} cannot be read: {e.strerror or e}")
                 continue

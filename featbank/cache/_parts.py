@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 
 from .. import __version__
-from .._files import fsync_dir, temporary_path
+from .._files import fsync_dir, sha256_file, temporary_path
 from ..errors import CacheError
 from ._schema import _STR, SPLIT_NAMES, _decode
 
@@ -36,7 +36,6 @@ __all__ = [
     "rows_digest",
     "part_name",
     "parts_dir",
-    "file_sha256",
     "describe_part",
     "write_part",
 ]
@@ -110,14 +109,6 @@ def parts_dir(index_path: Path) -> Path:
     """The folder of an index's parts: ``<index file name>.parts`` beside it."""
     index_path = Path(index_path)
     return index_path.with_name(index_path.name + ".parts")
-
-
-def file_sha256(path: Path, block: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _create_allocated(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: Any) -> h5py.Dataset:
@@ -345,4 +336,4 @@ def describe_part(path: Path) -> PartInfo:
     except OSError as e:
         raise CacheError(f"Part {str(path)!r} is not a readable HDF5 file ({e}).") from None
     st = path.stat()
-    return PartInfo(shard_id, path.name, n_rows, n_skipped, st.st_size, st.st_mtime_ns, file_sha256(path), digest, key)
+    return PartInfo(shard_id, path.name, n_rows, n_skipped, st.st_size, st.st_mtime_ns, sha256_file(path), digest, key)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from .._files import atomic_write_text, describe_os_error, remove_orphans, temporary_path, timestamp
+from .._files import atomic_write_text, describe_os_error, remove_orphans, sha256_file, temporary_path, timestamp
 from ..cache import default_cache_dir
 from ..errors import CacheError, ConfigError, OnnxCacheRebuiltWarning
 from ._cachefile import _slug
@@ -71,14 +71,6 @@ def _record_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def _sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def check_embedder_onnx(path: Path) -> str | None:
     """Why the cached embedder graph at ``path`` cannot be trusted, or ``None`` when it can.
 
@@ -97,7 +89,7 @@ def check_embedder_onnx(path: Path) -> str | None:
         size = path.stat().st_size
         if size != want_size:
             return f"it has {size} bytes where {want_size} were written (truncated or overwritten)"
-        if _sha256_of(path) != want_sha:
+        if sha256_file(path) != want_sha:
             return "its sha256 differs from the one recorded when it was written (corrupt)"
     except OSError as e:
         return f"it cannot be read ({describe_os_error(e)})"
@@ -133,7 +125,7 @@ def export_embedder_onnx(backbone: Any, path: Path) -> Path:
                 dynamo=True,
                 external_data=False,
             )
-        record = {"size": tmp.stat().st_size, "sha256": _sha256_of(tmp), "identity": backbone.identity(),
+        record = {"size": tmp.stat().st_size, "sha256": sha256_file(tmp), "identity": backbone.identity(),
                   "written": timestamp(), "featbank": __version__}
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
