@@ -29,7 +29,7 @@ TINY = ["--backbone", "test_tiny", "--engine", "torch", "--num-workers", "0", "-
 
 def _cli(*args: str, cwd: Path | None = None, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     cmd = [*(prefix or (sys.executable,)), "-m", "featbank.cli", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": "local"}  # a private Ray cluster
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=300, env=env)
 
 

@@ -180,7 +180,8 @@ def _driver(tmp_path: Path) -> Path:
 
 
 def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent), "OMP_NUM_THREADS": "1"}
+    # RAY_ADDRESS=local: a private Ray cluster, never one another process left running on this node.
+    return {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent), "OMP_NUM_THREADS": "1", "RAY_ADDRESS": "local"}
 
 
 @pytest.mark.slow

@@ -221,12 +221,19 @@ def _ray_init(num_cpus: int) -> None:
 
     if ray.is_initialized():
         return
-    try:
-        ray.init(address="auto", include_dashboard=False, log_to_driver=False)
-    except (ConnectionError, RuntimeError, ValueError):
-        # No cluster to join: a local one, sized explicitly (an actor pool that takes every CPU hangs
-        # when the driver's own work needs one).
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    # Ray's own variable decides, as for any Ray program: an address joins that cluster, "local"
+    # starts a private one; unset, join the cluster running on this node, else start a local one.
+    address = os.environ.get("RAY_ADDRESS", "auto")
+    if address != "local":
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+            return
+        except (ConnectionError, RuntimeError, ValueError):
+            if address != "auto":
+                raise
+    # A local cluster, sized explicitly (an actor pool that takes every CPU hangs when the
+    # driver's own work needs one).
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
 
 
 def run_ray(jobs: Sequence[ShardJob], *, num_cpus: int = 2, num_gpus: float = 0.0, max_retries: int = 3) -> list[PartInfo]:
