@@ -28,6 +28,7 @@ __all__ = [
     "KINDS",
     "HEAD_TYPES",
     "BackboneIdentity",
+    "WeightsSection",
     "HeadSection",
     "FinetuneSection",
     "Manifest",
@@ -60,23 +61,27 @@ class BackboneIdentity:
                 "transform": self.transform, "embed_dim": self.embed_dim}
 
 
-@dataclass(frozen=True)
-class HeadSection:
+@dataclass(frozen=True, kw_only=True)
+class WeightsSection:
+    """The section naming the bundle's weights file (a bare name) and its sha256."""
+
+    file: str
+    sha256: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeadSection(WeightsSection):
     """``manifest["head"]`` of a head bundle: the head's file and what it is."""
 
     type: str
-    file: str
-    sha256: str | None = None
     estimator: str | None = None
 
 
-@dataclass(frozen=True)
-class FinetuneSection:
+@dataclass(frozen=True, kw_only=True)
+class FinetuneSection(WeightsSection):
     """``manifest["finetune"]`` of a fine-tuned bundle: the network's file and its base architecture."""
 
-    file: str
     base_backbone: BackboneIdentity
-    sha256: str | None = None
     strategy: str | None = None
 
 
@@ -93,7 +98,7 @@ class Manifest:
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
     @property
-    def weights(self) -> HeadSection | FinetuneSection:
+    def weights(self) -> WeightsSection:
         """The section naming the weights file (``head`` or ``finetune``)."""
         return self.finetune if self.kind == "finetuned" else self.head  # type: ignore[return-value]
 
@@ -298,8 +303,8 @@ def build_manifest(
     Raises:
         BundleError: a field of the wrong type (the builder's bug, caught before any work).
     """
-    raw: dict[str, Any] = {"kind": kind, "classes": list(classes), "backbone": backbone.to_dict(),
-                           "cache_key": cache_key}
+    raw: dict[str, Any] = {"format": BUNDLE_FORMAT, "bundle_version": BUNDLE_VERSION, "kind": kind,
+                           "classes": list(classes), "backbone": backbone.to_dict(), "cache_key": cache_key}
     if head is not None:
         raw["head"] = dict(head)
     if finetune is not None:

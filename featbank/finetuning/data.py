@@ -198,7 +198,7 @@ def _probe_overlap_note(index: Any, split: _Split, probe: _ProbeHoldout | None) 
     )
 
 
-def _loader(dataset: _ImageSet, batches: Any, num_workers: int, cfg: PreprocessConfig, pin: bool) -> Any:
+def image_loader(dataset: _ImageSet, batches: Any, num_workers: int, cfg: PreprocessConfig, pin: bool) -> Any:
     from torch.utils.data import DataLoader
 
     return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=_Collate(cfg),

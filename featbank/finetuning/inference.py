@@ -16,8 +16,7 @@ from .._device import autocast_dtype, default_num_workers, resolve_device
 from .._network import finetuned_network
 from ..backbones import Backbone
 from ..images import ImageReadError, load_image
-from .data import _ImageSet
-from .loop import _loader
+from .data import _ImageSet, image_loader
 from .model import FinetuneModel
 
 __all__ = ["FinetunedPredictions", "load_finetuned_backbone", "load_finetuned_model", "predict_images"]
@@ -95,7 +94,7 @@ def predict_images(
 
     bar = tqdm(total=len(plist), unit="img", desc="predict", disable=not progress, file=sys.stderr)
     with torch.inference_mode():
-        for b, (x, y, _bad) in zip(batches, _loader(ds, batches, workers, bb.preprocess, dev.type == "cuda")):
+        for b, (x, y, _bad) in zip(batches, image_loader(ds, batches, workers, bb.preprocess, dev.type == "cuda")):
             good = (y >= 0).numpy()
             if amp is not None:
                 with torch.autocast(dev.type, dtype=amp):

@@ -21,6 +21,7 @@ from torch import nn
 from .. import __version__
 from .._device import autocast_dtype, default_num_workers, resolve_device
 from .._files import check_bundle_dir, slugify
+from .._manifest import BackboneIdentity, build_manifest
 from ..backbones import HEAD_GROUP, _group_modules, load_backbone, param_groups
 from ..errors import (
     ConfigError,
@@ -40,7 +41,7 @@ from .checkpoint import (
 from .data import (
     _batches,
     _ImageSet,
-    _loader,
+    image_loader,
     _probe_holdout,
     _probe_overlap_note,
     _split,
@@ -504,7 +505,7 @@ def _train_batches(run: _Run, epoch: int) -> Iterable[tuple[torch.Tensor, torch.
     order = _batches(len(rows), cfg.batch_size, cfg.seed, epoch)
     if trunk is None:
         batches = [[(e, int(rows[i])) for e, i in b] for b in order]
-        yield from _loader(run.train_set, batches, run.workers, run.bb.preprocess, run.pin)
+        yield from image_loader(run.train_set, batches, run.workers, run.bb.preprocess, run.pin)
         return
     # One view per image and epoch, drawn from a generator of (seed, epoch): resumable.
     rng = np.random.default_rng((cfg.seed, 20_000 + epoch))
@@ -596,7 +597,7 @@ def _val_metrics(run: _Run) -> dict[str, Any]:
 
 def _evaluate_rows(run: _Run, rows: np.ndarray) -> dict[str, Any]:
     """Metrics of the whole model on image rows, decoded with the eval transform."""
-    loader = _loader(run.eval_set, _batches_of(rows, run.cfg.batch_size), run.workers, run.bb.preprocess, run.pin)
+    loader = image_loader(run.eval_set, _batches_of(rows, run.cfg.batch_size), run.workers, run.bb.preprocess, run.pin)
     return evaluate(run.model, loader, run.dev, run.amp, run.classes, run.skipped)[0]
 
 
@@ -648,10 +649,10 @@ def _augmentation(run: _Run) -> tuple[dict[str, Any], dict[str, Any] | None]:
 def _manifest(run: _Run, state: _State, metrics: dict[str, Any], weights_sha256: str) -> dict[str, Any]:
     cfg, bb, net, index, split = run.cfg, run.bb, run.net, run.index, run.split
     train_aug, trunk_info = _augmentation(run)
-    identity = {"backbone": f"finetuned:{bb.name}", "weights": "finetuned", "weights_sha256": weights_sha256,
-                "transform": bb.preprocess.to_dict(), "embed_dim": bb.embed_dim}
+    identity = BackboneIdentity(backbone=f"finetuned:{bb.name}", weights="finetuned", weights_sha256=weights_sha256,
+                                transform=bb.preprocess.to_dict(), embed_dim=bb.embed_dim)
     finetune_info = {
-        "file": "model.safetensors", "base_backbone": bb.identity(), "base_family": bb.family,
+        "file": "model.safetensors", "base_backbone": BackboneIdentity(**bb.identity()), "base_family": bb.family,
         "strategy": cfg.strategy, "trainable_from": net.trainable[0] if cfg.strategy == "partial" else None,
         "train_bn": cfg.train_bn, "bn_stats": cfg.resolved_bn_stats, "groups": net.group_rows, "rates": net.rates,
         "lr": cfg.resolved_lr, "lr_groups": cfg.lr_groups, "layer_decay": cfg.layer_decay,
@@ -667,11 +668,10 @@ def _manifest(run: _Run, state: _State, metrics: dict[str, Any], weights_sha256:
         "seconds_per_epoch": _seconds_per_epoch(state.history), "settings_hash": run.settings_hash,
         "start": state.start, "history": state.history,
     }
-    return {
-        "kind": "finetuned", "classes": run.classes, "backbone": identity, "cache_key": None,
-        "finetune": finetune_info, "metrics": metrics,
-        "data": {"root": str(index.root), "layout": index.layout, "n_train": int(len(split.train)),
-                 "n_val": int(len(split.val)), "n_test": int(len(split.test)), "val_source": split.val_source,
-                 "notes": run.notes},
-        "validation": {"root": str(index.root), "paths": [index.paths[i] for i in split.val]},
-    }
+    return build_manifest(
+        "finetuned", run.classes, identity, finetune=finetune_info, metrics=metrics,
+        data={"root": str(index.root), "layout": index.layout, "n_train": int(len(split.train)),
+              "n_val": int(len(split.val)), "n_test": int(len(split.test)), "val_source": split.val_source,
+              "notes": run.notes},
+        validation={"root": str(index.root), "paths": [index.paths[i] for i in split.val]},
+    )

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .data import _loader
+from .data import image_loader
 from .model import _logits
 
 if TYPE_CHECKING:
@@ -323,7 +323,7 @@ def fill_trunk(trunk: CachedTrunk, inputs: TrunkInputs, skipped: list[str], prog
             skipped.extend(bad)
             bar.update(n * k)
 
-        cache.fill(_loader(eval_set, batches, workers, cfg, pin), model.prepare, trunk.split.prefix, dev, amp, step)
+        cache.fill(image_loader(eval_set, batches, workers, cfg, pin), model.prepare, trunk.split.prefix, dev, amp, step)
         setattr(trunk, name, cache)
     bar.close()
     trunk.seconds = time.perf_counter() - t0

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BundleError, CacheError, ConfigError
-from ._rows import _open
+from ._rows import resolve_cache
 
 __all__ = ["EvalResult", "Prediction", "evaluate", "predict"]
 
@@ -51,7 +51,7 @@ def evaluate(model: str | Path, cache: Any = None, *, split: str = "auto") -> Ev
 
     bundle = load_bundle(model)
     bundle.load_head()  # a bundle that lies about its head is refused before the cache is read
-    cache_obj, cache_path = _open(cache)
+    cache_obj, cache_path = resolve_cache(cache)
     try:
         bundle.check_cache(cache_obj)
         labelled = cache_obj.labels >= 0

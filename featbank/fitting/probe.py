@@ -11,10 +11,11 @@ from typing import Any
 import numpy as np
 
 from .._files import check_bundle_dir, slugify
+from .._manifest import BackboneIdentity, build_manifest
 from ..errors import ConfigError
 from ..splits import sample_shots, stratified_holdout
-from ._rows import _open, _RowSource, _split_rows, parse_memory
-from ._select import HeadSpec, Selection, make_head, proba_of, select_and_refit
+from ._rows import CacheRows, parse_memory, resolve_cache, split_rows
+from ._select import HeadSpec, Selection, make_head, select_and_refit
 
 __all__ = ["FitResult", "MODELS_ROOT", "bundle_dir", "fit"]
 
@@ -97,11 +98,11 @@ def _fmt(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def _identity(cache: Any) -> dict[str, Any]:
+def _identity(cache: Any) -> BackboneIdentity:
     md = cache.metadata
-    transform = md.get("transform")
-    return {"backbone": md.get("backbone"), "weights": md.get("weights"), "weights_sha256": md.get("weights_sha256"),
-            "transform": transform, "embed_dim": int(cache.embed_dim)}
+    return BackboneIdentity(backbone=md.get("backbone"), weights=md.get("weights"),
+                            weights_sha256=md.get("weights_sha256"), transform=md.get("transform"),
+                            embed_dim=int(cache.embed_dim))
 
 
 def _slug(text: str) -> str:
@@ -201,7 +202,7 @@ def fit(
     budget = parse_memory(max_memory)
     if save:
         bundle_dir(out, name, "model")  # --out with --name: refused before the cache is opened
-    cache_obj, cache_path = _open(cache)
+    cache_obj, cache_path = resolve_cache(cache)
     try:
         rows = _plan_rows(cache_obj, spec, val_split, seed, budget, max_memory)
         # Validate the head, its parameters and the output folder before any work is done.
@@ -210,7 +211,7 @@ def fit(
         if save:
             default = f"{cache_path.stem}-{head}" + (f"-{shots}shot" if shots else "")
             bundle_path = check_bundle_dir(check_bundle_target(bundle_dir(out, name, default), overwrite))
-        source = _RowSource(cache_obj, rows.used, rows.chunk_rows)  # one read of every row fit needs
+        source = CacheRows(cache_obj, rows.used, rows.chunk_rows)  # one read of every row fit needs
         source.check_finite()
         plan = _Plan(spec, rows, shots, val_split, refit)
         runs = [_fit_seed(cache_obj, source, plan, s) for s in (seeds if shots is not None else [seed])]
@@ -308,7 +309,7 @@ def _check_options(class_weight: Any, shots: Any, seeds: Sequence[int], seed: in
 
 def _plan_rows(cache: Any, spec: HeadSpec, val_split: float, seed: int, budget: int | None, max_memory: Any) -> _Rows:
     """Train/val/test rows, and the chunk size when they do not fit in ``budget`` bytes."""
-    train, val, test, val_source = _split_rows(cache, val_split, seed)
+    train, val, test, val_source = split_rows(cache, val_split, seed)
     d = cache.embed_dim
     need = (len(train) + len(val) + len(test)) * d * 4 * 4  # float32 rows, a split's copy, standardised copies
     chunk_rows = None
@@ -344,14 +345,15 @@ def _seed_rows(cache: Any, plan: _Plan, seed: int) -> tuple[np.ndarray, np.ndarr
     return tr, va, sample if plan.refit else tr, ev
 
 
-def _fit_seed(cache: Any, source: _RowSource, plan: _Plan, seed: int) -> _SeedRun:
+def _fit_seed(cache: Any, source: CacheRows, plan: _Plan, seed: int) -> _SeedRun:
+    from ..heads import estimator_proba
     from ..report import compute_metrics
 
     tr, va, refit_rows, eval_rows = _seed_rows(cache, plan, seed)
     sel = select_and_refit(cache, source, plan.spec, seed, tr, va, refit_rows)
     ev_rows = np.sort(eval_rows)
     if plan.eval_split == "test":
-        ev_proba = proba_of(sel.estimator, source(ev_rows), len(cache.classes))
+        ev_proba = estimator_proba(sel.estimator, source(ev_rows), len(cache.classes))
         ev_metrics = compute_metrics(cache.labels[ev_rows], ev_proba, cache.classes)
     else:
         ev_proba, ev_metrics = sel.val_proba, sel.val_metrics
@@ -422,18 +424,16 @@ def _bundle_contents(cache: Any, cache_path: Path, plan: _Plan, run: _SeedRun, m
     files.update(write_report_files(metrics, cache.classes, abs_paths, cache.labels[run.eval_rows], run.eval_proba))
     eval_split, rows = plan.eval_split, plan.rows
     headline = {k: v for k, v in run.eval_metrics.items() if not isinstance(v, (dict, list))}
-    manifest = {
-        "format": "featbank-bundle", "bundle_version": 1, "kind": "head",
-        "classes": list(cache.classes), "backbone": _identity(cache),
-        "cache_key": cache.cache_key, "head": head_info,
-        "metrics": {"eval_split": eval_split, eval_split: headline,
-                    **({"shots": metrics["shots"]} if "shots" in metrics else {})},
-        "validation": {"root": str(cache.root), "paths": [cache.paths[r] for r in np.sort(run.val)]},
-        "training": {
+    manifest = build_manifest(
+        "head", list(cache.classes), _identity(cache), cache_key=cache.cache_key, head=head_info,
+        metrics={"eval_split": eval_split, eval_split: headline,
+                 **({"shots": metrics["shots"]} if "shots" in metrics else {})},
+        validation={"root": str(cache.root), "paths": [cache.paths[r] for r in np.sort(run.val)]},
+        training={
             "cache": str(Path(cache_path).resolve()), "val_source": rows.val_source, "seed": seed,
             "n_train": len(run.train), "n_val": len(run.val), "n_test": len(rows.test), "shots": plan.shots,
             "fitted_on": "train+val" if plan.refit else "train",
             "streaming": rows.chunk_rows is not None, "sweep": run.sweep,
         },
-    }
+    )
     return manifest, files

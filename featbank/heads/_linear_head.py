@@ -11,7 +11,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from .._device import resolve_device
-from ..train import Features
+from ._features import Features
 from ._torch_head import (
     BOOLEAN,
     CLASS_WEIGHT,

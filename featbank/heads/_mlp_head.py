@@ -11,7 +11,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from .._device import resolve_device
-from ..train import Features, evaluate_logits, train_one_epoch
+from ._features import Features
 from ._torch_head import (
     BOOLEAN,
     CLASS_WEIGHT,
@@ -19,8 +19,10 @@ from ._torch_head import (
     Constraint,
     _Preprocess,
     _TorchHead,
+    evaluate_logits,
     integer,
     real,
+    train_one_epoch,
     validate_head_params,
 )
 
