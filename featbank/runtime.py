@@ -20,7 +20,7 @@ import json
 import math
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,17 +70,30 @@ ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
 @dataclass(frozen=True)
 class Prediction:
-    """The most probable class of one image.
+    """The prediction for one image: its most probable class (and the top k), or why there is none.
+
+    One type for :meth:`OnnxClassifier.predict` and :func:`featbank.predict`.
 
     Attributes:
-        label: class name.
-        index: column of the class in the probabilities (and in ``OnnxClassifier.classes``).
+        label: class name (``None`` when the image could not be used).
+        index: column of the class in the probabilities (and in the model's ``classes``).
         probability: its probability.
+        path: the image file (:func:`featbank.predict`; ``None`` for an image passed in memory).
+        top_k: the ``k`` most probable ``(class, probability)``, best first (:func:`featbank.predict`).
+        error: why the image could not be used (then ``label``, ``index`` and ``probability`` are None).
     """
 
-    label: str
-    index: int
-    probability: float
+    label: str | None
+    index: int | None
+    probability: float | None
+    path: str | None = None
+    top_k: list[tuple[str, float]] = field(default_factory=list)
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form ``featbank predict --json`` prints."""
+        return {"path": self.path, "label": self.label, "probability": self.probability,
+                "top_k": [{"label": name, "probability": p} for name, p in self.top_k], "error": self.error}
 
 
 def _session(path: Path, providers: Sequence[str] | None, options: Any) -> Any:

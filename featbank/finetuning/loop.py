@@ -30,6 +30,7 @@ from ..errors import (
     ValidationLeakWarning,
 )
 from ..report import compute_metrics, plot_confusion_matrix, plot_learning_curve
+from ._cache_frozen import VIEW_NAMES, CacheFrozenInputs, fill_cache_frozen, plan_cache_frozen
 from .checkpoint import (
     _digest,
     _load_checkpoint,
@@ -41,10 +42,10 @@ from .checkpoint import (
 from .data import (
     _batches,
     _ImageSet,
-    image_loader,
     _probe_holdout,
     _probe_overlap_note,
     _split,
+    image_loader,
 )
 from .model import (
     FinetuneModel,
@@ -62,7 +63,6 @@ from .settings import (
     FinetuneSettings,
     _settings_from,
 )
-from .trunk import VIEW_NAMES, TrunkInputs, fill_trunk, plan_trunk
 
 __all__ = ["FinetuneReport", "finetune", "train_one_epoch", "evaluate"]
 
@@ -209,10 +209,10 @@ def finetune(
     """
     run = _set_up(data, out, _settings_from(settings), device, num_workers, resume, overwrite)
     state = _resume_or_start(run, resume, overwrite)
-    if run.trunk is not None:
-        inputs = TrunkInputs(run.model, run.eval_set, run.split, run.cfg.batch_size, run.workers, run.bb.preprocess,
+    if run.cache_frozen is not None:
+        inputs = CacheFrozenInputs(run.model, run.eval_set, run.split, run.cfg.batch_size, run.workers, run.bb.preprocess,
                              run.pin, run.dev, run.amp)
-        fill_trunk(run.trunk, inputs, run.skipped, progress)
+        fill_cache_frozen(run.cache_frozen, inputs, run.skipped, progress)
     if run.cfg.init_head is not None and state.start_epoch == 0:
         # LP-FT's step 0 is the probe itself: a candidate like any epoch, so a fine-tuning that never
         # beats it on validation keeps the probe's predictions instead of a worse network.
@@ -237,7 +237,7 @@ def finetune(
         path=run.out_path, epochs_run=len(state.history), best_epoch=state.best["epoch"], val=val, test=test,
         history=state.history, groups=run.group_rows, resumed_from=state.start_epoch,
         seconds_per_epoch=_seconds_per_epoch(state.history), skipped=sorted(set(run.skipped)), device=run.dev.type,
-        cache_seconds=run.trunk.seconds if run.trunk is not None else 0.0, notes=run.notes,
+        cache_seconds=run.cache_frozen.seconds if run.cache_frozen is not None else 0.0, notes=run.notes,
     )
 
 
@@ -263,7 +263,7 @@ class _Run:
     net: _Net
     train_set: _ImageSet
     eval_set: _ImageSet
-    trunk: Any
+    cache_frozen: Any
     schedule: dict[str, int]
     hashed: dict[str, Any]
     settings_hash: str
@@ -349,7 +349,7 @@ def _set_up(data: Any, out: Any, cfg: FinetuneSettings, device: str, num_workers
     train_set = _ImageSet(index.root, index.paths, index.labels, bb.preprocess, True, cfg.seed, cfg.crop_scale,
                           cfg.hflip, cfg.vflip, cfg.rot90)
     eval_set = _ImageSet(index.root, index.paths, index.labels, bb.preprocess, False)
-    trunk = plan_trunk(model, bb, cfg, len(split.train), len(split.val)) if cfg.cache_frozen else None
+    frozen = plan_cache_frozen(model, bb, cfg, len(split.train), len(split.val)) if cfg.cache_frozen else None
     data_digest = _digest([index.paths, index.labels.tolist(), index.splits.tolist(), index.fingerprints.tolist(),
                            split.train.tolist(), split.val.tolist()])
     hashed = {**asdict(cfg), "backbone_identity": bb.identity(), "data": data_digest,
@@ -357,7 +357,7 @@ def _set_up(data: Any, out: Any, cfg: FinetuneSettings, device: str, num_workers
     hashed["crop_scale"] = list(cfg.crop_scale)
     return _Run(
         cfg=cfg, dev=dev, index=index, split=split, notes=notes, out_path=out_path, ckpt_path=ckpt_path, bb=bb,
-        classes=classes, model=model, net=net, train_set=train_set, eval_set=eval_set, trunk=trunk,
+        classes=classes, model=model, net=net, train_set=train_set, eval_set=eval_set, cache_frozen=frozen,
         schedule=_schedule_steps(cfg, len(split.train)), hashed=hashed, settings_hash=_digest(hashed),
         workers=num_workers if num_workers is not None else default_num_workers(dev, training=True),
         pin=dev.type == "cuda",
@@ -501,9 +501,9 @@ def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _train_batches(run: _Run, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-    cfg, rows, trunk = run.cfg, run.split.train, run.trunk
+    cfg, rows, frozen = run.cfg, run.split.train, run.cache_frozen
     order = _batches(len(rows), cfg.batch_size, cfg.seed, epoch)
-    if trunk is None:
+    if frozen is None:
         batches = [[(e, int(rows[i])) for e, i in b] for b in order]
         yield from image_loader(run.train_set, batches, run.workers, run.bb.preprocess, run.pin)
         return
@@ -511,15 +511,15 @@ def _train_batches(run: _Run, epoch: int) -> Iterable[tuple[torch.Tensor, torch.
     rng = np.random.default_rng((cfg.seed, 20_000 + epoch))
     for b in order:
         idx = np.array([i for _, i in b], np.int64)
-        x, y = trunk.train.batch(idx, rng.integers(0, len(trunk.views), len(idx)), run.dev)
+        x, y = frozen.train.batch(idx, rng.integers(0, len(frozen.views), len(idx)), run.dev)
         yield x, y, []
 
 
 def _set_train_mode(run: _Run) -> None:
     """Train mode, except BatchNorm layers whose statistics stay as they are."""
     run.model.train()
-    if run.trunk is not None:
-        run.trunk.model.train()
+    if run.cache_frozen is not None:
+        run.cache_frozen.model.train()
     for m in run.net.frozen_bn:
         m.eval()
     if run.cfg.resolved_bn_stats == "frozen":
@@ -541,7 +541,7 @@ def train_one_epoch(run: _Run, epoch: int, progress: bool) -> dict[str, Any]:
     bar = tqdm(total=len(run.split.train), unit="img", desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress,
                mininterval=0.1 if sys.stderr.isatty() else 10.0, leave=True, dynamic_ncols=True, file=sys.stderr)
     params = [p for p in run.model.parameters() if p.requires_grad]
-    module = run.model if run.trunk is None else run.trunk.model
+    module = run.model if run.cache_frozen is None else run.cache_frozen.model
     for x, y, bad in _train_batches(run, epoch):
         run.skipped.extend(bad)
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
@@ -586,13 +586,13 @@ def _batches_of(rows: np.ndarray, batch_size: int) -> list[list[int]]:
 
 
 def _val_metrics(run: _Run) -> dict[str, Any]:
-    """Validation metrics of the model as it trains (through the cached trunk when there is one)."""
-    if run.trunk is None:
+    """Validation metrics of the model as it trains (through the cached frozen groups when there are)."""
+    if run.cache_frozen is None:
         return _evaluate_rows(run, run.split.val)
     n_val, bs = len(run.split.val), run.cfg.batch_size
     rows = [np.arange(i, min(i + bs, n_val)) for i in range(0, n_val, bs)]
-    loader = ((*run.trunk.val.batch(r, np.zeros(len(r), np.int64), run.dev), []) for r in rows)
-    return evaluate(run.trunk.model, loader, run.dev, run.amp, run.classes, run.skipped)[0]
+    loader = ((*run.cache_frozen.val.batch(r, np.zeros(len(r), np.int64), run.dev), []) for r in rows)
+    return evaluate(run.cache_frozen.model, loader, run.dev, run.amp, run.classes, run.skipped)[0]
 
 
 def _evaluate_rows(run: _Run, rows: np.ndarray) -> dict[str, Any]:
@@ -634,21 +634,21 @@ def _write_bundle(run: _Run, state: _State, val: dict[str, Any], test: dict[str,
 
 
 def _augmentation(run: _Run) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    cfg, trunk = run.cfg, run.trunk
-    if trunk is None:
+    cfg, frozen = run.cfg, run.cache_frozen
+    if frozen is None:
         return {"random_resized_crop": {"scale": list(cfg.crop_scale), "ratio": [0.75, 4 / 3]},
                 "hflip": cfg.hflip, "vflip": cfg.vflip, "rot90": cfg.rot90}, None
-    train_aug = {"views": [VIEW_NAMES[v] for v in trunk.views], "of": "backbone eval transform",
+    train_aug = {"views": [VIEW_NAMES[v] for v in frozen.views], "of": "backbone eval transform",
                  "one_view_per_image_and_epoch": True}
-    trunk_info = {"prefix": trunk.split.prefix_names, "suffix": trunk.split.suffix_names,
-                  "output_shape": list(trunk.split.out_shape), "dtype": "float16",
-                  "n_views": len(trunk.views), "seconds": trunk.seconds}
-    return train_aug, trunk_info
+    cache_frozen_info = {"prefix": frozen.split.prefix_names, "suffix": frozen.split.suffix_names,
+                  "output_shape": list(frozen.split.out_shape), "dtype": "float16",
+                  "n_views": len(frozen.views), "seconds": frozen.seconds}
+    return train_aug, cache_frozen_info
 
 
 def _manifest(run: _Run, state: _State, metrics: dict[str, Any], weights_sha256: str) -> dict[str, Any]:
     cfg, bb, net, index, split = run.cfg, run.bb, run.net, run.index, run.split
-    train_aug, trunk_info = _augmentation(run)
+    train_aug, cache_frozen_info = _augmentation(run)
     identity = BackboneIdentity(backbone=f"finetuned:{bb.name}", weights="finetuned", weights_sha256=weights_sha256,
                                 transform=bb.preprocess.to_dict(), embed_dim=bb.embed_dim)
     finetune_info = {
@@ -662,7 +662,7 @@ def _manifest(run: _Run, state: _State, metrics: dict[str, Any], weights_sha256:
         "batch_size": cfg.batch_size, "seed": cfg.seed, "metric": cfg.metric, "patience": cfg.patience,
         "schedule": {"type": "cosine", **run.schedule, "clip_grad": cfg.clip_grad},
         "augmentation": {"train": train_aug, "eval": "backbone eval transform (resize shorter side + centre crop)"},
-        "cache_frozen": trunk_info,
+        "cache_frozen": cache_frozen_info,
         "head": {"type": "linear", "in_features": bb.embed_dim, "out_features": len(run.classes)},
         "device": run.dev.type, "precision": str(net.amp).replace("torch.", "") if net.amp else "float32",
         "seconds_per_epoch": _seconds_per_epoch(state.history), "settings_hash": run.settings_hash,
