@@ -253,10 +253,7 @@ def export_model(
     images, source = _check_images(bundle, check, check_images, max_check_images)
 
     import onnx
-    import torch
 
-    ProbaHead, Classifier = torch_modules()
-    ref_fn: Callable[[np.ndarray], np.ndarray]
     parity_path = parity_json_path(out_path)
     # Temporaries of killed exports into the same file (named by temporary_path) go first.
     remove_orphans(out_path)
@@ -264,40 +261,9 @@ def export_model(
     tmp = temporary_path(out_path)
     try:
         if bundle.kind == "finetuned":
-            bb, head = _finetuned(bundle)
-            module = Classifier(bb.embedder(), ProbaHead(head, "logits")).eval()
-            h, w = bb.preprocess.input_size
-            export_torch(module, torch.zeros((2, h, w, 3), dtype=torch.uint8), tmp, INPUT_NAME, OUTPUT_NAMES, opset)
-            graph = onnx.load(str(tmp))
-            route = "torch"
-
-            def ref_fn(x: np.ndarray) -> np.ndarray:
-                return torch_batches(lambda t: module(t)[0], x)
+            graph, route, bb, ref_fn = _finetuned_graph(bundle, tmp, opset)
         else:
-            bb = bundle.load_backbone(weights_file)
-            if bundle.embed_dim is not None and bb.embed_dim != bundle.embed_dim:
-                raise BundleError(
-                    f"Backbone {bb.name!r} gives {bb.embed_dim}-d embeddings but the bundle's head expects "
-                    f"{bundle.embed_dim}; the bundle is inconsistent. Re-fit it."
-                )
-            est = bundle.load_head()
-            embedder_graph = embedder_onnx(bb, opset, out_path)
-            graph_opset = opset_of(embedder_graph)
-            head_module = head_proba_module(est, bundle.n_classes)
-            if head_module is not None:
-                export_torch(head_module, torch.zeros((2, bb.embed_dim), dtype=torch.float32), tmp, "embeddings",
-                              OUTPUT_NAMES, graph_opset, small=True)
-                head_graph = onnx.load(str(tmp))
-                route = "torch+compose"
-            else:
-                head_graph = sklearn_head_onnx(est, bb.embed_dim, bundle.n_classes, graph_opset)
-                route = "skl2onnx+compose"
-            graph = compose_graphs(embedder_graph, head_graph)
-            embedder = bb.embedder().eval()
-
-            def ref_fn(x: np.ndarray) -> np.ndarray:
-                return bundle.predict_proba(torch_batches(embedder, x))
-
+            graph, route, bb, ref_fn = _head_graph(bundle, tmp, out_path, opset, weights_file)
         meta = _metadata(bundle, bb, route)
         _stamp(graph, meta)
         onnx.save(graph, str(tmp))
@@ -308,6 +274,61 @@ def export_model(
     finally:
         tmp.unlink(missing_ok=True)
     return ExportReport(out_path, parity_path, parity, route, opset_of(graph), meta, time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------------------------
+# The two graphs: a fine-tuned network exported whole, a backbone and a head composed
+# --------------------------------------------------------------------------------------------
+
+_Graph = tuple[Any, str, Any, Callable[[np.ndarray], np.ndarray]]  # (graph, route, backbone, torch reference)
+
+
+def _finetuned_graph(bundle: Any, tmp: Path, opset: int | None) -> _Graph:
+    """The fine-tuned network (uint8 images -> probabilities, label) exported by torch in one piece."""
+    import onnx
+    import torch
+
+    ProbaHead, Classifier = torch_modules()
+    bb, head = _finetuned(bundle)
+    module = Classifier(bb.embedder(), ProbaHead(head, "logits")).eval()
+    h, w = bb.preprocess.input_size
+    export_torch(module, torch.zeros((2, h, w, 3), dtype=torch.uint8), tmp, INPUT_NAME, OUTPUT_NAMES, opset)
+
+    def ref_fn(x: np.ndarray) -> np.ndarray:
+        return torch_batches(lambda t: module(t)[0], x)
+
+    return onnx.load(str(tmp)), "torch", bb, ref_fn
+
+
+def _head_graph(bundle: Any, tmp: Path, out_path: Path, opset: int | None, weights_file: Any) -> _Graph:
+    """The backbone's embedder graph composed with the head's (torch when linear, else skl2onnx)."""
+    import onnx
+    import torch
+
+    bb = bundle.load_backbone(weights_file)
+    if bundle.embed_dim is not None and bb.embed_dim != bundle.embed_dim:
+        raise BundleError(
+            f"Backbone {bb.name!r} gives {bb.embed_dim}-d embeddings but the bundle's head expects "
+            f"{bundle.embed_dim}; the bundle is inconsistent. Re-fit it."
+        )
+    est = bundle.load_head()
+    embedder_graph = embedder_onnx(bb, opset, out_path)
+    graph_opset = opset_of(embedder_graph)
+    head_module = head_proba_module(est, bundle.n_classes)
+    if head_module is not None:
+        export_torch(head_module, torch.zeros((2, bb.embed_dim), dtype=torch.float32), tmp, "embeddings",
+                     OUTPUT_NAMES, graph_opset, small=True)
+        head_graph = onnx.load(str(tmp))
+        route = "torch+compose"
+    else:
+        head_graph = sklearn_head_onnx(est, bb.embed_dim, bundle.n_classes, graph_opset)
+        route = "skl2onnx+compose"
+    embedder = bb.embedder().eval()
+
+    def ref_fn(x: np.ndarray) -> np.ndarray:
+        return bundle.predict_proba(torch_batches(embedder, x))
+
+    return compose_graphs(embedder_graph, head_graph), route, bb, ref_fn
 
 
 # --------------------------------------------------------------------------------------------

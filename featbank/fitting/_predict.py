@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import BundleError, CacheError, ConfigError
 from ..runtime import Prediction
-from ._rows import resolve_cache
+from ._rows import opened_cache
 
 __all__ = ["EvalResult", "evaluate", "predict"]
 
@@ -52,8 +52,7 @@ def evaluate(model: str | Path, cache: Any = None, *, split: str = "auto") -> Ev
 
     bundle = load_bundle(model)
     bundle.load_head()  # a bundle that lies about its head is refused before the cache is read
-    cache_obj, cache_path = resolve_cache(cache)
-    try:
+    with opened_cache(cache) as (cache_obj, cache_path):
         bundle.check_cache(cache_obj)
         labelled = cache_obj.labels >= 0
         if not labelled.any():
@@ -79,9 +78,6 @@ def evaluate(model: str | Path, cache: Any = None, *, split: str = "auto") -> Ev
             raise CacheError(f"Cache {str(cache_path)!r} has NaN or infinite embeddings. Re-extract with --overwrite.")
         proba = bundle.predict_proba(X)
         return EvalResult(Path(model), cache_path, split, compute_metrics(cache_obj.labels[rows], proba, bundle.classes))
-    finally:
-        if cache is None or isinstance(cache, (str, Path)):
-            cache_obj.close()
 
 
 def _list_images(images: Sequence[str | Path]) -> list[Path]:

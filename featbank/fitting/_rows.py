@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,7 @@ import numpy as np
 from ..errors import CacheError, ConfigError
 from ..splits import n_holdout, stratified_holdout
 
-__all__ = ["parse_memory", "resolve_cache", "check_finite", "split_rows", "check_classes", "CacheRows"]
+__all__ = ["parse_memory", "opened_cache", "check_finite", "split_rows", "check_classes", "CacheRows"]
 
 
 def parse_memory(text: str | int | float | None) -> int | None:
@@ -32,15 +34,23 @@ def parse_memory(text: str | int | float | None) -> int | None:
     return int(value * mult)
 
 
-def resolve_cache(cache: Any) -> tuple[Any, Path]:
+@contextlib.contextmanager
+def opened_cache(cache: Any) -> Iterator[tuple[Any, Path]]:
+    """``(FeatureCache, path)`` of a cache argument: an open cache as given, else the file opened
+    (``None``: the most recent cache in the default folder) and closed again on exit."""
     from ..cache import FeatureCache, find_latest_cache, open_cache
 
     if isinstance(cache, FeatureCache):
-        return cache, cache.path
+        yield cache, cache.path
+        return
     path = Path(cache) if cache is not None else find_latest_cache()
     if path.is_dir():
         raise CacheError(f"{str(path)!r} is a folder; pass a cache file written by 'featbank extract' (an .h5 file).")
-    return open_cache(path), path
+    cache_obj = open_cache(path)
+    try:
+        yield cache_obj, path
+    finally:
+        cache_obj.close()
 
 
 def check_finite(feats: Any, cache: Any, rows: np.ndarray) -> None:

@@ -14,7 +14,7 @@ from .._files import check_bundle_dir, slugify
 from .._manifest import BackboneIdentity, build_manifest
 from ..errors import ConfigError
 from ..splits import sample_shots, stratified_holdout
-from ._rows import CacheRows, parse_memory, resolve_cache, split_rows
+from ._rows import CacheRows, opened_cache, parse_memory, split_rows
 from ._select import HeadSpec, Selection, make_head, select_and_refit
 
 __all__ = ["FitResult", "MODELS_ROOT", "bundle_dir", "fit"]
@@ -194,7 +194,7 @@ def fit(
         >>> result = fit("runs/elpv.h5", head="linear", class_weight="balanced")
         >>> result.chosen, result.headline["top1"], result.path
     """
-    from ..bundle import check_bundle_target, save_bundle
+    from ..bundle import save_bundle
 
     t0 = time.perf_counter()
     seeds = _check_options(class_weight, shots, seeds, seed, device)
@@ -202,35 +202,20 @@ def fit(
     budget = parse_memory(max_memory)
     if save:
         bundle_dir(out, name, "model")  # --out with --name: refused before the cache is opened
-    cache_obj, cache_path = resolve_cache(cache)
-    try:
+    with opened_cache(cache) as (cache_obj, cache_path):
         rows = _plan_rows(cache_obj, spec, val_split, seed, budget, max_memory)
         # Validate the head, its parameters and the output folder before any work is done.
         make_head(spec, seed)
-        bundle_path = None
-        if save:
-            default = f"{cache_path.stem}-{head}" + (f"-{shots}shot" if shots else "")
-            bundle_path = check_bundle_dir(check_bundle_target(bundle_dir(out, name, default), overwrite))
+        bundle_path = _bundle_target(out, name, cache_path, head, shots, overwrite) if save else None
         source = CacheRows(cache_obj, rows.used, rows.chunk_rows)  # one read of every row fit needs
         source.check_finite()
         plan = _Plan(spec, rows, shots, val_split, refit)
-        runs = [_fit_seed(cache_obj, source, plan, s) for s in (seeds if shots is not None else [seed])]
-        metrics = _collect_metrics(runs, plan)
-        first = runs[0]
-        result = FitResult(
-            path=None, head=head, estimator=first.estimator, classes=list(cache_obj.classes), chosen=first.chosen,
-            sweep=first.sweep, metrics=metrics, eval_split=plan.eval_split, cache_path=cache_path,
-            streaming=rows.chunk_rows is not None, n_train=len(first.train), n_val=len(first.val),
-            n_test=len(first.eval_rows) if plan.eval_split == "test" else 0, notes=_notes(plan),
-        )
+        result, first = _fit_seeds(cache_obj, cache_path, source, plan, seeds if shots is not None else [seed], head)
         if save:
-            manifest, files = _bundle_contents(cache_obj, cache_path, plan, first, metrics, seed)
+            manifest, files = _bundle_contents(cache_obj, cache_path, plan, first, result.metrics, seed)
             result.path = save_bundle(bundle_path, manifest, files, overwrite=overwrite)
         result.seconds = time.perf_counter() - t0
         return result
-    finally:
-        if cache is None or isinstance(cache, (str, Path)):
-            cache_obj.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,6 +277,28 @@ class _SeedRun:
     @property
     def sweep(self) -> list[dict[str, Any]]:
         return self.selection.sweep
+
+
+def _bundle_target(out: Any, name: str | None, cache_path: Path, head: str, shots: int | None, overwrite: bool) -> Path:
+    """The bundle folder, checked writable (and replaceable with ``overwrite``) before any work."""
+    from ..bundle import check_bundle_target
+
+    default = f"{cache_path.stem}-{head}" + (f"-{shots}shot" if shots else "")
+    return check_bundle_dir(check_bundle_target(bundle_dir(out, name, default), overwrite))
+
+
+def _fit_seeds(cache: Any, cache_path: Path, source: CacheRows, plan: _Plan, seeds: list[int],
+               head: str) -> tuple[FitResult, _SeedRun]:
+    """Fit one head per seed; the result holds the first seed's head and the metrics over all seeds."""
+    runs = [_fit_seed(cache, source, plan, s) for s in seeds]
+    first = runs[0]
+    result = FitResult(
+        path=None, head=head, estimator=first.estimator, classes=list(cache.classes), chosen=first.chosen,
+        sweep=first.sweep, metrics=_collect_metrics(runs, plan), eval_split=plan.eval_split, cache_path=cache_path,
+        streaming=plan.rows.chunk_rows is not None, n_train=len(first.train), n_val=len(first.val),
+        n_test=len(first.eval_rows) if plan.eval_split == "test" else 0, notes=_notes(plan),
+    )
+    return result, first
 
 
 def _check_options(class_weight: Any, shots: Any, seeds: Sequence[int], seed: int, device: str) -> list[int]:
