@@ -109,13 +109,8 @@ def _bundle_backbone(bundle: Any, weights_file: str | os.PathLike | None) -> Any
 
 
 def _finetuned(bundle: Any) -> tuple[Any, Any]:
-    try:
-        from ..finetuning import load_finetuned_model
-    except ImportError as e:
-        raise ExportError(
-            f"Exporting fine-tuned bundles needs featbank.finetuning.load_finetuned_model, which this install "
-            f"lacks ({e}). Update featbank."
-        ) from None
+    from ..finetuning import load_finetuned_model
+
     return load_finetuned_model(bundle.path)
 
 

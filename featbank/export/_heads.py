@@ -185,11 +185,9 @@ def sklearn_head_onnx(est: Any, embed_dim: int, n_classes: int, opset: int) -> A
         prefix, model_est = [], est
     else:
         model_est = clf
-    try:
-        from skl2onnx import convert_sklearn
-        from skl2onnx.common.data_types import FloatTensorType
-    except ImportError:
-        raise ExportError("Exporting scikit-learn heads needs skl2onnx: run 'pip install skl2onnx'.") from None
+    from skl2onnx import convert_sklearn  # a dependency of featbank: an ImportError is a broken install
+    from skl2onnx.common.data_types import FloatTensorType
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
