@@ -24,12 +24,11 @@ from __future__ import annotations
 
 # LinearHead and MLPHead keep __module__ == "featbank.heads" (set in their submodules):
 # skops files and bundle manifests written before the split name them so, and resolve through here.
-from ._conversion import head_to_torch
 from ._features import Features
 from ._linear_head import LinearHead
 from ._mlp_head import MLPHead
 from ._sklearn import estimator_proba, has_predict_proba, make_sklearn_head, parse_param, sklearn_classifiers
-from ._state import head_from_state, head_state
+from ._state import head_from_state, head_state, head_to_torch
 
 __all__ = [
     "LinearHead",

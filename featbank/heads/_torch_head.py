@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import ConfigError
 from ._features import Features, feature_stats
 
-__all__ = ["Constraint", "_Preprocess", "_Probabilities", "_TorchHead", "validate_head_params", "train_one_epoch",
+__all__ = ["Constraint", "Preprocess", "Probabilities", "TorchHead", "validate_head_params", "train_one_epoch",
            "evaluate_logits"]
 
 
@@ -94,7 +94,7 @@ def validate_head_params(est: Any) -> None:
             )
 
 
-class _Preprocess(nn.Module):
+class Preprocess(nn.Module):
     """Optional L2 normalisation, then (x - mean) / scale."""
 
     def __init__(self, l2_normalize: bool, mean: np.ndarray | None = None, scale: np.ndarray | None = None):
@@ -113,7 +113,7 @@ class _Preprocess(nn.Module):
         return x
 
 
-class _Probabilities(nn.Module):
+class Probabilities(nn.Module):
     def __init__(self, logits: nn.Module):
         super().__init__()
         self.logits = logits
@@ -136,7 +136,7 @@ def _check_sample_weight(sample_weight: Any, n_samples: int) -> np.ndarray:
     return sw
 
 
-def _class_weights(est: Any, y_enc: np.ndarray, y: np.ndarray) -> np.ndarray:
+def class_weights(est: Any, y_enc: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Per-row weights of ``est.class_weight``; a dict naming classes not in ``y`` is a parameter error."""
     balanced = isinstance(est.class_weight, str) and est.class_weight == "balanced"
     try:
@@ -152,7 +152,7 @@ def _l2n(X: np.ndarray) -> np.ndarray:
     return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
 
 
-class _TorchHead(ClassifierMixin, BaseEstimator):
+class TorchHead(ClassifierMixin, BaseEstimator):
     """Shared input handling of the torch heads."""
 
     #: name -> :class:`Constraint`, checked at the start of ``fit`` by :func:`validate_head_params`.
@@ -191,7 +191,7 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
             self.mean_ = np.zeros(feats.embed_dim, np.float32)
             self.scale_ = np.ones(feats.embed_dim, np.float32)
         if self.class_weight is not None:
-            sw = sw * _class_weights(self, y_enc, y)
+            sw = sw * class_weights(self, y_enc, y)
         return feats, y_enc.astype(np.int64), sw
 
     def _preprocess_np(self, X: np.ndarray) -> np.ndarray:
