@@ -29,8 +29,8 @@ and ``head.*``) that ``featbank evaluate`` / ``predict`` / ``export`` accept, an
 
 from __future__ import annotations
 
-from .loop import FinetuneReport, finetune
-from .model import (
+from ._loop import FinetuneReport, finetune
+from ._model import (
     FinetunedPredictions,
     FinetuneModel,
     build_optimizer,
@@ -40,7 +40,7 @@ from .model import (
     predict_images,
     resolve_rates,
 )
-from .settings import LR_PRESETS, OPTIMIZERS, STRATEGIES, FinetuneSettings
+from ._settings import LR_PRESETS, OPTIMIZERS, STRATEGIES, FinetuneSettings
 
 __all__ = [
     "STRATEGIES",

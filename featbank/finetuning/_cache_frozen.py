@@ -26,15 +26,15 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .data import image_loader
-from .model import _logits
+from ._data import image_loader
+from ._model import forward_logits
 
 if TYPE_CHECKING:
     from ..backbones import Backbone
     from ..images import PreprocessConfig
-    from .data import _ImageSet, _Split
-    from .model import FinetuneModel
-    from .settings import FinetuneSettings
+    from ._data import DataSplit, ImageSet
+    from ._model import FinetuneModel
+    from ._settings import FinetuneSettings
 
 __all__ = ["VIEW_NAMES", "FrozenSplit", "split_features", "view_group", "apply_view", "FrozenCache", "available_memory",
            "CacheFrozen", "CacheFrozenInputs", "plan_cache_frozen", "fill_cache_frozen"]
@@ -217,7 +217,7 @@ class FrozenCache:
             for x, y, bad in batches:
                 x = x.to(device, non_blocking=True)
                 for v, view in enumerate(self.views):
-                    out = _logits(prefix, prepare(apply_view(x, view)), amp)
+                    out = forward_logits(prefix, prepare(apply_view(x, view)), amp)
                     self.data[i:i + len(y), v] = out.to("cpu", torch.float16)
                 self.labels[i:i + len(y)] = y
                 i += len(y)
@@ -291,8 +291,8 @@ class CacheFrozenInputs:
     """The images and the model :func:`fill_cache_frozen` runs, and how to load and run them."""
 
     model: FinetuneModel
-    eval_set: _ImageSet
-    split: _Split
+    eval_set: ImageSet
+    split: DataSplit
     batch_size: int
     workers: int
     preprocess: PreprocessConfig

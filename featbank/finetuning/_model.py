@@ -21,11 +21,12 @@ from .._network import finetuned_network
 from ..backbones import HEAD_GROUP, Backbone, ImageEmbedder, Normalize
 from ..errors import BundleError, ConfigError
 from ..images import ImageReadError, load_image
-from .data import _ImageSet, image_loader
-from .settings import GROUP_ALIASES, LR_PRESETS
+from ._data import ImageSet, image_loader
+from ._settings import GROUP_ALIASES, LR_PRESETS
 
-__all__ = ["FinetuneModel", "build_optimizer", "parse_lr_groups", "resolve_rates", "FinetunedPredictions",
-           "load_finetuned_backbone", "load_finetuned_model", "predict_images"]
+__all__ = ["FinetuneModel", "build_optimizer", "parse_lr_groups", "resolve_rates", "trainable_groups", "is_batchnorm",
+           "frozen_bn_modules", "forward_logits", "head_from_probe", "FinetunedPredictions", "load_finetuned_backbone",
+           "load_finetuned_model", "predict_images"]
 
 # --------------------------------------------------------------------------------------------
 # Parameter groups and learning rates
@@ -114,7 +115,7 @@ def resolve_rates(
     return {g: lr for g in groups}
 
 
-def _trainable_groups(strategy: str, groups: Sequence[str], trainable_from: str | None) -> list[str]:
+def trainable_groups(strategy: str, groups: Sequence[str], trainable_from: str | None) -> list[str]:
     body = [g for g in groups if g != HEAD_GROUP]
     if strategy == "frozen":
         return [HEAD_GROUP]
@@ -130,7 +131,7 @@ def _trainable_groups(strategy: str, groups: Sequence[str], trainable_from: str 
     return list(groups[start:])
 
 
-def _is_bn(m: nn.Module) -> bool:
+def is_batchnorm(m: nn.Module) -> bool:
     return isinstance(m, nn.modules.batchnorm._BatchNorm)
 
 
@@ -154,7 +155,7 @@ def build_optimizer(
     """
     params = dict(model.named_parameters())
     bn_params = {
-        f"{n}.{pn}" for n, m in model.named_modules() if _is_bn(m) for pn, _ in m.named_parameters(recurse=False)
+        f"{n}.{pn}" for n, m in model.named_modules() if is_batchnorm(m) for pn, _ in m.named_parameters(recurse=False)
     }
     opt_groups = []
     for gname, pnames in groups:
@@ -174,11 +175,11 @@ def build_optimizer(
     return torch.optim.AdamW(opt_groups, lr=opt_groups[0]["lr"])
 
 
-def _frozen_bn_modules(model: nn.Module, trainable_params: set[str]) -> list[nn.Module]:
+def frozen_bn_modules(model: nn.Module, trainable_params: set[str]) -> list[nn.Module]:
     """BatchNorm layers none of whose parameters train: they stay in eval mode."""
     out = []
     for n, m in model.named_modules():
-        if _is_bn(m):
+        if is_batchnorm(m):
             own = [f"{n}.{pn}" for pn, _ in m.named_parameters(recurse=False)]
             if not any(p in trainable_params for p in own):
                 out.append(m)
@@ -204,7 +205,7 @@ class FinetuneModel(ImageEmbedder):
         return self.head(self.embed(x))
 
 
-def _logits(model: nn.Module, x: torch.Tensor, amp: torch.dtype | None) -> torch.Tensor:
+def forward_logits(model: nn.Module, x: torch.Tensor, amp: torch.dtype | None) -> torch.Tensor:
     """Forward pass, under autocast when ``amp`` is set (CUDA)."""
     if amp is None:
         return model(x)
@@ -222,7 +223,7 @@ def _fold_affine(fn: Callable[[torch.Tensor], torch.Tensor], dim: int) -> tuple[
     return w, b
 
 
-def _head_from_probe(path: str | os.PathLike, backbone: Backbone, classes: list[str],
+def head_from_probe(path: str | os.PathLike, backbone: Backbone, classes: list[str],
                      bundle: Any = None) -> tuple[nn.Linear, dict[str, Any]]:
     """A Linear equal to a fitted linear head bundle (standardisation folded in) for LP-FT;
     ``bundle``: that bundle already opened."""
@@ -366,7 +367,7 @@ def predict_images(
         model = model.to(memory_format=torch.channels_last)
     amp = autocast_dtype(dev)
     plist = [Path(p) for p in paths]
-    ds = _ImageSet(Path("/"), [str(p.resolve()) for p in plist], np.zeros(len(plist), np.int64), bb.preprocess, False)
+    ds = ImageSet(Path("/"), [str(p.resolve()) for p in plist], np.zeros(len(plist), np.int64), bb.preprocess, False)
     batches = [list(range(i, min(i + batch_size, len(plist)))) for i in range(0, len(plist), batch_size)]
     workers = num_workers if num_workers is not None else default_num_workers(dev, training=True)
     proba = np.full((len(plist), len(bb.extra["classes"])), np.nan)

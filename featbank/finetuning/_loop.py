@@ -22,7 +22,7 @@ from .. import __version__
 from .._device import autocast_dtype, default_num_workers, resolve_device
 from .._files import check_bundle_dir, slugify
 from .._manifest import BackboneIdentity, build_manifest
-from ..backbones import HEAD_GROUP, _group_modules, load_backbone, param_groups
+from ..backbones import HEAD_GROUP, group_modules, load_backbone, param_groups
 from ..errors import (
     ConfigError,
     Interrupted,
@@ -31,37 +31,35 @@ from ..errors import (
 )
 from ..report import compute_metrics, plot_confusion_matrix, plot_learning_curve
 from ._cache_frozen import VIEW_NAMES, CacheFrozenInputs, fill_cache_frozen, plan_cache_frozen
-from .checkpoint import (
-    _digest,
-    _load_checkpoint,
-    _rng_state,
-    _save_checkpoint,
-    _set_rng_state,
-    _settings_diff,
-)
-from .data import (
-    _batches,
-    _ImageSet,
-    _probe_holdout,
-    _probe_overlap_note,
-    _split,
+from ._data import (
+    ImageSet,
     image_loader,
+    probe_holdout,
+    probe_overlap_note,
+    shuffled_batches,
+    split_index,
 )
-from .model import (
+from ._model import (
     FinetuneModel,
-    _frozen_bn_modules,
-    _head_from_probe,
-    _is_bn,
-    _logits,
-    _trainable_groups,
     build_optimizer,
+    forward_logits,
+    frozen_bn_modules,
+    head_from_probe,
+    is_batchnorm,
     resolve_rates,
+    trainable_groups,
 )
-from .settings import (
+from ._settings import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
     FinetuneSettings,
-    _settings_from,
+    json_digest,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    settings_diff,
+    settings_from_kwargs,
 )
 
 __all__ = ["FinetuneReport", "finetune", "train_one_epoch", "evaluate"]
@@ -148,7 +146,7 @@ def evaluate(model: FinetuneModel, loader: Any, device: torch.device, amp: torch
         for x, y, bad in loader:
             skipped.extend(bad)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            logits = _logits(model, x, amp).float()
+            logits = forward_logits(model, x, amp).float()
             losses.append(nn.functional.cross_entropy(logits, y, ignore_index=-100, reduction="sum").item())
             ys.append(y.cpu().numpy())
             logits_all.append(logits.cpu().numpy())
@@ -207,7 +205,7 @@ def finetune(
         >>> featbank.finetune("data/elpv", backbone="resnet50", strategy="partial",
         ...                   trainable_from="layer3", lr_groups="seed-resnet", epochs=10)
     """
-    run = _set_up(data, out, _settings_from(settings), device, num_workers, resume, overwrite)
+    run = _set_up(data, out, settings_from_kwargs(settings), device, num_workers, resume, overwrite)
     state = _resume_or_start(run, resume, overwrite)
     if run.cache_frozen is not None:
         inputs = CacheFrozenInputs(run.model, run.eval_set, run.split, run.cfg.batch_size, run.workers, run.bb.preprocess,
@@ -261,8 +259,8 @@ class _Run:
     classes: list[str]
     model: FinetuneModel
     net: _Net
-    train_set: _ImageSet
-    eval_set: _ImageSet
+    train_set: ImageSet
+    eval_set: ImageSet
     cache_frozen: Any
     schedule: dict[str, int]
     hashed: dict[str, Any]
@@ -332,9 +330,9 @@ def _set_up(data: Any, out: Any, cfg: FinetuneSettings, device: str, num_workers
     dev = resolve_device(device)
     index = scan_folder(data, require_labels=True)
     probe_bundle = load_bundle(cfg.init_head) if cfg.init_head is not None else None
-    probe = _probe_holdout(probe_bundle)
-    split = _split(index, cfg.val_split, cfg.seed, probe)
-    notes = [n for n in [_probe_overlap_note(index, split, probe)] if n]
+    probe = probe_holdout(probe_bundle)
+    split = split_index(index, cfg.val_split, cfg.seed, probe)
+    notes = [n for n in [probe_overlap_note(index, split, probe)] if n]
     for n in notes:  # said now, not only after hours of training
         warnings.warn(n, ValidationLeakWarning, stacklevel=3)
     out_path = Path(out).expanduser() if out is not None else _default_out(index.root, cfg)
@@ -346,11 +344,11 @@ def _set_up(data: Any, out: Any, cfg: FinetuneSettings, device: str, num_workers
         bb = load_backbone(cfg.backbone, cfg.weights, cfg.weights_file)
     classes = list(index.classes)
     model, net = _build_model(cfg, bb, classes, probe_bundle, dev, len(split.train))
-    train_set = _ImageSet(index.root, index.paths, index.labels, bb.preprocess, True, cfg.seed, cfg.crop_scale,
+    train_set = ImageSet(index.root, index.paths, index.labels, bb.preprocess, True, cfg.seed, cfg.crop_scale,
                           cfg.hflip, cfg.vflip, cfg.rot90)
-    eval_set = _ImageSet(index.root, index.paths, index.labels, bb.preprocess, False)
+    eval_set = ImageSet(index.root, index.paths, index.labels, bb.preprocess, False)
     frozen = plan_cache_frozen(model, bb, cfg, len(split.train), len(split.val)) if cfg.cache_frozen else None
-    data_digest = _digest([index.paths, index.labels.tolist(), index.splits.tolist(), index.fingerprints.tolist(),
+    data_digest = json_digest([index.paths, index.labels.tolist(), index.splits.tolist(), index.fingerprints.tolist(),
                            split.train.tolist(), split.val.tolist()])
     hashed = {**asdict(cfg), "backbone_identity": bb.identity(), "data": data_digest,
               "init_head_id": net.init_info["bundle_id"] if net.init_info else None, "classes": classes}
@@ -358,7 +356,7 @@ def _set_up(data: Any, out: Any, cfg: FinetuneSettings, device: str, num_workers
     return _Run(
         cfg=cfg, dev=dev, index=index, split=split, notes=notes, out_path=out_path, ckpt_path=ckpt_path, bb=bb,
         classes=classes, model=model, net=net, train_set=train_set, eval_set=eval_set, cache_frozen=frozen,
-        schedule=_schedule_steps(cfg, len(split.train)), hashed=hashed, settings_hash=_digest(hashed),
+        schedule=_schedule_steps(cfg, len(split.train)), hashed=hashed, settings_hash=json_digest(hashed),
         workers=num_workers if num_workers is not None else default_num_workers(dev, training=True),
         pin=dev.type == "cuda",
     )
@@ -373,20 +371,20 @@ def _build_model(cfg: FinetuneSettings, bb: Any, classes: list[str], probe_bundl
     torch.manual_seed(cfg.seed)
     init_info = None
     if cfg.init_head is not None:
-        head, init_info = _head_from_probe(cfg.init_head, bb, classes, probe_bundle)
+        head, init_info = head_from_probe(cfg.init_head, bb, classes, probe_bundle)
     else:
         head = nn.Linear(bb.embed_dim, len(classes))
     model = FinetuneModel(bb.features, head, bb.preprocess.mean, bb.preprocess.std)
     groups.append((HEAD_GROUP, [f"head.{p}" for p, _ in head.named_parameters()]))
     names = [g for g, _ in groups]
     rates = resolve_rates(names, cfg.resolved_lr, cfg.lr_groups, cfg.layer_decay)
-    trainable = _trainable_groups(cfg.strategy, names, cfg.trainable_from)
+    trainable = trainable_groups(cfg.strategy, names, cfg.trainable_from)
     optimizer = build_optimizer(model, groups, rates, trainable, cfg.optimizer, cfg.resolved_weight_decay, cfg.train_bn)
     trainable_params = {n for n, p in model.named_parameters() if p.requires_grad}
-    frozen_bn = _frozen_bn_modules(model, trainable_params)
+    frozen_bn = frozen_bn_modules(model, trainable_params)
     pcount = dict((n, p.numel()) for n, p in model.named_parameters())
     group_rows = [
-        {"name": g, "modules": _group_modules(model, ps), "n_params": int(sum(pcount[p] for p in ps)),
+        {"name": g, "modules": group_modules(model, ps), "n_params": int(sum(pcount[p] for p in ps)),
          "trainable": g in trainable, "n_trainable": int(sum(pcount[p] for p in ps if p in trainable_params)),
          "lr": rates[g]}
         for g, ps in groups
@@ -412,7 +410,7 @@ def _build_model(cfg: FinetuneSettings, bb: Any, classes: list[str], probe_bundl
 
 def _schedule_steps(cfg: FinetuneSettings, n_train: int) -> dict[str, int]:
     """Steps of the cosine schedule with linear warm-up (the last batch of one joins the one before)."""
-    steps_per_epoch = len(_batches(n_train, cfg.batch_size, cfg.seed, 0))
+    steps_per_epoch = len(shuffled_batches(n_train, cfg.batch_size, cfg.seed, 0))
     total_steps = steps_per_epoch * cfg.epochs
     warmup = int(round(min(cfg.warmup_epochs * steps_per_epoch, 0.2 * total_steps)))
     return {"warmup_steps": warmup, "total_steps": total_steps}
@@ -422,9 +420,9 @@ def _resume_or_start(run: _Run, resume: bool, overwrite: bool) -> _State:
     """A fresh state, or the checkpoint's (refused when it was made with other settings)."""
     state = _State()
     if resume:
-        ckpt = _load_checkpoint(run.ckpt_path)
+        ckpt = load_checkpoint(run.ckpt_path)
         if ckpt.get("settings_hash") != run.settings_hash:
-            diff = _settings_diff(ckpt.get("settings", {}), json.loads(json.dumps(run.hashed, default=str)))
+            diff = settings_diff(ckpt.get("settings", {}), json.loads(json.dumps(run.hashed, default=str)))
             raise ConfigError(
                 f"--resume: the checkpoint {str(run.ckpt_path)!r} was made with other settings ("
                 + "; ".join(diff[:6]) + "). Rerun with the original settings, or pass --overwrite to "
@@ -435,7 +433,7 @@ def _resume_or_start(run: _Run, resume: bool, overwrite: bool) -> _State:
         run.net.scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
             run.net.scaler.load_state_dict(ckpt["scaler"])
-        _set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"])
         state = _State(history=list(ckpt["history"]), best=dict(ckpt["best"]), start=ckpt.get("start"),
                        bad_epochs=int(ckpt["bad_epochs"]), start_epoch=int(ckpt["epoch"]),
                        stopped=bool(ckpt["stopped"]))
@@ -486,12 +484,12 @@ def _train(run: _Run, state: _State, progress: bool,
 
 def _checkpoint(run: _Run, state: _State, epoch: int) -> None:
     net = run.net
-    _save_checkpoint(run.ckpt_path, {
+    save_checkpoint(run.ckpt_path, {
         "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "featbank_version": __version__,
         "settings": json.loads(json.dumps(run.hashed, default=str)), "settings_hash": run.settings_hash,
         "epoch": epoch, "model": run.model.state_dict(), "optimizer": net.optimizer.state_dict(),
         "scheduler": net.scheduler.state_dict(), "scaler": net.scaler.state_dict() if net.scaler.is_enabled() else {},
-        "rng": _rng_state(), "history": state.history, "best": state.best, "bad_epochs": state.bad_epochs,
+        "rng": rng_state(), "history": state.history, "best": state.best, "bad_epochs": state.bad_epochs,
         "stopped": state.stopped, "start": state.start,
     })
 
@@ -502,7 +500,7 @@ def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _train_batches(run: _Run, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor, list[str]]]:
     cfg, rows, frozen = run.cfg, run.split.train, run.cache_frozen
-    order = _batches(len(rows), cfg.batch_size, cfg.seed, epoch)
+    order = shuffled_batches(len(rows), cfg.batch_size, cfg.seed, epoch)
     if frozen is None:
         batches = [[(e, int(rows[i])) for e, i in b] for b in order]
         yield from image_loader(run.train_set, batches, run.workers, run.bb.preprocess, run.pin)
@@ -524,7 +522,7 @@ def _set_train_mode(run: _Run) -> None:
         m.eval()
     if run.cfg.resolved_bn_stats == "frozen":
         for m in run.model.modules():
-            if _is_bn(m):
+            if is_batchnorm(m):
                 m.eval()
     if run.cfg.strategy == "frozen" and not run.cfg.train_bn:
         run.model.features.eval()
@@ -545,7 +543,7 @@ def train_one_epoch(run: _Run, epoch: int, progress: bool) -> dict[str, Any]:
     for x, y, bad in _train_batches(run, epoch):
         run.skipped.extend(bad)
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-        logits = _logits(module, x, net.amp)
+        logits = forward_logits(module, x, net.amp)
         loss = nn.functional.cross_entropy(logits.float(), y, ignore_index=-100)
         if not torch.isfinite(loss):
             raise ConfigError(
