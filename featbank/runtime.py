@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import BundleError, DatasetError
-from .images import _RESAMPLE, ImageReadError, PreprocessConfig, load_image, preprocess_image
+from .images import RESAMPLE, ImageReadError, PreprocessConfig, load_image, preprocess_image
 
 __all__ = [
     "FORMAT_KEY",
@@ -55,7 +55,7 @@ OUTPUT_NAMES = ("probabilities", "label")
 REQUIRED_KEYS = (FORMAT_KEY, "classes", "preprocessing")
 #: keys of the ``preprocessing`` JSON the runtime needs.
 PREPROCESSING_KEYS = ("input_size", "resize_size", "interpolation", "mean", "std")
-RESAMPLING_FILTERS = tuple(sorted(_RESAMPLE))
+RESAMPLING_FILTERS = tuple(sorted(RESAMPLE))
 
 # Bounds on what an ONNX file's metadata may ask for. A classifier needs two classes (as `fit`
 # does); 100,000 is far above any image task and keeps a crafted list from costing memory. Image
@@ -281,9 +281,9 @@ def image_to_pil(image: ImageLike) -> Image.Image:
 
 def _rgb(img: Image.Image) -> Image.Image:
     # Same mode conversion as load_image (16-bit scaled, palettes with transparency, alpha dropped).
-    from .images import _to_uint8_rgb
+    from .images import to_uint8_rgb
 
-    return _to_uint8_rgb(img)
+    return to_uint8_rgb(img)
 
 
 def _array_to_pil(arr: np.ndarray) -> Image.Image:
