@@ -90,6 +90,13 @@ class Prediction:
     top_k: list[tuple[str, float]] = field(default_factory=list)
     error: str | None = None
 
+    def __repr__(self) -> str:
+        # label, index, probability always; path, top_k and error when set (OnnxClassifier.predict sets none).
+        shown = [f"{k}={v!r}" for k, v in (("label", self.label), ("index", self.index), ("probability", self.probability),
+                                           ("path", self.path), ("top_k", self.top_k), ("error", self.error))
+                 if k in ("label", "index", "probability") or v]
+        return f"Prediction({', '.join(shown)})"
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON form ``featbank predict --json`` prints."""
         return {"path": self.path, "label": self.label, "probability": self.probability,
