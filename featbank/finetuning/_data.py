@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..errors import DatasetError
-from ..images import ImageReadError, PreprocessConfig, load_image, preprocess_image
+from ..images import RESAMPLE, ImageReadError, PreprocessConfig, load_image, preprocess_image
 from ..splits import n_holdout, stratified_holdout
 
 __all__ = ["ImageSet", "DataSplit", "ProbeHoldout", "shuffled_batches", "split_index", "probe_holdout", "probe_overlap_note",
@@ -71,8 +71,7 @@ class ImageSet:
             rng = np.random.default_rng((self.seed, epoch, i))
             box = _resized_crop_box(img.width, img.height, self.crop_scale, rng)
             h, w = self.cfg.input_size
-            resample = getattr(Image.Resampling, self.cfg.interpolation.upper())
-            out = img.resize((w, h), resample=resample, box=box)
+            out = img.resize((w, h), resample=RESAMPLE[self.cfg.interpolation], box=box)
             if self.hflip and rng.random() < 0.5:
                 out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             if self.vflip and rng.random() < 0.5:
