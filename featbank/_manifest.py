@@ -1,8 +1,9 @@
 """The bundle manifest: typed sections and the one validating reader both ends go through.
 
-``save_bundle`` checks the manifest its builders pass (``fitting/probe.fit``,
-``finetuning/loop.finetune``) with :func:`parse_manifest` before a byte is written, and
-``load_bundle`` reads every manifest with it, so a field has one definition. A manifest is data
+Both builders (``fitting/probe.fit``, ``finetuning/_loop.finetune``) make theirs with
+:func:`build_manifest` from typed parts, ``save_bundle`` checks it with :func:`parse_manifest`
+before a byte is written, and ``load_bundle`` reads every manifest with it, so a field has one
+definition. A manifest is data
 written by whoever made the bundle: every field is type-checked, and every file name in it must
 be a bare name inside the bundle folder, before any file is opened.
 
