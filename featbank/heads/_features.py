@@ -63,7 +63,7 @@ class Features:
                 yield pos, self.X[s : s + self.chunk_rows]
             else:
                 idx = self.rows[s : s + self.chunk_rows]
-                yield pos, self.cache._read_sorted(idx, np.float32)
+                yield pos, self.cache.load_embeddings(idx, np.float32)
 
     @property
     def n_chunks(self) -> int:
