@@ -334,9 +334,9 @@ def test_refusals_exit_2(tmp_path: Path, image_folder: Path) -> None:
 def test_vflip_and_rot90_only_reorient_the_crop(image_folder: Path) -> None:
     index = featbank.scan_folder(image_folder)
     cfg = _random("test_tiny").preprocess
-    base = ft_data.ImageSet(index.root, index.paths, index.labels, cfg, True, seed=3, crop_scale=(0.5, 1.0))
-    aug = ft_data.ImageSet(index.root, index.paths, index.labels, cfg, True, seed=3, crop_scale=(0.5, 1.0),
-                       vflip=True, rot90=True)
+    base = ft_data.ImageSet(index.root, index.paths, index.labels, cfg, ft_data.Augmentation(seed=3, crop_scale=(0.5, 1.0)))
+    aug = ft_data.ImageSet(index.root, index.paths, index.labels, cfg,
+                           ft_data.Augmentation(seed=3, crop_scale=(0.5, 1.0), vflip=True, rot90=True))
     changed = 0
     for i in range(len(index)):
         b, label, _ = base[(0, i)]

@@ -14,8 +14,8 @@ from ..errors import DatasetError
 from ..images import RESAMPLE, ImageReadError, PreprocessConfig, load_image, preprocess_image
 from ..splits import n_holdout, stratified_holdout
 
-__all__ = ["ImageSet", "DataSplit", "ProbeHoldout", "shuffled_batches", "split_index", "probe_holdout", "probe_overlap_note",
-           "image_loader"]
+__all__ = ["Augmentation", "ImageSet", "DataSplit", "ProbeHoldout", "shuffled_batches", "split_index", "probe_holdout",
+           "probe_overlap_note", "image_loader"]
 
 # --------------------------------------------------------------------------------------------
 # Data
@@ -46,16 +46,28 @@ def _resized_crop_box(w: int, h: int, scale: tuple[float, float], rng: np.random
     return left, top, left + cw, top + ch
 
 
+@dataclass(frozen=True)
+class Augmentation:
+    """Training augmentation: a random resized crop (``crop_scale`` of the area), flips, quarter turns,
+    drawn from a generator seeded by ``(seed, epoch, image)``."""
+
+    seed: int = 0
+    crop_scale: tuple[float, float] = (0.25, 1.0)
+    hflip: bool = True
+    vflip: bool = False
+    rot90: bool = False
+
+
 class ImageSet:
-    """Map-style dataset. Train items are keyed ``(epoch, i)`` and augmented with a generator
-    seeded by (seed, epoch, i); eval items are keyed ``i`` and get the backbone's eval transform."""
+    """Map-style dataset. With ``augment``, items are keyed ``(epoch, i)`` and augmented with a
+    generator seeded by (seed, epoch, i); without, items are keyed ``i`` and get the backbone's eval
+    transform."""
 
     def __init__(self, root: Path, paths: list[str], labels: np.ndarray, cfg: PreprocessConfig,
-                 train: bool, seed: int = 0, crop_scale: tuple[float, float] = (0.25, 1.0), hflip: bool = True,
-                 vflip: bool = False, rot90: bool = False):
+                 augment: Augmentation | None = None):
         self.root, self.paths, self.labels, self.cfg = root, paths, labels, cfg
-        self.train, self.seed, self.crop_scale, self.hflip = train, seed, crop_scale, hflip
-        self.vflip, self.rot90 = vflip, rot90
+        self.augment = augment
+        self.train = augment is not None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -68,15 +80,16 @@ class ImageSet:
             img = load_image(self.root / self.paths[i])
             if not self.train:
                 return preprocess_image(img, self.cfg), int(self.labels[i]), ""
-            rng = np.random.default_rng((self.seed, epoch, i))
-            box = _resized_crop_box(img.width, img.height, self.crop_scale, rng)
+            aug = self.augment
+            rng = np.random.default_rng((aug.seed, epoch, i))
+            box = _resized_crop_box(img.width, img.height, aug.crop_scale, rng)
             h, w = self.cfg.input_size
             out = img.resize((w, h), resample=RESAMPLE[self.cfg.interpolation], box=box)
-            if self.hflip and rng.random() < 0.5:
+            if aug.hflip and rng.random() < 0.5:
                 out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            if self.vflip and rng.random() < 0.5:
+            if aug.vflip and rng.random() < 0.5:
                 out = out.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
-            if self.rot90 and w == h:
+            if aug.rot90 and w == h:
                 k = int(rng.integers(0, 4))
                 if k:
                     out = out.transpose((Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180,

@@ -32,6 +32,7 @@ from ..errors import (
 from ..report import compute_metrics, plot_confusion_matrix, plot_learning_curve
 from ._cache_frozen import VIEW_NAMES, CacheFrozenInputs, fill_cache_frozen, plan_cache_frozen
 from ._data import (
+    Augmentation,
     ImageSet,
     image_loader,
     probe_holdout,
@@ -344,9 +345,9 @@ def _set_up(data: Any, out: Any, cfg: FinetuneSettings, device: str, num_workers
         bb = load_backbone(cfg.backbone, cfg.weights, cfg.weights_file)
     classes = list(index.classes)
     model, net = _build_model(cfg, bb, classes, probe_bundle, dev, len(split.train))
-    train_set = ImageSet(index.root, index.paths, index.labels, bb.preprocess, True, cfg.seed, cfg.crop_scale,
-                          cfg.hflip, cfg.vflip, cfg.rot90)
-    eval_set = ImageSet(index.root, index.paths, index.labels, bb.preprocess, False)
+    augment = Augmentation(cfg.seed, cfg.crop_scale, cfg.hflip, cfg.vflip, cfg.rot90)
+    train_set = ImageSet(index.root, index.paths, index.labels, bb.preprocess, augment)
+    eval_set = ImageSet(index.root, index.paths, index.labels, bb.preprocess)
     frozen = plan_cache_frozen(model, bb, cfg, len(split.train), len(split.val)) if cfg.cache_frozen else None
     data_digest = json_digest([index.paths, index.labels.tolist(), index.splits.tolist(), index.fingerprints.tolist(),
                            split.train.tolist(), split.val.tolist()])

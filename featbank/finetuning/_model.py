@@ -367,7 +367,7 @@ def predict_images(
         model = model.to(memory_format=torch.channels_last)
     amp = autocast_dtype(dev)
     plist = [Path(p) for p in paths]
-    ds = ImageSet(Path("/"), [str(p.resolve()) for p in plist], np.zeros(len(plist), np.int64), bb.preprocess, False)
+    ds = ImageSet(Path("/"), [str(p.resolve()) for p in plist], np.zeros(len(plist), np.int64), bb.preprocess)
     batches = [list(range(i, min(i + batch_size, len(plist)))) for i in range(0, len(plist), batch_size)]
     workers = num_workers if num_workers is not None else default_num_workers(dev, training=True)
     proba = np.full((len(plist), len(bb.extra["classes"])), np.nan)
