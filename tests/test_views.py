@@ -222,3 +222,160 @@ def test_sigkill_mid_run_with_views_then_rerun_equals_an_uninterrupted_run(tmp_p
     ref = tmp_path / "ref.h5"
     featbank.extract(data, ref, **{**kw, "batch_size": 5})
     _assert_same(out, ref)
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile caches: the layers/views datasets and attributes, changed one at a time with h5py
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def views_cache(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("views")
+    data = make_image_folder(tmp / "data")
+    out = tmp / "c.h5"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FEATBANK_CACHE_DIR", str(tmp / "fc"))
+    try:
+        featbank.extract(data, out, layers="stem,stage1", views=2, augment="dihedral", **TINY)
+    finally:
+        mp.undo()
+    return out
+
+
+def _copy(src: Path, dst_dir: Path) -> Path:
+    """The index and its parts folder, copied (parts keep their mtimes, so the table still matches)."""
+    import shutil
+
+    dst = dst_dir / src.name
+    shutil.copy2(src, dst)
+    shutil.copytree(src.with_name(src.name + ".parts"), dst.with_name(dst.name + ".parts"), copy_function=shutil.copy2)
+    return dst
+
+
+def _replace(f: h5py.File, name: str, data: np.ndarray) -> None:
+    del f[name]
+    f[name] = data
+
+
+def _republish(index: Path) -> None:
+    """Rewrite the index over its (edited) parts, as a buggy writer would have published them."""
+    from featbank.cache._index import read_parts_table, write_index
+    from featbank.cache._parts import describe_part, parts_dir
+
+    with h5py.File(index, "r") as f:
+        attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
+        classes = [c.decode() for c in f["classes"][...]]
+    parts = [describe_part(parts_dir(index) / p.name) for p in read_parts_table(index)]
+    rows = ("embeddings", "labels", "splits", "paths", "fingerprints", "layers/stem", "layers/stage1",
+            "views/embeddings", "views/layers/stem", "views/layers/stage1")
+    write_index(index, parts, classes, attrs, row_datasets=rows)
+
+
+def _edit_part(index: Path, name: str, row: int, value: float) -> None:
+    part = next(index.with_name(index.name + ".parts").glob("part-*.h5"))
+    with h5py.File(part, "r+") as f:
+        ds = f[name]
+        block = ds[row]
+        block.flat[3] = value
+        ds[row] = block
+    _republish(index)
+
+
+ATTR_ATTACKS = {
+    "layers_not_json": (lambda f: f.attrs.__setitem__("layers", "[stem"), "attribute 'layers'"),
+    "layers_not_list": (lambda f: f.attrs.__setitem__("layers", '"stem"'), "attribute 'layers'"),
+    "layers_without_final": (lambda f: f.attrs.__setitem__("layers", '["stem", "stage1"]'), "ending with \"final\""),
+    "layers_repeated": (lambda f: f.attrs.__setitem__("layers", '["stem", "stem", "final"]'), "distinct"),
+    "layers_path_escape": (lambda f: f.attrs.__setitem__("layers", '["../embeddings", "final"]'), "attribute 'layers'"),
+    "layer_missing": (lambda f: f.attrs.__setitem__("layers", '["stem", "stage1", "stage2", "final"]'), "layer_dims"),
+    "dims_not_json": (lambda f: f.attrs.__setitem__("layer_dims", "{"), "attribute 'layer_dims'"),
+    "dims_wrong": (lambda f: f.attrs.__setitem__("layer_dims", '{"stem": 41, "stage1": 80, "final": 32}'),
+                   "dataset 'layers/stem' has shape (24, 40)"),
+    "dims_negative": (lambda f: f.attrs.__setitem__("layer_dims", '{"stem": -40, "stage1": 80, "final": 32}'),
+                      "positive size"),
+    "dims_final": (lambda f: f.attrs.__setitem__("layer_dims", '{"stem": 40, "stage1": 80, "final": 33}'),
+                   "'embeddings' has 32"),
+    "views_more": (lambda f: f.attrs.__setitem__("views", 3), "has shape (24, 2, 40) and dtype float32, expected (24, 3, 40)"),
+    "views_string": (lambda f: f.attrs.__setitem__("views", "2"), "attributes 'views'"),
+    "views_negative": (lambda f: f.attrs.__setitem__("views", -1), "attributes 'views'"),
+    "views_without_augment": (lambda f: f.attrs.__setitem__("augment", ""), "disagree"),
+    "augment_unknown": (lambda f: f.attrs.__setitem__("augment", "rot13"), "disagree"),
+    "augment_without_views": (lambda f: (f.attrs.__setitem__("views", 0), f.attrs.__setitem__("augment", "hflip")),
+                              "disagree"),
+    "pooling_unknown": (lambda f: f.attrs.__setitem__("pooling", "max"), "attribute 'pooling'"),
+    "layer_dataset_missing": (lambda f: f.__delitem__("layers/stage1"), "dataset 'layers/stage1' is missing"),
+    "layer_dataset_short": (lambda f: _replace(f, "layers/stem", np.zeros((20, 40), np.float32)), "(20, 40)"),
+    "layer_dataset_int": (lambda f: _replace(f, "layers/stem", np.zeros((24, 40), np.int32)), "int32"),
+    "layer_dataset_1d": (lambda f: _replace(f, "layers/stem", np.zeros(24, np.float32)), "(24,)"),
+    "view_dataset_missing": (lambda f: f.__delitem__("views/layers/stem"), "dataset 'views/layers/stem' is missing"),
+    "view_dataset_2d": (lambda f: _replace(f, "views/embeddings", np.zeros((24, 32), np.float32)), "(24, 32)"),
+    "unlisted_layer": (lambda f: f.__setitem__("layers/evil", np.zeros((24, 4), np.float32)), "'layers/evil'"),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(ATTR_ATTACKS))
+def test_open_refuses_layers_and_views_that_disagree(views_cache, tmp_path, attack) -> None:
+    from featbank.errors import CacheError
+
+    path = _copy(views_cache, tmp_path)
+    mutate, words = ATTR_ATTACKS[attack]
+    with h5py.File(path, "r+") as f:
+        mutate(f)
+    with pytest.raises(CacheError) as e:
+        featbank.open_cache(path)
+    msg = str(e.value)
+    assert words in msg and str(path) in msg and "is damaged" in msg
+    res = CliRunner().invoke(cli, ["fit", str(path), "-q"])  # the CLI: exit 2, no traceback
+    assert res.exit_code == 2 and "Traceback" not in res.output
+
+
+def test_a_layer_mapped_onto_a_foreign_file_is_refused(views_cache, tmp_path) -> None:
+    from featbank.errors import CacheError
+
+    path = _copy(views_cache, tmp_path)
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as g:
+        g["x"] = np.ones((24, 40), np.float32)
+    with h5py.File(path, "r+") as f:
+        del f["layers/stem"]
+        layout = h5py.VirtualLayout(shape=(24, 40), dtype=np.float32)
+        layout[:] = h5py.VirtualSource(str(other), "x", shape=(24, 40))
+        f["layers"].create_virtual_dataset("stem", layout)
+    with pytest.raises(CacheError, match="'layers/stem' maps rows onto"):
+        featbank.open_cache(path)
+
+
+@pytest.mark.parametrize(("name", "value", "read"), [
+    ("layers/stage1", np.nan, dict(layers="stage1")),
+    ("layers/stem", np.inf, dict(layers="all")),
+    ("views/embeddings", -np.inf, dict(layers="final", view=1)),
+    ("views/layers/stage1", np.nan, dict(layers="stem,stage1", view=0)),
+    ("layers/stem", 1e30, dict(layers="stem")),
+])
+def test_nan_inf_or_extreme_values_in_a_layer_are_refused_on_read(views_cache, tmp_path, name, value, read) -> None:
+    from featbank.errors import CacheError
+
+    path = _copy(views_cache, tmp_path)
+    row = 5
+    if name.startswith("views/"):
+        # (N, K, D): put the value in the view that is read
+        k = read.get("view", 0)
+        part = next(path.with_name(path.name + ".parts").glob("part-*.h5"))
+        with h5py.File(part, "r+") as f:
+            block = f[name][row]
+            block[k, 3] = value
+            f[name][row] = block
+        _republish(path)
+    else:
+        _edit_part(path, name, row, value)
+    with featbank.open_cache(path) as c:  # opening stays cheap: values are checked as rows are read
+        assert np.isfinite(c.load_embeddings()).all()
+        with pytest.raises(CacheError) as e:
+            c.load_features(**read)
+        assert f"dataset '{name}'" in str(e.value) and f"row {row}" in str(e.value) and c.paths[row] in str(e.value)
+        ok = np.setdiff1d(np.arange(len(c)), [row])
+        assert np.isfinite(c.load_features(ok, **read)).all()  # the other rows read fine
+        with pytest.raises(CacheError):
+            for _ in c.iter_feature_chunks(np.arange(len(c)), 4, **read):
+                pass
