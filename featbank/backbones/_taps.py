@@ -151,6 +151,9 @@ def parse_layers(spec: str | Sequence[str] | None, backbone: Backbone | nn.Modul
         if item == "all":
             chosen.update(known)
             continue
+        if item in known:  # before ranges: a layer name may hold a dash
+            chosen.add(item)
+            continue
         a, dash, b = item.partition("-")
         if dash:
             a, b = a.strip(), b.strip()
@@ -162,8 +165,6 @@ def parse_layers(spec: str | Sequence[str] | None, backbone: Backbone | nn.Modul
                 raise ConfigError(f"The layer range {item!r} runs backwards; layers go from input to output: "
                                   f"{', '.join(known)}. Write '{b}-{a}'.")
             chosen.update(known[i:j + 1])
-        elif item in known:
-            chosen.add(item)
         else:
             raise _unknown(item, known)
     return tuple(n for n in known if n in chosen)
