@@ -395,3 +395,17 @@ def test_nan_inf_or_extreme_values_in_a_layer_are_refused_on_read(views_cache, t
         with pytest.raises(CacheError):
             for _ in c.iter_feature_chunks(np.arange(len(c)), 4, **read):
                 pass
+
+
+@pytest.mark.slow
+def test_views_do_not_depend_on_processes_workers_or_batch_size(image_folder, tmp_path) -> None:
+    kw = dict(TINY, layers="stage1", views=2, augment="crops", view_seed=4)
+    one, two, workers = tmp_path / "one.h5", tmp_path / "two.h5", tmp_path / "workers.h5"
+    featbank.extract(image_folder, one, **kw)
+    featbank.extract(image_folder, two, **{**kw, "procs": 2, "shard_size": 8, "batch_size": 3})
+    featbank.extract(image_folder, workers, **{**kw, "num_workers": 2, "batch_size": 7})
+    for other in (two, workers):
+        a, b = _datasets(one), _datasets(other)
+        assert np.array_equal(a["paths"], b["paths"])
+        for name in ("embeddings", "layers/stage1", "views/embeddings", "views/layers/stage1"):
+            np.testing.assert_allclose(a[name], b[name], atol=1e-6, rtol=1e-6, err_msg=name)  # batch size: last bits
