@@ -236,7 +236,9 @@ class _OrtTapEngine(_OrtEngine):
         from ..backbones import parse_layers
 
         self.layers = parse_layers(layers, backbone)
-        super().__init__(backbone, layers=self.layers, pooling=pooling)
+        # Views without layers: the plain embedder's graph (its one output is 'final'), not a second export.
+        plain = self.layers == ("final",)
+        super().__init__(backbone, layers=None if plain else self.layers, pooling=pooling)
 
     def __call__(self, batch: Any) -> list[np.ndarray]:  # type: ignore[override]
         arr = batch.numpy() if hasattr(batch, "numpy") else batch
