@@ -146,13 +146,20 @@ def test_a_second_writer_is_refused_and_a_dead_holder_is_taken_over(image_folder
 
 
 def test_a_staging_file_open_elsewhere_is_left_alone(image_folder: Path, tmp_path: Path) -> None:
-    """HDF5's own file lock (another program has the unfinished cache open): exit 2, file kept."""
-    import h5py
+    """HDF5's own file lock (another program has the unfinished part open): exit 2, file kept."""
+    import featbank
+    from featbank.cache._parts import parts_dir
+    from featbank.errors import Interrupted
 
     out = tmp_path / "c.h5"
-    staging = tmp_path / "c.h5.partial"
-    with h5py.File(staging, "w") as f:
-        f.attrs["x"] = 1
+
+    def stop(done: int, total: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted):
+        featbank.extract(image_folder, out, backbone="test_tiny", engine="torch", num_workers=0, batch_size=4,
+                         progress=False, on_progress=stop)
+    (staging,) = parts_dir(out).glob(".part-*.partial")
     code = ("import h5py, sys, time\nf = h5py.File(sys.argv[1], 'r+')\nprint('open', flush=True)\ntime.sleep(60)")
     other = subprocess.Popen([sys.executable, "-c", code, str(staging)], stdout=subprocess.PIPE, text=True)
     try:

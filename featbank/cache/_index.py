@@ -111,6 +111,10 @@ def write_index(
     folder = parts_dir(index_path)
     rel = folder.name
     tmp = temporary_path(index_path)
+    try:
+        mode_bits: int | None = os.stat(index_path).st_mode & 0o7777
+    except OSError:
+        mode_bits = None
     rows = [p.n_rows for p in parts]
     skipped = [p.n_skipped for p in parts]
     shapes = _shapes(folder, parts, row_datasets)
@@ -139,6 +143,8 @@ def write_index(
             )
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        if mode_bits is not None:  # an existing cache keeps its permission bits
+            os.chmod(tmp, mode_bits)
         os.replace(tmp, index_path)
     finally:
         tmp.unlink(missing_ok=True)

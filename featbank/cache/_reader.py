@@ -114,7 +114,7 @@ class FeatureCache:
             )
         version = f.attrs.get("schema_version")
         if isinstance(version, (int, np.integer)) and not isinstance(version, (bool, np.bool_)) and int(version) == 2:
-            _check_v2(path, f)
+            _check_v2(Path(os.path.realpath(path)), f)  # through a symlink: the parts lie beside its target
         else:
             check_schema_version(path, version, SCHEMA_VERSION, __version__)
         self.metadata: dict[str, Any] = {}
@@ -275,7 +275,8 @@ def _open_h5(path: Path) -> h5py.File:
         raise CacheError(f"'{path}' is a folder; pass a cache file written by 'featbank extract' (an .h5 file).")
     check_file_kind(path)
     try:
-        return h5py.File(path, "r")
+        # HDF5 finds a v2 index's parts relative to the file's folder as opened: a symlink's target's.
+        return h5py.File(os.path.realpath(path), "r")
     except OSError as e:
         if not is_hdf5(path):
             raise NotACacheError(f"'{path}' is not a featbank cache (an empty file).") from None

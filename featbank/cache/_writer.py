@@ -66,13 +66,16 @@ def read_state(path: Path) -> CacheState | None:
         )
 
 
-def check_key(path: Path, state: CacheState, key: str, wanted: dict[str, Any]) -> None:
-    """Raise :class:`CacheKeyMismatch` naming what differs, when ``state.key != key``."""
-    if state.key == key:
+def check_key(path: Path, have_key: str, metadata: dict[str, Any], key: str, wanted: dict[str, Any]) -> None:
+    """Raise :class:`CacheKeyMismatch` naming what differs, when the cache's ``have_key != key``.
+
+    ``metadata`` are the cache's attributes (``transform`` decoded), ``wanted`` this run's values.
+    """
+    if have_key == key:
         return
     diffs = []
     for name in ("backbone", "weights", "weights_sha256", "dtype", "precision", "transform"):
-        have, want = state.metadata.get(name), wanted.get(name)
+        have, want = metadata.get(name), wanted.get(name)
         if name == "transform" and isinstance(want, dict):
             want = json.loads(json.dumps(want))
         if have != want:
@@ -80,7 +83,7 @@ def check_key(path: Path, state: CacheState, key: str, wanted: dict[str, Any]) -
     if not diffs:
         diffs.append(
             f"featbank version / embedding version: cache written by featbank "
-            f"{state.metadata.get('featbank_version')!r}"
+            f"{metadata.get('featbank_version')!r}"
         )
     raise CacheKeyMismatch(
         f"Cache {str(path)!r} was made with other settings, so its embeddings would not match:\n  "
@@ -100,8 +103,11 @@ def estimate_bytes(n: int, embed_dim: int, dtype: str, paths: Sequence[str], ext
     return int(((n + extra_rows) * per_row + 2 * text) * 1.05) + (64 << 10)
 
 
-def check_space(path: Path, nbytes: int, kept: str) -> None:
+def check_space(path: Path, nbytes: int, kept: str, largest_file: int | None = None) -> None:
     """Refuse to start writing ``path`` when ``nbytes`` do not fit (disk space, quota hint, ulimit -f).
+
+    ``largest_file``: when the bytes go to several files (the parts of a run), the largest of
+    them, which is what ``ulimit -f`` limits; default ``nbytes``.
 
     HDF5 cannot recover from a write that fails half-way (a failed flush leaves objects open that
     its exit handler flushes again, and the process dies with SIGSEGV), so running out of space must
@@ -125,7 +131,7 @@ def check_space(path: Path, nbytes: int, kept: str) -> None:
         pass
     if free is not None and nbytes > free:
         where = f"{_size(free)} free on the file system of '{folder}'"
-    elif limit is not None and nbytes > limit:
+    elif limit is not None and (nbytes if largest_file is None else largest_file) > limit:
         where = f"the file size limit of this process (ulimit -f) is {_size(limit)}"
     else:
         return

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,12 +204,14 @@ def _engine(settings: WorkerSettings) -> Any:
     return _ENGINES[k]
 
 
-def run_shard(job: ShardJob) -> PartInfo:
+def run_shard(job: ShardJob, on_rows: Callable[[int], None] | None = None) -> PartInfo:
     """Embed one shard into its part and publish it; a part already published is returned as is.
 
     Resumes a ``.partial`` left by a killed worker for the same rows and key. Unreadable images are
-    recorded in the part's ``skipped/`` with their reason.
+    recorded in the part's ``skipped/`` with their reason. ``on_rows(n)`` is called as rows are
+    done (resumed, copied from old parts, embedded or skipped).
     """
+    on_rows = on_rows or (lambda n: None)
     folder = Path(job.folder)
     folder.mkdir(parents=True, exist_ok=True)
     digest = rows_digest(job.rows, job.classes)
@@ -217,17 +219,24 @@ def run_shard(job: ShardJob) -> PartInfo:
     if job.replace_damaged:
         final.unlink(missing_ok=True)  # changed since the index recorded it (truncated, edited)
     if final.exists():
+        on_rows(len(job.rows))
         return describe_part(final)
     s = job.settings
     writer = PartWriter.open_if_valid(folder, job.shard_id, job.key, digest)
     if writer is None:
         writer = PartWriter.create(folder, job.shard_id, job.key, job.rows, job.classes, s.embed_dim, s.dtype,
                                    attrs={"root": job.root, "layout": job.layout})
+    else:  # recorded for the report: rows an interrupted run embedded (not copied from old parts)
+        done = int(writer.done_mask().sum())
+        writer.file.attrs["n_resumed"] = done - int(writer.file.attrs.get("n_reused", 0))
+        on_rows(done)
     try:
         # Recorded in the part: how many rows were copied from old parts instead of embedded.
-        writer.file.attrs["n_reused"] = int(writer.file.attrs.get("n_reused", 0)) + _reuse_rows(writer, folder, job.reuse)
+        copied = _reuse_rows(writer, folder, job.reuse)
+        writer.file.attrs["n_reused"] = int(writer.file.attrs.get("n_reused", 0)) + copied
+        on_rows(copied)
         skipped: dict[int, str] = {}
-        _embed_rows(writer, job, skipped)
+        _embed_rows(writer, job, skipped, on_rows)
         return writer.finish(skipped)
     finally:
         writer.close()
@@ -268,7 +277,8 @@ def _reuse_rows(writer: PartWriter, folder: Path, names: Sequence[str]) -> int:
     return copied
 
 
-def _embed_rows(writer: PartWriter, job: ShardJob, skipped: dict[int, str]) -> None:
+def _embed_rows(writer: PartWriter, job: ShardJob, skipped: dict[int, str],
+                on_rows: Callable[[int], None] = lambda n: None) -> None:
     import torch
     from torch.utils.data import DataLoader
 
@@ -296,6 +306,7 @@ def _embed_rows(writer: PartWriter, job: ShardJob, skipped: dict[int, str]) -> N
         for r, good, why in zip(rows, ok, reasons):
             if not good:
                 skipped[int(r)] = why
+        on_rows(len(rows))
 
 
 def finalize(prepared: Prepared) -> list[PartInfo]:
@@ -354,7 +365,8 @@ def migrate_v1(path: Path, *, shard_size: int = DEFAULT_SHARD_SIZE) -> list[Part
         version = None  # FeatureCache below says what is wrong with the file
     if isinstance(version, (int, np.integer)) and int(version) == 2:
         raise CacheError(f"{str(path)!r} has cache schema version 2 already; only a schema-v1 cache can be migrated.")
-    with FeatureCache(path) as c:  # refuses anything but a readable v1 cache, with its message
+    # Refuses anything but a readable v1 cache, with its message; an interrupted run's (complete=False) is fine.
+    with FeatureCache(path, allow_incomplete=True) as c:
         meta = {k: v for k, v in c.metadata.items() if k not in ("format", "schema_version", "n_samples", "embed_dim")}
         key, classes = c.cache_key, list(c.classes)
         sk_fps = {p: tuple(int(v) for v in fp) for (p, _), fp in zip(c.skipped, c.skipped_fingerprints)}
