@@ -76,7 +76,7 @@ def test_refusals(tmp_path: Path, tiny_cache: Path) -> None:
         open_cache(other)
     with h5py.File(tiny_cache, "r+") as f:
         f.attrs["schema_version"] = 3  # a future schema (1 is one file, 2 an index over parts)
-    with pytest.raises(CacheError, match="schema version 3"):
+    with pytest.raises(CacheError, match="schema version 3; this featbank .* reads versions 1 and 2. Upgrade"):
         open_cache(tiny_cache)
 
 

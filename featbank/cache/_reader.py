@@ -13,6 +13,7 @@ import numpy as np
 from .. import __version__
 from ..errors import CacheError, ConfigError, NotACacheError
 from ._discovery import find_latest_cache
+from ._index import INDEX_SCHEMA_VERSION
 from ._schema import _FORMAT, SCHEMA_VERSION, SPLIT_NAMES, _decode
 from ._validate import (
     check_codes,
@@ -43,6 +44,8 @@ def _check_v2(path: Path, f: h5py.File) -> None:
     from ._index import read_parts_table, verify_cache
     from ._parts import parts_dir
 
+    root = f.attrs.get("root")
+    root = root.decode("utf-8", "replace") if isinstance(root, bytes) else root
     try:
         table = read_parts_table(f)
         # The folder verify_cache checks (named after the index), so a renamed index cannot read the
@@ -51,12 +54,12 @@ def _check_v2(path: Path, f: h5py.File) -> None:
         n_rows = sum(int(p.n_rows) for p in table)
     except (KeyError, IndexError, ValueError, TypeError, OSError) as e:
         raise CacheError(f"Cache '{path}' is damaged: its table of parts (group 'parts') cannot be read ({e}). "
-                         f"{recreate_hint(path)}") from None
+                         f"{recreate_hint(path, root)}") from None
     try:
         verify_cache(path, full=False)  # names every missing or changed part, and what to run
     except (KeyError, IndexError, ValueError, TypeError) as e:
         raise CacheError(f"Cache '{path}' is damaged: its table of parts is inconsistent ({e}). "
-                         f"{recreate_hint(path)}") from None
+                         f"{recreate_hint(path, root)}") from None
     names = ["embeddings", "labels", "splits", "paths", "fingerprints",
              "skipped/paths", "skipped/reasons", "skipped/fingerprints"]
     for name in names:
@@ -67,12 +70,12 @@ def _check_v2(path: Path, f: h5py.File) -> None:
                 raise CacheError(
                     f"Cache '{path}' is damaged: dataset '{name}' maps rows onto {bad[:3]}, which its table of "
                     f"parts does not list in '{parts_dir(path).name}' (an index renamed without renaming its parts "
-                    f"folder to match reads like this). {recreate_hint(path)}"
+                    f"folder to match reads like this). {recreate_hint(path, root)}"
                 )
     emb = f.get("embeddings")
     if isinstance(emb, h5py.Dataset) and emb.shape[:1] != (n_rows,):
         raise CacheError(f"Cache '{path}' is damaged: 'embeddings' has {emb.shape[0] if emb.shape else 0} rows, its "
-                         f"table of parts lists {n_rows}. {recreate_hint(path)}")
+                         f"table of parts lists {n_rows}. {recreate_hint(path, root)}")
 
 
 class FeatureCache:
@@ -116,7 +119,7 @@ class FeatureCache:
         if isinstance(version, (int, np.integer)) and not isinstance(version, (bool, np.bool_)) and int(version) == 2:
             _check_v2(Path(os.path.realpath(path)), f)  # through a symlink: the parts lie beside its target
         else:
-            check_schema_version(path, version, SCHEMA_VERSION, __version__)
+            check_schema_version(path, version, (SCHEMA_VERSION, INDEX_SCHEMA_VERSION), __version__)
         self.metadata: dict[str, Any] = {}
         for k, v in f.attrs.items():
             if isinstance(v, bytes):

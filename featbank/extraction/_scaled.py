@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import h5py
+import numpy as np
 
 from ..cache import writer_lock
 from ..cache._parts import part_name, parts_dir, rows_digest
@@ -71,7 +72,8 @@ def _is_manifest(data: str) -> bool:
 
 
 def schema_version_of(path: Path) -> int | None:
-    """The ``schema_version`` of a featbank cache at ``path``; None when there is none (or unreadable)."""
+    """The ``schema_version`` of a featbank cache at ``path``: None when there is no featbank cache (or
+    it is unreadable), -1 when the attribute is not an integer."""
     if not path.is_file() or path.stat().st_size == 0:
         return None
     try:
@@ -79,7 +81,9 @@ def schema_version_of(path: Path) -> int | None:
             if f.attrs.get("format") != _FORMAT:
                 return None
             v = f.attrs.get("schema_version")
-            return int(v) if v is not None else None
+            # Strictly an integer: 1.5 or "one" is a damaged file, not a version (the reader says so).
+            ok = isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+            return int(v) if ok else -1
     except (OSError, ValueError, TypeError):
         return None
 
@@ -168,18 +172,26 @@ def _migrate_or_refuse(index_path: Path, shard_size: int, torchrun: bool) -> Non
     migrate_v1(index_path, shard_size=shard_size)
 
 
-def _drop_parts_of_other_keys(index_path: Path, key: str) -> None:
-    """--overwrite: parts of the replaced cache carry its key; a part of the same rows would be taken as done."""
+def _drop_replaced_parts(index_path: Path, key: str) -> None:
+    """--overwrite: the parts of the cache being replaced are recomputed, not trusted (a part of the same
+    rows and key would otherwise be taken as done); parts of other keys go too. Parts an interrupted
+    --overwrite run finished (listed by no index) and its ``.partial`` files are kept: a rerun resumes."""
+    from ..cache._index import read_parts_table
+
     folder = parts_dir(index_path)
     if not folder.is_dir():
         return
+    try:
+        listed = {p.name for p in read_parts_table(index_path)} if schema_version_of(index_path) is not None else set()
+    except (OSError, KeyError, ValueError, TypeError, IndexError):
+        listed = set()
     for p in folder.glob("part-*.h5"):
         try:
             with h5py.File(p, "r") as f:
                 same = str(f.attrs.get("cache_key", "")) == key
         except OSError:
             same = False
-        if not same:
+        if not same or p.name in listed:
             p.unlink(missing_ok=True)
 
 
@@ -310,11 +322,11 @@ def extract_sharded(data: str, out_path: Path, opts: Any, scale: ScaleOptions, t
             _check_existing(index_path, key, wanted)
             _migrate_or_refuse(index_path, shard_size, torchrun)
         elif rank == 0:
-            _drop_parts_of_other_keys(index_path, key)
+            _drop_replaced_parts(index_path, key)
         prep = _prepare(source, index_path, opts, scale, launcher, shard_size)
         report = ExtractReport(path=out_path, cache_key=prep.key)
         dropped = _old_rows_dropped(index_path, prep) if not opts.overwrite else 0
-        if not scale.finalize and _up_to_date(prep):
+        if not scale.finalize and not opts.overwrite and _up_to_date(prep):
             report.up_to_date = True
         else:
             if not scale.finalize and rank == 0:
