@@ -159,9 +159,9 @@ def test_sigkill_at_random_points_then_resume(folder: Path, reference, half_cach
     killed = 0
     for t, (existing, points) in enumerate(trials):
         out = tmp_path / f"trial{t}.h5"
-        if existing:
-            shutil.copy(half_cache, out)
-            shutil.copytree(parts_dir(half_cache), parts_dir(out))
+        if existing:  # a v2 cache moves with its parts folder, under its own name
+            shutil.copytree(half_cache.parent, tmp_path / f"trial{t}")
+            out = tmp_path / f"trial{t}" / half_cache.name
         for k, point in enumerate(points):
             was_killed = run_and_kill(folder, out, tmp_path / f"m{t}_{k}", point)
             print(f"trial {t} kill {k} at {point}: {'killed' if was_killed else 'had finished'}")
