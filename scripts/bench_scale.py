@@ -6,7 +6,8 @@
    unchanged rows) and the index; v1 (``write_cache``, today's path) rewrites the whole file.
    Planning (replan + row digests, pure Python over every key) is reported apart: it is O(N) like
    the folder scan that precedes it, but microseconds per row.
-2. Reading all embeddings through the index (virtual datasets) vs one contiguous dataset.
+2. Reading all embeddings of a v2 cache vs one contiguous dataset: featbank's reader (which reads
+   the part files directly, as ``open_cache(...).embeddings`` does) and HDF5's virtual dataset.
 3. ``--procs 1`` vs ``--procs 2`` extraction throughput with the ``test_tiny`` backbone.
 
 Usage:
@@ -139,12 +140,16 @@ def read_all(path: Path, name: str = "embeddings") -> float:
 
 
 def read_parts_direct(index: Path) -> float:
-    from featbank.cache._index import read_rows
+    """What ``open_cache(index).embeddings[...]`` does on a v2 cache: the parts read straight into one array."""
+    from featbank.cache._index import PartsArray
 
     best = float("inf")
     for _ in range(3):
         t0 = time.perf_counter()
-        read_rows(index)
+        with h5py.File(index, "r") as f:
+            arr = PartsArray.over(index, f["embeddings"])
+            arr[...]
+            arr.close()
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -178,8 +183,8 @@ def bench_incremental(work: Path, sizes: list[int], dim: int, shard_size: int, r
                "v2_plan_s": float(np.median([x["plan_s"] for x in runs])), "v1_rewrite_s": v1}
         if n == max(sizes):
             contiguous_copy(d / "v2.h5", d / "contiguous.h5")
-            row["read_index_s"] = read_all(d / "v2.h5")
-            row["read_parts_direct_s"] = read_parts_direct(d / "v2.h5")
+            row["read_vds_s"] = read_all(d / "v2.h5")
+            row["read_index_s"] = read_parts_direct(d / "v2.h5")
             row["read_contiguous_s"] = read_all(d / "contiguous.h5")
             row["read_v1_chunked_s"] = read_all(d / "v1.h5")
         out[n] = row
@@ -196,8 +201,8 @@ def bench_read(work: Path, n: int, dim: int, shard_size: int) -> dict:
     build_v2(d / "v2.h5", _keys(n), dim, shard_size)
     contiguous_copy(d / "v2.h5", d / "contiguous.h5")
     os.sync()
-    row = {"rows": n, "embed_dim": dim, "read_index_s": read_all(d / "v2.h5"),
-           "read_parts_direct_s": read_parts_direct(d / "v2.h5"), "read_contiguous_s": read_all(d / "contiguous.h5")}
+    row = {"rows": n, "embed_dim": dim, "read_vds_s": read_all(d / "v2.h5"),
+           "read_index_s": read_parts_direct(d / "v2.h5"), "read_contiguous_s": read_all(d / "contiguous.h5")}
     print(json.dumps(row), flush=True)
     shutil.rmtree(d, ignore_errors=True)
     return row
@@ -247,12 +252,14 @@ def main() -> None:
         "v2_write_ratio_largest_over_smallest": hi["v2_write_s"] / lo["v2_write_s"],
         "v2_total_ratio_largest_over_smallest": (hi["v2_write_s"] + hi["v2_plan_s"]) / (lo["v2_write_s"] + lo["v2_plan_s"]),
         "v1_over_v2_at_largest": hi["v1_rewrite_s"] / hi["v2_write_s"],
-        "read_index_over_contiguous_speed": hi["read_contiguous_s"] / hi["read_index_s"],
-        "read_parts_direct_over_contiguous_speed": hi["read_contiguous_s"] / hi["read_parts_direct_s"],
+        # Reading every embedding: featbank's reader (parts read directly) and HDF5's virtual dataset,
+        # each as a speed relative to one contiguous dataset (1.0 = as fast).
+        f"read_index_over_contiguous_speed_at_{args.embed_dim}d": hi["read_contiguous_s"] / hi["read_index_s"],
+        f"read_vds_over_contiguous_speed_at_{args.embed_dim}d": hi["read_contiguous_s"] / hi["read_vds_s"],
     }
     rd = bench_read(args.work, args.read_rows, args.read_dim, args.shard_size)
     summary[f"read_index_over_contiguous_speed_at_{args.read_dim}d"] = rd["read_contiguous_s"] / rd["read_index_s"]
-    summary[f"read_parts_direct_over_contiguous_speed_at_{args.read_dim}d"] = rd["read_contiguous_s"] / rd["read_parts_direct_s"]
+    summary[f"read_vds_over_contiguous_speed_at_{args.read_dim}d"] = rd["read_contiguous_s"] / rd["read_vds_s"]
     if not args.skip_procs:
         procs = bench_procs(args.work, args.images, max(1, args.images // 8))
         summary["procs2_over_procs1_throughput"] = procs[2] / procs[1]

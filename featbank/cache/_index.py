@@ -73,10 +73,13 @@ def _vds(f: h5py.Group, name: str, parts: Sequence[PartInfo], dataset: str, coun
     vspace = h5s.create_simple((total, *shape_tail))
     zeros = (0,) * len(shape_tail)
     pos = 0
+    src_spaces: dict[int, Any] = {}  # most parts have one of a few row counts: one dataspace each
     for p, n in zip(parts, counts):
         if n:
             vspace.select_hyperslab((pos, *zeros), (n, *shape_tail))
-            dcpl.set_virtual(vspace, f"{folder}/{p.name}".encode(), dataset.encode(), h5s.create_simple((n, *shape_tail)))
+            if n not in src_spaces:
+                src_spaces[n] = h5s.create_simple((n, *shape_tail))
+            dcpl.set_virtual(vspace, f"{folder}/{p.name}".encode(), dataset.encode(), src_spaces[n])
             pos += n
     tid = h5t.py_create(np.dtype(dtype), logical=True)
     h5d.create(f.id, name.encode(), tid, h5s.create_simple((total, *shape_tail)), dcpl=dcpl).close()
@@ -172,11 +175,8 @@ def read_parts_table(index: h5py.File | Path) -> list[PartInfo]:
     key = str(index.attrs.get("cache_key", ""))
     cols = [g[c][...] for c in ("shard_ids", "names", "n_rows", "n_skipped", "sizes", "mtimes_ns", "sha256", "rows_digests")]
     names, sha, dig = _decode(cols[1]), _decode(cols[6]), _decode(cols[7])
-    return [
-        PartInfo(int(cols[0][i]), names[i], int(cols[2][i]), int(cols[3][i]), int(cols[4][i]), int(cols[5][i]),
-                 sha[i], dig[i], key)
-        for i in range(len(names))
-    ]
+    ints = [np.asarray(cols[i], np.int64).reshape(-1).tolist() for i in (0, 2, 3, 4, 5)]  # Python ints in one go
+    return [PartInfo(a, n, b, c, d, e, h, r, key) for a, n, b, c, d, e, h, r in zip(ints[0], names, *ints[1:], sha, dig)]
 
 
 def check_parts(index_path: Path, parts: Sequence[PartInfo] | None = None, *, full: bool = False) -> list[str]:
@@ -344,15 +344,41 @@ class PartsArray:
     are opened on first use and kept open until :meth:`close`. Check the parts before using it.
     """
 
-    def __init__(self, index_path: Path, name: str = "embeddings", parts: Sequence[PartInfo] | None = None):
+    def __init__(self, index_path: Path, name: str = "embeddings", parts: Sequence[PartInfo] | None = None,
+                 dataset: h5py.Dataset | None = None):
         self.index_path, self.name = Path(index_path), name
         self.parts = [p for p in (read_parts_table(self.index_path) if parts is None else parts) if p.n_rows]
         self._starts = np.cumsum([0] + [p.n_rows for p in self.parts])
         self._files: dict[int, h5py.File] = {}
-        with h5py.File(self.index_path, "r") as f:
-            self.shape: tuple[int, ...] = tuple(f[name].shape)
-            self.dtype = f[name].dtype
+        if dataset is None:
+            with h5py.File(self.index_path, "r") as f:
+                self.shape: tuple[int, ...] = tuple(f[name].shape)
+                self.dtype = f[name].dtype
+        else:  # the index's own (virtual) dataset, already open
+            self.shape, self.dtype = tuple(dataset.shape), dataset.dtype
         self.ndim = len(self.shape)
+
+    @classmethod
+    def over(cls, index_path: Path, dataset: h5py.Dataset) -> PartsArray | None:
+        """A :class:`PartsArray` for the index's virtual ``dataset`` when its mappings are exactly the
+        table's parts in order, whole (what :func:`write_index` writes); else None (read the dataset)."""
+        if not dataset.is_virtual:
+            return None
+        parts = [p for p in read_parts_table(dataset.file) if p.n_rows]
+        sources = dataset.virtual_sources()
+        folder = parts_dir(Path(index_path)).name
+        pos = 0
+        if len(sources) != len(parts):
+            return None
+        for p, vs in zip(parts, sources):
+            lo, hi = vs.vspace.get_select_bounds()
+            if (vs.file_name != f"{folder}/{p.name}" or vs.dset_name != dataset.name.lstrip("/")
+                    or lo[0] != pos or hi[0] != pos + p.n_rows - 1):
+                return None
+            pos += p.n_rows
+        if pos != dataset.shape[0]:
+            return None
+        return cls(index_path, dataset.name.lstrip("/"), parts, dataset)
 
     def __len__(self) -> int:
         return self.shape[0]
