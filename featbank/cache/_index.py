@@ -350,6 +350,7 @@ class PartsArray:
         self.parts = [p for p in (read_parts_table(self.index_path) if parts is None else parts) if p.n_rows]
         self._starts = np.cumsum([0] + [p.n_rows for p in self.parts])
         self._files: dict[int, h5py.File] = {}
+        self._ids: dict[int, tuple[Any, Any]] = {}
         if dataset is None:
             with h5py.File(self.index_path, "r") as f:
                 self.shape: tuple[int, ...] = tuple(f[name].shape)
@@ -388,6 +389,28 @@ class PartsArray:
             self._files[k] = h5py.File(parts_dir(self.index_path) / self.parts[k].name, "r")
         return self._files[k][self.name]
 
+    def _dsid(self, k: int) -> Any:
+        # h5py's File and Dataset objects cost ~2-5 ms of Python per part (open, lookup, selection),
+        # which on 100 parts made a full read 1.4x slower than one contiguous file: the C API here.
+        from h5py import h5d, h5f
+
+        if k not in self._ids:
+            fid = h5f.open(os.fsencode(parts_dir(self.index_path) / self.parts[k].name), h5f.ACC_RDONLY)
+            self._ids[k] = (fid, h5d.open(fid, self.name.encode()))
+        return self._ids[k][1]
+
+    def _read_part(self, k: int, a: int, n: int, view: np.ndarray) -> None:
+        """Rows ``a:a+n`` of part ``k`` into the C-contiguous ``view`` (same dtype), one H5Dread."""
+        from h5py import h5s
+
+        dsid = self._dsid(k)
+        if a == 0 and n == self.parts[k].n_rows:
+            dsid.read(h5s.ALL, h5s.ALL, view)
+            return
+        fspace = dsid.get_space()
+        fspace.select_hyperslab((a, *(0,) * (self.ndim - 1)), (n, *self.shape[1:]))
+        dsid.read(h5s.create_simple(view.shape), fspace, view)
+
     def read_direct(self, out: np.ndarray, source_sel: slice, dest_sel: slice) -> None:
         lo, hi, _ = source_sel.indices(self.shape[0])
         d0 = dest_sel.start or 0
@@ -396,8 +419,8 @@ class PartsArray:
             start, stop = int(self._starts[k]), int(self._starts[k + 1])
             n = min(hi, stop) - lo
             view = out[d0:d0 + n]
-            if view.flags.c_contiguous:  # straight into the array (see read_rows)
-                self._ds(k).read_direct(view, np.s_[lo - start:lo - start + n])
+            if view.flags.c_contiguous and view.dtype == self.dtype and self.dtype.kind in "fiu":
+                self._read_part(k, lo - start, n, view)  # straight into the array (see read_rows)
             else:
                 self._ds(k).read_direct(out, np.s_[lo - start:lo - start + n], np.s_[d0:d0 + n])
             lo, d0, k = lo + n, d0 + n, k + 1
@@ -426,6 +449,10 @@ class PartsArray:
         return self[lo:int(rows[-1]) + 1][rows - lo]
 
     def close(self) -> None:
+        for fid, dsid in self._ids.values():
+            dsid.close()
+            fid.close()
+        self._ids.clear()
         for f in self._files.values():
             try:
                 f.close()
