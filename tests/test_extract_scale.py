@@ -257,3 +257,16 @@ def test_fit_streams_from_a_v2_cache_like_from_v1(v2_cache, image_folder, tmp_pa
         lines = [line for line in r.stdout.splitlines() if "top-1" in line or "chosen" in line]
         scores.append([re.sub(r"; [0-9.]+ s$", "", line.replace(cache.name, "CACHE")) for line in lines])
     assert len(scores[0]) == 2 and scores[0] == scores[1]
+
+
+def test_hdf5_vds_prefix_is_refused_not_followed(v2_cache, monkeypatch, tmp_path):
+    """HDF5 resolves a virtual dataset's relative source names against HDF5_VDS_PREFIX first: a copy of the
+    parts folder there (changed) would be read instead of the cache's own parts."""
+    import shutil as _shutil
+
+    _shutil.copytree(parts_dir(v2_cache), tmp_path / "elsewhere" / parts_dir(v2_cache).name)
+    monkeypatch.setenv("HDF5_VDS_PREFIX", str(tmp_path / "elsewhere"))
+    with pytest.raises(CacheError, match="HDF5_VDS_PREFIX is set.*Unset it"):
+        featbank.open_cache(v2_cache)
+    monkeypatch.delenv("HDF5_VDS_PREFIX")
+    featbank.open_cache(v2_cache).close()

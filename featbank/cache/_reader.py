@@ -46,6 +46,12 @@ def _check_v2(path: Path, f: h5py.File) -> None:
 
     root = f.attrs.get("root")
     root = root.decode("utf-8", "replace") if isinstance(root, bytes) else root
+    prefix = os.environ.get("HDF5_VDS_PREFIX")
+    if prefix:  # HDF5 looks there before the index's own folder: it could map rows onto other files
+        raise CacheError(
+            f"Cannot read '{path}' safely: HDF5_VDS_PREFIX is set ({prefix!r}), and HDF5 would look for the cache's "
+            f"parts there before '{parts_dir(path)}'. Unset it (env -u HDF5_VDS_PREFIX ...) to read featbank caches."
+        )
     try:
         table = read_parts_table(f)
         # The folder verify_cache checks (named after the index), so a renamed index cannot read the
