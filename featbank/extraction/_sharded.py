@@ -232,7 +232,10 @@ def run_shard(job: ShardJob, on_rows: Callable[[int], None] | None = None) -> Pa
         on_rows(done)
     try:
         # Recorded in the part: how many rows were copied from old parts instead of embedded.
-        copied = _reuse_rows(writer, folder, job.reuse)
+        # Also the finished rows of an interrupted run's .partial of this shard for other rows (the
+        # folder changed since): resuming inside the part does not need the same file list.
+        stale = [p.name for p in folder.glob(f".part-{int(job.shard_id):06d}-*.h5.partial") if p.name != writer.path.name]
+        copied = _reuse_rows(writer, folder, [*job.reuse, *stale])
         writer.file.attrs["n_reused"] = int(writer.file.attrs.get("n_reused", 0)) + copied
         on_rows(copied)
         skipped: dict[int, str] = {}
@@ -265,6 +268,8 @@ def _reuse_rows(writer: PartWriter, folder: Path, names: Sequence[str]) -> int:
             old_rows = np.arange(len(idx), dtype=np.int64)
             hit = new_rows >= 0
             hit[hit] = np.all(old_fps[hit] == writer.rows.fingerprints[new_rows[hit]], axis=1)
+            if "status" in f:  # a .partial: only its rows flagged done
+                hit &= f["status"][...].astype(bool)
             new_rows, old_rows = new_rows[hit], old_rows[hit]
             # Both sides are in key order: copy runs that are contiguous on both sides in one write each.
             breaks = np.flatnonzero((np.diff(new_rows) != 1) | (np.diff(old_rows) != 1)) + 1
