@@ -6,8 +6,8 @@
    unchanged rows) and the index; v1 (``write_cache``, today's path) rewrites the whole file.
    Planning (replan + row digests, pure Python over every key) is reported apart: it is O(N) like
    the folder scan that precedes it, but microseconds per row.
-2. Reading all embeddings of a v2 cache vs one contiguous dataset: featbank's reader (which reads
-   the part files directly, as ``open_cache(...).embeddings`` does) and HDF5's virtual dataset.
+2. Reading all embeddings of a v2 cache vs one contiguous dataset: through the index (HDF5's
+   virtual dataset, what ``open_cache(...).embeddings`` reads) and from the parts directly.
 3. ``--procs 1`` vs ``--procs 2`` extraction throughput with the ``test_tiny`` backbone.
 
 Usage:
@@ -183,8 +183,8 @@ def bench_incremental(work: Path, sizes: list[int], dim: int, shard_size: int, r
                "v2_plan_s": float(np.median([x["plan_s"] for x in runs])), "v1_rewrite_s": v1}
         if n == max(sizes):
             contiguous_copy(d / "v2.h5", d / "contiguous.h5")
-            row["read_vds_s"] = read_all(d / "v2.h5")
-            row["read_index_s"] = read_parts_direct(d / "v2.h5")
+            row["read_index_s"] = read_all(d / "v2.h5")
+            row["read_parts_direct_s"] = read_parts_direct(d / "v2.h5")
             row["read_contiguous_s"] = read_all(d / "contiguous.h5")
             row["read_v1_chunked_s"] = read_all(d / "v1.h5")
         out[n] = row
@@ -201,8 +201,8 @@ def bench_read(work: Path, n: int, dim: int, shard_size: int) -> dict:
     build_v2(d / "v2.h5", _keys(n), dim, shard_size)
     contiguous_copy(d / "v2.h5", d / "contiguous.h5")
     os.sync()
-    row = {"rows": n, "embed_dim": dim, "read_vds_s": read_all(d / "v2.h5"),
-           "read_index_s": read_parts_direct(d / "v2.h5"), "read_contiguous_s": read_all(d / "contiguous.h5")}
+    row = {"rows": n, "embed_dim": dim, "read_index_s": read_all(d / "v2.h5"),
+           "read_parts_direct_s": read_parts_direct(d / "v2.h5"), "read_contiguous_s": read_all(d / "contiguous.h5")}
     print(json.dumps(row), flush=True)
     shutil.rmtree(d, ignore_errors=True)
     return row
@@ -252,14 +252,14 @@ def main() -> None:
         "v2_write_ratio_largest_over_smallest": hi["v2_write_s"] / lo["v2_write_s"],
         "v2_total_ratio_largest_over_smallest": (hi["v2_write_s"] + hi["v2_plan_s"]) / (lo["v2_write_s"] + lo["v2_plan_s"]),
         "v1_over_v2_at_largest": hi["v1_rewrite_s"] / hi["v2_write_s"],
-        # Reading every embedding: featbank's reader (parts read directly) and HDF5's virtual dataset,
-        # each as a speed relative to one contiguous dataset (1.0 = as fast).
+        # Reading every embedding through the index (HDF5's virtual dataset: what open_cache reads) and
+        # from the parts directly (PartsArray), as a speed relative to one contiguous dataset (1.0 = as fast).
         f"read_index_over_contiguous_speed_at_{args.embed_dim}d": hi["read_contiguous_s"] / hi["read_index_s"],
-        f"read_vds_over_contiguous_speed_at_{args.embed_dim}d": hi["read_contiguous_s"] / hi["read_vds_s"],
+        f"read_parts_direct_over_contiguous_speed_at_{args.embed_dim}d": hi["read_contiguous_s"] / hi["read_parts_direct_s"],
     }
     rd = bench_read(args.work, args.read_rows, args.read_dim, args.shard_size)
     summary[f"read_index_over_contiguous_speed_at_{args.read_dim}d"] = rd["read_contiguous_s"] / rd["read_index_s"]
-    summary[f"read_vds_over_contiguous_speed_at_{args.read_dim}d"] = rd["read_contiguous_s"] / rd["read_vds_s"]
+    summary[f"read_parts_direct_over_contiguous_speed_at_{args.read_dim}d"] = rd["read_contiguous_s"] / rd["read_parts_direct_s"]
     if not args.skip_procs:
         procs = bench_procs(args.work, args.images, max(1, args.images // 8))
         summary["procs2_over_procs1_throughput"] = procs[2] / procs[1]

@@ -263,9 +263,10 @@ def _reuse_rows(writer: PartWriter, folder: Path, names: Sequence[str]) -> int:
                 continue
             old_paths = _decode(f["paths"][...])
             old_fps = f["fingerprints"][...]
-            idx = [(want.get(p, -1), j) for j, p in enumerate(old_paths)]
-            new_rows = np.array([i for i, _ in idx], np.int64)
-            old_rows = np.arange(len(idx), dtype=np.int64)
+            # No tuple per row: container objects wake Python's cyclic GC, which then walks every
+            # object alive (the caller's millions of keys) and made this step grow with the cache.
+            new_rows = np.fromiter((want.get(p, -1) for p in old_paths), np.int64, count=len(old_paths))
+            old_rows = np.arange(len(old_paths), dtype=np.int64)
             hit = new_rows >= 0
             hit[hit] = np.all(old_fps[hit] == writer.rows.fingerprints[new_rows[hit]], axis=1)
             if "status" in f:  # a .partial: only its rows flagged done
