@@ -1,4 +1,6 @@
-"""Writing a cache (used by extract): the state of an existing one, the staging file, the atomic commit."""
+"""Writing caches: the key check and space check extract uses; the schema-v1 writer (``write_cache``, kept for
+tests, benchmarks and the v1 files they need) and its staging file (``StagingFile``, the embedding loop's protocol).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +9,6 @@ import json
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,53 +18,15 @@ import numpy as np
 from .. import __version__
 from .._files import describe_os_error, fsync_dir, temporary_path
 from ..errors import CacheError, CacheKeyMismatch
-from ._reader import FeatureCache
 from ._schema import _FORMAT, _STR, SCHEMA_VERSION, SPLIT_NAMES, _decode
 
-__all__ = ["CacheState", "read_state", "check_key", "StagingFile", "write_cache", "estimate_bytes", "check_space",
+__all__ = ["check_key", "StagingFile", "write_cache", "estimate_bytes", "check_space",
            "kept_message"]
 
 
 # --------------------------------------------------------------------------------------------
 # Writing (used by extract)
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class CacheState:
-    """What an existing cache holds, read for planning an incremental run."""
-
-    key: str
-    metadata: dict[str, Any]
-    paths: list[str]
-    fingerprints: np.ndarray
-    skipped_paths: list[str]
-    skipped_reasons: list[str]
-    skipped_fingerprints: np.ndarray
-    embed_dim: int
-    complete: bool = True
-
-
-def read_state(path: Path) -> CacheState | None:
-    """The state of the cache at ``path``; ``None`` when there is no file.
-
-    Raises:
-        CacheError: the file exists but is not a readable featbank cache of this schema.
-    """
-    if not path.exists() or (path.is_file() and path.stat().st_size == 0):
-        return None  # an empty file holds nothing to keep
-    with FeatureCache(path, extreme="ignore", allow_incomplete=True) as c:
-        return CacheState(
-            key=c.cache_key,
-            metadata=dict(c.metadata),
-            paths=c.paths,
-            fingerprints=c.fingerprints,
-            skipped_paths=[p for p, _ in c.skipped],
-            skipped_reasons=[r for _, r in c.skipped],
-            skipped_fingerprints=c.skipped_fingerprints,
-            embed_dim=c.embed_dim,
-            complete=c.metadata.get("complete", True) is not False,
-        )
 
 
 def check_key(path: Path, have_key: str, metadata: dict[str, Any], key: str, wanted: dict[str, Any]) -> None:
