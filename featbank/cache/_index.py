@@ -176,6 +176,9 @@ def read_parts_table(index: h5py.File | Path) -> list[PartInfo]:
     cols = [g[c][...] for c in ("shard_ids", "names", "n_rows", "n_skipped", "sizes", "mtimes_ns", "sha256", "rows_digests")]
     names, sha, dig = _decode(cols[1]), _decode(cols[6]), _decode(cols[7])
     ints = [np.asarray(cols[i], np.int64).reshape(-1).tolist() for i in (0, 2, 3, 4, 5)]  # Python ints in one go
+    lengths = {len(names), len(sha), len(dig), *(len(c) for c in ints)}
+    if len(lengths) != 1:  # zip would silently drop the parts a short column does not cover
+        raise ValueError(f"the columns of the table of parts have different lengths {sorted(lengths)}")
     return [PartInfo(a, n, b, c, d, e, h, r, key) for a, n, b, c, d, e, h, r in zip(ints[0], names, *ints[1:], sha, dig)]
 
 
