@@ -26,12 +26,12 @@ from .options import backbone_options, device_option, quiet_option
 @click.option("--overwrite", is_flag=True, help="Replace a cache that was made with other settings.")
 @click.option("--strict", is_flag=True, help="Exit with code 3 if any image was skipped (the cache is still written).")
 @click.option("--procs", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Local worker processes (one per GPU when GPUs are used). Over 1: a sharded (schema-v2) cache.")
+              help="Local worker processes (one per GPU when GPUs are used).")
 @click.option("--launcher", type=click.Choice(["auto", "local", "torchrun", "ray"]), default=None,
               help="Who runs the shards. auto: torchrun when WORLD_SIZE > 1, else local processes. "
               "ray: one Ray task per shard (pip install 'featbank[ray]'). Any value: a sharded cache.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=None,
-              help="Rows per shard of a new sharded cache. Default: 10000.")
+              help="Rows per shard (part file) of a new cache. Default: 10000.")
 @click.option("--finalize", is_flag=True,
               help="Run no shard: check the parts written by separate jobs (a Slurm array) and publish the index.")
 @click.option("--num-gpus", type=click.FloatRange(min=0), default=0.0, show_default=True,
@@ -66,8 +66,9 @@ def extract(data, out, backbone, weights, weights_file, batch_size, num_workers,
     (DATA/train/<class>/<image>), a flat folder of unlabelled images, a CSV/TSV/parquet manifest
     with a path column, or WebDataset shards (a folder of .tar files or shards/{000000..000099}.tar).
     Reruns embed only new or changed files and resume an interrupted run; unreadable images are
-    skipped and listed. --procs, --launcher, --shard-size, a manifest or tars write a sharded cache
-    (schema v2: part files + an index; see README "At scale").
+    skipped and listed. The cache is an index over part files of about --shard-size rows (schema
+    v2, README "Cache format"), so a rerun rewrites only the parts that changed; a schema-v1 cache
+    is migrated. --procs, torchrun or --launcher ray run the shards in parallel (README "At scale").
 
     \b
     Examples:

@@ -12,7 +12,6 @@ import pytest
 
 import featbank
 from featbank.cache import (
-    StagingFile,
     compute_cache_key,
     find_latest_cache,
     open_cache,
@@ -77,7 +76,7 @@ def test_refusals(tmp_path: Path, tiny_cache: Path) -> None:
         open_cache(other)
     with h5py.File(tiny_cache, "r+") as f:
         f.attrs["schema_version"] = 3  # a future schema (1 is one file, 2 an index over parts)
-    with pytest.raises(CacheError, match="schema version 3"):
+    with pytest.raises(CacheError, match="schema version 3; this featbank .* reads versions 1 and 2. Upgrade"):
         open_cache(tiny_cache)
 
 
@@ -100,11 +99,24 @@ def test_cache_key_covers_everything_that_changes_an_embedding(tiny_cache: Path)
 
 
 def test_corrupt_staging_file_counts_as_empty(image_folder: Path, tmp_path: Path) -> None:
+    """The unfinished part of a killed run, garbled (a crash mid-write): counted as empty, never fatal."""
+    import featbank
+    from featbank.cache._parts import PartWriter, parts_dir
+    from featbank.errors import Interrupted
+
     out = tmp_path / "c.h5"
-    partial = out.with_name("c.h5.partial")
+    args = dict(backbone="test_tiny", engine="torch", num_workers=0, progress=False, batch_size=4)
+
+    def stop(done: int, total: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted):
+        featbank.extract(image_folder, out, **args, on_progress=stop)
+    (partial,) = parts_dir(out).glob(".part-*.partial")
     partial.write_bytes(b"garbage from a crash")
-    assert StagingFile.open_if_valid(partial) is None and not partial.exists()
+    shard_id, digest = int(partial.name.split("-")[1]), partial.name.split("-")[2][:12]
+    assert PartWriter.open_if_valid(parts_dir(out), shard_id, "k", digest + "0" * 52) is None and not partial.exists()
     partial.write_bytes(b"garbage from a crash")
-    report = featbank.extract(image_folder, out, **TINY)
-    assert report.n_embedded == 24 and not partial.exists()
-    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+    report = featbank.extract(image_folder, out, **args)
+    assert report.n_embedded == 24 and report.n_resumed == 0 and not partial.exists()
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name or p.name.endswith(".partial")]

@@ -8,6 +8,7 @@ import sys
 import h5py
 import numpy as np
 import pytest
+from _v1cache import to_v1
 from click.testing import CliRunner
 from test_parts import _cache
 
@@ -33,10 +34,17 @@ def test_info_prints_rows_classes_key_parts(tmp_path):
 
 
 def test_info_and_verify_on_a_v1_cache(tiny_cache):
+    to_v1(tiny_cache)  # extract writes v2; a v1 file of the same rows
     res = _run("cache", "info", tiny_cache)
     assert res.exit_code == 0 and "schema     v1" in res.output and "cat (8)" in res.output
     res = _run("cache", "verify", tiny_cache)
     assert res.exit_code == 0 and "ok: 24 rows" in res.output
+
+
+def test_info_on_what_extract_writes(tiny_cache):
+    res = _run("cache", "info", tiny_cache)
+    assert res.exit_code == 0 and "schema     v2" in res.output and "cat (8)" in res.output, res.output
+    assert _run("cache", "verify", tiny_cache).exit_code == 0
 
 
 def test_verify_names_a_damaged_part_and_exits_2(tmp_path):

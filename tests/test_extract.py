@@ -18,7 +18,9 @@ from PIL import Image
 
 import featbank
 from featbank.backbones import load_backbone
-from featbank.cache import SCHEMA_VERSION, find_latest_cache, open_cache
+from featbank.cache import find_latest_cache, open_cache
+from featbank.cache._index import INDEX_SCHEMA_VERSION
+from featbank.cache._parts import parts_dir
 from featbank.data import SPLIT_NAMES
 from featbank.errors import (
     CacheKeyMismatch,
@@ -86,7 +88,11 @@ def test_imagefolder_schema_is_plain_hdf5(image_folder: Path, tmp_path: Path) ->
             assert name in f, name
         emb = f["embeddings"]
         assert emb.shape == (24, 32) and emb.dtype == np.float32
-        assert emb.chunks is not None and emb.maxshape == (None, 32)
+        # Schema v2: the index maps every row dataset onto the part files, listed in its table of parts.
+        assert emb.is_virtual and f["labels"].is_virtual and f["paths"].is_virtual
+        names = [n.decode() for n in f["parts/names"][...]]
+        assert len(names) == 1 and f["parts/n_rows"][...].tolist() == [24]
+        assert {vs.file_name for vs in emb.virtual_sources()} == {f"c.h5.parts/{names[0]}"}
         assert f["labels"].dtype == np.int64 and f["splits"].dtype == np.int8
         assert f["fingerprints"].shape == (24, 2) and f["fingerprints"].dtype == np.int64
         assert h5py.check_string_dtype(f["paths"].dtype).encoding == "utf-8"
@@ -97,15 +103,19 @@ def test_imagefolder_schema_is_plain_hdf5(image_folder: Path, tmp_path: Path) ->
                     "transform", "engine", "dtype", "created", "updated", "cache_key", "precision",
                     "embed_dim", "n_samples", "root"):
             assert key in a, key
-        assert a["format"] == "featbank-cache" and a["schema_version"] == SCHEMA_VERSION
+        assert a["format"] == "featbank-cache" and a["schema_version"] == INDEX_SCHEMA_VERSION == 2
         assert a["featbank_version"] == featbank.__version__
         assert a["backbone"] == "test_tiny" and a["weights_sha256"] == bb.weights_sha256
         assert json.loads(a["transform"]) == bb.preprocess.to_dict()
         assert a["engine"] == "torch" and a["dtype"] == "float32" and len(a["cache_key"]) == 64
         time.strptime(a["created"][:19], "%Y-%m-%dT%H:%M:%S")
-        np.testing.assert_allclose(emb[...], direct_embeddings(image_folder, paths), atol=1e-5)
+        emb_values = emb[...]
+        np.testing.assert_allclose(emb_values, direct_embeddings(image_folder, paths), atol=1e-5)
         labels = f["labels"][...]
         fps = f["fingerprints"][...]
+    with h5py.File(parts_dir(out) / names[0], "r") as part:  # contiguous, allocated in full: one slab per read
+        assert part["embeddings"].chunks is None and part.attrs["complete"] and part.attrs["cache_key"] == a["cache_key"]
+        np.testing.assert_array_equal(part["embeddings"][...], emb_values)
     assert classes == ["cat", "dog", "fox"]
     assert paths == sorted(paths) and len(set(paths)) == 24
     assert [classes[i] for i in labels] == [p.split("/")[0] for p in paths]
@@ -407,9 +417,10 @@ def test_interrupt_then_resume_in_process(image_folder: Path, tmp_path: Path) ->
     out = tmp_path / "c.h5"
     with pytest.raises(Interrupted, match="again to resume"):
         featbank.extract(image_folder, out, **{**TINY, "batch_size": 4, "on_progress": _interrupt_after(2)})
-    assert not out.exists() and out.with_name("c.h5.partial").exists()
+    partials = list(parts_dir(out).glob(".part-*.h5.partial"))
+    assert not out.exists() and len(partials) == 1  # the shard in flight, its first 8 rows flushed
     report = featbank.extract(image_folder, out, **{**TINY, "batch_size": 4})
-    assert report.n_embedded == 16 and not out.with_name("c.h5.partial").exists()
+    assert (report.n_embedded, report.n_resumed) == (16, 8) and not partials[0].exists()
     assert_same_cache(out, featbank.extract(image_folder, tmp_path / "ref.h5", **TINY).path)
 
 

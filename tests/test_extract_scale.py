@@ -16,6 +16,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from _v1cache import make_v1_cache
 from PIL import Image
 
 import featbank
@@ -162,28 +163,25 @@ def test_truncated_part_is_refused_by_open_cache(v2_cache):
         featbank.open_cache(v2_cache)
 
 
-def test_v1_cache_is_migrated_by_a_sharded_extract_and_a_plain_one_stays_v1(image_folder, tmp_path):
+def test_v1_cache_is_migrated_by_the_next_extract(image_folder, tmp_path):
     ref = _reference(image_folder, tmp_path)
-    v1 = tmp_path / "ref.h5"
-    keep = tmp_path / "keep.h5"
-    shutil.copy(v1, keep)
-    # Plain extract of a folder into a v1 cache: the v1 route, as before.
-    report = featbank.extract(image_folder, keep, backbone="test_tiny", engine="torch", num_workers=0, progress=False)
-    assert report.up_to_date
+    keep = make_v1_cache(image_folder, tmp_path / "keep.h5", backbone="test_tiny", engine="torch", num_workers=0,
+                         progress=False)
     with h5py.File(keep, "r") as f:
-        assert int(f.attrs["schema_version"]) == 1
-    # A sharded extract migrates it, embedding nothing.
+        assert int(f.attrs["schema_version"]) == 1 and not f["embeddings"].is_virtual
+    # A plain extract of the folder migrates it (schema v2, same rows), embedding nothing.
     report = featbank.extract(image_folder, keep, backbone="test_tiny", engine="torch", num_workers=0, progress=False,
                               shard_size=10)
-    assert report.n_embedded == 0 and not report.model_loaded
+    assert report.n_embedded == 0 and not report.model_loaded and report.n_reused == 24
     _assert_equal(keep, ref)
+    assert len(list(parts_dir(keep).glob("part-*.h5"))) == 3
 
 
 def test_v1_cache_of_other_settings_is_refused_not_migrated(image_folder, tmp_path):
-    _reference(image_folder, tmp_path)
-    v1 = tmp_path / "ref.h5"
+    v1 = make_v1_cache(image_folder, tmp_path / "ref.h5", backbone="test_tiny", engine="torch", num_workers=0,
+                       progress=False)
     before = v1.read_bytes()
-    with pytest.raises(featbank.errors.CacheKeyMismatch, match="left untouched"):
+    with pytest.raises(featbank.errors.CacheKeyMismatch, match="(?s)dtype: cache has 'float32'.*left untouched"):
         featbank.extract(image_folder, v1, backbone="test_tiny", engine="torch", num_workers=0, progress=False,
                          shard_size=10, dtype="float16")
     assert v1.read_bytes() == before and not parts_dir(v1).exists()
@@ -259,3 +257,16 @@ def test_fit_streams_from_a_v2_cache_like_from_v1(v2_cache, image_folder, tmp_pa
         lines = [line for line in r.stdout.splitlines() if "top-1" in line or "chosen" in line]
         scores.append([re.sub(r"; [0-9.]+ s$", "", line.replace(cache.name, "CACHE")) for line in lines])
     assert len(scores[0]) == 2 and scores[0] == scores[1]
+
+
+def test_hdf5_vds_prefix_is_refused_not_followed(v2_cache, monkeypatch, tmp_path):
+    """HDF5 resolves a virtual dataset's relative source names against HDF5_VDS_PREFIX first: a copy of the
+    parts folder there (changed) would be read instead of the cache's own parts."""
+    import shutil as _shutil
+
+    _shutil.copytree(parts_dir(v2_cache), tmp_path / "elsewhere" / parts_dir(v2_cache).name)
+    monkeypatch.setenv("HDF5_VDS_PREFIX", str(tmp_path / "elsewhere"))
+    with pytest.raises(CacheError, match="HDF5_VDS_PREFIX is set.*Unset it"):
+        featbank.open_cache(v2_cache)
+    monkeypatch.delenv("HDF5_VDS_PREFIX")
+    featbank.open_cache(v2_cache).close()

@@ -16,6 +16,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from _v1cache import to_v1
 from click.testing import CliRunner
 
 import featbank
@@ -55,9 +56,34 @@ STRUCTURAL: dict[str, tuple[Callable[[h5py.File], None], str, str]] = {
 }
 
 
-def _craft(tiny_cache: Path, mutate: Callable[[h5py.File], None]) -> Path:
+# Schema v2 (what extract writes): a virtual dataset cannot be resized; cut it to a real one instead.
+STRUCTURAL_V2 = {
+    **STRUCTURAL,
+    "embeddings_short": (lambda f: _replace(f, "embeddings", f["embeddings"][:20]), "'embeddings'", "20 rows"),
+}
+
+
+def _refresh_table(index: Path) -> None:
+    """Record the parts as they are now (size, mtime, sha256): a hostile index whose table agrees with
+    its parts, so that only featbank's own validation of the rows can refuse it."""
+    from featbank.cache._index import _write_table, read_parts_table
+    from featbank.cache._parts import describe_part, parts_dir
+
+    with h5py.File(index, "r+") as f:
+        table = [describe_part(parts_dir(index) / p.name) for p in read_parts_table(f)]
+        del f["parts"]
+        _write_table(f.create_group("parts"), table)
+
+
+def _craft(tiny_cache: Path, mutate: Callable[[h5py.File], None], schema: str = "v2") -> Path:
+    """``mutate`` the cache with h5py: a schema-v1 file (``to_v1`` first) or the v2 index (writes to
+    its virtual datasets land in the part files, whose table is then made to agree)."""
+    if schema == "v1":
+        to_v1(tiny_cache)
     with h5py.File(tiny_cache, "r+") as f:
         mutate(f)
+    if schema == "v2":
+        _refresh_table(tiny_cache)
     return tiny_cache
 
 
@@ -66,10 +92,12 @@ def _fit(*args: str) -> tuple[int, str]:
     return r.exit_code, r.output
 
 
+@pytest.mark.parametrize("schema", ["v1", "v2"])
 @pytest.mark.parametrize("attack", sorted(STRUCTURAL))
-def test_structural_attack_refused_everywhere(attack: str, tiny_cache: Path, image_folder: Path, tmp_path: Path) -> None:
-    mutate, field, value = STRUCTURAL[attack]
-    path = _craft(tiny_cache, mutate)
+def test_structural_attack_refused_everywhere(attack: str, schema: str, tiny_cache: Path, image_folder: Path,
+                                              tmp_path: Path) -> None:
+    mutate, field, value = (STRUCTURAL if schema == "v1" else STRUCTURAL_V2)[attack]
+    path = _craft(tiny_cache, mutate, schema)
     before = path.read_bytes()
     with pytest.raises(CacheError) as e:
         open_cache(path)
@@ -88,14 +116,15 @@ def test_structural_attack_refused_everywhere(attack: str, tiny_cache: Path, ima
 
 def test_short_embeddings_not_reported_up_to_date(tiny_cache: Path, image_folder: Path) -> None:
     """Fewer embeddings than paths used to be 'up to date' for extract and crash fit later."""
-    _craft(tiny_cache, lambda f: f["embeddings"].resize((20, 32)))
+    _craft(tiny_cache, lambda f: f["embeddings"].resize((20, 32)), "v1")
     with pytest.raises(CacheError, match="'paths' has shape \\(24,\\), but 'embeddings' has 20 rows"):
         featbank.extract(image_folder, tiny_cache, **TINY)
 
 
-def test_nan_rows_refused_on_read(tiny_cache: Path, tmp_path: Path) -> None:
-    with h5py.File(tiny_cache, "r+") as f:
-        f["embeddings"][5] = np.nan
+@pytest.mark.parametrize("schema", ["v1", "v2"])
+def test_nan_rows_refused_on_read(schema: str, tiny_cache: Path, tmp_path: Path) -> None:
+    _craft(tiny_cache, lambda f: f["embeddings"].__setitem__(5, np.nan), schema)
+    with h5py.File(tiny_cache, "r") as f:
         name = f["paths"][5].decode()
     with open_cache(tiny_cache) as c:  # opening stays lazy: no pass over the embeddings
         with pytest.raises(CacheError, match=f"NaN or infinite.*row 5 .*{name}"):
@@ -107,9 +136,10 @@ def test_nan_rows_refused_on_read(tiny_cache: Path, tmp_path: Path) -> None:
     assert code == 2 and "NaN or infinite" in out and name in out and str(tiny_cache) in out, out
 
 
-def test_extreme_row_refused_by_default_and_named_in_a_warning(tiny_cache: Path, tmp_path: Path) -> None:
-    with h5py.File(tiny_cache, "r+") as f:
-        f["embeddings"][7] = 1e38
+@pytest.mark.parametrize("schema", ["v1", "v2"])
+def test_extreme_row_refused_by_default_and_named_in_a_warning(schema: str, tiny_cache: Path, tmp_path: Path) -> None:
+    _craft(tiny_cache, lambda f: f["embeddings"].__setitem__(7, 1e38), schema)
+    with h5py.File(tiny_cache, "r") as f:
         name = f["paths"][7].decode()
     with open_cache(tiny_cache) as c:
         with pytest.raises(CacheError, match=f"row 7 .*{name}"):
@@ -125,15 +155,16 @@ def test_extreme_row_refused_by_default_and_named_in_a_warning(tiny_cache: Path,
         assert c.load_embeddings().shape == (24, 32)
     code, out = _fit(str(tiny_cache), "--out", str(tmp_path / "m"))
     assert code == 2 and name in out and f"{EXTREME_VALUE:g}" in out, out
-    with h5py.File(tiny_cache, "r+") as f:
-        f["embeddings"][7] = EXTREME_VALUE / 2  # large but below the bound: read without a word
+    # Large but below the bound: read without a word (the file is v1 already, or a v2 index).
+    _craft(tiny_cache, lambda f: f["embeddings"].__setitem__(7, EXTREME_VALUE / 2), "v2" if schema == "v2" else "")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         open_cache(tiny_cache).load_embeddings()
 
 
-def test_incomplete_cache(tiny_cache: Path, image_folder: Path, tmp_path: Path) -> None:
-    _craft(tiny_cache, lambda f: f.attrs.__setitem__("complete", False))
+@pytest.mark.parametrize("schema", ["v1", "v2"])
+def test_incomplete_cache(schema: str, tiny_cache: Path, image_folder: Path, tmp_path: Path) -> None:
+    _craft(tiny_cache, lambda f: f.attrs.__setitem__("complete", False), schema)
     with pytest.raises(CacheError, match=f"incomplete.*featbank extract {image_folder} --out {tiny_cache}"):
         open_cache(tiny_cache)
     open_cache(tiny_cache, allow_incomplete=True).close()
@@ -141,6 +172,7 @@ def test_incomplete_cache(tiny_cache: Path, image_folder: Path, tmp_path: Path) 
     assert code == 2 and "incomplete" in out and "featbank extract" in out, out
     rep = featbank.extract(image_folder, tiny_cache, **TINY)  # a rerun finishes it, even with all rows there
     assert not rep.up_to_date and open_cache(tiny_cache).metadata["complete"] is True
+    assert open_cache(tiny_cache).metadata["schema_version"] == 2  # a v1 file was migrated
 
 
 def test_fit_on_a_text_file_does_not_advise_overwriting_it(tmp_path: Path) -> None:
@@ -219,7 +251,9 @@ def test_extract_writes_through_a_symlink_and_keeps_the_mode(image_folder: Path,
     assert (os.stat(real).st_mode & 0o777) == 0o444
     with open_cache(real) as c:  # the target got the new rows (it used to keep stale ones)
         assert c.n_samples == 30
-    assert not [p for p in (tmp_path / "store").iterdir() if p.name != "real.h5"]
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["real.h5", "real.h5.parts"]
+    with open_cache(link) as c:  # read through the link too: the parts lie beside the target
+        assert c.n_samples == 30
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name or p.name.endswith(".partial")]
     dangling = tmp_path / "dangling.h5"
     dangling.symlink_to(tmp_path / "store" / "new.h5")

@@ -210,3 +210,21 @@ def test_parts_array_slices_like_the_virtual_dataset(tmp_path):
     with pytest.raises(IndexError):
         arr[15]
     arr.close()
+
+
+def test_parts_array_over_the_index_only_when_it_maps_the_table_in_order(tmp_path):
+    from featbank.cache._index import PartsArray
+
+    index, _, emb, _ = _cache(tmp_path, sizes=(5, 0, 7, 3))
+    with h5py.File(index, "r") as f:
+        arr = PartsArray.over(index, f["embeddings"])
+        assert arr is not None
+        np.testing.assert_array_equal(arr[...], emb)
+        np.testing.assert_array_equal(arr[6:9], emb[6:9])  # part of one part: a hyperslab read
+        arr.close()
+    with h5py.File(index, "r+") as f:  # a real dataset, or mappings in another order: not taken over
+        data = f["embeddings"][...]
+        del f["embeddings"]
+        f["embeddings"] = data
+    with h5py.File(index, "r") as f:
+        assert PartsArray.over(index, f["embeddings"]) is None

@@ -13,6 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from _v1cache import make_v1_cache, to_v1
 
 import featbank
 from featbank.cache._index import check_parts, read_parts_table
@@ -50,7 +51,7 @@ def test_one_process_equals_a_v1_extract(image_folder, tmp_path):
     report = run_prepared(_prepare(image_folder, out))
     assert report.published and report.n_shards == 5 and report.n_written == 5 and report.n_rows == 24
     v2 = _read(out)
-    featbank.extract(image_folder, tmp_path / "v1.h5", progress=False, **TINY)
+    make_v1_cache(image_folder, tmp_path / "v1.h5", progress=False, **TINY)
     with h5py.File(tmp_path / "v1.h5", "r") as f:
         assert v2["paths"] == [p.decode() for p in f["paths"][...]]
         np.testing.assert_array_equal(v2["labels"], f["labels"][...])
@@ -112,8 +113,7 @@ def test_other_settings_are_refused_and_a_v1_file_is_not_overwritten(image_folde
     run_prepared(_prepare(image_folder, out))
     with pytest.raises(CacheKeyMismatch, match="other settings"):
         _prepare(image_folder, out, dtype="float16")
-    v1 = tmp_path / "v1.h5"
-    featbank.extract(image_folder, v1, progress=False, **TINY)
+    v1 = make_v1_cache(image_folder, tmp_path / "v1.h5", progress=False, **TINY)
     with pytest.raises(CacheError, match="schema-v1"):
         _prepare(image_folder, v1)
 
@@ -323,6 +323,7 @@ def test_ray_task_killed_mid_shard_is_retried(tmp_path):
 def test_a_v1_cache_migrates_in_place_and_the_next_run_has_nothing_to_do(image_folder, tiny_cache):
     from featbank.extraction._sharded import migrate_v1
 
+    to_v1(tiny_cache)
     with h5py.File(tiny_cache, "r") as f:
         v1 = {k: f[k][...] for k in ("embeddings", "labels", "splits", "paths", "fingerprints")}
     parts = migrate_v1(tiny_cache, shard_size=5)

@@ -219,6 +219,11 @@ class PartWriter:
             return None
         try:
             w = cls(path)
+        except BlockingIOError:
+            raise CacheError(
+                f"{str(path)!r} (an unfinished part of the cache) is open in another program, which holds HDF5's "
+                "file lock. Close it there and rerun; the file was left untouched."
+            ) from None
         except Exception:  # noqa: BLE001 - a corrupt partial counts as empty
             path.unlink(missing_ok=True)
             return None

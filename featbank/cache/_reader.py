@@ -14,6 +14,7 @@ from .. import __version__
 from ..errors import CacheError, ConfigError, NotACacheError
 from ._discovery import find_latest_cache
 from ._features import CacheFeatures, check_block, dataset_name, parse_requested, read_features
+from ._index import INDEX_SCHEMA_VERSION
 from ._schema import _FORMAT, SCHEMA_VERSION, SPLIT_NAMES, _decode
 from ._validate import (
     check_codes,
@@ -44,6 +45,14 @@ def _check_v2(path: Path, f: h5py.File) -> None:
     from ._index import read_parts_table, verify_cache
     from ._parts import parts_dir
 
+    root = f.attrs.get("root")
+    root = root.decode("utf-8", "replace") if isinstance(root, bytes) else root
+    prefix = os.environ.get("HDF5_VDS_PREFIX")
+    if prefix:  # HDF5 looks there before the index's own folder: it could map rows onto other files
+        raise CacheError(
+            f"Cannot read '{path}' safely: HDF5_VDS_PREFIX is set ({prefix!r}), and HDF5 would look for the cache's "
+            f"parts there before '{parts_dir(path)}'. Unset it (env -u HDF5_VDS_PREFIX ...) to read featbank caches."
+        )
     try:
         table = read_parts_table(f)
         # The folder verify_cache checks (named after the index), so a renamed index cannot read the
@@ -52,12 +61,12 @@ def _check_v2(path: Path, f: h5py.File) -> None:
         n_rows = sum(int(p.n_rows) for p in table)
     except (KeyError, IndexError, ValueError, TypeError, OSError) as e:
         raise CacheError(f"Cache '{path}' is damaged: its table of parts (group 'parts') cannot be read ({e}). "
-                         f"{recreate_hint(path)}") from None
+                         f"{recreate_hint(path, root)}") from None
     try:
         verify_cache(path, full=False)  # names every missing or changed part, and what to run
     except (KeyError, IndexError, ValueError, TypeError) as e:
         raise CacheError(f"Cache '{path}' is damaged: its table of parts is inconsistent ({e}). "
-                         f"{recreate_hint(path)}") from None
+                         f"{recreate_hint(path, root)}") from None
     names = ["embeddings", "labels", "splits", "paths", "fingerprints",
              "skipped/paths", "skipped/reasons", "skipped/fingerprints"]
     for group in ("layers", "views", "views/layers"):  # every layer/view dataset, listed in the attributes or not
@@ -72,12 +81,12 @@ def _check_v2(path: Path, f: h5py.File) -> None:
                 raise CacheError(
                     f"Cache '{path}' is damaged: dataset '{name}' maps rows onto {bad[:3]}, which its table of "
                     f"parts does not list in '{parts_dir(path).name}' (an index renamed without renaming its parts "
-                    f"folder to match reads like this). {recreate_hint(path)}"
+                    f"folder to match reads like this). {recreate_hint(path, root)}"
                 )
     emb = f.get("embeddings")
     if isinstance(emb, h5py.Dataset) and emb.shape[:1] != (n_rows,):
         raise CacheError(f"Cache '{path}' is damaged: 'embeddings' has {emb.shape[0] if emb.shape else 0} rows, its "
-                         f"table of parts lists {n_rows}. {recreate_hint(path)}")
+                         f"table of parts lists {n_rows}. {recreate_hint(path, root)}")
 
 
 class FeatureCache:
@@ -119,9 +128,9 @@ class FeatureCache:
             )
         version = f.attrs.get("schema_version")
         if isinstance(version, (int, np.integer)) and not isinstance(version, (bool, np.bool_)) and int(version) == 2:
-            _check_v2(path, f)
+            _check_v2(Path(os.path.realpath(path)), f)  # through a symlink: the parts lie beside its target
         else:
-            check_schema_version(path, version, SCHEMA_VERSION, __version__)
+            check_schema_version(path, version, (SCHEMA_VERSION, INDEX_SCHEMA_VERSION), __version__)
         self.metadata: dict[str, Any] = {}
         for k, v in f.attrs.items():
             if isinstance(v, bytes):
@@ -147,6 +156,8 @@ class FeatureCache:
                 f"'featbank extract {data} --out {path}' (same options as before), then rerun."
             )
         check_structure(path, f, root)
+        # Schema v2: HDF5's virtual dataset (checked above), read in C; reading the parts from Python
+        # (featbank.cache._index.PartsArray) measured slower on 20-100 parts.
         self.embeddings: h5py.Dataset = f["embeddings"]
         self.labels = f["labels"][...].astype(np.int64)
         self.splits = f["splits"][...].astype(np.int8)
@@ -374,7 +385,8 @@ def _open_h5(path: Path) -> h5py.File:
         raise CacheError(f"'{path}' is a folder; pass a cache file written by 'featbank extract' (an .h5 file).")
     check_file_kind(path)
     try:
-        return h5py.File(path, "r")
+        # HDF5 finds a v2 index's parts relative to the file's folder as opened: a symlink's target's.
+        return h5py.File(os.path.realpath(path), "r")
     except OSError as e:
         if not is_hdf5(path):
             raise NotACacheError(f"'{path}' is not a featbank cache (an empty file).") from None

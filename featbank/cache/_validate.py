@@ -75,17 +75,21 @@ def parse_json_attr(path: Path, name: str, value: Any, root: Any = None) -> Any:
         raise _fail(path, f"attribute '{name}'", f"is not valid JSON: {value[:60]!r}", root) from None
 
 
-def check_schema_version(path: Path, value: Any, expected: int, version: str) -> None:
-    """``schema_version`` must be the integer ``expected``."""
+def check_schema_version(path: Path, value: Any, expected: int | tuple[int, ...], version: str) -> None:
+    """``schema_version`` must be one of the integers ``expected`` (the versions this featbank reads)."""
+    readable = (expected,) if isinstance(expected, int) else tuple(expected)
+    words = " and ".join(str(v) for v in readable)
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise CacheError(
             f"Cache '{path}' is damaged: attribute 'schema_version' is {value!r} "
-            f"({type(value).__name__}), expected the integer {expected}. {recreate_hint(path)}"
+            f"({type(value).__name__}), expected the integer {' or '.join(str(v) for v in readable)}. "
+            f"{recreate_hint(path)}"
         )
-    if int(value) != expected:
+    if int(value) not in readable:
         raise CacheError(
-            f"'{path}' has cache schema version {int(value)}; this featbank ({version}) reads version "
-            f"{expected}. {recreate_hint(path)}"
+            f"'{path}' has cache schema version {int(value)}; this featbank ({version}) reads "
+            f"version{'s' if len(readable) > 1 else ''} {words}. Upgrade featbank to read it, or "
+            f"{recreate_hint(path)[0].lower()}{recreate_hint(path)[1:]}"
         )
 
 

@@ -1,4 +1,6 @@
-"""Writing a cache (used by extract): the state of an existing one, the staging file, the atomic commit."""
+"""Writing caches: the key check and space check extract uses; the schema-v1 writer (``write_cache``, kept for
+tests, benchmarks and the v1 files they need) and its staging file (``StagingFile``, the embedding loop's protocol).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +9,6 @@ import json
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,9 @@ import numpy as np
 from .. import __version__
 from .._files import describe_os_error, fsync_dir, temporary_path
 from ..errors import CacheError, CacheKeyMismatch
-from ._reader import FeatureCache
-from ._schema import _FORMAT, _STR, SCHEMA_VERSION, SPLIT_NAMES, _decode
+from ._schema import _FORMAT, _STR, SCHEMA_VERSION, SPLIT_NAMES, _decode, describe_feature_difference
 
-__all__ = ["CacheState", "read_state", "check_key", "StagingFile", "write_cache", "estimate_bytes", "check_space",
+__all__ = ["check_key", "StagingFile", "write_cache", "estimate_bytes", "check_space",
            "kept_message"]
 
 
@@ -29,58 +29,27 @@ __all__ = ["CacheState", "read_state", "check_key", "StagingFile", "write_cache"
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class CacheState:
-    """What an existing cache holds, read for planning an incremental run."""
+def check_key(path: Path, have_key: str, metadata: dict[str, Any], key: str, wanted: dict[str, Any]) -> None:
+    """Raise :class:`CacheKeyMismatch` naming what differs, when the cache's ``have_key != key``.
 
-    key: str
-    metadata: dict[str, Any]
-    paths: list[str]
-    fingerprints: np.ndarray
-    skipped_paths: list[str]
-    skipped_reasons: list[str]
-    skipped_fingerprints: np.ndarray
-    embed_dim: int
-    complete: bool = True
-
-
-def read_state(path: Path) -> CacheState | None:
-    """The state of the cache at ``path``; ``None`` when there is no file.
-
-    Raises:
-        CacheError: the file exists but is not a readable featbank cache of this schema.
+    ``metadata`` are the cache's attributes (``transform`` decoded), ``wanted`` this run's values.
     """
-    if not path.exists() or (path.is_file() and path.stat().st_size == 0):
-        return None  # an empty file holds nothing to keep
-    with FeatureCache(path, extreme="ignore", allow_incomplete=True) as c:
-        return CacheState(
-            key=c.cache_key,
-            metadata=dict(c.metadata),
-            paths=c.paths,
-            fingerprints=c.fingerprints,
-            skipped_paths=[p for p, _ in c.skipped],
-            skipped_reasons=[r for _, r in c.skipped],
-            skipped_fingerprints=c.skipped_fingerprints,
-            embed_dim=c.embed_dim,
-            complete=c.metadata.get("complete", True) is not False,
-        )
-
-
-def check_key(path: Path, state: CacheState, key: str, wanted: dict[str, Any]) -> None:
-    """Raise :class:`CacheKeyMismatch` naming what differs, when ``state.key != key``."""
-    if state.key == key:
+    if have_key == key:
         return
     diffs = []
     for name in ("backbone", "weights", "weights_sha256", "dtype", "precision", "transform"):
-        have, want = state.metadata.get(name), wanted.get(name)
+        have, want = metadata.get(name), wanted.get(name)
         if name == "transform" and isinstance(want, dict):
             want = json.loads(json.dumps(want))
         if have != want:
             diffs.append(f"{name}: cache has {have!r}, asked for {want!r}")
+    feature_diff = describe_feature_difference(metadata, wanted.get("features") or {})
+    if feature_diff:
+        diffs.append(feature_diff)
     if not diffs:
         diffs.append(
             f"featbank version / embedding version: cache written by featbank "
-            f"{state.metadata.get('featbank_version')!r}"
+            f"{metadata.get('featbank_version')!r}"
         )
     raise CacheKeyMismatch(
         f"Cache {str(path)!r} was made with other settings, so its embeddings would not match:\n  "
@@ -100,8 +69,11 @@ def estimate_bytes(n: int, embed_dim: int, dtype: str, paths: Sequence[str], ext
     return int(((n + extra_rows) * per_row + 2 * text) * 1.05) + (64 << 10)
 
 
-def check_space(path: Path, nbytes: int, kept: str) -> None:
+def check_space(path: Path, nbytes: int, kept: str, largest_file: int | None = None) -> None:
     """Refuse to start writing ``path`` when ``nbytes`` do not fit (disk space, quota hint, ulimit -f).
+
+    ``largest_file``: when the bytes go to several files (the parts of a run), the largest of
+    them, which is what ``ulimit -f`` limits; default ``nbytes``.
 
     HDF5 cannot recover from a write that fails half-way (a failed flush leaves objects open that
     its exit handler flushes again, and the process dies with SIGSEGV), so running out of space must
@@ -125,7 +97,7 @@ def check_space(path: Path, nbytes: int, kept: str) -> None:
         pass
     if free is not None and nbytes > free:
         where = f"{_size(free)} free on the file system of '{folder}'"
-    elif limit is not None and nbytes > limit:
+    elif limit is not None and (nbytes if largest_file is None else largest_file) > limit:
         where = f"the file size limit of this process (ulimit -f) is {_size(limit)}"
     else:
         return

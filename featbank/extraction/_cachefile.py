@@ -1,22 +1,17 @@
-"""The cache file on disk: its default path, temporaries left by a killed run, the final commit."""
+"""The cache file on disk: its default path, the refusal of a foreign file, temporaries left by a killed run."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-
-from .._files import remove_orphans, slugify, timestamp
-from ..cache import default_cache_dir, write_cache
-from ..data import ImageIndex
+from .._files import remove_orphans, slugify
+from ..cache import default_cache_dir
 from ..errors import NotACacheError
 
-__all__ = ["_slug", "default_cache_path", "refuse_foreign_file", "_remove_stale_temporaries", "_commit"]
+__all__ = ["_slug", "default_cache_path", "refuse_foreign_file", "_remove_stale_temporaries"]
 
 
 # extraction/_engines.py imports this name; one implementation lives in featbank._files.
@@ -90,66 +85,3 @@ def _remove_stale_temporaries(out_path: Path) -> None:
                     p.unlink()
                 except OSError:
                     pass
-
-
-def _commit(
-    out_path: Path,
-    index: ImageIndex,
-    old_row: np.ndarray,
-    stage_row: np.ndarray,
-    staging_path: Path,
-    skipped: dict[int, str],
-    identity: dict[str, Any],
-    key: str,
-    dtype: str,
-    precision: str,
-    engine: str,
-    device: str,
-    state: Any,
-    partial: bool,
-) -> None:
-    have = (old_row >= 0) | (stage_row >= 0)
-    rows = np.flatnonzero(have)
-    created = state.metadata.get("created") if state is not None else None
-    engines = list(state.metadata.get("engines", [])) if state is not None else []
-    if isinstance(engines, str):
-        engines = json.loads(engines)
-    if engine and engine not in engines:
-        engines.append(engine)
-    now = timestamp()
-    attrs = {
-        "cache_key": key,
-        "backbone": identity["backbone"],
-        "weights": identity["weights"],
-        "weights_sha256": identity["weights_sha256"],
-        "transform": identity["transform"],
-        "precision": precision,
-        "engine": engine or (state.metadata.get("engine", "") if state is not None else ""),
-        "engines": engines,
-        "device": device or (state.metadata.get("device", "") if state is not None else ""),
-        "root": str(index.root),
-        "layout": index.layout,
-        "classes_json": json.dumps(index.classes),
-        "created": created or now,
-        "updated": now,
-        "complete": not partial,
-    }
-    sources = []
-    if state is not None:
-        sources.append(("old", out_path, old_row[rows]))
-    if staging_path.exists():
-        sources.append(("new", staging_path, stage_row[rows]))
-    embed_dim = identity["embed_dim"]
-    write_cache(
-        out_path,
-        sources=sources,
-        order_paths=[index.paths[i] for i in rows],
-        row_fingerprints=index.fingerprints[rows],
-        row_labels=index.labels[rows],
-        row_splits=index.splits[rows],
-        classes=index.classes,
-        skipped=[(index.paths[i], r, tuple(int(v) for v in index.fingerprints[i])) for i, r in sorted(skipped.items())],
-        embed_dim=embed_dim,
-        dtype=dtype,
-        attrs=attrs,
-    )

@@ -22,7 +22,7 @@ import os
 import time
 import traceback
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
@@ -89,8 +89,10 @@ def _local_worker(conn: Any, slot: int, n_gpu: int, threads: int) -> None:
             conn.send(("error", f"shard {job.shard_id}: {type(e).__name__}: {e}\n{traceback.format_exc()}"))
 
 
-def run_local(jobs: Sequence[ShardJob], procs: int = 1) -> list[PartInfo]:
+def run_local(jobs: Sequence[ShardJob], procs: int = 1, on_rows: Callable[[int], None] | None = None) -> list[PartInfo]:
     """Run ``jobs`` in this process (``procs == 1``) or in ``procs`` spawned worker processes.
+
+    ``on_rows(n)``: progress, per batch in this process, per finished part with workers.
 
     Raises:
         ConfigError: ``procs`` is not a positive integer.
@@ -99,7 +101,7 @@ def run_local(jobs: Sequence[ShardJob], procs: int = 1) -> list[PartInfo]:
     if not isinstance(procs, int) or isinstance(procs, bool) or procs < 1:
         raise ConfigError(f"The 'procs' parameter must be a positive integer. Got {procs!r} instead.")
     if procs == 1 or len(jobs) <= 1:
-        return [run_shard(j) for j in jobs]
+        return [run_shard(j, on_rows) for j in jobs]
     from multiprocessing.connection import wait
 
     import torch
@@ -140,6 +142,8 @@ def run_local(jobs: Sequence[ShardJob], procs: int = 1) -> list[PartInfo]:
                 continue
             if kind == "done":
                 done.append(payload)
+                if on_rows is not None:
+                    on_rows(payload.n_rows + payload.n_skipped)
             elif kind == "error":
                 failures.append(payload)
             nxt = pending.popleft() if pending else None
@@ -236,7 +240,8 @@ def _ray_init(num_cpus: int) -> None:
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
 
 
-def run_ray(jobs: Sequence[ShardJob], *, num_cpus: int = 2, num_gpus: float = 0.0, max_retries: int = 3) -> list[PartInfo]:
+def run_ray(jobs: Sequence[ShardJob], *, num_cpus: int = 2, num_gpus: float = 0.0, max_retries: int = 3,
+            on_rows: Callable[[int], None] | None = None) -> list[PartInfo]:
     """One Ray Core task per shard; a task that dies is retried and resumes its own ``.partial``.
 
     Raises:
@@ -254,6 +259,8 @@ def run_ray(jobs: Sequence[ShardJob], *, num_cpus: int = 2, num_gpus: float = 0.
     for job, ref in zip(jobs, refs):
         try:
             parts.append(ray.get(ref))
+            if on_rows is not None:
+                on_rows(parts[-1].n_rows + parts[-1].n_skipped)
         except Exception as e:  # noqa: BLE001 - RayTaskError wraps the worker's exception
             cause = getattr(e, "cause", None) or e
             failures.append(f"shard {job.shard_id}: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}")
@@ -266,10 +273,12 @@ def run_ray(jobs: Sequence[ShardJob], *, num_cpus: int = 2, num_gpus: float = 0.
 
 
 def run_prepared(prepared: Prepared, *, launcher: str = "local", procs: int = 1, num_gpus: float = 0.0,
-                 max_retries: int = 3, finalize_only: bool = False) -> ShardedReport:
+                 max_retries: int = 3, finalize_only: bool = False,
+                 on_rows: Callable[[int], None] | None = None) -> ShardedReport:
     """Run a prepared plan with a launcher and publish the index (rank 0 only under torchrun).
 
     ``finalize_only`` runs no shard: it checks the parts that separate jobs wrote and publishes.
+    ``on_rows(n)`` reports progress (local and Ray launchers).
     """
     t0 = time.perf_counter()
     launcher = resolve_launcher(launcher)
@@ -280,9 +289,9 @@ def run_prepared(prepared: Prepared, *, launcher: str = "local", procs: int = 1,
         report = run_torchrun(prepared)
     else:
         if launcher == "ray":
-            run_ray(prepared.jobs, num_cpus=max(procs, 2), num_gpus=num_gpus, max_retries=max_retries)
+            run_ray(prepared.jobs, num_cpus=max(procs, 2), num_gpus=num_gpus, max_retries=max_retries, on_rows=on_rows)
         else:
-            run_local(prepared.jobs, procs)
+            run_local(prepared.jobs, procs, on_rows)
         report = ShardedReport(prepared.index_path, len(prepared.planned), len(prepared.jobs))
         report.parts, report.published = finalize(prepared), True
     report.n_rows = sum(p.n_rows for p in report.parts)

@@ -18,7 +18,7 @@ class ExtractReport:
         n_embedded: images embedded by this run.
         n_reused: rows kept from the existing cache (unchanged files).
         n_removed: rows dropped because their file was deleted or changed.
-        n_resumed: rows embedded by an interrupted earlier run and taken from its staging file.
+        n_resumed: rows embedded by an interrupted earlier run and taken from its unfinished part.
         skipped: ``[(relative path, reason)]`` for every file that could not be read.
         engine, device, precision: how embeddings were computed (empty when nothing was embedded).
         seconds: wall time; ``images_per_second`` counts embedded images only.

@@ -1,14 +1,15 @@
-"""`extract` at scale: a row source -> a schema-v2 cache (parts + index), with a launcher.
+"""`extract` itself: a row source -> a schema-v2 cache (parts + index), with a launcher.
 
-:func:`featbank.extract` routes here when the run asks for it (``procs > 1``, a launcher, a shard
-size, ``finalize``, torchrun's environment, a manifest or WebDataset input, or an ``out`` that is
-already a schema-v2 index); a plain image folder into a new or schema-v1 cache keeps the v1 route.
+Every :func:`featbank.extract` run comes here, a folder of 2,000 images as much as WebDataset
+shards under torchrun: one cache format. A schema-v1 cache at ``out`` is checked (key, damage)
+and migrated first; a cache with another key or a damaged one is refused, left untouched.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -17,15 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import h5py
+import numpy as np
 
 from ..cache import writer_lock
 from ..cache._parts import part_name, parts_dir, rows_digest
-from ..cache._schema import _FORMAT, _decode, compute_cache_key, describe_feature_difference
-from ..errors import CacheError, CacheKeyMismatch, ConfigError, Interrupted, SkippedImagesError, SkippedImagesWarning
+from ..cache._schema import _FORMAT, _decode, compute_cache_key
+from ..errors import CacheError, ConfigError, Interrupted, NotACacheError, SkippedImagesError, SkippedImagesWarning
 from ._plan import DEFAULT_SHARD_SIZE
 from ._report import ExtractReport, _strict_message
 
-__all__ = ["ScaleOptions", "wants_sharded", "read_source", "extract_sharded", "schema_version_of"]
+__all__ = ["ScaleOptions", "read_source", "extract_sharded", "schema_version_of"]
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,8 @@ def _is_manifest(data: str) -> bool:
 
 
 def schema_version_of(path: Path) -> int | None:
-    """The ``schema_version`` of a featbank cache at ``path``; None when there is none (or unreadable)."""
+    """The ``schema_version`` of a featbank cache at ``path``: None when there is no featbank cache (or
+    it is unreadable), -1 when the attribute is not an integer."""
     if not path.is_file() or path.stat().st_size == 0:
         return None
     try:
@@ -78,17 +81,11 @@ def schema_version_of(path: Path) -> int | None:
             if f.attrs.get("format") != _FORMAT:
                 return None
             v = f.attrs.get("schema_version")
-            return int(v) if v is not None else None
+            # Strictly an integer: 1.5 or "one" is a damaged file, not a version (the reader says so).
+            ok = isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+            return int(v) if ok else -1
     except (OSError, ValueError, TypeError):
         return None
-
-
-def wants_sharded(data: str, out_path: Path, scale: ScaleOptions) -> bool:
-    """Whether this run takes the sharded (schema-v2) route."""
-    return (
-        scale.procs != 1 or scale.launcher is not None or scale.shard_size is not None or scale.finalize
-        or _world_size() > 1 or _is_manifest(data) or _is_webdataset(data) or schema_version_of(out_path) == 2
-    )
 
 
 def read_source(data: str, scale: ScaleOptions) -> Any:
@@ -105,40 +102,98 @@ def read_source(data: str, scale: ScaleOptions) -> Any:
     return RowSource.from_index(scan_folder(data))
 
 
-def _migrate_or_refuse(out_path: Path, key: str, shard_size: int, torchrun: bool, features: Any = None,
-                       plain_key: str = "") -> None:
-    """A schema-v1 cache at ``out_path`` becomes a v2 index (same key only); under torchrun, refuse."""
-    from ._sharded import migrate_v1
-
-    if schema_version_of(out_path) != 1:
-        return
-    with h5py.File(out_path, "r") as f:
-        have = str(f.attrs.get("cache_key", ""))
-        diff = describe_feature_difference(f.attrs, features.key_part() if features is not None else {})
-    if have != key and diff and have == plain_key:  # a v1 cache holds no layers/views: they are the difference
-        raise CacheKeyMismatch(f"Cache {str(out_path)!r} was extracted with other layers or views: {diff}. The file "
-                               "was left untouched. Pass --overwrite to replace it, or choose another --out.")
-    if have != key:
-        raise CacheKeyMismatch(
-            f"Cache {str(out_path)!r} was made with other settings (cache key {have[:12]}…, this run's is "
-            f"{key[:12]}…). The file was left untouched. Pass --overwrite to replace it, or choose another --out."
-        )
-    if torchrun:
-        raise CacheError(
-            f"{str(out_path)!r} is a schema-v1 cache; torchrun ranks do not migrate it. Run "
-            f"'featbank extract DATA --out {out_path} --shard-size {shard_size}' once (it migrates the file "
-            "to schema v2 without embedding anything new that is unchanged), then start torchrun again."
-        )
-    migrate_v1(out_path, shard_size=shard_size)
+def _write_target(out_path: Path) -> Path:
+    """The file the index is written to: a symlink's target (the link stays), else ``out_path``."""
+    return Path(os.path.realpath(out_path)) if out_path.is_symlink() else out_path
 
 
-def _run_key(backbone: str, weights: str | None, weights_file: str | None, dtype: str, device: str,
-             features: Any = None) -> str:
+def _run_identity(opts: Any) -> tuple[dict[str, Any], str, dict[str, Any]]:
+    """(backbone identity, cache key, what the key covers) of this run's settings."""
     from .._device import precision_name
     from ._sharded import _identity
 
-    return compute_cache_key(_identity(backbone, weights, weights_file), dtype, precision_name(device.split(":")[0]),
-                             features.key_part() if features is not None else None)
+    weights_file = str(opts.weights_file) if opts.weights_file is not None else None
+    identity = _identity(opts.backbone, opts.weights, weights_file)
+    precision = precision_name(opts.device.split(":")[0])
+    features = opts.features.key_part() if opts.features is not None else None
+    wanted = {**identity, "dtype": opts.dtype, "precision": precision, "features": features or {}}
+    return identity, compute_cache_key(identity, opts.dtype, precision, features), wanted
+
+
+def _raw_metadata(path: Path) -> dict[str, Any]:
+    with h5py.File(path, "r") as f:
+        meta = {k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+    try:
+        meta["transform"] = json.loads(meta.get("transform", "null"))
+    except (TypeError, ValueError):
+        pass
+    return meta
+
+
+def _check_existing(index_path: Path, key: str, wanted: dict[str, Any]) -> None:
+    """The cache already at ``index_path`` must be readable and carry this run's key; else refuse, untouched.
+
+    A schema-v2 index whose only problem is a missing or changed part is fine: the run recomputes
+    those parts (which is what the reader's message tells the user to do).
+    """
+    from ..cache import FeatureCache, check_key
+    from ..cache._index import check_parts
+
+    version = schema_version_of(index_path)
+    if version is None:
+        return
+    try:
+        with FeatureCache(index_path, extreme="ignore", allow_incomplete=True) as c:
+            meta = dict(c.metadata)
+    except NotACacheError:
+        raise
+    except CacheError as e:
+        try:
+            damaged_parts = version == 2 and bool(check_parts(index_path))
+        except (OSError, KeyError, ValueError, TypeError):
+            damaged_parts = False
+        if not damaged_parts:
+            raise CacheError(f"{e} The file was left untouched; pass --overwrite to replace it.") from None
+        meta = _raw_metadata(index_path)
+    check_key(index_path, str(meta.get("cache_key", "")), meta, key, wanted)
+
+
+def _migrate_or_refuse(index_path: Path, shard_size: int, torchrun: bool) -> None:
+    """A schema-v1 cache at ``index_path`` (its key already checked) becomes a v2 index; under torchrun, refuse."""
+    from ._sharded import migrate_v1
+
+    if schema_version_of(index_path) != 1:
+        return
+    if torchrun:
+        raise CacheError(
+            f"{str(index_path)!r} is a schema-v1 cache; torchrun ranks do not migrate it. Run "
+            f"'featbank extract DATA --out {index_path} --shard-size {shard_size}' once (it migrates the file "
+            "to schema v2 without embedding anything new that is unchanged), then start torchrun again."
+        )
+    migrate_v1(index_path, shard_size=shard_size)
+
+
+def _drop_replaced_parts(index_path: Path, key: str) -> None:
+    """--overwrite: the parts of the cache being replaced are recomputed, not trusted (a part of the same
+    rows and key would otherwise be taken as done); parts of other keys go too. Parts an interrupted
+    --overwrite run finished (listed by no index) and its ``.partial`` files are kept: a rerun resumes."""
+    from ..cache._index import read_parts_table
+
+    folder = parts_dir(index_path)
+    if not folder.is_dir():
+        return
+    try:
+        listed = {p.name for p in read_parts_table(index_path)} if schema_version_of(index_path) is not None else set()
+    except (OSError, KeyError, ValueError, TypeError, IndexError):
+        listed = set()
+    for p in folder.glob("part-*.h5"):
+        try:
+            with h5py.File(p, "r") as f:
+                same = str(f.attrs.get("cache_key", "")) == key
+        except OSError:
+            same = False
+        if not same or p.name in listed:
+            p.unlink(missing_ok=True)
 
 
 def _up_to_date(prep: Any) -> bool:
@@ -150,15 +205,60 @@ def _up_to_date(prep: Any) -> bool:
             names = _decode(f["parts/names"][...])
             same_attrs = all(str(f.attrs.get(k, "")) == str(prep.attrs[k]) for k in ("root", "layout", "classes_json"))
             listed = str(f.attrs.get("listing_skipped", "[]"))
+            complete = f.attrs.get("complete", True) is not False and bool(f.attrs.get("complete", True))
     except (OSError, KeyError):
         return False
     want = [part_name(p.shard_id, p.rows_digest) for p in prep.planned]
-    return names == want and same_attrs and listed == json.dumps([list(s) for s in prep.skipped])
+    return names == want and same_attrs and complete and listed == json.dumps([list(s) for s in prep.skipped])
 
 
-def _counts(prep: Any, rank: int = 0, world: int = 1) -> tuple[int, int]:
-    """(embedded, reused) rows of the parts the jobs of ``rank`` (all jobs when ``world`` is 1) wrote."""
-    embedded = reused = 0
+def _check_space(prep: Any, index_path: Path, dtype: str) -> None:
+    """Refuse before writing when the parts this run writes (and the index) do not fit: disk or ulimit -f."""
+    from ..cache._writer import check_space, estimate_bytes
+
+    if not prep.jobs:
+        return
+    dim = int(prep.jobs[0].settings.embed_dim)
+    sizes = [estimate_bytes(len(j.rows), dim, dtype, j.rows.paths) for j in prep.jobs]
+    index_bytes = (64 << 10) + 1024 * len(prep.planned)
+    kept = (f"The cache '{index_path}' was left as it was." if index_path.exists() else "No cache was written.")
+    if any(parts_dir(index_path).glob(".*.partial")):
+        kept += f" Parts finished or begun so far are kept in '{parts_dir(index_path)}'; a rerun resumes from there."
+    check_space(index_path, sum(sizes) + index_bytes, kept, largest_file=max(sizes + [index_bytes]))
+
+
+class _Progress:
+    """The progress bar (stderr) and ``on_progress(done, total)`` over the rows of this run's shards."""
+
+    def __init__(self, prep: Any, opts: Any):
+        self.total = sum(len(j.rows) for j in prep.jobs)
+        self.done = 0
+        self.on_progress = opts.on_progress
+        self.bar = None
+        if opts.progress and self.total:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, unit="img", desc="extract", dynamic_ncols=True, smoothing=0.1,
+                            mininterval=0.1 if sys.stderr.isatty() else 10.0)  # in a log: a line every 10 s
+
+    def __call__(self, n: int) -> None:
+        if not n:
+            return
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        if self.on_progress is not None:
+            self.on_progress(self.done, self.total)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _counts(prep: Any, rank: int = 0, world: int = 1) -> dict[str, int]:
+    """Rows of the parts the jobs of ``rank`` (all jobs when ``world`` is 1) wrote: embedded (tried),
+    reused from old parts, resumed from an interrupted run."""
+    out = {"embedded": 0, "reused": 0, "resumed": 0, "tried": 0}
     folder = parts_dir(prep.index_path)
     for job in prep.jobs:
         if job.shard_id % world != rank:
@@ -167,12 +267,16 @@ def _counts(prep: Any, rank: int = 0, world: int = 1) -> tuple[int, int]:
         try:
             with h5py.File(part, "r") as f:
                 n_reused = int(f.attrs.get("n_reused", 0))
+                n_resumed = int(f.attrs.get("n_resumed", 0))
                 n_bad = int(f["skipped/paths"].shape[0]) if "skipped/paths" in f else 0
         except (OSError, KeyError):
             continue  # another torchrun rank's shard, or not written
-        reused += n_reused
-        embedded += max(0, len(job.rows.paths) - n_reused - n_bad)
-    return embedded, reused
+        tried = max(0, len(job.rows.paths) - n_reused - n_resumed)
+        out["reused"] += n_reused
+        out["resumed"] += n_resumed
+        out["tried"] += tried
+        out["embedded"] += max(0, tried - n_bad)
+    return out
 
 
 def _skipped(index_path: Path) -> list[tuple[str, str]]:
@@ -183,17 +287,77 @@ def _skipped(index_path: Path) -> list[tuple[str, str]]:
     return sorted(out + [(str(k), str(r)) for k, r, *_ in listed])
 
 
+def _old_rows_dropped(index_path: Path, prep: Any) -> int:
+    """Rows of the published index that live in parts this run replaces (before subtracting the reused)."""
+    from ..cache._index import read_parts_table
+
+    if schema_version_of(index_path) != 2:
+        return 0
+    try:
+        table = read_parts_table(index_path)
+    except (OSError, KeyError, ValueError, TypeError):
+        return 0
+    keep = {part_name(p.shard_id, p.rows_digest) for p in prep.planned}
+    return sum(p.n_rows for p in table if p.name not in keep)
+
+
 def extract_sharded(data: str, out_path: Path, opts: Any, scale: ScaleOptions, t0: float) -> ExtractReport:
-    """Run one sharded extraction of ``data`` into the schema-v2 cache ``out_path`` (see :func:`featbank.extract`)."""
-    from .._device import default_num_workers
+    """Run one extraction of ``data`` into the schema-v2 cache ``out_path`` (see :func:`featbank.extract`)."""
+    from ._cachefile import _remove_stale_temporaries
     from ._launch import resolve_launcher, run_prepared
-    from ._sharded import prepare
 
     launcher = resolve_launcher(scale.launcher or "auto")
     torchrun = launcher == "torchrun"
     if scale.shard_size is not None and (not isinstance(scale.shard_size, int) or scale.shard_size < 1):
         raise ConfigError(f"The 'shard_size' parameter must be a positive integer. Got {scale.shard_size!r} instead.")
     shard_size = scale.shard_size or DEFAULT_SHARD_SIZE
+    rank = int(os.environ.get("RANK", "0")) if torchrun else 0
+    index_path = _write_target(out_path)
+    with writer_lock(index_path) if rank == 0 else nullcontext():  # the lock names a folder it cannot create
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        if rank == 0:
+            _remove_stale_temporaries(index_path)
+        source = read_source(data, scale)
+        _, key, wanted = _run_identity(opts)
+        if not opts.overwrite:
+            _check_existing(index_path, key, wanted)
+            _migrate_or_refuse(index_path, shard_size, torchrun)
+        elif rank == 0:
+            _drop_replaced_parts(index_path, key)
+        prep = _prepare(source, index_path, opts, scale, launcher, shard_size)
+        report = ExtractReport(path=out_path, cache_key=prep.key)
+        dropped = _old_rows_dropped(index_path, prep) if not opts.overwrite else 0
+        if not scale.finalize and not opts.overwrite and _up_to_date(prep):
+            report.up_to_date = True
+        else:
+            if not scale.finalize and rank == 0:
+                _check_space(prep, index_path, opts.dtype)
+            progress = _Progress(prep, opts) if rank == 0 and not scale.finalize else None
+            try:
+                sharded = run_prepared(prep, launcher=launcher, procs=scale.procs, num_gpus=scale.num_gpus,
+                                       max_retries=scale.max_retries, finalize_only=scale.finalize, on_rows=progress)
+            except KeyboardInterrupt:
+                raise Interrupted(
+                    f"Interrupted: finished parts and the rows embedded so far are kept in {parts_dir(index_path)}. "
+                    "Run the same command again to resume."
+                ) from None
+            finally:
+                if progress is not None:
+                    progress.close()
+            if not sharded.published:  # a torchrun rank other than 0: rank 0 publishes
+                c = _counts(prep, rank, _world_size())
+                report.n_embedded, report.n_reused, report.n_resumed = c["embedded"], c["reused"], c["resumed"]
+                report.model_loaded = c["tried"] > 0
+                report.n_images = sum(p.n_rows for p in prep.planned)
+                report.seconds = time.perf_counter() - t0
+                return report
+    return _finish_report(report, prep, t0, opts, scale.finalize, dropped)
+
+
+def _prepare(source: Any, index_path: Path, opts: Any, scale: ScaleOptions, launcher: str, shard_size: int) -> Any:
+    from .._device import default_num_workers
+    from ._sharded import prepare
+
     in_worker = launcher == "local" and scale.procs > 1  # local workers are daemonic: no DataLoader children
     if in_worker and opts.num_workers:
         raise ConfigError(
@@ -203,47 +367,26 @@ def extract_sharded(data: str, out_path: Path, opts: Any, scale: ScaleOptions, t
     workers = opts.num_workers if opts.num_workers is not None else 0 if in_worker else default_num_workers(opts.device)
     engine = opts.engine if opts.engine != "auto" else ("onnxruntime" if opts.device == "cpu" else "torch")
     weights_file = str(opts.weights_file) if opts.weights_file is not None else None
-    rank = int(os.environ.get("RANK", "0")) if torchrun else 0
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with writer_lock(out_path) if rank == 0 else nullcontext():
-        source = read_source(data, scale)
-        if not opts.overwrite:
-            key = _run_key(opts.backbone, opts.weights, weights_file, opts.dtype, opts.device, opts.features)
-            plain = _run_key(opts.backbone, opts.weights, weights_file, opts.dtype, opts.device) if opts.features else key
-            _migrate_or_refuse(out_path, key, shard_size, torchrun, opts.features, plain)
-        prep = prepare(source, out_path, backbone=opts.backbone, weights=opts.weights, weights_file=weights_file,
-                       engine=engine, device=opts.device, dtype=opts.dtype, batch_size=opts.batch_size,
-                       num_workers=workers, shard_size=shard_size, overwrite=opts.overwrite, features=opts.features)
-        report = ExtractReport(path=out_path, cache_key=prep.key)
-        if not scale.finalize and _up_to_date(prep):
-            report.up_to_date = True
-        else:
-            try:
-                sharded = run_prepared(prep, launcher=launcher, procs=scale.procs, num_gpus=scale.num_gpus,
-                                       max_retries=scale.max_retries, finalize_only=scale.finalize)
-            except KeyboardInterrupt:
-                raise Interrupted(
-                    f"Interrupted: finished parts are kept in {parts_dir(out_path)}. Run the same command again "
-                    "to resume."
-                ) from None
-            report.model_loaded = bool(prep.jobs) and not scale.finalize
-            report.engine, report.device = (engine, opts.device) if report.model_loaded else ("", "")
-            if not sharded.published:  # a torchrun rank other than 0: rank 0 publishes
-                report.n_embedded, report.n_reused = _counts(prep, rank, _world_size())
-                report.n_images = sum(p.n_rows for p in prep.planned)
-                report.seconds = time.perf_counter() - t0
-                return report
-    return _finish_report(report, prep, t0, opts.strict, scale.finalize)
+    return prepare(source, index_path, backbone=opts.backbone, weights=opts.weights, weights_file=weights_file,
+                   engine=engine, device=opts.device, dtype=opts.dtype, batch_size=opts.batch_size,
+                   num_workers=workers, shard_size=shard_size, overwrite=opts.overwrite, features=opts.features)
 
 
-def _finish_report(report: ExtractReport, prep: Any, t0: float, strict: bool, finalize_only: bool) -> ExtractReport:
+def _finish_report(report: ExtractReport, prep: Any, t0: float, opts: Any, finalize_only: bool,
+                   dropped: int) -> ExtractReport:
     with h5py.File(prep.index_path, "r") as f:
         n_rows = int(f["embeddings"].shape[0])
     report.skipped = _skipped(prep.index_path)
     report.n_images = n_rows + len(report.skipped)
     if not report.up_to_date and not finalize_only:
-        report.n_embedded, _ = _counts(prep)
-        report.n_reused = n_rows - report.n_embedded
+        c = _counts(prep)
+        report.n_embedded, report.n_resumed = c["embedded"], c["resumed"]
+        report.n_reused = n_rows - report.n_embedded - report.n_resumed
+        report.n_removed = max(0, dropped - c["reused"])
+        report.model_loaded = c["tried"] > 0
+        if report.model_loaded:
+            report.engine, report.device = prep.attrs["engine"], prep.attrs["device"]
+            report.precision = prep.attrs["precision"]
     else:
         report.n_reused = n_rows
     report.seconds = time.perf_counter() - t0
@@ -252,6 +395,6 @@ def _finish_report(report: ExtractReport, prep: Any, t0: float, strict: bool, fi
             f"{report.n_skipped} image(s) could not be read and were skipped; they are listed in "
             f"{report.path} under skipped/.", SkippedImagesWarning, stacklevel=4,
         )
-    if strict and report.skipped:
+    if opts.strict and report.skipped:
         raise SkippedImagesError(_strict_message(report))
     return report

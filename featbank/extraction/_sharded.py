@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -233,12 +233,14 @@ def _engine(settings: WorkerSettings) -> Any:
     return _ENGINES[k]
 
 
-def run_shard(job: ShardJob) -> PartInfo:
+def run_shard(job: ShardJob, on_rows: Callable[[int], None] | None = None) -> PartInfo:
     """Embed one shard into its part and publish it; a part already published is returned as is.
 
     Resumes a ``.partial`` left by a killed worker for the same rows and key. Unreadable images are
-    recorded in the part's ``skipped/`` with their reason.
+    recorded in the part's ``skipped/`` with their reason. ``on_rows(n)`` is called as rows are
+    done (resumed, copied from old parts, embedded or skipped).
     """
+    on_rows = on_rows or (lambda n: None)
     folder = Path(job.folder)
     folder.mkdir(parents=True, exist_ok=True)
     digest = rows_digest(job.rows, job.classes)
@@ -246,6 +248,7 @@ def run_shard(job: ShardJob) -> PartInfo:
     if job.replace_damaged:
         final.unlink(missing_ok=True)  # changed since the index recorded it (truncated, edited)
     if final.exists():
+        on_rows(len(job.rows))
         return describe_part(final)
     s = job.settings
     writer = PartWriter.open_if_valid(folder, job.shard_id, job.key, digest)
@@ -253,11 +256,20 @@ def run_shard(job: ShardJob) -> PartInfo:
         writer = PartWriter.create(folder, job.shard_id, job.key, job.rows, job.classes, s.embed_dim, s.dtype,
                                    attrs={"root": job.root, "layout": job.layout},
                                    extra=s.features.datasets() if s.features is not None else None)
+    else:  # recorded for the report: rows an interrupted run embedded (not copied from old parts)
+        done = int(writer.done_mask().sum())
+        writer.file.attrs["n_resumed"] = done - int(writer.file.attrs.get("n_reused", 0))
+        on_rows(done)
     try:
         # Recorded in the part: how many rows were copied from old parts instead of embedded.
-        writer.file.attrs["n_reused"] = int(writer.file.attrs.get("n_reused", 0)) + _reuse_rows(writer, folder, job.reuse)
+        # Also the finished rows of an interrupted run's .partial of this shard for other rows (the
+        # folder changed since): resuming inside the part does not need the same file list.
+        stale = [p.name for p in folder.glob(f".part-{int(job.shard_id):06d}-*.h5.partial") if p.name != writer.path.name]
+        copied = _reuse_rows(writer, folder, [*job.reuse, *stale])
+        writer.file.attrs["n_reused"] = int(writer.file.attrs.get("n_reused", 0)) + copied
+        on_rows(copied)
         skipped: dict[int, str] = {}
-        _embed_rows(writer, job, skipped)
+        _embed_rows(writer, job, skipped, on_rows)
         return writer.finish(skipped)
     finally:
         writer.close()
@@ -281,11 +293,14 @@ def _reuse_rows(writer: PartWriter, folder: Path, names: Sequence[str]) -> int:
                 continue
             old_paths = _decode(f["paths"][...])
             old_fps = f["fingerprints"][...]
-            idx = [(want.get(p, -1), j) for j, p in enumerate(old_paths)]
-            new_rows = np.array([i for i, _ in idx], np.int64)
-            old_rows = np.arange(len(idx), dtype=np.int64)
+            # No tuple per row: container objects wake Python's cyclic GC, which then walks every
+            # object alive (the caller's millions of keys) and made this step grow with the cache.
+            new_rows = np.fromiter((want.get(p, -1) for p in old_paths), np.int64, count=len(old_paths))
+            old_rows = np.arange(len(old_paths), dtype=np.int64)
             hit = new_rows >= 0
             hit[hit] = np.all(old_fps[hit] == writer.rows.fingerprints[new_rows[hit]], axis=1)
+            if "status" in f:  # a .partial: only its rows flagged done
+                hit &= f["status"][...].astype(bool)
             new_rows, old_rows = new_rows[hit], old_rows[hit]
             # Both sides are in key order: copy runs that are contiguous on both sides in one write each.
             breaks = np.flatnonzero((np.diff(new_rows) != 1) | (np.diff(old_rows) != 1)) + 1
@@ -299,7 +314,8 @@ def _reuse_rows(writer: PartWriter, folder: Path, names: Sequence[str]) -> int:
     return copied
 
 
-def _embed_rows(writer: PartWriter, job: ShardJob, skipped: dict[int, str]) -> None:
+def _embed_rows(writer: PartWriter, job: ShardJob, skipped: dict[int, str],
+                on_rows: Callable[[int], None] = lambda n: None) -> None:
     import torch
     from torch.utils.data import DataLoader
 
@@ -334,6 +350,7 @@ def _embed_rows(writer: PartWriter, job: ShardJob, skipped: dict[int, str]) -> N
         for r, good, why in zip(rows, ok, reasons):
             if not good:
                 skipped[int(r)] = why
+        on_rows(len(rows))
 
 
 def finalize(prepared: Prepared) -> list[PartInfo]:
@@ -392,7 +409,8 @@ def migrate_v1(path: Path, *, shard_size: int = DEFAULT_SHARD_SIZE) -> list[Part
         version = None  # FeatureCache below says what is wrong with the file
     if isinstance(version, (int, np.integer)) and int(version) == 2:
         raise CacheError(f"{str(path)!r} has cache schema version 2 already; only a schema-v1 cache can be migrated.")
-    with FeatureCache(path) as c:  # refuses anything but a readable v1 cache, with its message
+    # Refuses anything but a readable v1 cache, with its message; an interrupted run's (complete=False) is fine.
+    with FeatureCache(path, allow_incomplete=True) as c:
         meta = {k: v for k, v in c.metadata.items() if k not in ("format", "schema_version", "n_samples", "embed_dim")}
         key, classes = c.cache_key, list(c.classes)
         sk_fps = {p: tuple(int(v) for v in fp) for (p, _), fp in zip(c.skipped, c.skipped_fingerprints)}
