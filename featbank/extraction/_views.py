@@ -158,7 +158,7 @@ def _dihedral(img: np.ndarray, turns: int, mirror: bool) -> np.ndarray:
 def _crop(img: np.ndarray, rng: np.random.Generator, interpolation: str) -> np.ndarray:
     from PIL import Image
 
-    from ..images import _RESAMPLE
+    from ..images import RESAMPLE
 
     h, w = img.shape[:2]
     area = h * w
@@ -173,7 +173,7 @@ def _crop(img: np.ndarray, rng: np.random.Generator, interpolation: str) -> np.n
             box = (left, top, left + cw, top + ch)
             break
     flip = bool(rng.integers(0, 2))
-    out = Image.fromarray(np.ascontiguousarray(img)).crop(box).resize((w, h), _RESAMPLE[interpolation])
+    out = Image.fromarray(np.ascontiguousarray(img)).crop(box).resize((w, h), RESAMPLE[interpolation])
     arr = np.asarray(out, dtype=np.uint8)
     return arr[:, ::-1] if flip else arr
 
