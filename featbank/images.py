@@ -71,6 +71,9 @@ RESAMPLE = {
     "box": Image.Resampling.BOX,
     "hamming": Image.Resampling.HAMMING,
 }
+# The name before #13 made it public; wt/feat's extraction/_views.py imports it. Remove once that
+# file imports RESAMPLE (after the merge).
+_RESAMPLE = RESAMPLE
 
 
 @dataclass(frozen=True)
