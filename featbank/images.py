@@ -73,7 +73,6 @@ RESAMPLE = {
 }
 # The name before #13 made it public; wt/feat's extraction/_views.py imports it. Remove once that
 # file imports RESAMPLE (after the merge).
-_RESAMPLE = RESAMPLE
 
 
 @dataclass(frozen=True)
