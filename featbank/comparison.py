@@ -1,0 +1,444 @@
+"""``compare``: a backbone bake-off on one data folder (extract what is missing, probe each, one table).
+
+Each backbone's cache is the one ``featbank extract DATA --backbone NAME`` writes by default
+(:func:`~featbank.extraction.default_cache_path`), so caches extracted before are reused and
+``featbank fit`` finds the ones written here. Each cache gets the default probe of
+``featbank fit`` (a linear head, C chosen on validation, refitted on train+val), in memory: no
+bundle is written. Throughput comes from the extraction that filled the cache: this run's, or the
+one recorded beside the cache (``<cache>.throughput.json``) when a previous ``compare`` embedded
+more images than this run.
+
+The module is a noun (``comparison``) so that ``featbank.compare`` stays the function even after
+``import featbank.comparison``, as ``featbank.fit`` lives in ``featbank.fitting``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypedDict
+
+from ._files import atomic_write_bytes, atomic_write_text, check_output_dir, timestamp
+from .errors import ConfigError, FeatbankError, Interrupted
+
+__all__ = [
+    "CompareRow",
+    "compare",
+    "parse_backbones",
+    "default_plot_path",
+    "format_table",
+    "plot_comparison",
+    "THROUGHPUT_SOURCES",
+]
+
+#: ``img_per_s_source`` values: this run's extraction, a previous compare's record, or nothing known.
+THROUGHPUT_SOURCES = ("measured", "recorded", "unknown")
+
+_RECORD_SUFFIX = ".throughput.json"
+
+
+class CompareRow(TypedDict):
+    """One backbone's line of the comparison table (every key is always present).
+
+    Keys:
+        backbone: the name as given.
+        layers: the layers the probe used (``"final"``: the backbone's embedding).
+        dims: features per image the probe saw; ``None`` when the backbone failed before.
+        n_images: rows in the cache (images that could be read).
+        img_per_s: images embedded per second, wall time of the whole extraction (scan, model load,
+            decode, forward, write); ``None`` when unknown.
+        img_per_s_source: ``"measured"`` (this run's extraction), ``"recorded"`` (a previous
+            compare's extraction of this cache, read from ``<cache>.throughput.json``) or
+            ``"unknown"`` (the cache was written by ``featbank extract`` and nothing was embedded now).
+        img_per_s_images: how many images that throughput was measured on.
+        n_embedded: images embedded by this run (0: the cache was reused as it was).
+        extract_s: seconds this run spent in extract (a reused cache: the up-to-date check).
+        val_top1, val_balanced_acc: on the validation split the probe selected C on (the head
+            fitted on train only), so optimistic.
+        test_top1, test_balanced_acc: the refitted head on the test split; ``None`` when DATA
+            has no test split (see ``notes``).
+        n_train, n_val, n_test: rows of each split the probe used.
+        chosen: the selected hyperparameter, e.g. ``{"C": 0.01}``.
+        fit_s: seconds of the probe fit (sweep + refit + test).
+        cache: the cache file used.
+        error: why this backbone has no numbers (``None`` when it has them).
+        notes: remarks, e.g. that there is no test split.
+    """
+
+    backbone: str
+    layers: str
+    dims: int | None
+    n_images: int | None
+    img_per_s: float | None
+    img_per_s_source: str
+    img_per_s_images: int
+    n_embedded: int
+    extract_s: float | None
+    val_top1: float | None
+    val_balanced_acc: float | None
+    test_top1: float | None
+    test_balanced_acc: float | None
+    n_train: int
+    n_val: int
+    n_test: int
+    chosen: dict[str, Any]
+    fit_s: float | None
+    cache: str | None
+    error: str | None
+    notes: list[str]
+
+
+@dataclass(frozen=True)
+class _Options:
+    """The settings every backbone of one compare run shares."""
+
+    layers: str
+    batch_size: int
+    num_workers: int | None
+    device: str
+    engine: str
+    progress: bool
+
+
+def compare(
+    data: str | os.PathLike,
+    backbones: str | Sequence[str],
+    *,
+    layers: str | Sequence[str] | None = "final",
+    plot: str | os.PathLike | None = None,
+    device: str = "auto",
+    engine: str = "auto",
+    batch_size: int = 32,
+    num_workers: int | None = None,
+    progress: bool = False,
+) -> list[CompareRow]:
+    """Extract (what is missing), probe and compare several backbones on one data folder.
+
+    Every input is checked before any work: the list of backbones, the layers, the data folder.
+    Then, per backbone in the given order: ``featbank.extract`` into the default cache (an
+    up-to-date cache is reused without loading the model), ``featbank.fit`` with the defaults of
+    ``featbank fit`` (linear probe, C chosen on validation, refitted on train+val, scored on test),
+    without saving a bundle. A backbone that fails (weights not on this machine, a cache made with
+    other settings, a cache another process is writing) gets a row with ``error`` set, and the
+    others still run.
+
+    Args:
+        data: an image folder as for ``featbank extract`` (labelled; ``DATA/{train,val,test}/...``
+            for a test split), or a labelled manifest / WebDataset.
+        backbones: names (``"efficientnet_lite0,efficientnet_lite1"`` or a list), at least one,
+            no repeats, each one ``featbank backbones`` knows (or a fine-tuned bundle folder).
+        layers: ``"final"`` (the backbone's embedding, the only value until layer taps land).
+        plot: write a PNG of accuracy against throughput there (``None``: no plot; the command
+            line defaults to :func:`default_plot_path`).
+        device, engine, batch_size, num_workers: as for ``featbank.extract`` (device also for fit).
+        progress: extraction progress bars on stderr.
+
+    Returns:
+        One :class:`CompareRow` per backbone, in the given order.
+
+    Raises:
+        ConfigError: an empty list, a repeated or unknown backbone, unsupported layers.
+        DatasetError: DATA is missing, empty, unlabelled or has a single class.
+        Interrupted: Ctrl-C (caches keep what was embedded; a rerun resumes).
+
+    Example:
+        >>> rows = featbank.compare("data/elpv", "efficientnet_lite0,efficientnet_lite1")
+        >>> [(r["backbone"], r["test_top1"], r["img_per_s"]) for r in rows]
+    """
+    names = parse_backbones(backbones)
+    layer_spec = _check_layers(layers)
+    from .extraction import DEVICES, ENGINES
+
+    if engine not in ENGINES:
+        raise ConfigError(f"The 'engine' parameter must be one of {ENGINES}. Got {engine!r} instead.")
+    if device not in DEVICES:
+        raise ConfigError(f"The 'device' parameter must be one of {DEVICES}. Got {device!r} instead.")
+    _check_data(data)
+    if plot is not None:
+        _check_plot(Path(plot).expanduser())
+    for name in names:
+        _check_backbone(name)
+    opts = _Options(layer_spec, batch_size, num_workers, device, engine, progress)
+    rows = [_compare_one(data, name, opts) for name in names]
+    if plot is not None:
+        plot_comparison(rows, plot, title=Path(data).name)
+    return rows
+
+
+def parse_backbones(backbones: str | Sequence[str]) -> list[str]:
+    """``"a,b"`` or ``["a", "b"]`` -> ``["a", "b"]``, refusing an empty list, empty names and repeats.
+
+    Raises:
+        ConfigError: no names, an empty name (``"a,,b"``), or a name given twice.
+    """
+    if isinstance(backbones, str):
+        items = backbones.split(",")
+    elif isinstance(backbones, Sequence) and all(isinstance(b, str) for b in backbones):
+        items = list(backbones)
+    else:
+        raise ConfigError(f"The 'backbones' parameter must be a comma-separated string or a list of names. Got "
+                          f"{backbones!r} instead.")
+    names = [b.strip() for b in items]
+    if not any(names):
+        raise ConfigError(f"--backbones names no backbone (got {backbones!r}). Give at least one, e.g. "
+                          "--backbones efficientnet_lite0,efficientnet_lite1 ('featbank backbones' lists them).")
+    if not all(names):
+        raise ConfigError(f"--backbones has an empty name in {backbones!r}. Separate names with single commas, "
+                          "e.g. efficientnet_lite0,efficientnet_lite1.")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"--backbones names {', '.join(repr(n) for n in repeated)} more than once (got "
+                          f"{backbones!r}). Give each backbone once.")
+    return names
+
+
+def _check_layers(layers: str | Sequence[str] | None) -> str:
+    spec = layers if isinstance(layers, str) or layers is None else ",".join(layers)
+    spec = (spec or "final").strip()
+    if spec != "final":
+        raise ConfigError(
+            f"compare --layers supports only 'final' (the backbone's embedding) for now; got {spec!r}. "
+            "Intermediate layers need 'featbank extract --layers' and 'featbank fit --layers', which this "
+            "featbank does not have yet. Drop --layers."
+        )
+    return spec
+
+
+def _check_plot(path: Path) -> None:
+    if path.is_dir():
+        raise ConfigError(f"--plot {str(path)!r} is a folder; give a file name such as {path / 'compare.png'}.")
+    if path.suffix.lower() != ".png":
+        raise ConfigError(f"--plot {str(path)!r} must end in .png (the plot is a PNG image).")
+    try:
+        check_output_dir(path.parent, "plot")
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("Choose another --out", "Choose another --plot")) from None
+
+
+def _check_data(data: str | os.PathLike) -> None:
+    """Refuse DATA before any work: missing, empty, unlabelled or a single class (DatasetError)."""
+    from .data import scan_folder
+    from .extraction._scaled import ScaleOptions, _is_manifest, _is_webdataset, read_source
+
+    text = os.fspath(data)
+    if _is_manifest(text) or _is_webdataset(text):
+        read_source(text, ScaleOptions())
+    else:
+        scan_folder(text, require_labels=True)
+
+
+def _check_backbone(name: str) -> None:
+    """Refuse a name no backbone source knows, without building anything (weights are not checked)."""
+    from .backbones._factory import _REGISTRY, _is_bundle_dir, _tv_models, _unknown
+
+    if name in _REGISTRY or _is_bundle_dir(name):
+        return
+    source, _, bare = name.rpartition(":")
+    if source not in ("", "torchvision", "tv", "timm"):
+        raise _unknown(name)
+    if source != "timm":
+        try:
+            if bare in _tv_models():
+                return
+        except Exception:  # noqa: BLE001 - torchvision's listing failing means "not one of its names"
+            pass
+        if source:
+            raise _unknown(name)
+    import timm
+
+    models = timm.list_models()
+    if bare not in models and bare.split(".")[0] not in models:
+        raise _unknown(name)
+
+
+def _empty_row(name: str, layers: str) -> CompareRow:
+    return CompareRow(
+        backbone=name, layers=layers, dims=None, n_images=None, img_per_s=None, img_per_s_source="unknown",
+        img_per_s_images=0, n_embedded=0, extract_s=None, val_top1=None, val_balanced_acc=None, test_top1=None,
+        test_balanced_acc=None, n_train=0, n_val=0, n_test=0, chosen={}, fit_s=None, cache=None, error=None, notes=[],
+    )
+
+
+def _compare_one(data: str | os.PathLike, name: str, opts: _Options) -> CompareRow:
+    """Extract (or reuse) one backbone's cache and probe it; a featbank error lands in ``error``."""
+    from .cache import open_cache
+    from .extraction import extract
+    from .fitting import fit
+
+    row = _empty_row(name, opts.layers)
+    try:
+        report = extract(data, backbone=name, batch_size=opts.batch_size, num_workers=opts.num_workers,
+                         device=opts.device, engine=opts.engine, progress=opts.progress)
+    except Interrupted:
+        raise
+    except FeatbankError as e:
+        row["error"] = f"extract failed: {e}"
+        return row
+    row.update(cache=str(report.path), n_embedded=report.n_embedded, extract_s=round(report.seconds, 3))
+    row["img_per_s"], row["img_per_s_source"], row["img_per_s_images"] = _throughput(report)
+    try:
+        with open_cache(report.path) as cache:
+            row["dims"], row["n_images"] = int(cache.embed_dim), len(cache)
+            result = fit(cache, "linear", device=opts.device, save=False)
+    except Interrupted:
+        raise
+    except FeatbankError as e:
+        row["error"] = f"fit failed: {e}"
+        return row
+    val, test = result.metrics.get("val", {}), result.metrics.get("test", {})
+    row.update(
+        val_top1=val.get("top1"), val_balanced_acc=val.get("balanced_accuracy"),
+        test_top1=test.get("top1") if result.eval_split == "test" else None,
+        test_balanced_acc=test.get("balanced_accuracy") if result.eval_split == "test" else None,
+        n_train=result.n_train, n_val=result.n_val, n_test=result.n_test, chosen=dict(result.chosen),
+        fit_s=round(result.seconds, 3),
+    )
+    if result.eval_split != "test":
+        row["notes"].append("no test split in DATA: test accuracy not measured (add DATA/test/<class>/...)")
+    return row
+
+
+def _throughput(report: Any) -> tuple[float | None, str, int]:
+    """(img/s, source, images measured): this run's extraction or the record of an earlier one,
+    whichever embedded more images (a rerun that embeds 3 new files measures mostly the model load)."""
+    record_path = Path(str(report.path) + _RECORD_SUFFIX)
+    recorded = _read_record(record_path, report.cache_key)
+    if report.n_embedded and report.seconds > 0 and (recorded is None or report.n_embedded >= recorded[1]):
+        ips = report.n_embedded / report.seconds
+        record = {"cache_key": report.cache_key, "images_per_second": ips, "n_embedded": report.n_embedded,
+                  "seconds": report.seconds, "engine": report.engine, "device": report.device, "recorded": timestamp()}
+        try:
+            atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
+        except OSError:
+            pass  # the number is still reported; only the next run will not find it
+        return round(ips, 2), "measured", int(report.n_embedded)
+    if recorded is not None:
+        return round(recorded[0], 2), "recorded", recorded[1]
+    return None, "unknown", 0
+
+
+def _read_record(path: Path, cache_key: str) -> tuple[float, int] | None:
+    """(img/s, images) from a throughput record of this very cache key; anything else is no record."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("cache_key") != cache_key or not cache_key:
+        return None
+    ips, n = record.get("images_per_second"), record.get("n_embedded")
+    if not isinstance(ips, (int, float)) or isinstance(ips, bool) or not math.isfinite(ips) or ips <= 0:
+        return None
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        return None
+    return float(ips), n
+
+
+_COLUMNS = (("backbone", "backbone"), ("layers", "layers"), ("dims", "dims"), ("img/s", "img_per_s"),
+            ("val top-1", "val_top1"), ("val bal acc", "val_balanced_acc"), ("test top-1", "test_top1"),
+            ("test bal acc", "test_balanced_acc"), ("fit s", "fit_s"))
+
+
+def _cell(row: CompareRow, key: str) -> str:
+    value = row[key]  # type: ignore[literal-required]
+    if row["error"] is not None and key not in ("backbone", "layers"):
+        return "error" if key == "dims" else ""
+    if value is None:
+        return "—"
+    if key == "img_per_s":
+        return f"{value:.1f}" + (" (recorded)" if row["img_per_s_source"] == "recorded" else "")
+    if key == "fit_s":
+        return f"{value:.1f}"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def format_table(rows: Sequence[CompareRow]) -> str:
+    """The comparison as a plain-text table, followed by what its marks mean and each row's error.
+
+    Example:
+        >>> print(format_table(featbank.compare("data/elpv", "efficientnet_lite0")))
+    """
+    cells = [[title for title, _ in _COLUMNS]] + [[_cell(r, key) for _, key in _COLUMNS] for r in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(_COLUMNS))]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip()
+             for line in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    ok = [r for r in rows if r["error"] is None]
+    lines.append("")
+    lines.append("val: the validation split the probe chose C on (optimistic); test: the refitted probe on DATA's test split.")
+    if any(r["test_top1"] is None for r in ok):
+        lines.append("test —: DATA has no test split, so there is no unbiased estimate (add DATA/test/<class>/...).")
+    sources = {r["img_per_s_source"] for r in ok}
+    note = "img/s: whole extraction (model load, decode, forward, write) over the images it embedded"
+    if "measured" in sources:
+        note += "; measured in this run"
+    if "recorded" in sources:
+        note += "; (recorded): an earlier compare's extraction of the same cache, nothing embedded now"
+    if "unknown" in sources:
+        note += "; —: the cache came from 'featbank extract', which records no throughput (delete it to measure)"
+    lines.append(note + ".")
+    for r in rows:
+        if r["error"] is not None:
+            lines.append(f"{r['backbone']}: {r['error']}")
+    return "\n".join(lines)
+
+
+def default_plot_path(data: str | os.PathLike) -> Path:
+    """``<cache dir>/caches/<folder>-<hash>-compare.png``: beside the caches compare uses, one per DATA."""
+    from .extraction import default_cache_path
+
+    cache = default_cache_path(data, "compare")
+    return cache.with_name(f"{cache.stem}.png")
+
+
+def plot_comparison(rows: Sequence[CompareRow], path: str | os.PathLike, title: str = "") -> Path:
+    """Write a PNG of accuracy (test, else validation) against throughput, one point per backbone.
+
+    Rows without a throughput or with an error are named under the plot instead of drawn.
+
+    Returns:
+        The path written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import io
+
+    import matplotlib.pyplot as plt
+
+    out = Path(path).expanduser()
+    drawn = [r for r in rows if r["error"] is None and r["img_per_s"] and r["val_top1"] is not None]
+    on_test = bool(drawn) and all(r["test_top1"] is not None for r in drawn)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in drawn:
+        x = r["img_per_s"]
+        top1 = r["test_top1"] if on_test else r["val_top1"]
+        bal = r["test_balanced_acc"] if on_test else r["val_balanced_acc"]
+        ax.scatter([x], [top1], marker="o", color="tab:blue")
+        ax.scatter([x], [bal], marker="^", color="tab:orange")
+        ax.annotate(f"{r['backbone']} ({r['layers']}, {r['dims']}-d)", (x, top1), textcoords="offset points",
+                    xytext=(5, 5), fontsize=8)
+    ax.scatter([], [], marker="o", color="tab:blue", label="top-1")
+    ax.scatter([], [], marker="^", color="tab:orange", label="balanced accuracy")
+    ax.legend(loc="best", fontsize=8)
+    xs = [r["img_per_s"] for r in drawn]
+    if xs and max(xs) > 20 * min(xs):
+        ax.set_xscale("log")  # a tiny test model next to real ones would squash the real ones together
+    ax.set_xlabel("extraction throughput (images/s)")
+    ax.set_ylabel("test accuracy" if on_test else "validation accuracy (no test split: optimistic)")
+    ax.set_title(f"Backbones on {title}" if title else "Backbones")
+    ax.grid(alpha=0.3)
+    missing = [r["backbone"] for r in rows if r not in drawn]
+    if missing:
+        fig.text(0.01, 0.01, "not drawn (no throughput or failed): " + ", ".join(missing), fontsize=7)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out, buf.getvalue())
+    return out
