@@ -28,9 +28,11 @@ Examples:
 @device_option
 @click.option("--engine", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True,
               help="As for extract. Throughput depends on it.")
+@click.option("--overwrite", is_flag=True, help="Replace a default cache that was made with other settings.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON (a list of objects).")
 @quiet_option
-def compare(data, backbones, layers, plot, no_plot, batch_size, num_workers, device, engine, as_json, quiet) -> None:
+def compare(data, backbones, layers, plot, no_plot, batch_size, num_workers, device, engine, overwrite, as_json,
+            quiet) -> None:
     """Compare backbones on DATA: extract what is missing, fit the default probe, one table.
 
     Each backbone's cache is the default one of 'featbank extract DATA --backbone NAME' (reused
@@ -47,7 +49,8 @@ def compare(data, backbones, layers, plot, no_plot, batch_size, num_workers, dev
 
     plot_path = None if no_plot else (plot or str(default_plot_path(data)))
     rows = run_compare(data, backbones, layers=layers, plot=plot_path, device=device, engine=engine,
-                       batch_size=batch_size, num_workers=num_workers, progress=not quiet and not as_json)
+                       batch_size=batch_size, num_workers=num_workers, overwrite=overwrite,
+                       progress=not quiet and not as_json)
     click.echo(json.dumps(rows, indent=2) if as_json else format_table(rows))
     if plot_path is not None and not quiet:
         click.echo(f"Plot: {plot_path}", err=as_json)

@@ -39,6 +39,8 @@ __all__ = [
 THROUGHPUT_SOURCES = ("measured", "recorded", "unknown")
 
 _RECORD_SUFFIX = ".throughput.json"
+_NO_TEST = "no test split in DATA: test accuracy not measured (add DATA/test/<class>/...)"
+_TABLE_NOTES = (_NO_TEST,)  # said once under the table, not once per row
 
 
 class CompareRow(TypedDict):
@@ -101,6 +103,7 @@ class _Options:
     num_workers: int | None
     device: str
     engine: str
+    overwrite: bool
     progress: bool
 
 
@@ -114,6 +117,7 @@ def compare(
     engine: str = "auto",
     batch_size: int = 32,
     num_workers: int | None = None,
+    overwrite: bool = False,
     progress: bool = False,
 ) -> list[CompareRow]:
     """Extract (what is missing), probe and compare several backbones on one data folder.
@@ -135,6 +139,8 @@ def compare(
         plot: write a PNG of accuracy against throughput there (``None``: no plot; the command
             line defaults to :func:`default_plot_path`).
         device, engine, batch_size, num_workers: as for ``featbank.extract`` (device also for fit).
+        overwrite: replace a default cache that was made with other settings (as ``extract``'s);
+            without it such a backbone gets an error row and its cache stays as it is.
         progress: extraction progress bars on stderr.
 
     Returns:
@@ -162,7 +168,7 @@ def compare(
         _check_plot(Path(plot).expanduser())
     for name in names:
         _check_backbone(name)
-    opts = _Options(layer_spec, batch_size, num_workers, device, engine, progress)
+    opts = _Options(layer_spec, batch_size, num_workers, device, engine, overwrite, progress)
     rows = [_compare_one(data, name, opts) for name in names]
     if plot is not None:
         plot_comparison(rows, plot, title=Path(data).name)
@@ -272,7 +278,7 @@ def _compare_one(data: str | os.PathLike, name: str, opts: _Options) -> CompareR
     row = _empty_row(name, opts.layers)
     try:
         report = extract(data, backbone=name, batch_size=opts.batch_size, num_workers=opts.num_workers,
-                         device=opts.device, engine=opts.engine, progress=opts.progress)
+                         device=opts.device, engine=opts.engine, overwrite=opts.overwrite, progress=opts.progress)
     except Interrupted:
         raise
     except FeatbankError as e:
@@ -280,6 +286,9 @@ def _compare_one(data: str | os.PathLike, name: str, opts: _Options) -> CompareR
         return row
     row.update(cache=str(report.path), n_embedded=report.n_embedded, extract_s=round(report.seconds, 3))
     row["img_per_s"], row["img_per_s_source"], row["img_per_s_images"] = _throughput(report)
+    if report.n_skipped:
+        row["notes"].append(f"{report.n_skipped} image(s) could not be read and were skipped (listed in the "
+                            "cache under skipped/)")
     try:
         with open_cache(report.path) as cache:
             row["dims"], row["n_images"] = int(cache.embed_dim), len(cache)
@@ -298,7 +307,7 @@ def _compare_one(data: str | os.PathLike, name: str, opts: _Options) -> CompareR
         fit_s=round(result.seconds, 3),
     )
     if result.eval_split != "test":
-        row["notes"].append("no test split in DATA: test accuracy not measured (add DATA/test/<class>/...)")
+        row["notes"].append(_NO_TEST)
     return row
 
 
@@ -385,6 +394,7 @@ def format_table(rows: Sequence[CompareRow]) -> str:
     for r in rows:
         if r["error"] is not None:
             lines.append(f"{r['backbone']}: {r['error']}")
+        lines += [f"{r['backbone']}: {n}" for n in r["notes"] if n not in _TABLE_NOTES]
     return "\n".join(lines)
 
 

@@ -25,6 +25,7 @@ from featbank.comparison import (
     plot_comparison,
 )
 from featbank.errors import ConfigError, DatasetError
+from featbank.extraction import default_cache_path
 
 from conftest import make_image_folder
 
@@ -221,7 +222,7 @@ def test_compare_two_backbones_then_reuse_their_caches(split_folder, tmp_path):
     _check_row(rows[1], "efficientnet_lite0", 1280)
     for r in rows:
         assert r["n_embedded"] == 36 and r["img_per_s_source"] == "measured" and r["img_per_s_images"] == 36
-        assert Path(r["cache"]) == featbank.extraction.default_cache_path(split_folder, r["backbone"])
+        assert Path(r["cache"]) == default_cache_path(split_folder, r["backbone"])
     assert rows[1]["test_top1"] >= 0.8  # colour-coded classes: Lite0 separates them
     _assert_png(plot)
     stamps = {r["cache"]: Path(r["cache"]).stat().st_mtime_ns for r in rows}
@@ -259,3 +260,20 @@ def test_cli_table_without_test_split_and_a_backbone_without_weights(tmp_path, m
     _assert_png(plot)
     rows = featbank.compare(data, ["test_tiny"], engine="torch", num_workers=0)
     assert rows[0]["test_top1"] is None and rows[0]["val_top1"] is not None and "no test split" in rows[0]["notes"][0]
+
+
+@pytest.mark.slow
+def test_a_cache_made_with_other_settings_is_an_error_row_until_overwrite(split_folder):
+    (split_folder / "train" / "cat" / "broken.png").write_bytes(b"not a png")
+    default = default_cache_path(split_folder, "test_tiny")
+    featbank.extract(split_folder, default, backbone="test_tiny", dtype="float16", engine="torch", num_workers=0,
+                     progress=False)
+    before = default.read_bytes()
+    rows = featbank.compare(split_folder, "test_tiny", engine="torch", num_workers=0)
+    assert rows[0]["error"] is not None and "extract failed" in rows[0]["error"] and "float16" in rows[0]["error"]
+    assert rows[0]["val_top1"] is None and default.read_bytes() == before  # the foreign cache is untouched
+    assert "test_tiny: extract failed" in format_table(rows)
+    rows = featbank.compare(split_folder, "test_tiny", engine="torch", num_workers=0, overwrite=True)
+    assert rows[0]["error"] is None and rows[0]["n_embedded"] == 36 and rows[0]["n_images"] == 36
+    assert rows[0]["notes"] == ["1 image(s) could not be read and were skipped (listed in the cache under skipped/)"]
+    assert "test_tiny: 1 image(s) could not be read" in format_table(rows)
