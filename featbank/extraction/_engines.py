@@ -28,6 +28,7 @@ __all__ = [
     "ensure_embedder_onnx",
     "_OrtEngine",
     "_make_engine",
+    "_TapEngine",
 ]
 
 
@@ -56,6 +57,40 @@ class _TorchEngine:
             else:
                 y = self.model(x)
             return y.float().cpu().numpy()
+
+
+class _TapEngine(_TorchEngine):
+    """torch engine over a :class:`~featbank.backbones.TapModel`: a batch -> one array per tap.
+
+    Layers and views run on torch only: ``--engine onnxruntime`` is refused for them (see
+    ``resolve_features``), and ``auto`` means torch there.
+    """
+
+    def __init__(self, backbone: Any, device: str, precision: str, layers: Any, pooling: str):
+        import torch
+
+        from ..backbones import TapModel
+
+        self.torch = torch
+        self.device = torch.device(device)
+        model = TapModel(backbone, layers, pooling).eval().to(self.device)
+        if self.device.type == "cpu":
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.layers = model.layers
+        self.autocast_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(precision)
+
+    def __call__(self, batch: Any) -> list[np.ndarray]:  # type: ignore[override]
+        torch = self.torch
+        x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(batch)
+        with torch.inference_mode():
+            x = x.to(self.device, non_blocking=True)
+            if self.autocast_dtype is not None:
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+                    ys = self.model(x)
+            else:
+                ys = self.model(x)
+            return [y.float().cpu().numpy() for y in ys]
 
 
 def _onnx_cache_path(identity: dict[str, Any]) -> Path:
