@@ -135,7 +135,8 @@ def compare(
             for a test split), or a labelled manifest / WebDataset.
         backbones: names (``"efficientnet_lite0,efficientnet_lite1"`` or a list), at least one,
             no repeats, each one ``featbank backbones`` knows (or a fine-tuned bundle folder).
-        layers: ``"final"`` (the backbone's embedding, the only value until layer taps land).
+        layers: ``"final"`` (the backbone's embedding; the only value until ``featbank.fit`` takes
+            ``layers``).
         plot: write a PNG of accuracy against throughput there (``None``: no plot; the command
             line defaults to :func:`default_plot_path`).
         device, engine, batch_size, num_workers: as for ``featbank.extract`` (device also for fit).
@@ -208,8 +209,8 @@ def _check_layers(layers: str | Sequence[str] | None) -> str:
     if spec != "final":
         raise ConfigError(
             f"compare --layers supports only 'final' (the backbone's embedding) for now; got {spec!r}. "
-            "Intermediate layers need 'featbank extract --layers' and 'featbank fit --layers', which this "
-            "featbank does not have yet. Drop --layers."
+            "A probe on intermediate layers needs 'featbank fit --layers', which this featbank does not have "
+            "yet ('featbank extract --layers' can already store them). Drop --layers."
         )
     return spec
 
