@@ -51,7 +51,7 @@ def compare(data, backbones, layers, plot, no_plot, batch_size, num_workers, dev
     rows = run_compare(data, backbones, layers=layers, plot=plot_path, device=device, engine=engine,
                        batch_size=batch_size, num_workers=num_workers, overwrite=overwrite,
                        progress=not quiet and not as_json)
-    click.echo(json.dumps(rows, indent=2) if as_json else format_table(rows))
+    click.echo(json.dumps(rows, indent=2, default=str) if as_json else format_table(rows))
     if plot_path is not None and not quiet:
         click.echo(f"Plot: {plot_path}", err=as_json)
     failed = [r["backbone"] for r in rows if r["error"] is not None]

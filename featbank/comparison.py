@@ -299,17 +299,26 @@ def _compare_one(data: str | os.PathLike, name: str, opts: _Options) -> CompareR
     except FeatbankError as e:
         row["error"] = f"fit failed: {e}"
         return row
-    val, test = result.metrics.get("val", {}), result.metrics.get("test", {})
+    val = result.metrics.get("val", {})
+    test = result.metrics.get("test", {}) if result.eval_split == "test" else {}
     row.update(
-        val_top1=val.get("top1"), val_balanced_acc=val.get("balanced_accuracy"),
-        test_top1=test.get("top1") if result.eval_split == "test" else None,
-        test_balanced_acc=test.get("balanced_accuracy") if result.eval_split == "test" else None,
+        val_top1=_number(val.get("top1")), val_balanced_acc=_number(val.get("balanced_accuracy")),
+        test_top1=_number(test.get("top1")), test_balanced_acc=_number(test.get("balanced_accuracy")),
         n_train=result.n_train, n_val=result.n_val, n_test=result.n_test, chosen=dict(result.chosen),
         fit_s=round(result.seconds, 3),
     )
     if result.eval_split != "test":
         row["notes"].append(_NO_TEST)
     return row
+
+
+def _number(value: Any) -> float | None:
+    """A metric as a plain float, or None when absent or not finite (so --json stays valid JSON)."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
 
 
 def _throughput(report: Any) -> tuple[float | None, str, int]:
