@@ -148,7 +148,8 @@ def compare(
         One :class:`CompareRow` per backbone, in the given order.
 
     Raises:
-        ConfigError: an empty list, a repeated or unknown backbone, unsupported layers.
+        ConfigError: an empty list, a repeated or unknown backbone, unsupported layers, a bad
+            engine, device, batch size or worker count, a ``plot`` path that cannot be written.
         DatasetError: DATA is missing, empty, unlabelled or has a single class.
         Interrupted: Ctrl-C (caches keep what was embedded; a rerun resumes).
 
@@ -159,7 +160,9 @@ def compare(
     names = parse_backbones(backbones)
     layer_spec = _check_layers(layers)
     from .extraction import DEVICES, ENGINES
+    from .extraction._options import _validate
 
+    _validate(batch_size, num_workers, "float32")
     if engine not in ENGINES:
         raise ConfigError(f"The 'engine' parameter must be one of {ENGINES}. Got {engine!r} instead.")
     if device not in DEVICES:

@@ -98,8 +98,8 @@ def test_bad_data_layers_plot_exit_2_before_any_work(split_folder, tmp_path):
         res = runner.invoke(cli, [*args, *FAST])
         assert res.exit_code == 2, (args, res.output)
         assert expected in res.output and "Traceback" not in res.output, (args, res.output)
-    for kwargs in ({"engine": "tensorrt"}, {"device": "tpu"}):
-        with pytest.raises(ConfigError, match="tensorrt|tpu"):
+    for kwargs in ({"engine": "tensorrt"}, {"device": "tpu"}, {"batch_size": 0}, {"num_workers": -1}):
+        with pytest.raises(ConfigError, match="tensorrt|tpu|batch_size|num_workers"):
             featbank.compare(split_folder, "test_tiny", **kwargs)
     assert _cache_files() == []
 
