@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,8 @@ __all__ = [
 THROUGHPUT_SOURCES = ("measured", "recorded", "unknown")
 
 _RECORD_SUFFIX = ".throughput.json"
+#: ``img_per_s_method`` values: the rate after the first batch, or the whole extraction's.
+_METHODS = ("steady", "whole run")
 _NO_TEST = "no test split in DATA: test accuracy not measured (add DATA/test/<class>/...)"
 _TABLE_NOTES = (_NO_TEST,)  # said once under the table, not once per row
 
@@ -51,8 +54,13 @@ class CompareRow(TypedDict):
         layers: the layers the probe used (``"final"``: the backbone's embedding).
         dims: features per image the probe saw; ``None`` when the backbone failed before.
         n_images: rows in the cache (images that could be read).
-        img_per_s: images embedded per second, wall time of the whole extraction (scan, model load,
-            decode, forward, write); ``None`` when unknown.
+        img_per_s: images embedded per second by extract (decode, forward, write); ``None`` when
+            unknown. See ``img_per_s_method``.
+        img_per_s_method: ``"steady"``: from the end of the first batch to the end of the last, so
+            model load, ONNX export and warm-up are left out (what a long run sustains);
+            ``"whole run"``: the extraction's wall time over the images it embedded, fixed costs
+            included, used when fewer than ``batch_size`` images came after the first batch;
+            ``None`` when unknown.
         img_per_s_source: ``"measured"`` (this run's extraction), ``"recorded"`` (a previous
             compare's extraction of this cache, read from ``<cache>.throughput.json``) or
             ``"unknown"`` (the cache was written by ``featbank extract`` and nothing was embedded now).
@@ -76,6 +84,7 @@ class CompareRow(TypedDict):
     dims: int | None
     n_images: int | None
     img_per_s: float | None
+    img_per_s_method: str | None
     img_per_s_source: str
     img_per_s_images: int
     n_embedded: int
@@ -267,7 +276,8 @@ def _check_backbone(name: str) -> None:
 
 def _empty_row(name: str, layers: str) -> CompareRow:
     return CompareRow(
-        backbone=name, layers=layers, dims=None, n_images=None, img_per_s=None, img_per_s_source="unknown",
+        backbone=name, layers=layers, dims=None, n_images=None, img_per_s=None, img_per_s_method=None,
+        img_per_s_source="unknown",
         img_per_s_images=0, n_embedded=0, extract_s=None, val_top1=None, val_balanced_acc=None, test_top1=None,
         test_balanced_acc=None, n_train=0, n_val=0, n_test=0, chosen={}, fit_s=None, cache=None, error=None, notes=[],
     )
@@ -280,16 +290,21 @@ def _compare_one(data: str | os.PathLike, name: str, opts: _Options) -> CompareR
     from .fitting import fit
 
     row = _empty_row(name, opts.layers)
+    clock = _Clock()
     try:
         report = extract(data, backbone=name, batch_size=opts.batch_size, num_workers=opts.num_workers,
-                         device=opts.device, engine=opts.engine, overwrite=opts.overwrite, progress=opts.progress)
+                         device=opts.device, engine=opts.engine, overwrite=opts.overwrite, progress=opts.progress,
+                         on_progress=clock)
     except Interrupted:
         raise
     except FeatbankError as e:
         row["error"] = f"extract failed: {e}"
         return row
     row.update(cache=str(report.path), n_embedded=report.n_embedded, extract_s=round(report.seconds, 3))
-    row["img_per_s"], row["img_per_s_source"], row["img_per_s_images"] = _throughput(report)
+    rate, row["img_per_s_source"] = _throughput(report, clock.measure(report, opts.batch_size))
+    if rate is not None:
+        row.update(img_per_s=round(rate.images_per_second, 2), img_per_s_images=rate.n_images,
+                   img_per_s_method=rate.method)
     if report.n_skipped:
         row["notes"].append(f"{report.n_skipped} image(s) could not be read and were skipped (listed in the "
                             "cache under skipped/)")
@@ -324,39 +339,74 @@ def _number(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _throughput(report: Any) -> tuple[float | None, str, int]:
-    """(img/s, source, images measured): this run's extraction or the record of an earlier one,
-    whichever embedded more images (a rerun that embeds 3 new files measures mostly the model load)."""
+@dataclass(frozen=True)
+class _Throughput:
+    """One throughput measurement: img/s, over how many images, and how (``steady`` or ``whole run``)."""
+
+    images_per_second: float
+    n_images: int
+    method: str
+
+    @property
+    def rank(self) -> tuple[bool, int]:
+        # A steady rate beats a whole-run one, then more images beat fewer.
+        return self.method == "steady", self.n_images
+
+
+class _Clock:
+    """``on_progress`` for extract: when each batch finished, for a rate without the fixed costs."""
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[float, int]] = []
+
+    def __call__(self, done: int, total: int) -> None:
+        self.marks.append((time.perf_counter(), int(done)))
+
+    def measure(self, report: Any, min_images: int) -> _Throughput | None:
+        """The rate after the first batch (model load, ONNX export, warm-up and pipeline fill left
+        out) when at least ``min_images`` came after it; else the whole run's; None if none embedded."""
+        if len(self.marks) >= 2:
+            (t0, d0), (t1, d1) = self.marks[0], self.marks[-1]
+            if d1 - d0 >= min_images and t1 > t0:
+                return _Throughput((d1 - d0) / (t1 - t0), d1 - d0, "steady")
+        if report.n_embedded and report.seconds > 0:
+            return _Throughput(report.n_embedded / report.seconds, int(report.n_embedded), "whole run")
+        return None
+
+
+def _throughput(report: Any, now: _Throughput | None) -> tuple[_Throughput | None, str]:
+    """(throughput, source): this run's measurement or the record of an earlier run of this cache,
+    whichever ranks higher (a rerun that embeds 3 new files measures little but the model load)."""
     record_path = Path(str(report.path) + _RECORD_SUFFIX)
     recorded = _read_record(record_path, report.cache_key)
-    if report.n_embedded and report.seconds > 0 and (recorded is None or report.n_embedded >= recorded[1]):
-        ips = report.n_embedded / report.seconds
-        record = {"cache_key": report.cache_key, "images_per_second": ips, "n_embedded": report.n_embedded,
-                  "seconds": report.seconds, "engine": report.engine, "device": report.device, "recorded": timestamp()}
+    if now is not None and (recorded is None or now.rank >= recorded.rank):
+        record = {"cache_key": report.cache_key, "images_per_second": now.images_per_second,
+                  "n_images": now.n_images, "method": now.method, "extract_seconds": report.seconds,
+                  "engine": report.engine, "device": report.device, "recorded": timestamp()}
         try:
             atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
         except OSError:
             pass  # the number is still reported; only the next run will not find it
-        return round(ips, 2), "measured", int(report.n_embedded)
+        return now, "measured"
     if recorded is not None:
-        return round(recorded[0], 2), "recorded", recorded[1]
-    return None, "unknown", 0
+        return recorded, "recorded"
+    return None, "unknown"
 
 
-def _read_record(path: Path, cache_key: str) -> tuple[float, int] | None:
-    """(img/s, images) from a throughput record of this very cache key; anything else is no record."""
+def _read_record(path: Path, cache_key: str) -> _Throughput | None:
+    """The throughput recorded for this very cache key; anything else (damaged, foreign) is no record."""
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(record, dict) or record.get("cache_key") != cache_key or not cache_key:
         return None
-    ips, n = record.get("images_per_second"), record.get("n_embedded")
+    ips, n, method = record.get("images_per_second"), record.get("n_images"), record.get("method")
     if not isinstance(ips, (int, float)) or isinstance(ips, bool) or not math.isfinite(ips) or ips <= 0:
         return None
-    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0 or method not in _METHODS:
         return None
-    return float(ips), n
+    return _Throughput(float(ips), n, method)
 
 
 _COLUMNS = (("backbone", "backbone"), ("layers", "layers"), ("dims", "dims"), ("img/s", "img_per_s"),
@@ -371,7 +421,9 @@ def _cell(row: CompareRow, key: str) -> str:
     if value is None:
         return "—"
     if key == "img_per_s":
-        return f"{value:.1f}" + (" (recorded)" if row["img_per_s_source"] == "recorded" else "")
+        tags = [t for t, on in (("whole run", row["img_per_s_method"] == "whole run"),
+                                ("recorded", row["img_per_s_source"] == "recorded")) if on]
+        return f"{value:.1f}" + (f" ({', '.join(tags)})" if tags else "")
     if key == "fit_s":
         return f"{value:.1f}"
     if isinstance(value, float):
@@ -396,11 +448,13 @@ def format_table(rows: Sequence[CompareRow]) -> str:
     if any(r["test_top1"] is None for r in ok):
         lines.append("test —: DATA has no test split, so there is no unbiased estimate (add DATA/test/<class>/...).")
     sources = {r["img_per_s_source"] for r in ok}
-    note = "img/s: whole extraction (model load, decode, forward, write) over the images it embedded"
-    if "measured" in sources:
-        note += "; measured in this run"
+    methods = {r["img_per_s_method"] for r in ok}
+    note = "img/s: images embedded per second after the first batch (decode, forward, write; model load, export and " \
+           "warm-up left out)"
+    if "whole run" in methods:
+        note += "; (whole run): too few images for that, so the extraction's wall time, model load included"
     if "recorded" in sources:
-        note += "; (recorded): an earlier compare's extraction of the same cache, nothing embedded now"
+        note += "; (recorded): measured by an earlier compare run that filled this cache"
     if "unknown" in sources:
         note += "; —: the cache came from 'featbank extract', which records no throughput (delete it to measure)"
     lines.append(note + ".")

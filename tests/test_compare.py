@@ -17,15 +17,18 @@ from featbank.cache import default_cache_dir
 from featbank.cli.main import cli
 from featbank.comparison import (
     CompareRow,
+    _Clock,
     _empty_row,
     _read_record,
+    _Throughput,
+    _throughput,
     default_plot_path,
     format_table,
     parse_backbones,
     plot_comparison,
 )
 from featbank.errors import ConfigError, DatasetError
-from featbank.extraction import default_cache_path
+from featbank.extraction import ExtractReport, default_cache_path
 
 from conftest import make_image_folder
 
@@ -142,8 +145,10 @@ def test_table_marks_missing_test_recorded_throughput_and_errors():
     rows = [
         _row("test_tiny", dims=32, img_per_s=55.0, img_per_s_source="measured", val_top1=0.9, val_balanced_acc=0.85,
              fit_s=0.4),
-        _row("efficientnet_lite0", dims=1280, img_per_s=12.3, img_per_s_source="recorded", val_top1=0.95,
-             val_balanced_acc=0.9, fit_s=1.2),
+        _row("efficientnet_lite0", dims=1280, img_per_s=12.3, img_per_s_source="recorded", img_per_s_method="steady",
+             val_top1=0.95, val_balanced_acc=0.9, fit_s=1.2),
+        _row("efficientnet_lite1", dims=1280, img_per_s=2.5, img_per_s_source="measured", img_per_s_method="whole run",
+             val_top1=0.95, val_balanced_acc=0.9, fit_s=1.2),
         _row("resnet18", error="extract failed: the weights of 'resnet18' are not on this machine"),
     ]
     text = format_table(rows)
@@ -151,7 +156,8 @@ def test_table_marks_missing_test_recorded_throughput_and_errors():
     assert lines[0].split()[:3] == ["backbone", "layers", "dims"]
     tiny = next(line for line in lines if line.startswith("test_tiny"))
     assert "55.0" in tiny and "0.9000" in tiny and "—" in tiny
-    assert "12.3 (recorded)" in text and "an earlier compare's extraction" in text
+    assert "12.3 (recorded)" in text and "measured by an earlier compare run" in text
+    assert "2.5 (whole run)" in text and "model load included" in text
     assert "DATA has no test split" in text
     assert "resnet18: extract failed" in text
 
@@ -175,13 +181,16 @@ def test_default_plot_path_is_beside_the_caches(split_folder):
     assert default_plot_path(split_folder) == p and default_plot_path(split_folder.parent) != p
 
 
+def _record(**changes) -> str:
+    record = {"cache_key": "k", "images_per_second": 5.0, "n_images": 3, "method": "steady"}
+    record.update(changes)
+    return json.dumps(record)
+
+
 @pytest.mark.parametrize("record", [
-    "not json", "[]", json.dumps({"cache_key": "other", "images_per_second": 5.0, "n_embedded": 3}),
-    json.dumps({"cache_key": "k", "images_per_second": float("nan"), "n_embedded": 3}),
-    json.dumps({"cache_key": "k", "images_per_second": -1, "n_embedded": 3}),
-    json.dumps({"cache_key": "k", "images_per_second": True, "n_embedded": 3}),
-    json.dumps({"cache_key": "k", "images_per_second": 5.0, "n_embedded": "3"}),
-    json.dumps({"cache_key": "k", "images_per_second": "5", "n_embedded": 3}),
+    "not json", "[]", _record(cache_key="other"), _record(images_per_second=float("nan")),
+    _record(images_per_second=-1), _record(images_per_second=True), _record(images_per_second="5"),
+    _record(n_images="3"), _record(n_images=0), _record(method="guessed"), _record(method=None),
 ])
 def test_a_bad_or_foreign_throughput_record_counts_as_none(tmp_path, record):
     path = tmp_path / "c.h5.throughput.json"
@@ -192,9 +201,34 @@ def test_a_bad_or_foreign_throughput_record_counts_as_none(tmp_path, record):
 
 def test_a_good_throughput_record_is_read(tmp_path):
     path = tmp_path / "c.h5.throughput.json"
-    path.write_text(json.dumps({"cache_key": "k", "images_per_second": 5.5, "n_embedded": 30}))
-    assert _read_record(path, "k") == (5.5, 30)
+    path.write_text(_record(images_per_second=5.5, n_images=30))
+    assert _read_record(path, "k") == _Throughput(5.5, 30, "steady")
     assert _read_record(path, "") is None
+
+
+def test_the_better_measurement_is_kept(tmp_path):
+    report = ExtractReport(path=tmp_path / "c.h5", n_embedded=100, seconds=20.0, cache_key="k")
+    steady = _Throughput(50.0, 92, "steady")
+    assert _throughput(report, steady) == (steady, "measured")
+    assert _read_record(tmp_path / "c.h5.throughput.json", "k") == steady
+    # A rerun that embeds 3 new images measures mostly the model load: the record stands.
+    small = ExtractReport(path=tmp_path / "c.h5", n_embedded=3, seconds=6.0, cache_key="k")
+    assert _throughput(small, _Clock().measure(small, 32)) == (steady, "recorded")
+    assert _throughput(small, None) == (steady, "recorded")
+    more = _Throughput(60.0, 500, "steady")
+    assert _throughput(report, more) == (more, "measured")
+    assert _read_record(tmp_path / "c.h5.throughput.json", "k") == more
+    other_key = ExtractReport(path=tmp_path / "c.h5", cache_key="k2")
+    assert _throughput(other_key, None) == (None, "unknown")
+
+
+def test_clock_leaves_the_first_batch_out():
+    report = ExtractReport(path=Path("c.h5"), n_embedded=40, seconds=100.0)
+    clock = _Clock()
+    clock.marks = [(10.0, 8), (11.0, 16), (12.0, 24), (13.0, 32), (13.5, 40)]
+    assert clock.measure(report, 8) == _Throughput(32 / 3.5, 32, "steady")
+    assert clock.measure(report, 33) == _Throughput(0.4, 40, "whole run")  # too few after the first batch
+    assert _Clock().measure(ExtractReport(path=Path("c.h5")), 8) is None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -216,12 +250,14 @@ def _check_row(row: CompareRow, name: str, dims: int) -> None:
 @pytest.mark.slow
 def test_compare_two_backbones_then_reuse_their_caches(split_folder, tmp_path):
     plot = tmp_path / "plot.png"
-    rows = featbank.compare(split_folder, "test_tiny,efficientnet_lite0", plot=plot, engine="torch", num_workers=0)
+    rows = featbank.compare(split_folder, "test_tiny,efficientnet_lite0", plot=plot, engine="torch", num_workers=0,
+                            batch_size=8)
     assert [r["backbone"] for r in rows] == ["test_tiny", "efficientnet_lite0"]
     _check_row(rows[0], "test_tiny", 32)
     _check_row(rows[1], "efficientnet_lite0", 1280)
     for r in rows:
-        assert r["n_embedded"] == 36 and r["img_per_s_source"] == "measured" and r["img_per_s_images"] == 36
+        assert r["n_embedded"] == 36 and r["img_per_s_source"] == "measured"
+        assert r["img_per_s_method"] == "steady" and r["img_per_s_images"] == 36 - 8  # the first batch left out
         assert Path(r["cache"]) == default_cache_path(split_folder, r["backbone"])
     assert rows[1]["test_top1"] >= 0.8  # colour-coded classes: Lite0 separates them
     _assert_png(plot)
@@ -234,7 +270,8 @@ def test_compare_two_backbones_then_reuse_their_caches(split_folder, tmp_path):
     again = json.loads(res.stdout)
     for first, second in zip(rows, again):
         assert second["n_embedded"] == 0 and second["img_per_s_source"] == "recorded"
-        assert second["img_per_s"] == first["img_per_s"] and second["img_per_s_images"] == 36
+        assert second["img_per_s"] == first["img_per_s"] and second["img_per_s_images"] == 28
+        assert second["img_per_s_method"] == "steady"
         for key in ("val_top1", "test_top1", "test_balanced_acc", "chosen", "dims", "cache"):
             assert second[key] == first[key], key
         assert Path(second["cache"]).stat().st_mtime_ns == stamps[second["cache"]]
@@ -252,6 +289,7 @@ def test_cli_table_without_test_split_and_a_backbone_without_weights(tmp_path, m
     assert lines[0].startswith("backbone") and "test top-1" in lines[0]
     tiny = next(line for line in lines if line.startswith("test_tiny"))
     assert tiny.split()[1:3] == ["final", "32"] and "—" in tiny  # test columns empty: no test split
+    assert "(whole run)" in tiny  # 18 images in one batch of 32: no steady rate
     assert "DATA has no test split" in res.stdout
     assert "resnet18: extract failed" in res.stdout and "weights" in res.stdout
     assert "1 of 2 backbones failed (resnet18)" in res.output
@@ -277,3 +315,11 @@ def test_a_cache_made_with_other_settings_is_an_error_row_until_overwrite(split_
     assert rows[0]["error"] is None and rows[0]["n_embedded"] == 36 and rows[0]["n_images"] == 36
     assert rows[0]["notes"] == ["1 image(s) could not be read and were skipped (listed in the cache under skipped/)"]
     assert "test_tiny: 1 image(s) could not be read" in format_table(rows)
+
+
+def test_extract_on_progress_counts_without_a_progress_bar(image_folder, tmp_path):
+    """compare times batches through on_progress with the bar off: done must count even then."""
+    marks: list[tuple[int, int]] = []
+    featbank.extract(image_folder, tmp_path / "c.h5", backbone="test_tiny", engine="torch", num_workers=0, batch_size=8,
+                     progress=False, on_progress=lambda done, total: marks.append((done, total)))
+    assert marks == [(8, 24), (16, 24), (24, 24)]
