@@ -311,8 +311,12 @@ def test_a_cache_made_with_other_settings_is_an_error_row_until_overwrite(split_
     assert rows[0]["error"] is not None and "extract failed" in rows[0]["error"] and "float16" in rows[0]["error"]
     assert rows[0]["val_top1"] is None and default.read_bytes() == before  # the foreign cache is untouched
     assert "test_tiny: extract failed" in format_table(rows)
-    rows = featbank.compare(split_folder, "test_tiny", engine="torch", num_workers=0, overwrite=True)
+    res = CliRunner().invoke(cli, ["compare", str(split_folder), "-b", "test_tiny", "--overwrite", "--no-plot", "--json",
+                                   *FAST])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)
     assert rows[0]["error"] is None and rows[0]["n_embedded"] == 36 and rows[0]["n_images"] == 36
+    assert not default_plot_path(split_folder).exists() and "Plot:" not in res.output
     assert rows[0]["notes"] == ["1 image(s) could not be read and were skipped (listed in the cache under skipped/)"]
     assert "test_tiny: 1 image(s) could not be read" in format_table(rows)
 
