@@ -251,27 +251,30 @@ def _check_data(data: str | os.PathLike) -> None:
 
 
 def _check_backbone(name: str) -> None:
-    """Refuse a name no backbone source knows, without building anything (weights are not checked)."""
-    from .backbones._factory import _REGISTRY, _is_bundle_dir, _tv_models, _unknown
+    """Refuse a name no backbone source knows, as ``load_backbone`` would, without building anything
+    (weights are not checked: a backbone without them gets an error row instead)."""
+    import torchvision
 
-    if name in _REGISTRY or _is_bundle_dir(name):
+    from .backbones import _factory, _registry
+
+    # The registry is REGISTRY once #13 made the underscore modules' names public, _REGISTRY before.
+    registry = getattr(_registry, "REGISTRY", None)
+    registry = registry if registry is not None else _registry._REGISTRY
+    if name in registry or _factory._is_bundle_dir(name):
         return
     source, _, bare = name.rpartition(":")
     if source not in ("", "torchvision", "tv", "timm"):
-        raise _unknown(name)
+        raise _factory._unknown(name)
     if source != "timm":
-        try:
-            if bare in _tv_models():
-                return
-        except Exception:  # noqa: BLE001 - torchvision's listing failing means "not one of its names"
-            pass
+        if bare in torchvision.models.list_models(module=torchvision.models):
+            return
         if source:
-            raise _unknown(name)
+            raise _factory._unknown(name)
     import timm
 
     models = timm.list_models()
     if bare not in models and bare.split(".")[0] not in models:
-        raise _unknown(name)
+        raise _factory._unknown(name)
 
 
 def _empty_row(name: str, layers: str) -> CompareRow:
