@@ -11,6 +11,7 @@ Examples:
   featbank compare data/elpv --backbones efficientnet_lite0,efficientnet_lite1,efficientnet_lite2
   featbank compare data/elpv --backbones efficientnet_lite0,resnet50 --plot runs/elpv-backbones.png
   featbank compare data/elpv --backbones efficientnet_lite0,efficientnet_lite1 --json
+  featbank compare data/elpv --backbones efficientnet_lite0,resnet50 --layers auto
 """
 
 
@@ -19,7 +20,8 @@ Examples:
 @click.option("--backbones", "-b", required=True, metavar="NAME,NAME,...",
               help="Comma-separated backbones to compare ('featbank backbones' lists them), each once.")
 @click.option("--layers", default="final", show_default=True,
-              help="Features the probe uses; 'final' (the backbone's embedding) is the only value for now.")
+              help="Features the probe reads: 'final' (the embedding), 'auto' (fit chooses on validation among all "
+                   "layers), 'all', or names such as stage5,final; other than final: a cache of its own per backbone.")
 @click.option("--plot", type=click.Path(path_type=str), default=None,
               help="PNG of accuracy against throughput. Default: <cache dir>/caches/<folder>-<hash>-compare.png.")
 @click.option("--no-plot", is_flag=True, help="Do not draw the plot.")

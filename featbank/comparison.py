@@ -144,8 +144,11 @@ def compare(
             for a test split), or a labelled manifest / WebDataset.
         backbones: names (``"efficientnet_lite0,efficientnet_lite1"`` or a list), at least one,
             no repeats, each one ``featbank backbones`` knows (or a fine-tuned bundle folder).
-        layers: ``"final"`` (the backbone's embedding; the only value until ``featbank.fit`` takes
-            ``layers``).
+        layers: ``"final"`` (the backbone's embedding), ``"auto"`` (all layers extracted, the probe
+            chooses on validation: ``fit(layers="auto")``), ``"all"``, or names / ranges
+            (``"stage5,final"``) each backbone must have. Other than ``final``, each backbone's cache
+            is ``<default cache>-layers-<taps>.h5`` (``all`` for every layer), beside the plain
+            one. Refused while ``featbank.fit`` has no ``layers`` parameter.
         plot: write a PNG of accuracy against throughput there (``None``: no plot; the command
             line defaults to :func:`default_plot_path`).
         device, engine, batch_size, num_workers: as for ``featbank.extract`` (device also for fit).
@@ -181,8 +184,9 @@ def compare(
         _check_plot(Path(plot).expanduser())
     for name in names:
         _check_backbone(name)
+    plans = {name: _layer_plan(data, name, layer_spec) for name in names}  # unknown layer names: before any work
     opts = _Options(layer_spec, batch_size, num_workers, device, engine, overwrite, progress)
-    rows = [_compare_one(data, name, opts) for name in names]
+    rows = [_compare_one(data, name, opts, plans[name]) for name in names]
     if plot is not None:
         plot_comparison(rows, plot, title=Path(data).name)
     return rows
@@ -218,13 +222,57 @@ def parse_backbones(backbones: str | Sequence[str]) -> list[str]:
 def _check_layers(layers: str | Sequence[str] | None) -> str:
     spec = layers if isinstance(layers, str) or layers is None else ",".join(layers)
     spec = (spec or "final").strip()
-    if spec != "final":
+    if not spec or any(not part.strip() for part in spec.split(",")):
+        raise ConfigError(f"--layers has an empty name in {layers!r}. Give 'final', 'auto', 'all' or names such as "
+                          "stage5,final ('featbank backbones --groups NAME' lists a backbone's layers).")
+    if spec != "final" and not _fit_takes_layers():
         raise ConfigError(
-            f"compare --layers supports only 'final' (the backbone's embedding) for now; got {spec!r}. "
-            "A probe on intermediate layers needs 'featbank fit --layers', which this featbank does not have "
-            "yet ('featbank extract --layers' can already store them). Drop --layers."
+            f"compare --layers supports only 'final' (the backbone's embedding) in this featbank; got {spec!r}. "
+            "A probe on intermediate layers needs 'featbank fit --layers', which it does not have yet "
+            "('featbank extract --layers' can already store them). Drop --layers."
         )
     return spec
+
+
+def _fit_takes_layers() -> bool:
+    """Whether ``featbank.fit`` reads intermediate layers (``layers=``), which #15's probe work adds."""
+    import inspect
+
+    from .fitting import fit
+
+    return "layers" in inspect.signature(fit).parameters
+
+
+@dataclass(frozen=True)
+class _LayerPlan:
+    """What one backbone extracts and probes: ``None`` and ``None`` for the plain embedding."""
+
+    extract_layers: tuple[str, ...] | None
+    out: Path | None
+
+
+def _layer_plan(data: str | os.PathLike, name: str, spec: str) -> _LayerPlan:
+    """The layers to extract for ``spec`` (``auto``: all of them, the probe chooses) and the cache they go
+    to: the default cache's name with ``-layers-<taps>``, so it never collides with the plain one.
+
+    Raises:
+        ConfigError: a layer this backbone does not have (the message lists its layers).
+    """
+    if spec == "final":
+        return _LayerPlan(None, None)
+    from .backbones._taps import available_layers, parse_layers
+    from .extraction import default_cache_path
+
+    taps = parse_layers("all" if spec == "auto" else spec, name)
+    if taps == ("final",):
+        return _LayerPlan(None, None)
+    tag = "all" if list(taps) == available_layers(name) else "-".join(taps)
+    if len(tag) > 60:
+        import hashlib
+
+        tag = hashlib.sha256(",".join(taps).encode()).hexdigest()[:8]
+    plain = default_cache_path(data, name)
+    return _LayerPlan(taps, plain.with_name(f"{plain.stem}-layers-{tag}.h5"))
 
 
 def _check_plot(path: Path) -> None:
@@ -286,7 +334,7 @@ def _empty_row(name: str, layers: str) -> CompareRow:
     )
 
 
-def _compare_one(data: str | os.PathLike, name: str, opts: _Options) -> CompareRow:
+def _compare_one(data: str | os.PathLike, name: str, opts: _Options, plan: _LayerPlan) -> CompareRow:
     """Extract (or reuse) one backbone's cache and probe it; a featbank error lands in ``error``."""
     from .cache import open_cache
     from .extraction import extract
@@ -294,10 +342,11 @@ def _compare_one(data: str | os.PathLike, name: str, opts: _Options) -> CompareR
 
     row = _empty_row(name, opts.layers)
     clock = _Clock()
+    layered = {} if plan.extract_layers is None else {"layers": ",".join(plan.extract_layers)}
     try:
-        report = extract(data, backbone=name, batch_size=opts.batch_size, num_workers=opts.num_workers,
+        report = extract(data, plan.out, backbone=name, batch_size=opts.batch_size, num_workers=opts.num_workers,
                          device=opts.device, engine=opts.engine, overwrite=opts.overwrite, progress=opts.progress,
-                         on_progress=clock)
+                         on_progress=clock, **layered)
     except Interrupted:
         raise
     except FeatbankError as e:
@@ -314,7 +363,8 @@ def _compare_one(data: str | os.PathLike, name: str, opts: _Options) -> CompareR
     try:
         with open_cache(report.path) as cache:
             row["dims"], row["n_images"] = int(cache.embed_dim), len(cache)
-            result = fit(cache, "linear", device=opts.device, save=False)
+            result = fit(cache, "linear", device=opts.device, save=False,
+                         **({} if plan.extract_layers is None else {"layers": opts.layers}))
     except Interrupted:
         raise
     except FeatbankError as e:
@@ -328,6 +378,13 @@ def _compare_one(data: str | os.PathLike, name: str, opts: _Options) -> CompareR
         n_train=result.n_train, n_val=result.n_val, n_test=result.n_test, chosen=dict(result.chosen),
         fit_s=round(result.seconds, 3),
     )
+    features = result.metrics.get("features") or {}
+    if features.get("layers") and plan.extract_layers is not None:  # the layers the probe read (auto: chose)
+        row["layers"] = ",".join(features["layers"])
+        row["dims"] = int(sum(features["layer_dims"][t] for t in features["layers"]))
+        if opts.layers == "auto":
+            row["notes"].append(f"--layers auto: the probe chose {row['layers']} on the validation split, out of "
+                                f"{','.join(plan.extract_layers)}")
     if result.eval_split != "test":
         row["notes"].append(_NO_TEST)
     return row

@@ -89,7 +89,7 @@ def test_bad_data_layers_plot_exit_2_before_any_work(split_folder, tmp_path):
     runner = CliRunner()
     cases = [
         (["compare", str(tmp_path / "nowhere"), "-b", "test_tiny"], "does not exist"),
-        (["compare", str(split_folder), "-b", "test_tiny", "--layers", "stage1,final"], "supports only 'final'"),
+        (["compare", str(split_folder), "-b", "test_tiny", "--layers", "stage1,,final"], "empty name"),
         (["compare", str(split_folder), "-b", "test_tiny", "--plot", str(tmp_path)], "is a folder"),
         (["compare", str(split_folder), "-b", "test_tiny", "--plot", str(tmp_path / "p.jpg")], "must end in .png"),
         (["compare", str(split_folder)], "Missing option '--backbones'"),
@@ -327,3 +327,33 @@ def test_extract_on_progress_counts_without_a_progress_bar(image_folder, tmp_pat
     featbank.extract(image_folder, tmp_path / "c.h5", backbone="test_tiny", engine="torch", num_workers=0, batch_size=8,
                      progress=False, on_progress=lambda done, total: marks.append((done, total)))
     assert marks == [(8, 24), (16, 24), (24, 24)]
+
+
+def _fit_takes_layers() -> bool:
+    import inspect
+
+    return "layers" in inspect.signature(featbank.fit).parameters
+
+
+@pytest.mark.skipif(_fit_takes_layers(), reason="featbank.fit reads layers: see the test below")
+def test_layers_other_than_final_are_refused_while_fit_cannot_read_them(split_folder):
+    res = CliRunner().invoke(cli, ["compare", str(split_folder), "-b", "test_tiny", "--layers", "stage1,final", *FAST])
+    assert res.exit_code == 2 and "supports only 'final'" in res.output and "fit --layers" in res.output
+    assert _cache_files() == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _fit_takes_layers(), reason="featbank.fit has no layers= yet (#15 probe work)")
+def test_layers_are_extracted_into_their_own_cache_and_probed(split_folder):
+    from featbank.backbones import layer_dims
+
+    res = CliRunner().invoke(cli, ["compare", str(split_folder), "-b", "test_tiny", "--layers", "stage9", *FAST])
+    assert res.exit_code == 2 and "Unknown layer 'stage9'" in res.output and _cache_files() == []
+    rows = featbank.compare(split_folder, "test_tiny", layers="stage1,final", engine="torch", num_workers=0)
+    row = rows[0]
+    assert row["error"] is None and row["layers"] == "stage1,final"
+    assert row["dims"] == sum(layer_dims("test_tiny", ("stage1", "final")).values()) > 32
+    assert row["cache"].endswith("-test_tiny-layers-stage1-final.h5") and row["test_top1"] is not None
+    assert not default_cache_path(split_folder, "test_tiny").exists()  # the plain cache is another file
+    with featbank.open_cache(row["cache"]) as cache:
+        assert set(cache.layers) == {"stage1", "final"}
