@@ -15,18 +15,9 @@ from PIL import Image
 import featbank
 from featbank.cache import default_cache_dir
 from featbank.cli.main import cli
-from featbank.comparison import (
-    CompareRow,
-    _Clock,
-    _empty_row,
-    _read_record,
-    _Throughput,
-    _throughput,
-    default_plot_path,
-    format_table,
-    parse_backbones,
-    plot_comparison,
-)
+from featbank.comparison import CompareRow, default_plot_path, format_table, parse_backbones, plot_comparison
+from featbank.comparison._table import empty_row
+from featbank.comparison._throughput import Clock, Throughput, choose_throughput, read_record
 from featbank.errors import ConfigError, DatasetError
 from featbank.extraction import ExtractReport, default_cache_path
 
@@ -50,7 +41,7 @@ def _cache_files() -> list[Path]:
 
 
 def _row(name: str, **values) -> CompareRow:
-    row = _empty_row(name, "final")
+    row = empty_row(name, "final")
     row.update(values)  # type: ignore[typeddict-item]
     return row
 
@@ -195,40 +186,40 @@ def _record(**changes) -> str:
 def test_a_bad_or_foreign_throughput_record_counts_as_none(tmp_path, record):
     path = tmp_path / "c.h5.throughput.json"
     path.write_text(record)
-    assert _read_record(path, "k") is None
-    assert _read_record(tmp_path / "missing.json", "k") is None
+    assert read_record(path, "k") is None
+    assert read_record(tmp_path / "missing.json", "k") is None
 
 
 def test_a_good_throughput_record_is_read(tmp_path):
     path = tmp_path / "c.h5.throughput.json"
     path.write_text(_record(images_per_second=5.5, n_images=30))
-    assert _read_record(path, "k") == _Throughput(5.5, 30, "steady")
-    assert _read_record(path, "") is None
+    assert read_record(path, "k") == Throughput(5.5, 30, "steady")
+    assert read_record(path, "") is None
 
 
 def test_the_better_measurement_is_kept(tmp_path):
     report = ExtractReport(path=tmp_path / "c.h5", n_embedded=100, seconds=20.0, cache_key="k")
-    steady = _Throughput(50.0, 92, "steady")
-    assert _throughput(report, steady) == (steady, "measured")
-    assert _read_record(tmp_path / "c.h5.throughput.json", "k") == steady
+    steady = Throughput(50.0, 92, "steady")
+    assert choose_throughput(report, steady) == (steady, "measured")
+    assert read_record(tmp_path / "c.h5.throughput.json", "k") == steady
     # A rerun that embeds 3 new images measures mostly the model load: the record stands.
     small = ExtractReport(path=tmp_path / "c.h5", n_embedded=3, seconds=6.0, cache_key="k")
-    assert _throughput(small, _Clock().measure(small, 32)) == (steady, "recorded")
-    assert _throughput(small, None) == (steady, "recorded")
-    more = _Throughput(60.0, 500, "steady")
-    assert _throughput(report, more) == (more, "measured")
-    assert _read_record(tmp_path / "c.h5.throughput.json", "k") == more
+    assert choose_throughput(small, Clock().measure(small, 32)) == (steady, "recorded")
+    assert choose_throughput(small, None) == (steady, "recorded")
+    more = Throughput(60.0, 500, "steady")
+    assert choose_throughput(report, more) == (more, "measured")
+    assert read_record(tmp_path / "c.h5.throughput.json", "k") == more
     other_key = ExtractReport(path=tmp_path / "c.h5", cache_key="k2")
-    assert _throughput(other_key, None) == (None, "unknown")
+    assert choose_throughput(other_key, None) == (None, "unknown")
 
 
 def test_clock_leaves_the_first_batch_out():
     report = ExtractReport(path=Path("c.h5"), n_embedded=40, seconds=100.0)
-    clock = _Clock()
+    clock = Clock()
     clock.marks = [(10.0, 8), (11.0, 16), (12.0, 24), (13.0, 32), (13.5, 40)]
-    assert clock.measure(report, 8) == _Throughput(32 / 3.5, 32, "steady")
-    assert clock.measure(report, 33) == _Throughput(0.4, 40, "whole run")  # too few after the first batch
-    assert _Clock().measure(ExtractReport(path=Path("c.h5")), 8) is None
+    assert clock.measure(report, 8) == Throughput(32 / 3.5, 32, "steady")
+    assert clock.measure(report, 33) == Throughput(0.4, 40, "whole run")  # too few after the first batch
+    assert Clock().measure(ExtractReport(path=Path("c.h5")), 8) is None
 
 
 # ------------------------------------------------------------------------------------------------
