@@ -43,10 +43,23 @@ from .options import backbone_options, device_option, quiet_option
 @click.option("--split-column", default="split", show_default=True, help="Manifest column of splits (optional).")
 @click.option("--label-from", type=click.Choice(["cls", "txt", "json", "none"]), default="cls", show_default=True,
               help="WebDataset member that holds the label.")
+@click.option("--layers", default=None, metavar="SPEC",
+              help="Intermediate layers to store besides the embedding: 'stage3,stage5,final', 'stage3-final' or 'all' "
+              "(names: 'featbank backbones --groups NAME', plus final). Default: final (the embedding alone).")
+@click.option("--pooling", type=click.Choice(["gap+2x2", "gap"]), default="gap+2x2", show_default=True,
+              help="How a layer's feature map is pooled: global average + 2x2 average (5C values; GAP alone above "
+              "4096), or global average (C).")
+@click.option("--views", type=click.IntRange(min=0), default=0, show_default=True,
+              help="K augmented views per image, stored beside the plain view (needs --augment).")
+@click.option("--augment", type=click.Choice(["hflip", "dihedral", "crops"]), default=None,
+              help="How the views are made: hflip (K=1), dihedral (flips and quarter turns, K<=7), crops (K seeded "
+              "random resized crops).")
+@click.option("--view-seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the crops views (with the image path and view index).")
 @quiet_option
 def extract(data, out, backbone, weights, weights_file, batch_size, num_workers, device, engine, dtype,
             overwrite, strict, procs, launcher, shard_size, finalize, num_gpus, max_retries, path_column,
-            label_column, split_column, label_from, quiet) -> None:
+            label_column, split_column, label_from, layers, pooling, views, augment, view_seed, quiet) -> None:
     """Embed every image in DATA with a frozen backbone into an HDF5 cache.
 
     DATA is an ImageFolder (DATA/<class>/<image>), a folder with train/val/test split folders
@@ -61,6 +74,7 @@ def extract(data, out, backbone, weights, weights_file, batch_size, num_workers,
       featbank extract data/elpv
       featbank extract data/elpv --out runs/elpv.h5 --backbone resnet50 --weights IMAGENET1K_V2
       featbank extract data/photos --engine torch --device cuda --batch-size 256
+      featbank extract data/elpv --layers stage3,stage5,final --views 4 --augment dihedral
       featbank extract data/photos --out runs/photos.h5 --procs 4
       torchrun --nproc-per-node 8 -m featbank.cli extract data/photos --out runs/photos.h5
       featbank extract 'shards/{000000..000099}.tar' --out runs/wds.h5 --launcher ray
@@ -73,6 +87,7 @@ def extract(data, out, backbone, weights, weights_file, batch_size, num_workers,
         strict=strict, progress=not quiet, procs=procs, launcher=launcher, shard_size=shard_size,
         finalize=finalize, num_gpus=num_gpus, max_retries=max_retries, path_column=path_column,
         label_column=label_column or None, split_column=split_column or None, label_from=label_from,
+        layers=layers, pooling=pooling, views=views, augment=augment, view_seed=view_seed,
     )
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0":
         return  # torchrun: rank 0 reports for every rank (errors still reach each rank's stderr)

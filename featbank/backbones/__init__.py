@@ -39,6 +39,7 @@ from ._registry import (
     register_backbone,
     sha256_file,
 )
+from ._taps import DEFAULT_POOLING, FINAL, MAX_TAP_DIM, POOLINGS, TapModel, available_layers, layer_dims, parse_layers, pool_tap
 from ._tiny import TinyConvNet  # noqa: F401
 
 __all__ = [
@@ -52,4 +53,13 @@ __all__ = [
     "sha256_file",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "available_layers",
+    "parse_layers",
+    "layer_dims",
+    "pool_tap",
+    "TapModel",
+    "FINAL",
+    "POOLINGS",
+    "DEFAULT_POOLING",
+    "MAX_TAP_DIM",
 ]

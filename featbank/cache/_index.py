@@ -121,7 +121,8 @@ def write_index(
         with h5py.File(tmp, "w") as f:
             for name in row_datasets:
                 tail, dt = shapes.get(name, defaults.get(name, ((), np.float32)))
-                _vds(f, name, parts, name, rows, tail, dt, rel)
+                parent, _, leaf = name.rpartition("/")  # layers/<tap>, views/...: inside groups
+                _vds(f.require_group(parent) if parent else f, leaf, parts, name, rows, tail, dt, rel)
             g = f.create_group("skipped")
             for name in SKIPPED_DATASETS:
                 tail, dt = sk_shapes.get(name, defaults[name])

@@ -38,11 +38,15 @@ __all__ = [
     "parts_dir",
     "describe_part",
     "write_part",
+    "EXTRA_ATTR",
 ]
 
 PART_FORMAT = "featbank-part"
 #: Per-row datasets every part holds and the index maps; layers/views add theirs to this list.
 ROW_DATASETS = ("embeddings", "labels", "splits", "paths", "fingerprints")
+#: Part attribute listing the per-row datasets a part holds besides ROW_DATASETS (``layers/<tap>``,
+#: ``views/...``), as a JSON list.
+EXTRA_ATTR = "extra_datasets"
 #: Per-skipped-row datasets under ``skipped/``.
 SKIPPED_DATASETS = ("paths", "reasons", "fingerprints")
 
@@ -122,6 +126,12 @@ def _create_allocated(group: h5py.Group, name: str, shape: tuple[int, ...], dtyp
     return h5py.Dataset(h5d.create(group.id, name.encode(), tid, h5s.create_simple(shape), dcpl=dcpl))
 
 
+def _create_extra(f: h5py.File, name: str, shape: tuple[int, ...], dtype: Any) -> h5py.Dataset:
+    """An allocated per-row dataset at a path that may name a group (``layers/stage3``)."""
+    parent, _, leaf = name.rpartition("/")
+    return _create_allocated(f.require_group(parent) if parent else f, leaf, shape, dtype)
+
+
 def _write_rows(f: h5py.File, rows: PartRows, classes: Sequence[str]) -> None:
     n = len(rows)
     f.create_dataset("paths", data=np.array(rows.paths, dtype=object), dtype=_STR, shape=(n,))
@@ -161,6 +171,8 @@ class PartWriter:
         self.paths = self.rows.paths
         self.embeddings = f["embeddings"]
         self.status = f["status"]
+        #: ``{name: dataset}`` of the layers/views datasets this part holds besides ``embeddings``.
+        self.extra = {n: f[n] for n in json.loads(str(f.attrs.get(EXTRA_ATTR, "[]")))}
 
     @staticmethod
     def partial_path(folder: Path, shard_id: int, digest: str) -> Path:
@@ -169,9 +181,13 @@ class PartWriter:
     @classmethod
     def create(
         cls, folder: Path, shard_id: int, key: str, rows: PartRows, classes: Sequence[str],
-        embed_dim: int, dtype: str, attrs: dict[str, Any] | None = None,
+        embed_dim: int, dtype: str, attrs: dict[str, Any] | None = None, extra: dict[str, tuple[int, ...]] | None = None,
     ) -> PartWriter:
-        """A new ``.partial`` for ``rows`` (written under a temporary name, then renamed)."""
+        """A new ``.partial`` for ``rows`` (written under a temporary name, then renamed).
+
+        ``extra`` maps the per-row datasets a run stores besides ``embeddings`` (``layers/<tap>``,
+        ``views/...``) to their trailing shape; they get ``dtype`` too.
+        """
         digest = rows_digest(rows, classes)
         path = cls.partial_path(folder, shard_id, digest)
         tmp = temporary_path(path)
@@ -188,6 +204,10 @@ class PartWriter:
             _write_rows(f, rows, classes)
             _create_allocated(f, "embeddings", (n, int(embed_dim)), dtype)
             _create_allocated(f, "status", (n,), np.uint8)
+            for name, tail in (extra or {}).items():
+                _create_extra(f, name, (n, *tail), dtype)
+            if extra:
+                f.attrs[EXTRA_ATTR] = json.dumps(list(extra))
         os.replace(tmp, path)
         return cls(path)
 
@@ -211,12 +231,22 @@ class PartWriter:
     def done_mask(self) -> np.ndarray:
         return self.status[...] == 1 if len(self.paths) else np.zeros(0, bool)
 
-    def write_rows(self, rows: np.ndarray, emb: np.ndarray) -> None:
-        """Write embeddings of ``rows`` (ascending), flush, then mark them done and flush again."""
+    def write_rows(self, rows: np.ndarray, emb: np.ndarray, extra: dict[str, np.ndarray] | None = None) -> None:
+        """Write embeddings of ``rows`` (ascending), flush, then mark them done and flush again.
+
+        ``extra`` holds the rows of the other per-row datasets (``layers/...``, ``views/...``),
+        written before the embeddings, so a row marked done has all of them.
+        """
         if len(rows) == 0:
             return
         rows = np.asarray(rows, np.int64)
         lo, hi = int(rows[0]), int(rows[-1]) + 1
+        for name, values in (extra or {}).items():
+            if hi - lo == len(rows):
+                self.extra[name][lo:hi] = values
+            else:
+                for r, v in zip(rows, values):
+                    self.extra[name][int(r)] = v
         if hi - lo == len(rows):
             self.embeddings[lo:hi] = emb
             self.file.flush()
@@ -258,12 +288,13 @@ class PartWriter:
     def _finish_compacted(self, final: Path, skipped: dict[int, str]) -> PartInfo:
         keep = np.flatnonzero(~np.isin(np.arange(len(self.paths)), list(skipped)))
         emb = self.embeddings[...][keep]
+        extra = {n: ds[...][keep] for n, ds in self.extra.items()}
         bad = [(self.paths[r], why, tuple(int(v) for v in self.rows.fingerprints[r])) for r, why in sorted(skipped.items())]
-        attrs = {k: v for k, v in self.file.attrs.items() if k not in ("complete",)}
+        attrs = {k: v for k, v in self.file.attrs.items() if k not in ("complete", EXTRA_ATTR)}
         self.close()
         info = write_part(
             final.parent, self.shard_id, self.key, self.rows.take(keep), emb, self.classes, bad,
-            attrs=attrs, digest=self.digest,
+            attrs=attrs, digest=self.digest, extra=extra,
         )
         self.path.unlink(missing_ok=True)
         return info
@@ -278,11 +309,12 @@ class PartWriter:
 def write_part(
     folder: Path, shard_id: int, key: str, rows: PartRows, embeddings: np.ndarray, classes: Sequence[str],
     skipped: list[tuple[str, str, tuple[int, int]]] | None = None, *, attrs: dict[str, Any] | None = None,
-    digest: str | None = None,
+    digest: str | None = None, extra: dict[str, np.ndarray] | None = None,
 ) -> PartInfo:
     """Write a complete part from arrays in one go (temporary name, fsync, rename) and describe it.
 
     ``digest`` is the digest of the *planned* rows (skipped ones included); default: of ``rows``.
+    ``extra``: the other per-row datasets (``layers/<tap>``, ``views/...``), one row per row.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -307,6 +339,13 @@ def write_part(
             ds = _create_allocated(f, "embeddings", embeddings.shape, embeddings.dtype)
             if n:
                 ds[...] = embeddings
+            for name, values in (extra or {}).items():
+                values = np.asarray(values)
+                eds = _create_extra(f, name, values.shape, values.dtype)
+                if n:
+                    eds[...] = values
+            if extra:
+                f.attrs[EXTRA_ATTR] = json.dumps(list(extra))
             _write_skipped(f, list(skipped or []))
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())

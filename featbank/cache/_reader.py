@@ -13,6 +13,7 @@ import numpy as np
 from .. import __version__
 from ..errors import CacheError, ConfigError, NotACacheError
 from ._discovery import find_latest_cache
+from ._features import CacheFeatures, check_block, dataset_name, parse_requested, read_features
 from ._schema import _FORMAT, SCHEMA_VERSION, SPLIT_NAMES, _decode
 from ._validate import (
     check_codes,
@@ -59,6 +60,10 @@ def _check_v2(path: Path, f: h5py.File) -> None:
                          f"{recreate_hint(path)}") from None
     names = ["embeddings", "labels", "splits", "paths", "fingerprints",
              "skipped/paths", "skipped/reasons", "skipped/fingerprints"]
+    for group in ("layers", "views", "views/layers"):  # every layer/view dataset, listed in the attributes or not
+        g = f.get(group)
+        if isinstance(g, h5py.Group):
+            names += [f"{group}/{k}" for k, v in g.items() if isinstance(v, h5py.Dataset)]
     for name in names:
         ds = f.get(name)
         if isinstance(ds, h5py.Dataset) and ds.is_virtual:
@@ -149,6 +154,8 @@ class FeatureCache:
         self.fingerprints = f["fingerprints"][...].astype(np.int64)
         self.classes = _decode(f["classes"][...])
         check_codes(path, self.labels, f["splits"][...].astype(np.int64), len(self.classes), self._split_names, root)
+        self._features: CacheFeatures = read_features(path, f, int(self.embeddings.shape[1]),
+                                                      int(self.embeddings.shape[0]), root)
         sk = f.get("skipped")
         self.skipped: list[tuple[str, str]] = (
             list(zip(_decode(sk["paths"][...]), _decode(sk["reasons"][...]))) if sk is not None else []
@@ -242,6 +249,98 @@ class FeatureCache:
         for start in range(0, len(rows), chunk_rows):
             idx = rows[start : start + chunk_rows]
             yield idx, self._read_sorted(idx, dtype)
+
+    # -- layers and views (``featbank extract --layers / --views``) ------------------------------
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """The layers the cache holds, in network order, ending with ``final`` (``embeddings``)."""
+        return self._features.layers
+
+    @property
+    def layer_dims(self) -> dict[str, int]:
+        """``{layer: number of pooled values}``."""
+        return dict(self._features.layer_dims)
+
+    @property
+    def pooling(self) -> str:
+        return self._features.pooling
+
+    @property
+    def n_views(self) -> int:
+        """K, the augmented views stored per image besides the plain one (0: none)."""
+        return self._features.n_views
+
+    @property
+    def augment(self) -> str:
+        """How the views were made: ``hflip``, ``dihedral``, ``crops``, or ``""``."""
+        return self._features.augment
+
+    @property
+    def view_seed(self) -> int:
+        return self._features.view_seed
+
+    def _dataset(self, tap: str, view: int | None) -> Any:
+        return self.embeddings if tap == "final" and view is None else self._file[dataset_name(tap, view is not None)]
+
+    def _read_layer(self, tap: str, view: int | None, rows: np.ndarray, dtype: Any, block_rows: int = 1 << 14) -> np.ndarray:
+        if tap == "final" and view is None:
+            return self._read_sorted(rows, dtype)
+        ds, name = self._dataset(tap, view), dataset_name(tap, view is not None)
+        out = np.empty((len(rows), self._features.layer_dims[tap]), dtype)
+        pos = 0
+        while pos < len(rows):  # contiguous slabs picked in numpy, as _read_sorted does
+            lo = int(rows[pos])
+            end = int(np.searchsorted(rows, lo + block_rows, side="left"))
+            hi = int(rows[end - 1]) + 1
+            slab = ds[lo:hi] if view is None else ds[lo:hi, view]
+            out[pos:end] = slab[rows[pos:end] - lo]
+            check_block(self, name, rows[pos:end], out[pos:end])
+            pos = end
+        return out
+
+    def load_features(self, rows: np.ndarray | Sequence[int] | None = None, layers: str | Sequence[str] = ("final",),
+                      view: int | None = None, dtype: Any = np.float32) -> np.ndarray:
+        """Read the features of ``layers`` into memory, concatenated in the order given.
+
+        Args:
+            rows: row indices or a boolean mask; ``None`` for every row.
+            layers: names from :attr:`layers` (``"final"`` is ``embeddings``), a comma-separated
+                string, or ``"all"``.
+            view: ``None`` for the plain view; ``k`` (0-based) for the k-th augmented view.
+            dtype: of the result.
+
+        Returns:
+            ``(n, sum of layer_dims[layer])`` array.
+
+        Raises:
+            ConfigError: a layer or view the cache does not hold (the message lists what it holds).
+            CacheError: NaN/inf (or extreme, see ``open_cache``) values in the rows read.
+
+        Example:
+            >>> X = cache.load_features(cache.split_mask("train"), layers=("stage5", "final"))
+        """
+        wanted = parse_requested(self._features, layers, view)
+        idx = np.arange(self.n_samples) if rows is None else np.asarray(rows)
+        if idx.dtype == bool:
+            idx = np.flatnonzero(idx)
+        width = sum(self._features.layer_dims[t] for t in wanted)
+        if idx.size == 0:
+            return np.zeros((0, width), dtype)
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        if uniq[0] < 0 or uniq[-1] >= self.n_samples:
+            raise IndexError(f"row indices must lie in [0, {self.n_samples}); got {uniq[0]}..{uniq[-1]}")
+        cols = [self._read_layer(t, view, uniq, dtype) for t in wanted]
+        out = cols[0] if len(cols) == 1 else np.concatenate(cols, axis=1)
+        return out[inverse.reshape(-1)]
+
+    def iter_feature_chunks(self, rows: np.ndarray, chunk_rows: int, layers: str | Sequence[str] = ("final",),
+                            view: int | None = None, dtype: Any = np.float32) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield ``(row_indices, features)`` in chunks of at most ``chunk_rows`` sorted rows (see :meth:`load_features`)."""
+        parse_requested(self._features, layers, view)
+        rows = np.sort(np.asarray(rows))
+        for start in range(0, len(rows), chunk_rows):
+            idx = rows[start : start + chunk_rows]
+            yield idx, self.load_features(idx, layers, view, dtype)
 
     def abspath(self, rel: str) -> Path:
         return self.root / rel

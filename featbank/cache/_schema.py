@@ -10,7 +10,8 @@ import h5py
 import numpy as np
 
 # _FORMAT, _STR and _decode are shared by the reader and the writer, which must agree on them.
-__all__ = ["SCHEMA_VERSION", "SPLIT_NAMES", "EMBEDDING_VERSION", "compute_cache_key", "_FORMAT", "_STR", "_decode"]
+__all__ = ["SCHEMA_VERSION", "SPLIT_NAMES", "EMBEDDING_VERSION", "FEATURE_DEFAULTS", "compute_cache_key",
+           "describe_feature_difference", "feature_settings", "_FORMAT", "_STR", "_decode"]
 
 SCHEMA_VERSION = 1
 SPLIT_NAMES = ("train", "val", "test")
@@ -20,12 +21,19 @@ _STR = h5py.string_dtype("utf-8")
 EMBEDDING_VERSION = "1"
 
 
-def compute_cache_key(identity: dict[str, Any], dtype: str, precision: str) -> str:
+#: The feature settings of a plain cache (the embedding alone, no augmented views). A cache with
+#: exactly these keeps the key it had before layers and views existed.
+FEATURE_DEFAULTS: dict[str, Any] = {"layers": ["final"], "pooling": "gap+2x2", "views": 0, "augment": "", "view_seed": 0}
+
+
+def compute_cache_key(identity: dict[str, Any], dtype: str, precision: str, features: dict[str, Any] | None = None) -> str:
     """sha256 over everything that changes an embedding.
 
     That is: backbone name, weights name and sha256, the transform, the stored dtype, the compute
     precision, and the embedding version of featbank. Batch size, device, worker count and engine
-    (torch or onnxruntime agree within 1e-4) are recorded but not keyed.
+    (torch or onnxruntime agree within 1e-4) are recorded but not keyed. ``features`` (layers,
+    pooling, views, augment, view_seed) is keyed only when it differs from
+    :data:`FEATURE_DEFAULTS`, so a plain cache keeps its key.
     """
     payload = {
         "schema_version": SCHEMA_VERSION,
@@ -37,8 +45,63 @@ def compute_cache_key(identity: dict[str, Any], dtype: str, precision: str) -> s
         "dtype": dtype,
         "precision": precision,
     }
+    if features is not None and _normal(features) != FEATURE_DEFAULTS:
+        payload["features"] = _normal(features)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def _decode(arr: np.ndarray) -> list[str]:
     return [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in arr]
+
+
+def _normal(features: dict[str, Any]) -> dict[str, Any]:
+    out = {**FEATURE_DEFAULTS, **{k: v for k, v in features.items() if k in FEATURE_DEFAULTS}}
+    out["layers"] = [str(t) for t in out["layers"]]
+    out["views"], out["view_seed"] = int(out["views"]), int(out["view_seed"])
+    out["augment"] = str(out["augment"] or "")
+    if out["views"] == 0:  # without views, the augmentation settings change nothing
+        out["augment"], out["view_seed"] = "", 0
+    if out["layers"] == ["final"]:
+        out["pooling"] = FEATURE_DEFAULTS["pooling"]
+    return out
+
+
+def _feature_attr(attrs: Any, name: str) -> Any:
+    v = attrs.get(name, None)
+    if isinstance(v, bytes):
+        v = v.decode("utf-8", "replace")
+    if isinstance(v, np.generic):
+        v = v.item()
+    if name == "layers" and isinstance(v, str):
+        try:
+            v = json.loads(v)
+        except ValueError:
+            return None
+    return FEATURE_DEFAULTS[name] if v is None else v
+
+
+def feature_settings(attrs: Any) -> dict[str, Any] | None:
+    """The layers/views settings a cache's attributes record (defaults where absent); None when unreadable."""
+    try:
+        return _normal({k: _feature_attr(attrs, k) for k in FEATURE_DEFAULTS})
+    except (TypeError, ValueError):
+        return None
+
+
+def describe_feature_difference(attrs: Any, wanted: dict[str, Any]) -> str:
+    """How the layers/views a cache holds (its attributes) differ from ``wanted``; "" when they agree.
+
+    Example: ``"the cache holds layers final; you asked stage3,final"``.
+    """
+    try:
+        have = _normal({k: _feature_attr(attrs, k) for k in FEATURE_DEFAULTS})
+    except (TypeError, ValueError):
+        return "the cache's layer/view attributes are unreadable"
+    want = _normal(wanted)
+    out = []
+    for k, what in (("layers", "layers"), ("pooling", "pooling"), ("views", "views"), ("augment", "augment"),
+                    ("view_seed", "view seed")):
+        if have[k] != want[k]:
+            h, w = (",".join(have[k]), ",".join(want[k])) if k == "layers" else (str(have[k]), str(want[k]))
+            out.append(f"the cache holds {what} {h or 'none'}; you asked {w or 'none'}")
+    return "; ".join(out)

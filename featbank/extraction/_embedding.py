@@ -13,7 +13,7 @@ from .._device import default_num_workers
 from ..cache import StagingFile
 from ..images import ImageReadError, PreprocessConfig, load_and_preprocess
 
-__all__ = ["_Images", "_Collate", "_run", "_write_block"]
+__all__ = ["_Images", "_Collate", "_run", "_write_block", "_ViewImages", "_ViewCollate", "_embed_feature_rows"]
 
 
 class _Images:
@@ -126,3 +126,71 @@ def _write_block(staging: StagingFile, rows: np.ndarray, emb: np.ndarray, ok: np
         staging.file.flush()
     else:
         staging.write_rows(rows[ok], emb[ok])
+
+
+class _ViewImages:
+    """A row dataset whose items also carry the row's K augmented views (``None`` for a bad image)."""
+
+    def __init__(self, base: Any, paths: list[str], features: Any, interpolation: str):
+        self.base, self.paths, self.features, self.interpolation = base, paths, features, interpolation
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, str, np.ndarray | None]:
+        from ._views import make_views
+
+        row, img, why = self.base[i]
+        if img is None or not self.features.views:
+            return row, img, why, None
+        try:
+            return row, img, why, make_views(img, self.paths[row], self.features, self.interpolation)
+        except Exception as e:  # noqa: BLE001 - one file never kills a run
+            return row, None, f"unexpected error making views: {type(e).__name__}: {e}", None
+
+
+class _ViewCollate(_Collate):
+    def __init__(self, cfg: PreprocessConfig, views: int):
+        super().__init__(cfg)
+        self.views = views
+
+    def __call__(self, items: list[Any]) -> tuple[np.ndarray, Any, np.ndarray, list[str], Any]:  # type: ignore[override]
+        import torch
+
+        rows, batch, ok, reasons = super().__call__([it[:3] for it in items])
+        vb = np.zeros((len(items), self.views, *self.shape), np.uint8)
+        for j, it in enumerate(items):
+            if it[3] is not None:
+                vb[j] = it[3]
+        return rows, batch, ok, reasons, torch.from_numpy(vb)
+
+
+def _tap_outputs(eng: Any, x: Any, batch_size: int) -> dict[str, np.ndarray]:
+    """``{tap: (n, D)}`` for a batch, run in chunks of ``batch_size`` images."""
+    parts = [eng(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+    return {t: np.concatenate([p[k] for p in parts]) for k, t in enumerate(eng.layers)}
+
+
+def _embed_feature_rows(writer: Any, loader: Any, eng: Any, features: Any, batch_size: int,
+                        skipped: dict[int, str]) -> None:
+    """The embedding loop of a run with layers or views: every tap and view of a row is written
+    before the row is marked done (``PartWriter.write_rows``), so a resumed run redoes only rows
+    that were not finished."""
+    import torch
+
+    for rows, batch, ok, reasons, views in loader:
+        if ok.any():
+            mask = torch.from_numpy(ok)
+            x = batch if ok.all() else batch[mask]
+            out = _tap_outputs(eng, x, batch_size)
+            extra = {f"layers/{t}": out[t] for t in features.taps}
+            if features.views:
+                v = (views if ok.all() else views[mask])
+                n, k = v.shape[:2]
+                vout = _tap_outputs(eng, v.reshape(n * k, *v.shape[2:]), batch_size)
+                extra["views/embeddings"] = vout["final"].reshape(n, k, -1)
+                extra.update({f"views/layers/{t}": vout[t].reshape(n, k, -1) for t in features.taps})
+            writer.write_rows(rows[ok], out["final"], extra)
+        for r, good, why in zip(rows, ok, reasons):
+            if not good:
+                skipped[int(r)] = why

@@ -70,6 +70,11 @@ def extract(
     label_column: str | None = "label",
     split_column: str | None = "split",
     label_from: str = "cls",
+    layers: str | list[str] | None = None,
+    pooling: str = "gap+2x2",
+    views: int = 0,
+    augment: str | None = None,
+    view_seed: int = 0,
 ) -> ExtractReport:
     """Embed every image of a folder with a frozen backbone into an HDF5 cache.
 
@@ -106,6 +111,12 @@ def extract(
         num_gpus, max_retries: per Ray task.
         path_column, label_column, split_column: a manifest's column names.
         label_from: WebDataset label member: ``cls``, ``txt``, ``json`` or ``none``.
+        layers: intermediate layers to store besides the embedding (``"stage3,stage5,final"``,
+            ``"all"``; see :func:`featbank.backbones.parse_layers`); default ``final`` alone.
+        pooling: how a layer's feature map is pooled: ``gap+2x2`` (default) or ``gap``.
+        views, augment, view_seed: K augmented views per image (``hflip``, ``dihedral`` or
+            ``crops``), stored beside the plain view; ``crops`` are seeded by path, view and
+            ``view_seed``. Layers and views write a sharded (schema-v2) cache, with torch.
 
     Returns:
         An :class:`ExtractReport`.
@@ -125,8 +136,12 @@ def extract(
     dev = resolve_device(device).type
     if engine not in ENGINES:
         raise ConfigError(f"The 'engine' parameter must be one of {ENGINES}. Got {engine!r} instead.")
+    from ._views import resolve_features
+
+    features = resolve_features(backbone, weights, weights_file, layers=layers, pooling=pooling, views=views,
+                                augment=augment, view_seed=view_seed)
     opts = ExtractOptions(backbone, weights, weights_file, batch_size, num_workers, dev, engine, dtype, overwrite,
-                          strict, progress, on_progress)
+                          strict, progress, on_progress, None if features.is_default else features)
     out_path = (Path(out).expanduser() if out is not None
                 else default_cache_path(data, backbone, weights, dtype, weights_file))
     if out_path.exists() and out_path.is_dir():
@@ -134,7 +149,7 @@ def extract(
     refuse_foreign_file(out_path)
     scale = ScaleOptions(procs, launcher, shard_size, finalize, num_gpus, max_retries, path_column, label_column,
                          split_column, label_from)
-    if wants_sharded(str(data), out_path, scale):
+    if opts.features is not None or wants_sharded(str(data), out_path, scale):
         return extract_sharded(str(data), out_path, opts, scale, t0)
     index = scan_folder(data)
     with writer_lock(out_path):
@@ -165,6 +180,7 @@ class ExtractOptions:
     strict: bool
     progress: bool
     on_progress: Callable[[int, int], None] | None
+    features: Any = None  # FeatureOptions when the run stores layers or views (they take the sharded route)
 
 
 @dataclass

@@ -20,7 +20,7 @@ import h5py
 
 from ..cache import writer_lock
 from ..cache._parts import part_name, parts_dir, rows_digest
-from ..cache._schema import _FORMAT, _decode, compute_cache_key
+from ..cache._schema import _FORMAT, _decode, compute_cache_key, describe_feature_difference
 from ..errors import CacheError, CacheKeyMismatch, ConfigError, Interrupted, SkippedImagesError, SkippedImagesWarning
 from ._plan import DEFAULT_SHARD_SIZE
 from ._report import ExtractReport, _strict_message
@@ -105,7 +105,8 @@ def read_source(data: str, scale: ScaleOptions) -> Any:
     return RowSource.from_index(scan_folder(data))
 
 
-def _migrate_or_refuse(out_path: Path, key: str, shard_size: int, torchrun: bool) -> None:
+def _migrate_or_refuse(out_path: Path, key: str, shard_size: int, torchrun: bool, features: Any = None,
+                       plain_key: str = "") -> None:
     """A schema-v1 cache at ``out_path`` becomes a v2 index (same key only); under torchrun, refuse."""
     from ._sharded import migrate_v1
 
@@ -113,6 +114,10 @@ def _migrate_or_refuse(out_path: Path, key: str, shard_size: int, torchrun: bool
         return
     with h5py.File(out_path, "r") as f:
         have = str(f.attrs.get("cache_key", ""))
+        diff = describe_feature_difference(f.attrs, features.key_part() if features is not None else {})
+    if have != key and diff and have == plain_key:  # a v1 cache holds no layers/views: they are the difference
+        raise CacheKeyMismatch(f"Cache {str(out_path)!r} was extracted with other layers or views: {diff}. The file "
+                               "was left untouched. Pass --overwrite to replace it, or choose another --out.")
     if have != key:
         raise CacheKeyMismatch(
             f"Cache {str(out_path)!r} was made with other settings (cache key {have[:12]}…, this run's is "
@@ -127,11 +132,13 @@ def _migrate_or_refuse(out_path: Path, key: str, shard_size: int, torchrun: bool
     migrate_v1(out_path, shard_size=shard_size)
 
 
-def _run_key(backbone: str, weights: str | None, weights_file: str | None, dtype: str, device: str) -> str:
+def _run_key(backbone: str, weights: str | None, weights_file: str | None, dtype: str, device: str,
+             features: Any = None) -> str:
     from .._device import precision_name
     from ._sharded import _identity
 
-    return compute_cache_key(_identity(backbone, weights, weights_file), dtype, precision_name(device.split(":")[0]))
+    return compute_cache_key(_identity(backbone, weights, weights_file), dtype, precision_name(device.split(":")[0]),
+                             features.key_part() if features is not None else None)
 
 
 def _up_to_date(prep: Any) -> bool:
@@ -201,11 +208,12 @@ def extract_sharded(data: str, out_path: Path, opts: Any, scale: ScaleOptions, t
     with writer_lock(out_path) if rank == 0 else nullcontext():
         source = read_source(data, scale)
         if not opts.overwrite:
-            key = _run_key(opts.backbone, opts.weights, weights_file, opts.dtype, opts.device)
-            _migrate_or_refuse(out_path, key, shard_size, torchrun)
+            key = _run_key(opts.backbone, opts.weights, weights_file, opts.dtype, opts.device, opts.features)
+            plain = _run_key(opts.backbone, opts.weights, weights_file, opts.dtype, opts.device) if opts.features else key
+            _migrate_or_refuse(out_path, key, shard_size, torchrun, opts.features, plain)
         prep = prepare(source, out_path, backbone=opts.backbone, weights=opts.weights, weights_file=weights_file,
                        engine=engine, device=opts.device, dtype=opts.dtype, batch_size=opts.batch_size,
-                       num_workers=workers, shard_size=shard_size, overwrite=opts.overwrite)
+                       num_workers=workers, shard_size=shard_size, overwrite=opts.overwrite, features=opts.features)
         report = ExtractReport(path=out_path, cache_key=prep.key)
         if not scale.finalize and _up_to_date(prep):
             report.up_to_date = True

@@ -21,8 +21,18 @@ import numpy as np
 from .._files import remove_orphans, timestamp
 from .._sources import RowSource, TarImages
 from ..cache._index import PlannedPart, finalize_index, read_parts_table
-from ..cache._parts import PartInfo, PartRows, PartWriter, describe_part, part_name, parts_dir, rows_digest, write_part
-from ..cache._schema import _decode, compute_cache_key
+from ..cache._parts import (
+    ROW_DATASETS,
+    PartInfo,
+    PartRows,
+    PartWriter,
+    describe_part,
+    part_name,
+    parts_dir,
+    rows_digest,
+    write_part,
+)
+from ..cache._schema import _decode, compute_cache_key, describe_feature_difference, feature_settings
 from ..errors import CacheError, CacheKeyMismatch
 from ._plan import DEFAULT_SHARD_SIZE, Plan, assign_rows, plan_shards, plan_tars, replan
 
@@ -44,6 +54,7 @@ class WorkerSettings:
     num_workers: int
     embed_dim: int
     transform: dict[str, Any]
+    features: Any = None  # FeatureOptions of a run with layers or views (None: the embedding alone)
 
 
 @dataclass
@@ -76,6 +87,7 @@ class Prepared:
     classes: list[str]
     attrs: dict[str, Any]
     skipped: list[tuple[str, str, tuple[int, int]]]
+    row_datasets: tuple[str, ...] = ROW_DATASETS
 
 
 def _identity(backbone: str, weights: str | None, weights_file: str | None) -> dict[str, Any]:
@@ -85,7 +97,7 @@ def _identity(backbone: str, weights: str | None, weights_file: str | None) -> d
     return ident if ident is not None else load_backbone(backbone, weights, weights_file).identity()
 
 
-def _old_plan(index_path: Path, key: str, overwrite: bool) -> Plan | None:
+def _old_plan(index_path: Path, key: str, overwrite: bool, features: Any = None, key_for: Any = None) -> Plan | None:
     if not index_path.exists() or overwrite:
         return None
     try:
@@ -93,12 +105,20 @@ def _old_plan(index_path: Path, key: str, overwrite: bool) -> Plan | None:
             version = int(f.attrs.get("schema_version", -1))
             have_key = str(f.attrs.get("cache_key", ""))
             plan = str(f.attrs.get("plan", ""))
+            diff = describe_feature_difference(f.attrs, features.key_part() if features is not None else {})
+            have_features = feature_settings(f.attrs)
     except OSError as e:
         raise CacheError(f"{str(index_path)!r} is not a readable HDF5 file ({e}); pass --overwrite to replace it.") from None
     if version != 2:
         raise CacheError(
             f"{str(index_path)!r} is a schema-v{version} cache; sharded extraction writes schema v2. "
             "Pass --overwrite to replace it, or choose another --out."
+        )
+    # Only the layers/views differ when the cache's key is this run's identity with the cache's own features.
+    if have_key != key and diff and key_for is not None and have_features is not None and key_for(have_features) == have_key:
+        raise CacheKeyMismatch(
+            f"Cache {str(index_path)!r} was extracted with other layers or views: {diff}. The file was left "
+            "untouched. Pass the same --layers/--views/--augment as before, --overwrite to replace it, or another --out."
         )
     if have_key != key:
         raise CacheKeyMismatch(
@@ -112,10 +132,12 @@ def prepare(
     source: RowSource, index_path: Path, *, backbone: str, weights: str | None = None,
     weights_file: str | None = None, engine: str = "torch", device: str = "cpu", dtype: str = "float32",
     batch_size: int = 32, num_workers: int = 0, shard_size: int = DEFAULT_SHARD_SIZE, overwrite: bool = False,
+    features: Any = None,
 ) -> Prepared:
     """Plan the run: the cache key, the shards (keeping an existing index's boundaries), the jobs left.
 
     A shard needs a job when its part for exactly its planned rows is not yet published.
+    ``features`` (a ``FeatureOptions`` from ``resolve_features``) adds layers and views.
 
     Raises:
         CacheKeyMismatch: the existing index was made with other settings.
@@ -126,8 +148,10 @@ def prepare(
     index_path = Path(index_path)
     precision = precision_name(device.split(":")[0])
     identity = _identity(backbone, weights, weights_file)
-    key = compute_cache_key(identity, dtype, precision)
-    old = _old_plan(index_path, key, overwrite)
+    if features is not None and features.is_default:
+        features = None
+    key = compute_cache_key(identity, dtype, precision, features.key_part() if features is not None else None)
+    old = _old_plan(index_path, key, overwrite, features, lambda fk: compute_cache_key(identity, dtype, precision, fk))
     table = read_parts_table(index_path) if old is not None else []
     old_parts = {p.shard_id: p.name for p in table}
     recorded = {p.name: (p.size, p.mtime_ns) for p in table}
@@ -138,7 +162,7 @@ def prepare(
     else:
         plan = plan_shards(source.keys, shard_size)
     settings = WorkerSettings(backbone, weights, weights_file, engine, device, precision, dtype, batch_size,
-                              num_workers, int(identity["embed_dim"]), identity["transform"])
+                              num_workers, int(identity["embed_dim"]), identity["transform"], features)
     folder = parts_dir(index_path)
     where = assign_rows(plan, source.keys) if plan.kind == "range" else _tar_rows(plan, source)
     planned, planned_paths, jobs = [], {}, []
@@ -161,9 +185,11 @@ def prepare(
         **{k: identity[k] for k in ("backbone", "weights", "weights_sha256", "transform")},
         "precision": precision, "engine": engine, "device": device, "root": str(source.root),
         "layout": source.layout, "classes_json": json.dumps(list(source.classes)), "updated": timestamp(),
-        "complete": True, "shard_size": plan.shard_size,
+        "complete": True, "shard_size": plan.shard_size, **(features.attrs() if features is not None else {}),
     }
-    return Prepared(index_path, key, plan, planned, planned_paths, jobs, list(source.classes), attrs, list(source.skipped))
+    extra = tuple(features.datasets()) if features is not None else ()
+    return Prepared(index_path, key, plan, planned, planned_paths, jobs, list(source.classes), attrs, list(source.skipped),
+                    ROW_DATASETS + extra)
 
 
 def _stat(path: Path) -> tuple[int, int]:
@@ -194,13 +220,16 @@ _ENGINES: dict[tuple[Any, ...], Any] = {}
 
 def _engine(settings: WorkerSettings) -> Any:
     """One engine per process and settings, so a worker that runs many shards builds it once."""
-    k = (settings.backbone, settings.weights, settings.weights_file, settings.engine, settings.device, settings.precision)
+    k = (settings.backbone, settings.weights, settings.weights_file, settings.engine, settings.device, settings.precision,
+         settings.features)
     if k not in _ENGINES:
         from ..backbones import load_backbone
-        from ._engines import _make_engine
+        from ._engines import _make_engine, _make_tap_engine
 
         bb = load_backbone(settings.backbone, settings.weights, settings.weights_file)
-        _ENGINES[k] = _make_engine(settings.engine, bb, settings.device, settings.precision)
+        f = settings.features
+        _ENGINES[k] = (_make_engine(settings.engine, bb, settings.device, settings.precision) if f is None
+                       else _make_tap_engine(settings.engine, bb, settings.device, settings.precision, f.layers, f.pooling))
     return _ENGINES[k]
 
 
@@ -222,7 +251,8 @@ def run_shard(job: ShardJob) -> PartInfo:
     writer = PartWriter.open_if_valid(folder, job.shard_id, job.key, digest)
     if writer is None:
         writer = PartWriter.create(folder, job.shard_id, job.key, job.rows, job.classes, s.embed_dim, s.dtype,
-                                   attrs={"root": job.root, "layout": job.layout})
+                                   attrs={"root": job.root, "layout": job.layout},
+                                   extra=s.features.datasets() if s.features is not None else None)
     try:
         # Recorded in the part: how many rows were copied from old parts instead of embedded.
         writer.file.attrs["n_reused"] = int(writer.file.attrs.get("n_reused", 0)) + _reuse_rows(writer, folder, job.reuse)
@@ -261,7 +291,8 @@ def _reuse_rows(writer: PartWriter, folder: Path, names: Sequence[str]) -> int:
             breaks = np.flatnonzero((np.diff(new_rows) != 1) | (np.diff(old_rows) != 1)) + 1
             for a, b in zip(np.r_[0, breaks], np.r_[breaks, len(new_rows)]):
                 if b > a:
-                    writer.write_rows(new_rows[a:b], f["embeddings"][int(old_rows[a]):int(old_rows[b - 1]) + 1])
+                    lo, hi = int(old_rows[a]), int(old_rows[b - 1]) + 1
+                    writer.write_rows(new_rows[a:b], f["embeddings"][lo:hi], {n: f[n][lo:hi] for n in writer.extra})
             copied += len(new_rows)
             for i in new_rows:
                 want.pop(writer.paths[int(i)], None)
@@ -287,6 +318,13 @@ def _embed_rows(writer: PartWriter, job: ShardJob, skipped: dict[int, str]) -> N
     loader = DataLoader(dataset, batch_size=s.batch_size, shuffle=False, num_workers=s.num_workers,
                         collate_fn=_Collate(cfg), prefetch_factor=4 if s.num_workers > 0 else None)
     eng = _engine(s)
+    if s.features is not None:
+        from ._embedding import _embed_feature_rows, _ViewCollate, _ViewImages
+
+        loader = DataLoader(_ViewImages(dataset, writer.paths, s.features, cfg.interpolation), batch_size=s.batch_size,
+                            shuffle=False, num_workers=s.num_workers, collate_fn=_ViewCollate(cfg, s.features.views),
+                            prefetch_factor=4 if s.num_workers > 0 else None)
+        return _embed_feature_rows(writer, loader, eng, s.features, s.batch_size, skipped)
     for rows, batch, ok, reasons in loader:
         if ok.any():
             emb = eng(batch if ok.all() else batch[torch.from_numpy(ok)])
@@ -319,7 +357,7 @@ def finalize(prepared: Prepared) -> list[PartInfo]:
     except (OSError, KeyError):  # a v1 file being replaced with --overwrite has no table
         known = []
     parts = finalize_index(index_path, prepared.planned, prepared.key, prepared.classes, attrs,
-                           plan_json=prepared.plan.to_json(), known=known)
+                           plan_json=prepared.plan.to_json(), known=known, row_datasets=prepared.row_datasets)
     _remove_unreferenced(index_path, parts)
     return parts
 

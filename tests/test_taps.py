@@ -1,0 +1,147 @@
+"""Taps: named intermediate layers, their pooling, and the module that returns them (real models)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from featbank.backbones import (
+    FINAL,
+    MAX_TAP_DIM,
+    TapModel,
+    available_layers,
+    layer_dims,
+    load_backbone,
+    param_groups,
+    parse_layers,
+    pool_tap,
+)
+from featbank.errors import ConfigError
+
+LITE0_TAPS = ["stem", *(f"stage{i}" for i in range(1, 8)), "head_conv", "final"]
+# Channels of EfficientNet-Lite0's group outputs; pooled gap+2x2 = 5C unless 5C > 4096.
+LITE0_CHANNELS = {"stem": 32, "stage1": 16, "stage2": 24, "stage3": 40, "stage4": 80, "stage5": 112,
+                  "stage6": 192, "stage7": 320, "head_conv": 1280}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_backbone("test_tiny")
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return load_backbone("efficientnet_lite0")
+
+
+def test_tiny_taps_are_its_groups_plus_final(tiny) -> None:
+    assert available_layers(tiny) == [g for g, _ in param_groups(tiny)] + [FINAL]
+    assert available_layers("test_tiny") == ["stem", "stage1", "stage2", "final"]
+    assert layer_dims(tiny, "all") == {"stem": 40, "stage1": 80, "stage2": 160, "final": 32}
+    assert layer_dims(tiny, "all", pooling="gap") == {"stem": 8, "stage1": 16, "stage2": 32, "final": 32}
+
+
+@pytest.mark.slow
+def test_lite0_taps_and_pooled_shapes(lite0) -> None:
+    assert available_layers(lite0) == LITE0_TAPS
+    dims = layer_dims(lite0, "all")
+    want = {t: (5 * c if 5 * c <= MAX_TAP_DIM else c) for t, c in LITE0_CHANNELS.items()}
+    assert dims == {**want, "final": 1280}
+    assert dims["head_conv"] == 1280  # 5 x 1280 is over the cap: global average alone
+    model = TapModel(lite0, "stage3,stage5,final").eval()
+    assert model.layers == ("stage3", "stage5", "final")
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8))
+    with torch.inference_mode():
+        outs = model(x)
+        ref = lite0.embedder().eval()(x)
+    model.remove_hooks()
+    assert [tuple(o.shape) for o in outs] == [(2, 200), (2, 560), (2, 1280)]
+    assert torch.equal(outs[-1], ref)  # final is the embedding, bit for bit
+    assert all(torch.isfinite(o).all() for o in outs)
+
+
+def test_tap_model_pools_the_stage_output(tiny) -> None:
+    """The stage2 tap is the global average + 2x2 average of stage2's output, computed by hand."""
+    x = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8))
+    model = TapModel(tiny, ["final", "stage2"]).eval()
+    with torch.inference_mode():
+        stem_in = tiny.embedder().prepare(x)
+        feat = tiny.features.stage2(tiny.features.stage1(tiny.features.stem(stem_in)))
+        want = torch.cat([feat.mean((2, 3)), torch.nn.functional.adaptive_avg_pool2d(feat, 2).flatten(1)], 1)
+        stage2, final = model(x)
+    model.remove_hooks()
+    assert model.layers == ("stage2", "final")  # network order, whatever order was asked
+    torch.testing.assert_close(stage2, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(final, feat.mean((2, 3)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 9), (1, 3, 1, 1), (2, 4, 2, 3)])
+def test_2x2_pooling_matches_adaptive_avg_pool_on_odd_sizes(shape) -> None:
+    x = torch.randn(*shape)
+    out = pool_tap(x)
+    torch.testing.assert_close(out[:, : shape[1]], x.mean((2, 3)))
+    torch.testing.assert_close(out[:, shape[1]:], torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1))
+
+
+def test_pooling_is_capped() -> None:
+    wide = torch.randn(1, MAX_TAP_DIM // 5 + 1, 4, 4)
+    assert pool_tap(wide).shape == (1, wide.shape[1])
+    assert pool_tap(torch.randn(2, 6, 8)).shape == (2, 8)  # tokens: averaged
+
+
+@pytest.mark.parametrize(("spec", "want"), [
+    (None, ("final",)),
+    ("final", ("final",)),
+    ("all", ("stem", "stage1", "stage2", "final")),
+    ("final,stem", ("stem", "final")),
+    ("stage1-final", ("stage1", "stage2", "final")),
+    (" stage2 , stage2 ", ("stage2",)),
+    (["stage1", "final"], ("stage1", "final")),
+])
+def test_parse_layers(tiny, spec, want) -> None:
+    assert parse_layers(spec, tiny) == want
+
+
+@pytest.mark.parametrize(("spec", "words"), [
+    ("stage3", ["Unknown layer 'stage3'", "stem, stage1, stage2, final"]),
+    ("stge1", ["Did you mean 'stage1'"]),
+    ("final-stem", ["runs backwards", "stem-final"]),
+    ("stem,,final", ["must name layers"]),
+    ("", ["must name layers"]),
+])
+def test_parse_layers_refuses_with_what_to_type(tiny, spec, words) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_layers(spec, tiny)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_unknown_pooling_is_refused(tiny) -> None:
+    with pytest.raises(ConfigError, match="'pooling' parameter must be one of"):
+        TapModel(tiny, "all", pooling="max")
+
+
+@pytest.mark.slow
+def test_tap_model_exports_to_onnx_with_the_same_numbers(tiny, tmp_path) -> None:
+    import contextlib
+    import io
+    import warnings
+
+    import onnxruntime as ort
+
+    model = TapModel(tiny, "all").eval()
+    path = tmp_path / "taps.onnx"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(2, 32, 32, 3, dtype=torch.uint8),), str(path), input_names=["images"],
+                          output_names=list(model.layers), dynamic_shapes=({0: torch.export.Dim("batch", max=1 << 16)},),
+                          dynamo=True, external_data=False)
+    x = np.random.default_rng(2).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"images": x})
+    with torch.inference_mode():
+        want = model(torch.from_numpy(x))
+    model.remove_hooks()
+    assert [g.shape for g in got] == [(3, 40), (3, 80), (3, 160), (3, 32)]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w.numpy(), atol=1e-5, rtol=1e-5)
