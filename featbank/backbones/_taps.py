@@ -61,12 +61,12 @@ def _features(backbone: Backbone | nn.Module) -> nn.Module:
 
 def _tap_points(features: nn.Module) -> list[tuple[str, str]]:
     """``[(tap name, module name)]`` from input to output: each group's last module."""
-    from ._groups import _group_modules, param_groups
+    from ._groups import group_modules, param_groups
 
     modules = dict(features.named_modules())
     out = []
     for group, pnames in param_groups(features):
-        names = _group_modules(features, pnames)
+        names = group_modules(features, pnames)
         name = names[-1]
         if group == "stem" and "layer1" in modules and "maxpool" in modules:
             name = "maxpool"  # ResNet: the stem ends after ReLU and max-pool, not at its BatchNorm
