@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+__all__ = ["backbones"]
+
 
 @click.command()
 @click.option("--all", "include_all", is_flag=True, help="Also list every torchvision classification model.")

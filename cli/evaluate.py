@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+__all__ = ["evaluate"]
+
 _EXAMPLES = """\b
 Examples:
   featbank evaluate models/elpv-linear runs/elpv-test.h5

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+__all__ = ["export"]
+
 
 @click.command()
 @click.argument("model", type=click.Path(path_type=str))

@@ -6,6 +6,8 @@ import click
 
 from .options import device_option, quiet_option
 
+__all__ = ["fit"]
+
 _EXAMPLES = """\b
 Examples:
   featbank fit

@@ -9,6 +9,8 @@ import click
 
 from featbank import __version__
 
+__all__ = ["cli", "main", "FeatbankGroup", "EXIT_CODES_HELP"]
+
 EXIT_CODES_HELP = """\b
 Exit codes:
   0    success

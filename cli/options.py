@@ -7,6 +7,8 @@ from typing import Any
 
 import click
 
+__all__ = ["backbone_options", "device_option", "quiet_option"]
+
 F = Callable[..., Any]
 
 

@@ -6,6 +6,8 @@ import click
 
 from .options import device_option
 
+__all__ = ["predict"]
+
 _EXAMPLES = """\b
 Examples:
   featbank predict models/elpv-linear new_cells/

@@ -229,25 +229,32 @@ def check_output_dir(folder: Path, what: str = "output") -> Path:
             file system such as /proc) or written; the message names the path and the reason.
     """
     folder = Path(folder).expanduser()
-    for parent in [folder, *folder.parents]:
-        if parent.exists() and not parent.is_dir():
-            raise ConfigError(
-                f"Cannot write the {what} under '{folder}': '{parent}' is a file, not a folder. "
-                "Choose another --out."
-            )
-        if parent.exists():
-            break
+    _nearest_folder(folder, what, folder)
+    _write_check(folder, what, folder, create=True)
+    return folder
+
+
+def _nearest_folder(start: Path, what: str, shown: Path) -> Path:
+    """The nearest existing path at or above ``start``; a ConfigError if it is a file."""
+    above = start
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise ConfigError(f"Cannot write the {what} under '{shown}': '{above}' is a file, not a folder. Choose another --out.")
+    return above
+
+
+def _write_check(folder: Path, what: str, shown: Path, create: bool = False) -> None:
+    """Write and remove an empty file in ``folder`` (created first with ``create``), or a ConfigError."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
         probe = temporary_path(folder / ".write-check")
-        with open(probe, "wb") as fh:
-            fh.write(b"")
+        with open(probe, "wb"):
+            pass
         probe.unlink()
     except OSError as e:
-        raise ConfigError(
-            f"Cannot write the {what} under '{folder}': {describe_os_error(e)}. Choose another --out."
-        ) from None
-    return folder
+        raise ConfigError(f"Cannot write the {what} under '{shown}': {describe_os_error(e)}. Choose another --out.") from None
 
 
 def check_bundle_dir(folder: Path) -> Path:
@@ -273,22 +280,8 @@ def check_bundle_dir(folder: Path) -> Path:
                 f"--out '{folder}' is not a featbank bundle: it holds other files ({shown}). --out names the "
                 f"bundle folder itself, e.g. --out {folder / 'my-model'}; choose a new or empty folder."
             )
-    above = folder.parent
-    while not above.exists() and above != above.parent:
-        above = above.parent
-    if not above.is_dir():
-        raise ConfigError(
-            f"Cannot write the model bundle under '{folder.parent}': '{above}' is a file, not a folder. Choose another --out."
-        )
-    try:
-        probe = temporary_path(above / ".write-check")
-        with open(probe, "wb"):
-            pass
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(
-            f"Cannot write the model bundle under '{folder.parent}': {describe_os_error(e)}. Choose another --out."
-        ) from None
+    above = _nearest_folder(folder.parent, "model bundle", folder.parent)
+    _write_check(above, "model bundle", folder.parent)
     return folder
 
 

@@ -331,7 +331,7 @@ class TarImages:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, str]:
-        from .images import DEFAULT_MAX_PIXELS, _decode
+        from .images import DEFAULT_MAX_PIXELS, decode_image
 
         row = int(self.rows[i])
         tar, _, member = self.members[row].partition("\0")
@@ -343,7 +343,7 @@ class TarImages:
             data = fh.read()
             if not data:
                 return row, None, "empty member (0 bytes)"
-            return row, preprocess_image(_decode(io.BytesIO(data), DEFAULT_MAX_PIXELS), self.cfg), ""
+            return row, preprocess_image(decode_image(io.BytesIO(data), DEFAULT_MAX_PIXELS), self.cfg), ""
         except ImageReadError as e:
             return row, None, e.reason
         except (KeyError, tarfile.TarError, EOFError) as e:

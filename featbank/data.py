@@ -198,53 +198,9 @@ def scan_folder(root: str | os.PathLike[str], require_labels: bool = False) -> I
         >>> index.classes, len(index)
         (['cat', 'dog'], 2000)
     """
-    given = Path(root).expanduser()
-    if not given.exists():
-        raise DatasetError(
-            f"The data folder '{given}' does not exist. "
-            "Pass the folder that holds your images (DATA/<class>/<image>)."
-        )
-    if not given.is_dir():
-        raise DatasetError(
-            f"The data folder '{given}' is not a directory. "
-            "Pass the folder that holds your images (DATA/<class>/<image>), not a single file."
-        )
-    root_path = given.resolve()
+    root_path = _data_root(root)
     walk = _Walk(os.fspath(root_path))
-
-    top = _list_dir(walk, "")
-    top_dirs = [(entry, rel) for entry, rel, kind in top if kind == "dir"]
-    top_files = [(entry, rel) for entry, rel, kind in top if kind == "file"]
-
-    if top_dirs and all(entry.name.lower() in _SPLIT_ALIASES for entry, _ in top_dirs):
-        layout = "splits"
-        for _, rel in top_files:
-            walk.n_files += 1
-            walk.ignore(rel)
-        for split_entry, split_rel in top_dirs:
-            split = _SPLIT_ALIASES[split_entry.name.lower()]
-            for entry, rel, kind in _list_dir(walk, split_rel):
-                if kind == "dir":
-                    walk.walk(rel, entry.name, split)
-                else:
-                    # Images directly in DATA/train/ carry no class.
-                    walk.n_files += 1
-                    walk.ignore(rel)
-    else:
-        for entry, rel in top_dirs:
-            walk.walk(rel, entry.name, -1)
-        if walk.paths:
-            layout = "imagefolder"
-            for _, rel in top_files:
-                # Images beside class folders carry no class.
-                walk.n_files += 1
-                walk.ignore(rel)
-        else:
-            # No sub-folder holds an image; their other files are already listed as ignored.
-            layout = "flat"
-            for entry, rel in top_files:
-                walk.add_file(entry, rel, None, -1)
-
+    layout = _walk_layout(walk)
     ignored = sorted(walk.ignored)
     if not walk.paths:
         examples = ", ".join(f"'{p}'" for p in ignored[:3])
@@ -262,28 +218,7 @@ def scan_folder(root: str | os.PathLike[str], require_labels: bool = False) -> I
     fingerprints[:, 0] = np.asarray(walk.sizes, dtype=np.int64)[order]
     fingerprints[:, 1] = np.asarray(walk.mtimes, dtype=np.int64)[order]
     splits = np.asarray(walk.splits, dtype=np.int8)[order]
-
-    if layout == "flat":
-        if require_labels:
-            raise DatasetError(
-                f"The data folder '{root_path}' has {len(paths)} image(s) but no class folders, "
-                "and labels are required here. Put the images into one folder per class: "
-                "DATA/<class>/<image>."
-            )
-        classes: list[str] = []
-        labels = np.full(len(paths), -1, dtype=np.int64)
-    else:
-        classes = sorted({label for label in walk.labels if label is not None})
-        if len(classes) == 1:
-            raise DatasetError(
-                f"Found only one class '{classes[0]}' in '{root_path}' ({len(paths)} image(s)); "
-                "a classifier needs at least two. Add a folder per class, or put images directly "
-                "in DATA for unlabelled extraction."
-            )
-        class_index = {name: i for i, name in enumerate(classes)}
-        raw = np.asarray([class_index[label] for label in walk.labels], dtype=np.int64)  # type: ignore[index]
-        labels = raw[order]
-
+    classes, labels = _classes_and_labels(walk, order, layout, root_path, require_labels)
     return ImageIndex(
         root=root_path,
         layout=layout,
@@ -294,3 +229,77 @@ def scan_folder(root: str | os.PathLike[str], require_labels: bool = False) -> I
         fingerprints=fingerprints,
         ignored=ignored,
     )
+
+
+def _data_root(root: str | os.PathLike[str]) -> Path:
+    """The resolved DATA folder, or a DatasetError saying what to pass."""
+    given = Path(root).expanduser()
+    if not given.exists():
+        raise DatasetError(
+            f"The data folder '{given}' does not exist. "
+            "Pass the folder that holds your images (DATA/<class>/<image>)."
+        )
+    if not given.is_dir():
+        raise DatasetError(
+            f"The data folder '{given}' is not a directory. "
+            "Pass the folder that holds your images (DATA/<class>/<image>), not a single file."
+        )
+    return given.resolve()
+
+
+def _walk_layout(walk: _Walk) -> str:
+    """Walk the folder into ``walk`` and return its layout: ``splits``, ``imagefolder`` or ``flat``."""
+    top = _list_dir(walk, "")
+    top_dirs = [(entry, rel) for entry, rel, kind in top if kind == "dir"]
+    top_files = [(entry, rel) for entry, rel, kind in top if kind == "file"]
+
+    if top_dirs and all(entry.name.lower() in _SPLIT_ALIASES for entry, _ in top_dirs):
+        for _, rel in top_files:
+            walk.n_files += 1
+            walk.ignore(rel)
+        for split_entry, split_rel in top_dirs:
+            split = _SPLIT_ALIASES[split_entry.name.lower()]
+            for entry, rel, kind in _list_dir(walk, split_rel):
+                if kind == "dir":
+                    walk.walk(rel, entry.name, split)
+                else:
+                    # Images directly in DATA/train/ carry no class.
+                    walk.n_files += 1
+                    walk.ignore(rel)
+        return "splits"
+    for entry, rel in top_dirs:
+        walk.walk(rel, entry.name, -1)
+    if walk.paths:
+        for _, rel in top_files:
+            # Images beside class folders carry no class.
+            walk.n_files += 1
+            walk.ignore(rel)
+        return "imagefolder"
+    # No sub-folder holds an image; their other files are already listed as ignored.
+    for entry, rel in top_files:
+        walk.add_file(entry, rel, None, -1)
+    return "flat"
+
+
+def _classes_and_labels(walk: _Walk, order: list[int], layout: str, root_path: Path,
+                        require_labels: bool) -> tuple[list[str], np.ndarray]:
+    """Sorted class names and each row's class index (-1 for a flat folder)."""
+    n = len(order)
+    if layout == "flat":
+        if require_labels:
+            raise DatasetError(
+                f"The data folder '{root_path}' has {n} image(s) but no class folders, "
+                "and labels are required here. Put the images into one folder per class: "
+                "DATA/<class>/<image>."
+            )
+        return [], np.full(n, -1, dtype=np.int64)
+    classes = sorted({label for label in walk.labels if label is not None})
+    if len(classes) == 1:
+        raise DatasetError(
+            f"Found only one class '{classes[0]}' in '{root_path}' ({n} image(s)); "
+            "a classifier needs at least two. Add a folder per class, or put images directly "
+            "in DATA for unlabelled extraction."
+        )
+    class_index = {name: i for i, name in enumerate(classes)}
+    raw = np.asarray([class_index[label] for label in walk.labels], dtype=np.int64)  # type: ignore[index]
+    return classes, raw[order]

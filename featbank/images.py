@@ -32,6 +32,9 @@ __all__ = [
     "load_image",
     "preprocess_image",
     "load_and_preprocess",
+    "decode_image",
+    "to_uint8_rgb",
+    "RESAMPLE",
 ]
 
 IMAGE_EXTENSIONS = frozenset(
@@ -59,7 +62,8 @@ MAX_ASPECT_RATIO = 100
 #: The resized image (before the centre crop) may have at most this many pixels (192 MB as RGB).
 MAX_RESIZED_PIXELS = 1 << 26
 
-_RESAMPLE = {
+#: Interpolation names of a PreprocessConfig -> Pillow resampling filters.
+RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
@@ -92,9 +96,9 @@ class PreprocessConfig:
         object.__setattr__(self, "resize_size", int(self.resize_size))
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
-        if self.interpolation not in _RESAMPLE:
+        if self.interpolation not in RESAMPLE:
             raise ValueError(
-                f"Unknown interpolation {self.interpolation!r}; expected one of {sorted(_RESAMPLE)}."
+                f"Unknown interpolation {self.interpolation!r}; expected one of {sorted(RESAMPLE)}."
             )
 
     @classmethod
@@ -164,7 +168,7 @@ class ImageReadError(Exception):
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
 
-def _to_uint8_rgb(img: Image.Image, keep_grey: bool = False) -> Image.Image:
+def to_uint8_rgb(img: Image.Image, keep_grey: bool = False) -> Image.Image:
     """8-bit RGB; with ``keep_grey`` single-channel images stay 8-bit ``L`` (3x less to resize)."""
     mode = img.mode
     if mode == "RGB" or (keep_grey and mode == "L"):
@@ -214,7 +218,10 @@ def check_aspect_ratio(width: int, height: int, max_aspect_ratio: float = MAX_AS
         )
 
 
-def _decode(fp: Any, max_pixels: int, keep_grey: bool = False, max_aspect_ratio: float = MAX_ASPECT_RATIO) -> Image.Image:
+def decode_image(fp: Any, max_pixels: int, keep_grey: bool = False, max_aspect_ratio: float = MAX_ASPECT_RATIO) -> Image.Image:
+    """Decode an open image file (a path or a binary file object) to 8-bit RGB (or ``L`` with ``keep_grey``),
+    EXIF orientation applied; decompression bombs and extreme aspect ratios are refused from the header, before
+    any pixel is decoded (ImageReadError)."""
     img = Image.open(fp)
     w, h = img.size
     # The header is parsed but no pixel is decoded yet: refuse bombs before allocating anything.
@@ -226,7 +233,7 @@ def _decode(fp: Any, max_pixels: int, keep_grey: bool = False, max_aspect_ratio:
     check_aspect_ratio(w, h, max_aspect_ratio)
     img.load()
     _exif_transpose(img)
-    return _to_uint8_rgb(img, keep_grey)
+    return to_uint8_rgb(img, keep_grey)
 
 
 def load_image(
@@ -291,7 +298,7 @@ def load_image(
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return _decode(fp, max_pixels, keep_grey, max_aspect_ratio)
+                return decode_image(fp, max_pixels, keep_grey, max_aspect_ratio)
         except ImageReadError:
             raise
         except Image.DecompressionBombError as e:
@@ -329,7 +336,7 @@ def preprocess_image(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     if img.mode != "RGB":
         # Grey stays grey until the end: resampling is per channel, so replicating the channel
         # after resize and crop gives the same bytes as converting first, at a third of the cost.
-        img = _to_uint8_rgb(img, keep_grey=True)
+        img = to_uint8_rgb(img, keep_grey=True)
     w, h = img.size
     size = cfg.resize_size
     short, long = (w, h) if w <= h else (h, w)
@@ -342,7 +349,7 @@ def preprocess_image(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     if short != size:
         new_short, new_long = size, int(size * long / short)
         new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-        img = img.resize((new_w, new_h), _RESAMPLE[cfg.interpolation])
+        img = img.resize((new_w, new_h), RESAMPLE[cfg.interpolation])
     w, h = img.size
     ch, cw = cfg.input_size
     if w < cw or h < ch:

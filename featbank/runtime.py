@@ -20,7 +20,7 @@ import json
 import math
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import BundleError, DatasetError
-from .images import _RESAMPLE, ImageReadError, PreprocessConfig, load_image, preprocess_image
+from .images import RESAMPLE, ImageReadError, PreprocessConfig, load_image, preprocess_image
 
 __all__ = [
     "FORMAT_KEY",
@@ -55,7 +55,7 @@ OUTPUT_NAMES = ("probabilities", "label")
 REQUIRED_KEYS = (FORMAT_KEY, "classes", "preprocessing")
 #: keys of the ``preprocessing`` JSON the runtime needs.
 PREPROCESSING_KEYS = ("input_size", "resize_size", "interpolation", "mean", "std")
-RESAMPLING_FILTERS = tuple(sorted(_RESAMPLE))
+RESAMPLING_FILTERS = tuple(sorted(RESAMPLE))
 
 # Bounds on what an ONNX file's metadata may ask for. A classifier needs two classes (as `fit`
 # does); 100,000 is far above any image task and keeps a crafted list from costing memory. Image
@@ -70,17 +70,30 @@ ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
 @dataclass(frozen=True)
 class Prediction:
-    """The most probable class of one image.
+    """The prediction for one image: its most probable class (and the top k), or why there is none.
+
+    One type for :meth:`OnnxClassifier.predict` and :func:`featbank.predict`.
 
     Attributes:
-        label: class name.
-        index: column of the class in the probabilities (and in ``OnnxClassifier.classes``).
+        label: class name (``None`` when the image could not be used).
+        index: column of the class in the probabilities (and in the model's ``classes``).
         probability: its probability.
+        path: the image file (:func:`featbank.predict`; ``None`` for an image passed in memory).
+        top_k: the ``k`` most probable ``(class, probability)``, best first (:func:`featbank.predict`).
+        error: why the image could not be used (then ``label``, ``index`` and ``probability`` are None).
     """
 
-    label: str
-    index: int
-    probability: float
+    label: str | None
+    index: int | None
+    probability: float | None
+    path: str | None = None
+    top_k: list[tuple[str, float]] = field(default_factory=list)
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form ``featbank predict --json`` prints."""
+        return {"path": self.path, "label": self.label, "probability": self.probability,
+                "top_k": [{"label": name, "probability": p} for name, p in self.top_k], "error": self.error}
 
 
 def _session(path: Path, providers: Sequence[str] | None, options: Any) -> Any:
@@ -268,9 +281,9 @@ def image_to_pil(image: ImageLike) -> Image.Image:
 
 def _rgb(img: Image.Image) -> Image.Image:
     # Same mode conversion as load_image (16-bit scaled, palettes with transparency, alpha dropped).
-    from .images import _to_uint8_rgb
+    from .images import to_uint8_rgb
 
-    return _to_uint8_rgb(img)
+    return to_uint8_rgb(img)
 
 
 def _array_to_pil(arr: np.ndarray) -> Image.Image:

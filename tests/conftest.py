@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +34,20 @@ def one_thread():
 @pytest.fixture(scope="session")
 def onnx_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("onnx-shared")
+
+
+@contextlib.contextmanager
+def cache_dir_env(path: Path) -> Iterator[None]:
+    """FEATBANK_CACHE_DIR=path for module-scoped fixtures (monkeypatch is function-scoped)."""
+    old = os.environ.get("FEATBANK_CACHE_DIR")
+    os.environ["FEATBANK_CACHE_DIR"] = str(path)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("FEATBANK_CACHE_DIR", None)
+        else:
+            os.environ["FEATBANK_CACHE_DIR"] = old
 
 
 def make_image_folder(

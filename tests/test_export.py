@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,9 +15,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 try:  # tests/ may or may not be a package
-    from .conftest import make_image_folder
+    from .conftest import cache_dir_env, make_image_folder
 except ImportError:
-    from conftest import make_image_folder
+    from conftest import cache_dir_env, make_image_folder
 
 import featbank
 from featbank.errors import BundleError, ConfigError, ExportError
@@ -78,20 +76,6 @@ def make_bundle(root: Path, data: Path, head: object, *, backbone: str = "test_t
                             "classes_seen": [int(c) for c in np.unique(y[train])]}
         files = {fname: data_bytes}
     return save_bundle(root / "models" / name, manifest, files)
-
-
-@contextlib.contextmanager
-def cache_dir_env(path: Path):
-    """FEATBANK_CACHE_DIR=path for module-scoped fixtures (monkeypatch is function-scoped)."""
-    old = os.environ.get("FEATBANK_CACHE_DIR")
-    os.environ["FEATBANK_CACHE_DIR"] = str(path)
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("FEATBANK_CACHE_DIR", None)
-        else:
-            os.environ["FEATBANK_CACHE_DIR"] = old
 
 
 @pytest.fixture(scope="module")
@@ -224,9 +208,8 @@ def test_sklearn_heads_round_trip(kind: str, module_tmp: Path, tmp_path: Path, s
 
 
 def test_finetuned_bundle_round_trip(tmp_path: Path, shared_onnx_cache: Path) -> None:
-    finetune = pytest.importorskip("featbank.finetuning", reason="featbank.finetuning is not installed")
-    if not hasattr(finetune, "load_finetuned_model") or not hasattr(finetune, "finetune"):
-        pytest.skip("featbank.finetuning lacks load_finetuned_model/finetune")
+    import featbank.finetuning as finetune
+
     data = make_image_folder(tmp_path / "data", n_per_class=6, splits=("train", "val"))
     out = finetune.finetune(data, tmp_path / "models" / "ft", backbone="test_tiny", epochs=1, progress=False)
     bundle = getattr(out, "path", out)

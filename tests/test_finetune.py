@@ -15,12 +15,12 @@ from click.testing import CliRunner
 
 import featbank
 import featbank.finetuning as ft
-from featbank.backbones import _REGISTRY, backbone_groups, load_backbone, param_groups
+from featbank.backbones import REGISTRY, backbone_groups, load_backbone, param_groups
 from featbank.bundle import load_bundle
 from featbank.cli.main import cli
 from featbank.errors import BundleError, ConfigError, DatasetError, ValidationLeakWarning
-from featbank.finetuning import data as ft_data
-from featbank.finetuning import model as ft_model
+from featbank.finetuning import _data as ft_data
+from featbank.finetuning import _model as ft_model
 
 from conftest import make_image_folder
 
@@ -44,7 +44,7 @@ def _random(name: str):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(_REGISTRY) + ["resnet18", "resnet50"])
+@pytest.mark.parametrize("name", sorted(REGISTRY) + ["resnet18", "resnet50"])
 def test_every_parameter_in_exactly_one_group(name: str) -> None:
     bb = _random(name)
     groups = param_groups(bb)
@@ -79,7 +79,7 @@ def _optimizer(bb, strategy="full", lr_groups=None, layer_decay=None, trainable_
     groups.append(("head", ["head.weight", "head.bias"]))
     names = [g for g, _ in groups]
     rates = ft.resolve_rates(names, lr, lr_groups, layer_decay)
-    trainable = ft_model._trainable_groups(strategy, names, trainable_from)
+    trainable = ft_model.trainable_groups(strategy, names, trainable_from)
     opt = ft.build_optimizer(model, groups, rates, trainable, "sgd", 1e-4, train_bn)
     return model, groups, rates, opt
 
@@ -171,7 +171,7 @@ def test_lpft_starts_from_the_probe(probe_setup: tuple[Path, Path, Path], tmp_pa
     ref = load_bundle(probe).predict_proba(cache.load_embeddings())
     paths = [cache.root / p for p in cache.paths]
     bb = load_backbone("test_tiny")
-    head, info = ft_model._head_from_probe(probe, bb, cache.classes)
+    head, info = ft_model.head_from_probe(probe, bb, cache.classes)
     with torch.no_grad():
         mine = torch.softmax(head.double()(torch.from_numpy(cache.load_embeddings()).double()), 1).numpy()
     np.testing.assert_allclose(mine, ref, atol=1e-5)
@@ -242,7 +242,7 @@ def test_lpft_refuses_a_probe_of_other_classes(probe_setup: tuple[Path, Path, Pa
     assert res.exit_code == 2, res.output
     assert "classes ['cat', 'dog', 'fox']" in res.output and not (tmp_path / "x").exists()
     with pytest.raises(BundleError, match="embed"):
-        ft_model._head_from_probe(probe, _random("resnet18"), ["cat", "dog", "fox"])
+        ft_model.head_from_probe(probe, _random("resnet18"), ["cat", "dog", "fox"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,8 +334,8 @@ def test_refusals_exit_2(tmp_path: Path, image_folder: Path) -> None:
 def test_vflip_and_rot90_only_reorient_the_crop(image_folder: Path) -> None:
     index = featbank.scan_folder(image_folder)
     cfg = _random("test_tiny").preprocess
-    base = ft_data._ImageSet(index.root, index.paths, index.labels, cfg, True, seed=3, crop_scale=(0.5, 1.0))
-    aug = ft_data._ImageSet(index.root, index.paths, index.labels, cfg, True, seed=3, crop_scale=(0.5, 1.0),
+    base = ft_data.ImageSet(index.root, index.paths, index.labels, cfg, True, seed=3, crop_scale=(0.5, 1.0))
+    aug = ft_data.ImageSet(index.root, index.paths, index.labels, cfg, True, seed=3, crop_scale=(0.5, 1.0),
                        vflip=True, rot90=True)
     changed = 0
     for i in range(len(index)):

@@ -9,8 +9,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from featbank.cache import open_cache
 from featbank.errors import ConfigError
-from featbank.heads import LinearHead, MLPHead, head_to_torch, make_sklearn_head, parse_param
-from featbank.train import Features
+from featbank.heads import Features, LinearHead, MLPHead, head_to_torch, make_sklearn_head, parse_param
 
 from _fitdata import blobs, write_synthetic_cache
 

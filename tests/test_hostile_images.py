@@ -101,9 +101,11 @@ def test_extract_skips_them_with_a_reason(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory, onnx_cache_dir: Path) -> tuple[Path, Path, Path]:
     """(bundle, exported .onnx, image folder) of a linear head on test_tiny."""
-    from test_export import cache_dir_env, make_bundle
+    from test_export import make_bundle
 
     from featbank.heads import LinearHead
+
+    from conftest import cache_dir_env
 
     root = tmp_path_factory.mktemp("hostile-images")
     data = make_image_folder(root / "data", n_per_class=4, seed=3)

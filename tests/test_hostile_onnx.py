@@ -8,7 +8,6 @@ the value, while the untampered model beside it still predicts.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -25,9 +24,9 @@ import pytest
 from click.testing import CliRunner
 
 try:  # tests/ may or may not be a package
-    from .conftest import make_image_folder
+    from .conftest import cache_dir_env, make_image_folder
 except ImportError:
-    from conftest import make_image_folder
+    from conftest import cache_dir_env, make_image_folder
 
 import featbank
 from featbank.cli.main import cli
@@ -35,25 +34,12 @@ from featbank.cli.main import cli
 REPO = Path(__file__).resolve().parents[1]
 
 
-@contextlib.contextmanager
-def _cache_dir_env(path: Path):
-    old = os.environ.get("FEATBANK_CACHE_DIR")
-    os.environ["FEATBANK_CACHE_DIR"] = str(path)
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("FEATBANK_CACHE_DIR", None)
-        else:
-            os.environ["FEATBANK_CACHE_DIR"] = old
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory, onnx_cache_dir: Path) -> dict[str, Path]:
     """A real bundle, its real export and a folder of images, made once for the module."""
     root = tmp_path_factory.mktemp("hostile-onnx")
     data = make_image_folder(root / "data", n_per_class=5, size=(40, 44))
-    with _cache_dir_env(onnx_cache_dir):
+    with cache_dir_env(onnx_cache_dir):
         cache = featbank.extract(data, root / "c.h5", backbone="test_tiny", engine="onnxruntime", num_workers=0,
                                  progress=False)
         bundle = featbank.fit(cache.path, "linear", out=root / "models" / "lin").path

@@ -39,9 +39,12 @@ sys.meta_path.insert(0, _BlockTorch())
 def exported(tmp_path_factory: pytest.TempPathFactory, onnx_cache_dir: Path) -> tuple[Path, Path]:
     """(model.onnx, image folder): a real export of a linear head on test_tiny."""
     try:
-        from .test_export import cache_dir_env, make_bundle
+        from .conftest import cache_dir_env
+        from .test_export import make_bundle
     except ImportError:
-        from test_export import cache_dir_env, make_bundle
+        from test_export import make_bundle
+
+        from conftest import cache_dir_env
 
     import featbank
     from featbank.heads import LinearHead

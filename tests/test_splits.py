@@ -7,7 +7,7 @@ import pytest
 
 import featbank
 from featbank.errors import ConfigError
-from featbank.finetuning import data as ft_data
+from featbank.finetuning import _data as ft_data
 from featbank.splits import n_holdout, sample_shots, stratified_holdout
 
 from conftest import make_image_folder
@@ -46,9 +46,9 @@ def test_sample_shots_takes_k_per_class_reproducibly():
 
 def test_finetune_holds_out_a_stratified_validation_split(tmp_path):
     index = featbank.scan_folder(make_image_folder(tmp_path / "d", n_per_class=10))
-    split = ft_data._split(index, 0.2, seed=0)
+    split = ft_data.split_index(index, 0.2, seed=0)
     assert np.bincount(index.labels[split.val]).tolist() == [2, 2, 2]
     assert len(split.train) == 24 and not set(split.train) & set(split.val)
-    again = ft_data._split(index, 0.2, seed=0)
+    again = ft_data.split_index(index, 0.2, seed=0)
     assert np.array_equal(split.val, again.val)
-    assert not np.array_equal(split.val, ft_data._split(index, 0.2, seed=1).val)
+    assert not np.array_equal(split.val, ft_data.split_index(index, 0.2, seed=1).val)

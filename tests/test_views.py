@@ -82,6 +82,23 @@ def test_layers_and_views_are_stored_and_equal_the_tap_model(image_folder, tmp_p
     assert not np.allclose(mirror, plain[:, [*range(32, 112), *range(32)]], atol=1e-3)  # the views differ
 
 
+@pytest.mark.slow
+def test_onnxruntime_engine_gives_the_torch_numbers_for_layers_and_views(image_folder, tmp_path) -> None:
+    a, b = tmp_path / "ort.h5", tmp_path / "torch.h5"
+    kw = dict(TINY, layers="all", views=2, augment="crops", view_seed=3)
+    featbank.extract(image_folder, a, **{**kw, "engine": "onnxruntime"})
+    featbank.extract(image_folder, b, **kw)
+    with h5py.File(a, "r") as f:
+        assert f.attrs["engine"] == "onnxruntime"
+    _assert_same(a, b)  # within 1e-5
+    # the graph is cached with its taps, apart from the plain embedder's
+    from featbank.extraction._engines import _onnx_cache_path, tap_identity
+
+    bb = load_backbone("test_tiny")
+    assert _onnx_cache_path(tap_identity(bb, ("stem", "stage1", "stage2", "final"))).exists()
+    assert not _onnx_cache_path(bb.identity()).exists()
+
+
 def test_views_are_deterministic_per_path_view_and_seed() -> None:
     img = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     crops = FeatureOptions(views=3, augment="crops", view_seed=7)
@@ -104,7 +121,6 @@ def test_views_are_deterministic_per_path_view_and_seed() -> None:
     (dict(augment="crops"), ["needs --views K"]),
     (dict(augment="jitter"), ["'augment' parameter must be one of"]),
     (dict(pooling="max", layers="stem"), ["'pooling' parameter must be one of"]),
-    (dict(layers="stem", engine="onnxruntime"), ["torch engine"]),
     (dict(views=-1, augment="crops"), ["'views' parameter must be an integer >= 0"]),
 ])
 def test_bad_layer_or_view_options_are_refused_before_any_work(image_folder, tmp_path, kw, words) -> None:
@@ -379,3 +395,17 @@ def test_nan_inf_or_extreme_values_in_a_layer_are_refused_on_read(views_cache, t
         with pytest.raises(CacheError):
             for _ in c.iter_feature_chunks(np.arange(len(c)), 4, **read):
                 pass
+
+
+@pytest.mark.slow
+def test_views_do_not_depend_on_processes_workers_or_batch_size(image_folder, tmp_path) -> None:
+    kw = dict(TINY, layers="stage1", views=2, augment="crops", view_seed=4)
+    one, two, workers = tmp_path / "one.h5", tmp_path / "two.h5", tmp_path / "workers.h5"
+    featbank.extract(image_folder, one, **kw)
+    featbank.extract(image_folder, two, **{**kw, "procs": 2, "shard_size": 8, "batch_size": 3})
+    featbank.extract(image_folder, workers, **{**kw, "num_workers": 2, "batch_size": 7})
+    for other in (two, workers):
+        a, b = _datasets(one), _datasets(other)
+        assert np.array_equal(a["paths"], b["paths"])
+        for name in ("embeddings", "layers/stage1", "views/embeddings", "views/layers/stage1"):
+            np.testing.assert_allclose(a[name], b[name], atol=1e-6, rtol=1e-6, err_msg=name)  # batch size: last bits

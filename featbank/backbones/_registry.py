@@ -29,16 +29,16 @@ __all__ = [
     "ImageEmbedder",
     "Backbone",
     "BackboneInfo",
-    "_Entry",
-    "_REGISTRY",
+    "RegistryEntry",
+    "REGISTRY",
     "register_backbone",
     "sha256_file",
-    "_sha256_tensors",
-    "_random_init",
-    "_warn_random",
-    "_read_state_dict",
-    "_load_into",
-    "_hub_checkpoint",
+    "sha256_tensors",
+    "random_init",
+    "warn_random",
+    "read_state_dict",
+    "load_state_into",
+    "hub_checkpoint",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -148,14 +148,14 @@ class BackboneInfo:
 
 
 @dataclass(frozen=True)
-class _Entry:
+class RegistryEntry:
     name: str
     build: Callable[[str | None, Path | None, bool], Backbone]
     info: Callable[[], BackboneInfo]
     family: str
 
 
-_REGISTRY: dict[str, _Entry] = {}
+REGISTRY: dict[str, RegistryEntry] = {}
 
 
 def register_backbone(
@@ -167,7 +167,7 @@ def register_backbone(
         info_fn = getattr(fn, "info", None)
         if info_fn is None:
             raise TypeError(f"backbone builder {fn.__name__} needs an .info function")
-        _REGISTRY[name] = _Entry(name, fn, info_fn, family)
+        REGISTRY[name] = RegistryEntry(name, fn, info_fn, family)
         return fn
 
     return deco
@@ -187,7 +187,7 @@ def sha256_file(path: str | os.PathLike) -> str:
     return _memo[key]
 
 
-def _sha256_tensors(state: dict[str, torch.Tensor]) -> str:
+def sha256_tensors(state: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for k, v in state.items():
         h.update(k.encode())
@@ -197,7 +197,7 @@ def _sha256_tensors(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _random_init(model: nn.Module, seed: int = 0) -> None:
+def random_init(model: nn.Module, seed: int = 0) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for m in model.modules():
@@ -205,7 +205,7 @@ def _random_init(model: nn.Module, seed: int = 0) -> None:
                 m.reset_parameters()
 
 
-def _warn_random(name: str) -> None:
+def warn_random(name: str) -> None:
     warnings.warn(
         f"Backbone {name!r} runs with RANDOM weights (asked for with --weights random): its "
         "embeddings carry no pretrained knowledge.",
@@ -214,7 +214,7 @@ def _warn_random(name: str) -> None:
     )
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ConfigError(f"Weights file {str(path)!r} does not exist. Pass the path of a state_dict file.")
     try:
@@ -238,7 +238,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, name: str) -> None:
+def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, name: str) -> None:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -250,5 +250,5 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, na
 
 
 # Here rather than in _torchvision because timm falls back to the same torch hub folder.
-def _hub_checkpoint(url: str) -> Path:
+def hub_checkpoint(url: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)

@@ -61,12 +61,12 @@ def _features(backbone: Backbone | nn.Module) -> nn.Module:
 
 def _tap_points(features: nn.Module) -> list[tuple[str, str]]:
     """``[(tap name, module name)]`` from input to output: each group's last module."""
-    from ._groups import _group_modules, param_groups
+    from ._groups import group_modules, param_groups
 
     modules = dict(features.named_modules())
     out = []
     for group, pnames in param_groups(features):
-        names = _group_modules(features, pnames)
+        names = group_modules(features, pnames)
         name = names[-1]
         if group == "stem" and "layer1" in modules and "maxpool" in modules:
             name = "maxpool"  # ResNet: the stem ends after ReLU and max-pool, not at its BatchNorm
@@ -151,6 +151,9 @@ def parse_layers(spec: str | Sequence[str] | None, backbone: Backbone | nn.Modul
         if item == "all":
             chosen.update(known)
             continue
+        if item in known:  # before ranges: a layer name may hold a dash
+            chosen.add(item)
+            continue
         a, dash, b = item.partition("-")
         if dash:
             a, b = a.strip(), b.strip()
@@ -162,8 +165,6 @@ def parse_layers(spec: str | Sequence[str] | None, backbone: Backbone | nn.Modul
                 raise ConfigError(f"The layer range {item!r} runs backwards; layers go from input to output: "
                                   f"{', '.join(known)}. Write '{b}-{a}'.")
             chosen.update(known[i:j + 1])
-        elif item in known:
-            chosen.add(item)
         else:
             raise _unknown(item, known)
     return tuple(n for n in known if n in chosen)

@@ -14,15 +14,15 @@ from ..images import PreprocessConfig
 from ._registry import (
     RANDOM,
     Backbone,
-    _hub_checkpoint,
-    _load_into,
-    _read_state_dict,
-    _sha256_tensors,
-    _warn_random,
+    hub_checkpoint,
+    load_state_into,
+    read_state_dict,
     sha256_file,
+    sha256_tensors,
+    warn_random,
 )
 
-__all__ = ["_build_timm"]
+__all__ = ["build_timm"]
 
 def _timm_local_file(name: str) -> Path | None:
     import timm
@@ -48,7 +48,7 @@ def _timm_local_file(name: str) -> Path | None:
             pass
     url = getattr(cfg, "url", None)
     if url:
-        p = _hub_checkpoint(url)
+        p = hub_checkpoint(url)
         if p.is_file():
             return p
     return None
@@ -67,19 +67,19 @@ def _timm_preprocess(model: nn.Module) -> PreprocessConfig:
     return PreprocessConfig((h, w), resize, cfg.get("interpolation", "bicubic"), cfg["mean"], cfg["std"])
 
 
-def _build_timm(name: str, weights: str | None, weights_file: Path | None) -> Backbone:
+def build_timm(name: str, weights: str | None, weights_file: Path | None) -> Backbone:
     import timm
 
     if weights_file is not None:
         model = timm.create_model(name, pretrained=False)
-        _load_into(model, _read_state_dict(weights_file), str(weights_file), name)
+        load_state_into(model, read_state_dict(weights_file), str(weights_file), name)
         tag, sha = f"file:{weights_file.name}", sha256_file(weights_file)
     elif weights == RANDOM:
-        _warn_random(name)
+        warn_random(name)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = timm.create_model(name, pretrained=False)
-        tag, sha = RANDOM, _sha256_tensors(model.state_dict())
+        tag, sha = RANDOM, sha256_tensors(model.state_dict())
     else:
         path = _timm_local_file(name)
         if path is None:

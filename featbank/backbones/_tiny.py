@@ -18,11 +18,11 @@ from ._registry import (
     RANDOM,
     Backbone,
     BackboneInfo,
-    _load_into,
-    _read_state_dict,
-    _sha256_tensors,
+    load_state_into,
+    read_state_dict,
     register_backbone,
     sha256_file,
+    sha256_tensors,
 )
 
 __all__ = ["TinyConvNet"]
@@ -68,13 +68,13 @@ def _build_test_tiny(weights: str | None, weights_file: Path | None, allow_rando
         net = TinyConvNet()
     tag = "seed1234"
     if weights_file is not None:
-        _load_into(net, _read_state_dict(weights_file), str(weights_file), "test_tiny")
+        load_state_into(net, read_state_dict(weights_file), str(weights_file), "test_tiny")
         tag = f"file:{weights_file.name}"
     elif weights not in (None, "seed1234", RANDOM):
         raise ConfigError(f"Unknown weights {weights!r} for 'test_tiny'; it has only 'seed1234'.")
     # BN running stats of a fresh net are (0, 1): give them values so eval mode is not trivial.
     state = net.state_dict()
-    sha = sha256_file(weights_file) if weights_file is not None else _sha256_tensors(state)
+    sha = sha256_file(weights_file) if weights_file is not None else sha256_tensors(state)
     return Backbone(
         name="test_tiny",
         weights=tag,

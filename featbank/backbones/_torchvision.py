@@ -17,18 +17,18 @@ from ._registry import (
     RANDOM,
     Backbone,
     BackboneInfo,
-    _hub_checkpoint,
-    _load_into,
-    _random_init,
-    _read_state_dict,
-    _sha256_tensors,
-    _warn_random,
+    hub_checkpoint,
+    load_state_into,
+    random_init,
+    read_state_dict,
     sha256_file,
+    sha256_tensors,
+    warn_random,
 )
 
-__all__ = ["_tv_models", "_build_torchvision", "_tv_info"]
+__all__ = ["torchvision_models", "build_torchvision", "torchvision_info"]
 
-def _tv_models() -> list[str]:
+def torchvision_models() -> list[str]:
     import torchvision
 
     return sorted(torchvision.models.list_models(module=torchvision.models))
@@ -63,7 +63,7 @@ def _set_module(model: nn.Module, dotted: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _build_torchvision(name: str, weights: str | None, weights_file: Path | None) -> Backbone:
+def build_torchvision(name: str, weights: str | None, weights_file: Path | None) -> Backbone:
     import torchvision
 
     try:
@@ -84,7 +84,7 @@ def _build_torchvision(name: str, weights: str | None, weights_file: Path | None
                     f"{', '.join(names)}, 'random', or --weights-file PATH."
                 ) from None
     if weights_file is not None:
-        state = _read_state_dict(weights_file)
+        state = read_state_dict(weights_file)
         tag, sha = f"file:{weights_file.name}", sha256_file(weights_file)
     elif weights == RANDOM or enum is None:
         if weights != RANDOM:
@@ -92,11 +92,11 @@ def _build_torchvision(name: str, weights: str | None, weights_file: Path | None
                 f"torchvision {name!r} has no pretrained weights; pass --weights-file PATH or "
                 "--weights random."
             )
-        _warn_random(name)
-        _random_init(model)
-        state, tag, sha = None, RANDOM, _sha256_tensors(model.state_dict())
+        warn_random(name)
+        random_init(model)
+        state, tag, sha = None, RANDOM, sha256_tensors(model.state_dict())
     else:
-        path = _hub_checkpoint(enum.url)
+        path = hub_checkpoint(enum.url)
         if not path.is_file():
             raise WeightsUnavailable(
                 f"Weights {name}.{enum.name} are not available offline: expected {path}. Copy "
@@ -107,7 +107,7 @@ def _build_torchvision(name: str, weights: str | None, weights_file: Path | None
         tag, sha = enum.name, sha256_file(path)
     pre = _tv_preprocess(enum) if enum is not None else _default_pre_for(name)
     if state is not None:
-        _load_into(model, state, tag, name)
+        load_state_into(model, state, tag, name)
     lin_name, lin = _last_linear(model)
     classifier = nn.Linear(lin.in_features, lin.out_features)
     classifier.load_state_dict(lin.state_dict())
@@ -134,7 +134,7 @@ def _default_pre_for(name: str) -> PreprocessConfig:
         return PreprocessConfig((224, 224), 256, "bilinear", IMAGENET_MEAN, IMAGENET_STD)
 
 
-def _tv_info(name: str) -> BackboneInfo:
+def torchvision_info(name: str) -> BackboneInfo:
     import torchvision
 
     try:
@@ -142,7 +142,7 @@ def _tv_info(name: str) -> BackboneInfo:
         enum = wcls.DEFAULT
     except Exception:  # noqa: BLE001
         return BackboneInfo(name, "torchvision", "-", None, None, False, "no pretrained weights")
-    path = _hub_checkpoint(enum.url)
+    path = hub_checkpoint(enum.url)
     pre = _tv_preprocess(enum)
     dim = None
     try:

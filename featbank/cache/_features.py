@@ -66,7 +66,7 @@ def _attr(f: h5py.File, name: str) -> Any:
     return v.item() if isinstance(v, np.generic) else v
 
 
-def _json(path: Path, f: h5py.File, name: str, root: Any) -> Any:
+def _json(f: h5py.File, name: str) -> Any:
     v = _attr(f, name)
     try:
         return json.loads(v) if isinstance(v, str) else None
@@ -79,12 +79,12 @@ def _is_int(v: Any) -> bool:
 
 
 def _read_attrs(path: Path, f: h5py.File, embed_dim: int, root: Any) -> CacheFeatures:
-    layers = _json(path, f, "layers", root) if "layers" in f.attrs else ["final"]
+    layers = _json(f, "layers") if "layers" in f.attrs else ["final"]
     if (not isinstance(layers, list) or not layers or not all(isinstance(t, str) and t and "/" not in t for t in layers)
             or len(set(layers)) != len(layers) or layers[-1] != "final"):
         raise _fail(path, f"attribute 'layers' is {_attr(f, 'layers')!r}, expected a JSON list of distinct layer "
                     "names ending with \"final\"", root)
-    dims = _json(path, f, "layer_dims", root) if "layer_dims" in f.attrs else {"final": embed_dim}
+    dims = _json(f, "layer_dims") if "layer_dims" in f.attrs else {"final": embed_dim}
     if (not isinstance(dims, dict) or set(dims) != set(layers)
             or not all(_is_int(d) and d > 0 for d in dims.values())):
         raise _fail(path, f"attribute 'layer_dims' is {_attr(f, 'layer_dims')!r}, expected a JSON object giving a "

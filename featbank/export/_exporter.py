@@ -25,16 +25,16 @@ from .._files import (
 )
 from ..errors import BundleError, ConfigError, ExportError
 from ..runtime import FORMAT_KEY, FORMAT_VERSION, INPUT_NAME, OUTPUT_NAMES
-from ._graph import _compose, _embedder_onnx, _export_torch, _opset_of, _torch_modules
-from ._heads import _head_to_torch, _sklearn_head_onnx
+from ._graph import compose_graphs, embedder_onnx, export_torch, opset_of, torch_modules
+from ._heads import head_proba_module, sklearn_head_onnx
 from ._parity import (
     DEFAULT_ATOL,
     MAX_CHECK_IMAGES,
-    _collect_images,
-    _load_batch,
-    _parity_path,
-    _torch_batches,
     check_parity,
+    collect_images,
+    load_batch,
+    parity_json_path,
+    torch_batches,
 )
 
 __all__ = ["ExportReport", "export_model", "build_torch_classifier", "MIN_OPSET"]
@@ -109,13 +109,8 @@ def _bundle_backbone(bundle: Any, weights_file: str | os.PathLike | None) -> Any
 
 
 def _finetuned(bundle: Any) -> tuple[Any, Any]:
-    try:
-        from ..finetuning import load_finetuned_model
-    except ImportError as e:
-        raise ExportError(
-            f"Exporting fine-tuned bundles needs featbank.finetuning.load_finetuned_model, which this install "
-            f"lacks ({e}). Update featbank."
-        ) from None
+    from ..finetuning import load_finetuned_model
+
     return load_finetuned_model(bundle.path)
 
 
@@ -136,13 +131,13 @@ def build_torch_classifier(
     from ..bundle import load_bundle
 
     bundle = load_bundle(model)
-    _, Classifier = _torch_modules()
+    _, Classifier = torch_modules()
     if bundle.kind == "finetuned":
         bb, head = _finetuned(bundle)
-        ProbaHead, _ = _torch_modules()
+        ProbaHead, _ = torch_modules()
         return Classifier(bb.embedder(), ProbaHead(head, "logits")).eval(), bb.preprocess
     bb = bundle.load_backbone(weights_file)
-    head = _head_to_torch(bundle.load_head(), bundle.n_classes)
+    head = head_proba_module(bundle.load_head(), bundle.n_classes)
     if head is None:
         raise ExportError(f"The head of {str(bundle.path)!r} is not a torch-expressible head.")
     return Classifier(bb.embedder(), head).eval(), bb.preprocess
@@ -253,51 +248,17 @@ def export_model(
     images, source = _check_images(bundle, check, check_images, max_check_images)
 
     import onnx
-    import torch
 
-    ProbaHead, Classifier = _torch_modules()
-    ref_fn: Callable[[np.ndarray], np.ndarray]
-    parity_path = _parity_path(out_path)
+    parity_path = parity_json_path(out_path)
     # Temporaries of killed exports into the same file (named by temporary_path) go first.
     remove_orphans(out_path)
     remove_orphans(parity_path)
     tmp = temporary_path(out_path)
     try:
         if bundle.kind == "finetuned":
-            bb, head = _finetuned(bundle)
-            module = Classifier(bb.embedder(), ProbaHead(head, "logits")).eval()
-            h, w = bb.preprocess.input_size
-            _export_torch(module, torch.zeros((2, h, w, 3), dtype=torch.uint8), tmp, INPUT_NAME, OUTPUT_NAMES, opset)
-            graph = onnx.load(str(tmp))
-            route = "torch"
-
-            def ref_fn(x: np.ndarray) -> np.ndarray:
-                return _torch_batches(lambda t: module(t)[0], x)
+            graph, route, bb, ref_fn = _finetuned_graph(bundle, tmp, opset)
         else:
-            bb = bundle.load_backbone(weights_file)
-            if bundle.embed_dim is not None and bb.embed_dim != bundle.embed_dim:
-                raise BundleError(
-                    f"Backbone {bb.name!r} gives {bb.embed_dim}-d embeddings but the bundle's head expects "
-                    f"{bundle.embed_dim}; the bundle is inconsistent. Re-fit it."
-                )
-            est = bundle.load_head()
-            embedder_graph = _embedder_onnx(bb, opset, out_path)
-            graph_opset = _opset_of(embedder_graph)
-            head_module = _head_to_torch(est, bundle.n_classes)
-            if head_module is not None:
-                _export_torch(head_module, torch.zeros((2, bb.embed_dim), dtype=torch.float32), tmp, "embeddings",
-                              OUTPUT_NAMES, graph_opset, small=True)
-                head_graph = onnx.load(str(tmp))
-                route = "torch+compose"
-            else:
-                head_graph = _sklearn_head_onnx(est, bb.embed_dim, bundle.n_classes, graph_opset)
-                route = "skl2onnx+compose"
-            graph = _compose(embedder_graph, head_graph)
-            embedder = bb.embedder().eval()
-
-            def ref_fn(x: np.ndarray) -> np.ndarray:
-                return bundle.predict_proba(_torch_batches(embedder, x))
-
+            graph, route, bb, ref_fn = _head_graph(bundle, tmp, out_path, opset, weights_file)
         meta = _metadata(bundle, bb, route)
         _stamp(graph, meta)
         onnx.save(graph, str(tmp))
@@ -307,7 +268,62 @@ def export_model(
         raise _file_error(e, out_path) from None
     finally:
         tmp.unlink(missing_ok=True)
-    return ExportReport(out_path, parity_path, parity, route, _opset_of(graph), meta, time.perf_counter() - t0)
+    return ExportReport(out_path, parity_path, parity, route, opset_of(graph), meta, time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------------------------
+# The two graphs: a fine-tuned network exported whole, a backbone and a head composed
+# --------------------------------------------------------------------------------------------
+
+_Graph = tuple[Any, str, Any, Callable[[np.ndarray], np.ndarray]]  # (graph, route, backbone, torch reference)
+
+
+def _finetuned_graph(bundle: Any, tmp: Path, opset: int | None) -> _Graph:
+    """The fine-tuned network (uint8 images -> probabilities, label) exported by torch in one piece."""
+    import onnx
+    import torch
+
+    ProbaHead, Classifier = torch_modules()
+    bb, head = _finetuned(bundle)
+    module = Classifier(bb.embedder(), ProbaHead(head, "logits")).eval()
+    h, w = bb.preprocess.input_size
+    export_torch(module, torch.zeros((2, h, w, 3), dtype=torch.uint8), tmp, INPUT_NAME, OUTPUT_NAMES, opset)
+
+    def ref_fn(x: np.ndarray) -> np.ndarray:
+        return torch_batches(lambda t: module(t)[0], x)
+
+    return onnx.load(str(tmp)), "torch", bb, ref_fn
+
+
+def _head_graph(bundle: Any, tmp: Path, out_path: Path, opset: int | None, weights_file: Any) -> _Graph:
+    """The backbone's embedder graph composed with the head's (torch when linear, else skl2onnx)."""
+    import onnx
+    import torch
+
+    bb = bundle.load_backbone(weights_file)
+    if bundle.embed_dim is not None and bb.embed_dim != bundle.embed_dim:
+        raise BundleError(
+            f"Backbone {bb.name!r} gives {bb.embed_dim}-d embeddings but the bundle's head expects "
+            f"{bundle.embed_dim}; the bundle is inconsistent. Re-fit it."
+        )
+    est = bundle.load_head()
+    embedder_graph = embedder_onnx(bb, opset, out_path)
+    graph_opset = opset_of(embedder_graph)
+    head_module = head_proba_module(est, bundle.n_classes)
+    if head_module is not None:
+        export_torch(head_module, torch.zeros((2, bb.embed_dim), dtype=torch.float32), tmp, "embeddings",
+                     OUTPUT_NAMES, graph_opset, small=True)
+        head_graph = onnx.load(str(tmp))
+        route = "torch+compose"
+    else:
+        head_graph = sklearn_head_onnx(est, bb.embed_dim, bundle.n_classes, graph_opset)
+        route = "skl2onnx+compose"
+    embedder = bb.embedder().eval()
+
+    def ref_fn(x: np.ndarray) -> np.ndarray:
+        return bundle.predict_proba(torch_batches(embedder, x))
+
+    return compose_graphs(embedder_graph, head_graph), route, bb, ref_fn
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,7 +386,7 @@ def _output_path(bundle: Any, out: str | os.PathLike | None) -> Path:
 def _check_images(bundle: Any, check: bool, check_images: Any, limit: int) -> tuple[list[Path], str]:
     if not check:
         return [], "none"
-    images, source = _collect_images(bundle, check_images, limit)
+    images, source = collect_images(bundle, check_images, limit)
     if not images:
         n_val = len(bundle.validation_paths())
         raise ConfigError(
@@ -387,7 +403,7 @@ def _check(bundle: Any, tmp: Path, out_path: Path, ref_fn: Callable[[np.ndarray]
     import onnxruntime
     import torch
 
-    batch, skipped = _load_batch(images, preprocess)
+    batch, skipped = load_batch(images, preprocess)
     parity = check_parity(tmp, ref_fn, batch, atol=atol)
     parity.update({
         "checked": True,

@@ -13,7 +13,7 @@ from .._files import temporary_path
 from ..errors import ExportError
 from ..runtime import INPUT_NAME
 
-__all__ = ["_torch_modules", "_export_torch", "_opset_of", "_embedder_onnx", "_compose"]
+__all__ = ["torch_modules", "export_torch", "opset_of", "embedder_onnx", "compose_graphs"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -21,7 +21,7 @@ __all__ = ["_torch_modules", "_export_torch", "_opset_of", "_embedder_onnx", "_c
 # --------------------------------------------------------------------------------------------
 
 
-def _torch_modules() -> Any:
+def torch_modules() -> Any:
     import torch
     from torch import nn
 
@@ -53,7 +53,7 @@ def _torch_modules() -> Any:
     return ProbaHead, Classifier
 
 
-def _export_torch(module: Any, example: Any, path: Path, input_name: str, output_names: Sequence[str],
+def export_torch(module: Any, example: Any, path: Path, input_name: str, output_names: Sequence[str],
                   opset: int | None, *, small: bool = False) -> None:
     import torch
 
@@ -105,11 +105,11 @@ def _os_error_in(e: BaseException) -> OSError | None:
     return None
 
 
-def _opset_of(model: Any) -> int:
+def opset_of(model: Any) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def _embedder_onnx(backbone: Any, opset: int | None, out_path: Path) -> Any:
+def embedder_onnx(backbone: Any, opset: int | None, out_path: Path) -> Any:
     """The embedder graph, reused from extract's ONNX cache when it has the wanted opset.
 
     Otherwise it is exported to a temporary sibling of ``out_path`` (named so that the next
@@ -130,20 +130,20 @@ def _embedder_onnx(backbone: Any, opset: int | None, out_path: Path) -> Any:
 
     tmp = temporary_path(out_path)
     try:
-        _export_torch(backbone.embedder(), torch.zeros((2, h, w, 3), dtype=torch.uint8), tmp, INPUT_NAME,
+        export_torch(backbone.embedder(), torch.zeros((2, h, w, 3), dtype=torch.uint8), tmp, INPUT_NAME,
                       ["embeddings"], opset)
         return onnx.load(str(tmp))
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _compose(embedder: Any, head: Any) -> Any:
+def compose_graphs(embedder: Any, head: Any) -> Any:
     """Join embedder (images -> embeddings) and head (embeddings -> probabilities, label)."""
     import onnx
     from onnx import compose, version_converter
 
-    opset = _opset_of(embedder)
-    if _opset_of(head) != opset:
+    opset = opset_of(embedder)
+    if opset_of(head) != opset:
         head = version_converter.convert_version(head, opset)
     ir = max(embedder.ir_version, head.ir_version)
     embedder.ir_version = ir

@@ -10,9 +10,9 @@ import numpy as np
 
 from ..errors import ExportError
 from ..runtime import OUTPUT_NAMES
-from ._graph import _torch_modules
+from ._graph import torch_modules
 
-__all__ = ["_head_to_torch", "_sklearn_head_onnx"]
+__all__ = ["head_proba_module", "sklearn_head_onnx"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -48,14 +48,6 @@ def _split_pipeline(est: Any) -> tuple[list[Any], Any]:
     return [], est
 
 
-def _has_proba(est: Any) -> bool:
-    try:
-        est.predict_proba  # noqa: B018 - available_if raises AttributeError when there is none
-    except AttributeError:
-        return False
-    return True
-
-
 def _class_columns(est: Any, n_classes: int) -> np.ndarray | None:
     """Indices into the bundle's classes of the estimator's columns; None when they are 0..C-1."""
     cols = np.asarray(getattr(est, "classes_", np.arange(n_classes)))
@@ -71,14 +63,14 @@ def _class_columns(est: Any, n_classes: int) -> np.ndarray | None:
     return cols
 
 
-def _head_to_torch(est: Any, n_classes: int) -> Any | None:
+def head_proba_module(est: Any, n_classes: int) -> Any | None:
     """Module embeddings -> probabilities (bundle column order), or None when the head is not linear."""
     import torch
     from torch import nn
 
     from ..heads import head_to_torch
 
-    ProbaHead, _ = _torch_modules()
+    ProbaHead, _ = torch_modules()
     m = head_to_torch(est)
     if m is None:
         return None
@@ -177,13 +169,15 @@ def _prune(graph: Any) -> None:
     graph.initializer.extend(inits)
 
 
-def _sklearn_head_onnx(est: Any, embed_dim: int, n_classes: int, opset: int) -> Any:
+def sklearn_head_onnx(est: Any, embed_dim: int, n_classes: int, opset: int) -> Any:
     """A graph embeddings (N, D) float -> probabilities (N, C) float32, label (N,) int64, via skl2onnx."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
+    from ..heads import has_predict_proba
+
     steps, clf = _split_pipeline(est)
-    if not _has_proba(clf):
+    if not has_predict_proba(clf):
         raise _unsupported(clf, _no_proba_reason(clf))
     prefix = _affine_prefix(steps)
     if prefix is None:
@@ -191,11 +185,9 @@ def _sklearn_head_onnx(est: Any, embed_dim: int, n_classes: int, opset: int) -> 
         prefix, model_est = [], est
     else:
         model_est = clf
-    try:
-        from skl2onnx import convert_sklearn
-        from skl2onnx.common.data_types import FloatTensorType
-    except ImportError:
-        raise ExportError("Exporting scikit-learn heads needs skl2onnx: run 'pip install skl2onnx'.") from None
+    from skl2onnx import convert_sklearn  # a dependency of featbank: an ImportError is a broken install
+    from skl2onnx.common.data_types import FloatTensorType
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -18,10 +18,10 @@ __all__ = [
     "DEFAULT_ATOL",
     "PARITY_BATCH_SIZES",
     "MAX_CHECK_IMAGES",
-    "_collect_images",
-    "_parity_path",
-    "_torch_batches",
-    "_load_batch",
+    "collect_images",
+    "parity_json_path",
+    "torch_batches",
+    "load_batch",
 ]
 
 #: Export fails when any probability differs from PyTorch's by more than this.
@@ -31,7 +31,7 @@ PARITY_BATCH_SIZES = (1, 7)
 MAX_CHECK_IMAGES = 64
 
 
-def _collect_images(bundle: Any, check_images: Sequence[str | os.PathLike] | str | os.PathLike | None,
+def collect_images(bundle: Any, check_images: Sequence[str | os.PathLike] | str | os.PathLike | None,
                     limit: int) -> tuple[list[Path], str]:
     if check_images is not None:
         items = [check_images] if isinstance(check_images, (str, os.PathLike)) else list(check_images)
@@ -119,11 +119,11 @@ def check_parity(
     }
 
 
-def _parity_path(out: Path) -> Path:
+def parity_json_path(out: Path) -> Path:
     return out.with_name((out.stem if out.suffix == ".onnx" else out.name) + ".parity.json")
 
 
-def _torch_batches(fn: Callable[[Any], Any], x: np.ndarray, batch_size: int = 32) -> np.ndarray:
+def torch_batches(fn: Callable[[Any], Any], x: np.ndarray, batch_size: int = 32) -> np.ndarray:
     import torch
 
     outs = []
@@ -133,7 +133,7 @@ def _torch_batches(fn: Callable[[Any], Any], x: np.ndarray, batch_size: int = 32
     return np.concatenate(outs)
 
 
-def _load_batch(paths: Sequence[Path], cfg: Any) -> tuple[np.ndarray, list[list[str]]]:
+def load_batch(paths: Sequence[Path], cfg: Any) -> tuple[np.ndarray, list[list[str]]]:
     arrays, skipped = [], []
     for p in paths:
         try:

@@ -29,6 +29,8 @@ __all__ = [
     "_OrtEngine",
     "_make_engine",
     "_TapEngine",
+    "_OrtTapEngine",
+    "tap_identity",
 ]
 
 
@@ -60,11 +62,7 @@ class _TorchEngine:
 
 
 class _TapEngine(_TorchEngine):
-    """torch engine over a :class:`~featbank.backbones.TapModel`: a batch -> one array per tap.
-
-    Layers and views run on torch only: ``--engine onnxruntime`` is refused for them (see
-    ``resolve_features``), and ``auto`` means torch there.
-    """
+    """torch engine over a :class:`~featbank.backbones.TapModel`: a batch -> one array per tap."""
 
     def __init__(self, backbone: Any, device: str, precision: str, layers: Any, pooling: str):
         import torch
@@ -131,20 +129,30 @@ def check_embedder_onnx(path: Path) -> str | None:
     return None
 
 
-def export_embedder_onnx(backbone: Any, path: Path) -> Path:
+def tap_identity(backbone: Any, layers: Any = None, pooling: str = "gap+2x2") -> dict[str, Any]:
+    """The identity of an embedder graph: the backbone's, plus its taps and pooling when it has taps."""
+    ident = backbone.identity()
+    return ident if layers is None else {**ident, "taps": list(layers), "pooling": pooling}
+
+
+def export_embedder_onnx(backbone: Any, path: Path, layers: Any = None, pooling: str = "gap+2x2") -> Path:
     """Export uint8 NHWC -> embeddings to ONNX with a dynamic batch axis, and record its sha256.
 
     The graph is written under a temporary name, then renamed into place; the record beside it
     (``<name>.json``: size, sha256, backbone identity) is written after. Temporaries of killed
-    runs are removed first.
+    runs are removed first. With ``layers`` the graph is the :class:`~featbank.backbones.TapModel`
+    of those taps: one output per tap, named after it, in network order.
     """
     import torch
+
+    from ..backbones import TapModel
 
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_orphans(path)
     remove_orphans(_record_path(path))
     h, w = backbone.preprocess.input_size
-    model = backbone.embedder().eval()
+    model = backbone.embedder().eval() if layers is None else TapModel(backbone, layers, pooling).eval()
+    output_names = ["embeddings"] if layers is None else list(model.layers)
     x = torch.zeros((2, h, w, 3), dtype=torch.uint8)
     tmp = temporary_path(path)
     try:
@@ -155,24 +163,28 @@ def export_embedder_onnx(backbone: Any, path: Path) -> Path:
                 (x,),
                 str(tmp),
                 input_names=["images"],
-                output_names=["embeddings"],
+                output_names=output_names,
                 dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1 << 16)},),
                 dynamo=True,
                 external_data=False,
             )
-        record = {"size": tmp.stat().st_size, "sha256": sha256_file(tmp), "identity": backbone.identity(),
+        record = {"size": tmp.stat().st_size, "sha256": sha256_file(tmp), "identity": tap_identity(backbone, layers, pooling),
                   "written": timestamp(), "featbank": __version__}
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+        if layers is not None:
+            model.remove_hooks()
     atomic_write_text(_record_path(path), json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
     return path
 
 
-def ensure_embedder_onnx(backbone: Any, path: Path | None = None) -> Path:
+def ensure_embedder_onnx(backbone: Any, path: Path | None = None, layers: Any = None, pooling: str = "gap+2x2") -> Path:
     """The cached embedder graph of ``backbone``, verified; built when missing, rebuilt when broken.
+
+    With ``layers``, the graph of those taps (see :func:`export_embedder_onnx`), cached apart.
 
     Raises:
         OSError: the cache folder cannot be written (callers fall back or report).
@@ -180,7 +192,7 @@ def ensure_embedder_onnx(backbone: Any, path: Path | None = None) -> Path:
     Warns:
         OnnxCacheRebuiltWarning: the cached graph was broken (the warning says why) and was rebuilt.
     """
-    path = path or _onnx_cache_path(backbone.identity())
+    path = path or _onnx_cache_path(tap_identity(backbone, layers, pooling))
     if path.exists():
         why = check_embedder_onnx(path)
         if why is None:
@@ -189,17 +201,17 @@ def ensure_embedder_onnx(backbone: Any, path: Path | None = None) -> Path:
             f"The cached ONNX graph of backbone {backbone.name!r} at {str(path)!r} is broken: {why}. "
             "Rebuilding it.", OnnxCacheRebuiltWarning, stacklevel=2,
         )
-    return export_embedder_onnx(backbone, path)
+    return export_embedder_onnx(backbone, path, layers, pooling)
 
 
 class _OrtEngine:
     name = "onnxruntime"
 
-    def __init__(self, backbone: Any = None, path: Path | None = None):
+    def __init__(self, backbone: Any = None, path: Path | None = None, layers: Any = None, pooling: str = "gap+2x2"):
         import onnxruntime as ort
 
         if path is None:
-            path = ensure_embedder_onnx(backbone)
+            path = ensure_embedder_onnx(backbone, layers=layers, pooling=pooling)
         else:
             why = check_embedder_onnx(path)
             if why is not None:
@@ -215,6 +227,35 @@ class _OrtEngine:
     def __call__(self, batch: Any) -> np.ndarray:
         arr = batch.numpy() if hasattr(batch, "numpy") else batch
         return self.session.run(None, {self.input_name: np.ascontiguousarray(arr)})[0]
+
+
+class _OrtTapEngine(_OrtEngine):
+    """onnxruntime over the exported :class:`~featbank.backbones.TapModel`: a batch -> one array per tap."""
+
+    def __init__(self, backbone: Any, layers: Any, pooling: str):
+        from ..backbones import parse_layers
+
+        self.layers = parse_layers(layers, backbone)
+        super().__init__(backbone, layers=self.layers, pooling=pooling)
+
+    def __call__(self, batch: Any) -> list[np.ndarray]:  # type: ignore[override]
+        arr = batch.numpy() if hasattr(batch, "numpy") else batch
+        return list(self.session.run(None, {self.input_name: np.ascontiguousarray(arr)}))
+
+
+def _make_tap_engine(engine: str, backbone: Any, device: str, precision: str, layers: Any, pooling: str) -> Any:
+    """The engine of a run with layers or views: what :func:`_make_engine` picks, over the taps."""
+    if engine == "onnxruntime" and device != "cpu":
+        raise ConfigError("--engine onnxruntime runs on the CPU here; use --device cpu or --engine torch.")
+    if engine == "torch" or (engine == "auto" and device != "cpu"):
+        return _TapEngine(backbone, device, precision, layers, pooling)
+    try:
+        return _OrtTapEngine(backbone, layers, pooling)
+    except Exception as e:  # noqa: BLE001 - auto falls back, explicit choice reports
+        if engine == "onnxruntime":
+            raise ConfigError(f"The onnxruntime engine could not be built for {backbone.name!r}: {e}") from None
+        warnings.warn(f"onnxruntime engine unavailable ({e}); using torch.", RuntimeWarning, stacklevel=3)
+        return _TapEngine(backbone, device, precision, layers, pooling)
 
 
 def _make_engine(engine: str, backbone: Any, device: str, precision: str) -> Any:

@@ -139,9 +139,7 @@ def extract(
     from ._views import resolve_features
 
     features = resolve_features(backbone, weights, weights_file, layers=layers, pooling=pooling, views=views,
-                                augment=augment, view_seed=view_seed, engine=engine)
-    if not features.is_default and engine == "auto":
-        engine = "torch"  # layers and views are computed by torch's TapModel
+                                augment=augment, view_seed=view_seed)
     opts = ExtractOptions(backbone, weights, weights_file, batch_size, num_workers, dev, engine, dtype, overwrite,
                           strict, progress, on_progress, None if features.is_default else features)
     out_path = (Path(out).expanduser() if out is not None

@@ -224,12 +224,12 @@ def _engine(settings: WorkerSettings) -> Any:
          settings.features)
     if k not in _ENGINES:
         from ..backbones import load_backbone
-        from ._engines import _make_engine, _TapEngine
+        from ._engines import _make_engine, _make_tap_engine
 
         bb = load_backbone(settings.backbone, settings.weights, settings.weights_file)
         f = settings.features
         _ENGINES[k] = (_make_engine(settings.engine, bb, settings.device, settings.precision) if f is None
-                       else _TapEngine(bb, settings.device, settings.precision, (*f.taps, "final"), f.pooling))
+                       else _make_tap_engine(settings.engine, bb, settings.device, settings.precision, f.layers, f.pooling))
     return _ENGINES[k]
 
 

@@ -105,7 +105,7 @@ def _check_views(views: int, augment: str, square: bool) -> None:
 def resolve_features(
     backbone: str | os.PathLike, weights: str | None, weights_file: str | os.PathLike | None, *,
     layers: Any = None, pooling: str = "gap+2x2", views: int = 0, augment: str | None = None,
-    view_seed: int = 0, engine: str = "auto",
+    view_seed: int = 0,
 ) -> FeatureOptions:
     """Check the layer and view options of an extract run and fill in the layers' sizes.
 
@@ -113,8 +113,7 @@ def resolve_features(
     loaded to name its layers and measure their pooled sizes.
 
     Raises:
-        ConfigError: an unknown layer, pooling or augmentation, an impossible number of views, or
-            ``engine='onnxruntime'`` (layers and views are computed with torch).
+        ConfigError: an unknown layer, pooling or augmentation, or an impossible number of views.
     """
     from ..backbones._taps import POOLINGS
 
@@ -132,8 +131,6 @@ def resolve_features(
     plain = (layers is None or layers == "final" or list(layers) == ["final"]) and views == 0
     if plain:
         return FeatureOptions(pooling=pooling)
-    if engine == "onnxruntime":
-        raise ConfigError("--layers and --views are computed with the torch engine; use --engine torch (or auto).")
     from ..backbones import load_backbone
     from ..backbones._taps import layer_dims, parse_layers
 

@@ -29,15 +29,18 @@ and ``head.*``) that ``featbank evaluate`` / ``predict`` / ``export`` accept, an
 
 from __future__ import annotations
 
-from .inference import (
+from ._loop import FinetuneReport, finetune
+from ._model import (
     FinetunedPredictions,
+    FinetuneModel,
+    build_optimizer,
     load_finetuned_backbone,
     load_finetuned_model,
+    parse_lr_groups,
     predict_images,
+    resolve_rates,
 )
-from .loop import FinetuneReport, finetune
-from .model import FinetuneModel, build_optimizer, parse_lr_groups, resolve_rates
-from .settings import LR_PRESETS, OPTIMIZERS, STRATEGIES, FinetuneSettings
+from ._settings import LR_PRESETS, OPTIMIZERS, STRATEGIES, FinetuneSettings
 
 __all__ = [
     "STRATEGIES",

@@ -10,9 +10,9 @@ numbers are those of the validation split, which selected the model and so are s
 
 from __future__ import annotations
 
+from ._predict import EvalResult, evaluate, predict
 from ._rows import parse_memory
 from ._select import COARSE_GRID
-from .inference import EvalResult, Prediction, evaluate, predict
 from .probe import FitResult, fit
 
-__all__ = ["FitResult", "EvalResult", "Prediction", "fit", "evaluate", "predict", "COARSE_GRID", "parse_memory"]
+__all__ = ["FitResult", "EvalResult", "fit", "evaluate", "predict", "COARSE_GRID", "parse_memory"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,7 @@ import numpy as np
 from ..errors import CacheError, ConfigError
 from ..splits import n_holdout, stratified_holdout
 
-__all__ = ["parse_memory", "_open", "_check_finite", "_split_rows", "_check_classes", "_RowSource"]
+__all__ = ["parse_memory", "opened_cache", "check_finite", "split_rows", "check_classes", "CacheRows"]
 
 
 def parse_memory(text: str | int | float | None) -> int | None:
@@ -32,18 +34,26 @@ def parse_memory(text: str | int | float | None) -> int | None:
     return int(value * mult)
 
 
-def _open(cache: Any) -> tuple[Any, Path]:
+@contextlib.contextmanager
+def opened_cache(cache: Any) -> Iterator[tuple[Any, Path]]:
+    """``(FeatureCache, path)`` of a cache argument: an open cache as given, else the file opened
+    (``None``: the most recent cache in the default folder) and closed again on exit."""
     from ..cache import FeatureCache, find_latest_cache, open_cache
 
     if isinstance(cache, FeatureCache):
-        return cache, cache.path
+        yield cache, cache.path
+        return
     path = Path(cache) if cache is not None else find_latest_cache()
     if path.is_dir():
         raise CacheError(f"{str(path)!r} is a folder; pass a cache file written by 'featbank extract' (an .h5 file).")
-    return open_cache(path), path
+    cache_obj = open_cache(path)
+    try:
+        yield cache_obj, path
+    finally:
+        cache_obj.close()
 
 
-def _check_finite(feats: Any, cache: Any, rows: np.ndarray) -> None:
+def check_finite(feats: Any, cache: Any, rows: np.ndarray) -> None:
     for pos, x in feats.chunks():
         bad = ~np.isfinite(x).all(axis=1)
         if bad.any():
@@ -55,7 +65,7 @@ def _check_finite(feats: Any, cache: Any, rows: np.ndarray) -> None:
             )
 
 
-def _split_rows(cache: Any, val_split: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+def split_rows(cache: Any, val_split: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     """(train rows, val rows, test rows, where val came from)."""
     labels = cache.labels
     labelled = labels >= 0
@@ -69,7 +79,7 @@ def _split_rows(cache: Any, val_split: float, seed: int) -> tuple[np.ndarray, np
     test = np.flatnonzero(labelled & (splits == names.index("test"))) if "test" in names else np.zeros(0, np.int64)
     val = np.flatnonzero(labelled & (splits == names.index("val"))) if "val" in names else np.zeros(0, np.int64)
     pool = np.setdiff1d(np.flatnonzero(labelled), np.concatenate([test, val]))
-    _check_classes(cache, np.concatenate([pool, val]), "train+val")
+    check_classes(cache, np.concatenate([pool, val]), "train+val")
     if len(val):
         return pool, val, test, "val split of the cache"
     if not 0.0 < val_split < 1.0:
@@ -86,7 +96,7 @@ def _split_rows(cache: Any, val_split: float, seed: int) -> tuple[np.ndarray, np
     return tr, va, test, f"stratified {val_split:g} of train (seed {seed})"
 
 
-def _check_classes(cache: Any, rows: np.ndarray, what: str) -> None:
+def check_classes(cache: Any, rows: np.ndarray, what: str) -> None:
     counts = np.bincount(cache.labels[rows], minlength=len(cache.classes))
     present = np.flatnonzero(counts)
     if len(present) < 2:
@@ -104,7 +114,7 @@ def _check_classes(cache: Any, rows: np.ndarray, what: str) -> None:
         )
 
 
-class _RowSource:
+class CacheRows:
     """Embedding rows of a cache as :class:`Features`: read once into memory (``chunk_rows`` None),
     or streamed from the file in chunks."""
 
@@ -114,7 +124,7 @@ class _RowSource:
         self.X = cache.load_embeddings(self.rows) if chunk_rows is None else None
 
     def __call__(self, rows: np.ndarray) -> Any:
-        from ..train import Features
+        from ..heads import Features
 
         rows = np.sort(rows)
         if self.X is None:
@@ -127,8 +137,8 @@ class _RowSource:
         return Features(self.X[pos])
 
     def check_finite(self) -> None:
-        from ..train import Features
+        from ..heads import Features
 
         feats = Features(self.X) if self.X is not None else Features(cache=self.cache, rows=self.rows,
                                                                       chunk_rows=self.chunk_rows)
-        _check_finite(feats, self.cache, self.rows)
+        check_finite(feats, self.cache, self.rows)

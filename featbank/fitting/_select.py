@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
-from ._rows import _RowSource
+from ._rows import CacheRows
 
-__all__ = ["COARSE_GRID", "HeadSpec", "Selection", "proba_of", "make_head", "select_and_refit"]
+__all__ = ["COARSE_GRID", "HeadSpec", "Selection", "make_head", "select_and_refit"]
 
 #: Coarse grid of C (inverse L2 strength, scikit-learn's convention) for the linear sweep.
 COARSE_GRID = tuple(float(c) for c in np.logspace(-6, 2, 9))
@@ -48,10 +48,13 @@ class Selection:
     sweep: list[dict[str, Any]]
     val_metrics: dict[str, Any]
     val_proba: np.ndarray | None
+    val_view_probas: list[np.ndarray] = field(default_factory=list)
 
 
 def _val_score(est: Any, Xv: Any, yv: np.ndarray, k: int, balanced: bool) -> tuple[float, float, np.ndarray]:
-    proba = proba_of(est, Xv, k)
+    from ..heads import estimator_proba
+
+    proba = estimator_proba(est, Xv, k)
     pred = proba.argmax(1)
     if balanced:
         from sklearn.metrics import balanced_accuracy_score
@@ -61,30 +64,6 @@ def _val_score(est: Any, Xv: Any, yv: np.ndarray, k: int, balanced: bool) -> tup
         score = float(np.mean(pred == yv))
     loss = float(-np.mean(np.log(np.clip(proba[np.arange(len(yv)), yv], 1e-15, 1.0))))
     return score, loss, proba
-
-
-def proba_of(est: Any, X: Any, k: int) -> np.ndarray:
-    """(N, k) probabilities; columns follow class indices, as Bundle.predict_proba does."""
-    from ..train import Features
-
-    if isinstance(X, Features):
-        parts = [proba_of(est, x, k) for _, x in X.chunks()]
-        return np.concatenate(parts) if parts else np.zeros((0, k))
-    try:
-        p = np.asarray(est.predict_proba(X), np.float64)
-    except AttributeError:
-        d = np.asarray(est.decision_function(X), np.float64)
-        if d.ndim == 1:
-            d = np.stack([np.zeros_like(d), d], 1)
-        d -= d.max(1, keepdims=True)
-        p = np.exp(d)
-        p /= p.sum(1, keepdims=True)
-    cols = np.asarray(est.classes_).astype(np.int64)
-    if p.shape[1] == k and np.array_equal(cols, np.arange(k)):
-        return p
-    out = np.zeros((p.shape[0], k))
-    out[:, cols] = p
-    return out
 
 
 def _sweep_linear(head: Any, Xtr: Any, ytr: np.ndarray, Xv: Any, yv: np.ndarray, k: int, balanced: bool,
@@ -186,9 +165,15 @@ def _fit_sklearn(est: Any, X: np.ndarray, y: np.ndarray, class_weight: Any) -> A
         raise ConfigError(f"{type(est[-1]).__name__} could not be fitted: {e}") from None
 
 
-def select_and_refit(cache: Any, source: _RowSource, spec: HeadSpec, seed: int, train: np.ndarray, val: np.ndarray,
-                     refit_rows: np.ndarray) -> Selection:
-    """Select the head's setting on ``val`` (C sweep, MLP early stopping), then refit on ``refit_rows``."""
+def select_and_refit(cache: Any, source: CacheRows, spec: HeadSpec, seed: int, train: np.ndarray, val: np.ndarray,
+                     refit_rows: np.ndarray, val_views: Sequence[np.ndarray] = ()) -> Selection:
+    """Select the head's setting on ``val`` (C sweep, MLP early stopping), then refit on ``refit_rows``.
+
+    ``val_views``: rows of the augmented views of ``val`` (one array per view); their probabilities
+    under the head fitted on ``train`` (before the refit) go to ``Selection.val_view_probas``, for the
+    test-time augmentation choice.
+    """
+    from ..heads import estimator_proba
     from ..report import compute_metrics
 
     k = len(cache.classes)
@@ -211,23 +196,28 @@ def select_and_refit(cache: Any, source: _RowSource, spec: HeadSpec, seed: int, 
             est.set_params(C=C).fit(Xtr, ytr)
         chosen = {"C": C}
         if has_val:
-            val_proba = proba_of(est, Xv, k)
+            val_proba = estimator_proba(est, Xv, k)
     elif htype == "mlp":
         if has_val:
             est.fit(Xtr, ytr, eval_set=(Xv, yv))
             chosen = {"epochs": int(est.best_epoch_), "best_val_loss": float(est.best_val_loss_)}
-            val_proba = proba_of(est, Xv, k)
+            val_proba = estimator_proba(est, Xv, k)
         else:
             est.fit(Xtr, ytr)
             chosen = {"epochs": int(est.n_epochs_)}
     else:
         _fit_sklearn(est, Xtr.to_array(), ytr, spec.class_weight)
         if has_val:
-            val_proba = proba_of(est, Xv.X, k)
+            val_proba = estimator_proba(est, Xv.X, k)
     val_metrics = compute_metrics(yv, val_proba, cache.classes) if val_proba is not None else {}
+    view_probas = []
+    if val_proba is not None:
+        for rows in val_views:
+            Xw = source(rows)
+            view_probas.append(estimator_proba(est, Xw.X if htype == "sklearn" else Xw, k))
     if len(refit_rows) != len(train) or not np.array_equal(np.sort(refit_rows), np.sort(train)):
         _refit(est, htype, chosen, source(refit_rows), cache.labels[np.sort(refit_rows)], spec.class_weight)
-    return Selection(est, htype, chosen, sweep, val_metrics, val_proba)
+    return Selection(est, htype, chosen, sweep, val_metrics, val_proba, view_probas)
 
 
 def _refit(est: Any, htype: str, chosen: dict[str, Any], X: Any, y: np.ndarray, class_weight: Any) -> None:

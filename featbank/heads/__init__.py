@@ -15,7 +15,7 @@ objective and optimum, far fewer iterations on correlated embeddings (see script
 
 :class:`MLPHead` is a small MLP trained with AdamW and early stopping on a validation set.
 
-Both accept an (N, D) array, or a :class:`featbank.train.Features` that streams rows of an HDF5
+Both accept an (N, D) array, or a :class:`featbank.heads.Features` that streams rows of an HDF5
 cache in chunks (the linear head then accumulates the exact full-batch gradient chunk by chunk,
 so a streamed fit equals the in-memory one up to float rounding).
 """
@@ -24,15 +24,16 @@ from __future__ import annotations
 
 # LinearHead and MLPHead keep __module__ == "featbank.heads" (set in their submodules):
 # skops files and bundle manifests written before the split name them so, and resolve through here.
-from ._conversion import head_to_torch
+from ._features import Features
 from ._linear_head import LinearHead
 from ._mlp_head import MLPHead
 from ._sklearn import estimator_proba, has_predict_proba, make_sklearn_head, parse_param, sklearn_classifiers
-from ._state import head_from_state, head_state
+from ._state import head_from_state, head_state, head_to_torch
 
 __all__ = [
     "LinearHead",
     "MLPHead",
+    "Features",
     "head_to_torch",
     "head_state",
     "head_from_state",

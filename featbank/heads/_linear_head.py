@@ -11,14 +11,14 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from .._device import resolve_device
-from ..train import Features
+from ._features import Features
 from ._torch_head import (
     BOOLEAN,
     CLASS_WEIGHT,
     DEVICE,
-    _class_weights,
-    _Preprocess,
-    _TorchHead,
+    Preprocess,
+    TorchHead,
+    class_weights,
     integer,
     real,
     validate_head_params,
@@ -101,7 +101,7 @@ class _Objective:
         return loss, gW, gb
 
 
-class LinearHead(_TorchHead):
+class LinearHead(TorchHead):
     """Multinomial logistic regression on embeddings, fitted with full-batch L-BFGS (scipy + torch).
 
     Args:
@@ -185,7 +185,7 @@ class LinearHead(_TorchHead):
             # The C sweep refits on the same rows: reuse their statistics and standardised copy.
             _, self.classes_, y_enc, sw, self.mean_, self.scale_, self.n_features_in_, Xs_memo = memo
             if self.class_weight is not None:
-                sw = sw * _class_weights(self, y_enc, y)
+                sw = sw * class_weights(self, y_enc, y)
             return X, y_enc, sw, Xs_memo
         feats, y_enc, sw = self._prepare_fit(X, y, sample_weight)
         return feats, y_enc, sw, None
@@ -269,7 +269,7 @@ class LinearHead(_TorchHead):
         with torch.no_grad():
             lin.weight.copy_(torch.as_tensor(self.coef_))
             lin.bias.copy_(torch.as_tensor(self.intercept_))
-        return nn.Sequential(_Preprocess(self.l2_normalize), lin).eval()
+        return nn.Sequential(Preprocess(self.l2_normalize), lin).eval()
 
 
 # Pickles, skops files and bundle manifests ("trusted_types") record a class by

@@ -11,23 +11,25 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from .._device import resolve_device
-from ..train import Features, evaluate_logits, train_one_epoch
+from ._features import Features
 from ._torch_head import (
     BOOLEAN,
     CLASS_WEIGHT,
     DEVICE,
     Constraint,
-    _Preprocess,
-    _TorchHead,
+    Preprocess,
+    TorchHead,
+    evaluate_logits,
     integer,
     real,
+    train_one_epoch,
     validate_head_params,
 )
 
-__all__ = ["MLPHead", "_mlp"]
+__all__ = ["MLPHead", "build_mlp"]
 
 
-def _mlp(d: int, hidden: tuple[int, ...], k: int, dropout: float) -> nn.Sequential:
+def build_mlp(d: int, hidden: tuple[int, ...], k: int, dropout: float) -> nn.Sequential:
     layers: list[nn.Module] = []
     for h in hidden:
         layers += [nn.Linear(d, h), nn.ReLU(), nn.Dropout(dropout)]
@@ -49,7 +51,7 @@ def _hidden_tuple(h: Any) -> tuple[int, ...] | None:
     return tuple(int(v) for v in h)
 
 
-class MLPHead(_TorchHead):
+class MLPHead(TorchHead):
     """A small MLP on embeddings: AdamW, minibatches, early stopping on a validation set.
 
     Args:
@@ -133,10 +135,10 @@ class MLPHead(_TorchHead):
 
         dev = resolve_device(self.device)
         k, d = len(self.classes_), feats.embed_dim
-        pre = _Preprocess(self.l2_normalize, self.mean_, self.scale_).to(dev)
+        pre = Preprocess(self.l2_normalize, self.mean_, self.scale_).to(dev)
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(seed)
-            net = _mlp(d, hidden, k, float(self.dropout)).to(dev)
+            net = build_mlp(d, hidden, k, float(self.dropout)).to(dev)
             opt = torch.optim.AdamW(net.parameters(), lr=float(self.lr), weight_decay=float(self.weight_decay))
             best_state, best_loss, best_epoch, bad = None, np.inf, 0, 0
             sw32 = sw.astype(np.float32)
@@ -172,7 +174,7 @@ class MLPHead(_TorchHead):
         check_is_fitted(self)
         import copy
 
-        return nn.Sequential(_Preprocess(self.l2_normalize, self.mean_, self.scale_), copy.deepcopy(self.net_)).eval()
+        return nn.Sequential(Preprocess(self.l2_normalize, self.mean_, self.scale_), copy.deepcopy(self.net_)).eval()
 
 
 # Pickles, skops files and bundle manifests ("trusted_types") record a class by

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
+from ._features import Features
 
 __all__ = ["FEATBANK_HEADS", "make_sklearn_head", "parse_param", "sklearn_classifiers", "has_predict_proba", "estimator_proba"]
 
@@ -48,8 +49,15 @@ def estimator_proba(estimator: Any, X: Any, n_classes: int | None = None) -> np.
     ``predict_proba`` where the estimator has one, else the softmax of ``decision_function``
     (binary: the softmax of ``[0, d]``, i.e. ``sigmoid(d)`` for the second class). With
     ``n_classes``, columns are placed at the estimator's integer ``classes_`` among ``n_classes``
-    (a head that saw a subset of the classes gives 0 for the others). ONNX export must match this.
+    (a head that saw a subset of the classes gives 0 for the others). ``X`` may be a
+    :class:`featbank.heads.Features` (rows streamed from a cache), read chunk by chunk. ONNX export
+    must match this.
     """
+    if isinstance(X, Features):
+        parts = [estimator_proba(estimator, x, n_classes) for _, x in X.chunks()]
+        if parts:
+            return np.concatenate(parts)
+        return np.zeros((0, n_classes if n_classes is not None else len(estimator.classes_)))
     if has_predict_proba(estimator):
         p = np.asarray(estimator.predict_proba(X), dtype=np.float64)
     else:

@@ -1,4 +1,5 @@
-"""A fitted torch head as (safetensors tensors, JSON-able info) and back, for bundles."""
+"""A fitted head as (safetensors tensors, JSON-able info) and back, for bundles; and as a torch module
+mapping embeddings to probabilities, where torch expresses it exactly."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.utils.validation import check_is_fitted
+from torch import nn
 
 from ._linear_head import LinearHead
-from ._mlp_head import MLPHead, _mlp
+from ._mlp_head import MLPHead, build_mlp
+from ._sklearn import has_predict_proba
+from ._torch_head import Preprocess, Probabilities, TorchHead
 
-__all__ = ["head_from_state", "head_state"]
+__all__ = ["head_from_state", "head_state", "head_to_torch"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -59,7 +63,7 @@ def head_from_state(htype: str, tensors: dict[str, np.ndarray], info: dict[str, 
         if isinstance(params.get("hidden_sizes"), list):
             params["hidden_sizes"] = tuple(params["hidden_sizes"])
         est = MLPHead(**params)
-        net = _mlp(int(info["n_features_in"]), est._hidden(), len(classes), float(est.dropout))
+        net = build_mlp(int(info["n_features_in"]), est._hidden(), len(classes), float(est.dropout))
         net.load_state_dict({k[4:]: torch.from_numpy(v.copy()) for k, v in tensors.items() if k.startswith("net.")})
         est.net_ = net.eval()
         est.best_epoch_ = int(info.get("best_epoch", 0))
@@ -74,3 +78,56 @@ def head_from_state(htype: str, tensors: dict[str, np.ndarray], info: dict[str, 
     if htype == "linear":
         est._set_coef()
     return est
+
+
+def _sk_linear_to_torch(steps: list[Any], clf: Any) -> nn.Module | None:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import Normalizer, StandardScaler
+
+    if not hasattr(clf, "coef_") or not hasattr(clf, "intercept_"):
+        return None
+    proba_is_softmax = isinstance(clf, LogisticRegression)
+    has_proba = has_predict_proba(clf)
+    if has_proba and not proba_is_softmax:
+        return None  # e.g. SGDClassifier(loss="log_loss"): one-vs-rest probabilities, not a softmax
+    mods: list[nn.Module] = []
+    for s in steps:
+        if isinstance(s, Normalizer) and s.norm == "l2":
+            mods.append(Preprocess(True))
+        elif isinstance(s, StandardScaler):
+            mean = s.mean_ if s.with_mean else np.zeros(s.n_features_in_)
+            scale = s.scale_ if s.with_std else np.ones(s.n_features_in_)
+            mods.append(Preprocess(False, mean, scale))
+        elif s is None or s == "passthrough":
+            continue
+        else:
+            return None
+    coef = np.atleast_2d(np.asarray(clf.coef_, np.float32))
+    icpt = np.asarray(clf.intercept_, np.float32).reshape(-1)
+    if coef.shape[0] == 1:  # binary: softmax([0, d]) == sigmoid(d)
+        coef = np.concatenate([np.zeros_like(coef), coef])
+        icpt = np.concatenate([np.zeros(1, np.float32), icpt])
+    lin = nn.Linear(coef.shape[1], coef.shape[0])
+    with torch.no_grad():
+        lin.weight.copy_(torch.as_tensor(coef))
+        lin.bias.copy_(torch.as_tensor(icpt))
+    return Probabilities(nn.Sequential(*mods, lin)).eval()
+
+
+def head_to_torch(estimator: Any) -> nn.Module | None:
+    """An nn.Module mapping embeddings -> PROBABILITIES for heads that torch can express exactly.
+
+    LinearHead and MLPHead; a scikit-learn linear classifier (possibly in a Pipeline after
+    ``Normalizer``/``StandardScaler``) whose probabilities are a softmax of its decision function:
+    ``LogisticRegression``, and linear models without ``predict_proba`` (``LinearSVC``,
+    ``RidgeClassifier``, ...) whose bundle probabilities are *defined* as that softmax (binary:
+    ``sigmoid(d)``). ``None`` for anything else (export then uses skl2onnx).
+    """
+    from sklearn.pipeline import Pipeline
+
+    if isinstance(estimator, TorchHead):
+        return Probabilities(estimator.to_torch()).eval()
+    if isinstance(estimator, Pipeline):
+        steps = [s for _, s in estimator.steps]
+        return _sk_linear_to_torch(steps[:-1], steps[-1])
+    return _sk_linear_to_torch([], estimator)

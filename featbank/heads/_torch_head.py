@@ -1,4 +1,5 @@
-"""Shared machinery of the torch heads: input checks and prediction, preprocessing and softmax modules."""
+"""Shared machinery of the torch heads: input checks and prediction, preprocessing and softmax modules,
+and the plain minibatch loops (``train_one_epoch``, ``evaluate_logits``)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import nn
 
 from ..errors import ConfigError
-from ..train import Features, feature_stats
+from ._features import Features, feature_stats
 
-__all__ = ["Constraint", "_Preprocess", "_Probabilities", "_TorchHead", "validate_head_params"]
+__all__ = ["Constraint", "Preprocess", "Probabilities", "TorchHead", "validate_head_params", "train_one_epoch",
+           "evaluate_logits"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,7 +94,7 @@ def validate_head_params(est: Any) -> None:
             )
 
 
-class _Preprocess(nn.Module):
+class Preprocess(nn.Module):
     """Optional L2 normalisation, then (x - mean) / scale."""
 
     def __init__(self, l2_normalize: bool, mean: np.ndarray | None = None, scale: np.ndarray | None = None):
@@ -111,7 +113,7 @@ class _Preprocess(nn.Module):
         return x
 
 
-class _Probabilities(nn.Module):
+class Probabilities(nn.Module):
     def __init__(self, logits: nn.Module):
         super().__init__()
         self.logits = logits
@@ -134,7 +136,7 @@ def _check_sample_weight(sample_weight: Any, n_samples: int) -> np.ndarray:
     return sw
 
 
-def _class_weights(est: Any, y_enc: np.ndarray, y: np.ndarray) -> np.ndarray:
+def class_weights(est: Any, y_enc: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Per-row weights of ``est.class_weight``; a dict naming classes not in ``y`` is a parameter error."""
     balanced = isinstance(est.class_weight, str) and est.class_weight == "balanced"
     try:
@@ -150,7 +152,7 @@ def _l2n(X: np.ndarray) -> np.ndarray:
     return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
 
 
-class _TorchHead(ClassifierMixin, BaseEstimator):
+class TorchHead(ClassifierMixin, BaseEstimator):
     """Shared input handling of the torch heads."""
 
     #: name -> :class:`Constraint`, checked at the start of ``fit`` by :func:`validate_head_params`.
@@ -189,7 +191,7 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
             self.mean_ = np.zeros(feats.embed_dim, np.float32)
             self.scale_ = np.ones(feats.embed_dim, np.float32)
         if self.class_weight is not None:
-            sw = sw * _class_weights(self, y_enc, y)
+            sw = sw * class_weights(self, y_enc, y)
         return feats, y_enc.astype(np.int64), sw
 
     def _preprocess_np(self, X: np.ndarray) -> np.ndarray:
@@ -225,3 +227,64 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
     def to_torch(self) -> nn.Module:
         """A float32 module mapping embeddings to logits; its softmax equals :meth:`predict_proba`."""
         raise NotImplementedError  # pragma: no cover
+
+
+# --------------------------------------------------------------------------------------------
+# Minibatch loops (torchvision's reference-script shape: one epoch, one evaluation pass)
+# --------------------------------------------------------------------------------------------
+
+
+def train_one_epoch(
+    model: nn.Module,
+    features: Features,
+    y: np.ndarray,
+    sample_weight: np.ndarray | None,
+    optimizer: torch.optim.Optimizer,
+    *,
+    batch_size: int,
+    device: torch.device,
+    generator: np.random.Generator,
+    transform: Any = None,
+) -> float:
+    """One pass over ``features`` in shuffled minibatches; returns the mean training loss."""
+    model.train()
+    total, count = 0.0, 0
+    order = generator.permutation(features.n_chunks)
+    for pos, xc in features.chunks(order):
+        perm = generator.permutation(len(pos))
+        xt = torch.from_numpy(np.ascontiguousarray(xc[perm])).to(device)
+        if transform is not None:
+            xt = transform(xt)
+        yt = torch.from_numpy(y[pos[perm]]).to(device)
+        wt = None if sample_weight is None else torch.from_numpy(sample_weight[pos[perm]]).to(device)
+        for s in range(0, len(pos), batch_size):
+            xb, yb = xt[s : s + batch_size], yt[s : s + batch_size]
+            loss_vec = nn.functional.cross_entropy(model(xb), yb, reduction="none")
+            if wt is not None:
+                wb = wt[s : s + batch_size]
+                loss = (loss_vec * wb).sum() / wb.sum().clamp_min(1e-12)
+            else:
+                loss = loss_vec.mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(xb)
+            count += len(xb)
+    return total / max(1, count)
+
+
+@torch.no_grad()
+def evaluate_logits(model: nn.Module, features: Features, *, device: torch.device, transform: Any = None,
+                    batch_size: int = 8192) -> np.ndarray:
+    """Logits of ``model`` for every row of ``features`` (eval mode), as float32 numpy."""
+    model.eval()
+    outs = []
+    for _, xc in features.chunks():
+        for s in range(0, len(xc), batch_size):
+            xt = torch.from_numpy(np.ascontiguousarray(xc[s : s + batch_size])).to(device)
+            if transform is not None:
+                xt = transform(xt)
+            outs.append(model(xt).float().cpu().numpy())
+    if not outs:
+        return np.zeros((0, 0), np.float32)
+    return np.concatenate(outs, axis=0)

@@ -1,18 +1,19 @@
-"""``evaluate`` and ``predict`` with model bundles (or an exported ``.onnx`` model)."""
+"""``evaluate`` (metrics on a cache) and ``predict`` (new images) with model bundles or an exported ``.onnx`` model."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import BundleError, CacheError, ConfigError
-from ._rows import _open
+from ..runtime import Prediction
+from ._rows import opened_cache
 
-__all__ = ["EvalResult", "Prediction", "evaluate", "predict"]
+__all__ = ["EvalResult", "evaluate", "predict"]
 
 
 @dataclass
@@ -51,8 +52,7 @@ def evaluate(model: str | Path, cache: Any = None, *, split: str = "auto") -> Ev
 
     bundle = load_bundle(model)
     bundle.load_head()  # a bundle that lies about its head is refused before the cache is read
-    cache_obj, cache_path = _open(cache)
-    try:
+    with opened_cache(cache) as (cache_obj, cache_path):
         bundle.check_cache(cache_obj)
         labelled = cache_obj.labels >= 0
         if not labelled.any():
@@ -78,24 +78,6 @@ def evaluate(model: str | Path, cache: Any = None, *, split: str = "auto") -> Ev
             raise CacheError(f"Cache {str(cache_path)!r} has NaN or infinite embeddings. Re-extract with --overwrite.")
         proba = bundle.predict_proba(X)
         return EvalResult(Path(model), cache_path, split, compute_metrics(cache_obj.labels[rows], proba, bundle.classes))
-    finally:
-        if cache is None or isinstance(cache, (str, Path)):
-            cache_obj.close()
-
-
-@dataclass
-class Prediction:
-    """One image's prediction: ``label`` and its ``probability``, the ``top_k`` list, or ``error``."""
-
-    path: str
-    label: str | None
-    probability: float | None
-    top_k: list[tuple[str, float]] = field(default_factory=list)
-    error: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "label": self.label, "probability": self.probability,
-                "top_k": [{"label": name, "probability": p} for name, p in self.top_k], "error": self.error}
 
 
 def _list_images(images: Sequence[str | Path]) -> list[Path]:
@@ -172,14 +154,14 @@ def _predict_in_batches(paths: list[Path], preprocess: Any, proba_of: Any, class
         for (i, _), p in zip(pending, proba_of(np.stack([a for _, a in pending]))):
             order = np.argsort(-p)[:top_k]
             tk = [(classes[j], float(p[j])) for j in order]
-            out[i] = Prediction(str(paths[i]), tk[0][0], tk[0][1], tk)
+            out[i] = Prediction(tk[0][0], int(order[0]), tk[0][1], path=str(paths[i]), top_k=tk)
         pending.clear()
 
     for i, p in enumerate(paths):
         try:
             pending.append((i, preprocess(p)))
         except read_errors as e:
-            out[i] = Prediction(str(p), None, None, [], str(e))
+            out[i] = Prediction(None, None, None, path=str(p), error=str(e))
         if len(pending) >= batch_size:
             flush()
     flush()

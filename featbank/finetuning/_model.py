@@ -1,11 +1,14 @@
-"""Parameter groups, per-group learning rates, the network and LP-FT's head from a probe."""
+"""Parameter groups, per-group learning rates, the network and LP-FT's head from a probe; a fine-tuned
+bundle loaded as a network (a backbone, a classifier over image files)."""
 
 from __future__ import annotations
 
 import copy
 import math
 import os
+import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +16,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._device import autocast_dtype, default_num_workers, resolve_device
+from .._network import finetuned_network
 from ..backbones import HEAD_GROUP, Backbone, ImageEmbedder, Normalize
 from ..errors import BundleError, ConfigError
-from .settings import GROUP_ALIASES, LR_PRESETS
+from ..images import ImageReadError, load_image
+from ._data import ImageSet, image_loader
+from ._settings import GROUP_ALIASES, LR_PRESETS
 
-__all__ = ["FinetuneModel", "build_optimizer", "parse_lr_groups", "resolve_rates"]
+__all__ = ["FinetuneModel", "build_optimizer", "parse_lr_groups", "resolve_rates", "trainable_groups", "is_batchnorm",
+           "frozen_bn_modules", "forward_logits", "head_from_probe", "FinetunedPredictions", "load_finetuned_backbone",
+           "load_finetuned_model", "predict_images"]
 
 # --------------------------------------------------------------------------------------------
 # Parameter groups and learning rates
@@ -106,7 +115,7 @@ def resolve_rates(
     return {g: lr for g in groups}
 
 
-def _trainable_groups(strategy: str, groups: Sequence[str], trainable_from: str | None) -> list[str]:
+def trainable_groups(strategy: str, groups: Sequence[str], trainable_from: str | None) -> list[str]:
     body = [g for g in groups if g != HEAD_GROUP]
     if strategy == "frozen":
         return [HEAD_GROUP]
@@ -122,7 +131,7 @@ def _trainable_groups(strategy: str, groups: Sequence[str], trainable_from: str 
     return list(groups[start:])
 
 
-def _is_bn(m: nn.Module) -> bool:
+def is_batchnorm(m: nn.Module) -> bool:
     return isinstance(m, nn.modules.batchnorm._BatchNorm)
 
 
@@ -146,7 +155,7 @@ def build_optimizer(
     """
     params = dict(model.named_parameters())
     bn_params = {
-        f"{n}.{pn}" for n, m in model.named_modules() if _is_bn(m) for pn, _ in m.named_parameters(recurse=False)
+        f"{n}.{pn}" for n, m in model.named_modules() if is_batchnorm(m) for pn, _ in m.named_parameters(recurse=False)
     }
     opt_groups = []
     for gname, pnames in groups:
@@ -166,11 +175,11 @@ def build_optimizer(
     return torch.optim.AdamW(opt_groups, lr=opt_groups[0]["lr"])
 
 
-def _frozen_bn_modules(model: nn.Module, trainable_params: set[str]) -> list[nn.Module]:
+def frozen_bn_modules(model: nn.Module, trainable_params: set[str]) -> list[nn.Module]:
     """BatchNorm layers none of whose parameters train: they stay in eval mode."""
     out = []
     for n, m in model.named_modules():
-        if _is_bn(m):
+        if is_batchnorm(m):
             own = [f"{n}.{pn}" for pn, _ in m.named_parameters(recurse=False)]
             if not any(p in trainable_params for p in own):
                 out.append(m)
@@ -196,7 +205,7 @@ class FinetuneModel(ImageEmbedder):
         return self.head(self.embed(x))
 
 
-def _logits(model: nn.Module, x: torch.Tensor, amp: torch.dtype | None) -> torch.Tensor:
+def forward_logits(model: nn.Module, x: torch.Tensor, amp: torch.dtype | None) -> torch.Tensor:
     """Forward pass, under autocast when ``amp`` is set (CUDA)."""
     if amp is None:
         return model(x)
@@ -214,7 +223,7 @@ def _fold_affine(fn: Callable[[torch.Tensor], torch.Tensor], dim: int) -> tuple[
     return w, b
 
 
-def _head_from_probe(path: str | os.PathLike, backbone: Backbone, classes: list[str],
+def head_from_probe(path: str | os.PathLike, backbone: Backbone, classes: list[str],
                      bundle: Any = None) -> tuple[nn.Linear, dict[str, Any]]:
     """A Linear equal to a fitted linear head bundle (standardisation folded in) for LP-FT;
     ``bundle``: that bundle already opened."""
@@ -289,3 +298,103 @@ def _head_from_probe(path: str | os.PathLike, backbone: Backbone, classes: list[
         )
     return head, {"path": str(Path(path).resolve()), "bundle_id": bundle.bundle_id,
                   "estimator": bundle.head_info.get("estimator"), "fold_max_abs_error": err}
+
+
+# --------------------------------------------------------------------------------------------
+# A fine-tuned bundle in use: as a backbone, as a classifier over image files
+# --------------------------------------------------------------------------------------------
+
+
+def load_finetuned_model(path: Any) -> tuple[Backbone, torch.nn.Linear]:
+    """The fine-tuned network of a bundle (a folder or an opened Bundle): ``(backbone, head)``.
+
+    ``backbone.embedder()`` maps uint8 NHWC images to embeddings, ``head`` maps embeddings to
+    logits (``softmax`` gives the bundle's probabilities, columns in ``manifest["classes"]``).
+
+    Raises:
+        BundleError: not a fine-tuned bundle, weights missing or changed (sha256), or weights
+            that do not fit the recorded base architecture.
+    """
+    from ..bundle import Bundle, load_bundle
+
+    return finetuned_network(path if isinstance(path, Bundle) else load_bundle(path))
+
+
+def load_finetuned_backbone(path: str | os.PathLike) -> Backbone:
+    """A fine-tuned bundle as a :class:`Backbone` (as ``featbank.load_backbone(models/<name>)``)."""
+    return load_finetuned_model(path)[0]
+
+
+@dataclass
+class FinetunedPredictions:
+    """Output of :func:`predict_images`.
+
+    Attributes:
+        proba: ``(n_images, n_classes)`` float64 probabilities; rows of unreadable images are NaN.
+        ok: ``(n_images,)`` bool, False where the image could not be read.
+        skipped: ``[(path, reason)]`` of the unreadable images.
+        classes: column names of ``proba``.
+    """
+
+    proba: np.ndarray
+    ok: np.ndarray
+    skipped: list[tuple[str, str]]
+    classes: list[str]
+
+
+def predict_images(
+    bundle: Any,
+    paths: Sequence[str | os.PathLike],
+    *,
+    batch_size: int = 32,
+    device: str = "auto",
+    num_workers: int | None = None,
+    progress: bool = False,
+) -> FinetunedPredictions:
+    """Class probabilities of image files under a fine-tuned bundle (eval transform, no cache).
+
+    Args:
+        bundle: a bundle folder or a :class:`featbank.bundle.Bundle` of kind ``"finetuned"``.
+        paths: image files.
+
+    Returns:
+        :class:`FinetunedPredictions` (softmax of the network's logits, float64).
+    """
+    bb, head = load_finetuned_model(bundle)
+    dev = resolve_device(device)
+    model = FinetuneModel(bb.features, head, bb.preprocess.mean, bb.preprocess.std).eval().to(dev)
+    if dev.type == "cpu":
+        model = model.to(memory_format=torch.channels_last)
+    amp = autocast_dtype(dev)
+    plist = [Path(p) for p in paths]
+    ds = ImageSet(Path("/"), [str(p.resolve()) for p in plist], np.zeros(len(plist), np.int64), bb.preprocess, False)
+    batches = [list(range(i, min(i + batch_size, len(plist)))) for i in range(0, len(plist), batch_size)]
+    workers = num_workers if num_workers is not None else default_num_workers(dev, training=True)
+    proba = np.full((len(plist), len(bb.extra["classes"])), np.nan)
+    ok = np.zeros(len(plist), bool)
+    skipped: list[tuple[str, str]] = []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(plist), unit="img", desc="predict", disable=not progress, file=sys.stderr)
+    with torch.inference_mode():
+        for b, (x, y, _bad) in zip(batches, image_loader(ds, batches, workers, bb.preprocess, dev.type == "cuda")):
+            good = (y >= 0).numpy()
+            if amp is not None:
+                with torch.autocast(dev.type, dtype=amp):
+                    logits = model(x.to(dev))
+            else:
+                logits = model(x.to(dev))
+            p = torch.softmax(logits.double(), 1).cpu().numpy()
+            rows = np.asarray(b)
+            proba[rows[good]] = p[good]
+            ok[rows[good]] = True
+            for r in rows[~good]:
+                try:
+                    load_image(plist[r])
+                    reason = "unreadable"
+                except ImageReadError as e:
+                    reason = e.reason
+                skipped.append((str(paths[r]), reason))
+            bar.update(len(b))
+    bar.close()
+    return FinetunedPredictions(proba=proba, ok=ok, skipped=skipped, classes=list(bb.extra["classes"]))

@@ -21,7 +21,8 @@ from torch import nn
 from .. import __version__
 from .._device import autocast_dtype, default_num_workers, resolve_device
 from .._files import check_bundle_dir, slugify
-from ..backbones import HEAD_GROUP, _group_modules, load_backbone, param_groups
+from .._manifest import BackboneIdentity, build_manifest
+from ..backbones import HEAD_GROUP, group_modules, load_backbone, param_groups
 from ..errors import (
     ConfigError,
     Interrupted,
@@ -29,39 +30,37 @@ from ..errors import (
     ValidationLeakWarning,
 )
 from ..report import compute_metrics, plot_confusion_matrix, plot_learning_curve
-from .checkpoint import (
-    _digest,
-    _load_checkpoint,
-    _rng_state,
-    _save_checkpoint,
-    _set_rng_state,
-    _settings_diff,
+from ._cache_frozen import VIEW_NAMES, CacheFrozenInputs, fill_cache_frozen, plan_cache_frozen
+from ._data import (
+    ImageSet,
+    image_loader,
+    probe_holdout,
+    probe_overlap_note,
+    shuffled_batches,
+    split_index,
 )
-from .data import (
-    _batches,
-    _ImageSet,
-    _loader,
-    _probe_holdout,
-    _probe_overlap_note,
-    _split,
-)
-from .model import (
+from ._model import (
     FinetuneModel,
-    _frozen_bn_modules,
-    _head_from_probe,
-    _is_bn,
-    _logits,
-    _trainable_groups,
     build_optimizer,
+    forward_logits,
+    frozen_bn_modules,
+    head_from_probe,
+    is_batchnorm,
     resolve_rates,
+    trainable_groups,
 )
-from .settings import (
+from ._settings import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
     FinetuneSettings,
-    _settings_from,
+    json_digest,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    settings_diff,
+    settings_from_kwargs,
 )
-from .trunk import VIEW_NAMES, TrunkInputs, fill_trunk, plan_trunk
 
 __all__ = ["FinetuneReport", "finetune", "train_one_epoch", "evaluate"]
 
@@ -147,7 +146,7 @@ def evaluate(model: FinetuneModel, loader: Any, device: torch.device, amp: torch
         for x, y, bad in loader:
             skipped.extend(bad)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            logits = _logits(model, x, amp).float()
+            logits = forward_logits(model, x, amp).float()
             losses.append(nn.functional.cross_entropy(logits, y, ignore_index=-100, reduction="sum").item())
             ys.append(y.cpu().numpy())
             logits_all.append(logits.cpu().numpy())
@@ -206,12 +205,12 @@ def finetune(
         >>> featbank.finetune("data/elpv", backbone="resnet50", strategy="partial",
         ...                   trainable_from="layer3", lr_groups="seed-resnet", epochs=10)
     """
-    run = _set_up(data, out, _settings_from(settings), device, num_workers, resume, overwrite)
+    run = _set_up(data, out, settings_from_kwargs(settings), device, num_workers, resume, overwrite)
     state = _resume_or_start(run, resume, overwrite)
-    if run.trunk is not None:
-        inputs = TrunkInputs(run.model, run.eval_set, run.split, run.cfg.batch_size, run.workers, run.bb.preprocess,
+    if run.cache_frozen is not None:
+        inputs = CacheFrozenInputs(run.model, run.eval_set, run.split, run.cfg.batch_size, run.workers, run.bb.preprocess,
                              run.pin, run.dev, run.amp)
-        fill_trunk(run.trunk, inputs, run.skipped, progress)
+        fill_cache_frozen(run.cache_frozen, inputs, run.skipped, progress)
     if run.cfg.init_head is not None and state.start_epoch == 0:
         # LP-FT's step 0 is the probe itself: a candidate like any epoch, so a fine-tuning that never
         # beats it on validation keeps the probe's predictions instead of a worse network.
@@ -236,7 +235,7 @@ def finetune(
         path=run.out_path, epochs_run=len(state.history), best_epoch=state.best["epoch"], val=val, test=test,
         history=state.history, groups=run.group_rows, resumed_from=state.start_epoch,
         seconds_per_epoch=_seconds_per_epoch(state.history), skipped=sorted(set(run.skipped)), device=run.dev.type,
-        cache_seconds=run.trunk.seconds if run.trunk is not None else 0.0, notes=run.notes,
+        cache_seconds=run.cache_frozen.seconds if run.cache_frozen is not None else 0.0, notes=run.notes,
     )
 
 
@@ -260,9 +259,9 @@ class _Run:
     classes: list[str]
     model: FinetuneModel
     net: _Net
-    train_set: _ImageSet
-    eval_set: _ImageSet
-    trunk: Any
+    train_set: ImageSet
+    eval_set: ImageSet
+    cache_frozen: Any
     schedule: dict[str, int]
     hashed: dict[str, Any]
     settings_hash: str
@@ -331,9 +330,9 @@ def _set_up(data: Any, out: Any, cfg: FinetuneSettings, device: str, num_workers
     dev = resolve_device(device)
     index = scan_folder(data, require_labels=True)
     probe_bundle = load_bundle(cfg.init_head) if cfg.init_head is not None else None
-    probe = _probe_holdout(probe_bundle)
-    split = _split(index, cfg.val_split, cfg.seed, probe)
-    notes = [n for n in [_probe_overlap_note(index, split, probe)] if n]
+    probe = probe_holdout(probe_bundle)
+    split = split_index(index, cfg.val_split, cfg.seed, probe)
+    notes = [n for n in [probe_overlap_note(index, split, probe)] if n]
     for n in notes:  # said now, not only after hours of training
         warnings.warn(n, ValidationLeakWarning, stacklevel=3)
     out_path = Path(out).expanduser() if out is not None else _default_out(index.root, cfg)
@@ -345,19 +344,19 @@ def _set_up(data: Any, out: Any, cfg: FinetuneSettings, device: str, num_workers
         bb = load_backbone(cfg.backbone, cfg.weights, cfg.weights_file)
     classes = list(index.classes)
     model, net = _build_model(cfg, bb, classes, probe_bundle, dev, len(split.train))
-    train_set = _ImageSet(index.root, index.paths, index.labels, bb.preprocess, True, cfg.seed, cfg.crop_scale,
+    train_set = ImageSet(index.root, index.paths, index.labels, bb.preprocess, True, cfg.seed, cfg.crop_scale,
                           cfg.hflip, cfg.vflip, cfg.rot90)
-    eval_set = _ImageSet(index.root, index.paths, index.labels, bb.preprocess, False)
-    trunk = plan_trunk(model, bb, cfg, len(split.train), len(split.val)) if cfg.cache_frozen else None
-    data_digest = _digest([index.paths, index.labels.tolist(), index.splits.tolist(), index.fingerprints.tolist(),
+    eval_set = ImageSet(index.root, index.paths, index.labels, bb.preprocess, False)
+    frozen = plan_cache_frozen(model, bb, cfg, len(split.train), len(split.val)) if cfg.cache_frozen else None
+    data_digest = json_digest([index.paths, index.labels.tolist(), index.splits.tolist(), index.fingerprints.tolist(),
                            split.train.tolist(), split.val.tolist()])
     hashed = {**asdict(cfg), "backbone_identity": bb.identity(), "data": data_digest,
               "init_head_id": net.init_info["bundle_id"] if net.init_info else None, "classes": classes}
     hashed["crop_scale"] = list(cfg.crop_scale)
     return _Run(
         cfg=cfg, dev=dev, index=index, split=split, notes=notes, out_path=out_path, ckpt_path=ckpt_path, bb=bb,
-        classes=classes, model=model, net=net, train_set=train_set, eval_set=eval_set, trunk=trunk,
-        schedule=_schedule_steps(cfg, len(split.train)), hashed=hashed, settings_hash=_digest(hashed),
+        classes=classes, model=model, net=net, train_set=train_set, eval_set=eval_set, cache_frozen=frozen,
+        schedule=_schedule_steps(cfg, len(split.train)), hashed=hashed, settings_hash=json_digest(hashed),
         workers=num_workers if num_workers is not None else default_num_workers(dev, training=True),
         pin=dev.type == "cuda",
     )
@@ -372,20 +371,20 @@ def _build_model(cfg: FinetuneSettings, bb: Any, classes: list[str], probe_bundl
     torch.manual_seed(cfg.seed)
     init_info = None
     if cfg.init_head is not None:
-        head, init_info = _head_from_probe(cfg.init_head, bb, classes, probe_bundle)
+        head, init_info = head_from_probe(cfg.init_head, bb, classes, probe_bundle)
     else:
         head = nn.Linear(bb.embed_dim, len(classes))
     model = FinetuneModel(bb.features, head, bb.preprocess.mean, bb.preprocess.std)
     groups.append((HEAD_GROUP, [f"head.{p}" for p, _ in head.named_parameters()]))
     names = [g for g, _ in groups]
     rates = resolve_rates(names, cfg.resolved_lr, cfg.lr_groups, cfg.layer_decay)
-    trainable = _trainable_groups(cfg.strategy, names, cfg.trainable_from)
+    trainable = trainable_groups(cfg.strategy, names, cfg.trainable_from)
     optimizer = build_optimizer(model, groups, rates, trainable, cfg.optimizer, cfg.resolved_weight_decay, cfg.train_bn)
     trainable_params = {n for n, p in model.named_parameters() if p.requires_grad}
-    frozen_bn = _frozen_bn_modules(model, trainable_params)
+    frozen_bn = frozen_bn_modules(model, trainable_params)
     pcount = dict((n, p.numel()) for n, p in model.named_parameters())
     group_rows = [
-        {"name": g, "modules": _group_modules(model, ps), "n_params": int(sum(pcount[p] for p in ps)),
+        {"name": g, "modules": group_modules(model, ps), "n_params": int(sum(pcount[p] for p in ps)),
          "trainable": g in trainable, "n_trainable": int(sum(pcount[p] for p in ps if p in trainable_params)),
          "lr": rates[g]}
         for g, ps in groups
@@ -411,7 +410,7 @@ def _build_model(cfg: FinetuneSettings, bb: Any, classes: list[str], probe_bundl
 
 def _schedule_steps(cfg: FinetuneSettings, n_train: int) -> dict[str, int]:
     """Steps of the cosine schedule with linear warm-up (the last batch of one joins the one before)."""
-    steps_per_epoch = len(_batches(n_train, cfg.batch_size, cfg.seed, 0))
+    steps_per_epoch = len(shuffled_batches(n_train, cfg.batch_size, cfg.seed, 0))
     total_steps = steps_per_epoch * cfg.epochs
     warmup = int(round(min(cfg.warmup_epochs * steps_per_epoch, 0.2 * total_steps)))
     return {"warmup_steps": warmup, "total_steps": total_steps}
@@ -421,9 +420,9 @@ def _resume_or_start(run: _Run, resume: bool, overwrite: bool) -> _State:
     """A fresh state, or the checkpoint's (refused when it was made with other settings)."""
     state = _State()
     if resume:
-        ckpt = _load_checkpoint(run.ckpt_path)
+        ckpt = load_checkpoint(run.ckpt_path)
         if ckpt.get("settings_hash") != run.settings_hash:
-            diff = _settings_diff(ckpt.get("settings", {}), json.loads(json.dumps(run.hashed, default=str)))
+            diff = settings_diff(ckpt.get("settings", {}), json.loads(json.dumps(run.hashed, default=str)))
             raise ConfigError(
                 f"--resume: the checkpoint {str(run.ckpt_path)!r} was made with other settings ("
                 + "; ".join(diff[:6]) + "). Rerun with the original settings, or pass --overwrite to "
@@ -434,7 +433,7 @@ def _resume_or_start(run: _Run, resume: bool, overwrite: bool) -> _State:
         run.net.scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
             run.net.scaler.load_state_dict(ckpt["scaler"])
-        _set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"])
         state = _State(history=list(ckpt["history"]), best=dict(ckpt["best"]), start=ckpt.get("start"),
                        bad_epochs=int(ckpt["bad_epochs"]), start_epoch=int(ckpt["epoch"]),
                        stopped=bool(ckpt["stopped"]))
@@ -485,12 +484,12 @@ def _train(run: _Run, state: _State, progress: bool,
 
 def _checkpoint(run: _Run, state: _State, epoch: int) -> None:
     net = run.net
-    _save_checkpoint(run.ckpt_path, {
+    save_checkpoint(run.ckpt_path, {
         "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "featbank_version": __version__,
         "settings": json.loads(json.dumps(run.hashed, default=str)), "settings_hash": run.settings_hash,
         "epoch": epoch, "model": run.model.state_dict(), "optimizer": net.optimizer.state_dict(),
         "scheduler": net.scheduler.state_dict(), "scaler": net.scaler.state_dict() if net.scaler.is_enabled() else {},
-        "rng": _rng_state(), "history": state.history, "best": state.best, "bad_epochs": state.bad_epochs,
+        "rng": rng_state(), "history": state.history, "best": state.best, "bad_epochs": state.bad_epochs,
         "stopped": state.stopped, "start": state.start,
     })
 
@@ -500,30 +499,30 @@ def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _train_batches(run: _Run, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-    cfg, rows, trunk = run.cfg, run.split.train, run.trunk
-    order = _batches(len(rows), cfg.batch_size, cfg.seed, epoch)
-    if trunk is None:
+    cfg, rows, frozen = run.cfg, run.split.train, run.cache_frozen
+    order = shuffled_batches(len(rows), cfg.batch_size, cfg.seed, epoch)
+    if frozen is None:
         batches = [[(e, int(rows[i])) for e, i in b] for b in order]
-        yield from _loader(run.train_set, batches, run.workers, run.bb.preprocess, run.pin)
+        yield from image_loader(run.train_set, batches, run.workers, run.bb.preprocess, run.pin)
         return
     # One view per image and epoch, drawn from a generator of (seed, epoch): resumable.
     rng = np.random.default_rng((cfg.seed, 20_000 + epoch))
     for b in order:
         idx = np.array([i for _, i in b], np.int64)
-        x, y = trunk.train.batch(idx, rng.integers(0, len(trunk.views), len(idx)), run.dev)
+        x, y = frozen.train.batch(idx, rng.integers(0, len(frozen.views), len(idx)), run.dev)
         yield x, y, []
 
 
 def _set_train_mode(run: _Run) -> None:
     """Train mode, except BatchNorm layers whose statistics stay as they are."""
     run.model.train()
-    if run.trunk is not None:
-        run.trunk.model.train()
+    if run.cache_frozen is not None:
+        run.cache_frozen.model.train()
     for m in run.net.frozen_bn:
         m.eval()
     if run.cfg.resolved_bn_stats == "frozen":
         for m in run.model.modules():
-            if _is_bn(m):
+            if is_batchnorm(m):
                 m.eval()
     if run.cfg.strategy == "frozen" and not run.cfg.train_bn:
         run.model.features.eval()
@@ -540,11 +539,11 @@ def train_one_epoch(run: _Run, epoch: int, progress: bool) -> dict[str, Any]:
     bar = tqdm(total=len(run.split.train), unit="img", desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress,
                mininterval=0.1 if sys.stderr.isatty() else 10.0, leave=True, dynamic_ncols=True, file=sys.stderr)
     params = [p for p in run.model.parameters() if p.requires_grad]
-    module = run.model if run.trunk is None else run.trunk.model
+    module = run.model if run.cache_frozen is None else run.cache_frozen.model
     for x, y, bad in _train_batches(run, epoch):
         run.skipped.extend(bad)
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-        logits = _logits(module, x, net.amp)
+        logits = forward_logits(module, x, net.amp)
         loss = nn.functional.cross_entropy(logits.float(), y, ignore_index=-100)
         if not torch.isfinite(loss):
             raise ConfigError(
@@ -585,18 +584,18 @@ def _batches_of(rows: np.ndarray, batch_size: int) -> list[list[int]]:
 
 
 def _val_metrics(run: _Run) -> dict[str, Any]:
-    """Validation metrics of the model as it trains (through the cached trunk when there is one)."""
-    if run.trunk is None:
+    """Validation metrics of the model as it trains (through the cached frozen groups when there are)."""
+    if run.cache_frozen is None:
         return _evaluate_rows(run, run.split.val)
     n_val, bs = len(run.split.val), run.cfg.batch_size
     rows = [np.arange(i, min(i + bs, n_val)) for i in range(0, n_val, bs)]
-    loader = ((*run.trunk.val.batch(r, np.zeros(len(r), np.int64), run.dev), []) for r in rows)
-    return evaluate(run.trunk.model, loader, run.dev, run.amp, run.classes, run.skipped)[0]
+    loader = ((*run.cache_frozen.val.batch(r, np.zeros(len(r), np.int64), run.dev), []) for r in rows)
+    return evaluate(run.cache_frozen.model, loader, run.dev, run.amp, run.classes, run.skipped)[0]
 
 
 def _evaluate_rows(run: _Run, rows: np.ndarray) -> dict[str, Any]:
     """Metrics of the whole model on image rows, decoded with the eval transform."""
-    loader = _loader(run.eval_set, _batches_of(rows, run.cfg.batch_size), run.workers, run.bb.preprocess, run.pin)
+    loader = image_loader(run.eval_set, _batches_of(rows, run.cfg.batch_size), run.workers, run.bb.preprocess, run.pin)
     return evaluate(run.model, loader, run.dev, run.amp, run.classes, run.skipped)[0]
 
 
@@ -633,25 +632,25 @@ def _write_bundle(run: _Run, state: _State, val: dict[str, Any], test: dict[str,
 
 
 def _augmentation(run: _Run) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    cfg, trunk = run.cfg, run.trunk
-    if trunk is None:
+    cfg, frozen = run.cfg, run.cache_frozen
+    if frozen is None:
         return {"random_resized_crop": {"scale": list(cfg.crop_scale), "ratio": [0.75, 4 / 3]},
                 "hflip": cfg.hflip, "vflip": cfg.vflip, "rot90": cfg.rot90}, None
-    train_aug = {"views": [VIEW_NAMES[v] for v in trunk.views], "of": "backbone eval transform",
+    train_aug = {"views": [VIEW_NAMES[v] for v in frozen.views], "of": "backbone eval transform",
                  "one_view_per_image_and_epoch": True}
-    trunk_info = {"prefix": trunk.split.prefix_names, "suffix": trunk.split.suffix_names,
-                  "output_shape": list(trunk.split.out_shape), "dtype": "float16",
-                  "n_views": len(trunk.views), "seconds": trunk.seconds}
-    return train_aug, trunk_info
+    cache_frozen_info = {"prefix": frozen.split.prefix_names, "suffix": frozen.split.suffix_names,
+                  "output_shape": list(frozen.split.out_shape), "dtype": "float16",
+                  "n_views": len(frozen.views), "seconds": frozen.seconds}
+    return train_aug, cache_frozen_info
 
 
 def _manifest(run: _Run, state: _State, metrics: dict[str, Any], weights_sha256: str) -> dict[str, Any]:
     cfg, bb, net, index, split = run.cfg, run.bb, run.net, run.index, run.split
-    train_aug, trunk_info = _augmentation(run)
-    identity = {"backbone": f"finetuned:{bb.name}", "weights": "finetuned", "weights_sha256": weights_sha256,
-                "transform": bb.preprocess.to_dict(), "embed_dim": bb.embed_dim}
+    train_aug, cache_frozen_info = _augmentation(run)
+    identity = BackboneIdentity(backbone=f"finetuned:{bb.name}", weights="finetuned", weights_sha256=weights_sha256,
+                                transform=bb.preprocess.to_dict(), embed_dim=bb.embed_dim)
     finetune_info = {
-        "file": "model.safetensors", "base_backbone": bb.identity(), "base_family": bb.family,
+        "file": "model.safetensors", "base_backbone": BackboneIdentity(**bb.identity()), "base_family": bb.family,
         "strategy": cfg.strategy, "trainable_from": net.trainable[0] if cfg.strategy == "partial" else None,
         "train_bn": cfg.train_bn, "bn_stats": cfg.resolved_bn_stats, "groups": net.group_rows, "rates": net.rates,
         "lr": cfg.resolved_lr, "lr_groups": cfg.lr_groups, "layer_decay": cfg.layer_decay,
@@ -661,17 +660,16 @@ def _manifest(run: _Run, state: _State, metrics: dict[str, Any], weights_sha256:
         "batch_size": cfg.batch_size, "seed": cfg.seed, "metric": cfg.metric, "patience": cfg.patience,
         "schedule": {"type": "cosine", **run.schedule, "clip_grad": cfg.clip_grad},
         "augmentation": {"train": train_aug, "eval": "backbone eval transform (resize shorter side + centre crop)"},
-        "cache_frozen": trunk_info,
+        "cache_frozen": cache_frozen_info,
         "head": {"type": "linear", "in_features": bb.embed_dim, "out_features": len(run.classes)},
         "device": run.dev.type, "precision": str(net.amp).replace("torch.", "") if net.amp else "float32",
         "seconds_per_epoch": _seconds_per_epoch(state.history), "settings_hash": run.settings_hash,
         "start": state.start, "history": state.history,
     }
-    return {
-        "kind": "finetuned", "classes": run.classes, "backbone": identity, "cache_key": None,
-        "finetune": finetune_info, "metrics": metrics,
-        "data": {"root": str(index.root), "layout": index.layout, "n_train": int(len(split.train)),
-                 "n_val": int(len(split.val)), "n_test": int(len(split.test)), "val_source": split.val_source,
-                 "notes": run.notes},
-        "validation": {"root": str(index.root), "paths": [index.paths[i] for i in split.val]},
-    }
+    return build_manifest(
+        "finetuned", run.classes, identity, finetune=finetune_info, metrics=metrics,
+        data={"root": str(index.root), "layout": index.layout, "n_train": int(len(split.train)),
+              "n_val": int(len(split.val)), "n_test": int(len(split.test)), "val_source": split.val_source,
+              "notes": run.notes},
+        validation={"root": str(index.root), "paths": [index.paths[i] for i in split.val]},
+    )

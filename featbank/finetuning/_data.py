@@ -14,7 +14,8 @@ from ..errors import DatasetError
 from ..images import ImageReadError, PreprocessConfig, load_image, preprocess_image
 from ..splits import n_holdout, stratified_holdout
 
-__all__: list[str] = []  # machinery of the loop; nothing public
+__all__ = ["ImageSet", "DataSplit", "ProbeHoldout", "shuffled_batches", "split_index", "probe_holdout", "probe_overlap_note",
+           "image_loader"]
 
 # --------------------------------------------------------------------------------------------
 # Data
@@ -45,7 +46,7 @@ def _resized_crop_box(w: int, h: int, scale: tuple[float, float], rng: np.random
     return left, top, left + cw, top + ch
 
 
-class _ImageSet:
+class ImageSet:
     """Map-style dataset. Train items are keyed ``(epoch, i)`` and augmented with a generator
     seeded by (seed, epoch, i); eval items are keyed ``i`` and get the backbone's eval transform."""
 
@@ -99,7 +100,7 @@ class _Collate:
         return torch.from_numpy(batch), labels, [it[2] for it in items if it[2]]
 
 
-def _batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[tuple[int, int]]]:
+def shuffled_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[tuple[int, int]]]:
     order = np.random.default_rng((seed, 10_000 + epoch)).permutation(n)
     chunks = [order[i:i + batch_size] for i in range(0, n, batch_size)]
     if len(chunks) > 1 and len(chunks[-1]) == 1:  # a batch of one breaks BatchNorm in train mode
@@ -109,7 +110,7 @@ def _batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[tuple[
 
 
 @dataclass
-class _Split:
+class DataSplit:
     train: np.ndarray
     val: np.ndarray
     test: np.ndarray
@@ -117,7 +118,7 @@ class _Split:
 
 
 @dataclass
-class _ProbeHoldout:
+class ProbeHoldout:
     """What the LP-FT starting head (``init_head``) was fitted on, as its bundle records it."""
 
     root: str
@@ -125,7 +126,7 @@ class _ProbeHoldout:
     fitted_on: str  # "train+val" (fit's default refit) or "train" (fit --no-refit)
 
 
-def _probe_holdout(bundle: Any) -> _ProbeHoldout | None:
+def probe_holdout(bundle: Any) -> ProbeHoldout | None:
     """From the ``init_head`` bundle (``None``: no LP-FT); other kinds are refused later."""
     if bundle is None or bundle.kind != "head":
         return None
@@ -134,17 +135,17 @@ def _probe_holdout(bundle: Any) -> _ProbeHoldout | None:
     if not val.get("root"):
         return None
     # Bundles written before fit recorded it were always refitted on train+val.
-    return _ProbeHoldout(str(val["root"]), list(val.get("paths") or []), training.get("fitted_on", "train+val"))
+    return ProbeHoldout(str(val["root"]), list(val.get("paths") or []), training.get("fitted_on", "train+val"))
 
 
-def _same_root(index: Any, probe: _ProbeHoldout) -> bool:
+def _same_root(index: Any, probe: ProbeHoldout) -> bool:
     try:
         return Path(probe.root).resolve() == Path(index.root).resolve()
     except OSError:
         return False
 
 
-def _split(index: Any, val_split: float, seed: int, probe: _ProbeHoldout | None = None) -> _Split:
+def split_index(index: Any, val_split: float, seed: int, probe: ProbeHoldout | None = None) -> DataSplit:
     """Train / val / test rows of DATA: its val folder; else the LP-FT probe's validation images
     (``probe``, when it was fitted on a cache of this folder); else a stratified ``val_split``."""
     labels, splits, classes = index.labels, index.splits, index.classes
@@ -176,10 +177,10 @@ def _split(index: Any, val_split: float, seed: int, probe: _ProbeHoldout | None 
                 f"({len(rows)} image(s) in it). Every class needs images in train and val: add images, "
                 "or remove the class folder" + (", or lower --val-split." if name == "train" else ".")
             )
-    return _Split(train, val, test, source)
+    return DataSplit(train, val, test, source)
 
 
-def _probe_overlap_note(index: Any, split: _Split, probe: _ProbeHoldout | None) -> str | None:
+def probe_overlap_note(index: Any, split: DataSplit, probe: ProbeHoldout | None) -> str | None:
     """A warning when the LP-FT probe was fitted on images this run validates on."""
     if probe is None or not len(split.val) or not _same_root(index, probe):
         return None
@@ -198,7 +199,7 @@ def _probe_overlap_note(index: Any, split: _Split, probe: _ProbeHoldout | None) 
     )
 
 
-def _loader(dataset: _ImageSet, batches: Any, num_workers: int, cfg: PreprocessConfig, pin: bool) -> Any:
+def image_loader(dataset: ImageSet, batches: Any, num_workers: int, cfg: PreprocessConfig, pin: bool) -> Any:
     from torch.utils.data import DataLoader
 
     return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=_Collate(cfg),

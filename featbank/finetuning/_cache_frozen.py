@@ -26,18 +26,18 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .data import _loader
-from .model import _logits
+from ._data import image_loader
+from ._model import forward_logits
 
 if TYPE_CHECKING:
     from ..backbones import Backbone
     from ..images import PreprocessConfig
-    from .data import _ImageSet, _Split
-    from .model import FinetuneModel
-    from .settings import FinetuneSettings
+    from ._data import DataSplit, ImageSet
+    from ._model import FinetuneModel
+    from ._settings import FinetuneSettings
 
-__all__ = ["TrunkSplit", "split_features", "view_group", "apply_view", "TrunkCache", "available_memory",
-           "CachedTrunk", "TrunkInputs", "plan_trunk", "fill_trunk"]
+__all__ = ["VIEW_NAMES", "FrozenSplit", "split_features", "view_group", "apply_view", "FrozenCache", "available_memory",
+           "CacheFrozen", "CacheFrozenInputs", "plan_cache_frozen", "fill_cache_frozen"]
 
 #: The eight symmetries of a square image as (quarter turns counter-clockwise, mirrored first).
 VIEW_NAMES = {
@@ -110,7 +110,7 @@ class _Chain(nn.Module):
 
 
 @dataclass
-class TrunkSplit:
+class FrozenSplit:
     """A backbone's features as ``suffix(prefix(x))``.
 
     Attributes:
@@ -127,7 +127,7 @@ class TrunkSplit:
     out_shape: tuple[int, ...]
 
 
-def split_features(features: nn.Module, input_size: tuple[int, int], backbone: str = "") -> TrunkSplit:
+def split_features(features: nn.Module, input_size: tuple[int, int], backbone: str = "") -> FrozenSplit:
     """Split ``features`` before its first unit with a trainable parameter.
 
     The prefix is evaluated in eval mode, so its BatchNorm layers must not train (the caller keeps
@@ -166,7 +166,7 @@ def split_features(features: nn.Module, input_size: tuple[int, int], backbone: s
             f"--cache-frozen is not available for {backbone or 'this backbone'}: its forward pass is not the "
             "plain chain of its modules, so it cannot be split at the frozen groups. Drop --cache-frozen."
         )
-    return TrunkSplit(prefix, suffix, [n for n, _ in units[:cut]], [n for n, _ in units[cut:]], tuple(mid.shape[1:]))
+    return FrozenSplit(prefix, suffix, [n for n, _ in units[:cut]], [n for n, _ in units[cut:]], tuple(mid.shape[1:]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,7 +189,7 @@ def available_memory() -> int | None:
         return None
 
 
-class TrunkCache:
+class FrozenCache:
     """Prefix outputs of ``n`` images under ``len(views)`` views, float16, in memory (CPU).
 
     ``data[i, v]`` is the output for image ``i`` (in the order the batches delivered them) under
@@ -217,7 +217,7 @@ class TrunkCache:
             for x, y, bad in batches:
                 x = x.to(device, non_blocking=True)
                 for v, view in enumerate(self.views):
-                    out = _logits(prefix, prepare(apply_view(x, view)), amp)
+                    out = forward_logits(prefix, prepare(apply_view(x, view)), amp)
                     self.data[i:i + len(y), v] = out.to("cpu", torch.float16)
                 self.labels[i:i + len(y)] = y
                 i += len(y)
@@ -239,14 +239,14 @@ class TrunkCache:
 
 
 @dataclass
-class CachedTrunk:
+class CacheFrozen:
     """What ``cache_frozen`` needs: the split, the views, the suffix+head model and the caches."""
 
-    split: TrunkSplit
+    split: FrozenSplit
     views: list[tuple[int, bool]]
     model: nn.Module
-    train: TrunkCache | None = None
-    val: TrunkCache | None = None
+    train: FrozenCache | None = None
+    val: FrozenCache | None = None
     seconds: float = 0.0
 
 
@@ -269,12 +269,12 @@ def _size(n: float) -> str:
     return f"{n:.1f} GiB"  # pragma: no cover
 
 
-def plan_trunk(model: FinetuneModel, bb: Backbone, cfg: FinetuneSettings, n_train: int, n_val: int) -> CachedTrunk:
+def plan_cache_frozen(model: FinetuneModel, bb: Backbone, cfg: FinetuneSettings, n_train: int, n_val: int) -> CacheFrozen:
     """Split the model at its first trainable unit and check that the caches fit in memory."""
     h, w = bb.preprocess.input_size
     split = split_features(model.features, (h, w), bb.name)
     views = view_group(cfg.hflip, cfg.vflip, cfg.rot90, square=(h == w))
-    need = TrunkCache.nbytes(n_train, len(views), split.out_shape) + TrunkCache.nbytes(n_val, 1, split.out_shape)
+    need = FrozenCache.nbytes(n_train, len(views), split.out_shape) + FrozenCache.nbytes(n_val, 1, split.out_shape)
     avail = available_memory()
     if avail is not None and need > 0.7 * avail:
         raise ConfigError(
@@ -283,16 +283,16 @@ def plan_trunk(model: FinetuneModel, bb: Backbone, cfg: FinetuneSettings, n_trai
             f"{_size(avail)} are available. Use a later --trainable-from (smaller outputs), fewer "
             "views (drop --rot90/--vflip), or drop --cache-frozen."
         )
-    return CachedTrunk(split=split, views=views, model=SuffixModel(split.suffix, model.head))
+    return CacheFrozen(split=split, views=views, model=SuffixModel(split.suffix, model.head))
 
 
 @dataclass
-class TrunkInputs:
-    """The images and the model :func:`fill_trunk` runs, and how to load and run them."""
+class CacheFrozenInputs:
+    """The images and the model :func:`fill_cache_frozen` runs, and how to load and run them."""
 
     model: FinetuneModel
-    eval_set: _ImageSet
-    split: _Split
+    eval_set: ImageSet
+    split: DataSplit
     batch_size: int
     workers: int
     preprocess: PreprocessConfig
@@ -301,29 +301,29 @@ class TrunkInputs:
     amp: torch.dtype | None
 
 
-def fill_trunk(trunk: CachedTrunk, inputs: TrunkInputs, skipped: list[str], progress: bool) -> None:
+def fill_cache_frozen(frozen: CacheFrozen, inputs: CacheFrozenInputs, skipped: list[str], progress: bool) -> None:
     """Run the frozen prefix over every training image under every view, and over val once."""
     from tqdm.auto import tqdm
 
     model, eval_set, split, batch_size = inputs.model, inputs.eval_set, inputs.split, inputs.batch_size
     workers, cfg, pin, dev, amp = inputs.workers, inputs.preprocess, inputs.pin, inputs.dev, inputs.amp
 
-    shape = trunk.split.out_shape
+    shape = frozen.split.out_shape
     t0 = time.perf_counter()
-    n_views = len(trunk.views)
+    n_views = len(frozen.views)
     bar = tqdm(total=len(split.train) * n_views + len(split.val), unit="img", disable=not progress,
-               desc=f"caching {trunk.split.prefix_names[0]}..{trunk.split.prefix_names[-1]}",
+               desc=f"caching {frozen.split.prefix_names[0]}..{frozen.split.prefix_names[-1]}",
                mininterval=0.1 if sys.stderr.isatty() else 10.0, dynamic_ncols=True, file=sys.stderr)
 
-    for name, rows, views in (("train", split.train, trunk.views), ("val", split.val, trunk.views[:1])):
-        cache = TrunkCache(len(rows), views, shape)
+    for name, rows, views in (("train", split.train, frozen.views), ("val", split.val, frozen.views[:1])):
+        cache = FrozenCache(len(rows), views, shape)
         batches = [list(map(int, rows[i:i + batch_size])) for i in range(0, len(rows), batch_size)]
 
         def step(n: int, bad: list[str], k: int = len(views)) -> None:
             skipped.extend(bad)
             bar.update(n * k)
 
-        cache.fill(_loader(eval_set, batches, workers, cfg, pin), model.prepare, trunk.split.prefix, dev, amp, step)
-        setattr(trunk, name, cache)
+        cache.fill(image_loader(eval_set, batches, workers, cfg, pin), model.prepare, frozen.split.prefix, dev, amp, step)
+        setattr(frozen, name, cache)
     bar.close()
-    trunk.seconds = time.perf_counter() - t0
+    frozen.seconds = time.perf_counter() - t0

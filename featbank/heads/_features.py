@@ -1,4 +1,4 @@
-"""Plain training helpers shared by the heads: row sources (in memory or streamed), loops.
+"""What the heads fit on: embedding rows in memory or streamed from a cache, and their statistics.
 
 A :class:`Features` is a set of embedding rows that either sits in memory or is read from an
 HDF5 cache chunk by chunk, so the same optimisation code runs on data larger than memory.
@@ -10,15 +10,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
-__all__ = [
-    "Features",
-    "feature_stats",
-    "train_one_epoch",
-    "evaluate_logits",
-]
+__all__ = ["Features", "feature_stats"]
 
 
 class Features:
@@ -112,59 +105,3 @@ def feature_stats(features: Features, l2_normalize: bool, sample_weight: np.ndar
     scale = np.sqrt(var)
     scale[scale < 1e-8 * max(1.0, float(np.abs(mean).max(initial=0.0)))] = 1.0
     return mean.astype(np.float32), scale.astype(np.float32)
-
-
-def train_one_epoch(
-    model: nn.Module,
-    features: Features,
-    y: np.ndarray,
-    sample_weight: np.ndarray | None,
-    optimizer: torch.optim.Optimizer,
-    *,
-    batch_size: int,
-    device: torch.device,
-    generator: np.random.Generator,
-    transform: Any = None,
-) -> float:
-    """One pass over ``features`` in shuffled minibatches; returns the mean training loss."""
-    model.train()
-    total, count = 0.0, 0
-    order = generator.permutation(features.n_chunks)
-    for pos, xc in features.chunks(order):
-        perm = generator.permutation(len(pos))
-        xt = torch.from_numpy(np.ascontiguousarray(xc[perm])).to(device)
-        if transform is not None:
-            xt = transform(xt)
-        yt = torch.from_numpy(y[pos[perm]]).to(device)
-        wt = None if sample_weight is None else torch.from_numpy(sample_weight[pos[perm]]).to(device)
-        for s in range(0, len(pos), batch_size):
-            xb, yb = xt[s : s + batch_size], yt[s : s + batch_size]
-            loss_vec = nn.functional.cross_entropy(model(xb), yb, reduction="none")
-            if wt is not None:
-                wb = wt[s : s + batch_size]
-                loss = (loss_vec * wb).sum() / wb.sum().clamp_min(1e-12)
-            else:
-                loss = loss_vec.mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(xb)
-            count += len(xb)
-    return total / max(1, count)
-
-
-@torch.no_grad()
-def evaluate_logits(model: nn.Module, features: Features, *, device: torch.device, transform: Any = None,
-                    batch_size: int = 8192) -> np.ndarray:
-    """Logits of ``model`` for every row of ``features`` (eval mode), as float32 numpy."""
-    model.eval()
-    outs = []
-    for _, xc in features.chunks():
-        for s in range(0, len(xc), batch_size):
-            xt = torch.from_numpy(np.ascontiguousarray(xc[s : s + batch_size])).to(device)
-            if transform is not None:
-                xt = transform(xt)
-            outs.append(model(xt).float().cpu().numpy())
-    if not outs:
-        return np.zeros((0, 0), np.float32)
-    return np.concatenate(outs, axis=0)

@@ -20,7 +20,7 @@ from featbank.backbones import load_backbone
 from featbank.bundle import load_bundle
 from featbank.cli.main import cli
 from featbank.errors import ConfigError
-from featbank.finetuning.trunk import TrunkCache, apply_view, split_features, view_group
+from featbank.finetuning._cache_frozen import FrozenCache, apply_view, split_features, view_group
 
 FAST = dict(backbone="test_tiny", epochs=2, batch_size=8, num_workers=0, progress=False)
 
@@ -83,7 +83,7 @@ def test_views_are_the_symmetries_asked_for() -> None:
     x = torch.arange(2 * 5 * 5 * 3, dtype=torch.uint8).view(2, 5, 5, 3)
     ref = x.numpy()
     expect = {"identity": ref, "hflip": ref[:, :, ::-1], "vflip": ref[:, ::-1], "rot180": ref[:, ::-1, ::-1]}
-    from featbank.finetuning.trunk import VIEW_NAMES
+    from featbank.finetuning._cache_frozen import VIEW_NAMES
 
     for v, name in VIEW_NAMES.items():
         if name in expect:
@@ -188,13 +188,13 @@ def test_cache_frozen_refusals_exit_2(image_folder: Path, tmp_path: Path) -> Non
 
 
 def test_memory_estimate() -> None:
-    assert TrunkCache.nbytes(1000, 8, (112, 14, 14)) == 1000 * 8 * 112 * 14 * 14 * 2
+    assert FrozenCache.nbytes(1000, 8, (112, 14, 14)) == 1000 * 8 * 112 * 14 * 14 * 2
 
 
 def test_a_cache_that_would_not_fit_is_refused(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import featbank.finetuning.trunk as trunk
+    import featbank.finetuning._cache_frozen as frozen
 
-    monkeypatch.setattr(trunk, "available_memory", lambda: 9)
+    monkeypatch.setattr(frozen, "available_memory", lambda: 9)
     pattern = r"needs \d+\.\d KiB of memory for \d+ training image\(s\) x 8 view\(s\) .* 9 bytes are available"
     with pytest.raises(ConfigError, match=pattern):
         ft.finetune(image_folder, tmp_path / "m", strategy="partial", trainable_from="stage2", cache_frozen=True,
