@@ -32,6 +32,7 @@ __all__ = [
     "WeightsSection",
     "HeadSection",
     "FinetuneSection",
+    "FeaturesSection",
     "Manifest",
     "parse_manifest",
     "read_manifest",
@@ -87,6 +88,30 @@ class FinetuneSection(WeightsSection):
 
 
 @dataclass(frozen=True)
+class FeaturesSection:
+    """``manifest["features"]`` of a head bundle: what the head reads and how it predicts.
+
+    ``layers`` (network order) are concatenated in that order, ``layer_dims`` their widths;
+    ``views_used`` augmented views per image entered training; ``tta``: predictions average the
+    plain view and the ``n_views`` augmented views (``augment``, ``view_seed``) of each image.
+    """
+
+    layers: tuple[str, ...] = ("final",)
+    layer_dims: dict[str, int] = field(default_factory=dict)
+    pooling: str = "gap+2x2"
+    views_used: int = 0
+    n_views: int = 0
+    augment: str = ""
+    view_seed: int = 0
+    tta: bool = False
+
+    @property
+    def dim(self) -> int:
+        """Width of the head's input (the layers' widths summed)."""
+        return sum(self.layer_dims[t] for t in self.layers)
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A validated manifest. ``raw`` keeps every field, typed or not (metrics, training, ...)."""
 
@@ -97,6 +122,7 @@ class Manifest:
     head: HeadSection | None
     finetune: FinetuneSection | None
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
+    features: FeaturesSection | None = None
 
     @property
     def weights(self) -> WeightsSection:
@@ -203,6 +229,32 @@ def _base_backbone(r: _Reader, ft: Mapping[str, Any]) -> BackboneIdentity:
     return base
 
 
+def _features(r: _Reader, raw: Mapping[str, Any]) -> FeaturesSection | None:
+    f = r.section(raw, "features", required=False)
+    if f is None:
+        return None
+    layers = f.get("layers")
+    if not isinstance(layers, list) or not layers or not all(isinstance(t, str) and t for t in layers):
+        raise r.fail("features.layers", "a non-empty list of layer names", layers)
+    dims = f.get("layer_dims")
+    if not isinstance(dims, dict) or set(dims) != set(layers) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims.values()):
+        raise r.fail("features.layer_dims", f"a positive width for each of the layers {layers}", dims)
+    counts = {}
+    for key in ("views_used", "n_views", "view_seed"):
+        v = f.get(key, 0)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise r.fail(f"features.{key}", "an integer >= 0", v)
+        counts[key] = v
+    if not isinstance(f.get("tta", False), bool):
+        raise r.fail("features.tta", "true or false", f.get("tta"))
+    for key in ("pooling", "augment"):
+        if not isinstance(f.get(key, ""), str):
+            raise r.fail(f"features.{key}", "a string", f.get(key))
+    return FeaturesSection(tuple(layers), {t: int(dims[t]) for t in layers}, f.get("pooling", "gap+2x2"),
+                           augment=f.get("augment", ""), tta=bool(f.get("tta", False)), **counts)
+
+
 def parse_manifest(raw: Any, source: str, *, written: bool = True) -> Manifest:
     """Validate a manifest dict and return its typed view.
 
@@ -246,7 +298,7 @@ def parse_manifest(raw: Any, source: str, *, written: bool = True) -> Manifest:
                                    sha256=r.sha(ft, "sha256", "finetune."),
                                    strategy=r.text(ft, "strategy", "finetune.", required=False))
     m = Manifest(kind=kind, classes=classes, backbone=backbone, cache_key=cache_key, head=head, finetune=finetune,
-                 raw=raw)
+                 raw=raw, features=_features(r, raw))
     if written:
         _check_written(r, m)
     return m

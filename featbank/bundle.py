@@ -33,7 +33,16 @@ from typing import Any
 import numpy as np
 
 from ._bundle_store import check_bundle_target, recover, save_bundle, sha256_bytes, sha256_file  # noqa: F401
-from ._manifest import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST, Manifest, check_file_name, parse_manifest, read_manifest
+from ._manifest import (
+    BUNDLE_FORMAT,
+    BUNDLE_VERSION,
+    MANIFEST,
+    FeaturesSection,
+    Manifest,
+    check_file_name,
+    parse_manifest,
+    read_manifest,
+)
 from ._skops import load_skops, serialize_sklearn, trusted_skops_types  # noqa: F401 - public here too
 from .errors import BundleError
 
@@ -85,6 +94,18 @@ class Bundle:
     @property
     def embed_dim(self) -> int | None:
         return self.info.backbone.embed_dim
+
+    @property
+    def features(self) -> FeaturesSection:
+        """What the head reads (layers, views, TTA); the plain embedding for bundles without the section."""
+        if self.info.features is not None:
+            return self.info.features
+        return FeaturesSection(("final",), {"final": self.embed_dim} if self.embed_dim else {})
+
+    @property
+    def feature_dim(self) -> int | None:
+        """Width of the head's input: the embedding, or the selected layers concatenated."""
+        return self.info.features.dim if self.info.features is not None else self.embed_dim
 
     @property
     def bundle_id(self) -> str:
@@ -283,10 +304,11 @@ class Bundle:
         X = np.asarray(embeddings, dtype=np.float32)
         if X.ndim != 2:
             raise BundleError(f"Embeddings must be a 2-D array (n_samples, embed_dim); got shape {X.shape}.")
-        if self.embed_dim is not None and X.shape[1] != self.embed_dim:
+        if self.feature_dim is not None and X.shape[1] != self.feature_dim:
             raise BundleError(
                 f"Embeddings have dimension {X.shape[1]} but bundle {str(self.path)!r} expects "
-                f"{self.embed_dim} (backbone {self.backbone.get('backbone')!r})."
+                f"{self.feature_dim} (backbone {self.backbone.get('backbone')!r}, layers "
+                f"{','.join(self.features.layers)})."
             )
         return estimator_proba(self.load_head(), X, self.n_classes)
 

@@ -43,7 +43,7 @@ def _needs_export(code: str) -> bool:
 
 def _is_slow(code: str) -> bool:
     """Embedding with the real weights, fitting with the full protocol (plots), or an ONNX export."""
-    return "featbank.extract(" in code or "featbank.fit(" in code or _needs_export(code)
+    return "featbank.extract(" in code or "featbank.fit(" in code or "featbank.compare(" in code or _needs_export(code)
 
 
 def _python_params() -> list:
@@ -96,7 +96,7 @@ def test_readme_python_block_runs(code: str, request: pytest.FixtureRequest, tmp
                                   monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     work = tmp_path / "work"
     shutil.copytree(request.getfixturevalue("quickstart_onnx" if _needs_export(code) else "quickstart_like"), work)
-    if "featbank.extract(" in code:  # the block writes the cache itself, from nothing, as a reader would
+    if "featbank.extract(" in code or "featbank.compare(" in code:  # the block writes caches itself, as a reader would
         for name in ("elpv.h5", "elpv.h5.lock"):
             (work / "runs" / name).unlink(missing_ok=True)
         # The backbone's ONNX export (a minute for Lite0) is shared with the other tests, as in test_extract.

@@ -89,7 +89,7 @@ def _run(
         # In a log file (CI, nohup) one line every 10 s, not one per batch.
         mininterval=0.1 if sys.stderr.isatty() else 10.0,
     )
-    n_new = 0
+    n_new = rows_done = 0
     # Start the decoding workers first (they fork before any inference thread exists) and build
     # and warm up the engine while they fill the prefetch queue: fixed costs overlap.
     batches = iter(loader)
@@ -107,10 +107,11 @@ def _run(
                 if not good:
                     skipped[int(r)] = why
             bar.update(len(rows))
+            rows_done += len(rows)  # not bar.n: a disabled bar (progress=False) keeps n at 0
             if skipped:
                 bar.set_postfix(skipped=len(skipped), refresh=False)
             if on_progress is not None:
-                on_progress(int(bar.n), total)
+                on_progress(total - len(pending) + rows_done, total)
     finally:
         bar.close()
     return n_new, eng

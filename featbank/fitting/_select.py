@@ -48,6 +48,7 @@ class Selection:
     sweep: list[dict[str, Any]]
     val_metrics: dict[str, Any]
     val_proba: np.ndarray | None
+    val_view_probas: list[np.ndarray] = field(default_factory=list)
 
 
 def _val_score(est: Any, Xv: Any, yv: np.ndarray, k: int, balanced: bool) -> tuple[float, float, np.ndarray]:
@@ -165,8 +166,13 @@ def _fit_sklearn(est: Any, X: np.ndarray, y: np.ndarray, class_weight: Any) -> A
 
 
 def select_and_refit(cache: Any, source: CacheRows, spec: HeadSpec, seed: int, train: np.ndarray, val: np.ndarray,
-                     refit_rows: np.ndarray) -> Selection:
-    """Select the head's setting on ``val`` (C sweep, MLP early stopping), then refit on ``refit_rows``."""
+                     refit_rows: np.ndarray, val_views: Sequence[np.ndarray] = ()) -> Selection:
+    """Select the head's setting on ``val`` (C sweep, MLP early stopping), then refit on ``refit_rows``.
+
+    ``val_views``: rows of the augmented views of ``val`` (one array per view); their probabilities
+    under the head fitted on ``train`` (before the refit) go to ``Selection.val_view_probas``, for the
+    test-time augmentation choice.
+    """
     from ..heads import estimator_proba
     from ..report import compute_metrics
 
@@ -204,9 +210,14 @@ def select_and_refit(cache: Any, source: CacheRows, spec: HeadSpec, seed: int, t
         if has_val:
             val_proba = estimator_proba(est, Xv.X, k)
     val_metrics = compute_metrics(yv, val_proba, cache.classes) if val_proba is not None else {}
+    view_probas = []
+    if val_proba is not None:
+        for rows in val_views:
+            Xw = source(rows)
+            view_probas.append(estimator_proba(est, Xw.X if htype == "sklearn" else Xw, k))
     if len(refit_rows) != len(train) or not np.array_equal(np.sort(refit_rows), np.sort(train)):
         _refit(est, htype, chosen, source(refit_rows), cache.labels[np.sort(refit_rows)], spec.class_weight)
-    return Selection(est, htype, chosen, sweep, val_metrics, val_proba)
+    return Selection(est, htype, chosen, sweep, val_metrics, val_proba, view_probas)
 
 
 def _refit(est: Any, htype: str, chosen: dict[str, Any], X: Any, y: np.ndarray, class_weight: Any) -> None:

@@ -14,6 +14,7 @@ from .._files import check_bundle_dir, slugify
 from .._manifest import BackboneIdentity, build_manifest
 from ..errors import ConfigError
 from ..splits import sample_shots, stratified_holdout
+from ._layers import TTA_CHOICES, FeatureTable, LayerChoice, mean_proba, resolve_layers, select_layers
 from ._rows import CacheRows, opened_cache, parse_memory, split_rows
 from ._select import HeadSpec, Selection, make_head, select_and_refit
 
@@ -65,6 +66,7 @@ class FitResult:
             f"{' (streamed)' if self.streaming else ''}; chosen {chosen}; {self.seconds:.1f} s",
         ]
         lines += [f"Note: {n}" for n in self.notes]
+        lines += _features_lines(self.metrics.get("features"))
         if "shots" in self.metrics:
             s = self.metrics["shots"]
             lines.append(
@@ -94,6 +96,31 @@ class FitResult:
         }
 
 
+def _features_lines(feats: dict[str, Any] | None) -> list[str]:
+    """The layers, views and TTA lines of a fit's summary (nothing for a plain fit)."""
+    if not feats or (feats["layers"] == ["final"] and not feats["n_views"] and "selection" not in feats):
+        return []
+    dims = "+".join(str(feats["layer_dims"][t]) for t in feats["layers"])
+    lines = [f"Layers {','.join(feats['layers'])} ({dims} = {sum(feats['layer_dims'].values())} features, "
+             f"pooling {feats['pooling']})"]
+    sel = feats.get("selection")
+    if sel:
+        from ._layers import LayerChoice
+
+        lines.append(LayerChoice(tuple(sel["layers"]), sel["val_score"], sel["rounds"], sel["scorer"],
+                                 sel["n_train_rows"]).summary())
+    if feats["n_views"]:
+        t = feats["tta_choice"]
+        why = (f"validation top-1 {t['val_plain']:.4f} plain vs {t['val_tta']:.4f} averaged"
+               if "val_plain" in t else f"--tta {t['mode']}")
+        lines.append(f"Views: {feats['n_views']} {feats['augment']} view(s) per image; trained on "
+                     f"{'plain + views' if feats['views_used'] else 'the plain view only'}; TTA "
+                     f"{'on' if feats['tta'] else 'off'} ({why})")
+        if "eval_tta_top1" in t:
+            lines.append(f"Evaluation top-1 without TTA {t['eval_plain_top1']:.4f}, with TTA {t['eval_tta_top1']:.4f}")
+    return lines
+
+
 def _fmt(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
@@ -108,6 +135,10 @@ def _identity(cache: Any) -> BackboneIdentity:
 def _slug(text: str) -> str:
     return slugify(text, "model").lower()
 
+
+#: ``--layers auto`` scores candidate layers on at most this many training rows (a stratified
+#: sample): a ridge fit costs min(rows, columns)^3, and the ranking of layers settles well before.
+_SELECT_ROWS = 2000
 
 #: Where bundles named by ``name`` (and unnamed ones) go.
 MODELS_ROOT = Path("models")
@@ -151,6 +182,9 @@ def fit(
     grid: Sequence[float] | None = None,
     refit: bool = True,
     overwrite: bool = False,
+    layers: str | Sequence[str] | None = "final",
+    tta: str | bool = "auto",
+    train_views: bool = True,
 ) -> FitResult:
     """Fit a head on a feature cache with the linear-probe protocol and save a model bundle.
 
@@ -179,6 +213,13 @@ def fit(
             train alone, so the validation images stay unseen: what a probe that starts
             ``featbank finetune --init-head`` (LP-FT) needs for a clean best-epoch choice.
         overwrite: replace an existing bundle at the output location (otherwise refused).
+        layers: the cache's layers the head reads: ``"final"`` (the embedding, default), ``"auto"``
+            (greedy forward selection on the validation split, see :mod:`featbank.fitting._layers`),
+            ``"all"``, or names / ranges (``"stage5,stage6,final"``, ``"stage5-final"``).
+        tta: test-time augmentation over the cache's augmented views: ``"auto"`` (used when it
+            scores higher on the validation split), ``"on"`` or ``"off"``.
+        train_views: train on every augmented view of the training images as well (when the
+            cache has views). Views of one image never straddle the validation split.
 
     Returns:
         FitResult with the fitted estimator, chosen hyperparameter, sweep, metrics and bundle path.
@@ -186,7 +227,7 @@ def fit(
     Raises:
         CacheError: missing/corrupt/non-featbank cache, no labels, NaN/inf embeddings.
         BundleError: the output is an existing bundle and ``overwrite`` is False.
-        ConfigError: unknown head or parameter, single class, a class with < 2 training images,
+        ConfigError: unknown head or parameter, a layer the cache does not hold, single class, a class with < 2 training images,
             sklearn heads with ``max_memory`` below the data size, both ``out`` and ``name``, an
             ``out`` that is a file or a folder of other files, an output folder that cannot be written.
 
@@ -198,19 +239,33 @@ def fit(
 
     t0 = time.perf_counter()
     seeds = _check_options(class_weight, shots, seeds, seed, device)
+    tta = _check_tta(tta)
     spec = HeadSpec(head, dict(params or {}), bool(standardize), bool(l2_normalize), class_weight, device, grid)
     budget = parse_memory(max_memory)
     if save:
         bundle_dir(out, name, "model")  # --out with --name: refused before the cache is opened
     with opened_cache(cache) as (cache_obj, cache_path):
-        rows = _plan_rows(cache_obj, spec, val_split, seed, budget, max_memory)
+        wanted = resolve_layers(layers, cache_obj)
+        if tta == "on" and not cache_obj.n_views:
+            raise ConfigError(f"--tta on needs augmented views in the cache; {str(cache_path)!r} has none. Extract "
+                              "with 'featbank extract DATA --views K --augment hflip|dihedral|crops', or use --tta auto.")
+        table0 = FeatureTable(cache_obj, wanted or cache_obj.layers, train_views)
+        rows = _plan_rows(cache_obj, table0, spec, val_split, seed, budget, max_memory)
         # Validate the head, its parameters and the output folder before any work is done.
         make_head(spec, seed)
         bundle_path = _bundle_target(out, name, cache_path, head, shots, overwrite) if save else None
-        source = CacheRows(cache_obj, rows.used, rows.chunk_rows)  # one read of every row fit needs
+        choice = None
+        if wanted is None:
+            max_rows = None if budget is None else max(64, budget // (4 * 4 * table0.embed_dim))
+            choice = select_layers(cache_obj, rows.train, rows.val, balanced=class_weight == "balanced",
+                                   max_rows=min(_SELECT_ROWS, max_rows or _SELECT_ROWS), seed=seed)
+            wanted = choice.layers
+        table = FeatureTable(cache_obj, wanted, train_views)
+        plan = _Plan(spec, rows, shots, val_split, refit, table, tta, choice)
+        data = cache_obj if table.plain_final else table
+        source = CacheRows(data, plan.used_rows(), rows.chunk_rows)  # one read of every row fit needs
         source.check_finite()
-        plan = _Plan(spec, rows, shots, val_split, refit)
-        result, first = _fit_seeds(cache_obj, cache_path, source, plan, seeds if shots is not None else [seed], head)
+        result, first = _fit_seeds(data, cache_path, source, plan, seeds if shots is not None else [seed], head)
         if save:
             manifest, files = _bundle_contents(cache_obj, cache_path, plan, first, result.metrics, seed)
             result.path = save_bundle(bundle_path, manifest, files, overwrite=overwrite)
@@ -247,6 +302,27 @@ class _Plan:
     shots: int | None
     val_split: float
     refit: bool
+    table: FeatureTable | None = None
+    tta: str = "auto"
+    choice: LayerChoice | None = None
+
+    @property
+    def n_tta_views(self) -> int:
+        """Augmented views TTA may average over (0: none, or ``--tta off``)."""
+        return 0 if self.table is None or self.tta == "off" else self.table.n_views
+
+    def expand(self, rows: np.ndarray) -> np.ndarray:
+        return rows if self.table is None else self.table.expand(rows)
+
+    def view_rows(self, rows: np.ndarray) -> list[np.ndarray]:
+        return [self.table.view_rows(rows, k) for k in range(self.n_tta_views)]
+
+    def used_rows(self) -> np.ndarray:
+        """Every (virtual) row a fit reads: training images with their views, val/test with theirs for TTA."""
+        r = self.rows
+        held = np.concatenate([r.val, r.test])
+        parts = [self.expand(np.concatenate([r.train, r.val])), r.test, *self.view_rows(held)]
+        return np.unique(np.concatenate(parts))
 
     @property
     def eval_split(self) -> str:
@@ -265,6 +341,8 @@ class _SeedRun:
     eval_rows: np.ndarray
     eval_proba: np.ndarray | None
     eval_metrics: dict[str, Any]
+    tta: bool = False
+    tta_info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def estimator(self) -> Any:
@@ -314,11 +392,16 @@ def _check_options(class_weight: Any, shots: Any, seeds: Sequence[int], seed: in
     return seed_list
 
 
-def _plan_rows(cache: Any, spec: HeadSpec, val_split: float, seed: int, budget: int | None, max_memory: Any) -> _Rows:
-    """Train/val/test rows, and the chunk size when they do not fit in ``budget`` bytes."""
+def _plan_rows(cache: Any, table: FeatureTable, spec: HeadSpec, val_split: float, seed: int, budget: int | None,
+               max_memory: Any) -> _Rows:
+    """Train/val/test rows, and the chunk size when they do not fit in ``budget`` bytes.
+
+    ``table`` gives the width (every layer the fit may read) and how many views each image brings.
+    """
     train, val, test, val_source = split_rows(cache, val_split, seed)
-    d = cache.embed_dim
-    need = (len(train) + len(val) + len(test)) * d * 4 * 4  # float32 rows, a split's copy, standardised copies
+    d = table.embed_dim
+    n_rows = (len(train) + len(val) + len(test)) * (1 + table.n_views)
+    need = n_rows * d * 4 * 4  # float32 rows, a split's copy, standardised copies
     chunk_rows = None
     if budget is not None and need > budget:
         chunk_rows = int(max(64, min(65536, budget // (d * 4 * 8))))
@@ -336,6 +419,11 @@ def _seed_rows(cache: Any, plan: _Plan, seed: int) -> tuple[np.ndarray, np.ndarr
     if plan.shots is None:
         refit_rows = np.concatenate([rows.train, rows.val]) if plan.refit else rows.train
         return rows.train, rows.val, refit_rows, rows.test if len(rows.test) else rows.val
+    return _shot_rows(cache, plan, seed)
+
+
+def _shot_rows(cache: Any, plan: _Plan, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    rows = plan.rows
     stratified = rows.val_source.startswith("strat")
     pool = np.concatenate([rows.train, rows.val]) if stratified else rows.train
     sample = sample_shots(pool, cache.labels[pool], plan.shots, seed, list(cache.classes))
@@ -357,14 +445,45 @@ def _fit_seed(cache: Any, source: CacheRows, plan: _Plan, seed: int) -> _SeedRun
     from ..report import compute_metrics
 
     tr, va, refit_rows, eval_rows = _seed_rows(cache, plan, seed)
-    sel = select_and_refit(cache, source, plan.spec, seed, tr, va, refit_rows)
+    va = np.sort(va)
+    sel = select_and_refit(cache, source, plan.spec, seed, plan.expand(tr), va, plan.expand(refit_rows),
+                           val_views=plan.view_rows(va))
+    use_tta, tta_info = _choose_tta(cache, plan, sel, va)
     ev_rows = np.sort(eval_rows)
+    k = len(cache.classes)
     if plan.eval_split == "test":
-        ev_proba = estimator_proba(sel.estimator, source(ev_rows), len(cache.classes))
-        ev_metrics = compute_metrics(cache.labels[ev_rows], ev_proba, cache.classes)
+        plain = estimator_proba(sel.estimator, source(ev_rows), k)
+        views = [estimator_proba(sel.estimator, source(r), k) for r in plan.view_rows(ev_rows)]
     else:
-        ev_proba, ev_metrics = sel.val_proba, sel.val_metrics
-    return _SeedRun(seed, sel, tr, va, ev_rows, ev_proba, ev_metrics)
+        plain, views = sel.val_proba, sel.val_view_probas
+    ev_proba = mean_proba([plain, *views]) if use_tta else plain
+    ev_metrics = compute_metrics(cache.labels[ev_rows], ev_proba, cache.classes)
+    if views:
+        tta_info["eval_plain_top1"] = float(np.mean(plain.argmax(1) == cache.labels[ev_rows]))
+        tta_info["eval_tta_top1"] = float(np.mean(mean_proba([plain, *views]).argmax(1) == cache.labels[ev_rows]))
+    return _SeedRun(seed, sel, tr, va, ev_rows, ev_proba, ev_metrics, use_tta, tta_info)
+
+
+def _check_tta(tta: Any) -> str:
+    if isinstance(tta, bool):
+        return "on" if tta else "off"
+    if tta not in TTA_CHOICES:
+        raise ConfigError(f"The 'tta' parameter must be one of {', '.join(TTA_CHOICES)}. Got {tta!r} instead.")
+    return str(tta)
+
+
+def _choose_tta(cache: Any, plan: _Plan, sel: Selection, val: np.ndarray) -> tuple[bool, dict[str, Any]]:
+    """Whether to average over the views at prediction time, decided on the validation split."""
+    if not plan.n_tta_views or sel.val_proba is None:
+        return plan.tta == "on", {"mode": plan.tta, "used": plan.tta == "on", "n_views": plan.n_tta_views}
+    y = cache.labels[val]
+    balanced = plan.spec.class_weight == "balanced"
+    from ._layers import _score
+
+    plain = _score(y, sel.val_proba.argmax(1), balanced)
+    avg = _score(y, mean_proba([sel.val_proba, *sel.val_view_probas]).argmax(1), balanced)
+    used = plan.tta == "on" or (plan.tta == "auto" and avg > plain)
+    return used, {"mode": plan.tta, "used": used, "n_views": plan.n_tta_views, "val_plain": plain, "val_tta": avg}
 
 
 def _collect_metrics(runs: list[_SeedRun], plan: _Plan) -> dict[str, Any]:
@@ -381,7 +500,23 @@ def _collect_metrics(runs: list[_SeedRun], plan: _Plan) -> dict[str, Any]:
         metrics["shots"] = agg
     metrics["chosen"] = first.chosen
     metrics["sweep"] = first.sweep
+    metrics["features"] = _features_section(plan, first)
     return metrics
+
+
+def _features_section(plan: _Plan, run: _SeedRun) -> dict[str, Any]:
+    """What the head reads and how it predicts: layers (and why), views used in training, TTA."""
+    table = plan.table
+    out: dict[str, Any] = {
+        "layers": list(table.layers), "layer_dims": dict(table.layer_dims),
+        "pooling": getattr(table.cache, "pooling", "gap+2x2"),
+        "views_used": table.n_views if table.train_views else 0, "augment": getattr(table.cache, "augment", ""),
+        "view_seed": int(getattr(table.cache, "view_seed", 0) or 0), "n_views": table.n_views,
+        "tta": bool(run.tta), "tta_choice": run.tta_info,
+    }
+    if plan.choice is not None:
+        out["selection"] = plan.choice.to_dict()
+    return out
 
 
 def _notes(plan: _Plan) -> list[str]:
@@ -436,6 +571,7 @@ def _bundle_contents(cache: Any, cache_path: Path, plan: _Plan, run: _SeedRun, m
         metrics={"eval_split": eval_split, eval_split: headline,
                  **({"shots": metrics["shots"]} if "shots" in metrics else {})},
         validation={"root": str(cache.root), "paths": [cache.paths[r] for r in np.sort(run.val)]},
+        features=metrics["features"],
         training={
             "cache": str(Path(cache_path).resolve()), "val_source": rows.val_source, "seed": seed,
             "n_train": len(run.train), "n_val": len(run.val), "n_test": len(rows.test), "shots": plan.shots,
