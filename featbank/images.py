@@ -71,8 +71,6 @@ RESAMPLE = {
     "box": Image.Resampling.BOX,
     "hamming": Image.Resampling.HAMMING,
 }
-# The name before #13 made it public; wt/feat's extraction/_views.py imports it. Remove once that
-# file imports RESAMPLE (after the merge).
 
 
 @dataclass(frozen=True)
