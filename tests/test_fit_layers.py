@@ -61,6 +61,7 @@ def test_views_never_straddle_the_split(layered) -> None:
         assert np.array_equal(FeatureTable(c, ("final",), train_views=False).expand(train), np.sort(train))
 
 
+@pytest.mark.slow
 def test_fit_layers_auto_stores_and_reports_its_choice(layered, tmp_path) -> None:
     _, path = layered
     res = featbank.fit(path, "linear", layers="auto", out=tmp_path / "m")
@@ -75,6 +76,7 @@ def test_fit_layers_auto_stores_and_reports_its_choice(layered, tmp_path) -> Non
     assert bundle.features.layers == tuple(feats["layers"])
 
 
+@pytest.mark.slow
 def test_fit_layers_spec_and_tta_and_evaluate_reports_both(layered, tmp_path) -> None:
     _, path = layered
     res = featbank.fit(path, "linear", layers="stage1-final", tta="on", out=tmp_path / "m")
