@@ -47,7 +47,9 @@ PROBES = {
 }
 
 
-def prepare(name: str, data_root: Path) -> Path:
+def prepare(name: str, data_root: Path, folders: dict[str, Path]) -> Path:
+    if name in folders:
+        return folders[name]
     folder = data_root / name
     if not folder.exists():
         subprocess.run([sys.executable, str(ROOT / "scripts" / "prepare_data.py"), PREPARE[name][0], str(folder),
@@ -56,7 +58,7 @@ def prepare(name: str, data_root: Path) -> Path:
 
 
 def run_dataset(name: str, args: argparse.Namespace) -> list[dict]:
-    folder = prepare(name, args.data_root)
+    folder = prepare(name, args.data_root, dict(args.folder))
     cache = args.cache_root / f"{name}-{args.backbone}.h5"
     t0 = time.perf_counter()
     report = featbank.extract(folder, cache, backbone=args.backbone, layers=args.layers, views=args.views,
@@ -103,6 +105,8 @@ def main() -> None:
     ap.add_argument("--augment", default="hflip")
     ap.add_argument("--data-root", type=Path, default=ROOT / "data" / "bench")
     ap.add_argument("--cache-root", type=Path, default=ROOT / "runs" / "bench")
+    ap.add_argument("--folder", action="append", default=[], type=lambda t: (t.split("=", 1)[0], Path(t.split("=", 1)[1])),
+                    metavar="NAME=PATH", help="use this image folder for a data set instead of preparing one")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     args.cache_root.mkdir(parents=True, exist_ok=True)
