@@ -17,6 +17,8 @@ Examples:
   featbank fit runs/elpv.h5 --shots 10 --seeds 0,1,2
   featbank fit runs/elpv.h5 --out models/elpv-linear
   featbank fit runs/elpv.h5 --no-refit --name elpv-probe    # the start of an LP-FT
+  featbank fit runs/elpv-layers.h5 --layers auto            # select layers on validation
+  featbank fit runs/elpv-layers.h5 --layers stage6,final --tta auto
 """
 
 
@@ -38,6 +40,13 @@ Examples:
 @click.option("--class-weight", type=click.Choice(["balanced"]), default=None, help="Reweight classes for imbalanced data.")
 @click.option("--shots", type=click.IntRange(min=1), default=None, help="Sample K training images per class.")
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds of the --shots sampling (mean ± std).")
+@click.option("--layers", default="final", show_default=True, metavar="auto|all|SPEC",
+              help="Cache layers the head reads: final, auto (greedy selection on the validation split), all, or names "
+                   "and ranges of the cache's layers (stage6,final; stage5-final).")
+@click.option("--tta", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Average predictions over the cache's augmented views: auto = when it helps on validation.")
+@click.option("--train-views/--no-train-views", default=True, show_default=True,
+              help="Train on the augmented views of the training images too (when the cache has views).")
 @click.option("--max-memory", default=None, metavar="SIZE", help="e.g. 2GB; below the data size, linear/mlp stream from disk.")
 @device_option
 @click.option("--out", "-o", type=click.Path(path_type=str), default=None,
@@ -47,8 +56,8 @@ Examples:
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out/--name (refused otherwise).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @quiet_option
-def fit(cache, head, params, standardize, l2_normalize, val_split, refit, class_weight, shots, seeds, max_memory, device, out,
-        name, seed, overwrite, as_json, quiet) -> None:
+def fit(cache, head, params, standardize, l2_normalize, val_split, refit, class_weight, shots, seeds, layers, tta,
+        train_views, max_memory, device, out, name, seed, overwrite, as_json, quiet) -> None:
     """Fit a head on a feature cache, report metrics and save a model bundle.
 
     CACHE defaults to the newest complete cache in the default cache folder, said on stderr (refused
@@ -76,5 +85,5 @@ def fit(cache, head, params, standardize, l2_normalize, val_split, refit, class_
     result = fit_head(cache, head, params=dict(parse_param(p) for p in params), standardize=standardize,
                       l2_normalize=l2_normalize, val_split=val_split, class_weight=class_weight, shots=shots,
                       seeds=seed_list if shots else [seed], max_memory=max_memory, device=device, out=out, name=name,
-                      seed=seed, refit=refit, overwrite=overwrite)
+                      seed=seed, refit=refit, overwrite=overwrite, layers=layers, tta=tta, train_views=train_views)
     click.echo(json.dumps(result.to_dict(), indent=2, default=str) if as_json else result.summary())

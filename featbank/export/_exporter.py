@@ -159,6 +159,9 @@ def _metadata(bundle: Any, bb: Any, route: str) -> dict[str, str]:
         "backbone_weights": str(bundle.backbone.get("weights", bb.weights)),
         "weights_sha256": str(bundle.backbone.get("weights_sha256") or bb.weights_sha256),
         "embed_dim": str(bb.embed_dim),
+        "features": json.dumps({"layers": list(bundle.features.layers), "pooling": bundle.features.pooling,
+                                "tta": bundle.features.tta, "augment": bundle.features.augment,
+                                "n_views": bundle.features.n_views}) if bundle.kind == "head" else "{}",
         "cache_key": str(bundle.cache_key or ""),
         "bundle_id": bundle.bundle_id,
         "bundle_kind": bundle.kind,
@@ -307,6 +310,9 @@ def _head_graph(bundle: Any, tmp: Path, out_path: Path, opset: int | None, weigh
             f"{bundle.embed_dim}; the bundle is inconsistent. Re-fit it."
         )
     est = bundle.load_head()
+    feats = bundle.info.features
+    if feats is not None and (feats.layers != ("final",) or feats.tta):
+        return _layered_graph(bundle, bb, est, tmp, opset)
     embedder_graph = embedder_onnx(bb, opset, out_path)
     graph_opset = opset_of(embedder_graph)
     head_module = head_proba_module(est, bundle.n_classes)
@@ -324,6 +330,44 @@ def _head_graph(bundle: Any, tmp: Path, out_path: Path, opset: int | None, weigh
         return bundle.predict_proba(torch_batches(embedder, x))
 
     return compose_graphs(embedder_graph, head_graph), route, bb, ref_fn
+
+
+def _layered_graph(bundle: Any, bb: Any, est: Any, tmp: Path, opset: int | None) -> _Graph:
+    """A head on several layers (and/or with TTA): the taps, the column concatenation and the head in one graph.
+
+    Torch-expressible heads are exported with the taps in one piece (route ``torch``, TTA views
+    inside); scikit-learn heads are joined by ``onnx.compose`` to the taps' graph (no TTA: refused).
+    """
+    import onnx
+    import torch
+
+    from ._layers import feature_module, tta_classifier, view_transforms
+
+    feat = feature_module(bundle, bb)
+    views = view_transforms(bundle)
+    h, w = bb.preprocess.input_size
+    example = torch.zeros((2, h, w, 3), dtype=torch.uint8)
+
+    def ref_fn(x: np.ndarray) -> np.ndarray:
+        probs = [bundle.predict_proba(torch_batches(feat, x))]
+        for view in views:
+            probs.append(bundle.predict_proba(torch_batches(lambda t, v=view: feat(v(t).contiguous()), x)))
+        return np.mean(probs, axis=0)
+
+    head_module = head_proba_module(est, bundle.n_classes)
+    if head_module is not None:
+        export_torch(tta_classifier(feat, head_module, views), example, tmp, INPUT_NAME, OUTPUT_NAMES, opset)
+        return onnx.load(str(tmp)), "torch", bb, ref_fn
+    if views:
+        raise ExportError(
+            f"Bundle {str(bundle.path)!r} averages a {bundle.head_info.get('estimator')} head over augmented views "
+            "(TTA); only torch-expressible heads (linear, mlp, LogisticRegression, ...) export with TTA inside the "
+            "graph. Re-fit with --tta off, or with --head linear."
+        )
+    export_torch(feat, example, tmp, INPUT_NAME, ["embeddings"], opset)
+    feat_graph = onnx.load(str(tmp))
+    head_graph = sklearn_head_onnx(est, bundle.feature_dim, bundle.n_classes, opset_of(feat_graph))
+    return compose_graphs(feat_graph, head_graph), "skl2onnx+compose", bb, ref_fn
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,14 +24,23 @@ class EvalResult:
     cache_path: Path
     split: str
     metrics: dict[str, Any]
+    tta: dict[str, Any] | None = None
 
     def summary(self) -> str:
         from ..report import format_metrics
 
-        return format_metrics(self.metrics, f"{self.model} on {self.cache_path.name} ({self.split}):")
+        text = format_metrics(self.metrics, f"{self.model} on {self.cache_path.name} ({self.split}):")
+        if self.tta:
+            p, t = self.tta["plain"], self.tta["tta"]
+            text += (f"\nWithout TTA: top-1 {p['top1']:.4f}, balanced acc {p['balanced_accuracy']:.4f}; with TTA over "
+                     f"{self.tta['n_views']} view(s): top-1 {t['top1']:.4f}, balanced acc {t['balanced_accuracy']:.4f} "
+                     f"(the model {'uses' if self.tta['used'] else 'does not use'} TTA; the table above is what it "
+                     "predicts)")
+        return text
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": str(self.model), "cache": str(self.cache_path), "split": self.split, "metrics": self.metrics}
+        return {"model": str(self.model), "cache": str(self.cache_path), "split": self.split, "metrics": self.metrics,
+                "tta": self.tta}
 
 
 def evaluate(model: str | Path, cache: Any = None, *, split: str = "auto") -> EvalResult:
@@ -73,11 +82,36 @@ def evaluate(model: str | Path, cache: Any = None, *, split: str = "auto") -> Ev
                 raise ConfigError(f"Cache {str(cache_path)!r} has no labelled rows in split {split!r}.")
         else:
             raise ConfigError(f"split must be auto, all, train, val or test; got {split!r}.")
-        X = cache_obj.load_embeddings(rows)
+        plain, views = _bundle_probas(bundle, cache_obj, cache_path, rows)
+        y = cache_obj.labels[rows]
+        feats = bundle.features
+        proba = np.mean([plain, *views], axis=0) if feats.tta and views else plain
+        tta = None
+        if views:
+            both = {"plain": plain, "tta": np.mean([plain, *views], axis=0)}
+            tta = {"used": bool(feats.tta), "n_views": len(views),
+                   **{k: {m: v for m, v in compute_metrics(y, p, bundle.classes).items() if not isinstance(v, (dict, list))}
+                      for k, p in both.items()}}
+        return EvalResult(Path(model), cache_path, split, compute_metrics(y, proba, bundle.classes), tta)
+
+
+def _bundle_probas(bundle: Any, cache: Any, cache_path: Path, rows: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Probabilities of the plain view and of each augmented view the bundle averages over (TTA)."""
+    feats = bundle.features
+    if bundle.info.features is None:
+        X = cache.load_embeddings(rows)
         if not np.isfinite(X).all():
             raise CacheError(f"Cache {str(cache_path)!r} has NaN or infinite embeddings. Re-extract with --overwrite.")
-        proba = bundle.predict_proba(X)
-        return EvalResult(Path(model), cache_path, split, compute_metrics(cache_obj.labels[rows], proba, bundle.classes))
+        return bundle.predict_proba(X), []
+    plain = bundle.predict_proba(cache.load_features(rows, feats.layers))
+    n = min(feats.n_views, cache.n_views) if cache.augment == feats.augment else 0
+    if feats.tta and n < feats.n_views:
+        raise BundleError(
+            f"Model {str(bundle.path)!r} averages over {feats.n_views} {feats.augment} view(s) (TTA) but cache "
+            f"{str(cache_path)!r} holds {cache.n_views} {cache.augment or 'augmented'} view(s). Extract with "
+            f"'--views {feats.n_views} --augment {feats.augment}' as for the model's cache."
+        )
+    return plain, [bundle.predict_proba(cache.load_features(rows, feats.layers, view=k)) for k in range(n)]
 
 
 def _list_images(images: Sequence[str | Path]) -> list[Path]:
@@ -129,13 +163,18 @@ def predict(model: str | Path, images: Sequence[str | Path], *, top_k: int = 1, 
     bundle = load_bundle(model)
     bundle.load_head()
     bb = bundle.load_backbone(weights_file)
+    from ..export._layers import feature_module, view_transforms
+
     dev = resolve_device(device)
-    net = bb.embedder().eval().to(dev)
+    net = feature_module(bundle, bb).to(dev)  # the embedder, or the bundle's layers concatenated
+    views = view_transforms(bundle)  # TTA (hflip / dihedral), as evaluate and the exported graph do
 
     def proba_of(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            emb = net(torch.from_numpy(x).to(dev)).float().cpu().numpy()
-        return bundle.predict_proba(emb)
+            t = torch.from_numpy(x).to(dev)
+            probs = [bundle.predict_proba(net(v(t).contiguous() if v else t).float().cpu().numpy())
+                     for v in [None, *views]]
+        return np.mean(probs, axis=0)
 
     return _predict_in_batches(paths, lambda p: load_and_preprocess(p, bb.preprocess), proba_of, bundle.classes,
                                ImageReadError, batch_size, top_k)

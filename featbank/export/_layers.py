@@ -1,0 +1,86 @@
+"""The feature side of a bundle as one torch module: uint8 images -> the columns its head reads.
+
+A bundle fitted on ``final`` alone reads the backbone's embedding (the embedder). A bundle fitted
+on several layers reads their pooled taps concatenated in network order, computed by
+:class:`~featbank.backbones.TapModel` in one forward pass, so the exported graph holds the taps.
+Test-time augmentation (a bundle with ``features.tta``) averages the probabilities over the plain
+image and its ``hflip`` / ``dihedral`` views, made by flips and quarter turns of the uint8 batch
+(traceable, so they go inside the graph too). ``crops`` views depend on the image's path in the
+cache; new images have none, so predictions of such a bundle use the plain view (documented).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["feature_module", "view_transforms", "tta_classifier"]
+
+
+def feature_module(bundle: Any, backbone: Any) -> Any:
+    """``uint8 NHWC -> (N, feature_dim)`` float features, as the bundle's head reads them."""
+    import torch
+    from torch import nn
+
+    feats = bundle.features
+    if bundle.info.features is None or feats.layers == ("final",):
+        return backbone.embedder().eval()
+    from ..backbones import TapModel
+
+    taps = TapModel(backbone, feats.layers, feats.pooling).eval()
+    if taps.layers != tuple(feats.layers):
+        from ..errors import BundleError
+
+        raise BundleError(f"Bundle {str(bundle.path)!r} reads layers {list(feats.layers)}, but backbone "
+                          f"{backbone.name!r} gives them in the order {list(taps.layers)}; re-fit the bundle.")
+
+    class Concat(nn.Module):
+        def __init__(self, inner: nn.Module):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat(self.inner(x), dim=1)
+
+    return Concat(taps).eval()
+
+
+def view_transforms(bundle: Any) -> list[Callable[[Any], Any]]:
+    """The augmented views a bundle's TTA averages over, as functions of a uint8 NHWC batch ([] without TTA)."""
+    feats = bundle.features
+    if not feats.tta or feats.augment not in ("hflip", "dihedral"):
+        return []
+    import torch
+
+    from ..extraction._views import DIHEDRAL_ORDER
+
+    def make(turns: int, mirror: bool) -> Callable[[Any], Any]:
+        def view(x: Any) -> Any:
+            if mirror:
+                x = torch.flip(x, dims=(2,))
+            return torch.rot90(x, turns, dims=(1, 2)) if turns else x
+
+        return view
+
+    return [make(*DIHEDRAL_ORDER[k]) for k in range(feats.n_views)]
+
+
+def tta_classifier(features: Any, head: Any, views: list[Callable[[Any], Any]]) -> Any:
+    """uint8 NHWC -> (probabilities averaged over the plain image and ``views``, label)."""
+    import torch
+    from torch import nn
+
+    class TTAClassifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = features
+            self.head = head
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            p = self.head(self.features(x))[0]
+            for view in views:
+                p = p + self.head(self.features(view(x).contiguous()))[0]
+            p = p / float(1 + len(views))
+            return p, torch.argmax(p, dim=1)
+
+    return TTAClassifier().eval()

@@ -1,0 +1,127 @@
+"""Probe variants side by side: final layer vs layer selection vs augmented views vs both.
+
+One run: each data set is embedded once (every layer of the backbone, plus K augmented views;
+reused from the cache when already there) and four probes are fitted on that one cache:
+
+| probe | featbank fit options |
+|---|---|
+| final | --layers final --no-train-views --tta off (today's default probe) |
+| layers | --layers auto --no-train-views --tta off |
+| views | --layers final (train on views) --tta auto |
+| both | --layers auto (train on views) --tta auto |
+
+Data sets (image folders built from installed packages by scripts/prepare_data.py): ELPV 4-class
+and 2-class (the README's stratified 70/30 split), a Fashion-MNIST subset and scikit-learn digits.
+Reports test top-1 and balanced accuracy, extract and fit seconds, and checks the targets of
+issue #15: ELPV 4-class top-1 >= 0.80, no probe variant more than 0.5 pt below ``final`` elsewhere.
+
+Examples:
+    python scripts/bench_probes.py                                  # everything (about an hour on 2 CPU cores)
+    python scripts/bench_probes.py --datasets elpv4 --json out.json
+    python scripts/bench_probes.py --augment dihedral --views 7     # more views (8 passes per image)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import featbank
+
+ROOT = Path(__file__).resolve().parent.parent
+PREPARE = {
+    "elpv4": ["elpv", "--split", "70-30"],
+    "elpv2": ["elpv", "--split", "70-30", "--classes", "2"],
+    "fmnist": ["fashion-mnist", "--n-train", "7000", "--n-test", "3000"],
+    "digits": ["digits"],
+}
+PROBES = {
+    "final": dict(layers="final", train_views=False, tta="off"),
+    "layers": dict(layers="auto", train_views=False, tta="off"),
+    "views": dict(layers="final", train_views=True, tta="auto"),
+    "both": dict(layers="auto", train_views=True, tta="auto"),
+}
+
+
+def prepare(name: str, data_root: Path, folders: dict[str, Path]) -> Path:
+    if name in folders:
+        return folders[name]
+    folder = data_root / name
+    if not folder.exists():
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "prepare_data.py"), PREPARE[name][0], str(folder),
+                        *PREPARE[name][1:]], check=True)
+    return folder
+
+
+def run_dataset(name: str, args: argparse.Namespace) -> list[dict]:
+    folder = prepare(name, args.data_root, dict(args.folder))
+    cache = args.cache_root / f"{name}-{args.backbone}.h5"
+    t0 = time.perf_counter()
+    report = featbank.extract(folder, cache, backbone=args.backbone, layers=args.layers, views=args.views,
+                              augment=args.augment, progress=False)
+    extract_s = time.perf_counter() - t0
+    rows = []
+    for probe, opts in PROBES.items():
+        t0 = time.perf_counter()
+        res = featbank.fit(cache, "linear", save=False, **opts)
+        fit_s = time.perf_counter() - t0
+        feats = res.metrics["features"]
+        test = res.headline
+        rows.append({
+            "dataset": name, "probe": probe, "layers": ",".join(feats["layers"]), "tta": feats["tta"],
+            "views_used": feats["views_used"], "dim": sum(feats["layer_dims"].values()),
+            "test_top1": test["top1"], "test_balanced_acc": test["balanced_accuracy"],
+            "val_top1": res.metrics["val"].get("top1"), "fit_s": round(fit_s, 1),
+            "extract_s": round(extract_s, 1), "n_embedded": report.n_embedded if hasattr(report, "n_embedded") else None,
+        })
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def check_targets(rows: list[dict]) -> list[str]:
+    notes = []
+    by = {(r["dataset"], r["probe"]): r for r in rows}
+    best4 = max((r["test_top1"] for r in rows if r["dataset"] == "elpv4"), default=None)
+    if best4 is not None:
+        notes.append(f"ELPV 4-class best test top-1 {best4:.4f}: target >= 0.80 {'MET' if best4 >= 0.80 else 'NOT met'}")
+    for r in rows:
+        base = by.get((r["dataset"], "final"))
+        if base and r["test_top1"] < base["test_top1"] - 0.005:
+            notes.append(f"{r['dataset']} {r['probe']}: {r['test_top1']:.4f} is more than 0.5 pt below final "
+                         f"({base['test_top1']:.4f})")
+    return notes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", default="elpv4,elpv2,fmnist,digits")
+    ap.add_argument("--backbone", default="efficientnet_lite0")
+    ap.add_argument("--layers", default="all", help="layers extracted (the candidates of --layers auto)")
+    ap.add_argument("--views", type=int, default=1)
+    ap.add_argument("--augment", default="hflip")
+    ap.add_argument("--data-root", type=Path, default=ROOT / "data" / "bench")
+    ap.add_argument("--cache-root", type=Path, default=ROOT / "runs" / "bench")
+    ap.add_argument("--folder", action="append", default=[], type=lambda t: (t.split("=", 1)[0], Path(t.split("=", 1)[1])),
+                    metavar="NAME=PATH", help="use this image folder for a data set instead of preparing one")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    args.cache_root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
+        rows += run_dataset(name, args)
+    print(f"\n| data | probe | layers | TTA | dim | test top-1 | test bal. acc | fit s | extract s |\n|{'---|' * 9}")
+    for r in rows:
+        print(f"| {r['dataset']} | {r['probe']} | {r['layers']} | {'on' if r['tta'] else 'off'} | {r['dim']} | "
+              f"{r['test_top1']:.4f} | {r['test_balanced_acc']:.4f} | {r['fit_s']} | {r['extract_s']} |")
+    for note in check_targets(rows):
+        print(note)
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "targets": check_targets(rows)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
