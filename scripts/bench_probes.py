@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PREPARE = {
     "elpv4": ["elpv", "--split", "70-30"],
     "elpv2": ["elpv", "--split", "70-30", "--classes", "2"],
-    "fmnist": ["fashion-mnist", "--n-train", "7000", "--n-test", "3000"],
+    "fmnist": ["fashion-mnist", "--n-train", "2000", "--n-test", "1000"],  # 3k: all layers x 2 views fit 2 CPU cores
     "digits": ["digits"],
 }
 PROBES = {
@@ -85,9 +85,12 @@ def run_dataset(name: str, args: argparse.Namespace) -> list[dict]:
 def check_targets(rows: list[dict]) -> list[str]:
     notes = []
     by = {(r["dataset"], r["probe"]): r for r in rows}
-    best4 = max((r["test_top1"] for r in rows if r["dataset"] == "elpv4"), default=None)
-    if best4 is not None:
-        notes.append(f"ELPV 4-class best test top-1 {best4:.4f}: target >= 0.80 {'MET' if best4 >= 0.80 else 'NOT met'}")
+    elpv4 = [r for r in rows if r["dataset"] == "elpv4"]
+    if elpv4:  # the probe a user would pick: the best on validation (never the best on test)
+        pick = max(elpv4, key=lambda r: r["val_top1"] or 0.0)
+        met = "MET" if pick["test_top1"] >= 0.80 else "NOT met"
+        notes.append(f"ELPV 4-class: the probe chosen on validation ({pick['probe']}, val top-1 {pick['val_top1']:.4f}) "
+                     f"scores test top-1 {pick['test_top1']:.4f}: target >= 0.80 {met}")
     for r in rows:
         base = by.get((r["dataset"], "final"))
         if base and r["test_top1"] < base["test_top1"] - 0.005:
@@ -113,9 +116,10 @@ def main() -> None:
     rows = []
     for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
         rows += run_dataset(name, args)
-    print(f"\n| data | probe | layers | TTA | dim | test top-1 | test bal. acc | fit s | extract s |\n|{'---|' * 9}")
+    print(f"\n| data | probe | layers | TTA | dim | val top-1 | test top-1 | test bal. acc | fit s | extract s |\n|{'---|' * 10}")
     for r in rows:
-        print(f"| {r['dataset']} | {r['probe']} | {r['layers']} | {'on' if r['tta'] else 'off'} | {r['dim']} | "
+        val = f"{r['val_top1']:.4f}" if r["val_top1"] is not None else "—"
+        print(f"| {r['dataset']} | {r['probe']} | {r['layers']} | {'on' if r['tta'] else 'off'} | {r['dim']} | {val} | "
               f"{r['test_top1']:.4f} | {r['test_balanced_acc']:.4f} | {r['fit_s']} | {r['extract_s']} |")
     for note in check_targets(rows):
         print(note)
