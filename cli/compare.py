@@ -6,6 +6,8 @@ import click
 
 from .options import device_option, quiet_option
 
+__all__ = ["compare"]
+
 _EXAMPLES = """\b
 Examples:
   featbank compare data/elpv --backbones efficientnet_lite0,efficientnet_lite1,efficientnet_lite2

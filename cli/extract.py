@@ -8,6 +8,8 @@ import click
 
 from .options import backbone_options, device_option, quiet_option
 
+__all__ = ["extract"]
+
 
 @click.command()
 @click.argument("data", type=click.Path(path_type=str))

@@ -99,10 +99,10 @@ def count_images(root: Path) -> int:
 
 def bench_backbone(args: argparse.Namespace, device: str, precision: str, n: int) -> tuple[float, str]:
     from featbank.backbones import load_backbone
-    from featbank.extraction import _make_engine  # the very engine extract builds
+    from featbank.extraction import build_engine  # the very engine extract builds
 
     bb = load_backbone(args.backbone, args.weights)
-    eng = _make_engine(args.engine, bb, device, precision)
+    eng = build_engine(args.engine, bb, device, precision)
     h, w = bb.preprocess.input_size
     import torch
 

@@ -216,12 +216,12 @@ def _embeddings(cache_path: Path) -> np.ndarray:
 def test_broken_embedder_onnx_is_rebuilt_by_extract_and_export(tmp_path: Path) -> None:
     """FEATBANK_CACHE_DIR is this test's own (conftest): the graph is built here from nothing."""
     from featbank.errors import OnnxCacheRebuiltWarning
-    from featbank.extraction._engines import _onnx_cache_path, check_embedder_onnx
+    from featbank.extraction._engines import check_embedder_onnx, onnx_cache_path
 
     data = make_image_folder(tmp_path / "data", n_per_class=3, size=(36, 40))
     kw = dict(backbone="test_tiny", engine="onnxruntime", num_workers=0, progress=False)
     fresh = _embeddings(featbank.extract(data, tmp_path / "a.h5", **kw).path)
-    graph = _onnx_cache_path(featbank.load_backbone("test_tiny").identity())
+    graph = onnx_cache_path(featbank.load_backbone("test_tiny").identity())
     assert graph.is_file() and check_embedder_onnx(graph) is None
     good = graph.read_bytes()
 

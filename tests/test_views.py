@@ -92,15 +92,15 @@ def test_onnxruntime_engine_gives_the_torch_numbers_for_layers_and_views(image_f
         assert f.attrs["engine"] == "onnxruntime"
     _assert_same(a, b)  # within 1e-5
     # the graph is cached with its taps, apart from the plain embedder's
-    from featbank.extraction._engines import _onnx_cache_path, tap_identity
+    from featbank.extraction._engines import onnx_cache_path, tap_identity
 
     bb = load_backbone("test_tiny")
-    assert _onnx_cache_path(tap_identity(bb, ("stem", "stage1", "stage2", "final"))).exists()
-    assert not _onnx_cache_path(bb.identity()).exists()
+    assert onnx_cache_path(tap_identity(bb, ("stem", "stage1", "stage2", "final"))).exists()
+    assert not onnx_cache_path(bb.identity()).exists()
     # views alone run the plain embedder's graph: no graph of a 'final'-only TapModel is exported
     featbank.extract(image_folder, tmp_path / "views.h5", **{**TINY, "engine": "onnxruntime", "views": 1, "augment": "hflip"})
-    assert _onnx_cache_path(bb.identity()).exists()
-    assert not _onnx_cache_path(tap_identity(bb, ("final",))).exists()
+    assert onnx_cache_path(bb.identity()).exists()
+    assert not onnx_cache_path(tap_identity(bb, ("final",))).exists()
 
 
 def test_views_are_deterministic_per_path_view_and_seed() -> None:

@@ -37,7 +37,7 @@ def _listed_names() -> list[str]:
     return names
 
 
-def _unknown(name: str) -> ConfigError:
+def unknown_backbone(name: str) -> ConfigError:
     # Suggest only what 'featbank backbones --all' lists: timm's thousand names (efficientnet_lite3,
     # say) are not listed and have no weights offline, so they would only fail next.
     close = difflib.get_close_matches(name.split(":")[-1], list(dict.fromkeys(_listed_names())), n=3, cutoff=0.6)
@@ -57,7 +57,7 @@ def register_backbone_source(source: Callable[[str], Backbone | None]) -> None:
         _SOURCES.append(source)
 
 
-def _is_bundle_dir(name: str) -> bool:
+def is_bundle_dir(name: str) -> bool:
     p = Path(name)
     return p.is_dir() and (p / "manifest.json").exists()
 
@@ -88,7 +88,7 @@ def load_backbone(
         (1280, (224, 224))
     """
     wf = Path(weights_file) if weights_file is not None else None
-    if _is_bundle_dir(name):
+    if is_bundle_dir(name):
         if not _SOURCES:
             # Plugin-style: the bundle layer registers itself on import; backbones never names it.
             importlib.import_module(_BUNDLE_SOURCE_MODULE)
@@ -100,7 +100,7 @@ def load_backbone(
         return REGISTRY[name].build(weights, wf, weights == RANDOM)
     source, _, bare = name.rpartition(":")
     if source not in ("", "torchvision", "tv", "timm"):
-        raise _unknown(name)
+        raise unknown_backbone(name)
     if source in ("", "torchvision", "tv"):
         try:
             tv = torchvision_models()
@@ -109,12 +109,12 @@ def load_backbone(
         if bare in tv:
             return build_torchvision(bare, weights, wf)
         if source in ("torchvision", "tv"):
-            raise _unknown(name)
+            raise unknown_backbone(name)
     import timm
 
     if bare in timm.list_models() or bare.split(".")[0] in timm.list_models():
         return build_timm(bare, weights, wf)
-    raise _unknown(name)
+    raise unknown_backbone(name)
 
 
 def list_backbones(include_all: bool = False) -> list[BackboneInfo]:

@@ -33,7 +33,7 @@ from .. import __version__
 from .._files import fsync_dir, sha256_file, temporary_path
 from ..errors import CacheError
 from ._parts import ROW_DATASETS, SKIPPED_DATASETS, PartInfo, describe_part, part_name, parts_dir
-from ._schema import _FORMAT, _STR, SPLIT_NAMES, _decode
+from ._schema import FORMAT, SPLIT_NAMES, STR_DTYPE, decode_attr
 
 __all__ = [
     "INDEX_SCHEMA_VERSION",
@@ -123,7 +123,7 @@ def write_index(
     shapes = _shapes(folder, parts, row_datasets)
     sk_shapes = _shapes(folder, parts, SKIPPED_DATASETS, group="skipped/")
     defaults = {"embeddings": ((0,), np.float32), "labels": ((), np.int64), "splits": ((), np.int8),
-                "paths": ((), _STR), "fingerprints": ((2,), np.int64), "reasons": ((), _STR)}
+                "paths": ((), STR_DTYPE), "fingerprints": ((2,), np.int64), "reasons": ((), STR_DTYPE)}
     try:
         with h5py.File(tmp, "w") as f:
             for name in row_datasets:
@@ -134,13 +134,13 @@ def write_index(
             for name in SKIPPED_DATASETS:
                 tail, dt = sk_shapes.get(name, defaults[name])
                 _vds(g, name, parts, f"skipped/{name}", skipped, tail, dt, rel)
-            f.create_dataset("classes", data=np.array(list(classes), dtype=object), dtype=_STR, shape=(len(classes),))
+            f.create_dataset("classes", data=np.array(list(classes), dtype=object), dtype=STR_DTYPE, shape=(len(classes),))
             _write_table(f.create_group("parts"), parts)
             for k, v in attrs.items():
                 f.attrs[k] = json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v
             emb_tail, emb_dt = shapes.get("embeddings", ((int(attrs.get("embed_dim", 0)),), np.float32))
             f.attrs.update(
-                format=_FORMAT, schema_version=INDEX_SCHEMA_VERSION, featbank_version=__version__,
+                format=FORMAT, schema_version=INDEX_SCHEMA_VERSION, featbank_version=__version__,
                 split_names=json.dumps(list(SPLIT_NAMES)), n_samples=int(sum(rows)),
                 embed_dim=int(emb_tail[0]) if emb_tail else 0, dtype=str(np.dtype(emb_dt)),
                 n_parts=len(parts), parts_dir=rel, plan=plan_json,
@@ -157,13 +157,14 @@ def write_index(
 
 def _write_table(g: h5py.Group, parts: Sequence[PartInfo]) -> None:
     g.create_dataset("shard_ids", data=np.array([p.shard_id for p in parts], np.int64))
-    g.create_dataset("names", data=np.array([p.name for p in parts], dtype=object), dtype=_STR, shape=(len(parts),))
+    g.create_dataset("names", data=np.array([p.name for p in parts], dtype=object), dtype=STR_DTYPE, shape=(len(parts),))
     g.create_dataset("n_rows", data=np.array([p.n_rows for p in parts], np.int64))
     g.create_dataset("n_skipped", data=np.array([p.n_skipped for p in parts], np.int64))
     g.create_dataset("sizes", data=np.array([p.size for p in parts], np.int64))
     g.create_dataset("mtimes_ns", data=np.array([p.mtime_ns for p in parts], np.int64))
-    g.create_dataset("sha256", data=np.array([p.sha256 for p in parts], dtype=object), dtype=_STR, shape=(len(parts),))
-    g.create_dataset("rows_digests", data=np.array([p.rows_digest for p in parts], dtype=object), dtype=_STR, shape=(len(parts),))
+    g.create_dataset("sha256", data=np.array([p.sha256 for p in parts], dtype=object), dtype=STR_DTYPE, shape=(len(parts),))
+    g.create_dataset("rows_digests", data=np.array([p.rows_digest for p in parts], dtype=object), dtype=STR_DTYPE,
+                     shape=(len(parts),))
     g.attrs["cache_keys"] = json.dumps(sorted({p.cache_key for p in parts}))
 
 
@@ -175,7 +176,7 @@ def read_parts_table(index: h5py.File | Path) -> list[PartInfo]:
     g = index["parts"]
     key = str(index.attrs.get("cache_key", ""))
     cols = [g[c][...] for c in ("shard_ids", "names", "n_rows", "n_skipped", "sizes", "mtimes_ns", "sha256", "rows_digests")]
-    names, sha, dig = _decode(cols[1]), _decode(cols[6]), _decode(cols[7])
+    names, sha, dig = decode_attr(cols[1]), decode_attr(cols[6]), decode_attr(cols[7])
     ints = [np.asarray(cols[i], np.int64).reshape(-1).tolist() for i in (0, 2, 3, 4, 5)]  # Python ints in one go
     lengths = {len(names), len(sha), len(dig), *(len(c) for c in ints)}
     if len(lengths) != 1:  # zip would silently drop the parts a short column does not cover
@@ -297,7 +298,7 @@ def _check_paths(folder: Path, parts: Sequence[PartInfo], planned_paths: dict[in
     problems, seen = [], set()
     for p in parts:
         with h5py.File(folder / p.name, "r") as f:
-            have = sorted(_decode(f["paths"][...]) + _decode(f["skipped/paths"][...]))
+            have = sorted(decode_attr(f["paths"][...]) + decode_attr(f["skipped/paths"][...]))
         want = planned_paths.get(p.shard_id)
         if want is not None and have != list(want):
             problems.append(f"shard {p.shard_id}: part {p.name} holds other paths than the plan's")

@@ -25,7 +25,7 @@ import numpy as np
 from .. import __version__
 from .._files import fsync_dir, sha256_file, temporary_path
 from ..errors import CacheError
-from ._schema import _STR, SPLIT_NAMES, _decode
+from ._schema import SPLIT_NAMES, STR_DTYPE, decode_attr
 
 __all__ = [
     "PART_FORMAT",
@@ -134,26 +134,26 @@ def _create_extra(f: h5py.File, name: str, shape: tuple[int, ...], dtype: Any) -
 
 def _write_rows(f: h5py.File, rows: PartRows, classes: Sequence[str]) -> None:
     n = len(rows)
-    f.create_dataset("paths", data=np.array(rows.paths, dtype=object), dtype=_STR, shape=(n,))
+    f.create_dataset("paths", data=np.array(rows.paths, dtype=object), dtype=STR_DTYPE, shape=(n,))
     f.create_dataset("fingerprints", data=np.asarray(rows.fingerprints, np.int64).reshape(n, 2))
     f.create_dataset("labels", data=np.asarray(rows.labels, np.int64).reshape(n))
     f.create_dataset("splits", data=np.asarray(rows.splits, np.int8).reshape(n))
-    f.create_dataset("classes", data=np.array(list(classes), dtype=object), dtype=_STR, shape=(len(classes),))
+    f.create_dataset("classes", data=np.array(list(classes), dtype=object), dtype=STR_DTYPE, shape=(len(classes),))
 
 
 def _write_skipped(f: h5py.File, skipped: list[tuple[str, str, tuple[int, int]]]) -> None:
     g = f.require_group("skipped")
     m = len(skipped)
-    g.create_dataset("paths", data=np.array([s[0] for s in skipped], dtype=object), dtype=_STR, shape=(m,))
-    g.create_dataset("reasons", data=np.array([s[1] for s in skipped], dtype=object), dtype=_STR, shape=(m,))
+    g.create_dataset("paths", data=np.array([s[0] for s in skipped], dtype=object), dtype=STR_DTYPE, shape=(m,))
+    g.create_dataset("reasons", data=np.array([s[1] for s in skipped], dtype=object), dtype=STR_DTYPE, shape=(m,))
     g.create_dataset("fingerprints", data=np.array([s[2] for s in skipped], np.int64).reshape(m, 2))
 
 
 class PartWriter:
-    """The ``.partial`` file of one shard in flight; duck-types the v1 ``StagingFile`` for the embedding loop.
+    """The ``.partial`` file of one shard in flight; what the embedding loop writes into.
 
     Attributes ``paths``, ``embeddings``, ``status``, ``file`` and the methods ``done_mask`` and
-    ``write_rows`` are what ``featbank.extraction._embedding._run`` uses.
+    ``write_rows`` are what the embedding loop (``featbank.extraction._sharded``) uses.
     """
 
     def __init__(self, path: Path):
@@ -163,9 +163,9 @@ class PartWriter:
         self.key = str(f.attrs["cache_key"])
         self.shard_id = int(f.attrs["shard_id"])
         self.digest = str(f.attrs["rows_digest"])
-        self.classes = _decode(f["classes"][...])
+        self.classes = decode_attr(f["classes"][...])
         self.rows = PartRows(
-            _decode(f["paths"][...]), f["fingerprints"][...].astype(np.int64),
+            decode_attr(f["paths"][...]), f["fingerprints"][...].astype(np.int64),
             f["labels"][...].astype(np.int64), f["splits"][...].astype(np.int8),
         )
         self.paths = self.rows.paths

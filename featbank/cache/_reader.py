@@ -15,7 +15,7 @@ from ..errors import CacheError, ConfigError, NotACacheError
 from ._discovery import find_latest_cache
 from ._features import CacheFeatures, check_block, dataset_name, parse_requested, read_features
 from ._index import INDEX_SCHEMA_VERSION
-from ._schema import _FORMAT, SCHEMA_VERSION, SPLIT_NAMES, _decode
+from ._schema import FORMAT, SCHEMA_VERSION, SPLIT_NAMES, decode_attr
 from ._validate import (
     check_codes,
     check_file_kind,
@@ -121,9 +121,9 @@ class FeatureCache:
 
     def _read_small(self, allow_incomplete: bool) -> None:
         f, path = self._file, self.path
-        if f.attrs.get("format") != _FORMAT:
+        if f.attrs.get("format") != FORMAT:
             raise NotACacheError(
-                f"'{path}' is an HDF5 file but not a featbank cache (no format={_FORMAT!r} attribute). "
+                f"'{path}' is an HDF5 file but not a featbank cache (no format={FORMAT!r} attribute). "
                 "Point at a file written by 'featbank extract'."
             )
         version = f.attrs.get("schema_version")
@@ -161,15 +161,15 @@ class FeatureCache:
         self.embeddings: h5py.Dataset = f["embeddings"]
         self.labels = f["labels"][...].astype(np.int64)
         self.splits = f["splits"][...].astype(np.int8)
-        self.paths = _decode(f["paths"][...])
+        self.paths = decode_attr(f["paths"][...])
         self.fingerprints = f["fingerprints"][...].astype(np.int64)
-        self.classes = _decode(f["classes"][...])
+        self.classes = decode_attr(f["classes"][...])
         check_codes(path, self.labels, f["splits"][...].astype(np.int64), len(self.classes), self._split_names, root)
         self._features: CacheFeatures = read_features(path, f, int(self.embeddings.shape[1]),
                                                       int(self.embeddings.shape[0]), root)
         sk = f.get("skipped")
         self.skipped: list[tuple[str, str]] = (
-            list(zip(_decode(sk["paths"][...]), _decode(sk["reasons"][...]))) if sk is not None else []
+            list(zip(decode_attr(sk["paths"][...]), decode_attr(sk["reasons"][...]))) if sk is not None else []
         )
         self.skipped_fingerprints = (
             sk["fingerprints"][...].astype(np.int64).reshape(-1, 2) if sk is not None else np.zeros((0, 2), np.int64)

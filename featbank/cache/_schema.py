@@ -9,14 +9,14 @@ from typing import Any
 import h5py
 import numpy as np
 
-# _FORMAT, _STR and _decode are shared by the reader and the writer, which must agree on them.
+# FORMAT, STR_DTYPE and decode_attr are shared by the reader and the writer, which must agree on them.
 __all__ = ["SCHEMA_VERSION", "SPLIT_NAMES", "EMBEDDING_VERSION", "FEATURE_DEFAULTS", "compute_cache_key",
-           "describe_feature_difference", "feature_settings", "_FORMAT", "_STR", "_decode"]
+           "describe_feature_difference", "feature_settings", "FORMAT", "STR_DTYPE", "decode_attr"]
 
 SCHEMA_VERSION = 1
 SPLIT_NAMES = ("train", "val", "test")
-_FORMAT = "featbank-cache"
-_STR = h5py.string_dtype("utf-8")
+FORMAT = "featbank-cache"
+STR_DTYPE = h5py.string_dtype("utf-8")
 # The embedding computation of this featbank line; bump when extraction changes numerically.
 EMBEDDING_VERSION = "1"
 
@@ -50,7 +50,7 @@ def compute_cache_key(identity: dict[str, Any], dtype: str, precision: str, feat
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _decode(arr: np.ndarray) -> list[str]:
+def decode_attr(arr: np.ndarray) -> list[str]:
     return [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in arr]
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from .._files import check_output_dir, fsync_dir, temporary_path
 from ..errors import CacheError, ConfigError
 from ._index import check_parts, verify_cache
-from ._schema import _FORMAT, SPLIT_NAMES, _decode
+from ._schema import FORMAT, SPLIT_NAMES, decode_attr
 
 __all__ = ["CacheSummary", "describe_cache", "check_cache", "export_cache", "EXPORT_FORMATS"]
 
@@ -69,9 +69,9 @@ def _open(path: Path) -> h5py.File:
         f = h5py.File(path, "r")
     except OSError as e:
         raise CacheError(f"{str(path)!r} is not a readable HDF5 file ({e}).") from None
-    if f.attrs.get("format") != _FORMAT:
+    if f.attrs.get("format") != FORMAT:
         f.close()
-        raise CacheError(f"{str(path)!r} is not a featbank cache (no format={_FORMAT!r} attribute).")
+        raise CacheError(f"{str(path)!r} is not a featbank cache (no format={FORMAT!r} attribute).")
     return f
 
 
@@ -84,7 +84,7 @@ def describe_cache(path: str | os.PathLike) -> CacheSummary:
     path = Path(path)
     with _open(path) as f:
         version = int(f.attrs.get("schema_version", 1))
-        classes = _decode(f["classes"][...])
+        classes = decode_attr(f["classes"][...])
         labels = f["labels"][...] if version < 2 else None
         splits = f["splits"][...] if version < 2 else None
         problems = check_parts(path) if version >= 2 else []
@@ -189,14 +189,14 @@ def export_cache(
     with _open(path) as f:
         if int(f.attrs.get("schema_version", 1)) >= 2:
             verify_cache(path, full=False)
-        classes = _decode(f["classes"][...])
+        classes = decode_attr(f["classes"][...])
         names = json.loads(f.attrs.get("split_names", json.dumps(SPLIT_NAMES)))
         written = []
         for i, (lo, hi) in enumerate(_shard_bounds(f, rows_per_file)):
             emb = f["embeddings"][lo:hi]
             labels, splits = f["labels"][lo:hi], f["splits"][lo:hi]
             meta = {
-                "path": _decode(f["paths"][lo:hi]),
+                "path": decode_attr(f["paths"][lo:hi]),
                 "label": [classes[j] if j >= 0 else None for j in labels],
                 "split": [names[s] if s >= 0 else None for s in splits],
             }

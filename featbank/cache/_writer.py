@@ -1,5 +1,5 @@
 """Writing caches: the key check and space check extract uses; the schema-v1 writer (``write_cache``, kept for
-tests, benchmarks and the v1 files they need) and its staging file (``StagingFile``, the embedding loop's protocol).
+tests, benchmarks and the v1 files they need).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import numpy as np
 from .. import __version__
 from .._files import describe_os_error, fsync_dir, temporary_path
 from ..errors import CacheError, CacheKeyMismatch
-from ._schema import _FORMAT, _STR, SCHEMA_VERSION, SPLIT_NAMES, _decode, describe_feature_difference
+from ._schema import FORMAT, SCHEMA_VERSION, SPLIT_NAMES, STR_DTYPE, describe_feature_difference
 
-__all__ = ["check_key", "StagingFile", "write_cache", "estimate_bytes", "check_space",
+__all__ = ["check_key", "write_cache", "estimate_bytes", "check_space",
            "kept_message"]
 
 
@@ -126,99 +126,6 @@ def _create_contiguous(group: h5py.Group, name: str, shape: tuple[int, ...], dty
     tid = h5t.py_create(np.dtype(dtype), logical=True)
     dsid = h5d.create(group.id, name.encode(), tid, space, dcpl=dcpl)
     return h5py.Dataset(dsid)
-
-
-class StagingFile:
-    """The ``<cache>.partial`` file of one run: the rows to embed and which are done."""
-
-    def __init__(self, path: Path, mode: str = "r+"):
-        self.path = path
-        self.file = h5py.File(path, mode)
-        f = self.file
-        self.key = str(f.attrs["cache_key"])
-        self.plan = str(f.attrs["plan"])
-        self.paths = _decode(f["paths"][...])
-        self.fingerprints = f["fingerprints"][...].astype(np.int64)
-        self.labels = f["labels"][...].astype(np.int64)
-        self.splits = f["splits"][...].astype(np.int8)
-        self.embeddings = f["embeddings"]
-        self.status = f["status"]
-
-    @staticmethod
-    def create(
-        path: Path,
-        key: str,
-        plan: str,
-        paths: list[str],
-        fingerprints: np.ndarray,
-        labels: np.ndarray,
-        splits: np.ndarray,
-        embed_dim: int,
-        dtype: str,
-    ) -> StagingFile:
-        tmp = temporary_path(path)
-        check_space(path, estimate_bytes(len(paths), embed_dim, dtype, paths), kept_message(path))
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = "featbank-partial"
-            f.attrs["cache_key"] = key
-            f.attrs["plan"] = plan
-            f.attrs["featbank_version"] = __version__
-            n = len(paths)
-            f.create_dataset("paths", data=np.array(paths, dtype=object), dtype=_STR)
-            f.create_dataset("fingerprints", data=np.asarray(fingerprints, np.int64).reshape(n, 2))
-            f.create_dataset("labels", data=np.asarray(labels, np.int64))
-            f.create_dataset("splits", data=np.asarray(splits, np.int8))
-            _create_contiguous(f, "embeddings", (max(n, 1), embed_dim), dtype)
-            _create_contiguous(f, "status", (max(n, 1),), np.uint8)
-        os.replace(tmp, path)
-        return StagingFile(path)
-
-    @staticmethod
-    def open_if_valid(path: Path) -> StagingFile | None:
-        """Open a staging file left by an earlier run; ``None`` if absent or unreadable."""
-        if not path.exists():
-            return None
-        try:
-            return StagingFile(path)
-        except BlockingIOError:
-            raise CacheError(
-                f"{str(path)!r} (an unfinished cache) is open in another program, which holds HDF5's file "
-                "lock. Close it there and rerun; the file was left untouched."
-            ) from None
-        except Exception:  # noqa: BLE001 - a corrupt staging file counts as empty
-            try:
-                path.unlink()
-            except OSError:
-                pass
-            return None
-
-    def done_mask(self) -> np.ndarray:
-        n = len(self.paths)
-        return self.status[:n] == 1 if n else np.zeros(0, bool)
-
-    def write_rows(self, rows: np.ndarray, emb: np.ndarray) -> None:
-        """Write embeddings of ``rows`` (ascending) and then mark them done, each step flushed."""
-        if len(rows) == 0:
-            return
-        lo, hi = int(rows[0]), int(rows[-1]) + 1
-        if hi - lo == len(rows):
-            self.embeddings[lo:hi] = emb
-        else:
-            for r, e in zip(rows, emb):
-                self.embeddings[int(r)] = e
-        self.file.flush()
-        if hi - lo == len(rows):
-            self.status[lo:hi] = 1
-        else:
-            for r in rows:
-                self.status[int(r)] = 1
-        self.file.flush()
-
-    def close(self) -> None:
-        try:
-            self.file.close()
-        except Exception:  # noqa: BLE001
-            pass
 
 
 def kept_message(path: Path, staging: Path | None = None) -> str:
@@ -332,19 +239,19 @@ def _write_rows(f: h5py.File, order_paths: list[str], row_fingerprints: np.ndarr
     n = len(order_paths)
     f.create_dataset("labels", data=np.asarray(row_labels, np.int64), maxshape=(None,), chunks=True)
     f.create_dataset("splits", data=np.asarray(row_splits, np.int8), maxshape=(None,), chunks=True)
-    f.create_dataset("paths", data=np.array(order_paths, dtype=object), dtype=_STR, maxshape=(None,), chunks=True)
+    f.create_dataset("paths", data=np.array(order_paths, dtype=object), dtype=STR_DTYPE, maxshape=(None,), chunks=True)
     f.create_dataset(
         "fingerprints", data=np.asarray(row_fingerprints, np.int64).reshape(n, 2), maxshape=(None, 2), chunks=True
     )
-    f.create_dataset("classes", data=np.array(list(classes), dtype=object), dtype=_STR)
+    f.create_dataset("classes", data=np.array(list(classes), dtype=object), dtype=STR_DTYPE)
     g = f.create_group("skipped")
-    g.create_dataset("paths", data=np.array([s[0] for s in skipped], dtype=object), dtype=_STR)
-    g.create_dataset("reasons", data=np.array([s[1] for s in skipped], dtype=object), dtype=_STR)
+    g.create_dataset("paths", data=np.array([s[0] for s in skipped], dtype=object), dtype=STR_DTYPE)
+    g.create_dataset("reasons", data=np.array([s[1] for s in skipped], dtype=object), dtype=STR_DTYPE)
     g.create_dataset("fingerprints", data=np.array([s[2] for s in skipped], np.int64).reshape(len(skipped), 2))
 
 
 def _write_attrs(f: h5py.File, n: int, embed_dim: int, dtype: str, attrs: dict[str, Any]) -> None:
-    f.attrs["format"] = _FORMAT
+    f.attrs["format"] = FORMAT
     f.attrs["schema_version"] = SCHEMA_VERSION
     f.attrs["featbank_version"] = __version__
     f.attrs["split_names"] = json.dumps(list(SPLIT_NAMES))

@@ -86,9 +86,9 @@ def compare(
     names = parse_backbones(backbones)
     layer_spec = _check_layers(layers)
     from ..extraction import DEVICES, ENGINES
-    from ..extraction._options import _validate
+    from ..extraction._options import validate_options
 
-    _validate(batch_size, num_workers, "float32")
+    validate_options(batch_size, num_workers, "float32")
     if engine not in ENGINES:
         raise ConfigError(f"The 'engine' parameter must be one of {ENGINES}. Got {engine!r} instead.")
     if device not in DEVICES:
@@ -203,10 +203,10 @@ def _check_plot(path: Path) -> None:
 def _check_data(data: str | os.PathLike) -> None:
     """Refuse DATA before any work: missing, empty, unlabelled or a single class (DatasetError)."""
     from ..data import scan_folder
-    from ..extraction._scaled import ScaleOptions, _is_manifest, _is_webdataset, read_source
+    from ..extraction._scaled import ScaleOptions, is_manifest, is_webdataset, read_source
 
     text = os.fspath(data)
-    if _is_manifest(text) or _is_webdataset(text):
+    if is_manifest(text) or is_webdataset(text):
         read_source(text, ScaleOptions())
     else:
         scan_folder(text, require_labels=True)
@@ -219,24 +219,21 @@ def _check_backbone(name: str) -> None:
 
     from ..backbones import _factory, _registry
 
-    # The registry is REGISTRY once #13 made the underscore modules' names public, _REGISTRY before.
-    registry = getattr(_registry, "REGISTRY", None)
-    registry = registry if registry is not None else _registry._REGISTRY
-    if name in registry or _factory._is_bundle_dir(name):
+    if name in _registry.REGISTRY or _factory.is_bundle_dir(name):
         return
     source, _, bare = name.rpartition(":")
     if source not in ("", "torchvision", "tv", "timm"):
-        raise _factory._unknown(name)
+        raise _factory.unknown_backbone(name)
     if source != "timm":
         if bare in torchvision.models.list_models(module=torchvision.models):
             return
         if source:
-            raise _factory._unknown(name)
+            raise _factory.unknown_backbone(name)
     import timm
 
     models = timm.list_models()
     if bare not in models and bare.split(".")[0] not in models:
-        raise _factory._unknown(name)
+        raise _factory.unknown_backbone(name)
 
 
 def _compare_one(data: str | os.PathLike, name: str, opts: _Options, plan: _LayerPlan) -> CompareRow:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from .._device import DEVICES, resolve_device
 
 # Outside __all__ but imported from here, the path they had when this package was one module:
-# export_embedder_onnx and _onnx_cache_path by featbank.export (to reuse extract's ONNX graph),
-# _make_engine by scripts/bench_extract.py.
+# export_embedder_onnx and onnx_cache_path by featbank.export (to reuse extract's ONNX graph),
+# build_engine by scripts/bench_extract.py.
 from ._cachefile import default_cache_path
-from ._engines import _make_engine, _onnx_cache_path, export_embedder_onnx  # noqa: F401
+from ._engines import build_engine, export_embedder_onnx, onnx_cache_path  # noqa: F401
 from ._options import DTYPES, ENGINES
 from ._pipeline import extract
 from ._report import ExtractReport

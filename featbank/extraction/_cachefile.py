@@ -11,11 +11,7 @@ from .._files import remove_orphans, slugify
 from ..cache import default_cache_dir
 from ..errors import NotACacheError
 
-__all__ = ["_slug", "default_cache_path", "refuse_foreign_file", "_remove_stale_temporaries"]
-
-
-# extraction/_engines.py imports this name; one implementation lives in featbank._files.
-_slug = slugify
+__all__ = ["default_cache_path", "refuse_foreign_file", "remove_stale_temporaries"]
 
 
 def default_cache_path(
@@ -49,7 +45,7 @@ def refuse_foreign_file(out_path: Path) -> None:
     """
     import h5py
 
-    from ..cache._schema import _FORMAT
+    from ..cache._schema import FORMAT
     from ..cache._validate import is_hdf5
 
     if not out_path.is_file() or out_path.stat().st_size == 0:
@@ -60,7 +56,7 @@ def refuse_foreign_file(out_path: Path) -> None:
     else:
         try:
             with h5py.File(out_path, "r") as f:
-                if f.attrs.get("format") != _FORMAT:
+                if f.attrs.get("format") != FORMAT:
                     what = "an HDF5 file without featbank's format attribute"
         except OSError:
             return  # a damaged HDF5 file: --overwrite may replace it, as the reader's message says
@@ -71,7 +67,7 @@ def refuse_foreign_file(out_path: Path) -> None:
         )
 
 
-def _remove_stale_temporaries(out_path: Path) -> None:
+def remove_stale_temporaries(out_path: Path) -> None:
     """Temporary files of a run killed while it swapped a file into place (we hold the lock now)."""
     staging = out_path.with_name(out_path.name + ".partial")
     for p in {out_path, staging, Path(os.path.realpath(out_path))}:

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .._device import default_num_workers
-from ..cache import StagingFile
 from ..images import ImageReadError, PreprocessConfig, load_and_preprocess
 
-__all__ = ["_Images", "_Collate", "_run", "_write_block", "_ViewImages", "_ViewCollate", "_embed_feature_rows"]
+__all__ = ["ImageRowsDataset", "Collate", "write_block", "ViewImageDataset", "ViewCollate", "embed_feature_rows"]
 
 
-class _Images:
+class ImageRowsDataset:
     """Map-style dataset over staging rows; a bad image yields a reason instead of pixels."""
 
     def __init__(self, root: Path, paths: list[str], rows: np.ndarray, cfg: PreprocessConfig):
@@ -35,7 +31,7 @@ class _Images:
             return row, None, f"unexpected error: {type(e).__name__}: {e}"
 
 
-class _Collate:
+class Collate:
     def __init__(self, cfg: PreprocessConfig):
         self.shape = (*cfg.input_size, 3)
 
@@ -51,73 +47,7 @@ class _Collate:
         return rows, torch.from_numpy(batch), ok, [it[2] for it in items]
 
 
-def _run(
-    staging: StagingFile,
-    root: Path,
-    cfg: PreprocessConfig,
-    make_engine: Callable[[], Any],
-    device: str,
-    batch_size: int,
-    num_workers: int | None,
-    progress: bool,
-    on_progress: Callable[[int, int], None] | None,
-    skipped: dict[int, str],
-) -> tuple[int, Any]:
-    import torch
-    from torch.utils.data import DataLoader
-
-    pending = np.flatnonzero(~staging.done_mask())
-    total = len(staging.paths)
-    if len(pending) == 0:
-        return 0, None
-    workers = default_num_workers(device) if num_workers is None else num_workers
-    loader = DataLoader(
-        _Images(root, staging.paths, pending, cfg),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=_Collate(cfg),
-        pin_memory=device == "cuda",
-        prefetch_factor=4 if workers > 0 else None,
-        persistent_workers=False,
-    )
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=total, initial=total - len(pending), unit="img", disable=not progress,
-        desc="extract", dynamic_ncols=True, smoothing=0.1,
-        # In a log file (CI, nohup) one line every 10 s, not one per batch.
-        mininterval=0.1 if sys.stderr.isatty() else 10.0,
-    )
-    n_new = rows_done = 0
-    # Start the decoding workers first (they fork before any inference thread exists) and build
-    # and warm up the engine while they fill the prefetch queue: fixed costs overlap.
-    batches = iter(loader)
-    eng = make_engine()
-    eng(np.zeros((min(batch_size, len(pending)), *cfg.input_size, 3), np.uint8))
-    try:
-        for rows, batch, ok, reasons in batches:
-            if ok.any():
-                emb = eng(batch if ok.all() else batch[torch.from_numpy(ok)])
-                full = np.zeros((len(rows), emb.shape[1]), staging.embeddings.dtype)
-                full[ok] = emb
-                _write_block(staging, rows, full, ok)
-                n_new += int(ok.sum())
-            for r, good, why in zip(rows, ok, reasons):
-                if not good:
-                    skipped[int(r)] = why
-            bar.update(len(rows))
-            rows_done += len(rows)  # not bar.n: a disabled bar (progress=False) keeps n at 0
-            if skipped:
-                bar.set_postfix(skipped=len(skipped), refresh=False)
-            if on_progress is not None:
-                on_progress(total - len(pending) + rows_done, total)
-    finally:
-        bar.close()
-    return n_new, eng
-
-
-def _write_block(staging: StagingFile, rows: np.ndarray, emb: np.ndarray, ok: np.ndarray) -> None:
+def write_block(staging: Any, rows: np.ndarray, emb: np.ndarray, ok: np.ndarray) -> None:
     lo, hi = int(rows[0]), int(rows[-1]) + 1
     if hi - lo == len(rows):
         staging.embeddings[lo:hi] = emb
@@ -129,7 +59,7 @@ def _write_block(staging: StagingFile, rows: np.ndarray, emb: np.ndarray, ok: np
         staging.write_rows(rows[ok], emb[ok])
 
 
-class _ViewImages:
+class ViewImageDataset:
     """A row dataset whose items also carry the row's K augmented views (``None`` for a bad image)."""
 
     def __init__(self, base: Any, paths: list[str], features: Any, interpolation: str):
@@ -150,7 +80,7 @@ class _ViewImages:
             return row, None, f"unexpected error making views: {type(e).__name__}: {e}", None
 
 
-class _ViewCollate(_Collate):
+class ViewCollate(Collate):
     def __init__(self, cfg: PreprocessConfig, views: int):
         super().__init__(cfg)
         self.views = views
@@ -172,7 +102,7 @@ def _tap_outputs(eng: Any, x: Any, batch_size: int) -> dict[str, np.ndarray]:
     return {t: np.concatenate([p[k] for p in parts]) for k, t in enumerate(eng.layers)}
 
 
-def _embed_feature_rows(writer: Any, loader: Any, eng: Any, features: Any, batch_size: int,
+def embed_feature_rows(writer: Any, loader: Any, eng: Any, features: Any, batch_size: int,
                         skipped: dict[int, str]) -> None:
     """The embedding loop of a run with layers or views: every tap and view of a row is written
     before the row is marked done (``PartWriter.write_rows``), so a resumed run redoes only rows

@@ -14,27 +14,26 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from .._files import atomic_write_text, describe_os_error, remove_orphans, sha256_file, temporary_path, timestamp
+from .._files import atomic_write_text, describe_os_error, remove_orphans, sha256_file, slugify, temporary_path, timestamp
 from ..cache import default_cache_dir
 from ..errors import CacheError, ConfigError, OnnxCacheRebuiltWarning
-from ._cachefile import _slug
 from ._options import ENGINES
 
 __all__ = [
-    "_TorchEngine",
-    "_onnx_cache_path",
+    "TorchEngine",
+    "onnx_cache_path",
     "check_embedder_onnx",
     "export_embedder_onnx",
     "ensure_embedder_onnx",
-    "_OrtEngine",
-    "_make_engine",
-    "_TapEngine",
-    "_OrtTapEngine",
+    "OrtEngine",
+    "build_engine",
+    "TapEngine",
+    "OrtTapEngine",
     "tap_identity",
 ]
 
 
-class _TorchEngine:
+class TorchEngine:
     name = "torch"
 
     def __init__(self, backbone: Any, device: str, precision: str):
@@ -61,7 +60,7 @@ class _TorchEngine:
             return y.float().cpu().numpy()
 
 
-class _TapEngine(_TorchEngine):
+class TapEngine(TorchEngine):
     """torch engine over a :class:`~featbank.backbones.TapModel`: a batch -> one array per tap."""
 
     def __init__(self, backbone: Any, device: str, precision: str, layers: Any, pooling: str):
@@ -91,12 +90,12 @@ class _TapEngine(_TorchEngine):
             return [y.float().cpu().numpy() for y in ys]
 
 
-def _onnx_cache_path(identity: dict[str, Any]) -> Path:
+def onnx_cache_path(identity: dict[str, Any]) -> Path:
     import torch
 
     blob = json.dumps({"identity": identity, "torch": torch.__version__, "featbank": __version__}, sort_keys=True)
     digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
-    return default_cache_dir() / "onnx" / f"{_slug(identity['backbone'])}-{digest}.onnx"
+    return default_cache_dir() / "onnx" / f"{slugify(identity['backbone'])}-{digest}.onnx"
 
 
 def _record_path(path: Path) -> Path:
@@ -192,7 +191,7 @@ def ensure_embedder_onnx(backbone: Any, path: Path | None = None, layers: Any = 
     Warns:
         OnnxCacheRebuiltWarning: the cached graph was broken (the warning says why) and was rebuilt.
     """
-    path = path or _onnx_cache_path(tap_identity(backbone, layers, pooling))
+    path = path or onnx_cache_path(tap_identity(backbone, layers, pooling))
     if path.exists():
         why = check_embedder_onnx(path)
         if why is None:
@@ -204,7 +203,7 @@ def ensure_embedder_onnx(backbone: Any, path: Path | None = None, layers: Any = 
     return export_embedder_onnx(backbone, path, layers, pooling)
 
 
-class _OrtEngine:
+class OrtEngine:
     name = "onnxruntime"
 
     def __init__(self, backbone: Any = None, path: Path | None = None, layers: Any = None, pooling: str = "gap+2x2"):
@@ -229,7 +228,7 @@ class _OrtEngine:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(arr)})[0]
 
 
-class _OrtTapEngine(_OrtEngine):
+class OrtTapEngine(OrtEngine):
     """onnxruntime over the exported :class:`~featbank.backbones.TapModel`: a batch -> one array per tap."""
 
     def __init__(self, backbone: Any, layers: Any, pooling: str):
@@ -245,32 +244,32 @@ class _OrtTapEngine(_OrtEngine):
         return list(self.session.run(None, {self.input_name: np.ascontiguousarray(arr)}))
 
 
-def _make_tap_engine(engine: str, backbone: Any, device: str, precision: str, layers: Any, pooling: str) -> Any:
-    """The engine of a run with layers or views: what :func:`_make_engine` picks, over the taps."""
+def build_tap_engine(engine: str, backbone: Any, device: str, precision: str, layers: Any, pooling: str) -> Any:
+    """The engine of a run with layers or views: what :func:`build_engine` picks, over the taps."""
     if engine == "onnxruntime" and device != "cpu":
         raise ConfigError("--engine onnxruntime runs on the CPU here; use --device cpu or --engine torch.")
     if engine == "torch" or (engine == "auto" and device != "cpu"):
-        return _TapEngine(backbone, device, precision, layers, pooling)
+        return TapEngine(backbone, device, precision, layers, pooling)
     try:
-        return _OrtTapEngine(backbone, layers, pooling)
+        return OrtTapEngine(backbone, layers, pooling)
     except Exception as e:  # noqa: BLE001 - auto falls back, explicit choice reports
         if engine == "onnxruntime":
             raise ConfigError(f"The onnxruntime engine could not be built for {backbone.name!r}: {e}") from None
         warnings.warn(f"onnxruntime engine unavailable ({e}); using torch.", RuntimeWarning, stacklevel=3)
-        return _TapEngine(backbone, device, precision, layers, pooling)
+        return TapEngine(backbone, device, precision, layers, pooling)
 
 
-def _make_engine(engine: str, backbone: Any, device: str, precision: str) -> Any:
+def build_engine(engine: str, backbone: Any, device: str, precision: str) -> Any:
     if engine not in ENGINES:
         raise ConfigError(f"The 'engine' parameter must be one of {ENGINES}. Got {engine!r} instead.")
     if engine == "onnxruntime" and device != "cpu":
         raise ConfigError("--engine onnxruntime runs on the CPU here; use --device cpu or --engine torch.")
     if engine == "torch" or (engine == "auto" and device != "cpu"):
-        return _TorchEngine(backbone, device, precision)
+        return TorchEngine(backbone, device, precision)
     try:
-        return _OrtEngine(backbone)
+        return OrtEngine(backbone)
     except Exception as e:  # noqa: BLE001 - auto falls back, explicit choice reports
         if engine == "onnxruntime":
             raise ConfigError(f"The onnxruntime engine could not be built for {backbone.name!r}: {e}") from None
         warnings.warn(f"onnxruntime engine unavailable ({e}); using torch.", RuntimeWarning, stacklevel=3)
-        return _TorchEngine(backbone, device, precision)
+        return TorchEngine(backbone, device, precision)

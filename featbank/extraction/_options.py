@@ -5,13 +5,13 @@ from __future__ import annotations
 from .._device import DEVICES
 from ..errors import ConfigError
 
-__all__ = ["DEVICES", "ENGINES", "DTYPES", "_validate"]
+__all__ = ["DEVICES", "ENGINES", "DTYPES", "validate_options"]
 
 ENGINES = ("auto", "torch", "onnxruntime")
 DTYPES = ("float32", "float16")
 
 
-def _validate(batch_size: int, num_workers: int | None, dtype: str) -> None:
+def validate_options(batch_size: int, num_workers: int | None, dtype: str) -> None:
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"The 'batch_size' parameter must be a positive integer. Got {batch_size!r} instead.")
     if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 0):

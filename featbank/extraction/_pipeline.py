@@ -12,7 +12,7 @@ from typing import Any
 from .._device import resolve_device
 from ..errors import ConfigError
 from ._cachefile import default_cache_path, refuse_foreign_file
-from ._options import ENGINES, _validate
+from ._options import ENGINES, validate_options
 from ._report import ExtractReport
 from ._scaled import ScaleOptions, extract_sharded
 
@@ -111,7 +111,7 @@ def extract(
         >>> print(report.summary())
     """
     t0 = time.perf_counter()
-    _validate(batch_size, num_workers, dtype)
+    validate_options(batch_size, num_workers, dtype)
     dev = resolve_device(device).type
     if engine not in ENGINES:
         raise ConfigError(f"The 'engine' parameter must be one of {ENGINES}. Got {engine!r} instead.")

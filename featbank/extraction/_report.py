@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ExtractReport", "_strict_message"]
+__all__ = ["ExtractReport", "strict_message"]
 
 
 @dataclass
@@ -64,7 +64,7 @@ class ExtractReport:
         return "; ".join(parts)
 
 
-def _strict_message(report: ExtractReport) -> str:
+def strict_message(report: ExtractReport) -> str:
     lines = [f"--strict: {report.n_skipped} image(s) were skipped (the cache {report.path} was still written):"]
     lines += [f"  {p}: {r}" for p, r in report.skipped[:20]]
     if report.n_skipped > 20:

@@ -22,10 +22,10 @@ import numpy as np
 
 from ..cache import writer_lock
 from ..cache._parts import part_name, parts_dir, rows_digest
-from ..cache._schema import _FORMAT, _decode, compute_cache_key
+from ..cache._schema import FORMAT, compute_cache_key, decode_attr
 from ..errors import CacheError, ConfigError, Interrupted, NotACacheError, SkippedImagesError, SkippedImagesWarning
 from ._plan import DEFAULT_SHARD_SIZE
-from ._report import ExtractReport, _strict_message
+from ._report import ExtractReport, strict_message
 
 __all__ = ["ScaleOptions", "read_source", "extract_sharded", "schema_version_of"]
 
@@ -53,7 +53,7 @@ def _world_size() -> int:
         return 1
 
 
-def _is_webdataset(data: str) -> bool:
+def is_webdataset(data: str) -> bool:
     if "{" in data and data.endswith(".tar"):
         return True
     p = Path(data).expanduser()
@@ -67,7 +67,7 @@ def _is_webdataset(data: str) -> bool:
     return False
 
 
-def _is_manifest(data: str) -> bool:
+def is_manifest(data: str) -> bool:
     return Path(data).suffix.lower() in (".csv", ".tsv", ".parquet")
 
 
@@ -78,7 +78,7 @@ def schema_version_of(path: Path) -> int | None:
         return None
     try:
         with h5py.File(path, "r") as f:
-            if f.attrs.get("format") != _FORMAT:
+            if f.attrs.get("format") != FORMAT:
                 return None
             v = f.attrs.get("schema_version")
             # Strictly an integer: 1.5 or "one" is a damaged file, not a version (the reader says so).
@@ -94,10 +94,10 @@ def read_source(data: str, scale: ScaleOptions) -> Any:
     from ..data import scan_folder
     from ._sharded import RowSource
 
-    if _is_manifest(data):
+    if is_manifest(data):
         return read_manifest(data, path_column=scale.path_column, label_column=scale.label_column,
                              split_column=scale.split_column)
-    if _is_webdataset(data):
+    if is_webdataset(data):
         return read_webdataset(data, label_from=scale.label_from)
     return RowSource.from_index(scan_folder(data))
 
@@ -110,10 +110,10 @@ def _write_target(out_path: Path) -> Path:
 def _run_identity(opts: Any) -> tuple[dict[str, Any], str, dict[str, Any]]:
     """(backbone identity, cache key, what the key covers) of this run's settings."""
     from .._device import precision_name
-    from ._sharded import _identity
+    from ._sharded import identity_of
 
     weights_file = str(opts.weights_file) if opts.weights_file is not None else None
-    identity = _identity(opts.backbone, opts.weights, weights_file)
+    identity = identity_of(opts.backbone, opts.weights, weights_file)
     precision = precision_name(opts.device.split(":")[0])
     features = opts.features.key_part() if opts.features is not None else None
     wanted = {**identity, "dtype": opts.dtype, "precision": precision, "features": features or {}}
@@ -202,7 +202,7 @@ def _up_to_date(prep: Any) -> bool:
         return False
     try:
         with h5py.File(prep.index_path, "r") as f:
-            names = _decode(f["parts/names"][...])
+            names = decode_attr(f["parts/names"][...])
             same_attrs = all(str(f.attrs.get(k, "")) == str(prep.attrs[k]) for k in ("root", "layout", "classes_json"))
             listed = str(f.attrs.get("listing_skipped", "[]"))
             complete = f.attrs.get("complete", True) is not False and bool(f.attrs.get("complete", True))
@@ -282,7 +282,7 @@ def _counts(prep: Any, rank: int = 0, world: int = 1) -> dict[str, int]:
 def _skipped(index_path: Path) -> list[tuple[str, str]]:
     """Every skipped row of a published index: the parts' ``skipped/`` and rows refused while listing."""
     with h5py.File(index_path, "r") as f:
-        out = list(zip(_decode(f["skipped/paths"][...]), _decode(f["skipped/reasons"][...])))
+        out = list(zip(decode_attr(f["skipped/paths"][...]), decode_attr(f["skipped/reasons"][...])))
         listed = json.loads(str(f.attrs.get("listing_skipped", "[]")))
     return sorted(out + [(str(k), str(r)) for k, r, *_ in listed])
 
@@ -303,7 +303,7 @@ def _old_rows_dropped(index_path: Path, prep: Any) -> int:
 
 def extract_sharded(data: str, out_path: Path, opts: Any, scale: ScaleOptions, t0: float) -> ExtractReport:
     """Run one extraction of ``data`` into the schema-v2 cache ``out_path`` (see :func:`featbank.extract`)."""
-    from ._cachefile import _remove_stale_temporaries
+    from ._cachefile import remove_stale_temporaries
     from ._launch import resolve_launcher, run_prepared
 
     launcher = resolve_launcher(scale.launcher or "auto")
@@ -316,7 +316,7 @@ def extract_sharded(data: str, out_path: Path, opts: Any, scale: ScaleOptions, t
     with writer_lock(index_path) if rank == 0 else nullcontext():  # the lock names a folder it cannot create
         index_path.parent.mkdir(parents=True, exist_ok=True)
         if rank == 0:
-            _remove_stale_temporaries(index_path)
+            remove_stale_temporaries(index_path)
         source = read_source(data, scale)
         _, key, wanted = _run_identity(opts)
         if not opts.overwrite:
@@ -396,5 +396,5 @@ def _finish_report(report: ExtractReport, prep: Any, t0: float, opts: Any, final
             f"{report.path} under skipped/.", SkippedImagesWarning, stacklevel=4,
         )
     if opts.strict and report.skipped:
-        raise SkippedImagesError(_strict_message(report))
+        raise SkippedImagesError(strict_message(report))
     return report

@@ -32,7 +32,7 @@ from ..cache._parts import (
     rows_digest,
     write_part,
 )
-from ..cache._schema import _decode, compute_cache_key, describe_feature_difference, feature_settings
+from ..cache._schema import compute_cache_key, decode_attr, describe_feature_difference, feature_settings
 from ..errors import CacheError, CacheKeyMismatch
 from ._plan import DEFAULT_SHARD_SIZE, Plan, assign_rows, plan_shards, plan_tars, replan
 
@@ -90,7 +90,7 @@ class Prepared:
     row_datasets: tuple[str, ...] = ROW_DATASETS
 
 
-def _identity(backbone: str, weights: str | None, weights_file: str | None) -> dict[str, Any]:
+def identity_of(backbone: str, weights: str | None, weights_file: str | None) -> dict[str, Any]:
     from ..backbones import load_backbone, peek_identity
 
     ident = peek_identity(backbone, weights, weights_file)
@@ -147,7 +147,7 @@ def prepare(
 
     index_path = Path(index_path)
     precision = precision_name(device.split(":")[0])
-    identity = _identity(backbone, weights, weights_file)
+    identity = identity_of(backbone, weights, weights_file)
     if features is not None and features.is_default:
         features = None
     key = compute_cache_key(identity, dtype, precision, features.key_part() if features is not None else None)
@@ -224,12 +224,12 @@ def _engine(settings: WorkerSettings) -> Any:
          settings.features)
     if k not in _ENGINES:
         from ..backbones import load_backbone
-        from ._engines import _make_engine, _make_tap_engine
+        from ._engines import build_engine, build_tap_engine
 
         bb = load_backbone(settings.backbone, settings.weights, settings.weights_file)
         f = settings.features
-        _ENGINES[k] = (_make_engine(settings.engine, bb, settings.device, settings.precision) if f is None
-                       else _make_tap_engine(settings.engine, bb, settings.device, settings.precision, f.layers, f.pooling))
+        _ENGINES[k] = (build_engine(settings.engine, bb, settings.device, settings.precision) if f is None
+                       else build_tap_engine(settings.engine, bb, settings.device, settings.precision, f.layers, f.pooling))
     return _ENGINES[k]
 
 
@@ -291,7 +291,7 @@ def _reuse_rows(writer: PartWriter, folder: Path, names: Sequence[str]) -> int:
         with f:
             if str(f.attrs.get("cache_key", "")) != writer.key:
                 continue
-            old_paths = _decode(f["paths"][...])
+            old_paths = decode_attr(f["paths"][...])
             old_fps = f["fingerprints"][...]
             # No tuple per row: container objects wake Python's cyclic GC, which then walks every
             # object alive (the caller's millions of keys) and made this step grow with the cache.
@@ -320,7 +320,7 @@ def _embed_rows(writer: PartWriter, job: ShardJob, skipped: dict[int, str],
     from torch.utils.data import DataLoader
 
     from ..images import PreprocessConfig
-    from ._embedding import _Collate, _Images, _write_block
+    from ._embedding import Collate, ImageRowsDataset, write_block
 
     pending = np.flatnonzero(~writer.done_mask())
     if len(pending) == 0:
@@ -330,23 +330,23 @@ def _embed_rows(writer: PartWriter, job: ShardJob, skipped: dict[int, str],
     if job.layout == "webdataset":
         dataset: Any = TarImages(Path(job.root), writer.paths, job.members, pending, cfg)
     else:
-        dataset = _Images(Path(job.root), writer.paths, pending, cfg)
+        dataset = ImageRowsDataset(Path(job.root), writer.paths, pending, cfg)
     loader = DataLoader(dataset, batch_size=s.batch_size, shuffle=False, num_workers=s.num_workers,
-                        collate_fn=_Collate(cfg), prefetch_factor=4 if s.num_workers > 0 else None)
+                        collate_fn=Collate(cfg), prefetch_factor=4 if s.num_workers > 0 else None)
     eng = _engine(s)
     if s.features is not None:
-        from ._embedding import _embed_feature_rows, _ViewCollate, _ViewImages
+        from ._embedding import ViewCollate, ViewImageDataset, embed_feature_rows
 
-        loader = DataLoader(_ViewImages(dataset, writer.paths, s.features, cfg.interpolation), batch_size=s.batch_size,
-                            shuffle=False, num_workers=s.num_workers, collate_fn=_ViewCollate(cfg, s.features.views),
+        loader = DataLoader(ViewImageDataset(dataset, writer.paths, s.features, cfg.interpolation), batch_size=s.batch_size,
+                            shuffle=False, num_workers=s.num_workers, collate_fn=ViewCollate(cfg, s.features.views),
                             prefetch_factor=4 if s.num_workers > 0 else None)
-        return _embed_feature_rows(writer, loader, eng, s.features, s.batch_size, skipped)
+        return embed_feature_rows(writer, loader, eng, s.features, s.batch_size, skipped)
     for rows, batch, ok, reasons in loader:
         if ok.any():
             emb = eng(batch if ok.all() else batch[torch.from_numpy(ok)])
             full = np.zeros((len(rows), emb.shape[1]), writer.embeddings.dtype)
             full[ok] = emb
-            _write_block(writer, rows, full, ok)  # type: ignore[arg-type]  # PartWriter duck-types StagingFile
+            write_block(writer, rows, full, ok)
         for r, good, why in zip(rows, ok, reasons):
             if not good:
                 skipped[int(r)] = why

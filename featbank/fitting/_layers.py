@@ -190,11 +190,11 @@ def _ridge_score(Xtr: np.ndarray, ytr: np.ndarray, Xv: np.ndarray, yv: np.ndarra
     best = 0.0
     for a in _RIDGE_ALPHAS:
         pred = (cross @ (proj / (e + a * base)[:, None])).argmax(1)
-        best = max(best, _score(yv, pred, balanced))
+        best = max(best, selection_score(yv, pred, balanced))
     return best
 
 
-def _score(y: np.ndarray, pred: np.ndarray, balanced: bool) -> float:
+def selection_score(y: np.ndarray, pred: np.ndarray, balanced: bool) -> float:
     if balanced:
         from sklearn.metrics import balanced_accuracy_score
 

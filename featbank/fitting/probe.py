@@ -478,10 +478,10 @@ def _choose_tta(cache: Any, plan: _Plan, sel: Selection, val: np.ndarray) -> tup
         return plan.tta == "on", {"mode": plan.tta, "used": plan.tta == "on", "n_views": plan.n_tta_views}
     y = cache.labels[val]
     balanced = plan.spec.class_weight == "balanced"
-    from ._layers import _score
+    from ._layers import selection_score
 
-    plain = _score(y, sel.val_proba.argmax(1), balanced)
-    avg = _score(y, mean_proba([sel.val_proba, *sel.val_view_probas]).argmax(1), balanced)
+    plain = selection_score(y, sel.val_proba.argmax(1), balanced)
+    avg = selection_score(y, mean_proba([sel.val_proba, *sel.val_view_probas]).argmax(1), balanced)
     used = plan.tta == "on" or (plan.tta == "auto" and avg > plain)
     return used, {"mode": plan.tta, "used": used, "n_views": plan.n_tta_views, "val_plain": plain, "val_tta": avg}
 
