@@ -37,7 +37,7 @@ PREPARE = {
     "elpv4": ["elpv", "--split", "70-30"],
     "elpv2": ["elpv", "--split", "70-30", "--classes", "2"],
     "fmnist": ["fashion-mnist", "--n-train", "2000", "--n-test", "1000"],  # 3k: all layers x 2 views fit 2 CPU cores
-    "digits": ["digits"],
+    "digits": ["digits", "--split", "70-30"],
 }
 PROBES = {
     "final": dict(layers="final", train_views=False, tta="off"),
