@@ -1,7 +1,7 @@
 """Probe variants side by side: final layer vs layer selection vs augmented views vs both.
 
 One run: each data set is embedded once (every layer of the backbone, plus K augmented views;
-reused from the cache when already there) and four probes are fitted on that one cache:
+reused from the cache when already there) and five probes are fitted on that one cache:
 
 | probe | featbank fit options |
 |---|---|
@@ -9,6 +9,7 @@ reused from the cache when already there) and four probes are fitted on that one
 | layers | --layers auto --no-train-views --tta off |
 | views | --layers final (train on views) --tta auto |
 | both | --layers auto (train on views) --tta auto |
+| layers-svc | --head SVC --param C=3 --layers stage3-final --no-train-views --tta off |
 
 Data sets (image folders built from installed packages by scripts/prepare_data.py): ELPV 4-class
 and 2-class (the README's stratified 70/30 split), a Fashion-MNIST subset and scikit-learn digits.
@@ -44,6 +45,9 @@ PROBES = {
     "layers": dict(layers="auto", train_views=False, tta="off"),
     "views": dict(layers="final", train_views=True, tta="auto"),
     "both": dict(layers="auto", train_views=True, tta="auto"),
+    # An RBF SVM on stages 3 to final (C and the layer range picked on ELPV's validation split in
+    # the research for #15, not on test): the best frozen probe found on ELPV.
+    "layers-svc": dict(head="SVC", params={"C": 3.0}, layers="stage3-final", train_views=False, tta="off"),
 }
 
 
@@ -65,9 +69,9 @@ def run_dataset(name: str, args: argparse.Namespace) -> list[dict]:
                               augment=args.augment, progress=False)
     extract_s = time.perf_counter() - t0
     rows = []
-    for probe, opts in PROBES.items():
+    for probe, opts in ((p, PROBES[p]) for p in args.probes.split(",")):
         t0 = time.perf_counter()
-        res = featbank.fit(cache, "linear", save=False, **opts)
+        res = featbank.fit(cache, **{"head": "linear", **opts}, save=False)
         fit_s = time.perf_counter() - t0
         feats = res.metrics["features"]
         test = res.headline
@@ -103,6 +107,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", default="elpv4,elpv2,fmnist,digits")
     ap.add_argument("--backbone", default="efficientnet_lite0")
+    ap.add_argument("--probes", default=",".join(PROBES), help=f"which probes to fit (default: all: {','.join(PROBES)})")
     ap.add_argument("--layers", default="all", help="layers extracted (the candidates of --layers auto)")
     ap.add_argument("--views", type=int, default=1)
     ap.add_argument("--augment", default="hflip")
