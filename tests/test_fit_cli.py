@@ -47,12 +47,14 @@ def test_fit_without_cache_uses_the_latest_and_says_so(tiny_cache, tmp_path, mon
 
     d = default_cache_dir() / "caches"
     d.mkdir(parents=True, exist_ok=True)
-    shutil.copy(tiny_cache, d / "latest.h5")
+    # A schema-v2 cache is its index plus the parts folder beside it: move both, under the same name.
+    shutil.copy(tiny_cache, d / tiny_cache.name)
+    shutil.copytree(tiny_cache.with_name(tiny_cache.name + ".parts"), d / (tiny_cache.name + ".parts"))
     monkeypatch.chdir(tmp_path)
     res = CliRunner().invoke(cli, ["fit", "--param", "C=1.0"])
     assert res.exit_code == 0, res.output
-    assert "Using cache" in res.output and "latest.h5" in res.output and "the only complete cache" in res.output
-    assert (tmp_path / "models" / "latest-linear" / "manifest.json").is_file()
+    assert "Using cache" in res.output and tiny_cache.name in res.output and "the only complete cache" in res.output
+    assert (tmp_path / "models" / f"{tiny_cache.stem}-linear" / "manifest.json").is_file()
 
 
 def test_refusals_exit_2_and_write_nothing(tiny_cache, tmp_path):

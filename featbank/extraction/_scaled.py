@@ -305,7 +305,9 @@ def extract_sharded(data: str, out_path: Path, opts: Any, scale: ScaleOptions, t
     """Run one extraction of ``data`` into the schema-v2 cache ``out_path`` (see :func:`featbank.extract`)."""
     from ._cachefile import remove_stale_temporaries
     from ._launch import resolve_launcher, run_prepared
+    from ._sharded import reset_engines
 
+    reset_engines()
     launcher = resolve_launcher(scale.launcher or "auto")
     torchrun = launcher == "torchrun"
     if scale.shard_size is not None and (not isinstance(scale.shard_size, int) or scale.shard_size < 1):

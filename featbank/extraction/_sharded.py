@@ -36,7 +36,8 @@ from ..cache._schema import compute_cache_key, decode_attr, describe_feature_dif
 from ..errors import CacheError, CacheKeyMismatch
 from ._plan import DEFAULT_SHARD_SIZE, Plan, assign_rows, plan_shards, plan_tars, replan
 
-__all__ = ["RowSource", "WorkerSettings", "ShardJob", "Prepared", "prepare", "run_shard", "finalize", "migrate_v1"]
+__all__ = ["RowSource", "WorkerSettings", "ShardJob", "Prepared", "prepare", "run_shard", "finalize", "migrate_v1",
+           "reset_engines"]
 
 
 @dataclass(frozen=True)
@@ -175,6 +176,8 @@ def prepare(
         planned_paths[shard.shard_id] = rows.paths
         final = folder / part_name(shard.shard_id, digest)
         damaged = final.name in recorded and final.exists() and recorded[final.name] != _stat(final)
+        # A finished part no index lists (a run that never published) counts only if it has this run's key.
+        damaged = damaged or (final.name not in recorded and final.exists() and _part_key(final) != key)
         if damaged or not final.exists():
             members = [source.members[r] for r in rows_i] if source.members else []
             reuse = [old_parts[j] for j in _overlapping(old, plan, i) if j in old_parts] if old is not None else []
@@ -231,6 +234,24 @@ def _engine(settings: WorkerSettings) -> Any:
         _ENGINES[k] = (build_engine(settings.engine, bb, settings.device, settings.precision) if f is None
                        else build_tap_engine(settings.engine, bb, settings.device, settings.precision, f.layers, f.pooling))
     return _ENGINES[k]
+
+
+def reset_engines() -> None:
+    """Forget this process's engines: each extract run builds (and so verifies) its engine afresh.
+
+    Within one run a worker reuses its engine for every shard it embeds; across runs in one process
+    (the Python API, tests) a reused onnxruntime session would skip the check of the cached graph.
+    """
+    _ENGINES.clear()
+
+
+def _part_key(path: Path) -> str:
+    """The cache key a part file carries; "" when it cannot be read (then it is recomputed)."""
+    try:
+        with h5py.File(path, "r") as f:
+            return str(f.attrs.get("cache_key", ""))
+    except OSError:
+        return ""
 
 
 def run_shard(job: ShardJob, on_rows: Callable[[int], None] | None = None) -> PartInfo:
