@@ -41,53 +41,45 @@ class TorchEngine:
 
         self.torch = torch
         self.device = torch.device(device)
-        model = backbone.embedder().eval().to(self.device)
+        model = self._build(backbone).eval().to(self.device)
         if self.device.type == "cpu":
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.autocast_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(precision)
 
-    def __call__(self, batch: Any) -> np.ndarray:
+    def _build(self, backbone: Any) -> Any:
+        return backbone.embedder()
+
+    def _forward(self, batch: Any) -> Any:
+        """The model's output on ``batch`` (uint8 NHWC), under inference mode and the run's autocast."""
         torch = self.torch
         x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(batch)
         with torch.inference_mode():
             x = x.to(self.device, non_blocking=True)
-            if self.autocast_dtype is not None:
-                with torch.autocast(self.device.type, dtype=self.autocast_dtype):
-                    y = self.model(x)
-            else:
-                y = self.model(x)
-            return y.float().cpu().numpy()
+            if self.autocast_dtype is None:
+                return self.model(x)
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+                return self.model(x)
+
+    def __call__(self, batch: Any) -> np.ndarray:
+        return self._forward(batch).float().cpu().numpy()
 
 
 class TapEngine(TorchEngine):
     """torch engine over a :class:`~featbank.backbones.TapModel`: a batch -> one array per tap."""
 
     def __init__(self, backbone: Any, device: str, precision: str, layers: Any, pooling: str):
-        import torch
+        self._taps = (layers, pooling)
+        super().__init__(backbone, device, precision)
+        self.layers = self.model.layers
 
+    def _build(self, backbone: Any) -> Any:
         from ..backbones import TapModel
 
-        self.torch = torch
-        self.device = torch.device(device)
-        model = TapModel(backbone, layers, pooling).eval().to(self.device)
-        if self.device.type == "cpu":
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model
-        self.layers = model.layers
-        self.autocast_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(precision)
+        return TapModel(backbone, *self._taps)
 
     def __call__(self, batch: Any) -> list[np.ndarray]:  # type: ignore[override]
-        torch = self.torch
-        x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(batch)
-        with torch.inference_mode():
-            x = x.to(self.device, non_blocking=True)
-            if self.autocast_dtype is not None:
-                with torch.autocast(self.device.type, dtype=self.autocast_dtype):
-                    ys = self.model(x)
-            else:
-                ys = self.model(x)
-            return [y.float().cpu().numpy() for y in ys]
+        return [y.float().cpu().numpy() for y in self._forward(batch)]
 
 
 def onnx_cache_path(identity: dict[str, Any]) -> Path:
