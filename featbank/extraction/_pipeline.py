@@ -68,7 +68,8 @@ def extract(
             split folders, a flat folder of unlabelled images, a manifest (CSV, TSV, parquet) or
             WebDataset tar shards.
         out: the cache file; default :func:`default_cache_path`.
-        backbone: a name from ``featbank backbones``, or a fine-tuned bundle folder.
+        backbone: a name from ``featbank backbones``, or a fine-tuned bundle folder; ``NAME@SIZE``
+            feeds it whole SIZE x SIZE images (:func:`featbank.backbones.load_backbone`).
         weights: weight name (``IMAGENET1K_V2``), ``random``, or ``None`` for the default.
         weights_file: a local state_dict to use instead.
         batch_size: images per forward pass.
