@@ -22,7 +22,7 @@ import featbank
 from featbank._files import sha256_file
 from featbank.cache._index import read_parts_table, write_index
 from featbank.cache._parts import describe_part, parts_dir
-from featbank.cache._tools import check_cache, describe_cache, export_cache
+from featbank.cache._tools import CacheSummary, check_cache, describe_cache, export_cache
 from featbank.cache._writer import estimate_bytes, feature_values_per_row
 from featbank.cli.main import cli
 from featbank.errors import CacheError, ConfigError
@@ -173,7 +173,6 @@ def test_verify_finds_damage_that_only_the_layer_and_view_datasets_show(lv_cache
     assert "featbank extract" in res.output
 
 
-@pytest.mark.slow
 def test_the_fix_verify_gives_works(lv_cache, tmp_path):
     path = _copy(lv_cache, tmp_path)
     victim = parts_dir(path) / read_parts_table(path)[1].name
@@ -294,3 +293,24 @@ def test_layers_and_views_that_do_not_fit_are_refused_before_writing(tmp_path, f
     assert "Traceback" not in res.output and not out.exists() and not list(parts_dir(out).glob("*part-*"))
     said = float(re.search(r"about ([\d.]+) (kB|MB) needed", res.output).group(1))
     assert said * (1e3 if "kB needed" in res.output else 1e6) >= need * 0.99
+
+
+def test_info_names_the_seed_of_crops_views_only():
+    from featbank.cache._features import CacheFeatures
+
+    crops = CacheSummary(Path("c.h5"), 2, 4, 8, "float32", [], {}, {}, "b", "w", "k", 1, 0,
+                         features=CacheFeatures(("final",), {"final": 8}, "gap", 4, "crops", 3))
+    assert "views      4 per image, crops, view seed 3" in crops.lines()
+    assert "layers     1: final (8)" in crops.lines()  # one layer: its pooling says nothing
+
+
+def test_verify_of_a_v1_cache_reads_it_through(tiny_cache):
+    from _v1cache import to_v1
+
+    to_v1(tiny_cache)
+    assert check_cache(tiny_cache).n_samples == 24
+    with h5py.File(tiny_cache, "r+") as f:
+        f["embeddings"][7, 3] = np.nan
+    res = _run("cache", "verify", tiny_cache)
+    assert res.exit_code == 2 and "dataset 'embeddings' has NaN" in res.output and "row 7" in res.output, res.output
+    assert "--overwrite" in res.output

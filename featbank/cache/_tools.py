@@ -210,7 +210,7 @@ def check_cache(path: str | os.PathLike) -> CacheSummary:
         fix = (f"Remove the part file(s) named above and run 'featbank extract {root or 'DATA'} --out {path}' again: "
                "only those parts are recomputed (--overwrite rebuilds them all).")
     else:
-        problems = _read_through(path, names, summary.n_samples, "the file")
+        problems = _read_through(path, names, summary.n_samples, f"file {path.name}")
         fix = recreate_hint(path, root)
     if problems:
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
