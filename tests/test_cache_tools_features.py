@@ -314,3 +314,14 @@ def test_verify_of_a_v1_cache_reads_it_through(tiny_cache):
     res = _run("cache", "verify", tiny_cache)
     assert res.exit_code == 2 and "dataset 'embeddings' has NaN" in res.output and "row 7" in res.output, res.output
     assert "--overwrite" in res.output
+
+
+def test_info_and_verify_through_a_symlink(lv_cache, tmp_path):
+    link = tmp_path / "link.h5"
+    link.symlink_to(lv_cache)  # the parts lie beside the target, not beside the link
+    assert _run("cache", "info", link).exit_code == 0 and "PROBLEM" not in _run("cache", "info", link).output
+    res = _run("cache", "verify", link)
+    assert res.exit_code == 0, res.output
+    files = export_cache(link, tmp_path / "v", layers="stage1")
+    with featbank.open_cache(lv_cache) as c:
+        np.testing.assert_array_equal(np.concatenate([np.load(p) for p in files[::2]]), c.load_features(layers="stage1"))

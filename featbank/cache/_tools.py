@@ -88,7 +88,7 @@ def _open(path: Path) -> h5py.File:
     if not path.is_file():
         raise CacheError(f"Cache {str(path)!r} does not exist. Run 'featbank extract DATA --out {path}' first.")
     try:
-        f = h5py.File(path, "r")
+        f = h5py.File(os.path.realpath(path), "r")  # a v2 index finds its parts beside a symlink's target
     except OSError as e:
         raise CacheError(f"{str(path)!r} is not a readable HDF5 file ({e}).") from None
     if f.attrs.get("format") != FORMAT:
@@ -129,7 +129,7 @@ def describe_cache(path: str | os.PathLike) -> CacheSummary:
     with _open(path) as f:
         version = int(f.attrs.get("schema_version", 1))
         classes = decode_attr(f["classes"][...])
-        problems = check_parts(path) if version >= 2 else []
+        problems = check_parts(Path(os.path.realpath(path))) if version >= 2 else []
         labels, splits = _codes(f, problems) if not problems else (None, None)
         emb = f["embeddings"]
         n_skipped = int(f["skipped/paths"].shape[0]) if "skipped" in f else 0
@@ -196,18 +196,20 @@ def check_cache(path: str | os.PathLike) -> CacheSummary:
             names the part and dataset and what to run.
     """
     path = Path(path)
+    real = Path(os.path.realpath(path))  # through a symlink: the parts lie beside its target
     summary = describe_cache(path)
     if summary.schema_version >= 2:
-        verify_cache(path, full=True)
+        verify_cache(real, full=True)
     with _open(path) as f:
         feats = _check_layout(path, f)
         root = f.attrs.get("root")
     names = [*ROW_DATASETS, *feature_dataset_names(feats)]
     if summary.schema_version >= 2:
-        folder = parts_dir(Path(os.path.realpath(path)))
-        problems = [q for p in read_parts_table(path)
+        folder = parts_dir(real)
+        problems = [q for p in read_parts_table(real)
                     for q in _read_through(folder / p.name, names, p.n_rows, f"part {folder.name}/{p.name}")]
-        fix = (f"Remove the part file(s) named above and run 'featbank extract {root or 'DATA'} --out {path}' again: "
+        data = root if isinstance(root, str) and root else "DATA"
+        fix = (f"Remove the part file(s) named above and run 'featbank extract {data} --out {path}' again: "
                "only those parts are recomputed (--overwrite rebuilds them all).")
     else:
         problems = _read_through(path, names, summary.n_samples, f"file {path.name}")
