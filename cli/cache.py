@@ -16,13 +16,14 @@ def cache() -> None:
       featbank cache info runs/elpv.h5
       featbank cache verify runs/elpv.h5
       featbank cache export runs/elpv.h5 --format npy --out vectors/
+      featbank cache export runs/elpv.h5 --out vectors/ --layers stage5,final --view 0
     """
 
 
 @cache.command()
 @click.argument("path", type=click.Path(dir_okay=False))
 def info(path: str) -> None:
-    """Print what the cache holds: rows, classes, splits, backbone, key, parts, skipped files."""
+    """Print what the cache holds: rows, classes, splits, backbone, key, parts, skipped files, layers and views."""
     from featbank.cache._tools import describe_cache
 
     for line in describe_cache(path).lines():
@@ -32,7 +33,7 @@ def info(path: str) -> None:
 @cache.command()
 @click.argument("path", type=click.Path(dir_okay=False))
 def verify(path: str) -> None:
-    """Check every part (v2: each file hashed against the index) or every byte (v1). Exit 0 or 2."""
+    """Check every part (v2: hashed against the index) and read every dataset through, layers and views too. Exit 0 or 2."""
     from featbank.cache._tools import check_cache
 
     summary = check_cache(path)
@@ -46,9 +47,18 @@ def verify(path: str) -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write the shards into.")
 @click.option("--rows-per-file", type=click.IntRange(min=1), default=None,
               help="Rows per shard; default: one shard per part (v2) or 100,000 rows (v1).")
-def export(path: str, fmt: str, out: str, rows_per_file: int | None) -> None:
-    """Write the embeddings as shards for faiss/autofaiss, LanceDB or Spark, one shard in memory at a time."""
+@click.option("--layers", default="final", show_default=True, metavar="SPEC",
+              help="Layers of a cache extracted with --layers, concatenated in this order: 'stage5,final' or 'all'.")
+@click.option("--view", type=click.IntRange(min=0), default=None,
+              help="Export the k-th augmented view (0-based) of a cache extracted with --views; default: the plain view.")
+def export(path: str, fmt: str, out: str, rows_per_file: int | None, layers: str, view: int | None) -> None:
+    """Write the vectors as shards for faiss/autofaiss, LanceDB or Spark, one shard in memory at a time.
+
+    By default the vectors are the final embeddings of the plain view; --layers and --view choose
+    other stored columns (recorded in each parquet file's schema metadata, key 'featbank').
+    """
     from featbank.cache._tools import export_cache
 
-    files = export_cache(path, out, format=fmt, rows_per_file=rows_per_file)
-    click.echo(f"wrote {len(files)} file(s) to {out}")
+    files = export_cache(path, out, format=fmt, rows_per_file=rows_per_file, layers=layers, view=view)
+    what = f"layers {layers}" + (f", view {view}" if view is not None else "")
+    click.echo(f"wrote {len(files)} file(s) to {out} ({what})")

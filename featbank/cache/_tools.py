@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,8 +18,11 @@ import numpy as np
 
 from .._files import check_output_dir, fsync_dir, temporary_path
 from ..errors import CacheError, ConfigError
-from ._index import check_parts, verify_cache
+from ._features import CacheFeatures, dataset_name, feature_dataset_names, parse_requested, read_features
+from ._index import check_parts, read_parts_table, verify_cache
+from ._parts import ROW_DATASETS, parts_dir
 from ._schema import FORMAT, SPLIT_NAMES, decode_attr
+from ._validate import check_structure, recreate_hint
 
 __all__ = ["CacheSummary", "describe_cache", "check_cache", "export_cache", "EXPORT_FORMATS"]
 
@@ -28,7 +31,12 @@ EXPORT_FORMATS = ("npy", "parquet")
 
 @dataclass
 class CacheSummary:
-    """What ``featbank cache info`` prints."""
+    """What ``featbank cache info`` prints.
+
+    ``features`` holds the intermediate layers (``layers/<tap>``, with their widths and pooling)
+    and augmented views (``views/...``: K and the augmentation) the cache stores besides
+    ``embeddings``; a plain cache has ``layers == ("final",)`` and no views.
+    """
 
     path: Path
     schema_version: int
@@ -44,6 +52,7 @@ class CacheSummary:
     n_parts: int
     n_skipped: int
     problems: list[str] = field(default_factory=list)
+    features: CacheFeatures = field(default_factory=CacheFeatures)
 
     def lines(self) -> list[str]:
         """Human-readable lines, one fact each."""
@@ -56,9 +65,22 @@ class CacheSummary:
             f"classes    {len(self.classes)}: " + ", ".join(f"{c} ({n})" for c, n in self.class_counts.items()),
             "splits     " + (", ".join(f"{s} ({n})" for s, n in self.split_counts.items()) or "none"),
             f"skipped    {self.n_skipped}",
+            *_feature_lines(self.features, self.embed_dim),
         ]
         out += [f"PROBLEM    {p}" for p in self.problems]
         return out
+
+
+def _feature_lines(feats: CacheFeatures, embed_dim: int) -> list[str]:
+    dims = {**feats.layer_dims, "final": feats.layer_dims.get("final", embed_dim)}
+    layers = ", ".join(f"{t} ({dims.get(t, '?')})" for t in feats.layers)
+    pooled = f"; pooling {feats.pooling}" if len(feats.layers) > 1 else ""
+    if not feats.n_views:
+        views = "none"
+    else:
+        seed = f", view seed {feats.view_seed}" if feats.augment == "crops" else ""
+        views = f"{feats.n_views} per image, {feats.augment}{seed}"
+    return [f"layers     {len(feats.layers)}: {layers}{pooled}", f"views      {views}"]
 
 
 def _open(path: Path) -> h5py.File:
@@ -66,7 +88,7 @@ def _open(path: Path) -> h5py.File:
     if not path.is_file():
         raise CacheError(f"Cache {str(path)!r} does not exist. Run 'featbank extract DATA --out {path}' first.")
     try:
-        f = h5py.File(path, "r")
+        f = h5py.File(os.path.realpath(path), "r")  # a v2 index finds its parts beside a symlink's target
     except OSError as e:
         raise CacheError(f"{str(path)!r} is not a readable HDF5 file ({e}).") from None
     if f.attrs.get("format") != FORMAT:
@@ -75,8 +97,30 @@ def _open(path: Path) -> h5py.File:
     return f
 
 
+def _features_or_problem(path: Path, f: h5py.File, problems: list[str]) -> CacheFeatures:
+    emb = f["embeddings"]
+    if emb.ndim != 2:
+        return CacheFeatures()
+    try:
+        return read_features(path, f, int(emb.shape[1]), int(emb.shape[0]), f.attrs.get("root"))
+    except CacheError as e:
+        problems.append(str(e))
+        return CacheFeatures()
+
+
+def _codes(f: h5py.File, problems: list[str]) -> tuple[np.ndarray | None, np.ndarray | None]:
+    try:
+        return f["labels"][...], f["splits"][...]
+    except OSError as e:  # a part truncated after its size was recorded: HDF5 cannot read past its end
+        problems.append(f"the labels and splits cannot be read ({e}); 'featbank cache verify' names the part")
+        return None, None
+
+
 def describe_cache(path: str | os.PathLike) -> CacheSummary:
     """Summarise a cache (v1 or v2) without reading its embeddings; v2 parts get the fast check.
+
+    Damage that does not stop the summary (a missing or changed part, layers or views that
+    disagree with the attributes) is listed in ``problems``.
 
     Raises:
         CacheError: missing, unreadable, or not a featbank cache.
@@ -85,46 +129,94 @@ def describe_cache(path: str | os.PathLike) -> CacheSummary:
     with _open(path) as f:
         version = int(f.attrs.get("schema_version", 1))
         classes = decode_attr(f["classes"][...])
-        labels = f["labels"][...] if version < 2 else None
-        splits = f["splits"][...] if version < 2 else None
-        problems = check_parts(path) if version >= 2 else []
-        if version >= 2 and not problems:
-            labels, splits = f["labels"][...], f["splits"][...]
+        problems = check_parts(Path(os.path.realpath(path))) if version >= 2 else []
+        labels, splits = _codes(f, problems) if not problems else (None, None)
         emb = f["embeddings"]
         n_skipped = int(f["skipped/paths"].shape[0]) if "skipped" in f else 0
         n_skipped += len(json.loads(f.attrs.get("listing_skipped", "[]") or "[]"))
         names = json.loads(f.attrs.get("split_names", json.dumps(SPLIT_NAMES)))
         counts_c = {c: int(np.sum(labels == i)) for i, c in enumerate(classes)} if labels is not None else {}
         counts_s = {s: int(np.sum(splits == i)) for i, s in enumerate(names) if splits is not None and np.any(splits == i)}
+        feats = _features_or_problem(path, f, problems)
         return CacheSummary(
             path, version, int(emb.shape[0]), int(emb.shape[1]) if emb.ndim == 2 else 0, str(emb.dtype), classes,
             counts_c, counts_s, str(f.attrs.get("backbone", "")), str(f.attrs.get("weights", "")),
-            str(f.attrs.get("cache_key", "")), int(f.attrs.get("n_parts", 1)), n_skipped, problems,
+            str(f.attrs.get("cache_key", "")), int(f.attrs.get("n_parts", 1)), n_skipped, problems, feats,
         )
 
 
+def _check_layout(path: Path, f: h5py.File) -> CacheFeatures:
+    """What ``open_cache`` checks before reading a row, without loading the paths: v2 parts present and
+    unchanged and every virtual dataset mapped onto them; datasets and layer/view attributes agree."""
+    from ._reader import _check_v2
+
+    root = f.attrs.get("root")
+    if int(f.attrs.get("schema_version", 1)) >= 2:
+        _check_v2(Path(os.path.realpath(path)), f)
+    check_structure(path, f, root)
+    emb = f["embeddings"]
+    return read_features(path, f, int(emb.shape[1]), int(emb.shape[0]), root)
+
+
+def _read_through(file: Path, names: list[str], n_rows: int, label: str) -> list[str]:
+    """Problems found reading every row of ``names`` in one HDF5 file (a part, or a v1 cache):
+    a dataset missing, of another length or unreadable, NaN/inf values."""
+    problems = []
+    try:
+        with h5py.File(file, "r") as f:
+            for name in names:
+                ds = f.get(name)
+                if not isinstance(ds, h5py.Dataset) or not ds.shape or ds.shape[0] != n_rows:
+                    shape = ds.shape if isinstance(ds, h5py.Dataset) else "missing"
+                    problems.append(f"{label}: dataset '{name}' is {shape}, expected {n_rows} rows")
+                    continue
+                row_bytes = max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64)))
+                for start, stop in _blocks(n_rows, max(1, (16 << 20) // row_bytes)):
+                    block = ds[start:stop]
+                    if block.dtype.kind == "f" and not np.isfinite(block).all():
+                        bad = start + int(np.flatnonzero(~np.isfinite(block.reshape(len(block), -1)).all(1))[0])
+                        problems.append(f"{label}: dataset '{name}' has NaN or infinite values (first in row {bad})")
+                        break
+    except OSError as e:
+        problems.append(f"{label} cannot be read to the end ({e})")
+    return problems
+
+
 def check_cache(path: str | os.PathLike) -> CacheSummary:
-    """Check every byte: v2 hashes every part against the index; v1 reads every dataset through.
+    """Check every byte of a cache, its layers and views included.
+
+    Schema v2: every part is hashed against the index's table; the index is checked as
+    ``open_cache`` checks it (every virtual dataset, ``layers/`` and ``views/`` too, mapped onto
+    those parts; datasets and attributes agree); then every per-row dataset of every part is read
+    through (present, the part's row count, readable, no NaN/inf). Schema v1: the same
+    structure checks and read-through on the one file.
 
     Raises:
-        CacheError: a part is missing or changed, or the file cannot be read to the end.
+        CacheError: a part is missing, truncated or changed, or a dataset is damaged; the message
+            names the part and dataset and what to run.
     """
     path = Path(path)
+    real = Path(os.path.realpath(path))  # through a symlink: the parts lie beside its target
     summary = describe_cache(path)
     if summary.schema_version >= 2:
-        verify_cache(path, full=True)
-        return summary
+        verify_cache(real, full=True)
     with _open(path) as f:
-        try:
-            for start, stop in _blocks(f["embeddings"].shape[0], 1 << 14):
-                block = f["embeddings"][start:stop]
-                if not np.isfinite(block).all():
-                    raise CacheError(f"Cache {str(path)!r} has non-finite embeddings in rows {start}..{stop - 1}; "
-                                     "re-extract with --overwrite.")
-            for name in ("labels", "splits", "paths", "fingerprints", "classes"):
-                f[name][...]
-        except OSError as e:
-            raise CacheError(f"Cache {str(path)!r} cannot be read to the end ({e}); re-extract with --overwrite.") from None
+        feats = _check_layout(path, f)
+        root = f.attrs.get("root")
+    names = [*ROW_DATASETS, *feature_dataset_names(feats)]
+    if summary.schema_version >= 2:
+        folder = parts_dir(real)
+        problems = [q for p in read_parts_table(real)
+                    for q in _read_through(folder / p.name, names, p.n_rows, f"part {folder.name}/{p.name}")]
+        data = root if isinstance(root, str) and root else "DATA"
+        fix = (f"Remove the part file(s) named above and run 'featbank extract {data} --out {path}' again: "
+               "only those parts are recomputed (--overwrite rebuilds them all).")
+    else:
+        problems = _read_through(path, names, summary.n_samples, f"file {path.name}")
+        fix = recreate_hint(path, root)
+    if problems:
+        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise CacheError(f"Cache {str(path)!r} is damaged:\n  {shown}\n{fix}")
     return summary
 
 
@@ -158,59 +250,89 @@ def _atomic(path: Path, write: Any) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _read_columns(path: Path, f: h5py.File, wanted: list[str], view: int | None, lo: int, hi: int) -> np.ndarray:
+    """Rows ``lo:hi`` of the layers ``wanted`` (of augmented view ``view``), side by side; NaN/inf refused."""
+    cols = []
+    for tap in wanted:
+        name = dataset_name(tap, view is not None)
+        block = f[name][lo:hi] if view is None else f[name][lo:hi, view]
+        bad = np.flatnonzero(~np.isfinite(block).all(axis=1))
+        if bad.size:
+            row = lo + int(bad[0])
+            raise CacheError(f"Cache '{path}' is damaged: dataset '{name}' has NaN or infinite values in row {row} "
+                             f"({decode_attr(f['paths'][row:row + 1])[0]!r}). {recreate_hint(path, f.attrs.get('root'))}")
+        cols.append(block)
+    return cols[0] if len(cols) == 1 else np.concatenate(cols, axis=1)
+
+
+def _write_shard(out_dir: Path, i: int, fmt: str, emb: np.ndarray, meta: dict[str, list], layout: str) -> list[Path]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema_meta = {"featbank": layout}
+    if fmt == "npy":
+        npy, pqf = out_dir / f"embeddings-{i:05d}.npy", out_dir / f"metadata-{i:05d}.parquet"
+        _atomic(npy, lambda t: _save_npy(t, emb))
+        _atomic(pqf, lambda t: pq.write_table(pa.table(meta).replace_schema_metadata(schema_meta), t))
+        return [npy, pqf]
+    col = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1])
+    table = pa.table({**meta, "embedding": col}).replace_schema_metadata(schema_meta)
+    pqf = out_dir / f"embeddings-{i:05d}.parquet"
+    _atomic(pqf, lambda t: pq.write_table(table, t))
+    return [pqf]
+
+
 def export_cache(
     path: str | os.PathLike, out: str | os.PathLike, *, format: str = "npy", rows_per_file: int | None = None,
+    layers: str | Sequence[str] = "final", view: int | None = None,
 ) -> list[Path]:
-    """Write a cache's embeddings as shards for vector search, one shard in memory at a time.
+    """Write a cache's features as shards for vector search, one shard in memory at a time.
 
-    ``npy``: ``embeddings-00000.npy`` (float32 or the cache's dtype) + ``metadata-00000.parquet``
-    (path, label, split) per shard, as autofaiss and numpy read them. ``parquet``:
+    ``npy``: ``embeddings-00000.npy`` (the cache's dtype) + ``metadata-00000.parquet`` (path,
+    label, split) per shard, as autofaiss and numpy read them. ``parquet``:
     ``embeddings-00000.parquet`` with path, label, split and a fixed-size list ``embedding``
     column, as LanceDB and Spark read them. Shards follow the parts of a v2 cache, or
     ``rows_per_file`` rows (default 100,000).
+
+    By default the vectors are the final embeddings (``embeddings``) of the plain view. A cache
+    extracted with ``--layers`` / ``--views`` can export other columns: ``layers`` picks the
+    layers (names, ``"a,b"`` or ``"all"``), concatenated in the order given as
+    ``load_features`` does, and ``view`` the k-th augmented view instead of the plain one. Every
+    parquet file records the columns in its schema metadata (key ``featbank``: JSON with
+    ``layers``, ``layer_dims`` and ``view``).
 
     Returns:
         The files written, in order.
 
     Raises:
-        ConfigError: unknown format, bad ``rows_per_file``, pyarrow missing, output not writable.
-        CacheError: the cache cannot be read, or a part is missing or changed.
+        ConfigError: unknown format, layer or view; bad ``rows_per_file``; pyarrow missing; output
+            not writable.
+        CacheError: the cache cannot be read, a part is missing or changed, NaN/inf in a row read.
     """
     if format not in EXPORT_FORMATS:
         raise ConfigError(f"The 'format' parameter must be one of {EXPORT_FORMATS}. Got {format!r} instead.")
     if rows_per_file is not None and (not isinstance(rows_per_file, int) or rows_per_file < 1):
         raise ConfigError(f"The 'rows_per_file' parameter must be a positive integer. Got {rows_per_file!r} instead.")
     try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        import pyarrow  # noqa: F401
     except ImportError:
         raise ConfigError("featbank cache export needs pyarrow: pip install 'featbank[parquet]'.") from None
-    path, out_dir = Path(path), check_output_dir(Path(out), "export")
+    path = Path(path)
     with _open(path) as f:
-        if int(f.attrs.get("schema_version", 1)) >= 2:
-            verify_cache(path, full=False)
+        feats = _check_layout(path, f)
+        wanted = parse_requested(feats, layers, view)
+        layout = json.dumps({"layers": wanted, "layer_dims": [feats.layer_dims[t] for t in wanted], "view": view})
+        out_dir = check_output_dir(Path(out), "export")
         classes = decode_attr(f["classes"][...])
         names = json.loads(f.attrs.get("split_names", json.dumps(SPLIT_NAMES)))
         written = []
         for i, (lo, hi) in enumerate(_shard_bounds(f, rows_per_file)):
-            emb = f["embeddings"][lo:hi]
-            labels, splits = f["labels"][lo:hi], f["splits"][lo:hi]
+            emb = _read_columns(path, f, wanted, view, lo, hi)
             meta = {
                 "path": decode_attr(f["paths"][lo:hi]),
-                "label": [classes[j] if j >= 0 else None for j in labels],
-                "split": [names[s] if s >= 0 else None for s in splits],
+                "label": [classes[j] if j >= 0 else None for j in f["labels"][lo:hi]],
+                "split": [names[s] if s >= 0 else None for s in f["splits"][lo:hi]],
             }
-            if format == "npy":
-                npy, pqf = out_dir / f"embeddings-{i:05d}.npy", out_dir / f"metadata-{i:05d}.parquet"
-                _atomic(npy, lambda t, e=emb: _save_npy(t, e))
-                _atomic(pqf, lambda t, m=meta: pq.write_table(pa.table(m), t))
-                written += [npy, pqf]
-            else:
-                dim = emb.shape[1]
-                col = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim)
-                table = pa.table({**meta, "embedding": col})
-                pqf = out_dir / f"embeddings-{i:05d}.parquet"
-                _atomic(pqf, lambda t, tb=table: pq.write_table(tb, t))
-                written.append(pqf)
+            written += _write_shard(out_dir, i, format, emb, meta, layout)
     fsync_dir(out_dir)
     return written

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from .._files import describe_os_error, fsync_dir, temporary_path
 from ..errors import CacheError, CacheKeyMismatch
 from ._schema import FORMAT, SCHEMA_VERSION, SPLIT_NAMES, STR_DTYPE, describe_feature_difference
 
-__all__ = ["check_key", "write_cache", "estimate_bytes", "check_space",
+__all__ = ["check_key", "write_cache", "estimate_bytes", "feature_values_per_row", "check_space",
            "kept_message"]
 
 
@@ -61,12 +62,30 @@ def check_key(path: Path, have_key: str, metadata: dict[str, Any], key: str, wan
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-def estimate_bytes(n: int, embed_dim: int, dtype: str, paths: Sequence[str], extra_rows: int = 0) -> int:
-    """A generous size of a cache (or staging) file of ``n`` rows, for the free-space check."""
+def estimate_bytes(n: int, embed_dim: int, dtype: str, paths: Sequence[str], extra_rows: int = 0,
+                   extra_values: int = 0) -> int:
+    """A generous size of a cache (or part) file of ``n`` rows, for the free-space check.
+
+    Args:
+        n: rows (images) the file holds.
+        embed_dim: values per row of ``embeddings``.
+        dtype: storage dtype of the embeddings (and of the layer and view datasets).
+        paths: the rows' paths (their UTF-8 bytes are stored).
+        extra_rows: skipped rows the file records besides ``n``.
+        extra_values: values per row of the other float datasets, ``layers/<tap>`` and
+            ``views/...`` (see :func:`feature_values_per_row`).
+    """
     text = sum(len(p.encode("utf-8", "surrogateescape")) for p in paths)
-    # embeddings + labels, splits, fingerprints, status + a vlen reference and heap object per path
-    per_row = embed_dim * np.dtype(dtype).itemsize + 8 + 1 + 16 + 1 + 48
+    # embeddings (+ layers and views) + labels, splits, fingerprints, status + a vlen reference and heap object per path
+    per_row = (embed_dim + extra_values) * np.dtype(dtype).itemsize + 8 + 1 + 16 + 1 + 48
     return int(((n + extra_rows) * per_row + 2 * text) * 1.05) + (64 << 10)
+
+
+def feature_values_per_row(datasets: Mapping[str, tuple[int, ...]] | None) -> int:
+    """Values per row of a run's layer and view datasets: ``datasets`` maps each (``layers/<tap>``,
+    ``views/embeddings``, ``views/layers/<tap>``) to its trailing shape, as
+    ``FeatureOptions.datasets()`` gives it; ``(K, D)`` of a view dataset counts K x D."""
+    return sum(math.prod(shape) for shape in (datasets or {}).values())
 
 
 def check_space(path: Path, nbytes: int, kept: str, largest_file: int | None = None) -> None:

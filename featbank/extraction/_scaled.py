@@ -212,15 +212,26 @@ def _up_to_date(prep: Any) -> bool:
     return names == want and same_attrs and complete and listed == json.dumps([list(s) for s in prep.skipped])
 
 
+def _run_bytes(prep: Any, dtype: str) -> tuple[list[int], int]:
+    """Estimated sizes of the parts this run writes (layers and views included) and of the index."""
+    from ..cache._writer import estimate_bytes, feature_values_per_row
+
+    settings = prep.jobs[0].settings
+    extra = settings.features.datasets() if settings.features is not None else {}
+    values = feature_values_per_row(extra)
+    sizes = [estimate_bytes(len(j.rows), int(settings.embed_dim), dtype, j.rows.paths, extra_values=values)
+             for j in prep.jobs]
+    # the index maps every per-row dataset onto every part (a few hundred bytes per mapping)
+    return sizes, (64 << 10) + (1024 + 256 * len(extra)) * len(prep.planned)
+
+
 def _check_space(prep: Any, index_path: Path, dtype: str) -> None:
     """Refuse before writing when the parts this run writes (and the index) do not fit: disk or ulimit -f."""
-    from ..cache._writer import check_space, estimate_bytes
+    from ..cache._writer import check_space
 
     if not prep.jobs:
         return
-    dim = int(prep.jobs[0].settings.embed_dim)
-    sizes = [estimate_bytes(len(j.rows), dim, dtype, j.rows.paths) for j in prep.jobs]
-    index_bytes = (64 << 10) + 1024 * len(prep.planned)
+    sizes, index_bytes = _run_bytes(prep, dtype)
     kept = (f"The cache '{index_path}' was left as it was." if index_path.exists() else "No cache was written.")
     if any(parts_dir(index_path).glob(".*.partial")):
         kept += f" Parts finished or begun so far are kept in '{parts_dir(index_path)}'; a rerun resumes from there."
