@@ -185,3 +185,20 @@ def test_mlp_and_sklearn_heads_on_a_real_cache(tiny_cache, tmp_path):
     assert r.chosen["epochs"] >= 1 and r.headline["top1"] >= 0.6
     s = fit(tiny_cache, "KNeighborsClassifier", params={"n_neighbors": 3}, out=tmp_path / "m2")
     assert s.headline["top1"] >= 0.6 and (s.path / "head.skops").is_file()
+
+
+def test_sklearn_head_with_c_is_swept_on_validation(tmp_path):
+    """SVC's C is chosen on validation like the linear probe's: a strong C wins on noisy labels, a weak one on clean."""
+    from featbank.fitting._select import SKLEARN_C_GRID
+
+    X, y = blobs(60, 20, 3, sep=1.2, seed=3)
+    r = fit(write_synthetic_cache(tmp_path / "c.h5", X, y), "SVC", params={"kernel": "linear"}, save=False)
+    tried = [row["C"] for row in r.sweep]
+    assert set(SKLEARN_C_GRID) <= set(tried) and len(tried) == len(SKLEARN_C_GRID) + 2  # + the refinement
+    best = max(row["val_score"] for row in r.sweep)
+    chosen = [row for row in r.sweep if row["C"] == r.chosen["C"]][0]
+    assert chosen["val_score"] == best and r.chosen["C"] == min(row["C"] for row in r.sweep if row["val_score"] == best)
+    assert r.estimator[-1].C == r.chosen["C"]
+    # --param C=... fixes it: no sweep.
+    fixed = fit(write_synthetic_cache(tmp_path / "d.h5", X, y), "SVC", params={"C": 2.0}, save=False)
+    assert fixed.sweep == [] and fixed.estimator[-1].C == 2.0

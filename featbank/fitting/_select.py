@@ -11,10 +11,13 @@ import numpy as np
 from ..errors import ConfigError
 from ._rows import CacheRows
 
-__all__ = ["COARSE_GRID", "HeadSpec", "Selection", "make_head", "select_and_refit"]
+__all__ = ["COARSE_GRID", "SKLEARN_C_GRID", "HeadSpec", "Selection", "make_head", "select_and_refit"]
 
 #: Coarse grid of C (inverse L2 strength, scikit-learn's convention) for the linear sweep.
 COARSE_GRID = tuple(float(c) for c in np.logspace(-6, 2, 9))
+#: Coarse grid of C for a scikit-learn head that has one (SVC, LinearSVC, LogisticRegression): the
+#: decades around scikit-learn's default 1.0; the best is then refined by half a decade either side.
+SKLEARN_C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 _REFINE = (-0.5, 0.5)  # decades around the best coarse C
 _SWEEP_MAX_ITER = 150
 _SWEEP_TOL = 1e-3  # sweep fits only rank C on val (same choice as 5e-4 on the benchmarks; 2e-3 changed it)
@@ -205,6 +208,8 @@ def select_and_refit(cache: Any, source: CacheRows, spec: HeadSpec, seed: int, t
         else:
             est.fit(Xtr, ytr)
             chosen = {"epochs": int(est.n_epochs_)}
+    elif has_val and "C" in est[-1].get_params() and "C" not in spec.params:
+        est, chosen, sweep, val_proba = _sweep_sklearn(est, Xtr.to_array(), ytr, Xv.X, yv, k, spec)
     else:
         _fit_sklearn(est, Xtr.to_array(), ytr, spec.class_weight)
         if has_val:
@@ -218,6 +223,38 @@ def select_and_refit(cache: Any, source: CacheRows, spec: HeadSpec, seed: int, t
     if len(refit_rows) != len(train) or not np.array_equal(np.sort(refit_rows), np.sort(train)):
         _refit(est, htype, chosen, source(refit_rows), cache.labels[np.sort(refit_rows)], spec.class_weight)
     return Selection(est, htype, chosen, sweep, val_metrics, val_proba, view_probas)
+
+
+def _sweep_sklearn(est: Any, Xtr: np.ndarray, ytr: np.ndarray, Xv: np.ndarray, yv: np.ndarray, k: int,
+                   spec: HeadSpec) -> tuple[Any, dict[str, Any], list[dict[str, Any]], np.ndarray]:
+    """C of a scikit-learn head chosen on validation: the coarse grid, then half a decade either side of the best.
+
+    Ties go to the smaller C (the stronger regularisation). Returns the estimator fitted on the
+    training rows at the chosen C, the choice, the sweep and the validation probabilities.
+    """
+    import copy
+
+    balanced = spec.class_weight == "balanced"
+    step = est.steps[-1][0]
+    fits: dict[float, tuple[float, float, Any, np.ndarray]] = {}
+
+    def fit_at(C: float) -> None:
+        if not any(np.isclose(C, c, rtol=1e-6) for c in fits):
+            _fit_sklearn(est.set_params(**{f"{step}__C": C}), Xtr, ytr, spec.class_weight)
+            score, loss, proba = _val_score(est, Xv, yv, k, balanced)
+            fits[C] = (score, loss, copy.deepcopy(est), proba)
+
+    def best() -> float:
+        return max(fits, key=lambda c: (round(fits[c][0], 12), -c))
+
+    for C in spec.grid or SKLEARN_C_GRID:
+        fit_at(float(C))
+    top = best()
+    for d in _REFINE:
+        fit_at(float(top * 10 ** d))
+    C = best()
+    sweep = [{"C": c, "val_score": fits[c][0], "val_log_loss": fits[c][1]} for c in sorted(fits)]
+    return fits[C][2], {"C": C}, sweep, fits[C][3]
 
 
 def _refit(est: Any, htype: str, chosen: dict[str, Any], X: Any, y: np.ndarray, class_weight: Any) -> None:

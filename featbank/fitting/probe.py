@@ -193,7 +193,8 @@ def fit(
             recent cache in the default folder.
         head: ``"linear"`` (L-BFGS logistic regression with a C sweep), ``"mlp"``, or a
             scikit-learn classifier class name (``"SVC"``, ``"KNeighborsClassifier"``, ...).
-        params: head parameters (``{"C": 0.1}`` fixes C and skips the sweep; MLP:
+        params: head parameters (``{"C": 0.1}`` fixes C and skips the sweep, for ``linear`` and
+            for a scikit-learn head that has a ``C``, such as ``SVC``; MLP:
             ``hidden_sizes``, ``dropout``, ``lr``...; scikit-learn: its constructor arguments).
         standardize, l2_normalize: feature preprocessing, stored with the head.
         val_split: fraction of ``train`` held out (stratified, seeded) when the cache has no
@@ -208,7 +209,8 @@ def fit(
         name: instead of ``out``, the bundle ``models/<name>``; neither: ``models/<cache>-<head>``.
         seed: seed of the validation split and the heads.
         save: write the bundle (``False``: just return the fitted head and metrics).
-        grid: the coarse C grid of the sweep (default :data:`COARSE_GRID`, 1e-6 .. 1e2).
+        grid: the coarse C grid of the sweep (default: :data:`COARSE_GRID`, 1e-6 .. 1e2, for
+            ``linear``; :data:`SKLEARN_C_GRID`, 0.01 .. 100, for a scikit-learn head with a ``C``).
         refit: refit the selected head on train+val (default). ``False`` keeps the head fitted on
             train alone, so the validation images stay unseen: what a probe that starts
             ``featbank finetune --init-head`` (LP-FT) needs for a clean best-epoch choice.
