@@ -1,7 +1,7 @@
 """Probe variants side by side: final layer vs layer selection vs augmented views vs both.
 
 One run: each data set is embedded once (every layer of the backbone, plus K augmented views;
-reused from the cache when already there) and five probes are fitted on that one cache:
+reused from the cache when already there) and six probes are fitted on that one cache:
 
 | probe | featbank fit options |
 |---|---|
@@ -9,7 +9,8 @@ reused from the cache when already there) and five probes are fitted on that one
 | layers | --layers auto --no-train-views --tta off |
 | views | --layers final (train on views) --tta auto |
 | both | --layers auto (train on views) --tta auto |
-| layers-svc | --head SVC --param C=3 --layers stage3-final --no-train-views --tta off |
+| layers-svc | --head SVC --layers stage3-final --no-train-views --tta off (C chosen on validation) |
+| both-svc | --head SVC --layers stage3-final (train on views) --tta auto (C chosen on validation) |
 
 Data sets (image folders built from installed packages by scripts/prepare_data.py): ELPV 4-class
 and 2-class (the README's stratified 70/30 split), a Fashion-MNIST subset and scikit-learn digits.
@@ -20,6 +21,7 @@ Examples:
     python scripts/bench_probes.py                                  # everything (about an hour on 2 CPU cores)
     python scripts/bench_probes.py --datasets elpv4 --json out.json
     python scripts/bench_probes.py --augment dihedral --views 7     # more views (8 passes per image)
+    python scripts/bench_probes.py --backbone efficientnet_lite0@300  # whole images at 300 px (ELPV's own size)
 """
 
 from __future__ import annotations
@@ -45,9 +47,10 @@ PROBES = {
     "layers": dict(layers="auto", train_views=False, tta="off"),
     "views": dict(layers="final", train_views=True, tta="auto"),
     "both": dict(layers="auto", train_views=True, tta="auto"),
-    # An RBF SVM on stages 3 to final (C and the layer range picked on ELPV's validation split in
-    # the research for #15, not on test): the best frozen probe found on ELPV.
-    "layers-svc": dict(head="SVC", params={"C": 3.0}, layers="stage3-final", train_views=False, tta="off"),
+    # An RBF SVM on stages 3 to final (the layer range picked on ELPV's validation split in the
+    # research for #15, not on test; C chosen on validation by fit): the best frozen probe found on ELPV.
+    "layers-svc": dict(head="SVC", layers="stage3-final", train_views=False, tta="off"),
+    "both-svc": dict(head="SVC", layers="stage3-final", train_views=True, tta="auto"),
 }
 
 
@@ -79,7 +82,7 @@ def run_dataset(name: str, args: argparse.Namespace) -> list[dict]:
             "dataset": name, "probe": probe, "layers": ",".join(feats["layers"]), "tta": feats["tta"],
             "views_used": feats["views_used"], "dim": sum(feats["layer_dims"].values()),
             "test_top1": test["top1"], "test_balanced_acc": test["balanced_accuracy"],
-            "val_top1": res.metrics["val"].get("top1"), "fit_s": round(fit_s, 1),
+            "val_top1": res.metrics["val"].get("top1"), "chosen": res.chosen, "fit_s": round(fit_s, 1),
             "extract_s": round(extract_s, 1), "n_embedded": report.n_embedded if hasattr(report, "n_embedded") else None,
         })
         print(json.dumps(rows[-1]), flush=True)
@@ -121,11 +124,14 @@ def main() -> None:
     rows = []
     for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
         rows += run_dataset(name, args)
-    print(f"\n| data | probe | layers | TTA | dim | val top-1 | test top-1 | test bal. acc | fit s | extract s |\n|{'---|' * 10}")
+    print(f"\nBackbone {args.backbone}; views: {args.views} x {args.augment}")
+    print(f"\n| data | probe | layers | TTA | dim | chosen | val top-1 | test top-1 | test bal. acc | fit s | extract s |\n"
+          f"|{'---|' * 11}")
     for r in rows:
         val = f"{r['val_top1']:.4f}" if r["val_top1"] is not None else "—"
-        print(f"| {r['dataset']} | {r['probe']} | {r['layers']} | {'on' if r['tta'] else 'off'} | {r['dim']} | {val} | "
-              f"{r['test_top1']:.4f} | {r['test_balanced_acc']:.4f} | {r['fit_s']} | {r['extract_s']} |")
+        chosen = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["chosen"].items()) or "—"
+        print(f"| {r['dataset']} | {r['probe']} | {r['layers']} | {'on' if r['tta'] else 'off'} | {r['dim']} | {chosen} | "
+              f"{val} | {r['test_top1']:.4f} | {r['test_balanced_acc']:.4f} | {r['fit_s']} | {r['extract_s']} |")
     for note in check_targets(rows):
         print(note)
     if args.json:
