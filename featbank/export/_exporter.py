@@ -85,29 +85,6 @@ class ExportReport:
 # --------------------------------------------------------------------------------------------
 
 
-def _bundle_backbone(bundle: Any, weights_file: str | os.PathLike | None) -> Any:
-    from ..backbones import load_backbone
-
-    ident = bundle.backbone
-    name, weights = ident.get("backbone"), ident.get("weights")
-    if not name:
-        raise BundleError(f"Bundle {str(bundle.path)!r} names no backbone in its manifest; re-create it.")
-    if weights_file is None and str(weights or "").startswith("file:"):
-        raise ExportError(
-            f"Bundle {str(bundle.path)!r} was fitted on backbone {name!r} with weights from a file "
-            f"({weights}); pass that file with --weights-file PATH."
-        )
-    bb = load_backbone(name, weights=None if weights_file else weights, weights_file=weights_file)
-    want = ident.get("weights_sha256")
-    if want and bb.weights_sha256 != want:
-        raise BundleError(
-            f"The weights of backbone {name!r} on this machine (sha256 {bb.weights_sha256[:12]}...) are not "
-            f"the ones bundle {str(bundle.path)!r} was fitted with ({str(want)[:12]}...). Install the same "
-            "weights (or pass them with --weights-file), or re-fit the bundle."
-        )
-    return bb
-
-
 def _finetuned(bundle: Any) -> tuple[Any, Any]:
     from ..finetuning import load_finetuned_model
 
