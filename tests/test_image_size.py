@@ -95,3 +95,15 @@ def test_fit_export_predict_at_size(tmp_path: Path) -> None:
     onnx = featbank.predict(tmp_path / "m.onnx", images)
     assert [p.label for p in onnx] == [p.label for p in py]
     np.testing.assert_allclose([p.probability for p in onnx], [p.probability for p in py], atol=1e-4)
+
+
+def test_check_backbone_name_takes_sizes() -> None:
+    """What compare checks before any work: the name, with its @SIZE, as load_backbone reads it."""
+    from featbank.backbones import check_backbone_name
+
+    check_backbone_name("test_tiny@48")
+    check_backbone_name("efficientnet_lite0@300")
+    with pytest.raises(ConfigError, match="Unknown backbone 'nope'"):
+        check_backbone_name("nope@48")
+    with pytest.raises(ConfigError, match="whole number of pixels"):
+        check_backbone_name("test_tiny@5")

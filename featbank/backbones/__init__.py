@@ -25,7 +25,14 @@ from __future__ import annotations
 # machinery other featbank packages and the tests use: the registry to walk, parameter groups,
 # the embedding modules), importable from here, the path they had when this was one module.
 from . import _lite, _tiny  # noqa: F401
-from ._factory import describe_backbone, list_backbones, load_backbone, peek_identity, register_backbone_source  # noqa: F401
+from ._factory import (  # noqa: F401
+    check_backbone_name,
+    describe_backbone,
+    list_backbones,
+    load_backbone,
+    peek_identity,
+    register_backbone_source,
+)
 from ._groups import HEAD_GROUP, backbone_groups, group_modules, param_groups  # noqa: F401
 from ._lite import lite_weights_path  # noqa: F401
 from ._registry import (
@@ -49,6 +56,7 @@ __all__ = [
     "register_backbone_source",
     "list_backbones",
     "load_backbone",
+    "check_backbone_name",
     "describe_backbone",
     "sha256_file",
     "IMAGENET_MEAN",

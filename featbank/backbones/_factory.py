@@ -27,8 +27,8 @@ from ._registry import (
 from ._timm import build_timm
 from ._torchvision import build_torchvision, torchvision_info, torchvision_models
 
-__all__ = ["load_backbone", "list_backbones", "describe_backbone", "peek_identity", "register_backbone_source",
-           "split_image_size", "MIN_IMAGE_SIZE", "MAX_IMAGE_SIZE"]
+__all__ = ["load_backbone", "check_backbone_name", "list_backbones", "describe_backbone", "peek_identity",
+           "register_backbone_source", "split_image_size", "MIN_IMAGE_SIZE", "MAX_IMAGE_SIZE"]
 
 #: The input sizes a ``NAME@SIZE`` backbone may ask for, in pixels.
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 2048
@@ -169,6 +169,32 @@ def load_backbone(
     if bare in timm.list_models() or bare.split(".")[0] in timm.list_models():
         return build_timm(bare, weights, wf)
     raise unknown_backbone(name)
+
+
+def check_backbone_name(name: str) -> None:
+    """Refuse a name no backbone source knows, as :func:`load_backbone` would, without building anything.
+
+    Weights are not checked (a backbone without them fails when it is built).
+
+    Raises:
+        ConfigError: an unknown name, or a bad ``@SIZE``.
+    """
+    name, _ = split_image_size(name)
+    if name in REGISTRY or is_bundle_dir(name):
+        return
+    source, _, bare = name.rpartition(":")
+    if source not in ("", "torchvision", "tv", "timm"):
+        raise unknown_backbone(name)
+    if source != "timm":
+        if bare in torchvision_models():
+            return
+        if source:
+            raise unknown_backbone(name)
+    import timm
+
+    models = timm.list_models()
+    if bare not in models and bare.split(".")[0] not in models:
+        raise unknown_backbone(name)
 
 
 def list_backbones(include_all: bool = False) -> list[BackboneInfo]:

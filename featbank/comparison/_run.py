@@ -96,8 +96,10 @@ def compare(
     _check_data(data)
     if plot is not None:
         _check_plot(Path(plot).expanduser())
+    from ..backbones import check_backbone_name
+
     for name in names:
-        _check_backbone(name)
+        check_backbone_name(name)
     plans = {name: _layer_plan(data, name, layer_spec) for name in names}  # unknown layer names: before any work
     opts = _Options(layer_spec, batch_size, num_workers, device, engine, overwrite, progress)
     rows = [_compare_one(data, name, opts, plans[name]) for name in names]
@@ -210,30 +212,6 @@ def _check_data(data: str | os.PathLike) -> None:
         read_source(text, ScaleOptions())
     else:
         scan_folder(text, require_labels=True)
-
-
-def _check_backbone(name: str) -> None:
-    """Refuse a name no backbone source knows, as ``load_backbone`` would, without building anything
-    (weights are not checked: a backbone without them gets an error row instead)."""
-    import torchvision
-
-    from ..backbones import _factory, _registry
-
-    if name in _registry.REGISTRY or _factory.is_bundle_dir(name):
-        return
-    source, _, bare = name.rpartition(":")
-    if source not in ("", "torchvision", "tv", "timm"):
-        raise _factory.unknown_backbone(name)
-    if source != "timm":
-        if bare in torchvision.models.list_models(module=torchvision.models):
-            return
-        if source:
-            raise _factory.unknown_backbone(name)
-    import timm
-
-    models = timm.list_models()
-    if bare not in models and bare.split(".")[0] not in models:
-        raise _factory.unknown_backbone(name)
 
 
 def _compare_one(data: str | os.PathLike, name: str, opts: _Options, plan: _LayerPlan) -> CompareRow:
