@@ -24,7 +24,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from h5py import h5d, h5s
+from h5py import h5d, h5f, h5s, h5t
 
 from ..errors import CacheError
 from ._parts import PartInfo
@@ -55,6 +55,7 @@ class RowReader:
         self._files = [parts_folder / p.name for p in self._parts or ()] if parts_folder is not None else []
         self._starts = np.cumsum([0, *(p.n_rows for p in self._parts or ())]).tolist()
         self._offsets: dict[int, int | None] = {}
+        self._type: h5t.TypeID | bool | None = None  # the dataset's HDF5 type, False when not plain numbers
         self._fds: OrderedDict[int, int] = OrderedDict()
         block = BLOCK_BYTES if self._parts is not None else _H5PY_BLOCK_BYTES
         self.block_rows = max(1, block // max(1, self.row_bytes))
@@ -147,10 +148,12 @@ class RowReader:
     def _offset(self, k: int) -> int | None:
         """Where part ``k``'s dataset starts in its file, when it is one plain byte range; else None."""
         if k not in self._offsets:
+            if self._type is None:
+                plain = self.dtype.isnative and self.dtype.kind in "fiu"
+                self._type = self.ds.id.get_type() if plain else False
             try:
-                with h5py.File(self._files[k], "r") as f:
-                    self._offsets[k] = _contiguous_offset(f.get(self.name), (self._parts[k].n_rows, *self.shape[1:]),
-                                                          self.dtype)
+                shape = (self._parts[k].n_rows, *self.shape[1:])
+                self._offsets[k] = _contiguous_offset(self._files[k], self.name, shape, self._type) if self._type else None
             except OSError as e:
                 raise self._error(k, f"cannot be read ({e})") from None
         return self._offsets[k]
@@ -182,16 +185,28 @@ class RowReader:
             os.close(self._fds.popitem()[1])
 
 
-def _contiguous_offset(ds: object, shape: tuple[int, ...], dtype: np.dtype) -> int | None:
-    if (not isinstance(ds, h5py.Dataset) or ds.shape != shape or ds.dtype != dtype or not ds.dtype.isnative
-            or ds.dtype.kind not in "fiu"):
-        return None
-    dcpl = ds.id.get_create_plist()
-    if dcpl.get_layout() != h5d.CONTIGUOUS or dcpl.get_external_count() != 0:
-        return None
-    offset = ds.id.get_offset()  # None while the storage is not allocated (HDF5 would give fill values)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    return None if offset is None or ds.id.get_storage_size() != nbytes else int(offset)
+def _contiguous_offset(path: Path, name: str, shape: tuple[int, ...], tid: h5t.TypeID) -> int | None:
+    # HDF5's low-level calls: h5py's File and Dataset objects cost ~0.3 ms more per part, which on
+    # 100 parts of 5 MB was a tenth of reading them.
+    fid = h5f.open(os.fsencode(path), h5f.ACC_RDONLY)
+    try:
+        try:
+            dsid = h5d.open(fid, name.encode())
+        except KeyError:
+            return None
+        try:
+            if dsid.shape != shape or not dsid.get_type().equal(tid):
+                return None
+            dcpl = dsid.get_create_plist()
+            if dcpl.get_layout() != h5d.CONTIGUOUS or dcpl.get_external_count() != 0:
+                return None
+            offset = dsid.get_offset()  # None while the storage is not allocated (HDF5 would give fill values)
+            nbytes = int(np.prod(shape, dtype=np.int64)) * tid.get_size()
+            return None if offset is None or dsid.get_storage_size() != nbytes else int(offset)
+        finally:
+            dsid.close()
+    finally:
+        fid.close()
 
 
 def _mapped_parts(ds: h5py.Dataset, folder: Path, parts: Sequence[PartInfo]) -> list[PartInfo] | None:
