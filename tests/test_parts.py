@@ -337,3 +337,24 @@ def test_layers_and_views_read_straight_from_the_parts_equal_the_virtual_dataset
             np.testing.assert_array_equal(c.load_features(rows, layers="all", view=k), views[rows])
             chunks = list(c.iter_feature_chunks(np.arange(13), 5, layers="all", view=k))
             np.testing.assert_array_equal(np.concatenate([x for _, x in chunks]), views)
+
+
+def test_part_without_the_mapped_rows_is_refused_where_hdf5_fills_zeros(tmp_path):
+    from featbank.cache import open_cache
+
+    for case in ("short", "missing"):
+        index, _, emb, planned = _cache(tmp_path / case, sizes=(5, 7, 3))
+        victim = parts_dir(index) / read_parts_table(index)[1].name
+        with h5py.File(victim, "r+") as f:
+            del f["embeddings"]
+            if case == "short":
+                f.create_dataset("embeddings", data=emb[5:11])  # 6 of its 7 rows
+        finalize_index(index, planned, KEY, CLASSES, {"backbone": "test_tiny"})  # the table made to agree
+        if case == "missing":
+            assert not _vds(index)[5:12].any()  # plain h5py: rows of zeros, no error
+        else:
+            with pytest.raises(OSError):  # plain h5py: HDF5's own words
+                _vds(index)
+        want = "holds 'embeddings' of shape \\(6, 8\\), the index maps \\(7, 8\\)" if case == "short" else "has no dataset"
+        with open_cache(index) as c, pytest.raises(CacheError, match=f"part cache.h5.parts/{victim.name} {want}"):
+            c.load_embeddings()
