@@ -59,6 +59,9 @@ class RowReader:
         self._fds: OrderedDict[int, int] = OrderedDict()
         block = BLOCK_BYTES if self._parts is not None else _H5PY_BLOCK_BYTES
         self.block_rows = max(1, block // max(1, self.row_bytes))
+        chunk = ds.chunks[0] if self._parts is None and ds.chunks else 0
+        if chunk:  # whole chunks per block (v1): none is decompressed or read twice
+            self.block_rows = max(chunk, self.block_rows // chunk * chunk)
 
     @property
     def direct(self) -> bool:
