@@ -6,12 +6,16 @@
    unchanged rows) and the index; v1 (``write_cache``, today's path) rewrites the whole file.
    Planning (replan + row digests, pure Python over every key) is reported apart: it is O(N) like
    the folder scan that precedes it, but microseconds per row.
-2. Reading all embeddings of a v2 cache vs one contiguous dataset: through the index (HDF5's
-   virtual dataset, what ``open_cache(...).embeddings`` reads) and from the parts directly.
+2. Reading all embeddings of a v2 cache vs the same rows in one contiguous dataset read with h5py:
+   featbank's read (``load_embeddings()``: straight from the part files, every value checked) on an
+   open cache and as the first read after ``open_cache`` (see read_times) and, for information,
+   plain h5py through the index's virtual dataset. Repeats are interleaved (the order rotates) and the ratio is of the best
+   times, so CPU drift on a shared machine cancels; the ratio of median CPU times is printed too.
 3. ``--procs 1`` vs ``--procs 2`` extraction throughput with the ``test_tiny`` backbone.
 
 Usage:
     python scripts/bench_scale.py --sizes 10000 100000 1000000 --embed-dim 128 --work /tmp/bench_scale
+    python scripts/bench_scale.py --skip-incremental --skip-procs    # the read comparison alone
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -129,29 +134,48 @@ def add_v1(path: Path, keys: list[str], new: list[str], dim: int) -> float:
     return time.perf_counter() - t0
 
 
-def read_all(path: Path, name: str = "embeddings") -> float:
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        with h5py.File(path, "r") as f:
-            f[name][...]
-        best = min(best, time.perf_counter() - t0)
-    return best
+def _read_h5py(path: Path) -> tuple[float, float]:
+    t0, c0 = time.perf_counter(), time.process_time()
+    with h5py.File(path, "r") as f:
+        f["embeddings"][...]
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
-def read_parts_direct(index: Path) -> float:
-    """What ``open_cache(index).embeddings[...]`` does on a v2 cache: the parts read straight into one array."""
-    from featbank.cache._index import PartsArray
+def _read_featbank(cache: Any) -> tuple[float, float]:
+    t0, c0 = time.perf_counter(), time.process_time()
+    cache.load_embeddings()
+    return time.perf_counter() - t0, time.process_time() - c0
 
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        with h5py.File(index, "r") as f:
-            arr = PartsArray.over(index, f["embeddings"])
-            arr[...]
-            arr.close()
-        best = min(best, time.perf_counter() - t0)
-    return best
+
+def _read_featbank_first(index: Path) -> tuple[float, float]:
+    from featbank.cache import open_cache
+
+    with open_cache(index) as cache:  # the index's checks are not timed; opening the part files is
+        return _read_featbank(cache)
+
+
+def read_times(index: Path, contiguous: Path, repeats: int) -> dict[str, float]:
+    """Best wall time and median CPU time of each way to read every embedding, repeats interleaved.
+
+    ``featbank``: ``load_embeddings()`` on an open cache (part files already open: a second read,
+    or a streaming epoch); ``featbank_first``: the first read after ``open_cache`` (opening each part
+    file, ~0.4 ms each, included; the first large allocation after open_cache's own reads also
+    costs more, a memory effect outside the read path); ``vds``: plain h5py through the index's
+    virtual dataset, without featbank's value check.
+    """
+    from featbank.cache import open_cache
+
+    with open_cache(index) as cache:
+        ways = {"contiguous": lambda: _read_h5py(contiguous), "featbank": lambda: _read_featbank(cache),
+                "featbank_first": lambda: _read_featbank_first(index), "vds": lambda: _read_h5py(index)}
+        times: dict[str, list[tuple[float, float]]] = {k: [] for k in ways}
+        names = list(ways)
+        for r in range(repeats):
+            for k in names[r % len(names):] + names[:r % len(names)]:  # rotated: none always runs after another
+                times[k].append(ways[k]())
+    out = {f"read_{k}_s": min(w for w, _ in v) for k, v in times.items()}
+    out.update({f"read_{k}_cpu_s": float(np.median([c for _, c in v])) for k, v in times.items()})
+    return out
 
 
 def contiguous_copy(index: Path, out: Path) -> None:
@@ -181,28 +205,24 @@ def bench_incremental(work: Path, sizes: list[int], dim: int, shard_size: int, r
         v1 = add_v1(d / "v1.h5", _keys(n), [f"a/{n // 4:09d}.new{j}.png" for j in range(10)], dim)
         row = {"rows": n, "v2_write_s": float(np.median([x["write_s"] for x in runs])),
                "v2_plan_s": float(np.median([x["plan_s"] for x in runs])), "v1_rewrite_s": v1}
-        if n == max(sizes):
-            contiguous_copy(d / "v2.h5", d / "contiguous.h5")
-            row["read_index_s"] = read_all(d / "v2.h5")
-            row["read_parts_direct_s"] = read_parts_direct(d / "v2.h5")
-            row["read_contiguous_s"] = read_all(d / "contiguous.h5")
-            row["read_v1_chunked_s"] = read_all(d / "v1.h5")
         out[n] = row
         print(json.dumps(row), flush=True)
-        shutil.rmtree(d, ignore_errors=True) if n != max(sizes) else None
+        shutil.rmtree(d, ignore_errors=True)
     return out
 
 
-def bench_read(work: Path, n: int, dim: int, shard_size: int) -> dict:
-    """Read every embedding: the index (virtual datasets), the parts directly, one contiguous dataset."""
+def bench_read(work: Path, n: int, dim: int, shard_size: int, repeats: int) -> dict:
+    """Read every embedding of an n x dim cache: featbank, plain h5py through the index, one contiguous dataset."""
     d = work / f"read{n}x{dim}"
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
     build_v2(d / "v2.h5", _keys(n), dim, shard_size)
     contiguous_copy(d / "v2.h5", d / "contiguous.h5")
     os.sync()
-    row = {"rows": n, "embed_dim": dim, "read_index_s": read_all(d / "v2.h5"),
-           "read_parts_direct_s": read_parts_direct(d / "v2.h5"), "read_contiguous_s": read_all(d / "contiguous.h5")}
+    row = {"rows": n, "embed_dim": dim, "repeats": repeats, **read_times(d / "v2.h5", d / "contiguous.h5", repeats)}
+    for k in ("featbank", "featbank_first", "vds"):  # speed relative to the contiguous file: 1.0 = as fast
+        row[f"{k}_over_contiguous"] = row["read_contiguous_s"] / row[f"read_{k}_s"]
+        row[f"{k}_over_contiguous_cpu"] = row["read_contiguous_cpu_s"] / row[f"read_{k}_cpu_s"]
     print(json.dumps(row), flush=True)
     shutil.rmtree(d, ignore_errors=True)
     return row
@@ -241,30 +261,34 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=240, help="images for the --procs comparison")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_scale"))
     ap.add_argument("--skip-procs", action="store_true")
-    ap.add_argument("--read-rows", type=int, default=100_000, help="rows of the read benchmark at --read-dim")
-    ap.add_argument("--read-dim", type=int, default=1280, help="a real backbone's width (EfficientNet-Lite0: 1280)")
+    ap.add_argument("--skip-incremental", action="store_true")
+    ap.add_argument("--read", nargs="*", default=["1000000x128", "100000x1280"],
+                    help="caches of ROWSxDIM to read in full (1280: EfficientNet-Lite0's width); none: skip")
+    ap.add_argument("--read-repeats", type=int, default=7)
     args = ap.parse_args()
     os.environ.setdefault("FEATBANK_CACHE_DIR", str(args.work / "featbank-cache"))
-    inc = bench_incremental(args.work, args.sizes, args.embed_dim, args.shard_size)
-    lo, hi = inc[min(args.sizes)], inc[max(args.sizes)]
-    summary = {
-        "embed_dim": args.embed_dim, "shard_size": args.shard_size,
-        "v2_write_ratio_largest_over_smallest": hi["v2_write_s"] / lo["v2_write_s"],
-        "v2_total_ratio_largest_over_smallest": (hi["v2_write_s"] + hi["v2_plan_s"]) / (lo["v2_write_s"] + lo["v2_plan_s"]),
-        "v1_over_v2_at_largest": hi["v1_rewrite_s"] / hi["v2_write_s"],
-        # Reading every embedding through the index (HDF5's virtual dataset: what open_cache reads) and
-        # from the parts directly (PartsArray), as a speed relative to one contiguous dataset (1.0 = as fast).
-        f"read_index_over_contiguous_speed_at_{args.embed_dim}d": hi["read_contiguous_s"] / hi["read_index_s"],
-        f"read_parts_direct_over_contiguous_speed_at_{args.embed_dim}d": hi["read_contiguous_s"] / hi["read_parts_direct_s"],
-    }
-    rd = bench_read(args.work, args.read_rows, args.read_dim, args.shard_size)
-    summary[f"read_index_over_contiguous_speed_at_{args.read_dim}d"] = rd["read_contiguous_s"] / rd["read_index_s"]
-    summary[f"read_parts_direct_over_contiguous_speed_at_{args.read_dim}d"] = rd["read_contiguous_s"] / rd["read_parts_direct_s"]
+    summary: dict = {"embed_dim": args.embed_dim, "shard_size": args.shard_size}
+    inc = {}
+    if not args.skip_incremental:
+        inc = bench_incremental(args.work, args.sizes, args.embed_dim, args.shard_size)
+        lo, hi = inc[min(args.sizes)], inc[max(args.sizes)]
+        summary.update({
+            "v2_write_ratio_largest_over_smallest": hi["v2_write_s"] / lo["v2_write_s"],
+            "v2_total_ratio_largest_over_smallest": (hi["v2_write_s"] + hi["v2_plan_s"]) / (lo["v2_write_s"] + lo["v2_plan_s"]),
+            "v1_over_v2_at_largest": hi["v1_rewrite_s"] / hi["v2_write_s"],
+        })
+    for shape in args.read:
+        n, dim = (int(v) for v in shape.lower().split("x"))
+        rd = bench_read(args.work, n, dim, args.shard_size, args.read_repeats)
+        # Speed relative to one contiguous dataset read with h5py (1.0 = as fast): featbank's read, and
+        # plain h5py through the virtual dataset; best wall times (and median CPU times, _cpu).
+        for k in ("featbank_over_contiguous", "featbank_first_over_contiguous", "vds_over_contiguous"):
+            for tail in ("", "_cpu"):
+                summary[f"read_{k}_at_{n}x{dim}{tail}"] = rd[k + tail]
     if not args.skip_procs:
         procs = bench_procs(args.work, args.images, max(1, args.images // 8))
         summary["procs2_over_procs1_throughput"] = procs[2] / procs[1]
     print(json.dumps({"rows": inc, "summary": summary}, indent=2))
-    shutil.rmtree(args.work / f"n{max(args.sizes)}", ignore_errors=True)
 
 
 if __name__ == "__main__":

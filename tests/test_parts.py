@@ -180,51 +180,181 @@ def test_part_writer_resumes_and_compacts_skipped_rows(tmp_path):
     assert not PartWriter.partial_path(folder, 4, w.digest).exists()
 
 
-def test_read_rows_from_parts_equals_the_virtual_dataset(tmp_path):
-    from featbank.cache._index import read_rows
-
-    index, _, emb, _ = _cache(tmp_path)
-    np.testing.assert_array_equal(read_rows(index), emb)
-    np.testing.assert_array_equal(read_rows(index, 3, 13), emb[3:13])
-    assert read_rows(index, 0, 0).shape == (0, 8)
-    assert read_rows(index, name="labels").tolist() == [0, 1, 0, 1, 0, 0, 1, 0, 1, 0, 1, 0, 0, 1, 0]
+# --- featbank's read path (featbank.cache._direct.RowReader): straight from the part files ---------------
 
 
-def test_parts_array_slices_like_the_virtual_dataset(tmp_path):
-    from featbank.cache._index import PartsArray
-
-    index, paths, emb, _ = _cache(tmp_path, sizes=(5, 0, 7, 3))
-    arr = PartsArray(index)
-    assert arr.shape == (15, 8) and arr.dtype == np.float32 and len(arr) == 15 and arr.ndim == 2
+def _vds(index, name="embeddings"):
     with h5py.File(index, "r") as f:
-        vds = f["embeddings"]
-        for sel in (slice(0, 15), slice(4, 6), slice(5, 12), slice(11, 15), slice(3, 3), 0, 14, -1, np.array([0, 4, 5, 13])):
-            np.testing.assert_array_equal(arr[sel], vds[sel])
-    out = np.zeros((20, 8), np.float32)
-    arr.read_direct(out, np.s_[2:14], np.s_[5:17])
-    np.testing.assert_array_equal(out[5:17], emb[2:14])
-    np.testing.assert_array_equal(arr[...], emb)
-    assert [p.decode() for p in PartsArray(index, "paths")[...]] == paths
-    with pytest.raises(IndexError):
-        arr[np.array([3, 1])]
-    with pytest.raises(IndexError):
-        arr[15]
-    arr.close()
+        return f[name][...]
 
 
-def test_parts_array_over_the_index_only_when_it_maps_the_table_in_order(tmp_path):
-    from featbank.cache._index import PartsArray
+def test_reads_straight_from_the_parts_equal_the_virtual_dataset(tmp_path):
+    from featbank.cache import open_cache
 
     index, _, emb, _ = _cache(tmp_path, sizes=(5, 0, 7, 3))
-    with h5py.File(index, "r") as f:
-        arr = PartsArray.over(index, f["embeddings"])
-        assert arr is not None
-        np.testing.assert_array_equal(arr[...], emb)
-        np.testing.assert_array_equal(arr[6:9], emb[6:9])  # part of one part: a hyperslab read
-        arr.close()
-    with h5py.File(index, "r+") as f:  # a real dataset, or mappings in another order: not taken over
+    np.testing.assert_array_equal(_vds(index), emb)
+    with open_cache(index) as c:
+        reader = c._reader("embeddings")
+        assert reader.direct  # the index maps the table's parts in order: no HDF5 on the way
+        for block_rows in (reader.block_rows, 4, 1):  # blocks spanning parts, the empty part, one row each
+            reader.block_rows = block_rows
+            np.testing.assert_array_equal(c.load_embeddings(), emb)
+            np.testing.assert_array_equal(c.load_embeddings(np.arange(3, 13)), emb[3:13])  # a range over 3 parts
+            rows = np.array([14, 0, 6, 5, 6, 11])  # unsorted, repeated
+            np.testing.assert_array_equal(c.load_embeddings(rows), emb[rows])
+            mask = np.arange(15) % 3 != 1
+            np.testing.assert_array_equal(c.load_embeddings(mask), emb[mask])
+            np.testing.assert_array_equal(c.load_embeddings(dtype=np.float64), emb.astype(np.float64))
+            got = [(i.tolist(), x) for i, x in c.iter_chunks(np.arange(15)[::-1], 4)]
+            assert [i for i, _ in got] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14]]
+            np.testing.assert_array_equal(np.concatenate([x for _, x in got]), emb)
+        assert c.load_embeddings([]).shape == (0, 8)
+        with pytest.raises(IndexError):
+            c.load_embeddings([3, 15])
+        with pytest.raises(IndexError):
+            c.load_embeddings(np.array([1.5]))
+
+
+def test_part_deleted_or_truncated_after_open_is_named_not_read_as_zeros(tmp_path):
+    from featbank.cache import open_cache
+
+    index, _, emb, _ = _cache(tmp_path)
+    table = read_parts_table(index)
+    with open_cache(index) as c:
+        (parts_dir(index) / table[1].name).unlink()  # HDF5's virtual dataset would give zeros for its rows
+        np.testing.assert_array_equal(c.load_embeddings(np.arange(5)), emb[:5])  # other parts still read
+        with pytest.raises(CacheError, match=f"part cache.h5.parts/{table[1].name} .*featbank cache verify"):
+            c.load_embeddings()
+    index, _, emb, _ = _cache(tmp_path / "t")
+    table = read_parts_table(index)
+    with open_cache(index) as c:
+        c.load_embeddings()  # offsets known, files open
+        victim = parts_dir(index) / table[2].name
+        os.truncate(victim, c._reader("embeddings")._offsets[2] + 8)  # in its first row
+        c._reader("embeddings").close()  # opened again: the truncated file
+        with pytest.raises(CacheError, match=f"{table[2].name} ends before the rows .*truncated"):
+            c.load_embeddings()
+
+
+def test_other_mappings_and_chunked_parts_are_read_through_hdf5(tmp_path):
+    from featbank.cache import open_cache
+    from featbank.cache._direct import RowReader
+
+    index, _, emb, planned = _cache(tmp_path, sizes=(5, 7, 3))
+    table = read_parts_table(index)
+    chunked = parts_dir(index) / table[1].name
+    with h5py.File(chunked, "r+") as f:  # a part whose embeddings are not one byte range
         data = f["embeddings"][...]
         del f["embeddings"]
-        f["embeddings"] = data
+        f.create_dataset("embeddings", data=data, chunks=(2, 8))
     with h5py.File(index, "r") as f:
-        assert PartsArray.over(index, f["embeddings"]) is None
+        reader = RowReader(f["embeddings"], parts_dir(index), table)
+        assert reader.direct
+        out = np.empty_like(emb)
+        assert reader.read_rows(np.arange(15), out) == []
+        np.testing.assert_array_equal(out, emb)
+        assert reader._offsets == {0: reader._offsets[0], 1: None, 2: reader._offsets[2]} and reader._offsets[0]
+        reader.close()
+    finalize_index(index, planned, KEY, CLASSES, {"backbone": "test_tiny"})  # the table made to agree
+    with open_cache(index) as c:
+        assert c._reader("embeddings").direct
+        np.testing.assert_array_equal(c.load_embeddings(), emb)
+    with h5py.File(index, "r+") as f:  # a real dataset instead of the virtual one: read as it is
+        del f["embeddings"]
+        f["embeddings"] = emb
+    with open_cache(index) as c:
+        assert not c._reader("embeddings").direct
+        np.testing.assert_array_equal(c.load_embeddings(), emb)
+        np.testing.assert_array_equal(c.load_embeddings([2, 9]), emb[[2, 9]])
+
+
+def test_nan_and_extreme_rows_in_a_part_are_refused_on_the_direct_path(tmp_path):
+    from featbank.cache import open_cache
+
+    index, paths, emb, planned = _cache(tmp_path, sizes=(5, 7, 3))
+    table = read_parts_table(index)
+    with h5py.File(parts_dir(index) / table[1].name, "r+") as f:
+        f["embeddings"][2, 3] = np.nan  # row 7 of the cache
+        f["embeddings"][4, 0] = 1e30  # row 9
+    finalize_index(index, planned, KEY, CLASSES, {"backbone": "test_tiny"})  # the table made to agree
+    with open_cache(index) as c:
+        assert c._reader("embeddings").direct
+        with pytest.raises(CacheError, match=f"NaN or infinite values in 1 row.*row 7 \\('{paths[7]}'\\)"):
+            c.load_embeddings()
+        np.testing.assert_array_equal(c.load_embeddings(np.arange(7)), emb[:7])  # rows before it are fine
+        with pytest.raises(CacheError, match=f"beyond .*row 9 \\('{paths[9]}'\\)"):
+            c.load_embeddings(np.r_[0:7, 8:15])
+    with open_cache(index, extreme="ignore") as c:
+        assert c.load_embeddings(np.r_[0:7, 8:15])[8, 0] == np.float32(1e30)
+
+
+def test_within_bounds_clears_only_finite_blocks_within_the_extreme_value():
+    import warnings
+
+    from featbank.cache._validate import EXTREME_VALUE, within_bounds
+
+    block = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32) * 100
+    assert within_bounds(block) and within_bounds(block.astype(np.float64)) and within_bounds(block[:0])
+    for bad in (np.nan, np.inf, -np.inf, EXTREME_VALUE * 1.01, -EXTREME_VALUE * 1.01, 3e38):
+        b = block.copy()
+        b[17, 5] = bad
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # an overflow in the sum is no warning, only "check exactly"
+            assert not within_bounds(b), bad
+    assert not within_bounds(np.full((4, 4), EXTREME_VALUE / 10, np.float32) * 100)  # large sum: checked exactly
+    assert not within_bounds(block.astype(np.float16))  # no BLAS for half floats: checked exactly
+    assert not within_bounds(block[:, ::2])  # not contiguous: checked exactly
+
+
+def test_layers_and_views_read_straight_from_the_parts_equal_the_virtual_datasets(tmp_path):
+    from featbank.cache import open_cache
+    from featbank.cache._parts import ROW_DATASETS
+
+    index = tmp_path / "c" / "cache.h5"
+    rng = np.random.default_rng(1)
+    planned, extra_names = [], ["layers/stage1", "views/embeddings", "views/layers/stage1"]
+    for sid, n in enumerate((4, 6, 3)):
+        rows = _rows(f"s{sid}", n)
+        extra = {"layers/stage1": rng.standard_normal((n, 5)).astype(np.float32),
+                 "views/embeddings": rng.standard_normal((n, 2, 8)).astype(np.float32),
+                 "views/layers/stage1": rng.standard_normal((n, 2, 5)).astype(np.float32)}
+        write_part(parts_dir(index), sid, KEY, rows, rng.standard_normal((n, 8)).astype(np.float32), CLASSES,
+                   digest=rows_digest(rows, CLASSES), extra=extra)
+        planned.append(PlannedPart(sid, n, rows_digest(rows, CLASSES)))
+    attrs = {"backbone": "test_tiny", "layers": ["stage1", "final"], "layer_dims": {"stage1": 5, "final": 8},
+             "pooling": "gap", "views": 2, "augment": "crops", "view_seed": 0}
+    finalize_index(index, planned, KEY, CLASSES, attrs, row_datasets=[*ROW_DATASETS, *extra_names])
+    rows = np.array([12, 1, 3, 4, 9, 3])
+    with open_cache(index) as c:
+        for name in ("embeddings", *extra_names):
+            assert c._reader(name).direct, name
+            c._reader(name).block_rows = 2  # blocks across the parts' boundaries
+        both = np.concatenate([_vds(index, "layers/stage1"), _vds(index)], axis=1)
+        np.testing.assert_array_equal(c.load_features(layers="all"), both)
+        np.testing.assert_array_equal(c.load_features(rows, layers=("stage1", "final")), both[rows])
+        for k in (0, 1):
+            views = np.concatenate([_vds(index, "views/layers/stage1")[:, k], _vds(index, "views/embeddings")[:, k]], axis=1)
+            np.testing.assert_array_equal(c.load_features(rows, layers="all", view=k), views[rows])
+            chunks = list(c.iter_feature_chunks(np.arange(13), 5, layers="all", view=k))
+            np.testing.assert_array_equal(np.concatenate([x for _, x in chunks]), views)
+
+
+def test_part_without_the_mapped_rows_is_refused_where_hdf5_fills_zeros(tmp_path):
+    from featbank.cache import open_cache
+
+    for case in ("short", "missing"):
+        index, _, emb, planned = _cache(tmp_path / case, sizes=(5, 7, 3))
+        victim = parts_dir(index) / read_parts_table(index)[1].name
+        with h5py.File(victim, "r+") as f:
+            del f["embeddings"]
+            if case == "short":
+                f.create_dataset("embeddings", data=emb[5:11])  # 6 of its 7 rows
+        finalize_index(index, planned, KEY, CLASSES, {"backbone": "test_tiny"})  # the table made to agree
+        if case == "missing":
+            assert not _vds(index)[5:12].any()  # plain h5py: rows of zeros, no error
+        else:
+            with pytest.raises(OSError):  # plain h5py: HDF5's own words
+                _vds(index)
+        want = "holds 'embeddings' of shape \\(6, 8\\), the index maps \\(7, 8\\)" if case == "short" else "has no dataset"
+        with open_cache(index) as c, pytest.raises(CacheError, match=f"part cache.h5.parts/{victim.name} {want}"):
+            c.load_embeddings()

@@ -12,9 +12,11 @@ import numpy as np
 
 from .. import __version__
 from ..errors import CacheError, ConfigError, NotACacheError
+from ._direct import RowReader
 from ._discovery import find_latest_cache
 from ._features import CacheFeatures, check_block, dataset_name, parse_requested, read_features
 from ._index import INDEX_SCHEMA_VERSION
+from ._parts import PartInfo, parts_dir
 from ._schema import FORMAT, SCHEMA_VERSION, SPLIT_NAMES, decode_attr
 from ._validate import (
     check_codes,
@@ -38,12 +40,11 @@ __all__ = ["FeatureCache", "open_cache"]
 # --------------------------------------------------------------------------------------------
 
 
-def _check_v2(path: Path, f: h5py.File) -> None:
+def _check_v2(path: Path, f: h5py.File) -> list[PartInfo]:
     """A schema-v2 index: every part of its table present and unchanged, and every virtual dataset
     mapped onto those parts only (HDF5 fills a missing source with zeros, and a hostile index could
-    map rows onto any file)."""
+    map rows onto any file). Returns the table of parts."""
     from ._index import read_parts_table, verify_cache
-    from ._parts import parts_dir
 
     root = f.attrs.get("root")
     root = root.decode("utf-8", "replace") if isinstance(root, bytes) else root
@@ -87,6 +88,7 @@ def _check_v2(path: Path, f: h5py.File) -> None:
     if isinstance(emb, h5py.Dataset) and emb.shape[:1] != (n_rows,):
         raise CacheError(f"Cache '{path}' is damaged: 'embeddings' has {emb.shape[0] if emb.shape else 0} rows, its "
                          f"table of parts lists {n_rows}. {recreate_hint(path, root)}")
+    return table
 
 
 class FeatureCache:
@@ -113,6 +115,7 @@ class FeatureCache:
         #: Rows already reported as extreme (``extreme='warn'`` warns once per row).
         self.extreme_rows: set[int] = set()
         self._file = _open_h5(self.path)
+        self._readers: dict[str, RowReader] = {}
         try:
             self._read_small(allow_incomplete)
         except BaseException:
@@ -127,8 +130,11 @@ class FeatureCache:
                 "Point at a file written by 'featbank extract'."
             )
         version = f.attrs.get("schema_version")
+        self._parts: list[PartInfo] = []
+        self._parts_dir: Path | None = None
         if isinstance(version, (int, np.integer)) and not isinstance(version, (bool, np.bool_)) and int(version) == 2:
-            _check_v2(Path(os.path.realpath(path)), f)  # through a symlink: the parts lie beside its target
+            real = Path(os.path.realpath(path))  # through a symlink: the parts lie beside its target
+            self._parts, self._parts_dir = _check_v2(real, f), parts_dir(real)
         else:
             check_schema_version(path, version, (SCHEMA_VERSION, INDEX_SCHEMA_VERSION), __version__)
         self.metadata: dict[str, Any] = {}
@@ -156,8 +162,7 @@ class FeatureCache:
                 f"'featbank extract {data} --out {path}' (same options as before), then rerun."
             )
         check_structure(path, f, root)
-        # Schema v2: HDF5's virtual dataset (checked above), read in C; reading the parts from Python
-        # (featbank.cache._index.PartsArray) measured slower on 20-100 parts.
+        # Public: plain h5py (the virtual dataset for v2). featbank's own reads go through _reader().
         self.embeddings: h5py.Dataset = f["embeddings"]
         self.labels = f["labels"][...].astype(np.int64)
         self.splits = f["splits"][...].astype(np.int8)
@@ -223,35 +228,24 @@ class FeatureCache:
     def load_embeddings(self, rows: np.ndarray | Sequence[int] | None = None, dtype=np.float32) -> np.ndarray:
         """Read embeddings into memory: all rows, or the given row indices / boolean mask."""
         if rows is None:
-            out = self.embeddings[...].astype(dtype, copy=False)
-            check_rows(self, np.arange(len(out)), out, self.extreme)
-            return out
-        rows = np.asarray(rows)
-        if rows.dtype == bool:
-            rows = np.flatnonzero(rows)
-        if rows.size == 0:
-            return np.zeros((0, self.embed_dim), dtype)
-        uniq, inverse = np.unique(rows, return_inverse=True)
-        if uniq[0] < 0 or uniq[-1] >= self.n_samples:
-            raise IndexError(f"row indices must lie in [0, {self.n_samples}); got {uniq[0]}..{uniq[-1]}")
-        return self._read_sorted(uniq, dtype)[inverse.reshape(-1)]
+            return self._read_sorted(np.arange(self.n_samples), dtype)
+        uniq, inverse = _sorted_unique(rows, self.n_samples)
+        out = self._read_sorted(uniq, dtype) if uniq.size else np.zeros((0, self.embed_dim), dtype)
+        return out if inverse is None else out[inverse]
 
-    def _read_sorted(self, rows: np.ndarray, dtype: Any, block_rows: int = 1 << 14) -> np.ndarray:
-        # h5py's point selection is slow for many rows: read contiguous slabs and pick in numpy.
+    def _reader(self, name: str) -> RowReader:
+        """featbank's reader of a per-row dataset: straight from the parts where it can (see ``_direct``)."""
+        if name not in self._readers:
+            self._readers[name] = RowReader(self._file[name], self._parts_dir, self._parts)
+        return self._readers[name]
+
+    def _read_sorted(self, rows: np.ndarray, dtype: Any) -> np.ndarray:
+        """Embedding rows ``rows`` (sorted), values checked (NaN/inf, extreme: ``check_rows``)."""
         out = np.empty((len(rows), self.embed_dim), dtype)
-        pos = 0
-        while pos < len(rows):
-            lo = int(rows[pos])
-            end = int(np.searchsorted(rows, lo + block_rows, side="left"))
-            hi = int(rows[end - 1]) + 1
-            if (np.dtype(dtype) == self.embeddings.dtype and hi - lo == end - pos
-                    and bool(np.all(np.diff(rows[pos:end]) == 1))):
-                self.embeddings.read_direct(out, np.s_[lo:hi], np.s_[pos:end])  # contiguous: no copy
-            else:
-                slab = self.embeddings[lo:hi]
-                out[pos:end] = slab[rows[pos:end] - lo]
-            pos = end
-        check_rows(self, rows, out, self.extreme)
+        suspect = self._reader("embeddings").read_rows(rows, out)
+        if suspect:  # the blocks the one-pass test could not clear, checked exactly, in one message
+            at = np.concatenate([np.arange(s.start, s.stop) for s in suspect])
+            check_rows(self, rows[at], out[at], self.extreme)
         return out
 
     def iter_chunks(self, rows: np.ndarray, chunk_rows: int, dtype=np.float32) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -290,23 +284,15 @@ class FeatureCache:
     def view_seed(self) -> int:
         return self._features.view_seed
 
-    def _dataset(self, tap: str, view: int | None) -> Any:
-        return self.embeddings if tap == "final" and view is None else self._file[dataset_name(tap, view is not None)]
-
-    def _read_layer(self, tap: str, view: int | None, rows: np.ndarray, dtype: Any, block_rows: int = 1 << 14) -> np.ndarray:
+    def _read_layer(self, tap: str, view: int | None, rows: np.ndarray, dtype: Any) -> np.ndarray:
         if tap == "final" and view is None:
             return self._read_sorted(rows, dtype)
-        ds, name = self._dataset(tap, view), dataset_name(tap, view is not None)
+        name = dataset_name(tap, view is not None)
         out = np.empty((len(rows), self._features.layer_dims[tap]), dtype)
-        pos = 0
-        while pos < len(rows):  # contiguous slabs picked in numpy, as _read_sorted does
-            lo = int(rows[pos])
-            end = int(np.searchsorted(rows, lo + block_rows, side="left"))
-            hi = int(rows[end - 1]) + 1
-            slab = ds[lo:hi] if view is None else ds[lo:hi, view]
-            out[pos:end] = slab[rows[pos:end] - lo]
-            check_block(self, name, rows[pos:end], out[pos:end])
-            pos = end
+        suspect = self._reader(name).read_rows(rows, out, column=view)
+        if suspect:
+            at = np.concatenate([np.arange(s.start, s.stop) for s in suspect])
+            check_block(self, name, rows[at], out[at])
         return out
 
     def load_features(self, rows: np.ndarray | Sequence[int] | None = None, layers: str | Sequence[str] = ("final",),
@@ -331,18 +317,12 @@ class FeatureCache:
             >>> X = cache.load_features(cache.split_mask("train"), layers=("stage5", "final"))
         """
         wanted = parse_requested(self._features, layers, view)
-        idx = np.arange(self.n_samples) if rows is None else np.asarray(rows)
-        if idx.dtype == bool:
-            idx = np.flatnonzero(idx)
-        width = sum(self._features.layer_dims[t] for t in wanted)
-        if idx.size == 0:
-            return np.zeros((0, width), dtype)
-        uniq, inverse = np.unique(idx, return_inverse=True)
-        if uniq[0] < 0 or uniq[-1] >= self.n_samples:
-            raise IndexError(f"row indices must lie in [0, {self.n_samples}); got {uniq[0]}..{uniq[-1]}")
+        uniq, inverse = _sorted_unique(np.arange(self.n_samples) if rows is None else rows, self.n_samples)
+        if uniq.size == 0:
+            return np.zeros((0, sum(self._features.layer_dims[t] for t in wanted)), dtype)
         cols = [self._read_layer(t, view, uniq, dtype) for t in wanted]
         out = cols[0] if len(cols) == 1 else np.concatenate(cols, axis=1)
-        return out[inverse.reshape(-1)]
+        return out if inverse is None else out[inverse]
 
     def iter_feature_chunks(self, rows: np.ndarray, chunk_rows: int, layers: str | Sequence[str] = ("final",),
                             view: int | None = None, dtype: Any = np.float32) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -357,6 +337,9 @@ class FeatureCache:
         return self.root / rel
 
     def close(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
         try:
             self._file.close()
         except Exception:  # noqa: BLE001
@@ -376,6 +359,25 @@ class FeatureCache:
             f"FeatureCache({str(self.path)!r}, n_samples={self.n_samples}, embed_dim={self.embed_dim}, "
             f"n_classes={self.n_classes}, backbone={self.metadata.get('backbone')!r})"
         )
+
+
+def _sorted_unique(rows: np.ndarray | Sequence[int], n_samples: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Row indices or a boolean mask as sorted unique indices, and how to put them back in the order
+    asked (None: already sorted and unique, the common case, which then costs no copy)."""
+    rows = np.asarray(rows)
+    if rows.dtype == bool:
+        rows = np.flatnonzero(rows)
+    rows = rows.reshape(-1)
+    if rows.size and rows.dtype.kind not in "iu":
+        raise IndexError(f"row indices must be integers or a boolean mask; got an array of {rows.dtype}")
+    if rows.size < 2 or bool(np.all(rows[1:] > rows[:-1])):
+        uniq, inverse = rows.astype(np.int64), None
+    else:
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        inverse = inverse.reshape(-1)
+    if uniq.size and (uniq[0] < 0 or uniq[-1] >= n_samples):
+        raise IndexError(f"row indices must lie in [0, {n_samples}); got {uniq[0]}..{uniq[-1]}")
+    return uniq, inverse
 
 
 def _open_h5(path: Path) -> h5py.File:
