@@ -8,9 +8,11 @@
    the folder scan that precedes it, but microseconds per row.
 2. Reading all embeddings of a v2 cache vs the same rows in one contiguous dataset read with h5py:
    featbank's read (``load_embeddings()``: straight from the part files, every value checked) on an
-   open cache and as the first read after ``open_cache`` (see read_times) and, for information,
-   plain h5py through the index's virtual dataset. Repeats are interleaved (the order rotates) and the ratio is of the best
-   times, so CPU drift on a shared machine cancels; the ratio of median CPU times is printed too.
+   open cache and as the first read after ``open_cache`` (see read_times), the same rows written as
+   ONE part read by featbank (so index-vs-one-part isolates what the index and the parts cost, the
+   value check on both sides) and, for information, plain h5py through the index's virtual dataset.
+   Repeats are interleaved (the order rotates) and the ratio is of the best times, so CPU drift
+   on a shared machine cancels; the ratio of median CPU times is printed too.
 3. ``--procs 1`` vs ``--procs 2`` extraction throughput with the ``test_tiny`` backbone.
 
 Usage:
@@ -154,19 +156,22 @@ def _read_featbank_first(index: Path) -> tuple[float, float]:
         return _read_featbank(cache)
 
 
-def read_times(index: Path, contiguous: Path, repeats: int) -> dict[str, float]:
+def read_times(index: Path, contiguous: Path, one_part: Path, repeats: int) -> dict[str, float]:
     """Best wall time and median CPU time of each way to read every embedding, repeats interleaved.
 
     ``featbank``: ``load_embeddings()`` on an open cache (part files already open: a second read,
     or a streaming epoch); ``featbank_first``: the first read after ``open_cache`` (opening each part
     file, ~0.4 ms each, included; the first large allocation after open_cache's own reads also
     costs more, a memory effect outside the read path); ``vds``: plain h5py through the index's
-    virtual dataset, without featbank's value check.
+    virtual dataset, without featbank's value check; ``featbank_one_part``: ``load_embeddings()`` of
+    the same rows written as one part (one contiguous dataset, read with featbank's checks), so
+    ``featbank / featbank_one_part`` is the cost of the index and the parts alone.
     """
     from featbank.cache import open_cache
 
-    with open_cache(index) as cache:
+    with open_cache(index) as cache, open_cache(one_part) as one:
         ways = {"contiguous": lambda: _read_h5py(contiguous), "featbank": lambda: _read_featbank(cache),
+                "featbank_one_part": lambda: _read_featbank(one),
                 "featbank_first": lambda: _read_featbank_first(index), "vds": lambda: _read_h5py(index)}
         times: dict[str, list[tuple[float, float]]] = {k: [] for k in ways}
         names = list(ways)
@@ -218,11 +223,15 @@ def bench_read(work: Path, n: int, dim: int, shard_size: int, repeats: int) -> d
     d.mkdir(parents=True)
     build_v2(d / "v2.h5", _keys(n), dim, shard_size)
     contiguous_copy(d / "v2.h5", d / "contiguous.h5")
+    build_v2(d / "one.h5", _keys(n), dim, n)  # the same rows in one part
     os.sync()
-    row = {"rows": n, "embed_dim": dim, "repeats": repeats, **read_times(d / "v2.h5", d / "contiguous.h5", repeats)}
-    for k in ("featbank", "featbank_first", "vds"):  # speed relative to the contiguous file: 1.0 = as fast
+    row = {"rows": n, "embed_dim": dim, "repeats": repeats,
+           **read_times(d / "v2.h5", d / "contiguous.h5", d / "one.h5", repeats)}
+    for k in ("featbank", "featbank_first", "vds", "featbank_one_part"):  # relative to the contiguous file: 1.0 = as fast
         row[f"{k}_over_contiguous"] = row["read_contiguous_s"] / row[f"read_{k}_s"]
         row[f"{k}_over_contiguous_cpu"] = row["read_contiguous_cpu_s"] / row[f"read_{k}_cpu_s"]
+    # Through the index (many parts) vs one contiguous part, featbank's checks on both sides.
+    row["featbank_over_featbank_one_part"] = row["read_featbank_one_part_s"] / row["read_featbank_s"]
     print(json.dumps(row), flush=True)
     shutil.rmtree(d, ignore_errors=True)
     return row
@@ -282,9 +291,12 @@ def main() -> None:
         rd = bench_read(args.work, n, dim, args.shard_size, args.read_repeats)
         # Speed relative to one contiguous dataset read with h5py (1.0 = as fast): featbank's read, and
         # plain h5py through the virtual dataset; best wall times (and median CPU times, _cpu).
-        for k in ("featbank_over_contiguous", "featbank_first_over_contiguous", "vds_over_contiguous"):
+        for k in ("featbank_over_contiguous", "featbank_first_over_contiguous", "vds_over_contiguous",
+                  "featbank_one_part_over_contiguous"):
             for tail in ("", "_cpu"):
                 summary[f"read_{k}_at_{n}x{dim}{tail}"] = rd[k + tail]
+        # The issue's "through the index vs one contiguous file", featbank's value check on both sides.
+        summary[f"read_featbank_index_over_featbank_one_part_at_{n}x{dim}"] = rd["featbank_over_featbank_one_part"]
     if not args.skip_procs:
         procs = bench_procs(args.work, args.images, max(1, args.images // 8))
         summary["procs2_over_procs1_throughput"] = procs[2] / procs[1]
