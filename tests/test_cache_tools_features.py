@@ -325,3 +325,16 @@ def test_info_and_verify_through_a_symlink(lv_cache, tmp_path):
     files = export_cache(link, tmp_path / "v", layers="stage1")
     with featbank.open_cache(lv_cache) as c:
         np.testing.assert_array_equal(np.concatenate([np.load(p) for p in files[::2]]), c.load_features(layers="stage1"))
+
+
+def test_reading_a_truncated_retabled_part_is_a_cache_error_not_a_crash(lv_cache, tmp_path):
+    """What verify reports, fit must not crash on: a CacheError naming the part (exit 2), never a raw OSError."""
+    path = _copy(lv_cache, tmp_path)
+    victim = parts_dir(path) / read_parts_table(path)[1].name
+    _truncate(victim)
+    _retable(path, 1)
+    with pytest.raises(CacheError, match=victim.name):
+        with featbank.open_cache(path) as c:
+            c.load_features(layers=c.layers)
+    res = _run("fit", path, "--head", "linear", "--layers", "all", "--out", tmp_path / "m")
+    assert res.exit_code == 2 and victim.name in res.output and "Traceback" not in res.output, res.output

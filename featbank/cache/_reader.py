@@ -32,7 +32,7 @@ from ._validate import (
 #: What :func:`open_cache` does with finite but extreme embedding rows.
 EXTREME_POLICIES = ("raise", "warn", "ignore")
 
-__all__ = ["FeatureCache", "open_cache"]
+__all__ = ["FeatureCache", "open_cache", "check_v2_index"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -40,7 +40,7 @@ __all__ = ["FeatureCache", "open_cache"]
 # --------------------------------------------------------------------------------------------
 
 
-def _check_v2(path: Path, f: h5py.File) -> list[PartInfo]:
+def check_v2_index(path: Path, f: h5py.File) -> list[PartInfo]:
     """A schema-v2 index: every part of its table present and unchanged, and every virtual dataset
     mapped onto those parts only (HDF5 fills a missing source with zeros, and a hostile index could
     map rows onto any file). Returns the table of parts."""
@@ -134,7 +134,7 @@ class FeatureCache:
         self._parts_dir: Path | None = None
         if isinstance(version, (int, np.integer)) and not isinstance(version, (bool, np.bool_)) and int(version) == 2:
             real = Path(os.path.realpath(path))  # through a symlink: the parts lie beside its target
-            self._parts, self._parts_dir = _check_v2(real, f), parts_dir(real)
+            self._parts, self._parts_dir = check_v2_index(real, f), parts_dir(real)
         else:
             check_schema_version(path, version, (SCHEMA_VERSION, INDEX_SCHEMA_VERSION), __version__)
         self.metadata: dict[str, Any] = {}
@@ -164,10 +164,13 @@ class FeatureCache:
         check_structure(path, f, root)
         # Public: plain h5py (the virtual dataset for v2). featbank's own reads go through _reader().
         self.embeddings: h5py.Dataset = f["embeddings"]
-        self.labels = f["labels"][...].astype(np.int64)
-        self.splits = f["splits"][...].astype(np.int8)
-        self.paths = decode_attr(f["paths"][...])
-        self.fingerprints = f["fingerprints"][...].astype(np.int64)
+        try:
+            self.labels = f["labels"][...].astype(np.int64)
+            self.splits = f["splits"][...].astype(np.int8)
+            self.paths = decode_attr(f["paths"][...])
+            self.fingerprints = f["fingerprints"][...].astype(np.int64)
+        except OSError as e:  # a part whose table entry matches it but whose data is cut short
+            raise self._damaged_part_error(e, root) from None
         self.classes = decode_attr(f["classes"][...])
         check_codes(path, self.labels, f["splits"][...].astype(np.int64), len(self.classes), self._split_names, root)
         self._features: CacheFeatures = read_features(path, f, int(self.embeddings.shape[1]),
@@ -189,6 +192,21 @@ class FeatureCache:
                                  f"[path, reason, fingerprint]. {recreate_hint(path, root)}") from None
             self.skipped += rows
             self.skipped_fingerprints = np.concatenate([self.skipped_fingerprints, extra])
+
+    def _damaged_part_error(self, e: OSError, root: Any) -> CacheError:
+        """The error for per-row data HDF5 cannot read: it names the first part that fails to read."""
+        for part in self._parts:
+            try:
+                with h5py.File(self._parts_dir / part.name, "r") as pf:
+                    for name in ("labels", "splits", "paths", "fingerprints"):
+                        pf[name][...]
+            except (OSError, KeyError):
+                return CacheError(
+                    f"Cache '{self.path}' cannot be read: part file {part.name!r} is damaged ({str(e)[:160]}). "
+                    f"Remove the part file {str(self._parts_dir / part.name)!r} and rerun 'featbank extract' with the "
+                    f"same options (it recomputes that part only); 'featbank cache verify {self.path}' checks every part."
+                )
+        return CacheError(f"Cache '{self.path}' cannot be read ({str(e)[:200]}). {recreate_hint(self.path, root)}")
 
     # -- convenience -------------------------------------------------------------------------
     @property

@@ -148,11 +148,11 @@ def describe_cache(path: str | os.PathLike) -> CacheSummary:
 def _check_layout(path: Path, f: h5py.File) -> CacheFeatures:
     """What ``open_cache`` checks before reading a row, without loading the paths: v2 parts present and
     unchanged and every virtual dataset mapped onto them; datasets and layer/view attributes agree."""
-    from ._reader import _check_v2
+    from ._reader import check_v2_index
 
     root = f.attrs.get("root")
     if int(f.attrs.get("schema_version", 1)) >= 2:
-        _check_v2(Path(os.path.realpath(path)), f)
+        check_v2_index(Path(os.path.realpath(path)), f)
     check_structure(path, f, root)
     emb = f["embeddings"]
     return read_features(path, f, int(emb.shape[1]), int(emb.shape[0]), root)
