@@ -77,10 +77,10 @@ def _sweep_linear(head: Any, Xtr: Any, ytr: np.ndarray, Xv: Any, yv: np.ndarray,
     def run(C: float) -> None:
         if sols:  # warm start from the nearest solution in log C
             near = min(sols, key=lambda c: abs(np.log10(c) - np.log10(C)))
-            head._w, head._b = sols[near][0].copy(), sols[near][1].copy()
+            head.set_solution(*sols[near])
         head.set_params(C=C, warm_start=bool(sols))
         head.fit(Xtr, ytr)
-        sols[C] = (head._w.copy(), head._b.copy())
+        sols[C] = head.solution()
         score, loss, _ = _val_score(head, Xv, yv, k, balanced)
         results.append({"C": C, "val_score": score, "val_log_loss": loss, "n_iter": head.n_iter_})
 
@@ -192,8 +192,7 @@ def select_and_refit(cache: Any, source: CacheRows, spec: HeadSpec, seed: int, t
             C, sweep, sols = _sweep_linear(est, Xtr, ytr, Xv, yv, k, spec.class_weight == "balanced",
                                            spec.grid or COARSE_GRID)
             est.set_params(C=C, warm_start=False)
-            est._w, est._b = sols[C]
-            est._set_coef()
+            est.set_solution(*sols[C])
         else:
             C = float(spec.params.get("C", est.C))
             est.set_params(C=C).fit(Xtr, ytr)

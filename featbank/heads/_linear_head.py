@@ -241,6 +241,19 @@ class LinearHead(TorchHead):
                                      "gtol": float(self.tol) if U is None else 0.0,
                                      "ftol": 64 * np.finfo(float).eps if self.tol >= 1e-6 else 0.0})
 
+    def solution(self) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of the fitted weights and bias on the preprocessed features (what a warm start resumes from)."""
+        return self._w.copy(), self._b.copy()
+
+    def set_solution(self, w: np.ndarray, b: np.ndarray) -> LinearHead:
+        """Take ``w``, ``b`` (from :meth:`solution` of a fit on the same rows) as the fitted solution.
+
+        The next fit with ``warm_start=True`` starts from it; ``coef_`` and ``intercept_`` follow it.
+        """
+        self._w, self._b = np.array(w, copy=True), np.array(b, copy=True)
+        self._set_coef()
+        return self
+
     def _set_coef(self) -> None:
         self.coef_ = (self._w / self.scale_.astype(np.float64)).astype(np.float32)
         self.intercept_ = (self._b - self.coef_.astype(np.float64) @ self.mean_.astype(np.float64)).astype(np.float32)
