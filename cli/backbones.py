@@ -49,4 +49,6 @@ def backbones(include_all: bool, groups_of: str | None, as_json: bool) -> None:
         if not r.available:
             click.echo(f"{'':<24} {'':>5} {'':>9}  {'':<7}  -> {r.location}")
     click.echo("\nAlso: any torchvision model name (resnet50 --weights IMAGENET1K_V2) or timm name "
-               "(timm:convnext_tiny) whose weights are in the local cache, or with --weights-file.")
+               "(timm:convnext_tiny) whose weights are in the local cache, or with --weights-file.\n"
+               "Any name with @SIZE appended (efficientnet_lite0@300) is that network fed the whole image at "
+               "SIZE x SIZE pixels.")
