@@ -235,25 +235,27 @@ def _sweep_sklearn(est: Any, Xtr: np.ndarray, ytr: np.ndarray, Xv: np.ndarray, y
 
     balanced = spec.class_weight == "balanced"
     step = est.steps[-1][0]
-    fits: dict[float, tuple[float, float, Any, np.ndarray]] = {}
+    fits: dict[float, tuple[float, float]] = {}  # C -> (val score, val log loss)
+    kept: dict[str, Any] = {}  # the best fit so far: only it is copied, not one estimator per C
+
+    def best() -> float:
+        return max(fits, key=lambda c: (round(fits[c][0], 12), -c))
 
     def fit_at(C: float) -> None:
         if not any(np.isclose(C, c, rtol=1e-6) for c in fits):
             _fit_sklearn(est.set_params(**{f"{step}__C": C}), Xtr, ytr, spec.class_weight)
             score, loss, proba = _val_score(est, Xv, yv, k, balanced)
-            fits[C] = (score, loss, copy.deepcopy(est), proba)
-
-    def best() -> float:
-        return max(fits, key=lambda c: (round(fits[c][0], 12), -c))
+            fits[C] = (score, loss)
+            if best() == C:
+                kept.update(est=copy.deepcopy(est), proba=proba)
 
     for C in spec.grid or SKLEARN_C_GRID:
         fit_at(float(C))
     top = best()
     for d in _REFINE:
         fit_at(float(top * 10 ** d))
-    C = best()
     sweep = [{"C": c, "val_score": fits[c][0], "val_log_loss": fits[c][1]} for c in sorted(fits)]
-    return fits[C][2], {"C": C}, sweep, fits[C][3]
+    return kept["est"], {"C": best()}, sweep, kept["proba"]
 
 
 def _refit(est: Any, htype: str, chosen: dict[str, Any], X: Any, y: np.ndarray, class_weight: Any) -> None:
