@@ -320,21 +320,7 @@ def test_extract_on_progress_counts_without_a_progress_bar(image_folder, tmp_pat
     assert marks == [(8, 24), (16, 24), (24, 24)]
 
 
-def _fit_takes_layers() -> bool:
-    import inspect
-
-    return "layers" in inspect.signature(featbank.fit).parameters
-
-
-@pytest.mark.skipif(_fit_takes_layers(), reason="featbank.fit reads layers: see the test below")
-def test_layers_other_than_final_are_refused_while_fit_cannot_read_them(split_folder):
-    res = CliRunner().invoke(cli, ["compare", str(split_folder), "-b", "test_tiny", "--layers", "stage1,final", *FAST])
-    assert res.exit_code == 2 and "supports only 'final'" in res.output and "fit --layers" in res.output
-    assert _cache_files() == []
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _fit_takes_layers(), reason="featbank.fit has no layers= yet (#15 probe work)")
 def test_layers_are_extracted_into_their_own_cache_and_probed(split_folder):
     from featbank.backbones import layer_dims
 

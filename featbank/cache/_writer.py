@@ -134,19 +134,6 @@ def _full_error(path: Path, e: OSError, kept: str) -> CacheError:
     return CacheError(f"Cannot write '{path}': {describe_os_error(e)}. {kept} Free some space and rerun.")
 
 
-def _create_contiguous(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: Any) -> h5py.Dataset:
-    """A dataset allocated in full now, so later writes to it change no HDF5 metadata."""
-    from h5py import h5d, h5p, h5s, h5t
-
-    dcpl = h5p.create(h5p.DATASET_CREATE)
-    dcpl.set_alloc_time(h5d.ALLOC_TIME_EARLY)
-    dcpl.set_fill_time(h5d.FILL_TIME_ALLOC)
-    space = h5s.create_simple(shape)
-    tid = h5t.py_create(np.dtype(dtype), logical=True)
-    dsid = h5d.create(group.id, name.encode(), tid, space, dcpl=dcpl)
-    return h5py.Dataset(dsid)
-
-
 def kept_message(path: Path, staging: Path | None = None) -> str:
     """What a failed write leaves as it was, for error messages."""
     cache = path.with_name(path.name[: -len(".partial")]) if path.name.endswith(".partial") else path

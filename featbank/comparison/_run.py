@@ -62,7 +62,7 @@ def compare(
             chooses on validation: ``fit(layers="auto")``), ``"all"``, or names / ranges
             (``"stage5,final"``) each backbone must have. Other than ``final``, each backbone's cache
             is ``<default cache>-layers-<taps>.h5`` (``all`` for every layer), beside the plain
-            one. Refused while ``featbank.fit`` has no ``layers`` parameter.
+            one.
         plot: write a PNG of accuracy against throughput there (``None``: no plot; the command
             line defaults to :func:`default_plot_path`).
         device, engine, batch_size, num_workers: as for ``featbank.extract`` (device also for fit).
@@ -141,22 +141,7 @@ def _check_layers(layers: str | Sequence[str] | None) -> str:
     if not spec or any(not part.strip() for part in spec.split(",")):
         raise ConfigError(f"--layers has an empty name in {layers!r}. Give 'final', 'auto', 'all' or names such as "
                           "stage5,final ('featbank backbones --groups NAME' lists a backbone's layers).")
-    if spec != "final" and not _fit_takes_layers():
-        raise ConfigError(
-            f"compare --layers supports only 'final' (the backbone's embedding) in this featbank; got {spec!r}. "
-            "A probe on intermediate layers needs 'featbank fit --layers', which it does not have yet "
-            "('featbank extract --layers' can already store them). Drop --layers."
-        )
     return spec
-
-
-def _fit_takes_layers() -> bool:
-    """Whether ``featbank.fit`` reads intermediate layers (``layers=``), which #15's probe work adds."""
-    import inspect
-
-    from ..fitting import fit
-
-    return "layers" in inspect.signature(fit).parameters
 
 
 @dataclass(frozen=True)
