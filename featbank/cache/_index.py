@@ -220,13 +220,15 @@ def check_parts(index_path: Path, parts: Sequence[PartInfo] | None = None, *, fu
     return problems
 
 
-def verify_cache(index_path: Path, *, full: bool = True) -> None:
+def verify_cache(index_path: Path, *, full: bool = True, parts: Sequence[PartInfo] | None = None) -> None:
     """Raise :class:`CacheError` naming every missing or changed part of an index, and what to run.
+
+    ``parts``: the index's table when the caller has already read it (read from the index otherwise).
 
     Raises:
         CacheError: a part is missing, truncated or changed.
     """
-    problems = check_parts(Path(index_path), full=full)
+    problems = check_parts(Path(index_path), parts, full=full)
     if problems:
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
         raise CacheError(

@@ -64,7 +64,7 @@ def check_v2_index(path: Path, f: h5py.File) -> list[PartInfo]:
         raise CacheError(f"Cache '{path}' is damaged: its table of parts (group 'parts') cannot be read ({e}). "
                          f"{recreate_hint(path, root)}") from None
     try:
-        verify_cache(path, full=False)  # names every missing or changed part, and what to run
+        verify_cache(path, full=False, parts=table)  # names every missing or changed part, and what to run
     except (KeyError, IndexError, ValueError, TypeError) as e:
         raise CacheError(f"Cache '{path}' is damaged: its table of parts is inconsistent ({e}). "
                          f"{recreate_hint(path, root)}") from None
@@ -389,7 +389,7 @@ def _sorted_unique(rows: np.ndarray | Sequence[int], n_samples: int) -> tuple[np
     if rows.size and rows.dtype.kind not in "iu":
         raise IndexError(f"row indices must be integers or a boolean mask; got an array of {rows.dtype}")
     if rows.size < 2 or bool(np.all(rows[1:] > rows[:-1])):
-        uniq, inverse = rows.astype(np.int64), None
+        uniq, inverse = rows.astype(np.int64, copy=False), None
     else:
         uniq, inverse = np.unique(rows, return_inverse=True)
         inverse = inverse.reshape(-1)
