@@ -331,13 +331,13 @@ def extract_sharded(data: str, out_path: Path, opts: Any, scale: ScaleOptions, t
         if rank == 0:
             remove_stale_temporaries(index_path)
         source = read_source(data, scale)
-        _, key, wanted = _run_identity(opts)
+        identity, key, wanted = _run_identity(opts)
         if not opts.overwrite:
             _check_existing(index_path, key, wanted)
             _migrate_or_refuse(index_path, shard_size, torchrun)
         elif rank == 0:
             _drop_replaced_parts(index_path, key)
-        prep = _prepare(source, index_path, opts, scale, launcher, shard_size)
+        prep = _prepare(source, index_path, opts, scale, launcher, shard_size, identity)
         report = ExtractReport(path=out_path, cache_key=prep.key)
         dropped = _old_rows_dropped(index_path, prep) if not opts.overwrite else 0
         if not scale.finalize and not opts.overwrite and _up_to_date(prep):
@@ -367,7 +367,8 @@ def extract_sharded(data: str, out_path: Path, opts: Any, scale: ScaleOptions, t
     return _finish_report(report, prep, t0, opts, scale.finalize, dropped)
 
 
-def _prepare(source: Any, index_path: Path, opts: Any, scale: ScaleOptions, launcher: str, shard_size: int) -> Any:
+def _prepare(source: Any, index_path: Path, opts: Any, scale: ScaleOptions, launcher: str, shard_size: int,
+             identity: dict[str, Any]) -> Any:
     from .._device import default_num_workers
     from ._sharded import prepare
 
@@ -382,7 +383,8 @@ def _prepare(source: Any, index_path: Path, opts: Any, scale: ScaleOptions, laun
     weights_file = str(opts.weights_file) if opts.weights_file is not None else None
     return prepare(source, index_path, backbone=opts.backbone, weights=opts.weights, weights_file=weights_file,
                    engine=engine, device=opts.device, dtype=opts.dtype, batch_size=opts.batch_size,
-                   num_workers=workers, shard_size=shard_size, overwrite=opts.overwrite, features=opts.features)
+                   num_workers=workers, shard_size=shard_size, overwrite=opts.overwrite, features=opts.features,
+                   identity=identity)
 
 
 def _finish_report(report: ExtractReport, prep: Any, t0: float, opts: Any, finalize_only: bool,

@@ -133,12 +133,14 @@ def prepare(
     source: RowSource, index_path: Path, *, backbone: str, weights: str | None = None,
     weights_file: str | None = None, engine: str = "torch", device: str = "cpu", dtype: str = "float32",
     batch_size: int = 32, num_workers: int = 0, shard_size: int = DEFAULT_SHARD_SIZE, overwrite: bool = False,
-    features: Any = None,
+    features: Any = None, identity: dict[str, Any] | None = None,
 ) -> Prepared:
     """Plan the run: the cache key, the shards (keeping an existing index's boundaries), the jobs left.
 
     A shard needs a job when its part for exactly its planned rows is not yet published.
     ``features`` (a ``FeatureOptions`` from ``resolve_features``) adds layers and views.
+    ``identity``: the backbone's identity when the caller already has it (else resolved here,
+    which may build the model).
 
     Raises:
         CacheKeyMismatch: the existing index was made with other settings.
@@ -148,7 +150,7 @@ def prepare(
 
     index_path = Path(index_path)
     precision = precision_name(device.split(":")[0])
-    identity = identity_of(backbone, weights, weights_file)
+    identity = identity if identity is not None else identity_of(backbone, weights, weights_file)
     if features is not None and features.is_default:
         features = None
     key = compute_cache_key(identity, dtype, precision, features.key_part() if features is not None else None)
