@@ -142,7 +142,8 @@ def load_backbone(
     if size is not None:
         return _at_size(load_backbone(base, weights, weights_file), name, size)
     wf = Path(weights_file) if weights_file is not None else None
-    if is_bundle_dir(name):
+    kind, bare = _resolve(name)
+    if kind == "bundle":
         if not _SOURCES:
             # Plugin-style: the bundle layer registers itself on import; backbones never names it.
             importlib.import_module(_BUNDLE_SOURCE_MODULE)
@@ -150,24 +151,43 @@ def load_backbone(
             bb = source(name)
             if bb is not None:
                 return bb
-    if name in REGISTRY:
+        raise unknown_backbone(name)
+    if kind == "registry":
         return REGISTRY[name].build(weights, wf, weights == RANDOM)
+    if kind == "torchvision":
+        return build_torchvision(bare, weights, wf)
+    return build_timm(bare, weights, wf)
+
+
+def _resolve(name: str) -> tuple[str, str]:
+    """Which source knows ``name`` (without ``@SIZE``), found without building anything.
+
+    Returns ``(kind, bare name)``, kind one of ``bundle``, ``registry``, ``torchvision``, ``timm``.
+
+    Raises:
+        ConfigError: no source knows the name.
+    """
+    if is_bundle_dir(name):
+        return "bundle", name
+    if name in REGISTRY:
+        return "registry", name
     source, _, bare = name.rpartition(":")
     if source not in ("", "torchvision", "tv", "timm"):
         raise unknown_backbone(name)
-    if source in ("", "torchvision", "tv"):
+    if source != "timm":
         try:
             tv = torchvision_models()
         except Exception:  # noqa: BLE001
             tv = []
         if bare in tv:
-            return build_torchvision(bare, weights, wf)
-        if source in ("torchvision", "tv"):
+            return "torchvision", bare
+        if source:
             raise unknown_backbone(name)
     import timm
 
-    if bare in timm.list_models() or bare.split(".")[0] in timm.list_models():
-        return build_timm(bare, weights, wf)
+    models = timm.list_models()
+    if bare in models or bare.split(".")[0] in models:
+        return "timm", bare
     raise unknown_backbone(name)
 
 
@@ -179,22 +199,7 @@ def check_backbone_name(name: str) -> None:
     Raises:
         ConfigError: an unknown name, or a bad ``@SIZE``.
     """
-    name, _ = split_image_size(name)
-    if name in REGISTRY or is_bundle_dir(name):
-        return
-    source, _, bare = name.rpartition(":")
-    if source not in ("", "torchvision", "tv", "timm"):
-        raise unknown_backbone(name)
-    if source != "timm":
-        if bare in torchvision_models():
-            return
-        if source:
-            raise unknown_backbone(name)
-    import timm
-
-    models = timm.list_models()
-    if bare not in models and bare.split(".")[0] not in models:
-        raise unknown_backbone(name)
+    _resolve(split_image_size(name)[0])
 
 
 def list_backbones(include_all: bool = False) -> list[BackboneInfo]:
