@@ -38,6 +38,9 @@ def test_reader_api(tiny_cache: Path) -> None:
         for picked in ([0, 1, 2, 3], [0, 1, 1, 3], [4, 5, 5, 6, 7]):  # contiguous read vs repeated rows
             got = np.concatenate([e for _, e in c.iter_chunks(np.array(picked), 8)])
             np.testing.assert_array_equal(got, full[picked])
+        for bad in ([-1, 3], [3, 24]):  # out of range: a clear IndexError, never a read at a negative offset
+            with pytest.raises(IndexError, match=r"row indices must lie in \[0, 24\)"):
+                next(c.iter_chunks(np.array(bad), 8))
         assert c.abspath(c.paths[0]).is_file()
         with pytest.raises(ValueError, match="Unknown split"):
             c.split_mask("holdout")

@@ -268,7 +268,8 @@ class FeatureCache:
 
     def iter_chunks(self, rows: np.ndarray, chunk_rows: int, dtype=np.float32) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield ``(row_indices, embeddings)`` in chunks of at most ``chunk_rows`` sorted rows."""
-        rows = np.sort(np.asarray(rows))
+        rows = np.sort(np.asarray(rows).reshape(-1))
+        _check_range(rows, self.n_samples)
         for start in range(0, len(rows), chunk_rows):
             idx = rows[start : start + chunk_rows]
             yield idx, self._read_sorted(idx, dtype)
@@ -346,7 +347,8 @@ class FeatureCache:
                             view: int | None = None, dtype: Any = np.float32) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield ``(row_indices, features)`` in chunks of at most ``chunk_rows`` sorted rows (see :meth:`load_features`)."""
         parse_requested(self._features, layers, view)
-        rows = np.sort(np.asarray(rows))
+        rows = np.sort(np.asarray(rows).reshape(-1))
+        _check_range(rows, self.n_samples)
         for start in range(0, len(rows), chunk_rows):
             idx = rows[start : start + chunk_rows]
             yield idx, self.load_features(idx, layers, view, dtype)
@@ -393,9 +395,13 @@ def _sorted_unique(rows: np.ndarray | Sequence[int], n_samples: int) -> tuple[np
     else:
         uniq, inverse = np.unique(rows, return_inverse=True)
         inverse = inverse.reshape(-1)
-    if uniq.size and (uniq[0] < 0 or uniq[-1] >= n_samples):
-        raise IndexError(f"row indices must lie in [0, {n_samples}); got {uniq[0]}..{uniq[-1]}")
+    _check_range(uniq, n_samples)
     return uniq, inverse
+
+
+def _check_range(sorted_rows: np.ndarray, n_samples: int) -> None:
+    if sorted_rows.size and (sorted_rows[0] < 0 or sorted_rows[-1] >= n_samples):
+        raise IndexError(f"row indices must lie in [0, {n_samples}); got {sorted_rows[0]}..{sorted_rows[-1]}")
 
 
 def _open_h5(path: Path) -> h5py.File:
