@@ -19,6 +19,7 @@ Examples:
   featbank fit runs/elpv.h5 --no-refit --name elpv-probe    # the start of an LP-FT
   featbank fit runs/elpv-layers.h5 --layers auto            # select layers on validation
   featbank fit runs/elpv-layers.h5 --layers stage6,final --tta auto
+  featbank fit runs/elpv-d8.h5 --head SVC --layers stage3-final --pool-views
 """
 
 
@@ -47,6 +48,9 @@ Examples:
               help="Average predictions over the cache's augmented views: auto = when it helps on validation.")
 @click.option("--train-views/--no-train-views", default=True, show_default=True,
               help="Train on the augmented views of the training images too (when the cache has views).")
+@click.option("--pool-views", is_flag=True,
+              help="One row per image: the mean and the max of each feature over its plain and hflip/dihedral views "
+                   "(invariant to them; predict and export make the same views). Replaces --train-views and TTA.")
 @click.option("--max-memory", default=None, metavar="SIZE", help="e.g. 2GB; below the data size, linear/mlp stream from disk.")
 @device_option
 @click.option("--out", "-o", type=click.Path(path_type=str), default=None,
@@ -57,7 +61,7 @@ Examples:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @quiet_option
 def fit(cache, head, params, standardize, l2_normalize, val_split, refit, class_weight, shots, seeds, layers, tta,
-        train_views, max_memory, device, out, name, seed, overwrite, as_json, quiet) -> None:
+        train_views, pool_views, max_memory, device, out, name, seed, overwrite, as_json, quiet) -> None:
     """Fit a head on a feature cache, report metrics and save a model bundle.
 
     CACHE defaults to the newest complete cache in the default cache folder, said on stderr (refused
@@ -85,5 +89,6 @@ def fit(cache, head, params, standardize, l2_normalize, val_split, refit, class_
     result = fit_head(cache, head, params=dict(parse_param(p) for p in params), standardize=standardize,
                       l2_normalize=l2_normalize, val_split=val_split, class_weight=class_weight, shots=shots,
                       seeds=seed_list if shots else [seed], max_memory=max_memory, device=device, out=out, name=name,
-                      seed=seed, refit=refit, overwrite=overwrite, layers=layers, tta=tta, train_views=train_views)
+                      seed=seed, refit=refit, overwrite=overwrite, layers=layers, tta=tta, train_views=train_views,
+                      pool_views=pool_views)
     click.echo(json.dumps(result.to_dict(), indent=2, default=str) if as_json else result.summary())

@@ -93,7 +93,9 @@ class FeaturesSection:
 
     ``layers`` (network order) are concatenated in that order, ``layer_dims`` their widths;
     ``views_used`` augmented views per image entered training; ``tta``: predictions average the
-    plain view and the ``n_views`` augmented views (``augment``, ``view_seed``) of each image.
+    plain view and the ``n_views`` augmented views (``augment``, ``view_seed``) of each image;
+    ``view_pool`` (``"mean+max"``, or ``""``): the head reads ``[mean | max]`` of the features
+    over the plain and ``n_views`` augmented views, twice the layers' width.
     """
 
     layers: tuple[str, ...] = ("final",)
@@ -104,11 +106,12 @@ class FeaturesSection:
     augment: str = ""
     view_seed: int = 0
     tta: bool = False
+    view_pool: str = ""
 
     @property
     def dim(self) -> int:
-        """Width of the head's input (the layers' widths summed)."""
-        return sum(self.layer_dims[t] for t in self.layers)
+        """Width of the head's input (the layers' widths summed; twice that with ``view_pool``)."""
+        return sum(self.layer_dims[t] for t in self.layers) * (2 if self.view_pool else 1)
 
 
 @dataclass(frozen=True)
@@ -248,11 +251,30 @@ def _features(r: _Reader, raw: Mapping[str, Any]) -> FeaturesSection | None:
         counts[key] = v
     if not isinstance(f.get("tta", False), bool):
         raise r.fail("features.tta", "true or false", f.get("tta"))
-    for key in ("pooling", "augment"):
+    for key in ("pooling", "augment", "view_pool"):
         if not isinstance(f.get(key, ""), str):
             raise r.fail(f"features.{key}", "a string", f.get(key))
+    view_pool = f.get("view_pool", "")
+    if view_pool:
+        _check_view_pool(r, f, view_pool, counts["n_views"])
     return FeaturesSection(tuple(layers), {t: int(dims[t]) for t in layers}, f.get("pooling", "gap+2x2"),
-                           augment=f.get("augment", ""), tta=bool(f.get("tta", False)), **counts)
+                           augment=f.get("augment", ""), tta=bool(f.get("tta", False)), view_pool=view_pool, **counts)
+
+
+_POOLED_VIEWS = {"hflip": 1, "dihedral": 7}  # augmentations predict can make of a new image, and their most views
+
+
+def _check_view_pool(r: _Reader, f: Mapping[str, Any], view_pool: str, n_views: int) -> None:
+    """A pooled head's views must be ones the exported graph can make: hflip or dihedral, 1..max of them, no TTA."""
+    if view_pool != "mean+max":
+        raise r.fail("features.view_pool", "'mean+max' or ''", view_pool)
+    augment = f.get("augment", "")
+    if augment not in _POOLED_VIEWS:
+        raise r.fail("features.augment", "'hflip' or 'dihedral' (the views of a pooled head)", augment)
+    if not 1 <= n_views <= _POOLED_VIEWS[augment]:
+        raise r.fail("features.n_views", f"1 to {_POOLED_VIEWS[augment]} {augment} views for a pooled head", n_views)
+    if f.get("tta", False):
+        raise r.fail("features.tta", "false for a pooled head (its rows hold every view)", True)
 
 
 def parse_manifest(raw: Any, source: str, *, written: bool = True) -> Manifest:

@@ -136,9 +136,9 @@ def _metadata(bundle: Any, bb: Any, route: str) -> dict[str, str]:
         "backbone_weights": str(bundle.backbone.get("weights", bb.weights)),
         "weights_sha256": str(bundle.backbone.get("weights_sha256") or bb.weights_sha256),
         "embed_dim": str(bb.embed_dim),
-        "features": json.dumps({"layers": list(bundle.features.layers), "pooling": bundle.features.pooling,
-                                "tta": bundle.features.tta, "augment": bundle.features.augment,
-                                "n_views": bundle.features.n_views}) if bundle.kind == "head" else "{}",
+        "features": json.dumps({"layers": list(bundle.features.layers)}
+                               | {k: getattr(bundle.features, k) for k in ("pooling", "tta", "augment", "n_views", "view_pool")})
+        if bundle.kind == "head" else "{}",
         "cache_key": str(bundle.cache_key or ""),
         "bundle_id": bundle.bundle_id,
         "bundle_kind": bundle.kind,
@@ -288,7 +288,7 @@ def _head_graph(bundle: Any, tmp: Path, out_path: Path, opset: int | None, weigh
         )
     est = bundle.load_head()
     feats = bundle.info.features
-    if feats is not None and (feats.layers != ("final",) or feats.tta):
+    if feats is not None and (feats.layers != ("final",) or feats.tta or feats.view_pool):
         return _layered_graph(bundle, bb, est, tmp, opset)
     embedder_graph = embedder_onnx(bb, opset, out_path)
     graph_opset = opset_of(embedder_graph)

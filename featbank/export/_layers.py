@@ -7,6 +7,8 @@ Test-time augmentation (a bundle with ``features.tta``) averages the probabiliti
 image and its ``hflip`` / ``dihedral`` views, made by flips and quarter turns of the uint8 batch
 (traceable, so they go inside the graph too). ``crops`` views depend on the image's path in the
 cache; new images have none, so predictions of such a bundle use the plain view (documented).
+A bundle with pooled views (``features.view_pool``) reads ``[mean | max]`` of those features over
+the plain image and its views, so its feature module runs the backbone once per view.
 """
 
 from __future__ import annotations
@@ -17,14 +19,14 @@ from typing import Any
 __all__ = ["feature_module", "view_transforms", "tta_classifier"]
 
 
-def feature_module(bundle: Any, backbone: Any) -> Any:
-    """``uint8 NHWC -> (N, feature_dim)`` float features, as the bundle's head reads them."""
-    import torch
-    from torch import nn
-
+def _layer_module(bundle: Any, backbone: Any) -> Any:
+    """``uint8 NHWC -> (N, width of the layers)``: the embedder, or the bundle's taps concatenated."""
     feats = bundle.features
     if bundle.info.features is None or feats.layers == ("final",):
         return backbone.embedder().eval()
+    import torch
+    from torch import nn
+
     from ..backbones import TapModel
 
     taps = TapModel(backbone, feats.layers, feats.pooling).eval()
@@ -45,11 +47,41 @@ def feature_module(bundle: Any, backbone: Any) -> Any:
     return Concat(taps).eval()
 
 
+def feature_module(bundle: Any, backbone: Any) -> Any:
+    """``uint8 NHWC -> (N, feature_dim)`` float features, as the bundle's head reads them."""
+    inner = _layer_module(bundle, backbone)
+    feats = bundle.features
+    if bundle.info.features is None or not feats.view_pool:
+        return inner
+    import torch
+    from torch import nn
+
+    views = _views(feats.n_views)
+
+    class PooledViews(nn.Module):
+        """The features of the plain image and of each view, pooled: ``[mean | max]`` (as ``fit --pool-views``)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            stack = torch.stack([self.inner(x)] + [self.inner(v(x).contiguous()) for v in views])
+            return torch.cat([stack.mean(dim=0), stack.amax(dim=0)], dim=1)
+
+    return PooledViews().eval()
+
+
 def view_transforms(bundle: Any) -> list[Callable[[Any], Any]]:
     """The augmented views a bundle's TTA averages over, as functions of a uint8 NHWC batch ([] without TTA)."""
     feats = bundle.features
     if not feats.tta or feats.augment not in ("hflip", "dihedral"):
         return []
+    return _views(feats.n_views)
+
+
+def _views(n_views: int) -> list[Callable[[Any], Any]]:
+    """The first ``n_views`` views in extraction's dihedral order (``hflip`` is its first) as flips and quarter turns."""
     import torch
 
     from ..extraction._views import DIHEDRAL_ORDER
@@ -62,7 +94,7 @@ def view_transforms(bundle: Any) -> list[Callable[[Any], Any]]:
 
         return view
 
-    return [make(*DIHEDRAL_ORDER[k]) for k in range(feats.n_views)]
+    return [make(*DIHEDRAL_ORDER[k]) for k in range(n_views)]
 
 
 def tta_classifier(features: Any, head: Any, views: list[Callable[[Any], Any]]) -> Any:

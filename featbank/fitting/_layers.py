@@ -7,6 +7,12 @@ network order) as rows, the plain view first and then each augmented view: virtu
 of one image therefore always fall on the side of the split the image is on (the split is made
 on images, before any expansion).
 
+View pooling (``fit --pool-views``) instead describes each image by one row: the mean and the
+max over its plain and augmented views of every feature (``[mean | max]``, twice the width). The
+row is invariant to the augmentation (a dihedral cache: to flips and quarter turns), so nothing
+is expanded and there is no TTA; ``predict`` and the exported graph compute the same views of a
+new image and pool them the same way.
+
 ``--layers auto`` is a greedy forward selection of whole layers (Head2Toe's finding is that the
 choice of layers matters more than the features within them): starting from ``final``, each round
 adds the layer whose addition most improves the validation score of a ridge classifier on
@@ -25,9 +31,12 @@ import numpy as np
 
 from ..errors import ConfigError
 
-__all__ = ["FeatureTable", "LayerChoice", "resolve_layers", "select_layers", "mean_proba", "TTA_CHOICES"]
+__all__ = ["FeatureTable", "LayerChoice", "resolve_layers", "select_layers", "mean_proba", "pool_views", "TTA_CHOICES",
+           "VIEW_POOL"]
 
 TTA_CHOICES = ("auto", "on", "off")
+#: The one view pooling: per feature, the mean then the max over the plain and augmented views.
+VIEW_POOL = "mean+max"
 _RIDGE_ALPHAS = np.logspace(-3, 2, 11)  # times the mean eigenvalue of the Gram matrix
 _MIN_GAIN = 1e-9  # a layer must improve the validation score strictly
 
@@ -43,25 +52,36 @@ class FeatureTable:
         cache: an open :class:`~featbank.cache.FeatureCache`.
         layers: layer names the cache holds, in network order.
         train_views: whether :meth:`expand` adds the augmented views of training rows.
+        pooled: one row per image, ``[mean | max]`` over its views (needs a cache with views;
+            ``train_views`` is then ignored).
     """
 
-    def __init__(self, cache: Any, layers: Sequence[str], train_views: bool = True):
+    def __init__(self, cache: Any, layers: Sequence[str], train_views: bool = True, pooled: bool = False):
         self.cache = cache
         self.layers = tuple(layers)
         self.n_images = int(cache.n_samples)
         self.n_views = int(getattr(cache, "n_views", 0) or 0)
-        self.train_views = bool(train_views) and self.n_views > 0
+        if pooled and not self.n_views:
+            raise ConfigError("View pooling needs a cache with augmented views (extract with --views K --augment ...).")
+        self.pooled = bool(pooled)
+        self.train_views = bool(train_views) and self.n_views > 0 and not self.pooled
         dims = getattr(cache, "layer_dims", None) or {"final": int(cache.embed_dim)}
         self.layer_dims = {t: int(dims[t]) for t in self.layers}
-        self.embed_dim = sum(self.layer_dims.values())
-        self.n_samples = self.n_images * (1 + self.n_views)
+        self.embed_dim = sum(self.layer_dims.values()) * (2 if self.pooled else 1)
+        self.n_slots = 1 if self.pooled else 1 + self.n_views  # virtual rows per image
+        self.n_samples = self.n_images * self.n_slots
         self.classes = cache.classes
-        self.labels = np.tile(np.asarray(cache.labels), 1 + self.n_views)
+        self.labels = np.tile(np.asarray(cache.labels), self.n_slots)
         self.extreme = getattr(cache, "extreme", "raise")
 
     @property
     def plain_final(self) -> bool:
         return self.layers == ("final",) and not self.n_views
+
+    @property
+    def n_tta_views(self) -> int:
+        """Augmented views a prediction may average over (none for pooled rows: they hold every view)."""
+        return 0 if self.pooled else self.n_views
 
     @property
     def paths(self) -> Any:
@@ -84,6 +104,10 @@ class FeatureTable:
 
     def _read_sorted(self, rows: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
         rows = np.asarray(rows, np.int64)
+        if self.pooled:
+            views = [self.cache.load_features(rows, self.layers, None, np.float32)]
+            views += [self.cache.load_features(rows, self.layers, k, np.float32) for k in range(self.n_views)]
+            return pool_views(views).astype(dtype, copy=False)
         out = np.empty((len(rows), self.embed_dim), dtype)
         slots = rows // self.n_images
         for s in np.unique(slots):
@@ -248,6 +272,12 @@ def select_layers(cache: Any, train: np.ndarray, val: np.ndarray, *, balanced: b
         chosen.append(added)
         current = cands[added]
     return LayerChoice(tuple(t for t in held if t in chosen), current, rounds, n_rows=len(train))
+
+
+def pool_views(views: Sequence[np.ndarray]) -> np.ndarray:
+    """``[mean | max]`` over the views of each row: ``views`` is one ``(n, d)`` array per view (plain first)."""
+    stack = np.stack(list(views))
+    return np.concatenate([stack.mean(axis=0), stack.max(axis=0)], axis=1)
 
 
 def mean_proba(probas: Sequence[np.ndarray]) -> np.ndarray:

@@ -96,21 +96,30 @@ def evaluate(model: str | Path, cache: Any = None, *, split: str = "auto") -> Ev
 
 
 def _bundle_probas(bundle: Any, cache: Any, cache_path: Path, rows: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Probabilities of the plain view and of each augmented view the bundle averages over (TTA)."""
+    """Probabilities of the plain view and of each augmented view the bundle averages over (TTA).
+
+    A bundle with pooled views gets its pooled rows: (their probabilities, [])."""
     feats = bundle.features
     if bundle.info.features is None:
         X = cache.load_embeddings(rows)
         if not np.isfinite(X).all():
             raise CacheError(f"Cache {str(cache_path)!r} has NaN or infinite embeddings. Re-extract with --overwrite.")
         return bundle.predict_proba(X), []
-    plain = bundle.predict_proba(cache.load_features(rows, feats.layers))
     n = min(feats.n_views, cache.n_views) if cache.augment == feats.augment else 0
-    if feats.tta and n < feats.n_views:
+    if (feats.tta or feats.view_pool) and n < feats.n_views:
+        how = "pools" if feats.view_pool else "averages over"
         raise BundleError(
-            f"Model {str(bundle.path)!r} averages over {feats.n_views} {feats.augment} view(s) (TTA) but cache "
+            f"Model {str(bundle.path)!r} {how} {feats.n_views} {feats.augment} view(s) but cache "
             f"{str(cache_path)!r} holds {cache.n_views} {cache.augment or 'augmented'} view(s). Extract with "
             f"'--views {feats.n_views} --augment {feats.augment}' as for the model's cache."
         )
+    if feats.view_pool:
+        from ._layers import pool_views
+
+        views = [cache.load_features(rows, feats.layers)] + [cache.load_features(rows, feats.layers, view=k)
+                                                              for k in range(feats.n_views)]
+        return bundle.predict_proba(pool_views(views)), []
+    plain = bundle.predict_proba(cache.load_features(rows, feats.layers))
     return plain, [bundle.predict_proba(cache.load_features(rows, feats.layers, view=k)) for k in range(n)]
 
 

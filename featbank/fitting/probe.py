@@ -14,7 +14,7 @@ from .._files import check_bundle_dir, slugify
 from .._manifest import BackboneIdentity, build_manifest
 from ..errors import ConfigError
 from ..splits import sample_shots, stratified_holdout
-from ._layers import TTA_CHOICES, FeatureTable, LayerChoice, mean_proba, resolve_layers, select_layers
+from ._layers import TTA_CHOICES, VIEW_POOL, FeatureTable, LayerChoice, mean_proba, resolve_layers, select_layers
 from ._rows import CacheRows, opened_cache, parse_memory, split_rows
 from ._select import HeadSpec, Selection, make_head, select_and_refit
 
@@ -109,7 +109,10 @@ def _features_lines(feats: dict[str, Any] | None) -> list[str]:
 
         lines.append(LayerChoice(tuple(sel["layers"]), sel["val_score"], sel["rounds"], sel["scorer"],
                                  sel["n_train_rows"]).summary())
-    if feats["n_views"]:
+    if feats.get("view_pool"):
+        lines.append(f"Views: {feats['n_views']} {feats['augment']} view(s) per image, pooled ({feats['view_pool']} over "
+                     "the plain and augmented views of each feature: one row per image, no TTA)")
+    elif feats["n_views"]:
         t = feats["tta_choice"]
         why = (f"validation top-1 {t['val_plain']:.4f} plain vs {t['val_tta']:.4f} averaged"
                if "val_plain" in t else f"--tta {t['mode']}")
@@ -185,6 +188,7 @@ def fit(
     layers: str | Sequence[str] | None = "final",
     tta: str | bool = "auto",
     train_views: bool = True,
+    pool_views: bool = False,
 ) -> FitResult:
     """Fit a head on a feature cache with the linear-probe protocol and save a model bundle.
 
@@ -222,6 +226,11 @@ def fit(
             scores higher on the validation split), ``"on"`` or ``"off"``.
         train_views: train on every augmented view of the training images as well (when the
             cache has views). Views of one image never straddle the validation split.
+        pool_views: describe each image by the mean and the max of every feature over its plain
+            and augmented views (one row per image, twice the width; see
+            :mod:`featbank.fitting._layers`). Needs a cache with ``hflip`` or ``dihedral`` views,
+            which ``predict`` and ``export`` can make of a new image; replaces ``train_views``
+            and TTA.
 
     Returns:
         FitResult with the fitted estimator, chosen hyperparameter, sweep, metrics and bundle path.
@@ -251,7 +260,9 @@ def fit(
         if tta == "on" and not cache_obj.n_views:
             raise ConfigError(f"--tta on needs augmented views in the cache; {str(cache_path)!r} has none. Extract "
                               "with 'featbank extract DATA --views K --augment hflip|dihedral|crops', or use --tta auto.")
-        table0 = FeatureTable(cache_obj, wanted or cache_obj.layers, train_views)
+        if pool_views:
+            tta = _check_pool_views(cache_obj, cache_path, tta)
+        table0 = FeatureTable(cache_obj, wanted or cache_obj.layers, train_views, pool_views)
         rows = _plan_rows(cache_obj, table0, spec, val_split, seed, budget, max_memory)
         # Validate the head, its parameters and the output folder before any work is done.
         make_head(spec, seed)
@@ -262,7 +273,7 @@ def fit(
             choice = select_layers(cache_obj, rows.train, rows.val, balanced=class_weight == "balanced",
                                    max_rows=min(_SELECT_ROWS, max_rows or _SELECT_ROWS), seed=seed)
             wanted = choice.layers
-        table = FeatureTable(cache_obj, wanted, train_views)
+        table = FeatureTable(cache_obj, wanted, train_views, pool_views)
         plan = _Plan(spec, rows, shots, val_split, refit, table, tta, choice)
         data = cache_obj if table.plain_final else table
         source = CacheRows(data, plan.used_rows(), rows.chunk_rows)  # one read of every row fit needs
@@ -311,7 +322,7 @@ class _Plan:
     @property
     def n_tta_views(self) -> int:
         """Augmented views TTA may average over (0: none, or ``--tta off``)."""
-        return 0 if self.table is None or self.tta == "off" else self.table.n_views
+        return 0 if self.table is None or self.tta == "off" else self.table.n_tta_views
 
     def expand(self, rows: np.ndarray) -> np.ndarray:
         return rows if self.table is None else self.table.expand(rows)
@@ -402,7 +413,7 @@ def _plan_rows(cache: Any, table: FeatureTable, spec: HeadSpec, val_split: float
     """
     train, val, test, val_source = split_rows(cache, val_split, seed)
     d = table.embed_dim
-    n_rows = (len(train) + len(val) + len(test)) * (1 + table.n_views)
+    n_rows = (len(train) + len(val) + len(test)) * table.n_slots
     need = n_rows * d * 4 * 4  # float32 rows, a split's copy, standardised copies
     chunk_rows = None
     if budget is not None and need > budget:
@@ -466,6 +477,21 @@ def _fit_seed(cache: Any, source: CacheRows, plan: _Plan, seed: int) -> _SeedRun
     return _SeedRun(seed, sel, tr, va, ev_rows, ev_proba, ev_metrics, use_tta, tta_info)
 
 
+def _check_pool_views(cache: Any, cache_path: Path, tta: str) -> str:
+    """``--pool-views`` needs views a new image can be given (hflip, dihedral) and leaves no TTA to choose."""
+    if not cache.n_views or cache.augment not in ("hflip", "dihedral"):
+        held = f"{cache.n_views} {cache.augment} view(s)" if cache.n_views else "no augmented views"
+        raise ConfigError(
+            f"--pool-views needs hflip or dihedral views in the cache; {str(cache_path)!r} holds {held}. Extract with "
+            "'featbank extract DATA --views 7 --augment dihedral' (or --views 1 --augment hflip). crops views depend "
+            "on the image's path in the cache, so predict could not make them of a new image."
+        )
+    if tta == "on":
+        raise ConfigError("--pool-views and --tta on exclude each other: a pooled row already holds every view of "
+                          "its image. Drop --tta on.")
+    return "off"
+
+
 def _check_tta(tta: Any) -> str:
     if isinstance(tta, bool):
         return "on" if tta else "off"
@@ -516,6 +542,8 @@ def _features_section(plan: _Plan, run: _SeedRun) -> dict[str, Any]:
         "view_seed": int(getattr(table.cache, "view_seed", 0) or 0), "n_views": table.n_views,
         "tta": bool(run.tta), "tta_choice": run.tta_info,
     }
+    if table.pooled:
+        out["view_pool"] = VIEW_POOL
     if plan.choice is not None:
         out["selection"] = plan.choice.to_dict()
     return out

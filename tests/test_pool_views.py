@@ -1,0 +1,146 @@
+"""``fit --pool-views``: one row per image, the mean and the max of its features over its views.
+
+Real test_tiny caches with hflip / dihedral / crops views, real fits, bundles, onnxruntime sessions.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import featbank
+from featbank.cli.main import cli
+from featbank.errors import BundleError, ConfigError
+from featbank.fitting._layers import FeatureTable, pool_views
+from featbank.fitting._rows import split_rows
+
+try:
+    from ._hostile import copy_bundle, rewrite
+    from .conftest import make_image_folder
+except ImportError:  # pragma: no cover - pytest without rootdir package
+    from _hostile import copy_bundle, rewrite  # type: ignore[no-redef]
+
+    from conftest import make_image_folder  # type: ignore[no-redef]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CLASSES = ("cat", "dog", "fox")
+
+
+@pytest.fixture(scope="module")
+def pooled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A data folder (train/test), a test_tiny cache of every layer with 3 dihedral views, and a pooled bundle."""
+    root = tmp_path_factory.mktemp("pool")
+    data = make_image_folder(root / "data", n_per_class=8, splits=("train", "test"))
+    cache = root / "d3.h5"
+    featbank.extract(data, cache, backbone="test_tiny", engine="torch", num_workers=0, progress=False, layers="all",
+                     views=3, augment="dihedral")
+    featbank.fit(cache, "linear", layers="stage1,final", pool_views=True, out=root / "m")
+    return {"data": data, "cache": cache, "bundle": root / "m", "root": root}
+
+
+def test_pooled_rows_are_the_mean_and_max_over_every_view(pooled) -> None:
+    with featbank.open_cache(pooled["cache"]) as c:
+        layers = ("stage1", "final")
+        table = FeatureTable(c, layers, train_views=True, pooled=True)
+        train, val, test, _ = split_rows(c, 0.25, 0)
+        # one row per image: nothing expanded, no TTA, twice the width
+        assert table.n_samples == c.n_samples and table.n_tta_views == 0 and not table.train_views
+        assert np.array_equal(table.expand(train), np.sort(train))
+        assert table.embed_dim == 2 * (c.layer_dims["stage1"] + c.layer_dims["final"])
+        rows = np.sort(np.concatenate([val, test[:2]]))
+        views = np.stack([c.load_features(rows, layers)] + [c.load_features(rows, layers, view=k) for k in range(3)])
+        got = table.load_embeddings(rows)
+        np.testing.assert_array_equal(got, np.concatenate([views.mean(0), views.max(0)], axis=1))
+        # the views really differ, so the max is not the mean
+        assert np.abs(got[:, : table.embed_dim // 2] - got[:, table.embed_dim // 2:]).max() > 1e-3
+    assert pool_views([np.array([[1.0, 4.0]]), np.array([[3.0, 0.0]])]).tolist() == [[2.0, 2.0, 3.0, 4.0]]
+
+
+def test_pooled_bundle_records_the_pool_and_evaluate_reproduces_fit(pooled) -> None:
+    m = json.loads((pooled["bundle"] / "manifest.json").read_text())
+    feats = m["features"]
+    assert feats["view_pool"] == "mean+max" and feats["n_views"] == 3 and feats["augment"] == "dihedral"
+    assert feats["tta"] is False and feats["views_used"] == 0
+    bundle = featbank.load_bundle(pooled["bundle"])
+    assert bundle.features.dim == 2 * sum(feats["layer_dims"].values())
+    ev = featbank.evaluate(pooled["bundle"], pooled["cache"])
+    assert ev.tta is None
+    assert ev.metrics["top1"] == pytest.approx(m["metrics"]["test"]["top1"])
+    assert "pooled (mean+max" in featbank.fit(pooled["cache"], "linear", pool_views=True, save=False).summary()
+
+
+@pytest.mark.slow
+def test_predict_makes_the_views_of_new_images_and_export_keeps_parity(pooled, tmp_path, monkeypatch) -> None:
+    """predict and the ONNX graph turn and flip a new image themselves: they agree with the cache's views."""
+    from featbank.runtime import OnnxClassifier
+
+    monkeypatch.setenv("FEATBANK_CACHE_DIR", str(tmp_path / "fc"))
+    data, cache = pooled["data"], pooled["cache"]
+    bundle = featbank.load_bundle(pooled["bundle"])
+    with featbank.open_cache(cache) as c:
+        rows = np.flatnonzero(c.split_mask("test"))
+        layers = bundle.features.layers
+        X = pool_views([c.load_features(rows, layers)] + [c.load_features(rows, layers, view=k) for k in range(3)])
+        images = [c.abspath(c.paths[r]) for r in rows]
+    from_cache = bundle.predict_proba(X)
+    py = featbank.predict(pooled["bundle"], images, top_k=3)
+    py_p = np.array([[dict(p.top_k)[k] for k in CLASSES] for p in py])
+    np.testing.assert_allclose(py_p, from_cache, atol=1e-4)
+    report = featbank.export_model(pooled["bundle"], tmp_path / "m.onnx", check_images=data / "test")
+    assert report.parity["passed"] and report.route == "torch"
+    np.testing.assert_allclose(OnnxClassifier(tmp_path / "m.onnx").predict_proba(images), py_p, atol=1e-4)
+    meta = json.loads(OnnxClassifier(tmp_path / "m.onnx").metadata["features"])
+    assert meta["view_pool"] == "mean+max" and meta["n_views"] == 3
+
+
+@pytest.mark.slow
+def test_pooled_svc_exports_through_skl2onnx_with_parity(pooled, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("FEATBANK_CACHE_DIR", str(tmp_path / "fc"))
+    featbank.fit(pooled["cache"], "SVC", params={"C": 1.0, "probability": True}, layers="stage2,final", pool_views=True,
+                 out=tmp_path / "s")
+    report = featbank.export_model(tmp_path / "s", tmp_path / "s.onnx", check_images=pooled["data"] / "test")
+    assert report.parity["passed"] and report.route == "skl2onnx+compose"
+
+
+def test_pool_views_is_refused_where_it_cannot_work(pooled, tiny_cache, tmp_path) -> None:
+    with pytest.raises(ConfigError, match="--pool-views needs hflip or dihedral views.*no augmented views"):
+        featbank.fit(tiny_cache, "linear", pool_views=True, save=False)
+    with pytest.raises(ConfigError, match="exclude each other"):
+        featbank.fit(pooled["cache"], "linear", pool_views=True, tta="on", save=False)
+    crops = tmp_path / "crops.h5"
+    featbank.extract(pooled["data"], crops, backbone="test_tiny", engine="torch", num_workers=0, progress=False,
+                     views=2, augment="crops")
+    with pytest.raises(ConfigError, match="holds 2 crops view"):
+        featbank.fit(crops, "linear", pool_views=True, save=False)
+    res = CliRunner().invoke(cli, ["fit", str(tiny_cache), "--pool-views"])
+    assert res.exit_code == 2 and "--pool-views needs" in res.output and "Traceback" not in res.output
+
+
+def test_evaluate_refuses_a_cache_with_fewer_views_than_the_pool(pooled, tmp_path) -> None:
+    """The cache key covers the views, so a cache with one view is refused before its rows are read."""
+    fewer = tmp_path / "d1.h5"
+    featbank.extract(pooled["data"], fewer, backbone="test_tiny", engine="torch", num_workers=0, progress=False,
+                     layers="all", views=1, augment="dihedral")
+    with pytest.raises(BundleError, match="cache key"):
+        featbank.evaluate(pooled["bundle"], fewer)
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda f: f.update(view_pool="mean+max; import os"), "features.view_pool"),
+    (lambda f: f.update(view_pool=["mean+max"]), "features.view_pool"),
+    (lambda f: f.update(augment="crops"), "features.augment"),
+    (lambda f: f.update(n_views=0), "features.n_views"),
+    (lambda f: f.update(n_views=8), "features.n_views"),
+    (lambda f: f.update(augment="hflip", n_views=2), "features.n_views"),
+    (lambda f: f.update(tta=True), "features.tta"),
+])
+def test_a_hostile_pool_in_the_manifest_is_refused_on_load(pooled, tmp_path, edit, field) -> None:
+    bad = rewrite(copy_bundle(pooled["bundle"], tmp_path / "bad"), lambda m: edit(m["features"]))
+    with pytest.raises(BundleError, match=field.replace(".", r"\.")):
+        featbank.load_bundle(bad)
+    res = CliRunner().invoke(cli, ["evaluate", str(bad), str(pooled["cache"])])
+    assert res.exit_code == 2 and field in res.output and "Traceback" not in res.output
