@@ -106,6 +106,17 @@ def test_pooled_svc_exports_through_skl2onnx_with_parity(pooled, tmp_path, monke
     assert report.parity["passed"] and report.route == "skl2onnx+compose"
 
 
+def test_pooled_rows_stream_from_disk_like_they_fit_in_memory(pooled) -> None:
+    mem = featbank.fit(pooled["cache"], "linear", params={"C": 0.05}, layers="stage1,final", pool_views=True, save=False)
+    stream = featbank.fit(pooled["cache"], "linear", params={"C": 0.05}, layers="stage1,final", pool_views=True,
+                          save=False, max_memory="20KB")
+    assert stream.streaming and not mem.streaming
+    assert stream.headline["top1"] == pytest.approx(mem.headline["top1"], abs=0.05)
+    with featbank.open_cache(pooled["cache"]) as c:
+        X = FeatureTable(c, ("stage1", "final"), pooled=True).load_embeddings(np.arange(c.n_samples))
+    np.testing.assert_allclose(stream.estimator.predict_proba(X), mem.estimator.predict_proba(X), atol=2e-3)
+
+
 def test_pool_views_is_refused_where_it_cannot_work(pooled, tiny_cache, tmp_path) -> None:
     with pytest.raises(ConfigError, match="--pool-views needs hflip or dihedral views.*no augmented views"):
         featbank.fit(tiny_cache, "linear", pool_views=True, save=False)
