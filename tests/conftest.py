@@ -87,3 +87,16 @@ def tiny_cache(image_folder: Path, tmp_path: Path) -> Path:
     out = tmp_path / "cache.h5"
     featbank.extract(image_folder, out, backbone="test_tiny", engine="torch", num_workers=0, progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def layered(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(data folder with train/test splits, a test_tiny cache of every layer with 2 dihedral views)."""
+    import featbank
+
+    root = tmp_path_factory.mktemp("layers")
+    data = make_image_folder(root / "data", n_per_class=8, splits=("train", "test"))
+    out = root / "layers.h5"
+    featbank.extract(data, out, backbone="test_tiny", engine="torch", num_workers=0, progress=False, layers="all",
+                     views=2, augment="dihedral")
+    return data, out

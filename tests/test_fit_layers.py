@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,23 +14,7 @@ from featbank.errors import ConfigError
 from featbank.fitting._layers import FeatureTable, resolve_layers
 from featbank.fitting._rows import split_rows
 
-try:
-    from .conftest import make_image_folder
-except ImportError:  # pragma: no cover - pytest without rootdir package
-    from conftest import make_image_folder  # type: ignore[no-redef]
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def layered(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(data folder with train/test splits, a test_tiny cache of every layer with 2 dihedral views)."""
-    root = tmp_path_factory.mktemp("layers")
-    data = make_image_folder(root / "data", n_per_class=8, splits=("train", "test"))
-    out = root / "layers.h5"
-    featbank.extract(data, out, backbone="test_tiny", engine="torch", num_workers=0, progress=False, layers="all",
-                     views=2, augment="dihedral")
-    return data, out
 
 
 def test_views_never_straddle_the_split(layered) -> None:

@@ -20,26 +20,20 @@ from featbank.fitting._rows import split_rows
 
 try:
     from ._hostile import copy_bundle, rewrite
-    from .conftest import make_image_folder
 except ImportError:  # pragma: no cover - pytest without rootdir package
     from _hostile import copy_bundle, rewrite  # type: ignore[no-redef]
-
-    from conftest import make_image_folder  # type: ignore[no-redef]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CLASSES = ("cat", "dog", "fox")
 
 
 @pytest.fixture(scope="module")
-def pooled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A data folder (train/test), a test_tiny cache of every layer with 3 dihedral views, and a pooled bundle."""
-    root = tmp_path_factory.mktemp("pool")
-    data = make_image_folder(root / "data", n_per_class=8, splits=("train", "test"))
-    cache = root / "d3.h5"
-    featbank.extract(data, cache, backbone="test_tiny", engine="torch", num_workers=0, progress=False, layers="all",
-                     views=3, augment="dihedral")
-    featbank.fit(cache, "linear", layers="stage1,final", pool_views=True, out=root / "m")
-    return {"data": data, "cache": cache, "bundle": root / "m", "root": root}
+def pooled(layered, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """conftest's data folder and cache (every layer, 2 dihedral views), and a bundle fitted on pooled views."""
+    data, cache = layered
+    out = tmp_path_factory.mktemp("pool") / "m"
+    featbank.fit(cache, "linear", layers="stage1,final", pool_views=True, out=out)
+    return {"data": data, "cache": cache, "bundle": out}
 
 
 def test_pooled_rows_are_the_mean_and_max_over_every_view(pooled) -> None:
@@ -52,7 +46,7 @@ def test_pooled_rows_are_the_mean_and_max_over_every_view(pooled) -> None:
         assert np.array_equal(table.expand(train), np.sort(train))
         assert table.embed_dim == 2 * (c.layer_dims["stage1"] + c.layer_dims["final"])
         rows = np.sort(np.concatenate([val, test[:2]]))
-        views = np.stack([c.load_features(rows, layers)] + [c.load_features(rows, layers, view=k) for k in range(3)])
+        views = np.stack([c.load_features(rows, layers)] + [c.load_features(rows, layers, view=k) for k in range(2)])
         got = table.load_embeddings(rows)
         np.testing.assert_array_equal(got, np.concatenate([views.mean(0), views.max(0)], axis=1))
         # the views really differ, so the max is not the mean
@@ -63,7 +57,7 @@ def test_pooled_rows_are_the_mean_and_max_over_every_view(pooled) -> None:
 def test_pooled_bundle_records_the_pool_and_evaluate_reproduces_fit(pooled) -> None:
     m = json.loads((pooled["bundle"] / "manifest.json").read_text())
     feats = m["features"]
-    assert feats["view_pool"] == "mean+max" and feats["n_views"] == 3 and feats["augment"] == "dihedral"
+    assert feats["view_pool"] == "mean+max" and feats["n_views"] == 2 and feats["augment"] == "dihedral"
     assert feats["tta"] is False and feats["views_used"] == 0
     bundle = featbank.load_bundle(pooled["bundle"])
     assert bundle.features.dim == 2 * sum(feats["layer_dims"].values())
@@ -84,7 +78,7 @@ def test_predict_makes_the_views_of_new_images_and_export_keeps_parity(pooled, t
     with featbank.open_cache(cache) as c:
         rows = np.flatnonzero(c.split_mask("test"))
         layers = bundle.features.layers
-        X = pool_views([c.load_features(rows, layers)] + [c.load_features(rows, layers, view=k) for k in range(3)])
+        X = pool_views([c.load_features(rows, layers)] + [c.load_features(rows, layers, view=k) for k in range(2)])
         images = [c.abspath(c.paths[r]) for r in rows]
     from_cache = bundle.predict_proba(X)
     py = featbank.predict(pooled["bundle"], images, top_k=3)
@@ -94,7 +88,7 @@ def test_predict_makes_the_views_of_new_images_and_export_keeps_parity(pooled, t
     assert report.parity["passed"] and report.route == "torch"
     np.testing.assert_allclose(OnnxClassifier(tmp_path / "m.onnx").predict_proba(images), py_p, atol=1e-4)
     meta = json.loads(OnnxClassifier(tmp_path / "m.onnx").metadata["features"])
-    assert meta["view_pool"] == "mean+max" and meta["n_views"] == 3
+    assert meta["view_pool"] == "mean+max" and meta["n_views"] == 2
 
 
 @pytest.mark.slow
@@ -133,7 +127,7 @@ def test_pool_views_is_refused_where_it_cannot_work(pooled, tiny_cache, tmp_path
 
 def test_evaluate_refuses_a_cache_with_fewer_views_than_the_pool(pooled, tmp_path) -> None:
     """The cache key covers the views, so a cache with one view is refused before its rows are read."""
-    fewer = tmp_path / "d1.h5"
+    fewer = tmp_path / "d1.h5"  # the bundle pools 2 dihedral views
     featbank.extract(pooled["data"], fewer, backbone="test_tiny", engine="torch", num_workers=0, progress=False,
                      layers="all", views=1, augment="dihedral")
     with pytest.raises(BundleError, match="cache key"):
