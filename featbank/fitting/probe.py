@@ -110,8 +110,9 @@ def _features_lines(feats: dict[str, Any] | None) -> list[str]:
         lines.append(LayerChoice(tuple(sel["layers"]), sel["val_score"], sel["rounds"], sel["scorer"],
                                  sel["n_train_rows"]).summary())
     if feats.get("view_pool"):
-        lines.append(f"Views: {feats['n_views']} {feats['augment']} view(s) per image, pooled ({feats['view_pool']} over "
-                     "the plain and augmented views of each feature: one row per image, no TTA)")
+        lines.append(f"Views: {feats['n_views']} {feats['augment']} view(s) per image, pooled ({feats['view_pool']} of each "
+                     f"feature over the plain and augmented views: one row of {2 * sum(feats['layer_dims'].values())} "
+                     "features per image, no TTA)")
     elif feats["n_views"]:
         t = feats["tta_choice"]
         why = (f"validation top-1 {t['val_plain']:.4f} plain vs {t['val_tta']:.4f} averaged"
