@@ -254,6 +254,9 @@ def _features(r: _Reader, raw: Mapping[str, Any]) -> FeaturesSection | None:
     for key in ("pooling", "augment", "view_pool"):
         if not isinstance(f.get(key, ""), str):
             raise r.fail(f"features.{key}", "a string", f.get(key))
+    most = _VIEWS_MADE_AT_PREDICT.get(f.get("augment", ""))
+    if most is not None and counts["n_views"] > most:  # predict and export make these views of a new image
+        raise r.fail("features.n_views", f"at most {most} {f.get('augment')} views", counts["n_views"])
     view_pool = f.get("view_pool", "")
     if view_pool:
         _check_view_pool(r, f, view_pool, counts["n_views"])
@@ -261,7 +264,7 @@ def _features(r: _Reader, raw: Mapping[str, Any]) -> FeaturesSection | None:
                            augment=f.get("augment", ""), tta=bool(f.get("tta", False)), view_pool=view_pool, **counts)
 
 
-_POOLED_VIEWS = {"hflip": 1, "dihedral": 7}  # augmentations predict can make of a new image, and their most views
+_VIEWS_MADE_AT_PREDICT = {"hflip": 1, "dihedral": 7}  # augmentations predict can make of a new image: their most views
 
 
 def _check_view_pool(r: _Reader, f: Mapping[str, Any], view_pool: str, n_views: int) -> None:
@@ -269,10 +272,10 @@ def _check_view_pool(r: _Reader, f: Mapping[str, Any], view_pool: str, n_views: 
     if view_pool != "mean+max":
         raise r.fail("features.view_pool", "'mean+max' or ''", view_pool)
     augment = f.get("augment", "")
-    if augment not in _POOLED_VIEWS:
+    if augment not in _VIEWS_MADE_AT_PREDICT:
         raise r.fail("features.augment", "'hflip' or 'dihedral' (the views of a pooled head)", augment)
-    if not 1 <= n_views <= _POOLED_VIEWS[augment]:
-        raise r.fail("features.n_views", f"1 to {_POOLED_VIEWS[augment]} {augment} views for a pooled head", n_views)
+    if n_views < 1:
+        raise r.fail("features.n_views", f"1 to {_VIEWS_MADE_AT_PREDICT[augment]} {augment} views for a pooled head", n_views)
     if f.get("tta", False):
         raise r.fail("features.tta", "false for a pooled head (its rows hold every view)", True)
 

@@ -255,8 +255,27 @@ class Bundle:
         except Exception as e:  # noqa: BLE001 - any decoding failure means a corrupt bundle
             raise BundleError(f"Cannot read head file {str(f)!r}: {type(e).__name__}: {e}. Re-create the bundle.") from None
         self._check_head_classes(est)
+        self._check_head_width(est)
         self._head = est
         return est
+
+    def _check_head_width(self, est: Any) -> None:
+        # The manifest says what the head reads (embedding, layers, pooled views); the head must read that many
+        # columns, else a manifest edited to add or drop a layer or the view pooling fails later with a traceback.
+        width = getattr(est, "n_features_in_", None)
+        if self.feature_dim is not None and isinstance(width, (int, np.integer)) and int(width) != self.feature_dim:
+            raise BundleError(
+                f"Bundle {str(self.path)!r}: its head reads {int(width)} features but the manifest describes "
+                f"{self.feature_dim} ({self.reads}); the manifest and the head disagree. Re-create the bundle."
+            )
+
+    @property
+    def reads(self) -> str:
+        """What the head reads, in words (for messages): the embedding, layers, pooled views."""
+        feats = self.info.features
+        if feats is None:
+            return "the embedding"
+        return f"layers {','.join(feats.layers)}" + (f", pooled {feats.view_pool} over views" if feats.view_pool else "")
 
     def _check_head_classes(self, est: Any) -> None:
         # A head predicts every class of the manifest, in order; a head fitted on a subset of the

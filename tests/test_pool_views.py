@@ -54,6 +54,25 @@ def test_pooled_rows_are_the_mean_and_max_over_every_view(pooled) -> None:
     assert pool_views([np.array([[1.0, 4.0]]), np.array([[3.0, 0.0]])]).tolist() == [[2.0, 2.0, 3.0, 4.0]]
 
 
+def test_predict_makes_each_view_exactly_as_extraction_stored_it(pooled) -> None:
+    """The flips and quarter turns of the exported graph are extraction's, view by view (pooling hides the order)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from featbank.export._layers import _views
+    from featbank.extraction._views import DIHEDRAL_ORDER, _dihedral
+
+    bundle = SimpleNamespace(path=pooled["bundle"], features=SimpleNamespace(n_views=7))  # all seven dihedral views
+    backbone = featbank.load_backbone("test_tiny")
+    img = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    views = _views(bundle, backbone)
+    assert len(views) == 7
+    for k, view in enumerate(views):
+        want = _dihedral(img, *DIHEDRAL_ORDER[k])
+        np.testing.assert_array_equal(view(torch.from_numpy(img)[None]).numpy()[0], want)
+
+
 def test_pooled_bundle_records_the_pool_and_evaluate_reproduces_fit(pooled) -> None:
     m = json.loads((pooled["bundle"] / "manifest.json").read_text())
     feats = m["features"]
@@ -125,13 +144,28 @@ def test_pool_views_is_refused_where_it_cannot_work(pooled, tiny_cache, tmp_path
     assert res.exit_code == 2 and "--pool-views needs" in res.output and "Traceback" not in res.output
 
 
-def test_evaluate_refuses_a_cache_with_fewer_views_than_the_pool(pooled, tmp_path) -> None:
+def test_a_plain_bundle_edited_to_pool_or_to_many_tta_views_is_refused(layered, tmp_path) -> None:
+    _, cache = layered
+    featbank.fit(cache, "linear", layers="final", tta="on", out=tmp_path / "tta")
+    pooling = rewrite(copy_bundle(tmp_path / "tta", tmp_path / "p"), lambda m: m["features"].update(view_pool="mean+max",
+                                                                                                      tta=False))
+    with pytest.raises(BundleError, match="reads 32 features but the manifest describes 64"):
+        featbank.load_bundle(pooling).load_head()
+    nine = rewrite(copy_bundle(tmp_path / "tta", tmp_path / "n"), lambda m: m["features"].update(n_views=9))
+    with pytest.raises(BundleError, match="at most 7 dihedral views"):
+        featbank.load_bundle(nine)
+
+
+def test_evaluate_refuses_a_cache_with_fewer_views_than_the_pool_even_without_a_cache_key(pooled, tmp_path) -> None:
     """The cache key covers the views, so a cache with one view is refused before its rows are read."""
     fewer = tmp_path / "d1.h5"  # the bundle pools 2 dihedral views
     featbank.extract(pooled["data"], fewer, backbone="test_tiny", engine="torch", num_workers=0, progress=False,
                      layers="all", views=1, augment="dihedral")
     with pytest.raises(BundleError, match="cache key"):
         featbank.evaluate(pooled["bundle"], fewer)
+    keyless = rewrite(copy_bundle(pooled["bundle"], tmp_path / "k"), lambda m: m.update(cache_key=None))
+    with pytest.raises(BundleError, match="pools 2 dihedral view"):
+        featbank.evaluate(keyless, fewer)
 
 
 @pytest.mark.parametrize("edit, field", [
@@ -142,10 +176,19 @@ def test_evaluate_refuses_a_cache_with_fewer_views_than_the_pool(pooled, tmp_pat
     (lambda f: f.update(n_views=8), "features.n_views"),
     (lambda f: f.update(augment="hflip", n_views=2), "features.n_views"),
     (lambda f: f.update(tta=True), "features.tta"),
+    (lambda f: f.pop("view_pool"), "reads 224 features but the manifest describes 112"),
 ])
 def test_a_hostile_pool_in_the_manifest_is_refused_on_load(pooled, tmp_path, edit, field) -> None:
     bad = rewrite(copy_bundle(pooled["bundle"], tmp_path / "bad"), lambda m: edit(m["features"]))
     with pytest.raises(BundleError, match=field.replace(".", r"\.")):
-        featbank.load_bundle(bad)
+        featbank.load_bundle(bad).load_head()
     res = CliRunner().invoke(cli, ["evaluate", str(bad), str(pooled["cache"])])
     assert res.exit_code == 2 and field in res.output and "Traceback" not in res.output
+
+
+def test_lp_ft_refuses_a_probe_on_pooled_views(pooled) -> None:
+    """finetune --init-head needs a head on the plain final embedding; a pooled one reads twice that width."""
+    from featbank.finetuning._model import head_from_probe
+
+    with pytest.raises(BundleError, match="pooled mean\\+max over views.*--no-refit"):
+        head_from_probe(pooled["bundle"], featbank.load_backbone("test_tiny"), list(CLASSES))

@@ -321,7 +321,7 @@ def _layered_graph(bundle: Any, bb: Any, est: Any, tmp: Path, opset: int | None)
     from ._layers import feature_module, tta_classifier, view_transforms
 
     feat = feature_module(bundle, bb)
-    views = view_transforms(bundle)
+    views = view_transforms(bundle, bb)
     h, w = bb.preprocess.input_size
     example = torch.zeros((2, h, w, 3), dtype=torch.uint8)
 

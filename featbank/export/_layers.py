@@ -56,7 +56,7 @@ def feature_module(bundle: Any, backbone: Any) -> Any:
     import torch
     from torch import nn
 
-    views = _views(feats.n_views)
+    views = _views(bundle, backbone)
 
     class PooledViews(nn.Module):
         """The features of the plain image and of each view, pooled: ``[mean | max]`` (as ``fit --pool-views``)."""
@@ -72,19 +72,33 @@ def feature_module(bundle: Any, backbone: Any) -> Any:
     return PooledViews().eval()
 
 
-def view_transforms(bundle: Any) -> list[Callable[[Any], Any]]:
+def view_transforms(bundle: Any, backbone: Any) -> list[Callable[[Any], Any]]:
     """The augmented views a bundle's TTA averages over, as functions of a uint8 NHWC batch ([] without TTA)."""
     feats = bundle.features
     if not feats.tta or feats.augment not in ("hflip", "dihedral"):
         return []
-    return _views(feats.n_views)
+    return _views(bundle, backbone)
 
 
-def _views(n_views: int) -> list[Callable[[Any], Any]]:
-    """The first ``n_views`` views in extraction's dihedral order (``hflip`` is its first) as flips and quarter turns."""
+def _views(bundle: Any, backbone: Any) -> list[Callable[[Any], Any]]:
+    """The bundle's ``n_views`` views in extraction's dihedral order (``hflip`` is its first) as flips and quarter turns.
+
+    Raises:
+        BundleError: quarter turns of a non-square input (extraction never makes them: a manifest that asks
+            for them was not written by featbank).
+    """
     import torch
 
     from ..extraction._views import DIHEDRAL_ORDER
+
+    n_views = bundle.features.n_views
+    h, w = backbone.preprocess.input_size
+    if h != w and any(turns % 2 for turns, _ in DIHEDRAL_ORDER[:n_views]):
+        from ..errors import BundleError
+
+        raise BundleError(f"Bundle {str(bundle.path)!r} names {n_views} dihedral views, which include quarter turns, "
+                          f"but backbone {backbone.name!r} takes {h}x{w} images: a non-square input has only its two "
+                          "flips. The manifest was not written by featbank; re-create the bundle.")
 
     def make(turns: int, mirror: bool) -> Callable[[Any], Any]:
         def view(x: Any) -> Any:

@@ -235,6 +235,13 @@ def head_from_probe(path: str | os.PathLike, backbone: Backbone, classes: list[s
             f"--init-head {str(path)!r} is a {bundle.kind!r} bundle; LP-FT needs a linear head made by "
             "'featbank fit --head linear'."
         )
+    feats = bundle.info.features
+    if feats is not None and (feats.layers != ("final",) or feats.view_pool):
+        raise BundleError(
+            f"--init-head {str(path)!r} reads {bundle.reads}, not the final embedding of the plain image that "
+            "the network's head sees; LP-FT needs a probe fitted with 'featbank fit CACHE --head linear --no-refit' "
+            "(without --layers or --pool-views)."
+        )
     ident = bundle.backbone
     if bundle.classes != classes:
         raise BundleError(

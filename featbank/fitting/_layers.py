@@ -23,7 +23,7 @@ fitted on the chosen layers with the usual protocol.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,9 +104,8 @@ class FeatureTable:
 
     def _read_sorted(self, rows: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
         rows = np.asarray(rows, np.int64)
-        if self.pooled:
-            views = [self.cache.load_features(rows, self.layers, None, np.float32)]
-            views += [self.cache.load_features(rows, self.layers, k, np.float32) for k in range(self.n_views)]
+        if self.pooled:  # one view in memory at a time besides the result
+            views = (self.cache.load_features(rows, self.layers, v, np.float32) for v in [None, *range(self.n_views)])
             return pool_views(views).astype(dtype, copy=False)
         out = np.empty((len(rows), self.embed_dim), dtype)
         slots = rows // self.n_images
@@ -274,10 +273,26 @@ def select_layers(cache: Any, train: np.ndarray, val: np.ndarray, *, balanced: b
     return LayerChoice(tuple(t for t in held if t in chosen), current, rounds, n_rows=len(train))
 
 
-def pool_views(views: Sequence[np.ndarray]) -> np.ndarray:
-    """``[mean | max]`` over the views of each row: ``views`` is one ``(n, d)`` array per view (plain first)."""
-    stack = np.stack(list(views))
-    return np.concatenate([stack.mean(axis=0), stack.max(axis=0)], axis=1)
+def pool_views(views: Iterable[np.ndarray]) -> np.ndarray:
+    """``[mean | max]`` over the views of each row: ``views`` yields one ``(n, d)`` float32 array per view.
+
+    Accumulates in the result, so a generator of views holds one of them in memory at a time.
+    """
+    it = iter(views)
+    first = next(it, None)
+    if first is None:
+        raise ValueError("pool_views needs at least one view")
+    d = first.shape[1]
+    out = np.empty((first.shape[0], 2 * d), np.float32)
+    out[:, :d] = first
+    out[:, d:] = first
+    n = 1
+    for v in it:
+        out[:, :d] += v
+        np.maximum(out[:, d:], v, out=out[:, d:])
+        n += 1
+    out[:, :d] /= n
+    return out
 
 
 def mean_proba(probas: Sequence[np.ndarray]) -> np.ndarray:

@@ -176,7 +176,7 @@ def predict(model: str | Path, images: Sequence[str | Path], *, top_k: int = 1, 
 
     dev = resolve_device(device)
     net = feature_module(bundle, bb).to(dev)  # the embedder, or the bundle's layers concatenated
-    views = view_transforms(bundle)  # TTA (hflip / dihedral), as evaluate and the exported graph do
+    views = view_transforms(bundle, bb)  # TTA (hflip / dihedral), as evaluate and the exported graph do
 
     def proba_of(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
