@@ -116,8 +116,7 @@ def _bundle_probas(bundle: Any, cache: Any, cache_path: Path, rows: np.ndarray) 
     if feats.view_pool:
         from ._layers import pool_views
 
-        views = [cache.load_features(rows, feats.layers)] + [cache.load_features(rows, feats.layers, view=k)
-                                                              for k in range(feats.n_views)]
+        views = (cache.load_features(rows, feats.layers, view=v) for v in [None, *range(feats.n_views)])
         return bundle.predict_proba(pool_views(views)), []
     plain = bundle.predict_proba(cache.load_features(rows, feats.layers))
     return plain, [bundle.predict_proba(cache.load_features(rows, feats.layers, view=k)) for k in range(n)]
