@@ -254,7 +254,9 @@ def _features(r: _Reader, raw: Mapping[str, Any]) -> FeaturesSection | None:
     for key in ("pooling", "augment", "view_pool"):
         if not isinstance(f.get(key, ""), str):
             raise r.fail(f"features.{key}", "a string", f.get(key))
-    most = _VIEWS_MADE_AT_PREDICT.get(f.get("augment", ""))
+    from .extraction._views import FIXED_VIEWS
+
+    most = FIXED_VIEWS.get(f.get("augment", ""))
     if most is not None and counts["n_views"] > most:  # predict and export make these views of a new image
         raise r.fail("features.n_views", f"at most {most} {f.get('augment')} views", counts["n_views"])
     view_pool = f.get("view_pool", "")
@@ -264,18 +266,17 @@ def _features(r: _Reader, raw: Mapping[str, Any]) -> FeaturesSection | None:
                            augment=f.get("augment", ""), tta=bool(f.get("tta", False)), view_pool=view_pool, **counts)
 
 
-_VIEWS_MADE_AT_PREDICT = {"hflip": 1, "dihedral": 7}  # augmentations predict can make of a new image: their most views
-
-
 def _check_view_pool(r: _Reader, f: Mapping[str, Any], view_pool: str, n_views: int) -> None:
     """A pooled head's views must be ones the exported graph can make: hflip or dihedral, 1..max of them, no TTA."""
     if view_pool != "mean+max":
         raise r.fail("features.view_pool", "'mean+max' or ''", view_pool)
+    from .extraction._views import FIXED_VIEWS
+
     augment = f.get("augment", "")
-    if augment not in _VIEWS_MADE_AT_PREDICT:
+    if augment not in FIXED_VIEWS:
         raise r.fail("features.augment", "'hflip' or 'dihedral' (the views of a pooled head)", augment)
     if n_views < 1:
-        raise r.fail("features.n_views", f"1 to {_VIEWS_MADE_AT_PREDICT[augment]} {augment} views for a pooled head", n_views)
+        raise r.fail("features.n_views", f"1 to {FIXED_VIEWS[augment]} {augment} views for a pooled head", n_views)
     if f.get("tta", False):
         raise r.fail("features.tta", "false for a pooled head (its rows hold every view)", True)
 

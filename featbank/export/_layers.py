@@ -74,8 +74,10 @@ def feature_module(bundle: Any, backbone: Any) -> Any:
 
 def view_transforms(bundle: Any, backbone: Any) -> list[Callable[[Any], Any]]:
     """The augmented views a bundle's TTA averages over, as functions of a uint8 NHWC batch ([] without TTA)."""
+    from ..extraction._views import FIXED_VIEWS
+
     feats = bundle.features
-    if not feats.tta or feats.augment not in ("hflip", "dihedral"):
+    if not feats.tta or feats.augment not in FIXED_VIEWS:
         return []
     return _views(bundle, backbone)
 

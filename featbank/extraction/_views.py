@@ -24,11 +24,13 @@ import numpy as np
 
 from ..errors import ConfigError
 
-__all__ = ["AUGMENTS", "DIHEDRAL_ORDER", "FeatureOptions", "resolve_features", "make_views"]
+__all__ = ["AUGMENTS", "DIHEDRAL_ORDER", "FIXED_VIEWS", "FeatureOptions", "resolve_features", "make_views"]
 
 AUGMENTS = ("hflip", "dihedral", "crops")
 #: (quarter turns counter-clockwise, mirrored first) of the dihedral views, in storage order.
 DIHEDRAL_ORDER = ((0, True), (2, True), (2, False), (1, False), (3, False), (1, True), (3, True))
+#: The augmentations made by fixed flips and turns (a new image at predict time gets them too): their most views.
+FIXED_VIEWS = {"hflip": 1, "dihedral": len(DIHEDRAL_ORDER)}
 _CROP_SCALE, _CROP_RATIO = (0.6, 1.0), (3 / 4, 4 / 3)
 
 
@@ -123,7 +125,7 @@ def resolve_features(
     if augment not in ("", *AUGMENTS):
         raise ConfigError(f"The 'augment' parameter must be one of {AUGMENTS}. Got {augment!r} instead.")
     if augment and not views:
-        views = {"hflip": 1, "dihedral": len(DIHEDRAL_ORDER)}.get(augment, 0)
+        views = FIXED_VIEWS.get(augment, 0)
         if not views:
             raise ConfigError("--augment crops needs --views K (how many crops per image), e.g. --views 4.")
     if pooling not in POOLINGS:
