@@ -6,7 +6,7 @@ import os
 
 import click
 
-from .options import backbone_options, device_option, quiet_option
+from .options import backbone_options, device_option, quiet_option, window_option
 
 __all__ = ["extract"]
 
@@ -58,15 +58,19 @@ __all__ = ["extract"]
               "random resized crops).")
 @click.option("--view-seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the crops views (with the image path and view index).")
+@window_option
 @quiet_option
 def extract(data, out, backbone, weights, weights_file, batch_size, num_workers, device, engine, dtype,
             overwrite, strict, procs, launcher, shard_size, finalize, num_gpus, max_retries, path_column,
-            label_column, split_column, label_from, layers, pooling, views, augment, view_seed, quiet) -> None:
+            label_column, split_column, label_from, layers, pooling, views, augment, view_seed, window, quiet) -> None:
     """Embed every image in DATA with a frozen backbone into an HDF5 cache.
 
     DATA is an ImageFolder (DATA/<class>/<image>), a folder with train/val/test split folders
     (DATA/train/<class>/<image>), a flat folder of unlabelled images, a CSV/TSV/parquet manifest
     with a path column, or WebDataset shards (a folder of .tar files or shards/{000000..000099}.tar).
+    DICOM files (.dcm, or files with the DICOM preamble; pip install 'featbank[dicom]') are read
+    with their modality LUT, the --window rule and MONOCHROME1 inverted; a multi-frame file gives
+    its middle frame.
     Reruns embed only new or changed files and resume an interrupted run; unreadable images are
     skipped and listed. The cache is an index over part files of about --shard-size rows (schema
     v2, README "Cache format"), so a rerun rewrites only the parts that changed; a schema-v1 cache
@@ -78,6 +82,7 @@ def extract(data, out, backbone, weights, weights_file, batch_size, num_workers,
       featbank extract data/elpv --out runs/elpv.h5 --backbone resnet50 --weights IMAGENET1K_V2
       featbank extract data/photos --engine torch --device cuda --batch-size 256
       featbank extract data/elpv --layers stage3,stage5,final --views 4 --augment dihedral
+      featbank extract data/ct --window lung
       featbank extract data/photos --out runs/photos.h5 --procs 4
       torchrun --nproc-per-node 8 -m featbank.cli extract data/photos --out runs/photos.h5
       featbank extract 'shards/{000000..000099}.tar' --out runs/wds.h5 --launcher ray
@@ -90,7 +95,7 @@ def extract(data, out, backbone, weights, weights_file, batch_size, num_workers,
         strict=strict, progress=not quiet, procs=procs, launcher=launcher, shard_size=shard_size,
         finalize=finalize, num_gpus=num_gpus, max_retries=max_retries, path_column=path_column,
         label_column=label_column or None, split_column=split_column or None, label_from=label_from,
-        layers=layers, pooling=pooling, views=views, augment=augment, view_seed=view_seed,
+        layers=layers, pooling=pooling, views=views, augment=augment, view_seed=view_seed, window=window,
     )
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0":
         return  # torchrun: rank 0 reports for every rank (errors still reach each rank's stderr)

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-__all__ = ["backbone_options", "device_option", "quiet_option"]
+__all__ = ["backbone_options", "device_option", "quiet_option", "window_option"]
 
 F = Callable[..., Any]
 
@@ -49,3 +49,26 @@ def device_option(f: F) -> F:
 
 def quiet_option(f: F) -> F:
     return click.option("--quiet", "-q", is_flag=True, help="No progress bar or notes on stderr; print only the result.")(f)
+
+
+def _parse_window(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from featbank.windowing import parse_window
+
+    try:
+        return parse_window(value).spec
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def window_option(f: F) -> F:
+    return click.option(
+        "--window",
+        default="none",
+        show_default=True,
+        metavar="RULE",
+        callback=_parse_window,
+        help="How grey high-bit-depth images (DICOM, 16-bit PNG/TIFF) become 8 bits: none (scale the full range), "
+        "auto (the DICOM file's own VOI window, else the 0.5-99.5 percentile range), a CT preset in Hounsfield "
+        "units (lung -600,1500; soft-tissue 50,400; bone 400,1800; brain 40,80) or C,W (centre,width). Part of "
+        "the transform: keyed in the cache and applied by predict, evaluate and export.",
+    )(f)

@@ -343,7 +343,8 @@ class TarImages:
             data = fh.read()
             if not data:
                 return row, None, "empty member (0 bytes)"
-            return row, preprocess_image(decode_image(io.BytesIO(data), DEFAULT_MAX_PIXELS), self.cfg), ""
+            img = decode_image(io.BytesIO(data), DEFAULT_MAX_PIXELS, window=self.cfg.window, name=member)
+            return row, preprocess_image(img, self.cfg), ""
         except ImageReadError as e:
             return row, None, e.reason
         except (KeyError, tarfile.TarError, EOFError) as e:

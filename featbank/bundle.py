@@ -161,7 +161,9 @@ class Bundle:
         """The :class:`featbank.backbones.Backbone` whose embeddings this bundle's head reads.
 
         Head bundles: the backbone named in the manifest with the recorded weights, checked
-        against the recorded sha256. Fine-tuned bundles: the fine-tuned network itself.
+        against the recorded sha256, and the window rule its cache was extracted with
+        (``backbone.transform.window``; absent means ``none``) in its ``preprocess``, so predict,
+        evaluate and export read images as extract did. Fine-tuned bundles: the fine-tuned network itself.
 
         Args:
             weights_file: the weights file, for bundles fitted on a backbone loaded with
@@ -176,6 +178,7 @@ class Bundle:
 
             return finetuned_network(self)[0]
         from .backbones import load_backbone as load_named
+        from .backbones import with_window
 
         ident = self.info.backbone
         if weights_file is None and str(ident.weights or "").startswith("file:"):
@@ -190,7 +193,7 @@ class Bundle:
                 f"not the ones bundle {str(self.path)!r} was fitted with ({ident.weights_sha256[:12]}...). Install the "
                 "same weights (or pass them with --weights-file), or re-fit the bundle."
             )
-        return bb
+        return with_window(bb, (ident.transform or {}).get("window", "none"))
 
     def check_cache(self, cache: Any) -> None:
         """Check that an open cache holds embeddings this bundle's head can read.

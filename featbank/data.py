@@ -10,6 +10,10 @@ The order is deterministic (sorted by relative POSIX path) and class indices fol
 class names, as in torchvision's ``ImageFolder``. Each image carries a fingerprint
 ``(size in bytes, mtime_ns)`` from the same ``stat`` call, so a cache can tell changed files
 apart without reading them.
+
+Images are recognised by their extension (:data:`featbank.images.IMAGE_EXTENSIONS`, ``.dcm``
+included); a file without an extension, or with a numeric one (DICOM files named by UID), counts
+when it carries the DICOM preamble (``DICM`` at byte 128).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featbank.dicom import is_dicom_file
 from featbank.errors import DatasetError
 from featbank.images import IMAGE_EXTENSIONS
 
@@ -85,7 +90,7 @@ class _Walk:
 
     def add_file(self, entry: os.DirEntry[str], rel: str, label: str | None, split: int) -> None:
         self.n_files += 1
-        if not _is_image_name(entry.name):
+        if not _is_image_name(entry.name) and not (_may_be_dicom(entry.name) and is_dicom_file(entry.path)):
             self.ignore(rel)
             return
         try:
@@ -132,6 +137,13 @@ def _is_utf8(name: str) -> bool:
 def _is_image_name(name: str) -> bool:
     dot = name.rfind(".")
     return dot > 0 and name[dot:].lower() in IMAGE_EXTENSIONS
+
+
+def _may_be_dicom(name: str) -> bool:
+    # Scanners write DICOM files without an extension (IM000001) or named by UID (1.2.840.113619.2.55.3);
+    # only those are opened to look for the preamble, so a folder of other files costs no reads.
+    dot = name.rfind(".")
+    return dot <= 0 or name[dot + 1:].isdigit()
 
 
 def _list_dir(walk: _Walk, rel_dir: str) -> list[tuple[os.DirEntry[str], str, str]]:

@@ -1,7 +1,8 @@
 """Image decoding and eval preprocessing, with no torch import.
 
 This module is shared by extraction, prediction and the light ONNX runtime
-(``featbank.runtime``), so it may import only numpy and Pillow. Resizing follows torchvision's
+(``featbank.runtime``), so it may import only numpy and Pillow (pydicom only when a DICOM file
+comes, :mod:`featbank.dicom`). Resizing follows torchvision's
 PIL path exactly (shorter side to ``resize_size``, then a centre crop), so a config taken from
 ``weights.transforms()`` or timm's ``pretrained_cfg`` gives the same pixels here.
 """
@@ -20,6 +21,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from .windowing import Window, parse_window, percentile_range, range_to_uint8, window_to_uint8
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -51,6 +54,8 @@ IMAGE_EXTENSIONS = frozenset(
         ".pgm",
         ".pbm",
         ".jfif",
+        ".dcm",
+        ".dicom",
     }
 )
 
@@ -83,6 +88,9 @@ class PreprocessConfig:
         interpolation: Pillow resampling filter name (``bicubic``, ``bilinear``, ...).
         mean: per-channel mean, on the 0..1 scale, RGB order.
         std: per-channel standard deviation, on the 0..1 scale, RGB order.
+        window: how single-channel high-bit-depth pixels (DICOM, 16-bit PNG/TIFF) become 8 bits:
+            ``none``, ``auto``, ``lung``, ``soft-tissue``, ``bone``, ``brain`` or ``C,W``
+            (:mod:`featbank.windowing`); stored in canonical form.
     """
 
     input_size: tuple[int, int]
@@ -90,12 +98,14 @@ class PreprocessConfig:
     interpolation: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    window: str = "none"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
         object.__setattr__(self, "resize_size", int(self.resize_size))
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        object.__setattr__(self, "window", parse_window(self.window).spec)
         if self.interpolation not in RESAMPLE:
             raise ValueError(
                 f"Unknown interpolation {self.interpolation!r}; expected one of {sorted(RESAMPLE)}."
@@ -139,6 +149,9 @@ class PreprocessConfig:
         d["mean"] = list(self.mean)
         d["std"] = list(self.std)
         d["layout"] = "NHWC uint8 RGB"
+        if self.window == "none":
+            # Absent means none, so every transform (and cache key) made before windows existed stays the same.
+            del d["window"]
         return d
 
     def to_json(self) -> str:
@@ -152,6 +165,7 @@ class PreprocessConfig:
             interpolation=d["interpolation"],
             mean=tuple(d["mean"]),
             std=tuple(d["std"]),
+            window=d.get("window", "none"),
         )
 
 
@@ -168,11 +182,19 @@ class ImageReadError(Exception):
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
 
-def to_uint8_rgb(img: Image.Image, keep_grey: bool = False) -> Image.Image:
-    """8-bit RGB; with ``keep_grey`` single-channel images stay 8-bit ``L`` (3x less to resize)."""
+def to_uint8_rgb(img: Image.Image, keep_grey: bool = False, window: str | Window = "none") -> Image.Image:
+    """8-bit RGB; with ``keep_grey`` single-channel images stay 8-bit ``L`` (3x less to resize).
+
+    ``window`` (:mod:`featbank.windowing`) applies to 16-bit, 32-bit integer and float single-channel
+    images; ``none`` keeps the plain conversion (16-bit scaled by 1/257).
+    """
     mode = img.mode
     if mode == "RGB" or (keep_grey and mode == "L"):
         return img
+    win = parse_window(window)
+    if win.spec != "none" and (mode in _SIXTEEN_BIT_MODES or mode in ("I", "F")):
+        grey = Image.fromarray(_windowed(np.asarray(img), win), mode="L")
+        return grey if keep_grey else grey.convert("RGB")
     if mode in _SIXTEEN_BIT_MODES or mode == "I":
         arr = np.asarray(img).astype(np.float64)
         # 16-bit data spans 0..65535; Pillow's convert('L') would clip it to 255 instead of scaling.
@@ -194,6 +216,12 @@ def to_uint8_rgb(img: Image.Image, keep_grey: bool = False) -> Image.Image:
         img = img.convert("RGBA")
     # Alpha is dropped, not composited, exactly as torchvision's and timm's loaders do.
     return img.convert("RGB")
+
+
+def _windowed(arr: np.ndarray, win: Window) -> np.ndarray:
+    if win.center is not None and win.width is not None:
+        return window_to_uint8(arr, win.center, win.width)
+    return range_to_uint8(arr, *percentile_range(arr))  # auto: a PNG/TIFF has no VOI of its own
 
 
 def _exif_transpose(img: Image.Image) -> None:
@@ -218,10 +246,21 @@ def check_aspect_ratio(width: int, height: int, max_aspect_ratio: float = MAX_AS
         )
 
 
-def decode_image(fp: Any, max_pixels: int, keep_grey: bool = False, max_aspect_ratio: float = MAX_ASPECT_RATIO) -> Image.Image:
+def decode_image(fp: Any, max_pixels: int, keep_grey: bool = False, max_aspect_ratio: float = MAX_ASPECT_RATIO,
+                 window: str | Window = "none", name: str = "") -> Image.Image:
     """Decode an open image file (a path or a binary file object) to 8-bit RGB (or ``L`` with ``keep_grey``),
     EXIF orientation applied; decompression bombs and extreme aspect ratios are refused from the header, before
-    any pixel is decoded (ImageReadError)."""
+    any pixel is decoded (ImageReadError). A file with the DICOM preamble, or named ``*.dcm`` / ``*.dicom``
+    (``name``), is read by :func:`featbank.dicom.read_dicom`; ``window`` is the window rule
+    (:mod:`featbank.windowing`)."""
+    if isinstance(fp, (str, os.PathLike)):
+        with open(fp, "rb") as fh:
+            return decode_image(fh, max_pixels, keep_grey, max_aspect_ratio, window, name or os.fspath(fp))
+    if _is_dicom(fp, name):
+        from .dicom import read_dicom
+
+        img = read_dicom(fp, max_pixels, window, max_aspect_ratio)
+        return img if keep_grey or img.mode == "RGB" else img.convert("RGB")
     img = Image.open(fp)
     w, h = img.size
     # The header is parsed but no pixel is decoded yet: refuse bombs before allocating anything.
@@ -233,12 +272,23 @@ def decode_image(fp: Any, max_pixels: int, keep_grey: bool = False, max_aspect_r
     check_aspect_ratio(w, h, max_aspect_ratio)
     img.load()
     _exif_transpose(img)
-    return to_uint8_rgb(img, keep_grey)
+    return to_uint8_rgb(img, keep_grey, window)
+
+
+def _is_dicom(fp: Any, name: str) -> bool:
+    from .dicom import DICOM_EXTENSIONS, DICOM_MAGIC_OFFSET, has_dicom_preamble
+
+    if Path(name).suffix.lower() in DICOM_EXTENSIONS:
+        return True
+    start = fp.tell()
+    head = fp.read(DICOM_MAGIC_OFFSET + 4)
+    fp.seek(start)
+    return has_dicom_preamble(head)
 
 
 def load_image(
     path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, *, keep_grey: bool = False,
-    max_aspect_ratio: float = MAX_ASPECT_RATIO,
+    max_aspect_ratio: float = MAX_ASPECT_RATIO, window: str | Window = "none",
 ) -> Image.Image:
     """Decode an image file into an 8-bit RGB Pillow image.
 
@@ -249,6 +299,9 @@ def load_image(
     decoded (a 1x20000 PNG of 118 bytes would become a 256x5120000 image once its short side is
     resized, 3.9 GB), and no global
     Pillow setting is changed (``Image.MAX_IMAGE_PIXELS`` still applies on top of ``max_pixels``).
+    DICOM files (the ``DICM`` preamble, or a ``.dcm``/``.dicom`` name) are read with pydicom
+    (:mod:`featbank.dicom`: modality LUT, window, MONOCHROME1 inverted, colour converted, the
+    middle frame of a multi-frame file), under the same limits counted over every frame.
     Truncated files are refused, never padded, unless the caller has set Pillow's global
     ``ImageFile.LOAD_TRUNCATED_IMAGES``. Decoder warnings are silenced (``warnings.catch_warnings``,
     which on Python < 3.14 is process-wide while a file decodes).
@@ -259,6 +312,8 @@ def load_image(
         max_aspect_ratio: images whose longer side exceeds this many times the shorter are refused.
         keep_grey: return single-channel images as 8-bit ``L`` instead of ``RGB``;
             :func:`preprocess_image` then gives exactly the same array, faster.
+        window: how single-channel high-bit-depth pixels become 8 bits (:mod:`featbank.windowing`):
+            ``none`` (default), ``auto``, ``lung``, ``soft-tissue``, ``bone``, ``brain`` or ``C,W``.
 
     Returns:
         A loaded Pillow image in mode ``RGB`` (or ``L`` with ``keep_grey``).
@@ -298,7 +353,7 @@ def load_image(
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return decode_image(fp, max_pixels, keep_grey, max_aspect_ratio)
+                return decode_image(fp, max_pixels, keep_grey, max_aspect_ratio, window, path.name)
         except ImageReadError:
             raise
         except Image.DecompressionBombError as e:
@@ -336,7 +391,7 @@ def preprocess_image(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     if img.mode != "RGB":
         # Grey stays grey until the end: resampling is per channel, so replicating the channel
         # after resize and crop gives the same bytes as converting first, at a third of the cost.
-        img = to_uint8_rgb(img, keep_grey=True)
+        img = to_uint8_rgb(img, keep_grey=True, window=cfg.window)
     w, h = img.size
     size = cfg.resize_size
     short, long = (w, h) if w <= h else (h, w)
@@ -370,5 +425,5 @@ def preprocess_image(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
 
 
 def load_and_preprocess(path: str | os.PathLike, cfg: PreprocessConfig) -> np.ndarray:
-    """``preprocess_image(load_image(path), cfg)``, keeping grey images single-channel until the end."""
-    return preprocess_image(load_image(path, keep_grey=True), cfg)
+    """``preprocess_image(load_image(path, window=cfg.window), cfg)``, keeping grey images single-channel until the end."""
+    return preprocess_image(load_image(path, keep_grey=True, window=cfg.window), cfg)

@@ -29,6 +29,7 @@ from PIL import Image
 
 from .errors import BundleError, DatasetError
 from .images import RESAMPLE, ImageReadError, PreprocessConfig, load_image, preprocess_image
+from .windowing import parse_window
 
 __all__ = [
     "FORMAT_KEY",
@@ -202,7 +203,12 @@ def _parse_preprocessing(path: Path, meta: dict[str, str]) -> PreprocessConfig:
         raise _invalid(path, "preprocessing.interpolation", interp, f"it must be one of {list(RESAMPLING_FILTERS)}")
     mean = _floats_field(path, "preprocessing.mean", pre["mean"], 0.0, 1.0, low_open=False)
     std = _floats_field(path, "preprocessing.std", pre["std"], 0.0, 1.0, low_open=True)
-    return PreprocessConfig((h, w), resize, interp, mean, std)
+    window = pre.get("window", "none")  # absent: a model exported before windows existed, or none
+    try:
+        window = parse_window(window if isinstance(window, str) else repr(window)).spec
+    except ValueError as e:
+        raise _invalid(path, "preprocessing.window", window, str(e)) from None
+    return PreprocessConfig((h, w), resize, interp, mean, std, window)
 
 
 def parse_metadata(path: str | os.PathLike, meta: dict[str, str]) -> tuple[list[str], PreprocessConfig]:
@@ -262,23 +268,24 @@ def _check_graph(path: Path, session: Any, n_classes: int, input_size: tuple[int
             )
 
 
-def image_to_pil(image: ImageLike) -> Image.Image:
+def image_to_pil(image: ImageLike, window: str = "none") -> Image.Image:
     """An RGB Pillow image from a path, a Pillow image of any mode, or an array.
 
     Arrays are decoded pixels in RGB order: ``(H, W)`` grey, ``(H, W, 1|3|4)``; ``uint8`` as is,
     ``uint16`` scaled by 1/257, ``bool`` to 0/255, floats on the 0..1 scale when their maximum is
-    at most 1, else on the 0..255 scale. Alpha is dropped (as at training time).
+    at most 1, else on the 0..255 scale. Alpha is dropped (as at training time). ``window``
+    (:mod:`featbank.windowing`) applies to files (DICOM included) and high-bit-depth Pillow images.
 
     Raises:
         DatasetError: the file cannot be read, or the array has an unusable shape or dtype.
     """
     if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else _rgb(image)
+        return image if image.mode == "RGB" else _rgb(image, window)
     if isinstance(image, np.ndarray):
         return _array_to_pil(image)
     if isinstance(image, (str, os.PathLike)):
         try:
-            return load_image(image)
+            return load_image(image, window=window)
         except ImageReadError as e:
             raise DatasetError(f"Cannot read image {str(image)!r}: {e.reason}.") from None
     raise DatasetError(
@@ -286,11 +293,11 @@ def image_to_pil(image: ImageLike) -> Image.Image:
     )
 
 
-def _rgb(img: Image.Image) -> Image.Image:
-    # Same mode conversion as load_image (16-bit scaled, palettes with transparency, alpha dropped).
+def _rgb(img: Image.Image, window: str = "none") -> Image.Image:
+    # Same mode conversion as load_image (16-bit scaled or windowed, palettes with transparency, alpha dropped).
     from .images import to_uint8_rgb
 
-    return to_uint8_rgb(img)
+    return to_uint8_rgb(img, window=window)
 
 
 def _array_to_pil(arr: np.ndarray) -> Image.Image:
@@ -370,7 +377,7 @@ class OnnxClassifier:
     def preprocess(self, image: ImageLike) -> np.ndarray:
         """One image -> ``(H, W, 3)`` uint8 at the model's input size, exactly as at training time."""
         try:
-            return preprocess_image(image_to_pil(image), self.preprocess_config)
+            return preprocess_image(image_to_pil(image, self.preprocess_config.window), self.preprocess_config)
         except ImageReadError as e:  # e.g. an extreme aspect ratio, found once the image is known
             where = str(image) if isinstance(image, (str, os.PathLike)) else type(image).__name__
             raise DatasetError(f"Cannot read image {where!r}: {e.reason}.") from None

@@ -28,10 +28,12 @@ from . import _lite, _tiny  # noqa: F401
 from ._factory import (  # noqa: F401
     check_backbone_name,
     describe_backbone,
+    identity_with_window,
     list_backbones,
     load_backbone,
     peek_identity,
     register_backbone_source,
+    with_window,
 )
 from ._groups import HEAD_GROUP, backbone_groups, group_modules, param_groups  # noqa: F401
 from ._lite import lite_weights_path  # noqa: F401
@@ -56,6 +58,8 @@ __all__ = [
     "register_backbone_source",
     "list_backbones",
     "load_backbone",
+    "with_window",
+    "identity_with_window",
     "check_backbone_name",
     "describe_backbone",
     "sha256_file",

@@ -27,7 +27,8 @@ from ._registry import (
 from ._timm import build_timm
 from ._torchvision import build_torchvision, torchvision_info, torchvision_models
 
-__all__ = ["load_backbone", "check_backbone_name", "list_backbones", "describe_backbone", "peek_identity",
+__all__ = ["load_backbone", "check_backbone_name", "list_backbones", "describe_backbone", "peek_identity", "with_window",
+           "identity_with_window",
            "register_backbone_source", "split_image_size", "MIN_IMAGE_SIZE", "MAX_IMAGE_SIZE"]
 
 #: The input sizes a ``NAME@SIZE`` backbone may ask for, in pixels.
@@ -270,3 +271,36 @@ def peek_identity(
             "embed_dim": 1280,
         }
     return None
+
+
+def with_window(bb: Backbone, window: str | None) -> Backbone:
+    """``bb`` whose eval transform reads images with the window rule ``window`` (:mod:`featbank.windowing`).
+
+    The window is part of the transform, so it is in :meth:`Backbone.identity` (and the cache key)
+    whenever it is not ``none``.
+
+    Raises:
+        ConfigError: a window that cannot be parsed (the message says what to type).
+    """
+    from ..windowing import parse_window
+
+    spec = parse_window(window or "none").spec
+    if spec == bb.preprocess.window:
+        return bb
+    return dataclasses.replace(bb, preprocess=dataclasses.replace(bb.preprocess, window=spec))
+
+
+def identity_with_window(identity: dict[str, Any], window: str | None) -> dict[str, Any]:
+    """A backbone identity whose ``transform`` carries the window rule (left out when it is ``none``, as in
+    :meth:`PreprocessConfig.to_dict`, so the key of every cache made without a window stays the same).
+
+    Raises:
+        ConfigError: a window that cannot be parsed.
+    """
+    from ..windowing import parse_window
+
+    spec = parse_window(window or "none").spec
+    transform = {k: v for k, v in identity["transform"].items() if k != "window"}
+    if spec != "none":
+        transform["window"] = spec
+    return {**identity, "transform": transform}

@@ -11,6 +11,7 @@ from typing import Any
 
 from .._device import resolve_device
 from ..errors import ConfigError
+from ..windowing import parse_window
 from ._cachefile import default_cache_path, refuse_foreign_file
 from ._options import ENGINES, validate_options
 from ._report import ExtractReport
@@ -50,6 +51,7 @@ def extract(
     views: int = 0,
     augment: str | None = None,
     view_seed: int = 0,
+    window: str = "none",
 ) -> ExtractReport:
     """Embed every image of a folder with a frozen backbone into an HDF5 cache.
 
@@ -96,11 +98,17 @@ def extract(
         views, augment, view_seed: K augmented views per image (``hflip``, ``dihedral`` or
             ``crops``), stored beside the plain view; ``crops`` are seeded by path, view and
             ``view_seed``. Layers and views write a sharded (schema-v2) cache, with torch.
+        window: how single-channel high-bit-depth images (DICOM, 16-bit PNG/TIFF) become 8 bits:
+            ``none`` (default), ``auto`` (the DICOM file's VOI, else the 0.5-99.5 percentile
+            range), ``lung``, ``soft-tissue``, ``bone``, ``brain`` or ``C,W``
+            (:mod:`featbank.windowing`). Part of the transform: keyed in the cache, recorded in
+            bundles fitted on it, applied by predict, evaluate and export.
 
     Returns:
         An :class:`ExtractReport`.
 
     Raises:
+        ConfigError: an unknown ``window`` (and other bad parameters).
         DatasetError: missing or empty folder, a single class.
         CacheKeyMismatch: the existing cache was made with other settings (file untouched).
         CacheError: another process is writing the same cache (``<out>.lock`` is held).
@@ -113,6 +121,7 @@ def extract(
     """
     t0 = time.perf_counter()
     validate_options(batch_size, num_workers, dtype)
+    window = parse_window(window).spec
     dev = resolve_device(device).type
     if engine not in ENGINES:
         raise ConfigError(f"The 'engine' parameter must be one of {ENGINES}. Got {engine!r} instead.")
@@ -121,7 +130,7 @@ def extract(
     features = resolve_features(backbone, weights, weights_file, layers=layers, pooling=pooling, views=views,
                                 augment=augment, view_seed=view_seed)
     opts = ExtractOptions(backbone, weights, weights_file, batch_size, num_workers, dev, engine, dtype, overwrite,
-                          strict, progress, on_progress, None if features.is_default else features)
+                          strict, progress, on_progress, None if features.is_default else features, window)
     out_path = (Path(out).expanduser() if out is not None
                 else default_cache_path(data, backbone, weights, dtype, weights_file))
     if out_path.exists() and out_path.is_dir():
@@ -149,3 +158,4 @@ class ExtractOptions:
     progress: bool
     on_progress: Callable[[int, int], None] | None
     features: Any = None  # FeatureOptions when the run stores layers or views
+    window: str = "none"  # the window rule (featbank.windowing), part of the transform

@@ -110,10 +110,11 @@ def _write_target(out_path: Path) -> Path:
 def _run_identity(opts: Any) -> tuple[dict[str, Any], str, dict[str, Any]]:
     """(backbone identity, cache key, what the key covers) of this run's settings."""
     from .._device import precision_name
+    from ..backbones import identity_with_window
     from ._sharded import identity_of
 
     weights_file = str(opts.weights_file) if opts.weights_file is not None else None
-    identity = identity_of(opts.backbone, opts.weights, weights_file)
+    identity = identity_with_window(identity_of(opts.backbone, opts.weights, weights_file), opts.window)
     precision = precision_name(opts.device.split(":")[0])
     features = opts.features.key_part() if opts.features is not None else None
     wanted = {**identity, "dtype": opts.dtype, "precision": precision, "features": features or {}}

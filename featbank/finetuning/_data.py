@@ -77,7 +77,7 @@ class ImageSet:
 
         epoch, i = key if self.train else (0, key)
         try:
-            img = load_image(self.root / self.paths[i])
+            img = load_image(self.root / self.paths[i], window=self.cfg.window)
             if not self.train:
                 return preprocess_image(img, self.cfg), int(self.labels[i]), ""
             aug = self.augment
