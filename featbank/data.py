@@ -29,7 +29,7 @@ from featbank.dicom import is_dicom_file
 from featbank.errors import DatasetError
 from featbank.images import IMAGE_EXTENSIONS
 
-__all__ = ["SPLIT_NAMES", "ImageIndex", "scan_folder"]
+__all__ = ["SPLIT_NAMES", "ImageIndex", "scan_folder", "is_image_file"]
 
 #: Split codes are indices into this tuple; -1 means the folder has no split folders.
 SPLIT_NAMES: tuple[str, str, str] = ("train", "val", "test")
@@ -137,6 +137,15 @@ def _is_utf8(name: str) -> bool:
 def _is_image_name(name: str) -> bool:
     dot = name.rfind(".")
     return dot > 0 and name[dot:].lower() in IMAGE_EXTENSIONS
+
+
+def is_image_file(path: str | os.PathLike[str]) -> bool:
+    """Whether a folder scan counts ``path`` as an image: a regular file with an image extension, or
+    without one (or with a numeric one) and the DICOM preamble. The one rule of extract, predict and export."""
+    name = os.path.basename(path)
+    if not os.path.isfile(path):
+        return False
+    return _is_image_name(name) or (_may_be_dicom(name) and is_dicom_file(path))
 
 
 def _may_be_dicom(name: str) -> bool:

@@ -19,8 +19,8 @@ echo "[setup] installing featbank and its dependencies into .venv (torch takes a
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -c scripts/constraints.txt \
     "torch" "torchvision" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -c scripts/constraints.txt \
-    -e ".[test,lite,ray,parquet]" 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import featbank, torch, h5py, onnxruntime, timm" && .venv/bin/ruff --version >/dev/null || {
+    -e ".[test,lite,ray,parquet,dicom]" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import featbank, torch, h5py, onnxruntime, timm, pydicom" && .venv/bin/ruff --version >/dev/null || {
     echo "[setup] installation failed: see the pip output above" >&2
     exit 1
 }

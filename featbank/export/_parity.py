@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from ..data import is_image_file
 from ..errors import ConfigError
 from ..images import IMAGE_EXTENSIONS, ImageReadError, load_and_preprocess
 from ..runtime import INPUT_NAME, OUTPUT_NAMES
@@ -39,7 +40,7 @@ def collect_images(bundle: Any, check_images: Sequence[str | os.PathLike] | str 
         for item in items:
             p = Path(item)
             if p.is_dir():
-                paths += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+                paths += sorted(f for f in p.rglob("*") if is_image_file(f))
             elif p.is_file():
                 paths.append(p)
             else:

@@ -123,13 +123,14 @@ def _bundle_probas(bundle: Any, cache: Any, cache_path: Path, rows: np.ndarray) 
 
 
 def _list_images(images: Sequence[str | Path]) -> list[Path]:
+    from ..data import is_image_file
     from ..images import IMAGE_EXTENSIONS
 
     out: list[Path] = []
     for item in images:
         p = Path(item)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            found = sorted(f for f in p.rglob("*") if is_image_file(f))
             if not found:
                 raise ConfigError(f"Folder {str(p)!r} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
             out += found
