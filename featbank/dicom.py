@@ -15,10 +15,12 @@ A DICOM file becomes one 8-bit image, as :func:`featbank.images.load_image` give
   baseline and JPEG 2000, pydicom's own RLE, or the pylibjpeg / GDCM plugins when installed);
   otherwise the file is skipped with the transfer syntax and the plugins it needs as the reason.
 
-Limits (checked from the header, before pixel data is read): ``Rows x Columns x NumberOfFrames x
-SamplesPerPixel`` must stay within the pixel limit of other images, the aspect-ratio limit
-applies, and uncompressed pixel data shorter than the header promises is refused (a lying
-``Rows``/``Columns`` or a truncated file). A file without pixel data is skipped with its SOP class.
+Limits (checked from the header, before pixel data is read): the file is parsed with every
+element over 1 MiB deferred, so neither pixel data nor a large junk element is in memory yet;
+``Rows x Columns x NumberOfFrames x SamplesPerPixel`` must stay within the pixel limit of other
+images, the aspect-ratio limit applies, and uncompressed pixel data shorter than the header
+promises (a lying ``Rows``/``Columns``, a truncated file) or more than twice as long is refused
+before it is read. A file without pixel data is skipped with its SOP class.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ __all__ = ["DICOM_EXTENSIONS", "DICOM_MAGIC_OFFSET", "has_dicom_preamble", "is_d
 DICOM_EXTENSIONS = frozenset({".dcm", ".dicom"})
 #: Where the ``DICM`` magic sits in a DICOM Part 10 file.
 DICOM_MAGIC_OFFSET = 128
+#: Elements longer than this are read only when used (pixel data after the header checks).
+_DEFER_BYTES = 1 << 20
 
 
 class _Refused(Exception):
@@ -79,18 +83,12 @@ def read_dicom(fp: IO[bytes], max_pixels: int, window: str | Window = "none",
 
     try:
         pydicom = _pydicom()
-        start = fp.tell()
         try:
-            head = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+            ds = pydicom.dcmread(fp, force=True, defer_size=_DEFER_BYTES)
         except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
             raise _Refused(f"not a readable DICOM file: {type(e).__name__}: {_first_line(e)}") from None
-        frames, rows, cols = _check_header(head, max_pixels)
+        frames, rows, cols = _check_header(ds, max_pixels)
         check_aspect_ratio(cols, rows, max_aspect_ratio)
-        fp.seek(start)
-        try:
-            ds = pydicom.dcmread(fp, force=True)
-        except Exception as e:  # noqa: BLE001
-            raise _Refused(f"truncated or corrupt DICOM: {type(e).__name__}: {_first_line(e)}") from None
         arr = dicom_frame(ds, frames // 2)
         return _to_image(arr, ds, parse_window(window))
     except _Refused as e:
@@ -182,10 +180,7 @@ def dicom_frame(ds: Any, index: int) -> np.ndarray:
         need = "; ".join(decoder.missing_dependencies) or "a decoder plugin"
         raise _Refused(f"compressed DICOM ({ts.name}) needs a decoder plugin that is not installed: {need}")
     if not ts.is_encapsulated and "PixelData" in ds:
-        have, want = len(ds.PixelData), get_expected_length(ds, "bytes")
-        if have < want:
-            raise _Refused(f"truncated DICOM pixel data: {have} bytes, the header (Rows x Columns x frames x samples x "
-                           f"bits) needs {want}")
+        _check_length(ds, get_expected_length(ds, "bytes"))
     try:
         return np.asarray(pixel_array(ds, index=index))
     except MemoryError:
@@ -194,6 +189,18 @@ def dicom_frame(ds: Any, index: int) -> np.ndarray:
         others = "; ".join(decoder.missing_dependencies) if ts.is_compressed else ""
         hint = f" (decoder plugins not installed: {others})" if others else ""
         raise _Refused(f"cannot decode DICOM pixel data ({ts.name}): {type(e).__name__}: {_flat(e)}{hint}") from None
+
+
+def _check_length(ds: Any, want: int) -> None:
+    """Uncompressed pixel data must be as long as the header says, checked before a deferred value is read."""
+    elem = ds.get_item("PixelData", keep_deferred=True)
+    have = len(elem.value) if elem.value is not None else int(elem.length)
+    if have < want:
+        raise _Refused(f"truncated DICOM pixel data: {have} bytes, the header (Rows x Columns x frames x samples x "
+                       f"bits) needs {want}")
+    if have > 2 * want + 1024:
+        raise _Refused(f"DICOM pixel data of {have} bytes, over twice the {want} its header (Rows x Columns x frames x "
+                       "samples x bits) says: a lying header")
 
 
 def _flat(e: BaseException) -> str:

@@ -119,11 +119,15 @@ def window_to_uint8(values: np.ndarray, center: float, width: float) -> np.ndarr
 def range_to_uint8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """Map ``lo..hi`` linearly onto 0..255 (``lo`` -> 0, ``hi`` -> 255; clipped, rounded; ``hi < lo`` inverts);
     a flat range gives 0 at or below ``lo`` and 255 above."""
-    x = np.asarray(values, dtype=np.float64)
+    x = np.asarray(values)
     if hi == lo or not (math.isfinite(lo) and math.isfinite(hi)):
         return np.where(x > lo, 255, 0).astype(np.uint8)
-    x = np.nan_to_num(x, nan=lo, posinf=hi, neginf=lo)
-    return np.clip(np.rint((x - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
+    if x.dtype.kind == "f":
+        x = np.nan_to_num(x, nan=lo, posinf=max(lo, hi), neginf=min(lo, hi))
+    y = np.subtract(x, lo, dtype=np.float64)
+    y *= 255.0 / (hi - lo)
+    np.clip(y, 0, 255, out=y)
+    return np.rint(y, out=y).astype(np.uint8)
 
 
 def percentile_range(values: np.ndarray) -> tuple[float, float]:

@@ -268,6 +268,11 @@ def test_truncated_and_garbage_dicom_files(tmp_path):
     fake = tmp_path / "fake.dcm"
     fake.write_bytes(b"\x89PNG not really")
     assert _reason(fake)
+    big = write_dicom(tmp_path / "big.dcm", np.zeros((1024, 1024), np.uint16))  # pixel data over the deferral size
+    big.write_bytes(big.read_bytes()[:-500])
+    assert _reason(big)
+    long = write_dicom(tmp_path / "long.dcm", np.zeros((8, 8), np.uint16), pixel_data=bytes(128 * 40))
+    assert "over twice the 128 its header" in _reason(long)
     garbage_frames = write_dicom(tmp_path / "frames.dcm", ct_slice(8), frames=1)
     tag = b"\x28\x00\x08\x00IS\x02\x001 "  # (0028,0008) NumberOfFrames, explicit VR little endian
     garbage_frames.write_bytes(garbage_frames.read_bytes().replace(tag, tag[:-2] + b"1A"))
