@@ -101,14 +101,18 @@ def _first_line(e: BaseException) -> str:
 
 
 def _int_attr(ds: Any, name: str, default: int | None = None) -> int:
-    value = ds.get(name, default)
+    """A whole-number attribute of the header; ``default`` when it is absent or empty (else a reason)."""
     try:
-        if value is None or value == "":
-            raise ValueError
+        value = ds.get(name)
+    except Exception as e:  # noqa: BLE001 - pydicom may refuse to convert a malformed value
+        raise _Refused(f"DICOM attribute {name} is unreadable: {_first_line(e)}") from None
+    if value is None or value == "":
+        if default is None:
+            raise _Refused(f"DICOM attribute {name} is empty")
+        return default
+    try:
         return int(value)
     except (TypeError, ValueError):
-        if default is not None and value in (None, ""):
-            return default
         raise _Refused(f"DICOM attribute {name} is {value!r}, not a whole number") from None
 
 

@@ -279,6 +279,20 @@ def test_truncated_and_garbage_dicom_files(tmp_path):
     assert _reason(garbage_frames) == "DICOM attribute NumberOfFrames is '1A', not a whole number"
 
 
+def test_without_pydicom_a_dicom_file_is_skipped_saying_what_to_install(tmp_path):
+    """A real process in which pydicom cannot be imported (as without the extra)."""
+    import subprocess
+    import sys
+
+    path = write_dicom(tmp_path / "ct.dcm", ct_slice(8))
+    code = ("import sys; sys.modules['pydicom'] = None\n"
+            "from featbank.images import ImageReadError, load_image\n"
+            f"try:\n    load_image({str(path)!r})\nexcept ImageReadError as e:\n    print(e.reason)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "a DICOM file needs pydicom >= 3: pip install 'featbank[dicom]'"
+
+
 def test_a_dicom_without_a_preamble_is_read_by_its_name(tmp_path):
     path = write_dicom(tmp_path / "raw.dcm", ct_slice(16), preamble=False, slope=1, intercept=-1024)
     assert path.read_bytes()[128:132] != b"DICM"
@@ -339,6 +353,8 @@ def test_extract_keys_the_window_and_fit_predict_export_use_it(tmp_path):
     files = [data / "air" / "IM000001", data / "bone" / "bone0.dcm"]
     preds = featbank.predict(bundle_dir, files, device="cpu")
     assert [p.error for p in preds] == [None, None]
+    res = CliRunner().invoke(cli, ["predict", str(bundle_dir), str(files[0]), "--device", "cpu"])
+    assert res.exit_code == 0 and "IM000001" in res.output, res.output
     # predict reads the file with the bundle's window: its probabilities are the ones of the cached embedding.
     with featbank.open_cache(out) as cache:
         rows = [cache.paths.index("air/IM000001"), cache.paths.index("bone/bone0.dcm")]
