@@ -26,12 +26,19 @@ before it is read. A file without pixel data is skipped with its SOP class.
 from __future__ import annotations
 
 import os
-from typing import IO, Any
+import warnings
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from .windowing import Window, parse_window, percentile_range, range_to_uint8, window_to_uint8
+
+if TYPE_CHECKING:  # pydicom is optional: imported when a DICOM file comes
+    from types import ModuleType
+
+    from pydicom.dataset import Dataset
+    from pydicom.uid import UID
 
 __all__ = ["DICOM_EXTENSIONS", "DICOM_MAGIC_OFFSET", "has_dicom_preamble", "is_dicom_file", "read_dicom",
            "dicom_frame", "window_values", "monochrome_to_uint8", "modality_range", "voi_range"]
@@ -62,7 +69,7 @@ def is_dicom_file(path: str | os.PathLike) -> bool:
         return False
 
 
-def _pydicom() -> Any:
+def _pydicom() -> ModuleType:
     try:
         import pydicom
         import pydicom.pixels  # noqa: F401 - pydicom >= 3
@@ -79,20 +86,28 @@ def read_dicom(fp: IO[bytes], max_pixels: int, window: str | Window = "none",
         featbank.images.ImageReadError: with the reason (no pixel data, too large, truncated,
             a decoder plugin missing, pydicom missing, ...).
     """
-    from .images import ImageReadError, check_aspect_ratio
+    from .images import ImageReadError
 
     try:
         pydicom = _pydicom()
-        try:
-            ds = pydicom.dcmread(fp, force=True, defer_size=_DEFER_BYTES)
-        except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
-            raise _Refused(f"not a readable DICOM file: {type(e).__name__}: {_first_line(e)}") from None
-        frames, rows, cols = _check_header(ds, max_pixels)
-        check_aspect_ratio(cols, rows, max_aspect_ratio)
-        arr = dicom_frame(ds, frames // 2)
-        return _to_image(arr, ds, parse_window(window))
+        with warnings.catch_warnings():  # pydicom warns (and logs) about odd but readable files
+            warnings.simplefilter("ignore")
+            return _read(pydicom, fp, max_pixels, parse_window(window), max_aspect_ratio)
     except _Refused as e:
         raise ImageReadError(str(e)) from None
+
+
+def _read(pydicom: ModuleType, fp: IO[bytes], max_pixels: int, window: Window, max_aspect_ratio: float) -> Image.Image:
+    from .images import check_aspect_ratio
+
+    try:
+        ds = pydicom.dcmread(fp, force=True, defer_size=_DEFER_BYTES)
+    except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
+        raise _Refused(f"not a readable DICOM file: {type(e).__name__}: {_first_line(e)}") from None
+    frames, rows, cols = _check_header(ds, max_pixels)
+    check_aspect_ratio(cols, rows, max_aspect_ratio)
+    arr = dicom_frame(ds, frames // 2)
+    return _to_image(arr, ds, window)
 
 
 def _first_line(e: BaseException) -> str:
@@ -100,7 +115,7 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(e).__name__
 
 
-def _int_attr(ds: Any, name: str, default: int | None = None) -> int:
+def _int_attr(ds: Dataset, name: str, default: int | None = None) -> int:
     """A whole-number attribute of the header; ``default`` when it is absent or empty (else a reason)."""
     try:
         value = ds.get(name)
@@ -116,7 +131,7 @@ def _int_attr(ds: Any, name: str, default: int | None = None) -> int:
         raise _Refused(f"DICOM attribute {name} is {value!r}, not a whole number") from None
 
 
-def _check_header(ds: Any, max_pixels: int) -> tuple[int, int, int]:
+def _check_header(ds: Dataset, max_pixels: int) -> tuple[int, int, int]:
     """(frames, rows, columns) from the header, refused when the image would be too large."""
     if "Rows" not in ds or "Columns" not in ds:
         sop = getattr(ds.get("SOPClassUID"), "name", None) or "unknown SOP class"
@@ -137,7 +152,7 @@ def _check_header(ds: Any, max_pixels: int) -> tuple[int, int, int]:
     return frames, rows, cols
 
 
-def _transfer_syntax(ds: Any) -> Any:
+def _transfer_syntax(ds: Dataset) -> UID:
     """The dataset's transfer syntax; for a file without one in its meta, the encoding it was read with."""
     from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -154,13 +169,13 @@ def _transfer_syntax(ds: Any) -> Any:
     return ts
 
 
-def _empty_meta() -> Any:
+def _empty_meta() -> Dataset:
     from pydicom.dataset import FileMetaDataset
 
     return FileMetaDataset()
 
 
-def dicom_frame(ds: Any, index: int) -> np.ndarray:
+def dicom_frame(ds: Dataset, index: int) -> np.ndarray:
     """Frame ``index`` of a read dataset, decoded by pydicom (YBR converted to RGB), or a reason.
 
     Raises:
@@ -195,7 +210,7 @@ def dicom_frame(ds: Any, index: int) -> np.ndarray:
         raise _Refused(f"cannot decode DICOM pixel data ({ts.name}): {type(e).__name__}: {_flat(e)}{hint}") from None
 
 
-def _check_length(ds: Any, want: int) -> None:
+def _check_length(ds: Dataset, want: int) -> None:
     """Uncompressed pixel data must be as long as the header says, checked before a deferred value is read."""
     elem = ds.get_item("PixelData", keep_deferred=True)
     have = len(elem.value) if elem.value is not None else int(elem.length)
@@ -211,7 +226,7 @@ def _flat(e: BaseException) -> str:
     return " ".join(str(e).split())[:300] or type(e).__name__
 
 
-def _to_image(arr: np.ndarray, ds: Any, window: Window) -> Image.Image:
+def _to_image(arr: np.ndarray, ds: Dataset, window: Window) -> Image.Image:
     from pydicom.pixels import apply_color_lut
 
     pi = str(ds.get("PhotometricInterpretation", "")).strip().upper()
@@ -235,7 +250,7 @@ def _to_image(arr: np.ndarray, ds: Any, window: Window) -> Image.Image:
     return Image.fromarray(grey, "L")
 
 
-def window_values(values: np.ndarray, ds: Any, window: Window) -> tuple[np.ndarray, float, float]:
+def window_values(values: np.ndarray, ds: Dataset, window: Window) -> tuple[np.ndarray, float, float]:
     """``(values, lo, hi)`` for ``none`` or ``auto``: what maps linearly onto 0..255, ``lo`` to 0 and ``hi`` to 255.
 
     ``values`` are the modality LUT's output. ``auto`` with a VOI in the file: those values through
@@ -256,7 +271,7 @@ def window_values(values: np.ndarray, ds: Any, window: Window) -> tuple[np.ndarr
     return (values, *rng) if rng is not None else (values, *_min_max(values))
 
 
-def monochrome_to_uint8(arr: np.ndarray, ds: Any, window: Window) -> np.ndarray:
+def monochrome_to_uint8(arr: np.ndarray, ds: Dataset, window: Window) -> np.ndarray:
     """A monochrome frame as ``uint8``: pydicom's modality LUT, the window rule, MONOCHROME1 inverted."""
     from pydicom.pixels import apply_modality_lut
 
@@ -275,7 +290,7 @@ def _min_max(values: np.ndarray) -> tuple[float, float]:
     return (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
 
 
-def modality_range(ds: Any) -> tuple[float, float] | None:
+def modality_range(ds: Dataset) -> tuple[float, float] | None:
     """The range of the modality LUT's output the header allows (PS3.3 C.11.1; as pydicom's windowing).
 
     A Modality LUT Sequence: ``0 .. 2**bits - 1`` of its descriptor. Otherwise the stored range
@@ -298,7 +313,7 @@ def modality_range(ds: Any) -> tuple[float, float] | None:
         return None
 
 
-def voi_range(ds: Any) -> tuple[float, float] | None:
+def voi_range(ds: Dataset) -> tuple[float, float] | None:
     """The output range of the VOI that pydicom's ``apply_voi_lut`` applies to this file, or None if it has none.
 
     A VOI LUT Sequence (preferred, as pydicom does): ``0 .. 2**bits - 1`` of its descriptor. A
