@@ -165,6 +165,8 @@ def test_every_pydicom_test_file_decodes_as_pydicom_does_or_is_skipped_with_its_
         if name.endswith(".dcm") and "not an image" in reason:
             raise AssertionError(f"{name}: a .dcm file must be read as DICOM, not as a picture ({reason})")
     assert "truncated DICOM pixel data" in skipped["MR_truncated.dcm"]
+    # a JPEG 2000 stream that claims 3.8e12 pixels: the decoder's own bomb limit holds, and the reason says so
+    assert "decompression bomb" in skipped["JPEG2000-embedded-sequence-delimiter.dcm"]
     assert "no pixel data" in skipped["rtplan.dcm"] and "RT Plan Storage" in skipped["rtplan.dcm"]
     missing = [r for r in skipped.values() if "decoder plugin" in r]
     assert missing and all("pylibjpeg" in r or "gdcm" in r for r in missing)
@@ -180,6 +182,23 @@ def test_monochrome1_is_inverted_and_the_file_window_is_used(tmp_path):
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.save_as(m2)
     np.testing.assert_array_equal(img, 255 - np.asarray(load_image(m2, keep_grey=True, window="auto")).astype(int))
+
+
+def test_auto_applies_the_files_voi_lut_sequence(tmp_path):
+    """None of pydicom's installed files has a VOI LUT Sequence: one written here (12-bit entries, a gamma curve)."""
+    from pydicom.sequence import Sequence
+
+    stored = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64)
+    path = write_dicom(tmp_path / "voi.dcm", stored, bits_stored=12, center=100, width=50)  # the LUT wins, as pydicom
+    lut = np.rint(4095 * (np.arange(4096) / 4095) ** 0.5).astype(np.uint16)
+    ds = pydicom.dcmread(path)
+    item = Dataset()
+    item.add_new(0x00283002, "US", [4096, 0, 12])  # LUTDescriptor: entries, first value mapped, bits
+    item.add_new(0x00283006, "US", lut.tolist())  # LUTData
+    ds.VOILUTSequence = Sequence([item])
+    ds.save_as(path)
+    got = np.asarray(load_image(path, keep_grey=True, window="auto"))
+    np.testing.assert_array_equal(got, np.rint(lut[stored] * (255 / 4095)).astype(np.uint8))
 
 
 def test_ct_presets_window_hounsfield_units(tmp_path):
