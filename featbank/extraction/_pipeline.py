@@ -112,7 +112,13 @@ def extract(
         >>> print(report.summary())
     """
     t0 = time.perf_counter()
+    from ..backbones import check_backbone_name
+    from ._plan import check_shard_size
+
     validate_options(batch_size, num_workers, dtype)
+    if shard_size is not None:
+        check_shard_size(shard_size)
+    check_backbone_name(os.fspath(backbone))  # the one parser of NAME@SIZE (compare uses it too), before any work
     dev = resolve_device(device).type
     if engine not in ENGINES:
         raise ConfigError(f"The 'engine' parameter must be one of {ENGINES}. Got {engine!r} instead.")
