@@ -84,7 +84,7 @@ class RowSource:
     def from_index(cls, index: Any) -> RowSource:
         """From a :class:`featbank.data.ImageIndex` (a scanned folder)."""
         return cls(Path(index.root), list(index.paths), index.fingerprints, index.labels, index.splits,
-                   list(index.classes), index.layout)
+                   list(index.classes), index.layout, duplicates=list(getattr(index, "duplicates", [])))
 
 
 LABEL_SOURCES = ("cls", "txt", "json", "none")
@@ -268,7 +268,7 @@ def read_manifest(
     return source
 
 
-def _stat(p: Path) -> tuple[str, tuple[int, int], tuple[int, int]]:
+def _stat(p: Path) -> tuple[str, tuple[int, int], Any]:
     """(reason it cannot be a row or "", fingerprint, identity (st_dev, st_ino))."""
     try:
         st = os.stat(p)
@@ -279,7 +279,7 @@ def _stat(p: Path) -> tuple[str, tuple[int, int], tuple[int, int]]:
     fp = (int(st.st_size), int(st.st_mtime_ns))
     if not stat.S_ISREG(st.st_mode):
         return "not a regular file", fp, (0, 0)
-    return "", fp, (int(st.st_dev), int(st.st_ino))
+    return "", fp, (int(st.st_dev), int(st.st_ino)) if st.st_ino else os.path.realpath(p)  # no inodes: the path
 
 
 def _to_source(root: Path, found: dict[str, tuple[str, int, tuple[int, int]]], skipped: list,
@@ -417,7 +417,12 @@ def _label(tf: tarfile.TarFile, member: tarfile.TarInfo, kind: str) -> str:
 
 
 def _digest(tf: tarfile.TarFile, member: tarfile.TarInfo) -> str:
-    """sha256 of a member's bytes (read in blocks; only for members whose key repeats)."""
+    """sha256 of a member's bytes (read in blocks; only for members whose key repeats). A member past the
+    byte limit is not read: its size stands for it (it is refused as too large anyway)."""
+    from .images import MAX_IMAGE_BYTES
+
+    if member.size > MAX_IMAGE_BYTES:
+        return f"size {member.size}"
     h = hashlib.sha256()
     fh = tf.extractfile(member)
     if fh is not None:

@@ -30,7 +30,7 @@ from featbank.errors import BundleError, ConfigError, DatasetError, DuplicateRow
 from featbank.extraction._launch import run_prepared
 from featbank.extraction._scaled import ScaleOptions, read_source
 from featbank.extraction._sharded import prepare
-from featbank.images import MAX_IMAGE_BYTES, ImageReadError, PreprocessConfig, load_and_preprocess, load_image
+from featbank.images import MAX_IMAGE_BYTES, ImageReadError, PreprocessConfig, load_image
 
 from conftest import make_image_folder
 
@@ -170,24 +170,26 @@ def test_a_tar_member_larger_than_the_byte_limit_is_refused_from_its_header(tmp_
 
 
 def test_a_big_tar_member_is_decoded_as_a_stream_not_read_whole(tmp_path: Path) -> None:
-    tar = _sparse_tar(tmp_path / "s.tar", 200 << 20)
+    _sparse_tar(tmp_path / "s.tar", 200 << 20)
     row, pixels, why = TarImages(tmp_path, ["s.tar/big"], ["s.tar\0big.png"], np.array([0]), CFG)[0]
     assert why == "" and pixels.shape == (32, 32, 3) and int(pixels[0, 0, 0]) == 200
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
 def test_peak_memory_of_a_sparse_tar_member_stays_that_of_a_file(tmp_path: Path) -> None:
     """The issue's case: a small sparse tar whose member declares ~1 GB; decoding it stays far below that."""
     _sparse_tar(tmp_path / "s.tar", MAX_IMAGE_BYTES - 4096)
     code = (
-        "import resource, sys, numpy as np\n"
+        "import sys, numpy as np\n"
         "from pathlib import Path\n"
         "from featbank._sources import TarImages\n"
         "from featbank.images import PreprocessConfig\n"
         "cfg = PreprocessConfig((224, 224), 256, 'bicubic', (0.5,) * 3, (0.5,) * 3)\n"
         "row, px, why = TarImages(Path(sys.argv[1]), ['s.tar/big'], ['s.tar\\0big.png'], np.array([0]), cfg)[0]\n"
         "assert px is not None, why\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n"
+        # VmHWM: this process's peak RSS (ru_maxrss would carry the parent's peak across the exec)
+        "print(next(int(x.split()[1]) for x in open('/proc/self/status') if x.startswith('VmHWM')) // 1024)\n"
     )
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -415,3 +417,20 @@ def test_a_type_skops_trusts_by_default_but_featbank_does_not_list_is_refused() 
     assert "sklearn.preprocessing._data.MinMaxScaler" not in trusted_skops_types()
     with pytest.raises(BundleError, match="sklearn.preprocessing._data.MinMaxScaler"):
         load_skops(data, "head.skops")
+
+
+def test_one_file_linked_into_a_folder_twice_is_one_row_or_an_error(tmp_path: Path) -> None:
+    from featbank.data import scan_folder
+
+    data = make_image_folder(tmp_path / "data", classes=("a", "b"), splits=("train", "test"), n_per_class=2)
+    x = data / "train" / "a" / "a_000.png"
+    os.link(x, data / "train" / "a" / "again.png")  # a hard link, same class and split: collapsed
+    with pytest.warns(DuplicateRowsWarning, match="1 path"):
+        index = scan_folder(data)
+    assert index.duplicates == [("train/a/again.png", "train/a/a_000.png")] and len(index) == 8
+    assert "train/a/again.png" not in index.paths
+    (data / "test" / "a" / "leak.png").symlink_to(x)  # the same image in test: an error naming both paths
+    with pytest.raises(DatasetError, match="'test/a/leak.png' and 'train/a/a_000.png'|'train/a/a_000.png' and"):
+        scan_folder(data)
+    r = CliRunner().invoke(cli, ["extract", str(data), "--out", str(tmp_path / "c.h5"), "--backbone", "test_tiny"])
+    assert r.exit_code == 2 and "one file under two classes or splits" in r.output
