@@ -580,6 +580,10 @@ def read_webdataset(spec: str | os.PathLike, *, label_from: str = "cls") -> RowS
         if not (root / name).exists():
             out.skipped.append((f"{name}/", "tar not found", (0, 0)))
             continue
+        why = unstorable(name, "tar's file name")
+        if why:
+            out.skipped.append((f"{_shown(name)}/", why, (0, 0)))
+            continue
         counts[name] = _list_tar(root / name, name, label_from, out)
     if out.clashes:
         shown = "; ".join(out.clashes[:10]) + (f" (and {len(out.clashes) - 10} more)" if len(out.clashes) > 10 else "")

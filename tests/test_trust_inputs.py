@@ -306,6 +306,10 @@ def test_nul_bytes_in_a_webdataset_label_or_pax_name_are_skipped_rows(tmp_path: 
     assert reasons["s.tar/bad\\x00name"] == "the member name holds a NUL byte, which the cache (HDF5) cannot store"
     out = tmp_path / "c.h5"
     assert run_prepared(prepare(src, out, **TINY)).n_rows == 2
+    _tar(Path(os.fsdecode(os.fsencode(tmp_path / "wds") + b"/bad\xff.tar")), [("k0.png", _png(3)), ("k0.txt", b"cat")])
+    src = read_webdataset(tmp_path / "wds", label_from="txt")  # a tar whose file name is not UTF-8: skipped
+    assert src.keys == ["s.tar/k0", "s.tar/k1"]
+    assert {k: r for k, r, _ in src.skipped}["bad\\udcff.tar/"].startswith("the tar's file name is not valid UTF-8")
 
 
 # §6 -- one file, one row.
