@@ -440,7 +440,7 @@ class _TarListing:
     members: dict[str, str] = field(default_factory=dict)
     dups: _Duplicates = field(default_factory=_Duplicates)
     clashes: list[str] = field(default_factory=list)
-    #: per row: (its tar, its image member) for the check of keys repeated across tars
+    #: per row: its image member, for the check of keys repeated across tars
     image_of: dict[str, tarfile.TarInfo] = field(default_factory=dict)
 
 

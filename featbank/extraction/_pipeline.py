@@ -101,7 +101,11 @@ def extract(
         An :class:`ExtractReport`.
 
     Raises:
-        DatasetError: missing or empty folder, a single class.
+        ConfigError: an option past its bound (``shard_size`` over 1,000,000, ``views`` over 64, ...) or a
+            backbone name with more than one ``@SIZE``, before any work; a brace pattern naming more than
+            1,000,000 tars.
+        DatasetError: missing or empty folder, a single class, one file named by rows (or links) that
+            disagree on its label or split.
         CacheKeyMismatch: the existing cache was made with other settings (file untouched).
         CacheError: another process is writing the same cache (``<out>.lock`` is held).
         CacheError: a damaged cache at ``out`` (untouched), not enough space (checked first).
