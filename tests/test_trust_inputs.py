@@ -222,6 +222,8 @@ def test_extract_refuses_a_billion_shard_pattern_with_exit_2(tmp_path: Path) -> 
     (["--views", "1000000", "--augment", "crops"], "at most 64 augmented views"),
     (["--shard-size", "99999999999999999999"], "--shard-size.*from 1 to 1,000,000"),
     (["--batch-size", "10000000"], "batch_size.*65,536"),
+    (["--procs", "100000"], "procs.*from 1 to 256"),
+    (["--num-workers", "100000"], "num_workers.*from 0 to 256"),
 ])
 def test_extract_bounds_its_options_before_any_work(tmp_path: Path, args: list[str], match: str) -> None:
     data = make_image_folder(tmp_path / "data", classes=("a", "b"), n_per_class=1)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from .._device import DEVICES
 from ..errors import ConfigError
 
-__all__ = ["DEVICES", "ENGINES", "DTYPES", "MAX_BATCH_SIZE", "MAX_NUM_WORKERS", "validate_options"]
+__all__ = ["DEVICES", "ENGINES", "DTYPES", "MAX_BATCH_SIZE", "MAX_NUM_WORKERS", "MAX_PROCS", "validate_options",
+           "validate_procs"]
 
 ENGINES = ("auto", "torch", "onnxruntime")
 DTYPES = ("float32", "float16")
@@ -13,6 +14,7 @@ DTYPES = ("float32", "float16")
 #: worker is a process.
 MAX_BATCH_SIZE = 65_536
 MAX_NUM_WORKERS = 256
+MAX_PROCS = 256
 
 
 def validate_options(batch_size: int, num_workers: int | None, dtype: str) -> None:
@@ -24,3 +26,9 @@ def validate_options(batch_size: int, num_workers: int | None, dtype: str) -> No
                           f"Got {num_workers!r} instead.")
     if dtype not in DTYPES:
         raise ConfigError(f"The 'dtype' parameter must be one of {DTYPES}. Got {dtype!r} instead.")
+
+
+def validate_procs(procs: int) -> None:
+    """``--procs``: local worker processes, at most :data:`MAX_PROCS` (each one is a process with its own model)."""
+    if not isinstance(procs, int) or isinstance(procs, bool) or not 1 <= procs <= MAX_PROCS:
+        raise ConfigError(f"The 'procs' parameter must be an integer from 1 to {MAX_PROCS}. Got {procs!r} instead.")

@@ -12,7 +12,7 @@ from typing import Any
 from .._device import resolve_device
 from ..errors import ConfigError
 from ._cachefile import default_cache_path, refuse_foreign_file
-from ._options import ENGINES, validate_options
+from ._options import ENGINES, validate_options, validate_procs
 from ._report import ExtractReport
 from ._scaled import ScaleOptions, extract_sharded
 
@@ -120,6 +120,7 @@ def extract(
     from ._plan import check_shard_size
 
     validate_options(batch_size, num_workers, dtype)
+    validate_procs(procs)
     if shard_size is not None:
         check_shard_size(shard_size)
     check_backbone_name(os.fspath(backbone))  # the one parser of NAME@SIZE (compare uses it too), before any work
