@@ -533,14 +533,17 @@ def _collapse_across_tars(root: Path, out: _TarListing, counts: dict[str, int]) 
     for row in out.found:
         tar = out.members[row].partition("\0")[0]
         by_key.setdefault(row[len(tar) + 1:], []).append(row)
-    for rows in by_key.values():
+    for key, rows in by_key.items():
         sizes = [out.image_of[r].size for r in rows]
         if len(rows) < 2 or len(set(sizes)) == len(sizes):
             continue
         for row in sorted(rows):
             tar = out.members[row].partition("\0")[0]
-            with open_regular_file(root / tar) as fh, tarfile.open(fileobj=fh, mode="r:") as tf:
-                identity = (out.image_of[row].size, _digest(tf, out.image_of[row]))
+            try:
+                with open_regular_file(root / tar) as fh, tarfile.open(fileobj=fh, mode="r:") as tf:
+                    identity = (key, out.image_of[row].size, _digest(tf, out.image_of[row]))
+            except (OSError, tarfile.TarError):  # changed since it was listed: its own sample (the reader says why)
+                continue
             label = out.found[row][0]
             if not out.dups.add(identity, _Row(row, label, -1, out.found[row][2], 0)):
                 del out.found[row], out.members[row]

@@ -373,6 +373,11 @@ def test_webdataset_repeated_keys_are_collapsed_or_refused_never_last_wins(tmp_p
         read_webdataset(tmp_path / "c")  # same bytes, other label
     _tar(tmp_path / "c" / "t2.tar", [("k0.png", _png(3)), ("k0.cls", b"1"), ("k9.png", _png(40)), ("k9.cls", b"1")])
     assert len(read_webdataset(tmp_path / "c").keys) == 4  # same key, other image: another sample
+    _tar(tmp_path / "c" / "t2.tar", [("k7.png", _png(1)), ("k7.cls", b"0"), ("k9.png", _png(40)), ("k9.cls", b"1")])
+    _tar(tmp_path / "c" / "t3.tar", [("k0.png", _png(1)), ("k0.cls", b"0"), ("k7.png", _png(1)), ("k7.cls", b"0")])
+    with pytest.warns(DuplicateRowsWarning):  # same bytes under other keys are other samples; only keys repeat
+        src = read_webdataset(tmp_path / "c")
+    assert src.keys == ["t1.tar/k0", "t1.tar/k1", "t2.tar/k7", "t2.tar/k9"] and len(src.duplicates) == 2
 
 
 # §7 -- one @SIZE, one parser; a BOM; skops' defaults do not load on top of featbank's list.
