@@ -33,7 +33,7 @@ __all__ = ["extract"]
               help="Who runs the shards. auto: torchrun when WORLD_SIZE > 1, else local processes. "
               "ray: one Ray task per shard (pip install 'featbank[ray]'). Any value: a sharded cache.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=None,
-              help="Rows per shard (part file) of a new cache. Default: 10000.")
+              help="Rows per shard (part file) of a new cache, at most 1,000,000. Default: 10000.")
 @click.option("--finalize", is_flag=True,
               help="Run no shard: check the parts written by separate jobs (a Slurm array) and publish the index.")
 @click.option("--num-gpus", type=click.FloatRange(min=0), default=0.0, show_default=True,
@@ -52,7 +52,7 @@ __all__ = ["extract"]
               help="How a layer's feature map is pooled: global average + 2x2 average (5C values; GAP alone above "
               "4096), or global average (C).")
 @click.option("--views", type=click.IntRange(min=0), default=0, show_default=True,
-              help="K augmented views per image, stored beside the plain view (needs --augment).")
+              help="K augmented views per image (at most 64), stored beside the plain view (needs --augment).")
 @click.option("--augment", type=click.Choice(["hflip", "dihedral", "crops"]), default=None,
               help="How the views are made: hflip (K=1), dihedral (flips and quarter turns, K<=7), crops (K seeded "
               "random resized crops).")

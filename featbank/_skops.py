@@ -3,16 +3,22 @@
 A skops file names every type it needs; skops constructs only types the caller trusts. featbank
 trusts the exact names of the estimators it saves and the types their fitted state needs, never a
 module prefix (a prefix such as ``numpy.`` would let any callable in that package, for instance
-``numpy.testing``'s ``runstring``, run when a file names it).
+``numpy.testing``'s ``runstring``, run when a file names it). :func:`trusted_skops_types` is the
+whole list: skops' own defaults (every scikit-learn estimator, numpy ufuncs, ...) load only
+where featbank lists them too, since every type a file names is checked against featbank's list
+before skops sees the file.
 """
 
 from __future__ import annotations
 
+import io
+import json
+import zipfile
 from typing import Any
 
 from .errors import BundleError, ConfigError
 
-__all__ = ["trusted_skops_types", "serialize_sklearn", "load_skops"]
+__all__ = ["trusted_skops_types", "named_types", "serialize_sklearn", "load_skops"]
 
 # Types below scikit-learn's public estimators that the state of the heads featbank saves needs
 # (trees, neighbour indexes and their metrics, MLP optimisers, calibrators, GP kernels). Found by
@@ -32,7 +38,40 @@ _SKLEARN_STATE_TYPES = frozenset({
     "sklearn.gaussian_process.kernels.ConstantKernel",
     "sklearn.gaussian_process.kernels.Product",
     "sklearn.gaussian_process.kernels.RBF",
+    # labels, isotonic calibration, boosting and SGD losses (skops trusts these by default; featbank lists them)
+    "sklearn.preprocessing._label.LabelBinarizer",
+    "sklearn.preprocessing._label.LabelEncoder",
+    "sklearn.isotonic.IsotonicRegression",
+    "sklearn.tree._classes.DecisionTreeRegressor",
+    "sklearn.ensemble._hist_gradient_boosting.binning._BinMapper",
+    "sklearn._loss.link.Interval",
+    "sklearn._loss.link.IdentityLink",
+    "sklearn._loss.link.LogitLink",
+    "sklearn._loss.link.HalfLogitLink",
+    "sklearn._loss.link.MultinomialLogit",
+    "sklearn._loss.loss.HalfBinomialLoss",
+    "sklearn._loss.loss.HalfMultinomialLoss",
+    "sklearn._loss.loss.ExponentialLoss",
+    "sklearn._loss._loss.CyHalfBinomialLoss",
+    "sklearn._loss._loss.CyHalfMultinomialLoss",
+    "sklearn._loss._loss.CyExponentialLoss",
+    "sklearn.linear_model._sgd_fast.Hinge",
+    "sklearn.linear_model._sgd_fast.SquaredHinge",
+    "sklearn.linear_model._sgd_fast.ModifiedHuber",
+    "sklearn.linear_model._sgd_fast.Log",
 })
+
+# Containers, numbers and arrays a fitted state is made of (JSON values need no type: skops builds them with
+# json.loads). Exact names: no builtin callable (eval, exec, getattr, __import__) is among them.
+_DATA_TYPES = frozenset({
+    *(f"builtins.{t}" for t in ("dict", "list", "tuple", "set", "str", "int", "float", "bool", "NoneType")),
+    "numpy.ndarray", "numpy.dtype", "numpy.bool_",
+    *(f"numpy.{t}" for t in ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16",
+                             "uint32", "uint64")),
+    "numpy.random._generator.Generator", "numpy.random.mtrand.RandomState",
+})
+#: A ``schema.json`` larger than this (as the archive declares it) is refused before it is read.
+_MAX_SCHEMA_BYTES = 64 << 20
 
 
 def _type_name(cls: type) -> str:
@@ -40,11 +79,12 @@ def _type_name(cls: type) -> str:
 
 
 def trusted_skops_types() -> frozenset[str]:
-    """Exact type names a ``head.skops`` file may contain beyond skops' own defaults.
+    """Every exact type name a ``head.skops`` file may contain; nothing else loads (not even skops' own defaults).
 
     The scikit-learn classifiers ``fit --head`` accepts, the pipeline steps featbank builds
     (``Pipeline``, ``StandardScaler``, ``Normalizer``), the distance metrics their neighbour
-    indexes name (all but the Python-callable one), and :data:`_SKLEARN_STATE_TYPES`.
+    indexes name (all but the Python-callable one), :data:`_SKLEARN_STATE_TYPES`, and the
+    containers, numbers and arrays of :data:`_DATA_TYPES`.
     """
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import Normalizer, StandardScaler
@@ -52,7 +92,7 @@ def trusted_skops_types() -> frozenset[str]:
     from .heads import sklearn_classifiers
 
     classes = [*sklearn_classifiers().values(), Pipeline, StandardScaler, Normalizer]
-    return frozenset(map(_type_name, classes + _distance_metric_types())) | _SKLEARN_STATE_TYPES
+    return frozenset(map(_type_name, classes + _distance_metric_types())) | _SKLEARN_STATE_TYPES | _DATA_TYPES
 
 
 def _distance_metric_types() -> list[type]:
@@ -73,12 +113,42 @@ def _distance_metric_types() -> list[type]:
     return types
 
 
-def _untrusted(data: bytes) -> list[str]:
-    """Types named in a skops file that featbank does not trust (skops' defaults aside)."""
-    import skops.io as sio
+def named_types(data: bytes) -> set[str]:
+    """Every type a skops file names, read from its ``schema.json`` (skops' defaults included).
 
-    allowed = trusted_skops_types()
-    return sorted(t for t in sio.get_untrusted_types(data=data) if t not in allowed)
+    Each node of the schema names ``__module__.__class__``; a method node adds its method's name.
+    JSON values (``JsonNode``) are built with ``json.loads`` and name no type.
+
+    Raises:
+        ValueError: not a skops archive, or its schema is not what skops writes.
+    """
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        info = z.getinfo("schema.json")
+        if info.file_size > _MAX_SCHEMA_BYTES:
+            raise ValueError(f"schema.json declares {info.file_size} bytes (at most {_MAX_SCHEMA_BYTES})")
+        schema = json.loads(z.read(info))
+    names: set[str] = set()
+    stack = [schema]
+    while stack:  # iterative: a deeply nested crafted schema cannot exhaust the recursion limit
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        if "__class__" in node and node.get("__loader__") != "JsonNode":
+            name = f"{node.get('__module__')}.{node['__class__']}"
+            content = node.get("content")
+            if node.get("__loader__") == "MethodNode" and isinstance(content, dict):
+                name += f".{content.get('func')}"
+            names.add(name)
+        stack.extend(node.values())
+    return names
+
+
+def _untrusted(data: bytes) -> list[str]:
+    """Types named in a skops file that featbank does not list (skops' own defaults count as untrusted too)."""
+    return sorted(named_types(data) - trusted_skops_types())
 
 
 def serialize_sklearn(estimator: Any) -> tuple[str, bytes, list[str]]:
@@ -97,7 +167,7 @@ def serialize_sklearn(estimator: Any) -> tuple[str, bytes, list[str]]:
             f"featbank cannot save {type(estimator).__name__} safely: its state holds types featbank does not "
             f"load from a bundle ({', '.join(bad)}). Use another head or other --param values."
         )
-    return "head.skops", data, sorted(sio.get_untrusted_types(data=data))
+    return "head.skops", data, sorted(named_types(data))
 
 
 def load_skops(data: bytes, what: str) -> Any:
@@ -109,8 +179,8 @@ def load_skops(data: bytes, what: str) -> Any:
     import skops.io as sio
 
     try:
-        bad = _untrusted(data)
-        trusted = sorted(sio.get_untrusted_types(data=data))
+        trusted = sorted(named_types(data))
+        bad = sorted(set(trusted) - trusted_skops_types())
     except Exception as e:  # noqa: BLE001 - not a readable skops archive
         raise BundleError(f"Cannot read head file ({what}): {type(e).__name__}: {e}. Re-create the bundle.") from None
     if bad:

@@ -9,7 +9,9 @@ Three layouts are recognised (``DATA`` is the folder given)::
 The order is deterministic (sorted by relative POSIX path) and class indices follow the sorted
 class names, as in torchvision's ``ImageFolder``. Each image carries a fingerprint
 ``(size in bytes, mtime_ns)`` from the same ``stat`` call, so a cache can tell changed files
-apart without reading them.
+apart without reading them. One file is one row: paths that are the same file (a symlink or a hard
+link to an image listed elsewhere in the folder) collapse into the first when their class and
+split agree, and are an error when they do not (an image in train and in test).
 
 Images are recognised by their extension (:data:`featbank.images.IMAGE_EXTENSIONS`, ``.dcm``
 included); a file without an extension, or with a numeric one (DICOM files named by UID), counts
@@ -20,13 +22,14 @@ from __future__ import annotations
 
 import os
 import stat
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from featbank.dicom import is_dicom_file
-from featbank.errors import DatasetError
+from featbank.errors import DatasetError, DuplicateRowsWarning
 from featbank.images import IMAGE_EXTENSIONS
 
 __all__ = ["SPLIT_NAMES", "ImageIndex", "scan_folder", "is_image_file"]
@@ -57,6 +60,8 @@ class ImageIndex:
         ignored: sorted relative paths of files that were seen but not indexed (other extensions,
             stray images beside class folders, names that are not valid UTF-8, broken links).
             Hidden files and folders (name starting with ``.``) are skipped without a mention.
+        duplicates: ``(path, kept path)`` of paths that are the same file as an earlier (kept) row,
+            with the same class and split; they are not rows.
     """
 
     root: Path
@@ -67,6 +72,7 @@ class ImageIndex:
     splits: np.ndarray
     fingerprints: np.ndarray
     ignored: list[str] = field(default_factory=list)
+    duplicates: list[tuple[str, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -82,6 +88,7 @@ class _Walk:
         self.splits: list[int] = []
         self.sizes: list[int] = []
         self.mtimes: list[int] = []
+        self.identities: list[tuple[int, int] | str] = []
         self.ignored: list[str] = []
         self.n_files = 0
 
@@ -107,6 +114,8 @@ class _Walk:
         self.splits.append(split)
         self.sizes.append(st.st_size)
         self.mtimes.append(st.st_mtime_ns)
+        # A file system without inode numbers (st_ino 0) keys rows by path, as before.
+        self.identities.append((st.st_dev, st.st_ino) if st.st_ino else rel)
 
     def walk(self, rel_dir: str, label: str | None, split: int) -> None:
         """Index every image below ``rel_dir`` (recursively), without following symlinked dirs."""
@@ -233,7 +242,7 @@ def scan_folder(root: str | os.PathLike[str], require_labels: bool = False) -> I
             f"image extensions are {', '.join(sorted(IMAGE_EXTENSIONS))}."
         )
 
-    order = sorted(range(len(walk.paths)), key=walk.paths.__getitem__)
+    order, duplicates = _one_row_per_file(walk, root_path)
     paths = [walk.paths[i] for i in order]
     fingerprints = np.empty((len(paths), 2), dtype=np.int64)
     fingerprints[:, 0] = np.asarray(walk.sizes, dtype=np.int64)[order]
@@ -249,7 +258,42 @@ def scan_folder(root: str | os.PathLike[str], require_labels: bool = False) -> I
         splits=splits,
         fingerprints=fingerprints,
         ignored=ignored,
+        duplicates=duplicates,
     )
+
+
+def _one_row_per_file(walk: _Walk, root_path: Path) -> tuple[list[int], list[tuple[str, str]]]:
+    """Row order (sorted by path) with repeats of one file (same st_dev, st_ino) dropped after the first.
+
+    Raises:
+        DatasetError: one file under two classes or two splits (each such pair listed).
+    """
+    order = sorted(range(len(walk.paths)), key=walk.paths.__getitem__)
+    first: dict[tuple[int, int] | str, int] = {}
+    keep: list[int] = []
+    duplicates: list[tuple[str, str]] = []
+    conflicts: list[str] = []
+    for i in order:
+        j = first.setdefault(walk.identities[i], i)
+        if j == i:
+            keep.append(i)
+        elif (walk.labels[i], walk.splits[i]) == (walk.labels[j], walk.splits[j]):
+            duplicates.append((walk.paths[i], walk.paths[j]))
+        else:
+            conflicts.append(f"'{walk.paths[j]}' and '{walk.paths[i]}'")
+    if conflicts:
+        more = f" (and {len(conflicts) - 10} more)" if len(conflicts) > 10 else ""
+        raise DatasetError(
+            f"The data folder '{root_path}' holds one file under two classes or splits (links to one file): "
+            f"{'; '.join(conflicts[:10])}{more}. One file is one row: keep one copy, where it belongs."
+        )
+    if duplicates:
+        warnings.warn(
+            f"The data folder '{root_path}': {len(duplicates)} path(s) are the same file as an earlier path (e.g. "
+            f"'{duplicates[0][0]}' is '{duplicates[0][1]}', a link); each is counted once.",
+            DuplicateRowsWarning, stacklevel=3,
+        )
+    return keep, duplicates
 
 
 def _data_root(root: str | os.PathLike[str]) -> Path:

@@ -29,6 +29,7 @@ __all__ = [
     "ValidationLeakWarning",
     "OnnxCacheRebuiltWarning",
     "ExtremeEmbeddingsWarning",
+    "DuplicateRowsWarning",
 ]
 
 EXIT_OK = 0
@@ -117,3 +118,7 @@ class OnnxCacheRebuiltWarning(FeatbankWarning):
 
 class ExtremeEmbeddingsWarning(FeatbankWarning):
     """Some cached embedding rows are finite but huge (beyond ``featbank.cache.EXTREME_VALUE``)."""
+
+
+class DuplicateRowsWarning(FeatbankWarning):
+    """An input named one file (or one WebDataset sample) more than once; the repeats were collapsed to one row."""

@@ -29,7 +29,11 @@ __all__ = [
     "PreprocessConfig",
     "ImageReadError",
     "DEFAULT_MAX_PIXELS",
+    "MAX_IMAGE_BYTES",
     "MAX_ASPECT_RATIO",
+    "NotARegularFileError",
+    "open_regular_file",
+    "check_image_bytes",
     "MAX_RESIZED_PIXELS",
     "check_aspect_ratio",
     "load_image",
@@ -61,6 +65,9 @@ IMAGE_EXTENSIONS = frozenset(
 
 #: Larger images are refused as probable decompression bombs (Pillow's own default limit).
 DEFAULT_MAX_PIXELS = 178_956_970
+#: Image files (and WebDataset members) larger than this are refused from their size, before a byte is
+#: read (1 GiB: an uncompressed RGB image at DEFAULT_MAX_PIXELS is 537 MB).
+MAX_IMAGE_BYTES = 1 << 30
 #: Images whose longer side is more than this many times the shorter one are refused: resizing the
 #: short side of a 1x20000 strip to 256 px would make a 256x5120000 image (3.9 GB).
 MAX_ASPECT_RATIO = 100
@@ -178,6 +185,62 @@ class ImageReadError(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+class NotARegularFileError(OSError):
+    """A path that is not a regular file where one is read (a FIFO, a device, a socket, a directory).
+
+    ``what`` names the kind of file in a few words (``"a FIFO (named pipe)"``).
+    """
+
+    def __init__(self, path: str | os.PathLike, what: str):
+        super().__init__(f"{os.fspath(path)!r} is not a regular file: it is {what}")
+        self.what = what
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _kind(mode: int) -> str:
+    return next((what for test, what in _KINDS if test(mode)), "not a regular file")
+
+
+def open_regular_file(path: str | os.PathLike) -> Any:
+    """Open ``path`` for binary reading, refusing anything but a regular file at open time.
+
+    The file is opened with ``O_NONBLOCK`` (so a FIFO swapped in after a listing cannot block the
+    open) and checked with ``fstat`` on the open descriptor (so no swap between a check and the
+    open can slip through), then switched back to blocking reads.
+
+    Raises:
+        NotARegularFileError: a FIFO, device, socket or directory.
+        OSError: the file cannot be opened (missing, permission denied, ...).
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotARegularFileError(path, _kind(mode))
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def check_image_bytes(size: int, max_bytes: int = MAX_IMAGE_BYTES) -> None:
+    """Refuse an image file or tar member of ``size`` bytes (from ``stat`` or the tar header) before reading it.
+
+    Raises:
+        ImageReadError: empty, or larger than ``max_bytes``.
+    """
+    if size == 0:
+        raise ImageReadError("empty file (0 bytes)")
+    if size > max_bytes:
+        raise ImageReadError(f"too large: {size} bytes exceeds the limit of {max_bytes} bytes for one image")
 
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
@@ -319,7 +382,8 @@ def load_image(
         A loaded Pillow image in mode ``RGB`` (or ``L`` with ``keep_grey``).
 
     Raises:
-        ImageReadError: the file is missing, not a regular file, unreadable, empty, truncated,
+        ImageReadError: the file is missing, not a regular file (checked on the open file: a FIFO swapped in
+            after a listing is refused, never waited on), larger than :data:`MAX_IMAGE_BYTES`, unreadable, empty, truncated,
             corrupt, not an image, has more than ``max_pixels`` pixels or an aspect ratio beyond
             ``max_aspect_ratio``. ``reason`` says which.
 
@@ -330,11 +394,13 @@ def load_image(
     """
     path = Path(path)
     try:
-        fp = open(path, "rb")
+        fp = open_regular_file(path)
     except FileNotFoundError:
         raise ImageReadError(
             "file not found (moved or deleted since the scan, or a broken link)"
         ) from None
+    except NotARegularFileError as e:
+        raise ImageReadError("not a file: it is a directory" if e.what == "a directory" else "not a regular file") from None
     except IsADirectoryError:
         raise ImageReadError("not a file: it is a directory") from None
     except PermissionError:
@@ -346,10 +412,7 @@ def load_image(
             st = os.fstat(fp.fileno())
         except OSError as e:
             raise ImageReadError(f"cannot stat: {e.strerror or e}") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise ImageReadError("not a regular file")
-        if st.st_size == 0:
-            raise ImageReadError("empty file (0 bytes)")
+        check_image_bytes(st.st_size)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -93,7 +93,10 @@ def test_trusted_skops_types_are_exact_names():
     trusted = trusted_skops_types()
     assert "sklearn.pipeline.Pipeline" in trusted and "sklearn.svm._classes.SVC" in trusted
     assert all(not t.endswith(".") and t.count(".") >= 1 for t in trusted)
-    assert not any(t.startswith(("numpy.testing", "builtins.", "os.", "posix.", "subprocess.")) for t in trusted)
+    assert not any(t.startswith(("numpy.testing", "os.", "posix.", "subprocess.", "operator.")) for t in trusted)
+    # builtins: data types only (skops builds them), never a builtin callable
+    assert {t for t in trusted if t.startswith("builtins.")} <= {
+        f"builtins.{n}" for n in ("dict", "list", "tuple", "set", "str", "int", "float", "bool", "NoneType")}
     assert "sklearn.metrics._dist_metrics.PyFuncDistance64" not in trusted
 
 

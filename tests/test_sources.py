@@ -15,7 +15,7 @@ from PIL import Image
 
 from featbank._sources import expand_braces, read_manifest, read_webdataset
 from featbank.cache._index import check_parts
-from featbank.errors import ConfigError, DatasetError
+from featbank.errors import ConfigError, DatasetError, DuplicateRowsWarning
 from featbank.extraction._launch import run_prepared
 from featbank.extraction._sharded import prepare
 
@@ -45,12 +45,13 @@ def test_csv_manifest_with_relative_absolute_missing_and_duplicate_rows(tmp_path
         f"{names[0]},cat,train\n{names[1]},dog,Train\n{names[2]},cat,val\n"
         f"{absolute},dog,\nimgs/gone.png,cat,test\n{names[0]},cat,train\n,cat,train\n"
     )
-    src = read_manifest(tmp_path / "m.csv")
+    with pytest.warns(DuplicateRowsWarning, match="1 row"):
+        src = read_manifest(tmp_path / "m.csv")
     assert src.keys == sorted([*names[:3], absolute]) and src.classes == ["cat", "dog"]
     by_key = dict(zip(src.keys, zip(src.labels.tolist(), src.splits.tolist())))
     assert by_key[names[1]] == (1, 0) and by_key[absolute] == (1, -1) and by_key[names[2]] == (0, 1)
     reasons = {k: r for k, r, _ in src.skipped}
-    assert reasons["imgs/gone.png"] == "file not found" and "duplicate" in reasons[names[0]]
+    assert reasons["imgs/gone.png"] == "file not found" and src.duplicates == [(names[0], names[0])]
     assert reasons["<line 8>"] == "empty path"
 
 

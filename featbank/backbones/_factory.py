@@ -44,11 +44,17 @@ def split_image_size(name: str) -> tuple[str, int | None]:
     weights' own eval transform (for ImageNet weights usually: resize to 256, keep the centre 224).
 
     Raises:
-        ConfigError: SIZE is not a whole number of pixels in [MIN_IMAGE_SIZE, MAX_IMAGE_SIZE].
+        ConfigError: SIZE is not a whole number of pixels in [MIN_IMAGE_SIZE, MAX_IMAGE_SIZE], or
+            the name has more than one ``@SIZE`` (``efficientnet_lite0@300@300``).
     """
     m = _AT_SIZE.match(name)
     if m is None or is_bundle_dir(name):
         return name, None
+    if "@" in m["base"] and not is_bundle_dir(m["base"]):
+        raise ConfigError(
+            f"Backbone {name!r} has more than one '@SIZE'; a backbone takes one input size at most. "
+            f"Write {m['base'].partition('@')[0] + '@' + m['size']!r}."
+        )
     size = m["size"]
     if not size.isdigit() or not MIN_IMAGE_SIZE <= int(size) <= MAX_IMAGE_SIZE:
         raise ConfigError(

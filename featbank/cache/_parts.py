@@ -115,21 +115,26 @@ def parts_dir(index_path: Path) -> Path:
     return index_path.with_name(index_path.name + ".parts")
 
 
-def _create_allocated(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: Any) -> h5py.Dataset:
-    """Contiguous and allocated now: later row writes change no HDF5 metadata, and reads are one slab."""
+def _create_allocated(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: Any, fill: bool = True) -> h5py.Dataset:
+    """Contiguous and allocated now: later row writes change no HDF5 metadata, and reads are one slab.
+
+    Without ``fill`` no byte is written now: the space is reserved in the file's address range only
+    (a sparse file on disk), so a staging file costs disk as its rows are written, not up front.
+    Only for datasets whose rows are read once a ``status`` row says they were written.
+    """
     from h5py import h5d, h5p, h5s, h5t
 
     dcpl = h5p.create(h5p.DATASET_CREATE)
     dcpl.set_alloc_time(h5d.ALLOC_TIME_EARLY)
-    dcpl.set_fill_time(h5d.FILL_TIME_ALLOC)
+    dcpl.set_fill_time(h5d.FILL_TIME_ALLOC if fill else h5d.FILL_TIME_NEVER)
     tid = h5t.py_create(np.dtype(dtype), logical=True)
     return h5py.Dataset(h5d.create(group.id, name.encode(), tid, h5s.create_simple(shape), dcpl=dcpl))
 
 
-def _create_extra(f: h5py.File, name: str, shape: tuple[int, ...], dtype: Any) -> h5py.Dataset:
+def _create_extra(f: h5py.File, name: str, shape: tuple[int, ...], dtype: Any, fill: bool = True) -> h5py.Dataset:
     """An allocated per-row dataset at a path that may name a group (``layers/stage3``)."""
     parent, _, leaf = name.rpartition("/")
-    return _create_allocated(f.require_group(parent) if parent else f, leaf, shape, dtype)
+    return _create_allocated(f.require_group(parent) if parent else f, leaf, shape, dtype, fill)
 
 
 def _write_rows(f: h5py.File, rows: PartRows, classes: Sequence[str]) -> None:
@@ -192,23 +197,27 @@ class PartWriter:
         path = cls.partial_path(folder, shard_id, digest)
         tmp = temporary_path(path)
         n = len(rows)
-        with h5py.File(tmp, "w") as f:
-            for k, v in (attrs or {}).items():
-                f.attrs[k] = json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v
-            f.attrs.update(
-                format=PART_FORMAT, schema_version=2, featbank_version=__version__, cache_key=key,
-                shard_id=int(shard_id), rows_digest=digest, embed_dim=int(embed_dim), dtype=dtype,
-                split_names=json.dumps(list(SPLIT_NAMES)), classes_json=json.dumps(list(classes)),
-                complete=False,
-            )
-            _write_rows(f, rows, classes)
-            _create_allocated(f, "embeddings", (n, int(embed_dim)), dtype)
-            _create_allocated(f, "status", (n,), np.uint8)
-            for name, tail in (extra or {}).items():
-                _create_extra(f, name, (n, *tail), dtype)
-            if extra:
-                f.attrs[EXTRA_ATTR] = json.dumps(list(extra))
-        os.replace(tmp, path)
+        try:  # a failed or interrupted create leaves no temporary behind
+            with h5py.File(tmp, "w") as f:
+                for k, v in (attrs or {}).items():
+                    f.attrs[k] = json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v
+                f.attrs.update(
+                    format=PART_FORMAT, schema_version=2, featbank_version=__version__, cache_key=key,
+                    shard_id=int(shard_id), rows_digest=digest, embed_dim=int(embed_dim), dtype=dtype,
+                    split_names=json.dumps(list(SPLIT_NAMES)), classes_json=json.dumps(list(classes)),
+                    complete=False,
+                )
+                _write_rows(f, rows, classes)
+                # Rows are read only once 'status' marks them written: no fill, so no multi-GB write up front.
+                _create_allocated(f, "embeddings", (n, int(embed_dim)), dtype, fill=False)
+                _create_allocated(f, "status", (n,), np.uint8)
+                for name, tail in (extra or {}).items():
+                    _create_extra(f, name, (n, *tail), dtype, fill=False)
+                if extra:
+                    f.attrs[EXTRA_ATTR] = json.dumps(list(extra))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return cls(path)
 
     @classmethod

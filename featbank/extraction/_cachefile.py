@@ -7,11 +7,11 @@ import os
 import re
 from pathlib import Path
 
-from .._files import remove_orphans, slugify
+from .._files import pid_alive, remove_orphans, slugify
 from ..cache import default_cache_dir
 from ..errors import NotACacheError
 
-__all__ = ["default_cache_path", "refuse_foreign_file", "remove_stale_temporaries"]
+__all__ = ["default_cache_path", "refuse_foreign_file", "remove_stale_temporaries", "remove_dead_part_temporaries"]
 
 
 def default_cache_path(
@@ -81,3 +81,27 @@ def remove_stale_temporaries(out_path: Path) -> None:
                     p.unlink()
                 except OSError:
                     pass
+
+
+_PART_TMP = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]{8}$")
+
+
+def remove_dead_part_temporaries(folder: Path) -> list[Path]:
+    """Remove the temporaries in a parts folder (``.part-*.partial.tmp-<pid>-*``, ``.part-*.h5.tmp-<pid>-*``)
+    whose writer no longer runs (a killed or failed run's); return what was removed.
+
+    A live process's temporary (its pid runs on this machine) is left alone.
+    """
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        m = _PART_TMP.match(p.name)
+        if m is None or pid_alive(int(m.group(1))):
+            continue
+        try:
+            p.unlink()
+            removed.append(p)
+        except OSError:
+            pass
+    return removed

@@ -13,7 +13,7 @@ from .._device import resolve_device
 from ..errors import ConfigError
 from ..windowing import parse_window
 from ._cachefile import default_cache_path, refuse_foreign_file
-from ._options import ENGINES, validate_options
+from ._options import ENGINES, validate_options, validate_procs
 from ._report import ExtractReport
 from ._scaled import ScaleOptions, extract_sharded
 
@@ -108,8 +108,11 @@ def extract(
         An :class:`ExtractReport`.
 
     Raises:
-        ConfigError: an unknown ``window`` (and other bad parameters).
-        DatasetError: missing or empty folder, a single class.
+        ConfigError: an unknown ``window``; an option past its bound (``shard_size`` over 1,000,000,
+            ``views`` over 64, ...) or a backbone name with more than one ``@SIZE``, before any work; a
+            brace pattern naming more than 1,000,000 tars.
+        DatasetError: missing or empty folder, a single class, one file named by rows (or links) that
+            disagree on its label or split.
         CacheKeyMismatch: the existing cache was made with other settings (file untouched).
         CacheError: another process is writing the same cache (``<out>.lock`` is held).
         CacheError: a damaged cache at ``out`` (untouched), not enough space (checked first).
@@ -120,8 +123,15 @@ def extract(
         >>> print(report.summary())
     """
     t0 = time.perf_counter()
+    from ..backbones import check_backbone_name
+    from ._plan import check_shard_size
+
     validate_options(batch_size, num_workers, dtype)
     window = parse_window(window).spec
+    validate_procs(procs)
+    if shard_size is not None:
+        check_shard_size(shard_size)
+    check_backbone_name(os.fspath(backbone))  # the one parser of NAME@SIZE (compare uses it too), before any work
     dev = resolve_device(device).type
     if engine not in ENGINES:
         raise ConfigError(f"The 'engine' parameter must be one of {ENGINES}. Got {engine!r} instead.")

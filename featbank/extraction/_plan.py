@@ -25,9 +25,12 @@ import numpy as np
 
 from ..errors import ConfigError, DatasetError
 
-__all__ = ["DEFAULT_SHARD_SIZE", "Shard", "Plan", "plan_shards", "replan", "plan_tars", "assign_rows"]
+__all__ = ["DEFAULT_SHARD_SIZE", "MAX_SHARD_SIZE", "Shard", "Plan", "plan_shards", "replan", "plan_tars", "assign_rows",
+           "check_shard_size"]
 
 DEFAULT_SHARD_SIZE = 10_000
+#: The most rows one shard may hold: a part of a million rows is ~5 GB at 1280-d float32.
+MAX_SHARD_SIZE = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -69,9 +72,19 @@ class Plan:
         return cls(int(d["shard_size"]), [Shard(**s) for s in d["shards"]], int(d["next_id"]), str(d.get("kind", "range")))
 
 
+def check_shard_size(shard_size: int) -> None:
+    """Refuse a shard size that is not an integer in [1, :data:`MAX_SHARD_SIZE`] (before any work).
+
+    Raises:
+        ConfigError: with the value and the bound.
+    """
+    if not isinstance(shard_size, int) or isinstance(shard_size, bool) or not 1 <= shard_size <= MAX_SHARD_SIZE:
+        raise ConfigError(f"The 'shard_size' parameter (--shard-size) must be an integer from 1 to {MAX_SHARD_SIZE:,} "
+                          f"(rows per part file). Got {shard_size!r} instead.")
+
+
 def _check(keys: Sequence[str], shard_size: int) -> None:
-    if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1:
-        raise ConfigError(f"The 'shard_size' parameter must be a positive integer. Got {shard_size!r} instead.")
+    check_shard_size(shard_size)
     if len(keys) < 2:
         return
     arr = np.asarray(keys, dtype=str)

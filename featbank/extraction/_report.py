@@ -24,6 +24,8 @@ class ExtractReport:
         seconds: wall time; ``images_per_second`` counts embedded images only.
         up_to_date: nothing had changed, the cache was not rewritten.
         model_loaded: whether the backbone was loaded at all.
+        n_duplicates: rows of the input naming a file (or WebDataset sample) an earlier row already
+            names, collapsed into that row (one file is one row).
     """
 
     path: Path
@@ -40,6 +42,7 @@ class ExtractReport:
     up_to_date: bool = False
     model_loaded: bool = False
     cache_key: str = ""
+    n_duplicates: int = 0
 
     @property
     def n_skipped(self) -> int:
@@ -61,6 +64,8 @@ class ExtractReport:
                 parts.append(f"{self.images_per_second:.1f} img/s with {self.engine} on {self.device}")
         if self.skipped:
             parts.append(f"{self.n_skipped} skipped")
+        if self.n_duplicates:
+            parts.append(f"{self.n_duplicates} repeated row(s) collapsed")
         return "; ".join(parts)
 
 

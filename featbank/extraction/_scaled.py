@@ -24,7 +24,7 @@ from ..cache import writer_lock
 from ..cache._parts import part_name, parts_dir, rows_digest
 from ..cache._schema import FORMAT, compute_cache_key, decode_attr
 from ..errors import CacheError, ConfigError, Interrupted, NotACacheError, SkippedImagesError, SkippedImagesWarning
-from ._plan import DEFAULT_SHARD_SIZE
+from ._plan import DEFAULT_SHARD_SIZE, check_shard_size
 from ._report import ExtractReport, strict_message
 
 __all__ = ["ScaleOptions", "read_source", "extract_sharded", "schema_version_of"]
@@ -315,15 +315,15 @@ def _old_rows_dropped(index_path: Path, prep: Any) -> int:
 
 def extract_sharded(data: str, out_path: Path, opts: Any, scale: ScaleOptions, t0: float) -> ExtractReport:
     """Run one extraction of ``data`` into the schema-v2 cache ``out_path`` (see :func:`featbank.extract`)."""
-    from ._cachefile import remove_stale_temporaries
+    from ._cachefile import remove_dead_part_temporaries, remove_stale_temporaries
     from ._launch import resolve_launcher, run_prepared
     from ._sharded import reset_engines
 
     reset_engines()
     launcher = resolve_launcher(scale.launcher or "auto")
     torchrun = launcher == "torchrun"
-    if scale.shard_size is not None and (not isinstance(scale.shard_size, int) or scale.shard_size < 1):
-        raise ConfigError(f"The 'shard_size' parameter must be a positive integer. Got {scale.shard_size!r} instead.")
+    if scale.shard_size is not None:
+        check_shard_size(scale.shard_size)
     shard_size = scale.shard_size or DEFAULT_SHARD_SIZE
     rank = int(os.environ.get("RANK", "0")) if torchrun else 0
     index_path = _write_target(out_path)
@@ -331,6 +331,8 @@ def extract_sharded(data: str, out_path: Path, opts: Any, scale: ScaleOptions, t
         index_path.parent.mkdir(parents=True, exist_ok=True)
         if rank == 0:
             remove_stale_temporaries(index_path)
+            if not torchrun:  # torchrun ranks may run on other hosts, whose pids this one cannot see
+                remove_dead_part_temporaries(parts_dir(index_path))
         source = read_source(data, scale)
         identity, key, wanted = _run_identity(opts)
         if not opts.overwrite:
@@ -339,7 +341,7 @@ def extract_sharded(data: str, out_path: Path, opts: Any, scale: ScaleOptions, t
         elif rank == 0:
             _drop_replaced_parts(index_path, key)
         prep = _prepare(source, index_path, opts, scale, launcher, shard_size, identity)
-        report = ExtractReport(path=out_path, cache_key=prep.key)
+        report = ExtractReport(path=out_path, cache_key=prep.key, n_duplicates=len(source.duplicates))
         dropped = _old_rows_dropped(index_path, prep) if not opts.overwrite else 0
         if not scale.finalize and not opts.overwrite and _up_to_date(prep):
             report.up_to_date = True

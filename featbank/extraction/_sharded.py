@@ -34,6 +34,7 @@ from ..cache._parts import (
 )
 from ..cache._schema import compute_cache_key, decode_attr, describe_feature_difference, feature_settings
 from ..errors import CacheError, CacheKeyMismatch
+from ._cachefile import remove_dead_part_temporaries
 from ._plan import DEFAULT_SHARD_SIZE, Plan, assign_rows, plan_shards, plan_tars, replan
 
 __all__ = ["RowSource", "WorkerSettings", "ShardJob", "Prepared", "prepare", "run_shard", "finalize", "migrate_v1",
@@ -406,6 +407,7 @@ def _remove_unreferenced(index_path: Path, parts: Sequence[PartInfo]) -> None:
     folder = parts_dir(index_path)
     keep = {p.name for p in parts}
     remove_orphans(index_path)
+    remove_dead_part_temporaries(folder)
     for p in folder.iterdir():
         if p.name.startswith("part-") and p.name.endswith(".h5") and p.name not in keep:
             p.unlink(missing_ok=True)

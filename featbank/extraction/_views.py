@@ -24,13 +24,15 @@ import numpy as np
 
 from ..errors import ConfigError
 
-__all__ = ["AUGMENTS", "DIHEDRAL_ORDER", "FIXED_VIEWS", "FeatureOptions", "resolve_features", "make_views"]
+__all__ = ["AUGMENTS", "DIHEDRAL_ORDER", "FIXED_VIEWS", "MAX_VIEWS", "FeatureOptions", "resolve_features", "make_views"]
 
 AUGMENTS = ("hflip", "dihedral", "crops")
 #: (quarter turns counter-clockwise, mirrored first) of the dihedral views, in storage order.
 DIHEDRAL_ORDER = ((0, True), (2, True), (2, False), (1, False), (3, False), (1, True), (3, True))
 #: The augmentations made by fixed flips and turns (a new image at predict time gets them too): their most views.
 FIXED_VIEWS = {"hflip": 1, "dihedral": len(DIHEDRAL_ORDER)}
+#: The most augmented views one run may store per image (each is a row's worth of every stored layer).
+MAX_VIEWS = 64
 _CROP_SCALE, _CROP_RATIO = (0.6, 1.0), (3 / 4, 4 / 3)
 
 
@@ -120,6 +122,9 @@ def resolve_features(
     from ..backbones._taps import POOLINGS
 
     views = _int("views", views, 0)
+    if views > MAX_VIEWS:
+        raise ConfigError(f"--views {views} is more than featbank stores: at most {MAX_VIEWS} augmented views per image "
+                          "(each one is stored like the image's own embedding and layers). Use --views 4 to 16.")
     view_seed = _int("view_seed", view_seed, 0)
     augment = augment or ""
     if augment not in ("", *AUGMENTS):

@@ -136,6 +136,8 @@ def _list_images(images: Sequence[str | Path]) -> list[Path]:
             out += found
         elif p.is_file():
             out.append(p)
+        elif p.exists():
+            raise ConfigError(f"{str(p)!r} is not a regular file (a FIFO, a device or a socket). Pass image files or folders.")
         else:
             raise ConfigError(f"{str(p)!r} does not exist. Pass image files or folders.")
     return out

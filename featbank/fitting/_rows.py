@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,10 +17,30 @@ from ..splits import n_holdout, stratified_holdout
 __all__ = ["parse_memory", "opened_cache", "check_finite", "split_rows", "check_classes", "CacheRows"]
 
 
+#: The largest --max-memory accepted (1 EiB): past it the value is a typo, not a machine.
+MAX_MEMORY = 1 << 60
+
+
+def _memory_bytes(value: float | int, text: Any) -> int:
+    if not (0 < value <= MAX_MEMORY) or not math.isfinite(value):  # NaN fails the range, 10**400 never becomes a float
+        raise ConfigError(f"--max-memory must be a positive, finite size of at most 1 EiB ({MAX_MEMORY} bytes), such as "
+                          f"2GB; got {text!r}.")
+    return int(value)
+
+
 def parse_memory(text: str | int | float | None) -> int | None:
-    """``"2GB"``, ``"512MiB"``, ``"1e9"`` -> bytes."""
-    if text is None or isinstance(text, (int, float)):
-        return None if text is None else int(text)
+    """``"2GB"``, ``"512MiB"``, ``"1e9"`` -> bytes.
+
+    Raises:
+        ConfigError: not a size, or not a positive finite number of bytes up to :data:`MAX_MEMORY`
+            (``1e400GB``, ``nan``, ``inf``, negative).
+    """
+    if text is None:
+        return None
+    if isinstance(text, bool):
+        raise ConfigError(f"--max-memory must look like 2GB, 512MB or a number of bytes; got {text!r}.")
+    if isinstance(text, (int, float)):
+        return _memory_bytes(text, text)
     m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kKmMgGtT]?)(i?[bB]?)\s*", str(text))
     if not m:
         raise ConfigError(f"--max-memory must look like 2GB, 512MB or a number of bytes; got {text!r}.")
@@ -29,9 +50,7 @@ def parse_memory(text: str | int | float | None) -> int | None:
         raise ConfigError(f"--max-memory must look like 2GB, 512MB or a number of bytes; got {text!r}.") from None
     base = 1024 if m.group(3).lower().startswith("i") else 1000
     mult = {"": 1, "k": base, "m": base**2, "g": base**3, "t": base**4}[m.group(2).lower()]
-    if value <= 0:
-        raise ConfigError(f"--max-memory must be positive; got {text!r}.")
-    return int(value * mult)
+    return _memory_bytes(value * mult, text)
 
 
 @contextlib.contextmanager
