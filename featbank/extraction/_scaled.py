@@ -184,7 +184,7 @@ def _drop_replaced_parts(index_path: Path, key: str) -> None:
         return
     try:
         listed = {p.name for p in read_parts_table(index_path)} if schema_version_of(index_path) is not None else set()
-    except (OSError, KeyError, ValueError, TypeError, IndexError):
+    except (OSError, KeyError, ValueError, TypeError, IndexError, CacheError):
         listed = set()
     for p in folder.glob("part-*.h5"):
         try:
@@ -306,7 +306,7 @@ def _old_rows_dropped(index_path: Path, prep: Any) -> int:
         return 0
     try:
         table = read_parts_table(index_path)
-    except (OSError, KeyError, ValueError, TypeError):
+    except (OSError, KeyError, ValueError, TypeError, CacheError):
         return 0
     keep = {part_name(p.shard_id, p.rows_digest) for p in prep.planned}
     return sum(p.n_rows for p in table if p.name not in keep)
