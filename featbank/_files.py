@@ -42,6 +42,7 @@ __all__ = [
     "describe_file_type",
     "check_regular_file",
     "open_regular_file",
+    "lock_holders",
 ]
 
 _TMP_MARK = ".tmp-"
@@ -372,3 +373,24 @@ def open_regular_file(path: str | os.PathLike) -> IO[bytes]:
     except BaseException:
         os.close(fd)
         raise
+
+
+def lock_holders(lock: str | os.PathLike) -> list[int]:
+    """Pids of this user's processes that have ``lock`` open (Linux ``/proc``; empty elsewhere).
+
+    A ``flock`` belongs to the open file, so processes forked by the holder (DataLoader workers)
+    keep it after the holder died; this names them for the message.
+    """
+    try:
+        st = os.stat(lock)
+    except OSError:
+        return []
+    want, found = (st.st_dev, st.st_ino), []
+    for entry in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            s = os.stat(entry)
+        except OSError:
+            continue
+        if (s.st_dev, s.st_ino) == want:
+            found.append(int(entry.parts[2]))
+    return sorted(set(found) - {os.getpid()})

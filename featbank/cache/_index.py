@@ -248,10 +248,10 @@ def _part_problem(folder: Path, p: PartInfo, full: bool) -> str:
     parts folder, not a regular file (a FIFO or /dev/zero is never opened), another size, another sha256."""
     path, rel = folder / p.name, f"{folder.name}/{p.name}"
     try:
+        st = check_regular_file(path)
         inside = os.path.commonpath([os.path.realpath(path), os.path.realpath(folder)]) == os.path.realpath(folder)
         if not inside:
             return f"part {rel} is a link to {os.path.realpath(path)!r}, outside the cache's parts folder"
-        st = check_regular_file(path)
     except FileNotFoundError:
         return f"part {rel} (shard {p.shard_id}, {p.n_rows} rows) is missing"
     except NotRegularFileError as e:

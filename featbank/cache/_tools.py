@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,9 +264,28 @@ def _write_shard(out_dir: Path, i: int, fmt: str, emb: np.ndarray, meta: dict[st
     return [pqf]
 
 
+_EXPORT_FILE = re.compile(r"(embeddings|metadata)-\d{5,}\.(npy|parquet)")
+
+
+def _clear_earlier_export(out_dir: Path, overwrite: bool) -> None:
+    """An earlier export in ``out_dir`` is refused (its shards would mix with this one's), or removed with
+    ``overwrite``; only files named as an export names them are touched."""
+    earlier = sorted(p for p in out_dir.iterdir() if _EXPORT_FILE.fullmatch(p.name)) if out_dir.is_dir() else []
+    if not earlier:
+        return
+    if not overwrite:
+        shown = ", ".join(p.name for p in earlier[:3]) + (", ..." if len(earlier) > 3 else "")
+        raise ConfigError(
+            f"--out '{out_dir}' holds an earlier export ({len(earlier)} file(s): {shown}); writing into it would mix "
+            "the two. Pass --overwrite to replace it, or choose an empty folder."
+        )
+    for p in earlier:
+        p.unlink()
+
+
 def export_cache(
     path: str | os.PathLike, out: str | os.PathLike, *, format: str = "npy", rows_per_file: int | None = None,
-    layers: str | Sequence[str] = "final", view: int | None = None,
+    layers: str | Sequence[str] = "final", view: int | None = None, overwrite: bool = False,
 ) -> list[Path]:
     """Write a cache's features as shards for vector search, one shard in memory at a time.
 
@@ -282,12 +302,15 @@ def export_cache(
     parquet file records the columns in its schema metadata (key ``featbank``: JSON with
     ``layers``, ``layer_dims`` and ``view``).
 
+    A folder that holds an earlier export is refused (the shards of two exports would mix), unless
+    ``overwrite``, which removes the earlier export's files (and nothing else) first.
+
     Returns:
         The files written, in order.
 
     Raises:
         ConfigError: unknown format, layer or view; bad ``rows_per_file``; pyarrow missing; output
-            not writable.
+            not writable; an earlier export in ``out`` without ``overwrite``.
         CacheError: the cache cannot be read, a part is missing or changed, NaN/inf in a row read.
     """
     if format not in EXPORT_FORMATS:
@@ -304,6 +327,7 @@ def export_cache(
         wanted = parse_requested(feats, layers, view)
         layout = json.dumps({"layers": wanted, "layer_dims": [feats.layer_dims[t] for t in wanted], "view": view})
         out_dir = check_output_dir(Path(out), "export")
+        _clear_earlier_export(out_dir, overwrite)
         classes = decode_attr(f["classes"][...])
         names = json.loads(f.attrs.get("split_names", json.dumps(SPLIT_NAMES)))
         written = []
