@@ -41,6 +41,7 @@ __all__ = [
     "NotRegularFileError",
     "describe_file_type",
     "check_regular_file",
+    "open_regular_fd",
     "open_regular_file",
     "lock_holders",
 ]
@@ -351,12 +352,12 @@ def check_regular_file(path: str | os.PathLike) -> os.stat_result:
     return st
 
 
-def open_regular_file(path: str | os.PathLike) -> IO[bytes]:
-    """Open ``path`` for binary reading only if it is a regular file, decided on the open descriptor.
+def open_regular_fd(path: str | os.PathLike) -> int:
+    """A read-only descriptor of ``path``, only if it is a regular file, decided on the open descriptor.
 
     Opened with ``O_NONBLOCK``, so a FIFO swapped in after a listing is refused at once instead of
     blocking until a writer appears; then ``fstat`` decides what was opened (no race between a check
-    and the open). Reads from the returned regular file behave as usual.
+    and the open). Reads from the returned regular file block as usual.
 
     Raises:
         NotRegularFileError: a FIFO, device, socket or folder.
@@ -369,10 +370,20 @@ def open_regular_file(path: str | os.PathLike) -> IO[bytes]:
             raise NotRegularFileError(path, describe_file_type(mode))
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
+    return fd
+
+
+def open_regular_file(path: str | os.PathLike) -> IO[bytes]:
+    """:func:`open_regular_fd` as a binary file object.
+
+    Raises:
+        NotRegularFileError: a FIFO, device, socket or folder.
+        OSError: it cannot be opened.
+    """
+    return os.fdopen(open_regular_fd(path), "rb")
 
 
 def lock_holders(lock: str | os.PathLike) -> list[int]:

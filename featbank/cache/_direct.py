@@ -26,6 +26,7 @@ import h5py
 import numpy as np
 from h5py import h5d, h5f, h5t
 
+from .._files import open_regular_fd
 from ..errors import CacheError
 from ._integrity import maps_exactly
 from ._parts import PartInfo
@@ -170,7 +171,7 @@ class RowReader:
             self._fds.move_to_end(k)  # most recently used last
             return fd
         try:
-            fd = os.open(self._files[k], os.O_RDONLY)
+            fd = open_regular_fd(self._files[k])  # a FIFO swapped in since the open is refused, not waited on
         except OSError as e:
             raise self._error(k, f"cannot be opened since the cache was opened ({e.strerror or e})") from None
         if len(self._fds) >= _MAX_OPEN:
