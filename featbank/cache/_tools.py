@@ -115,27 +115,32 @@ def describe_cache(path: str | os.PathLike) -> CacheSummary:
     """
     path = Path(path)
     with _open(path) as f:
-        version = int(f.attrs.get("schema_version", 1)) if isinstance(f.attrs.get("schema_version"), (int, np.integer)) else 1
-        emb = f["embeddings"] if isinstance(f.get("embeddings"), h5py.Dataset) else None
         try:
             check: CacheCheck | None = validate_cache(path, f, allow_incomplete=True)
         except NotACacheError:
             raise
         except CacheError as e:
-            check, problems = None, [str(e)]
-        else:
-            problems = []
-        n_rows, dim = (int(emb.shape[0]), int(emb.shape[1])) if emb is not None and emb.ndim == 2 else (0, 0)
-        classes = decode_attr(f["classes"][...]) if check else []
-        n_skipped = ((int(f["skipped/paths"].shape[0]) if "skipped" in f else 0) + len(check.listed)) if check else 0
-        return CacheSummary(
-            path, version, n_rows, dim, str(emb.dtype) if emb is not None else "?", classes,
-            _class_counts(classes, check.labels) if check else {},
-            _split_counts(check.split_names, check.splits) if check else {},
-            str(f.attrs.get("backbone", "")), str(f.attrs.get("weights", "")), str(f.attrs.get("cache_key", "")),
-            len(check.parts) if check and check.parts_dir is not None else 1, n_skipped, problems,
-            check.features if check else CacheFeatures(),
-        )
+            return _summary(path, f, None, [str(e)])
+        return _summary(path, f, check, [])
+
+
+def _summary(path: Path, f: h5py.File, check: CacheCheck | None, problems: list[str]) -> CacheSummary:
+    """The summary from the attributes and shapes; classes and counts only from a cache that passed ``check``."""
+    v = f.attrs.get("schema_version")
+    version = int(v) if isinstance(v, (int, np.integer)) else 1
+    emb = f.get("embeddings")
+    n_rows, dim = (int(emb.shape[0]), int(emb.shape[1])) if isinstance(emb, h5py.Dataset) and emb.ndim == 2 else (0, 0)
+    dtype = str(emb.dtype) if isinstance(emb, h5py.Dataset) else "?"
+    attrs = [str(f.attrs.get(k, "")) for k in ("backbone", "weights", "cache_key")]
+    if check is None:
+        return CacheSummary(path, version, n_rows, dim, dtype, [], {}, {}, *attrs, 1, 0, problems)
+    classes = decode_attr(f["classes"][...])
+    n_skipped = (int(f["skipped/paths"].shape[0]) if "skipped" in f else 0) + len(check.listed)
+    return CacheSummary(
+        path, version, n_rows, dim, dtype, classes, _class_counts(classes, check.labels),
+        _split_counts(check.split_names, check.splits), *attrs,
+        len(check.parts) if check.parts_dir is not None else 1, n_skipped, problems, check.features,
+    )
 
 
 def _read_through(file: Path, names: list[str], n_rows: int, label: str) -> list[str]:
