@@ -94,7 +94,7 @@ def other_cache(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("how", ["dotdot", "absolute"])
 def test_a_table_naming_another_caches_part_is_refused(how: str, tiny_cache: Path, other_cache: Path,
-                                                       tmp_path: Path) -> None:
+                                                       image_folder: Path, tmp_path: Path) -> None:
     theirs = read_parts_table(other_cache)[0]
     target = parts_dir(other_cache) / theirs.name
     name = f"../{parts_dir(other_cache).name}/{theirs.name}" if how == "dotdot" else str(target)
@@ -102,6 +102,10 @@ def test_a_table_naming_another_caches_part_is_refused(how: str, tiny_cache: Pat
     with h5py.File(tiny_cache, "r") as f:  # what the attack relies on: plain h5py reads the other cache's rows
         assert f["embeddings"].shape[0] == theirs.n_rows
     _refused_everywhere(tiny_cache, "'parts/names'", repr(name), tmp_path=tmp_path)
+    before = tiny_cache.read_bytes()
+    with pytest.raises(CacheError, match="'parts/names'.*untouched"):  # an extract rerun refuses it too
+        featbank.extract(image_folder, tiny_cache, **TINY)
+    assert tiny_cache.read_bytes() == before and target.exists()
 
 
 def test_a_part_that_links_out_of_its_folder_is_refused(tiny_cache: Path, other_cache: Path, tmp_path: Path) -> None:

@@ -150,7 +150,7 @@ def _check_existing(index_path: Path, key: str, wanted: dict[str, Any]) -> None:
     except CacheError as e:
         try:
             damaged_parts = version == 2 and bool(check_parts(index_path))
-        except (OSError, KeyError, ValueError, TypeError):
+        except (OSError, KeyError, ValueError, TypeError, CacheError):
             damaged_parts = False
         if not damaged_parts:
             raise CacheError(f"{e} The file was left untouched; pass --overwrite to replace it.") from None
