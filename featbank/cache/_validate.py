@@ -18,6 +18,7 @@ import h5py
 import numpy as np
 from h5py import h5d
 
+from .._files import open_regular_file
 from ..errors import CacheError, ExtremeEmbeddingsWarning, NotACacheError
 from ._discovery import default_cache_dir
 
@@ -47,7 +48,7 @@ _REQUIRED = {"embeddings": 2, "labels": 1, "splits": 1, "paths": 1, "fingerprint
 def is_hdf5(path: Path) -> bool:
     """Whether ``path`` starts with the HDF5 signature (at 0 or a power-of-two user-block offset)."""
     try:
-        with open(path, "rb") as fh:
+        with open_regular_file(path) as fh:  # a FIFO is refused, not waited on
             for offset in (0, 512, 1024, 2048, 4096):
                 fh.seek(offset)
                 if fh.read(8) == HDF5_SIGNATURE:
