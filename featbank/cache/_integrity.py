@@ -188,11 +188,16 @@ def _check_mapping(path: Path, f: h5py.File, table: list[PartInfo], names: list[
         ds = f.get(name)
         if not isinstance(ds, h5py.Dataset) or (not sum(counts) and not ds.is_virtual):
             continue  # absent (check_structure decides) or empty: nothing to map
-        if not maps_exactly(ds, parts_dir(path).name, table, counts):
-            bad = sorted({vs.file_name for vs in ds.virtual_sources()}) if ds.is_virtual else []
-            raise _fail(path, f"dataset '{name}' does not map exactly the parts its table lists, whole and in order, "
-                        f"from '{parts_dir(path).name}'" + (f" (it maps {bad[:3]})" if bad else " (it is not virtual)")
-                        + "; an index renamed without renaming its parts folder to match reads like this", root)
+        if maps_exactly(ds, parts_dir(path).name, table, counts):
+            continue
+        folder = parts_dir(path).name
+        if not ds.is_virtual:
+            raise _fail(path, f"dataset '{name}' is not a virtual dataset over the parts its table lists in "
+                        f"'{folder}' (no part holds its rows, and no hash covers them)", root)
+        bad = sorted({vs.file_name for vs in ds.virtual_sources()})
+        raise _fail(path, f"dataset '{name}' maps rows onto {bad[:3]}, not exactly the parts its table lists in "
+                    f"'{folder}', whole and in order (an index renamed without renaming its parts folder to match "
+                    "reads like this)", root)
 
 
 def _part_problem(file: Path, wanted: dict[str, tuple[tuple[int, ...], np.dtype]]) -> str:
@@ -354,6 +359,8 @@ def validate_cache(path: Path, f: h5py.File, *, allow_incomplete: bool = False) 
     metadata, split_names = _read_attrs(path, f, allow_incomplete)
     root = metadata.get("root")
     check_structure(path, f, root)
+    emb = f["embeddings"]
+    features = read_features(path, f, int(emb.shape[1]), int(emb.shape[0]), root)  # attributes and shapes only
     real = Path(os.path.realpath(path))  # through a symlink: the parts lie beside its target
     parts, folder = (check_v2_index(real, f), parts_dir(real)) if v2 else ([], None)
     if not v2:
@@ -365,7 +372,5 @@ def validate_cache(path: Path, f: h5py.File, *, allow_incomplete: bool = False) 
     except OSError as e:  # a part whose table entry matches it but whose data is cut short
         raise damaged_part_error(path, folder, parts, e, root) from None
     check_codes(path, labels, splits, int(f["classes"].shape[0]), split_names, root)
-    emb = f["embeddings"]
-    features = read_features(path, f, int(emb.shape[1]), int(emb.shape[0]), root)
     listed = _listing_skipped(path, metadata, root)
     return CacheCheck(metadata, split_names, parts, folder, labels, splits.astype(np.int8), features, listed)
