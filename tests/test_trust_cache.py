@@ -330,3 +330,26 @@ def test_a_lock_held_by_a_killed_writers_workers_says_so(tmp_path: Path) -> None
         time.sleep(0.05)
     with writer_lock(cache):
         pass
+
+
+@pytest.mark.parametrize(("name", "plain"), [
+    ("part-000001-0123456789ab.h5", True), ("../x.h5.parts/part-000001-0123456789ab.h5", False),
+    ("/tmp/part.h5", False), ("sub/part.h5", False), (".part-000001-0123456789ab.h5.partial", False),
+    ("part..h5", False), ("part\\x.h5", False), ("part-1.h5\0", False), ("", False),
+])
+def test_only_plain_part_names_are_accepted(name: str, plain: bool) -> None:
+    from featbank.cache._parts import is_part_name
+
+    assert is_part_name(name) is plain
+
+
+def test_a_table_listing_more_parts_than_its_folder_holds_is_refused_before_it_is_read(tiny_cache: Path,
+                                                                                       tmp_path: Path) -> None:
+    n = 5000
+    with h5py.File(tiny_cache, "r+") as f:
+        g = f["parts"]
+        for name in list(g):
+            col = g[name][...]
+            del g[name]
+            g.create_dataset(name, data=np.repeat(col, n), compression="gzip")  # small on disk, large in memory
+    _refused_everywhere(tiny_cache, f"lists {n} parts", "holds only", tmp_path=tmp_path)
