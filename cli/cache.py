@@ -51,7 +51,9 @@ def verify(path: str) -> None:
               help="Layers of a cache extracted with --layers, concatenated in this order: 'stage5,final' or 'all'.")
 @click.option("--view", type=click.IntRange(min=0), default=None,
               help="Export the k-th augmented view (0-based) of a cache extracted with --views; default: the plain view.")
-def export(path: str, fmt: str, out: str, rows_per_file: int | None, layers: str, view: int | None) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace an earlier export in --out (refused without it, so two never mix).")
+def export(path: str, fmt: str, out: str, rows_per_file: int | None, layers: str, view: int | None,
+           overwrite: bool) -> None:
     """Write the vectors as shards for faiss/autofaiss, LanceDB or Spark, one shard in memory at a time.
 
     By default the vectors are the final embeddings of the plain view; --layers and --view choose
@@ -59,6 +61,7 @@ def export(path: str, fmt: str, out: str, rows_per_file: int | None, layers: str
     """
     from featbank.cache._tools import export_cache
 
-    files = export_cache(path, out, format=fmt, rows_per_file=rows_per_file, layers=layers, view=view)
+    files = export_cache(path, out, format=fmt, rows_per_file=rows_per_file, layers=layers, view=view,
+                         overwrite=overwrite)
     what = f"layers {layers}" + (f", view {view}" if view is not None else "")
     click.echo(f"wrote {len(files)} file(s) to {out} ({what})")

@@ -13,6 +13,7 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Iterator
@@ -37,6 +38,12 @@ __all__ = [
     "sha256_file",
     "LockBusy",
     "exclusive_lock",
+    "NotRegularFileError",
+    "describe_file_type",
+    "check_regular_file",
+    "open_regular_fd",
+    "open_regular_file",
+    "lock_holders",
 ]
 
 _TMP_MARK = ".tmp-"
@@ -101,12 +108,26 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO]:
         raise
 
 
-def sha256_file(path: str | os.PathLike, block_size: int = 1 << 22) -> str:
-    """Hex sha256 of a file's bytes, read in blocks (the one hash every recorded file uses)."""
+def sha256_file(path: str | os.PathLike, block_size: int = 1 << 22, *, max_bytes: int | None = None) -> str:
+    """Hex sha256 of a file's bytes, read in blocks (the one hash every recorded file uses).
+
+    Only a regular file is hashed (:func:`open_regular_file`: a FIFO or ``/dev/zero`` would be read
+    forever). ``max_bytes`` (the size a table recorded) bounds the read: at most one byte more is
+    hashed, so a file that grew hashes differently without being read to its end.
+
+    Raises:
+        NotRegularFileError: a FIFO, device, socket or folder.
+        OSError: it cannot be read.
+    """
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(block_size):
+    left = None if max_bytes is None else max(0, int(max_bytes)) + 1
+    with open_regular_file(path) as fh:
+        while left is None or left > 0:
+            chunk = fh.read(block_size if left is None else min(block_size, left))
+            if not chunk:
+                break
             h.update(chunk)
+            left = None if left is None else left - len(chunk)
     return h.hexdigest()
 
 
@@ -297,3 +318,90 @@ def describe_os_error(e: OSError) -> str:
         errno.EEXIST: "a file is in the way",
     }
     return reasons.get(e.errno, e.strerror or str(e))
+
+
+# -- regular files only (a FIFO, a device or a socket is refused when opened, never read forever) --------
+
+
+class NotRegularFileError(OSError):
+    """A FIFO, device, socket or folder where featbank expects a regular file (an ``OSError``, so
+    callers that skip unreadable files skip these too; ``strerror`` says what it is)."""
+
+    def __init__(self, path: str | os.PathLike, kind: str):
+        super().__init__(errno.EINVAL, f"{kind}, not a regular file", str(path))
+        self.kind = kind
+
+
+def describe_file_type(mode: int) -> str:
+    """``st_mode`` in words: ``"a FIFO (named pipe)"``, ``"a character device"``, ... ``"a regular file"``."""
+    kinds = ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((what for test, what in kinds if test(mode)), "a special file")
+
+
+def check_regular_file(path: str | os.PathLike) -> os.stat_result:
+    """``os.stat`` of ``path`` (through symlinks), refusing anything but a regular file without opening it.
+
+    Raises:
+        NotRegularFileError: a FIFO, device, socket or folder.
+        OSError: it cannot be stat'ed (missing, permission).
+    """
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise NotRegularFileError(path, describe_file_type(st.st_mode))
+    return st
+
+
+def open_regular_fd(path: str | os.PathLike) -> int:
+    """A read-only descriptor of ``path``, only if it is a regular file, decided on the open descriptor.
+
+    Opened with ``O_NONBLOCK``, so a FIFO swapped in after a listing is refused at once instead of
+    blocking until a writer appears; then ``fstat`` decides what was opened (no race between a check
+    and the open). Reads from the returned regular file block as usual.
+
+    Raises:
+        NotRegularFileError: a FIFO, device, socket or folder.
+        OSError: it cannot be opened.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFileError(path, describe_file_type(mode))
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_regular_file(path: str | os.PathLike) -> IO[bytes]:
+    """:func:`open_regular_fd` as a binary file object.
+
+    Raises:
+        NotRegularFileError: a FIFO, device, socket or folder.
+        OSError: it cannot be opened.
+    """
+    return os.fdopen(open_regular_fd(path), "rb")
+
+
+def lock_holders(lock: str | os.PathLike) -> list[int]:
+    """Pids of this user's processes that have ``lock`` open (Linux ``/proc``; empty elsewhere).
+
+    A ``flock`` belongs to the open file, so processes forked by the holder (DataLoader workers)
+    keep it after the holder died; this names them for the message.
+    """
+    try:
+        st = os.stat(lock)
+    except OSError:
+        return []
+    want, found = (st.st_dev, st.st_ino), []
+    for entry in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            s = os.stat(entry)
+        except OSError:
+            continue
+        if (s.st_dev, s.st_ino) == want:
+            found.append(int(entry.parts[2]))
+    return sorted(set(found) - {os.getpid()})

@@ -155,8 +155,8 @@ def _truncate(part: Path) -> None:
 # matching the damaged file, so hashing alone passes: only reading the layer/view datasets finds it.
 DAMAGES = {
     "nan_in_a_view_layer": (_nan_in_views, _republish, "dataset 'views/layers/stage1' has NaN"),
-    "layer_missing_in_one_part": (_drop_layer, _republish, "dataset 'layers/stem' is missing"),
-    "truncated_part_retabled": (_truncate, lambda p: _retable(p, 1), "cannot be read to the end"),
+    "layer_missing_in_one_part": (_drop_layer, _republish, "has no dataset 'layers/stem'"),
+    "truncated_part_retabled": (_truncate, lambda p: _retable(p, 1), "is not a readable HDF5 file"),
 }
 
 

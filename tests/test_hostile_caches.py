@@ -60,6 +60,8 @@ STRUCTURAL: dict[str, tuple[Callable[[h5py.File], None], str, str]] = {
 STRUCTURAL_V2 = {
     **STRUCTURAL,
     "embeddings_short": (lambda f: _replace(f, "embeddings", f["embeddings"][:20]), "'embeddings'", "20 rows"),
+    # Written through the virtual dataset into the part (a real dataset in its place maps no part: refused first).
+    "split_code_bad": (lambda f: f["splits"].__setitem__(slice(None), np.full(24, 5, np.int8)), "'splits'", "value 5"),
 }
 
 

@@ -23,8 +23,10 @@ touches no HDF5 metadata; a row's ``status`` flag is set only after its embeddin
 A run killed at any moment leaves ``path`` as it was and a staging file from which the next run
 resumes. Space is checked before either file is written (HDF5 cannot survive a failed write).
 
-Validation (``_validate``): opening checks the attributes, dataset shapes and the small per-row
-arrays; embedding values are checked block by block as they are read, so opening stays lazy.
+Validation (``_integrity.validate_cache``, over the checks in ``_validate``): opening checks
+that a cache reads only its own parts and stores its values inside them, every declared count
+against the stored shapes, the attributes, dataset shapes and the small per-row arrays;
+embedding values are checked block by block as they are read, so opening stays lazy.
 ``choose_cache`` picks the cache ``fit`` uses when none is named, by a rule it states.
 """
 

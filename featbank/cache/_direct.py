@@ -24,9 +24,11 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from h5py import h5d, h5f, h5s, h5t
+from h5py import h5d, h5f, h5t
 
+from .._files import open_regular_fd
 from ..errors import CacheError
+from ._integrity import maps_exactly
 from ._parts import PartInfo
 from ._validate import within_bounds
 
@@ -169,7 +171,7 @@ class RowReader:
             self._fds.move_to_end(k)  # most recently used last
             return fd
         try:
-            fd = os.open(self._files[k], os.O_RDONLY)
+            fd = open_regular_fd(self._files[k])  # a FIFO swapped in since the open is refused, not waited on
         except OSError as e:
             raise self._error(k, f"cannot be opened since the cache was opened ({e.strerror or e})") from None
         if len(self._fds) >= _MAX_OPEN:
@@ -219,28 +221,7 @@ def _contiguous_offset(path: Path, name: str, shape: tuple[int, ...], tid: h5t.T
 
 def _mapped_parts(ds: h5py.Dataset, folder: Path, parts: Sequence[PartInfo]) -> list[PartInfo] | None:
     """The table's parts with rows when the virtual ``ds`` maps exactly them, whole and in order, onto
-    the same dataset name in ``folder`` (what ``write_index`` writes); else None (read through h5py)."""
-    if not ds.is_virtual:
+    the same dataset name in ``folder`` (what ``write_index`` writes, and what ``open_cache`` checked); else None."""
+    if not maps_exactly(ds, folder.name, list(parts), [p.n_rows for p in parts]):
         return None
-    name, tail = ds.name.lstrip("/"), tuple(ds.shape[1:])
-    parts = [p for p in parts if p.n_rows]
-    sources = ds.virtual_sources()
-    if len(sources) != len(parts) or sum(p.n_rows for p in parts) != ds.shape[0]:
-        return None
-    pos = 0
-    for p, vs in zip(parts, sources):
-        whole = (p.n_rows, *tail)
-        if (vs.file_name != f"{folder.name}/{p.name}" or vs.dset_name.lstrip("/") != name
-                or not _selects(vs.vspace, (pos, *(0,) * len(tail)), whole) or not _selects(vs.src_space, None, whole)):
-            return None
-        pos += p.n_rows
-    return parts
-
-
-def _selects(space: h5s.SpaceID, first: tuple[int, ...] | None, shape: tuple[int, ...]) -> bool:
-    """Whether ``space`` selects the block ``shape`` at ``first`` (``None``: all of a source dataset)."""
-    if first is None and space.get_select_type() == h5s.SEL_ALL:  # the source's extent is not stored then
-        return True
-    first = first or (0,) * len(shape)
-    last = tuple(a + n - 1 for a, n in zip(first, shape))
-    return space.get_select_npoints() == int(np.prod(shape)) and space.get_select_bounds() == (first, last)
+    return [p for p in parts if p.n_rows]

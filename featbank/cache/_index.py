@@ -19,6 +19,7 @@ the full hash is kept for ``featbank cache verify`` and for parts whose stat cha
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Sequence
@@ -30,10 +31,11 @@ import h5py
 import numpy as np
 
 from .. import __version__
-from .._files import fsync_dir, sha256_file, temporary_path
+from .._files import NotRegularFileError, check_regular_file, fsync_dir, sha256_file, temporary_path
 from ..errors import CacheError
-from ._parts import ROW_DATASETS, SKIPPED_DATASETS, PartInfo, describe_part, part_name, parts_dir
+from ._parts import ROW_DATASETS, SKIPPED_DATASETS, PartInfo, describe_part, is_part_name, part_name, parts_dir
 from ._schema import FORMAT, SPLIT_NAMES, STR_DTYPE, decode_attr
+from ._validate import recreate_hint, storage_problem
 
 __all__ = [
     "INDEX_SCHEMA_VERSION",
@@ -166,20 +168,105 @@ def _write_table(g: h5py.Group, parts: Sequence[PartInfo]) -> None:
     g.attrs["cache_keys"] = json.dumps(sorted({p.cache_key for p in parts}))
 
 
+_TABLE_COLUMNS = ("shard_ids", "names", "n_rows", "n_skipped", "sizes", "mtimes_ns", "sha256", "rows_digests")
+#: A table longer than this must not list more parts than its folder holds entries (checked before it is read).
+_TABLE_BOUND_FROM = 1000
+
+
+def _table_error(index: Path, what: str) -> CacheError:
+    return CacheError(f"Cache '{index}' is damaged: its table of parts {what}. {recreate_hint(index)}")
+
+
+def _table_length(index: Path, g: h5py.Group) -> int:
+    """The number of parts the table lists, from its columns' shapes, checked before any column is read:
+    every column there, one-dimensional, stored inside the index, all of one length, and no more
+    parts than the parts folder holds entries (a small file can declare 10^9 rows of a table)."""
+    lengths = set()
+    for name in _TABLE_COLUMNS:
+        ds = g.get(name)
+        if not isinstance(ds, h5py.Dataset) or ds.ndim != 1:
+            raise _table_error(index, f"has no one-dimensional column 'parts/{name}'")
+        why = storage_problem(ds.id)
+        if why:
+            raise _table_error(index, f"column 'parts/{name}' {why}")
+        lengths.add(int(ds.shape[0]))
+    if len(lengths) != 1:  # zip would silently drop the parts a short column does not cover
+        raise _table_error(index, f"has columns of different lengths {sorted(lengths)}")
+    n = lengths.pop()
+    if n > _TABLE_BOUND_FROM:
+        folder = parts_dir(index)
+        try:
+            with os.scandir(folder) as it:
+                held = sum(1 for _ in itertools.islice(it, n))
+        except OSError:
+            held = 0
+        if held < n:
+            raise _table_error(index, f"lists {n} parts (field 'parts/names'), but '{folder}' holds only {held} entries")
+    return n
+
+
+def _check_table_values(index: Path, parts: Sequence[PartInfo]) -> None:
+    """Names are plain part file names (inside ``<index>.parts/``); counts and sizes are not negative."""
+    for p in parts:
+        if not is_part_name(p.name):
+            raise _table_error(index, f"names the part {p.name!r} (field 'parts/names'); a part must be a plain "
+                               f"file name 'part-….h5' inside '{parts_dir(index).name}', never a path elsewhere")
+        for field, value in (("n_rows", p.n_rows), ("n_skipped", p.n_skipped), ("sizes", p.size)):
+            if value < 0:
+                raise _table_error(index, f"records {field}={value} for part {p.name!r} (field 'parts/{field}')")
+
+
 def read_parts_table(index: h5py.File | Path) -> list[PartInfo]:
-    """The table of parts of an open index (or an index path)."""
+    """The table of parts of an open index (or an index path), checked before it is trusted.
+
+    Raises:
+        CacheError: a column missing, stored outside the index or of another length; a name that is
+            not a plain part file name; a negative count or size.
+    """
     if not isinstance(index, h5py.File):
         with h5py.File(index, "r") as f:
             return read_parts_table(f)
-    g = index["parts"]
+    path = Path(index.filename)
+    g = index.get("parts")
+    if not isinstance(g, h5py.Group):
+        raise _table_error(path, "(group 'parts') is missing")
+    _table_length(path, g)
     key = str(index.attrs.get("cache_key", ""))
-    cols = [g[c][...] for c in ("shard_ids", "names", "n_rows", "n_skipped", "sizes", "mtimes_ns", "sha256", "rows_digests")]
-    names, sha, dig = decode_attr(cols[1]), decode_attr(cols[6]), decode_attr(cols[7])
-    ints = [np.asarray(cols[i], np.int64).reshape(-1).tolist() for i in (0, 2, 3, 4, 5)]  # Python ints in one go
-    lengths = {len(names), len(sha), len(dig), *(len(c) for c in ints)}
-    if len(lengths) != 1:  # zip would silently drop the parts a short column does not cover
-        raise ValueError(f"the columns of the table of parts have different lengths {sorted(lengths)}")
-    return [PartInfo(a, n, b, c, d, e, h, r, key) for a, n, b, c, d, e, h, r in zip(ints[0], names, *ints[1:], sha, dig)]
+    try:
+        cols = [g[c][...] for c in _TABLE_COLUMNS]
+        names, sha, dig = decode_attr(cols[1]), decode_attr(cols[6]), decode_attr(cols[7])
+        ints = [np.asarray(cols[i], np.int64).reshape(-1).tolist() for i in (0, 2, 3, 4, 5)]  # Python ints in one go
+    except (OSError, TypeError, ValueError, UnicodeDecodeError) as e:
+        raise _table_error(path, f"cannot be read ({e})") from None
+    parts = [PartInfo(a, n, b, c, d, e, h, r, key) for a, n, b, c, d, e, h, r in zip(ints[0], names, *ints[1:], sha, dig)]
+    _check_table_values(path, parts)
+    return parts
+
+
+def _part_problem(folder: Path, p: PartInfo, full: bool) -> str:
+    """What is wrong with one part on disk ("" when present and unchanged): missing, a symlink out of the
+    parts folder, not a regular file (a FIFO or /dev/zero is never opened), another size, another sha256."""
+    path, rel = folder / p.name, f"{folder.name}/{p.name}"
+    try:
+        st = check_regular_file(path)
+        inside = os.path.commonpath([os.path.realpath(path), os.path.realpath(folder)]) == os.path.realpath(folder)
+        if not inside:
+            return f"part {rel} is a link to {os.path.realpath(path)!r}, outside the cache's parts folder"
+    except FileNotFoundError:
+        return f"part {rel} (shard {p.shard_id}, {p.n_rows} rows) is missing"
+    except NotRegularFileError as e:
+        return f"part {rel} is {e.kind}, not a regular file"
+    except OSError as e:
+        return f"part {rel} cannot be read: {e.strerror or e}"
+    if st.st_size != p.size:
+        return f"part {rel} has {st.st_size} bytes, the index recorded {p.size} (truncated or replaced)"
+    if not full and st.st_mtime_ns == p.mtime_ns:
+        return ""
+    try:
+        digest = sha256_file(path, max_bytes=p.size)
+    except OSError as e:
+        return f"part {rel} cannot be read: {e.strerror or e}"
+    return "" if digest == p.sha256 else f"part {rel} changed since the index was written (its sha256 differs)"
 
 
 def check_parts(index_path: Path, parts: Sequence[PartInfo] | None = None, *, full: bool = False) -> list[str]:
@@ -194,30 +281,7 @@ def check_parts(index_path: Path, parts: Sequence[PartInfo] | None = None, *, fu
     index_path = Path(index_path)
     folder = parts_dir(index_path)
     parts = read_parts_table(index_path) if parts is None else parts
-    problems = []
-    for p in parts:
-        path = folder / p.name
-        rel = f"{folder.name}/{p.name}"
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            problems.append(f"part {rel} (shard {p.shard_id}, {p.n_rows} rows) is missing")
-            continue
-        except OSError as e:
-            problems.append(f"part {rel} cannot be read: {e.strerror or e}")
-            continue
-        if st.st_size != p.size:
-            problems.append(f"part {rel} has {st.st_size} bytes, the index recorded {p.size} (truncated or replaced)")
-            continue
-        if full or st.st_mtime_ns != p.mtime_ns:
-            try:
-                digest = sha256_file(path)
-            except OSError as e:
-                problems.append(f"part {rel} cannot be read: {e.strerror or e}")
-                continue
-            if digest != p.sha256:
-                problems.append(f"part {rel} changed since the index was written (its sha256 differs)")
-    return problems
+    return [q for q in (_part_problem(folder, p, full) for p in parts) if q]
 
 
 def verify_cache(index_path: Path, *, full: bool = True, parts: Sequence[PartInfo] | None = None) -> None:

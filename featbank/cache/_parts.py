@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ __all__ = [
     "PartWriter",
     "rows_digest",
     "part_name",
+    "is_part_name",
     "parts_dir",
     "describe_part",
     "write_part",
@@ -107,6 +109,15 @@ def rows_digest(rows: PartRows, classes: Sequence[str]) -> str:
 def part_name(shard_id: int, digest: str) -> str:
     """``part-000123-<first 12 hex of the rows digest>.h5``."""
     return f"part-{int(shard_id):06d}-{digest[:12]}.h5"
+
+
+def is_part_name(name: str) -> bool:
+    """Whether ``name`` is a plain part file name (``part-….h5``): no folder, no ``..``, not hidden, not absolute.
+
+    An index may name only files inside its own ``<index>.parts/`` folder; a name such as
+    ``../other.h5.parts/part-….h5`` or ``/abs/part.h5`` would read another cache's rows.
+    """
+    return bool(re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.h5", name)) and ".." not in name
 
 
 def parts_dir(index_path: Path) -> Path:

@@ -10,85 +10,24 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .. import __version__
-from ..errors import CacheError, ConfigError, NotACacheError
+from ..errors import ConfigError
 from ._direct import RowReader
 from ._discovery import find_latest_cache
-from ._features import CacheFeatures, check_block, dataset_name, parse_requested, read_features
-from ._index import INDEX_SCHEMA_VERSION
-from ._parts import PartInfo, parts_dir
-from ._schema import FORMAT, SCHEMA_VERSION, SPLIT_NAMES, decode_attr
-from ._validate import (
-    check_codes,
-    check_file_kind,
-    check_rows,
-    check_schema_version,
-    check_structure,
-    is_hdf5,
-    parse_json_attr,
-    recreate_hint,
-)
+from ._features import CacheFeatures, check_block, dataset_name, parse_requested
+from ._integrity import check_v2_index, damaged_part_error, open_cache_file, validate_cache
+from ._parts import PartInfo
+from ._schema import decode_attr
+from ._validate import check_rows
 
 #: What :func:`open_cache` does with finite but extreme embedding rows.
 EXTREME_POLICIES = ("raise", "warn", "ignore")
 
-__all__ = ["FeatureCache", "open_cache", "check_v2_index"]
+__all__ = ["FeatureCache", "open_cache", "check_v2_index"]  # check_v2_index: its home is _integrity
 
 
 # --------------------------------------------------------------------------------------------
 # Reader
 # --------------------------------------------------------------------------------------------
-
-
-def check_v2_index(path: Path, f: h5py.File) -> list[PartInfo]:
-    """A schema-v2 index: every part of its table present and unchanged, and every virtual dataset
-    mapped onto those parts only (HDF5 fills a missing source with zeros, and a hostile index could
-    map rows onto any file). Returns the table of parts."""
-    from ._index import read_parts_table, verify_cache
-
-    root = f.attrs.get("root")
-    root = root.decode("utf-8", "replace") if isinstance(root, bytes) else root
-    prefix = os.environ.get("HDF5_VDS_PREFIX")
-    if prefix:  # HDF5 looks there before the index's own folder: it could map rows onto other files
-        raise CacheError(
-            f"Cannot read '{path}' safely: HDF5_VDS_PREFIX is set ({prefix!r}), and HDF5 would look for the cache's "
-            f"parts there before '{parts_dir(path)}'. Unset it (env -u HDF5_VDS_PREFIX ...) to read featbank caches."
-        )
-    try:
-        table = read_parts_table(f)
-        # The folder verify_cache checks (named after the index), so a renamed index cannot read the
-        # zeros of a folder that is no longer there.
-        allowed = {f"{parts_dir(path).name}/{p.name}" for p in table}
-        n_rows = sum(int(p.n_rows) for p in table)
-    except (KeyError, IndexError, ValueError, TypeError, OSError) as e:
-        raise CacheError(f"Cache '{path}' is damaged: its table of parts (group 'parts') cannot be read ({e}). "
-                         f"{recreate_hint(path, root)}") from None
-    try:
-        verify_cache(path, full=False, parts=table)  # names every missing or changed part, and what to run
-    except (KeyError, IndexError, ValueError, TypeError) as e:
-        raise CacheError(f"Cache '{path}' is damaged: its table of parts is inconsistent ({e}). "
-                         f"{recreate_hint(path, root)}") from None
-    names = ["embeddings", "labels", "splits", "paths", "fingerprints",
-             "skipped/paths", "skipped/reasons", "skipped/fingerprints"]
-    for group in ("layers", "views", "views/layers"):  # every layer/view dataset, listed in the attributes or not
-        g = f.get(group)
-        if isinstance(g, h5py.Group):
-            names += [f"{group}/{k}" for k, v in g.items() if isinstance(v, h5py.Dataset)]
-    for name in names:
-        ds = f.get(name)
-        if isinstance(ds, h5py.Dataset) and ds.is_virtual:
-            bad = sorted({vs.file_name for vs in ds.virtual_sources()} - allowed)
-            if bad:
-                raise CacheError(
-                    f"Cache '{path}' is damaged: dataset '{name}' maps rows onto {bad[:3]}, which its table of "
-                    f"parts does not list in '{parts_dir(path).name}' (an index renamed without renaming its parts "
-                    f"folder to match reads like this). {recreate_hint(path, root)}"
-                )
-    emb = f.get("embeddings")
-    if isinstance(emb, h5py.Dataset) and emb.shape[:1] != (n_rows,):
-        raise CacheError(f"Cache '{path}' is damaged: 'embeddings' has {emb.shape[0] if emb.shape else 0} rows, its "
-                         f"table of parts lists {n_rows}. {recreate_hint(path, root)}")
-    return table
 
 
 class FeatureCache:
@@ -114,7 +53,7 @@ class FeatureCache:
         self.extreme = extreme
         #: Rows already reported as extreme (``extreme='warn'`` warns once per row).
         self.extreme_rows: set[int] = set()
-        self._file = _open_h5(self.path)
+        self._file = open_cache_file(self.path)
         self._readers: dict[str, RowReader] = {}
         try:
             self._read_small(allow_incomplete)
@@ -124,57 +63,22 @@ class FeatureCache:
 
     def _read_small(self, allow_incomplete: bool) -> None:
         f, path = self._file, self.path
-        if f.attrs.get("format") != FORMAT:
-            raise NotACacheError(
-                f"'{path}' is an HDF5 file but not a featbank cache (no format={FORMAT!r} attribute). "
-                "Point at a file written by 'featbank extract'."
-            )
-        version = f.attrs.get("schema_version")
-        self._parts: list[PartInfo] = []
-        self._parts_dir: Path | None = None
-        if isinstance(version, (int, np.integer)) and not isinstance(version, (bool, np.bool_)) and int(version) == 2:
-            real = Path(os.path.realpath(path))  # through a symlink: the parts lie beside its target
-            self._parts, self._parts_dir = check_v2_index(real, f), parts_dir(real)
-        else:
-            check_schema_version(path, version, (SCHEMA_VERSION, INDEX_SCHEMA_VERSION), __version__)
-        self.metadata: dict[str, Any] = {}
-        for k, v in f.attrs.items():
-            if isinstance(v, bytes):
-                v = v.decode("utf-8", "replace")
-            if isinstance(v, np.generic):
-                v = v.item()
-            self.metadata[k] = v
+        check = validate_cache(path, f, allow_incomplete=allow_incomplete)  # every check, before any row is read
+        self.metadata: dict[str, Any] = check.metadata
+        self._split_names = check.split_names
+        self._parts: list[PartInfo] = check.parts
+        self._parts_dir: Path | None = check.parts_dir
+        self._features: CacheFeatures = check.features
         root = self.metadata.get("root")
-        parsed = {k: parse_json_attr(path, k, self.metadata[k], root)
-                  for k in ("transform", "engines", "split_names", "classes_json") if k in self.metadata}
-        # transform and engines are handed out decoded; split_names and classes_json stay strings.
-        self.metadata.update({k: v for k, v in parsed.items() if k in ("transform", "engines")})
-        names = parsed.get("split_names", list(SPLIT_NAMES))
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise CacheError(f"Cache '{path}' is damaged: attribute 'split_names' is {names!r}, expected a list "
-                             f"of names. {recreate_hint(path, root)}")
-        self._split_names = tuple(names)
-        if not allow_incomplete and self.metadata.get("complete", True) is False:
-            data = root if isinstance(root, str) and root else "DATA"
-            raise CacheError(
-                f"Cache '{path}' is incomplete (attribute complete=False: an interrupted 'featbank extract' "
-                f"left it with {f['embeddings'].shape[0] if 'embeddings' in f else 0} rows). Finish it with "
-                f"'featbank extract {data} --out {path}' (same options as before), then rerun."
-            )
-        check_structure(path, f, root)
         # Public: plain h5py (the virtual dataset for v2). featbank's own reads go through _reader().
         self.embeddings: h5py.Dataset = f["embeddings"]
+        self.labels, self.splits = check.labels, check.splits
         try:
-            self.labels = f["labels"][...].astype(np.int64)
-            self.splits = f["splits"][...].astype(np.int8)
             self.paths = decode_attr(f["paths"][...])
             self.fingerprints = f["fingerprints"][...].astype(np.int64)
         except OSError as e:  # a part whose table entry matches it but whose data is cut short
-            raise self._damaged_part_error(e, root) from None
+            raise damaged_part_error(path, self._parts_dir, self._parts, e, root) from None
         self.classes = decode_attr(f["classes"][...])
-        check_codes(path, self.labels, f["splits"][...].astype(np.int64), len(self.classes), self._split_names, root)
-        self._features: CacheFeatures = read_features(path, f, int(self.embeddings.shape[1]),
-                                                      int(self.embeddings.shape[0]), root)
         sk = f.get("skipped")
         self.skipped: list[tuple[str, str]] = (
             list(zip(decode_attr(sk["paths"][...]), decode_attr(sk["reasons"][...]))) if sk is not None else []
@@ -182,31 +86,10 @@ class FeatureCache:
         self.skipped_fingerprints = (
             sk["fingerprints"][...].astype(np.int64).reshape(-1, 2) if sk is not None else np.zeros((0, 2), np.int64)
         )
-        if "listing_skipped" in self.metadata:  # schema v2: rows refused while listing a manifest or tars
-            listed = parse_json_attr(path, "listing_skipped", self.metadata["listing_skipped"], root)
-            try:
-                rows = [(str(k), str(r)) for k, r, _ in listed]
-                extra = np.array([fp for *_, fp in listed], np.int64).reshape(-1, 2)
-            except (TypeError, ValueError):
-                raise CacheError(f"Cache '{path}' is damaged: attribute 'listing_skipped' is not a list of "
-                                 f"[path, reason, fingerprint]. {recreate_hint(path, root)}") from None
-            self.skipped += rows
+        if check.listed:  # schema v2: rows refused while listing a manifest or tars
+            self.skipped += [(k, r) for k, r, _ in check.listed]
+            extra = np.array([fp for *_, fp in check.listed], np.int64).reshape(-1, 2)
             self.skipped_fingerprints = np.concatenate([self.skipped_fingerprints, extra])
-
-    def _damaged_part_error(self, e: OSError, root: Any) -> CacheError:
-        """The error for per-row data HDF5 cannot read: it names the first part that fails to read."""
-        for part in self._parts:
-            try:
-                with h5py.File(self._parts_dir / part.name, "r") as pf:
-                    for name in ("labels", "splits", "paths", "fingerprints"):
-                        pf[name][...]
-            except (OSError, KeyError):
-                return CacheError(
-                    f"Cache '{self.path}' cannot be read: part file {part.name!r} is damaged ({str(e)[:160]}). "
-                    f"Remove the part file {str(self._parts_dir / part.name)!r} and rerun 'featbank extract' with the "
-                    f"same options (it recomputes that part only); 'featbank cache verify {self.path}' checks every part."
-                )
-        return CacheError(f"Cache '{self.path}' cannot be read ({str(e)[:200]}). {recreate_hint(self.path, root)}")
 
     # -- convenience -------------------------------------------------------------------------
     @property
@@ -402,21 +285,6 @@ def _sorted_unique(rows: np.ndarray | Sequence[int], n_samples: int) -> tuple[np
 def _check_range(sorted_rows: np.ndarray, n_samples: int) -> None:
     if sorted_rows.size and (sorted_rows[0] < 0 or sorted_rows[-1] >= n_samples):
         raise IndexError(f"row indices must lie in [0, {n_samples}); got {sorted_rows[0]}..{sorted_rows[-1]}")
-
-
-def _open_h5(path: Path) -> h5py.File:
-    if not path.exists():
-        raise CacheError(f"Cache '{path}' does not exist. Run 'featbank extract DATA --out {path}' first.")
-    if path.is_dir():
-        raise CacheError(f"'{path}' is a folder; pass a cache file written by 'featbank extract' (an .h5 file).")
-    check_file_kind(path)
-    try:
-        # HDF5 finds a v2 index's parts relative to the file's folder as opened: a symlink's target's.
-        return h5py.File(os.path.realpath(path), "r")
-    except OSError as e:
-        if not is_hdf5(path):
-            raise NotACacheError(f"'{path}' is not a featbank cache (an empty file).") from None
-        raise CacheError(f"'{path}' is not a readable HDF5 file ({e}). {recreate_hint(path)}") from None
 
 
 def open_cache(path: str | os.PathLike | None = None, *, extreme: str = "raise",

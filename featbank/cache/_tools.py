@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,12 +18,13 @@ import h5py
 import numpy as np
 
 from .._files import check_output_dir, fsync_dir, temporary_path
-from ..errors import CacheError, ConfigError
-from ._features import CacheFeatures, dataset_name, feature_dataset_names, parse_requested, read_features
-from ._index import check_parts, read_parts_table, verify_cache
-from ._parts import ROW_DATASETS, parts_dir
+from ..errors import CacheError, ConfigError, NotACacheError
+from ._features import CacheFeatures, dataset_name, feature_dataset_names, parse_requested
+from ._index import verify_cache
+from ._integrity import CacheCheck, open_cache_file, validate_cache
+from ._parts import ROW_DATASETS
 from ._schema import FORMAT, SPLIT_NAMES, decode_attr
-from ._validate import check_structure, recreate_hint
+from ._validate import recreate_hint
 
 __all__ = ["CacheSummary", "describe_cache", "check_cache", "export_cache", "EXPORT_FORMATS"]
 
@@ -84,78 +86,61 @@ def _feature_lines(feats: CacheFeatures, embed_dim: int) -> list[str]:
 
 
 def _open(path: Path) -> h5py.File:
-    path = Path(path)
-    if not path.is_file():
-        raise CacheError(f"Cache {str(path)!r} does not exist. Run 'featbank extract DATA --out {path}' first.")
-    try:
-        f = h5py.File(os.path.realpath(path), "r")  # a v2 index finds its parts beside a symlink's target
-    except OSError as e:
-        raise CacheError(f"{str(path)!r} is not a readable HDF5 file ({e}).") from None
+    """The cache file opened read-only: a regular HDF5 file (a FIFO is never opened) with featbank's format."""
+    f = open_cache_file(Path(path))
     if f.attrs.get("format") != FORMAT:
         f.close()
         raise CacheError(f"{str(path)!r} is not a featbank cache (no format={FORMAT!r} attribute).")
     return f
 
 
-def _features_or_problem(path: Path, f: h5py.File, problems: list[str]) -> CacheFeatures:
-    emb = f["embeddings"]
-    if emb.ndim != 2:
-        return CacheFeatures()
-    try:
-        return read_features(path, f, int(emb.shape[1]), int(emb.shape[0]), f.attrs.get("root"))
-    except CacheError as e:
-        problems.append(str(e))
-        return CacheFeatures()
+def _class_counts(classes: list[str], labels: np.ndarray) -> dict[str, int]:
+    counts = np.bincount(labels[labels >= 0], minlength=len(classes)) if len(labels) else np.zeros(len(classes), int)
+    return {c: int(n) for c, n in zip(classes, counts)}
 
 
-def _codes(f: h5py.File, problems: list[str]) -> tuple[np.ndarray | None, np.ndarray | None]:
-    try:
-        return f["labels"][...], f["splits"][...]
-    except OSError as e:  # a part truncated after its size was recorded: HDF5 cannot read past its end
-        problems.append(f"the labels and splits cannot be read ({e}); 'featbank cache verify' names the part")
-        return None, None
+def _split_counts(names: Sequence[str], splits: np.ndarray) -> dict[str, int]:
+    return {s: int(n) for s, n in zip(names, np.bincount(splits[splits >= 0].astype(np.int64), minlength=len(names))) if n}
 
 
 def describe_cache(path: str | os.PathLike) -> CacheSummary:
     """Summarise a cache (v1 or v2) without reading its embeddings; v2 parts get the fast check.
 
-    Damage that does not stop the summary (a missing or changed part, layers or views that
-    disagree with the attributes) is listed in ``problems``.
+    Every check ``open_cache`` runs comes first (:func:`~featbank.cache._integrity.validate_cache`);
+    damage it finds (a missing or changed part, layers that disagree with the attributes, ...) is
+    listed in ``problems`` and nothing per-row is read then: classes and counts stay empty.
 
     Raises:
         CacheError: missing, unreadable, or not a featbank cache.
     """
     path = Path(path)
     with _open(path) as f:
-        version = int(f.attrs.get("schema_version", 1))
-        classes = decode_attr(f["classes"][...])
-        problems = check_parts(Path(os.path.realpath(path))) if version >= 2 else []
-        labels, splits = _codes(f, problems) if not problems else (None, None)
-        emb = f["embeddings"]
-        n_skipped = int(f["skipped/paths"].shape[0]) if "skipped" in f else 0
-        n_skipped += len(json.loads(f.attrs.get("listing_skipped", "[]") or "[]"))
-        names = json.loads(f.attrs.get("split_names", json.dumps(SPLIT_NAMES)))
-        counts_c = {c: int(np.sum(labels == i)) for i, c in enumerate(classes)} if labels is not None else {}
-        counts_s = {s: int(np.sum(splits == i)) for i, s in enumerate(names) if splits is not None and np.any(splits == i)}
-        feats = _features_or_problem(path, f, problems)
-        return CacheSummary(
-            path, version, int(emb.shape[0]), int(emb.shape[1]) if emb.ndim == 2 else 0, str(emb.dtype), classes,
-            counts_c, counts_s, str(f.attrs.get("backbone", "")), str(f.attrs.get("weights", "")),
-            str(f.attrs.get("cache_key", "")), int(f.attrs.get("n_parts", 1)), n_skipped, problems, feats,
-        )
+        try:
+            check: CacheCheck | None = validate_cache(path, f, allow_incomplete=True)
+        except NotACacheError:
+            raise
+        except CacheError as e:
+            return _summary(path, f, None, [str(e)])
+        return _summary(path, f, check, [])
 
 
-def _check_layout(path: Path, f: h5py.File) -> CacheFeatures:
-    """What ``open_cache`` checks before reading a row, without loading the paths: v2 parts present and
-    unchanged and every virtual dataset mapped onto them; datasets and layer/view attributes agree."""
-    from ._reader import check_v2_index
-
-    root = f.attrs.get("root")
-    if int(f.attrs.get("schema_version", 1)) >= 2:
-        check_v2_index(Path(os.path.realpath(path)), f)
-    check_structure(path, f, root)
-    emb = f["embeddings"]
-    return read_features(path, f, int(emb.shape[1]), int(emb.shape[0]), root)
+def _summary(path: Path, f: h5py.File, check: CacheCheck | None, problems: list[str]) -> CacheSummary:
+    """The summary from the attributes and shapes; classes and counts only from a cache that passed ``check``."""
+    v = f.attrs.get("schema_version")
+    version = int(v) if isinstance(v, (int, np.integer)) else 1
+    emb = f.get("embeddings")
+    n_rows, dim = (int(emb.shape[0]), int(emb.shape[1])) if isinstance(emb, h5py.Dataset) and emb.ndim == 2 else (0, 0)
+    dtype = str(emb.dtype) if isinstance(emb, h5py.Dataset) else "?"
+    attrs = [str(f.attrs.get(k, "")) for k in ("backbone", "weights", "cache_key")]
+    if check is None:
+        return CacheSummary(path, version, n_rows, dim, dtype, [], {}, {}, *attrs, 1, 0, problems)
+    classes = decode_attr(f["classes"][...])
+    n_skipped = (int(f["skipped/paths"].shape[0]) if "skipped" in f else 0) + len(check.listed)
+    return CacheSummary(
+        path, version, n_rows, dim, dtype, classes, _class_counts(classes, check.labels),
+        _split_counts(check.split_names, check.splits), *attrs,
+        len(check.parts) if check.parts_dir is not None else 1, n_skipped, problems, check.features,
+    )
 
 
 def _read_through(file: Path, names: list[str], n_rows: int, label: str) -> list[str]:
@@ -185,11 +170,12 @@ def _read_through(file: Path, names: list[str], n_rows: int, label: str) -> list
 def check_cache(path: str | os.PathLike) -> CacheSummary:
     """Check every byte of a cache, its layers and views included.
 
-    Schema v2: every part is hashed against the index's table; the index is checked as
-    ``open_cache`` checks it (every virtual dataset, ``layers/`` and ``views/`` too, mapped onto
-    those parts; datasets and attributes agree); then every per-row dataset of every part is read
-    through (present, the part's row count, readable, no NaN/inf). Schema v1: the same
-    structure checks and read-through on the one file.
+    Schema v2: every part is hashed against the index's table (a part that is not a regular file
+    is never read); then every check ``open_cache`` runs (:func:`validate_cache`: only its own
+    parts, mapped whole and in order, counts agreeing with the parts, data inside the parts, labels
+    within the classes, layers and views as the attributes say); then every per-row dataset of
+    every part is read through (present, the part's row count, readable, no NaN/inf). Schema v1:
+    the same checks and read-through on the one file.
 
     Raises:
         CacheError: a part is missing, truncated or changed, or a dataset is damaged; the message
@@ -197,27 +183,28 @@ def check_cache(path: str | os.PathLike) -> CacheSummary:
     """
     path = Path(path)
     real = Path(os.path.realpath(path))  # through a symlink: the parts lie beside its target
-    summary = describe_cache(path)
-    if summary.schema_version >= 2:
+    with _open(path) as f:
+        v2 = "parts" in f and f.attrs.get("schema_version") == 2
+    if v2:
         verify_cache(real, full=True)
     with _open(path) as f:
-        feats = _check_layout(path, f)
+        check = validate_cache(path, f)
         root = f.attrs.get("root")
-    names = [*ROW_DATASETS, *feature_dataset_names(feats)]
-    if summary.schema_version >= 2:
-        folder = parts_dir(real)
-        problems = [q for p in read_parts_table(real)
+    names = [*ROW_DATASETS, *feature_dataset_names(check.features)]
+    if check.parts_dir is not None:
+        folder = check.parts_dir
+        problems = [q for p in check.parts
                     for q in _read_through(folder / p.name, names, p.n_rows, f"part {folder.name}/{p.name}")]
         data = root if isinstance(root, str) and root else "DATA"
         fix = (f"Remove the part file(s) named above and run 'featbank extract {data} --out {path}' again: "
                "only those parts are recomputed (--overwrite rebuilds them all).")
     else:
-        problems = _read_through(path, names, summary.n_samples, f"file {path.name}")
+        problems = _read_through(path, names, len(check.labels), f"file {path.name}")
         fix = recreate_hint(path, root)
     if problems:
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
         raise CacheError(f"Cache {str(path)!r} is damaged:\n  {shown}\n{fix}")
-    return summary
+    return describe_cache(path)
 
 
 def _blocks(n: int, size: int) -> Iterator[tuple[int, int]]:
@@ -282,9 +269,28 @@ def _write_shard(out_dir: Path, i: int, fmt: str, emb: np.ndarray, meta: dict[st
     return [pqf]
 
 
+_EXPORT_FILE = re.compile(r"(embeddings|metadata)-\d{5,}\.(npy|parquet)")
+
+
+def _clear_earlier_export(out_dir: Path, overwrite: bool) -> None:
+    """An earlier export in ``out_dir`` is refused (its shards would mix with this one's), or removed with
+    ``overwrite``; only files named as an export names them are touched."""
+    earlier = sorted(p for p in out_dir.iterdir() if _EXPORT_FILE.fullmatch(p.name)) if out_dir.is_dir() else []
+    if not earlier:
+        return
+    if not overwrite:
+        shown = ", ".join(p.name for p in earlier[:3]) + (", ..." if len(earlier) > 3 else "")
+        raise ConfigError(
+            f"--out '{out_dir}' holds an earlier export ({len(earlier)} file(s): {shown}); writing into it would mix "
+            "the two. Pass --overwrite to replace it, or choose an empty folder."
+        )
+    for p in earlier:
+        p.unlink()
+
+
 def export_cache(
     path: str | os.PathLike, out: str | os.PathLike, *, format: str = "npy", rows_per_file: int | None = None,
-    layers: str | Sequence[str] = "final", view: int | None = None,
+    layers: str | Sequence[str] = "final", view: int | None = None, overwrite: bool = False,
 ) -> list[Path]:
     """Write a cache's features as shards for vector search, one shard in memory at a time.
 
@@ -301,12 +307,15 @@ def export_cache(
     parquet file records the columns in its schema metadata (key ``featbank``: JSON with
     ``layers``, ``layer_dims`` and ``view``).
 
+    A folder that holds an earlier export is refused (the shards of two exports would mix), unless
+    ``overwrite``, which removes the earlier export's files (and nothing else) first.
+
     Returns:
         The files written, in order.
 
     Raises:
         ConfigError: unknown format, layer or view; bad ``rows_per_file``; pyarrow missing; output
-            not writable.
+            not writable; an earlier export in ``out`` without ``overwrite``.
         CacheError: the cache cannot be read, a part is missing or changed, NaN/inf in a row read.
     """
     if format not in EXPORT_FORMATS:
@@ -319,10 +328,11 @@ def export_cache(
         raise ConfigError("featbank cache export needs pyarrow: pip install 'featbank[parquet]'.") from None
     path = Path(path)
     with _open(path) as f:
-        feats = _check_layout(path, f)
+        feats = validate_cache(path, f).features  # every check open_cache runs, labels in range included
         wanted = parse_requested(feats, layers, view)
         layout = json.dumps({"layers": wanted, "layer_dims": [feats.layer_dims[t] for t in wanted], "view": view})
         out_dir = check_output_dir(Path(out), "export")
+        _clear_earlier_export(out_dir, overwrite)
         classes = decode_attr(f["classes"][...])
         names = json.loads(f.attrs.get("split_names", json.dumps(SPLIT_NAMES)))
         written = []

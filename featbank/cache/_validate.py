@@ -9,13 +9,16 @@ is ever made and every reader (fit, evaluate, streaming) is covered.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
+from h5py import h5d
 
+from .._files import open_regular_file
 from ..errors import CacheError, ExtremeEmbeddingsWarning, NotACacheError
 from ._discovery import default_cache_dir
 
@@ -31,6 +34,7 @@ __all__ = [
     "check_rows",
     "within_bounds",
     "parse_json_attr",
+    "storage_problem",
 ]
 
 #: An embedding row with a component larger than this in absolute value is "extreme": real
@@ -44,7 +48,7 @@ _REQUIRED = {"embeddings": 2, "labels": 1, "splits": 1, "paths": 1, "fingerprint
 def is_hdf5(path: Path) -> bool:
     """Whether ``path`` starts with the HDF5 signature (at 0 or a power-of-two user-block offset)."""
     try:
-        with open(path, "rb") as fh:
+        with open_regular_file(path) as fh:  # a FIFO is refused, not waited on
             for offset in (0, 512, 1024, 2048, 4096):
                 fh.seek(offset)
                 if fh.read(8) == HDF5_SIGNATURE:
@@ -198,3 +202,32 @@ def check_file_kind(path: Path) -> None:
             f"'{path}' is not a featbank cache (not an HDF5 file). Pass a cache written by "
             f"'featbank extract' (an .h5 file), such as those in '{default_cache_dir() / 'caches'}'."
         )
+
+
+def storage_problem(dsid: h5d.DatasetID) -> str:
+    """What keeps a dataset from holding every one of its values inside its own file ("" when nothing).
+
+    Refused: HDF5 external storage (its bytes live in another file, or ``/dev/zero``), a virtual
+    layout (its rows live in other files), and storage that was never written (HDF5 hands out the
+    fill value for it: a 16 KB file can declare 10^12 rows). Contiguous, chunked (every chunk
+    written) and compact datasets pass. Reads only the dataset's header and chunk index.
+    """
+    dcpl = dsid.get_create_plist()
+    if dcpl.get_external_count():
+        target = dcpl.get_external(0)[0]
+        return f"stores its values in another file ({os.fsdecode(target)!r}, HDF5 external storage)"
+    layout = dcpl.get_layout()
+    if layout == h5d.VIRTUAL:
+        return "is a virtual dataset (its values live in other files)"
+    shape = tuple(dsid.shape)
+    if layout == h5d.COMPACT or not shape or 0 in shape:
+        return ""
+    if layout == h5d.CONTIGUOUS:
+        return "" if dsid.get_offset() is not None else "has no stored values (HDF5 would hand out fill values)"
+    if layout == h5d.CHUNKED:
+        chunks = dcpl.get_chunk()
+        want = int(np.prod([-(-int(n) // int(c)) for n, c in zip(shape, chunks)], dtype=object))
+        have = int(dsid.get_num_chunks())
+        return "" if have >= want else (f"stores {have} of its {want} chunks (HDF5 would hand out fill values "
+                                          "for the rest)")
+    return f"has an unknown storage layout ({layout})"

@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-from .._files import pid_alive, remove_orphans, slugify
+from .._files import NotRegularFileError, check_regular_file, pid_alive, remove_orphans, slugify
 from ..cache import default_cache_dir
 from ..errors import NotACacheError
 
@@ -48,6 +48,7 @@ def refuse_foreign_file(out_path: Path) -> None:
     from ..cache._schema import FORMAT
     from ..cache._validate import is_hdf5
 
+    _refuse_special_file(out_path)
     if not out_path.is_file() or out_path.stat().st_size == 0:
         return
     what = None
@@ -65,6 +66,20 @@ def refuse_foreign_file(out_path: Path) -> None:
             f"--out '{out_path}' is not a featbank cache ({what}); featbank does not overwrite it, not "
             "even with --overwrite. Choose another --out, or move the file away."
         )
+
+
+def _refuse_special_file(out_path: Path) -> None:
+    """A FIFO, device or socket at ``--out`` (or behind a symlink there) is refused: opening it would hang."""
+    try:
+        check_regular_file(out_path)
+    except NotRegularFileError as e:
+        if e.kind != "a folder":
+            raise NotACacheError(
+                f"--out '{out_path}' is {e.kind}, not a regular file; a cache is written only as a regular file. "
+                "Choose another --out, or remove it."
+            ) from None
+    except OSError:
+        pass  # absent (the usual case) or unreadable: the writer reports it
 
 
 def remove_stale_temporaries(out_path: Path) -> None:

@@ -151,7 +151,7 @@ def _check_existing(index_path: Path, key: str, wanted: dict[str, Any]) -> None:
     except CacheError as e:
         try:
             damaged_parts = version == 2 and bool(check_parts(index_path))
-        except (OSError, KeyError, ValueError, TypeError):
+        except (OSError, KeyError, ValueError, TypeError, CacheError):
             damaged_parts = False
         if not damaged_parts:
             raise CacheError(f"{e} The file was left untouched; pass --overwrite to replace it.") from None
@@ -185,7 +185,7 @@ def _drop_replaced_parts(index_path: Path, key: str) -> None:
         return
     try:
         listed = {p.name for p in read_parts_table(index_path)} if schema_version_of(index_path) is not None else set()
-    except (OSError, KeyError, ValueError, TypeError, IndexError):
+    except (OSError, KeyError, ValueError, TypeError, IndexError, CacheError):
         listed = set()
     for p in folder.glob("part-*.h5"):
         try:
@@ -307,7 +307,7 @@ def _old_rows_dropped(index_path: Path, prep: Any) -> int:
         return 0
     try:
         table = read_parts_table(index_path)
-    except (OSError, KeyError, ValueError, TypeError):
+    except (OSError, KeyError, ValueError, TypeError, CacheError):
         return 0
     keep = {part_name(p.shard_id, p.rows_digest) for p in prep.planned}
     return sum(p.n_rows for p in table if p.name not in keep)

@@ -395,7 +395,7 @@ def finalize(prepared: Prepared) -> list[PartInfo]:
              "listing_skipped": json.dumps([list(s) for s in prepared.skipped])}
     try:
         known = read_parts_table(index_path) if created is not None else []
-    except (OSError, KeyError):  # a v1 file being replaced with --overwrite has no table
+    except (OSError, KeyError, CacheError):  # a v1 file being replaced with --overwrite has no table
         known = []
     parts = finalize_index(index_path, prepared.planned, prepared.key, prepared.classes, attrs,
                            plan_json=prepared.plan.to_json(), known=known, row_datasets=prepared.row_datasets)
