@@ -269,10 +269,13 @@ class _Progress:
 def _counts(prep: Any, rank: int = 0, world: int = 1) -> dict[str, int]:
     """Rows of the parts the jobs of ``rank`` (all jobs when ``world`` is 1) wrote: embedded (tried),
     reused from old parts, resumed from an interrupted run."""
+    from ._launch import rank_shards
+
     out = {"embedded": 0, "reused": 0, "resumed": 0, "tried": 0}
     folder = parts_dir(prep.index_path)
+    mine = rank_shards(prep, rank, world) if world > 1 else None
     for job in prep.jobs:
-        if job.shard_id % world != rank:
+        if mine is not None and job.shard_id not in mine:
             continue
         part = folder / part_name(job.shard_id, rows_digest(job.rows, job.classes))
         try:
