@@ -315,7 +315,7 @@ def test_ray_task_killed_mid_shard_is_retried(tmp_path):
     out, ref = tmp_path / "c.h5", tmp_path / "ref.h5"
     cmd = [sys.executable, str(_driver(tmp_path)), str(data), str(out), "ray", "2", "10", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-    killed = _kill_mid_shard(proc, parts_dir(out), lambda c: c.startswith("ray::run_shard"))
+    killed = _kill_mid_shard(proc, parts_dir(out), lambda c: c.startswith("ray::run_job"))
     _, err = proc.communicate(timeout=300)
     assert killed is not None
     assert proc.returncode == 0, err[-3000:]  # Ray retried the task; it resumed its own .partial

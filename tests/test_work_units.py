@@ -221,3 +221,25 @@ def test_ray_with_units_equals_one_process(many_images, reference, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     np.testing.assert_array_equal(_read(out)["emb"], reference["emb"])
     assert _leftovers(out) == []
+
+
+def test_test_sleep_waits_per_batch_without_cpu_and_needs_the_torch_engine(tmp_path):
+    import time
+
+    import torch
+
+    from featbank.backbones import load_backbone
+    from featbank.extraction import build_engine
+
+    bb = load_backbone("test_sleep", "0.2")
+    x = torch.rand(4, 3, 32, 32)
+    wall, cpu = time.perf_counter(), time.process_time()
+    emb = bb.features(x)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    assert emb.shape == (4, 32) and wall >= 0.2 and cpu < wall / 2  # the wait is not CPU work
+    np.testing.assert_array_equal(emb.detach().numpy(), bb.features(x).detach().numpy())  # deterministic
+    assert build_engine("auto", bb, "cpu", "fp32").name == "torch"
+    with pytest.raises(featbank.errors.ConfigError, match="--engine torch"):
+        build_engine("onnxruntime", bb, "cpu", "fp32")
+    with pytest.raises(featbank.errors.ConfigError, match="seconds per batch"):
+        load_backbone("test_sleep", "forever")

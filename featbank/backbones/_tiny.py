@@ -1,7 +1,8 @@
 """Tiny test backbones (random but fixed weights; they exist so tests walk the whole pipeline fast).
 
-Importing this module registers ``test_tiny`` and ``test_sleep`` (test_tiny plus a fixed wait per
-batch that uses no CPU: a simulated accelerator, so that scaling can be measured on a small CPU).
+Importing this module registers ``test_tiny`` and ``test_sleep`` (a fixed wait per batch that uses
+no CPU and a nearly free embedding: a simulated accelerator, so that scaling can be measured on a
+small CPU).
 """
 
 from __future__ import annotations
@@ -94,18 +95,26 @@ _build_test_tiny.info = lambda: BackboneInfo(  # type: ignore[attr-defined]
 register_backbone("test_tiny", "test")(_build_test_tiny)
 
 
-class _SleepingFeatures(_FeaturesOnly):
-    """``test_tiny``'s features plus a fixed wait per batch: an accelerator that costs no CPU."""
+class _SleepingFeatures(nn.Module):
+    """A fixed wait per batch, then a nearly free embedding: an accelerator that costs no CPU.
 
-    def __init__(self, net: TinyConvNet, seconds: float):
-        super().__init__(net)
+    The embedding is a fixed random projection of each image's channel means and standard
+    deviations, so rows differ by image and a cache can be checked, while the CPU stays free for
+    decoding (the conv net of ``test_tiny`` would cost more CPU than the wait on a small machine).
+    """
+
+    def __init__(self, seconds: float, embed_dim: int = 32):
+        super().__init__()
         self.seconds = seconds
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(4321)
+            self.stem = nn.Linear(6, embed_dim)  # named like every backbone's first layer group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import time
 
         time.sleep(self.seconds)  # releases the GIL and uses no CPU, like a kernel running on a GPU
-        return super().forward(x)
+        return self.stem(torch.cat([x.mean((2, 3)), x.std((2, 3))], 1))
 
 
 #: Seconds per batch of ``test_sleep`` when its weights name none (``--weights 0.02`` sets 20 ms).
@@ -135,26 +144,26 @@ def _seeded_net() -> TinyConvNet:
 
 def _build_test_sleep(weights: str | None, weights_file: Path | None, allow_random: bool) -> Backbone:
     if weights_file is not None:
-        raise ConfigError("'test_sleep' takes no --weights-file; its weights are test_tiny's fixed random ones.")
+        raise ConfigError("'test_sleep' takes no --weights-file; its weights are fixed random ones.")
     seconds = _sleep_seconds(weights)
-    net = _seeded_net()
+    features = _SleepingFeatures(seconds).eval()
     return Backbone(
         name="test_sleep",
         weights=f"{seconds:g}",
-        weights_sha256=sha256_tensors(net.state_dict()),
+        weights_sha256=sha256_tensors(features.state_dict()),
         preprocess=_TEST_PRE,
-        embed_dim=net.num_features,
-        features=_SleepingFeatures(net, seconds).eval(),
-        classifier=net.fc.eval(),
+        embed_dim=32,
+        features=features,
+        classifier=None,
         family="test",
-        embedding_note=f"test_tiny's embedding after a {seconds:g} s wait per batch: a simulated accelerator "
-        "for scaling tests (engine torch only)",
+        embedding_note=f"a fixed random projection of channel statistics after a {seconds:g} s wait per batch: a "
+        "simulated accelerator for scaling tests (engine torch only)",
         extra={"torch_only": True},
     )
 
 
 _build_test_sleep.info = lambda: BackboneInfo(  # type: ignore[attr-defined]
-    "test_sleep", "featbank (test_tiny's weights, a fixed wait per batch)", f"{SLEEP_SECONDS:g}", 32, (32, 32), True,
+    "test_sleep", "featbank (fixed random weights, a fixed wait per batch)", f"{SLEEP_SECONDS:g}", 32, (32, 32), True,
     "built in", "simulated accelerator for scaling tests",
 )
 register_backbone("test_sleep", "test")(_build_test_sleep)
