@@ -50,6 +50,7 @@ def extract(
     views: int = 0,
     augment: str | None = None,
     view_seed: int = 0,
+    decode: str = "pillow",
 ) -> ExtractReport:
     """Embed every image of a folder with a frozen backbone into an HDF5 cache.
 
@@ -96,6 +97,9 @@ def extract(
         views, augment, view_seed: K augmented views per image (``hflip``, ``dihedral`` or
             ``crops``), stored beside the plain view; ``crops`` are seeded by path, view and
             ``view_seed``. Layers and views write a sharded (schema-v2) cache, with torch.
+        decode: ``pillow`` (default), ``gpu`` (JPEGs decoded in batches by torchvision on ``device``,
+            nvJPEG on CUDA, and resized there; other files through Pillow; part of the cache key) or
+            ``auto`` (``gpu`` on CUDA, else ``pillow``). ``gpu`` refuses layers, views and WebDataset input.
 
     Returns:
         An :class:`ExtractReport`.
@@ -120,8 +124,13 @@ def extract(
 
     features = resolve_features(backbone, weights, weights_file, layers=layers, pooling=pooling, views=views,
                                 augment=augment, view_seed=view_seed)
+    from ._decode import resolve_decode
+    from ._scaled import is_webdataset
+
+    decode = resolve_decode(decode, dev, features=None if features.is_default else features,
+                            webdataset=is_webdataset(str(data)))
     opts = ExtractOptions(backbone, weights, weights_file, batch_size, num_workers, dev, engine, dtype, overwrite,
-                          strict, progress, on_progress, None if features.is_default else features)
+                          strict, progress, on_progress, None if features.is_default else features, decode)
     out_path = (Path(out).expanduser() if out is not None
                 else default_cache_path(data, backbone, weights, dtype, weights_file))
     if out_path.exists() and out_path.is_dir():
@@ -149,3 +158,4 @@ class ExtractOptions:
     progress: bool
     on_progress: Callable[[int, int], None] | None
     features: Any = None  # FeatureOptions when the run stores layers or views
+    decode: str = "pillow"  # pillow or gpu (resolved from auto)

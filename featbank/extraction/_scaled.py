@@ -116,8 +116,9 @@ def _run_identity(opts: Any) -> tuple[dict[str, Any], str, dict[str, Any]]:
     identity = identity_of(opts.backbone, opts.weights, weights_file)
     precision = precision_name(opts.device.split(":")[0])
     features = opts.features.key_part() if opts.features is not None else None
-    wanted = {**identity, "dtype": opts.dtype, "precision": precision, "features": features or {}}
-    return identity, compute_cache_key(identity, opts.dtype, precision, features), wanted
+    decode = getattr(opts, "decode", "pillow")
+    wanted = {**identity, "dtype": opts.dtype, "precision": precision, "features": features or {}, "decode": decode}
+    return identity, compute_cache_key(identity, opts.dtype, precision, features, decode), wanted
 
 
 def _raw_metadata(path: Path) -> dict[str, Any]:
@@ -387,7 +388,7 @@ def _prepare(source: Any, index_path: Path, opts: Any, scale: ScaleOptions, laun
     return prepare(source, index_path, backbone=opts.backbone, weights=opts.weights, weights_file=weights_file,
                    engine=engine, device=opts.device, dtype=opts.dtype, batch_size=opts.batch_size,
                    num_workers=workers, shard_size=shard_size, overwrite=opts.overwrite, features=opts.features,
-                   identity=identity)
+                   identity=identity, decode=getattr(opts, "decode", "pillow"))
 
 
 def _finish_report(report: ExtractReport, prep: Any, t0: float, opts: Any, finalize_only: bool,

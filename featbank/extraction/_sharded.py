@@ -60,6 +60,7 @@ class WorkerSettings:
     embed_dim: int
     transform: dict[str, Any]
     features: Any = None  # FeatureOptions of a run with layers or views (None: the embedding alone)
+    decode: str = "pillow"  # "gpu": JPEGs decoded and resized as tensors on the device (_decode)
 
 
 @dataclass
@@ -141,14 +142,14 @@ def prepare(
     source: RowSource, index_path: Path, *, backbone: str, weights: str | None = None,
     weights_file: str | None = None, engine: str = "torch", device: str = "cpu", dtype: str = "float32",
     batch_size: int = 32, num_workers: int = 0, shard_size: int = DEFAULT_SHARD_SIZE, overwrite: bool = False,
-    features: Any = None, identity: dict[str, Any] | None = None,
+    features: Any = None, identity: dict[str, Any] | None = None, decode: str = "pillow",
 ) -> Prepared:
     """Plan the run: the cache key, the shards (keeping an existing index's boundaries), the jobs left.
 
     A shard needs a job when its part for exactly its planned rows is not yet published.
     ``features`` (a ``FeatureOptions`` from ``resolve_features``) adds layers and views.
     ``identity``: the backbone's identity when the caller already has it (else resolved here,
-    which may build the model).
+    which may build the model). ``decode``: ``pillow`` or ``gpu`` (resolved, see ``_decode``).
 
     Raises:
         CacheKeyMismatch: the existing index was made with other settings.
@@ -161,8 +162,13 @@ def prepare(
     identity = identity if identity is not None else identity_of(backbone, weights, weights_file)
     if features is not None and features.is_default:
         features = None
-    key = compute_cache_key(identity, dtype, precision, features.key_part() if features is not None else None)
-    old = _old_plan(index_path, key, overwrite, features, lambda fk: compute_cache_key(identity, dtype, precision, fk))
+    if decode != "pillow":
+        from ._decode import check_decode_transform
+
+        check_decode_transform(decode, identity["transform"])
+    key = compute_cache_key(identity, dtype, precision, features.key_part() if features is not None else None, decode)
+    old = _old_plan(index_path, key, overwrite, features,
+                    lambda fk: compute_cache_key(identity, dtype, precision, fk, decode))
     table = read_parts_table(index_path) if old is not None else []
     old_parts = {p.shard_id: p.name for p in table}
     recorded = {p.name: (p.size, p.mtime_ns) for p in table}
@@ -173,7 +179,7 @@ def prepare(
     else:
         plan = plan_shards(source.keys, shard_size)
     settings = WorkerSettings(backbone, weights, weights_file, engine, device, precision, dtype, batch_size,
-                              num_workers, int(identity["embed_dim"]), identity["transform"], features)
+                              num_workers, int(identity["embed_dim"]), identity["transform"], features, decode)
     folder = parts_dir(index_path)
     where = assign_rows(plan, source.keys) if plan.kind == "range" else _tar_rows(plan, source)
     planned, planned_paths, jobs = [], {}, []
@@ -199,7 +205,8 @@ def prepare(
         **{k: identity[k] for k in ("backbone", "weights", "weights_sha256", "transform")},
         "precision": precision, "engine": engine, "device": device, "root": str(source.root),
         "layout": source.layout, "classes_json": json.dumps(list(source.classes)), "updated": timestamp(),
-        "complete": True, "shard_size": plan.shard_size, **(features.attrs() if features is not None else {}),
+        "complete": True, "shard_size": plan.shard_size, "decode": decode,
+        **(features.attrs() if features is not None else {}),
     }
     extra = tuple(features.datasets()) if features is not None else ()
     return Prepared(index_path, key, plan, planned, planned_paths, jobs, list(source.classes), attrs, list(source.skipped),
@@ -487,9 +494,13 @@ def _embed_rows(writer: PartWriter, job: ShardJob, skipped: dict[int, str],
         dataset: Any = TarImages(Path(job.root), writer.paths, job.members, pending, cfg)
     else:
         dataset = ImageRowsDataset(Path(job.root), writer.paths, pending, cfg)
+    eng = _engine(s)
+    if s.decode == "gpu" and s.features is None and job.layout != "webdataset":
+        from ._decode import embed_jpeg_rows
+
+        return embed_jpeg_rows(writer, Path(job.root), pending, cfg, s, eng, skipped, on_rows)
     loader = DataLoader(dataset, batch_size=s.batch_size, shuffle=False, num_workers=s.num_workers,
                         collate_fn=Collate(cfg), prefetch_factor=4 if s.num_workers > 0 else None)
-    eng = _engine(s)
     if s.features is not None:
         from ._embedding import ViewCollate, ViewImageDataset, embed_feature_rows
 
