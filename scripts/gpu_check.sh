@@ -3,7 +3,8 @@
 #   1. the machine: nvidia-smi, torch's view of the GPUs;
 #   2. featbank doctor on ELPV with --device cuda: each stage's cost and the predicted img/s;
 #   3. bench_extract on CUDA: the backbone alone vs featbank extract end to end (every run from no
-#      cache, checked to embed N images), with the doctor's prediction beside it;
+#      cache, checked to embed N images), with the doctor's prediction beside it; then again with
+#      --decode gpu (JPEGs decoded by nvJPEG and resized on the GPU);
 #   4. extract with --procs = the GPU count (work units), rows/s printed.
 # Needs: featbank installed in the Python that runs it (PYTHON, default python3) with its
 # dependencies (torch with CUDA, h5py, onnxruntime, elpv-dataset for the data). The figures go into
@@ -27,6 +28,10 @@ timeout 120 $PY -m featbank.cli doctor "$WORK/elpv" --device cuda --batch-size 1
 
 echo "== 3/4 bench_extract on CUDA (N=$N, best of 2, RSS runs skipped)"
 timeout 300 $PY scripts/bench_extract.py --device cuda --n "$N" --repeat 2 --batch-size 128 --skip-rss --skip-tutorial
+
+echo "== 3b/4 bench_extract on CUDA with --decode gpu (nvJPEG decode and resize on the GPU; PNGs via Pillow)"
+timeout 150 $PY scripts/bench_extract.py --device cuda --decode gpu --n "$N" --repeat 2 --batch-size 128 --skip-rss \
+    --skip-tutorial
 
 echo "== 4/4 extract --procs $GPUS (one worker per GPU, work units)"
 start=$(date +%s.%N)
