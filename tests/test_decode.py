@@ -47,7 +47,7 @@ def rotated_jpeg(path: Path, orientation: int = 6) -> Path:
 
 @pytest.fixture(scope="module")
 def photo_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two classes of JPEGs (sizes, grey, EXIF-rotated, progressive, CMYK), PNGs, and corrupt JPEGs."""
+    """Two classes of JPEGs (sizes, grey, EXIF-rotated, progressive, CMYK), PNGs, and three corrupt JPEGs."""
     root = tmp_path_factory.mktemp("photos")
     for cls, name in zip(("a", "b", "a"), PHOTOS):
         img = photo(name)
@@ -62,6 +62,9 @@ def photo_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     whole = (root / "b" / "rot6.jpg").read_bytes()
     (root / "b" / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
     (root / "b" / "not-a-jpeg.jpg").write_bytes(b"hello, I am text\xff\xd9")
+    # A sound header but a bogus Huffman table: the batch decode refuses it, Pillow too (main-process fallback).
+    i = whole.index(b"\xff\xc4")
+    (root / "b" / "bad-huffman.jpg").write_bytes(whole[: i + 4] + bytes([0x33] * 20) + whole[i + 24:])
     return root
 
 
@@ -94,6 +97,7 @@ def test_orientation_turns_as_pillow(orientation) -> None:
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torchvision 0.29 deprecates decode_jpeg
 @pytest.mark.parametrize("name", PHOTOS)
 @pytest.mark.parametrize("size", SIZES)
 def test_tensor_preprocess_matches_pillow(tmp_path, name, size) -> None:
@@ -122,6 +126,7 @@ def test_read_jpeg_sends_everything_else_to_pillow(photo_folder) -> None:
     raw, orientation = read_jpeg(photo_folder / "b" / "rot6.jpg", cfg)
     assert orientation == 6 and raw.dtype == np.uint8 and bytes(raw[:2]) == b"\xff\xd8"
     assert read_jpeg(photo_folder / "a" / "astronaut-grey.jpg", cfg)[1] == 1
+    assert read_jpeg(photo_folder / "b" / "bad-huffman.jpg", cfg) is not None  # the header is sound: the device tries
     strip = save_jpeg(Image.new("RGB", (1010, 10)), photo_folder.parent / "strip" / "s.jpg")  # 101:1
     assert read_jpeg(strip, cfg) is None
 
@@ -135,7 +140,8 @@ def test_gpu_decode_matches_pillow_tiny(photo_folder, tmp_path, one_thread) -> N
     runs = run_both(photo_folder, tmp_path, **TINY, batch_size=8)
     (pa, ea, sa, da, ka), (pb, eb, sb, db, kb) = runs["pillow"], runs["gpu"]
     assert pa == pb and len(pa) == 3 * (len(SIZES) + 2) + 4
-    assert sa == sb and [p for p, _ in sa] == ["b/not-a-jpeg.jpg", "b/truncated.jpg"]
+    assert sa == sb and [p for p, _ in sa] == ["b/bad-huffman.jpg", "b/not-a-jpeg.jpg", "b/truncated.jpg"]
+    assert dict(sb)["b/bad-huffman.jpg"].startswith("truncated or corrupt")
     assert dict(sb)["b/not-a-jpeg.jpg"] == "not an image (format not recognised)"
     assert dict(sb)["b/truncated.jpg"].startswith("truncated or corrupt")
     cos = cosines(ea, eb)
