@@ -281,6 +281,7 @@ class DeviceDecoder:
 def embed_jpeg_rows(writer: Any, root: Path, pending: np.ndarray, cfg: PreprocessConfig, settings: Any, eng: Any,
                     skipped: dict[int, str], on_rows: Callable[[int], None]) -> None:
     """The embedding loop of ``--decode gpu`` (the embedding alone): workers read bytes, this process decodes."""
+    import torch
     from torch.utils.data import DataLoader
 
     dataset = JpegRowsDataset(root, writer.paths, pending, cfg)
@@ -294,8 +295,6 @@ def embed_jpeg_rows(writer: Any, root: Path, pending: np.ndarray, cfg: Preproces
 
         batch = decoder(pixels, ok, reasons, jpegs, fallback)
         if ok.any():
-            import torch
-
             emb = eng(batch if ok.all() else batch[torch.from_numpy(ok).to(batch.device)])
             full = np.zeros((len(rows), emb.shape[1]), writer.embeddings.dtype)
             full[ok] = emb
