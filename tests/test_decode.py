@@ -252,3 +252,17 @@ def test_probe_top1_is_the_same(tmp_path, capsys) -> None:
         print(f"\ndigits probe top-1 on {int(te.sum())} test images: pillow {top1['pillow']:.3f}, gpu {top1['gpu']:.3f}")
     assert top1["pillow"] > 0.5 and top1["gpu"] == top1["pillow"]
 
+
+
+def test_a_bomb_header_is_refused_before_decoding(tmp_path) -> None:
+    """A JPEG whose header claims 20000 x 20000 pixels goes to the Pillow path, which refuses it from the header."""
+    from featbank.images import ImageReadError, load_and_preprocess
+
+    small = save_jpeg(photo("coffee").resize((64, 48)), tmp_path / "small.jpg").read_bytes()
+    i = small.index(b"\xff\xc0") + 5  # SOF0: length (2), precision (1), then height and width
+    bomb = tmp_path / "bomb.jpg"
+    bomb.write_bytes(small[:i] + (20000).to_bytes(2, "big") * 2 + small[i + 4:])
+    cfg = PreprocessConfig((32, 32), 36, "bilinear", (0.5,) * 3, (0.5,) * 3)
+    assert read_jpeg(bomb, cfg) is None
+    with pytest.raises(ImageReadError, match="too large"):
+        load_and_preprocess(bomb, cfg)
