@@ -58,11 +58,15 @@ __all__ = ["extract"]
               "random resized crops).")
 @click.option("--view-seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the crops views (with the image path and view index).")
+@click.option("--decode", type=click.Choice(["pillow", "gpu", "auto"]), default="pillow", show_default=True,
+              help="Who decodes and resizes: pillow (in the workers), gpu (JPEGs in batches by torchvision on the "
+              "device, nvJPEG on CUDA; other files via Pillow; keyed in the cache), auto (gpu on CUDA, else pillow). "
+              "gpu refuses --layers, --views and WebDataset input.")
 @window_option
 @quiet_option
 def extract(data, out, backbone, weights, weights_file, batch_size, num_workers, device, engine, dtype,
             overwrite, strict, procs, launcher, shard_size, finalize, num_gpus, max_retries, path_column,
-            label_column, split_column, label_from, layers, pooling, views, augment, view_seed, window, quiet) -> None:
+            label_column, split_column, label_from, layers, pooling, views, augment, view_seed, window, decode, quiet) -> None:
     """Embed every image in DATA with a frozen backbone into an HDF5 cache.
 
     DATA is an ImageFolder (DATA/<class>/<image>), a folder with train/val/test split folders
@@ -81,6 +85,7 @@ def extract(data, out, backbone, weights, weights_file, batch_size, num_workers,
       featbank extract data/elpv
       featbank extract data/elpv --out runs/elpv.h5 --backbone resnet50 --weights IMAGENET1K_V2
       featbank extract data/photos --engine torch --device cuda --batch-size 256
+      featbank extract data/photos --device cuda --decode gpu --batch-size 256
       featbank extract data/elpv --layers stage3,stage5,final --views 4 --augment dihedral
       featbank extract data/ct --window lung
       featbank extract data/photos --out runs/photos.h5 --procs 4
@@ -95,7 +100,7 @@ def extract(data, out, backbone, weights, weights_file, batch_size, num_workers,
         strict=strict, progress=not quiet, procs=procs, launcher=launcher, shard_size=shard_size,
         finalize=finalize, num_gpus=num_gpus, max_retries=max_retries, path_column=path_column,
         label_column=label_column or None, split_column=split_column or None, label_from=label_from,
-        layers=layers, pooling=pooling, views=views, augment=augment, view_seed=view_seed, window=window,
+        layers=layers, pooling=pooling, views=views, augment=augment, view_seed=view_seed, window=window, decode=decode,
     )
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0":
         return  # torchrun: rank 0 reports for every rank (errors still reach each rank's stderr)

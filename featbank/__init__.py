@@ -32,6 +32,7 @@ __all__ = [
     "load_bundle",
     "LinearHead",
     "MLPHead",
+    "diagnose",
 ]
 
 _LAZY = {
@@ -54,6 +55,7 @@ _LAZY = {
     "load_bundle": ("featbank.bundle", "load_bundle"),
     "LinearHead": ("featbank.heads", "LinearHead"),
     "MLPHead": ("featbank.heads", "MLPHead"),
+    "diagnose": ("featbank.extraction", "diagnose"),
 }
 
 

@@ -14,10 +14,16 @@
    Repeats are interleaved (the order rotates) and the ratio is of the best times, so CPU drift
    on a shared machine cancels; the ratio of median CPU times is printed too.
 3. ``--procs 1`` vs ``--procs 2`` extraction throughput with the ``test_tiny`` backbone.
+4. ``--sim``: k = 1, 2, 4, 8 workers (``--procs`` and Ray) on 12,000 and 50,000 tiny real images with
+   ``test_sleep`` (a fixed wait per batch that uses no CPU: a simulated accelerator, so scaling is
+   measurable on 2 cores), with work units and with today's whole shards, side by side. Speed-ups
+   are net of the fixed cost of starting k workers (measured on k * batch rows just before) and
+   printed beside the end-to-end ones; every run must embed every row or no ratio is printed.
 
 Usage:
     python scripts/bench_scale.py --sizes 10000 100000 1000000 --embed-dim 128 --work /tmp/bench_scale
     python scripts/bench_scale.py --skip-incremental --skip-procs    # the read comparison alone
+    python scripts/bench_scale.py --sim --work /tmp/bench_sim        # work units vs whole shards, k = 1..8
 """
 
 from __future__ import annotations
@@ -262,6 +268,108 @@ def bench_procs(work: Path, n_images: int, shard_size: int) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------------
+# 4. Scaling with a simulated accelerator (test_sleep: a fixed wait per batch, no CPU)
+# ------------------------------------------------------------------------------------------
+
+
+def _tiny_images(folder: Path, n: int) -> Path:
+    """``n`` real 8x8 PNGs in two classes (decoding them costs next to nothing)."""
+    from PIL import Image
+
+    if folder.exists() and sum(1 for _ in folder.rglob("*.png")) == n:
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        d = folder / "ab"[i % 2]
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(d / f"{i:06d}.png")
+    return folder
+
+
+def _whole_shards(jobs: Any, workers: int, total_rows: int | None = None) -> Any:
+    """Today's hand-out before work units: whole shards, in plan order."""
+    from featbank.extraction._schedule import Schedule
+
+    return Schedule(list(jobs), [(j.shard_id, 0) for j in jobs])
+
+
+def _timed_extract(data: Path, out: Path, launcher: str, k: int, seconds: float, batch: int, n: int) -> float:
+    import featbank
+
+    for p in out.parent.glob(f"{out.name}*"):
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    t0 = time.perf_counter()
+    report = featbank.extract(data, out, backbone="test_sleep", weights=str(seconds), engine="torch", num_workers=0,
+                              batch_size=batch, procs=k, launcher="ray" if launcher == "ray" else "local", progress=False)
+    dt = time.perf_counter() - t0
+    if report.n_embedded != n:  # a run that reused a cache measures nothing
+        raise SystemExit(f"{launcher} k={k}: embedded {report.n_embedded} rows, not {n}: no ratio printed.")
+    return dt
+
+
+def bench_sim(work: Path, sizes: list[int], ks: list[int], launchers: list[str], seconds: float, batch: int) -> list[dict]:
+    """Rows/s of k workers over one worker, with work units and with whole shards, side by side.
+
+    Each figure is net of the fixed cost of starting k workers (the same run on k * batch rows,
+    measured just before), printed beside the end-to-end figure.
+    """
+    import featbank.extraction._launch as launch
+
+    units = launch.plan_work
+    out: list[dict] = []
+    for n in sizes:
+        data = _tiny_images(work / f"sim{n}", n)
+        for launcher in launchers:
+            base = {"net": float("nan"), "end": float("nan")}
+            for k in ks:
+                small = _tiny_images(work / f"sim-small{k * batch}", k * batch)
+                if launcher == "ray":
+                    _ray_restart(k)
+                row = {"rows": n, "launcher": launcher, "k": k}
+                for name, plan in (("units", units), ("whole", _whole_shards)):
+                    if k == 1 and name == "whole":
+                        row.update({f"{name}_{m}": row[f"units_{m}"] for m in ("s", "net_s", "fixed_s")})
+                        continue
+                    launch.plan_work = plan
+                    try:
+                        fixed = _timed_extract(small, work / "sim-small.h5", launcher, k, seconds, batch, k * batch)
+                        total = _timed_extract(data, work / "sim.h5", launcher, k, seconds, batch, n)
+                    finally:
+                        launch.plan_work = units
+                    row.update({f"{name}_s": total, f"{name}_fixed_s": fixed, f"{name}_net_s": max(total - fixed, 1e-9)})
+                if k == 1:
+                    base = {"net": row["units_net_s"], "end": row["units_s"]}
+                for name in ("units", "whole"):  # against one worker (the same for both hand-outs)
+                    row[f"{name}_speedup"] = base["net"] / row[f"{name}_net_s"]
+                    row[f"{name}_speedup_end_to_end"] = base["end"] / row[f"{name}_s"]
+                out.append(row)
+                print(json.dumps({k_: round(v, 3) if isinstance(v, float) else v for k_, v in row.items()}), flush=True)
+    _ray_restart(0)
+    return out
+
+
+def _ray_restart(k: int) -> None:
+    """A private local Ray cluster of ``k`` CPUs (0: none), so k is the number of tasks at once."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    if k:
+        os.environ["RAY_ADDRESS"] = "local"
+        ray.init(address="local", num_cpus=k, include_dashboard=False, log_to_driver=False)
+
+
+def print_sim_table(rows: list[dict]) -> None:
+    print("\n| rows | launcher | k | work units: speed-up (net) | end to end | whole shards: speed-up (net) | end to end |"
+          " target 0.9k |\n|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ok = "met" if r["units_speedup"] >= 0.9 * r["k"] else "MISSED"
+        print(f"| {r['rows']} | {r['launcher']} | {r['k']} | {r['units_speedup']:.2f} | {r['units_speedup_end_to_end']:.2f} | "
+              f"{r['whole_speedup']:.2f} | {r['whole_speedup_end_to_end']:.2f} | {ok} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
@@ -274,7 +382,19 @@ def main() -> None:
     ap.add_argument("--read", nargs="*", default=["1000000x128", "100000x1280"],
                     help="caches of ROWSxDIM to read in full (1280: EfficientNet-Lite0's width); none: skip")
     ap.add_argument("--read-repeats", type=int, default=7)
+    ap.add_argument("--sim", action="store_true", help="only the simulated-accelerator scaling (section 4)")
+    ap.add_argument("--sim-sizes", type=int, nargs="+", default=[12_000, 50_000])
+    ap.add_argument("--sim-workers", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--sim-launchers", nargs="+", default=["procs", "ray"], choices=["procs", "ray"])
+    ap.add_argument("--sim-seconds", type=float, default=0.05, help="test_sleep's wait per batch")
+    ap.add_argument("--sim-batch", type=int, default=64)
     args = ap.parse_args()
+    if args.sim:
+        args.work.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("FEATBANK_CACHE_DIR", str(args.work / "featbank-cache"))
+        rows = bench_sim(args.work, args.sim_sizes, args.sim_workers, args.sim_launchers, args.sim_seconds, args.sim_batch)
+        print_sim_table(rows)
+        return
     os.environ.setdefault("FEATBANK_CACHE_DIR", str(args.work / "featbank-cache"))
     summary: dict = {"embed_dim": args.embed_dim, "shard_size": args.shard_size}
     inc = {}

@@ -250,11 +250,16 @@ def test_a_worker_killed_mid_shard_resumes_exactly_once(tmp_path):
 
 def test_separate_jobs_then_finalize(image_folder, tmp_path):
     from featbank.extraction._launch import run_slice
+    from featbank.extraction._schedule import plan_work, static_share
 
     out, ref = tmp_path / "c.h5", tmp_path / "ref.h5"
     prep = _prepare(image_folder, out)
-    run_slice(prep, 0, 2)  # shards 0, 2, 4
-    with pytest.raises(CacheError, match="(?s)shard 1: no part.*shard 3: no part"):
+    run_slice(prep, 0, 2)
+    planned = [(p.shard_id, p.n_rows) for p in prep.planned]
+    first = {j.shard_id for j in static_share(plan_work(prep.jobs, 2, 24), planned, 2, 0)}
+    others = sorted(j.shard_id for j in prep.jobs if j.shard_id not in first)
+    assert first and others
+    with pytest.raises(CacheError, match="(?s)" + ".*".join(f"shard {s}: no part" for s in others)):
         run_prepared(_prepare(image_folder, out), finalize_only=True)
     assert not out.exists()
     run_slice(_prepare(image_folder, out), 1, 2)
@@ -310,7 +315,7 @@ def test_ray_task_killed_mid_shard_is_retried(tmp_path):
     out, ref = tmp_path / "c.h5", tmp_path / "ref.h5"
     cmd = [sys.executable, str(_driver(tmp_path)), str(data), str(out), "ray", "2", "10", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-    killed = _kill_mid_shard(proc, parts_dir(out), lambda c: c.startswith("ray::run_shard"))
+    killed = _kill_mid_shard(proc, parts_dir(out), lambda c: c.startswith("ray::run_job"))
     _, err = proc.communicate(timeout=300)
     assert killed is not None
     assert proc.returncode == 0, err[-3000:]  # Ray retried the task; it resumed its own .partial

@@ -1,6 +1,8 @@
 """Tiny test backbones (random but fixed weights; they exist so tests walk the whole pipeline fast).
 
-Importing this module registers ``test_tiny``.
+Importing this module registers ``test_tiny`` and ``test_sleep`` (a fixed wait per batch that uses
+no CPU and a nearly free embedding: a simulated accelerator, so that scaling can be measured on a
+small CPU).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from ._registry import (
     sha256_tensors,
 )
 
-__all__ = ["TinyConvNet"]
+__all__ = ["TinyConvNet", "SLEEP_SECONDS"]
 
 class TinyConvNet(nn.Module):
     """A four-layer CNN: stem, two stages, pooled. For tests and examples only."""
@@ -63,9 +65,7 @@ _TEST_PRE = PreprocessConfig((32, 32), 36, "bilinear", IMAGENET_MEAN, IMAGENET_S
 
 
 def _build_test_tiny(weights: str | None, weights_file: Path | None, allow_random: bool) -> Backbone:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1234)
-        net = TinyConvNet()
+    net = _seeded_net()
     tag = "seed1234"
     if weights_file is not None:
         load_state_into(net, read_state_dict(weights_file), str(weights_file), "test_tiny")
@@ -93,3 +93,77 @@ _build_test_tiny.info = lambda: BackboneInfo(  # type: ignore[attr-defined]
     "tiny test model",
 )
 register_backbone("test_tiny", "test")(_build_test_tiny)
+
+
+class _SleepingFeatures(nn.Module):
+    """A fixed wait per batch, then a nearly free embedding: an accelerator that costs no CPU.
+
+    The embedding is a fixed random projection of each image's channel means and standard
+    deviations, so rows differ by image and a cache can be checked, while the CPU stays free for
+    decoding (the conv net of ``test_tiny`` would cost more CPU than the wait on a small machine).
+    """
+
+    def __init__(self, seconds: float, embed_dim: int = 32):
+        super().__init__()
+        self.seconds = seconds
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(4321)
+            self.stem = nn.Linear(6, embed_dim)  # named like every backbone's first layer group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        time.sleep(self.seconds)  # releases the GIL and uses no CPU, like a kernel running on a GPU
+        return self.stem(torch.cat([x.mean((2, 3)), x.std((2, 3))], 1))
+
+
+#: Seconds per batch of ``test_sleep`` when its weights name none (``--weights 0.02`` sets 20 ms).
+SLEEP_SECONDS = 0.05
+
+
+def _sleep_seconds(weights: str | None) -> float:
+    if weights in (None, RANDOM, "seed1234"):
+        return SLEEP_SECONDS
+    try:
+        seconds = float(weights)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= 60:
+        raise ConfigError(
+            f"The weights of 'test_sleep' are its seconds per batch, a number from 0 to 60. Got {weights!r} instead "
+            f"(default {SLEEP_SECONDS})."
+        )
+    return seconds
+
+
+def _seeded_net() -> TinyConvNet:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1234)
+        return TinyConvNet()
+
+
+def _build_test_sleep(weights: str | None, weights_file: Path | None, allow_random: bool) -> Backbone:
+    if weights_file is not None:
+        raise ConfigError("'test_sleep' takes no --weights-file; its weights are fixed random ones.")
+    seconds = _sleep_seconds(weights)
+    features = _SleepingFeatures(seconds).eval()
+    return Backbone(
+        name="test_sleep",
+        weights=f"{seconds:g}",
+        weights_sha256=sha256_tensors(features.state_dict()),
+        preprocess=_TEST_PRE,
+        embed_dim=32,
+        features=features,
+        classifier=None,
+        family="test",
+        embedding_note=f"a fixed random projection of channel statistics after a {seconds:g} s wait per batch: a "
+        "simulated accelerator for scaling tests (engine torch only)",
+        extra={"torch_only": True},
+    )
+
+
+_build_test_sleep.info = lambda: BackboneInfo(  # type: ignore[attr-defined]
+    "test_sleep", "featbank (fixed random weights, a fixed wait per batch)", f"{SLEEP_SECONDS:g}", 32, (32, 32), True,
+    "built in", "simulated accelerator for scaling tests",
+)
+register_backbone("test_sleep", "test")(_build_test_sleep)

@@ -26,14 +26,16 @@ EMBEDDING_VERSION = "1"
 FEATURE_DEFAULTS: dict[str, Any] = {"layers": ["final"], "pooling": "gap+2x2", "views": 0, "augment": "", "view_seed": 0}
 
 
-def compute_cache_key(identity: dict[str, Any], dtype: str, precision: str, features: dict[str, Any] | None = None) -> str:
+def compute_cache_key(identity: dict[str, Any], dtype: str, precision: str, features: dict[str, Any] | None = None,
+                      decode: str = "pillow") -> str:
     """sha256 over everything that changes an embedding.
 
     That is: backbone name, weights name and sha256, the transform, the stored dtype, the compute
     precision, and the embedding version of featbank. Batch size, device, worker count and engine
     (torch or onnxruntime agree within 1e-4) are recorded but not keyed. ``features`` (layers,
     pooling, views, augment, view_seed) is keyed only when it differs from
-    :data:`FEATURE_DEFAULTS`, so a plain cache keeps its key.
+    :data:`FEATURE_DEFAULTS`, so a plain cache keeps its key. ``decode`` (``gpu``: JPEGs decoded and
+    resized as tensors, ``extract --decode``) is keyed only when it is not ``pillow``, for the same reason.
     """
     payload = {
         "schema_version": SCHEMA_VERSION,
@@ -47,6 +49,8 @@ def compute_cache_key(identity: dict[str, Any], dtype: str, precision: str, feat
     }
     if features is not None and _normal(features) != FEATURE_DEFAULTS:
         payload["features"] = _normal(features)
+    if decode != "pillow":
+        payload["decode"] = decode
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

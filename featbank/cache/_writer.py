@@ -44,6 +44,9 @@ def check_key(path: Path, have_key: str, metadata: dict[str, Any], key: str, wan
             want = json.loads(json.dumps(want))
         if have != want:
             diffs.append(f"{name}: cache has {have!r}, asked for {want!r}")
+    have_decode, want_decode = str(metadata.get("decode") or "pillow"), str(wanted.get("decode") or "pillow")
+    if have_decode != want_decode:
+        diffs.append(f"decode: cache has {have_decode!r}, asked for {want_decode!r} (extract --decode)")
     feature_diff = describe_feature_difference(metadata, wanted.get("features") or {})
     if feature_diff:
         diffs.append(feature_diff)

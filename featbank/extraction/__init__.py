@@ -8,9 +8,11 @@ from .._device import DEVICES, resolve_device
 # export_embedder_onnx and onnx_cache_path by featbank.export (to reuse extract's ONNX graph),
 # build_engine by scripts/bench_extract.py.
 from ._cachefile import default_cache_path
+from ._doctor import Diagnosis, diagnose
 from ._engines import build_engine, export_embedder_onnx, onnx_cache_path  # noqa: F401
 from ._options import DTYPES, ENGINES
 from ._pipeline import extract
 from ._report import ExtractReport
 
-__all__ = ["ExtractReport", "extract", "default_cache_path", "resolve_device", "DEVICES", "ENGINES", "DTYPES"]
+__all__ = ["ExtractReport", "extract", "default_cache_path", "resolve_device", "DEVICES", "ENGINES", "DTYPES", "Diagnosis",
+           "diagnose"]

@@ -22,7 +22,10 @@ class ImageRowsDataset:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, str]:
-        row = int(self.rows[i])
+        return self.item(int(self.rows[i]))
+
+    def item(self, row: int) -> tuple[int, np.ndarray | None, str]:
+        """Staging row ``row`` through the Pillow path: (row, pixels, "") or (row, None, reason)."""
         try:
             return row, load_and_preprocess(self.root / self.paths[row], self.cfg), ""
         except ImageReadError as e:

@@ -256,7 +256,10 @@ def build_engine(engine: str, backbone: Any, device: str, precision: str) -> Any
         raise ConfigError(f"The 'engine' parameter must be one of {ENGINES}. Got {engine!r} instead.")
     if engine == "onnxruntime" and device != "cpu":
         raise ConfigError("--engine onnxruntime runs on the CPU here; use --device cpu or --engine torch.")
-    if engine == "torch" or (engine == "auto" and device != "cpu"):
+    torch_only = bool(getattr(backbone, "extra", {}).get("torch_only"))
+    if engine == "onnxruntime" and torch_only:
+        raise ConfigError(f"{backbone.name!r} runs only with --engine torch (its forward is not an ONNX graph).")
+    if engine == "torch" or (engine == "auto" and device != "cpu") or torch_only:
         return TorchEngine(backbone, device, precision)
     try:
         return OrtEngine(backbone)

@@ -1,19 +1,24 @@
 """Launchers for sharded extraction, on existing engines: local processes, torchrun, Ray Core tasks.
 
-Every launcher runs the same :func:`~featbank.extraction._sharded.run_shard` per shard and the
-same :func:`~featbank.extraction._sharded.finalize` once; they differ only in who runs which shard:
+Every launcher hands out the same schedule (:mod:`~featbank.extraction._schedule`: shards cut into
+equal work units, each shard's merge after its units), runs the same
+:func:`~featbank.extraction._sharded.run_job` per job and the same
+:func:`~featbank.extraction._sharded.finalize` once; they differ only in who runs which job:
 
 - ``local``: ``procs`` spawned processes (one per GPU, each pinned to its device, when GPUs are
-  used), each asking the parent for the next shard id when it is free. The parent hands out work
-  over one pipe per worker and watches each worker's sentinel, so a worker killed at any moment
+  used), each asking the parent for the next job when it is free. The parent hands out work over
+  one pipe per worker and watches each worker's sentinel, so a worker killed at any moment
   (SIGKILL included) cannot leave a shared queue's lock held and hang the others.
-- ``torchrun``: each rank takes the shards whose id ≡ rank (mod world size); the process group
-  carries only a barrier and a failure count (gloo, also on GPUs: no tensor crosses processes),
-  then rank 0 publishes the index. Ranks run as separate jobs (a Slurm array) publish nothing;
-  ``finalize_only`` does it once they are all done.
-- ``ray``: one Ray Core task per shard (``num_gpus``, ``max_retries``) on an existing cluster
-  (``ray.init(address="auto")``) or a local one. Not Ray Data writers: they reorder blocks and
-  their checkpointing is beta; here a retried task resumes its own part.
+- ``torchrun``: every rank computes the same schedule and takes its share (longest first onto the
+  least-loaded rank); after a barrier each rank merges the split shards whose id ≡ rank (mod world
+  size). The process group carries only barriers and a failure count (gloo, also on GPUs: no
+  tensor crosses processes), then rank 0 publishes the index. Ranks run as separate jobs (a Slurm
+  array) publish nothing; ``finalize_only`` gathers their units into parts and publishes once they
+  are all done.
+- ``ray``: one Ray Core task per unit or shard (``num_gpus``, ``max_retries``), a merge task once
+  a shard's units are done, on an existing cluster (``ray.init(address="auto")``) or a local one.
+  Not Ray Data writers: they reorder blocks and their checkpointing is beta; here a retried task
+  resumes its own ``.partial``.
 """
 
 from __future__ import annotations
@@ -30,10 +35,12 @@ from typing import Any
 
 from ..cache._parts import PartInfo
 from ..errors import CacheError, ConfigError, FeatbankError
-from ._sharded import Prepared, ShardJob, finalize, run_shard
+from ._schedule import Schedule, plan_work, static_share
+from ._sharded import Prepared, ShardJob, finalize, run_job, run_shard
 
 __all__ = [
     "LAUNCHERS", "ShardedReport", "resolve_launcher", "run_local", "run_slice", "run_torchrun", "run_ray", "run_prepared",
+    "rank_shards",
 ]
 
 LAUNCHERS = ("auto", "local", "torchrun", "ray")
@@ -82,17 +89,76 @@ def _local_worker(conn: Any, slot: int, n_gpu: int, threads: int) -> None:
         if job is None:
             return
         try:
-            conn.send(("done", run_shard(_pinned(job, slot, n_gpu))))
+            conn.send(("done", run_job(_pinned(job, slot, n_gpu))))
         except FeatbankError as e:
             conn.send(("error", f"shard {job.shard_id}: {e}"))
         except Exception as e:  # noqa: BLE001 - reported by the parent, with the worker's traceback
             conn.send(("error", f"shard {job.shard_id}: {type(e).__name__}: {e}\n{traceback.format_exc()}"))
 
 
-def run_local(jobs: Sequence[ShardJob], procs: int = 1, on_rows: Callable[[int], None] | None = None) -> list[PartInfo]:
+class _Dispatch:
+    """The hand-out of a schedule: work first (largest first), a shard's merge once all its units ran.
+
+    A unit that failed or whose worker died still releases its merge: the merge embeds what the unit
+    left, so a unit's failure costs time, never rows. Failures of units are reported only when the
+    merge of their shard fails too.
+    """
+
+    def __init__(self, schedule: Schedule):
+        self.pending: deque[ShardJob] = deque(schedule.work)
+        self.merges = dict(schedule.merges)
+        self.left = dict(schedule.n_units)
+        self.unit_errors: dict[int, list[str]] = {}
+
+    def next(self) -> ShardJob | None:
+        return self.pending.popleft() if self.pending else None
+
+    @property
+    def waiting(self) -> bool:
+        """Merges not yet released: an idle worker should wait for them, not stop."""
+        return bool(self.merges)
+
+    def finished(self, job: ShardJob, error: str | None = None) -> str | None:
+        """Book a finished job; returns the failure to report (``None``: nothing to report)."""
+        sid = job.shard_id
+        if job.unit is None:
+            if error is not None and sid in self.unit_errors:
+                error += "\n  (its work units: " + "; ".join(self.unit_errors.pop(sid)) + ")"
+            return error
+        if error is not None:
+            self.unit_errors.setdefault(sid, []).append(error)
+        self.left[sid] -= 1
+        if self.left[sid] == 0:
+            self.pending.appendleft(self.merges.pop(sid))
+        return None
+
+
+def _done_rows(job: ShardJob, payload: Any) -> int:
+    """Rows to report as progress when ``job`` is done (a merge's rows were reported by its units)."""
+    if job.unit is not None:
+        return int(payload)
+    return 0 if payload is None else payload.n_rows + payload.n_skipped
+
+
+def _start_workers(ctx: Any, n_procs: int, n_gpu: int) -> dict[int, list[Any]]:
+    threads = max(1, (os.cpu_count() or 1) // n_procs)
+    workers = {}
+    for slot in range(n_procs):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_local_worker, args=(child, slot, n_gpu, threads), daemon=True)
+        proc.start()
+        child.close()
+        workers[slot] = [parent, proc, None]
+    return workers
+
+
+def run_local(jobs: Sequence[ShardJob], procs: int = 1, on_rows: Callable[[int], None] | None = None,
+              total_rows: int | None = None) -> list[PartInfo]:
     """Run ``jobs`` in this process (``procs == 1``) or in ``procs`` spawned worker processes.
 
-    ``on_rows(n)``: progress, per batch in this process, per finished part with workers.
+    With workers, shards are cut into work units so every worker gets equal work (``_schedule``;
+    ``total_rows``: the whole plan's rows, so a rerun cuts the same units).
+    ``on_rows(n)``: progress, per batch in this process, per finished unit or part with workers.
 
     Raises:
         ConfigError: ``procs`` is not a positive integer.
@@ -100,26 +166,41 @@ def run_local(jobs: Sequence[ShardJob], procs: int = 1, on_rows: Callable[[int],
     """
     if not isinstance(procs, int) or isinstance(procs, bool) or procs < 1:
         raise ConfigError(f"The 'procs' parameter must be a positive integer. Got {procs!r} instead.")
-    if procs == 1 or len(jobs) <= 1:
+    if procs == 1 or len(jobs) == 0:
         return [run_shard(j, on_rows) for j in jobs]
+    schedule = plan_work(jobs, procs, total_rows)
+    if schedule.n_jobs <= 1:
+        return [run_shard(j, on_rows) for j in jobs]
+    return _run_workers(schedule, procs, on_rows)
+
+
+def _run_workers(schedule: Schedule, procs: int, on_rows: Callable[[int], None] | None) -> list[PartInfo]:
     from multiprocessing.connection import wait
 
     import torch
     import torch.multiprocessing as tmp
 
-    ctx = tmp.get_context("spawn")
-    n_gpu = torch.cuda.device_count() if any(j.settings.device.startswith("cuda") for j in jobs) else 0
-    pending = deque(jobs)
-    workers: dict[int, tuple[Any, Any, ShardJob | None]] = {}
-    n_procs = min(procs, len(jobs))
-    threads = max(1, (os.cpu_count() or 1) // n_procs)
-    for slot in range(n_procs):
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_local_worker, args=(child, slot, n_gpu, threads), daemon=True)
-        proc.start()
-        child.close()
-        workers[slot] = (parent, proc, None)
+    every = [*schedule.work, *schedule.merges.values()]
+    n_gpu = torch.cuda.device_count() if any(j.settings.device.startswith("cuda") for j in every) else 0
+    dispatch = _Dispatch(schedule)
+    workers = _start_workers(tmp.get_context("spawn"), min(procs, len(schedule.work)), n_gpu)
+    idle: list[int] = []
     done, failures = [], []
+
+    def hand_out(slot: int) -> None:
+        conn, proc, _ = workers[slot]
+        nxt = dispatch.next()
+        if nxt is None and dispatch.waiting:
+            workers[slot][2] = None
+            idle.append(slot)  # a merge is still blocked on units in flight
+            return
+        conn.send(nxt)
+        if nxt is None:
+            proc.join()
+            del workers[slot]
+        else:
+            workers[slot][2] = nxt
+
     while workers:
         by_handle = {}
         for slot, (conn, proc, _) in workers.items():
@@ -127,7 +208,7 @@ def run_local(jobs: Sequence[ShardJob], procs: int = 1, on_rows: Callable[[int],
             by_handle[proc.sentinel] = slot
         for handle in wait(list(by_handle)):
             slot = by_handle[handle]
-            if slot not in workers:
+            if slot not in workers or slot in idle:
                 continue
             conn, proc, current = workers[slot]
             try:
@@ -139,45 +220,88 @@ def run_local(jobs: Sequence[ShardJob], procs: int = 1, on_rows: Callable[[int],
                 during = f"during shard {current.shard_id}" if current is not None else "before taking a shard"
                 failures.append(f"worker {slot} (pid {proc.pid}) died with exit code {proc.exitcode} {during}")
                 del workers[slot]
-                continue
-            if kind == "done":
-                done.append(payload)
-                if on_rows is not None:
-                    on_rows(payload.n_rows + payload.n_skipped)
-            elif kind == "error":
-                failures.append(payload)
-            nxt = pending.popleft() if pending else None
-            conn.send(nxt)
-            if nxt is None:
-                proc.join()
-                del workers[slot]
-            else:
-                workers[slot] = (conn, proc, nxt)
-    if failures or pending:
+                if current is not None:
+                    dispatch.finished(current, failures[-1])
+            elif kind in ("done", "error") and current is not None:
+                failure = dispatch.finished(current, payload if kind == "error" else None)
+                if failure is not None:
+                    failures.append(failure)
+                elif kind == "done":
+                    if current.unit is None:
+                        done.append(payload)
+                    if on_rows is not None:
+                        on_rows(_done_rows(current, payload))
+            if slot in workers:
+                hand_out(slot)
+            while idle and (dispatch.pending or not dispatch.waiting):
+                hand_out(idle.pop())
+        if not workers and idle:
+            break
+    left = len(dispatch.pending) + len(dispatch.merges)
+    if failures or left:
         raise CacheError(
-            f"Sharded extraction failed ({len(pending)} shard(s) not started):\n  " + "\n  ".join(failures[:10])
+            f"Sharded extraction failed ({left} job(s) not started):\n  " + "\n  ".join(failures[:10])
             + "\nFinished parts are kept; run the same command again to resume."
         )
     return done
 
 
 def run_slice(prepared: Prepared, rank: int, world: int) -> list[PartInfo]:
-    """Run the shards whose id ≡ ``rank`` (mod ``world``) and publish nothing: one job of a Slurm
-    array (``rank = $SLURM_ARRAY_TASK_ID``); ``run_prepared(..., finalize_only=True)`` publishes
-    once every job is done.
+    """Run this job's share of the work and publish nothing: one job of a Slurm array
+    (``rank = $SLURM_ARRAY_TASK_ID``); ``run_prepared(..., finalize_only=True)`` gathers the work
+    units into parts and publishes once every job is done. Shares are computed the same way by
+    every job (:func:`~featbank.extraction._schedule.static_share`).
 
     Raises:
         ConfigError: ``rank`` is not in ``[0, world)``.
     """
     if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
         raise ConfigError(f"The rank must lie in [0, world size) and the world size be >= 1. Got rank {rank!r}, world {world!r}.")
-    return run_local([j for j in prepared.jobs if j.shard_id % world == rank], 1)
+    schedule = plan_work(prepared.jobs, world, _total_rows(prepared))
+    out = []
+    for job in static_share(schedule, _planned(prepared), world, rank):
+        result = run_job(job)
+        if job.unit is None:
+            out.append(result)
+    return out
+
+
+def rank_shards(prepared: Prepared, rank: int, world: int) -> set[int]:
+    """The shards whose parts ``rank`` of a torchrun run writes: its whole shards and its merges."""
+    schedule = plan_work(prepared.jobs, world, _total_rows(prepared))
+    whole = {j.shard_id for j in static_share(schedule, _planned(prepared), world, rank) if j.unit is None}
+    return whole | {sid for sid in schedule.merges if sid % world == rank}
+
+
+def _total_rows(prepared: Prepared) -> int:
+    return sum(p.n_rows for p in prepared.planned)
+
+
+def _planned(prepared: Prepared) -> list[tuple[int, int]]:
+    return [(p.shard_id, p.n_rows) for p in prepared.planned]
+
+
+def _finalize_only(prepared: Prepared) -> list[PartInfo]:
+    """Gather the work units of separate jobs into parts (copies, no embedding), then publish.
+
+    A shard some job did not finish stays without a part, and :func:`finalize` lists every such shard.
+    """
+    for job in prepared.jobs:
+        if any(Path(job.folder).glob(f".part-{job.shard_id:06d}-*.h5.unit")):
+            try:
+                run_shard(job, embed=False)
+            except CacheError:
+                continue
+    return finalize(prepared)
 
 
 def run_torchrun(prepared: Prepared, *, publish: bool = True) -> ShardedReport:
-    """Run this rank's shards (id ≡ rank mod world size), wait for every rank, publish on rank 0.
+    """Run this rank's share of the work, wait for every rank, merge, publish on rank 0.
 
-    Reads ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` as torchrun sets them.
+    Every rank computes the same schedule: units and whole shards are dealt by
+    :func:`~featbank.extraction._schedule.static_share`; after a barrier each rank merges the split
+    shards whose id ≡ rank (mod world size). Reads ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` as
+    torchrun sets them.
 
     Raises:
         CacheError: a shard of any rank failed (reported by every rank; nothing is published).
@@ -187,22 +311,22 @@ def run_torchrun(prepared: Prepared, *, publish: bool = True) -> ShardedReport:
 
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    mine = [j for j in prepared.jobs if j.shard_id % world == rank]
+    schedule = plan_work(prepared.jobs, world, _total_rows(prepared))
+    mine = static_share(schedule, _planned(prepared), world, rank)
+    merges = [j for sid, j in sorted(schedule.merges.items()) if sid % world == rank]
     n_gpu = torch.cuda.device_count() if any(j.settings.device.startswith("cuda") for j in mine) else 0
     own_group = world > 1 and not dist.is_initialized()
     if own_group:
         # A rank may run for hours before the barrier; the default 30 min would fail healthy runs.
         dist.init_process_group("gloo", timeout=timedelta(hours=48))
-    errors = []
-    for job in mine:
-        try:
-            run_shard(_pinned(job, local, n_gpu))
-        except FeatbankError as e:
-            errors.append(f"rank {rank}, shard {job.shard_id}: {e}")
+    errors = _run_rank_jobs(mine, local, n_gpu, rank, units_fail_quietly=True)
+    if world > 1 and schedule.merges:
+        dist.barrier()  # every unit has run before any merge gathers them
+    errors += _run_rank_jobs(merges, local, n_gpu, rank)
     failed = torch.tensor([len(errors)], dtype=torch.int64)
     if world > 1:
         dist.all_reduce(failed)
-    report = ShardedReport(prepared.index_path, len(prepared.planned), len(mine))
+    report = ShardedReport(prepared.index_path, len(prepared.planned), len(mine) + len(merges))
     try:
         if int(failed.item()):
             raise CacheError(
@@ -218,6 +342,19 @@ def run_torchrun(prepared: Prepared, *, publish: bool = True) -> ShardedReport:
         if own_group:
             dist.destroy_process_group()
     return report
+
+
+def _run_rank_jobs(jobs: Sequence[ShardJob], local: int, n_gpu: int, rank: int,
+                   units_fail_quietly: bool = False) -> list[str]:
+    """Run ``jobs`` in order; the failures to report (a unit's failure is left to its merge)."""
+    errors = []
+    for job in jobs:
+        try:
+            run_job(_pinned(job, local, n_gpu))
+        except FeatbankError as e:
+            if not (units_fail_quietly and job.unit is not None):
+                errors.append(f"rank {rank}, shard {job.shard_id}: {e}")
+    return errors
 
 
 def _ray_init(num_cpus: int) -> None:
@@ -240,9 +377,21 @@ def _ray_init(num_cpus: int) -> None:
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
 
 
+def _ray_slots(num_gpus: float, procs: int) -> int:
+    """How many tasks the cluster runs at once (GPUs / num_gpus, else CPUs), at least ``procs``."""
+    import ray
+
+    res = ray.cluster_resources()
+    slots = res.get("GPU", 0) / num_gpus if num_gpus else res.get("CPU", 1)
+    return max(procs, int(slots))
+
+
 def run_ray(jobs: Sequence[ShardJob], *, num_cpus: int = 2, num_gpus: float = 0.0, max_retries: int = 3,
-            on_rows: Callable[[int], None] | None = None) -> list[PartInfo]:
-    """One Ray Core task per shard; a task that dies is retried and resumes its own ``.partial``.
+            on_rows: Callable[[int], None] | None = None, procs: int = 1, total_rows: int | None = None) -> list[PartInfo]:
+    """One Ray Core task per work unit or shard; a shard's merge task once its units have run.
+
+    A task that dies is retried and resumes its own ``.partial``. Units are sized for the tasks the
+    cluster runs at once (see ``_schedule``).
 
     Raises:
         ConfigError: Ray is not installed (``pip install 'featbank[ray]'``).
@@ -253,17 +402,31 @@ def run_ray(jobs: Sequence[ShardJob], *, num_cpus: int = 2, num_gpus: float = 0.
     except ImportError:
         raise ConfigError("--launcher ray needs Ray: pip install 'featbank[ray]'.") from None
     _ray_init(num_cpus)
-    task = ray.remote(num_cpus=1, num_gpus=num_gpus, max_retries=max_retries, retry_exceptions=False)(run_shard)
-    refs = [task.remote(j) for j in jobs]
+    task = ray.remote(num_cpus=1, num_gpus=num_gpus, max_retries=max_retries, retry_exceptions=False)(run_job)
+    dispatch = _Dispatch(plan_work(jobs, _ray_slots(num_gpus, procs), total_rows))
+    refs = {}
+    while (job := dispatch.next()) is not None:
+        refs[task.remote(job)] = job
     parts, failures = [], []
-    for job, ref in zip(jobs, refs):
+    while refs:
+        ready, _ = ray.wait(list(refs), num_returns=1)
+        job = refs.pop(ready[0])
         try:
-            parts.append(ray.get(ref))
-            if on_rows is not None:
-                on_rows(parts[-1].n_rows + parts[-1].n_skipped)
+            result, error = ray.get(ready[0]), None
         except Exception as e:  # noqa: BLE001 - RayTaskError wraps the worker's exception
             cause = getattr(e, "cause", None) or e
-            failures.append(f"shard {job.shard_id}: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}")
+            first = str(cause).splitlines()[0] if str(cause) else ""
+            result, error = None, f"shard {job.shard_id}: {type(cause).__name__}: {first}"
+        failure = dispatch.finished(job, error)
+        if failure is not None:
+            failures.append(failure)
+        elif error is None:
+            if job.unit is None:
+                parts.append(result)
+            if on_rows is not None:
+                on_rows(_done_rows(job, result))
+        while (nxt := dispatch.next()) is not None:  # a merge released by this unit
+            refs[task.remote(nxt)] = nxt
     if failures:
         raise CacheError(
             f"{len(failures)} shard(s) failed on Ray:\n  " + "\n  ".join(failures[:10])
@@ -284,14 +447,15 @@ def run_prepared(prepared: Prepared, *, launcher: str = "local", procs: int = 1,
     launcher = resolve_launcher(launcher)
     if finalize_only:
         report = ShardedReport(prepared.index_path, len(prepared.planned), 0)
-        report.parts, report.published = finalize(prepared), True
+        report.parts, report.published = _finalize_only(prepared), True
     elif launcher == "torchrun":
         report = run_torchrun(prepared)
     else:
         if launcher == "ray":
-            run_ray(prepared.jobs, num_cpus=max(procs, 2), num_gpus=num_gpus, max_retries=max_retries, on_rows=on_rows)
+            run_ray(prepared.jobs, num_cpus=max(procs, 2), num_gpus=num_gpus, max_retries=max_retries, on_rows=on_rows,
+                    procs=procs, total_rows=_total_rows(prepared))
         else:
-            run_local(prepared.jobs, procs, on_rows)
+            run_local(prepared.jobs, procs, on_rows, _total_rows(prepared))
         report = ShardedReport(prepared.index_path, len(prepared.planned), len(prepared.jobs))
         report.parts, report.published = finalize(prepared), True
     report.n_rows = sum(p.n_rows for p in report.parts)

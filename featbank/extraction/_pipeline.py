@@ -52,6 +52,7 @@ def extract(
     augment: str | None = None,
     view_seed: int = 0,
     window: str = "none",
+    decode: str = "pillow",
 ) -> ExtractReport:
     """Embed every image of a folder with a frozen backbone into an HDF5 cache.
 
@@ -103,6 +104,9 @@ def extract(
             range), ``lung``, ``soft-tissue``, ``bone``, ``brain`` or ``C,W``
             (:mod:`featbank.windowing`). Part of the transform: keyed in the cache, recorded in
             bundles fitted on it, applied by predict, evaluate and export.
+        decode: ``pillow`` (default), ``gpu`` (JPEGs decoded in batches by torchvision on ``device``,
+            nvJPEG on CUDA, and resized there; other files through Pillow; part of the cache key) or
+            ``auto`` (``gpu`` on CUDA, else ``pillow``). ``gpu`` refuses layers, views and WebDataset input.
 
     Returns:
         An :class:`ExtractReport`.
@@ -139,8 +143,14 @@ def extract(
 
     features = resolve_features(backbone, weights, weights_file, layers=layers, pooling=pooling, views=views,
                                 augment=augment, view_seed=view_seed)
+    from ._decode import resolve_decode
+    from ._scaled import is_webdataset
+
+    decode = resolve_decode(decode, dev, features=None if features.is_default else features,
+                            webdataset=is_webdataset(str(data)))
     opts = ExtractOptions(backbone, weights, weights_file, batch_size, num_workers, dev, engine, dtype, overwrite,
-                          strict, progress, on_progress, None if features.is_default else features, window)
+                          strict, progress, on_progress, None if features.is_default else features, window,
+                          decode)
     out_path = (Path(out).expanduser() if out is not None
                 else default_cache_path(data, backbone, weights, dtype, weights_file))
     if out_path.exists() and out_path.is_dir():
@@ -169,3 +179,4 @@ class ExtractOptions:
     on_progress: Callable[[int, int], None] | None
     features: Any = None  # FeatureOptions when the run stores layers or views
     window: str = "none"  # the window rule (featbank.windowing), part of the transform
+    decode: str = "pillow"  # pillow or gpu (resolved from auto)

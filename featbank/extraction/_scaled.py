@@ -117,8 +117,9 @@ def _run_identity(opts: Any) -> tuple[dict[str, Any], str, dict[str, Any]]:
     identity = identity_with_window(identity_of(opts.backbone, opts.weights, weights_file), opts.window)
     precision = precision_name(opts.device.split(":")[0])
     features = opts.features.key_part() if opts.features is not None else None
-    wanted = {**identity, "dtype": opts.dtype, "precision": precision, "features": features or {}}
-    return identity, compute_cache_key(identity, opts.dtype, precision, features), wanted
+    decode = getattr(opts, "decode", "pillow")
+    wanted = {**identity, "dtype": opts.dtype, "precision": precision, "features": features or {}, "decode": decode}
+    return identity, compute_cache_key(identity, opts.dtype, precision, features, decode), wanted
 
 
 def _raw_metadata(path: Path) -> dict[str, Any]:
@@ -270,10 +271,13 @@ class _Progress:
 def _counts(prep: Any, rank: int = 0, world: int = 1) -> dict[str, int]:
     """Rows of the parts the jobs of ``rank`` (all jobs when ``world`` is 1) wrote: embedded (tried),
     reused from old parts, resumed from an interrupted run."""
+    from ._launch import rank_shards
+
     out = {"embedded": 0, "reused": 0, "resumed": 0, "tried": 0}
     folder = parts_dir(prep.index_path)
+    mine = rank_shards(prep, rank, world) if world > 1 else None
     for job in prep.jobs:
-        if job.shard_id % world != rank:
+        if mine is not None and job.shard_id not in mine:
             continue
         part = folder / part_name(job.shard_id, rows_digest(job.rows, job.classes))
         try:
@@ -387,7 +391,7 @@ def _prepare(source: Any, index_path: Path, opts: Any, scale: ScaleOptions, laun
     return prepare(source, index_path, backbone=opts.backbone, weights=opts.weights, weights_file=weights_file,
                    engine=engine, device=opts.device, dtype=opts.dtype, batch_size=opts.batch_size,
                    num_workers=workers, shard_size=shard_size, overwrite=opts.overwrite, features=opts.features,
-                   identity=identity)
+                   identity=identity, decode=getattr(opts, "decode", "pillow"))
 
 
 def _finish_report(report: ExtractReport, prep: Any, t0: float, opts: Any, finalize_only: bool,

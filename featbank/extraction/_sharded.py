@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,8 +38,11 @@ from ..errors import CacheError, CacheKeyMismatch
 from ._cachefile import remove_dead_part_temporaries
 from ._plan import DEFAULT_SHARD_SIZE, Plan, assign_rows, plan_shards, plan_tars, replan
 
-__all__ = ["RowSource", "WorkerSettings", "ShardJob", "Prepared", "prepare", "run_shard", "finalize", "migrate_v1",
-           "reset_engines"]
+__all__ = ["RowSource", "WorkerSettings", "ShardJob", "Prepared", "prepare", "run_shard", "run_unit", "run_job",
+           "finalize", "migrate_v1", "reset_engines", "UNIT_ATTR", "unit_path"]
+
+#: Attribute of a work unit's ``.partial``: the name of the part its rows are for.
+UNIT_ATTR = "unit_of"
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,7 @@ class WorkerSettings:
     embed_dim: int
     transform: dict[str, Any]
     features: Any = None  # FeatureOptions of a run with layers or views (None: the embedding alone)
+    decode: str = "pillow"  # "gpu": JPEGs decoded and resized as tensors on the device (_decode)
 
 
 @dataclass
@@ -74,6 +79,10 @@ class ShardJob:
     settings: WorkerSettings
     reuse: list[str] = field(default_factory=list)
     replace_damaged: bool = False
+    #: ``(lo, hi)``: a work unit, rows ``lo:hi`` of the shard into their own ``.partial`` (see ``_schedule``).
+    unit: tuple[int, int] | None = None
+    #: The shard's finished units an earlier run left (their rows count as resumed, not embedded).
+    earlier_units: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -134,14 +143,14 @@ def prepare(
     source: RowSource, index_path: Path, *, backbone: str, weights: str | None = None,
     weights_file: str | None = None, engine: str = "torch", device: str = "cpu", dtype: str = "float32",
     batch_size: int = 32, num_workers: int = 0, shard_size: int = DEFAULT_SHARD_SIZE, overwrite: bool = False,
-    features: Any = None, identity: dict[str, Any] | None = None,
+    features: Any = None, identity: dict[str, Any] | None = None, decode: str = "pillow",
 ) -> Prepared:
     """Plan the run: the cache key, the shards (keeping an existing index's boundaries), the jobs left.
 
     A shard needs a job when its part for exactly its planned rows is not yet published.
     ``features`` (a ``FeatureOptions`` from ``resolve_features``) adds layers and views.
     ``identity``: the backbone's identity when the caller already has it (else resolved here,
-    which may build the model).
+    which may build the model). ``decode``: ``pillow`` or ``gpu`` (resolved, see ``_decode``).
 
     Raises:
         CacheKeyMismatch: the existing index was made with other settings.
@@ -154,8 +163,13 @@ def prepare(
     identity = identity if identity is not None else identity_of(backbone, weights, weights_file)
     if features is not None and features.is_default:
         features = None
-    key = compute_cache_key(identity, dtype, precision, features.key_part() if features is not None else None)
-    old = _old_plan(index_path, key, overwrite, features, lambda fk: compute_cache_key(identity, dtype, precision, fk))
+    if decode != "pillow":
+        from ._decode import check_decode_transform
+
+        check_decode_transform(decode, identity["transform"])
+    key = compute_cache_key(identity, dtype, precision, features.key_part() if features is not None else None, decode)
+    old = _old_plan(index_path, key, overwrite, features,
+                    lambda fk: compute_cache_key(identity, dtype, precision, fk, decode))
     table = read_parts_table(index_path) if old is not None else []
     old_parts = {p.shard_id: p.name for p in table}
     recorded = {p.name: (p.size, p.mtime_ns) for p in table}
@@ -166,7 +180,7 @@ def prepare(
     else:
         plan = plan_shards(source.keys, shard_size)
     settings = WorkerSettings(backbone, weights, weights_file, engine, device, precision, dtype, batch_size,
-                              num_workers, int(identity["embed_dim"]), identity["transform"], features)
+                              num_workers, int(identity["embed_dim"]), identity["transform"], features, decode)
     folder = parts_dir(index_path)
     where = assign_rows(plan, source.keys) if plan.kind == "range" else _tar_rows(plan, source)
     planned, planned_paths, jobs = [], {}, []
@@ -185,13 +199,15 @@ def prepare(
             members = [source.members[r] for r in rows_i] if source.members else []
             reuse = [old_parts[j] for j in _overlapping(old, plan, i) if j in old_parts] if old is not None else []
             reuse = [n for n in reuse if n != final.name]  # never copy rows out of a damaged part
+            earlier = sorted(p.name for p in folder.glob(f".part-{shard.shard_id:06d}-*.h5.unit"))
             jobs.append(ShardJob(shard.shard_id, rows, members, str(source.root), str(folder), key,
-                                 list(source.classes), source.layout, settings, reuse, damaged))
+                                 list(source.classes), source.layout, settings, reuse, damaged, earlier_units=earlier))
     attrs = {
         **{k: identity[k] for k in ("backbone", "weights", "weights_sha256", "transform")},
         "precision": precision, "engine": engine, "device": device, "root": str(source.root),
         "layout": source.layout, "classes_json": json.dumps(list(source.classes)), "updated": timestamp(),
-        "complete": True, "shard_size": plan.shard_size, **(features.attrs() if features is not None else {}),
+        "complete": True, "shard_size": plan.shard_size, "decode": decode,
+        **(features.attrs() if features is not None else {}),
     }
     extra = tuple(features.datasets()) if features is not None else ()
     return Prepared(index_path, key, plan, planned, planned_paths, jobs, list(source.classes), attrs, list(source.skipped),
@@ -257,12 +273,14 @@ def _part_key(path: Path) -> str:
         return ""
 
 
-def run_shard(job: ShardJob, on_rows: Callable[[int], None] | None = None) -> PartInfo:
+def run_shard(job: ShardJob, on_rows: Callable[[int], None] | None = None, *, embed: bool = True) -> PartInfo:
     """Embed one shard into its part and publish it; a part already published is returned as is.
 
-    Resumes a ``.partial`` left by a killed worker for the same rows and key. Unreadable images are
-    recorded in the part's ``skipped/`` with their reason. ``on_rows(n)`` is called as rows are
-    done (resumed, copied from old parts, embedded or skipped).
+    Resumes a ``.partial`` left by a killed worker for the same rows and key, and gathers the rows
+    of the shard's work units (see ``_schedule``). Unreadable images are recorded in the part's
+    ``skipped/`` with their reason. ``on_rows(n)`` is called as rows are done (resumed, copied from
+    old parts, embedded or skipped). ``embed=False`` only gathers: rows no unit finished are then a
+    CacheError (a job array's finalize step must not embed).
     """
     on_rows = on_rows or (lambda n: None)
     folder = Path(job.folder)
@@ -288,54 +306,174 @@ def run_shard(job: ShardJob, on_rows: Callable[[int], None] | None = None) -> Pa
         # Recorded in the part: how many rows were copied from old parts instead of embedded.
         # Also the finished rows of an interrupted run's .partial of this shard for other rows (the
         # folder changed since): resuming inside the part does not need the same file list.
-        stale = [p.name for p in folder.glob(f".part-{int(job.shard_id):06d}-*.h5.partial") if p.name != writer.path.name]
-        copied = _reuse_rows(writer, folder, [*job.reuse, *stale])
-        writer.file.attrs["n_reused"] = int(writer.file.attrs.get("n_reused", 0)) + copied
-        on_rows(copied)
-        skipped: dict[int, str] = {}
+        # The rows of this shard's work units are this run's work, not reuse.
+        stale = [p.name for p in _stale_files(folder, job.shard_id) if p.name != writer.path.name]
+        copied = _reuse_rows(writer, folder, [*job.reuse, *stale], set(job.earlier_units))
+        writer.file.attrs["n_reused"] = int(writer.file.attrs.get("n_reused", 0)) + copied.reused
+        writer.file.attrs["n_resumed"] = int(writer.file.attrs.get("n_resumed", 0)) + copied.unit_resumed
+        on_rows(copied.reused)
+        row_of = {p: i for i, p in enumerate(writer.paths)}
+        skipped = {row_of[p]: why for p, why in copied.skipped.items() if p in row_of}
+        if not embed:
+            _check_gathered(writer, skipped)
         _embed_rows(writer, job, skipped, on_rows)
         return writer.finish(skipped)
     finally:
         writer.close()
 
 
-def _reuse_rows(writer: PartWriter, folder: Path, names: Sequence[str]) -> int:
+def _stale_files(folder: Path, shard_id: int) -> list[Path]:
+    """The shard's ``.partial`` files (interrupted runs, units in the making) and finished ``.unit`` files."""
+    return [*folder.glob(f".part-{int(shard_id):06d}-*.h5.partial"), *folder.glob(f".part-{int(shard_id):06d}-*.h5.unit")]
+
+
+def _check_gathered(writer: PartWriter, skipped: dict[int, str]) -> None:
+    missing = int((~writer.done_mask()).sum()) - len(skipped)
+    if missing > 0:
+        raise CacheError(
+            f"Shard {writer.shard_id} has {missing} row(s) that no finished work unit holds: a job of the array did "
+            "not finish. Run the missing jobs (or the whole array) again, then finalize."
+        )
+
+
+@dataclass
+class _Copied:
+    """Rows copied into a part: from old parts and interrupted runs (reused), from this run's units.
+
+    ``skipped``: the unreadable images of finished units, path -> reason (not decoded again).
+    """
+
+    reused: int = 0
+    from_units: int = 0
+    unit_resumed: int = 0
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def _reuse_rows(writer: PartWriter, folder: Path, names: Sequence[str], earlier: set[str] = frozenset()) -> _Copied:
     """Copy the embeddings of unchanged rows (same key and fingerprint) from the shard's old parts.
 
-    This is what makes one new file cost one new row of compute, not a shard's worth.
+    This is what makes one new file cost one new row of compute, not a shard's worth. The same copy
+    gathers the rows of the shard's work units (``earlier``: units an earlier run finished).
     """
     todo = ~writer.done_mask()
     want = {p: i for i, p in enumerate(writer.paths) if todo[i]}
-    copied = 0
+    copied = _Copied()
+    mine = writer.path.name.lstrip(".").removesuffix(".partial")
     for name in names:
         try:
             f = h5py.File(folder / name, "r")
         except OSError:
-            continue  # a missing or damaged old part: its rows are embedded again
+            continue  # a missing or damaged old part (or a unit still being written): embedded again
         with f:
             if str(f.attrs.get("cache_key", "")) != writer.key:
                 continue
-            old_paths = decode_attr(f["paths"][...])
-            old_fps = f["fingerprints"][...]
-            # No tuple per row: container objects wake Python's cyclic GC, which then walks every
-            # object alive (the caller's millions of keys) and made this step grow with the cache.
-            new_rows = np.fromiter((want.get(p, -1) for p in old_paths), np.int64, count=len(old_paths))
-            old_rows = np.arange(len(old_paths), dtype=np.int64)
-            hit = new_rows >= 0
-            hit[hit] = np.all(old_fps[hit] == writer.rows.fingerprints[new_rows[hit]], axis=1)
-            if "status" in f:  # a .partial: only its rows flagged done
-                hit &= f["status"][...].astype(bool)
-            new_rows, old_rows = new_rows[hit], old_rows[hit]
-            # Both sides are in key order: copy runs that are contiguous on both sides in one write each.
-            breaks = np.flatnonzero((np.diff(new_rows) != 1) | (np.diff(old_rows) != 1)) + 1
-            for a, b in zip(np.r_[0, breaks], np.r_[breaks, len(new_rows)]):
-                if b > a:
-                    lo, hi = int(old_rows[a]), int(old_rows[b - 1]) + 1
-                    writer.write_rows(new_rows[a:b], f["embeddings"][lo:hi], {n: f[n][lo:hi] for n in writer.extra})
-            copied += len(new_rows)
-            for i in new_rows:
-                want.pop(writer.paths[int(i)], None)
+            n = _copy_matching(writer, f, want)
+            if str(f.attrs.get(UNIT_ATTR, "")) == mine:
+                copied.from_units += n
+                copied.unit_resumed += n if name in earlier else min(n, int(f.attrs.get("n_resumed", 0)))
+                if bool(f.attrs.get("unit_done", False)):
+                    copied.skipped.update(json.loads(str(f.attrs.get("unit_skipped", "{}"))))
+            else:
+                copied.reused += n
     return copied
+
+
+def _copy_matching(writer: PartWriter, f: h5py.File, want: dict[str, int]) -> int:
+    """Copy rows of ``f`` whose path is wanted and whose fingerprint matches; drop them from ``want``."""
+    old_paths = decode_attr(f["paths"][...])
+    old_fps = f["fingerprints"][...]
+    # No tuple per row: container objects wake Python's cyclic GC, which then walks every
+    # object alive (the caller's millions of keys) and made this step grow with the cache.
+    new_rows = np.fromiter((want.get(p, -1) for p in old_paths), np.int64, count=len(old_paths))
+    old_rows = np.arange(len(old_paths), dtype=np.int64)
+    hit = new_rows >= 0
+    hit[hit] = np.all(old_fps[hit] == writer.rows.fingerprints[new_rows[hit]], axis=1)
+    if "status" in f:  # a .partial: only its rows flagged done
+        hit &= f["status"][...].astype(bool)
+    new_rows, old_rows = new_rows[hit], old_rows[hit]
+    # Both sides are in key order: copy runs that are contiguous on both sides in one write each.
+    breaks = np.flatnonzero((np.diff(new_rows) != 1) | (np.diff(old_rows) != 1)) + 1
+    for a, b in zip(np.r_[0, breaks], np.r_[breaks, len(new_rows)]):
+        if b > a:
+            lo, hi = int(old_rows[a]), int(old_rows[b - 1]) + 1
+            writer.write_rows(new_rows[a:b], f["embeddings"][lo:hi], {n: f[n][lo:hi] for n in writer.extra})
+    for i in new_rows:
+        want.pop(writer.paths[int(i)], None)
+    return len(new_rows)
+
+
+def run_unit(job: ShardJob, on_rows: Callable[[int], None] | None = None) -> int:
+    """Embed a work unit (rows ``job.unit`` of a shard) into its own ``.partial``; publish nothing.
+
+    The shard's merge (:func:`run_shard` on the whole shard) gathers the units' rows into the part.
+    Resumes the unit's ``.partial`` left by a killed worker. Returns the unit's row count (0 when the
+    shard's part is already published).
+    """
+    on_rows = on_rows or (lambda n: None)
+    folder = Path(job.folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    whole_digest = rows_digest(job.rows, job.classes)
+    whole = part_name(job.shard_id, whole_digest)
+    if (folder / whole).exists():
+        return 0
+    unit = _unit_job(job)
+    done = unit_path(folder, job.shard_id, rows_digest(unit.rows, unit.classes))
+    if done.exists():
+        return len(unit.rows)
+    writer = _open_unit(unit, whole, on_rows)
+    try:
+        # Finished rows of an interrupted run: the shard's whole .partial, units cut otherwise (.unit).
+        earlier = [PartWriter.partial_path(folder, job.shard_id, whole_digest).name,
+                   *(p.name for p in folder.glob(f".part-{int(job.shard_id):06d}-*.h5.unit"))]
+        copied = _reuse_rows(writer, folder, earlier, set(earlier))
+        n_earlier = copied.reused + copied.from_units
+        if n_earlier:
+            writer.file.attrs["n_resumed"] = int(writer.file.attrs.get("n_resumed", 0)) + n_earlier
+            on_rows(n_earlier)
+        skipped: dict[int, str] = {}
+        _embed_rows(writer, unit, skipped, on_rows)
+        # The merge trusts a unit's skip reasons (and decodes nothing again) only once it is done.
+        writer.file.attrs["unit_skipped"] = json.dumps({writer.paths[r]: why for r, why in skipped.items()})
+        writer.file.attrs["unit_done"] = True
+        writer.file.flush()
+    finally:
+        writer.close()
+    os.replace(writer.path, done)  # finished: nothing writes it again, and only now may others read it
+    return len(unit.rows)
+
+
+def unit_path(folder: Path, shard_id: int, digest: str) -> Path:
+    """Where a finished work unit lies: its ``.partial`` renamed ``.unit``."""
+    return PartWriter.partial_path(folder, shard_id, digest).with_suffix(".unit")
+
+
+def _unit_job(job: ShardJob) -> ShardJob:
+    """The job of a unit's own rows (``job.unit`` of the shard's)."""
+    from dataclasses import replace
+
+    lo, hi = job.unit if job.unit is not None else (0, len(job.rows))
+    r = job.rows
+    sub = PartRows(r.paths[lo:hi], r.fingerprints[lo:hi], r.labels[lo:hi], r.splits[lo:hi])
+    return replace(job, rows=sub, members=job.members[lo:hi] if job.members else [], unit=None, reuse=[])
+
+
+def _open_unit(unit: ShardJob, whole: str, on_rows: Callable[[int], None]) -> PartWriter:
+    folder, s = Path(unit.folder), unit.settings
+    digest = rows_digest(unit.rows, unit.classes)
+    writer = PartWriter.open_if_valid(folder, unit.shard_id, unit.key, digest)
+    if writer is None:
+        return PartWriter.create(folder, unit.shard_id, unit.key, unit.rows, unit.classes, s.embed_dim, s.dtype,
+                                 attrs={"root": unit.root, "layout": unit.layout, UNIT_ATTR: whole},
+                                 extra=s.features.datasets() if s.features is not None else None)
+    writer.file.attrs["n_resumed"] = int(writer.done_mask().sum())
+    writer.file.attrs["unit_done"] = False
+    on_rows(int(writer.file.attrs["n_resumed"]))
+    return writer
+
+
+def run_job(job: ShardJob, on_rows: Callable[[int], None] | None = None) -> PartInfo | int:
+    """What a worker runs for any job of a schedule: a work unit, or a whole shard (or a merge)."""
+    return run_unit(job, on_rows) if job.unit is not None else run_shard(job, on_rows)
 
 
 def _embed_rows(writer: PartWriter, job: ShardJob, skipped: dict[int, str],
@@ -347,6 +485,8 @@ def _embed_rows(writer: PartWriter, job: ShardJob, skipped: dict[int, str],
     from ._embedding import Collate, ImageRowsDataset, write_block
 
     pending = np.flatnonzero(~writer.done_mask())
+    if skipped:  # unreadable images a finished work unit already reported
+        pending = pending[~np.isin(pending, list(skipped))]
     if len(pending) == 0:
         return
     s = job.settings
@@ -355,9 +495,13 @@ def _embed_rows(writer: PartWriter, job: ShardJob, skipped: dict[int, str],
         dataset: Any = TarImages(Path(job.root), writer.paths, job.members, pending, cfg)
     else:
         dataset = ImageRowsDataset(Path(job.root), writer.paths, pending, cfg)
+    eng = _engine(s)
+    if s.decode == "gpu" and s.features is None and job.layout != "webdataset":
+        from ._decode import embed_jpeg_rows
+
+        return embed_jpeg_rows(writer, Path(job.root), pending, cfg, s, eng, skipped, on_rows)
     loader = DataLoader(dataset, batch_size=s.batch_size, shuffle=False, num_workers=s.num_workers,
                         collate_fn=Collate(cfg), prefetch_factor=4 if s.num_workers > 0 else None)
-    eng = _engine(s)
     if s.features is not None:
         from ._embedding import ViewCollate, ViewImageDataset, embed_feature_rows
 
@@ -411,7 +555,7 @@ def _remove_unreferenced(index_path: Path, parts: Sequence[PartInfo]) -> None:
     for p in folder.iterdir():
         if p.name.startswith("part-") and p.name.endswith(".h5") and p.name not in keep:
             p.unlink(missing_ok=True)
-        elif p.name.endswith(".partial"):  # every planned part is published: what is left is stale
+        elif p.name.endswith((".partial", ".unit")):  # every planned part is published: what is left is stale
             p.unlink(missing_ok=True)
 
 

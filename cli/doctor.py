@@ -1,0 +1,45 @@
+"""featbank doctor"""
+
+from __future__ import annotations
+
+import click
+
+from .options import backbone_options, device_option
+
+__all__ = ["doctor"]
+
+
+@click.command()
+@click.argument("data", type=str)
+@backbone_options
+@device_option
+@click.option("--engine", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True,
+              help="The engine extract would use (auto: onnxruntime on CPU, torch on CUDA).")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True)
+@click.option("--num-workers", type=click.IntRange(0, 64), default=None,
+              help="Decoding processes extract would use (default: extract's).")
+@click.option("--sample", type=click.IntRange(1, 10_000), default=64, show_default=True,
+              help="How many images to read and decode, spread over DATA.")
+@click.option("--out", type=click.Path(path_type=str), default=None,
+              help="Where the cache would go (its folder's disk is timed); default: a temp folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def doctor(data: str, backbone: str, weights: str | None, weights_file: str | None, device: str, engine: str,
+           batch_size: int, num_workers: int | None, sample: int, out: str | None, as_json: bool) -> None:
+    """Measure what each stage of extracting DATA costs here; name the bottleneck; suggest options.
+
+    Times, on a sample of DATA: reading the files, decoding, resizing, the model alone (the engine
+    extract would build) and writing the cache; then predicts extract's images per second with
+    these options and says which stage limits it.
+
+    \b
+    Examples:
+      featbank doctor data/elpv
+      featbank doctor data/photos --device cuda --batch-size 128 --json
+    """
+    import json
+
+    from featbank.extraction import diagnose
+
+    d = diagnose(data, backbone=backbone, weights=weights, weights_file=weights_file, device=device, engine=engine,
+                 batch_size=batch_size, num_workers=num_workers, sample=sample, out=out)
+    click.echo(json.dumps(d.to_dict(), indent=2) if as_json else d.summary())

@@ -1,0 +1,236 @@
+"""``featbank doctor``: what each stage of an extraction costs on this machine, and what to change.
+
+Measured on a sample of the data, each stage alone: reading the files, decoding them, resizing and
+cropping, the model (the very engine ``extract`` would build, on ready uint8 batches) and writing
+the cache. From these it predicts ``extract``'s throughput and names the bottleneck:
+
+- decoding runs in ``num_workers`` processes: at most ``num_workers / (read + decode + resize)``
+  images per second;
+- the model runs at its measured rate;
+- on the CPU the decoders and the model share the cores: at most
+  ``cores / (read + decode + resize + cores / model rate)`` (all cores busy, perfect overlap);
+- the write runs at its measured rate.
+
+The prediction is the smallest of these; the stage that sets it is the bottleneck.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError, DatasetError
+
+__all__ = ["Diagnosis", "diagnose"]
+
+#: Seconds the model is timed for (after a warm-up batch), at least 3 batches.
+MODEL_SECONDS = 2.0
+
+
+@dataclass
+class Diagnosis:
+    """What ``featbank doctor`` measured and what it suggests.
+
+    Attributes:
+        stages: seconds per image of ``read``, ``decode``, ``resize``, ``model``, ``write``.
+        rates: images per second each limit allows (``decoders``, ``model``, ``cpu``, ``write``).
+        predicted: the images per second ``extract`` should reach with ``settings``.
+        bottleneck: the limit that sets ``predicted``.
+        settings: what the prediction assumes (device, engine, batch_size, num_workers, cores).
+        suggestions: options to try, each with the images per second it should reach.
+    """
+
+    n_sampled: int
+    n_unreadable: int
+    stages: dict[str, float]
+    rates: dict[str, float]
+    predicted: float
+    bottleneck: str
+    settings: dict[str, Any]
+    suggestions: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        lines = [f"sampled {self.n_sampled} image(s)" + (f" ({self.n_unreadable} unreadable)" if self.n_unreadable else ""),
+                 f"{'stage':<8} {'ms/image':>9} {'img/s':>9}"]
+        for name, sec in self.stages.items():
+            lines.append(f"{name:<8} {sec * 1e3:9.2f} {1 / sec if sec > 0 else float('inf'):9.1f}")
+        s = self.settings
+        lines.append(f"extract with --device {s['device']} --engine {s['engine']} --batch-size {s['batch_size']} "
+                     f"--num-workers {s['num_workers']} ({s['cores']} cores): about {self.predicted:.1f} img/s; "
+                     f"bottleneck: {self.bottleneck}")
+        for sug in self.suggestions:
+            lines.append(f"try: {sug['options']}  -> about {sug['predicted']:.1f} img/s ({sug['why']})")
+        return "\n".join(lines)
+
+
+def _sample_paths(data: str, n: int) -> list[Path]:
+    from ._scaled import ScaleOptions, read_source
+
+    source = read_source(data, ScaleOptions())
+    if source.layout == "webdataset":
+        raise ConfigError("featbank doctor reads image files (a folder or a manifest); WebDataset tars are not sampled yet.")
+    if not source.keys:
+        raise DatasetError(f"No images found in {data!r}: nothing to measure.")
+    pick = np.unique(np.linspace(0, len(source.keys) - 1, min(n, len(source.keys))).astype(int))
+    return [Path(source.root) / source.keys[i] for i in pick]
+
+
+def _time_images(paths: list[Path], cfg: Any) -> tuple[dict[str, float], int]:
+    """Seconds per image of reading the bytes, decoding them and resizing (readable images only)."""
+    import io
+
+    from ..images import ImageReadError, decode_image, preprocess_image
+
+    t = {"read": 0.0, "decode": 0.0, "resize": 0.0}
+    ok = bad = 0
+    for p in paths:
+        t0 = time.perf_counter()
+        try:
+            raw = p.read_bytes()
+        except OSError:
+            bad += 1
+            continue
+        t1 = time.perf_counter()
+        try:
+            img = decode_image(io.BytesIO(raw), 178_956_970, keep_grey=True)
+            t2 = time.perf_counter()
+            preprocess_image(img, cfg)
+        except (ImageReadError, OSError, ValueError, SyntaxError):
+            bad += 1
+            continue
+        t3 = time.perf_counter()
+        t["read"] += t1 - t0
+        t["decode"] += t2 - t1
+        t["resize"] += t3 - t2
+        ok += 1
+    if ok == 0:
+        raise DatasetError(f"None of the {len(paths)} sampled images could be read: nothing to measure.")
+    return {k: v / ok for k, v in t.items()}, bad
+
+
+def _time_model(engine: Any, input_size: tuple[int, int], batch_size: int) -> tuple[float, int]:
+    """Seconds per image of the engine on ready uint8 batches, and the embedding width."""
+    import torch
+
+    h, w = input_size
+    batch = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (batch_size, h, w, 3), dtype=np.uint8))
+    dim = int(np.asarray(engine(batch)).shape[1])  # warm-up: graph optimisation, allocations
+    n, t0 = 0, time.perf_counter()
+    while n < 3 or time.perf_counter() - t0 < MODEL_SECONDS:
+        engine(batch)
+        n += 1
+    return (time.perf_counter() - t0) / (n * batch_size), dim
+
+
+def _time_write(folder: Path, dim: int, rows: int = 4096) -> float:
+    """Seconds per row of writing float32 embeddings to an HDF5 file in ``folder`` (fsync included)."""
+    import h5py
+
+    folder.mkdir(parents=True, exist_ok=True)
+    data = np.random.default_rng(0).standard_normal((rows, dim)).astype(np.float32)
+    fd, name = tempfile.mkstemp(prefix=".featbank-doctor-", suffix=".h5", dir=folder)
+    os.close(fd)
+    try:
+        t0 = time.perf_counter()
+        with h5py.File(name, "w") as f:
+            f.create_dataset("embeddings", data=data)
+        with open(name, "rb+") as fh:
+            os.fsync(fh.fileno())
+        return (time.perf_counter() - t0) / rows
+    finally:
+        Path(name).unlink(missing_ok=True)
+
+
+def _limits(stages: dict[str, float], workers: int, cores: int, on_cpu: bool) -> dict[str, float]:
+    cpu_per_image = stages["read"] + stages["decode"] + stages["resize"]
+    rates = {"decoders": max(workers, 1) / cpu_per_image, "model": 1 / stages["model"], "write": 1 / stages["write"]}
+    if on_cpu:  # the model's threads and the decoders share the cores
+        rates["cpu"] = cores / (cpu_per_image + cores * stages["model"])
+    if workers == 0:  # decoding in the main process, one image after another, between batches
+        rates["decoders"] = 1 / (cpu_per_image + stages["model"])
+    return rates
+
+
+def _suggest(stages: dict[str, float], settings: dict[str, Any], bottleneck: str) -> list[dict[str, Any]]:
+    cores, on_cpu, workers = settings["cores"], settings["device"] == "cpu", settings["num_workers"]
+    out = []
+    more = min(cores if not on_cpu else max(1, cores - 1), 16)
+    if bottleneck == "decoders" and more > workers:
+        rates = _limits(stages, more, cores, on_cpu)
+        out.append({"options": f"--num-workers {more}", "predicted": min(rates.values()),
+                    "why": "decoding is the bottleneck and cores are free"})
+    if bottleneck in ("decoders", "cpu") and not on_cpu:
+        out.append({"options": "a GPU-side JPEG decoder", "predicted": min(1 / stages["model"], 1 / stages["write"]),
+                    "why": "not in featbank yet: decoding on the CPU is what holds the GPU back"})
+    if bottleneck == "model" and not on_cpu:
+        n_gpu = settings.get("n_gpu", 1)
+        if n_gpu > 1:
+            out.append({"options": f"--procs {n_gpu}", "predicted": min(n_gpu / stages["model"], 1 / stages["write"]),
+                        "why": f"one worker per GPU ({n_gpu} GPUs)"})
+        out.append({"options": f"--batch-size {settings['batch_size'] * 2}", "predicted": 1 / stages["model"],
+                    "why": "larger batches often run faster per image on a GPU; measure"})
+    if bottleneck == "write":
+        out.append({"options": "--out on a local disk", "predicted": None, "why": "writing the cache is the bottleneck"})
+    return [s for s in out if s["predicted"] is None or s["predicted"] > 0]
+
+
+def diagnose(data: str | os.PathLike, *, backbone: str = "efficientnet_lite0", weights: str | None = None,
+             weights_file: str | os.PathLike | None = None, device: str = "auto", engine: str = "auto",
+             batch_size: int = 32, num_workers: int | None = None, sample: int = 64,
+             out: str | os.PathLike | None = None) -> Diagnosis:
+    """Measure each stage of extracting ``data`` on this machine; predict ``extract``'s img/s.
+
+    Args:
+        data: an image folder or a manifest (what ``featbank extract`` takes).
+        backbone, weights, weights_file, device, engine, batch_size, num_workers: as ``extract``.
+        sample: how many images to read and decode (spread over the data set).
+        out: where the cache would be written (its folder's disk is timed); default: a temp folder.
+
+    Returns:
+        A :class:`Diagnosis`.
+
+    Raises:
+        ConfigError: a bad option (the message says which).
+        DatasetError: no image, or no readable image in the sample.
+    """
+    from .._device import default_num_workers, precision_name, resolve_device
+    from ..backbones import load_backbone
+    from ._engines import build_engine
+
+    if not isinstance(sample, int) or not 1 <= sample <= 10_000:
+        raise ConfigError(f"The 'sample' parameter must be an integer from 1 to 10000. Got {sample!r} instead.")
+    if not isinstance(batch_size, int) or not 1 <= batch_size <= 4096:
+        raise ConfigError(f"The 'batch_size' parameter must be an integer from 1 to 4096. Got {batch_size!r} instead.")
+    dev = resolve_device(device).type
+    paths = _sample_paths(str(data), sample)
+    bb = load_backbone(backbone, weights, str(weights_file) if weights_file is not None else None)
+    stages, bad = _time_images(paths, bb.preprocess)
+    eng_name = engine if engine != "auto" else ("onnxruntime" if dev == "cpu" else "torch")
+    eng = build_engine(eng_name, bb, dev, precision_name(dev))
+    stages["model"], dim = _time_model(eng, bb.preprocess.input_size, batch_size)
+    stages["write"] = _time_write(Path(out).parent if out is not None else Path(tempfile.gettempdir()), dim)
+    workers = num_workers if num_workers is not None else default_num_workers(dev)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    settings = {"device": dev, "engine": getattr(eng, "name", eng_name), "batch_size": batch_size,
+                "num_workers": workers, "cores": cores, "n_gpu": _gpu_count(dev)}
+    rates = _limits(stages, workers, cores, dev == "cpu")
+    bottleneck = min(rates, key=rates.get)
+    return Diagnosis(len(paths), bad, stages, rates, rates[bottleneck], bottleneck, settings,
+                     _suggest(stages, settings, bottleneck))
+
+
+def _gpu_count(dev: str) -> int:
+    if dev != "cuda":
+        return 0
+    import torch
+
+    return torch.cuda.device_count()

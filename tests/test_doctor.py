@@ -1,0 +1,56 @@
+"""featbank doctor: every stage measured on real images with a real engine; its prediction is the smallest limit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from featbank.cli.main import cli
+from featbank.errors import ConfigError, DatasetError
+from featbank.extraction import diagnose
+
+from conftest import make_image_folder
+
+
+def test_diagnose_measures_every_stage_and_names_the_smallest_limit(tmp_path):
+    data = make_image_folder(tmp_path / "data")
+    first = sorted(p for p in data.iterdir() if p.is_dir())[0]
+    (first / "broken.png").write_bytes(b"not an image")
+    d = diagnose(data, backbone="test_tiny", engine="torch", device="cpu", sample=30, out=tmp_path / "c.h5")
+    assert set(d.stages) == {"read", "decode", "resize", "model", "write"}
+    assert all(v > 0 for v in d.stages.values())
+    assert d.n_sampled == 25 and d.n_unreadable == 1
+    assert d.bottleneck == min(d.rates, key=d.rates.get) and d.predicted == d.rates[d.bottleneck]
+    assert "cpu" in d.rates  # on the CPU the decoders and the model share the cores
+    assert d.settings["engine"] == "torch" and d.settings["num_workers"] >= 0
+    text = d.summary()
+    assert "bottleneck" in text and "model" in text
+    assert not list(tmp_path.glob(".featbank-doctor-*"))  # the write probe leaves nothing behind
+
+
+def test_doctor_cli_json_and_bad_input(tmp_path):
+    data = make_image_folder(tmp_path / "data")
+    res = CliRunner().invoke(cli, ["doctor", str(data), "--backbone", "test_tiny", "--engine", "torch", "--sample", "8",
+                                   "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["predicted"] > 0 and out["bottleneck"] in out["rates"]
+    res = CliRunner().invoke(cli, ["doctor", str(data), "--sample", "0"])
+    assert res.exit_code == 2 and "--sample" in res.output
+    (tmp_path / "empty").mkdir()
+    res = CliRunner().invoke(cli, ["doctor", str(tmp_path / "empty"), "--backbone", "test_tiny"])
+    assert res.exit_code == 2 and "Error:" in res.output and "Traceback" not in res.output
+
+
+def test_diagnose_refuses_what_it_cannot_measure(tmp_path):
+    data = tmp_path / "bad"
+    for c in "ab":
+        (data / c).mkdir(parents=True)
+        for i in range(3):
+            (data / c / f"{i}.png").write_bytes(b"garbage")
+    with pytest.raises(DatasetError, match="could be read"):
+        diagnose(data, backbone="test_tiny", engine="torch")
+    with pytest.raises(ConfigError, match="batch_size"):
+        diagnose(data, backbone="test_tiny", batch_size=0)

@@ -1,0 +1,245 @@
+"""Work units: shards cut into equal units for every launcher, gathered into the same parts, exactly once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+import featbank
+from featbank.cache._index import check_parts
+from featbank.cache._parts import PartRows, parts_dir
+from featbank.data import scan_folder
+from featbank.extraction._launch import rank_shards, run_local, run_prepared, run_slice
+from featbank.extraction._schedule import MIN_UNIT_ROWS, Schedule, job_rows, plan_work, static_share
+from featbank.extraction._sharded import RowSource, ShardJob, prepare, run_unit
+
+pytestmark = pytest.mark.filterwarnings("ignore::featbank.errors.SkippedImagesWarning")
+TINY = dict(backbone="test_tiny", engine="torch", num_workers=0, batch_size=16)
+N_IMAGES = 2 * MIN_UNIT_ROWS + 100  # one shard of 612 rows: three units for two workers
+
+
+@pytest.fixture(scope="module")
+def many_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """612 tiny real PNGs in 2 classes, one of them unreadable."""
+    root = tmp_path_factory.mktemp("units") / "data"
+    rng = np.random.default_rng(0)
+    for i in range(N_IMAGES):
+        d = root / "ab"[i % 2]
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(d / f"{i:04d}.png")
+    (root / "a" / "0100.png").write_bytes(b"not a png")
+    return root
+
+
+def _prepare(data: Path, out: Path, **kw):
+    return prepare(RowSource.from_index(scan_folder(data)), out, **{**TINY, "shard_size": 1000, **kw})
+
+
+def _read(path: Path) -> dict:
+    assert check_parts(path, full=True) == []
+    with h5py.File(path, "r") as f:
+        return {"emb": f["embeddings"][...], "paths": [p.decode() for p in f["paths"][...]],
+                "skipped": dict(zip((p.decode() for p in f["skipped/paths"][...]),
+                                    (r.decode() for r in f["skipped/reasons"][...])))}
+
+
+@pytest.fixture(scope="module")
+def reference(many_images: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("ref") / "ref.h5"
+    run_prepared(_prepare(many_images, out))  # one process, whole shards
+    return _read(out)
+
+
+def _leftovers(index: Path) -> list[str]:
+    return sorted(p.name for p in parts_dir(index).iterdir() if not p.name.startswith("part-"))
+
+
+def _fake_jobs(sizes: list[int]) -> list[ShardJob]:
+    """Shard jobs with ``sizes`` rows: all the scheduler reads."""
+    out = []
+    for sid, n in enumerate(sizes):
+        rows = PartRows([f"{sid:03d}/{i:06d}" for i in range(n)], np.zeros((n, 2), np.int64), np.zeros(n, np.int64),
+                        np.zeros(n, np.int8))
+        out.append(ShardJob(sid, rows, [], "", "", "", [], "folder", None))
+    return out
+
+
+def _makespan(schedule: Schedule, workers: int) -> int:
+    """Rows of the busiest worker when the work is handed out in order to whoever is free first."""
+    import heapq
+
+    free = [0] * workers
+    for job in schedule.work:
+        t = heapq.heappop(free)
+        heapq.heappush(free, t + job_rows(job))
+    return max(free)
+
+
+@pytest.mark.parametrize("sizes,workers", [([10_000, 2_000], 2), ([10_000] * 5, 8), ([10_000] * 5, 2), ([700], 4)])
+def test_units_balance_the_work(sizes, workers):
+    schedule = plan_work(_fake_jobs(sizes), workers)
+    total = sum(sizes)
+    assert sum(job_rows(j) for j in schedule.work) == total  # every row once
+    for sid, n in schedule.n_units.items():
+        units = sorted(j.unit for j in schedule.work if j.shard_id == sid)
+        assert units[0][0] == 0 and units[-1][1] == sizes[sid]
+        assert all(a[1] == b[0] for a, b in zip(units, units[1:]))  # contiguous, no overlap
+        assert len(units) == n
+    ideal = max(total / workers, MIN_UNIT_ROWS)  # no unit smaller than MIN_UNIT_ROWS rows
+    assert _makespan(schedule, workers) <= 1.3 * ideal  # whole shards: 10,000 / 6,000 = 1.67 for 12,000 on 2
+
+
+def test_one_worker_and_many_small_shards_are_left_whole():
+    assert plan_work(_fake_jobs([10_000, 2_000]), 1).merges == {}
+    assert plan_work(_fake_jobs([300] * 40), 4).merges == {}  # 40 shards for 4 workers: already balanced
+
+
+def test_static_shares_cover_everything_once_and_agree_after_progress():
+    jobs = _fake_jobs([5_000, 3_000, 800])
+    planned = [(j.shard_id, len(j.rows)) for j in jobs]
+    schedule = plan_work(jobs, 3, sum(n for _, n in planned))
+    shares = [static_share(schedule, planned, 3, r) for r in range(3)]
+    keys = sorted((j.shard_id, j.unit) for share in shares for j in share)
+    assert keys == sorted((j.shard_id, j.unit) for j in schedule.work)
+    assert max(sum(map(job_rows, s)) for s in shares) <= 1.2 * sum(n for _, n in planned) / 3
+    # Shard 1 finished: the jobs left are cut and owned as before.
+    later = plan_work([jobs[0], jobs[2]], 3, sum(n for _, n in planned))
+    for r in range(3):
+        assert {(j.shard_id, j.unit) for j in static_share(later, planned, 3, r)} == \
+            {(j.shard_id, j.unit) for j in shares[r] if j.shard_id != 1}
+
+
+@pytest.mark.slow
+def test_two_workers_with_units_equal_one_process(many_images, reference, tmp_path):
+    out = tmp_path / "two.h5"
+    prep = _prepare(many_images, out)
+    assert len(plan_work(prep.jobs, 2).n_units) == 1  # the one shard is cut
+    report = run_prepared(prep, procs=2)
+    got = _read(out)
+    assert got["paths"] == reference["paths"] and report.n_rows == N_IMAGES - 1
+    np.testing.assert_array_equal(got["emb"], reference["emb"])
+    assert got["skipped"] == reference["skipped"] and "a/0100.png" in got["skipped"]
+    assert _leftovers(out) == []  # no .partial or .unit left
+
+
+@pytest.mark.slow
+def test_a_finished_unit_is_never_embedded_again(many_images, reference, tmp_path):
+    out = tmp_path / "resume.h5"
+    prep = _prepare(many_images, out)
+    schedule = plan_work(prep.jobs, 2, N_IMAGES)
+    first = next(j for j in schedule.work if j.unit is not None)
+    assert run_unit(first) == first.unit[1] - first.unit[0]
+    unit_file = next(parts_dir(out).glob("*.unit"))
+    with h5py.File(unit_file, "r") as f:
+        assert bool(f.attrs["unit_done"]) and int(f["status"][...].sum()) == first.unit[1] - first.unit[0] - (
+            1 if first.unit[0] <= 50 < first.unit[1] else 0)
+    mtime = unit_file.stat().st_mtime_ns
+    assert run_unit(first) == first.unit[1] - first.unit[0] and unit_file.stat().st_mtime_ns == mtime
+    report = featbank.extract(many_images, out, progress=False, procs=2, shard_size=1000, **TINY)
+    assert report.n_resumed == first.unit[1] - first.unit[0] - 1  # its rows but the unreadable one
+    assert report.n_embedded + report.n_resumed == N_IMAGES - 1
+    np.testing.assert_array_equal(_read(out)["emb"], reference["emb"])
+
+
+@pytest.mark.slow
+def test_units_cut_for_other_workers_are_copied_not_recomputed(many_images, reference, tmp_path):
+    out = tmp_path / "other.h5"
+    prep = _prepare(many_images, out)
+    for job in plan_work(prep.jobs, 2, N_IMAGES).work:  # every unit of a 2-worker cut, finished
+        run_unit(job)
+    # A 3-worker run cuts the shard otherwise: its units copy every row from the finished ones.
+    report = featbank.extract(many_images, out, progress=False, procs=3, shard_size=1000, **TINY)
+    assert report.n_embedded == 0 and report.n_resumed == N_IMAGES - 1
+    np.testing.assert_array_equal(_read(out)["emb"], reference["emb"])
+
+
+def test_job_array_slices_with_units_then_finalize(many_images, reference, tmp_path):
+    out = tmp_path / "slices.h5"
+    run_slice(_prepare(many_images, out), 0, 2)
+    with pytest.raises(featbank.errors.CacheError, match="no part"):
+        run_prepared(_prepare(many_images, out), finalize_only=True)  # slice 1 has not run: nothing embedded here
+    assert not out.exists()
+    run_slice(_prepare(many_images, out), 1, 2)
+    report = run_prepared(_prepare(many_images, out), finalize_only=True)
+    assert report.published and report.n_rows == N_IMAGES - 1
+    got = _read(out)
+    np.testing.assert_array_equal(got["emb"], reference["emb"])
+    assert got["skipped"] == reference["skipped"]
+
+
+def test_rank_shards_partition_the_parts(many_images, tmp_path):
+    prep = _prepare(many_images, tmp_path / "r.h5", shard_size=100)
+    owned = [rank_shards(prep, r, 3) for r in range(3)]
+    assert set().union(*owned) == {j.shard_id for j in prep.jobs}
+    assert sum(map(len, owned)) == len(prep.jobs)
+
+
+def test_run_local_without_jobs_or_with_one_worker_needs_no_units(many_images, tmp_path):
+    assert run_local([], 2) == []
+    prep = _prepare(many_images, tmp_path / "one.h5")
+    parts = run_local(prep.jobs, 1)
+    assert len(parts) == 1 and not list(parts_dir(tmp_path / "one.h5").glob("*.unit"))
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_with_units_equal_one_process(many_images, reference, tmp_path):
+    out = tmp_path / "tr.h5"
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent(f"""
+        import featbank
+        featbank.extract({str(many_images)!r}, {str(out)!r}, backbone="test_tiny", engine="torch", num_workers=0,
+                         batch_size=16, shard_size=1000, launcher="torchrun", progress=False)
+    """))
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+                          str(script)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = _read(out)
+    np.testing.assert_array_equal(got["emb"], reference["emb"])
+    assert got["skipped"] == reference["skipped"] and _leftovers(out) == []
+
+
+@pytest.mark.slow
+def test_ray_with_units_equals_one_process(many_images, reference, tmp_path):
+    pytest.importorskip("ray")
+    out = tmp_path / "ray.h5"
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent(f"""
+        import os
+        os.environ["RAY_ADDRESS"] = "local"
+        import featbank
+        featbank.extract({str(many_images)!r}, {str(out)!r}, backbone="test_tiny", engine="torch", num_workers=0,
+                         batch_size=16, shard_size=1000, launcher="ray", procs=2, progress=False)
+    """))
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    np.testing.assert_array_equal(_read(out)["emb"], reference["emb"])
+    assert _leftovers(out) == []
+
+
+def test_test_sleep_waits_per_batch_without_cpu_and_needs_the_torch_engine(tmp_path):
+    import time
+
+    import torch
+
+    from featbank.backbones import load_backbone
+    from featbank.extraction import build_engine
+
+    bb = load_backbone("test_sleep", "0.2")
+    x = torch.rand(4, 3, 32, 32)
+    wall, cpu = time.perf_counter(), time.process_time()
+    emb = bb.features(x)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    assert emb.shape == (4, 32) and wall >= 0.2 and cpu < wall / 2  # the wait is not CPU work
+    np.testing.assert_array_equal(emb.detach().numpy(), bb.features(x).detach().numpy())  # deterministic
+    assert build_engine("auto", bb, "cpu", "fp32").name == "torch"
+    with pytest.raises(featbank.errors.ConfigError, match="--engine torch"):
+        build_engine("onnxruntime", bb, "cpu", "fp32")
+    with pytest.raises(featbank.errors.ConfigError, match="seconds per batch"):
+        load_backbone("test_sleep", "forever")
