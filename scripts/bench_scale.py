@@ -295,14 +295,16 @@ def _whole_shards(jobs: Any, workers: int, total_rows: int | None = None) -> Any
     return Schedule(list(jobs), [(j.shard_id, 0) for j in jobs])
 
 
-def _timed_extract(data: Path, out: Path, launcher: str, k: int, seconds: float, batch: int, n: int) -> float:
+def _timed_extract(data: Path, out: Path, launcher: str, k: int, seconds: float, batch: int, n: int,
+                   shard_size: int | None = None) -> float:
     import featbank
 
     for p in out.parent.glob(f"{out.name}*"):
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     t0 = time.perf_counter()
     report = featbank.extract(data, out, backbone="test_sleep", weights=str(seconds), engine="torch", num_workers=0,
-                              batch_size=batch, procs=k, launcher="ray" if launcher == "ray" else "local", progress=False)
+                              batch_size=batch, procs=k, launcher="ray" if launcher == "ray" else "local",
+                              shard_size=shard_size, progress=False)
     dt = time.perf_counter() - t0
     if report.n_embedded != n:  # a run that reused a cache measures nothing
         raise SystemExit(f"{launcher} k={k}: embedded {report.n_embedded} rows, not {n}: no ratio printed.")
@@ -312,8 +314,9 @@ def _timed_extract(data: Path, out: Path, launcher: str, k: int, seconds: float,
 def bench_sim(work: Path, sizes: list[int], ks: list[int], launchers: list[str], seconds: float, batch: int) -> list[dict]:
     """Rows/s of k workers over one worker, with work units and with whole shards, side by side.
 
-    Each figure is net of the fixed cost of starting k workers (the same run on k * batch rows,
-    measured just before), printed beside the end-to-end figure.
+    Each figure is net of the fixed cost of starting k workers (the same run on k * batch rows in k
+    shards, so the k workers start and each embeds one batch, measured just before), printed beside
+    the end-to-end figure.
     """
     import featbank.extraction._launch as launch
 
@@ -334,7 +337,9 @@ def bench_sim(work: Path, sizes: list[int], ks: list[int], launchers: list[str],
                         continue
                     launch.plan_work = plan
                     try:
-                        fixed = _timed_extract(small, work / "sim-small.h5", launcher, k, seconds, batch, k * batch)
+                        # One shard per worker: the k workers are started and each embeds one batch.
+                        fixed = _timed_extract(small, work / "sim-small.h5", launcher, k, seconds, batch, k * batch,
+                                               shard_size=batch)
                         total = _timed_extract(data, work / "sim.h5", launcher, k, seconds, batch, n)
                     finally:
                         launch.plan_work = units
@@ -386,7 +391,7 @@ def main() -> None:
     ap.add_argument("--sim-sizes", type=int, nargs="+", default=[12_000, 50_000])
     ap.add_argument("--sim-workers", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--sim-launchers", nargs="+", default=["procs", "ray"], choices=["procs", "ray"])
-    ap.add_argument("--sim-seconds", type=float, default=0.05, help="test_sleep's wait per batch")
+    ap.add_argument("--sim-seconds", type=float, default=0.1, help="test_sleep's wait per batch")
     ap.add_argument("--sim-batch", type=int, default=64)
     args = ap.parse_args()
     if args.sim:
