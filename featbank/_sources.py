@@ -35,14 +35,13 @@ from typing import Any
 
 import numpy as np
 
+from ._files import NotRegularFileError, open_regular_file
 from .errors import ConfigError, DatasetError, DuplicateRowsWarning
 from .images import (
     IMAGE_EXTENSIONS,
     ImageReadError,
-    NotARegularFileError,
     PreprocessConfig,
     check_image_bytes,
-    open_regular_file,
     preprocess_image,
 )
 
@@ -95,8 +94,8 @@ def _open_input(path: Path, what: str) -> Any:
     """``path`` opened for binary reading, a regular file only (a FIFO swapped in is refused, never waited on)."""
     try:
         return open_regular_file(path)
-    except NotARegularFileError as e:
-        raise DatasetError(f"The {what} '{path}' is not a regular file (it is {e.what}). Pass a file.") from None
+    except NotRegularFileError as e:
+        raise DatasetError(f"The {what} '{path}' is not a regular file (it is {e.kind}). Pass a file.") from None
     except OSError as e:
         raise DatasetError(f"The {what} '{path}' cannot be opened: {e.strerror or e}.") from None
 
@@ -639,7 +638,7 @@ class TarImages:
                 return row, preprocess_image(img, self.cfg), ""
         except ImageReadError as e:
             return row, None, e.reason
-        except NotARegularFileError:
+        except NotRegularFileError:
             return row, None, "the tar is not a regular file"
         except (KeyError, tarfile.TarError, EOFError) as e:
             return row, None, f"corrupt tar member: {e}"

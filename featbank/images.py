@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import stat
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from ._files import NotRegularFileError, open_regular_file
 from .windowing import Window, parse_window, percentile_range, range_to_uint8, window_to_uint8
 
 __all__ = [
@@ -31,8 +31,6 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "MAX_IMAGE_BYTES",
     "MAX_ASPECT_RATIO",
-    "NotARegularFileError",
-    "open_regular_file",
     "check_image_bytes",
     "MAX_RESIZED_PIXELS",
     "check_aspect_ratio",
@@ -185,50 +183,6 @@ class ImageReadError(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
-
-
-class NotARegularFileError(OSError):
-    """A path that is not a regular file where one is read (a FIFO, a device, a socket, a directory).
-
-    ``what`` names the kind of file in a few words (``"a FIFO (named pipe)"``).
-    """
-
-    def __init__(self, path: str | os.PathLike, what: str):
-        super().__init__(f"{os.fspath(path)!r} is not a regular file: it is {what}")
-        self.what = what
-
-
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
-          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-
-
-def _kind(mode: int) -> str:
-    return next((what for test, what in _KINDS if test(mode)), "not a regular file")
-
-
-def open_regular_file(path: str | os.PathLike) -> Any:
-    """Open ``path`` for binary reading, refusing anything but a regular file at open time.
-
-    The file is opened with ``O_NONBLOCK`` (so a FIFO swapped in after a listing cannot block the
-    open) and checked with ``fstat`` on the open descriptor (so no swap between a check and the
-    open can slip through), then switched back to blocking reads.
-
-    Raises:
-        NotARegularFileError: a FIFO, device, socket or directory.
-        OSError: the file cannot be opened (missing, permission denied, ...).
-    """
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(path, flags)
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise NotARegularFileError(path, _kind(mode))
-        if hasattr(os, "set_blocking"):
-            os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 def check_image_bytes(size: int, max_bytes: int = MAX_IMAGE_BYTES) -> None:
@@ -399,8 +353,8 @@ def load_image(
         raise ImageReadError(
             "file not found (moved or deleted since the scan, or a broken link)"
         ) from None
-    except NotARegularFileError as e:
-        raise ImageReadError("not a file: it is a directory" if e.what == "a directory" else "not a regular file") from None
+    except NotRegularFileError as e:
+        raise ImageReadError("not a file: it is a directory" if e.kind == "a folder" else "not a regular file") from None
     except IsADirectoryError:
         raise ImageReadError("not a file: it is a directory") from None
     except PermissionError:
