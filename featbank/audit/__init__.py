@@ -21,13 +21,15 @@ from ._findings import Pairs, find_pairs, knn_outlier_scores
 from ._labels import LabelIssues, confident_joint, find_label_issues, out_of_fold_proba
 from ._neighbors import BACKENDS, Neighbors, knn_search, plan_blocks
 from ._report import check_report_dir, write_report
-from ._run import DEFAULT_THRESHOLD, AuditResult, AuditSettings, audit
+from ._run import DEFAULT_THRESHOLD, AuditResult, AuditSettings, audit, run_labels, run_neighbors
 
 __all__ = [
     "audit",
     "AuditSettings",
     "AuditResult",
     "write_report",
+    "run_neighbors",
+    "run_labels",
     "check_report_dir",
     "DEFAULT_THRESHOLD",
     "knn_search",
