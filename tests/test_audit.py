@@ -234,3 +234,41 @@ def test_layered_cache_with_views(layered: tuple[Path, Path]) -> None:
     res = audit(cache, AuditSettings(n_folds=2, layers="all"))
     assert "augmented views not used" in res.summary["features"]
     assert res.knn_score.shape == (48,) and res.issues is not None
+
+
+def _png_bytes(seed: int) -> bytes:
+    import io
+
+    arr = np.random.default_rng(seed).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_webdataset_cache_duplicates_and_thumbnails_from_the_shards(tmp_path: Path) -> None:
+    """Two tar shards; s003 of the second is the same picture as s001 of the first."""
+    import io
+    import tarfile
+
+    import featbank
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for t in range(2):
+        with tarfile.open(shards / f"{t:06d}.tar", "w") as tf:
+            for i in range(4):
+                img = _png_bytes(1) if (t, i) == (1, 3) else _png_bytes(10 * t + i)
+                for ext, payload in (("png", img), ("cls", str(i % 2).encode())):
+                    info = tarfile.TarInfo(f"s{i:03d}.{ext}")
+                    info.size = len(payload)
+                    tf.addfile(info, io.BytesIO(payload))
+    cache = tmp_path / "w.h5"
+    featbank.extract(str(shards / "{000000..000001}.tar"), cache, backbone="test_tiny", engine="torch", num_workers=0,
+                     progress=False)
+    res = audit(cache, AuditSettings(threshold=0.9999, n_folds=2))
+    with featbank.open_cache(cache) as c:
+        found = {(c.paths[a], c.paths[b]) for a, b in zip(res.pairs.a, res.pairs.b)}
+    assert ("000000.tar/s001", "000001.tar/s003") in found
+    page = write_report(res, tmp_path / "rep")
+    assert res.summary["thumbnails_skipped"] == []
+    assert (page.parent / "sheets" / "duplicates.png").is_file()
