@@ -12,8 +12,8 @@ import numpy as np
 from ..cache import FeatureCache, open_cache
 from ..errors import CacheError, ConfigError
 from ._findings import Pairs, find_pairs, flag_high, knn_outlier_scores, mark_exact, same_file
-from ._labels import METHODS, LabelIssues, find_label_issues, out_of_fold_proba
-from ._neighbors import BACKENDS, knn_search
+from ._labels import METHODS, FoldFitter, LabelIssues, find_label_issues, out_of_fold_proba
+from ._neighbors import BACKENDS, RowReader, knn_search
 
 __all__ = ["AuditSettings", "AuditResult", "audit", "run_neighbors", "run_labels", "DEFAULT_THRESHOLD"]
 
@@ -117,7 +117,7 @@ def _memory(settings: AuditSettings) -> int:
     return int(m if m is not None else 1 << 30)
 
 
-def _reader(cache: FeatureCache, layers: str):  # noqa: ANN202 - a RowReader
+def _reader(cache: FeatureCache, layers: str) -> RowReader:
     def read(rows: np.ndarray) -> np.ndarray:
         return cache.load_features(rows, layers=layers)
 
@@ -160,7 +160,7 @@ def _label_problem(cache: FeatureCache, n_folds: int) -> tuple[np.ndarray, str |
     return rows, (f"classes with fewer than {n_folds} images were left out: {small[:10]}" if small else None)
 
 
-def _probe(cache: FeatureCache, rows: np.ndarray, settings: AuditSettings):  # noqa: ANN202 - a FoldFitter
+def _probe(cache: FeatureCache, rows: np.ndarray, settings: AuditSettings) -> tuple[FoldFitter, np.ndarray]:
     """A fit_predict over the labelled ``rows``: in memory when they fit ``max_memory``, else streamed."""
     from ..heads import Features, LinearHead
 
