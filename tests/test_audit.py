@@ -186,6 +186,7 @@ def test_report_folder_that_exists_is_refused(tmp_path: Path) -> None:
     assert not (report / "keep.txt").exists() and (report / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_html_report_on_a_real_cache_with_an_unreadable_image(image_folder: Path, tmp_path: Path) -> None:
     """A real test_tiny cache of real images with one planted copy; one image is broken after extraction."""
     from PIL import PngImagePlugin
@@ -217,6 +218,7 @@ def test_html_report_on_a_real_cache_with_an_unreadable_image(image_folder: Path
         assert any(s["path"] == "fox/fox_001.jpg" and "unreadable" in s["reason"] for s in summary["thumbnails_skipped"])
 
 
+@pytest.mark.slow
 def test_identical_files_are_told_apart(image_folder: Path, tmp_path: Path) -> None:
     import shutil
 
@@ -229,6 +231,7 @@ def test_identical_files_are_told_apart(image_folder: Path, tmp_path: Path) -> N
     assert res.summary["duplicates"]["identical_bytes_pairs"] == 1 and res.summary["duplicates"]["exact_pairs"] >= 1
 
 
+@pytest.mark.slow
 def test_layered_cache_with_views(layered: tuple[Path, Path]) -> None:
     _, cache = layered
     res = audit(cache, AuditSettings(n_folds=2, layers="all"))
@@ -245,6 +248,7 @@ def _png_bytes(seed: int) -> bytes:
     return buf.getvalue()
 
 
+@pytest.mark.slow
 def test_webdataset_cache_duplicates_and_thumbnails_from_the_shards(tmp_path: Path) -> None:
     """Two tar shards; s003 of the second is the same picture as s001 of the first."""
     import io
