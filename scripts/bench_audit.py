@@ -215,7 +215,7 @@ def bench_dups(cache_path: Path, planted_path: Path, seed: int = 0) -> dict:
 
 
 def write_scale_cache(index: Path, n: int, dim: int, n_pairs: int, shard: int = 20000, seed: int = 0) -> np.ndarray:
-    """N x dim float16 rows in parts of ``shard`` rows; rows ``b`` = row ``a`` + noise (cosine ~0.95) for
+    """N x dim float16 rows in parts of ``shard`` rows; rows ``b`` = row ``a`` + noise (cosine ~0.97) for
     ``n_pairs`` planted pairs, ``a`` in train and ``b`` in test. Returns the (n_pairs, 2) planted rows."""
     from featbank.cache._index import PlannedPart, finalize_index
     from featbank.cache._parts import PartRows, parts_dir, rows_digest, write_part
@@ -223,19 +223,18 @@ def write_scale_cache(index: Path, n: int, dim: int, n_pairs: int, shard: int = 
     rng = np.random.default_rng(seed)
     perm = rng.permutation(n)[: 2 * n_pairs]
     pairs = np.sort(perm.reshape(n_pairs, 2), axis=1)
-    src_of = dict(zip(pairs[:, 1].tolist(), pairs[:, 0].tolist()))
-    base = {}
+    partner = dict(zip(pairs[:, 1].tolist(), pairs[:, 0].tolist()))
+    sources = set(pairs[:, 0].tolist())
     planned = []
     for sid, s in enumerate(range(0, n, shard)):
         rows = np.arange(s, min(n, s + shard))
         X = np.random.default_rng([seed, sid]).standard_normal((len(rows), dim), dtype=np.float32)
-        for r in rows:
-            if r in src_of:
-                a = src_of[r]
-                if a not in base:  # a lies in this or a later shard: regenerate it
-                    base[a] = np.random.default_rng([seed, a // shard]).standard_normal(
-                        (a - (a // shard) * shard + 1, dim), dtype=np.float32)[-1]
-                X[r - s] = base[a] + 0.3 * rng.standard_normal(dim, dtype=np.float32)
+        for r in rows.tolist():  # a pair's source row and its copy both come from the source's own generator
+            if r in sources:
+                X[r - s] = np.random.default_rng([seed, 1, r]).standard_normal(dim, dtype=np.float32)
+            elif r in partner:
+                X[r - s] = (np.random.default_rng([seed, 1, partner[r]]).standard_normal(dim, dtype=np.float32)
+                            + 0.25 * np.random.default_rng([seed, 2, r]).standard_normal(dim, dtype=np.float32))
         split = np.where(np.isin(rows, pairs[:, 1]), 2, 0).astype(np.int8)
         part_rows = PartRows([f"{r:09d}.png" for r in rows], np.zeros((len(rows), 2), np.int64),
                              np.zeros(len(rows), np.int64), split)
