@@ -56,7 +56,7 @@ def _register() -> None:
 
     cli.add_command(_extract.extract)
     cli.add_command(_backbones.backbones)
-    for mod in ("fit", "evaluate", "predict", "finetune", "export", "cache", "compare", "doctor"):
+    for mod in ("fit", "evaluate", "predict", "finetune", "export", "cache", "compare", "doctor", "audit"):
         try:
             module = __import__(f"featbank.cli.{mod}", fromlist=[mod])
         except ModuleNotFoundError as e:

@@ -1,0 +1,386 @@
+"""Benchmark of ``featbank audit``: label errors, near-duplicates across splits, and scale.
+
+Three parts, each in one run with its comparison side by side:
+
+* **Label errors** (``labels``): a labelled cache (Fashion-MNIST 10k, efficientnet_lite0, final
+  layer) with 5% of its labels flipped at random (seeded). Precision, recall and F1 of the flagged
+  set against the flips, for featbank (out-of-fold LinearHead probabilities + its own confident
+  learning) and for cleanlab's ``find_label_issues`` fed by scikit-learn ``cross_val_predict``
+  probabilities of a ``LogisticRegression`` on the same features (cleanlab's documented workflow;
+  ``pip install cleanlab``); seconds of each.
+* **Near-duplicates** (``dups``): 200 training images of an ImageFolder with train/test splits
+  copied into test with realistic changes (JPEG quality 30, 0.8x resize, 90% centre crop, a small
+  brightness shift). ``prepare-dups`` writes that folder; extract it with ``featbank extract``.
+  Recall and precision of the planted cross-split pairs found, at the default threshold and over a
+  sweep; the threshold that would be chosen on half the planted pairs, checked on the other half.
+* **Scale** (``scale``): a synthetic N x 1280 float16 cache written part by part with planted
+  near-duplicate pairs; all pairs found?, seconds, peak RSS (run it for several N: RSS flat in N).
+
+    python scripts/bench_audit.py prepare-dups /work/data/elpv4 data/elpv-dups
+    featbank extract data/elpv-dups --out runs/elpv-dups.h5
+    python scripts/bench_audit.py dups runs/elpv-dups.h5
+    python scripts/bench_audit.py labels runs/fmnist10k.h5
+    python scripts/bench_audit.py scale --n 100000 --dir runs/scale
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+N_PLANTED = 200
+
+
+# ------------------------------------------------------------------------------------------------
+# Near-duplicate folder
+# ------------------------------------------------------------------------------------------------
+
+
+def _degrade(path: Path, rng: np.random.Generator) -> bytes:
+    """JPEG q=30 bytes of the image after a 90% centre crop, a 0.8x resize and a brightness shift."""
+    from PIL import Image, ImageEnhance
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        cw, ch = int(w * 0.9), int(h * 0.9)
+        left, top = (w - cw) // 2, (h - ch) // 2
+        im = im.crop((left, top, left + cw, top + ch))
+        im = im.resize((max(1, int(cw * 0.8)), max(1, int(ch * 0.8))), Image.BILINEAR)
+        im = ImageEnhance.Brightness(im).enhance(float(rng.uniform(0.9, 1.1)))
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=30)
+        return buf.getvalue()
+
+
+def prepare_dups(src: Path, dst: Path, n: int = N_PLANTED, seed: int = 0) -> Path:
+    """Copy ``src`` (train/ and test/ ImageFolders) to ``dst`` and plant ``n`` degraded copies of
+    training images in test/ (same class). Writes ``dst/../<name>-planted.json``: [[train, test], ...]."""
+    if dst.exists():
+        raise SystemExit(f"{dst} exists; remove it first.")
+    shutil.copytree(src, dst)
+    rng = np.random.default_rng(seed)
+    train = sorted(p for p in (dst / "train").rglob("*") if p.is_file())
+    pairs = []
+    for i in sorted(rng.choice(len(train), n, replace=False)):
+        p = train[int(i)]
+        rel = p.relative_to(dst / "train")
+        out = dst / "test" / rel.parent / f"planted_{p.stem}.jpg"
+        out.write_bytes(_degrade(p, rng))
+        pairs.append([str(p.relative_to(dst)), str(out.relative_to(dst))])
+    planted = dst.with_name(dst.name + "-planted.json")
+    planted.write_text(json.dumps(pairs, indent=1))
+    return planted
+
+
+def _main_prepare(args: argparse.Namespace) -> None:
+    planted = prepare_dups(Path(args.src), Path(args.dst), args.n, args.seed)
+    print(f"wrote {args.dst} and {planted}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Label errors: featbank vs cleanlab on the same features
+# ------------------------------------------------------------------------------------------------
+
+
+def _write_like(path: Path, X: np.ndarray, y: np.ndarray, classes: list[str], paths: list[str], root: str) -> Path:
+    """A featbank cache of ``X`` with labels ``y`` (featbank's own writer; real HDF5)."""
+    import h5py
+
+    from featbank.cache import write_cache
+
+    src = path.with_name(path.name + ".src.h5")
+    with h5py.File(src, "w") as f:
+        f.create_dataset("embeddings", data=X)
+    n = len(y)
+    write_cache(path, sources=[("src", src, np.arange(n))], order_paths=paths, row_fingerprints=np.zeros((n, 2), np.int64),
+                row_labels=y, row_splits=np.zeros(n, np.int8), classes=classes, skipped=[], embed_dim=X.shape[1],
+                dtype="float32", attrs={"cache_key": "bench-audit", "backbone": "from-cache", "weights": "none",
+                                        "weights_sha256": "0" * 64, "transform": {}, "root": root})
+    src.unlink()
+    return path
+
+
+def _prf(flagged: set[int], truth: set[int]) -> dict[str, float]:
+    tp = len(flagged & truth)
+    p = tp / max(1, len(flagged))
+    r = tp / max(1, len(truth))
+    return {"flagged": len(flagged), "precision": round(p, 4), "recall": round(r, 4),
+            "f1": round(2 * p * r / max(1e-12, p + r), 4)}
+
+
+def bench_labels(cache_path: Path, workdir: Path, frac: float = 0.05, seed: int = 0) -> dict:
+    """Flip ``frac`` of the train labels (seeded) and compare featbank's audit with cleanlab."""
+    from featbank.audit import AuditSettings, run_labels
+    from featbank.cache import open_cache
+
+    with open_cache(cache_path) as c:
+        train = np.flatnonzero(c.split_mask("train") & (c.labels >= 0))
+        X, y, classes = c.load_embeddings(train), c.labels[train], list(c.classes)
+        paths, root = [c.paths[i] for i in train], str(c.root)
+    rng = np.random.default_rng(seed)
+    flips = rng.choice(len(y), int(round(frac * len(y))), replace=False)
+    noisy = y.copy()
+    noisy[flips] = (y[flips] + rng.integers(1, len(classes), len(flips))) % len(classes)
+    workdir.mkdir(parents=True, exist_ok=True)
+    noisy_cache = _write_like(workdir / "noisy.h5", X, noisy, classes, paths, root)
+    truth = set(flips.tolist())
+
+    t0 = time.perf_counter()
+    with open_cache(noisy_cache) as c:
+        rows, _, issues, C = run_labels(c, AuditSettings(device="cpu"), [])
+    t_fb = time.perf_counter() - t0
+    fb = _prf(set(rows[issues.flagged].tolist()), truth)
+
+    from cleanlab.filter import find_label_issues
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_predict
+
+    t0 = time.perf_counter()
+    with open_cache(noisy_cache) as c:
+        Xc, yc = c.load_embeddings(), c.labels.copy()
+    probs = cross_val_predict(LogisticRegression(max_iter=1000), Xc, yc, cv=5, method="predict_proba")
+    mask = find_label_issues(yc, probs)
+    t_cl = time.perf_counter() - t0
+    cl = _prf(set(np.flatnonzero(mask).tolist()), truth)
+    if not (fb["flagged"] and cl["flagged"]):
+        raise SystemExit(f"a method flagged nothing: featbank {fb}, cleanlab {cl}")
+    return {"n": len(y), "flipped": len(flips), "featbank": {**fb, "seconds": round(t_fb, 1), "C": C},
+            "cleanlab": {**cl, "seconds": round(t_cl, 1)}, "f1_ratio": round(fb["f1"] / max(1e-12, cl["f1"]), 3),
+            "time_ratio_cleanlab_over_featbank": round(t_cl / t_fb, 2)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Near-duplicates across splits
+# ------------------------------------------------------------------------------------------------
+
+
+def _pair_keys(cache, pairs) -> tuple[list[tuple[str, str]], np.ndarray]:  # noqa: ANN001
+    cross = cache.splits[pairs.a] != cache.splits[pairs.b]
+    keys = [tuple(sorted((cache.paths[a], cache.paths[b]))) for a, b in zip(pairs.a[cross], pairs.b[cross])]
+    return keys, pairs.similarity[cross]
+
+
+def _score(keys: list[tuple[str, str]], sims: np.ndarray, planted: set, thr: float, ignore: set = frozenset()) -> dict:
+    found = {k for k, s in zip(keys, sims) if s >= thr and k not in ignore}
+    tp = len(found & planted)
+    p = tp / max(1, len(found))
+    r = tp / max(1, len(planted))
+    return {"threshold": round(thr, 4), "cross_pairs": len(found), "planted_found": tp, "precision": round(p, 4),
+            "recall": round(r, 4), "f1": round(2 * p * r / max(1e-12, p + r), 4)}
+
+
+def bench_dups(cache_path: Path, planted_path: Path, seed: int = 0) -> dict:
+    from featbank.audit import DEFAULT_THRESHOLD, AuditSettings, run_neighbors
+    from featbank.cache import open_cache
+
+    planted = {tuple(sorted(p)) for p in json.loads(planted_path.read_text())}
+    t0 = time.perf_counter()
+    with open_cache(cache_path) as c:
+        pairs, _ = run_neighbors(c, AuditSettings(threshold=0.5, device="cpu"))
+        keys, sims = _pair_keys(c, pairs)
+    seconds = time.perf_counter() - t0
+    missing = planted - set(keys)
+    planted_sims = np.array([s for k, s in zip(keys, sims) if k in planted])
+    order = sorted(planted)
+    rng = np.random.default_rng(seed)
+    half = {order[i] for i in rng.permutation(len(order))[: len(order) // 2]}
+    other = planted - half
+    grid = np.round(np.arange(0.70, 0.995, 0.005), 4)
+    calib = [_score(keys, sims, half, t, ignore=other) for t in grid]
+    best = max(calib, key=lambda r: (r["f1"], r["threshold"]))
+    held_out = _score(keys, sims, other, best["threshold"], ignore=half)
+    non_planted = np.sort([s for k, s in zip(keys, sims) if k not in planted])[::-1]
+    return {
+        "n_images": int(len(c.paths)), "planted": len(planted), "planted_not_in_10nn_at_0.5": len(missing),
+        "search_seconds": round(seconds, 1),
+        "planted_similarity_quantiles": {q: round(float(np.quantile(planted_sims, q)), 4) for q in (0.0, 0.05, 0.5)},
+        "top_non_planted_cross_similarities": [round(float(s), 4) for s in non_planted[:10]],
+        "calibrated_on_half": best, "held_out_half_at_calibrated": held_out,
+        "at_default": _score(keys, sims, planted, DEFAULT_THRESHOLD),
+        "sweep": [_score(keys, sims, planted, t) for t in (0.8, 0.85, 0.9, 0.92, 0.94, 0.96, 0.98)],
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Scale: a synthetic float16 cache written part by part, audited with a small memory budget
+# ------------------------------------------------------------------------------------------------
+
+
+def write_scale_cache(index: Path, n: int, dim: int, n_pairs: int, shard: int = 20000, seed: int = 0) -> np.ndarray:
+    """N x dim float16 rows in parts of ``shard`` rows; rows ``b`` = row ``a`` + noise (cosine ~0.97) for
+    ``n_pairs`` planted pairs, ``a`` in train and ``b`` in test. Returns the (n_pairs, 2) planted rows."""
+    from featbank.cache._index import PlannedPart, finalize_index
+    from featbank.cache._parts import PartRows, parts_dir, rows_digest, write_part
+
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n)[: 2 * n_pairs]
+    pairs = np.sort(perm.reshape(n_pairs, 2), axis=1)
+    partner = dict(zip(pairs[:, 1].tolist(), pairs[:, 0].tolist()))
+    sources = set(pairs[:, 0].tolist())
+    planned = []
+    for sid, s in enumerate(range(0, n, shard)):
+        rows = np.arange(s, min(n, s + shard))
+        X = np.random.default_rng([seed, sid]).standard_normal((len(rows), dim), dtype=np.float32)
+        for r in rows.tolist():  # a pair's source row and its copy both come from the source's own generator
+            if r in sources:
+                X[r - s] = np.random.default_rng([seed, 1, r]).standard_normal(dim, dtype=np.float32)
+            elif r in partner:
+                X[r - s] = (np.random.default_rng([seed, 1, partner[r]]).standard_normal(dim, dtype=np.float32)
+                            + 0.25 * np.random.default_rng([seed, 2, r]).standard_normal(dim, dtype=np.float32))
+        split = np.where(np.isin(rows, pairs[:, 1]), 2, 0).astype(np.int8)
+        part_rows = PartRows([f"{r:09d}.png" for r in rows], np.zeros((len(rows), 2), np.int64),
+                             np.zeros(len(rows), np.int64), split)
+        write_part(parts_dir(index), sid, "scale" + "0" * 59, part_rows, X.astype(np.float16), ["a"])
+        planned.append(PlannedPart(sid, len(rows), rows_digest(part_rows, ["a"])))
+    finalize_index(index, planned, "scale" + "0" * 59, ["a"], {"backbone": "synthetic"})
+    return pairs
+
+
+def bench_scale(n: int, workdir: Path, max_memory: str, dim: int = 1280, n_pairs: int = 1000) -> dict:
+    from featbank.audit import AuditSettings, audit
+    from featbank.cache import open_cache
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    index = workdir / f"scale-{n}.h5"
+    if index.exists():
+        raise SystemExit(f"{index} exists; remove it and {index}.parts first.")
+    t0 = time.perf_counter()
+    pairs = write_scale_cache(index, n, dim, n_pairs)
+    t_write = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with open_cache(index) as c:
+        res = audit(c, AuditSettings(max_memory=max_memory, device="cpu"))
+        found = set(zip(res.pairs.a.tolist(), res.pairs.b.tolist()))
+    seconds = time.perf_counter() - t0
+    planted = set(map(tuple, pairs.tolist()))
+    rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    return {"n": n, "dim": dim, "max_memory": max_memory, "planted": len(planted), "found": len(planted & found),
+            "other_pairs": len(found - planted), "audit_seconds": round(seconds, 1), "write_seconds": round(t_write, 1),
+            "peak_rss_gb": round(rss_gb, 3)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Which change moves an embedding how far: one change at a time (calibrates the default threshold)
+# ------------------------------------------------------------------------------------------------
+
+CHANGES = ("crop", "resize", "bright", "jpeg", "all")
+
+
+def _change(im, name: str):  # noqa: ANN001, ANN202 - PIL images
+    from PIL import Image, ImageEnhance
+
+    if name in ("crop", "all"):
+        w, h = im.size
+        cw, ch = int(w * 0.9), int(h * 0.9)
+        im = im.crop(((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch))
+    if name in ("resize", "all"):
+        im = im.resize((int(im.width * 0.8), int(im.height * 0.8)), Image.BILINEAR)
+    if name in ("bright", "all"):
+        im = ImageEnhance.Brightness(im).enhance(1.1)
+    if name in ("jpeg", "all"):
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=30)
+        buf.seek(0)
+        im = Image.open(buf).convert("RGB")
+    return im
+
+
+def prepare_variants(src: Path, dst: Path, n: int = 30) -> None:
+    """``n`` images of ``src`` (evenly spaced), each as orig/ and once per change in CHANGES (PNG)."""
+    from PIL import Image
+
+    files = sorted(p for p in src.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    for i, f in enumerate(files[:: max(1, len(files) // n)][:n]):
+        im = Image.open(f).convert("RGB")
+        for name in ("orig", *CHANGES):
+            (dst / name).mkdir(parents=True, exist_ok=True)
+            (im if name == "orig" else _change(im, name)).save(dst / name / f"{i:03d}.png")
+
+
+def bench_variants(cache_path: Path) -> dict:
+    """Per change: the cosine of each changed copy to its original, and how often the original is its nearest
+    original; beside the most similar pair of different originals."""
+    from featbank.cache import open_cache
+
+    with open_cache(cache_path) as c:
+        X, paths = c.load_embeddings(), list(c.paths)
+    Z = X / np.linalg.norm(X, axis=1, keepdims=True)
+    at = {p: i for i, p in enumerate(paths)}
+    n = sum(p.startswith("orig/") for p in paths)
+    orig = np.array([at[f"orig/{i:03d}.png"] for i in range(n)])
+    S0 = Z[orig] @ Z[orig].T
+    np.fill_diagonal(S0, np.nan)
+    out = {"n": n, "different_images": {"median": round(float(np.nanmedian(S0)), 4), "max": round(float(np.nanmax(S0)), 4)}}
+    for name in CHANGES:
+        S = Z[np.array([at[f"{name}/{i:03d}.png"] for i in range(n)])] @ Z[orig].T
+        same = np.diag(S)
+        out[name] = {"min": round(float(same.min()), 4), "q05": round(float(np.quantile(same, 0.05)), 4),
+                     "median": round(float(np.median(same)), 4), "nearest_is_original": round(float(
+                         (S.argmax(1) == np.arange(n)).mean()), 3)}
+    return out
+
+
+def _main_prepare_variants(args: argparse.Namespace) -> None:
+    prepare_variants(Path(args.src), Path(args.dst), args.n)
+
+
+def _main_variants(args: argparse.Namespace) -> None:
+    print(json.dumps(bench_variants(Path(args.cache)), indent=2))
+
+
+def _main_labels(args: argparse.Namespace) -> None:
+    print(json.dumps(bench_labels(Path(args.cache), Path(args.workdir)), indent=2))
+
+
+def _main_dups(args: argparse.Namespace) -> None:
+    print(json.dumps(bench_dups(Path(args.cache), Path(args.planted)), indent=2))
+
+
+def _main_scale(args: argparse.Namespace) -> None:
+    print(json.dumps(bench_scale(args.n, Path(args.workdir), args.max_memory), indent=2))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare-dups")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--n", type=int, default=N_PLANTED)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_main_prepare)
+    p = sub.add_parser("prepare-variants")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--n", type=int, default=30)
+    p.set_defaults(func=_main_prepare_variants)
+    p = sub.add_parser("variants")
+    p.add_argument("cache")
+    p.set_defaults(func=_main_variants)
+    p = sub.add_parser("labels")
+    p.add_argument("cache")
+    p.add_argument("--workdir", default="runs/bench-audit")
+    p.set_defaults(func=_main_labels)
+    p = sub.add_parser("dups")
+    p.add_argument("cache")
+    p.add_argument("planted", help="the -planted.json file prepare-dups wrote")
+    p.set_defaults(func=_main_dups)
+    p = sub.add_parser("scale")
+    p.add_argument("--n", type=int, default=100_000)
+    p.add_argument("--max-memory", default="64MB")
+    p.add_argument("--workdir", default="runs/bench-audit")
+    p.set_defaults(func=_main_scale)
+    args = ap.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
