@@ -447,8 +447,10 @@ class OnnxClassifier:
                 return np.asarray(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8)
             return preprocess_image(img, self.preprocess_config)
         except ImageReadError as e:  # e.g. an extreme aspect ratio, found once the image is known
-            where = str(image) if isinstance(image, (str, os.PathLike)) else type(image).__name__
-            raise DatasetError(f"Cannot read image {where!r}: {e.reason}.") from None
+            if isinstance(image, (str, os.PathLike)):
+                raise DatasetError(f"Cannot read image {str(image)!r}: {e.reason}.") from None
+            what = f"an array of shape {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+            raise DatasetError(f"Cannot use image {what}: {e.reason}.") from None
 
     def _check_batch(self, x: np.ndarray) -> None:
         h, w = self.input_size

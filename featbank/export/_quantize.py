@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ExportError
 from ..images import IMAGE_EXTENSIONS, ImageReadError, PreprocessConfig, load_and_preprocess
 from ..runtime import INPUT_NAME, OUTPUT_NAMES
 
@@ -170,14 +170,24 @@ def quantize_model(fp32: Path, out: Path, plan: CalibrationPlan, cfg: Preprocess
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     pre = out.with_name(out.name + ".pre")
+    reader = _Reader(plan.calibration, cfg)
     try:
         quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-        reader = _Reader(plan.calibration, cfg)
         quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax)
+    except OSError:
+        raise  # the caller names the file and the reason (disk full, permissions)
+    except Exception as e:  # noqa: BLE001 - the quantizer raises many types; say what failed
+        if reader.n == 0:
+            raise ConfigError(f"None of the {len(plan.calibration)} calibration images ({plan.calibration_source}) "
+                              "could be read. Pass --calibration DIR with readable images.") from None
+        raise ExportError(f"int8 quantization failed: {type(e).__name__}: {str(e).strip()[:300]}. Export fp32, "
+                          "or report the model.") from None
     finally:
         pre.unlink(missing_ok=True)
+        for aux in out.parent.glob(out.name + "*.data"):
+            aux.unlink(missing_ok=True)
     if reader.n == 0:
         raise ConfigError(f"None of the {len(plan.calibration)} calibration images ({plan.calibration_source}) "
                           "could be read. Pass --calibration DIR with readable images.")

@@ -143,7 +143,7 @@ def compose_raw(inner: Any, cfg: PreprocessConfig, input_name: str) -> Any:
     import onnx
     from onnx import compose
 
-    from ._graph import opset_of
+    from ._graph import dedupe_opsets, opset_of
 
     prep = preprocess_graph(cfg, opset_of(inner), _RAW_TMP_NAME)
     prep.ir_version = inner.ir_version
@@ -152,6 +152,7 @@ def compose_raw(inner: Any, cfg: PreprocessConfig, input_name: str) -> Any:
             prep.opset_import.append(imp)
     prep = compose.add_prefix(prep, "preprocess/", rename_inputs=False, rename_outputs=False)
     merged = compose.merge_models(prep, inner, io_map=[(CROPPED_NAME, input_name)])
+    dedupe_opsets(merged)
     _rename(merged.graph, _RAW_TMP_NAME, input_name)
     onnx.checker.check_model(merged)
     return merged
