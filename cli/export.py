@@ -73,7 +73,7 @@ def export(model, out, check_images, no_check, opset, weights_file, atol, input_
 
     report = featbank.export_model(
         model, out, check_images=list(check_images) or None, check=not no_check, opset=opset,
-        weights_file=weights_file, atol=atol, input=input_kind, quantize=quantize, calibration=calibration,
+        weights_file=weights_file, atol=atol, input_kind=input_kind, quantize=quantize, calibration=calibration,
         max_drop=max_drop, model_version=model_version, triton=triton, head_only=head_only,
     )
     click.echo(report.summary())

@@ -39,7 +39,7 @@ def deployed(tmp_path_factory: pytest.TempPathFactory, onnx_cache_dir: Path) -> 
     with cache_dir_env(onnx_cache_dir):
         bundle = _fit_bundle(root)
         pre = featbank.export_model(bundle, root / "pre.onnx").path
-        raw = featbank.export_model(bundle, root / "raw.onnx", input="raw", triton=root / "triton",
+        raw = featbank.export_model(bundle, root / "raw.onnx", input_kind="raw", triton=root / "triton",
                                     model_version=3).path
         head = featbank.export_model(bundle, root / "head.onnx", head_only=True).path
     return {"root": root, "bundle": bundle, "pre": pre, "raw": raw, "head": head, "data": root / "data"}
@@ -194,7 +194,7 @@ def test_quantize_int8_measures_and_refuses(deployed: dict[str, Path], tmp_path:
 
     with cache_dir_env(onnx_cache_dir):
         rep = featbank.export_model(deployed["bundle"], tmp_path / "q.onnx", quantize="int8", max_drop=100,
-                                    input="raw")
+                                    input_kind="raw")
     q = rep.quantization
     assert q["n_calibration"] == 30 and q["n_test"] == 30 and 0 <= q["int8_top1"] <= 1
     assert q["drop_points"] == pytest.approx(100 * (q["fp32_top1"] - q["int8_top1"]))

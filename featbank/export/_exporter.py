@@ -214,7 +214,7 @@ def export_model(
     weights_file: str | os.PathLike | None = None,
     atol: float = DEFAULT_ATOL,
     max_check_images: int = MAX_CHECK_IMAGES,
-    input: str = "preprocessed",
+    input_kind: str = "preprocessed",
     quantize: str | None = None,
     calibration: str | os.PathLike | None = None,
     max_drop: float = DEFAULT_MAX_DROP,
@@ -236,7 +236,7 @@ def export_model(
         weights_file: the backbone weights file, for bundles fitted with ``--weights-file``.
         atol: the largest allowed |Δprobability| between ONNX and PyTorch.
         max_check_images: use at most this many images for the check.
-        input: ``"preprocessed"`` (the graph takes pixels resized and centre-cropped as its metadata
+        input_kind: ``"preprocessed"`` (the graph takes pixels resized and centre-cropped as its metadata
             says) or ``"raw"`` (any decoded RGB uint8 image; resize and crop are inside the graph).
         quantize: ``"int8"``: static QDQ per-channel quantization (see :mod:`featbank.export._quantize`),
             refused when the cache's test top-1 drops by more than ``max_drop`` points.
@@ -272,10 +272,10 @@ def export_model(
     from ..bundle import load_bundle
 
     t0 = time.perf_counter()
-    _check_options(opset, input, quantize, max_drop, model_version, head_only)
+    _check_options(opset, input_kind, quantize, max_drop, model_version, head_only)
     _refuse_onnx_file(model)
     bundle = load_bundle(model)
-    if input == "raw":
+    if input_kind == "raw":
         check_no_window(bundle)
     out_path = _output_path(bundle, out)
     triton_dir = check_triton_repo(triton, model_name(out_path)) if triton is not None else None
@@ -285,7 +285,7 @@ def export_model(
     if head_only:
         report = export_head_only(bundle, out_path, images, weights_file, opset, atol, check, model_version)
     else:
-        report = _export_graph(bundle, out_path, images, source, weights_file, opset, atol, check, input,
+        report = _export_graph(bundle, out_path, images, source, weights_file, opset, atol, check, input_kind,
                                plan, max_drop, model_version)
     if triton_dir is not None:
         report.triton = write_triton_repo(report.path, triton_dir, model_name(out_path), model_version)
@@ -459,7 +459,7 @@ def _check_options(opset: int | None, input_kind: str, quantize: str | None, max
                    head_only: bool) -> None:
     _check_opset(opset)
     if input_kind not in INPUT_KINDS:
-        raise ConfigError(f"The 'input' parameter must be one of {list(INPUT_KINDS)}. Got {input_kind!r} instead.")
+        raise ConfigError(f"The 'input_kind' parameter must be one of {list(INPUT_KINDS)}. Got {input_kind!r} instead.")
     if quantize not in (None, "int8"):
         raise ConfigError(f"The 'quantize' parameter must be 'int8' or None. Got {quantize!r} instead.")
     if not (0 <= max_drop <= 100):
