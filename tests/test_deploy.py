@@ -138,11 +138,9 @@ def test_raw_refused_for_a_windowed_bundle(deployed: dict[str, Path], tmp_path: 
     (copy / "manifest.json").write_text(json.dumps(manifest))
     r = CliRunner().invoke(cli, ["export", str(copy), "--input", "raw", "--out", str(tmp_path / "w.onnx")])
     assert r.exit_code == 2, r.output
-    assert "window 'lung'" in r.output and "not in the graph" in r.output and r.exception is None or \
-        isinstance(r.exception, SystemExit)
+    assert "window 'lung'" in r.output and "not in the graph" in r.output and "Traceback" not in r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)
     assert not (tmp_path / "w.onnx").exists()
-    manifest["backbone"]["transform"]["window"] = "none"  # no window: exported as any other
-    (copy / "manifest.json").write_text(json.dumps(manifest))
 
 
 def test_triton_repository_parses_with_tritons_schema(deployed: dict[str, Path]) -> None:
