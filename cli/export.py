@@ -24,11 +24,33 @@ __all__ = ["export"]
               help="Backbone weights file, for bundles fitted with 'extract --weights-file'.")
 @click.option("--atol", type=click.FloatRange(min=0), default=1e-4, show_default=True,
               help="Largest |probability difference| allowed between ONNX and PyTorch.")
-def export(model, out, check_images, no_check, opset, weights_file, atol) -> None:
+@click.option("--input", "input_kind", type=click.Choice(["preprocessed", "raw"]), default="preprocessed",
+              show_default=True,
+              help="What the graph takes. preprocessed: uint8 (N, H, W, 3) RGB already resized and centre-cropped "
+              "as its metadata says. raw: any decoded RGB uint8 image (N, H, W, 3) of any size; the weights' resize "
+              "(antialiased, as Pillow) and crop are inside the graph, checked against Pillow on images of many "
+              "sizes (top-1 agreement >= 99%).")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="Static int8 quantization (QDQ, per channel), calibrated on training images of the bundle's "
+              "cache (or --calibration); the test top-1 change is measured and stored in the metadata.")
+@click.option("--calibration", type=click.Path(file_okay=False, path_type=str), default=None, metavar="DIR",
+              help="Images to calibrate --quantize on (up to 128), instead of the cache's training images.")
+@click.option("--max-drop", type=click.FloatRange(min=0, max=100), default=1.0, show_default=True,
+              help="Refuse (exit 2, nothing written) an int8 model whose test top-1 drops by more points.")
+@click.option("--triton", type=click.Path(path_type=str), default=None, metavar="REPO",
+              help="Also write a Triton model repository: REPO/<name>/config.pbtxt, labels.txt, <version>/model.onnx.")
+@click.option("--model-version", type=click.IntRange(min=1), default=1, show_default=True,
+              help="The model_version of the file and the Triton version folder.")
+@click.option("--head-only", is_flag=True,
+              help="Export the head alone: embeddings (N, D) float32 -> probabilities, label; the feature spec "
+              "(backbone, layers, pooling, standardisation) is in the metadata.")
+def export(model, out, check_images, no_check, opset, weights_file, atol, input_kind, quantize, calibration, max_drop,
+           triton, model_version, head_only) -> None:
     """Export MODEL (a bundle from fit or finetune) to one ONNX file: images -> probabilities, label.
 
-    The graph takes uint8 images (N, H, W, 3) RGB, already resized and centre-cropped as its
-    metadata says; normalisation, backbone and head are inside. Outputs: `probabilities` (N, C)
+    With --input preprocessed (the default) the graph takes uint8 images (N, H, W, 3) RGB, already
+    resized and centre-cropped as its metadata says; with --input raw any decoded RGB image, resized
+    and cropped inside. Normalisation, backbone and head are inside. Outputs: `probabilities` (N, C)
     float32 and `label` (N,) int64. Before the file appears, real images go through featbank's
     PyTorch pipeline and through onnxruntime (batch sizes 1 and 7); the export fails (exit 2,
     nothing written) unless top-1 agrees on every image and probabilities agree within --atol.
@@ -44,13 +66,18 @@ def export(model, out, check_images, no_check, opset, weights_file, atol) -> Non
       featbank export models/elpv-linear
       featbank export models/elpv-linear --out deploy/elpv.onnx --check-images data/elpv/val
       featbank export models/elpv-finetuned --opset 18
+      featbank export models/elpv-linear --input raw --quantize int8 --triton deploy/triton
+      featbank export models/elpv-linear --head-only --out deploy/elpv-head.onnx
     """
     import featbank
 
     report = featbank.export_model(
         model, out, check_images=list(check_images) or None, check=not no_check, opset=opset,
-        weights_file=weights_file, atol=atol,
+        weights_file=weights_file, atol=atol, input_kind=input_kind, quantize=quantize, calibration=calibration,
+        max_drop=max_drop, model_version=model_version, triton=triton, head_only=head_only,
     )
     click.echo(report.summary())
     click.echo(f"ONNX model: {report.path}")
     click.echo(f"Parity:     {report.parity_path}")
+    if report.triton is not None:
+        click.echo(f"Triton:     {report.triton}")

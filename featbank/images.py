@@ -34,6 +34,7 @@ __all__ = [
     "check_image_bytes",
     "MAX_RESIZED_PIXELS",
     "check_aspect_ratio",
+    "check_resizable",
     "load_image",
     "preprocess_image",
     "load_and_preprocess",
@@ -388,6 +389,31 @@ def load_image(
             raise ImageReadError(f"cannot decode: {type(e).__name__}: {e}") from None
 
 
+def check_resizable(width: int, height: int, cfg: PreprocessConfig, error: type[Exception] = ImageReadError) -> None:
+    """Refuse an image the resize of ``cfg`` cannot take in bounded memory.
+
+    Its aspect ratio must be at most :data:`MAX_ASPECT_RATIO` and the resized image (shorter side
+    ``cfg.resize_size``) at most :data:`MAX_RESIZED_PIXELS` pixels. Used before the Pillow resize and
+    before an image is fed to a graph that resizes inside (``export --input raw``).
+
+    Raises:
+        ImageReadError: (or ``error``, called with the message) the image is refused; the message
+            says why, with its size.
+    """
+    try:
+        check_aspect_ratio(width, height)
+    except ImageReadError as e:
+        if error is ImageReadError:
+            raise
+        raise error(f"The image is refused: {e.reason}.") from None
+    size = cfg.resize_size
+    short, long = min(width, height), max(width, height)
+    if size * int(size * long / short) > MAX_RESIZED_PIXELS:
+        reason = (f"resize target too large: {width}x{height} with its short side resized to {size} would have "
+                  f"{size * int(size * long / short)} pixels (limit {MAX_RESIZED_PIXELS})")
+        raise ImageReadError(reason) if error is ImageReadError else error(f"The image is refused: {reason}.")
+
+
 def preprocess_image(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     """Resize the shorter side and centre-crop, bit for bit as torchvision's PIL path does.
 
@@ -412,12 +438,7 @@ def preprocess_image(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     w, h = img.size
     size = cfg.resize_size
     short, long = (w, h) if w <= h else (h, w)
-    check_aspect_ratio(w, h)
-    if size * int(size * long / short) > MAX_RESIZED_PIXELS:
-        raise ImageReadError(
-            f"resize target too large: {w}x{h} with its short side resized to {size} would have "
-            f"{size * int(size * long / short)} pixels (limit {MAX_RESIZED_PIXELS})"
-        )
+    check_resizable(w, h, cfg)
     if short != size:
         new_short, new_long = size, int(size * long / short)
         new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)

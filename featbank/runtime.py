@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import BundleError, DatasetError
-from .images import RESAMPLE, ImageReadError, PreprocessConfig, load_image, preprocess_image
+from .images import RESAMPLE, ImageReadError, PreprocessConfig, check_resizable, load_image, preprocess_image
 from .windowing import parse_window
 
 __all__ = [
@@ -45,6 +45,9 @@ __all__ = [
     "MIN_CLASSES",
     "MAX_CLASSES",
     "MAX_IMAGE_SIDE",
+    "INPUT_KINDS",
+    "IMAGE_METADATA",
+    "input_kind",
 ]
 
 #: metadata_props key marking a featbank model, and the format version this module reads.
@@ -54,6 +57,14 @@ INPUT_NAME = "images"
 OUTPUT_NAMES = ("probabilities", "label")
 #: metadata keys every featbank ONNX model has.
 REQUIRED_KEYS = (FORMAT_KEY, "classes", "preprocessing")
+#: metadata ``input``: what the graph's ``images`` input takes. ``preprocessed``: pixels already resized and
+#: centre-cropped to ``preprocessing.input_size``; ``raw``: a decoded RGB image of any size (the resize and
+#: crop are inside the graph). Files without the key (featbank before it existed) are ``preprocessed``.
+#: ``embeddings``: a head alone (``export --head-only``), input ``embeddings`` (N, D) float32; not run by OnnxClassifier.
+INPUT_KINDS = ("preprocessed", "raw", "embeddings")
+#: The image-input conventions of ONNX metadata (Windows ML's ``Image.*`` keys), the only values featbank writes.
+IMAGE_METADATA = {"Image.BitmapPixelFormat": "Rgb8", "Image.ColorSpaceGamma": "SRGB",
+                  "Image.NominalPixelRange": "NominalRange_0_255"}
 #: keys of the ``preprocessing`` JSON the runtime needs.
 PREPROCESSING_KEYS = ("input_size", "resize_size", "interpolation", "mean", "std")
 RESAMPLING_FILTERS = tuple(sorted(RESAMPLE))
@@ -236,11 +247,38 @@ def parse_metadata(path: str | os.PathLike, meta: dict[str, str]) -> tuple[list[
             f"{str(path)!r} has featbank ONNX format {meta[FORMAT_KEY]!r}; this featbank reads format "
             f"{FORMAT_VERSION!r}. Upgrade featbank or re-export the model with this version."
         )
-    return _parse_classes(path, meta), _parse_preprocessing(path, meta)
+    classes, pre = _parse_classes(path, meta), _parse_preprocessing(path, meta)
+    input_kind(path, meta)
+    return classes, pre
 
 
-def _check_graph(path: Path, session: Any, n_classes: int, input_size: tuple[int, int]) -> None:
-    """The graph's input and outputs must be what the metadata promises (names, types, sizes)."""
+def input_kind(path: str | os.PathLike, meta: dict[str, str]) -> str:
+    """What the graph's input takes (:data:`INPUT_KINDS`), with the image conventions checked.
+
+    ``input`` absent means ``preprocessed`` (files written before the key); the ``Image.*`` keys and
+    ``model_version``, when present, must hold the values featbank writes (:data:`IMAGE_METADATA`, an
+    integer from 1 to 2**63 - 1).
+
+    Raises:
+        BundleError: a value out of those, naming the field.
+    """
+    path = Path(path)
+    kind = meta.get("input", "preprocessed")
+    if kind not in INPUT_KINDS:
+        raise _invalid(path, "input", kind, f"it must be one of {list(INPUT_KINDS)}")
+    for key, value in IMAGE_METADATA.items():
+        if key in meta and meta[key] != value:
+            raise _invalid(path, key, meta[key], f"featbank graphs take {value!r} images")
+    version = meta.get("model_version", "1")
+    if not (version.isascii() and version.isdigit() and 1 <= int(version) < 2**63 and version[0] != "0"):
+        raise _invalid(path, "model_version", version, "it must be a positive integer (no sign, no leading zero)")
+    return kind
+
+
+def _check_graph(path: Path, session: Any, n_classes: int, input_size: tuple[int, int], raw: bool = False) -> None:
+    """The graph's input and outputs must be what the metadata promises (names, types, sizes).
+
+    A raw-input graph (``raw``) takes images of any height and width: those axes must not be fixed."""
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = {o.name: o for o in session.get_outputs()}
     if INPUT_NAME not in inputs or not set(OUTPUT_NAMES) <= set(outputs):
@@ -250,8 +288,17 @@ def _check_graph(path: Path, session: Any, n_classes: int, input_size: tuple[int
         )
     h, w = input_size
     x, probs, label = inputs[INPUT_NAME], outputs[OUTPUT_NAMES[0]], outputs[OUTPUT_NAMES[1]]
+    x_spec = (x, "tensor(uint8)", [None, h, w, 3], f"uint8 [N, {h}, {w}, 3] (preprocessing.input_size)")
+    if raw:
+        x_spec = (x, "tensor(uint8)", [None, None, None, 3], "uint8 [N, H, W, 3] of any H, W (input: raw)")
+        if any(isinstance(d, int) for d in list(x.shape)[1:3]):
+            raise BundleError(
+                f"{str(path)!r}: the graph's {x.name!r} is {x.type} {list(x.shape)}, but its metadata says "
+                "input: raw (images of any height and width). The file is damaged or was not written by "
+                "'featbank export'; re-export the model."
+            )
     expected = [
-        (x, "tensor(uint8)", [None, h, w, 3], f"uint8 [N, {h}, {w}, 3] (preprocessing.input_size)"),
+        x_spec,
         (probs, "tensor(float)", [None, n_classes], f"float32 [N, {n_classes}] (one column per class)"),
         (label, "tensor(int64)", [None], "int64 [N]"),
     ]
@@ -331,6 +378,11 @@ def _array_to_pil(arr: np.ndarray) -> Image.Image:
 class OnnxClassifier:
     """An exported featbank model: images in, class probabilities out.
 
+    One inference path for both kinds of graph (metadata ``input``): :meth:`preprocess` turns an image
+    into what the graph takes (a ``preprocessed`` graph: pixels resized and centre-cropped as at training
+    time; a ``raw`` graph: the decoded RGB uint8 pixels at their own size, which the graph resizes and
+    crops itself), and :meth:`run` feeds batches of those.
+
     Args:
         path: an ``.onnx`` file written by ``featbank export``.
         providers: onnxruntime execution providers (default: CPU).
@@ -341,7 +393,8 @@ class OnnxClassifier:
         classes: class names; column ``i`` of :meth:`predict_proba` is ``classes[i]``.
         preprocess_config: resize / crop / interpolation / mean / std used at training time.
         metadata: every ``metadata_props`` entry (strings).
-        input_size: ``(height, width)`` of the model input.
+        input_size: ``(height, width)`` of the network input (after the crop).
+        input_kind: ``"preprocessed"`` or ``"raw"`` (see :data:`INPUT_KINDS`).
 
     Raises:
         BundleError: the file is missing, not an ONNX model, not a featbank model, or its metadata
@@ -353,6 +406,9 @@ class OnnxClassifier:
         >>> probs = clf.predict_proba(["a.jpg", "b.png"])   # (2, n_classes) float32
         >>> [p.label for p in clf.predict(["a.jpg"])]
     """
+
+    #: a raw graph's batch holds images of one size, and at most this many bytes of pixels.
+    RAW_BATCH_BYTES = 64 << 20
 
     def __init__(
         self,
@@ -368,36 +424,68 @@ class OnnxClassifier:
         self.preprocess_config: PreprocessConfig
         self.classes, self.preprocess_config = parse_metadata(self.path, self.metadata)
         self.input_size: tuple[int, int] = self.preprocess_config.input_size
-        _check_graph(self.path, self.session, len(self.classes), self.input_size)
+        self.input_kind: str = input_kind(self.path, self.metadata)
+        if self.input_kind == "embeddings":
+            raise BundleError(
+                f"{str(self.path)!r} is a head alone ('featbank export --head-only'): it takes embeddings (N, D) "
+                "float32, not images. Run it with onnxruntime on embeddings computed as its metadata 'features' "
+                "says, or export the bundle without --head-only to classify images."
+            )
+        _check_graph(self.path, self.session, len(self.classes), self.input_size, raw=self.input_kind == "raw")
 
     @property
     def n_classes(self) -> int:
         return len(self.classes)
 
     def preprocess(self, image: ImageLike) -> np.ndarray:
-        """One image -> ``(H, W, 3)`` uint8 at the model's input size, exactly as at training time."""
+        """One image -> what the graph takes: ``(H, W, 3)`` uint8 RGB.
+
+        A preprocessed graph gets the pixels at its input size, resized and cropped exactly as at
+        training time; a raw graph the decoded pixels at their own size (converted to RGB, checked
+        against the aspect-ratio and size limits the graph's resize would exceed, not resized).
+
+        Raises:
+            DatasetError: the image cannot be read or used (the message names it and says why).
+        """
         try:
-            return preprocess_image(image_to_pil(image, self.preprocess_config.window), self.preprocess_config)
+            img = image_to_pil(image, self.preprocess_config.window)
+            if self.input_kind == "raw":
+                check_resizable(img.width, img.height, self.preprocess_config)
+                return np.asarray(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8)
+            return preprocess_image(img, self.preprocess_config)
         except ImageReadError as e:  # e.g. an extreme aspect ratio, found once the image is known
-            where = str(image) if isinstance(image, (str, os.PathLike)) else type(image).__name__
-            raise DatasetError(f"Cannot read image {where!r}: {e.reason}.") from None
+            if isinstance(image, (str, os.PathLike)):
+                raise DatasetError(f"Cannot read image {str(image)!r}: {e.reason}.") from None
+            what = f"an array of shape {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+            raise DatasetError(f"Cannot use image {what}: {e.reason}.") from None
+
+    def _check_batch(self, x: np.ndarray) -> None:
+        h, w = self.input_size
+        if self.input_kind == "raw":
+            if x.dtype != np.uint8 or x.ndim != 4 or x.shape[3] != 3 or 0 in x.shape:
+                raise DatasetError(
+                    f"The model input must be uint8 of shape (N, H, W, 3) (NHWC RGB, N, H, W >= 1; input: raw). "
+                    f"Got {x.dtype} {x.shape} instead; use OnnxClassifier.preprocess or predict_proba on images."
+                )
+            check_resizable(x.shape[2], x.shape[1], self.preprocess_config, error=DatasetError)
+        elif x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (h, w, 3):
+            raise DatasetError(
+                f"The model input must be uint8 of shape (N, {h}, {w}, 3) (NHWC RGB). Got {x.dtype} "
+                f"{x.shape} instead; use OnnxClassifier.preprocess or predict_proba on raw images."
+            )
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Run the graph on preprocessed pixels.
+        """Run the graph on a batch of what :meth:`preprocess` returns.
 
         Args:
-            batch: ``(N, H, W, 3)`` uint8 RGB at :attr:`input_size` (see :meth:`preprocess`).
+            batch: ``(N, H, W, 3)`` uint8 RGB; ``H, W`` = :attr:`input_size` for a preprocessed graph,
+                any size (one for the whole batch) for a raw graph.
 
         Returns:
             ``(probabilities (N, C) float32, label (N,) int64)``.
         """
         x = np.asarray(batch)
-        h, w = self.input_size
-        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (h, w, 3):
-            raise DatasetError(
-                f"The model input must be uint8 of shape (N, {h}, {w}, 3) (NHWC RGB). Got {x.dtype} "
-                f"{x.shape} instead; use OnnxClassifier.preprocess or predict_proba on raw images."
-            )
+        self._check_batch(x)
         try:
             probs, label = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(x)})
         except Exception as e:  # noqa: BLE001 - onnxruntime's own error types; the input was checked above
@@ -415,28 +503,55 @@ class OnnxClassifier:
             )
         return probs, label
 
-    def predict_proba(self, images: Iterable[ImageLike], batch_size: int = 32) -> np.ndarray:
-        """``(N, C)`` float32 probabilities of images (paths, PIL images or arrays, any size/mode).
+    def proba_or_error(self, images: Iterable[ImageLike], batch_size: int = 32) -> list[np.ndarray | str]:
+        """Per image, its ``(C,)`` probabilities, or why it cannot be used (the others are still classified).
 
-        Raises:
-            DatasetError: an image cannot be read (the message names it).
+        Images are run in batches of up to ``batch_size`` (a raw graph's batch: consecutive images of
+        one size, at most :attr:`RAW_BATCH_BYTES` of pixels).
         """
         if batch_size < 1:
             raise DatasetError(f"The 'batch_size' parameter must be >= 1. Got {batch_size} instead.")
         if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
             images = [images]
-        out: list[np.ndarray] = []
-        batch: list[np.ndarray] = []
+        out: list[np.ndarray | str] = []
+        pending: list[tuple[int, np.ndarray]] = []
+
+        def flush() -> None:
+            if pending:
+                for (i, _), p in zip(pending, self.run(np.stack([a for _, a in pending]))[0], strict=True):
+                    out[i] = p
+                pending.clear()
+
         for image in images:
-            batch.append(self.preprocess(image))
-            if len(batch) == batch_size:
-                out.append(self.run(np.stack(batch))[0])
-                batch = []
-        if batch:
-            out.append(self.run(np.stack(batch))[0])
-        if not out:
+            out.append("")
+            try:
+                arr = self.preprocess(image)
+            except DatasetError as e:
+                out[-1] = str(e)
+                continue
+            if pending and (arr.shape != pending[0][1].shape
+                            or (len(pending) + 1) * arr.nbytes > max(self.RAW_BATCH_BYTES, arr.nbytes)):
+                flush()
+            pending.append((len(out) - 1, arr))
+            if len(pending) == batch_size:
+                flush()
+        flush()
+        return out
+
+    def predict_proba(self, images: Iterable[ImageLike], batch_size: int = 32) -> np.ndarray:
+        """``(N, C)`` float32 probabilities of images (paths, PIL images or arrays, any size/mode).
+
+        Raises:
+            DatasetError: an image cannot be read (the message names it; see :meth:`proba_or_error`
+                to classify the others).
+        """
+        results = self.proba_or_error(images, batch_size)
+        bad = next((r for r in results if isinstance(r, str)), None)
+        if bad is not None:
+            raise DatasetError(bad)
+        if not results:
             return np.zeros((0, self.n_classes), dtype=np.float32)
-        return np.concatenate(out)
+        return np.stack(results).astype(np.float32, copy=False)
 
     def predict(self, images: Iterable[ImageLike], batch_size: int = 32) -> list[Prediction]:
         """The most probable class of each image, as :class:`Prediction` (label, index, probability)."""
@@ -447,5 +562,5 @@ class OnnxClassifier:
     def __repr__(self) -> str:
         return (
             f"OnnxClassifier({str(self.path)!r}, backbone={self.metadata.get('backbone')!r}, "
-            f"n_classes={self.n_classes}, input_size={self.input_size})"
+            f"n_classes={self.n_classes}, input_size={self.input_size}, input={self.input_kind!r})"
         )

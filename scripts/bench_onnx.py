@@ -8,10 +8,15 @@ both alike), with the same number of threads:
 
 Target: onnxruntime >= 2x torch eager at batch 32.
 
+With ``--int8`` the bundle is also exported with ``--quantize int8`` (static QDQ, per channel; its
+test top-1 change is measured by the export) and run beside the fp32 graph, same threads, same
+interleaving. Target: int8 >= 1.7x fp32 at batch 32, <= 1 pt test top-1 drop.
+
 Usage:
     python scripts/bench_onnx.py                       # efficientnet_lite0 + a linear head on 8 photos
     python scripts/bench_onnx.py models/elpv-linear    # any bundle with a linear/MLP head, or fine-tuned
     python scripts/bench_onnx.py --threads 4 --repeats 100
+    python scripts/bench_onnx.py models/elpv-linear --int8   # + int8 vs fp32 (needs the bundle's cache and images)
 """
 
 from __future__ import annotations
@@ -56,7 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for both engines")
     ap.add_argument("--repeats", type=int, default=50, help="batch-1 runs per engine")
     ap.add_argument("--batches", type=int, default=10, help="batch-32 runs per engine")
+    ap.add_argument("--int8", action="store_true", help="also export and time the int8 (QDQ) graph")
     args = ap.parse_args(argv)
+    if args.int8 and not args.bundle:
+        ap.error("--int8 needs a bundle fitted on a cache with a test split (its accuracy change is measured)")
 
     os.environ.setdefault("FEATBANK_CACHE_DIR", str(Path(tempfile.gettempdir()) / "featbank-bench-cache"))
     import onnxruntime as ort
@@ -91,6 +99,16 @@ def main(argv: list[str] | None = None) -> int:
 
     diff = float(np.abs(run_torch(x32) - run_ort(x32)).max())
     engines = {"torch eager": run_torch, "onnxruntime": run_ort}
+    quant = None
+    if args.int8:
+        q_report = featbank.export_model(bundle, work / "model-int8.onnx", quantize="int8", max_drop=100)
+        quant = q_report.quantization
+        q_clf = featbank.OnnxClassifier(q_report.path, session_options=opts)
+        engines["ort int8"] = lambda x: q_clf.run(x)[0]
+    for name, fn in engines.items():  # every engine must produce probabilities before anything is timed
+        out = fn(x32)
+        assert out.shape == (32, clf.n_classes) and np.isfinite(out).all(), f"{name} produced {out.shape}"
+        assert np.allclose(out.sum(axis=1), 1, atol=1e-3), f"{name}: rows do not sum to 1"
     for _ in range(3):  # warm-up
         for fn in engines.values():
             fn(x1)
@@ -125,6 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     ratio = ips["onnxruntime"] / ips["torch eager"]
     print(f"ratio onnxruntime / torch eager: batch 1 p50 latency {p50:.2f}x faster, batch 32 throughput "
           f"{ratio:.2f}x (target >= 2x: {'MET' if ratio >= 2 else 'NOT MET'})")
+    if quant is not None:
+        q50 = _percentile_ms(lat["onnxruntime"], 50) / _percentile_ms(lat["ort int8"], 50)
+        q32 = ips["ort int8"] / ips["onnxruntime"]
+        print(f"ratio int8 / fp32 (onnxruntime): batch 1 p50 latency {q50:.2f}x faster, batch 32 throughput "
+              f"{q32:.2f}x (target >= 1.7x: {'MET' if q32 >= 1.7 else 'NOT MET'})")
+        print(f"int8 accuracy: test top-1 {100 * quant['fp32_top1']:.2f}% fp32 -> {100 * quant['int8_top1']:.2f}% int8 "
+              f"= {quant['drop_points']:+.2f} pt drop on {quant['n_test']} test images, {quant['n_calibration']} "
+              f"calibration images (target <= 1 pt: {'MET' if quant['drop_points'] <= 1 else 'NOT MET'})")
     return 0
 
 

@@ -115,6 +115,17 @@ METADATA_ATTACKS = [
     ("classes-huge", {"classes": json.dumps([f"c{i}" for i in range(100_001)])}, ["classes", "100001"]),
     ("classes-missing", {"classes": None}, ["not a featbank model", "classes"]),
     ("format-version", {"featbank_onnx": "2"}, ["format '2'", "reads format '1'"]),
+    # The input kind and the image conventions (export --input raw, ONNX metadata Image.* keys)
+    ("input-unknown", {"input": "jpeg"}, ["'input'", "'jpeg'", "preprocessed"]),
+    ("input-raw-fixed-size", {"input": "raw"}, ["'images'", "input: raw", "any height and width"]),
+    ("input-embeddings", {"input": "embeddings"}, ["head alone", "embeddings"]),
+    ("pixel-format-bgr", {"Image.BitmapPixelFormat": "Bgr8"}, ["Image.BitmapPixelFormat", "'Bgr8'", "'Rgb8'"]),
+    ("gamma-linear", {"Image.ColorSpaceGamma": "Linear"}, ["Image.ColorSpaceGamma", "'Linear'", "'SRGB'"]),
+    ("range-normalized", {"Image.NominalPixelRange": "Normalized_0_1"}, ["Image.NominalPixelRange", "Normalized_0_1"]),
+    ("version-negative", {"model_version": "-3"}, ["model_version", "'-3'", "positive integer"]),
+    ("version-leading-zero", {"model_version": "007"}, ["model_version", "'007'"]),
+    ("version-huge", {"model_version": "9" * 30}, ["model_version", "9" * 30]),
+    ("version-unicode-digit", {"model_version": "\u0663"}, ["model_version", "positive integer"]),
 ]
 
 

@@ -24,8 +24,9 @@ from .._files import (
     timestamp,
 )
 from ..errors import BundleError, ConfigError, ExportError
-from ..runtime import FORMAT_KEY, FORMAT_VERSION, INPUT_NAME, OUTPUT_NAMES
+from ..runtime import FORMAT_KEY, FORMAT_VERSION, IMAGE_METADATA, INPUT_KINDS, INPUT_NAME, OUTPUT_NAMES
 from ._graph import compose_graphs, embedder_onnx, export_torch, opset_of, torch_modules
+from ._head_only import export_head_only
 from ._heads import head_proba_module, sklearn_head_onnx
 from ._parity import (
     DEFAULT_ATOL,
@@ -36,6 +37,9 @@ from ._parity import (
     parity_json_path,
     torch_batches,
 )
+from ._quantize import DEFAULT_MAX_DROP, CalibrationPlan, calibration_plan, quantize_model
+from ._raw import RAW_MIN_AGREEMENT, RAW_PIXEL_TOLERANCE, check_no_window, check_raw_interpolation, compose_raw, raw_parity
+from ._triton import check_triton_repo, model_name, write_triton_repo
 
 __all__ = ["ExportReport", "export_model", "build_torch_classifier", "MIN_OPSET"]
 
@@ -55,6 +59,9 @@ class ExportReport:
         opset: the ai.onnx opset of the graph.
         metadata: the ``metadata_props`` written.
         seconds: wall time of the export and check.
+        input_kind: what the graph takes: ``preprocessed``, ``raw`` or ``embeddings`` (``head_only``).
+        quantization: the int8 figures (test top-1 of fp32 and int8, the drop, the calibration), if quantized.
+        triton: the Triton model folder written (``<repo>/<name>``), if asked.
     """
 
     path: Path
@@ -64,10 +71,14 @@ class ExportReport:
     opset: int
     metadata: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    input_kind: str = "preprocessed"
+    quantization: dict[str, Any] | None = None
+    triton: Path | None = None
 
     def summary(self) -> str:
         lines = [f"Exported {self.metadata.get('backbone')} + {self.metadata.get('head')} "
                  f"({self.route}, opset {self.opset}) in {self.seconds:.1f}s"]
+        lines.append(f"Input: {self.input_kind}")
         if self.parity is None:
             lines.append("Parity check: skipped (--no-check)")
         else:
@@ -76,6 +87,20 @@ class ExportReport:
                 f"Parity check on {p['n_images']} image(s) ({p['image_source']}), batch sizes "
                 f"{', '.join(map(str, p['batch_sizes']))}: max |dprob| = {p['max_abs_diff']:.2e} "
                 f"(limit {p['atol']:.0e}), top-1 agreement {100 * p['top1_agreement']:.1f}%"
+            )
+            if "raw" in p:
+                r = p["raw"]
+                lines.append(
+                    f"Raw input vs Pillow's preprocessing, {r['n_cases']} image(s), {len({c['size'] for c in r['cases']})} "
+                    f"sizes: top-1 agreement {100 * r['top1_agreement']:.1f}%, max |dprob| = {r['max_abs_diff']:.2e}, "
+                    f"pixels equal {100 * r['pixel_exact_fraction']:.2f}% (max diff {r['pixel_max_diff']})"
+                )
+        if self.quantization is not None:
+            q = self.quantization
+            lines.append(
+                f"int8 (QDQ, per channel; {q['n_calibration']} calibration images): test top-1 {100 * q['fp32_top1']:.2f}% "
+                f"-> {100 * q['int8_top1']:.2f}% ({q['drop_points']:+.2f} pt drop, limit {q['max_drop']:g}) on "
+                f"{q['n_test']} test images"
             )
         return "\n".join(lines)
 
@@ -120,7 +145,7 @@ def build_torch_classifier(
     return Classifier(bb.embedder(), head).eval(), bb.preprocess
 
 
-def _metadata(bundle: Any, bb: Any, route: str) -> dict[str, str]:
+def _metadata(bundle: Any, bb: Any, route: str, input_kind: str = "preprocessed", model_version: int = 1) -> dict[str, str]:
     import onnxruntime
     import torch
 
@@ -146,7 +171,13 @@ def _metadata(bundle: Any, bb: Any, route: str) -> dict[str, str]:
         "head_type": str(head.get("type", "")),
         "featbank_version": __version__,
         "export_route": route,
-        "inputs": json.dumps({INPUT_NAME: "uint8 [N, H, W, 3] RGB, H, W = preprocessing.input_size"}),
+        "input": input_kind,
+        "inputs": json.dumps({INPUT_NAME: "uint8 [N, H, W, 3] RGB, H, W = preprocessing.input_size"
+                              if input_kind == "preprocessed" else
+                              "uint8 [N, H, W, 3] RGB of any H, W (one size per batch; aspect ratio at most 100:1); "
+                              "resize, centre crop and normalisation are in the graph"}),
+        **IMAGE_METADATA,
+        "model_version": str(model_version),
         "outputs": json.dumps({OUTPUT_NAMES[0]: "float32 [N, C], columns = classes",
                                OUTPUT_NAMES[1]: "int64 [N], index into classes"}),
         "exported_with": json.dumps({"torch": torch.__version__.split("+")[0], "onnxruntime": onnxruntime.__version__}),
@@ -162,9 +193,10 @@ def _stamp(model: Any, meta: dict[str, str]) -> None:
         entry.key, entry.value = k, v
     model.producer_name = "featbank"
     model.producer_version = __version__
-    model.doc_string = (
-        f"featbank classifier: images uint8 NHWC RGB -> probabilities, label. classes={meta['classes']}"
-    )
+    model.model_version = int(meta.get("model_version", "1"))
+    what = "embeddings float32 [N, D]" if meta.get("input") == "embeddings" else \
+        f"images uint8 NHWC RGB ({meta.get('input', 'preprocessed')})"
+    model.doc_string = f"featbank classifier: {what} -> probabilities, label. classes={meta['classes']}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,6 +214,13 @@ def export_model(
     weights_file: str | os.PathLike | None = None,
     atol: float = DEFAULT_ATOL,
     max_check_images: int = MAX_CHECK_IMAGES,
+    input_kind: str = "preprocessed",
+    quantize: str | None = None,
+    calibration: str | os.PathLike | None = None,
+    max_drop: float = DEFAULT_MAX_DROP,
+    model_version: int = 1,
+    triton: str | os.PathLike | None = None,
+    head_only: bool = False,
 ) -> ExportReport:
     """Export a model bundle to one ONNX file: uint8 images -> probabilities, label.
 
@@ -197,6 +236,17 @@ def export_model(
         weights_file: the backbone weights file, for bundles fitted with ``--weights-file``.
         atol: the largest allowed |Δprobability| between ONNX and PyTorch.
         max_check_images: use at most this many images for the check.
+        input_kind: ``"preprocessed"`` (the graph takes pixels resized and centre-cropped as its metadata
+            says) or ``"raw"`` (any decoded RGB uint8 image; resize and crop are inside the graph).
+        quantize: ``"int8"``: static QDQ per-channel quantization (see :mod:`featbank.export._quantize`),
+            refused when the cache's test top-1 drops by more than ``max_drop`` points.
+        calibration: a folder of images to calibrate on, instead of the training images of the cache
+            the bundle was fitted on.
+        max_drop: the largest allowed drop of test top-1 accuracy, in points (``quantize`` only).
+        model_version: the ``model_version`` of the file (and the Triton version folder).
+        triton: also write a Triton model repository here (``<triton>/<name>/config.pbtxt``,
+            ``<triton>/<name>/<model_version>/model.onnx``, ``labels.txt``).
+        head_only: export the head alone: embeddings (N, D) float32 -> probabilities, label.
 
     Returns:
         An :class:`ExportReport`; ``<out stem>.parity.json`` beside the model holds the figures.
@@ -208,9 +258,11 @@ def export_model(
             differs), or a read or write failed during the export (disk full: the message names
             the file and the reason). Nothing is left at ``out`` then; a file already there is
             unchanged.
-        ConfigError: bad options (``model`` is an .onnx file, no images for the check, bad opset),
-            or ``out`` cannot be written (checked before the export: a file in the path, a
-            read-only or virtual folder, a non-regular file under the name, inside the bundle).
+        ConfigError: bad options (``model`` is an .onnx file, no images for the check or the
+            calibration, bad opset or input, a raw export of a bundle with an intensity window, an
+            int8 model that loses more than ``max_drop``), or ``out`` cannot be written (checked
+            before the export: a file in the path, a read-only or virtual folder, a non-regular file
+            under the name, inside the bundle).
 
     Example:
         >>> report = export_model("models/elpv-linear", "elpv.onnx")
@@ -220,35 +272,86 @@ def export_model(
     from ..bundle import load_bundle
 
     t0 = time.perf_counter()
-    _check_opset(opset)
+    _check_options(opset, input_kind, quantize, max_drop, model_version, head_only)
     _refuse_onnx_file(model)
     bundle = load_bundle(model)
+    if input_kind == "raw":
+        check_no_window(bundle)
     out_path = _output_path(bundle, out)
-    # Find the check images first: a missing --check-images should fail before minutes of export.
+    triton_dir = check_triton_repo(triton, model_name(out_path)) if triton is not None else None
+    # Find the check (and calibration) images first: a missing folder should fail before minutes of export.
     images, source = _check_images(bundle, check, check_images, max_check_images)
+    plan = calibration_plan(bundle, calibration) if quantize else None
+    if head_only:
+        report = export_head_only(bundle, out_path, images, weights_file, opset, atol, check, model_version)
+    else:
+        report = _export_graph(bundle, out_path, images, source, weights_file, opset, atol, check, input_kind,
+                               plan, max_drop, model_version)
+    if triton_dir is not None:
+        report.triton = write_triton_repo(report.path, triton_dir, model_name(out_path), model_version)
+    report.seconds = time.perf_counter() - t0
+    return report
 
+
+def _export_graph(bundle: Any, out_path: Path, images: list[Path], source: str, weights_file: Any, opset: int | None,
+                  atol: float, check: bool, input_kind: str, plan: CalibrationPlan | None, max_drop: float,
+                  model_version: int) -> ExportReport:
+    """Build the graph, check it, then quantize it and put the preprocessing in front, as asked; publish."""
     import onnx
 
     parity_path = parity_json_path(out_path)
     # Temporaries of killed exports into the same file (named by temporary_path) go first.
     remove_orphans(out_path)
     remove_orphans(parity_path)
-    tmp = temporary_path(out_path)
+    tmp, tmp2 = temporary_path(out_path), temporary_path(out_path)
+    quant = None
     try:
         if bundle.kind == "finetuned":
             graph, route, bb, ref_fn = _finetuned_graph(bundle, tmp, opset)
         else:
             graph, route, bb, ref_fn = _head_graph(bundle, tmp, out_path, opset, weights_file)
-        meta = _metadata(bundle, bb, route)
+        if input_kind == "raw":
+            check_raw_interpolation(bb.preprocess)
+        meta = _metadata(bundle, bb, route, input_kind, model_version)
         _stamp(graph, meta)
         onnx.save(graph, str(tmp))
         parity = _check(bundle, tmp, out_path, ref_fn, images, source, bb.preprocess, atol) if check else None
+        if plan is not None:
+            quant = quantize_model(tmp, tmp2, plan, bb.preprocess, max_drop, out_path, list(bundle.classes))
+            meta["quantization"] = json.dumps(quant, sort_keys=True)
+            os.replace(tmp2, tmp)
+        if input_kind == "raw":
+            raw = compose_raw(onnx.load(str(tmp)), bb.preprocess, INPUT_NAME)
+            _stamp(raw, meta)
+            onnx.save(raw, str(tmp2))
+            if parity is not None:
+                parity["raw"] = _check_raw(tmp2, tmp, bb.preprocess, images, out_path)
+            os.replace(tmp2, tmp)
+        elif quant is not None:
+            graph = onnx.load(str(tmp))
+            _stamp(graph, meta)
+            onnx.save(graph, str(tmp))
+        if parity is not None and quant is not None:
+            parity["quantization"] = quant
         _publish(tmp, out_path, parity_path, parity)
     except OSError as e:
         raise _file_error(e, out_path) from None
     finally:
         tmp.unlink(missing_ok=True)
-    return ExportReport(out_path, parity_path, parity, route, opset_of(graph), meta, time.perf_counter() - t0)
+        tmp2.unlink(missing_ok=True)
+    return ExportReport(out_path, parity_path, parity, route, opset_of(graph), meta, 0.0, input_kind, quant)
+
+
+def _check_raw(raw_path: Path, inner_path: Path, cfg: Any, images: list[Path], out_path: Path) -> dict[str, Any]:
+    res = raw_parity(raw_path, inner_path, cfg, images, INPUT_NAME, OUTPUT_NAMES)
+    if not res["passed"]:
+        raise ExportError(
+            f"The raw-input graph does not match featbank's Pillow preprocessing on {res['n_cases']} image(s): "
+            f"top-1 agreement {100 * res['top1_agreement']:.1f}% (need {100 * RAW_MIN_AGREEMENT:.0f}%), pixels "
+            f"differ by up to {res['pixel_max_diff']} levels (limit {RAW_PIXEL_TOLERANCE}). Nothing was written to "
+            f"{str(out_path)!r}. Export with --input preprocessed, or report the model."
+        )
+    return res
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,6 +453,22 @@ def _layered_graph(bundle: Any, bb: Any, est: Any, tmp: Path, opset: int | None)
 # --------------------------------------------------------------------------------------------
 # Checks made before the export, and the parity check after it
 # --------------------------------------------------------------------------------------------
+
+
+def _check_options(opset: int | None, input_kind: str, quantize: str | None, max_drop: float, model_version: int,
+                   head_only: bool) -> None:
+    _check_opset(opset)
+    if input_kind not in INPUT_KINDS:
+        raise ConfigError(f"The 'input_kind' parameter must be one of {list(INPUT_KINDS)}. Got {input_kind!r} instead.")
+    if quantize not in (None, "int8"):
+        raise ConfigError(f"The 'quantize' parameter must be 'int8' or None. Got {quantize!r} instead.")
+    if not (0 <= max_drop <= 100):
+        raise ConfigError(f"The 'max_drop' parameter must be 0 to 100 points of accuracy. Got {max_drop!r} instead.")
+    if isinstance(model_version, bool) or not isinstance(model_version, int) or not 1 <= model_version < 2**63:
+        raise ConfigError(f"The 'model_version' parameter must be a positive integer. Got {model_version!r} instead.")
+    if head_only and (input_kind == "raw" or quantize):
+        raise ConfigError("--head-only exports the head on embeddings: it takes no images, so --input raw and "
+                          "--quantize do not apply. Drop them, or drop --head-only.")
 
 
 def _check_opset(opset: int | None) -> None:

@@ -13,7 +13,7 @@ from .._files import temporary_path
 from ..errors import ExportError
 from ..runtime import INPUT_NAME
 
-__all__ = ["torch_modules", "export_torch", "opset_of", "embedder_onnx", "compose_graphs"]
+__all__ = ["torch_modules", "export_torch", "opset_of", "embedder_onnx", "compose_graphs", "dedupe_opsets"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,5 +152,17 @@ def compose_graphs(embedder: Any, head: Any) -> Any:
     head = compose.add_prefix(head, "head/", rename_inputs=False, rename_outputs=False)
     # Domains only the head uses (ai.onnx.ml) must be declared on the merged model.
     merged = compose.merge_models(embedder, head, io_map=[("embeddings", "embeddings")])
+    dedupe_opsets(merged)
     onnx.checker.check_model(merged)
     return merged
+
+
+def dedupe_opsets(model: Any) -> None:
+    """One opset_import entry per domain (``merge_models`` repeats them; onnxruntime's quantizer refuses that)."""
+    seen: dict[str, Any] = {}
+    for imp in model.opset_import:
+        key = "" if imp.domain == "ai.onnx" else imp.domain
+        if key not in seen or imp.version > seen[key].version:
+            seen[key] = type(imp)(domain=key, version=imp.version)
+    del model.opset_import[:]
+    model.opset_import.extend(seen.values())

@@ -62,8 +62,9 @@ def check_parity(
     *,
     batch_sizes: Sequence[int] = PARITY_BATCH_SIZES,
     atol: float = DEFAULT_ATOL,
+    input_name: str = INPUT_NAME,
 ) -> dict[str, Any]:
-    """Compare an exported graph with a reference on the same preprocessed pixels.
+    """Compare an exported graph with a reference on the same preprocessed pixels (or embeddings).
 
     Args:
         onnx_path: the ONNX file.
@@ -72,6 +73,7 @@ def check_parity(
         batch_sizes: the graph is run with exactly these batch sizes (the last chunk is padded
             with repeated images, whose outputs are dropped).
         atol: the largest allowed |Δprobability|.
+        input_name: the graph's input (``embeddings`` for a head-only graph).
 
     Returns:
         ``passed``, ``max_abs_diff``, ``top1_agreement``, per batch size figures, ``n_images``.
@@ -92,7 +94,7 @@ def check_parity(
         probs, labels = [], []
         for start in range(0, n, bs):
             idx = np.arange(start, start + bs) % n
-            p, lab = sess.run(list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(batch[idx])})
+            p, lab = sess.run(list(OUTPUT_NAMES), {input_name: np.ascontiguousarray(batch[idx])})
             keep = min(bs, n - start)
             probs.append(p[:keep])
             labels.append(lab[:keep])

@@ -157,13 +157,14 @@ def predict(model: str | Path, images: Sequence[str | Path], *, top_k: int = 1, 
         raise ConfigError(f"--top-k must be >= 1; got {top_k}.")
     paths = _list_images(images)
     if str(model).endswith(".onnx"):
-        # The light runtime: numpy + Pillow + onnxruntime, preprocessing from the file's metadata.
-        from ..errors import DatasetError
+        # The light runtime: numpy + Pillow + onnxruntime, preprocessing from the file's metadata
+        # (or inside the graph, for an export with --input raw).
         from ..runtime import OnnxClassifier
 
         clf = OnnxClassifier(model)
-        return _predict_in_batches(paths, clf.preprocess, lambda x: clf.run(x)[0], clf.classes, DatasetError,
-                                   batch_size, top_k)
+        return [_top_k(p, clf.classes, top_k, path) if not isinstance(p, str)
+                else Prediction(None, None, None, path=str(path), error=p)
+                for path, p in zip(paths, clf.proba_or_error(paths, batch_size), strict=True)]
 
     import torch
 
@@ -191,6 +192,12 @@ def predict(model: str | Path, images: Sequence[str | Path], *, top_k: int = 1, 
                                ImageReadError, batch_size, top_k)
 
 
+def _top_k(p: np.ndarray, classes: list[str], top_k: int, path: Path) -> Prediction:
+    order = np.argsort(-p)[:top_k]
+    tk = [(classes[j], float(p[j])) for j in order]
+    return Prediction(tk[0][0], int(order[0]), tk[0][1], path=str(path), top_k=tk)
+
+
 def _predict_in_batches(paths: list[Path], preprocess: Any, proba_of: Any, classes: list[str], read_errors: Any,
                         batch_size: int, top_k: int) -> list[Prediction]:
     """Preprocess each path, run ``proba_of`` on full batches, keep the top-k; unreadable files
@@ -202,9 +209,7 @@ def _predict_in_batches(paths: list[Path], preprocess: Any, proba_of: Any, class
         if not pending:
             return
         for (i, _), p in zip(pending, proba_of(np.stack([a for _, a in pending]))):
-            order = np.argsort(-p)[:top_k]
-            tk = [(classes[j], float(p[j])) for j in order]
-            out[i] = Prediction(tk[0][0], int(order[0]), tk[0][1], path=str(paths[i]), top_k=tk)
+            out[i] = _top_k(p, classes, top_k, paths[i])
         pending.clear()
 
     for i, p in enumerate(paths):
