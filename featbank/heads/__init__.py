@@ -24,6 +24,7 @@ from __future__ import annotations
 
 # LinearHead and MLPHead keep __module__ == "featbank.heads" (set in their submodules):
 # skops files and bundle manifests written before the split name them so, and resolve through here.
+from ._families import HEAD_FAMILIES, PREPROCESSES, Folds, HeadFamily, get_head_family
 from ._features import Features
 from ._linear_head import LinearHead
 from ._mlp_head import MLPHead
@@ -42,4 +43,9 @@ __all__ = [
     "parse_param",
     "estimator_proba",
     "has_predict_proba",
+    "HeadFamily",
+    "HEAD_FAMILIES",
+    "PREPROCESSES",
+    "Folds",
+    "get_head_family",
 ]

@@ -1,0 +1,190 @@
+"""Head families: what ``fit --auto`` sweeps, scored by K-fold cross-validation with shared work.
+
+A :class:`HeadFamily` is a kind of head (``linear``, ``svm-rbf``, ``svm-linear``, ``knn``, ``mlp``)
+with a default hyperparameter grid, a cross-validated score for every grid point that shares the
+expensive work across the grid (a warm-started C path for ``linear``; one kernel matrix per fold for
+the SVMs; one distance matrix per fold for ``knn``), an unfitted estimator for any grid point that
+featbank's bundles save and its ONNX export converts, and a rough cost for planning a time budget.
+
+Preprocessing (``preprocess``): ``"standardize"`` (each feature centred and scaled with the fit
+rows' mean and standard deviation) or ``"l2"`` (centred on the fit rows' mean, then each row
+L2-normalised). Either is fitted on a fold's fit rows only, and is part of the estimator ``build``
+gives. A family lists the preprocessings it supports in ``preprocesses``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from ..errors import ConfigError
+from ._features import Features
+from ._linear_head import LinearHead
+
+__all__ = ["Folds", "HeadFamily", "HEAD_FAMILIES", "PREPROCESSES", "get_head_family", "LinearFamily"]
+
+#: ``(fit_rows, held_out_rows)`` per fold: integer index arrays into ``X``.
+Folds = Sequence[tuple[np.ndarray, np.ndarray]]
+
+#: Every preprocessing a family may support (see the module docstring).
+PREPROCESSES = ("standardize", "l2")
+
+
+@runtime_checkable
+class HeadFamily(Protocol):
+    """A kind of head that ``fit --auto`` can sweep and deploy.
+
+    Attributes:
+        name: ``"linear"``, ``"svm-rbf"``, ``"svm-linear"``, ``"knn"`` or ``"mlp"``.
+        preprocesses: the values of ``preprocess`` it supports (a subset of :data:`PREPROCESSES`).
+        exportable: whether every estimator ``build`` gives exports to ONNX with the parity check;
+            ``reason`` says why not when it is ``False``.
+    """
+
+    name: str
+    preprocesses: tuple[str, ...]
+    exportable: bool
+    reason: str
+
+    def default_grid(self, n_samples: int, n_features: int, n_classes: int) -> list[dict[str, Any]]:
+        """The hyperparameter settings the family sweeps."""
+        ...
+
+    def cv_scores(self, X: np.ndarray, y: np.ndarray, folds: Folds, grid: list[dict[str, Any]], *,
+                  preprocess: str = "standardize", device: str = "cpu") -> np.ndarray:
+        """(len(grid), len(folds)) top-1 accuracy on each fold's held-out rows."""
+        ...
+
+    def build(self, params: dict[str, Any], *, preprocess: str = "standardize", seed: int = 0) -> Any:
+        """An unfitted estimator for one grid point (preprocessing included)."""
+        ...
+
+    def relative_cost(self, n_samples: int, n_features: int, n_grid: int) -> float:
+        """Rough seconds per fold for the whole grid on this machine's CPU."""
+        ...
+
+
+# --------------------------------------------------------------------------------------------
+# Shared helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _check_inputs(family: HeadFamily, X: np.ndarray, y: np.ndarray, folds: Folds, grid: list[dict[str, Any]],
+                  preprocess: str) -> tuple[np.ndarray, np.ndarray]:
+    if preprocess not in family.preprocesses:
+        raise ConfigError(
+            f"The {family.name} head family has no preprocessing {preprocess!r}; it supports "
+            f"{', '.join(map(repr, family.preprocesses))}."
+        )
+    X = np.asarray(X)
+    y = np.asarray(y)
+    if X.ndim != 2 or len(X) != len(y):
+        raise ConfigError(f"cv_scores needs an (N, D) X and N labels; got X {X.shape} and y {y.shape}.")
+    if not grid:
+        raise ConfigError(f"The {family.name} head family was given an empty grid.")
+    for i, (fit, held) in enumerate(folds):
+        if len(fit) == 0 or len(held) == 0:
+            raise ConfigError(f"Fold {i} has {len(fit)} fit rows and {len(held)} held-out rows; both must be > 0.")
+    return X, y
+
+
+def _accuracy(pred: np.ndarray, y: np.ndarray) -> float:
+    return float(np.mean(np.asarray(pred) == np.asarray(y)))
+
+
+# --------------------------------------------------------------------------------------------
+# linear: featbank's LinearHead, a warm-started C path per fold
+# --------------------------------------------------------------------------------------------
+
+#: C grid of the linear family (LinearHead's, i.e. scikit-learn's multinomial convention).
+LINEAR_C_GRID = tuple(float(c) for c in np.logspace(-6, 2, 9))
+#: The path's fits only rank C values: they stop early, like fit's validation sweep; the refit is exact.
+_PATH_MAX_ITER = 150
+_PATH_TOL = 1e-3
+
+
+class LinearFamily:
+    """Multinomial logistic regression (:class:`LinearHead`, L-BFGS) over a grid of C.
+
+    ``cv_scores`` fits the grid in increasing C on each fold, each fit warm-started from the one
+    before and stopped at a loose tolerance (as ``fit``'s validation sweep does); the features are
+    standardised once per fold. ``build`` gives a ``LinearHead`` at the exact tolerance, which
+    featbank saves as safetensors and exports as one linear layer.
+
+    Only ``preprocess="standardize"`` (LinearHead's own standardisation): LinearHead has no
+    centring before its L2 normalisation, so ``"l2"`` (centre, then L2) is not offered.
+    """
+
+    name = "linear"
+    preprocesses: tuple[str, ...] = ("standardize",)
+    exportable = True
+    reason = ""
+
+    def default_grid(self, n_samples: int, n_features: int, n_classes: int) -> list[dict[str, Any]]:
+        """C = 1e-6, 1e-5, ..., 1e2 (fit's coarse grid)."""
+        return [{"C": c} for c in LINEAR_C_GRID]
+
+    def build(self, params: dict[str, Any], *, preprocess: str = "standardize", seed: int = 0) -> LinearHead:
+        _check_params(self.name, params, {"C"})
+        if preprocess not in self.preprocesses:
+            raise ConfigError(f"The linear head family supports preprocess 'standardize' only; got {preprocess!r}.")
+        return LinearHead(C=float(params["C"]), standardize=True)
+
+    def cv_scores(self, X: np.ndarray, y: np.ndarray, folds: Folds, grid: list[dict[str, Any]], *,
+                  preprocess: str = "standardize", device: str = "cpu") -> np.ndarray:
+        X, y = _check_inputs(self, X, y, folds, grid, preprocess)
+        for p in grid:
+            _check_params(self.name, p, {"C"})
+        Cs = np.array([float(p["C"]) for p in grid])
+        out = np.zeros((len(grid), len(folds)))
+        for j, (fit, held) in enumerate(folds):
+            out[:, j] = self._path(X, y, np.asarray(fit), np.asarray(held), Cs, device)
+        return out
+
+    def _path(self, X: np.ndarray, y: np.ndarray, fit: np.ndarray, held: np.ndarray, Cs: np.ndarray,
+              device: str) -> np.ndarray:
+        """Held-out top-1 of every C on one fold: increasing C, each fit warm-started from the last."""
+        feats = Features(X[fit])  # one object: LinearHead keeps its standardised copy across the path
+        head = LinearHead(standardize=True, max_iter=_PATH_MAX_ITER, tol=_PATH_TOL, device=device)
+        scores = np.zeros(len(Cs))
+        done = False
+        for i in np.argsort(Cs, kind="stable"):
+            head.set_params(C=float(Cs[i]), warm_start=done)
+            head.fit(feats, y[fit])
+            done = True
+            scores[i] = _accuracy(head.predict(X[held]), y[held])
+        return scores
+
+    def relative_cost(self, n_samples: int, n_features: int, n_grid: int) -> float:
+        """~40 L-BFGS steps per C, each two (n x d) products at ~2 GFLOP/s: crude, from fit's benchmarks."""
+        return n_grid * 40 * 4.0 * n_samples * n_features / 2e9
+
+
+def _check_params(family: str, params: dict[str, Any], keys: set[str]) -> None:
+    if not isinstance(params, dict) or set(params) != keys:
+        got = sorted(params) if isinstance(params, dict) else repr(params)
+        raise ConfigError(f"The {family} head family takes parameters {sorted(keys)}; got {got}.")
+
+
+# --------------------------------------------------------------------------------------------
+# The registry
+# --------------------------------------------------------------------------------------------
+
+#: Every head family by name.
+HEAD_FAMILIES: dict[str, HeadFamily] = {f.name: f for f in (LinearFamily(),)}
+
+
+def get_head_family(name: str) -> HeadFamily:
+    """The family called ``name``.
+
+    Raises:
+        ConfigError: no such family (the message names the valid ones).
+    """
+    try:
+        return HEAD_FAMILIES[name]
+    except (KeyError, TypeError):
+        raise ConfigError(
+            f"Unknown head family {name!r}; the head families are {', '.join(map(repr, HEAD_FAMILIES))}."
+        ) from None
