@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -94,10 +94,13 @@ def _view_modes(cache: Any, auto: bool, pool_views: bool) -> list[str]:
     return ["pooled" if pool_views else "plain"]
 
 
-def _candidates(sets: Mapping[str, tuple[str, ...]], views: Sequence[str], preprocess: Sequence[str],
-                heads: Sequence[str]) -> list[Candidate]:
-    return [Candidate(name, ls, v, p, h) for name, ls in sets.items() for v in views for p in preprocess
-            for h in heads]
+def _candidates(sets: Mapping[str, tuple[str, ...]], views: Sequence[str], route: _Route) -> list[Candidate]:
+    """Every feature set x views x preprocessing x head, less the preprocessings a family does not offer."""
+    def offers(head: str, pre: str) -> bool:
+        return pre in getattr(route.families[head], "preprocesses", (pre,))
+
+    return [Candidate(name, ls, v, p, h) for name, ls in sets.items() for v in views for p in route.preprocess
+            for h in route.heads if offers(h, p)]
 
 
 def _load(cache: Any, keys: Sequence[FeatureKey], rows: np.ndarray) -> dict[FeatureKey, np.ndarray]:
@@ -124,6 +127,7 @@ class _Route:
     heads: list[str]
     preprocess: list[str]
     spec: HeadSpec
+    excluded: dict[str, str] = field(default_factory=dict)  # family -> why --auto leaves it out
 
 
 def _route(spec: HeadSpec, settings: SearchSettings, families: Mapping[str, Any] | None) -> _Route:
@@ -137,7 +141,9 @@ def _route(spec: HeadSpec, settings: SearchSettings, families: Mapping[str, Any]
     if settings.auto:
         if not families:
             raise ConfigError("--auto needs the head families of featbank.heads; this installation has none.")
-        return _Route(families, list(families), list(PREPROCESSING), spec)
+        heads = [n for n, f in families.items() if getattr(f, "exportable", True)]
+        excluded = {n: getattr(f, "reason", "") for n, f in families.items() if n not in heads}
+        return _Route(families, heads, list(PREPROCESSING), spec, excluded)
     if spec.head in families and not spec.params:
         pre = "l2" if spec.l2_normalize else "standardize"
         return _Route(families, [spec.head], [pre], spec)
@@ -167,7 +173,7 @@ def fit_search(cache: Any, spec: HeadSpec, settings: SearchSettings, *, layers: 
         train, val, test, _ = split_rows(c, 0.2, settings.seed)
         pool = np.sort(np.concatenate([train, val]))
         sets, choice = _feature_sets(c, layers, train, val, settings.auto, settings.seed)
-        cands = _candidates(sets, _view_modes(c, settings.auto, pool_views), route.preprocess, route.heads)
+        cands = _candidates(sets, _view_modes(c, settings.auto, pool_views), route)
         t_load = time.perf_counter()
         data = _load(c, [k.key for k in cands], pool)
         load_s = time.perf_counter() - t_load
@@ -178,6 +184,7 @@ def fit_search(cache: Any, spec: HeadSpec, settings: SearchSettings, *, layers: 
         found.update(cache_path=cache_path, classes=list(c.classes), choice=choice, pool=pool, test=test, cache=c,
                      t_start=t0)
         found["search"]["load_s"] = round(load_s, 3)
+        found["search"]["excluded"] = [{"head": h, "reason": why} for h, why in route.excluded.items()]
         return search_result(found, spec, settings, save=save, bundle_path=bundle_path)
 
 

@@ -292,24 +292,40 @@ class AutoSearch:
                 if r == 0:
                     self.skipped_.append({**s.candidate.describe(), "reason": "clock", "estimate_s": s.estimate})
                 continue
-            self._score(s, r, data[s.candidate.key], y, clock)
-            done.append(s)
+            if self._score(s, r, data[s.candidate.key], y, clock):
+                done.append(s)
+            else:
+                clock.cut_by_clock.append(f"round {r}: {name} (stopped after a fold)")
+                if r == 0:
+                    self.skipped_.append({**s.candidate.describe(), "reason": "clock", "estimate_s": s.estimate})
         self.rounds_.append({"round": r, "repeat": r, "n_candidates": len(done), "n_folds": self.cv * (r + 1),
                              "candidates": [_label(s.candidate) for s in done]})
         return done
 
-    def _score(self, s: Scored, r: int, X: np.ndarray, y: np.ndarray, clock: _Clock) -> None:
+    def _score(self, s: Scored, r: int, X: np.ndarray, y: np.ndarray, clock: _Clock) -> bool:
+        """Score ``s`` on the folds of repeat ``r``, one fold per call so the clock is checked between folds.
+
+        Returns ``False`` (and keeps none of this round's folds) when the clock ran out part-way.
+        """
         fam = self.families[s.candidate.head]
-        t0 = time.perf_counter()
-        sc = np.asarray(fam.cv_scores(X, y, self.folds_[r], s.grid, preprocess=s.candidate.preprocess,
-                                      device=self.device), dtype=np.float64)
-        if sc.shape != (len(s.grid), self.cv) or not np.isfinite(sc).all():
-            raise RuntimeError(f"internal error: family {fam.name!r} returned scores of shape {sc.shape}")
-        seconds = time.perf_counter() - t0
-        s.scores = np.concatenate([s.scores, sc], axis=1)
+        per_fold = s.estimate / self.cv
+        cols, seconds = [], 0.0
+        for j, fold in enumerate(self.folds_[r]):
+            if j and clock.elapsed + seconds / j > clock.budget_s:  # this candidate's own folds so far
+                clock.record(per_fold * j, seconds)
+                return False
+            t0 = time.perf_counter()
+            sc = np.asarray(fam.cv_scores(X, y, [fold], s.grid, preprocess=s.candidate.preprocess,
+                                          device=self.device), dtype=np.float64)
+            seconds += time.perf_counter() - t0
+            if sc.shape != (len(s.grid), 1) or not np.isfinite(sc).all():
+                raise RuntimeError(f"internal error: family {fam.name!r} returned scores of shape {sc.shape}")
+            cols.append(sc)
+        s.scores = np.concatenate([s.scores, *cols], axis=1)
         s.seconds += seconds
         s.rounds = r + 1
         clock.record(s.estimate, seconds)
+        return True
 
     def leaderboard(self) -> list[dict[str, Any]]:
         """One dict per scored candidate: rank, features, layers, views, preprocessing, head, params, CV mean/std..."""

@@ -271,6 +271,7 @@ def fit(
     seeds = _check_options(class_weight, shots, seeds, seed, device)
     tta = _check_tta(tta)
     spec = HeadSpec(head, dict(params or {}), bool(standardize), bool(l2_normalize), class_weight, device, grid)
+    _check_family_head(head, auto or cv is not None or budget is not None, class_weight)
     if auto or cv is not None or budget is not None:
         return _fit_searched(cache, spec, auto=auto, cv=cv, budget=budget, repeats=cv_repeats, seed=seed,
                              layers=layers, pool_views=pool_views, save=save, out=out, name=name, overwrite=overwrite,
@@ -337,6 +338,19 @@ def _fit_searched(cache: Any, spec: HeadSpec, *, auto: bool, cv: int | None, bud
             default = bundle_name(cache_path, settings, spec.head)
         target = _bundle_target(out, name, cache_path, default, None, overwrite, default_name=default)
     return fit_search(cache, spec, settings, layers=layers, pool_views=pool_views, save=save, bundle_path=target)
+
+
+def _check_family_head(head: str, searched: bool, class_weight: Any) -> None:
+    """A head family (svm-rbf, knn...) is scored by K-fold CV, so it needs --cv; families fit unweighted."""
+    from .. import heads
+
+    families = getattr(heads, "HEAD_FAMILIES", {})
+    if head in families and head not in ("linear", "mlp") and not searched:
+        raise ConfigError(f"--head {head} is a head family of --auto; its grid is chosen by K-fold CV: add --cv 5 "
+                          f"(featbank fit CACHE --head {head} --cv 5).")
+    if searched and class_weight is not None and (head in families or head == "linear"):
+        raise ConfigError("--class-weight does not combine with --auto or a head family's --cv: the families fit and "
+                          "score unweighted (top-1). Drop --class-weight, or use a scikit-learn head (--head SVC --cv 5).")
 
 
 def _cuda() -> bool:
