@@ -200,6 +200,7 @@ def fit(
     cv: int | None = None,
     budget: str | float | None = None,
     cv_repeats: int | None = None,
+    families: Any = None,
 ) -> FitResult:
     """Fit a head on a feature cache with the linear-probe protocol and save a model bundle.
 
@@ -250,6 +251,8 @@ def fit(
             hyperparameter sweep by K-fold CV on train+val instead of one validation split.
         budget: seconds (or ``"90s"``, ``"2m"``, ``"1h"``) the CV search may take (default 90 s).
         cv_repeats: at most this many repeats of the K folds (successive halving; default 3).
+        families: the head families ``auto`` searches, by name (default:
+            :data:`featbank.heads.HEAD_FAMILIES`).
 
     Returns:
         FitResult with the fitted estimator, chosen hyperparameter, sweep, metrics and bundle path.
@@ -271,11 +274,11 @@ def fit(
     seeds = _check_options(class_weight, shots, seeds, seed, device)
     tta = _check_tta(tta)
     spec = HeadSpec(head, dict(params or {}), bool(standardize), bool(l2_normalize), class_weight, device, grid)
-    _check_family_head(head, auto or cv is not None or budget is not None, class_weight)
+    _check_family_head(head, auto or cv is not None or budget is not None, class_weight, families)
     if auto or cv is not None or budget is not None:
         return _fit_searched(cache, spec, auto=auto, cv=cv, budget=budget, repeats=cv_repeats, seed=seed,
                              layers=layers, pool_views=pool_views, save=save, out=out, name=name, overwrite=overwrite,
-                             shots=shots, train_views=train_views, tta=tta)
+                             shots=shots, train_views=train_views, tta=tta, families=families)
     budget = parse_memory(max_memory)
     if save:
         bundle_dir(out, name, "model")  # --out with --name: refused before the cache is opened
@@ -312,7 +315,7 @@ def fit(
 
 def _fit_searched(cache: Any, spec: HeadSpec, *, auto: bool, cv: int | None, budget: Any, repeats: int | None,
                   seed: int, layers: Any, pool_views: bool, save: bool, out: Any, name: str | None, overwrite: bool,
-                  shots: int | None, train_views: bool, tta: str) -> FitResult:
+                  shots: int | None, train_views: bool, tta: str, families: Any = None) -> FitResult:
     """``fit --auto`` / ``fit --cv K``: the search of :mod:`featbank.fitting._auto`, then the bundle."""
     from ._auto import SearchSettings, bundle_name, fit_search
     from ._search import DEFAULT_BUDGET, DEFAULT_CV, DEFAULT_REPEATS
@@ -337,14 +340,15 @@ def _fit_searched(cache: Any, spec: HeadSpec, *, auto: bool, cv: int | None, bud
         with opened_cache(cache) as (_, cache_path):
             default = bundle_name(cache_path, settings, spec.head)
         target = _bundle_target(out, name, cache_path, default, None, overwrite, default_name=default)
-    return fit_search(cache, spec, settings, layers=layers, pool_views=pool_views, save=save, bundle_path=target)
+    return fit_search(cache, spec, settings, layers=layers, pool_views=pool_views, save=save, bundle_path=target,
+                      families=families)
 
 
-def _check_family_head(head: str, searched: bool, class_weight: Any) -> None:
+def _check_family_head(head: str, searched: bool, class_weight: Any, families: Any) -> None:
     """A head family (svm-rbf, knn...) is scored by K-fold CV, so it needs --cv; families fit unweighted."""
     from .. import heads
 
-    families = getattr(heads, "HEAD_FAMILIES", {})
+    families = families if families is not None else getattr(heads, "HEAD_FAMILIES", {})
     if head in families and head not in ("linear", "mlp") and not searched:
         raise ConfigError(f"--head {head} is a head family of --auto; its grid is chosen by K-fold CV: add --cv 5 "
                           f"(featbank fit CACHE --head {head} --cv 5).")
