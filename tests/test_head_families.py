@@ -126,3 +126,53 @@ def test_kernel_svc_refuses_bad_parameters() -> None:
         KernelSVC(gamma_scale=-1).fit(X, y)
     with pytest.raises(ConfigError, match="'C' parameter"):
         get_head_family("svm-rbf").build({"C": 0.0, "gamma_scale": 1.0})
+
+
+@pytest.mark.parametrize("preprocess", ["standardize", "l2"])
+def test_knn_cv_scores_equal_kneighborsclassifier_on_each_fold(hard_digits, preprocess) -> None:
+    from sklearn.neighbors import KNeighborsClassifier
+
+    X, y, folds = hard_digits
+    fam = get_head_family("knn")
+    grid = fam.default_grid(len(X), X.shape[1], 10)
+    assert [p["k"] for p in grid] == [1, 3, 5, 10, 20, 50]
+    assert [p["k"] for p in fam.default_grid(12, 64, 2)] == [1, 3, 5]
+    s = fam.cv_scores(X, y, folds, grid, preprocess=preprocess)
+    assert s.shape == (len(grid), len(folds)) and s.max() - s.min() > 0.02
+    for i, p in enumerate(grid):
+        for j, (fit, held) in enumerate(folds):
+            est = fam.build(p, preprocess=preprocess)
+            assert isinstance(est[-1], KNeighborsClassifier) and est[-1].n_neighbors == p["k"]
+            assert _fold_score(est, X, y, fit, held) == s[i, j], (p, j)
+            assert np.mean(est.predict(X[held]) == y[held]) == s[i, j]  # predict agrees with the argmax
+    with pytest.raises(ConfigError, match="k = 500 neighbours but a fold fits on 200"):
+        fam.cv_scores(X, y, folds, [{"k": 500}])
+    with pytest.raises(ConfigError, match="'k' must be an int >= 1"):
+        fam.build({"k": 0})
+
+
+def test_l2_preprocessing_centres_on_the_fit_rows_then_normalises_rows(hard_digits) -> None:
+    """'l2' is cosine similarity of centred rows: kNN's neighbours are those of the centred cosine."""
+    X, y, folds = hard_digits
+    fit, held = folds[0]
+    est = get_head_family("knn").build({"k": 1}, preprocess="l2").fit(X[fit], y[fit])
+    C = X[fit].astype(np.float64).mean(0)
+    A = (X[fit] - C) / np.linalg.norm(X[fit] - C, axis=1, keepdims=True)
+    B = (X[held] - C) / np.linalg.norm(X[held] - C, axis=1, keepdims=True)
+    np.testing.assert_array_equal(est.predict(X[held]), y[fit][(B @ A.T).argmax(1)])
+
+
+@pytest.mark.slow
+def test_mlp_cv_scores_equal_fitting_build_on_each_fold(hard_digits, one_thread) -> None:
+    X, y, folds = hard_digits
+    fam = get_head_family("mlp")
+    grid = fam.default_grid(len(X), X.shape[1], 10)[:2]
+    s = fam.cv_scores(X, y, folds[:2], grid)
+    assert s.shape == (2, 2) and 0.5 < s.min() and s.max() < 1.0
+    for i, p in enumerate(grid):
+        for j, (fit, held) in enumerate(folds[:2]):
+            assert _fold_score(fam.build(p), X, y, fit, held) == s[i, j], (p, j)
+    with pytest.raises(ConfigError, match="no preprocessing 'l2'"):
+        fam.cv_scores(X, y, folds, grid, preprocess="l2")
+    with pytest.raises(ConfigError, match="'dropout' parameter of MLPHead"):
+        fam.build({"hidden_sizes": 8, "dropout": 2.0, "weight_decay": 0.0})

@@ -23,8 +23,10 @@ from ..errors import ConfigError
 from ._features import Features
 from ._kernel_svc import KernelSVC, gram, rbf_from_gram, scale_gamma, sq_norms
 from ._linear_head import LinearHead
+from ._mlp_head import MLPHead
 
-__all__ = ["Folds", "HeadFamily", "HEAD_FAMILIES", "PREPROCESSES", "get_head_family", "LinearFamily", "SVMFamily"]
+__all__ = ["Folds", "HeadFamily", "HEAD_FAMILIES", "PREPROCESSES", "get_head_family", "LinearFamily", "SVMFamily", "KNNFamily",
+           "MLPFamily"]
 
 #: ``(fit_rows, held_out_rows)`` per fold: integer index arrays into ``X``.
 Folds = Sequence[tuple[np.ndarray, np.ndarray]]
@@ -58,8 +60,9 @@ class HeadFamily(Protocol):
         """(len(grid), len(folds)) top-1 accuracy on each fold's held-out rows."""
         ...
 
-    def build(self, params: dict[str, Any], *, preprocess: str = "standardize", seed: int = 0) -> Any:
-        """An unfitted estimator for one grid point (preprocessing included)."""
+    def build(self, params: dict[str, Any], *, preprocess: str = "standardize", seed: int = 0,
+              device: str = "cpu") -> Any:
+        """An unfitted estimator for one grid point (preprocessing included); ``device`` for its fit."""
         ...
 
     def relative_cost(self, n_samples: int, n_features: int, n_grid: int) -> float:
@@ -147,17 +150,20 @@ class LinearFamily:
         """C = 1e-6, 1e-5, ..., 1e2 (fit's coarse grid)."""
         return [{"C": c} for c in LINEAR_C_GRID]
 
-    def build(self, params: dict[str, Any], *, preprocess: str = "standardize", seed: int = 0) -> LinearHead:
+    def build(self, params: dict[str, Any], *, preprocess: str = "standardize", seed: int = 0,
+              device: str = "cpu") -> LinearHead:
+        from ._torch_head import validate_head_params
+
         _check_params(self.name, params, {"C"})
         _check_preprocess(self, preprocess)
-        return LinearHead(C=float(params["C"]), standardize=True)
+        head = LinearHead(C=params["C"], standardize=True, device=device)
+        validate_head_params(head)
+        return head
 
     def cv_scores(self, X: np.ndarray, y: np.ndarray, folds: Folds, grid: list[dict[str, Any]], *,
                   preprocess: str = "standardize", device: str = "cpu") -> np.ndarray:
         X, y = _check_inputs(self, X, y, folds, grid, preprocess)
-        for p in grid:
-            _check_params(self.name, p, {"C"})
-        Cs = np.array([float(p["C"]) for p in grid])
+        Cs = np.array([float(self.build(p).C) for p in grid])  # every setting checked before any work
         out = np.zeros((len(grid), len(folds)))
         for j, (fit, held) in enumerate(folds):
             out[:, j] = self._path(X, y, np.asarray(fit), np.asarray(held), Cs, device)
@@ -232,7 +238,7 @@ class SVMFamily:
               device: str = "cpu") -> Any:
         _check_params(self.name, params, self._keys)
         _check_preprocess(self, preprocess)
-        clf = KernelSVC(C=float(params["C"]), kernel=self.kernel, gamma_scale=float(params.get("gamma_scale", 1.0)),
+        clf = KernelSVC(C=params["C"], kernel=self.kernel, gamma_scale=params.get("gamma_scale", 1.0),
                         random_state=seed, device=device)
         clf._check_own_params()
         return _pipeline(preprocess, clf)
@@ -293,11 +299,141 @@ def _check_preprocess(family: HeadFamily, preprocess: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# knn: one neighbour search per fold for every k
+# --------------------------------------------------------------------------------------------
+
+#: Neighbour counts of the kNN family (those above the fold's fit rows are dropped).
+KNN_K_GRID = (1, 3, 5, 10, 20, 50)
+
+
+class KNNFamily:
+    """k nearest neighbours (scikit-learn's ``KNeighborsClassifier``, Euclidean, uniform votes).
+
+    With ``preprocess="l2"`` (centre, then L2-normalise) the Euclidean ranking is the cosine ranking.
+    ``cv_scores`` finds each held-out row's ``max(k)`` nearest fit rows once per fold (one
+    distance matrix, scikit-learn's brute-force search) and votes over the first k for every k;
+    ties go to the lowest class, as ``KNeighborsClassifier.predict_proba``'s argmax does.
+    ``build`` gives the ``Pipeline`` (brute force), which featbank saves as skops and exports
+    through skl2onnx.
+    """
+
+    name = "knn"
+    preprocesses: tuple[str, ...] = PREPROCESSES
+    exportable = True
+    reason = ""
+
+    def default_grid(self, n_samples: int, n_features: int, n_classes: int) -> list[dict[str, Any]]:
+        """k = 1, 3, 5, 10, 20, 50, those at most half the rows (a fold fits on at least half)."""
+        return [{"k": k} for k in KNN_K_GRID if k <= max(1, n_samples // 2)]
+
+    def build(self, params: dict[str, Any], *, preprocess: str = "standardize", seed: int = 0,
+              device: str = "cpu") -> Any:
+        from sklearn.neighbors import KNeighborsClassifier
+
+        _check_params(self.name, params, {"k"})
+        _check_preprocess(self, preprocess)
+        k = params["k"]
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ConfigError(f"The knn head family's 'k' must be an int >= 1. Got {k!r} instead.")
+        return _pipeline(preprocess, KNeighborsClassifier(n_neighbors=int(k), algorithm="brute"))
+
+    def cv_scores(self, X: np.ndarray, y: np.ndarray, folds: Folds, grid: list[dict[str, Any]], *,
+                  preprocess: str = "standardize", device: str = "cpu") -> np.ndarray:
+        from sklearn.neighbors import NearestNeighbors
+
+        X, y = _check_inputs(self, X, y, folds, grid, preprocess)
+        ks = [int(self.build(p, preprocess=preprocess)[-1].n_neighbors) for p in grid]
+        smallest = min(len(f) for f, _ in folds)
+        if max(ks) > smallest:
+            raise ConfigError(f"The knn grid asks for k = {max(ks)} neighbours but a fold fits on {smallest} rows; "
+                              "drop the larger k.")
+        out = np.zeros((len(grid), len(folds)))
+        for j, (fit, held) in enumerate(folds):
+            Xf, Xh = _fold_rows(X, np.asarray(fit), np.asarray(held), preprocess)
+            nn = NearestNeighbors(n_neighbors=max(ks), algorithm="brute").fit(Xf)
+            order = nn.kneighbors(Xh, return_distance=False)  # sorted nearest first
+            classes, codes = np.unique(y[fit], return_inverse=True)
+            votes = codes[order]
+            for i, k in enumerate(ks):
+                counts = np.zeros((len(held), len(classes)), np.int64)
+                np.add.at(counts, (np.arange(len(held))[:, None], votes[:, :k]), 1)
+                out[i, j] = _accuracy(classes[counts.argmax(1)], y[held])
+        return out
+
+    def relative_cost(self, n_samples: int, n_features: int, n_grid: int) -> float:
+        """One distance matrix (2 n^2 d flops at ~10 GFLOP/s); the votes are free."""
+        return 2.0 * n_samples**2 * n_features / 1e10
+
+
+# --------------------------------------------------------------------------------------------
+# mlp: featbank's MLPHead, one training per setting and fold
+# --------------------------------------------------------------------------------------------
+
+#: The MLP settings swept: a narrow and a wide hidden layer, light and strong regularisation.
+MLP_GRID = (
+    {"hidden_sizes": 256, "dropout": 0.2, "weight_decay": 1e-4},
+    {"hidden_sizes": 1024, "dropout": 0.5, "weight_decay": 1e-4},
+    {"hidden_sizes": 1024, "dropout": 0.5, "weight_decay": 1e-2},
+)
+
+
+class MLPFamily:
+    """A one-hidden-layer MLP (:class:`MLPHead`: AdamW, early stopping on 10% of the fit rows).
+
+    The expensive family: ``cv_scores`` trains one MLP per setting and fold (no work is shared).
+    Training is seeded (``seed`` 0 in ``cv_scores``, as ``build``'s default), so a score is what
+    ``build(params)`` fitted on the fold scores. ``build`` gives an ``MLPHead`` with its own
+    standardisation, which featbank saves as safetensors and exports as a torch graph. Only
+    ``preprocess="standardize"`` (MLPHead cannot centre before an L2 normalisation).
+    """
+
+    name = "mlp"
+    preprocesses: tuple[str, ...] = ("standardize",)
+    exportable = True
+    reason = ""
+
+    def default_grid(self, n_samples: int, n_features: int, n_classes: int) -> list[dict[str, Any]]:
+        """Hidden 256 (dropout 0.2, weight decay 1e-4); hidden 1024 (dropout 0.5, weight decay 1e-4 and 1e-2)."""
+        return [dict(p) for p in MLP_GRID]
+
+    def build(self, params: dict[str, Any], *, preprocess: str = "standardize", seed: int = 0,
+              device: str = "cpu") -> MLPHead:
+        from ._torch_head import validate_head_params
+
+        _check_params(self.name, params, {"hidden_sizes", "dropout", "weight_decay"})
+        _check_preprocess(self, preprocess)
+        h = params["hidden_sizes"]
+        head = MLPHead(hidden_sizes=tuple(h) if isinstance(h, list) else h, dropout=params["dropout"],
+                       weight_decay=params["weight_decay"], early_stopping=True, standardize=True,
+                       random_state=seed, device=device)
+        validate_head_params(head)
+        return head
+
+    def cv_scores(self, X: np.ndarray, y: np.ndarray, folds: Folds, grid: list[dict[str, Any]], *,
+                  preprocess: str = "standardize", device: str = "cpu") -> np.ndarray:
+        X, y = _check_inputs(self, X, y, folds, grid, preprocess)
+        heads = [self.build(p, preprocess=preprocess, device=device) for p in grid]
+        out = np.zeros((len(grid), len(folds)))
+        for j, (fit, held) in enumerate(folds):
+            for i, head in enumerate(heads):
+                head.fit(X[fit], y[fit])
+                out[i, j] = _accuracy(head.predict(X[held]), y[held])
+        return out
+
+    def relative_cost(self, n_samples: int, n_features: int, n_grid: int) -> float:
+        """~40 epochs (early stopping) of forward + backward (6 flops per weight and row) through a
+        1024-wide layer at ~5 GFLOP/s on CPU: crude."""
+        return n_grid * 40 * 6.0 * n_samples * (n_features * 1024) / 5e9
+
+
+# --------------------------------------------------------------------------------------------
 # The registry
 # --------------------------------------------------------------------------------------------
 
 #: Every head family by name.
-HEAD_FAMILIES: dict[str, HeadFamily] = {f.name: f for f in (LinearFamily(), SVMFamily("rbf"), SVMFamily("linear"))}
+HEAD_FAMILIES: dict[str, HeadFamily] = {
+    f.name: f for f in (LinearFamily(), SVMFamily("rbf"), SVMFamily("linear"), KNNFamily(), MLPFamily())
+}
 
 
 def get_head_family(name: str) -> HeadFamily:

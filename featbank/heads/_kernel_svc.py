@@ -19,7 +19,7 @@ from sklearn.utils.validation import validate_data
 
 from ..errors import ConfigError
 
-__all__ = ["KernelSVC", "gram", "rbf_from_gram", "scale_gamma", "sq_norms"]
+__all__ = ["KernelSVC", "gram", "kernel_svc_to_torch", "rbf_from_gram", "scale_gamma", "sq_norms"]
 
 #: The kernels KernelSVC computes itself (libsvm's names).
 KERNELS = ("rbf", "linear")
@@ -127,6 +127,102 @@ class KernelSVC(SVC):
         self.n_features_in_ = X.shape[1]
         self._gamma = float(gamma)
         self._sparse = False
+
+
+# --------------------------------------------------------------------------------------------
+# As a torch module (for ONNX export): embeddings -> featbank's probabilities, in float64
+# --------------------------------------------------------------------------------------------
+
+
+def _prefix(steps: list[Any]) -> list[tuple[str, np.ndarray | None, np.ndarray | None]] | None:
+    """Pipeline steps before the SVM as ("scale", mean, scale) / ("l2", None, None); None if another step."""
+    from sklearn.preprocessing import Normalizer, StandardScaler
+
+    out: list[tuple[str, np.ndarray | None, np.ndarray | None]] = []
+    for s in steps:
+        if s is None or s == "passthrough":
+            continue
+        if isinstance(s, StandardScaler):
+            mean = np.asarray(s.mean_, np.float64) if s.with_mean else None
+            scale = np.asarray(s.scale_, np.float64) if s.with_std else None
+            out.append(("scale", mean, scale))
+        elif isinstance(s, Normalizer) and s.norm == "l2":
+            out.append(("l2", None, None))
+        else:
+            return None
+    return out
+
+
+def _pair_maps(clf: SVC) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(W, A_i, A_j): libsvm's one-vs-one decisions are ``K @ W + _intercept_`` (pair p = (i, j), i < j,
+    in libsvm's order); A_i / A_j (P, k) mark each pair's first / second class."""
+    k = len(clf.classes_)
+    start = np.concatenate([[0], np.cumsum(clf._n_support)])
+    pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
+    W = np.zeros((int(start[-1]), len(pairs)))
+    A_i, A_j = np.zeros((len(pairs), k)), np.zeros((len(pairs), k))
+    for p, (i, j) in enumerate(pairs):
+        W[start[i]:start[i + 1], p] = clf._dual_coef_[j - 1, start[i]:start[i + 1]]
+        W[start[j]:start[j + 1], p] = clf._dual_coef_[i, start[j]:start[j + 1]]
+        A_i[p, i], A_j[p, j] = 1.0, 1.0
+    return W, A_i, A_j
+
+
+def kernel_svc_to_torch(steps: list[Any], clf: KernelSVC) -> Any:
+    """A float64 torch module: embeddings -> :func:`featbank.heads.estimator_proba` of the pipeline
+    ``steps + [clf]`` (the softmax of scikit-learn's one-vs-rest decision function: one-vs-one votes
+    plus scaled confidences; for two classes ``sigmoid(d)``). None for preprocessing it does not know."""
+    import torch
+    from torch import nn
+
+    prefix = _prefix(steps)
+    if prefix is None:
+        return None
+    W, A_i, A_j = _pair_maps(clf)
+    f64 = {"dtype": torch.float64}
+    binary, rbf, gamma = len(clf.classes_) == 2, clf.kernel == "rbf", float(clf._gamma)
+
+    class KernelSVCProba(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            for i, (_, mean, scale) in enumerate(prefix):
+                if mean is not None:
+                    self.register_buffer(f"mean{i}", torch.tensor(mean, **f64))
+                if scale is not None:
+                    self.register_buffer(f"inv_scale{i}", torch.tensor(1.0 / np.where(scale == 0, 1.0, scale), **f64))
+            sv = np.asarray(clf.support_vectors_, np.float64)
+            self.register_buffer("sv", torch.tensor(sv, **f64))
+            self.register_buffer("sv_sq", torch.tensor(sq_norms(sv), **f64))
+            self.register_buffer("W", torch.tensor(W, **f64))
+            self.register_buffer("b", torch.tensor(np.asarray(clf._intercept_, np.float64), **f64))
+            self.register_buffer("A_i", torch.tensor(A_i, **f64))
+            self.register_buffer("A_j", torch.tensor(A_j, **f64))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x.to(torch.float64)
+            for i, (kind, _, _) in enumerate(prefix):
+                if kind == "l2":
+                    x = x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-300)
+                else:
+                    if hasattr(self, f"mean{i}"):
+                        x = x - getattr(self, f"mean{i}")
+                    if hasattr(self, f"inv_scale{i}"):
+                        x = x * getattr(self, f"inv_scale{i}")
+            K = x @ self.sv.T
+            if rbf:
+                d2 = (x * x).sum(1, keepdim=True) + self.sv_sq[None, :] - 2.0 * K
+                K = torch.exp(-gamma * d2)
+            dec = K @ self.W + self.b  # libsvm's one-vs-one decision values
+            if binary:
+                z = torch.cat([torch.zeros_like(dec), -dec], dim=1)  # scikit-learn flips the binary sign
+            else:
+                pos = (dec >= 0).to(torch.float64)  # scikit-learn: a vote for i unless dec < 0
+                votes = pos @ self.A_i + (1.0 - pos) @ self.A_j
+                conf = dec @ (self.A_i - self.A_j)
+                z = votes + conf / (3.0 * (conf.abs() + 1.0))
+            return torch.softmax(z, dim=1).to(torch.float32)
+
+    return KernelSVCProba().eval()
 
 
 # Bundles name a skops type by `__module__.__qualname__`: keep it at the public path.
