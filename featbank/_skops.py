@@ -42,16 +42,17 @@ def _type_name(cls: type) -> str:
 def trusted_skops_types() -> frozenset[str]:
     """Exact type names a ``head.skops`` file may contain beyond skops' own defaults.
 
-    The scikit-learn classifiers ``fit --head`` accepts, the pipeline steps featbank builds
+    The scikit-learn classifiers ``fit --head`` accepts, :class:`featbank.heads.KernelSVC`, the pipeline steps featbank builds
     (``Pipeline``, ``StandardScaler``, ``Normalizer``), the distance metrics their neighbour
     indexes name (all but the Python-callable one), and :data:`_SKLEARN_STATE_TYPES`.
     """
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import Normalizer, StandardScaler
 
-    from .heads import sklearn_classifiers
+    from .heads import KernelSVC, sklearn_classifiers
 
-    classes = [*sklearn_classifiers().values(), Pipeline, StandardScaler, Normalizer]
+    # KernelSVC: featbank's SVC fitted through a BLAS kernel matrix (fit --auto's SVMs); its state is SVC's.
+    classes = [*sklearn_classifiers().values(), KernelSVC, Pipeline, StandardScaler, Normalizer]
     return frozenset(map(_type_name, classes + _distance_metric_types())) | _SKLEARN_STATE_TYPES
 
 

@@ -64,3 +64,115 @@ def test_linear_family_refuses_what_it_cannot_do(digits) -> None:
     with pytest.raises(ConfigError, match="Fold 0 has 0 fit rows"):
         fam.cv_scores(X, y, [(np.array([], int), folds[0][1])], [{"C": 1.0}])
     assert fam.relative_cost(1000, 100, 9) > fam.relative_cost(100, 100, 9) > 0
+
+
+@pytest.fixture(scope="module")
+def hard_digits() -> tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    """300 digits of 10 classes with noise added: no setting scores 100%, so a wrong fit shows."""
+    X, y = load_digits(return_X_y=True)
+    rng = np.random.default_rng(0)
+    X = (X[:300] + rng.normal(0, 4.0, (300, 64))).astype(np.float32)
+    folds = list(StratifiedKFold(3, shuffle=True, random_state=0).split(X, y[:300]))
+    return X, y[:300], folds
+
+
+@pytest.mark.parametrize("name", ["svm-rbf", "svm-linear"])
+@pytest.mark.parametrize("preprocess", ["standardize", "l2"])
+def test_svm_cv_scores_equal_fitting_build_on_each_fold(hard_digits, name, preprocess) -> None:
+    X, y, folds = hard_digits
+    fam = get_head_family(name)
+    grid = fam.default_grid(len(X), X.shape[1], 10)
+    grid = grid[::2]
+    s = fam.cv_scores(X, y, folds, grid, preprocess=preprocess)
+    assert s.shape == (len(grid), len(folds))
+    np.testing.assert_array_equal(s, fam.cv_scores(X, y, folds, grid, preprocess=preprocess))
+    assert s.max() - s.min() > 0.05 and s.max() < 1.0  # the settings differ and the task is not trivial
+    for i, p in enumerate(grid):
+        for j, (fit, held) in enumerate(folds):
+            assert _fold_score(fam.build(p, preprocess=preprocess), X, y, fit, held) == s[i, j], (p, j)
+
+
+@pytest.mark.parametrize("kernel", ["rbf", "linear"])
+def test_kernel_svc_predicts_as_sklearn_svc_fitted_on_the_same_rows(hard_digits, kernel) -> None:
+    """Same solver, same kernel up to rounding: equal predictions; decision values within the solver's
+    stopping tolerance (libsvm's SMO stops at tol, so ulp-level kernel differences move the
+    solution by ~5e-6 relative at SVC's default tol=1e-3, by < 1e-6 at tol=1e-4)."""
+    from sklearn.svm import SVC
+
+    from featbank.heads import KernelSVC
+
+    X, y, _ = hard_digits
+    X = (X - X.mean(0)) / X.std(0)
+    for C, gs in ((0.3, 1.0), (10.0, 2.0)):
+        for rows in (slice(0, 200), np.flatnonzero(y < 2)[:60]):  # multiclass and binary
+            for tol, rtol in ((1e-3, 2e-5), (1e-4, 1e-6)):
+                k = KernelSVC(C=C, kernel=kernel, gamma_scale=gs, tol=tol).fit(X[rows], y[rows])
+                ref = SVC(C=C, kernel=kernel, gamma=k._gamma, tol=tol).fit(X[rows], y[rows])
+                if kernel == "rbf":
+                    assert k._gamma == pytest.approx(gs / (X.shape[1] * X[rows].astype(np.float64).var()))
+                np.testing.assert_array_equal(k.support_, ref.support_)
+                np.testing.assert_array_equal(k.predict(X[200:]), ref.predict(X[200:]))
+                d, dref = k.decision_function(X[200:]), ref.decision_function(X[200:])
+                assert np.abs(d - dref).max() <= rtol * np.abs(dref).max(), (C, tol)
+
+
+def test_kernel_svc_refuses_bad_parameters() -> None:
+    from featbank.heads import KernelSVC
+
+    X, y = np.random.default_rng(0).normal(size=(20, 3)), np.arange(20) % 2
+    with pytest.raises(ConfigError, match="'kernel' parameter of KernelSVC must be one of"):
+        KernelSVC(kernel="poly").fit(X, y)
+    with pytest.raises(ConfigError, match="'gamma_scale' parameter of KernelSVC must be a float > 0. Got -1"):
+        KernelSVC(gamma_scale=-1).fit(X, y)
+    with pytest.raises(ConfigError, match="'C' parameter"):
+        get_head_family("svm-rbf").build({"C": 0.0, "gamma_scale": 1.0})
+
+
+@pytest.mark.parametrize("preprocess", ["standardize", "l2"])
+def test_knn_cv_scores_equal_kneighborsclassifier_on_each_fold(hard_digits, preprocess) -> None:
+    from sklearn.neighbors import KNeighborsClassifier
+
+    X, y, folds = hard_digits
+    fam = get_head_family("knn")
+    grid = fam.default_grid(len(X), X.shape[1], 10)
+    assert [p["k"] for p in grid] == [1, 3, 5, 10, 20, 50]
+    assert [p["k"] for p in fam.default_grid(12, 64, 2)] == [1, 3, 5]
+    s = fam.cv_scores(X, y, folds, grid, preprocess=preprocess)
+    assert s.shape == (len(grid), len(folds)) and s.max() - s.min() > 0.02
+    for i, p in enumerate(grid):
+        for j, (fit, held) in enumerate(folds):
+            est = fam.build(p, preprocess=preprocess)
+            assert isinstance(est[-1], KNeighborsClassifier) and est[-1].n_neighbors == p["k"]
+            assert _fold_score(est, X, y, fit, held) == s[i, j], (p, j)
+            assert np.mean(est.predict(X[held]) == y[held]) == s[i, j]  # predict agrees with the argmax
+    with pytest.raises(ConfigError, match="k = 500 neighbours but a fold fits on 200"):
+        fam.cv_scores(X, y, folds, [{"k": 500}])
+    with pytest.raises(ConfigError, match="'k' must be an int >= 1"):
+        fam.build({"k": 0})
+
+
+def test_l2_preprocessing_centres_on_the_fit_rows_then_normalises_rows(hard_digits) -> None:
+    """'l2' is cosine similarity of centred rows: kNN's neighbours are those of the centred cosine."""
+    X, y, folds = hard_digits
+    fit, held = folds[0]
+    est = get_head_family("knn").build({"k": 1}, preprocess="l2").fit(X[fit], y[fit])
+    C = X[fit].astype(np.float64).mean(0)
+    A = (X[fit] - C) / np.linalg.norm(X[fit] - C, axis=1, keepdims=True)
+    B = (X[held] - C) / np.linalg.norm(X[held] - C, axis=1, keepdims=True)
+    np.testing.assert_array_equal(est.predict(X[held]), y[fit][(B @ A.T).argmax(1)])
+
+
+@pytest.mark.slow
+def test_mlp_cv_scores_equal_fitting_build_on_each_fold(hard_digits, one_thread) -> None:
+    X, y, folds = hard_digits
+    fam = get_head_family("mlp")
+    grid = fam.default_grid(len(X), X.shape[1], 10)[:2]
+    s = fam.cv_scores(X, y, folds[:2], grid)
+    assert s.shape == (2, 2) and 0.5 < s.min() and s.max() < 1.0
+    for i, p in enumerate(grid):
+        for j, (fit, held) in enumerate(folds[:2]):
+            assert _fold_score(fam.build(p), X, y, fit, held) == s[i, j], (p, j)
+    with pytest.raises(ConfigError, match="no preprocessing 'l2'"):
+        fam.cv_scores(X, y, folds, grid, preprocess="l2")
+    with pytest.raises(ConfigError, match="'dropout' parameter of MLPHead"):
+        fam.build({"hidden_sizes": 8, "dropout": 2.0, "weight_decay": 0.0})

@@ -26,6 +26,7 @@ from __future__ import annotations
 # skops files and bundle manifests written before the split name them so, and resolve through here.
 from ._families import HEAD_FAMILIES, PREPROCESSES, Folds, HeadFamily, get_head_family
 from ._features import Features
+from ._kernel_svc import KernelSVC
 from ._linear_head import LinearHead
 from ._mlp_head import MLPHead
 from ._sklearn import estimator_proba, has_predict_proba, make_sklearn_head, parse_param, sklearn_classifiers
@@ -43,6 +44,7 @@ __all__ = [
     "parse_param",
     "estimator_proba",
     "has_predict_proba",
+    "KernelSVC",
     "HeadFamily",
     "HEAD_FAMILIES",
     "PREPROCESSES",

@@ -21,9 +21,12 @@ import numpy as np
 
 from ..errors import ConfigError
 from ._features import Features
+from ._kernel_svc import KernelSVC, gram, rbf_from_gram, scale_gamma, sq_norms
 from ._linear_head import LinearHead
+from ._mlp_head import MLPHead
 
-__all__ = ["Folds", "HeadFamily", "HEAD_FAMILIES", "PREPROCESSES", "get_head_family", "LinearFamily"]
+__all__ = ["Folds", "HeadFamily", "HEAD_FAMILIES", "PREPROCESSES", "get_head_family", "LinearFamily", "SVMFamily", "KNNFamily",
+           "MLPFamily"]
 
 #: ``(fit_rows, held_out_rows)`` per fold: integer index arrays into ``X``.
 Folds = Sequence[tuple[np.ndarray, np.ndarray]]
@@ -57,8 +60,9 @@ class HeadFamily(Protocol):
         """(len(grid), len(folds)) top-1 accuracy on each fold's held-out rows."""
         ...
 
-    def build(self, params: dict[str, Any], *, preprocess: str = "standardize", seed: int = 0) -> Any:
-        """An unfitted estimator for one grid point (preprocessing included)."""
+    def build(self, params: dict[str, Any], *, preprocess: str = "standardize", seed: int = 0,
+              device: str = "cpu") -> Any:
+        """An unfitted estimator for one grid point (preprocessing included); ``device`` for its fit."""
         ...
 
     def relative_cost(self, n_samples: int, n_features: int, n_grid: int) -> float:
@@ -73,11 +77,7 @@ class HeadFamily(Protocol):
 
 def _check_inputs(family: HeadFamily, X: np.ndarray, y: np.ndarray, folds: Folds, grid: list[dict[str, Any]],
                   preprocess: str) -> tuple[np.ndarray, np.ndarray]:
-    if preprocess not in family.preprocesses:
-        raise ConfigError(
-            f"The {family.name} head family has no preprocessing {preprocess!r}; it supports "
-            f"{', '.join(map(repr, family.preprocesses))}."
-        )
+    _check_preprocess(family, preprocess)
     X = np.asarray(X)
     y = np.asarray(y)
     if X.ndim != 2 or len(X) != len(y):
@@ -88,6 +88,30 @@ def _check_inputs(family: HeadFamily, X: np.ndarray, y: np.ndarray, folds: Folds
         if len(fit) == 0 or len(held) == 0:
             raise ConfigError(f"Fold {i} has {len(fit)} fit rows and {len(held)} held-out rows; both must be > 0.")
     return X, y
+
+
+def _prep_steps(preprocess: str) -> list[tuple[str, Any]]:
+    """The scikit-learn steps of a preprocessing (fresh, unfitted): what ``build`` puts before the classifier."""
+    from sklearn.preprocessing import Normalizer, StandardScaler
+
+    if preprocess == "standardize":
+        return [("scale", StandardScaler())]
+    return [("center", StandardScaler(with_std=False)), ("l2", Normalizer(norm="l2"))]
+
+
+def _pipeline(preprocess: str, clf: Any) -> Any:
+    from sklearn.pipeline import Pipeline
+
+    return Pipeline([*_prep_steps(preprocess), ("clf", clf)])
+
+
+def _fold_rows(X: np.ndarray, fit: np.ndarray, held: np.ndarray, preprocess: str) -> tuple[np.ndarray, np.ndarray]:
+    """The fold's fit and held-out rows preprocessed with statistics of the fit rows: the very steps
+    (and so the very numbers) ``build``'s pipeline computes when fitted on these rows."""
+    from sklearn.pipeline import Pipeline
+
+    pre = Pipeline(_prep_steps(preprocess))
+    return pre.fit_transform(X[fit]), pre.transform(X[held])
 
 
 def _accuracy(pred: np.ndarray, y: np.ndarray) -> float:
@@ -126,18 +150,20 @@ class LinearFamily:
         """C = 1e-6, 1e-5, ..., 1e2 (fit's coarse grid)."""
         return [{"C": c} for c in LINEAR_C_GRID]
 
-    def build(self, params: dict[str, Any], *, preprocess: str = "standardize", seed: int = 0) -> LinearHead:
+    def build(self, params: dict[str, Any], *, preprocess: str = "standardize", seed: int = 0,
+              device: str = "cpu") -> LinearHead:
+        from ._torch_head import validate_head_params
+
         _check_params(self.name, params, {"C"})
-        if preprocess not in self.preprocesses:
-            raise ConfigError(f"The linear head family supports preprocess 'standardize' only; got {preprocess!r}.")
-        return LinearHead(C=float(params["C"]), standardize=True)
+        _check_preprocess(self, preprocess)
+        head = LinearHead(C=params["C"], standardize=True, device=device)
+        validate_head_params(head)
+        return head
 
     def cv_scores(self, X: np.ndarray, y: np.ndarray, folds: Folds, grid: list[dict[str, Any]], *,
                   preprocess: str = "standardize", device: str = "cpu") -> np.ndarray:
         X, y = _check_inputs(self, X, y, folds, grid, preprocess)
-        for p in grid:
-            _check_params(self.name, p, {"C"})
-        Cs = np.array([float(p["C"]) for p in grid])
+        Cs = np.array([float(self.build(p).C) for p in grid])  # every setting checked before any work
         out = np.zeros((len(grid), len(folds)))
         for j, (fit, held) in enumerate(folds):
             out[:, j] = self._path(X, y, np.asarray(fit), np.asarray(held), Cs, device)
@@ -169,11 +195,245 @@ def _check_params(family: str, params: dict[str, Any], keys: set[str]) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# svm-rbf, svm-linear: one Gram matrix per fold for every C (and every RBF width)
+# --------------------------------------------------------------------------------------------
+
+#: C grid of the RBF SVM: half decades around scikit-learn's default 1.
+RBF_C_GRID = tuple(float(c) for c in np.logspace(-1, 2, 7))
+#: RBF widths: multiples of scikit-learn's ``gamma="scale"`` (1 / (n_features * variance)).
+RBF_GAMMA_SCALES = (0.5, 1.0, 2.0)
+#: C grid of the linear SVM (decades: on wide embeddings the classes are often separable, so
+#: only small C regularise).
+LINEAR_SVM_C_GRID = tuple(float(c) for c in np.logspace(-5, 1, 7))
+
+
+class SVMFamily:
+    """Kernel SVM (scikit-learn's libsvm ``SVC``, one-vs-one) with an RBF or a linear kernel.
+
+    ``cv_scores`` computes per fold one Gram matrix of the preprocessed rows with BLAS (numpy; torch
+    on CUDA) and fits ``SVC(kernel="precomputed")`` on it for every C; RBF kernels of every width
+    come from the same Gram matrix and squared norms. ``build`` gives a ``Pipeline`` of the
+    preprocessing and a :class:`KernelSVC`, which fits the same way and then predicts as
+    ``SVC(kernel="rbf" | "linear")``; featbank saves it as skops and exports it as one graph (the
+    kernel against the support vectors, the one-vs-one votes, the softmax of scikit-learn's
+    one-vs-rest decision function).
+    """
+
+    preprocesses: tuple[str, ...] = PREPROCESSES
+    exportable = True
+    reason = ""
+
+    def __init__(self, kernel: str):
+        self.kernel = kernel
+        self.name = f"svm-{kernel}"
+        self._keys = {"C", "gamma_scale"} if kernel == "rbf" else {"C"}
+
+    def default_grid(self, n_samples: int, n_features: int, n_classes: int) -> list[dict[str, Any]]:
+        """RBF: C = 0.1 .. 100 (half decades) x gamma_scale 0.5, 1, 2; linear: C = 1e-5 .. 10 (decades)."""
+        if self.kernel == "rbf":
+            return [{"C": c, "gamma_scale": g} for g in RBF_GAMMA_SCALES for c in RBF_C_GRID]
+        return [{"C": c} for c in LINEAR_SVM_C_GRID]
+
+    def build(self, params: dict[str, Any], *, preprocess: str = "standardize", seed: int = 0,
+              device: str = "cpu") -> Any:
+        _check_params(self.name, params, self._keys)
+        _check_preprocess(self, preprocess)
+        clf = KernelSVC(C=params["C"], kernel=self.kernel, gamma_scale=params.get("gamma_scale", 1.0),
+                        random_state=seed, device=device)
+        clf._check_own_params()
+        return _pipeline(preprocess, clf)
+
+    def cv_scores(self, X: np.ndarray, y: np.ndarray, folds: Folds, grid: list[dict[str, Any]], *,
+                  preprocess: str = "standardize", device: str = "cpu") -> np.ndarray:
+        X, y = _check_inputs(self, X, y, folds, grid, preprocess)
+        for p in grid:
+            self.build(p, preprocess=preprocess)  # every setting checked before any work
+        out = np.zeros((len(grid), len(folds)))
+        for j, (fit, held) in enumerate(folds):
+            out[:, j] = self._fold(X, y, np.asarray(fit), np.asarray(held), grid, preprocess, device)
+        return out
+
+    def _fold(self, X: np.ndarray, y: np.ndarray, fit: np.ndarray, held: np.ndarray, grid: list[dict[str, Any]],
+              preprocess: str, device: str) -> np.ndarray:
+        """Held-out top-1 of every setting on one fold, from one Gram matrix."""
+        Xf, Xh = _fold_rows(X, fit, held, preprocess)
+        Xf, Xh = np.asarray(Xf, np.float64), np.asarray(Xh, np.float64)
+        # The fit block as KernelSVC.fit multiplies it (same shapes, same BLAS call: same numbers).
+        G_ff, G_hf = gram(Xf, Xf, device), gram(Xh, Xf, device)
+        scores = np.zeros(len(grid))
+        widths = sorted({float(p.get("gamma_scale", 1.0)) for p in grid})
+        for w in widths:
+            if self.kernel == "rbf":
+                gamma = scale_gamma(Xf, w)
+                sf, sh = sq_norms(Xf), sq_norms(Xh)
+                K_ff, K_hf = rbf_from_gram(G_ff, sf, sf, gamma), rbf_from_gram(G_hf, sh, sf, gamma)
+            else:
+                K_ff, K_hf = G_ff, G_hf
+            for i, p in enumerate(grid):
+                if float(p.get("gamma_scale", 1.0)) == w:
+                    scores[i] = _svc_score(K_ff, y[fit], K_hf, y[held], float(p["C"]))
+        return scores
+
+    def relative_cost(self, n_samples: int, n_features: int, n_grid: int) -> float:
+        """One Gram matrix (2 n^2 d flops at ~10 GFLOP/s in float64 on 2 busy cores) plus one libsvm fit on
+        the kernel per setting (~2e-8 s per kernel entry, measured on digits and random 2,000-row kernels)."""
+        return 2.0 * n_samples**2 * n_features / 1e10 + n_grid * 2e-8 * n_samples**2
+
+
+def _svc_score(K_ff: np.ndarray, y_fit: np.ndarray, K_hf: np.ndarray, y_held: np.ndarray, C: float) -> float:
+    """Held-out top-1 of ``SVC(kernel="precomputed", C)``, scored as featbank scores (argmax of estimator_proba)."""
+    from sklearn.svm import SVC
+
+    from ._sklearn import estimator_proba
+
+    svc = SVC(C=C, kernel="precomputed").fit(K_ff, y_fit)
+    return _accuracy(svc.classes_[estimator_proba(svc, K_hf).argmax(1)], y_held)
+
+
+def _check_preprocess(family: HeadFamily, preprocess: str) -> None:
+    if preprocess not in family.preprocesses:
+        raise ConfigError(
+            f"The {family.name} head family has no preprocessing {preprocess!r}; it supports "
+            f"{', '.join(map(repr, family.preprocesses))}."
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# knn: one neighbour search per fold for every k
+# --------------------------------------------------------------------------------------------
+
+#: Neighbour counts of the kNN family (those above the fold's fit rows are dropped).
+KNN_K_GRID = (1, 3, 5, 10, 20, 50)
+
+
+class KNNFamily:
+    """k nearest neighbours (scikit-learn's ``KNeighborsClassifier``, Euclidean, uniform votes).
+
+    With ``preprocess="l2"`` (centre, then L2-normalise) the Euclidean ranking is the cosine ranking.
+    ``cv_scores`` finds each held-out row's ``max(k)`` nearest fit rows once per fold (one
+    distance matrix, scikit-learn's brute-force search) and votes over the first k for every k;
+    ties go to the lowest class, as ``KNeighborsClassifier.predict_proba``'s argmax does.
+    ``build`` gives the ``Pipeline`` (brute force), which featbank saves as skops and exports
+    through skl2onnx.
+    """
+
+    name = "knn"
+    preprocesses: tuple[str, ...] = PREPROCESSES
+    exportable = True
+    reason = ""
+
+    def default_grid(self, n_samples: int, n_features: int, n_classes: int) -> list[dict[str, Any]]:
+        """k = 1, 3, 5, 10, 20, 50, those at most half the rows (a fold fits on at least half)."""
+        return [{"k": k} for k in KNN_K_GRID if k <= max(1, n_samples // 2)]
+
+    def build(self, params: dict[str, Any], *, preprocess: str = "standardize", seed: int = 0,
+              device: str = "cpu") -> Any:
+        from sklearn.neighbors import KNeighborsClassifier
+
+        _check_params(self.name, params, {"k"})
+        _check_preprocess(self, preprocess)
+        k = params["k"]
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ConfigError(f"The knn head family's 'k' must be an int >= 1. Got {k!r} instead.")
+        return _pipeline(preprocess, KNeighborsClassifier(n_neighbors=int(k), algorithm="brute"))
+
+    def cv_scores(self, X: np.ndarray, y: np.ndarray, folds: Folds, grid: list[dict[str, Any]], *,
+                  preprocess: str = "standardize", device: str = "cpu") -> np.ndarray:
+        from sklearn.neighbors import NearestNeighbors
+
+        X, y = _check_inputs(self, X, y, folds, grid, preprocess)
+        ks = [int(self.build(p, preprocess=preprocess)[-1].n_neighbors) for p in grid]
+        smallest = min(len(f) for f, _ in folds)
+        if max(ks) > smallest:
+            raise ConfigError(f"The knn grid asks for k = {max(ks)} neighbours but a fold fits on {smallest} rows; "
+                              "drop the larger k.")
+        out = np.zeros((len(grid), len(folds)))
+        for j, (fit, held) in enumerate(folds):
+            Xf, Xh = _fold_rows(X, np.asarray(fit), np.asarray(held), preprocess)
+            nn = NearestNeighbors(n_neighbors=max(ks), algorithm="brute").fit(Xf)
+            order = nn.kneighbors(Xh, return_distance=False)  # sorted nearest first
+            classes, codes = np.unique(y[fit], return_inverse=True)
+            votes = codes[order]
+            for i, k in enumerate(ks):
+                counts = np.zeros((len(held), len(classes)), np.int64)
+                np.add.at(counts, (np.arange(len(held))[:, None], votes[:, :k]), 1)
+                out[i, j] = _accuracy(classes[counts.argmax(1)], y[held])
+        return out
+
+    def relative_cost(self, n_samples: int, n_features: int, n_grid: int) -> float:
+        """One distance matrix (2 n^2 d flops at ~10 GFLOP/s); the votes are free."""
+        return 2.0 * n_samples**2 * n_features / 1e10
+
+
+# --------------------------------------------------------------------------------------------
+# mlp: featbank's MLPHead, one training per setting and fold
+# --------------------------------------------------------------------------------------------
+
+#: The MLP settings swept: a narrow and a wide hidden layer, light and strong regularisation.
+MLP_GRID = (
+    {"hidden_sizes": 256, "dropout": 0.2, "weight_decay": 1e-4},
+    {"hidden_sizes": 1024, "dropout": 0.5, "weight_decay": 1e-4},
+    {"hidden_sizes": 1024, "dropout": 0.5, "weight_decay": 1e-2},
+)
+
+
+class MLPFamily:
+    """A one-hidden-layer MLP (:class:`MLPHead`: AdamW, early stopping on 10% of the fit rows).
+
+    The expensive family: ``cv_scores`` trains one MLP per setting and fold (no work is shared).
+    Training is seeded (``seed`` 0 in ``cv_scores``, as ``build``'s default), so a score is what
+    ``build(params)`` fitted on the fold scores. ``build`` gives an ``MLPHead`` with its own
+    standardisation, which featbank saves as safetensors and exports as a torch graph. Only
+    ``preprocess="standardize"`` (MLPHead cannot centre before an L2 normalisation).
+    """
+
+    name = "mlp"
+    preprocesses: tuple[str, ...] = ("standardize",)
+    exportable = True
+    reason = ""
+
+    def default_grid(self, n_samples: int, n_features: int, n_classes: int) -> list[dict[str, Any]]:
+        """Hidden 256 (dropout 0.2, weight decay 1e-4); hidden 1024 (dropout 0.5, weight decay 1e-4 and 1e-2)."""
+        return [dict(p) for p in MLP_GRID]
+
+    def build(self, params: dict[str, Any], *, preprocess: str = "standardize", seed: int = 0,
+              device: str = "cpu") -> MLPHead:
+        from ._torch_head import validate_head_params
+
+        _check_params(self.name, params, {"hidden_sizes", "dropout", "weight_decay"})
+        _check_preprocess(self, preprocess)
+        h = params["hidden_sizes"]
+        head = MLPHead(hidden_sizes=tuple(h) if isinstance(h, list) else h, dropout=params["dropout"],
+                       weight_decay=params["weight_decay"], early_stopping=True, standardize=True,
+                       random_state=seed, device=device)
+        validate_head_params(head)
+        return head
+
+    def cv_scores(self, X: np.ndarray, y: np.ndarray, folds: Folds, grid: list[dict[str, Any]], *,
+                  preprocess: str = "standardize", device: str = "cpu") -> np.ndarray:
+        X, y = _check_inputs(self, X, y, folds, grid, preprocess)
+        heads = [self.build(p, preprocess=preprocess, device=device) for p in grid]
+        out = np.zeros((len(grid), len(folds)))
+        for j, (fit, held) in enumerate(folds):
+            for i, head in enumerate(heads):
+                head.fit(X[fit], y[fit])
+                out[i, j] = _accuracy(head.predict(X[held]), y[held])
+        return out
+
+    def relative_cost(self, n_samples: int, n_features: int, n_grid: int) -> float:
+        """~40 epochs (early stopping) of forward + backward (6 flops per weight and row) through a
+        1024-wide layer at ~5 GFLOP/s on CPU: crude."""
+        return n_grid * 40 * 6.0 * n_samples * (n_features * 1024) / 5e9
+
+
+# --------------------------------------------------------------------------------------------
 # The registry
 # --------------------------------------------------------------------------------------------
 
 #: Every head family by name.
-HEAD_FAMILIES: dict[str, HeadFamily] = {f.name: f for f in (LinearFamily(),)}
+HEAD_FAMILIES: dict[str, HeadFamily] = {
+    f.name: f for f in (LinearFamily(), SVMFamily("rbf"), SVMFamily("linear"), KNNFamily(), MLPFamily())
+}
 
 
 def get_head_family(name: str) -> HeadFamily:
