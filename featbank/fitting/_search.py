@@ -15,6 +15,8 @@ off, and says so):
 
 1. Round 0: every candidate is scored on the K folds of repeat 0, cheapest estimate first, as long
    as the estimates fit in :data:`ROUND0_SHARE` of the budget; the rest are *skipped for budget*.
+   The cheapest candidate is always scored on all K folds, even past the budget, so there is a
+   winner; otherwise the clock is checked before each candidate and between its folds.
 2. Round r > 0: the best :data:`KEEP` fraction of the candidates of round r - 1 (at least one) is
    scored on the folds of repeat r, while the estimates fit in what is left of the budget.
 3. A candidate's score is the best mean over its grid of its folds so far; the leaderboard ranks by
@@ -287,12 +289,13 @@ class AutoSearch:
                 if r == 0:
                     self.skipped_.append({**s.candidate.describe(), "reason": "budget", "estimate_s": s.estimate})
                 continue
-            if not clock.clock_allows(s.estimate):
+            first = r == 0 and not done  # the cheapest candidate always completes: there is always a winner
+            if not first and not clock.clock_allows(s.estimate):
                 clock.cut_by_clock.append(f"round {r}: {name}")
                 if r == 0:
                     self.skipped_.append({**s.candidate.describe(), "reason": "clock", "estimate_s": s.estimate})
                 continue
-            if self._score(s, r, data[s.candidate.key], y, clock):
+            if self._score(s, r, data[s.candidate.key], y, clock, first):
                 done.append(s)
             else:
                 clock.cut_by_clock.append(f"round {r}: {name} (stopped after a fold)")
@@ -302,7 +305,7 @@ class AutoSearch:
                              "candidates": [_label(s.candidate) for s in done]})
         return done
 
-    def _score(self, s: Scored, r: int, X: np.ndarray, y: np.ndarray, clock: _Clock) -> bool:
+    def _score(self, s: Scored, r: int, X: np.ndarray, y: np.ndarray, clock: _Clock, finish: bool = False) -> bool:
         """Score ``s`` on the folds of repeat ``r``, one fold per call so the clock is checked between folds.
 
         Returns ``False`` (and keeps none of this round's folds) when the clock ran out part-way.
@@ -311,7 +314,7 @@ class AutoSearch:
         per_fold = s.estimate / self.cv
         cols, seconds = [], 0.0
         for j, fold in enumerate(self.folds_[r]):
-            if j and clock.elapsed + seconds / j > clock.budget_s:  # this candidate's own folds so far
+            if j and not finish and clock.elapsed + seconds / j > clock.budget_s:  # its own folds so far
                 clock.record(per_fold * j, seconds)
                 return False
             t0 = time.perf_counter()
