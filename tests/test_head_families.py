@@ -294,3 +294,23 @@ def test_svm_on_layers_and_pooled_views_exports_with_parity(layered, tmp_path, m
     bundle = _bundle_with_head(src, tmp_path / "models" / "svm", est)
     report = _export_and_compare(bundle, images, tmp_path)
     assert report.route.startswith("torch")
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["svm-rbf", "svm-linear", "linear"])
+def test_cuda_scores_equal_cpu_scores(hard_digits, name) -> None:
+    X, y, folds = hard_digits
+    fam = get_head_family(name)
+    grid = fam.default_grid(len(X), X.shape[1], 10)[::3]
+    cpu, gpu = fam.cv_scores(X, y, folds, grid), fam.cv_scores(X, y, folds, grid, device="cuda")
+    assert np.abs(cpu - gpu).max() <= 2 / min(len(h) for _, h in folds)
+
+
+def test_relative_costs_grow_with_the_work() -> None:
+    for fam in HEAD_FAMILIES.values():
+        small, rows, width, grid = (fam.relative_cost(200, 64, 3), fam.relative_cost(2000, 64, 3),
+                                    fam.relative_cost(200, 6400, 3), fam.relative_cost(200, 64, 9))
+        assert 0 < small < rows and small < width and small <= grid, fam.name
+    # On the ELPV pooled features the MLP is the expensive family by far.
+    costs = {n: f.relative_cost(2100, 12560, 6) for n, f in HEAD_FAMILIES.items()}
+    assert max(costs, key=costs.get) == "mlp" and costs["mlp"] > 10 * costs["svm-rbf"]
