@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 from sklearn.model_selection import StratifiedKFold
+
+try:  # tests/ may or may not be a package
+    from .conftest import cache_dir_env, make_image_folder
+except ImportError:
+    from conftest import cache_dir_env, make_image_folder
 
 from featbank.errors import ConfigError
 from featbank.heads import HEAD_FAMILIES, HeadFamily, estimator_proba, get_head_family
@@ -176,3 +185,132 @@ def test_mlp_cv_scores_equal_fitting_build_on_each_fold(hard_digits, one_thread)
         fam.cv_scores(X, y, folds, grid, preprocess="l2")
     with pytest.raises(ConfigError, match="'dropout' parameter of MLPHead"):
         fam.build({"hidden_sizes": 8, "dropout": 2.0, "weight_decay": 0.0})
+
+
+# --------------------------------------------------------------------------------------------
+# Every family's estimator in a real bundle: saved, loaded, exported to ONNX with the parity check
+# --------------------------------------------------------------------------------------------
+
+
+def _bundle_with_head(src: Path, dst: Path, est: Any) -> Path:
+    """A copy of the bundle ``src`` whose head is ``est`` (fitted), written by featbank's bundle writer."""
+    from safetensors.numpy import save as st_save
+
+    from featbank.bundle import save_bundle, serialize_sklearn
+    from featbank.heads import LinearHead, MLPHead, head_state
+
+    man = json.loads((src / "manifest.json").read_text())
+    files = {p.name: p.read_bytes() for p in src.iterdir()
+             if p.is_file() and p.name not in ("manifest.json", man["head"]["file"])}
+    if isinstance(est, (LinearHead, MLPHead)):
+        tensors, info = head_state(est)
+        htype = "linear" if isinstance(est, LinearHead) else "mlp"
+        man["head"] = {"type": htype, "estimator": type(est).__name__, **info, "file": "head.safetensors"}
+        files["head.safetensors"] = st_save(tensors)
+    else:
+        fname, data, trusted = serialize_sklearn(est)
+        man["head"] = {"type": "sklearn", "estimator": type(est[-1]).__name__, "file": fname,
+                       "pipeline": [n for n, _ in est.steps], "trusted_types": trusted}
+        files[fname] = data
+    for key in ("files", "bundle_id"):
+        man.pop(key, None)
+    return save_bundle(dst, man, files)
+
+
+def _export_and_compare(bundle: Path, images: list[Path], tmp_path: Path) -> Any:
+    """Export with the parity check; onnxruntime's probabilities equal featbank predict's."""
+    import featbank
+    from featbank.runtime import OnnxClassifier
+
+    report = featbank.export_model(bundle, tmp_path / f"{bundle.name}.onnx", check_images=images)
+    assert report.parity["passed"], report.parity
+    preds = featbank.predict(bundle, images, top_k=3)
+    classes = featbank.load_bundle(bundle).classes
+    py = np.array([[dict(p.top_k)[k] for k in classes] for p in preds])
+    onnx = OnnxClassifier(report.path).predict_proba(images)
+    np.testing.assert_allclose(onnx, py, atol=1e-4)
+    assert (onnx.argmax(1) == py.argmax(1)).all()
+    return report
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A test_tiny cache of 3 classes x 8 images (train/test) and a linear bundle fitted on it."""
+    import featbank
+
+    root = tmp_path_factory.mktemp("plain")
+    data = make_image_folder(root / "data", n_per_class=8, splits=("train", "test"))
+    with cache_dir_env(root / "fc"):
+        featbank.extract(data, root / "c.h5", backbone="test_tiny", engine="torch", num_workers=0, progress=False)
+        featbank.fit(root / "c.h5", "linear", out=root / "linear")
+    return {"data": data, "cache": root / "c.h5", "bundle": root / "linear"}
+
+
+_EXPORT_CASES = [("linear", "standardize", {"C": 0.1}), ("svm-rbf", "standardize", {"C": 3.0, "gamma_scale": 1.0}),
+                 ("svm-rbf", "l2", {"C": 10.0, "gamma_scale": 2.0}), ("svm-linear", "l2", {"C": 0.1}),
+                 ("knn", "standardize", {"k": 3}), ("knn", "l2", {"k": 5}),
+                 ("mlp", "standardize", {"hidden_sizes": 16, "dropout": 0.2, "weight_decay": 1e-4})]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "preprocess", "params"), _EXPORT_CASES)
+def test_every_family_exports_with_parity(plain, tmp_path, monkeypatch, one_thread, name, preprocess, params) -> None:
+    import featbank
+
+    monkeypatch.setenv("FEATBANK_CACHE_DIR", str(plain["data"].parent / "fc"))
+    fam = get_head_family(name)
+    assert fam.exportable and preprocess in fam.preprocesses
+    with featbank.open_cache(plain["cache"]) as c:
+        rows = np.flatnonzero(c.split_mask("train"))
+        est = fam.build(params, preprocess=preprocess).fit(c.load_embeddings(rows), c.labels[rows])
+        test_rows = np.flatnonzero(c.split_mask("test"))
+        images = [c.abspath(c.paths[r]) for r in test_rows]
+        X_test = c.load_embeddings(test_rows)
+    bundle = _bundle_with_head(plain["bundle"], tmp_path / "models" / name, est)
+    loaded = featbank.load_bundle(bundle).load_head()
+    assert type(loaded) is type(est)
+    np.testing.assert_array_equal(estimator_proba(loaded, X_test), estimator_proba(est, X_test))
+    report = _export_and_compare(bundle, images, tmp_path)
+    assert report.route.startswith("skl2onnx" if name == "knn" else "torch")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pooled", [False, True])
+def test_svm_on_layers_and_pooled_views_exports_with_parity(layered, tmp_path, monkeypatch, one_thread, pooled) -> None:
+    """The SVM on a layered cache (two layers) and on [mean | max] pooled views: one graph, parity."""
+    import featbank
+    from featbank.fitting._layers import FeatureTable
+
+    data, cache = layered
+    monkeypatch.setenv("FEATBANK_CACHE_DIR", str(tmp_path / "fc"))
+    src = featbank.fit(cache, "linear", layers="stage2,final", pool_views=pooled, train_views=False,
+                       out=tmp_path / "src").path
+    fam = get_head_family("svm-rbf")
+    with featbank.open_cache(cache) as c:
+        table = FeatureTable(c, ("stage2", "final"), train_views=False, pooled=pooled)
+        rows = np.flatnonzero(c.split_mask("train"))
+        est = fam.build({"C": 3.0, "gamma_scale": 1.0}).fit(table.load_embeddings(rows), c.labels[rows])
+        images = [c.abspath(c.paths[r]) for r in np.flatnonzero(c.split_mask("test"))]
+    bundle = _bundle_with_head(src, tmp_path / "models" / "svm", est)
+    report = _export_and_compare(bundle, images, tmp_path)
+    assert report.route.startswith("torch")
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["svm-rbf", "svm-linear", "linear"])
+def test_cuda_scores_equal_cpu_scores(hard_digits, name) -> None:
+    X, y, folds = hard_digits
+    fam = get_head_family(name)
+    grid = fam.default_grid(len(X), X.shape[1], 10)[::3]
+    cpu, gpu = fam.cv_scores(X, y, folds, grid), fam.cv_scores(X, y, folds, grid, device="cuda")
+    assert np.abs(cpu - gpu).max() <= 2 / min(len(h) for _, h in folds)
+
+
+def test_relative_costs_grow_with_the_work() -> None:
+    for fam in HEAD_FAMILIES.values():
+        small, rows, width, grid = (fam.relative_cost(200, 64, 3), fam.relative_cost(2000, 64, 3),
+                                    fam.relative_cost(200, 6400, 3), fam.relative_cost(200, 64, 9))
+        assert 0 < small < rows and small < width and small <= grid, fam.name
+    # On the ELPV pooled features the MLP is the expensive family by far.
+    costs = {n: f.relative_cost(2100, 12560, 6) for n, f in HEAD_FAMILIES.items()}
+    assert max(costs, key=costs.get) == "mlp" and costs["mlp"] > 10 * costs["svm-rbf"]
