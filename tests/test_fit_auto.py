@@ -42,12 +42,14 @@ class Recording:
         self.family, self.name = family, family.name
         self.preprocesses = getattr(family, "preprocesses", ("standardize",))
         self.seen: list[tuple[tuple[int, int], list]] = []
+        self.matrices: list[np.ndarray] = []
 
     def default_grid(self, *a):
         return self.family.default_grid(*a)
 
     def cv_scores(self, X, y, folds, grid, **kw):
         self.seen.append((X.shape, [(np.asarray(a).copy(), np.asarray(b).copy()) for a, b in folds]))
+        self.matrices.append(X)
         return self.family.cv_scores(X, y, folds, grid, **kw)
 
     def build(self, params, **kw):
@@ -236,7 +238,9 @@ def test_parse_budget_and_bootstrap() -> None:
 def test_pooled_search_rows_are_the_rows_predict_makes(layered) -> None:
     _, cache = layered
     rec = Recording(HEAD_FAMILIES["linear"])
-    featbank.fit(cache, "linear", cv=3, layers="final", pool_views=True, save=False, families={"linear": rec})
+    layers = ("stem", "stage2", "final")
+    featbank.fit(cache, "linear", cv=3, layers=",".join(layers), pool_views=True, save=False, families={"linear": rec})
     with featbank.open_cache(cache) as c:
-        table = FeatureTable(c, ("final",), pooled=True)
-        assert rec.seen[0][0] == (int(c.split_mask("train").sum()), table.embed_dim)
+        table = FeatureTable(c, layers, pooled=True)
+        train = np.flatnonzero(c.split_mask("train"))
+        np.testing.assert_array_equal(rec.matrices[0], table.load_embeddings(train))

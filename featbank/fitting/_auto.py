@@ -38,8 +38,9 @@ __all__ = ["SearchSettings", "fit_search", "bootstrap_interval", "PREPROCESSING"
 PREPROCESSING = ("standardize", "l2")
 #: Resamples of the test rows for the 95% interval of the test top-1.
 N_BOOTSTRAP = 1000
-#: Training rows the greedy layer selection scores on (as ``--layers auto``).
-_SELECT_ROWS = 2000
+#: Training rows the greedy layer selection of ``--auto`` scores on (``--layers auto``: 2000): a ridge
+#: fit costs min(rows, columns)^3, and it runs about (layers^2)/2 times.
+_SELECT_ROWS = 1000
 
 
 @dataclass(frozen=True)
@@ -104,13 +105,38 @@ def _candidates(sets: Mapping[str, tuple[str, ...]], views: Sequence[str], route
 
 
 def _load(cache: Any, keys: Sequence[FeatureKey], rows: np.ndarray) -> dict[FeatureKey, np.ndarray]:
-    """The feature matrix of each key for ``rows`` (sorted images), read through ``FeatureTable`` as predict reads it."""
+    """The feature matrix of each key for ``rows`` (sorted images), as ``FeatureTable`` makes it for predict.
+
+    Every layer any key needs is read once per view (not once per key); a key's columns are then
+    sliced out, pooled ones as ``[mean | max]`` of its own columns, the layout of a pooled table.
+    """
+    from ._layers import pool_views
+
+    keys = list(dict.fromkeys(keys))
+    held = list(getattr(cache, "layers", ("final",)) or ("final",))
+    union = tuple(t for t in held if any(t in k[0] for k in keys))
+    table = FeatureTable(cache, union, train_views=False)
+    plain = table.load_embeddings(rows)
+    _check_finite(plain, cache, rows)
+    pooled = None
+    if any(v == "pooled" for _, v in keys):
+        views = (plain if v is None else cache.load_features(rows, union, v, np.float32)
+                 for v in [None, *range(table.n_views)])
+        pooled = pool_views(views)
+        _check_finite(pooled, cache, rows)
     out = {}
-    for layers, views in dict.fromkeys(keys):
-        X = FeatureTable(cache, layers, train_views=False, pooled=views == "pooled").load_embeddings(rows)
-        _check_finite(X, cache, rows)
-        out[(layers, views)] = X
+    d = plain.shape[1]
+    for layers, views in keys:
+        idx = _columns(table, layers)
+        out[(layers, views)] = plain[:, idx] if views == "plain" else pooled[:, np.concatenate([idx, idx + d])]
     return out
+
+
+def _columns(table: FeatureTable, layers: Sequence[str]) -> np.ndarray:
+    """Column indices of ``layers`` in ``table``'s rows (its layers concatenated in network order)."""
+    starts = np.cumsum([0, *table.layer_dims.values()])
+    pos = {t: (starts[i], starts[i + 1]) for i, t in enumerate(table.layers)}
+    return np.concatenate([np.arange(*pos[t]) for t in layers])
 
 
 def _check_finite(X: np.ndarray, cache: Any, rows: np.ndarray) -> None:
