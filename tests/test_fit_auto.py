@@ -124,6 +124,13 @@ def test_auto_writes_a_bundle_whose_leaderboard_winner_is_its_head(auto_bundle, 
     (lambda m: m["search"]["leaderboard"][0].update(head="knn-from-elsewhere"), "head.family"),
     (lambda m: m["search"]["leaderboard"][0]["params"].update(C=123.0), "head.chosen"),
     (lambda m: m["search"]["leaderboard"][0].update(layers=["stage9"]), "features.layers"),
+    (lambda m: m["search"]["leaderboard"][0].update(views="pooled" if "view_pool" not in m["features"] else "plain"),
+     "features.view_pool"),
+    (lambda m: m["search"]["leaderboard"][0].update(preprocessing="whiten"), "head.preprocess"),
+    (lambda m: m.update(search="the best"), "search"),
+    (lambda m: m["search"]["leaderboard"].__setitem__(0, "row"), "leaderboard"),
+    (lambda m: m["search"].update(cv=1), "cv"),
+    (lambda m: m["search"]["leaderboard"][0].update(params=[1, 2]), "params"),
 ])
 def test_a_leaderboard_that_lies_is_refused_on_load(auto_bundle, tmp_path, edit, field) -> None:
     out, _ = auto_bundle
