@@ -251,3 +251,28 @@ def test_pooled_search_rows_are_the_rows_predict_makes(layered) -> None:
         table = FeatureTable(c, layers, pooled=True)
         train = np.flatnonzero(c.split_mask("train"))
         np.testing.assert_array_equal(rec.matrices[0], table.load_embeddings(train))
+
+
+class Costly(Recording):
+    """The real knn family, whose cost estimate says it is far too slow for the budget."""
+
+    def relative_cost(self, *a):
+        return 1e6
+
+
+def test_the_plan_skips_what_its_estimates_cannot_afford_and_repeats_only_the_best() -> None:
+    rng = np.random.default_rng(1)
+    y = np.repeat(np.arange(3), 20)
+    X = rng.normal(size=(60, 8)).astype(np.float32) + y[:, None]
+    fams = {"knn": HEAD_FAMILIES["knn"], "slow-knn": Costly(HEAD_FAMILIES["knn"])}
+    cands = [Candidate(f"s{i}", ("final",), "plain", pre, h) for i in range(3) for pre in ("standardize", "l2")
+             for h in fams]
+    runs = [AutoSearch(cands, fams, cv=3, repeats=3, budget_s=600.0, seed=4).fit({(("final",), "plain"): X}, y)
+            for _ in range(2)]
+    a, b = runs
+    assert [r["reason"] for r in a.skipped_] == ["budget"] * 6 and {r["head"] for r in a.skipped_} == {"slow-knn"}
+    assert fams["slow-knn"].seen == []  # never scored
+    assert [rnd["n_candidates"] for rnd in a.rounds_] == [6, 2, 1]  # a third goes on to each next repeat
+    assert a.best_.scores.shape[1] == 9 and a.scored_[1].scores.shape[1] == 6
+    strip = [{k: v for k, v in row.items() if k != "seconds"} for row in a.leaderboard()]
+    assert strip == [{k: v for k, v in row.items() if k != "seconds"} for row in b.leaderboard()]  # reproducible
