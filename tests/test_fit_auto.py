@@ -96,7 +96,7 @@ def test_auto_writes_a_bundle_whose_leaderboard_winner_is_its_head(auto_bundle, 
     out, res = auto_bundle
     board = res.search["leaderboard"]
     assert [r["rank"] for r in board] == list(range(1, len(board) + 1))
-    assert all(0.0 <= r["cv_mean"] <= 1.0 and r["n_folds"] >= 3 for r in board)
+    assert all(0.0 <= r["cv_mean"] <= 1.0 and r["n_folds"] >= 1 for r in board) and board[0]["n_folds"] >= 3
     assert {r["head"] for r in board} <= set(HEAD_FAMILIES) and {r["preprocessing"] for r in board} <= {"standardize", "l2"}
     win = board[0]
     assert res.chosen == win["params"] and res.head == win["head"]
@@ -181,7 +181,7 @@ def test_the_search_stays_within_its_budget() -> None:
     wall = time.perf_counter() - t0
     assert wall <= 6.0, wall  # the budget within 20%
     assert search.skipped_ and search.clock_cut_  # it was binding: the clock stopped the search
-    assert len(search.scored_) >= 1 and search.best_.scores.shape[1] >= 5
+    assert len(search.scored_) >= 1 and search.best_.scores.shape[1] >= 1
 
 
 def test_auto_on_a_cache_without_layers_views_or_test_split(tiny_cache, tmp_path) -> None:
@@ -272,7 +272,8 @@ def test_the_plan_skips_what_its_estimates_cannot_afford_and_repeats_only_the_be
     a, b = runs
     assert [r["reason"] for r in a.skipped_] == ["budget"] * 6 and {r["head"] for r in a.skipped_} == {"slow-knn"}
     assert fams["slow-knn"].seen == []  # never scored
-    assert [rnd["n_candidates"] for rnd in a.rounds_] == [6, 2, 1]  # a third goes on to each next repeat
-    assert a.best_.scores.shape[1] == 9 and a.scored_[1].scores.shape[1] == 6
+    # one fold each, then a third goes on: the other 2 folds of repeat 1, then all of repeat 2
+    assert [(rnd["n_candidates"], rnd["n_folds"]) for rnd in a.rounds_] == [(6, 1), (2, 3), (1, 6)]
+    assert a.best_.scores.shape[1] == 6 and a.scored_[1].scores.shape[1] == 3 and a.scored_[2].scores.shape[1] == 1
     strip = [{k: v for k, v in row.items() if k != "seconds"} for row in a.leaderboard()]
     assert strip == [{k: v for k, v in row.items() if k != "seconds"} for row in b.leaderboard()]  # reproducible

@@ -9,16 +9,17 @@ Folds are over images: every row of a matrix it is handed is one image (the plai
 image's views pooled into one row), so an image's views cannot straddle a fold. Repeat ``r`` uses
 its own seeded :class:`~sklearn.model_selection.StratifiedKFold` shuffle.
 
-Successive halving over repeats (the plan is made from the families' ``relative_cost`` estimates,
-so it is the same on every machine; a wall-clock guard keeps the budget where the estimates are
-off, and says so):
+Successive halving over folds and repeats (the plan is made from the families' ``relative_cost``
+estimates, so it is the same on every machine; a wall-clock guard keeps the budget where the
+estimates are off, and says so). The rounds are: the first fold of repeat 1; its other K - 1 folds;
+then one whole repeat per round (:func:`_rungs`).
 
-1. Round 0: every candidate is scored on the K folds of repeat 0, cheapest estimate first, as long
-   as the estimates fit in :data:`ROUND0_SHARE` of the budget; the rest are *skipped for budget*.
-   The cheapest candidate is always scored on all K folds, even past the budget, so there is a
-   winner; otherwise the clock is checked before each candidate and between its folds.
-2. Round r > 0: the best :data:`KEEP` fraction of the candidates of round r - 1 (at least one) is
-   scored on the folds of repeat r, while the estimates fit in what is left of the budget.
+1. Round 1: every candidate is scored on one fold, cheapest estimate first, as long as the
+   estimates fit in :data:`ROUND0_SHARE` of the budget; the rest are *skipped for budget*. The
+   cheapest candidate is always scored, even past the budget, so there is a winner; otherwise the
+   clock is checked before each candidate and between its folds.
+2. Each later round scores the best :data:`KEEP` fraction of the previous round's candidates (at
+   least one; none once a single one is left) on its folds, while the estimates fit in the budget.
 3. A candidate's score is the best mean over its grid of its folds so far; the leaderboard ranks by
    the last round reached, then that score.
 """
@@ -46,8 +47,8 @@ DEFAULT_CV = 5
 DEFAULT_REPEATS = 3
 #: The fraction of a round's candidates that go on to the next repeat.
 KEEP = 1 / 3
-#: The share of the budget the first round (every candidate, one repeat) may take by estimate.
-ROUND0_SHARE = 0.6
+#: The share of the budget the first round (every candidate, one fold) may take by estimate.
+ROUND0_SHARE = 0.4
 
 #: (layers, views) of a feature matrix: the layers concatenated in network order, "plain" or "pooled".
 FeatureKey = tuple[tuple[str, ...], str]
@@ -253,9 +254,10 @@ class AutoSearch:
         scored = [self._prepare(c, data[c.key]) for c in self.candidates]
         self.skipped_: list[dict[str, Any]] = []
         self.rounds_: list[dict[str, Any]] = []
+        self.rungs_ = _rungs(self.cv, self.repeats)
         alive = self._round(0, sorted(scored, key=lambda s: s.estimate), data, y, clock,
                             self.budget_s * ROUND0_SHARE)
-        for r in range(1, self.repeats):
+        for r in range(1, len(self.rungs_)):
             keep = max(1, math.ceil(len(alive) * KEEP))
             if len(alive) <= 1:
                 break
@@ -283,14 +285,16 @@ class AutoSearch:
     def _round(self, r: int, todo: list[Scored], data: Mapping[FeatureKey, np.ndarray], y: np.ndarray,
                clock: _Clock, limit: float) -> list[Scored]:
         done = []
+        repeat, idx = self.rungs_[r]
+        share = len(idx) / self.cv
         for s in todo:
             name = _label(s.candidate)
-            if not clock.plan(s.estimate, limit):
+            if not clock.plan(s.estimate * share, limit):
                 if r == 0:
                     self.skipped_.append({**s.candidate.describe(), "reason": "budget", "estimate_s": s.estimate})
                 continue
             first = r == 0 and not done  # the cheapest candidate always completes: there is always a winner
-            if not first and not clock.clock_allows(s.estimate):
+            if not first and not clock.clock_allows(s.estimate * share):
                 clock.cut_by_clock.append(f"round {r}: {name}")
                 if r == 0:
                     self.skipped_.append({**s.candidate.describe(), "reason": "clock", "estimate_s": s.estimate})
@@ -301,19 +305,21 @@ class AutoSearch:
                 clock.cut_by_clock.append(f"round {r}: {name} (stopped after a fold)")
                 if r == 0:
                     self.skipped_.append({**s.candidate.describe(), "reason": "clock", "estimate_s": s.estimate})
-        self.rounds_.append({"round": r, "repeat": r, "n_candidates": len(done), "n_folds": self.cv * (r + 1),
-                             "candidates": [_label(s.candidate) for s in done]})
+        n_folds = sum(len(i) for _, i in self.rungs_[:r + 1])
+        self.rounds_.append({"round": r, "repeat": repeat, "folds": list(idx), "n_candidates": len(done),
+                             "n_folds": n_folds, "candidates": [_label(s.candidate) for s in done]})
         return done
 
     def _score(self, s: Scored, r: int, X: np.ndarray, y: np.ndarray, clock: _Clock, finish: bool = False) -> bool:
-        """Score ``s`` on the folds of repeat ``r``, one fold per call so the clock is checked between folds.
+        """Score ``s`` on the folds of round ``r``, one fold per call so the clock is checked between folds.
 
         Returns ``False`` (and keeps none of this round's folds) when the clock ran out part-way.
         """
         fam = self.families[s.candidate.head]
         per_fold = s.estimate / self.cv
+        repeat, idx = self.rungs_[r]
         cols, seconds = [], 0.0
-        for j, fold in enumerate(self.folds_[r]):
+        for j, fold in enumerate(self.folds_[repeat][i] for i in idx):
             if j and not finish and clock.elapsed + seconds / j > clock.budget_s:  # its own folds so far
                 clock.record(per_fold * j, seconds)
                 return False
@@ -327,7 +333,7 @@ class AutoSearch:
         s.scores = np.concatenate([s.scores, *cols], axis=1)
         s.seconds += seconds
         s.rounds = r + 1
-        clock.record(s.estimate, seconds)
+        clock.record(per_fold * len(idx), seconds)
         return True
 
     def leaderboard(self) -> list[dict[str, Any]]:
@@ -341,6 +347,11 @@ class AutoSearch:
                 "seconds": round(self.seconds_, 3), "n_candidates": len(self.candidates),
                 "n_scored": len(self.scored_), "n_fold_fits": n_scored, "leaderboard": self.leaderboard(),
                 "skipped": self.skipped_, "rounds": self.rounds_, "cut_by_clock": self.clock_cut_}
+
+
+def _rungs(k: int, repeats: int) -> list[tuple[int, list[int]]]:
+    """(repeat, fold indices) of each round: fold 1 of repeat 1, its other K - 1 folds, then a whole repeat each."""
+    return [(0, [0]), (0, list(range(1, k)))] + [(r, list(range(k))) for r in range(1, repeats)]
 
 
 def _ranked(scored: Sequence[Scored]) -> list[Scored]:
