@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 import featbank
-from featbank.fitting._auto import bootstrap_interval
+from featbank.fitting import bootstrap_interval
 
 ROUTES = {  # scripts/bench_probes.py PROBES
     "final": dict(layers="final", train_views=False, tta="off"),
