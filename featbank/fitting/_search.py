@@ -19,7 +19,8 @@ then one whole repeat per round (:func:`_rungs`).
    cheapest candidate is always scored, even past the budget, so there is a winner; otherwise the
    clock is checked before each candidate and between its folds.
 2. Each later round scores the best :data:`KEEP` fraction of the previous round's candidates (at
-   least one; none once a single one is left) on its folds, while the estimates fit in the budget.
+   least one) on its folds, while the estimates fit in the budget; once a single candidate is left
+   and it has all K folds of the first repeat, the search ends.
 3. A candidate's score is the best mean over its grid of its folds so far; the leaderboard ranks by
    the last round reached, then that score.
 """
@@ -259,7 +260,7 @@ class AutoSearch:
                             self.budget_s * ROUND0_SHARE)
         for r in range(1, len(self.rungs_)):
             keep = max(1, math.ceil(len(alive) * KEEP))
-            if len(alive) <= 1:
+            if len(alive) <= 1 and r >= 2:  # a lone candidate still completes its first K folds
                 break
             alive = self._round(r, _ranked(alive)[:keep], data, y, clock, self.budget_s)
             if not alive:
