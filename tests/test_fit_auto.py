@@ -26,11 +26,9 @@ from featbank.heads import HEAD_FAMILIES
 
 try:
     from ._hostile import rewrite
-    from .conftest import make_image_folder
 except ImportError:  # pragma: no cover - pytest without rootdir package
     from _hostile import rewrite  # type: ignore[no-redef]
 
-    from conftest import make_image_folder  # type: ignore[no-redef]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -141,30 +139,23 @@ def test_a_leaderboard_that_lies_is_refused_on_load(auto_bundle, tmp_path, edit,
         featbank.load_bundle(copy)
 
 
-def _swap_test_labels(src: Path, dst: Path) -> Path:
-    """A copy of an image folder whose test images of two classes trade labels (train untouched)."""
-    shutil.copytree(src, dst)
-    (dst / "test" / "cat").rename(dst / "test" / "tmp")
-    (dst / "test" / "dog").rename(dst / "test" / "cat")
-    (dst / "test" / "tmp").rename(dst / "test" / "dog")
-    return dst
-
-
 @pytest.mark.slow
-def test_test_labels_cannot_change_any_choice(tmp_path) -> None:
-    data = make_image_folder(tmp_path / "a", n_per_class=8, splits=("train", "test"), seed=3)
-    other = _swap_test_labels(data, tmp_path / "b")
+def test_test_labels_cannot_change_any_choice(layered) -> None:
+    """The same cache twice, the second with every test image's label changed: the search must not notice."""
+    _, cache = layered
     cheap = {n: HEAD_FAMILIES[n] for n in ("linear", "svm-rbf", "knn")}
     results = []
-    for folder in (data, other):
-        cache = tmp_path / f"{folder.name}.h5"
-        featbank.extract(folder, cache, backbone="test_tiny", engine="torch", num_workers=0, progress=False,
-                         layers="all", views=1, augment="hflip")
-        # A budget that does not bind: the choice is then the same on any machine.
-        results.append(featbank.fit(cache, auto=True, cv=3, budget="30m", save=False, families=cheap))
+    for scramble in (False, True):
+        with featbank.open_cache(cache) as c:
+            if scramble:
+                test = np.flatnonzero(c.split_mask("test"))
+                c.labels = c.labels.copy()
+                c.labels[test] = (c.labels[test] + 1) % len(c.classes)  # every test image another class
+            # A budget that does not bind: the choice is then the same on any machine.
+            results.append(featbank.fit(c, auto=True, cv=3, budget="30m", save=False, families=cheap))
     a, b = results
     assert _board(a) == _board(b) and a.chosen == b.chosen and a.head == b.head
-    assert a.search["skipped"] == b.search["skipped"]
+    assert a.search["skipped"] == b.search["skipped"] == []
     assert a.headline["top1"] != b.headline["top1"]  # the test labels did differ, and only the final score saw them
 
 
@@ -173,13 +164,15 @@ def test_the_search_stays_within_its_budget() -> None:
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(4), 30)
     X = rng.normal(size=(120, 16)).astype(np.float32) + y[:, None] * 0.2
-    fam = HEAD_FAMILIES["knn"]  # milliseconds a fold: the clock, not one long fold, decides
+    fam = Timed(HEAD_FAMILIES["knn"])  # milliseconds a fold: the clock, not one long fold, decides
     cands = [Candidate(f"set{i}", ("final",), "plain", "standardize", "knn") for i in range(5000)]
     fam.cv_scores(X, y, make_folds(y, 5, 1, 0)[0][:1], fam.default_grid(96, 16, 4))  # imports done before the clock
     t0 = time.perf_counter()
     search = AutoSearch(cands, {"knn": fam}, cv=5, repeats=3, budget_s=5.0).fit({(("final",), "plain"): X}, y)
     wall = time.perf_counter() - t0
-    assert wall <= 6.0, wall  # the budget within 20%
+    # The budget within 20%, plus the one fold the guard cannot interrupt (milliseconds on an idle
+    # machine; on one shared by many jobs a fold can stall for seconds).
+    assert wall <= 6.0 + max(fam.times), (wall, max(fam.times))
     assert search.skipped_ and search.clock_cut_  # it was binding: the clock stopped the search
     assert len(search.scored_) >= 1 and search.best_.scores.shape[1] >= 1
 
@@ -251,6 +244,20 @@ def test_pooled_search_rows_are_the_rows_predict_makes(layered) -> None:
         table = FeatureTable(c, layers, pooled=True)
         train = np.flatnonzero(c.split_mask("train"))
         np.testing.assert_array_equal(rec.matrices[0], table.load_embeddings(train))
+
+
+class Timed(Recording):
+    """The real family; ``times`` holds the wall seconds of each ``cv_scores`` call."""
+
+    def __init__(self, family):
+        super().__init__(family)
+        self.times: list[float] = []
+
+    def cv_scores(self, *a, **kw):
+        t0 = time.perf_counter()
+        out = self.family.cv_scores(*a, **kw)
+        self.times.append(time.perf_counter() - t0)
+        return out
 
 
 class Costly(Recording):
