@@ -73,7 +73,9 @@ def _feature_sets(cache: Any, layers: Any, train: np.ndarray, val: np.ndarray, a
     wanted = resolve_layers("auto" if auto else layers, cache)
     choice = None
     if wanted is None:
-        choice = (select_layers(cache, train, val, max_rows=_SELECT_ROWS, seed=seed) if len(held) > 1
+        # A sample only where it leaves rows of every class out (a holdout of 1000 of 1006 cannot).
+        sample = _SELECT_ROWS if len(train) > _SELECT_ROWS + 2 * len(cache.classes) else None
+        choice = (select_layers(cache, train, val, max_rows=sample, seed=seed) if len(held) > 1
                   else LayerChoice(("final",), float("nan")))
         wanted = choice.layers
     if not auto:
