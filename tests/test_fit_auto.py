@@ -284,3 +284,37 @@ def test_the_plan_skips_what_its_estimates_cannot_afford_and_repeats_only_the_be
     assert a.best_.scores.shape[1] == 6 and a.scored_[1].scores.shape[1] == 3 and a.scored_[2].scores.shape[1] == 1
     strip = [{k: v for k, v in row.items() if k != "seconds"} for row in a.leaderboard()]
     assert strip == [{k: v for k, v in row.items() if k != "seconds"} for row in b.leaderboard()]  # reproducible
+
+
+class Fixed:
+    """A head family with preset held-out scores and cost estimates: the search's logic alone, on real arrays."""
+
+    preprocesses = ("standardize",)
+
+    def __init__(self, name: str, score: float, cost: float):
+        self.name, self.score, self.cost = name, score, cost
+
+    def default_grid(self, *a):
+        return [{"k": 1}]
+
+    def cv_scores(self, X, y, folds, grid, **kw):
+        return np.full((len(grid), len(folds)), self.score)
+
+    def build(self, params, **kw):
+        raise NotImplementedError
+
+    def relative_cost(self, *a):
+        return self.cost
+
+
+def test_a_round_the_budget_cut_short_promotes_no_one() -> None:
+    y = np.repeat(np.arange(2), 10)
+    X = np.zeros((20, 2), np.float32)
+    # best: the best score, but its other folds do not fit the budget; the next two do.
+    fams = {"best": Fixed("best", 0.9, 5.0), "good": Fixed("good", 0.8, 1.0), "ok": Fixed("ok", 0.7, 1.0),
+            "poor": Fixed("poor", 0.6, 1.0)}
+    cands = [Candidate("final", ("final",), "plain", "standardize", h) for h in fams]
+    s = AutoSearch(cands, fams, cv=5, repeats=2, budget_s=20.0).fit({(("final",), "plain"): X}, y)
+    assert [r["n_candidates"] for r in s.rounds_][:2] == [4, 1] and not s.rounds_[1]["complete"]
+    assert s.scored_[0].candidate.head == "best"  # not "good", which alone got more folds
+    assert [x.candidate.head for x in s.scored_] == ["best", "good", "ok", "poor"]

@@ -22,7 +22,8 @@ then one whole repeat per round (:func:`_rungs`).
    least one) on its folds, while the estimates fit in the budget; once a single candidate is left
    and it has all K folds of the first repeat, the search ends.
 3. A candidate's score is the best mean over its grid of its folds so far; the leaderboard ranks by
-   the last round reached, then that score.
+   the last round reached (counting only rounds that scored all their candidates: a round the
+   budget cut short promotes no one), then that score.
 """
 
 from __future__ import annotations
@@ -262,10 +263,12 @@ class AutoSearch:
             keep = max(1, math.ceil(len(alive) * KEEP))
             if len(alive) <= 1 and r >= 2:  # a lone candidate still completes its first K folds
                 break
-            alive = self._round(r, _ranked(alive)[:keep], data, y, clock, self.budget_s)
+            alive = self._round(r, _ranked(alive, r)[:keep], data, y, clock, self.budget_s)
             if not alive:
                 break
-        self.scored_ = _ranked([s for s in scored if s.rounds > 0])
+        # A round the budget cut short ranks no one above the rest: only complete rounds count.
+        complete = next((i for i, r in enumerate(self.rounds_) if not r["complete"]), len(self.rounds_))
+        self.scored_ = _ranked([s for s in scored if s.rounds > 0], max(1, complete))
         if not self.scored_:
             raise ConfigError(
                 f"--budget {self.budget_s:g}s is too short to score any candidate on {self.cv} folds (the cheapest "
@@ -308,6 +311,7 @@ class AutoSearch:
                     self.skipped_.append({**s.candidate.describe(), "reason": "clock", "estimate_s": s.estimate})
         n_folds = sum(len(i) for _, i in self.rungs_[:r + 1])
         self.rounds_.append({"round": r, "repeat": repeat, "folds": list(idx), "n_candidates": len(done),
+                             "complete": r == 0 or len(done) == len(todo),  # round 1 is the base
                              "n_folds": n_folds, "candidates": [_label(s.candidate) for s in done]})
         return done
 
@@ -355,9 +359,11 @@ def _rungs(k: int, repeats: int) -> list[tuple[int, list[int]]]:
     return [(0, [0]), (0, list(range(1, k)))] + [(r, list(range(k))) for r in range(1, repeats)]
 
 
-def _ranked(scored: Sequence[Scored]) -> list[Scored]:
-    # Later rounds first, then the CV mean; ties: the lower spread, then the cheaper estimate.
-    return sorted(scored, key=lambda s: (-s.rounds, -round(s.cv_mean, 12), round(s.cv_std, 12), s.estimate))
+def _ranked(scored: Sequence[Scored], complete: int) -> list[Scored]:
+    # Later rounds first (up to the last complete one), then the CV mean; ties: the lower spread,
+    # then the cheaper estimate.
+    return sorted(scored, key=lambda s: (-min(s.rounds, complete), -round(s.cv_mean, 12), round(s.cv_std, 12),
+                                         s.estimate))
 
 
 def _label(c: Candidate) -> str:
