@@ -19,7 +19,7 @@ from sklearn.utils.validation import validate_data
 
 from ..errors import ConfigError
 
-__all__ = ["KernelSVC", "gram", "kernel_svc_to_torch", "rbf_from_gram", "scale_gamma", "sq_norms"]
+__all__ = ["KernelSVC", "gram", "kernel_svc_to_torch", "prefix_module", "rbf_from_gram", "scale_gamma", "sq_norms"]
 
 #: The kernels KernelSVC computes itself (libsvm's names).
 KERNELS = ("rbf", "linear")
@@ -135,7 +135,7 @@ class KernelSVC(SVC):
 
 
 def _prefix(steps: list[Any]) -> list[tuple[str, np.ndarray | None, np.ndarray | None]] | None:
-    """Pipeline steps before the SVM as ("scale", mean, scale) / ("l2", None, None); None if another step."""
+    """Pipeline steps before the classifier as ("scale", mean, scale) / ("l2", None, None); None if another step."""
     from sklearn.preprocessing import Normalizer, StandardScaler
 
     out: list[tuple[str, np.ndarray | None, np.ndarray | None]] = []
@@ -151,6 +151,41 @@ def _prefix(steps: list[Any]) -> list[tuple[str, np.ndarray | None, np.ndarray |
         else:
             return None
     return out
+
+
+def prefix_module(steps: list[Any]) -> Any:
+    """A torch module: float32 embeddings -> the pipeline's preprocessing (``StandardScaler``,
+    ``Normalizer``) in float64; None for a step it does not know."""
+    import torch
+    from torch import nn
+
+    prefix = _prefix(steps)
+    if prefix is None:
+        return None
+
+    class Float64Prefix(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            for i, (_, mean, scale) in enumerate(prefix):
+                if mean is not None:
+                    self.register_buffer(f"mean{i}", torch.tensor(mean, dtype=torch.float64))
+                if scale is not None:
+                    inv = 1.0 / np.where(scale == 0, 1.0, scale)
+                    self.register_buffer(f"inv_scale{i}", torch.tensor(inv, dtype=torch.float64))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x.to(torch.float64)
+            for i, (kind, _, _) in enumerate(prefix):
+                if kind == "l2":  # scikit-learn's Normalizer leaves a zero row as it is
+                    x = x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-300)
+                    continue
+                if hasattr(self, f"mean{i}"):
+                    x = x - getattr(self, f"mean{i}")
+                if hasattr(self, f"inv_scale{i}"):
+                    x = x * getattr(self, f"inv_scale{i}")
+            return x
+
+    return Float64Prefix()
 
 
 def _pair_maps(clf: SVC) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -175,8 +210,8 @@ def kernel_svc_to_torch(steps: list[Any], clf: KernelSVC) -> Any:
     import torch
     from torch import nn
 
-    prefix = _prefix(steps)
-    if prefix is None:
+    pre = prefix_module(steps)
+    if pre is None:
         return None
     W, A_i, A_j = _pair_maps(clf)
     f64 = {"dtype": torch.float64}
@@ -185,11 +220,7 @@ def kernel_svc_to_torch(steps: list[Any], clf: KernelSVC) -> Any:
     class KernelSVCProba(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            for i, (_, mean, scale) in enumerate(prefix):
-                if mean is not None:
-                    self.register_buffer(f"mean{i}", torch.tensor(mean, **f64))
-                if scale is not None:
-                    self.register_buffer(f"inv_scale{i}", torch.tensor(1.0 / np.where(scale == 0, 1.0, scale), **f64))
+            self.pre = pre
             sv = np.asarray(clf.support_vectors_, np.float64)
             self.register_buffer("sv", torch.tensor(sv, **f64))
             self.register_buffer("sv_sq", torch.tensor(sq_norms(sv), **f64))
@@ -199,15 +230,7 @@ def kernel_svc_to_torch(steps: list[Any], clf: KernelSVC) -> Any:
             self.register_buffer("A_j", torch.tensor(A_j, **f64))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            x = x.to(torch.float64)
-            for i, (kind, _, _) in enumerate(prefix):
-                if kind == "l2":
-                    x = x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-300)
-                else:
-                    if hasattr(self, f"mean{i}"):
-                        x = x - getattr(self, f"mean{i}")
-                    if hasattr(self, f"inv_scale{i}"):
-                        x = x * getattr(self, f"inv_scale{i}")
+            x = self.pre(x)
             K = x @ self.sv.T
             if rbf:
                 d2 = (x * x).sum(1, keepdim=True) + self.sv_sq[None, :] - 2.0 * K
