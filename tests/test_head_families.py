@@ -160,6 +160,25 @@ def test_knn_cv_scores_equal_kneighborsclassifier_on_each_fold(hard_digits, prep
         fam.build({"k": 0})
 
 
+@pytest.mark.parametrize(("name", "params"), [("knn", {"k": 5}), ("svm-rbf", {"C": 3.0, "gamma_scale": 1.0}),
+                                              ("svm-linear", {"C": 0.1})])
+@pytest.mark.parametrize("preprocess", ["standardize", "l2"])
+def test_torch_modules_of_knn_and_svm_equal_estimator_proba(hard_digits, name, params, preprocess) -> None:
+    """What export puts in the graph: multiclass and binary, to float32 rounding."""
+    import torch
+
+    from featbank.heads import head_to_torch
+
+    X, y, _ = hard_digits
+    for rows in (slice(0, 200), np.flatnonzero(y < 2)[:60]):
+        est = get_head_family(name).build(params, preprocess=preprocess).fit(X[rows], y[rows])
+        with torch.no_grad():
+            p = head_to_torch(est)(torch.from_numpy(X[200:])).double().numpy()
+        ref = estimator_proba(est, X[200:])
+        np.testing.assert_allclose(p, ref, atol=1e-6)
+        assert (p.argmax(1) == ref.argmax(1)).all()
+
+
 def test_l2_preprocessing_centres_on_the_fit_rows_then_normalises_rows(hard_digits) -> None:
     """'l2' is cosine similarity of centred rows: kNN's neighbours are those of the centred cosine."""
     X, y, folds = hard_digits
@@ -271,7 +290,7 @@ def test_every_family_exports_with_parity(plain, tmp_path, monkeypatch, one_thre
     assert type(loaded) is type(est)
     np.testing.assert_array_equal(estimator_proba(loaded, X_test), estimator_proba(est, X_test))
     report = _export_and_compare(bundle, images, tmp_path)
-    assert report.route.startswith("skl2onnx" if name == "knn" else "torch")
+    assert report.route.startswith("torch")  # every family is a torch graph (kNN and the SVMs in float64)
 
 
 @pytest.mark.slow
