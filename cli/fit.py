@@ -10,6 +10,9 @@ __all__ = ["fit"]
 
 _EXAMPLES = """\b
 Examples:
+  featbank fit runs/elpv-d8.h5 --auto                       # let the autopilot choose, by 5-fold CV
+  featbank fit runs/elpv-d8.h5 --auto --cv 10 --budget 5m --json
+  featbank fit runs/elpv.h5 --head svm-rbf --cv 5           # one head, its grid by K-fold CV
   featbank fit
   featbank fit runs/elpv.h5 --head linear --class-weight balanced
   featbank fit runs/elpv.h5 --head mlp --param 'hidden_sizes=(512,)' --param dropout=0.3
@@ -19,14 +22,14 @@ Examples:
   featbank fit runs/elpv.h5 --no-refit --name elpv-probe    # the start of an LP-FT
   featbank fit runs/elpv-layers.h5 --layers auto            # select layers on validation
   featbank fit runs/elpv-layers.h5 --layers stage6,final --tta auto
-  featbank fit runs/elpv-d8.h5 --head SVC --layers stage3-final --pool-views
 """
 
 
 @click.command(epilog=_EXAMPLES)
 @click.argument("cache", required=False, type=click.Path(path_type=str))
 @click.option("--head", default="linear", show_default=True,
-              help="linear (L-BFGS logistic regression, C sweep), mlp, or a scikit-learn classifier name (SVC, ...).")
+              help="linear (L-BFGS logistic regression, C sweep), mlp, a head family of --auto with --cv K (svm-rbf, "
+                   "svm-linear, knn), or a scikit-learn classifier name (SVC, ...).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Head parameter, repeatable; values are Python literals (C=0.1, 'hidden_sizes=(512,256)', kernel=rbf); "
                    "quote values with parentheses for the shell.")
@@ -51,6 +54,15 @@ Examples:
 @click.option("--pool-views", is_flag=True,
               help="One row per image: the mean and the max of each feature over its plain and hflip/dihedral views "
                    "(invariant to them; predict and export make the same views). Replaces --train-views and TTA.")
+@click.option("--auto", is_flag=True,
+              help="Probe autopilot: search feature sets (final, --layers auto, all), views (plain, pooled), "
+                   "preprocessing and head families by repeated K-fold CV on train+val within --budget; refit the winner, "
+                   "score it once on test. Prints the leaderboard.")
+@click.option("--cv", type=click.IntRange(min=2), default=None, metavar="K",
+              help="K-fold CV on train+val: the folds of --auto (default 5), or alone the head's sweep by K-fold "
+                   "instead of one validation split.")
+@click.option("--budget", default=None, metavar="DURATION",
+              help="Time the CV search may take: 90s, 2m, 1h (default 90s; loading and the refit come on top).")
 @click.option("--max-memory", default=None, metavar="SIZE", help="e.g. 2GB; below the data size, linear/mlp stream from disk.")
 @device_option
 @click.option("--out", "-o", type=click.Path(path_type=str), default=None,
@@ -61,7 +73,7 @@ Examples:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @quiet_option
 def fit(cache, head, params, standardize, l2_normalize, val_split, refit, class_weight, shots, seeds, layers, tta,
-        train_views, pool_views, max_memory, device, out, name, seed, overwrite, as_json, quiet) -> None:
+        train_views, pool_views, auto, cv, budget, max_memory, device, out, name, seed, overwrite, as_json, quiet) -> None:
     """Fit a head on a feature cache, report metrics and save a model bundle.
 
     CACHE defaults to the newest complete cache in the default cache folder, said on stderr (refused
@@ -90,5 +102,5 @@ def fit(cache, head, params, standardize, l2_normalize, val_split, refit, class_
                       l2_normalize=l2_normalize, val_split=val_split, class_weight=class_weight, shots=shots,
                       seeds=seed_list if shots else [seed], max_memory=max_memory, device=device, out=out, name=name,
                       seed=seed, refit=refit, overwrite=overwrite, layers=layers, tta=tta, train_views=train_views,
-                      pool_views=pool_views)
+                      pool_views=pool_views, auto=auto, cv=cv, budget=budget)
     click.echo(json.dumps(result.to_dict(), indent=2, default=str) if as_json else result.summary())

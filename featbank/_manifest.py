@@ -14,6 +14,7 @@ Errors name the manifest file and the field, e.g.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -281,6 +282,74 @@ def _check_view_pool(r: _Reader, f: Mapping[str, Any], view_pool: str, n_views: 
         raise r.fail("features.tta", "false for a pooled head (its rows hold every view)", True)
 
 
+_VIEW_MODES = ("plain", "pooled")
+
+
+def _number(r: _Reader, row: Mapping[str, Any], key: str, prefix: str, lo: float, hi: float) -> float:
+    v = row.get(key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
+        raise r.fail(prefix + key, f"a finite number in [{lo:g}, {hi:g}]", v)
+    return float(v)
+
+
+def _check_row(r: _Reader, row: Any, i: int) -> None:
+    """One leaderboard row: its rank, what the candidate was, and finite scores."""
+    p = f"search.leaderboard[{i}]."
+    if not isinstance(row, dict):
+        raise r.fail(p[:-1], "an object", row)
+    if row.get("rank") != i + 1 or isinstance(row.get("rank"), bool):
+        raise r.fail(p + "rank", f"{i + 1} (rows in rank order)", row.get("rank"))
+    for key in ("features", "preprocessing", "head"):
+        r.text(row, key, p)
+    layers = row.get("layers")
+    if not isinstance(layers, list) or not layers or not all(isinstance(t, str) and t for t in layers):
+        raise r.fail(p + "layers", "a non-empty list of layer names", layers)
+    if row.get("views") not in _VIEW_MODES:
+        raise r.fail(p + "views", f"one of {', '.join(_VIEW_MODES)}", row.get("views"))
+    if not isinstance(row.get("params"), dict):
+        raise r.fail(p + "params", "an object", row.get("params"))
+    _number(r, row, "cv_mean", p, 0.0, 1.0)
+    _number(r, row, "cv_std", p, 0.0, 1.0)
+    _number(r, row, "seconds", p, 0.0, math.inf)
+    r.positive_int(row, "n_folds", p)
+    if row.get("n_folds") is None:
+        raise r.fail(p + "n_folds", "a positive integer", None)
+
+
+def _check_search(r: _Reader, m: Manifest) -> None:
+    """``search`` of a ``fit --auto`` / ``--cv`` bundle: a well-typed leaderboard whose winner is this bundle's head."""
+    s = r.section(m.raw, "search", required=False)
+    if s is None:
+        return
+    if m.head is None:
+        raise r.fail("search", "absent from a fine-tuned bundle", "present")
+    cv = s.get("cv")
+    if isinstance(cv, bool) or not isinstance(cv, int) or cv < 2:
+        raise r.fail("search.cv", "an integer >= 2", cv)
+    board = s.get("leaderboard")
+    if not isinstance(board, list) or not board:
+        raise r.fail("search.leaderboard", "a non-empty list", board)
+    for i, row in enumerate(board):
+        _check_row(r, row, i)
+    _check_winner(r, m, board[0])
+
+
+def _check_winner(r: _Reader, m: Manifest, win: Mapping[str, Any]) -> None:
+    """The leaderboard's first row must describe the head the bundle holds."""
+    head = m.raw["head"]
+    f = m.features
+    claims = {"head.family": (head.get("family"), win["head"]), "head.chosen": (head.get("chosen"), win["params"]),
+              "head.preprocess": (head.get("preprocess"), win["preprocessing"]),
+              "features.layers": (list(f.layers) if f else ["final"], win["layers"]),
+              "features.view_pool": ("pooled" if f is not None and f.view_pool else "plain", win["views"])}
+    for name, (have, said) in claims.items():
+        if have != said:
+            raise BundleError(
+                f"{r.source!r}: the leaderboard's winner says {name} = {said!r} but the bundle holds {have!r}; the "
+                "search section does not describe this head. The bundle is corrupt or was edited; re-create it."
+            )
+
+
 def parse_manifest(raw: Any, source: str, *, written: bool = True) -> Manifest:
     """Validate a manifest dict and return its typed view.
 
@@ -325,6 +394,7 @@ def parse_manifest(raw: Any, source: str, *, written: bool = True) -> Manifest:
                                    strategy=r.text(ft, "strategy", "finetune.", required=False))
     m = Manifest(kind=kind, classes=classes, backbone=backbone, cache_key=cache_key, head=head, finetune=finetune,
                  raw=raw, features=_features(r, raw))
+    _check_search(r, m)
     if written:
         _check_written(r, m)
     return m

@@ -81,7 +81,8 @@ def _type_name(cls: type) -> str:
 def trusted_skops_types() -> frozenset[str]:
     """Every exact type name a ``head.skops`` file may contain; nothing else loads (not even skops' own defaults).
 
-    The scikit-learn classifiers ``fit --head`` accepts, the pipeline steps featbank builds
+    The scikit-learn classifiers ``fit --head`` accepts, :class:`featbank.heads.KernelSVC`, the pipeline
+    steps featbank builds
     (``Pipeline``, ``StandardScaler``, ``Normalizer``), the distance metrics their neighbour
     indexes name (all but the Python-callable one), :data:`_SKLEARN_STATE_TYPES`, and the
     containers, numbers and arrays of :data:`_DATA_TYPES`.
@@ -89,9 +90,10 @@ def trusted_skops_types() -> frozenset[str]:
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import Normalizer, StandardScaler
 
-    from .heads import sklearn_classifiers
+    from .heads import KernelSVC, sklearn_classifiers
 
-    classes = [*sklearn_classifiers().values(), Pipeline, StandardScaler, Normalizer]
+    # KernelSVC: featbank's SVC fitted through a BLAS kernel matrix (fit --auto's SVMs); its state is SVC's.
+    classes = [*sklearn_classifiers().values(), KernelSVC, Pipeline, StandardScaler, Normalizer]
     return frozenset(map(_type_name, classes + _distance_metric_types())) | _SKLEARN_STATE_TYPES | _DATA_TYPES
 
 

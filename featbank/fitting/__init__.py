@@ -10,9 +10,12 @@ numbers are those of the validation split, which selected the model and so are s
 
 from __future__ import annotations
 
+from ._auto import bootstrap_interval
 from ._predict import EvalResult, evaluate, predict
 from ._rows import parse_memory
+from ._search import AutoSearch, Candidate, parse_budget
 from ._select import COARSE_GRID
 from .probe import FitResult, fit
 
-__all__ = ["FitResult", "EvalResult", "fit", "evaluate", "predict", "COARSE_GRID", "parse_memory"]
+__all__ = ["FitResult", "EvalResult", "fit", "evaluate", "predict", "COARSE_GRID", "parse_memory", "AutoSearch",
+           "Candidate", "parse_budget", "bootstrap_interval"]

@@ -52,6 +52,7 @@ class FitResult:
     n_val: int = 0
     n_test: int = 0
     notes: list[str] = field(default_factory=list)
+    search: dict[str, Any] | None = None
 
     @property
     def headline(self) -> dict[str, Any]:
@@ -66,6 +67,10 @@ class FitResult:
             f"{' (streamed)' if self.streaming else ''}; chosen {chosen}; {self.seconds:.1f} s",
         ]
         lines += [f"Note: {n}" for n in self.notes]
+        if self.search is not None:
+            from ._report import search_lines
+
+            lines += search_lines(self.search, self.headline)
         lines += _features_lines(self.metrics.get("features"))
         if "shots" in self.metrics:
             s = self.metrics["shots"]
@@ -93,6 +98,7 @@ class FitResult:
             "chosen": self.chosen, "sweep": self.sweep, "metrics": self.metrics, "eval_split": self.eval_split,
             "cache": str(self.cache_path), "streaming": self.streaming, "seconds": self.seconds,
             "n_train": self.n_train, "n_val": self.n_val, "n_test": self.n_test, "notes": self.notes,
+            **({"leaderboard": self.search["leaderboard"], "search": self.search} if self.search else {}),
         }
 
 
@@ -190,6 +196,11 @@ def fit(
     tta: str | bool = "auto",
     train_views: bool = True,
     pool_views: bool = False,
+    auto: bool = False,
+    cv: int | None = None,
+    budget: str | float | None = None,
+    cv_repeats: int | None = None,
+    families: Any = None,
 ) -> FitResult:
     """Fit a head on a feature cache with the linear-probe protocol and save a model bundle.
 
@@ -232,6 +243,16 @@ def fit(
             :mod:`featbank.fitting._layers`). Needs a cache with ``hflip`` or ``dihedral`` views,
             which ``predict`` and ``export`` can make of a new image; replaces ``train_views``
             and TTA.
+        auto: the probe autopilot: search feature sets, view handling, preprocessing and head
+            families by repeated stratified K-fold CV on train+val within ``budget``, refit the
+            winner on train+val, score it once on test (see :mod:`featbank.fitting._auto`).
+            ``head``, ``params``, ``layers`` and ``pool_views`` are then chosen, not given.
+        cv: K folds: with ``auto``, the folds of the search (default 5); alone, the head's
+            hyperparameter sweep by K-fold CV on train+val instead of one validation split.
+        budget: seconds (or ``"90s"``, ``"2m"``, ``"1h"``) the CV search may take (default 90 s).
+        cv_repeats: at most this many repeats of the K folds (successive halving; default 3).
+        families: the head families ``auto`` searches, by name (default:
+            :data:`featbank.heads.HEAD_FAMILIES`).
 
     Returns:
         FitResult with the fitted estimator, chosen hyperparameter, sweep, metrics and bundle path.
@@ -253,6 +274,11 @@ def fit(
     seeds = _check_options(class_weight, shots, seeds, seed, device)
     tta = _check_tta(tta)
     spec = HeadSpec(head, dict(params or {}), bool(standardize), bool(l2_normalize), class_weight, device, grid)
+    _check_family_head(head, auto or cv is not None or budget is not None, class_weight, families)
+    if auto or cv is not None or budget is not None:
+        return _fit_searched(cache, spec, auto=auto, cv=cv, budget=budget, repeats=cv_repeats, seed=seed,
+                             layers=layers, pool_views=pool_views, save=save, out=out, name=name, overwrite=overwrite,
+                             shots=shots, train_views=train_views, tta=tta, families=families)
     budget = parse_memory(max_memory)
     if save:
         bundle_dir(out, name, "model")  # --out with --name: refused before the cache is opened
@@ -285,6 +311,59 @@ def fit(
             result.path = save_bundle(bundle_path, manifest, files, overwrite=overwrite)
         result.seconds = time.perf_counter() - t0
         return result
+
+
+def _fit_searched(cache: Any, spec: HeadSpec, *, auto: bool, cv: int | None, budget: Any, repeats: int | None,
+                  seed: int, layers: Any, pool_views: bool, save: bool, out: Any, name: str | None, overwrite: bool,
+                  shots: int | None, train_views: bool, tta: str, families: Any = None) -> FitResult:
+    """``fit --auto`` / ``fit --cv K``: the search of :mod:`featbank.fitting._auto`, then the bundle."""
+    from ._auto import SearchSettings, bundle_name, fit_search
+    from ._search import DEFAULT_BUDGET, DEFAULT_CV, DEFAULT_REPEATS
+
+    if shots is not None:
+        raise ConfigError("--shots samples a few images per class; it does not combine with --auto or --cv. Drop one.")
+    if tta == "on":
+        raise ConfigError("--auto and --cv score plain or pooled rows and use no TTA; drop --tta on.")
+    settings = SearchSettings(auto=bool(auto), cv=DEFAULT_CV if cv is None else cv,
+                              repeats=DEFAULT_REPEATS if repeats is None else int(repeats),
+                              budget=DEFAULT_BUDGET if budget is None else budget, seed=seed,
+                              device="cpu" if spec.device == "auto" and not _cuda() else
+                              ("cuda" if spec.device == "auto" else spec.device))
+    if settings.repeats < 1:
+        raise ConfigError(f"cv_repeats must be at least 1; got {repeats!r}.")
+    from ._search import parse_budget
+
+    parse_budget(settings.budget)  # a bad budget exits before the cache is opened
+    target = None
+    if save:
+        bundle_dir(out, name, "model")
+        with opened_cache(cache) as (_, cache_path):
+            default = bundle_name(cache_path, settings, spec.head)
+        target = _bundle_target(out, name, cache_path, default, None, overwrite, default_name=default)
+    return fit_search(cache, spec, settings, layers=layers, pool_views=pool_views, save=save, bundle_path=target,
+                      families=families)
+
+
+def _check_family_head(head: str, searched: bool, class_weight: Any, families: Any) -> None:
+    """A head family (svm-rbf, knn...) is scored by K-fold CV, so it needs --cv; families fit unweighted."""
+    from .. import heads
+
+    families = families if families is not None else getattr(heads, "HEAD_FAMILIES", {})
+    if head in families and head not in ("linear", "mlp") and not searched:
+        raise ConfigError(f"--head {head} is a head family of --auto; its grid is chosen by K-fold CV: add --cv 5 "
+                          f"(featbank fit CACHE --head {head} --cv 5).")
+    if searched and class_weight is not None and (head in families or head == "linear"):
+        raise ConfigError("--class-weight does not combine with --auto or a head family's --cv: the families fit and "
+                          "score unweighted (top-1). Drop --class-weight, or use a scikit-learn head (--head SVC --cv 5).")
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # pragma: no cover - torch is a dependency; be safe about broken CUDA set-ups
+        return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,11 +450,12 @@ class _SeedRun:
         return self.selection.sweep
 
 
-def _bundle_target(out: Any, name: str | None, cache_path: Path, head: str, shots: int | None, overwrite: bool) -> Path:
+def _bundle_target(out: Any, name: str | None, cache_path: Path, head: str, shots: int | None, overwrite: bool,
+                   default_name: str | None = None) -> Path:
     """The bundle folder, checked writable (and replaceable with ``overwrite``) before any work."""
     from ..bundle import check_bundle_target
 
-    default = f"{cache_path.stem}-{head}" + (f"-{shots}shot" if shots else "")
+    default = default_name or f"{cache_path.stem}-{head}" + (f"-{shots}shot" if shots else "")
     return check_bundle_dir(check_bundle_target(bundle_dir(out, name, default), overwrite))
 
 
@@ -563,7 +643,11 @@ def _notes(plan: _Plan) -> list[str]:
 
 def _head_files(run: _SeedRun, spec: HeadSpec) -> tuple[dict[str, Any], dict[str, bytes]]:
     """The manifest's ``head`` section and the head's weights file."""
-    est, htype, chosen = run.estimator, run.selection.htype, run.chosen
+    return head_files(run.estimator, run.selection.htype, run.chosen, spec)
+
+
+def head_files(est: Any, htype: str, chosen: dict[str, Any], spec: HeadSpec) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The manifest's ``head`` section and the weights file of a fitted head ``est`` of type ``htype``."""
     head_info: dict[str, Any] = {
         "type": htype, "estimator": type(est).__name__ if htype != "sklearn" else type(est[-1]).__name__,
         "preprocessing": {"standardize": spec.standardize, "l2_normalize": spec.l2_normalize},

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 # LinearHead and MLPHead keep __module__ == "featbank.heads" (set in their submodules):
 # skops files and bundle manifests written before the split name them so, and resolve through here.
+from ._families import HEAD_FAMILIES, PREPROCESSES, Folds, HeadFamily, get_head_family
 from ._features import Features
+from ._kernel_svc import KernelSVC
 from ._linear_head import LinearHead
 from ._mlp_head import MLPHead
 from ._sklearn import estimator_proba, has_predict_proba, make_sklearn_head, parse_param, sklearn_classifiers
@@ -42,4 +44,10 @@ __all__ = [
     "parse_param",
     "estimator_proba",
     "has_predict_proba",
+    "KernelSVC",
+    "HeadFamily",
+    "HEAD_FAMILIES",
+    "PREPROCESSES",
+    "Folds",
+    "get_head_family",
 ]

@@ -10,8 +10,10 @@ import torch
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
+from ._kernel_svc import KernelSVC, kernel_svc_to_torch
 from ._linear_head import LinearHead
 from ._mlp_head import MLPHead, build_mlp
+from ._neighbors import knn_to_torch
 from ._sklearn import has_predict_proba
 from ._torch_head import Preprocess, Probabilities, TorchHead
 
@@ -121,13 +123,19 @@ def head_to_torch(estimator: Any) -> nn.Module | None:
     ``Normalizer``/``StandardScaler``) whose probabilities are a softmax of its decision function:
     ``LogisticRegression``, and linear models without ``predict_proba`` (``LinearSVC``,
     ``RidgeClassifier``, ...) whose bundle probabilities are *defined* as that softmax (binary:
-    ``sigmoid(d)``). ``None`` for anything else (export then uses skl2onnx).
+    ``sigmoid(d)``); :class:`KernelSVC` (the kernel against its support vectors, the softmax of its
+    one-vs-rest decision function, in float64); a brute-force, uniform, Euclidean
+    ``KNeighborsClassifier`` (distances in float64, top-k, the share of each class). ``None`` for
+    anything else (export then uses skl2onnx).
     """
+    from sklearn.neighbors import KNeighborsClassifier
     from sklearn.pipeline import Pipeline
 
     if isinstance(estimator, TorchHead):
         return Probabilities(estimator.to_torch()).eval()
-    if isinstance(estimator, Pipeline):
-        steps = [s for _, s in estimator.steps]
-        return _sk_linear_to_torch(steps[:-1], steps[-1])
-    return _sk_linear_to_torch([], estimator)
+    steps = [s for _, s in estimator.steps] if isinstance(estimator, Pipeline) else [estimator]
+    if isinstance(steps[-1], KernelSVC):
+        return kernel_svc_to_torch(steps[:-1], steps[-1])
+    if isinstance(steps[-1], KNeighborsClassifier):
+        return knn_to_torch(steps[:-1], steps[-1])
+    return _sk_linear_to_torch(steps[:-1], steps[-1])

@@ -1,0 +1,336 @@
+"""``fit --auto`` and ``fit --cv K``: choose by cross-validation on train+val, refit, score test once.
+
+The order of work keeps the test split out of every choice: the candidates' feature matrices are
+built from the train+val images only and handed to :class:`~featbank.fitting._search.AutoSearch`;
+the test rows are read only after the search has returned its winner, for the one final score.
+
+``--auto`` candidates (the grid, documented in the README "fit --auto"):
+
+- feature sets: ``final``; ``auto`` (the greedy layer selection of ``--layers auto``, scored on a
+  stratified 20% holdout of train+val, never on test); ``all`` layers. Duplicates are dropped
+  (a cache with one layer has ``final`` alone).
+- views: ``plain`` (the plain view of each image); ``pooled`` (``[mean | max]`` over the plain and
+  augmented views, ``--pool-views``) when the cache holds hflip or dihedral views. Training on
+  the views with TTA is left out: it multiplies the rows by K + 1 (8 with dihedral views), so a
+  kernel SVM's cost by up to 64, and on the #15 benchmarks it never beat pooling.
+- preprocessing: ``standardize``; ``l2`` (centre on the fit rows' mean, then L2-normalise rows).
+- heads: every family of ``featbank.heads.HEAD_FAMILIES`` with its ``default_grid``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError
+from ._layers import VIEW_POOL, FeatureTable, LayerChoice, resolve_layers, select_layers
+from ._rows import check_finite, opened_cache, split_rows
+from ._search import DEFAULT_BUDGET, DEFAULT_CV, DEFAULT_REPEATS, AutoSearch, Candidate, FeatureKey, parse_budget
+from ._select import HeadSpec
+
+__all__ = ["SearchSettings", "fit_search", "bootstrap_interval", "PREPROCESSING", "N_BOOTSTRAP"]
+
+PREPROCESSING = ("standardize", "l2")
+#: Resamples of the test rows for the 95% interval of the test top-1.
+N_BOOTSTRAP = 1000
+#: Training rows the greedy layer selection of ``--auto`` scores on (``--layers auto``: 2000): a ridge
+#: fit costs min(rows, columns)^3, and it runs about (layers^2)/2 times.
+_SELECT_ROWS = 1000
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """What ``fit --auto`` / ``fit --cv K`` searches: the mode, folds, repeats, budget and seed."""
+
+    auto: bool = False
+    cv: int = DEFAULT_CV
+    repeats: int = DEFAULT_REPEATS
+    budget: str | float = DEFAULT_BUDGET
+    seed: int = 0
+    device: str = "cpu"
+
+
+def bootstrap_interval(correct: np.ndarray, n: int = N_BOOTSTRAP, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean of ``correct`` (0/1 per test image), seeded."""
+    correct = np.asarray(correct, np.float64)
+    if len(correct) == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    means = correct[rng.integers(0, len(correct), (n, len(correct)))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def _feature_sets(cache: Any, layers: Any, train: np.ndarray, val: np.ndarray, auto: bool,
+                  seed: int) -> tuple[dict[str, tuple[str, ...]], LayerChoice | None]:
+    """``{name: layers}`` to try, and the greedy selection when one was made (on train/val, never test)."""
+    held = tuple(getattr(cache, "layers", ("final",)) or ("final",))
+    wanted = resolve_layers("auto" if auto else layers, cache)
+    choice = None
+    if wanted is None:
+        # A sample only where it leaves rows of every class out (a holdout of 1000 of 1006 cannot).
+        sample = _SELECT_ROWS if len(train) > _SELECT_ROWS + 2 * len(cache.classes) else None
+        choice = (select_layers(cache, train, val, max_rows=sample, seed=seed) if len(held) > 1
+                  else LayerChoice(("final",), float("nan")))
+        wanted = choice.layers
+    if not auto:
+        name = "auto" if layers == "auto" else ",".join(wanted)
+        return {name: wanted}, choice
+    sets: dict[str, tuple[str, ...]] = {}
+    for name, ls in (("final", ("final",)), ("auto", wanted), ("all", held)):
+        if ls not in sets.values():
+            sets[name] = ls
+    return sets, choice if "auto" in sets else None
+
+
+def _view_modes(cache: Any, auto: bool, pool_views: bool) -> list[str]:
+    from ..extraction._views import FIXED_VIEWS
+
+    poolable = bool(getattr(cache, "n_views", 0)) and getattr(cache, "augment", "") in FIXED_VIEWS
+    if auto:
+        return ["plain", "pooled"] if poolable else ["plain"]
+    return ["pooled" if pool_views else "plain"]
+
+
+def _candidates(sets: Mapping[str, tuple[str, ...]], views: Sequence[str], route: _Route) -> list[Candidate]:
+    """Every feature set x views x preprocessing x head, less the preprocessings a family does not offer."""
+    def offers(head: str, pre: str) -> bool:
+        return pre in getattr(route.families[head], "preprocesses", (pre,))
+
+    return [Candidate(name, ls, v, p, h) for name, ls in sets.items() for v in views for p in route.preprocess
+            for h in route.heads if offers(h, p)]
+
+
+def _load(cache: Any, keys: Sequence[FeatureKey], rows: np.ndarray) -> dict[FeatureKey, np.ndarray]:
+    """The feature matrix of each key for ``rows`` (sorted images), as ``FeatureTable`` makes it for predict.
+
+    Every layer any key needs is read once per view (not once per key); a key's columns are then
+    sliced out, pooled ones as ``[mean | max]`` of its own columns, the layout of a pooled table.
+    """
+    from ._layers import pool_views
+
+    keys = list(dict.fromkeys(keys))
+    held = list(getattr(cache, "layers", ("final",)) or ("final",))
+    union = tuple(t for t in held if any(t in k[0] for k in keys))
+    table = FeatureTable(cache, union, train_views=False)
+    plain = table.load_embeddings(rows)
+    _check_finite(plain, cache, rows)
+    pooled = None
+    if any(v == "pooled" for _, v in keys):
+        views = (plain if v is None else cache.load_features(rows, union, v, np.float32)
+                 for v in [None, *range(table.n_views)])
+        pooled = pool_views(views)
+        _check_finite(pooled, cache, rows)
+    out = {}
+    d = plain.shape[1]
+    for layers, views in keys:
+        idx = _columns(table, layers)
+        out[(layers, views)] = plain[:, idx] if views == "plain" else pooled[:, np.concatenate([idx, idx + d])]
+    return out
+
+
+def _columns(table: FeatureTable, layers: Sequence[str]) -> np.ndarray:
+    """Column indices of ``layers`` in ``table``'s rows (its layers concatenated in network order)."""
+    starts = np.cumsum([0, *table.layer_dims.values()])
+    pos = {t: (starts[i], starts[i + 1]) for i, t in enumerate(table.layers)}
+    return np.concatenate([np.arange(*pos[t]) for t in layers])
+
+
+def _check_finite(X: np.ndarray, cache: Any, rows: np.ndarray) -> None:
+    from ..heads import Features
+
+    check_finite(Features(X), cache, rows)
+
+
+@dataclass
+class _Route:
+    """The search's inputs: which families, how each candidate's preprocessing maps onto a head spec."""
+
+    families: Mapping[str, Any]
+    heads: list[str]
+    preprocess: list[str]
+    spec: HeadSpec
+    excluded: dict[str, str] = field(default_factory=dict)  # family -> why --auto leaves it out
+
+
+def _route(spec: HeadSpec, settings: SearchSettings, families: Mapping[str, Any] | None) -> _Route:
+    """The families and preprocessing: every family for ``--auto``; for ``--cv`` the one head (a family or a spec)."""
+    from ._spec_family import SpecFamily, spec_preprocess
+
+    if families is None:
+        from .. import heads
+
+        families = getattr(heads, "HEAD_FAMILIES", {})
+    if settings.auto:
+        if not families:
+            raise ConfigError("--auto needs the head families of featbank.heads; this installation has none.")
+        heads = [n for n, f in families.items() if getattr(f, "exportable", True)]
+        excluded = {n: getattr(f, "reason", "") for n, f in families.items() if n not in heads}
+        return _Route(families, heads, list(PREPROCESSING), spec, excluded)
+    if spec.head in families and not spec.params:
+        pre = "l2" if spec.l2_normalize else "standardize"
+        return _Route(families, [spec.head], [pre], spec)
+    fam = SpecFamily(spec, settings.seed)
+    return _Route({spec.head: fam}, [spec.head], [spec_preprocess(spec)], spec)
+
+
+def fit_search(cache: Any, spec: HeadSpec, settings: SearchSettings, *, layers: Any = "final", pool_views: bool = False,
+               families: Mapping[str, Any] | None = None, save: bool = True,
+               bundle_path: Path | None = None) -> Any:
+    """Search on train+val by CV, refit the winner on train+val, score it once on test, save the bundle.
+
+    Returns:
+        A :class:`~featbank.fitting.FitResult` whose ``search`` holds the report of
+        :class:`AutoSearch` (settings, ``leaderboard``, skipped candidates, rounds) and whose
+        ``metrics["test"]`` has ``top1_ci95``, the 95% bootstrap interval of the test top-1.
+
+    Raises:
+        ConfigError: a bad ``--cv`` or ``--budget``, a head family that does not exist, too few
+            images per class for K folds, a budget too short to score anything.
+        CacheError: the cache problems ``fit`` refuses.
+    """
+    t0 = time.perf_counter()
+    budget_s = parse_budget(settings.budget)
+    route = _route(spec, settings, families)
+    with opened_cache(cache) as (c, cache_path):
+        train, val, test, _ = split_rows(c, 0.2, settings.seed)
+        pool = np.sort(np.concatenate([train, val]))
+        sets, choice = _feature_sets(c, layers, train, val, settings.auto, settings.seed)
+        cands = _candidates(sets, _view_modes(c, settings.auto, pool_views), route)
+        t_load = time.perf_counter()
+        data = _load(c, [k.key for k in cands], pool)
+        load_s = time.perf_counter() - t_load
+        search = AutoSearch(cands, route.families, cv=settings.cv, repeats=settings.repeats, budget_s=budget_s,
+                            seed=settings.seed, device=settings.device).fit(data, c.labels[pool])
+        del data
+        found = _refit_and_score(c, route, search, pool, test, settings.seed)
+        found.update(cache_path=cache_path, classes=list(c.classes), choice=choice, pool=pool, test=test, cache=c,
+                     t_start=t0)
+        found["search"]["load_s"] = round(load_s, 3)
+        found["search"]["excluded"] = [{"head": h, "reason": why} for h, why in route.excluded.items()]
+        return search_result(found, spec, settings, save=save, bundle_path=bundle_path)
+
+
+def _refit_and_score(cache: Any, route: _Route, search: AutoSearch, pool: np.ndarray, test: np.ndarray,
+                     seed: int) -> dict[str, Any]:
+    """The winner refitted on every train+val image, then (only now) the test rows read and scored once."""
+    from ..heads import estimator_proba
+    from ..report import compute_metrics
+
+    best = search.best_
+    cand = best.candidate
+    table = FeatureTable(cache, cand.layers, train_views=False, pooled=cand.views == "pooled")
+    t0 = time.perf_counter()
+    est = route.families[cand.head].build(best.params, preprocess=cand.preprocess, seed=seed)
+    est.fit(table.load_embeddings(pool), cache.labels[pool])
+    refit_s = time.perf_counter() - t0
+    metrics: dict[str, Any] = {}
+    proba = None
+    if len(test):
+        proba = estimator_proba(est, table.load_embeddings(test), len(cache.classes))
+        metrics = compute_metrics(cache.labels[test], proba, cache.classes)
+        lo, hi = bootstrap_interval(proba.argmax(1) == cache.labels[test], seed=seed)
+        metrics["top1_ci95"] = [lo, hi]
+    report = search.report()
+    report["refit_s"] = round(refit_s, 3)
+    return {"search": report, "estimator": est, "htype": head_type(est), "winner": report["leaderboard"][0],
+            "table": table, "test_metrics": metrics, "test_proba": proba, "refit_s": refit_s}
+
+
+def head_type(est: Any) -> str:
+    """The bundle's head type of a fitted estimator: ``linear``, ``mlp`` or ``sklearn`` (a Pipeline)."""
+    from sklearn.pipeline import Pipeline
+
+    from ..heads import LinearHead, MLPHead
+
+    if isinstance(est, LinearHead):
+        return "linear"
+    if isinstance(est, MLPHead):
+        return "mlp"
+    if isinstance(est, Pipeline):
+        return "sklearn"
+    raise ConfigError(f"internal error: a head family built a {type(est).__name__}, which a bundle cannot hold")
+
+
+def features_section(table: FeatureTable, choice: LayerChoice | None, winner: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest's ``features`` of the winner: its layers, its views (pooled or plain), no TTA."""
+    cache = table.cache
+    out: dict[str, Any] = {
+        "layers": list(table.layers), "layer_dims": dict(table.layer_dims),
+        "pooling": getattr(cache, "pooling", "gap+2x2"), "views_used": 0,
+        "augment": getattr(cache, "augment", "") or "", "view_seed": int(getattr(cache, "view_seed", 0) or 0),
+        "n_views": table.n_views, "tta": False, "tta_choice": {"mode": "off", "used": False, "n_views": 0},
+    }
+    if table.pooled:
+        out["view_pool"] = VIEW_POOL
+    if choice is not None and winner["features"] == "auto" and choice.rounds:
+        out["selection"] = choice.to_dict()
+    return out
+
+
+def bundle_name(cache_path: Path, settings: SearchSettings, head: str) -> str:
+    return f"{cache_path.stem}-{'auto' if settings.auto else head + '-cv'}"
+
+
+def search_result(found: dict[str, Any], spec: HeadSpec, settings: SearchSettings, *, save: bool,
+                  bundle_path: Path | None) -> Any:
+    """The ``FitResult`` of a search (and its bundle, written when ``save``)."""
+    from .probe import FitResult
+
+    winner, report, metrics = found["winner"], found["search"], found["test_metrics"]
+    eval_split = "test" if metrics else "cv"
+    cv_metrics = {"top1": winner["cv_mean"], "top1_std": winner["cv_std"], "n_folds": winner["n_folds"]}
+    all_metrics: dict[str, Any] = {"cv": cv_metrics, "chosen": winner["params"], "search": report,
+                                   "features": features_section(found["table"], found["choice"], winner)}
+    if metrics:
+        all_metrics["test"] = metrics
+    notes = [] if metrics else ["the cache has no test split; the headline is the CV score of the winner, which "
+                                "chose it (optimistic). Add a test/ split folder for an unbiased estimate."]
+    result = FitResult(
+        path=None, head=winner["head"], estimator=found["estimator"], classes=found["classes"],
+        chosen=dict(winner["params"]), sweep=[], metrics=all_metrics, eval_split=eval_split,
+        cache_path=found["cache_path"], n_train=len(found["pool"]), n_val=0, n_test=len(found["test"]), notes=notes,
+        search=report,
+    )
+    if save and bundle_path is not None:
+        result.path = _save(found, spec, all_metrics, settings, bundle_path)
+    result.seconds = time.perf_counter() - found["t_start"]
+    return result
+
+
+def _save(found: dict[str, Any], spec: HeadSpec, metrics: dict[str, Any], settings: SearchSettings,
+          path: Path) -> Path:
+    from dataclasses import replace
+
+    from .._manifest import build_manifest
+    from ..bundle import save_bundle
+    from ..report import write_report_files
+    from .probe import _identity, head_files
+
+    cache, winner = found["cache"], found["winner"]
+    pre = winner["preprocessing"]
+    head_spec = replace(spec, head=winner["head"], params=dict(winner["params"]),
+                        standardize=pre.startswith("standardize"), l2_normalize="l2" in pre)
+    head_info, files = head_files(found["estimator"], found["htype"], dict(winner["params"]), head_spec)
+    head_info.update(family=winner["head"], preprocess=pre)
+    test = found["test"]
+    if len(test):
+        paths = [str(cache.abspath(cache.paths[r])) for r in test]
+        files.update(write_report_files(metrics, cache.classes, paths, cache.labels[test], found["test_proba"]))
+    headline = {k: v for k, v in (metrics.get("test") or metrics["cv"]).items()
+                if not isinstance(v, (dict, list)) or k == "top1_ci95"}
+    eval_split = "test" if "test" in metrics else "cv"
+    manifest = build_manifest(
+        "head", list(cache.classes), _identity(cache), cache_key=cache.cache_key, head=head_info,
+        metrics={"eval_split": eval_split, eval_split: headline}, features=metrics["features"],
+        search=found["search"],
+        training={"cache": str(Path(found["cache_path"]).resolve()), "val_source": f"{settings.cv}-fold CV",
+                  "seed": settings.seed, "n_train": len(found["pool"]), "n_val": 0, "n_test": len(test),
+                  "shots": None, "fitted_on": "train+val", "streaming": False, "sweep": []},
+    )
+    return save_bundle(path, manifest, files, overwrite=True)

@@ -1,0 +1,49 @@
+"""The printed form of a ``fit --auto`` / ``fit --cv K`` search: what the budget allowed and the leaderboard."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = ["search_lines", "format_leaderboard", "format_params"]
+
+
+def format_params(params: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()) or "-"
+
+
+def format_leaderboard(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The leaderboard as a Markdown table: rank, features, views, preprocessing, head, parameters, CV, seconds."""
+    out = ["| rank | features | views | preprocessing | head | parameters | CV mean ± std | folds | seconds |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        feats = r["features"] if r["features"] in ("final", "all") else f"{r['features']} ({','.join(r['layers'])})"
+        out.append(f"| {r['rank']} | {feats} | {r['views']} | {r['preprocessing']} | {r['head']} | "
+                   f"{format_params(r['params'])} | {r['cv_mean']:.4f} ± {r['cv_std']:.4f} | {r['n_folds']} | "
+                   f"{r['seconds']:.1f} |")
+    return out
+
+
+def search_lines(search: Mapping[str, Any], headline: Mapping[str, Any]) -> list[str]:
+    """What the search did (candidates, folds, budget, skips), its leaderboard, and the winner's test interval."""
+    skipped = search.get("skipped", [])
+    lines = [
+        f"Search: {search['n_scored']} of {search['n_candidates']} candidates scored by {search['cv']}-fold CV on "
+        f"train+val ({search['n_fold_fits']} candidate-folds, up to {search['repeats']} repeats, seed {search['seed']}) "
+        f"in {search['seconds']:.1f} s of a {search['budget_s']:g} s budget; features loaded in "
+        f"{search.get('load_s', 0.0):.1f} s, winner refitted in {search.get('refit_s', 0.0):.1f} s.",
+    ]
+    for rnd in search.get("rounds", []):
+        lines.append(f"  round {rnd['round'] + 1}: {rnd['n_candidates']} candidate(s) on {rnd['n_folds']} folds")
+    if skipped:
+        names = ", ".join(f"{s['features']}/{s['views']}/{s['preprocessing']}/{s['head']}" for s in skipped[:8])
+        more = f" and {len(skipped) - 8} more" if len(skipped) > 8 else ""
+        lines.append(f"  skipped for the budget ({len(skipped)}): {names}{more}")
+    if search.get("cut_by_clock"):
+        lines.append(f"  cut by the wall clock (estimates too low on this machine): {len(search['cut_by_clock'])}")
+    lines += format_leaderboard(search["leaderboard"])
+    ci = headline.get("top1_ci95")
+    if ci is not None and "top1" in headline:
+        lines.append(f"Winner on test (scored once): top-1 {headline['top1']:.4f}, 95% bootstrap interval "
+                     f"[{ci[0]:.4f}, {ci[1]:.4f}] (1000 resamples); CV {search['leaderboard'][0]['cv_mean']:.4f}")
+    return lines

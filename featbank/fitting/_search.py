@@ -1,0 +1,370 @@
+"""The probe autopilot's search: candidates scored by repeated stratified K-fold CV within a time budget.
+
+:class:`AutoSearch` is an estimator over *candidates* (a feature set, a view handling, a
+preprocessing and a head family with its grid). It owns its folds and its scores and says what it
+chose. It is handed the training images' feature matrices and labels only (``fit(data, y)``): it
+never sees a test row, because the caller never gives it one.
+
+Folds are over images: every row of a matrix it is handed is one image (the plain view, or the
+image's views pooled into one row), so an image's views cannot straddle a fold. Repeat ``r`` uses
+its own seeded :class:`~sklearn.model_selection.StratifiedKFold` shuffle.
+
+Successive halving over folds and repeats (the plan is made from the families' ``relative_cost``
+estimates, so it is the same on every machine; a wall-clock guard keeps the budget where the
+estimates are off, and says so). The rounds are: the first fold of repeat 1; its other K - 1 folds;
+then one whole repeat per round (:func:`_rungs`).
+
+1. Round 1: every candidate is scored on one fold, cheapest estimate first, as long as the
+   estimates fit in :data:`ROUND0_SHARE` of the budget; the rest are *skipped for budget*. The
+   cheapest candidate is always scored, even past the budget, so there is a winner; otherwise the
+   clock is checked before each candidate and between its folds.
+2. Each later round scores the best :data:`KEEP` fraction of the previous round's candidates (at
+   least one) on its folds, while the estimates fit in the budget; once a single candidate is left
+   and it has all K folds of the first repeat, the search ends.
+3. A candidate's score is the best mean over its grid of its folds so far; the leaderboard ranks by
+   the last round reached (counting only rounds that scored all their candidates: a round the
+   budget cut short promotes no one), then that score.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..errors import ConfigError
+
+__all__ = ["AutoSearch", "Candidate", "Scored", "FeatureKey", "HeadFamilyLike", "parse_budget", "make_folds",
+           "DEFAULT_BUDGET", "DEFAULT_CV", "DEFAULT_REPEATS", "KEEP", "ROUND0_SHARE"]
+
+#: The default ``--budget``: the whole CV search (not loading the features, not the final refit).
+DEFAULT_BUDGET = "90s"
+DEFAULT_CV = 5
+#: Repeats of the K folds (each with its own shuffle): round r of the halving uses repeat r.
+DEFAULT_REPEATS = 3
+#: The fraction of a round's candidates that go on to the next repeat.
+KEEP = 1 / 3
+#: The share of the budget the first round (every candidate, one fold) may take by estimate.
+ROUND0_SHARE = 0.4
+
+#: (layers, views) of a feature matrix: the layers concatenated in network order, "plain" or "pooled".
+FeatureKey = tuple[tuple[str, ...], str]
+Folds = Sequence[tuple[np.ndarray, np.ndarray]]
+
+_BUDGET = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|min|h)?\s*")
+_UNIT = {None: 1.0, "s": 1.0, "ms": 1e-3, "m": 60.0, "min": 60.0, "h": 3600.0}
+
+
+class HeadFamilyLike(Protocol):
+    """What the search needs of a head family (``featbank.heads`` ``HeadFamily``)."""
+
+    name: str
+
+    def default_grid(self, n_samples: int, n_features: int, n_classes: int) -> list[dict[str, Any]]: ...
+
+    def cv_scores(self, X: np.ndarray, y: np.ndarray, folds: Folds, grid: list[dict[str, Any]], *,
+                  preprocess: str = "standardize", device: str = "cpu") -> np.ndarray: ...
+
+    def build(self, params: dict[str, Any], *, preprocess: str = "standardize", seed: int = 0) -> Any: ...
+
+    def relative_cost(self, n_samples: int, n_features: int, n_grid: int) -> float: ...
+
+
+def parse_budget(text: str | float | int) -> float:
+    """Seconds of a ``--budget`` value: ``90s``, ``2m``, ``1.5min``, ``1h``, ``500ms`` or a number of seconds.
+
+    Raises:
+        ConfigError: anything else, or a budget that is not positive.
+    """
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        m = _BUDGET.fullmatch(str(text))
+        if not m:
+            raise ConfigError(f"--budget must be a duration like 90s, 2m or 1h; got {text!r}.")
+        seconds = float(m.group(1)) * _UNIT[m.group(2)]
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(f"--budget must be a positive duration like 90s, 2m or 1h; got {text!r}.")
+    return seconds
+
+
+def make_folds(y: np.ndarray, k: int, repeats: int, seed: int) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    """Repeated stratified K-fold over images: ``repeats`` lists of K ``(fit_rows, held_out_rows)``.
+
+    Raises:
+        ConfigError: K below 2, or a class with fewer images than K.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    y = np.asarray(y)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 2:
+        raise ConfigError(f"--cv must be an integer >= 2 (the number of folds); got {k!r}.")
+    counts = np.bincount(y)
+    smallest = int(counts[counts > 0].min())
+    if smallest < k:
+        raise ConfigError(f"--cv {k} needs at least {k} training images in every class; the smallest class has "
+                          f"{smallest}. Use --cv {max(2, smallest)} or fewer folds." if smallest >= 2 else
+                          f"--cv needs at least 2 training images in every class; the smallest class has {smallest}.")
+    out = []
+    for r in range(repeats):
+        skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed + r)
+        out.append([(np.sort(a), np.sort(b)) for a, b in skf.split(np.zeros(len(y)), y)])
+    return out
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One route to a head: which features, how views are handled, the preprocessing and the head family.
+
+    ``features`` names the feature set (``final``, ``auto``, ``all``, or the layers given);
+    ``layers`` are its layers in network order; ``views`` is ``plain`` or ``pooled``.
+    """
+
+    features: str
+    layers: tuple[str, ...]
+    views: str
+    preprocess: str
+    head: str
+
+    @property
+    def key(self) -> FeatureKey:
+        return (self.layers, self.views)
+
+    def describe(self) -> dict[str, Any]:
+        return {"features": self.features, "layers": list(self.layers), "views": self.views,
+                "preprocessing": self.preprocess, "head": self.head}
+
+
+@dataclass
+class Scored:
+    """A candidate's grid and its fold scores so far (``scores``: grid points x folds scored)."""
+
+    candidate: Candidate
+    grid: list[dict[str, Any]]
+    scores: np.ndarray
+    seconds: float = 0.0
+    rounds: int = 0
+    estimate: float = 0.0
+
+    @property
+    def best_index(self) -> int:
+        means = self.scores.mean(axis=1)
+        return int(np.flatnonzero(means >= means.max() - 1e-12)[0])  # ties: the first grid point
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.grid[self.best_index])
+
+    @property
+    def cv_mean(self) -> float:
+        return float(self.scores[self.best_index].mean())
+
+    @property
+    def cv_std(self) -> float:
+        return float(self.scores[self.best_index].std())
+
+    def to_row(self, rank: int) -> dict[str, Any]:
+        return {"rank": rank, **self.candidate.describe(), "params": _plain(self.params), "cv_mean": self.cv_mean,
+                "cv_std": self.cv_std, "n_folds": int(self.scores.shape[1]), "rounds": self.rounds,
+                "seconds": round(self.seconds, 3)}
+
+
+def _plain(params: Mapping[str, Any]) -> dict[str, Any]:
+    """JSON-safe parameters: numpy scalars as Python numbers, tuples as lists."""
+    out: dict[str, Any] = {}
+    for k, v in params.items():
+        if isinstance(v, np.generic):
+            v = v.item()
+        elif isinstance(v, tuple):
+            v = list(v)
+        out[str(k)] = v
+    return out
+
+
+@dataclass
+class _Clock:
+    """The budget: planned estimates (deterministic) and the wall clock (the guard)."""
+
+    budget_s: float
+    t0: float = field(default_factory=time.perf_counter)
+    planned: float = 0.0
+    spent_est: float = 0.0
+    spent_real: float = 0.0
+    cut_by_clock: list[str] = field(default_factory=list)
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def plan(self, estimate: float, limit: float) -> bool:
+        if self.planned + estimate > limit:
+            return False
+        self.planned += estimate
+        return True
+
+    def clock_allows(self, estimate: float) -> bool:
+        scale = self.spent_real / self.spent_est if self.spent_est > 0 else 1.0
+        return self.elapsed + estimate * max(scale, 1e-3) <= self.budget_s
+
+    def record(self, estimate: float, seconds: float) -> None:
+        self.spent_est += estimate
+        self.spent_real += seconds
+
+
+class AutoSearch:
+    """Successive halving over candidates by repeated stratified K-fold CV, within a time budget.
+
+    Args:
+        candidates: the routes to score (their ``head`` names keys of ``families``).
+        families: head family by name (``featbank.heads.HEAD_FAMILIES`` by default in ``fit``).
+        cv: folds per repeat.
+        repeats: at most this many repeats (rounds of the halving).
+        budget_s: seconds the search may take (the CV scoring; the caller loads features and refits).
+        seed: of the folds (repeat r shuffles with ``seed + r``).
+        device: passed to the families (``cpu``, ``cuda``).
+
+    Attributes (after :meth:`fit`):
+        folds_: the folds of each repeat, over the rows (images) handed to ``fit``.
+        scored_: every candidate that was scored, in leaderboard order.
+        skipped_: candidates never scored, with the reason (``budget`` by estimate, ``clock``).
+        best_: the winner (``scored_[0]``).
+        rounds_: per round, the candidates scored and their folds.
+    """
+
+    def __init__(self, candidates: Sequence[Candidate], families: Mapping[str, HeadFamilyLike], *,
+                 cv: int = DEFAULT_CV, repeats: int = DEFAULT_REPEATS, budget_s: float = 90.0, seed: int = 0,
+                 device: str = "cpu"):
+        self.candidates = list(candidates)
+        self.families = families
+        self.cv, self.repeats, self.budget_s, self.seed, self.device = cv, repeats, budget_s, seed, device
+
+    def fit(self, data: Mapping[FeatureKey, np.ndarray], y: np.ndarray) -> AutoSearch:
+        """Score the candidates on ``data`` (one matrix per feature key, one row per image) and labels ``y``.
+
+        Raises:
+            ConfigError: no candidate could be scored within the budget, or bad folds (see :func:`make_folds`).
+        """
+        y = np.asarray(y)
+        self.folds_ = make_folds(y, self.cv, self.repeats, self.seed)
+        self.n_classes_ = int(y.max()) + 1
+        clock = _Clock(self.budget_s)
+        scored = [self._prepare(c, data[c.key]) for c in self.candidates]
+        self.skipped_: list[dict[str, Any]] = []
+        self.rounds_: list[dict[str, Any]] = []
+        self.rungs_ = _rungs(self.cv, self.repeats)
+        alive = self._round(0, sorted(scored, key=lambda s: s.estimate), data, y, clock,
+                            self.budget_s * ROUND0_SHARE)
+        for r in range(1, len(self.rungs_)):
+            keep = max(1, math.ceil(len(alive) * KEEP))
+            if len(alive) <= 1 and r >= 2:  # a lone candidate still completes its first K folds
+                break
+            alive = self._round(r, _ranked(alive, r)[:keep], data, y, clock, self.budget_s)
+            if not alive:
+                break
+        # A round the budget cut short ranks no one above the rest: only complete rounds count.
+        complete = next((i for i, r in enumerate(self.rounds_) if not r["complete"]), len(self.rounds_))
+        self.scored_ = _ranked([s for s in scored if s.rounds > 0], max(1, complete))
+        if not self.scored_:
+            raise ConfigError(
+                f"--budget {self.budget_s:g}s is too short to score any candidate on {self.cv} folds (the cheapest "
+                f"is estimated at {min(s.estimate for s in scored):.1f} s). Raise --budget."
+            )
+        self.best_ = self.scored_[0]
+        self.clock_cut_ = list(clock.cut_by_clock)
+        self.seconds_ = clock.elapsed
+        return self
+
+    def _prepare(self, cand: Candidate, X: np.ndarray) -> Scored:
+        fam = self.families[cand.head]
+        n_fit = int(round(X.shape[0] * (self.cv - 1) / self.cv))
+        grid = fam.default_grid(n_fit, X.shape[1], self.n_classes_)
+        est = float(fam.relative_cost(n_fit, X.shape[1], len(grid))) * self.cv
+        return Scored(cand, grid, np.zeros((len(grid), 0)), estimate=est)
+
+    def _round(self, r: int, todo: list[Scored], data: Mapping[FeatureKey, np.ndarray], y: np.ndarray,
+               clock: _Clock, limit: float) -> list[Scored]:
+        done = []
+        repeat, idx = self.rungs_[r]
+        share = len(idx) / self.cv
+        for s in todo:
+            name = _label(s.candidate)
+            if not clock.plan(s.estimate * share, limit):
+                if r == 0:
+                    self.skipped_.append({**s.candidate.describe(), "reason": "budget", "estimate_s": s.estimate})
+                continue
+            first = r == 0 and not done  # the cheapest candidate always completes: there is always a winner
+            if not first and not clock.clock_allows(s.estimate * share):
+                clock.cut_by_clock.append(f"round {r}: {name}")
+                if r == 0:
+                    self.skipped_.append({**s.candidate.describe(), "reason": "clock", "estimate_s": s.estimate})
+                continue
+            if self._score(s, r, data[s.candidate.key], y, clock, first):
+                done.append(s)
+            else:
+                clock.cut_by_clock.append(f"round {r}: {name} (stopped after a fold)")
+                if r == 0:
+                    self.skipped_.append({**s.candidate.describe(), "reason": "clock", "estimate_s": s.estimate})
+        n_folds = sum(len(i) for _, i in self.rungs_[:r + 1])
+        self.rounds_.append({"round": r, "repeat": repeat, "folds": list(idx), "n_candidates": len(done),
+                             "complete": r == 0 or len(done) == len(todo),  # round 1 is the base
+                             "n_folds": n_folds, "candidates": [_label(s.candidate) for s in done]})
+        return done
+
+    def _score(self, s: Scored, r: int, X: np.ndarray, y: np.ndarray, clock: _Clock, finish: bool = False) -> bool:
+        """Score ``s`` on the folds of round ``r``, one fold per call so the clock is checked between folds.
+
+        Returns ``False`` (and keeps none of this round's folds) when the clock ran out part-way.
+        """
+        fam = self.families[s.candidate.head]
+        per_fold = s.estimate / self.cv
+        repeat, idx = self.rungs_[r]
+        cols, seconds = [], 0.0
+        for j, fold in enumerate(self.folds_[repeat][i] for i in idx):
+            if j and not finish and clock.elapsed + seconds / j > clock.budget_s:  # its own folds so far
+                clock.record(per_fold * j, seconds)
+                return False
+            t0 = time.perf_counter()
+            sc = np.asarray(fam.cv_scores(X, y, [fold], s.grid, preprocess=s.candidate.preprocess,
+                                          device=self.device), dtype=np.float64)
+            seconds += time.perf_counter() - t0
+            if sc.shape != (len(s.grid), 1) or not np.isfinite(sc).all():
+                raise RuntimeError(f"internal error: family {fam.name!r} returned scores of shape {sc.shape}")
+            cols.append(sc)
+        s.scores = np.concatenate([s.scores, *cols], axis=1)
+        s.seconds += seconds
+        s.rounds = r + 1
+        clock.record(per_fold * len(idx), seconds)
+        return True
+
+    def leaderboard(self) -> list[dict[str, Any]]:
+        """One dict per scored candidate: rank, features, layers, views, preprocessing, head, params, CV mean/std..."""
+        return [s.to_row(i + 1) for i, s in enumerate(self.scored_)]
+
+    def report(self) -> dict[str, Any]:
+        """The search as stored in a bundle and printed by ``--json``: settings, leaderboard, skips, rounds."""
+        n_scored = sum(s.scores.shape[1] for s in self.scored_)
+        return {"cv": self.cv, "repeats": self.repeats, "seed": self.seed, "budget_s": self.budget_s,
+                "seconds": round(self.seconds_, 3), "n_candidates": len(self.candidates),
+                "n_scored": len(self.scored_), "n_fold_fits": n_scored, "leaderboard": self.leaderboard(),
+                "skipped": self.skipped_, "rounds": self.rounds_, "cut_by_clock": self.clock_cut_}
+
+
+def _rungs(k: int, repeats: int) -> list[tuple[int, list[int]]]:
+    """(repeat, fold indices) of each round: fold 1 of repeat 1, its other K - 1 folds, then a whole repeat each."""
+    return [(0, [0]), (0, list(range(1, k)))] + [(r, list(range(k))) for r in range(1, repeats)]
+
+
+def _ranked(scored: Sequence[Scored], complete: int) -> list[Scored]:
+    # Later rounds first (up to the last complete one), then the CV mean; ties: the lower spread,
+    # then the cheaper estimate.
+    return sorted(scored, key=lambda s: (-min(s.rounds, complete), -round(s.cv_mean, 12), round(s.cv_std, 12),
+                                         s.estimate))
+
+
+def _label(c: Candidate) -> str:
+    return f"{c.features}/{c.views}/{c.preprocess}/{c.head}"

@@ -1,0 +1,68 @@
+"""``fit --cv K`` for a head that is not one of the autopilot's families (``--head SVC``, ``LogisticRegression``...).
+
+:class:`SpecFamily` presents one ``--head`` (with its ``--param`` values and preprocessing flags)
+as a head family: its grid is the C grid of ``fit``'s sweep when the head has a ``C`` that
+``--param`` does not fix (:data:`~featbank.fitting._select.SKLEARN_C_GRID`, or the linear head's
+:data:`~featbank.fitting._select.COARSE_GRID`), else the one setting given; each grid point is
+fitted afresh on every fold's fit rows (no shared kernel or warm start: the families of
+``featbank.heads`` do that for their heads).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from ._select import COARSE_GRID, SKLEARN_C_GRID, HeadSpec, make_head
+
+__all__ = ["SpecFamily", "spec_preprocess"]
+
+
+def spec_preprocess(spec: HeadSpec) -> str:
+    """The preprocessing of a head's flags, as the leaderboard names it."""
+    parts = [p for p, on in (("standardize", spec.standardize), ("l2-normalize", spec.l2_normalize)) if on]
+    return "+".join(parts) or "none"
+
+
+class SpecFamily:
+    """One ``--head`` with its parameters as a family: its C grid (when free), fitted per fold."""
+
+    def __init__(self, spec: HeadSpec, seed: int = 0):
+        self.spec, self.seed = spec, seed
+        self.name = spec.head
+
+    def _has_free_c(self) -> bool:
+        est, htype = make_head(self.spec, self.seed)
+        params = est.get_params() if htype != "sklearn" else est[-1].get_params()
+        return "C" in params and "C" not in self.spec.params
+
+    def default_grid(self, n_samples: int, n_features: int, n_classes: int) -> list[dict[str, Any]]:
+        if not self._has_free_c():
+            return [{}]
+        grid = self.spec.grid or (COARSE_GRID if self.spec.is_torch else SKLEARN_C_GRID)
+        return [{"C": float(c)} for c in grid]
+
+    def build(self, params: dict[str, Any], *, preprocess: str = "standardize", seed: int = 0) -> Any:
+        est, _ = make_head(replace(self.spec, params={**self.spec.params, **params}), seed)
+        return est
+
+    def cv_scores(self, X: np.ndarray, y: np.ndarray, folds: Any, grid: list[dict[str, Any]], *,
+                  preprocess: str = "standardize", device: str = "cpu") -> np.ndarray:
+        from ._select import _fit_sklearn
+
+        out = np.zeros((len(grid), len(folds)))
+        for j, (fit_rows, held) in enumerate(folds):
+            for i, params in enumerate(grid):
+                est = self.build(params, seed=self.seed)
+                if self.spec.is_torch:
+                    est.fit(X[fit_rows], y[fit_rows])
+                else:
+                    _fit_sklearn(est, X[fit_rows], y[fit_rows], self.spec.class_weight)
+                out[i, j] = float(np.mean(est.predict(X[held]) == y[held]))
+        return out
+
+    def relative_cost(self, n_samples: int, n_features: int, n_grid: int) -> float:
+        # A crude guess (one fit ~ n * d * 2e-8 s, kernels n^2 * d): the plan orders by it and the clock guards.
+        return n_grid * (n_samples * n_features * 2e-8 + n_samples**2 * n_features * 1e-11)

@@ -1,0 +1,469 @@
+"""Head families: what ``fit --auto`` sweeps, scored by K-fold cross-validation with shared work.
+
+A :class:`HeadFamily` is a kind of head (``linear``, ``svm-rbf``, ``svm-linear``, ``knn``, ``mlp``)
+with a default hyperparameter grid, a cross-validated score for every grid point that shares the
+expensive work across the grid (a warm-started C path for ``linear``; one kernel matrix per fold for
+the SVMs; one distance matrix per fold for ``knn``), an unfitted estimator for any grid point that
+featbank's bundles save and its ONNX export converts, and a rough cost for planning a time budget.
+
+Preprocessing (``preprocess``): ``"standardize"`` (each feature centred and scaled with the fit
+rows' mean and standard deviation) or ``"l2"`` (centred on the fit rows' mean, then each row
+L2-normalised). Either is fitted on a fold's fit rows only, and is part of the estimator ``build``
+gives. A family lists the preprocessings it supports in ``preprocesses``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from ..errors import ConfigError
+from ._features import Features
+from ._kernel_svc import KernelSVC, gram, rbf_from_gram, scale_gamma, sq_norms
+from ._linear_head import LinearHead
+from ._mlp_head import MLPHead
+
+__all__ = ["Folds", "HeadFamily", "HEAD_FAMILIES", "PREPROCESSES", "get_head_family", "LinearFamily", "SVMFamily", "KNNFamily",
+           "MLPFamily"]
+
+#: ``(fit_rows, held_out_rows)`` per fold: integer index arrays into ``X``.
+Folds = Sequence[tuple[np.ndarray, np.ndarray]]
+
+#: Every preprocessing a family may support (see the module docstring).
+PREPROCESSES = ("standardize", "l2")
+
+
+@runtime_checkable
+class HeadFamily(Protocol):
+    """A kind of head that ``fit --auto`` can sweep and deploy.
+
+    Attributes:
+        name: ``"linear"``, ``"svm-rbf"``, ``"svm-linear"``, ``"knn"`` or ``"mlp"``.
+        preprocesses: the values of ``preprocess`` it supports (a subset of :data:`PREPROCESSES`).
+        exportable: whether every estimator ``build`` gives exports to ONNX with the parity check;
+            ``reason`` says why not when it is ``False``.
+    """
+
+    name: str
+    preprocesses: tuple[str, ...]
+    exportable: bool
+    reason: str
+
+    def default_grid(self, n_samples: int, n_features: int, n_classes: int) -> list[dict[str, Any]]:
+        """The hyperparameter settings the family sweeps."""
+        ...
+
+    def cv_scores(self, X: np.ndarray, y: np.ndarray, folds: Folds, grid: list[dict[str, Any]], *,
+                  preprocess: str = "standardize", device: str = "cpu") -> np.ndarray:
+        """(len(grid), len(folds)) top-1 accuracy on each fold's held-out rows."""
+        ...
+
+    def build(self, params: dict[str, Any], *, preprocess: str = "standardize", seed: int = 0,
+              device: str = "cpu") -> Any:
+        """An unfitted estimator for one grid point (preprocessing included); ``device`` for its fit."""
+        ...
+
+    def relative_cost(self, n_samples: int, n_features: int, n_grid: int) -> float:
+        """Rough seconds per fold for the whole grid on this machine's CPU."""
+        ...
+
+
+# --------------------------------------------------------------------------------------------
+# Shared helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _check_inputs(family: HeadFamily, X: np.ndarray, y: np.ndarray, folds: Folds, grid: list[dict[str, Any]],
+                  preprocess: str) -> tuple[np.ndarray, np.ndarray]:
+    _check_preprocess(family, preprocess)
+    X = np.asarray(X)
+    y = np.asarray(y)
+    if X.ndim != 2 or len(X) != len(y):
+        raise ConfigError(f"cv_scores needs an (N, D) X and N labels; got X {X.shape} and y {y.shape}.")
+    if not grid:
+        raise ConfigError(f"The {family.name} head family was given an empty grid.")
+    for i, (fit, held) in enumerate(folds):
+        if len(fit) == 0 or len(held) == 0:
+            raise ConfigError(f"Fold {i} has {len(fit)} fit rows and {len(held)} held-out rows; both must be > 0.")
+    return X, y
+
+
+def _prep_steps(preprocess: str) -> list[tuple[str, Any]]:
+    """The scikit-learn steps of a preprocessing (fresh, unfitted): what ``build`` puts before the classifier."""
+    from sklearn.preprocessing import Normalizer, StandardScaler
+
+    if preprocess == "standardize":
+        return [("scale", StandardScaler())]
+    return [("center", StandardScaler(with_std=False)), ("l2", Normalizer(norm="l2"))]
+
+
+def _pipeline(preprocess: str, clf: Any) -> Any:
+    from sklearn.pipeline import Pipeline
+
+    return Pipeline([*_prep_steps(preprocess), ("clf", clf)])
+
+
+def _fold_rows(X: np.ndarray, fit: np.ndarray, held: np.ndarray, preprocess: str) -> tuple[np.ndarray, np.ndarray]:
+    """The fold's fit and held-out rows preprocessed with statistics of the fit rows: the very steps
+    (and so the very numbers) ``build``'s pipeline computes when fitted on these rows."""
+    from sklearn.pipeline import Pipeline
+
+    pre = Pipeline(_prep_steps(preprocess))
+    return pre.fit_transform(X[fit]), pre.transform(X[held])
+
+
+def _accuracy(pred: np.ndarray, y: np.ndarray) -> float:
+    return float(np.mean(np.asarray(pred) == np.asarray(y)))
+
+
+# --------------------------------------------------------------------------------------------
+# linear: featbank's LinearHead, a warm-started C path per fold
+# --------------------------------------------------------------------------------------------
+
+#: C grid of the linear family (LinearHead's, i.e. scikit-learn's multinomial convention).
+LINEAR_C_GRID = tuple(float(c) for c in np.logspace(-6, 2, 9))
+#: The path's fits only rank C values: they stop early, like fit's validation sweep; the refit is exact.
+_PATH_MAX_ITER = 150
+_PATH_TOL = 1e-3
+
+
+class LinearFamily:
+    """Multinomial logistic regression (:class:`LinearHead`, L-BFGS) over a grid of C.
+
+    ``cv_scores`` fits the grid in increasing C on each fold, each fit warm-started from the one
+    before and stopped at a loose tolerance (as ``fit``'s validation sweep does); the features are
+    standardised once per fold. ``build`` gives a ``LinearHead`` at the exact tolerance, which
+    featbank saves as safetensors and exports as one linear layer.
+
+    Only ``preprocess="standardize"`` (LinearHead's own standardisation): LinearHead has no
+    centring before its L2 normalisation, so ``"l2"`` (centre, then L2) is not offered.
+    """
+
+    name = "linear"
+    preprocesses: tuple[str, ...] = ("standardize",)
+    exportable = True
+    reason = ""
+
+    def default_grid(self, n_samples: int, n_features: int, n_classes: int) -> list[dict[str, Any]]:
+        """C = 1e-6, 1e-5, ..., 1e2 (fit's coarse grid)."""
+        return [{"C": c} for c in LINEAR_C_GRID]
+
+    def build(self, params: dict[str, Any], *, preprocess: str = "standardize", seed: int = 0,
+              device: str = "cpu") -> LinearHead:
+        from ._torch_head import validate_head_params
+
+        _check_params(self.name, params, {"C"})
+        _check_preprocess(self, preprocess)
+        head = LinearHead(C=params["C"], standardize=True, device=device)
+        validate_head_params(head)
+        return head
+
+    def cv_scores(self, X: np.ndarray, y: np.ndarray, folds: Folds, grid: list[dict[str, Any]], *,
+                  preprocess: str = "standardize", device: str = "cpu") -> np.ndarray:
+        X, y = _check_inputs(self, X, y, folds, grid, preprocess)
+        Cs = np.array([float(self.build(p).C) for p in grid])  # every setting checked before any work
+        out = np.zeros((len(grid), len(folds)))
+        for j, (fit, held) in enumerate(folds):
+            out[:, j] = self._path(X, y, np.asarray(fit), np.asarray(held), Cs, device)
+        return out
+
+    def _path(self, X: np.ndarray, y: np.ndarray, fit: np.ndarray, held: np.ndarray, Cs: np.ndarray,
+              device: str) -> np.ndarray:
+        """Held-out top-1 of every C on one fold: increasing C, each fit warm-started from the last."""
+        feats = Features(X[fit])  # one object: LinearHead keeps its standardised copy across the path
+        head = LinearHead(standardize=True, max_iter=_PATH_MAX_ITER, tol=_PATH_TOL, device=device)
+        scores = np.zeros(len(Cs))
+        done = False
+        for i in np.argsort(Cs, kind="stable"):
+            head.set_params(C=float(Cs[i]), warm_start=done)
+            head.fit(feats, y[fit])
+            done = True
+            scores[i] = _accuracy(head.predict(X[held]), y[held])
+        return scores
+
+    def relative_cost(self, n_samples: int, n_features: int, n_grid: int) -> float:
+        """~40 L-BFGS steps per C, each two (n x d) products at ~2 GFLOP/s plus ~1 ms of overhead: crude,
+        from fit's benchmarks (digits, 1,197 x 64, 9 C: 0.3 s per fold measured, 0.4 s estimated)."""
+        return n_grid * 40 * (4.0 * n_samples * n_features / 2e9 + 1e-3)
+
+
+def _check_params(family: str, params: dict[str, Any], keys: set[str]) -> None:
+    if not isinstance(params, dict) or set(params) != keys:
+        got = sorted(params) if isinstance(params, dict) else repr(params)
+        raise ConfigError(f"The {family} head family takes parameters {sorted(keys)}; got {got}.")
+
+
+# --------------------------------------------------------------------------------------------
+# svm-rbf, svm-linear: one Gram matrix per fold for every C (and every RBF width)
+# --------------------------------------------------------------------------------------------
+
+#: C grid of the RBF SVM: half decades around scikit-learn's default 1.
+RBF_C_GRID = tuple(float(c) for c in np.logspace(-1, 2, 7))
+#: RBF widths: multiples of scikit-learn's ``gamma="scale"`` (1 / (n_features * variance)).
+RBF_GAMMA_SCALES = (0.5, 1.0, 2.0)
+#: C grid of the linear SVM (decades: on wide embeddings the classes are often separable, so
+#: only small C regularise).
+LINEAR_SVM_C_GRID = tuple(float(c) for c in np.logspace(-5, 1, 7))
+
+
+class SVMFamily:
+    """Kernel SVM (scikit-learn's libsvm ``SVC``, one-vs-one) with an RBF or a linear kernel.
+
+    ``cv_scores`` computes per fold one Gram matrix of the preprocessed rows with BLAS (numpy; torch
+    on CUDA) and fits ``SVC(kernel="precomputed")`` on it for every C, one thread per core; RBF
+    kernels of every width come from the same Gram matrix and squared norms. ``build`` gives a ``Pipeline`` of the
+    preprocessing and a :class:`KernelSVC`, which fits the same way and then predicts as
+    ``SVC(kernel="rbf" | "linear")``; featbank saves it as skops and exports it as one graph (the
+    kernel against the support vectors, the one-vs-one votes, the softmax of scikit-learn's
+    one-vs-rest decision function).
+    """
+
+    preprocesses: tuple[str, ...] = PREPROCESSES
+    exportable = True
+    reason = ""
+
+    def __init__(self, kernel: str):
+        self.kernel = kernel
+        self.name = f"svm-{kernel}"
+        self._keys = {"C", "gamma_scale"} if kernel == "rbf" else {"C"}
+
+    def default_grid(self, n_samples: int, n_features: int, n_classes: int) -> list[dict[str, Any]]:
+        """RBF: C = 0.1 .. 100 (half decades) x gamma_scale 0.5, 1, 2; linear: C = 1e-5 .. 10 (decades)."""
+        if self.kernel == "rbf":
+            return [{"C": c, "gamma_scale": g} for g in RBF_GAMMA_SCALES for c in RBF_C_GRID]
+        return [{"C": c} for c in LINEAR_SVM_C_GRID]
+
+    def build(self, params: dict[str, Any], *, preprocess: str = "standardize", seed: int = 0,
+              device: str = "cpu") -> Any:
+        _check_params(self.name, params, self._keys)
+        _check_preprocess(self, preprocess)
+        clf = KernelSVC(C=params["C"], kernel=self.kernel, gamma_scale=params.get("gamma_scale", 1.0),
+                        random_state=seed, device=device)
+        clf._check_own_params()
+        return _pipeline(preprocess, clf)
+
+    def cv_scores(self, X: np.ndarray, y: np.ndarray, folds: Folds, grid: list[dict[str, Any]], *,
+                  preprocess: str = "standardize", device: str = "cpu") -> np.ndarray:
+        X, y = _check_inputs(self, X, y, folds, grid, preprocess)
+        for p in grid:
+            self.build(p, preprocess=preprocess)  # every setting checked before any work
+        out = np.zeros((len(grid), len(folds)))
+        for j, (fit, held) in enumerate(folds):
+            out[:, j] = self._fold(X, y, np.asarray(fit), np.asarray(held), grid, preprocess, device)
+        return out
+
+    def _fold(self, X: np.ndarray, y: np.ndarray, fit: np.ndarray, held: np.ndarray, grid: list[dict[str, Any]],
+              preprocess: str, device: str) -> np.ndarray:
+        """Held-out top-1 of every setting on one fold, from one Gram matrix."""
+        Xf, Xh = _fold_rows(X, fit, held, preprocess)
+        Xf, Xh = np.asarray(Xf, np.float64), np.asarray(Xh, np.float64)
+        # The fit block as KernelSVC.fit multiplies it (same shapes, same BLAS call: same numbers).
+        G_ff, G_hf = gram(Xf, Xf, device), gram(Xh, Xf, device)
+        scores = np.zeros(len(grid))
+        widths = sorted({float(p.get("gamma_scale", 1.0)) for p in grid})
+        for w in widths:
+            if self.kernel == "rbf":
+                gamma = scale_gamma(Xf, w)
+                sf, sh = sq_norms(Xf), sq_norms(Xh)
+                K_ff, K_hf = rbf_from_gram(G_ff, sf, sf, gamma), rbf_from_gram(G_hf, sh, sf, gamma)
+            else:
+                K_ff, K_hf = G_ff, G_hf
+            todo = [i for i, p in enumerate(grid) if float(p.get("gamma_scale", 1.0)) == w]
+            # libsvm runs without the GIL: the settings of one kernel fit side by side, one per core.
+            with ThreadPoolExecutor(max_workers=_n_workers(len(todo))) as pool:
+                Cs = [float(grid[i]["C"]) for i in todo]
+                n = len(todo)
+                done = pool.map(_svc_score, [K_ff] * n, [y[fit]] * n, [K_hf] * n, [y[held]] * n, Cs)
+                for i, score in zip(todo, done, strict=True):
+                    scores[i] = score
+        return scores
+
+    def relative_cost(self, n_samples: int, n_features: int, n_grid: int) -> float:
+        """One Gram matrix (2 n^2 d flops at ~10 GFLOP/s in float64 on 2 busy cores) plus one libsvm fit on
+        the kernel per setting (~2e-8 s per kernel entry, measured on digits and random 2,000-row kernels)."""
+        return 2.0 * n_samples**2 * n_features / 1e10 + n_grid * 2e-8 * n_samples**2
+
+
+def _n_workers(n_tasks: int) -> int:
+    """Threads for ``n_tasks`` independent libsvm fits: the cores this process may use, at most."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(n_tasks, cores))
+
+
+def _svc_score(K_ff: np.ndarray, y_fit: np.ndarray, K_hf: np.ndarray, y_held: np.ndarray, C: float) -> float:
+    """Held-out top-1 of ``SVC(kernel="precomputed", C)``, scored as featbank scores (argmax of estimator_proba)."""
+    from sklearn.svm import SVC
+
+    from ._sklearn import estimator_proba
+
+    svc = SVC(C=C, kernel="precomputed").fit(K_ff, y_fit)
+    return _accuracy(svc.classes_[estimator_proba(svc, K_hf).argmax(1)], y_held)
+
+
+def _check_preprocess(family: HeadFamily, preprocess: str) -> None:
+    if preprocess not in family.preprocesses:
+        raise ConfigError(
+            f"The {family.name} head family has no preprocessing {preprocess!r}; it supports "
+            f"{', '.join(map(repr, family.preprocesses))}."
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# knn: one neighbour search per fold for every k
+# --------------------------------------------------------------------------------------------
+
+#: Neighbour counts of the kNN family (those above the fold's fit rows are dropped).
+KNN_K_GRID = (1, 3, 5, 10, 20, 50)
+
+
+class KNNFamily:
+    """k nearest neighbours (scikit-learn's ``KNeighborsClassifier``, Euclidean, uniform votes).
+
+    With ``preprocess="l2"`` (centre, then L2-normalise) the Euclidean ranking is the cosine ranking.
+    ``cv_scores`` finds each held-out row's ``max(k)`` nearest fit rows once per fold (one
+    distance matrix, scikit-learn's brute-force search) and votes over the first k for every k;
+    ties go to the lowest class, as ``KNeighborsClassifier.predict_proba``'s argmax does.
+    ``build`` gives the ``Pipeline`` (brute force), which featbank saves as skops and exports
+    through skl2onnx.
+    """
+
+    name = "knn"
+    preprocesses: tuple[str, ...] = PREPROCESSES
+    exportable = True
+    reason = ""
+
+    def default_grid(self, n_samples: int, n_features: int, n_classes: int) -> list[dict[str, Any]]:
+        """k = 1, 3, 5, 10, 20, 50, those at most half the rows (a fold fits on at least half)."""
+        return [{"k": k} for k in KNN_K_GRID if k <= max(1, n_samples // 2)]
+
+    def build(self, params: dict[str, Any], *, preprocess: str = "standardize", seed: int = 0,
+              device: str = "cpu") -> Any:
+        from sklearn.neighbors import KNeighborsClassifier
+
+        _check_params(self.name, params, {"k"})
+        _check_preprocess(self, preprocess)
+        k = params["k"]
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ConfigError(f"The knn head family's 'k' must be an int >= 1. Got {k!r} instead.")
+        return _pipeline(preprocess, KNeighborsClassifier(n_neighbors=int(k), algorithm="brute"))
+
+    def cv_scores(self, X: np.ndarray, y: np.ndarray, folds: Folds, grid: list[dict[str, Any]], *,
+                  preprocess: str = "standardize", device: str = "cpu") -> np.ndarray:
+        from sklearn.neighbors import NearestNeighbors
+
+        X, y = _check_inputs(self, X, y, folds, grid, preprocess)
+        ks = [int(self.build(p, preprocess=preprocess)[-1].n_neighbors) for p in grid]
+        smallest = min(len(f) for f, _ in folds)
+        if max(ks) > smallest:
+            raise ConfigError(f"The knn grid asks for k = {max(ks)} neighbours but a fold fits on {smallest} rows; "
+                              "drop the larger k.")
+        out = np.zeros((len(grid), len(folds)))
+        for j, (fit, held) in enumerate(folds):
+            Xf, Xh = _fold_rows(X, np.asarray(fit), np.asarray(held), preprocess)
+            nn = NearestNeighbors(n_neighbors=max(ks), algorithm="brute").fit(Xf)
+            order = nn.kneighbors(Xh, return_distance=False)  # sorted nearest first
+            classes, codes = np.unique(y[fit], return_inverse=True)
+            votes = codes[order]
+            for i, k in enumerate(ks):
+                counts = np.zeros((len(held), len(classes)), np.int64)
+                np.add.at(counts, (np.arange(len(held))[:, None], votes[:, :k]), 1)
+                out[i, j] = _accuracy(classes[counts.argmax(1)], y[held])
+        return out
+
+    def relative_cost(self, n_samples: int, n_features: int, n_grid: int) -> float:
+        """One distance matrix (2 n^2 d flops at ~10 GFLOP/s); the votes are free."""
+        return 2.0 * n_samples**2 * n_features / 1e10
+
+
+# --------------------------------------------------------------------------------------------
+# mlp: featbank's MLPHead, one training per setting and fold
+# --------------------------------------------------------------------------------------------
+
+#: The MLP settings swept: a narrow and a wide hidden layer, light and strong regularisation.
+MLP_GRID = (
+    {"hidden_sizes": 256, "dropout": 0.2, "weight_decay": 1e-4},
+    {"hidden_sizes": 1024, "dropout": 0.5, "weight_decay": 1e-4},
+    {"hidden_sizes": 1024, "dropout": 0.5, "weight_decay": 1e-2},
+)
+
+
+class MLPFamily:
+    """A one-hidden-layer MLP (:class:`MLPHead`: AdamW, early stopping on 10% of the fit rows).
+
+    The expensive family: ``cv_scores`` trains one MLP per setting and fold (no work is shared).
+    Training is seeded (``seed`` 0 in ``cv_scores``, as ``build``'s default), so a score is what
+    ``build(params)`` fitted on the fold scores. ``build`` gives an ``MLPHead`` with its own
+    standardisation, which featbank saves as safetensors and exports as a torch graph. Only
+    ``preprocess="standardize"`` (MLPHead cannot centre before an L2 normalisation).
+    """
+
+    name = "mlp"
+    preprocesses: tuple[str, ...] = ("standardize",)
+    exportable = True
+    reason = ""
+
+    def default_grid(self, n_samples: int, n_features: int, n_classes: int) -> list[dict[str, Any]]:
+        """Hidden 256 (dropout 0.2, weight decay 1e-4); hidden 1024 (dropout 0.5, weight decay 1e-4 and 1e-2)."""
+        return [dict(p) for p in MLP_GRID]
+
+    def build(self, params: dict[str, Any], *, preprocess: str = "standardize", seed: int = 0,
+              device: str = "cpu") -> MLPHead:
+        from ._torch_head import validate_head_params
+
+        _check_params(self.name, params, {"hidden_sizes", "dropout", "weight_decay"})
+        _check_preprocess(self, preprocess)
+        h = params["hidden_sizes"]
+        head = MLPHead(hidden_sizes=tuple(h) if isinstance(h, list) else h, dropout=params["dropout"],
+                       weight_decay=params["weight_decay"], early_stopping=True, standardize=True,
+                       random_state=seed, device=device)
+        validate_head_params(head)
+        return head
+
+    def cv_scores(self, X: np.ndarray, y: np.ndarray, folds: Folds, grid: list[dict[str, Any]], *,
+                  preprocess: str = "standardize", device: str = "cpu") -> np.ndarray:
+        X, y = _check_inputs(self, X, y, folds, grid, preprocess)
+        heads = [self.build(p, preprocess=preprocess, device=device) for p in grid]
+        out = np.zeros((len(grid), len(folds)))
+        for j, (fit, held) in enumerate(folds):
+            for i, head in enumerate(heads):
+                head.fit(X[fit], y[fit])
+                out[i, j] = _accuracy(head.predict(X[held]), y[held])
+        return out
+
+    def relative_cost(self, n_samples: int, n_features: int, n_grid: int) -> float:
+        """~60 epochs (early stopping) of forward + backward (6 flops per weight and row) through a
+        1024-wide layer at ~5 GFLOP/s on CPU, plus ~10 ms per minibatch of 256: crude (digits,
+        200 x 64: ~2.5 s per setting measured, 1.7 s estimated). On wide features (12,560) it is
+        minutes per setting, which is why a budget usually leaves this family out."""
+        return n_grid * 60 * (6.0 * n_samples * n_features * 1024 / 5e9 + (n_samples / 256 + 2) * 0.01)
+
+
+# --------------------------------------------------------------------------------------------
+# The registry
+# --------------------------------------------------------------------------------------------
+
+#: Every head family by name.
+HEAD_FAMILIES: dict[str, HeadFamily] = {
+    f.name: f for f in (LinearFamily(), SVMFamily("rbf"), SVMFamily("linear"), KNNFamily(), MLPFamily())
+}
+
+
+def get_head_family(name: str) -> HeadFamily:
+    """The family called ``name``.
+
+    Raises:
+        ConfigError: no such family (the message names the valid ones).
+    """
+    try:
+        return HEAD_FAMILIES[name]
+    except (KeyError, TypeError):
+        raise ConfigError(
+            f"Unknown head family {name!r}; the head families are {', '.join(map(repr, HEAD_FAMILIES))}."
+        ) from None

@@ -1,0 +1,320 @@
+"""``fit --auto`` and ``fit --cv K``: the search over candidates by repeated K-fold CV on train+val.
+
+Real test_tiny caches (conftest's ``layered``: every layer, 2 dihedral views, train/test split; and
+``tiny_cache``: final layer, no views, no split), the real head families, real bundles.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import featbank
+from featbank.cli.main import cli
+from featbank.errors import BundleError, ConfigError
+from featbank.fitting._auto import bootstrap_interval
+from featbank.fitting._layers import FeatureTable
+from featbank.fitting._search import AutoSearch, Candidate, make_folds, parse_budget
+from featbank.heads import HEAD_FAMILIES
+
+try:
+    from ._hostile import rewrite
+except ImportError:  # pragma: no cover - pytest without rootdir package
+    from _hostile import rewrite  # type: ignore[no-redef]
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class Recording:
+    """A real head family that also records the matrices and folds the search hands it."""
+
+    def __init__(self, family):
+        self.family, self.name = family, family.name
+        self.preprocesses = getattr(family, "preprocesses", ("standardize",))
+        self.seen: list[tuple[tuple[int, int], list]] = []
+        self.matrices: list[np.ndarray] = []
+
+    def default_grid(self, *a):
+        return self.family.default_grid(*a)
+
+    def cv_scores(self, X, y, folds, grid, **kw):
+        self.seen.append((X.shape, [(np.asarray(a).copy(), np.asarray(b).copy()) for a, b in folds]))
+        self.matrices.append(X)
+        return self.family.cv_scores(X, y, folds, grid, **kw)
+
+    def build(self, params, **kw):
+        return self.family.build(params, **kw)
+
+    def relative_cost(self, *a):
+        return self.family.relative_cost(*a)
+
+
+@pytest.fixture(scope="module")
+def auto_bundle(layered, tmp_path_factory) -> tuple[Path, featbank.FitResult]:
+    _, cache = layered
+    out = tmp_path_factory.mktemp("auto") / "m"
+    return out, featbank.fit(cache, auto=True, cv=3, budget="60s", out=out)
+
+
+def _board(result) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in result.search["leaderboard"]]
+
+
+def test_folds_are_over_images_and_every_row_handed_to_the_search_is_one_image(layered) -> None:
+    _, cache = layered
+    rec = Recording(HEAD_FAMILIES["linear"])
+    res = featbank.fit(cache, auto=True, cv=3, budget="60s", save=False, families={"linear": rec})
+    with featbank.open_cache(cache) as c:
+        n_train = int(c.split_mask("train").sum())
+        assert c.n_views == 2 and len(c.layers) > 2
+    # Every matrix has one row per training image (plain, or its views pooled): no view is a row,
+    # so no image's views can fall on both sides of a fold; and no test image is in it.
+    assert rec.seen and {shape[0] for shape, _ in rec.seen} == {n_train}
+    views = {row["views"] for row in res.search["leaderboard"]}
+    assert views == {"plain", "pooled"}
+    for _, folds in rec.seen:
+        for fit_rows, held in folds:
+            assert not set(fit_rows) & set(held) and len(fit_rows) + len(held) == n_train
+    y = np.repeat(np.arange(3), 8)
+    for repeat in make_folds(y, 4, 2, seed=0):
+        held = np.concatenate([b for _, b in repeat])
+        assert sorted(held) == list(range(24))  # each image held out exactly once per repeat
+        assert all(np.bincount(y[b]).tolist() == [2, 2, 2] for _, b in repeat)  # stratified
+
+
+def test_auto_writes_a_bundle_whose_leaderboard_winner_is_its_head(auto_bundle, layered) -> None:
+    out, res = auto_bundle
+    board = res.search["leaderboard"]
+    assert [r["rank"] for r in board] == list(range(1, len(board) + 1))
+    assert all(0.0 <= r["cv_mean"] <= 1.0 and r["n_folds"] >= 1 for r in board) and board[0]["n_folds"] >= 3
+    assert {r["head"] for r in board} <= set(HEAD_FAMILIES) and {r["preprocessing"] for r in board} <= {"standardize", "l2"}
+    win = board[0]
+    assert res.chosen == win["params"] and res.head == win["head"]
+    lo, hi = res.headline["top1_ci95"]
+    assert lo <= res.headline["top1"] <= hi
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["search"]["leaderboard"] == json.loads(json.dumps(board))
+    assert m["head"]["family"] == win["head"] and m["features"]["layers"] == win["layers"]
+    assert bool(m["features"].get("view_pool")) == (win["views"] == "pooled")
+    # The saved head predicts as the search's refitted winner scored: evaluate reads it back.
+    ev = featbank.evaluate(out, layered[1])
+    assert ev.metrics["top1"] == pytest.approx(res.headline["top1"])
+    summary = res.summary()
+    assert "| rank | features | views | preprocessing | head |" in summary and "95% bootstrap interval" in summary
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda m: m["search"]["leaderboard"][0].update(cv_mean="0.9"), "cv_mean"),
+    (lambda m: m["search"]["leaderboard"][0].update(cv_mean=float("nan")), "cv_mean"),
+    (lambda m: m["search"]["leaderboard"][0].update(cv_std=-0.1), "cv_std"),
+    (lambda m: m["search"]["leaderboard"][0].update(rank=2), "rank"),
+    (lambda m: m["search"]["leaderboard"][0].update(views="tta"), "views"),
+    (lambda m: m["search"]["leaderboard"][0].update(n_folds=True), "n_folds"),
+    (lambda m: m["search"].update(leaderboard=[]), "leaderboard"),
+    (lambda m: m["search"]["leaderboard"][0].update(head="knn-from-elsewhere"), "head.family"),
+    (lambda m: m["search"]["leaderboard"][0]["params"].update(C=123.0), "head.chosen"),
+    (lambda m: m["search"]["leaderboard"][0].update(layers=["stage9"]), "features.layers"),
+    (lambda m: m["search"]["leaderboard"][0].update(views="pooled" if "view_pool" not in m["features"] else "plain"),
+     "features.view_pool"),
+    (lambda m: m["search"]["leaderboard"][0].update(preprocessing="whiten"), "head.preprocess"),
+    (lambda m: m.update(search="the best"), "search"),
+    (lambda m: m["search"]["leaderboard"].__setitem__(0, "row"), "leaderboard"),
+    (lambda m: m["search"].update(cv=1), "cv"),
+    (lambda m: m["search"]["leaderboard"][0].update(params=[1, 2]), "params"),
+])
+def test_a_leaderboard_that_lies_is_refused_on_load(auto_bundle, tmp_path, edit, field) -> None:
+    out, _ = auto_bundle
+    copy = tmp_path / "b"
+    shutil.copytree(out, copy)
+    rewrite(copy, edit)
+    with pytest.raises(BundleError, match=field.replace(".", r"\.")):
+        featbank.load_bundle(copy)
+
+
+@pytest.mark.slow
+def test_test_labels_cannot_change_any_choice(layered) -> None:
+    """The same cache twice, the second with every test image's label changed: the search must not notice."""
+    _, cache = layered
+    cheap = {n: HEAD_FAMILIES[n] for n in ("linear", "svm-rbf", "knn")}
+    results = []
+    for scramble in (False, True):
+        with featbank.open_cache(cache) as c:
+            if scramble:
+                test = np.flatnonzero(c.split_mask("test"))
+                c.labels = c.labels.copy()
+                c.labels[test] = (c.labels[test] + 1) % len(c.classes)  # every test image another class
+            # A budget that does not bind: the choice is then the same on any machine.
+            results.append(featbank.fit(c, auto=True, cv=3, budget="30m", save=False, families=cheap))
+    a, b = results
+    assert _board(a) == _board(b) and a.chosen == b.chosen and a.head == b.head
+    assert a.search["skipped"] == b.search["skipped"] == []
+    assert a.headline["top1"] != b.headline["top1"]  # the test labels did differ, and only the final score saw them
+
+
+@pytest.mark.slow
+def test_the_search_stays_within_its_budget() -> None:
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 30)
+    X = rng.normal(size=(120, 16)).astype(np.float32) + y[:, None] * 0.2
+    fam = Timed(HEAD_FAMILIES["knn"])  # milliseconds a fold: the clock, not one long fold, decides
+    cands = [Candidate(f"set{i}", ("final",), "plain", "standardize", "knn") for i in range(5000)]
+    fam.cv_scores(X, y, make_folds(y, 5, 1, 0)[0][:1], fam.default_grid(96, 16, 4))  # imports done before the clock
+    t0 = time.perf_counter()
+    search = AutoSearch(cands, {"knn": fam}, cv=5, repeats=3, budget_s=5.0).fit({(("final",), "plain"): X}, y)
+    wall = time.perf_counter() - t0
+    # The budget within 20%, plus the one fold the guard cannot interrupt (milliseconds on an idle
+    # machine; on one shared by many jobs a fold can stall for seconds).
+    assert wall <= 6.0 + max(fam.times), (wall, max(fam.times))
+    assert search.skipped_ and search.clock_cut_  # it was binding: the clock stopped the search
+    assert len(search.scored_) >= 1 and search.best_.scores.shape[1] >= 1
+
+
+def test_auto_on_a_cache_without_layers_views_or_test_split(tiny_cache, tmp_path) -> None:
+    out = tmp_path / "m"
+    res = featbank.fit(tiny_cache, auto=True, cv=3, budget="60s", out=out)
+    board = res.search["leaderboard"]
+    assert {r["features"] for r in board} == {"final"} and {r["views"] for r in board} == {"plain"}
+    assert res.eval_split == "cv" and res.notes and "no test split" in res.notes[0]
+    bundle = featbank.load_bundle(out)
+    assert bundle.manifest["search"]["leaderboard"][0]["head"] == res.head
+
+
+def test_fit_cv_sweeps_a_single_head_by_k_fold(layered, tmp_path) -> None:
+    _, cache = layered
+    res = featbank.fit(cache, "LogisticRegression", cv=3, budget="60s", out=tmp_path / "lr")
+    (row,) = res.search["leaderboard"]
+    assert row["head"] == "LogisticRegression" and row["n_folds"] >= 3 and row["features"] == "final"
+    assert res.chosen["C"] in (0.01, 0.1, 1.0, 10.0, 100.0)
+    assert featbank.load_bundle(tmp_path / "lr").manifest["head"]["chosen"] == res.chosen
+    lin = featbank.fit(cache, "linear", cv=3, layers="stage1,final", pool_views=True, save=False)
+    (row,) = lin.search["leaderboard"]
+    assert (row["head"], row["views"], row["layers"]) == ("linear", "pooled", ["stage1", "final"])
+
+
+def test_cli_auto_prints_the_leaderboard_and_json(layered, tmp_path) -> None:
+    _, cache = layered
+    r = CliRunner().invoke(cli, ["fit", str(cache), "--auto", "--cv", "3", "--budget", "1m", "--json",
+                                 "--out", str(tmp_path / "m")])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    assert doc["leaderboard"][0]["rank"] == 1 and doc["search"]["cv"] == 3
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--auto", "--budget", "2x"], "--budget must be"),
+    (["--auto", "--budget", "0s"], "positive"),
+    (["--auto", "--budget", "-1m"], "--budget must be"),
+    (["--auto", "--cv", "1"], "--cv"),
+    (["--auto", "--cv", "9"], "at least 9"),  # 8 training images per class
+    (["--head", "LogisticRegression", "--cv", "abc"], "--cv"),
+    (["--auto", "--shots", "2"], "--shots"),
+])
+def test_cli_bad_budget_or_cv_exits_2(layered, tmp_path, args, needle) -> None:
+    _, cache = layered
+    r = CliRunner().invoke(cli, ["fit", str(cache), *args, "--out", str(tmp_path / "m")])
+    assert r.exit_code == 2 and needle in r.output, r.output
+    assert not (tmp_path / "m").exists()
+
+
+def test_parse_budget_and_bootstrap() -> None:
+    assert [parse_budget(t) for t in ("90s", "2m", "1h", "1.5min", "500ms", 30)] == [90, 120, 3600, 90, 0.5, 30]
+    for bad in ("", "m", "2 minutes", "nan", "1e3s", "0"):
+        with pytest.raises(ConfigError):
+            parse_budget(bad)
+    correct = np.array([1] * 80 + [0] * 20)
+    lo, hi = bootstrap_interval(correct, seed=0)
+    assert lo < 0.8 < hi and (lo, hi) == bootstrap_interval(correct, seed=0) and hi - lo < 0.2
+    assert all(math.isnan(v) for v in bootstrap_interval(np.zeros(0)))
+
+
+def test_pooled_search_rows_are_the_rows_predict_makes(layered) -> None:
+    _, cache = layered
+    rec = Recording(HEAD_FAMILIES["linear"])
+    layers = ("stem", "stage2", "final")
+    featbank.fit(cache, "linear", cv=3, layers=",".join(layers), pool_views=True, save=False, families={"linear": rec})
+    with featbank.open_cache(cache) as c:
+        table = FeatureTable(c, layers, pooled=True)
+        train = np.flatnonzero(c.split_mask("train"))
+        np.testing.assert_array_equal(rec.matrices[0], table.load_embeddings(train))
+
+
+class Timed(Recording):
+    """The real family; ``times`` holds the wall seconds of each ``cv_scores`` call."""
+
+    def __init__(self, family):
+        super().__init__(family)
+        self.times: list[float] = []
+
+    def cv_scores(self, *a, **kw):
+        t0 = time.perf_counter()
+        out = self.family.cv_scores(*a, **kw)
+        self.times.append(time.perf_counter() - t0)
+        return out
+
+
+class Costly(Recording):
+    """The real knn family, whose cost estimate says it is far too slow for the budget."""
+
+    def relative_cost(self, *a):
+        return 1e6
+
+
+def test_the_plan_skips_what_its_estimates_cannot_afford_and_repeats_only_the_best() -> None:
+    rng = np.random.default_rng(1)
+    y = np.repeat(np.arange(3), 20)
+    X = rng.normal(size=(60, 8)).astype(np.float32) + y[:, None]
+    fams = {"knn": HEAD_FAMILIES["knn"], "slow-knn": Costly(HEAD_FAMILIES["knn"])}
+    cands = [Candidate(f"s{i}", ("final",), "plain", pre, h) for i in range(3) for pre in ("standardize", "l2")
+             for h in fams]
+    runs = [AutoSearch(cands, fams, cv=3, repeats=3, budget_s=600.0, seed=4).fit({(("final",), "plain"): X}, y)
+            for _ in range(2)]
+    a, b = runs
+    assert [r["reason"] for r in a.skipped_] == ["budget"] * 6 and {r["head"] for r in a.skipped_} == {"slow-knn"}
+    assert fams["slow-knn"].seen == []  # never scored
+    # one fold each, then a third goes on: the other 2 folds of repeat 1, then all of repeat 2
+    assert [(rnd["n_candidates"], rnd["n_folds"]) for rnd in a.rounds_] == [(6, 1), (2, 3), (1, 6)]
+    assert a.best_.scores.shape[1] == 6 and a.scored_[1].scores.shape[1] == 3 and a.scored_[2].scores.shape[1] == 1
+    strip = [{k: v for k, v in row.items() if k != "seconds"} for row in a.leaderboard()]
+    assert strip == [{k: v for k, v in row.items() if k != "seconds"} for row in b.leaderboard()]  # reproducible
+
+
+class Fixed:
+    """A head family with preset held-out scores and cost estimates: the search's logic alone, on real arrays."""
+
+    preprocesses = ("standardize",)
+
+    def __init__(self, name: str, score: float, cost: float):
+        self.name, self.score, self.cost = name, score, cost
+
+    def default_grid(self, *a):
+        return [{"k": 1}]
+
+    def cv_scores(self, X, y, folds, grid, **kw):
+        return np.full((len(grid), len(folds)), self.score)
+
+    def build(self, params, **kw):
+        raise NotImplementedError
+
+    def relative_cost(self, *a):
+        return self.cost
+
+
+def test_a_round_the_budget_cut_short_promotes_no_one() -> None:
+    y = np.repeat(np.arange(2), 10)
+    X = np.zeros((20, 2), np.float32)
+    # best: the best score, but its other folds do not fit the budget; the next two do.
+    fams = {"best": Fixed("best", 0.9, 5.0), "good": Fixed("good", 0.8, 1.0), "ok": Fixed("ok", 0.7, 1.0),
+            "poor": Fixed("poor", 0.6, 1.0)}
+    cands = [Candidate("final", ("final",), "plain", "standardize", h) for h in fams]
+    s = AutoSearch(cands, fams, cv=5, repeats=2, budget_s=20.0).fit({(("final",), "plain"): X}, y)
+    assert [r["n_candidates"] for r in s.rounds_][:2] == [4, 1] and not s.rounds_[1]["complete"]
+    assert s.scored_[0].candidate.head == "best"  # not "good", which alone got more folds
+    assert [x.candidate.head for x in s.scored_] == ["best", "good", "ok", "poor"]
