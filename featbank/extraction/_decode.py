@@ -30,7 +30,7 @@ from ..images import (
     MAX_RESIZED_PIXELS,
     PreprocessConfig,
 )
-from ._embedding import ImageRowsDataset, write_block
+from ._embedding import ImageRowsDataset, embed_block
 
 __all__ = ["DECODERS", "TENSOR_INTERPOLATIONS", "resolve_decode", "check_decode_transform", "read_jpeg",
            "preprocess_tensor", "JpegRowsDataset", "JpegCollate", "DeviceDecoder", "embed_jpeg_rows"]
@@ -281,7 +281,6 @@ class DeviceDecoder:
 def embed_jpeg_rows(writer: Any, root: Path, pending: np.ndarray, cfg: PreprocessConfig, settings: Any, eng: Any,
                     skipped: dict[int, str], on_rows: Callable[[int], None]) -> None:
     """The embedding loop of ``--decode gpu`` (the embedding alone): workers read bytes, this process decodes."""
-    import torch
     from torch.utils.data import DataLoader
 
     dataset = JpegRowsDataset(root, writer.paths, pending, cfg)
@@ -294,12 +293,5 @@ def embed_jpeg_rows(writer: Any, root: Path, pending: np.ndarray, cfg: Preproces
             return arr, why
 
         batch = decoder(pixels, ok, reasons, jpegs, fallback)
-        if ok.any():
-            emb = eng(batch if ok.all() else batch[torch.from_numpy(ok).to(batch.device)])
-            full = np.zeros((len(rows), emb.shape[1]), writer.embeddings.dtype)
-            full[ok] = emb
-            write_block(writer, rows, full, ok)
-        for r, good, why in zip(rows, ok, reasons):
-            if not good:
-                skipped[int(r)] = why
+        embed_block(writer, eng, rows, batch, ok, reasons, skipped)
         on_rows(len(rows))

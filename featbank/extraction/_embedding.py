@@ -9,7 +9,7 @@ import numpy as np
 
 from ..images import ImageReadError, PreprocessConfig, load_and_preprocess
 
-__all__ = ["ImageRowsDataset", "Collate", "write_block", "ViewImageDataset", "ViewCollate", "embed_feature_rows"]
+__all__ = ["ImageRowsDataset", "Collate", "write_block", "embed_block", "ViewImageDataset", "ViewCollate", "embed_feature_rows"]
 
 
 class ImageRowsDataset:
@@ -48,6 +48,21 @@ class Collate:
             if it[1] is not None:
                 batch[j] = it[1]
         return rows, torch.from_numpy(batch), ok, [it[2] for it in items]
+
+
+def embed_block(writer: Any, eng: Any, rows: np.ndarray, batch: Any, ok: np.ndarray, reasons: list[str],
+                skipped: dict[int, str]) -> None:
+    """Embed the readable images of one batch into ``writer``; record why the others were skipped."""
+    import torch
+
+    if ok.any():
+        emb = eng(batch if ok.all() else batch[torch.from_numpy(ok).to(batch.device)])
+        full = np.zeros((len(rows), emb.shape[1]), writer.embeddings.dtype)
+        full[ok] = emb
+        write_block(writer, rows, full, ok)
+    for r, good, why in zip(rows, ok, reasons):
+        if not good:
+            skipped[int(r)] = why
 
 
 def write_block(staging: Any, rows: np.ndarray, emb: np.ndarray, ok: np.ndarray) -> None:

@@ -478,11 +478,10 @@ def run_job(job: ShardJob, on_rows: Callable[[int], None] | None = None) -> Part
 
 def _embed_rows(writer: PartWriter, job: ShardJob, skipped: dict[int, str],
                 on_rows: Callable[[int], None] = lambda n: None) -> None:
-    import torch
     from torch.utils.data import DataLoader
 
     from ..images import PreprocessConfig
-    from ._embedding import Collate, ImageRowsDataset, write_block
+    from ._embedding import Collate, ImageRowsDataset, embed_block
 
     pending = np.flatnonzero(~writer.done_mask())
     if skipped:  # unreadable images a finished work unit already reported
@@ -510,14 +509,7 @@ def _embed_rows(writer: PartWriter, job: ShardJob, skipped: dict[int, str],
                             prefetch_factor=4 if s.num_workers > 0 else None)
         return embed_feature_rows(writer, loader, eng, s.features, s.batch_size, skipped)
     for rows, batch, ok, reasons in loader:
-        if ok.any():
-            emb = eng(batch if ok.all() else batch[torch.from_numpy(ok)])
-            full = np.zeros((len(rows), emb.shape[1]), writer.embeddings.dtype)
-            full[ok] = emb
-            write_block(writer, rows, full, ok)
-        for r, good, why in zip(rows, ok, reasons):
-            if not good:
-                skipped[int(r)] = why
+        embed_block(writer, eng, rows, batch, ok, reasons, skipped)
         on_rows(len(rows))
 
 
