@@ -272,10 +272,8 @@ def test_node_example_classifies_png_and_jpeg_files(deployed: dict[str, Path], t
     preds = {p["file"]: p for p in out["predictions"]}
     assert "aspect ratio" in preds[str(strip)]["error"] and "notes.png" in preds[str(tmp_path / "notes.png")]["error"]
     tol = json.loads(deployed["raw"].with_suffix(".parity.json").read_text())["atol"]
-    for f in pngs:  # the same decoded pixels: Python's probabilities within the parity tolerance
+    for f in pngs + jpgs:  # the same decoded pixels (sharp decodes JPEG with libjpeg-turbo, as Pillow does)
         assert np.abs(np.array(preds[str(f)]["probabilities"]) - clf.predict_proba([f])[0]).max() <= tol, f
-    for f in jpgs:  # jpeg-js and libjpeg round the IDCT differently (a level on some pixels): the same label
-        assert preds[str(f)]["index"] == int(clf.predict_proba([f])[0].argmax()), f
     r = subprocess.run(["node", str(NODE_DIR / "classify.mjs"), str(deployed["pre"]), str(pngs[0])],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--input raw" in r.stderr

@@ -203,11 +203,11 @@ def _node_ready() -> str | None:
     """None when node + onnxruntime-node are usable, else why not."""
     if shutil.which("node") is None or shutil.which("npm") is None:
         return "node/npm are not installed"
-    if not all((NODE_DIR / "node_modules" / dep).is_dir() for dep in ("onnxruntime-node", "pngjs", "jpeg-js")):
+    if not all((NODE_DIR / "node_modules" / dep).is_dir() for dep in ("onnxruntime-node", "pngjs", "sharp")):
         r = subprocess.run(["npm", "install", "--ignore-scripts", "--no-audit", "--no-fund"], cwd=NODE_DIR,
                            capture_output=True, text=True, timeout=300)
         if r.returncode != 0:
-            return f"'npm install --ignore-scripts' (onnxruntime-node, pngjs, jpeg-js) failed: {r.stderr.strip()[-300:]}"
+            return f"'npm install --ignore-scripts' (onnxruntime-node, pngjs, sharp) failed: {r.stderr.strip()[-300:]}"
     return None
 
 

@@ -1,19 +1,19 @@
 // Classify PNG and JPEG files with a featbank ONNX export made with `featbank export --input raw`.
 //
-//   npm install --ignore-scripts            # onnxruntime-node, pngjs, jpeg-js
+//   npm install --ignore-scripts            # onnxruntime-node, pngjs, sharp
 //   node classify.mjs model.onnx a.png b.jpg ...
 //
 // The raw graph resizes and centre-crops inside, so this service only decodes: PNG with pngjs, JPEG
-// with jpeg-js, to RGB uint8 (alpha dropped and grey replicated, as featbank does), one image per run
-// of the graph (images of one size could share a batch). No EXIF rotation is applied (Pillow applies
-// it: rotate such photos first).
+// with sharp (libvips over libjpeg-turbo, the decoder Pillow uses: the same pixels, bit for bit, and
+// the EXIF orientation applied as featbank does), to RGB uint8 (alpha dropped and grey replicated, as
+// featbank does), one image per run of the graph (images of one size could share a batch).
 // Prints JSON: { classes, predictions: [{ file, label, index, probability, probabilities } | { file, error }] }.
 // An image that cannot be used gets its error and the others are still classified (exit 0); a model
 // that is not a raw-input featbank model exits 2.
 import { readFileSync } from "node:fs";
 import * as ort from "onnxruntime-node";
-import jpeg from "jpeg-js";
 import pngjs from "pngjs";
+import sharp from "sharp";
 import { readMetadata } from "./predict.mjs";
 
 // The limits featbank applies before its resize (featbank.images): a longer side at most 100 times the
@@ -22,8 +22,8 @@ export const MAX_ASPECT_RATIO = 100;
 export const MAX_RESIZED_PIXELS = 2 ** 26;
 export const MAX_PIXELS = 178956970;
 
-// Decoded RGBA (or RGB) bytes -> { data: RGB Uint8Array, width, height }, refusing what featbank refuses.
-export function toRgb({ data, width, height }, channels, resizeSize) {
+// Refuse the sizes featbank refuses (from the header, before decoding where the decoder allows).
+export function checkSize(width, height, resizeSize) {
   if (!(width >= 1 && height >= 1)) throw new Error(`zero-size image (${width}x${height})`);
   if (width * height > MAX_PIXELS) throw new Error(`too many pixels: ${width}x${height} (limit ${MAX_PIXELS})`);
   const short = Math.min(width, height), long = Math.max(width, height);
@@ -33,6 +33,11 @@ export function toRgb({ data, width, height }, channels, resizeSize) {
   if (resizeSize * Math.floor((resizeSize * long) / short) > MAX_RESIZED_PIXELS) {
     throw new Error(`resize target too large: ${width}x${height}`);
   }
+}
+
+// Decoded RGBA (or RGB) bytes -> { data: RGB Uint8Array, width, height }, refusing what featbank refuses.
+export function toRgb({ data, width, height }, channels, resizeSize) {
+  checkSize(width, height, resizeSize);
   if (channels !== 3 && channels !== 4) throw new Error(`expected 3 or 4 channels, got ${channels}`);
   if (data.length !== width * height * channels) throw new Error("decoded size does not match the header");
   const rgb = new Uint8Array(width * height * 3);
@@ -44,7 +49,7 @@ export function toRgb({ data, width, height }, channels, resizeSize) {
   return { data: rgb, width, height };
 }
 
-export function decodeImage(file, resizeSize) {
+export async function decodeImage(file, resizeSize) {
   const buf = readFileSync(file);
   if (buf.length >= 8 && buf.readUInt32BE(0) === 0x89504e47) {
     // pngjs expands palette, grey and 16-bit images to 8-bit RGBA.
@@ -52,9 +57,12 @@ export function decodeImage(file, resizeSize) {
     return toRgb(png, 4, resizeSize);
   }
   if (buf.length >= 3 && buf[0] === 0xff && buf[1] === 0xd8 && buf[2] === 0xff) {
-    const img = jpeg.decode(buf, { useTArray: true, formatAsRGBA: false, maxMemoryUsageInMB: 1024,
-                                   maxResolutionInMP: MAX_PIXELS / 1e6 });
-    return toRgb(img, 3, resizeSize);
+    const jpeg = sharp(buf, { limitInputPixels: MAX_PIXELS });
+    const { width, height } = await jpeg.metadata();  // the header only: sizes are refused before decoding
+    checkSize(width, height, resizeSize);
+    const { data, info } = await jpeg.rotate().removeAlpha().toColourspace("srgb").raw()
+      .toBuffer({ resolveWithObject: true });
+    return toRgb({ data, width: info.width, height: info.height }, info.channels, resizeSize);
   }
   throw new Error("not a PNG or JPEG file");
 }
@@ -73,7 +81,7 @@ export async function classify(modelPath, files) {
   for (const file of files) {
     let img;
     try {
-      img = decodeImage(file, resizeSize);
+      img = await decodeImage(file, resizeSize);
     } catch (e) {
       predictions.push({ file, error: `cannot use ${file}: ${e.message}` });
       continue;
