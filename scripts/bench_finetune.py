@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import featbank
     import featbank.finetuning as ft
-    from featbank.bundle import load_bundle
+    from featbank.bundles import load_bundle
     from featbank.fitting import fit
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]

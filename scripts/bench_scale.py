@@ -246,9 +246,9 @@ def bench_read(work: Path, n: int, dim: int, shard_size: int, repeats: int) -> d
 def bench_procs(work: Path, n_images: int, shard_size: int) -> dict:
     from PIL import Image
 
-    from featbank.data import scan_folder
     from featbank.extraction._launch import run_prepared
     from featbank.extraction._sharded import RowSource, prepare
+    from featbank.sources import scan_folder
 
     data = work / "images"
     shutil.rmtree(data, ignore_errors=True)

@@ -1,7 +1,7 @@
 """A corpus of awkward image files, shared by the image, data and extraction tests.
 
 ``make_bad_image_corpus(root)`` writes every case into ``root`` and returns, for each file that
-:func:`featbank.data.scan_folder` indexes, whether :func:`featbank.images.load_image` must
+:func:`featbank.sources.scan_folder` indexes, whether :func:`featbank.images.load_image` must
 convert it (``"ok"``) or refuse it with ``ImageReadError`` (``"skip"``). All files are tiny and
 made with Pillow or by hand; the whole corpus takes well under a second.
 """

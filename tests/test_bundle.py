@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from featbank.bundle import load_bundle, save_bundle
+from featbank.bundles import load_bundle, save_bundle
 from featbank.errors import BundleError
 from featbank.fitting import fit
 
@@ -88,7 +88,7 @@ def test_save_bundle_replaces_an_old_bundle_atomically(tmp_path):
 
 
 def test_trusted_skops_types_are_exact_names():
-    from featbank.bundle import trusted_skops_types
+    from featbank.bundles import trusted_skops_types
 
     trusted = trusted_skops_types()
     assert "sklearn.pipeline.Pipeline" in trusted and "sklearn.svm._classes.SVC" in trusted
@@ -107,7 +107,7 @@ def test_every_head_fit_accepts_saves_and_loads_with_the_trusted_types(tmp_path)
 
     import skops.io as sio
 
-    from featbank.bundle import serialize_sklearn
+    from featbank.bundles import serialize_sklearn
     from featbank.heads import make_sklearn_head, sklearn_classifiers
 
     X, y = blobs(12, 6, 3, sep=2.0)

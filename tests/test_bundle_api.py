@@ -60,8 +60,8 @@ def test_bundle_load_backbone_checks_the_weights(file_weights_bundle, tmp_path):
 
 def test_manifest_schema_is_one_definition_for_both_ends(tmp_path):
     """save_bundle checks builders' manifests with the reader's schema; build_manifest gives typed parts."""
-    from featbank._manifest import BackboneIdentity, build_manifest
-    from featbank.bundle import load_bundle, save_bundle
+    from featbank.bundles import load_bundle, save_bundle
+    from featbank.bundles.manifest import BackboneIdentity, build_manifest
     from featbank.errors import BundleError
 
     ident = BackboneIdentity("test_tiny", "seed1234", "0" * 64, {"input_size": [32, 32]}, 32)

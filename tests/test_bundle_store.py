@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from featbank.bundle import load_bundle, save_bundle
+from featbank.bundles import load_bundle, save_bundle
 from featbank.errors import BundleError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,8 +34,8 @@ def _child(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedP
     prelude = textwrap.dedent("""
         import json, os, signal, sys, time
         from pathlib import Path
-        import featbank._bundle_store as store
-        from featbank.bundle import save_bundle
+        import featbank.bundles.store as store
+        from featbank.bundles import save_bundle
         from featbank.errors import FeatbankError
         MANIFEST = json.loads(sys.argv[1])
         def save(path, content, overwrite=True):
@@ -97,7 +97,7 @@ def test_sigkill_at_any_moment_leaves_a_whole_bundle(tmp_path, delay):
     proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
         import json, sys
         from pathlib import Path
-        from featbank.bundle import save_bundle
+        from featbank.bundles import save_bundle
         m = json.loads(sys.argv[1])
         for i in range(50):
             save_bundle(Path(sys.argv[2]), json.loads(json.dumps(m)), {"head.skops": bytes([i % 250]) * int(sys.argv[3])},
@@ -116,8 +116,8 @@ def test_second_writer_is_refused_naming_the_first(tmp_path):
     first = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
         import json, sys, time
         from pathlib import Path
-        import featbank._bundle_store as store
-        from featbank.bundle import save_bundle
+        import featbank.bundles.store as store
+        from featbank.bundles import save_bundle
         real = store.swap_in
         def swap_in(tmp, path):
             Path(sys.argv[3]).touch()
@@ -125,8 +125,8 @@ def test_second_writer_is_refused_naming_the_first(tmp_path):
                 time.sleep(0.02)
             real(tmp, path)
         store.swap_in = swap_in
-        import featbank.bundle
-        featbank.bundle.swap_in = swap_in
+        import featbank.bundles
+        featbank.bundles.swap_in = swap_in
         save_bundle(Path(sys.argv[2]), json.loads(sys.argv[1]), {"head.skops": b"first"}, overwrite=True)
     """), json.dumps(MANIFEST), str(path), str(ready), str(go)], cwd=REPO)
     try:

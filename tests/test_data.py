@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featbank.data import SPLIT_NAMES, ImageIndex, scan_folder
 from featbank.errors import DatasetError, FeatbankError
+from featbank.sources import SPLIT_NAMES, ImageIndex, scan_folder
 
 from _imagecorpus import make_bad_image_corpus
 

@@ -168,7 +168,7 @@ def test_triton_repository_parses_with_tritons_schema(deployed: dict[str, Path])
 
 
 def test_head_only_graph_equals_the_bundle_head(deployed: dict[str, Path]) -> None:
-    from featbank.bundle import load_bundle
+    from featbank.bundles import load_bundle
 
     bundle = load_bundle(deployed["bundle"])
     sess = ort.InferenceSession(str(deployed["head"]))

@@ -28,9 +28,9 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, a
 
 import featbank  # noqa: E402
 from featbank.cli.main import cli  # noqa: E402
-from featbank.data import scan_folder  # noqa: E402
 from featbank.errors import CacheKeyMismatch, ConfigError  # noqa: E402
 from featbank.images import ImageReadError, PreprocessConfig, load_image  # noqa: E402
+from featbank.sources import scan_folder  # noqa: E402
 from featbank.windowing import WINDOW_PRESETS, parse_window, range_to_uint8, window_to_uint8  # noqa: E402
 
 #: What a skip reason of a pydicom test file may say: each names what is missing or wrong.

@@ -42,7 +42,7 @@ def shared_onnx_cache(onnx_cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> 
 def make_bundle(root: Path, data: Path, head: object, *, backbone: str = "test_tiny",
                 name: str = "bundle", val_every: int = 3, exclude_class: int | None = None) -> Path:
     """Extract ``data``, fit ``head`` on the embeddings, write a bundle; every 3rd image is 'validation'."""
-    from featbank.bundle import save_bundle, serialize_sklearn
+    from featbank.bundles import save_bundle, serialize_sklearn
     from featbank.heads import LinearHead, MLPHead, head_state
 
     cache = featbank.extract(data, root / f"{name}.h5", backbone=backbone, engine="onnxruntime", num_workers=0,
@@ -134,7 +134,7 @@ def test_linear_round_trip_parity_and_graph(linear_export: Path, linear_bundle: 
 
 
 def test_metadata_readable_by_plain_onnxruntime(linear_export: Path, linear_bundle: Path) -> None:
-    from featbank.bundle import load_bundle
+    from featbank.bundles import load_bundle
 
     meta = ort.InferenceSession(str(linear_export), providers=["CPUExecutionProvider"]).get_modelmeta()
     m = meta.custom_metadata_map
@@ -155,7 +155,7 @@ def test_runtime_matches_bundle_on_raw_images(linear_export: Path, linear_bundle
     import torch
 
     from featbank.backbones import load_backbone
-    from featbank.bundle import load_bundle
+    from featbank.bundles import load_bundle
     from featbank.images import load_and_preprocess
 
     clf = featbank.OnnxClassifier(linear_export)

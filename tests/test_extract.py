@@ -21,7 +21,6 @@ from featbank.backbones import load_backbone
 from featbank.cache import find_latest_cache, open_cache
 from featbank.cache._index import INDEX_SCHEMA_VERSION
 from featbank.cache._parts import parts_dir
-from featbank.data import SPLIT_NAMES
 from featbank.errors import (
     CacheKeyMismatch,
     ConfigError,
@@ -33,6 +32,7 @@ from featbank.errors import (
 )
 from featbank.extraction import default_cache_path
 from featbank.images import load_and_preprocess
+from featbank.sources import SPLIT_NAMES
 
 try:  # tests/ may be run as a package (tests/__init__.py) or as plain folder
     from ._imagecorpus import make_bad_image_corpus

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 import featbank
 import featbank.finetuning as ft
 from featbank.backbones import REGISTRY, backbone_groups, load_backbone, param_groups
-from featbank.bundle import load_bundle
+from featbank.bundles import load_bundle
 from featbank.cli.main import cli
 from featbank.errors import BundleError, ConfigError, DatasetError, ValidationLeakWarning
 from featbank.finetuning import _data as ft_data

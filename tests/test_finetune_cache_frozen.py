@@ -17,7 +17,7 @@ from torch import nn
 import featbank
 import featbank.finetuning as ft
 from featbank.backbones import load_backbone
-from featbank.bundle import load_bundle
+from featbank.bundles import load_bundle
 from featbank.cli.main import cli
 from featbank.errors import ConfigError
 from featbank.finetuning._cache_frozen import FrozenCache, apply_view, split_features, view_group

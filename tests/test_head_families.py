@@ -215,7 +215,7 @@ def _bundle_with_head(src: Path, dst: Path, est: Any) -> Path:
     """A copy of the bundle ``src`` whose head is ``est`` (fitted), written by featbank's bundle writer."""
     from safetensors.numpy import save as st_save
 
-    from featbank.bundle import save_bundle, serialize_sklearn
+    from featbank.bundles import save_bundle, serialize_sklearn
     from featbank.heads import LinearHead, MLPHead, head_state
 
     man = json.loads((src / "manifest.json").read_text())

@@ -39,7 +39,7 @@ def _finetuned_bundle(path: Path, classes: list[str]) -> Path:
     from safetensors.torch import save
 
     from featbank.backbones import load_backbone
-    from featbank.bundle import save_bundle
+    from featbank.bundles import save_bundle
 
     bb = load_backbone("test_tiny")
     state = {f"features.{k}": v.contiguous() for k, v in bb.features.state_dict().items()}

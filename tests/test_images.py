@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from featbank.data import scan_folder
 from featbank.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
@@ -24,6 +23,7 @@ from featbank.images import (
     load_image,
     preprocess_image,
 )
+from featbank.sources import scan_folder
 
 from _imagecorpus import BOMB_SIDE, make_bad_image_corpus, noise_rgb, png_bytes
 

@@ -16,8 +16,8 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-from featbank.data import SPLIT_NAMES, scan_folder
 from featbank.images import load_image
+from featbank.sources import SPLIT_NAMES, scan_folder
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "prepare_data.py"
 

@@ -18,10 +18,10 @@ from _v1cache import make_v1_cache, to_v1
 import featbank
 from featbank.cache._index import check_parts, read_parts_table
 from featbank.cache._parts import parts_dir
-from featbank.data import scan_folder
 from featbank.errors import CacheError, CacheKeyMismatch
 from featbank.extraction._launch import run_local, run_prepared
 from featbank.extraction._sharded import RowSource, prepare
+from featbank.sources import scan_folder
 
 from conftest import make_image_folder
 
@@ -159,7 +159,7 @@ _DRIVER = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from featbank.data import scan_folder
+    from featbank.sources import scan_folder
     from featbank.extraction._launch import run_prepared
     from featbank.extraction._sharded import RowSource, prepare
 

@@ -24,13 +24,13 @@ from click.testing import CliRunner
 from PIL import Image
 
 import featbank
-from featbank._sources import MAX_PATTERN_NAMES, TarImages, count_braces, expand_braces, read_manifest, read_webdataset
 from featbank.cli.main import cli
 from featbank.errors import BundleError, ConfigError, DatasetError, DuplicateRowsWarning
 from featbank.extraction._launch import run_prepared
 from featbank.extraction._scaled import ScaleOptions, read_source
 from featbank.extraction._sharded import prepare
 from featbank.images import MAX_IMAGE_BYTES, ImageReadError, PreprocessConfig, load_image
+from featbank.sources import MAX_PATTERN_NAMES, TarImages, count_braces, expand_braces, read_manifest, read_webdataset
 
 from conftest import make_image_folder
 
@@ -183,7 +183,7 @@ def test_peak_memory_of_a_sparse_tar_member_stays_that_of_a_file(tmp_path: Path)
     code = (
         "import sys, numpy as np\n"
         "from pathlib import Path\n"
-        "from featbank._sources import TarImages\n"
+        "from featbank.sources import TarImages\n"
         "from featbank.images import PreprocessConfig\n"
         "cfg = PreprocessConfig((224, 224), 256, 'bicubic', (0.5,) * 3, (0.5,) * 3)\n"
         "row, px, why = TarImages(Path(sys.argv[1]), ['s.tar/big'], ['s.tar\\0big.png'], np.array([0]), cfg)[0]\n"
@@ -419,7 +419,7 @@ def test_a_type_skops_trusts_by_default_but_featbank_does_not_list_is_refused() 
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import MinMaxScaler
 
-    from featbank.bundle import load_skops, trusted_skops_types
+    from featbank.bundles import load_skops, trusted_skops_types
 
     X = np.random.default_rng(0).normal(size=(20, 3))
     est = Pipeline([("scale", MinMaxScaler()), ("clf", LogisticRegression())]).fit(X, np.arange(20) % 2)
@@ -431,7 +431,7 @@ def test_a_type_skops_trusts_by_default_but_featbank_does_not_list_is_refused() 
 
 
 def test_one_file_linked_into_a_folder_twice_is_one_row_or_an_error(tmp_path: Path) -> None:
-    from featbank.data import scan_folder
+    from featbank.sources import scan_folder
 
     data = make_image_folder(tmp_path / "data", classes=("a", "b"), splits=("train", "test"), n_per_class=2)
     x = data / "train" / "a" / "a_000.png"

@@ -98,10 +98,10 @@ def unknown_backbone(name: str) -> ConfigError:
     return ConfigError(f"Unknown backbone {name!r}.{hint} Run 'featbank backbones' to list them.")
 
 
-# Callables folder -> Backbone (or None: not mine). featbank.bundle registers the fine-tuned
+# Callables folder -> Backbone (or None: not mine). featbank.bundles registers the fine-tuned
 # bundle loader, so backbones sit below bundles and fine-tuning with no import cycle.
 _SOURCES: list[Callable[[str], Backbone | None]] = []
-_BUNDLE_SOURCE_MODULE = "featbank.bundle"
+_BUNDLE_SOURCE_MODULE = "featbank.bundles"
 
 
 def register_backbone_source(source: Callable[[str], Backbone | None]) -> None:

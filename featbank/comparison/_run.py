@@ -189,8 +189,8 @@ def _check_plot(path: Path) -> None:
 
 def _check_data(data: str | os.PathLike) -> None:
     """Refuse DATA before any work: missing, empty, unlabelled or a single class (DatasetError)."""
-    from ..data import scan_folder
-    from ..extraction._scaled import ScaleOptions, is_manifest, is_webdataset, read_source
+    from ..extraction._scaled import ScaleOptions, read_source
+    from ..sources import is_manifest, is_webdataset, scan_folder
 
     text = os.fspath(data)
     if is_manifest(text) or is_webdataset(text):

@@ -130,7 +130,7 @@ def build_torch_classifier(
     Raises:
         ExportError: the head is not a torch-expressible (linear/MLP) head.
     """
-    from ..bundle import load_bundle
+    from ..bundles import load_bundle
 
     bundle = load_bundle(model)
     _, Classifier = torch_modules()
@@ -269,7 +269,7 @@ def export_model(
         >>> report.parity["max_abs_diff"] < 1e-4
         True
     """
-    from ..bundle import load_bundle
+    from ..bundles import load_bundle
 
     t0 = time.perf_counter()
     _check_options(opset, input_kind, quantize, max_drop, model_version, head_only)

@@ -9,10 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from ..data import is_image_file
 from ..errors import ConfigError
 from ..images import IMAGE_EXTENSIONS, ImageReadError, load_and_preprocess
 from ..runtime import INPUT_NAME, OUTPUT_NAMES
+from ..sources import is_image_file
 
 __all__ = [
     "check_parity",

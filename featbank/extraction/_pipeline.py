@@ -143,8 +143,8 @@ def extract(
 
     features = resolve_features(backbone, weights, weights_file, layers=layers, pooling=pooling, views=views,
                                 augment=augment, view_seed=view_seed)
+    from ..sources import is_webdataset
     from ._decode import resolve_decode
-    from ._scaled import is_webdataset
 
     decode = resolve_decode(decode, dev, features=None if features.is_default else features,
                             webdataset=is_webdataset(str(data)))

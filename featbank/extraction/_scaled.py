@@ -15,7 +15,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
@@ -26,6 +26,9 @@ from ..cache._schema import FORMAT, compute_cache_key, decode_attr
 from ..errors import CacheError, ConfigError, Interrupted, NotACacheError, SkippedImagesError, SkippedImagesWarning
 from ._plan import DEFAULT_SHARD_SIZE, check_shard_size
 from ._report import ExtractReport, strict_message
+
+if TYPE_CHECKING:
+    from ..sources import RowSource
 
 __all__ = ["ScaleOptions", "read_source", "extract_sharded", "schema_version_of"]
 
@@ -53,24 +56,6 @@ def _world_size() -> int:
         return 1
 
 
-def is_webdataset(data: str) -> bool:
-    if "{" in data and data.endswith(".tar"):
-        return True
-    p = Path(data).expanduser()
-    if p.is_file():
-        return p.suffix == ".tar"
-    if p.is_dir():
-        try:
-            return any(c.suffix == ".tar" and c.is_file() for c in p.iterdir())
-        except OSError:
-            return False
-    return False
-
-
-def is_manifest(data: str) -> bool:
-    return Path(data).suffix.lower() in (".csv", ".tsv", ".parquet")
-
-
 def schema_version_of(path: Path) -> int | None:
     """The ``schema_version`` of a featbank cache at ``path``: None when there is no featbank cache (or
     it is unreadable), -1 when the attribute is not an integer."""
@@ -88,18 +73,17 @@ def schema_version_of(path: Path) -> int | None:
         return None
 
 
-def read_source(data: str, scale: ScaleOptions) -> Any:
+def read_source(data: str, scale: ScaleOptions) -> RowSource:
     """DATA as a :class:`RowSource`: a manifest, WebDataset shards, or an image folder."""
-    from .._sources import read_manifest, read_webdataset
-    from ..data import scan_folder
-    from ._sharded import RowSource
+    from ..sources import create_source, source_kind
 
-    if is_manifest(data):
-        return read_manifest(data, path_column=scale.path_column, label_column=scale.label_column,
-                             split_column=scale.split_column)
-    if is_webdataset(data):
-        return read_webdataset(data, label_from=scale.label_from)
-    return RowSource.from_index(scan_folder(data))
+    kind = source_kind(data)
+    options: dict[str, dict[str, Any]] = {
+        "manifest": {"path_column": scale.path_column, "label_column": scale.label_column,
+                     "split_column": scale.split_column},
+        "webdataset": {"label_from": scale.label_from},
+    }
+    return create_source(kind, data, **options.get(kind, {}))
 
 
 def _write_target(out_path: Path) -> Path:

@@ -20,7 +20,6 @@ import h5py
 import numpy as np
 
 from .._files import remove_orphans, timestamp
-from .._sources import RowSource, TarImages
 from ..cache._index import PlannedPart, finalize_index, read_parts_table
 from ..cache._parts import (
     ROW_DATASETS,
@@ -35,6 +34,7 @@ from ..cache._parts import (
 )
 from ..cache._schema import compute_cache_key, decode_attr, describe_feature_difference, feature_settings
 from ..errors import CacheError, CacheKeyMismatch
+from ..sources import RowSource, TarImages
 from ._cachefile import remove_dead_part_temporaries
 from ._plan import DEFAULT_SHARD_SIZE, Plan, assign_rows, plan_shards, plan_tars, replan
 

@@ -21,8 +21,8 @@ from torch import nn
 from .. import __version__
 from .._device import autocast_dtype, default_num_workers, resolve_device
 from .._files import check_bundle_dir, slugify
-from .._manifest import BackboneIdentity, build_manifest
 from ..backbones import HEAD_GROUP, group_modules, load_backbone, param_groups
+from ..bundles import BackboneIdentity, build_manifest
 from ..errors import (
     ConfigError,
     Interrupted,
@@ -325,8 +325,8 @@ def _check_out(out_path: Path, ckpt_path: Path, resume: bool, overwrite: bool) -
 def _set_up(data: Any, out: Any, cfg: FinetuneSettings, device: str, num_workers: int | None, resume: bool,
             overwrite: bool) -> _Run:
     """Data, split, output checks, backbone, model, optimizer and schedule of a run (no training)."""
-    from ..bundle import load_bundle
-    from ..data import scan_folder
+    from ..bundles import load_bundle
+    from ..sources import scan_folder
 
     dev = resolve_device(device)
     index = scan_folder(data, require_labels=True)
@@ -613,7 +613,7 @@ def _write_bundle(run: _Run, state: _State, val: dict[str, Any], test: dict[str,
     """model.safetensors, metrics.json, the learning curve and the confusion matrix, atomically."""
     from safetensors.torch import save as st_save
 
-    from ..bundle import save_bundle
+    from ..bundles import save_bundle
 
     run.model.to("cpu")
     state_dict = {k: v.detach().cpu().contiguous() for k, v in run.model.state_dict().items()}

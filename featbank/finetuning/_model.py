@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from .._device import autocast_dtype, default_num_workers, resolve_device
-from .._network import finetuned_network
 from ..backbones import HEAD_GROUP, Backbone, ImageEmbedder, Normalize
+from ..bundles.network import finetuned_network
 from ..errors import BundleError, ConfigError
 from ..images import ImageReadError, load_image
 from ._data import ImageSet, image_loader
@@ -227,7 +227,7 @@ def head_from_probe(path: str | os.PathLike, backbone: Backbone, classes: list[s
                      bundle: Any = None) -> tuple[nn.Linear, dict[str, Any]]:
     """A Linear equal to a fitted linear head bundle (standardisation folded in) for LP-FT;
     ``bundle``: that bundle already opened."""
-    from ..bundle import load_bundle
+    from ..bundles import load_bundle
 
     bundle = bundle if bundle is not None else load_bundle(path)
     if bundle.kind != "head":
@@ -322,7 +322,7 @@ def load_finetuned_model(path: Any) -> tuple[Backbone, torch.nn.Linear]:
         BundleError: not a fine-tuned bundle, weights missing or changed (sha256), or weights
             that do not fit the recorded base architecture.
     """
-    from ..bundle import Bundle, load_bundle
+    from ..bundles import Bundle, load_bundle
 
     return finetuned_network(path if isinstance(path, Bundle) else load_bundle(path))
 
@@ -361,7 +361,7 @@ def predict_images(
     """Class probabilities of image files under a fine-tuned bundle (eval transform, no cache).
 
     Args:
-        bundle: a bundle folder or a :class:`featbank.bundle.Bundle` of kind ``"finetuned"``.
+        bundle: a bundle folder or a :class:`featbank.bundles.Bundle` of kind ``"finetuned"``.
         paths: image files.
 
     Returns:

@@ -307,8 +307,7 @@ def _save(found: dict[str, Any], spec: HeadSpec, metrics: dict[str, Any], settin
           path: Path) -> Path:
     from dataclasses import replace
 
-    from .._manifest import build_manifest
-    from ..bundle import save_bundle
+    from ..bundles import build_manifest, save_bundle
     from ..report import write_report_files
     from .probe import _identity, head_files
 

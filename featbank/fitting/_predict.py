@@ -56,7 +56,7 @@ def evaluate(model: str | Path, cache: Any = None, *, split: str = "auto") -> Ev
         BundleError: bad bundle, or its cache key / embedding dimension does not match the cache.
         CacheError: bad cache, no labels, NaN/inf embeddings.
     """
-    from ..bundle import load_bundle
+    from ..bundles import load_bundle
     from ..report import compute_metrics
 
     bundle = load_bundle(model)
@@ -123,8 +123,8 @@ def _bundle_probas(bundle: Any, cache: Any, cache_path: Path, rows: np.ndarray) 
 
 
 def _list_images(images: Sequence[str | Path]) -> list[Path]:
-    from ..data import is_image_file
     from ..images import IMAGE_EXTENSIONS
+    from ..sources import is_image_file
 
     out: list[Path] = []
     for item in images:
@@ -169,7 +169,7 @@ def predict(model: str | Path, images: Sequence[str | Path], *, top_k: int = 1, 
     import torch
 
     from .._device import resolve_device
-    from ..bundle import load_bundle
+    from ..bundles import load_bundle
     from ..images import ImageReadError, load_and_preprocess
 
     bundle = load_bundle(model)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from .._files import check_bundle_dir, slugify
-from .._manifest import BackboneIdentity, build_manifest
+from ..bundles import BackboneIdentity, build_manifest
 from ..errors import ConfigError
 from ..splits import sample_shots, stratified_holdout
 from ._layers import TTA_CHOICES, VIEW_POOL, FeatureTable, LayerChoice, mean_proba, resolve_layers, select_layers
@@ -268,7 +268,7 @@ def fit(
         >>> result = fit("runs/elpv.h5", head="linear", class_weight="balanced")
         >>> result.chosen, result.headline["top1"], result.path
     """
-    from ..bundle import save_bundle
+    from ..bundles import save_bundle
 
     t0 = time.perf_counter()
     seeds = _check_options(class_weight, shots, seeds, seed, device)
@@ -453,7 +453,7 @@ class _SeedRun:
 def _bundle_target(out: Any, name: str | None, cache_path: Path, head: str, shots: int | None, overwrite: bool,
                    default_name: str | None = None) -> Path:
     """The bundle folder, checked writable (and replaceable with ``overwrite``) before any work."""
-    from ..bundle import check_bundle_target
+    from ..bundles import check_bundle_target
 
     default = default_name or f"{cache_path.stem}-{head}" + (f"-{shots}shot" if shots else "")
     return check_bundle_dir(check_bundle_target(bundle_dir(out, name, default), overwrite))
@@ -654,7 +654,7 @@ def head_files(est: Any, htype: str, chosen: dict[str, Any], spec: HeadSpec) -> 
         "class_weight": spec.class_weight, "chosen": chosen,
     }
     if htype == "sklearn":
-        from ..bundle import serialize_sklearn
+        from ..bundles import serialize_sklearn
 
         fname, data, trusted = serialize_sklearn(est)
         head_info.update({"file": fname, "params": {k: repr(v) for k, v in est[-1].get_params().items()},

@@ -16,7 +16,7 @@ import json
 import zipfile
 from typing import Any
 
-from .errors import BundleError, ConfigError
+from ..errors import BundleError, ConfigError
 
 __all__ = ["trusted_skops_types", "named_types", "serialize_sklearn", "load_skops"]
 
@@ -90,7 +90,7 @@ def trusted_skops_types() -> frozenset[str]:
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import Normalizer, StandardScaler
 
-    from .heads import KernelSVC, sklearn_classifiers
+    from ..heads import KernelSVC, sklearn_classifiers
 
     # KernelSVC: featbank's SVC fitted through a BLAS kernel matrix (fit --auto's SVMs); its state is SVC's.
     classes = [*sklearn_classifiers().values(), KernelSVC, Pipeline, StandardScaler, Normalizer]

@@ -1,7 +1,7 @@
 """Inputs beyond an image folder: a manifest (CSV, TSV, parquet) or WebDataset tar shards.
 
 Both give a :class:`~featbank.extraction._sharded.RowSource`: sorted unique row keys with
-fingerprints, labels and splits, like :func:`featbank.data.scan_folder` gives for a folder.
+fingerprints, labels and splits, like :func:`featbank.sources.scan_folder` gives for a folder.
 
 Trust: a manifest is trusted like a shell script that lists files. It may name any file the user
 running featbank can read (absolute paths and ``..`` are allowed, as data often lives elsewhere);
@@ -35,9 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from ._files import NotRegularFileError, open_regular_file
-from .errors import ConfigError, DatasetError, DuplicateRowsWarning
-from .images import (
+from .._files import NotRegularFileError, open_regular_file
+from ..errors import ConfigError, DatasetError, DuplicateRowsWarning
+from ..images import (
     IMAGE_EXTENSIONS,
     ImageReadError,
     PreprocessConfig,
@@ -58,7 +58,7 @@ class RowSource:
     Attributes:
         root: folder that relative keys are read from (a manifest's folder, the data folder).
         keys: sorted unique row keys (relative paths, absolute paths, or ``<tar>/<__key__>``).
-        fingerprints, labels, splits: per row, as in :class:`featbank.data.ImageIndex`.
+        fingerprints, labels, splits: per row, as in :class:`featbank.sources.ImageIndex`.
         classes: class names (labels index into them).
         layout: ``imagefolder``, ``splits``, ``flat``, ``manifest`` or ``webdataset``.
         tars: for WebDataset: tar names (relative to ``root``) and their row counts, in order.
@@ -81,7 +81,7 @@ class RowSource:
 
     @classmethod
     def from_index(cls, index: Any) -> RowSource:
-        """From a :class:`featbank.data.ImageIndex` (a scanned folder)."""
+        """From a :class:`featbank.sources.ImageIndex` (a scanned folder)."""
         return cls(Path(index.root), list(index.paths), index.fingerprints, index.labels, index.splits,
                    list(index.classes), index.layout, duplicates=list(getattr(index, "duplicates", [])))
 
@@ -418,7 +418,7 @@ def _label(tf: tarfile.TarFile, member: tarfile.TarInfo, kind: str) -> str:
 def _digest(tf: tarfile.TarFile, member: tarfile.TarInfo) -> str:
     """sha256 of a member's bytes (read in blocks; only for members whose key repeats). A member past the
     byte limit is not read: its size stands for it (it is refused as too large anyway)."""
-    from .images import MAX_IMAGE_BYTES
+    from ..images import MAX_IMAGE_BYTES
 
     if member.size > MAX_IMAGE_BYTES:
         return f"size {member.size}"
@@ -479,7 +479,7 @@ def _one(tf: tarfile.TarFile, row: str, ext: str, ms: list[tarfile.TarInfo], out
 
 def _list_tar(path: Path, name: str, label_from: str, out: _TarListing) -> int:
     """Add one tar's samples to ``out``; returns how many rows it gave."""
-    from .images import MAX_IMAGE_BYTES
+    from ..images import MAX_IMAGE_BYTES
 
     try:
         fh = open_regular_file(path)
@@ -621,7 +621,7 @@ class TarImages:
         return tf
 
     def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, str]:
-        from .images import DEFAULT_MAX_PIXELS, decode_image
+        from ..images import DEFAULT_MAX_PIXELS, decode_image
 
         row = int(self.rows[i])
         tar, _, member = self.members[row].partition("\0")

@@ -13,15 +13,15 @@ from typing import Any
 
 from torch import nn
 
-from .backbones import Backbone, load_backbone
-from .errors import BundleError, ConfigError, RandomWeightsWarning
-from .images import PreprocessConfig
+from ..backbones import Backbone, load_backbone
+from ..errors import BundleError, ConfigError, RandomWeightsWarning
+from ..images import PreprocessConfig
 
 __all__ = ["finetuned_network"]
 
 
 def finetuned_network(bundle: Any) -> tuple[Backbone, nn.Linear]:
-    """The fine-tuned network of an opened :class:`featbank.bundle.Bundle`: ``(backbone, head)``.
+    """The fine-tuned network of an opened :class:`featbank.bundles.Bundle`: ``(backbone, head)``.
 
     ``backbone.embedder()`` maps uint8 NHWC images to embeddings, ``head`` maps embeddings to
     logits (``softmax`` gives the bundle's probabilities, columns in ``manifest["classes"]``).

@@ -13,12 +13,12 @@ Trust model: a bundle is data and opening it never runs code. There is no pickle
 file is loaded only when every type it names is in :func:`trusted_skops_types` (exact names of the
 estimators featbank saves and the types their state needs, never a module prefix). Every file
 name in the manifest must be a bare name inside the folder (no ``..``, no absolute path, no
-symlink out), every field is type-checked (:mod:`featbank._manifest`), and every weights file has
+symlink out), every field is type-checked (:mod:`featbank.bundles.manifest`), and every weights file has
 its sha256 in the manifest, checked before it is read. The sha256 detects corruption, not an
 attacker (who rewrites the manifest too).
 
 Writing (:func:`save_bundle`): one writer per bundle (a lock), a temporary folder swapped in
-atomically, an existing bundle replaced only with ``overwrite=True``; see :mod:`featbank._bundle_store`.
+atomically, an existing bundle replaced only with ``overwrite=True``; see :mod:`featbank.bundles.store`.
 
 Probabilities: :meth:`Bundle.predict_proba` is the canonical mapping embeddings -> (N, C)
 probabilities (ONNX export must match it): :func:`featbank.heads.estimator_proba`.
@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from ._bundle_store import check_bundle_target, recover, save_bundle, sha256_bytes, sha256_file  # noqa: F401
-from ._manifest import (
+from ..errors import BundleError
+from .manifest import (
     BUNDLE_FORMAT,
     BUNDLE_VERSION,
     MANIFEST,
@@ -43,8 +43,8 @@ from ._manifest import (
     parse_manifest,
     read_manifest,
 )
-from ._skops import load_skops, serialize_sklearn, trusted_skops_types  # noqa: F401 - public here too
-from .errors import BundleError
+from .skops import load_skops, serialize_sklearn, trusted_skops_types  # noqa: F401 - public here too
+from .store import check_bundle_target, recover, save_bundle, sha256_bytes, sha256_file  # noqa: F401
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -67,7 +67,7 @@ class Bundle:
     Attributes:
         path: the bundle folder.
         manifest: the parsed manifest.json (a plain dict, validated).
-        info: the same manifest, typed (:class:`featbank._manifest.Manifest`).
+        info: the same manifest, typed (:class:`featbank.bundles.manifest.Manifest`).
         kind: ``"head"`` (a head fitted on cached embeddings) or ``"finetuned"``.
         classes: class names; column ``i`` of :meth:`predict_proba` is ``classes[i]``.
         backbone: identity dict of the backbone (backbone, weights, weights_sha256, transform,
@@ -174,11 +174,11 @@ class Bundle:
                 this machine are not the ones the bundle was fitted with.
         """
         if self.kind == "finetuned":
-            from ._network import finetuned_network
+            from .network import finetuned_network
 
             return finetuned_network(self)[0]
-        from .backbones import load_backbone as load_named
-        from .backbones import with_window
+        from ..backbones import load_backbone as load_named
+        from ..backbones import with_window
 
         ident = self.info.backbone
         if weights_file is None and str(ident.weights or "").startswith("file:"):
@@ -245,7 +245,7 @@ class Bundle:
             if head.type in ("linear", "mlp"):
                 from safetensors.numpy import load as st_load
 
-                from .heads import head_from_state
+                from ..heads import head_from_state
 
                 est = head_from_state(head.type, st_load(data), self.head_info)
             elif f.suffix == ".skops":
@@ -296,7 +296,7 @@ class Bundle:
     def _load_finetuned_head(self) -> Any:
         from safetensors.numpy import load as st_load
 
-        from .heads import LinearHead
+        from ..heads import LinearHead
 
         data = self.read_weights()
         try:
@@ -321,7 +321,7 @@ class Bundle:
 
     def predict_proba(self, embeddings: np.ndarray) -> np.ndarray:
         """(N, C) probabilities for (N, D) embeddings, columns in the order of :attr:`classes`."""
-        from .heads import estimator_proba
+        from ..heads import estimator_proba
 
         X = np.asarray(embeddings, dtype=np.float32)
         if X.ndim != 2:
@@ -410,7 +410,7 @@ def backbone_of_bundle(folder: str | os.PathLike) -> Any:
 
 
 def _register() -> None:
-    from .backbones import register_backbone_source
+    from ..backbones import register_backbone_source
 
     register_backbone_source(backbone_of_bundle)
 

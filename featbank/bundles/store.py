@@ -27,8 +27,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from ._files import (
+from .. import __version__
+from .._files import (
     LockBusy,
     describe_os_error,
     exclusive_lock,
@@ -39,8 +39,8 @@ from ._files import (
     temporary_path,
     timestamp,
 )
-from ._manifest import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST, Manifest, check_file_name, parse_manifest
-from .errors import BundleError
+from ..errors import BundleError
+from .manifest import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST, Manifest, check_file_name, parse_manifest
 
 __all__ = [
     "sha256_bytes", "sha256_file", "save_bundle", "check_bundle_target", "writer_lock", "swap_in", "recover",
@@ -214,7 +214,7 @@ def save_bundle(
 
     Args:
         path: the bundle folder (``models/<name>``); its parent is created.
-        manifest: the manifest, validated with :func:`featbank._manifest.parse_manifest`;
+        manifest: the manifest, validated with :func:`featbank.bundles.manifest.parse_manifest`;
             ``format``, ``bundle_version``, ``featbank_version`` and ``created`` are filled
             when missing; the weights section (``head``/``finetune``) gets the ``sha256`` of its
             ``file``; ``files`` (name -> sha256 of every file) and ``bundle_id`` are set. The
