@@ -26,7 +26,7 @@ from featbank.cache._tools import CacheSummary, check_cache, describe_cache, exp
 from featbank.cache._writer import estimate_bytes, feature_values_per_row
 from featbank.cli.main import cli
 from featbank.errors import CacheError, ConfigError
-from featbank.extraction._views import resolve_features
+from featbank.extraction._spec import resolve_features
 
 from conftest import make_image_folder
 

@@ -61,7 +61,7 @@ def test_predict_makes_each_view_exactly_as_extraction_stored_it(pooled) -> None
     import torch
 
     from featbank.export._layers import _views
-    from featbank.extraction._views import DIHEDRAL_ORDER, _dihedral
+    from featbank.features import DIHEDRAL_ORDER, _dihedral
 
     bundle = SimpleNamespace(path=pooled["bundle"], features=SimpleNamespace(n_views=7))  # all seven dihedral views
     backbone = featbank.load_backbone("test_tiny")

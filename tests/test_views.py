@@ -20,7 +20,7 @@ from featbank.backbones import TapModel, load_backbone
 from featbank.cache._schema import FEATURE_DEFAULTS, compute_cache_key
 from featbank.cli.main import cli
 from featbank.errors import CacheKeyMismatch, ConfigError
-from featbank.extraction._views import DIHEDRAL_ORDER, FeatureOptions, make_views
+from featbank.features import DIHEDRAL_ORDER, FeatureOptions, make_views
 from featbank.images import load_and_preprocess
 
 try:

@@ -255,7 +255,7 @@ def _features(r: _Reader, raw: Mapping[str, Any]) -> FeaturesSection | None:
     for key in ("pooling", "augment", "view_pool"):
         if not isinstance(f.get(key, ""), str):
             raise r.fail(f"features.{key}", "a string", f.get(key))
-    from ..extraction._views import FIXED_VIEWS
+    from ..features import FIXED_VIEWS
 
     most = FIXED_VIEWS.get(f.get("augment", ""))
     if most is not None and counts["n_views"] > most:  # predict and export make these views of a new image
@@ -271,7 +271,7 @@ def _check_view_pool(r: _Reader, f: Mapping[str, Any], view_pool: str, n_views: 
     """A pooled head's views must be ones the exported graph can make: hflip or dihedral, 1..max of them, no TTA."""
     if view_pool != "mean+max":
         raise r.fail("features.view_pool", "'mean+max' or ''", view_pool)
-    from ..extraction._views import FIXED_VIEWS
+    from ..features import FIXED_VIEWS
 
     augment = f.get("augment", "")
     if augment not in FIXED_VIEWS:

@@ -74,7 +74,7 @@ def feature_module(bundle: Any, backbone: Any) -> Any:
 
 def view_transforms(bundle: Any, backbone: Any) -> list[Callable[[Any], Any]]:
     """The augmented views a bundle's TTA averages over, as functions of a uint8 NHWC batch ([] without TTA)."""
-    from ..extraction._views import FIXED_VIEWS
+    from ..features import FIXED_VIEWS
 
     feats = bundle.features
     if not feats.tta or feats.augment not in FIXED_VIEWS:
@@ -91,7 +91,7 @@ def _views(bundle: Any, backbone: Any) -> list[Callable[[Any], Any]]:
     """
     import torch
 
-    from ..extraction._views import DIHEDRAL_ORDER
+    from ..features import DIHEDRAL_ORDER
 
     n_views = bundle.features.n_views
     h, w = backbone.preprocess.input_size

@@ -13,7 +13,6 @@ from ._engines import build_engine, export_embedder_onnx, onnx_cache_path  # noq
 from ._options import DTYPES, ENGINES
 from ._pipeline import extract
 from ._report import ExtractReport
-from ._views import FIXED_VIEWS
 
 __all__ = ["ExtractReport", "extract", "default_cache_path", "resolve_device", "DEVICES", "ENGINES", "DTYPES", "Diagnosis",
-           "diagnose", "FIXED_VIEWS"]
+           "diagnose"]

@@ -87,7 +87,7 @@ class ViewImageDataset:
         return len(self.base)
 
     def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, str, np.ndarray | None]:
-        from ._views import make_views
+        from ..features import make_views
 
         row, img, why = self.base[i]
         if img is None or not self.features.views:

@@ -139,7 +139,7 @@ def extract(
     dev = resolve_device(device).type
     if engine not in ENGINES:
         raise ConfigError(f"The 'engine' parameter must be one of {ENGINES}. Got {engine!r} instead.")
-    from ._views import resolve_features
+    from ._spec import resolve_features
 
     features = resolve_features(backbone, weights, weights_file, layers=layers, pooling=pooling, views=views,
                                 augment=augment, view_seed=view_seed)

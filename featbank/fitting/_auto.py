@@ -89,7 +89,7 @@ def _feature_sets(cache: Any, layers: Any, train: np.ndarray, val: np.ndarray, a
 
 
 def _view_modes(cache: Any, auto: bool, pool_views: bool) -> list[str]:
-    from ..extraction import FIXED_VIEWS
+    from ..features import FIXED_VIEWS
 
     poolable = bool(getattr(cache, "n_views", 0)) and getattr(cache, "augment", "") in FIXED_VIEWS
     if auto:

@@ -560,7 +560,7 @@ def _fit_seed(cache: Any, source: CacheRows, plan: _Plan, seed: int) -> _SeedRun
 
 def _check_pool_views(cache: Any, cache_path: Path, tta: str) -> str:
     """``--pool-views`` needs views a new image can be given (hflip, dihedral) and leaves no TTA to choose."""
-    from ..extraction._views import FIXED_VIEWS
+    from ..features import FIXED_VIEWS
 
     if not cache.n_views or cache.augment not in FIXED_VIEWS:
         held = f"{cache.n_views} {cache.augment} view(s)" if cache.n_views else "no augmented views"
