@@ -86,7 +86,7 @@ def read_dicom(fp: IO[bytes], max_pixels: int, window: str | Window = "none",
         featbank.images.ImageReadError: with the reason (no pixel data, too large, truncated,
             a decoder plugin missing, pydicom missing, ...).
     """
-    from .images import ImageReadError
+    from ._limits import ImageReadError
 
     try:
         pydicom = _pydicom()
@@ -98,7 +98,7 @@ def read_dicom(fp: IO[bytes], max_pixels: int, window: str | Window = "none",
 
 
 def _read(pydicom: ModuleType, fp: IO[bytes], max_pixels: int, window: Window, max_aspect_ratio: float) -> Image.Image:
-    from .images import check_aspect_ratio
+    from ._limits import check_aspect_ratio
 
     try:
         ds = pydicom.dcmread(fp, force=True, defer_size=_DEFER_BYTES)

@@ -22,6 +22,14 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ._files import NotRegularFileError, open_regular_file
+from ._limits import (
+    DEFAULT_MAX_PIXELS,
+    MAX_ASPECT_RATIO,
+    MAX_IMAGE_BYTES,
+    ImageReadError,
+    check_aspect_ratio,
+    check_image_bytes,
+)
 from .windowing import Window, parse_window, percentile_range, range_to_uint8, window_to_uint8
 
 __all__ = [
@@ -62,14 +70,6 @@ IMAGE_EXTENSIONS = frozenset(
     }
 )
 
-#: Larger images are refused as probable decompression bombs (Pillow's own default limit).
-DEFAULT_MAX_PIXELS = 178_956_970
-#: Image files (and WebDataset members) larger than this are refused from their size, before a byte is
-#: read (1 GiB: an uncompressed RGB image at DEFAULT_MAX_PIXELS is 537 MB).
-MAX_IMAGE_BYTES = 1 << 30
-#: Images whose longer side is more than this many times the shorter one are refused: resizing the
-#: short side of a 1x20000 strip to 256 px would make a 256x5120000 image (3.9 GB).
-MAX_ASPECT_RATIO = 100
 #: The resized image (before the centre crop) may have at most this many pixels (192 MB as RGB).
 MAX_RESIZED_PIXELS = 1 << 26
 
@@ -175,30 +175,8 @@ class PreprocessConfig:
         )
 
 
-class ImageReadError(Exception):
-    """An image file cannot be decoded; ``reason`` says why in a few words.
-
-    Extraction catches this per file, reports the reason and goes on with the next image.
-    """
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-
-def check_image_bytes(size: int, max_bytes: int = MAX_IMAGE_BYTES) -> None:
-    """Refuse an image file or tar member of ``size`` bytes (from ``stat`` or the tar header) before reading it.
-
-    Raises:
-        ImageReadError: empty, or larger than ``max_bytes``.
-    """
-    if size == 0:
-        raise ImageReadError("empty file (0 bytes)")
-    if size > max_bytes:
-        raise ImageReadError(f"too large: {size} bytes exceeds the limit of {max_bytes} bytes for one image")
-
-
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
+
 
 def to_uint8_rgb(img: Image.Image, keep_grey: bool = False, window: str | Window = "none") -> Image.Image:
     """8-bit RGB; with ``keep_grey`` single-channel images stay 8-bit ``L`` (3x less to resize).
@@ -247,21 +225,6 @@ def _exif_transpose(img: Image.Image) -> None:
         ImageOps.exif_transpose(img, in_place=True)
     except Exception:  # noqa: BLE001 - broken metadata is no reason to refuse pixels that decoded fine
         pass
-
-
-def check_aspect_ratio(width: int, height: int, max_aspect_ratio: float = MAX_ASPECT_RATIO) -> None:
-    """Refuse an image whose longer side is more than ``max_aspect_ratio`` times its shorter side.
-
-    Raises:
-        ImageReadError: with the size and the bound as ``reason``.
-    """
-    short, long = min(width, height), max(width, height)
-    if short < 1 or long > max_aspect_ratio * short:
-        ratio = f"{long / short:.0f}:1" if short >= 1 else "degenerate"
-        raise ImageReadError(
-            f"extreme aspect ratio: {width}x{height} ({ratio}; at most {max_aspect_ratio:g}:1 is accepted, "
-            "since resizing its short side would make a huge image)"
-        )
 
 
 def decode_image(fp: Any, max_pixels: int, keep_grey: bool = False, max_aspect_ratio: float = MAX_ASPECT_RATIO,

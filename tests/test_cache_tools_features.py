@@ -296,10 +296,10 @@ def test_layers_and_views_that_do_not_fit_are_refused_before_writing(tmp_path, f
 
 
 def test_info_names_the_seed_of_crops_views_only():
-    from featbank.cache._features import CacheFeatures
+    from featbank.features import FeatureSpec
 
     crops = CacheSummary(Path("c.h5"), 2, 4, 8, "float32", [], {}, {}, "b", "w", "k", 1, 0,
-                         features=CacheFeatures(("final",), {"final": 8}, "gap", 4, "crops", 3))
+                         features=FeatureSpec(("final",), {"final": 8}, "gap", 4, "crops", 3))
     assert "views      4 per image, crops, view seed 3" in crops.lines()
     assert "layers     1: final (8)" in crops.lines()  # one layer: its pooling says nothing
 

@@ -54,19 +54,16 @@ def test_pooled_rows_are_the_mean_and_max_over_every_view(pooled) -> None:
     assert pool_views([np.array([[1.0, 4.0]]), np.array([[3.0, 0.0]])]).tolist() == [[2.0, 2.0, 3.0, 4.0]]
 
 
-def test_predict_makes_each_view_exactly_as_extraction_stored_it(pooled) -> None:
+def test_predict_makes_each_view_exactly_as_extraction_stored_it() -> None:
     """The flips and quarter turns of the exported graph are extraction's, view by view (pooling hides the order)."""
-    from types import SimpleNamespace
-
     import torch
 
-    from featbank.export._layers import _views
-    from featbank.features import DIHEDRAL_ORDER, _dihedral
+    from featbank.features import DIHEDRAL_ORDER, FeatureSpec, _dihedral, view_transforms
 
-    bundle = SimpleNamespace(path=pooled["bundle"], features=SimpleNamespace(n_views=7))  # all seven dihedral views
+    spec = FeatureSpec(n_views=7, augment="dihedral")  # all seven dihedral views
     backbone = featbank.load_backbone("test_tiny")
     img = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
-    views = _views(bundle, backbone)
+    views = view_transforms(spec, backbone.preprocess.input_size)
     assert len(views) == 7
     for k, view in enumerate(views):
         want = _dihedral(img, *DIHEDRAL_ORDER[k])

@@ -20,7 +20,7 @@ from featbank.backbones import TapModel, load_backbone
 from featbank.cache._schema import FEATURE_DEFAULTS, compute_cache_key
 from featbank.cli.main import cli
 from featbank.errors import CacheKeyMismatch, ConfigError
-from featbank.features import DIHEDRAL_ORDER, FeatureOptions, make_views
+from featbank.features import DIHEDRAL_ORDER, FeatureSpec, make_views
 from featbank.images import load_and_preprocess
 
 try:
@@ -105,14 +105,14 @@ def test_onnxruntime_engine_gives_the_torch_numbers_for_layers_and_views(image_f
 
 def test_views_are_deterministic_per_path_view_and_seed() -> None:
     img = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    crops = FeatureOptions(views=3, augment="crops", view_seed=7)
+    crops = FeatureSpec(n_views=3, augment="crops", view_seed=7)
     a = make_views(img, "cat/a.png", crops)
     assert a.shape == (3, 32, 32, 3)
     assert np.array_equal(a, make_views(img, "cat/a.png", crops))
     assert not np.array_equal(a, make_views(img, "cat/b.png", crops))
-    assert not np.array_equal(a, make_views(img, "cat/a.png", FeatureOptions(views=3, augment="crops", view_seed=8)))
+    assert not np.array_equal(a, make_views(img, "cat/a.png", FeatureSpec(n_views=3, augment="crops", view_seed=8)))
     assert not np.array_equal(a[0], a[1])
-    d = make_views(img, "x", FeatureOptions(views=7, augment="dihedral"))
+    d = make_views(img, "x", FeatureSpec(n_views=7, augment="dihedral"))
     assert np.array_equal(d[0], img[:, ::-1]) and np.array_equal(d[1], img[::-1])
     assert len({v.tobytes() for v in d} | {img.tobytes()}) == 8 == len(DIHEDRAL_ORDER) + 1
 
@@ -315,10 +315,10 @@ ATTR_ATTACKS = {
     "dims_negative": (lambda f: f.attrs.__setitem__("layer_dims", '{"stem": -40, "stage1": 80, "final": 32}'),
                       "positive size"),
     "dims_final": (lambda f: f.attrs.__setitem__("layer_dims", '{"stem": 40, "stage1": 80, "final": 33}'),
-                   "'embeddings' has 32"),
+                   "the 32 values 'embeddings' has"),
     "views_more": (lambda f: f.attrs.__setitem__("views", 3), "has shape (24, 2, 40) and dtype float32, expected (24, 3, 40)"),
-    "views_string": (lambda f: f.attrs.__setitem__("views", "2"), "attributes 'views'"),
-    "views_negative": (lambda f: f.attrs.__setitem__("views", -1), "attributes 'views'"),
+    "views_string": (lambda f: f.attrs.__setitem__("views", "2"), "attribute 'views'"),
+    "views_negative": (lambda f: f.attrs.__setitem__("views", -1), "attribute 'views'"),
     "views_without_augment": (lambda f: f.attrs.__setitem__("augment", ""), "disagree"),
     "augment_unknown": (lambda f: f.attrs.__setitem__("augment", "rot13"), "disagree"),
     "augment_without_views": (lambda f: (f.attrs.__setitem__("views", 0), f.attrs.__setitem__("augment", "hflip")),

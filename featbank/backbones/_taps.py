@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..features import DEFAULT_POOLING, POOLINGS
 from ._registry import Backbone, ImageEmbedder, Normalize
 
 __all__ = [
@@ -46,9 +47,6 @@ __all__ = [
 
 #: The tap that is today's embedding (the backbone's pooled output).
 FINAL = "final"
-#: Pooling names: global average + 2x2 average (capped), or global average only.
-POOLINGS = ("gap+2x2", "gap")
-DEFAULT_POOLING = "gap+2x2"
 #: A tap pooled to more values than this keeps its global average alone.
 MAX_TAP_DIM = 4096
 

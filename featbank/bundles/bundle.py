@@ -33,33 +33,13 @@ from typing import Any
 import numpy as np
 
 from ..errors import BundleError
-from .manifest import (
-    BUNDLE_FORMAT,
-    BUNDLE_VERSION,
-    MANIFEST,
-    FeaturesSection,
-    Manifest,
-    check_file_name,
-    parse_manifest,
-    read_manifest,
-)
-from .skops import load_skops, serialize_sklearn, trusted_skops_types  # noqa: F401 - public here too
-from .store import check_bundle_target, recover, save_bundle, sha256_bytes, sha256_file  # noqa: F401
+from ..features import FeatureSpec
+from .manifest import MANIFEST, Manifest, check_file_name, parse_manifest, read_manifest
+from .skops import load_skops
+from .store import recover, sha256_bytes
 
-__all__ = [
-    "BUNDLE_FORMAT",
-    "BUNDLE_VERSION",
-    "Bundle",
-    "save_bundle",
-    "load_bundle",
-    "check_bundle_target",
-    "sha256_bytes",
-    "sha256_file",
-    "serialize_sklearn",
-    "trusted_skops_types",
-    "backbone_of_bundle",
-    "is_bundle_folder",
-]
+__all__ = ["Bundle", "load_bundle", "backbone_of_bundle", "is_bundle_folder"]
+
 
 class Bundle:
     """A model bundle opened for use. Use :func:`load_bundle`.
@@ -96,11 +76,11 @@ class Bundle:
         return self.info.backbone.embed_dim
 
     @property
-    def features(self) -> FeaturesSection:
+    def features(self) -> FeatureSpec:
         """What the head reads (layers, views, TTA); the plain embedding for bundles without the section."""
         if self.info.features is not None:
             return self.info.features
-        return FeaturesSection(("final",), {"final": self.embed_dim} if self.embed_dim else {})
+        return FeatureSpec(("final",), {"final": self.embed_dim} if self.embed_dim else {})
 
     @property
     def feature_dim(self) -> int | None:

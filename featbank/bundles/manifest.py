@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BundleError
+from ..features import FeatureSpec, FeatureSpecError
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -33,7 +34,6 @@ __all__ = [
     "WeightsSection",
     "HeadSection",
     "FinetuneSection",
-    "FeaturesSection",
     "Manifest",
     "parse_manifest",
     "read_manifest",
@@ -89,33 +89,6 @@ class FinetuneSection(WeightsSection):
 
 
 @dataclass(frozen=True)
-class FeaturesSection:
-    """``manifest["features"]`` of a head bundle: what the head reads and how it predicts.
-
-    ``layers`` (network order) are concatenated in that order, ``layer_dims`` their widths;
-    ``views_used`` augmented views per image entered training; ``tta``: predictions average the
-    plain view and the ``n_views`` augmented views (``augment``, ``view_seed``) of each image;
-    ``view_pool`` (``"mean+max"``, or ``""``): the head reads ``[mean | max]`` of the features
-    over the plain and ``n_views`` augmented views, twice the layers' width.
-    """
-
-    layers: tuple[str, ...] = ("final",)
-    layer_dims: dict[str, int] = field(default_factory=dict)
-    pooling: str = "gap+2x2"
-    views_used: int = 0
-    n_views: int = 0
-    augment: str = ""
-    view_seed: int = 0
-    tta: bool = False
-    view_pool: str = ""
-
-    @property
-    def dim(self) -> int:
-        """Width of the head's input (the layers' widths summed; twice that with ``view_pool``)."""
-        return sum(self.layer_dims[t] for t in self.layers) * (2 if self.view_pool else 1)
-
-
-@dataclass(frozen=True)
 class Manifest:
     """A validated manifest. ``raw`` keeps every field, typed or not (metrics, training, ...)."""
 
@@ -126,7 +99,7 @@ class Manifest:
     head: HeadSection | None
     finetune: FinetuneSection | None
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
-    features: FeaturesSection | None = None
+    features: FeatureSpec | None = None
 
     @property
     def weights(self) -> WeightsSection:
@@ -233,53 +206,14 @@ def _base_backbone(r: _Reader, ft: Mapping[str, Any]) -> BackboneIdentity:
     return base
 
 
-def _features(r: _Reader, raw: Mapping[str, Any]) -> FeaturesSection | None:
+def _features(r: _Reader, raw: Mapping[str, Any]) -> FeatureSpec | None:
     f = r.section(raw, "features", required=False)
     if f is None:
         return None
-    layers = f.get("layers")
-    if not isinstance(layers, list) or not layers or not all(isinstance(t, str) and t for t in layers):
-        raise r.fail("features.layers", "a non-empty list of layer names", layers)
-    dims = f.get("layer_dims")
-    if not isinstance(dims, dict) or set(dims) != set(layers) or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims.values()):
-        raise r.fail("features.layer_dims", f"a positive width for each of the layers {layers}", dims)
-    counts = {}
-    for key in ("views_used", "n_views", "view_seed"):
-        v = f.get(key, 0)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise r.fail(f"features.{key}", "an integer >= 0", v)
-        counts[key] = v
-    if not isinstance(f.get("tta", False), bool):
-        raise r.fail("features.tta", "true or false", f.get("tta"))
-    for key in ("pooling", "augment", "view_pool"):
-        if not isinstance(f.get(key, ""), str):
-            raise r.fail(f"features.{key}", "a string", f.get(key))
-    from ..features import FIXED_VIEWS
-
-    most = FIXED_VIEWS.get(f.get("augment", ""))
-    if most is not None and counts["n_views"] > most:  # predict and export make these views of a new image
-        raise r.fail("features.n_views", f"at most {most} {f.get('augment')} views", counts["n_views"])
-    view_pool = f.get("view_pool", "")
-    if view_pool:
-        _check_view_pool(r, f, view_pool, counts["n_views"])
-    return FeaturesSection(tuple(layers), {t: int(dims[t]) for t in layers}, f.get("pooling", "gap+2x2"),
-                           augment=f.get("augment", ""), tta=bool(f.get("tta", False)), view_pool=view_pool, **counts)
-
-
-def _check_view_pool(r: _Reader, f: Mapping[str, Any], view_pool: str, n_views: int) -> None:
-    """A pooled head's views must be ones the exported graph can make: hflip or dihedral, 1..max of them, no TTA."""
-    if view_pool != "mean+max":
-        raise r.fail("features.view_pool", "'mean+max' or ''", view_pool)
-    from ..features import FIXED_VIEWS
-
-    augment = f.get("augment", "")
-    if augment not in FIXED_VIEWS:
-        raise r.fail("features.augment", "'hflip' or 'dihedral' (the views of a pooled head)", augment)
-    if n_views < 1:
-        raise r.fail("features.n_views", f"1 to {FIXED_VIEWS[augment]} {augment} views for a pooled head", n_views)
-    if f.get("tta", False):
-        raise r.fail("features.tta", "false for a pooled head (its rows hold every view)", True)
+    try:
+        return FeatureSpec.from_dict(f)
+    except FeatureSpecError as e:
+        raise r.fail(f"features.{e.field}", e.want, e.value) from None
 
 
 _VIEW_MODES = ("plain", "pooled")

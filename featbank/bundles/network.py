@@ -1,26 +1,45 @@
-"""A fine-tuned bundle as a network: its base architecture with the fine-tuned weights.
+"""A bundle's networks as torch modules: a fine-tuned bundle's network, and the feature side of a
+head bundle (uint8 images -> the columns its head reads) with its test-time views.
 
-Here rather than in :mod:`featbank.finetuning` so that opening a bundle (``predict``, ``export``,
-``extract --backbone models/<name>``) needs only :mod:`featbank.backbones`: the layers are
-backbones <- bundle (+ this) <- finetuning, with no cycle.
+Here rather than in :mod:`featbank.finetuning` or :mod:`featbank.export` so that opening a bundle
+(``predict``, ``evaluate``, ``export``, ``extract --backbone models/<name>``) needs only
+:mod:`featbank.backbones`: the layers are backbones <- bundles <- fitting, finetuning, export.
+
+A bundle fitted on ``final`` alone reads the backbone's embedding (the embedder). A bundle fitted
+on several layers reads their pooled taps concatenated in network order, computed by
+:class:`~featbank.backbones.TapModel` in one forward pass, so the exported graph holds the taps.
+Test-time augmentation (a bundle with ``features.tta``) averages the probabilities over the plain
+image and its ``hflip`` / ``dihedral`` views, made by flips and quarter turns of the uint8 batch
+(traceable, so they go inside the graph too). ``crops`` views depend on the image's path in the
+cache; new images have none, so predictions of such a bundle use the plain view (documented).
+A bundle with pooled views (``features.view_pool``) reads ``[mean | max]`` of those features over
+the plain image and its views, so its feature module runs the backbone once per view.
 """
 
 from __future__ import annotations
 
 import hashlib
 import warnings
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 from ..backbones import Backbone, load_backbone
 from ..errors import BundleError, ConfigError, RandomWeightsWarning
+from ..features import FeatureSpecError, view_transforms
 from ..images import PreprocessConfig
 
-__all__ = ["finetuned_network"]
+if TYPE_CHECKING:
+    from .bundle import Bundle
+
+__all__ = ["finetuned_network", "feature_module", "tta_views", "tta_classifier"]
+
+View = Callable[[torch.Tensor], torch.Tensor]
 
 
-def finetuned_network(bundle: Any) -> tuple[Backbone, nn.Linear]:
+def finetuned_network(bundle: Bundle) -> tuple[Backbone, nn.Linear]:
     """The fine-tuned network of an opened :class:`featbank.bundles.Bundle`: ``(backbone, head)``.
 
     ``backbone.embedder()`` maps uint8 NHWC images to embeddings, ``head`` maps embeddings to
@@ -84,3 +103,88 @@ def finetuned_network(bundle: Any) -> tuple[Backbone, nn.Linear]:
         extra={"bundle": str(bundle.path), "classes": classes, "base": base, "base_family": ft.get("base_family")},
     )
     return bb, head
+
+
+def _layer_module(bundle: Bundle, backbone: Backbone) -> nn.Module:
+    """``uint8 NHWC -> (N, width of the layers)``: the embedder, or the bundle's taps concatenated."""
+    feats = bundle.features
+    if bundle.info.features is None or feats.layers == ("final",):
+        return backbone.embedder().eval()
+    from ..backbones import TapModel
+
+    taps = TapModel(backbone, feats.layers, feats.pooling).eval()
+    if taps.layers != tuple(feats.layers):
+        raise BundleError(f"Bundle {str(bundle.path)!r} reads layers {list(feats.layers)}, but backbone "
+                          f"{backbone.name!r} gives them in the order {list(taps.layers)}; re-fit the bundle.")
+
+    class Concat(nn.Module):
+        def __init__(self, inner: nn.Module):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat(self.inner(x), dim=1)
+
+    return Concat(taps).eval()
+
+
+def feature_module(bundle: Bundle, backbone: Backbone) -> nn.Module:
+    """``uint8 NHWC -> (N, feature_dim)`` float features, as the bundle's head reads them."""
+    inner = _layer_module(bundle, backbone)
+    if bundle.info.features is None or not bundle.features.view_pool:
+        return inner
+    views = _views(bundle, backbone)
+
+    class PooledViews(nn.Module):
+        """The features of the plain image and of each view, pooled: ``[mean | max]`` (as ``fit --pool-views``)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            stack = torch.stack([self.inner(x)] + [self.inner(v(x).contiguous()) for v in views])
+            return torch.cat([stack.mean(dim=0), stack.amax(dim=0)], dim=1)
+
+    return PooledViews().eval()
+
+
+def tta_views(bundle: Bundle, backbone: Backbone) -> list[View]:
+    """The augmented views a bundle's TTA averages over, as functions of a uint8 NHWC batch ([] without TTA)."""
+    return _views(bundle, backbone) if bundle.features.tta else []
+
+
+def _views(bundle: Bundle, backbone: Backbone) -> list[View]:
+    """The bundle's fixed views (:func:`featbank.features.view_transforms`), naming the bundle when they cannot be made.
+
+    Raises:
+        BundleError: quarter turns of a non-square input (extraction never makes them: a manifest that asks
+            for them was not written by featbank).
+    """
+    h, w = backbone.preprocess.input_size
+    try:
+        return view_transforms(bundle.features, (h, w))
+    except FeatureSpecError:
+        n_views = bundle.features.n_views
+        raise BundleError(f"Bundle {str(bundle.path)!r} names {n_views} dihedral views, which include quarter turns, "
+                          f"but backbone {backbone.name!r} takes {h}x{w} images: a non-square input has only its two "
+                          "flips. The manifest was not written by featbank; re-create the bundle.") from None
+
+
+def tta_classifier(features: nn.Module, head: nn.Module, views: list[View]) -> nn.Module:
+    """uint8 NHWC -> (probabilities averaged over the plain image and ``views``, label)."""
+
+    class TTAClassifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = features
+            self.head = head
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            p = self.head(self.features(x))[0]
+            for view in views:
+                p = p + self.head(self.features(view(x).contiguous()))[0]
+            p = p / float(1 + len(views))
+            return p, torch.argmax(p, dim=1)
+
+    return TTAClassifier().eval()

@@ -10,9 +10,7 @@ embeddings.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,26 +18,11 @@ import h5py
 import numpy as np
 
 from ..errors import CacheError, ConfigError
+from ..features import FeatureSpec, FeatureSpecError
 from ._validate import EXTREME_VALUE, recreate_hint
 
-__all__ = ["CacheFeatures", "read_features", "feature_dataset_names", "dataset_name", "parse_requested",
+__all__ = ["read_features", "feature_dataset_names", "dataset_name", "parse_requested",
            "check_block"]
-
-_AUGMENTS = ("hflip", "dihedral", "crops")
-_POOLINGS = ("gap+2x2", "gap")
-
-
-@dataclass(frozen=True)
-class CacheFeatures:
-    """What a cache holds besides the plain embedding (all defaults for a plain cache)."""
-
-    layers: tuple[str, ...] = ("final",)
-    layer_dims: dict[str, int] = field(default_factory=dict)
-    pooling: str = "gap+2x2"
-    n_views: int = 0
-    augment: str = ""
-    view_seed: int = 0
-
 
 def dataset_name(tap: str, view: bool) -> str:
     """The dataset of a tap: ``embeddings`` / ``layers/<tap>``, under ``views/`` for the augmented views."""
@@ -47,7 +30,7 @@ def dataset_name(tap: str, view: bool) -> str:
     return f"views/{base}" if view else base
 
 
-def feature_dataset_names(feats: CacheFeatures) -> list[str]:
+def feature_dataset_names(feats: FeatureSpec) -> list[str]:
     """Every per-row dataset of the layers and views (not ``embeddings`` itself)."""
     names = [dataset_name(t, False) for t in feats.layers if t != "final"]
     if feats.n_views:
@@ -66,48 +49,18 @@ def _attr(f: h5py.File, name: str) -> Any:
     return v.item() if isinstance(v, np.generic) else v
 
 
-def _json(f: h5py.File, name: str) -> Any:
-    v = _attr(f, name)
+_ATTRS = ("layers", "layer_dims", "pooling", "views", "augment", "view_seed")
+
+
+def _read_attrs(path: Path, f: h5py.File, embed_dim: int, root: Any) -> FeatureSpec:
+    attrs = {name: _attr(f, name) for name in _ATTRS if name in f.attrs}
     try:
-        return json.loads(v) if isinstance(v, str) else None
-    except ValueError:
-        return None
+        return FeatureSpec.from_attrs(attrs, embed_dim)
+    except FeatureSpecError as e:
+        raise _fail(path, f"attribute {e.field!r} is {e.value!r}, expected {e.want}", root) from None
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _read_attrs(path: Path, f: h5py.File, embed_dim: int, root: Any) -> CacheFeatures:
-    layers = _json(f, "layers") if "layers" in f.attrs else ["final"]
-    if (not isinstance(layers, list) or not layers or not all(isinstance(t, str) and t and "/" not in t for t in layers)
-            or len(set(layers)) != len(layers) or layers[-1] != "final"):
-        raise _fail(path, f"attribute 'layers' is {_attr(f, 'layers')!r}, expected a JSON list of distinct layer "
-                    "names ending with \"final\"", root)
-    dims = _json(f, "layer_dims") if "layer_dims" in f.attrs else {"final": embed_dim}
-    if (not isinstance(dims, dict) or set(dims) != set(layers)
-            or not all(_is_int(d) and d > 0 for d in dims.values())):
-        raise _fail(path, f"attribute 'layer_dims' is {_attr(f, 'layer_dims')!r}, expected a JSON object giving a "
-                    f"positive size for each of the layers {layers}", root)
-    if dims["final"] != embed_dim:
-        raise _fail(path, f"attribute 'layer_dims' gives 'final' {dims['final']} values, but 'embeddings' has "
-                    f"{embed_dim}", root)
-    pooling = _attr(f, "pooling") if "pooling" in f.attrs else "gap+2x2"
-    if pooling not in _POOLINGS:
-        raise _fail(path, f"attribute 'pooling' is {pooling!r}, expected one of {_POOLINGS}", root)
-    views = _attr(f, "views") if "views" in f.attrs else 0
-    augment = _attr(f, "augment") if "augment" in f.attrs else ""
-    seed = _attr(f, "view_seed") if "view_seed" in f.attrs else 0
-    if not _is_int(views) or views < 0 or not _is_int(seed):
-        raise _fail(path, f"attributes 'views' / 'view_seed' are {views!r} / {seed!r}, expected integers >= 0", root)
-    if (views > 0) != (augment in _AUGMENTS) or (views == 0 and augment not in ("", None)):
-        raise _fail(path, f"attributes 'views' = {views} and 'augment' = {augment!r} disagree (views need one of "
-                    f"{_AUGMENTS}; no views, no augmentation)", root)
-    return CacheFeatures(tuple(layers), {t: int(dims[t]) for t in layers}, str(pooling), int(views), str(augment or ""),
-                         int(seed))
-
-
-def _check_datasets(path: Path, f: h5py.File, feats: CacheFeatures, n: int, root: Any) -> None:
+def _check_datasets(path: Path, f: h5py.File, feats: FeatureSpec, n: int, root: Any) -> None:
     for tap in feats.layers:
         for view in (False, True) if feats.n_views else (False,):
             if tap == "final" and not view:
@@ -132,7 +85,7 @@ def _check_datasets(path: Path, f: h5py.File, feats: CacheFeatures, n: int, root
                             f"(layers {list(feats.layers)}, views {feats.n_views})", root)
 
 
-def read_features(path: Path, f: h5py.File, embed_dim: int, n: int, root: Any) -> CacheFeatures:
+def read_features(path: Path, f: h5py.File, embed_dim: int, n: int, root: Any) -> FeatureSpec:
     """The layers/views of an open cache, attributes and dataset shapes checked.
 
     Raises:
@@ -143,7 +96,7 @@ def read_features(path: Path, f: h5py.File, embed_dim: int, n: int, root: Any) -
     return feats
 
 
-def parse_requested(feats: CacheFeatures, layers: str | Sequence[str] | None, view: int | None) -> list[str]:
+def parse_requested(feats: FeatureSpec, layers: str | Sequence[str] | None, view: int | None) -> list[str]:
     """The requested layers as a list (``"all"``, a comma-separated string or names), checked against the cache."""
     if layers is None:
         wanted = ["final"]
@@ -155,7 +108,7 @@ def parse_requested(feats: CacheFeatures, layers: str | Sequence[str] | None, vi
     if bad or not wanted:
         raise ConfigError(f"The cache holds layers {', '.join(feats.layers)}; got {layers!r}. Extract the others with "
                           "'featbank extract DATA --layers ...' (a new cache key: another --out, or --overwrite).")
-    if view is not None and (not _is_int(view) or not 0 <= view < feats.n_views):
+    if view is not None and (isinstance(view, bool) or not isinstance(view, int) or not 0 <= view < feats.n_views):
         held = f"views 0..{feats.n_views - 1}" if feats.n_views else "no augmented views"
         raise ConfigError(f"The 'view' parameter must be None (the plain view) or an augmented view of the cache, "
                           f"which holds {held}. Got {view!r} instead.")

@@ -33,7 +33,8 @@ from h5py import h5d, h5f, h5s
 from .. import __version__
 from .._files import NotRegularFileError, check_regular_file
 from ..errors import CacheError, NotACacheError
-from ._features import CacheFeatures, read_features
+from ..features import FeatureSpec
+from ._features import read_features
 from ._index import INDEX_SCHEMA_VERSION, read_parts_table, verify_cache
 from ._parts import ROW_DATASETS, SKIPPED_DATASETS, PartInfo, parts_dir
 from ._schema import FORMAT, SCHEMA_VERSION, SPLIT_NAMES
@@ -75,7 +76,7 @@ class CacheCheck:
     parts_dir: Path | None
     labels: np.ndarray
     splits: np.ndarray
-    features: CacheFeatures
+    features: FeatureSpec
     listed: list[tuple[str, str, tuple[int, int]]]
 
 

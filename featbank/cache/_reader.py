@@ -11,9 +11,10 @@ import h5py
 import numpy as np
 
 from ..errors import ConfigError
+from ..features import FeatureSpec
 from ._direct import RowReader
 from ._discovery import find_latest_cache
-from ._features import CacheFeatures, check_block, dataset_name, parse_requested
+from ._features import check_block, dataset_name, parse_requested
 from ._integrity import check_v2_index, damaged_part_error, open_cache_file, validate_cache
 from ._parts import PartInfo
 from ._schema import decode_attr
@@ -68,7 +69,7 @@ class FeatureCache:
         self._split_names = check.split_names
         self._parts: list[PartInfo] = check.parts
         self._parts_dir: Path | None = check.parts_dir
-        self._features: CacheFeatures = check.features
+        self._features: FeatureSpec = check.features
         root = self.metadata.get("root")
         # Public: plain h5py (the virtual dataset for v2). featbank's own reads go through _reader().
         self.embeddings: h5py.Dataset = f["embeddings"]

@@ -19,7 +19,8 @@ import numpy as np
 
 from .._files import check_output_dir, fsync_dir, temporary_path
 from ..errors import CacheError, ConfigError, NotACacheError
-from ._features import CacheFeatures, dataset_name, feature_dataset_names, parse_requested
+from ..features import FeatureSpec
+from ._features import dataset_name, feature_dataset_names, parse_requested
 from ._index import verify_cache
 from ._integrity import CacheCheck, open_cache_file, validate_cache
 from ._parts import ROW_DATASETS
@@ -54,7 +55,7 @@ class CacheSummary:
     n_parts: int
     n_skipped: int
     problems: list[str] = field(default_factory=list)
-    features: CacheFeatures = field(default_factory=CacheFeatures)
+    features: FeatureSpec = field(default_factory=FeatureSpec)
 
     def lines(self) -> list[str]:
         """Human-readable lines, one fact each."""
@@ -73,7 +74,7 @@ class CacheSummary:
         return out
 
 
-def _feature_lines(feats: CacheFeatures, embed_dim: int) -> list[str]:
+def _feature_lines(feats: FeatureSpec, embed_dim: int) -> list[str]:
     dims = {**feats.layer_dims, "final": feats.layer_dims.get("final", embed_dim)}
     layers = ", ".join(f"{t} ({dims.get(t, '?')})" for t in feats.layers)
     pooled = f"; pooling {feats.pooling}" if len(feats.layers) > 1 else ""

@@ -87,7 +87,7 @@ def estimate_bytes(n: int, embed_dim: int, dtype: str, paths: Sequence[str], ext
 def feature_values_per_row(datasets: Mapping[str, tuple[int, ...]] | None) -> int:
     """Values per row of a run's layer and view datasets: ``datasets`` maps each (``layers/<tap>``,
     ``views/embeddings``, ``views/layers/<tap>``) to its trailing shape, as
-    ``FeatureOptions.datasets()`` gives it; ``(K, D)`` of a view dataset counts K x D."""
+    ``FeatureSpec.datasets()`` gives it; ``(K, D)`` of a view dataset counts K x D."""
     return sum(math.prod(shape) for shape in (datasets or {}).values())
 
 

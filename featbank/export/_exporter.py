@@ -421,10 +421,10 @@ def _layered_graph(bundle: Any, bb: Any, est: Any, tmp: Path, opset: int | None)
     import onnx
     import torch
 
-    from ._layers import feature_module, tta_classifier, view_transforms
+    from ..bundles.network import feature_module, tta_classifier, tta_views
 
     feat = feature_module(bundle, bb)
-    views = view_transforms(bundle, bb)
+    views = tta_views(bundle, bb)
     h, w = bb.preprocess.input_size
     example = torch.zeros((2, h, w, 3), dtype=torch.uint8)
 

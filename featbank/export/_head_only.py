@@ -79,7 +79,7 @@ def _metadata(bundle: Any, route: str, dim: int, model_version: int) -> dict[str
 
 
 def _parity(bundle: Any, tmp: Path, images: list[Path], weights_file: Any, atol: float) -> dict[str, Any]:
-    from ._layers import feature_module
+    from ..bundles.network import feature_module
 
     bb = bundle.load_backbone(weights_file)
     batch, skipped = load_batch(images, bb.preprocess)

@@ -90,7 +90,7 @@ class ViewImageDataset:
         from ..features import make_views
 
         row, img, why = self.base[i]
-        if img is None or not self.features.views:
+        if img is None or not self.features.n_views:
             return row, img, why, None
         try:
             return row, img, why, make_views(img, self.paths[row], self.features, self.interpolation)
@@ -133,7 +133,7 @@ def embed_feature_rows(writer: Any, loader: Any, eng: Any, features: Any, batch_
             x = batch if ok.all() else batch[mask]
             out = _tap_outputs(eng, x, batch_size)
             extra = {f"layers/{t}": out[t] for t in features.taps}
-            if features.views:
+            if features.n_views:
                 v = (views if ok.all() else views[mask])
                 n, k = v.shape[:2]
                 vout = _tap_outputs(eng, v.reshape(n * k, *v.shape[2:]), batch_size)

@@ -177,6 +177,6 @@ class ExtractOptions:
     strict: bool
     progress: bool
     on_progress: Callable[[int, int], None] | None
-    features: Any = None  # FeatureOptions when the run stores layers or views
+    features: Any = None  # FeatureSpec when the run stores layers or views
     window: str = "none"  # the window rule (featbank.windowing), part of the transform
     decode: str = "pillow"  # pillow or gpu (resolved from auto)

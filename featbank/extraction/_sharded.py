@@ -60,7 +60,7 @@ class WorkerSettings:
     num_workers: int
     embed_dim: int
     transform: dict[str, Any]
-    features: Any = None  # FeatureOptions of a run with layers or views (None: the embedding alone)
+    features: Any = None  # FeatureSpec of a run with layers or views (None: the embedding alone)
     decode: str = "pillow"  # "gpu": JPEGs decoded and resized as tensors on the device (_decode)
 
 
@@ -148,7 +148,7 @@ def prepare(
     """Plan the run: the cache key, the shards (keeping an existing index's boundaries), the jobs left.
 
     A shard needs a job when its part for exactly its planned rows is not yet published.
-    ``features`` (a ``FeatureOptions`` from ``resolve_features``) adds layers and views.
+    ``features`` (a ``FeatureSpec`` from ``resolve_features``) adds layers and views.
     ``identity``: the backbone's identity when the caller already has it (else resolved here,
     which may build the model). ``decode``: ``pillow`` or ``gpu`` (resolved, see ``_decode``).
 
@@ -207,7 +207,7 @@ def prepare(
         "precision": precision, "engine": engine, "device": device, "root": str(source.root),
         "layout": source.layout, "classes_json": json.dumps(list(source.classes)), "updated": timestamp(),
         "complete": True, "shard_size": plan.shard_size, "decode": decode,
-        **(features.attrs() if features is not None else {}),
+        **(features.to_attrs() if features is not None else {}),
     }
     extra = tuple(features.datasets()) if features is not None else ()
     return Prepared(index_path, key, plan, planned, planned_paths, jobs, list(source.classes), attrs, list(source.skipped),
@@ -505,7 +505,7 @@ def _embed_rows(writer: PartWriter, job: ShardJob, skipped: dict[int, str],
         from ._embedding import ViewCollate, ViewImageDataset, embed_feature_rows
 
         loader = DataLoader(ViewImageDataset(dataset, writer.paths, s.features, cfg.interpolation), batch_size=s.batch_size,
-                            shuffle=False, num_workers=s.num_workers, collate_fn=ViewCollate(cfg, s.features.views),
+                            shuffle=False, num_workers=s.num_workers, collate_fn=ViewCollate(cfg, s.features.n_views),
                             prefetch_factor=4 if s.num_workers > 0 else None)
         return embed_feature_rows(writer, loader, eng, s.features, s.batch_size, skipped)
     for rows, batch, ok, reasons in loader:

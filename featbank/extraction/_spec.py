@@ -1,5 +1,5 @@
 """The layers and views one extract run stores, checked against the backbone (``--layers``,
-``--views``, ``--augment``, ``--pooling``) and resolved into a :class:`~featbank.features.FeatureOptions`."""
+``--views``, ``--augment``, ``--pooling``) and resolved into a :class:`~featbank.features.FeatureSpec`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
-from ..features import AUGMENTS, DIHEDRAL_ORDER, FIXED_VIEWS, MAX_VIEWS, FeatureOptions
+from ..features import AUGMENTS, DIHEDRAL_ORDER, FIXED_VIEWS, MAX_VIEWS, POOLINGS, FeatureSpec
 
 __all__ = ["resolve_features"]
 
@@ -37,7 +37,7 @@ def resolve_features(
     backbone: str | os.PathLike, weights: str | None, weights_file: str | os.PathLike | None, *,
     layers: Any = None, pooling: str = "gap+2x2", views: int = 0, augment: str | None = None,
     view_seed: int = 0,
-) -> FeatureOptions:
+) -> FeatureSpec:
     """Check the layer and view options of an extract run and fill in the layers' sizes.
 
     A plain run (``layers`` None or ``final``, no views) loads nothing. Otherwise the backbone is
@@ -46,8 +46,6 @@ def resolve_features(
     Raises:
         ConfigError: an unknown layer, pooling or augmentation, or an impossible number of views.
     """
-    from ..backbones._taps import POOLINGS
-
     views = _int("views", views, 0)
     if views > MAX_VIEWS:
         raise ConfigError(f"--views {views} is more than featbank stores: at most {MAX_VIEWS} augmented views per image "
@@ -64,9 +62,8 @@ def resolve_features(
         raise ConfigError(f"The 'pooling' parameter must be one of {POOLINGS}. Got {pooling!r} instead.")
     plain = (layers is None or layers == "final" or list(layers) == ["final"]) and views == 0
     if plain:
-        return FeatureOptions(pooling=pooling)
-    from ..backbones import load_backbone
-    from ..backbones._taps import layer_dims, parse_layers
+        return FeatureSpec(pooling=pooling)
+    from ..backbones import layer_dims, load_backbone, parse_layers
 
     bb = load_backbone(os.fspath(backbone), weights, weights_file)
     # The embedding is always stored ('embeddings'), so 'final' is always among the layers: '--layers
@@ -75,4 +72,4 @@ def resolve_features(
     h, w = bb.preprocess.input_size
     _check_views(views, augment, h == w)
     dims = layer_dims(bb, taps, pooling)
-    return FeatureOptions(taps, pooling, views, augment if views else "", view_seed if views else 0, dims)
+    return FeatureSpec(taps, dims, pooling, views, augment if views else "", view_seed if views else 0)

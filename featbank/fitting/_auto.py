@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
-from ._layers import VIEW_POOL, FeatureTable, LayerChoice, resolve_layers, select_layers
+from ..features import DEFAULT_POOLING, VIEW_POOL, FeatureSpec
+from ._layers import FeatureTable, LayerChoice, resolve_layers, select_layers
 from ._rows import check_finite, opened_cache, split_rows
 from ._search import DEFAULT_BUDGET, DEFAULT_CV, DEFAULT_REPEATS, AutoSearch, Candidate, FeatureKey, parse_budget
 from ._select import HeadSpec
@@ -260,14 +261,10 @@ def head_type(est: Any) -> str:
 def features_section(table: FeatureTable, choice: LayerChoice | None, winner: Mapping[str, Any]) -> dict[str, Any]:
     """The manifest's ``features`` of the winner: its layers, its views (pooled or plain), no TTA."""
     cache = table.cache
-    out: dict[str, Any] = {
-        "layers": list(table.layers), "layer_dims": dict(table.layer_dims),
-        "pooling": getattr(cache, "pooling", "gap+2x2"), "views_used": 0,
-        "augment": getattr(cache, "augment", "") or "", "view_seed": int(getattr(cache, "view_seed", 0) or 0),
-        "n_views": table.n_views, "tta": False, "tta_choice": {"mode": "off", "used": False, "n_views": 0},
-    }
-    if table.pooled:
-        out["view_pool"] = VIEW_POOL
+    spec = FeatureSpec(tuple(table.layers), dict(table.layer_dims), getattr(cache, "pooling", DEFAULT_POOLING),
+                       table.n_views, getattr(cache, "augment", "") or "", int(getattr(cache, "view_seed", 0) or 0),
+                       view_pool=VIEW_POOL if table.pooled else "")
+    out = {**spec.to_dict(), "tta_choice": {"mode": "off", "used": False, "n_views": 0}}
     if choice is not None and winner["features"] == "auto" and choice.rounds:
         out["selection"] = choice.to_dict()
     return out

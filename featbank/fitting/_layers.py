@@ -31,12 +31,9 @@ import numpy as np
 
 from ..errors import ConfigError
 
-__all__ = ["FeatureTable", "LayerChoice", "resolve_layers", "select_layers", "mean_proba", "pool_views", "TTA_CHOICES",
-           "VIEW_POOL"]
+__all__ = ["FeatureTable", "LayerChoice", "resolve_layers", "select_layers", "mean_proba", "pool_views", "TTA_CHOICES"]
 
 TTA_CHOICES = ("auto", "on", "off")
-#: The one view pooling: per feature, the mean then the max over the plain and augmented views.
-VIEW_POOL = "mean+max"
 _RIDGE_ALPHAS = np.logspace(-3, 2, 11)  # times the mean eigenvalue of the Gram matrix
 _MIN_GAIN = 1e-9  # a layer must improve the validation score strictly
 

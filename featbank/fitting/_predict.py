@@ -175,11 +175,11 @@ def predict(model: str | Path, images: Sequence[str | Path], *, top_k: int = 1, 
     bundle = load_bundle(model)
     bundle.load_head()
     bb = bundle.load_backbone(weights_file)
-    from ..export._layers import feature_module, view_transforms
+    from ..bundles.network import feature_module, tta_views
 
     dev = resolve_device(device)
     net = feature_module(bundle, bb).to(dev)  # the embedder, or the bundle's layers concatenated
-    views = view_transforms(bundle, bb)  # TTA (hflip / dihedral), as evaluate and the exported graph do
+    views = tta_views(bundle, bb)  # TTA (hflip / dihedral), as evaluate and the exported graph do
 
     def proba_of(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

@@ -13,8 +13,9 @@ import numpy as np
 from .._files import check_bundle_dir, slugify
 from ..bundles import BackboneIdentity, build_manifest
 from ..errors import ConfigError
+from ..features import DEFAULT_POOLING, VIEW_POOL, FeatureSpec
 from ..splits import sample_shots, stratified_holdout
-from ._layers import TTA_CHOICES, VIEW_POOL, FeatureTable, LayerChoice, mean_proba, resolve_layers, select_layers
+from ._layers import TTA_CHOICES, FeatureTable, LayerChoice, mean_proba, resolve_layers, select_layers
 from ._rows import CacheRows, opened_cache, parse_memory, split_rows
 from ._select import HeadSpec, Selection, make_head, select_and_refit
 
@@ -618,15 +619,12 @@ def _collect_metrics(runs: list[_SeedRun], plan: _Plan) -> dict[str, Any]:
 def _features_section(plan: _Plan, run: _SeedRun) -> dict[str, Any]:
     """What the head reads and how it predicts: layers (and why), views used in training, TTA."""
     table = plan.table
-    out: dict[str, Any] = {
-        "layers": list(table.layers), "layer_dims": dict(table.layer_dims),
-        "pooling": getattr(table.cache, "pooling", "gap+2x2"),
-        "views_used": table.n_views if table.train_views else 0, "augment": getattr(table.cache, "augment", ""),
-        "view_seed": int(getattr(table.cache, "view_seed", 0) or 0), "n_views": table.n_views,
-        "tta": bool(run.tta), "tta_choice": run.tta_info,
-    }
-    if table.pooled:
-        out["view_pool"] = VIEW_POOL
+    spec = FeatureSpec(
+        tuple(table.layers), dict(table.layer_dims), getattr(table.cache, "pooling", DEFAULT_POOLING), table.n_views,
+        getattr(table.cache, "augment", "") or "", int(getattr(table.cache, "view_seed", 0) or 0),
+        views_used=table.n_views if table.train_views else 0, tta=bool(run.tta), view_pool=VIEW_POOL if table.pooled else "",
+    )
+    out = {**spec.to_dict(), "tta_choice": run.tta_info}
     if plan.choice is not None:
         out["selection"] = plan.choice.to_dict()
     return out
