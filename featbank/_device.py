@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Union
 
 from .errors import ConfigError
 
-__all__ = ["DEVICES", "resolve_device", "autocast_dtype", "precision_name", "default_num_workers"]
+if TYPE_CHECKING:
+    import torch
+
+#: What a ``device`` parameter takes: a name (``auto``, ``cpu``, ``cuda``, ``cuda:N``), a ``torch.device``, or None (auto).
+DeviceLike = Union[str, "torch.device", None]
+
+__all__ = ["DEVICES", "DeviceLike", "resolve_device", "autocast_dtype", "precision_name", "default_num_workers"]
 
 #: The values ``--device`` offers (the library also takes ``cuda:N`` and a ``torch.device``).
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def resolve_device(device: Any = "auto") -> Any:
+def resolve_device(device: DeviceLike = "auto") -> torch.device:
     """``auto``/None -> CUDA when a GPU is visible, else CPU; returns a ``torch.device``.
 
     Raises:
@@ -34,7 +40,7 @@ def resolve_device(device: Any = "auto") -> Any:
     return dev
 
 
-def autocast_dtype(device: Any) -> Any:
+def autocast_dtype(device: DeviceLike) -> torch.dtype | None:
     """The autocast dtype on ``device``: bfloat16 where the GPU has it, else float16; None on CPU."""
     import torch
 
@@ -43,13 +49,13 @@ def autocast_dtype(device: Any) -> Any:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def precision_name(device: Any) -> str:
+def precision_name(device: DeviceLike) -> str:
     """``bfloat16``, ``float16`` or ``float32``: what :func:`autocast_dtype` runs at, as recorded in files."""
     dtype = autocast_dtype(device)
     return "float32" if dtype is None else str(dtype).replace("torch.", "")
 
 
-def default_num_workers(device: Any, *, training: bool = False) -> int:
+def default_num_workers(device: DeviceLike, *, training: bool = False) -> int:
     """Image-decoding processes when ``num_workers`` is not given.
 
     On a GPU, enough decoders to feed it (fewer when training: each batch also runs backward). On

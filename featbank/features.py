@@ -251,8 +251,9 @@ def view_transforms(spec: FeatureSpec, input_size: tuple[int, int]) -> list[Call
 
     h, w = input_size
     if h != w and any(turns % 2 for turns, _ in DIHEDRAL_ORDER[:spec.n_views]):
-        raise FeatureSpecError("n_views", f"at most 2 views (the two flips) of the non-square {h}x{w} input",
-                               spec.n_views)
+        most = next(k for k, (turns, _) in enumerate(DIHEDRAL_ORDER) if turns % 2)
+        raise FeatureSpecError("n_views", f"at most {most} views of the non-square {h}x{w} input (the later ones "
+                               "turn it a quarter)", spec.n_views)
 
     def make(turns: int, mirror: bool) -> Callable[[torch.Tensor], torch.Tensor]:
         def view(x: torch.Tensor) -> torch.Tensor:
@@ -279,8 +280,6 @@ def _dihedral(img: np.ndarray, turns: int, mirror: bool) -> np.ndarray:
 def _crop(img: np.ndarray, rng: np.random.Generator, interpolation: str) -> np.ndarray:
     from PIL import Image
 
-    from .images import RESAMPLE
-
     h, w = img.shape[:2]
     area = h * w
     # torchvision's RandomResizedCrop rule (10 tries, then the whole image), with our generator.
@@ -294,7 +293,9 @@ def _crop(img: np.ndarray, rng: np.random.Generator, interpolation: str) -> np.n
             box = (left, top, left + cw, top + ch)
             break
     flip = bool(rng.integers(0, 2))
-    out = Image.fromarray(np.ascontiguousarray(img)).crop(box).resize((w, h), RESAMPLE[interpolation])
+    # A PreprocessConfig's interpolation names are Pillow's filter names in lower case (featbank.images.RESAMPLE);
+    # looked up here by name so that this ground-floor module stands on nothing but errors.
+    out = Image.fromarray(np.ascontiguousarray(img)).crop(box).resize((w, h), Image.Resampling[interpolation.upper()])
     arr = np.asarray(out, dtype=np.uint8)
     return arr[:, ::-1] if flip else arr
 

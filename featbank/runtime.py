@@ -22,7 +22,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -30,6 +30,9 @@ from PIL import Image
 from .errors import BundleError, DatasetError
 from .images import RESAMPLE, ImageReadError, PreprocessConfig, check_resizable, load_image, preprocess_image
 from .windowing import parse_window
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 __all__ = [
     "FORMAT_KEY",
@@ -115,7 +118,7 @@ class Prediction:
                 "top_k": [{"label": name, "probability": p} for name, p in self.top_k], "error": self.error}
 
 
-def _session(path: Path, providers: Sequence[str] | None, options: Any) -> Any:
+def _session(path: Path, providers: Sequence[str] | None, options: ort.SessionOptions | None) -> ort.InferenceSession:
     import onnxruntime as ort
 
     if path.is_dir():
@@ -275,7 +278,8 @@ def input_kind(path: str | os.PathLike, meta: dict[str, str]) -> str:
     return kind
 
 
-def _check_graph(path: Path, session: Any, n_classes: int, input_size: tuple[int, int], raw: bool = False) -> None:
+def _check_graph(path: Path, session: ort.InferenceSession, n_classes: int, input_size: tuple[int, int],
+                 raw: bool = False) -> None:
     """The graph's input and outputs must be what the metadata promises (names, types, sizes).
 
     A raw-input graph (``raw``) takes images of any height and width: those axes must not be fixed."""

@@ -206,3 +206,37 @@ def test_manifest_extraction_records_bad_rows(tmp_path):
         assert [p.decode() for p in f["skipped/paths"][...]] == ["imgs/fake.png"]
         assert f["skipped/reasons"][0].decode().startswith("not an image")
         assert json.loads(f.attrs["listing_skipped"]) == [["imgs/no.png", "file not found", [0, 0]]]
+
+
+def test_create_source_reads_each_kind_as_its_reader_does(tmp_path):
+    from featbank.sources import SOURCE_KINDS, RowSource, create_source, scan_folder, source_kind
+
+    assert set(SOURCE_KINDS) == {"folder", "manifest", "webdataset"}
+    for cls in ("cat", "dog"):
+        _images(tmp_path / "folder" / cls, 2)
+    names = _images(tmp_path / "imgs", 4)
+    (tmp_path / "m.tsv").write_text("file\tcls\n" + "".join(f"{n}\t{'ab'[i % 2]}\n" for i, n in enumerate(names)))
+    wds = _shards(tmp_path / "wds")
+    cases = {
+        "folder": (tmp_path / "folder", {}, RowSource.from_index(scan_folder(tmp_path / "folder"))),
+        "manifest": (tmp_path / "m.tsv", {"path_column": "file", "label_column": "cls"},
+                     read_manifest(tmp_path / "m.tsv", path_column="file", label_column="cls")),
+        "webdataset": (wds, {"label_from": "cls"}, read_webdataset(wds)),
+    }
+    for kind, (data, options, want) in cases.items():
+        assert source_kind(data) == kind
+        got = create_source(kind, data, **options)
+        assert got.layout == want.layout and got.keys == want.keys and got.classes == want.classes
+        assert got.labels.tolist() == want.labels.tolist()
+    assert source_kind(str(wds / "s-{000000..000001}.tar")) == "webdataset"
+    assert len(create_source("folder", tmp_path / "folder").keys) == 4
+
+
+def test_create_source_refuses_an_unknown_kind_and_says_which_exist(tmp_path):
+    from featbank.sources import create_source
+
+    with pytest.raises(ConfigError, match="'kind' parameter of create_source must be one of folder, manifest, "
+                                          "webdataset. Got 'lmdb'"):
+        create_source("lmdb", tmp_path)
+    with pytest.raises(TypeError):
+        create_source("webdataset", tmp_path, path_column="file")  # an option of another kind

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -37,6 +37,11 @@ from ..features import FeatureSpec
 from .manifest import MANIFEST, Manifest, check_file_name, parse_manifest, read_manifest
 from .skops import load_skops
 from .store import recover, sha256_bytes
+
+if TYPE_CHECKING:
+    from sklearn.base import BaseEstimator
+
+    from ..cache import FeatureCache
 
 __all__ = ["Bundle", "load_bundle", "backbone_of_bundle", "is_bundle_folder"]
 
@@ -175,7 +180,7 @@ class Bundle:
             )
         return with_window(bb, (ident.transform or {}).get("window", "none"))
 
-    def check_cache(self, cache: Any) -> None:
+    def check_cache(self, cache: FeatureCache) -> None:
         """Check that an open cache holds embeddings this bundle's head can read.
 
         Raises:
@@ -242,7 +247,7 @@ class Bundle:
         self._head = est
         return est
 
-    def _check_head_width(self, est: Any) -> None:
+    def _check_head_width(self, est: BaseEstimator) -> None:
         # The manifest says what the head reads (embedding, layers, pooled views); the head must read that many
         # columns, else a manifest edited to add or drop a layer or the view pooling fails later with a traceback.
         width = getattr(est, "n_features_in_", None)
@@ -260,7 +265,7 @@ class Bundle:
             return "the embedding"
         return f"layers {','.join(feats.layers)}" + (f", pooled {feats.view_pool} over views" if feats.view_pool else "")
 
-    def _check_head_classes(self, est: Any) -> None:
+    def _check_head_classes(self, est: BaseEstimator) -> None:
         # A head predicts every class of the manifest, in order; a head fitted on a subset of the
         # classes says so in head.classes_seen. Anything else is a manifest that lies about the head.
         cols = np.asarray(getattr(est, "classes_", []))

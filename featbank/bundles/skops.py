@@ -14,9 +14,12 @@ from __future__ import annotations
 import io
 import json
 import zipfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import BundleError, ConfigError
+
+if TYPE_CHECKING:
+    from sklearn.base import BaseEstimator
 
 __all__ = ["trusted_skops_types", "named_types", "serialize_sklearn", "load_skops"]
 
@@ -153,7 +156,7 @@ def _untrusted(data: bytes) -> list[str]:
     return sorted(named_types(data) - trusted_skops_types())
 
 
-def serialize_sklearn(estimator: Any) -> tuple[str, bytes, list[str]]:
+def serialize_sklearn(estimator: BaseEstimator) -> tuple[str, bytes, list[str]]:
     """``(file name, bytes, trusted types)`` of a fitted scikit-learn estimator, as skops.
 
     Raises:

@@ -31,7 +31,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -44,6 +44,9 @@ from ..images import (
     check_image_bytes,
     preprocess_image,
 )
+
+if TYPE_CHECKING:
+    from .folders import ImageIndex
 
 __all__ = ["RowSource", "LABEL_SOURCES", "MAX_PATTERN_NAMES", "read_manifest", "read_webdataset", "expand_braces",
            "count_braces", "TarImages"]
@@ -80,7 +83,7 @@ class RowSource:
     duplicates: list[tuple[str, str]] = field(default_factory=list)
 
     @classmethod
-    def from_index(cls, index: Any) -> RowSource:
+    def from_index(cls, index: ImageIndex) -> RowSource:
         """From a :class:`featbank.sources.ImageIndex` (a scanned folder)."""
         return cls(Path(index.root), list(index.paths), index.fingerprints, index.labels, index.splits,
                    list(index.classes), index.layout, duplicates=list(getattr(index, "duplicates", [])))
