@@ -1,5 +1,8 @@
 """Where rows come from: an image folder, a manifest (CSV, TSV, parquet) or WebDataset shards.
 
+One module per kind (:mod:`~featbank.sources.folders`, :mod:`~featbank.sources.manifests`,
+:mod:`~featbank.sources.webdataset`) and :mod:`~featbank.sources.rows` for what they share.
+
 Every kind gives a :class:`RowSource` (sorted unique row keys with fingerprints, labels and
 splits). :func:`create_source` picks the reader by kind, like timm's ``create_reader``;
 :func:`source_kind` tells the kind of a ``DATA`` argument from its name.
@@ -18,16 +21,9 @@ from typing import Any
 
 from ..errors import ConfigError
 from .folders import SPLIT_NAMES, ImageIndex, is_image_file, scan_folder
-from .manifests import (
-    LABEL_SOURCES,
-    MAX_PATTERN_NAMES,
-    RowSource,
-    TarImages,
-    count_braces,
-    expand_braces,
-    read_manifest,
-    read_webdataset,
-)
+from .manifests import read_manifest
+from .rows import RowSource
+from .webdataset import LABEL_SOURCES, MAX_PATTERN_NAMES, TarImages, count_braces, expand_braces, read_webdataset
 
 __all__ = [
     "SOURCE_KINDS",
