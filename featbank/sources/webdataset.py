@@ -32,10 +32,8 @@ from .rows import Duplicates, Row, RowSource, printable, to_source, unstorable
 
 __all__ = ["LABEL_SOURCES", "MAX_PATTERN_NAMES", "read_webdataset", "expand_braces", "count_braces", "TarImages"]
 
+#: Where a sample's label comes from: its ``.cls``, ``.txt`` or ``.json`` member, or nowhere (unlabelled).
 LABEL_SOURCES = ("cls", "txt", "json", "none")
-
-
-
 #: A brace pattern may name at most this many tar files; the count is made before anything is expanded.
 MAX_PATTERN_NAMES = 1_000_000
 
