@@ -41,6 +41,7 @@ from .store import recover, sha256_bytes
 if TYPE_CHECKING:
     from sklearn.base import BaseEstimator
 
+    from ..backbones import Backbone
     from ..cache import FeatureCache
 
 __all__ = ["Bundle", "load_bundle", "backbone_of_bundle", "is_bundle_folder"]
@@ -70,7 +71,7 @@ class Bundle:
         self.classes: list[str] = list(manifest.classes)
         self.backbone: dict[str, Any] = dict(manifest.raw["backbone"])
         self.cache_key: str | None = manifest.cache_key
-        self._head: Any = None
+        self._head: BaseEstimator | None = None
 
     @property
     def n_classes(self) -> int:
@@ -142,7 +143,7 @@ class Bundle:
             )
         return data
 
-    def load_backbone(self, weights_file: str | os.PathLike | None = None) -> Any:
+    def load_backbone(self, weights_file: str | os.PathLike | None = None) -> Backbone:
         """The :class:`featbank.backbones.Backbone` whose embeddings this bundle's head reads.
 
         Head bundles: the backbone named in the manifest with the recorded weights, checked
@@ -207,7 +208,7 @@ class Bundle:
                 f"{str(cache.path)!r} was made with other weights. Extract with '--backbone {bundle.path}'."
             )
 
-    def load_head(self) -> Any:
+    def load_head(self) -> BaseEstimator:
         """The fitted estimator mapping embeddings -> probabilities (preprocessing included).
 
         For ``kind="head"``: a :class:`featbank.heads.LinearHead` / ``MLPHead``, or a scikit-learn
@@ -278,7 +279,7 @@ class Bundle:
                 f"{self.n_classes} classes {self.classes[:10]}; the manifest and the head disagree. Re-create the bundle."
             )
 
-    def _load_finetuned_head(self) -> Any:
+    def _load_finetuned_head(self) -> BaseEstimator:
         from safetensors.numpy import load as st_load
 
         from ..heads import LinearHead
@@ -370,7 +371,7 @@ def is_bundle_folder(path: str | os.PathLike) -> bool:
     return p.is_dir() and (p / MANIFEST).exists()
 
 
-def backbone_of_bundle(folder: str | os.PathLike) -> Any:
+def backbone_of_bundle(folder: str | os.PathLike) -> Backbone | None:
     """A fine-tuned bundle folder as a backbone; ``None`` for a folder that is no bundle.
 
     Registered with :func:`featbank.backbones.register_backbone_source` when this module is

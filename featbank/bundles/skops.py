@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import json
 import zipfile
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..errors import BundleError, ConfigError
 
@@ -175,7 +175,7 @@ def serialize_sklearn(estimator: BaseEstimator) -> tuple[str, bytes, list[str]]:
     return "head.skops", data, sorted(named_types(data))
 
 
-def load_skops(data: bytes, what: str) -> Any:
+def load_skops(data: bytes, what: str) -> BaseEstimator:
     """The estimator in a skops file, if every type it names is trusted.
 
     Raises:
