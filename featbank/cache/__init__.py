@@ -35,10 +35,11 @@ from __future__ import annotations
 # Outside __all__ but imported from here, the path they had when this package was one module:
 # check_key by featbank.extraction; write_cache (the schema-v1 writer) by
 # scripts/bench_fit.py, scripts/bench_scale.py and tests; EMBEDDING_VERSION stays reachable too.
-from ._discovery import CacheChoice, choose_cache, default_cache_dir, find_latest_cache
+from ._discovery import CacheChoice, choose_cache, find_latest_cache, open_cache
+from ._home import default_cache_dir
 from ._index import verify_cache
 from ._lock import writer_lock
-from ._reader import EXTREME_POLICIES, FeatureCache, open_cache
+from ._reader import EXTREME_POLICIES, FeatureCache
 from ._schema import EMBEDDING_VERSION, SCHEMA_VERSION, SPLIT_NAMES, compute_cache_key  # noqa: F401
 from ._validate import EXTREME_VALUE
 from ._writer import check_key, write_cache  # noqa: F401

@@ -20,7 +20,7 @@ from h5py import h5d
 
 from .._files import open_regular_file
 from ..errors import CacheError, ExtremeEmbeddingsWarning, NotACacheError
-from ._discovery import default_cache_dir
+from ._home import default_cache_dir
 
 __all__ = [
     "EXTREME_VALUE",
