@@ -32,30 +32,87 @@ embedding values are checked block by block as they are read, so opening stays l
 
 from __future__ import annotations
 
-# Outside __all__ but imported from here, the path they had when this package was one module:
-# check_key by featbank.extraction; write_cache (the schema-v1 writer) by
-# scripts/bench_fit.py, scripts/bench_scale.py and tests; EMBEDDING_VERSION stays reachable too.
+# The face of the package: what users call (first block of __all__) and what featbank's other
+# packages build on (extraction writes parts and the index, ``featbank cache`` runs the tools).
+# The modules stand in floors, each on lower ones only: _home, _schema -> _validate -> _parts,
+# _features -> _index -> _integrity -> _direct -> _reader -> _discovery; _tools, _writer and
+# _legacy (schema v1) on top.
 from ._discovery import CacheChoice, choose_cache, find_latest_cache, open_cache
 from ._home import default_cache_dir
-from ._index import verify_cache
+from ._index import INDEX_SCHEMA_VERSION, PlannedPart, check_parts, finalize_index, read_parts_table, verify_cache
 from ._lock import writer_lock
+from ._parts import (
+    ROW_DATASETS,
+    PartInfo,
+    PartRows,
+    PartWriter,
+    describe_part,
+    part_name,
+    parts_dir,
+    rows_digest,
+    write_part,
+)
 from ._reader import EXTREME_POLICIES, FeatureCache
-from ._schema import EMBEDDING_VERSION, SCHEMA_VERSION, SPLIT_NAMES, compute_cache_key  # noqa: F401
-from ._validate import EXTREME_VALUE
-from ._writer import check_key, write_cache  # noqa: F401
+from ._schema import (
+    EMBEDDING_VERSION,
+    FORMAT,
+    SCHEMA_VERSION,
+    SPLIT_NAMES,
+    compute_cache_key,
+    decode_attr,
+    describe_feature_difference,
+    feature_settings,
+)
+from ._tools import EXPORT_FORMATS, CacheSummary, check_cache, describe_cache, export_cache
+from ._validate import EXTREME_VALUE, is_hdf5
+from ._writer import check_key, check_space, estimate_bytes, feature_values_per_row, write_cache
 
 __all__ = [
-    "writer_lock",
-    "verify_cache",
-    "SCHEMA_VERSION",
-    "SPLIT_NAMES",
+    # reading
     "FeatureCache",
     "open_cache",
-    "compute_cache_key",
-    "default_cache_dir",
-    "find_latest_cache",
     "choose_cache",
     "CacheChoice",
+    "find_latest_cache",
+    "default_cache_dir",
+    "verify_cache",
     "EXTREME_VALUE",
     "EXTREME_POLICIES",
+    "SPLIT_NAMES",
+    "SCHEMA_VERSION",
+    "INDEX_SCHEMA_VERSION",
+    "EMBEDDING_VERSION",
+    "FORMAT",
+    "is_hdf5",
+    # the cache key and what it covers
+    "compute_cache_key",
+    "check_key",
+    "describe_feature_difference",
+    "feature_settings",
+    "decode_attr",
+    # writing (extract): parts, the index over them, space, one writer at a time
+    "writer_lock",
+    "PartInfo",
+    "PartRows",
+    "PartWriter",
+    "ROW_DATASETS",
+    "part_name",
+    "parts_dir",
+    "rows_digest",
+    "describe_part",
+    "write_part",
+    "PlannedPart",
+    "finalize_index",
+    "read_parts_table",
+    "check_parts",
+    "estimate_bytes",
+    "feature_values_per_row",
+    "check_space",
+    "write_cache",
+    # the tools behind `featbank cache info|verify|export`
+    "CacheSummary",
+    "describe_cache",
+    "check_cache",
+    "export_cache",
+    "EXPORT_FORMATS",
 ]

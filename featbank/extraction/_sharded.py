@@ -21,19 +21,24 @@ import numpy as np
 
 from .._files import remove_orphans, timestamp
 from .._sources import RowSource, TarImages
-from ..cache._index import PlannedPart, finalize_index, read_parts_table
-from ..cache._parts import (
+from ..cache import (
     ROW_DATASETS,
     PartInfo,
     PartRows,
     PartWriter,
+    PlannedPart,
+    compute_cache_key,
+    decode_attr,
+    describe_feature_difference,
     describe_part,
+    feature_settings,
+    finalize_index,
     part_name,
     parts_dir,
+    read_parts_table,
     rows_digest,
     write_part,
 )
-from ..cache._schema import compute_cache_key, decode_attr, describe_feature_difference, feature_settings
 from ..errors import CacheError, CacheKeyMismatch
 from ._cachefile import remove_dead_part_temporaries
 from ._plan import DEFAULT_SHARD_SIZE, Plan, assign_rows, plan_shards, plan_tars, replan

@@ -119,7 +119,7 @@ def resolve_features(
     Raises:
         ConfigError: an unknown layer, pooling or augmentation, or an impossible number of views.
     """
-    from ..backbones._taps import POOLINGS
+    from ..backbones import POOLINGS
 
     views = _int("views", views, 0)
     if views > MAX_VIEWS:
@@ -138,8 +138,7 @@ def resolve_features(
     plain = (layers is None or layers == "final" or list(layers) == ["final"]) and views == 0
     if plain:
         return FeatureOptions(pooling=pooling)
-    from ..backbones import load_backbone
-    from ..backbones._taps import layer_dims, parse_layers
+    from ..backbones import layer_dims, load_backbone, parse_layers
 
     bb = load_backbone(os.fspath(backbone), weights, weights_file)
     # The embedding is always stored ('embeddings'), so 'final' is always among the layers: '--layers
