@@ -34,11 +34,10 @@ from .. import __version__
 from .._files import NotRegularFileError, check_regular_file, fsync_dir, sha256_file, temporary_path
 from ..errors import CacheError
 from ._parts import ROW_DATASETS, SKIPPED_DATASETS, PartInfo, describe_part, is_part_name, part_name, parts_dir
-from ._schema import FORMAT, SPLIT_NAMES, STR_DTYPE, decode_attr
+from ._schema import FORMAT, SCHEMA_VERSION, SPLIT_NAMES, STR_DTYPE, decode_attr
 from ._validate import recreate_hint, storage_problem
 
 __all__ = [
-    "INDEX_SCHEMA_VERSION",
     "PlannedPart",
     "write_index",
     "read_parts_table",
@@ -46,9 +45,6 @@ __all__ = [
     "verify_cache",
     "finalize_index",
 ]
-
-INDEX_SCHEMA_VERSION = 2
-
 
 @dataclass(frozen=True)
 class PlannedPart:
@@ -140,7 +136,7 @@ def write_index(
                 f.attrs[k] = json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v
             emb_tail, emb_dt = shapes.get("embeddings", ((int(attrs.get("embed_dim", 0)),), np.float32))
             f.attrs.update(
-                format=FORMAT, schema_version=INDEX_SCHEMA_VERSION, featbank_version=__version__,
+                format=FORMAT, schema_version=SCHEMA_VERSION, featbank_version=__version__,
                 split_names=json.dumps(list(SPLIT_NAMES)), n_samples=int(sum(rows)),
                 embed_dim=int(emb_tail[0]) if emb_tail else 0, dtype=str(np.dtype(emb_dt)),
                 n_parts=len(parts), parts_dir=rel, plan=plan_json,

@@ -13,7 +13,7 @@ allocated from a count the file declares:
   dataset with the row count the table records, stored inside the part (contiguous, chunked or
   compact: no HDF5 external storage, no virtual layout, no unwritten storage that reads as fill
   values); every other dataset of the index is stored inside the index;
-- schema v1: every dataset is stored inside the file, the same way;
+- schema v1 (``_legacy``): every dataset is stored inside the file, the same way;
 - no more class names than rows (embedded and skipped): every class is some row's label;
 - then the small per-row arrays are read and checked (labels within the classes, split codes
   within the split names), and the layer/view attributes against the datasets.
@@ -34,7 +34,8 @@ from .. import __version__
 from .._files import NotRegularFileError, check_regular_file
 from ..errors import CacheError, NotACacheError
 from ._features import CacheFeatures, read_features
-from ._index import INDEX_SCHEMA_VERSION, read_parts_table, verify_cache
+from ._index import read_parts_table, verify_cache
+from ._legacy import V1_SCHEMA_VERSION, check_v1_storage, schema_version
 from ._parts import ROW_DATASETS, SKIPPED_DATASETS, PartInfo, parts_dir
 from ._schema import FORMAT, SCHEMA_VERSION, SPLIT_NAMES
 from ._validate import (
@@ -352,10 +353,9 @@ def validate_cache(path: Path, f: h5py.File, *, allow_incomplete: bool = False) 
     if f.attrs.get("format") != FORMAT:
         raise NotACacheError(f"'{path}' is an HDF5 file but not a featbank cache (no format={FORMAT!r} attribute). "
                              "Point at a file written by 'featbank extract'.")
-    version = f.attrs.get("schema_version")
-    v2 = isinstance(version, (int, np.integer)) and not isinstance(version, (bool, np.bool_)) and int(version) == 2
+    v2 = schema_version(f.attrs) == SCHEMA_VERSION
     if not v2:
-        check_schema_version(path, version, (SCHEMA_VERSION, INDEX_SCHEMA_VERSION), __version__)
+        check_schema_version(path, f.attrs.get("schema_version"), (V1_SCHEMA_VERSION, SCHEMA_VERSION), __version__)
     metadata, split_names = _read_attrs(path, f, allow_incomplete)
     root = metadata.get("root")
     check_structure(path, f, root)
@@ -364,7 +364,7 @@ def validate_cache(path: Path, f: h5py.File, *, allow_incomplete: bool = False) 
     real = Path(os.path.realpath(path))  # through a symlink: the parts lie beside its target
     parts, folder = (check_v2_index(real, f), parts_dir(real)) if v2 else ([], None)
     if not v2:
-        _check_index_storage(path, f, set(), root)  # a v1 file: every dataset stored inside it
+        check_v1_storage(path, f)
     _check_class_count(path, f, root)
     try:
         labels = f["labels"][...].astype(np.int64)

@@ -1,4 +1,7 @@
-"""Schema v1 of the cache file and its key: format constants, the sha256 over what changes an embedding."""
+"""The cache format's constants and its key: the schema featbank writes (v2), the sha256 over what changes an embedding.
+
+Schema v1 (one file, no parts) is read too; what is particular to it lives in ``_legacy``.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ import numpy as np
 __all__ = ["SCHEMA_VERSION", "SPLIT_NAMES", "EMBEDDING_VERSION", "FEATURE_DEFAULTS", "compute_cache_key",
            "describe_feature_difference", "feature_settings", "FORMAT", "STR_DTYPE", "decode_attr"]
 
-SCHEMA_VERSION = 1
+#: The schema featbank writes: an index over part files (``_index``, ``_parts``).
+SCHEMA_VERSION = 2
 SPLIT_NAMES = ("train", "val", "test")
 FORMAT = "featbank-cache"
 STR_DTYPE = h5py.string_dtype("utf-8")
@@ -38,7 +42,7 @@ def compute_cache_key(identity: dict[str, Any], dtype: str, precision: str, feat
     resized as tensors, ``extract --decode``) is keyed only when it is not ``pillow``, for the same reason.
     """
     payload = {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": 1,  # frozen: every cache key since the first schema would change otherwise
         "embedding_version": EMBEDDING_VERSION,
         "backbone": identity["backbone"],
         "weights": identity["weights"],

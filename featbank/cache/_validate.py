@@ -1,4 +1,4 @@
-"""Checks of a cache file against schema v1, run when it is opened and when rows are read.
+"""Checks of a cache file against its schema (v2, and v1 alike), run when it is opened and when rows are read.
 
 Opening checks what is cheap to read (attributes, the small per-row arrays, dataset shapes), so
 ``open_cache`` stays lazy on the embeddings. Embedding values (NaN/inf, extreme magnitudes) are
@@ -42,7 +42,7 @@ __all__ = [
 #: backbones give values of order 1-100, and standardising a row of 1e38 overflows float32.
 EXTREME_VALUE = 1e6
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-# Datasets every schema-v1 cache has, with the number of dimensions each must have.
+# Datasets every cache has (a v2 index and a v1 file alike), with the number of dimensions each must have.
 _REQUIRED = {"embeddings": 2, "labels": 1, "splits": 1, "paths": 1, "fingerprints": 2, "classes": 1}
 
 
