@@ -37,7 +37,8 @@ def verify(path: str) -> None:
     from featbank.cache import check_cache
 
     summary = check_cache(path)
-    click.echo(f"ok: {summary.n_samples} rows" + (f" in {summary.n_parts} intact part(s)" if summary.schema_version >= 2 else ""))
+    click.echo(f"ok: {summary.n_samples} rows" + (f" in {summary.n_parts} intact part(s)" if summary.schema_version >= 2 else "")
+               + (f"; {summary.n_skipped} skipped input(s) under skipped/" if summary.n_skipped else ""))
 
 
 @cache.command()

@@ -49,7 +49,7 @@ from __future__ import annotations
 # _discovery -> _tools.
 from ._discovery import CacheChoice, choose_cache, find_latest_cache, open_cache
 from ._home import default_cache_dir
-from ._index import PlannedPart, check_parts, finalize_index, read_parts_table, verify_cache
+from ._index import PlannedPart, check_parts, finalize_index, read_listed, read_parts_table, verify_cache
 from ._legacy import write_cache
 from ._lock import writer_lock
 from ._parts import (
@@ -114,6 +114,7 @@ __all__ = [
     "PlannedPart",
     "finalize_index",
     "read_parts_table",
+    "read_listed",
     "check_parts",
     "estimate_bytes",
     "feature_values_per_row",

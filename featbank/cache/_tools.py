@@ -67,7 +67,8 @@ class CacheSummary:
             f"key        {self.cache_key}",
             f"classes    {len(self.classes)}: " + ", ".join(f"{c} ({n})" for c, n in self.class_counts.items()),
             "splits     " + (", ".join(f"{s} ({n})" for s, n in self.split_counts.items()) or "none"),
-            f"skipped    {self.n_skipped}",
+            f"skipped    {self.n_skipped}" + (" (inputs not embedded, listed in the cache under skipped/)"
+                                             if self.n_skipped else ""),
             *_feature_lines(self.features, self.embed_dim),
         ]
         out += [f"PROBLEM    {p}" for p in self.problems]

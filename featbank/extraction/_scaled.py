@@ -20,7 +20,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ..cache import FORMAT, compute_cache_key, decode_attr, part_name, parts_dir, rows_digest, writer_lock
+from ..cache import FORMAT, compute_cache_key, decode_attr, part_name, parts_dir, read_listed, rows_digest, writer_lock
 from ..errors import CacheError, ConfigError, Interrupted, NotACacheError, SkippedImagesError, SkippedImagesWarning
 from ._plan import DEFAULT_SHARD_SIZE, check_shard_size
 from ._report import ExtractReport, strict_message
@@ -203,12 +203,12 @@ def _up_to_date(prep: Any) -> bool:
         with h5py.File(prep.index_path, "r") as f:
             names = decode_attr(f["parts/names"][...])
             same_attrs = all(str(f.attrs.get(k, "")) == str(prep.attrs[k]) for k in ("root", "layout", "classes_json"))
-            listed = str(f.attrs.get("listing_skipped", "[]"))
+            listed = read_listed(f) if "listing_skipped" not in f.attrs else None  # the old home: rewrite the index
             complete = f.attrs.get("complete", True) is not False and bool(f.attrs.get("complete", True))
-    except (OSError, KeyError):
+    except (OSError, KeyError, ValueError, TypeError):
         return False
     want = [part_name(p.shard_id, p.rows_digest) for p in prep.planned]
-    return names == want and same_attrs and complete and listed == json.dumps([list(s) for s in prep.skipped])
+    return names == want and same_attrs and complete and listed == [(k, r, tuple(fp)) for k, r, fp in prep.skipped]
 
 
 def _run_bytes(prep: Any, dtype: str) -> tuple[list[int], int]:

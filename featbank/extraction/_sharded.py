@@ -532,14 +532,14 @@ def finalize(prepared: Prepared) -> list[PartInfo]:
                 created = f.attrs.get("created")
         except OSError:
             created = None
-    attrs = {**prepared.attrs, "created": created or prepared.attrs["updated"],
-             "listing_skipped": json.dumps([list(s) for s in prepared.skipped])}
+    attrs = {**prepared.attrs, "created": created or prepared.attrs["updated"]}
     try:
         known = read_parts_table(index_path) if created is not None else []
     except (OSError, KeyError, CacheError):  # a v1 file being replaced with --overwrite has no table
         known = []
     parts = finalize_index(index_path, prepared.planned, prepared.key, prepared.classes, attrs,
-                           plan_json=prepared.plan.to_json(), known=known, row_datasets=prepared.row_datasets)
+                           plan_json=prepared.plan.to_json(), known=known, row_datasets=prepared.row_datasets,
+                           listed=prepared.skipped)
     _remove_unreferenced(index_path, parts)
     return parts
 
