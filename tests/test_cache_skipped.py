@@ -138,3 +138,13 @@ def test_listing_rows_that_skipped_does_not_map_are_refused(tmp_path):
     _replace(out, "listing/fingerprints", np.zeros((2, 2), np.int64))
     with pytest.raises(CacheError, match=r"'skipped/paths' has 2 rows, its table of parts lists 3"):
         open_cache(out)
+
+
+def test_an_index_with_listing_rows_ignores_a_stray_listing_attribute(tmp_path):
+    """Both homes at once (an attribute set by hand beside listing/): each skipped input is counted once."""
+    out = _extract(tmp_path)
+    with h5py.File(out, "r+") as f:
+        f.attrs["listing_skipped"] = json.dumps([[MISSING[0], MISSING[1], list(MISSING[2])]])
+    with open_cache(out) as c:
+        assert sorted(p for p, _ in c.skipped) == ["imgs/fake.png", MISSING[0]]
+    assert describe_cache(out).n_skipped == 2

@@ -401,5 +401,5 @@ def validate_cache(path: Path, f: h5py.File, *, allow_incomplete: bool = False) 
     except OSError as e:  # a part whose table entry matches it but whose data is cut short
         raise damaged_part_error(path, folder, parts, e, root) from None
     check_codes(path, labels, splits, int(f["classes"].shape[0]), split_names, root)
-    listed = _listing_skipped(path, metadata, root)
+    listed = _listing_skipped(path, metadata, root) if LISTING not in f else []  # listing/ is already in skipped/
     return CacheCheck(metadata, split_names, parts, folder, labels, splits.astype(np.int8), features, listed)

@@ -13,7 +13,7 @@ import numpy as np
 from ..errors import ConfigError
 from ._direct import RowReader
 from ._features import CacheFeatures, check_block, dataset_name, parse_requested
-from ._integrity import check_v2_index, damaged_part_error, open_cache_file, validate_cache
+from ._integrity import damaged_part_error, open_cache_file, validate_cache
 from ._parts import PartInfo
 from ._schema import decode_attr
 from ._validate import check_rows
@@ -21,7 +21,7 @@ from ._validate import check_rows
 #: What :func:`open_cache` does with finite but extreme embedding rows.
 EXTREME_POLICIES = ("raise", "warn", "ignore")
 
-__all__ = ["FeatureCache", "EXTREME_POLICIES", "check_v2_index"]  # check_v2_index: its home is _integrity
+__all__ = ["FeatureCache", "EXTREME_POLICIES"]
 
 
 # --------------------------------------------------------------------------------------------
