@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ V1_SCHEMA_VERSION = 1
 V1_EXPORT_ROWS = 100_000
 
 
-def schema_version(attrs: Any) -> int | None:
+def schema_version(attrs: Mapping[str, Any]) -> int | None:
     """The file's ``schema_version`` when it is an integer (1 or 2 for a featbank cache); None otherwise."""
     v = attrs.get("schema_version")
     ok = isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import h5py
@@ -74,7 +75,7 @@ def _normal(features: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _feature_attr(attrs: Any, name: str) -> Any:
+def _feature_attr(attrs: Mapping[str, Any], name: str) -> Any:
     v = attrs.get(name, None)
     if isinstance(v, bytes):
         v = v.decode("utf-8", "replace")
@@ -88,7 +89,7 @@ def _feature_attr(attrs: Any, name: str) -> Any:
     return FEATURE_DEFAULTS[name] if v is None else v
 
 
-def feature_settings(attrs: Any) -> dict[str, Any] | None:
+def feature_settings(attrs: Mapping[str, Any]) -> dict[str, Any] | None:
     """The layers/views settings a cache's attributes record (defaults where absent); None when unreadable."""
     try:
         return _normal({k: _feature_attr(attrs, k) for k in FEATURE_DEFAULTS})
@@ -96,7 +97,7 @@ def feature_settings(attrs: Any) -> dict[str, Any] | None:
         return None
 
 
-def describe_feature_difference(attrs: Any, wanted: dict[str, Any]) -> str:
+def describe_feature_difference(attrs: Mapping[str, Any], wanted: dict[str, Any]) -> str:
     """How the layers/views a cache holds (its attributes) differ from ``wanted``; "" when they agree.
 
     Example: ``"the cache holds layers final; you asked stage3,final"``.
