@@ -15,6 +15,7 @@ What differs from v2 (everything else, datasets and attributes, is the same)::
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -25,17 +26,18 @@ import h5py
 import numpy as np
 
 from .. import __version__
-from .._files import fsync_dir, temporary_path
+from .._files import describe_os_error, fsync_dir, temporary_path
 from ..errors import CacheError
 from ._schema import FORMAT, SPLIT_NAMES, STR_DTYPE
 from ._validate import recreate_hint, storage_problem
-from ._writer import check_space, estimate_bytes, full_disk_error, is_full_disk, kept_message
+from ._writer import check_space, estimate_bytes
 
 __all__ = ["V1_SCHEMA_VERSION", "V1_EXPORT_ROWS", "schema_version", "check_v1_storage", "write_cache"]
 
 V1_SCHEMA_VERSION = 1
 #: Rows per exported shard of a v1 cache (it has no parts to follow).
 V1_EXPORT_ROWS = 100_000
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def schema_version(attrs: Mapping[str, Any]) -> int | None:
@@ -88,7 +90,7 @@ def write_cache(
     path.parent.mkdir(parents=True, exist_ok=True)
     target = Path(os.path.realpath(path)) if path.is_symlink() else path
     staging = next((Path(p) for name, p, _ in sources if p is not None and Path(p).name.endswith(".partial")), None)
-    kept = kept_message(target, staging)
+    kept = _kept_message(target, staging)
     check_space(target, estimate_bytes(n, embed_dim, dtype, order_paths, len(skipped)), kept)
     tmp = temporary_path(target)
     mode_bits = _existing_mode(target)
@@ -108,8 +110,8 @@ def write_cache(
         os.replace(tmp, target)
         fsync_dir(target.parent)
     except OSError as e:
-        if is_full_disk(e):
-            raise full_disk_error(target, e, kept) from None
+        if _is_full_disk(e):
+            raise _full_disk_error(target, e, kept) from None
         raise
     finally:
         for h in opened.values():
@@ -181,3 +183,21 @@ def _existing_mode(path: Path) -> int | None:
         return os.stat(path).st_mode & 0o7777
     except OSError:
         return None
+
+
+def _is_full_disk(e: OSError) -> bool:
+    """Whether a failed write ran out of space (no space, quota, or the file size limit)."""
+    return e.errno in _FULL_ERRNOS
+
+
+def _full_disk_error(path: Path, e: OSError, kept: str) -> CacheError:
+    return CacheError(f"Cannot write '{path}': {describe_os_error(e)}. {kept} Free some space and rerun.")
+
+
+def _kept_message(path: Path, staging: Path | None = None) -> str:
+    """What a failed write leaves as it was, for error messages."""
+    cache = path.with_name(path.name[: -len(".partial")]) if path.name.endswith(".partial") else path
+    msg = f"The cache '{cache}' was left as it was." if cache.exists() else "No cache was written."
+    if staging is not None and staging.exists():
+        msg += f" The embeddings computed so far are kept in '{staging}'; a rerun resumes from there."
+    return msg

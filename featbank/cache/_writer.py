@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import shutil
@@ -14,12 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from .._files import describe_os_error
 from ..errors import CacheError, CacheKeyMismatch
 from ._schema import describe_feature_difference
 
-__all__ = ["check_key", "estimate_bytes", "feature_values_per_row", "check_space", "kept_message",
-           "full_disk_error", "is_full_disk"]
+__all__ = ["check_key", "estimate_bytes", "feature_values_per_row", "check_space"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -59,7 +56,6 @@ def check_key(path: Path, have_key: str, metadata: dict[str, Any], key: str, wan
     )
 
 
-_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def estimate_bytes(n: int, embed_dim: int, dtype: str, paths: Sequence[str], extra_rows: int = 0,
@@ -128,21 +124,3 @@ def check_space(path: Path, nbytes: int, kept: str, largest_file: int | None = N
 
 def _size(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
-
-
-def is_full_disk(e: OSError) -> bool:
-    """Whether a failed write ran out of space (no space, quota, or the file size limit)."""
-    return e.errno in _FULL_ERRNOS
-
-
-def full_disk_error(path: Path, e: OSError, kept: str) -> CacheError:
-    return CacheError(f"Cannot write '{path}': {describe_os_error(e)}. {kept} Free some space and rerun.")
-
-
-def kept_message(path: Path, staging: Path | None = None) -> str:
-    """What a failed write leaves as it was, for error messages."""
-    cache = path.with_name(path.name[: -len(".partial")]) if path.name.endswith(".partial") else path
-    msg = f"The cache '{cache}' was left as it was." if cache.exists() else "No cache was written."
-    if staging is not None and staging.exists():
-        msg += f" The embeddings computed so far are kept in '{staging}'; a rerun resumes from there."
-    return msg
