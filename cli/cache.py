@@ -24,7 +24,7 @@ def cache() -> None:
 @click.argument("path", type=click.Path(dir_okay=False))
 def info(path: str) -> None:
     """Print what the cache holds: rows, classes, splits, backbone, key, parts, skipped files, layers and views."""
-    from featbank.cache._tools import describe_cache
+    from featbank.cache import describe_cache
 
     for line in describe_cache(path).lines():
         click.echo(line)
@@ -34,10 +34,11 @@ def info(path: str) -> None:
 @click.argument("path", type=click.Path(dir_okay=False))
 def verify(path: str) -> None:
     """Check every part (v2: hashed against the index) and read every dataset through, layers and views too. Exit 0 or 2."""
-    from featbank.cache._tools import check_cache
+    from featbank.cache import check_cache
 
     summary = check_cache(path)
-    click.echo(f"ok: {summary.n_samples} rows" + (f" in {summary.n_parts} intact part(s)" if summary.schema_version >= 2 else ""))
+    click.echo(f"ok: {summary.n_samples} rows" + (f" in {summary.n_parts} intact part(s)" if summary.schema_version >= 2 else "")
+               + (f"; {summary.n_skipped} skipped input(s) under skipped/" if summary.n_skipped else ""))
 
 
 @cache.command()
@@ -59,7 +60,7 @@ def export(path: str, fmt: str, out: str, rows_per_file: int | None, layers: str
     By default the vectors are the final embeddings of the plain view; --layers and --view choose
     other stored columns (recorded in each parquet file's schema metadata, key 'featbank').
     """
-    from featbank.cache._tools import export_cache
+    from featbank.cache import export_cache
 
     files = export_cache(path, out, format=fmt, rows_per_file=rows_per_file, layers=layers, view=view,
                          overwrite=overwrite)

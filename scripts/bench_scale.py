@@ -40,9 +40,9 @@ from typing import Any
 import h5py
 import numpy as np
 
+from featbank.cache import write_cache
 from featbank.cache._index import PlannedPart, finalize_index
 from featbank.cache._parts import PartRows, PartWriter, parts_dir, rows_digest, write_part
-from featbank.cache._writer import write_cache
 from featbank.extraction._plan import DEFAULT_SHARD_SIZE, assign_rows, plan_shards, replan
 from featbank.extraction._sharded import _reuse_rows
 

@@ -18,8 +18,7 @@ from PIL import Image
 
 import featbank
 from featbank.backbones import load_backbone
-from featbank.cache import find_latest_cache, open_cache
-from featbank.cache._index import INDEX_SCHEMA_VERSION
+from featbank.cache import SCHEMA_VERSION, find_latest_cache, open_cache
 from featbank.cache._parts import parts_dir
 from featbank.errors import (
     CacheKeyMismatch,
@@ -103,7 +102,7 @@ def test_imagefolder_schema_is_plain_hdf5(image_folder: Path, tmp_path: Path) ->
                     "transform", "engine", "dtype", "created", "updated", "cache_key", "precision",
                     "embed_dim", "n_samples", "root"):
             assert key in a, key
-        assert a["format"] == "featbank-cache" and a["schema_version"] == INDEX_SCHEMA_VERSION == 2
+        assert a["format"] == "featbank-cache" and a["schema_version"] == SCHEMA_VERSION == 2
         assert a["featbank_version"] == featbank.__version__
         assert a["backbone"] == "test_tiny" and a["weights_sha256"] == bb.weights_sha256
         assert json.loads(a["transform"]) == bb.preprocess.to_dict()

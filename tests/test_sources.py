@@ -174,10 +174,13 @@ def test_webdataset_extracts_one_part_per_tar_and_skips_a_corrupt_member(tmp_pat
     assert report.n_rows == 4 and report.n_shards == 2
     assert check_parts(out, full=True) == []
     with h5py.File(out, "r") as f:
-        assert [p.decode() for p in f["skipped/paths"][...]] == ["s-000000.tar/a/002"]
+        # skipped/ holds both: the part's unreadable member, then the row refused while listing
+        skipped = [p.decode() for p in f["skipped/paths"][...]]
+        assert len(skipped) == 3 and skipped[0] == "s-000000.tar/a/002"
+        assert f["skipped/reasons"][1].decode().startswith("unreadable label")
+        assert "listing_skipped" not in f.attrs
         assert f["embeddings"].shape[0] == 4
         emb = f["embeddings"][...]
-        assert json.loads(f.attrs["listing_skipped"])[0][1].startswith("unreadable label")
     # Same pixels as the file on disk would give.
     from featbank.backbones import load_backbone
     from featbank.images import load_and_preprocess
@@ -203,9 +206,10 @@ def test_manifest_extraction_records_bad_rows(tmp_path):
     assert report.n_rows == 4 and report.n_skipped == 2
     with h5py.File(out, "r") as f:
         assert [p.decode() for p in f["paths"][...]] == names
-        assert [p.decode() for p in f["skipped/paths"][...]] == ["imgs/fake.png"]
+        assert [p.decode() for p in f["skipped/paths"][...]] == ["imgs/fake.png", "imgs/no.png"]
         assert f["skipped/reasons"][0].decode().startswith("not an image")
-        assert json.loads(f.attrs["listing_skipped"]) == [["imgs/no.png", "file not found", [0, 0]]]
+        assert f["skipped/reasons"][1].decode() == "file not found"
+        assert f["skipped/fingerprints"][1].tolist() == [0, 0] and "listing_skipped" not in f.attrs
 
 
 def test_create_source_reads_each_kind_as_its_reader_does(tmp_path):

@@ -18,13 +18,16 @@ import shutil
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from ..errors import ConfigError
 from ._run import AuditResult, _split_name
+
+if TYPE_CHECKING:
+    from ..cache import FeatureCache
 
 __all__ = ["write_report", "check_report_dir", "TILE"]
 
@@ -113,7 +116,7 @@ def _sheet(thumbs: _Thumbs, groups: Sequence[Sequence[int]], cols: int = 4) -> I
     return sheet
 
 
-def _label(cache: Any, y: int) -> str:
+def _label(cache: FeatureCache, y: int) -> str:
     return cache.classes[y] if 0 <= y < len(cache.classes) else ""
 
 

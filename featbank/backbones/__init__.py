@@ -21,11 +21,11 @@ from __future__ import annotations
 
 # Importing _lite and _tiny fills REGISTRY as a side effect, in the order `featbank backbones`
 # lists it: EfficientNet-Lite first, then the test models (`_factory` imports `_lite` too, so the
-# order holds whatever isort does to this block). The names marked F401 are outside __all__ (the
-# machinery other featbank packages and the tests use: the registry to walk, parameter groups,
-# the embedding modules), importable from here, the path they had when this was one module.
+# order holds whatever isort does to this block). The second block of __all__ is the machinery
+# other featbank packages and the tests use: the registry to walk, parameter groups, the
+# embedding modules.
 from . import _lite, _tiny  # noqa: F401
-from ._factory import (  # noqa: F401
+from ._factory import (
     check_backbone_name,
     describe_backbone,
     identity_with_window,
@@ -35,21 +35,21 @@ from ._factory import (  # noqa: F401
     register_backbone_source,
     with_window,
 )
-from ._groups import HEAD_GROUP, backbone_groups, group_modules, param_groups  # noqa: F401
-from ._lite import lite_weights_path  # noqa: F401
+from ._groups import HEAD_GROUP, backbone_groups, group_modules, param_groups
+from ._lite import lite_weights_path
 from ._registry import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    REGISTRY,  # noqa: F401
+    REGISTRY,
     Backbone,
     BackboneInfo,
-    ImageEmbedder,  # noqa: F401
-    Normalize,  # noqa: F401
+    ImageEmbedder,
+    Normalize,
     register_backbone,
     sha256_file,
 )
 from ._taps import DEFAULT_POOLING, FINAL, MAX_TAP_DIM, POOLINGS, TapModel, available_layers, layer_dims, parse_layers, pool_tap
-from ._tiny import TinyConvNet  # noqa: F401
+from ._tiny import TinyConvNet
 
 __all__ = [
     "Backbone",
@@ -74,4 +74,15 @@ __all__ = [
     "POOLINGS",
     "DEFAULT_POOLING",
     "MAX_TAP_DIM",
+    # machinery for featbank's other packages and the tests
+    "REGISTRY",
+    "peek_identity",
+    "ImageEmbedder",
+    "Normalize",
+    "HEAD_GROUP",
+    "backbone_groups",
+    "group_modules",
+    "param_groups",
+    "lite_weights_path",
+    "TinyConvNet",
 ]

@@ -7,7 +7,7 @@ the output array, in blocks small enough (1 MB) to stay in the CPU cache while
 :func:`~featbank.cache._validate.within_bounds` checks their values. Through HDF5 (the virtual
 dataset or ``H5Dread`` on a part) each call costs ~50 µs more, so blocks that small made the value
 check cost as much as the read; one large read and a check afterwards reads the data twice from
-memory. Anything else (a v1 cache, an index that maps rows otherwise than the table, a part
+memory. Anything else (a file without parts, an index that maps rows otherwise than the table, a part
 dataset that is chunked or of another dtype or byte order) is read through h5py: the same values.
 
 The parts must have been checked (``_index.check_parts``, done by ``open_cache``) before reading:
@@ -45,7 +45,7 @@ class RowReader:
 
     Args:
         ds: the dataset in the cache file (the index's virtual dataset for v2).
-        parts_folder: the v2 cache's parts folder (``None`` for v1).
+        parts_folder: the cache's parts folder (``None`` for a file without parts, schema v1).
         parts: the v2 cache's table of parts, already checked against the files.
     """
 
@@ -62,7 +62,7 @@ class RowReader:
         block = BLOCK_BYTES if self._parts is not None else _H5PY_BLOCK_BYTES
         self.block_rows = max(1, block // max(1, self.row_bytes))
         chunk = ds.chunks[0] if self._parts is None and ds.chunks else 0
-        if chunk:  # whole chunks per block (v1): none is decompressed or read twice
+        if chunk:  # whole chunks per block (a file without parts): none is decompressed or read twice
             self.block_rows = max(chunk, self.block_rows // chunk * chunk)
 
     @property

@@ -1,4 +1,7 @@
-"""Where caches live, and which one ``fit`` uses when none is named (a rule the user can see)."""
+"""Which cache ``fit`` uses when none is named (a rule the user can see), and :func:`open_cache`.
+
+This module stands on the reader: it opens caches to judge them, and ``open_cache(None)`` opens its pick.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CacheError
+from ._home import default_cache_dir
+from ._reader import FeatureCache
 
-__all__ = ["default_cache_dir", "CacheChoice", "choose_cache", "find_latest_cache"]
-
-
-def default_cache_dir() -> Path:
-    """``$FEATBANK_CACHE_DIR``, else ``$XDG_CACHE_HOME/featbank``, else ``~/.cache/featbank``."""
-    env = os.environ.get("FEATBANK_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "featbank"
+__all__ = ["CacheChoice", "choose_cache", "find_latest_cache", "open_cache"]
 
 
 @dataclass
@@ -40,8 +35,6 @@ class CacheChoice:
 
 def _candidates(folder: Path) -> tuple[list[tuple[Path, str, int]], list[tuple[Path, str]]]:
     """(complete valid caches as (path, data folder, mtime_ns), [(other .h5 file, why not)])."""
-    from ._reader import FeatureCache
-
     good, other = [], []
     files = sorted(p for p in folder.glob("*.h5") if p.is_file()) if folder.is_dir() else []
     for p in files:
@@ -102,3 +95,32 @@ def choose_cache(directory: Path | None = None) -> CacheChoice:
 def find_latest_cache(directory: Path | None = None) -> Path:
     """The path :func:`choose_cache` picks (kept for callers that need only the path)."""
     return choose_cache(directory).path
+
+
+def open_cache(path: str | os.PathLike | None = None, *, extreme: str = "raise",
+               allow_incomplete: bool = False) -> FeatureCache:
+    """Open a featbank cache for reading; with no path, the one :func:`choose_cache` picks.
+
+    Opening validates everything but the embedding values: the format and schema version, that
+    every dataset is there with the right shape and one row per embedding, labels within the
+    classes, split codes within ``split_names``, JSON attributes. Embedding values are checked as
+    rows are read (NaN/inf always refused; see ``extreme``), so opening a large cache stays cheap.
+
+    Args:
+        path: the cache file; ``None`` for :func:`choose_cache`'s pick in the default folder.
+        extreme: rows with a value beyond ``EXTREME_VALUE`` (finite but huge, e.g. 1e38):
+            ``"raise"`` (default) refuses them with a :class:`CacheError` naming them, ``"warn"``
+            returns them with an :class:`ExtremeEmbeddingsWarning`, ``"ignore"`` returns them.
+        allow_incomplete: open a cache that an interrupted extract left with ``complete=False``.
+
+    Raises:
+        CacheError: missing, unreadable, damaged (the message names the field and the value),
+            incomplete, or of another schema version. :class:`NotACacheError` (a subclass) when the
+            file is not a featbank cache at all.
+
+    Example:
+        >>> with open_cache("runs/elpv.h5") as cache:
+        ...     X = cache.load_embeddings(cache.split_mask("train"))
+    """
+    return FeatureCache(path if path is not None else find_latest_cache(), extreme=extreme,
+                        allow_incomplete=allow_incomplete)

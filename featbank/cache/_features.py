@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import CacheError, ConfigError
 from ..features import FeatureSpec, FeatureSpecError
-from ._validate import EXTREME_VALUE, recreate_hint
+from ._validate import EXTREME_VALUE, OpenCache, recreate_hint
 
 __all__ = ["read_features", "feature_dataset_names", "dataset_name", "parse_requested",
            "check_block"]
@@ -115,7 +115,7 @@ def parse_requested(feats: FeatureSpec, layers: str | Sequence[str] | None, view
     return wanted
 
 
-def check_block(cache: Any, name: str, rows: np.ndarray, block: np.ndarray) -> None:
+def check_block(cache: OpenCache, name: str, rows: np.ndarray, block: np.ndarray) -> None:
     """Refuse NaN/inf (always) and extreme values (per ``cache.extreme``) in a block of ``name``."""
     if block.size == 0:
         return

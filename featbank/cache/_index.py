@@ -5,7 +5,8 @@ folder holding both can move; HDF5 resolves a relative source name against the i
 folder)::
 
     embeddings, labels, splits, paths, fingerprints   virtual, rows of every part in plan order
-    skipped/{paths,reasons,fingerprints}              virtual, over the parts' skipped rows
+    skipped/{paths,reasons,fingerprints}              virtual: the parts' skipped rows, then listing/'s
+    listing/{paths,reasons,fingerprints}              real, rows refused while listing (only when there are)
     classes                                           real, the cache's class names
     parts/{shard_ids,names,n_rows,n_skipped,sizes,mtimes_ns,sha256,rows_digests}   the table of parts
 
@@ -34,20 +35,25 @@ from .. import __version__
 from .._files import NotRegularFileError, check_regular_file, fsync_dir, sha256_file, temporary_path
 from ..errors import CacheError
 from ._parts import ROW_DATASETS, SKIPPED_DATASETS, PartInfo, describe_part, is_part_name, part_name, parts_dir
-from ._schema import FORMAT, SPLIT_NAMES, STR_DTYPE, decode_attr
+from ._schema import FORMAT, SCHEMA_VERSION, SPLIT_NAMES, STR_DTYPE, decode_attr
 from ._validate import recreate_hint, storage_problem
 
 __all__ = [
-    "INDEX_SCHEMA_VERSION",
     "PlannedPart",
     "write_index",
+    "LISTING",
+    "read_listed",
     "read_parts_table",
     "check_parts",
     "verify_cache",
     "finalize_index",
 ]
 
-INDEX_SCHEMA_VERSION = 2
+#: The index's group of rows refused while listing a manifest or tars (a missing file, an unreadable label).
+#: Readers see them at the end of ``skipped/``, the one home of skipped inputs; caches written before
+#: that home kept them in the attribute ``listing_skipped``, still read (:func:`read_listed`).
+LISTING = "listing"
+Listed = tuple[str, str, tuple[int, int]]
 
 
 @dataclass(frozen=True)
@@ -60,8 +66,9 @@ class PlannedPart:
 
 
 def _vds(f: h5py.Group, name: str, parts: Sequence[PartInfo], dataset: str, counts: Sequence[int],
-         shape_tail: tuple[int, ...], dtype: Any, folder: str) -> None:
-    total = int(sum(counts))
+         shape_tail: tuple[int, ...], dtype: Any, folder: str, own: tuple[str, int] | None = None) -> None:
+    """A virtual dataset over ``dataset`` of the parts, then (``own``: name, rows) over a dataset of the index itself."""
+    total = int(sum(counts)) + (own[1] if own else 0)
     if total == 0:
         f.create_dataset(name, shape=(0, *shape_tail), dtype=dtype)
         return
@@ -81,6 +88,9 @@ def _vds(f: h5py.Group, name: str, parts: Sequence[PartInfo], dataset: str, coun
                 src_spaces[n] = h5s.create_simple((n, *shape_tail))
             dcpl.set_virtual(vspace, f"{folder}/{p.name}".encode(), dataset.encode(), src_spaces[n])
             pos += n
+    if own and own[1]:  # HDF5's "." is the virtual dataset's own file, wherever it moves
+        vspace.select_hyperslab((pos, *zeros), (own[1], *shape_tail))
+        dcpl.set_virtual(vspace, b".", own[0].encode(), h5s.create_simple((own[1], *shape_tail)))
     tid = h5t.py_create(np.dtype(dtype), logical=True)
     h5d.create(f.id, name.encode(), tid, h5s.create_simple((total, *shape_tail)), dcpl=dcpl).close()
 
@@ -103,12 +113,14 @@ def _shapes(
 
 def write_index(
     index_path: Path, parts: Sequence[PartInfo], classes: Sequence[str], attrs: dict[str, Any],
-    *, row_datasets: Sequence[str] = ROW_DATASETS, plan_json: str = "",
+    *, row_datasets: Sequence[str] = ROW_DATASETS, plan_json: str = "", listed: Sequence[Listed] = (),
 ) -> None:
     """Write the index over ``parts`` (in order) atomically: temporary name, fsync, rename.
 
     ``row_datasets`` names the per-row datasets every part holds; each is mapped the same way,
-    so datasets added later (layers, views) need no other change here.
+    so datasets added later (layers, views) need no other change here. ``listed``: rows refused
+    while listing (path, reason, fingerprint), stored in ``listing/`` and mapped after the parts'
+    skipped rows into ``skipped/``.
     """
     index_path = Path(index_path)
     folder = parts_dir(index_path)
@@ -130,17 +142,20 @@ def write_index(
                 tail, dt = shapes.get(name, defaults.get(name, ((), np.float32)))
                 parent, _, leaf = name.rpartition("/")  # layers/<tap>, views/...: inside groups
                 _vds(f.require_group(parent) if parent else f, leaf, parts, name, rows, tail, dt, rel)
+            if listed:
+                _write_listed(f.create_group(LISTING), listed)
             g = f.create_group("skipped")
             for name in SKIPPED_DATASETS:
                 tail, dt = sk_shapes.get(name, defaults[name])
-                _vds(g, name, parts, f"skipped/{name}", skipped, tail, dt, rel)
+                own = (f"{LISTING}/{name}", len(listed)) if listed else None
+                _vds(g, name, parts, f"skipped/{name}", skipped, tail, dt, rel, own)
             f.create_dataset("classes", data=np.array(list(classes), dtype=object), dtype=STR_DTYPE, shape=(len(classes),))
             _write_table(f.create_group("parts"), parts)
             for k, v in attrs.items():
                 f.attrs[k] = json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v
             emb_tail, emb_dt = shapes.get("embeddings", ((int(attrs.get("embed_dim", 0)),), np.float32))
             f.attrs.update(
-                format=FORMAT, schema_version=INDEX_SCHEMA_VERSION, featbank_version=__version__,
+                format=FORMAT, schema_version=SCHEMA_VERSION, featbank_version=__version__,
                 split_names=json.dumps(list(SPLIT_NAMES)), n_samples=int(sum(rows)),
                 embed_dim=int(emb_tail[0]) if emb_tail else 0, dtype=str(np.dtype(emb_dt)),
                 n_parts=len(parts), parts_dir=rel, plan=plan_json,
@@ -153,6 +168,31 @@ def write_index(
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(index_path.parent)
+
+
+def _write_listed(g: h5py.Group, listed: Sequence[Listed]) -> None:
+    n = len(listed)
+    g.create_dataset("paths", data=np.array([r[0] for r in listed], dtype=object), dtype=STR_DTYPE, shape=(n,))
+    g.create_dataset("reasons", data=np.array([r[1] for r in listed], dtype=object), dtype=STR_DTYPE, shape=(n,))
+    g.create_dataset("fingerprints", data=np.array([list(r[2]) for r in listed], np.int64).reshape(n, 2))
+
+
+def read_listed(f: h5py.File) -> list[Listed]:
+    """The rows an index records as refused while listing: its ``listing/`` group, or the attribute
+    ``listing_skipped`` of a cache written before that group existed.
+
+    Raises:
+        KeyError, ValueError, TypeError: the group or the attribute is malformed (``open_cache``
+            says what exactly; this is for callers that only compare).
+    """
+    g = f.get(LISTING)
+    if isinstance(g, h5py.Group):
+        fps = g["fingerprints"][...].astype(np.int64).reshape(-1, 2).tolist()
+        return [(k, r, (int(a), int(b))) for k, r, (a, b) in
+                zip(decode_attr(g["paths"][...]), decode_attr(g["reasons"][...]), fps, strict=True)]
+    raw = f.attrs.get("listing_skipped", "[]")
+    rows = json.loads(raw.decode() if isinstance(raw, bytes) else str(raw))
+    return [(str(k), str(r), (int(fp[0]), int(fp[1]))) for k, r, fp in rows]
 
 
 def _write_table(g: h5py.Group, parts: Sequence[PartInfo]) -> None:
@@ -306,7 +346,7 @@ def verify_cache(index_path: Path, *, full: bool = True, parts: Sequence[PartInf
 def finalize_index(
     index_path: Path, planned: Sequence[PlannedPart], key: str, classes: Sequence[str], attrs: dict[str, Any],
     *, planned_paths: dict[int, list[str]] | None = None, row_datasets: Sequence[str] = ROW_DATASETS,
-    plan_json: str = "", known: Sequence[PartInfo] = (),
+    plan_json: str = "", known: Sequence[PartInfo] = (), listed: Sequence[Listed] = (),
 ) -> list[PartInfo]:
     """Publish the index once every planned shard has its part, or refuse.
 
@@ -316,6 +356,7 @@ def finalize_index(
     ``planned_paths`` (shard id -> sorted paths) the parts' paths are also read and compared, and
     checked unique across the whole cache. ``known`` (the previous index's table) spares hashing
     a part again whose size and ``mtime_ns`` are unchanged, so publishing costs O(changed parts).
+    ``listed``: the rows refused while listing the source, recorded in the index (``skipped/``).
 
     Returns:
         The table of parts written into the index.
@@ -354,7 +395,8 @@ def finalize_index(
             f"Refusing to publish {str(index_path)!r}: {len(problems)} problem(s):\n  " + "\n  ".join(problems[:20])
             + "\nRun the extraction again (finished parts are kept), or 'featbank extract --finalize' once every worker is done."
         )
-    write_index(Path(index_path), parts, classes, {**attrs, "cache_key": key}, row_datasets=row_datasets, plan_json=plan_json)
+    write_index(Path(index_path), parts, classes, {**attrs, "cache_key": key}, row_datasets=row_datasets,
+                plan_json=plan_json, listed=listed)
     return parts
 
 

@@ -13,7 +13,7 @@ allocated from a count the file declares:
   dataset with the row count the table records, stored inside the part (contiguous, chunked or
   compact: no HDF5 external storage, no virtual layout, no unwritten storage that reads as fill
   values); every other dataset of the index is stored inside the index;
-- schema v1: every dataset is stored inside the file, the same way;
+- schema v1 (``_legacy``): every dataset is stored inside the file, the same way;
 - no more class names than rows (embedded and skipped): every class is some row's label;
 - then the small per-row arrays are read and checked (labels within the classes, split codes
   within the split names), and the layer/view attributes against the datasets.
@@ -35,7 +35,8 @@ from .._files import NotRegularFileError, check_regular_file
 from ..errors import CacheError, NotACacheError
 from ..features import FeatureSpec
 from ._features import read_features
-from ._index import INDEX_SCHEMA_VERSION, read_parts_table, verify_cache
+from ._index import LISTING, read_parts_table, verify_cache
+from ._legacy import V1_SCHEMA_VERSION, check_v1_storage, schema_version
 from ._parts import ROW_DATASETS, SKIPPED_DATASETS, PartInfo, parts_dir
 from ._schema import FORMAT, SCHEMA_VERSION, SPLIT_NAMES
 from ._validate import (
@@ -66,8 +67,9 @@ class CacheCheck:
         labels: ``int64`` per row, within the classes (or -1).
         splits: ``int8`` per row, within ``split_names`` (or -1).
         features: the layers and views the cache holds.
-        listed: schema v2: ``(path, reason, fingerprint)`` of rows refused while listing (attribute
-            ``listing_skipped``).
+        listed: ``(path, reason, fingerprint)`` of rows refused while listing, from the attribute
+            ``listing_skipped`` of a cache written before ``skipped/`` held them too (empty otherwise:
+            the index's ``listing/`` rows are already part of ``skipped/``).
     """
 
     metadata: dict[str, Any]
@@ -144,20 +146,24 @@ def _selects(space: h5s.SpaceID, first: tuple[int, ...] | None, shape: tuple[int
     return space.get_select_npoints() == int(np.prod(shape)) and space.get_select_bounds() == (first, last)
 
 
-def maps_exactly(ds: h5py.Dataset, folder_name: str, parts: list[PartInfo], counts: list[int]) -> bool:
+def maps_exactly(ds: h5py.Dataset, folder_name: str, parts: list[PartInfo], counts: list[int],
+                 own: tuple[str, int] | None = None) -> bool:
     """Whether the virtual ``ds`` maps the parts with rows (``counts[i]`` rows of ``parts[i]``), whole and in
-    order, onto the dataset of the same name in ``folder_name/<part name>`` (what ``write_index`` writes)."""
+    order, onto the dataset of the same name in ``folder_name/<part name>`` (what ``write_index`` writes);
+    then, with ``own`` (dataset, rows), that dataset of the index itself, whole."""
     if not ds.is_virtual:
         return False
     name, tail = ds.name.lstrip("/"), tuple(ds.shape[1:])
-    used = [(p, n) for p, n in zip(parts, counts) if n]
+    used = [(f"{folder_name}/{p.name}", name, n) for p, n in zip(parts, counts) if n]
+    if own and own[1]:
+        used.append((".", own[0], own[1]))
     sources = ds.virtual_sources()
-    if len(sources) != len(used) or sum(n for _, n in used) != ds.shape[0]:
+    if len(sources) != len(used) or sum(n for *_, n in used) != ds.shape[0]:
         return False
     pos = 0
-    for (p, n), vs in zip(used, sources):
+    for (file_name, dset_name, n), vs in zip(used, sources):
         whole = (n, *tail)
-        if (vs.file_name != f"{folder_name}/{p.name}" or vs.dset_name.lstrip("/") != name
+        if (vs.file_name != file_name or vs.dset_name.lstrip("/") != dset_name
                 or not _selects(vs.vspace, (pos, *(0,) * len(tail)), whole) or not _selects(vs.src_space, None, whole)):
             return False
         pos += n
@@ -173,23 +179,46 @@ def _check_index_storage(path: Path, f: h5py.File, per_row: set[str], root: Any)
                         "per-row datasets mapped onto its own parts)", root)
 
 
-def _check_counts(path: Path, f: h5py.File, table: list[PartInfo], root: Any) -> None:
-    """The row counts of the index's datasets agree with its table of parts (shapes only, nothing read)."""
-    for name, want in (("embeddings", sum(p.n_rows for p in table)), ("skipped/paths", sum(p.n_skipped for p in table))):
+def _check_counts(path: Path, f: h5py.File, table: list[PartInfo], n_listed: int, root: Any) -> None:
+    """The row counts of the index's datasets agree with its table of parts and its ``listing/`` rows
+    (shapes only, nothing read)."""
+    for name, want in (("embeddings", sum(p.n_rows for p in table)),
+                       ("skipped/paths", sum(p.n_skipped for p in table) + n_listed)):
         ds = f.get(name)
         if isinstance(ds, h5py.Dataset) and ds.shape[:1] != (want,):
             got = ds.shape[0] if ds.shape else 0
             raise _fail(path, f"'{name}' has {got} rows, its table of parts lists {want} (fields 'parts/n_rows', "
-                        "'parts/n_skipped')", root)
+                        f"'parts/n_skipped'{', and the rows of group ' + repr(LISTING) if n_listed else ''})", root)
 
 
-def _check_mapping(path: Path, f: h5py.File, table: list[PartInfo], names: list[str], skipped: bool, root: Any) -> None:
-    counts = [p.n_skipped if skipped else p.n_rows for p in table]
+def _check_listing(path: Path, f: h5py.File, root: Any) -> int:
+    """The index's ``listing/`` group (rows refused while listing): three datasets of one length, of
+    the kinds ``skipped/`` has; returns that length (0 without the group)."""
+    g = f.get(LISTING)
+    if g is None:
+        return 0
+    want = {"paths": (1, "OS"), "reasons": (1, "OS"), "fingerprints": (2, "iu")}
+    shapes = {k: g[k].shape if isinstance(g, h5py.Group) and isinstance(g.get(k), h5py.Dataset) else None for k in want}
+    if not isinstance(g, h5py.Group) or any(
+            s is None or len(s) != want[k][0] or g[k].dtype.kind not in want[k][1] for k, s in shapes.items()):
+        raise _fail(path, f"group '{LISTING}' holds {shapes}, expected paths and reasons (n,) strings and "
+                    "fingerprints (n, 2) integers", root)
+    n = {s[0] for s in shapes.values() if s is not None}
+    if len(n) != 1 or shapes["fingerprints"][1] != 2:
+        raise _fail(path, f"group '{LISTING}' has datasets of shapes {shapes}, expected (n,), (n,) and (n, 2)", root)
+    return n.pop()
+
+
+def _check_mapping(path: Path, f: h5py.File, table: list[PartInfo], names: list[str], n_listed: int | None,
+                   root: Any) -> None:
+    """Each of ``names`` maps the parts exactly; ``n_listed`` not None: skipped rows, then the index's listing/."""
+    counts = [p.n_rows if n_listed is None else p.n_skipped for p in table]
     for name in names:
         ds = f.get(name)
-        if not isinstance(ds, h5py.Dataset) or (not sum(counts) and not ds.is_virtual):
+        own = (f"{LISTING}/{name.rpartition('/')[2]}", n_listed) if n_listed else None
+        if not isinstance(ds, h5py.Dataset) or (not sum(counts) and not own and not ds.is_virtual):
             continue  # absent (check_structure decides) or empty: nothing to map
-        if maps_exactly(ds, parts_dir(path).name, table, counts):
+        if maps_exactly(ds, parts_dir(path).name, table, counts, own):
             continue
         folder = parts_dir(path).name
         if not ds.is_virtual:
@@ -261,10 +290,11 @@ def check_v2_index(path: Path, f: h5py.File) -> list[PartInfo]:
     rows, skipped = _per_row_names(f)
     _check_index_storage(path, f, {*rows, *skipped}, root)
     table = read_parts_table(f)
-    _check_counts(path, f, table, root)
+    n_listed = _check_listing(path, f, root)
+    _check_counts(path, f, table, n_listed, root)
     verify_cache(path, full=False, parts=table)  # names every missing or changed part, and what to run
-    _check_mapping(path, f, table, rows, False, root)
-    _check_mapping(path, f, table, skipped, True, root)
+    _check_mapping(path, f, table, rows, None, root)
+    _check_mapping(path, f, table, skipped, n_listed, root)
     _check_part_contents(path, f, table, rows, skipped, root)
     return table
 
@@ -353,10 +383,9 @@ def validate_cache(path: Path, f: h5py.File, *, allow_incomplete: bool = False) 
     if f.attrs.get("format") != FORMAT:
         raise NotACacheError(f"'{path}' is an HDF5 file but not a featbank cache (no format={FORMAT!r} attribute). "
                              "Point at a file written by 'featbank extract'.")
-    version = f.attrs.get("schema_version")
-    v2 = isinstance(version, (int, np.integer)) and not isinstance(version, (bool, np.bool_)) and int(version) == 2
+    v2 = schema_version(f.attrs) == SCHEMA_VERSION
     if not v2:
-        check_schema_version(path, version, (SCHEMA_VERSION, INDEX_SCHEMA_VERSION), __version__)
+        check_schema_version(path, f.attrs.get("schema_version"), (V1_SCHEMA_VERSION, SCHEMA_VERSION), __version__)
     metadata, split_names = _read_attrs(path, f, allow_incomplete)
     root = metadata.get("root")
     check_structure(path, f, root)
@@ -365,7 +394,7 @@ def validate_cache(path: Path, f: h5py.File, *, allow_incomplete: bool = False) 
     real = Path(os.path.realpath(path))  # through a symlink: the parts lie beside its target
     parts, folder = (check_v2_index(real, f), parts_dir(real)) if v2 else ([], None)
     if not v2:
-        _check_index_storage(path, f, set(), root)  # a v1 file: every dataset stored inside it
+        check_v1_storage(path, f)
     _check_class_count(path, f, root)
     try:
         labels = f["labels"][...].astype(np.int64)
@@ -373,5 +402,5 @@ def validate_cache(path: Path, f: h5py.File, *, allow_incomplete: bool = False) 
     except OSError as e:  # a part whose table entry matches it but whose data is cut short
         raise damaged_part_error(path, folder, parts, e, root) from None
     check_codes(path, labels, splits, int(f["classes"].shape[0]), split_names, root)
-    listed = _listing_skipped(path, metadata, root)
+    listed = _listing_skipped(path, metadata, root) if LISTING not in f else []  # listing/ is already in skipped/
     return CacheCheck(metadata, split_names, parts, folder, labels, splits.astype(np.int8), features, listed)

@@ -1,4 +1,4 @@
-"""Part files of a schema-v2 cache: one HDF5 file per shard, with the datasets a v1 cache has for its rows.
+"""Part files of a cache: one HDF5 file per shard, holding the per-row datasets of its rows.
 
 A part is immutable once published. It is written as ``.<name>.partial`` (datasets allocated in
 full, a ``status`` flag per row set only after the row's embedding was flushed, so a killed worker
@@ -26,7 +26,7 @@ import numpy as np
 from .. import __version__
 from .._files import fsync_dir, sha256_file, temporary_path
 from ..errors import CacheError
-from ._schema import SPLIT_NAMES, STR_DTYPE, decode_attr
+from ._schema import SCHEMA_VERSION, SPLIT_NAMES, STR_DTYPE, decode_attr
 
 __all__ = [
     "PART_FORMAT",
@@ -213,7 +213,7 @@ class PartWriter:
                 for k, v in (attrs or {}).items():
                     f.attrs[k] = json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v
                 f.attrs.update(
-                    format=PART_FORMAT, schema_version=2, featbank_version=__version__, cache_key=key,
+                    format=PART_FORMAT, schema_version=SCHEMA_VERSION, featbank_version=__version__, cache_key=key,
                     shard_id=int(shard_id), rows_digest=digest, embed_dim=int(embed_dim), dtype=dtype,
                     split_names=json.dumps(list(SPLIT_NAMES)), classes_json=json.dumps(list(classes)),
                     complete=False,
@@ -355,7 +355,7 @@ def write_part(
             for k, v in (attrs or {}).items():
                 f.attrs[k] = v
             f.attrs.update(
-                format=PART_FORMAT, schema_version=2, featbank_version=__version__, cache_key=key,
+                format=PART_FORMAT, schema_version=SCHEMA_VERSION, featbank_version=__version__, cache_key=key,
                 shard_id=int(shard_id), rows_digest=digest, embed_dim=int(embeddings.shape[1]),
                 dtype=str(embeddings.dtype), split_names=json.dumps(list(SPLIT_NAMES)),
                 classes_json=json.dumps(list(classes)), complete=True, n_samples=n,

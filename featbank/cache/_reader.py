@@ -1,4 +1,4 @@
-"""Reading a cache: :class:`FeatureCache`, lazy on the embeddings, and :func:`open_cache`."""
+"""Reading a cache: :class:`FeatureCache`, lazy on the embeddings (opened by ``_discovery.open_cache``)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ import numpy as np
 from ..errors import ConfigError
 from ..features import FeatureSpec
 from ._direct import RowReader
-from ._discovery import find_latest_cache
 from ._features import check_block, dataset_name, parse_requested
-from ._integrity import check_v2_index, damaged_part_error, open_cache_file, validate_cache
+from ._integrity import damaged_part_error, open_cache_file, validate_cache
 from ._parts import PartInfo
 from ._schema import decode_attr
 from ._validate import check_rows
@@ -23,7 +22,7 @@ from ._validate import check_rows
 #: What :func:`open_cache` does with finite but extreme embedding rows.
 EXTREME_POLICIES = ("raise", "warn", "ignore")
 
-__all__ = ["FeatureCache", "open_cache", "check_v2_index"]  # check_v2_index: its home is _integrity
+__all__ = ["FeatureCache", "EXTREME_POLICIES"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,32 +285,3 @@ def _sorted_unique(rows: np.ndarray | Sequence[int], n_samples: int) -> tuple[np
 def _check_range(sorted_rows: np.ndarray, n_samples: int) -> None:
     if sorted_rows.size and (sorted_rows[0] < 0 or sorted_rows[-1] >= n_samples):
         raise IndexError(f"row indices must lie in [0, {n_samples}); got {sorted_rows[0]}..{sorted_rows[-1]}")
-
-
-def open_cache(path: str | os.PathLike | None = None, *, extreme: str = "raise",
-               allow_incomplete: bool = False) -> FeatureCache:
-    """Open a featbank cache for reading; with no path, the one :func:`choose_cache` picks.
-
-    Opening validates everything but the embedding values: the format and schema version, that
-    every dataset is there with the right shape and one row per embedding, labels within the
-    classes, split codes within ``split_names``, JSON attributes. Embedding values are checked as
-    rows are read (NaN/inf always refused; see ``extreme``), so opening a large cache stays cheap.
-
-    Args:
-        path: the cache file; ``None`` for :func:`choose_cache`'s pick in the default folder.
-        extreme: rows with a value beyond ``EXTREME_VALUE`` (finite but huge, e.g. 1e38):
-            ``"raise"`` (default) refuses them with a :class:`CacheError` naming them, ``"warn"``
-            returns them with an :class:`ExtremeEmbeddingsWarning`, ``"ignore"`` returns them.
-        allow_incomplete: open a cache that an interrupted extract left with ``complete=False``.
-
-    Raises:
-        CacheError: missing, unreadable, damaged (the message names the field and the value),
-            incomplete, or of another schema version. :class:`NotACacheError` (a subclass) when the
-            file is not a featbank cache at all.
-
-    Example:
-        >>> with open_cache("runs/elpv.h5") as cache:
-        ...     X = cache.load_embeddings(cache.split_mask("train"))
-    """
-    return FeatureCache(path if path is not None else find_latest_cache(), extreme=extreme,
-                        allow_incomplete=allow_incomplete)

@@ -1,9 +1,13 @@
-"""Schema v1 of the cache file and its key: format constants, the sha256 over what changes an embedding."""
+"""The cache format's constants and its key: the schema featbank writes (v2), the sha256 over what changes an embedding.
+
+Schema v1 (one file, no parts) is read too; what is particular to it lives in ``_legacy``.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import h5py
@@ -13,7 +17,8 @@ import numpy as np
 __all__ = ["SCHEMA_VERSION", "SPLIT_NAMES", "EMBEDDING_VERSION", "FEATURE_DEFAULTS", "compute_cache_key",
            "describe_feature_difference", "feature_settings", "FORMAT", "STR_DTYPE", "decode_attr"]
 
-SCHEMA_VERSION = 1
+#: The schema featbank writes: an index over part files (``_index``, ``_parts``).
+SCHEMA_VERSION = 2
 SPLIT_NAMES = ("train", "val", "test")
 FORMAT = "featbank-cache"
 STR_DTYPE = h5py.string_dtype("utf-8")
@@ -38,7 +43,7 @@ def compute_cache_key(identity: dict[str, Any], dtype: str, precision: str, feat
     resized as tensors, ``extract --decode``) is keyed only when it is not ``pillow``, for the same reason.
     """
     payload = {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": 1,  # frozen: every cache key since the first schema would change otherwise
         "embedding_version": EMBEDDING_VERSION,
         "backbone": identity["backbone"],
         "weights": identity["weights"],
@@ -70,7 +75,7 @@ def _normal(features: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _feature_attr(attrs: Any, name: str) -> Any:
+def _feature_attr(attrs: Mapping[str, Any], name: str) -> Any:
     v = attrs.get(name, None)
     if isinstance(v, bytes):
         v = v.decode("utf-8", "replace")
@@ -84,7 +89,7 @@ def _feature_attr(attrs: Any, name: str) -> Any:
     return FEATURE_DEFAULTS[name] if v is None else v
 
 
-def feature_settings(attrs: Any) -> dict[str, Any] | None:
+def feature_settings(attrs: Mapping[str, Any]) -> dict[str, Any] | None:
     """The layers/views settings a cache's attributes record (defaults where absent); None when unreadable."""
     try:
         return _normal({k: _feature_attr(attrs, k) for k in FEATURE_DEFAULTS})
@@ -92,7 +97,7 @@ def feature_settings(attrs: Any) -> dict[str, Any] | None:
         return None
 
 
-def describe_feature_difference(attrs: Any, wanted: dict[str, Any]) -> str:
+def describe_feature_difference(attrs: Mapping[str, Any], wanted: dict[str, Any]) -> str:
     """How the layers/views a cache holds (its attributes) differ from ``wanted``; "" when they agree.
 
     Example: ``"the cache holds layers final; you asked stage3,final"``.

@@ -23,8 +23,9 @@ from ..features import FeatureSpec
 from ._features import dataset_name, feature_dataset_names, parse_requested
 from ._index import verify_cache
 from ._integrity import CacheCheck, open_cache_file, validate_cache
+from ._legacy import V1_EXPORT_ROWS, V1_SCHEMA_VERSION, schema_version
 from ._parts import ROW_DATASETS
-from ._schema import FORMAT, SPLIT_NAMES, decode_attr
+from ._schema import FORMAT, SCHEMA_VERSION, SPLIT_NAMES, decode_attr
 from ._validate import recreate_hint
 
 __all__ = ["CacheSummary", "describe_cache", "check_cache", "export_cache", "EXPORT_FORMATS"]
@@ -67,7 +68,8 @@ class CacheSummary:
             f"key        {self.cache_key}",
             f"classes    {len(self.classes)}: " + ", ".join(f"{c} ({n})" for c, n in self.class_counts.items()),
             "splits     " + (", ".join(f"{s} ({n})" for s, n in self.split_counts.items()) or "none"),
-            f"skipped    {self.n_skipped}",
+            f"skipped    {self.n_skipped}" + (" (inputs not embedded, listed in the cache under skipped/)"
+                                             if self.n_skipped else ""),
             *_feature_lines(self.features, self.embed_dim),
         ]
         out += [f"PROBLEM    {p}" for p in self.problems]
@@ -127,8 +129,8 @@ def describe_cache(path: str | os.PathLike) -> CacheSummary:
 
 def _summary(path: Path, f: h5py.File, check: CacheCheck | None, problems: list[str]) -> CacheSummary:
     """The summary from the attributes and shapes; classes and counts only from a cache that passed ``check``."""
-    v = f.attrs.get("schema_version")
-    version = int(v) if isinstance(v, (int, np.integer)) else 1
+    found = schema_version(f.attrs)
+    version = V1_SCHEMA_VERSION if found is None else found
     emb = f.get("embeddings")
     n_rows, dim = (int(emb.shape[0]), int(emb.shape[1])) if isinstance(emb, h5py.Dataset) and emb.ndim == 2 else (0, 0)
     dtype = str(emb.dtype) if isinstance(emb, h5py.Dataset) else "?"
@@ -185,7 +187,7 @@ def check_cache(path: str | os.PathLike) -> CacheSummary:
     path = Path(path)
     real = Path(os.path.realpath(path))  # through a symlink: the parts lie beside its target
     with _open(path) as f:
-        v2 = "parts" in f and f.attrs.get("schema_version") == 2
+        v2 = "parts" in f and schema_version(f.attrs) == SCHEMA_VERSION
     if v2:
         verify_cache(real, full=True)
     with _open(path) as f:
@@ -219,7 +221,7 @@ def _shard_bounds(f: h5py.File, rows_per_file: int | None) -> list[tuple[int, in
         counts = f["parts/n_rows"][...]
         ends = np.cumsum(counts)
         return [(int(e - c), int(e)) for c, e in zip(counts, ends) if c]
-    return list(_blocks(n, rows_per_file or 100_000))
+    return list(_blocks(n, rows_per_file or V1_EXPORT_ROWS))
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:

@@ -1,4 +1,4 @@
-"""Checks of a cache file against schema v1, run when it is opened and when rows are read.
+"""Checks of a cache file against its schema (v2, and v1 alike), run when it is opened and when rows are read.
 
 Opening checks what is cheap to read (attributes, the small per-row arrays, dataset shapes), so
 ``open_cache`` stays lazy on the embeddings. Embedding values (NaN/inf, extreme magnitudes) are
@@ -12,7 +12,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import h5py
 import numpy as np
@@ -20,9 +20,10 @@ from h5py import h5d
 
 from .._files import open_regular_file
 from ..errors import CacheError, ExtremeEmbeddingsWarning, NotACacheError
-from ._discovery import default_cache_dir
+from ._home import default_cache_dir
 
 __all__ = [
+    "OpenCache",
     "EXTREME_VALUE",
     "HDF5_SIGNATURE",
     "is_hdf5",
@@ -41,8 +42,22 @@ __all__ = [
 #: backbones give values of order 1-100, and standardising a row of 1e38 overflows float32.
 EXTREME_VALUE = 1e6
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-# Datasets every schema-v1 cache has, with the number of dimensions each must have.
+# Datasets every cache has (a v2 index and a v1 file alike), with the number of dimensions each must have.
 _REQUIRED = {"embeddings": 2, "labels": 1, "splits": 1, "paths": 1, "fingerprints": 2, "classes": 1}
+
+
+
+class OpenCache(Protocol):
+    """What the row checks read of an open cache (:class:`~featbank.cache.FeatureCache` has it all).
+
+    A Protocol, because these checks stand below the reader that calls them.
+    """
+
+    path: Path
+    metadata: dict[str, Any]
+    paths: list[str]
+    extreme: str
+    extreme_rows: set[int]
 
 
 def is_hdf5(path: Path) -> bool:
@@ -151,7 +166,7 @@ def within_bounds(block: np.ndarray) -> bool:
         return bool(np.dot(flat, flat) < 0.5 * EXTREME_VALUE**2)
 
 
-def check_rows(cache: Any, rows: np.ndarray, block: np.ndarray, policy: str) -> None:
+def check_rows(cache: OpenCache, rows: np.ndarray, block: np.ndarray, policy: str) -> None:
     """Refuse NaN/inf rows; refuse or warn about extreme rows (``policy``: raise, warn or ignore).
 
     ``rows`` are the cache rows of ``block``'s lines. Called on every block a reader reads.
@@ -186,7 +201,7 @@ def check_rows(cache: Any, rows: np.ndarray, block: np.ndarray, policy: str) -> 
         warnings.warn(msg, ExtremeEmbeddingsWarning, stacklevel=4)
 
 
-def _name_rows(cache: Any, rows: np.ndarray, limit: int = 5) -> str:
+def _name_rows(cache: OpenCache, rows: np.ndarray, limit: int = 5) -> str:
     names = [f"row {int(r)} ({cache.paths[int(r)]!r})" for r in rows[:limit]]
     return ", ".join(names) + (f" and {rows.size - limit} more" if rows.size > limit else "")
 

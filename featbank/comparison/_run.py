@@ -161,7 +161,7 @@ def _layer_plan(data: str | os.PathLike, name: str, spec: str) -> _LayerPlan:
     """
     if spec == "final":
         return _LayerPlan(None, None)
-    from ..backbones._taps import available_layers, parse_layers
+    from ..backbones import available_layers, parse_layers
     from ..extraction import default_cache_path
 
     taps = parse_layers("all" if spec == "auto" else spec, name)

@@ -7,9 +7,12 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .._files import atomic_write_text, timestamp
+
+if TYPE_CHECKING:
+    from ..extraction import ExtractReport
 
 __all__ = ["THROUGHPUT_SOURCES", "METHODS", "Throughput", "Clock", "choose_throughput", "read_record"]
 
@@ -43,7 +46,7 @@ class Clock:
     def __call__(self, done: int, total: int) -> None:
         self.marks.append((time.perf_counter(), int(done)))
 
-    def measure(self, report: Any, min_images: int) -> Throughput | None:
+    def measure(self, report: ExtractReport, min_images: int) -> Throughput | None:
         """The rate after the first batch (model load, ONNX export, warm-up and pipeline fill left
         out) when at least ``min_images`` came after it; else the whole run's; None if none embedded."""
         if len(self.marks) >= 2:
@@ -55,7 +58,7 @@ class Clock:
         return None
 
 
-def choose_throughput(report: Any, now: Throughput | None) -> tuple[Throughput | None, str]:
+def choose_throughput(report: ExtractReport, now: Throughput | None) -> tuple[Throughput | None, str]:
     """(throughput, source): this run's measurement or the record of an earlier run of this cache,
     whichever ranks higher (a rerun that embeds 3 new files measures little but the model load)."""
     record_path = Path(str(report.path) + _RECORD_SUFFIX)

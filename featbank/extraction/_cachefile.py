@@ -45,8 +45,7 @@ def refuse_foreign_file(out_path: Path) -> None:
     """
     import h5py
 
-    from ..cache._schema import FORMAT
-    from ..cache._validate import is_hdf5
+    from ..cache import FORMAT, is_hdf5
 
     _refuse_special_file(out_path)
     if not out_path.is_file() or out_path.stat().st_size == 0:

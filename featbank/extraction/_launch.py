@@ -33,7 +33,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from ..cache._parts import PartInfo
+from ..cache import PartInfo
 from ..errors import CacheError, ConfigError, FeatbankError
 from ._schedule import Schedule, plan_work, static_share
 from ._sharded import Prepared, ShardJob, finalize, run_job, run_shard

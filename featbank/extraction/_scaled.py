@@ -20,9 +20,7 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 
-from ..cache import writer_lock
-from ..cache._parts import part_name, parts_dir, rows_digest
-from ..cache._schema import FORMAT, compute_cache_key, decode_attr
+from ..cache import FORMAT, compute_cache_key, decode_attr, part_name, parts_dir, read_listed, rows_digest, writer_lock
 from ..errors import CacheError, ConfigError, Interrupted, NotACacheError, SkippedImagesError, SkippedImagesWarning
 from ._plan import DEFAULT_SHARD_SIZE, check_shard_size
 from ._report import ExtractReport, strict_message
@@ -122,8 +120,7 @@ def _check_existing(index_path: Path, key: str, wanted: dict[str, Any]) -> None:
     A schema-v2 index whose only problem is a missing or changed part is fine: the run recomputes
     those parts (which is what the reader's message tells the user to do).
     """
-    from ..cache import FeatureCache, check_key
-    from ..cache._index import check_parts
+    from ..cache import FeatureCache, check_key, check_parts
 
     version = schema_version_of(index_path)
     if version is None:
@@ -163,7 +160,7 @@ def _drop_replaced_parts(index_path: Path, key: str) -> None:
     """--overwrite: the parts of the cache being replaced are recomputed, not trusted (a part of the same
     rows and key would otherwise be taken as done); parts of other keys go too. Parts an interrupted
     --overwrite run finished (listed by no index) and its ``.partial`` files are kept: a rerun resumes."""
-    from ..cache._index import read_parts_table
+    from ..cache import read_parts_table
 
     folder = parts_dir(index_path)
     if not folder.is_dir():
@@ -190,17 +187,17 @@ def _up_to_date(prep: Any) -> bool:
         with h5py.File(prep.index_path, "r") as f:
             names = decode_attr(f["parts/names"][...])
             same_attrs = all(str(f.attrs.get(k, "")) == str(prep.attrs[k]) for k in ("root", "layout", "classes_json"))
-            listed = str(f.attrs.get("listing_skipped", "[]"))
+            listed = read_listed(f) if "listing_skipped" not in f.attrs else None  # the old home: rewrite the index
             complete = f.attrs.get("complete", True) is not False and bool(f.attrs.get("complete", True))
-    except (OSError, KeyError):
+    except (OSError, KeyError, ValueError, TypeError):
         return False
     want = [part_name(p.shard_id, p.rows_digest) for p in prep.planned]
-    return names == want and same_attrs and complete and listed == json.dumps([list(s) for s in prep.skipped])
+    return names == want and same_attrs and complete and listed == [(k, r, tuple(fp)) for k, r, fp in prep.skipped]
 
 
 def _run_bytes(prep: Any, dtype: str) -> tuple[list[int], int]:
     """Estimated sizes of the parts this run writes (layers and views included) and of the index."""
-    from ..cache._writer import estimate_bytes, feature_values_per_row
+    from ..cache import estimate_bytes, feature_values_per_row
 
     settings = prep.jobs[0].settings
     extra = settings.features.datasets() if settings.features is not None else {}
@@ -213,7 +210,7 @@ def _run_bytes(prep: Any, dtype: str) -> tuple[list[int], int]:
 
 def _check_space(prep: Any, index_path: Path, dtype: str) -> None:
     """Refuse before writing when the parts this run writes (and the index) do not fit: disk or ulimit -f."""
-    from ..cache._writer import check_space
+    from ..cache import check_space
 
     if not prep.jobs:
         return
@@ -289,7 +286,7 @@ def _skipped(index_path: Path) -> list[tuple[str, str]]:
 
 def _old_rows_dropped(index_path: Path, prep: Any) -> int:
     """Rows of the published index that live in parts this run replaces (before subtracting the reused)."""
-    from ..cache._index import read_parts_table
+    from ..cache import read_parts_table
 
     if schema_version_of(index_path) != 2:
         return 0

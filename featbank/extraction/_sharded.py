@@ -20,19 +20,24 @@ import h5py
 import numpy as np
 
 from .._files import remove_orphans, timestamp
-from ..cache._index import PlannedPart, finalize_index, read_parts_table
-from ..cache._parts import (
+from ..cache import (
     ROW_DATASETS,
     PartInfo,
     PartRows,
     PartWriter,
+    PlannedPart,
+    compute_cache_key,
+    decode_attr,
+    describe_feature_difference,
     describe_part,
+    feature_settings,
+    finalize_index,
     part_name,
     parts_dir,
+    read_parts_table,
     rows_digest,
     write_part,
 )
-from ..cache._schema import compute_cache_key, decode_attr, describe_feature_difference, feature_settings
 from ..errors import CacheError, CacheKeyMismatch
 from ..sources import RowSource, TarImages
 from ._cachefile import remove_dead_part_temporaries
@@ -527,14 +532,14 @@ def finalize(prepared: Prepared) -> list[PartInfo]:
                 created = f.attrs.get("created")
         except OSError:
             created = None
-    attrs = {**prepared.attrs, "created": created or prepared.attrs["updated"],
-             "listing_skipped": json.dumps([list(s) for s in prepared.skipped])}
+    attrs = {**prepared.attrs, "created": created or prepared.attrs["updated"]}
     try:
         known = read_parts_table(index_path) if created is not None else []
     except (OSError, KeyError, CacheError):  # a v1 file being replaced with --overwrite has no table
         known = []
     parts = finalize_index(index_path, prepared.planned, prepared.key, prepared.classes, attrs,
-                           plan_json=prepared.plan.to_json(), known=known, row_datasets=prepared.row_datasets)
+                           plan_json=prepared.plan.to_json(), known=known, row_datasets=prepared.row_datasets,
+                           listed=prepared.skipped)
     _remove_unreferenced(index_path, parts)
     return parts
 
