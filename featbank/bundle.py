@@ -238,21 +238,13 @@ class Bundle:
         if self.kind == "finetuned":
             self._head = self._load_finetuned_head()
             return self._head
+        from .heads import head_kind
+
         head = self.info.head
         data = self.read_weights()
         f = self.path / head.file
         try:
-            if head.type in ("linear", "mlp"):
-                from safetensors.numpy import load as st_load
-
-                from .heads import head_from_state
-
-                est = head_from_state(head.type, st_load(data), self.head_info)
-            elif f.suffix == ".skops":
-                est = load_skops(data, f"Bundle {str(self.path)!r}: {f.name}")
-            else:
-                raise BundleError(f"Bundle {str(self.path)!r}: head file {head.file!r} (head.type {head.type!r}) "
-                                  "is neither .safetensors nor .skops; featbank loads no other format (no pickle).")
+            est = head_kind(head.type).load(data, self.head_info, f"Bundle {str(self.path)!r}: {f.name}")
         except BundleError:
             raise
         except Exception as e:  # noqa: BLE001 - any decoding failure means a corrupt bundle

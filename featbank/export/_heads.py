@@ -68,10 +68,10 @@ def head_proba_module(est: Any, n_classes: int) -> Any | None:
     import torch
     from torch import nn
 
-    from ..heads import head_to_torch
+    from ..heads import kind_of
 
     ProbaHead, _ = torch_modules()
-    m = head_to_torch(est)
+    m = kind_of(est).export(est)  # each head kind owns its export
     if m is None:
         return None
     module = ProbaHead(m, "probabilities")

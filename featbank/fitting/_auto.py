@@ -23,7 +23,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -32,6 +32,9 @@ from ._layers import VIEW_POOL, FeatureTable, LayerChoice, resolve_layers, selec
 from ._rows import check_finite, opened_cache, split_rows
 from ._search import DEFAULT_BUDGET, DEFAULT_CV, DEFAULT_REPEATS, AutoSearch, Candidate, FeatureKey, parse_budget
 from ._select import HeadSpec
+
+if TYPE_CHECKING:
+    from ..heads import Estimator
 
 __all__ = ["SearchSettings", "fit_search", "bootstrap_interval", "PREPROCESSING", "N_BOOTSTRAP"]
 
@@ -242,19 +245,11 @@ def _refit_and_score(cache: Any, route: _Route, search: AutoSearch, pool: np.nda
             "table": table, "test_metrics": metrics, "test_proba": proba, "refit_s": refit_s}
 
 
-def head_type(est: Any) -> str:
-    """The bundle's head type of a fitted estimator: ``linear``, ``mlp`` or ``sklearn`` (a Pipeline)."""
-    from sklearn.pipeline import Pipeline
+def head_type(est: Estimator) -> str:
+    """The bundle's head type of a fitted estimator: the name of its kind (:mod:`featbank.heads.kinds`)."""
+    from ..heads import kind_of
 
-    from ..heads import LinearHead, MLPHead
-
-    if isinstance(est, LinearHead):
-        return "linear"
-    if isinstance(est, MLPHead):
-        return "mlp"
-    if isinstance(est, Pipeline):
-        return "sklearn"
-    raise ConfigError(f"internal error: a head family built a {type(est).__name__}, which a bundle cannot hold")
+    return kind_of(est).name
 
 
 def features_section(table: FeatureTable, choice: LayerChoice | None, winner: Mapping[str, Any]) -> dict[str, Any]:
@@ -280,7 +275,7 @@ def bundle_name(cache_path: Path, settings: SearchSettings, head: str) -> str:
 def search_result(found: dict[str, Any], spec: HeadSpec, settings: SearchSettings, *, save: bool,
                   bundle_path: Path | None) -> Any:
     """The ``FitResult`` of a search (and its bundle, written when ``save``)."""
-    from .probe import FitResult
+    from ._result import FitResult
 
     winner, report, metrics = found["winner"], found["search"], found["test_metrics"]
     eval_split = "test" if metrics else "cv"
@@ -307,30 +302,23 @@ def _save(found: dict[str, Any], spec: HeadSpec, metrics: dict[str, Any], settin
           path: Path) -> Path:
     from dataclasses import replace
 
-    from .._manifest import build_manifest
-    from ..bundle import save_bundle
-    from ..report import write_report_files
-    from .probe import _identity, head_files
+    from ._bundle import FittedHead, HeadBundle, save_head_bundle
 
     cache, winner = found["cache"], found["winner"]
     pre = winner["preprocessing"]
     head_spec = replace(spec, head=winner["head"], params=dict(winner["params"]),
                         standardize=pre.startswith("standardize"), l2_normalize="l2" in pre)
-    head_info, files = head_files(found["estimator"], found["htype"], dict(winner["params"]), head_spec)
-    head_info.update(family=winner["head"], preprocess=pre)
+    head = FittedHead(found["estimator"], head_spec, dict(winner["params"]), {"family": winner["head"], "preprocess": pre})
     test = found["test"]
-    if len(test):
-        paths = [str(cache.abspath(cache.paths[r])) for r in test]
-        files.update(write_report_files(metrics, cache.classes, paths, cache.labels[test], found["test_proba"]))
     headline = {k: v for k, v in (metrics.get("test") or metrics["cv"]).items()
                 if not isinstance(v, (dict, list)) or k == "top1_ci95"}
     eval_split = "test" if "test" in metrics else "cv"
-    manifest = build_manifest(
-        "head", list(cache.classes), _identity(cache), cache_key=cache.cache_key, head=head_info,
+    parts = HeadBundle(
         metrics={"eval_split": eval_split, eval_split: headline}, features=metrics["features"],
-        search=found["search"],
+        sections={"search": found["search"]},
         training={"cache": str(Path(found["cache_path"]).resolve()), "val_source": f"{settings.cv}-fold CV",
                   "seed": settings.seed, "n_train": len(found["pool"]), "n_val": 0, "n_test": len(test),
                   "shots": None, "fitted_on": "train+val", "streaming": False, "sweep": []},
+        report_metrics=metrics, eval_rows=test if len(test) else None, eval_proba=found["test_proba"],
     )
-    return save_bundle(path, manifest, files, overwrite=True)
+    return save_head_bundle(path, cache, head, parts, overwrite=True)

@@ -6,140 +6,23 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .._files import check_bundle_dir, slugify
-from .._manifest import BackboneIdentity, build_manifest
 from ..errors import ConfigError
 from ..splits import sample_shots, stratified_holdout
+from ._bundle import FittedHead, HeadBundle, save_head_bundle
 from ._layers import TTA_CHOICES, VIEW_POOL, FeatureTable, LayerChoice, mean_proba, resolve_layers, select_layers
+from ._result import FitResult
 from ._rows import CacheRows, opened_cache, parse_memory, split_rows
 from ._select import HeadSpec, Selection, make_head, select_and_refit
 
+if TYPE_CHECKING:
+    from ..cache import FeatureCache
+
 __all__ = ["FitResult", "MODELS_ROOT", "bundle_dir", "fit"]
-
-
-@dataclass
-class FitResult:
-    """What one ``fit`` did.
-
-    Attributes:
-        path: the bundle folder (``None`` when ``save=False``).
-        head: ``linear``, ``mlp`` or the scikit-learn class name.
-        estimator: the fitted estimator (refitted on train+val), mapping embeddings -> probabilities.
-        classes: class names.
-        chosen: the selected hyperparameter, e.g. ``{"C": 0.01}`` or ``{"epochs": 14}``.
-        sweep: one dict per tried value: C, val top-1, val log loss, L-BFGS iterations.
-        metrics: ``{"val": {...}, "test": {...}}`` (and ``"shots"`` for K-shot runs).
-        eval_split: which split the headline metrics come from (``test`` or ``val``).
-        cache_path: the cache used; ``streaming``: whether rows were streamed from disk.
-    """
-
-    path: Path | None
-    head: str
-    estimator: Any
-    classes: list[str]
-    chosen: dict[str, Any]
-    sweep: list[dict[str, Any]]
-    metrics: dict[str, Any]
-    eval_split: str
-    cache_path: Path
-    streaming: bool = False
-    seconds: float = 0.0
-    n_train: int = 0
-    n_val: int = 0
-    n_test: int = 0
-    notes: list[str] = field(default_factory=list)
-    search: dict[str, Any] | None = None
-
-    @property
-    def headline(self) -> dict[str, Any]:
-        return self.metrics.get(self.eval_split, {})
-
-    def summary(self) -> str:
-        from ..report import format_metrics
-
-        chosen = ", ".join(f"{k}={_fmt(v)}" for k, v in self.chosen.items()) or "-"
-        lines = [
-            f"Head {self.head} on {self.cache_path.name}: {self.n_train} train / {self.n_val} val / {self.n_test} test"
-            f"{' (streamed)' if self.streaming else ''}; chosen {chosen}; {self.seconds:.1f} s",
-        ]
-        lines += [f"Note: {n}" for n in self.notes]
-        if self.search is not None:
-            from ._report import search_lines
-
-            lines += search_lines(self.search, self.headline)
-        lines += _features_lines(self.metrics.get("features"))
-        if "shots" in self.metrics:
-            s = self.metrics["shots"]
-            lines.append(
-                f"{s['shots']}-shot over seeds {s['seeds']}: top-1 {s['top1_mean']:.4f} ± {s['top1_std']:.4f}, "
-                f"balanced acc {s['balanced_accuracy_mean']:.4f} ± {s['balanced_accuracy_std']:.4f}, "
-                f"macro F1 {s['macro_f1_mean']:.4f} ± {s['macro_f1_std']:.4f}"
-            )
-        if "val" in self.metrics and self.eval_split != "val":
-            v = self.metrics["val"]
-            if v.get("n_samples"):
-                lines.append(f"Validation (model fit on train only): top-1 {v['top1']:.4f}, balanced acc "
-                             f"{v['balanced_accuracy']:.4f} (n={v['n_samples']})")
-        lines.append(format_metrics(self.headline, f"{self.eval_split.capitalize()} metrics:"))
-        if self.path is not None:
-            lines.append(f"Bundle: {self.path}")
-            for f in ("metrics.json", "confusion_matrix.png", "per_class_recall.png", "misclassified.png"):
-                if (self.path / f).exists():
-                    lines.append(f"  {self.path / f}")
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "path": str(self.path) if self.path else None, "head": self.head, "classes": self.classes,
-            "chosen": self.chosen, "sweep": self.sweep, "metrics": self.metrics, "eval_split": self.eval_split,
-            "cache": str(self.cache_path), "streaming": self.streaming, "seconds": self.seconds,
-            "n_train": self.n_train, "n_val": self.n_val, "n_test": self.n_test, "notes": self.notes,
-            **({"leaderboard": self.search["leaderboard"], "search": self.search} if self.search else {}),
-        }
-
-
-def _features_lines(feats: dict[str, Any] | None) -> list[str]:
-    """The layers, views and TTA lines of a fit's summary (nothing for a plain fit)."""
-    if not feats or (feats["layers"] == ["final"] and not feats["n_views"] and "selection" not in feats):
-        return []
-    dims = "+".join(str(feats["layer_dims"][t]) for t in feats["layers"])
-    lines = [f"Layers {','.join(feats['layers'])} ({dims} = {sum(feats['layer_dims'].values())} features, "
-             f"pooling {feats['pooling']})"]
-    sel = feats.get("selection")
-    if sel:
-        from ._layers import LayerChoice
-
-        lines.append(LayerChoice(tuple(sel["layers"]), sel["val_score"], sel["rounds"], sel["scorer"],
-                                 sel["n_train_rows"]).summary())
-    if feats.get("view_pool"):
-        lines.append(f"Views: {feats['n_views']} {feats['augment']} view(s) per image, pooled ({feats['view_pool']} of each "
-                     f"feature over the plain and augmented views: one row of {2 * sum(feats['layer_dims'].values())} "
-                     "features per image, no TTA)")
-    elif feats["n_views"]:
-        t = feats["tta_choice"]
-        why = (f"validation top-1 {t['val_plain']:.4f} plain vs {t['val_tta']:.4f} averaged"
-               if "val_plain" in t else f"--tta {t['mode']}")
-        lines.append(f"Views: {feats['n_views']} {feats['augment']} view(s) per image; trained on "
-                     f"{'plain + views' if feats['views_used'] else 'the plain view only'}; TTA "
-                     f"{'on' if feats['tta'] else 'off'} ({why})")
-        if "eval_tta_top1" in t:
-            lines.append(f"Evaluation top-1 without TTA {t['eval_plain_top1']:.4f}, with TTA {t['eval_tta_top1']:.4f}")
-    return lines
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-
-def _identity(cache: Any) -> BackboneIdentity:
-    md = cache.metadata
-    return BackboneIdentity(backbone=md.get("backbone"), weights=md.get("weights"),
-                            weights_sha256=md.get("weights_sha256"), transform=md.get("transform"),
-                            embed_dim=int(cache.embed_dim))
 
 
 def _slug(text: str) -> str:
@@ -268,7 +151,6 @@ def fit(
         >>> result = fit("runs/elpv.h5", head="linear", class_weight="balanced")
         >>> result.chosen, result.headline["top1"], result.path
     """
-    from ..bundle import save_bundle
 
     t0 = time.perf_counter()
     seeds = _check_options(class_weight, shots, seeds, seed, device)
@@ -307,8 +189,7 @@ def fit(
         source.check_finite()
         result, first = _fit_seeds(data, cache_path, source, plan, seeds if shots is not None else [seed], head)
         if save:
-            manifest, files = _bundle_contents(cache_obj, cache_path, plan, first, result.metrics, seed)
-            result.path = save_bundle(bundle_path, manifest, files, overwrite=overwrite)
+            result.path = _save_bundle(bundle_path, cache_obj, cache_path, plan, first, result.metrics, seed, overwrite)
         result.seconds = time.perf_counter() - t0
         return result
 
@@ -347,12 +228,13 @@ def _fit_searched(cache: Any, spec: HeadSpec, *, auto: bool, cv: int | None, bud
 def _check_family_head(head: str, searched: bool, class_weight: Any, families: Any) -> None:
     """A head family (svm-rbf, knn...) is scored by K-fold CV, so it needs --cv; families fit unweighted."""
     from .. import heads
+    from ..heads import HEAD_KINDS
 
     families = families if families is not None else getattr(heads, "HEAD_FAMILIES", {})
-    if head in families and head not in ("linear", "mlp") and not searched:
+    if head in families and head not in HEAD_KINDS and not searched:
         raise ConfigError(f"--head {head} is a head family of --auto; its grid is chosen by K-fold CV: add --cv 5 "
                           f"(featbank fit CACHE --head {head} --cv 5).")
-    if searched and class_weight is not None and (head in families or head == "linear"):
+    if searched and class_weight is not None and head in families:
         raise ConfigError("--class-weight does not combine with --auto or a head family's --cv: the families fit and "
                           "score unweighted (top-1). Drop --class-weight, or use a scikit-learn head (--head SVC --cv 5).")
 
@@ -540,7 +422,7 @@ def _fit_seed(cache: Any, source: CacheRows, plan: _Plan, seed: int) -> _SeedRun
 
     tr, va, refit_rows, eval_rows = _seed_rows(cache, plan, seed)
     va = np.sort(va)
-    sel = select_and_refit(cache, source, plan.spec, seed, plan.expand(tr), va, plan.expand(refit_rows),
+    sel = select_and_refit(cache, source, plan.spec, seed, (plan.expand(tr), va, plan.expand(refit_rows)),
                            val_views=plan.view_rows(va))
     use_tta, tta_info = _choose_tta(cache, plan, sel, va)
     ev_rows = np.sort(eval_rows)
@@ -560,7 +442,7 @@ def _fit_seed(cache: Any, source: CacheRows, plan: _Plan, seed: int) -> _SeedRun
 
 def _check_pool_views(cache: Any, cache_path: Path, tta: str) -> str:
     """``--pool-views`` needs views a new image can be given (hflip, dihedral) and leaves no TTA to choose."""
-    from ..extraction._views import FIXED_VIEWS
+    from ..extraction import FIXED_VIEWS
 
     if not cache.n_views or cache.augment not in FIXED_VIEWS:
         held = f"{cache.n_views} {cache.augment} view(s)" if cache.n_views else "no augmented views"
@@ -641,53 +523,14 @@ def _notes(plan: _Plan) -> list[str]:
             "model (optimistic). Add a test/ split folder for an unbiased estimate."]
 
 
-def _head_files(run: _SeedRun, spec: HeadSpec) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """The manifest's ``head`` section and the head's weights file."""
-    return head_files(run.estimator, run.selection.htype, run.chosen, spec)
-
-
-def head_files(est: Any, htype: str, chosen: dict[str, Any], spec: HeadSpec) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """The manifest's ``head`` section and the weights file of a fitted head ``est`` of type ``htype``."""
-    head_info: dict[str, Any] = {
-        "type": htype, "estimator": type(est).__name__ if htype != "sklearn" else type(est[-1]).__name__,
-        "preprocessing": {"standardize": spec.standardize, "l2_normalize": spec.l2_normalize},
-        "class_weight": spec.class_weight, "chosen": chosen,
-    }
-    if htype == "sklearn":
-        from ..bundle import serialize_sklearn
-
-        fname, data, trusted = serialize_sklearn(est)
-        head_info.update({"file": fname, "params": {k: repr(v) for k, v in est[-1].get_params().items()},
-                          "user_params": {k: repr(v) for k, v in spec.params.items()},
-                          "pipeline": [n for n, _ in est.steps], "trusted_types": trusted})
-        return head_info, {fname: data}
-    from safetensors.numpy import save as st_save
-
-    from ..heads import head_state
-
-    tensors, info = head_state(est)
-    head_info.update(info)
-    head_info["file"] = "head.safetensors"
-    if htype == "linear":
-        head_info["chosen_C"] = chosen.get("C")
-    return head_info, {"head.safetensors": st_save(tensors, metadata={"format": "featbank-head", "type": htype})}
-
-
-def _bundle_contents(cache: Any, cache_path: Path, plan: _Plan, run: _SeedRun, metrics: dict[str, Any],
-                     seed: int) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """The manifest and files of the bundle of the first seed's head."""
-    from ..report import write_report_files
-
-    head_info, files = _head_files(run, plan.spec)
-    abs_paths = [str(cache.abspath(cache.paths[r])) for r in run.eval_rows]
-    files.update(write_report_files(metrics, cache.classes, abs_paths, cache.labels[run.eval_rows], run.eval_proba))
+def _save_bundle(path: Path, cache: FeatureCache, cache_path: Path, plan: _Plan, run: _SeedRun,
+                 metrics: dict[str, Any], seed: int, overwrite: bool) -> Path:
+    """The bundle of the first seed's head."""
     eval_split, rows = plan.eval_split, plan.rows
     headline = {k: v for k, v in run.eval_metrics.items() if not isinstance(v, (dict, list))}
-    manifest = build_manifest(
-        "head", list(cache.classes), _identity(cache), cache_key=cache.cache_key, head=head_info,
+    parts = HeadBundle(
         metrics={"eval_split": eval_split, eval_split: headline,
                  **({"shots": metrics["shots"]} if "shots" in metrics else {})},
-        validation={"root": str(cache.root), "paths": [cache.paths[r] for r in np.sort(run.val)]},
         features=metrics["features"],
         training={
             "cache": str(Path(cache_path).resolve()), "val_source": rows.val_source, "seed": seed,
@@ -695,5 +538,8 @@ def _bundle_contents(cache: Any, cache_path: Path, plan: _Plan, run: _SeedRun, m
             "fitted_on": "train+val" if plan.refit else "train",
             "streaming": rows.chunk_rows is not None, "sweep": run.sweep,
         },
+        sections={"validation": {"root": str(cache.root), "paths": [cache.paths[r] for r in np.sort(run.val)]}},
+        report_metrics=metrics, eval_rows=run.eval_rows, eval_proba=run.eval_proba,
     )
-    return manifest, files
+    return save_head_bundle(path, cache, FittedHead(run.estimator, plan.spec, run.chosen), parts,
+                            overwrite=overwrite)
