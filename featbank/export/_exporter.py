@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +13,8 @@ import numpy as np
 
 from .. import __version__
 from .._files import (
-    atomic_write_text,
     check_output_dir,
     describe_os_error,
-    fsync_dir,
     remove_orphans,
     temporary_path,
     timestamp,
@@ -37,72 +33,14 @@ from ._parity import (
     parity_json_path,
     torch_batches,
 )
+from ._publish import ExportReport, file_error, publish, stamp
 from ._quantize import DEFAULT_MAX_DROP, CalibrationPlan, calibration_plan, quantize_model
 from ._raw import RAW_MIN_AGREEMENT, RAW_PIXEL_TOLERANCE, check_no_window, check_raw_interpolation, compose_raw, raw_parity
 from ._triton import check_triton_repo, model_name, write_triton_repo
 
-__all__ = ["ExportReport", "export_model", "build_torch_classifier", "MIN_OPSET"]
+__all__ = ["export_model", "build_torch_classifier", "MIN_OPSET"]
 
 MIN_OPSET = 18
-
-
-@dataclass
-class ExportReport:
-    """What :func:`export_model` wrote.
-
-    Attributes:
-        path: the ONNX file.
-        parity_path: the JSON with the parity figures (also written with ``check=False``, saying so).
-        parity: the parity figures (``None`` with ``check=False``).
-        route: how the head entered the graph: ``torch`` (one export), ``torch+compose``
-            (embedder and torch head joined) or ``skl2onnx+compose``.
-        opset: the ai.onnx opset of the graph.
-        metadata: the ``metadata_props`` written.
-        seconds: wall time of the export and check.
-        input_kind: what the graph takes: ``preprocessed``, ``raw`` or ``embeddings`` (``head_only``).
-        quantization: the int8 figures (test top-1 of fp32 and int8, the drop, the calibration), if quantized.
-        triton: the Triton model folder written (``<repo>/<name>``), if asked.
-    """
-
-    path: Path
-    parity_path: Path
-    parity: dict[str, Any] | None
-    route: str
-    opset: int
-    metadata: dict[str, str] = field(default_factory=dict)
-    seconds: float = 0.0
-    input_kind: str = "preprocessed"
-    quantization: dict[str, Any] | None = None
-    triton: Path | None = None
-
-    def summary(self) -> str:
-        lines = [f"Exported {self.metadata.get('backbone')} + {self.metadata.get('head')} "
-                 f"({self.route}, opset {self.opset}) in {self.seconds:.1f}s"]
-        lines.append(f"Input: {self.input_kind}")
-        if self.parity is None:
-            lines.append("Parity check: skipped (--no-check)")
-        else:
-            p = self.parity
-            lines.append(
-                f"Parity check on {p['n_images']} image(s) ({p['image_source']}), batch sizes "
-                f"{', '.join(map(str, p['batch_sizes']))}: max |dprob| = {p['max_abs_diff']:.2e} "
-                f"(limit {p['atol']:.0e}), top-1 agreement {100 * p['top1_agreement']:.1f}%"
-            )
-            if "raw" in p:
-                r = p["raw"]
-                lines.append(
-                    f"Raw input vs Pillow's preprocessing, {r['n_cases']} image(s), {len({c['size'] for c in r['cases']})} "
-                    f"sizes: top-1 agreement {100 * r['top1_agreement']:.1f}%, max |dprob| = {r['max_abs_diff']:.2e}, "
-                    f"pixels equal {100 * r['pixel_exact_fraction']:.2f}% (max diff {r['pixel_max_diff']})"
-                )
-        if self.quantization is not None:
-            q = self.quantization
-            lines.append(
-                f"int8 (QDQ, per channel; {q['n_calibration']} calibration images): test top-1 {100 * q['fp32_top1']:.2f}% "
-                f"-> {100 * q['int8_top1']:.2f}% ({q['drop_points']:+.2f} pt drop, limit {q['max_drop']:g}) on "
-                f"{q['n_test']} test images"
-            )
-        return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,9 +49,9 @@ class ExportReport:
 
 
 def _finetuned(bundle: Any) -> tuple[Any, Any]:
-    from ..finetuning import load_finetuned_model
+    from .._network import finetuned_network
 
-    return load_finetuned_model(bundle.path)
+    return finetuned_network(bundle)
 
 
 def build_torch_classifier(
@@ -184,19 +122,6 @@ def _metadata(bundle: Any, bb: Any, route: str, input_kind: str = "preprocessed"
         "created": timestamp(),
     }
     return meta
-
-
-def _stamp(model: Any, meta: dict[str, str]) -> None:
-    del model.metadata_props[:]
-    for k, v in meta.items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = k, v
-    model.producer_name = "featbank"
-    model.producer_version = __version__
-    model.model_version = int(meta.get("model_version", "1"))
-    what = "embeddings float32 [N, D]" if meta.get("input") == "embeddings" else \
-        f"images uint8 NHWC RGB ({meta.get('input', 'preprocessed')})"
-    model.doc_string = f"featbank classifier: {what} -> probabilities, label. classes={meta['classes']}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,7 +238,7 @@ def _export_graph(bundle: Any, out_path: Path, images: list[Path], source: str, 
         if input_kind == "raw":
             check_raw_interpolation(bb.preprocess)
         meta = _metadata(bundle, bb, route, input_kind, model_version)
-        _stamp(graph, meta)
+        stamp(graph, meta)
         onnx.save(graph, str(tmp))
         parity = _check(bundle, tmp, out_path, ref_fn, images, source, bb.preprocess, atol) if check else None
         if plan is not None:
@@ -322,20 +247,20 @@ def _export_graph(bundle: Any, out_path: Path, images: list[Path], source: str, 
             os.replace(tmp2, tmp)
         if input_kind == "raw":
             raw = compose_raw(onnx.load(str(tmp)), bb.preprocess, INPUT_NAME)
-            _stamp(raw, meta)
+            stamp(raw, meta)
             onnx.save(raw, str(tmp2))
             if parity is not None:
                 parity["raw"] = _check_raw(tmp2, tmp, bb.preprocess, images, out_path)
             os.replace(tmp2, tmp)
         elif quant is not None:
             graph = onnx.load(str(tmp))
-            _stamp(graph, meta)
+            stamp(graph, meta)
             onnx.save(graph, str(tmp))
         if parity is not None and quant is not None:
             parity["quantization"] = quant
-        _publish(tmp, out_path, parity_path, parity)
+        publish(tmp, out_path, parity_path, parity)
     except OSError as e:
-        raise _file_error(e, out_path) from None
+        raise file_error(e, out_path) from None
     finally:
         tmp.unlink(missing_ok=True)
         tmp2.unlink(missing_ok=True)
@@ -568,24 +493,3 @@ def _check(bundle: Any, tmp: Path, out_path: Path, ref_fn: Callable[[np.ndarray]
     return parity
 
 
-def _publish(tmp: Path, out_path: Path, parity_path: Path, parity: dict[str, Any] | None) -> None:
-    """Write the parity JSON, then move the checked graph to its name (durably, in one rename)."""
-    unchecked = {"checked": False, "passed": None, "reason": "--no-check"}
-    atomic_write_text(parity_path, json.dumps(parity if parity is not None else unchecked, indent=2) + "\n")
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    if out_path.exists():
-        os.chmod(tmp, out_path.stat().st_mode & 0o7777)  # a replaced model keeps its permissions
-    os.replace(tmp, out_path)
-    fsync_dir(out_path.parent)
-
-
-def _file_error(e: OSError, out_path: Path) -> ExportError:
-    """A failed read or write during the export (disk full, file-size limit, permissions) as a user error."""
-    where = f" at {e.filename!r}" if e.filename else ""
-    kept = "the file already there is unchanged" if out_path.exists() else "nothing was written there"
-    hint = " Free some space or choose another --out." if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) \
-        else " Choose another --out, or check the permissions."
-    return ExportError(
-        f"The export to {str(out_path)!r} stopped: {describe_os_error(e)}{where}; {kept}.{hint}"
-    )

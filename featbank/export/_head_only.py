@@ -21,6 +21,7 @@ from .._files import remove_orphans, temporary_path
 from ..errors import ConfigError, ExportError
 from ..runtime import FORMAT_KEY, FORMAT_VERSION, OUTPUT_NAMES
 from ._parity import check_parity, load_batch, parity_json_path, torch_batches
+from ._publish import ExportReport, file_error, publish, stamp
 
 __all__ = ["export_head_only", "EMBEDDINGS_NAME", "feature_spec"]
 
@@ -99,7 +100,6 @@ def _parity(bundle: Any, tmp: Path, images: list[Path], weights_file: Any, atol:
 def export_head_only(bundle: Any, out_path: Path, images: list[Path], weights_file: Any, opset: int | None,
                      atol: float, check: bool, model_version: int) -> Any:
     """Write the head's graph (embeddings -> probabilities, label) to ``out_path``, checked; its report."""
-    from ._exporter import ExportReport, _file_error, _publish, _stamp
     from ._graph import opset_of
 
     if bundle.kind != "head":
@@ -115,14 +115,14 @@ def export_head_only(bundle: Any, out_path: Path, images: list[Path], weights_fi
     try:
         graph, route = _head_graph(bundle, tmp, dim, opset)
         meta = _metadata(bundle, route, dim, model_version)
-        _stamp(graph, meta)
+        stamp(graph, meta)
         import onnx
 
         onnx.save(graph, str(tmp))
         parity = _parity(bundle, tmp, images, weights_file, atol) if check else None
-        _publish(tmp, out_path, parity_path, parity)
+        publish(tmp, out_path, parity_path, parity)
     except OSError as e:
-        raise _file_error(e, out_path) from None
+        raise file_error(e, out_path) from None
     finally:
         tmp.unlink(missing_ok=True)
     return ExportReport(out_path, parity_path, parity, route, opset_of(graph), meta, 0.0, "embeddings")
