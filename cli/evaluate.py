@@ -27,7 +27,7 @@ def evaluate(model, cache, split, as_json) -> None:
     """
     import json
 
-    from featbank.fitting import evaluate as evaluate_model
+    from featbank.inference import evaluate as evaluate_model
 
     result = evaluate_model(model, cache, split=split)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.summary())

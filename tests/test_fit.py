@@ -8,7 +8,8 @@ import pytest
 
 import featbank
 from featbank.errors import BundleError, CacheError, ConfigError
-from featbank.fitting import evaluate, fit
+from featbank.fitting import fit
+from featbank.inference import evaluate
 
 from _fitdata import blobs, write_synthetic_cache
 

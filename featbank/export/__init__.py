@@ -31,6 +31,7 @@ from __future__ import annotations
 # MAX_CHECK_IMAGES and MIN_OPSET are outside __all__ but were module attributes when this package
 # was one module (featbank.export.MIN_OPSET), so they stay reachable here.
 from ._exporter import MIN_OPSET, build_torch_classifier, export_model  # noqa: F401
+from ._layers import feature_module, view_transforms
 from ._parity import DEFAULT_ATOL, MAX_CHECK_IMAGES, PARITY_BATCH_SIZES, check_parity  # noqa: F401
 from ._publish import ExportReport
 
@@ -40,5 +41,7 @@ __all__ = [
     "build_torch_classifier",
     "check_parity",
     "DEFAULT_ATOL",
+    "feature_module",
+    "view_transforms",
     "PARITY_BATCH_SIZES",
 ]
