@@ -15,7 +15,8 @@ from ._layers import pool_views
 from ._rows import opened_cache, parse_memory
 from ._search import AutoSearch, Candidate, parse_budget
 from ._select import COARSE_GRID
+from .config import FitConfig
 from .probe import FitResult, fit
 
-__all__ = ["FitResult", "fit", "COARSE_GRID", "parse_memory", "AutoSearch", "Candidate", "parse_budget",
+__all__ = ["FitResult", "FitConfig", "fit", "COARSE_GRID", "parse_memory", "AutoSearch", "Candidate", "parse_budget",
            "bootstrap_interval", "opened_cache", "pool_views"]

@@ -56,6 +56,7 @@ class SearchSettings:
     budget: str | float = DEFAULT_BUDGET
     seed: int = 0
     device: str = "cpu"
+    fit_config: dict[str, Any] | None = field(default=None, compare=False)  # stored in the bundle's manifest
 
 
 def bootstrap_interval(correct: np.ndarray, n: int = N_BOOTSTRAP, seed: int = 0) -> tuple[float, float]:
@@ -315,7 +316,7 @@ def _save(found: dict[str, Any], spec: HeadSpec, metrics: dict[str, Any], settin
     eval_split = "test" if "test" in metrics else "cv"
     parts = HeadBundle(
         metrics={"eval_split": eval_split, eval_split: headline}, features=metrics["features"],
-        sections={"search": found["search"]},
+        sections={"search": found["search"], **({"fit_config": settings.fit_config} if settings.fit_config else {})},
         training={"cache": str(Path(found["cache_path"]).resolve()), "val_source": f"{settings.cv}-fold CV",
                   "seed": settings.seed, "n_train": len(found["pool"]), "n_val": 0, "n_test": len(test),
                   "shots": None, "fitted_on": "train+val", "streaming": False, "sweep": []},

@@ -8,13 +8,41 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .._files import slugify
 from .._manifest import BackboneIdentity, build_manifest
+from ..errors import ConfigError
 
 if TYPE_CHECKING:
     from ..cache import FeatureCache
     from ..heads import Estimator, HeadSpec
 
-__all__ = ["FittedHead", "HeadBundle", "backbone_identity", "save_head_bundle"]
+__all__ = ["MODELS_ROOT", "FittedHead", "HeadBundle", "backbone_identity", "bundle_dir", "save_head_bundle"]
+
+
+def _slug(text: str) -> str:
+    return slugify(text, "model").lower()
+
+
+#: Where bundles named by ``name`` (and unnamed ones) go.
+MODELS_ROOT = Path("models")
+
+
+def bundle_dir(out: str | Path | None, name: str | None, default_name: str) -> Path:
+    """The bundle folder: ``out`` itself, else ``models/<name>`` (``name`` defaults to ``default_name``).
+
+    Raises:
+        ConfigError: both ``out`` and ``name`` are given (the old form, where ``--out`` was the
+            root folder of bundles named by ``--name``).
+    """
+    if out is not None and name is not None:
+        target = Path(out) / _slug(name)
+        raise ConfigError(
+            f"--out is the bundle folder itself and --name the name of a bundle under {MODELS_ROOT}/; give one of "
+            f"them, e.g. --out {target} (or --name {_slug(name)} for {MODELS_ROOT / _slug(name)})."
+        )
+    if out is not None:
+        return Path(out).expanduser()
+    return MODELS_ROOT / _slug(name or default_name)
 
 
 @dataclass

@@ -3,93 +3,49 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._files import check_bundle_dir, slugify
+from .._files import check_bundle_dir
 from ..errors import ConfigError
 from ..splits import sample_shots, stratified_holdout
-from ._bundle import FittedHead, HeadBundle, save_head_bundle
-from ._layers import TTA_CHOICES, VIEW_POOL, FeatureTable, LayerChoice, mean_proba, resolve_layers, select_layers
+from ._bundle import FittedHead, HeadBundle, bundle_dir, save_head_bundle
+from ._layers import VIEW_POOL, FeatureTable, LayerChoice, mean_proba, resolve_layers, select_layers
 from ._result import FitResult
-from ._rows import CacheRows, opened_cache, parse_memory, split_rows
+from ._rows import CacheRows, opened_cache, split_rows
 from ._select import HeadSpec, Selection, make_head, select_and_refit
+from .config import FitConfig
 
 if TYPE_CHECKING:
     from ..cache import FeatureCache
 
-__all__ = ["FitResult", "MODELS_ROOT", "bundle_dir", "fit"]
-
-
-def _slug(text: str) -> str:
-    return slugify(text, "model").lower()
+__all__ = ["FitResult", "FitConfig", "fit"]
 
 
 #: ``--layers auto`` scores candidate layers on at most this many training rows (a stratified
 #: sample): a ridge fit costs min(rows, columns)^3, and the ranking of layers settles well before.
 _SELECT_ROWS = 2000
 
-#: Where bundles named by ``name`` (and unnamed ones) go.
-MODELS_ROOT = Path("models")
-
-
-def bundle_dir(out: str | Path | None, name: str | None, default_name: str) -> Path:
-    """The bundle folder: ``out`` itself, else ``models/<name>`` (``name`` defaults to ``default_name``).
-
-    Raises:
-        ConfigError: both ``out`` and ``name`` are given (the old form, where ``--out`` was the
-            root folder of bundles named by ``--name``).
-    """
-    if out is not None and name is not None:
-        target = Path(out) / _slug(name)
-        raise ConfigError(
-            f"--out is the bundle folder itself and --name the name of a bundle under {MODELS_ROOT}/; give one of "
-            f"them, e.g. --out {target} (or --name {_slug(name)} for {MODELS_ROOT / _slug(name)})."
-        )
-    if out is not None:
-        return Path(out).expanduser()
-    return MODELS_ROOT / _slug(name or default_name)
-
-
 def fit(
-    cache: Any = None,
-    head: str = "linear",
+    cache: str | Path | FeatureCache | None = None,
+    head: str | None = None,
     *,
-    params: dict[str, Any] | None = None,
-    standardize: bool = True,
-    l2_normalize: bool = False,
-    val_split: float = 0.2,
-    class_weight: str | None = None,
-    shots: int | None = None,
-    seeds: Sequence[int] = (0,),
-    max_memory: int | str | None = None,
-    device: str = "auto",
-    out: str | Path | None = None,
-    name: str | None = None,
-    seed: int = 0,
-    save: bool = True,
-    grid: Sequence[float] | None = None,
-    refit: bool = True,
-    overwrite: bool = False,
-    layers: str | Sequence[str] | None = "final",
-    tta: str | bool = "auto",
-    train_views: bool = True,
-    pool_views: bool = False,
-    auto: bool = False,
-    cv: int | None = None,
-    budget: str | float | None = None,
-    cv_repeats: int | None = None,
-    families: Any = None,
+    config: FitConfig | None = None,
+    **options: Any,
 ) -> FitResult:
     """Fit a head on a feature cache with the linear-probe protocol and save a model bundle.
+
+    Every option is a field of :class:`~featbank.fitting.FitConfig`: pass them as keywords, or a
+    ``config`` (keywords then change it). The config is checked before the cache is opened and
+    stored in the bundle's manifest (``fit_config``).
 
     Args:
         cache: a cache path or an open :class:`~featbank.cache.FeatureCache`; ``None`` = the most
             recent cache in the default folder.
+        config: a :class:`~featbank.fitting.FitConfig` (default: built from the keywords).
         head: ``"linear"`` (L-BFGS logistic regression with a C sweep), ``"mlp"``, or a
             scikit-learn classifier class name (``"SVC"``, ``"KNeighborsClassifier"``, ...).
         params: head parameters (``{"C": 0.1}`` fixes C and skips the sweep, for ``linear`` and
@@ -153,90 +109,80 @@ def fit(
     """
 
     t0 = time.perf_counter()
-    seeds = _check_options(class_weight, shots, seeds, seed, device)
-    tta = _check_tta(tta)
-    spec = HeadSpec(head, dict(params or {}), bool(standardize), bool(l2_normalize), class_weight, device, grid)
-    _check_family_head(head, auto or cv is not None or budget is not None, class_weight, families)
-    if auto or cv is not None or budget is not None:
-        return _fit_searched(cache, spec, auto=auto, cv=cv, budget=budget, repeats=cv_repeats, seed=seed,
-                             layers=layers, pool_views=pool_views, save=save, out=out, name=name, overwrite=overwrite,
-                             shots=shots, train_views=train_views, tta=tta, families=families)
-    budget = parse_memory(max_memory)
-    if save:
-        bundle_dir(out, name, "model")  # --out with --name: refused before the cache is opened
+    config = _build_config(config, head, options)
+    if config.searched:
+        return _fit_searched(cache, config)
+    spec = config.spec()
     with opened_cache(cache) as (cache_obj, cache_path):
-        wanted = resolve_layers(layers, cache_obj)
-        if tta == "on" and not cache_obj.n_views:
-            raise ConfigError(f"--tta on needs augmented views in the cache; {str(cache_path)!r} has none. Extract "
-                              "with 'featbank extract DATA --views K --augment hflip|dihedral|crops', or use --tta auto.")
-        if pool_views:
-            tta = _check_pool_views(cache_obj, cache_path, tta)
-        table0 = FeatureTable(cache_obj, wanted or cache_obj.layers, train_views, pool_views)
-        rows = _plan_rows(cache_obj, table0, spec, val_split, seed, budget, max_memory)
+        wanted, tta = _check_features(cache_obj, cache_path, config)
+        table0 = FeatureTable(cache_obj, wanted or cache_obj.layers, config.train_views, config.pool_views)
+        rows = _plan_rows(cache_obj, table0, spec, config)
         # Validate the head, its parameters and the output folder before any work is done.
-        make_head(spec, seed)
-        bundle_path = _bundle_target(out, name, cache_path, head, shots, overwrite) if save else None
+        make_head(spec, config.seed)
+        bundle_path = _bundle_target(cache_path, config) if config.save else None
         choice = None
         if wanted is None:
+            budget = config.memory_bytes
             max_rows = None if budget is None else max(64, budget // (4 * 4 * table0.embed_dim))
-            choice = select_layers(cache_obj, rows.train, rows.val, balanced=class_weight == "balanced",
-                                   max_rows=min(_SELECT_ROWS, max_rows or _SELECT_ROWS), seed=seed)
+            choice = select_layers(cache_obj, rows.train, rows.val, balanced=config.class_weight == "balanced",
+                                   max_rows=min(_SELECT_ROWS, max_rows or _SELECT_ROWS), seed=config.seed)
             wanted = choice.layers
-        table = FeatureTable(cache_obj, wanted, train_views, pool_views)
-        plan = _Plan(spec, rows, shots, val_split, refit, table, tta, choice)
+        table = FeatureTable(cache_obj, wanted, config.train_views, config.pool_views)
+        plan = _Plan(spec, rows, config.shots, config.val_split, config.refit, table, tta, choice)
         data = cache_obj if table.plain_final else table
         source = CacheRows(data, plan.used_rows(), rows.chunk_rows)  # one read of every row fit needs
         source.check_finite()
-        result, first = _fit_seeds(data, cache_path, source, plan, seeds if shots is not None else [seed], head)
-        if save:
-            result.path = _save_bundle(bundle_path, cache_obj, cache_path, plan, first, result.metrics, seed, overwrite)
+        result, first = _fit_seeds(data, cache_path, source, plan, config.run_seeds, config.head)
+        if config.save:
+            result.path = _save_bundle(bundle_path, cache_obj, cache_path, (plan, first), result.metrics, config)
         result.seconds = time.perf_counter() - t0
         return result
 
 
-def _fit_searched(cache: Any, spec: HeadSpec, *, auto: bool, cv: int | None, budget: Any, repeats: int | None,
-                  seed: int, layers: Any, pool_views: bool, save: bool, out: Any, name: str | None, overwrite: bool,
-                  shots: int | None, train_views: bool, tta: str, families: Any = None) -> FitResult:
+def _build_config(config: FitConfig | None, head: str | None, options: dict[str, Any]) -> FitConfig:
+    """The fit's config: ``config`` (or the defaults) changed by ``head`` and the keyword options, checked."""
+    from dataclasses import fields, replace
+
+    known = {f.name for f in fields(FitConfig)}
+    bad = sorted(set(options) - known)
+    if bad:
+        raise TypeError(f"fit() got unexpected keyword argument(s) {', '.join(map(repr, bad))}; its options are the "
+                        f"fields of FitConfig: {', '.join(sorted(known))}.")
+    if head is not None:
+        options["head"] = head
+    return FitConfig(**options) if config is None else replace(config, **options)
+
+
+def _check_features(cache: FeatureCache, cache_path: Path, config: FitConfig) -> tuple[tuple[str, ...] | None, str]:
+    """The layers the head reads (``None``: chosen by ``--layers auto``) and the TTA mode, checked against the cache."""
+    wanted = resolve_layers(config.layers, cache)
+    tta = config.tta
+    if tta == "on" and not cache.n_views:
+        raise ConfigError(f"--tta on needs augmented views in the cache; {str(cache_path)!r} has none. Extract "
+                          "with 'featbank extract DATA --views K --augment hflip|dihedral|crops', or use --tta auto.")
+    if config.pool_views:
+        tta = _check_pool_views(cache, cache_path, tta)
+    return wanted, tta
+
+
+def _fit_searched(cache: str | Path | FeatureCache | None, config: FitConfig) -> FitResult:
     """``fit --auto`` / ``fit --cv K``: the search of :mod:`featbank.fitting._auto`, then the bundle."""
     from ._auto import SearchSettings, bundle_name, fit_search
     from ._search import DEFAULT_BUDGET, DEFAULT_CV, DEFAULT_REPEATS
 
-    if shots is not None:
-        raise ConfigError("--shots samples a few images per class; it does not combine with --auto or --cv. Drop one.")
-    if tta == "on":
-        raise ConfigError("--auto and --cv score plain or pooled rows and use no TTA; drop --tta on.")
-    settings = SearchSettings(auto=bool(auto), cv=DEFAULT_CV if cv is None else cv,
-                              repeats=DEFAULT_REPEATS if repeats is None else int(repeats),
-                              budget=DEFAULT_BUDGET if budget is None else budget, seed=seed,
-                              device="cpu" if spec.device == "auto" and not _cuda() else
-                              ("cuda" if spec.device == "auto" else spec.device))
-    if settings.repeats < 1:
-        raise ConfigError(f"cv_repeats must be at least 1; got {repeats!r}.")
-    from ._search import parse_budget
-
-    parse_budget(settings.budget)  # a bad budget exits before the cache is opened
+    spec = config.spec()
+    device = "cpu" if spec.device == "auto" and not _cuda() else ("cuda" if spec.device == "auto" else spec.device)
+    settings = SearchSettings(auto=bool(config.auto), cv=DEFAULT_CV if config.cv is None else config.cv,
+                              repeats=DEFAULT_REPEATS if config.cv_repeats is None else int(config.cv_repeats),
+                              budget=DEFAULT_BUDGET if config.budget is None else config.budget, seed=config.seed,
+                              device=device, fit_config=config.to_dict())
     target = None
-    if save:
-        bundle_dir(out, name, "model")
+    if config.save:
         with opened_cache(cache) as (_, cache_path):
             default = bundle_name(cache_path, settings, spec.head)
-        target = _bundle_target(out, name, cache_path, default, None, overwrite, default_name=default)
-    return fit_search(cache, spec, settings, layers=layers, pool_views=pool_views, save=save, bundle_path=target,
-                      families=families)
-
-
-def _check_family_head(head: str, searched: bool, class_weight: Any, families: Any) -> None:
-    """A head family (svm-rbf, knn...) is scored by K-fold CV, so it needs --cv; families fit unweighted."""
-    from .. import heads
-    from ..heads import HEAD_KINDS
-
-    families = families if families is not None else getattr(heads, "HEAD_FAMILIES", {})
-    if head in families and head not in HEAD_KINDS and not searched:
-        raise ConfigError(f"--head {head} is a head family of --auto; its grid is chosen by K-fold CV: add --cv 5 "
-                          f"(featbank fit CACHE --head {head} --cv 5).")
-    if searched and class_weight is not None and head in families:
-        raise ConfigError("--class-weight does not combine with --auto or a head family's --cv: the families fit and "
-                          "score unweighted (top-1). Drop --class-weight, or use a scikit-learn head (--head SVC --cv 5).")
+        target = _bundle_target(cache_path, config, default_name=default)
+    return fit_search(cache, spec, settings, layers=config.layers, pool_views=config.pool_views, save=config.save,
+                      bundle_path=target, families=config.families)
 
 
 def _cuda() -> bool:
@@ -332,13 +278,13 @@ class _SeedRun:
         return self.selection.sweep
 
 
-def _bundle_target(out: Any, name: str | None, cache_path: Path, head: str, shots: int | None, overwrite: bool,
-                   default_name: str | None = None) -> Path:
+def _bundle_target(cache_path: Path, config: FitConfig, default_name: str | None = None) -> Path:
     """The bundle folder, checked writable (and replaceable with ``overwrite``) before any work."""
     from ..bundle import check_bundle_target
 
-    default = default_name or f"{cache_path.stem}-{head}" + (f"-{shots}shot" if shots else "")
-    return check_bundle_dir(check_bundle_target(bundle_dir(out, name, default), overwrite))
+    shots = config.shots
+    default = default_name or f"{cache_path.stem}-{config.head}" + (f"-{shots}shot" if shots else "")
+    return check_bundle_dir(check_bundle_target(bundle_dir(config.out, config.name, default), config.overwrite))
 
 
 def _fit_seeds(cache: Any, cache_path: Path, source: CacheRows, plan: _Plan, seeds: list[int],
@@ -355,26 +301,13 @@ def _fit_seeds(cache: Any, cache_path: Path, source: CacheRows, plan: _Plan, see
     return result, first
 
 
-def _check_options(class_weight: Any, shots: Any, seeds: Sequence[int], seed: int, device: str) -> list[int]:
-    if class_weight not in (None, "balanced"):
-        raise ConfigError(f"class_weight must be None or 'balanced'; got {class_weight!r}.")
-    if shots is not None and (not isinstance(shots, (int, np.integer)) or shots < 1):
-        raise ConfigError(f"--shots must be a positive integer; got {shots!r}.")
-    seed_list = [int(s) for s in seeds] or [seed]
-    if shots is None and len(seed_list) > 1:
-        raise ConfigError("--seeds repeats K-shot sampling; give --shots K with it (e.g. --shots 10 --seeds 0,1,2).")
-    if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
-        raise ConfigError(f"device must be auto, cpu or cuda; got {device!r}.")
-    return seed_list
-
-
-def _plan_rows(cache: Any, table: FeatureTable, spec: HeadSpec, val_split: float, seed: int, budget: int | None,
-               max_memory: Any) -> _Rows:
+def _plan_rows(cache: FeatureCache, table: FeatureTable, spec: HeadSpec, config: FitConfig) -> _Rows:
     """Train/val/test rows, and the chunk size when they do not fit in ``budget`` bytes.
 
     ``table`` gives the width (every layer the fit may read) and how many views each image brings.
     """
-    train, val, test, val_source = split_rows(cache, val_split, seed)
+    train, val, test, val_source = split_rows(cache, config.val_split, config.seed)
+    budget = config.memory_bytes
     d = table.embed_dim
     n_rows = (len(train) + len(val) + len(test)) * table.n_slots
     need = n_rows * d * 4 * 4  # float32 rows, a split's copy, standardised copies
@@ -383,7 +316,7 @@ def _plan_rows(cache: Any, table: FeatureTable, spec: HeadSpec, val_split: float
         chunk_rows = int(max(64, min(65536, budget // (d * 4 * 8))))
     if chunk_rows is not None and not spec.is_torch:
         raise ConfigError(
-            f"--max-memory {max_memory} is below the {need / 1e9:.2f} GB the {spec.head} head needs in memory; only "
+            f"--max-memory {config.max_memory} is below the {need / 1e9:.2f} GB the {spec.head} head needs in memory; only "
             "'linear' and 'mlp' stream from disk. Raise --max-memory or use --head linear / mlp."
         )
     return _Rows(train, val, test, val_source, chunk_rows)
@@ -457,14 +390,6 @@ def _check_pool_views(cache: Any, cache_path: Path, tta: str) -> str:
     return "off"
 
 
-def _check_tta(tta: Any) -> str:
-    if isinstance(tta, bool):
-        return "on" if tta else "off"
-    if tta not in TTA_CHOICES:
-        raise ConfigError(f"The 'tta' parameter must be one of {', '.join(TTA_CHOICES)}. Got {tta!r} instead.")
-    return str(tta)
-
-
 def _choose_tta(cache: Any, plan: _Plan, sel: Selection, val: np.ndarray) -> tuple[bool, dict[str, Any]]:
     """Whether to average over the views at prediction time, decided on the validation split."""
     if not plan.n_tta_views or sel.val_proba is None:
@@ -523,9 +448,11 @@ def _notes(plan: _Plan) -> list[str]:
             "model (optimistic). Add a test/ split folder for an unbiased estimate."]
 
 
-def _save_bundle(path: Path, cache: FeatureCache, cache_path: Path, plan: _Plan, run: _SeedRun,
-                 metrics: dict[str, Any], seed: int, overwrite: bool) -> Path:
-    """The bundle of the first seed's head."""
+def _save_bundle(path: Path, cache: FeatureCache, cache_path: Path, fitted: tuple[_Plan, _SeedRun],
+                 metrics: dict[str, Any], config: FitConfig) -> Path:
+    """The bundle of the first seed's head, its config in the manifest."""
+    plan, run = fitted
+    seed = config.seed
     eval_split, rows = plan.eval_split, plan.rows
     headline = {k: v for k, v in run.eval_metrics.items() if not isinstance(v, (dict, list))}
     parts = HeadBundle(
@@ -538,8 +465,9 @@ def _save_bundle(path: Path, cache: FeatureCache, cache_path: Path, plan: _Plan,
             "fitted_on": "train+val" if plan.refit else "train",
             "streaming": rows.chunk_rows is not None, "sweep": run.sweep,
         },
-        sections={"validation": {"root": str(cache.root), "paths": [cache.paths[r] for r in np.sort(run.val)]}},
+        sections={"validation": {"root": str(cache.root), "paths": [cache.paths[r] for r in np.sort(run.val)]},
+                  "fit_config": config.to_dict()},
         report_metrics=metrics, eval_rows=run.eval_rows, eval_proba=run.eval_proba,
     )
     return save_head_bundle(path, cache, FittedHead(run.estimator, plan.spec, run.chosen), parts,
-                            overwrite=overwrite)
+                            overwrite=config.overwrite)
