@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -45,6 +45,10 @@ from ._manifest import (
 )
 from ._skops import load_skops, serialize_sklearn, trusted_skops_types  # noqa: F401 - public here too
 from .errors import BundleError
+
+if TYPE_CHECKING:
+    from .cache import FeatureCache
+    from .heads import Estimator
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -195,7 +199,7 @@ class Bundle:
             )
         return with_window(bb, (ident.transform or {}).get("window", "none"))
 
-    def check_cache(self, cache: Any) -> None:
+    def check_cache(self, cache: FeatureCache) -> None:
         """Check that an open cache holds embeddings this bundle's head can read.
 
         Raises:
@@ -254,7 +258,7 @@ class Bundle:
         self._head = est
         return est
 
-    def _check_head_width(self, est: Any) -> None:
+    def _check_head_width(self, est: Estimator) -> None:
         # The manifest says what the head reads (embedding, layers, pooled views); the head must read that many
         # columns, else a manifest edited to add or drop a layer or the view pooling fails later with a traceback.
         width = getattr(est, "n_features_in_", None)
@@ -272,7 +276,7 @@ class Bundle:
             return "the embedding"
         return f"layers {','.join(feats.layers)}" + (f", pooled {feats.view_pool} over views" if feats.view_pool else "")
 
-    def _check_head_classes(self, est: Any) -> None:
+    def _check_head_classes(self, est: Estimator) -> None:
         # A head predicts every class of the manifest, in order; a head fitted on a subset of the
         # classes says so in head.classes_seen. Anything else is a manifest that lies about the head.
         cols = np.asarray(getattr(est, "classes_", []))

@@ -7,7 +7,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,6 +38,10 @@ from ._quantize import DEFAULT_MAX_DROP, CalibrationPlan, calibration_plan, quan
 from ._raw import RAW_MIN_AGREEMENT, RAW_PIXEL_TOLERANCE, check_no_window, check_raw_interpolation, compose_raw, raw_parity
 from ._triton import check_triton_repo, model_name, write_triton_repo
 
+if TYPE_CHECKING:
+    from ..bundle import Bundle
+    from ..heads import Estimator
+
 __all__ = ["export_model", "build_torch_classifier", "MIN_OPSET"]
 
 MIN_OPSET = 18
@@ -48,7 +52,7 @@ MIN_OPSET = 18
 # --------------------------------------------------------------------------------------------
 
 
-def _finetuned(bundle: Any) -> tuple[Any, Any]:
+def _finetuned(bundle: Bundle) -> tuple[Any, Any]:
     from .._network import finetuned_network
 
     return finetuned_network(bundle)
@@ -83,7 +87,7 @@ def build_torch_classifier(
     return Classifier(bb.embedder(), head).eval(), bb.preprocess
 
 
-def _metadata(bundle: Any, bb: Any, route: str, input_kind: str = "preprocessed", model_version: int = 1) -> dict[str, str]:
+def _metadata(bundle: Bundle, bb: Any, route: str, input_kind: str = "preprocessed", model_version: int = 1) -> dict[str, str]:
     import onnxruntime
     import torch
 
@@ -218,7 +222,7 @@ def export_model(
     return report
 
 
-def _export_graph(bundle: Any, out_path: Path, images: list[Path], source: str, weights_file: Any, opset: int | None,
+def _export_graph(bundle: Bundle, out_path: Path, images: list[Path], source: str, weights_file: Any, opset: int | None,
                   atol: float, check: bool, input_kind: str, plan: CalibrationPlan | None, max_drop: float,
                   model_version: int) -> ExportReport:
     """Build the graph, check it, then quantize it and put the preprocessing in front, as asked; publish."""
@@ -286,7 +290,7 @@ def _check_raw(raw_path: Path, inner_path: Path, cfg: Any, images: list[Path], o
 _Graph = tuple[Any, str, Any, Callable[[np.ndarray], np.ndarray]]  # (graph, route, backbone, torch reference)
 
 
-def _finetuned_graph(bundle: Any, tmp: Path, opset: int | None) -> _Graph:
+def _finetuned_graph(bundle: Bundle, tmp: Path, opset: int | None) -> _Graph:
     """The fine-tuned network (uint8 images -> probabilities, label) exported by torch in one piece."""
     import onnx
     import torch
@@ -303,7 +307,7 @@ def _finetuned_graph(bundle: Any, tmp: Path, opset: int | None) -> _Graph:
     return onnx.load(str(tmp)), "torch", bb, ref_fn
 
 
-def _head_graph(bundle: Any, tmp: Path, out_path: Path, opset: int | None, weights_file: Any) -> _Graph:
+def _head_graph(bundle: Bundle, tmp: Path, out_path: Path, opset: int | None, weights_file: Any) -> _Graph:
     """The backbone's embedder graph composed with the head's (torch when linear, else skl2onnx)."""
     import onnx
     import torch
@@ -337,7 +341,7 @@ def _head_graph(bundle: Any, tmp: Path, out_path: Path, opset: int | None, weigh
     return compose_graphs(embedder_graph, head_graph), route, bb, ref_fn
 
 
-def _layered_graph(bundle: Any, bb: Any, est: Any, tmp: Path, opset: int | None) -> _Graph:
+def _layered_graph(bundle: Bundle, bb: Any, est: Estimator, tmp: Path, opset: int | None) -> _Graph:
     """A head on several layers (and/or with TTA): the taps, the column concatenation and the head in one graph.
 
     Torch-expressible heads are exported with the taps in one piece (route ``torch``, TTA views
@@ -416,7 +420,7 @@ def _refuse_onnx_file(model: str | os.PathLike) -> None:
         )
 
 
-def _output_path(bundle: Any, out: str | os.PathLike | None) -> Path:
+def _output_path(bundle: Bundle, out: str | os.PathLike | None) -> Path:
     """Where the ONNX file goes, checked writable before any slow work (exit 2 with the reason).
 
     A symlink is written through (its target is replaced, the link stays), as ``atomic_write`` does.
@@ -448,7 +452,7 @@ def _output_path(bundle: Any, out: str | os.PathLike | None) -> Path:
     return out_path
 
 
-def _check_images(bundle: Any, check: bool, check_images: Any, limit: int) -> tuple[list[Path], str]:
+def _check_images(bundle: Bundle, check: bool, check_images: Any, limit: int) -> tuple[list[Path], str]:
     if not check:
         return [], "none"
     images, source = collect_images(bundle, check_images, limit)
@@ -462,7 +466,7 @@ def _check_images(bundle: Any, check: bool, check_images: Any, limit: int) -> tu
     return images, source
 
 
-def _check(bundle: Any, tmp: Path, out_path: Path, ref_fn: Callable[[np.ndarray], np.ndarray],
+def _check(bundle: Bundle, tmp: Path, out_path: Path, ref_fn: Callable[[np.ndarray], np.ndarray],
            images: list[Path], source: str, preprocess: Any, atol: float) -> dict[str, Any]:
     """Run the parity check on the written graph; raise when it fails (nothing is published then)."""
     import onnxruntime

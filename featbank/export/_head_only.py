@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,12 +23,15 @@ from ..runtime import FORMAT_KEY, FORMAT_VERSION, OUTPUT_NAMES
 from ._parity import check_parity, load_batch, parity_json_path, torch_batches
 from ._publish import ExportReport, file_error, publish, stamp
 
+if TYPE_CHECKING:
+    from ..bundle import Bundle
+
 __all__ = ["export_head_only", "EMBEDDINGS_NAME", "feature_spec"]
 
 EMBEDDINGS_NAME = "embeddings"
 
 
-def feature_spec(bundle: Any) -> dict[str, Any]:
+def feature_spec(bundle: Bundle) -> dict[str, Any]:
     """How the head's input is computed from an image: backbone, layers, pooling, views, standardisation."""
     feats = bundle.features
     pre = bundle.head_info.get("preprocessing") or {}
@@ -45,7 +48,7 @@ def feature_spec(bundle: Any) -> dict[str, Any]:
     }
 
 
-def _head_graph(bundle: Any, tmp: Path, dim: int, opset: int | None) -> tuple[Any, str]:
+def _head_graph(bundle: Bundle, tmp: Path, dim: int, opset: int | None) -> tuple[Any, str]:
     import onnx
     import torch
 
@@ -61,7 +64,7 @@ def _head_graph(bundle: Any, tmp: Path, dim: int, opset: int | None) -> tuple[An
     return sklearn_head_onnx(est, dim, bundle.n_classes, opset or 20), "skl2onnx"
 
 
-def _metadata(bundle: Any, route: str, dim: int, model_version: int) -> dict[str, str]:
+def _metadata(bundle: Bundle, route: str, dim: int, model_version: int) -> dict[str, str]:
     from .. import __version__
     from .._files import timestamp
 
@@ -79,7 +82,7 @@ def _metadata(bundle: Any, route: str, dim: int, model_version: int) -> dict[str
     }
 
 
-def _parity(bundle: Any, tmp: Path, images: list[Path], weights_file: Any, atol: float) -> dict[str, Any]:
+def _parity(bundle: Bundle, tmp: Path, images: list[Path], weights_file: Any, atol: float) -> dict[str, Any]:
     from ._layers import feature_module
 
     bb = bundle.load_backbone(weights_file)
@@ -97,7 +100,7 @@ def _parity(bundle: Any, tmp: Path, images: list[Path], weights_file: Any, atol:
     return parity
 
 
-def export_head_only(bundle: Any, out_path: Path, images: list[Path], weights_file: Any, opset: int | None,
+def export_head_only(bundle: Bundle, out_path: Path, images: list[Path], weights_file: Any, opset: int | None,
                      atol: float, check: bool, model_version: int) -> Any:
     """Write the head's graph (embeddings -> probabilities, label) to ``out_path``, checked; its report."""
     from ._graph import opset_of

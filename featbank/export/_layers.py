@@ -14,12 +14,18 @@ the plain image and its views, so its feature module runs the backbone once per 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..backbones import Backbone
+    from ..bundle import Bundle
 
 __all__ = ["feature_module", "view_transforms", "tta_classifier"]
 
 
-def _layer_module(bundle: Any, backbone: Any) -> Any:
+def _layer_module(bundle: Bundle, backbone: Backbone) -> Any:
     """``uint8 NHWC -> (N, width of the layers)``: the embedder, or the bundle's taps concatenated."""
     feats = bundle.features
     if bundle.info.features is None or feats.layers == ("final",):
@@ -47,7 +53,7 @@ def _layer_module(bundle: Any, backbone: Any) -> Any:
     return Concat(taps).eval()
 
 
-def feature_module(bundle: Any, backbone: Any) -> Any:
+def feature_module(bundle: Bundle, backbone: Backbone) -> Any:
     """``uint8 NHWC -> (N, feature_dim)`` float features, as the bundle's head reads them."""
     inner = _layer_module(bundle, backbone)
     feats = bundle.features
@@ -72,7 +78,7 @@ def feature_module(bundle: Any, backbone: Any) -> Any:
     return PooledViews().eval()
 
 
-def view_transforms(bundle: Any, backbone: Any) -> list[Callable[[Any], Any]]:
+def view_transforms(bundle: Bundle, backbone: Backbone) -> list[Callable[[Any], Any]]:
     """The augmented views a bundle's TTA averages over, as functions of a uint8 NHWC batch ([] without TTA)."""
     from ..extraction._views import FIXED_VIEWS
 
@@ -82,7 +88,7 @@ def view_transforms(bundle: Any, backbone: Any) -> list[Callable[[Any], Any]]:
     return _views(bundle, backbone)
 
 
-def _views(bundle: Any, backbone: Any) -> list[Callable[[Any], Any]]:
+def _views(bundle: Bundle, backbone: Backbone) -> list[Callable[[Any], Any]]:
     """The bundle's ``n_views`` views in extraction's dihedral order (``hflip`` is its first) as flips and quarter turns.
 
     Raises:
@@ -113,7 +119,7 @@ def _views(bundle: Any, backbone: Any) -> list[Callable[[Any], Any]]:
     return [make(*DIHEDRAL_ORDER[k]) for k in range(n_views)]
 
 
-def tta_classifier(features: Any, head: Any, views: list[Callable[[Any], Any]]) -> Any:
+def tta_classifier(features: nn.Module, head: nn.Module, views: list[Callable[[Any], Any]]) -> Any:
     """uint8 NHWC -> (probabilities averaged over the plain image and ``views``, label)."""
     import torch
     from torch import nn

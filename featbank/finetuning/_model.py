@@ -8,7 +8,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ from .._network import finetuned_network
 from ..backbones import HEAD_GROUP, Backbone, ImageEmbedder, Normalize
 from ..errors import BundleError, ConfigError
 from ._settings import GROUP_ALIASES, LR_PRESETS
+
+if TYPE_CHECKING:
+    from ..bundle import Bundle
 
 __all__ = ["FinetuneModel", "build_optimizer", "parse_lr_groups", "resolve_rates", "trainable_groups", "is_batchnorm",
            "frozen_bn_modules", "forward_logits", "head_from_probe", "load_finetuned_backbone",
@@ -219,7 +222,7 @@ def _fold_affine(fn: Callable[[torch.Tensor], torch.Tensor], dim: int) -> tuple[
 
 
 def head_from_probe(path: str | os.PathLike, backbone: Backbone, classes: list[str],
-                     bundle: Any = None) -> tuple[nn.Linear, dict[str, Any]]:
+                     bundle: Bundle = None) -> tuple[nn.Linear, dict[str, Any]]:
     """A Linear equal to a fitted linear head bundle (standardisation folded in) for LP-FT;
     ``bundle``: that bundle already opened."""
     from ..bundle import load_bundle

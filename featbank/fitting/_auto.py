@@ -34,6 +34,7 @@ from ._search import DEFAULT_BUDGET, DEFAULT_CV, DEFAULT_REPEATS, AutoSearch, Ca
 from ._select import HeadSpec
 
 if TYPE_CHECKING:
+    from ..cache import FeatureCache
     from ..heads import Estimator
 
 __all__ = ["SearchSettings", "fit_search", "bootstrap_interval", "PREPROCESSING", "N_BOOTSTRAP"]
@@ -70,7 +71,7 @@ def bootstrap_interval(correct: np.ndarray, n: int = N_BOOTSTRAP, seed: int = 0)
     return float(lo), float(hi)
 
 
-def _feature_sets(cache: Any, layers: Any, train: np.ndarray, val: np.ndarray, auto: bool,
+def _feature_sets(cache: FeatureCache, layers: Any, train: np.ndarray, val: np.ndarray, auto: bool,
                   seed: int) -> tuple[dict[str, tuple[str, ...]], LayerChoice | None]:
     """``{name: layers}`` to try, and the greedy selection when one was made (on train/val, never test)."""
     held = tuple(getattr(cache, "layers", ("final",)) or ("final",))
@@ -92,7 +93,7 @@ def _feature_sets(cache: Any, layers: Any, train: np.ndarray, val: np.ndarray, a
     return sets, choice if "auto" in sets else None
 
 
-def _view_modes(cache: Any, auto: bool, pool_views: bool) -> list[str]:
+def _view_modes(cache: FeatureCache, auto: bool, pool_views: bool) -> list[str]:
     from ..extraction import FIXED_VIEWS
 
     poolable = bool(getattr(cache, "n_views", 0)) and getattr(cache, "augment", "") in FIXED_VIEWS
@@ -110,7 +111,7 @@ def _candidates(sets: Mapping[str, tuple[str, ...]], views: Sequence[str], route
             for h in route.heads if offers(h, p)]
 
 
-def _load(cache: Any, keys: Sequence[FeatureKey], rows: np.ndarray) -> dict[FeatureKey, np.ndarray]:
+def _load(cache: FeatureCache, keys: Sequence[FeatureKey], rows: np.ndarray) -> dict[FeatureKey, np.ndarray]:
     """The feature matrix of each key for ``rows`` (sorted images), as ``FeatureTable`` makes it for predict.
 
     Every layer any key needs is read once per view (not once per key); a key's columns are then
@@ -145,7 +146,7 @@ def _columns(table: FeatureTable, layers: Sequence[str]) -> np.ndarray:
     return np.concatenate([np.arange(*pos[t]) for t in layers])
 
 
-def _check_finite(X: np.ndarray, cache: Any, rows: np.ndarray) -> None:
+def _check_finite(X: np.ndarray, cache: FeatureCache, rows: np.ndarray) -> None:
     from ..heads import Features
 
     check_finite(Features(X), cache, rows)
@@ -183,7 +184,7 @@ def _route(spec: HeadSpec, settings: SearchSettings, families: Mapping[str, Any]
     return _Route({spec.head: fam}, [spec.head], [spec_preprocess(spec)], spec)
 
 
-def fit_search(cache: Any, spec: HeadSpec, settings: SearchSettings, *, layers: Any = "final", pool_views: bool = False,
+def fit_search(cache: FeatureCache, spec: HeadSpec, settings: SearchSettings, *, layers: Any = "final", pool_views: bool = False,
                families: Mapping[str, Any] | None = None, save: bool = True,
                bundle_path: Path | None = None) -> Any:
     """Search on train+val by CV, refit the winner on train+val, score it once on test, save the bundle.
@@ -220,7 +221,7 @@ def fit_search(cache: Any, spec: HeadSpec, settings: SearchSettings, *, layers: 
         return search_result(found, spec, settings, save=save, bundle_path=bundle_path)
 
 
-def _refit_and_score(cache: Any, route: _Route, search: AutoSearch, pool: np.ndarray, test: np.ndarray,
+def _refit_and_score(cache: FeatureCache, route: _Route, search: AutoSearch, pool: np.ndarray, test: np.ndarray,
                      seed: int) -> dict[str, Any]:
     """The winner refitted on every train+val image, then (only now) the test rows read and scored once."""
     from ..heads import estimator_proba

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
 __all__ = ["FitResult", "FitConfig", "fit"]
 
+#: (train, val, refit, eval) rows of one seed.
+_SeedRows = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
 
 #: ``--layers auto`` scores candidate layers on at most this many training rows (a stratified
 #: sample): a ridge fit costs min(rows, columns)^3, and the ranking of layers settles well before.
@@ -287,7 +290,7 @@ def _bundle_target(cache_path: Path, config: FitConfig, default_name: str | None
     return check_bundle_dir(check_bundle_target(bundle_dir(config.out, config.name, default), config.overwrite))
 
 
-def _fit_seeds(cache: Any, cache_path: Path, source: CacheRows, plan: _Plan, seeds: list[int],
+def _fit_seeds(cache: FeatureCache | FeatureTable, cache_path: Path, source: CacheRows, plan: _Plan, seeds: list[int],
                head: str) -> tuple[FitResult, _SeedRun]:
     """Fit one head per seed; the result holds the first seed's head and the metrics over all seeds."""
     runs = [_fit_seed(cache, source, plan, s) for s in seeds]
@@ -322,7 +325,7 @@ def _plan_rows(cache: FeatureCache, table: FeatureTable, spec: HeadSpec, config:
     return _Rows(train, val, test, val_source, chunk_rows)
 
 
-def _seed_rows(cache: Any, plan: _Plan, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _seed_rows(cache: FeatureCache | FeatureTable, plan: _Plan, seed: int) -> _SeedRows:
     """(train, val, refit, eval) rows of one seed: the splits, or a K-shot sample of them."""
     rows = plan.rows
     if plan.shots is None:
@@ -331,7 +334,7 @@ def _seed_rows(cache: Any, plan: _Plan, seed: int) -> tuple[np.ndarray, np.ndarr
     return _shot_rows(cache, plan, seed)
 
 
-def _shot_rows(cache: Any, plan: _Plan, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _shot_rows(cache: FeatureCache | FeatureTable, plan: _Plan, seed: int) -> _SeedRows:
     rows = plan.rows
     stratified = rows.val_source.startswith("strat")
     pool = np.concatenate([rows.train, rows.val]) if stratified else rows.train
@@ -349,7 +352,7 @@ def _shot_rows(cache: Any, plan: _Plan, seed: int) -> tuple[np.ndarray, np.ndarr
     return tr, va, sample if plan.refit else tr, ev
 
 
-def _fit_seed(cache: Any, source: CacheRows, plan: _Plan, seed: int) -> _SeedRun:
+def _fit_seed(cache: FeatureCache | FeatureTable, source: CacheRows, plan: _Plan, seed: int) -> _SeedRun:
     from ..heads import estimator_proba
     from ..report import compute_metrics
 
@@ -373,7 +376,7 @@ def _fit_seed(cache: Any, source: CacheRows, plan: _Plan, seed: int) -> _SeedRun
     return _SeedRun(seed, sel, tr, va, ev_rows, ev_proba, ev_metrics, use_tta, tta_info)
 
 
-def _check_pool_views(cache: Any, cache_path: Path, tta: str) -> str:
+def _check_pool_views(cache: FeatureCache | FeatureTable, cache_path: Path, tta: str) -> str:
     """``--pool-views`` needs views a new image can be given (hflip, dihedral) and leaves no TTA to choose."""
     from ..extraction import FIXED_VIEWS
 
@@ -390,7 +393,7 @@ def _check_pool_views(cache: Any, cache_path: Path, tta: str) -> str:
     return "off"
 
 
-def _choose_tta(cache: Any, plan: _Plan, sel: Selection, val: np.ndarray) -> tuple[bool, dict[str, Any]]:
+def _choose_tta(cache: FeatureCache | FeatureTable, plan: _Plan, sel: Selection, val: np.ndarray) -> tuple[bool, dict[str, Any]]:
     """Whether to average over the views at prediction time, decided on the validation split."""
     if not plan.n_tta_views or sel.val_proba is None:
         return plan.tta == "on", {"mode": plan.tta, "used": plan.tta == "on", "n_views": plan.n_tta_views}

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -13,6 +13,9 @@ from ._kernel_svc import KernelSVC, kernel_svc_to_torch
 from ._neighbors import knn_to_torch
 from ._sklearn import has_predict_proba
 from ._torch_head import Preprocess, Probabilities, TorchHead
+
+if TYPE_CHECKING:
+    from .kinds import Estimator
 
 __all__ = ["head_to_torch"]
 
@@ -51,7 +54,7 @@ def _sk_linear_to_torch(steps: list[Any], clf: Any) -> nn.Module | None:
     return Probabilities(nn.Sequential(*mods, lin)).eval()
 
 
-def head_to_torch(estimator: Any) -> nn.Module | None:
+def head_to_torch(estimator: Estimator) -> nn.Module | None:
     """An nn.Module mapping embeddings -> PROBABILITIES for heads that torch can express exactly.
 
     LinearHead and MLPHead; a scikit-learn linear classifier (possibly in a Pipeline after

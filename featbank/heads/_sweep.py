@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from sklearn.pipeline import Pipeline
 
     from ._linear_head import LinearHead
+    from .kinds import Estimator
 
 __all__ = ["COARSE_GRID", "SKLEARN_C_GRID", "ValSplit", "val_score", "sweep_linear", "sweep_sklearn", "fit_sklearn"]
 
@@ -47,7 +48,7 @@ class ValSplit:
         return self.Xv is not None
 
 
-def val_score(est: Any, Xv: Features | np.ndarray, yv: np.ndarray, k: int,
+def val_score(est: Estimator, Xv: Features | np.ndarray, yv: np.ndarray, k: int,
               balanced: bool) -> tuple[float, float, np.ndarray]:
     """(top-1 or balanced accuracy, log loss, probabilities) of a fitted head on validation rows."""
     proba = estimator_proba(est, Xv, k)
