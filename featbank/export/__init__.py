@@ -34,9 +34,11 @@ from ._exporter import MIN_OPSET, build_torch_classifier, export_model  # noqa: 
 from ._layers import feature_module, view_transforms
 from ._parity import DEFAULT_ATOL, MAX_CHECK_IMAGES, PARITY_BATCH_SIZES, check_parity  # noqa: F401
 from ._publish import ExportReport
+from .config import ExportConfig
 
 __all__ = [
     "ExportReport",
+    "ExportConfig",
     "export_model",
     "build_torch_classifier",
     "check_parity",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,13 +20,11 @@ from .._files import (
     timestamp,
 )
 from ..errors import BundleError, ConfigError, ExportError
-from ..runtime import FORMAT_KEY, FORMAT_VERSION, IMAGE_METADATA, INPUT_KINDS, INPUT_NAME, OUTPUT_NAMES
+from ..runtime import FORMAT_KEY, FORMAT_VERSION, IMAGE_METADATA, INPUT_NAME, OUTPUT_NAMES
 from ._graph import compose_graphs, embedder_onnx, export_torch, opset_of, torch_modules
 from ._head_only import export_head_only
 from ._heads import head_proba_module, sklearn_head_onnx
 from ._parity import (
-    DEFAULT_ATOL,
-    MAX_CHECK_IMAGES,
     check_parity,
     collect_images,
     load_batch,
@@ -34,9 +32,10 @@ from ._parity import (
     torch_batches,
 )
 from ._publish import ExportReport, file_error, publish, stamp
-from ._quantize import DEFAULT_MAX_DROP, CalibrationPlan, calibration_plan, quantize_model
+from ._quantize import CalibrationPlan, calibration_plan, quantize_model
 from ._raw import RAW_MIN_AGREEMENT, RAW_PIXEL_TOLERANCE, check_no_window, check_raw_interpolation, compose_raw, raw_parity
 from ._triton import check_triton_repo, model_name, write_triton_repo
+from .config import MIN_OPSET, ExportConfig, build_export_config
 
 if TYPE_CHECKING:
     from ..bundle import Bundle
@@ -44,7 +43,6 @@ if TYPE_CHECKING:
 
 __all__ = ["export_model", "build_torch_classifier", "MIN_OPSET"]
 
-MIN_OPSET = 18
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,21 +135,13 @@ def export_model(
     model: str | os.PathLike,
     out: str | os.PathLike | None = None,
     *,
-    check_images: Sequence[str | os.PathLike] | str | os.PathLike | None = None,
-    check: bool = True,
-    opset: int | None = None,
-    weights_file: str | os.PathLike | None = None,
-    atol: float = DEFAULT_ATOL,
-    max_check_images: int = MAX_CHECK_IMAGES,
-    input_kind: str = "preprocessed",
-    quantize: str | None = None,
-    calibration: str | os.PathLike | None = None,
-    max_drop: float = DEFAULT_MAX_DROP,
-    model_version: int = 1,
-    triton: str | os.PathLike | None = None,
-    head_only: bool = False,
+    config: ExportConfig | None = None,
+    **options: Any,
 ) -> ExportReport:
     """Export a model bundle to one ONNX file: uint8 images -> probabilities, label.
+
+    Every option is a field of :class:`~featbank.export.ExportConfig`: pass them as keywords, or a
+    ``config`` (keywords then change it); it is checked before the bundle is read.
 
     Args:
         model: a bundle folder written by ``featbank fit`` or ``featbank finetune``.
@@ -176,6 +166,7 @@ def export_model(
         triton: also write a Triton model repository here (``<triton>/<name>/config.pbtxt``,
             ``<triton>/<name>/<model_version>/model.onnx``, ``labels.txt``).
         head_only: export the head alone: embeddings (N, D) float32 -> probabilities, label.
+        config: an :class:`~featbank.export.ExportConfig` (default: built from the keywords).
 
     Returns:
         An :class:`ExportReport`; ``<out stem>.parity.json`` beside the model holds the figures.
@@ -201,32 +192,33 @@ def export_model(
     from ..bundle import load_bundle
 
     t0 = time.perf_counter()
-    _check_options(opset, input_kind, quantize, max_drop, model_version, head_only)
+    cfg = build_export_config(config, options)
     _refuse_onnx_file(model)
     bundle = load_bundle(model)
-    if input_kind == "raw":
+    if cfg.input_kind == "raw":
         check_no_window(bundle)
     out_path = _output_path(bundle, out)
-    triton_dir = check_triton_repo(triton, model_name(out_path)) if triton is not None else None
+    triton_dir = check_triton_repo(cfg.triton, model_name(out_path)) if cfg.triton is not None else None
     # Find the check (and calibration) images first: a missing folder should fail before minutes of export.
-    images, source = _check_images(bundle, check, check_images, max_check_images)
-    plan = calibration_plan(bundle, calibration) if quantize else None
-    if head_only:
-        report = export_head_only(bundle, out_path, images, weights_file, opset, atol, check, model_version)
+    images, source = _check_images(bundle, cfg.check, cfg.check_images, cfg.max_check_images)
+    plan = calibration_plan(bundle, cfg.calibration) if cfg.quantize else None
+    if cfg.head_only:
+        report = export_head_only(bundle, out_path, images, cfg)
     else:
-        report = _export_graph(bundle, out_path, images, source, weights_file, opset, atol, check, input_kind,
-                               plan, max_drop, model_version)
+        report = _export_graph(bundle, out_path, (images, source), plan, cfg)
     if triton_dir is not None:
-        report.triton = write_triton_repo(report.path, triton_dir, model_name(out_path), model_version)
+        report.triton = write_triton_repo(report.path, triton_dir, model_name(out_path), cfg.model_version)
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def _export_graph(bundle: Bundle, out_path: Path, images: list[Path], source: str, weights_file: Any, opset: int | None,
-                  atol: float, check: bool, input_kind: str, plan: CalibrationPlan | None, max_drop: float,
-                  model_version: int) -> ExportReport:
+def _export_graph(bundle: Bundle, out_path: Path, checked: tuple[list[Path], str], plan: CalibrationPlan | None,
+                  cfg: ExportConfig) -> ExportReport:
     """Build the graph, check it, then quantize it and put the preprocessing in front, as asked; publish."""
     import onnx
+
+    images, source = checked
+    opset, input_kind = cfg.opset, cfg.input_kind
 
     parity_path = parity_json_path(out_path)
     # Temporaries of killed exports into the same file (named by temporary_path) go first.
@@ -238,15 +230,15 @@ def _export_graph(bundle: Bundle, out_path: Path, images: list[Path], source: st
         if bundle.kind == "finetuned":
             graph, route, bb, ref_fn = _finetuned_graph(bundle, tmp, opset)
         else:
-            graph, route, bb, ref_fn = _head_graph(bundle, tmp, out_path, opset, weights_file)
+            graph, route, bb, ref_fn = _head_graph(bundle, tmp, out_path, opset, cfg.weights_file)
         if input_kind == "raw":
             check_raw_interpolation(bb.preprocess)
-        meta = _metadata(bundle, bb, route, input_kind, model_version)
+        meta = _metadata(bundle, bb, route, input_kind, cfg.model_version)
         stamp(graph, meta)
         onnx.save(graph, str(tmp))
-        parity = _check(bundle, tmp, out_path, ref_fn, images, source, bb.preprocess, atol) if check else None
+        parity = _check(bundle, tmp, out_path, ref_fn, images, source, bb.preprocess, cfg.atol) if cfg.check else None
         if plan is not None:
-            quant = quantize_model(tmp, tmp2, plan, bb.preprocess, max_drop, out_path, list(bundle.classes))
+            quant = quantize_model(tmp, tmp2, plan, bb.preprocess, cfg.max_drop, out_path, list(bundle.classes))
             meta["quantization"] = json.dumps(quant, sort_keys=True)
             os.replace(tmp2, tmp)
         if input_kind == "raw":
@@ -382,32 +374,6 @@ def _layered_graph(bundle: Bundle, bb: Any, est: Estimator, tmp: Path, opset: in
 # --------------------------------------------------------------------------------------------
 # Checks made before the export, and the parity check after it
 # --------------------------------------------------------------------------------------------
-
-
-def _check_options(opset: int | None, input_kind: str, quantize: str | None, max_drop: float, model_version: int,
-                   head_only: bool) -> None:
-    _check_opset(opset)
-    if input_kind not in INPUT_KINDS:
-        raise ConfigError(f"The 'input_kind' parameter must be one of {list(INPUT_KINDS)}. Got {input_kind!r} instead.")
-    if quantize not in (None, "int8"):
-        raise ConfigError(f"The 'quantize' parameter must be 'int8' or None. Got {quantize!r} instead.")
-    if not (0 <= max_drop <= 100):
-        raise ConfigError(f"The 'max_drop' parameter must be 0 to 100 points of accuracy. Got {max_drop!r} instead.")
-    if isinstance(model_version, bool) or not isinstance(model_version, int) or not 1 <= model_version < 2**63:
-        raise ConfigError(f"The 'model_version' parameter must be a positive integer. Got {model_version!r} instead.")
-    if head_only and (input_kind == "raw" or quantize):
-        raise ConfigError("--head-only exports the head on embeddings: it takes no images, so --input raw and "
-                          "--quantize do not apply. Drop them, or drop --head-only.")
-
-
-def _check_opset(opset: int | None) -> None:
-    import onnx
-
-    if opset is not None and not (MIN_OPSET <= int(opset) <= onnx.defs.onnx_opset_version()):
-        raise ConfigError(
-            f"The 'opset' parameter must be between {MIN_OPSET} (the oldest the torch dynamo exporter writes) and "
-            f"{onnx.defs.onnx_opset_version()}. Got {opset} instead."
-        )
 
 
 def _refuse_onnx_file(model: str | os.PathLike) -> None:

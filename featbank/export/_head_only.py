@@ -25,6 +25,7 @@ from ._publish import ExportReport, file_error, publish, stamp
 
 if TYPE_CHECKING:
     from ..bundle import Bundle
+    from .config import ExportConfig
 
 __all__ = ["export_head_only", "EMBEDDINGS_NAME", "feature_spec"]
 
@@ -100,9 +101,9 @@ def _parity(bundle: Bundle, tmp: Path, images: list[Path], weights_file: Any, at
     return parity
 
 
-def export_head_only(bundle: Bundle, out_path: Path, images: list[Path], weights_file: Any, opset: int | None,
-                     atol: float, check: bool, model_version: int) -> Any:
+def export_head_only(bundle: Bundle, out_path: Path, images: list[Path], cfg: ExportConfig) -> ExportReport:
     """Write the head's graph (embeddings -> probabilities, label) to ``out_path``, checked; its report."""
+    opset, atol, check, model_version, weights_file = cfg.opset, cfg.atol, cfg.check, cfg.model_version, cfg.weights_file
     from ._graph import opset_of
 
     if bundle.kind != "head":
