@@ -71,4 +71,4 @@ def test_evaluate_an_onnx_model_reads_the_cache_images(models: tuple[Path, Path,
         evaluate(onnx, moved)
     assert gone.name in str(e.value)
     r = CliRunner().invoke(cli, ["evaluate", str(onnx), str(moved)])
-    assert r.exit_code != 0 and "could not be read" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 2 and "could not be read" in r.output and "Traceback" not in r.output
