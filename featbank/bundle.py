@@ -21,7 +21,8 @@ Writing (:func:`save_bundle`): one writer per bundle (a lock), a temporary folde
 atomically, an existing bundle replaced only with ``overwrite=True``; see :mod:`featbank._bundle_store`.
 
 Probabilities: :meth:`Bundle.predict_proba` is the canonical mapping embeddings -> (N, C)
-probabilities (ONNX export must match it): :func:`featbank.heads.estimator_proba`.
+probabilities (ONNX export must match it): :func:`featbank.heads.estimator_proba`. Images and
+caches go through :mod:`featbank.inference` (predict, evaluate), for bundles and ONNX files alike.
 """
 
 from __future__ import annotations
@@ -329,10 +330,6 @@ class Bundle:
                 f"{','.join(self.features.layers)})."
             )
         return estimator_proba(self.load_head(), X, self.n_classes)
-
-    def predict(self, embeddings: np.ndarray) -> np.ndarray:
-        """Class indices (into :attr:`classes`) of the most probable class."""
-        return self.predict_proba(embeddings).argmax(axis=1)
 
     def __repr__(self) -> str:
         return (

@@ -14,11 +14,14 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..heads import HeadSpec
 
 __all__ = ["FitConfig", "TTA_MODES"]
 
@@ -100,7 +103,7 @@ class FitConfig:
         """The seeds of the runs: every K-shot seed, else the one ``seed``."""
         return list(self.seeds) if self.shots is not None else [self.seed]
 
-    def spec(self) -> Any:
+    def spec(self) -> HeadSpec:
         """The :class:`~featbank.heads.HeadSpec` of the head to build."""
         from ..heads import HeadSpec
 
