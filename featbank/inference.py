@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import BundleError, CacheError, ConfigError
-from .fitting import opened_cache
 from .runtime import Prediction
 
 if TYPE_CHECKING:
@@ -79,6 +78,7 @@ def evaluate(model: str | Path, cache: str | Path | FeatureCache | None = None, 
     if str(model).endswith(".onnx"):
         return _evaluate_onnx(Path(model), cache, split)
     from .bundle import load_bundle
+    from .fitting import opened_cache
 
     bundle = load_bundle(model)
     bundle.load_head()  # a bundle that lies about its head is refused before the cache is read
@@ -123,6 +123,7 @@ def _eval_rows(cache: FeatureCache, cache_path: Path, classes: list[str], split:
 
 def _evaluate_onnx(model: Path, cache: str | Path | FeatureCache | None, split: str) -> EvalResult:
     """An exported model on the cache's images, read from disk as ``predict`` reads them."""
+    from .fitting import opened_cache
     from .report import compute_metrics
     from .runtime import OnnxClassifier
 
