@@ -190,7 +190,7 @@ def test_mlp_and_sklearn_heads_on_a_real_cache(tiny_cache, tmp_path):
 
 def test_sklearn_head_with_c_is_swept_on_validation(tmp_path):
     """SVC's C is chosen on validation like the linear probe's: a strong C wins on noisy labels, a weak one on clean."""
-    from featbank.fitting._select import SKLEARN_C_GRID
+    from featbank.heads import SKLEARN_C_GRID
 
     X, y = blobs(60, 20, 3, sep=1.2, seed=3)
     r = fit(write_synthetic_cache(tmp_path / "c.h5", X, y), "SVC", params={"kernel": "linear"}, save=False)

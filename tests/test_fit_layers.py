@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_views_never_straddle_the_split(layered) -> None:
     """By construction: the split is made on images, then training images bring all their views."""
-    from featbank.fitting._select import HeadSpec
+    from featbank.heads import HeadSpec
     from featbank.fitting.probe import _Plan, _Rows
 
     _, path = layered
