@@ -28,8 +28,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 HEADS = {"linear": "linear", "mlp": "mlp", "sklearn": "LogisticRegression"}
 
 
-def test_every_registered_kind_has_a_head_here():
-    assert set(HEADS) == set(HEAD_KINDS)
+def test_every_registered_kind_has_a_head_here_and_a_manifest_head_type():
+    from featbank._manifest import HEAD_TYPES
+
+    assert set(HEADS) == set(HEAD_KINDS) == set(HEAD_TYPES)
 
 
 @pytest.mark.parametrize("name", sorted(HEAD_KINDS))
