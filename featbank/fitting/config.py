@@ -75,7 +75,7 @@ class FitConfig:
     cv: int | None = None
     budget: str | float | None = None
     cv_repeats: int | None = None
-    families: Mapping[str, Any] | None = field(default=None, compare=False)  # head family objects (tests, plugins)
+    families: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)  # family objects (tests, plugins)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise once, here
