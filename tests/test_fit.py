@@ -248,3 +248,24 @@ def test_fit_refuses_an_option_it_does_not_have_and_a_stored_config_with_one(tmp
         fit(tmp_path / "c.h5", regularisation=1.0)
     with pytest.raises(ConfigError, match="fit_config has no option 'python'"):
         FitConfig.from_dict({"head": "linear", "python": "import os"})
+
+
+@pytest.mark.parametrize("stored, message", [
+    ("fit everything", "fit_config must be a JSON object"),
+    ({"head": ["linear"]}, "The 'head' option of fit must be a head name"),
+    ({"params": "C=1"}, "The 'params' option of fit must be a mapping"),
+    ({"refit": "yes"}, "The 'refit' option of fit must be True or False"),
+    ({"seed": "3"}, "The 'seed' option of fit must be an integer"),
+    ({"cv": 2.5}, "The 'cv' option of fit must be an integer"),
+    ({"seeds": "0,1"}, "The 'seeds' option of fit must be a list of integers"),
+    ({"seeds": [0, "x"], "shots": 2}, "seeds must be integers"),
+    ({"val_split": "0.2"}, "--val-split must be between 0 and 1"),
+    ({"out": {"path": "/"}}, "The 'out' option of fit must be a folder path"),
+    ({"__class__": "os.system"}, "fit_config has no option '__class__'"),
+])
+def test_a_hostile_fit_config_is_refused_with_a_config_error(stored, message):
+    """fit_config is read back from a manifest anyone can edit: every bad field is a ConfigError, never a crash."""
+    from featbank.fitting import FitConfig
+
+    with pytest.raises(ConfigError, match=message):
+        FitConfig.from_dict(stored)

@@ -27,6 +27,7 @@ __all__ = ["FitConfig", "TTA_MODES"]
 
 #: ``--tta`` values: average over the cache's views when it helps on validation, always, never.
 TTA_MODES = ("auto", "on", "off")
+_FLAGS = ("standardize", "l2_normalize", "save", "refit", "overwrite", "train_views", "pool_views", "auto")
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class FitConfig:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise once, here
+        self._check_types()
         set_(self, "params", dict(self.params or {}))
         if isinstance(self.tta, bool):
             set_(self, "tta", "on" if self.tta else "off")
@@ -126,14 +128,42 @@ class FitConfig:
         Raises:
             ConfigError: a key that is no option of ``fit``, or a value it refuses.
         """
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"fit_config must be a JSON object of fit's options; got {type(d).__name__}.")
         known = {f.name for f in fields(cls)}
-        bad = sorted(set(d) - known)
+        bad = sorted(map(str, set(d) - known))
         if bad:
             raise ConfigError(f"fit_config has no option {', '.join(map(repr, bad))}; its options are: "
                               f"{', '.join(sorted(known))}.")
         return cls(**{k: v for k, v in d.items() if k != "families"})
 
     # -- validation ------------------------------------------------------------------------------
+
+    def _check_types(self) -> None:
+        """Types first: a config may come from a bundle's manifest (:meth:`from_dict`), which anyone can edit."""
+        def fail(name: str, what: str) -> ConfigError:
+            return ConfigError(f"The {name!r} option of fit must be {what}. Got {getattr(self, name)!r} instead.")
+
+        if not isinstance(self.head, str) or not self.head:
+            raise fail("head", "a head name such as 'linear', 'mlp' or 'SVC'")
+        if self.params is not None and not isinstance(self.params, Mapping):
+            raise fail("params", "a mapping of parameter names to values")
+        for name in _FLAGS:
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise fail(name, "True or False")
+        for name in ("seed", "cv", "cv_repeats"):
+            v = getattr(self, name)
+            if (v is not None or name == "seed") and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
+                raise fail(name, "an integer")
+        v = self.val_split
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.floating)) or not 0.0 < float(v) < 1.0:
+            raise ConfigError(f"--val-split must be between 0 and 1 (exclusive); got {v!r}.")
+        if not isinstance(self.seeds, (list, tuple)) and not isinstance(self.seeds, np.ndarray):
+            raise fail("seeds", "a list of integers")
+        if self.out is not None and not isinstance(self.out, (str, Path)):
+            raise fail("out", "a folder path")
+        if self.name is not None and not isinstance(self.name, str):
+            raise fail("name", "a bundle name")
 
     def _check_seeds(self) -> tuple[int, ...]:
         try:
