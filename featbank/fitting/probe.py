@@ -32,6 +32,7 @@ _SeedRows = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 #: sample): a ridge fit costs min(rows, columns)^3, and the ranking of layers settles well before.
 _SELECT_ROWS = 2000
 
+
 def fit(
     cache: str | Path | FeatureCache | None = None,
     head: str | None = None,
@@ -49,6 +50,8 @@ def fit(
         cache: a cache path or an open :class:`~featbank.cache.FeatureCache`; ``None`` = the most
             recent cache in the default folder.
         config: a :class:`~featbank.fitting.FitConfig` (default: built from the keywords).
+
+    Options (keywords; the fields of :class:`~featbank.fitting.FitConfig`):
         head: ``"linear"`` (L-BFGS logistic regression with a C sweep), ``"mlp"``, or a
             scikit-learn classifier class name (``"SVC"``, ``"KNeighborsClassifier"``, ...).
         params: head parameters (``{"C": 0.1}`` fixes C and skips the sweep, for ``linear`` and
