@@ -10,6 +10,7 @@ _EXAMPLES = """\b
 Examples:
   featbank evaluate models/elpv-linear runs/elpv-test.h5
   featbank evaluate models/elpv-linear runs/elpv.h5 --split val --json
+  featbank evaluate exported/elpv.onnx runs/elpv-test.h5      # the exported model on the cache's images
 """
 
 
@@ -20,14 +21,16 @@ Examples:
               help="Rows to evaluate on; auto = test when the cache has one, else every labelled row.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 def evaluate(model, cache, split, as_json) -> None:
-    """Evaluate a model bundle on a cache made with the same backbone settings.
+    """Evaluate a model bundle, or an exported .onnx model, on a labelled cache.
 
-    CACHE defaults to the most recent cache written by 'featbank extract'. The cache key and
-    embedding size must match the ones the model was fitted on.
+    CACHE defaults to the most recent cache written by 'featbank extract'. A bundle reads the
+    cache's embeddings, so the cache key and embedding size must match the ones it was fitted on.
+    An .onnx model reads the cache's images from disk (the cache gives their paths, labels and
+    splits); every image of the split must still be readable.
     """
     import json
 
-    from featbank.fitting import evaluate as evaluate_model
+    from featbank.inference import evaluate as evaluate_model
 
     result = evaluate_model(model, cache, split=split)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.summary())

@@ -44,8 +44,7 @@ __all__ = ["export"]
 @click.option("--head-only", is_flag=True,
               help="Export the head alone: embeddings (N, D) float32 -> probabilities, label; the feature spec "
               "(backbone, layers, pooling, standardisation) is in the metadata.")
-def export(model, out, check_images, no_check, opset, weights_file, atol, input_kind, quantize, calibration, max_drop,
-           triton, model_version, head_only) -> None:
+def export(model, out, no_check, **options) -> None:
     """Export MODEL (a bundle from fit or finetune) to one ONNX file: images -> probabilities, label.
 
     With --input preprocessed (the default) the graph takes uint8 images (N, H, W, 3) RGB, already
@@ -70,12 +69,11 @@ def export(model, out, check_images, no_check, opset, weights_file, atol, input_
       featbank export models/elpv-linear --head-only --out deploy/elpv-head.onnx
     """
     import featbank
+    from featbank.export import ExportConfig
 
-    report = featbank.export_model(
-        model, out, check_images=list(check_images) or None, check=not no_check, opset=opset,
-        weights_file=weights_file, atol=atol, input_kind=input_kind, quantize=quantize, calibration=calibration,
-        max_drop=max_drop, model_version=model_version, triton=triton, head_only=head_only,
-    )
+    # The one mapping of the click options onto ExportConfig (checked when it is made).
+    config = ExportConfig(**{**options, "check_images": list(options["check_images"]) or None, "check": not no_check})
+    report = featbank.export_model(model, out, config=config)
     click.echo(report.summary())
     click.echo(f"ONNX model: {report.path}")
     click.echo(f"Parity:     {report.parity_path}")

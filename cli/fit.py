@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import click
 
 from .options import device_option, quiet_option
 
-__all__ = ["fit"]
+if TYPE_CHECKING:
+    from featbank.fitting import FitConfig
+
+__all__ = ["fit", "fit_config"]
 
 _EXAMPLES = """\b
 Examples:
@@ -72,8 +77,7 @@ Examples:
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out/--name (refused otherwise).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @quiet_option
-def fit(cache, head, params, standardize, l2_normalize, val_split, refit, class_weight, shots, seeds, layers, tta,
-        train_views, pool_views, auto, cv, budget, max_memory, device, out, name, seed, overwrite, as_json, quiet) -> None:
+def fit(cache, as_json, quiet, **options) -> None:
     """Fit a head on a feature cache, report metrics and save a model bundle.
 
     CACHE defaults to the newest complete cache in the default cache folder, said on stderr (refused
@@ -83,10 +87,9 @@ def fit(cache, head, params, standardize, l2_normalize, val_split, refit, class_
     """
     import json
 
-    from featbank.errors import ConfigError
     from featbank.fitting import fit as fit_head
-    from featbank.heads import parse_param
 
+    config = fit_config(options)  # checked before a cache is chosen or opened
     if cache is None and not as_json:
         from featbank.cache import choose_cache
 
@@ -94,13 +97,21 @@ def fit(cache, head, params, standardize, l2_normalize, val_split, refit, class_
         cache = str(choice.path)
         if not quiet:
             click.echo(f"Using cache {cache}: {choice.reason}. Pass CACHE to use another.", err=True)
+    result = fit_head(cache, config=config)
+    click.echo(json.dumps(result.to_dict(), indent=2, default=str) if as_json else result.summary())
+
+
+def fit_config(options: dict[str, Any]) -> FitConfig:
+    """The one mapping of fit's click options onto :class:`~featbank.fitting.FitConfig`."""
+    from featbank.errors import ConfigError
+    from featbank.fitting import FitConfig
+    from featbank.heads import parse_param
+
+    options = dict(options)
+    seeds = options.pop("seeds")
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         raise ConfigError(f"--seeds must be comma-separated integers like 0,1,2; got {seeds!r}.") from None
-    result = fit_head(cache, head, params=dict(parse_param(p) for p in params), standardize=standardize,
-                      l2_normalize=l2_normalize, val_split=val_split, class_weight=class_weight, shots=shots,
-                      seeds=seed_list if shots else [seed], max_memory=max_memory, device=device, out=out, name=name,
-                      seed=seed, refit=refit, overwrite=overwrite, layers=layers, tta=tta, train_views=train_views,
-                      pool_views=pool_views, auto=auto, cv=cv, budget=budget)
-    click.echo(json.dumps(result.to_dict(), indent=2, default=str) if as_json else result.summary())
+    params = dict(parse_param(p) for p in options.pop("params"))
+    return FitConfig(params=params, seeds=seed_list if options["shots"] else [options["seed"]], **options)

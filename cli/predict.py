@@ -34,9 +34,9 @@ def predict(model, images, top_k, batch_size, device, as_json, weights_file) -> 
     """
     import json
 
-    from featbank.fitting import predict as predict_images
+    from featbank.inference import predict as predict_model
 
-    preds = predict_images(model, images, top_k=top_k, device=device, batch_size=batch_size, weights_file=weights_file)
+    preds = predict_model(model, images, top_k=top_k, device=device, batch_size=batch_size, weights_file=weights_file)
     if as_json:
         click.echo(json.dumps([p.to_dict() for p in preds], indent=2))
         return

@@ -25,10 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from featbank.fitting import _select
-from featbank.heads import KernelSVC, estimator_proba, get_head_family
+from featbank.heads import SKLEARN_C_GRID, KernelSVC, estimator_proba, get_head_family
 
-COARSE = tuple(float(c) for c in _select.SKLEARN_C_GRID)
+COARSE = tuple(float(c) for c in SKLEARN_C_GRID)
 REFINE = (-0.5, 0.5)
 
 

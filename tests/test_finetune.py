@@ -21,6 +21,7 @@ from featbank.cli.main import cli
 from featbank.errors import BundleError, ConfigError, DatasetError, ValidationLeakWarning
 from featbank.finetuning import _data as ft_data
 from featbank.finetuning import _model as ft_model
+from featbank.inference import predict_proba
 
 from conftest import make_image_folder
 
@@ -177,7 +178,7 @@ def test_lpft_starts_from_the_probe(probe_setup: tuple[Path, Path, Path], tmp_pa
     np.testing.assert_allclose(mine, ref, atol=1e-5)
     # Through the whole pipeline: images -> fine-tuned network at (almost) step 0 -> probabilities.
     rep = ft.finetune(image_folder, tmp_path / "lpft", strategy="frozen", init_head=str(probe), lr=1e-12, **FAST)
-    pred = ft.predict_images(rep.path, paths, num_workers=0)
+    pred = predict_proba(rep.path, paths, device="cpu")
     assert pred.ok.all()
     np.testing.assert_allclose(pred.proba, ref, atol=1e-5)
     assert load_bundle(rep.path).manifest["finetune"]["init_head"]["bundle_id"] == load_bundle(probe).bundle_id
@@ -228,7 +229,7 @@ def test_lpft_keeps_the_probe_when_no_epoch_beats_it(probe_setup: tuple[Path, Pa
     assert all(h["val_accuracy"] < start["val_accuracy"] for h in rep.history), (start, rep.history)
     assert rep.best_epoch == 0 and "starting probe" in rep.summary()
     cache = featbank.open_cache(tiny_cache)
-    pred = ft.predict_images(rep.path, [cache.root / p for p in cache.paths], num_workers=0)
+    pred = predict_proba(rep.path, [cache.root / p for p in cache.paths], device="cpu")
     np.testing.assert_allclose(pred.proba, load_bundle(probe).predict_proba(cache.load_embeddings()), atol=1e-5)
     assert rep.val["accuracy"] == pytest.approx(start["val_accuracy"])
 
@@ -355,7 +356,7 @@ def test_vflip_and_rot90_only_reorient_the_crop(image_folder: Path) -> None:
 
 @pytest.mark.slow
 def test_bundle_roundtrip_extract_evaluate_predict(image_folder: Path, tmp_path: Path) -> None:
-    from featbank.fitting import evaluate, predict
+    from featbank.inference import evaluate, predict
 
     model = tmp_path / "models" / "tiny-ft"
     res = CliRunner().invoke(cli, ["finetune", str(image_folder), "-b", "test_tiny", "--strategy", "full",
@@ -380,7 +381,7 @@ def test_bundle_roundtrip_extract_evaluate_predict(image_folder: Path, tmp_path:
     assert featbank.open_cache(plain.path).cache_key != c.cache_key
 
     paths = [c.root / p for p in c.paths]
-    direct = ft.predict_images(model, paths, num_workers=0)
+    direct = predict_proba(model, paths, device="cpu")
     np.testing.assert_allclose(bundle.predict_proba(c.load_embeddings()), direct.proba, atol=1e-5)
     result = evaluate(model, cache, split="all")
     acc = float((direct.proba.argmax(1) == c.labels).mean())

@@ -21,6 +21,7 @@ from featbank.bundles import load_bundle
 from featbank.cli.main import cli
 from featbank.errors import ConfigError
 from featbank.finetuning._cache_frozen import FrozenCache, apply_view, split_features, view_group
+from featbank.inference import predict_proba
 
 FAST = dict(backbone="test_tiny", epochs=2, batch_size=8, num_workers=0, progress=False)
 
@@ -116,7 +117,7 @@ def test_cached_partial_trains_only_the_suffix(image_folder: Path, tmp_path: Pat
     assert info["cache_frozen"]["n_views"] == 4
     assert info["augmentation"]["train"]["views"] == ["identity", "rot180", "hflip", "vflip"]
     # The final metrics come from the full network on the images, like an uncached run's.
-    pred = ft.predict_images(rep.path, [image_folder / p for p in featbank.scan_folder(image_folder).paths], num_workers=0)
+    pred = predict_proba(rep.path, [image_folder / p for p in featbank.scan_folder(image_folder).paths], device="cpu")
     assert pred.ok.all()
 
 
@@ -131,7 +132,7 @@ def test_cached_lpft_starts_from_the_probe(image_folder: Path, tmp_path: Path) -
     ref = load_bundle(probe).predict_proba(c.load_embeddings())
     rep = ft.finetune(image_folder, tmp_path / "lpft", strategy="partial", trainable_from="stage2",
                       init_head=str(probe), lr=1e-12, cache_frozen=True, **FAST)
-    pred = ft.predict_images(rep.path, [c.root / p for p in c.paths], num_workers=0)
+    pred = predict_proba(rep.path, [c.root / p for p in c.paths], device="cpu")
     np.testing.assert_allclose(pred.proba, ref, atol=1e-5)
     # At step 0 the cached path's validation loss is the probe's on the val images (float16 cache).
     val_rows = np.array([c.paths.index(p) for p in load_bundle(rep.path).manifest["validation"]["paths"]])

@@ -8,7 +8,8 @@ import pytest
 
 import featbank
 from featbank.errors import BundleError, CacheError, ConfigError
-from featbank.fitting import evaluate, fit
+from featbank.fitting import fit
+from featbank.inference import evaluate
 
 from _fitdata import blobs, write_synthetic_cache
 
@@ -189,7 +190,7 @@ def test_mlp_and_sklearn_heads_on_a_real_cache(tiny_cache, tmp_path):
 
 def test_sklearn_head_with_c_is_swept_on_validation(tmp_path):
     """SVC's C is chosen on validation like the linear probe's: a strong C wins on noisy labels, a weak one on clean."""
-    from featbank.fitting._select import SKLEARN_C_GRID
+    from featbank.heads import SKLEARN_C_GRID
 
     X, y = blobs(60, 20, 3, sep=1.2, seed=3)
     r = fit(write_synthetic_cache(tmp_path / "c.h5", X, y), "SVC", params={"kernel": "linear"}, save=False)
@@ -202,3 +203,69 @@ def test_sklearn_head_with_c_is_swept_on_validation(tmp_path):
     # --param C=... fixes it: no sweep.
     fixed = fit(write_synthetic_cache(tmp_path / "d.h5", X, y), "SVC", params={"C": 2.0}, save=False)
     assert fixed.sweep == [] and fixed.estimator[-1].C == 2.0
+
+
+def test_fit_config_is_stored_in_the_bundle_and_repeats_the_fit(tmp_path):
+    from featbank.fitting import FitConfig
+
+    X, y = blobs(30, 8, 3, sep=0.7, seed=6)
+    cache = write_synthetic_cache(tmp_path / "c.h5", X, y, splits=_splits(len(y)))
+    r = fit(cache, "linear", out=tmp_path / "m", class_weight="balanced", seed=3)
+    stored = featbank.load_bundle(r.path).manifest["fit_config"]
+    assert stored["head"] == "linear" and stored["class_weight"] == "balanced" and stored["seed"] == 3
+    assert stored["out"] == str(tmp_path / "m") and stored["seeds"] == [0] and stored["tta"] == "auto"
+    config = FitConfig.from_dict(stored)
+    assert config.to_dict() == stored
+    again = fit(cache, config=FitConfig.from_dict({**stored, "save": False}))
+    assert again.chosen == r.chosen and again.headline["top1"] == r.headline["top1"]
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"class_weight": "heavy"}, "class_weight must be None or 'balanced'; got 'heavy'"),
+    ({"tta": "sometimes"}, "The 'tta' parameter must be one of auto, on, off. Got 'sometimes' instead."),
+    ({"shots": 0}, "--shots must be a positive integer; got 0"),
+    ({"seeds": (0, 1)}, "--seeds repeats K-shot sampling"),
+    ({"device": "tpu"}, "device must be auto, cpu or cuda; got 'tpu'"),
+    ({"max_memory": "lots"}, "--max-memory must look like 2GB"),
+    ({"auto": True, "budget": "soon"}, "budget"),
+    ({"cv": 5, "shots": 3}, "--shots samples a few images per class"),
+    ({"out": "a", "name": "b"}, "--out is the bundle folder itself"),
+    ({"head": "svm-rbf"}, "--head svm-rbf is a head family of --auto"),
+])
+def test_fit_config_refuses_bad_options_before_the_cache_is_opened(tmp_path, options, message):
+    from featbank.fitting import FitConfig
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        FitConfig(**options)
+    with pytest.raises(ConfigError):  # not the CacheError of the missing file: the options are checked first
+        fit(tmp_path / "missing.h5", **options)
+
+
+def test_fit_refuses_an_option_it_does_not_have_and_a_stored_config_with_one(tmp_path):
+    from featbank.fitting import FitConfig
+
+    with pytest.raises(TypeError, match="unexpected keyword argument.*'regularisation'.*fields of FitConfig"):
+        fit(tmp_path / "c.h5", regularisation=1.0)
+    with pytest.raises(ConfigError, match="fit_config has no option 'python'"):
+        FitConfig.from_dict({"head": "linear", "python": "import os"})
+
+
+@pytest.mark.parametrize("stored, message", [
+    ("fit everything", "fit_config must be a JSON object"),
+    ({"head": ["linear"]}, "The 'head' option of fit must be a head name"),
+    ({"params": "C=1"}, "The 'params' option of fit must be a mapping"),
+    ({"refit": "yes"}, "The 'refit' option of fit must be True or False"),
+    ({"seed": "3"}, "The 'seed' option of fit must be an integer"),
+    ({"cv": 2.5}, "The 'cv' option of fit must be an integer"),
+    ({"seeds": "0,1"}, "The 'seeds' option of fit must be a list of integers"),
+    ({"seeds": [0, "x"], "shots": 2}, "seeds must be integers"),
+    ({"val_split": "0.2"}, "--val-split must be between 0 and 1"),
+    ({"out": {"path": "/"}}, "The 'out' option of fit must be a folder path"),
+    ({"__class__": "os.system"}, "fit_config has no option '__class__'"),
+])
+def test_a_hostile_fit_config_is_refused_with_a_config_error(stored, message):
+    """fit_config is read back from a manifest anyone can edit: every bad field is a ConfigError, never a crash."""
+    from featbank.fitting import FitConfig
+
+    with pytest.raises(ConfigError, match=message):
+        FitConfig.from_dict(stored)

@@ -156,3 +156,25 @@ def test_fit_help_quotes_parentheses_and_offers_quiet():
     assert re.findall(r"\S*hidden_sizes=\(", res.output)
     assert all(m.startswith("'") for m in re.findall(r"\S*hidden_sizes=\(", res.output)), res.output
     assert "--quiet" in res.output and "-q" in res.output
+
+
+def test_fit_options_map_onto_one_fit_config():
+    """cli/fit.py's one mapping: every click option of fit becomes the FitConfig field of the same name."""
+    from featbank.cli.fit import fit as fit_command
+    from featbank.cli.fit import fit_config
+    from featbank.errors import ConfigError
+    from featbank.fitting import FitConfig
+
+    ctx = fit_command.make_context("fit", ["c.h5", "--head", "SVC", "--param", "C=10", "--param", "kernel=rbf",
+                                           "--class-weight", "balanced", "--shots", "3", "--seeds", "0,1",
+                                           "--tta", "off", "--max-memory", "2GB", "--out", "m", "--no-refit"])
+    options = {k: v for k, v in ctx.params.items() if k not in ("cache", "as_json", "quiet")}
+    config = fit_config(options)
+    assert config == FitConfig(head="SVC", params={"C": 10, "kernel": "rbf"}, class_weight="balanced", shots=3,
+                               seeds=(0, 1), tta="off", max_memory="2GB", out="m", refit=False)
+    assert set(options) - {"params", "seeds"} <= {f for f in FitConfig.__dataclass_fields__}
+    ctx = fit_command.make_context("fit", ["c.h5", "--seeds", "0,x"])
+    with pytest.raises(ConfigError, match="--seeds must be comma-separated integers"):
+        fit_config({k: v for k, v in ctx.params.items() if k not in ("cache", "as_json", "quiet")})
+    res = CliRunner().invoke(cli, ["fit", "missing.h5", "--class-weight", "balanced", "--auto"])
+    assert res.exit_code == 2 and "--class-weight does not combine with --auto" in res.output

@@ -19,8 +19,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_views_never_straddle_the_split(layered) -> None:
     """By construction: the split is made on images, then training images bring all their views."""
-    from featbank.fitting._select import HeadSpec
     from featbank.fitting.probe import _Plan, _Rows
+    from featbank.heads import HeadSpec
 
     _, path = layered
     with featbank.open_cache(path) as c:

@@ -122,7 +122,7 @@ def test_predict_keeps_going_past_them(kind: str, models: tuple[Path, Path, Path
     good = sorted((data / "dog").glob("*.png"))[0]
     strips = _write_strips(tmp_path / "strips")
     images = [strips[0], good, *strips[1:]]
-    from featbank.fitting import predict
+    from featbank.inference import predict
 
     preds = predict(model, images, batch_size=2, device="cpu")
     assert [p.path for p in preds] == [str(p) for p in images]

@@ -101,7 +101,7 @@ def test_predict_reads_a_fifo_swapped_in_after_listing_as_an_error_row(tmp_path:
     """predict on image paths: the listing saw a PNG, the read finds a FIFO: an error row, not a hang."""
     from test_export import make_bundle
 
-    import featbank.fitting._predict as predict_module
+    import featbank.inference as predict_module
     from featbank.heads import LinearHead
 
     data = make_image_folder(tmp_path / "data", n_per_class=3)

@@ -21,7 +21,8 @@ Writing (:func:`save_bundle`): one writer per bundle (a lock), a temporary folde
 atomically, an existing bundle replaced only with ``overwrite=True``; see :mod:`featbank.bundles.store`.
 
 Probabilities: :meth:`Bundle.predict_proba` is the canonical mapping embeddings -> (N, C)
-probabilities (ONNX export must match it): :func:`featbank.heads.estimator_proba`.
+probabilities (ONNX export must match it): :func:`featbank.heads.estimator_proba`. Images and
+caches go through :mod:`featbank.inference` (predict, evaluate), for bundles and ONNX files alike.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ import numpy as np
 from ..errors import BundleError
 from ..features import FeatureSpec
 from .manifest import MANIFEST, Manifest, check_file_name, parse_manifest, read_manifest
-from .skops import load_skops
 from .store import recover, sha256_bytes
 
 if TYPE_CHECKING:
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
     from ..backbones import Backbone
     from ..cache import FeatureCache
+    from ..heads import Estimator
 
 __all__ = ["Bundle", "load_bundle", "backbone_of_bundle", "is_bundle_folder"]
 
@@ -224,21 +225,13 @@ class Bundle:
         if self.kind == "finetuned":
             self._head = self._load_finetuned_head()
             return self._head
+        from ..heads import head_kind
+
         head = self.info.head
         data = self.read_weights()
         f = self.path / head.file
         try:
-            if head.type in ("linear", "mlp"):
-                from safetensors.numpy import load as st_load
-
-                from ..heads import head_from_state
-
-                est = head_from_state(head.type, st_load(data), self.head_info)
-            elif f.suffix == ".skops":
-                est = load_skops(data, f"Bundle {str(self.path)!r}: {f.name}")
-            else:
-                raise BundleError(f"Bundle {str(self.path)!r}: head file {head.file!r} (head.type {head.type!r}) "
-                                  "is neither .safetensors nor .skops; featbank loads no other format (no pickle).")
+            est = head_kind(head.type).load(data, self.head_info, f"Bundle {str(self.path)!r}: {f.name}")
         except BundleError:
             raise
         except Exception as e:  # noqa: BLE001 - any decoding failure means a corrupt bundle
@@ -248,7 +241,7 @@ class Bundle:
         self._head = est
         return est
 
-    def _check_head_width(self, est: BaseEstimator) -> None:
+    def _check_head_width(self, est: Estimator) -> None:
         # The manifest says what the head reads (embedding, layers, pooled views); the head must read that many
         # columns, else a manifest edited to add or drop a layer or the view pooling fails later with a traceback.
         width = getattr(est, "n_features_in_", None)
@@ -266,7 +259,7 @@ class Bundle:
             return "the embedding"
         return f"layers {','.join(feats.layers)}" + (f", pooled {feats.view_pool} over views" if feats.view_pool else "")
 
-    def _check_head_classes(self, est: BaseEstimator) -> None:
+    def _check_head_classes(self, est: Estimator) -> None:
         # A head predicts every class of the manifest, in order; a head fitted on a subset of the
         # classes says so in head.classes_seen. Anything else is a manifest that lies about the head.
         cols = np.asarray(getattr(est, "classes_", []))
@@ -319,10 +312,6 @@ class Bundle:
                 f"{','.join(self.features.layers)})."
             )
         return estimator_proba(self.load_head(), X, self.n_classes)
-
-    def predict(self, embeddings: np.ndarray) -> np.ndarray:
-        """Class indices (into :attr:`classes`) of the most probable class."""
-        return self.predict_proba(embeddings).argmax(axis=1)
 
     def __repr__(self) -> str:
         return (

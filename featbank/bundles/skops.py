@@ -93,10 +93,9 @@ def trusted_skops_types() -> frozenset[str]:
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import Normalizer, StandardScaler
 
-    from ..heads import KernelSVC, sklearn_classifiers
+    from ..heads.trust import trusted_head_classes
 
-    # KernelSVC: featbank's SVC fitted through a BLAS kernel matrix (fit --auto's SVMs); its state is SVC's.
-    classes = [*sklearn_classifiers().values(), KernelSVC, Pipeline, StandardScaler, Normalizer]
+    classes = [*trusted_head_classes(), Pipeline, StandardScaler, Normalizer]
     return frozenset(map(_type_name, classes + _distance_metric_types())) | _SKLEARN_STATE_TYPES | _DATA_TYPES
 
 

@@ -30,11 +30,14 @@ from __future__ import annotations
 
 # MAX_CHECK_IMAGES and MIN_OPSET are outside __all__ but were module attributes when this package
 # was one module (featbank.export.MIN_OPSET), so they stay reachable here.
-from ._exporter import MIN_OPSET, ExportReport, build_torch_classifier, export_model  # noqa: F401
+from ._exporter import MIN_OPSET, build_torch_classifier, export_model  # noqa: F401
 from ._parity import DEFAULT_ATOL, MAX_CHECK_IMAGES, PARITY_BATCH_SIZES, check_parity  # noqa: F401
+from ._publish import ExportReport
+from .config import ExportConfig
 
 __all__ = [
     "ExportReport",
+    "ExportConfig",
     "export_model",
     "build_torch_classifier",
     "check_parity",

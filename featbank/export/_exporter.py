@@ -2,107 +2,47 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .. import __version__
 from .._files import (
-    atomic_write_text,
     check_output_dir,
     describe_os_error,
-    fsync_dir,
     remove_orphans,
     temporary_path,
     timestamp,
 )
 from ..errors import BundleError, ConfigError, ExportError
-from ..runtime import FORMAT_KEY, FORMAT_VERSION, IMAGE_METADATA, INPUT_KINDS, INPUT_NAME, OUTPUT_NAMES
+from ..runtime import FORMAT_KEY, FORMAT_VERSION, IMAGE_METADATA, INPUT_NAME, OUTPUT_NAMES
 from ._graph import compose_graphs, embedder_onnx, export_torch, opset_of, torch_modules
 from ._head_only import export_head_only
 from ._heads import head_proba_module, sklearn_head_onnx
 from ._parity import (
-    DEFAULT_ATOL,
-    MAX_CHECK_IMAGES,
     check_parity,
     collect_images,
     load_batch,
     parity_json_path,
     torch_batches,
 )
-from ._quantize import DEFAULT_MAX_DROP, CalibrationPlan, calibration_plan, quantize_model
+from ._publish import ExportReport, file_error, publish, stamp
+from ._quantize import CalibrationPlan, calibration_plan, quantize_model
 from ._raw import RAW_MIN_AGREEMENT, RAW_PIXEL_TOLERANCE, check_no_window, check_raw_interpolation, compose_raw, raw_parity
 from ._triton import check_triton_repo, model_name, write_triton_repo
+from .config import MIN_OPSET, ExportConfig, build_export_config
 
-__all__ = ["ExportReport", "export_model", "build_torch_classifier", "MIN_OPSET"]
+if TYPE_CHECKING:
+    from ..bundles import Bundle
+    from ..heads import Estimator
 
-MIN_OPSET = 18
+__all__ = ["export_model", "build_torch_classifier", "MIN_OPSET"]
 
-
-@dataclass
-class ExportReport:
-    """What :func:`export_model` wrote.
-
-    Attributes:
-        path: the ONNX file.
-        parity_path: the JSON with the parity figures (also written with ``check=False``, saying so).
-        parity: the parity figures (``None`` with ``check=False``).
-        route: how the head entered the graph: ``torch`` (one export), ``torch+compose``
-            (embedder and torch head joined) or ``skl2onnx+compose``.
-        opset: the ai.onnx opset of the graph.
-        metadata: the ``metadata_props`` written.
-        seconds: wall time of the export and check.
-        input_kind: what the graph takes: ``preprocessed``, ``raw`` or ``embeddings`` (``head_only``).
-        quantization: the int8 figures (test top-1 of fp32 and int8, the drop, the calibration), if quantized.
-        triton: the Triton model folder written (``<repo>/<name>``), if asked.
-    """
-
-    path: Path
-    parity_path: Path
-    parity: dict[str, Any] | None
-    route: str
-    opset: int
-    metadata: dict[str, str] = field(default_factory=dict)
-    seconds: float = 0.0
-    input_kind: str = "preprocessed"
-    quantization: dict[str, Any] | None = None
-    triton: Path | None = None
-
-    def summary(self) -> str:
-        lines = [f"Exported {self.metadata.get('backbone')} + {self.metadata.get('head')} "
-                 f"({self.route}, opset {self.opset}) in {self.seconds:.1f}s"]
-        lines.append(f"Input: {self.input_kind}")
-        if self.parity is None:
-            lines.append("Parity check: skipped (--no-check)")
-        else:
-            p = self.parity
-            lines.append(
-                f"Parity check on {p['n_images']} image(s) ({p['image_source']}), batch sizes "
-                f"{', '.join(map(str, p['batch_sizes']))}: max |dprob| = {p['max_abs_diff']:.2e} "
-                f"(limit {p['atol']:.0e}), top-1 agreement {100 * p['top1_agreement']:.1f}%"
-            )
-            if "raw" in p:
-                r = p["raw"]
-                lines.append(
-                    f"Raw input vs Pillow's preprocessing, {r['n_cases']} image(s), {len({c['size'] for c in r['cases']})} "
-                    f"sizes: top-1 agreement {100 * r['top1_agreement']:.1f}%, max |dprob| = {r['max_abs_diff']:.2e}, "
-                    f"pixels equal {100 * r['pixel_exact_fraction']:.2f}% (max diff {r['pixel_max_diff']})"
-                )
-        if self.quantization is not None:
-            q = self.quantization
-            lines.append(
-                f"int8 (QDQ, per channel; {q['n_calibration']} calibration images): test top-1 {100 * q['fp32_top1']:.2f}% "
-                f"-> {100 * q['int8_top1']:.2f}% ({q['drop_points']:+.2f} pt drop, limit {q['max_drop']:g}) on "
-                f"{q['n_test']} test images"
-            )
-        return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,10 +50,10 @@ class ExportReport:
 # --------------------------------------------------------------------------------------------
 
 
-def _finetuned(bundle: Any) -> tuple[Any, Any]:
-    from ..finetuning import load_finetuned_model
+def _finetuned(bundle: Bundle) -> tuple[Any, Any]:
+    from ..bundles.network import finetuned_network
 
-    return load_finetuned_model(bundle.path)
+    return finetuned_network(bundle)
 
 
 def build_torch_classifier(
@@ -145,7 +85,7 @@ def build_torch_classifier(
     return Classifier(bb.embedder(), head).eval(), bb.preprocess
 
 
-def _metadata(bundle: Any, bb: Any, route: str, input_kind: str = "preprocessed", model_version: int = 1) -> dict[str, str]:
+def _metadata(bundle: Bundle, bb: Any, route: str, input_kind: str = "preprocessed", model_version: int = 1) -> dict[str, str]:
     import onnxruntime
     import torch
 
@@ -186,19 +126,6 @@ def _metadata(bundle: Any, bb: Any, route: str, input_kind: str = "preprocessed"
     return meta
 
 
-def _stamp(model: Any, meta: dict[str, str]) -> None:
-    del model.metadata_props[:]
-    for k, v in meta.items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = k, v
-    model.producer_name = "featbank"
-    model.producer_version = __version__
-    model.model_version = int(meta.get("model_version", "1"))
-    what = "embeddings float32 [N, D]" if meta.get("input") == "embeddings" else \
-        f"images uint8 NHWC RGB ({meta.get('input', 'preprocessed')})"
-    model.doc_string = f"featbank classifier: {what} -> probabilities, label. classes={meta['classes']}"
-
-
 # --------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------
@@ -208,21 +135,13 @@ def export_model(
     model: str | os.PathLike,
     out: str | os.PathLike | None = None,
     *,
-    check_images: Sequence[str | os.PathLike] | str | os.PathLike | None = None,
-    check: bool = True,
-    opset: int | None = None,
-    weights_file: str | os.PathLike | None = None,
-    atol: float = DEFAULT_ATOL,
-    max_check_images: int = MAX_CHECK_IMAGES,
-    input_kind: str = "preprocessed",
-    quantize: str | None = None,
-    calibration: str | os.PathLike | None = None,
-    max_drop: float = DEFAULT_MAX_DROP,
-    model_version: int = 1,
-    triton: str | os.PathLike | None = None,
-    head_only: bool = False,
+    config: ExportConfig | None = None,
+    **options: Any,
 ) -> ExportReport:
     """Export a model bundle to one ONNX file: uint8 images -> probabilities, label.
+
+    Every option is a field of :class:`~featbank.export.ExportConfig`: pass them as keywords, or a
+    ``config`` (keywords then change it); it is checked before the bundle is read.
 
     Args:
         model: a bundle folder written by ``featbank fit`` or ``featbank finetune``.
@@ -247,6 +166,7 @@ def export_model(
         triton: also write a Triton model repository here (``<triton>/<name>/config.pbtxt``,
             ``<triton>/<name>/<model_version>/model.onnx``, ``labels.txt``).
         head_only: export the head alone: embeddings (N, D) float32 -> probabilities, label.
+        config: an :class:`~featbank.export.ExportConfig` (default: built from the keywords).
 
     Returns:
         An :class:`ExportReport`; ``<out stem>.parity.json`` beside the model holds the figures.
@@ -272,32 +192,33 @@ def export_model(
     from ..bundles import load_bundle
 
     t0 = time.perf_counter()
-    _check_options(opset, input_kind, quantize, max_drop, model_version, head_only)
+    cfg = build_export_config(config, options)
     _refuse_onnx_file(model)
     bundle = load_bundle(model)
-    if input_kind == "raw":
+    if cfg.input_kind == "raw":
         check_no_window(bundle)
     out_path = _output_path(bundle, out)
-    triton_dir = check_triton_repo(triton, model_name(out_path)) if triton is not None else None
+    triton_dir = check_triton_repo(cfg.triton, model_name(out_path)) if cfg.triton is not None else None
     # Find the check (and calibration) images first: a missing folder should fail before minutes of export.
-    images, source = _check_images(bundle, check, check_images, max_check_images)
-    plan = calibration_plan(bundle, calibration) if quantize else None
-    if head_only:
-        report = export_head_only(bundle, out_path, images, weights_file, opset, atol, check, model_version)
+    images, source = _check_images(bundle, cfg.check, cfg.check_images, cfg.max_check_images)
+    plan = calibration_plan(bundle, cfg.calibration) if cfg.quantize else None
+    if cfg.head_only:
+        report = export_head_only(bundle, out_path, images, cfg)
     else:
-        report = _export_graph(bundle, out_path, images, source, weights_file, opset, atol, check, input_kind,
-                               plan, max_drop, model_version)
+        report = _export_graph(bundle, out_path, (images, source), plan, cfg)
     if triton_dir is not None:
-        report.triton = write_triton_repo(report.path, triton_dir, model_name(out_path), model_version)
+        report.triton = write_triton_repo(report.path, triton_dir, model_name(out_path), cfg.model_version)
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def _export_graph(bundle: Any, out_path: Path, images: list[Path], source: str, weights_file: Any, opset: int | None,
-                  atol: float, check: bool, input_kind: str, plan: CalibrationPlan | None, max_drop: float,
-                  model_version: int) -> ExportReport:
+def _export_graph(bundle: Bundle, out_path: Path, checked: tuple[list[Path], str], plan: CalibrationPlan | None,
+                  cfg: ExportConfig) -> ExportReport:
     """Build the graph, check it, then quantize it and put the preprocessing in front, as asked; publish."""
     import onnx
+
+    images, source = checked
+    opset, input_kind = cfg.opset, cfg.input_kind
 
     parity_path = parity_json_path(out_path)
     # Temporaries of killed exports into the same file (named by temporary_path) go first.
@@ -309,33 +230,33 @@ def _export_graph(bundle: Any, out_path: Path, images: list[Path], source: str, 
         if bundle.kind == "finetuned":
             graph, route, bb, ref_fn = _finetuned_graph(bundle, tmp, opset)
         else:
-            graph, route, bb, ref_fn = _head_graph(bundle, tmp, out_path, opset, weights_file)
+            graph, route, bb, ref_fn = _head_graph(bundle, tmp, out_path, opset, cfg.weights_file)
         if input_kind == "raw":
             check_raw_interpolation(bb.preprocess)
-        meta = _metadata(bundle, bb, route, input_kind, model_version)
-        _stamp(graph, meta)
+        meta = _metadata(bundle, bb, route, input_kind, cfg.model_version)
+        stamp(graph, meta)
         onnx.save(graph, str(tmp))
-        parity = _check(bundle, tmp, out_path, ref_fn, images, source, bb.preprocess, atol) if check else None
+        parity = _check(bundle, tmp, out_path, ref_fn, images, source, bb.preprocess, cfg.atol) if cfg.check else None
         if plan is not None:
-            quant = quantize_model(tmp, tmp2, plan, bb.preprocess, max_drop, out_path, list(bundle.classes))
+            quant = quantize_model(tmp, tmp2, plan, bb.preprocess, cfg.max_drop, out_path, list(bundle.classes))
             meta["quantization"] = json.dumps(quant, sort_keys=True)
             os.replace(tmp2, tmp)
         if input_kind == "raw":
             raw = compose_raw(onnx.load(str(tmp)), bb.preprocess, INPUT_NAME)
-            _stamp(raw, meta)
+            stamp(raw, meta)
             onnx.save(raw, str(tmp2))
             if parity is not None:
                 parity["raw"] = _check_raw(tmp2, tmp, bb.preprocess, images, out_path)
             os.replace(tmp2, tmp)
         elif quant is not None:
             graph = onnx.load(str(tmp))
-            _stamp(graph, meta)
+            stamp(graph, meta)
             onnx.save(graph, str(tmp))
         if parity is not None and quant is not None:
             parity["quantization"] = quant
-        _publish(tmp, out_path, parity_path, parity)
+        publish(tmp, out_path, parity_path, parity)
     except OSError as e:
-        raise _file_error(e, out_path) from None
+        raise file_error(e, out_path) from None
     finally:
         tmp.unlink(missing_ok=True)
         tmp2.unlink(missing_ok=True)
@@ -361,7 +282,7 @@ def _check_raw(raw_path: Path, inner_path: Path, cfg: Any, images: list[Path], o
 _Graph = tuple[Any, str, Any, Callable[[np.ndarray], np.ndarray]]  # (graph, route, backbone, torch reference)
 
 
-def _finetuned_graph(bundle: Any, tmp: Path, opset: int | None) -> _Graph:
+def _finetuned_graph(bundle: Bundle, tmp: Path, opset: int | None) -> _Graph:
     """The fine-tuned network (uint8 images -> probabilities, label) exported by torch in one piece."""
     import onnx
     import torch
@@ -378,7 +299,7 @@ def _finetuned_graph(bundle: Any, tmp: Path, opset: int | None) -> _Graph:
     return onnx.load(str(tmp)), "torch", bb, ref_fn
 
 
-def _head_graph(bundle: Any, tmp: Path, out_path: Path, opset: int | None, weights_file: Any) -> _Graph:
+def _head_graph(bundle: Bundle, tmp: Path, out_path: Path, opset: int | None, weights_file: Any) -> _Graph:
     """The backbone's embedder graph composed with the head's (torch when linear, else skl2onnx)."""
     import onnx
     import torch
@@ -412,7 +333,7 @@ def _head_graph(bundle: Any, tmp: Path, out_path: Path, opset: int | None, weigh
     return compose_graphs(embedder_graph, head_graph), route, bb, ref_fn
 
 
-def _layered_graph(bundle: Any, bb: Any, est: Any, tmp: Path, opset: int | None) -> _Graph:
+def _layered_graph(bundle: Bundle, bb: Any, est: Estimator, tmp: Path, opset: int | None) -> _Graph:
     """A head on several layers (and/or with TTA): the taps, the column concatenation and the head in one graph.
 
     Torch-expressible heads are exported with the taps in one piece (route ``torch``, TTA views
@@ -455,32 +376,6 @@ def _layered_graph(bundle: Any, bb: Any, est: Any, tmp: Path, opset: int | None)
 # --------------------------------------------------------------------------------------------
 
 
-def _check_options(opset: int | None, input_kind: str, quantize: str | None, max_drop: float, model_version: int,
-                   head_only: bool) -> None:
-    _check_opset(opset)
-    if input_kind not in INPUT_KINDS:
-        raise ConfigError(f"The 'input_kind' parameter must be one of {list(INPUT_KINDS)}. Got {input_kind!r} instead.")
-    if quantize not in (None, "int8"):
-        raise ConfigError(f"The 'quantize' parameter must be 'int8' or None. Got {quantize!r} instead.")
-    if not (0 <= max_drop <= 100):
-        raise ConfigError(f"The 'max_drop' parameter must be 0 to 100 points of accuracy. Got {max_drop!r} instead.")
-    if isinstance(model_version, bool) or not isinstance(model_version, int) or not 1 <= model_version < 2**63:
-        raise ConfigError(f"The 'model_version' parameter must be a positive integer. Got {model_version!r} instead.")
-    if head_only and (input_kind == "raw" or quantize):
-        raise ConfigError("--head-only exports the head on embeddings: it takes no images, so --input raw and "
-                          "--quantize do not apply. Drop them, or drop --head-only.")
-
-
-def _check_opset(opset: int | None) -> None:
-    import onnx
-
-    if opset is not None and not (MIN_OPSET <= int(opset) <= onnx.defs.onnx_opset_version()):
-        raise ConfigError(
-            f"The 'opset' parameter must be between {MIN_OPSET} (the oldest the torch dynamo exporter writes) and "
-            f"{onnx.defs.onnx_opset_version()}. Got {opset} instead."
-        )
-
-
 def _refuse_onnx_file(model: str | os.PathLike) -> None:
     path = Path(model)
     if path.is_file() and path.suffix.lower() == ".onnx":
@@ -491,7 +386,7 @@ def _refuse_onnx_file(model: str | os.PathLike) -> None:
         )
 
 
-def _output_path(bundle: Any, out: str | os.PathLike | None) -> Path:
+def _output_path(bundle: Bundle, out: str | os.PathLike | None) -> Path:
     """Where the ONNX file goes, checked writable before any slow work (exit 2 with the reason).
 
     A symlink is written through (its target is replaced, the link stays), as ``atomic_write`` does.
@@ -523,7 +418,7 @@ def _output_path(bundle: Any, out: str | os.PathLike | None) -> Path:
     return out_path
 
 
-def _check_images(bundle: Any, check: bool, check_images: Any, limit: int) -> tuple[list[Path], str]:
+def _check_images(bundle: Bundle, check: bool, check_images: Any, limit: int) -> tuple[list[Path], str]:
     if not check:
         return [], "none"
     images, source = collect_images(bundle, check_images, limit)
@@ -537,7 +432,7 @@ def _check_images(bundle: Any, check: bool, check_images: Any, limit: int) -> tu
     return images, source
 
 
-def _check(bundle: Any, tmp: Path, out_path: Path, ref_fn: Callable[[np.ndarray], np.ndarray],
+def _check(bundle: Bundle, tmp: Path, out_path: Path, ref_fn: Callable[[np.ndarray], np.ndarray],
            images: list[Path], source: str, preprocess: Any, atol: float) -> dict[str, Any]:
     """Run the parity check on the written graph; raise when it fails (nothing is published then)."""
     import onnxruntime
@@ -568,24 +463,3 @@ def _check(bundle: Any, tmp: Path, out_path: Path, ref_fn: Callable[[np.ndarray]
     return parity
 
 
-def _publish(tmp: Path, out_path: Path, parity_path: Path, parity: dict[str, Any] | None) -> None:
-    """Write the parity JSON, then move the checked graph to its name (durably, in one rename)."""
-    unchecked = {"checked": False, "passed": None, "reason": "--no-check"}
-    atomic_write_text(parity_path, json.dumps(parity if parity is not None else unchecked, indent=2) + "\n")
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    if out_path.exists():
-        os.chmod(tmp, out_path.stat().st_mode & 0o7777)  # a replaced model keeps its permissions
-    os.replace(tmp, out_path)
-    fsync_dir(out_path.parent)
-
-
-def _file_error(e: OSError, out_path: Path) -> ExportError:
-    """A failed read or write during the export (disk full, file-size limit, permissions) as a user error."""
-    where = f" at {e.filename!r}" if e.filename else ""
-    kept = "the file already there is unchanged" if out_path.exists() else "nothing was written there"
-    hint = " Free some space or choose another --out." if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) \
-        else " Choose another --out, or check the permissions."
-    return ExportError(
-        f"The export to {str(out_path)!r} stopped: {describe_os_error(e)}{where}; {kept}.{hint}"
-    )

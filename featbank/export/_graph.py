@@ -7,11 +7,16 @@ import io
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._files import temporary_path
 from ..errors import ExportError
 from ..runtime import INPUT_NAME
+
+if TYPE_CHECKING:
+    from onnx import ModelProto
+
+    from ..backbones import Backbone
 
 __all__ = ["torch_modules", "export_torch", "opset_of", "embedder_onnx", "compose_graphs", "dedupe_opsets"]
 
@@ -105,11 +110,11 @@ def _os_error_in(e: BaseException) -> OSError | None:
     return None
 
 
-def opset_of(model: Any) -> int:
+def opset_of(model: ModelProto) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def embedder_onnx(backbone: Any, opset: int | None, out_path: Path) -> Any:
+def embedder_onnx(backbone: Backbone, opset: int | None, out_path: Path) -> Any:
     """The embedder graph, reused from extract's ONNX cache when it has the wanted opset.
 
     Otherwise it is exported to a temporary sibling of ``out_path`` (named so that the next
@@ -137,7 +142,7 @@ def embedder_onnx(backbone: Any, opset: int | None, out_path: Path) -> Any:
         tmp.unlink(missing_ok=True)
 
 
-def compose_graphs(embedder: Any, head: Any) -> Any:
+def compose_graphs(embedder: ModelProto, head: ModelProto) -> ModelProto:
     """Join embedder (images -> embeddings) and head (embeddings -> probabilities, label)."""
     import onnx
     from onnx import compose, version_converter
@@ -157,7 +162,7 @@ def compose_graphs(embedder: Any, head: Any) -> Any:
     return merged
 
 
-def dedupe_opsets(model: Any) -> None:
+def dedupe_opsets(model: ModelProto) -> None:
     """One opset_import entry per domain (``merge_models`` repeats them; onnxruntime's quantizer refuses that)."""
     seen: dict[str, Any] = {}
     for imp in model.opset_import:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,13 +21,18 @@ from .._files import remove_orphans, temporary_path
 from ..errors import ConfigError, ExportError
 from ..runtime import FORMAT_KEY, FORMAT_VERSION, OUTPUT_NAMES
 from ._parity import check_parity, load_batch, parity_json_path, torch_batches
+from ._publish import ExportReport, file_error, publish, stamp
+
+if TYPE_CHECKING:
+    from ..bundles import Bundle
+    from .config import ExportConfig
 
 __all__ = ["export_head_only", "EMBEDDINGS_NAME", "feature_spec"]
 
 EMBEDDINGS_NAME = "embeddings"
 
 
-def feature_spec(bundle: Any) -> dict[str, Any]:
+def feature_spec(bundle: Bundle) -> dict[str, Any]:
     """How the head's input is computed from an image: backbone, layers, pooling, views, standardisation."""
     feats = bundle.features
     pre = bundle.head_info.get("preprocessing") or {}
@@ -44,7 +49,7 @@ def feature_spec(bundle: Any) -> dict[str, Any]:
     }
 
 
-def _head_graph(bundle: Any, tmp: Path, dim: int, opset: int | None) -> tuple[Any, str]:
+def _head_graph(bundle: Bundle, tmp: Path, dim: int, opset: int | None) -> tuple[Any, str]:
     import onnx
     import torch
 
@@ -60,7 +65,7 @@ def _head_graph(bundle: Any, tmp: Path, dim: int, opset: int | None) -> tuple[An
     return sklearn_head_onnx(est, dim, bundle.n_classes, opset or 20), "skl2onnx"
 
 
-def _metadata(bundle: Any, route: str, dim: int, model_version: int) -> dict[str, str]:
+def _metadata(bundle: Bundle, route: str, dim: int, model_version: int) -> dict[str, str]:
     from .. import __version__
     from .._files import timestamp
 
@@ -78,7 +83,7 @@ def _metadata(bundle: Any, route: str, dim: int, model_version: int) -> dict[str
     }
 
 
-def _parity(bundle: Any, tmp: Path, images: list[Path], weights_file: Any, atol: float) -> dict[str, Any]:
+def _parity(bundle: Bundle, tmp: Path, images: list[Path], weights_file: Any, atol: float) -> dict[str, Any]:
     from ..bundles.network import feature_module
 
     bb = bundle.load_backbone(weights_file)
@@ -96,10 +101,9 @@ def _parity(bundle: Any, tmp: Path, images: list[Path], weights_file: Any, atol:
     return parity
 
 
-def export_head_only(bundle: Any, out_path: Path, images: list[Path], weights_file: Any, opset: int | None,
-                     atol: float, check: bool, model_version: int) -> Any:
+def export_head_only(bundle: Bundle, out_path: Path, images: list[Path], cfg: ExportConfig) -> ExportReport:
     """Write the head's graph (embeddings -> probabilities, label) to ``out_path``, checked; its report."""
-    from ._exporter import ExportReport, _file_error, _publish, _stamp
+    opset, atol, check, model_version, weights_file = cfg.opset, cfg.atol, cfg.check, cfg.model_version, cfg.weights_file
     from ._graph import opset_of
 
     if bundle.kind != "head":
@@ -115,14 +119,14 @@ def export_head_only(bundle: Any, out_path: Path, images: list[Path], weights_fi
     try:
         graph, route = _head_graph(bundle, tmp, dim, opset)
         meta = _metadata(bundle, route, dim, model_version)
-        _stamp(graph, meta)
+        stamp(graph, meta)
         import onnx
 
         onnx.save(graph, str(tmp))
         parity = _parity(bundle, tmp, images, weights_file, atol) if check else None
-        _publish(tmp, out_path, parity_path, parity)
+        publish(tmp, out_path, parity_path, parity)
     except OSError as e:
-        raise _file_error(e, out_path) from None
+        raise file_error(e, out_path) from None
     finally:
         tmp.unlink(missing_ok=True)
     return ExportReport(out_path, parity_path, parity, route, opset_of(graph), meta, 0.0, "embeddings")

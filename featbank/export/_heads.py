@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import ExportError
 from ..runtime import OUTPUT_NAMES
 from ._graph import torch_modules
+
+if TYPE_CHECKING:
+    from ..heads import Estimator
 
 __all__ = ["head_proba_module", "sklearn_head_onnx"]
 
@@ -39,7 +42,7 @@ def _affine_prefix(steps: Sequence[Any]) -> list[tuple[str, np.ndarray | None, n
     return out
 
 
-def _split_pipeline(est: Any) -> tuple[list[Any], Any]:
+def _split_pipeline(est: Estimator) -> tuple[list[Any], Any]:
     from sklearn.pipeline import Pipeline
 
     if isinstance(est, Pipeline):
@@ -48,7 +51,7 @@ def _split_pipeline(est: Any) -> tuple[list[Any], Any]:
     return [], est
 
 
-def _class_columns(est: Any, n_classes: int) -> np.ndarray | None:
+def _class_columns(est: Estimator, n_classes: int) -> np.ndarray | None:
     """Indices into the bundle's classes of the estimator's columns; None when they are 0..C-1."""
     cols = np.asarray(getattr(est, "classes_", np.arange(n_classes)))
     try:
@@ -63,15 +66,15 @@ def _class_columns(est: Any, n_classes: int) -> np.ndarray | None:
     return cols
 
 
-def head_proba_module(est: Any, n_classes: int) -> Any | None:
+def head_proba_module(est: Estimator, n_classes: int) -> Any | None:
     """Module embeddings -> probabilities (bundle column order), or None when the head is not linear."""
     import torch
     from torch import nn
 
-    from ..heads import head_to_torch
+    from ..heads import kind_of
 
     ProbaHead, _ = torch_modules()
-    m = head_to_torch(est)
+    m = kind_of(est).export(est)  # each head kind owns its export
     if m is None:
         return None
     module = ProbaHead(m, "probabilities")
@@ -105,7 +108,7 @@ EXPORTABLE_HEADS = ("linear", "mlp", "LogisticRegression", "KNeighborsClassifier
                     "CalibratedClassifierCV")
 
 
-def _unsupported(est: Any, why: str) -> ExportError:
+def _unsupported(est: Estimator, why: str) -> ExportError:
     return ExportError(
         f"The head {type(est).__name__} of this bundle cannot be exported to ONNX: {why}. Fit a head that exports "
         f"instead: 'featbank fit CACHE --head linear' (or --head {', '.join(EXPORTABLE_HEADS[1:])})."
@@ -169,7 +172,7 @@ def _prune(graph: Any) -> None:
     graph.initializer.extend(inits)
 
 
-def sklearn_head_onnx(est: Any, embed_dim: int, n_classes: int, opset: int) -> Any:
+def sklearn_head_onnx(est: Estimator, embed_dim: int, n_classes: int, opset: int) -> Any:
     """A graph embeddings (N, D) float -> probabilities (N, C) float32, label (N,) int64, via skl2onnx."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -13,6 +13,9 @@ from ..errors import ConfigError
 from ..images import IMAGE_EXTENSIONS, ImageReadError, load_and_preprocess
 from ..runtime import INPUT_NAME, OUTPUT_NAMES
 from ..sources import is_image_file
+
+if TYPE_CHECKING:
+    from ..bundles import Bundle
 
 __all__ = [
     "check_parity",
@@ -32,7 +35,7 @@ PARITY_BATCH_SIZES = (1, 7)
 MAX_CHECK_IMAGES = 64
 
 
-def collect_images(bundle: Any, check_images: Sequence[str | os.PathLike] | str | os.PathLike | None,
+def collect_images(bundle: Bundle, check_images: Sequence[str | os.PathLike] | str | os.PathLike | None,
                     limit: int) -> tuple[list[Path], str]:
     if check_images is not None:
         items = [check_images] if isinstance(check_images, (str, os.PathLike)) else list(check_images)

@@ -19,13 +19,19 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import ConfigError, ExportError
 from ..images import IMAGE_EXTENSIONS, ImageReadError, PreprocessConfig, load_and_preprocess
 from ..runtime import INPUT_NAME, OUTPUT_NAMES
+
+if TYPE_CHECKING:
+    from onnx import ModelProto
+
+    from ..bundles import Bundle
+    from ..cache import FeatureCache
 
 __all__ = ["CalibrationPlan", "calibration_plan", "quantize_model", "CALIBRATION_IMAGES", "MAX_TEST_IMAGES",
            "DEFAULT_MAX_DROP"]
@@ -62,7 +68,7 @@ def _spaced(items: list[Any], n: int) -> list[Any]:
     return [items[int(i)] for i in np.linspace(0, len(items) - 1, n).round()]
 
 
-def _cache_rows(bundle: Any) -> tuple[Any, str]:
+def _cache_rows(bundle: Bundle) -> tuple[Any, str]:
     from ..cache import open_cache
     from ..errors import CacheError
 
@@ -83,13 +89,13 @@ def _cache_rows(bundle: Any) -> tuple[Any, str]:
     return cache, cache_path
 
 
-def _existing(cache: Any, rows: np.ndarray) -> tuple[list[Path], np.ndarray]:
+def _existing(cache: FeatureCache, rows: np.ndarray) -> tuple[list[Path], np.ndarray]:
     paths = [cache.abspath(cache.paths[r]) for r in rows]
     keep = [i for i, p in enumerate(paths) if p.is_file()]
     return [paths[i] for i in keep], np.asarray(rows)[keep]
 
 
-def calibration_plan(bundle: Any, calibration: str | os.PathLike | None) -> CalibrationPlan:
+def calibration_plan(bundle: Bundle, calibration: str | os.PathLike | None) -> CalibrationPlan:
     """The calibration images (``calibration`` folder, else the cache's training images) and the test images.
 
     Raises:
@@ -151,7 +157,7 @@ def _top1(model_path: Path, plan: CalibrationPlan, cfg: PreprocessConfig, bundle
     return (hits / n if n else 0.0), n
 
 
-def float_nodes(model: Any) -> list[str]:
+def float_nodes(model: ModelProto) -> list[str]:
     """Nodes kept in float: the first and last few convolutions and everything after the last one."""
     nodes = list(model.graph.node)
     convs = [i for i, n in enumerate(nodes) if n.op_type == "Conv"]

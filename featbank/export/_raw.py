@@ -20,10 +20,13 @@ Its output (N, crop_h, crop_w, 3) uint8 is the input of the preprocessed graph, 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
 from ..images import PreprocessConfig
+
+if TYPE_CHECKING:
+    from ..bundles import Bundle
 
 __all__ = ["preprocess_graph", "RAW_INTERPOLATIONS", "CROPPED_NAME", "check_raw_interpolation", "compose_raw",
            "raw_parity", "RAW_MIN_AGREEMENT", "RAW_PIXEL_TOLERANCE", "check_no_window"]
@@ -113,7 +116,7 @@ def preprocess_graph(cfg: PreprocessConfig, opset: int, input_name: str) -> Any:
     return model
 
 
-def check_no_window(bundle: Any) -> None:
+def check_no_window(bundle: Bundle) -> None:
     """A bundle whose transform has an intensity window cannot go raw: the window is not in the graph."""
     transform = bundle.backbone.get("transform") or {}
     window = transform.get("window") if isinstance(transform, dict) else None

@@ -31,13 +31,11 @@ from __future__ import annotations
 
 from ._loop import FinetuneReport, finetune
 from ._model import (
-    FinetunedPredictions,
     FinetuneModel,
     build_optimizer,
     load_finetuned_backbone,
     load_finetuned_model,
     parse_lr_groups,
-    predict_images,
     resolve_rates,
 )
 from ._settings import LR_PRESETS, OPTIMIZERS, STRATEGIES, FinetuneSettings
@@ -49,13 +47,11 @@ __all__ = [
     "FinetuneSettings",
     "FinetuneReport",
     "FinetuneModel",
-    "FinetunedPredictions",
     "finetune",
     "parse_lr_groups",
     "resolve_rates",
     "build_optimizer",
     "load_finetuned_backbone",
     "load_finetuned_model",
-    "predict_images",
 ]
 

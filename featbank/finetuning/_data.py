@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -13,6 +13,10 @@ import torch
 from ..errors import DatasetError
 from ..images import RESAMPLE, ImageReadError, PreprocessConfig, load_image, preprocess_image
 from ..splits import n_holdout, stratified_holdout
+
+if TYPE_CHECKING:
+    from ..bundles import Bundle
+    from ..sources import ImageIndex
 
 __all__ = ["Augmentation", "ImageSet", "DataSplit", "ProbeHoldout", "shuffled_batches", "split_index", "probe_holdout",
            "probe_overlap_note", "image_loader"]
@@ -138,7 +142,7 @@ class ProbeHoldout:
     fitted_on: str  # "train+val" (fit's default refit) or "train" (fit --no-refit)
 
 
-def probe_holdout(bundle: Any) -> ProbeHoldout | None:
+def probe_holdout(bundle: Bundle) -> ProbeHoldout | None:
     """From the ``init_head`` bundle (``None``: no LP-FT); other kinds are refused later."""
     if bundle is None or bundle.kind != "head":
         return None
@@ -150,14 +154,14 @@ def probe_holdout(bundle: Any) -> ProbeHoldout | None:
     return ProbeHoldout(str(val["root"]), list(val.get("paths") or []), training.get("fitted_on", "train+val"))
 
 
-def _same_root(index: Any, probe: ProbeHoldout) -> bool:
+def _same_root(index: ImageIndex, probe: ProbeHoldout) -> bool:
     try:
         return Path(probe.root).resolve() == Path(index.root).resolve()
     except OSError:
         return False
 
 
-def split_index(index: Any, val_split: float, seed: int, probe: ProbeHoldout | None = None) -> DataSplit:
+def split_index(index: ImageIndex, val_split: float, seed: int, probe: ProbeHoldout | None = None) -> DataSplit:
     """Train / val / test rows of DATA: its val folder; else the LP-FT probe's validation images
     (``probe``, when it was fitted on a cache of this folder); else a stratified ``val_split``."""
     labels, splits, classes = index.labels, index.splits, index.classes
@@ -192,7 +196,7 @@ def split_index(index: Any, val_split: float, seed: int, probe: ProbeHoldout | N
     return DataSplit(train, val, test, source)
 
 
-def probe_overlap_note(index: Any, split: DataSplit, probe: ProbeHoldout | None) -> str | None:
+def probe_overlap_note(index: ImageIndex, split: DataSplit, probe: ProbeHoldout | None) -> str | None:
     """A warning when the LP-FT probe was fitted on images this run validates on."""
     if probe is None or not len(split.val) or not _same_root(index, probe):
         return None

@@ -6,27 +6,25 @@ from __future__ import annotations
 import copy
 import math
 import os
-import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .._device import autocast_dtype, default_num_workers, resolve_device
 from ..backbones import HEAD_GROUP, Backbone, ImageEmbedder, Normalize
 from ..bundles.network import finetuned_network
 from ..errors import BundleError, ConfigError
-from ..images import ImageReadError, load_image
-from ._data import ImageSet, image_loader
 from ._settings import GROUP_ALIASES, LR_PRESETS
 
+if TYPE_CHECKING:
+    from ..bundles import Bundle
+
 __all__ = ["FinetuneModel", "build_optimizer", "parse_lr_groups", "resolve_rates", "trainable_groups", "is_batchnorm",
-           "frozen_bn_modules", "forward_logits", "head_from_probe", "FinetunedPredictions", "load_finetuned_backbone",
-           "load_finetuned_model", "predict_images"]
+           "frozen_bn_modules", "forward_logits", "head_from_probe", "load_finetuned_backbone",
+           "load_finetuned_model"]
 
 # --------------------------------------------------------------------------------------------
 # Parameter groups and learning rates
@@ -224,7 +222,7 @@ def _fold_affine(fn: Callable[[torch.Tensor], torch.Tensor], dim: int) -> tuple[
 
 
 def head_from_probe(path: str | os.PathLike, backbone: Backbone, classes: list[str],
-                     bundle: Any = None) -> tuple[nn.Linear, dict[str, Any]]:
+                     bundle: Bundle = None) -> tuple[nn.Linear, dict[str, Any]]:
     """A Linear equal to a fitted linear head bundle (standardisation folded in) for LP-FT;
     ``bundle``: that bundle already opened."""
     from ..bundles import load_bundle
@@ -308,7 +306,7 @@ def head_from_probe(path: str | os.PathLike, backbone: Backbone, classes: list[s
 
 
 # --------------------------------------------------------------------------------------------
-# A fine-tuned bundle in use: as a backbone, as a classifier over image files
+# A fine-tuned bundle in use: its network, as a backbone (predict: featbank.inference)
 # --------------------------------------------------------------------------------------------
 
 
@@ -330,78 +328,3 @@ def load_finetuned_model(path: Any) -> tuple[Backbone, torch.nn.Linear]:
 def load_finetuned_backbone(path: str | os.PathLike) -> Backbone:
     """A fine-tuned bundle as a :class:`Backbone` (as ``featbank.load_backbone(models/<name>)``)."""
     return load_finetuned_model(path)[0]
-
-
-@dataclass
-class FinetunedPredictions:
-    """Output of :func:`predict_images`.
-
-    Attributes:
-        proba: ``(n_images, n_classes)`` float64 probabilities; rows of unreadable images are NaN.
-        ok: ``(n_images,)`` bool, False where the image could not be read.
-        skipped: ``[(path, reason)]`` of the unreadable images.
-        classes: column names of ``proba``.
-    """
-
-    proba: np.ndarray
-    ok: np.ndarray
-    skipped: list[tuple[str, str]]
-    classes: list[str]
-
-
-def predict_images(
-    bundle: Any,
-    paths: Sequence[str | os.PathLike],
-    *,
-    batch_size: int = 32,
-    device: str = "auto",
-    num_workers: int | None = None,
-    progress: bool = False,
-) -> FinetunedPredictions:
-    """Class probabilities of image files under a fine-tuned bundle (eval transform, no cache).
-
-    Args:
-        bundle: a bundle folder or a :class:`featbank.bundles.Bundle` of kind ``"finetuned"``.
-        paths: image files.
-
-    Returns:
-        :class:`FinetunedPredictions` (softmax of the network's logits, float64).
-    """
-    bb, head = load_finetuned_model(bundle)
-    dev = resolve_device(device)
-    model = FinetuneModel(bb.features, head, bb.preprocess.mean, bb.preprocess.std).eval().to(dev)
-    if dev.type == "cpu":
-        model = model.to(memory_format=torch.channels_last)
-    amp = autocast_dtype(dev)
-    plist = [Path(p) for p in paths]
-    ds = ImageSet(Path("/"), [str(p.resolve()) for p in plist], np.zeros(len(plist), np.int64), bb.preprocess)
-    batches = [list(range(i, min(i + batch_size, len(plist)))) for i in range(0, len(plist), batch_size)]
-    workers = num_workers if num_workers is not None else default_num_workers(dev, training=True)
-    proba = np.full((len(plist), len(bb.extra["classes"])), np.nan)
-    ok = np.zeros(len(plist), bool)
-    skipped: list[tuple[str, str]] = []
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(plist), unit="img", desc="predict", disable=not progress, file=sys.stderr)
-    with torch.inference_mode():
-        for b, (x, y, _bad) in zip(batches, image_loader(ds, batches, workers, bb.preprocess, dev.type == "cuda")):
-            good = (y >= 0).numpy()
-            if amp is not None:
-                with torch.autocast(dev.type, dtype=amp):
-                    logits = model(x.to(dev))
-            else:
-                logits = model(x.to(dev))
-            p = torch.softmax(logits.double(), 1).cpu().numpy()
-            rows = np.asarray(b)
-            proba[rows[good]] = p[good]
-            ok[rows[good]] = True
-            for r in rows[~good]:
-                try:
-                    load_image(plist[r])
-                    reason = "unreadable"
-                except ImageReadError as e:
-                    reason = e.reason
-                skipped.append((str(paths[r]), reason))
-            bar.update(len(b))
-    bar.close()
-    return FinetunedPredictions(proba=proba, ok=ok, skipped=skipped, classes=list(bb.extra["classes"]))

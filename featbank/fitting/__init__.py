@@ -1,4 +1,4 @@
-"""Fit a head on a feature cache with a linear-probe protocol; evaluate and predict with bundles.
+"""Fit a head on a feature cache with a linear-probe protocol (evaluate and predict: :mod:`featbank.inference`).
 
 Protocol (Kornblith et al. 2019, CLIP linear probes): a validation split — the cache's own ``val``
 split, else a deterministic stratified ``val_split`` of ``train`` — selects the hyperparameter
@@ -11,11 +11,12 @@ numbers are those of the validation split, which selected the model and so are s
 from __future__ import annotations
 
 from ._auto import bootstrap_interval
-from ._predict import EvalResult, evaluate, predict
-from ._rows import parse_memory
+from ._layers import pool_views
+from ._rows import opened_cache, parse_memory
 from ._search import AutoSearch, Candidate, parse_budget
 from ._select import COARSE_GRID
+from .config import FitConfig
 from .probe import FitResult, fit
 
-__all__ = ["FitResult", "EvalResult", "fit", "evaluate", "predict", "COARSE_GRID", "parse_memory", "AutoSearch",
-           "Candidate", "parse_budget", "bootstrap_interval"]
+__all__ = ["FitResult", "FitConfig", "fit", "COARSE_GRID", "parse_memory", "AutoSearch", "Candidate", "parse_budget",
+           "bootstrap_interval", "opened_cache", "pool_views"]

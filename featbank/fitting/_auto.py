@@ -23,7 +23,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,6 +33,10 @@ from ._layers import FeatureTable, LayerChoice, resolve_layers, select_layers
 from ._rows import check_finite, opened_cache, split_rows
 from ._search import DEFAULT_BUDGET, DEFAULT_CV, DEFAULT_REPEATS, AutoSearch, Candidate, FeatureKey, parse_budget
 from ._select import HeadSpec
+
+if TYPE_CHECKING:
+    from ..cache import FeatureCache
+    from ..heads import Estimator
 
 __all__ = ["SearchSettings", "fit_search", "bootstrap_interval", "PREPROCESSING", "N_BOOTSTRAP"]
 
@@ -54,6 +58,7 @@ class SearchSettings:
     budget: str | float = DEFAULT_BUDGET
     seed: int = 0
     device: str = "cpu"
+    fit_config: dict[str, Any] | None = field(default=None, compare=False)  # stored in the bundle's manifest
 
 
 def bootstrap_interval(correct: np.ndarray, n: int = N_BOOTSTRAP, seed: int = 0) -> tuple[float, float]:
@@ -67,7 +72,7 @@ def bootstrap_interval(correct: np.ndarray, n: int = N_BOOTSTRAP, seed: int = 0)
     return float(lo), float(hi)
 
 
-def _feature_sets(cache: Any, layers: Any, train: np.ndarray, val: np.ndarray, auto: bool,
+def _feature_sets(cache: FeatureCache, layers: Any, train: np.ndarray, val: np.ndarray, auto: bool,
                   seed: int) -> tuple[dict[str, tuple[str, ...]], LayerChoice | None]:
     """``{name: layers}`` to try, and the greedy selection when one was made (on train/val, never test)."""
     held = tuple(getattr(cache, "layers", ("final",)) or ("final",))
@@ -89,7 +94,7 @@ def _feature_sets(cache: Any, layers: Any, train: np.ndarray, val: np.ndarray, a
     return sets, choice if "auto" in sets else None
 
 
-def _view_modes(cache: Any, auto: bool, pool_views: bool) -> list[str]:
+def _view_modes(cache: FeatureCache, auto: bool, pool_views: bool) -> list[str]:
     from ..features import FIXED_VIEWS
 
     poolable = bool(getattr(cache, "n_views", 0)) and getattr(cache, "augment", "") in FIXED_VIEWS
@@ -107,7 +112,7 @@ def _candidates(sets: Mapping[str, tuple[str, ...]], views: Sequence[str], route
             for h in route.heads if offers(h, p)]
 
 
-def _load(cache: Any, keys: Sequence[FeatureKey], rows: np.ndarray) -> dict[FeatureKey, np.ndarray]:
+def _load(cache: FeatureCache, keys: Sequence[FeatureKey], rows: np.ndarray) -> dict[FeatureKey, np.ndarray]:
     """The feature matrix of each key for ``rows`` (sorted images), as ``FeatureTable`` makes it for predict.
 
     Every layer any key needs is read once per view (not once per key); a key's columns are then
@@ -142,7 +147,7 @@ def _columns(table: FeatureTable, layers: Sequence[str]) -> np.ndarray:
     return np.concatenate([np.arange(*pos[t]) for t in layers])
 
 
-def _check_finite(X: np.ndarray, cache: Any, rows: np.ndarray) -> None:
+def _check_finite(X: np.ndarray, cache: FeatureCache, rows: np.ndarray) -> None:
     from ..heads import Features
 
     check_finite(Features(X), cache, rows)
@@ -180,7 +185,7 @@ def _route(spec: HeadSpec, settings: SearchSettings, families: Mapping[str, Any]
     return _Route({spec.head: fam}, [spec.head], [spec_preprocess(spec)], spec)
 
 
-def fit_search(cache: Any, spec: HeadSpec, settings: SearchSettings, *, layers: Any = "final", pool_views: bool = False,
+def fit_search(cache: FeatureCache, spec: HeadSpec, settings: SearchSettings, *, layers: Any = "final", pool_views: bool = False,
                families: Mapping[str, Any] | None = None, save: bool = True,
                bundle_path: Path | None = None) -> Any:
     """Search on train+val by CV, refit the winner on train+val, score it once on test, save the bundle.
@@ -217,7 +222,7 @@ def fit_search(cache: Any, spec: HeadSpec, settings: SearchSettings, *, layers: 
         return search_result(found, spec, settings, save=save, bundle_path=bundle_path)
 
 
-def _refit_and_score(cache: Any, route: _Route, search: AutoSearch, pool: np.ndarray, test: np.ndarray,
+def _refit_and_score(cache: FeatureCache, route: _Route, search: AutoSearch, pool: np.ndarray, test: np.ndarray,
                      seed: int) -> dict[str, Any]:
     """The winner refitted on every train+val image, then (only now) the test rows read and scored once."""
     from ..heads import estimator_proba
@@ -243,19 +248,11 @@ def _refit_and_score(cache: Any, route: _Route, search: AutoSearch, pool: np.nda
             "table": table, "test_metrics": metrics, "test_proba": proba, "refit_s": refit_s}
 
 
-def head_type(est: Any) -> str:
-    """The bundle's head type of a fitted estimator: ``linear``, ``mlp`` or ``sklearn`` (a Pipeline)."""
-    from sklearn.pipeline import Pipeline
+def head_type(est: Estimator) -> str:
+    """The bundle's head type of a fitted estimator: the name of its kind (:mod:`featbank.heads.kinds`)."""
+    from ..heads import kind_of
 
-    from ..heads import LinearHead, MLPHead
-
-    if isinstance(est, LinearHead):
-        return "linear"
-    if isinstance(est, MLPHead):
-        return "mlp"
-    if isinstance(est, Pipeline):
-        return "sklearn"
-    raise ConfigError(f"internal error: a head family built a {type(est).__name__}, which a bundle cannot hold")
+    return kind_of(est).name
 
 
 def features_section(table: FeatureTable, choice: LayerChoice | None, winner: Mapping[str, Any]) -> dict[str, Any]:
@@ -277,7 +274,7 @@ def bundle_name(cache_path: Path, settings: SearchSettings, head: str) -> str:
 def search_result(found: dict[str, Any], spec: HeadSpec, settings: SearchSettings, *, save: bool,
                   bundle_path: Path | None) -> Any:
     """The ``FitResult`` of a search (and its bundle, written when ``save``)."""
-    from .probe import FitResult
+    from ._result import FitResult
 
     winner, report, metrics = found["winner"], found["search"], found["test_metrics"]
     eval_split = "test" if metrics else "cv"
@@ -304,29 +301,23 @@ def _save(found: dict[str, Any], spec: HeadSpec, metrics: dict[str, Any], settin
           path: Path) -> Path:
     from dataclasses import replace
 
-    from ..bundles import build_manifest, save_bundle
-    from ..report import write_report_files
-    from .probe import _identity, head_files
+    from ._bundle import FittedHead, HeadBundle, save_head_bundle
 
     cache, winner = found["cache"], found["winner"]
     pre = winner["preprocessing"]
     head_spec = replace(spec, head=winner["head"], params=dict(winner["params"]),
                         standardize=pre.startswith("standardize"), l2_normalize="l2" in pre)
-    head_info, files = head_files(found["estimator"], found["htype"], dict(winner["params"]), head_spec)
-    head_info.update(family=winner["head"], preprocess=pre)
+    head = FittedHead(found["estimator"], head_spec, dict(winner["params"]), {"family": winner["head"], "preprocess": pre})
     test = found["test"]
-    if len(test):
-        paths = [str(cache.abspath(cache.paths[r])) for r in test]
-        files.update(write_report_files(metrics, cache.classes, paths, cache.labels[test], found["test_proba"]))
     headline = {k: v for k, v in (metrics.get("test") or metrics["cv"]).items()
                 if not isinstance(v, (dict, list)) or k == "top1_ci95"}
     eval_split = "test" if "test" in metrics else "cv"
-    manifest = build_manifest(
-        "head", list(cache.classes), _identity(cache), cache_key=cache.cache_key, head=head_info,
+    parts = HeadBundle(
         metrics={"eval_split": eval_split, eval_split: headline}, features=metrics["features"],
-        search=found["search"],
+        sections={"search": found["search"], **({"fit_config": settings.fit_config} if settings.fit_config else {})},
         training={"cache": str(Path(found["cache_path"]).resolve()), "val_source": f"{settings.cv}-fold CV",
                   "seed": settings.seed, "n_train": len(found["pool"]), "n_val": 0, "n_test": len(test),
                   "shots": None, "fitted_on": "train+val", "streaming": False, "sweep": []},
+        report_metrics=metrics, eval_rows=test if len(test) else None, eval_proba=found["test_proba"],
     )
-    return save_bundle(path, manifest, files, overwrite=True)
+    return save_head_bundle(path, cache, head, parts, overwrite=True)

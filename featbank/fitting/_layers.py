@@ -25,11 +25,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..cache import FeatureCache
 
 __all__ = ["FeatureTable", "LayerChoice", "resolve_layers", "select_layers", "mean_proba", "pool_views", "TTA_CHOICES"]
 
@@ -53,7 +56,7 @@ class FeatureTable:
             ``train_views`` is then ignored).
     """
 
-    def __init__(self, cache: Any, layers: Sequence[str], train_views: bool = True, pooled: bool = False):
+    def __init__(self, cache: FeatureCache, layers: Sequence[str], train_views: bool = True, pooled: bool = False):
         self.cache = cache
         self.layers = tuple(layers)
         self.n_images = int(cache.n_samples)
@@ -126,7 +129,7 @@ class _Paths:
         return self._paths[int(r) % self._n]
 
 
-def resolve_layers(spec: str | Sequence[str] | None, cache: Any) -> tuple[str, ...] | None:
+def resolve_layers(spec: str | Sequence[str] | None, cache: FeatureCache) -> tuple[str, ...] | None:
     """The layers a ``--layers`` value names, in the cache's (network) order; ``None`` for ``auto``.
 
     Accepts ``final`` (default), ``auto``, ``all``, comma-separated names and inclusive ranges
@@ -222,7 +225,7 @@ def selection_score(y: np.ndarray, pred: np.ndarray, balanced: bool) -> float:
     return float(np.mean(pred == y))
 
 
-def select_layers(cache: Any, train: np.ndarray, val: np.ndarray, *, balanced: bool = False,
+def select_layers(cache: FeatureCache, train: np.ndarray, val: np.ndarray, *, balanced: bool = False,
                   max_rows: int | None = None, seed: int = 0) -> LayerChoice:
     """Greedy forward selection of whole layers on the plain view, scored on ``val``.
 

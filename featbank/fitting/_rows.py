@@ -7,12 +7,15 @@ import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import CacheError, ConfigError
 from ..splits import n_holdout, stratified_holdout
+
+if TYPE_CHECKING:
+    from ..cache import FeatureCache
 
 __all__ = ["parse_memory", "opened_cache", "check_finite", "split_rows", "check_classes", "CacheRows"]
 
@@ -54,7 +57,7 @@ def parse_memory(text: str | int | float | None) -> int | None:
 
 
 @contextlib.contextmanager
-def opened_cache(cache: Any) -> Iterator[tuple[Any, Path]]:
+def opened_cache(cache: FeatureCache) -> Iterator[tuple[Any, Path]]:
     """``(FeatureCache, path)`` of a cache argument: an open cache as given, else the file opened
     (``None``: the most recent cache in the default folder) and closed again on exit."""
     from ..cache import FeatureCache, find_latest_cache, open_cache
@@ -72,7 +75,7 @@ def opened_cache(cache: Any) -> Iterator[tuple[Any, Path]]:
         cache_obj.close()
 
 
-def check_finite(feats: Any, cache: Any, rows: np.ndarray) -> None:
+def check_finite(feats: Any, cache: FeatureCache, rows: np.ndarray) -> None:
     for pos, x in feats.chunks():
         bad = ~np.isfinite(x).all(axis=1)
         if bad.any():
@@ -84,7 +87,7 @@ def check_finite(feats: Any, cache: Any, rows: np.ndarray) -> None:
             )
 
 
-def split_rows(cache: Any, val_split: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+def split_rows(cache: FeatureCache, val_split: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     """(train rows, val rows, test rows, where val came from)."""
     labels = cache.labels
     labelled = labels >= 0
@@ -115,7 +118,7 @@ def split_rows(cache: Any, val_split: float, seed: int) -> tuple[np.ndarray, np.
     return tr, va, test, f"stratified {val_split:g} of train (seed {seed})"
 
 
-def check_classes(cache: Any, rows: np.ndarray, what: str) -> None:
+def check_classes(cache: FeatureCache, rows: np.ndarray, what: str) -> None:
     counts = np.bincount(cache.labels[rows], minlength=len(cache.classes))
     present = np.flatnonzero(counts)
     if len(present) < 2:
@@ -137,7 +140,7 @@ class CacheRows:
     """Embedding rows of a cache as :class:`Features`: read once into memory (``chunk_rows`` None),
     or streamed from the file in chunks."""
 
-    def __init__(self, cache: Any, rows: np.ndarray, chunk_rows: int | None):
+    def __init__(self, cache: FeatureCache, rows: np.ndarray, chunk_rows: int | None):
         self.cache, self.chunk_rows = cache, chunk_rows
         self.rows = np.sort(rows)
         self.X = cache.load_embeddings(self.rows) if chunk_rows is None else None

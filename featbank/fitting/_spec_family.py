@@ -2,8 +2,8 @@
 
 :class:`SpecFamily` presents one ``--head`` (with its ``--param`` values and preprocessing flags)
 as a head family: its grid is the C grid of ``fit``'s sweep when the head has a ``C`` that
-``--param`` does not fix (:data:`~featbank.fitting._select.SKLEARN_C_GRID`, or the linear head's
-:data:`~featbank.fitting._select.COARSE_GRID`), else the one setting given; each grid point is
+``--param`` does not fix (:data:`~featbank.heads.SKLEARN_C_GRID`, or the linear head's
+:data:`~featbank.heads.COARSE_GRID`), else the one setting given; each grid point is
 fitted afresh on every fold's fit rows (no shared kernel or warm start: the families of
 ``featbank.heads`` do that for their heads).
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ._select import COARSE_GRID, SKLEARN_C_GRID, HeadSpec, make_head
+from ._select import HeadSpec, make_head
 
 __all__ = ["SpecFamily", "spec_preprocess"]
 
@@ -34,14 +34,14 @@ class SpecFamily:
         self.name = spec.head
 
     def _has_free_c(self) -> bool:
-        est, htype = make_head(self.spec, self.seed)
-        params = est.get_params() if htype != "sklearn" else est[-1].get_params()
+        kind = self.spec.kind
+        params = kind.classifier(kind.build(self.spec, self.seed)).get_params()
         return "C" in params and "C" not in self.spec.params
 
     def default_grid(self, n_samples: int, n_features: int, n_classes: int) -> list[dict[str, Any]]:
         if not self._has_free_c():
             return [{}]
-        grid = self.spec.grid or (COARSE_GRID if self.spec.is_torch else SKLEARN_C_GRID)
+        grid = self.spec.grid or self.spec.kind.c_grid
         return [{"C": float(c)} for c in grid]
 
     def build(self, params: dict[str, Any], *, preprocess: str = "standardize", seed: int = 0) -> Any:
@@ -50,16 +50,11 @@ class SpecFamily:
 
     def cv_scores(self, X: np.ndarray, y: np.ndarray, folds: Any, grid: list[dict[str, Any]], *,
                   preprocess: str = "standardize", device: str = "cpu") -> np.ndarray:
-        from ._select import _fit_sklearn
-
+        kind = self.spec.kind
         out = np.zeros((len(grid), len(folds)))
         for j, (fit_rows, held) in enumerate(folds):
             for i, params in enumerate(grid):
-                est = self.build(params, seed=self.seed)
-                if self.spec.is_torch:
-                    est.fit(X[fit_rows], y[fit_rows])
-                else:
-                    _fit_sklearn(est, X[fit_rows], y[fit_rows], self.spec.class_weight)
+                est = kind.fit(self.build(params, seed=self.seed), X[fit_rows], y[fit_rows], self.spec.class_weight)
                 out[i, j] = float(np.mean(est.predict(X[held]) == y[held]))
         return out
 

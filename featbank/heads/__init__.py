@@ -1,5 +1,8 @@
 """Heads on embeddings: torch linear / MLP heads as scikit-learn estimators, sklearn heads by name.
 
+What ``fit`` can store in a bundle is a registry of head kinds (:mod:`featbank.heads.kinds`: build,
+select, refit, save, load and export per kind; :func:`register_head_kind` adds one).
+
 :class:`LinearHead` is multinomial logistic regression fitted with full-batch L-BFGS (scipy's
 L-BFGS-B driving losses and gradients computed in torch, on CPU or CUDA); its objective is
 scikit-learn's multinomial ``LogisticRegression`` one, so ``C`` means the same thing in both::
@@ -22,15 +25,52 @@ so a streamed fit equals the in-memory one up to float rounding).
 
 from __future__ import annotations
 
-# LinearHead and MLPHead keep __module__ == "featbank.heads" (set in their submodules):
-# skops files and bundle manifests written before the split name them so, and resolve through here.
-from ._families import HEAD_FAMILIES, PREPROCESSES, Folds, HeadFamily, get_head_family
+from typing import TYPE_CHECKING, Any
+
 from ._features import Features
-from ._kernel_svc import KernelSVC
-from ._linear_head import LinearHead
-from ._mlp_head import MLPHead
 from ._sklearn import estimator_proba, has_predict_proba, make_sklearn_head, parse_param, sklearn_classifiers
-from ._state import head_from_state, head_state, head_to_torch
+from ._sweep import COARSE_GRID, SKLEARN_C_GRID
+from .kinds import (
+    DEFAULT_KIND,
+    HEAD_KINDS,
+    Estimator,
+    HeadKind,
+    HeadSpec,
+    Selected,
+    ValSplit,
+    head_kind,
+    head_state,
+    kind_of,
+    register_head_kind,
+)
+
+if TYPE_CHECKING:
+    from ._families import HEAD_FAMILIES, PREPROCESSES, Folds, HeadFamily, get_head_family
+    from ._kernel_svc import KernelSVC
+    from ._linear_head import LinearHead
+    from ._mlp_head import MLPHead
+    from ._state import head_to_torch
+
+# The torch heads and the families load on first use, so that ``featbank.fitting`` (and the CLI)
+# import without torch. LinearHead and MLPHead keep __module__ == "featbank.heads" (set in their
+# submodules): skops files and bundle manifests written before the split name them so, and
+# resolve through here.
+_LAZY = {
+    "LinearHead": "._linear_head", "MLPHead": "._mlp_head", "head_to_torch": "._state", "KernelSVC": "._kernel_svc",
+    "HeadFamily": "._families", "HEAD_FAMILIES": "._families", "PREPROCESSES": "._families", "Folds": "._families",
+    "get_head_family": "._families",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "LinearHead",
@@ -38,7 +78,18 @@ __all__ = [
     "Features",
     "head_to_torch",
     "head_state",
-    "head_from_state",
+    "Estimator",
+    "HeadSpec",
+    "HeadKind",
+    "HEAD_KINDS",
+    "DEFAULT_KIND",
+    "register_head_kind",
+    "head_kind",
+    "kind_of",
+    "Selected",
+    "ValSplit",
+    "COARSE_GRID",
+    "SKLEARN_C_GRID",
     "make_sklearn_head",
     "sklearn_classifiers",
     "parse_param",

@@ -7,9 +7,12 @@ HDF5 cache chunk by chunk, so the same optimisation code runs on data larger tha
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ..cache import FeatureCache
 
 __all__ = ["Features", "feature_stats"]
 
@@ -25,7 +28,7 @@ class Features:
         chunk_rows: rows read per chunk when streaming.
     """
 
-    def __init__(self, X: np.ndarray | None = None, *, cache: Any = None, rows: np.ndarray | None = None,
+    def __init__(self, X: np.ndarray | None = None, *, cache: FeatureCache = None, rows: np.ndarray | None = None,
                  chunk_rows: int = 4096):
         if (X is None) == (cache is None):
             raise ValueError("Features needs exactly one of X (an array) or cache (with rows).")

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import ast
 import difflib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import ConfigError
 from ._features import Features
+
+if TYPE_CHECKING:
+    from .kinds import Estimator
 
 __all__ = ["FEATBANK_HEADS", "make_sklearn_head", "parse_param", "sklearn_classifiers", "has_predict_proba", "estimator_proba"]
 
@@ -34,7 +37,7 @@ def sklearn_classifiers() -> dict[str, type]:
         return dict(all_estimators(type_filter="classifier"))
 
 
-def has_predict_proba(estimator: Any) -> bool:
+def has_predict_proba(estimator: Estimator) -> bool:
     """Whether ``estimator.predict_proba`` exists (``SVC(probability=False)`` hides it behind ``available_if``)."""
     try:
         estimator.predict_proba  # noqa: B018 - the attribute access is the test
@@ -43,7 +46,7 @@ def has_predict_proba(estimator: Any) -> bool:
     return True
 
 
-def estimator_proba(estimator: Any, X: Any, n_classes: int | None = None) -> np.ndarray:
+def estimator_proba(estimator: Estimator, X: Any, n_classes: int | None = None) -> np.ndarray:
     """(N, C) float64 probabilities of a fitted classifier: the one definition featbank uses.
 
     ``predict_proba`` where the estimator has one, else the softmax of ``decision_function``

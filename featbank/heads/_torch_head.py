@@ -79,7 +79,7 @@ def _is_device(v: Any) -> bool:
 DEVICE = Constraint("'auto', 'cpu', 'cuda' or 'cuda:N'", _is_device)
 
 
-def validate_head_params(est: Any) -> None:
+def validate_head_params(est: TorchHead) -> None:
     """Check every parameter of a torch head against its ``parameter_constraints``.
 
     Raises:
@@ -136,7 +136,7 @@ def _check_sample_weight(sample_weight: Any, n_samples: int) -> np.ndarray:
     return sw
 
 
-def class_weights(est: Any, y_enc: np.ndarray, y: np.ndarray) -> np.ndarray:
+def class_weights(est: TorchHead, y_enc: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Per-row weights of ``est.class_weight``; a dict naming classes not in ``y`` is a parameter error."""
     balanced = isinstance(est.class_weight, str) and est.class_weight == "balanced"
     try:
