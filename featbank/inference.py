@@ -22,7 +22,7 @@ from .errors import BundleError, CacheError, ConfigError
 from .runtime import Prediction
 
 if TYPE_CHECKING:
-    from .bundle import Bundle
+    from .bundles import Bundle
     from .cache import FeatureCache
 
 __all__ = ["EvalResult", "Probabilities", "evaluate", "predict", "predict_proba"]
@@ -77,7 +77,7 @@ def evaluate(model: str | Path, cache: str | Path | FeatureCache | None = None, 
 
     if str(model).endswith(".onnx"):
         return _evaluate_onnx(Path(model), cache, split)
-    from .bundle import load_bundle
+    from .bundles import load_bundle
     from .fitting import opened_cache
 
     bundle = load_bundle(model)
@@ -172,8 +172,8 @@ def _bundle_probas(bundle: Bundle, cache: FeatureCache, cache_path: Path,
 
 
 def _list_images(images: Sequence[str | Path]) -> list[Path]:
-    from .data import is_image_file
     from .images import IMAGE_EXTENSIONS
+    from .sources import is_image_file
 
     out: list[Path] = []
     for item in images:
@@ -286,7 +286,7 @@ def _bundle_image_probas(model: str | Path, paths: list[Path], device: str, batc
     import torch
 
     from ._device import resolve_device
-    from .bundle import load_bundle
+    from .bundles import load_bundle
     from .bundles.network import feature_module, tta_views
     from .images import ImageReadError, load_and_preprocess
 
