@@ -1,6 +1,6 @@
 """Inputs beyond an image folder: a manifest (CSV, TSV, parquet) or WebDataset tar shards.
 
-Both give a :class:`~featbank.extraction._sharded.RowSource`: sorted unique row keys with
+Both give a :class:`~featbank.extraction.units.RowSource`: sorted unique row keys with
 fingerprints, labels and splits, like :func:`featbank.data.scan_folder` gives for a folder.
 
 Trust: a manifest is trusted like a shell script that lists files. It may name any file the user

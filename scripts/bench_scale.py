@@ -44,7 +44,7 @@ from featbank.cache._index import PlannedPart, finalize_index
 from featbank.cache._parts import PartRows, PartWriter, parts_dir, rows_digest, write_part
 from featbank.cache._writer import write_cache
 from featbank.extraction._plan import DEFAULT_SHARD_SIZE, assign_rows, plan_shards, replan
-from featbank.extraction._sharded import _reuse_rows
+from featbank.extraction.units import _reuse_rows
 
 KEY = "bench" + "0" * 59
 CLASSES = ["a", "b"]
@@ -247,8 +247,8 @@ def bench_procs(work: Path, n_images: int, shard_size: int) -> dict:
     from PIL import Image
 
     from featbank.data import scan_folder
-    from featbank.extraction._launch import run_prepared
-    from featbank.extraction._sharded import RowSource, prepare
+    from featbank.extraction.launchers import run_prepared
+    from featbank.extraction.units import RowSource, prepare
 
     data = work / "images"
     shutil.rmtree(data, ignore_errors=True)
@@ -318,7 +318,7 @@ def bench_sim(work: Path, sizes: list[int], ks: list[int], launchers: list[str],
     torch costs seconds). The start-up cost is measured apart (the same launcher and k on k * batch
     rows in k shards, so the k workers start and each embeds one batch) and printed beside them.
     """
-    import featbank.extraction._launch as launch
+    import featbank.extraction.launchers as launch
 
     units = launch.plan_work
     out: list[dict] = []

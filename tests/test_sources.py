@@ -16,8 +16,8 @@ from PIL import Image
 from featbank._sources import expand_braces, read_manifest, read_webdataset
 from featbank.cache._index import check_parts
 from featbank.errors import ConfigError, DatasetError, DuplicateRowsWarning
-from featbank.extraction._launch import run_prepared
-from featbank.extraction._sharded import prepare
+from featbank.extraction.launchers import run_prepared
+from featbank.extraction.units import prepare
 
 TINY = dict(backbone="test_tiny", engine="torch", num_workers=0)
 

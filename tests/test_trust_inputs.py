@@ -27,9 +27,9 @@ import featbank
 from featbank._sources import MAX_PATTERN_NAMES, TarImages, count_braces, expand_braces, read_manifest, read_webdataset
 from featbank.cli.main import cli
 from featbank.errors import BundleError, ConfigError, DatasetError, DuplicateRowsWarning
-from featbank.extraction._launch import run_prepared
-from featbank.extraction._scaled import ScaleOptions, read_source
-from featbank.extraction._sharded import prepare
+from featbank.extraction.job import ScaleOptions, read_source
+from featbank.extraction.launchers import run_prepared
+from featbank.extraction.units import prepare
 from featbank.images import MAX_IMAGE_BYTES, ImageReadError, PreprocessConfig, load_image
 
 from conftest import make_image_folder

@@ -16,9 +16,9 @@ import featbank
 from featbank.cache._index import check_parts
 from featbank.cache._parts import PartRows, parts_dir
 from featbank.data import scan_folder
-from featbank.extraction._launch import rank_shards, run_local, run_prepared, run_slice
 from featbank.extraction._schedule import MIN_UNIT_ROWS, Schedule, job_rows, plan_work, static_share
-from featbank.extraction._sharded import RowSource, ShardJob, prepare, run_unit
+from featbank.extraction.launchers import rank_shards, run_local, run_prepared, run_slice
+from featbank.extraction.units import RowSource, ShardJob, prepare, run_unit
 
 pytestmark = pytest.mark.filterwarnings("ignore::featbank.errors.SkippedImagesWarning")
 TINY = dict(backbone="test_tiny", engine="torch", num_workers=0, batch_size=16)

@@ -10,10 +10,10 @@ from .._device import DEVICES, resolve_device
 from ._cachefile import default_cache_path
 from ._doctor import Diagnosis, diagnose
 from ._engines import build_engine, export_embedder_onnx, onnx_cache_path  # noqa: F401
-from ._options import DTYPES, ENGINES
 from ._pipeline import extract
 from ._report import ExtractReport
 from ._views import FIXED_VIEWS
+from .config import DTYPES, ENGINES
 
 __all__ = ["ExtractReport", "extract", "default_cache_path", "resolve_device", "DEVICES", "ENGINES", "DTYPES", "Diagnosis",
            "diagnose", "FIXED_VIEWS"]

@@ -73,7 +73,7 @@ class Diagnosis:
 
 
 def _sample_paths(data: str, n: int) -> list[Path]:
-    from ._scaled import ScaleOptions, read_source
+    from .job import ScaleOptions, read_source
 
     source = read_source(data, ScaleOptions())
     if source.layout == "webdataset":

@@ -17,7 +17,7 @@ from .. import __version__
 from .._files import atomic_write_text, describe_os_error, remove_orphans, sha256_file, slugify, temporary_path, timestamp
 from ..cache import default_cache_dir
 from ..errors import CacheError, ConfigError, OnnxCacheRebuiltWarning
-from ._options import ENGINES
+from .config import ENGINES
 
 __all__ = [
     "TorchEngine",

@@ -13,9 +13,9 @@ from .._device import resolve_device
 from ..errors import ConfigError
 from ..windowing import parse_window
 from ._cachefile import default_cache_path, refuse_foreign_file
-from ._options import ENGINES, validate_options, validate_procs
 from ._report import ExtractReport
-from ._scaled import ScaleOptions, extract_sharded
+from .config import ENGINES, validate_options, validate_procs
+from .job import ScaleOptions, extract_sharded
 
 __all__ = ["extract", "ExtractOptions"]
 
@@ -144,7 +144,7 @@ def extract(
     features = resolve_features(backbone, weights, weights_file, layers=layers, pooling=pooling, views=views,
                                 augment=augment, view_seed=view_seed)
     from ._decode import resolve_decode
-    from ._scaled import is_webdataset
+    from .job import is_webdataset
 
     decode = resolve_decode(decode, dev, features=None if features.is_default else features,
                             webdataset=is_webdataset(str(data)))

@@ -2,8 +2,8 @@
 
 Every launcher hands out the same schedule (:mod:`~featbank.extraction._schedule`: shards cut into
 equal work units, each shard's merge after its units), runs the same
-:func:`~featbank.extraction._sharded.run_job` per job and the same
-:func:`~featbank.extraction._sharded.finalize` once; they differ only in who runs which job:
+:func:`~featbank.extraction.units.run_job` per job and the same
+:func:`~featbank.extraction.units.finalize` once; they differ only in who runs which job:
 
 - ``local``: ``procs`` spawned processes (one per GPU, each pinned to its device, when GPUs are
   used), each asking the parent for the next job when it is free. The parent hands out work over
@@ -36,7 +36,7 @@ from typing import Any
 from ..cache._parts import PartInfo
 from ..errors import CacheError, ConfigError, FeatbankError
 from ._schedule import Schedule, plan_work, static_share
-from ._sharded import Prepared, ShardJob, finalize, run_job, run_shard
+from .units import Prepared, ShardJob, finalize, run_job, run_shard
 
 __all__ = [
     "LAUNCHERS", "ShardedReport", "resolve_launcher", "run_local", "run_slice", "run_torchrun", "run_ray", "run_prepared",

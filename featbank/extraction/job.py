@@ -92,7 +92,7 @@ def read_source(data: str, scale: ScaleOptions) -> Any:
     """DATA as a :class:`RowSource`: a manifest, WebDataset shards, or an image folder."""
     from .._sources import read_manifest, read_webdataset
     from ..data import scan_folder
-    from ._sharded import RowSource
+    from .units import RowSource
 
     if is_manifest(data):
         return read_manifest(data, path_column=scale.path_column, label_column=scale.label_column,
@@ -111,7 +111,7 @@ def _run_identity(opts: Any) -> tuple[dict[str, Any], str, dict[str, Any]]:
     """(backbone identity, cache key, what the key covers) of this run's settings."""
     from .._device import precision_name
     from ..backbones import identity_with_window
-    from ._sharded import identity_of
+    from .units import identity_of
 
     weights_file = str(opts.weights_file) if opts.weights_file is not None else None
     identity = identity_with_window(identity_of(opts.backbone, opts.weights, weights_file), opts.window)
@@ -162,7 +162,7 @@ def _check_existing(index_path: Path, key: str, wanted: dict[str, Any]) -> None:
 
 def _migrate_or_refuse(index_path: Path, shard_size: int, torchrun: bool) -> None:
     """A schema-v1 cache at ``index_path`` (its key already checked) becomes a v2 index; under torchrun, refuse."""
-    from ._sharded import migrate_v1
+    from .units import migrate_v1
 
     if schema_version_of(index_path) != 1:
         return
@@ -271,7 +271,7 @@ class _Progress:
 def _counts(prep: Any, rank: int = 0, world: int = 1) -> dict[str, int]:
     """Rows of the parts the jobs of ``rank`` (all jobs when ``world`` is 1) wrote: embedded (tried),
     reused from old parts, resumed from an interrupted run."""
-    from ._launch import rank_shards
+    from .launchers import rank_shards
 
     out = {"embedded": 0, "reused": 0, "resumed": 0, "tried": 0}
     folder = parts_dir(prep.index_path)
@@ -320,8 +320,8 @@ def _old_rows_dropped(index_path: Path, prep: Any) -> int:
 def extract_sharded(data: str, out_path: Path, opts: Any, scale: ScaleOptions, t0: float) -> ExtractReport:
     """Run one extraction of ``data`` into the schema-v2 cache ``out_path`` (see :func:`featbank.extract`)."""
     from ._cachefile import remove_dead_part_temporaries, remove_stale_temporaries
-    from ._launch import resolve_launcher, run_prepared
-    from ._sharded import reset_engines
+    from .launchers import resolve_launcher, run_prepared
+    from .units import reset_engines
 
     reset_engines()
     launcher = resolve_launcher(scale.launcher or "auto")
@@ -377,7 +377,7 @@ def extract_sharded(data: str, out_path: Path, opts: Any, scale: ScaleOptions, t
 def _prepare(source: Any, index_path: Path, opts: Any, scale: ScaleOptions, launcher: str, shard_size: int,
              identity: dict[str, Any]) -> Any:
     from .._device import default_num_workers
-    from ._sharded import prepare
+    from .units import prepare
 
     in_worker = launcher == "local" and scale.procs > 1  # local workers are daemonic: no DataLoader children
     if in_worker and opts.num_workers:
