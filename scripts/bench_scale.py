@@ -247,6 +247,8 @@ def bench_procs(work: Path, n_images: int, shard_size: int) -> dict:
     from PIL import Image
 
     from featbank.data import scan_folder
+    from featbank.extraction import ExtractConfig
+    from featbank.extraction.job import ExtractJob
     from featbank.extraction.launchers import run_prepared
     from featbank.extraction.units import RowSource, prepare
 
@@ -259,8 +261,9 @@ def bench_procs(work: Path, n_images: int, shard_size: int) -> dict:
     out = {}
     for procs in (1, 2):
         index = work / f"procs{procs}.h5"
-        prep = prepare(RowSource.from_index(scan_folder(data)), index, backbone="test_tiny", engine="torch",
-                       num_workers=0, shard_size=shard_size, overwrite=True)
+        job = ExtractJob.resolve(ExtractConfig(str(data), str(index), backbone="test_tiny", engine="torch",
+                                               num_workers=0, shard_size=shard_size, overwrite=True))
+        prep = prepare(RowSource.from_index(scan_folder(data)), job)
         t0 = time.perf_counter()
         run_prepared(prep, procs=procs)
         out[procs] = n_images / (time.perf_counter() - t0)

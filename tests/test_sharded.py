@@ -23,13 +23,13 @@ from featbank.errors import CacheError, CacheKeyMismatch
 from featbank.extraction.launchers import run_local, run_prepared
 from featbank.extraction.units import RowSource, prepare
 
-from conftest import make_image_folder
+from conftest import extract_job, make_image_folder
 
 TINY = dict(backbone="test_tiny", engine="torch", num_workers=0)
 
 
 def _prepare(data: Path, out: Path, **kw):
-    return prepare(RowSource.from_index(scan_folder(data)), out, **{**TINY, "shard_size": 5, **kw})
+    return prepare(RowSource.from_index(scan_folder(data)), extract_job(out, data, **{**TINY, "shard_size": 5, **kw}))
 
 
 def _read(path: Path) -> dict:
@@ -161,12 +161,15 @@ _DRIVER = textwrap.dedent(
     from pathlib import Path
     from featbank.data import scan_folder
     from featbank.extraction.launchers import run_prepared
+    from featbank.extraction import ExtractConfig
+    from featbank.extraction.job import ExtractJob
     from featbank.extraction.units import RowSource, prepare
 
     if __name__ == "__main__":  # spawned workers import this file again
         data, out, launcher, procs = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-        prep = prepare(RowSource.from_index(scan_folder(data)), out, backbone="test_tiny", engine="torch",
-                       num_workers=0, shard_size=int(sys.argv[5]), batch_size=int(sys.argv[6]))
+        config = ExtractConfig(str(data), str(out), backbone="test_tiny", engine="torch", num_workers=0,
+                               shard_size=int(sys.argv[5]), batch_size=int(sys.argv[6]))
+        prep = prepare(RowSource.from_index(scan_folder(data)), ExtractJob.resolve(config))
         report = run_prepared(prep, launcher=launcher, procs=procs, finalize_only=launcher == "finalize")
         print(f"published {report.published} {report.n_written}", flush=True)  # one write: ranks share stdout
     """

@@ -20,6 +20,8 @@ from featbank.extraction._schedule import MIN_UNIT_ROWS, Schedule, job_rows, pla
 from featbank.extraction.launchers import rank_shards, run_local, run_prepared, run_slice
 from featbank.extraction.units import RowSource, ShardJob, prepare, run_unit
 
+from conftest import extract_job
+
 pytestmark = pytest.mark.filterwarnings("ignore::featbank.errors.SkippedImagesWarning")
 TINY = dict(backbone="test_tiny", engine="torch", num_workers=0, batch_size=16)
 N_IMAGES = 2 * MIN_UNIT_ROWS + 100  # one shard of 612 rows: three units for two workers
@@ -39,7 +41,7 @@ def many_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _prepare(data: Path, out: Path, **kw):
-    return prepare(RowSource.from_index(scan_folder(data)), out, **{**TINY, "shard_size": 1000, **kw})
+    return prepare(RowSource.from_index(scan_folder(data)), extract_job(out, data, **{**TINY, "shard_size": 1000, **kw}))
 
 
 def _read(path: Path) -> dict:

@@ -190,11 +190,12 @@ def _check_plot(path: Path) -> None:
 def _check_data(data: str | os.PathLike) -> None:
     """Refuse DATA before any work: missing, empty, unlabelled or a single class (DatasetError)."""
     from ..data import scan_folder
-    from ..extraction.job import ScaleOptions, is_manifest, is_webdataset, read_source
+    from ..extraction import ExtractConfig
+    from ..extraction.job import is_manifest, is_webdataset, read_source
 
     text = os.fspath(data)
     if is_manifest(text) or is_webdataset(text):
-        read_source(text, ScaleOptions())
+        read_source(ExtractConfig(text))
     else:
         scan_folder(text, require_labels=True)
 

@@ -73,9 +73,10 @@ class Diagnosis:
 
 
 def _sample_paths(data: str, n: int) -> list[Path]:
-    from .job import ScaleOptions, read_source
+    from .config import ExtractConfig
+    from .job import read_source
 
-    source = read_source(data, ScaleOptions())
+    source = read_source(ExtractConfig(data))
     if source.layout == "webdataset":
         raise ConfigError("featbank doctor reads image files (a folder or a manifest); WebDataset tars are not sampled yet.")
     if not source.keys:
