@@ -41,13 +41,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..cache._parts import PartInfo
 from ..errors import CacheError, ConfigError, FeatbankError
 from ._schedule import Schedule, plan_work, static_share
-from .units import Prepared, ShardJob, finalize, run_job, run_shard
+from .units import Prepared, ShardJob, final_part, finalize, run_job, run_shard
 
 if TYPE_CHECKING:
     from .config import ExtractConfig
 
 __all__ = [
-    "LAUNCHERS", "Launcher", "RowsCallback", "ShardedReport", "register_launcher", "get_launcher", "launcher_name",
+    "LAUNCHERS", "Launcher", "LocalLauncher", "TorchrunLauncher", "RayLauncher", "SliceLauncher", "FinalizeLauncher",
+    "RowsCallback", "ShardedReport", "register_launcher", "get_launcher", "launcher_name",
     "resolve_launcher", "run_local", "run_slice", "run_torchrun", "run_ray", "run_prepared", "rank_shards",
 ]
 
@@ -342,8 +343,6 @@ def _finalize_only(prepared: Prepared, world: int | None = None) -> list[PartInf
         CacheError: a shard has no finished part and no units to gather (a slice did not run or did
             not finish): every such shard and, given ``world``, the ranks that owe it; nothing is published.
     """
-    from ..cache._parts import part_name, rows_digest
-
     missing = []
     for job in prepared.jobs:
         if any(Path(job.folder).glob(f".part-{job.shard_id:06d}-*.h5.unit")):
@@ -352,8 +351,7 @@ def _finalize_only(prepared: Prepared, world: int | None = None) -> list[PartInf
                 continue
             except CacheError:
                 pass
-        final = Path(job.folder) / part_name(job.shard_id, rows_digest(job.rows, job.classes))
-        if job.replace_damaged or not final.exists():
+        if job.replace_damaged or not final_part(job).exists():
             missing.append(job.shard_id)
     if missing:
         raise CacheError(_missing_message(prepared, missing, world))

@@ -39,11 +39,12 @@ from ._cachefile import remove_dead_part_temporaries
 from ._plan import DEFAULT_SHARD_SIZE, Plan, assign_rows, plan_shards, plan_tars, replan
 
 if TYPE_CHECKING:
+    from ._engines import Engine
     from ._views import FeatureOptions
     from .job import ExtractJob
 
 __all__ = ["RowSource", "WorkerSettings", "ShardJob", "Prepared", "prepare", "run_shard", "run_unit", "run_job",
-           "finalize", "migrate_v1", "reset_engines", "UNIT_ATTR", "unit_path"]
+           "finalize", "final_part", "migrate_v1", "reset_engines", "UNIT_ATTR", "unit_path"]
 
 #: Attribute of a work unit's ``.partial``: the name of the part its rows are for.
 UNIT_ATTR = "unit_of"
@@ -217,6 +218,11 @@ def prepare(source: RowSource, job: ExtractJob, identity: dict[str, Any] | None 
                     ROW_DATASETS + extra)
 
 
+def final_part(job: ShardJob) -> Path:
+    """Where the part of ``job``'s shard lies once published (its name: shard id and rows digest)."""
+    return Path(job.folder) / part_name(job.shard_id, rows_digest(job.rows, job.classes))
+
+
 def _stat(path: Path) -> tuple[int, int]:
     st = path.stat()
     return st.st_size, st.st_mtime_ns
@@ -240,10 +246,10 @@ def _tar_rows(plan: Plan, source: RowSource) -> np.ndarray:
     return np.array([pos[m.partition("\0")[0]] for m in source.members], np.int64).reshape(-1)
 
 
-_ENGINES: dict[tuple[Any, ...], Any] = {}
+_ENGINES: dict[tuple[object, ...], Engine] = {}
 
 
-def _engine(settings: WorkerSettings) -> Any:
+def _engine(settings: WorkerSettings) -> Engine:
     """One engine per process and settings, so a worker that runs many shards builds it once."""
     k = (settings.backbone, settings.weights, settings.weights_file, settings.engine, settings.device, settings.precision,
          settings.features)
