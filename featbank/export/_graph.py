@@ -7,11 +7,14 @@ import io
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._files import temporary_path
 from ..errors import ExportError
 from ..runtime import INPUT_NAME
+
+if TYPE_CHECKING:
+    from ..backbones import Backbone
 
 __all__ = ["torch_modules", "export_torch", "opset_of", "embedder_onnx", "compose_graphs", "dedupe_opsets"]
 
@@ -109,7 +112,7 @@ def opset_of(model: Any) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def embedder_onnx(backbone: Any, opset: int | None, out_path: Path) -> Any:
+def embedder_onnx(backbone: Backbone, opset: int | None, out_path: Path) -> Any:
     """The embedder graph, reused from extract's ONNX cache when it has the wanted opset.
 
     Otherwise it is exported to a temporary sibling of ``out_path`` (named so that the next
