@@ -112,4 +112,5 @@ def extract(quiet: bool, **params: object) -> None:
         if report.n_skipped > 20:
             click.echo(f"  ... and {report.n_skipped - 20} more (listed in the cache under skipped/)", err=True)
     click.echo(report.summary())
-    click.echo(f"Cache: {report.path}")
+    if report.published:
+        click.echo(f"Cache: {report.path}")
