@@ -165,7 +165,7 @@ def test_a_stored_config_from_a_newer_featbank_keeps_what_it_knows(tmp_path: Pat
     ({"procs": 0}, "'procs' parameter"),
     ({"engine": "tensorrt"}, "'engine' parameter"),
     ({"device": "tpu"}, "'device' parameter"),
-    ({"launcher": "slurm"}, "'launcher' parameter"),
+    ({"launcher": "slurm"}, "'launcher' parameter must be one of \\('auto', 'local'"),
     ({"label_from": "xml"}, "'label_from' parameter"),
     ({"decode": "nvjpeg"}, "'decode' parameter"),
     ({"max_retries": -1}, "'max_retries' parameter"),
@@ -201,3 +201,23 @@ def test_launchers_are_picked_by_name_from_the_registry(monkeypatch: pytest.Monk
     assert launcher_name(ExtractConfig("d", finalize=True, world=2)) == "finalize"
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert launcher_name(ExtractConfig("d")) == "torchrun"
+
+
+def test_a_registered_launcher_runs_an_extract(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from featbank.extraction.launchers import LocalLauncher, register_launcher
+
+    calls = []
+    monkeypatch.setattr("featbank.extraction.launchers.LAUNCHERS", dict(LAUNCHERS))  # the registry is restored after
+
+    @register_launcher("inline")
+    class InlineLauncher(LocalLauncher):
+        def run(self, prepared, config, on_rows=None):
+            calls.append((len(prepared.jobs), config.launcher))
+            return super().run(prepared, config, on_rows)
+
+    out = tmp_path / "inline.h5"
+    report = featbank.extract(image_folder, out, launcher="inline", **KW)
+    assert calls == [(1, "inline")] and report.n_embedded == 24
+    _assert_same_cache(out, _reference(image_folder, tmp_path))
+    with pytest.raises(ConfigError, match="--rank R --world W, then --finalize"):
+        ExtractConfig("d", launcher="slice")

@@ -23,7 +23,9 @@ __all__ = ["DEVICES", "ENGINES", "DTYPES", "LAUNCHER_CHOICES", "LABEL_FROM", "DE
 
 ENGINES = ("auto", "torch", "onnxruntime")
 DTYPES = ("float32", "float16")
-#: ``--launcher`` values; a job array's slices and its finalize step are chosen by ``--rank``/``--finalize``.
+#: The built-in ``--launcher`` values (a launcher registered with
+#: :func:`~featbank.extraction.launchers.register_launcher` is one more); a job array's slices and its
+#: finalize step are chosen by ``--rank``/``--finalize``.
 LAUNCHER_CHOICES = ("auto", "local", "torchrun", "ray")
 LABEL_FROM = ("cls", "txt", "json", "none")
 DECODES = ("pillow", "gpu", "auto")
@@ -95,8 +97,9 @@ class ExtractConfig:
             file was skipped.
         progress: show a progress bar on stderr (over the rows of the shards this run writes).
         procs: local worker processes (one per GPU when GPUs are used).
-        launcher: ``auto`` (torchrun when ``WORLD_SIZE`` > 1, else local), ``local``, ``torchrun``
-            or ``ray``; None means ``auto``.
+        launcher: ``auto`` (torchrun when ``WORLD_SIZE`` > 1, else local), ``local``, ``torchrun``,
+            ``ray``, or the name of a launcher registered with
+            :func:`~featbank.extraction.launchers.register_launcher`; None means ``auto``.
         shard_size: rows per shard (default 10,000); only a new plan uses it.
         finalize: run no shard; gather the work the slices of a job array wrote and publish the index.
         rank, world: run slice ``rank`` of ``world`` (one job of a job array, e.g. one Slurm array
@@ -180,7 +183,10 @@ class ExtractConfig:
             check_shard_size(self.shard_size)
         _choice("device", self.device.split(":")[0] if isinstance(self.device, str) else self.device, DEVICES)
         _choice("engine", self.engine, ENGINES)
-        _choice("launcher", self.launcher, (*LAUNCHER_CHOICES, None))
+        if self.launcher is not None:
+            from .launchers import resolve_launcher
+
+            resolve_launcher(self.launcher)  # auto or a registered name
         _choice("label_from", self.label_from, LABEL_FROM)
         _choice("decode", self.decode, DECODES)
         for name in ("overwrite", "strict", "progress", "finalize"):

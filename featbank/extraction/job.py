@@ -430,6 +430,7 @@ def run_extract(config: ExtractConfig, on_progress: Callable[[int, int], None] |
 def _plan_run(job: ExtractJob) -> tuple[Prepared, ExtractReport, int]:
     """Clean up, check the cache at ``out``, plan the run: (prepared plan, report to fill, rows dropped)."""
     from ._cachefile import remove_dead_part_temporaries, remove_stale_temporaries
+    from .units import prepare
 
     c, index_path = job.config, job.index_path
     if job.holds_lock:
@@ -443,7 +444,7 @@ def _plan_run(job: ExtractJob) -> tuple[Prepared, ExtractReport, int]:
         _migrate_or_refuse(index_path, job.shard_size, job.distributed)
     elif job.rank == 0:
         _drop_replaced_parts(index_path, key)
-    prep = _prepare(source, job, identity)
+    prep = prepare(source, job, identity)
     report = ExtractReport(path=job.out_path, cache_key=prep.key, n_duplicates=len(source.duplicates))
     dropped = _old_rows_dropped(index_path, prep) if not c.overwrite else 0
     return prep, report, dropped
@@ -481,12 +482,6 @@ def _rank_report(report: ExtractReport, prep: Prepared, job: ExtractJob, t0: flo
         report.slice_of = (job.rank, job.world)
     report.seconds = time.perf_counter() - t0
     return report
-
-
-def _prepare(source: RowSource, job: ExtractJob, identity: dict[str, Any]) -> Prepared:
-    from .units import prepare
-
-    return prepare(source, job, identity)
 
 
 def _finish_report(report: ExtractReport, prep: Prepared, t0: float, job: ExtractJob, dropped: int) -> ExtractReport:

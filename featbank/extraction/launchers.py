@@ -48,7 +48,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LAUNCHERS", "Launcher", "LocalLauncher", "TorchrunLauncher", "RayLauncher", "SliceLauncher", "FinalizeLauncher",
-    "RowsCallback", "ShardedReport", "register_launcher", "get_launcher", "launcher_name",
+    "RowsCallback", "ShardedReport", "JOB_ARRAY_LAUNCHERS", "register_launcher", "get_launcher", "launcher_choices",
+    "launcher_name",
     "resolve_launcher", "run_local", "run_slice", "run_torchrun", "run_ray", "run_prepared", "rank_shards",
 ]
 
@@ -104,12 +105,20 @@ def get_launcher(name: str) -> Launcher:
     return LAUNCHERS[name]
 
 
+#: Launchers a job array's options pick (``--rank``, ``--finalize``), never ``--launcher``.
+JOB_ARRAY_LAUNCHERS = ("slice", "finalize")
+
+
+def launcher_choices() -> tuple[str, ...]:
+    """What ``launcher`` may name: ``auto`` and every registered launcher but the job array's."""
+    return ("auto", *(n for n in LAUNCHERS if n not in JOB_ARRAY_LAUNCHERS))
+
+
 def resolve_launcher(launcher: str) -> str:
     """``auto`` -> ``torchrun`` when torchrun's environment is set (``WORLD_SIZE`` > 1), else ``local``."""
-    from .config import LAUNCHER_CHOICES
-
-    if launcher not in LAUNCHER_CHOICES:
-        raise ConfigError(f"The 'launcher' parameter must be one of {LAUNCHER_CHOICES}. Got {launcher!r} instead.")
+    if launcher not in launcher_choices():
+        raise ConfigError(f"The 'launcher' parameter must be one of {launcher_choices()} (a job array: --rank R "
+                          f"--world W, then --finalize). Got {launcher!r} instead.")
     if launcher == "auto":
         return "torchrun" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "local"
     return launcher
