@@ -143,7 +143,8 @@ def test_a_cache_without_a_stored_config_still_opens(image_folder: Path, tmp_pat
 
 
 @pytest.mark.parametrize("raw", ["{not json", "[1, 2]", '{"out": "x.h5"}', '{"data": "d", "batch_size": -3}',
-                                 '{"data": "d", "engine": "tensorrt"}', '{"data": 7}', "[" * 100_000])
+                                 '{"data": "d", "engine": "tensorrt"}', '{"data": 7}', '{"data": "d", "layers": {}}',
+                                 "[" * 100_000])
 def test_a_damaged_stored_config_is_a_cache_error(image_folder: Path, tmp_path: Path, raw: str) -> None:
     out = _reference(image_folder, tmp_path)
     with h5py.File(out, "a") as f:
@@ -175,6 +176,9 @@ def test_a_stored_config_from_a_newer_featbank_keeps_what_it_knows(tmp_path: Pat
     ({"window": "sideways"}, "window"),
     ({"backbone": "test_tiny@32@64"}, "@"),
     ({"weights": 3}, "'weights' parameter"),
+    ({"views": "4"}, "'views' parameter must be an integer >= 0"),
+    ({"layers": {"stage3": 1}}, "'layers' parameter must be a spec"),
+    ({"layers": ["stage3", 4]}, "'layers' parameter must be a spec"),
 ])
 def test_the_config_refuses_bad_values_when_built(kw: dict, words: str) -> None:
     with pytest.raises(ConfigError, match=words):

@@ -202,6 +202,14 @@ class ExtractConfig:
             raise ConfigError(f"The 'max_retries' parameter must be an integer >= 0. Got {self.max_retries!r} instead.")
         if not isinstance(self.num_gpus, (int, float)) or isinstance(self.num_gpus, bool) or not self.num_gpus >= 0:
             raise ConfigError(f"The 'num_gpus' parameter must be a number >= 0. Got {self.num_gpus!r} instead.")
+        for name in ("views", "view_seed"):  # their bounds and meaning: resolve_features, with the backbone
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+                raise ConfigError(f"The '{name}' parameter must be an integer >= 0. Got {getattr(self, name)!r} instead.")
+        layers = self.layers
+        if not (layers is None or isinstance(layers, str)
+                or (isinstance(layers, tuple) and all(isinstance(t, str) for t in layers))):
+            raise ConfigError(f"The 'layers' parameter must be a spec such as 'stage3,final' or 'all', or a list of "
+                              f"layer names. Got {layers!r} instead.")
 
     def _validate_slice(self) -> None:
         rank, world = self.rank, self.world
