@@ -166,7 +166,7 @@ def test_a_stored_config_from_a_newer_featbank_keeps_what_it_knows(tmp_path: Pat
     ({"procs": 0}, "'procs' parameter"),
     ({"engine": "tensorrt"}, "'engine' parameter"),
     ({"device": "tpu"}, "'device' parameter"),
-    ({"launcher": "slurm"}, "'launcher' parameter must be one of \\('auto', 'local'"),
+    ({"launcher": 3}, "'launcher' parameter must be a string"),
     ({"label_from": "xml"}, "'label_from' parameter"),
     ({"decode": "nvjpeg"}, "'decode' parameter"),
     ({"max_retries": -1}, "'max_retries' parameter"),
@@ -223,5 +223,7 @@ def test_a_registered_launcher_runs_an_extract(image_folder: Path, tmp_path: Pat
     report = featbank.extract(image_folder, out, launcher="inline", **KW)
     assert calls == [(1, "inline")] and report.n_embedded == 24
     _assert_same_cache(out, _reference(image_folder, tmp_path))
-    with pytest.raises(ConfigError, match="--rank R --world W, then --finalize"):
-        ExtractConfig("d", launcher="slice")
+    for name in ("slice", "slurm"):  # the job array's launchers are picked by --rank / --finalize
+        with pytest.raises(ConfigError, match="'launcher' parameter must be one of .*--rank R --world W, then --finalize"):
+            featbank.extract(image_folder, tmp_path / "never.h5", launcher=name, **KW)
+    assert not (tmp_path / "never.h5").exists()

@@ -183,10 +183,9 @@ class ExtractConfig:
             check_shard_size(self.shard_size)
         _choice("device", self.device.split(":")[0] if isinstance(self.device, str) else self.device, DEVICES)
         _choice("engine", self.engine, ENGINES)
-        if self.launcher is not None:
-            from .launchers import resolve_launcher
-
-            resolve_launcher(self.launcher)  # auto or a registered name
+        # The name is checked against the launcher registry (launchers.py stands above this module) when
+        # the run is resolved, before any work.
+        _text("launcher", self.launcher, optional=True)
         _choice("label_from", self.label_from, LABEL_FROM)
         _choice("decode", self.decode, DECODES)
         for name in ("overwrite", "strict", "progress", "finalize"):
