@@ -13,9 +13,7 @@ equal work units, each shard's merge after its units), runs the same
 - ``torchrun``: every rank computes the same schedule and takes its share (longest first onto the
   least-loaded rank); after a barrier each rank merges the split shards whose id ≡ rank (mod world
   size). The process group carries only barriers and a failure count (gloo, also on GPUs: no
-  tensor crosses processes), then rank 0 publishes the index. Ranks run as separate jobs (a Slurm
-  array) publish nothing; ``finalize_only`` gathers their units into parts and publishes once they
-  are all done.
+  tensor crosses processes), then rank 0 publishes the index.
 - ``slice``: one job of a job array (``--rank R --world W``, e.g. one Slurm array task) runs its
   share of the work, computed as under torchrun, and publishes nothing; ranks run at any time and
   in any order. ``finalize`` then gathers the slices' units into parts (copies, no embedding) and
