@@ -227,3 +227,22 @@ def test_a_registered_launcher_runs_an_extract(image_folder: Path, tmp_path: Pat
         with pytest.raises(ConfigError, match="'launcher' parameter must be one of .*--rank R --world W, then --finalize"):
             featbank.extract(image_folder, tmp_path / "never.h5", launcher=name, **KW)
     assert not (tmp_path / "never.h5").exists()
+
+
+def test_the_job_says_who_locks_cleans_and_publishes(image_folder: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from featbank.extraction.job import ExtractJob
+
+    def job(**kw):
+        return ExtractJob.resolve(ExtractConfig(str(image_folder), str(tmp_path / "c.h5"), **{**KW, **kw}))
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    plain, piece, final = job(), job(rank=1, world=3), job(finalize=True)
+    assert (plain.launcher, plain.holds_lock, plain.distributed, plain.rank, plain.world) == ("local", True, False, 0, 1)
+    assert (piece.launcher, piece.holds_lock, piece.distributed, piece.rank, piece.world) == ("slice", False, True, 1, 3)
+    assert (final.launcher, final.holds_lock, final.distributed) == ("finalize", True, False)
+    assert job(engine="auto", device="cpu").engine == "onnxruntime" and plain.features is None
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    ranked = job()
+    assert (ranked.launcher, ranked.holds_lock, ranked.distributed, ranked.rank, ranked.world) == ("torchrun", False, True, 1, 2)
