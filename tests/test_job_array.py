@@ -101,6 +101,7 @@ def test_two_ranks_as_separate_processes_then_finalize_equal_one_process(folder:
     (["--rank", "0", "--world", "2", "--overwrite"], "--overwrite does not combine with --rank"),
     (["--rank", "0", "--world", "2", "--procs", "2"], "does not combine with"),
     (["--rank", "0", "--world", "2", "--launcher", "ray"], "does not combine with"),
+    (["--rank", "one", "--world", "2"], "'one' is not a valid integer"),
 ])
 def test_bad_slices_exit_2_with_a_message_before_any_work(folder: Path, tmp_path: Path, args: list[str],
                                                          words: str) -> None:
