@@ -23,8 +23,7 @@ __all__ = ["doctor"]
 @click.option("--out", type=click.Path(path_type=str), default=None,
               help="Where the cache would go (its folder's disk is timed); default: a temp folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def doctor(data: str, backbone: str, weights: str | None, weights_file: str | None, device: str, engine: str,
-           batch_size: int, num_workers: int | None, sample: int, out: str | None, as_json: bool) -> None:
+def doctor(data: str, as_json: bool, **options: object) -> None:
     """Measure what each stage of extracting DATA costs here; name the bottleneck; suggest options.
 
     Times, on a sample of DATA: reading the files, decoding, resizing, the model alone (the engine
@@ -40,6 +39,5 @@ def doctor(data: str, backbone: str, weights: str | None, weights_file: str | No
 
     from featbank.extraction import diagnose
 
-    d = diagnose(data, backbone=backbone, weights=weights, weights_file=weights_file, device=device, engine=engine,
-                 batch_size=batch_size, num_workers=num_workers, sample=sample, out=out)
+    d = diagnose(data, **options)  # type: ignore[arg-type]  # each option is diagnose's keyword of the same name
     click.echo(json.dumps(d.to_dict(), indent=2) if as_json else d.summary())

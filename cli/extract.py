@@ -34,8 +34,13 @@ __all__ = ["extract"]
               "ray: one Ray task per shard (pip install 'featbank[ray]'). Any value: a sharded cache.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=None,
               help="Rows per shard (part file) of a new cache, at most 1,000,000. Default: 10000.")
+@click.option("--rank", type=int, default=None, metavar="R",
+              help="Run slice R (0 to W-1) of a job array of --world W jobs (e.g. --rank $SLURM_ARRAY_TASK_ID) and "
+              "publish nothing; slices run at any time, in any order. Then run --finalize once.")
+@click.option("--world", type=int, default=None, metavar="W", help="Jobs in the job array (with --rank or --finalize).")
 @click.option("--finalize", is_flag=True,
-              help="Run no shard: check the parts written by separate jobs (a Slurm array) and publish the index.")
+              help="Embed nothing: gather the work of a job array's slices (--rank) and publish the index; names "
+              "the missing shards (and ranks, with --world) if a slice has not finished.")
 @click.option("--num-gpus", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="GPUs per Ray task (--launcher ray).")
 @click.option("--max-retries", type=click.IntRange(min=0), default=3, show_default=True,
@@ -64,9 +69,7 @@ __all__ = ["extract"]
               "gpu refuses --layers, --views and WebDataset input.")
 @window_option
 @quiet_option
-def extract(data, out, backbone, weights, weights_file, batch_size, num_workers, device, engine, dtype,
-            overwrite, strict, procs, launcher, shard_size, finalize, num_gpus, max_retries, path_column,
-            label_column, split_column, label_from, layers, pooling, views, augment, view_seed, window, decode, quiet) -> None:
+def extract(quiet: bool, **params: object) -> None:
     """Embed every image in DATA with a frozen backbone into an HDF5 cache.
 
     DATA is an ImageFolder (DATA/<class>/<image>), a folder with train/val/test split folders
@@ -78,7 +81,9 @@ def extract(data, out, backbone, weights, weights_file, batch_size, num_workers,
     Reruns embed only new or changed files and resume an interrupted run; unreadable images are
     skipped and listed. The cache is an index over part files of about --shard-size rows (schema
     v2, README "Cache format"), so a rerun rewrites only the parts that changed; a schema-v1 cache
-    is migrated. --procs, torchrun or --launcher ray run the shards in parallel (README "At scale").
+    is migrated. --procs, torchrun or --launcher ray run the shards in parallel; a job array runs
+    --rank R --world W per job, then --finalize once (docs "At scale"). The index stores this
+    run's settings (the ExtractConfig) as JSON.
 
     \b
     Examples:
@@ -91,17 +96,13 @@ def extract(data, out, backbone, weights, weights_file, batch_size, num_workers,
       featbank extract data/photos --out runs/photos.h5 --procs 4
       torchrun --nproc-per-node 8 -m featbank.cli extract data/photos --out runs/photos.h5
       featbank extract 'shards/{000000..000099}.tar' --out runs/wds.h5 --launcher ray
+      featbank extract data/photos --out runs/photos.h5 --rank $SLURM_ARRAY_TASK_ID --world 16
+      featbank extract data/photos --out runs/photos.h5 --finalize --world 16
     """
     import featbank
 
-    report = featbank.extract(
-        data, out, backbone=backbone, weights=weights, weights_file=weights_file, batch_size=batch_size,
-        num_workers=num_workers, device=device, engine=engine, dtype=dtype, overwrite=overwrite,
-        strict=strict, progress=not quiet, procs=procs, launcher=launcher, shard_size=shard_size,
-        finalize=finalize, num_gpus=num_gpus, max_retries=max_retries, path_column=path_column,
-        label_column=label_column or None, split_column=split_column or None, label_from=label_from,
-        layers=layers, pooling=pooling, views=views, augment=augment, view_seed=view_seed, window=window, decode=decode,
-    )
+    # One mapping: every click parameter is the ExtractConfig field of the same name (--quiet: progress).
+    report = featbank.extract(featbank.ExtractConfig(**params, progress=not quiet))  # type: ignore[arg-type]
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0":
         return  # torchrun: rank 0 reports for every rank (errors still reach each rank's stderr)
     if report.skipped and not quiet:
@@ -111,4 +112,5 @@ def extract(data, out, backbone, weights, weights_file, batch_size, num_workers,
         if report.n_skipped > 20:
             click.echo(f"  ... and {report.n_skipped - 20} more (listed in the cache under skipped/)", err=True)
     click.echo(report.summary())
-    click.echo(f"Cache: {report.path}")
+    if report.published:
+        click.echo(f"Cache: {report.path}")

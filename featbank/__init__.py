@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "extract",
+    "ExtractConfig",
     "ExtractReport",
     "open_cache",
     "FeatureCache",
@@ -40,6 +41,7 @@ __all__ = [
 
 _LAZY = {
     "extract": ("featbank.extraction", "extract"),
+    "ExtractConfig": ("featbank.extraction", "ExtractConfig"),
     "ExtractReport": ("featbank.extraction", "ExtractReport"),
     "open_cache": ("featbank.cache", "open_cache"),
     "FeatureCache": ("featbank.cache", "FeatureCache"),

@@ -44,7 +44,7 @@ from featbank.cache import write_cache
 from featbank.cache._index import PlannedPart, finalize_index
 from featbank.cache._parts import PartRows, PartWriter, parts_dir, rows_digest, write_part
 from featbank.extraction._plan import DEFAULT_SHARD_SIZE, assign_rows, plan_shards, replan
-from featbank.extraction._sharded import _reuse_rows
+from featbank.extraction.units import _reuse_rows
 
 KEY = "bench" + "0" * 59
 CLASSES = ["a", "b"]
@@ -246,8 +246,10 @@ def bench_read(work: Path, n: int, dim: int, shard_size: int, repeats: int) -> d
 def bench_procs(work: Path, n_images: int, shard_size: int) -> dict:
     from PIL import Image
 
-    from featbank.extraction._launch import run_prepared
-    from featbank.extraction._sharded import RowSource, prepare
+    from featbank.extraction import ExtractConfig
+    from featbank.extraction.job import ExtractJob
+    from featbank.extraction.launchers import run_prepared
+    from featbank.extraction.units import RowSource, prepare
     from featbank.sources import scan_folder
 
     data = work / "images"
@@ -259,8 +261,9 @@ def bench_procs(work: Path, n_images: int, shard_size: int) -> dict:
     out = {}
     for procs in (1, 2):
         index = work / f"procs{procs}.h5"
-        prep = prepare(RowSource.from_index(scan_folder(data)), index, backbone="test_tiny", engine="torch",
-                       num_workers=0, shard_size=shard_size, overwrite=True)
+        job = ExtractJob.resolve(ExtractConfig(str(data), str(index), backbone="test_tiny", engine="torch",
+                                               num_workers=0, shard_size=shard_size, overwrite=True))
+        prep = prepare(RowSource.from_index(scan_folder(data)), job)
         t0 = time.perf_counter()
         run_prepared(prep, procs=procs)
         out[procs] = n_images / (time.perf_counter() - t0)
@@ -318,7 +321,7 @@ def bench_sim(work: Path, sizes: list[int], ks: list[int], launchers: list[str],
     torch costs seconds). The start-up cost is measured apart (the same launcher and k on k * batch
     rows in k shards, so the k workers start and each embeds one batch) and printed beside them.
     """
-    import featbank.extraction._launch as launch
+    import featbank.extraction.launchers as launch
 
     units = launch.plan_work
     out: list[dict] = []

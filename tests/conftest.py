@@ -100,3 +100,12 @@ def layered(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     featbank.extract(data, out, backbone="test_tiny", engine="torch", num_workers=0, progress=False, layers="all",
                      views=2, augment="dihedral")
     return data, out
+
+
+def extract_job(out: Path, data: Path | str | None = None, **options):
+    """The resolved run (``ExtractJob``) of an extract into ``out`` with ``options``, for tests that drive
+    ``featbank.extraction.units.prepare`` and the launchers directly."""
+    from featbank.extraction import ExtractConfig
+    from featbank.extraction.job import ExtractJob
+
+    return ExtractJob.resolve(ExtractConfig(str(data if data is not None else Path(out).parent), str(out), **options))

@@ -19,17 +19,17 @@ import featbank
 from featbank.cache._index import check_parts, read_parts_table
 from featbank.cache._parts import parts_dir
 from featbank.errors import CacheError, CacheKeyMismatch
-from featbank.extraction._launch import run_local, run_prepared
-from featbank.extraction._sharded import RowSource, prepare
+from featbank.extraction.launchers import run_local, run_prepared
+from featbank.extraction.units import RowSource, prepare
 from featbank.sources import scan_folder
 
-from conftest import make_image_folder
+from conftest import extract_job, make_image_folder
 
 TINY = dict(backbone="test_tiny", engine="torch", num_workers=0)
 
 
 def _prepare(data: Path, out: Path, **kw):
-    return prepare(RowSource.from_index(scan_folder(data)), out, **{**TINY, "shard_size": 5, **kw})
+    return prepare(RowSource.from_index(scan_folder(data)), extract_job(out, data, **{**TINY, "shard_size": 5, **kw}))
 
 
 def _read(path: Path) -> dict:
@@ -160,13 +160,16 @@ _DRIVER = textwrap.dedent(
     import sys
     from pathlib import Path
     from featbank.sources import scan_folder
-    from featbank.extraction._launch import run_prepared
-    from featbank.extraction._sharded import RowSource, prepare
+    from featbank.extraction.launchers import run_prepared
+    from featbank.extraction import ExtractConfig
+    from featbank.extraction.job import ExtractJob
+    from featbank.extraction.units import RowSource, prepare
 
     if __name__ == "__main__":  # spawned workers import this file again
         data, out, launcher, procs = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-        prep = prepare(RowSource.from_index(scan_folder(data)), out, backbone="test_tiny", engine="torch",
-                       num_workers=0, shard_size=int(sys.argv[5]), batch_size=int(sys.argv[6]))
+        config = ExtractConfig(str(data), str(out), backbone="test_tiny", engine="torch", num_workers=0,
+                               shard_size=int(sys.argv[5]), batch_size=int(sys.argv[6]))
+        prep = prepare(RowSource.from_index(scan_folder(data)), ExtractJob.resolve(config))
         report = run_prepared(prep, launcher=launcher, procs=procs, finalize_only=launcher == "finalize")
         print(f"published {report.published} {report.n_written}", flush=True)  # one write: ranks share stdout
     """
@@ -249,8 +252,8 @@ def test_a_worker_killed_mid_shard_resumes_exactly_once(tmp_path):
 
 
 def test_separate_jobs_then_finalize(image_folder, tmp_path):
-    from featbank.extraction._launch import run_slice
     from featbank.extraction._schedule import plan_work, static_share
+    from featbank.extraction.launchers import run_slice
 
     out, ref = tmp_path / "c.h5", tmp_path / "ref.h5"
     prep = _prepare(image_folder, out)
@@ -326,7 +329,7 @@ def test_ray_task_killed_mid_shard_is_retried(tmp_path):
 
 
 def test_a_v1_cache_migrates_in_place_and_the_next_run_has_nothing_to_do(image_folder, tiny_cache):
-    from featbank.extraction._sharded import migrate_v1
+    from featbank.extraction.units import migrate_v1
 
     to_v1(tiny_cache)
     with h5py.File(tiny_cache, "r") as f:

@@ -15,9 +15,11 @@ from PIL import Image
 
 from featbank.cache._index import check_parts
 from featbank.errors import ConfigError, DatasetError, DuplicateRowsWarning
-from featbank.extraction._launch import run_prepared
-from featbank.extraction._sharded import prepare
+from featbank.extraction.launchers import run_prepared
+from featbank.extraction.units import prepare
 from featbank.sources import expand_braces, read_manifest, read_webdataset
+
+from conftest import extract_job
 
 TINY = dict(backbone="test_tiny", engine="torch", num_workers=0)
 
@@ -168,7 +170,7 @@ def test_truncated_tar_keeps_whole_members_and_records_the_rest(tmp_path):
 def test_webdataset_extracts_one_part_per_tar_and_skips_a_corrupt_member(tmp_path):
     src = read_webdataset(_shards(tmp_path / "wds"))
     out = tmp_path / "c.h5"
-    prep = prepare(src, out, **TINY)
+    prep = prepare(src, extract_job(out, **TINY))
     assert [len(j.rows) for j in prep.jobs] == [3, 2]
     report = run_prepared(prep)
     assert report.n_rows == 4 and report.n_shards == 2
@@ -202,7 +204,7 @@ def test_manifest_extraction_records_bad_rows(tmp_path):
         "path,label\n" + "".join(f"{n},{'ab'[i % 2]}\n" for i, n in enumerate(names)) + "imgs/fake.png,a\nimgs/no.png,b\n"
     )
     out = tmp_path / "c.h5"
-    report = run_prepared(prepare(read_manifest(tmp_path / "m.csv"), out, shard_size=2, **TINY))
+    report = run_prepared(prepare(read_manifest(tmp_path / "m.csv"), extract_job(out, shard_size=2, **TINY)))
     assert report.n_rows == 4 and report.n_skipped == 2
     with h5py.File(out, "r") as f:
         assert [p.decode() for p in f["paths"][...]] == names

@@ -25,13 +25,14 @@ from PIL import Image
 import featbank
 from featbank.cli.main import cli
 from featbank.errors import BundleError, ConfigError, DatasetError, DuplicateRowsWarning
-from featbank.extraction._launch import run_prepared
-from featbank.extraction._scaled import ScaleOptions, read_source
-from featbank.extraction._sharded import prepare
+from featbank.extraction import ExtractConfig
+from featbank.extraction.job import read_source
+from featbank.extraction.launchers import run_prepared
+from featbank.extraction.units import prepare
 from featbank.images import MAX_IMAGE_BYTES, ImageReadError, PreprocessConfig, load_image
 from featbank.sources import MAX_PATTERN_NAMES, TarImages, count_braces, expand_braces, read_manifest, read_webdataset
 
-from conftest import make_image_folder
+from conftest import extract_job, make_image_folder
 
 pytestmark = pytest.mark.timeout(60)  # a FIFO that blocks an open() fails the test instead of hanging the suite
 TINY = dict(backbone="test_tiny", engine="torch", num_workers=0)
@@ -75,14 +76,14 @@ def test_a_fifo_swapped_in_between_listing_and_reading_is_a_skipped_row(tmp_path
     if kind == "manifest":
         (tmp_path / "m.csv").write_text("path,label\n" + "".join(
             f"data/{p.parent.name}/{p.name},{p.parent.name}\n" for p in sorted(data.rglob("*.*"))))
-        source = read_source(str(tmp_path / "m.csv"), ScaleOptions())
+        source = read_source(ExtractConfig(str(tmp_path / "m.csv")))
     else:
-        source = read_source(str(data), ScaleOptions())
+        source = read_source(ExtractConfig(str(data)))
     victim = source.root / source.keys[0]
     victim.unlink()
     os.mkfifo(victim)  # no writer: open(victim, "rb") would wait forever
     out = tmp_path / "c.h5"
-    report = run_prepared(prepare(source, out, **TINY))
+    report = run_prepared(prepare(source, extract_job(out, **TINY)))
     assert report.n_rows == 3
     assert _skipped(out) == {source.keys[0]: "not a regular file"}
 
@@ -304,7 +305,7 @@ def test_nul_bytes_in_a_webdataset_label_or_pax_name_are_skipped_rows(tmp_path: 
     assert reasons["s.tar/k2"] == "unreadable label in .txt: the label holds a NUL byte, which the cache (HDF5) cannot store"
     assert reasons["s.tar/bad\\x00name"] == "the member name holds a NUL byte, which the cache (HDF5) cannot store"
     out = tmp_path / "c.h5"
-    assert run_prepared(prepare(src, out, **TINY)).n_rows == 2
+    assert run_prepared(prepare(src, extract_job(out, **TINY))).n_rows == 2
     _tar(Path(os.fsdecode(os.fsencode(tmp_path / "wds") + b"/bad\xff.tar")), [("k0.png", _png(3)), ("k0.txt", b"cat")])
     src = read_webdataset(tmp_path / "wds", label_from="txt")  # a tar whose file name is not UTF-8: skipped
     assert src.keys == ["s.tar/k0", "s.tar/k1"]
@@ -364,7 +365,7 @@ def test_webdataset_repeated_keys_are_collapsed_or_refused_never_last_wins(tmp_p
         src = read_webdataset(tmp_path / "c")  # k0 in two tars, same bytes and label: one row
     assert src.keys == ["t1.tar/k0", "t1.tar/k1", "t2.tar/k9"] and src.tars == [("t1.tar", 2), ("t2.tar", 1)]
     out = tmp_path / "c.h5"
-    assert run_prepared(prepare(src, out, **TINY)).n_rows == 3
+    assert run_prepared(prepare(src, extract_job(out, **TINY))).n_rows == 3
     _tar(tmp_path / "c" / "t2.tar", [("k0.png", _png(1)), ("k0.cls", b"1"), ("k9.png", _png(40)), ("k9.cls", b"1")])
     with pytest.raises(DatasetError, match="'t1.tar/k0' \\(label '0'.*'t2.tar/k0' \\(label '1'"):
         read_webdataset(tmp_path / "c")  # same bytes, other label

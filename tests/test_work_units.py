@@ -15,10 +15,12 @@ from PIL import Image
 import featbank
 from featbank.cache._index import check_parts
 from featbank.cache._parts import PartRows, parts_dir
-from featbank.extraction._launch import rank_shards, run_local, run_prepared, run_slice
 from featbank.extraction._schedule import MIN_UNIT_ROWS, Schedule, job_rows, plan_work, static_share
-from featbank.extraction._sharded import RowSource, ShardJob, prepare, run_unit
+from featbank.extraction.launchers import rank_shards, run_local, run_prepared, run_slice
+from featbank.extraction.units import RowSource, ShardJob, prepare, run_unit
 from featbank.sources import scan_folder
+
+from conftest import extract_job
 
 pytestmark = pytest.mark.filterwarnings("ignore::featbank.errors.SkippedImagesWarning")
 TINY = dict(backbone="test_tiny", engine="torch", num_workers=0, batch_size=16)
@@ -39,7 +41,7 @@ def many_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _prepare(data: Path, out: Path, **kw):
-    return prepare(RowSource.from_index(scan_folder(data)), out, **{**TINY, "shard_size": 1000, **kw})
+    return prepare(RowSource.from_index(scan_folder(data)), extract_job(out, data, **{**TINY, "shard_size": 1000, **kw}))
 
 
 def _read(path: Path) -> dict:

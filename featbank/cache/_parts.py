@@ -169,7 +169,7 @@ class PartWriter:
     """The ``.partial`` file of one shard in flight; what the embedding loop writes into.
 
     Attributes ``paths``, ``embeddings``, ``status``, ``file`` and the methods ``done_mask`` and
-    ``write_rows`` are what the embedding loop (``featbank.extraction._sharded``) uses.
+    ``write_rows`` are what the embedding loop (``featbank.extraction.units``) uses.
     """
 
     def __init__(self, path: Path):

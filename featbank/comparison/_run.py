@@ -86,7 +86,7 @@ def compare(
     names = parse_backbones(backbones)
     layer_spec = _check_layers(layers)
     from ..extraction import DEVICES, ENGINES
-    from ..extraction._options import validate_options
+    from ..extraction.config import validate_options
 
     validate_options(batch_size, num_workers, "float32")
     if engine not in ENGINES:
@@ -189,12 +189,13 @@ def _check_plot(path: Path) -> None:
 
 def _check_data(data: str | os.PathLike) -> None:
     """Refuse DATA before any work: missing, empty, unlabelled or a single class (DatasetError)."""
-    from ..extraction._scaled import ScaleOptions, read_source
+    from ..extraction import ExtractConfig
+    from ..extraction.job import read_source
     from ..sources import is_manifest, is_webdataset, scan_folder
 
     text = os.fspath(data)
     if is_manifest(text) or is_webdataset(text):
-        read_source(text, ScaleOptions())
+        read_source(ExtractConfig(text))
     else:
         scan_folder(text, require_labels=True)
 

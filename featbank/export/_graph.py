@@ -122,7 +122,7 @@ def embedder_onnx(backbone: Backbone, opset: int | None, out_path: Path) -> Any:
     """
     import onnx
 
-    from ..extraction._engines import ensure_embedder_onnx
+    from ..extraction import ensure_embedder_onnx
 
     if opset is None:
         try:

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from .._device import DEVICES, resolve_device
-
-# Outside __all__ but imported from here, the path they had when this package was one module:
-# export_embedder_onnx and onnx_cache_path by featbank.export (to reuse extract's ONNX graph),
-# build_engine by scripts/bench_extract.py.
 from ._cachefile import default_cache_path
 from ._doctor import Diagnosis, diagnose
-from ._engines import build_engine, export_embedder_onnx, onnx_cache_path  # noqa: F401
-from ._options import DTYPES, ENGINES
+from ._engines import build_engine, ensure_embedder_onnx, export_embedder_onnx, onnx_cache_path
 from ._pipeline import extract
 from ._report import ExtractReport
+from .config import DTYPES, ENGINES, ExtractConfig, read_extract_config
 
-__all__ = ["ExtractReport", "extract", "default_cache_path", "resolve_device", "DEVICES", "ENGINES", "DTYPES", "Diagnosis",
-           "diagnose"]
+# The rooms of a run, by role: config (ExtractConfig), job (ExtractJob, one run), units (plan and
+# run work units, merge them into parts), launchers (who runs the units: a Launcher registry).
+__all__ = ["ExtractConfig", "read_extract_config", "ExtractReport", "extract", "default_cache_path", "resolve_device",
+           "DEVICES", "ENGINES", "DTYPES", "Diagnosis", "diagnose",
+           # extract's engines and ONNX graph, reused by featbank.export and scripts/bench_extract.py
+           "build_engine", "ensure_embedder_onnx", "export_embedder_onnx", "onnx_cache_path"]

@@ -18,7 +18,7 @@ import stat
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -31,6 +31,12 @@ from ..images import (
     PreprocessConfig,
 )
 from ._embedding import ImageRowsDataset, embed_block
+
+if TYPE_CHECKING:
+    from ..cache import PartWriter  # exported by featbank.cache's face (cachehouse, #23)
+    from ..features import FeatureSpec
+    from ._engines import Engine
+    from .units import WorkerSettings
 
 __all__ = ["DECODERS", "TENSOR_INTERPOLATIONS", "resolve_decode", "check_decode_transform", "read_jpeg",
            "preprocess_tensor", "JpegRowsDataset", "JpegCollate", "DeviceDecoder", "embed_jpeg_rows"]
@@ -45,7 +51,7 @@ MAX_JPEG_BYTES = 64 << 20
 _ORIENTATION = 0x0112
 
 
-def resolve_decode(decode: str, device: str, *, features: Any = None, webdataset: bool = False) -> str:
+def resolve_decode(decode: str, device: str, *, features: FeatureSpec | None = None, webdataset: bool = False) -> str:
     """``pillow`` or ``gpu``: the decoder a run uses (``auto`` is ``gpu`` on CUDA for image files, else ``pillow``).
 
     Raises:
@@ -278,7 +284,8 @@ class DeviceDecoder:
         return batch
 
 
-def embed_jpeg_rows(writer: Any, root: Path, pending: np.ndarray, cfg: PreprocessConfig, settings: Any, eng: Any,
+def embed_jpeg_rows(writer: PartWriter, root: Path, pending: np.ndarray, cfg: PreprocessConfig,
+                    settings: WorkerSettings, eng: Engine,
                     skipped: dict[int, str], on_rows: Callable[[int], None]) -> None:
     """The embedding loop of ``--decode gpu`` (the embedding alone): workers read bytes, this process decodes."""
     from torch.utils.data import DataLoader

@@ -21,11 +21,14 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import ConfigError, DatasetError
+
+if TYPE_CHECKING:
+    from ._engines import Engine
 
 __all__ = ["Diagnosis", "diagnose"]
 
@@ -73,9 +76,10 @@ class Diagnosis:
 
 
 def _sample_paths(data: str, n: int) -> list[Path]:
-    from ._scaled import ScaleOptions, read_source
+    from .config import ExtractConfig
+    from .job import read_source
 
-    source = read_source(data, ScaleOptions())
+    source = read_source(ExtractConfig(data))
     if source.layout == "webdataset":
         raise ConfigError("featbank doctor reads image files (a folder or a manifest); WebDataset tars are not sampled yet.")
     if not source.keys:
@@ -117,7 +121,7 @@ def _time_images(paths: list[Path], cfg: Any) -> tuple[dict[str, float], int]:
     return {k: v / ok for k, v in t.items()}, bad
 
 
-def _time_model(engine: Any, input_size: tuple[int, int], batch_size: int) -> tuple[float, int]:
+def _time_model(engine: Engine, input_size: tuple[int, int], batch_size: int) -> tuple[float, int]:
     """Seconds per image of the engine on ready uint8 batches, and the embedding width."""
     import torch
 

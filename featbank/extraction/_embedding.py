@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..images import ImageReadError, PreprocessConfig, load_and_preprocess
+
+if TYPE_CHECKING:
+    from ..cache import PartWriter  # exported by featbank.cache's face (cachehouse, #23)
+    from ..features import FeatureSpec
+    from ._engines import Engine
 
 __all__ = ["ImageRowsDataset", "Collate", "write_block", "embed_block", "ViewImageDataset", "ViewCollate", "embed_feature_rows"]
 
@@ -50,7 +55,7 @@ class Collate:
         return rows, torch.from_numpy(batch), ok, [it[2] for it in items]
 
 
-def embed_block(writer: Any, eng: Any, rows: np.ndarray, batch: Any, ok: np.ndarray, reasons: list[str],
+def embed_block(writer: PartWriter, eng: Engine, rows: np.ndarray, batch: Any, ok: np.ndarray, reasons: list[str],
                 skipped: dict[int, str]) -> None:
     """Embed the readable images of one batch into ``writer``; record why the others were skipped."""
     import torch
@@ -65,7 +70,7 @@ def embed_block(writer: Any, eng: Any, rows: np.ndarray, batch: Any, ok: np.ndar
             skipped[int(r)] = why
 
 
-def write_block(staging: Any, rows: np.ndarray, emb: np.ndarray, ok: np.ndarray) -> None:
+def write_block(staging: PartWriter, rows: np.ndarray, emb: np.ndarray, ok: np.ndarray) -> None:
     lo, hi = int(rows[0]), int(rows[-1]) + 1
     if hi - lo == len(rows):
         staging.embeddings[lo:hi] = emb
@@ -80,7 +85,7 @@ def write_block(staging: Any, rows: np.ndarray, emb: np.ndarray, ok: np.ndarray)
 class ViewImageDataset:
     """A row dataset whose items also carry the row's K augmented views (``None`` for a bad image)."""
 
-    def __init__(self, base: Any, paths: list[str], features: Any, interpolation: str):
+    def __init__(self, base: Any, paths: list[str], features: FeatureSpec, interpolation: str):
         self.base, self.paths, self.features, self.interpolation = base, paths, features, interpolation
 
     def __len__(self) -> int:
@@ -114,13 +119,13 @@ class ViewCollate(Collate):
         return rows, batch, ok, reasons, torch.from_numpy(vb)
 
 
-def _tap_outputs(eng: Any, x: Any, batch_size: int) -> dict[str, np.ndarray]:
+def _tap_outputs(eng: Engine, x: Any, batch_size: int) -> dict[str, np.ndarray]:
     """``{tap: (n, D)}`` for a batch, run in chunks of ``batch_size`` images."""
     parts = [eng(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
     return {t: np.concatenate([p[k] for p in parts]) for k, t in enumerate(eng.layers)}
 
 
-def embed_feature_rows(writer: Any, loader: Any, eng: Any, features: Any, batch_size: int,
+def embed_feature_rows(writer: PartWriter, loader: Any, eng: Engine, features: FeatureSpec, batch_size: int,
                         skipped: dict[int, str]) -> None:
     """The embedding loop of a run with layers or views: every tap and view of a row is written
     before the row is marked done (``PartWriter.write_rows``), so a resumed run redoes only rows

@@ -8,8 +8,9 @@ import io
 import json
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -17,9 +18,13 @@ from .. import __version__
 from .._files import atomic_write_text, describe_os_error, remove_orphans, sha256_file, slugify, temporary_path, timestamp
 from ..cache import default_cache_dir
 from ..errors import CacheError, ConfigError, OnnxCacheRebuiltWarning
-from ._options import ENGINES
+from .config import ENGINES
+
+if TYPE_CHECKING:
+    from ..backbones import Backbone
 
 __all__ = [
+    "Engine",
     "TorchEngine",
     "onnx_cache_path",
     "check_embedder_onnx",
@@ -33,10 +38,18 @@ __all__ = [
 ]
 
 
+class Engine(Protocol):
+    """What embeds a batch: ``engine(batch)`` -> one array per image row (a list of arrays per layer for taps)."""
+
+    name: str
+
+    def __call__(self, batch: Any) -> np.ndarray | list[np.ndarray]: ...
+
+
 class TorchEngine:
     name = "torch"
 
-    def __init__(self, backbone: Any, device: str, precision: str):
+    def __init__(self, backbone: Backbone, device: str, precision: str):
         import torch
 
         self.torch = torch
@@ -47,7 +60,7 @@ class TorchEngine:
         self.model = model
         self.autocast_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(precision)
 
-    def _build(self, backbone: Any) -> Any:
+    def _build(self, backbone: Backbone) -> Any:
         return backbone.embedder()
 
     def _forward(self, batch: Any) -> Any:
@@ -68,12 +81,12 @@ class TorchEngine:
 class TapEngine(TorchEngine):
     """torch engine over a :class:`~featbank.backbones.TapModel`: a batch -> one array per tap."""
 
-    def __init__(self, backbone: Any, device: str, precision: str, layers: Any, pooling: str):
+    def __init__(self, backbone: Backbone, device: str, precision: str, layers: Sequence[str], pooling: str):
         self._taps = (layers, pooling)
         super().__init__(backbone, device, precision)
         self.layers = self.model.layers
 
-    def _build(self, backbone: Any) -> Any:
+    def _build(self, backbone: Backbone) -> Any:
         from ..backbones import TapModel
 
         return TapModel(backbone, *self._taps)
@@ -120,13 +133,13 @@ def check_embedder_onnx(path: Path) -> str | None:
     return None
 
 
-def tap_identity(backbone: Any, layers: Any = None, pooling: str = "gap+2x2") -> dict[str, Any]:
+def tap_identity(backbone: Backbone, layers: Sequence[str] | None = None, pooling: str = "gap+2x2") -> dict[str, Any]:
     """The identity of an embedder graph: the backbone's, plus its taps and pooling when it has taps."""
     ident = backbone.identity()
     return ident if layers is None else {**ident, "taps": list(layers), "pooling": pooling}
 
 
-def export_embedder_onnx(backbone: Any, path: Path, layers: Any = None, pooling: str = "gap+2x2") -> Path:
+def export_embedder_onnx(backbone: Backbone, path: Path, layers: Sequence[str] | None = None, pooling: str = "gap+2x2") -> Path:
     """Export uint8 NHWC -> embeddings to ONNX with a dynamic batch axis, and record its sha256.
 
     The graph is written under a temporary name, then renamed into place; the record beside it
@@ -172,7 +185,8 @@ def export_embedder_onnx(backbone: Any, path: Path, layers: Any = None, pooling:
     return path
 
 
-def ensure_embedder_onnx(backbone: Any, path: Path | None = None, layers: Any = None, pooling: str = "gap+2x2") -> Path:
+def ensure_embedder_onnx(backbone: Backbone, path: Path | None = None, layers: Sequence[str] | None = None,
+                         pooling: str = "gap+2x2") -> Path:
     """The cached embedder graph of ``backbone``, verified; built when missing, rebuilt when broken.
 
     With ``layers``, the graph of those taps (see :func:`export_embedder_onnx`), cached apart.
@@ -198,7 +212,8 @@ def ensure_embedder_onnx(backbone: Any, path: Path | None = None, layers: Any = 
 class OrtEngine:
     name = "onnxruntime"
 
-    def __init__(self, backbone: Any = None, path: Path | None = None, layers: Any = None, pooling: str = "gap+2x2"):
+    def __init__(self, backbone: Backbone | None = None, path: Path | None = None, layers: Sequence[str] | None = None,
+                 pooling: str = "gap+2x2"):
         import onnxruntime as ort
 
         if path is None:
@@ -223,7 +238,7 @@ class OrtEngine:
 class OrtTapEngine(OrtEngine):
     """onnxruntime over the exported :class:`~featbank.backbones.TapModel`: a batch -> one array per tap."""
 
-    def __init__(self, backbone: Any, layers: Any, pooling: str):
+    def __init__(self, backbone: Backbone, layers: str | Sequence[str], pooling: str):
         from ..backbones import parse_layers
 
         self.layers = parse_layers(layers, backbone)
@@ -236,7 +251,8 @@ class OrtTapEngine(OrtEngine):
         return list(self.session.run(None, {self.input_name: np.ascontiguousarray(arr)}))
 
 
-def build_tap_engine(engine: str, backbone: Any, device: str, precision: str, layers: Any, pooling: str) -> Any:
+def build_tap_engine(engine: str, backbone: Backbone, device: str, precision: str, layers: Sequence[str],
+                     pooling: str) -> Engine:
     """The engine of a run with layers or views: what :func:`build_engine` picks, over the taps."""
     if engine == "onnxruntime" and device != "cpu":
         raise ConfigError("--engine onnxruntime runs on the CPU here; use --device cpu or --engine torch.")
@@ -251,7 +267,7 @@ def build_tap_engine(engine: str, backbone: Any, device: str, precision: str, la
         return TapEngine(backbone, device, precision, layers, pooling)
 
 
-def build_engine(engine: str, backbone: Any, device: str, precision: str) -> Any:
+def build_engine(engine: str, backbone: Backbone, device: str, precision: str) -> Engine:
     if engine not in ENGINES:
         raise ConfigError(f"The 'engine' parameter must be one of {ENGINES}. Got {engine!r} instead.")
     if engine == "onnxruntime" and device != "cpu":

@@ -26,6 +26,9 @@ class ExtractReport:
         model_loaded: whether the backbone was loaded at all.
         n_duplicates: rows of the input naming a file (or WebDataset sample) an earlier row already
             names, collapsed into that row (one file is one row).
+        published: whether this run published the index (False for a torchrun rank other than 0 and
+            for a job array's slice).
+        slice_of: ``(rank, world)`` when the run was one slice of a job array.
     """
 
     path: Path
@@ -43,6 +46,8 @@ class ExtractReport:
     model_loaded: bool = False
     cache_key: str = ""
     n_duplicates: int = 0
+    published: bool = True
+    slice_of: tuple[int, int] | None = None
 
     @property
     def n_skipped(self) -> int:
@@ -53,6 +58,11 @@ class ExtractReport:
         return self.n_embedded / self.seconds if self.seconds > 0 else 0.0
 
     def summary(self) -> str:
+        if self.slice_of is not None:
+            rank, world = self.slice_of
+            return (f"{self.path}: slice {rank} of {world} done ({self.n_embedded} embedded, {self.n_resumed} "
+                    f"resumed); nothing published yet. Once every slice has run: featbank extract DATA --out "
+                    f"{self.path} --finalize")
         parts = [f"{self.path}: {self.n_images - self.n_skipped} rows"]
         if self.up_to_date:
             parts.append("up to date, nothing embedded")

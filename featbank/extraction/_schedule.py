@@ -6,7 +6,7 @@ rows, so two workers would split the work 10,000 / 2,000; 50,000 images on 8 GPU
 3 GPUs sit idle. So a fresh shard larger than 1.5 x the unit target is cut into **units**: contiguous
 ranges of its rows, each embedded into its own ``.partial`` (a part file in the making, holding only
 the unit's rows). Once every unit of a shard has run, the shard's **merge** runs
-:func:`~featbank.extraction._sharded.run_shard` for the whole shard as before: it copies the units'
+:func:`~featbank.extraction.units.run_shard` for the whole shard as before: it copies the units'
 finished rows (the copy that reuses rows of old parts) and embeds whatever is still missing, so a
 unit that failed or never ran costs time, never correctness. Parts, the index, resume and
 exactly-once are those of shards: a unit killed half-way resumes its own ``.partial``; a finished
@@ -31,7 +31,7 @@ import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from ._sharded import ShardJob
+from .units import ShardJob
 
 __all__ = ["MIN_UNIT_ROWS", "UNITS_PER_WORKER", "Schedule", "plan_work", "static_share", "job_rows", "unit_target",
            "n_pieces"]

@@ -1,8 +1,10 @@
-"""`extract` itself: a row source -> a schema-v2 cache (parts + index), with a launcher.
+"""One extract run, typed: :class:`ExtractJob` (a config resolved), its steps, and :func:`run_extract`.
 
-Every :func:`featbank.extract` run comes here, a folder of 2,000 images as much as WebDataset
-shards under torchrun: one cache format. A schema-v1 cache at ``out`` is checked (key, damage)
-and migrated first; a cache with another key or a damaged one is refused, left untouched.
+:func:`featbank.extract` validates nothing itself: it hands its :class:`ExtractConfig` here. A run
+reads its rows (a folder, a manifest or WebDataset shards), checks the cache already at ``out``
+(key, damage; a schema-v1 cache is migrated first; another key or a damaged one is refused, left
+untouched), plans the work units (:mod:`~featbank.extraction.units`), hands them to the launcher its
+config names (:mod:`~featbank.extraction.launchers`) and reports. One cache format: schema v2.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,29 +25,113 @@ import numpy as np
 
 from ..cache import FORMAT, compute_cache_key, decode_attr, part_name, parts_dir, read_listed, rows_digest, writer_lock
 from ..errors import CacheError, ConfigError, Interrupted, NotACacheError, SkippedImagesError, SkippedImagesWarning
-from ._plan import DEFAULT_SHARD_SIZE, check_shard_size
+from ._plan import DEFAULT_SHARD_SIZE
 from ._report import ExtractReport, strict_message
+from .config import ExtractConfig
 
 if TYPE_CHECKING:
+    from ..features import FeatureSpec
     from ..sources import RowSource
+    from .launchers import ShardedReport
+    from .units import Prepared
 
-__all__ = ["ScaleOptions", "read_source", "extract_sharded", "schema_version_of"]
+__all__ = ["ExtractJob", "run_extract", "read_source", "schema_version_of"]
 
 
 @dataclass(frozen=True)
-class ScaleOptions:
-    """How a sharded run is cut and launched, and how a manifest or WebDataset input is read."""
+class ExtractJob:
+    """One extract run: its :class:`ExtractConfig` resolved (device, engine, decode, features, paths,
+    launcher), what every step and the launcher receive.
 
-    procs: int = 1
-    launcher: str | None = None
-    shard_size: int | None = None
-    finalize: bool = False
-    num_gpus: float = 0.0
-    max_retries: int = 3
-    path_column: str = "path"
-    label_column: str | None = "label"
-    split_column: str | None = "split"
-    label_from: str = "cls"
+    Attributes:
+        config: the settings as given (validated).
+        out_path: the cache file as named; ``index_path`` the file written (a symlink's target).
+        device, engine, decode: resolved from ``auto``.
+        features: the layers and views stored besides the embedding (None: the embedding alone).
+        launcher: the name of the launcher in :data:`~featbank.extraction.launchers.LAUNCHERS`.
+        on_progress: ``on_progress(done, total)``, called as rows are done.
+    """
+
+    config: ExtractConfig
+    out_path: Path
+    index_path: Path
+    device: str
+    engine: str
+    decode: str
+    features: FeatureSpec | None
+    launcher: str
+    num_workers: int
+    on_progress: Callable[[int, int], None] | None = None
+
+    @classmethod
+    def resolve(cls, config: ExtractConfig, on_progress: Callable[[int, int], None] | None = None) -> ExtractJob:
+        """Resolve ``config`` against this machine and the files (no embedding yet).
+
+        Raises:
+            ConfigError: bad layers or views, a decode the input refuses, ``out`` a folder.
+            CacheError: ``out`` is a file featbank did not write.
+        """
+        from .._device import resolve_device
+        from ..sources import is_webdataset
+        from ._cachefile import default_cache_path, refuse_foreign_file
+        from ._decode import resolve_decode
+        from ._spec import resolve_features
+        from .launchers import launcher_name
+
+        c = config
+        device = resolve_device(c.device).type
+        features = resolve_features(c.backbone, c.weights, c.weights_file, layers=c.layers, pooling=c.pooling,
+                                    views=c.views, augment=c.augment, view_seed=c.view_seed)
+        feats = None if features.is_default else features
+        decode = resolve_decode(c.decode, device, features=feats, webdataset=is_webdataset(c.data))
+        out_path = (Path(c.out).expanduser() if c.out is not None
+                    else default_cache_path(c.data, c.backbone, c.weights, c.dtype, c.weights_file))
+        if out_path.exists() and out_path.is_dir():
+            raise ConfigError(f"--out {str(out_path)!r} is a directory; give a file path such as {out_path / 'cache.h5'}.")
+        refuse_foreign_file(out_path)
+        engine = c.engine if c.engine != "auto" else ("onnxruntime" if device == "cpu" else "torch")
+        launcher = launcher_name(c)
+        return cls(c, out_path, _write_target(out_path), device, engine, decode, feats, launcher,
+                   _num_workers(c, launcher, device), on_progress)
+
+    @property
+    def distributed(self) -> bool:
+        """Ranks that may run on other hosts (torchrun, a job array's slices): no local clean-up, no migration."""
+        return self.launcher in ("torchrun", "slice")
+
+    @property
+    def rank(self) -> int:
+        if self.launcher == "torchrun":
+            return int(os.environ.get("RANK", "0"))
+        return self.config.rank if self.config.rank is not None else 0
+
+    @property
+    def world(self) -> int:
+        if self.launcher == "torchrun":
+            return _world_size()
+        return self.config.world if self.launcher == "slice" and self.config.world is not None else 1
+
+    @property
+    def holds_lock(self) -> bool:
+        """Whether this process takes ``<out>.lock``: every run but a job array's slices and torchrun's other ranks."""
+        return self.launcher != "slice" and self.rank == 0
+
+    @property
+    def shard_size(self) -> int:
+        return self.config.shard_size or DEFAULT_SHARD_SIZE
+
+
+def _num_workers(c: ExtractConfig, launcher: str, device: str) -> int:
+    """Decoding processes per worker: local worker processes are daemonic, so they may have no DataLoader children."""
+    from .._device import default_num_workers
+
+    in_worker = launcher == "local" and c.procs > 1
+    if in_worker and c.num_workers:
+        raise ConfigError(
+            f"--num-workers {c.num_workers} with --procs {c.procs}: each local worker process decodes its own "
+            "images, so --num-workers must be 0 there (or use --procs 1, or torchrun / --launcher ray)."
+        )
+    return c.num_workers if c.num_workers is not None else 0 if in_worker else default_num_workers(device)
 
 
 def _world_size() -> int:
@@ -71,17 +158,17 @@ def schema_version_of(path: Path) -> int | None:
         return None
 
 
-def read_source(data: str, scale: ScaleOptions) -> RowSource:
-    """DATA as a :class:`RowSource`: a manifest, WebDataset shards, or an image folder."""
+def read_source(config: ExtractConfig) -> RowSource:
+    """``config.data`` as a :class:`RowSource`: a manifest, WebDataset shards, or an image folder."""
     from ..sources import create_source, source_kind
 
-    kind = source_kind(data)
+    kind = source_kind(config.data)
     options: dict[str, dict[str, Any]] = {
-        "manifest": {"path_column": scale.path_column, "label_column": scale.label_column,
-                     "split_column": scale.split_column},
-        "webdataset": {"label_from": scale.label_from},
+        "manifest": {"path_column": config.path_column, "label_column": config.label_column,
+                     "split_column": config.split_column},
+        "webdataset": {"label_from": config.label_from},
     }
-    return create_source(kind, data, **options.get(kind, {}))
+    return create_source(kind, config.data, **options.get(kind, {}))
 
 
 def _write_target(out_path: Path) -> Path:
@@ -89,19 +176,19 @@ def _write_target(out_path: Path) -> Path:
     return Path(os.path.realpath(out_path)) if out_path.is_symlink() else out_path
 
 
-def _run_identity(opts: Any) -> tuple[dict[str, Any], str, dict[str, Any]]:
+def _run_identity(job: ExtractJob) -> tuple[dict[str, Any], str, dict[str, Any]]:
     """(backbone identity, cache key, what the key covers) of this run's settings."""
     from .._device import precision_name
     from ..backbones import identity_with_window
-    from ._sharded import identity_of
+    from .units import identity_of
 
-    weights_file = str(opts.weights_file) if opts.weights_file is not None else None
-    identity = identity_with_window(identity_of(opts.backbone, opts.weights, weights_file), opts.window)
-    precision = precision_name(opts.device.split(":")[0])
-    features = opts.features.key_part() if opts.features is not None else None
-    decode = getattr(opts, "decode", "pillow")
-    wanted = {**identity, "dtype": opts.dtype, "precision": precision, "features": features or {}, "decode": decode}
-    return identity, compute_cache_key(identity, opts.dtype, precision, features, decode), wanted
+    c = job.config
+    identity = identity_with_window(identity_of(c.backbone, c.weights, c.weights_file), c.window)
+    precision = precision_name(job.device.split(":")[0])
+    features = job.features.key_part() if job.features is not None else None
+    decode, dtype = job.decode, c.dtype
+    wanted = {**identity, "dtype": dtype, "precision": precision, "features": features or {}, "decode": decode}
+    return identity, compute_cache_key(identity, dtype, precision, features, decode), wanted
 
 
 def _raw_metadata(path: Path) -> dict[str, Any]:
@@ -141,17 +228,18 @@ def _check_existing(index_path: Path, key: str, wanted: dict[str, Any]) -> None:
     check_key(index_path, str(meta.get("cache_key", "")), meta, key, wanted)
 
 
-def _migrate_or_refuse(index_path: Path, shard_size: int, torchrun: bool) -> None:
-    """A schema-v1 cache at ``index_path`` (its key already checked) becomes a v2 index; under torchrun, refuse."""
-    from ._sharded import migrate_v1
+def _migrate_or_refuse(index_path: Path, shard_size: int, distributed: bool) -> None:
+    """A schema-v1 cache at ``index_path`` (its key already checked) becomes a v2 index; under torchrun or in a
+    job array's slice, refuse."""
+    from .units import migrate_v1
 
     if schema_version_of(index_path) != 1:
         return
-    if torchrun:
+    if distributed:
         raise CacheError(
-            f"{str(index_path)!r} is a schema-v1 cache; torchrun ranks do not migrate it. Run "
+            f"{str(index_path)!r} is a schema-v1 cache; torchrun ranks and job-array slices do not migrate it. Run "
             f"'featbank extract DATA --out {index_path} --shard-size {shard_size}' once (it migrates the file "
-            "to schema v2 without embedding anything new that is unchanged), then start torchrun again."
+            "to schema v2 without embedding anything new that is unchanged), then start the ranks again."
         )
     migrate_v1(index_path, shard_size=shard_size)
 
@@ -179,7 +267,7 @@ def _drop_replaced_parts(index_path: Path, key: str) -> None:
             p.unlink(missing_ok=True)
 
 
-def _up_to_date(prep: Any) -> bool:
+def _up_to_date(prep: Prepared) -> bool:
     """No job left and the published index already lists exactly the planned parts and attributes."""
     if prep.jobs or not prep.index_path.is_file():
         return False
@@ -195,7 +283,7 @@ def _up_to_date(prep: Any) -> bool:
     return names == want and same_attrs and complete and listed == [(k, r, tuple(fp)) for k, r, fp in prep.skipped]
 
 
-def _run_bytes(prep: Any, dtype: str) -> tuple[list[int], int]:
+def _run_bytes(prep: Prepared, dtype: str) -> tuple[list[int], int]:
     """Estimated sizes of the parts this run writes (layers and views included) and of the index."""
     from ..cache import estimate_bytes, feature_values_per_row
 
@@ -208,7 +296,7 @@ def _run_bytes(prep: Any, dtype: str) -> tuple[list[int], int]:
     return sizes, (64 << 10) + (1024 + 256 * len(extra)) * len(prep.planned)
 
 
-def _check_space(prep: Any, index_path: Path, dtype: str) -> None:
+def _check_space(prep: Prepared, index_path: Path, dtype: str) -> None:
     """Refuse before writing when the parts this run writes (and the index) do not fit: disk or ulimit -f."""
     from ..cache import check_space
 
@@ -224,12 +312,12 @@ def _check_space(prep: Any, index_path: Path, dtype: str) -> None:
 class _Progress:
     """The progress bar (stderr) and ``on_progress(done, total)`` over the rows of this run's shards."""
 
-    def __init__(self, prep: Any, opts: Any):
+    def __init__(self, prep: Prepared, job: ExtractJob):
         self.total = sum(len(j.rows) for j in prep.jobs)
         self.done = 0
-        self.on_progress = opts.on_progress
+        self.on_progress = job.on_progress
         self.bar = None
-        if opts.progress and self.total:
+        if job.config.progress and self.total:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=self.total, unit="img", desc="extract", dynamic_ncols=True, smoothing=0.1,
@@ -249,10 +337,10 @@ class _Progress:
             self.bar.close()
 
 
-def _counts(prep: Any, rank: int = 0, world: int = 1) -> dict[str, int]:
+def _counts(prep: Prepared, rank: int = 0, world: int = 1) -> dict[str, int]:
     """Rows of the parts the jobs of ``rank`` (all jobs when ``world`` is 1) wrote: embedded (tried),
     reused from old parts, resumed from an interrupted run."""
-    from ._launch import rank_shards
+    from .launchers import rank_shards
 
     out = {"embedded": 0, "reused": 0, "resumed": 0, "tried": 0}
     folder = parts_dir(prep.index_path)
@@ -284,7 +372,7 @@ def _skipped(index_path: Path) -> list[tuple[str, str]]:
     return sorted(out + [(str(k), str(r)) for k, r, *_ in listed])
 
 
-def _old_rows_dropped(index_path: Path, prep: Any) -> int:
+def _old_rows_dropped(index_path: Path, prep: Prepared) -> int:
     """Rows of the published index that live in parts this run replaces (before subtracting the reused)."""
     from ..cache import read_parts_table
 
@@ -298,85 +386,84 @@ def _old_rows_dropped(index_path: Path, prep: Any) -> int:
     return sum(p.n_rows for p in table if p.name not in keep)
 
 
-def extract_sharded(data: str, out_path: Path, opts: Any, scale: ScaleOptions, t0: float) -> ExtractReport:
-    """Run one extraction of ``data`` into the schema-v2 cache ``out_path`` (see :func:`featbank.extract`)."""
-    from ._cachefile import remove_dead_part_temporaries, remove_stale_temporaries
-    from ._launch import resolve_launcher, run_prepared
-    from ._sharded import reset_engines
+def run_extract(config: ExtractConfig, on_progress: Callable[[int, int], None] | None = None) -> ExtractReport:
+    """Run one extraction (see :func:`featbank.extract`, which documents what it raises)."""
+    t0 = time.perf_counter()
+    from .units import reset_engines
 
+    job = ExtractJob.resolve(config, on_progress)
     reset_engines()
-    launcher = resolve_launcher(scale.launcher or "auto")
-    torchrun = launcher == "torchrun"
-    if scale.shard_size is not None:
-        check_shard_size(scale.shard_size)
-    shard_size = scale.shard_size or DEFAULT_SHARD_SIZE
-    rank = int(os.environ.get("RANK", "0")) if torchrun else 0
-    index_path = _write_target(out_path)
-    with writer_lock(index_path) if rank == 0 else nullcontext():  # the lock names a folder it cannot create
-        index_path.parent.mkdir(parents=True, exist_ok=True)
-        if rank == 0:
-            remove_stale_temporaries(index_path)
-            if not torchrun:  # torchrun ranks may run on other hosts, whose pids this one cannot see
-                remove_dead_part_temporaries(parts_dir(index_path))
-        source = read_source(data, scale)
-        identity, key, wanted = _run_identity(opts)
-        if not opts.overwrite:
-            _check_existing(index_path, key, wanted)
-            _migrate_or_refuse(index_path, shard_size, torchrun)
-        elif rank == 0:
-            _drop_replaced_parts(index_path, key)
-        prep = _prepare(source, index_path, opts, scale, launcher, shard_size, identity)
-        report = ExtractReport(path=out_path, cache_key=prep.key, n_duplicates=len(source.duplicates))
-        dropped = _old_rows_dropped(index_path, prep) if not opts.overwrite else 0
-        if not scale.finalize and not opts.overwrite and _up_to_date(prep):
+    with writer_lock(job.index_path) if job.holds_lock else nullcontext():  # the lock names a folder it cannot create
+        job.index_path.parent.mkdir(parents=True, exist_ok=True)
+        prep, report, dropped = _plan_run(job)
+        if not config.finalize and not config.overwrite and _up_to_date(prep):
             report.up_to_date = True
         else:
-            if not scale.finalize and rank == 0:
-                _check_space(prep, index_path, opts.dtype)
-            progress = _Progress(prep, opts) if rank == 0 and not scale.finalize else None
-            try:
-                sharded = run_prepared(prep, launcher=launcher, procs=scale.procs, num_gpus=scale.num_gpus,
-                                       max_retries=scale.max_retries, finalize_only=scale.finalize, on_rows=progress)
-            except KeyboardInterrupt:
-                raise Interrupted(
-                    f"Interrupted: finished parts and the rows embedded so far are kept in {parts_dir(index_path)}. "
-                    "Run the same command again to resume."
-                ) from None
-            finally:
-                if progress is not None:
-                    progress.close()
-            if not sharded.published:  # a torchrun rank other than 0: rank 0 publishes
-                c = _counts(prep, rank, _world_size())
-                report.n_embedded, report.n_reused, report.n_resumed = c["embedded"], c["reused"], c["resumed"]
-                report.model_loaded = c["tried"] > 0
-                report.n_images = sum(p.n_rows for p in prep.planned)
-                report.seconds = time.perf_counter() - t0
-                return report
-    return _finish_report(report, prep, t0, opts, scale.finalize, dropped)
+            sharded = _launch(job, prep)
+            if not sharded.published:  # a torchrun rank other than 0, a job array's slice: others publish
+                return _rank_report(report, prep, job, t0)
+    return _finish_report(report, prep, t0, job, dropped)
 
 
-def _prepare(source: Any, index_path: Path, opts: Any, scale: ScaleOptions, launcher: str, shard_size: int,
-             identity: dict[str, Any]) -> Any:
-    from .._device import default_num_workers
-    from ._sharded import prepare
+def _plan_run(job: ExtractJob) -> tuple[Prepared, ExtractReport, int]:
+    """Clean up, check the cache at ``out``, plan the run: (prepared plan, report to fill, rows dropped)."""
+    from ._cachefile import remove_dead_part_temporaries, remove_stale_temporaries
+    from .units import prepare
 
-    in_worker = launcher == "local" and scale.procs > 1  # local workers are daemonic: no DataLoader children
-    if in_worker and opts.num_workers:
-        raise ConfigError(
-            f"--num-workers {opts.num_workers} with --procs {scale.procs}: each local worker process decodes its own "
-            "images, so --num-workers must be 0 there (or use --procs 1, or torchrun / --launcher ray)."
-        )
-    workers = opts.num_workers if opts.num_workers is not None else 0 if in_worker else default_num_workers(opts.device)
-    engine = opts.engine if opts.engine != "auto" else ("onnxruntime" if opts.device == "cpu" else "torch")
-    weights_file = str(opts.weights_file) if opts.weights_file is not None else None
-    return prepare(source, index_path, backbone=opts.backbone, weights=opts.weights, weights_file=weights_file,
-                   engine=engine, device=opts.device, dtype=opts.dtype, batch_size=opts.batch_size,
-                   num_workers=workers, shard_size=shard_size, overwrite=opts.overwrite, features=opts.features,
-                   identity=identity, decode=getattr(opts, "decode", "pillow"))
+    c, index_path = job.config, job.index_path
+    if job.holds_lock:
+        remove_stale_temporaries(index_path)
+        if not job.distributed:  # torchrun ranks may run on other hosts, whose pids this one cannot see
+            remove_dead_part_temporaries(parts_dir(index_path))
+    source = read_source(c)
+    identity, key, wanted = _run_identity(job)
+    if not c.overwrite:
+        _check_existing(index_path, key, wanted)
+        _migrate_or_refuse(index_path, job.shard_size, job.distributed)
+    elif job.rank == 0:
+        _drop_replaced_parts(index_path, key)
+    prep = prepare(source, job, identity)
+    report = ExtractReport(path=job.out_path, cache_key=prep.key, n_duplicates=len(source.duplicates))
+    dropped = _old_rows_dropped(index_path, prep) if not c.overwrite else 0
+    return prep, report, dropped
 
 
-def _finish_report(report: ExtractReport, prep: Any, t0: float, opts: Any, finalize_only: bool,
-                   dropped: int) -> ExtractReport:
+def _launch(job: ExtractJob, prep: Prepared) -> ShardedReport:
+    """Hand the planned work to the job's launcher; Ctrl-C keeps what is done."""
+    from .launchers import get_launcher
+
+    c = job.config
+    lead = job.rank == 0 and not c.finalize and job.launcher != "slice"
+    if lead:
+        _check_space(prep, job.index_path, c.dtype)
+    progress = _Progress(prep, job) if lead else None
+    try:
+        return get_launcher(job.launcher).run(prep, c, progress)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"Interrupted: finished parts and the rows embedded so far are kept in {parts_dir(job.index_path)}. "
+            "Run the same command again to resume."
+        ) from None
+    finally:
+        if progress is not None:
+            progress.close()
+
+
+def _rank_report(report: ExtractReport, prep: Prepared, job: ExtractJob, t0: float) -> ExtractReport:
+    """The report of a rank that publishes nothing: the rows of the parts it wrote."""
+    c = _counts(prep, job.rank, job.world)
+    report.n_embedded, report.n_reused, report.n_resumed = c["embedded"], c["reused"], c["resumed"]
+    report.model_loaded = c["tried"] > 0
+    report.n_images = sum(p.n_rows for p in prep.planned)
+    report.published = False
+    if job.launcher == "slice":
+        report.slice_of = (job.rank, job.world)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _finish_report(report: ExtractReport, prep: Prepared, t0: float, job: ExtractJob, dropped: int) -> ExtractReport:
+    finalize_only = job.config.finalize
     with h5py.File(prep.index_path, "r") as f:
         n_rows = int(f["embeddings"].shape[0])
     report.skipped = _skipped(prep.index_path)
@@ -398,6 +485,6 @@ def _finish_report(report: ExtractReport, prep: Any, t0: float, opts: Any, final
             f"{report.n_skipped} image(s) could not be read and were skipped; they are listed in "
             f"{report.path} under skipped/.", SkippedImagesWarning, stacklevel=4,
         )
-    if opts.strict and report.skipped:
+    if job.config.strict and report.skipped:
         raise SkippedImagesError(strict_message(report))
     return report

@@ -1,9 +1,10 @@
-"""Launchers for sharded extraction, on existing engines: local processes, torchrun, Ray Core tasks.
+"""Launchers: who runs the work units of a run. One :class:`Launcher` interface, picked by name from
+:data:`LAUNCHERS` (``local``, ``torchrun``, ``ray``; ``slice`` and ``finalize`` for a job array).
 
 Every launcher hands out the same schedule (:mod:`~featbank.extraction._schedule`: shards cut into
 equal work units, each shard's merge after its units), runs the same
-:func:`~featbank.extraction._sharded.run_job` per job and the same
-:func:`~featbank.extraction._sharded.finalize` once; they differ only in who runs which job:
+:func:`~featbank.extraction.units.run_job` per job and the same
+:func:`~featbank.extraction.units.finalize` once; they differ only in who runs which job:
 
 - ``local``: ``procs`` spawned processes (one per GPU, each pinned to its device, when GPUs are
   used), each asking the parent for the next job when it is free. The parent hands out work over
@@ -12,9 +13,11 @@ equal work units, each shard's merge after its units), runs the same
 - ``torchrun``: every rank computes the same schedule and takes its share (longest first onto the
   least-loaded rank); after a barrier each rank merges the split shards whose id ≡ rank (mod world
   size). The process group carries only barriers and a failure count (gloo, also on GPUs: no
-  tensor crosses processes), then rank 0 publishes the index. Ranks run as separate jobs (a Slurm
-  array) publish nothing; ``finalize_only`` gathers their units into parts and publishes once they
-  are all done.
+  tensor crosses processes), then rank 0 publishes the index.
+- ``slice``: one job of a job array (``--rank R --world W``, e.g. one Slurm array task) runs its
+  share of the work, computed as under torchrun, and publishes nothing; ranks run at any time and
+  in any order. ``finalize`` then gathers the slices' units into parts (copies, no embedding) and
+  publishes the index.
 - ``ray``: one Ray Core task per unit or shard (``num_gpus``, ``max_retries``), a merge task once
   a shard's units are done, on an existing cluster (``ray.init(address="auto")``) or a local one.
   Not Ray Data writers: they reorder blocks and their checkpointing is beta; here a retried task
@@ -31,19 +34,25 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..cache import PartInfo
 from ..errors import CacheError, ConfigError, FeatbankError
 from ._schedule import Schedule, plan_work, static_share
-from ._sharded import Prepared, ShardJob, finalize, run_job, run_shard
+from .units import Prepared, ShardJob, final_part, finalize, run_job, run_shard
+
+if TYPE_CHECKING:
+    from .config import ExtractConfig
 
 __all__ = [
-    "LAUNCHERS", "ShardedReport", "resolve_launcher", "run_local", "run_slice", "run_torchrun", "run_ray", "run_prepared",
-    "rank_shards",
+    "LAUNCHERS", "Launcher", "LocalLauncher", "TorchrunLauncher", "RayLauncher", "SliceLauncher", "FinalizeLauncher",
+    "RowsCallback", "ShardedReport", "JOB_ARRAY_LAUNCHERS", "register_launcher", "get_launcher", "launcher_choices",
+    "launcher_name",
+    "resolve_launcher", "run_local", "run_slice", "run_torchrun", "run_ray", "run_prepared", "rank_shards",
 ]
 
-LAUNCHERS = ("auto", "local", "torchrun", "ray")
+#: ``on_rows(n)``: n more rows are done (progress).
+RowsCallback = Callable[[int], None]
 
 
 @dataclass
@@ -60,13 +69,66 @@ class ShardedReport:
     parts: list[PartInfo] = field(default_factory=list)
 
 
+class Launcher(Protocol):
+    """Runs the jobs of a prepared plan (:func:`~featbank.extraction.units.prepare`) and, unless it is one
+    rank among several, publishes the index."""
+
+    def run(self, prepared: Prepared, config: ExtractConfig, on_rows: RowsCallback | None = None) -> ShardedReport:
+        """Run ``prepared``'s jobs as ``config`` says (``procs``, ``num_gpus``, ``max_retries``, ``rank``, ``world``)."""
+        ...
+
+
+#: Launchers by name; :func:`register_launcher` adds one.
+LAUNCHERS: dict[str, Launcher] = {}
+
+
+def register_launcher(name: str) -> Callable[[type], type]:
+    """Class decorator: register an instance of the class under ``name`` in :data:`LAUNCHERS`."""
+
+    def add(cls: type) -> type:
+        LAUNCHERS[name] = cls()
+        return cls
+
+    return add
+
+
+def get_launcher(name: str) -> Launcher:
+    """The launcher registered as ``name``.
+
+    Raises:
+        ConfigError: no launcher has that name.
+    """
+    if name not in LAUNCHERS:
+        raise ConfigError(f"Unknown launcher {name!r}. Registered launchers: {sorted(LAUNCHERS)}.")
+    return LAUNCHERS[name]
+
+
+#: Launchers a job array's options pick (``--rank``, ``--finalize``), never ``--launcher``.
+JOB_ARRAY_LAUNCHERS = ("slice", "finalize")
+
+
+def launcher_choices() -> tuple[str, ...]:
+    """What ``launcher`` may name: ``auto`` and every registered launcher but the job array's."""
+    return ("auto", *(n for n in LAUNCHERS if n not in JOB_ARRAY_LAUNCHERS))
+
+
 def resolve_launcher(launcher: str) -> str:
     """``auto`` -> ``torchrun`` when torchrun's environment is set (``WORLD_SIZE`` > 1), else ``local``."""
-    if launcher not in LAUNCHERS:
-        raise ConfigError(f"The 'launcher' parameter must be one of {LAUNCHERS}. Got {launcher!r} instead.")
+    if launcher not in launcher_choices():
+        raise ConfigError(f"The 'launcher' parameter must be one of {launcher_choices()} (a job array: --rank R "
+                          f"--world W, then --finalize). Got {launcher!r} instead.")
     if launcher == "auto":
         return "torchrun" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "local"
     return launcher
+
+
+def launcher_name(config: ExtractConfig) -> str:
+    """The launcher a config asks for: ``finalize``, ``slice`` (``rank`` given), else ``--launcher`` resolved."""
+    if config.finalize:
+        return "finalize"
+    if config.rank is not None:
+        return "slice"
+    return resolve_launcher(config.launcher or "auto")
 
 
 def _pinned(job: ShardJob, slot: int, n_gpu: int) -> ShardJob:
@@ -281,18 +343,46 @@ def _planned(prepared: Prepared) -> list[tuple[int, int]]:
     return [(p.shard_id, p.n_rows) for p in prepared.planned]
 
 
-def _finalize_only(prepared: Prepared) -> list[PartInfo]:
+def _finalize_only(prepared: Prepared, world: int | None = None) -> list[PartInfo]:
     """Gather the work units of separate jobs into parts (copies, no embedding), then publish.
 
-    A shard some job did not finish stays without a part, and :func:`finalize` lists every such shard.
+    Raises:
+        CacheError: a shard has no finished part and no units to gather (a slice did not run or did
+            not finish): every such shard and, given ``world``, the ranks that owe it; nothing is published.
     """
+    missing = []
     for job in prepared.jobs:
         if any(Path(job.folder).glob(f".part-{job.shard_id:06d}-*.h5.unit")):
             try:
                 run_shard(job, embed=False)
-            except CacheError:
                 continue
+            except CacheError:
+                pass
+        if job.replace_damaged or not final_part(job).exists():
+            missing.append(job.shard_id)
+    if missing:
+        raise CacheError(_missing_message(prepared, missing, world))
     return finalize(prepared)
+
+
+def _missing_message(prepared: Prepared, missing: list[int], world: int | None) -> str:
+    lines = [f"--finalize: {len(missing)} shard(s) of {len(prepared.planned)} have no finished part, so slices of the "
+             "job array have not run or not finished. Nothing was published."]
+    lines += [f"  shard {sid}: no part" for sid in missing[:20]]
+    if len(missing) > 20:
+        lines.append(f"  ... and {len(missing) - 20} more")
+    if world is not None and world <= 4096:
+        ranks = _owing_ranks(prepared, set(missing), world)
+        lines.append(f"Ranks that owe them (of --world {world}): {', '.join(map(str, ranks))}.")
+    lines.append("Run the missing slices ('featbank extract DATA --out CACHE --rank R --world W'; a rerun of a "
+                 "finished slice costs nothing), then '--finalize' again.")
+    return "\n".join(lines)
+
+
+def _owing_ranks(prepared: Prepared, missing: set[int], world: int) -> list[int]:
+    schedule = plan_work(prepared.jobs, world, _total_rows(prepared))
+    return [r for r in range(world)
+            if any(j.shard_id in missing for j in static_share(schedule, _planned(prepared), world, r))]
 
 
 def run_torchrun(prepared: Prepared, *, publish: bool = True) -> ShardedReport:
@@ -435,29 +525,75 @@ def run_ray(jobs: Sequence[ShardJob], *, num_cpus: int = 2, num_gpus: float = 0.
     return parts
 
 
+def _published(prepared: Prepared, n_written: int) -> ShardedReport:
+    report = ShardedReport(prepared.index_path, len(prepared.planned), n_written)
+    report.parts, report.published = finalize(prepared), True
+    return report
+
+
+@register_launcher("local")
+class LocalLauncher:
+    """``procs`` spawned processes on this machine (this process alone when ``procs`` is 1)."""
+
+    def run(self, prepared: Prepared, config: ExtractConfig, on_rows: RowsCallback | None = None) -> ShardedReport:
+        run_local(prepared.jobs, config.procs, on_rows, _total_rows(prepared))
+        return _published(prepared, len(prepared.jobs))
+
+
+@register_launcher("ray")
+class RayLauncher:
+    """One Ray Core task per work unit or shard."""
+
+    def run(self, prepared: Prepared, config: ExtractConfig, on_rows: RowsCallback | None = None) -> ShardedReport:
+        run_ray(prepared.jobs, num_cpus=max(config.procs, 2), num_gpus=config.num_gpus, max_retries=config.max_retries,
+                on_rows=on_rows, procs=config.procs, total_rows=_total_rows(prepared))
+        return _published(prepared, len(prepared.jobs))
+
+
+@register_launcher("torchrun")
+class TorchrunLauncher:
+    """This torchrun rank's share; rank 0 publishes."""
+
+    def run(self, prepared: Prepared, config: ExtractConfig, on_rows: RowsCallback | None = None) -> ShardedReport:
+        return run_torchrun(prepared)
+
+
+@register_launcher("slice")
+class SliceLauncher:
+    """Slice ``config.rank`` of ``config.world`` of a job array; publishes nothing."""
+
+    def run(self, prepared: Prepared, config: ExtractConfig, on_rows: RowsCallback | None = None) -> ShardedReport:
+        rank, world = config.rank, config.world
+        if rank is None or world is None:
+            raise ConfigError("The slice launcher needs a rank and a world size (--rank R --world W).")
+        parts = run_slice(prepared, rank, world)
+        return ShardedReport(prepared.index_path, len(prepared.planned), len(parts), parts=parts)
+
+
+@register_launcher("finalize")
+class FinalizeLauncher:
+    """Embeds nothing: gathers the work a job array's slices left into parts, then publishes."""
+
+    def run(self, prepared: Prepared, config: ExtractConfig, on_rows: RowsCallback | None = None) -> ShardedReport:
+        report = ShardedReport(prepared.index_path, len(prepared.planned), 0)
+        report.parts, report.published = _finalize_only(prepared, config.world), True
+        return report
+
+
 def run_prepared(prepared: Prepared, *, launcher: str = "local", procs: int = 1, num_gpus: float = 0.0,
                  max_retries: int = 3, finalize_only: bool = False,
-                 on_rows: Callable[[int], None] | None = None) -> ShardedReport:
+                 on_rows: RowsCallback | None = None) -> ShardedReport:
     """Run a prepared plan with a launcher and publish the index (rank 0 only under torchrun).
 
     ``finalize_only`` runs no shard: it checks the parts that separate jobs wrote and publishes.
     ``on_rows(n)`` reports progress (local and Ray launchers).
     """
+    from .config import ExtractConfig
+
     t0 = time.perf_counter()
-    launcher = resolve_launcher(launcher)
-    if finalize_only:
-        report = ShardedReport(prepared.index_path, len(prepared.planned), 0)
-        report.parts, report.published = _finalize_only(prepared), True
-    elif launcher == "torchrun":
-        report = run_torchrun(prepared)
-    else:
-        if launcher == "ray":
-            run_ray(prepared.jobs, num_cpus=max(procs, 2), num_gpus=num_gpus, max_retries=max_retries, on_rows=on_rows,
-                    procs=procs, total_rows=_total_rows(prepared))
-        else:
-            run_local(prepared.jobs, procs, on_rows, _total_rows(prepared))
-        report = ShardedReport(prepared.index_path, len(prepared.planned), len(prepared.jobs))
-        report.parts, report.published = finalize(prepared), True
+    name = "finalize" if finalize_only else resolve_launcher(launcher)
+    config = ExtractConfig(str(prepared.attrs["root"]), procs=procs, num_gpus=num_gpus, max_retries=max_retries)
+    report = get_launcher(name).run(prepared, config, on_rows)
     report.n_rows = sum(p.n_rows for p in report.parts)
     report.n_skipped = sum(p.n_skipped for p in report.parts) + len(prepared.skipped)
     report.seconds = time.perf_counter() - t0

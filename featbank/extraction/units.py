@@ -1,6 +1,6 @@
-"""Sharded extraction into a schema-v2 cache: plan shards, embed each into a part, publish the index.
+"""Work units: plan the shards of a run, embed a shard or a unit of one into a part, merge, publish the index.
 
-One function per step so every launcher runs the same code: :func:`prepare` (scan, key, plan, the
+The steps every launcher (:mod:`~featbank.extraction.launchers`) runs, the same in each: :func:`prepare` (scan, key, plan, the
 jobs still to do; deterministic, so every torchrun rank computes the same), :func:`run_shard`
 (one shard -> one part, resumable, skipping a part already published), :func:`finalize` (check
 every planned part and publish the index, then drop parts no index refers to).
@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
@@ -43,8 +43,13 @@ from ..sources import RowSource, TarImages
 from ._cachefile import remove_dead_part_temporaries
 from ._plan import DEFAULT_SHARD_SIZE, Plan, assign_rows, plan_shards, plan_tars, replan
 
+if TYPE_CHECKING:
+    from ..features import FeatureSpec
+    from ._engines import Engine
+    from .job import ExtractJob
+
 __all__ = ["RowSource", "WorkerSettings", "ShardJob", "Prepared", "prepare", "run_shard", "run_unit", "run_job",
-           "finalize", "migrate_v1", "reset_engines", "UNIT_ATTR", "unit_path"]
+           "finalize", "final_part", "migrate_v1", "reset_engines", "UNIT_ATTR", "unit_path"]
 
 #: Attribute of a work unit's ``.partial``: the name of the part its rows are for.
 UNIT_ATTR = "unit_of"
@@ -65,7 +70,7 @@ class WorkerSettings:
     num_workers: int
     embed_dim: int
     transform: dict[str, Any]
-    features: Any = None  # FeatureSpec of a run with layers or views (None: the embedding alone)
+    features: FeatureSpec | None = None  # a run with layers or views (None: the embedding alone)
     decode: str = "pillow"  # "gpu": JPEGs decoded and resized as tensors on the device (_decode)
 
 
@@ -113,7 +118,8 @@ def identity_of(backbone: str, weights: str | None, weights_file: str | None) ->
     return ident if ident is not None else load_backbone(backbone, weights, weights_file).identity()
 
 
-def _old_plan(index_path: Path, key: str, overwrite: bool, features: Any = None, key_for: Any = None) -> Plan | None:
+def _old_plan(index_path: Path, key: str, overwrite: bool, features: FeatureSpec | None = None,
+              key_for: Callable[[dict[str, Any]], str] | None = None) -> Plan | None:
     if not index_path.exists() or overwrite:
         return None
     try:
@@ -144,30 +150,27 @@ def _old_plan(index_path: Path, key: str, overwrite: bool, features: Any = None,
     return Plan.from_json(plan) if plan else None
 
 
-def prepare(
-    source: RowSource, index_path: Path, *, backbone: str, weights: str | None = None,
-    weights_file: str | None = None, engine: str = "torch", device: str = "cpu", dtype: str = "float32",
-    batch_size: int = 32, num_workers: int = 0, shard_size: int = DEFAULT_SHARD_SIZE, overwrite: bool = False,
-    features: Any = None, identity: dict[str, Any] | None = None, decode: str = "pillow",
-) -> Prepared:
+def prepare(source: RowSource, job: ExtractJob, identity: dict[str, Any] | None = None) -> Prepared:
     """Plan the run: the cache key, the shards (keeping an existing index's boundaries), the jobs left.
 
-    A shard needs a job when its part for exactly its planned rows is not yet published.
-    ``features`` (a ``FeatureSpec`` from ``resolve_features``) adds layers and views.
-    ``identity``: the backbone's identity when the caller already has it (else resolved here,
-    which may build the model). ``decode``: ``pillow`` or ``gpu`` (resolved, see ``_decode``).
+    A shard needs a job when its part for exactly its planned rows is not yet published. ``job``
+    (an :class:`~featbank.extraction.job.ExtractJob`) gives the settings, resolved, and the index path;
+    its config is recorded in the index's attributes. ``identity``: the backbone's identity when the
+    caller already has it (else resolved here, which may build the model).
 
     Raises:
         CacheKeyMismatch: the existing index was made with other settings.
         CacheError: ``index_path`` is not a schema-v2 index (and ``overwrite`` is not set).
     """
     from .._device import precision_name
+    from ..backbones import identity_with_window
+    from .config import CONFIG_ATTR
 
-    index_path = Path(index_path)
-    precision = precision_name(device.split(":")[0])
-    identity = identity if identity is not None else identity_of(backbone, weights, weights_file)
-    if features is not None and features.is_default:
-        features = None
+    c = job.config
+    index_path, overwrite, features, decode, dtype = job.index_path, c.overwrite, job.features, job.decode, c.dtype
+    precision = precision_name(job.device.split(":")[0])
+    if identity is None:
+        identity = identity_with_window(identity_of(c.backbone, c.weights, c.weights_file), c.window)
     if decode != "pillow":
         from ._decode import check_decode_transform
 
@@ -183,9 +186,10 @@ def prepare(
     elif old is not None and old.kind == "range":
         plan = replan(old, source.keys)
     else:
-        plan = plan_shards(source.keys, shard_size)
-    settings = WorkerSettings(backbone, weights, weights_file, engine, device, precision, dtype, batch_size,
-                              num_workers, int(identity["embed_dim"]), identity["transform"], features, decode)
+        plan = plan_shards(source.keys, job.shard_size)
+    settings = WorkerSettings(c.backbone, c.weights, c.weights_file, job.engine, job.device, precision, dtype,
+                              c.batch_size, job.num_workers, int(identity["embed_dim"]), identity["transform"], features,
+                              decode)
     folder = parts_dir(index_path)
     where = assign_rows(plan, source.keys) if plan.kind == "range" else _tar_rows(plan, source)
     planned, planned_paths, jobs = [], {}, []
@@ -209,14 +213,19 @@ def prepare(
                                  list(source.classes), source.layout, settings, reuse, damaged, earlier_units=earlier))
     attrs = {
         **{k: identity[k] for k in ("backbone", "weights", "weights_sha256", "transform")},
-        "precision": precision, "engine": engine, "device": device, "root": str(source.root),
+        "precision": precision, "engine": job.engine, "device": job.device, "root": str(source.root),
         "layout": source.layout, "classes_json": json.dumps(list(source.classes)), "updated": timestamp(),
         "complete": True, "shard_size": plan.shard_size, "decode": decode,
-        **(features.to_attrs() if features is not None else {}),
+        **(features.to_attrs() if features is not None else {}), CONFIG_ATTR: c.to_json(),
     }
     extra = tuple(features.datasets()) if features is not None else ()
     return Prepared(index_path, key, plan, planned, planned_paths, jobs, list(source.classes), attrs, list(source.skipped),
                     ROW_DATASETS + extra)
+
+
+def final_part(job: ShardJob) -> Path:
+    """Where the part of ``job``'s shard lies once published (its name: shard id and rows digest)."""
+    return Path(job.folder) / part_name(job.shard_id, rows_digest(job.rows, job.classes))
 
 
 def _stat(path: Path) -> tuple[int, int]:
@@ -242,10 +251,10 @@ def _tar_rows(plan: Plan, source: RowSource) -> np.ndarray:
     return np.array([pos[m.partition("\0")[0]] for m in source.members], np.int64).reshape(-1)
 
 
-_ENGINES: dict[tuple[Any, ...], Any] = {}
+_ENGINES: dict[tuple[object, ...], Engine] = {}
 
 
-def _engine(settings: WorkerSettings) -> Any:
+def _engine(settings: WorkerSettings) -> Engine:
     """One engine per process and settings, so a worker that runs many shards builds it once."""
     k = (settings.backbone, settings.weights, settings.weights_file, settings.engine, settings.device, settings.precision,
          settings.features)
