@@ -11,7 +11,7 @@ How each figure is counted:
   inside a function, except under ``if TYPE_CHECKING:``. The longest chain is the longest path of
   rooms along arrows (rooms in a circle count once); it is the number of floors.
 - **circles**: groups of two or more modules (inside any package) that import each other, arrows
-  counted as above.
+  counted as above; and, apart, groups of two or more rooms that do.
 - **private imports**: imports of another package's underscore module (``featbank.cache._index``
   from outside ``featbank/cache/``), in ``featbank/`` and in ``cli/``.
 - **Any-typed core parameters**: function parameters annotated ``Any`` (or ``Any | None``) whose name
@@ -169,7 +169,7 @@ def strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
     return groups
 
 
-def longest_chain(graph: dict[str, set[str]]) -> list[str]:
+def room_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
     rooms: dict[str, set[str]] = defaultdict(set)
     for module, targets in graph.items():
         src = room_of(module)
@@ -179,6 +179,11 @@ def longest_chain(graph: dict[str, set[str]]) -> list[str]:
             dst = room_of(target)
             if dst and dst != src and target != "featbank":
                 rooms[src].add(dst)
+    return rooms
+
+
+def longest_chain(graph: dict[str, set[str]]) -> list[str]:
+    rooms = room_graph(graph)
     groups = strongly_connected(rooms)
     group_of = {room: tuple(sorted(g)) for g in groups for room in g}
     dag: dict[tuple, set[tuple]] = defaultdict(set)
@@ -257,18 +262,19 @@ def main() -> int:
     graph, private = module_graph(sources)
     chain = longest_chain(graph)
     circles = [sorted(g) for g in strongly_connected(graph) if len(g) > 1]
+    room_circles = [sorted(g) for g in strongly_connected(room_graph(graph)) if len(g) > 1]
     in_featbank = [p for p in private if p[0].startswith("featbank/")]
     in_cli = [p for p in private if p[0].startswith("cli/")]
     anys = any_core_params(sources)
     kinds = kind_branches(sources)
     print(f"longest import chain (rooms): {len(chain)}  {' -> '.join(chain)}")
-    print(f"circles:                      {len(circles)}")
+    print(f"circles:                      {len(circles)} of modules, {len(room_circles)} of rooms")
     print(f"private imports:              {len(in_featbank)} in featbank/, {len(in_cli)} in cli/")
     print(f"Any-typed core parameters:    {len(anys)}")
     print(f"head-kind string branches:    {len(kinds)}")
     print(f"README lines:                 {readme_lines()}")
     if opts.list:
-        for group in circles:
+        for group in circles + room_circles:
             print("circle:", " <-> ".join(group))
         for where, _, target in private:
             print("private:", where, "->", target)

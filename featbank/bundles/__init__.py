@@ -3,16 +3,16 @@
 The rooms: :mod:`~featbank.bundles.bundle` (the opened :class:`Bundle`, :func:`load_bundle`),
 :mod:`~featbank.bundles.manifest` (the typed manifest and its one validating reader),
 :mod:`~featbank.bundles.store` (atomic writes: :func:`save_bundle`),
-:mod:`~featbank.bundles.skops` (the trusted scikit-learn format) and
+:mod:`featbank.heads.skops` (the trusted scikit-learn format, re-exported here) and
 :mod:`~featbank.bundles.network` (a fine-tuned bundle or a head bundle's features as torch
 modules; imported on demand because it needs torch).
 """
 
 from __future__ import annotations
 
+from ..heads.skops import load_skops, serialize_sklearn, trusted_skops_types
 from .bundle import Bundle, backbone_of_bundle, is_bundle_folder, load_bundle
 from .manifest import BUNDLE_FORMAT, BUNDLE_VERSION, BackboneIdentity, Manifest, build_manifest, parse_manifest
-from .skops import load_skops, serialize_sklearn, trusted_skops_types
 from .store import check_bundle_target, recover, save_bundle, sha256_bytes, sha256_file
 
 __all__ = [

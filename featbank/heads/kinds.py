@@ -419,7 +419,7 @@ class SklearnKind(HeadKind):
         fit_sklearn(est, X.to_array(), y, spec.class_weight)
 
     def save(self, est: Estimator, chosen: dict[str, Any], spec: HeadSpec) -> tuple[dict[str, Any], dict[str, bytes]]:
-        from ..bundles.skops import serialize_sklearn
+        from .skops import serialize_sklearn
 
         fname, data, trusted = serialize_sklearn(est)
         section = {**self._section(est, chosen, spec), "file": fname,
@@ -429,7 +429,7 @@ class SklearnKind(HeadKind):
         return section, {fname: data}
 
     def load(self, data: bytes, info: dict[str, Any], where: str) -> Estimator:
-        from ..bundles.skops import load_skops
+        from .skops import load_skops
 
         file = str(info.get("file", ""))
         if not file.endswith(".skops"):

@@ -1,6 +1,6 @@
 """The estimator classes a scikit-learn head may be built from, hence the classes a bundle's skops file may name.
 
-The skops reader (``featbank.bundles.skops``) trusts exactly these classifiers (plus the pipeline steps
+The skops reader (``featbank.heads.skops``) trusts exactly these classifiers (plus the pipeline steps
 and state types it lists itself); this module imports no head kind, so the kinds can use the reader.
 """
 

@@ -93,7 +93,7 @@ def trusted_skops_types() -> frozenset[str]:
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import Normalizer, StandardScaler
 
-    from ..heads.trust import trusted_head_classes
+    from .trust import trusted_head_classes
 
     classes = [*trusted_head_classes(), Pipeline, StandardScaler, Normalizer]
     return frozenset(map(_type_name, classes + _distance_metric_types())) | _SKLEARN_STATE_TYPES | _DATA_TYPES
