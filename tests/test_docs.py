@@ -217,7 +217,7 @@ def test_featbank_command_parses(command: str) -> None:
     sub = cli.get_command(ctx, name)
     assert sub is not None, f"{command!r}: there is no 'featbank {name}' command"
     try:
-        sub.make_context(name, args, parent=ctx)
+        sub.make_context(name, list(args), parent=ctx)  # click consumes the list it is given
     except click.exceptions.Exit:  # --help and the like
         pass
     except click.UsageError as e:
