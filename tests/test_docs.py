@@ -97,7 +97,9 @@ def _links() -> list:
 
 
 def _python_params() -> list:
-    return [pytest.param(code, page, id=f"{page}:{line}", marks=[pytest.mark.slow] if _is_slow(code) else [])
+    """(the block, padded with blank lines so that tracebacks give the page's line numbers; its page)."""
+    return [pytest.param("\n" * (line - 1) + code, page, id=f"{page}:{line}",
+                         marks=[pytest.mark.slow] if _is_slow(code) else [])
             for page, line, _, code in _blocks("python")]
 
 
