@@ -142,6 +142,18 @@ def test_readme_shows_the_commands_ci_runs() -> None:
         assert f"README command ({number})" in ci
 
 
+def test_every_command_has_a_page() -> None:
+    """docs/commands/NAME.md for each command `featbank --help` lists, and the index links it."""
+    import click
+
+    from featbank.cli.main import cli
+
+    index = (DOCS / "commands" / "index.md").read_text(encoding="utf-8")
+    for name in cli.list_commands(click.Context(cli)):
+        assert (DOCS / "commands" / f"{name}.md").is_file(), f"featbank {name} has no page docs/commands/{name}.md"
+        assert f"]({name}.md)" in index, f"docs/commands/index.md does not link {name}.md"
+
+
 @pytest.mark.parametrize("page, lang", [pytest.param(p, lang, id=f"{p}:{line}") for p, line, lang, _ in _blocks()])
 def test_fence_names_a_known_language(page: str, lang: str) -> None:
     assert lang in LANGUAGES, f"{page}: a fence without a language checked here ({lang!r}); use one of {LANGUAGES}"
