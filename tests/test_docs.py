@@ -142,6 +142,14 @@ def test_readme_shows_the_commands_ci_runs() -> None:
         assert f"README command ({number})" in ci
 
 
+def test_docs_use_the_public_face() -> None:
+    """No page or example imports or names another package's underscore module (it may move)."""
+    private = re.compile(r"\bfeatbank(?:\.[a-z]\w*)*\._[a-z]\w*")
+    for path in [*PAGES, *sorted(EXAMPLES.glob("*.py"))]:
+        found = private.findall(path.read_text(encoding="utf-8"))
+        assert not found, f"{_name(path)} names private modules {found}: use the package's public name"
+
+
 def test_every_command_has_a_page() -> None:
     """docs/commands/NAME.md for each command `featbank --help` lists, and the index links it."""
     import click
