@@ -56,9 +56,8 @@ __all__ = ["finetune"]
 @click.option("--resume", is_flag=True, help="Continue the checkpoint (<out>.ckpt/) of an interrupted run.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle and discard its checkpoint.")
 @quiet_option
-def finetune(data, backbone, weights, weights_file, strategy, trainable_from, lr, lr_groups, layer_decay,
-             optimizer, weight_decay, init_head, epochs, batch_size, val_split, seed, train_bn, bn_stats, patience, metric,
-             crop_scale, vflip, rot90, cache_frozen, device, num_workers, out, resume, overwrite, quiet) -> None:
+def finetune(data: str, out: str | None, device: str, num_workers: int | None, resume: bool, overwrite: bool,
+             quiet: bool, **settings: object) -> None:
     """Fine-tune a backbone with a new linear head on DATA and write a model bundle.
 
     Checkpoints are written every epoch; rerun with --resume after a crash or Ctrl-C. The
@@ -74,14 +73,10 @@ def finetune(data, backbone, weights, weights_file, strategy, trainable_from, lr
     """
     import featbank.finetuning as ft
 
-    report = ft.finetune(
-        data, out, device=device, num_workers=num_workers, resume=resume, overwrite=overwrite, progress=not quiet,
-        backbone=backbone, weights=weights, weights_file=weights_file, strategy=strategy,
-        trainable_from=trainable_from, lr=lr, lr_groups=lr_groups, layer_decay=layer_decay, optimizer=optimizer,
-        weight_decay=weight_decay, init_head=init_head, epochs=epochs, batch_size=batch_size, val_split=val_split,
-        seed=seed, train_bn=train_bn, bn_stats=bn_stats, patience=patience, metric=metric,
-        crop_scale=crop_scale, vflip=vflip, rot90=rot90, cache_frozen=cache_frozen,
-    )
+    # One mapping: every other click parameter is the FinetuneSettings field of the same name.
+    config = ft.FinetuneSettings(**settings)  # type: ignore[arg-type]
+    report = ft.finetune(data, out, settings=config, device=device, num_workers=num_workers, resume=resume,
+                         overwrite=overwrite, progress=not quiet)
     if report.skipped and not quiet:
         click.echo(f"Skipped {len(report.skipped)} unreadable image(s), e.g. {report.skipped[0]}", err=True)
     click.echo(report.summary())

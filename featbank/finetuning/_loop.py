@@ -162,13 +162,14 @@ def finetune(
     data: str | os.PathLike,
     out: str | os.PathLike | None = None,
     *,
+    settings: FinetuneSettings | None = None,
     device: str = "auto",
     num_workers: int | None = None,
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
-    **settings: Any,
+    **options: Any,
 ) -> FinetuneReport:
     """Fine-tune a backbone plus a new linear head on an image folder and write a bundle.
 
@@ -180,6 +181,8 @@ def finetune(
             was fitted on validation images (``fit`` refits on train+val unless ``--no-refit``).
         out: the bundle folder (default ``models/<data>-<backbone>-<strategy>[-lpft]``).
             Checkpoints go to ``<out>.ckpt/checkpoint.pt`` and are removed once the bundle is written.
+        settings: a :class:`FinetuneSettings` (default: built from the keywords, which otherwise
+            change its fields); it is stored in the bundle's manifest.
         device: ``auto``, ``cpu`` or ``cuda`` (autocast bf16/fp16 on CUDA; channels_last on CPU).
         num_workers: image-decoding processes (default: CPU count - 1, at most 8; 0 on CPU
             when there are two cores or fewer).
@@ -187,7 +190,7 @@ def finetune(
         overwrite: replace an existing bundle and discard an existing checkpoint.
         progress: a tqdm bar per epoch (loss, metric, images/s) on stderr.
         on_epoch_end: called as ``on_epoch_end(epoch, history_row)`` after each checkpoint.
-        **settings: the fields of :class:`FinetuneSettings` (``backbone``, ``strategy``,
+        **options: the fields of :class:`FinetuneSettings` (``backbone``, ``strategy``,
             ``trainable_from``, ``lr``, ``lr_groups``, ``layer_decay``, ``optimizer``,
             ``init_head``, ``epochs``, ``batch_size``, ``seed``, ...).
 
@@ -206,7 +209,10 @@ def finetune(
         >>> featbank.finetune("data/elpv", backbone="resnet50", strategy="partial",
         ...                   trainable_from="layer3", lr_groups="seed-resnet", epochs=10)
     """
-    run = _set_up(data, out, settings_from_kwargs(settings), device, num_workers, resume, overwrite)
+    if settings is None or options:
+        settings = settings_from_kwargs({**(asdict(settings) if settings is not None else {}), **options})
+    cfg = settings
+    run = _set_up(data, out, cfg, device, num_workers, resume, overwrite)
     state = _resume_or_start(run, resume, overwrite)
     if run.cache_frozen is not None:
         inputs = CacheFrozenInputs(run.model, run.eval_set, run.split, run.cfg.batch_size, run.workers, run.bb.preprocess,
