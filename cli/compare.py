@@ -35,8 +35,7 @@ Examples:
 @click.option("--overwrite", is_flag=True, help="Replace a default cache that was made with other settings.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON (a list of objects).")
 @quiet_option
-def compare(data, backbones, layers, plot, no_plot, batch_size, num_workers, device, engine, overwrite, as_json,
-            quiet) -> None:
+def compare(no_plot: bool, as_json: bool, quiet: bool, **params: object) -> None:
     """Compare backbones on DATA: extract what is missing, fit the default probe, one table.
 
     Each backbone's cache is the default one of 'featbank extract DATA --backbone NAME' (reused
@@ -47,17 +46,20 @@ def compare(data, backbones, layers, plot, no_plot, batch_size, num_workers, dev
     """
     import json
 
+    from featbank.comparison import CompareConfig, default_plot_path, format_table
     from featbank.comparison import compare as run_compare
-    from featbank.comparison import default_plot_path, format_table
     from featbank.errors import FeatbankError
 
-    plot_path = None if no_plot else (plot or str(default_plot_path(data)))
-    rows = run_compare(data, backbones, layers=layers, plot=plot_path, device=device, engine=engine,
-                       batch_size=batch_size, num_workers=num_workers, overwrite=overwrite,
-                       progress=not quiet and not as_json)
+    if no_plot:
+        params["plot"] = None
+    elif not params["plot"]:
+        params["plot"] = str(default_plot_path(params["data"]))  # type: ignore[arg-type]
+    # One mapping: every other click parameter is the CompareConfig field of the same name.
+    config = CompareConfig(**params, progress=not quiet and not as_json)  # type: ignore[arg-type]
+    rows = run_compare(config)
     click.echo(json.dumps(rows, indent=2, default=str) if as_json else format_table(rows))
-    if plot_path is not None and not quiet:
-        click.echo(f"Plot: {plot_path}", err=as_json)
+    if config.plot is not None and not quiet:
+        click.echo(f"Plot: {config.plot}", err=as_json)
     failed = [r["backbone"] for r in rows if r["error"] is not None]
     if failed:
         raise FeatbankError(f"{len(failed)} of {len(rows)} backbones failed ({', '.join(failed)}); the table says why. "

@@ -10,17 +10,20 @@ more images than this run.
 
 The package is a noun (``comparison``) so that ``featbank.compare`` stays the function even after
 ``import featbank.comparison``, as ``featbank.fit`` lives in ``featbank.fitting``. Inside:
-``_run`` (checks, then extract and fit per backbone), ``_throughput`` (img/s and its record),
+``config`` (:class:`CompareConfig`, the run's settings, checked once), ``_run`` (checks, then extract and fit
+per backbone), ``_throughput`` (img/s and its record),
 ``_table`` (the row type, the table, the plot).
 """
 
 from __future__ import annotations
 
-from ._run import compare, parse_backbones
+from ._run import compare
 from ._table import CompareRow, default_plot_path, format_table, plot_comparison
 from ._throughput import THROUGHPUT_SOURCES
+from .config import CompareConfig, parse_backbones
 
 __all__ = [
+    "CompareConfig",
     "CompareRow",
     "compare",
     "parse_backbones",

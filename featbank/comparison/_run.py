@@ -13,35 +13,15 @@ from .._files import check_output_dir
 from ..errors import ConfigError, FeatbankError, Interrupted
 from ._table import NO_TEST, CompareRow, empty_row, plot_comparison
 from ._throughput import Clock, choose_throughput
+from .config import CompareConfig
 
-__all__ = ["compare", "parse_backbones"]
-
-
-@dataclass(frozen=True)
-class _Options:
-    """The settings every backbone of one compare run shares."""
-
-    layers: str
-    batch_size: int
-    num_workers: int | None
-    device: str
-    engine: str
-    overwrite: bool
-    progress: bool
+__all__ = ["compare"]
 
 
 def compare(
-    data: str | os.PathLike,
-    backbones: str | Sequence[str],
-    *,
-    layers: str | Sequence[str] | None = "final",
-    plot: str | os.PathLike | None = None,
-    device: str = "auto",
-    engine: str = "auto",
-    batch_size: int = 32,
-    num_workers: int | None = None,
-    overwrite: bool = False,
-    progress: bool = False,
+    config: CompareConfig | str | os.PathLike,
+    backbones: str | Sequence[str] | None = None,
+    **options: Any,
 ) -> list[CompareRow]:
     """Extract (what is missing), probe and compare several backbones on one data folder.
 
@@ -54,6 +34,11 @@ def compare(
     others still run.
 
     Args:
+        config: the run's :class:`CompareConfig`; or, as a shorthand, its ``data`` with the
+            backbones and the other fields as keywords (``featbank.compare("data/elpv", "a,b")``).
+        backbones, **options: the other fields of :class:`CompareConfig` (shorthand form only).
+
+    Fields of :class:`CompareConfig`:
         data: an image folder as for ``featbank extract`` (labelled; ``DATA/{train,val,test}/...``
             for a test split), or a labelled manifest / WebDataset.
         backbones: names (``"efficientnet_lite0,efficientnet_lite1"`` or a list), at least one,
@@ -83,65 +68,34 @@ def compare(
         >>> rows = featbank.compare("data/elpv", "efficientnet_lite0,efficientnet_lite1")
         >>> [(r["backbone"], r["test_top1"], r["img_per_s"]) for r in rows]
     """
-    names = parse_backbones(backbones)
-    layer_spec = _check_layers(layers)
-    from ..extraction import DEVICES, ENGINES
-    from ..extraction.config import validate_options
+    if isinstance(config, CompareConfig):
+        if backbones is not None or options:
+            raise ConfigError("featbank.compare(config) takes the CompareConfig alone; to change a field, pass "
+                              "dataclasses.replace(config, ...). Got also: "
+                              + ", ".join([*(["backbones"] if backbones is not None else []), *options]) + ".")
+    else:
+        if backbones is None:
+            raise ConfigError("featbank.compare(data, backbones) needs the backbones to compare, e.g. "
+                              "featbank.compare('data/elpv', 'efficientnet_lite0,efficientnet_lite1').")
+        config = CompareConfig(os.fspath(config), backbones, **options)  # type: ignore[arg-type]
+    return _run(config)
 
-    validate_options(batch_size, num_workers, "float32")
-    if engine not in ENGINES:
-        raise ConfigError(f"The 'engine' parameter must be one of {ENGINES}. Got {engine!r} instead.")
-    if device not in DEVICES:
-        raise ConfigError(f"The 'device' parameter must be one of {DEVICES}. Got {device!r} instead.")
-    _check_data(data)
-    if plot is not None:
-        _check_plot(Path(plot).expanduser())
+
+def _run(config: CompareConfig) -> list[CompareRow]:
+    """Check what needs the disk and the registry (DATA, the plot path, the names, their layers), then run."""
+    _check_data(config.data)
+    if config.plot is not None:
+        _check_plot(Path(config.plot).expanduser())
     from ..backbones import check_backbone_name
 
-    for name in names:
+    for name in config.backbones:
         check_backbone_name(name)
-    plans = {name: _layer_plan(data, name, layer_spec) for name in names}  # unknown layer names: before any work
-    opts = _Options(layer_spec, batch_size, num_workers, device, engine, overwrite, progress)
-    rows = [_compare_one(data, name, opts, plans[name]) for name in names]
-    if plot is not None:
-        plot_comparison(rows, plot, title=Path(data).name)
+    # unknown layer names: before any work
+    plans = {name: _layer_plan(config.data, name, config.layers) for name in config.backbones}
+    rows = [_compare_one(config, name, plans[name]) for name in config.backbones]
+    if config.plot is not None:
+        plot_comparison(rows, config.plot, title=Path(config.data).name)
     return rows
-
-
-def parse_backbones(backbones: str | Sequence[str]) -> list[str]:
-    """``"a,b"`` or ``["a", "b"]`` -> ``["a", "b"]``, refusing an empty list, empty names and repeats.
-
-    Raises:
-        ConfigError: no names, an empty name (``"a,,b"``), or a name given twice.
-    """
-    if isinstance(backbones, str):
-        items = backbones.split(",")
-    elif isinstance(backbones, Sequence) and all(isinstance(b, str) for b in backbones):
-        items = list(backbones)
-    else:
-        raise ConfigError(f"The 'backbones' parameter must be a comma-separated string or a list of names. Got "
-                          f"{backbones!r} instead.")
-    names = [b.strip() for b in items]
-    if not any(names):
-        raise ConfigError(f"--backbones names no backbone (got {backbones!r}). Give at least one, e.g. "
-                          "--backbones efficientnet_lite0,efficientnet_lite1 ('featbank backbones' lists them).")
-    if not all(names):
-        raise ConfigError(f"--backbones has an empty name in {backbones!r}. Separate names with single commas, "
-                          "e.g. efficientnet_lite0,efficientnet_lite1.")
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise ConfigError(f"--backbones names {', '.join(repr(n) for n in repeated)} more than once (got "
-                          f"{backbones!r}). Give each backbone once.")
-    return names
-
-
-def _check_layers(layers: str | Sequence[str] | None) -> str:
-    spec = layers if isinstance(layers, str) or layers is None else ",".join(layers)
-    spec = (spec or "final").strip()
-    if not spec or any(not part.strip() for part in spec.split(",")):
-        raise ConfigError(f"--layers has an empty name in {layers!r}. Give 'final', 'auto', 'all' or names such as "
-                          "stage5,final ('featbank backbones --groups NAME' lists a backbone's layers).")
-    return spec
 
 
 @dataclass(frozen=True)
@@ -200,7 +154,7 @@ def _check_data(data: str | os.PathLike) -> None:
         scan_folder(text, require_labels=True)
 
 
-def _compare_one(data: str | os.PathLike, name: str, opts: _Options, plan: _LayerPlan) -> CompareRow:
+def _compare_one(opts: CompareConfig, name: str, plan: _LayerPlan) -> CompareRow:
     """Extract (or reuse) one backbone's cache and probe it; a featbank error lands in ``error``."""
     from ..cache import open_cache
     from ..extraction import extract
@@ -210,7 +164,7 @@ def _compare_one(data: str | os.PathLike, name: str, opts: _Options, plan: _Laye
     clock = Clock()
     layered = {} if plan.extract_layers is None else {"layers": ",".join(plan.extract_layers)}
     try:
-        report = extract(data, plan.out, backbone=name, batch_size=opts.batch_size, num_workers=opts.num_workers,
+        report = extract(opts.data, plan.out, backbone=name, batch_size=opts.batch_size, num_workers=opts.num_workers,
                          device=opts.device, engine=opts.engine, overwrite=opts.overwrite, progress=opts.progress,
                          on_progress=clock, **layered)
     except Interrupted:
