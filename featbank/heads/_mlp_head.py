@@ -19,6 +19,7 @@ from ._torch_head import (
     Constraint,
     Preprocess,
     TorchHead,
+    TrainingRows,
     evaluate_logits,
     integer,
     real,
@@ -141,11 +142,11 @@ class MLPHead(TorchHead):
             net = build_mlp(d, hidden, k, float(self.dropout)).to(dev)
             opt = torch.optim.AdamW(net.parameters(), lr=float(self.lr), weight_decay=float(self.weight_decay))
             best_state, best_loss, best_epoch, bad = None, np.inf, 0, 0
-            sw32 = sw.astype(np.float32)
+            rows = TrainingRows(feats, y_enc, sw.astype(np.float32))
             self.n_epochs_ = 0
             for epoch in range(1, int(self.max_epochs) + 1):
-                train_one_epoch(net, feats, y_enc, sw32, opt, batch_size=int(self.batch_size), device=dev,
-                                generator=gen, transform=pre)
+                train_one_epoch(net, rows, opt, batch_size=int(self.batch_size), device=dev, generator=gen,
+                                transform=pre)
                 self.n_epochs_ = epoch
                 if val_feats is None:
                     continue

@@ -4,6 +4,7 @@ and the plain minibatch loops (``train_one_epoch``, ``evaluate_logits``)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -17,8 +18,8 @@ from torch import nn
 from ..errors import ConfigError
 from ._features import Features, feature_stats
 
-__all__ = ["Constraint", "Preprocess", "Probabilities", "TorchHead", "validate_head_params", "train_one_epoch",
-           "evaluate_logits"]
+__all__ = ["Constraint", "Preprocess", "Probabilities", "TorchHead", "validate_head_params", "TrainingRows",
+           "train_one_epoch", "evaluate_logits"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,11 +235,18 @@ class TorchHead(ClassifierMixin, BaseEstimator):
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class TrainingRows:
+    """The rows an epoch trains on: their features, labels encoded as ``0..k-1``, and per-row weights (or ``None``)."""
+
+    features: Features
+    y: np.ndarray
+    sample_weight: np.ndarray | None = None
+
+
 def train_one_epoch(
     model: nn.Module,
-    features: Features,
-    y: np.ndarray,
-    sample_weight: np.ndarray | None,
+    data: TrainingRows,
     optimizer: torch.optim.Optimizer,
     *,
     batch_size: int,
@@ -246,7 +254,8 @@ def train_one_epoch(
     generator: np.random.Generator,
     transform: Any = None,
 ) -> float:
-    """One pass over ``features`` in shuffled minibatches; returns the mean training loss."""
+    """One pass over ``data`` in shuffled minibatches; returns the mean training loss."""
+    features, y, sample_weight = data.features, data.y, data.sample_weight
     model.train()
     total, count = 0.0, 0
     order = generator.permutation(features.n_chunks)
