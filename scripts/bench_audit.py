@@ -94,14 +94,14 @@ def _write_like(path: Path, X: np.ndarray, y: np.ndarray, classes: list[str], pa
     """A featbank cache of ``X`` with labels ``y`` (featbank's own writer; real HDF5)."""
     import h5py
 
-    from featbank.cache import write_cache
+    from featbank.cache import PartRows, write_cache
 
     src = path.with_name(path.name + ".src.h5")
     with h5py.File(src, "w") as f:
         f.create_dataset("embeddings", data=X)
     n = len(y)
-    write_cache(path, sources=[("src", src, np.arange(n))], order_paths=paths, row_fingerprints=np.zeros((n, 2), np.int64),
-                row_labels=y, row_splits=np.zeros(n, np.int8), classes=classes, skipped=[], embed_dim=X.shape[1],
+    rows = PartRows(paths, np.zeros((n, 2), np.int64), y, np.zeros(n, np.int8))
+    write_cache(path, sources=[("src", src, np.arange(n))], rows=rows, classes=classes, skipped=[], embed_dim=X.shape[1],
                 dtype="float32", attrs={"cache_key": "bench-audit", "backbone": "from-cache", "weights": "none",
                                         "weights_sha256": "0" * 64, "transform": {}, "root": root})
     src.unlink()
@@ -217,8 +217,8 @@ def bench_dups(cache_path: Path, planted_path: Path, seed: int = 0) -> dict:
 def write_scale_cache(index: Path, n: int, dim: int, n_pairs: int, shard: int = 20000, seed: int = 0) -> np.ndarray:
     """N x dim float16 rows in parts of ``shard`` rows; rows ``b`` = row ``a`` + noise (cosine ~0.97) for
     ``n_pairs`` planted pairs, ``a`` in train and ``b`` in test. Returns the (n_pairs, 2) planted rows."""
-    from featbank.cache._index import PlannedPart, finalize_index
-    from featbank.cache._parts import PartRows, parts_dir, rows_digest, write_part
+    from featbank.cache._index import IndexContents, PlannedPart, finalize_index
+    from featbank.cache._parts import PartRows, ShardRows, parts_dir, rows_digest, write_part
 
     rng = np.random.default_rng(seed)
     perm = rng.permutation(n)[: 2 * n_pairs]
@@ -238,9 +238,9 @@ def write_scale_cache(index: Path, n: int, dim: int, n_pairs: int, shard: int = 
         split = np.where(np.isin(rows, pairs[:, 1]), 2, 0).astype(np.int8)
         part_rows = PartRows([f"{r:09d}.png" for r in rows], np.zeros((len(rows), 2), np.int64),
                              np.zeros(len(rows), np.int64), split)
-        write_part(parts_dir(index), sid, "scale" + "0" * 59, part_rows, X.astype(np.float16), ["a"])
+        write_part(parts_dir(index), ShardRows(sid, "scale" + "0" * 59, part_rows, ["a"]), X.astype(np.float16))
         planned.append(PlannedPart(sid, len(rows), rows_digest(part_rows, ["a"])))
-    finalize_index(index, planned, "scale" + "0" * 59, ["a"], {"backbone": "synthetic"})
+    finalize_index(index, planned, "scale" + "0" * 59, IndexContents(["a"], {"backbone": "synthetic"}))
     return pairs
 
 

@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 
 import featbank
-from featbank.cache import write_cache
+from featbank.cache import PartRows, write_cache
 from featbank.fitting import COARSE_GRID
 
 
@@ -38,8 +38,8 @@ def make_cache(path: Path, n: int, d: int, k: int, seed: int) -> np.ndarray:
     src = path.with_suffix(".src.h5")
     with h5py.File(src, "w") as f:
         f.create_dataset("embeddings", data=X)
-    write_cache(path, sources=[("s", src, np.arange(n))], order_paths=[f"{i:06d}.png" for i in range(n)],
-                row_fingerprints=np.zeros((n, 2), np.int64), row_labels=y, row_splits=splits,
+    write_cache(path, sources=[("s", src, np.arange(n))],
+                rows=PartRows([f"{i:06d}.png" for i in range(n)], np.zeros((n, 2), np.int64), y, splits),
                 classes=[f"class{i}" for i in range(k)], skipped=[], embed_dim=d, dtype="float32",
                 attrs={"cache_key": "bench", "backbone": "gaussian-mixture", "weights": "none",
                        "weights_sha256": "0" * 64, "transform": {}, "root": str(path.parent)})

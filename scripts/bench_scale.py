@@ -41,8 +41,8 @@ import h5py
 import numpy as np
 
 from featbank.cache import write_cache
-from featbank.cache._index import PlannedPart, finalize_index
-from featbank.cache._parts import PartRows, PartWriter, parts_dir, rows_digest, write_part
+from featbank.cache._index import IndexContents, PlannedPart, finalize_index
+from featbank.cache._parts import PartRows, PartWriter, ShardRows, parts_dir, rows_digest, write_part
 from featbank.extraction._plan import DEFAULT_SHARD_SIZE, assign_rows, plan_shards, replan
 from featbank.extraction.units import _reuse_rows
 
@@ -67,9 +67,9 @@ def build_v2(index: Path, keys: list[str], dim: int, shard_size: int) -> None:
     planned = []
     for i, s in enumerate(plan.shards):
         rows = _rows([keys[r] for r in np.flatnonzero(where == i)])
-        write_part(parts_dir(index), s.shard_id, KEY, rows, rng.standard_normal((len(rows), dim), np.float32), CLASSES)
+        write_part(parts_dir(index), ShardRows(s.shard_id, KEY, rows, CLASSES), rng.standard_normal((len(rows), dim), np.float32))
         planned.append(PlannedPart(s.shard_id, len(rows), rows_digest(rows, CLASSES)))
-    finalize_index(index, planned, KEY, CLASSES, {"backbone": "synthetic"}, plan_json=plan.to_json())
+    finalize_index(index, planned, KEY, IndexContents(CLASSES, {"backbone": "synthetic"}, plan_json=plan.to_json()))
 
 
 def add_v2(index: Path, keys: list[str], new: list[str], dim: int) -> dict[str, float]:
@@ -98,12 +98,12 @@ def add_v2(index: Path, keys: list[str], new: list[str], dim: int) -> dict[str, 
     t1 = time.perf_counter()
     folder = parts_dir(index)
     for sid, rows in jobs:
-        w = PartWriter.create(folder, sid, KEY, rows, CLASSES, dim, "float32")
+        w = PartWriter.create(folder, ShardRows(sid, KEY, rows, CLASSES), dim, "float32")
         _reuse_rows(w, folder, [table[sid].name])
         todo = np.flatnonzero(~w.done_mask())
         w.write_rows(todo, np.ones((len(todo), dim), np.float32))
         w.finish({})
-    finalize_index(index, planned, KEY, CLASSES, {"backbone": "synthetic"}, plan_json=plan.to_json(),
+    finalize_index(index, planned, KEY, IndexContents(CLASSES, {"backbone": "synthetic"}, plan_json=plan.to_json()),
                    known=list(table.values()))
     return {"plan_s": t_plan, "write_s": time.perf_counter() - t1}
 
@@ -121,9 +121,7 @@ def build_v1(path: Path, n: int, dim: int) -> None:
 
 
 def _write_v1(path: Path, sources: list, keys: list[str], dim: int) -> None:
-    rows = _rows(keys)
-    write_cache(path, sources=sources, order_paths=keys, row_fingerprints=rows.fingerprints, row_labels=rows.labels,
-                row_splits=rows.splits, classes=CLASSES, skipped=[], embed_dim=dim, dtype="float32",
+    write_cache(path, sources=sources, rows=_rows(keys), classes=CLASSES, skipped=[], embed_dim=dim, dtype="float32",
                 attrs={"cache_key": KEY})
 
 

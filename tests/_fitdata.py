@@ -7,7 +7,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from featbank.cache import write_cache
+from featbank.cache import PartRows, write_cache
 
 
 def write_synthetic_cache(path: Path, X: np.ndarray, y: np.ndarray, splits: np.ndarray | None = None,
@@ -19,9 +19,9 @@ def write_synthetic_cache(path: Path, X: np.ndarray, y: np.ndarray, splits: np.n
         f.create_dataset("embeddings", data=X.astype(np.float32))
     classes = classes or [f"c{i}" for i in range(int(y.max()) + 1 if (y >= 0).any() else 0)]
     write_cache(
-        path, sources=[("src", src, np.arange(n))], order_paths=[f"img_{i:05d}.png" for i in range(n)],
-        row_fingerprints=np.zeros((n, 2), np.int64), row_labels=y,
-        row_splits=splits if splits is not None else -np.ones(n, np.int8), classes=classes, skipped=[],
+        path, sources=[("src", src, np.arange(n))], rows=PartRows(
+            [f"img_{i:05d}.png" for i in range(n)], np.zeros((n, 2), np.int64), y,
+            splits if splits is not None else -np.ones(n, np.int8)), classes=classes, skipped=[],
         embed_dim=d, dtype="float32",
         attrs={"cache_key": key, "backbone": backbone, "weights": "none", "weights_sha256": "0" * 64,
                "transform": {}, "root": str(path.parent), "precision": "float32"},

@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 
 import featbank
-from featbank.cache import open_cache, write_cache
+from featbank.cache import PartRows, open_cache, write_cache
 from featbank.cache._parts import parts_dir
 
 __all__ = ["to_v1", "make_v1_cache"]
@@ -39,9 +39,8 @@ def to_v1(index: Path, out: Path | None = None) -> Path:
     with h5py.File(src, "w") as f:
         f["embeddings"] = emb
     tmp = out.with_name(out.name + ".v1.h5")
-    write_cache(tmp, sources=[("old", src, np.arange(len(rows[0])))], order_paths=rows[0], row_fingerprints=rows[1],
-                row_labels=rows[2], row_splits=rows[3], classes=rows[4], skipped=skipped, embed_dim=emb.shape[1],
-                dtype=dtype, attrs=attrs)
+    write_cache(tmp, sources=[("old", src, np.arange(len(rows[0])))], rows=PartRows(*rows[:4]), classes=rows[4],
+                skipped=skipped, embed_dim=emb.shape[1], dtype=dtype, attrs=attrs)
     src.unlink()
     if out == index:
         shutil.rmtree(parts_dir(index), ignore_errors=True)

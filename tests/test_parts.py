@@ -9,8 +9,8 @@ import h5py
 import numpy as np
 import pytest
 
-from featbank.cache._index import PlannedPart, check_parts, finalize_index, read_parts_table, verify_cache
-from featbank.cache._parts import PartRows, PartWriter, parts_dir, rows_digest, write_part
+from featbank.cache._index import IndexContents, PlannedPart, check_parts, finalize_index, read_parts_table, verify_cache
+from featbank.cache._parts import PartRows, PartWriter, ShardRows, parts_dir, rows_digest, write_part
 from featbank.errors import CacheError
 
 CLASSES = ["a", "b"]
@@ -37,14 +37,14 @@ def _cache(tmp_path, sizes=(5, 7, 3), dim=8, skipped_in=None):
         if skipped_in == sid:
             keep = np.arange(1, n)
             bad = [(rows.paths[0], "truncated or corrupt: test", (1, 2))]
-            write_part(folder, sid, KEY, rows.take(keep), emb[keep], CLASSES, bad, digest=digest)
+            write_part(folder, ShardRows(sid, KEY, rows.take(keep), CLASSES), emb[keep], bad, digest=digest)
             emb, rows = emb[keep], rows.take(keep)
         else:
-            write_part(folder, sid, KEY, rows, emb, CLASSES, digest=digest)
+            write_part(folder, ShardRows(sid, KEY, rows, CLASSES), emb, digest=digest)
         planned.append(PlannedPart(sid, n, digest))
         embs.append(emb)
         paths += rows.paths
-    finalize_index(index, planned, KEY, CLASSES, {"backbone": "test_tiny"})
+    finalize_index(index, planned, KEY, IndexContents(CLASSES, {"backbone": "test_tiny"}))
     return index, paths, np.concatenate(embs), planned
 
 
@@ -124,7 +124,7 @@ def test_skipped_rows_are_indexed(tmp_path):
 
 
 def _finalize(index, planned, **kw):
-    return finalize_index(index, planned, kw.pop("key", KEY), CLASSES, {}, **kw)
+    return finalize_index(index, planned, kw.pop("key", KEY), IndexContents(CLASSES, {}), **kw)
 
 
 def test_finalize_refuses_missing_shard_other_key_other_count_other_rows(tmp_path):
@@ -149,7 +149,7 @@ def test_finalize_checks_paths_against_plan_and_uniqueness(tmp_path):
     # A second part holding rows of shard 0 (same digest, other id) is a duplicate.
     folder = parts_dir(index)
     rows = _rows("s0", 5)
-    write_part(folder, 7, KEY, rows, np.zeros((5, 8), np.float32), CLASSES)
+    write_part(folder, ShardRows(7, KEY, rows, CLASSES), np.zeros((5, 8), np.float32))
     with pytest.raises(CacheError, match="also in another part"):
         _finalize(index, [*planned, PlannedPart(7, 5, rows_digest(rows, CLASSES))], planned_paths=want)
 
@@ -158,7 +158,7 @@ def test_part_writer_resumes_and_compacts_skipped_rows(tmp_path):
     folder = tmp_path / "parts"
     folder.mkdir()
     rows = _rows("x", 6)
-    w = PartWriter.create(folder, 3, KEY, rows, CLASSES, 4, "float32")
+    w = PartWriter.create(folder, ShardRows(3, KEY, rows, CLASSES), 4, "float32")
     w.write_rows(np.array([0, 1, 2]), np.ones((3, 4), np.float32))
     w.close()  # as if the worker died here
     w = PartWriter.open_if_valid(folder, 3, KEY, rows_digest(rows, CLASSES))
@@ -174,7 +174,7 @@ def test_part_writer_resumes_and_compacts_skipped_rows(tmp_path):
         assert [p.decode() for p in f["paths"][...]] == [rows.paths[i] for i in (0, 1, 2, 3, 5)]
         np.testing.assert_array_equal(f["embeddings"][3:], np.full((2, 4), 2, np.float32))
     # Another key or other rows: the partial is discarded, not reused.
-    w = PartWriter.create(folder, 4, KEY, rows, CLASSES, 4, "float32")
+    w = PartWriter.create(folder, ShardRows(4, KEY, rows, CLASSES), 4, "float32")
     w.close()
     assert PartWriter.open_if_valid(folder, 4, "z" * 64, w.digest) is None
     assert not PartWriter.partial_path(folder, 4, w.digest).exists()
@@ -255,7 +255,7 @@ def test_other_mappings_and_chunked_parts_are_read_through_hdf5(tmp_path):
         np.testing.assert_array_equal(out, emb)
         assert reader._offsets == {0: reader._offsets[0], 1: None, 2: reader._offsets[2]} and reader._offsets[0]
         reader.close()
-    finalize_index(index, planned, KEY, CLASSES, {"backbone": "test_tiny"})  # the table made to agree
+    finalize_index(index, planned, KEY, IndexContents(CLASSES, {"backbone": "test_tiny"}))  # the table made to agree
     with open_cache(index) as c:
         assert c._reader("embeddings").direct
         np.testing.assert_array_equal(c.load_embeddings(), emb)
@@ -274,7 +274,7 @@ def test_nan_and_extreme_rows_in_a_part_are_refused_on_the_direct_path(tmp_path)
     with h5py.File(parts_dir(index) / table[1].name, "r+") as f:
         f["embeddings"][2, 3] = np.nan  # row 7 of the cache
         f["embeddings"][4, 0] = 1e30  # row 9
-    finalize_index(index, planned, KEY, CLASSES, {"backbone": "test_tiny"})  # the table made to agree
+    finalize_index(index, planned, KEY, IndexContents(CLASSES, {"backbone": "test_tiny"}))  # the table made to agree
     with open_cache(index) as c:
         assert c._reader("embeddings").direct
         with pytest.raises(CacheError, match=f"NaN or infinite values in 1 row.*row 7 \\('{paths[7]}'\\)"):
@@ -316,12 +316,12 @@ def test_layers_and_views_read_straight_from_the_parts_equal_the_virtual_dataset
         extra = {"layers/stage1": rng.standard_normal((n, 5)).astype(np.float32),
                  "views/embeddings": rng.standard_normal((n, 2, 8)).astype(np.float32),
                  "views/layers/stage1": rng.standard_normal((n, 2, 5)).astype(np.float32)}
-        write_part(parts_dir(index), sid, KEY, rows, rng.standard_normal((n, 8)).astype(np.float32), CLASSES,
+        write_part(parts_dir(index), ShardRows(sid, KEY, rows, CLASSES), rng.standard_normal((n, 8)).astype(np.float32),
                    digest=rows_digest(rows, CLASSES), extra=extra)
         planned.append(PlannedPart(sid, n, rows_digest(rows, CLASSES)))
     attrs = {"backbone": "test_tiny", "layers": ["stage1", "final"], "layer_dims": {"stage1": 5, "final": 8},
              "pooling": "gap", "views": 2, "augment": "crops", "view_seed": 0}
-    finalize_index(index, planned, KEY, CLASSES, attrs, row_datasets=[*ROW_DATASETS, *extra_names])
+    finalize_index(index, planned, KEY, IndexContents(CLASSES, attrs, row_datasets=[*ROW_DATASETS, *extra_names]))
     rows = np.array([12, 1, 3, 4, 9, 3])
     with open_cache(index) as c:
         for name in ("embeddings", *extra_names):
@@ -347,7 +347,7 @@ def test_part_without_the_mapped_rows_is_refused_where_hdf5_fills_zeros(tmp_path
             del f["embeddings"]
             if case == "short":
                 f.create_dataset("embeddings", data=emb[5:11])  # 6 of its 7 rows
-        finalize_index(index, planned, KEY, CLASSES, {"backbone": "test_tiny"})  # the table made to agree
+        finalize_index(index, planned, KEY, IndexContents(CLASSES, {"backbone": "test_tiny"}))  # the table made to agree
         if case == "missing":
             assert not _vds(index)[5:12].any()  # plain h5py: rows of zeros, no error
         else:

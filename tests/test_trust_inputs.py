@@ -240,12 +240,12 @@ def test_fit_max_memory_is_bounded(tiny_cache: Path, value: str) -> None:
 
 def test_a_staging_part_is_not_written_up_front(tmp_path: Path) -> None:
     """A part being written reserves its rows (64 views x 1280-d for 2,000 rows: 656 MB) without writing them."""
-    from featbank.cache._parts import PartRows, PartWriter
+    from featbank.cache._parts import PartRows, PartWriter, ShardRows
 
     n = 2000
     rows = PartRows([f"im{i:05d}.png" for i in range(n)], np.zeros((n, 2), np.int64), np.zeros(n, np.int64),
                     np.full(n, -1, np.int8))
-    w = PartWriter.create(tmp_path, 0, "k", rows, ["a", "b"], 1280, "float32", extra={"views/embeddings": (64, 1280)})
+    w = PartWriter.create(tmp_path, ShardRows(0, "k", rows, ["a", "b"]), 1280, "float32", extra={"views/embeddings": (64, 1280)})
     try:
         st = w.path.stat()
         assert st.st_size > 600 << 20 and st.st_blocks * 512 < 16 << 20
@@ -257,11 +257,11 @@ def test_a_staging_part_is_not_written_up_front(tmp_path: Path) -> None:
 
 
 def test_temporaries_of_a_failed_or_killed_run_are_removed(tmp_path: Path) -> None:
-    from featbank.cache._parts import PartRows, PartWriter
+    from featbank.cache._parts import PartRows, PartWriter, ShardRows
 
     rows = PartRows(["a\0b.png"], np.zeros((1, 2), np.int64), np.zeros(1, np.int64), np.full(1, -1, np.int8))
     with pytest.raises(ValueError):
-        PartWriter.create(tmp_path, 0, "k", rows, ["a", "b"], 8, "float32")  # HDF5 refuses the NUL: no temp left
+        PartWriter.create(tmp_path, ShardRows(0, "k", rows, ["a", "b"]), 8, "float32")  # HDF5 refuses the NUL: no temp left
     assert list(tmp_path.iterdir()) == []
     data = make_image_folder(tmp_path / "data", classes=("a", "b"), n_per_class=1)
     out = tmp_path / "c.h5"

@@ -44,12 +44,12 @@ from __future__ import annotations
 
 # The face of the package: what users call (first block of __all__) and what featbank's other
 # packages build on (extraction writes parts and the index, ``featbank cache`` runs the tools).
-# The modules stand in floors, each on lower ones only: _home, _schema -> _validate -> _writer
-# -> _legacy (schema v1) -> _parts, _features -> _index -> _integrity -> _direct -> _reader ->
-# _discovery -> _tools.
+# The modules stand in floors, each on lower ones only: _home, _schema -> _parts (a part's rows
+# and files) -> _validate -> _writer -> _legacy (schema v1), _features -> _index -> _integrity ->
+# _direct -> _reader -> _discovery -> _tools.
 from ._discovery import CacheChoice, choose_cache, find_latest_cache, open_cache
 from ._home import default_cache_dir
-from ._index import PlannedPart, check_parts, finalize_index, read_listed, read_parts_table, verify_cache
+from ._index import IndexContents, PlannedPart, check_parts, finalize_index, read_listed, read_parts_table, verify_cache
 from ._legacy import write_cache
 from ._lock import writer_lock
 from ._parts import (
@@ -57,6 +57,7 @@ from ._parts import (
     PartInfo,
     PartRows,
     PartWriter,
+    ShardRows,
     describe_part,
     part_name,
     parts_dir,
@@ -105,6 +106,7 @@ __all__ = [
     "PartInfo",
     "PartRows",
     "PartWriter",
+    "ShardRows",
     "ROW_DATASETS",
     "part_name",
     "parts_dir",
@@ -112,6 +114,7 @@ __all__ = [
     "describe_part",
     "write_part",
     "PlannedPart",
+    "IndexContents",
     "finalize_index",
     "read_parts_table",
     "read_listed",

@@ -40,6 +40,7 @@ from ._validate import recreate_hint, storage_problem
 
 __all__ = [
     "PlannedPart",
+    "IndexContents",
     "write_index",
     "LISTING",
     "read_listed",
@@ -65,9 +66,35 @@ class PlannedPart:
     rows_digest: str
 
 
-def _vds(f: h5py.Group, name: str, parts: Sequence[PartInfo], dataset: str, counts: Sequence[int],
-         shape_tail: tuple[int, ...], dtype: Any, folder: str, own: tuple[str, int] | None = None) -> None:
-    """A virtual dataset over ``dataset`` of the parts, then (``own``: name, rows) over a dataset of the index itself."""
+@dataclass(frozen=True)
+class IndexContents:
+    """What an index records besides its parts: the class names, its attributes, the per-row datasets
+    every part holds, the plan (JSON) and the rows refused while listing (path, reason, fingerprint)."""
+
+    classes: Sequence[str]
+    attrs: dict[str, Any]
+    row_datasets: Sequence[str] = ROW_DATASETS
+    plan_json: str = ""
+    listed: Sequence[Listed] = ()
+
+
+@dataclass(frozen=True)
+class _Sources:
+    """The parts a virtual dataset maps, ``counts[i]`` rows of part ``i``, under ``folder`` (relative to the index)."""
+
+    folder: str
+    parts: Sequence[PartInfo]
+    counts: Sequence[int]
+
+
+def _vds(f: h5py.Group, name: str, sources: _Sources, dataset: str, layout: tuple[tuple[int, ...], Any],
+         own: tuple[str, int] | None = None) -> None:
+    """A virtual dataset over ``dataset`` of the parts, then (``own``: name, rows) over a dataset of the index itself.
+
+    ``layout``: the trailing shape and the dtype of a row.
+    """
+    shape_tail, dtype = layout
+    folder, parts, counts = sources.folder, sources.parts, sources.counts
     total = int(sum(counts)) + (own[1] if own else 0)
     if total == 0:
         f.create_dataset(name, shape=(0, *shape_tail), dtype=dtype)
@@ -141,14 +168,14 @@ def write_index(
             for name in row_datasets:
                 tail, dt = shapes.get(name, defaults.get(name, ((), np.float32)))
                 parent, _, leaf = name.rpartition("/")  # layers/<tap>, views/...: inside groups
-                _vds(f.require_group(parent) if parent else f, leaf, parts, name, rows, tail, dt, rel)
+                _vds(f.require_group(parent) if parent else f, leaf, _Sources(rel, parts, rows), name, (tail, dt))
             if listed:
                 _write_listed(f.create_group(LISTING), listed)
             g = f.create_group("skipped")
             for name in SKIPPED_DATASETS:
                 tail, dt = sk_shapes.get(name, defaults[name])
                 own = (f"{LISTING}/{name}", len(listed)) if listed else None
-                _vds(g, name, parts, f"skipped/{name}", skipped, tail, dt, rel, own)
+                _vds(g, name, _Sources(rel, parts, skipped), f"skipped/{name}", (tail, dt), own)
             f.create_dataset("classes", data=np.array(list(classes), dtype=object), dtype=STR_DTYPE, shape=(len(classes),))
             _write_table(f.create_group("parts"), parts)
             for k, v in attrs.items():
@@ -344,9 +371,8 @@ def verify_cache(index_path: Path, *, full: bool = True, parts: Sequence[PartInf
 
 
 def finalize_index(
-    index_path: Path, planned: Sequence[PlannedPart], key: str, classes: Sequence[str], attrs: dict[str, Any],
-    *, planned_paths: dict[int, list[str]] | None = None, row_datasets: Sequence[str] = ROW_DATASETS,
-    plan_json: str = "", known: Sequence[PartInfo] = (), listed: Sequence[Listed] = (),
+    index_path: Path, planned: Sequence[PlannedPart], key: str, contents: IndexContents,
+    *, planned_paths: dict[int, list[str]] | None = None, known: Sequence[PartInfo] = (),
 ) -> list[PartInfo]:
     """Publish the index once every planned shard has its part, or refuse.
 
@@ -356,7 +382,7 @@ def finalize_index(
     ``planned_paths`` (shard id -> sorted paths) the parts' paths are also read and compared, and
     checked unique across the whole cache. ``known`` (the previous index's table) spares hashing
     a part again whose size and ``mtime_ns`` are unchanged, so publishing costs O(changed parts).
-    ``listed``: the rows refused while listing the source, recorded in the index (``skipped/``).
+    ``contents``: what the index records besides the parts (its ``attrs`` get ``cache_key``).
 
     Returns:
         The table of parts written into the index.
@@ -395,8 +421,9 @@ def finalize_index(
             f"Refusing to publish {str(index_path)!r}: {len(problems)} problem(s):\n  " + "\n  ".join(problems[:20])
             + "\nRun the extraction again (finished parts are kept), or 'featbank extract --finalize' once every worker is done."
         )
-    write_index(Path(index_path), parts, classes, {**attrs, "cache_key": key}, row_datasets=row_datasets,
-                plan_json=plan_json, listed=listed)
+    c = contents
+    write_index(Path(index_path), parts, c.classes, {**c.attrs, "cache_key": key}, row_datasets=c.row_datasets,
+                plan_json=c.plan_json, listed=c.listed)
     return parts
 
 

@@ -28,6 +28,7 @@ import numpy as np
 from .. import __version__
 from .._files import describe_os_error, fsync_dir, temporary_path
 from ..errors import CacheError
+from ._parts import PartRows
 from ._schema import FORMAT, SPLIT_NAMES, STR_DTYPE
 from ._validate import recreate_hint, storage_problem
 from ._writer import check_space, estimate_bytes
@@ -37,6 +38,8 @@ __all__ = ["V1_SCHEMA_VERSION", "V1_EXPORT_ROWS", "schema_version", "check_v1_st
 V1_SCHEMA_VERSION = 1
 #: Rows per exported shard of a v1 cache (it has no parts to follow).
 V1_EXPORT_ROWS = 100_000
+#: Rows copied per block by :func:`write_cache` (memory stays bounded whatever N is).
+_BLOCK_ROWS = 4096
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
@@ -64,34 +67,31 @@ def write_cache(
     path: Path,
     *,
     sources: list[tuple[str, Path | None, np.ndarray]],
-    order_paths: list[str],
-    row_fingerprints: np.ndarray,
-    row_labels: np.ndarray,
-    row_splits: np.ndarray,
+    rows: PartRows,
     classes: Sequence[str],
     skipped: list[tuple[str, str, tuple[int, int]]],
     embed_dim: int,
     dtype: str,
     attrs: dict[str, Any],
-    block_rows: int = 4096,
 ) -> None:
     """Write a complete schema-v1 cache atomically (temp file + fsync + os.replace).
 
     ``sources`` lists where the embeddings come from: ``(name, h5 path, mapping)`` where
-    ``mapping`` is an int64 array with, for every final row, the source row or -1. Rows are
-    copied in blocks, so memory stays bounded whatever N is. If ``path`` is a symlink, its target
+    ``mapping`` is an int64 array with, for every final row, the source row or -1. ``rows``: the
+    paths, fingerprints, labels and splits of the final rows, in order. Rows are copied in blocks
+    (4096 rows), so memory stays bounded whatever N is. If ``path`` is a symlink, its target
     is replaced (the link stays); the permission bits of an existing file are kept.
 
     Raises:
         CacheError: not enough space (checked before writing) or the disk filled up meanwhile; the
             old cache is left as it was.
     """
-    n = len(order_paths)
+    n = len(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
     target = Path(os.path.realpath(path)) if path.is_symlink() else path
     staging = next((Path(p) for name, p, _ in sources if p is not None and Path(p).name.endswith(".partial")), None)
     kept = _kept_message(target, staging)
-    check_space(target, estimate_bytes(n, embed_dim, dtype, order_paths, len(skipped)), kept)
+    check_space(target, estimate_bytes(n, embed_dim, dtype, rows.paths, len(skipped)), kept)
     tmp = temporary_path(target)
     mode_bits = _existing_mode(target)
     opened = {}
@@ -100,8 +100,8 @@ def write_cache(
             if src_path is not None and name not in opened:
                 opened[name] = h5py.File(src_path, "r")
         with h5py.File(tmp, "w") as f:
-            _copy_embeddings(f, sources, opened, n, embed_dim, dtype, block_rows)
-            _write_rows(f, order_paths, row_fingerprints, row_labels, row_splits, classes, skipped)
+            _copy_embeddings(f, sources, opened, n, embed_dim, dtype)
+            _write_rows(f, rows, classes, skipped)
             _write_attrs(f, n, embed_dim, dtype, attrs)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
@@ -120,8 +120,8 @@ def write_cache(
             tmp.unlink()
 
 
-def _copy_embeddings(f: h5py.File, sources: list, opened: dict, n: int, embed_dim: int, dtype: str,
-                     block_rows: int) -> None:
+def _copy_embeddings(f: h5py.File, sources: list, opened: dict, n: int, embed_dim: int, dtype: str) -> None:
+    block_rows = _BLOCK_ROWS
     chunk_rows = max(1, min(1024, (1 << 20) // max(1, embed_dim * np.dtype(dtype).itemsize)))
     emb = f.create_dataset(
         "embeddings",
@@ -150,14 +150,13 @@ def _copy_embeddings(f: h5py.File, sources: list, opened: dict, n: int, embed_di
         emb[start:stop] = block
 
 
-def _write_rows(f: h5py.File, order_paths: list[str], row_fingerprints: np.ndarray, row_labels: np.ndarray,
-                row_splits: np.ndarray, classes: Sequence[str], skipped: list) -> None:
-    n = len(order_paths)
-    f.create_dataset("labels", data=np.asarray(row_labels, np.int64), maxshape=(None,), chunks=True)
-    f.create_dataset("splits", data=np.asarray(row_splits, np.int8), maxshape=(None,), chunks=True)
-    f.create_dataset("paths", data=np.array(order_paths, dtype=object), dtype=STR_DTYPE, maxshape=(None,), chunks=True)
+def _write_rows(f: h5py.File, rows: PartRows, classes: Sequence[str], skipped: list) -> None:
+    n = len(rows)
+    f.create_dataset("labels", data=np.asarray(rows.labels, np.int64), maxshape=(None,), chunks=True)
+    f.create_dataset("splits", data=np.asarray(rows.splits, np.int8), maxshape=(None,), chunks=True)
+    f.create_dataset("paths", data=np.array(rows.paths, dtype=object), dtype=STR_DTYPE, maxshape=(None,), chunks=True)
     f.create_dataset(
-        "fingerprints", data=np.asarray(row_fingerprints, np.int64).reshape(n, 2), maxshape=(None, 2), chunks=True
+        "fingerprints", data=np.asarray(rows.fingerprints, np.int64).reshape(n, 2), maxshape=(None, 2), chunks=True
     )
     f.create_dataset("classes", data=np.array(list(classes), dtype=object), dtype=STR_DTYPE)
     g = f.create_group("skipped")

@@ -32,6 +32,7 @@ __all__ = [
     "PART_FORMAT",
     "ROW_DATASETS",
     "PartRows",
+    "ShardRows",
     "PartInfo",
     "PartWriter",
     "rows_digest",
@@ -80,6 +81,16 @@ class PartRows:
             np.asarray(self.labels, np.int64)[rows],
             np.asarray(self.splits, np.int8)[rows],
         )
+
+
+@dataclass(frozen=True)
+class ShardRows:
+    """What one part is written for: its shard, the run's cache key, the rows and the cache's class names."""
+
+    shard_id: int
+    key: str
+    rows: PartRows
+    classes: Sequence[str]
 
 
 @dataclass(frozen=True)
@@ -196,14 +207,15 @@ class PartWriter:
 
     @classmethod
     def create(
-        cls, folder: Path, shard_id: int, key: str, rows: PartRows, classes: Sequence[str],
-        embed_dim: int, dtype: str, attrs: dict[str, Any] | None = None, extra: dict[str, tuple[int, ...]] | None = None,
+        cls, folder: Path, shard: ShardRows, embed_dim: int, dtype: str, attrs: dict[str, Any] | None = None,
+        extra: dict[str, tuple[int, ...]] | None = None,
     ) -> PartWriter:
-        """A new ``.partial`` for ``rows`` (written under a temporary name, then renamed).
+        """A new ``.partial`` for the rows of ``shard`` (written under a temporary name, then renamed).
 
         ``extra`` maps the per-row datasets a run stores besides ``embeddings`` (``layers/<tap>``,
         ``views/...``) to their trailing shape; they get ``dtype`` too.
         """
+        shard_id, key, rows, classes = shard.shard_id, shard.key, shard.rows, shard.classes
         digest = rows_digest(rows, classes)
         path = cls.partial_path(folder, shard_id, digest)
         tmp = temporary_path(path)
@@ -317,10 +329,8 @@ class PartWriter:
         bad = [(self.paths[r], why, tuple(int(v) for v in self.rows.fingerprints[r])) for r, why in sorted(skipped.items())]
         attrs = {k: v for k, v in self.file.attrs.items() if k not in ("complete", EXTRA_ATTR)}
         self.close()
-        info = write_part(
-            final.parent, self.shard_id, self.key, self.rows.take(keep), emb, self.classes, bad,
-            attrs=attrs, digest=self.digest, extra=extra,
-        )
+        shard = ShardRows(self.shard_id, self.key, self.rows.take(keep), self.classes)
+        info = write_part(final.parent, shard, emb, bad, attrs=attrs, digest=self.digest, extra=extra)
         self.path.unlink(missing_ok=True)
         return info
 
@@ -332,15 +342,17 @@ class PartWriter:
 
 
 def write_part(
-    folder: Path, shard_id: int, key: str, rows: PartRows, embeddings: np.ndarray, classes: Sequence[str],
-    skipped: list[tuple[str, str, tuple[int, int]]] | None = None, *, attrs: dict[str, Any] | None = None,
-    digest: str | None = None, extra: dict[str, np.ndarray] | None = None,
+    folder: Path, shard: ShardRows, embeddings: np.ndarray, skipped: list[tuple[str, str, tuple[int, int]]] | None = None,
+    *, attrs: dict[str, Any] | None = None, digest: str | None = None, extra: dict[str, np.ndarray] | None = None,
 ) -> PartInfo:
     """Write a complete part from arrays in one go (temporary name, fsync, rename) and describe it.
 
-    ``digest`` is the digest of the *planned* rows (skipped ones included); default: of ``rows``.
-    ``extra``: the other per-row datasets (``layers/<tap>``, ``views/...``), one row per row.
+    ``shard.rows`` are the rows embedded (one per row of ``embeddings``); ``skipped``: the planned
+    rows that were not, as (path, reason, fingerprint). ``digest`` is the digest of the *planned*
+    rows (skipped ones included); default: of ``shard.rows``. ``extra``: the other per-row datasets
+    (``layers/<tap>``, ``views/...``), one row per row.
     """
+    shard_id, key, rows, classes = shard.shard_id, shard.key, shard.rows, shard.classes
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     digest = digest or rows_digest(rows, classes)

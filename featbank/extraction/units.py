@@ -22,10 +22,12 @@ import numpy as np
 from .._files import remove_orphans, timestamp
 from ..cache import (
     ROW_DATASETS,
+    IndexContents,
     PartInfo,
     PartRows,
     PartWriter,
     PlannedPart,
+    ShardRows,
     compute_cache_key,
     decode_attr,
     describe_feature_difference,
@@ -309,7 +311,7 @@ def run_shard(job: ShardJob, on_rows: Callable[[int], None] | None = None, *, em
     s = job.settings
     writer = PartWriter.open_if_valid(folder, job.shard_id, job.key, digest)
     if writer is None:
-        writer = PartWriter.create(folder, job.shard_id, job.key, job.rows, job.classes, s.embed_dim, s.dtype,
+        writer = PartWriter.create(folder, ShardRows(job.shard_id, job.key, job.rows, job.classes), s.embed_dim, s.dtype,
                                    attrs={"root": job.root, "layout": job.layout},
                                    extra=s.features.datasets() if s.features is not None else None)
     else:  # recorded for the report: rows an interrupted run embedded (not copied from old parts)
@@ -476,8 +478,8 @@ def _open_unit(unit: ShardJob, whole: str, on_rows: Callable[[int], None]) -> Pa
     digest = rows_digest(unit.rows, unit.classes)
     writer = PartWriter.open_if_valid(folder, unit.shard_id, unit.key, digest)
     if writer is None:
-        return PartWriter.create(folder, unit.shard_id, unit.key, unit.rows, unit.classes, s.embed_dim, s.dtype,
-                                 attrs={"root": unit.root, "layout": unit.layout, UNIT_ATTR: whole},
+        return PartWriter.create(folder, ShardRows(unit.shard_id, unit.key, unit.rows, unit.classes), s.embed_dim,
+                                 s.dtype, attrs={"root": unit.root, "layout": unit.layout, UNIT_ATTR: whole},
                                  extra=s.features.datasets() if s.features is not None else None)
     writer.file.attrs["n_resumed"] = int(writer.done_mask().sum())
     writer.file.attrs["unit_done"] = False
@@ -546,9 +548,9 @@ def finalize(prepared: Prepared) -> list[PartInfo]:
         known = read_parts_table(index_path) if created is not None else []
     except (OSError, KeyError, CacheError):  # a v1 file being replaced with --overwrite has no table
         known = []
-    parts = finalize_index(index_path, prepared.planned, prepared.key, prepared.classes, attrs,
-                           plan_json=prepared.plan.to_json(), known=known, row_datasets=prepared.row_datasets,
-                           listed=prepared.skipped)
+    contents = IndexContents(prepared.classes, attrs, row_datasets=prepared.row_datasets,
+                             plan_json=prepared.plan.to_json(), listed=prepared.skipped)
+    parts = finalize_index(index_path, prepared.planned, prepared.key, contents, known=known)
     _remove_unreferenced(index_path, parts)
     return parts
 
@@ -609,7 +611,7 @@ def migrate_v1(path: Path, *, shard_size: int = DEFAULT_SHARD_SIZE) -> list[Part
                 emb = c.embeddings[int(rows_i[0]):int(rows_i[-1]) + 1]
             else:
                 emb = np.zeros((0, c.embed_dim), c.embeddings.dtype)
-            write_part(parts_dir(path), shard.shard_id, key, rows, emb, classes, bad, digest=digest)
+            write_part(parts_dir(path), ShardRows(shard.shard_id, key, rows, classes), emb, bad, digest=digest)
             planned.append(PlannedPart(shard.shard_id, len(everything), digest))
     meta.update(updated=timestamp(), shard_size=shard_size, migrated_from_schema=1)
-    return finalize_index(path, planned, key, classes, meta, plan_json=plan.to_json())
+    return finalize_index(path, planned, key, IndexContents(classes, meta, plan_json=plan.to_json()))
