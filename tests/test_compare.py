@@ -15,7 +15,7 @@ from PIL import Image
 import featbank
 from featbank.cache import default_cache_dir
 from featbank.cli.main import cli
-from featbank.comparison import CompareRow, default_plot_path, format_table, parse_backbones, plot_comparison
+from featbank.comparison import CompareConfig, CompareRow, default_plot_path, format_table, parse_backbones, plot_comparison
 from featbank.comparison._table import empty_row
 from featbank.comparison._throughput import Clock, Throughput, choose_throughput, read_record
 from featbank.errors import ConfigError, DatasetError
@@ -109,6 +109,34 @@ def test_unlabelled_or_single_class_data_is_refused(tmp_path):
     with pytest.raises(DatasetError):
         featbank.compare(one, ["test_tiny"])
     assert _cache_files() == []
+
+
+def test_compare_config_is_checked_once_when_built(tmp_path):
+    config = CompareConfig(tmp_path / "data", " a, b", layers=" stage5,final ")
+    assert (config.data, config.backbones, config.layers, config.plot) == (str(tmp_path / "data"), ("a", "b"),
+                                                                          "stage5,final", None)
+    for kwargs, message in (({"engine": "tensorrt"}, "'engine' parameter"), ({"device": "tpu"}, "'device' parameter"),
+                            ({"batch_size": 0}, "batch_size"), ({"layers": "a,,b"}, "empty name")):
+        with pytest.raises(ConfigError, match=message):
+            CompareConfig(tmp_path / "data", "a", **kwargs)
+    with pytest.raises(ConfigError, match="more than once"):
+        CompareConfig(tmp_path / "data", ["a", "a"])
+    # The config alone, or the shorthand (data, backbones, fields as keywords): not both, and not without backbones.
+    with pytest.raises(ConfigError, match="takes the CompareConfig alone.*backbones, layers"):
+        featbank.compare(config, "c", layers="final")
+    with pytest.raises(ConfigError, match="needs the backbones"):
+        featbank.compare(tmp_path / "data")
+    with pytest.raises(DatasetError):  # checked by compare, before any work: DATA does not exist
+        featbank.compare(config)
+    assert _cache_files() == []
+
+
+def test_cli_parameters_map_onto_the_config():
+    """One mapping: every click parameter of compare but --no-plot, --json and --quiet is a CompareConfig field."""
+    from dataclasses import fields
+
+    names = {p.name for p in cli.commands["compare"].params} - {"no_plot", "as_json", "quiet"}
+    assert names == {f.name for f in fields(CompareConfig)} - {"progress"}
 
 
 def test_parse_backbones():

@@ -332,6 +332,26 @@ def test_refusals_exit_2(tmp_path: Path, image_folder: Path) -> None:
         ft.finetune(image_folder, tmp_path / "h", learning_rate=1, **FAST)
 
 
+def test_settings_object_is_the_config_and_keywords_change_it(tmp_path: Path, image_folder: Path) -> None:
+    """featbank.finetune(settings=FinetuneSettings(...)): keywords change its fields, checked before any work."""
+    settings = ft.FinetuneSettings(backbone="test_tiny", strategy="full")
+    with pytest.raises(ConfigError, match="--cache-frozen caches the output of frozen groups, and --strategy full"):
+        ft.finetune(image_folder, tmp_path / "m", settings=settings, cache_frozen=True, num_workers=0, progress=False)
+    with pytest.raises(ConfigError, match="Unknown finetune setting"):
+        ft.finetune(image_folder, tmp_path / "m", settings=settings, learning_rate=1)
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m.ckpt").exists()
+
+
+def test_cli_parameters_map_onto_the_settings() -> None:
+    """One mapping: every click parameter of finetune but the run's own is a FinetuneSettings field."""
+    from dataclasses import fields
+
+    run = {"data", "out", "device", "num_workers", "resume", "overwrite", "quiet"}
+    names = {p.name for p in cli.commands["finetune"].params}
+    assert run <= names
+    assert names - run <= {f.name for f in fields(ft.FinetuneSettings)}
+
+
 def test_vflip_and_rot90_only_reorient_the_crop(image_folder: Path) -> None:
     index = featbank.scan_folder(image_folder)
     cfg = _random("test_tiny").preprocess
