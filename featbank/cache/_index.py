@@ -421,9 +421,8 @@ def finalize_index(
             f"Refusing to publish {str(index_path)!r}: {len(problems)} problem(s):\n  " + "\n  ".join(problems[:20])
             + "\nRun the extraction again (finished parts are kept), or 'featbank extract --finalize' once every worker is done."
         )
-    c = contents
-    write_index(Path(index_path), parts, c.classes, {**c.attrs, "cache_key": key}, row_datasets=c.row_datasets,
-                plan_json=c.plan_json, listed=c.listed)
+    write_index(Path(index_path), parts, contents.classes, {**contents.attrs, "cache_key": key},
+                row_datasets=contents.row_datasets, plan_json=contents.plan_json, listed=contents.listed)
     return parts
 
 
