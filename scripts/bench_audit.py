@@ -43,45 +43,62 @@ N_PLANTED = 200
 # ------------------------------------------------------------------------------------------------
 
 
-def _degrade(path: Path, rng: np.random.Generator) -> bytes:
-    """JPEG q=30 bytes of the image after a 90% centre crop, a 0.8x resize and a brightness shift."""
+#: The changes of a planted copy: ``all`` applies the four in turn to every copy; ``single`` gives each
+#: copy one of them (the n copies split evenly between the four).
+PLANT_MODES = ("single", "all")
+SINGLE_CHANGES = ("jpeg", "resize", "crop", "bright")
+
+
+def _degrade(path: Path, rng: np.random.Generator, changes: tuple[str, ...]) -> tuple[bytes, str]:
+    """(bytes, suffix) of the image after ``changes`` in the order crop 90% (centre), resize 0.8x,
+    brightness x U(0.9, 1.1), JPEG quality 30; PNG when JPEG is not among the changes."""
     from PIL import Image, ImageEnhance
 
     with Image.open(path) as im:
         im = im.convert("RGB")
         w, h = im.size
-        cw, ch = int(w * 0.9), int(h * 0.9)
-        left, top = (w - cw) // 2, (h - ch) // 2
-        im = im.crop((left, top, left + cw, top + ch))
-        im = im.resize((max(1, int(cw * 0.8)), max(1, int(ch * 0.8))), Image.BILINEAR)
-        im = ImageEnhance.Brightness(im).enhance(float(rng.uniform(0.9, 1.1)))
+        if "crop" in changes:
+            cw, ch = int(w * 0.9), int(h * 0.9)
+            left, top = (w - cw) // 2, (h - ch) // 2
+            im = im.crop((left, top, left + cw, top + ch))
+        if "resize" in changes:
+            im = im.resize((max(1, int(im.width * 0.8)), max(1, int(im.height * 0.8))), Image.BILINEAR)
+        if "bright" in changes:
+            f = float(rng.uniform(0.05, 0.1)) * (1 if rng.random() < 0.5 else -1)
+            im = ImageEnhance.Brightness(im).enhance(1.0 + f)
         buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=30)
-        return buf.getvalue()
+        if "jpeg" in changes:
+            im.save(buf, format="JPEG", quality=30)
+            return buf.getvalue(), ".jpg"
+        im.save(buf, format="PNG")
+        return buf.getvalue(), ".png"
 
 
-def prepare_dups(src: Path, dst: Path, n: int = N_PLANTED, seed: int = 0) -> Path:
-    """Copy ``src`` (train/ and test/ ImageFolders) to ``dst`` and plant ``n`` degraded copies of
-    training images in test/ (same class). Writes ``dst/../<name>-planted.json``: [[train, test], ...]."""
+def prepare_dups(src: Path, dst: Path, n: int = N_PLANTED, seed: int = 0, mode: str = "all") -> Path:
+    """Copy ``src`` (train/ and test/ ImageFolders) to ``dst`` and plant ``n`` changed copies of
+    training images in test/ (same class; ``mode`` in :data:`PLANT_MODES`). Writes
+    ``dst/../<name>-planted.json``: [[train, test, change], ...]."""
     if dst.exists():
         raise SystemExit(f"{dst} exists; remove it first.")
     shutil.copytree(src, dst)
     rng = np.random.default_rng(seed)
     train = sorted(p for p in (dst / "train").rglob("*") if p.is_file())
     pairs = []
-    for i in sorted(rng.choice(len(train), n, replace=False)):
+    for j, i in enumerate(sorted(rng.choice(len(train), n, replace=False))):
         p = train[int(i)]
+        changes = SINGLE_CHANGES if mode == "all" else (SINGLE_CHANGES[j * len(SINGLE_CHANGES) // n],)
+        data, suffix = _degrade(p, rng, changes)
         rel = p.relative_to(dst / "train")
-        out = dst / "test" / rel.parent / f"planted_{p.stem}.jpg"
-        out.write_bytes(_degrade(p, rng))
-        pairs.append([str(p.relative_to(dst)), str(out.relative_to(dst))])
+        out = dst / "test" / rel.parent / f"planted_{p.stem}{suffix}"
+        out.write_bytes(data)
+        pairs.append([str(p.relative_to(dst)), str(out.relative_to(dst)), "+".join(changes)])
     planted = dst.with_name(dst.name + "-planted.json")
     planted.write_text(json.dumps(pairs, indent=1))
     return planted
 
 
 def _main_prepare(args: argparse.Namespace) -> None:
-    planted = prepare_dups(Path(args.src), Path(args.dst), args.n, args.seed)
+    planted = prepare_dups(Path(args.src), Path(args.dst), args.n, args.seed, args.mode)
     print(f"wrote {args.dst} and {planted}")
 
 
@@ -244,7 +261,8 @@ def write_scale_cache(index: Path, n: int, dim: int, n_pairs: int, shard: int = 
     return pairs
 
 
-def bench_scale(n: int, workdir: Path, max_memory: str, dim: int = 1280, n_pairs: int = 1000) -> dict:
+def bench_scale(n: int, workdir: Path, max_memory: str, dim: int = 1280, n_pairs: int = 1000, search: str = "ivf",
+                nprobe: int = 16, keep: bool = False) -> dict:
     from featbank.audit import AuditSettings, audit
     from featbank.cache import open_cache
 
@@ -255,16 +273,23 @@ def bench_scale(n: int, workdir: Path, max_memory: str, dim: int = 1280, n_pairs
     t0 = time.perf_counter()
     pairs = write_scale_cache(index, n, dim, n_pairs)
     t_write = time.perf_counter() - t0
+    rss_write = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     t0 = time.perf_counter()
     with open_cache(index) as c:
-        res = audit(c, AuditSettings(max_memory=max_memory, device="cpu"))
+        res = audit(c, AuditSettings(max_memory=max_memory, device="cpu", search=search, nprobe=nprobe))
         found = set(zip(res.pairs.a.tolist(), res.pairs.b.tolist()))
     seconds = time.perf_counter() - t0
     planted = set(map(tuple, pairs.tolist()))
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    return {"n": n, "dim": dim, "max_memory": max_memory, "planted": len(planted), "found": len(planted & found),
+    if not keep:
+        shutil.rmtree(index.with_name(index.name + ".parts"), ignore_errors=True)
+        index.unlink()
+    return {"n": n, "dim": dim, "max_memory": max_memory, "search": res.summary["duplicates"]["search"],
+            "nprobe": nprobe, "planted": len(planted), "found": len(planted & found),
+            "recall": round(len(planted & found) / len(planted), 4),
             "other_pairs": len(found - planted), "audit_seconds": round(seconds, 1), "write_seconds": round(t_write, 1),
-            "peak_rss_gb": round(rss_gb, 3)}
+            "peak_rss_gb_after_write": round(rss_write, 3), "peak_rss_gb": round(rss_gb, 3),
+            "disk_gb": round(n * dim * 2 / 1e9, 2)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -345,7 +370,8 @@ def _main_dups(args: argparse.Namespace) -> None:
 
 
 def _main_scale(args: argparse.Namespace) -> None:
-    print(json.dumps(bench_scale(args.n, Path(args.workdir), args.max_memory), indent=2))
+    print(json.dumps(bench_scale(args.n, Path(args.workdir), args.max_memory, search=args.search, nprobe=args.nprobe,
+                                 keep=args.keep), indent=2))
 
 
 def main() -> None:
@@ -356,6 +382,7 @@ def main() -> None:
     p.add_argument("dst")
     p.add_argument("--n", type=int, default=N_PLANTED)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mode", choices=PLANT_MODES, default="all")
     p.set_defaults(func=_main_prepare)
     p = sub.add_parser("prepare-variants")
     p.add_argument("src")
@@ -375,7 +402,10 @@ def main() -> None:
     p.set_defaults(func=_main_dups)
     p = sub.add_parser("scale")
     p.add_argument("--n", type=int, default=100_000)
-    p.add_argument("--max-memory", default="64MB")
+    p.add_argument("--max-memory", default="256MB")
+    p.add_argument("--search", choices=("exact", "ivf"), default="ivf")
+    p.add_argument("--nprobe", type=int, default=16)
+    p.add_argument("--keep", action="store_true", help="keep the synthetic cache (deleted after the run by default)")
     p.add_argument("--workdir", default="runs/bench-audit")
     p.set_defaults(func=_main_scale)
     args = ap.parse_args()

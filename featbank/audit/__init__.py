@@ -17,11 +17,22 @@
 
 from __future__ import annotations
 
-from ._findings import Pairs, find_pairs, knn_outlier_scores
+from ._findings import Pairs, find_pairs, knn_outlier_scores, rescore_pairs
+from ._ivf import IvfSettings, ivf_search
 from ._labels import LabelIssues, confident_joint, find_label_issues, out_of_fold_proba
 from ._neighbors import BACKENDS, Neighbors, knn_search, plan_blocks
 from ._report import check_report_dir, write_report
-from ._run import DEFAULT_THRESHOLD, AuditResult, AuditSettings, audit, run_labels, run_neighbors
+from ._run import (
+    DEFAULT_THRESHOLD,
+    IVF_FROM_ROWS,
+    SEARCHES,
+    AuditResult,
+    AuditSettings,
+    audit,
+    resolve_search,
+    run_labels,
+    run_neighbors,
+)
 
 __all__ = [
     "audit",
@@ -32,12 +43,18 @@ __all__ = [
     "run_labels",
     "check_report_dir",
     "DEFAULT_THRESHOLD",
+    "SEARCHES",
+    "IVF_FROM_ROWS",
+    "resolve_search",
+    "ivf_search",
+    "IvfSettings",
     "knn_search",
     "plan_blocks",
     "Neighbors",
     "BACKENDS",
     "Pairs",
     "find_pairs",
+    "rescore_pairs",
     "knn_outlier_scores",
     "LabelIssues",
     "find_label_issues",

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ._neighbors import Neighbors, RowReader
+from ._neighbors import Neighbors, RowReader, l2_normalize_rows
 
-__all__ = ["Pairs", "find_pairs", "mark_exact", "knn_outlier_scores", "flag_high", "same_file", "EXACT_SIMILARITY"]
+__all__ = ["Pairs", "find_pairs", "rescore_pairs", "mark_exact", "knn_outlier_scores", "flag_high", "same_file",
+           "EXACT_SIMILARITY"]
 
 #: Pairs at or above this cosine are checked for identical embeddings (float32 rounding of a
 #: product of identical unit vectors stays within ~1e-6 of 1).
@@ -43,6 +44,21 @@ def find_pairs(nb: Neighbors, threshold: float) -> Pairs:
     a, b, s = a[first], b[first], s[first]
     order = np.lexsort((b, a, -s))
     return Pairs(a=a[order], b=b[order], similarity=s[order].astype(np.float32), exact=np.zeros(len(order), bool))
+
+
+def rescore_pairs(pairs: Pairs, read_rows: RowReader, threshold: float, chunk: int = 4096) -> Pairs:
+    """The pairs whose exact cosine (features read back with ``read_rows``) is at or above ``threshold``,
+    with that cosine, most similar first (for candidates proposed by an approximate search)."""
+    sims = np.zeros(len(pairs), np.float32)
+    for s in range(0, len(pairs), chunk):
+        a, b = pairs.a[s : s + chunk], pairs.b[s : s + chunk]
+        rows = np.unique(np.concatenate([a, b]))
+        x = l2_normalize_rows(read_rows(rows))
+        sims[s : s + chunk] = (x[np.searchsorted(rows, a)] * x[np.searchsorted(rows, b)]).sum(axis=1)
+    keep = sims >= threshold
+    a, b, sims = pairs.a[keep], pairs.b[keep], sims[keep]
+    order = np.lexsort((b, a, -sims))
+    return Pairs(a=a[order], b=b[order], similarity=sims[order], exact=np.zeros(len(order), bool))
 
 
 def mark_exact(pairs: Pairs, read_rows: RowReader, chunk: int = 4096) -> None:

@@ -11,11 +11,22 @@ import numpy as np
 
 from ..cache import FeatureCache, open_cache
 from ..errors import CacheError, ConfigError
-from ._findings import Pairs, find_pairs, flag_high, knn_outlier_scores, mark_exact, same_file
+from ._findings import Pairs, find_pairs, flag_high, knn_outlier_scores, mark_exact, rescore_pairs, same_file
+from ._ivf import IvfSettings, ivf_search
 from ._labels import METHODS, FoldFitter, LabelIssues, find_label_issues, out_of_fold_proba
 from ._neighbors import BACKENDS, RowReader, knn_search
 
-__all__ = ["AuditSettings", "AuditResult", "audit", "run_neighbors", "run_labels", "DEFAULT_THRESHOLD"]
+__all__ = ["AuditSettings", "AuditResult", "audit", "run_neighbors", "run_labels", "resolve_search", "DEFAULT_THRESHOLD",
+           "SEARCHES",
+           "IVF_FROM_ROWS", "IVF_CANDIDATE_MARGIN"]
+
+#: Neighbour searches: ``exact`` (blocked, every pair), ``ivf`` (faiss IVF over a PCA projection, pairs
+#: re-scored exactly), ``auto`` = ``ivf`` from :data:`IVF_FROM_ROWS` images when faiss is installed.
+SEARCHES = ("auto", "exact", "ivf")
+IVF_FROM_ROWS = 200_000
+#: The approximate search proposes pairs down to ``threshold - IVF_CANDIDATE_MARGIN`` in its PCA space;
+#: each is re-scored on the full features and kept at or above ``threshold``.
+IVF_CANDIDATE_MARGIN = 0.1
 
 #: Default cosine similarity at or above which two images count as near-duplicates. Measured, not
 #: guessed (scripts/bench_audit.py variants, efficientnet_lite0 final layer, 60 images each of ELPV
@@ -40,7 +51,9 @@ class AuditSettings:
         layers: the cache layers compared and probed (the plain view; stored views are not used).
         max_memory: bytes (or "1GB") held at once by the neighbour search and, beyond it, the probe streams.
         block_rows: query rows per block of the neighbour search (default: from max_memory).
-        backend, device: of the neighbour search (faiss / torch; cpu / cuda / auto).
+        backend, device: of the exact neighbour search (faiss / torch; cpu / cuda / auto).
+        search: ``exact``, ``ivf`` or ``auto`` (:data:`SEARCHES`).
+        nprobe: cells the ``ivf`` search visits per image.
         seed: of the folds.
     """
 
@@ -54,6 +67,8 @@ class AuditSettings:
     block_rows: int | None = None
     backend: str = "auto"
     device: str = "auto"
+    search: str = "auto"
+    nprobe: int = 16
     seed: int = 0
 
     def validate(self) -> None:
@@ -63,6 +78,8 @@ class AuditSettings:
             raise ConfigError(f"--outlier-percentile must be between 0 and 100; got {self.outlier_percentile!r}.")
         if self.k < 1 or self.n_folds < 2:
             raise ConfigError(f"--neighbors must be >= 1 and --folds >= 2; got {self.k!r} and {self.n_folds!r}.")
+        if self.search not in SEARCHES or self.nprobe < 1:
+            raise ConfigError(f"search must be one of {SEARCHES} and nprobe >= 1; got {self.search!r}, {self.nprobe!r}.")
         if self.method not in METHODS or self.backend not in BACKENDS:
             raise ConfigError(f"method must be one of {METHODS} and backend one of {BACKENDS}; "
                               f"got {self.method!r}, {self.backend!r}.")
@@ -134,14 +151,33 @@ def _check_cache(cache: FeatureCache) -> None:
                          "at least 2. Extract a folder with more images.")
 
 
+def resolve_search(settings: AuditSettings, n: int) -> str:
+    """``exact`` or ``ivf``: what ``settings.search`` means for ``n`` images."""
+    if settings.search != "auto":
+        return settings.search
+    if n < IVF_FROM_ROWS:
+        return "exact"
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return "exact"
+    return "ivf"
+
+
 def run_neighbors(cache: FeatureCache, settings: AuditSettings) -> tuple[Pairs, np.ndarray]:
-    """(duplicate pairs, kNN outlier score per row) from one blocked neighbour search."""
+    """(duplicate pairs, kNN outlier score per row) from one neighbour search (exact and blocked, or
+    approximate with faiss IVF and its pairs re-scored exactly)."""
     read = _reader(cache, settings.layers)
     dim = read(np.arange(1)).shape[1]
     k = min(settings.k, cache.n_samples - 1)
-    nb = knn_search(read, cache.n_samples, dim, k, max_memory=_memory(settings), block_rows=settings.block_rows,
-                    backend=settings.backend, device=_device(settings.device))
-    pairs = find_pairs(nb, settings.threshold)
+    if resolve_search(settings, cache.n_samples) == "ivf":
+        block = settings.block_rows or max(1, min(50_000, _memory(settings) // (8 * dim)))
+        nb = ivf_search(read, cache.n_samples, dim, k, IvfSettings(nprobe=settings.nprobe, block_rows=block))
+        pairs = rescore_pairs(find_pairs(nb, settings.threshold - IVF_CANDIDATE_MARGIN), read, settings.threshold)
+    else:
+        nb = knn_search(read, cache.n_samples, dim, k, max_memory=_memory(settings), block_rows=settings.block_rows,
+                        backend=settings.backend, device=_device(settings.device))
+        pairs = find_pairs(nb, settings.threshold)
     mark_exact(pairs, read)
     return pairs, knn_outlier_scores(nb)
 
@@ -248,7 +284,7 @@ def _summary(cache: FeatureCache, res: AuditResult, C: float | None, cut: float,
         "cache": str(cache.path), "n_images": cache.n_samples,
         "features": f"layers {s.layers!r} of the plain view" + (f" ({cache.n_views} augmented views not used)"
                                                                  if cache.n_views else ""),
-        "duplicates": {"threshold": s.threshold, "k": s.k, **dup},
+        "duplicates": {"threshold": s.threshold, "k": s.k, "search": resolve_search(s, cache.n_samples), **dup},
         "label_issues": labels,
         "outliers": {"percentile": s.outlier_percentile, "knn_distance_cut": cut, "knn": len(res.knn_outliers),
                      "unclaimed": len(res.unclaimed)},
