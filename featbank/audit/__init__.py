@@ -10,6 +10,9 @@
   (:func:`knn_search`; faiss when installed, else torch, CUDA when asked for), pairs at or above
   ``threshold`` (:data:`DEFAULT_THRESHOLD`, measured in ``scripts/bench_audit.py``); identical
   embeddings (and identical file bytes) told apart from near ones.
+  With ``verify="pixels"`` every pair of k-nearest neighbours is scored on grey thumbnails
+  (:func:`pixel_scores`), which finds JPEG, resized, cropped and brightened copies that no
+  cosine threshold separates from look-alikes.
 * label errors: out-of-fold probabilities of featbank's :class:`~featbank.heads.LinearHead`,
   then confident learning (:func:`find_label_issues`, Northcutt et al., JAIR 2021).
 * outliers: the mean distance to the k nearest images, and the top out-of-fold probability.
@@ -32,7 +35,9 @@ from ._run import (
     resolve_search,
     run_labels,
     run_neighbors,
+    verify_on_pixels,
 )
+from ._verify import CROPS, DEFAULT_PIXEL_THRESHOLD, THUMB, VERIFY, pixel_descriptor, pixel_scores
 
 __all__ = [
     "audit",
@@ -43,6 +48,13 @@ __all__ = [
     "run_labels",
     "check_report_dir",
     "DEFAULT_THRESHOLD",
+    "DEFAULT_PIXEL_THRESHOLD",
+    "VERIFY",
+    "CROPS",
+    "THUMB",
+    "pixel_descriptor",
+    "pixel_scores",
+    "verify_on_pixels",
     "SEARCHES",
     "IVF_FROM_ROWS",
     "resolve_search",

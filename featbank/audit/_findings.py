@@ -21,12 +21,19 @@ EXACT_SIMILARITY = 1.0 - 1e-5
 @dataclass
 class Pairs:
     """Pairs of rows (``a < b``) at or above the threshold, most similar first; ``exact`` where the
-    embeddings are identical."""
+    embeddings are identical; ``pixel`` the thumbnail correlation when pairs were verified on pixels
+    (NaN where an image could not be read), else None."""
 
     a: np.ndarray
     b: np.ndarray
     similarity: np.ndarray
     exact: np.ndarray
+    pixel: np.ndarray | None = None
+
+    def take(self, keep: np.ndarray) -> Pairs:
+        """The pairs at ``keep`` (a boolean mask or indices), in that order."""
+        return Pairs(self.a[keep], self.b[keep], self.similarity[keep], self.exact[keep],
+                     None if self.pixel is None else self.pixel[keep])
 
     def __len__(self) -> int:
         return len(self.a)
