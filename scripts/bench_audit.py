@@ -179,51 +179,140 @@ def bench_labels(cache_path: Path, workdir: Path, frac: float = 0.05, seed: int 
 # ------------------------------------------------------------------------------------------------
 
 
-def _pair_keys(cache, pairs) -> tuple[list[tuple[str, str]], np.ndarray]:  # noqa: ANN001
-    cross = cache.splits[pairs.a] != cache.splits[pairs.b]
-    keys = [tuple(sorted((cache.paths[a], cache.paths[b]))) for a, b in zip(pairs.a[cross], pairs.b[cross])]
-    return keys, pairs.similarity[cross]
+def _cross(cache, a: np.ndarray, b: np.ndarray, score: np.ndarray) -> dict[tuple[str, str], float]:  # noqa: ANN001
+    """{(path, path) sorted: best score} of the cross-split pairs among (a, b, score)."""
+    out: dict[tuple[str, str], float] = {}
+    for x, y, s in zip(a.tolist(), b.tolist(), score.tolist()):
+        if cache.splits[x] != cache.splits[y] and np.isfinite(s):
+            key = tuple(sorted((cache.paths[x], cache.paths[y])))
+            out[key] = max(out.get(key, -np.inf), float(s))
+    return out
 
 
-def _score(keys: list[tuple[str, str]], sims: np.ndarray, planted: set, thr: float, ignore: set = frozenset()) -> dict:
-    found = {k for k, s in zip(keys, sims) if s >= thr and k not in ignore}
+def _score(pairs: dict, planted: set, thr: float, ignore: frozenset | set = frozenset()) -> dict:
+    """Recall and precision of the cross-split pairs scoring >= thr; every pair not planted is a false positive."""
+    found = {k for k, s in pairs.items() if s >= thr and k not in ignore}
     tp = len(found & planted)
     p = tp / max(1, len(found))
     r = tp / max(1, len(planted))
-    return {"threshold": round(thr, 4), "cross_pairs": len(found), "planted_found": tp, "precision": round(p, 4),
-            "recall": round(r, 4), "f1": round(2 * p * r / max(1e-12, p + r), 4)}
+    return {"threshold": round(float(thr), 4), "cross_pairs": len(found), "planted_found": tp, "precision": round(p, 4),
+            "recall": round(r, 4)}
 
 
-def bench_dups(cache_path: Path, planted_path: Path, seed: int = 0) -> dict:
-    from featbank.audit import DEFAULT_THRESHOLD, AuditSettings, run_neighbors
+def _best_at_precision(pairs: dict, planted: set, ignore: frozenset | set = frozenset(), target: float = 0.95) -> dict:
+    """The lowest threshold whose precision is >= target (the highest recall there); else the best F1."""
+    rows = [_score(pairs, planted, t, ignore) for t in sorted(set(pairs.values()), reverse=True)[:5000]]
+    ok = [r for r in rows if r["precision"] >= target]
+    if ok:
+        return max(ok, key=lambda r: (r["recall"], r["threshold"]))
+    f1 = lambda r: 2 * r["precision"] * r["recall"] / max(1e-12, r["precision"] + r["recall"])  # noqa: E731
+    return max(rows, key=f1) if rows else _score(pairs, planted, np.inf)
+
+
+def _evaluate(pairs: dict, planted: set, seed: int, default: float | None = None) -> dict:
+    """Threshold chosen on half of the planted pairs, scored on the other half; the best possible on all."""
+    order = sorted(planted)
+    half = {order[i] for i in np.random.default_rng(seed).permutation(len(order))[: len(order) // 2]}
+    other = planted - half
+    chosen = _best_at_precision(pairs, half, ignore=other)
+    out = {"chosen_on_half": chosen, "held_out_half": _score(pairs, other, chosen["threshold"], ignore=half),
+           "best_on_all": _best_at_precision(pairs, planted)}
+    if default is not None:
+        out["at_default"] = _score(pairs, planted, default)
+    return out
+
+
+def _featbank_pairs(cache_path: Path, layers: str, verify: str, k: int) -> tuple[dict, float]:
+    from featbank.audit import AuditSettings, run_neighbors
     from featbank.cache import open_cache
 
-    planted = {tuple(sorted(p)) for p in json.loads(planted_path.read_text())}
     t0 = time.perf_counter()
     with open_cache(cache_path) as c:
-        pairs, _ = run_neighbors(c, AuditSettings(threshold=0.5, device="cpu"))
-        keys, sims = _pair_keys(c, pairs)
+        st = AuditSettings(threshold=-1.0, pixel_threshold=-1.0, verify=verify, dup_layers=layers, k=k, device="cpu",
+                           search="exact")
+        pairs, _ = run_neighbors(c, st)
+        score = pairs.pixel if verify == "pixels" else pairs.similarity
+        out = _cross(c, pairs.a, pairs.b, score)
+    return out, time.perf_counter() - t0
+
+
+def _imagededup_pairs(root: Path, method: str) -> tuple[dict, float]:
+    """Cross-split pairs of imagededup's PHash/DHash (score: -Hamming distance) or CNN (cosine) on the folder."""
+    from imagededup import methods
+
+    t0 = time.perf_counter()
+    if method == "CNN":
+
+        algo = methods.CNN(verbose=False, model_config=_lite0_for_imagededup())
+        enc = algo.encode_images(image_dir=str(root), recursive=True)
+        dups = algo.find_duplicates(encoding_map=enc, min_similarity_threshold=0.5, scores=True)
+    else:
+        algo = getattr(methods, method)(verbose=False)
+        enc = algo.encode_images(image_dir=str(root), recursive=True)
+        dups = algo.find_duplicates(encoding_map=enc, max_distance_threshold=24, scores=True)
     seconds = time.perf_counter() - t0
-    missing = planted - set(keys)
-    planted_sims = np.array([s for k, s in zip(keys, sims) if k in planted])
-    order = sorted(planted)
-    rng = np.random.default_rng(seed)
-    half = {order[i] for i in rng.permutation(len(order))[: len(order) // 2]}
-    other = planted - half
-    grid = np.round(np.arange(0.70, 0.995, 0.005), 4)
-    calib = [_score(keys, sims, half, t, ignore=other) for t in grid]
-    best = max(calib, key=lambda r: (r["f1"], r["threshold"]))
-    held_out = _score(keys, sims, other, best["threshold"], ignore=half)
-    non_planted = np.sort([s for k, s in zip(keys, sims) if k not in planted])[::-1]
-    return {
-        "n_images": int(len(c.paths)), "planted": len(planted), "planted_not_in_10nn_at_0.5": len(missing),
-        "search_seconds": round(seconds, 1),
-        "planted_similarity_quantiles": {q: round(float(np.quantile(planted_sims, q)), 4) for q in (0.0, 0.05, 0.5)},
-        "top_non_planted_cross_similarities": [round(float(s), 4) for s in non_planted[:10]],
-        "calibrated_on_half": best, "held_out_half_at_calibrated": held_out,
-        "at_default": _score(keys, sims, planted, DEFAULT_THRESHOLD),
-        "sweep": [_score(keys, sims, planted, t) for t in (0.8, 0.85, 0.9, 0.92, 0.94, 0.96, 0.98)],
-    }
+    out: dict[tuple[str, str], float] = {}
+    for a, lst in dups.items():
+        for b, sc in lst:
+            if a.split("/")[0] != b.split("/")[0]:
+                key = tuple(sorted((a, b)))
+                out[key] = float(sc) if method == "CNN" else -float(sc)
+    return out, seconds
+
+
+def _lite0_for_imagededup():  # noqa: ANN202 - an imagededup CustomModel
+    """featbank's offline EfficientNet-Lite0 as an imagededup CustomModel (its CNN otherwise downloads weights)."""
+    import torch
+    from imagededup.utils import CustomModel
+
+    from featbank.backbones import load_backbone
+
+    bb = load_backbone("efficientnet_lite0")
+    size = bb.preprocess.input_size
+    mean = torch.tensor(bb.preprocess.mean).view(3, 1, 1)
+    std = torch.tensor(bb.preprocess.std).view(3, 1, 1)
+
+    def transform(im):  # noqa: ANN001, ANN202 - PIL image to a normalised CHW tensor
+        x = np.asarray(im.convert("RGB").resize((size[1], size[0])), np.float32) / 255.0
+        return (torch.from_numpy(x).permute(2, 0, 1) - mean) / std
+
+    return CustomModel(name="efficientnet_lite0", model=bb.features.eval(), transform=transform)
+
+
+def bench_dups(cache_path: Path, planted_path: Path, root: Path | None = None, seed: int = 0, k: int = 10,
+               dedup_methods: tuple[str, ...] = ("PHash", "DHash", "CNN")) -> dict:
+    """Every method's cross-split pairs scored against the planted ones (strict: any other pair is a false positive)."""
+    from featbank.audit import DEFAULT_PIXEL_THRESHOLD, DEFAULT_THRESHOLD
+    from featbank.cache import open_cache
+
+    planted_rows = json.loads(planted_path.read_text())
+    planted = {tuple(sorted(p[:2])) for p in planted_rows}
+    with open_cache(cache_path) as c:
+        layers, n = c.layers, c.n_samples
+    methods: dict[str, tuple[dict, float, float | None]] = {}
+    for layer in [x for x in ("final", "stage6") if x in layers]:
+        pairs, sec = _featbank_pairs(cache_path, layer, "none", k)
+        methods[f"featbank cosine, {layer}"] = (pairs, sec, DEFAULT_THRESHOLD if layer == "final" else None)
+        pairs, sec = _featbank_pairs(cache_path, layer, "pixels", k)
+        methods[f"featbank --verify pixels, {layer} {k}-NN"] = (pairs, sec, DEFAULT_PIXEL_THRESHOLD)
+    why_not = None
+    try:
+        import imagededup  # noqa: F401
+    except ImportError:
+        why_not = "imagededup is not installed (pip install imagededup)"
+    for m in dedup_methods if why_not is None and root is not None else ():
+        pairs, sec = _imagededup_pairs(root, m)
+        methods[f"imagededup {m}"] = (pairs, sec, None)
+    out = {"n_images": n, "planted": len(planted), "k": k, "imagededup_skipped": why_not, "methods": {}}
+    kinds = sorted({p[2] for p in planted_rows if len(p) > 2})
+    for name, (pairs, sec, default) in methods.items():
+        row = {"seconds": round(sec, 1), **_evaluate(pairs, planted, seed, default)}
+        thr = row["held_out_half"]["threshold"]
+        for kind in kinds:  # recall per change at the threshold chosen on half
+            mine = {tuple(sorted(p[:2])) for p in planted_rows if p[2] == kind}
+            row[f"recall_{kind}"] = round(len({q for q in mine if pairs.get(q, -np.inf) >= thr}) / len(mine), 3)
+        out["methods"][name] = row
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -366,7 +455,14 @@ def _main_labels(args: argparse.Namespace) -> None:
 
 
 def _main_dups(args: argparse.Namespace) -> None:
-    print(json.dumps(bench_dups(Path(args.cache), Path(args.planted)), indent=2))
+    result = bench_dups(Path(args.cache), Path(args.planted), Path(args.root) if args.root else None,
+                        k=args.k, dedup_methods=tuple(args.imagededup.split(",")) if args.imagededup else ())
+    print(json.dumps(result, indent=2))
+    print(f"{'method':40s} {'seconds':>8s} {'thr(half)':>9s} {'P held-out':>10s} {'R held-out':>10s} {'best R@P>=.95':>13s}")
+    for name, r in result["methods"].items():
+        h, b = r["held_out_half"], r["best_on_all"]
+        best = f"{b['recall']:.3f}" if b["precision"] >= 0.95 else "-"
+        print(f"{name:40s} {r['seconds']:8.1f} {h['threshold']:9.4f} {h['precision']:10.3f} {h['recall']:10.3f} {best:>13s}")
 
 
 def _main_scale(args: argparse.Namespace) -> None:
@@ -399,6 +495,9 @@ def main() -> None:
     p = sub.add_parser("dups")
     p.add_argument("cache")
     p.add_argument("planted", help="the -planted.json file prepare-dups wrote")
+    p.add_argument("--root", default=None, help="the image folder, for imagededup (skipped without it)")
+    p.add_argument("--k", type=int, default=10, help="neighbours per image whose pairs are scored")
+    p.add_argument("--imagededup", default="PHash,DHash,CNN", help="imagededup methods to run beside ('' for none)")
     p.set_defaults(func=_main_dups)
     p = sub.add_parser("scale")
     p.add_argument("--n", type=int, default=100_000)

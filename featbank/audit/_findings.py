@@ -10,7 +10,7 @@ import numpy as np
 
 from ._neighbors import Neighbors, RowReader, l2_normalize_rows
 
-__all__ = ["Pairs", "find_pairs", "rescore_pairs", "mark_exact", "knn_outlier_scores", "flag_high", "same_file",
+__all__ = ["Pairs", "find_pairs", "rescore_pairs", "best_match", "mark_exact", "knn_outlier_scores", "flag_high", "same_file",
            "EXACT_SIMILARITY"]
 
 #: Pairs at or above this cosine are checked for identical embeddings (float32 rounding of a
@@ -51,6 +51,18 @@ def find_pairs(nb: Neighbors, threshold: float) -> Pairs:
     a, b, s = a[first], b[first], s[first]
     order = np.lexsort((b, a, -s))
     return Pairs(a=a[order], b=b[order], similarity=s[order].astype(np.float32), exact=np.zeros(len(order), bool))
+
+
+def best_match(a: np.ndarray, b: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """Mask of the mutual best matches: pairs that score highest both among the pairs of ``a`` and among
+    those of ``b`` (ties kept; NaN never wins). Measured on ELPV with planted copies: the same recall
+    as keeping each image's best match, with a third fewer other pairs (scripts/bench_audit.py dups)."""
+    s = np.nan_to_num(np.asarray(score, np.float64), nan=-np.inf)
+    n = int(max(a.max(initial=-1), b.max(initial=-1))) + 1
+    best = np.full(n, -np.inf)
+    np.maximum.at(best, a, s)
+    np.maximum.at(best, b, s)
+    return np.isfinite(s) & ((s >= best[a]) & (s >= best[b]))
 
 
 def rescore_pairs(pairs: Pairs, read_rows: RowReader, threshold: float, chunk: int = 4096) -> Pairs:

@@ -11,7 +11,17 @@ import numpy as np
 
 from ..cache import FeatureCache, open_cache
 from ..errors import CacheError, ConfigError
-from ._findings import EXACT_SIMILARITY, Pairs, find_pairs, flag_high, knn_outlier_scores, mark_exact, rescore_pairs, same_file
+from ._findings import (
+    EXACT_SIMILARITY,
+    Pairs,
+    best_match,
+    find_pairs,
+    flag_high,
+    knn_outlier_scores,
+    mark_exact,
+    rescore_pairs,
+    same_file,
+)
 from ._ivf import IvfSettings, ivf_search
 from ._labels import METHODS, FoldFitter, LabelIssues, find_label_issues, out_of_fold_proba
 from ._neighbors import BACKENDS, RowReader, knn_search
@@ -192,13 +202,14 @@ def _search(cache: FeatureCache, settings: AuditSettings, read: RowReader, dim: 
 
 
 def verify_on_pixels(cache: FeatureCache, cand: Pairs, settings: AuditSettings, notes: list[str]) -> Pairs:
-    """The candidate pairs whose thumbnails correlate at >= ``pixel_threshold`` (or, where an image cannot be
-    read, whose cosine is >= ``threshold``), most correlated first."""
+    """The candidate pairs whose thumbnails correlate at >= ``pixel_threshold`` and that are the best match
+    of one of their two images (:func:`best_match`), or, where an image cannot be read, whose cosine is >=
+    ``threshold``; most correlated first."""
     score, skipped = pixel_scores(cand, cache.root, cache.paths, _memory(settings))
     cand.pixel = score
     readable = np.isfinite(score)
-    keep = np.where(readable, np.nan_to_num(score, nan=-2.0) >= settings.pixel_threshold,
-                    cand.similarity >= settings.threshold) | (cand.similarity >= EXACT_SIMILARITY)
+    on_pixels = best_match(cand.a, cand.b, score) & (np.nan_to_num(score, nan=-2.0) >= settings.pixel_threshold)
+    keep = np.where(readable, on_pixels, cand.similarity >= settings.threshold) | (cand.similarity >= EXACT_SIMILARITY)
     if skipped:
         first = next(iter(skipped.items()))
         notes.append(f"Pixel verification: {len(skipped)} image(s) could not be read ({first[0]}: {first[1]}); "
