@@ -174,6 +174,15 @@ def _split_name(cache: FeatureCache, code: int) -> str:
     return cache.split_names[code] if 0 <= code < len(cache.split_names) else "none"
 
 
+def _split_note(cache: FeatureCache, notes: list[str]) -> None:
+    """A note when the images do not span two splits (leakage across splits cannot be looked for)."""
+    present = np.unique(cache.splits)
+    if len(present) < 2:
+        where = f"split '{_split_name(cache, int(present[0]))}'" if len(present) and present[0] >= 0 else "no split"
+        notes.append(f"Leakage: all {cache.n_samples} images are in {where}, so no pair can cross splits "
+                     "(extract a folder with train/ and test/ subfolders, or a manifest with a split column, to check it).")
+
+
 def _check_cache(cache: FeatureCache) -> None:
     if cache.n_samples < 2:
         raise CacheError(f"Cache '{cache.path}' holds {cache.n_samples} image(s); an audit compares images, so it needs "
@@ -368,6 +377,7 @@ def audit(cache: str | os.PathLike | FeatureCache, settings: AuditSettings | Non
     cache = cache if isinstance(cache, FeatureCache) else open_cache(Path(cache))
     _check_cache(cache)
     notes: list[str] = []
+    _split_note(cache, notes)
     pairs, knn_score = run_neighbors(cache, settings, notes)
     knn_rows, cut = flag_high(knn_score, settings.outlier_percentile)
     rows, proba, issues, C = run_labels(cache, settings, notes)
