@@ -13,7 +13,7 @@ Examples:
   featbank audit runs/elpv.h5 --report runs/elpv-audit
   featbank audit runs/elpv.h5 --json
   featbank audit runs/photos.h5 --threshold 0.95 --max-memory 4GB --report runs/photos-audit --overwrite
-  featbank audit runs/elpv.h5 --verify pixels --dup-layers stage6 --report runs/elpv-audit
+  featbank audit runs/elpv.h5 --verify pixels --dup-layers stage6 --report runs/elpv-audit  # 50 neighbours each
   featbank audit runs/big.h5 --search ivf --nprobe 32 --json
 """
 
@@ -25,8 +25,9 @@ Examples:
 @click.option("--threshold", type=float, default=None,
               help="Cosine similarity at or above which two images are near-duplicates. Default: 0.95, measured "
                    "on changed copies (README 'featbank audit').")
-@click.option("--neighbors", "k", type=click.IntRange(min=1), default=10, show_default=True,
-              help="Nearest neighbours per image (duplicates and the kNN outlier score).")
+@click.option("--neighbors", "k", type=click.IntRange(min=1), default=None,
+              help="Nearest neighbours per image (duplicates and the kNN outlier score). Default: 10, and 50 with "
+                   "--verify pixels.")
 @click.option("--outlier-percentile", type=float, default=99.0, show_default=True,
               help="Images beyond this percentile of the kNN distance, or of low top class probability, are outliers.")
 @click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,

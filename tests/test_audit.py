@@ -384,5 +384,7 @@ def test_new_settings_are_checked(tmp_path: Path) -> None:
     for bad in ({"verify": "hash"}, {"pixel_threshold": 2.0}, {"search": "hnsw"}, {"nprobe": 0}):
         with pytest.raises(ConfigError):
             audit(cache, AuditSettings(**bad))
+    assert AuditSettings().neighbors == 10 and AuditSettings(verify="pixels").neighbors == 50
+    assert AuditSettings(verify="pixels", k=7).neighbors == 7
     r = CliRunner().invoke(cli, ["audit", str(cache), "--search", "hnsw"])
     assert r.exit_code == 2 and "hnsw" in r.output and "Traceback" not in r.output

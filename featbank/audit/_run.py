@@ -36,6 +36,9 @@ __all__ = ["AuditSettings", "AuditResult", "audit", "run_neighbors", "run_labels
 #: re-scored exactly), ``auto`` = ``ivf`` from :data:`IVF_FROM_ROWS` images when faiss is installed.
 SEARCHES = ("auto", "exact", "ivf")
 IVF_FROM_ROWS = 200_000
+#: Neighbours per image by default, and with ``verify="pixels"``.
+DEFAULT_NEIGHBORS = 10
+PIXEL_VERIFY_NEIGHBORS = 50
 #: The approximate search proposes pairs down to ``threshold - IVF_CANDIDATE_MARGIN`` in its PCA space;
 #: each is re-scored on the full features and kept at or above ``threshold``.
 IVF_CANDIDATE_MARGIN = 0.1
@@ -55,7 +58,7 @@ class AuditSettings:
 
     Attributes:
         threshold: cosine similarity at or above which a pair is a (near-)duplicate.
-        k: neighbours per image (duplicate search and the kNN outlier score).
+        k: neighbours per image (duplicate search and the kNN outlier score); ``None``: :attr:`neighbors`.
         outlier_percentile: images above this percentile of the kNN distance (and below
             100 - this percentile of the top out-of-fold probability) are outliers.
         n_folds: folds of the out-of-fold probabilities (each image in exactly one fold).
@@ -75,7 +78,7 @@ class AuditSettings:
     """
 
     threshold: float = DEFAULT_THRESHOLD
-    k: int = 10
+    k: int | None = None
     outlier_percentile: float = 99.0
     n_folds: int = 5
     method: str = "prune_by_noise_rate"
@@ -91,12 +94,20 @@ class AuditSettings:
     nprobe: int = 16
     seed: int = 0
 
+    @property
+    def neighbors(self) -> int:
+        """``k``, or its default: 10, and 50 with ``verify="pixels"`` (every candidate pair is checked on pixels,
+        and on ELPV 10 neighbours held the original of 96% of single-change copies, 50 of all)."""
+        if self.k is not None:
+            return self.k
+        return PIXEL_VERIFY_NEIGHBORS if self.verify == "pixels" else DEFAULT_NEIGHBORS
+
     def validate(self) -> None:
         if not -1.0 <= self.threshold <= 1.0:
             raise ConfigError(f"--threshold must be a cosine similarity in [-1, 1]; got {self.threshold!r}.")
         if not 0.0 < self.outlier_percentile < 100.0:
             raise ConfigError(f"--outlier-percentile must be between 0 and 100; got {self.outlier_percentile!r}.")
-        if self.k < 1 or self.n_folds < 2:
+        if self.neighbors < 1 or self.n_folds < 2:
             raise ConfigError(f"--neighbors must be >= 1 and --folds >= 2; got {self.k!r} and {self.n_folds!r}.")
         if self.verify not in VERIFY or not -1.0 <= self.pixel_threshold <= 1.0:
             raise ConfigError(f"--verify must be one of {VERIFY} and --pixel-threshold a correlation in [-1, 1]; "
@@ -235,7 +246,7 @@ def run_neighbors(cache: FeatureCache, settings: AuditSettings, notes: list[str]
     notes = [] if notes is None else notes
     read = _reader(cache, settings.dup_layers or settings.layers)
     dim = read(np.arange(1)).shape[1]
-    k = min(settings.k, cache.n_samples - 1)
+    k = min(settings.neighbors, cache.n_samples - 1)
     nb = _search(cache, settings, read, dim, k)
     approximate = resolve_search(settings, cache.n_samples) == "ivf"
     if settings.verify == "pixels":
@@ -351,7 +362,7 @@ def _summary(cache: FeatureCache, res: AuditResult, C: float | None, cut: float,
         "cache": str(cache.path), "n_images": cache.n_samples,
         "features": f"layers {s.layers!r} of the plain view" + (f" ({cache.n_views} augmented views not used)"
                                                                  if cache.n_views else ""),
-        "duplicates": {"threshold": s.threshold, "k": s.k, **dup, "search": resolve_search(s, cache.n_samples),
+        "duplicates": {"threshold": s.threshold, "k": s.neighbors, **dup, "search": resolve_search(s, cache.n_samples),
                        "layers": s.dup_layers or s.layers, "verify": s.verify,
                        **({"pixel_threshold": s.pixel_threshold} if s.verify == "pixels" else {})},
         "label_issues": labels,
