@@ -303,7 +303,7 @@ def test_ivf_search_finds_the_planted_pairs_that_exact_search_finds(tmp_path: Pa
 
 
 def test_best_match_keeps_mutual_best_pairs_only() -> None:
-    from featbank.audit._findings import best_match
+    from featbank.audit import best_match
 
     a, b = np.array([0, 0, 1, 2]), np.array([1, 2, 2, 3])
     keep = best_match(a, b, np.array([0.9, 0.5, 0.95, np.nan]))

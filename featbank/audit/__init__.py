@@ -20,7 +20,7 @@
 
 from __future__ import annotations
 
-from ._findings import Pairs, find_pairs, knn_outlier_scores, rescore_pairs
+from ._findings import Pairs, best_match, find_pairs, knn_outlier_scores, rescore_pairs
 from ._ivf import IvfSettings, ivf_search
 from ._labels import LabelIssues, confident_joint, find_label_issues, out_of_fold_proba
 from ._neighbors import BACKENDS, Neighbors, knn_search, plan_blocks
@@ -67,6 +67,7 @@ __all__ = [
     "Pairs",
     "find_pairs",
     "rescore_pairs",
+    "best_match",
     "knn_outlier_scores",
     "LabelIssues",
     "find_label_issues",

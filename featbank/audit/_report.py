@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..cache import FeatureCache
 from ..errors import ConfigError
 from ._run import AuditResult, _split_name
 from ._verify import open_row_image
@@ -88,7 +89,7 @@ def _sheet(thumbs: _Thumbs, groups: Sequence[Sequence[int]], cols: int = 4) -> I
     return sheet
 
 
-def _label(cache: Any, y: int) -> str:
+def _label(cache: FeatureCache, y: int) -> str:
     return cache.classes[y] if 0 <= y < len(cache.classes) else ""
 
 
