@@ -24,7 +24,7 @@ Examples:
               help="Folder for summary.json, one CSV per kind and index.html with contact sheets (opens offline).")
 @click.option("--threshold", type=float, default=None,
               help="Cosine similarity at or above which two images are near-duplicates. Default: 0.95, measured "
-                   "on changed copies (README 'featbank audit').")
+                   "on changed copies (docs: 'featbank audit').")
 @click.option("--neighbors", "k", type=click.IntRange(min=1), default=None,
               help="Nearest neighbours per image (duplicates and the kNN outlier score). Default: 10, and 50 with "
                    "--verify pixels.")
@@ -39,8 +39,8 @@ Examples:
 @click.option("--max-memory", default="1GB", show_default=True, metavar="SIZE",
               help="Memory for the neighbour search's blocks (and above which the probe streams from disk).")
 @click.option("--dup-layers", default=None, metavar="SPEC",
-              help="Cache layers the duplicate search compares (default: --layers). An earlier layer (stage6) tells "
-                   "copies from look-alikes better than the final one (docs: 'featbank audit').")
+              help="Cache layers the duplicate search compares (default: --layers). An earlier layer (stage6) ranks "
+                   "changed copies nearer their originals than the final one does (docs: 'featbank audit').")
 @click.option("--verify", type=click.Choice(["none", "pixels"]), default="none", show_default=True,
               help="pixels: score every pair of --neighbors nearest images on their grey thumbnails (reads the images; "
                    "finds JPEG, resized, cropped and brightened copies that cosine misses).")
