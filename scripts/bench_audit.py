@@ -9,18 +9,24 @@ Three parts, each in one run with its comparison side by side:
   probabilities of a ``LogisticRegression`` on the same features (cleanlab's documented workflow;
   ``pip install cleanlab``); seconds of each.
 * **Near-duplicates** (``dups``): 200 training images of an ImageFolder with train/test splits
-  copied into test with realistic changes (JPEG quality 30, 0.8x resize, 90% centre crop, a small
-  brightness shift). ``prepare-dups`` writes that folder; extract it with ``featbank extract``.
-  Recall and precision of the planted cross-split pairs found, at the default threshold and over a
-  sweep; the threshold that would be chosen on half the planted pairs, checked on the other half.
-* **Scale** (``scale``): a synthetic N x 1280 float16 cache written part by part with planted
-  near-duplicate pairs; all pairs found?, seconds, peak RSS (run it for several N: RSS flat in N).
+  copied into test with realistic changes: ``--mode single`` gives each copy one of JPEG quality 30,
+  a 0.8x resize, a 90% centre crop or a brightness shift of 5-10% (50 each); ``--mode all`` applies
+  the four to every copy. ``prepare-dups`` writes that folder; extract it with ``featbank extract
+  --layers all``. Every method's cross-split pairs are scored strictly (any pair that is not a
+  planted one is a false positive): featbank's cosine (final layer, stage6) and its pixel
+  verification (``--verify pixels``), beside imagededup's PHash, DHash and CNN (the offline
+  EfficientNet-Lite0 wrapped as an imagededup ``CustomModel``; its own CNN downloads weights). The
+  threshold is chosen on half of the planted pairs (highest recall at precision >= 0.95) and
+  checked on the other half; recall per change at that threshold.
+* **Scale** (``scale``): a synthetic N x 1280 float16 cache written part by part with 1,000 planted
+  near-duplicate pairs (cosine ~0.97), audited with ``--search ivf``; pairs found, seconds, peak
+  RSS (run it for N = 10^5 and 10^6: RSS nearly flat in N). The synthetic cache is deleted after.
 
-    python scripts/bench_audit.py prepare-dups /work/data/elpv4 data/elpv-dups
-    featbank extract data/elpv-dups --out runs/elpv-dups.h5
-    python scripts/bench_audit.py dups runs/elpv-dups.h5
+    python scripts/bench_audit.py prepare-dups data/elpv4 data/elpv-dups --mode single
+    featbank extract data/elpv-dups --out runs/elpv-dups.h5 --layers all
+    python scripts/bench_audit.py dups runs/elpv-dups.h5 data/elpv-dups-planted.json --root data/elpv-dups
     python scripts/bench_audit.py labels runs/fmnist10k.h5
-    python scripts/bench_audit.py scale --n 100000 --dir runs/scale
+    python scripts/bench_audit.py scale --n 1000000 --workdir runs/scale
 """
 
 from __future__ import annotations
@@ -43,45 +49,62 @@ N_PLANTED = 200
 # ------------------------------------------------------------------------------------------------
 
 
-def _degrade(path: Path, rng: np.random.Generator) -> bytes:
-    """JPEG q=30 bytes of the image after a 90% centre crop, a 0.8x resize and a brightness shift."""
+#: The changes of a planted copy: ``all`` applies the four in turn to every copy; ``single`` gives each
+#: copy one of them (the n copies split evenly between the four).
+PLANT_MODES = ("single", "all")
+SINGLE_CHANGES = ("jpeg", "resize", "crop", "bright")
+
+
+def _degrade(path: Path, rng: np.random.Generator, changes: tuple[str, ...]) -> tuple[bytes, str]:
+    """(bytes, suffix) of the image after ``changes`` in the order crop 90% (centre), resize 0.8x,
+    brightness x U(0.9, 1.1), JPEG quality 30; PNG when JPEG is not among the changes."""
     from PIL import Image, ImageEnhance
 
     with Image.open(path) as im:
         im = im.convert("RGB")
         w, h = im.size
-        cw, ch = int(w * 0.9), int(h * 0.9)
-        left, top = (w - cw) // 2, (h - ch) // 2
-        im = im.crop((left, top, left + cw, top + ch))
-        im = im.resize((max(1, int(cw * 0.8)), max(1, int(ch * 0.8))), Image.BILINEAR)
-        im = ImageEnhance.Brightness(im).enhance(float(rng.uniform(0.9, 1.1)))
+        if "crop" in changes:
+            cw, ch = int(w * 0.9), int(h * 0.9)
+            left, top = (w - cw) // 2, (h - ch) // 2
+            im = im.crop((left, top, left + cw, top + ch))
+        if "resize" in changes:
+            im = im.resize((max(1, int(im.width * 0.8)), max(1, int(im.height * 0.8))), Image.BILINEAR)
+        if "bright" in changes:
+            f = float(rng.uniform(0.05, 0.1)) * (1 if rng.random() < 0.5 else -1)
+            im = ImageEnhance.Brightness(im).enhance(1.0 + f)
         buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=30)
-        return buf.getvalue()
+        if "jpeg" in changes:
+            im.save(buf, format="JPEG", quality=30)
+            return buf.getvalue(), ".jpg"
+        im.save(buf, format="PNG")
+        return buf.getvalue(), ".png"
 
 
-def prepare_dups(src: Path, dst: Path, n: int = N_PLANTED, seed: int = 0) -> Path:
-    """Copy ``src`` (train/ and test/ ImageFolders) to ``dst`` and plant ``n`` degraded copies of
-    training images in test/ (same class). Writes ``dst/../<name>-planted.json``: [[train, test], ...]."""
+def prepare_dups(src: Path, dst: Path, n: int = N_PLANTED, seed: int = 0, mode: str = "all") -> Path:
+    """Copy ``src`` (train/ and test/ ImageFolders) to ``dst`` and plant ``n`` changed copies of
+    training images in test/ (same class; ``mode`` in :data:`PLANT_MODES`). Writes
+    ``dst/../<name>-planted.json``: [[train, test, change], ...]."""
     if dst.exists():
         raise SystemExit(f"{dst} exists; remove it first.")
     shutil.copytree(src, dst)
     rng = np.random.default_rng(seed)
     train = sorted(p for p in (dst / "train").rglob("*") if p.is_file())
     pairs = []
-    for i in sorted(rng.choice(len(train), n, replace=False)):
+    for j, i in enumerate(sorted(rng.choice(len(train), n, replace=False))):
         p = train[int(i)]
+        changes = SINGLE_CHANGES if mode == "all" else (SINGLE_CHANGES[j * len(SINGLE_CHANGES) // n],)
+        data, suffix = _degrade(p, rng, changes)
         rel = p.relative_to(dst / "train")
-        out = dst / "test" / rel.parent / f"planted_{p.stem}.jpg"
-        out.write_bytes(_degrade(p, rng))
-        pairs.append([str(p.relative_to(dst)), str(out.relative_to(dst))])
+        out = dst / "test" / rel.parent / f"planted_{p.stem}{suffix}"
+        out.write_bytes(data)
+        pairs.append([str(p.relative_to(dst)), str(out.relative_to(dst)), "+".join(changes)])
     planted = dst.with_name(dst.name + "-planted.json")
     planted.write_text(json.dumps(pairs, indent=1))
     return planted
 
 
 def _main_prepare(args: argparse.Namespace) -> None:
-    planted = prepare_dups(Path(args.src), Path(args.dst), args.n, args.seed)
+    planted = prepare_dups(Path(args.src), Path(args.dst), args.n, args.seed, args.mode)
     print(f"wrote {args.dst} and {planted}")
 
 
@@ -162,51 +185,148 @@ def bench_labels(cache_path: Path, workdir: Path, frac: float = 0.05, seed: int 
 # ------------------------------------------------------------------------------------------------
 
 
-def _pair_keys(cache, pairs) -> tuple[list[tuple[str, str]], np.ndarray]:  # noqa: ANN001
-    cross = cache.splits[pairs.a] != cache.splits[pairs.b]
-    keys = [tuple(sorted((cache.paths[a], cache.paths[b]))) for a, b in zip(pairs.a[cross], pairs.b[cross])]
-    return keys, pairs.similarity[cross]
+def _cross(cache, a: np.ndarray, b: np.ndarray, score: np.ndarray) -> dict[tuple[str, str], float]:  # noqa: ANN001
+    """{(path, path) sorted: best score} of the cross-split pairs among (a, b, score)."""
+    out: dict[tuple[str, str], float] = {}
+    for x, y, s in zip(a.tolist(), b.tolist(), score.tolist()):
+        if cache.splits[x] != cache.splits[y] and np.isfinite(s):
+            key = tuple(sorted((cache.paths[x], cache.paths[y])))
+            out[key] = max(out.get(key, -np.inf), float(s))
+    return out
 
 
-def _score(keys: list[tuple[str, str]], sims: np.ndarray, planted: set, thr: float, ignore: set = frozenset()) -> dict:
-    found = {k for k, s in zip(keys, sims) if s >= thr and k not in ignore}
+def _score(pairs: dict, planted: set, thr: float, ignore: frozenset | set = frozenset()) -> dict:
+    """Recall and precision of the cross-split pairs scoring >= thr; every pair not planted is a false positive."""
+    found = {k for k, s in pairs.items() if s >= thr and k not in ignore}
     tp = len(found & planted)
     p = tp / max(1, len(found))
     r = tp / max(1, len(planted))
-    return {"threshold": round(thr, 4), "cross_pairs": len(found), "planted_found": tp, "precision": round(p, 4),
-            "recall": round(r, 4), "f1": round(2 * p * r / max(1e-12, p + r), 4)}
+    return {"threshold": round(float(thr), 4), "cross_pairs": len(found), "planted_found": tp, "precision": round(p, 4),
+            "recall": round(r, 4)}
 
 
-def bench_dups(cache_path: Path, planted_path: Path, seed: int = 0) -> dict:
-    from featbank.audit import DEFAULT_THRESHOLD, AuditSettings, run_neighbors
+def _best_at_precision(pairs: dict, planted: set, ignore: frozenset | set = frozenset(), target: float = 0.95) -> dict:
+    """The lowest threshold whose precision is >= target (the highest recall there); else the best F1.
+    One pass over the pairs sorted by score (every distinct score is a candidate threshold)."""
+    keys = [k for k in pairs if k not in ignore]
+    if not keys:
+        return _score(pairs, planted, np.inf, ignore)
+    s = np.array([pairs[k] for k in keys])
+    hit = np.array([k in planted for k in keys])
+    order = np.argsort(-s, kind="stable")
+    s, tp = s[order], np.cumsum(hit[order])
+    last = np.r_[s[1:] != s[:-1], True]  # the last pair of each tied score
+    prec, rec = (tp / np.arange(1, len(s) + 1))[last], (tp / max(1, len(planted)))[last]
+    ok = np.flatnonzero(prec >= target)
+    i = ok[np.argmax(rec[ok])] if len(ok) else int(np.argmax(2 * prec * rec / np.maximum(prec + rec, 1e-12)))
+    return _score(pairs, planted, float(s[last][i]), ignore)
+
+
+def _evaluate(pairs: dict, planted: set, seed: int, default: float | None = None) -> dict:
+    """Threshold chosen on half of the planted pairs, scored on the other half; the best possible on all."""
+    order = sorted(planted)
+    half = {order[i] for i in np.random.default_rng(seed).permutation(len(order))[: len(order) // 2]}
+    other = planted - half
+    chosen = _best_at_precision(pairs, half, ignore=other)
+    out = {"chosen_on_half": chosen, "held_out_half": _score(pairs, other, chosen["threshold"], ignore=half),
+           "best_on_all": _best_at_precision(pairs, planted)}
+    if default is not None:
+        out["at_default"] = _score(pairs, planted, default)
+    return out
+
+
+def _featbank_pairs(cache_path: Path, layers: str, verify: str, k: int) -> tuple[dict, float]:
+    from featbank.audit import AuditSettings, run_neighbors
     from featbank.cache import open_cache
 
-    planted = {tuple(sorted(p)) for p in json.loads(planted_path.read_text())}
     t0 = time.perf_counter()
     with open_cache(cache_path) as c:
-        pairs, _ = run_neighbors(c, AuditSettings(threshold=0.5, device="cpu"))
-        keys, sims = _pair_keys(c, pairs)
+        st = AuditSettings(threshold=-1.0, pixel_threshold=-1.0, verify=verify, dup_layers=layers, k=k, device="cpu",
+                           search="exact")
+        pairs, _ = run_neighbors(c, st)
+        score = pairs.pixel if verify == "pixels" else pairs.similarity
+        out = _cross(c, pairs.a, pairs.b, score)
+    return out, time.perf_counter() - t0
+
+
+def _imagededup_pairs(root: Path, method: str) -> tuple[dict, float]:
+    """Cross-split pairs of imagededup's PHash/DHash (score: -Hamming distance, up to 24 of 64 bits) or CNN
+    (cosine, from 0.9: below that no method reached precision 0.95 here) on the folder."""
+    from imagededup import methods
+
+    t0 = time.perf_counter()
+    if method == "CNN":
+
+        algo = methods.CNN(verbose=False, model_config=_lite0_for_imagededup())
+        enc = algo.encode_images(image_dir=str(root), recursive=True)
+        dups = algo.find_duplicates(encoding_map=enc, min_similarity_threshold=0.9, scores=True)
+    else:
+        algo = getattr(methods, method)(verbose=False)
+        enc = algo.encode_images(image_dir=str(root), recursive=True)
+        dups = algo.find_duplicates(encoding_map=enc, max_distance_threshold=24, scores=True)
     seconds = time.perf_counter() - t0
-    missing = planted - set(keys)
-    planted_sims = np.array([s for k, s in zip(keys, sims) if k in planted])
-    order = sorted(planted)
-    rng = np.random.default_rng(seed)
-    half = {order[i] for i in rng.permutation(len(order))[: len(order) // 2]}
-    other = planted - half
-    grid = np.round(np.arange(0.70, 0.995, 0.005), 4)
-    calib = [_score(keys, sims, half, t, ignore=other) for t in grid]
-    best = max(calib, key=lambda r: (r["f1"], r["threshold"]))
-    held_out = _score(keys, sims, other, best["threshold"], ignore=half)
-    non_planted = np.sort([s for k, s in zip(keys, sims) if k not in planted])[::-1]
-    return {
-        "n_images": int(len(c.paths)), "planted": len(planted), "planted_not_in_10nn_at_0.5": len(missing),
-        "search_seconds": round(seconds, 1),
-        "planted_similarity_quantiles": {q: round(float(np.quantile(planted_sims, q)), 4) for q in (0.0, 0.05, 0.5)},
-        "top_non_planted_cross_similarities": [round(float(s), 4) for s in non_planted[:10]],
-        "calibrated_on_half": best, "held_out_half_at_calibrated": held_out,
-        "at_default": _score(keys, sims, planted, DEFAULT_THRESHOLD),
-        "sweep": [_score(keys, sims, planted, t) for t in (0.8, 0.85, 0.9, 0.92, 0.94, 0.96, 0.98)],
-    }
+    out: dict[tuple[str, str], float] = {}
+    for a, lst in dups.items():
+        for b, sc in lst:
+            if a.split("/")[0] != b.split("/")[0]:
+                key = tuple(sorted((a, b)))
+                out[key] = float(sc) if method == "CNN" else -float(sc)
+    return out, seconds
+
+
+def _lite0_for_imagededup():  # noqa: ANN202 - an imagededup CustomModel
+    """featbank's offline EfficientNet-Lite0 as an imagededup CustomModel (its CNN otherwise downloads weights)."""
+    import torch
+    from imagededup.utils import CustomModel
+
+    from featbank.backbones import load_backbone
+
+    bb = load_backbone("efficientnet_lite0")
+    size = bb.preprocess.input_size
+    mean = torch.tensor(bb.preprocess.mean).view(3, 1, 1)
+    std = torch.tensor(bb.preprocess.std).view(3, 1, 1)
+
+    def transform(im):  # noqa: ANN001, ANN202 - PIL image to a normalised CHW tensor
+        x = np.asarray(im.convert("RGB").resize((size[1], size[0])), np.float32) / 255.0
+        return (torch.from_numpy(x).permute(2, 0, 1) - mean) / std
+
+    return CustomModel(name="efficientnet_lite0", model=bb.features.eval(), transform=transform)
+
+
+def bench_dups(cache_path: Path, planted_path: Path, root: Path | None = None, seed: int = 0, k: int = 10,
+               dedup_methods: tuple[str, ...] = ("PHash", "DHash", "CNN")) -> dict:
+    """Every method's cross-split pairs scored against the planted ones (strict: any other pair is a false positive)."""
+    from featbank.audit import DEFAULT_PIXEL_THRESHOLD, DEFAULT_THRESHOLD
+    from featbank.cache import open_cache
+
+    planted_rows = json.loads(planted_path.read_text())
+    planted = {tuple(sorted(p[:2])) for p in planted_rows}
+    with open_cache(cache_path) as c:
+        layers, n = c.layers, c.n_samples
+    methods: dict[str, tuple[dict, float, float | None]] = {}
+    for layer in [x for x in ("final", "stage6") if x in layers]:
+        pairs, sec = _featbank_pairs(cache_path, layer, "none", k)
+        methods[f"featbank cosine, {layer}"] = (pairs, sec, DEFAULT_THRESHOLD if layer == "final" else None)
+        pairs, sec = _featbank_pairs(cache_path, layer, "pixels", k)
+        methods[f"featbank --verify pixels, {layer} {k}-NN"] = (pairs, sec, DEFAULT_PIXEL_THRESHOLD)
+    why_not = None
+    try:
+        import imagededup  # noqa: F401
+    except ImportError:
+        why_not = "imagededup is not installed (pip install imagededup)"
+    for m in dedup_methods if why_not is None and root is not None else ():
+        pairs, sec = _imagededup_pairs(root, m)
+        methods[f"imagededup {m}"] = (pairs, sec, None)
+    out = {"n_images": n, "planted": len(planted), "k": k, "imagededup_skipped": why_not, "methods": {}}
+    kinds = sorted({p[2] for p in planted_rows if len(p) > 2})
+    for name, (pairs, sec, default) in methods.items():
+        row = {"seconds": round(sec, 1), **_evaluate(pairs, planted, seed, default)}
+        thr = row["held_out_half"]["threshold"]
+        for kind in kinds:  # recall per change at the threshold chosen on half
+            mine = {tuple(sorted(p[:2])) for p in planted_rows if p[2] == kind}
+            row[f"recall_{kind}"] = round(len({q for q in mine if pairs.get(q, -np.inf) >= thr}) / len(mine), 3)
+        out["methods"][name] = row
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -244,7 +364,8 @@ def write_scale_cache(index: Path, n: int, dim: int, n_pairs: int, shard: int = 
     return pairs
 
 
-def bench_scale(n: int, workdir: Path, max_memory: str, dim: int = 1280, n_pairs: int = 1000) -> dict:
+def bench_scale(n: int, workdir: Path, max_memory: str, dim: int = 1280, n_pairs: int = 1000, search: str = "ivf",
+                nprobe: int = 16, keep: bool = False) -> dict:
     from featbank.audit import AuditSettings, audit
     from featbank.cache import open_cache
 
@@ -255,16 +376,23 @@ def bench_scale(n: int, workdir: Path, max_memory: str, dim: int = 1280, n_pairs
     t0 = time.perf_counter()
     pairs = write_scale_cache(index, n, dim, n_pairs)
     t_write = time.perf_counter() - t0
+    rss_write = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     t0 = time.perf_counter()
     with open_cache(index) as c:
-        res = audit(c, AuditSettings(max_memory=max_memory, device="cpu"))
+        res = audit(c, AuditSettings(max_memory=max_memory, device="cpu", search=search, nprobe=nprobe))
         found = set(zip(res.pairs.a.tolist(), res.pairs.b.tolist()))
     seconds = time.perf_counter() - t0
     planted = set(map(tuple, pairs.tolist()))
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    return {"n": n, "dim": dim, "max_memory": max_memory, "planted": len(planted), "found": len(planted & found),
+    if not keep:
+        shutil.rmtree(index.with_name(index.name + ".parts"), ignore_errors=True)
+        index.unlink()
+    return {"n": n, "dim": dim, "max_memory": max_memory, "search": res.summary["duplicates"]["search"],
+            "nprobe": nprobe, "planted": len(planted), "found": len(planted & found),
+            "recall": round(len(planted & found) / len(planted), 4),
             "other_pairs": len(found - planted), "audit_seconds": round(seconds, 1), "write_seconds": round(t_write, 1),
-            "peak_rss_gb": round(rss_gb, 3)}
+            "peak_rss_gb_after_write": round(rss_write, 3), "peak_rss_gb": round(rss_gb, 3),
+            "disk_gb": round(n * dim * 2 / 1e9, 2)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -341,11 +469,19 @@ def _main_labels(args: argparse.Namespace) -> None:
 
 
 def _main_dups(args: argparse.Namespace) -> None:
-    print(json.dumps(bench_dups(Path(args.cache), Path(args.planted)), indent=2))
+    result = bench_dups(Path(args.cache), Path(args.planted), Path(args.root) if args.root else None,
+                        k=args.k, dedup_methods=tuple(args.imagededup.split(",")) if args.imagededup else ())
+    print(json.dumps(result, indent=2))
+    print(f"{'method':40s} {'seconds':>8s} {'thr(half)':>9s} {'P held-out':>10s} {'R held-out':>10s} {'best R@P>=.95':>13s}")
+    for name, r in result["methods"].items():
+        h, b = r["held_out_half"], r["best_on_all"]
+        best = f"{b['recall']:.3f}" if b["precision"] >= 0.95 else "-"
+        print(f"{name:40s} {r['seconds']:8.1f} {h['threshold']:9.4f} {h['precision']:10.3f} {h['recall']:10.3f} {best:>13s}")
 
 
 def _main_scale(args: argparse.Namespace) -> None:
-    print(json.dumps(bench_scale(args.n, Path(args.workdir), args.max_memory), indent=2))
+    print(json.dumps(bench_scale(args.n, Path(args.workdir), args.max_memory, search=args.search, nprobe=args.nprobe,
+                                 keep=args.keep), indent=2))
 
 
 def main() -> None:
@@ -356,6 +492,7 @@ def main() -> None:
     p.add_argument("dst")
     p.add_argument("--n", type=int, default=N_PLANTED)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mode", choices=PLANT_MODES, default="all")
     p.set_defaults(func=_main_prepare)
     p = sub.add_parser("prepare-variants")
     p.add_argument("src")
@@ -372,10 +509,16 @@ def main() -> None:
     p = sub.add_parser("dups")
     p.add_argument("cache")
     p.add_argument("planted", help="the -planted.json file prepare-dups wrote")
+    p.add_argument("--root", default=None, help="the image folder, for imagededup (skipped without it)")
+    p.add_argument("--k", type=int, default=10, help="neighbours per image whose pairs are scored")
+    p.add_argument("--imagededup", default="PHash,DHash,CNN", help="imagededup methods to run beside ('' for none)")
     p.set_defaults(func=_main_dups)
     p = sub.add_parser("scale")
     p.add_argument("--n", type=int, default=100_000)
-    p.add_argument("--max-memory", default="64MB")
+    p.add_argument("--max-memory", default="256MB")
+    p.add_argument("--search", choices=("exact", "ivf"), default="ivf")
+    p.add_argument("--nprobe", type=int, default=16)
+    p.add_argument("--keep", action="store_true", help="keep the synthetic cache (deleted after the run by default)")
     p.add_argument("--workdir", default="runs/bench-audit")
     p.set_defaults(func=_main_scale)
     args = ap.parse_args()

@@ -135,7 +135,8 @@ def test_unlabelled_cache_gets_duplicates_and_outliers_only(tmp_path: Path) -> N
     cache = write_synthetic_cache(tmp_path / "flat.h5", X, -np.ones(50, np.int64))
     res = audit(cache, AuditSettings(backend="torch"))
     assert res.issues is None and not res.summary["label_issues"]["checked"]
-    assert "no labels" in res.summary["notes"][0]
+    assert any("no labels" in n for n in res.summary["notes"])
+    assert any("in no split" in n for n in res.summary["notes"])
     assert (10, 20) in zip(res.pairs.a.tolist(), res.pairs.b.tolist())
     assert res.summary["outliers"]["knn"] >= 1 and res.summary["outliers"]["unclaimed"] == 0
     out = write_report(res, tmp_path / "report")
@@ -145,7 +146,7 @@ def test_unlabelled_cache_gets_duplicates_and_outliers_only(tmp_path: Path) -> N
 def test_one_class_cache_says_why_labels_are_not_checked(tmp_path: Path) -> None:
     X = np.random.default_rng(7).normal(size=(30, 8)).astype(np.float32)
     res = audit(write_synthetic_cache(tmp_path / "one.h5", X, np.zeros(30, np.int64)), AuditSettings(backend="torch"))
-    assert res.issues is None and "fewer than 2 classes" in res.summary["notes"][0]
+    assert res.issues is None and any("fewer than 2 classes" in n for n in res.summary["notes"])
 
 
 def test_nan_rows_are_refused_with_the_row_named(tmp_path: Path) -> None:
@@ -276,3 +277,114 @@ def test_webdataset_cache_duplicates_and_thumbnails_from_the_shards(tmp_path: Pa
     page = write_report(res, tmp_path / "rep")
     assert res.summary["thumbnails_skipped"] == []
     assert (page.parent / "sheets" / "duplicates.png").is_file()
+
+
+# ------------------------------------------------------------------------------------------------
+# Approximate search, pixel verification, thumbnails of unreadable images, one split
+# ------------------------------------------------------------------------------------------------
+
+
+def test_ivf_search_finds_the_planted_pairs_that_exact_search_finds(tmp_path: Path) -> None:
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(11)
+    X = rng.normal(size=(3000, 32)).astype(np.float32)
+    src = rng.choice(1500, 30, replace=False)
+    X[1500 + src] = X[src] + rng.normal(0, 0.1, (30, 32)).astype(np.float32)
+    splits = np.where(np.arange(3000) < 1500, 0, 2).astype(np.int8)
+    cache = write_synthetic_cache(tmp_path / "big.h5", X, -np.ones(3000, np.int64), splits=splits)
+    approx = audit(cache, AuditSettings(search="ivf", threshold=0.9, block_rows=700))
+    exact = audit(cache, AuditSettings(search="exact", threshold=0.9, backend="torch"))
+    assert approx.summary["duplicates"]["search"] == "ivf" and exact.summary["duplicates"]["search"] == "exact"
+    want = {(int(a), int(a) + 1500) for a in src}
+    assert set(zip(exact.pairs.a.tolist(), exact.pairs.b.tolist())) == want
+    assert set(zip(approx.pairs.a.tolist(), approx.pairs.b.tolist())) == want
+    np.testing.assert_allclose(np.sort(approx.pairs.similarity), np.sort(exact.pairs.similarity), atol=1e-5)
+    assert approx.summary["duplicates"]["cross_split_pairs"] == 30
+
+
+def test_best_match_keeps_mutual_best_pairs_only() -> None:
+    from featbank.audit import best_match
+
+    a, b = np.array([0, 0, 1, 2]), np.array([1, 2, 2, 3])
+    keep = best_match(a, b, np.array([0.9, 0.5, 0.95, np.nan]))
+    # 1-2 (0.95) is best for both 1 and 2; 0-1 loses row 1 to 1-2; 0-2 is nobody's best; NaN never wins
+    assert keep.tolist() == [False, False, True, False]
+
+
+def _texture(seed: int, size: int = 160) -> Image.Image:
+    """A smooth random grey texture (distinct per seed)."""
+    small = np.random.default_rng(seed).integers(0, 256, (10, 10), dtype=np.uint8)
+    return Image.fromarray(small).resize((size, size), Image.BICUBIC).convert("RGB")
+
+
+def _jpeg_copy(im: Image.Image) -> bytes:
+    import io
+
+    w, h = im.size
+    im = im.crop((w // 20, h // 20, w - w // 20, h - h // 20)).resize((int(w * 0.72), int(h * 0.72)))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=30)
+    return buf.getvalue()
+
+
+def test_pixel_verification_finds_a_jpeg_copy_that_cosine_misses(tmp_path: Path) -> None:
+    """Rows are real image files: row 30 (test) is a cropped, resized JPEG q30 copy of row 3 (train) whose
+    embedding is only loosely similar; row 10's file is broken and falls back to cosine."""
+    rng = np.random.default_rng(12)
+    X = rng.normal(size=(40, 16)).astype(np.float32)
+    X[30] = X[3] + rng.normal(0, 0.8, 16).astype(np.float32)
+    splits = np.where(np.arange(40) < 20, 0, 2).astype(np.int8)
+    cache = write_synthetic_cache(tmp_path / "c.h5", X, -np.ones(40, np.int64), splits=splits)
+    for i in range(40):
+        _texture(i).save(tmp_path / f"img_{i:05d}.png")
+    (tmp_path / "img_00030.png").write_bytes(_jpeg_copy(_texture(3)))
+    (tmp_path / "img_00010.png").write_bytes(b"not an image")
+    cosine = audit(cache, AuditSettings(threshold=0.95, backend="torch"))
+    assert (3, 30) not in set(zip(cosine.pairs.a.tolist(), cosine.pairs.b.tolist()))
+    res = audit(cache, AuditSettings(verify="pixels", pixel_threshold=0.95, k=39, backend="torch"))
+    assert set(zip(res.pairs.a.tolist(), res.pairs.b.tolist())) == {(3, 30)}
+    assert res.pairs.pixel is not None and res.pairs.pixel[0] > 0.95 and res.pairs.similarity[0] < 0.95
+    d = res.summary["duplicates"]
+    assert d["verify"] == "pixels" and d["cross_split_pairs"] == 1
+    assert any("could not be read" in n and "img_00010.png" in n for n in res.summary["notes"])
+    out = write_report(res, tmp_path / "rep")
+    rows = (out.parent / "duplicates.csv").read_text().splitlines()
+    assert rows[0].split(",")[3] == "pixel_correlation" and float(rows[1].split(",")[3]) > 0.95
+
+
+def test_unreadable_thumbnails_are_skipped_with_a_reason(tmp_path: Path) -> None:
+    """The pair (0, 1) is shown in the report; image 1 is broken and image 2 is missing: both are skipped with
+    their reason, the page is still written, and the readable image gets its thumbnail."""
+    X = np.random.default_rng(13).normal(size=(30, 8)).astype(np.float32)
+    X[1], X[2] = X[0], X[0] * 1.0001
+    cache = write_synthetic_cache(tmp_path / "c.h5", X, -np.ones(30, np.int64))
+    for i in range(30):
+        if i != 2:
+            _texture(i, 48).save(tmp_path / f"img_{i:05d}.png")
+    (tmp_path / "img_00001.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    res = audit(cache, AuditSettings(threshold=0.99, backend="torch"))
+    page = write_report(res, tmp_path / "rep")
+    skipped = {s["path"]: s["reason"] for s in json.loads((page.parent / "summary.json").read_text())["thumbnails_skipped"]}
+    assert skipped["img_00001.png"].startswith("unreadable") and skipped["img_00002.png"].startswith("not found")
+    assert "img_00000.png" not in skipped and re.findall(r"<img src='([^']+)'", page.read_text())
+
+
+def test_cache_in_one_split_says_leakage_cannot_be_checked(tmp_path: Path) -> None:
+    X = np.random.default_rng(14).normal(size=(20, 8)).astype(np.float32)
+    cache = write_synthetic_cache(tmp_path / "c.h5", X, np.arange(20) % 2, splits=np.zeros(20, np.int8))
+    r = CliRunner().invoke(cli, ["audit", str(cache), "--folds", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["duplicates"]["cross_split_pairs"] == 0
+    assert any("all 20 images are in split 'train'" in n for n in summary["notes"])
+
+
+def test_new_settings_are_checked(tmp_path: Path) -> None:
+    cache, _ = _dup_cache(tmp_path / "dups.h5")
+    for bad in ({"verify": "hash"}, {"pixel_threshold": 2.0}, {"search": "hnsw"}, {"nprobe": 0}):
+        with pytest.raises(ConfigError):
+            audit(cache, AuditSettings(**bad))
+    assert AuditSettings().neighbors == 10 and AuditSettings(verify="pixels").neighbors == 50
+    assert AuditSettings(verify="pixels", k=7).neighbors == 7
+    r = CliRunner().invoke(cli, ["audit", str(cache), "--search", "hnsw"])
+    assert r.exit_code == 2 and "hnsw" in r.output and "Traceback" not in r.output

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import csv
 import html
-import io
 import json
 import os
 import shutil
-import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,8 +21,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..cache import FeatureCache
 from ..errors import ConfigError
 from ._run import AuditResult, _split_name
+from ._verify import open_row_image
 
 if TYPE_CHECKING:
     from ..cache import FeatureCache
@@ -33,7 +33,6 @@ __all__ = ["write_report", "check_report_dir", "TILE"]
 
 #: Thumbnail side in pixels.
 TILE = 96
-_TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
 def check_report_dir(folder: Path, overwrite: bool) -> None:
@@ -45,34 +44,11 @@ def check_report_dir(folder: Path, overwrite: bool) -> None:
         raise ConfigError(f"--report '{folder}' is a file, not a folder. Choose a folder path.")
 
 
-def _tar_member(root: Path, rel: str) -> Image.Image | None:
-    """The image of a WebDataset row key ``<tar>/<key>`` (the member ``<key>.<ext>``), else None."""
-    from ..images import DEFAULT_MAX_PIXELS, decode_image
-
-    tar_rel, _, key = rel.rpartition("/")
-    tar_path = root / tar_rel
-    if not tar_rel.endswith(_TAR_SUFFIXES) or not tar_path.is_file():
-        return None
-    with tarfile.open(tar_path) as tf:
-        for m in tf:
-            stem, dot, ext = m.name.rpartition(".")
-            if m.isfile() and stem == key and ext.lower() in ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff"):
-                fh = tf.extractfile(m)
-                return decode_image(io.BytesIO(fh.read()), DEFAULT_MAX_PIXELS) if fh else None
-    return None
-
-
 def load_thumbnail(root: Path, rel: str) -> tuple[Image.Image | None, str | None]:
     """(thumbnail, None) or (None, why not)."""
-    from ..images import load_image
-
-    path = Path(rel) if os.path.isabs(rel) else root / rel
-    try:
-        im = load_image(path) if path.is_file() else _tar_member(root, rel)
-    except Exception as e:  # noqa: BLE001 - any unreadable file becomes a reason, never a crash
-        return None, f"unreadable: {type(e).__name__}: {str(e)[:120]}"
+    im, why = open_row_image(root, rel)
     if im is None:
-        return None, f"not found: {path}"
+        return None, why
     im.thumbnail((TILE, TILE))
     return im, None
 
@@ -129,11 +105,13 @@ def _tables(result: AuditResult) -> dict[str, tuple[list[str], list[list[Any]], 
     for i in np.concatenate([np.flatnonzero(cross), np.flatnonzero(~cross)]):
         a, b = int(p.a[i]), int(p.b[i])
         kind = ("identical file" if same.get((a, b)) else "exact embedding") if p.exact[i] else "near"
-        dup_rows.append([c.paths[a], c.paths[b], f"{p.similarity[i]:.5f}", kind, _split_name(c, int(c.splits[a])),
-                         _split_name(c, int(c.splits[b])), _label(c, int(c.labels[a])), _label(c, int(c.labels[b]))])
+        pixel = "" if p.pixel is None or not np.isfinite(p.pixel[i]) else f"{p.pixel[i]:.5f}"
+        dup_rows.append([c.paths[a], c.paths[b], f"{p.similarity[i]:.5f}", pixel, kind,
+                         _split_name(c, int(c.splits[a])), _split_name(c, int(c.splits[b])),
+                         _label(c, int(c.labels[a])), _label(c, int(c.labels[b]))])
         dup_groups.append([a, b])
-    tables = {"duplicates": (["path_a", "path_b", "similarity", "kind", "split_a", "split_b", "label_a", "label_b"],
-                             dup_rows, dup_groups)}
+    header = ["path_a", "path_b", "similarity", "pixel_correlation", "kind", "split_a", "split_b", "label_a", "label_b"]
+    tables = {"duplicates": (header, dup_rows, dup_groups)}
     if result.issues is not None:
         iss, rows = result.issues, result.label_rows
         lab = [[c.paths[rows[i]], _split_name(c, int(c.splits[rows[i]])), _label(c, int(c.labels[rows[i]])),
