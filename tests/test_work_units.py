@@ -22,7 +22,7 @@ from featbank.extraction._sharded import RowSource, ShardJob, prepare, run_unit
 
 pytestmark = pytest.mark.filterwarnings("ignore::featbank.errors.SkippedImagesWarning")
 TINY = dict(backbone="test_tiny", engine="torch", num_workers=0, batch_size=16)
-N_IMAGES = 2 * MIN_UNIT_ROWS + 100  # one shard of 612 rows: three units for two workers
+N_IMAGES = 2 * MIN_UNIT_ROWS + 100  # one shard of 612 rows: two units for two workers
 
 
 @pytest.fixture(scope="module")

@@ -325,6 +325,9 @@ def extract_sharded(data: str, out_path: Path, opts: Any, scale: ScaleOptions, t
 
     reset_engines()
     launcher = resolve_launcher(scale.launcher or "auto")
+    if launcher == "local" and scale.procs > 1:  # the workers' fork server imports torch while this process plans
+        from ._schedule import start_worker_server
+        start_worker_server()
     torchrun = launcher == "torchrun"
     if scale.shard_size is not None:
         check_shard_size(scale.shard_size)

@@ -45,7 +45,7 @@ from multiprocessing.context import BaseContext
 from ._sharded import ShardJob
 
 __all__ = ["MIN_UNIT_ROWS", "MAX_UNITS_PER_WORKER", "UNIT_COST_BATCHES", "Schedule", "plan_work", "static_share",
-           "job_rows", "unit_target", "unit_bounds", "worker_context"]
+           "job_rows", "unit_target", "unit_bounds", "worker_context", "start_worker_server"]
 
 #: Units per worker tried at most when choosing the unit size.
 MAX_UNITS_PER_WORKER = 8
@@ -207,3 +207,12 @@ def worker_context(*modules: str) -> BaseContext:
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload([*PRELOAD, *modules])
     return ctx
+
+
+def start_worker_server() -> None:
+    """Start :func:`worker_context`'s fork server now: it imports in the background while the
+    caller scans and plans, and the workers forked later start warm. A no-op where workers are spawned."""
+    if worker_context().get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
