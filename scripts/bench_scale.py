@@ -14,11 +14,16 @@
    Repeats are interleaved (the order rotates) and the ratio is of the best times, so CPU drift
    on a shared machine cancels; the ratio of median CPU times is printed too.
 3. ``--procs 1`` vs ``--procs 2`` extraction throughput with the ``test_tiny`` backbone.
-4. ``--sim``: k = 1, 2, 4, 8 workers (``--procs`` and Ray) on 12,000 and 50,000 tiny real images with
-   ``test_sleep`` (a fixed wait per batch that uses no CPU: a simulated accelerator, so scaling is
-   measurable on 2 cores), with work units and with today's whole shards, side by side. Speed-ups
-   are end to end; the start-up of k workers is measured apart and printed beside them; every run
-   must embed every row or no ratio is printed.
+4. ``--sim``: k = 1, 2, 4, 8 workers (``--procs`` and Ray) on 12,000 and 50,000 tiny real 8x8 PNGs
+   with ``test_sleep`` (a fixed wait per batch that uses no CPU: a simulated accelerator, so scaling
+   is measurable on 2 cores; default 0.2 s per batch of 64, i.e. at most 320 rows/s per worker),
+   work units vs today's whole shards side by side. Every run is a fresh ``featbank extract``
+   process from no cache (Ray: ``RAY_ADDRESS=local``, the launcher's own private cluster, started
+   inside the run). Two times per run: end to end, from starting the command to the index written
+   (its mtime), and the steady state, from the first batch of any simulated accelerator starting to
+   the last one ending (test_sleep's trace). Speed-up = the one-worker run's time (``--procs 1``,
+   the same for both launchers) / the k-worker run's. A run that did not put exactly N rows through
+   the accelerators and into the index stops the benchmark: no ratio is printed from it.
 
 Usage:
     python scripts/bench_scale.py --sizes 10000 100000 1000000 --embed-dim 128 --work /tmp/bench_scale
