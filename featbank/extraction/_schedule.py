@@ -198,7 +198,10 @@ def worker_context(*modules: str) -> BaseContext:
     ``modules`` once (where the platform has one), else spawned.
 
     The fork server is a fresh process (nothing of the parent's state, no CUDA context: each worker
-    initialises its own device), started once per parent process and reused by later runs.
+    initialises its own device), started once per parent process and reused by later runs; its
+    workers see the environment of the moment it started (set ``CUDA_VISIBLE_DEVICES`` and the
+    like before the first run). A preloaded module that does not exist is skipped (imported by
+    each worker instead).
     """
     import multiprocessing as mp
 
