@@ -5,7 +5,7 @@ equal work units, each shard's merge after its units), runs the same
 :func:`~featbank.extraction._sharded.run_job` per job and the same
 :func:`~featbank.extraction._sharded.finalize` once; they differ only in who runs which job:
 
-- ``local``: ``procs`` spawned processes (one per GPU, each pinned to its device, when GPUs are
+- ``local``: ``procs`` processes forked from a preloaded fork server (one per GPU, each pinned to its device, when GPUs are
   used), each asking the parent for the next job when it is free. The parent hands out work over
   one pipe per worker and watches each worker's sentinel, so a worker killed at any moment
   (SIGKILL included) cannot leave a shared queue's lock held and hang the others.
@@ -154,7 +154,7 @@ def _start_workers(ctx: Any, n_procs: int, n_gpu: int) -> dict[int, list[Any]]:
 
 def run_local(jobs: Sequence[ShardJob], procs: int = 1, on_rows: Callable[[int], None] | None = None,
               total_rows: Sequence[int] | None = None) -> list[PartInfo]:
-    """Run ``jobs`` in this process (``procs == 1``) or in ``procs`` spawned worker processes.
+    """Run ``jobs`` in this process (``procs == 1``) or in ``procs`` worker processes.
 
     With workers, shards are cut into work units so every worker gets equal work (``_schedule``;
     ``total_rows``: the whole plan's rows, so a rerun cuts the same units).
