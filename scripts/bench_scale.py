@@ -14,11 +14,16 @@
    Repeats are interleaved (the order rotates) and the ratio is of the best times, so CPU drift
    on a shared machine cancels; the ratio of median CPU times is printed too.
 3. ``--procs 1`` vs ``--procs 2`` extraction throughput with the ``test_tiny`` backbone.
-4. ``--sim``: k = 1, 2, 4, 8 workers (``--procs`` and Ray) on 12,000 and 50,000 tiny real images with
-   ``test_sleep`` (a fixed wait per batch that uses no CPU: a simulated accelerator, so scaling is
-   measurable on 2 cores), with work units and with today's whole shards, side by side. Speed-ups
-   are end to end; the start-up of k workers is measured apart and printed beside them; every run
-   must embed every row or no ratio is printed.
+4. ``--sim``: k = 1, 2, 4, 8 workers (``--procs`` and Ray) on 12,000 and 50,000 tiny real 8x8 PNGs
+   with ``test_sleep`` (a fixed wait per batch that uses no CPU: a simulated accelerator, so scaling
+   is measurable on 2 cores; default 0.2 s per batch of 64, i.e. at most 320 rows/s per worker),
+   work units vs today's whole shards side by side. Every run is a fresh ``featbank extract``
+   process from no cache (Ray: ``RAY_ADDRESS=local``, the launcher's own private cluster, started
+   inside the run). Two times per run: end to end, from starting the command to the index written
+   (its mtime), and the steady state, from the first batch of any simulated accelerator starting to
+   the last one ending (test_sleep's trace). Speed-up = the one-worker run's time (``--procs 1``,
+   the same for both launchers) / the k-worker run's. A run that did not put exactly N rows through
+   the accelerators and into the index stops the benchmark: no ratio is printed from it.
 
 Usage:
     python scripts/bench_scale.py --sizes 10000 100000 1000000 --embed-dim 128 --work /tmp/bench_scale
@@ -289,90 +294,116 @@ def _tiny_images(folder: Path, n: int) -> Path:
     return folder
 
 
-def _whole_shards(jobs: Any, workers: int, total_rows: int | None = None) -> Any:
+def _whole_shards(jobs: Any, workers: int, plan_rows: Any = None) -> Any:
     """Today's hand-out before work units: whole shards, in plan order."""
     from featbank.extraction._schedule import Schedule
 
     return Schedule(list(jobs), [(j.shard_id, 0) for j in jobs])
 
 
+def _run_one(argv: list[str]) -> None:
+    """The timed command itself (a fresh process): ``featbank extract ...``, or with whole shards handed
+    out (``--whole`` first: every launcher module's ``plan_work`` replaced, whatever its name)."""
+    import importlib
+    import pkgutil
+
+    if argv and argv[0] == "--whole":
+        argv = argv[1:]
+        import featbank.extraction as ex
+        from featbank.extraction import _schedule
+
+        for m in pkgutil.iter_modules(ex.__path__):
+            mod = importlib.import_module(f"featbank.extraction.{m.name}")
+            if mod is not _schedule and getattr(mod, "plan_work", None) is _schedule.plan_work:
+                mod.plan_work = _whole_shards
+    from featbank.cli.main import cli
+
+    cli.main(["extract", *argv], prog_name="featbank", standalone_mode=True)
+
+
 def _timed_extract(data: Path, out: Path, launcher: str, k: int, seconds: float, batch: int, n: int,
-                   shard_size: int | None = None) -> float:
-    import featbank
+                   whole: bool = False) -> dict[str, float]:
+    """One ``featbank extract`` in a fresh process: end-to-end and steady-state seconds, checked.
+
+    End to end: from starting the command to the index written (its mtime). Steady state: the first
+    batch of the simulated accelerators starting to the last one ending (test_sleep's trace).
+    Raises SystemExit (no ratio printed) unless the command embedded exactly ``n`` rows, each once
+    through an accelerator, and the index holds ``n`` rows.
+    """
+    import subprocess
+    import tempfile
+
+    from featbank.backbones._tiny import SLEEP_TRACE_ENV, read_sleep_trace
+    from featbank.cache import open_cache
 
     for p in out.parent.glob(f"{out.name}*"):
         shutil.rmtree(p) if p.is_dir() else p.unlink()
-    t0 = time.perf_counter()
-    report = featbank.extract(data, out, backbone="test_sleep", weights=str(seconds), engine="torch", num_workers=0,
-                              batch_size=batch, procs=k, launcher="ray" if launcher == "ray" else "local",
-                              shard_size=shard_size, progress=False)
-    dt = time.perf_counter() - t0
-    if report.n_embedded != n:  # a run that reused a cache measures nothing
-        raise SystemExit(f"{launcher} k={k}: embedded {report.n_embedded} rows, not {n}: no ratio printed.")
-    return dt
+    trace = Path(tempfile.mkdtemp(prefix="sleep-trace-", dir=out.parent))
+    env = {**os.environ, SLEEP_TRACE_ENV: str(trace), "RAY_ADDRESS": "local"}
+    cmd = [sys.executable, __file__, "--run-one", *(["--whole"] if whole else []), str(data), "--out", str(out),
+           "--backbone", "test_sleep", "--weights", str(seconds), "--engine", "torch", "--num-workers", "0",
+           "--batch-size", str(batch), "--procs", str(k), "--launcher", "ray" if launcher == "ray" else "local"]
+    t0 = time.time()
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    what = f"{launcher} k={k}{' whole shards' if whole else ''} on {n} rows"
+    if res.returncode != 0:
+        raise SystemExit(f"{what} failed ({res.returncode}): {res.stderr[-2000:]}")
+    end = out.stat().st_mtime_ns / 1e9
+    batches = read_sleep_trace(trace)
+    shutil.rmtree(trace)
+    embedded = sum(rows for _, _, rows in batches)
+    with open_cache(out) as cache:
+        n_index = len(cache)
+    if f"{n} embedded" not in res.stdout + res.stderr or embedded != n or n_index != n:
+        raise SystemExit(f"{what}: {embedded} rows through the accelerators, {n_index} in the index, not {n}: "
+                         f"no ratio printed.\n{res.stdout[-500:]}")
+    return {"end_to_end_s": end - t0, "steady_s": batches[-1][1] - batches[0][0] if batches else float("nan"),
+            "first_batch_after_s": batches[0][0] - t0, "after_last_batch_s": end - max(b for _, b, _ in batches),
+            "batches": len(batches)}
 
 
 def bench_sim(work: Path, sizes: list[int], ks: list[int], launchers: list[str], seconds: float, batch: int) -> list[dict]:
-    """Rows/s of k workers over one worker, with work units and with whole shards, side by side.
+    """k workers over one worker (``--procs 1``), work units and today's whole shards side by side.
 
-    Speed-ups are end to end (worker start-up included: on 2 cores, starting 8 workers that import
-    torch costs seconds). The start-up cost is measured apart (the same launcher and k on k * batch
-    rows in k shards, so the k workers start and each embeds one batch) and printed beside them.
+    Every figure comes from a fresh ``featbank extract`` process; ratios are of the one-worker run's
+    time over the k-worker run's, end to end and in the steady state (see :func:`_timed_extract`).
     """
-    import featbank.extraction.launchers as launch
-
-    units = launch.plan_work
     out: list[dict] = []
     for n in sizes:
         data = _tiny_images(work / f"sim{n}", n)
+        base = _timed_extract(data, work / "sim.h5", "procs", 1, seconds, batch, n)
+        print(json.dumps({"rows": n, "launcher": "procs", "k": 1, **_rounded(base)}), flush=True)
         for launcher in launchers:
-            base = float("nan")
-            for k in ks:
-                small = _tiny_images(work / f"sim-small{k * batch}", k * batch)
-                row = {"rows": n, "launcher": launcher, "k": k}
-                for name, plan in (("units", units), ("whole", _whole_shards)):
-                    if k == 1 and name == "whole":
-                        row.update(whole_s=row["units_s"], whole_startup_s=row["units_startup_s"])
-                        continue
-                    if launcher == "ray":
-                        _ray_restart(k)  # a fresh cluster of k CPUs: k tasks at once, workers started cold
-                    launch.plan_work = plan
-                    try:
-                        startup = _timed_extract(small, work / "sim-small.h5", launcher, k, seconds, batch, k * batch,
-                                                 shard_size=batch)
-                        if launcher == "ray":
-                            _ray_restart(k)
-                        total = _timed_extract(data, work / "sim.h5", launcher, k, seconds, batch, n)
-                    finally:
-                        launch.plan_work = units
-                    row.update({f"{name}_s": total, f"{name}_startup_s": startup})
-                if k == 1:
-                    base = row["units_s"]
-                row["units_speedup"], row["whole_speedup"] = base / row["units_s"], base / row["whole_s"]
+            for k in [k for k in ks if k > 1]:
+                row: dict[str, Any] = {"rows": n, "launcher": launcher, "k": k}
+                for name, whole in (("units", False), ("whole", True)):
+                    t = _timed_extract(data, work / "sim.h5", launcher, k, seconds, batch, n, whole)
+                    row[name] = t
+                    row[f"{name}_speedup"] = base["end_to_end_s"] / t["end_to_end_s"]
+                    row[f"{name}_steady_speedup"] = base["steady_s"] / t["steady_s"]
                 out.append(row)
-                print(json.dumps({k_: round(v, 3) if isinstance(v, float) else v for k_, v in row.items()}), flush=True)
-    _ray_restart(0)
+                print(json.dumps(_rounded(row)), flush=True)
+        out.append({"rows": n, "launcher": "procs", "k": 1, "units": base, "whole": base, "units_speedup": 1.0,
+                    "whole_speedup": 1.0, "units_steady_speedup": 1.0, "whole_steady_speedup": 1.0})
     return out
 
 
-def _ray_restart(k: int) -> None:
-    """A private local Ray cluster of ``k`` CPUs (0: none), so k is the number of tasks at once."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    if k:
-        os.environ["RAY_ADDRESS"] = "local"
-        ray.init(address="local", num_cpus=k, include_dashboard=False, log_to_driver=False)
+def _rounded(d: dict) -> dict:
+    return {k: _rounded(v) if isinstance(v, dict) else round(v, 3) if isinstance(v, float) else v for k, v in d.items()}
 
 
-def print_sim_table(rows: list[dict]) -> None:
-    print("\n| rows | launcher | k | work units: speed-up | whole shards: speed-up | start-up of k workers (s) |"
-          " target 0.9k (units) |\n|---|---|---|---|---|---|---|")
-    for r in rows:
-        ok = "met" if r["units_speedup"] >= 0.9 * r["k"] else "MISSED"
+def print_sim_table(rows: list[dict], seconds: float, batch: int) -> None:
+    print(f"\ntest_sleep: {seconds:g} s per batch of {batch} ({batch / seconds:.0f} rows/s per worker at most); "
+          "speed-up = one worker's time / k workers' time")
+    print("| rows | launcher | k | end to end: units | end to end: whole shards | steady state: units | "
+          "steady state: whole shards | units: first batch after (s) | target 0.9k end to end / steady |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: (r["rows"], r["launcher"] != "procs", r["k"])):
+        goal = 0.9 * r["k"]
+        ok = "/".join("met" if r[key] >= goal else "MISSED" for key in ("units_speedup", "units_steady_speedup"))
         print(f"| {r['rows']} | {r['launcher']} | {r['k']} | {r['units_speedup']:.2f} | {r['whole_speedup']:.2f} | "
-              f"{r['units_startup_s']:.1f} | {ok} |")
+              f"{r['units_steady_speedup']:.2f} | {r['whole_steady_speedup']:.2f} | "
+              f"{r['units']['first_batch_after_s']:.1f} | {ok if r['k'] > 1 else '-'} |")
 
 
 def main() -> None:
@@ -391,14 +422,16 @@ def main() -> None:
     ap.add_argument("--sim-sizes", type=int, nargs="+", default=[12_000, 50_000])
     ap.add_argument("--sim-workers", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--sim-launchers", nargs="+", default=["procs", "ray"], choices=["procs", "ray"])
-    ap.add_argument("--sim-seconds", type=float, default=0.1, help="test_sleep's wait per batch")
+    ap.add_argument("--sim-seconds", type=float, default=0.2, help="test_sleep's wait per batch")
     ap.add_argument("--sim-batch", type=int, default=64)
+    if sys.argv[1:2] == ["--run-one"]:
+        return _run_one(sys.argv[2:])
     args = ap.parse_args()
     if args.sim:
         args.work.mkdir(parents=True, exist_ok=True)
         os.environ.setdefault("FEATBANK_CACHE_DIR", str(args.work / "featbank-cache"))
         rows = bench_sim(args.work, args.sim_sizes, args.sim_workers, args.sim_launchers, args.sim_seconds, args.sim_batch)
-        print_sim_table(rows)
+        print_sim_table(rows, args.sim_seconds, args.sim_batch)
         return
     os.environ.setdefault("FEATBANK_CACHE_DIR", str(args.work / "featbank-cache"))
     summary: dict = {"embed_dim": args.embed_dim, "shard_size": args.shard_size}

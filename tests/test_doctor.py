@@ -14,6 +14,14 @@ from featbank.extraction import diagnose
 from conftest import make_image_folder
 
 
+@pytest.fixture(autouse=True)
+def _short_model_windows(monkeypatch):
+    """Three windows of 0.2 s, not 2 s: the windows' median is what is tested, not its precision."""
+    from featbank.extraction import _doctor
+
+    monkeypatch.setattr(_doctor, "MODEL_SECONDS", 0.2)
+
+
 def test_diagnose_measures_every_stage_and_names_the_smallest_limit(tmp_path):
     data = make_image_folder(tmp_path / "data")
     first = sorted(p for p in data.iterdir() if p.is_dir())[0]
@@ -25,6 +33,7 @@ def test_diagnose_measures_every_stage_and_names_the_smallest_limit(tmp_path):
     assert d.bottleneck == min(d.rates, key=d.rates.get) and d.predicted == d.rates[d.bottleneck]
     assert "cpu" in d.rates  # on the CPU the decoders and the model share the cores
     assert d.settings["engine"] == "torch" and d.settings["num_workers"] >= 0
+    assert d.settings["jpeg_share"] == 0.5  # half the readable sample is JPEG (the files' bytes, not their names)
     text = d.summary()
     assert "bottleneck" in text and "model" in text
     assert not list(tmp_path.glob(".featbank-doctor-*"))  # the write probe leaves nothing behind
@@ -54,3 +63,21 @@ def test_diagnose_refuses_what_it_cannot_measure(tmp_path):
         diagnose(data, backbone="test_tiny", engine="torch")
     with pytest.raises(ConfigError, match="batch_size"):
         diagnose(data, backbone="test_tiny", batch_size=0)
+
+
+def test_on_a_gpu_held_back_by_decoding_it_suggests_decode_gpu_for_the_jpeg_share():
+    from featbank.extraction._doctor import _limits, _suggest
+
+    stages = {"read": 0.0002, "decode": 0.004, "resize": 0.002, "model": 0.0001, "write": 0.00001}
+    settings = {"device": "cuda", "engine": "torch", "batch_size": 64, "num_workers": 4, "cores": 4, "n_gpu": 1,
+                "jpeg_share": 1.0}
+    rates = _limits(stages, 4, 4, on_cpu=False)
+    assert min(rates, key=rates.get) == "decoders"
+    sug = {s["options"]: s for s in _suggest(stages, settings, "decoders")}
+    assert sug["--decode gpu"]["predicted"] > rates["decoders"] * 10  # only reading stays on the CPU
+    half = {s["options"]: s for s in _suggest(stages, {**settings, "jpeg_share": 0.5}, "decoders")}
+    assert rates["decoders"] < half["--decode gpu"]["predicted"] < sug["--decode gpu"]["predicted"]
+    png = {s["options"] for s in _suggest(stages, {**settings, "jpeg_share": 0.0}, "decoders")}
+    assert "--decode gpu" not in png  # nothing nvJPEG could take
+    on_cpu = {s["options"] for s in _suggest(stages, {**settings, "device": "cpu"}, "decoders")}
+    assert "--decode gpu" not in on_cpu

@@ -1,12 +1,14 @@
 """Tiny test backbones (random but fixed weights; they exist so tests walk the whole pipeline fast).
 
 Importing this module registers ``test_tiny`` and ``test_sleep`` (a fixed wait per batch that uses
-no CPU and a nearly free embedding: a simulated accelerator, so that scaling can be measured on a
-small CPU).
+no CPU and a nearly free embedding on 8x8 inputs: a simulated accelerator, so that scaling can be
+measured on a small CPU).
 """
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import torch
@@ -27,7 +29,7 @@ from ._registry import (
     sha256_tensors,
 )
 
-__all__ = ["TinyConvNet", "SLEEP_SECONDS"]
+__all__ = ["TinyConvNet", "SLEEP_SECONDS", "SLEEP_TRACE_ENV", "read_sleep_trace"]
 
 class TinyConvNet(nn.Module):
     """A four-layer CNN: stem, two stages, pooled. For tests and examples only."""
@@ -62,6 +64,9 @@ class _FeaturesOnly(nn.Module):
 
 
 _TEST_PRE = PreprocessConfig((32, 32), 36, "bilinear", IMAGENET_MEAN, IMAGENET_STD)
+# test_sleep's inputs are 8x8: decoding, resizing and normalising them costs next to nothing, so a
+# benchmark with it measures the scheduling of the simulated accelerators, not the CPU.
+_SLEEP_PRE = PreprocessConfig((8, 8), 8, "bilinear", IMAGENET_MEAN, IMAGENET_STD)
 
 
 def _build_test_tiny(weights: str | None, weights_file: Path | None, allow_random: bool) -> Backbone:
@@ -111,10 +116,34 @@ class _SleepingFeatures(nn.Module):
             self.stem = nn.Linear(6, embed_dim)  # named like every backbone's first layer group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        import time
-
+        start = time.time()
         time.sleep(self.seconds)  # releases the GIL and uses no CPU, like a kernel running on a GPU
-        return self.stem(torch.cat([x.mean((2, 3)), x.std((2, 3))], 1))
+        out = self.stem(torch.cat([x.mean((2, 3)), x.std((2, 3))], 1))
+        _trace(start, time.time(), len(x))
+        return out
+
+
+#: Environment variable: a folder where ``test_sleep`` logs each batch (``start end rows``, wall
+#: clock seconds, one file per process), so a benchmark can tell when the simulated accelerators
+#: were busy (first batch start to last batch end) and that every row went through one.
+SLEEP_TRACE_ENV = "FEATBANK_SLEEP_TRACE"
+
+
+def _trace(start: float, end: float, rows: int) -> None:
+    folder = os.environ.get(SLEEP_TRACE_ENV)
+    if folder:
+        with open(Path(folder) / f"sleep-{os.getpid()}.txt", "a") as f:
+            f.write(f"{start:.6f} {end:.6f} {rows}\n")
+
+
+def read_sleep_trace(folder: str | os.PathLike) -> list[tuple[float, float, int]]:
+    """Every batch ``test_sleep`` logged in ``folder``: ``(start, end, rows)``, sorted by start."""
+    out = []
+    for p in Path(folder).glob("sleep-*.txt"):
+        for line in p.read_text().splitlines():
+            a, b, n = line.split()
+            out.append((float(a), float(b), int(n)))
+    return sorted(out)
 
 
 #: Seconds per batch of ``test_sleep`` when its weights name none (``--weights 0.02`` sets 20 ms).
@@ -151,7 +180,7 @@ def _build_test_sleep(weights: str | None, weights_file: Path | None, allow_rand
         name="test_sleep",
         weights=f"{seconds:g}",
         weights_sha256=sha256_tensors(features.state_dict()),
-        preprocess=_TEST_PRE,
+        preprocess=_SLEEP_PRE,
         embed_dim=32,
         features=features,
         classifier=None,
@@ -163,7 +192,7 @@ def _build_test_sleep(weights: str | None, weights_file: Path | None, allow_rand
 
 
 _build_test_sleep.info = lambda: BackboneInfo(  # type: ignore[attr-defined]
-    "test_sleep", "featbank (fixed random weights, a fixed wait per batch)", f"{SLEEP_SECONDS:g}", 32, (32, 32), True,
+    "test_sleep", "featbank (fixed random weights, a fixed wait per batch)", f"{SLEEP_SECONDS:g}", 32, (8, 8), True,
     "built in", "simulated accelerator for scaling tests",
 )
 register_backbone("test_sleep", "test")(_build_test_sleep)

@@ -393,6 +393,10 @@ def run_extract(config: ExtractConfig, on_progress: Callable[[int, int], None] |
 
     job = ExtractJob.resolve(config, on_progress)
     reset_engines()
+    if job.launcher == "local" and config.procs > 1:  # the workers' fork server imports torch while this process plans
+        from ._schedule import start_worker_server
+
+        start_worker_server()
     with writer_lock(job.index_path) if job.holds_lock else nullcontext():  # the lock names a folder it cannot create
         job.index_path.parent.mkdir(parents=True, exist_ok=True)
         prep, report, dropped = _plan_run(job)

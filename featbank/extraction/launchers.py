@@ -6,7 +6,7 @@ equal work units, each shard's merge after its units), runs the same
 :func:`~featbank.extraction.units.run_job` per job and the same
 :func:`~featbank.extraction.units.finalize` once; they differ only in who runs which job:
 
-- ``local``: ``procs`` spawned processes (one per GPU, each pinned to its device, when GPUs are
+- ``local``: ``procs`` processes forked from a preloaded fork server (one per GPU, each pinned to its device, when GPUs are
   used), each asking the parent for the next job when it is free. The parent hands out work over
   one pipe per worker and watches each worker's sentinel, so a worker killed at any moment
   (SIGKILL included) cannot leave a shared queue's lock held and hang the others.
@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..cache import PartInfo
 from ..errors import CacheError, ConfigError, FeatbankError
-from ._schedule import Schedule, plan_work, static_share
+from ._schedule import Schedule, plan_work, static_share, worker_context
 from .units import Prepared, ShardJob, final_part, finalize, run_job, run_shard
 
 if TYPE_CHECKING:
@@ -215,8 +215,8 @@ def _start_workers(ctx: Any, n_procs: int, n_gpu: int) -> dict[int, list[Any]]:
 
 
 def run_local(jobs: Sequence[ShardJob], procs: int = 1, on_rows: Callable[[int], None] | None = None,
-              total_rows: int | None = None) -> list[PartInfo]:
-    """Run ``jobs`` in this process (``procs == 1``) or in ``procs`` spawned worker processes.
+              total_rows: Sequence[int] | None = None) -> list[PartInfo]:
+    """Run ``jobs`` in this process (``procs == 1``) or in ``procs`` worker processes.
 
     With workers, shards are cut into work units so every worker gets equal work (``_schedule``;
     ``total_rows``: the whole plan's rows, so a rerun cuts the same units).
@@ -240,12 +240,11 @@ def _run_workers(schedule: Schedule, procs: int, on_rows: Callable[[int], None] 
     from multiprocessing.connection import wait
 
     import torch
-    import torch.multiprocessing as tmp
 
     every = [*schedule.work, *schedule.merges.values()]
     n_gpu = torch.cuda.device_count() if any(j.settings.device.startswith("cuda") for j in every) else 0
     dispatch = _Dispatch(schedule)
-    workers = _start_workers(tmp.get_context("spawn"), min(procs, len(schedule.work)), n_gpu)
+    workers = _start_workers(worker_context(__name__), min(procs, len(schedule.work)), n_gpu)
     idle: list[int] = []
     done, failures = [], []
 
@@ -335,8 +334,8 @@ def rank_shards(prepared: Prepared, rank: int, world: int) -> set[int]:
     return whole | {sid for sid in schedule.merges if sid % world == rank}
 
 
-def _total_rows(prepared: Prepared) -> int:
-    return sum(p.n_rows for p in prepared.planned)
+def _total_rows(prepared: Prepared) -> list[int]:
+    return [p.n_rows for p in prepared.planned]  # every shard's rows: units are cut from the whole plan
 
 
 def _planned(prepared: Prepared) -> list[tuple[int, int]]:
@@ -477,7 +476,8 @@ def _ray_slots(num_gpus: float, procs: int) -> int:
 
 
 def run_ray(jobs: Sequence[ShardJob], *, num_cpus: int = 2, num_gpus: float = 0.0, max_retries: int = 3,
-            on_rows: Callable[[int], None] | None = None, procs: int = 1, total_rows: int | None = None) -> list[PartInfo]:
+            on_rows: Callable[[int], None] | None = None, procs: int = 1,
+            total_rows: Sequence[int] | None = None) -> list[PartInfo]:
     """One Ray Core task per work unit or shard; a shard's merge task once its units have run.
 
     A task that dies is retried and resumes its own ``.partial``. Units are sized for the tasks the
