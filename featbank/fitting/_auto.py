@@ -41,6 +41,9 @@ N_BOOTSTRAP = 1000
 #: Training rows the greedy layer selection of ``--auto`` scores on (``--layers auto``: 2000): a ridge
 #: fit costs min(rows, columns)^3, and it runs about (layers^2)/2 times.
 _SELECT_ROWS = 1000
+#: The search's budget when the layer selection and loading took the whole ``--budget`` (it then
+#: scores its cheapest candidate alone, so there is a winner).
+_MIN_SEARCH_S = 1e-3
 
 
 @dataclass(frozen=True)
@@ -205,13 +208,15 @@ def fit_search(cache: Any, spec: HeadSpec, settings: SearchSettings, *, layers: 
         t_load = time.perf_counter()
         data = _load(c, [k.key for k in cands], pool)
         load_s = time.perf_counter() - t_load
-        search = AutoSearch(cands, route.families, cv=settings.cv, repeats=settings.repeats, budget_s=budget_s,
-                            seed=settings.seed, device=settings.device).fit(data, c.labels[pool])
+        prep_s = time.perf_counter() - t0  # the layer selection and loading spend the same budget
+        search = AutoSearch(cands, route.families, cv=settings.cv, repeats=settings.repeats,
+                            budget_s=max(budget_s - prep_s, _MIN_SEARCH_S), seed=settings.seed,
+                            device=settings.device).fit(data, c.labels[pool])
         del data
         found = _refit_and_score(c, route, search, pool, test, settings.seed)
         found.update(cache_path=cache_path, classes=list(c.classes), choice=choice, pool=pool, test=test, cache=c,
                      t_start=t0)
-        found["search"]["load_s"] = round(load_s, 3)
+        found["search"].update(load_s=round(load_s, 3), prep_s=round(prep_s, 3), total_budget_s=budget_s)
         found["search"]["excluded"] = [{"head": h, "reason": why} for h, why in route.excluded.items()]
         return search_result(found, spec, settings, save=save, bundle_path=bundle_path)
 
