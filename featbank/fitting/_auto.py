@@ -44,7 +44,7 @@ PREPROCESSING = ("standardize", "l2")
 N_BOOTSTRAP = 1000
 #: Training rows the greedy layer selection of ``--auto`` scores on (``--layers auto``: 2000): a ridge
 #: fit costs min(rows, columns)^3, it runs about (layers^2)/2 times, and it spends the search's budget.
-_SELECT_ROWS = 500
+_SELECT_ROWS = 1000
 #: The share of ``--budget`` the CV search gets however long the layer selection and loading took
 #: before it (they spend the same budget): so the whole stays within 120% of the budget as long as
 #: they took no more than all of it.
