@@ -195,7 +195,9 @@ def test_the_search_stays_within_its_budget_and_uses_it(factor) -> None:
     # The budget within 20%, plus the one fold the guard cannot interrupt (milliseconds on an idle
     # machine; on one shared by many jobs a fold can stall for seconds).
     assert wall <= 6.0 + max(fam.times), (wall, max(fam.times))
-    assert wall >= 0.8 * 5.0 - max(fam.times), wall  # used: 5000 candidates cannot all be scored in 5 s
+    # used (5000 candidates cannot all be scored in 5 s): at least half, as the per-fold seconds the plan
+    # measured in round 1 may differ from those of later rounds on a busy machine
+    assert wall >= 0.5 * 5.0, wall
     assert search.skipped_ and {r["reason"] for r in search.skipped_} == {"budget"}
     assert search.rounds_[0]["n_candidates"] >= 3 and max(s.scores.shape[1] for s in search.scored_) >= 5
     assert search.calibration_["knn"] == pytest.approx(sum(fam.times) / (sum(
@@ -363,8 +365,8 @@ def test_a_round_the_budget_cut_short_promotes_no_one() -> None:
     fams = {"best": Fixed("best", 0.9, 5.0, clock), "good": Fixed("good", 0.8, 0.5, clock),
             "ok": Fixed("ok", 0.7, 0.5, clock), "poor": Fixed("poor", 0.6, 0.5, clock)}
     s = _fixed_search(fams, clock, cv=5, repeats=2, budget_s=20.0)
-    # round 1: 3 x 0.5 s + 5 s = 6.5 s (within 40% of 20 s); round 2 keeps 2: best's 4 folds (20 s) do
-    # not fit, good's (2 s) do
+    # round 1: 3 x 0.5 s + 5 s = 6.5 s (leaving 6.5 s for the later rounds at 0.5 s a fold); round 2
+    # keeps 2: best's 4 folds (20 s, as timed) do not fit, good's (2 s) do
     assert [r["n_candidates"] for r in s.rounds_][:2] == [4, 1] and not s.rounds_[1]["complete"]
     assert fams["best"].folds == 1 and fams["good"].folds == 5 and clock.t == pytest.approx(8.5)
     assert s.scored_[0].candidate.head == "best"  # not "good", which alone got more folds
@@ -373,7 +375,8 @@ def test_a_round_the_budget_cut_short_promotes_no_one() -> None:
 
 def test_the_plan_follows_the_measured_speed_when_the_estimates_are_3x_too_high() -> None:
     """A quiet machine: every fold takes a third of its estimate. Planning by the estimates alone would
-    score 4 of 12 candidates in round 1 (12 s of estimates); timed, all 12 fit, and the budget is used."""
+    fit 3 of 12 candidates in round 1 with the later rounds (9 s + 18 s); timed, all 12 fit, and the
+    budget is used."""
     clock = SimClock()
     fams = {f"h{i}": Fixed(f"h{i}", 0.5 + 0.01 * i, 1.0, clock, estimate=3.0) for i in range(12)}
     s = _fixed_search(fams, clock, cv=3, repeats=2, budget_s=30.0)
@@ -390,12 +393,13 @@ def test_the_plan_follows_the_measured_speed_when_the_estimates_are_3x_too_low()
     clock = SimClock()
     fams = {f"h{i}": Fixed(f"h{i}", 0.5 + 0.01 * i, 3.0, clock, estimate=1.0) for i in range(12)}
     s = _fixed_search(fams, clock, cv=3, repeats=2, budget_s=30.0)
-    # round 1: 4 candidates (12 s = 40%); the other 8 predicted at 3 s do not fit
-    assert s.rounds_[0]["n_candidates"] == 4 and len(s.skipped_) == 8
+    # round 1: h0 (3 s), then each at 3 s while it and the later rounds fit: a 3rd leaves 6 s for round 2
+    # (the best 1 x 2 folds) and ends at 15 s; a 4th would need 12 s (2 x 2 folds) + 9 s (1 x 3 folds): 33 s
+    assert s.rounds_[0]["n_candidates"] == 3 and len(s.skipped_) == 9
     assert {r["reason"] for r in s.skipped_} == {"budget"} and all(r["predicted_s"] == 9.0 for r in s.skipped_)
-    # round 2: the best 2 x 2 folds (12 s, 24 s in all); round 3: the best one's 3 folds (9 s) do not fit
-    assert [(r["n_candidates"], r["n_folds"]) for r in s.rounds_] == [(4, 1), (2, 3), (0, 6)]
-    assert clock.t == pytest.approx(24.0) and s.clock_cut_ == ["round 3: final/plain/standardize/h3"]
+    assert [(r["n_candidates"], r["n_folds"]) for r in s.rounds_] == [(3, 1), (1, 3)]
+    assert clock.t == pytest.approx(15.0) and s.best_.candidate.head == "h2" and s.clock_cut_ == []
+    # planned by the estimates alone (1 s a fold), all 12 would have fitted round 1 (36 s): over budget
 
 
 def test_a_candidate_slower_than_predicted_is_stopped_between_its_folds() -> None:

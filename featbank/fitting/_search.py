@@ -19,9 +19,10 @@ estimates, 3x more is scored; on a busy one, less, and the budget still holds. T
 first fold of repeat 1; its other K - 1 folds; then one whole repeat per round (:func:`_rungs`).
 
 1. Round 1: every candidate is scored on one fold, the cheapest *predicted* first (predictions are
-   renewed after each candidate is timed), while its prediction fits in what is left of
-   :data:`ROUND0_SHARE` of the budget; the rest are *skipped for budget*. The first candidate is
-   always scored, so there is a winner.
+   renewed after each candidate is timed), while its prediction fits in the budget less the
+   *reserve*: what the later rounds would take were it scored (the best :data:`KEEP` of the
+   round-1 candidates on each later round's folds, at their mean measured seconds per fold). The
+   rest are *skipped for budget*. The first candidate is always scored, so there is a winner.
 2. Each later round scores the best :data:`KEEP` fraction of the previous round's candidates (at
    least one) on its folds, each while its predicted seconds fit in what is left of the budget; the
    clock is also checked between a candidate's folds (a candidate stopped part-way keeps none of
@@ -51,7 +52,7 @@ import numpy as np
 from ..errors import ConfigError
 
 __all__ = ["AutoSearch", "Candidate", "Scored", "FeatureKey", "HeadFamilyLike", "parse_budget", "make_folds",
-           "DEFAULT_BUDGET", "DEFAULT_CV", "DEFAULT_REPEATS", "KEEP", "ROUND0_SHARE"]
+           "DEFAULT_BUDGET", "DEFAULT_CV", "DEFAULT_REPEATS", "KEEP"]
 
 #: The default ``--budget``: the whole CV search (not loading the features, not the final refit).
 DEFAULT_BUDGET = "90s"
@@ -60,8 +61,6 @@ DEFAULT_CV = 5
 DEFAULT_REPEATS = 3
 #: The fraction of a round's candidates that go on to the next repeat.
 KEEP = 1 / 3
-#: The share of the budget the first round (every candidate, one fold) may take by estimate.
-ROUND0_SHARE = 0.4
 #: The smallest measured / estimated speed ratio the plan believes (a family timed at ~0 s).
 _MIN_RATIO = 1e-3
 
@@ -327,11 +326,10 @@ class AutoSearch:
                      clock: _Clock) -> list[Scored]:
         """Every candidate on one fold, the cheapest *predicted* first, re-predicted after each one is timed.
 
-        A candidate is scored when its predicted seconds fit in what is left of the first round's
-        share (:data:`ROUND0_SHARE`); the first is always scored, so there is a winner.
+        A candidate is scored when its predicted seconds fit in the budget less what the later rounds
+        would need were it scored (:meth:`_reserve`); the first is always scored, so there is a winner.
         """
         done: list[Scored] = []
-        limit = self.budget_s * ROUND0_SHARE
         # Within a family the order by estimate is fixed (one ratio scales them all); across families
         # it is renewed after each timing: each step takes the cheapest predicted head of a queue.
         queues: dict[str, list[tuple[float, int, Scored]]] = {}
@@ -343,7 +341,7 @@ class AutoSearch:
             head = min((q[-1][0] * clock.ratio(f), q[-1][1], f) for f, q in queues.items() if q)[2]
             s = queues[head].pop()[2]
             predicted = clock.predict(s, 1, self.cv)
-            if done and not clock.fits(predicted, limit):
+            if done and not clock.fits(predicted + self._reserve(done, len(done) + 1), self.budget_s):
                 self.skipped_.append({**s.candidate.describe(), "reason": "budget", "estimate_s": round(s.estimate, 3),
                                       "predicted_s": round(predicted * self.cv, 3)})
                 continue
@@ -352,6 +350,18 @@ class AutoSearch:
         self.rounds_.append({"round": 0, "repeat": 0, "folds": [0], "n_candidates": len(done), "complete": True,
                              "n_folds": 1, "candidates": [_label(s.candidate) for s in done]})
         return done
+
+    def _reserve(self, done: Sequence[Scored], n: int) -> float:
+        """Seconds the later rounds would take after ``n`` candidates on round 1: the best :data:`KEEP`
+        of them on each round's folds, at the mean measured seconds per fold of those ``done``."""
+        per_fold = sum(s.seconds for s in done) / max(1, sum(s.scores.shape[1] for s in done))
+        total, alive = 0.0, n
+        for r in range(1, len(self.rungs_)):
+            if alive <= 1 and r >= 2:
+                break
+            alive = max(1, math.ceil(alive * KEEP))
+            total += alive * len(self.rungs_[r][1]) * per_fold
+        return total
 
     def _round(self, r: int, todo: list[Scored], data: Mapping[FeatureKey, np.ndarray], y: np.ndarray,
                clock: _Clock) -> list[Scored]:
