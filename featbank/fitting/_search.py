@@ -54,7 +54,7 @@ from ..errors import ConfigError
 __all__ = ["AutoSearch", "Candidate", "Scored", "FeatureKey", "HeadFamilyLike", "parse_budget", "make_folds",
            "DEFAULT_BUDGET", "DEFAULT_CV", "DEFAULT_REPEATS", "KEEP"]
 
-#: The default ``--budget``: the whole CV search (not loading the features, not the final refit).
+#: The default ``--budget``: ``fit`` spends it on the layer selection, loading and this search (not the refit).
 DEFAULT_BUDGET = "90s"
 DEFAULT_CV = 5
 #: Repeats of the K folds (each with its own shuffle): round r of the halving uses repeat r.
