@@ -19,7 +19,7 @@ from click.testing import CliRunner
 import featbank
 from featbank.cli.main import cli
 from featbank.errors import BundleError, ConfigError
-from featbank.fitting._auto import bootstrap_interval
+from featbank.fitting._auto import bootstrap_interval, idle_cores, search_threads
 from featbank.fitting._layers import FeatureTable
 from featbank.fitting._search import AutoSearch, Candidate, make_folds, parse_budget
 from featbank.heads import HEAD_FAMILIES
@@ -413,3 +413,20 @@ def test_a_candidate_slower_than_predicted_is_stopped_between_its_folds() -> Non
     assert s.rounds_[0]["n_candidates"] == 2 and s.rounds_[1]["n_candidates"] == 0
     assert s.clock_cut_ == ["round 2: final/plain/standardize/slow (stopped after a fold)"]
     assert fams["slow"].folds == 2 and s.best_.scores.shape[1] == 1 and clock.t == pytest.approx(11.1)
+
+
+def test_the_search_threads_are_the_idle_cores_and_are_given_back(monkeypatch) -> None:
+    import os
+
+    import torch
+    from threadpoolctl import threadpool_info
+
+    cores = len(os.sched_getaffinity(0))
+    assert 1 <= idle_cores() <= cores
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert idle_cores() == 1  # an explicit setting caps it
+    before = torch.get_num_threads()
+    with search_threads(1) as n:
+        assert n == 1 and torch.get_num_threads() == 1
+        assert all(p["num_threads"] == 1 for p in threadpool_info() if p["user_api"] == "blas")
+    assert torch.get_num_threads() == before

@@ -24,6 +24,11 @@ def format_leaderboard(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return out
 
 
+def _threads_words(search: Mapping[str, Any]) -> str:
+    n = search.get("threads")
+    return "" if n is None else f" on {n} thread{'s' if n != 1 else ''} (the cores left idle by other work)"
+
+
 def _budget_words(search: Mapping[str, Any]) -> str:
     total = search.get("total_budget_s")
     if total is None:  # a search run on its own (no layer selection or loading before it)
@@ -38,7 +43,7 @@ def search_lines(search: Mapping[str, Any], headline: Mapping[str, Any]) -> list
     lines = [
         f"Search: {search['n_scored']} of {search['n_candidates']} candidates scored by {search['cv']}-fold CV on "
         f"train+val ({search['n_fold_fits']} candidate-folds, up to {search['repeats']} repeats, seed {search['seed']}) "
-        f"in {search['seconds']:.1f} s; {_budget_words(search)}; winner refitted in "
+        f"in {search['seconds']:.1f} s{_threads_words(search)}; {_budget_words(search)}; winner refitted in "
         f"{search.get('refit_s', 0.0):.1f} s.",
     ]
     if search.get("calibration"):
