@@ -109,6 +109,11 @@ def test_auto_writes_a_bundle_whose_leaderboard_winner_is_its_head(auto_bundle, 
     assert ev.metrics["top1"] == pytest.approx(res.headline["top1"])
     summary = res.summary()
     assert "| rank | features | views | preprocessing | head |" in summary and "95% bootstrap interval" in summary
+    # --budget covers the layer selection and loading: the search got what they left (at least 20%)
+    s = res.search
+    assert s["total_budget_s"] == 60 and s["budget_s"] == pytest.approx(max(60 - s["prep_s"], 12), abs=2e-3)
+    assert s["seconds"] <= 1.2 * s["budget_s"] and s["threads"] >= 1 and set(s["calibration"]) <= set(HEAD_FAMILIES)
+    assert "measured speed against the cost estimates" in summary
 
 
 @pytest.mark.parametrize("edit, field", [
