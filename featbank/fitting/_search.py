@@ -18,8 +18,10 @@ plan follows the machine it runs on: on a quiet machine whose families run 3x fa
 estimates, 3x more is scored; on a busy one, less, and the budget still holds. The rounds are: the
 first fold of repeat 1; its other K - 1 folds; then one whole repeat per round (:func:`_rungs`).
 
-1. Round 1: every candidate is scored on one fold, the cheapest *predicted* first (predictions are
-   renewed after each candidate is timed), while its prediction fits in the budget less the
+1. Round 1: every candidate is scored on one fold, breadth first (one candidate of each feature set
+   and family, then their variants of views and preprocessing), within each pass the cheapest
+   *predicted* first (predictions are renewed after each candidate is timed), while its
+   prediction fits in the budget less the
    *reserve*: what the later rounds would take were it scored (the best :data:`KEEP` of the
    round-1 candidates on each later round's folds, at their mean measured seconds per fold). The
    rest are *skipped for budget*. The first candidate is always scored, so there is a winner.
@@ -330,10 +332,26 @@ class AutoSearch:
         would need were it scored (:meth:`_reserve`); the first is always scored, so there is a winner.
         """
         done: list[Scored] = []
-        # Within a family the order by estimate is fixed (one ratio scales them all); across families
-        # it is renewed after each timing: each step takes the cheapest predicted head of a queue.
-        queues: dict[str, list[tuple[float, int, Scored]]] = {}
+        # Breadth first: one candidate of every (feature set, family), its cheapest estimate; then the
+        # variants (views, preprocessing). Within a pass and a family the order by estimate is fixed
+        # (one ratio scales them all); across families it is renewed after each timing.
+        first: dict[tuple[str, str], int] = {}
         for i, s in enumerate(scored):
+            pair = (s.candidate.features, s.candidate.head)
+            if pair not in first or s.estimate < scored[first[pair]].estimate:
+                first[pair] = i
+        lead = set(first.values())
+        for part in ([i for i in range(len(scored)) if i in lead], [i for i in range(len(scored)) if i not in lead]):
+            self._first_pass([(i, scored[i]) for i in part], done, data, y, clock)
+        self.rounds_.append({"round": 0, "repeat": 0, "folds": [0], "n_candidates": len(done), "complete": True,
+                             "n_folds": 1, "candidates": [_label(s.candidate) for s in done]})
+        return done
+
+    def _first_pass(self, todo: list[tuple[int, Scored]], done: list[Scored], data: Mapping[FeatureKey, np.ndarray],
+                    y: np.ndarray, clock: _Clock) -> None:
+        """Round 1 over ``todo`` (index, candidate): the cheapest predicted first, while it and the reserve fit."""
+        queues: dict[str, list[tuple[float, int, Scored]]] = {}
+        for i, s in todo:
             queues.setdefault(s.candidate.head, []).append((s.estimate, i, s))
         for q in queues.values():
             q.sort(key=lambda e: (e[0], e[1]), reverse=True)  # pop() takes the cheapest
@@ -347,9 +365,6 @@ class AutoSearch:
                 continue
             if self._score(s, 0, data[s.candidate.key], y, clock):
                 done.append(s)
-        self.rounds_.append({"round": 0, "repeat": 0, "folds": [0], "n_candidates": len(done), "complete": True,
-                             "n_folds": 1, "candidates": [_label(s.candidate) for s in done]})
-        return done
 
     def _reserve(self, done: Sequence[Scored], n: int) -> float:
         """Seconds the later rounds would take after ``n`` candidates on round 1: the best :data:`KEEP`
