@@ -67,7 +67,8 @@ Examples:
               help="K-fold CV on train+val: the folds of --auto (default 5), or alone the head's sweep by K-fold "
                    "instead of one validation split.")
 @click.option("--budget", default=None, metavar="DURATION",
-              help="Time the CV search may take: 90s, 2m, 1h (default 90s; loading and the refit come on top).")
+              help="Time the search may take, the layer selection and loading included: 90s, 2m, 1h (default 90s; "
+                   "the refit comes on top). Planned by the measured speed of the candidates scored.")
 @click.option("--max-memory", default=None, metavar="SIZE", help="e.g. 2GB; below the data size, linear/mlp stream from disk.")
 @device_option
 @click.option("--out", "-o", type=click.Path(path_type=str), default=None,

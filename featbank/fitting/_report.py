@@ -24,15 +24,31 @@ def format_leaderboard(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return out
 
 
+def _threads_words(search: Mapping[str, Any]) -> str:
+    n = search.get("threads")
+    return "" if n is None else f" on {n} thread{'s' if n != 1 else ''} (the cores left idle by other work)"
+
+
+def _budget_words(search: Mapping[str, Any]) -> str:
+    total = search.get("total_budget_s")
+    if total is None:  # a search run on its own (no layer selection or loading before it)
+        return f"a {search['budget_s']:g} s budget"
+    return (f"the {total:g} s budget less {search.get('prep_s', 0.0):.1f} s of layer selection and loading "
+            f"(features loaded in {search.get('load_s', 0.0):.1f} s)")
+
+
 def search_lines(search: Mapping[str, Any], headline: Mapping[str, Any]) -> list[str]:
     """What the search did (candidates, folds, budget, skips), its leaderboard, and the winner's test interval."""
     skipped = search.get("skipped", [])
     lines = [
         f"Search: {search['n_scored']} of {search['n_candidates']} candidates scored by {search['cv']}-fold CV on "
         f"train+val ({search['n_fold_fits']} candidate-folds, up to {search['repeats']} repeats, seed {search['seed']}) "
-        f"in {search['seconds']:.1f} s of a {search['budget_s']:g} s budget; features loaded in "
-        f"{search.get('load_s', 0.0):.1f} s, winner refitted in {search.get('refit_s', 0.0):.1f} s.",
+        f"in {search['seconds']:.1f} s{_threads_words(search)}; {_budget_words(search)}; winner refitted in "
+        f"{search.get('refit_s', 0.0):.1f} s.",
     ]
+    if search.get("calibration"):
+        ratios = ", ".join(f"{f} x{r:.2g}" for f, r in search["calibration"].items())
+        lines.append(f"  measured speed against the cost estimates (the plan's scale): {ratios}")
     for rnd in search.get("rounds", []):
         lines.append(f"  round {rnd['round'] + 1}: {rnd['n_candidates']} candidate(s) on {rnd['n_folds']} folds")
     if skipped:
@@ -40,7 +56,7 @@ def search_lines(search: Mapping[str, Any], headline: Mapping[str, Any]) -> list
         more = f" and {len(skipped) - 8} more" if len(skipped) > 8 else ""
         lines.append(f"  skipped for the budget ({len(skipped)}): {names}{more}")
     if search.get("cut_by_clock"):
-        lines.append(f"  cut by the wall clock (estimates too low on this machine): {len(search['cut_by_clock'])}")
+        lines.append(f"  not promoted or stopped for the budget in later rounds: {len(search['cut_by_clock'])}")
     lines += format_leaderboard(search["leaderboard"])
     ci = headline.get("top1_ci95")
     if ci is not None and "top1" in headline:

@@ -9,21 +9,35 @@ Folds are over images: every row of a matrix it is handed is one image (the plai
 image's views pooled into one row), so an image's views cannot straddle a fold. Repeat ``r`` uses
 its own seeded :class:`~sklearn.model_selection.StratifiedKFold` shuffle.
 
-Successive halving over folds and repeats (the plan is made from the families' ``relative_cost``
-estimates, so it is the same on every machine; a wall-clock guard keeps the budget where the
-estimates are off, and says so). The rounds are: the first fold of repeat 1; its other K - 1 folds;
-then one whole repeat per round (:func:`_rungs`).
+Successive halving over folds and repeats, planned by *measured* speed. Each family's
+``relative_cost`` is a rough estimate of its seconds per fold; the search times every fold it
+scores and keeps, per family, the ratio of measured to estimated seconds (before a family has been
+timed: the ratio over the families timed so far, else 1). A candidate's predicted seconds are its
+own measured seconds per fold once it has any, else its estimate times its family's ratio. So the
+plan follows the machine it runs on: on a quiet machine whose families run 3x faster than their
+estimates, 3x more is scored; on a busy one, less, and the budget still holds. The rounds are: the
+first fold of repeat 1; its other K - 1 folds; then one whole repeat per round (:func:`_rungs`).
 
-1. Round 1: every candidate is scored on one fold, cheapest estimate first, as long as the
-   estimates fit in :data:`ROUND0_SHARE` of the budget; the rest are *skipped for budget*. The
-   cheapest candidate is always scored, even past the budget, so there is a winner; otherwise the
-   clock is checked before each candidate and between its folds.
+1. Round 1: every candidate is scored on one fold, breadth first (one candidate of each feature set
+   and family, then their variants of views and preprocessing), within each pass the cheapest
+   *predicted* first (predictions are renewed after each candidate is timed), while its
+   prediction fits in the budget less the
+   *reserve*: what the later rounds would take were it scored (the best :data:`KEEP` of the
+   round-1 candidates on each later round's folds, at their mean measured seconds per fold). The
+   rest are *skipped for budget*. The first candidate is always scored, so there is a winner.
 2. Each later round scores the best :data:`KEEP` fraction of the previous round's candidates (at
-   least one) on its folds, while the estimates fit in the budget; once a single candidate is left
-   and it has all K folds of the first repeat, the search ends.
+   least one) on its folds, each while its predicted seconds fit in what is left of the budget; the
+   clock is also checked between a candidate's folds (a candidate stopped part-way keeps none of
+   that round's folds). Once a single candidate is left and it has all K folds of the first
+   repeat, the search ends.
 3. A candidate's score is the best mean over its grid of its folds so far; the leaderboard ranks by
    the last round reached (counting only rounds that scored all their candidates: a round the
    budget cut short promotes no one), then that score.
+
+Reproducibility: the folds, the grids and the ranking are fixed by the seed; *which* candidates fit
+the budget depends on the measured speed. When the budget does not bind (every candidate is scored
+on every round), the result is the same on any machine; when it binds, it is the same on machines
+(and loads) of the same speed, and a faster machine scores more.
 """
 
 from __future__ import annotations
@@ -31,7 +45,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -40,17 +54,17 @@ import numpy as np
 from ..errors import ConfigError
 
 __all__ = ["AutoSearch", "Candidate", "Scored", "FeatureKey", "HeadFamilyLike", "parse_budget", "make_folds",
-           "DEFAULT_BUDGET", "DEFAULT_CV", "DEFAULT_REPEATS", "KEEP", "ROUND0_SHARE"]
+           "DEFAULT_BUDGET", "DEFAULT_CV", "DEFAULT_REPEATS", "KEEP"]
 
-#: The default ``--budget``: the whole CV search (not loading the features, not the final refit).
+#: The default ``--budget``: ``fit`` spends it on the layer selection, loading and this search (not the refit).
 DEFAULT_BUDGET = "90s"
 DEFAULT_CV = 5
 #: Repeats of the K folds (each with its own shuffle): round r of the halving uses repeat r.
 DEFAULT_REPEATS = 3
 #: The fraction of a round's candidates that go on to the next repeat.
 KEEP = 1 / 3
-#: The share of the budget the first round (every candidate, one fold) may take by estimate.
-ROUND0_SHARE = 0.4
+#: The smallest measured / estimated speed ratio the plan believes (a family timed at ~0 s).
+_MIN_RATIO = 1e-3
 
 #: (layers, views) of a feature matrix: the layers concatenated in network order, "plain" or "pooled".
 FeatureKey = tuple[tuple[str, ...], str]
@@ -188,32 +202,52 @@ def _plain(params: Mapping[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class _Clock:
-    """The budget: planned estimates (deterministic) and the wall clock (the guard)."""
+    """The budget: the wall clock, and how fast this machine runs each family against its estimates.
+
+    ``ratio(family)`` is measured seconds / estimated seconds over the folds that family has
+    been scored on so far (before any: the ratio over every family measured, else 1), so a
+    family whose ``relative_cost`` is 3x too high on this machine is planned at a third of it.
+    """
 
     budget_s: float
-    t0: float = field(default_factory=time.perf_counter)
-    planned: float = 0.0
-    spent_est: float = 0.0
-    spent_real: float = 0.0
+    now: Callable[[], float] = time.perf_counter
+    t0: float = float("nan")
+    est: dict[str, float] = field(default_factory=dict)
+    real: dict[str, float] = field(default_factory=dict)
     cut_by_clock: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if math.isnan(self.t0):
+            self.t0 = self.now()
 
     @property
     def elapsed(self) -> float:
-        return time.perf_counter() - self.t0
+        return self.now() - self.t0
 
-    def plan(self, estimate: float, limit: float) -> bool:
-        if self.planned + estimate > limit:
-            return False
-        self.planned += estimate
-        return True
+    def ratio(self, family: str) -> float:
+        if self.est.get(family, 0.0) > 0:
+            return max(self.real[family] / self.est[family], _MIN_RATIO)
+        total = sum(self.est.values())
+        return max(sum(self.real.values()) / total, _MIN_RATIO) if total > 0 else 1.0
 
-    def clock_allows(self, estimate: float) -> bool:
-        scale = self.spent_real / self.spent_est if self.spent_est > 0 else 1.0
-        return self.elapsed + estimate * max(scale, 1e-3) <= self.budget_s
+    def predict(self, s: Scored, n_folds: int, cv: int) -> float:
+        """Seconds ``s`` should take on ``n_folds`` more folds: its own measured speed once it has
+        folds, else its estimate scaled by its family's measured ratio."""
+        done = s.scores.shape[1]
+        if done and s.seconds > 0:
+            return s.seconds / done * n_folds
+        return s.estimate / cv * n_folds * self.ratio(s.candidate.head)
 
-    def record(self, estimate: float, seconds: float) -> None:
-        self.spent_est += estimate
-        self.spent_real += seconds
+    def fits(self, seconds: float, limit: float) -> bool:
+        return self.elapsed + seconds <= limit
+
+    def record(self, family: str, estimate: float, seconds: float) -> None:
+        self.est[family] = self.est.get(family, 0.0) + estimate
+        self.real[family] = self.real.get(family, 0.0) + seconds
+
+    def calibration(self) -> dict[str, float]:
+        """Measured / estimated seconds per family scored (the factor the plan applied to its estimates)."""
+        return {f: round(self.real[f] / self.est[f], 4) for f in sorted(self.est) if self.est[f] > 0}
 
 
 class AutoSearch:
@@ -227,21 +261,25 @@ class AutoSearch:
         budget_s: seconds the search may take (the CV scoring; the caller loads features and refits).
         seed: of the folds (repeat r shuffles with ``seed + r``).
         device: passed to the families (``cpu``, ``cuda``).
+        clock: the time source (``time.perf_counter``); seconds as a float.
 
     Attributes (after :meth:`fit`):
         folds_: the folds of each repeat, over the rows (images) handed to ``fit``.
         scored_: every candidate that was scored, in leaderboard order.
-        skipped_: candidates never scored, with the reason (``budget`` by estimate, ``clock``).
+        skipped_: candidates never scored, with the reason (``budget``: their predicted seconds did
+            not fit; ``clock``: stopped part-way) and ``estimate_s`` / ``predicted_s``.
         best_: the winner (``scored_[0]``).
         rounds_: per round, the candidates scored and their folds.
+        calibration_: measured / estimated seconds per family.
     """
 
     def __init__(self, candidates: Sequence[Candidate], families: Mapping[str, HeadFamilyLike], *,
                  cv: int = DEFAULT_CV, repeats: int = DEFAULT_REPEATS, budget_s: float = 90.0, seed: int = 0,
-                 device: str = "cpu"):
+                 device: str = "cpu", clock: Callable[[], float] = time.perf_counter):
         self.candidates = list(candidates)
         self.families = families
         self.cv, self.repeats, self.budget_s, self.seed, self.device = cv, repeats, budget_s, seed, device
+        self.clock = clock
 
     def fit(self, data: Mapping[FeatureKey, np.ndarray], y: np.ndarray) -> AutoSearch:
         """Score the candidates on ``data`` (one matrix per feature key, one row per image) and labels ``y``.
@@ -252,18 +290,17 @@ class AutoSearch:
         y = np.asarray(y)
         self.folds_ = make_folds(y, self.cv, self.repeats, self.seed)
         self.n_classes_ = int(y.max()) + 1
-        clock = _Clock(self.budget_s)
+        clock = _Clock(self.budget_s, self.clock)
         scored = [self._prepare(c, data[c.key]) for c in self.candidates]
         self.skipped_: list[dict[str, Any]] = []
         self.rounds_: list[dict[str, Any]] = []
         self.rungs_ = _rungs(self.cv, self.repeats)
-        alive = self._round(0, sorted(scored, key=lambda s: s.estimate), data, y, clock,
-                            self.budget_s * ROUND0_SHARE)
+        alive = self._first_round(scored, data, y, clock)
         for r in range(1, len(self.rungs_)):
             keep = max(1, math.ceil(len(alive) * KEEP))
             if len(alive) <= 1 and r >= 2:  # a lone candidate still completes its first K folds
                 break
-            alive = self._round(r, _ranked(alive, r)[:keep], data, y, clock, self.budget_s)
+            alive = self._round(r, _ranked(alive, r)[:keep], data, y, clock)
             if not alive:
                 break
         # A round the budget cut short ranks no one above the rest: only complete rounds count.
@@ -276,6 +313,7 @@ class AutoSearch:
             )
         self.best_ = self.scored_[0]
         self.clock_cut_ = list(clock.cut_by_clock)
+        self.calibration_ = clock.calibration()
         self.seconds_ = clock.elapsed
         return self
 
@@ -286,59 +324,105 @@ class AutoSearch:
         est = float(fam.relative_cost(n_fit, X.shape[1], len(grid))) * self.cv
         return Scored(cand, grid, np.zeros((len(grid), 0)), estimate=est)
 
-    def _round(self, r: int, todo: list[Scored], data: Mapping[FeatureKey, np.ndarray], y: np.ndarray,
-               clock: _Clock, limit: float) -> list[Scored]:
-        done = []
-        repeat, idx = self.rungs_[r]
-        share = len(idx) / self.cv
-        for s in todo:
-            name = _label(s.candidate)
-            if not clock.plan(s.estimate * share, limit):
-                if r == 0:
-                    self.skipped_.append({**s.candidate.describe(), "reason": "budget", "estimate_s": s.estimate})
-                continue
-            first = r == 0 and not done  # the cheapest candidate always completes: there is always a winner
-            if not first and not clock.clock_allows(s.estimate * share):
-                clock.cut_by_clock.append(f"round {r}: {name}")
-                if r == 0:
-                    self.skipped_.append({**s.candidate.describe(), "reason": "clock", "estimate_s": s.estimate})
-                continue
-            if self._score(s, r, data[s.candidate.key], y, clock, first):
-                done.append(s)
-            else:
-                clock.cut_by_clock.append(f"round {r}: {name} (stopped after a fold)")
-                if r == 0:
-                    self.skipped_.append({**s.candidate.describe(), "reason": "clock", "estimate_s": s.estimate})
-        n_folds = sum(len(i) for _, i in self.rungs_[:r + 1])
-        self.rounds_.append({"round": r, "repeat": repeat, "folds": list(idx), "n_candidates": len(done),
-                             "complete": r == 0 or len(done) == len(todo),  # round 1 is the base
-                             "n_folds": n_folds, "candidates": [_label(s.candidate) for s in done]})
+    def _first_round(self, scored: list[Scored], data: Mapping[FeatureKey, np.ndarray], y: np.ndarray,
+                     clock: _Clock) -> list[Scored]:
+        """Every candidate on one fold, the cheapest *predicted* first, re-predicted after each one is timed.
+
+        A candidate is scored when its predicted seconds fit in the budget less what the later rounds
+        would need were it scored (:meth:`_reserve`); the first is always scored, so there is a winner.
+        """
+        done: list[Scored] = []
+        # Breadth first: one candidate of every (feature set, family), its cheapest estimate; then the
+        # variants (views, preprocessing). Within a pass and a family the order by estimate is fixed
+        # (one ratio scales them all); across families it is renewed after each timing.
+        first: dict[tuple[str, str], int] = {}
+        for i, s in enumerate(scored):
+            pair = (s.candidate.features, s.candidate.head)
+            if pair not in first or s.estimate < scored[first[pair]].estimate:
+                first[pair] = i
+        lead = set(first.values())
+        for part in ([i for i in range(len(scored)) if i in lead], [i for i in range(len(scored)) if i not in lead]):
+            self._first_pass([(i, scored[i]) for i in part], done, data, y, clock)
+        self.rounds_.append({"round": 0, "repeat": 0, "folds": [0], "n_candidates": len(done), "complete": True,
+                             "n_folds": 1, "candidates": [_label(s.candidate) for s in done]})
         return done
 
-    def _score(self, s: Scored, r: int, X: np.ndarray, y: np.ndarray, clock: _Clock, finish: bool = False) -> bool:
+    def _first_pass(self, todo: list[tuple[int, Scored]], done: list[Scored], data: Mapping[FeatureKey, np.ndarray],
+                    y: np.ndarray, clock: _Clock) -> None:
+        """Round 1 over ``todo`` (index, candidate): the cheapest predicted first, while it and the reserve fit."""
+        queues: dict[str, list[tuple[float, int, Scored]]] = {}
+        for i, s in todo:
+            queues.setdefault(s.candidate.head, []).append((s.estimate, i, s))
+        for q in queues.values():
+            q.sort(key=lambda e: (e[0], e[1]), reverse=True)  # pop() takes the cheapest
+        while any(queues.values()):
+            head = min((q[-1][0] * clock.ratio(f), q[-1][1], f) for f, q in queues.items() if q)[2]
+            s = queues[head].pop()[2]
+            predicted = clock.predict(s, 1, self.cv)
+            if done and not clock.fits(predicted + self._reserve(done, len(done) + 1), self.budget_s):
+                self.skipped_.append({**s.candidate.describe(), "reason": "budget", "estimate_s": round(s.estimate, 3),
+                                      "predicted_s": round(predicted * self.cv, 3)})
+                continue
+            if self._score(s, 0, data[s.candidate.key], y, clock):
+                done.append(s)
+
+    def _reserve(self, done: Sequence[Scored], n: int) -> float:
+        """Seconds the later rounds would take after ``n`` candidates on round 1: the best :data:`KEEP`
+        of them on each round's folds, at the mean measured seconds per fold of those ``done``."""
+        per_fold = sum(s.seconds for s in done) / max(1, sum(s.scores.shape[1] for s in done))
+        total, alive = 0.0, n
+        for r in range(1, len(self.rungs_)):
+            if alive <= 1 and r >= 2:
+                break
+            alive = max(1, math.ceil(alive * KEEP))
+            total += alive * len(self.rungs_[r][1]) * per_fold
+        return total
+
+    def _round(self, r: int, todo: list[Scored], data: Mapping[FeatureKey, np.ndarray], y: np.ndarray,
+               clock: _Clock) -> list[Scored]:
+        """The promoted candidates on round ``r``'s folds, each while its predicted seconds fit the budget."""
+        done = []
+        repeat, idx = self.rungs_[r]
+        for s in todo:
+            name = _label(s.candidate)
+            if not clock.fits(clock.predict(s, len(idx), self.cv), self.budget_s):
+                clock.cut_by_clock.append(f"round {r + 1}: {name}")
+                continue
+            if self._score(s, r, data[s.candidate.key], y, clock):
+                done.append(s)
+            else:
+                clock.cut_by_clock.append(f"round {r + 1}: {name} (stopped after a fold)")
+        n_folds = sum(len(i) for _, i in self.rungs_[:r + 1])
+        self.rounds_.append({"round": r, "repeat": repeat, "folds": list(idx), "n_candidates": len(done),
+                             "complete": len(done) == len(todo), "n_folds": n_folds,
+                             "candidates": [_label(s.candidate) for s in done]})
+        return done
+
+    def _score(self, s: Scored, r: int, X: np.ndarray, y: np.ndarray, clock: _Clock) -> bool:
         """Score ``s`` on the folds of round ``r``, one fold per call so the clock is checked between folds.
 
-        Returns ``False`` (and keeps none of this round's folds) when the clock ran out part-way.
+        Returns ``False`` (and keeps none of this round's folds) when the next fold, at the speed of
+        this round's folds so far, would end past the budget.
         """
         fam = self.families[s.candidate.head]
         per_fold = s.estimate / self.cv
         repeat, idx = self.rungs_[r]
         cols, seconds = [], 0.0
         for j, fold in enumerate(self.folds_[repeat][i] for i in idx):
-            if j and not finish and clock.elapsed + seconds / j > clock.budget_s:  # its own folds so far
-                clock.record(per_fold * j, seconds)
+            if j and not clock.fits(seconds / j, self.budget_s):
+                clock.record(s.candidate.head, per_fold * j, seconds)
                 return False
-            t0 = time.perf_counter()
+            t0 = clock.now()
             sc = np.asarray(fam.cv_scores(X, y, [fold], s.grid, preprocess=s.candidate.preprocess,
                                           device=self.device), dtype=np.float64)
-            seconds += time.perf_counter() - t0
+            seconds += clock.now() - t0
             if sc.shape != (len(s.grid), 1) or not np.isfinite(sc).all():
                 raise RuntimeError(f"internal error: family {fam.name!r} returned scores of shape {sc.shape}")
             cols.append(sc)
         s.scores = np.concatenate([s.scores, *cols], axis=1)
         s.seconds += seconds
         s.rounds = r + 1
-        clock.record(per_fold * len(idx), seconds)
+        clock.record(s.candidate.head, per_fold * len(idx), seconds)
         return True
 
     def leaderboard(self) -> list[dict[str, Any]]:
@@ -351,7 +435,8 @@ class AutoSearch:
         return {"cv": self.cv, "repeats": self.repeats, "seed": self.seed, "budget_s": self.budget_s,
                 "seconds": round(self.seconds_, 3), "n_candidates": len(self.candidates),
                 "n_scored": len(self.scored_), "n_fold_fits": n_scored, "leaderboard": self.leaderboard(),
-                "skipped": self.skipped_, "rounds": self.rounds_, "cut_by_clock": self.clock_cut_}
+                "skipped": self.skipped_, "rounds": self.rounds_, "cut_by_clock": self.clock_cut_,
+                "calibration": self.calibration_}
 
 
 def _rungs(k: int, repeats: int) -> list[tuple[int, list[int]]]:

@@ -95,7 +95,8 @@ def fit(
             ``head``, ``params``, ``layers`` and ``pool_views`` are then chosen, not given.
         cv: K folds: with ``auto``, the folds of the search (default 5); alone, the head's
             hyperparameter sweep by K-fold CV on train+val instead of one validation split.
-        budget: seconds (or ``"90s"``, ``"2m"``, ``"1h"``) the CV search may take (default 90 s).
+        budget: seconds (or ``"90s"``, ``"2m"``, ``"1h"``) the search may take, the layer selection
+            and loading included (default 90 s; the refit comes on top).
         cv_repeats: at most this many repeats of the K folds (successive halving; default 3).
         families: the head families ``auto`` searches, by name (default:
             :data:`featbank.heads.HEAD_FAMILIES`).
