@@ -8,7 +8,7 @@
 #   4. extract with --procs = the GPU count (work units), rows/s printed.
 # Needs: featbank installed in the Python that runs it (PYTHON, default python3) with its
 # dependencies (torch with CUDA, h5py, onnxruntime, elpv-dataset for the data). The figures go into
-# README's "At scale" table by hand once it has run. Output: stdout, and JSON lines in $OUT if set.
+# table in docs/at-scale.md by hand once it has run. Output: stdout, and JSON lines in $OUT if set.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}

@@ -48,7 +48,7 @@ IVF_CANDIDATE_MARGIN = 0.1
 #: and Fashion-MNIST): a brightness shift or a re-save keeps a copy at a median >= 0.99 of its
 #: original and a 0.8x resize of ELPV at >= 0.97, while the most similar pair of *different*
 #: images reached 0.963 (ELPV) and 0.889 (Fashion-MNIST). A 90% crop (median 0.93-0.95) is found
-#: about half the time; JPEG quality 30 (median 0.79-0.80) is not: see README "featbank audit".
+#: about half the time; JPEG quality 30 (median 0.79-0.80) is not: see docs/commands/audit.md.
 DEFAULT_THRESHOLD = 0.95
 
 

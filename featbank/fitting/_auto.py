@@ -4,7 +4,7 @@ The order of work keeps the test split out of every choice: the candidates' feat
 built from the train+val images only and handed to :class:`~featbank.fitting._search.AutoSearch`;
 the test rows are read only after the search has returned its winner, for the one final score.
 
-``--auto`` candidates (the grid, documented in the README "fit --auto"):
+``--auto`` candidates (the grid, documented in docs/commands/fit.md, "fit --auto"):
 
 - feature sets: ``final``; ``auto`` (the greedy layer selection of ``--layers auto``, scored on a
   stratified 20% holdout of train+val, never on test); ``all`` layers. Duplicates are dropped
