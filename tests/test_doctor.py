@@ -30,7 +30,9 @@ def test_diagnose_measures_every_stage_and_names_the_smallest_limit(tmp_path):
     assert set(d.stages) == {"read", "decode", "resize", "model", "write"}
     assert all(v > 0 for v in d.stages.values())
     assert d.n_sampled == 25 and d.n_unreadable == 1
-    assert d.bottleneck == min(d.rates, key=d.rates.get) and d.predicted == d.rates[d.bottleneck]
+    assert d.bottleneck == min(d.rates, key=d.rates.get)
+    assert d.measured is not None and d.measured > 0 and d.startup >= 0  # a real extract of the sample
+    assert d.n_images == 25 and d.predicted == pytest.approx(25 / (d.startup + 25 / d.measured))  # every image listed
     assert "cpu" in d.rates  # on the CPU the decoders and the model share the cores
     assert d.settings["engine"] == "torch" and d.settings["num_workers"] >= 0
     assert d.settings["jpeg_share"] == 0.5  # half the readable sample is JPEG (the files' bytes, not their names)
@@ -45,7 +47,7 @@ def test_doctor_cli_json_and_bad_input(tmp_path):
                                    "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)
-    assert out["predicted"] > 0 and out["bottleneck"] in out["rates"]
+    assert out["predicted"] > 0 and out["bottleneck"] in out["rates"] and 0 < out["predicted"] <= out["measured"]
     res = CliRunner().invoke(cli, ["doctor", str(data), "--sample", "0"])
     assert res.exit_code == 2 and "--sample" in res.output
     (tmp_path / "empty").mkdir()

@@ -11,7 +11,16 @@ the cache. From these it predicts ``extract``'s throughput and names the bottlen
   ``cores / (read + decode + resize + cores / model rate)`` (all cores busy, perfect overlap);
 - the write runs at its measured rate.
 
-The prediction is the smallest of these; the stage that sets it is the bottleneck.
+The smallest of these names the bottleneck. The stages alone are optimistic (measured on ELPV on
+this 2-core machine: 25-31% above a real run, as they leave out the work of the main process and
+assume perfect sharing of the cores), so the doctor then runs the sample through a real
+``extract`` (copied, repeated to at least :data:`PIPELINE_BATCHES` batches, into a temporary
+folder) and times its steady state, the batches between the decoders' prefetch queue at either
+end, and its start-up (the
+run's seconds less its rows at the steady rate: model loading, workers, listing, the index). The
+prediction for DATA's N images is ``N / (start-up + N / steady rate)``, the figure ``extract``
+reports (its rows over its seconds, start-up included); the suggestions are scaled by the ratio of
+the measured steady rate to the modelled one.
 """
 
 from __future__ import annotations
@@ -37,6 +46,11 @@ MODEL_SECONDS = 2.0
 #: Windows the model is timed in; the median window counts (one quiet or busy moment of a shared
 #: machine swung a single 2 s window by 45% between two runs a minute apart on ELPV).
 MODEL_WINDOWS = 3
+#: Batches the sample is run through a real ``extract`` for, at least: the batches in the decoders'
+#: prefetch queue at either end are not timed (at the start the queue drains; at the end the model
+#: runs alone on cores the decoders no longer share, which made the tail of a short run on ELPV
+#: read 20-25% fast), so a run is 4 queues long and more.
+PIPELINE_BATCHES = 16
 
 
 @dataclass
@@ -46,8 +60,13 @@ class Diagnosis:
     Attributes:
         stages: seconds per image of ``read``, ``decode``, ``resize``, ``model``, ``write``.
         rates: images per second each limit allows (``decoders``, ``model``, ``cpu``, ``write``).
-        predicted: the images per second ``extract`` should reach with ``settings``.
-        bottleneck: the limit that sets ``predicted``.
+        predicted: the images per second ``extract`` should reach with ``settings``: ``measured``
+            when the pipeline run gave a rate, else the smallest of ``rates``.
+        bottleneck: the smallest of ``rates``.
+        measured: images per second of the sample through a real ``extract`` (steady state), or
+            None when it gave no rate (fewer than two batches).
+        startup: seconds that real ``extract`` spent besides its rows at the steady rate.
+        n_images: the images of DATA the prediction is for.
         settings: what the prediction assumes (device, engine, batch_size, num_workers, cores).
         suggestions: options to try, each with the images per second it should reach.
     """
@@ -60,6 +79,9 @@ class Diagnosis:
     bottleneck: str
     settings: dict[str, Any]
     suggestions: list[dict[str, Any]] = field(default_factory=list)
+    measured: float | None = None
+    startup: float | None = None
+    n_images: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,15 +92,19 @@ class Diagnosis:
         for name, sec in self.stages.items():
             lines.append(f"{name:<8} {sec * 1e3:9.2f} {1 / sec if sec > 0 else float('inf'):9.1f}")
         s = self.settings
+        modelled = self.rates[self.bottleneck]
+        how = (f"for its {self.n_images} images: {self.measured:.1f} img/s after {self.startup:.1f} s of start-up, "
+               f"measured through a real extract of the sample; the stages alone say {modelled:.1f}"
+               if self.measured is not None and self.startup is not None else "from the stages alone")
         lines.append(f"extract with --device {s['device']} --engine {s['engine']} --batch-size {s['batch_size']} "
-                     f"--num-workers {s['num_workers']} ({s['cores']} cores): about {self.predicted:.1f} img/s; "
-                     f"bottleneck: {self.bottleneck}")
+                     f"--num-workers {s['num_workers']} ({s['cores']} cores): about {self.predicted:.1f} img/s "
+                     f"({how}); bottleneck: {self.bottleneck}")
         for sug in self.suggestions:
             lines.append(f"try: {sug['options']}  -> about {sug['predicted']:.1f} img/s ({sug['why']})")
         return "\n".join(lines)
 
 
-def _sample_paths(data: str, n: int) -> list[Path]:
+def _sample_paths(data: str, n: int) -> tuple[list[Path], int]:
     from .config import ExtractConfig
     from .job import read_source
 
@@ -88,7 +114,7 @@ def _sample_paths(data: str, n: int) -> list[Path]:
     if not source.keys:
         raise DatasetError(f"No images found in {data!r}: nothing to measure.")
     pick = np.unique(np.linspace(0, len(source.keys) - 1, min(n, len(source.keys))).astype(int))
-    return [Path(source.root) / source.keys[i] for i in pick]
+    return [Path(source.root) / source.keys[i] for i in pick], len(source.keys)
 
 
 def _time_images(paths: list[Path], cfg: Any) -> tuple[dict[str, float], int, float]:
@@ -162,6 +188,60 @@ def _time_write(folder: Path, dim: int, rows: int = 4096) -> float:
         Path(name).unlink(missing_ok=True)
 
 
+def _time_pipeline(paths: list[Path], options: dict[str, Any], batch_size: int) -> tuple[float, float] | None:
+    """A real ``extract`` of the sample (repeated to :data:`PIPELINE_BATCHES` batches) in a temporary
+    folder, in a fresh process like ``featbank extract``'s: images per second over the batches between
+    the decoders' prefetch queue at either end (2 batches per decoding worker), and the run's other
+    seconds (start-up: model, engine, workers, listing, the index); None when it gave no such rate."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from .config import ExtractConfig
+
+    queue = 2 * max(1, int(options.get("num_workers") or 0))  # torch DataLoader: prefetch_factor 2 per worker
+    n = max(len(paths), max(PIPELINE_BATCHES, 4 * queue + 4) * batch_size)
+    with tempfile.TemporaryDirectory(prefix="featbank-doctor-") as tmp:
+        folder = Path(tmp) / "images"
+        folder.mkdir()
+        for i in range(n):  # copies, not links: one file, one row
+            src = paths[i % len(paths)]
+            shutil.copyfile(src, folder / f"{i:06d}{src.suffix.lower()}")
+        config = ExtractConfig(str(folder), str(Path(tmp) / "cache.h5"), batch_size=batch_size, progress=False,
+                               **options)
+        (Path(tmp) / "config.json").write_text(json.dumps(config.to_dict()))
+        run = subprocess.run([sys.executable, "-m", __name__, str(Path(tmp) / "config.json")],
+                             capture_output=True, text=True)
+    if run.returncode != 0:
+        return None
+    timed = json.loads(run.stdout.strip().splitlines()[-1])
+    stamps = timed["stamps"]
+    first, last = (queue, len(stamps) - 1 - queue) if len(stamps) > 2 * queue + 2 else (0, len(stamps) - 1)
+    if last <= first or stamps[last][1] <= stamps[first][1]:
+        return None
+    (t0, d0), (t1, d1) = stamps[first], stamps[last]
+    rate = (d1 - d0) / (t1 - t0)
+    return rate, max(0.0, timed["seconds"] - timed["n_embedded"] / rate)
+
+
+def _pipeline_main(config_path: str) -> None:
+    """The fresh process of :func:`_time_pipeline`: run the extract, print its seconds and progress stamps."""
+    import json
+    import warnings
+
+    from ..errors import SkippedImagesWarning
+    from .config import ExtractConfig
+    from .job import run_extract
+
+    config = ExtractConfig(**json.loads(Path(config_path).read_text()))
+    stamps: list[tuple[float, int]] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SkippedImagesWarning)  # the sample's unreadable images, counted apart
+        report = run_extract(config, lambda done, _total: stamps.append((time.perf_counter(), done)))
+    print(json.dumps({"seconds": report.seconds, "n_embedded": report.n_embedded, "stamps": stamps}))
+
+
 def _limits(stages: dict[str, float], workers: int, cores: int, on_cpu: bool) -> dict[str, float]:
     cpu_per_image = stages["read"] + stages["decode"] + stages["resize"]
     rates = {"decoders": max(workers, 1) / cpu_per_image, "model": 1 / stages["model"], "write": 1 / stages["write"]}
@@ -227,7 +307,7 @@ def diagnose(data: str | os.PathLike, *, backbone: str = "efficientnet_lite0", w
     if not isinstance(batch_size, int) or not 1 <= batch_size <= 4096:
         raise ConfigError(f"The 'batch_size' parameter must be an integer from 1 to 4096. Got {batch_size!r} instead.")
     dev = resolve_device(device).type
-    paths = _sample_paths(str(data), sample)
+    paths, n_images = _sample_paths(str(data), sample)
     bb = load_backbone(backbone, weights, str(weights_file) if weights_file is not None else None)
     stages, bad, jpeg_share = _time_images(paths, bb.preprocess)
     eng_name = engine if engine != "auto" else ("onnxruntime" if dev == "cpu" else "torch")
@@ -240,8 +320,21 @@ def diagnose(data: str | os.PathLike, *, backbone: str = "efficientnet_lite0", w
                 "num_workers": workers, "cores": cores, "n_gpu": _gpu_count(dev), "jpeg_share": jpeg_share}
     rates = _limits(stages, workers, cores, dev == "cpu")
     bottleneck = min(rates, key=rates.get)
-    return Diagnosis(len(paths), bad, stages, rates, rates[bottleneck], bottleneck, settings,
-                     _suggest(stages, settings, bottleneck))
+    options = {"backbone": backbone, "weights": weights,
+               "weights_file": None if weights_file is None else os.fspath(weights_file), "device": dev,
+               "engine": eng_name, "num_workers": workers}
+    timed = _time_pipeline(paths, options, batch_size)
+    suggestions = _suggest(stages, settings, bottleneck)
+    if timed is None:
+        return Diagnosis(len(paths), bad, stages, rates, rates[bottleneck], bottleneck, settings, suggestions,
+                         n_images=n_images)
+    measured, startup = timed
+    ratio = measured / rates[bottleneck]  # the suggestions are modelled like the bottleneck: scaled the same way
+    suggestions = [{**sug, "predicted": sug["predicted"] * ratio if sug["predicted"] is not None else None}
+                   for sug in suggestions]
+    predicted = n_images / (startup + n_images / measured)
+    return Diagnosis(len(paths), bad, stages, rates, predicted, bottleneck, settings, suggestions, measured, startup,
+                     n_images)
 
 
 def _gpu_count(dev: str) -> int:
@@ -250,3 +343,9 @@ def _gpu_count(dev: str) -> int:
     import torch
 
     return torch.cuda.device_count()
+
+
+if __name__ == "__main__":  # python -m featbank.extraction._doctor CONFIG.json (see _time_pipeline)
+    import sys
+
+    _pipeline_main(sys.argv[1])
