@@ -22,7 +22,7 @@ Examples:
               help="Folder for summary.json, one CSV per kind and index.html with contact sheets (opens offline).")
 @click.option("--threshold", type=float, default=None,
               help="Cosine similarity at or above which two images are near-duplicates. Default: 0.95, measured "
-                   "on changed copies (docs/commands/audit.md).")
+                   "on changed copies (README 'featbank audit').")
 @click.option("--neighbors", "k", type=click.IntRange(min=1), default=10, show_default=True,
               help="Nearest neighbours per image (duplicates and the kNN outlier score).")
 @click.option("--outlier-percentile", type=float, default=99.0, show_default=True,
