@@ -80,9 +80,9 @@ def extract(quiet: bool, **params: object) -> None:
     its middle frame.
     Reruns embed only new or changed files and resume an interrupted run; unreadable images are
     skipped and listed. The cache is an index over part files of about --shard-size rows (schema
-    v2, README "Cache format"), so a rerun rewrites only the parts that changed; a schema-v1 cache
+    v2, docs/formats.md), so a rerun rewrites only the parts that changed; a schema-v1 cache
     is migrated. --procs, torchrun or --launcher ray run the shards in parallel; a job array runs
-    --rank R --world W per job, then --finalize once (docs "At scale"). The index stores this
+    --rank R --world W per job, then --finalize once (docs/at-scale.md). The index stores this
     run's settings (the ExtractConfig) as JSON.
 
     \b

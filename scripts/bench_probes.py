@@ -15,7 +15,7 @@ reused from the cache when already there) and eight probes are fitted on that on
 | pooled-svc | --head SVC --layers stage3-final --pool-views (C chosen on validation) |
 
 Data sets (image folders built from installed packages by scripts/prepare_data.py): ELPV 4-class
-and 2-class (the README's stratified 70/30 split), a Fashion-MNIST subset and scikit-learn digits.
+and 2-class (the quickstart's stratified 70/30 split, docs/tutorial.md), a Fashion-MNIST subset and scikit-learn digits.
 Reports test top-1 and balanced accuracy, extract and fit seconds, and checks the targets of
 issue #15: ELPV 4-class top-1 >= 0.80, no probe variant more than 0.5 pt below ``final`` elsewhere,
 and, for each data set, the probe chosen on validation against ``final``.

@@ -86,7 +86,8 @@ def slow_sweep(X: np.ndarray, y: np.ndarray, train: np.ndarray, val: np.ndarray,
         print(f"  SVC C={C:<8.4g} {secs[-1]:8.1f} s ({cpu[-1]:.1f} s of CPU)  val {scores[C]:.4f}", flush=True)
         return True
 
-    # C=10 (the README's choice) first, so that a capped run still compares the C that matters.
+    # C=10 (chosen on validation in docs/benchmarks.md, probes table) first, so that a capped run
+    # still compares the C that matters.
     complete = all([run(C) for C in sorted(COARSE, key=lambda c: (c != 10.0, c))])
     if complete:
         top = max((c for c in scores if any(np.isclose(c, g) for g in COARSE)), key=lambda c: (round(scores[c], 12), -c))

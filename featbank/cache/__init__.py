@@ -2,7 +2,7 @@
 
 A cache is an index file (``cache.h5``, the path users name) over part files in ``cache.h5.parts/``,
 one per shard of rows. Every dataset below is readable with plain h5py from the index: the per-row
-ones are HDF5 virtual datasets over the parts (see README "Cache format", ``_index``, ``_parts``):
+ones are HDF5 virtual datasets over the parts (see docs/formats.md, ``_index``, ``_parts``):
 
 ==========================  ==================  ============================================
 dataset                     shape, dtype        meaning

@@ -15,7 +15,7 @@ How each bundle becomes a graph:
   other scikit-learn heads go through skl2onnx (ZipMap off), and ``label`` is an ArgMax.
 - fine-tuned bundles: the whole network (normalisation, features, head, softmax) in one export.
 
-Options of :func:`export_model` (README "Deploy anywhere"): ``input="raw"`` puts the weights' resize
+Options of :func:`export_model` (docs/commands/export.md, "Deploy anywhere"): ``input="raw"`` puts the weights' resize
 and centre crop in front of the graph (:mod:`._raw`; any decoded RGB uint8 image in), ``quantize="int8"``
 quantizes it statically (QDQ, per channel, :mod:`._quantize`; the test top-1 change measured and
 bounded), ``triton=REPO`` writes a Triton model repository (:mod:`._triton`), ``head_only=True`` exports

@@ -26,10 +26,10 @@ def extract(
     ``overwrite``. The cache's index stores the run's :class:`ExtractConfig` as JSON
     (:func:`~featbank.extraction.read_extract_config` reads it back).
 
-    The cache is schema v2 (docs "Cache format"): the rows are cut into shards of about
+    The cache is schema v2 (docs/formats.md): the rows are cut into shards of about
     ``shard_size`` rows, each written to a part file, and ``out`` is a small index over them, so a
     rerun rewrites only the parts whose files changed. A schema-v1 cache at ``out`` is migrated
-    first. At scale (docs "At scale"): ``procs`` local processes, torchrun (``WORLD_SIZE`` > 1),
+    first. At scale (docs/at-scale.md): ``procs`` local processes, torchrun (``WORLD_SIZE`` > 1),
     Ray, or the slices of a job array (``rank``/``world``, then ``finalize``) run the shards; a
     manifest or WebDataset ``data`` is read as rows.
 

@@ -1,7 +1,7 @@
 // Classify images with a featbank ONNX export in Node.js (onnxruntime-node only).
 //
 //   npm install --ignore-scripts onnxruntime-node
-//   node predict.mjs model.onnx batch.npy            # uint8 (N, H, W, 3), from Python (see README)
+//   node predict.mjs model.onnx batch.npy            # uint8 (N, H, W, 3), from Python (see docs/formats.md)
 //   node predict.mjs model.onnx a.rgb b.rgb          # raw H*W*3 RGB bytes, one image per file
 //
 // The pixels must already be resized and centre-cropped as metadata.preprocessing says
