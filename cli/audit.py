@@ -30,7 +30,7 @@ Examples:
                    "--verify pixels.")
 @click.option("--outlier-percentile", type=float, default=99.0, show_default=True,
               help="Images beyond this percentile of the kNN distance, or of low top class probability, are outliers.")
-@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,
+@click.option("--folds", "n_folds", type=click.IntRange(min=2), default=5, show_default=True,
               help="Folds of the out-of-fold probabilities (each image in one fold).")
 @click.option("--method", type=click.Choice(["prune_by_noise_rate", "confident_joint"]), default="prune_by_noise_rate",
               show_default=True, help="Confident-learning rule that flags label errors.")
@@ -61,8 +61,8 @@ Examples:
 @click.option("--overwrite", is_flag=True, help="Replace an existing --report folder (refused otherwise).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @quiet_option
-def audit(cache, report_dir, threshold, k, outlier_percentile, folds, method, layers, max_memory, dup_layers, verify,
-          pixel_threshold, search, nprobe, backend, device, seed, top, overwrite, as_json, quiet) -> None:
+def audit(cache: str, report_dir: str | None, top: int, overwrite: bool, as_json: bool, quiet: bool,
+          **settings: object) -> None:
     """Find duplicates and train/val/test leakage, likely label errors and outliers in a feature cache.
 
     Near-duplicates: cosine nearest neighbours of every image, computed block by block (memory
@@ -74,17 +74,16 @@ def audit(cache, report_dir, threshold, k, outlier_percentile, folds, method, la
     import json
     from pathlib import Path
 
-    from featbank.audit import DEFAULT_PIXEL_THRESHOLD, DEFAULT_THRESHOLD, AuditSettings, check_report_dir, write_report
+    from featbank.audit import AuditSettings, check_report_dir, write_report
     from featbank.audit import audit as run_audit
 
     if report_dir is not None:
         check_report_dir(Path(report_dir), overwrite)
-    settings = AuditSettings(threshold=DEFAULT_THRESHOLD if threshold is None else threshold, k=k,
-                             outlier_percentile=outlier_percentile, n_folds=folds, method=method, layers=layers,
-                             max_memory=max_memory, dup_layers=dup_layers, verify=verify,
-                             pixel_threshold=DEFAULT_PIXEL_THRESHOLD if pixel_threshold is None else pixel_threshold,
-                             search=search, nprobe=nprobe, backend=backend, device=device, seed=seed)
-    result = run_audit(cache, settings)
+    # The one mapping: every other option is the AuditSettings field of the same name (thresholds left
+    # out keep their measured defaults).
+    given = {name: value for name, value in settings.items()
+             if value is not None or name not in ("threshold", "pixel_threshold")}
+    result = run_audit(cache, AuditSettings(**given))  # type: ignore[arg-type]
     if report_dir is not None:
         page = write_report(result, report_dir, overwrite=overwrite, top=top)
         if not quiet and not as_json:

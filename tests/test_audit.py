@@ -388,3 +388,14 @@ def test_new_settings_are_checked(tmp_path: Path) -> None:
     assert AuditSettings(verify="pixels", k=7).neighbors == 7
     r = CliRunner().invoke(cli, ["audit", str(cache), "--search", "hnsw"])
     assert r.exit_code == 2 and "hnsw" in r.output and "Traceback" not in r.output
+
+
+def test_cli_options_map_onto_the_audit_settings():
+    """One mapping: every click option of audit but the report's and the output's is an AuditSettings field."""
+    from dataclasses import fields
+
+
+
+    names = {p.name for p in cli.commands["audit"].params} - {"cache", "report_dir", "top", "overwrite", "as_json",
+                                                                     "quiet"}
+    assert names == {f.name for f in fields(AuditSettings)} - {"block_rows"}
