@@ -279,17 +279,20 @@ def _suggest(stages: dict[str, float], settings: dict[str, Any], bottleneck: str
     return [s for s in out if s["predicted"] is None or s["predicted"] > 0]
 
 
-def diagnose(data: str | os.PathLike, *, backbone: str = "efficientnet_lite0", weights: str | None = None,
-             weights_file: str | os.PathLike | None = None, device: str = "auto", engine: str = "auto",
-             batch_size: int = 32, num_workers: int | None = None, sample: int = 64,
-             out: str | os.PathLike | None = None) -> Diagnosis:
+#: The options of ``extract`` a diagnosis is for (:class:`~featbank.extraction.ExtractConfig`'s fields).
+DIAGNOSED_OPTIONS = ("backbone", "weights", "weights_file", "device", "engine", "batch_size", "num_workers", "out")
+
+
+def diagnose(data: str | os.PathLike, *, sample: int = 64, **options: Any) -> Diagnosis:
     """Measure each stage of extracting ``data`` on this machine; predict ``extract``'s img/s.
 
     Args:
         data: an image folder or a manifest (what ``featbank extract`` takes).
-        backbone, weights, weights_file, device, engine, batch_size, num_workers: as ``extract``.
         sample: how many images to read and decode (spread over the data set).
-        out: where the cache would be written (its folder's disk is timed); default: a temp folder.
+        options: the ``extract`` run to predict, as :class:`~featbank.extraction.ExtractConfig`
+            takes them (checked by it): ``backbone``, ``weights``, ``weights_file``, ``device``,
+            ``engine``, ``batch_size``, ``num_workers``, and ``out``, where the cache would be
+            written (its folder's disk is timed; default: a temporary folder).
 
     Returns:
         A :class:`Diagnosis`.
@@ -301,11 +304,18 @@ def diagnose(data: str | os.PathLike, *, backbone: str = "efficientnet_lite0", w
     from .._device import default_num_workers, precision_name, resolve_device
     from ..backbones import load_backbone
     from ._engines import build_engine
+    from .config import ExtractConfig
 
     if not isinstance(sample, int) or not 1 <= sample <= 10_000:
         raise ConfigError(f"The 'sample' parameter must be an integer from 1 to 10000. Got {sample!r} instead.")
-    if not isinstance(batch_size, int) or not 1 <= batch_size <= 4096:
-        raise ConfigError(f"The 'batch_size' parameter must be an integer from 1 to 4096. Got {batch_size!r} instead.")
+    unknown = sorted(set(options) - set(DIAGNOSED_OPTIONS))
+    if unknown:
+        raise ConfigError(f"diagnose() takes extract's options {', '.join(DIAGNOSED_OPTIONS)} and sample; got "
+                          f"{', '.join(map(repr, unknown))}.")
+    paths_given = {k: os.fspath(v) for k, v in options.items() if k in ("out", "weights_file") and v is not None}
+    c = ExtractConfig(os.fspath(data), **{**options, **paths_given})  # the one check of extract's options
+    backbone, weights, weights_file, out, batch_size = c.backbone, c.weights, c.weights_file, c.out, c.batch_size
+    device, engine, num_workers = c.device, c.engine, c.num_workers
     dev = resolve_device(device).type
     paths, n_images = _sample_paths(str(data), sample)
     bb = load_backbone(backbone, weights, str(weights_file) if weights_file is not None else None)
