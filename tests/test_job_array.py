@@ -194,7 +194,8 @@ def test_extract_takes_the_config_alone(image_folder: Path, tmp_path: Path) -> N
 
 
 def test_launchers_are_picked_by_name_from_the_registry(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert set(LAUNCHERS) == {"local", "torchrun", "ray", "slice", "finalize"}
+    # featbank's own (others may be registered: docs/at-scale.md registers one when its example runs)
+    assert {"local", "torchrun", "ray", "slice", "finalize"} <= set(LAUNCHERS)
     for name, launcher in LAUNCHERS.items():
         assert get_launcher(name) is launcher and callable(launcher.run)
     with pytest.raises(ConfigError, match="Unknown launcher 'slurm'"):
