@@ -83,3 +83,20 @@ def test_on_a_gpu_held_back_by_decoding_it_suggests_decode_gpu_for_the_jpeg_shar
     assert "--decode gpu" not in png  # nothing nvJPEG could take
     on_cpu = {s["options"] for s in _suggest(stages, {**settings, "device": "cpu"}, "decoders")}
     assert "--decode gpu" not in on_cpu
+
+
+def test_the_pipeline_run_copies_no_fifo_and_is_bounded(tmp_path, monkeypatch):
+    """A FIFO in the data is never opened by the doctor's copies (it would block); a sample larger than
+    the copy budget is not run through extract: the prediction then comes from the stages alone."""
+    import os
+
+    from featbank.extraction import _doctor
+
+    data = make_image_folder(tmp_path / "data")
+    first = sorted(p for p in data.iterdir() if p.is_dir())[0]
+    os.mkfifo(first / "pipe.png")
+    d = diagnose(data, backbone="test_tiny", engine="torch", device="cpu", sample=30)
+    assert d.measured is not None and d.n_sampled == 24  # the FIFO is neither sampled nor copied
+    monkeypatch.setattr(_doctor, "PIPELINE_BYTES", 10)
+    d = diagnose(data, backbone="test_tiny", engine="torch", device="cpu", sample=30)
+    assert d.measured is None and d.predicted == d.rates[d.bottleneck] and "from the stages alone" in d.summary()

@@ -51,6 +51,9 @@ MODEL_WINDOWS = 3
 #: runs alone on cores the decoders no longer share, which made the tail of a short run on ELPV
 #: read 20-25% fast), so a run is 4 queues long and more.
 PIPELINE_BATCHES = 16
+#: Bytes of images the pipeline run may copy: a sample of large images is repeated fewer times (and a
+#: sample larger than this is not run at all: the prediction then comes from the stages alone).
+PIPELINE_BYTES = 1 << 30
 
 
 @dataclass
@@ -193,6 +196,7 @@ def _time_pipeline(paths: list[Path], options: dict[str, Any], batch_size: int) 
     folder, in a fresh process like ``featbank extract``'s: images per second over the batches between
     the decoders' prefetch queue at either end (2 batches per decoding worker), and the run's other
     seconds (start-up: model, engine, workers, listing, the index); None when it gave no such rate."""
+    import contextlib
     import json
     import shutil
     import subprocess
@@ -201,13 +205,19 @@ def _time_pipeline(paths: list[Path], options: dict[str, Any], batch_size: int) 
     from .config import ExtractConfig
 
     queue = 2 * max(1, int(options.get("num_workers") or 0))  # torch DataLoader: prefetch_factor 2 per worker
+    paths = [p for p in paths if p.is_file()]  # no FIFO or missing file is copied (they are counted above)
+    sizes = [p.stat().st_size for p in paths]
+    if not paths or sum(sizes) > PIPELINE_BYTES:
+        return None
     n = max(len(paths), max(PIPELINE_BATCHES, 4 * queue + 4) * batch_size)
+    n = min(n, len(paths) * max(1, PIPELINE_BYTES // max(1, sum(sizes))))  # bounded copies of large images
     with tempfile.TemporaryDirectory(prefix="featbank-doctor-") as tmp:
         folder = Path(tmp) / "images"
         folder.mkdir()
         for i in range(n):  # copies, not links: one file, one row
             src = paths[i % len(paths)]
-            shutil.copyfile(src, folder / f"{i:06d}{src.suffix.lower()}")
+            with contextlib.suppress(OSError):  # a file gone or unreadable since it was sampled: one row fewer
+                shutil.copyfile(src, folder / f"{i:06d}{src.suffix.lower()}")
         config = ExtractConfig(str(folder), str(Path(tmp) / "cache.h5"), batch_size=batch_size, progress=False,
                                **options)
         (Path(tmp) / "config.json").write_text(json.dumps(config.to_dict()))
