@@ -62,7 +62,18 @@ def open_dataset(name: str, path: Path) -> Any:
     return cache
 
 
+def check_did_the_work(name: str, probe: str, res: Any, cache: Any) -> None:
+    """No figure from a fit that did not fit: every test image scored, and ``--auto`` scored folds."""
+    n_test = int(cache.split_mask("test").sum())
+    if res.eval_split != "test" or res.headline.get("n_samples") != n_test or res.n_test != n_test:
+        raise SystemExit(f"{name} {probe}: scored {res.headline.get('n_samples')} of {n_test} test images on split "
+                         f"{res.eval_split!r}; no figure printed.")
+    if probe == "auto" and not (res.search and res.search["n_scored"] >= 1 and res.search["n_fold_fits"] >= 1):
+        raise SystemExit(f"{name} --auto: the search scored no candidate on any fold; no figure printed.")
+
+
 def row_of(name: str, probe: str, res: Any, seconds: float, cache: Any) -> dict[str, Any]:
+    check_did_the_work(name, probe, res, cache)
     test = res.headline
     y = cache.labels[cache.split_mask("test")]
     correct = np.zeros(len(y))
