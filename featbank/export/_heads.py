@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,25 +20,6 @@ __all__ = ["head_proba_module", "sklearn_head_onnx"]
 # --------------------------------------------------------------------------------------------
 # Heads -> torch modules (embeddings -> probabilities)
 # --------------------------------------------------------------------------------------------
-
-
-def _affine_prefix(steps: Sequence[Any]) -> list[tuple[str, np.ndarray | None, np.ndarray | None]] | None:
-    """Pipeline preprocessing steps as ("scale", mean, scale) / ("l2", None, None); None if unknown."""
-    from sklearn.preprocessing import Normalizer, StandardScaler
-
-    out: list[tuple[str, np.ndarray | None, np.ndarray | None]] = []
-    for step in steps:
-        if step is None or step == "passthrough":
-            continue
-        if isinstance(step, StandardScaler):
-            mean = np.asarray(step.mean_, np.float64) if step.with_mean and step.mean_ is not None else None
-            scale = np.asarray(step.scale_, np.float64) if step.with_std and step.scale_ is not None else None
-            out.append(("scale", mean, scale))
-        elif isinstance(step, Normalizer) and step.norm == "l2":
-            out.append(("l2", None, None))
-        else:
-            return None
-    return out
 
 
 def _split_pipeline(est: Estimator) -> tuple[list[Any], Any]:
@@ -177,12 +157,12 @@ def sklearn_head_onnx(est: Estimator, embed_dim: int, n_classes: int, opset: int
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from ..heads import has_predict_proba
+    from ..heads import affine_prefix, has_predict_proba
 
     steps, clf = _split_pipeline(est)
     if not has_predict_proba(clf):
         raise _unsupported(clf, _no_proba_reason(clf))
-    prefix = _affine_prefix(steps)
+    prefix = affine_prefix(steps)
     if prefix is None:
         # Unknown preprocessing: let skl2onnx try the whole pipeline.
         prefix, model_est = [], est

@@ -169,32 +169,15 @@ class KernelSVC(SVC):
 # --------------------------------------------------------------------------------------------
 
 
-def _prefix(steps: list[Any]) -> list[tuple[str, np.ndarray | None, np.ndarray | None]] | None:
-    """Pipeline steps before the classifier as ("scale", mean, scale) / ("l2", None, None); None if another step."""
-    from sklearn.preprocessing import Normalizer, StandardScaler
-
-    out: list[tuple[str, np.ndarray | None, np.ndarray | None]] = []
-    for s in steps:
-        if s is None or s == "passthrough":
-            continue
-        if isinstance(s, StandardScaler):
-            mean = np.asarray(s.mean_, np.float64) if s.with_mean else None
-            scale = np.asarray(s.scale_, np.float64) if s.with_std else None
-            out.append(("scale", mean, scale))
-        elif isinstance(s, Normalizer) and s.norm == "l2":
-            out.append(("l2", None, None))
-        else:
-            return None
-    return out
-
-
 def prefix_module(steps: list[Any]) -> Any:
     """A torch module: float32 embeddings -> the pipeline's preprocessing (``StandardScaler``,
     ``Normalizer``) in float64; None for a step it does not know."""
     import torch
     from torch import nn
 
-    prefix = _prefix(steps)
+    from ._sklearn import affine_prefix
+
+    prefix = affine_prefix(steps)
     if prefix is None:
         return None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -14,7 +15,8 @@ from ._features import Features
 if TYPE_CHECKING:
     from .kinds import Estimator
 
-__all__ = ["FEATBANK_HEADS", "make_sklearn_head", "parse_param", "sklearn_classifiers", "has_predict_proba", "estimator_proba"]
+__all__ = ["FEATBANK_HEADS", "make_sklearn_head", "parse_param", "sklearn_classifiers", "has_predict_proba", "estimator_proba",
+           "affine_prefix"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,3 +147,23 @@ def make_sklearn_head(name: str, params: dict[str, Any], *, standardize: bool = 
         steps.append(("scale", StandardScaler()))
     steps.append(("clf", clf))
     return Pipeline(steps)
+
+
+def affine_prefix(steps: Sequence[Any]) -> list[tuple[str, np.ndarray | None, np.ndarray | None]] | None:
+    """A pipeline's preprocessing steps as ("scale", mean, scale) / ("l2", None, None), in float64; None
+    for a step it does not know. What the torch modules and the ONNX graph of a head rebuild."""
+    from sklearn.preprocessing import Normalizer, StandardScaler
+
+    out: list[tuple[str, np.ndarray | None, np.ndarray | None]] = []
+    for step in steps:
+        if step is None or step == "passthrough":
+            continue
+        if isinstance(step, StandardScaler):
+            mean = np.asarray(step.mean_, np.float64) if step.with_mean and step.mean_ is not None else None
+            scale = np.asarray(step.scale_, np.float64) if step.with_std and step.scale_ is not None else None
+            out.append(("scale", mean, scale))
+        elif isinstance(step, Normalizer) and step.norm == "l2":
+            out.append(("l2", None, None))
+        else:
+            return None
+    return out
