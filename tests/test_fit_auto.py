@@ -439,15 +439,17 @@ def test_the_search_threads_are_the_idle_cores_and_are_given_back(monkeypatch) -
 
 def test_round_one_goes_breadth_first_over_feature_sets_and_families() -> None:
     """One candidate of every (feature set, family) before any variant of views or preprocessing, so a
-    budget that binds still tries every family on every feature set; within a pass, cheapest first."""
+    budget that binds still tries every family on every feature set; pass 1 cheapest first, pass 2 the
+    most promising family first."""
     clock = SimClock()
     fams = {"x": Fixed("x", 0.6, 1.0, clock), "y": Fixed("y", 0.7, 2.0, clock)}
     cands = [Candidate(f, (f,), v, "standardize", h) for v in ("plain", "pooled") for f in ("a", "b") for h in fams]
     data = {((f,), v): np.zeros((20, 2), np.float32) for f in ("a", "b") for v in ("plain", "pooled")}
     s = AutoSearch(cands, fams, cv=5, repeats=1, budget_s=1e4, clock=clock).fit(data, np.repeat(np.arange(2), 10))
+    # pass 2, the variants: the family that scored best on pass 1 (y: 0.7) first, then x (0.6)
     assert s.rounds_[0]["candidates"] == ["a/plain/standardize/x", "b/plain/standardize/x", "a/plain/standardize/y",
-                                          "b/plain/standardize/y", "a/pooled/standardize/x", "b/pooled/standardize/x",
-                                          "a/pooled/standardize/y", "b/pooled/standardize/y"]
+                                          "b/plain/standardize/y", "a/pooled/standardize/y", "b/pooled/standardize/y",
+                                          "a/pooled/standardize/x", "b/pooled/standardize/x"]
     # a budget that binds: the first pass fits (6 s, and 10.7 s reserved for round 2), no variant does
     # (cheapest first alone would have taken the 4 x candidates, then 2 y)
     clock.t = 0.0

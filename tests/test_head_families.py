@@ -87,13 +87,24 @@ def hard_digits() -> tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, np.nda
 
 @pytest.mark.parametrize("name", ["svm-rbf", "svm-linear"])
 @pytest.mark.parametrize("preprocess", ["standardize", "l2"])
-def test_svm_cv_scores_equal_fitting_build_on_each_fold(hard_digits, name, preprocess) -> None:
+@pytest.mark.parametrize("shared", [False, True])
+def test_svm_cv_scores_equal_fitting_build_on_each_fold(hard_digits, name, preprocess, shared) -> None:
+    """With or without a shared FoldKernels (filled first by the other families, so this one reads it)."""
+    from featbank.heads import FoldKernels
+
     X, y, folds = hard_digits
     fam = get_head_family(name)
     grid = fam.default_grid(len(X), X.shape[1], 10)
     grid = grid[::2]
-    s = fam.cv_scores(X, y, folds, grid, preprocess=preprocess)
+    kw = {}
+    if shared:
+        kw["kernels"] = FoldKernels()
+        get_head_family("knn").cv_scores(X, y, folds, [{"k": 1}], preprocess=preprocess, **kw)
+        assert kw["kernels"].computed == len(folds)
+    s = fam.cv_scores(X, y, folds, grid, preprocess=preprocess, **kw)
     assert s.shape == (len(grid), len(folds))
+    if shared:
+        assert kw["kernels"].computed == len(folds) and kw["kernels"].reused == len(folds)
     np.testing.assert_array_equal(s, fam.cv_scores(X, y, folds, grid, preprocess=preprocess))
     assert s.max() - s.min() > 0.05 and s.max() < 1.0  # the settings differ and the task is not trivial
     for i, p in enumerate(grid):
@@ -138,15 +149,22 @@ def test_kernel_svc_refuses_bad_parameters() -> None:
 
 
 @pytest.mark.parametrize("preprocess", ["standardize", "l2"])
-def test_knn_cv_scores_equal_kneighborsclassifier_on_each_fold(hard_digits, preprocess) -> None:
+@pytest.mark.parametrize("shared", [False, True])
+def test_knn_cv_scores_equal_kneighborsclassifier_on_each_fold(hard_digits, preprocess, shared) -> None:
+    """Scikit-learn's neighbour search, or the distances of the shared Gram matrix: the same votes."""
     from sklearn.neighbors import KNeighborsClassifier
+
+    from featbank.heads import FoldKernels
 
     X, y, folds = hard_digits
     fam = get_head_family("knn")
     grid = fam.default_grid(len(X), X.shape[1], 10)
     assert [p["k"] for p in grid] == [1, 3, 5, 10, 20, 50]
     assert [p["k"] for p in fam.default_grid(12, 64, 2)] == [1, 3, 5]
-    s = fam.cv_scores(X, y, folds, grid, preprocess=preprocess)
+    kernels = FoldKernels() if shared else None
+    s = fam.cv_scores(X, y, folds, grid, preprocess=preprocess, kernels=kernels)
+    if shared:
+        assert kernels.computed == len(folds) and kernels.refused == 0
     assert s.shape == (len(grid), len(folds)) and s.max() - s.min() > 0.02
     for i, p in enumerate(grid):
         for j, (fit, held) in enumerate(folds):
@@ -177,6 +195,31 @@ def test_torch_modules_of_knn_and_svm_equal_estimator_proba(hard_digits, name, p
         ref = estimator_proba(est, X[200:])
         np.testing.assert_allclose(p, ref, atol=1e-6)
         assert (p.argmax(1) == ref.argmax(1)).all()
+
+
+def test_fold_kernels_share_one_gram_per_fold_within_a_memory_bound(hard_digits) -> None:
+    """One Gram matrix per (matrix, preprocessing, fold) for svm-rbf, svm-linear and knn; least recently
+    used entries dropped beyond the bound; a fold larger than the bound is not stored (the families
+    compute it themselves, with the same scores)."""
+    from featbank.heads import FoldKernels
+
+    X, y, folds = hard_digits
+    one = FoldKernels.fold_bytes(len(folds[0][0]), len(folds[0][1]))
+    for bound, computed, reused, refused, kept in ((1 << 30, 3, 6, 0, 3), (one + 10, 9, 0, 0, 1), (one - 1, 0, 0, 9, 0)):
+        k = FoldKernels(bound)
+        out = {n: get_head_family(n).cv_scores(X, y, folds, get_head_family(n).default_grid(200, 64, 10)[:3],
+                                               kernels=k) for n in ("svm-rbf", "svm-linear", "knn")}
+        assert (k.computed, k.reused, k.refused, len(k._store)) == (computed, reused, refused, kept), bound
+        assert k.nbytes <= bound
+        for n, sc in out.items():  # the same scores as without sharing
+            fam = get_head_family(n)
+            np.testing.assert_array_equal(sc, fam.cv_scores(X, y, folds, fam.default_grid(200, 64, 10)[:3]))
+    k = FoldKernels()
+    a = k.get(X, *folds[0], "standardize")
+    assert k.get(X, *folds[0], "l2") is not a and k.get(X.copy(), *folds[0], "standardize") is not a
+    assert k.get(X, *folds[0], "standardize") is a and k.has(X, *folds[0], "standardize")
+    assert not k.has(X, *folds[1], "standardize")
+    assert a.G_ff.shape == (len(folds[0][0]),) * 2 and a.G_hf.shape == (len(folds[0][1]), len(folds[0][0]))
 
 
 def test_l2_preprocessing_centres_on_the_fit_rows_then_normalises_rows(hard_digits) -> None:

@@ -6,9 +6,10 @@ the test rows are read only after the search has returned its winner, for the on
 
 ``--auto`` candidates (the grid, documented in docs/commands/fit.md, "fit --auto"):
 
-- feature sets: ``final``; ``auto`` (the greedy layer selection of ``--layers auto``, scored on a
-  stratified 20% holdout of train+val, never on test); ``all`` layers. Duplicates are dropped
-  (a cache with one layer has ``final`` alone).
+- feature sets: ``final``; the suffix spans ``last2``, ``last4``, ... (:func:`spans`; for the
+  families that share a Gram matrix only: SVMs, kNN); ``auto`` (the greedy layer selection of
+  ``--layers auto``, scored on a stratified 20% holdout of train+val, never on test); ``all``
+  layers. Duplicates are dropped (a cache with one layer has ``final`` alone).
 - views: ``plain`` (the plain view of each image); ``pooled`` (``[mean | max]`` over the plain and
   augmented views, ``--pool-views``) when the cache holds hflip or dihedral views. Training on
   the views with TTA is left out: it multiplies the rows by K + 1 (8 with dihedral views), so a
@@ -46,10 +47,13 @@ if TYPE_CHECKING:
     from ..cache import FeatureCache
     from ..heads import Estimator
 
-__all__ = ["SearchSettings", "fit_search", "bootstrap_interval", "PREPROCESSING", "N_BOOTSTRAP", "MIN_SEARCH_SHARE",
+__all__ = ["SearchSettings", "fit_search", "spans", "SPAN_NAMES",
+           "bootstrap_interval", "PREPROCESSING", "N_BOOTSTRAP", "MIN_SEARCH_SHARE",
            "idle_cores", "search_threads"]
 
 PREPROCESSING = ("standardize", "l2")
+#: Names :func:`spans` may give (last2 ... last512): feature sets for the Gram-sharing families only.
+SPAN_NAMES = frozenset(f"last{2 ** i}" for i in range(1, 10))
 #: Resamples of the test rows for the 95% interval of the test top-1.
 N_BOOTSTRAP = 1000
 #: Training rows the greedy layer selection of ``--auto`` scores on (``--layers auto``: 2000): a ridge
@@ -101,10 +105,21 @@ def _feature_sets(cache: FeatureCache, layers: Any, train: np.ndarray, val: np.n
         name = "auto" if layers == "auto" else ",".join(wanted)
         return {name: wanted}, choice
     sets: dict[str, tuple[str, ...]] = {}
-    for name, ls in (("final", ("final",)), ("auto", wanted), ("all", held)):
+    for name, ls in (("final", ("final",)), *spans(held).items(), ("auto", wanted), ("all", held)):
         if ls not in sets.values():
             sets[name] = ls
     return sets, choice if "auto" in sets else None
+
+
+def spans(layers: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """The suffix spans ``--auto`` adds: ``last<k>``, the last k layers (network order), for k = 2, 4, 8, ...
+    while k is at most half the layers (10 layers: last2, last4; ``final`` is k = 1 and ``all`` the whole)."""
+    layers = tuple(layers)
+    out, k = {}, 2
+    while k <= len(layers) // 2:
+        out[f"last{k}"] = layers[-k:]
+        k *= 2
+    return out
 
 
 def _view_modes(cache: FeatureCache, auto: bool, pool_views: bool) -> list[str]:
@@ -117,12 +132,17 @@ def _view_modes(cache: FeatureCache, auto: bool, pool_views: bool) -> list[str]:
 
 
 def _candidates(sets: Mapping[str, tuple[str, ...]], views: Sequence[str], route: _Route) -> list[Candidate]:
-    """Every feature set x views x preprocessing x head, less the preprocessings a family does not offer."""
-    def offers(head: str, pre: str) -> bool:
-        return pre in getattr(route.families[head], "preprocesses", (pre,))
+    """Every feature set x views x preprocessing x head, less the preprocessings a family does not offer
+    and less the suffix spans (:func:`spans`) for a family that does not share Gram matrices (whose cost
+    grows with the width per setting: the linear head, the MLP)."""
+    def offers(head: str, pre: str, name: str) -> bool:
+        fam = route.families[head]
+        if name in SPAN_NAMES and not callable(getattr(fam, "kernel_cost", None)):
+            return False
+        return pre in getattr(fam, "preprocesses", (pre,))
 
     return [Candidate(name, ls, v, p, h) for name, ls in sets.items() for v in views for p in route.preprocess
-            for h in route.heads if offers(h, p)]
+            for h in route.heads if offers(h, p, name)]
 
 
 def _load(cache: FeatureCache, keys: Sequence[FeatureKey], rows: np.ndarray) -> dict[FeatureKey, np.ndarray]:

@@ -89,6 +89,13 @@ class HeadFamilyLike(Protocol):
     def relative_cost(self, n_samples: int, n_features: int, n_grid: int) -> float: ...
 
 
+def _kernel_cost(fam: HeadFamilyLike, n_samples: int, n_features: int) -> float | None:
+    """The Gram matrix's part of a family's cost when it works from a shared one (its ``kernel_cost``),
+    else ``None`` (the family shares nothing)."""
+    f = getattr(fam, "kernel_cost", None)
+    return float(f(n_samples, n_features)) if callable(f) else None
+
+
 def parse_budget(text: str | float | int) -> float:
     """Seconds of a ``--budget`` value: ``90s``, ``2m``, ``1.5min``, ``1h``, ``500ms`` or a number of seconds.
 
@@ -164,6 +171,12 @@ class Scored:
     seconds: float = 0.0
     rounds: int = 0
     estimate: float = 0.0
+    kernel_estimate: float | None = None  # the Gram's part of ``estimate``; None: the family shares no kernel
+
+    @property
+    def group(self) -> tuple[FeatureKey, str] | None:
+        """(features, preprocessing) of a family that works from a shared Gram matrix, else None."""
+        return None if self.kernel_estimate is None else (self.candidate.key, self.candidate.preprocess)
 
     @property
     def best_index(self) -> int:
@@ -230,13 +243,14 @@ class _Clock:
         total = sum(self.est.values())
         return max(sum(self.real.values()) / total, _MIN_RATIO) if total > 0 else 1.0
 
-    def predict(self, s: Scored, n_folds: int, cv: int) -> float:
+    def predict(self, s: Scored, n_folds: int, cv: int, saved: float = 0.0) -> float:
         """Seconds ``s`` should take on ``n_folds`` more folds: its own measured speed once it has
-        folds, else its estimate scaled by its family's measured ratio."""
+        folds, else its estimate (less ``saved``: a shared Gram matrix already there) scaled by its
+        family's measured ratio."""
         done = s.scores.shape[1]
         if done and s.seconds > 0:
             return s.seconds / done * n_folds
-        return s.estimate / cv * n_folds * self.ratio(s.candidate.head)
+        return (s.estimate - saved) / cv * n_folds * self.ratio(s.candidate.head)
 
     def fits(self, seconds: float, limit: float) -> bool:
         return self.elapsed + seconds <= limit
@@ -262,6 +276,9 @@ class AutoSearch:
         seed: of the folds (repeat r shuffles with ``seed + r``).
         device: passed to the families (``cpu``, ``cuda``).
         clock: the time source (``time.perf_counter``); seconds as a float.
+        kernel_bytes: bound of the :class:`~featbank.heads.FoldKernels` the families with a
+            ``kernel_cost`` (the SVMs, ``knn``) share one Gram matrix per (features, preprocessing,
+            fold) through; 0 shares nothing.
 
     Attributes (after :meth:`fit`):
         folds_: the folds of each repeat, over the rows (images) handed to ``fit``.
@@ -271,15 +288,19 @@ class AutoSearch:
         best_: the winner (``scored_[0]``).
         rounds_: per round, the candidates scored and their folds.
         calibration_: measured / estimated seconds per family.
+        kernels_: how many fold Gram matrices were computed, reused and refused (too large).
     """
 
     def __init__(self, candidates: Sequence[Candidate], families: Mapping[str, HeadFamilyLike], *,
                  cv: int = DEFAULT_CV, repeats: int = DEFAULT_REPEATS, budget_s: float = 90.0, seed: int = 0,
-                 device: str = "cpu", clock: Callable[[], float] = time.perf_counter):
+                 device: str = "cpu", clock: Callable[[], float] = time.perf_counter, kernel_bytes: int | None = None):
+        from ..heads import FoldKernels
+
         self.candidates = list(candidates)
         self.families = families
         self.cv, self.repeats, self.budget_s, self.seed, self.device = cv, repeats, budget_s, seed, device
         self.clock = clock
+        self._kernels = FoldKernels() if kernel_bytes is None else FoldKernels(kernel_bytes)
 
     def fit(self, data: Mapping[FeatureKey, np.ndarray], y: np.ndarray) -> AutoSearch:
         """Score the candidates on ``data`` (one matrix per feature key, one row per image) and labels ``y``.
@@ -312,6 +333,8 @@ class AutoSearch:
                 f"is estimated at {min(s.estimate for s in scored):.1f} s). Raise --budget."
             )
         self.best_ = self.scored_[0]
+        self.kernels_ = self._kernels.stats()
+        self._kernels.clear()
         self.clock_cut_ = list(clock.cut_by_clock)
         self.calibration_ = clock.calibration()
         self.seconds_ = clock.elapsed
@@ -322,34 +345,56 @@ class AutoSearch:
         n_fit = int(round(X.shape[0] * (self.cv - 1) / self.cv))
         grid = fam.default_grid(n_fit, X.shape[1], self.n_classes_)
         est = float(fam.relative_cost(n_fit, X.shape[1], len(grid))) * self.cv
-        return Scored(cand, grid, np.zeros((len(grid), 0)), estimate=est)
+        k = _kernel_cost(fam, n_fit, X.shape[1])
+        return Scored(cand, grid, np.zeros((len(grid), 0)), estimate=est,
+                      kernel_estimate=None if k is None else min(k * self.cv, est))
+
+    def _saved(self, s: Scored, X: np.ndarray, fold: tuple[np.ndarray, np.ndarray]) -> float:
+        """The estimated seconds (over all K folds, as ``estimate``) a Gram matrix already shared saves ``s``."""
+        if s.kernel_estimate is None or not self._kernels.has(X, fold[0], fold[1], s.candidate.preprocess):
+            return 0.0
+        return s.kernel_estimate
 
     def _first_round(self, scored: list[Scored], data: Mapping[FeatureKey, np.ndarray], y: np.ndarray,
                      clock: _Clock) -> list[Scored]:
-        """Every candidate on one fold, the cheapest *predicted* first, re-predicted after each one is timed.
+        """Every candidate on one fold, in two passes, while its prediction fits (see :meth:`_try`).
 
-        A candidate is scored when its predicted seconds fit in the budget less what the later rounds
-        would need were it scored (:meth:`_reserve`); the first is always scored, so there is a winner.
+        Pass 1 (breadth first): one candidate of every (feature set, family), its cheapest estimate,
+        the cheapest *predicted* first (renewed after each timing). Pass 2, the variants (views,
+        preprocessing), *most promising first*: by their family's best pass-1 score, then their
+        (feature set, family)'s pass-1 score, then the cheapest estimate. In both, once a candidate of a
+        family that shares Gram matrices is scored, the other such candidates of its (features,
+        preprocessing) come next, while the fold's Gram matrix is there to share.
         """
         done: list[Scored] = []
-        # Breadth first: one candidate of every (feature set, family), its cheapest estimate; then the
-        # variants (views, preprocessing). Within a pass and a family the order by estimate is fixed
-        # (one ratio scales them all); across families it is renewed after each timing.
         first: dict[tuple[str, str], int] = {}
         for i, s in enumerate(scored):
             pair = (s.candidate.features, s.candidate.head)
             if pair not in first or s.estimate < scored[first[pair]].estimate:
                 first[pair] = i
         lead = set(first.values())
-        for part in ([i for i in range(len(scored)) if i in lead], [i for i in range(len(scored)) if i not in lead]):
-            self._first_pass([(i, scored[i]) for i in part], done, data, y, clock)
+        self._first_pass([(i, scored[i]) for i in range(len(scored)) if i in lead], done, data, y, clock)
+        fam_best: dict[str, float] = {}
+        pair_best: dict[tuple[str, str], float] = {}
+        for s in done:
+            fam_best[s.candidate.head] = max(fam_best.get(s.candidate.head, -1.0), s.cv_mean)
+            pair_best[(s.candidate.features, s.candidate.head)] = s.cv_mean
+        rest = sorted((i for i in range(len(scored)) if i not in lead), key=lambda i: (
+            -fam_best.get(scored[i].candidate.head, -1.0),
+            -pair_best.get((scored[i].candidate.features, scored[i].candidate.head), -1.0), scored[i].estimate, i))
+        todo = [scored[i] for i in rest]
+        while todo:
+            s = todo.pop(0)
+            if self._try(s, done, data, y, clock) and s.group is not None:
+                todo = [t for t in todo if t.group == s.group] + [t for t in todo if t.group != s.group]
         self.rounds_.append({"round": 0, "repeat": 0, "folds": [0], "n_candidates": len(done), "complete": True,
                              "n_folds": 1, "candidates": [_label(s.candidate) for s in done]})
         return done
 
     def _first_pass(self, todo: list[tuple[int, Scored]], done: list[Scored], data: Mapping[FeatureKey, np.ndarray],
                     y: np.ndarray, clock: _Clock) -> None:
-        """Round 1 over ``todo`` (index, candidate): the cheapest predicted first, while it and the reserve fit."""
+        """Pass 1 over ``todo`` (index, candidate): the cheapest predicted first (within a family the order
+        by estimate is fixed, one ratio scales them all; across families it is renewed after each timing)."""
         queues: dict[str, list[tuple[float, int, Scored]]] = {}
         for i, s in todo:
             queues.setdefault(s.candidate.head, []).append((s.estimate, i, s))
@@ -358,13 +403,29 @@ class AutoSearch:
         while any(queues.values()):
             head = min((q[-1][0] * clock.ratio(f), q[-1][1], f) for f, q in queues.items() if q)[2]
             s = queues[head].pop()[2]
-            predicted = clock.predict(s, 1, self.cv)
-            if done and not clock.fits(predicted + self._reserve(done, len(done) + 1), self.budget_s):
-                self.skipped_.append({**s.candidate.describe(), "reason": "budget", "estimate_s": round(s.estimate, 3),
-                                      "predicted_s": round(predicted * self.cv, 3)})
+            if not self._try(s, done, data, y, clock) or s.group is None:
                 continue
-            if self._score(s, 0, data[s.candidate.key], y, clock):
-                done.append(s)
+            for f, q in queues.items():  # the rest of its Gram matrix's group, while it is shared
+                follow = [e for e in q if e[2].group == s.group]
+                queues[f] = [e for e in q if e[2].group != s.group]
+                for e in sorted(follow, key=lambda e: (e[0], e[1])):
+                    self._try(e[2], done, data, y, clock)
+
+    def _try(self, s: Scored, done: list[Scored], data: Mapping[FeatureKey, np.ndarray], y: np.ndarray,
+             clock: _Clock) -> bool:
+        """Score ``s`` on round 1's fold when its prediction fits in the budget less the reserve the later
+        rounds would need were it scored (:meth:`_reserve`); the first is always scored. Else it is
+        skipped for budget. Returns whether it was scored."""
+        X = data[s.candidate.key]
+        predicted = clock.predict(s, 1, self.cv, self._saved(s, X, self.folds_[0][0]))
+        if done and not clock.fits(predicted + self._reserve(done, len(done) + 1), self.budget_s):
+            self.skipped_.append({**s.candidate.describe(), "reason": "budget", "estimate_s": round(s.estimate, 3),
+                                  "predicted_s": round(predicted * self.cv, 3)})
+            return False
+        if self._score(s, 0, X, y, clock):
+            done.append(s)
+            return True
+        return False
 
     def _reserve(self, done: Sequence[Scored], n: int) -> float:
         """Seconds the later rounds would take after ``n`` candidates on round 1: the best :data:`KEEP`
@@ -405,16 +466,17 @@ class AutoSearch:
         this round's folds so far, would end past the budget.
         """
         fam = self.families[s.candidate.head]
-        per_fold = s.estimate / self.cv
         repeat, idx = self.rungs_[r]
-        cols, seconds = [], 0.0
+        shared = {"kernels": self._kernels} if s.kernel_estimate is not None else {}
+        cols, seconds, estimated = [], 0.0, 0.0
         for j, fold in enumerate(self.folds_[repeat][i] for i in idx):
             if j and not clock.fits(seconds / j, self.budget_s):
-                clock.record(s.candidate.head, per_fold * j, seconds)
+                clock.record(s.candidate.head, estimated, seconds)
                 return False
+            estimated += (s.estimate - self._saved(s, X, fold)) / self.cv
             t0 = clock.now()
             sc = np.asarray(fam.cv_scores(X, y, [fold], s.grid, preprocess=s.candidate.preprocess,
-                                          device=self.device), dtype=np.float64)
+                                          device=self.device, **shared), dtype=np.float64)
             seconds += clock.now() - t0
             if sc.shape != (len(s.grid), 1) or not np.isfinite(sc).all():
                 raise RuntimeError(f"internal error: family {fam.name!r} returned scores of shape {sc.shape}")
@@ -422,7 +484,7 @@ class AutoSearch:
         s.scores = np.concatenate([s.scores, *cols], axis=1)
         s.seconds += seconds
         s.rounds = r + 1
-        clock.record(s.candidate.head, per_fold * len(idx), seconds)
+        clock.record(s.candidate.head, estimated, seconds)
         return True
 
     def leaderboard(self) -> list[dict[str, Any]]:
@@ -436,7 +498,7 @@ class AutoSearch:
                 "seconds": round(self.seconds_, 3), "n_candidates": len(self.candidates),
                 "n_scored": len(self.scored_), "n_fold_fits": n_scored, "leaderboard": self.leaderboard(),
                 "skipped": self.skipped_, "rounds": self.rounds_, "cut_by_clock": self.clock_cut_,
-                "calibration": self.calibration_}
+                "calibration": self.calibration_, "kernels": self.kernels_}
 
 
 def _rungs(k: int, repeats: int) -> list[tuple[int, list[int]]]:

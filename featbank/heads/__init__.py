@@ -46,6 +46,7 @@ from .kinds import (
 
 if TYPE_CHECKING:
     from ._families import HEAD_FAMILIES, PREPROCESSES, Folds, HeadFamily, get_head_family
+    from ._gram import FoldGram, FoldKernels
     from ._kernel_svc import KernelSVC
     from ._linear_head import LinearHead
     from ._mlp_head import MLPHead
@@ -58,7 +59,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "LinearHead": "._linear_head", "MLPHead": "._mlp_head", "head_to_torch": "._state", "KernelSVC": "._kernel_svc",
     "HeadFamily": "._families", "HEAD_FAMILIES": "._families", "PREPROCESSES": "._families", "Folds": "._families",
-    "get_head_family": "._families",
+    "get_head_family": "._families", "FoldKernels": "._gram", "FoldGram": "._gram",
 }
 
 
@@ -102,4 +103,6 @@ __all__ = [
     "PREPROCESSES",
     "Folds",
     "get_head_family",
+    "FoldKernels",
+    "FoldGram",
 ]

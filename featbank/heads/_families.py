@@ -2,8 +2,9 @@
 
 A :class:`HeadFamily` is a kind of head (``linear``, ``svm-rbf``, ``svm-linear``, ``knn``, ``mlp``)
 with a default hyperparameter grid, a cross-validated score for every grid point that shares the
-expensive work across the grid (a warm-started C path for ``linear``; one kernel matrix per fold for
-the SVMs; one distance matrix per fold for ``knn``), an unfitted estimator for any grid point that
+expensive work across the grid (a warm-started C path for ``linear``; one Gram matrix per fold for
+the SVMs and ``knn``, shared across those families through a :class:`~featbank.heads.FoldKernels`
+when the caller passes one), an unfitted estimator for any grid point that
 featbank's bundles save and its ONNX export converts, and a rough cost for planning a time budget.
 
 Preprocessing (``preprocess``): ``"standardize"`` (each feature centred and scaled with the fit
@@ -23,7 +24,8 @@ import numpy as np
 
 from ..errors import ConfigError
 from ._features import Features
-from ._kernel_svc import KernelSVC, gram, rbf_from_gram, scale_gamma, sq_norms
+from ._gram import FoldGram, FoldKernels, fold_gram
+from ._kernel_svc import KernelSVC, gamma_of, rbf_from_gram
 from ._linear_head import LinearHead
 from ._mlp_head import MLPHead
 
@@ -247,28 +249,32 @@ class SVMFamily:
         return _pipeline(preprocess, clf)
 
     def cv_scores(self, X: np.ndarray, y: np.ndarray, folds: Folds, grid: list[dict[str, Any]], *,
-                  preprocess: str = "standardize", device: str = "cpu") -> np.ndarray:
+                  preprocess: str = "standardize", device: str = "cpu",
+                  kernels: FoldKernels | None = None) -> np.ndarray:
+        """(len(grid), len(folds)) held-out top-1; with ``kernels``, each fold's Gram matrix comes from
+        (and goes into) that shared store, else it is computed here."""
         X, y = _check_inputs(self, X, y, folds, grid, preprocess)
         for p in grid:
             self.build(p, preprocess=preprocess)  # every setting checked before any work
         out = np.zeros((len(grid), len(folds)))
         for j, (fit, held) in enumerate(folds):
-            out[:, j] = self._fold(X, y, np.asarray(fit), np.asarray(held), grid, preprocess, device)
+            fit, held = np.asarray(fit), np.asarray(held)
+            fg = kernels.get(X, fit, held, preprocess, device) if kernels is not None else None
+            if fg is None:
+                fg = fold_gram(*_fold_rows(X, fit, held, preprocess), device)
+            out[:, j] = self._fold(fg, y[fit], y[held], grid)
         return out
 
-    def _fold(self, X: np.ndarray, y: np.ndarray, fit: np.ndarray, held: np.ndarray, grid: list[dict[str, Any]],
-              preprocess: str, device: str) -> np.ndarray:
-        """Held-out top-1 of every setting on one fold, from one Gram matrix."""
-        Xf, Xh = _fold_rows(X, fit, held, preprocess)
-        Xf, Xh = np.asarray(Xf, np.float64), np.asarray(Xh, np.float64)
-        # The fit block as KernelSVC.fit multiplies it (same shapes, same BLAS call: same numbers).
-        G_ff, G_hf = gram(Xf, Xf, device), gram(Xh, Xf, device)
+    def _fold(self, fg: FoldGram, y_fit: np.ndarray, y_held: np.ndarray, grid: list[dict[str, Any]]) -> np.ndarray:
+        """Held-out top-1 of every setting on one fold, from its Gram matrix (the fit block as
+        KernelSVC.fit multiplies it: same shapes, same BLAS call, same numbers)."""
+        G_ff, G_hf = fg.G_ff, fg.G_hf
         scores = np.zeros(len(grid))
         widths = sorted({float(p.get("gamma_scale", 1.0)) for p in grid})
         for w in widths:
             if self.kernel == "rbf":
-                gamma = scale_gamma(Xf, w)
-                sf, sh = sq_norms(Xf), sq_norms(Xh)
+                gamma = gamma_of(fg.var_f, fg.n_features, w)  # scale_gamma of the fit rows
+                sf, sh = fg.sq_f, fg.sq_h
                 K_ff, K_hf = rbf_from_gram(G_ff, sf, sf, gamma), rbf_from_gram(G_hf, sh, sf, gamma)
             else:
                 K_ff, K_hf = G_ff, G_hf
@@ -277,15 +283,20 @@ class SVMFamily:
             with ThreadPoolExecutor(max_workers=_n_workers(len(todo))) as pool:
                 Cs = [float(grid[i]["C"]) for i in todo]
                 n = len(todo)
-                done = pool.map(_svc_score, [K_ff] * n, [y[fit]] * n, [K_hf] * n, [y[held]] * n, Cs)
+                done = pool.map(_svc_score, [K_ff] * n, [y_fit] * n, [K_hf] * n, [y_held] * n, Cs)
                 for i, score in zip(todo, done, strict=True):
                     scores[i] = score
         return scores
 
     def relative_cost(self, n_samples: int, n_features: int, n_grid: int) -> float:
-        """One Gram matrix (2 n^2 d flops at ~10 GFLOP/s in float64 on 2 busy cores) plus one libsvm fit on
-        the kernel per setting (~2e-8 s per kernel entry, measured on digits and random 2,000-row kernels)."""
-        return 2.0 * n_samples**2 * n_features / 1e10 + n_grid * 2e-8 * n_samples**2
+        """One Gram matrix (:meth:`kernel_cost`) plus one libsvm fit on the kernel per setting (~2e-8 s
+        per kernel entry, measured on digits and random 2,000-row kernels)."""
+        return self.kernel_cost(n_samples, n_features) + n_grid * 2e-8 * n_samples**2
+
+    def kernel_cost(self, n_samples: int, n_features: int) -> float:
+        """The part of :meth:`relative_cost` a shared Gram matrix saves: 2 n^2 d flops at ~10 GFLOP/s
+        in float64 on 2 busy cores."""
+        return 2.0 * n_samples**2 * n_features / 1e10
 
 
 def _n_workers(n_tasks: int) -> int:
@@ -355,9 +366,10 @@ class KNNFamily:
         return _pipeline(preprocess, KNeighborsClassifier(n_neighbors=int(k), algorithm="brute"))
 
     def cv_scores(self, X: np.ndarray, y: np.ndarray, folds: Folds, grid: list[dict[str, Any]], *,
-                  preprocess: str = "standardize", device: str = "cpu") -> np.ndarray:
-        from sklearn.neighbors import NearestNeighbors
-
+                  preprocess: str = "standardize", device: str = "cpu",
+                  kernels: FoldKernels | None = None) -> np.ndarray:
+        """(len(grid), len(folds)) held-out top-1; with ``kernels``, each fold's neighbours are ranked by
+        the squared distances of that shared store's Gram matrix, else by scikit-learn's search."""
         X, y = _check_inputs(self, X, y, folds, grid, preprocess)
         ks = [int(self.build(p, preprocess=preprocess)[-1].n_neighbors) for p in grid]
         smallest = min(len(f) for f, _ in folds)
@@ -366,9 +378,9 @@ class KNNFamily:
                               "drop the larger k.")
         out = np.zeros((len(grid), len(folds)))
         for j, (fit, held) in enumerate(folds):
-            Xf, Xh = _fold_rows(X, np.asarray(fit), np.asarray(held), preprocess)
-            nn = NearestNeighbors(n_neighbors=max(ks), algorithm="brute").fit(Xf)
-            order = nn.kneighbors(Xh, return_distance=False)  # sorted nearest first
+            fit, held = np.asarray(fit), np.asarray(held)
+            fg = kernels.get(X, fit, held, preprocess, device) if kernels is not None else None
+            order = _neighbours(X, fit, held, preprocess, max(ks), fg)
             classes, codes = np.unique(y[fit], return_inverse=True)
             votes = codes[order]
             for i, k in enumerate(ks):
@@ -378,8 +390,29 @@ class KNNFamily:
         return out
 
     def relative_cost(self, n_samples: int, n_features: int, n_grid: int) -> float:
-        """One distance matrix (2 n^2 d flops at ~10 GFLOP/s); the votes are free."""
+        """One distance matrix (:meth:`kernel_cost`); the votes are ~free (a sort of each row's distances)."""
+        return self.kernel_cost(n_samples, n_features) + 1e-8 * n_samples**2
+
+    def kernel_cost(self, n_samples: int, n_features: int) -> float:
+        """2 n^2 d flops at ~10 GFLOP/s: what a shared Gram matrix saves."""
         return 2.0 * n_samples**2 * n_features / 1e10
+
+
+def _neighbours(X: np.ndarray, fit: np.ndarray, held: np.ndarray, preprocess: str, k: int,
+                fg: FoldGram | None) -> np.ndarray:
+    """The ``k`` nearest fit rows of each held-out row, nearest first: from the fold's shared Gram
+    matrix when there is one, else scikit-learn's brute-force search."""
+    if fg is not None:
+        d2 = fg.sq_distances()
+        if k >= d2.shape[1]:
+            return np.argsort(d2, axis=1, kind="stable")
+        near = np.argpartition(d2, k - 1, axis=1)[:, :k]
+        rows = np.arange(len(d2))[:, None]
+        return near[rows, np.argsort(d2[rows, near], axis=1, kind="stable")]
+    from sklearn.neighbors import NearestNeighbors
+
+    Xf, Xh = _fold_rows(X, fit, held, preprocess)
+    return NearestNeighbors(n_neighbors=k, algorithm="brute").fit(Xf).kneighbors(Xh, return_distance=False)
 
 
 # --------------------------------------------------------------------------------------------

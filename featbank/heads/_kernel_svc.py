@@ -19,7 +19,7 @@ from sklearn.utils.validation import validate_data
 
 from ..errors import ConfigError
 
-__all__ = ["KernelSVC", "gram", "kernel_svc_to_torch", "prefix_module", "rbf_from_gram", "scale_gamma", "sq_norms"]
+__all__ = ["KernelSVC", "gamma_of", "gram", "kernel_svc_to_torch", "prefix_module", "rbf_from_gram", "scale_gamma", "sq_norms"]
 
 #: The kernels KernelSVC computes itself (libsvm's names).
 KERNELS = ("rbf", "linear")
@@ -64,8 +64,12 @@ def rbf_from_gram(G: np.ndarray, sq_rows: np.ndarray, sq_cols: np.ndarray, gamma
 def scale_gamma(X: np.ndarray, multiplier: float = 1.0) -> float:
     """scikit-learn's ``gamma="scale"`` (``1 / (n_features * X.var())``, 1 when the variance is 0), times ``multiplier``."""
     X = np.asarray(X, dtype=np.float64)
-    var = float(X.var())
-    return float(multiplier) * (1.0 / (X.shape[1] * var) if var != 0 else 1.0)
+    return gamma_of(float(X.var()), X.shape[1], multiplier)
+
+
+def gamma_of(var: float, n_features: int, multiplier: float = 1.0) -> float:
+    """:func:`scale_gamma` from the variance of every entry of the rows and their number of columns."""
+    return float(multiplier) * (1.0 / (n_features * var) if var != 0 else 1.0)
 
 
 class KernelSVC(SVC):
