@@ -360,11 +360,13 @@ class AutoSearch:
         """Every candidate on one fold, in two passes, while its prediction fits (see :meth:`_try`).
 
         Pass 1 (breadth first): one candidate of every (feature set, family), its cheapest estimate,
-        the cheapest *predicted* first (renewed after each timing). Pass 2, the variants (views,
-        preprocessing), *most promising first*: by their family's best pass-1 score, then their
-        (feature set, family)'s pass-1 score, then the cheapest estimate. In both, once a candidate of a
-        family that shares Gram matrices is scored, the other such candidates of its (features,
-        preprocessing) come next, while the fold's Gram matrix is there to share.
+        the cheapest *predicted* first (renewed after each timing). Then the variants, the other view
+        handling (same preprocessing as the pass-1 candidate of its feature set and family) before the
+        other preprocessing (the smaller change: two normalisations of the same rows), each *most
+        promising first*: by their family's best pass-1 score, then their (feature set, family)'s
+        pass-1 score, then the cheapest estimate. Throughout, once a candidate of a family that shares
+        Gram matrices is scored, the other such candidates of its (features, preprocessing) come next,
+        while the fold's Gram matrix is there to share.
         """
         done: list[Scored] = []
         first: dict[tuple[str, str], int] = {}
@@ -379,10 +381,13 @@ class AutoSearch:
         for s in done:
             fam_best[s.candidate.head] = max(fam_best.get(s.candidate.head, -1.0), s.cv_mean)
             pair_best[(s.candidate.features, s.candidate.head)] = s.cv_mean
-        rest = sorted((i for i in range(len(scored)) if i not in lead), key=lambda i: (
-            -fam_best.get(scored[i].candidate.head, -1.0),
-            -pair_best.get((scored[i].candidate.features, scored[i].candidate.head), -1.0), scored[i].estimate, i))
-        todo = [scored[i] for i in rest]
+        def order(i: int) -> tuple[int, float, float, float, int]:
+            c = scored[i].candidate
+            pair = (c.features, c.head)
+            other_pre = int(c.preprocess != scored[first[pair]].candidate.preprocess)
+            return (other_pre, -fam_best.get(c.head, -1.0), -pair_best.get(pair, -1.0), scored[i].estimate, i)
+
+        todo = [scored[i] for i in sorted((i for i in range(len(scored)) if i not in lead), key=order)]
         while todo:
             s = todo.pop(0)
             if self._try(s, done, data, y, clock) and s.group is not None:
