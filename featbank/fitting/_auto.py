@@ -141,8 +141,8 @@ def _candidates(sets: Mapping[str, tuple[str, ...]], views: Sequence[str], route
             return False
         return pre in getattr(fam, "preprocesses", (pre,))
 
-    return [Candidate(name, ls, v, p, h) for name, ls in sets.items() for v in views for p in route.preprocess
-            for h in route.heads if offers(h, p, name)]
+    return [Candidate(name, ls, v, p, h, tier=int(name in SPAN_NAMES)) for name, ls in sets.items() for v in views
+            for p in route.preprocess for h in route.heads if offers(h, p, name)]
 
 
 def _load(cache: FeatureCache, keys: Sequence[FeatureKey], rows: np.ndarray) -> dict[FeatureKey, np.ndarray]:

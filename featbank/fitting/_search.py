@@ -142,8 +142,10 @@ def make_folds(y: np.ndarray, k: int, repeats: int, seed: int) -> list[list[tupl
 class Candidate:
     """One route to a head: which features, how views are handled, the preprocessing and the head family.
 
-    ``features`` names the feature set (``final``, ``auto``, ``all``, or the layers given);
-    ``layers`` are its layers in network order; ``views`` is ``plain`` or ``pooled``.
+    ``features`` names the feature set (``final``, ``auto``, ``all``, a span ``last2`` ..., or the
+    layers given); ``layers`` are its layers in network order; ``views`` is ``plain`` or ``pooled``.
+    ``tier``: round 1 leads with the candidates of tier 0, those of tier 1 after them (the suffix
+    spans of ``--auto``, refinements between ``final`` and ``all``); not part of the leaderboard.
     """
 
     features: str
@@ -151,6 +153,7 @@ class Candidate:
     views: str
     preprocess: str
     head: str
+    tier: int = 0
 
     @property
     def key(self) -> FeatureKey:
@@ -172,6 +175,7 @@ class Scored:
     rounds: int = 0
     estimate: float = 0.0
     kernel_estimate: float | None = None  # the Gram's part of ``estimate``; None: the family shares no kernel
+    est_done: float = 0.0  # the estimated seconds of the folds timed so far (``seconds`` is what they took)
 
     @property
     def group(self) -> tuple[FeatureKey, str] | None:
@@ -244,13 +248,13 @@ class _Clock:
         return max(sum(self.real.values()) / total, _MIN_RATIO) if total > 0 else 1.0
 
     def predict(self, s: Scored, n_folds: int, cv: int, saved: float = 0.0) -> float:
-        """Seconds ``s`` should take on ``n_folds`` more folds: its own measured speed once it has
-        folds, else its estimate (less ``saved``: a shared Gram matrix already there) scaled by its
-        family's measured ratio."""
-        done = s.scores.shape[1]
-        if done and s.seconds > 0:
-            return s.seconds / done * n_folds
-        return (s.estimate - saved) / cv * n_folds * self.ratio(s.candidate.head)
+        """Seconds ``s`` should take on ``n_folds`` more folds, whose estimated seconds are its estimate
+        per fold less ``saved`` (the shared Gram matrices already there): scaled by its own measured /
+        estimated ratio once it has folds, else by its family's."""
+        work = s.estimate / cv * n_folds - saved / cv
+        if s.scores.shape[1] and s.seconds > 0 and s.est_done > 0:
+            return work * s.seconds / s.est_done
+        return work * self.ratio(s.candidate.head)
 
     def fits(self, seconds: float, limit: float) -> bool:
         return self.elapsed + seconds <= limit
@@ -360,13 +364,14 @@ class AutoSearch:
         """Every candidate on one fold, in two passes, while its prediction fits (see :meth:`_try`).
 
         Pass 1 (breadth first): one candidate of every (feature set, family), its cheapest estimate,
-        the cheapest *predicted* first (renewed after each timing). Then the variants, the other view
+        those of tier 0 before those of tier 1, the cheapest *predicted* first (renewed after each
+        timing, and counting a Gram matrix it would share as already paid). Then the variants, the other view
         handling (same preprocessing as the pass-1 candidate of its feature set and family) before the
         other preprocessing (the smaller change: two normalisations of the same rows), each *most
         promising first*: by their family's best pass-1 score, then their (feature set, family)'s
-        pass-1 score, then the cheapest estimate. Throughout, once a candidate of a family that shares
-        Gram matrices is scored, the other such candidates of its (features, preprocessing) come next,
-        while the fold's Gram matrix is there to share.
+        pass-1 score, then the cheapest estimate; once a candidate of a family that shares Gram
+        matrices is scored there, the other such candidates of its (features, preprocessing) come next
+        (cheapest first), while the fold's Gram matrix is there to share.
         """
         done: list[Scored] = []
         first: dict[tuple[str, str], int] = {}
@@ -375,7 +380,9 @@ class AutoSearch:
             if pair not in first or s.estimate < scored[first[pair]].estimate:
                 first[pair] = i
         lead = set(first.values())
-        self._first_pass([(i, scored[i]) for i in range(len(scored)) if i in lead], done, data, y, clock)
+        for tier in sorted({s.candidate.tier for s in scored}):
+            self._first_pass([(i, scored[i]) for i in range(len(scored)) if i in lead and scored[i].candidate.tier == tier],
+                             done, data, y, clock)
         fam_best: dict[str, float] = {}
         pair_best: dict[tuple[str, str], float] = {}
         for s in done:
@@ -391,30 +398,22 @@ class AutoSearch:
         while todo:
             s = todo.pop(0)
             if self._try(s, done, data, y, clock) and s.group is not None:
-                todo = [t for t in todo if t.group == s.group] + [t for t in todo if t.group != s.group]
+                follow = sorted((t for t in todo if t.group == s.group), key=lambda t: t.estimate - (t.kernel_estimate or 0))
+                todo = follow + [t for t in todo if t.group != s.group]
         self.rounds_.append({"round": 0, "repeat": 0, "folds": [0], "n_candidates": len(done), "complete": True,
                              "n_folds": 1, "candidates": [_label(s.candidate) for s in done]})
         return done
 
     def _first_pass(self, todo: list[tuple[int, Scored]], done: list[Scored], data: Mapping[FeatureKey, np.ndarray],
                     y: np.ndarray, clock: _Clock) -> None:
-        """Pass 1 over ``todo`` (index, candidate): the cheapest predicted first (within a family the order
-        by estimate is fixed, one ratio scales them all; across families it is renewed after each timing)."""
-        queues: dict[str, list[tuple[float, int, Scored]]] = {}
-        for i, s in todo:
-            queues.setdefault(s.candidate.head, []).append((s.estimate, i, s))
-        for q in queues.values():
-            q.sort(key=lambda e: (e[0], e[1]), reverse=True)  # pop() takes the cheapest
-        while any(queues.values()):
-            head = min((q[-1][0] * clock.ratio(f), q[-1][1], f) for f, q in queues.items() if q)[2]
-            s = queues[head].pop()[2]
-            if not self._try(s, done, data, y, clock) or s.group is None:
-                continue
-            for f, q in queues.items():  # the rest of its Gram matrix's group, while it is shared
-                follow = [e for e in q if e[2].group == s.group]
-                queues[f] = [e for e in q if e[2].group != s.group]
-                for e in sorted(follow, key=lambda e: (e[0], e[1])):
-                    self._try(e[2], done, data, y, clock)
+        """Pass 1 over ``todo`` (index, candidate): the cheapest *predicted* first, renewed after each one is
+        scored (its family's measured speed; a Gram matrix it would share, already there)."""
+        todo = list(todo)
+        fold = self.folds_[0][0]
+        while todo:
+            j = min(range(len(todo)), key=lambda j: (clock.predict(
+                todo[j][1], 1, self.cv, self._saved(todo[j][1], data[todo[j][1].candidate.key], fold)), todo[j][0]))
+            self._try(todo.pop(j)[1], done, data, y, clock)
 
     def _try(self, s: Scored, done: list[Scored], data: Mapping[FeatureKey, np.ndarray], y: np.ndarray,
              clock: _Clock) -> bool:
@@ -451,7 +450,9 @@ class AutoSearch:
         repeat, idx = self.rungs_[r]
         for s in todo:
             name = _label(s.candidate)
-            if not clock.fits(clock.predict(s, len(idx), self.cv), self.budget_s):
+            X = data[s.candidate.key]
+            saved = sum(self._saved(s, X, self.folds_[repeat][i]) for i in idx)
+            if not clock.fits(clock.predict(s, len(idx), self.cv, saved), self.budget_s):
                 clock.cut_by_clock.append(f"round {r + 1}: {name}")
                 continue
             if self._score(s, r, data[s.candidate.key], y, clock):
@@ -489,6 +490,7 @@ class AutoSearch:
         s.scores = np.concatenate([s.scores, *cols], axis=1)
         s.seconds += seconds
         s.rounds = r + 1
+        s.est_done += estimated
         clock.record(s.candidate.head, estimated, seconds)
         return True
 
