@@ -456,3 +456,71 @@ def test_round_one_goes_breadth_first_over_feature_sets_and_families() -> None:
     s = AutoSearch(cands, fams, cv=5, repeats=1, budget_s=18.5, clock=clock).fit(data, np.repeat(np.arange(2), 10))
     assert s.rounds_[0]["candidates"] == ["a/plain/standardize/x", "b/plain/standardize/x", "a/plain/standardize/y",
                                           "b/plain/standardize/y"] and len(s.skipped_) == 4
+
+
+def test_auto_adds_suffix_spans_for_the_gram_sharing_families_only(auto_bundle) -> None:
+    from featbank.fitting._auto import spans
+
+    ten = ("stem", "s1", "s2", "s3", "s4", "s5", "s6", "s7", "head_conv", "final")
+    assert spans(ten) == {"last2": ("head_conv", "final"), "last4": ("s6", "s7", "head_conv", "final")}
+    assert list(spans(tuple(f"l{i}" for i in range(17)))) == ["last2", "last4", "last8"]
+    assert spans(("a", "final")) == {} and spans(("final",)) == {}
+    # test_tiny taps stem, stage1, stage2, final: one span, last2, scored by the SVMs and knn alone
+    _, res = auto_bundle
+    rows = res.search["leaderboard"] + res.search["skipped"]
+    span_rows = [r for r in rows if r["features"] == "last2"]
+    assert span_rows and all(r["layers"] == ["stage2", "final"] for r in span_rows)
+    assert {r["head"] for r in span_rows} == {"svm-rbf", "svm-linear", "knn"}
+    assert {r["features"] for r in rows} == {"final", "last2", "auto", "all"} - (
+        set() if any(r["features"] == "auto" for r in rows) else {"auto"})
+    k = res.search["kernels"]
+    assert k["computed"] >= 1 and k["reused"] >= 1 and k["refused"] == 0  # the families shared Gram matrices
+
+
+def test_the_search_shares_one_gram_matrix_per_fold_and_scores_as_without() -> None:
+    """svm-rbf, svm-linear and knn on the same (features, preprocessing, fold) compute one Gram matrix;
+    the leaderboard is the one computed without sharing (kernel_bytes=0: every family computes its own)."""
+    rng = np.random.default_rng(3)
+    y = np.repeat(np.arange(3), 30)
+    X = rng.normal(size=(90, 12)).astype(np.float32) + 0.7 * y[:, None]
+    fams = {n: HEAD_FAMILIES[n] for n in ("svm-rbf", "svm-linear", "knn")}
+    cands = [Candidate("final", ("final",), "plain", pre, h) for pre in ("standardize", "l2") for h in fams]
+    data = {(("final",), "plain"): X}
+    shared = AutoSearch(cands, fams, cv=3, repeats=2, budget_s=600.0, seed=2).fit(data, y)
+    alone = AutoSearch(cands, fams, cv=3, repeats=2, budget_s=600.0, seed=2, kernel_bytes=0).fit(data, y)
+    strip = [{k: v for k, v in row.items() if k != "seconds"} for row in shared.leaderboard()]
+    assert strip == [{k: v for k, v in row.items() if k != "seconds"} for row in alone.leaderboard()]
+    folds = {(s.candidate.preprocess, r["repeat"], f) for s in shared.scored_ for r in shared.rounds_
+             if _label(s.candidate) in r["candidates"] for f in r["folds"]}
+    n_fits = sum(s.scores.shape[1] for s in shared.scored_)
+    assert shared.kernels_["computed"] == len(folds) < n_fits and shared.kernels_["reused"] == n_fits - len(folds)
+    assert alone.kernels_["computed"] == 0 and alone.kernels_["refused"] == n_fits
+
+
+def _label(c: Candidate) -> str:
+    return f"{c.features}/{c.views}/{c.preprocess}/{c.head}"
+
+
+class Sharing(Fixed):
+    """A Fixed family that says it works from a shared Gram matrix (so its candidates form groups)."""
+
+    def kernel_cost(self, *a):
+        return 0.5 * self.estimate
+
+
+def test_round_one_takes_tier_1_leads_after_tier_0_and_a_gram_group_together() -> None:
+    """Tier 1 (the spans) leads after tier 0's; in pass 2, once a Gram-sharing candidate is scored, the
+    other Gram-sharing candidates of its (features, preprocessing) come next."""
+    clock = SimClock()
+    fams = {"x": Sharing("x", 0.6, 1.0, clock), "y": Sharing("y", 0.7, 1.5, clock)}
+    cands = [Candidate(f, (f,), v, "standardize", h, tier=int(f == "c")) for v in ("plain", "pooled")
+             for f in ("c", "a", "b") for h in fams]  # c listed first: its tier, not its place, puts it after
+    data = {((f,), v): np.zeros((20, 2), np.float32) for f in ("a", "b", "c") for v in ("plain", "pooled")}
+    s = AutoSearch(cands, fams, cv=5, repeats=1, budget_s=1e4, clock=clock).fit(data, np.repeat(np.arange(2), 10))
+    assert s.rounds_[0]["candidates"] == [
+        "a/plain/standardize/x", "b/plain/standardize/x", "a/plain/standardize/y", "b/plain/standardize/y",
+        "c/plain/standardize/x", "c/plain/standardize/y",  # tier 1 after tier 0
+        # pass 2: the best family (y) first (ties: the listed order), each followed by the rest of its
+        # Gram matrix's group (without: c/y, a/y, b/y, then the x's)
+        "c/pooled/standardize/y", "c/pooled/standardize/x", "a/pooled/standardize/y", "a/pooled/standardize/x",
+        "b/pooled/standardize/y", "b/pooled/standardize/x"]
