@@ -407,13 +407,35 @@ class AutoSearch:
     def _first_pass(self, todo: list[tuple[int, Scored]], done: list[Scored], data: Mapping[FeatureKey, np.ndarray],
                     y: np.ndarray, clock: _Clock) -> None:
         """Pass 1 over ``todo`` (index, candidate): the cheapest *predicted* first, renewed after each one is
-        scored (its family's measured speed; a Gram matrix it would share, already there)."""
-        todo = list(todo)
+        scored (its family's measured speed; a Gram matrix it would share, already there).
+
+        Within a family the order by estimate is fixed (one ratio scales them all), so only the head of
+        each family's queue competes, and the candidates whose Gram matrix a scored one has made.
+        """
         fold = self.folds_[0][0]
-        while todo:
-            j = min(range(len(todo)), key=lambda j: (clock.predict(
-                todo[j][1], 1, self.cv, self._saved(todo[j][1], data[todo[j][1].candidate.key], fold)), todo[j][0]))
-            self._try(todo.pop(j)[1], done, data, y, clock)
+        queues: dict[str, list[tuple[float, int, Scored]]] = {}
+        for i, s in todo:
+            queues.setdefault(s.candidate.head, []).append((s.estimate, i, s))
+        for q in queues.values():
+            q.sort(key=lambda e: (e[0], e[1]), reverse=True)  # pop() takes the cheapest
+        ready: list[tuple[float, int, Scored]] = []  # their group's Gram matrix was made
+
+        def predicted(e: tuple[float, int, Scored]) -> tuple[float, int]:
+            s = e[2]
+            return clock.predict(s, 1, self.cv, self._saved(s, data[s.candidate.key], fold)), e[1]
+
+        while ready or any(queues.values()):
+            heads = [q[-1] for q in queues.values() if q]
+            e = min(ready + heads, key=predicted)
+            if any(t[1] == e[1] for t in ready):
+                ready = [t for t in ready if t[1] != e[1]]
+            else:
+                queues[e[2].candidate.head].pop()
+            s = e[2]
+            if self._try(s, done, data, y, clock) and s.group is not None:
+                for f, q in queues.items():
+                    ready += [t for t in q if t[2].group == s.group]
+                    queues[f] = [t for t in q if t[2].group != s.group]
 
     def _try(self, s: Scored, done: list[Scored], data: Mapping[FeatureKey, np.ndarray], y: np.ndarray,
              clock: _Clock) -> bool:
