@@ -87,7 +87,7 @@ def row_of(name: str, probe: str, res: Any, seconds: float, cache: Any) -> dict[
             "cv_mean": res.search["leaderboard"][0]["cv_mean"] if res.search else None,
             "search": {k: res.search.get(k) for k in ("n_scored", "n_candidates", "n_fold_fits", "seconds", "budget_s",
                                                       "prep_s", "load_s", "refit_s", "skipped", "rounds",
-                                                      "calibration", "leaderboard")} if res.search else None}
+                                                      "calibration", "kernels", "leaderboard")} if res.search else None}
 
 
 def run_dataset(name: str, path: Path, args: argparse.Namespace, out_dir: Path) -> list[dict[str, Any]]:
@@ -155,7 +155,9 @@ def main() -> None:
                   f"load {s['prep_s']:.1f} s (load alone {s['load_s']:.1f} s), refit {s['refit_s']:.1f} s, "
                   f"{len(s['skipped'])} skipped for budget; rounds " + ", ".join(
                       f"{x['n_candidates']}x{x['n_folds']} folds" for x in s["rounds"])
-                  + "; measured/estimated speed " + ", ".join(f"{f} {v:.2g}" for f, v in s["calibration"].items()))
+                  + "; measured/estimated speed " + ", ".join(f"{f} {v:.2g}" for f, v in s["calibration"].items())
+                  + "; Gram matrices {computed} computed, {reused} reused".format(**(s.get("kernels") or
+                                                                                    {"computed": 0, "reused": 0})))
     notes = check_targets(rows)
     for note in notes:
         print(note)

@@ -475,6 +475,8 @@ def test_auto_adds_suffix_spans_for_the_gram_sharing_families_only(auto_bundle) 
         set() if any(r["features"] == "auto" for r in rows) else {"auto"})
     k = res.search["kernels"]
     assert k["computed"] >= 1 and k["reused"] >= 1 and k["refused"] == 0  # the families shared Gram matrices
+    assert f"Gram matrices (one per features, preprocessing and fold, shared by the SVMs and knn): {k['computed']} " \
+        f"computed, {k['reused']} reused" in res.summary()
 
 
 def test_the_search_shares_one_gram_matrix_per_fold_and_scores_as_without() -> None:

@@ -49,6 +49,11 @@ def search_lines(search: Mapping[str, Any], headline: Mapping[str, Any]) -> list
     if search.get("calibration"):
         ratios = ", ".join(f"{f} x{r:.2g}" for f, r in search["calibration"].items())
         lines.append(f"  measured speed against the cost estimates (the plan's scale): {ratios}")
+    k = search.get("kernels")
+    if isinstance(k, dict) and k.get("computed", 0) + k.get("reused", 0) + k.get("refused", 0):
+        lines.append(f"  Gram matrices (one per features, preprocessing and fold, shared by the SVMs and knn): "
+                     f"{k.get('computed', 0)} computed, {k.get('reused', 0)} reused"
+                     + (f", {k['refused']} too large to share" if k.get("refused") else ""))
     for rnd in search.get("rounds", []):
         lines.append(f"  round {rnd['round'] + 1}: {rnd['n_candidates']} candidate(s) on {rnd['n_folds']} folds")
     if skipped:
