@@ -13,18 +13,20 @@ Successive halving over folds and repeats, planned by *measured* speed. Each fam
 ``relative_cost`` is a rough estimate of its seconds per fold; the search times every fold it
 scores and keeps, per family, the ratio of measured to estimated seconds (before a family has been
 timed: the ratio over the families timed so far, else 1). A candidate's predicted seconds are its
-own measured seconds per fold once it has any, else its estimate times its family's ratio. So the
+estimated work (its estimate per fold, less the Gram matrix's part where a shared one is already
+there: ``kernel_cost`` of the SVM and kNN families) times its own measured / estimated ratio once
+it has folds, else its family's ratio. So the
 plan follows the machine it runs on: on a quiet machine whose families run 3x faster than their
 estimates, 3x more is scored; on a busy one, less, and the budget still holds. The rounds are: the
 first fold of repeat 1; its other K - 1 folds; then one whole repeat per round (:func:`_rungs`).
 
-1. Round 1: every candidate is scored on one fold, breadth first (one candidate of each feature set
-   and family, then their variants of views and preprocessing), within each pass the cheapest
-   *predicted* first (predictions are renewed after each candidate is timed), while its
-   prediction fits in the budget less the
-   *reserve*: what the later rounds would take were it scored (the best :data:`KEEP` of the
+1. Round 1: every candidate is scored on one fold while its prediction fits in the budget less
+   the *reserve*: what the later rounds would take were it scored (the best :data:`KEEP` of the
    round-1 candidates on each later round's folds, at their mean measured seconds per fold). The
    rest are *skipped for budget*. The first candidate is always scored, so there is a winner.
+   The order (:meth:`AutoSearch._first_round`): one candidate of each feature set and family
+   (tier 0 before tier 1), the cheapest predicted first; then the other view handling, then the
+   other preprocessing, most promising family first; a Gram-sharing candidate's group next.
 2. Each later round scores the best :data:`KEEP` fraction of the previous round's candidates (at
    least one) on its folds, each while its predicted seconds fit in what is left of the budget; the
    clock is also checked between a candidate's folds (a candidate stopped part-way keeps none of
