@@ -48,6 +48,10 @@ class HeadFamily(Protocol):
         preprocesses: the values of ``preprocess`` it supports (a subset of :data:`PREPROCESSES`).
         exportable: whether every estimator ``build`` gives exports to ONNX with the parity check;
             ``reason`` says why not when it is ``False``.
+
+    A family that works from a fold's Gram matrix (``svm-rbf``, ``svm-linear``, ``knn``) also has
+    ``kernel_cost(n_samples, n_features)`` (the matrix's part of ``relative_cost``) and takes a
+    ``kernels=`` :class:`~featbank.heads.FoldKernels` in ``cv_scores`` to share it with the others.
     """
 
     name: str
