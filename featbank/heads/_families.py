@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ._features import Features
-from ._gram import FoldGram, FoldKernels, fold_gram
+from ._gram import FoldGram, FoldKernels, fold_gram, fold_rows, prep_steps
 from ._kernel_svc import KernelSVC, gamma_of, rbf_from_gram
 from ._linear_head import LinearHead
 from ._mlp_head import MLPHead
@@ -98,28 +98,10 @@ def _check_inputs(family: HeadFamily, X: np.ndarray, y: np.ndarray, folds: Folds
     return X, y
 
 
-def _prep_steps(preprocess: str) -> list[tuple[str, Any]]:
-    """The scikit-learn steps of a preprocessing (fresh, unfitted): what ``build`` puts before the classifier."""
-    from sklearn.preprocessing import Normalizer, StandardScaler
-
-    if preprocess == "standardize":
-        return [("scale", StandardScaler())]
-    return [("center", StandardScaler(with_std=False)), ("l2", Normalizer(norm="l2"))]
-
-
 def _pipeline(preprocess: str, clf: Any) -> Any:
     from sklearn.pipeline import Pipeline
 
-    return Pipeline([*_prep_steps(preprocess), ("clf", clf)])
-
-
-def _fold_rows(X: np.ndarray, fit: np.ndarray, held: np.ndarray, preprocess: str) -> tuple[np.ndarray, np.ndarray]:
-    """The fold's fit and held-out rows preprocessed with statistics of the fit rows: the very steps
-    (and so the very numbers) ``build``'s pipeline computes when fitted on these rows."""
-    from sklearn.pipeline import Pipeline
-
-    pre = Pipeline(_prep_steps(preprocess))
-    return pre.fit_transform(X[fit]), pre.transform(X[held])
+    return Pipeline([*prep_steps(preprocess), ("clf", clf)])
 
 
 def _accuracy(pred: np.ndarray, y: np.ndarray) -> float:
@@ -265,7 +247,7 @@ class SVMFamily:
             fit, held = np.asarray(fit), np.asarray(held)
             fg = kernels.get(X, fit, held, preprocess, device) if kernels is not None else None
             if fg is None:
-                fg = fold_gram(*_fold_rows(X, fit, held, preprocess), device)
+                fg = fold_gram(*fold_rows(X, fit, held, preprocess), device)
             out[:, j] = self._fold(fg, y[fit], y[held], grid)
         return out
 
@@ -415,7 +397,7 @@ def _neighbours(X: np.ndarray, fit: np.ndarray, held: np.ndarray, preprocess: st
         return near[rows, np.argsort(d2[rows, near], axis=1, kind="stable")]
     from sklearn.neighbors import NearestNeighbors
 
-    Xf, Xh = _fold_rows(X, fit, held, preprocess)
+    Xf, Xh = fold_rows(X, fit, held, preprocess)
     return NearestNeighbors(n_neighbors=k, algorithm="brute").fit(Xf).kneighbors(Xh, return_distance=False)
 
 

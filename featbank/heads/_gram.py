@@ -20,10 +20,11 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-__all__ = ["FoldGram", "FoldKernels", "KERNEL_BYTES", "fold_gram"]
+__all__ = ["FoldGram", "FoldKernels", "KERNEL_BYTES", "fold_gram", "fold_rows", "prep_steps"]
 
 #: Default bound of :class:`FoldKernels`: 1 GiB (on ELPV 4-class, 1,836 train+val images, one fold's
 #: matrices take 22 MB whatever the width of the features; on Fashion-MNIST 10k, 7,000, 314 MB).
@@ -69,6 +70,25 @@ def fold_gram(Xf: np.ndarray, Xh: np.ndarray, device: str = "cpu") -> FoldGram:
                     int(Xf.shape[1]))
 
 
+def prep_steps(preprocess: str) -> list[tuple[str, Any]]:
+    """The scikit-learn steps of a preprocessing (fresh, unfitted): what a head family's ``build`` puts
+    before the classifier (``standardize``: a ``StandardScaler``; ``l2``: centring, then ``Normalizer``)."""
+    from sklearn.preprocessing import Normalizer, StandardScaler
+
+    if preprocess == "standardize":
+        return [("scale", StandardScaler())]
+    return [("center", StandardScaler(with_std=False)), ("l2", Normalizer(norm="l2"))]
+
+
+def fold_rows(X: np.ndarray, fit: np.ndarray, held: np.ndarray, preprocess: str) -> tuple[np.ndarray, np.ndarray]:
+    """The fold's fit and held-out rows preprocessed with statistics of the fit rows: the very steps
+    (and so the very numbers) a family's ``build`` pipeline computes when fitted on these rows."""
+    from sklearn.pipeline import Pipeline
+
+    pre = Pipeline(prep_steps(preprocess))
+    return pre.fit_transform(X[fit]), pre.transform(X[held])
+
+
 def _digest(a: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(a, np.int64).tobytes(), digest_size=16).hexdigest()
 
@@ -108,8 +128,6 @@ class FoldKernels:
             device: str = "cpu") -> FoldGram | None:
         """The fold's :class:`FoldGram`, stored or computed now (and stored); ``None`` when one fold's
         matrices exceed ``max_bytes`` (the caller computes what it needs without the store)."""
-        from ._families import _fold_rows
-
         key = self._key(X, fit, held, preprocess)
         if key in self._store:
             self._store.move_to_end(key)
@@ -118,7 +136,7 @@ class FoldKernels:
         if self.fold_bytes(len(fit), len(held)) > self.max_bytes:
             self.refused += 1
             return None
-        Xf, Xh = _fold_rows(X, np.asarray(fit), np.asarray(held), preprocess)
+        Xf, Xh = fold_rows(X, np.asarray(fit), np.asarray(held), preprocess)
         fg = fold_gram(Xf, Xh, device)
         while self._store and self.nbytes + fg.nbytes > self.max_bytes:
             self._store.popitem(last=False)
