@@ -353,3 +353,30 @@ def test_ray_gpu_tasks_reuse_their_worker_processes(many_images, reference, tmp_
     n_parts = len(list(parts_dir(out).glob("part-*.h5")))
     workers = list(trace.glob("sleep-*.txt"))  # one file per process that embedded a batch
     assert n_parts >= 6 and 1 <= len(workers) <= 3, f"{len(workers)} worker processes embedded {n_parts} shards"
+
+
+def test_prestarted_workers_run_the_work_and_none_outlive_the_run(many_images, reference, tmp_path):
+    import multiprocessing as mp
+    import time
+
+    from featbank.extraction.launchers import prestarted_workers
+    from featbank.extraction.units import EngineSpec
+
+    out = tmp_path / "pool.h5"
+    prep = _prepare(many_images, out)
+    with prestarted_workers(2, "cpu", EngineSpec.of(prep.jobs[0].settings)) as pool:
+        assert pool is not None
+        run_prepared(prep, procs=2)  # takes the workers started (and warmed) while it planned
+        with pytest.raises(RuntimeError, match="already taken"):
+            pool.take()
+    got = _read(out)
+    np.testing.assert_array_equal(got["emb"], reference["emb"])
+    assert got["skipped"] == reference["skipped"] and _leftovers(out) == []
+    with prestarted_workers(2, "cpu") as pool:  # a run with nothing to do: nobody takes them
+        assert pool is not None
+    with prestarted_workers(1, "cpu") as pool:  # one process: no workers
+        assert pool is None
+    deadline = time.time() + 60
+    while mp.active_children() and time.time() < deadline:
+        time.sleep(0.2)
+    assert mp.active_children() == []
