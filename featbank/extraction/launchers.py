@@ -7,7 +7,9 @@ equal work units, each shard's merge after its units), runs the same
 :func:`~featbank.extraction.units.finalize` once; they differ only in who runs which job:
 
 - ``local``: ``procs`` processes forked from a preloaded fork server (one per GPU, each pinned to its device, when GPUs are
-  used), each asking the parent for the next job when it is free. The parent hands out work over
+  used), each asking the parent for the next job when it is free. ``featbank extract`` starts the server
+  first (:func:`prestart`) and forks the workers while it plans (:func:`prestarted_workers`); each
+  builds its engine before its first job. The parent hands out work over
   one pipe per worker and watches each worker's sentinel, so a worker killed at any moment
   (SIGKILL included) cannot leave a shared queue's lock held and hang the others.
 - ``torchrun``: every rank computes the same schedule and takes its share (longest first onto the
@@ -18,8 +20,9 @@ equal work units, each shard's merge after its units), runs the same
   share of the work, computed as under torchrun, and publishes nothing; ranks run at any time and
   in any order. ``finalize`` then gathers the slices' units into parts (copies, no embedding) and
   publishes the index.
-- ``ray``: one Ray Core task per unit or shard (``num_gpus``, ``max_retries``), a merge task once
-  a shard's units are done, on an existing cluster (``ray.init(address="auto")``) or a local one.
+- ``ray``: one Ray Core task per unit or shard (``num_gpus``, ``max_retries``; the worker process and
+  its engine kept from task to task), a merge task once a shard's units are done, on an existing
+  cluster (``ray.init(address="auto")``) or a local one.
   Not Ray Data writers: they reorder blocks and their checkpointing is beta; here a retried task
   resumes its own ``.partial``.
 """
