@@ -100,7 +100,10 @@ def extract(quiet: bool, **params: object) -> None:
       featbank extract data/photos --out runs/photos.h5 --finalize --world 16
     """
     import featbank
+    from featbank.extraction.launchers import prestart
 
+    # Local workers' fork server: it imports torch while this process builds and checks the config.
+    prestart(params["procs"], params["launcher"], job_array=params["rank"] is not None or bool(params["finalize"]))  # type: ignore[arg-type]
     # One mapping: every click parameter is the ExtractConfig field of the same name (--quiet: progress).
     report = featbank.extract(featbank.ExtractConfig(**params, progress=not quiet))  # type: ignore[arg-type]
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0":

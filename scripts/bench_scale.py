@@ -18,17 +18,24 @@
    with ``test_sleep`` (a fixed wait per batch that uses no CPU: a simulated accelerator, so scaling
    is measurable on 2 cores; default 0.2 s per batch of 64, i.e. at most 320 rows/s per worker),
    work units vs today's whole shards side by side. Every run is a fresh ``featbank extract``
-   process from no cache (Ray: ``RAY_ADDRESS=local``, the launcher's own private cluster, started
-   inside the run). Two times per run: end to end, from starting the command to the index written
-   (its mtime), and the steady state, from the first batch of any simulated accelerator starting to
-   the last one ending (test_sleep's trace). Speed-up = the one-worker run's time (``--procs 1``,
-   the same for both launchers) / the k-worker run's. A run that did not put exactly N rows through
-   the accelerators and into the index stops the benchmark: no ratio is printed from it.
+   process from no cache. Launchers: ``procs`` (``--procs k``), ``ray`` (``RAY_ADDRESS=local``, the
+   launcher's own private cluster, started inside the run) and ``ray-cluster`` (a cluster of k CPUs
+   started beforehand with ``ray start --head``, as users at scale run one; its start is not timed,
+   it is stopped after its runs). Two times per run: end to end, from starting the command to the
+   index written (its mtime), and the steady state, from the first batch of any simulated
+   accelerator starting to the last one ending (test_sleep's trace); and the start-up, the first
+   batch's start after the command's. Speed-up = the one-worker run's time (``--procs 1``, the same
+   for every launcher) / the k-worker run's. The start-up bound is the best end-to-end speed-up any
+   scheduler could reach given the run's measured start-up S_k: one worker's end to end / (S_k +
+   one worker's steady state / k); where it is below 0.9k, start-up, not scheduling, misses the
+   target. A run that did not put exactly N rows through the accelerators and into the index
+   stops the benchmark: no ratio is printed from it.
 
 Usage:
     python scripts/bench_scale.py --sizes 10000 100000 1000000 --embed-dim 128 --work /tmp/bench_scale
     python scripts/bench_scale.py --skip-incremental --skip-procs    # the read comparison alone
     python scripts/bench_scale.py --sim --work /tmp/bench_sim        # work units vs whole shards, k = 1..8
+    python scripts/bench_scale.py --sim --sim-sizes 12000 --sim-launchers procs ray --work /tmp/bench_sim
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -322,27 +330,31 @@ def _run_one(argv: list[str]) -> None:
 
 
 def _timed_extract(data: Path, out: Path, launcher: str, k: int, seconds: float, batch: int, n: int,
-                   whole: bool = False) -> dict[str, float]:
+                   whole: bool = False, cluster: RayCluster | None = None) -> dict[str, float]:
     """One ``featbank extract`` in a fresh process: end-to-end and steady-state seconds, checked.
 
     End to end: from starting the command to the index written (its mtime). Steady state: the first
     batch of the simulated accelerators starting to the last one ending (test_sleep's trace).
     Raises SystemExit (no ratio printed) unless the command embedded exactly ``n`` rows, each once
-    through an accelerator, and the index holds ``n`` rows.
+    through an accelerator, and the index holds ``n`` rows. ``cluster``: run on that running Ray
+    cluster (launcher ``ray-cluster``), whose workers log their batches in the cluster's trace folder.
     """
     import subprocess
-    import tempfile
 
     from featbank.backbones._tiny import SLEEP_TRACE_ENV, read_sleep_trace
     from featbank.cache import open_cache
 
     for p in out.parent.glob(f"{out.name}*"):
         shutil.rmtree(p) if p.is_dir() else p.unlink()
-    trace = Path(tempfile.mkdtemp(prefix="sleep-trace-", dir=out.parent))
-    env = {**os.environ, SLEEP_TRACE_ENV: str(trace), "RAY_ADDRESS": "local"}
+    if cluster is not None:
+        trace = cluster.clear_trace()
+    else:
+        trace = Path(tempfile.mkdtemp(prefix="sleep-trace-", dir=out.parent))
+    env = {**os.environ, SLEEP_TRACE_ENV: str(trace),
+           "RAY_ADDRESS": cluster.address if cluster is not None else "local"}
     cmd = [sys.executable, __file__, "--run-one", *(["--whole"] if whole else []), str(data), "--out", str(out),
            "--backbone", "test_sleep", "--weights", str(seconds), "--engine", "torch", "--num-workers", "0",
-           "--batch-size", str(batch), "--procs", str(k), "--launcher", "ray" if launcher == "ray" else "local"]
+           "--batch-size", str(batch), "--procs", str(k), "--launcher", "local" if launcher == "procs" else "ray"]
     t0 = time.time()
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     what = f"{launcher} k={k}{' whole shards' if whole else ''} on {n} rows"
@@ -350,7 +362,8 @@ def _timed_extract(data: Path, out: Path, launcher: str, k: int, seconds: float,
         raise SystemExit(f"{what} failed ({res.returncode}): {res.stderr[-2000:]}")
     end = out.stat().st_mtime_ns / 1e9
     batches = read_sleep_trace(trace)
-    shutil.rmtree(trace)
+    if cluster is None:
+        shutil.rmtree(trace)
     embedded = sum(rows for _, _, rows in batches)
     with open_cache(out) as cache:
         n_index = len(cache)
@@ -360,6 +373,63 @@ def _timed_extract(data: Path, out: Path, launcher: str, k: int, seconds: float,
     return {"end_to_end_s": end - t0, "steady_s": batches[-1][1] - batches[0][0] if batches else float("nan"),
             "first_batch_after_s": batches[0][0] - t0, "after_last_batch_s": end - max(b for _, b, _ in batches),
             "batches": len(batches)}
+
+
+class RayCluster:
+    """A Ray cluster of ``cpus`` CPUs started beforehand (``ray start --head --block``), the way a user at
+    scale runs one; its workers log test_sleep's batches in ``trace``. Stopped by signalling the
+    ``ray start`` process this benchmark started (which stops the cluster's own processes)."""
+
+    def __init__(self, cpus: int, work: Path, port: int = 6379):
+        import subprocess
+
+        from featbank.backbones._tiny import SLEEP_TRACE_ENV
+
+        self.trace = work / f"cluster-trace-{cpus}"
+        self.trace.mkdir(parents=True, exist_ok=True)
+        self.address = "auto"  # as users do: the cluster this node runs (ray start wrote where it is)
+        code = "import sys; from ray.scripts.scripts import main; sys.argv[0] = 'ray'; sys.exit(main())"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code, "start", "--head", "--block", "--num-cpus", str(cpus), "--port", str(port),
+             "--include-dashboard=false", "--disable-usage-stats"],
+            env={**os.environ, SLEEP_TRACE_ENV: str(self.trace)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._wait_up(port)
+
+    def _wait_up(self, port: int, timeout: float = 120.0) -> None:
+        import socket
+
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"ray start --head exited with code {self.proc.returncode}")
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0 and Path("/tmp/ray/ray_current_cluster").exists():
+                    time.sleep(5.0)  # the GCS answers before the raylet has registered its node
+                    return
+            time.sleep(0.5)
+        self.stop()
+        raise SystemExit(f"no Ray cluster on port {port} after {timeout:.0f} s")
+
+    def clear_trace(self) -> Path:
+        for p in self.trace.glob("sleep-*.txt"):
+            p.unlink()
+        return self.trace
+
+    def stop(self) -> None:
+        import signal
+
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except Exception:  # noqa: BLE001 - a cluster that does not stop is killed
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _start_up_bound(base: dict[str, float], run: dict[str, float], k: int) -> float:
+    """The best end-to-end speed-up any scheduler could reach given this run's start-up: the one-worker
+    run's end-to-end time over (this run's first batch after + the one-worker steady state / k)."""
+    return base["end_to_end_s"] / (run["first_batch_after_s"] + base["steady_s"] / k)
 
 
 def bench_sim(work: Path, sizes: list[int], ks: list[int], launchers: list[str], seconds: float, batch: int) -> list[dict]:
@@ -375,17 +445,30 @@ def bench_sim(work: Path, sizes: list[int], ks: list[int], launchers: list[str],
         print(json.dumps({"rows": n, "launcher": "procs", "k": 1, **_rounded(base)}), flush=True)
         for launcher in launchers:
             for k in [k for k in ks if k > 1]:
-                row: dict[str, Any] = {"rows": n, "launcher": launcher, "k": k}
-                for name, whole in (("units", False), ("whole", True)):
-                    t = _timed_extract(data, work / "sim.h5", launcher, k, seconds, batch, n, whole)
-                    row[name] = t
-                    row[f"{name}_speedup"] = base["end_to_end_s"] / t["end_to_end_s"]
-                    row[f"{name}_steady_speedup"] = base["steady_s"] / t["steady_s"]
+                cluster = RayCluster(k, work) if launcher == "ray-cluster" else None
+                try:
+                    row = _sim_row(data, work, launcher, k, seconds, batch, n, base, cluster)
+                finally:
+                    if cluster is not None:
+                        cluster.stop()
                 out.append(row)
                 print(json.dumps(_rounded(row)), flush=True)
         out.append({"rows": n, "launcher": "procs", "k": 1, "units": base, "whole": base, "units_speedup": 1.0,
-                    "whole_speedup": 1.0, "units_steady_speedup": 1.0, "whole_steady_speedup": 1.0})
+                    "whole_speedup": 1.0, "units_steady_speedup": 1.0, "whole_steady_speedup": 1.0,
+                    "units_bound": 1.0, "whole_bound": 1.0})
     return out
+
+
+def _sim_row(data: Path, work: Path, launcher: str, k: int, seconds: float, batch: int, n: int,
+             base: dict[str, float], cluster: RayCluster | None) -> dict[str, Any]:
+    row: dict[str, Any] = {"rows": n, "launcher": launcher, "k": k}
+    for name, whole in (("units", False), ("whole", True)):
+        t = _timed_extract(data, work / "sim.h5", launcher, k, seconds, batch, n, whole, cluster)
+        row[name] = t
+        row[f"{name}_speedup"] = base["end_to_end_s"] / t["end_to_end_s"]
+        row[f"{name}_steady_speedup"] = base["steady_s"] / t["steady_s"]
+        row[f"{name}_bound"] = _start_up_bound(base, t, k)
+    return row
 
 
 def _rounded(d: dict) -> dict:
@@ -395,15 +478,22 @@ def _rounded(d: dict) -> dict:
 def print_sim_table(rows: list[dict], seconds: float, batch: int) -> None:
     print(f"\ntest_sleep: {seconds:g} s per batch of {batch} ({batch / seconds:.0f} rows/s per worker at most); "
           "speed-up = one worker's time / k workers' time")
+    print("start-up: the first batch of any worker, seconds after the command started; start-up bound: the best "
+          "end-to-end speed-up any scheduler could reach with that start-up (one worker's end to end / (start-up + "
+          "one worker's steady state / k)); reachable: whether that bound is >= 0.9k")
     print("| rows | launcher | k | end to end: units | end to end: whole shards | steady state: units | "
-          "steady state: whole shards | units: first batch after (s) | target 0.9k end to end / steady |\n"
-          "|---|---|---|---|---|---|---|---|---|")
-    for r in sorted(rows, key=lambda r: (r["rows"], r["launcher"] != "procs", r["k"])):
+          "steady state: whole shards | start-up (s): units / whole | start-up bound: units | "
+          "target 0.9k end to end / steady | 0.9k reachable with this start-up |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
+    order = {"procs": 0, "ray": 1, "ray-cluster": 2}
+    for r in sorted(rows, key=lambda r: (r["rows"], order.get(r["launcher"], 3), r["k"])):
         goal = 0.9 * r["k"]
         ok = "/".join("met" if r[key] >= goal else "MISSED" for key in ("units_speedup", "units_steady_speedup"))
         print(f"| {r['rows']} | {r['launcher']} | {r['k']} | {r['units_speedup']:.2f} | {r['whole_speedup']:.2f} | "
               f"{r['units_steady_speedup']:.2f} | {r['whole_steady_speedup']:.2f} | "
-              f"{r['units']['first_batch_after_s']:.1f} | {ok if r['k'] > 1 else '-'} |")
+              f"{r['units']['first_batch_after_s']:.1f} / {r['whole']['first_batch_after_s']:.1f} | "
+              f"{r['units_bound']:.2f} | {ok if r['k'] > 1 else '-'} | "
+              f"{('yes' if r['units_bound'] >= goal else 'no') if r['k'] > 1 else '-'} |")
 
 
 def main() -> None:
@@ -421,7 +511,10 @@ def main() -> None:
     ap.add_argument("--sim", action="store_true", help="only the simulated-accelerator scaling (section 4)")
     ap.add_argument("--sim-sizes", type=int, nargs="+", default=[12_000, 50_000])
     ap.add_argument("--sim-workers", type=int, nargs="+", default=[1, 2, 4, 8])
-    ap.add_argument("--sim-launchers", nargs="+", default=["procs", "ray"], choices=["procs", "ray"])
+    ap.add_argument("--sim-launchers", nargs="+", default=["procs", "ray", "ray-cluster"],
+                    choices=["procs", "ray", "ray-cluster"],
+                    help="ray: RAY_ADDRESS=local (a private cluster started inside each run); ray-cluster: a cluster "
+                    "of k CPUs started beforehand with 'ray start --head' (not timed), as at scale")
     ap.add_argument("--sim-seconds", type=float, default=0.2, help="test_sleep's wait per batch")
     ap.add_argument("--sim-batch", type=int, default=64)
     if sys.argv[1:2] == ["--run-one"]:

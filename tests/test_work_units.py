@@ -312,3 +312,71 @@ def test_test_sleep_waits_per_batch_without_cpu_and_needs_the_torch_engine(tmp_p
         build_engine("onnxruntime", bb, "cpu", "fp32")
     with pytest.raises(featbank.errors.ConfigError, match="seconds per batch"):
         load_backbone("test_sleep", "forever")
+
+
+def test_prestart_starts_the_fork_server_only_for_local_workers(monkeypatch):
+    from featbank.extraction.launchers import prestart
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert prestart(1) is False  # one process: no workers
+    assert prestart(2, "ray") is False and prestart(2, "torchrun") is False
+    assert prestart(2, job_array=True) is False  # --rank / --finalize run no local workers
+    assert prestart(2, "no-such-launcher") is False  # the run itself reports the bad name
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert prestart(2) is False  # auto under torchrun
+    monkeypatch.delenv("WORLD_SIZE")
+    assert prestart(2) is True and prestart(2, "local") is True  # idempotent: one server per process
+
+
+@pytest.mark.slow
+def test_ray_gpu_tasks_reuse_their_worker_processes(many_images, reference, tmp_path):
+    """Ray starts a fresh process per task that asks for GPUs unless told otherwise (max_calls=1):
+    torch imported and the model built again for every unit. featbank's tasks keep their workers."""
+    pytest.importorskip("ray")
+    out, trace = tmp_path / "ray.h5", tmp_path / "trace"
+    trace.mkdir()
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent(f"""
+        import os
+        os.environ["FEATBANK_SLEEP_TRACE"] = {str(trace)!r}
+        import ray
+        # A GPU declared, none used: each task asks for half of it, so 2 run at once (the device is the CPU).
+        ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+        import featbank
+        featbank.extract({str(many_images)!r}, {str(out)!r}, backbone="test_sleep", weights="0.001", engine="torch",
+                         num_workers=0, batch_size=16, shard_size=100, launcher="ray", procs=2, num_gpus=0.5,
+                         progress=False)
+    """))
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _read(out)["paths"] == reference["paths"]
+    n_parts = len(list(parts_dir(out).glob("part-*.h5")))
+    workers = list(trace.glob("sleep-*.txt"))  # one file per process that embedded a batch
+    assert n_parts >= 6 and 1 <= len(workers) <= 3, f"{len(workers)} worker processes embedded {n_parts} shards"
+
+
+def test_prestarted_workers_run_the_work_and_none_outlive_the_run(many_images, reference, tmp_path):
+    import multiprocessing as mp
+    import time
+
+    from featbank.extraction.launchers import prestarted_workers
+    from featbank.extraction.units import EngineSpec
+
+    out = tmp_path / "pool.h5"
+    prep = _prepare(many_images, out)
+    with prestarted_workers(2, "cpu", EngineSpec.of(prep.jobs[0].settings)) as pool:
+        assert pool is not None
+        run_prepared(prep, procs=2)  # takes the workers started (and warmed) while it planned
+        with pytest.raises(RuntimeError, match="already taken"):
+            pool.take()
+    got = _read(out)
+    np.testing.assert_array_equal(got["emb"], reference["emb"])
+    assert got["skipped"] == reference["skipped"] and _leftovers(out) == []
+    with prestarted_workers(2, "cpu") as pool:  # a run with nothing to do: nobody takes them
+        assert pool is not None
+    with prestarted_workers(1, "cpu") as pool:  # one process: no workers
+        assert pool is None
+    deadline = time.time() + 60
+    while mp.active_children() and time.time() < deadline:
+        time.sleep(0.2)
+    assert mp.active_children() == []

@@ -15,7 +15,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -393,11 +393,8 @@ def run_extract(config: ExtractConfig, on_progress: Callable[[int, int], None] |
 
     job = ExtractJob.resolve(config, on_progress)
     reset_engines()
-    if job.launcher == "local" and config.procs > 1:  # the workers' fork server imports torch while this process plans
-        from ._schedule import start_worker_server
-
-        start_worker_server()
-    with writer_lock(job.index_path) if job.holds_lock else nullcontext():  # the lock names a folder it cannot create
+    lock = writer_lock(job.index_path) if job.holds_lock else nullcontext()  # the lock names a folder it cannot create
+    with lock, _early_workers(job):
         job.index_path.parent.mkdir(parents=True, exist_ok=True)
         prep, report, dropped = _plan_run(job)
         if not config.finalize and not config.overwrite and _up_to_date(prep):
@@ -407,6 +404,20 @@ def run_extract(config: ExtractConfig, on_progress: Callable[[int, int], None] |
             if not sharded.published:  # a torchrun rank other than 0, a job array's slice: others publish
                 return _rank_report(report, prep, job, t0)
     return _finish_report(report, prep, t0, job, dropped)
+
+
+def _early_workers(job: ExtractJob) -> AbstractContextManager[object]:
+    """Local workers (``--procs`` > 1) started now, building their engine while this process plans."""
+    if job.launcher != "local" or job.config.procs < 2:
+        return nullcontext()
+    from .._device import precision_name
+    from .launchers import prestarted_workers
+    from .units import EngineSpec
+
+    c = job.config
+    spec = EngineSpec(c.backbone, c.weights, c.weights_file, job.engine, job.device,
+                      precision_name(job.device.split(":")[0]), job.features)
+    return prestarted_workers(c.procs, job.device, spec)
 
 
 def _plan_run(job: ExtractJob) -> tuple[Prepared, ExtractReport, int]:

@@ -7,7 +7,9 @@ equal work units, each shard's merge after its units), runs the same
 :func:`~featbank.extraction.units.finalize` once; they differ only in who runs which job:
 
 - ``local``: ``procs`` processes forked from a preloaded fork server (one per GPU, each pinned to its device, when GPUs are
-  used), each asking the parent for the next job when it is free. The parent hands out work over
+  used), each asking the parent for the next job when it is free. ``featbank extract`` starts the server
+  first (:func:`prestart`) and forks the workers while it plans (:func:`prestarted_workers`); each
+  builds its engine before its first job. The parent hands out work over
   one pipe per worker and watches each worker's sentinel, so a worker killed at any moment
   (SIGKILL included) cannot leave a shared queue's lock held and hang the others.
 - ``torchrun``: every rank computes the same schedule and takes its share (longest first onto the
@@ -18,8 +20,9 @@ equal work units, each shard's merge after its units), runs the same
   share of the work, computed as under torchrun, and publishes nothing; ranks run at any time and
   in any order. ``finalize`` then gathers the slices' units into parts (copies, no embedding) and
   publishes the index.
-- ``ray``: one Ray Core task per unit or shard (``num_gpus``, ``max_retries``), a merge task once
-  a shard's units are done, on an existing cluster (``ray.init(address="auto")``) or a local one.
+- ``ray``: one Ray Core task per unit or shard (``num_gpus``, ``max_retries``; the worker process and
+  its engine kept from task to task), a merge task once a shard's units are done, on an existing
+  cluster (``ray.init(address="auto")``) or a local one.
   Not Ray Data writers: they reorder blocks and their checkpointing is beta; here a retried task
   resumes its own ``.partial``.
 """
@@ -27,10 +30,13 @@ equal work units, each shard's merge after its units), runs the same
 from __future__ import annotations
 
 import os
+import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
@@ -38,8 +44,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..cache import PartInfo
 from ..errors import CacheError, ConfigError, FeatbankError
-from ._schedule import Schedule, plan_work, static_share, worker_context
-from .units import Prepared, ShardJob, final_part, finalize, run_job, run_shard
+from ._schedule import Schedule, plan_work, start_worker_server, static_share, worker_context
+from .units import EngineSpec, Prepared, ShardJob, engine_for, final_part, finalize, run_job, run_shard
 
 if TYPE_CHECKING:
     from .config import ExtractConfig
@@ -48,7 +54,8 @@ __all__ = [
     "LAUNCHERS", "Launcher", "LocalLauncher", "TorchrunLauncher", "RayLauncher", "SliceLauncher", "FinalizeLauncher",
     "RowsCallback", "ShardedReport", "JOB_ARRAY_LAUNCHERS", "register_launcher", "get_launcher", "launcher_choices",
     "launcher_name",
-    "resolve_launcher", "run_local", "run_slice", "run_torchrun", "run_ray", "run_prepared", "rank_shards",
+    "resolve_launcher", "run_local", "run_slice", "run_torchrun", "run_ray", "run_prepared", "rank_shards", "prestart",
+    "WorkerPool", "prestarted_workers",
 ]
 
 #: ``on_rows(n)``: n more rows are done (progress).
@@ -131,25 +138,64 @@ def launcher_name(config: ExtractConfig) -> str:
     return resolve_launcher(config.launcher or "auto")
 
 
+def prestart(procs: int, launcher: str | None = None, *, job_array: bool = False) -> bool:
+    """Start the local workers' fork server now if a run with these options will fork workers.
+
+    The fork server is a fresh process that imports torch (seconds); started before the caller
+    builds its :class:`~featbank.extraction.config.ExtractConfig` (whose checks import torch in
+    this process too), both imports run side by side instead of one after the other. ``featbank
+    extract`` calls it first; a run starts the server anyway when it needs one (once per process).
+    ``job_array``: ``--rank`` or ``--finalize`` was given (no local workers). Returns whether a run
+    with these options uses the fork server.
+    """
+    if job_array or not isinstance(procs, int) or procs < 2 or (launcher or "auto") not in launcher_choices():
+        return False
+    if resolve_launcher(launcher or "auto") != "local":
+        return False
+    start_worker_server()
+    return True
+
+
 def _pinned(job: ShardJob, slot: int, n_gpu: int) -> ShardJob:
     if n_gpu and job.settings.device.startswith("cuda"):
         return replace(job, settings=replace(job.settings, device=f"cuda:{slot % n_gpu}"))
     return job
 
 
+def _warm(spec: EngineSpec, slot: int, n_gpu: int) -> None:
+    """Build the engine a worker's jobs will use (on its pinned device) before the first job comes."""
+    if n_gpu and spec.device.startswith("cuda"):
+        spec = replace(spec, device=f"cuda:{slot % n_gpu}")
+    try:
+        engine_for(spec)
+    except Exception:  # noqa: BLE001 - only a head start: the first job builds it again and reports the error
+        pass
+
+
 def _local_worker(conn: Any, slot: int, n_gpu: int, threads: int) -> None:
-    """Loop of one local worker: ask for a job, run it, report; ``None`` means stop."""
+    """Loop of one local worker: ask for a job, run it, report; ``None`` means stop, an
+    :class:`EngineSpec` means build that engine now (no reply)."""
     import torch
 
     # N workers with torch's default (every core each) would oversubscribe the CPU N times over.
     torch.set_num_threads(threads)
     if n_gpu:
         torch.cuda.set_device(slot % n_gpu)
+    try:
+        _serve(conn, slot, n_gpu)
+    except (EOFError, BrokenPipeError):
+        return  # the parent is gone (e.g. it stopped on an error while this worker started): nobody to report to
+
+
+def _serve(conn: Any, slot: int, n_gpu: int) -> None:
     conn.send(("ready", None))
     while True:
         job = conn.recv()
         if job is None:
             return
+        if isinstance(job, EngineSpec):
+            _warm(job, slot, n_gpu)
+            continue
         try:
             conn.send(("done", run_job(_pinned(job, slot, n_gpu))))
         except FeatbankError as e:
@@ -214,6 +260,101 @@ def _start_workers(ctx: Any, n_procs: int, n_gpu: int) -> dict[int, list[Any]]:
     return workers
 
 
+def _stop_workers(workers: dict[int, list[Any]]) -> None:
+    for conn, _, _ in workers.values():
+        try:
+            conn.send(None)
+        except OSError:
+            pass  # already gone
+    for _, proc, _ in workers.values():
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
+class WorkerPool:
+    """``procs`` local workers started in a background thread before the run's plan is known, each
+    building its engine from ``spec`` (when given) while the parent lists files and plans.
+
+    :func:`run_local` takes them (:meth:`take`) when its run needs as many workers on as many
+    GPUs; otherwise, and whenever the run ends, :meth:`close` stops whatever was not taken.
+    """
+
+    def __init__(self, procs: int, n_gpu: int, spec: EngineSpec | None = None):
+        self.procs, self.n_gpu = procs, n_gpu
+        self._lock = threading.Lock()
+        self._workers: dict[int, list[Any]] | None = None
+        self._error: BaseException | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._start, args=(spec,), name="featbank-workers", daemon=True)
+        self._thread.start()
+
+    def _start(self, spec: EngineSpec | None) -> None:
+        try:
+            workers = _start_workers(worker_context(__name__), self.procs, self.n_gpu)
+            if spec is not None:
+                for conn, _, _ in workers.values():
+                    conn.send(spec)
+        except BaseException as e:  # noqa: BLE001 - raised again by take()
+            self._error = e
+            return
+        with self._lock:
+            if not self._closed:
+                self._workers = workers
+                return
+        _stop_workers(workers)  # closed while they started: nobody will take them
+
+    def take(self) -> dict[int, list[Any]]:
+        """The started workers (waits for them), ``{slot: [conn, process, None]}``; raises what starting them raised."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        with self._lock:
+            workers, self._workers = self._workers, None
+        if workers is None:
+            raise RuntimeError("the prestarted workers were already taken or closed")
+        return workers
+
+    def close(self) -> None:
+        """Stop the workers nobody took; does not wait for workers still starting (they stop themselves)."""
+        with self._lock:
+            self._closed = True
+            workers, self._workers = self._workers, None
+        if workers:
+            _stop_workers(workers)
+
+
+_POOL: ContextVar[WorkerPool | None] = ContextVar("featbank_worker_pool", default=None)
+
+
+def _gpu_count(device: str) -> int:
+    if not device.startswith("cuda"):
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
+
+
+@contextmanager
+def prestarted_workers(procs: int, device: str, spec: EngineSpec | None = None) -> Iterator[WorkerPool | None]:
+    """Start ``procs`` local workers now (``procs`` > 1), for :func:`run_local` calls inside the block to take.
+
+    The workers are forked (from the fork server) and build their engine while the caller scans and
+    plans; a run that needs them takes them, and the ones nobody took are stopped when the block ends.
+    """
+    if procs < 2:
+        yield None
+        return
+    pool = WorkerPool(procs, _gpu_count(device), spec)
+    token = _POOL.set(pool)
+    try:
+        yield pool
+    finally:
+        _POOL.reset(token)
+        pool.close()
+
+
 def run_local(jobs: Sequence[ShardJob], procs: int = 1, on_rows: Callable[[int], None] | None = None,
               total_rows: Sequence[int] | None = None) -> list[PartInfo]:
     """Run ``jobs`` in this process (``procs == 1``) or in ``procs`` worker processes.
@@ -244,7 +385,11 @@ def _run_workers(schedule: Schedule, procs: int, on_rows: Callable[[int], None] 
     every = [*schedule.work, *schedule.merges.values()]
     n_gpu = torch.cuda.device_count() if any(j.settings.device.startswith("cuda") for j in every) else 0
     dispatch = _Dispatch(schedule)
-    workers = _start_workers(worker_context(__name__), min(procs, len(schedule.work)), n_gpu)
+    pool = _POOL.get()
+    if pool is not None and pool.procs == procs and pool.n_gpu == n_gpu:
+        workers = pool.take()  # started while the parent planned; more than the work needs stop at once
+    else:
+        workers = _start_workers(worker_context(__name__), min(procs, len(schedule.work)), n_gpu)
     idle: list[int] = []
     done, failures = [], []
 
@@ -492,7 +637,10 @@ def run_ray(jobs: Sequence[ShardJob], *, num_cpus: int = 2, num_gpus: float = 0.
     except ImportError:
         raise ConfigError("--launcher ray needs Ray: pip install 'featbank[ray]'.") from None
     _ray_init(num_cpus)
-    task = ray.remote(num_cpus=1, num_gpus=num_gpus, max_retries=max_retries, retry_exceptions=False)(run_job)
+    # max_calls=0: a worker runs task after task and keeps its engine (Ray's default for GPU tasks,
+    # max_calls=1, would start a fresh process per unit: torch imported and the model built again).
+    task = ray.remote(num_cpus=1, num_gpus=num_gpus, max_retries=max_retries, retry_exceptions=False,
+                      max_calls=0)(run_job)
     dispatch = _Dispatch(plan_work(jobs, _ray_slots(num_gpus, procs), total_rows))
     refs = {}
     while (job := dispatch.next()) is not None:

@@ -50,8 +50,8 @@ if TYPE_CHECKING:
     from ._engines import Engine
     from .job import ExtractJob
 
-__all__ = ["RowSource", "WorkerSettings", "ShardJob", "Prepared", "prepare", "run_shard", "run_unit", "run_job",
-           "finalize", "final_part", "migrate_v1", "reset_engines", "UNIT_ATTR", "unit_path"]
+__all__ = ["RowSource", "WorkerSettings", "EngineSpec", "engine_for", "ShardJob", "Prepared", "prepare", "run_shard",
+           "run_unit", "run_job", "finalize", "final_part", "migrate_v1", "reset_engines", "UNIT_ATTR", "unit_path"]
 
 #: Attribute of a work unit's ``.partial``: the name of the part its rows are for.
 UNIT_ATTR = "unit_of"
@@ -253,22 +253,43 @@ def _tar_rows(plan: Plan, source: RowSource) -> np.ndarray:
     return np.array([pos[m.partition("\0")[0]] for m in source.members], np.int64).reshape(-1)
 
 
-_ENGINES: dict[tuple[object, ...], Engine] = {}
+@dataclass(frozen=True)
+class EngineSpec:
+    """What a worker's engine is built from: the fields of :class:`WorkerSettings` it depends on,
+    known before the run is planned (so workers started early can build it while the parent plans)."""
+
+    backbone: str
+    weights: str | None
+    weights_file: str | None
+    engine: str
+    device: str
+    precision: str
+    features: FeatureSpec | None = None
+
+    @classmethod
+    def of(cls, settings: WorkerSettings) -> EngineSpec:
+        s = settings
+        return cls(s.backbone, s.weights, s.weights_file, s.engine, s.device, s.precision, s.features)
 
 
-def _engine(settings: WorkerSettings) -> Engine:
-    """One engine per process and settings, so a worker that runs many shards builds it once."""
-    k = (settings.backbone, settings.weights, settings.weights_file, settings.engine, settings.device, settings.precision,
-         settings.features)
-    if k not in _ENGINES:
+_ENGINES: dict[EngineSpec, Engine] = {}
+
+
+def engine_for(spec: EngineSpec) -> Engine:
+    """One engine per process and spec, so a worker that runs many shards builds it once."""
+    if spec not in _ENGINES:
         from ..backbones import load_backbone
         from ._engines import build_engine, build_tap_engine
 
-        bb = load_backbone(settings.backbone, settings.weights, settings.weights_file)
-        f = settings.features
-        _ENGINES[k] = (build_engine(settings.engine, bb, settings.device, settings.precision) if f is None
-                       else build_tap_engine(settings.engine, bb, settings.device, settings.precision, f.layers, f.pooling))
-    return _ENGINES[k]
+        bb = load_backbone(spec.backbone, spec.weights, spec.weights_file)
+        f = spec.features
+        _ENGINES[spec] = (build_engine(spec.engine, bb, spec.device, spec.precision) if f is None
+                          else build_tap_engine(spec.engine, bb, spec.device, spec.precision, f.layers, f.pooling))
+    return _ENGINES[spec]
+
+
+def _engine(settings: WorkerSettings) -> Engine:
+    return engine_for(EngineSpec.of(settings))
 
 
 def reset_engines() -> None:
