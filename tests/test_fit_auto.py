@@ -21,7 +21,7 @@ from featbank.cli.main import cli
 from featbank.errors import BundleError, ConfigError
 from featbank.fitting._auto import bootstrap_interval, idle_cores, search_threads
 from featbank.fitting._layers import FeatureTable
-from featbank.fitting._search import AutoSearch, Candidate, make_folds, parse_budget
+from featbank.fitting._search import AutoSearch, Candidate, Scored, _ranked, make_folds, parse_budget
 from featbank.heads import HEAD_FAMILIES
 
 try:
@@ -526,3 +526,18 @@ def test_round_one_takes_tier_1_leads_after_tier_0_and_a_gram_group_together() -
         # Gram matrix's group (without: c/y, a/y, b/y, then the x's)
         "c/pooled/standardize/y", "c/pooled/standardize/x", "a/pooled/standardize/y", "a/pooled/standardize/x",
         "b/pooled/standardize/y", "b/pooled/standardize/x"]
+
+
+def test_candidates_of_one_round_are_ranked_on_the_folds_they_share() -> None:
+    """Two candidates through round 2 (5 folds), one also scored on round 3's 5 folds where the last
+    round is incomplete: they are compared on the same 5 folds, not on a 5- against a 10-fold mean."""
+    c = Candidate("a", ("final",), "pooled", "standardize", "svm-rbf")
+    longer = Scored(c, [{"C": 1.0}], np.array([[0.81] * 5 + [0.79] * 5]), rounds=3)  # 0.807 on 5, 0.800 on 10
+    shorter = Scored(c, [{"C": 1.0}], np.array([[0.805] * 5]), rounds=2)
+    assert _ranked([shorter, longer], complete=2, cv=5) == [longer, shorter]
+    # were round 3 complete, it would rank first on its own round, whatever its mean
+    worse = Scored(c, [{"C": 1.0}], np.array([[0.70] * 10]), rounds=3)
+    assert _ranked([shorter, worse], complete=3, cv=5) == [worse, shorter]
+    # the grid point is chosen on the shared folds too
+    two = Scored(c, [{"C": 1.0}, {"C": 10.0}], np.array([[0.80] * 5 + [0.60] * 5, [0.78] * 10]), rounds=3)
+    assert _ranked([shorter, two], complete=2, cv=5) == [shorter, two]  # 0.80 < 0.805 on the 5 shared folds

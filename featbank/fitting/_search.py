@@ -327,12 +327,12 @@ class AutoSearch:
             keep = max(1, math.ceil(len(alive) * KEEP))
             if len(alive) <= 1 and r >= 2:  # a lone candidate still completes its first K folds
                 break
-            alive = self._round(r, _ranked(alive, r)[:keep], data, y, clock)
+            alive = self._round(r, _ranked(alive, r, self.cv)[:keep], data, y, clock)
             if not alive:
                 break
         # A round the budget cut short ranks no one above the rest: only complete rounds count.
         complete = next((i for i, r in enumerate(self.rounds_) if not r["complete"]), len(self.rounds_))
-        self.scored_ = _ranked([s for s in scored if s.rounds > 0], max(1, complete))
+        self.scored_ = _ranked([s for s in scored if s.rounds > 0], max(1, complete), self.cv)
         if not self.scored_:
             raise ConfigError(
                 f"--budget {self.budget_s:g}s is too short to score any candidate on {self.cv} folds (the cheapest "
@@ -537,11 +537,21 @@ def _rungs(k: int, repeats: int) -> list[tuple[int, list[int]]]:
     return [(0, [0]), (0, list(range(1, k)))] + [(r, list(range(k))) for r in range(1, repeats)]
 
 
-def _ranked(scored: Sequence[Scored], complete: int) -> list[Scored]:
-    # Later rounds first (up to the last complete one), then the CV mean; ties: the lower spread,
-    # then the cheaper estimate.
-    return sorted(scored, key=lambda s: (-min(s.rounds, complete), -round(s.cv_mean, 12), round(s.cv_std, 12),
-                                         s.estimate))
+def _ranked(scored: Sequence[Scored], complete: int, cv: int) -> list[Scored]:
+    """Later rounds first (up to the last complete one); within a round, the best CV mean on the folds
+    every candidate of that round has, so a candidate scored on more folds is compared on the same
+    folds, not on its longer mean; ties: the lower spread, then the cheaper estimate."""
+    def key(s: Scored) -> tuple[float, ...]:
+        tier = min(s.rounds, complete)
+        common = s.scores[:, :_folds_through(tier, cv)]
+        return (-tier, -round(float(common.mean(axis=1).max()), 12), round(s.cv_std, 12), s.estimate)
+
+    return sorted(scored, key=key)
+
+
+def _folds_through(rounds: int, cv: int) -> int:
+    """Folds a candidate has by the end of round ``rounds`` (see :func:`_rungs`): 1, then K, then K more a round."""
+    return 1 if rounds <= 1 else cv * (rounds - 1)
 
 
 def _label(c: Candidate) -> str:
