@@ -328,33 +328,6 @@ def test_prestart_starts_the_fork_server_only_for_local_workers(monkeypatch):
     assert prestart(2) is True and prestart(2, "local") is True  # idempotent: one server per process
 
 
-@pytest.mark.slow
-def test_ray_gpu_tasks_reuse_their_worker_processes(many_images, reference, tmp_path):
-    """Ray starts a fresh process per task that asks for GPUs unless told otherwise (max_calls=1):
-    torch imported and the model built again for every unit. featbank's tasks keep their workers."""
-    pytest.importorskip("ray")
-    out, trace = tmp_path / "ray.h5", tmp_path / "trace"
-    trace.mkdir()
-    script = tmp_path / "driver.py"
-    script.write_text(textwrap.dedent(f"""
-        import os
-        os.environ["FEATBANK_SLEEP_TRACE"] = {str(trace)!r}
-        import ray
-        # A GPU declared, none used: each task asks for half of it, so 2 run at once (the device is the CPU).
-        ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
-        import featbank
-        featbank.extract({str(many_images)!r}, {str(out)!r}, backbone="test_sleep", weights="0.001", engine="torch",
-                         num_workers=0, batch_size=16, shard_size=100, launcher="ray", procs=2, num_gpus=0.5,
-                         progress=False)
-    """))
-    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=400)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert _read(out)["paths"] == reference["paths"]
-    n_parts = len(list(parts_dir(out).glob("part-*.h5")))
-    workers = list(trace.glob("sleep-*.txt"))  # one file per process that embedded a batch
-    assert n_parts >= 6 and 1 <= len(workers) <= 3, f"{len(workers)} worker processes embedded {n_parts} shards"
-
-
 def test_prestarted_workers_run_the_work_and_none_outlive_the_run(many_images, reference, tmp_path):
     import multiprocessing as mp
     import time
@@ -367,8 +340,7 @@ def test_prestarted_workers_run_the_work_and_none_outlive_the_run(many_images, r
     with prestarted_workers(2, "cpu", EngineSpec.of(prep.jobs[0].settings)) as pool:
         assert pool is not None
         run_prepared(prep, procs=2)  # takes the workers started (and warmed) while it planned
-        with pytest.raises(RuntimeError, match="already taken"):
-            pool.take()
+        assert pool.take() is None  # taken: a second run in the block starts its own
     got = _read(out)
     np.testing.assert_array_equal(got["emb"], reference["emb"])
     assert got["skipped"] == reference["skipped"] and _leftovers(out) == []
@@ -380,3 +352,17 @@ def test_prestarted_workers_run_the_work_and_none_outlive_the_run(many_images, r
     while mp.active_children() and time.time() < deadline:
         time.sleep(0.2)
     assert mp.active_children() == []
+
+
+def test_a_run_with_nothing_to_do_stops_the_prestarted_workers_quietly(many_images, tmp_path):
+    """``--procs 2`` on an up-to-date cache and on a missing data folder: no worker's traceback, no
+    process left behind (workers forked while the parent planned are stopped at once)."""
+    out = tmp_path / "c.h5"
+    cmd = [sys.executable, "-m", "featbank.cli", "extract", str(many_images), "--out", str(out), "--backbone", "test_tiny",
+           "--weights", "random", "--num-workers", "0", "--procs", "2", "--shard-size", "200", "--quiet"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    for argv in (cmd, [*cmd[:4], str(tmp_path / "nodata"), *cmd[5:]]):
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        assert res.returncode == (0 if argv is cmd else 2), res.stderr[-2000:]
+        assert "Traceback" not in res.stderr, res.stderr[-3000:]

@@ -20,8 +20,9 @@ equal work units, each shard's merge after its units), runs the same
   share of the work, computed as under torchrun, and publishes nothing; ranks run at any time and
   in any order. ``finalize`` then gathers the slices' units into parts (copies, no embedding) and
   publishes the index.
-- ``ray``: one Ray Core task per unit or shard (``num_gpus``, ``max_retries``; the worker process and
-  its engine kept from task to task), a merge task once a shard's units are done, on an existing
+- ``ray``: one Ray Core task per unit or shard (``num_gpus``, ``max_retries``; a CPU task's worker keeps
+  its engine from task to task, a GPU task gets a fresh process, Ray's default), a merge task once a
+  shard's units are done, on an existing
   cluster (``ray.init(address="auto")``) or a local one.
   Not Ray Data writers: they reorder blocks and their checkpointing is beta; here a retried task
   resumes its own ``.partial``.
@@ -183,7 +184,7 @@ def _local_worker(conn: Any, slot: int, n_gpu: int, threads: int) -> None:
         torch.cuda.set_device(slot % n_gpu)
     try:
         _serve(conn, slot, n_gpu)
-    except (EOFError, BrokenPipeError):
+    except (EOFError, OSError):  # BrokenPipeError, ConnectionResetError
         return  # the parent is gone (e.g. it stopped on an error while this worker started): nobody to report to
 
 
@@ -260,19 +261,6 @@ def _start_workers(ctx: Any, n_procs: int, n_gpu: int) -> dict[int, list[Any]]:
     return workers
 
 
-def _stop_workers(workers: dict[int, list[Any]]) -> None:
-    for conn, _, _ in workers.values():
-        try:
-            conn.send(None)
-        except OSError:
-            pass  # already gone
-    for _, proc, _ in workers.values():
-        proc.join(timeout=30)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-
-
 class WorkerPool:
     """``procs`` local workers started in a background thread before the run's plan is known, each
     building its engine from ``spec`` (when given) while the parent lists files and plans.
@@ -291,6 +279,7 @@ class WorkerPool:
         self._thread.start()
 
     def _start(self, spec: EngineSpec | None) -> None:
+        workers: dict[int, list[Any]] = {}
         try:
             workers = _start_workers(worker_context(__name__), self.procs, self.n_gpu)
             if spec is not None:
@@ -298,31 +287,45 @@ class WorkerPool:
                     conn.send(spec)
         except BaseException as e:  # noqa: BLE001 - raised again by take()
             self._error = e
+            _terminate_workers(workers)
             return
         with self._lock:
             if not self._closed:
                 self._workers = workers
                 return
-        _stop_workers(workers)  # closed while they started: nobody will take them
+        _terminate_workers(workers)  # closed while they started: nobody will take them
 
-    def take(self) -> dict[int, list[Any]]:
-        """The started workers (waits for them), ``{slot: [conn, process, None]}``; raises what starting them raised."""
+    def take(self) -> dict[int, list[Any]] | None:
+        """The started workers (waits for them), ``{slot: [conn, process, None]}``, or None when they were
+        already taken or the pool is closed; raises what starting them raised."""
         self._thread.join()
         if self._error is not None:
             raise self._error
         with self._lock:
             workers, self._workers = self._workers, None
-        if workers is None:
-            raise RuntimeError("the prestarted workers were already taken or closed")
         return workers
 
     def close(self) -> None:
-        """Stop the workers nobody took; does not wait for workers still starting (they stop themselves)."""
+        """Stop the workers nobody took, at once: they hold no work (waits for the k forks to finish, so
+        none outlives the caller)."""
         with self._lock:
             self._closed = True
             workers, self._workers = self._workers, None
         if workers:
-            _stop_workers(workers)
+            _terminate_workers(workers)
+        self._thread.join(timeout=60)
+
+
+def _terminate_workers(workers: dict[int, list[Any]]) -> None:
+    """Stop workers that hold no job (never given one): SIGTERM, then wait."""
+    for conn, proc, _ in workers.values():
+        conn.close()
+        proc.terminate()
+    for _, proc, _ in workers.values():
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
 
 
 _POOL: ContextVar[WorkerPool | None] = ContextVar("featbank_worker_pool", default=None)
@@ -373,6 +376,8 @@ def run_local(jobs: Sequence[ShardJob], procs: int = 1, on_rows: Callable[[int],
         return [run_shard(j, on_rows) for j in jobs]
     schedule = plan_work(jobs, procs, total_rows)
     if schedule.n_jobs <= 1:
+        if (pool := _POOL.get()) is not None:
+            pool.close()  # the prestarted workers (and their engines) are not needed for one job
         return [run_shard(j, on_rows) for j in jobs]
     return _run_workers(schedule, procs, on_rows)
 
@@ -386,9 +391,8 @@ def _run_workers(schedule: Schedule, procs: int, on_rows: Callable[[int], None] 
     n_gpu = torch.cuda.device_count() if any(j.settings.device.startswith("cuda") for j in every) else 0
     dispatch = _Dispatch(schedule)
     pool = _POOL.get()
-    if pool is not None and pool.procs == procs and pool.n_gpu == n_gpu:
-        workers = pool.take()  # started while the parent planned; more than the work needs stop at once
-    else:
+    workers = pool.take() if pool is not None and pool.procs == procs and pool.n_gpu == n_gpu else None
+    if workers is None:  # else: started while the parent planned; more than the work needs stop at once
         workers = _start_workers(worker_context(__name__), min(procs, len(schedule.work)), n_gpu)
     idle: list[int] = []
     done, failures = [], []
@@ -637,10 +641,10 @@ def run_ray(jobs: Sequence[ShardJob], *, num_cpus: int = 2, num_gpus: float = 0.
     except ImportError:
         raise ConfigError("--launcher ray needs Ray: pip install 'featbank[ray]'.") from None
     _ray_init(num_cpus)
-    # max_calls=0: a worker runs task after task and keeps its engine (Ray's default for GPU tasks,
-    # max_calls=1, would start a fresh process per unit: torch imported and the model built again).
-    task = ray.remote(num_cpus=1, num_gpus=num_gpus, max_retries=max_retries, retry_exceptions=False,
-                      max_calls=0)(run_job)
+    # Ray's default max_calls stays: CPU tasks reuse their worker (and its engine); a task that asks for GPUs
+    # gets a fresh process (max_calls=1), which frees its GPU memory and never computes on a GPU that a
+    # reused process had been given before (CUDA_VISIBLE_DEVICES is read once, when CUDA starts).
+    task = ray.remote(num_cpus=1, num_gpus=num_gpus, max_retries=max_retries, retry_exceptions=False)(run_job)
     dispatch = _Dispatch(plan_work(jobs, _ray_slots(num_gpus, procs), total_rows))
     refs = {}
     while (job := dispatch.next()) is not None:
