@@ -164,12 +164,11 @@ def test_test_labels_cannot_change_any_choice(layered) -> None:
     assert a.headline["top1"] != b.headline["top1"]  # the test labels did differ, and only the final score saw them
 
 
-class Scaled(Recording):
-    """The real knn family, timed, with its cost estimate multiplied by ``factor`` (how wrong it is here)."""
+class Timed(Recording):
+    """The real family; ``times`` holds the wall seconds of each ``cv_scores`` call."""
 
-    def __init__(self, family, factor: float):
+    def __init__(self, family):
         super().__init__(family)
-        self.factor = factor
         self.times: list[float] = []
 
     def cv_scores(self, *a, **kw):
@@ -177,6 +176,14 @@ class Scaled(Recording):
         out = self.family.cv_scores(*a, **kw)
         self.times.append(time.perf_counter() - t0)
         return out
+
+
+class Scaled(Timed):
+    """The real family, timed, with its cost estimate multiplied by ``factor`` (how wrong it is here)."""
+
+    def __init__(self, family, factor: float):
+        super().__init__(family)
+        self.factor = factor
 
     def relative_cost(self, *a):
         return self.family.relative_cost(*a) * self.factor
@@ -276,20 +283,6 @@ def test_pooled_search_rows_are_the_rows_predict_makes(layered) -> None:
         table = FeatureTable(c, layers, pooled=True)
         train = np.flatnonzero(c.split_mask("train"))
         np.testing.assert_array_equal(rec.matrices[0], table.load_embeddings(train))
-
-
-class Timed(Recording):
-    """The real family; ``times`` holds the wall seconds of each ``cv_scores`` call."""
-
-    def __init__(self, family):
-        super().__init__(family)
-        self.times: list[float] = []
-
-    def cv_scores(self, *a, **kw):
-        t0 = time.perf_counter()
-        out = self.family.cv_scores(*a, **kw)
-        self.times.append(time.perf_counter() - t0)
-        return out
 
 
 class Costly(Recording):
