@@ -182,21 +182,29 @@ def test_mlp_head_round_trip(module_tmp: Path, data_dir: Path, shared_onnx_cache
     assert report.route == "torch+compose"
 
 
-@pytest.mark.parametrize("kind", ["random_forest", "logistic_binary_columns"])
+@pytest.mark.parametrize("kind", ["random_forest", "random_forest_sqrt", "logistic_binary_columns"])
 def test_sklearn_heads_round_trip(kind: str, module_tmp: Path, tmp_path: Path, shared_onnx_cache: Path) -> None:
-    """A non-linear head through skl2onnx, and a linear sklearn head whose classes are a subset."""
-    from featbank.heads import make_sklearn_head
+    """A non-linear head through skl2onnx (after featbank's own preprocessing nodes: L2, or the signed square
+    root and standardisation), and a linear sklearn head whose classes are a subset."""
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
 
-    if kind == "random_forest":
+    from featbank.heads import SignedSqrt, make_sklearn_head
+
+    if kind.startswith("random_forest"):
         data = make_image_folder(tmp_path / "data", n_per_class=6, seed=3)
         head = make_sklearn_head("RandomForestClassifier", {"n_estimators": 7, "max_depth": 4}, l2_normalize=True)
+        if kind == "random_forest_sqrt":
+            head = Pipeline([("sqrt", SignedSqrt()), ("scale", StandardScaler()),
+                             ("clf", RandomForestClassifier(n_estimators=7, max_depth=4, random_state=0))])
         route = "skl2onnx+compose"
     else:
         # Class "dog" has no training images: the head sees 2 classes, the bundle has 3 columns.
         data = make_image_folder(tmp_path / "data", n_per_class=6, seed=4)
         head = make_sklearn_head("LogisticRegression", {"C": 0.5})
         route = "torch+compose"
-    bundle = make_bundle(tmp_path, data, head, name=kind, exclude_class=1 if kind != "random_forest" else None)
+    bundle = make_bundle(tmp_path, data, head, name=kind, exclude_class=None if kind.startswith("random_forest") else 1)
     report = featbank.export_model(bundle, tmp_path / f"{kind}.onnx")
     assert report.route == route
     assert report.parity["passed"], report.parity

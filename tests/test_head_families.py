@@ -86,7 +86,7 @@ def hard_digits() -> tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, np.nda
 
 
 @pytest.mark.parametrize("name", ["svm-rbf", "svm-linear"])
-@pytest.mark.parametrize("preprocess", ["standardize", "l2"])
+@pytest.mark.parametrize("preprocess", ["standardize", "l2", "sqrt"])
 @pytest.mark.parametrize("shared", [False, True])
 def test_svm_cv_scores_equal_fitting_build_on_each_fold(hard_digits, name, preprocess, shared) -> None:
     """With or without a shared FoldKernels (filled first by the other families, so this one reads it)."""
@@ -148,7 +148,7 @@ def test_kernel_svc_refuses_bad_parameters() -> None:
         get_head_family("svm-rbf").build({"C": 0.0, "gamma_scale": 1.0})
 
 
-@pytest.mark.parametrize("preprocess", ["standardize", "l2"])
+@pytest.mark.parametrize("preprocess", ["standardize", "l2", "sqrt"])
 @pytest.mark.parametrize("shared", [False, True])
 def test_knn_cv_scores_equal_kneighborsclassifier_on_each_fold(hard_digits, preprocess, shared) -> None:
     """Scikit-learn's neighbour search, or the distances of the shared Gram matrix: the same votes."""
@@ -180,7 +180,7 @@ def test_knn_cv_scores_equal_kneighborsclassifier_on_each_fold(hard_digits, prep
 
 @pytest.mark.parametrize(("name", "params"), [("knn", {"k": 5}), ("svm-rbf", {"C": 3.0, "gamma_scale": 1.0}),
                                               ("svm-linear", {"C": 0.1})])
-@pytest.mark.parametrize("preprocess", ["standardize", "l2"])
+@pytest.mark.parametrize("preprocess", ["standardize", "l2", "sqrt"])
 def test_torch_modules_of_knn_and_svm_equal_estimator_proba(hard_digits, name, params, preprocess) -> None:
     """What export puts in the graph: multiclass and binary, to float32 rounding."""
     import torch
@@ -310,7 +310,8 @@ def plain(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 _EXPORT_CASES = [("linear", "standardize", {"C": 0.1}), ("svm-rbf", "standardize", {"C": 3.0, "gamma_scale": 1.0}),
                  ("svm-rbf", "l2", {"C": 10.0, "gamma_scale": 2.0}), ("svm-linear", "l2", {"C": 0.1}),
-                 ("knn", "standardize", {"k": 3}), ("knn", "l2", {"k": 5}),
+                 ("svm-rbf", "sqrt", {"C": 3.0, "gamma_scale": 1.0}), ("knn", "standardize", {"k": 3}),
+                 ("knn", "l2", {"k": 5}), ("knn", "sqrt", {"k": 3}),
                  ("mlp", "standardize", {"hidden_sizes": 16, "dropout": 0.2, "weight_decay": 1e-4})]
 
 
@@ -381,3 +382,31 @@ def test_relative_costs_grow_with_the_work() -> None:
     # On the ELPV pooled features the MLP is the expensive family by far.
     costs = {n: f.relative_cost(2100, 12560, 6) for n, f in HEAD_FAMILIES.items()}
     assert max(costs, key=costs.get) == "mlp" and costs["mlp"] > 10 * costs["svm-rbf"]
+
+
+def test_signed_sqrt_is_power_normalisation_that_saves_and_loads_as_a_trusted_type(tmp_path) -> None:
+    """``sqrt``: sign(x) * sqrt(|x|) entry by entry (negatives keep their sign), then standardised; the step
+    has no learned state, refuses another width, and a skops file of its pipeline loads under featbank's
+    trust list (which names it) and predicts the same."""
+    from sklearn.base import clone
+
+    from featbank.heads import SignedSqrt
+    from featbank.heads.skops import load_skops, serialize_sklearn, trusted_skops_types
+
+    X = np.array([[4.0, -9.0, 0.0], [0.25, 1.0, -0.01]])
+    np.testing.assert_array_equal(SignedSqrt().fit_transform(X), [[2.0, -3.0, 0.0], [0.5, 1.0, -0.1]])
+    with pytest.raises(ValueError, match="fitted on 3 features; got an array of shape"):
+        SignedSqrt().fit(X).transform(X[:, :2])
+    assert clone(SignedSqrt()).get_params() == {}
+    est = get_head_family("svm-rbf").build({"C": 3.0, "gamma_scale": 1.0}, preprocess="sqrt")
+    assert [type(s).__name__ for _, s in est.steps] == ["SignedSqrt", "StandardScaler", "KernelSVC"]
+    assert "featbank.heads.SignedSqrt" in trusted_skops_types()
+    rng = np.random.default_rng(0)
+    Xr, y = rng.normal(size=(60, 5)), np.arange(60) % 3
+    est.fit(Xr, y)
+    _, data, types = serialize_sklearn(est)
+    assert "featbank.heads.SignedSqrt" in types
+    loaded = load_skops(data, "test")
+    np.testing.assert_array_equal(loaded.predict(Xr), est.predict(Xr))
+    with pytest.raises(ConfigError, match="preprocess"):
+        get_head_family("linear").build({"C": 1.0}, preprocess="sqrt")

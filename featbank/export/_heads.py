@@ -124,6 +124,10 @@ def _prefix_nodes(
                 helper.make_node("Div", [x, f"pre{i}/safe"], [f"pre{i}/out"]),
             ]
             inits.append(numpy_helper.from_array(np.array(1e-30, np.float32), f"pre{i}/eps"))
+        elif kind == "sqrt":  # sign(x) * sqrt(|x|)
+            nodes += [helper.make_node("Sign", [x], [f"pre{i}/sign"]), helper.make_node("Abs", [x], [f"pre{i}/abs"]),
+                      helper.make_node("Sqrt", [f"pre{i}/abs"], [f"pre{i}/root"]),
+                      helper.make_node("Mul", [f"pre{i}/sign", f"pre{i}/root"], [f"pre{i}/out"])]
         else:
             cur = x
             if mean is not None:

@@ -14,7 +14,9 @@ the test rows are read only after the search has returned its winner, for the on
   augmented views, ``--pool-views``) when the cache holds hflip or dihedral views. Training on
   the views with TTA is left out: it multiplies the rows by K + 1 (8 with dihedral views), so a
   kernel SVM's cost by up to 64, and on the #15 benchmarks it never beat pooling.
-- preprocessing: ``standardize``; ``l2`` (centre on the fit rows' mean, then L2-normalise rows).
+- preprocessing: ``standardize``; ``l2`` (centre on the fit rows' mean, then L2-normalise rows);
+  ``sqrt`` (the signed square root of every entry, then standardise: power normalisation), for the
+  families that share a Gram matrix (:mod:`featbank.heads._preprocess`).
 - heads: every family of ``featbank.heads.HEAD_FAMILIES`` with its ``default_grid``.
 
 ``--budget`` covers everything before the refit: the layer selection, loading the feature
@@ -51,7 +53,7 @@ __all__ = ["SearchSettings", "fit_search", "spans", "SPAN_NAMES",
            "bootstrap_interval", "PREPROCESSING", "N_BOOTSTRAP", "MIN_SEARCH_SHARE",
            "idle_cores", "search_threads"]
 
-PREPROCESSING = ("standardize", "l2")
+PREPROCESSING = ("standardize", "l2", "sqrt")
 #: Names :func:`spans` may give (last2 ... last512): feature sets for the Gram-sharing families only.
 SPAN_NAMES = frozenset(f"last{2 ** i}" for i in range(1, 10))
 #: Resamples of the test rows for the 95% interval of the test top-1.
@@ -382,7 +384,7 @@ def _save(found: dict[str, Any], spec: HeadSpec, metrics: dict[str, Any], settin
     cache, winner = found["cache"], found["winner"]
     pre = winner["preprocessing"]
     head_spec = replace(spec, head=winner["head"], params=dict(winner["params"]),
-                        standardize=pre.startswith("standardize"), l2_normalize="l2" in pre)
+                        standardize=pre in ("standardize", "sqrt"), l2_normalize=pre == "l2")
     head = FittedHead(found["estimator"], head_spec, dict(winner["params"]), {"family": winner["head"], "preprocess": pre})
     test = found["test"]
     headline = {k: v for k, v in (metrics.get("test") or metrics["cv"]).items()

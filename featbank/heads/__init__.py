@@ -45,11 +45,12 @@ from .kinds import (
 )
 
 if TYPE_CHECKING:
-    from ._families import HEAD_FAMILIES, PREPROCESSES, Folds, HeadFamily, get_head_family
+    from ._families import HEAD_FAMILIES, Folds, HeadFamily, get_head_family
     from ._gram import FoldGram, FoldKernels
     from ._kernel_svc import KernelSVC
     from ._linear_head import LinearHead
     from ._mlp_head import MLPHead
+    from ._preprocess import PREPROCESSES, SignedSqrt
     from ._state import head_to_torch
 
 # The torch heads and the families load on first use, so that ``featbank.fitting`` (and the CLI)
@@ -58,8 +59,9 @@ if TYPE_CHECKING:
 # resolve through here.
 _LAZY = {
     "LinearHead": "._linear_head", "MLPHead": "._mlp_head", "head_to_torch": "._state", "KernelSVC": "._kernel_svc",
-    "HeadFamily": "._families", "HEAD_FAMILIES": "._families", "PREPROCESSES": "._families", "Folds": "._families",
+    "HeadFamily": "._families", "HEAD_FAMILIES": "._families", "Folds": "._families",
     "get_head_family": "._families", "FoldKernels": "._gram", "FoldGram": "._gram",
+    "PREPROCESSES": "._preprocess", "SignedSqrt": "._preprocess",
 }
 
 
@@ -101,6 +103,7 @@ __all__ = [
     "HeadFamily",
     "HEAD_FAMILIES",
     "PREPROCESSES",
+    "SignedSqrt",
     "Folds",
     "get_head_family",
     "FoldKernels",

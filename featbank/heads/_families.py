@@ -7,9 +7,10 @@ the SVMs and ``knn``, shared across those families through a :class:`~featbank.h
 when the caller passes one), an unfitted estimator for any grid point that
 featbank's bundles save and its ONNX export converts, and a rough cost for planning a time budget.
 
-Preprocessing (``preprocess``): ``"standardize"`` (each feature centred and scaled with the fit
-rows' mean and standard deviation) or ``"l2"`` (centred on the fit rows' mean, then each row
-L2-normalised). Either is fitted on a fold's fit rows only, and is part of the estimator ``build``
+Preprocessing (``preprocess``, :mod:`featbank.heads._preprocess`): ``"standardize"`` (each feature
+centred and scaled with the fit rows' mean and standard deviation), ``"l2"`` (centred on the fit
+rows' mean, then each row L2-normalised) or ``"sqrt"`` (the signed square root of each entry, then
+standardised). Each is fitted on a fold's fit rows only, and is part of the estimator ``build``
 gives. A family lists the preprocessings it supports in ``preprocesses``.
 """
 
@@ -24,19 +25,17 @@ import numpy as np
 
 from ..errors import ConfigError
 from ._features import Features
-from ._gram import FoldGram, FoldKernels, fold_gram, fold_rows, prep_steps
+from ._gram import FoldGram, FoldKernels, fold_gram, fold_rows
 from ._kernel_svc import KernelSVC, gamma_of, rbf_from_gram
 from ._linear_head import LinearHead
 from ._mlp_head import MLPHead
+from ._preprocess import PREPROCESSES, prep_steps
 
 __all__ = ["Folds", "HeadFamily", "HEAD_FAMILIES", "PREPROCESSES", "get_head_family", "LinearFamily", "SVMFamily", "KNNFamily",
            "MLPFamily"]
 
 #: ``(fit_rows, held_out_rows)`` per fold: integer index arrays into ``X``.
 Folds = Sequence[tuple[np.ndarray, np.ndarray]]
-
-#: Every preprocessing a family may support (see the module docstring).
-PREPROCESSES = ("standardize", "l2")
 
 
 @runtime_checkable

@@ -20,11 +20,12 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-__all__ = ["FoldGram", "FoldKernels", "KERNEL_BYTES", "fold_gram", "fold_rows", "prep_steps"]
+from ._preprocess import prep_steps
+
+__all__ = ["FoldGram", "FoldKernels", "KERNEL_BYTES", "fold_gram", "fold_rows"]
 
 #: Default bound of :class:`FoldKernels`: 1 GiB (on ELPV 4-class, 1,836 train+val images, one fold's
 #: matrices take 22 MB whatever the width of the features; on Fashion-MNIST 10k, 7,000, 314 MB).
@@ -68,16 +69,6 @@ def fold_gram(Xf: np.ndarray, Xh: np.ndarray, device: str = "cpu") -> FoldGram:
     Xf, Xh = np.asarray(Xf, np.float64), np.asarray(Xh, np.float64)
     return FoldGram(gram(Xf, Xf, device), gram(Xh, Xf, device), sq_norms(Xf), sq_norms(Xh), float(Xf.var()),
                     int(Xf.shape[1]))
-
-
-def prep_steps(preprocess: str) -> list[tuple[str, Any]]:
-    """The scikit-learn steps of a preprocessing (fresh, unfitted): what a head family's ``build`` puts
-    before the classifier (``standardize``: a ``StandardScaler``; ``l2``: centring, then ``Normalizer``)."""
-    from sklearn.preprocessing import Normalizer, StandardScaler
-
-    if preprocess == "standardize":
-        return [("scale", StandardScaler())]
-    return [("center", StandardScaler(with_std=False)), ("l2", Normalizer(norm="l2"))]
 
 
 def fold_rows(X: np.ndarray, fit: np.ndarray, held: np.ndarray, preprocess: str) -> tuple[np.ndarray, np.ndarray]:

@@ -175,7 +175,7 @@ class KernelSVC(SVC):
 
 def prefix_module(steps: list[Any]) -> Any:
     """A torch module: float32 embeddings -> the pipeline's preprocessing (``StandardScaler``,
-    ``Normalizer``) in float64; None for a step it does not know."""
+    ``Normalizer``, :class:`~featbank.heads.SignedSqrt`) in float64; None for a step it does not know."""
     import torch
     from torch import nn
 
@@ -200,6 +200,9 @@ def prefix_module(steps: list[Any]) -> Any:
             for i, (kind, _, _) in enumerate(prefix):
                 if kind == "l2":  # scikit-learn's Normalizer leaves a zero row as it is
                     x = x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-300)
+                    continue
+                if kind == "sqrt":
+                    x = torch.sign(x) * torch.sqrt(torch.abs(x))
                     continue
                 if hasattr(self, f"mean{i}"):
                     x = x - getattr(self, f"mean{i}")

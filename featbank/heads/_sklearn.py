@@ -150,9 +150,11 @@ def make_sklearn_head(name: str, params: dict[str, Any], *, standardize: bool = 
 
 
 def affine_prefix(steps: Sequence[Any]) -> list[tuple[str, np.ndarray | None, np.ndarray | None]] | None:
-    """A pipeline's preprocessing steps as ("scale", mean, scale) / ("l2", None, None), in float64; None
-    for a step it does not know. What the torch modules and the ONNX graph of a head rebuild."""
+    """A pipeline's preprocessing steps as ("scale", mean, scale) / ("l2", None, None) / ("sqrt", None, None),
+    in float64; None for a step it does not know. What the torch modules and the ONNX graph of a head rebuild."""
     from sklearn.preprocessing import Normalizer, StandardScaler
+
+    from ._preprocess import SignedSqrt
 
     out: list[tuple[str, np.ndarray | None, np.ndarray | None]] = []
     for step in steps:
@@ -164,6 +166,8 @@ def affine_prefix(steps: Sequence[Any]) -> list[tuple[str, np.ndarray | None, np
             out.append(("scale", mean, scale))
         elif isinstance(step, Normalizer) and step.norm == "l2":
             out.append(("l2", None, None))
+        elif type(step) is SignedSqrt:
+            out.append(("sqrt", None, None))
         else:
             return None
     return out

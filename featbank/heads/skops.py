@@ -86,16 +86,17 @@ def trusted_skops_types() -> frozenset[str]:
 
     The scikit-learn classifiers ``fit --head`` accepts, :class:`featbank.heads.KernelSVC`, the pipeline
     steps featbank builds
-    (``Pipeline``, ``StandardScaler``, ``Normalizer``), the distance metrics their neighbour
+    (``Pipeline``, ``StandardScaler``, ``Normalizer``, :class:`~featbank.heads.SignedSqrt`), the distance metrics their neighbour
     indexes name (all but the Python-callable one), :data:`_SKLEARN_STATE_TYPES`, and the
     containers, numbers and arrays of :data:`_DATA_TYPES`.
     """
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import Normalizer, StandardScaler
 
+    from ._preprocess import SignedSqrt
     from .trust import trusted_head_classes
 
-    classes = [*trusted_head_classes(), Pipeline, StandardScaler, Normalizer]
+    classes = [*trusted_head_classes(), Pipeline, StandardScaler, Normalizer, SignedSqrt]
     return frozenset(map(_type_name, classes + _distance_metric_types())) | _SKLEARN_STATE_TYPES | _DATA_TYPES
 
 
