@@ -534,3 +534,31 @@ def test_candidates_of_one_round_are_ranked_on_the_folds_they_share() -> None:
     # the grid point is chosen on the shared folds too
     two = Scored(c, [{"C": 1.0}, {"C": 10.0}], np.array([[0.80] * 5 + [0.60] * 5, [0.78] * 10]), rounds=3)
     assert _ranked([shorter, two], complete=2, cv=5) == [shorter, two]  # 0.80 < 0.805 on the 5 shared folds
+
+
+class ByData(Fixed):
+    """A Fixed family whose held-out score is the value its feature matrix is filled with."""
+
+    preprocesses = ("standardize", "l2", "sqrt")
+
+    def cv_scores(self, X, y, folds, grid, **kw):
+        super().cv_scores(X, y, folds, grid, **kw)
+        return np.full((len(grid), len(folds)), float(X[0, 0]))
+
+
+def test_round_one_scores_the_variants_of_the_best_relative_first() -> None:
+    """Pass 2 is renewed by the scores so far: once pooled views beat the plain ones, the other
+    preprocessings of the pooled views come before those of the plain views (a static order would
+    take the plain ones first, as the cheaper listed first), and a budget that binds spends itself there."""
+    clock = SimClock()
+    fams = {"y": ByData("y", 0.0, 1.0, clock)}
+    cands = [Candidate("a", ("a",), v, pre, "y") for v in ("plain", "pooled") for pre in ("standardize", "l2", "sqrt")]
+    data = {(("a",), "plain"): np.full((20, 2), 0.7, np.float32), (("a",), "pooled"): np.full((20, 2), 0.8, np.float32)}
+    y = np.repeat(np.arange(2), 10)
+    s = AutoSearch(cands, fams, cv=5, repeats=1, budget_s=1e4, clock=clock).fit(data, y)
+    assert s.rounds_[0]["candidates"] == ["a/plain/standardize/y", "a/pooled/standardize/y", "a/pooled/l2/y",
+                                          "a/pooled/sqrt/y", "a/plain/l2/y", "a/plain/sqrt/y"]
+    clock.t = 0.0
+    s = AutoSearch(cands, fams, cv=5, repeats=1, budget_s=12.0, clock=clock).fit(data, y)
+    assert s.rounds_[0]["candidates"][:3] == ["a/plain/standardize/y", "a/pooled/standardize/y", "a/pooled/l2/y"]
+    assert {r["views"] for r in s.skipped_} == {"plain"}

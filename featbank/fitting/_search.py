@@ -25,8 +25,9 @@ first fold of repeat 1; its other K - 1 folds; then one whole repeat per round (
    round-1 candidates on each later round's folds, at their mean measured seconds per fold). The
    rest are *skipped for budget*. The first candidate is always scored, so there is a winner.
    The order (:meth:`AutoSearch._first_round`): one candidate of each feature set and family
-   (tier 0 before tier 1), the cheapest predicted first; then the other view handling, then the
-   other preprocessing, most promising family first; a Gram-sharing candidate's group next.
+   (tier 0 before tier 1), the cheapest predicted first; then the variants (other views, other
+   preprocessing) most promising first by the scores so far (family, feature set, closest relative);
+   a Gram-sharing candidate's group next.
 2. Each later round scores the best :data:`KEEP` fraction of the previous round's candidates (at
    least one) on its folds, each while its predicted seconds fit in what is left of the budget; the
    clock is also checked between a candidate's folds (a candidate stopped part-way keeps none of
@@ -367,13 +368,14 @@ class AutoSearch:
 
         Pass 1 (breadth first): one candidate of every (feature set, family), its cheapest estimate,
         those of tier 0 before those of tier 1, the cheapest *predicted* first (renewed after each
-        timing, and counting a Gram matrix it would share as already paid). Then the variants, the other view
-        handling (same preprocessing as the pass-1 candidate of its feature set and family) before the
-        other preprocessing (the smaller change: two normalisations of the same rows), each *most
-        promising first*: by their family's best pass-1 score, then their (feature set, family)'s
-        pass-1 score, then the cheapest estimate; once a candidate of a family that shares Gram
-        matrices is scored there, the other such candidates of its (features, preprocessing) come next
-        (cheapest first), while the fold's Gram matrix is there to share.
+        timing, and counting a Gram matrix it would share as already paid). Pass 2, the variants (other
+        views, other preprocessing), *most promising first* by the scores so far (:func:`_promise`,
+        renewed after each one): the family's best, then its (feature set, family)'s best, then a view
+        handling the pair has not tried before the best of that pair with the same views (the rows it
+        will see), then the best with the same preprocessing, then the cheapest estimate. Once a
+        candidate of a family that shares Gram matrices is scored there, the other such candidates of
+        its (features, preprocessing) come next (cheapest first), while the fold's Gram matrix is there
+        to share.
         """
         done: list[Scored] = []
         first: dict[tuple[str, str], int] = {}
@@ -385,23 +387,17 @@ class AutoSearch:
         for tier in sorted({s.candidate.tier for s in scored}):
             self._first_pass([(i, scored[i]) for i in range(len(scored)) if i in lead and scored[i].candidate.tier == tier],
                              done, data, y, clock)
-        fam_best: dict[str, float] = {}
-        pair_best: dict[tuple[str, str], float] = {}
-        for s in done:
-            fam_best[s.candidate.head] = max(fam_best.get(s.candidate.head, -1.0), s.cv_mean)
-            pair_best[(s.candidate.features, s.candidate.head)] = s.cv_mean
-        def order(i: int) -> tuple[int, float, float, float, int]:
-            c = scored[i].candidate
-            pair = (c.features, c.head)
-            other_pre = int(c.preprocess != scored[first[pair]].candidate.preprocess)
-            return (other_pre, -fam_best.get(c.head, -1.0), -pair_best.get(pair, -1.0), scored[i].estimate, i)
-
-        todo = [scored[i] for i in sorted((i for i in range(len(scored)) if i not in lead), key=order)]
-        while todo:
-            s = todo.pop(0)
+        todo = [scored[i] for i in range(len(scored)) if i not in lead]
+        follow: list[Scored] = []  # the rest of a Gram matrix's group, while the matrix is there
+        while todo or follow:
+            if follow:
+                s = follow.pop(0)
+            else:
+                s = min(todo, key=_promise(done, scored))
+                todo.remove(s)
             if self._try(s, done, data, y, clock) and s.group is not None:
-                follow = sorted((t for t in todo if t.group == s.group), key=lambda t: t.estimate - (t.kernel_estimate or 0))
-                todo = follow + [t for t in todo if t.group != s.group]
+                follow += sorted((t for t in todo if t.group == s.group), key=lambda t: t.estimate - (t.kernel_estimate or 0))
+                todo = [t for t in todo if t.group != s.group]
         self.rounds_.append({"round": 0, "repeat": 0, "folds": [0], "n_candidates": len(done), "complete": True,
                              "n_folds": 1, "candidates": [_label(s.candidate) for s in done]})
         return done
@@ -535,6 +531,29 @@ class AutoSearch:
 def _rungs(k: int, repeats: int) -> list[tuple[int, list[int]]]:
     """(repeat, fold indices) of each round: fold 1 of repeat 1, its other K - 1 folds, then a whole repeat each."""
     return [(0, [0]), (0, list(range(1, k)))] + [(r, list(range(k))) for r in range(1, repeats)]
+
+
+def _promise(done: Sequence[Scored], scored: Sequence[Scored]) -> Callable[[Scored], tuple]:
+    """The order of round 1's pass 2 given the candidates ``done``: a key, smallest first (see
+    :meth:`AutoSearch._first_round`). A family, pair or relative not yet scored counts as -1."""
+    fam: dict[str, float] = {}
+    kin: dict[tuple[str, str], list[Scored]] = {}  # scored so far, by (feature set, family)
+    index = {id(t): i for i, t in enumerate(scored)}
+    for d in done:
+        c = d.candidate
+        fam[c.head] = max(fam.get(c.head, -1.0), d.cv_mean)
+        kin.setdefault((c.features, c.head), []).append(d)
+
+    def key(s: Scored) -> tuple[float, float, float, float, float, int]:
+        c = s.candidate
+        pair = kin.get((c.features, c.head), [])
+        best = max((d.cv_mean for d in pair), default=-1.0)
+        # a view handling the pair has not tried yet first (2.0: above any score)
+        views = max((d.cv_mean for d in pair if d.candidate.views == c.views), default=2.0)
+        pre = max((d.cv_mean for d in pair if d.candidate.preprocess == c.preprocess), default=-1.0)
+        return -fam.get(c.head, -1.0), -best, -views, -pre, s.estimate, index[id(s)]
+
+    return key
 
 
 def _ranked(scored: Sequence[Scored], complete: int, cv: int) -> list[Scored]:
