@@ -21,15 +21,15 @@ estimates, 3x more is scored; on a busy one, less, and the budget still holds. T
 first fold of repeat 1; its other K - 1 folds; then one whole repeat per round (:func:`_rungs`).
 
 1. Round 1: every candidate is scored on one fold while its prediction fits in the budget less
-   the *reserve*: what the later rounds would take were it scored (the best :data:`KEEP` of the
-   round-1 candidates on each later round's folds, at their mean measured seconds per fold). The
+   the *reserve*: what the later rounds would take were it scored (the best :data:`KEEP`, at most
+   :data:`MAX_KEEP`, of the round-1 candidates on each later round's folds, at their mean measured seconds per fold). The
    rest are *skipped for budget*. The first candidate is always scored, so there is a winner.
    The order (:meth:`AutoSearch._first_round`): one candidate of each feature set and family
-   (tier 0 before tier 1), the cheapest predicted first; then the variants (other views, other
-   preprocessing) most promising first by the scores so far (family, feature set, closest relative);
-   a Gram-sharing candidate's group next.
+   (tier 0 before tier 1), the cheapest predicted first; then, family by family (the best scored
+   first), the other view handling, then the other preprocessings, each most promising first by the
+   scores so far (feature set, closest relative); a Gram-sharing candidate's group next.
 2. Each later round scores the best :data:`KEEP` fraction of the previous round's candidates (at
-   least one) on its folds, each while its predicted seconds fit in what is left of the budget; the
+   least one, at most :data:`MAX_KEEP`) on its folds, each while its predicted seconds fit in what is left of the budget; the
    clock is also checked between a candidate's folds (a candidate stopped part-way keeps none of
    that round's folds). Once a single candidate is left and it has all K folds of the first
    repeat, the search ends.
@@ -57,15 +57,18 @@ import numpy as np
 from ..errors import ConfigError
 
 __all__ = ["AutoSearch", "Candidate", "Scored", "FeatureKey", "HeadFamilyLike", "parse_budget", "make_folds",
-           "DEFAULT_BUDGET", "DEFAULT_CV", "DEFAULT_REPEATS", "KEEP"]
+           "DEFAULT_BUDGET", "DEFAULT_CV", "DEFAULT_REPEATS", "KEEP", "MAX_KEEP"]
 
 #: The default ``--budget``: ``fit`` spends it on the layer selection, loading and this search (not the refit).
 DEFAULT_BUDGET = "90s"
 DEFAULT_CV = 5
 #: Repeats of the K folds (each with its own shuffle): round r of the halving uses repeat r.
 DEFAULT_REPEATS = 3
-#: The fraction of a round's candidates that go on to the next repeat.
+#: The fraction of a round's candidates that go on to the next repeat ...
 KEEP = 1 / 3
+#: ... and the most that go on from round 1: the later rounds' cost (round 1's reserve) stays bounded
+#: however many candidates round 1 scores, so a wide grid is scored on one fold before any is dropped.
+MAX_KEEP = 6
 #: The smallest measured / estimated speed ratio the plan believes (a family timed at ~0 s).
 _MIN_RATIO = 1e-3
 
@@ -325,7 +328,7 @@ class AutoSearch:
         self.rungs_ = _rungs(self.cv, self.repeats)
         alive = self._first_round(scored, data, y, clock)
         for r in range(1, len(self.rungs_)):
-            keep = max(1, math.ceil(len(alive) * KEEP))
+            keep = _keep(len(alive))
             if len(alive) <= 1 and r >= 2:  # a lone candidate still completes its first K folds
                 break
             alive = self._round(r, _ranked(alive, r, self.cv)[:keep], data, y, clock)
@@ -368,11 +371,13 @@ class AutoSearch:
 
         Pass 1 (breadth first): one candidate of every (feature set, family), its cheapest estimate,
         those of tier 0 before those of tier 1, the cheapest *predicted* first (renewed after each
-        timing, and counting a Gram matrix it would share as already paid). Pass 2, the variants (other
-        views, other preprocessing), *most promising first* by the scores so far (:func:`_promise`,
-        renewed after each one): the family's best, then its (feature set, family)'s best, then a view
-        handling the pair has not tried before the best of that pair with the same views (the rows it
-        will see), then the best with the same preprocessing, then the cheapest estimate. Once a
+        timing, and counting a Gram matrix it would share as already paid). Pass 2, the variants, *most
+        promising first* by the scores so far (:func:`_promise`, renewed after each one): the family
+        with the best score first; within it, the other view handling (same preprocessing as the
+        pass-1 candidate of its feature set and family) before the other preprocessings (the smaller
+        change: normalisations of the same rows); then the (feature set, family) with the best score,
+        a view handling that pair has not tried, the best of that pair with the same views (the rows it
+        will see), then with the same preprocessing; then the cheapest estimate. Once a
         candidate of a family that shares Gram matrices is scored there, the other such candidates of
         its (features, preprocessing) come next (cheapest first), while the fold's Gram matrix is there
         to share.
@@ -442,7 +447,7 @@ class AutoSearch:
         skipped for budget. Returns whether it was scored."""
         X = data[s.candidate.key]
         predicted = clock.predict(s, 1, self.cv, self._saved(s, X, self.folds_[0][0]))
-        if done and not clock.fits(predicted + self._reserve(done, len(done) + 1), self.budget_s):
+        if done and not clock.fits(predicted + self._reserve(done, len(done) + 1, clock), self.budget_s):
             self.skipped_.append({**s.candidate.describe(), "reason": "budget", "estimate_s": round(s.estimate, 3),
                                   "predicted_s": round(predicted * self.cv, 3)})
             return False
@@ -451,16 +456,23 @@ class AutoSearch:
             return True
         return False
 
-    def _reserve(self, done: Sequence[Scored], n: int) -> float:
-        """Seconds the later rounds would take after ``n`` candidates on round 1: the best :data:`KEEP`
-        of them on each round's folds, at the mean measured seconds per fold of those ``done``."""
-        per_fold = sum(s.seconds for s in done) / max(1, sum(s.scores.shape[1] for s in done))
+    def _reserve(self, done: Sequence[Scored], n: int, clock: _Clock) -> float:
+        """Seconds the later rounds would take after ``n`` candidates on round 1: the best :func:`_keep` of
+        them (by their scores so far: those that would go on) on each later round's folds, each at its own
+        measured speed, a Gram matrix paid once per fold by the survivors that share it. (A mean over every
+        candidate done would let the cheap ones - a kNN on a shared matrix costs milliseconds - hide what
+        the survivors cost.)"""
+        top = sorted(done, key=lambda s: -s.cv_mean)
         total, alive = 0.0, n
         for r in range(1, len(self.rungs_)):
             if alive <= 1 and r >= 2:
                 break
-            alive = max(1, math.ceil(alive * KEEP))
-            total += alive * len(self.rungs_[r][1]) * per_fold
+            alive = _keep(alive)
+            folds, paid = len(self.rungs_[r][1]), set()
+            for s in top[:alive]:  # a Gram matrix is paid once per fold by its group
+                shared = s.group in paid and s.kernel_estimate is not None
+                total += clock.predict(s, folds, self.cv, s.kernel_estimate * folds if shared else 0.0)
+                paid.add(s.group)
         return total
 
     def _round(self, r: int, todo: list[Scored], data: Mapping[FeatureKey, np.ndarray], y: np.ndarray,
@@ -533,6 +545,11 @@ def _rungs(k: int, repeats: int) -> list[tuple[int, list[int]]]:
     return [(0, [0]), (0, list(range(1, k)))] + [(r, list(range(k))) for r in range(1, repeats)]
 
 
+def _keep(n: int) -> int:
+    """How many of a round's ``n`` candidates go on: the best :data:`KEEP`, at least 1, at most :data:`MAX_KEEP`."""
+    return max(1, min(MAX_KEEP, math.ceil(n * KEEP)))
+
+
 def _promise(done: Sequence[Scored], scored: Sequence[Scored]) -> Callable[[Scored], tuple]:
     """The order of round 1's pass 2 given the candidates ``done``: a key, smallest first (see
     :meth:`AutoSearch._first_round`). A family, pair or relative not yet scored counts as -1."""
@@ -544,14 +561,15 @@ def _promise(done: Sequence[Scored], scored: Sequence[Scored]) -> Callable[[Scor
         fam[c.head] = max(fam.get(c.head, -1.0), d.cv_mean)
         kin.setdefault((c.features, c.head), []).append(d)
 
-    def key(s: Scored) -> tuple[float, float, float, float, float, int]:
+    def key(s: Scored) -> tuple[float, int, float, float, float, float, int]:
         c = s.candidate
         pair = kin.get((c.features, c.head), [])
         best = max((d.cv_mean for d in pair), default=-1.0)
         # a view handling the pair has not tried yet first (2.0: above any score)
         views = max((d.cv_mean for d in pair if d.candidate.views == c.views), default=2.0)
         pre = max((d.cv_mean for d in pair if d.candidate.preprocess == c.preprocess), default=-1.0)
-        return -fam.get(c.head, -1.0), -best, -views, -pre, s.estimate, index[id(s)]
+        other_pre = int(bool(pair) and c.preprocess != pair[0].candidate.preprocess)
+        return -fam.get(c.head, -1.0), other_pre, -best, -views, -pre, s.estimate, index[id(s)]
 
     return key
 
