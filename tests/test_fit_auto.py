@@ -391,12 +391,14 @@ def test_the_plan_follows_the_measured_speed_when_the_estimates_are_3x_too_low()
     clock = SimClock()
     fams = {f"h{i}": Fixed(f"h{i}", 0.5 + 0.01 * i, 3.0, clock, estimate=1.0) for i in range(12)}
     s = _fixed_search(fams, clock, cv=3, repeats=2, budget_s=30.0)
-    # round 1: h0 (3 s), then each at 3 s while it and the later rounds fit: a 3rd leaves 6 s for round 2
-    # (the best 1 x 2 folds) and ends at 15 s; a 4th would need 12 s (2 x 2 folds) + 9 s (1 x 3 folds): 33 s
-    assert s.rounds_[0]["n_candidates"] == 3 and len(s.skipped_) == 9
+    # round 1: h0 (3 s), then each at 3 s while it fits in the budget less the later rounds' reserve,
+    # which is capped at half the budget (ROUND1_SHARE): 5 candidates, 15 s; round 2: the best 2 x 2
+    # folds (12 s, 27 s in all); round 3 (h4 on 3 folds, 9 s) does not fit and is not started
+    assert s.rounds_[0]["n_candidates"] == 5 and len(s.skipped_) == 7
     assert {r["reason"] for r in s.skipped_} == {"budget"} and all(r["predicted_s"] == 9.0 for r in s.skipped_)
-    assert [(r["n_candidates"], r["n_folds"]) for r in s.rounds_] == [(3, 1), (1, 3)]
-    assert clock.t == pytest.approx(15.0) and s.best_.candidate.head == "h2" and s.clock_cut_ == []
+    assert [(r["n_candidates"], r["n_folds"], r["complete"]) for r in s.rounds_] == [(5, 1, True), (2, 3, True),
+                                                                                     (0, 6, False)]
+    assert clock.t == pytest.approx(27.0) and s.best_.candidate.head == "h4"
     # planned by the estimates alone (1 s a fold), all 12 would have fitted round 1 (36 s): over budget
 
 
@@ -443,10 +445,11 @@ def test_round_one_goes_breadth_first_over_feature_sets_and_families() -> None:
     assert s.rounds_[0]["candidates"] == ["a/plain/standardize/x", "b/plain/standardize/x", "a/plain/standardize/y",
                                           "b/plain/standardize/y", "a/pooled/standardize/y", "b/pooled/standardize/y",
                                           "a/pooled/standardize/x", "b/pooled/standardize/x"]
-    # a budget that binds: the first pass fits (6 s, and 10.7 s reserved for round 2), no variant does
-    # (cheapest first alone would have taken the 4 x candidates, then 2 y)
+    # a budget that binds: the first pass fits (6 s), no variant does (a pooled y, 2 s, or x, 1 s, with the
+    # reserve for round 2 - the best 2 on 4 folds, 12 s, capped at half the budget, 6.75 s - would end at
+    # 14.75 / 13.75 s) (cheapest first alone would have taken the 4 x candidates, then 2 y)
     clock.t = 0.0
-    s = AutoSearch(cands, fams, cv=5, repeats=1, budget_s=18.5, clock=clock).fit(data, np.repeat(np.arange(2), 10))
+    s = AutoSearch(cands, fams, cv=5, repeats=1, budget_s=13.5, clock=clock).fit(data, np.repeat(np.arange(2), 10))
     assert s.rounds_[0]["candidates"] == ["a/plain/standardize/x", "b/plain/standardize/x", "a/plain/standardize/y",
                                           "b/plain/standardize/y"] and len(s.skipped_) == 4
 
@@ -559,6 +562,7 @@ def test_round_one_scores_the_variants_of_the_best_relative_first() -> None:
     assert s.rounds_[0]["candidates"] == ["a/plain/standardize/y", "a/pooled/standardize/y", "a/pooled/l2/y",
                                           "a/pooled/sqrt/y", "a/plain/l2/y", "a/plain/sqrt/y"]
     clock.t = 0.0
-    s = AutoSearch(cands, fams, cv=5, repeats=1, budget_s=12.0, clock=clock).fit(data, y)
-    assert s.rounds_[0]["candidates"][:3] == ["a/plain/standardize/y", "a/pooled/standardize/y", "a/pooled/l2/y"]
-    assert {r["views"] for r in s.skipped_} == {"plain"}
+    s = AutoSearch(cands, fams, cv=5, repeats=1, budget_s=8.0, clock=clock).fit(data, y)
+    assert s.rounds_[0]["candidates"] == ["a/plain/standardize/y", "a/pooled/standardize/y", "a/pooled/l2/y",
+                                          "a/pooled/sqrt/y"]
+    assert [(r["views"], r["preprocessing"]) for r in s.skipped_] == [("plain", "l2"), ("plain", "sqrt")]

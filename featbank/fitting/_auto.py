@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from ..cache import FeatureCache
     from ..heads import Estimator
 
-__all__ = ["SearchSettings", "fit_search", "spans", "SPAN_NAMES",
+__all__ = ["SearchSettings", "fit_search", "spans", "SPAN_NAMES", "feature_matrices",
            "bootstrap_interval", "PREPROCESSING", "N_BOOTSTRAP", "MIN_SEARCH_SHARE",
            "idle_cores", "search_threads"]
 
@@ -147,7 +147,7 @@ def _candidates(sets: Mapping[str, tuple[str, ...]], views: Sequence[str], route
             for p in route.preprocess for h in route.heads if offers(h, p, name)]
 
 
-def _load(cache: FeatureCache, keys: Sequence[FeatureKey], rows: np.ndarray) -> dict[FeatureKey, np.ndarray]:
+def feature_matrices(cache: FeatureCache, keys: Sequence[FeatureKey], rows: np.ndarray) -> dict[FeatureKey, np.ndarray]:
     """The feature matrix of each key for ``rows`` (sorted images), as ``FeatureTable`` makes it for predict.
 
     Every layer any key needs is read once per view (not once per key); a key's columns are then
@@ -284,7 +284,7 @@ def fit_search(cache: FeatureCache, spec: HeadSpec, settings: SearchSettings, *,
         sets, choice = _feature_sets(c, layers, train, val, settings.auto, settings.seed)
         cands = _candidates(sets, _view_modes(c, settings.auto, pool_views), route)
         t_load = time.perf_counter()
-        data = _load(c, [k.key for k in cands], pool)
+        data = feature_matrices(c, [k.key for k in cands], pool)
         load_s = time.perf_counter() - t_load
         prep_s = time.perf_counter() - t0  # the layer selection and loading spend the same budget
         search = AutoSearch(cands, route.families, cv=settings.cv, repeats=settings.repeats,

@@ -22,14 +22,17 @@ first fold of repeat 1; its other K - 1 folds; then one whole repeat per round (
 
 1. Round 1: every candidate is scored on one fold while its prediction fits in the budget less
    the *reserve*: what the later rounds would take were it scored (the best :data:`KEEP`, at most
-   :data:`MAX_KEEP`, of the round-1 candidates on each later round's folds, at their mean measured seconds per fold). The
+   :data:`MAX_KEEP`, of the round-1 candidates by their scores so far, on each later round's folds,
+   each at its own measured seconds per fold), capped so that round 1 may always spend
+   :data:`ROUND1_SHARE` of the budget. The
    rest are *skipped for budget*. The first candidate is always scored, so there is a winner.
    The order (:meth:`AutoSearch._first_round`): one candidate of each feature set and family
    (tier 0 before tier 1), the cheapest predicted first; then, family by family (the best scored
    first), the other view handling, then the other preprocessings, each most promising first by the
    scores so far (feature set, closest relative); a Gram-sharing candidate's group next.
 2. Each later round scores the best :data:`KEEP` fraction of the previous round's candidates (at
-   least one, at most :data:`MAX_KEEP`) on its folds, each while its predicted seconds fit in what is left of the budget; the
+   least one, at most :data:`MAX_KEEP`) on its folds, each while its predicted seconds fit in what
+   is left of the budget; the
    clock is also checked between a candidate's folds (a candidate stopped part-way keeps none of
    that round's folds). Once a single candidate is left and it has all K folds of the first
    repeat, the search ends.
@@ -57,7 +60,7 @@ import numpy as np
 from ..errors import ConfigError
 
 __all__ = ["AutoSearch", "Candidate", "Scored", "FeatureKey", "HeadFamilyLike", "parse_budget", "make_folds",
-           "DEFAULT_BUDGET", "DEFAULT_CV", "DEFAULT_REPEATS", "KEEP", "MAX_KEEP"]
+           "DEFAULT_BUDGET", "DEFAULT_CV", "DEFAULT_REPEATS", "KEEP", "MAX_KEEP", "ROUND1_SHARE"]
 
 #: The default ``--budget``: ``fit`` spends it on the layer selection, loading and this search (not the refit).
 DEFAULT_BUDGET = "90s"
@@ -69,6 +72,10 @@ KEEP = 1 / 3
 #: ... and the most that go on from round 1: the later rounds' cost (round 1's reserve) stays bounded
 #: however many candidates round 1 scores, so a wide grid is scored on one fold before any is dropped.
 MAX_KEEP = 6
+#: The share of the budget round 1 may always spend, whatever the later rounds' reserve: where one
+#: fold costs seconds (Fashion-MNIST 10k: 5,600 rows per fold), the reserve of 6 survivors alone
+#: would exceed the budget and leave round 1 a handful of candidates.
+ROUND1_SHARE = 0.5
 #: The smallest measured / estimated speed ratio the plan believes (a family timed at ~0 s).
 _MIN_RATIO = 1e-3
 
@@ -443,11 +450,12 @@ class AutoSearch:
     def _try(self, s: Scored, done: list[Scored], data: Mapping[FeatureKey, np.ndarray], y: np.ndarray,
              clock: _Clock) -> bool:
         """Score ``s`` on round 1's fold when its prediction fits in the budget less the reserve the later
-        rounds would need were it scored (:meth:`_reserve`); the first is always scored. Else it is
-        skipped for budget. Returns whether it was scored."""
+        rounds would need were it scored (:meth:`_reserve`, at most 1 - :data:`ROUND1_SHARE` of the
+        budget); the first is always scored. Else it is skipped for budget. Returns whether it was scored."""
         X = data[s.candidate.key]
         predicted = clock.predict(s, 1, self.cv, self._saved(s, X, self.folds_[0][0]))
-        if done and not clock.fits(predicted + self._reserve(done, len(done) + 1, clock), self.budget_s):
+        reserve = min(self._reserve(done, len(done) + 1, clock), (1.0 - ROUND1_SHARE) * self.budget_s)
+        if done and not clock.fits(predicted + reserve, self.budget_s):
             self.skipped_.append({**s.candidate.describe(), "reason": "budget", "estimate_s": round(s.estimate, 3),
                                   "predicted_s": round(predicted * self.cv, 3)})
             return False
