@@ -41,8 +41,9 @@ def write_code(canary: Path) -> str:
     return f"open({str(canary)!r}, 'w').write('code ran')"
 
 
-def skops_with_call(data: bytes, module: str, name: str, canary: Path) -> bytes:
-    """A real skops file of a Pipeline whose scaler's ``copy`` attribute is a call node."""
+def skops_with_call(data: bytes, module: str, name: str, canary: Path, step: str = "StandardScaler",
+                    attr: str = "copy") -> bytes:
+    """A real skops file of a Pipeline whose ``step``'s ``attr`` attribute is a call node."""
     code = write_code(canary)
     if name == "runstring":
         args = [_json_node(code), _empty_dict_node()]
@@ -53,8 +54,8 @@ def skops_with_call(data: bytes, module: str, name: str, canary: Path) -> bytes:
     z = zipfile.ZipFile(io.BytesIO(data))
     schema = json.loads(z.read("schema.json"))
     steps = schema["content"]["content"]["steps"]["content"]
-    scaler = next(s["content"][1] for s in steps if s["content"][1]["__class__"] == "StandardScaler")
-    scaler["content"]["content"]["copy"] = _call_node(module, name, args)
+    node = next(s["content"][1] for s in steps if s["content"][1]["__class__"] == step)
+    node["content"]["content"][attr] = _call_node(module, name, args)
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w") as zo:
         for n in z.namelist():

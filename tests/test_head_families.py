@@ -410,3 +410,61 @@ def test_signed_sqrt_is_power_normalisation_that_saves_and_loads_as_a_trusted_ty
     np.testing.assert_array_equal(loaded.predict(Xr), est.predict(Xr))
     with pytest.raises(ConfigError, match="preprocess"):
         get_head_family("linear").build({"C": 1.0}, preprocess="sqrt")
+
+
+def test_a_hostile_signed_sqrt_step_is_refused(tmp_path) -> None:
+    """The new trusted step is data only: a call node in its state is refused before anything runs (the
+    canary is never written)."""
+    from _hostile import skops_with_call
+
+    from featbank.errors import BundleError
+    from featbank.heads.skops import load_skops, serialize_sklearn
+
+    rng = np.random.default_rng(0)
+    est = get_head_family("svm-rbf").build({"C": 1.0, "gamma_scale": 1.0}, preprocess="sqrt")
+    est.fit(rng.normal(size=(30, 4)), np.arange(30) % 2)
+    _, data, _ = serialize_sklearn(est)
+    canary = tmp_path / "ran"
+    for module, name in (("builtins", "eval"), ("os", "system")):
+        bad = skops_with_call(data, module, name, canary, step="SignedSqrt", attr="n_features_in_")
+        with pytest.raises(BundleError, match=f"does not trust.*{module}.{name}"):
+            load_skops(bad, "head.skops")
+    assert not canary.exists()
+
+
+@pytest.mark.slow
+def test_a_bundle_whose_head_width_is_not_a_number_is_refused(plain, tmp_path) -> None:
+    """A trusted step can still hold a wrong value (skops checks types): a SignedSqrt whose width is the
+    string 'abc' would disable the width check and fail at predict; the bundle is refused on load."""
+    import io
+    import zipfile
+
+    from _hostile import _json_node
+
+    import featbank
+    from featbank.bundles import save_bundle
+    from featbank.errors import BundleError
+
+    with featbank.open_cache(plain["cache"]) as c:
+        rows = np.flatnonzero(c.split_mask("train"))
+        est = get_head_family("svm-rbf").build({"C": 1.0, "gamma_scale": 1.0}, preprocess="sqrt")
+        est.fit(c.load_embeddings(rows), c.labels[rows])
+    good = _bundle_with_head(plain["bundle"], tmp_path / "good", est)
+    assert featbank.load_bundle(good).load_head() is not None
+    z = zipfile.ZipFile(io.BytesIO((good / "head.skops").read_bytes()))
+    schema = json.loads(z.read("schema.json"))
+    step = next(s["content"][1] for s in schema["content"]["content"]["steps"]["content"]
+                if s["content"][1]["__class__"] == "SignedSqrt")
+    step["content"]["content"]["n_features_in_"] = _json_node("abc")
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zo:
+        for n in z.namelist():
+            zo.writestr(n, json.dumps(schema) if n == "schema.json" else z.read(n))
+    man = json.loads((good / "manifest.json").read_text())
+    files = {p.name: p.read_bytes() for p in good.iterdir() if p.is_file() and p.name != "manifest.json"}
+    files["head.skops"] = out.getvalue()
+    for key in ("files", "bundle_id"):
+        man.pop(key, None)
+    bad = save_bundle(tmp_path / "bad", man, files)
+    with pytest.raises(BundleError, match="n_features_in_ is 'abc', not a number of features"):
+        featbank.load_bundle(bad).load_head()
