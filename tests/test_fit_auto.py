@@ -566,3 +566,16 @@ def test_round_one_scores_the_variants_of_the_best_relative_first() -> None:
     assert s.rounds_[0]["candidates"] == ["a/plain/standardize/y", "a/pooled/standardize/y", "a/pooled/l2/y",
                                           "a/pooled/sqrt/y"]
     assert [(r["views"], r["preprocessing"]) for r in s.skipped_] == [("plain", "l2"), ("plain", "sqrt")]
+
+
+def test_a_later_round_promotes_only_as_many_as_the_budget_left_can_score() -> None:
+    """Round 2 would keep the best 3 (4 folds, 4 s each) with 11 s left: it promotes the best 2, which
+    complete it and are ranked on its 5 folds, instead of starting 3, cutting the third and ranking
+    everyone on round 1's one fold."""
+    clock = SimClock()
+    fams = {f"h{i}": Fixed(f"h{i}", 0.5 + 0.01 * i, 1.0, clock) for i in range(9)}
+    s = _fixed_search(fams, clock, cv=5, repeats=1, budget_s=20.0)
+    assert [(r["n_candidates"], r["complete"]) for r in s.rounds_] == [(9, True), (2, True)]
+    assert s.rounds_[1]["candidates"] == ["final/plain/standardize/h8", "final/plain/standardize/h7"]
+    assert [x.scores.shape[1] for x in s.scored_[:3]] == [5, 5, 1] and s.clock_cut_ == []
+    assert clock.t == pytest.approx(17.0)

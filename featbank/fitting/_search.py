@@ -31,8 +31,9 @@ first fold of repeat 1; its other K - 1 folds; then one whole repeat per round (
    first), the other view handling, then the other preprocessings, each most promising first by the
    scores so far (feature set, closest relative); a Gram-sharing candidate's group next.
 2. Each later round scores the best :data:`KEEP` fraction of the previous round's candidates (at
-   least one, at most :data:`MAX_KEEP`) on its folds, each while its predicted seconds fit in what
-   is left of the budget; the
+   least one, at most :data:`MAX_KEEP`, and no more of them, best first, than are predicted to fit
+   in what is left of the budget together) on its folds, each while its predicted seconds fit in
+   what is left of the budget; the
    clock is also checked between a candidate's folds (a candidate stopped part-way keeps none of
    that round's folds). Once a single candidate is left and it has all K folds of the first
    repeat, the search ends.
@@ -338,7 +339,7 @@ class AutoSearch:
             keep = _keep(len(alive))
             if len(alive) <= 1 and r >= 2:  # a lone candidate still completes its first K folds
                 break
-            alive = self._round(r, _ranked(alive, r, self.cv)[:keep], data, y, clock)
+            alive = self._round(r, self._affordable(r, _ranked(alive, r, self.cv)[:keep], data, clock), data, y, clock)
             if not alive:
                 break
         # A round the budget cut short ranks no one above the rest: only complete rounds count.
@@ -482,6 +483,27 @@ class AutoSearch:
                 total += clock.predict(s, folds, self.cv, s.kernel_estimate * folds if shared else 0.0)
                 paid.add(s.group)
         return total
+
+    def _affordable(self, r: int, todo: list[Scored], data: Mapping[FeatureKey, np.ndarray],
+                    clock: _Clock) -> list[Scored]:
+        """The longest prefix of ``todo`` (best first) whose predicted seconds on round ``r``'s folds fit in
+        what is left of the budget together (a Gram matrix counted once per fold for a group); all of
+        ``todo`` when not even the first fits (the round is then cut short, and promotes no one). A round
+        then completes, and ranks those it scored on its folds, instead of being cut short after the
+        first few and falling back to the round before (on ELPV 4-class: 1 fold)."""
+        repeat, idx = self.rungs_[r]
+        total, paid, out = 0.0, set(), []
+        for s in todo:
+            X = data[s.candidate.key]
+            saved = sum(self._saved(s, X, self.folds_[repeat][i]) for i in idx)
+            if s.group in paid and s.kernel_estimate is not None:
+                saved = s.kernel_estimate * len(idx)
+            total += clock.predict(s, len(idx), self.cv, saved)
+            if not clock.fits(total, self.budget_s):
+                break
+            out.append(s)
+            paid.add(s.group)
+        return out or todo
 
     def _round(self, r: int, todo: list[Scored], data: Mapping[FeatureKey, np.ndarray], y: np.ndarray,
                clock: _Clock) -> list[Scored]:
