@@ -24,7 +24,7 @@ first fold of repeat 1; its other K - 1 folds; then one whole repeat per round (
    the *reserve*: what the later rounds would take were it scored (the best :data:`KEEP`, at most
    :data:`MAX_KEEP`, of the round-1 candidates by their scores so far, on each later round's folds,
    each at its own measured seconds per fold), capped so that round 1 may always spend
-   :data:`ROUND1_SHARE` of the budget. The
+   :data:`ROUND1_SHARE` of the budget and the later rounds always keep :data:`LATER_SHARE`. The
    rest are *skipped for budget*. The first candidate is always scored, so there is a winner.
    The order (:meth:`AutoSearch._first_round`): one candidate of each feature set and family
    (tier 0 before tier 1), the cheapest predicted first; then, family by family (the best scored
@@ -61,7 +61,7 @@ import numpy as np
 from ..errors import ConfigError
 
 __all__ = ["AutoSearch", "Candidate", "Scored", "FeatureKey", "HeadFamilyLike", "parse_budget", "make_folds",
-           "DEFAULT_BUDGET", "DEFAULT_CV", "DEFAULT_REPEATS", "KEEP", "MAX_KEEP", "ROUND1_SHARE"]
+           "DEFAULT_BUDGET", "DEFAULT_CV", "DEFAULT_REPEATS", "KEEP", "MAX_KEEP", "ROUND1_SHARE", "LATER_SHARE"]
 
 #: The default ``--budget``: ``fit`` spends it on the layer selection, loading and this search (not the refit).
 DEFAULT_BUDGET = "90s"
@@ -77,6 +77,10 @@ MAX_KEEP = 6
 #: fold costs seconds (Fashion-MNIST 10k: 5,600 rows per fold), the reserve of 6 survivors alone
 #: would exceed the budget and leave round 1 a handful of candidates.
 ROUND1_SHARE = 0.5
+#: ... and the share the later rounds always keep: the search's own bookkeeping between folds is in
+#: no fold's measured time (with millisecond folds it took 15% of round 1), so a reserve of the folds'
+#: time alone could leave the later rounds nothing.
+LATER_SHARE = 0.1
 #: The smallest measured / estimated speed ratio the plan believes (a family timed at ~0 s).
 _MIN_RATIO = 1e-3
 
@@ -332,6 +336,7 @@ class AutoSearch:
         clock = _Clock(self.budget_s, self.clock)
         scored = [self._prepare(c, data[c.key]) for c in self.candidates]
         self.skipped_: list[dict[str, Any]] = []
+        self._leaders: list[Scored] = []  # round 1's best so far, at most MAX_KEEP (see _try)
         self.rounds_: list[dict[str, Any]] = []
         self.rungs_ = _rungs(self.cv, self.repeats)
         alive = self._first_round(scored, data, y, clock)
@@ -380,7 +385,7 @@ class AutoSearch:
         Pass 1 (breadth first): one candidate of every (feature set, family), its cheapest estimate,
         those of tier 0 before those of tier 1, the cheapest *predicted* first (renewed after each
         timing, and counting a Gram matrix it would share as already paid). Pass 2, the variants, *most
-        promising first* by the scores so far (:func:`_promise`, renewed after each one): the family
+        promising first* by the scores so far (:class:`_Promise`, renewed after each one): the family
         with the best score first; within it, the other view handling (same preprocessing as the
         pass-1 candidate of its feature set and family) before the other preprocessings (the smaller
         change: normalisations of the same rows); then the (feature set, family) with the best score,
@@ -402,15 +407,21 @@ class AutoSearch:
                              done, data, y, clock)
         todo = [scored[i] for i in range(len(scored)) if i not in lead]
         follow: list[Scored] = []  # the rest of a Gram matrix's group, while the matrix is there
+        promise = _Promise(done, scored)
         while todo or follow:
             if follow:
                 s = follow.pop(0)
             else:
-                s = min(todo, key=_promise(done, scored))
+                s = min(todo, key=promise.key)
                 todo.remove(s)
-            if self._try(s, done, data, y, clock) and s.group is not None:
-                follow += sorted((t for t in todo if t.group == s.group), key=lambda t: t.estimate - (t.kernel_estimate or 0))
-                todo = [t for t in todo if t.group != s.group]
+            if self._try(s, done, data, y, clock):
+                promise.add(s)
+                if s.group is not None:
+                    follow += sorted((t for t in todo if t.group == s.group),
+                                     key=lambda t: t.estimate - (t.kernel_estimate or 0))
+                    todo = [t for t in todo if t.group != s.group]
+            elif self._skip_rest(follow + todo, len(done), clock):
+                break
         self.rounds_.append({"round": 0, "repeat": 0, "folds": [0], "n_candidates": len(done), "complete": True,
                              "n_folds": 1, "candidates": [_label(s.candidate) for s in done]})
         return done
@@ -455,23 +466,46 @@ class AutoSearch:
         budget); the first is always scored. Else it is skipped for budget. Returns whether it was scored."""
         X = data[s.candidate.key]
         predicted = clock.predict(s, 1, self.cv, self._saved(s, X, self.folds_[0][0]))
-        reserve = min(self._reserve(done, len(done) + 1, clock), (1.0 - ROUND1_SHARE) * self.budget_s)
-        if done and not clock.fits(predicted + reserve, self.budget_s):
-            self.skipped_.append({**s.candidate.describe(), "reason": "budget", "estimate_s": round(s.estimate, 3),
-                                  "predicted_s": round(predicted * self.cv, 3)})
+        if done and not clock.fits(predicted + self._round1_reserve(len(done) + 1, clock), self.budget_s):
+            self._skip(s, predicted)
             return False
         if self._score(s, 0, X, y, clock):
             done.append(s)
+            # the leaders by score so far (ties: the first scored first), the reserve's survivors
+            at = next((i for i, t in enumerate(self._leaders) if t.cv_mean < s.cv_mean), len(self._leaders))
+            self._leaders = (self._leaders[:at] + [s] + self._leaders[at:])[:MAX_KEEP]
             return True
         return False
 
-    def _reserve(self, done: Sequence[Scored], n: int, clock: _Clock) -> float:
+    def _skip(self, s: Scored, predicted: float) -> None:
+        self.skipped_.append({**s.candidate.describe(), "reason": "budget", "estimate_s": round(s.estimate, 3),
+                              "predicted_s": round(predicted * self.cv, 3)})
+
+    def _round1_reserve(self, n: int, clock: _Clock) -> float:
+        """:meth:`_reserve` after ``n`` candidates, at least :data:`LATER_SHARE` and at most
+        1 - :data:`ROUND1_SHARE` of the budget."""
+        reserve = max(self._reserve(self._leaders, n, clock), LATER_SHARE * self.budget_s)
+        return min(reserve, (1.0 - ROUND1_SHARE) * self.budget_s)
+
+    def _skip_rest(self, rest: Sequence[Scored], n_done: int, clock: _Clock) -> bool:
+        """Skip every one of ``rest`` for budget when not even the cheapest of them, counting its Gram matrix
+        as shared, fits with the reserve (so a long list is not walked one by one once the time is spent)."""
+        if not rest:
+            return False
+        cheapest = min(clock.predict(t, 1, self.cv, t.kernel_estimate or 0.0) for t in rest)
+        if clock.fits(cheapest + self._round1_reserve(n_done + 1, clock), self.budget_s):
+            return False
+        for t in rest:
+            self._skip(t, clock.predict(t, 1, self.cv))
+        return True
+
+    def _reserve(self, leaders: Sequence[Scored], n: int, clock: _Clock) -> float:
         """Seconds the later rounds would take after ``n`` candidates on round 1: the best :func:`_keep` of
-        them (by their scores so far: those that would go on) on each later round's folds, each at its own
+        them (``leaders``, by their scores so far: those that would go on) on each later round's folds, each at its own
         measured speed, a Gram matrix paid once per fold by the survivors that share it. (A mean over every
         candidate done would let the cheap ones - a kNN on a shared matrix costs milliseconds - hide what
         the survivors cost.)"""
-        top = sorted(done, key=lambda s: -s.cv_mean)
+        top = list(leaders)
         total, alive = 0.0, n
         for r in range(1, len(self.rungs_)):
             if alive <= 1 and r >= 2:
@@ -580,28 +614,36 @@ def _keep(n: int) -> int:
     return max(1, min(MAX_KEEP, math.ceil(n * KEEP)))
 
 
-def _promise(done: Sequence[Scored], scored: Sequence[Scored]) -> Callable[[Scored], tuple]:
-    """The order of round 1's pass 2 given the candidates ``done``: a key, smallest first (see
-    :meth:`AutoSearch._first_round`). A family, pair or relative not yet scored counts as -1."""
-    fam: dict[str, float] = {}
-    kin: dict[tuple[str, str], list[Scored]] = {}  # scored so far, by (feature set, family)
-    index = {id(t): i for i, t in enumerate(scored)}
-    for d in done:
-        c = d.candidate
-        fam[c.head] = max(fam.get(c.head, -1.0), d.cv_mean)
-        kin.setdefault((c.features, c.head), []).append(d)
+class _Promise:
+    """The order of round 1's pass 2 (see :meth:`AutoSearch._first_round`): :meth:`key`, smallest first,
+    from the candidates scored so far (:meth:`add` each as it is scored). A family, pair or relative
+    not yet scored counts as -1; a view handling the pair has not tried, as 2 (above any score)."""
 
-    def key(s: Scored) -> tuple[float, int, float, float, float, float, int]:
+    def __init__(self, done: Sequence[Scored], scored: Sequence[Scored]):
+        self.index = {id(t): i for i, t in enumerate(scored)}
+        self.fam: dict[str, float] = {}
+        self.pair: dict[tuple[str, str], float] = {}
+        self.first_pre: dict[tuple[str, str], str] = {}
+        self.views: dict[tuple[str, str, str], float] = {}
+        self.pre: dict[tuple[str, str, str], float] = {}
+        for d in done:
+            self.add(d)
+
+    def add(self, d: Scored) -> None:
+        c, m = d.candidate, d.cv_mean
+        pair = (c.features, c.head)
+        self.fam[c.head] = max(self.fam.get(c.head, -1.0), m)
+        self.pair[pair] = max(self.pair.get(pair, -1.0), m)
+        self.first_pre.setdefault(pair, c.preprocess)
+        self.views[(*pair, c.views)] = max(self.views.get((*pair, c.views), -1.0), m)
+        self.pre[(*pair, c.preprocess)] = max(self.pre.get((*pair, c.preprocess), -1.0), m)
+
+    def key(self, s: Scored) -> tuple[float, int, float, float, float, float, int]:
         c = s.candidate
-        pair = kin.get((c.features, c.head), [])
-        best = max((d.cv_mean for d in pair), default=-1.0)
-        # a view handling the pair has not tried yet first (2.0: above any score)
-        views = max((d.cv_mean for d in pair if d.candidate.views == c.views), default=2.0)
-        pre = max((d.cv_mean for d in pair if d.candidate.preprocess == c.preprocess), default=-1.0)
-        other_pre = int(bool(pair) and c.preprocess != pair[0].candidate.preprocess)
-        return -fam.get(c.head, -1.0), other_pre, -best, -views, -pre, s.estimate, index[id(s)]
-
-    return key
+        pair = (c.features, c.head)
+        other_pre = int(pair in self.first_pre and c.preprocess != self.first_pre[pair])
+        return (-self.fam.get(c.head, -1.0), other_pre, -self.pair.get(pair, -1.0), -self.views.get((*pair, c.views), 2.0),
+                -self.pre.get((*pair, c.preprocess), -1.0), s.estimate, self.index[id(s)])
 
 
 def _ranked(scored: Sequence[Scored], complete: int, cv: int) -> list[Scored]:
