@@ -245,9 +245,9 @@ class Bundle:
         # The manifest says what the head reads (embedding, layers, pooled views); the head must read that many
         # columns, else a manifest edited to add or drop a layer or the view pooling fails later with a traceback.
         width = getattr(est, "n_features_in_", None)
-        if width is not None and (isinstance(width, bool) or not isinstance(width, (int, np.integer))):
+        if width is not None and (isinstance(width, bool) or not isinstance(width, (int, np.integer)) or width < 1):
             raise BundleError(
-                f"Bundle {str(self.path)!r}: its head's n_features_in_ is {width!r}, not a number of features; the "
+                f"Bundle {str(self.path)!r}: its head's n_features_in_ is {width!r}, not a number of features (>= 1); the "
                 "head file is corrupt or was edited. Re-create the bundle."
             )
         if self.feature_dim is not None and isinstance(width, (int, np.integer)) and int(width) != self.feature_dim:

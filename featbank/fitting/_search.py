@@ -471,8 +471,10 @@ class AutoSearch:
             return False
         if self._score(s, 0, X, y, clock):
             done.append(s)
-            # the leaders by score so far (ties: the first scored first), the reserve's survivors
-            at = next((i for i, t in enumerate(self._leaders) if t.cv_mean < s.cv_mean), len(self._leaders))
+            # the leaders by score so far, the reserve's survivors, in the order _ranked promotes them on
+            # one fold (ties: the cheaper estimate, then the first scored)
+            at = next((i for i, t in enumerate(self._leaders) if (t.cv_mean, -t.estimate) < (s.cv_mean, -s.estimate)),
+                      len(self._leaders))
             self._leaders = (self._leaders[:at] + [s] + self._leaders[at:])[:MAX_KEEP]
             return True
         return False
@@ -521,10 +523,11 @@ class AutoSearch:
     def _affordable(self, r: int, todo: list[Scored], data: Mapping[FeatureKey, np.ndarray],
                     clock: _Clock) -> list[Scored]:
         """The longest prefix of ``todo`` (best first) whose predicted seconds on round ``r``'s folds fit in
-        what is left of the budget together (a Gram matrix counted once per fold for a group); all of
-        ``todo`` when not even the first fits (the round is then cut short, and promotes no one). A round
+        what is left of the budget together (a Gram matrix counted once per fold for a group). A round
         then completes, and ranks those it scored on its folds, instead of being cut short after the
-        first few and falling back to the round before (on ELPV 4-class: 1 fold)."""
+        first few and falling back to the round before (on ELPV 4-class: 1 fold). When not even the
+        first fits, all of ``todo``: :meth:`_round` then scores those that fit alone, as before, and
+        the round, cut short, ranks no one above the rest (:func:`_ranked`)."""
         repeat, idx = self.rungs_[r]
         total, paid, out = 0.0, set(), []
         for s in todo:

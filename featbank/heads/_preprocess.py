@@ -8,9 +8,10 @@
 - ``"sqrt"``: the signed square root of every entry (:class:`SignedSqrt`, ``sign(x) * sqrt(|x|)``),
   then standardised. This is the *power normalisation* of Perronnin, Sanchez and Mensink (ECCV 2010,
   "Improving the Fisher kernel for large-scale image classification"): pooled activations are sparse
-  and bursty, a few large entries dominate a dot product, and the square root evens them out. On the
-  five ``bench_autopilot`` sets it raised the cross-validated top-1 of the RBF SVM over ``standardize``
-  (docs/benchmarks.md); ``fit --auto`` still chooses it per data set by CV, never by default.
+  and bursty, a few large entries dominate a dot product, and the square root evens them out. On ELPV
+  4-class, digits and lfw_subset (``scripts/bench_preprocess.py``) it raised the cross-validated top-1
+  of the RBF SVM over ``standardize`` (docs/benchmarks.md); ``fit --auto`` still chooses it per data
+  set by CV, never by default.
 """
 
 from __future__ import annotations
