@@ -26,7 +26,7 @@ from featbank.extraction._schedule import (
     worker_context,
 )
 from featbank.extraction.launchers import rank_shards, run_local, run_prepared, run_slice
-from featbank.extraction.units import RowSource, ShardJob, WorkerSettings, prepare, run_unit
+from featbank.extraction.units import EngineSpec, RowSource, ShardJob, WorkerSettings, prepare, run_unit
 from featbank.sources import scan_folder
 
 from conftest import extract_job
@@ -74,8 +74,8 @@ def _leftovers(index: Path) -> list[str]:
 
 def _fake_jobs(sizes: list[int], batch: int | None = None) -> list[ShardJob]:
     """Shard jobs with ``sizes`` rows (and ``batch`` rows per batch): all the scheduler reads."""
-    settings = None if batch is None else WorkerSettings("test_sleep", None, None, "torch", "cpu", "fp32", "float32",
-                                                         batch, 0, 32, {})
+    spec = EngineSpec("test_sleep", None, None, "torch", "cpu", "fp32")
+    settings = None if batch is None else WorkerSettings(spec, "float32", batch, 0, 32, {})
     out = []
     for sid, n in enumerate(sizes):
         rows = PartRows([f"{sid:03d}/{i:06d}" for i in range(n)], np.zeros((n, 2), np.int64), np.zeros(n, np.int64),
@@ -333,11 +333,10 @@ def test_prestarted_workers_run_the_work_and_none_outlive_the_run(many_images, r
     import time
 
     from featbank.extraction.launchers import prestarted_workers
-    from featbank.extraction.units import EngineSpec
 
     out = tmp_path / "pool.h5"
     prep = _prepare(many_images, out)
-    with prestarted_workers(2, "cpu", EngineSpec.of(prep.jobs[0].settings)) as pool:
+    with prestarted_workers(2, "cpu", prep.jobs[0].settings.spec) as pool:
         assert pool is not None
         run_prepared(prep, procs=2)  # takes the workers started (and warmed) while it planned
         assert pool.take() is None  # taken: a second run in the block starts its own

@@ -410,14 +410,10 @@ def _early_workers(job: ExtractJob) -> AbstractContextManager[object]:
     """Local workers (``--procs`` > 1) started now, building their engine while this process plans."""
     if job.launcher != "local" or job.config.procs < 2:
         return nullcontext()
-    from .._device import precision_name
     from .launchers import prestarted_workers
-    from .units import EngineSpec
+    from .units import engine_spec
 
-    c = job.config
-    spec = EngineSpec(c.backbone, c.weights, c.weights_file, job.engine, job.device,
-                      precision_name(job.device.split(":")[0]), job.features)
-    return prestarted_workers(c.procs, job.device, spec)
+    return prestarted_workers(job.config.procs, job.device, engine_spec(job))
 
 
 def _plan_run(job: ExtractJob) -> tuple[Prepared, ExtractReport, int]:

@@ -159,7 +159,7 @@ def prestart(procs: int, launcher: str | None = None, *, job_array: bool = False
 
 def _pinned(job: ShardJob, slot: int, n_gpu: int) -> ShardJob:
     if n_gpu and job.settings.device.startswith("cuda"):
-        return replace(job, settings=replace(job.settings, device=f"cuda:{slot % n_gpu}"))
+        return replace(job, settings=replace(job.settings, spec=replace(job.settings.spec, device=f"cuda:{slot % n_gpu}")))
     return job
 
 

@@ -50,16 +50,17 @@ if TYPE_CHECKING:
     from ._engines import Engine
     from .job import ExtractJob
 
-__all__ = ["RowSource", "WorkerSettings", "EngineSpec", "engine_for", "ShardJob", "Prepared", "prepare", "run_shard",
-           "run_unit", "run_job", "finalize", "final_part", "migrate_v1", "reset_engines", "UNIT_ATTR", "unit_path"]
+__all__ = ["RowSource", "WorkerSettings", "EngineSpec", "engine_spec", "engine_for", "ShardJob", "Prepared", "prepare",
+           "run_shard", "run_unit", "run_job", "finalize", "final_part", "migrate_v1", "reset_engines", "UNIT_ATTR", "unit_path"]
 
 #: Attribute of a work unit's ``.partial``: the name of the part its rows are for.
 UNIT_ATTR = "unit_of"
 
 
 @dataclass(frozen=True)
-class WorkerSettings:
-    """What a worker needs to build its engine: picklable, the same for every shard of a run."""
+class EngineSpec:
+    """What a worker's engine is built from, known before the run is planned (so workers started early
+    can build it while the parent plans); :class:`WorkerSettings` holds it as ``spec``."""
 
     backbone: str
     weights: str | None
@@ -67,13 +68,30 @@ class WorkerSettings:
     engine: str
     device: str
     precision: str
+    features: FeatureSpec | None = None
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What a worker needs: its engine's :class:`EngineSpec`, then how it feeds and writes the rows;
+    picklable, the same for every shard of a run."""
+
+    spec: EngineSpec
     dtype: str
     batch_size: int
     num_workers: int
     embed_dim: int
     transform: dict[str, Any]
-    features: FeatureSpec | None = None  # a run with layers or views (None: the embedding alone)
     decode: str = "pillow"  # "gpu": JPEGs decoded and resized as tensors on the device (_decode)
+
+    @property
+    def device(self) -> str:
+        return self.spec.device
+
+    @property
+    def features(self) -> FeatureSpec | None:
+        """The layers or views of the run (None: the embedding alone)."""
+        return self.spec.features
 
 
 @dataclass
@@ -152,6 +170,16 @@ def _old_plan(index_path: Path, key: str, overwrite: bool, features: FeatureSpec
     return Plan.from_json(plan) if plan else None
 
 
+def engine_spec(job: ExtractJob) -> EngineSpec:
+    """The engine every worker of ``job`` builds: one spec for the plan and for workers started before it
+    (they build their engine from it early, and the engine cache is keyed by it, so the two must agree)."""
+    from .._device import precision_name
+
+    c = job.config
+    return EngineSpec(c.backbone, c.weights, c.weights_file, job.engine, job.device,
+                      precision_name(job.device.split(":")[0]), job.features)
+
+
 def prepare(source: RowSource, job: ExtractJob, identity: dict[str, Any] | None = None) -> Prepared:
     """Plan the run: the cache key, the shards (keeping an existing index's boundaries), the jobs left.
 
@@ -164,13 +192,13 @@ def prepare(source: RowSource, job: ExtractJob, identity: dict[str, Any] | None 
         CacheKeyMismatch: the existing index was made with other settings.
         CacheError: ``index_path`` is not a schema-v2 index (and ``overwrite`` is not set).
     """
-    from .._device import precision_name
     from ..backbones import identity_with_window
     from .config import CONFIG_ATTR
 
     c = job.config
     index_path, overwrite, features, decode, dtype = job.index_path, c.overwrite, job.features, job.decode, c.dtype
-    precision = precision_name(job.device.split(":")[0])
+    spec = engine_spec(job)
+    precision = spec.precision
     if identity is None:
         identity = identity_with_window(identity_of(c.backbone, c.weights, c.weights_file), c.window)
     if decode != "pillow":
@@ -189,9 +217,8 @@ def prepare(source: RowSource, job: ExtractJob, identity: dict[str, Any] | None 
         plan = replan(old, source.keys)
     else:
         plan = plan_shards(source.keys, job.shard_size)
-    settings = WorkerSettings(c.backbone, c.weights, c.weights_file, job.engine, job.device, precision, dtype,
-                              c.batch_size, job.num_workers, int(identity["embed_dim"]), identity["transform"], features,
-                              decode)
+    settings = WorkerSettings(spec, dtype, c.batch_size, job.num_workers, int(identity["embed_dim"]),
+                              identity["transform"], decode)
     folder = parts_dir(index_path)
     where = assign_rows(plan, source.keys) if plan.kind == "range" else _tar_rows(plan, source)
     planned, planned_paths, jobs = [], {}, []
@@ -253,25 +280,6 @@ def _tar_rows(plan: Plan, source: RowSource) -> np.ndarray:
     return np.array([pos[m.partition("\0")[0]] for m in source.members], np.int64).reshape(-1)
 
 
-@dataclass(frozen=True)
-class EngineSpec:
-    """What a worker's engine is built from: the fields of :class:`WorkerSettings` it depends on,
-    known before the run is planned (so workers started early can build it while the parent plans)."""
-
-    backbone: str
-    weights: str | None
-    weights_file: str | None
-    engine: str
-    device: str
-    precision: str
-    features: FeatureSpec | None = None
-
-    @classmethod
-    def of(cls, settings: WorkerSettings) -> EngineSpec:
-        s = settings
-        return cls(s.backbone, s.weights, s.weights_file, s.engine, s.device, s.precision, s.features)
-
-
 _ENGINES: dict[EngineSpec, Engine] = {}
 
 
@@ -289,7 +297,7 @@ def engine_for(spec: EngineSpec) -> Engine:
 
 
 def _engine(settings: WorkerSettings) -> Engine:
-    return engine_for(EngineSpec.of(settings))
+    return engine_for(settings.spec)
 
 
 def reset_engines() -> None:
