@@ -66,6 +66,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the rows here")
     a = ap.parse_args()
+    if "=" not in a.cache:
+        ap.error(f"--cache must be NAME=PATH (a name for the report, then the cache file); got {a.cache!r}")
     name, path = a.cache.split("=", 1)
     rows = study(path, a.views, a.cv, a.repeats, a.seed)
     if a.json:
