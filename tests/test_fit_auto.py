@@ -103,6 +103,11 @@ def test_auto_writes_a_bundle_whose_leaderboard_winner_is_its_head(auto_bundle, 
     m = json.loads((out / "manifest.json").read_text())
     assert m["search"]["leaderboard"] == json.loads(json.dumps(board))
     assert m["head"]["family"] == win["head"] and m["features"]["layers"] == win["layers"]
+    from featbank.bundles import load_bundle
+    from featbank.export._head_only import feature_spec
+
+    std = feature_spec(load_bundle(out))["standardisation"]  # what a head-only export's metadata says
+    assert std["preprocess"] == win["preprocessing"] and std["l2_normalize"] == (win["preprocessing"] == "l2")
     assert bool(m["features"].get("view_pool")) == (win["views"] == "pooled")
     # The saved head predicts as the search's refitted winner scored: evaluate reads it back.
     ev = featbank.evaluate(out, layered[1])
@@ -473,6 +478,9 @@ def test_auto_adds_suffix_spans_for_the_gram_sharing_families_only(auto_bundle) 
     assert k["computed"] >= 1 and k["reused"] >= 1 and k["refused"] == 0  # the families shared Gram matrices
     assert f"Gram matrices (one per features, preprocessing and fold, shared by the SVMs and knn): {k['computed']} " \
         f"computed, {k['reused']} reused" in res.summary()
+    # the sets share layers: their Gram matrices are summed from one per layer, reused across sets
+    assert k["blocks_computed"] >= 1 and k["blocks_reused"] >= 1
+    assert f"summed from layer blocks: {k['blocks_computed']} computed, {k['blocks_reused']} reused" in res.summary()
 
 
 def test_the_search_shares_one_gram_matrix_per_fold_and_scores_as_without() -> None:
@@ -493,6 +501,58 @@ def test_the_search_shares_one_gram_matrix_per_fold_and_scores_as_without() -> N
     n_fits = sum(s.scores.shape[1] for s in shared.scored_)
     assert shared.kernels_["computed"] == len(folds) < n_fits and shared.kernels_["reused"] == n_fits - len(folds)
     assert alone.kernels_["computed"] == 0 and alone.kernels_["refused"] == n_fits
+
+
+def test_column_blocks_are_each_layers_columns_in_every_matrix(layered) -> None:
+    """A block named (layer, views) holds the same numbers in every key's matrix: the layer's own matrix."""
+    from featbank.fitting import column_blocks, feature_matrices
+
+    _, cache = layered
+    with featbank.open_cache(cache) as c:
+        held = tuple(c.layers)
+        keys = [(held, "plain"), (held, "pooled"), (held[-2:], "pooled"), (("final",), "plain"), (held[:1] + held[-1:], "plain")]
+        rows = np.flatnonzero(c.split_mask("train"))
+        data = feature_matrices(c, keys, rows)
+        own = feature_matrices(c, [((t,), v) for t in held for v in ("plain", "pooled")], rows)
+        blocks = column_blocks(c, keys)
+    assert list(blocks) == keys
+    for key, key_blocks in blocks.items():
+        assert [name for name, _ in key_blocks] == [(t, key[1]) for t in key[0]]
+        assert sorted(np.concatenate([cols for _, cols in key_blocks])) == list(range(data[key].shape[1]))
+        for (t, views), cols in key_blocks:
+            np.testing.assert_array_equal(data[key][:, cols], own[((t,), views)])
+
+
+def test_feature_sets_that_share_layers_share_their_blocks_and_score_as_without(layered) -> None:
+    """With column blocks, final, last2 and all layers cost one Gram matrix per layer, preprocessing and
+    fold: every block is computed once and reused by the other sets; the leaderboard is the one
+    computed without any sharing."""
+    from featbank.fitting import column_blocks, feature_matrices
+
+    _, cache = layered
+    with featbank.open_cache(cache) as c:
+        held = tuple(c.layers)
+        keys = [(held, "plain"), (held[-2:], "plain"), (("final",), "plain")]
+        rows = np.flatnonzero(c.split_mask("train"))
+        data, blocks, y = feature_matrices(c, keys, rows), column_blocks(c, keys), c.labels[rows]
+    fams = {n: HEAD_FAMILIES[n] for n in ("svm-rbf", "knn")}
+    cands = [Candidate(name, key[0], "plain", pre, h) for name, key in zip(("all", "last2", "final"), keys, strict=True)
+             for pre in ("standardize", "sqrt", "l2") for h in fams]
+    shared = AutoSearch(cands, fams, cv=3, repeats=1, budget_s=600.0, seed=1).fit(data, y, blocks)
+    alone = AutoSearch(cands, fams, cv=3, repeats=1, budget_s=600.0, seed=1, kernel_bytes=0).fit(data, y)
+    board = [{k: v for k, v in row.items() if k not in ("seconds", "cv_mean", "cv_std")} for row in shared.leaderboard()]
+    assert board == [{k: v for k, v in row.items() if k not in ("seconds", "cv_mean", "cv_std")}
+                     for row in alone.leaderboard()]
+    np.testing.assert_allclose([r["cv_mean"] for r in shared.leaderboard()], [r["cv_mean"] for r in alone.leaderboard()],
+                               atol=1e-12)
+    assert len(shared.leaderboard()) == len(cands)
+    # one summed Gram matrix per (set, preprocessing, fold) scored; one per (layer, preprocessing, fold)
+    made = {(s.candidate.layers, s.candidate.preprocess, r["repeat"], f) for s in shared.scored_
+            for r in shared.rounds_ if _label(s.candidate) in r["candidates"] for f in r["folds"]}
+    layer_folds = {(t, pre, r, f) for layers, pre, r, f in made for t in layers}
+    k = shared.kernels_
+    assert k["computed"] == len(made) and k["blocks_computed"] == len(layer_folds)
+    assert k["blocks_reused"] == sum(len(m[0]) for m in made) - len(layer_folds) > 0
 
 
 def _label(c: Candidate) -> str:

@@ -222,6 +222,61 @@ def test_fold_kernels_share_one_gram_per_fold_within_a_memory_bound(hard_digits)
     assert a.G_ff.shape == (len(folds[0][0]),) * 2 and a.G_hf.shape == (len(folds[0][1]), len(folds[0][0]))
 
 
+@pytest.mark.parametrize("preprocess, rtol", [("standardize", 1e-12), ("sqrt", 1e-12), ("l2", 1e-5)])
+def test_fold_kernels_sum_a_matrix_from_its_column_blocks(hard_digits, preprocess, rtol) -> None:
+    """A matrix registered as column blocks gets the Gram matrix one product gives (l2: to float32
+    rounding, see featbank.heads._gram); a second matrix holding some of the blocks reuses them."""
+    from featbank.heads import FoldKernels
+    from featbank.heads._gram import fold_gram, fold_rows
+
+    X, y, folds = hard_digits
+    X = X.copy()
+    X[:, 7] = 2.5  # a constant column: standardised to 0, as StandardScaler does
+    fit, held = folds[0]
+    k = FoldKernels()
+    k.register(X, [("a", np.arange(0, 20)), ("b", np.arange(20, 50)), ("c", np.arange(50, 64))])
+    sub = np.ascontiguousarray(X[:, 20:64])
+    k.register(sub, [("b", np.arange(0, 30)), ("c", np.arange(30, 44))])
+    assert k.stored_share(X, fit, held, preprocess) == 0.0
+    for M in (X, sub):
+        got, want = k.get(M, fit, held, preprocess), fold_gram(*fold_rows(M, fit, held, preprocess))
+        for f in ("G_ff", "G_hf", "sq_f", "sq_h"):
+            np.testing.assert_allclose(getattr(got, f), getattr(want, f), rtol=rtol, atol=rtol, err_msg=f)
+        assert got.var_f == pytest.approx(want.var_f, rel=rtol) and got.n_features == want.n_features
+    assert (k.blocks_computed, k.blocks_reused, k.computed) == (3, 2, 2)
+    assert k.stored_share(sub, fit, held, preprocess) == 1.0
+    other = sub[:, :30]  # block b alone, not yet registered: nothing to share
+    assert k.stored_share(other, *folds[1], preprocess) == 0.0
+    k.register(other, [("b", np.arange(30))])
+    assert k.stored_share(other, fit, held, preprocess) == 1.0 and k.stored_share(sub, *folds[1], preprocess) == 0.0
+    k.get(X, *folds[1], preprocess)
+    k2 = FoldKernels()
+    k2.register(X, [("a", np.arange(0, 20)), ("bc", np.arange(20, 64))])
+    k2.get(X, *folds[1], preprocess)
+    k2.register(sub, [("b", np.arange(0, 30)), ("c", np.arange(30, 44))])
+    assert k2.stored_share(sub, *folds[1], preprocess) == 0.0  # other names: other numbers
+    assert k.stored_share(X[:, :20].copy(), *folds[1], preprocess) == 0.0  # unregistered
+
+
+def test_fold_kernels_use_blocks_only_where_a_folds_blocks_fit_in_the_bound(hard_digits) -> None:
+    from featbank.heads import FoldKernels
+
+    X, y, folds = hard_digits
+    fit, held = folds[0]
+    part = FoldKernels.fold_bytes(len(fit), len(held)) + 8 * len(fit)
+    blocks = [("a", np.arange(0, 32)), ("b", np.arange(32, 64))]
+    for bound, used in ((3 * part, True), (3 * part - 1, False)):
+        k = FoldKernels(bound)
+        k.register(X, blocks)
+        k.get(X, fit, held, "standardize")
+        assert (k.blocks_computed == 2) is used and k.computed == 1 and k.nbytes <= bound
+    k = FoldKernels()
+    for bad in ([("a", np.arange(0, 32))], [("a", np.arange(0, 33)), ("b", np.arange(32, 64))],
+                [("a", np.arange(0, 32)), ("a", np.arange(32, 64))]):
+        with pytest.raises(ValueError, match="exactly once, under distinct names"):
+            k.register(X, bad)
+
+
 def test_l2_preprocessing_centres_on_the_fit_rows_then_normalises_rows(hard_digits) -> None:
     """'l2' is cosine similarity of centred rows: kNN's neighbours are those of the centred cosine."""
     X, y, folds = hard_digits

@@ -45,6 +45,8 @@ def feature_spec(bundle: Bundle) -> dict[str, Any]:
         "view_pool": getattr(feats, "view_pool", None),
         "standardisation": {"standardize": bool(pre.get("standardize", False)),
                             "l2_normalize": bool(pre.get("l2_normalize", False)),
+                            # fit --auto / --cv: standardize, l2 or sqrt (the signed square root first)
+                            **({"preprocess": bundle.head_info["preprocess"]} if "preprocess" in bundle.head_info else {}),
                             "where": "inside the graph (the head's own, fitted on the training embeddings)"},
     }
 

@@ -10,7 +10,7 @@ numbers are those of the validation split, which selected the model and so are s
 
 from __future__ import annotations
 
-from ._auto import bootstrap_interval, feature_matrices, spans
+from ._auto import bootstrap_interval, column_blocks, feature_matrices, spans
 from ._layers import pool_views
 from ._rows import opened_cache, parse_memory, split_rows
 from ._search import AutoSearch, Candidate, make_folds, parse_budget
@@ -19,4 +19,5 @@ from .config import FitConfig
 from .probe import FitResult, fit
 
 __all__ = ["FitResult", "FitConfig", "fit", "COARSE_GRID", "parse_memory", "AutoSearch", "Candidate", "parse_budget",
-           "bootstrap_interval", "opened_cache", "pool_views", "feature_matrices", "spans", "split_rows", "make_folds"]
+           "bootstrap_interval", "opened_cache", "pool_views", "feature_matrices", "column_blocks", "spans", "split_rows",
+           "make_folds"]

@@ -47,9 +47,9 @@ from ._select import HeadSpec
 
 if TYPE_CHECKING:
     from ..cache import FeatureCache
-    from ..heads import Estimator
+    from ..heads import Block, Estimator
 
-__all__ = ["SearchSettings", "fit_search", "spans", "SPAN_NAMES", "feature_matrices",
+__all__ = ["SearchSettings", "fit_search", "spans", "SPAN_NAMES", "feature_matrices", "column_blocks",
            "bootstrap_interval", "PREPROCESSING", "N_BOOTSTRAP", "MIN_SEARCH_SHARE",
            "idle_cores", "search_threads"]
 
@@ -175,6 +175,26 @@ def feature_matrices(cache: FeatureCache, keys: Sequence[FeatureKey], rows: np.n
     return out
 
 
+def column_blocks(cache: FeatureCache, keys: Sequence[FeatureKey]) -> dict[FeatureKey, list[Block]]:
+    """Each key's matrix (as :func:`feature_matrices` lays it out) as column blocks, one per layer, named
+    ``(layer, views)``: the same numbers in every key's matrix, so their Gram matrices are shared
+    (:class:`~featbank.heads.FoldKernels`). A pooled matrix's block of a layer is its ``mean`` columns
+    and its ``max`` columns."""
+    keys = list(dict.fromkeys(keys))
+    held = list(getattr(cache, "layers", ("final",)) or ("final",))
+    dims = FeatureTable(cache, tuple(t for t in held if any(t in k[0] for k in keys)), train_views=False).layer_dims
+    out = {}
+    for layers, views in keys:
+        starts = np.cumsum([0, *(dims[t] for t in layers)])
+        width = int(starts[-1])
+        blocks = []
+        for t, a, b in zip(layers, starts[:-1], starts[1:], strict=True):
+            cols = np.arange(a, b)
+            blocks.append(((t, views), cols if views == "plain" else np.concatenate([cols, cols + width])))
+        out[(layers, views)] = blocks
+    return out
+
+
 def _columns(table: FeatureTable, layers: Sequence[str]) -> np.ndarray:
     """Column indices of ``layers`` in ``table``'s rows (its layers concatenated in network order)."""
     starts = np.cumsum([0, *table.layer_dims.values()])
@@ -289,7 +309,7 @@ def fit_search(cache: FeatureCache, spec: HeadSpec, settings: SearchSettings, *,
         prep_s = time.perf_counter() - t0  # the layer selection and loading spend the same budget
         search = AutoSearch(cands, route.families, cv=settings.cv, repeats=settings.repeats,
                             budget_s=max(budget_s - prep_s, budget_s * MIN_SEARCH_SHARE), seed=settings.seed,
-                            device=settings.device).fit(data, c.labels[pool])
+                            device=settings.device).fit(data, c.labels[pool], column_blocks(c, list(data)))
         del data
         found = _refit_and_score(c, route, search, pool, test, settings.seed)
         found.update(cache_path=cache_path, classes=list(c.classes), choice=choice, pool=pool, test=test, cache=c,

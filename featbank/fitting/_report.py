@@ -53,7 +53,9 @@ def search_lines(search: Mapping[str, Any], headline: Mapping[str, Any]) -> list
     if isinstance(k, dict) and k.get("computed", 0) + k.get("reused", 0) + k.get("refused", 0):
         lines.append(f"  Gram matrices (one per features, preprocessing and fold, shared by the SVMs and knn): "
                      f"{k.get('computed', 0)} computed, {k.get('reused', 0)} reused"
-                     + (f", {k['refused']} too large to share" if k.get("refused") else ""))
+                     + (f", {k['refused']} too large to share" if k.get("refused") else "")
+                     + (f"; summed from layer blocks: {k['blocks_computed']} computed, {k.get('blocks_reused', 0)} reused"
+                        if k.get("blocks_computed") else ""))
     for rnd in search.get("rounds", []):
         lines.append(f"  round {rnd['round'] + 1}: {rnd['n_candidates']} candidate(s) on {rnd['n_folds']} folds")
     if skipped:

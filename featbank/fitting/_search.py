@@ -54,11 +54,14 @@ import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..heads import Block
 
 __all__ = ["AutoSearch", "Candidate", "Scored", "FeatureKey", "HeadFamilyLike", "parse_budget", "make_folds",
            "DEFAULT_BUDGET", "DEFAULT_CV", "DEFAULT_REPEATS", "KEEP", "MAX_KEEP", "ROUND1_SHARE", "LATER_SHARE"]
@@ -324,8 +327,12 @@ class AutoSearch:
         self.clock = clock
         self._kernels = FoldKernels() if kernel_bytes is None else FoldKernels(kernel_bytes)
 
-    def fit(self, data: Mapping[FeatureKey, np.ndarray], y: np.ndarray) -> AutoSearch:
+    def fit(self, data: Mapping[FeatureKey, np.ndarray], y: np.ndarray,
+            blocks: Mapping[FeatureKey, Sequence[Block]] | None = None) -> AutoSearch:
         """Score the candidates on ``data`` (one matrix per feature key, one row per image) and labels ``y``.
+
+        ``blocks`` (optional): each matrix's column blocks (:func:`~featbank.fitting.column_blocks`), so
+        matrices that share columns share the Gram matrices of those columns on each fold.
 
         Raises:
             ConfigError: no candidate could be scored within the budget, or bad folds (see :func:`make_folds`).
@@ -334,6 +341,9 @@ class AutoSearch:
         self.folds_ = make_folds(y, self.cv, self.repeats, self.seed)
         self.n_classes_ = int(y.max()) + 1
         clock = _Clock(self.budget_s, self.clock)
+        for key, key_blocks in (blocks or {}).items():
+            if key in data:
+                self._kernels.register(data[key], key_blocks)
         scored = [self._prepare(c, data[c.key]) for c in self.candidates]
         self.skipped_: list[dict[str, Any]] = []
         self._leaders: list[Scored] = []  # round 1's best so far, at most MAX_KEEP (see _try)
@@ -373,10 +383,11 @@ class AutoSearch:
                       kernel_estimate=None if k is None else min(k * self.cv, est))
 
     def _saved(self, s: Scored, X: np.ndarray, fold: tuple[np.ndarray, np.ndarray]) -> float:
-        """The estimated seconds (over all K folds, as ``estimate``) a Gram matrix already shared saves ``s``."""
-        if s.kernel_estimate is None or not self._kernels.has(X, fold[0], fold[1], s.candidate.preprocess):
+        """The estimated seconds (over all K folds, as ``estimate``) that the Gram matrices already shared
+        save ``s``: its whole kernel estimate when its fold is stored, the stored blocks' share of it else."""
+        if s.kernel_estimate is None:
             return 0.0
-        return s.kernel_estimate
+        return s.kernel_estimate * self._kernels.stored_share(X, fold[0], fold[1], s.candidate.preprocess)
 
     def _first_round(self, scored: list[Scored], data: Mapping[FeatureKey, np.ndarray], y: np.ndarray,
                      clock: _Clock) -> list[Scored]:
@@ -420,7 +431,7 @@ class AutoSearch:
                     follow += sorted((t for t in todo if t.group == s.group),
                                      key=lambda t: t.estimate - (t.kernel_estimate or 0))
                     todo = [t for t in todo if t.group != s.group]
-            elif self._skip_rest(follow + todo, len(done), clock):
+            elif self._skip_rest(follow + todo, len(done), data, clock):
                 break
         self.rounds_.append({"round": 0, "repeat": 0, "folds": [0], "n_candidates": len(done), "complete": True,
                              "n_folds": 1, "candidates": [_label(s.candidate) for s in done]})
@@ -489,16 +500,19 @@ class AutoSearch:
         reserve = max(self._reserve(self._leaders, n, clock), LATER_SHARE * self.budget_s)
         return min(reserve, (1.0 - ROUND1_SHARE) * self.budget_s)
 
-    def _skip_rest(self, rest: Sequence[Scored], n_done: int, clock: _Clock) -> bool:
+    def _skip_rest(self, rest: Sequence[Scored], n_done: int, data: Mapping[FeatureKey, np.ndarray],
+                   clock: _Clock) -> bool:
         """Skip every one of ``rest`` for budget when not even the cheapest of them, counting its Gram matrix
-        as shared, fits with the reserve (so a long list is not walked one by one once the time is spent)."""
+        as shared, fits with the reserve (so a long list is not walked one by one once the time is spent).
+        Each is recorded with its prediction as it stands (the Gram matrices already there taken off)."""
         if not rest:
             return False
         cheapest = min(clock.predict(t, 1, self.cv, t.kernel_estimate or 0.0) for t in rest)
         if clock.fits(cheapest + self._round1_reserve(n_done + 1, clock), self.budget_s):
             return False
+        fold = self.folds_[0][0]
         for t in rest:
-            self._skip(t, clock.predict(t, 1, self.cv))
+            self._skip(t, clock.predict(t, 1, self.cv, self._saved(t, data[t.candidate.key], fold)))
         return True
 
     def _reserve(self, leaders: Sequence[Scored], n: int, clock: _Clock) -> float:

@@ -46,7 +46,7 @@ from .kinds import (
 
 if TYPE_CHECKING:
     from ._families import HEAD_FAMILIES, Folds, HeadFamily, get_head_family
-    from ._gram import FoldGram, FoldKernels
+    from ._gram import Block, FoldGram, FoldKernels
     from ._kernel_svc import KernelSVC
     from ._linear_head import LinearHead
     from ._mlp_head import MLPHead
@@ -60,7 +60,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "LinearHead": "._linear_head", "MLPHead": "._mlp_head", "head_to_torch": "._state", "KernelSVC": "._kernel_svc",
     "HeadFamily": "._families", "HEAD_FAMILIES": "._families", "Folds": "._families",
-    "get_head_family": "._families", "FoldKernels": "._gram", "FoldGram": "._gram",
+    "get_head_family": "._families", "FoldKernels": "._gram", "FoldGram": "._gram", "Block": "._gram",
     "PREPROCESSES": "._preprocess", "SignedSqrt": "._preprocess",
 }
 
@@ -108,4 +108,5 @@ __all__ = [
     "get_head_family",
     "FoldKernels",
     "FoldGram",
+    "Block",
 ]

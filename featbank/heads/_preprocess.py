@@ -42,7 +42,9 @@ class SignedSqrt(TransformerMixin, BaseEstimator):
         if X.ndim != 2 or X.shape[1] != getattr(self, "n_features_in_", X.shape[1]):
             raise ValueError(f"SignedSqrt was fitted on {getattr(self, 'n_features_in_', '?')} features; "
                              f"got an array of shape {X.shape}.")
-        return np.sign(X) * np.sqrt(np.abs(X))
+        out = np.abs(X)
+        np.sqrt(out, out=out)
+        return np.copysign(out, X, out=out)
 
 
 # Bundles name a skops type by `__module__.__qualname__`: keep it at the public path.
