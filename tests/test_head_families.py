@@ -270,6 +270,11 @@ def test_fold_kernels_use_blocks_only_where_a_folds_blocks_fit_in_the_bound(hard
         k.register(X, blocks)
         k.get(X, fit, held, "standardize")
         assert (k.blocks_computed == 2) is used and k.computed == 1 and k.nbytes <= bound
+    k = FoldKernels(3 * part)  # a wider matrix registered: its blocks would not fit, so no matrix is split
+    k.register(X, blocks)
+    k.register(X[:, :48].copy(), [("a", np.arange(0, 32)), ("b1", np.arange(32, 40)), ("b2", np.arange(40, 48))])
+    k.get(X, fit, held, "standardize")
+    assert k.blocks_computed == 0 and k.computed == 1
     k = FoldKernels()
     for bad in ([("a", np.arange(0, 32))], [("a", np.arange(0, 33)), ("b", np.arange(32, 64))],
                 [("a", np.arange(0, 32)), ("a", np.arange(32, 64))]):

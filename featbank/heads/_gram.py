@@ -22,8 +22,8 @@ the float32 rows by their norms, the blocks' sum is divided in float64).
 It is bounded in memory: it keeps the most recently used entries up to ``max_bytes`` and drops the
 least recently used ones beyond it; a fold whose matrices alone exceed the bound is not stored at
 all (:meth:`FoldKernels.get` returns ``None``) and the families compute what they need themselves,
-as without sharing. Blocks are used only where one fold's blocks and their sum fit in the bound
-together; else the matrix's Gram matrix is one product, as without blocks.
+as without sharing. Blocks are used only where one fold's blocks of the widest registered matrix and
+their sum fit in the bound together; else every Gram matrix is one product, as without blocks.
 """
 
 from __future__ import annotations
@@ -247,13 +247,16 @@ class FoldKernels:
         return fg
 
     def _usable_blocks(self, X: np.ndarray, n_fit: int, n_held: int) -> list[Block]:
-        """``X``'s registered blocks where one fold's blocks and their sum fit in the bound together, else []."""
+        """``X``'s registered blocks where the blocks of the widest registered matrix and their sum fit in
+        the bound together on one fold (so a block is kept until the matrices that share it are summed),
+        else [] (and no matrix is split: one that alone would fit would keep its block and its sum, the
+        same numbers twice)."""
         X_blocks = self._blocks.get(id(X))
         if X_blocks is None or X_blocks[0] is not X:
             return []
-        blocks = X_blocks[1]
+        widest = max(len(b) for _, b in self._blocks.values())
         part = self.fold_bytes(n_fit, n_held) + 8 * n_fit
-        return blocks if (len(blocks) + 1) * part <= self.max_bytes else []
+        return X_blocks[1] if (widest + 1) * part <= self.max_bytes else []
 
     def _part(self, X: np.ndarray, name: Hashable, cols: np.ndarray, fit: np.ndarray, held: np.ndarray,
               preprocess: str, device: str, fold_key: tuple) -> _Part:
