@@ -525,34 +525,43 @@ def test_column_blocks_are_each_layers_columns_in_every_matrix(layered) -> None:
 
 def test_feature_sets_that_share_layers_share_their_blocks_and_score_as_without(layered) -> None:
     """With column blocks, final, last2 and all layers cost one Gram matrix per layer, preprocessing and
-    fold: every block is computed once and reused by the other sets; the leaderboard is the one
-    computed without any sharing."""
+    fold: each block is computed once, the shared ones reused by the other sets; every family's fold
+    scores are those computed without any sharing (to one held-out row: the sums round differently)."""
     from featbank.fitting import column_blocks, feature_matrices
+    from featbank.heads import FoldKernels
 
     _, cache = layered
     with featbank.open_cache(cache) as c:
         held = tuple(c.layers)
-        keys = [(held, "plain"), (held[-2:], "plain"), (("final",), "plain")]
+        keys = [(held, "plain"), (held[-2:], "plain"), (("final",), "plain"), (held[-2:], "pooled")]
         rows = np.flatnonzero(c.split_mask("train"))
         data, blocks, y = feature_matrices(c, keys, rows), column_blocks(c, keys), c.labels[rows]
     fams = {n: HEAD_FAMILIES[n] for n in ("svm-rbf", "knn")}
-    cands = [Candidate(name, key[0], "plain", pre, h) for name, key in zip(("all", "last2", "final"), keys, strict=True)
+    names = ("all", "last2", "final", "last2")
+    cands = [Candidate(name, key[0], key[1], pre, h) for name, key in zip(names, keys, strict=True)
              for pre in ("standardize", "sqrt", "l2") for h in fams]
-    shared = AutoSearch(cands, fams, cv=3, repeats=1, budget_s=600.0, seed=1).fit(data, y, blocks)
-    alone = AutoSearch(cands, fams, cv=3, repeats=1, budget_s=600.0, seed=1, kernel_bytes=0).fit(data, y)
-    board = [{k: v for k, v in row.items() if k not in ("seconds", "cv_mean", "cv_std")} for row in shared.leaderboard()]
-    assert board == [{k: v for k, v in row.items() if k not in ("seconds", "cv_mean", "cv_std")}
-                     for row in alone.leaderboard()]
-    np.testing.assert_allclose([r["cv_mean"] for r in shared.leaderboard()], [r["cv_mean"] for r in alone.leaderboard()],
-                               atol=1e-12)
-    assert len(shared.leaderboard()) == len(cands)
-    # one summed Gram matrix per (set, preprocessing, fold) scored; one per (layer, preprocessing, fold)
-    made = {(s.candidate.layers, s.candidate.preprocess, r["repeat"], f) for s in shared.scored_
-            for r in shared.rounds_ if _label(s.candidate) in r["candidates"] for f in r["folds"]}
-    layer_folds = {(t, pre, r, f) for layers, pre, r, f in made for t in layers}
-    k = shared.kernels_
-    assert k["computed"] == len(made) and k["blocks_computed"] == len(layer_folds)
-    assert k["blocks_reused"] == sum(len(m[0]) for m in made) - len(layer_folds) > 0
+    search = AutoSearch(cands, fams, cv=3, repeats=1, budget_s=600.0, seed=1).fit(data, y, blocks)
+    assert len(search.leaderboard()) == len(cands)
+    made = {(s.candidate.key, s.candidate.preprocess, r["repeat"], f) for s in search.scored_
+            for r in search.rounds_ if _label(s.candidate) in r["candidates"] for f in r["folds"]}
+    layer_folds = {((t, key[1]), pre, r, f) for key, pre, r, f in made for t in key[0]}
+    k = search.kernels_
+    assert k["computed"] + k["reused"] == sum(s.scores.shape[1] for s in search.scored_)  # one ask per fold
+    assert k["blocks_computed"] == len(layer_folds)  # each (layer, views, preprocessing, fold) once
+    assert k["blocks_reused"] >= sum(len(m[0][0]) for m in made) - len(layer_folds) > 0
+    folds = search.folds_[0]
+    one_row = 1.0 / min(len(h) for _, h in folds)
+    for pre in ("standardize", "sqrt", "l2"):
+        store = FoldKernels()
+        for key in keys:
+            store.register(data[key], blocks[key])
+        for key in keys:  # all first: the others sum its stored blocks
+            for name, fam in fams.items():
+                grid = fam.default_grid(len(folds[0][0]), data[key].shape[1], 3)
+                a = fam.cv_scores(data[key], y, folds, grid, preprocess=pre, kernels=store)
+                b = fam.cv_scores(data[key], y, folds, grid, preprocess=pre)
+                assert np.abs(a - b).max() <= one_row + 1e-12 and (a == b).mean() >= 0.9, (key, pre, name)
+        assert store.blocks_reused >= 2 * len(folds)  # last2 and final from all's blocks, on every fold
 
 
 def _label(c: Candidate) -> str:

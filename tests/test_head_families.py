@@ -243,7 +243,9 @@ def test_fold_kernels_sum_a_matrix_from_its_column_blocks(hard_digits, preproces
         for f in ("G_ff", "G_hf", "sq_f", "sq_h"):
             np.testing.assert_allclose(getattr(got, f), getattr(want, f), rtol=rtol, atol=rtol, err_msg=f)
         assert got.var_f == pytest.approx(want.var_f, rel=rtol) and got.n_features == want.n_features
-    assert (k.blocks_computed, k.blocks_reused, k.computed) == (3, 2, 2)
+    # sub's blocks were stored by X's fold (block a, which no other matrix holds, was summed and dropped)
+    assert (k.blocks_computed, k.blocks_reused, k.computed, k.reused) == (3, 2, 1, 1)
+    assert sorted(key[1] for key in k._store if key[0] == "block") == ["b", "c"]
     assert k.stored_share(sub, fit, held, preprocess) == 1.0
     other = sub[:, :30]  # block b alone, not yet registered: nothing to share
     assert k.stored_share(other, *folds[1], preprocess) == 0.0
@@ -256,6 +258,49 @@ def test_fold_kernels_sum_a_matrix_from_its_column_blocks(hard_digits, preproces
     k2.register(sub, [("b", np.arange(0, 30)), ("c", np.arange(30, 44))])
     assert k2.stored_share(sub, *folds[1], preprocess) == 0.0  # other names: other numbers
     assert k.stored_share(X[:, :20].copy(), *folds[1], preprocess) == 0.0  # unregistered
+
+
+def test_fold_kernels_l2_leaves_a_row_at_the_mean_as_the_normalizer_does(hard_digits) -> None:
+    """A held-out row equal to the fit rows' mean centres to (almost) zero: scikit-learn's Normalizer
+    leaves a float32 row whose norm is under 10 float32 eps as it is, and so do the summed blocks."""
+    from featbank.heads import FoldKernels
+    from featbank.heads._gram import fold_gram, fold_rows
+
+    X, y, folds = hard_digits
+    fit, held = folds[0]
+    from sklearn.preprocessing import StandardScaler
+
+    X = X / np.float32(100)  # small entries: the float32 rounding of the centring stays under 10 eps
+    row = StandardScaler(with_std=False).fit(X[fit]).mean_.astype(np.float32)
+    row[:8] = np.nextafter(row[:8], np.float32(np.inf))  # a few float32 ulps off the mean: not exactly 0
+    X[held[0]] = row
+    k = FoldKernels()
+    k.register(X, [("a", np.arange(0, 40)), ("b", np.arange(40, 64))])
+    got, want = k.get(X, fit, held, "l2"), fold_gram(*fold_rows(X, fit, held, "l2"))
+    assert 0 < want.sq_h[0] < 1e-6  # the pipeline left it near zero: not scaled to unit length
+    np.testing.assert_allclose(got.sq_h, want.sq_h, atol=1e-5)
+    np.testing.assert_allclose(got.G_hf, want.G_hf, atol=1e-5)
+
+
+def test_fold_kernels_keep_a_matrixs_stored_blocks_while_computing_its_others(hard_digits) -> None:
+    """A block already stored is taken before the others are computed, so storing them cannot evict it:
+    what the plan counted as paid (stored_share) is not paid again."""
+    from featbank.heads import FoldKernels
+
+    X, y, folds = hard_digits
+    fit, held = folds[0]
+    part = FoldKernels.fold_bytes(len(fit), len(held)) + 8 * len(fit)
+    k = FoldKernels(4 * part)
+    k.register(X, [("a", np.arange(0, 20)), ("b", np.arange(20, 40)), ("c", np.arange(40, 64))])
+    k.register(X[:, 40:64].copy(), [("c", np.arange(24))])
+    k.register(X[:, :40].copy(), [("a", np.arange(20)), ("b", np.arange(20, 40))])
+    k.get(next(M for i, (M, b) in k._blocks.items() if len(b) == 1), fit, held, "standardize")  # stores c
+    for j in range(2):  # two other matrices' folds: c is now the least recently used
+        k.get(X[:, : 10 + j].copy(), fit, held, "standardize")
+    assert k.stored_share(X, fit, held, "standardize") == pytest.approx(24 / 64)
+    before = (k.blocks_computed, k.blocks_reused)
+    k.get(X, fit, held, "standardize")
+    assert (k.blocks_computed - before[0], k.blocks_reused - before[1]) == (2, 1)
 
 
 def test_fold_kernels_use_blocks_only_where_a_folds_blocks_fit_in_the_bound(hard_digits) -> None:

@@ -325,6 +325,7 @@ class AutoSearch:
         self.families = families
         self.cv, self.repeats, self.budget_s, self.seed, self.device = cv, repeats, budget_s, seed, device
         self.clock = clock
+        self.kernel_bytes = kernel_bytes
         self._kernels = FoldKernels() if kernel_bytes is None else FoldKernels(kernel_bytes)
 
     def fit(self, data: Mapping[FeatureKey, np.ndarray], y: np.ndarray,
@@ -337,11 +338,22 @@ class AutoSearch:
         Raises:
             ConfigError: no candidate could be scored within the budget, or bad folds (see :func:`make_folds`).
         """
+        from ..heads import FoldKernels
+
+        # a fresh store per fit: nothing of an earlier fit's data (or of one that raised) is handed out
+        self._kernels = FoldKernels() if self.kernel_bytes is None else FoldKernels(self.kernel_bytes)
+        try:
+            return self._fit(data, y, blocks or {})
+        finally:
+            self._kernels.clear()
+
+    def _fit(self, data: Mapping[FeatureKey, np.ndarray], y: np.ndarray,
+             blocks: Mapping[FeatureKey, Sequence[Block]]) -> AutoSearch:
         y = np.asarray(y)
         self.folds_ = make_folds(y, self.cv, self.repeats, self.seed)
         self.n_classes_ = int(y.max()) + 1
         clock = _Clock(self.budget_s, self.clock)
-        for key, key_blocks in (blocks or {}).items():
+        for key, key_blocks in blocks.items():
             if key in data:
                 self._kernels.register(data[key], key_blocks)
         scored = [self._prepare(c, data[c.key]) for c in self.candidates]
@@ -367,7 +379,6 @@ class AutoSearch:
             )
         self.best_ = self.scored_[0]
         self.kernels_ = self._kernels.stats()
-        self._kernels.clear()
         self.clock_cut_ = list(clock.cut_by_clock)
         self.calibration_ = clock.calibration()
         self.seconds_ = clock.elapsed

@@ -252,7 +252,8 @@ class SVMFamily:
 
     def _fold(self, fg: FoldGram, y_fit: np.ndarray, y_held: np.ndarray, grid: list[dict[str, Any]]) -> np.ndarray:
         """Held-out top-1 of every setting on one fold, from its Gram matrix (the fit block as
-        KernelSVC.fit multiplies it: same shapes, same BLAS call, same numbers)."""
+        KernelSVC.fit multiplies it: same shapes, same BLAS call, same numbers; summed from column
+        blocks under ``fit --auto``, the same to rounding, see :mod:`featbank.heads._gram`)."""
         G_ff, G_hf = fg.G_ff, fg.G_hf
         scores = np.zeros(len(grid))
         widths = sorted({float(p.get("gamma_scale", 1.0)) for p in grid})

@@ -103,7 +103,8 @@ def _fit_rows(steps: list, X: np.ndarray, fit: np.ndarray, held: np.ndarray) -> 
 @dataclass(frozen=True)
 class _Part:
     """One column block's share of a fold's :class:`FoldGram`: its Gram blocks, squared norms and the
-    fit rows' sums, of the block's columns preprocessed column by column (``l2``: centred only)."""
+    fit rows' sums, of the block's columns preprocessed column by column (``l2``: centred only), and
+    the dtype those rows had (the precision scikit-learn's ``Normalizer`` works in)."""
 
     G_ff: np.ndarray
     G_hf: np.ndarray
@@ -111,6 +112,7 @@ class _Part:
     sq_h: np.ndarray
     sum_f: np.ndarray
     n_features: int
+    dtype: np.dtype
 
     @property
     def nbytes(self) -> int:
@@ -125,9 +127,10 @@ def _block_part(X: np.ndarray, cols: np.ndarray, fit: np.ndarray, held: np.ndarr
 
     steps = [(name, step) for name, step in prep_steps(preprocess) if not _row_step(step)]
     Xf, Xh = _fit_rows(steps, X[:, cols], fit, held)
+    dtype = np.asarray(Xf).dtype
     Xf, Xh = np.asarray(Xf, np.float64), np.asarray(Xh, np.float64)
     return _Part(gram(Xf, Xf, device), gram(Xh, Xf, device), sq_norms(Xf), sq_norms(Xh), Xf.sum(axis=1),
-                 int(Xf.shape[1]))
+                 int(Xf.shape[1]), dtype)
 
 
 def _row_step(step: object) -> bool:
@@ -140,22 +143,38 @@ def _row_step(step: object) -> bool:
 
 def _sum_parts(parts: Sequence[_Part], l2: bool) -> FoldGram:
     """The :class:`FoldGram` of the blocks' columns side by side: the sum of the parts, then for ``l2``
-    each row divided by its norm (zero norms left as 1, as scikit-learn's ``Normalizer`` does)."""
-    G_ff, G_hf = sum(p.G_ff for p in parts), sum(p.G_hf for p in parts)
-    sq_f, sq_h, sum_f = sum(p.sq_f for p in parts), sum(p.sq_h for p in parts), sum(p.sum_f for p in parts)
+    each row divided by its norm (norms below 10 eps of the rows' dtype left as 1, as scikit-learn's
+    ``Normalizer`` does). One part without ``l2`` is handed out as it is (no copy)."""
+    first, rest = parts[0], parts[1:]
+    copy = bool(rest) or l2
+    G_ff, G_hf = (first.G_ff.copy(), first.G_hf.copy()) if copy else (first.G_ff, first.G_hf)
+    sq_f, sq_h, sum_f = (first.sq_f.copy(), first.sq_h.copy(), first.sum_f.copy()) if copy else (
+        first.sq_f, first.sq_h, first.sum_f)
+    for p in rest:
+        G_ff += p.G_ff
+        G_hf += p.G_hf
+        sq_f += p.sq_f
+        sq_h += p.sq_h
+        sum_f += p.sum_f
     d = sum(p.n_features for p in parts)
     if l2:
-        norm_f, norm_h = _row_norms(sq_f), _row_norms(sq_h)
-        G_ff, G_hf = G_ff / np.outer(norm_f, norm_f), G_hf / np.outer(norm_h, norm_f)
-        sq_f, sq_h, sum_f = sq_f / norm_f**2, sq_h / norm_h**2, sum_f / norm_f
+        eps = 10 * np.finfo(first.dtype if np.issubdtype(first.dtype, np.floating) else np.float64).eps
+        norm_f, norm_h = _row_norms(sq_f, eps), _row_norms(sq_h, eps)
+        G_ff /= norm_f[:, None]
+        G_ff /= norm_f[None, :]
+        G_hf /= norm_h[:, None]
+        G_hf /= norm_f[None, :]
+        sq_f /= norm_f**2
+        sq_h /= norm_h**2
+        sum_f /= norm_f
     n = len(sq_f) * d
     mean = float(sum_f.sum()) / n
-    return FoldGram(np.asarray(G_ff), np.asarray(G_hf), sq_f, sq_h, max(float(sq_f.sum()) / n - mean * mean, 0.0), d)
+    return FoldGram(G_ff, G_hf, sq_f, sq_h, max(float(sq_f.sum()) / n - mean * mean, 0.0), d)
 
 
-def _row_norms(sq: np.ndarray) -> np.ndarray:
+def _row_norms(sq: np.ndarray, eps: float) -> np.ndarray:
     norms = np.sqrt(sq)
-    norms[norms < 10 * np.finfo(np.float64).eps] = 1.0  # sklearn's _handle_zeros_in_scale
+    norms[norms < eps] = 1.0  # sklearn's _handle_zeros_in_scale
     return norms
 
 
@@ -176,8 +195,9 @@ class FoldKernels:
         max_bytes: the most the stored matrices may take; least recently used entries go first.
 
     Attributes:
-        computed, reused, refused: folds computed and stored, folds handed out again, folds too
-            large to store (computed by the family itself).
+        computed, reused, refused: fold Gram matrices that took a product (of the whole matrix or of
+            a block), that took none (stored, or summed from stored blocks), and folds too large to
+            store (computed by the family itself).
         blocks_computed, blocks_reused: column blocks' Gram matrices computed, and taken from the store.
     """
 
@@ -185,6 +205,7 @@ class FoldKernels:
         self.max_bytes = int(max_bytes)
         self._store: OrderedDict[tuple, tuple[np.ndarray | None, FoldGram | _Part]] = OrderedDict()
         self._blocks: dict[int, tuple[np.ndarray, list[Block]]] = {}
+        self._users: dict[Hashable, int] = {}  # block name -> registered matrices holding it
         self.computed = self.reused = self.refused = self.blocks_computed = self.blocks_reused = 0
 
     @staticmethod
@@ -202,14 +223,19 @@ class FoldKernels:
         every = np.sort(np.concatenate([c for _, c in blocks])) if blocks else np.zeros(0, np.intp)
         if not np.array_equal(every, np.arange(X.shape[1])) or len({n for n, _ in blocks}) != len(blocks):
             raise ValueError(f"column blocks must cover the {X.shape[1]} columns exactly once, under distinct names")
+        for name, _ in self._blocks.pop(id(X), (None, []))[1]:
+            self._users[name] -= 1
         self._blocks[id(X)] = (X, blocks)
+        for name, _ in blocks:
+            self._users[name] = self._users.get(name, 0) + 1
 
     def _key(self, X: np.ndarray, fit: np.ndarray, held: np.ndarray, preprocess: str) -> tuple[int, str, str, str]:
         return (id(X), preprocess, _digest(fit), _digest(held))
 
     def has(self, X: np.ndarray, fit: np.ndarray, held: np.ndarray, preprocess: str) -> bool:
-        """Whether this fold of ``X`` under ``preprocess`` is stored (nothing is computed)."""
-        return self._key(X, fit, held, preprocess) in self._store
+        """Whether this fold of ``X`` under ``preprocess`` needs no product: it is stored, or all of its
+        blocks are (nothing is computed)."""
+        return self.stored_share(X, fit, held, preprocess) == 1.0
 
     def stored_share(self, X: np.ndarray, fit: np.ndarray, held: np.ndarray, preprocess: str) -> float:
         """The share of the work of :meth:`get` already done: 1 when the fold is stored, else the share of
@@ -237,20 +263,25 @@ class FoldKernels:
             return None
         fit, held = np.asarray(fit), np.asarray(held)
         blocks = self._usable_blocks(X, len(fit), len(held))
+        l2 = any(_row_step(step) for _, step in prep_steps(preprocess))
         if blocks:
-            parts = [self._part(X, name, cols, fit, held, preprocess, device, key[1:]) for name, cols in blocks]
-            fg = _sum_parts(parts, any(_row_step(s) for _, s in prep_steps(preprocess)))
+            parts, made = self._parts(X, blocks, fit, held, preprocess, device, key[1:])
+            fg = _sum_parts(parts, l2)
         else:
-            fg = fold_gram(*fold_rows(X, fit, held, preprocess), device)
+            fg, made = fold_gram(*fold_rows(X, fit, held, preprocess), device), 1
+        if made:
+            self.computed += 1
+        else:  # summed from stored blocks alone
+            self.reused += 1
+        if len(blocks) == 1 and not l2 and self._users[blocks[0][0]] > 1:
+            return fg  # the stored block's own arrays: stored again, they would be counted twice
         self._put(key, X, fg)
-        self.computed += 1
         return fg
 
     def _usable_blocks(self, X: np.ndarray, n_fit: int, n_held: int) -> list[Block]:
         """``X``'s registered blocks where the blocks of the widest registered matrix and their sum fit in
         the bound together on one fold (so a block is kept until the matrices that share it are summed),
-        else [] (and no matrix is split: one that alone would fit would keep its block and its sum, the
-        same numbers twice)."""
+        else [] (and no matrix is split)."""
         X_blocks = self._blocks.get(id(X))
         if X_blocks is None or X_blocks[0] is not X:
             return []
@@ -258,17 +289,29 @@ class FoldKernels:
         part = self.fold_bytes(n_fit, n_held) + 8 * n_fit
         return X_blocks[1] if (widest + 1) * part <= self.max_bytes else []
 
-    def _part(self, X: np.ndarray, name: Hashable, cols: np.ndarray, fit: np.ndarray, held: np.ndarray,
-              preprocess: str, device: str, fold_key: tuple) -> _Part:
-        key = ("block", name, *fold_key)
-        if key in self._store:
-            self._store.move_to_end(key)
-            self.blocks_reused += 1
-            return self._store[key][1]
-        part = _block_part(X, cols, fit, held, preprocess, device)
-        self._put(key, None, part)
-        self.blocks_computed += 1
-        return part
+    def _parts(self, X: np.ndarray, blocks: list[Block], fit: np.ndarray, held: np.ndarray, preprocess: str,
+               device: str, fold_key: tuple) -> tuple[list[_Part], int]:
+        """``X``'s blocks on one fold: the stored ones taken first (so computing the others cannot evict
+        them), then the others computed, and stored where another registered matrix holds them too.
+        Returns the parts in block order and how many were computed."""
+        stored = {}
+        for name, _ in blocks:
+            k = ("block", name, *fold_key)
+            if k in self._store:
+                self._store.move_to_end(k)
+                stored[name] = self._store[k][1]
+        parts = []
+        for name, cols in blocks:
+            if name in stored:
+                self.blocks_reused += 1
+                parts.append(stored[name])
+                continue
+            part = _block_part(X, cols, fit, held, preprocess, device)
+            self.blocks_computed += 1
+            if self._users.get(name, 0) > 1:  # a block no other matrix holds is summed and dropped
+                self._put(("block", name, *fold_key), None, part)
+            parts.append(part)
+        return parts, len(blocks) - len(stored)
 
     def _put(self, key: tuple, X: np.ndarray | None, entry: FoldGram | _Part) -> None:
         while self._store and self.nbytes + entry.nbytes > self.max_bytes:
@@ -280,8 +323,10 @@ class FoldKernels:
         return sum(entry.nbytes for _, entry in self._store.values())
 
     def clear(self) -> None:
+        """Drop every stored matrix and every registration."""
         self._store.clear()
         self._blocks.clear()
+        self._users.clear()
 
     def stats(self) -> dict[str, int]:
         return {"computed": self.computed, "reused": self.reused, "refused": self.refused, "max_bytes": self.max_bytes,
