@@ -646,5 +646,6 @@ def test_a_later_round_promotes_only_as_many_as_the_budget_left_can_score() -> N
     s = _fixed_search(fams, clock, cv=5, repeats=1, budget_s=20.0)
     assert [(r["n_candidates"], r["complete"]) for r in s.rounds_] == [(9, True), (2, True)]
     assert s.rounds_[1]["candidates"] == ["final/plain/standardize/h8", "final/plain/standardize/h7"]
+    assert s.rounds_[1]["trimmed"] == ["final/plain/standardize/h6"]  # said, not silently dropped
     assert [x.scores.shape[1] for x in s.scored_[:3]] == [5, 5, 1] and s.clock_cut_ == []
     assert clock.t == pytest.approx(17.0)

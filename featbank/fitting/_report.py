@@ -57,7 +57,10 @@ def search_lines(search: Mapping[str, Any], headline: Mapping[str, Any]) -> list
                      + (f"; summed from layer blocks: {k['blocks_computed']} computed, {k.get('blocks_reused', 0)} reused"
                         if k.get("blocks_computed") else ""))
     for rnd in search.get("rounds", []):
-        lines.append(f"  round {rnd['round'] + 1}: {rnd['n_candidates']} candidate(s) on {rnd['n_folds']} folds")
+        trimmed = rnd.get("trimmed") or []
+        lines.append(f"  round {rnd['round'] + 1}: {rnd['n_candidates']} candidate(s) on {rnd['n_folds']} folds"
+                     + (f"; not promoted, as the budget left could not score them too: {', '.join(trimmed)}"
+                        if trimmed else ""))
     if skipped:
         names = ", ".join(f"{s['features']}/{s['views']}/{s['preprocessing']}/{s['head']}" for s in skipped[:8])
         more = f" and {len(skipped) - 8} more" if len(skipped) > 8 else ""

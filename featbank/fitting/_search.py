@@ -366,7 +366,11 @@ class AutoSearch:
             keep = _keep(len(alive))
             if len(alive) <= 1 and r >= 2:  # a lone candidate still completes its first K folds
                 break
-            alive = self._round(r, self._affordable(r, _ranked(alive, r, self.cv)[:keep], data, clock), data, y, clock)
+            promoted = _ranked(alive, r, self.cv)[:keep]
+            todo = self._affordable(r, promoted, data, clock)
+            alive = self._round(r, todo, data, y, clock)
+            # the promoted that the budget left could not afford together (a prefix is kept, best first)
+            self.rounds_[-1]["trimmed"] = [_label(s.candidate) for s in promoted[len(todo):]]
             if not alive:
                 break
         # A round the budget cut short ranks no one above the rest: only complete rounds count.
