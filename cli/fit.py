@@ -68,7 +68,8 @@ Examples:
                    "instead of one validation split.")
 @click.option("--budget", default=None, metavar="DURATION",
               help="Time the search may take, the layer selection and loading included: 90s, 2m, 1h (default 90s; "
-                   "the refit comes on top). Planned by the measured speed of the candidates scored.")
+                   "the refit comes on top). Planned by the measured speed of the candidates scored. Alone (without "
+                   "--auto or --cv) it searches the head's grid by 5-fold CV, as --cv 5 does.")
 @click.option("--max-memory", default=None, metavar="SIZE", help="e.g. 2GB; below the data size, linear/mlp stream from disk.")
 @device_option
 @click.option("--out", "-o", type=click.Path(path_type=str), default=None,
@@ -91,6 +92,12 @@ def fit(cache, as_json, quiet, **options) -> None:
     from featbank.fitting import fit as fit_head
 
     config = fit_config(options)  # checked before a cache is chosen or opened
+    if config.auto:  # --head linear / --layers final name the defaults, which FitConfig cannot tell apart
+        from featbank.fitting.config import refuse_with_auto
+
+        ctx = click.get_current_context()
+        refuse_with_auto([f"--{n}" for n in ("head", "layers")
+                          if ctx.get_parameter_source(n) is click.core.ParameterSource.COMMANDLINE])
     if cache is None and not as_json:
         from featbank.cache import choose_cache
 

@@ -41,8 +41,9 @@ def deployed(tmp_path_factory: pytest.TempPathFactory, onnx_cache_dir: Path) -> 
         pre = featbank.export_model(bundle, root / "pre.onnx").path
         raw = featbank.export_model(bundle, root / "raw.onnx", input_kind="raw", triton=root / "triton",
                                     model_version=3).path
-        head = featbank.export_model(bundle, root / "head.onnx", head_only=True).path
-    return {"root": root, "bundle": bundle, "pre": pre, "raw": raw, "head": head, "data": root / "data"}
+        head = featbank.export_model(bundle, root / "head.onnx", head_only=True)
+    return {"root": root, "bundle": bundle, "pre": pre, "raw": raw, "head": head.path, "data": root / "data",
+            "head_summary": head.summary()}
 
 
 def _odd_images(d: Path) -> list[Path]:
@@ -182,7 +183,8 @@ def test_head_only_graph_equals_the_bundle_head(deployed: dict[str, Path]) -> No
     assert meta["input"] == "embeddings" and feats["layers"] == ["final"] and feats["dim"] == bundle.feature_dim
     assert feats["standardisation"]["standardize"] is True and feats["backbone"] == "test_tiny"
     parity = json.loads(deployed["head"].with_suffix(".parity.json").read_text())
-    assert parity["passed"] and parity["n_images"] >= 1
+    assert parity["passed"] and parity["n_images"] >= 1 and parity["image_source"] == "validation"
+    assert f"Parity check on {parity['n_images']} image(s) (validation)" in deployed["head_summary"]
     with pytest.raises(BundleError, match="head alone"):
         featbank.OnnxClassifier(deployed["head"])
 

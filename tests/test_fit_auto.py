@@ -121,6 +121,28 @@ def test_auto_writes_a_bundle_whose_leaderboard_winner_is_its_head(auto_bundle, 
     assert "measured speed against the cost estimates" in summary
 
 
+@pytest.mark.slow
+def test_an_auto_bundle_exports_checked_on_its_caches_images(auto_bundle, layered, tmp_path, monkeypatch) -> None:
+    """An --auto bundle records no validation images (every train+val image was in a fold): export and
+    --head-only export check parity on the images of the cache it was fitted on, test images first."""
+    out, _ = auto_bundle
+    monkeypatch.setenv("FEATBANK_CACHE_DIR", str(tmp_path / "fc"))
+    from featbank.bundles import load_bundle
+    from featbank.export._parity import collect_images
+
+    with featbank.open_cache(layered[1]) as c:
+        test = [Path(c.abspath(c.paths[r])) for r in np.flatnonzero(c.split_mask("test"))]
+        n_images = len(c.paths)
+    images, source = collect_images(load_bundle(out), None, 64)
+    assert images[:len(test)] == test and len(images) == min(n_images, 64)
+    for kw in ({}, {"head_only": True}):
+        report = featbank.export_model(out, tmp_path / f"auto{len(kw)}.onnx", **kw)
+        p = report.parity
+        assert p["passed"] and p["image_source"] == source == "the fit's cache, test images first"
+        assert p["n_images"] == len(images)
+        assert f"Parity check on {p['n_images']} image(s) (the fit's cache, test images first)" in report.summary()
+
+
 @pytest.mark.parametrize("edit, field", [
     (lambda m: m["search"]["leaderboard"][0].update(cv_mean="0.9"), "cv_mean"),
     (lambda m: m["search"]["leaderboard"][0].update(cv_mean=float("nan")), "cv_mean"),
@@ -260,6 +282,12 @@ def test_cli_auto_prints_the_leaderboard_and_json(layered, tmp_path) -> None:
     (["--auto", "--cv", "9"], "at least 9"),  # 8 training images per class
     (["--head", "LogisticRegression", "--cv", "abc"], "--cv"),
     (["--auto", "--shots", "2"], "--shots"),
+    # --auto chooses these itself: given, they would be ignored, so they are refused (defaults too)
+    (["--auto", "--head", "linear"], "so --head would be ignored"),
+    (["--auto", "--head", "knn"], "so --head would be ignored"),
+    (["--auto", "--layers", "final"], "so --layers would be ignored"),
+    (["--auto", "--layers", "all", "--pool-views"], "so --layers, --pool-views would be ignored"),
+    (["--auto", "--l2-normalize"], "so --l2-normalize would be ignored"),
 ])
 def test_cli_bad_budget_or_cv_exits_2(layered, tmp_path, args, needle) -> None:
     _, cache = layered

@@ -203,7 +203,7 @@ def export_model(
     images, source = _check_images(bundle, cfg.check, cfg.check_images, cfg.max_check_images)
     plan = calibration_plan(bundle, cfg.calibration) if cfg.quantize else None
     if cfg.head_only:
-        report = export_head_only(bundle, out_path, images, cfg)
+        report = export_head_only(bundle, out_path, (images, source), cfg)
     else:
         report = _export_graph(bundle, out_path, (images, source), plan, cfg)
     if triton_dir is not None:
@@ -424,10 +424,12 @@ def _check_images(bundle: Bundle, check: bool, check_images: Any, limit: int) ->
     images, source = collect_images(bundle, check_images, limit)
     if not images:
         n_val = len(bundle.validation_paths())
+        where = (f"the bundle's {n_val} validation image(s) are not on this machine (moved or deleted)" if n_val else
+                 "the bundle records no validation images (fit --auto / --cv scored every training image in a fold) "
+                 f"and the images of its cache {(bundle.manifest.get('training') or {}).get('cache')!r} are not here")
         raise ConfigError(
-            f"No images to check the export on: the bundle's {n_val} validation image(s) are not on this "
-            "machine (moved or deleted) and --check-images was not given. Pass --check-images DIR (a few "
-            "real images of the task), or --no-check to skip the check (not recommended)."
+            f"No images to check the export on: {where}, and --check-images was not given. Pass --check-images "
+            "DIR (a few real images of the task), or --no-check to skip the check (not recommended)."
         )
     return images, source
 

@@ -85,14 +85,16 @@ def _metadata(bundle: Bundle, route: str, dim: int, model_version: int) -> dict[
     }
 
 
-def _parity(bundle: Bundle, tmp: Path, images: list[Path], weights_file: Any, atol: float) -> dict[str, Any]:
+def _parity(bundle: Bundle, tmp: Path, checked: tuple[list[Path], str], weights_file: Any,
+            atol: float) -> dict[str, Any]:
     from ..bundles.network import feature_module
 
+    images, source = checked
     bb = bundle.load_backbone(weights_file)
     batch, skipped = load_batch(images, bb.preprocess)
     emb = torch_batches(feature_module(bundle, bb).eval(), batch).astype(np.float32)
     parity = check_parity(tmp, bundle.predict_proba, emb, atol=atol, input_name=EMBEDDINGS_NAME)
-    parity.update({"checked": True, "skipped_images": skipped,
+    parity.update({"checked": True, "image_source": source, "skipped_images": skipped,
                    "reference": "Bundle.predict_proba on embeddings of the check images (torch eager)"})
     if not parity["passed"]:
         raise ExportError(
@@ -103,8 +105,9 @@ def _parity(bundle: Bundle, tmp: Path, images: list[Path], weights_file: Any, at
     return parity
 
 
-def export_head_only(bundle: Bundle, out_path: Path, images: list[Path], cfg: ExportConfig) -> ExportReport:
-    """Write the head's graph (embeddings -> probabilities, label) to ``out_path``, checked; its report."""
+def export_head_only(bundle: Bundle, out_path: Path, checked: tuple[list[Path], str], cfg: ExportConfig) -> ExportReport:
+    """Write the head's graph (embeddings -> probabilities, label) to ``out_path``, checked on the images of
+    ``checked`` (paths, where they come from); its report."""
     opset, atol, check, model_version, weights_file = cfg.opset, cfg.atol, cfg.check, cfg.model_version, cfg.weights_file
     from ._graph import opset_of
 
@@ -125,7 +128,7 @@ def export_head_only(bundle: Bundle, out_path: Path, images: list[Path], cfg: Ex
         import onnx
 
         onnx.save(graph, str(tmp))
-        parity = _parity(bundle, tmp, images, weights_file, atol) if check else None
+        parity = _parity(bundle, tmp, checked, weights_file, atol) if check else None
         publish(tmp, out_path, parity_path, parity)
     except OSError as e:
         raise file_error(e, out_path) from None

@@ -54,8 +54,35 @@ def collect_images(bundle: Bundle, check_images: Sequence[str | os.PathLike] | s
                 f"({', '.join(sorted(IMAGE_EXTENSIONS)[:6])}, ...)."
             )
         return paths[:limit], "check-images"
+    if not bundle.validation_paths():  # fit --auto / --cv: every train+val image was in a fold
+        return _cache_images(bundle, limit), "the fit's cache, test images first"
     val = [p for p in bundle.validation_paths() if p.is_file()]
     return val[:limit], "validation"
+
+
+def _cache_images(bundle: Bundle, limit: int) -> list[Path]:
+    """The images of the cache a head bundle was fitted on (``training.cache``) that are on this machine,
+    its test split first (in the cache's order): the check images of a bundle that records no validation
+    images. [] when the cache is gone or unreadable (the caller says what to pass instead)."""
+    from ..cache import open_cache
+    from ..errors import FeatbankError
+
+    path = (bundle.manifest.get("training") or {}).get("cache")
+    if not isinstance(path, str) or not Path(path).is_file():
+        return []
+    try:
+        with open_cache(path) as c:
+            order = np.argsort(~c.split_mask("test"), kind="stable")  # test rows first
+            out = []
+            for r in order:
+                p = Path(c.abspath(c.paths[r]))
+                if p.is_file():
+                    out.append(p)
+                    if len(out) == limit:
+                        break
+            return out
+    except (FeatbankError, OSError):
+        return []
 
 
 def check_parity(

@@ -23,11 +23,26 @@ from ..errors import ConfigError
 if TYPE_CHECKING:
     from ..heads import HeadSpec
 
-__all__ = ["FitConfig", "TTA_MODES"]
+__all__ = ["FitConfig", "TTA_MODES", "refuse_with_auto"]
 
 #: ``--tta`` values: average over the cache's views when it helps on validation, always, never.
 TTA_MODES = ("auto", "on", "off")
 _FLAGS = ("standardize", "l2_normalize", "save", "refit", "overwrite", "train_views", "pool_views", "auto")
+
+
+def refuse_with_auto(flags: Sequence[str]) -> None:
+    """``--auto`` chooses the head, the layers, the view pooling and the preprocessing itself: an option
+    that would choose one of them is refused (exit 2), never silently overridden.
+
+    Raises:
+        ConfigError: ``flags`` (the options given with ``--auto``) is not empty.
+    """
+    if flags:
+        raise ConfigError(
+            f"--auto chooses the head, layers, view pooling and preprocessing itself, so {', '.join(flags)} would be "
+            "ignored. Drop it, or fit one head by K-fold CV with your choices: featbank fit CACHE --head svm-rbf "
+            "--cv 5 --layers stage6,final --pool-views."
+        )
 
 
 @dataclass(frozen=True)
@@ -204,6 +219,11 @@ class FitConfig:
             raise ConfigError(f"cv_repeats must be at least 1; got {self.cv_repeats!r}.")
         if self.budget is not None:
             parse_budget(self.budget)  # a bad budget exits before the cache is opened
+        if self.auto:
+            refuse_with_auto([flag for flag, given in (
+                ("--head", self.head != "linear"), ("--param", bool(self.params)),
+                ("--layers", self.layers not in (None, "final")), ("--pool-views", self.pool_views),
+                ("--l2-normalize", self.l2_normalize), ("--no-standardize", not self.standardize)) if given])
 
     def _check_family_head(self) -> None:
         """A head family (svm-rbf, knn...) is scored by K-fold CV, so it needs --cv; families fit unweighted."""
