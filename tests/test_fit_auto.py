@@ -143,6 +143,24 @@ def test_an_auto_bundle_exports_checked_on_its_caches_images(auto_bundle, layere
         assert f"Parity check on {p['n_images']} image(s) (the fit's cache, test images first)" in report.summary()
 
 
+def test_a_cv_bundle_whose_cache_is_gone_asks_for_check_images(layered, tmp_path) -> None:
+    from featbank.errors import ConfigError as Refused
+
+    """A --cv bundle records no validation images; with its cache gone too, export says what to pass."""
+    src = layered[1]
+    parts = src.with_name(src.name + ".parts")  # a cache is its index and its parts folder, under one name
+    (tmp_path / "c").mkdir()
+    cache = tmp_path / "c" / src.name
+    shutil.copy(src, cache)
+    if parts.is_dir():
+        shutil.copytree(parts, tmp_path / "c" / parts.name)
+    out = featbank.fit(cache, "linear", cv=3, out=tmp_path / "m").path
+    shutil.rmtree(tmp_path / "c")
+    with pytest.raises(Refused, match=r"records no validation images .* are not here, and --check-images was not given"):
+        featbank.export_model(out, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
 @pytest.mark.parametrize("edit, field", [
     (lambda m: m["search"]["leaderboard"][0].update(cv_mean="0.9"), "cv_mean"),
     (lambda m: m["search"]["leaderboard"][0].update(cv_mean=float("nan")), "cv_mean"),
