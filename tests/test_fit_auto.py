@@ -114,6 +114,14 @@ def test_auto_writes_a_bundle_whose_leaderboard_winner_is_its_head(auto_bundle, 
     assert ev.metrics["top1"] == pytest.approx(res.headline["top1"])
     summary = res.summary()
     assert "| rank | features | views | preprocessing | head |" in summary and "95% bootstrap interval" in summary
+    sets, chosen = res.search["feature_sets"], res.search["auto_layers"]
+    with featbank.open_cache(layered[1]) as c:
+        assert sets["final"] == ["final"] and sets["all"] == list(c.layers) and chosen
+    assert f"greedy layer selection (feature set auto): {', '.join(chosen)}" in summary
+    if "auto" not in sets:  # the selection chose another set's layers: said, scored once under that name
+        same = next(n for n, ls in sets.items() if ls == chosen)
+        assert f"the layers of {same}: scored once, as {same}" in summary
+    assert any(line.startswith("  round 1: ") and line.endswith(" on 1 fold") for line in summary.splitlines())
     # --budget covers the layer selection and loading: the search got what they left (at least 20%)
     s = res.search
     assert s["total_budget_s"] == 60 and s["budget_s"] == pytest.approx(max(60 - s["prep_s"], 12), abs=2e-3)

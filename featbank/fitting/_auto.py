@@ -93,7 +93,8 @@ def bootstrap_interval(correct: np.ndarray, n: int = N_BOOTSTRAP, seed: int = 0)
 
 def _feature_sets(cache: FeatureCache, layers: Any, train: np.ndarray, val: np.ndarray, auto: bool,
                   seed: int) -> tuple[dict[str, tuple[str, ...]], LayerChoice | None]:
-    """``{name: layers}`` to try, and the greedy selection when one was made (on train/val, never test)."""
+    """``{name: layers}`` to try, and the greedy selection when one was made (on train/val, never test;
+    also when its layers are another set's, which then stands for it)."""
     held = tuple(getattr(cache, "layers", ("final",)) or ("final",))
     wanted = resolve_layers("auto" if auto else layers, cache)
     choice = None
@@ -110,7 +111,7 @@ def _feature_sets(cache: FeatureCache, layers: Any, train: np.ndarray, val: np.n
     for name, ls in (("final", ("final",)), *spans(held).items(), ("auto", wanted), ("all", held)):
         if ls not in sets.values():
             sets[name] = ls
-    return sets, choice if "auto" in sets else None
+    return sets, choice
 
 
 def spans(layers: Sequence[str]) -> dict[str, tuple[str, ...]]:
@@ -317,6 +318,9 @@ def fit_search(cache: FeatureCache, spec: HeadSpec, settings: SearchSettings, *,
         found["search"].update(load_s=round(load_s, 3), prep_s=round(prep_s, 3), total_budget_s=budget_s,
                                threads=n_threads)
         found["search"]["excluded"] = [{"head": h, "reason": why} for h, why in route.excluded.items()]
+        found["search"]["feature_sets"] = {name: list(ls) for name, ls in sets.items()}
+        if settings.auto and choice is not None:
+            found["search"]["auto_layers"] = list(choice.layers)  # the greedy selection, listed or not
         return search_result(found, spec, settings, save=save, bundle_path=bundle_path)
 
 

@@ -46,6 +46,11 @@ def search_lines(search: Mapping[str, Any], headline: Mapping[str, Any]) -> list
         f"in {search['seconds']:.1f} s{_threads_words(search)}; {_budget_words(search)}; winner refitted in "
         f"{search.get('refit_s', 0.0):.1f} s.",
     ]
+    sets, chosen = search.get("feature_sets") or {}, search.get("auto_layers")
+    if chosen is not None:
+        same = next((n for n, ls in sets.items() if n != "auto" and ls == chosen), None)
+        lines.append(f"  greedy layer selection (feature set auto): {', '.join(chosen)}"
+                     + (f", the layers of {same}: scored once, as {same}" if same and "auto" not in sets else ""))
     if search.get("calibration"):
         ratios = ", ".join(f"{f} x{r:.2g}" for f, r in search["calibration"].items())
         lines.append(f"  measured speed against the cost estimates (the plan's scale): {ratios}")
@@ -58,7 +63,8 @@ def search_lines(search: Mapping[str, Any], headline: Mapping[str, Any]) -> list
                         if k.get("blocks_computed") else ""))
     for rnd in search.get("rounds", []):
         trimmed = rnd.get("trimmed") or []
-        lines.append(f"  round {rnd['round'] + 1}: {rnd['n_candidates']} candidate(s) on {rnd['n_folds']} folds"
+        folds = "1 fold" if rnd["n_folds"] == 1 else f"{rnd['n_folds']} folds"
+        lines.append(f"  round {rnd['round'] + 1}: {rnd['n_candidates']} candidate(s) on {folds}"
                      + (f"; not promoted, as the budget left could not score them too: {', '.join(trimmed)}"
                         if trimmed else ""))
     if skipped:
