@@ -286,6 +286,8 @@ def test_fit_cv_sweeps_a_single_head_by_k_fold(layered, tmp_path) -> None:
     assert row["head"] == "LogisticRegression" and row["n_folds"] >= 3 and row["features"] == "final"
     assert res.chosen["C"] in (0.01, 0.1, 1.0, 10.0, 100.0)
     assert featbank.load_bundle(tmp_path / "lr").manifest["head"]["chosen"] == res.chosen
+    # one candidate: its K folds of one repeat; no layer selection was made, so none is said
+    assert "1 repeat of up to 3" in res.summary() and "s of loading (features loaded in" in res.summary()
     lin = featbank.fit(cache, "linear", cv=3, layers="stage1,final", pool_views=True, save=False)
     (row,) = lin.search["leaderboard"]
     assert (row["head"], row["views"], row["layers"]) == ("linear", "pooled", ["stage1", "final"])

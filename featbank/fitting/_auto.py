@@ -319,6 +319,7 @@ def fit_search(cache: FeatureCache, spec: HeadSpec, settings: SearchSettings, *,
                                threads=n_threads)
         found["search"]["excluded"] = [{"head": h, "reason": why} for h, why in route.excluded.items()]
         found["search"]["feature_sets"] = {name: list(ls) for name, ls in sets.items()}
+        found["search"]["layer_selection"] = choice is not None  # --auto, or --layers auto with --cv
         if settings.auto and choice is not None:
             found["search"]["auto_layers"] = list(choice.layers)  # the greedy selection, listed or not
         return search_result(found, spec, settings, save=save, bundle_path=bundle_path)

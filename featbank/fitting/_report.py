@@ -29,11 +29,17 @@ def _threads_words(search: Mapping[str, Any]) -> str:
     return "" if n is None else f" on {n} thread{'s' if n != 1 else ''} (the cores left idle by other work)"
 
 
+def _repeats_words(search: Mapping[str, Any]) -> str:
+    done = 1 + max((r.get("repeat", 0) for r in search.get("rounds") or []), default=0)
+    return f"{done} repeat{'s' if done != 1 else ''} of up to {search['repeats']}"
+
+
 def _budget_words(search: Mapping[str, Any]) -> str:
     total = search.get("total_budget_s")
     if total is None:  # a search run on its own (no layer selection or loading before it)
         return f"a {search['budget_s']:g} s budget"
-    return (f"the {total:g} s budget less {search.get('prep_s', 0.0):.1f} s of layer selection and loading "
+    what = "layer selection and loading" if search.get("layer_selection", True) else "loading"
+    return (f"the {total:g} s budget less {search.get('prep_s', 0.0):.1f} s of {what} "
             f"(features loaded in {search.get('load_s', 0.0):.1f} s)")
 
 
@@ -42,7 +48,7 @@ def search_lines(search: Mapping[str, Any], headline: Mapping[str, Any]) -> list
     skipped = search.get("skipped", [])
     lines = [
         f"Search: {search['n_scored']} of {search['n_candidates']} candidates scored by {search['cv']}-fold CV on "
-        f"train+val ({search['n_fold_fits']} candidate-folds, up to {search['repeats']} repeats, seed {search['seed']}) "
+        f"train+val ({search['n_fold_fits']} candidate-folds, {_repeats_words(search)}, seed {search['seed']}) "
         f"in {search['seconds']:.1f} s{_threads_words(search)}; {_budget_words(search)}; winner refitted in "
         f"{search.get('refit_s', 0.0):.1f} s.",
     ]
