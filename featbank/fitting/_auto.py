@@ -157,14 +157,12 @@ def feature_matrices(cache: FeatureCache, keys: Sequence[FeatureKey], rows: np.n
     from ._layers import pool_views
 
     keys = list(dict.fromkeys(keys))
-    held = list(getattr(cache, "layers", ("final",)) or ("final",))
-    union = tuple(t for t in held if any(t in k[0] for k in keys))
-    table = FeatureTable(cache, union, train_views=False)
+    table = _union_table(cache, keys)
     plain = table.load_embeddings(rows)
     _check_finite(plain, cache, rows)
     pooled = None
     if any(v == "pooled" for _, v in keys):
-        views = (plain if v is None else cache.load_features(rows, union, v, np.float32)
+        views = (plain if v is None else cache.load_features(rows, table.layers, v, np.float32)
                  for v in [None, *range(table.n_views)])
         pooled = pool_views(views)
         _check_finite(pooled, cache, rows)
@@ -182,8 +180,7 @@ def column_blocks(cache: FeatureCache, keys: Sequence[FeatureKey]) -> dict[Featu
     (:class:`~featbank.heads.FoldKernels`). A pooled matrix's block of a layer is its ``mean`` columns
     and its ``max`` columns."""
     keys = list(dict.fromkeys(keys))
-    held = list(getattr(cache, "layers", ("final",)) or ("final",))
-    dims = FeatureTable(cache, tuple(t for t in held if any(t in k[0] for k in keys)), train_views=False).layer_dims
+    dims = _union_table(cache, keys).layer_dims
     out = {}
     for layers, views in keys:
         starts = np.cumsum([0, *(dims[t] for t in layers)])
@@ -194,6 +191,12 @@ def column_blocks(cache: FeatureCache, keys: Sequence[FeatureKey]) -> dict[Featu
             blocks.append(((t, views), cols if views == "plain" else np.concatenate([cols, cols + width])))
         out[(layers, views)] = blocks
     return out
+
+
+def _union_table(cache: FeatureCache, keys: Sequence[FeatureKey]) -> FeatureTable:
+    """The plain table of every layer any of ``keys`` reads, in the cache's (network) order."""
+    held = list(getattr(cache, "layers", ("final",)) or ("final",))
+    return FeatureTable(cache, tuple(t for t in held if any(t in k[0] for k in keys)), train_views=False)
 
 
 def _columns(table: FeatureTable, layers: Sequence[str]) -> np.ndarray:

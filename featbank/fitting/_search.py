@@ -319,14 +319,11 @@ class AutoSearch:
     def __init__(self, candidates: Sequence[Candidate], families: Mapping[str, HeadFamilyLike], *,
                  cv: int = DEFAULT_CV, repeats: int = DEFAULT_REPEATS, budget_s: float = 90.0, seed: int = 0,
                  device: str = "cpu", clock: Callable[[], float] = time.perf_counter, kernel_bytes: int | None = None):
-        from ..heads import FoldKernels
-
         self.candidates = list(candidates)
         self.families = families
         self.cv, self.repeats, self.budget_s, self.seed, self.device = cv, repeats, budget_s, seed, device
         self.clock = clock
         self.kernel_bytes = kernel_bytes
-        self._kernels = FoldKernels() if kernel_bytes is None else FoldKernels(kernel_bytes)
 
     def fit(self, data: Mapping[FeatureKey, np.ndarray], y: np.ndarray,
             blocks: Mapping[FeatureKey, Sequence[Block]] | None = None) -> AutoSearch:
@@ -403,6 +400,11 @@ class AutoSearch:
         if s.kernel_estimate is None:
             return 0.0
         return s.kernel_estimate * self._kernels.stored_share(X, fold[0], fold[1], s.candidate.preprocess)
+
+    def _saved_in_round(self, s: Scored, data: Mapping[FeatureKey, np.ndarray], r: int) -> float:
+        """:meth:`_saved` summed over round ``r``'s folds."""
+        repeat, idx = self.rungs_[r]
+        return sum(self._saved(s, data[s.candidate.key], self.folds_[repeat][i]) for i in idx)
 
     def _first_round(self, scored: list[Scored], data: Mapping[FeatureKey, np.ndarray], y: np.ndarray,
                      clock: _Clock) -> list[Scored]:
@@ -557,11 +559,10 @@ class AutoSearch:
         first few and falling back to the round before (on ELPV 4-class: 1 fold). When not even the
         first fits, all of ``todo``: :meth:`_round` then scores those that fit alone, as before, and
         the round, cut short, ranks no one above the rest (:func:`_ranked`)."""
-        repeat, idx = self.rungs_[r]
+        idx = self.rungs_[r][1]
         total, paid, out = 0.0, set(), []
         for s in todo:
-            X = data[s.candidate.key]
-            saved = sum(self._saved(s, X, self.folds_[repeat][i]) for i in idx)
+            saved = self._saved_in_round(s, data, r)
             if s.group in paid and s.kernel_estimate is not None:
                 saved = s.kernel_estimate * len(idx)
             total += clock.predict(s, len(idx), self.cv, saved)
@@ -578,9 +579,7 @@ class AutoSearch:
         repeat, idx = self.rungs_[r]
         for s in todo:
             name = _label(s.candidate)
-            X = data[s.candidate.key]
-            saved = sum(self._saved(s, X, self.folds_[repeat][i]) for i in idx)
-            if not clock.fits(clock.predict(s, len(idx), self.cv, saved), self.budget_s):
+            if not clock.fits(clock.predict(s, len(idx), self.cv, self._saved_in_round(s, data, r)), self.budget_s):
                 clock.cut_by_clock.append(f"round {r + 1}: {name}")
                 continue
             if self._score(s, r, data[s.candidate.key], y, clock):
