@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -26,8 +27,11 @@ from featbank.heads import HEAD_FAMILIES, PREPROCESSES
 
 try:
     from ._hostile import rewrite
+    from .conftest import make_image_folder
 except ImportError:  # pragma: no cover - pytest without rootdir package
     from _hostile import rewrite  # type: ignore[no-redef]
+
+    from conftest import make_image_folder  # type: ignore[no-redef]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -151,10 +155,12 @@ def test_an_auto_bundle_exports_checked_on_its_caches_images(auto_bundle, layere
         assert f"Parity check on {p['n_images']} image(s) (the fit's cache, test images first)" in report.summary()
 
 
-def test_a_cv_bundle_whose_cache_is_gone_asks_for_check_images(layered, tmp_path) -> None:
+@pytest.mark.parametrize("cache_now", ["gone", "fifo", "garbage", "another cache"])
+def test_a_cv_bundle_whose_cache_is_gone_asks_for_check_images(layered, tmp_path, cache_now) -> None:
+    """A --cv bundle records no validation images; where the cache its manifest names is gone, or is now
+    a FIFO (never opened: no hang), not a cache, or another cache, export says what to pass."""
     from featbank.errors import ConfigError as Refused
 
-    """A --cv bundle records no validation images; with its cache gone too, export says what to pass."""
     src = layered[1]
     parts = src.with_name(src.name + ".parts")  # a cache is its index and its parts folder, under one name
     (tmp_path / "c").mkdir()
@@ -164,6 +170,15 @@ def test_a_cv_bundle_whose_cache_is_gone_asks_for_check_images(layered, tmp_path
         shutil.copytree(parts, tmp_path / "c" / parts.name)
     out = featbank.fit(cache, "linear", cv=3, out=tmp_path / "m").path
     shutil.rmtree(tmp_path / "c")
+    if cache_now != "gone":
+        (tmp_path / "c").mkdir()
+    if cache_now == "fifo":
+        os.mkfifo(cache)
+    elif cache_now == "garbage":
+        cache.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 64)
+    elif cache_now == "another cache":  # a real cache of other images under the same path
+        other = make_image_folder(tmp_path / "other", n_per_class=3, splits=("train", "test"))
+        featbank.extract(other, cache, backbone="test_tiny", engine="torch", num_workers=0, progress=False)
     with pytest.raises(Refused, match=r"records no validation images .* are not here, and --check-images was not given"):
         featbank.export_model(out, tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()

@@ -63,15 +63,18 @@ def collect_images(bundle: Bundle, check_images: Sequence[str | os.PathLike] | s
 def _cache_images(bundle: Bundle, limit: int) -> list[Path]:
     """The images of the cache a head bundle was fitted on (``training.cache``) that are on this machine,
     its test split first (in the cache's order): the check images of a bundle that records no validation
-    images. [] when the cache is gone or unreadable (the caller says what to pass instead)."""
+    images. [] when the path is not a regular file, the cache is unreadable (the verified reader refuses
+    it), or it is not the bundle's (another ``cache_key``); the caller then says what to pass instead."""
     from ..cache import open_cache
     from ..errors import FeatbankError
 
     path = (bundle.manifest.get("training") or {}).get("cache")
-    if not isinstance(path, str) or not Path(path).is_file():
+    if not isinstance(path, str) or not Path(path).is_file():  # never a FIFO or a device
         return []
     try:
         with open_cache(path) as c:
+            if not c.cache_key or c.cache_key != bundle.manifest.get("cache_key"):
+                return []
             order = np.argsort(~c.split_mask("test"), kind="stable")  # test rows first
             out = []
             for r in order:
