@@ -282,8 +282,8 @@ class FoldKernels:
         """``X``'s registered blocks where the blocks of the widest registered matrix and their sum fit in
         the bound together on one fold (so a block is kept until the matrices that share it are summed),
         else [] (and no matrix is split)."""
-        X_blocks = self._blocks.get(id(X))
-        if X_blocks is None or X_blocks[0] is not X:
+        X_blocks = self._blocks.get(id(X))  # it holds X, so the id is X's while registered
+        if X_blocks is None:
             return []
         widest = max(len(b) for _, b in self._blocks.values())
         part = self.fold_bytes(n_fit, n_held) + 8 * n_fit
