@@ -23,7 +23,8 @@ from featbank.errors import BundleError, ConfigError
 from featbank.fitting._auto import bootstrap_interval, idle_cores, search_threads
 from featbank.fitting._layers import FeatureTable
 from featbank.fitting._search import AutoSearch, Candidate, Scored, _ranked, make_folds, parse_budget
-from featbank.heads import HEAD_FAMILIES, PREPROCESSES
+from featbank.fitting._spec_family import half_decades
+from featbank.heads import HEAD_FAMILIES, PREPROCESSES, SKLEARN_C_GRID
 
 try:
     from ._hostile import rewrite
@@ -299,10 +300,12 @@ def test_fit_cv_sweeps_a_single_head_by_k_fold(layered, tmp_path) -> None:
     res = featbank.fit(cache, "LogisticRegression", cv=3, budget="60s", out=tmp_path / "lr")
     (row,) = res.search["leaderboard"]
     assert row["head"] == "LogisticRegression" and row["n_folds"] >= 3 and row["features"] == "final"
-    assert res.chosen["C"] in (0.01, 0.1, 1.0, 10.0, 100.0)
+    # the C values fit's validation sweep can reach (its coarse grid, then half a decade either side of the best)
+    assert res.chosen["C"] in half_decades(SKLEARN_C_GRID) and len(half_decades(SKLEARN_C_GRID)) == 11
     assert featbank.load_bundle(tmp_path / "lr").manifest["head"]["chosen"] == res.chosen
     # one candidate: its K folds of one repeat; no layer selection was made, so none is said
-    assert "1 repeat of up to 3" in res.summary() and "s of loading (features loaded in" in res.summary()
+    assert "candidate-folds, 1 repeat, seed" in res.summary() and "of up to" not in res.summary()
+    assert "s of loading (features loaded in" in res.summary()
     lin = featbank.fit(cache, "linear", cv=3, layers="stage1,final", pool_views=True, save=False)
     (row,) = lin.search["leaderboard"]
     assert (row["head"], row["views"], row["layers"]) == ("linear", "pooled", ["stage1", "final"])
@@ -720,3 +723,17 @@ def test_a_later_round_promotes_only_as_many_as_the_budget_left_can_score() -> N
     assert s.rounds_[1]["trimmed"] == ["final/plain/standardize/h6"]  # said, not silently dropped
     assert [x.scores.shape[1] for x in s.scored_[:3]] == [5, 5, 1] and s.clock_cut_ == []
     assert clock.t == pytest.approx(17.0)
+
+
+def test_cv_grid_of_a_scikit_learn_head_reaches_what_the_validation_sweep_reaches() -> None:
+    """``--head SVC --cv K`` sweeps every C that fit's validation sweep can visit: the coarse grid and half a
+    decade either side, so a best C at the coarse grid's edge (100) is followed to 316, as on one split."""
+    from featbank.fitting._select import HeadSpec
+    from featbank.fitting._spec_family import SpecFamily
+
+    grid = [p["C"] for p in SpecFamily(HeadSpec("SVC")).default_grid(100, 8, 2)]
+    assert grid == sorted(grid) and len(grid) == 11
+    assert grid[0] == pytest.approx(0.01 / 10**0.5) and grid[-1] == pytest.approx(100 * 10**0.5)
+    assert set(SKLEARN_C_GRID) <= set(grid) and 100 * 10**0.5 in grid  # the sweep's own numbers, not rounded
+    assert half_decades([1.0, 10**0.5]) == pytest.approx([10**-0.5, 1.0, 10**0.5, 10.0])  # a value two give is kept once
+    assert SpecFamily(HeadSpec("SVC", params={"C": 2.0})).default_grid(100, 8, 2) == [{}]  # C fixed: no grid

@@ -188,3 +188,13 @@ def test_class_weight_naming_unknown_classes_is_a_parameter_error():
         LinearHead(class_weight={7: 1.0}).fit(X, y)
     with pytest.raises(ConfigError, match="The 'class_weight' parameter of MLPHead must be"):
         MLPHead(class_weight={0: "x"}).fit(X, y)
+
+
+@pytest.mark.parametrize("n", [12, 20, 40])
+def test_mlp_early_stopping_holds_out_every_class_when_its_fraction_is_too_few(n):
+    """10% of 12-40 rows is 2-4 rows, fewer than 5 classes: the hold-out grows to one row per class
+    (stratified) where both sides can hold every class, and is drawn unstratified otherwise."""
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(n, 6)).astype(np.float32), np.arange(n) % 5
+    m = MLPHead(hidden_sizes=(8,), max_epochs=3, early_stopping=True, random_state=0).fit(X, y)
+    assert m.predict(X).shape == (n,) and 1 <= m.n_epochs_ <= 3

@@ -31,7 +31,9 @@ def _threads_words(search: Mapping[str, Any]) -> str:
 
 def _repeats_words(search: Mapping[str, Any]) -> str:
     done = 1 + max((r.get("repeat", 0) for r in search.get("rounds") or []), default=0)
-    return f"{done} repeat{'s' if done != 1 else ''} of up to {search['repeats']}"
+    words = f"{done} repeat{'s' if done != 1 else ''}"
+    # A lone candidate (``--head X --cv K``) ends after the K folds of one repeat: no "of up to".
+    return words if search.get("n_candidates") == 1 else f"{words} of up to {search['repeats']}"
 
 
 def _budget_words(search: Mapping[str, Any]) -> str:

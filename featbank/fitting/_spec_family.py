@@ -1,9 +1,12 @@
 """``fit --cv K`` for a head that is not one of the autopilot's families (``--head SVC``, ``LogisticRegression``...).
 
 :class:`SpecFamily` presents one ``--head`` (with its ``--param`` values and preprocessing flags)
-as a head family: its grid is the C grid of ``fit``'s sweep when the head has a ``C`` that
-``--param`` does not fix (:data:`~featbank.heads.SKLEARN_C_GRID`, or the linear head's
-:data:`~featbank.heads.COARSE_GRID`), else the one setting given; each grid point is
+as a head family: when the head has a ``C`` that ``--param`` does not fix, its grid is every C
+that ``fit``'s validation sweep can reach (the coarse grid, :data:`~featbank.heads.SKLEARN_C_GRID`
+or ``--grid``, then half a decade either side of the best): the coarse values and the half
+decades between and beyond them (0.01 .. 100 gives 0.00316 .. 316, 11 values), so a C at the
+coarse grid's edge is followed past it, as the validation sweep follows it; else the one setting
+given. Each grid point is
 fitted afresh on every fold's fit rows (no shared kernel or warm start: the families of
 ``featbank.heads`` do that for their heads).
 """
@@ -26,6 +29,17 @@ def spec_preprocess(spec: HeadSpec) -> str:
     return "+".join(parts) or "none"
 
 
+def half_decades(grid: Any) -> list[float]:
+    """The C values ``fit``'s validation sweep can visit from ``grid``: each, and half a decade (x sqrt(10))
+    either side of each (as the sweep computes them), sorted, a value that two give kept once."""
+    out: dict[str, float] = {}
+    for c in sorted(float(c) for c in grid):
+        for d in (-0.5, 0.0, 0.5):
+            v = c * 10**d
+            out.setdefault(f"{v:.9g}", v)
+    return sorted(out.values())
+
+
 class SpecFamily:
     """One ``--head`` with its parameters as a family: its C grid (when free), fitted per fold."""
 
@@ -41,8 +55,7 @@ class SpecFamily:
     def default_grid(self, n_samples: int, n_features: int, n_classes: int) -> list[dict[str, Any]]:
         if not self._has_free_c():
             return [{}]
-        grid = self.spec.grid or self.spec.kind.c_grid
-        return [{"C": float(c)} for c in grid]
+        return [{"C": c} for c in half_decades(self.spec.grid or self.spec.kind.c_grid)]
 
     def build(self, params: dict[str, Any], *, preprocess: str = "standardize", seed: int = 0) -> Any:
         est, _ = make_head(replace(self.spec, params={**self.spec.params, **params}), seed)
