@@ -737,3 +737,34 @@ def test_cv_grid_of_a_scikit_learn_head_reaches_what_the_validation_sweep_reache
     assert set(SKLEARN_C_GRID) <= set(grid) and 100 * 10**0.5 in grid  # the sweep's own numbers, not rounded
     assert half_decades([1.0, 10**0.5]) == pytest.approx([10**-0.5, 1.0, 10**0.5, 10.0])  # a value two give is kept once
     assert SpecFamily(HeadSpec("SVC", params={"C": 2.0})).default_grid(100, 8, 2) == [{}]  # C fixed: no grid
+
+
+class WhenBudgetAllows(Fixed):
+    """A Fixed family that runs only when the budget allows (as the MLP)."""
+
+    when_budget_allows = True
+
+
+def test_round_one_tries_a_family_that_runs_when_the_budget_allows_after_every_other() -> None:
+    """The MLP's kind of family comes after every other candidate was scored or skipped, however cheap its
+    estimate and however good its score; with a budget that binds it is what is skipped; alone, it is scored."""
+    clock = SimClock()
+    fams = {"x": Sharing("x", 0.6, 1.0, clock), "m": WhenBudgetAllows("m", 0.9, 0.1, clock)}
+    cands = [Candidate(f, (f,), v, "standardize", h) for v in ("plain", "pooled") for f in ("a", "b") for h in fams]
+    data = {((f,), v): np.zeros((20, 2), np.float32) for f in ("a", "b") for v in ("plain", "pooled")}
+    y = np.repeat(np.arange(2), 10)
+    s = AutoSearch(cands, fams, cv=5, repeats=1, budget_s=1e4, clock=clock).fit(data, y)
+    order = s.rounds_[0]["candidates"]
+    assert [c.split("/")[-1] for c in order] == ["x"] * 4 + ["m"] * 4, order
+    assert s.best_.candidate.head == "m"  # last tried, not last ranked
+    # a budget that binds: every x scored on round 1, the m's skipped for it
+    clock = SimClock()
+    fams = {"x": Sharing("x", 0.6, 1.0, clock), "m": WhenBudgetAllows("m", 0.9, 1.0, clock)}
+    s = AutoSearch(cands, fams, cv=5, repeats=1, budget_s=9.0, clock=clock).fit(data, y)
+    assert all(c.endswith("/x") for c in s.rounds_[0]["candidates"]) and len(s.rounds_[0]["candidates"]) == 4
+    assert {r["head"] for r in s.skipped_} == {"m"}
+    # alone, its first candidate is always scored
+    clock = SimClock()
+    fams = {"m": WhenBudgetAllows("m", 0.9, 50.0, clock)}
+    s = AutoSearch([c for c in cands if c.head == "m"], fams, cv=5, repeats=1, budget_s=1.0, clock=clock).fit(data, y)
+    assert len(s.rounds_[0]["candidates"]) == 1 and len(s.skipped_) == 3

@@ -29,7 +29,8 @@ first fold of repeat 1; its other K - 1 folds; then one whole repeat per round (
    The order (:meth:`AutoSearch._first_round`): one candidate of each feature set and family
    (tier 0 before tier 1), the cheapest predicted first; then, family by family (the best scored
    first), the other view handling, then the other preprocessings, each most promising first by the
-   scores so far (feature set, closest relative); a Gram-sharing candidate's group next.
+   scores so far (feature set, closest relative); a Gram-sharing candidate's group next; last, the
+   families that run when the budget allows (the MLP), cheapest first.
 2. Each later round scores the best :data:`KEEP` fraction of the previous round's candidates (at
    least one, at most :data:`MAX_KEEP`, and no more of them, best first, than are predicted to fit
    in what is left of the budget together) on its folds, each while its predicted seconds fit in
@@ -421,11 +422,25 @@ class AutoSearch:
         will see), then with the same preprocessing; then the cheapest estimate. Once a
         candidate of a family that shares Gram matrices is scored there, the other such candidates of
         its (features, preprocessing) come next (cheapest first), while the fold's Gram matrix is there
-        to share.
+        to share. Pass 3: the candidates of a family that runs *when the budget allows* (its
+        ``when_budget_allows``: the MLP, whose every setting and fold is a training run), after every
+        other candidate was scored or skipped, the cheapest predicted first.
         """
         done: list[Scored] = []
+        late = [i for i, s in enumerate(scored) if getattr(self.families[s.candidate.head], "when_budget_allows", False)]
+        self._main_round(scored, set(late), done, data, y, clock)
+        self._first_pass([(i, scored[i]) for i in late], done, data, y, clock)
+        self.rounds_.append({"round": 0, "repeat": 0, "folds": [0], "n_candidates": len(done), "complete": True,
+                             "n_folds": 1, "candidates": [_label(s.candidate) for s in done]})
+        return done
+
+    def _main_round(self, scored: list[Scored], late: set[int], done: list[Scored],
+                    data: Mapping[FeatureKey, np.ndarray], y: np.ndarray, clock: _Clock) -> None:
+        """Round 1's passes 1 and 2 over the candidates not in ``late`` (see :meth:`_first_round`)."""
         first: dict[tuple[str, str], int] = {}
         for i, s in enumerate(scored):
+            if i in late:
+                continue
             pair = (s.candidate.features, s.candidate.head)
             if pair not in first or s.estimate < scored[first[pair]].estimate:
                 first[pair] = i
@@ -433,7 +448,7 @@ class AutoSearch:
         for tier in sorted({s.candidate.tier for s in scored}):
             self._first_pass([(i, scored[i]) for i in range(len(scored)) if i in lead and scored[i].candidate.tier == tier],
                              done, data, y, clock)
-        todo = [scored[i] for i in range(len(scored)) if i not in lead]
+        todo = [scored[i] for i in range(len(scored)) if i not in lead and i not in late]
         follow: list[Scored] = []  # the rest of a Gram matrix's group, while the matrix is there
         promise = _Promise(done, scored)
         while todo or follow:
@@ -450,9 +465,6 @@ class AutoSearch:
                     todo = [t for t in todo if t.group != s.group]
             elif self._skip_rest(follow + todo, len(done), data, clock):
                 break
-        self.rounds_.append({"round": 0, "repeat": 0, "folds": [0], "n_candidates": len(done), "complete": True,
-                             "n_folds": 1, "candidates": [_label(s.candidate) for s in done]})
-        return done
 
     def _first_pass(self, todo: list[tuple[int, Scored]], done: list[Scored], data: Mapping[FeatureKey, np.ndarray],
                     y: np.ndarray, clock: _Clock) -> None:
