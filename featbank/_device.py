@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Any, Union
 
 from .errors import ConfigError
 
@@ -13,7 +13,8 @@ if TYPE_CHECKING:
 #: What a ``device`` parameter takes: a name (``auto``, ``cpu``, ``cuda``, ``cuda:N``), a ``torch.device``, or None (auto).
 DeviceLike = Union[str, "torch.device", None]
 
-__all__ = ["DEVICES", "DeviceLike", "resolve_device", "autocast_dtype", "precision_name", "default_num_workers"]
+__all__ = ["DEVICES", "DeviceLike", "resolve_device", "autocast_dtype", "precision_name", "default_num_workers",
+           "quiet_worker_init"]
 
 #: The values ``--device`` offers (the library also takes ``cuda:N`` and a ``torch.device``).
 DEVICES = ("auto", "cpu", "cuda")
@@ -70,3 +71,25 @@ def default_num_workers(device: DeviceLike, *, training: bool = False) -> int:
     if training:
         return 0 if n <= 2 else min(8, n - 1)
     return min(8, max(2, n - 1))
+
+
+def quiet_worker_init(worker_id: int = 0) -> None:
+    """``worker_init_fn`` of featbank's decoding ``DataLoader``\\ s: a worker is quiet about a consumer that left.
+
+    A worker hands each batch's shared memory to the main process through multiprocessing's
+    resource sharer, a thread that reports its errors with ``sys.excepthook``. When the main process
+    stops mid-handshake (Ctrl-C reaches the whole process group; a crash), that thread hits
+    ``ConnectionResetError`` and printed its traceback under the main process's own clear message. The
+    worker's hook drops connection errors (the main process reports why it stopped) and passes every
+    other exception to the hook it replaced.
+    """
+    import sys
+
+    previous = sys.excepthook
+
+    def hook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+        if issubclass(exc_type, (ConnectionError, EOFError)):
+            return
+        previous(exc_type, exc, tb)
+
+    sys.excepthook = hook

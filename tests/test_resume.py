@@ -192,6 +192,34 @@ def test_resume_after_the_folder_changed(tmp_path: Path) -> None:
     assert_equal_to(out, featbank.extract(data, tmp_path / "fresh.h5", **TINY).path)
 
 
+_LOST_CONSUMER = """
+import os, socket, sys, time
+from multiprocessing import resource_sharer
+if sys.argv[1] == "quiet":
+    from featbank._device import quiet_worker_init
+    quiet_worker_init(0)
+r, w = os.pipe()
+resource_sharer.DupFd(r)  # what pickling a tensor's shared memory does in a DataLoader worker: starts the sharer
+address = resource_sharer._resource_sharer._address  # a Unix socket's path on Linux, else (host, port)
+with socket.socket(socket.AF_UNIX if isinstance(address, str) else socket.AF_INET) as s:
+    s.connect(address)  # a consumer that leaves mid-handshake (the main process on Ctrl-C)
+time.sleep(0.5)
+sys.excepthook(ValueError, ValueError("still reported"), None)
+"""
+
+
+@pytest.mark.parametrize("mode", ["quiet", "default"])
+def test_a_decode_worker_is_quiet_when_its_consumer_leaves(mode: str) -> None:
+    """The real multiprocessing resource sharer, its consumer gone mid-handshake: a worker set up by
+    ``quiet_worker_init`` prints no traceback for it (Python's default hook does), and still reports
+    any other error."""
+    proc = subprocess.run([sys.executable, "-c", _LOST_CONSUMER, mode], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "ValueError: still reported" in proc.stderr
+    # the sharer's own traceback (BrokenPipeError, ConnectionResetError or EOFError, as the timing falls)
+    assert ("Traceback" in proc.stderr) == (mode == "default"), proc.stderr
+
+
 @pytest.mark.slow
 def test_ctrl_c_with_decode_workers_exits_130_and_resumes(tmp_path: Path) -> None:
     # Large smooth JPEGs take tens of ms each to decode: time to press Ctrl-C mid-run.

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from .._device import quiet_worker_init
 from ..errors import ConfigError
 from ..images import (
     DEFAULT_MAX_PIXELS,
@@ -292,7 +293,8 @@ def embed_jpeg_rows(writer: PartWriter, root: Path, pending: np.ndarray, cfg: Pr
 
     dataset = JpegRowsDataset(root, writer.paths, pending, cfg)
     loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=False, num_workers=settings.num_workers,
-                        collate_fn=JpegCollate(cfg), prefetch_factor=4 if settings.num_workers > 0 else None)
+                        collate_fn=JpegCollate(cfg), prefetch_factor=4 if settings.num_workers > 0 else None,
+                        worker_init_fn=quiet_worker_init)
     decoder = DeviceDecoder(cfg, settings.device)
     for rows, pixels, ok, reasons, jpegs in loader:
         def fallback(j: int, rows: np.ndarray = rows) -> tuple[np.ndarray | None, str]:

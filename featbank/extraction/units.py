@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 
+from .._device import quiet_worker_init
 from .._files import remove_orphans, timestamp
 from ..cache import (
     ROW_DATASETS,
@@ -545,13 +546,14 @@ def _embed_rows(writer: PartWriter, job: ShardJob, skipped: dict[int, str],
 
         return embed_jpeg_rows(writer, Path(job.root), pending, cfg, s, eng, skipped, on_rows)
     loader = DataLoader(dataset, batch_size=s.batch_size, shuffle=False, num_workers=s.num_workers,
-                        collate_fn=Collate(cfg), prefetch_factor=4 if s.num_workers > 0 else None)
+                        collate_fn=Collate(cfg), prefetch_factor=4 if s.num_workers > 0 else None,
+                        worker_init_fn=quiet_worker_init)
     if s.features is not None:
         from ._embedding import ViewCollate, ViewImageDataset, embed_feature_rows
 
         loader = DataLoader(ViewImageDataset(dataset, writer.paths, s.features, cfg.interpolation), batch_size=s.batch_size,
                             shuffle=False, num_workers=s.num_workers, collate_fn=ViewCollate(cfg, s.features.n_views),
-                            prefetch_factor=4 if s.num_workers > 0 else None)
+                            prefetch_factor=4 if s.num_workers > 0 else None, worker_init_fn=quiet_worker_init)
         return embed_feature_rows(writer, loader, eng, s.features, s.batch_size, skipped)
     for rows, batch, ok, reasons in loader:
         embed_block(writer, eng, rows, batch, ok, reasons, skipped)

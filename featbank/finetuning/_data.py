@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from .._device import quiet_worker_init
 from ..errors import DatasetError
 from ..images import RESAMPLE, ImageReadError, PreprocessConfig, load_image, preprocess_image
 from ..splits import n_holdout, stratified_holdout
@@ -219,4 +220,4 @@ def image_loader(dataset: ImageSet, batches: Any, num_workers: int, cfg: Preproc
     from torch.utils.data import DataLoader
 
     return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=_Collate(cfg),
-                      pin_memory=pin, persistent_workers=False)
+                      pin_memory=pin, persistent_workers=False, worker_init_fn=quiet_worker_init)
