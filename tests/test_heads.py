@@ -190,11 +190,12 @@ def test_class_weight_naming_unknown_classes_is_a_parameter_error():
         MLPHead(class_weight={0: "x"}).fit(X, y)
 
 
-@pytest.mark.parametrize("n", [12, 20, 40])
-def test_mlp_early_stopping_holds_out_every_class_when_its_fraction_is_too_few(n):
-    """10% of 12-40 rows is 2-4 rows, fewer than 5 classes: the hold-out grows to one row per class
-    (stratified) where both sides can hold every class, and is drawn unstratified otherwise."""
+@pytest.mark.parametrize("counts", [[3, 3, 2, 2, 2], [4, 4, 4, 4, 4], [8, 8, 8, 8, 8], [30, 1, 1], [60, 20, 20]])
+def test_mlp_early_stopping_holds_out_its_fraction_stratified_where_it_can(counts):
+    """10% of 12-40 rows is 2-4 rows, fewer than the 5 classes, and a class of one row cannot be split:
+    the hold-out is then drawn at random (a stratified split raised); of 100 rows in 3 classes, stratified."""
     rng = np.random.default_rng(0)
-    X, y = rng.normal(size=(n, 6)).astype(np.float32), np.arange(n) % 5
+    y = np.repeat(np.arange(len(counts)), counts)
+    X = rng.normal(size=(len(y), 6)).astype(np.float32) + y[:, None]
     m = MLPHead(hidden_sizes=(8,), max_epochs=3, early_stopping=True, random_state=0).fit(X, y)
-    assert m.predict(X).shape == (n,) and 1 <= m.n_epochs_ <= 3
+    assert m.predict(X).shape == (len(y),) and 1 <= m.n_epochs_ <= 3

@@ -409,7 +409,7 @@ class AutoSearch:
 
     def _first_round(self, scored: list[Scored], data: Mapping[FeatureKey, np.ndarray], y: np.ndarray,
                      clock: _Clock) -> list[Scored]:
-        """Every candidate on one fold, in two passes, while its prediction fits (see :meth:`_try`).
+        """Every candidate on one fold, in three passes, while its prediction fits (see :meth:`_try`).
 
         Pass 1 (breadth first): one candidate of every (feature set, family), its cheapest estimate,
         those of tier 0 before those of tier 1, the cheapest *predicted* first (renewed after each

@@ -4,7 +4,8 @@
 as a head family: when the head has a ``C`` that ``--param`` does not fix, its grid is every C
 that ``fit``'s validation sweep can reach (the coarse grid, :data:`~featbank.heads.SKLEARN_C_GRID`
 or ``--grid``, then half a decade either side of the best): the coarse values and the half
-decades between and beyond them (0.01 .. 100 gives 0.00316 .. 316, 11 values), so a C at the
+decades between and beyond them (0.01 .. 100 gives 0.00316 .. 316, 11 values; the linear head's
+1e-6 .. 1e2, 19), so a C at the
 coarse grid's edge is followed past it, as the validation sweep follows it; else the one setting
 given. Each grid point is
 fitted afresh on every fold's fit rows (no shared kernel or warm start: the families of

@@ -128,11 +128,11 @@ class MLPHead(TorchHead):
         elif self.early_stopping and feats.n_samples >= 10:
             from sklearn.model_selection import train_test_split
 
-            pos, k = np.arange(feats.n_samples), len(self.classes_)
-            # stratified where every class can be on both sides: at least one row per class in validation
-            n_val = max(int(np.ceil(self.validation_fraction * feats.n_samples)), k)
-            stratify = np.bincount(y_enc).min() >= 2 and feats.n_samples - n_val >= k
-            n_val = n_val if stratify else int(np.ceil(self.validation_fraction * feats.n_samples))
+            pos, n_val = np.arange(feats.n_samples), int(np.ceil(self.validation_fraction * feats.n_samples))
+            # stratified where scikit-learn can split so: every class twice or more, and each side at least as
+            # many rows as classes (10% of a 3-class fold of 12 rows is 2 rows: drawn at random instead)
+            k = len(self.classes_)
+            stratify = np.bincount(y_enc).min() >= 2 and min(n_val, feats.n_samples - n_val) >= k
             tr, va = train_test_split(pos, test_size=n_val, random_state=seed, stratify=y_enc if stratify else None)
             val_feats, yv = feats.subset(np.sort(va)), y_enc[np.sort(va)]
             feats, y_enc, sw = feats.subset(np.sort(tr)), y_enc[np.sort(tr)], sw[np.sort(tr)]
