@@ -768,3 +768,43 @@ def test_round_one_tries_a_family_that_runs_when_the_budget_allows_after_every_o
     fams = {"m": WhenBudgetAllows("m", 0.9, 50.0, clock)}
     s = AutoSearch([c for c in cands if c.head == "m"], fams, cv=5, repeats=1, budget_s=1.0, clock=clock).fit(data, y)
     assert len(s.rounds_[0]["candidates"]) == 1 and len(s.skipped_) == 3
+
+
+def test_auto_refuses_feature_matrices_over_max_memory_before_loading(layered, tmp_path) -> None:
+    """--max-memory bounds the search as it bounds fit: matrices over it exit 2 with what they need, the bound
+    and what to do, before anything is loaded or written (before, --auto ignored it)."""
+    _, cache = layered
+    out = tmp_path / "m"
+    r = CliRunner().invoke(cli, ["fit", str(cache), "--auto", "--max-memory", "20kB", "--out", str(out)])
+    assert r.exit_code == 2, r.output
+    assert "over the 20 kB of --max-memory 20kB" in r.output and "Traceback" not in r.output
+    assert "candidate feature matrices" in r.output and "--max-memory 20kB streams its rows" in r.output
+    assert not out.exists()
+    r = CliRunner().invoke(cli, ["fit", str(cache), "--auto", "--max-memory", "lots"])
+    assert r.exit_code == 2 and "--max-memory must look like 2GB" in r.output
+    res = featbank.fit(cache, auto=True, cv=3, budget="30s", max_memory="1GB", save=False)  # within it: as before
+    assert res.search["excluded"] == [] and res.search["n_scored"] >= 1
+
+
+def test_gram_families_are_left_out_of_auto_where_their_matrix_exceeds_the_bound(layered) -> None:
+    """20,000 train+val images: a Gram matrix (and the refit's kernel) of 6.4 GB, over a 1 GB bound. --auto
+    leaves the SVMs and kNN out and says why; the same head alone by --cv is refused; the rows' own matrices
+    (linear, MLP) grow with the images, not their square, and stay."""
+    from featbank.fitting._memory import gram_bytes, plan_memory
+    from featbank.fitting._report import search_lines
+
+    _, cache = layered
+    cands = [Candidate("final", ("final",), "plain", "standardize", h) for h in HEAD_FAMILIES]
+    assert gram_bytes(20_000) == 6_400_000_000
+    with featbank.open_cache(cache) as c:
+        kept, excluded = plan_memory(c, cands, HEAD_FAMILIES, auto=True, n_images=20_000, bound=10**9, given="1GB")
+        assert {k.head for k in kept} == {"linear", "mlp"} and set(excluded) == {"svm-rbf", "svm-linear", "knn"}
+        assert "takes 6.4 GB, over the 1 GB of --max-memory 1GB" in excluded["knn"]
+        report = {"n_scored": 2, "n_candidates": 2, "cv": 5, "n_fold_fits": 2, "seed": 0, "seconds": 1.0, "repeats": 3,
+                  "budget_s": 90, "leaderboard": [], "excluded": [{"head": "knn", "reason": excluded["knn"]}]}
+        lines = search_lines(report, {})
+        assert any(line.startswith("  left out: knn (its Gram matrix of the 20,000") for line in lines)
+        with pytest.raises(ConfigError, match=r"--head svm-rbf --cv: its Gram matrix .* Use --head linear or mlp"):
+            plan_memory(c, cands[1:2], HEAD_FAMILIES, auto=False, n_images=20_000, bound=10**9, given=None)
+        kept, excluded = plan_memory(c, cands, HEAD_FAMILIES, auto=True, n_images=2_000, bound=10**9, given=None)
+        assert kept == cands and excluded == {}  # 64 MB: everyone stays

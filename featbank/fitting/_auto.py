@@ -77,6 +77,7 @@ class SearchSettings:
     budget: str | float = DEFAULT_BUDGET
     seed: int = 0
     device: str = "cpu"
+    max_memory: int | str | None = None  # --max-memory: the bound of :mod:`featbank.fitting._memory`
     fit_config: dict[str, Any] | None = field(default=None, compare=False)  # stored in the bundle's manifest
 
 
@@ -244,6 +245,18 @@ def _route(spec: HeadSpec, settings: SearchSettings, families: Mapping[str, Any]
     return _Route({spec.head: fam}, [spec.head], [spec_preprocess(spec)], spec)
 
 
+def _within_memory(cache: FeatureCache, cands: list[Candidate], route: _Route, settings: SearchSettings,
+                   n_images: int) -> tuple[list[Candidate], dict[str, str]]:
+    """The candidates that fit the memory bound, and the families left out (for exports or for memory)."""
+    from ._memory import plan_memory, search_memory_bound
+    from ._rows import parse_memory
+
+    bound = search_memory_bound(parse_memory(settings.max_memory))
+    kept, excluded = plan_memory(cache, cands, route.families, auto=settings.auto, n_images=n_images, bound=bound,
+                                 given=settings.max_memory)
+    return kept, {**route.excluded, **excluded}
+
+
 def idle_cores() -> int:
     """The cores this process may use that other work leaves idle: the usable cores less the 1-minute
     load average (rounded), at least 1, at most an explicit ``OMP_NUM_THREADS`` / ``OPENBLAS_NUM_THREADS``."""
@@ -307,6 +320,7 @@ def fit_search(cache: FeatureCache, spec: HeadSpec, settings: SearchSettings, *,
         pool = np.sort(np.concatenate([train, val]))
         sets, choice = _feature_sets(c, layers, train, val, settings.auto, settings.seed)
         cands = _candidates(sets, _view_modes(c, settings.auto, pool_views), route)
+        cands, route.excluded = _within_memory(c, cands, route, settings, len(pool))
         t_load = time.perf_counter()
         data = feature_matrices(c, [k.key for k in cands], pool)
         load_s = time.perf_counter() - t_load

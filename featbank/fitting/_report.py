@@ -79,6 +79,8 @@ def search_lines(search: Mapping[str, Any], headline: Mapping[str, Any]) -> list
         names = ", ".join(f"{s['features']}/{s['views']}/{s['preprocessing']}/{s['head']}" for s in skipped[:8])
         more = f" and {len(skipped) - 8} more" if len(skipped) > 8 else ""
         lines.append(f"  skipped for the budget ({len(skipped)}): {names}{more}")
+    for left in search.get("excluded") or []:
+        lines.append(f"  left out: {left['head']}" + (f" ({left['reason']})" if left.get("reason") else ""))
     if search.get("cut_by_clock"):
         lines.append(f"  not promoted or stopped for the budget in later rounds: {len(search['cut_by_clock'])}")
     lines += format_leaderboard(search["leaderboard"])

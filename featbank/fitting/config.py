@@ -56,7 +56,8 @@ class FitConfig:
         val_split: fraction of train held out for selection when the cache has no val split.
         class_weight: ``None`` or ``"balanced"``.
         shots, seeds: K images per class sampled per seed (K-shot runs).
-        max_memory: bytes (or ``"2GB"``) the rows may take in memory before linear/mlp stream.
+        max_memory: bytes (or ``"2GB"``) the rows may take in memory before linear/mlp stream; with
+            ``auto`` / ``cv``, the bound the search plans its memory by (:mod:`featbank.fitting._memory`).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` for the torch heads.
         out, name, save, overwrite: where the bundle goes, whether it is written, whether it may replace one.
         seed: seed of the validation split and the heads.
@@ -201,8 +202,7 @@ class FitConfig:
         self._check_family_head()
         if self.searched:
             self._check_search()
-        else:
-            self.memory_bytes  # noqa: B018 - a bad --max-memory exits before the cache is opened
+        self.memory_bytes  # noqa: B018 - a bad --max-memory exits before the cache is opened
         if self.save:
             from ._bundle import bundle_dir
 

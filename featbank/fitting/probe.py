@@ -183,7 +183,7 @@ def _fit_searched(cache: str | Path | FeatureCache | None, config: FitConfig) ->
     settings = SearchSettings(auto=bool(config.auto), cv=DEFAULT_CV if config.cv is None else config.cv,
                               repeats=DEFAULT_REPEATS if config.cv_repeats is None else int(config.cv_repeats),
                               budget=DEFAULT_BUDGET if config.budget is None else config.budget, seed=config.seed,
-                              device=device, fit_config=config.to_dict())
+                              device=device, max_memory=config.max_memory, fit_config=config.to_dict())
     target = None
     if config.save:
         with opened_cache(cache) as (_, cache_path):
