@@ -788,8 +788,8 @@ def test_auto_refuses_feature_matrices_over_max_memory_before_loading(layered, t
 
 def test_gram_families_are_left_out_of_auto_where_their_matrix_exceeds_the_bound(layered) -> None:
     """20,000 train+val images: a Gram matrix (and the refit's kernel) of 6.4 GB, over a 1 GB bound. --auto
-    leaves the SVMs and kNN out and says why; the same head alone by --cv is refused; the rows' own matrices
-    (linear, MLP) grow with the images, not their square, and stay."""
+    leaves the SVMs out and says why; the same head alone by --cv is refused; kNN (its own neighbour search is
+    chunked, and the shared Gram store is bounded), the linear head and the MLP stay."""
     from featbank.fitting._memory import gram_bytes, plan_memory
     from featbank.fitting._report import search_lines
 
@@ -798,12 +798,12 @@ def test_gram_families_are_left_out_of_auto_where_their_matrix_exceeds_the_bound
     assert gram_bytes(20_000) == 6_400_000_000
     with featbank.open_cache(cache) as c:
         kept, excluded = plan_memory(c, cands, HEAD_FAMILIES, auto=True, n_images=20_000, bound=10**9, given="1GB")
-        assert {k.head for k in kept} == {"linear", "mlp"} and set(excluded) == {"svm-rbf", "svm-linear", "knn"}
-        assert "takes 6.4 GB, over the 1 GB of --max-memory 1GB" in excluded["knn"]
+        assert {k.head for k in kept} == {"linear", "mlp", "knn"} and set(excluded) == {"svm-rbf", "svm-linear"}
+        assert "takes 6.4 GB, over the 1 GB of --max-memory 1GB" in excluded["svm-rbf"]
         report = {"n_scored": 2, "n_candidates": 2, "cv": 5, "n_fold_fits": 2, "seed": 0, "seconds": 1.0, "repeats": 3,
-                  "budget_s": 90, "leaderboard": [], "excluded": [{"head": "knn", "reason": excluded["knn"]}]}
+                  "budget_s": 90, "leaderboard": [], "excluded": [{"head": "svm-rbf", "reason": excluded["svm-rbf"]}]}
         lines = search_lines(report, {})
-        assert any(line.startswith("  left out: knn (its Gram matrix of the 20,000") for line in lines)
+        assert any(line.startswith("  left out: svm-rbf (its Gram matrix of the 20,000") for line in lines)
         with pytest.raises(ConfigError, match=r"--head svm-rbf --cv: its Gram matrix .* Use --head linear or mlp"):
             plan_memory(c, cands[1:2], HEAD_FAMILIES, auto=False, n_images=20_000, bound=10**9, given=None)
         kept, excluded = plan_memory(c, cands, HEAD_FAMILIES, auto=True, n_images=2_000, bound=10**9, given=None)

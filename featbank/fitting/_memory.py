@@ -1,13 +1,13 @@
 """What ``fit --auto`` and ``fit --cv K`` hold in memory, and the bound they keep to.
 
 The search holds every candidate's feature matrix of the train+val images in memory (one read of
-each layer, :func:`~featbank.fitting.feature_matrices`), and the families that work from a Gram
-matrix (the SVMs, kNN) hold one per fold, then one of every train+val image for the refit. Both
+each layer, :func:`~featbank.fitting.feature_matrices`), and the SVMs (the families with
+``holds_gram``) fit on a Gram matrix per fold, then on one of every train+val image for the refit. Both
 grow with the images: a Gram matrix with the square of their number (80,000 images: 51 GB). So
 before anything is loaded, :func:`plan_memory` compares them with a bound: ``--max-memory``, else
 :data:`MEMORY_SHARE` of this machine's memory.
 
-- A Gram-sharing family over the bound is left out of ``--auto``, its reason said in the
+- A family that holds a Gram matrix over the bound is left out of ``--auto``, its reason said in the
   search's ``excluded`` (as a family that cannot export would be); as the one head of ``--cv``,
   it is refused.
 - Candidate matrices over the bound are refused, with what they would take and what fits
@@ -63,8 +63,8 @@ def matrices_bytes(layer_dims: Mapping[str, int], keys: Sequence[FeatureKey], n_
 
 
 def gram_bytes(n_images: int) -> int:
-    """Peak bytes of a Gram-sharing family on ``n_images`` train+val images: the refit's Gram matrix and its
-    kernel (float64), the largest of its fold and refit matrices."""
+    """Peak bytes of a family that holds a Gram matrix (the SVMs) on ``n_images`` train+val images: the
+    refit's Gram matrix and its kernel (float64), the largest of its fold and refit matrices."""
     return 2 * 8 * n_images * n_images
 
 
@@ -86,7 +86,7 @@ def plan_memory(cache: FeatureCache, candidates: list[Candidate], families: Mapp
     gram = gram_bytes(n_images)
     if gram > bound:
         for name in sorted({c.head for c in candidates}):
-            if callable(getattr(families[name], "kernel_cost", None)):
+            if getattr(families[name], "holds_gram", False):
                 excluded[name] = (f"its Gram matrix of the {n_images:,} train+val images takes {_size(gram)}, "
                                   f"over the {_size(bound)} of {where}")
         if not auto and excluded:
@@ -95,7 +95,7 @@ def plan_memory(cache: FeatureCache, candidates: list[Candidate], families: Mapp
                               "images, not with their square), or fit on fewer images.")
         candidates = [c for c in candidates if c.head not in excluded]
         if not candidates:
-            raise ConfigError(f"--auto: every head family it was given works from a Gram matrix, and "
+            raise ConfigError(f"--auto: every head family it was given holds a Gram matrix, and "
                               f"{next(iter(excluded.values()))}.")
     keys = [c.key for c in candidates]
     need = matrices_bytes(_union_table(cache, keys).layer_dims, keys, n_images)

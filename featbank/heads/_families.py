@@ -49,6 +49,8 @@ class HeadFamily(Protocol):
             ``reason`` says why not when it is ``False``.
         when_budget_allows (optional, ``False`` when absent): ``fit --auto`` tries the family's
             candidates on round 1 only after every other candidate was scored or skipped (the MLP).
+        holds_gram (optional, ``False`` when absent): its fits hold an n x n kernel of their rows in
+            memory (the SVMs), so ``fit --auto`` leaves it out where that is over the memory bound.
 
     A family that works from a fold's Gram matrix (``svm-rbf``, ``svm-linear``, ``knn``) also has
     ``kernel_cost(n_samples, n_features)`` (the matrix's part of ``relative_cost``) and takes a
@@ -214,6 +216,7 @@ class SVMFamily:
     preprocesses: tuple[str, ...] = PREPROCESSES
     exportable = True
     reason = ""
+    holds_gram = True  # libsvm fits on the precomputed n x n kernel (kNN's own search is chunked: it does not)
 
     def __init__(self, kernel: str):
         self.kernel = kernel
