@@ -232,7 +232,7 @@ def test_extract_bounds_its_options_before_any_work(tmp_path: Path, args: list[s
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no cache, no parts, no staging file
 
 
-@pytest.mark.parametrize("value", ["1e400GB", "nan", "inf", "-1GB", "0", "1e30GB"])
+@pytest.mark.parametrize("value", ["1e400GB", "nan", "inf", "-1GB", "0", "0.5", "1e30GB"])
 def test_fit_max_memory_is_bounded(tiny_cache: Path, value: str) -> None:
     r = CliRunner().invoke(cli, ["fit", str(tiny_cache), "--max-memory", value, "--out", str(tiny_cache.parent / "b")])
     assert r.exit_code == 2 and "--max-memory" in r.output and "Traceback" not in r.output, r.output

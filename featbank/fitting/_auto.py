@@ -8,7 +8,8 @@ the test rows are read only after the search has returned its winner, for the on
 
 - feature sets: ``final``; the suffix spans ``last2``, ``last4``, ... (:func:`spans`; for the
   families that share a Gram matrix only: SVMs, kNN); ``auto`` (the greedy layer selection of
-  ``--layers auto``, scored on a stratified 20% holdout of train+val, never on test); ``all``
+  ``--layers auto``, scored on a stratified 20% holdout of train+val, at most about 2,000 rows of it,
+  never on test); ``all``
   layers. Duplicates are dropped (a cache with one layer has ``final`` alone).
 - views: ``plain`` (the plain view of each image); ``pooled`` (``[mean | max]`` over the plain and
   augmented views, ``--pool-views``) when the cache holds hflip or dihedral views. Training on
@@ -102,6 +103,7 @@ def _feature_sets(cache: FeatureCache, layers: Any, train: np.ndarray, val: np.n
     if wanted is None:
         # A sample only where it leaves rows of every class out (a holdout of 1000 of 1006 cannot).
         sample = _SELECT_ROWS if len(train) > _SELECT_ROWS + 2 * len(cache.classes) else None
+        val = _selection_rows(cache, val, 2 * _SELECT_ROWS, seed)  # bounded however many images: see _memory
         choice = (select_layers(cache, train, val, max_rows=sample, seed=seed) if len(held) > 1
                   else LayerChoice(("final",), float("nan")))
         wanted = choice.layers
@@ -113,6 +115,17 @@ def _feature_sets(cache: FeatureCache, layers: Any, train: np.ndarray, val: np.n
         if ls not in sets.values():
             sets[name] = ls
     return sets, choice
+
+
+def _selection_rows(cache: FeatureCache, rows: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """``rows``, or a stratified sample of ``n`` of them where there are many more and every class present
+    has two or more (the layer selection reads every layer of these)."""
+    counts = np.bincount(cache.labels[rows])
+    if len(rows) <= n + 2 * len(cache.classes) or counts[counts > 0].min() < 2:
+        return rows
+    from ..splits import stratified_holdout
+
+    return np.sort(stratified_holdout(rows, cache.labels[rows], n, seed)[1])
 
 
 def spans(layers: Sequence[str]) -> dict[str, tuple[str, ...]]:

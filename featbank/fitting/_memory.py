@@ -39,15 +39,34 @@ MEMORY_SHARE = 0.5
 _WORKING_COPIES = 4
 
 
+#: cgroup v2 and v1 memory limits: a container's or a batch job's share of the machine.
+_CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
 def search_memory_bound(max_memory: int | None) -> int:
-    """``max_memory`` bytes when given, else :data:`MEMORY_SHARE` of the physical memory."""
+    """``max_memory`` bytes when given, else :data:`MEMORY_SHARE` of this machine's memory: the physical
+    memory, or a container's (cgroup) limit where that is lower; no bound where neither can be read."""
     if max_memory is not None:
         return int(max_memory)
+    known = [n for n in (_physical_memory(), *map(_cgroup_limit, _CGROUP_LIMITS)) if n is not None and n > 0]
+    return int(min(known) * MEMORY_SHARE) if known else 2**62
+
+
+def _physical_memory() -> int | None:
     try:
-        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # not POSIX: no bound to plan by
-        return 2**62
-    return int(physical * MEMORY_SHARE)
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # not POSIX
+        return None
+
+
+def _cgroup_limit(path: str) -> int | None:
+    """The limit in ``path`` (a few bytes of text), or None: absent, unreadable, ``max`` or not a number."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read(64).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 def matrices_bytes(layer_dims: Mapping[str, int], keys: Sequence[FeatureKey], n_images: int) -> int:
@@ -64,53 +83,62 @@ def matrices_bytes(layer_dims: Mapping[str, int], keys: Sequence[FeatureKey], n_
 
 def gram_bytes(n_images: int) -> int:
     """Peak bytes of a family that holds a Gram matrix (the SVMs) on ``n_images`` train+val images: the
-    refit's Gram matrix and its kernel (float64), the largest of its fold and refit matrices."""
-    return 2 * 8 * n_images * n_images
+    refit's Gram matrix and the three n x n arrays of turning it into an RBF kernel (float64), the largest of
+    its fold and refit matrices."""
+    return 4 * 8 * n_images * n_images
 
 
 def plan_memory(cache: FeatureCache, candidates: list[Candidate], families: Mapping[str, Any], *, auto: bool,
                 n_images: int, bound: int, given: Any) -> tuple[list[Candidate], dict[str, str]]:
     """The candidates that fit ``bound`` bytes, and ``{family: reason}`` for the families left out.
 
-    ``given`` is the ``--max-memory`` text (``None``: the default bound), for the messages.
+    ``given`` is the ``--max-memory`` text (``None``: the default bound), for the messages. A family that
+    holds a Gram matrix is left out where that matrix and the candidate matrices together exceed the bound.
 
     Raises:
-        ConfigError: the one head of ``--cv`` needs a Gram matrix over the bound, or the candidate
-            matrices are over it.
+        ConfigError: the one head of ``--cv`` holds a Gram matrix over the bound, every family does, or the
+            candidate matrices alone are over it.
     """
     from ._auto import _union_table
 
     where = f"--max-memory {given}" if given is not None else \
         f"{MEMORY_SHARE:.0%} of this machine's memory (raise it with --max-memory)"
-    excluded: dict[str, str] = {}
+    if not candidates:
+        raise ConfigError("--auto has no head family to search (none of those it was given can be exported).")
+    need = _matrices(cache, candidates, n_images)
     gram = gram_bytes(n_images)
-    if gram > bound:
+    excluded: dict[str, str] = {}
+    if need + gram > bound:
         for name in sorted({c.head for c in candidates}):
             if getattr(families[name], "holds_gram", False):
-                excluded[name] = (f"its Gram matrix of the {n_images:,} train+val images takes {_size(gram)}, "
-                                  f"over the {_size(bound)} of {where}")
-        if not auto and excluded:
-            (name, why), = excluded.items()
-            raise ConfigError(f"--head {name} --cv: {why}. Use --head linear or mlp (their memory grows with the "
-                              "images, not with their square), or fit on fewer images.")
+                excluded[name] = (f"its Gram matrix of the {n_images:,} train+val images takes {_size(gram)}, with the "
+                                  f"feature matrices {_size(need + gram)}, over the {_size(bound)} of {where}")
+        if excluded and (not auto or all(c.head in excluded for c in candidates)):
+            name, why = next(iter(excluded.items()))
+            head = f"--head {name} --cv" if not auto else "--auto"
+            raise ConfigError(f"{head}: {why}. Raise --max-memory above {_size(need + gram)}, use --head linear or "
+                              "mlp (their memory grows with the images, not with their square), or fit on fewer images.")
         candidates = [c for c in candidates if c.head not in excluded]
-        if not candidates:
-            raise ConfigError(f"--auto: every head family it was given holds a Gram matrix, and "
-                              f"{next(iter(excluded.values()))}.")
-    keys = [c.key for c in candidates]
-    need = matrices_bytes(_union_table(cache, keys).layer_dims, keys, n_images)
+        need = _matrices(cache, candidates, n_images)
     if need > bound:
-        final = [k for k in keys if k == (("final",), "plain")]
-        least = matrices_bytes(_union_table(cache, final).layer_dims, final, n_images) if final else None
-        hint = (f"; the final layer alone (--head linear --cv 5) needs {_size(least)}" if least is not None
+        final = [(("final",), "plain")]
+        least = matrices_bytes(_union_table(cache, final).layer_dims, final, n_images)
+        hint = (f"; the final layer alone (--head linear --cv 5) needs {_size(least)}" if auto and least <= bound
                 else "")
         raise ConfigError(
-            f"{'--auto' if auto else '--cv'} holds its {len(set(keys))} candidate feature matrices of the "
-            f"{n_images:,} train+val images in memory: about {_size(need)}, over the {_size(bound)} of {where}"
-            f"{hint}. Raise --max-memory, or fit one head without the search: --head linear --max-memory "
-            f"{_size(bound).replace(' ', '')} streams its rows from the cache."
+            f"{'--auto' if auto else '--cv'} holds its {len({c.key for c in candidates})} candidate feature "
+            f"matrices of the {n_images:,} train+val images in memory: about {_size(need)}, over the {_size(bound)} "
+            f"of {where}{hint}. Raise --max-memory, or fit one head without the search: --head linear "
+            f"--max-memory {_size(bound).replace(' ', '')} streams its rows from the cache."
         )
     return candidates, excluded
+
+
+def _matrices(cache: FeatureCache, candidates: Sequence[Candidate], n_images: int) -> int:
+    from ._auto import _union_table
+
+    keys = [c.key for c in candidates]
+    return matrices_bytes(_union_table(cache, keys).layer_dims, keys, n_images)
 
 
 def _size(n: int) -> str:

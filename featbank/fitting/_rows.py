@@ -25,8 +25,8 @@ MAX_MEMORY = 1 << 60
 
 
 def _memory_bytes(value: float | int, text: Any) -> int:
-    if not (0 < value <= MAX_MEMORY) or not math.isfinite(value):  # NaN fails the range, 10**400 never becomes a float
-        raise ConfigError(f"--max-memory must be a positive, finite size of at most 1 EiB ({MAX_MEMORY} bytes), such as "
+    if not (1 <= value <= MAX_MEMORY) or not math.isfinite(value):  # NaN fails the range, 10**400 never becomes a float
+        raise ConfigError(f"--max-memory must be a finite size from 1 byte to 1 EiB ({MAX_MEMORY} bytes), such as "
                           f"2GB; got {text!r}.")
     return int(value)
 
