@@ -777,8 +777,8 @@ def test_auto_refuses_feature_matrices_over_max_memory_before_loading(layered, t
     out = tmp_path / "m"
     r = CliRunner().invoke(cli, ["fit", str(cache), "--auto", "--max-memory", "20kB", "--out", str(out)])
     assert r.exit_code == 2, r.output
-    assert "over the 20 kB of --max-memory 20kB" in r.output and "Traceback" not in r.output
-    assert "candidate feature matrices" in r.output and "--max-memory 20kB streams its rows" in r.output
+    assert "over the 19.5 KiB of --max-memory 20kB" in r.output and "Traceback" not in r.output
+    assert "candidate feature matrices" in r.output and "--max-memory 19.5KiB streams its rows" in r.output
     assert not out.exists()
     r = CliRunner().invoke(cli, ["fit", str(cache), "--auto", "--max-memory", "lots"])
     assert r.exit_code == 2 and "--max-memory must look like 2GB" in r.output
@@ -787,9 +787,10 @@ def test_auto_refuses_feature_matrices_over_max_memory_before_loading(layered, t
 
 
 def test_gram_families_are_left_out_of_auto_where_their_matrix_exceeds_the_bound(layered) -> None:
-    """20,000 train+val images: a Gram matrix (and the refit's kernel) of 12.8 GB, over a 1 GB bound. --auto
+    """20,000 train+val images: a Gram matrix (and the refit's kernel) of 11.9 GiB, over a 1 GB bound. --auto
     leaves the SVMs out and says why; the same head alone by --cv is refused; kNN (its own neighbour search is
     chunked, and the shared Gram store is bounded), the linear head and the MLP stay."""
+    from featbank.fitting._auto import _union_table
     from featbank.fitting._memory import gram_bytes, plan_memory
     from featbank.fitting._report import search_lines
 
@@ -797,47 +798,49 @@ def test_gram_families_are_left_out_of_auto_where_their_matrix_exceeds_the_bound
     cands = [Candidate("final", ("final",), "plain", "standardize", h) for h in HEAD_FAMILIES]
     assert gram_bytes(20_000) == 12_800_000_000
     with featbank.open_cache(cache) as c:
-        kept, excluded = plan_memory(c, cands, HEAD_FAMILIES, auto=True, n_images=20_000, bound=10**9, given="1GB")
+        dims = _union_table(c, [(tuple(c.layers), "plain")]).layer_dims
+        kept, excluded = plan_memory(dims, cands, HEAD_FAMILIES, auto=True, n_images=20_000, bound=10**9, given="1GB")
         assert {k.head for k in kept} == {"linear", "mlp", "knn"} and set(excluded) == {"svm-rbf", "svm-linear"}
-        assert "takes 12.8 GB, with the feature matrices 12.8 GB, over the 1 GB of --max-memory 1GB" in excluded["svm-rbf"]
+        assert "takes 11.9 GiB, with the feature matrices 11.9 GiB, over the 953.7 MiB of --max-memory 1GB" in excluded["svm-rbf"]
         report = {"n_scored": 2, "n_candidates": 2, "cv": 5, "n_fold_fits": 2, "seed": 0, "seconds": 1.0, "repeats": 3,
                   "budget_s": 90, "leaderboard": [], "excluded": [{"head": "svm-rbf", "reason": excluded["svm-rbf"]}]}
         lines = search_lines(report, {})
         assert any(line.startswith("  left out: svm-rbf (its Gram matrix of the 20,000") for line in lines)
         svms = [k for k in cands if k.head.startswith("svm")]
-        with pytest.raises(ConfigError, match=r"--head svm-rbf --cv: its Gram matrix .* Raise --max-memory above 12.8 GB"):
-            plan_memory(c, svms[:1], HEAD_FAMILIES, auto=False, n_images=20_000, bound=10**9, given=None)
+        with pytest.raises(ConfigError, match=r"--head svm-rbf --cv: its Gram matrix .* Raise --max-memory above 11.9 GiB"):
+            plan_memory(dims, svms[:1], HEAD_FAMILIES, auto=False, n_images=20_000, bound=10**9, given=None)
         with pytest.raises(ConfigError, match=r"--auto: its Gram matrix"):  # every family given holds one
-            plan_memory(c, svms, HEAD_FAMILIES, auto=True, n_images=20_000, bound=10**9, given=None)
-        kept, excluded = plan_memory(c, cands, HEAD_FAMILIES, auto=True, n_images=2_000, bound=10**9, given=None)
+            plan_memory(dims, svms, HEAD_FAMILIES, auto=True, n_images=20_000, bound=10**9, given=None)
+        kept, excluded = plan_memory(dims, cands, HEAD_FAMILIES, auto=True, n_images=2_000, bound=10**9, given=None)
         assert kept == cands and excluded == {}  # 64 MB: everyone stays
 
 
-def test_the_default_memory_bound_is_half_the_smaller_of_the_machine_and_its_container(tmp_path, monkeypatch) -> None:
+def test_the_default_memory_bound_is_half_the_smaller_of_the_machine_and_its_container(tmp_path) -> None:
     """Without --max-memory: half the physical memory, or of a cgroup limit where lower (a container, a batch
     job); "max", garbage or an absent file are no limit; --max-memory wins outright."""
+    from featbank._machine import memory_limit
     from featbank.fitting import _memory
 
     physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     limit = tmp_path / "memory.max"
-    monkeypatch.setattr(_memory, "_CGROUP_LIMITS", (str(limit), str(tmp_path / "absent")))
-    for text, expect in (("max\n", physical // 2), ("1000000\n", 500_000), ("12ab", physical // 2),
-                         (str(physical * 4), physical // 2)):
+    files = (str(limit), str(tmp_path / "absent"))
+    for text, expect in (("max\n", physical), ("1000000\n", 1_000_000), ("12ab", physical), (str(physical * 4), physical)):
         limit.write_text(text)
-        assert _memory.search_memory_bound(None) == expect, text
+        assert memory_limit(files) == expect, text
+    assert _memory.search_memory_bound(None) == int(memory_limit() * _memory.MEMORY_SHARE) <= physical // 2
     assert _memory.search_memory_bound(123) == 123
 
 
 def test_the_layer_selection_reads_a_bounded_sample_of_validation_rows(layered) -> None:
     """The greedy selection of --auto reads every layer of its validation rows: a stratified sample of a
     fixed size where there are many more (so it is bounded whatever the images), all of them otherwise."""
-    from featbank.fitting._auto import _selection_rows
+    from featbank.fitting._layers import sample_rows
 
     _, cache = layered
     with featbank.open_cache(cache) as c:
         rows = np.flatnonzero(c.split_mask("train"))
         k = len(c.classes)
-        few = _selection_rows(c, rows, k * 2, seed=0)
+        few = sample_rows(c, rows, k * 2, seed=0)
         assert len(few) == 2 * k and set(few) <= set(rows) and (np.bincount(c.labels[few]) == 2).all()
-        assert np.array_equal(_selection_rows(c, rows, len(rows) - 1, seed=0), rows)  # not many more: all
-        assert np.array_equal(_selection_rows(c, rows, k * 2, seed=0), few)  # seeded
+        assert np.array_equal(sample_rows(c, rows, len(rows) - 1, seed=0), rows)  # not many more: all
+        assert np.array_equal(sample_rows(c, rows, k * 2, seed=0), few)  # seeded

@@ -14,7 +14,6 @@ batch and refuses architectures whose forward pass is not the plain chain of its
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._machine import available_memory, format_bytes
 from ..errors import ConfigError
 from ._data import image_loader
 from ._model import forward_logits
@@ -174,21 +174,6 @@ def split_features(features: nn.Module, input_size: tuple[int, int], backbone: s
 # --------------------------------------------------------------------------------------------
 
 
-def available_memory() -> int | None:
-    """Bytes of RAM available now (Linux), or None when unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 class FrozenCache:
     """Prefix outputs of ``n`` images under ``len(views)`` views, float16, in memory (CPU).
 
@@ -261,14 +246,6 @@ class SuffixModel(nn.Module):
         return self.head(self.suffix(x))
 
 
-def _size(n: float) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"  # pragma: no cover
-
-
 def plan_cache_frozen(model: FinetuneModel, bb: Backbone, cfg: FinetuneSettings, n_train: int, n_val: int) -> CacheFrozen:
     """Split the model at its first trainable unit and check that the caches fit in memory."""
     h, w = bb.preprocess.input_size
@@ -278,9 +255,9 @@ def plan_cache_frozen(model: FinetuneModel, bb: Backbone, cfg: FinetuneSettings,
     avail = available_memory()
     if avail is not None and need > 0.7 * avail:
         raise ConfigError(
-            f"--cache-frozen needs {_size(need)} of memory for {n_train} training image(s) x {len(views)} "
+            f"--cache-frozen needs {format_bytes(need)} of memory for {n_train} training image(s) x {len(views)} "
             f"view(s) of {tuple(split.out_shape)} float16 outputs (and the val images), and "
-            f"{_size(avail)} are available. Use a later --trainable-from (smaller outputs), fewer "
+            f"{format_bytes(avail)} are available. Use a later --trainable-from (smaller outputs), fewer "
             "views (drop --rot90/--vflip), or drop --cache-frozen."
         )
     return CacheFrozen(split=split, views=views, model=SuffixModel(split.suffix, model.head))

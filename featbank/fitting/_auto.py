@@ -103,9 +103,9 @@ def _feature_sets(cache: FeatureCache, layers: Any, train: np.ndarray, val: np.n
     if wanted is None:
         # A sample only where it leaves rows of every class out (a holdout of 1000 of 1006 cannot).
         sample = _SELECT_ROWS if len(train) > _SELECT_ROWS + 2 * len(cache.classes) else None
-        val = _selection_rows(cache, val, 2 * _SELECT_ROWS, seed)  # bounded however many images: see _memory
-        choice = (select_layers(cache, train, val, max_rows=sample, seed=seed) if len(held) > 1
-                  else LayerChoice(("final",), float("nan")))
+        # at most about 2 x _SELECT_ROWS validation rows: bounded however many images (see _memory)
+        choice = (select_layers(cache, train, val, max_rows=sample, max_val_rows=2 * _SELECT_ROWS, seed=seed)
+                  if len(held) > 1 else LayerChoice(("final",), float("nan")))
         wanted = choice.layers
     if not auto:
         name = "auto" if layers == "auto" else ",".join(wanted)
@@ -115,17 +115,6 @@ def _feature_sets(cache: FeatureCache, layers: Any, train: np.ndarray, val: np.n
         if ls not in sets.values():
             sets[name] = ls
     return sets, choice
-
-
-def _selection_rows(cache: FeatureCache, rows: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """``rows``, or a stratified sample of ``n`` of them where there are many more and every class present
-    has two or more (the layer selection reads every layer of these)."""
-    counts = np.bincount(cache.labels[rows])
-    if len(rows) <= n + 2 * len(cache.classes) or counts[counts > 0].min() < 2:
-        return rows
-    from ..splits import stratified_holdout
-
-    return np.sort(stratified_holdout(rows, cache.labels[rows], n, seed)[1])
 
 
 def spans(layers: Sequence[str]) -> dict[str, tuple[str, ...]]:
@@ -265,7 +254,8 @@ def _within_memory(cache: FeatureCache, cands: list[Candidate], route: _Route, s
     from ._rows import parse_memory
 
     bound = search_memory_bound(parse_memory(settings.max_memory))
-    kept, excluded = plan_memory(cache, cands, route.families, auto=settings.auto, n_images=n_images, bound=bound,
+    dims = _union_table(cache, [c.key for c in cands]).layer_dims if cands else {}
+    kept, excluded = plan_memory(dims, cands, route.families, auto=settings.auto, n_images=n_images, bound=bound,
                                  given=settings.max_memory)
     return kept, {**route.excluded, **excluded}
 

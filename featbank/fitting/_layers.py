@@ -34,7 +34,8 @@ from ..errors import ConfigError
 if TYPE_CHECKING:
     from ..cache import FeatureCache
 
-__all__ = ["FeatureTable", "LayerChoice", "resolve_layers", "select_layers", "mean_proba", "pool_views", "TTA_CHOICES"]
+__all__ = ["FeatureTable", "LayerChoice", "resolve_layers", "select_layers", "sample_rows", "mean_proba", "pool_views",
+           "TTA_CHOICES"]
 
 TTA_CHOICES = ("auto", "on", "off")
 _RIDGE_ALPHAS = np.logspace(-3, 2, 11)  # times the mean eigenvalue of the Gram matrix
@@ -225,8 +226,19 @@ def selection_score(y: np.ndarray, pred: np.ndarray, balanced: bool) -> float:
     return float(np.mean(pred == y))
 
 
+def sample_rows(cache: FeatureCache, rows: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """``rows``, or a stratified sample of ``n`` of them where there are many more and every class present
+    has two or more."""
+    counts = np.bincount(cache.labels[rows])
+    if len(rows) <= n + 2 * len(cache.classes) or counts[counts > 0].min() < 2:
+        return rows
+    from ..splits import stratified_holdout
+
+    return np.sort(stratified_holdout(rows, cache.labels[rows], n, seed)[1])
+
+
 def select_layers(cache: FeatureCache, train: np.ndarray, val: np.ndarray, *, balanced: bool = False,
-                  max_rows: int | None = None, seed: int = 0) -> LayerChoice:
+                  max_rows: int | None = None, max_val_rows: int | None = None, seed: int = 0) -> LayerChoice:
     """Greedy forward selection of whole layers on the plain view, scored on ``val``.
 
     Args:
@@ -235,7 +247,9 @@ def select_layers(cache: FeatureCache, train: np.ndarray, val: np.ndarray, *, ba
         balanced: score with balanced accuracy (``--class-weight balanced``) instead of top-1.
         max_rows: at most this many training rows (a stratified sample) enter the scoring, so
             the selection stays within ``--max-memory``.
-        seed: of that sample.
+        max_val_rows: score on a stratified sample of about this many validation rows where there are
+            many more (and every class has two or more): every layer of them is read.
+        seed: of the samples.
 
     Returns:
         The chosen layers (network order, always with ``final``) and the per-round scores.
@@ -248,6 +262,8 @@ def select_layers(cache: FeatureCache, train: np.ndarray, val: np.ndarray, *, ba
         _, train = stratified_holdout(train, cache.labels[train], max(int(max_rows), len(cache.classes)), seed)
         train = np.sort(train)
     val = np.sort(np.asarray(val, np.int64))
+    if max_val_rows is not None:
+        val = sample_rows(cache, val, max_val_rows, seed)
     k = len(cache.classes)
     ytr, yv = cache.labels[train], cache.labels[val]
     blocks = {t: (cache.load_features(train, (t,)), cache.load_features(val, (t,))) for t in held}

@@ -20,14 +20,13 @@ on top.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .._machine import format_bytes, memory_limit
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
-    from ..cache import FeatureCache
     from ._search import Candidate, FeatureKey
 
 __all__ = ["MEMORY_SHARE", "search_memory_bound", "matrices_bytes", "gram_bytes", "plan_memory"]
@@ -39,34 +38,14 @@ MEMORY_SHARE = 0.5
 _WORKING_COPIES = 4
 
 
-#: cgroup v2 and v1 memory limits: a container's or a batch job's share of the machine.
-_CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
-
-
 def search_memory_bound(max_memory: int | None) -> int:
-    """``max_memory`` bytes when given, else :data:`MEMORY_SHARE` of this machine's memory: the physical
-    memory, or a container's (cgroup) limit where that is lower; no bound where neither can be read."""
+    """``max_memory`` bytes when given, else :data:`MEMORY_SHARE` of this machine's memory (the physical
+    memory, or a container's cgroup limit where lower: :func:`featbank._machine.memory_limit`); no bound
+    where neither can be read."""
     if max_memory is not None:
         return int(max_memory)
-    known = [n for n in (_physical_memory(), *map(_cgroup_limit, _CGROUP_LIMITS)) if n is not None and n > 0]
-    return int(min(known) * MEMORY_SHARE) if known else 2**62
-
-
-def _physical_memory() -> int | None:
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):  # not POSIX
-        return None
-
-
-def _cgroup_limit(path: str) -> int | None:
-    """The limit in ``path`` (a few bytes of text), or None: absent, unreadable, ``max`` or not a number."""
-    try:
-        with open(path, "rb") as f:
-            text = f.read(64).decode("ascii", "replace").strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
+    limit = memory_limit()
+    return int(limit * MEMORY_SHARE) if limit is not None else 2**62
 
 
 def matrices_bytes(layer_dims: Mapping[str, int], keys: Sequence[FeatureKey], n_images: int) -> int:
@@ -88,62 +67,47 @@ def gram_bytes(n_images: int) -> int:
     return 4 * 8 * n_images * n_images
 
 
-def plan_memory(cache: FeatureCache, candidates: list[Candidate], families: Mapping[str, Any], *, auto: bool,
-                n_images: int, bound: int, given: Any) -> tuple[list[Candidate], dict[str, str]]:
+def plan_memory(layer_dims: Mapping[str, int], candidates: list[Candidate], families: Mapping[str, Any], *,
+                auto: bool, n_images: int, bound: int, given: Any) -> tuple[list[Candidate], dict[str, str]]:
     """The candidates that fit ``bound`` bytes, and ``{family: reason}`` for the families left out.
 
-    ``given`` is the ``--max-memory`` text (``None``: the default bound), for the messages. A family that
-    holds a Gram matrix is left out where that matrix and the candidate matrices together exceed the bound.
+    ``layer_dims``: the width of each layer the candidates read. ``given`` is the ``--max-memory`` text
+    (``None``: the default bound), for the messages. A family that holds a Gram matrix is left out where
+    that matrix and the candidate matrices together exceed the bound.
 
     Raises:
         ConfigError: the one head of ``--cv`` holds a Gram matrix over the bound, every family does, or the
             candidate matrices alone are over it.
     """
-    from ._auto import _union_table
-
+    size = format_bytes
     where = f"--max-memory {given}" if given is not None else \
         f"{MEMORY_SHARE:.0%} of this machine's memory (raise it with --max-memory)"
     if not candidates:
         raise ConfigError("--auto has no head family to search (none of those it was given can be exported).")
-    need = _matrices(cache, candidates, n_images)
+    need = matrices_bytes(layer_dims, [c.key for c in candidates], n_images)
     gram = gram_bytes(n_images)
     excluded: dict[str, str] = {}
     if need + gram > bound:
         for name in sorted({c.head for c in candidates}):
             if getattr(families[name], "holds_gram", False):
-                excluded[name] = (f"its Gram matrix of the {n_images:,} train+val images takes {_size(gram)}, with the "
-                                  f"feature matrices {_size(need + gram)}, over the {_size(bound)} of {where}")
+                excluded[name] = (f"its Gram matrix of the {n_images:,} train+val images takes {size(gram)}, with "
+                                  f"the feature matrices {size(need + gram)}, over the {size(bound)} of {where}")
         if excluded and (not auto or all(c.head in excluded for c in candidates)):
             name, why = next(iter(excluded.items()))
             head = f"--head {name} --cv" if not auto else "--auto"
-            raise ConfigError(f"{head}: {why}. Raise --max-memory above {_size(need + gram)}, use --head linear or "
+            raise ConfigError(f"{head}: {why}. Raise --max-memory above {size(need + gram)}, use --head linear or "
                               "mlp (their memory grows with the images, not with their square), or fit on fewer images.")
         candidates = [c for c in candidates if c.head not in excluded]
-        need = _matrices(cache, candidates, n_images)
+        need = matrices_bytes(layer_dims, [c.key for c in candidates], n_images)
     if need > bound:
         final = [(("final",), "plain")]
-        least = matrices_bytes(_union_table(cache, final).layer_dims, final, n_images)
-        hint = (f"; the final layer alone (--head linear --cv 5) needs {_size(least)}" if auto and least <= bound
-                else "")
+        least = matrices_bytes(layer_dims, final, n_images) if auto and "final" in layer_dims else None
+        hint = f"; the final layer alone (--head linear --cv 5) needs {size(least)}" if least and least <= bound else ""
+        option = size(bound).replace(" bytes", "").replace(" ", "")  # as --max-memory reads it: 19.5KiB
         raise ConfigError(
-            f"{'--auto' if auto else '--cv'} holds its {len({c.key for c in candidates})} candidate feature "
-            f"matrices of the {n_images:,} train+val images in memory: about {_size(need)}, over the {_size(bound)} "
-            f"of {where}{hint}. Raise --max-memory, or fit one head without the search: --head linear "
-            f"--max-memory {_size(bound).replace(' ', '')} streams its rows from the cache."
+            f"{'--auto' if auto else '--cv'} holds its {len({c.key for c in candidates})} candidate feature matrices "
+            f"of the {n_images:,} train+val images in memory: about {size(need)}, over the {size(bound)} of {where}"
+            f"{hint}. Raise --max-memory, or fit one head without the search: --head linear --max-memory {option} "
+            "streams its rows from the cache."
         )
     return candidates, excluded
-
-
-def _matrices(cache: FeatureCache, candidates: Sequence[Candidate], n_images: int) -> int:
-    from ._auto import _union_table
-
-    keys = [c.key for c in candidates]
-    return matrices_bytes(_union_table(cache, keys).layer_dims, keys, n_images)
-
-
-def _size(n: int) -> str:
-    """Bytes in the largest unit of 1000 that keeps a digit before the point: ``1.9 GB``, ``640 MB``."""
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{n} B"
