@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ..heads._sweep import half_decades
 from ._select import HeadSpec, make_head
 
 __all__ = ["SpecFamily", "spec_preprocess"]
@@ -28,17 +29,6 @@ def spec_preprocess(spec: HeadSpec) -> str:
     """The preprocessing of a head's flags, as the leaderboard names it."""
     parts = [p for p, on in (("standardize", spec.standardize), ("l2-normalize", spec.l2_normalize)) if on]
     return "+".join(parts) or "none"
-
-
-def half_decades(grid: Any) -> list[float]:
-    """The C values ``fit``'s validation sweep can visit from ``grid``: each, and half a decade (x sqrt(10))
-    either side of each (as the sweep computes them), sorted, a value that two give kept once."""
-    out: dict[str, float] = {}
-    for c in sorted(float(c) for c in grid):
-        for d in (-0.5, 0.0, 0.5):
-            v = c * 10**d
-            out.setdefault(f"{v:.9g}", v)
-    return sorted(out.values())
 
 
 class SpecFamily:
