@@ -259,10 +259,11 @@ class Scaled(Timed):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("factor", [1e-3, 1.0, 1e3])
-def test_the_search_stays_within_its_budget_and_uses_it(factor) -> None:
+@pytest.mark.parametrize("factor, screen_rows", [(1e-3, None), (1.0, None), (1e3, None), (1.0, 40)])
+def test_the_search_stays_within_its_budget_and_uses_it(factor, screen_rows) -> None:
     """Real folds on the wall clock, with estimates 1000x too low, as the family makes them, and 1000x
-    too high: the measured speed plans the search, so the budget holds within 20% and is used."""
+    too high, and with round 1 on a sample of its fold: the measured speed plans the search, so the
+    budget holds within 20% and is used."""
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(4), 30)
     X = rng.normal(size=(120, 16)).astype(np.float32) + y[:, None] * 0.2
@@ -271,7 +272,8 @@ def test_the_search_stays_within_its_budget_and_uses_it(factor) -> None:
     fam.cv_scores(X, y, make_folds(y, 5, 1, 0)[0][:1], fam.default_grid(96, 16, 4))  # imports done before the clock
     fam.times.clear()
     t0 = time.perf_counter()
-    search = AutoSearch(cands, {"knn": fam}, cv=5, repeats=3, budget_s=5.0).fit({(("final",), "plain"): X}, y)
+    search = AutoSearch(cands, {"knn": fam}, cv=5, repeats=3, budget_s=5.0, screen_rows=screen_rows).fit(
+        {(("final",), "plain"): X}, y)
     wall = time.perf_counter() - t0
     # The budget within 20%, plus the one fold the guard cannot interrupt (milliseconds on an idle
     # machine; on one shared by many jobs a fold can stall for seconds).
@@ -281,6 +283,9 @@ def test_the_search_stays_within_its_budget_and_uses_it(factor) -> None:
     assert wall >= 0.5 * 5.0, wall
     assert search.skipped_ and {r["reason"] for r in search.skipped_} == {"budget"}
     assert search.rounds_[0]["n_candidates"] >= 3 and max(s.scores.shape[1] for s in search.scored_) >= 5
+    assert (search.screen_ is None) == (screen_rows is None)
+    if screen_rows is not None:  # the sample's folds are estimated at its own rows: the ratio below is for whole folds
+        return
     assert search.calibration_["knn"] == pytest.approx(sum(fam.times) / (sum(
         fam.family.relative_cost(96, 16, 6) * factor for _ in fam.times)), rel=0.05)  # its timing includes a little more
 
@@ -844,3 +849,126 @@ def test_the_layer_selection_reads_a_bounded_sample_of_validation_rows(layered) 
         assert len(few) == 2 * k and set(few) <= set(rows) and (np.bincount(c.labels[few]) == 2).all()
         assert np.array_equal(sample_rows(c, rows, len(rows) - 1, seed=0), rows)  # not many more: all
         assert np.array_equal(sample_rows(c, rows, k * 2, seed=0), few)  # seeded
+
+
+
+def _screening_problem():
+    rng = np.random.default_rng(5)
+    y = np.repeat(np.arange(4), [120, 90, 60, 30])
+    X = rng.normal(size=(len(y), 10)).astype(np.float32) + 0.6 * y[:, None]
+    fams = {n: Recording(HEAD_FAMILIES[n]) for n in ("svm-rbf", "knn", "linear")}
+    cands = [Candidate("final", ("final",), "plain", pre, h) for h in fams for pre in fams[h].preprocesses]
+    return X, y, fams, cands
+
+
+def test_round_one_screens_on_a_stratified_sample_of_a_large_fold_and_later_means_are_over_whole_folds() -> None:
+    """Fold 1 with more fit rows than ``screen_rows``: round 1 scores every candidate on a stratified
+    sample of it (every class, in proportion); round 2 scores the survivors on all K folds, fold 1
+    whole included, and their means are those of the whole folds alone (the sample's score set aside)."""
+    X, y, fams, cands = _screening_problem()
+    data = {(("final",), "plain"): X}
+    s = AutoSearch(cands, fams, cv=3, repeats=2, budget_s=600.0, seed=3, screen_rows=60).fit(data, y)
+    (fit0, held0), (sfit, sheld) = s.folds_[0][0], s.screen_
+    assert s.rounds_[0]["sample"] == {"fit_rows": len(sfit), "of_fit_rows": 200,
+                                      "held_out_rows": len(sheld), "of_held_out_rows": 100}
+    assert abs(len(sfit) - 60) <= 2 and abs(len(sheld) - 60) <= 2
+    assert np.isin(sfit, fit0).all() and np.isin(sheld, held0).all()
+    for rows, whole in ((sfit, fit0), (sheld, held0)):  # stratified: each class in proportion, none missing
+        share = np.bincount(y[rows], minlength=4) / len(rows)
+        assert np.abs(share - np.bincount(y[whole], minlength=4) / len(whole)).max() < 0.02
+    # round 1 handed every candidate the sample; round 2 the K whole folds of repeat 1
+    assert s.rounds_[0]["n_candidates"] == len(cands)
+    for fam in fams.values():
+        first = fam.seen[0][1]
+        assert len(first) == 1 and np.array_equal(first[0][0], sfit) and np.array_equal(first[0][1], sheld)
+    assert s.rounds_[1]["folds"] == [0, 1, 2] and s.rounds_[1]["n_folds"] == 3 and s.rounds_[2]["n_folds"] == 6
+    later = [t for t in s.scored_ if t.rounds >= 2]
+    assert later and all(t.scores.shape[1] == 3 * (t.rounds - 1) for t in later)
+    for t in later:  # the scores of the whole folds, and nothing else
+        fam = fams[t.candidate.head].family
+        folds = [f for r in range(t.rounds - 1) for f in s.folds_[r]]
+        want = fam.cv_scores(X, y, folds, t.grid, preprocess=t.candidate.preprocess)
+        np.testing.assert_allclose(t.scores, want, rtol=1e-9, atol=1e-12)
+    board = s.leaderboard()
+    assert [r["n_folds"] for r in board] == [t.scores.shape[1] for t in s.scored_]
+    assert all(r["n_folds"] == 1 for r in board if r["rounds"] == 1)
+
+
+def test_small_folds_and_a_lone_candidate_are_never_screened() -> None:
+    X, y, fams, cands = _screening_problem()
+    data = {(("final",), "plain"): X}
+    whole = AutoSearch(cands, fams, cv=3, repeats=2, budget_s=600.0, seed=3, screen_rows=None).fit(data, y)
+    big = AutoSearch(cands, fams, cv=3, repeats=2, budget_s=600.0, seed=3, screen_rows=200).fit(data, y)
+    assert whole.screen_ is None and big.screen_ is None and "sample" not in big.rounds_[0]
+    strip = [{k: v for k, v in row.items() if k != "seconds"} for row in whole.leaderboard()]
+    assert strip == [{k: v for k, v in row.items() if k != "seconds"} for row in big.leaderboard()]
+    lone = AutoSearch(cands[:1], fams, cv=3, repeats=2, budget_s=600.0, seed=3, screen_rows=60).fit(data, y)
+    assert lone.screen_ is None and lone.scored_[0].scores.shape[1] == 3
+
+
+def test_the_summary_names_round_ones_sample() -> None:
+    from featbank.fitting._report import search_lines
+
+    X, y, fams, cands = _screening_problem()
+    s = AutoSearch(cands, fams, cv=3, repeats=1, budget_s=600.0, seed=3, screen_rows=60).fit(
+        {(("final",), "plain"): X}, y)
+    lines = search_lines(s.report(), {})
+    n_fit, n_held = len(s.screen_[0]), len(s.screen_[1])
+    assert any(f"round 1: {len(cands)} candidate(s) on 1 fold (a stratified sample: {n_fit} of its 200 fit rows, "
+               f"{n_held} of 100 held out)" in line for line in lines), lines
+
+
+class Sized(Fixed):
+    """A ``Fixed`` family whose score and true seconds differ on round 1's sample (at most ``small`` fit
+    rows) and on whole folds; its estimate is the same for both (``relative_cost`` ignores the rows)."""
+
+    def __init__(self, name, clock, *, screen: tuple[float, float], whole: tuple[float, float], small: int,
+                 estimate: float = 1.0):
+        super().__init__(name, screen[0], screen[1], clock, estimate)
+        self.screen, self.whole, self.small = screen, whole, small
+
+    def cv_scores(self, X, y, folds, grid, **kw):
+        out = []
+        for fit, _held in folds:
+            score, cost = self.screen if len(fit) <= self.small else self.whole
+            self.clock.t += cost
+            out.append(score)
+        return np.tile(np.asarray(out, dtype=np.float64), (len(grid), 1))
+
+
+def _sized_search(fams, budget_s):
+    cands = [Candidate("final", ("final",), "plain", "standardize", h) for h in fams]
+    y = np.repeat(np.arange(2), 30)
+    return AutoSearch(cands, fams, cv=5, repeats=1, budget_s=budget_s, clock=fams["a"].clock, screen_rows=20).fit(
+        {(("final",), "plain"): np.zeros((60, 2), np.float32)}, y)
+
+
+def test_a_round_cut_short_after_a_sampled_round_one_ranks_everyone_on_the_sample() -> None:
+    """b leads on the sample but cannot afford round 2; a is scored on it alone (0.95 on whole folds),
+    so round 2 is cut short: the ranking falls back to round 1, on the sample for every candidate
+    (b's 0.85 over a's 0.80), not a's whole fold 1 against the others' sample."""
+    clock = SimClock()
+    fams = {"a": Sized("a", clock, screen=(0.80, 0.1), whole=(0.95, 0.1), small=20, estimate=0.1),
+            "b": Sized("b", clock, screen=(0.85, 1.0), whole=(0.99, 1.0), small=20, estimate=1.0),
+            "c": Sized("c", clock, screen=(0.50, 0.1), whole=(0.50, 0.1), small=20, estimate=0.1),
+            "d": Sized("d", clock, screen=(0.40, 0.1), whole=(0.40, 0.1), small=20, estimate=0.1)}
+    s = _sized_search(fams, 4.0)
+    assert s.rounds_[0]["n_candidates"] == 4 and s.rounds_[1]["candidates"] == ["final/plain/standardize/a"]
+    assert not s.rounds_[1]["complete"] and s.clock_cut_ == ["round 2: final/plain/standardize/b"]
+    assert [t.candidate.head for t in s.scored_] == ["b", "a", "c", "d"]
+    a = s.leaderboard()[1]
+    assert a["n_folds"] == 5 and a["rounds"] == 2 and a["cv_mean"] == pytest.approx(0.95)  # its whole folds
+
+
+def test_after_a_sampled_round_one_the_first_whole_folds_correct_the_plan() -> None:
+    """The sample ran at 0.6 of its estimate, whole folds at 0.2: round 2 plans a alone (3 s predicted
+    for its 5 folds, 3.6 s left), scores it in 1 s, and plans again at the speed whole folds ran: b
+    now fits (1 s) and is scored; without the correction it would have been trimmed (3 s)."""
+    clock = SimClock()
+    fams = {n: Sized(n, clock, screen=(sc, 0.6), whole=(sc, 0.2), small=20)
+            for n, sc in (("a", 0.9), ("b", 0.8), ("c", 0.5), ("d", 0.4))}
+    s = _sized_search(fams, 6.0)
+    assert s.rounds_[0]["n_candidates"] == 4
+    assert s.rounds_[1]["candidates"] == ["final/plain/standardize/a", "final/plain/standardize/b"]
+    assert s.rounds_[1]["complete"] and s.rounds_[1]["trimmed"] == [] and not s.clock_cut_
+    assert clock.t == pytest.approx(4 * 0.6 + 2 * 5 * 0.2)

@@ -72,6 +72,10 @@ def search_lines(search: Mapping[str, Any], headline: Mapping[str, Any]) -> list
     for rnd in search.get("rounds", []):
         trimmed = rnd.get("trimmed") or []
         folds = "1 fold" if rnd["n_folds"] == 1 else f"{rnd['n_folds']} folds"
+        sample = rnd.get("sample")
+        if isinstance(sample, dict):
+            folds += (f" (a stratified sample: {sample.get('fit_rows')} of its {sample.get('of_fit_rows')} fit rows, "
+                      f"{sample.get('held_out_rows')} of {sample.get('of_held_out_rows')} held out)")
         lines.append(f"  round {rnd['round'] + 1}: {rnd['n_candidates']} candidate(s) on {folds}"
                      + (f"; not promoted, as the budget left could not score them too: {', '.join(trimmed)}"
                         if trimmed else ""))

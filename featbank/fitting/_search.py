@@ -19,6 +19,11 @@ it has folds, else its family's ratio. So the
 plan follows the machine it runs on: on a quiet machine whose families run 3x faster than their
 estimates, 3x more is scored; on a busy one, less, and the budget still holds. The rounds are: the
 first fold of repeat 1; its other K - 1 folds; then one whole repeat per round (:func:`_rungs`).
+Where fold 1 has more than :data:`SCREEN_ROWS` fit rows, round 1 *screens*: it scores every candidate
+on a stratified sample of fold 1 (that many fit rows, at most that many held-out rows), and round 2
+scores the survivors on all K folds of repeat 1, fold 1 whole included; the sample's score is then
+set aside, so a mean is always over whole folds (successive halving over rows, then over folds, as
+scikit-learn's ``HalvingGridSearchCV`` with ``resource="n_samples"`` spends rows).
 
 1. Round 1: every candidate is scored on one fold while its prediction fits in the budget less
    the *reserve*: what the later rounds would take were it scored (the best :data:`KEEP`, at most
@@ -65,7 +70,8 @@ if TYPE_CHECKING:
     from ..heads import Block
 
 __all__ = ["AutoSearch", "Candidate", "Scored", "FeatureKey", "HeadFamilyLike", "parse_budget", "make_folds",
-           "DEFAULT_BUDGET", "DEFAULT_CV", "DEFAULT_REPEATS", "KEEP", "MAX_KEEP", "ROUND1_SHARE", "LATER_SHARE"]
+           "DEFAULT_BUDGET", "DEFAULT_CV", "DEFAULT_REPEATS", "KEEP", "MAX_KEEP", "ROUND1_SHARE", "LATER_SHARE",
+           "SCREEN_ROWS"]
 
 #: The default ``--budget``: ``fit`` spends it on the layer selection, loading and this search (not the refit).
 DEFAULT_BUDGET = "90s"
@@ -85,6 +91,12 @@ ROUND1_SHARE = 0.5
 #: no fold's measured time (with millisecond folds it took 15% of round 1), so a reserve of the folds'
 #: time alone could leave the later rounds nothing.
 LATER_SHARE = 0.1
+#: Round 1 screens on a stratified sample of fold 1 when its fit rows are more than this many (and
+#: its held-out rows, when more than this many): a kernel SVM's fold grows with the square of the rows
+#: or faster, and on Fashion-MNIST 10k (5,600 fit rows) one fold of every candidate took seconds, so
+#: 90 s scored 13 of 102 candidates. The later rounds score the survivors on whole folds, and a
+#: screening score never enters their means. Caches of up to 2,500 training images are never sampled.
+SCREEN_ROWS = 2000
 #: The smallest measured / estimated speed ratio the plan believes (a family timed at ~0 s).
 _MIN_RATIO = 1e-3
 
@@ -198,6 +210,10 @@ class Scored:
     estimate: float = 0.0
     kernel_estimate: float | None = None  # the Gram's part of ``estimate``; None: the family shares no kernel
     est_done: float = 0.0  # the estimated seconds of the folds timed so far (``seconds`` is what they took)
+    screen_scale: float = 1.0  # round 1's fold (a sample, see SCREEN_ROWS) against a whole fold, by the estimates
+    screen_seconds: float = 0.0  # the part of ``seconds`` and ``est_done`` on round 1's sample
+    screen_est: float = 0.0
+    screen_scores: np.ndarray | None = None  # round 1's scores on the sample (``scores`` drops them in round 2)
 
     @property
     def group(self) -> tuple[FeatureKey, str] | None:
@@ -253,6 +269,8 @@ class _Clock:
     t0: float = float("nan")
     est: dict[str, float] = field(default_factory=dict)
     real: dict[str, float] = field(default_factory=dict)
+    screen_est: dict[str, float] = field(default_factory=dict)  # the part of est / real on round 1's sample
+    screen_real: dict[str, float] = field(default_factory=dict)
     cut_by_clock: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -269,21 +287,43 @@ class _Clock:
         total = sum(self.est.values())
         return max(sum(self.real.values()) / total, _MIN_RATIO) if total > 0 else 1.0
 
-    def predict(self, s: Scored, n_folds: int, cv: int, saved: float = 0.0) -> float:
+    def predict(self, s: Scored, n_folds: int, cv: int, saved: float = 0.0, scale: float = 1.0) -> float:
         """Seconds ``s`` should take on ``n_folds`` more folds, whose estimated seconds are its estimate
-        per fold less ``saved`` (the shared Gram matrices already there): scaled by its own measured /
-        estimated ratio once it has folds, else by its family's."""
-        work = s.estimate / cv * n_folds - saved / cv
+        per fold less ``saved`` (the shared Gram matrices already there), times ``scale`` (round 1's
+        sampled fold): scaled by its own measured / estimated ratio once it has folds, else by its family's."""
+        work = (s.estimate / cv * n_folds - saved / cv) * scale
+        whole_s, whole_e = s.seconds - s.screen_seconds, s.est_done - s.screen_est
+        if scale == 1.0 and whole_s > 0 and whole_e > 0:
+            return work * whole_s / whole_e
         if s.scores.shape[1] and s.seconds > 0 and s.est_done > 0:
-            return work * s.seconds / s.est_done
+            # timed on round 1's sample alone: whole folds at that speed, corrected by how much faster or
+            # slower than the sample whole folds have run against their estimates so far
+            return work * s.seconds / s.est_done * (self.whole_factor(s.candidate.head) if scale == 1.0 else 1.0)
         return work * self.ratio(s.candidate.head)
+
+    def whole_factor(self, family: str) -> float:
+        """Measured / estimated seconds of whole folds over that of round 1's sample: of ``family`` where it
+        has both, else of every family together, else 1. (The estimates scale a fold by its fit rows
+        alone; a sample's held-out rows, and what a fold costs whatever its size, make it dearer than
+        its estimate says.)"""
+        for fams in ([family], list(self.est)):
+            se = sum(self.screen_est.get(f, 0.0) for f in fams)
+            sr = sum(self.screen_real.get(f, 0.0) for f in fams)
+            we = sum(self.est.get(f, 0.0) for f in fams) - se
+            wr = sum(self.real.get(f, 0.0) for f in fams) - sr
+            if se > 0 and sr > 0 and we > 0 and wr > 0:
+                return max((wr / we) / (sr / se), _MIN_RATIO)
+        return 1.0
 
     def fits(self, seconds: float, limit: float) -> bool:
         return self.elapsed + seconds <= limit
 
-    def record(self, family: str, estimate: float, seconds: float) -> None:
+    def record(self, family: str, estimate: float, seconds: float, screen: bool = False) -> None:
         self.est[family] = self.est.get(family, 0.0) + estimate
         self.real[family] = self.real.get(family, 0.0) + seconds
+        if screen:
+            self.screen_est[family] = self.screen_est.get(family, 0.0) + estimate
+            self.screen_real[family] = self.screen_real.get(family, 0.0) + seconds
 
     def calibration(self) -> dict[str, float]:
         """Measured / estimated seconds per family scored (the factor the plan applied to its estimates)."""
@@ -305,9 +345,13 @@ class AutoSearch:
         kernel_bytes: bound of the :class:`~featbank.heads.FoldKernels` the families with a
             ``kernel_cost`` (the SVMs, ``knn``) share one Gram matrix per (features, preprocessing,
             fold) through; 0 shares nothing.
+        screen_rows: round 1 scores on a stratified sample of this many of fold 1's fit rows (and at most
+            this many of its held-out rows) when it has more (:data:`SCREEN_ROWS`); ``None``: whole
+            folds. A lone candidate is never screened.
 
     Attributes (after :meth:`fit`):
         folds_: the folds of each repeat, over the rows (images) handed to ``fit``.
+        screen_: round 1's sampled ``(fit_rows, held_out_rows)``, or ``None`` (round 1 is fold 1 whole).
         scored_: every candidate that was scored, in leaderboard order.
         skipped_: candidates never scored, with the reason (``budget``: their predicted seconds did
             not fit; ``clock``: stopped part-way) and ``estimate_s`` / ``predicted_s``.
@@ -319,12 +363,14 @@ class AutoSearch:
 
     def __init__(self, candidates: Sequence[Candidate], families: Mapping[str, HeadFamilyLike], *,
                  cv: int = DEFAULT_CV, repeats: int = DEFAULT_REPEATS, budget_s: float = 90.0, seed: int = 0,
-                 device: str = "cpu", clock: Callable[[], float] = time.perf_counter, kernel_bytes: int | None = None):
+                 device: str = "cpu", clock: Callable[[], float] = time.perf_counter, kernel_bytes: int | None = None,
+                 screen_rows: int | None = SCREEN_ROWS):
         self.candidates = list(candidates)
         self.families = families
         self.cv, self.repeats, self.budget_s, self.seed, self.device = cv, repeats, budget_s, seed, device
         self.clock = clock
         self.kernel_bytes = kernel_bytes
+        self.screen_rows = screen_rows
 
     def fit(self, data: Mapping[FeatureKey, np.ndarray], y: np.ndarray,
             blocks: Mapping[FeatureKey, Sequence[Block]] | None = None) -> AutoSearch:
@@ -350,6 +396,8 @@ class AutoSearch:
         y = np.asarray(y)
         self.folds_ = make_folds(y, self.cv, self.repeats, self.seed)
         self.n_classes_ = int(y.max()) + 1
+        self.screen_ = self._screen_fold(y)
+        self.rungs_ = _rungs(self.cv, self.repeats)
         clock = _Clock(self.budget_s, self.clock)
         for key, key_blocks in blocks.items():
             if key in data:
@@ -358,17 +406,12 @@ class AutoSearch:
         self.skipped_: list[dict[str, Any]] = []
         self._leaders: list[Scored] = []  # round 1's best so far, at most MAX_KEEP (see _try)
         self.rounds_: list[dict[str, Any]] = []
-        self.rungs_ = _rungs(self.cv, self.repeats)
         alive = self._first_round(scored, data, y, clock)
         for r in range(1, len(self.rungs_)):
             keep = _keep(len(alive))
             if len(alive) <= 1 and r >= 2:  # a lone candidate still completes its first K folds
                 break
-            promoted = _ranked(alive, r, self.cv)[:keep]
-            todo = self._affordable(r, promoted, data, clock)
-            alive = self._round(r, todo, data, y, clock)
-            # the promoted that the budget left could not afford together (a prefix is kept, best first)
-            self.rounds_[-1]["trimmed"] = [_label(s.candidate) for s in promoted[len(todo):]]
+            alive = self._round(r, _ranked(alive, r, self.cv)[:keep], data, y, clock)
             if not alive:
                 break
         # A round the budget cut short ranks no one above the rest: only complete rounds count.
@@ -386,14 +429,45 @@ class AutoSearch:
         self.seconds_ = clock.elapsed
         return self
 
+    def _screen_fold(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Round 1's fold when it is sampled (see :data:`SCREEN_ROWS`): a stratified sample of fold 1's fit
+        rows and of its held-out rows, each at most ``screen_rows``; ``None`` when fold 1 is small enough,
+        or for a lone candidate (it is scored on whole folds anyway)."""
+        fit, held = self.folds_[0][0]
+        n = self.screen_rows
+        if not n or len(self.candidates) < 2 or len(fit) <= n:
+            return None
+        return _stratified_sample(fit, y, n, self.seed), _stratified_sample(held, y, n, self.seed + 1)
+
+    @property
+    def _fold0(self) -> tuple[np.ndarray, np.ndarray]:
+        """Round 1's fold: the sample when screening, else fold 1 of repeat 1."""
+        return self.folds_[0][0] if self.screen_ is None else self.screen_
+
+    def _round_folds(self, r: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The (fit, held-out) rows of each fold round ``r`` scores."""
+        repeat, idx = self.rungs_[r]
+        if r == 0:
+            return [self._fold0]
+        if r == 1 and self.screen_ is not None:  # fold 1 too: the screening sample's score is set aside
+            return [self.folds_[0][0], *(self.folds_[0][i] for i in idx)]
+        return [self.folds_[repeat][i] for i in idx]
+
+    def _n_round_folds(self, r: int) -> int:
+        return len(self._round_folds(r))
+
     def _prepare(self, cand: Candidate, X: np.ndarray) -> Scored:
         fam = self.families[cand.head]
         n_fit = int(round(X.shape[0] * (self.cv - 1) / self.cv))
         grid = fam.default_grid(n_fit, X.shape[1], self.n_classes_)
         est = float(fam.relative_cost(n_fit, X.shape[1], len(grid))) * self.cv
         k = _kernel_cost(fam, n_fit, X.shape[1])
+        scale = 1.0
+        if self.screen_ is not None and est > 0:
+            # one fold's cost at the sample's fit rows, with the grid of the whole fold it stands for
+            scale = min(1.0, float(fam.relative_cost(len(self.screen_[0]), X.shape[1], len(grid))) * self.cv / est)
         return Scored(cand, grid, np.zeros((len(grid), 0)), estimate=est,
-                      kernel_estimate=None if k is None else min(k * self.cv, est))
+                      kernel_estimate=None if k is None else min(k * self.cv, est), screen_scale=scale)
 
     def _saved(self, s: Scored, X: np.ndarray, fold: tuple[np.ndarray, np.ndarray]) -> float:
         """The estimated seconds (over all K folds, as ``estimate``) that the Gram matrices already shared
@@ -404,8 +478,7 @@ class AutoSearch:
 
     def _saved_in_round(self, s: Scored, data: Mapping[FeatureKey, np.ndarray], r: int) -> float:
         """:meth:`_saved` summed over round ``r``'s folds."""
-        repeat, idx = self.rungs_[r]
-        return sum(self._saved(s, data[s.candidate.key], self.folds_[repeat][i]) for i in idx)
+        return sum(self._saved(s, data[s.candidate.key], fold) for fold in self._round_folds(r))
 
     def _first_round(self, scored: list[Scored], data: Mapping[FeatureKey, np.ndarray], y: np.ndarray,
                      clock: _Clock) -> list[Scored]:
@@ -432,6 +505,10 @@ class AutoSearch:
         self._first_pass([(i, scored[i]) for i in late], done, data, y, clock)
         self.rounds_.append({"round": 0, "repeat": 0, "folds": [0], "n_candidates": len(done), "complete": True,
                              "n_folds": 1, "candidates": [_label(s.candidate) for s in done]})
+        if self.screen_ is not None:
+            fit, held = self.folds_[0][0]
+            self.rounds_[-1]["sample"] = {"fit_rows": len(self.screen_[0]), "of_fit_rows": len(fit),
+                                          "held_out_rows": len(self.screen_[1]), "of_held_out_rows": len(held)}
         return done
 
     def _main_round(self, scored: list[Scored], late: set[int], done: list[Scored],
@@ -474,7 +551,7 @@ class AutoSearch:
         Within a family the order by estimate is fixed (one ratio scales them all), so only the head of
         each family's queue competes, and the candidates whose Gram matrix a scored one has made.
         """
-        fold = self.folds_[0][0]
+        fold = self._fold0
         queues: dict[str, list[tuple[float, int, Scored]]] = {}
         for i, s in todo:
             queues.setdefault(s.candidate.head, []).append((s.estimate, i, s))
@@ -484,7 +561,7 @@ class AutoSearch:
 
         def predicted(e: tuple[float, int, Scored]) -> tuple[float, int]:
             s = e[2]
-            return clock.predict(s, 1, self.cv, self._saved(s, data[s.candidate.key], fold)), e[1]
+            return clock.predict(s, 1, self.cv, self._saved(s, data[s.candidate.key], fold), s.screen_scale), e[1]
 
         while ready or any(queues.values()):
             heads = [q[-1] for q in queues.values() if q]
@@ -505,7 +582,7 @@ class AutoSearch:
         rounds would need were it scored (:meth:`_reserve`, at most 1 - :data:`ROUND1_SHARE` of the
         budget); the first is always scored. Else it is skipped for budget. Returns whether it was scored."""
         X = data[s.candidate.key]
-        predicted = clock.predict(s, 1, self.cv, self._saved(s, X, self.folds_[0][0]))
+        predicted = clock.predict(s, 1, self.cv, self._saved(s, X, self._fold0), s.screen_scale)
         if done and not clock.fits(predicted + self._round1_reserve(len(done) + 1, clock), self.budget_s):
             self._skip(s, predicted)
             return False
@@ -520,8 +597,9 @@ class AutoSearch:
         return False
 
     def _skip(self, s: Scored, predicted: float) -> None:
+        """``predicted``: its seconds on round 1's fold; recorded as seconds for K whole folds, as ``estimate_s``."""
         self.skipped_.append({**s.candidate.describe(), "reason": "budget", "estimate_s": round(s.estimate, 3),
-                              "predicted_s": round(predicted * self.cv, 3)})
+                              "predicted_s": round(predicted / s.screen_scale * self.cv, 3)})
 
     def _round1_reserve(self, n: int, clock: _Clock) -> float:
         """:meth:`_reserve` after ``n`` candidates, at least :data:`LATER_SHARE` and at most
@@ -536,12 +614,12 @@ class AutoSearch:
         Each is recorded with its prediction as it stands (the Gram matrices already there taken off)."""
         if not rest:
             return False
-        cheapest = min(clock.predict(t, 1, self.cv, t.kernel_estimate or 0.0) for t in rest)
+        cheapest = min(clock.predict(t, 1, self.cv, t.kernel_estimate or 0.0, t.screen_scale) for t in rest)
         if clock.fits(cheapest + self._round1_reserve(n_done + 1, clock), self.budget_s):
             return False
-        fold = self.folds_[0][0]
+        fold = self._fold0
         for t in rest:
-            self._skip(t, clock.predict(t, 1, self.cv, self._saved(t, data[t.candidate.key], fold)))
+            self._skip(t, clock.predict(t, 1, self.cv, self._saved(t, data[t.candidate.key], fold), t.screen_scale))
         return True
 
     def _reserve(self, leaders: Sequence[Scored], n: int, clock: _Clock) -> float:
@@ -556,7 +634,7 @@ class AutoSearch:
             if alive <= 1 and r >= 2:
                 break
             alive = _keep(alive)
-            folds, paid = len(self.rungs_[r][1]), set()
+            folds, paid = self._n_round_folds(r), set()
             for s in top[:alive]:  # a Gram matrix is paid once per fold by its group
                 shared = s.group in paid and s.kernel_estimate is not None
                 total += clock.predict(s, folds, self.cv, s.kernel_estimate * folds if shared else 0.0)
@@ -566,43 +644,63 @@ class AutoSearch:
     def _affordable(self, r: int, todo: list[Scored], data: Mapping[FeatureKey, np.ndarray],
                     clock: _Clock) -> list[Scored]:
         """The longest prefix of ``todo`` (best first) whose predicted seconds on round ``r``'s folds fit in
-        what is left of the budget together (a Gram matrix counted once per fold for a group). A round
-        then completes, and ranks those it scored on its folds, instead of being cut short after the
-        first few and falling back to the round before (on ELPV 4-class: 1 fold). When not even the
-        first fits, all of ``todo``: :meth:`_round` then scores those that fit alone, as before, and
-        the round, cut short, ranks no one above the rest (:func:`_ranked`)."""
-        idx = self.rungs_[r][1]
+        what is left of the budget together (a Gram matrix counted once per fold for a group): empty
+        when not even the first fits. A round then completes, and ranks those it scored on its folds,
+        instead of being cut short after the first few and falling back to the round before (on ELPV
+        4-class: 1 fold)."""
+        n_folds = self._n_round_folds(r)
         total, paid, out = 0.0, set(), []
         for s in todo:
             saved = self._saved_in_round(s, data, r)
             if s.group in paid and s.kernel_estimate is not None:
-                saved = s.kernel_estimate * len(idx)
-            total += clock.predict(s, len(idx), self.cv, saved)
+                saved = s.kernel_estimate * n_folds
+            total += clock.predict(s, n_folds, self.cv, saved)
             if not clock.fits(total, self.budget_s):
                 break
             out.append(s)
             paid.add(s.group)
-        return out or todo
+        return out
 
-    def _round(self, r: int, todo: list[Scored], data: Mapping[FeatureKey, np.ndarray], y: np.ndarray,
+    def _round(self, r: int, promoted: list[Scored], data: Mapping[FeatureKey, np.ndarray], y: np.ndarray,
                clock: _Clock) -> list[Scored]:
-        """The promoted candidates on round ``r``'s folds, each while its predicted seconds fit the budget."""
-        done = []
+        """The promoted candidates (best first) on round ``r``'s folds: those the budget left affords
+        together (:meth:`_affordable`), planned again once they are done, at the speed this round's
+        folds ran (after a sampled round 1, the first whole folds correct its speeds); the rest are
+        *trimmed*. When not even the first is predicted to fit, each is tried alone, and the round,
+        cut short, ranks no one above the rest (:func:`_ranked`)."""
+        done: list[Scored] = []
         repeat, idx = self.rungs_[r]
-        for s in todo:
-            name = _label(s.candidate)
-            if not clock.fits(clock.predict(s, len(idx), self.cv, self._saved_in_round(s, data, r)), self.budget_s):
-                clock.cut_by_clock.append(f"round {r + 1}: {name}")
-                continue
-            if self._score(s, r, data[s.candidate.key], y, clock):
-                done.append(s)
-            else:
-                clock.cut_by_clock.append(f"round {r + 1}: {name} (stopped after a fold)")
-        n_folds = sum(len(i) for _, i in self.rungs_[:r + 1])
-        self.rounds_.append({"round": r, "repeat": repeat, "folds": list(idx), "n_candidates": len(done),
-                             "complete": len(done) == len(todo), "n_folds": n_folds,
-                             "candidates": [_label(s.candidate) for s in done]})
+        n_folds = self._n_round_folds(r)
+        todo = self._affordable(r, promoted, data, clock)
+        alone = not todo
+        todo = list(promoted) if alone else todo
+        i = 0
+        while i < len(todo):
+            s = todo[i]
+            i += 1
+            scored = self._score_in_round(s, r, n_folds, data, y, clock, done)
+            if scored and i == len(todo) and not alone:  # all it planned for: plan the rest at the speed measured
+                todo += self._affordable(r, promoted[len(todo):], data, clock)
+        self.rounds_.append({"round": r, "repeat": repeat, "folds": [0, *idx] if r == 1 and self.screen_ is not None
+                             else list(idx), "n_candidates": len(done), "complete": len(done) == len(todo),
+                             "n_folds": _folds_through(r + 1, self.cv), "candidates": [_label(t.candidate) for t in done],
+                             # the promoted that the budget left could not afford (a prefix is kept, best first)
+                             "trimmed": [_label(t.candidate) for t in promoted[len(todo):]]})
         return done
+
+    def _score_in_round(self, s: Scored, r: int, n_folds: int, data: Mapping[FeatureKey, np.ndarray], y: np.ndarray,
+                        clock: _Clock, done: list[Scored]) -> bool:
+        """Score ``s`` on round ``r``'s folds if its predicted seconds fit in the budget (appended to ``done``);
+        else, or when the clock stops it part-way, it is named in ``cut_by_clock``. Returns whether scored."""
+        name = _label(s.candidate)
+        if not clock.fits(clock.predict(s, n_folds, self.cv, self._saved_in_round(s, data, r)), self.budget_s):
+            clock.cut_by_clock.append(f"round {r + 1}: {name}")
+            return False
+        if self._score(s, r, data[s.candidate.key], y, clock):
+            done.append(s)
+            return True
+        clock.cut_by_clock.append(f"round {r + 1}: {name} (stopped after a fold)")
+        return False
 
     def _score(self, s: Scored, r: int, X: np.ndarray, y: np.ndarray, clock: _Clock) -> bool:
         """Score ``s`` on the folds of round ``r``, one fold per call so the clock is checked between folds.
@@ -611,14 +709,15 @@ class AutoSearch:
         this round's folds so far, would end past the budget.
         """
         fam = self.families[s.candidate.head]
-        repeat, idx = self.rungs_[r]
         shared = {"kernels": self._kernels} if s.kernel_estimate is not None else {}
+        screen = r == 0 and self.screen_ is not None
+        scale = s.screen_scale if screen else 1.0
         cols, seconds, estimated = [], 0.0, 0.0
-        for j, fold in enumerate(self.folds_[repeat][i] for i in idx):
+        for j, fold in enumerate(self._round_folds(r)):
             if j and not clock.fits(seconds / j, self.budget_s):
-                clock.record(s.candidate.head, estimated, seconds)
+                clock.record(s.candidate.head, estimated, seconds, screen)
                 return False
-            estimated += (s.estimate - self._saved(s, X, fold)) / self.cv
+            estimated += (s.estimate - self._saved(s, X, fold)) / self.cv * scale
             t0 = clock.now()
             sc = np.asarray(fam.cv_scores(X, y, [fold], s.grid, preprocess=s.candidate.preprocess,
                                           device=self.device, **shared), dtype=np.float64)
@@ -626,11 +725,19 @@ class AutoSearch:
             if sc.shape != (len(s.grid), 1) or not np.isfinite(sc).all():
                 raise RuntimeError(f"internal error: family {fam.name!r} returned scores of shape {sc.shape}")
             cols.append(sc)
-        s.scores = np.concatenate([s.scores, *cols], axis=1)
+        # Round 2 after a sampled round 1 scores fold 1 whole: the sample's score is set aside, so every
+        # mean is over whole folds (and a candidate's folds are those of _folds_through).
+        kept = s.scores[:, :0] if r == 1 and self.screen_ is not None else s.scores
+        s.scores = np.concatenate([kept, *cols], axis=1)
+        if screen:
+            s.screen_scores = s.scores
         s.seconds += seconds
         s.rounds = r + 1
         s.est_done += estimated
-        clock.record(s.candidate.head, estimated, seconds)
+        if screen:
+            s.screen_seconds += seconds
+            s.screen_est += estimated
+        clock.record(s.candidate.head, estimated, seconds, screen)
         return True
 
     def leaderboard(self) -> list[dict[str, Any]]:
@@ -650,6 +757,21 @@ class AutoSearch:
 def _rungs(k: int, repeats: int) -> list[tuple[int, list[int]]]:
     """(repeat, fold indices) of each round: fold 1 of repeat 1, its other K - 1 folds, then a whole repeat each."""
     return [(0, [0]), (0, list(range(1, k)))] + [(r, list(range(k))) for r in range(1, repeats)]
+
+
+def _stratified_sample(rows: np.ndarray, y: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """``rows`` if at most ``n``, else about ``n`` of them (sorted), each class in proportion and at least
+    one of each class ``rows`` hold (so round 1's sample sees every class)."""
+    if len(rows) <= n:
+        return rows
+    rng = np.random.default_rng(seed)
+    labels = y[rows]
+    out = []
+    for c in np.unique(labels):
+        members = rows[labels == c]
+        take = max(1, int(round(len(members) * n / len(rows))))
+        out.append(rng.choice(members, size=min(take, len(members)), replace=False))
+    return np.sort(np.concatenate(out))
 
 
 def _keep(n: int) -> int:
@@ -695,7 +817,8 @@ def _ranked(scored: Sequence[Scored], complete: int, cv: int) -> list[Scored]:
     folds, not on its longer mean; ties: the lower spread, then the cheaper estimate."""
     def key(s: Scored) -> tuple[float, ...]:
         tier = min(s.rounds, complete)
-        common = s.scores[:, :_folds_through(tier, cv)]
+        # round 1 after a sampled fold: every candidate on the sample (a survivor's scores are now whole folds)
+        common = s.screen_scores if tier <= 1 and s.screen_scores is not None else s.scores[:, :_folds_through(tier, cv)]
         return (-tier, -round(float(common.mean(axis=1).max()), 12), round(s.cv_std, 12), s.estimate)
 
     return sorted(scored, key=key)
