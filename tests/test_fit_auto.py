@@ -863,8 +863,9 @@ def _screening_problem():
 
 def test_round_one_screens_on_a_stratified_sample_of_a_large_fold_and_later_means_are_over_whole_folds() -> None:
     """Fold 1 with more fit rows than ``screen_rows``: round 1 scores every candidate on a stratified
-    sample of it (every class, in proportion); round 2 scores the survivors on all K folds, fold 1
-    whole included, and their means are those of the whole folds alone (the sample's score set aside)."""
+    sample of it (every class, in proportion); round 2 scores the survivors on fold 1 whole, round 3
+    on the other K - 1 folds, and their means are those of the whole folds alone (the sample's score
+    set aside)."""
     X, y, fams, cands = _screening_problem()
     data = {(("final",), "plain"): X}
     s = AutoSearch(cands, fams, cv=3, repeats=2, budget_s=600.0, seed=3, screen_rows=60).fit(data, y)
@@ -876,17 +877,19 @@ def test_round_one_screens_on_a_stratified_sample_of_a_large_fold_and_later_mean
     for rows, whole in ((sfit, fit0), (sheld, held0)):  # stratified: each class in proportion, none missing
         share = np.bincount(y[rows], minlength=4) / len(rows)
         assert np.abs(share - np.bincount(y[whole], minlength=4) / len(whole)).max() < 0.02
-    # round 1 handed every candidate the sample; round 2 the K whole folds of repeat 1
+    # round 1 handed every candidate the sample; round 2 fold 1 whole; round 3 the others of repeat 1
     assert s.rounds_[0]["n_candidates"] == len(cands)
     for fam in fams.values():
         first = fam.seen[0][1]
         assert len(first) == 1 and np.array_equal(first[0][0], sfit) and np.array_equal(first[0][1], sheld)
-    assert s.rounds_[1]["folds"] == [0, 1, 2] and s.rounds_[1]["n_folds"] == 3 and s.rounds_[2]["n_folds"] == 6
+    # (7 candidates: 3 go on to round 2, 1 to round 3, which completes repeat 1 and ends the search)
+    assert [(r["repeat"], r["folds"], r["n_folds"], r["n_candidates"]) for r in s.rounds_] == [
+        (0, [0], 1, 7), (0, [0], 1, 3), (0, [1, 2], 3, 1)]
     later = [t for t in s.scored_ if t.rounds >= 2]
-    assert later and all(t.scores.shape[1] == 3 * (t.rounds - 1) for t in later)
+    assert all(t.scores.shape[1] == {2: 1, 3: 3}[t.rounds] for t in later) and len(later) == 3
     for t in later:  # the scores of the whole folds, and nothing else
         fam = fams[t.candidate.head].family
-        folds = [f for r in range(t.rounds - 1) for f in s.folds_[r]]
+        folds = [s.folds_[0][0]] if t.rounds == 2 else [f for r in range(t.rounds - 2) for f in s.folds_[r]]
         want = fam.cv_scores(X, y, folds, t.grid, preprocess=t.candidate.preprocess)
         np.testing.assert_allclose(t.scores, want, rtol=1e-9, atol=1e-12)
     board = s.leaderboard()
@@ -944,31 +947,54 @@ def _sized_search(fams, budget_s):
 
 
 def test_a_round_cut_short_after_a_sampled_round_one_ranks_everyone_on_the_sample() -> None:
-    """b leads on the sample but cannot afford round 2; a is scored on it alone (0.95 on whole folds),
-    so round 2 is cut short: the ranking falls back to round 1, on the sample for every candidate
-    (b's 0.85 over a's 0.80), not a's whole fold 1 against the others' sample."""
+    """b leads on the sample but cannot afford round 2 (fold 1 whole); a is scored on it alone (0.95 on
+    whole folds, and goes on to the other folds), so round 2 is cut short: the ranking falls back to
+    round 1, on the sample for every candidate (b's 0.85 over a's 0.80), not a's whole folds against
+    the others' sample."""
     clock = SimClock()
     fams = {"a": Sized("a", clock, screen=(0.80, 0.1), whole=(0.95, 0.1), small=20, estimate=0.1),
             "b": Sized("b", clock, screen=(0.85, 1.0), whole=(0.99, 1.0), small=20, estimate=1.0),
             "c": Sized("c", clock, screen=(0.50, 0.1), whole=(0.50, 0.1), small=20, estimate=0.1),
             "d": Sized("d", clock, screen=(0.40, 0.1), whole=(0.40, 0.1), small=20, estimate=0.1)}
-    s = _sized_search(fams, 4.0)
+    s = _sized_search(fams, 2.0)
     assert s.rounds_[0]["n_candidates"] == 4 and s.rounds_[1]["candidates"] == ["final/plain/standardize/a"]
     assert not s.rounds_[1]["complete"] and s.clock_cut_ == ["round 2: final/plain/standardize/b"]
     assert [t.candidate.head for t in s.scored_] == ["b", "a", "c", "d"]
     a = s.leaderboard()[1]
-    assert a["n_folds"] == 5 and a["rounds"] == 2 and a["cv_mean"] == pytest.approx(0.95)  # its whole folds
+    assert a["n_folds"] == 5 and a["rounds"] == 3 and a["cv_mean"] == pytest.approx(0.95)  # its whole folds
 
 
-def test_after_a_sampled_round_one_the_first_whole_folds_correct_the_plan() -> None:
-    """The sample ran at 0.6 of its estimate, whole folds at 0.2: round 2 plans a alone (3 s predicted
-    for its 5 folds, 3.6 s left), scores it in 1 s, and plans again at the speed whole folds ran: b
-    now fits (1 s) and is scored; without the correction it would have been trimmed (3 s)."""
+def test_whole_folds_correct_the_speed_measured_on_round_ones_sample() -> None:
+    """A candidate timed on the sample alone is predicted on whole folds at its own speed times how much
+    faster whole folds ran against their estimates than the sample did (its family's, else everyone's)."""
+    from featbank.fitting._search import _Clock
+
+    clock = _Clock(100.0, SimClock())
+    a = Scored(Candidate("final", ("final",), "plain", "standardize", "svm-rbf"), [{}], np.zeros((1, 1)),
+               seconds=0.6, estimate=5.0, est_done=1.0, screen_seconds=0.6, screen_est=1.0, screen_scale=0.2)
+    assert clock.predict(a, 5, 5) == pytest.approx(5.0 * 0.6)  # nothing whole timed yet: the sample's speed
+    assert clock.predict(a, 1, 5, scale=0.2) == pytest.approx(0.2 * 0.6)
+    clock.record("svm-rbf", 1.0, 0.6, screen=True)
+    clock.record("knn", 2.0, 0.4, screen=True)
+    clock.record("knn", 10.0, 1.0)  # knn's whole folds: 0.1 of their estimate, against 0.2 on the sample
+    assert clock.whole_factor("svm-rbf") == pytest.approx((1.0 / 10.0) / (1.0 / 3.0))  # everyone's, for now
+    clock.record("svm-rbf", 5.0, 1.0)  # svm-rbf's whole folds: 0.2 of their estimate, against 0.6
+    assert clock.whole_factor("svm-rbf") == pytest.approx(1 / 3) and clock.whole_factor("knn") == pytest.approx(0.5)
+    assert clock.predict(a, 5, 5) == pytest.approx(5.0 * 0.6 / 3)
+    a.seconds, a.est_done = 1.6, 6.0  # once it has whole folds of its own, their speed
+    assert clock.predict(a, 5, 5) == pytest.approx(5.0 * 1.0 / 5.0)
+
+
+def test_a_later_round_plans_again_after_the_candidates_it_could_afford() -> None:
+    """Round 2 (6 folds) affords the best alone (3 s predicted each, 5 s left); it runs in 1 s, so once it
+    is done the next is planned again with the 4 s left, fits and is scored: the round completes with
+    both and trims no one."""
     clock = SimClock()
-    fams = {n: Sized(n, clock, screen=(sc, 0.6), whole=(sc, 0.2), small=20)
-            for n, sc in (("a", 0.9), ("b", 0.8), ("c", 0.5), ("d", 0.4))}
-    s = _sized_search(fams, 6.0)
-    assert s.rounds_[0]["n_candidates"] == 4
+    fams = {n: Fixed(n, sc, 0.5, clock, estimate=1.0) for n, sc in (("a", 0.9), ("b", 0.8), ("c", 0.5), ("d", 0.4))}
+    for f in fams.values():
+        f.later = 1 / 6
+    s = _fixed_search(fams, clock, cv=7, repeats=1, budget_s=7.0)
+    assert [(r["n_candidates"], r["complete"]) for r in s.rounds_] == [(4, True), (2, True)]
     assert s.rounds_[1]["candidates"] == ["final/plain/standardize/a", "final/plain/standardize/b"]
-    assert s.rounds_[1]["complete"] and s.rounds_[1]["trimmed"] == [] and not s.clock_cut_
-    assert clock.t == pytest.approx(4 * 0.6 + 2 * 5 * 0.2)
+    assert s.rounds_[1]["trimmed"] == [] and s.clock_cut_ == []
+    assert clock.t == pytest.approx(4 * 0.5 + 2 * 1.0)

@@ -20,10 +20,11 @@ plan follows the machine it runs on: on a quiet machine whose families run 3x fa
 estimates, 3x more is scored; on a busy one, less, and the budget still holds. The rounds are: the
 first fold of repeat 1; its other K - 1 folds; then one whole repeat per round (:func:`_rungs`).
 Where fold 1 has more than :data:`SCREEN_ROWS` fit rows, round 1 *screens*: it scores every candidate
-on a stratified sample of fold 1 (that many fit rows, at most that many held-out rows), and round 2
-scores the survivors on all K folds of repeat 1, fold 1 whole included; the sample's score is then
-set aside, so a mean is always over whole folds (successive halving over rows, then over folds, as
-scikit-learn's ``HalvingGridSearchCV`` with ``resource="n_samples"`` spends rows).
+on a stratified sample of fold 1 (that many fit rows, at most that many held-out rows), round 2
+scores the survivors on fold 1 whole, round 3 on its other K - 1 folds, and so on; the sample's
+score is set aside from round 2 on, so a mean is always over whole folds (successive halving over
+rows, then over folds, as scikit-learn's ``HalvingGridSearchCV`` with ``resource="n_samples"``
+spends rows).
 
 1. Round 1: every candidate is scored on one fold while its prediction fits in the budget less
    the *reserve*: what the later rounds would take were it scored (the best :data:`KEEP`, at most
@@ -38,14 +39,15 @@ scikit-learn's ``HalvingGridSearchCV`` with ``resource="n_samples"`` spends rows
    families that run when the budget allows (the MLP), cheapest first.
 2. Each later round scores the best :data:`KEEP` fraction of the previous round's candidates (at
    least one, at most :data:`MAX_KEEP`, and no more of them, best first, than are predicted to fit
-   in what is left of the budget together) on its folds, each while its predicted seconds fit in
-   what is left of the budget; the
+   in what is left of the budget together, planned again at the round's measured speed once those
+   are done) on its folds, each while its predicted seconds fit in what is left of the budget; the
    clock is also checked between a candidate's folds (a candidate stopped part-way keeps none of
    that round's folds). Once a single candidate is left and it has all K folds of the first
    repeat, the search ends.
 3. A candidate's score is the best mean over its grid of its folds so far; the leaderboard ranks by
    the last round reached (counting only rounds that scored all their candidates: a round the
-   budget cut short promotes no one), then that score.
+   budget cut short promotes no one), then that score (on round 1's sample, for everyone, where
+   round 1 screened and round 2 was cut short).
 
 Reproducibility: the folds, the grids and the ranking are fixed by the seed; *which* candidates fit
 the budget depends on the measured speed. When the budget does not bind (every candidate is scored
@@ -397,7 +399,8 @@ class AutoSearch:
         self.folds_ = make_folds(y, self.cv, self.repeats, self.seed)
         self.n_classes_ = int(y.max()) + 1
         self.screen_ = self._screen_fold(y)
-        self.rungs_ = _rungs(self.cv, self.repeats)
+        self._sampled = self.screen_ is not None
+        self.rungs_ = _rungs(self.cv, self.repeats, self._sampled)
         clock = _Clock(self.budget_s, self.clock)
         for key, key_blocks in blocks.items():
             if key in data:
@@ -409,14 +412,14 @@ class AutoSearch:
         alive = self._first_round(scored, data, y, clock)
         for r in range(1, len(self.rungs_)):
             keep = _keep(len(alive))
-            if len(alive) <= 1 and r >= 2:  # a lone candidate still completes its first K folds
+            if len(alive) <= 1 and r >= 2 + self._sampled:  # a lone candidate still completes its first K folds
                 break
-            alive = self._round(r, _ranked(alive, r, self.cv)[:keep], data, y, clock)
+            alive = self._round(r, _ranked(alive, r, self.cv, self._sampled)[:keep], data, y, clock)
             if not alive:
                 break
         # A round the budget cut short ranks no one above the rest: only complete rounds count.
         complete = next((i for i, r in enumerate(self.rounds_) if not r["complete"]), len(self.rounds_))
-        self.scored_ = _ranked([s for s in scored if s.rounds > 0], max(1, complete), self.cv)
+        self.scored_ = _ranked([s for s in scored if s.rounds > 0], max(1, complete), self.cv, self._sampled)
         if not self.scored_:
             raise ConfigError(
                 f"--budget {self.budget_s:g}s is too short to score any candidate on {self.cv} folds (the cheapest "
@@ -447,11 +450,7 @@ class AutoSearch:
     def _round_folds(self, r: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """The (fit, held-out) rows of each fold round ``r`` scores."""
         repeat, idx = self.rungs_[r]
-        if r == 0:
-            return [self._fold0]
-        if r == 1 and self.screen_ is not None:  # fold 1 too: the screening sample's score is set aside
-            return [self.folds_[0][0], *(self.folds_[0][i] for i in idx)]
-        return [self.folds_[repeat][i] for i in idx]
+        return [self._fold0] if r == 0 else [self.folds_[repeat][i] for i in idx]
 
     def _n_round_folds(self, r: int) -> int:
         return len(self._round_folds(r))
@@ -631,7 +630,7 @@ class AutoSearch:
         top = list(leaders)
         total, alive = 0.0, n
         for r in range(1, len(self.rungs_)):
-            if alive <= 1 and r >= 2:
+            if alive <= 1 and r >= 2 + self._sampled:
                 break
             alive = _keep(alive)
             folds, paid = self._n_round_folds(r), set()
@@ -681,9 +680,9 @@ class AutoSearch:
             scored = self._score_in_round(s, r, n_folds, data, y, clock, done)
             if scored and i == len(todo) and not alone:  # all it planned for: plan the rest at the speed measured
                 todo += self._affordable(r, promoted[len(todo):], data, clock)
-        self.rounds_.append({"round": r, "repeat": repeat, "folds": [0, *idx] if r == 1 and self.screen_ is not None
-                             else list(idx), "n_candidates": len(done), "complete": len(done) == len(todo),
-                             "n_folds": _folds_through(r + 1, self.cv), "candidates": [_label(t.candidate) for t in done],
+        self.rounds_.append({"round": r, "repeat": repeat, "folds": list(idx), "n_candidates": len(done),
+                             "complete": len(done) == len(todo), "n_folds": _folds_through(r + 1, self.cv, self._sampled),
+                             "candidates": [_label(t.candidate) for t in done],
                              # the promoted that the budget left could not afford (a prefix is kept, best first)
                              "trimmed": [_label(t.candidate) for t in promoted[len(todo):]]})
         return done
@@ -725,9 +724,9 @@ class AutoSearch:
             if sc.shape != (len(s.grid), 1) or not np.isfinite(sc).all():
                 raise RuntimeError(f"internal error: family {fam.name!r} returned scores of shape {sc.shape}")
             cols.append(sc)
-        # Round 2 after a sampled round 1 scores fold 1 whole: the sample's score is set aside, so every
-        # mean is over whole folds (and a candidate's folds are those of _folds_through).
-        kept = s.scores[:, :0] if r == 1 and self.screen_ is not None else s.scores
+        # Round 2 after a sampled round 1 scores fold 1 whole: the sample's score is set aside (kept in
+        # screen_scores), so every later mean is over whole folds (those of _folds_through).
+        kept = s.scores[:, :0] if r == 1 and self._sampled else s.scores
         s.scores = np.concatenate([kept, *cols], axis=1)
         if screen:
             s.screen_scores = s.scores
@@ -754,9 +753,10 @@ class AutoSearch:
                 "calibration": self.calibration_, "kernels": self.kernels_}
 
 
-def _rungs(k: int, repeats: int) -> list[tuple[int, list[int]]]:
-    """(repeat, fold indices) of each round: fold 1 of repeat 1, its other K - 1 folds, then a whole repeat each."""
-    return [(0, [0]), (0, list(range(1, k)))] + [(r, list(range(k))) for r in range(1, repeats)]
+def _rungs(k: int, repeats: int, sampled: bool = False) -> list[tuple[int, list[int]]]:
+    """(repeat, fold indices) of each round: fold 1 of repeat 1, its other K - 1 folds, then a whole repeat
+    each; ``sampled``: round 1 on a sample of fold 1 before them (:data:`SCREEN_ROWS`)."""
+    return [(0, [0])] * (1 + sampled) + [(0, list(range(1, k)))] + [(r, list(range(k))) for r in range(1, repeats)]
 
 
 def _stratified_sample(rows: np.ndarray, y: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -811,21 +811,24 @@ class _Promise:
                 -self.pre.get((*pair, c.preprocess), -1.0), s.estimate, self.index[id(s)])
 
 
-def _ranked(scored: Sequence[Scored], complete: int, cv: int) -> list[Scored]:
+def _ranked(scored: Sequence[Scored], complete: int, cv: int, sampled: bool = False) -> list[Scored]:
     """Later rounds first (up to the last complete one); within a round, the best CV mean on the folds
     every candidate of that round has, so a candidate scored on more folds is compared on the same
     folds, not on its longer mean; ties: the lower spread, then the cheaper estimate."""
     def key(s: Scored) -> tuple[float, ...]:
         tier = min(s.rounds, complete)
         # round 1 after a sampled fold: every candidate on the sample (a survivor's scores are now whole folds)
-        common = s.screen_scores if tier <= 1 and s.screen_scores is not None else s.scores[:, :_folds_through(tier, cv)]
+        common = (s.screen_scores if tier <= 1 and s.screen_scores is not None
+                  else s.scores[:, :_folds_through(tier, cv, sampled)])
         return (-tier, -round(float(common.mean(axis=1).max()), 12), round(s.cv_std, 12), s.estimate)
 
     return sorted(scored, key=key)
 
 
-def _folds_through(rounds: int, cv: int) -> int:
-    """Folds a candidate has by the end of round ``rounds`` (see :func:`_rungs`): 1, then K, then K more a round."""
+def _folds_through(rounds: int, cv: int, sampled: bool = False) -> int:
+    """Folds a candidate has by the end of round ``rounds`` (see :func:`_rungs`): 1, then K, then K more a
+    round; ``sampled``: 1 (the sample), 1 (fold 1 whole, the sample set aside), then K, then K more a round."""
+    rounds -= sampled
     return 1 if rounds <= 1 else cv * (rounds - 1)
 
 
