@@ -203,6 +203,7 @@ def test_a_cv_bundle_whose_cache_is_gone_asks_for_check_images(layered, tmp_path
     (lambda m: m["search"]["leaderboard"].__setitem__(0, "row"), "leaderboard"),
     (lambda m: m["search"].update(cv=1), "cv"),
     (lambda m: m["search"]["leaderboard"][0].update(params=[1, 2]), "params"),
+    (lambda m: m["search"]["leaderboard"][0].update(sample="yes"), "sample"),
 ])
 def test_a_leaderboard_that_lies_is_refused_on_load(auto_bundle, tmp_path, edit, field) -> None:
     out, _ = auto_bundle
@@ -872,7 +873,7 @@ def test_round_one_screens_on_a_stratified_sample_of_a_large_fold_and_later_mean
     (fit0, held0), (sfit, sheld) = s.folds_[0][0], s.screen_
     assert s.rounds_[0]["sample"] == {"fit_rows": len(sfit), "of_fit_rows": 200,
                                       "held_out_rows": len(sheld), "of_held_out_rows": 100}
-    assert abs(len(sfit) - 60) <= 2 and abs(len(sheld) - 60) <= 2
+    assert len(sfit) == 60 and len(sheld) == 60
     assert np.isin(sfit, fit0).all() and np.isin(sheld, held0).all()
     for rows, whole in ((sfit, fit0), (sheld, held0)):  # stratified: each class in proportion, none missing
         share = np.bincount(y[rows], minlength=4) / len(rows)
@@ -894,7 +895,10 @@ def test_round_one_screens_on_a_stratified_sample_of_a_large_fold_and_later_mean
         np.testing.assert_allclose(t.scores, want, rtol=1e-9, atol=1e-12)
     board = s.leaderboard()
     assert [r["n_folds"] for r in board] == [t.scores.shape[1] for t in s.scored_]
-    assert all(r["n_folds"] == 1 for r in board if r["rounds"] == 1)
+    assert all(r["n_folds"] == 1 and r["sample"] is True for r in board if r["rounds"] == 1)
+    assert not any("sample" in r for r in board if r["rounds"] > 1)
+    # every fold scored counts, the sample's included (a survivor's sample column is set aside, not unscored)
+    assert s.report()["n_fold_fits"] == len(cands) + sum(r["n_folds"] for r in board if r["rounds"] > 1)
 
 
 def test_small_folds_and_a_lone_candidate_are_never_screened() -> None:
@@ -998,3 +1002,69 @@ def test_a_later_round_plans_again_after_the_candidates_it_could_afford() -> Non
     assert s.rounds_[1]["candidates"] == ["final/plain/standardize/a", "final/plain/standardize/b"]
     assert s.rounds_[1]["trimmed"] == [] and s.clock_cut_ == []
     assert clock.t == pytest.approx(4 * 0.5 + 2 * 1.0)
+
+
+@pytest.mark.parametrize("counts, n, want", [
+    ([120, 90, 60, 30], 60, [24, 18, 12, 6]),
+    ([10] * 201, 2000, None),  # exactly n, each class 9 or 10
+    ([500, 3, 2], 100, None),  # exactly n, the small classes kept
+    ([5] * 40, 30, [1] * 40),  # fewer rows than classes: one of each, more than n
+])
+def test_the_sample_is_stratified_and_of_its_size(counts, n, want) -> None:
+    from featbank.fitting._search import _stratified_sample
+
+    y = np.repeat(np.arange(len(counts)), counts)
+    rows = np.arange(len(y))
+    got = _stratified_sample(rows, y, n, 0)
+    per = np.bincount(y[got], minlength=len(counts))
+    assert len(np.unique(got)) == len(got) and (per >= 1).all() and (per <= counts).all()
+    if want is not None:
+        assert per.tolist() == want
+    else:
+        assert len(got) == n and np.abs(per - np.asarray(counts) * n / len(y)).max() < 2  # one each pushes it over by <1
+    assert np.array_equal(_stratified_sample(rows, y, len(y), 0), rows)
+
+
+def test_a_fold_under_twice_the_sample_is_not_sampled_and_knn_grids_fit_the_sample() -> None:
+    X, y, fams, cands = _screening_problem()  # fold 1: 200 fit rows
+    data = {(("final",), "plain"): X}
+    assert AutoSearch(cands, fams, cv=3, repeats=1, budget_s=600.0, screen_rows=101).fit(data, y).screen_ is None
+    s = AutoSearch(cands, fams, cv=3, repeats=1, budget_s=600.0, screen_rows=30).fit(data, y)
+    assert len(s.screen_[0]) == 30
+    knn = [t for t in s.scored_ if t.candidate.head == "knn"]
+    assert knn and all(max(p["k"] for p in t.grid) <= 15 for t in knn)  # k <= rows / 2 of the sample
+
+
+class TwoSpeed(Fixed):
+    """A ``Fixed`` family whose first fold scores ``score`` in ``cost`` s and every later fold ``later_score``
+    in ``later`` s."""
+
+    def __init__(self, name, clock, score, later_score, cost, later):
+        super().__init__(name, score, cost, clock, estimate=cost)
+        self.later, self.later_score = later, later_score
+
+    def cv_scores(self, X, y, folds, grid, **kw):
+        out = []
+        for _ in folds:
+            out.append(self.score if self.folds == 0 else self.later_score)
+            self.clock.t += self.later if self.folds else self.cost
+            self.folds += 1
+        return np.tile(np.asarray(out, dtype=np.float64), (len(grid), 1))
+
+
+def test_one_the_plan_added_and_the_clock_stopped_is_trimmed_not_a_cut_round() -> None:
+    """Round 2 plans a and b, which run fast, so it plans again and adds c, whose folds are slow: the clock
+    stops c part-way. The round still completes with a and b (c trimmed), and b, best on 5 folds, wins;
+    it is not thrown back to round 1's one fold (where a led)."""
+    clock = SimClock()
+    fams = {"a": TwoSpeed("a", clock, 0.9, 0.6, 1.0, 0.25), "b": TwoSpeed("b", clock, 0.85, 0.95, 1.0, 0.25),
+            "c": TwoSpeed("c", clock, 0.8, 0.5, 1.0, 3.0)}
+    fams.update({f"x{i}": TwoSpeed(f"x{i}", clock, 0.5, 0.5, 0.1, 0.1) for i in range(4)})
+    cands = [Candidate("final", ("final",), "plain", "standardize", h) for h in fams]
+    s = AutoSearch(cands, fams, cv=5, repeats=1, budget_s=13.4, clock=clock).fit(
+        {(("final",), "plain"): np.zeros((60, 2), np.float32)}, np.repeat(np.arange(2), 30))
+    r2 = s.rounds_[1]
+    assert r2["complete"] and r2["candidates"] == ["final/plain/standardize/a", "final/plain/standardize/b"]
+    assert r2["trimmed"] == ["final/plain/standardize/c"]
+    assert s.clock_cut_ == ["round 2: final/plain/standardize/c (stopped after a fold)"]
+    assert [t.candidate.head for t in s.scored_[:3]] == ["b", "a", "c"]

@@ -248,6 +248,8 @@ def _check_row(r: _Reader, row: Any, i: int) -> None:
     r.positive_int(row, "n_folds", p)
     if row.get("n_folds") is None:
         raise r.fail(p + "n_folds", "a positive integer", None)
+    if "sample" in row and row["sample"] is not True:  # scored on round 1's sample of fold 1 alone
+        raise r.fail(p + "sample", "true or absent", row["sample"])
 
 
 def _check_search(r: _Reader, m: Manifest) -> None:

@@ -401,7 +401,8 @@ def search_result(found: dict[str, Any], spec: HeadSpec, settings: SearchSetting
 
     winner, report, metrics = found["winner"], found["search"], found["test_metrics"]
     eval_split = "test" if metrics else "cv"
-    cv_metrics = {"top1": winner["cv_mean"], "top1_std": winner["cv_std"], "n_folds": winner["n_folds"]}
+    cv_metrics = {"top1": winner["cv_mean"], "top1_std": winner["cv_std"], "n_folds": winner["n_folds"],
+                  **({"sample": True} if winner.get("sample") else {})}
     all_metrics: dict[str, Any] = {"cv": cv_metrics, "chosen": winner["params"], "search": report,
                                    "features": features_section(found["table"], found["choice"], winner)}
     if metrics:

@@ -19,7 +19,8 @@ def format_leaderboard(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     for r in rows:
         feats = r["features"] if r["features"] in ("final", "all") else f"{r['features']} ({','.join(r['layers'])})"
         out.append(f"| {r['rank']} | {feats} | {r['views']} | {r['preprocessing']} | {r['head']} | "
-                   f"{format_params(r['params'])} | {r['cv_mean']:.4f} ± {r['cv_std']:.4f} | {r['n_folds']} | "
+                   f"{format_params(r['params'])} | {r['cv_mean']:.4f} ± {r['cv_std']:.4f} | {r['n_folds']}"
+                   f"{' (sample)' if r.get('sample') else ''} | "
                    f"{r['seconds']:.1f} |")
     return out
 
@@ -91,5 +92,6 @@ def search_lines(search: Mapping[str, Any], headline: Mapping[str, Any]) -> list
     ci = headline.get("top1_ci95")
     if ci is not None and "top1" in headline:
         lines.append(f"Winner on test (scored once): top-1 {headline['top1']:.4f}, 95% bootstrap interval "
-                     f"[{ci[0]:.4f}, {ci[1]:.4f}] (1000 resamples); CV {search['leaderboard'][0]['cv_mean']:.4f}")
+                     f"[{ci[0]:.4f}, {ci[1]:.4f}] (1000 resamples); CV {search['leaderboard'][0]['cv_mean']:.4f}"
+                     + (" (on round 1's sample of fold 1)" if search["leaderboard"][0].get("sample") else ""))
     return lines

@@ -22,7 +22,7 @@ first fold of repeat 1; its other K - 1 folds; then one whole repeat per round (
 Where fold 1 has more than :data:`SCREEN_ROWS` fit rows, round 1 *screens*: it scores every candidate
 on a stratified sample of fold 1 (that many fit rows, at most that many held-out rows), round 2
 scores the survivors on fold 1 whole, round 3 on its other K - 1 folds, and so on; the sample's
-score is set aside from round 2 on, so a mean is always over whole folds (successive halving over
+score is set aside from round 2 on, so a mean beyond round 1 is over whole folds (successive halving over
 rows, then over folds, as scikit-learn's ``HalvingGridSearchCV`` with ``resource="n_samples"``
 spends rows).
 
@@ -93,11 +93,11 @@ ROUND1_SHARE = 0.5
 #: no fold's measured time (with millisecond folds it took 15% of round 1), so a reserve of the folds'
 #: time alone could leave the later rounds nothing.
 LATER_SHARE = 0.1
-#: Round 1 screens on a stratified sample of fold 1 when its fit rows are more than this many (and
-#: its held-out rows, when more than this many): a kernel SVM's fold grows with the square of the rows
+#: Round 1 screens on a stratified sample of this many of fold 1's fit rows when it has at least twice
+#: as many (and of as many of its held-out rows, when more): a kernel SVM's fold grows with the square of the rows
 #: or faster, and on Fashion-MNIST 10k (5,600 fit rows) one fold of every candidate took seconds, so
 #: 90 s scored 13 of 102 candidates. The later rounds score the survivors on whole folds, and a
-#: screening score never enters their means. Caches of up to 2,500 training images are never sampled.
+#: screening score never enters their means. Caches of under 5,000 training images are never sampled.
 SCREEN_ROWS = 2000
 #: The smallest measured / estimated speed ratio the plan believes (a family timed at ~0 s).
 _MIN_RATIO = 1e-3
@@ -216,6 +216,12 @@ class Scored:
     screen_seconds: float = 0.0  # the part of ``seconds`` and ``est_done`` on round 1's sample
     screen_est: float = 0.0
     screen_scores: np.ndarray | None = None  # round 1's scores on the sample (``scores`` drops them in round 2)
+    n_fits: int = 0  # folds scored, the sample's included
+
+    @property
+    def on_sample(self) -> bool:
+        """Its scores are those of round 1's sample (it went no further)."""
+        return self.screen_scores is not None and self.rounds <= 1
 
     @property
     def group(self) -> tuple[FeatureKey, str] | None:
@@ -240,9 +246,10 @@ class Scored:
         return float(self.scores[self.best_index].std())
 
     def to_row(self, rank: int) -> dict[str, Any]:
-        return {"rank": rank, **self.candidate.describe(), "params": _plain(self.params), "cv_mean": self.cv_mean,
-                "cv_std": self.cv_std, "n_folds": int(self.scores.shape[1]), "rounds": self.rounds,
-                "seconds": round(self.seconds, 3)}
+        row = {"rank": rank, **self.candidate.describe(), "params": _plain(self.params), "cv_mean": self.cv_mean,
+               "cv_std": self.cv_std, "n_folds": int(self.scores.shape[1]), "rounds": self.rounds,
+               "seconds": round(self.seconds, 3)}
+        return {**row, "sample": True} if self.on_sample else row
 
 
 def _plain(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -434,11 +441,12 @@ class AutoSearch:
 
     def _screen_fold(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """Round 1's fold when it is sampled (see :data:`SCREEN_ROWS`): a stratified sample of fold 1's fit
-        rows and of its held-out rows, each at most ``screen_rows``; ``None`` when fold 1 is small enough,
-        or for a lone candidate (it is scored on whole folds anyway)."""
+        rows and of its held-out rows, each at most ``screen_rows``; ``None`` when fold 1 has fewer than
+        twice that many fit rows (a sample of more than half a fold saves too little to pay for the
+        round it adds), or for a lone candidate (it is scored on whole folds anyway)."""
         fit, held = self.folds_[0][0]
         n = self.screen_rows
-        if not n or len(self.candidates) < 2 or len(fit) <= n:
+        if not n or len(self.candidates) < 2 or len(fit) < 2 * n:
             return None
         return _stratified_sample(fit, y, n, self.seed), _stratified_sample(held, y, n, self.seed + 1)
 
@@ -458,7 +466,9 @@ class AutoSearch:
     def _prepare(self, cand: Candidate, X: np.ndarray) -> Scored:
         fam = self.families[cand.head]
         n_fit = int(round(X.shape[0] * (self.cv - 1) / self.cv))
-        grid = fam.default_grid(n_fit, X.shape[1], self.n_classes_)
+        # the grid must hold on every fold it is scored on, round 1's sample the smallest (knn's k <= rows / 2)
+        grid = fam.default_grid(n_fit if self.screen_ is None else min(n_fit, len(self.screen_[0])), X.shape[1],
+                                self.n_classes_)
         est = float(fam.relative_cost(n_fit, X.shape[1], len(grid))) * self.cv
         k = _kernel_cost(fam, n_fit, X.shape[1])
         scale = 1.0
@@ -598,7 +608,7 @@ class AutoSearch:
     def _skip(self, s: Scored, predicted: float) -> None:
         """``predicted``: its seconds on round 1's fold; recorded as seconds for K whole folds, as ``estimate_s``."""
         self.skipped_.append({**s.candidate.describe(), "reason": "budget", "estimate_s": round(s.estimate, 3),
-                              "predicted_s": round(predicted / s.screen_scale * self.cv, 3)})
+                              "predicted_s": round(predicted / (s.screen_scale or 1.0) * self.cv, 3)})
 
     def _round1_reserve(self, n: int, clock: _Clock) -> float:
         """:meth:`_reserve` after ``n`` candidates, at least :data:`LATER_SHARE` and at most
@@ -673,11 +683,14 @@ class AutoSearch:
         todo = self._affordable(r, promoted, data, clock)
         alone = not todo
         todo = list(promoted) if alone else todo
-        i = 0
+        planned, i = len(todo), 0
         while i < len(todo):
             s = todo[i]
             i += 1
             scored = self._score_in_round(s, r, n_folds, data, y, clock, done)
+            if not scored and i > planned:  # one the plan added stopped: it and the rest are trimmed
+                todo = todo[:i - 1]
+                break
             if scored and i == len(todo) and not alone:  # all it planned for: plan the rest at the speed measured
                 todo += self._affordable(r, promoted[len(todo):], data, clock)
         self.rounds_.append({"round": r, "repeat": repeat, "folds": list(idx), "n_candidates": len(done),
@@ -728,6 +741,7 @@ class AutoSearch:
         # screen_scores), so every later mean is over whole folds (those of _folds_through).
         kept = s.scores[:, :0] if r == 1 and self._sampled else s.scores
         s.scores = np.concatenate([kept, *cols], axis=1)
+        s.n_fits += len(cols)
         if screen:
             s.screen_scores = s.scores
         s.seconds += seconds
@@ -745,7 +759,7 @@ class AutoSearch:
 
     def report(self) -> dict[str, Any]:
         """The search as stored in a bundle and printed by ``--json``: settings, leaderboard, skips, rounds."""
-        n_scored = sum(s.scores.shape[1] for s in self.scored_)
+        n_scored = sum(s.n_fits for s in self.scored_)
         return {"cv": self.cv, "repeats": self.repeats, "seed": self.seed, "budget_s": self.budget_s,
                 "seconds": round(self.seconds_, 3), "n_candidates": len(self.candidates),
                 "n_scored": len(self.scored_), "n_fold_fits": n_scored, "leaderboard": self.leaderboard(),
@@ -760,17 +774,22 @@ def _rungs(k: int, repeats: int, sampled: bool = False) -> list[tuple[int, list[
 
 
 def _stratified_sample(rows: np.ndarray, y: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """``rows`` if at most ``n``, else about ``n`` of them (sorted), each class in proportion and at least
-    one of each class ``rows`` hold (so round 1's sample sees every class)."""
+    """``rows`` if at most ``n``, else ``n`` of them (sorted): each class its share by largest remainder,
+    and at least one of each class ``rows`` hold while ``n`` allows (so round 1's sample sees every class)."""
     if len(rows) <= n:
         return rows
     rng = np.random.default_rng(seed)
     labels = y[rows]
-    out = []
-    for c in np.unique(labels):
-        members = rows[labels == c]
-        take = max(1, int(round(len(members) * n / len(rows))))
-        out.append(rng.choice(members, size=min(take, len(members)), replace=False))
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts * (n / len(rows))
+    take = np.minimum(np.maximum(np.floor(exact), 1), counts).astype(int)
+    while take.sum() < n:  # the largest remainders first
+        room = np.flatnonzero(take < counts)
+        take[room[np.argmax((exact - take)[room])]] += 1
+    while take.sum() > n and (take > 1).any():  # the ones of small classes pushed it over: from the largest
+        over = np.flatnonzero(take > 1)
+        take[over[np.argmin((exact - take)[over])]] -= 1
+    out = [rng.choice(rows[labels == c], size=k, replace=False) for c, k in zip(classes, take)]
     return np.sort(np.concatenate(out))
 
 
