@@ -128,6 +128,15 @@ def check_targets(rows: list[dict[str, Any]]) -> list[str]:
     return notes
 
 
+
+def _round_words(rnd: dict[str, Any]) -> str:
+    """``6x5 folds``; a round whose folds were not all done, ``(cut short)``; round 1 on a sample, its rows."""
+    words = f"{rnd['n_candidates']}x{rnd['n_folds']} folds"
+    sample = rnd.get("sample")
+    if sample:
+        words += f" (sample of {sample['fit_rows']}/{sample['of_fit_rows']} fit rows)"
+    return words + ("" if rnd.get("complete", True) else " (cut short)")
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", action="append", default=[], metavar="NAME=PATH", required=True,
@@ -154,7 +163,7 @@ def main() -> None:
                   f"candidate-folds, search {s['seconds']:.1f} s of {s['budget_s']:.1f} s left after layer selection + "
                   f"load {s['prep_s']:.1f} s (load alone {s['load_s']:.1f} s), refit {s['refit_s']:.1f} s, "
                   f"{len(s['skipped'])} skipped for budget; rounds " + ", ".join(
-                      f"{x['n_candidates']}x{x['n_folds']} folds" for x in s["rounds"])
+                      _round_words(x) for x in s["rounds"])
                   + "; measured/estimated speed " + ", ".join(f"{f} {v:.2g}" for f, v in s["calibration"].items())
                   + "; Gram matrices {computed} computed, {reused} reused".format(**(s.get("kernels") or
                                                                                     {"computed": 0, "reused": 0})))
