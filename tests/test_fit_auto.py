@@ -970,7 +970,8 @@ def test_a_round_cut_short_after_a_sampled_round_one_ranks_everyone_on_the_sampl
 
 def test_whole_folds_correct_the_speed_measured_on_round_ones_sample() -> None:
     """A candidate timed on the sample alone is predicted on whole folds at its own speed times how much
-    faster whole folds ran against their estimates than the sample did (its family's, else everyone's)."""
+    faster whole folds of its family ran against their estimates than its sample folds did (not
+    another family's: 1 until its own have run)."""
     from featbank.fitting._search import _Clock
 
     clock = _Clock(100.0, SimClock())
@@ -981,7 +982,7 @@ def test_whole_folds_correct_the_speed_measured_on_round_ones_sample() -> None:
     clock.record("svm-rbf", 1.0, 0.6, screen=True)
     clock.record("knn", 2.0, 0.4, screen=True)
     clock.record("knn", 10.0, 1.0)  # knn's whole folds: 0.1 of their estimate, against 0.2 on the sample
-    assert clock.whole_factor("svm-rbf") == pytest.approx((1.0 / 10.0) / (1.0 / 3.0))  # everyone's, for now
+    assert clock.whole_factor("svm-rbf") == 1.0 and clock.predict(a, 5, 5) == pytest.approx(5.0 * 0.6)
     clock.record("svm-rbf", 5.0, 1.0)  # svm-rbf's whole folds: 0.2 of their estimate, against 0.6
     assert clock.whole_factor("svm-rbf") == pytest.approx(1 / 3) and clock.whole_factor("knn") == pytest.approx(0.5)
     assert clock.predict(a, 5, 5) == pytest.approx(5.0 * 0.6 / 3)
