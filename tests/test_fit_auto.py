@@ -517,6 +517,35 @@ def test_the_search_threads_are_the_idle_cores_and_are_given_back(monkeypatch) -
     assert torch.get_num_threads() == before
 
 
+def test_busy_cpus_counts_what_runs_now_on_the_usable_cpus(tmp_path) -> None:
+    """A real busy process pinned to one usable CPU: that CPU reads busy, and idle_cores leaves it out;
+    an unreadable or foreign stat file gives None (then the load average decides)."""
+    import os
+    import subprocess
+    import sys
+
+    from featbank._machine import busy_cpus
+
+    usable = sorted(os.sched_getaffinity(0))
+    cpu = usable[-1]
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"],
+                            preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
+    try:
+        time.sleep(0.3)
+        assert busy_cpus({cpu}) >= 0.8
+        if len(usable) >= 2:
+            assert idle_cores() <= len(usable) - 1
+    finally:
+        spin.kill()
+        spin.wait()
+    assert 0.0 <= busy_cpus(set(usable), window=0.1) <= len(usable)
+    assert busy_cpus({cpu}, stat=str(tmp_path / "missing")) is None
+    (tmp_path / "stat").write_text("cpu0 not numbers at all\nintr 1 2 3\n")
+    assert busy_cpus({0}, window=0.01, stat=str(tmp_path / "stat")) is None
+    (tmp_path / "stat").write_text("cpu  1 2 3 4\ncpu7 1 2 3 4\n")
+    assert busy_cpus({0}, window=0.01, stat=str(tmp_path / "stat")) is None  # names none of them
+
+
 def test_round_one_goes_breadth_first_over_feature_sets_and_families() -> None:
     """One candidate of every (feature set, family) before any variant of views or preprocessing, so a
     budget that binds still tries every family on every feature set; pass 1 cheapest first, pass 2 the

@@ -261,16 +261,23 @@ def _within_memory(cache: FeatureCache, cands: list[Candidate], route: _Route, s
 
 
 def idle_cores() -> int:
-    """The cores this process may use that other work leaves idle: the usable cores less the 1-minute
-    load average (rounded), at least 1, at most an explicit ``OMP_NUM_THREADS`` / ``OPENBLAS_NUM_THREADS``."""
+    """The cores this process may use that other work leaves idle: the usable cores less those busy now
+    (:func:`~featbank._machine.busy_cpus`, half a second of ``/proc/stat``; where that cannot be read,
+    the 1-minute load average), rounded, at least 1, at most an explicit ``OMP_NUM_THREADS`` /
+    ``OPENBLAS_NUM_THREADS``."""
+    from .._machine import busy_cpus
+
     try:
-        cores = len(os.sched_getaffinity(0))
+        usable = set(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except (AttributeError, OSError):  # no load average on this platform
-        busy = 0.0
+        usable = set(range(os.cpu_count() or 1))
+    busy = busy_cpus(usable)
+    if busy is None:
+        try:
+            busy = os.getloadavg()[0]
+        except (AttributeError, OSError):  # no load average on this platform
+            busy = 0.0
+    cores = len(usable)
     n = max(1, min(cores, int(cores - busy + 0.5)))
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         if os.environ.get(var, "").isdigit() and int(os.environ[var]) > 0:
