@@ -1,8 +1,9 @@
-"""Validation hold-outs and K-shot samples: the one home of how fit and finetune pick rows.
+"""Validation hold-outs, K-shot and stratified samples: the one home of how fit and finetune pick rows.
 
 Both hold-outs are scikit-learn's ``train_test_split(stratify=...)`` with ``random_state=seed``,
 so ``fit`` and ``finetune`` hold out validation rows the same way; K-shot sampling draws K rows
-per class with a seeded generator.
+per class with a seeded generator, and so does :func:`stratified_sample` (``fit --auto``'s round 1
+on a large fold), each class its share of ``n``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import numpy as np
 
 from .errors import ConfigError
 
-__all__ = ["n_holdout", "stratified_holdout", "sample_shots"]
+__all__ = ["n_holdout", "stratified_holdout", "stratified_sample", "sample_shots"]
 
 
 def n_holdout(n_rows: int, n_classes: int, fraction: float) -> int:
@@ -46,6 +47,28 @@ def stratified_holdout(rows: np.ndarray, labels: np.ndarray, n_val: int,
         )
     train, val = train_test_split(rows, test_size=int(n_val), random_state=seed, stratify=labels)
     return np.sort(train), np.sort(val)
+
+
+def stratified_sample(rows: np.ndarray, labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """``rows`` if at most ``n``, else ``n`` of them (sorted): each class of ``labels`` (the labels of
+    ``rows``) its share by largest remainder, and at least one of each class, even where that makes more
+    than ``n``. Unlike :func:`stratified_holdout`, a class of one row is fine (``fit --auto``'s round 1
+    samples a fold's held-out rows, where a small class can have a single image)."""
+    rows, labels = np.asarray(rows, np.int64), np.asarray(labels)
+    if len(rows) <= n:
+        return rows
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts * (n / len(rows))
+    take = np.minimum(np.maximum(np.floor(exact), 1), counts).astype(int)
+    while take.sum() < n:  # the largest remainders first
+        room = np.flatnonzero(take < counts)
+        take[room[np.argmax((exact - take)[room])]] += 1
+    while take.sum() > n and (take > 1).any():  # the ones of small classes pushed it over: from the largest
+        over = np.flatnonzero(take > 1)
+        take[over[np.argmin((exact - take)[over])]] -= 1
+    out = [rng.choice(rows[labels == c], size=k, replace=False) for c, k in zip(classes, take)]
+    return np.sort(np.concatenate(out))
 
 
 def sample_shots(rows: np.ndarray, labels: np.ndarray, shots: int, seed: int,

@@ -1041,18 +1041,18 @@ def test_a_later_round_plans_again_after_the_candidates_it_could_afford() -> Non
     ([5] * 40, 30, [1] * 40),  # fewer rows than classes: one of each, more than n
 ])
 def test_the_sample_is_stratified_and_of_its_size(counts, n, want) -> None:
-    from featbank.fitting._search import _stratified_sample
+    from featbank.splits import stratified_sample
 
     y = np.repeat(np.arange(len(counts)), counts)
     rows = np.arange(len(y))
-    got = _stratified_sample(rows, y, n, 0)
+    got = stratified_sample(rows, y, n, 0)
     per = np.bincount(y[got], minlength=len(counts))
     assert len(np.unique(got)) == len(got) and (per >= 1).all() and (per <= counts).all()
     if want is not None:
         assert per.tolist() == want
     else:
         assert len(got) == n and np.abs(per - np.asarray(counts) * n / len(y)).max() < 2  # one each pushes it over by <1
-    assert np.array_equal(_stratified_sample(rows, y, len(y), 0), rows)
+    assert np.array_equal(stratified_sample(rows, y, len(y), 0), rows)
 
 
 def test_a_fold_under_twice_the_sample_is_not_sampled_and_knn_grids_fit_the_sample() -> None:

@@ -67,6 +67,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from ..errors import ConfigError
+from ..splits import stratified_sample
 
 if TYPE_CHECKING:
     from ..heads import Block
@@ -216,7 +217,11 @@ class Scored:
     screen_seconds: float = 0.0  # the part of ``seconds`` and ``est_done`` on round 1's sample
     screen_est: float = 0.0
     screen_scores: np.ndarray | None = None  # round 1's scores on the sample (``scores`` drops them in round 2)
-    n_fits: int = 0  # folds scored, the sample's included
+
+    @property
+    def n_fits(self) -> int:
+        """Folds scored, round 1's sample included (a survivor's ``scores`` set its column aside)."""
+        return int(self.scores.shape[1]) + (self.screen_scores is not None and self.rounds > 1)
 
     @property
     def on_sample(self) -> bool:
@@ -447,31 +452,28 @@ class AutoSearch:
         n = self.screen_rows
         if not n or len(self.candidates) < 2 or len(fit) < 2 * n:
             return None
-        return _stratified_sample(fit, y, n, self.seed), _stratified_sample(held, y, n, self.seed + 1)
+        return stratified_sample(fit, y[fit], n, self.seed), stratified_sample(held, y[held], n, self.seed + 1)
 
     @property
     def _fold0(self) -> tuple[np.ndarray, np.ndarray]:
         """Round 1's fold: the sample when screening, else fold 1 of repeat 1."""
-        return self.folds_[0][0] if self.screen_ is None else self.screen_
+        return self.screen_ if self._sampled else self.folds_[0][0]
 
     def _round_folds(self, r: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """The (fit, held-out) rows of each fold round ``r`` scores."""
         repeat, idx = self.rungs_[r]
         return [self._fold0] if r == 0 else [self.folds_[repeat][i] for i in idx]
 
-    def _n_round_folds(self, r: int) -> int:
-        return len(self._round_folds(r))
-
     def _prepare(self, cand: Candidate, X: np.ndarray) -> Scored:
         fam = self.families[cand.head]
         n_fit = int(round(X.shape[0] * (self.cv - 1) / self.cv))
         # the grid must hold on every fold it is scored on, round 1's sample the smallest (knn's k <= rows / 2)
-        grid = fam.default_grid(n_fit if self.screen_ is None else min(n_fit, len(self.screen_[0])), X.shape[1],
+        grid = fam.default_grid(min(n_fit, len(self.screen_[0])) if self._sampled else n_fit, X.shape[1],
                                 self.n_classes_)
         est = float(fam.relative_cost(n_fit, X.shape[1], len(grid))) * self.cv
         k = _kernel_cost(fam, n_fit, X.shape[1])
         scale = 1.0
-        if self.screen_ is not None and est > 0:
+        if self._sampled and est > 0:
             # one fold's cost at the sample's fit rows, with the grid of the whole fold it stands for
             scale = min(1.0, float(fam.relative_cost(len(self.screen_[0]), X.shape[1], len(grid))) * self.cv / est)
         return Scored(cand, grid, np.zeros((len(grid), 0)), estimate=est,
@@ -513,7 +515,7 @@ class AutoSearch:
         self._first_pass([(i, scored[i]) for i in late], done, data, y, clock)
         self.rounds_.append({"round": 0, "repeat": 0, "folds": [0], "n_candidates": len(done), "complete": True,
                              "n_folds": 1, "candidates": [_label(s.candidate) for s in done]})
-        if self.screen_ is not None:
+        if self._sampled:
             fit, held = self.folds_[0][0]
             self.rounds_[-1]["sample"] = {"fit_rows": len(self.screen_[0]), "of_fit_rows": len(fit),
                                           "held_out_rows": len(self.screen_[1]), "of_held_out_rows": len(held)}
@@ -642,7 +644,7 @@ class AutoSearch:
             if alive <= 1 and r >= 2 + self._sampled:
                 break
             alive = _keep(alive)
-            folds, paid = self._n_round_folds(r), set()
+            folds, paid = len(self.rungs_[r][1]), set()
             for s in top[:alive]:  # a Gram matrix is paid once per fold by its group
                 shared = s.group in paid and s.kernel_estimate is not None
                 total += clock.predict(s, folds, self.cv, s.kernel_estimate * folds if shared else 0.0)
@@ -656,7 +658,7 @@ class AutoSearch:
         when not even the first fits. A round then completes, and ranks those it scored on its folds,
         instead of being cut short after the first few and falling back to the round before (on ELPV
         4-class: 1 fold)."""
-        n_folds = self._n_round_folds(r)
+        n_folds = len(self.rungs_[r][1])
         total, paid, out = 0.0, set(), []
         for s in todo:
             saved = self._saved_in_round(s, data, r)
@@ -678,7 +680,7 @@ class AutoSearch:
         cut short, ranks no one above the rest (:func:`_ranked`)."""
         done: list[Scored] = []
         repeat, idx = self.rungs_[r]
-        n_folds = self._n_round_folds(r)
+        n_folds = len(self.rungs_[r][1])
         todo = self._affordable(r, promoted, data, clock)
         alone = not todo
         todo = list(promoted) if alone else todo
@@ -721,7 +723,7 @@ class AutoSearch:
         """
         fam = self.families[s.candidate.head]
         shared = {"kernels": self._kernels} if s.kernel_estimate is not None else {}
-        screen = r == 0 and self.screen_ is not None
+        screen = r == 0 and self._sampled
         scale = s.screen_scale if screen else 1.0
         cols, seconds, estimated = [], 0.0, 0.0
         for j, fold in enumerate(self._round_folds(r)):
@@ -740,7 +742,6 @@ class AutoSearch:
         # screen_scores), so every later mean is over whole folds (those of _folds_through).
         kept = s.scores[:, :0] if r == 1 and self._sampled else s.scores
         s.scores = np.concatenate([kept, *cols], axis=1)
-        s.n_fits += len(cols)
         if screen:
             s.screen_scores = s.scores
         s.seconds += seconds
@@ -770,26 +771,6 @@ def _rungs(k: int, repeats: int, sampled: bool = False) -> list[tuple[int, list[
     """(repeat, fold indices) of each round: fold 1 of repeat 1, its other K - 1 folds, then a whole repeat
     each; ``sampled``: round 1 on a sample of fold 1 before them (:data:`SCREEN_ROWS`)."""
     return [(0, [0])] * (1 + sampled) + [(0, list(range(1, k)))] + [(r, list(range(k))) for r in range(1, repeats)]
-
-
-def _stratified_sample(rows: np.ndarray, y: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """``rows`` if at most ``n``, else ``n`` of them (sorted): each class its share by largest remainder,
-    and at least one of each class ``rows`` hold while ``n`` allows (so round 1's sample sees every class)."""
-    if len(rows) <= n:
-        return rows
-    rng = np.random.default_rng(seed)
-    labels = y[rows]
-    classes, counts = np.unique(labels, return_counts=True)
-    exact = counts * (n / len(rows))
-    take = np.minimum(np.maximum(np.floor(exact), 1), counts).astype(int)
-    while take.sum() < n:  # the largest remainders first
-        room = np.flatnonzero(take < counts)
-        take[room[np.argmax((exact - take)[room])]] += 1
-    while take.sum() > n and (take > 1).any():  # the ones of small classes pushed it over: from the largest
-        over = np.flatnonzero(take > 1)
-        take[over[np.argmin((exact - take)[over])]] -= 1
-    out = [rng.choice(rows[labels == c], size=k, replace=False) for c, k in zip(classes, take)]
-    return np.sort(np.concatenate(out))
 
 
 def _keep(n: int) -> int:
