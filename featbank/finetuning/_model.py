@@ -222,12 +222,36 @@ def _fold_affine(fn: Callable[[torch.Tensor], torch.Tensor], dim: int) -> tuple[
 
 
 def head_from_probe(path: str | os.PathLike, backbone: Backbone, classes: list[str],
-                     bundle: Bundle = None) -> tuple[nn.Linear, dict[str, Any]]:
+                    bundle: Bundle = None) -> tuple[nn.Linear, dict[str, Any]]:
     """A Linear equal to a fitted linear head bundle (standardisation folded in) for LP-FT;
     ``bundle``: that bundle already opened."""
     from ..bundles import load_bundle
 
     bundle = bundle if bundle is not None else load_bundle(path)
+    _check_init_head(path, bundle, backbone, classes)
+    dim, n_classes = backbone.embed_dim, len(classes)
+    w, b = _probe_affine(bundle, dim)
+    if w.shape != (n_classes, dim):
+        raise BundleError(
+            f"--init-head {str(path)!r} gives {tuple(w.shape)} logits weights; expected ({n_classes}, {dim}). "
+            "LP-FT needs a linear head made by 'featbank fit --head linear'."
+        )
+    head = nn.Linear(dim, n_classes)
+    with torch.no_grad():
+        head.weight.copy_(w.float())
+        head.bias.copy_(b.float())
+    err = _fold_error(head, bundle, dim)
+    if not err < 1e-4:
+        raise BundleError(
+            f"--init-head {str(path)!r} is not linear in the embeddings (folded head differs from the "
+            f"probe by {err:.2g}). LP-FT needs a linear head made by 'featbank fit --head linear'."
+        )
+    return head, {"path": str(Path(path).resolve()), "bundle_id": bundle.bundle_id,
+                  "estimator": bundle.head_info.get("estimator"), "fold_max_abs_error": err}
+
+
+def _check_init_head(path: str | os.PathLike, bundle: Bundle, backbone: Backbone, classes: list[str]) -> None:
+    """Refuse an ``--init-head`` bundle that is not a probe of this backbone's final embedding on these classes."""
     if bundle.kind != "head":
         raise BundleError(
             f"--init-head {str(path)!r} is a {bundle.kind!r} bundle; LP-FT needs a linear head made by "
@@ -259,8 +283,13 @@ def head_from_probe(path: str | os.PathLike, backbone: Backbone, classes: list[s
             f"of {backbone.name!r} (weights {backbone.weights!r}, sha256 {backbone.weights_sha256[:12]}...). "
             "Use the same --backbone/--weights as the cache the probe was fitted on."
         )
+
+
+def _probe_affine(bundle: Bundle, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The probe's logits as ``(W, b)`` over ``dim``-d embeddings: from its torch module where it has one,
+    else from its probabilities (any softmax of an affine map, binary logistic regression included:
+    log-ratios to class 0 are affine and recover the logits exactly)."""
     est = bundle.load_head()
-    dim, n_classes = backbone.embed_dim, len(classes)
     module = None
     if hasattr(est, "to_torch"):
         try:
@@ -268,41 +297,25 @@ def head_from_probe(path: str | os.PathLike, backbone: Backbone, classes: list[s
         except Exception:  # noqa: BLE001 - fall back to reading the probabilities
             module = None
     if module is not None:
-        module = copy.deepcopy(module).double().eval()
-        w, b = _fold_affine(module, dim)
-    else:
-        # Any head whose probabilities are a softmax of an affine map (logistic regression,
-        # binary included): log-ratios to class 0 are affine and recover the logits exactly.
-        def logits(x: torch.Tensor) -> torch.Tensor:
-            p = torch.from_numpy(np.asarray(bundle.predict_proba(x.numpy()), dtype=np.float64))
-            lp = torch.log(p.clamp_min(1e-300))
-            return lp - lp[:, :1]
+        return _fold_affine(copy.deepcopy(module).double().eval(), dim)
 
-        w, b = _fold_affine(logits, dim)
-    if w.shape != (n_classes, dim):
-        raise BundleError(
-            f"--init-head {str(path)!r} gives {tuple(w.shape)} logits weights; expected ({n_classes}, {dim}). "
-            "LP-FT needs a linear head made by 'featbank fit --head linear'."
-        )
-    head = nn.Linear(dim, n_classes)
-    with torch.no_grad():
-        head.weight.copy_(w.float())
-        head.bias.copy_(b.float())
-    # The folded head must reproduce the probe: check on embedding-like inputs.
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        p = torch.from_numpy(np.asarray(bundle.predict_proba(x.numpy()), dtype=np.float64))
+        lp = torch.log(p.clamp_min(1e-300))
+        return lp - lp[:, :1]
+
+    return _fold_affine(logits, dim)
+
+
+def _fold_error(head: nn.Linear, bundle: Bundle, dim: int) -> float:
+    """The largest difference of the folded head's probabilities from the probe's, on embedding-like inputs."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(64, dim, generator=gen, dtype=torch.float64).abs()
     with torch.no_grad():
         mine = torch.softmax(head.double()(x), 1).numpy()
     head.float()
     ref = np.asarray(bundle.predict_proba(x.float().numpy()), dtype=np.float64)
-    err = float(np.abs(mine - ref).max())
-    if not err < 1e-4:
-        raise BundleError(
-            f"--init-head {str(path)!r} is not linear in the embeddings (folded head differs from the "
-            f"probe by {err:.2g}). LP-FT needs a linear head made by 'featbank fit --head linear'."
-        )
-    return head, {"path": str(Path(path).resolve()), "bundle_id": bundle.bundle_id,
-                  "estimator": bundle.head_info.get("estimator"), "fold_max_abs_error": err}
+    return float(np.abs(mine - ref).max())
 
 
 # --------------------------------------------------------------------------------------------
