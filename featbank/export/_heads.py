@@ -156,22 +156,10 @@ def _prune(graph: Any) -> None:
     graph.initializer.extend(inits)
 
 
-def sklearn_head_onnx(est: Estimator, embed_dim: int, n_classes: int, opset: int) -> Any:
-    """A graph embeddings (N, D) float -> probabilities (N, C) float32, label (N,) int64, via skl2onnx."""
+def _skl2onnx_graph(model_est: Any, clf: Any, embed_dim: int, opset: int) -> tuple[Any, str]:
+    """skl2onnx's graph of ``model_est`` (input ``skl_input``, every other name prefixed ``skl/``) and
+    the name of its probabilities output."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    from ..heads import affine_prefix, has_predict_proba
-
-    steps, clf = _split_pipeline(est)
-    if not has_predict_proba(clf):
-        raise _unsupported(clf, _no_proba_reason(clf))
-    prefix = affine_prefix(steps)
-    if prefix is None:
-        # Unknown preprocessing: let skl2onnx try the whole pipeline.
-        prefix, model_est = [], est
-    else:
-        model_est = clf
     from skl2onnx import convert_sklearn  # a dependency of featbank: an ImportError is a broken install
     from skl2onnx.common.data_types import FloatTensorType
 
@@ -188,13 +176,17 @@ def sklearn_head_onnx(est: Estimator, embed_dim: int, n_classes: int, opset: int
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise _unsupported(clf, f"skl2onnx has no converter for it or failed ({type(e).__name__}: {msg})") from None
     onx = onnx.compose.add_prefix(onx, "skl/", rename_inputs=False, rename_outputs=True)
-    g = onx.graph
-    proba_out = next((o.name for o in g.output if "prob" in o.name), None)
+    proba_out = next((o.name for o in onx.graph.output if "prob" in o.name), None)
     if proba_out is None:
-        raise _unsupported(clf, f"skl2onnx gave outputs {[o.name for o in g.output]} without probabilities")
-    pre_nodes, inits, x = _prefix_nodes(prefix, "embeddings", opset)
-    for node in g.node:
-        node.input[:] = [x if i == "skl_input" else i for i in node.input]
+        raise _unsupported(clf, f"skl2onnx gave outputs {[o.name for o in onx.graph.output]} without probabilities")
+    return onx, proba_out
+
+
+def _output_nodes(clf: Any, n_classes: int, proba_out: str, inits: list[Any]) -> list[Any]:
+    """Nodes from skl2onnx's probabilities to the bundle's outputs: float32, one column per bundle
+    class (a matrix of 0/1 placed in ``inits`` where the classifier saw fewer), and the argmax label."""
+    from onnx import TensorProto, helper, numpy_helper
+
     nodes = [helper.make_node("Cast", [proba_out], ["head/proba"], to=TensorProto.FLOAT)]
     cols = _class_columns(clf, n_classes)
     src = "head/proba"
@@ -204,10 +196,33 @@ def sklearn_head_onnx(est: Estimator, embed_dim: int, n_classes: int, opset: int
         inits.append(numpy_helper.from_array(m, "head/columns"))
         nodes.append(helper.make_node("MatMul", [src, "head/columns"], ["head/proba_all"]))
         src = "head/proba_all"
-    nodes += [
+    return nodes + [
         helper.make_node("Identity", [src], [OUTPUT_NAMES[0]]),
         helper.make_node("ArgMax", [OUTPUT_NAMES[0]], [OUTPUT_NAMES[1]], axis=1, keepdims=0),
     ]
+
+
+def sklearn_head_onnx(est: Estimator, embed_dim: int, n_classes: int, opset: int) -> Any:
+    """A graph embeddings (N, D) float -> probabilities (N, C) float32, label (N,) int64, via skl2onnx."""
+    from onnx import TensorProto, helper
+
+    from ..heads import affine_prefix, has_predict_proba
+
+    steps, clf = _split_pipeline(est)
+    if not has_predict_proba(clf):
+        raise _unsupported(clf, _no_proba_reason(clf))
+    prefix = affine_prefix(steps)
+    if prefix is None:
+        # Unknown preprocessing: let skl2onnx try the whole pipeline.
+        prefix, model_est = [], est
+    else:
+        model_est = clf
+    onx, proba_out = _skl2onnx_graph(model_est, clf, embed_dim, opset)
+    g = onx.graph
+    pre_nodes, inits, x = _prefix_nodes(prefix, "embeddings", opset)
+    for node in g.node:
+        node.input[:] = [x if i == "skl_input" else i for i in node.input]
+    nodes = _output_nodes(clf, n_classes, proba_out, inits)
     new_nodes = pre_nodes + list(g.node) + nodes
     del g.node[:]
     g.node.extend(new_nodes)
