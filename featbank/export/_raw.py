@@ -58,19 +58,32 @@ def preprocess_graph(cfg: PreprocessConfig, opset: int, input_name: str) -> Any:
 
     check_raw_interpolation(cfg)
     ch, cw = cfg.input_size
-    size = int(cfg.resize_size)
 
     def const(name: str, value: Any, dtype: Any = np.int64) -> Any:
         return numpy_helper.from_array(np.asarray(value, dtype=dtype), name)
 
     inits = [
-        const("c_hw_idx", [1, 2]), const("c_size", size), const("c_crop", [ch, cw]),
+        const("c_hw_idx", [1, 2]), const("c_size", int(cfg.resize_size)), const("c_crop", [ch, cw]),
         const("c_two_f", 2.0, np.float32), const("c_axes_hw", [1, 2]), const("c_pad_zero", [0, 0]),
-        const("c_zero_u8", 0, np.uint8),
+        const("c_zero_u8", 0, np.uint8), const("c_two_i", 2),
     ]
+    nodes = _resize_nodes(input_name, RAW_INTERPOLATIONS[cfg.interpolation]) + _pad_nodes() + _crop_nodes()
+    graph = helper.make_graph(
+        nodes, "featbank_preprocess",
+        [helper.make_tensor_value_info(input_name, TensorProto.UINT8, ["batch", "height", "width", 3])],
+        [helper.make_tensor_value_info(CROPPED_NAME, TensorProto.UINT8, ["batch", ch, cw, 3])],
+        initializer=inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _resize_nodes(input_name: str, mode: str) -> list[Any]:
+    """``input_name`` -> ``resized``: the short side to ``c_size``, the long side to
+    floor(size * long / short); the image itself where the short side already is ``c_size``."""
+    from onnx import TensorProto, helper
+
     n = helper.make_node
-    nodes = [
-        # H, W and the resized size: short side -> size, long side -> floor(size * long / short).
+    return [
         n("Shape", [input_name], ["shape"]),
         n("Gather", ["shape", "c_hw_idx"], ["hw"], axis=0),
         n("ReduceMin", ["hw"], ["short"], keepdims=0),
@@ -81,11 +94,20 @@ def preprocess_graph(cfg: PreprocessConfig, opset: int, input_name: str) -> Any:
           then_branch=helper.make_graph([n("Identity", [input_name], ["resized_same"])], "keep", [],
                                         [helper.make_tensor_value_info("resized_same", TensorProto.UINT8, None)]),
           else_branch=helper.make_graph(
-              [n("Resize", [input_name, "", "", "new_hw"], ["resized_new"], mode=RAW_INTERPOLATIONS[cfg.interpolation],
+              [n("Resize", [input_name, "", "", "new_hw"], ["resized_new"], mode=mode,
                  antialias=1, axes=[1, 2], coordinate_transformation_mode="half_pixel", cubic_coeff_a=-0.5,
                  exclude_outside=1)],
               "resize", [], [helper.make_tensor_value_info("resized_new", TensorProto.UINT8, None)])),
-        # Zero padding where the crop is larger (torchvision pads), split floor(before) / rest(after).
+    ]
+
+
+def _pad_nodes() -> list[Any]:
+    """``resized`` -> ``padded``: zeros where the crop is larger (torchvision pads), floor(half) before
+    and the rest after."""
+    from onnx import helper
+
+    n = helper.make_node
+    return [
         n("Shape", ["resized"], ["rshape"]),
         n("Gather", ["rshape", "c_hw_idx"], ["rhw"], axis=0),
         n("Sub", ["c_crop", "rhw"], ["short_by"]),
@@ -94,7 +116,15 @@ def preprocess_graph(cfg: PreprocessConfig, opset: int, input_name: str) -> Any:
         n("Sub", ["pad_total", "pad_before"], ["pad_after"]),
         n("Concat", ["pad_before", "pad_after"], ["pads"], axis=0),
         n("Pad", ["resized", "pads", "c_zero_u8", "c_axes_hw"], ["padded"], mode="constant"),
-        # Crop at round((dim - crop) / 2), half to even as Python's round.
+    ]
+
+
+def _crop_nodes() -> list[Any]:
+    """``padded`` -> the centre crop, starting at round((dim - crop) / 2), half to even as Python's round."""
+    from onnx import TensorProto, helper
+
+    n = helper.make_node
+    return [
         n("Shape", ["padded"], ["pshape"]),
         n("Gather", ["pshape", "c_hw_idx"], ["phw"], axis=0),
         n("Sub", ["phw", "c_crop"], ["extra"]),
@@ -105,15 +135,6 @@ def preprocess_graph(cfg: PreprocessConfig, opset: int, input_name: str) -> Any:
         n("Add", ["start", "c_crop"], ["end"]),
         n("Slice", ["padded", "start", "end", "c_axes_hw"], [CROPPED_NAME]),
     ]
-    inits.append(const("c_two_i", 2))
-    graph = helper.make_graph(
-        nodes, "featbank_preprocess",
-        [helper.make_tensor_value_info(input_name, TensorProto.UINT8, ["batch", "height", "width", 3])],
-        [helper.make_tensor_value_info(CROPPED_NAME, TensorProto.UINT8, ["batch", ch, cw, 3])],
-        initializer=inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    return model
 
 
 def check_no_window(bundle: Bundle) -> None:
