@@ -63,30 +63,35 @@ def _set_module(model: nn.Module, dotted: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def build_torchvision(name: str, weights: str | None, weights_file: Path | None) -> Backbone:
+def _weights_enum(name: str, weights: str | None) -> Any:
+    """The torchvision weights entry ``weights`` names (``DEFAULT`` when None); None for ``random`` or a
+    model without pretrained weights."""
     import torchvision
 
     try:
         weights_cls = torchvision.models.get_model_weights(name)
     except (ValueError, KeyError):
-        weights_cls = None
-    model = torchvision.models.get_model(name, weights=None)
-    enum = None
-    if weights_cls is not None:
-        wname = weights or "DEFAULT"
-        if wname not in (RANDOM,):
-            try:
-                enum = weights_cls[wname] if wname != "DEFAULT" else weights_cls.DEFAULT
-            except KeyError:
-                names = [w.name for w in weights_cls]
-                raise ConfigError(
-                    f"Unknown weights {wname!r} for torchvision {name!r}. Choose one of "
-                    f"{', '.join(names)}, 'random', or --weights-file PATH."
-                ) from None
+        return None
+    wname = weights or "DEFAULT"
+    if wname == RANDOM:
+        return None
+    try:
+        return weights_cls[wname] if wname != "DEFAULT" else weights_cls.DEFAULT
+    except KeyError:
+        names = [w.name for w in weights_cls]
+        raise ConfigError(
+            f"Unknown weights {wname!r} for torchvision {name!r}. Choose one of "
+            f"{', '.join(names)}, 'random', or --weights-file PATH."
+        ) from None
+
+
+def _tv_state(name: str, model: nn.Module, weights: str | None, weights_file: Path | None,
+              enum: Any) -> tuple[dict[str, torch.Tensor] | None, str, str]:
+    """``(state dict or None, weights tag, sha256)``: from ``--weights-file``, random (initialised in
+    place, state None), or torchvision's checkpoint already in the hub cache (never downloaded)."""
     if weights_file is not None:
-        state = read_state_dict(weights_file)
-        tag, sha = f"file:{weights_file.name}", sha256_file(weights_file)
-    elif weights == RANDOM or enum is None:
+        return read_state_dict(weights_file), f"file:{weights_file.name}", sha256_file(weights_file)
+    if weights == RANDOM or enum is None:
         if weights != RANDOM:
             raise WeightsUnavailable(
                 f"torchvision {name!r} has no pretrained weights; pass --weights-file PATH or "
@@ -94,17 +99,23 @@ def build_torchvision(name: str, weights: str | None, weights_file: Path | None)
             )
         warn_random(name)
         random_init(model)
-        state, tag, sha = None, RANDOM, sha256_tensors(model.state_dict())
-    else:
-        path = hub_checkpoint(enum.url)
-        if not path.is_file():
-            raise WeightsUnavailable(
-                f"Weights {name}.{enum.name} are not available offline: expected {path}. Copy "
-                f"{enum.url} there from a machine with internet access (or set TORCH_HOME), or "
-                "pass --weights-file PATH."
-            )
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        tag, sha = enum.name, sha256_file(path)
+        return None, RANDOM, sha256_tensors(model.state_dict())
+    path = hub_checkpoint(enum.url)
+    if not path.is_file():
+        raise WeightsUnavailable(
+            f"Weights {name}.{enum.name} are not available offline: expected {path}. Copy "
+            f"{enum.url} there from a machine with internet access (or set TORCH_HOME), or "
+            "pass --weights-file PATH."
+        )
+    return torch.load(path, map_location="cpu", weights_only=True), enum.name, sha256_file(path)
+
+
+def build_torchvision(name: str, weights: str | None, weights_file: Path | None) -> Backbone:
+    import torchvision
+
+    model = torchvision.models.get_model(name, weights=None)
+    enum = _weights_enum(name, weights)
+    state, tag, sha = _tv_state(name, model, weights, weights_file, enum)
     pre = _tv_preprocess(enum) if enum is not None else _default_pre_for(name)
     if state is not None:
         load_state_into(model, state, tag, name)
