@@ -194,7 +194,6 @@ def prepare(source: RowSource, job: ExtractJob, identity: dict[str, Any] | None 
         CacheError: ``index_path`` is not a schema-v2 index (and ``overwrite`` is not set).
     """
     from ..backbones import identity_with_window
-    from .config import CONFIG_ATTR
 
     c = job.config
     index_path, overwrite, features, decode, dtype = job.index_path, c.overwrite, job.features, job.decode, c.dtype
@@ -210,8 +209,6 @@ def prepare(source: RowSource, job: ExtractJob, identity: dict[str, Any] | None 
     old = _old_plan(index_path, key, overwrite, features,
                     lambda fk: compute_cache_key(identity, dtype, precision, fk, decode))
     table = read_parts_table(index_path) if old is not None else []
-    old_parts = {p.shard_id: p.name for p in table}
-    recorded = {p.name: (p.size, p.mtime_ns) for p in table}
     if source.layout == "webdataset":
         plan = plan_tars([t for t, _ in source.tars], [n for _, n in source.tars], old if old and old.kind == "tar" else None)
     elif old is not None and old.kind == "range":
@@ -221,6 +218,20 @@ def prepare(source: RowSource, job: ExtractJob, identity: dict[str, Any] | None 
     settings = WorkerSettings(spec, dtype, c.batch_size, job.num_workers, int(identity["embed_dim"]),
                               identity["transform"], decode)
     folder = parts_dir(index_path)
+    planned, planned_paths, jobs = _shard_jobs(source, plan, folder, key, settings, old, table)
+    attrs = _index_attrs(identity, precision, job, source, plan, decode)
+    extra = tuple(features.datasets()) if features is not None else ()
+    return Prepared(index_path, key, plan, planned, planned_paths, jobs, list(source.classes), attrs, list(source.skipped),
+                    ROW_DATASETS + extra)
+
+
+def _shard_jobs(source: RowSource, plan: Any, folder: Path, key: str, settings: WorkerSettings, old: Any,
+                table: list[Any]) -> tuple[list[PlannedPart], dict[int, list[str]], list[ShardJob]]:
+    """Each shard's planned part (id, rows, digest) and paths, and a job for each shard whose part
+    for exactly those rows is missing or damaged (its stat differs from the index's record, or, never
+    listed, it holds another run's key)."""
+    old_parts = {p.shard_id: p.name for p in table}
+    recorded = {p.name: (p.size, p.mtime_ns) for p in table}
     where = assign_rows(plan, source.keys) if plan.kind == "range" else _tar_rows(plan, source)
     planned, planned_paths, jobs = [], {}, []
     for i, shard in enumerate(plan.shards):
@@ -241,16 +252,22 @@ def prepare(source: RowSource, job: ExtractJob, identity: dict[str, Any] | None 
             earlier = sorted(p.name for p in folder.glob(f".part-{shard.shard_id:06d}-*.h5.unit"))
             jobs.append(ShardJob(shard.shard_id, rows, members, str(source.root), str(folder), key,
                                  list(source.classes), source.layout, settings, reuse, damaged, earlier_units=earlier))
-    attrs = {
+    return planned, planned_paths, jobs
+
+
+def _index_attrs(identity: dict[str, Any], precision: str, job: ExtractJob, source: RowSource, plan: Any,
+                 decode: str) -> dict[str, Any]:
+    """The index's attributes: the backbone's identity, the run's settings and its config."""
+    from .config import CONFIG_ATTR
+
+    features = job.features
+    return {
         **{k: identity[k] for k in ("backbone", "weights", "weights_sha256", "transform")},
         "precision": precision, "engine": job.engine, "device": job.device, "root": str(source.root),
         "layout": source.layout, "classes_json": json.dumps(list(source.classes)), "updated": timestamp(),
         "complete": True, "shard_size": plan.shard_size, "decode": decode,
-        **(features.to_attrs() if features is not None else {}), CONFIG_ATTR: c.to_json(),
+        **(features.to_attrs() if features is not None else {}), CONFIG_ATTR: job.config.to_json(),
     }
-    extra = tuple(features.datasets()) if features is not None else ()
-    return Prepared(index_path, key, plan, planned, planned_paths, jobs, list(source.classes), attrs, list(source.skipped),
-                    ROW_DATASETS + extra)
 
 
 def final_part(job: ShardJob) -> Path:
