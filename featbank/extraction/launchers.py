@@ -383,8 +383,6 @@ def run_local(jobs: Sequence[ShardJob], procs: int = 1, on_rows: Callable[[int],
 
 
 def _run_workers(schedule: Schedule, procs: int, on_rows: Callable[[int], None] | None) -> list[PartInfo]:
-    from multiprocessing.connection import wait
-
     import torch
 
     every = [*schedule.work, *schedule.merges.values()]
@@ -394,66 +392,84 @@ def _run_workers(schedule: Schedule, procs: int, on_rows: Callable[[int], None] 
     workers = pool.take() if pool is not None and pool.procs == procs and pool.n_gpu == n_gpu else None
     if workers is None:  # else: started while the parent planned; more than the work needs stop at once
         workers = _start_workers(worker_context(__name__), min(procs, len(schedule.work)), n_gpu)
-    idle: list[int] = []
-    done, failures = [], []
+    crew = _Crew(workers, dispatch, on_rows)
+    crew.run()
+    left = len(dispatch.pending) + len(dispatch.merges)
+    if crew.failures or left:
+        raise CacheError(
+            f"Sharded extraction failed ({left} job(s) not started):\n  " + "\n  ".join(crew.failures[:10])
+            + "\nFinished parts are kept; run the same command again to resume."
+        )
+    return crew.done
 
-    def hand_out(slot: int) -> None:
-        conn, proc, _ = workers[slot]
-        nxt = dispatch.next()
-        if nxt is None and dispatch.waiting:
-            workers[slot][2] = None
-            idle.append(slot)  # a merge is still blocked on units in flight
+
+class _Crew:
+    """The worker processes of one run (``slot -> [conn, process, job in hand]``): hands out the
+    dispatch's jobs as workers ask, books their results, and a death as the failure of its job."""
+
+    def __init__(self, workers: dict[int, list[Any]], dispatch: _Dispatch, on_rows: Callable[[int], None] | None):
+        self.workers, self.dispatch, self.on_rows = workers, dispatch, on_rows
+        self.idle: list[int] = []  # workers waiting for a merge still blocked on units in flight
+        self.done: list[PartInfo] = []
+        self.failures: list[str] = []
+
+    def run(self) -> None:
+        from multiprocessing.connection import wait
+
+        while self.workers:
+            by_handle = {}
+            for slot, (conn, proc, _) in self.workers.items():
+                by_handle[conn] = slot
+                by_handle[proc.sentinel] = slot
+            for handle in wait(list(by_handle)):
+                slot = by_handle[handle]
+                if slot not in self.workers or slot in self.idle:
+                    continue
+                self._take(slot, handle)
+                if slot in self.workers:
+                    self._hand_out(slot)
+                while self.idle and (self.dispatch.pending or not self.dispatch.waiting):
+                    self._hand_out(self.idle.pop())
+            if not self.workers and self.idle:
+                break
+
+    def _take(self, slot: int, handle: Any) -> None:
+        """What woke ``slot``: a message (ready, done, error) or its death."""
+        conn, proc, current = self.workers[slot]
+        try:
+            kind, payload = conn.recv() if handle is conn else (None, None)
+        except (EOFError, OSError):
+            kind, payload = None, None
+        if kind is None:  # the worker died
+            proc.join()
+            during = f"during shard {current.shard_id}" if current is not None else "before taking a shard"
+            self.failures.append(f"worker {slot} (pid {proc.pid}) died with exit code {proc.exitcode} {during}")
+            del self.workers[slot]
+            if current is not None:
+                self.dispatch.finished(current, self.failures[-1])
+        elif kind in ("done", "error") and current is not None:
+            failure = self.dispatch.finished(current, payload if kind == "error" else None)
+            if failure is not None:
+                self.failures.append(failure)
+            elif kind == "done":
+                if current.unit is None:
+                    self.done.append(payload)
+                if self.on_rows is not None:
+                    self.on_rows(_done_rows(current, payload))
+
+    def _hand_out(self, slot: int) -> None:
+        conn, proc, _ = self.workers[slot]
+        nxt = self.dispatch.next()
+        if nxt is None and self.dispatch.waiting:
+            self.workers[slot][2] = None
+            self.idle.append(slot)
             return
         conn.send(nxt)
         if nxt is None:
             proc.join()
-            del workers[slot]
+            del self.workers[slot]
         else:
-            workers[slot][2] = nxt
-
-    while workers:
-        by_handle = {}
-        for slot, (conn, proc, _) in workers.items():
-            by_handle[conn] = slot
-            by_handle[proc.sentinel] = slot
-        for handle in wait(list(by_handle)):
-            slot = by_handle[handle]
-            if slot not in workers or slot in idle:
-                continue
-            conn, proc, current = workers[slot]
-            try:
-                kind, payload = conn.recv() if handle is conn else (None, None)
-            except (EOFError, OSError):
-                kind, payload = None, None
-            if kind is None:  # the worker died
-                proc.join()
-                during = f"during shard {current.shard_id}" if current is not None else "before taking a shard"
-                failures.append(f"worker {slot} (pid {proc.pid}) died with exit code {proc.exitcode} {during}")
-                del workers[slot]
-                if current is not None:
-                    dispatch.finished(current, failures[-1])
-            elif kind in ("done", "error") and current is not None:
-                failure = dispatch.finished(current, payload if kind == "error" else None)
-                if failure is not None:
-                    failures.append(failure)
-                elif kind == "done":
-                    if current.unit is None:
-                        done.append(payload)
-                    if on_rows is not None:
-                        on_rows(_done_rows(current, payload))
-            if slot in workers:
-                hand_out(slot)
-            while idle and (dispatch.pending or not dispatch.waiting):
-                hand_out(idle.pop())
-        if not workers and idle:
-            break
-    left = len(dispatch.pending) + len(dispatch.merges)
-    if failures or left:
-        raise CacheError(
-            f"Sharded extraction failed ({left} job(s) not started):\n  " + "\n  ".join(failures[:10])
-            + "\nFinished parts are kept; run the same command again to resume."
-        )
-    return done
+            self.workers[slot][2] = nxt
 
 
 def run_slice(prepared: Prepared, rank: int, world: int) -> list[PartInfo]:
