@@ -116,27 +116,7 @@ class MLPHead(TorchHead):
         rs = check_random_state(self.random_state)
         seed = int(rs.randint(0, 2**31 - 1))
         gen = np.random.default_rng(seed)
-        val_feats, yv = None, None
-        if eval_set is not None:
-            Xv, yv_raw = eval_set
-            val_feats = Xv if isinstance(Xv, Features) else Features(np.asarray(Xv, np.float32))
-            yv_raw = np.asarray(yv_raw)
-            unknown = np.setdiff1d(np.unique(yv_raw), self.classes_)
-            if unknown.size:
-                raise ValueError(f"eval_set has labels not seen in training: {unknown.tolist()}.")
-            yv = np.searchsorted(self.classes_, yv_raw).astype(np.int64)
-        elif self.early_stopping and feats.n_samples >= 10:
-            from sklearn.model_selection import train_test_split
-
-            pos, n_val = np.arange(feats.n_samples), int(np.ceil(self.validation_fraction * feats.n_samples))
-            # stratified where scikit-learn can split so: every class twice or more, and each side at least as
-            # many rows as classes (10% of a 3-class fold of 12 rows is 2 rows: drawn at random instead)
-            k = len(self.classes_)
-            stratify = np.bincount(y_enc).min() >= 2 and min(n_val, feats.n_samples - n_val) >= k
-            tr, va = train_test_split(pos, test_size=n_val, random_state=seed, stratify=y_enc if stratify else None)
-            val_feats, yv = feats.subset(np.sort(va)), y_enc[np.sort(va)]
-            feats, y_enc, sw = feats.subset(np.sort(tr)), y_enc[np.sort(tr)], sw[np.sort(tr)]
-
+        feats, y_enc, sw, val_feats, yv = self._stopping_set(feats, y_enc, sw, eval_set, seed)
         dev = resolve_device(self.device)
         k, d = len(self.classes_), feats.embed_dim
         pre = Preprocess(self.l2_normalize, self.mean_, self.scale_).to(dev)
@@ -168,6 +148,31 @@ class MLPHead(TorchHead):
         self.best_val_loss_ = float(best_loss) if val_feats is not None else None
         self.net_ = net.cpu().eval()
         return self
+
+    def _stopping_set(self, feats: Features, y_enc: np.ndarray, sw: np.ndarray, eval_set: tuple[Any, Any] | None,
+                      seed: int) -> tuple[Features, np.ndarray, np.ndarray, Features | None, np.ndarray | None]:
+        """``(fit rows, their labels, weights, early-stopping rows, their labels)``: ``eval_set`` where given;
+        else, with ``early_stopping``, ``validation_fraction`` of the rows held out; else none."""
+        if eval_set is not None:
+            Xv, yv_raw = eval_set
+            val_feats = Xv if isinstance(Xv, Features) else Features(np.asarray(Xv, np.float32))
+            yv_raw = np.asarray(yv_raw)
+            unknown = np.setdiff1d(np.unique(yv_raw), self.classes_)
+            if unknown.size:
+                raise ValueError(f"eval_set has labels not seen in training: {unknown.tolist()}.")
+            return feats, y_enc, sw, val_feats, np.searchsorted(self.classes_, yv_raw).astype(np.int64)
+        if not (self.early_stopping and feats.n_samples >= 10):
+            return feats, y_enc, sw, None, None
+        from sklearn.model_selection import train_test_split
+
+        pos, n_val = np.arange(feats.n_samples), int(np.ceil(self.validation_fraction * feats.n_samples))
+        # stratified where scikit-learn can split so: every class twice or more, and each side at least as
+        # many rows as classes (10% of a 3-class fold of 12 rows is 2 rows: drawn at random instead)
+        k = len(self.classes_)
+        stratify = np.bincount(y_enc).min() >= 2 and min(n_val, feats.n_samples - n_val) >= k
+        tr, va = train_test_split(pos, test_size=n_val, random_state=seed, stratify=y_enc if stratify else None)
+        tr, va = np.sort(tr), np.sort(va)
+        return feats.subset(tr), y_enc[tr], sw[tr], feats.subset(va), y_enc[va]
 
     def _logits(self, X: np.ndarray) -> np.ndarray:
         with torch.no_grad():
