@@ -22,7 +22,8 @@ from featbank.cli.main import cli
 from featbank.errors import BundleError, ConfigError
 from featbank.fitting._auto import bootstrap_interval, idle_cores, search_threads
 from featbank.fitting._layers import FeatureTable
-from featbank.fitting._search import AutoSearch, Candidate, Scored, _ranked, make_folds, parse_budget
+from featbank.fitting._scored import Candidate, Scored
+from featbank.fitting._search import AutoSearch, _ranked, make_folds, parse_budget
 from featbank.fitting._spec_family import half_decades
 from featbank.heads import HEAD_FAMILIES, PREPROCESSES, SKLEARN_C_GRID
 
@@ -1001,9 +1002,9 @@ def test_whole_folds_correct_the_speed_measured_on_round_ones_sample() -> None:
     """A candidate timed on the sample alone is predicted on whole folds at its own speed times how much
     faster whole folds of its family ran against their estimates than its sample folds did (not
     another family's: 1 until its own have run)."""
-    from featbank.fitting._search import _Clock
+    from featbank.fitting._clock import Clock
 
-    clock = _Clock(100.0, SimClock())
+    clock = Clock(100.0, SimClock())
     a = Scored(Candidate("final", ("final",), "plain", "standardize", "svm-rbf"), [{}], np.zeros((1, 1)),
                seconds=0.6, estimate=5.0, est_done=1.0, screen_seconds=0.6, screen_est=1.0, screen_scale=0.2)
     assert clock.predict(a, 5, 5) == pytest.approx(5.0 * 0.6)  # nothing whole timed yet: the sample's speed

@@ -13,7 +13,8 @@ from __future__ import annotations
 from ._auto import bootstrap_interval, column_blocks, feature_matrices, spans
 from ._layers import pool_views
 from ._rows import opened_cache, parse_memory, split_rows
-from ._search import AutoSearch, Candidate, make_folds, parse_budget
+from ._scored import Candidate
+from ._search import AutoSearch, make_folds, parse_budget
 from ._select import COARSE_GRID
 from .config import FitConfig
 from .probe import FitResult, fit

@@ -43,7 +43,8 @@ from ..errors import ConfigError
 from ..features import DEFAULT_POOLING, VIEW_POOL, FeatureSpec
 from ._layers import FeatureTable, LayerChoice, resolve_layers, select_layers
 from ._rows import check_finite, opened_cache, split_rows
-from ._search import DEFAULT_BUDGET, DEFAULT_CV, DEFAULT_REPEATS, AutoSearch, Candidate, FeatureKey, parse_budget
+from ._scored import Candidate, FeatureKey
+from ._search import DEFAULT_BUDGET, DEFAULT_CV, DEFAULT_REPEATS, AutoSearch, parse_budget
 from ._select import HeadSpec
 
 if TYPE_CHECKING:

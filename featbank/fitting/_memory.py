@@ -27,7 +27,7 @@ from .._machine import format_bytes, memory_limit
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
-    from ._search import Candidate, FeatureKey
+    from ._scored import Candidate, FeatureKey
 
 __all__ = ["MEMORY_SHARE", "search_memory_bound", "matrices_bytes", "gram_bytes", "plan_memory"]
 

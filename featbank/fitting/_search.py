@@ -61,18 +61,19 @@ import math
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from ..errors import ConfigError
 from ..splits import stratified_sample
+from ._clock import Clock
+from ._scored import Candidate, FeatureKey, Scored
 
 if TYPE_CHECKING:
     from ..heads import Block
 
-__all__ = ["AutoSearch", "Candidate", "Scored", "FeatureKey", "HeadFamilyLike", "parse_budget", "make_folds",
+__all__ = ["AutoSearch", "HeadFamilyLike", "parse_budget", "make_folds",
            "DEFAULT_BUDGET", "DEFAULT_CV", "DEFAULT_REPEATS", "KEEP", "MAX_KEEP", "ROUND1_SHARE", "LATER_SHARE",
            "SCREEN_ROWS"]
 
@@ -100,11 +101,7 @@ LATER_SHARE = 0.1
 #: 90 s scored 13 of 102 candidates. The later rounds score the survivors on whole folds, and a
 #: screening score never enters their means. Caches of under 5,000 training images are never sampled.
 SCREEN_ROWS = 2000
-#: The smallest measured / estimated speed ratio the plan believes (a family timed at ~0 s).
-_MIN_RATIO = 1e-3
 
-#: (layers, views) of a feature matrix: the layers concatenated in network order, "plain" or "pooled".
-FeatureKey = tuple[tuple[str, ...], str]
 Folds = Sequence[tuple[np.ndarray, np.ndarray]]
 
 _BUDGET = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|min|h)?\s*")
@@ -173,174 +170,6 @@ def make_folds(y: np.ndarray, k: int, repeats: int, seed: int) -> list[list[tupl
         skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed + r)
         out.append([(np.sort(a), np.sort(b)) for a, b in skf.split(np.zeros(len(y)), y)])
     return out
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One route to a head: which features, how views are handled, the preprocessing and the head family.
-
-    ``features`` names the feature set (``final``, ``auto``, ``all``, a span ``last2`` ..., or the
-    layers given); ``layers`` are its layers in network order; ``views`` is ``plain`` or ``pooled``.
-    ``tier``: round 1 leads with the candidates of tier 0, those of tier 1 after them (the suffix
-    spans of ``--auto``, refinements between ``final`` and ``all``); not part of the leaderboard.
-    """
-
-    features: str
-    layers: tuple[str, ...]
-    views: str
-    preprocess: str
-    head: str
-    tier: int = 0
-
-    @property
-    def key(self) -> FeatureKey:
-        return (self.layers, self.views)
-
-    def describe(self) -> dict[str, Any]:
-        return {"features": self.features, "layers": list(self.layers), "views": self.views,
-                "preprocessing": self.preprocess, "head": self.head}
-
-
-@dataclass
-class Scored:
-    """A candidate's grid and its fold scores so far (``scores``: grid points x folds scored)."""
-
-    candidate: Candidate
-    grid: list[dict[str, Any]]
-    scores: np.ndarray
-    seconds: float = 0.0
-    rounds: int = 0
-    estimate: float = 0.0
-    kernel_estimate: float | None = None  # the Gram's part of ``estimate``; None: the family shares no kernel
-    est_done: float = 0.0  # the estimated seconds of the folds timed so far (``seconds`` is what they took)
-    screen_scale: float = 1.0  # round 1's fold (a sample, see SCREEN_ROWS) against a whole fold, by the estimates
-    screen_seconds: float = 0.0  # the part of ``seconds`` and ``est_done`` on round 1's sample
-    screen_est: float = 0.0
-    screen_scores: np.ndarray | None = None  # round 1's scores on the sample (``scores`` drops them in round 2)
-
-    @property
-    def n_fits(self) -> int:
-        """Folds scored, round 1's sample included (a survivor's ``scores`` set its column aside)."""
-        return int(self.scores.shape[1]) + (self.screen_scores is not None and self.rounds > 1)
-
-    @property
-    def on_sample(self) -> bool:
-        """Its scores are those of round 1's sample (it went no further)."""
-        return self.screen_scores is not None and self.rounds <= 1
-
-    @property
-    def group(self) -> tuple[FeatureKey, str] | None:
-        """(features, preprocessing) of a family that works from a shared Gram matrix, else None."""
-        return None if self.kernel_estimate is None else (self.candidate.key, self.candidate.preprocess)
-
-    @property
-    def best_index(self) -> int:
-        means = self.scores.mean(axis=1)
-        return int(np.flatnonzero(means >= means.max() - 1e-12)[0])  # ties: the first grid point
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return dict(self.grid[self.best_index])
-
-    @property
-    def cv_mean(self) -> float:
-        return float(self.scores[self.best_index].mean())
-
-    @property
-    def cv_std(self) -> float:
-        return float(self.scores[self.best_index].std())
-
-    def to_row(self, rank: int) -> dict[str, Any]:
-        row = {"rank": rank, **self.candidate.describe(), "params": _plain(self.params), "cv_mean": self.cv_mean,
-               "cv_std": self.cv_std, "n_folds": int(self.scores.shape[1]), "rounds": self.rounds,
-               "seconds": round(self.seconds, 3)}
-        return {**row, "sample": True} if self.on_sample else row
-
-
-def _plain(params: Mapping[str, Any]) -> dict[str, Any]:
-    """JSON-safe parameters: numpy scalars as Python numbers, tuples as lists."""
-    out: dict[str, Any] = {}
-    for k, v in params.items():
-        if isinstance(v, np.generic):
-            v = v.item()
-        elif isinstance(v, tuple):
-            v = list(v)
-        out[str(k)] = v
-    return out
-
-
-@dataclass
-class _Clock:
-    """The budget: the wall clock, and how fast this machine runs each family against its estimates.
-
-    ``ratio(family)`` is measured seconds / estimated seconds over the folds that family has
-    been scored on so far (before any: the ratio over every family measured, else 1), so a
-    family whose ``relative_cost`` is 3x too high on this machine is planned at a third of it.
-    """
-
-    budget_s: float
-    now: Callable[[], float] = time.perf_counter
-    t0: float = float("nan")
-    est: dict[str, float] = field(default_factory=dict)
-    real: dict[str, float] = field(default_factory=dict)
-    screen_est: dict[str, float] = field(default_factory=dict)  # the part of est / real on round 1's sample
-    screen_real: dict[str, float] = field(default_factory=dict)
-    cut_by_clock: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if math.isnan(self.t0):
-            self.t0 = self.now()
-
-    @property
-    def elapsed(self) -> float:
-        return self.now() - self.t0
-
-    def ratio(self, family: str) -> float:
-        if self.est.get(family, 0.0) > 0:
-            return max(self.real[family] / self.est[family], _MIN_RATIO)
-        total = sum(self.est.values())
-        return max(sum(self.real.values()) / total, _MIN_RATIO) if total > 0 else 1.0
-
-    def predict(self, s: Scored, n_folds: int, cv: int, saved: float = 0.0, scale: float = 1.0) -> float:
-        """Seconds ``s`` should take on ``n_folds`` more folds, whose estimated seconds are its estimate
-        per fold less ``saved`` (the shared Gram matrices already there), times ``scale`` (round 1's
-        sampled fold): scaled by its own measured / estimated ratio once it has folds, else by its family's."""
-        work = (s.estimate / cv * n_folds - saved / cv) * scale
-        whole_s, whole_e = s.seconds - s.screen_seconds, s.est_done - s.screen_est
-        if scale == 1.0 and whole_s > 0 and whole_e > 0:
-            return work * whole_s / whole_e
-        if s.scores.shape[1] and s.seconds > 0 and s.est_done > 0:
-            # timed on round 1's sample alone: whole folds at that speed, corrected by how much faster or
-            # slower than the sample whole folds have run against their estimates so far
-            return work * s.seconds / s.est_done * (self.whole_factor(s.candidate.head) if scale == 1.0 else 1.0)
-        return work * self.ratio(s.candidate.head)
-
-    def whole_factor(self, family: str) -> float:
-        """Measured / estimated seconds of ``family``'s whole folds over that of its folds on round 1's
-        sample, once it has both; else 1. (The estimates scale a fold by its fit rows alone; a sample's
-        held-out rows, and what a fold costs whatever its size, can make it dearer than its estimate
-        says, or cheaper. Another family's factor is no guide: on a 60,000-row cache the linear head's
-        whole folds ran at 0.64 of its sample's ratio, the MLP's at 1.0, and the MLP planned with the
-        linear head's factor overran the budget by 17%.)"""
-        se, sr = self.screen_est.get(family, 0.0), self.screen_real.get(family, 0.0)
-        we, wr = self.est.get(family, 0.0) - se, self.real.get(family, 0.0) - sr
-        if se > 0 and sr > 0 and we > 0 and wr > 0:
-            return max((wr / we) / (sr / se), _MIN_RATIO)
-        return 1.0
-
-    def fits(self, seconds: float, limit: float) -> bool:
-        return self.elapsed + seconds <= limit
-
-    def record(self, family: str, estimate: float, seconds: float, screen: bool = False) -> None:
-        self.est[family] = self.est.get(family, 0.0) + estimate
-        self.real[family] = self.real.get(family, 0.0) + seconds
-        if screen:
-            self.screen_est[family] = self.screen_est.get(family, 0.0) + estimate
-            self.screen_real[family] = self.screen_real.get(family, 0.0) + seconds
-
-    def calibration(self) -> dict[str, float]:
-        """Measured / estimated seconds per family scored (the factor the plan applied to its estimates)."""
-        return {f: round(self.real[f] / self.est[f], 4) for f in sorted(self.est) if self.est[f] > 0}
 
 
 class AutoSearch:
@@ -412,7 +241,7 @@ class AutoSearch:
         self.screen_ = self._screen_fold(y)
         self._sampled = self.screen_ is not None
         self.rungs_ = _rungs(self.cv, self.repeats, self._sampled)
-        clock = _Clock(self.budget_s, self.clock)
+        clock = Clock(self.budget_s, self.clock)
         for key, key_blocks in blocks.items():
             if key in data:
                 self._kernels.register(data[key], key_blocks)
@@ -491,7 +320,7 @@ class AutoSearch:
         return sum(self._saved(s, data[s.candidate.key], fold) for fold in self._round_folds(r))
 
     def _first_round(self, scored: list[Scored], data: Mapping[FeatureKey, np.ndarray], y: np.ndarray,
-                     clock: _Clock) -> list[Scored]:
+                     clock: Clock) -> list[Scored]:
         """Every candidate on one fold, in three passes, while its prediction fits (see :meth:`_try`).
 
         Pass 1 (breadth first): one candidate of every (feature set, family), its cheapest estimate,
@@ -522,7 +351,7 @@ class AutoSearch:
         return done
 
     def _main_round(self, scored: list[Scored], late: set[int], done: list[Scored],
-                    data: Mapping[FeatureKey, np.ndarray], y: np.ndarray, clock: _Clock) -> None:
+                    data: Mapping[FeatureKey, np.ndarray], y: np.ndarray, clock: Clock) -> None:
         """Round 1's passes 1 and 2 over the candidates not in ``late`` (see :meth:`_first_round`)."""
         first: dict[tuple[str, str], int] = {}
         for i, s in enumerate(scored):
@@ -554,7 +383,7 @@ class AutoSearch:
                 break
 
     def _first_pass(self, todo: list[tuple[int, Scored]], done: list[Scored], data: Mapping[FeatureKey, np.ndarray],
-                    y: np.ndarray, clock: _Clock) -> None:
+                    y: np.ndarray, clock: Clock) -> None:
         """Pass 1 over ``todo`` (index, candidate): the cheapest *predicted* first, renewed after each one is
         scored (its family's measured speed; a Gram matrix it would share, already there).
 
@@ -587,7 +416,7 @@ class AutoSearch:
                     queues[f] = [t for t in q if t[2].group != s.group]
 
     def _try(self, s: Scored, done: list[Scored], data: Mapping[FeatureKey, np.ndarray], y: np.ndarray,
-             clock: _Clock) -> bool:
+             clock: Clock) -> bool:
         """Score ``s`` on round 1's fold when its prediction fits in the budget less the reserve the later
         rounds would need were it scored (:meth:`_reserve`, at most 1 - :data:`ROUND1_SHARE` of the
         budget); the first is always scored. Else it is skipped for budget. Returns whether it was scored."""
@@ -611,14 +440,14 @@ class AutoSearch:
         self.skipped_.append({**s.candidate.describe(), "reason": "budget", "estimate_s": round(s.estimate, 3),
                               "predicted_s": round(predicted / (s.screen_scale or 1.0) * self.cv, 3)})
 
-    def _round1_reserve(self, n: int, clock: _Clock) -> float:
+    def _round1_reserve(self, n: int, clock: Clock) -> float:
         """:meth:`_reserve` after ``n`` candidates, at least :data:`LATER_SHARE` and at most
         1 - :data:`ROUND1_SHARE` of the budget."""
         reserve = max(self._reserve(self._leaders, n, clock), LATER_SHARE * self.budget_s)
         return min(reserve, (1.0 - ROUND1_SHARE) * self.budget_s)
 
     def _skip_rest(self, rest: Sequence[Scored], n_done: int, data: Mapping[FeatureKey, np.ndarray],
-                   clock: _Clock) -> bool:
+                   clock: Clock) -> bool:
         """Skip every one of ``rest`` for budget when not even the cheapest of them, counting its Gram matrix
         as shared, fits with the reserve (so a long list is not walked one by one once the time is spent).
         Each is recorded with its prediction as it stands (the Gram matrices already there taken off)."""
@@ -632,7 +461,7 @@ class AutoSearch:
             self._skip(t, clock.predict(t, 1, self.cv, self._saved(t, data[t.candidate.key], fold), t.screen_scale))
         return True
 
-    def _reserve(self, leaders: Sequence[Scored], n: int, clock: _Clock) -> float:
+    def _reserve(self, leaders: Sequence[Scored], n: int, clock: Clock) -> float:
         """Seconds the later rounds would take after ``n`` candidates on round 1: the best :func:`_keep` of
         them (``leaders``, by their scores so far: those that would go on) on each later round's folds, each at its own
         measured speed, a Gram matrix paid once per fold by the survivors that share it. (A mean over every
@@ -652,7 +481,7 @@ class AutoSearch:
         return total
 
     def _affordable(self, r: int, todo: list[Scored], data: Mapping[FeatureKey, np.ndarray],
-                    clock: _Clock) -> list[Scored]:
+                    clock: Clock) -> list[Scored]:
         """The longest prefix of ``todo`` (best first) whose predicted seconds on round ``r``'s folds fit in
         what is left of the budget together (a Gram matrix counted once per fold for a group): empty
         when not even the first fits. A round then completes, and ranks those it scored on its folds,
@@ -672,7 +501,7 @@ class AutoSearch:
         return out
 
     def _round(self, r: int, promoted: list[Scored], data: Mapping[FeatureKey, np.ndarray], y: np.ndarray,
-               clock: _Clock) -> list[Scored]:
+               clock: Clock) -> list[Scored]:
         """The promoted candidates (best first) on round ``r``'s folds: those the budget left affords
         together (:meth:`_affordable`), planned again once they are done, at the speed this round's
         folds ran (after a sampled round 1, the first whole folds correct its speeds); the rest are
@@ -702,7 +531,7 @@ class AutoSearch:
         return done
 
     def _score_in_round(self, s: Scored, r: int, n_folds: int, data: Mapping[FeatureKey, np.ndarray], y: np.ndarray,
-                        clock: _Clock, done: list[Scored]) -> bool:
+                        clock: Clock, done: list[Scored]) -> bool:
         """Score ``s`` on round ``r``'s folds if its predicted seconds fit in the budget (appended to ``done``);
         else, or when the clock stops it part-way, it is named in ``cut_by_clock``. Returns whether scored."""
         name = _label(s.candidate)
@@ -715,7 +544,7 @@ class AutoSearch:
         clock.cut_by_clock.append(f"round {r + 1}: {name} (stopped after a fold)")
         return False
 
-    def _score(self, s: Scored, r: int, X: np.ndarray, y: np.ndarray, clock: _Clock) -> bool:
+    def _score(self, s: Scored, r: int, X: np.ndarray, y: np.ndarray, clock: Clock) -> bool:
         """Score ``s`` on the folds of round ``r``, one fold per call so the clock is checked between folds.
 
         Returns ``False`` (and keeps none of this round's folds) when the next fold, at the speed of
