@@ -156,11 +156,18 @@ def _check_data(data: str | os.PathLike) -> None:
 
 def _compare_one(opts: CompareConfig, name: str, plan: _LayerPlan) -> CompareRow:
     """Extract (or reuse) one backbone's cache and probe it; a featbank error lands in ``error``."""
-    from ..cache import open_cache
-    from ..extraction import extract
-    from ..fitting import fit
-
     row = empty_row(name, opts.layers)
+    report = _extract_row(row, opts, name, plan)
+    result = None if report is None else _fit_row(row, opts, plan, report)
+    if result is not None:
+        _record_fit(row, opts, plan, result)
+    return row
+
+
+def _extract_row(row: CompareRow, opts: CompareConfig, name: str, plan: _LayerPlan) -> Any:
+    """Extract ``name``'s cache, its figures into ``row``; the report, or None (the error in ``row``)."""
+    from ..extraction import extract
+
     clock = Clock()
     layered = {} if plan.extract_layers is None else {"layers": ",".join(plan.extract_layers)}
     try:
@@ -171,7 +178,7 @@ def _compare_one(opts: CompareConfig, name: str, plan: _LayerPlan) -> CompareRow
         raise
     except FeatbankError as e:
         row["error"] = f"extract failed: {e}"
-        return row
+        return None
     row.update(cache=str(report.path), n_embedded=report.n_embedded, extract_s=round(report.seconds, 3))
     rate, row["img_per_s_source"] = choose_throughput(report, clock.measure(report, opts.batch_size))
     if rate is not None:
@@ -180,16 +187,28 @@ def _compare_one(opts: CompareConfig, name: str, plan: _LayerPlan) -> CompareRow
     if report.n_skipped:
         row["notes"].append(f"{report.n_skipped} image(s) could not be read and were skipped (listed in the "
                             "cache under skipped/)")
+    return report
+
+
+def _fit_row(row: CompareRow, opts: CompareConfig, plan: _LayerPlan, report: Any) -> Any:
+    """The default linear probe on the cache; the fit's result, or None (the error in ``row``)."""
+    from ..cache import open_cache
+    from ..fitting import fit
+
     try:
         with open_cache(report.path) as cache:
             row["dims"], row["n_images"] = int(cache.embed_dim), len(cache)
-            result = fit(cache, "linear", device=opts.device, save=False,
-                         **({} if plan.extract_layers is None else {"layers": opts.layers}))
+            return fit(cache, "linear", device=opts.device, save=False,
+                       **({} if plan.extract_layers is None else {"layers": opts.layers}))
     except Interrupted:
         raise
     except FeatbankError as e:
         row["error"] = f"fit failed: {e}"
-        return row
+        return None
+
+
+def _record_fit(row: CompareRow, opts: CompareConfig, plan: _LayerPlan, result: Any) -> None:
+    """The probe's figures into ``row``: val and test metrics, sizes, choice, the layers it read."""
     val = result.metrics.get("val", {})
     test = result.metrics.get("test", {}) if result.eval_split == "test" else {}
     row.update(
@@ -207,7 +226,6 @@ def _compare_one(opts: CompareConfig, name: str, plan: _LayerPlan) -> CompareRow
                                 f"{','.join(plan.extract_layers)}")
     if result.eval_split != "test":
         row["notes"].append(NO_TEST)
-    return row
 
 
 def _number(value: Any) -> float | None:
