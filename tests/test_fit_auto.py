@@ -215,6 +215,53 @@ def test_a_leaderboard_that_lies_is_refused_on_load(auto_bundle, tmp_path, edit,
         featbank.load_bundle(copy)
 
 
+def _raise_a_later_row(m: dict) -> None:
+    """The row under one of equal rounds (compared on the same folds) scored above it."""
+    board = m["search"]["leaderboard"]
+    i = next(i for i in range(1, len(board)) if board[i]["rounds"] == board[i - 1]["rounds"] == 1)
+    board[i]["cv_mean"] = min(1.0, board[i - 1]["cv_mean"] + 0.01)
+    board[i - 1]["cv_mean"] = board[i]["cv_mean"] - 0.01
+
+
+def _rename_winners_features(m: dict) -> None:
+    win = m["search"]["leaderboard"][0]
+    win["features"] = "final" if win["features"] != "final" else "all"
+
+
+def _copy_winner_down(m: dict) -> None:
+    board = m["search"]["leaderboard"]
+    board[1] = {**board[0], "rank": 2}
+
+
+# Well-typed edits that only the section's agreement with itself (and with metrics.cv) gives away.
+@pytest.mark.parametrize("edit, what", [
+    (lambda m: m["search"]["leaderboard"][0].update(cv_mean=0.5), "metrics.cv says"),
+    (lambda m: m["metrics"]["cv"].update(top1=0.5), "metrics.cv says"),
+    (lambda m: m["search"]["leaderboard"][0].update(rounds=m["search"]["leaderboard"][0]["rounds"] + 1),
+     "reached round|folds, but round"),
+    (lambda m: m["search"]["leaderboard"][-1].update(rounds=99), "reached round 99 of a search of"),
+    (lambda m: m["search"]["leaderboard"][-1].update(n_folds=m["search"]["leaderboard"][-1]["n_folds"] + 1),
+     "folds, but round"),
+    (_raise_a_later_row, "above the"),
+    (_copy_winner_down, "are the same candidate"),
+    (_rename_winners_features, "names feature set"),
+    (lambda m: m["search"].update(n_scored=m["search"]["n_scored"] - 1), "n_scored is"),
+    (lambda m: m["search"].update(n_candidates=m["search"]["n_candidates"] + 5), "n_candidates is"),
+    (lambda m: m["search"]["rounds"][0]["candidates"].pop(), "round 1 scored"),
+    (lambda m: m["search"]["rounds"][0].update(complete="yes"), "complete"),
+    (lambda m: m["search"].update(rounds=[]), "search.rounds"),
+])
+def test_a_leaderboard_that_contradicts_itself_is_refused_on_load(auto_bundle, tmp_path, edit, what) -> None:
+    out, _ = auto_bundle
+    featbank.load_bundle(out)  # as written: consistent
+    copy = tmp_path / "b"
+    shutil.copytree(out, copy)
+    rewrite(copy, edit)
+    with pytest.raises(BundleError, match=what) as err:
+        featbank.load_bundle(copy)
+    assert "re-create it" in str(err.value)
+
+
 @pytest.mark.slow
 def test_test_labels_cannot_change_any_choice(layered) -> None:
     """The same cache twice, the second with every test image's label changed: the search must not notice."""

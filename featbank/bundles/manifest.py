@@ -14,8 +14,6 @@ Errors name the manifest file and the field, e.g.
 from __future__ import annotations
 
 import json
-import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +21,8 @@ from typing import Any
 
 from ..errors import BundleError
 from ..features import FeatureSpec, FeatureSpecError
+from ._fields import _Reader, check_file_name
+from ._search_section import check_search
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -46,7 +46,6 @@ BUNDLE_VERSION = 1
 MANIFEST = "manifest.json"
 KINDS = ("head", "finetuned")
 HEAD_TYPES = ("linear", "mlp", "sklearn")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -111,72 +110,6 @@ class Manifest:
         return "finetune" if self.kind == "finetuned" else "head"
 
 
-class _Reader:
-    """Type checks with messages naming the manifest file and the field."""
-
-    def __init__(self, source: str):
-        self.source = source
-
-    def fail(self, name: str, want: str, value: Any) -> BundleError:
-        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
-        return BundleError(
-            f"{self.source!r}: field {name!r} must be {want}; got {shown}. The bundle is corrupt or was not "
-            "written by featbank; re-create it."
-        )
-
-    def section(self, obj: Mapping[str, Any], key: str, prefix: str = "", required: bool = True) -> dict | None:
-        value = obj.get(key)
-        if value is None and not required:
-            return None
-        if not isinstance(value, dict):
-            raise self.fail(prefix + key, "an object", value)
-        return value
-
-    def text(self, obj: Mapping[str, Any], key: str, prefix: str = "", required: bool = True) -> str | None:
-        value = obj.get(key)
-        if value is None and not required:
-            return None
-        if not isinstance(value, str) or not value:
-            raise self.fail(prefix + key, "a non-empty string", value)
-        return value
-
-    def sha(self, obj: Mapping[str, Any], key: str, prefix: str = "") -> str | None:
-        value = obj.get(key)
-        if value is not None and not (isinstance(value, str) and _SHA256.match(value)):
-            raise self.fail(prefix + key, "a sha256 (64 lowercase hex digits)", value)
-        return value
-
-    def positive_int(self, obj: Mapping[str, Any], key: str, prefix: str = "") -> int | None:
-        value = obj.get(key)
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise self.fail(prefix + key, "a positive integer", value)
-        return value
-
-    def file_name(self, obj: Mapping[str, Any], key: str, prefix: str) -> str:
-        value = self.text(obj, key, prefix)
-        try:
-            return check_file_name(value)  # type: ignore[arg-type]
-        except BundleError as e:
-            raise BundleError(f"{self.source!r}: field {prefix + key!r}: {e}") from None
-
-
-def check_file_name(name: str) -> str:
-    """``name`` if it is a bare file name (no folder part, not absolute, not ``.``/``..``).
-
-    Raises:
-        BundleError: anything that could point outside the bundle folder.
-    """
-    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
-            or "\0" in name or Path(name).is_absolute() or Path(name).name != name):
-        raise BundleError(
-            f"file name {name!r} is not a bare file name inside the bundle (no folders, no '..', no absolute "
-            "paths); refusing to open it."
-        )
-    return name
-
-
 def _identity(r: _Reader, obj: Mapping[str, Any], prefix: str) -> BackboneIdentity:
     name = r.text(obj, "backbone", prefix)
     transform = r.section(obj, "transform", prefix, required=False)
@@ -214,76 +147,6 @@ def _features(r: _Reader, raw: Mapping[str, Any]) -> FeatureSpec | None:
         return FeatureSpec.from_dict(f)
     except FeatureSpecError as e:
         raise r.fail(f"features.{e.field}", e.want, e.value) from None
-
-
-_VIEW_MODES = ("plain", "pooled")
-
-
-def _number(r: _Reader, row: Mapping[str, Any], key: str, prefix: str, lo: float, hi: float) -> float:
-    v = row.get(key)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
-        raise r.fail(prefix + key, f"a finite number in [{lo:g}, {hi:g}]", v)
-    return float(v)
-
-
-def _check_row(r: _Reader, row: Any, i: int) -> None:
-    """One leaderboard row: its rank, what the candidate was, and finite scores."""
-    p = f"search.leaderboard[{i}]."
-    if not isinstance(row, dict):
-        raise r.fail(p[:-1], "an object", row)
-    if row.get("rank") != i + 1 or isinstance(row.get("rank"), bool):
-        raise r.fail(p + "rank", f"{i + 1} (rows in rank order)", row.get("rank"))
-    for key in ("features", "preprocessing", "head"):
-        r.text(row, key, p)
-    layers = row.get("layers")
-    if not isinstance(layers, list) or not layers or not all(isinstance(t, str) and t for t in layers):
-        raise r.fail(p + "layers", "a non-empty list of layer names", layers)
-    if row.get("views") not in _VIEW_MODES:
-        raise r.fail(p + "views", f"one of {', '.join(_VIEW_MODES)}", row.get("views"))
-    if not isinstance(row.get("params"), dict):
-        raise r.fail(p + "params", "an object", row.get("params"))
-    _number(r, row, "cv_mean", p, 0.0, 1.0)
-    _number(r, row, "cv_std", p, 0.0, 1.0)
-    _number(r, row, "seconds", p, 0.0, math.inf)
-    r.positive_int(row, "n_folds", p)
-    if row.get("n_folds") is None:
-        raise r.fail(p + "n_folds", "a positive integer", None)
-    if "sample" in row and row["sample"] is not True:  # scored on round 1's sample of fold 1 alone
-        raise r.fail(p + "sample", "true or absent", row["sample"])
-
-
-def _check_search(r: _Reader, m: Manifest) -> None:
-    """``search`` of a ``fit --auto`` / ``--cv`` bundle: a well-typed leaderboard whose winner is this bundle's head."""
-    s = r.section(m.raw, "search", required=False)
-    if s is None:
-        return
-    if m.head is None:
-        raise r.fail("search", "absent from a fine-tuned bundle", "present")
-    cv = s.get("cv")
-    if isinstance(cv, bool) or not isinstance(cv, int) or cv < 2:
-        raise r.fail("search.cv", "an integer >= 2", cv)
-    board = s.get("leaderboard")
-    if not isinstance(board, list) or not board:
-        raise r.fail("search.leaderboard", "a non-empty list", board)
-    for i, row in enumerate(board):
-        _check_row(r, row, i)
-    _check_winner(r, m, board[0])
-
-
-def _check_winner(r: _Reader, m: Manifest, win: Mapping[str, Any]) -> None:
-    """The leaderboard's first row must describe the head the bundle holds."""
-    head = m.raw["head"]
-    f = m.features
-    claims = {"head.family": (head.get("family"), win["head"]), "head.chosen": (head.get("chosen"), win["params"]),
-              "head.preprocess": (head.get("preprocess"), win["preprocessing"]),
-              "features.layers": (list(f.layers) if f else ["final"], win["layers"]),
-              "features.view_pool": ("pooled" if f is not None and f.view_pool else "plain", win["views"])}
-    for name, (have, said) in claims.items():
-        if have != said:
-            raise BundleError(
-                f"{r.source!r}: the leaderboard's winner says {name} = {said!r} but the bundle holds {have!r}; the "
-                "search section does not describe this head. The bundle is corrupt or was edited; re-create it."
-            )
 
 
 def parse_manifest(raw: Any, source: str, *, written: bool = True) -> Manifest:
@@ -330,7 +193,7 @@ def parse_manifest(raw: Any, source: str, *, written: bool = True) -> Manifest:
                                    strategy=r.text(ft, "strategy", "finetune.", required=False))
     m = Manifest(kind=kind, classes=classes, backbone=backbone, cache_key=cache_key, head=head, finetune=finetune,
                  raw=raw, features=_features(r, raw))
-    _check_search(r, m)
+    check_search(r, m.raw, m.features, m.head is not None)
     if written:
         _check_written(r, m)
     return m

@@ -445,7 +445,7 @@ def _save(found: dict[str, Any], spec: HeadSpec, metrics: dict[str, Any], settin
                 if not isinstance(v, (dict, list)) or k == "top1_ci95"}
     eval_split = "test" if "test" in metrics else "cv"
     parts = HeadBundle(
-        metrics={"eval_split": eval_split, eval_split: headline}, features=metrics["features"],
+        metrics={"eval_split": eval_split, "cv": metrics["cv"], eval_split: headline}, features=metrics["features"],
         sections={"search": found["search"], **({"fit_config": settings.fit_config} if settings.fit_config else {})},
         training={"cache": str(Path(found["cache_path"]).resolve()), "val_source": f"{settings.cv}-fold CV",
                   "seed": settings.seed, "n_train": len(found["pool"]), "n_val": 0, "n_test": len(test),

@@ -1,0 +1,81 @@
+"""Type checks of a manifest's fields, with messages that name the file and the field, and the one
+rule for a file name inside a bundle."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..errors import BundleError
+
+__all__ = ["_Reader", "check_file_name"]
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class _Reader:
+    """Type checks with messages naming the manifest file and the field."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def fail(self, name: str, want: str, value: Any) -> BundleError:
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        return BundleError(
+            f"{self.source!r}: field {name!r} must be {want}; got {shown}. The bundle is corrupt or was not "
+            "written by featbank; re-create it."
+        )
+
+    def section(self, obj: Mapping[str, Any], key: str, prefix: str = "", required: bool = True) -> dict | None:
+        value = obj.get(key)
+        if value is None and not required:
+            return None
+        if not isinstance(value, dict):
+            raise self.fail(prefix + key, "an object", value)
+        return value
+
+    def text(self, obj: Mapping[str, Any], key: str, prefix: str = "", required: bool = True) -> str | None:
+        value = obj.get(key)
+        if value is None and not required:
+            return None
+        if not isinstance(value, str) or not value:
+            raise self.fail(prefix + key, "a non-empty string", value)
+        return value
+
+    def sha(self, obj: Mapping[str, Any], key: str, prefix: str = "") -> str | None:
+        value = obj.get(key)
+        if value is not None and not (isinstance(value, str) and _SHA256.match(value)):
+            raise self.fail(prefix + key, "a sha256 (64 lowercase hex digits)", value)
+        return value
+
+    def positive_int(self, obj: Mapping[str, Any], key: str, prefix: str = "") -> int | None:
+        value = obj.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise self.fail(prefix + key, "a positive integer", value)
+        return value
+
+    def file_name(self, obj: Mapping[str, Any], key: str, prefix: str) -> str:
+        value = self.text(obj, key, prefix)
+        try:
+            return check_file_name(value)  # type: ignore[arg-type]
+        except BundleError as e:
+            raise BundleError(f"{self.source!r}: field {prefix + key!r}: {e}") from None
+
+
+def check_file_name(name: str) -> str:
+    """``name`` if it is a bare file name (no folder part, not absolute, not ``.``/``..``).
+
+    Raises:
+        BundleError: anything that could point outside the bundle folder.
+    """
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+            or "\0" in name or Path(name).is_absolute() or Path(name).name != name):
+        raise BundleError(
+            f"file name {name!r} is not a bare file name inside the bundle (no folders, no '..', no absolute "
+            "paths); refusing to open it."
+        )
+    return name

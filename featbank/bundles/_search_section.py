@@ -1,0 +1,216 @@
+"""``search`` of a ``fit --auto`` / ``fit --cv K`` bundle's manifest, checked on load.
+
+The section is the search's own account (``AutoSearch.report``): settings, rounds, skips and the
+leaderboard. Nothing in it is re-run on load, but it must agree with itself and with the head the
+bundle holds, so a leaderboard edited after the fact (a score raised, a row copied, a round
+claimed) is refused rather than shown:
+
+- each row well typed: rank in order, the candidate, finite scores in range, folds and rounds;
+- no candidate twice; each row's layers those of its feature set (``feature_sets``, ``auto_layers``);
+- ``n_scored`` the rows, ``n_candidates`` the rows and the skipped;
+- each round's candidates exactly the rows that reached it, and each row's folds those of its last round;
+- rows ranked as the search ranks them: later complete rounds first, then by CV mean among the rows
+  compared on the same folds (``featbank.fitting._search._ranked``);
+- the first row the head the bundle holds (family, parameters, preprocessing, layers, views), with
+  the CV score the manifest's ``metrics.cv`` gives it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..errors import BundleError
+from ..features import FeatureSpec
+from ._fields import _Reader
+
+__all__ = ["check_search"]
+
+_VIEW_MODES = ("plain", "pooled")
+#: Slack when comparing stored CV means (the search ranks on means rounded to 12 digits).
+_TOL = 1e-9
+
+
+def check_search(r: _Reader, raw: Mapping[str, Any], features: FeatureSpec | None, is_head: bool) -> None:
+    """Refuse a ``search`` section that is ill-typed, disagrees with itself, or does not describe this head."""
+    s = r.section(raw, "search", required=False)
+    if s is None:
+        return
+    if not is_head:
+        raise r.fail("search", "absent from a fine-tuned bundle", "present")
+    cv = s.get("cv")
+    if isinstance(cv, bool) or not isinstance(cv, int) or cv < 2:
+        raise r.fail("search.cv", "an integer >= 2", cv)
+    board = s.get("leaderboard")
+    if not isinstance(board, list) or not board:
+        raise r.fail("search.leaderboard", "a non-empty list", board)
+    for i, row in enumerate(board):
+        _check_row(r, row, i)
+    _check_winner(r, raw["head"], features, board[0])
+    _check_headline(r, raw.get("metrics"), board[0])
+    _check_counts(r, s, board)
+    _check_feature_sets(r, s, board)
+    rounds = _rounds(r, s)
+    _check_rounds(r, rounds, board)
+    _check_order(r, rounds, board)
+
+
+def _number(r: _Reader, row: Mapping[str, Any], key: str, prefix: str, lo: float, hi: float) -> float:
+    v = row.get(key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
+        raise r.fail(prefix + key, f"a finite number in [{lo:g}, {hi:g}]", v)
+    return float(v)
+
+
+def _check_row(r: _Reader, row: Any, i: int) -> None:
+    """One leaderboard row: its rank, what the candidate was, and finite scores."""
+    p = f"search.leaderboard[{i}]."
+    if not isinstance(row, dict):
+        raise r.fail(p[:-1], "an object", row)
+    if row.get("rank") != i + 1 or isinstance(row.get("rank"), bool):
+        raise r.fail(p + "rank", f"{i + 1} (rows in rank order)", row.get("rank"))
+    for key in ("features", "preprocessing", "head"):
+        r.text(row, key, p)
+    layers = row.get("layers")
+    if not isinstance(layers, list) or not layers or not all(isinstance(t, str) and t for t in layers):
+        raise r.fail(p + "layers", "a non-empty list of layer names", layers)
+    if row.get("views") not in _VIEW_MODES:
+        raise r.fail(p + "views", f"one of {', '.join(_VIEW_MODES)}", row.get("views"))
+    if not isinstance(row.get("params"), dict):
+        raise r.fail(p + "params", "an object", row.get("params"))
+    _number(r, row, "cv_mean", p, 0.0, 1.0)
+    _number(r, row, "cv_std", p, 0.0, 1.0)
+    _number(r, row, "seconds", p, 0.0, math.inf)
+    for key in ("n_folds", "rounds"):
+        if row.get(key) is None:
+            raise r.fail(p + key, "a positive integer", None)
+        r.positive_int(row, key, p)
+    if "sample" in row and row["sample"] is not True:  # scored on round 1's sample of fold 1 alone
+        raise r.fail(p + "sample", "true or absent", row["sample"])
+
+
+def _label(row: Mapping[str, Any]) -> str:
+    """A row's candidate as the rounds name it (``features/views/preprocessing/head``)."""
+    return f"{row['features']}/{row['views']}/{row['preprocessing']}/{row['head']}"
+
+
+def _lie(r: _Reader, what: str) -> BundleError:
+    return BundleError(f"{r.source!r}: the search section contradicts itself: {what}. The bundle is corrupt or "
+                       "was edited; re-create it.")
+
+
+def _check_counts(r: _Reader, s: Mapping[str, Any], board: Sequence[Mapping[str, Any]]) -> None:
+    """``n_scored`` is the rows, ``n_candidates`` the rows and the skipped, and no candidate is there twice."""
+    n_scored, n_cands, skipped = s.get("n_scored"), s.get("n_candidates"), s.get("skipped")
+    for key, value in (("n_scored", n_scored), ("n_candidates", n_cands)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise r.fail(f"search.{key}", "a positive integer", value)
+    if not isinstance(skipped, list):
+        raise r.fail("search.skipped", "a list", skipped)
+    if n_scored != len(board):
+        raise _lie(r, f"n_scored is {n_scored} but the leaderboard has {len(board)} rows")
+    if n_cands != n_scored + len(skipped):
+        raise _lie(r, f"n_candidates is {n_cands} but {n_scored} were scored and {len(skipped)} skipped")
+    seen: dict[tuple[Any, ...], int] = {}
+    for row in board:
+        key = (row["features"], tuple(row["layers"]), row["views"], row["preprocessing"], row["head"])
+        if key in seen:
+            raise _lie(r, f"rows {seen[key]} and {row['rank']} are the same candidate ({_label(row)})")
+        seen[key] = row["rank"]
+
+
+def _check_feature_sets(r: _Reader, s: Mapping[str, Any], board: Sequence[Mapping[str, Any]]) -> None:
+    """Each row's layers are those of the feature set it names (where the section lists the sets)."""
+    sets = s.get("feature_sets")
+    if sets is None:
+        return
+    if not isinstance(sets, dict):
+        raise r.fail("search.feature_sets", "an object", sets)
+    named = {**sets, **({"auto": s["auto_layers"]} if "auto_layers" in s else {})}
+    for row in board:
+        want = named.get(row["features"])
+        if want is not None and want != row["layers"]:
+            raise _lie(r, f"row {row['rank']} names feature set {row['features']!r} with layers {row['layers']}, "
+                          f"but that set is {want}")
+
+
+def _rounds(r: _Reader, s: Mapping[str, Any]) -> list[dict[str, Any]]:
+    rounds = s.get("rounds")
+    if not isinstance(rounds, list) or not rounds:
+        raise r.fail("search.rounds", "a non-empty list", rounds)
+    for i, rd in enumerate(rounds):
+        p = f"search.rounds[{i}]."
+        if not isinstance(rd, dict):
+            raise r.fail(p[:-1], "an object", rd)
+        if rd.get("n_folds") is None:
+            raise r.fail(p + "n_folds", "a positive integer", None)
+        r.positive_int(rd, "n_folds", p)
+        if not isinstance(rd.get("complete"), bool):
+            raise r.fail(p + "complete", "true or false", rd.get("complete"))
+        names = rd.get("candidates")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise r.fail(p + "candidates", "a list of candidate names", names)
+    return rounds
+
+
+def _check_rounds(r: _Reader, rounds: Sequence[Mapping[str, Any]], board: Sequence[Mapping[str, Any]]) -> None:
+    """Each round scored exactly the rows that reached it; each row has the folds of its last round."""
+    for row in board:
+        if row["rounds"] > len(rounds):
+            raise _lie(r, f"row {row['rank']} reached round {row['rounds']} of a search of {len(rounds)} rounds")
+        want = rounds[row["rounds"] - 1]["n_folds"]
+        if row["n_folds"] != want:
+            raise _lie(r, f"row {row['rank']} has {row['n_folds']} folds, but round {row['rounds']} ends with {want}")
+    for k, rd in enumerate(rounds):
+        reached = sorted(_label(row) for row in board if row["rounds"] > k)
+        if reached != sorted(rd["candidates"]):
+            raise _lie(r, f"round {k + 1} scored {len(rd['candidates'])} candidates, but {len(reached)} rows "
+                          f"say they reached it (or not the same ones)")
+
+
+def _check_order(r: _Reader, rounds: Sequence[Mapping[str, Any]], board: Sequence[Mapping[str, Any]]) -> None:
+    """Rows in the search's order: the last complete round reached first; within it, the CV mean of the
+    rows whose every fold is that round's (a row scored further is compared there on fewer folds than
+    it shows, and round 1 of a sampled search on the sample, neither of which the row holds)."""
+    complete = max(1, next((i for i, rd in enumerate(rounds) if not rd["complete"]), len(rounds)))
+    sampled = "sample" in rounds[0]
+    tier_before, mean_before = math.inf, math.inf
+    for row in board:
+        tier = min(row["rounds"], complete)
+        if tier > tier_before:
+            raise _lie(r, f"row {row['rank']} reached round {tier}, further than the row above it")
+        if tier < tier_before:
+            tier_before, mean_before = tier, math.inf
+        if row["rounds"] == tier and not (tier <= 1 and sampled):
+            if row["cv_mean"] > mean_before + _TOL:
+                raise _lie(r, f"row {row['rank']} has CV mean {row['cv_mean']:.4f}, above the {mean_before:.4f} "
+                              "of a row ranked before it on the same folds")
+            mean_before = row["cv_mean"]
+
+
+def _check_winner(r: _Reader, head: Mapping[str, Any], f: FeatureSpec | None, win: Mapping[str, Any]) -> None:
+    """The leaderboard's first row must describe the head the bundle holds."""
+    claims = {"head.family": (head.get("family"), win["head"]), "head.chosen": (head.get("chosen"), win["params"]),
+              "head.preprocess": (head.get("preprocess"), win["preprocessing"]),
+              "features.layers": (list(f.layers) if f else ["final"], win["layers"]),
+              "features.view_pool": ("pooled" if f is not None and f.view_pool else "plain", win["views"])}
+    for name, (have, said) in claims.items():
+        if have != said:
+            raise BundleError(
+                f"{r.source!r}: the leaderboard's winner says {name} = {said!r} but the bundle holds {have!r}; the "
+                "search section does not describe this head. The bundle is corrupt or was edited; re-create it."
+            )
+
+
+def _check_headline(r: _Reader, metrics: Any, win: Mapping[str, Any]) -> None:
+    """The winner's CV mean and folds are those of the manifest's ``metrics.cv`` (where it has one)."""
+    cv = metrics.get("cv") if isinstance(metrics, dict) else None
+    if cv is None:
+        return
+    if not isinstance(cv, dict):
+        raise r.fail("metrics.cv", "an object", cv)
+    top1 = _number(r, cv, "top1", "metrics.cv.", 0.0, 1.0)
+    if abs(top1 - win["cv_mean"]) > _TOL or cv.get("n_folds") != win["n_folds"]:
+        raise _lie(r, f"the winner's CV mean is {win['cv_mean']:.4f} on {win['n_folds']} folds, but metrics.cv says "
+                      f"{top1:.4f} on {cv.get('n_folds')!r}")
