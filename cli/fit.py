@@ -122,4 +122,5 @@ def fit_config(options: dict[str, Any]) -> FitConfig:
     except ValueError:
         raise ConfigError(f"--seeds must be comma-separated integers like 0,1,2; got {seeds!r}.") from None
     params = dict(parse_param(p) for p in options.pop("params"))
-    return FitConfig(params=params, seeds=seed_list if options["shots"] else [options["seed"]], **options)
+    given = seed_list if options["shots"] or seeds.strip() != "0" else [options["seed"]]
+    return FitConfig(params=params, seeds=given, **options)

@@ -388,6 +388,17 @@ def test_cli_auto_prints_the_leaderboard_and_json(layered, tmp_path) -> None:
     (["--auto", "--layers", "final"], "so --layers would be ignored"),
     (["--auto", "--layers", "all", "--pool-views"], "so --layers, --pool-views would be ignored"),
     (["--auto", "--l2-normalize"], "so --l2-normalize would be ignored"),
+    # options of the one-validation-split protocol that K-fold CV would ignore
+    (["--auto", "--no-refit"], "--no-refit keeps a head fitted on train alone"),
+    (["--head", "linear", "--cv", "3", "--no-refit"], "--cv 3 chooses by K-fold CV"),
+    (["--cv", "3", "--val-split", "0.3"], "--val-split 0.3 holds out one validation split; --cv 3"),
+    (["--auto", "--no-train-views"], "--no-train-views: --auto trains on one row per image"),
+    (["--cv", "3", "--seeds", "1"], "--seeds repeats K-shot sampling"),
+    (["--seeds", "2"], "--seeds repeats K-shot sampling"),  # without --shots: ignored before, in any mode
+    # a family's grid is CV's to sweep; a head name close to a family's is pointed at it
+    (["--head", "knn", "--param", "k=3", "--cv", "3"], "the knn family sweeps its own grid"),
+    (["--head", "svm_rbf", "--cv", "3"], "Did you mean 'svm-rbf'"),
+    (["--head", "nope"], "a head family of --auto with --cv K (svm-rbf, svm-linear, knn)"),
 ])
 def test_cli_bad_budget_or_cv_exits_2(layered, tmp_path, args, needle) -> None:
     _, cache = layered

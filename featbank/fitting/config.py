@@ -30,6 +30,24 @@ TTA_MODES = ("auto", "on", "off")
 _FLAGS = ("standardize", "l2_normalize", "save", "refit", "overwrite", "train_views", "pool_views", "auto")
 
 
+def _check_head_name(head: str, families: Mapping[str, Any]) -> None:
+    """Refuse a ``--head`` that is no head: not a family, not linear or mlp, not a scikit-learn classifier
+    (any case); the message suggests the closest of all of them and lists the families."""
+    import difflib
+
+    from ..heads import FEATBANK_HEADS, sklearn_classifiers
+
+    sk = {n.lower(): n for n in sklearn_classifiers()}
+    if head in families or head in FEATBANK_HEADS or head.lower() in sk:
+        return
+    names = {**sk, **{h: h for h in FEATBANK_HEADS}, **{f: f for f in families}}
+    close = [names[c] for c in difflib.get_close_matches(head.lower().replace("_", "-"), list(names), n=3, cutoff=0.5)]
+    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    raise ConfigError(f"Unknown head {head!r}.{hint} Use 'linear', 'mlp', a head family of --auto with --cv K "
+                      f"({', '.join(f for f in families if f not in FEATBANK_HEADS)}) or a scikit-learn classifier "
+                      "class name (LogisticRegression, SVC, KNeighborsClassifier, ...).")
+
+
 def refuse_with_auto(flags: Sequence[str]) -> None:
     """``--auto`` chooses the head, the layers, the view pooling and the preprocessing itself: an option
     that would choose one of them is refused (exit 2), never silently overridden.
@@ -186,8 +204,9 @@ class FitConfig:
             seeds = tuple(int(s) for s in self.seeds) or (int(self.seed),)
         except (TypeError, ValueError):
             raise ConfigError(f"seeds must be integers like (0, 1, 2); got {self.seeds!r}.") from None
-        if self.shots is None and len(seeds) > 1:
-            raise ConfigError("--seeds repeats K-shot sampling; give --shots K with it (e.g. --shots 10 --seeds 0,1,2).")
+        if self.shots is None and seeds not in ((0,), (int(self.seed),)):  # (0,): the default; one run uses --seed
+            raise ConfigError("--seeds repeats K-shot sampling; give --shots K with it (e.g. --shots 10 --seeds 0,1,2), "
+                              "or --seed N for the seed of one run.")
         return seeds
 
     def _check(self) -> None:
@@ -215,6 +234,7 @@ class FitConfig:
             raise ConfigError("--shots samples a few images per class; it does not combine with --auto or --cv. Drop one.")
         if self.tta == "on":
             raise ConfigError("--auto and --cv score plain or pooled rows and use no TTA; drop --tta on.")
+        self._refuse_split_options()
         if self.cv_repeats is not None and int(self.cv_repeats) < 1:
             raise ConfigError(f"cv_repeats must be at least 1; got {self.cv_repeats!r}.")
         if self.budget is not None:
@@ -225,14 +245,35 @@ class FitConfig:
                 ("--layers", self.layers not in (None, "final")), ("--pool-views", self.pool_views),
                 ("--l2-normalize", self.l2_normalize), ("--no-standardize", not self.standardize)) if given])
 
+    def _refuse_split_options(self) -> None:
+        """Options of the one-validation-split protocol that K-fold CV would silently ignore (exit 2)."""
+        mode = "--auto" if self.auto else f"--cv {self.cv}"
+        if not self.refit:
+            raise ConfigError(f"--no-refit keeps a head fitted on train alone, its validation images unseen; {mode} "
+                              "chooses by K-fold CV on train+val and refits the winner on all of it (there is no "
+                              "held-out validation split to keep). Drop --no-refit, or fit without "
+                              f"{mode.split()[0]} for an LP-FT start.")
+        if self.val_split != 0.2:
+            raise ConfigError(f"--val-split {self.val_split} holds out one validation split; {mode} uses K-fold CV "
+                              "on train+val instead. Drop --val-split (--cv K sets the folds).")
+        if not self.train_views:
+            raise ConfigError(f"--no-train-views: {mode} trains on one row per image already (the plain view, or "
+                              "the views pooled), never on the views as rows. Drop --no-train-views.")
+
     def _check_family_head(self) -> None:
         """A head family (svm-rbf, knn...) is scored by K-fold CV, so it needs --cv; families fit unweighted."""
         from .. import heads
 
         families = self.families if self.families is not None else heads.HEAD_FAMILIES
+        _check_head_name(self.head, families)
         if self.head in families and self.head not in heads.HEAD_KINDS and not self.searched:
             raise ConfigError(f"--head {self.head} is a head family of --auto; its grid is chosen by K-fold CV: add "
                               f"--cv 5 (featbank fit CACHE --head {self.head} --cv 5).")
+        if self.head in families and self.head not in heads.HEAD_KINDS and self.params:
+            raise ConfigError(f"--param fixes a parameter of linear, mlp or a scikit-learn head; the {self.head} family "
+                              f"sweeps its own grid by K-fold CV. Drop --param (featbank fit CACHE --head {self.head} "
+                              "--cv 5), or fix it on the scikit-learn classifier (e.g. --head KNeighborsClassifier "
+                              "--param n_neighbors=3 --cv 5, --head SVC --param C=1 --cv 5).")
         if self.searched and self.class_weight is not None and self.head in families:
             raise ConfigError("--class-weight does not combine with --auto or a head family's --cv: the families fit "
                               "and score unweighted (top-1). Drop --class-weight, or use a scikit-learn head "

@@ -28,7 +28,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._features import Features
-from ._sklearn import affine_prefix, estimator_proba, has_predict_proba, make_sklearn_head, parse_param, sklearn_classifiers
+from ._sklearn import (
+    FEATBANK_HEADS,
+    affine_prefix,
+    estimator_proba,
+    has_predict_proba,
+    make_sklearn_head,
+    parse_param,
+    sklearn_classifiers,
+)
 from ._sweep import COARSE_GRID, SKLEARN_C_GRID
 from .kinds import (
     DEFAULT_KIND,
@@ -96,6 +104,7 @@ __all__ = [
     "make_sklearn_head",
     "affine_prefix",
     "sklearn_classifiers",
+    "FEATBANK_HEADS",
     "parse_param",
     "estimator_proba",
     "has_predict_proba",
