@@ -830,7 +830,10 @@ def test_cv_grid_of_a_scikit_learn_head_reaches_what_the_validation_sweep_reache
     assert grid[0] == pytest.approx(0.01 / 10**0.5) and grid[-1] == pytest.approx(100 * 10**0.5)
     assert set(SKLEARN_C_GRID) <= set(grid) and 100 * 10**0.5 in grid  # the sweep's own numbers, not rounded
     assert half_decades([1.0, 10**0.5]) == pytest.approx([10**-0.5, 1.0, 10**0.5, 10.0])  # a value two give is kept once
-    assert SpecFamily(HeadSpec("SVC", params={"C": 2.0})).default_grid(100, 8, 2) == [{}]  # C fixed: no grid
+    # C fixed: no grid; every setting names the fixed parameters (the leaderboard and chosen show them)
+    assert SpecFamily(HeadSpec("SVC", params={"C": 2.0, "kernel": "linear"})).default_grid(100, 8, 2) == [
+        {"C": 2.0, "kernel": "linear"}]
+    assert all(p["kernel"] == "linear" for p in SpecFamily(HeadSpec("SVC", params={"kernel": "linear"})).default_grid(100, 8, 2))
 
 
 class WhenBudgetAllows(Fixed):

@@ -44,9 +44,12 @@ class SpecFamily:
         return "C" in params and "C" not in self.spec.params
 
     def default_grid(self, n_samples: int, n_features: int, n_classes: int) -> list[dict[str, Any]]:
+        """Each setting in full: the ``--param`` values, and C where it is free (so the leaderboard and the
+        bundle's ``chosen`` say every parameter the head was fitted with)."""
+        fixed = dict(self.spec.params)
         if not self._has_free_c():
-            return [{}]
-        return [{"C": c} for c in half_decades(self.spec.grid or self.spec.kind.c_grid)]
+            return [fixed]
+        return [{**fixed, "C": c} for c in half_decades(self.spec.grid or self.spec.kind.c_grid)]
 
     def build(self, params: dict[str, Any], *, preprocess: str = "standardize", seed: int = 0) -> Any:
         est, _ = make_head(replace(self.spec, params={**self.spec.params, **params}), seed)
