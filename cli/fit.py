@@ -122,5 +122,7 @@ def fit_config(options: dict[str, Any]) -> FitConfig:
     except ValueError:
         raise ConfigError(f"--seeds must be comma-separated integers like 0,1,2; got {seeds!r}.") from None
     params = dict(parse_param(p) for p in options.pop("params"))
-    given = seed_list if options["shots"] or seeds.strip() != "0" else [options["seed"]]
-    return FitConfig(params=params, seeds=given, **options)
+    if not options["shots"] and seed_list != [0]:  # the default; --seeds means nothing without --shots
+        raise ConfigError("--seeds repeats K-shot sampling; give --shots K with it (e.g. --shots 10 --seeds 0,1,2), "
+                          "or --seed N for the seed of one run.")
+    return FitConfig(params=params, seeds=seed_list if options["shots"] else [options["seed"]], **options)

@@ -250,6 +250,12 @@ def _copy_winner_down(m: dict) -> None:
     (lambda m: m["search"]["rounds"][0]["candidates"].pop(), "round 1 scored"),
     (lambda m: m["search"]["rounds"][0].update(complete="yes"), "complete"),
     (lambda m: m["search"].update(rounds=[]), "search.rounds"),
+    # numbers a float cannot hold, and the sample flags of a search that screened no sample
+    (lambda m: m["metrics"]["cv"].update(top1=10**400), "metrics.cv.top1"),
+    (lambda m: m["search"]["leaderboard"][-1].update(seconds=10**400), "seconds"),
+    (lambda m: m["search"]["rounds"][0].update(sample={}), "says sample"),
+    (lambda m: m["search"]["rounds"][0].update(sample="x"), r"rounds\[0\]\.sample"),
+    (lambda m: m["search"]["leaderboard"][-1].update(sample=True), "says sample"),
 ])
 def test_a_leaderboard_that_contradicts_itself_is_refused_on_load(auto_bundle, tmp_path, edit, what) -> None:
     out, _ = auto_bundle
@@ -394,6 +400,7 @@ def test_cli_auto_prints_the_leaderboard_and_json(layered, tmp_path) -> None:
     (["--cv", "3", "--val-split", "0.3"], "--val-split 0.3 holds out one validation split; --cv 3"),
     (["--auto", "--no-train-views"], "--no-train-views: --auto trains on one row per image"),
     (["--cv", "3", "--seeds", "1"], "--seeds repeats K-shot sampling"),
+    (["--budget", "10s", "--no-refit"], "; --budget chooses by K-fold CV"),
     (["--seeds", "2"], "--seeds repeats K-shot sampling"),  # without --shots: ignored before, in any mode
     # a family's grid is CV's to sweep; a head name close to a family's is pointed at it
     (["--head", "knn", "--param", "k=3", "--cv", "3"], "the knn family sweeps its own grid"),

@@ -83,6 +83,9 @@ def test_register_head_kind_adds_a_kind_by_name():
 
     try:
         assert isinstance(head_kind("centroid-test"), Centroid) and HEAD_KINDS["centroid-test"].name == "centroid-test"
+        from featbank.fitting import FitConfig
+
+        assert FitConfig(head="centroid-test", save=False).head == "centroid-test"  # fit takes it by its name
     finally:
         del HEAD_KINDS["centroid-test"]
     with pytest.raises(ValueError, match="has no name"):

@@ -125,6 +125,11 @@ def _bad_json(b: Path, w) -> None:
     (b / "manifest.json").write_text('{"format": "featbank-bundle", "kind": "head", ')
 
 
+def _deep_json(b: Path, w) -> None:
+    """Nested past Python's recursion limit: json.loads raises RecursionError, not ValueError."""
+    (b / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+
+
 def _manifest_symlink(b: Path, w) -> None:
     (w["outside"] / "manifest.json").write_text((b / "manifest.json").read_text())
     (b / "manifest.json").unlink()
@@ -152,6 +157,7 @@ HEAD_ATTACKS = {
     "missing-backbone": (_manifest(lambda m, b: m.pop("backbone")), "field 'backbone'"),
     "missing-head": (_manifest(lambda m, b: m.pop("head")), "field 'head'"),
     "bad-json": (_bad_json, "not valid JSON"),
+    "deep-json": (_deep_json, "not valid JSON"),
     "manifest-symlink": (_manifest_symlink, "no manifest.json"),
 }
 

@@ -58,9 +58,13 @@ def check_search(r: _Reader, raw: Mapping[str, Any], features: FeatureSpec | Non
 
 def _number(r: _Reader, row: Mapping[str, Any], key: str, prefix: str, lo: float, hi: float) -> float:
     v = row.get(key)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
+    try:
+        x = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+    except OverflowError:  # a JSON integer beyond any float
+        x = math.nan
+    if not math.isfinite(x) or not lo <= x <= hi:
         raise r.fail(prefix + key, f"a finite number in [{lo:g}, {hi:g}]", v)
-    return float(v)
+    return x
 
 
 def _check_row(r: _Reader, row: Any, i: int) -> None:
@@ -155,18 +159,28 @@ def _rounds(r: _Reader, s: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def _check_rounds(r: _Reader, rounds: Sequence[Mapping[str, Any]], board: Sequence[Mapping[str, Any]]) -> None:
-    """Each round scored exactly the rows that reached it; each row has the folds of its last round."""
+    """Each round scored exactly the rows that reached it; each row has the folds of its last round.
+    (Linear in the section's size: a row is found by its name, and the rows reaching a round counted.)"""
+    reached_by = {}  # row name -> the rounds it reached
     for row in board:
         if row["rounds"] > len(rounds):
             raise _lie(r, f"row {row['rank']} reached round {row['rounds']} of a search of {len(rounds)} rounds")
         want = rounds[row["rounds"] - 1]["n_folds"]
         if row["n_folds"] != want:
             raise _lie(r, f"row {row['rank']} has {row['n_folds']} folds, but round {row['rounds']} ends with {want}")
+        if _label(row) in reached_by:
+            raise _lie(r, f"two rows are named {_label(row)}")
+        reached_by[_label(row)] = row["rounds"]
+    n_ending = [0] * (len(rounds) + 1)  # rows whose last round is k (1-based)
+    for row in board:
+        n_ending[row["rounds"]] += 1
+    n_reaching = len(board)
     for k, rd in enumerate(rounds):
-        reached = sorted(_label(row) for row in board if row["rounds"] > k)
-        if reached != sorted(rd["candidates"]):
-            raise _lie(r, f"round {k + 1} scored {len(rd['candidates'])} candidates, but {len(reached)} rows "
-                          f"say they reached it (or not the same ones)")
+        names = rd["candidates"]
+        if len(names) != n_reaching or len(set(names)) != len(names) or any(reached_by.get(n, 0) <= k for n in names):
+            raise _lie(r, f"round {k + 1} scored {len(names)} candidates, but {n_reaching} rows say they reached it "
+                          "(or not the same ones)")
+        n_reaching -= n_ending[k + 1]
 
 
 def _check_order(r: _Reader, rounds: Sequence[Mapping[str, Any]], board: Sequence[Mapping[str, Any]]) -> None:
@@ -174,7 +188,7 @@ def _check_order(r: _Reader, rounds: Sequence[Mapping[str, Any]], board: Sequenc
     rows whose every fold is that round's (a row scored further is compared there on fewer folds than
     it shows, and round 1 of a sampled search on the sample, neither of which the row holds)."""
     complete = max(1, next((i for i, rd in enumerate(rounds) if not rd["complete"]), len(rounds)))
-    sampled = "sample" in rounds[0]
+    sampled = _sampled(r, rounds, board)
     tier_before, mean_before = math.inf, math.inf
     for row in board:
         tier = min(row["rounds"], complete)
@@ -187,6 +201,19 @@ def _check_order(r: _Reader, rounds: Sequence[Mapping[str, Any]], board: Sequenc
                 raise _lie(r, f"row {row['rank']} has CV mean {row['cv_mean']:.4f}, above the {mean_before:.4f} "
                               "of a row ranked before it on the same folds")
             mean_before = row["cv_mean"]
+
+
+def _sampled(r: _Reader, rounds: Sequence[Mapping[str, Any]], board: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether round 1 screened on a sample of fold 1: then exactly the rows that went no further say
+    ``sample``; otherwise no row does."""
+    sample = rounds[0].get("sample")
+    if sample is not None and not isinstance(sample, dict):
+        raise r.fail("search.rounds[0].sample", "an object (round 1's sample)", sample)
+    for row in board:
+        if row.get("sample", False) != (sample is not None and row["rounds"] == 1):
+            raise _lie(r, f"row {row['rank']} says sample = {row.get('sample', False)!r} after {row['rounds']} "
+                          f"round(s) of a search whose round 1 {'was' if sample is not None else 'was not'} on a sample")
+    return sample is not None
 
 
 def _check_winner(r: _Reader, head: Mapping[str, Any], f: FeatureSpec | None, win: Mapping[str, Any]) -> None:

@@ -227,8 +227,9 @@ def read_manifest(path: Path) -> Manifest:
         raise BundleError(f"{str(Path(path))!r} has no {MANIFEST}; it is not a featbank model bundle.")
     try:
         raw = json.loads(mf.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise BundleError(f"{str(mf)!r} is not valid JSON ({e}); the bundle is corrupt. Re-create it.") from None
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested beyond Python's stack
+        raise BundleError(f"{str(mf)!r} is not valid JSON ({type(e).__name__}: {e}); the bundle is corrupt. "
+                          "Re-create it.") from None
     return parse_manifest(raw, str(mf))
 
 

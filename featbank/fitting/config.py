@@ -30,15 +30,15 @@ TTA_MODES = ("auto", "on", "off")
 _FLAGS = ("standardize", "l2_normalize", "save", "refit", "overwrite", "train_views", "pool_views", "auto")
 
 
-def _check_head_name(head: str, families: Mapping[str, Any]) -> None:
-    """Refuse a ``--head`` that is no head: not a family, not linear or mlp, not a scikit-learn classifier
-    (any case); the message suggests the closest of all of them and lists the families."""
+def _check_head_name(head: str, families: Mapping[str, Any], kinds: Mapping[str, Any]) -> None:
+    """Refuse a ``--head`` that is no head: not a family, not a registered head kind (linear, mlp, ...),
+    not a scikit-learn classifier (any case); the message suggests the closest and lists the families."""
     import difflib
 
     from ..heads import FEATBANK_HEADS, sklearn_classifiers
 
     sk = {n.lower(): n for n in sklearn_classifiers()}
-    if head in families or head in FEATBANK_HEADS or head.lower() in sk:
+    if head in families or head in kinds or head in FEATBANK_HEADS or head.lower() in sk:
         return
     names = {**sk, **{h: h for h in FEATBANK_HEADS}, **{f: f for f in families}}
     close = [names[c] for c in difflib.get_close_matches(head.lower().replace("_", "-"), list(names), n=3, cutoff=0.5)]
@@ -204,9 +204,8 @@ class FitConfig:
             seeds = tuple(int(s) for s in self.seeds) or (int(self.seed),)
         except (TypeError, ValueError):
             raise ConfigError(f"seeds must be integers like (0, 1, 2); got {self.seeds!r}.") from None
-        if self.shots is None and seeds not in ((0,), (int(self.seed),)):  # (0,): the default; one run uses --seed
-            raise ConfigError("--seeds repeats K-shot sampling; give --shots K with it (e.g. --shots 10 --seeds 0,1,2), "
-                              "or --seed N for the seed of one run.")
+        if self.shots is None and len(seeds) > 1:
+            raise ConfigError("--seeds repeats K-shot sampling; give --shots K with it (e.g. --shots 10 --seeds 0,1,2).")
         return seeds
 
     def _check(self) -> None:
@@ -247,7 +246,7 @@ class FitConfig:
 
     def _refuse_split_options(self) -> None:
         """Options of the one-validation-split protocol that K-fold CV would silently ignore (exit 2)."""
-        mode = "--auto" if self.auto else f"--cv {self.cv}"
+        mode = "--auto" if self.auto else f"--cv {self.cv}" if self.cv is not None else "--budget"
         if not self.refit:
             raise ConfigError(f"--no-refit keeps a head fitted on train alone, its validation images unseen; {mode} "
                               "chooses by K-fold CV on train+val and refits the winner on all of it (there is no "
@@ -265,7 +264,7 @@ class FitConfig:
         from .. import heads
 
         families = self.families if self.families is not None else heads.HEAD_FAMILIES
-        _check_head_name(self.head, families)
+        _check_head_name(self.head, families, heads.HEAD_KINDS)
         if self.head in families and self.head not in heads.HEAD_KINDS and not self.searched:
             raise ConfigError(f"--head {self.head} is a head family of --auto; its grid is chosen by K-fold CV: add "
                               f"--cv 5 (featbank fit CACHE --head {self.head} --cv 5).")
