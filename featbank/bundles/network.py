@@ -67,18 +67,7 @@ def finetuned_network(bundle: Bundle) -> tuple[Backbone, nn.Linear]:
     except Exception as e:  # noqa: BLE001
         raise BundleError(f"Cannot read {str(wfile)!r}: {e}. Re-create the bundle.") from None
     base = ft["base_backbone"]
-    with warnings.catch_warnings():
-        # The architecture only: every tensor is replaced by the fine-tuned weights below.
-        warnings.simplefilter("ignore", RandomWeightsWarning)
-        try:  # a name, never a folder (the manifest reader refuses paths): no bundle loads itself
-            arch = load_backbone(base["backbone"].removeprefix("finetuned:"), weights="random")
-        except ConfigError as e:
-            raise BundleError(f"Bundle {str(bundle.path)!r}: its base backbone cannot be built: {e}") from None
-    try:
-        preprocess = PreprocessConfig.from_dict(base["transform"])
-    except Exception as e:  # noqa: BLE001 - a manifest value of the wrong shape
-        raise BundleError(f"Bundle {str(bundle.path)!r}: field 'finetune.base_backbone.transform' is not a "
-                          f"transform ({type(e).__name__}: {e}). Re-create the bundle.") from None
+    arch, preprocess = _base_architecture(bundle, base)
     feats = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
     head_state = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
     classes = bundle.classes
@@ -103,6 +92,22 @@ def finetuned_network(bundle: Bundle) -> tuple[Backbone, nn.Linear]:
         extra={"bundle": str(bundle.path), "classes": classes, "base": base, "base_family": ft.get("base_family")},
     )
     return bb, head
+
+
+def _base_architecture(bundle: Bundle, base: dict) -> tuple[Backbone, PreprocessConfig]:
+    """The base network, randomly initialised (every tensor is replaced by the fine-tuned weights), and
+    the transform the manifest records for it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomWeightsWarning)
+        try:  # a name, never a folder (the manifest reader refuses paths): no bundle loads itself
+            arch = load_backbone(base["backbone"].removeprefix("finetuned:"), weights="random")
+        except ConfigError as e:
+            raise BundleError(f"Bundle {str(bundle.path)!r}: its base backbone cannot be built: {e}") from None
+    try:
+        return arch, PreprocessConfig.from_dict(base["transform"])
+    except Exception as e:  # noqa: BLE001 - a manifest value of the wrong shape
+        raise BundleError(f"Bundle {str(bundle.path)!r}: field 'finetune.base_backbone.transform' is not a "
+                          f"transform ({type(e).__name__}: {e}). Re-create the bundle.") from None
 
 
 def _layer_module(bundle: Bundle, backbone: Backbone) -> nn.Module:

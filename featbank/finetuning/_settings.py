@@ -115,6 +115,11 @@ class FinetuneSettings:
     cache_frozen: bool = False
 
     def __post_init__(self) -> None:
+        self._check_values()
+        self._check_combinations()
+
+    def _check_values(self) -> None:
+        """Each setting alone in its range (the message names the parameter, the rule and the value)."""
         def bad(name: str, allowed: str) -> ConfigError:
             return ConfigError(f"The '{name}' parameter of finetune must be {allowed}. Got {getattr(self, name)!r} instead.")
 
@@ -146,6 +151,9 @@ class FinetuneSettings:
         if not (0 < lo <= hi <= 1):
             raise bad("crop_scale", "(min, max) with 0 < min <= max <= 1")
         object.__setattr__(self, "crop_scale", (float(lo), float(hi)))
+
+    def _check_combinations(self) -> None:
+        """Settings that contradict one another (each message says which to drop)."""
         if self.trainable_from is not None and self.strategy != "partial":
             raise ConfigError(
                 f"--trainable-from {self.trainable_from} only applies to --strategy partial (got "
