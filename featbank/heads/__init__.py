@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ._estimator import Estimator
 from ._features import Features
 from ._sklearn import (
     FEATBANK_HEADS,
@@ -41,7 +42,6 @@ from ._sweep import COARSE_GRID, SKLEARN_C_GRID
 from .kinds import (
     DEFAULT_KIND,
     HEAD_KINDS,
-    Estimator,
     HeadKind,
     HeadSpec,
     Selected,

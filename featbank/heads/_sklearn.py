@@ -13,7 +13,7 @@ from ..errors import ConfigError
 from ._features import Features
 
 if TYPE_CHECKING:
-    from .kinds import Estimator
+    from ._estimator import Estimator
 
 __all__ = ["FEATBANK_HEADS", "make_sklearn_head", "parse_param", "sklearn_classifiers", "has_predict_proba", "estimator_proba",
            "affine_prefix"]

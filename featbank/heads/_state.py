@@ -15,7 +15,7 @@ from ._sklearn import has_predict_proba
 from ._torch_head import Preprocess, Probabilities, TorchHead
 
 if TYPE_CHECKING:
-    from .kinds import Estimator
+    from ._estimator import Estimator
 
 __all__ = ["head_to_torch"]
 

@@ -16,8 +16,8 @@ from ._sklearn import estimator_proba
 if TYPE_CHECKING:
     from sklearn.pipeline import Pipeline
 
+    from ._estimator import Estimator
     from ._linear_head import LinearHead
-    from .kinds import Estimator
 
 __all__ = ["COARSE_GRID", "SKLEARN_C_GRID", "half_decades", "ValSplit", "val_score", "sweep_linear", "sweep_sklearn",
            "fit_sklearn"]

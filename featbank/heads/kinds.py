@@ -18,11 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 
 from ..errors import BundleError, ConfigError
+from ._estimator import Estimator
 from ._features import Features
 from ._sklearn import estimator_proba, make_sklearn_head
 from ._sweep import COARSE_GRID, SKLEARN_C_GRID, ValSplit, fit_sklearn, sweep_linear, sweep_sklearn
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = [
-    "Estimator",
     "HeadSpec",
     "Selected",
     "HeadKind",
@@ -43,19 +43,6 @@ __all__ = [
     "head_state",
     "ValSplit",
 ]
-
-
-@runtime_checkable
-class Estimator(Protocol):
-    """A scikit-learn style classifier: what every head kind builds and fits."""
-
-    def fit(self, X: Any, y: Any, **kwargs: Any) -> Any: ...
-
-    def predict(self, X: Any) -> np.ndarray: ...
-
-    def get_params(self, deep: bool = True) -> dict[str, Any]: ...
-
-    def set_params(self, **params: Any) -> Any: ...
 
 
 @dataclass(frozen=True)
