@@ -16,6 +16,7 @@ from PIL import Image
 import featbank
 from featbank.cache._index import check_parts
 from featbank.cache._parts import PartRows, parts_dir
+from featbank.extraction._jobs import EngineSpec, ShardJob, WorkerSettings
 from featbank.extraction._schedule import (
     MIN_UNIT_ROWS,
     Schedule,
@@ -26,7 +27,7 @@ from featbank.extraction._schedule import (
     worker_context,
 )
 from featbank.extraction.launchers import rank_shards, run_local, run_prepared, run_slice
-from featbank.extraction.units import EngineSpec, RowSource, ShardJob, WorkerSettings, prepare, run_unit
+from featbank.extraction.units import RowSource, prepare, run_unit
 from featbank.sources import scan_folder
 
 from conftest import extract_job

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from ..cache import PartWriter  # exported by featbank.cache's face (cachehouse, #23)
     from ..features import FeatureSpec
     from ._engines import Engine
-    from .units import WorkerSettings
+    from ._jobs import WorkerSettings
 
 __all__ = ["DECODERS", "TENSOR_INTERPOLATIONS", "resolve_decode", "check_decode_transform", "read_jpeg",
            "preprocess_tensor", "JpegRowsDataset", "JpegCollate", "DeviceDecoder", "embed_jpeg_rows"]

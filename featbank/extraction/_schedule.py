@@ -42,7 +42,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from multiprocessing.context import BaseContext
 
-from .units import ShardJob
+from ._jobs import ShardJob
 
 __all__ = ["MIN_UNIT_ROWS", "MAX_UNITS_PER_WORKER", "UNIT_COST_BATCHES", "Schedule", "plan_work", "static_share",
            "job_rows", "unit_target", "unit_bounds", "worker_context", "start_worker_server"]

@@ -45,8 +45,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..cache import PartInfo
 from ..errors import CacheError, ConfigError, FeatbankError
+from ._jobs import EngineSpec, ShardJob
 from ._schedule import Schedule, plan_work, start_worker_server, static_share, worker_context
-from .units import EngineSpec, Prepared, ShardJob, engine_for, final_part, finalize, run_job, run_shard
+from .units import Prepared, engine_for, final_part, finalize, run_job, run_shard
 
 if TYPE_CHECKING:
     from .config import ExtractConfig

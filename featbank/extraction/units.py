@@ -44,6 +44,7 @@ from ..cache import (
 from ..errors import CacheError, CacheKeyMismatch
 from ..sources import RowSource, TarImages
 from ._cachefile import remove_dead_part_temporaries
+from ._jobs import EngineSpec, ShardJob, WorkerSettings
 from ._plan import DEFAULT_SHARD_SIZE, Plan, assign_rows, plan_shards, plan_tars, replan
 
 if TYPE_CHECKING:
@@ -51,69 +52,11 @@ if TYPE_CHECKING:
     from ._engines import Engine
     from .job import ExtractJob
 
-__all__ = ["RowSource", "WorkerSettings", "EngineSpec", "engine_spec", "engine_for", "ShardJob", "Prepared", "prepare",
+__all__ = ["RowSource", "engine_spec", "engine_for", "Prepared", "prepare",
            "run_shard", "run_unit", "run_job", "finalize", "final_part", "migrate_v1", "reset_engines", "UNIT_ATTR", "unit_path"]
 
 #: Attribute of a work unit's ``.partial``: the name of the part its rows are for.
 UNIT_ATTR = "unit_of"
-
-
-@dataclass(frozen=True)
-class EngineSpec:
-    """What a worker's engine is built from, known before the run is planned (so workers started early
-    can build it while the parent plans); :class:`WorkerSettings` holds it as ``spec``."""
-
-    backbone: str
-    weights: str | None
-    weights_file: str | None
-    engine: str
-    device: str
-    precision: str
-    features: FeatureSpec | None = None
-
-
-@dataclass(frozen=True)
-class WorkerSettings:
-    """What a worker needs: its engine's :class:`EngineSpec`, then how it feeds and writes the rows;
-    picklable, the same for every shard of a run."""
-
-    spec: EngineSpec
-    dtype: str
-    batch_size: int
-    num_workers: int
-    embed_dim: int
-    transform: dict[str, Any]
-    decode: str = "pillow"  # "gpu": JPEGs decoded and resized as tensors on the device (_decode)
-
-    @property
-    def device(self) -> str:
-        return self.spec.device
-
-    @property
-    def features(self) -> FeatureSpec | None:
-        """The layers or views of the run (None: the embedding alone)."""
-        return self.spec.features
-
-
-@dataclass
-class ShardJob:
-    """One shard to embed into one part."""
-
-    shard_id: int
-    rows: PartRows
-    members: list[str]
-    root: str
-    folder: str
-    key: str
-    classes: list[str]
-    layout: str
-    settings: WorkerSettings
-    reuse: list[str] = field(default_factory=list)
-    replace_damaged: bool = False
-    #: ``(lo, hi)``: a work unit, rows ``lo:hi`` of the shard into their own ``.partial`` (see ``_schedule``).
-    unit: tuple[int, int] | None = None
-    #: The shard's finished units an earlier run left (their rows count as resumed, not embedded).
-    earlier_units: list[str] = field(default_factory=list)
 
 
 @dataclass
