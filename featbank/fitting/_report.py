@@ -48,13 +48,25 @@ def _budget_words(search: Mapping[str, Any]) -> str:
 
 def search_lines(search: Mapping[str, Any], headline: Mapping[str, Any]) -> list[str]:
     """What the search did (candidates, folds, budget, skips), its leaderboard, and the winner's test interval."""
-    skipped = search.get("skipped", [])
     lines = [
         f"Search: {search['n_scored']} of {search['n_candidates']} candidates scored by {search['cv']}-fold CV on "
         f"train+val ({search['n_fold_fits']} candidate-folds, {_repeats_words(search)}, seed {search['seed']}) "
         f"in {search['seconds']:.1f} s{_threads_words(search)}; {_budget_words(search)}; winner refitted in "
         f"{search.get('refit_s', 0.0):.1f} s.",
     ]
+    lines += _plan_lines(search) + _round_lines(search) + _skip_lines(search)
+    lines += format_leaderboard(search["leaderboard"])
+    ci = headline.get("top1_ci95")
+    if ci is not None and "top1" in headline:
+        lines.append(f"Winner on test (scored once): top-1 {headline['top1']:.4f}, 95% bootstrap interval "
+                     f"[{ci[0]:.4f}, {ci[1]:.4f}] (1000 resamples); CV {search['leaderboard'][0]['cv_mean']:.4f}"
+                     + (" (on round 1's sample of fold 1)" if search["leaderboard"][0].get("sample") else ""))
+    return lines
+
+
+def _plan_lines(search: Mapping[str, Any]) -> list[str]:
+    """The layer selection's choice, the measured speeds the plan scaled by, the Gram matrices shared."""
+    lines: list[str] = []
     sets, chosen = search.get("feature_sets") or {}, search.get("auto_layers")
     if chosen is not None:
         same = next((n for n, ls in sets.items() if n != "auto" and ls == chosen), None)
@@ -70,6 +82,12 @@ def search_lines(search: Mapping[str, Any], headline: Mapping[str, Any]) -> list
                      + (f", {k['refused']} too large to share" if k.get("refused") else "")
                      + (f"; summed from layer blocks: {k['blocks_computed']} computed, {k.get('blocks_reused', 0)} reused"
                         if k.get("blocks_computed") else ""))
+    return lines
+
+
+def _round_lines(search: Mapping[str, Any]) -> list[str]:
+    """Each round: its candidates and folds (round 1's sample), and who the budget did not promote."""
+    lines: list[str] = []
     for rnd in search.get("rounds", []):
         trimmed = rnd.get("trimmed") or []
         folds = "1 fold" if rnd["n_folds"] == 1 else f"{rnd['n_folds']} folds"
@@ -80,6 +98,13 @@ def search_lines(search: Mapping[str, Any], headline: Mapping[str, Any]) -> list
         lines.append(f"  round {rnd['round'] + 1}: {rnd['n_candidates']} candidate(s) on {folds}"
                      + (f"; not promoted, as the budget left could not score them too: {', '.join(trimmed)}"
                         if trimmed else ""))
+    return lines
+
+
+def _skip_lines(search: Mapping[str, Any]) -> list[str]:
+    """What was skipped for the budget, left out (and why), or cut by the clock."""
+    lines: list[str] = []
+    skipped = search.get("skipped", [])
     if skipped:
         names = ", ".join(f"{s['features']}/{s['views']}/{s['preprocessing']}/{s['head']}" for s in skipped[:8])
         more = f" and {len(skipped) - 8} more" if len(skipped) > 8 else ""
@@ -88,10 +113,4 @@ def search_lines(search: Mapping[str, Any], headline: Mapping[str, Any]) -> list
         lines.append(f"  left out: {left['head']}" + (f" ({left['reason']})" if left.get("reason") else ""))
     if search.get("cut_by_clock"):
         lines.append(f"  not promoted or stopped for the budget in later rounds: {len(search['cut_by_clock'])}")
-    lines += format_leaderboard(search["leaderboard"])
-    ci = headline.get("top1_ci95")
-    if ci is not None and "top1" in headline:
-        lines.append(f"Winner on test (scored once): top-1 {headline['top1']:.4f}, 95% bootstrap interval "
-                     f"[{ci[0]:.4f}, {ci[1]:.4f}] (1000 resamples); CV {search['leaderboard'][0]['cv_mean']:.4f}"
-                     + (" (on round 1's sample of fold 1)" if search["leaderboard"][0].get("sample") else ""))
     return lines
