@@ -550,23 +550,9 @@ def train_one_epoch(run: _Run, epoch: int, progress: bool) -> dict[str, Any]:
     for x, y, bad in _train_batches(run, epoch):
         run.skipped.extend(bad)
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-        logits = forward_logits(module, x, net.amp)
-        loss = nn.functional.cross_entropy(logits.float(), y, ignore_index=-100)
-        if not torch.isfinite(loss):
-            raise ConfigError(
-                f"Training diverged at epoch {epoch} (loss is {loss.item()}). Lower --lr (now "
-                f"{cfg.resolved_lr:g}) or --lr-groups rates; earlier checkpoints are intact."
-            )
-        net.optimizer.zero_grad(set_to_none=True)
-        net.scaler.scale(loss).backward()
-        if cfg.clip_grad > 0:
-            net.scaler.unscale_(net.optimizer)
-            torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-        net.scaler.step(net.optimizer)
-        net.scaler.update()
-        net.scheduler.step()
+        loss, logits = _train_step(run, module, params, x, y, epoch)
         k = int((y >= 0).sum())
-        loss_sum += loss.item() * k
+        loss_sum += loss * k
         correct += int((logits.argmax(1) == y).sum())
         n_ok += k
         seen += len(y)
@@ -584,6 +570,29 @@ def train_one_epoch(run: _Run, epoch: int, progress: bool) -> dict[str, Any]:
         "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_balanced_accuracy": val["balanced_accuracy"],
         "lr_head": net.optimizer.param_groups[-1]["lr"], "seconds": seconds, "images_per_second": seen / train_seconds,
     }
+
+
+def _train_step(run: _Run, module: nn.Module, params: list[torch.nn.Parameter], x: torch.Tensor, y: torch.Tensor,
+                epoch: int) -> tuple[float, torch.Tensor]:
+    """One optimizer step on a batch (loss, backward through the scaler, clipping, the schedule's step);
+    the batch's loss and logits. A loss that is not finite stops the run with what to change."""
+    cfg, net = run.cfg, run.net
+    logits = forward_logits(module, x, net.amp)
+    loss = nn.functional.cross_entropy(logits.float(), y, ignore_index=-100)
+    if not torch.isfinite(loss):
+        raise ConfigError(
+            f"Training diverged at epoch {epoch} (loss is {loss.item()}). Lower --lr (now "
+            f"{cfg.resolved_lr:g}) or --lr-groups rates; earlier checkpoints are intact."
+        )
+    net.optimizer.zero_grad(set_to_none=True)
+    net.scaler.scale(loss).backward()
+    if cfg.clip_grad > 0:
+        net.scaler.unscale_(net.optimizer)
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+    net.scaler.step(net.optimizer)
+    net.scaler.update()
+    net.scheduler.step()
+    return loss.item(), logits
 
 
 def _batches_of(rows: np.ndarray, batch_size: int) -> list[list[int]]:
