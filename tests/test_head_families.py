@@ -464,6 +464,19 @@ def test_svm_on_layers_and_pooled_views_exports_with_parity(layered, tmp_path, m
     assert report.route.startswith("torch")
 
 
+def test_the_cuda_gram_path_equals_blas_on_cpu() -> None:
+    """gram()'s torch branch (what runs on CUDA) run on the CPU device: the same float64 products as BLAS."""
+    import torch
+
+    from featbank.heads._kernel_svc import gram, torch_gram
+
+    rng = np.random.default_rng(0)
+    A, B = rng.normal(size=(37, 300)).astype(np.float32), rng.normal(size=(11, 300))
+    got = torch_gram(np.asarray(A, np.float64), B, torch.device("cpu"))
+    assert got.dtype == np.float64 and got.shape == (37, 11)
+    np.testing.assert_allclose(got, gram(A, B), rtol=1e-12, atol=1e-10)
+
+
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("name", ["svm-rbf", "svm-linear", "linear"])
 def test_cuda_scores_equal_cpu_scores(hard_digits, name) -> None:

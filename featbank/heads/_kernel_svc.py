@@ -40,12 +40,17 @@ def gram(A: np.ndarray, B: np.ndarray, device: str = "cpu") -> np.ndarray:
     A = np.ascontiguousarray(A, dtype=np.float64)
     B = np.ascontiguousarray(B, dtype=np.float64)
     dev = _torch_device(device)
-    if dev is None:
-        return A @ B.T
+    return A @ B.T if dev is None else torch_gram(A, B, dev)
+
+
+def torch_gram(A: np.ndarray, B: np.ndarray, dev: Any) -> np.ndarray:
+    """``A @ B.T`` in float64 with torch on ``dev``: :func:`gram`'s CUDA path (any torch device, so it is
+    tested on CPU against BLAS)."""
     import torch
 
     with torch.no_grad():
-        return (torch.as_tensor(A, device=dev) @ torch.as_tensor(B, device=dev).T).cpu().numpy()
+        return (torch.as_tensor(A, dtype=torch.float64, device=dev)
+                @ torch.as_tensor(B, dtype=torch.float64, device=dev).T).cpu().numpy()
 
 
 def sq_norms(A: np.ndarray) -> np.ndarray:
