@@ -32,20 +32,15 @@ _FLAGS = ("standardize", "l2_normalize", "save", "refit", "overwrite", "train_vi
 
 def _check_head_name(head: str, families: Mapping[str, Any], kinds: Mapping[str, Any]) -> None:
     """Refuse a ``--head`` that is no head: not a family, not a registered head kind (linear, mlp, ...),
-    not a scikit-learn classifier (any case); the message suggests the closest and lists the families."""
-    import difflib
+    not a scikit-learn classifier (any case). scikit-learn's registry (seconds to import the first time)
+    is read only for a name that is none of featbank's own."""
+    from ..heads import sklearn_classifiers, unknown_head
 
-    from ..heads import FEATBANK_HEADS, sklearn_classifiers
-
-    sk = {n.lower(): n for n in sklearn_classifiers()}
-    if head in families or head in kinds or head in FEATBANK_HEADS or head.lower() in sk:
+    if head in families or head in kinds:
         return
-    names = {**sk, **{h: h for h in FEATBANK_HEADS}, **{f: f for f in families}}
-    close = [names[c] for c in difflib.get_close_matches(head.lower().replace("_", "-"), list(names), n=3, cutoff=0.5)]
-    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-    raise ConfigError(f"Unknown head {head!r}.{hint} Use 'linear', 'mlp', a head family of --auto with --cv K "
-                      f"({', '.join(f for f in families if f not in FEATBANK_HEADS)}) or a scikit-learn classifier "
-                      "class name (LogisticRegression, SVC, KNeighborsClassifier, ...).")
+    registry = sklearn_classifiers()
+    if head.lower() not in {n.lower() for n in registry}:
+        raise unknown_head(head, registry, list(families))
 
 
 def refuse_with_auto(flags: Sequence[str]) -> None:
@@ -265,10 +260,11 @@ class FitConfig:
 
         families = self.families if self.families is not None else heads.HEAD_FAMILIES
         _check_head_name(self.head, families, heads.HEAD_KINDS)
-        if self.head in families and self.head not in heads.HEAD_KINDS and not self.searched:
+        family_only = self.head in families and self.head not in heads.HEAD_KINDS  # svm-rbf, knn...: no kind
+        if family_only and not self.searched:
             raise ConfigError(f"--head {self.head} is a head family of --auto; its grid is chosen by K-fold CV: add "
                               f"--cv 5 (featbank fit CACHE --head {self.head} --cv 5).")
-        if self.head in families and self.head not in heads.HEAD_KINDS and self.params:
+        if family_only and self.params:
             raise ConfigError(f"--param fixes a parameter of linear, mlp or a scikit-learn head; the {self.head} family "
                               f"sweeps its own grid by K-fold CV. Drop --param (featbank fit CACHE --head {self.head} "
                               "--cv 5), or fix it on the scikit-learn classifier (e.g. --head KNeighborsClassifier "

@@ -30,13 +30,13 @@ from typing import TYPE_CHECKING, Any
 from ._estimator import Estimator
 from ._features import Features
 from ._sklearn import (
-    FEATBANK_HEADS,
     affine_prefix,
     estimator_proba,
     has_predict_proba,
     make_sklearn_head,
     parse_param,
     sklearn_classifiers,
+    unknown_head,
 )
 from ._sweep import COARSE_GRID, SKLEARN_C_GRID
 from .kinds import (
@@ -104,7 +104,7 @@ __all__ = [
     "make_sklearn_head",
     "affine_prefix",
     "sklearn_classifiers",
-    "FEATBANK_HEADS",
+    "unknown_head",
     "parse_param",
     "estimator_proba",
     "has_predict_proba",

@@ -15,7 +15,8 @@ from ._features import Features
 if TYPE_CHECKING:
     from ._estimator import Estimator
 
-__all__ = ["FEATBANK_HEADS", "make_sklearn_head", "parse_param", "sklearn_classifiers", "has_predict_proba", "estimator_proba",
+__all__ = ["FEATBANK_HEADS", "make_sklearn_head",
+           "unknown_head", "parse_param", "sklearn_classifiers", "has_predict_proba", "estimator_proba",
            "affine_prefix"]
 
 
@@ -97,6 +98,22 @@ def parse_param(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def unknown_head(name: str, registry: dict[str, type], families: Sequence[str] = ()) -> ConfigError:
+    """The error for a head name that is nothing: the closest of featbank's heads, the head ``families``
+    given and scikit-learn's classifiers (``registry``), and what a head may be."""
+    # featbank's own heads are names too: 'linaer' should suggest 'linear' first.
+    names = {**{h: h for h in (*FEATBANK_HEADS, *families)}, **{n.lower(): n for n in registry}}
+    close = [names[c] for c in difflib.get_close_matches(name.lower(), list(names), n=4, cutoff=0.5)]
+    close += [n for n in registry if name.lower() in n.lower() and n not in close][: 4 - len(close)]
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    fams = [f for f in families if f not in FEATBANK_HEADS]
+    return ConfigError(
+        f"Unknown head {name!r}.{hint} Use 'linear', 'mlp', "
+        + (f"a head family of --auto with --cv K ({', '.join(fams)}) " if fams else "")
+        + "or a scikit-learn classifier class name (LogisticRegression, SVC, KNeighborsClassifier, ...)."
+    )
+
+
 def make_sklearn_head(name: str, params: dict[str, Any], *, standardize: bool = True, l2_normalize: bool = False,
                       random_state: int | None = 0) -> Any:
     """A scikit-learn ``Pipeline`` ([Normalizer] [StandardScaler] classifier) for a classifier name.
@@ -113,15 +130,7 @@ def make_sklearn_head(name: str, params: dict[str, Any], *, standardize: bool = 
         if name.lower() in lower:
             name = lower[name.lower()]
         else:
-            # featbank's own heads are names too: 'linaer' should suggest 'linear' first.
-            names = {**{h: h for h in FEATBANK_HEADS}, **lower}
-            close = [names[c] for c in difflib.get_close_matches(name.lower(), list(names), n=4, cutoff=0.5)]
-            close += [n for n in registry if name.lower() in n.lower() and n not in close][: 4 - len(close)]
-            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise ConfigError(
-                f"Unknown head {name!r}.{hint} Use 'linear', 'mlp' or a scikit-learn classifier class name "
-                "(LogisticRegression, SVC, KNeighborsClassifier, ...)."
-            )
+            raise unknown_head(name, registry)
     cls = registry[name]
     try:
         clf = cls()
