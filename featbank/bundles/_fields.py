@@ -3,6 +3,7 @@ rule for a file name inside a bundle."""
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -10,12 +11,12 @@ from typing import Any
 
 from ..errors import BundleError
 
-__all__ = ["_Reader", "check_file_name"]
+__all__ = ["FieldReader", "check_file_name"]
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
-class _Reader:
+class FieldReader:
     """Type checks with messages naming the manifest file and the field."""
 
     def __init__(self, source: str):
@@ -50,13 +51,24 @@ class _Reader:
             raise self.fail(prefix + key, "a sha256 (64 lowercase hex digits)", value)
         return value
 
-    def positive_int(self, obj: Mapping[str, Any], key: str, prefix: str = "") -> int | None:
+    def positive_int(self, obj: Mapping[str, Any], key: str, prefix: str = "", required: bool = False) -> int | None:
         value = obj.get(key)
-        if value is None:
+        if value is None and not required:
             return None
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise self.fail(prefix + key, "a positive integer", value)
         return value
+
+    def number(self, obj: Mapping[str, Any], key: str, prefix: str, lo: float, hi: float) -> float:
+        """A finite number in ``[lo, hi]`` (a JSON integer beyond any float is refused, not an OverflowError)."""
+        value = obj.get(key)
+        try:
+            x = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+        except OverflowError:
+            x = math.nan
+        if not math.isfinite(x) or not lo <= x <= hi:
+            raise self.fail(prefix + key, f"a finite number in [{lo:g}, {hi:g}]", value)
+        return x
 
     def file_name(self, obj: Mapping[str, Any], key: str, prefix: str) -> str:
         value = self.text(obj, key, prefix)

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..errors import BundleError
 from ..features import FeatureSpec
-from ._fields import _Reader
+from ._fields import FieldReader
 
 __all__ = ["check_search"]
 
@@ -32,7 +32,7 @@ _VIEW_MODES = ("plain", "pooled")
 _TOL = 1e-9
 
 
-def check_search(r: _Reader, raw: Mapping[str, Any], features: FeatureSpec | None, is_head: bool) -> None:
+def check_search(r: FieldReader, raw: Mapping[str, Any], features: FeatureSpec | None, is_head: bool) -> None:
     """Refuse a ``search`` section that is ill-typed, disagrees with itself, or does not describe this head."""
     s = r.section(raw, "search", required=False)
     if s is None:
@@ -56,18 +56,7 @@ def check_search(r: _Reader, raw: Mapping[str, Any], features: FeatureSpec | Non
     _check_order(r, rounds, board)
 
 
-def _number(r: _Reader, row: Mapping[str, Any], key: str, prefix: str, lo: float, hi: float) -> float:
-    v = row.get(key)
-    try:
-        x = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
-    except OverflowError:  # a JSON integer beyond any float
-        x = math.nan
-    if not math.isfinite(x) or not lo <= x <= hi:
-        raise r.fail(prefix + key, f"a finite number in [{lo:g}, {hi:g}]", v)
-    return x
-
-
-def _check_row(r: _Reader, row: Any, i: int) -> None:
+def _check_row(r: FieldReader, row: Any, i: int) -> None:
     """One leaderboard row: its rank, what the candidate was, and finite scores."""
     p = f"search.leaderboard[{i}]."
     if not isinstance(row, dict):
@@ -83,13 +72,11 @@ def _check_row(r: _Reader, row: Any, i: int) -> None:
         raise r.fail(p + "views", f"one of {', '.join(_VIEW_MODES)}", row.get("views"))
     if not isinstance(row.get("params"), dict):
         raise r.fail(p + "params", "an object", row.get("params"))
-    _number(r, row, "cv_mean", p, 0.0, 1.0)
-    _number(r, row, "cv_std", p, 0.0, 1.0)
-    _number(r, row, "seconds", p, 0.0, math.inf)
+    r.number(row, "cv_mean", p, 0.0, 1.0)
+    r.number(row, "cv_std", p, 0.0, 1.0)
+    r.number(row, "seconds", p, 0.0, math.inf)
     for key in ("n_folds", "rounds"):
-        if row.get(key) is None:
-            raise r.fail(p + key, "a positive integer", None)
-        r.positive_int(row, key, p)
+        r.positive_int(row, key, p, required=True)
     if "sample" in row and row["sample"] is not True:  # scored on round 1's sample of fold 1 alone
         raise r.fail(p + "sample", "true or absent", row["sample"])
 
@@ -99,12 +86,12 @@ def _label(row: Mapping[str, Any]) -> str:
     return f"{row['features']}/{row['views']}/{row['preprocessing']}/{row['head']}"
 
 
-def _lie(r: _Reader, what: str) -> BundleError:
+def _lie(r: FieldReader, what: str) -> BundleError:
     return BundleError(f"{r.source!r}: the search section contradicts itself: {what}. The bundle is corrupt or "
                        "was edited; re-create it.")
 
 
-def _check_counts(r: _Reader, s: Mapping[str, Any], board: Sequence[Mapping[str, Any]]) -> None:
+def _check_counts(r: FieldReader, s: Mapping[str, Any], board: Sequence[Mapping[str, Any]]) -> None:
     """``n_scored`` is the rows, ``n_candidates`` the rows and the skipped, and no candidate is there twice."""
     n_scored, n_cands, skipped = s.get("n_scored"), s.get("n_candidates"), s.get("skipped")
     for key, value in (("n_scored", n_scored), ("n_candidates", n_cands)):
@@ -124,7 +111,7 @@ def _check_counts(r: _Reader, s: Mapping[str, Any], board: Sequence[Mapping[str,
         seen[key] = row["rank"]
 
 
-def _check_feature_sets(r: _Reader, s: Mapping[str, Any], board: Sequence[Mapping[str, Any]]) -> None:
+def _check_feature_sets(r: FieldReader, s: Mapping[str, Any], board: Sequence[Mapping[str, Any]]) -> None:
     """Each row's layers are those of the feature set it names (where the section lists the sets)."""
     sets = s.get("feature_sets")
     if sets is None:
@@ -139,7 +126,7 @@ def _check_feature_sets(r: _Reader, s: Mapping[str, Any], board: Sequence[Mappin
                           f"but that set is {want}")
 
 
-def _rounds(r: _Reader, s: Mapping[str, Any]) -> list[dict[str, Any]]:
+def _rounds(r: FieldReader, s: Mapping[str, Any]) -> list[dict[str, Any]]:
     rounds = s.get("rounds")
     if not isinstance(rounds, list) or not rounds:
         raise r.fail("search.rounds", "a non-empty list", rounds)
@@ -147,9 +134,7 @@ def _rounds(r: _Reader, s: Mapping[str, Any]) -> list[dict[str, Any]]:
         p = f"search.rounds[{i}]."
         if not isinstance(rd, dict):
             raise r.fail(p[:-1], "an object", rd)
-        if rd.get("n_folds") is None:
-            raise r.fail(p + "n_folds", "a positive integer", None)
-        r.positive_int(rd, "n_folds", p)
+        r.positive_int(rd, "n_folds", p, required=True)
         if not isinstance(rd.get("complete"), bool):
             raise r.fail(p + "complete", "true or false", rd.get("complete"))
         names = rd.get("candidates")
@@ -158,10 +143,11 @@ def _rounds(r: _Reader, s: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rounds
 
 
-def _check_rounds(r: _Reader, rounds: Sequence[Mapping[str, Any]], board: Sequence[Mapping[str, Any]]) -> None:
+def _check_rounds(r: FieldReader, rounds: Sequence[Mapping[str, Any]], board: Sequence[Mapping[str, Any]]) -> None:
     """Each round scored exactly the rows that reached it; each row has the folds of its last round.
     (Linear in the section's size: a row is found by its name, and the rows reaching a round counted.)"""
     reached_by = {}  # row name -> the rounds it reached
+    n_ending = [0] * (len(rounds) + 1)  # rows whose last round is k (1-based)
     for row in board:
         if row["rounds"] > len(rounds):
             raise _lie(r, f"row {row['rank']} reached round {row['rounds']} of a search of {len(rounds)} rounds")
@@ -171,8 +157,6 @@ def _check_rounds(r: _Reader, rounds: Sequence[Mapping[str, Any]], board: Sequen
         if _label(row) in reached_by:
             raise _lie(r, f"two rows are named {_label(row)}")
         reached_by[_label(row)] = row["rounds"]
-    n_ending = [0] * (len(rounds) + 1)  # rows whose last round is k (1-based)
-    for row in board:
         n_ending[row["rounds"]] += 1
     n_reaching = len(board)
     for k, rd in enumerate(rounds):
@@ -183,7 +167,7 @@ def _check_rounds(r: _Reader, rounds: Sequence[Mapping[str, Any]], board: Sequen
         n_reaching -= n_ending[k + 1]
 
 
-def _check_order(r: _Reader, rounds: Sequence[Mapping[str, Any]], board: Sequence[Mapping[str, Any]]) -> None:
+def _check_order(r: FieldReader, rounds: Sequence[Mapping[str, Any]], board: Sequence[Mapping[str, Any]]) -> None:
     """Rows in the search's order: the last complete round reached first; within it, the CV mean of the
     rows whose every fold is that round's (a row scored further is compared there on fewer folds than
     it shows, and round 1 of a sampled search on the sample, neither of which the row holds)."""
@@ -203,7 +187,7 @@ def _check_order(r: _Reader, rounds: Sequence[Mapping[str, Any]], board: Sequenc
             mean_before = row["cv_mean"]
 
 
-def _sampled(r: _Reader, rounds: Sequence[Mapping[str, Any]], board: Sequence[Mapping[str, Any]]) -> bool:
+def _sampled(r: FieldReader, rounds: Sequence[Mapping[str, Any]], board: Sequence[Mapping[str, Any]]) -> bool:
     """Whether round 1 screened on a sample of fold 1: then exactly the rows that went no further say
     ``sample``; otherwise no row does."""
     sample = rounds[0].get("sample")
@@ -216,7 +200,7 @@ def _sampled(r: _Reader, rounds: Sequence[Mapping[str, Any]], board: Sequence[Ma
     return sample is not None
 
 
-def _check_winner(r: _Reader, head: Mapping[str, Any], f: FeatureSpec | None, win: Mapping[str, Any]) -> None:
+def _check_winner(r: FieldReader, head: Mapping[str, Any], f: FeatureSpec | None, win: Mapping[str, Any]) -> None:
     """The leaderboard's first row must describe the head the bundle holds."""
     claims = {"head.family": (head.get("family"), win["head"]), "head.chosen": (head.get("chosen"), win["params"]),
               "head.preprocess": (head.get("preprocess"), win["preprocessing"]),
@@ -230,14 +214,14 @@ def _check_winner(r: _Reader, head: Mapping[str, Any], f: FeatureSpec | None, wi
             )
 
 
-def _check_headline(r: _Reader, metrics: Any, win: Mapping[str, Any]) -> None:
+def _check_headline(r: FieldReader, metrics: Any, win: Mapping[str, Any]) -> None:
     """The winner's CV mean and folds are those of the manifest's ``metrics.cv`` (where it has one)."""
     cv = metrics.get("cv") if isinstance(metrics, dict) else None
     if cv is None:
         return
     if not isinstance(cv, dict):
         raise r.fail("metrics.cv", "an object", cv)
-    top1 = _number(r, cv, "top1", "metrics.cv.", 0.0, 1.0)
+    top1 = r.number(cv, "top1", "metrics.cv.", 0.0, 1.0)
     if abs(top1 - win["cv_mean"]) > _TOL or cv.get("n_folds") != win["n_folds"]:
         raise _lie(r, f"the winner's CV mean is {win['cv_mean']:.4f} on {win['n_folds']} folds, but metrics.cv says "
                       f"{top1:.4f} on {cv.get('n_folds')!r}")

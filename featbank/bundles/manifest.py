@@ -21,7 +21,7 @@ from typing import Any
 
 from ..errors import BundleError
 from ..features import FeatureSpec, FeatureSpecError
-from ._fields import _Reader, check_file_name
+from ._fields import FieldReader, check_file_name
 from ._search_section import check_search
 
 __all__ = [
@@ -110,7 +110,7 @@ class Manifest:
         return "finetune" if self.kind == "finetuned" else "head"
 
 
-def _identity(r: _Reader, obj: Mapping[str, Any], prefix: str) -> BackboneIdentity:
+def _identity(r: FieldReader, obj: Mapping[str, Any], prefix: str) -> BackboneIdentity:
     name = r.text(obj, "backbone", prefix)
     transform = r.section(obj, "transform", prefix, required=False)
     weights = obj.get("weights")
@@ -120,7 +120,7 @@ def _identity(r: _Reader, obj: Mapping[str, Any], prefix: str) -> BackboneIdenti
                             transform=transform, embed_dim=r.positive_int(obj, "embed_dim", prefix))
 
 
-def _classes(r: _Reader, raw: Mapping[str, Any]) -> tuple[str, ...]:
+def _classes(r: FieldReader, raw: Mapping[str, Any]) -> tuple[str, ...]:
     classes = raw.get("classes")
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
         raise r.fail("classes", "a non-empty list of class names (strings)", classes)
@@ -130,7 +130,7 @@ def _classes(r: _Reader, raw: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(classes)
 
 
-def _base_backbone(r: _Reader, ft: Mapping[str, Any]) -> BackboneIdentity:
+def _base_backbone(r: FieldReader, ft: Mapping[str, Any]) -> BackboneIdentity:
     base = _identity(r, r.section(ft, "base_backbone", "finetune."), "finetune.base_backbone.")
     # The base is an architecture name (registry, torchvision, timm), never a folder: a bundle
     # whose base is a bundle would load itself forever.
@@ -139,7 +139,7 @@ def _base_backbone(r: _Reader, ft: Mapping[str, Any]) -> BackboneIdentity:
     return base
 
 
-def _features(r: _Reader, raw: Mapping[str, Any]) -> FeatureSpec | None:
+def _features(r: FieldReader, raw: Mapping[str, Any]) -> FeatureSpec | None:
     f = r.section(raw, "features", required=False)
     if f is None:
         return None
@@ -161,7 +161,7 @@ def parse_manifest(raw: Any, source: str, *, written: bool = True) -> Manifest:
     Raises:
         BundleError: a missing field or a value of the wrong type, naming ``source`` and the field.
     """
-    r = _Reader(source)
+    r = FieldReader(source)
     if not isinstance(raw, dict):
         raise BundleError(f"{source!r} is not a featbank bundle manifest (a JSON object); got {type(raw).__name__}.")
     if written and raw.get("format") != BUNDLE_FORMAT:
@@ -199,7 +199,7 @@ def parse_manifest(raw: Any, source: str, *, written: bool = True) -> Manifest:
     return m
 
 
-def _check_written(r: _Reader, m: Manifest) -> None:
+def _check_written(r: FieldReader, m: Manifest) -> None:
     section = m.weights_section
     if m.weights.sha256 is None:
         raise r.fail(f"{section}.sha256", "the sha256 of the weights file", None)
