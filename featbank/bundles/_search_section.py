@@ -49,8 +49,8 @@ def check_search(r: FieldReader, raw: Mapping[str, Any], features: FeatureSpec |
         _check_row(r, row, i)
     _check_winner(r, raw["head"], features, board[0])
     _check_headline(r, raw.get("metrics"), board[0])
-    _check_counts(r, s, board)
     _check_feature_sets(r, s, board)
+    _check_counts(r, s, board)
     rounds = _rounds(r, s)
     _check_rounds(r, rounds, board)
     _check_order(r, rounds, board)
@@ -103,12 +103,11 @@ def _check_counts(r: FieldReader, s: Mapping[str, Any], board: Sequence[Mapping[
         raise _lie(r, f"n_scored is {n_scored} but the leaderboard has {len(board)} rows")
     if n_cands != n_scored + len(skipped):
         raise _lie(r, f"n_candidates is {n_cands} but {n_scored} were scored and {len(skipped)} skipped")
-    seen: dict[tuple[Any, ...], int] = {}
+    seen: dict[str, int] = {}  # a candidate by its name (its feature set names its layers: _check_feature_sets)
     for row in board:
-        key = (row["features"], tuple(row["layers"]), row["views"], row["preprocessing"], row["head"])
-        if key in seen:
-            raise _lie(r, f"rows {seen[key]} and {row['rank']} are the same candidate ({_label(row)})")
-        seen[key] = row["rank"]
+        if _label(row) in seen:
+            raise _lie(r, f"rows {seen[_label(row)]} and {row['rank']} are the same candidate ({_label(row)})")
+        seen[_label(row)] = row["rank"]
 
 
 def _check_feature_sets(r: FieldReader, s: Mapping[str, Any], board: Sequence[Mapping[str, Any]]) -> None:
@@ -154,9 +153,7 @@ def _check_rounds(r: FieldReader, rounds: Sequence[Mapping[str, Any]], board: Se
         want = rounds[row["rounds"] - 1]["n_folds"]
         if row["n_folds"] != want:
             raise _lie(r, f"row {row['rank']} has {row['n_folds']} folds, but round {row['rounds']} ends with {want}")
-        if _label(row) in reached_by:
-            raise _lie(r, f"two rows are named {_label(row)}")
-        reached_by[_label(row)] = row["rounds"]
+        reached_by[_label(row)] = row["rounds"]  # names are unique (_check_counts)
         n_ending[row["rounds"]] += 1
     n_reaching = len(board)
     for k, rd in enumerate(rounds):
