@@ -29,35 +29,28 @@ class FieldReader:
             "written by featbank; re-create it."
         )
 
-    def section(self, obj: Mapping[str, Any], key: str, prefix: str = "", required: bool = True) -> dict | None:
+    def _checked(self, obj: Mapping[str, Any], key: str, prefix: str, required: bool, ok: Any, want: str) -> Any:
+        """``obj[key]`` if ``ok(value)``; None where it is absent and not ``required``; else the field's error."""
         value = obj.get(key)
         if value is None and not required:
             return None
-        if not isinstance(value, dict):
-            raise self.fail(prefix + key, "an object", value)
+        if not ok(value):
+            raise self.fail(prefix + key, want, value)
         return value
+
+    def section(self, obj: Mapping[str, Any], key: str, prefix: str = "", required: bool = True) -> dict | None:
+        return self._checked(obj, key, prefix, required, lambda v: isinstance(v, dict), "an object")
 
     def text(self, obj: Mapping[str, Any], key: str, prefix: str = "", required: bool = True) -> str | None:
-        value = obj.get(key)
-        if value is None and not required:
-            return None
-        if not isinstance(value, str) or not value:
-            raise self.fail(prefix + key, "a non-empty string", value)
-        return value
+        return self._checked(obj, key, prefix, required, lambda v: isinstance(v, str) and bool(v), "a non-empty string")
 
     def sha(self, obj: Mapping[str, Any], key: str, prefix: str = "") -> str | None:
-        value = obj.get(key)
-        if value is not None and not (isinstance(value, str) and _SHA256.match(value)):
-            raise self.fail(prefix + key, "a sha256 (64 lowercase hex digits)", value)
-        return value
+        return self._checked(obj, key, prefix, False, lambda v: isinstance(v, str) and bool(_SHA256.match(v)),
+                             "a sha256 (64 lowercase hex digits)")
 
     def positive_int(self, obj: Mapping[str, Any], key: str, prefix: str = "", required: bool = False) -> int | None:
-        value = obj.get(key)
-        if value is None and not required:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise self.fail(prefix + key, "a positive integer", value)
-        return value
+        return self._checked(obj, key, prefix, required,
+                             lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive integer")
 
     def number(self, obj: Mapping[str, Any], key: str, prefix: str, lo: float, hi: float) -> float:
         """A finite number in ``[lo, hi]`` (a JSON integer beyond any float is refused, not an OverflowError)."""
