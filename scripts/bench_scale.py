@@ -258,7 +258,7 @@ def bench_procs(work: Path, n_images: int, shard_size: int) -> dict:
     from PIL import Image
 
     from featbank.extraction import ExtractConfig
-    from featbank.extraction.job import ExtractJob
+    from featbank.extraction.job import resolve_job
     from featbank.extraction.launchers import run_prepared
     from featbank.extraction.units import RowSource, prepare
     from featbank.sources import scan_folder
@@ -272,7 +272,7 @@ def bench_procs(work: Path, n_images: int, shard_size: int) -> dict:
     out = {}
     for procs in (1, 2):
         index = work / f"procs{procs}.h5"
-        job = ExtractJob.resolve(ExtractConfig(str(data), str(index), backbone="test_tiny", engine="torch",
+        job = resolve_job(ExtractConfig(str(data), str(index), backbone="test_tiny", engine="torch",
                                                num_workers=0, shard_size=shard_size, overwrite=True))
         prep = prepare(RowSource.from_index(scan_folder(data)), job)
         t0 = time.perf_counter()

@@ -106,6 +106,6 @@ def extract_job(out: Path, data: Path | str | None = None, **options):
     """The resolved run (``ExtractJob``) of an extract into ``out`` with ``options``, for tests that drive
     ``featbank.extraction.units.prepare`` and the launchers directly."""
     from featbank.extraction import ExtractConfig
-    from featbank.extraction.job import ExtractJob
+    from featbank.extraction.job import resolve_job
 
-    return ExtractJob.resolve(ExtractConfig(str(data if data is not None else Path(out).parent), str(out), **options))
+    return resolve_job(ExtractConfig(str(data if data is not None else Path(out).parent), str(out), **options))

@@ -233,10 +233,10 @@ def test_a_registered_launcher_runs_an_extract(image_folder: Path, tmp_path: Pat
 
 def test_the_job_says_who_locks_cleans_and_publishes(image_folder: Path, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    from featbank.extraction.job import ExtractJob
+    from featbank.extraction.job import resolve_job
 
     def job(**kw):
-        return ExtractJob.resolve(ExtractConfig(str(image_folder), str(tmp_path / "c.h5"), **{**KW, **kw}))
+        return resolve_job(ExtractConfig(str(image_folder), str(tmp_path / "c.h5"), **{**KW, **kw}))
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     plain, piece, final = job(), job(rank=1, world=3), job(finalize=True)

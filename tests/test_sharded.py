@@ -162,14 +162,14 @@ _DRIVER = textwrap.dedent(
     from featbank.sources import scan_folder
     from featbank.extraction.launchers import run_prepared
     from featbank.extraction import ExtractConfig
-    from featbank.extraction.job import ExtractJob
+    from featbank.extraction.job import resolve_job
     from featbank.extraction.units import RowSource, prepare
 
     if __name__ == "__main__":  # spawned workers import this file again
         data, out, launcher, procs = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
         config = ExtractConfig(str(data), str(out), backbone="test_tiny", engine="torch", num_workers=0,
                                shard_size=int(sys.argv[5]), batch_size=int(sys.argv[6]))
-        prep = prepare(RowSource.from_index(scan_folder(data)), ExtractJob.resolve(config))
+        prep = prepare(RowSource.from_index(scan_folder(data)), resolve_job(config))
         report = run_prepared(prep, launcher=launcher, procs=procs, finalize_only=launcher == "finalize")
         print(f"published {report.published} {report.n_written}", flush=True)  # one write: ranks share stdout
     """

@@ -10,7 +10,7 @@ from ._pipeline import extract
 from ._report import ExtractReport
 from .config import DTYPES, ENGINES, ExtractConfig, read_extract_config
 
-# The rooms of a run, by role: config (ExtractConfig), job (ExtractJob, one run), units (plan and
+# The rooms of a run, by role: config (ExtractConfig), job (resolve_job -> ExtractJob, one run), units (plan and
 # run work units, merge them into parts), launchers (who runs the units: a Launcher registry).
 __all__ = ["ExtractConfig", "read_extract_config", "ExtractReport", "extract", "default_cache_path", "resolve_device",
            "DEVICES", "ENGINES", "DTYPES", "Diagnosis", "diagnose",

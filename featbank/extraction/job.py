@@ -1,4 +1,5 @@
-"""One extract run, typed: :class:`ExtractJob` (a config resolved), its steps, and :func:`run_extract`.
+"""One extract run: :func:`resolve_job` (a config resolved into an :class:`~featbank.extraction._jobs.ExtractJob`),
+its steps, and :func:`run_extract`.
 
 :func:`featbank.extract` validates nothing itself: it hands its :class:`ExtractConfig` here. A run
 reads its rows (a folder, a manifest or WebDataset shards), checks the cache already at ``out``
@@ -16,7 +17,6 @@ import time
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,100 +25,47 @@ import numpy as np
 
 from ..cache import FORMAT, compute_cache_key, decode_attr, part_name, parts_dir, read_listed, rows_digest, writer_lock
 from ..errors import CacheError, ConfigError, Interrupted, NotACacheError, SkippedImagesError, SkippedImagesWarning
-from ._plan import DEFAULT_SHARD_SIZE
+from ._jobs import ExtractJob
 from ._report import ExtractReport, strict_message
 from .config import ExtractConfig
 
 if TYPE_CHECKING:
-    from ..features import FeatureSpec
     from ..sources import RowSource
     from .launchers import ShardedReport
     from .units import Prepared
 
-__all__ = ["ExtractJob", "run_extract", "read_source", "schema_version_of"]
+__all__ = ["ExtractJob", "resolve_job", "run_extract", "read_source", "schema_version_of"]
 
 
-@dataclass(frozen=True)
-class ExtractJob:
-    """One extract run: its :class:`ExtractConfig` resolved (device, engine, decode, features, paths,
-    launcher), what every step and the launcher receive.
+def resolve_job(config: ExtractConfig, on_progress: Callable[[int, int], None] | None = None) -> ExtractJob:
+    """Resolve ``config`` against this machine and the files (no embedding yet).
 
-    Attributes:
-        config: the settings as given (validated).
-        out_path: the cache file as named; ``index_path`` the file written (a symlink's target).
-        device, engine, decode: resolved from ``auto``.
-        features: the layers and views stored besides the embedding (None: the embedding alone).
-        launcher: the name of the launcher in :data:`~featbank.extraction.launchers.LAUNCHERS`.
-        on_progress: ``on_progress(done, total)``, called as rows are done.
+    Raises:
+        ConfigError: bad layers or views, a decode the input refuses, ``out`` a folder.
+        CacheError: ``out`` is a file featbank did not write.
     """
+    from .._device import resolve_device
+    from ..sources import is_webdataset
+    from ._cachefile import default_cache_path, refuse_foreign_file
+    from ._decode import resolve_decode
+    from ._spec import resolve_features
+    from .launchers import launcher_name
 
-    config: ExtractConfig
-    out_path: Path
-    index_path: Path
-    device: str
-    engine: str
-    decode: str
-    features: FeatureSpec | None
-    launcher: str
-    num_workers: int
-    on_progress: Callable[[int, int], None] | None = None
-
-    @classmethod
-    def resolve(cls, config: ExtractConfig, on_progress: Callable[[int, int], None] | None = None) -> ExtractJob:
-        """Resolve ``config`` against this machine and the files (no embedding yet).
-
-        Raises:
-            ConfigError: bad layers or views, a decode the input refuses, ``out`` a folder.
-            CacheError: ``out`` is a file featbank did not write.
-        """
-        from .._device import resolve_device
-        from ..sources import is_webdataset
-        from ._cachefile import default_cache_path, refuse_foreign_file
-        from ._decode import resolve_decode
-        from ._spec import resolve_features
-        from .launchers import launcher_name
-
-        c = config
-        device = resolve_device(c.device).type
-        features = resolve_features(c.backbone, c.weights, c.weights_file, layers=c.layers, pooling=c.pooling,
-                                    views=c.views, augment=c.augment, view_seed=c.view_seed)
-        feats = None if features.is_default else features
-        decode = resolve_decode(c.decode, device, features=feats, webdataset=is_webdataset(c.data))
-        out_path = (Path(c.out).expanduser() if c.out is not None
-                    else default_cache_path(c.data, c.backbone, c.weights, c.dtype, c.weights_file))
-        if out_path.exists() and out_path.is_dir():
-            raise ConfigError(f"--out {str(out_path)!r} is a directory; give a file path such as {out_path / 'cache.h5'}.")
-        refuse_foreign_file(out_path)
-        engine = c.engine if c.engine != "auto" else ("onnxruntime" if device == "cpu" else "torch")
-        launcher = launcher_name(c)
-        return cls(c, out_path, _write_target(out_path), device, engine, decode, feats, launcher,
-                   _num_workers(c, launcher, device), on_progress)
-
-    @property
-    def distributed(self) -> bool:
-        """Ranks that may run on other hosts (torchrun, a job array's slices): no local clean-up, no migration."""
-        return self.launcher in ("torchrun", "slice")
-
-    @property
-    def rank(self) -> int:
-        if self.launcher == "torchrun":
-            return int(os.environ.get("RANK", "0"))
-        return self.config.rank if self.config.rank is not None else 0
-
-    @property
-    def world(self) -> int:
-        if self.launcher == "torchrun":
-            return _world_size()
-        return self.config.world if self.launcher == "slice" and self.config.world is not None else 1
-
-    @property
-    def holds_lock(self) -> bool:
-        """Whether this process takes ``<out>.lock``: every run but a job array's slices and torchrun's other ranks."""
-        return self.launcher != "slice" and self.rank == 0
-
-    @property
-    def shard_size(self) -> int:
-        return self.config.shard_size or DEFAULT_SHARD_SIZE
+    c = config
+    device = resolve_device(c.device).type
+    features = resolve_features(c.backbone, c.weights, c.weights_file, layers=c.layers, pooling=c.pooling,
+                                views=c.views, augment=c.augment, view_seed=c.view_seed)
+    feats = None if features.is_default else features
+    decode = resolve_decode(c.decode, device, features=feats, webdataset=is_webdataset(c.data))
+    out_path = (Path(c.out).expanduser() if c.out is not None
+                else default_cache_path(c.data, c.backbone, c.weights, c.dtype, c.weights_file))
+    if out_path.exists() and out_path.is_dir():
+        raise ConfigError(f"--out {str(out_path)!r} is a directory; give a file path such as {out_path / 'cache.h5'}.")
+    refuse_foreign_file(out_path)
+    engine = c.engine if c.engine != "auto" else ("onnxruntime" if device == "cpu" else "torch")
+    launcher = launcher_name(c)
+    return ExtractJob(c, out_path, _write_target(out_path), device, engine, decode, feats, launcher,
+               _num_workers(c, launcher, device), on_progress)
 
 
 def _num_workers(c: ExtractConfig, launcher: str, device: str) -> int:
@@ -132,13 +79,6 @@ def _num_workers(c: ExtractConfig, launcher: str, device: str) -> int:
             "images, so --num-workers must be 0 there (or use --procs 1, or torchrun / --launcher ray)."
         )
     return c.num_workers if c.num_workers is not None else 0 if in_worker else default_num_workers(device)
-
-
-def _world_size() -> int:
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return 1
 
 
 def schema_version_of(path: Path) -> int | None:
@@ -391,7 +331,7 @@ def run_extract(config: ExtractConfig, on_progress: Callable[[int, int], None] |
     t0 = time.perf_counter()
     from .units import reset_engines
 
-    job = ExtractJob.resolve(config, on_progress)
+    job = resolve_job(config, on_progress)
     reset_engines()
     lock = writer_lock(job.index_path) if job.holds_lock else nullcontext()  # the lock names a folder it cannot create
     with lock, _early_workers(job):
@@ -411,9 +351,8 @@ def _early_workers(job: ExtractJob) -> AbstractContextManager[object]:
     if job.launcher != "local" or job.config.procs < 2:
         return nullcontext()
     from .launchers import prestarted_workers
-    from .units import engine_spec
 
-    return prestarted_workers(job.config.procs, job.device, engine_spec(job))
+    return prestarted_workers(job.config.procs, job.device, job.engine_spec)
 
 
 def _plan_run(job: ExtractJob) -> tuple[Prepared, ExtractReport, int]:

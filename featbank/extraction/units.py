@@ -44,15 +44,14 @@ from ..cache import (
 from ..errors import CacheError, CacheKeyMismatch
 from ..sources import RowSource, TarImages
 from ._cachefile import remove_dead_part_temporaries
-from ._jobs import EngineSpec, ShardJob, WorkerSettings
+from ._jobs import EngineSpec, ExtractJob, ShardJob, WorkerSettings
 from ._plan import DEFAULT_SHARD_SIZE, Plan, assign_rows, plan_shards, plan_tars, replan
 
 if TYPE_CHECKING:
     from ..features import FeatureSpec
     from ._engines import Engine
-    from .job import ExtractJob
 
-__all__ = ["RowSource", "engine_spec", "engine_for", "Prepared", "prepare",
+__all__ = ["RowSource", "engine_for", "Prepared", "prepare",
            "run_shard", "run_unit", "run_job", "finalize", "final_part", "migrate_v1", "reset_engines", "UNIT_ATTR", "unit_path"]
 
 #: Attribute of a work unit's ``.partial``: the name of the part its rows are for.
@@ -114,21 +113,11 @@ def _old_plan(index_path: Path, key: str, overwrite: bool, features: FeatureSpec
     return Plan.from_json(plan) if plan else None
 
 
-def engine_spec(job: ExtractJob) -> EngineSpec:
-    """The engine every worker of ``job`` builds: one spec for the plan and for workers started before it
-    (they build their engine from it early, and the engine cache is keyed by it, so the two must agree)."""
-    from .._device import precision_name
-
-    c = job.config
-    return EngineSpec(c.backbone, c.weights, c.weights_file, job.engine, job.device,
-                      precision_name(job.device.split(":")[0]), job.features)
-
-
 def prepare(source: RowSource, job: ExtractJob, identity: dict[str, Any] | None = None) -> Prepared:
     """Plan the run: the cache key, the shards (keeping an existing index's boundaries), the jobs left.
 
     A shard needs a job when its part for exactly its planned rows is not yet published. ``job``
-    (an :class:`~featbank.extraction.job.ExtractJob`) gives the settings, resolved, and the index path;
+    (an :class:`~featbank.extraction._jobs.ExtractJob`) gives the settings, resolved, and the index path;
     its config is recorded in the index's attributes. ``identity``: the backbone's identity when the
     caller already has it (else resolved here, which may build the model).
 
@@ -140,7 +129,7 @@ def prepare(source: RowSource, job: ExtractJob, identity: dict[str, Any] | None 
 
     c = job.config
     index_path, overwrite, features, decode, dtype = job.index_path, c.overwrite, job.features, job.decode, c.dtype
-    spec = engine_spec(job)
+    spec = job.engine_spec
     precision = spec.precision
     if identity is None:
         identity = identity_with_window(identity_of(c.backbone, c.weights, c.weights_file), c.window)
