@@ -4,8 +4,9 @@ The rooms: :mod:`~featbank.bundles.bundle` (the opened :class:`Bundle`, :func:`l
 :mod:`~featbank.bundles.manifest` (the typed manifest and its one validating reader),
 :mod:`~featbank.bundles.store` (atomic writes: :func:`save_bundle`),
 :mod:`featbank.heads.skops` (the trusted scikit-learn format, re-exported here) and
-:mod:`~featbank.bundles.network` (a fine-tuned bundle or a head bundle's features as torch
-modules; imported on demand because it needs torch).
+:mod:`~featbank.bundles.network` (a head bundle's features as torch modules) and
+:mod:`~featbank.bundles._finetuned` (a fine-tuned bundle's network, built for
+:meth:`Bundle.finetuned_network`); both need torch, so they are imported on demand.
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ from .store import recover, sha256_bytes
 
 if TYPE_CHECKING:
     from sklearn.base import BaseEstimator
+    from torch import nn
 
     from ..backbones import Backbone
     from ..cache import FeatureCache
@@ -161,9 +162,7 @@ class Bundle:
                 this machine are not the ones the bundle was fitted with.
         """
         if self.kind == "finetuned":
-            from .network import finetuned_network
-
-            return finetuned_network(self)[0]
+            return self.finetuned_network()[0]
         from ..backbones import load_backbone as load_named
         from ..backbones import with_window
 
@@ -181,6 +180,27 @@ class Bundle:
                 "same weights (or pass them with --weights-file), or re-fit the bundle."
             )
         return with_window(bb, (ident.transform or {}).get("window", "none"))
+
+    def finetuned_network(self) -> tuple[Backbone, nn.Linear]:
+        """The fine-tuned network of this bundle: ``(backbone, head)``.
+
+        ``backbone.embedder()`` maps uint8 NHWC images to embeddings, ``head`` maps embeddings to
+        logits (``softmax`` gives the bundle's probabilities, columns in ``manifest["classes"]``).
+        ``backbone.identity()`` keys caches on the sha256 of ``model.safetensors``.
+
+        Raises:
+            BundleError: not a fine-tuned bundle, weights missing or changed (sha256), or weights
+                that do not fit the recorded base architecture.
+        """
+        if self.kind != "finetuned":
+            raise BundleError(
+                f"{str(self.path)!r} is a {self.kind!r} bundle (a head fitted on cached embeddings), not a fine-tuned "
+                "network; as --backbone pass the backbone it was fitted on, or a bundle made by 'featbank finetune'."
+            )
+        from ._finetuned import build_finetuned
+
+        data = self.read_weights()  # confined to the bundle folder, sha256-checked
+        return build_finetuned(self.path, self.manifest["finetune"], data, self.classes, self.backbone.get("backbone"))
 
     def check_cache(self, cache: FeatureCache) -> None:
         """Check that an open cache holds embeddings this bundle's head can read.

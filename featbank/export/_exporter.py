@@ -50,12 +50,6 @@ __all__ = ["export_model", "build_torch_classifier", "MIN_OPSET"]
 # --------------------------------------------------------------------------------------------
 
 
-def _finetuned(bundle: Bundle) -> tuple[Any, Any]:
-    from ..bundles.network import finetuned_network
-
-    return finetuned_network(bundle)
-
-
 def build_torch_classifier(
     model: str | os.PathLike, *, weights_file: str | os.PathLike | None = None
 ) -> tuple[Any, Any]:
@@ -75,7 +69,7 @@ def build_torch_classifier(
     bundle = load_bundle(model)
     _, Classifier = torch_modules()
     if bundle.kind == "finetuned":
-        bb, head = _finetuned(bundle)
+        bb, head = bundle.finetuned_network()
         ProbaHead, _ = torch_modules()
         return Classifier(bb.embedder(), ProbaHead(head, "logits")).eval(), bb.preprocess
     bb = bundle.load_backbone(weights_file)
@@ -288,7 +282,7 @@ def _finetuned_graph(bundle: Bundle, tmp: Path, opset: int | None) -> _Graph:
     import torch
 
     ProbaHead, Classifier = torch_modules()
-    bb, head = _finetuned(bundle)
+    bb, head = bundle.finetuned_network()
     module = Classifier(bb.embedder(), ProbaHead(head, "logits")).eval()
     h, w = bb.preprocess.input_size
     export_torch(module, torch.zeros((2, h, w, 3), dtype=torch.uint8), tmp, INPUT_NAME, OUTPUT_NAMES, opset)

@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from ..backbones import HEAD_GROUP, Backbone, ImageEmbedder, Normalize
-from ..bundles.network import finetuned_network
 from ..errors import BundleError, ConfigError
 from ._settings import GROUP_ALIASES, LR_PRESETS
 
@@ -335,7 +334,7 @@ def load_finetuned_model(path: Any) -> tuple[Backbone, torch.nn.Linear]:
     """
     from ..bundles import Bundle, load_bundle
 
-    return finetuned_network(path if isinstance(path, Bundle) else load_bundle(path))
+    return (path if isinstance(path, Bundle) else load_bundle(path)).finetuned_network()
 
 
 def load_finetuned_backbone(path: str | os.PathLike) -> Backbone:
