@@ -150,43 +150,15 @@ def write_index(
     skipped rows into ``skipped/``.
     """
     index_path = Path(index_path)
-    folder = parts_dir(index_path)
-    rel = folder.name
     tmp = temporary_path(index_path)
     try:
         mode_bits: int | None = os.stat(index_path).st_mode & 0o7777
     except OSError:
         mode_bits = None
-    rows = [p.n_rows for p in parts]
-    skipped = [p.n_skipped for p in parts]
-    shapes = _shapes(folder, parts, row_datasets)
-    sk_shapes = _shapes(folder, parts, SKIPPED_DATASETS, group="skipped/")
-    defaults = {"embeddings": ((0,), np.float32), "labels": ((), np.int64), "splits": ((), np.int8),
-                "paths": ((), STR_DTYPE), "fingerprints": ((2,), np.int64), "reasons": ((), STR_DTYPE)}
     try:
         with h5py.File(tmp, "w") as f:
-            for name in row_datasets:
-                tail, dt = shapes.get(name, defaults.get(name, ((), np.float32)))
-                parent, _, leaf = name.rpartition("/")  # layers/<tap>, views/...: inside groups
-                _vds(f.require_group(parent) if parent else f, leaf, _Sources(rel, parts, rows), name, (tail, dt))
-            if listed:
-                _write_listed(f.create_group(LISTING), listed)
-            g = f.create_group("skipped")
-            for name in SKIPPED_DATASETS:
-                tail, dt = sk_shapes.get(name, defaults[name])
-                own = (f"{LISTING}/{name}", len(listed)) if listed else None
-                _vds(g, name, _Sources(rel, parts, skipped), f"skipped/{name}", (tail, dt), own)
-            f.create_dataset("classes", data=np.array(list(classes), dtype=object), dtype=STR_DTYPE, shape=(len(classes),))
-            _write_table(f.create_group("parts"), parts)
-            for k, v in attrs.items():
-                f.attrs[k] = json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v
-            emb_tail, emb_dt = shapes.get("embeddings", ((int(attrs.get("embed_dim", 0)),), np.float32))
-            f.attrs.update(
-                format=FORMAT, schema_version=SCHEMA_VERSION, featbank_version=__version__,
-                split_names=json.dumps(list(SPLIT_NAMES)), n_samples=int(sum(rows)),
-                embed_dim=int(emb_tail[0]) if emb_tail else 0, dtype=str(np.dtype(emb_dt)),
-                n_parts=len(parts), parts_dir=rel, plan=plan_json,
-            )
+            _fill_index(f, parts_dir(index_path), parts, classes, attrs, row_datasets, listed)
+            f.attrs["plan"] = plan_json
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         if mode_bits is not None:  # an existing cache keeps its permission bits
@@ -195,6 +167,43 @@ def write_index(
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(index_path.parent)
+
+
+#: (shape after the row axis, dtype) of a row dataset when no part holds it (no parts yet).
+_EMPTY_SHAPES = {"embeddings": ((0,), np.float32), "labels": ((), np.int64), "splits": ((), np.int8),
+                 "paths": ((), STR_DTYPE), "fingerprints": ((2,), np.int64), "reasons": ((), STR_DTYPE)}
+
+
+def _fill_index(f: h5py.File, folder: Path, parts: Sequence[PartInfo], classes: Sequence[str], attrs: dict[str, Any],
+                row_datasets: Sequence[str], listed: Sequence[Listed]) -> None:
+    """The index's content: each row dataset mapped over the parts, the skipped rows (the parts', then
+    those refused while listing), the classes, the parts table and the attributes."""
+    rel = folder.name
+    rows = [p.n_rows for p in parts]
+    shapes = _shapes(folder, parts, row_datasets)
+    for name in row_datasets:
+        tail, dt = shapes.get(name, _EMPTY_SHAPES.get(name, ((), np.float32)))
+        parent, _, leaf = name.rpartition("/")  # layers/<tap>, views/...: inside groups
+        _vds(f.require_group(parent) if parent else f, leaf, _Sources(rel, parts, rows), name, (tail, dt))
+    if listed:
+        _write_listed(f.create_group(LISTING), listed)
+    g = f.create_group("skipped")
+    sk_shapes = _shapes(folder, parts, SKIPPED_DATASETS, group="skipped/")
+    for name in SKIPPED_DATASETS:
+        own = (f"{LISTING}/{name}", len(listed)) if listed else None
+        _vds(g, name, _Sources(rel, parts, [p.n_skipped for p in parts]), f"skipped/{name}",
+             sk_shapes.get(name, _EMPTY_SHAPES[name]), own)
+    f.create_dataset("classes", data=np.array(list(classes), dtype=object), dtype=STR_DTYPE, shape=(len(classes),))
+    _write_table(f.create_group("parts"), parts)
+    for k, v in attrs.items():
+        f.attrs[k] = json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v
+    emb_tail, emb_dt = shapes.get("embeddings", ((int(attrs.get("embed_dim", 0)),), np.float32))
+    f.attrs.update(
+        format=FORMAT, schema_version=SCHEMA_VERSION, featbank_version=__version__,
+        split_names=json.dumps(list(SPLIT_NAMES)), n_samples=int(sum(rows)),
+        embed_dim=int(emb_tail[0]) if emb_tail else 0, dtype=str(np.dtype(emb_dt)),
+        n_parts=len(parts), parts_dir=rel,
+    )
 
 
 def _write_listed(g: h5py.Group, listed: Sequence[Listed]) -> None:

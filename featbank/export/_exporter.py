@@ -212,49 +212,60 @@ def _export_graph(bundle: Bundle, out_path: Path, checked: tuple[list[Path], str
     import onnx
 
     images, source = checked
-    opset, input_kind = cfg.opset, cfg.input_kind
-
     parity_path = parity_json_path(out_path)
     # Temporaries of killed exports into the same file (named by temporary_path) go first.
     remove_orphans(out_path)
     remove_orphans(parity_path)
     tmp, tmp2 = temporary_path(out_path), temporary_path(out_path)
-    quant = None
     try:
         if bundle.kind == "finetuned":
-            graph, route, bb, ref_fn = _finetuned_graph(bundle, tmp, opset)
+            graph, route, bb, ref_fn = _finetuned_graph(bundle, tmp, cfg.opset)
         else:
-            graph, route, bb, ref_fn = _head_graph(bundle, tmp, out_path, opset, cfg.weights_file)
-        if input_kind == "raw":
+            graph, route, bb, ref_fn = _head_graph(bundle, tmp, out_path, cfg.opset, cfg.weights_file)
+        if cfg.input_kind == "raw":
             check_raw_interpolation(bb.preprocess)
-        meta = _metadata(bundle, bb, route, input_kind, cfg.model_version)
+        meta = _metadata(bundle, bb, route, cfg.input_kind, cfg.model_version)
         stamp(graph, meta)
         onnx.save(graph, str(tmp))
         parity = _check(bundle, tmp, out_path, ref_fn, images, source, bb.preprocess, cfg.atol) if cfg.check else None
-        if plan is not None:
-            quant = quantize_model(tmp, tmp2, plan, bb.preprocess, cfg.max_drop, out_path, list(bundle.classes))
-            meta["quantization"] = json.dumps(quant, sort_keys=True)
-            os.replace(tmp2, tmp)
-        if input_kind == "raw":
-            raw = compose_raw(onnx.load(str(tmp)), bb.preprocess, INPUT_NAME)
-            stamp(raw, meta)
-            onnx.save(raw, str(tmp2))
-            if parity is not None:
-                parity["raw"] = _check_raw(tmp2, tmp, bb.preprocess, images, out_path)
-            os.replace(tmp2, tmp)
-        elif quant is not None:
-            graph = onnx.load(str(tmp))
-            stamp(graph, meta)
-            onnx.save(graph, str(tmp))
-        if parity is not None and quant is not None:
-            parity["quantization"] = quant
+        quant, final = _quantize_and_wrap((tmp, tmp2), bundle, bb.preprocess, meta, parity, plan, (images, out_path), cfg)
         publish(tmp, out_path, parity_path, parity)
     except OSError as e:
         raise file_error(e, out_path) from None
     finally:
         tmp.unlink(missing_ok=True)
         tmp2.unlink(missing_ok=True)
-    return ExportReport(out_path, parity_path, parity, route, opset_of(graph), meta, 0.0, input_kind, quant)
+    return ExportReport(out_path, parity_path, parity, route, opset_of(final or graph), meta, 0.0, cfg.input_kind, quant)
+
+
+def _quantize_and_wrap(tmps: tuple[Path, Path], bundle: Bundle, prep: Any, meta: dict[str, str], parity: dict | None,
+                       plan: CalibrationPlan | None, check: tuple[list[Path], Path],
+                       cfg: ExportConfig) -> tuple[dict | None, Any]:
+    """Quantize the checked graph at ``tmp`` and put the preprocessing in front of it, as asked, in place;
+    ``parity`` gets their checks (on ``check``: the check images and the output path named in messages).
+    Returns (the quantization's report, the graph as published when it changed)."""
+    import onnx
+
+    (tmp, tmp2), (images, out_path) = tmps, check
+    quant, final = None, None
+    if plan is not None:
+        quant = quantize_model(tmp, tmp2, plan, prep, cfg.max_drop, out_path, list(bundle.classes))
+        meta["quantization"] = json.dumps(quant, sort_keys=True)
+        os.replace(tmp2, tmp)
+    if cfg.input_kind == "raw":
+        final = compose_raw(onnx.load(str(tmp)), prep, INPUT_NAME)
+        stamp(final, meta)
+        onnx.save(final, str(tmp2))
+        if parity is not None:
+            parity["raw"] = _check_raw(tmp2, tmp, prep, images, out_path)
+        os.replace(tmp2, tmp)
+    elif quant is not None:
+        final = onnx.load(str(tmp))
+        stamp(final, meta)
+        onnx.save(final, str(tmp))
+    if parity is not None and quant is not None:
+        parity["quantization"] = quant
+    return quant, final
 
 
 def _check_raw(raw_path: Path, inner_path: Path, cfg: Any, images: list[Path], out_path: Path) -> dict[str, Any]:
