@@ -380,62 +380,39 @@ def build_fashion_mnist(
     return _prepare(out, args, make_items, jpeg_fraction, seed, force)
 
 
-def build_digits(
-    out: str | os.PathLike[str],
-    split: str = "none",
-    seed: int = 0,
-    limit: int | None = None,
-    jpeg_fraction: float = 0.0,
-    force: bool = False,
-) -> PrepareResult:
+def build_digits(out: str | os.PathLike[str], split: str = "none", seed: int = 0, limit: int | None = None,
+                 jpeg_fraction: float = 0.0, force: bool = False) -> PrepareResult:
     """scikit-learn's 1,797 8x8 digits (0..16 scaled to 0..255), classes ``0`` ... ``9``."""
-    args = {
-        "dataset": "digits",
-        "split": split,
-        "seed": seed,
-        "limit": limit,
-        "jpeg_fraction": jpeg_fraction,
-    }
-
-    def make_items() -> list[Item]:
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        pixels = np.clip(np.rint(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
-        items = [Item(f"{i:04d}", str(int(t)), pixels[i]) for i, t in enumerate(digits.target)]
-        return _select(items, split, seed, limit)
-
-    return _prepare(out, args, make_items, jpeg_fraction, seed, force)
+    return _build_selected(out, "digits", _digits_items, split, seed, limit, jpeg_fraction, force)
 
 
-def build_lfw(
-    out: str | os.PathLike[str],
-    split: str = "none",
-    seed: int = 0,
-    limit: int | None = None,
-    jpeg_fraction: float = 0.0,
-    force: bool = False,
-) -> PrepareResult:
+def build_lfw(out: str | os.PathLike[str], split: str = "none", seed: int = 0, limit: int | None = None,
+              jpeg_fraction: float = 0.0, force: bool = False) -> PrepareResult:
     """scikit-image's ``lfw_subset``: 200 25x25 grey photos, the first 100 ``face``, the rest ``non_face``."""
-    args = {
-        "dataset": "lfw",
-        "split": split,
-        "seed": seed,
-        "limit": limit,
-        "jpeg_fraction": jpeg_fraction,
-    }
+    return _build_selected(out, "lfw", _lfw_items, split, seed, limit, jpeg_fraction, force)
 
-    def make_items() -> list[Item]:
-        from skimage import data
-        from skimage.util import img_as_ubyte
 
-        faces = img_as_ubyte(data.lfw_subset())
-        items = [
-            Item(f"{i:03d}", "face" if i < 100 else "non_face", faces[i]) for i in range(len(faces))
-        ]
-        return _select(items, split, seed, limit)
+def _build_selected(out: str | os.PathLike[str], dataset: str, load: Callable[[], list[Item]], split: str, seed: int,
+                    limit: int | None, jpeg_fraction: float, force: bool) -> PrepareResult:
+    """A data set whose every image ``load()`` gives, split and limited by :func:`_select`."""
+    args = {"dataset": dataset, "split": split, "seed": seed, "limit": limit, "jpeg_fraction": jpeg_fraction}
+    return _prepare(out, args, lambda: _select(load(), split, seed, limit), jpeg_fraction, seed, force)
 
-    return _prepare(out, args, make_items, jpeg_fraction, seed, force)
+
+def _digits_items() -> list[Item]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = np.clip(np.rint(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    return [Item(f"{i:04d}", str(int(t)), pixels[i]) for i, t in enumerate(digits.target)]
+
+
+def _lfw_items() -> list[Item]:
+    from skimage import data
+    from skimage.util import img_as_ubyte
+
+    faces = img_as_ubyte(data.lfw_subset())
+    return [Item(f"{i:03d}", "face" if i < 100 else "non_face", faces[i]) for i in range(len(faces))]
 
 
 def build_photos(out: str | os.PathLike[str], force: bool = False) -> PrepareResult:
