@@ -157,7 +157,7 @@ def prepare(source: RowSource, job: ExtractJob, identity: dict[str, Any] | None 
                     ROW_DATASETS + extra)
 
 
-def _shard_jobs(source: RowSource, plan: Any, folder: Path, key: str, settings: WorkerSettings, old: Any,
+def _shard_jobs(source: RowSource, plan: Plan, folder: Path, key: str, settings: WorkerSettings, old: Any,
                 table: list[Any]) -> tuple[list[PlannedPart], dict[int, list[str]], list[ShardJob]]:
     """Each shard's planned part (id, rows, digest) and paths, and a job for each shard whose part
     for exactly those rows is missing or damaged (its stat differs from the index's record, or, never
@@ -187,7 +187,7 @@ def _shard_jobs(source: RowSource, plan: Any, folder: Path, key: str, settings: 
     return planned, planned_paths, jobs
 
 
-def _index_attrs(identity: dict[str, Any], precision: str, job: ExtractJob, source: RowSource, plan: Any,
+def _index_attrs(identity: dict[str, Any], precision: str, job: ExtractJob, source: RowSource, plan: Plan,
                  decode: str) -> dict[str, Any]:
     """The index's attributes: the backbone's identity, the run's settings and its config."""
     from .config import CONFIG_ATTR

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..heads._sweep import half_decades
+from ..heads import half_decades
 from ._select import HeadSpec, make_head
 
 __all__ = ["SpecFamily", "spec_preprocess"]

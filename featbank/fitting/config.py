@@ -23,10 +23,12 @@ from ..errors import ConfigError
 if TYPE_CHECKING:
     from ..heads import HeadSpec
 
-__all__ = ["FitConfig", "TTA_MODES", "refuse_with_auto"]
+__all__ = ["FitConfig", "TTA_MODES", "DEFAULT_HEAD", "refuse_with_auto"]
 
 #: ``--tta`` values: average over the cache's views when it helps on validation, always, never.
 TTA_MODES = ("auto", "on", "off")
+#: ``--head`` when none is given: the linear probe.
+DEFAULT_HEAD = "linear"
 _FLAGS = ("standardize", "l2_normalize", "save", "refit", "overwrite", "train_views", "pool_views", "auto")
 
 
@@ -80,7 +82,7 @@ class FitConfig:
         auto, cv, budget, cv_repeats, families: the CV search (``--auto``, ``--cv K``).
     """
 
-    head: str = "linear"
+    head: str = DEFAULT_HEAD
     params: Mapping[str, Any] = field(default_factory=dict)
     standardize: bool = True
     l2_normalize: bool = False
@@ -235,7 +237,7 @@ class FitConfig:
             parse_budget(self.budget)  # a bad budget exits before the cache is opened
         if self.auto:
             refuse_with_auto([flag for flag, given in (
-                ("--head", self.head != "linear"), ("--param", bool(self.params)),
+                ("--head", self.head != DEFAULT_HEAD), ("--param", bool(self.params)),
                 ("--layers", self.layers not in (None, "final")), ("--pool-views", self.pool_views),
                 ("--l2-normalize", self.l2_normalize), ("--no-standardize", not self.standardize)) if given])
 

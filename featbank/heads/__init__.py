@@ -38,7 +38,7 @@ from ._sklearn import (
     sklearn_classifiers,
     unknown_head,
 )
-from ._sweep import COARSE_GRID, SKLEARN_C_GRID
+from ._sweep import COARSE_GRID, SKLEARN_C_GRID, half_decades
 from .kinds import (
     DEFAULT_KIND,
     HEAD_KINDS,
@@ -100,6 +100,7 @@ __all__ = [
     "Selected",
     "ValSplit",
     "COARSE_GRID",
+    "half_decades",
     "SKLEARN_C_GRID",
     "make_sklearn_head",
     "affine_prefix",
