@@ -84,7 +84,7 @@ class ShardJob:
 @dataclass(frozen=True)
 class ExtractJob:
     """One extract run: its :class:`ExtractConfig` resolved (device, engine, decode, features, paths,
-    launcher), what every step and the launcher receive.
+    launcher), what every step and the launcher receive; made by :func:`~featbank.extraction.job.resolve_job`.
 
     Attributes:
         config: the settings as given (validated).
