@@ -205,6 +205,7 @@ def test_a_cv_bundle_whose_cache_is_gone_asks_for_check_images(layered, tmp_path
     (lambda m: m["search"].update(cv=1), "cv"),
     (lambda m: m["search"]["leaderboard"][0].update(params=[1, 2]), "params"),
     (lambda m: m["search"]["leaderboard"][0].update(sample="yes"), "sample"),
+    (lambda m: m["search"]["auto_selection"].update(layers=["stage9"]), "auto_selection"),
 ])
 def test_a_leaderboard_that_lies_is_refused_on_load(auto_bundle, tmp_path, edit, field) -> None:
     out, _ = auto_bundle
@@ -284,6 +285,8 @@ def test_test_labels_cannot_change_any_choice(layered) -> None:
             results.append(featbank.fit(c, auto=True, cv=3, budget="30m", save=False, families=cheap))
     a, b = results
     assert _board(a) == _board(b) and a.chosen == b.chosen and a.head == b.head
+    # The greedy layer selection too, score by score (its choice alone could survive a leak unchanged).
+    assert a.search["auto_selection"]["rounds"] and a.search["auto_selection"] == b.search["auto_selection"]
     assert a.search["skipped"] == b.search["skipped"] == []
     assert a.headline["top1"] != b.headline["top1"]  # the test labels did differ, and only the final score saw them
 
@@ -406,6 +409,10 @@ def test_cli_auto_prints_the_leaderboard_and_json(layered, tmp_path) -> None:
     (["--head", "knn", "--param", "k=3", "--cv", "3"], "the knn family sweeps its own grid"),
     (["--head", "svm_rbf", "--cv", "3"], "Did you mean 'svm-rbf'"),
     (["--head", "nope"], "a head family of --auto with --cv K (svm-rbf, svm-linear, knn)"),
+    # a family preprocesses as one of its own: flags it has no equivalent for are refused, not ignored
+    (["--head", "knn", "--cv", "3", "--no-standardize"], "--no-standardize (raw features) is not one of them"),
+    (["--head", "linear", "--cv", "3", "--l2-normalize"], "the linear family preprocesses as ['standardize'] only"),
+    (["--head", "mlp", "--cv", "3", "--l2-normalize"], "the mlp family preprocesses as ['standardize'] only"),
 ])
 def test_cli_bad_budget_or_cv_exits_2(layered, tmp_path, args, needle) -> None:
     _, cache = layered
@@ -414,9 +421,25 @@ def test_cli_bad_budget_or_cv_exits_2(layered, tmp_path, args, needle) -> None:
     assert not (tmp_path / "m").exists()
 
 
+def test_cv_of_a_family_says_what_it_did(layered, tmp_path) -> None:
+    """``--head <family> --cv``: --l2-normalize gives the family's l2; layers given are named once; a budget
+    that ends the search before the winner saw every fold says so, and a round it never reached says why."""
+    _, cache = layered
+    run = lambda *a: CliRunner().invoke(cli, ["fit", str(cache), *a, "--out", str(tmp_path / "m"), "--overwrite"])  # noqa: E731
+    r = run("--head", "svm-rbf", "--cv", "3", "--l2-normalize", "--layers", "stage1,final")
+    assert r.exit_code == 0, r.output
+    row = next(line for line in r.output.splitlines() if line.startswith("| 1 |"))
+    assert "| stage1,final | plain | l2 | svm-rbf |" in row, row
+    assert "Warning: the budget" not in r.output and "TTA off (--tta off)" not in r.output
+    r = run("--head", "svm-rbf", "--cv", "5", "--budget", "1ms")
+    assert r.exit_code == 0, r.output
+    assert "Warning: the budget let the winner be scored on 1 of the 5 folds of one 5-fold CV" in r.output
+    assert "round 2: none on 5 folds: the budget left could not score a candidate there" in r.output
+
+
 def test_parse_budget_and_bootstrap() -> None:
     assert [parse_budget(t) for t in ("90s", "2m", "1h", "1.5min", "500ms", 30)] == [90, 120, 3600, 90, 0.5, 30]
-    for bad in ("", "m", "2 minutes", "nan", "1e3s", "0"):
+    for bad in ("", "m", "2 minutes", "nan", "1e3s", "0", 10**400, -(10**400)):
         with pytest.raises(ConfigError):
             parse_budget(bad)
     correct = np.array([1] * 80 + [0] * 20)

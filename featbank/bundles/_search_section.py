@@ -118,6 +118,10 @@ def _check_feature_sets(r: FieldReader, s: Mapping[str, Any], board: Sequence[Ma
     if not isinstance(sets, dict):
         raise r.fail("search.feature_sets", "an object", sets)
     named = {**sets, **({"auto": s["auto_layers"]} if "auto_layers" in s else {})}
+    sel = s.get("auto_selection")
+    if sel is not None and (not isinstance(sel, dict) or sel.get("layers") != s.get("auto_layers")):
+        raise r.fail("search.auto_selection", "the greedy selection's record, its layers search.auto_layers",
+                     sel.get("layers") if isinstance(sel, dict) else sel)
     for row in board:
         want = named.get(row["features"])
         if want is not None and want != row["layers"]:

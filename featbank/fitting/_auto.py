@@ -242,10 +242,30 @@ def _route(spec: HeadSpec, settings: SearchSettings, families: Mapping[str, Any]
         excluded = {n: getattr(f, "reason", "") for n, f in families.items() if n not in heads}
         return _Route(families, heads, list(PREPROCESSING), spec, excluded)
     if spec.head in families and not spec.params:
-        pre = "l2" if spec.l2_normalize else "standardize"
-        return _Route(families, [spec.head], [pre], spec)
+        return _Route(families, [spec.head], [_family_preprocess(spec, families[spec.head])], spec)
     fam = SpecFamily(spec, settings.seed)
     return _Route({spec.head: fam}, [spec.head], [spec_preprocess(spec)], spec)
+
+
+def _family_preprocess(spec: HeadSpec, family: Any) -> str:
+    """The preprocessing of ``--head <family> --cv K`` from the flags: ``standardize`` (the default) or ``l2``
+    (``--l2-normalize``: centred, then each row L2-normalised), where the family offers it.
+
+    Raises:
+        ConfigError: ``--no-standardize`` alone (no family fits raw features), or ``--l2-normalize`` for a
+            family without ``l2`` (the linear head and the MLP standardise only).
+    """
+    offered = tuple(getattr(family, "preprocesses", ("standardize",)))
+    pre = "l2" if spec.l2_normalize else "standardize" if spec.standardize else None
+    if pre is None:
+        raise ConfigError(f"--head {spec.head} --cv: a head family preprocesses its features as one of {list(offered)}; "
+                          "--no-standardize (raw features) is not one of them. Drop --no-standardize, or name a "
+                          "scikit-learn class (e.g. --head SVC --no-standardize --cv 5).")
+    if pre not in offered:
+        raise ConfigError(f"--head {spec.head} --cv: the {spec.head} family preprocesses as {list(offered)} only; "
+                          f"--l2-normalize ({pre}) is not one of them. Drop --l2-normalize, or fit --head {spec.head} "
+                          "--l2-normalize without --cv (C chosen on a validation split).")
+    return pre
 
 
 def _within_memory(cache: FeatureCache, cands: list[Candidate], route: _Route, settings: SearchSettings,
@@ -350,6 +370,8 @@ def fit_search(cache: FeatureCache, spec: HeadSpec, settings: SearchSettings, *,
         found["search"]["layer_selection"] = choice is not None  # --auto, or --layers auto with --cv
         if settings.auto and choice is not None:
             found["search"]["auto_layers"] = list(choice.layers)  # the greedy selection, listed or not
+            if choice.rounds:  # its scores on the holdout of train+val: the record a leak would change
+                found["search"]["auto_selection"] = choice.to_dict()
         return search_result(found, spec, settings, save=save, bundle_path=bundle_path)
 
 
@@ -392,7 +414,8 @@ def features_section(table: FeatureTable, choice: LayerChoice | None, winner: Ma
     spec = FeatureSpec(tuple(table.layers), dict(table.layer_dims), getattr(cache, "pooling", DEFAULT_POOLING),
                        table.n_views, getattr(cache, "augment", "") or "", int(getattr(cache, "view_seed", 0) or 0),
                        view_pool=VIEW_POOL if table.pooled else "")
-    out = {**spec.to_dict(), "tta_choice": {"mode": "off", "used": False, "n_views": 0}}
+    out = {**spec.to_dict(), "tta_choice": {"mode": "off", "used": False, "n_views": 0,
+                                            "reason": "--auto and --cv fit and score rows without TTA"}}
     if choice is not None and winner["features"] == "auto" and choice.rounds:
         out["selection"] = choice.to_dict()
     return out

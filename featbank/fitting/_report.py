@@ -17,7 +17,8 @@ def format_leaderboard(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     out = ["| rank | features | views | preprocessing | head | parameters | CV mean ± std | folds | seconds |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        feats = r["features"] if r["features"] in ("final", "all") else f"{r['features']} ({','.join(r['layers'])})"
+        named = r["features"] in ("final", "all") or r["features"] == ",".join(r["layers"])  # --cv: the layers given
+        feats = r["features"] if named else f"{r['features']} ({','.join(r['layers'])})"
         out.append(f"| {r['rank']} | {feats} | {r['views']} | {r['preprocessing']} | {r['head']} | "
                    f"{format_params(r['params'])} | {r['cv_mean']:.4f} ± {r['cv_std']:.4f} | {r['n_folds']}"
                    f"{' (sample)' if r.get('sample') else ''} | "
@@ -55,7 +56,7 @@ def search_lines(search: Mapping[str, Any], headline: Mapping[str, Any]) -> list
         f"{search.get('refit_s', 0.0):.1f} s.",
     ]
     lines += _plan_lines(search) + _round_lines(search) + _skip_lines(search)
-    lines += format_leaderboard(search["leaderboard"])
+    lines += format_leaderboard(search["leaderboard"]) + _short_lines(search)
     ci = headline.get("top1_ci95")
     if ci is not None and "top1" in headline:
         lines.append(f"Winner on test (scored once): top-1 {headline['top1']:.4f}, 95% bootstrap interval "
@@ -64,11 +65,23 @@ def search_lines(search: Mapping[str, Any], headline: Mapping[str, Any]) -> list
     return lines
 
 
+def _short_lines(search: Mapping[str, Any]) -> list[str]:
+    """A warning when the budget let the winner be scored on fewer folds than one K-fold CV has."""
+    board, k = search.get("leaderboard") or [], search["cv"]
+    if not board or board[0]["n_folds"] >= k:
+        return []
+    n = board[0]["n_folds"]
+    return [f"Warning: the budget let the winner be scored on {n} of the {k} folds of one {k}-fold CV"
+            + (" (on a sample)" if board[0].get("sample") else "")
+            + f": it was chosen on {'that fold' if n == 1 else 'those folds'} alone. Raise --budget for a choice by "
+            f"{k}-fold CV."]
+
+
 def _plan_lines(search: Mapping[str, Any]) -> list[str]:
     """The layer selection's choice, the measured speeds the plan scaled by, the Gram matrices shared."""
     lines: list[str] = []
     sets, chosen = search.get("feature_sets") or {}, search.get("auto_layers")
-    if chosen is not None:
+    if chosen is not None and len(sets) > 1:  # a cache of one layer has nothing to select
         same = next((n for n, ls in sets.items() if n != "auto" and ls == chosen), None)
         lines.append(f"  greedy layer selection (feature set auto): {', '.join(chosen)}"
                      + (f", the layers of {same}: scored once, as {same}" if same and "auto" not in sets else ""))
@@ -95,6 +108,9 @@ def _round_lines(search: Mapping[str, Any]) -> list[str]:
         if isinstance(sample, dict):
             folds += (f" (a stratified sample: {sample.get('fit_rows')} of its {sample.get('of_fit_rows')} fit rows, "
                       f"{sample.get('held_out_rows')} of {sample.get('of_held_out_rows')} held out)")
+        if not rnd["n_candidates"]:
+            lines.append(f"  round {rnd['round'] + 1}: none on {folds}: the budget left could not score a candidate there")
+            continue
         lines.append(f"  round {rnd['round'] + 1}: {rnd['n_candidates']} candidate(s) on {folds}"
                      + (f"; not promoted, as the budget left could not score them too: {', '.join(trimmed)}"
                         if trimmed else ""))

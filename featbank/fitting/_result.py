@@ -113,7 +113,7 @@ def _features_lines(feats: dict[str, Any] | None) -> list[str]:
     elif feats["n_views"]:
         t = feats["tta_choice"]
         why = (f"validation top-1 {t['val_plain']:.4f} plain vs {t['val_tta']:.4f} averaged"
-               if "val_plain" in t else f"--tta {t['mode']}")
+               if "val_plain" in t else t.get("reason") or f"--tta {t['mode']}")
         lines.append(f"Views: {feats['n_views']} {feats['augment']} view(s) per image; trained on "
                      f"{'plain + views' if feats['views_used'] else 'the plain view only'}; TTA "
                      f"{'on' if feats['tta'] else 'off'} ({why})")

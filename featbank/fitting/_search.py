@@ -137,7 +137,10 @@ def parse_budget(text: str | float | int) -> float:
         ConfigError: anything else, or a budget that is not positive.
     """
     if isinstance(text, (int, float)) and not isinstance(text, bool):
-        seconds = float(text)
+        try:
+            seconds = float(text)
+        except OverflowError:  # an int beyond a float (10**400): not a duration either
+            seconds = math.inf
     else:
         m = _BUDGET.fullmatch(str(text))
         if not m:
