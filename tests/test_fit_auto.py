@@ -206,6 +206,9 @@ def test_a_cv_bundle_whose_cache_is_gone_asks_for_check_images(layered, tmp_path
     (lambda m: m["search"]["leaderboard"][0].update(params=[1, 2]), "params"),
     (lambda m: m["search"]["leaderboard"][0].update(sample="yes"), "sample"),
     (lambda m: m["search"]["auto_selection"].update(layers=["stage9"]), "auto_selection"),
+    (lambda m: (m["search"].pop("feature_sets"), m["search"].update(auto_selection="garbage")), "auto_selection"),
+    (lambda m: m["search"]["auto_selection"].update(val_score=7), "auto_selection.val_score"),
+    (lambda m: m["search"]["auto_selection"].update(rounds="lots"), "auto_selection.rounds"),
 ])
 def test_a_leaderboard_that_lies_is_refused_on_load(auto_bundle, tmp_path, edit, field) -> None:
     out, _ = auto_bundle
@@ -410,7 +413,7 @@ def test_cli_auto_prints_the_leaderboard_and_json(layered, tmp_path) -> None:
     (["--head", "svm_rbf", "--cv", "3"], "Did you mean 'svm-rbf'"),
     (["--head", "nope"], "a head family of --auto with --cv K (svm-rbf, svm-linear, knn)"),
     # a family preprocesses as one of its own: flags it has no equivalent for are refused, not ignored
-    (["--head", "knn", "--cv", "3", "--no-standardize"], "--no-standardize (raw features) is not one of them"),
+    (["--head", "knn", "--cv", "3", "--no-standardize"], "--no-standardize alone (raw features) is neither"),
     (["--head", "linear", "--cv", "3", "--l2-normalize"], "the linear family preprocesses as ['standardize'] only"),
     (["--head", "mlp", "--cv", "3", "--l2-normalize"], "the mlp family preprocesses as ['standardize'] only"),
 ])
@@ -439,7 +442,7 @@ def test_cv_of_a_family_says_what_it_did(layered, tmp_path) -> None:
 
 def test_parse_budget_and_bootstrap() -> None:
     assert [parse_budget(t) for t in ("90s", "2m", "1h", "1.5min", "500ms", 30)] == [90, 120, 3600, 90, 0.5, 30]
-    for bad in ("", "m", "2 minutes", "nan", "1e3s", "0", 10**400, -(10**400)):
+    for bad in ("", "m", "2 minutes", "nan", "1e3s", "0", 10**400, -(10**400), 10**5000):
         with pytest.raises(ConfigError):
             parse_budget(bad)
     correct = np.array([1] * 80 + [0] * 20)

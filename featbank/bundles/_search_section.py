@@ -50,6 +50,7 @@ def check_search(r: FieldReader, raw: Mapping[str, Any], features: FeatureSpec |
     _check_winner(r, raw["head"], features, board[0])
     _check_headline(r, raw.get("metrics"), board[0])
     _check_feature_sets(r, s, board)
+    _check_selection(r, s)
     _check_counts(r, s, board)
     rounds = _rounds(r, s)
     _check_rounds(r, rounds, board)
@@ -118,15 +119,25 @@ def _check_feature_sets(r: FieldReader, s: Mapping[str, Any], board: Sequence[Ma
     if not isinstance(sets, dict):
         raise r.fail("search.feature_sets", "an object", sets)
     named = {**sets, **({"auto": s["auto_layers"]} if "auto_layers" in s else {})}
-    sel = s.get("auto_selection")
-    if sel is not None and (not isinstance(sel, dict) or sel.get("layers") != s.get("auto_layers")):
-        raise r.fail("search.auto_selection", "the greedy selection's record, its layers search.auto_layers",
-                     sel.get("layers") if isinstance(sel, dict) else sel)
     for row in board:
         want = named.get(row["features"])
         if want is not None and want != row["layers"]:
             raise _lie(r, f"row {row['rank']} names feature set {row['features']!r} with layers {row['layers']}, "
                           f"but that set is {want}")
+
+
+def _check_selection(r: FieldReader, s: Mapping[str, Any]) -> None:
+    """``auto_selection``, where present: the greedy selection's record, whose layers are ``auto_layers``."""
+    sel = s.get("auto_selection")
+    if sel is None:
+        return
+    layers = s.get("auto_layers")
+    if not isinstance(sel, dict) or not isinstance(layers, list) or sel.get("layers") != layers:
+        raise r.fail("search.auto_selection", "the greedy selection's record, its layers those of search.auto_layers",
+                     sel.get("layers") if isinstance(sel, dict) else sel)
+    if not isinstance(sel.get("rounds"), list) or not all(isinstance(x, dict) for x in sel["rounds"]):
+        raise r.fail("search.auto_selection.rounds", "a list of rounds", sel.get("rounds"))
+    r.number(sel, "val_score", "search.auto_selection.", 0.0, 1.0)  # a validation top-1
 
 
 def _rounds(r: FieldReader, s: Mapping[str, Any]) -> list[dict[str, Any]]:

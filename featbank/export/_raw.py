@@ -292,7 +292,8 @@ def _parity_summary(cases: list[dict[str, Any]], px_exact_fraction: float, batch
         "passed": bool(cases) and agreement >= RAW_MIN_AGREEMENT and px_worst <= RAW_PIXEL_TOLERANCE,
         "reference": "featbank.images.preprocess_image (Pillow) -> the graph checked against PyTorch",
         "n_cases": len(cases), "top1_agreement": agreement, "min_top1_agreement": RAW_MIN_AGREEMENT,
-        "max_abs_diff": max((c["max_abs_diff"] for c in cases), default=0.0), "pixel_max_diff": px_worst,
+        # np.max, not max(): a NaN in any case shows, whatever the order of the cases
+        "max_abs_diff": float(np.max([c["max_abs_diff"] for c in cases])) if cases else 0.0, "pixel_max_diff": px_worst,
         "pixel_tolerance": RAW_PIXEL_TOLERANCE, "pixel_exact_fraction": px_exact_fraction,
         "batch_max_abs_diff": batch_worst, "cases": cases,
     }

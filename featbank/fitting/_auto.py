@@ -249,7 +249,8 @@ def _route(spec: HeadSpec, settings: SearchSettings, families: Mapping[str, Any]
 
 def _family_preprocess(spec: HeadSpec, family: Any) -> str:
     """The preprocessing of ``--head <family> --cv K`` from the flags: ``standardize`` (the default) or ``l2``
-    (``--l2-normalize``: centred, then each row L2-normalised), where the family offers it.
+    (``--l2-normalize``, with or without ``--no-standardize``: centred, then each row L2-normalised), where
+    the family offers it.
 
     Raises:
         ConfigError: ``--no-standardize`` alone (no family fits raw features), or ``--l2-normalize`` for a
@@ -258,9 +259,10 @@ def _family_preprocess(spec: HeadSpec, family: Any) -> str:
     offered = tuple(getattr(family, "preprocesses", ("standardize",)))
     pre = "l2" if spec.l2_normalize else "standardize" if spec.standardize else None
     if pre is None:
-        raise ConfigError(f"--head {spec.head} --cv: a head family preprocesses its features as one of {list(offered)}; "
-                          "--no-standardize (raw features) is not one of them. Drop --no-standardize, or name a "
-                          "scikit-learn class (e.g. --head SVC --no-standardize --cv 5).")
+        raise ConfigError(f"--head {spec.head} --cv: a head family standardises its features (the default) or, with "
+                          "--l2-normalize, centres them and L2-normalises each row; --no-standardize alone (raw "
+                          "features) is neither. Drop --no-standardize, or name a scikit-learn class (e.g. --head SVC "
+                          "--no-standardize --cv 5).")
     if pre not in offered:
         raise ConfigError(f"--head {spec.head} --cv: the {spec.head} family preprocesses as {list(offered)} only; "
                           f"--l2-normalize ({pre}) is not one of them. Drop --l2-normalize, or fit --head {spec.head} "

@@ -141,6 +141,7 @@ def parse_budget(text: str | float | int) -> float:
             seconds = float(text)
         except OverflowError:  # an int beyond a float (10**400): not a duration either
             seconds = math.inf
+            text = f"an integer of {int(text.bit_length() * math.log10(2)) + 1} digits"  # repr() may refuse it
     else:
         m = _BUDGET.fullmatch(str(text))
         if not m:
