@@ -92,11 +92,11 @@ def fit(cache, as_json, quiet, **options) -> None:
     from featbank.fitting import fit as fit_head
 
     config = fit_config(options)  # checked before a cache is chosen or opened
-    if config.auto:  # --head linear / --layers final name the defaults, which FitConfig cannot tell apart
+    if config.auto:  # --head linear / --layers final / --standardize name the defaults, which FitConfig cannot tell apart
         from featbank.fitting.config import refuse_with_auto
 
         ctx = click.get_current_context()
-        refuse_with_auto([f"--{n}" for n in ("head", "layers")
+        refuse_with_auto([f"--{n}" for n in ("head", "layers", "standardize")
                           if ctx.get_parameter_source(n) is click.core.ParameterSource.COMMANDLINE])
     if cache is None and not as_json:
         from featbank.cache import choose_cache

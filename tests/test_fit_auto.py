@@ -398,6 +398,7 @@ def test_cli_auto_prints_the_leaderboard_and_json(layered, tmp_path) -> None:
     (["--auto", "--head", "linear"], "so --head would be ignored"),
     (["--auto", "--head", "knn"], "so --head would be ignored"),
     (["--auto", "--layers", "final"], "so --layers would be ignored"),
+    (["--auto", "--standardize"], "so --standardize would be ignored"),
     (["--auto", "--layers", "all", "--pool-views"], "so --layers, --pool-views would be ignored"),
     (["--auto", "--l2-normalize"], "so --l2-normalize would be ignored"),
     # options of the one-validation-split protocol that K-fold CV would ignore
