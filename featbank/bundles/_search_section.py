@@ -94,10 +94,9 @@ def _lie(r: FieldReader, what: str) -> BundleError:
 
 def _check_counts(r: FieldReader, s: Mapping[str, Any], board: Sequence[Mapping[str, Any]]) -> None:
     """``n_scored`` is the rows, ``n_candidates`` the rows and the skipped, and no candidate is there twice."""
-    n_scored, n_cands, skipped = s.get("n_scored"), s.get("n_candidates"), s.get("skipped")
-    for key, value in (("n_scored", n_scored), ("n_candidates", n_cands)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise r.fail(f"search.{key}", "a positive integer", value)
+    n_scored = r.positive_int(s, "n_scored", "search.", required=True)
+    n_cands = r.positive_int(s, "n_candidates", "search.", required=True)
+    skipped = s.get("skipped")
     if not isinstance(skipped, list):
         raise r.fail("search.skipped", "a list", skipped)
     if n_scored != len(board):

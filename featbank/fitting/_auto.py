@@ -46,6 +46,7 @@ from ._rows import check_finite, opened_cache, split_rows
 from ._scored import Candidate, FeatureKey
 from ._search import DEFAULT_BUDGET, DEFAULT_CV, DEFAULT_REPEATS, AutoSearch, parse_budget
 from ._select import HeadSpec
+from .config import family_preprocess
 
 if TYPE_CHECKING:
     from ..cache import FeatureCache
@@ -242,32 +243,10 @@ def _route(spec: HeadSpec, settings: SearchSettings, families: Mapping[str, Any]
         excluded = {n: getattr(f, "reason", "") for n, f in families.items() if n not in heads}
         return _Route(families, heads, list(PREPROCESSING), spec, excluded)
     if spec.head in families and not spec.params:
-        return _Route(families, [spec.head], [_family_preprocess(spec, families[spec.head])], spec)
+        pre = family_preprocess(spec.head, spec.standardize, spec.l2_normalize, families[spec.head])
+        return _Route(families, [spec.head], [pre], spec)
     fam = SpecFamily(spec, settings.seed)
     return _Route({spec.head: fam}, [spec.head], [spec_preprocess(spec)], spec)
-
-
-def _family_preprocess(spec: HeadSpec, family: Any) -> str:
-    """The preprocessing of ``--head <family> --cv K`` from the flags: ``standardize`` (the default) or ``l2``
-    (``--l2-normalize``, with or without ``--no-standardize``: centred, then each row L2-normalised), where
-    the family offers it.
-
-    Raises:
-        ConfigError: ``--no-standardize`` alone (no family fits raw features), or ``--l2-normalize`` for a
-            family without ``l2`` (the linear head and the MLP standardise only).
-    """
-    offered = tuple(getattr(family, "preprocesses", ("standardize",)))
-    pre = "l2" if spec.l2_normalize else "standardize" if spec.standardize else None
-    if pre is None:
-        raise ConfigError(f"--head {spec.head} --cv: a head family standardises its features (the default) or, with "
-                          "--l2-normalize, centres them and L2-normalises each row; --no-standardize alone (raw "
-                          "features) is neither. Drop --no-standardize, or name a scikit-learn class (e.g. --head SVC "
-                          "--no-standardize --cv 5).")
-    if pre not in offered:
-        raise ConfigError(f"--head {spec.head} --cv: the {spec.head} family preprocesses as {list(offered)} only; "
-                          f"--l2-normalize ({pre}) is not one of them. Drop --l2-normalize, or fit --head {spec.head} "
-                          "--l2-normalize without --cv (C chosen on a validation split).")
-    return pre
 
 
 def _within_memory(cache: FeatureCache, cands: list[Candidate], route: _Route, settings: SearchSettings,

@@ -23,7 +23,7 @@ from ..errors import ConfigError
 if TYPE_CHECKING:
     from ..heads import HeadSpec
 
-__all__ = ["FitConfig", "TTA_MODES", "DEFAULT_HEAD", "refuse_with_auto"]
+__all__ = ["FitConfig", "TTA_MODES", "DEFAULT_HEAD", "refuse_with_auto", "family_preprocess"]
 
 #: ``--tta`` values: average over the cache's views when it helps on validation, always, never.
 TTA_MODES = ("auto", "on", "off")
@@ -43,6 +43,30 @@ def _check_head_name(head: str, families: Mapping[str, Any], kinds: Mapping[str,
     registry = sklearn_classifiers()
     if head.lower() not in {n.lower() for n in registry}:
         raise unknown_head(head, registry, list(families))
+
+
+def family_preprocess(head: str, standardize: bool, l2_normalize: bool, family: Any) -> str:
+    """The preprocessing of ``--head <family> --cv K`` (``family``: that family) from the flags:
+    ``standardize`` (the default) or ``l2`` (``--l2-normalize``, with or without ``--no-standardize``:
+    centred, then each row L2-normalised), where the family offers it. Checked by :class:`FitConfig`
+    before a cache is opened, and read by the search for the candidates' preprocessing.
+
+    Raises:
+        ConfigError: ``--no-standardize`` alone (no family fits raw features), or ``--l2-normalize`` for a
+            family without ``l2`` (the linear head and the MLP standardise only).
+    """
+    offered = tuple(getattr(family, "preprocesses", ("standardize",)))
+    pre = "l2" if l2_normalize else "standardize" if standardize else None
+    if pre is None:
+        raise ConfigError(f"--head {head} --cv: a head family standardises its features (the default) or, with "
+                          "--l2-normalize, centres them and L2-normalises each row; --no-standardize alone (raw "
+                          "features) is neither. Drop --no-standardize, or name a scikit-learn class (e.g. --head SVC "
+                          "--no-standardize --cv 5).")
+    if pre not in offered:
+        raise ConfigError(f"--head {head} --cv: the {head} family preprocesses as {list(offered)} only; "
+                          f"--l2-normalize ({pre}) is not one of them. Drop --l2-normalize, or fit --head {head} "
+                          "--l2-normalize without --cv (C chosen on a validation split).")
+    return pre
 
 
 def refuse_with_auto(flags: Sequence[str]) -> None:
@@ -266,6 +290,8 @@ class FitConfig:
         if family_only and not self.searched:
             raise ConfigError(f"--head {self.head} is a head family of --auto; its grid is chosen by K-fold CV: add "
                               f"--cv 5 (featbank fit CACHE --head {self.head} --cv 5).")
+        if self.searched and not self.auto and self.head in families and not self.params:  # the family's --cv
+            family_preprocess(self.head, self.standardize, self.l2_normalize, families[self.head])
         if family_only and self.params:
             raise ConfigError(f"--param fixes a parameter of linear, mlp or a scikit-learn head; the {self.head} family "
                               f"sweeps its own grid by K-fold CV. Drop --param (featbank fit CACHE --head {self.head} "
