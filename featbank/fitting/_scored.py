@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from ..heads import jsonable
 
 __all__ = ["Candidate", "Scored", "FeatureKey"]
 
@@ -91,19 +92,8 @@ class Scored:
         return float(self.scores[self.best_index].std())
 
     def to_row(self, rank: int) -> dict[str, Any]:
-        row = {"rank": rank, **self.candidate.describe(), "params": _plain(self.params), "cv_mean": self.cv_mean,
+        row = {"rank": rank, **self.candidate.describe(), "params": jsonable(self.params), "cv_mean": self.cv_mean,
                "cv_std": self.cv_std, "n_folds": int(self.scores.shape[1]), "rounds": self.rounds,
                "seconds": round(self.seconds, 3)}
         return {**row, "sample": True} if self.on_sample else row
 
-
-def _plain(params: Mapping[str, Any]) -> dict[str, Any]:
-    """JSON-safe parameters: numpy scalars as Python numbers, tuples as lists."""
-    out: dict[str, Any] = {}
-    for k, v in params.items():
-        if isinstance(v, np.generic):
-            v = v.item()
-        elif isinstance(v, tuple):
-            v = list(v)
-        out[str(k)] = v
-    return out

@@ -48,6 +48,7 @@ from .kinds import (
     ValSplit,
     head_kind,
     head_state,
+    jsonable,
     kind_of,
     register_head_kind,
 )
@@ -94,6 +95,7 @@ __all__ = [
     "HeadKind",
     "HEAD_KINDS",
     "DEFAULT_KIND",
+    "jsonable",
     "register_head_kind",
     "head_kind",
     "kind_of",

@@ -37,6 +37,7 @@ __all__ = [
     "HeadKind",
     "HEAD_KINDS",
     "DEFAULT_KIND",
+    "jsonable",
     "register_head_kind",
     "head_kind",
     "kind_of",
@@ -165,11 +166,12 @@ def kind_of(est: Estimator) -> HeadKind:
                       f"(kinds: {', '.join(HEAD_KINDS)}).")
 
 
-def _jsonable(v: Any) -> Any:
+def jsonable(v: Any) -> Any:
+    """``v`` as JSON can hold it: tuples as lists, numpy scalars as Python numbers, dict keys as strings."""
     if isinstance(v, tuple):
         return list(v)
     if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
+        return {str(k): jsonable(x) for k, x in v.items()}
     if isinstance(v, np.generic):
         return v.item()
     return v
@@ -222,8 +224,8 @@ class _TorchKind(HeadKind):
         from sklearn.utils.validation import check_is_fitted
 
         check_is_fitted(est)
-        params = {k: _jsonable(v) for k, v in est.get_params().items()}
-        info = {"params": params, "classes_": [_jsonable(c) for c in est.classes_],
+        params = {k: jsonable(v) for k, v in est.get_params().items()}
+        info = {"params": params, "classes_": [jsonable(c) for c in est.classes_],
                 "n_features_in": int(est.n_features_in_)}
         tensors = {"mean": np.asarray(est.mean_, np.float32), "scale": np.asarray(est.scale_, np.float32)}
         return tensors, info
