@@ -423,6 +423,26 @@ def test_interrupt_then_resume_in_process(image_folder: Path, tmp_path: Path) ->
     assert_same_cache(out, featbank.extract(image_folder, tmp_path / "ref.h5", **TINY).path)
 
 
+def test_layers_and_views_report_progress_and_resume_after_interrupt(image_folder: Path, tmp_path: Path) -> None:
+    """The layers/views loop reports every batch (a bar at 0% for a whole run otherwise) and so can
+    be interrupted between batches; the resumed cache equals an uninterrupted one, views included."""
+    args = {**TINY, "batch_size": 4, "layers": "stage1,final", "views": 2, "augment": "dihedral"}
+    marks: list[tuple[int, int]] = []
+    featbank.extract(image_folder, tmp_path / "ref.h5", **args, on_progress=lambda d, t: marks.append((d, t)))
+    assert marks == [(4 * i, 24) for i in range(1, 7)]
+    out = tmp_path / "c.h5"
+    with pytest.raises(Interrupted, match="again to resume"):
+        featbank.extract(image_folder, out, **args, on_progress=_interrupt_after(2))
+    assert not out.exists() and len(list(parts_dir(out).glob(".part-*.h5.partial"))) == 1
+    report = featbank.extract(image_folder, out, **args)
+    assert (report.n_embedded, report.n_resumed) == (16, 8)
+    assert_same_cache(out, tmp_path / "ref.h5")
+    with open_cache(out) as a, open_cache(tmp_path / "ref.h5") as b:
+        for view in (None, 0, 1):
+            np.testing.assert_allclose(a.load_features(layers="stage1,final", view=view),
+                                       b.load_features(layers="stage1,final", view=view), rtol=0, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_overwrite_resume_after_folder_change_with_nothing_to_fold(image_folder: Path, tmp_path: Path) -> None:
     """An interrupted --overwrite run whose finished rows all changed must not fall back on the old key."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -126,10 +127,10 @@ def _tap_outputs(eng: Engine, x: Any, batch_size: int) -> dict[str, np.ndarray]:
 
 
 def embed_feature_rows(writer: PartWriter, loader: Any, eng: Engine, features: FeatureSpec, batch_size: int,
-                        skipped: dict[int, str]) -> None:
+                        skipped: dict[int, str], on_rows: Callable[[int], None] = lambda n: None) -> None:
     """The embedding loop of a run with layers or views: every tap and view of a row is written
     before the row is marked done (``PartWriter.write_rows``), so a resumed run redoes only rows
-    that were not finished."""
+    that were not finished. ``on_rows(n)`` after every batch, as the plain loop does."""
     import torch
 
     for rows, batch, ok, reasons, views in loader:
@@ -148,3 +149,4 @@ def embed_feature_rows(writer: PartWriter, loader: Any, eng: Engine, features: F
         for r, good, why in zip(rows, ok, reasons):
             if not good:
                 skipped[int(r)] = why
+        on_rows(len(rows))

@@ -503,7 +503,7 @@ def _embed_rows(writer: PartWriter, job: ShardJob, skipped: dict[int, str],
         loader = DataLoader(ViewImageDataset(dataset, writer.paths, s.features, cfg.interpolation), batch_size=s.batch_size,
                             shuffle=False, num_workers=s.num_workers, collate_fn=ViewCollate(cfg, s.features.n_views),
                             prefetch_factor=4 if s.num_workers > 0 else None, worker_init_fn=quiet_worker_init)
-        return embed_feature_rows(writer, loader, eng, s.features, s.batch_size, skipped)
+        return embed_feature_rows(writer, loader, eng, s.features, s.batch_size, skipped, on_rows)
     for rows, batch, ok, reasons in loader:
         embed_block(writer, eng, rows, batch, ok, reasons, skipped)
         on_rows(len(rows))
