@@ -206,7 +206,18 @@ def test_a_cv_bundle_whose_cache_is_gone_asks_for_check_images(layered, tmp_path
     (lambda m: m["search"]["leaderboard"][0].update(params=[1, 2]), "params"),
     (lambda m: m["search"]["leaderboard"][0].update(sample="yes"), "sample"),
     (lambda m: m["search"]["auto_selection"].update(layers=["stage9"]), "auto_selection"),
-    (lambda m: (m["search"].pop("feature_sets"), m["search"].update(auto_selection="garbage")), "auto_selection"),
+    (lambda m: m["search"].update(auto_selection="garbage"), "auto_selection"),
+    (lambda m: m["search"].pop("feature_sets"), "feature_sets"),
+    (lambda m: m["search"]["feature_sets"].update(final=None), "feature_sets"),
+    (lambda m: m["search"].update(auto_layers={"a": 1}), "auto_layers"),
+    (lambda m: m["search"].update(auto_layers=["stage9"]), "auto_layers"),
+    (lambda m: m["search"]["leaderboard"][1].update(features="mine"), "does not list"),
+    (lambda m: m["search"]["leaderboard"][1].update(head="made-up-family"), "neither a head family"),
+    (lambda m: m["search"]["leaderboard"][1].update(preprocessing="nonsense"), "neither a head family"),
+    (lambda m: m["search"]["leaderboard"][1].update(head="x" * 10**4), "at most 200 characters"),
+    (lambda m: m["search"]["leaderboard"][0].update(rank=1.0), "rank"),
+    (lambda m: m.update(metrics=[1]), "metrics"),
+    (lambda m: m["metrics"]["cv"].update(n_folds=True), "n_folds"),
     (lambda m: m["search"]["auto_selection"].update(val_score=7), "auto_selection.val_score"),
     (lambda m: m["search"]["auto_selection"].update(rounds="lots"), "auto_selection.rounds"),
 ])
@@ -217,6 +228,59 @@ def test_a_leaderboard_that_lies_is_refused_on_load(auto_bundle, tmp_path, edit,
     rewrite(copy, edit)
     with pytest.raises(BundleError, match=field.replace(".", r"\.")):
         featbank.load_bundle(copy)
+
+
+def _retell_winner(m: dict, **row: str) -> None:
+    """Change the winner's row and head section together, and its name in every round: a consistent lie."""
+    win = m["search"]["leaderboard"][0]
+    old = "/".join(win[k] for k in ("features", "views", "preprocessing", "head"))
+    win.update(row)
+    new = "/".join(win[k] for k in ("features", "views", "preprocessing", "head"))
+    for rd in m["search"]["rounds"]:
+        rd["candidates"] = [new if c == old else c for c in rd["candidates"]]
+    m["head"].update({{"head": "family", "preprocessing": "preprocess"}[k]: v for k, v in row.items()})
+
+
+@pytest.mark.parametrize("edit, why", [
+    (lambda m: (m["head"].update(chosen={**m["head"]["chosen"], "C": 1e-3}),
+                m["search"]["leaderboard"][0]["params"].update(C=1e-3)), "has C="),
+    (lambda m: _retell_winner(m, head="mlp"), "builds no head"),
+    (lambda m: _retell_winner(m, preprocessing="l2"), "'l2'"),
+])
+def test_a_manifest_that_agrees_with_itself_but_not_with_its_head_is_refused(layered, tmp_path, edit, why) -> None:
+    """The leaderboard's winner is checked against head.family/chosen/preprocess on load, and those
+    against the head file's estimator when it is loaded: a lie told consistently is still refused."""
+    out = featbank.fit(layered[1], "linear", cv=3, out=tmp_path / "m").path
+    assert featbank.load_bundle(out).load_head() is not None
+    copy = tmp_path / "b"
+    shutil.copytree(out, copy)
+    rewrite(copy, edit)
+    with pytest.raises(BundleError, match=why):
+        featbank.load_bundle(copy).load_head()
+
+
+def test_manifest_reading_is_bounded_and_its_messages_short(auto_bundle, tmp_path) -> None:
+    """An oversized manifest is refused before it is parsed; a repeated key is refused; a refusal quotes
+    at most a few hundred characters of a huge value."""
+    from featbank.bundles.manifest import MAX_MANIFEST_BYTES
+
+    out, _ = auto_bundle
+    for name, text in {
+        "big": lambda raw: raw + " " * (MAX_MANIFEST_BYTES + 1 - len(raw)),
+        "dup": lambda raw: raw.replace('"kind":', '"kind": "head", "kind":', 1),
+    }.items():
+        copy = tmp_path / name
+        shutil.copytree(out, copy)
+        mf = copy / "manifest.json"
+        mf.write_text(text(mf.read_text()))
+        with pytest.raises(BundleError, match="larger than|appears twice"):
+            featbank.load_bundle(copy)
+    copy = tmp_path / "long"
+    shutil.copytree(out, copy)
+    rewrite(copy, lambda m: m["search"]["leaderboard"][0].update(params={f"k{i}": i for i in range(10**5)}))
+    with pytest.raises(BundleError) as e:
+        featbank.load_bundle(copy)
+    assert "head.chosen" in str(e.value) and len(str(e.value)) < 1000
 
 
 def _raise_a_later_row(m: dict) -> None:

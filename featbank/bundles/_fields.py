@@ -11,9 +11,17 @@ from typing import Any
 
 from ..errors import BundleError
 
-__all__ = ["FieldReader", "check_file_name"]
+__all__ = ["FieldReader", "check_file_name", "shown"]
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a message quotes a file's value, never all of a huge one."""
+    if isinstance(value, (list, tuple, dict)) and len(value) > limit:  # no repr of a million entries to cut
+        return f"<{type(value).__name__} of {len(value)} entries>"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class FieldReader:
@@ -23,9 +31,8 @@ class FieldReader:
         self.source = source
 
     def fail(self, name: str, want: str, value: Any) -> BundleError:
-        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
         return BundleError(
-            f"{self.source!r}: field {name!r} must be {want}; got {shown}. The bundle is corrupt or was not "
+            f"{self.source!r}: field {name!r} must be {want}; got {shown(value)}. The bundle is corrupt or was not "
             "written by featbank; re-create it."
         )
 

@@ -6,13 +6,16 @@ bundle holds, so a leaderboard edited after the fact (a score raised, a row copi
 claimed) is refused rather than shown:
 
 - each row well typed: rank in order, the candidate, finite scores in range, folds and rounds;
-- no candidate twice; each row's layers those of its feature set (``feature_sets``, ``auto_layers``);
+- each row a head family with one of its preprocessings (or the one head a ``--cv`` search scores);
+- no candidate twice; each row's feature set listed (``feature_sets``, ``auto_layers``) and its
+  layers that set's; ``auto_layers`` among the sets' layers;
 - ``n_scored`` the rows, ``n_candidates`` the rows and the skipped;
 - each round's candidates exactly the rows that reached it, and each row's folds those of its last round;
 - rows ranked as the search ranks them: later complete rounds first, then by CV mean among the rows
   compared on the same folds (``featbank.fitting._search._ranked``);
-- the first row the head the bundle holds (family, parameters, preprocessing, layers, views), with
-  the CV score the manifest's ``metrics.cv`` gives it.
+- the first row the head the manifest describes (family, parameters, preprocessing, layers, views), with
+  the CV score the manifest's ``metrics.cv`` gives it. That the head file holds that head is
+  checked when it is loaded (``Bundle.load_head``: :func:`featbank.heads.family_mismatch`).
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ from typing import Any
 
 from ..errors import BundleError
 from ..features import FeatureSpec
-from ._fields import FieldReader
+from ._fields import FieldReader, shown
 
 __all__ = ["check_search"]
 
 _VIEW_MODES = ("plain", "pooled")
+#: The longest feature set, preprocessing or head name a row may give (featbank's are under 40).
+_MAX_NAME = 200
 #: Slack when comparing stored CV means (the search ranks on means rounded to 12 digits).
 _TOL = 1e-9
 
@@ -47,6 +52,7 @@ def check_search(r: FieldReader, raw: Mapping[str, Any], features: FeatureSpec |
         raise r.fail("search.leaderboard", "a non-empty list", board)
     for i, row in enumerate(board):
         _check_row(r, row, i)
+    _check_candidates(r, board)
     _check_winner(r, raw["head"], features, board[0])
     _check_headline(r, raw.get("metrics"), board[0])
     _check_feature_sets(r, s, board)
@@ -62,10 +68,11 @@ def _check_row(r: FieldReader, row: Any, i: int) -> None:
     p = f"search.leaderboard[{i}]."
     if not isinstance(row, dict):
         raise r.fail(p[:-1], "an object", row)
-    if row.get("rank") != i + 1 or isinstance(row.get("rank"), bool):
+    if not isinstance(row.get("rank"), int) or isinstance(row.get("rank"), bool) or row["rank"] != i + 1:
         raise r.fail(p + "rank", f"{i + 1} (rows in rank order)", row.get("rank"))
     for key in ("features", "preprocessing", "head"):
-        r.text(row, key, p)
+        if len(r.text(row, key, p)) > _MAX_NAME:
+            raise r.fail(p + key, f"a name of at most {_MAX_NAME} characters", row[key])
     layers = row.get("layers")
     if not isinstance(layers, list) or not layers or not all(isinstance(t, str) and t for t in layers):
         raise r.fail(p + "layers", "a non-empty list of layer names", layers)
@@ -82,12 +89,27 @@ def _check_row(r: FieldReader, row: Any, i: int) -> None:
         raise r.fail(p + "sample", "true or absent", row["sample"])
 
 
+def _check_candidates(r: FieldReader, board: Sequence[Mapping[str, Any]]) -> None:
+    """Every row a head family with one of its preprocessings, or (``fit --cv`` of one ``--head``) the winner's head."""
+    from ..heads import HEAD_FAMILIES
+
+    win = board[0]
+    for row in board:
+        fam = HEAD_FAMILIES.get(row["head"])
+        if fam is not None and row["preprocessing"] in fam.preprocesses:
+            continue
+        if (row["head"], row["preprocessing"]) != (win["head"], win["preprocessing"]):
+            raise _lie(r, f"row {row['rank']} is a {row['head']!r} head with preprocessing {row['preprocessing']!r}: "
+                          "neither a head family's preprocessing nor the one head a --cv search scores")
+
+
 def _label(row: Mapping[str, Any]) -> str:
     """A row's candidate as the rounds name it (``features/views/preprocessing/head``)."""
     return f"{row['features']}/{row['views']}/{row['preprocessing']}/{row['head']}"
 
 
 def _lie(r: FieldReader, what: str) -> BundleError:
+    what = what if len(what) <= 300 else what[:297] + "..."
     return BundleError(f"{r.source!r}: the search section contradicts itself: {what}. The bundle is corrupt or "
                        "was edited; re-create it.")
 
@@ -111,18 +133,25 @@ def _check_counts(r: FieldReader, s: Mapping[str, Any], board: Sequence[Mapping[
 
 
 def _check_feature_sets(r: FieldReader, s: Mapping[str, Any], board: Sequence[Mapping[str, Any]]) -> None:
-    """Each row's layers are those of the feature set it names (where the section lists the sets)."""
+    """Each row's layers are those of the feature set it names, and the greedy selection's among the sets' layers."""
     sets = s.get("feature_sets")
-    if sets is None:
-        return
-    if not isinstance(sets, dict):
-        raise r.fail("search.feature_sets", "an object", sets)
+    if not isinstance(sets, dict) or not sets:
+        raise r.fail("search.feature_sets", "an object naming each feature set's layers", sets)
     named = {**sets, **({"auto": s["auto_layers"]} if "auto_layers" in s else {})}
+    for name, layers in named.items():
+        if not isinstance(layers, list) or not layers or not all(isinstance(t, str) and t for t in layers):
+            raise r.fail("search.auto_layers" if name == "auto" and "auto" not in sets else
+                         f"search.feature_sets[{shown(name)}]", "a non-empty list of layer names", layers)
+    held = {t for layers in sets.values() for t in layers}
+    if not set(named.get("auto", ())) <= held:
+        raise _lie(r, f"auto_layers {shown(named['auto'])} are not all among the feature sets' layers ({shown(sorted(held))})")
     for row in board:
         want = named.get(row["features"])
-        if want is not None and want != row["layers"]:
-            raise _lie(r, f"row {row['rank']} names feature set {row['features']!r} with layers {row['layers']}, "
-                          f"but that set is {want}")
+        if want is None:
+            raise _lie(r, f"row {row['rank']} names feature set {row['features']!r}, which search.feature_sets does not list")
+        if want != row["layers"]:
+            raise _lie(r, f"row {row['rank']} names feature set {row['features']!r} with layers {shown(row['layers'])}, "
+                          f"but that set is {shown(want)}")
 
 
 def _check_selection(r: FieldReader, s: Mapping[str, Any]) -> None:
@@ -220,19 +249,22 @@ def _check_winner(r: FieldReader, head: Mapping[str, Any], f: FeatureSpec | None
     for name, (have, said) in claims.items():
         if have != said:
             raise BundleError(
-                f"{r.source!r}: the leaderboard's winner says {name} = {said!r} but the bundle holds {have!r}; the "
+                f"{r.source!r}: the leaderboard's winner says {name} = {shown(said)} but the bundle holds {shown(have)}; the "
                 "search section does not describe this head. The bundle is corrupt or was edited; re-create it."
             )
 
 
 def _check_headline(r: FieldReader, metrics: Any, win: Mapping[str, Any]) -> None:
     """The winner's CV mean and folds are those of the manifest's ``metrics.cv`` (where it has one)."""
-    cv = metrics.get("cv") if isinstance(metrics, dict) else None
+    if metrics is not None and not isinstance(metrics, dict):
+        raise r.fail("metrics", "an object", metrics)
+    cv = metrics.get("cv") if metrics is not None else None
     if cv is None:
         return
     if not isinstance(cv, dict):
         raise r.fail("metrics.cv", "an object", cv)
     top1 = r.number(cv, "top1", "metrics.cv.", 0.0, 1.0)
-    if abs(top1 - win["cv_mean"]) > _TOL or cv.get("n_folds") != win["n_folds"]:
+    n_folds = r.positive_int(cv, "n_folds", "metrics.cv.", required=True)
+    if abs(top1 - win["cv_mean"]) > _TOL or n_folds != win["n_folds"]:
         raise _lie(r, f"the winner's CV mean is {win['cv_mean']:.4f} on {win['n_folds']} folds, but metrics.cv says "
-                      f"{top1:.4f} on {cv.get('n_folds')!r}")
+                      f"{top1:.4f} on {n_folds}")

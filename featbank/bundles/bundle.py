@@ -35,6 +35,7 @@ import numpy as np
 
 from ..errors import BundleError
 from ..features import FeatureSpec
+from ._fields import shown
 from .manifest import MANIFEST, Manifest, check_file_name, parse_manifest, read_manifest
 from .store import recover, sha256_bytes
 
@@ -258,8 +259,27 @@ class Bundle:
             raise BundleError(f"Cannot read head file {str(f)!r}: {type(e).__name__}: {e}. Re-create the bundle.") from None
         self._check_head_classes(est)
         self._check_head_width(est)
+        self._check_head_family(est)
         self._head = est
         return est
+
+    def _check_head_family(self, est: Estimator) -> None:
+        # A searched head's manifest names its family, parameters and preprocessing (and its leaderboard's winner
+        # must agree with them): the head itself must be what they build, else the manifest describes another head.
+        info = self.head_info
+        if "family" not in info:
+            return
+        from ..heads import HEAD_FAMILIES, family_mismatch
+
+        chosen, pre, fit = info.get("chosen"), info.get("preprocess"), self.info.raw.get("fit_config") or {}
+        if not (isinstance(chosen, dict) and isinstance(pre, str) and isinstance(fit, dict)):
+            why = f"head.chosen is {shown(chosen)}, head.preprocess {shown(pre)} and fit_config {shown(fit)}"
+        else:  # fit --cv of a --head with --param values, or not a family, searched that head alone
+            spec = not fit.get("auto") and (bool(fit.get("params")) or info["family"] not in HEAD_FAMILIES)
+            why = family_mismatch(est, info["family"], chosen, pre, spec=spec)
+        if why is not None:
+            raise BundleError(f"Bundle {str(self.path)!r}: its manifest says the head is family {shown(info['family'])} "
+                              f"but {why[:300]}. The bundle is corrupt or was edited; re-create it.")
 
     def _check_head_width(self, est: Estimator) -> None:
         # The manifest says what the head reads (embedding, layers, pooled views); the head must read that many

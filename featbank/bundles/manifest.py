@@ -14,6 +14,7 @@ Errors name the manifest file and the field, e.g.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ __all__ = [
     "BUNDLE_FORMAT",
     "BUNDLE_VERSION",
     "MANIFEST",
+    "MAX_MANIFEST_BYTES",
     "KINDS",
     "HEAD_TYPES",
     "BackboneIdentity",
@@ -44,6 +46,8 @@ __all__ = [
 BUNDLE_FORMAT = "featbank-bundle"
 BUNDLE_VERSION = 1
 MANIFEST = "manifest.json"
+#: A manifest larger than this is refused before it is parsed (a 102-candidate leaderboard is ~100 kB).
+MAX_MANIFEST_BYTES = 16 << 20
 KINDS = ("head", "finetuned")
 HEAD_TYPES = ("linear", "mlp", "sklearn")
 
@@ -125,7 +129,7 @@ def _classes(r: FieldReader, raw: Mapping[str, Any]) -> tuple[str, ...]:
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
         raise r.fail("classes", "a non-empty list of class names (strings)", classes)
     if len(set(classes)) != len(classes):
-        dup = sorted({c for c in classes if classes.count(c) > 1})
+        dup = sorted(c for c, n in Counter(classes).items() if n > 1)[:10]
         raise r.fail("classes", f"a list of distinct class names (repeated: {dup})", classes)
     return tuple(classes)
 
@@ -226,11 +230,29 @@ def read_manifest(path: Path) -> Manifest:
     if mf.is_symlink() or not mf.is_file():
         raise BundleError(f"{str(Path(path))!r} has no {MANIFEST}; it is not a featbank model bundle.")
     try:
-        raw = json.loads(mf.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested beyond Python's stack
-        raise BundleError(f"{str(mf)!r} is not valid JSON ({type(e).__name__}: {e}); the bundle is corrupt. "
+        with open(mf, "rb") as fh:
+            data = fh.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as e:
+        raise BundleError(f"Cannot read {str(mf)!r}: {e}. Check the bundle folder's permissions.") from None
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{str(mf)!r} is larger than {MAX_MANIFEST_BYTES} bytes, the most a bundle manifest may be "
+                          "(featbank writes a few hundred kB at most); refusing to read it. Re-create the bundle.")
+    try:
+        raw = json.loads(data.decode("utf-8"), object_pairs_hook=_distinct_keys)
+    except (ValueError, RecursionError) as e:  # RecursionError: JSON nested beyond Python's stack
+        raise BundleError(f"{str(mf)!r} is not valid JSON ({type(e).__name__}: {str(e)[:200]}); the bundle is corrupt. "
                           "Re-create it.") from None
     return parse_manifest(raw, str(mf))
+
+
+def _distinct_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are distinct (a repeated key means whatever each reader picks: refused)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"the key {dup[:80]!r} appears twice in one object")
+    return out
 
 
 def build_manifest(

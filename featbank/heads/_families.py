@@ -32,7 +32,7 @@ from ._mlp_head import MLPHead
 from ._preprocess import PREPROCESSES, prep_steps
 
 __all__ = ["Folds", "HeadFamily", "HEAD_FAMILIES", "PREPROCESSES", "get_head_family", "LinearFamily", "SVMFamily", "KNNFamily",
-           "MLPFamily"]
+           "MLPFamily", "family_mismatch"]
 
 #: ``(fit_rows, held_out_rows)`` per fold: integer index arrays into ``X``.
 Folds = Sequence[tuple[np.ndarray, np.ndarray]]
@@ -503,3 +503,70 @@ def get_head_family(name: str) -> HeadFamily:
         raise ConfigError(
             f"Unknown head family {name!r}; the head families are {', '.join(map(repr, HEAD_FAMILIES))}."
         ) from None
+
+
+
+#: Parameters a family's ``build`` sets that do not change what the head computes once fitted.
+_FREE_PARAMS = frozenset({"random_state", "device", "verbose", "n_jobs", "copy"})
+
+
+def family_mismatch(est: Any, family: str, params: dict[str, Any], preprocess: str, *, spec: bool = False) -> str | None:
+    """Why the fitted ``est`` is not the head a search says it chose, or None.
+
+    A family of :data:`HEAD_FAMILIES` (``spec=False``): ``est`` must be what
+    ``build(params, preprocess=...)`` fits: steps of the same classes, in order, with the same
+    constructor parameters (those of :data:`_FREE_PARAMS` aside). One ``--head`` searched by
+    ``fit --cv`` (``spec=True``; ``family`` is the ``--head``, ``params`` its setting): the classifier
+    must be of that head (its kind's name or its class's) and have every one of ``params``.
+    """
+    if spec:
+        return _spec_mismatch(_steps(est)[-1], family, params)
+    try:
+        built = get_head_family(family).build(dict(params), preprocess=preprocess)
+    except (ConfigError, ValueError, TypeError, KeyError) as e:
+        return f"family {family!r} builds no head from parameters {params!r} and preprocessing {preprocess!r} ({e})"
+    want, have = _steps(built), _steps(est)
+    if [type(w) for w in want] != [type(h) for h in have]:
+        return (f"family {family!r} with preprocessing {preprocess!r} builds "
+                f"{[type(w).__name__ for w in want]}, but the head is {[type(h).__name__ for h in have]}")
+    for w, h in zip(want, have, strict=True):
+        why = _params_mismatch(h, {k: v for k, v in w.get_params(deep=False).items() if k not in _FREE_PARAMS})
+        if why is not None:
+            return why
+    return None
+
+
+def _spec_mismatch(clf: Any, head: str, params: dict[str, Any]) -> str | None:
+    from .kinds import kind_of
+
+    try:
+        names = {type(clf).__name__, kind_of(clf).name}
+    except ConfigError:
+        names = {type(clf).__name__}
+    if head not in names:
+        return f"the head is a {type(clf).__name__}, not a {head!r}"
+    return _params_mismatch(clf, params)
+
+
+def _params_mismatch(step: Any, want: dict[str, Any]) -> str | None:
+    have = step.get_params(deep=False)
+    for key, value in want.items():
+        if not _same(have.get(key, _MISSING), value):
+            return f"the head's {type(step).__name__} has {key}={have.get(key, '(none)')!r}, not {value!r}"
+    return None
+
+
+_MISSING = object()
+
+
+def _steps(est: Any) -> list[Any]:
+    from sklearn.pipeline import Pipeline
+
+    return [step for _, step in est.steps] if isinstance(est, Pipeline) else [est]
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(np.array_equal(np.asarray(a), np.asarray(b))) if isinstance(a, (list, tuple, np.ndarray)) else bool(a == b)
+    except (TypeError, ValueError):
+        return False
