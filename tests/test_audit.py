@@ -89,6 +89,18 @@ def test_planted_exact_and_near_duplicates_found_across_splits(tmp_path: Path) -
     assert list(d)[2] == "cross_split_pairs"  # cross-split counts come first
 
 
+def test_a_rule_that_flags_more_pairs_than_images_says_so(tmp_path: Path) -> None:
+    """Look-alike images (ELPV's cells) put thousands of pairs over the cosine rule: the text says so,
+    and how to confirm pairs on pixels; the exact/near counts are over all pairs, on their own line."""
+    cache, _ = _dup_cache(tmp_path / "dups.h5")
+    quiet = audit(cache, AuditSettings(threshold=0.95, backend="torch", n_folds=2))
+    assert not any(n.startswith("Duplicates:") for n in quiet.summary["notes"])
+    loud = audit(cache, AuditSettings(threshold=-1.0, backend="torch", n_folds=2))
+    assert len(loud.pairs.a) > loud.summary["n_images"]
+    assert any(n.startswith("Duplicates:") and "--verify pixels" in n for n in loud.summary["notes"])
+    assert "All duplicate pairs: exact" in loud.text() and "Within-split duplicate pairs:" in loud.text()
+
+
 def test_planted_label_flips_found_on_separable_data(tmp_path: Path) -> None:
     X, y = blobs(40, 16, 4, sep=3.0, seed=4)
     rng = np.random.default_rng(5)

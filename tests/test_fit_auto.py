@@ -1258,3 +1258,13 @@ def test_one_the_plan_added_and_the_clock_stopped_is_trimmed_not_a_cut_round() -
     assert r2["trimmed"] == ["final/plain/standardize/c"]
     assert s.clock_cut_ == ["round 2: final/plain/standardize/c (stopped after a fold)"]
     assert [t.candidate.head for t in s.scored_[:3]] == ["b", "a", "c"]
+
+
+def test_the_printed_leaderboard_gives_no_spread_for_a_one_fold_row() -> None:
+    from featbank.fitting._report import format_leaderboard
+
+    row = {"rank": 1, "features": "final", "layers": ["final"], "views": "plain", "preprocessing": "standardize",
+           "head": "linear", "params": {"C": 1.0}, "cv_mean": 0.8, "cv_std": 0.0, "n_folds": 1, "seconds": 0.1}
+    one, three = format_leaderboard([row, {**row, "rank": 2, "cv_std": 0.02, "n_folds": 3}])[2:]
+    assert "| 0.8000 | 1 |" in one and "±" not in one
+    assert "| 0.8000 ± 0.0200 | 3 |" in three

@@ -145,8 +145,9 @@ class AuditResult:
         cross = ", ".join(f"{k} {v}" for k, v in d["cross_split"].items()) or "none"
         lines = [f"Audited {s['n_images']} images of {s['cache']} ({s['features']}).",
                  f"Cross-split duplicate pairs ({_rule(d)}): {d['cross_split_pairs']} ({cross})",
-                 f"Within-split duplicate pairs: {d['within_split_pairs']}; exact {d['exact_pairs']} "
-                 f"(identical files {d['identical_bytes_pairs']}), near {d['near_pairs']}",
+                 f"Within-split duplicate pairs: {d['within_split_pairs']}",
+                 f"All duplicate pairs: exact {d['exact_pairs']} (identical files {d['identical_bytes_pairs']}), "
+                 f"near {d['near_pairs']}",
                  (f"Likely label errors: {lab['n_flagged']} of {lab['n_labelled']} labelled images "
                   f"({lab['folds']}-fold LinearHead, C={lab['C']:g}, {lab['method']})") if lab["checked"]
                  else "Likely label errors: not checked",
@@ -256,6 +257,10 @@ def run_neighbors(cache: FeatureCache, settings: AuditSettings, notes: list[str]
         pairs = rescore_pairs(find_pairs(nb, settings.threshold - IVF_CANDIDATE_MARGIN), read, settings.threshold)
     else:
         pairs = find_pairs(nb, settings.threshold)
+    if settings.verify != "pixels" and len(pairs.a) > cache.n_samples:
+        notes.append(f"Duplicates: {len(pairs.a)} pairs at cosine >= {settings.threshold:g} among {cache.n_samples} "
+                     "images: on images this alike the rule flags look-alikes, not copies. --verify pixels confirms "
+                     "each pair on its pixels (--dup-layers an earlier layer, e.g. stage6, compares finer detail).")
     mark_exact(pairs, read)
     return pairs, knn_outlier_scores(nb)
 

@@ -547,24 +547,26 @@ def train_one_epoch(run: _Run, epoch: int, progress: bool) -> dict[str, Any]:
                mininterval=0.1 if sys.stderr.isatty() else 10.0, leave=True, dynamic_ncols=True, file=sys.stderr)
     params = [p for p in run.model.parameters() if p.requires_grad]
     module = run.model if run.cache_frozen is None else run.cache_frozen.model
-    for x, y, bad in _train_batches(run, epoch):
-        run.skipped.extend(bad)
-        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-        loss, logits = _train_step(run, module, params, x, y, epoch)
-        k = int((y >= 0).sum())
-        loss_sum += loss * k
-        correct += int((logits.argmax(1) == y).sum())
-        n_ok += k
-        seen += len(y)
-        bar.update(len(y))
-        bar.set_postfix(loss=f"{loss_sum / max(1, n_ok):.4f}", acc=f"{correct / max(1, n_ok):.3f}",
-                        img_s=f"{seen / (time.perf_counter() - t0):.1f}")
-    train_seconds = time.perf_counter() - t0
-    val = _val_metrics(run)
-    seconds = time.perf_counter() - t0
-    bar.set_postfix(loss=f"{loss_sum / max(1, n_ok):.4f}", **{f"val_{cfg.metric}": f"{val[cfg.metric]:.4f}"},
-                    img_s=f"{seen / train_seconds:.1f}")
-    bar.close()
+    with bar:  # closed before an interrupt's message is printed, not under it
+        for x, y, bad in _train_batches(run, epoch):
+            run.skipped.extend(bad)
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            loss, logits = _train_step(run, module, params, x, y, epoch)
+            k = int((y >= 0).sum())
+            loss_sum += loss * k
+            correct += int((logits.argmax(1) == y).sum())
+            n_ok += k
+            seen += len(y)
+            bar.update(len(y))
+            bar.set_postfix(loss=f"{loss_sum / max(1, n_ok):.4f}", acc=f"{correct / max(1, n_ok):.3f}",
+                            img_s=f"{seen / (time.perf_counter() - t0):.1f}")
+        train_seconds = time.perf_counter() - t0
+        bar.set_postfix(loss=f"{loss_sum / max(1, n_ok):.4f}", img_s=f"{seen / train_seconds:.1f}", val="running")
+        bar.refresh()  # validation runs next: say so rather than sit at 100%
+        val = _val_metrics(run)
+        seconds = time.perf_counter() - t0
+        bar.set_postfix(loss=f"{loss_sum / max(1, n_ok):.4f}", **{f"val_{cfg.metric}": f"{val[cfg.metric]:.4f}"},
+                        img_s=f"{seen / train_seconds:.1f}")
     return {
         "epoch": epoch, "train_loss": loss_sum / max(1, n_ok), "train_accuracy": correct / max(1, n_ok),
         "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_balanced_accuracy": val["balanced_accuracy"],

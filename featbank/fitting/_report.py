@@ -20,10 +20,15 @@ def format_leaderboard(rows: Sequence[Mapping[str, Any]]) -> list[str]:
         named = r["features"] in ("final", "all") or r["features"] == ",".join(r["layers"])  # --cv: the layers given
         feats = r["features"] if named else f"{r['features']} ({','.join(r['layers'])})"
         out.append(f"| {r['rank']} | {feats} | {r['views']} | {r['preprocessing']} | {r['head']} | "
-                   f"{format_params(r['params'])} | {r['cv_mean']:.4f} ± {r['cv_std']:.4f} | {r['n_folds']}"
+                   f"{format_params(r['params'])} | {r['cv_mean']:.4f}{_spread(r)} | {r['n_folds']}"
                    f"{' (sample)' if r.get('sample') else ''} | "
                    f"{r['seconds']:.1f} |")
     return out
+
+
+def _spread(row: Mapping[str, Any]) -> str:
+    """`` ± std`` over the row's folds; nothing for a row scored on one fold (it has no spread)."""
+    return f" ± {row['cv_std']:.4f}" if row["n_folds"] > 1 else ""
 
 
 def _threads_words(search: Mapping[str, Any]) -> str:
