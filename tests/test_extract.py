@@ -443,6 +443,25 @@ def test_layers_and_views_report_progress_and_resume_after_interrupt(image_folde
                                        b.load_features(layers="stage1,final", view=view), rtol=0, atol=1e-5)
 
 
+def test_rows_an_earlier_run_finished_start_the_bar_and_do_not_count_as_speed() -> None:
+    """A resumed run's bar starts at the rows already done: its rate and ETA are this run's embedding
+    (a resumed ELPV run showed 200 img/s where it embedded 62); on_progress still counts every row."""
+    from types import SimpleNamespace as NS
+
+    from featbank.extraction.job import _Progress
+
+    marks: list[tuple[int, int]] = []
+    job = NS(config=NS(progress=True), on_progress=lambda d, t: marks.append((d, t)))
+    p = _Progress(NS(jobs=[NS(rows=range(100))]), job)
+    p.done_before(60)
+    time.sleep(0.05)
+    p(10)
+    fmt = p.bar.format_dict
+    p.close()
+    assert (fmt["n"], fmt["initial"], marks) == (70, 60, [(60, 100), (70, 100)])
+    assert (fmt["n"] - fmt["initial"]) / fmt["elapsed"] < 1000  # 10 rows in >= 0.05 s, not 70
+
+
 @pytest.mark.slow
 def test_overwrite_resume_after_folder_change_with_nothing_to_fold(image_folder: Path, tmp_path: Path) -> None:
     """An interrupted --overwrite run whose finished rows all changed must not fall back on the old key."""

@@ -272,6 +272,20 @@ class _Progress:
         if self.on_progress is not None:
             self.on_progress(self.done, self.total)
 
+    def done_before(self, n: int) -> None:
+        """``n`` rows an earlier run finished (resumed, or copied from old parts): counted, but as the bar's
+        starting point, so its rate and ETA are this run's embedding alone."""
+        if not n:
+            return
+        self.done += n
+        if self.bar is not None:
+            self.bar.initial += n
+            self.bar.n += n
+            self.bar.last_print_n = self.bar.n
+            self.bar.refresh()
+        if self.on_progress is not None:
+            self.on_progress(self.done, self.total)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

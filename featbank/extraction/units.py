@@ -273,11 +273,13 @@ def run_shard(job: ShardJob, on_rows: Callable[[int], None] | None = None, *, em
 
     Resumes a ``.partial`` left by a killed worker for the same rows and key, and gathers the rows
     of the shard's work units (see ``_schedule``). Unreadable images are recorded in the part's
-    ``skipped/`` with their reason. ``on_rows(n)`` is called as rows are done (resumed, copied from
-    old parts, embedded or skipped). ``embed=False`` only gathers: rows no unit finished are then a
-    CacheError (a job array's finalize step must not embed).
+    ``skipped/`` with their reason. ``on_rows(n)`` is called as rows are done (embedded or skipped;
+    resumed or copied from old parts through ``on_rows.done_before(n)`` where it has one).
+    ``embed=False`` only gathers: rows no unit finished are then a CacheError (a job array's
+    finalize step must not embed).
     """
     on_rows = on_rows or (lambda n: None)
+    before = getattr(on_rows, "done_before", on_rows)  # rows an earlier run finished: progress, not this run's speed
     folder = Path(job.folder)
     folder.mkdir(parents=True, exist_ok=True)
     digest = rows_digest(job.rows, job.classes)
@@ -285,7 +287,7 @@ def run_shard(job: ShardJob, on_rows: Callable[[int], None] | None = None, *, em
     if job.replace_damaged:
         final.unlink(missing_ok=True)  # changed since the index recorded it (truncated, edited)
     if final.exists():
-        on_rows(len(job.rows))
+        before(len(job.rows))
         return describe_part(final)
     s = job.settings
     writer = PartWriter.open_if_valid(folder, job.shard_id, job.key, digest)
@@ -296,7 +298,7 @@ def run_shard(job: ShardJob, on_rows: Callable[[int], None] | None = None, *, em
     else:  # recorded for the report: rows an interrupted run embedded (not copied from old parts)
         done = int(writer.done_mask().sum())
         writer.file.attrs["n_resumed"] = done - int(writer.file.attrs.get("n_reused", 0))
-        on_rows(done)
+        before(done)
     try:
         # Recorded in the part: how many rows were copied from old parts instead of embedded.
         # Also the finished rows of an interrupted run's .partial of this shard for other rows (the
@@ -306,7 +308,7 @@ def run_shard(job: ShardJob, on_rows: Callable[[int], None] | None = None, *, em
         copied = _reuse_rows(writer, folder, [*job.reuse, *stale], set(job.earlier_units))
         writer.file.attrs["n_reused"] = int(writer.file.attrs.get("n_reused", 0)) + copied.reused
         writer.file.attrs["n_resumed"] = int(writer.file.attrs.get("n_resumed", 0)) + copied.unit_resumed
-        on_rows(copied.reused)
+        before(copied.reused)
         row_of = {p: i for i, p in enumerate(writer.paths)}
         skipped = {row_of[p]: why for p, why in copied.skipped.items() if p in row_of}
         if not embed:
@@ -405,6 +407,7 @@ def run_unit(job: ShardJob, on_rows: Callable[[int], None] | None = None) -> int
     shard's part is already published).
     """
     on_rows = on_rows or (lambda n: None)
+    before = getattr(on_rows, "done_before", on_rows)  # rows an earlier run finished: progress, not this run's speed
     folder = Path(job.folder)
     folder.mkdir(parents=True, exist_ok=True)
     whole_digest = rows_digest(job.rows, job.classes)
@@ -424,7 +427,7 @@ def run_unit(job: ShardJob, on_rows: Callable[[int], None] | None = None) -> int
         n_earlier = copied.reused + copied.from_units
         if n_earlier:
             writer.file.attrs["n_resumed"] = int(writer.file.attrs.get("n_resumed", 0)) + n_earlier
-            on_rows(n_earlier)
+            before(n_earlier)
         skipped: dict[int, str] = {}
         _embed_rows(writer, unit, skipped, on_rows)
         # The merge trusts a unit's skip reasons (and decodes nothing again) only once it is done.
