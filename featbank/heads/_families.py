@@ -24,6 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from ..errors import ConfigError
+from ._estimator import Estimator
 from ._features import Features
 from ._gram import FoldGram, FoldKernels, fold_gram, fold_rows
 from ._kernel_svc import KernelSVC, gamma_of, rbf_from_gram
@@ -510,7 +511,7 @@ def get_head_family(name: str) -> HeadFamily:
 _FREE_PARAMS = frozenset({"random_state", "device", "verbose", "n_jobs", "copy"})
 
 
-def family_mismatch(est: Any, family: str, params: dict[str, Any], preprocess: str, *, spec: bool = False) -> str | None:
+def family_mismatch(est: Estimator, family: str, params: dict[str, Any], preprocess: str, *, spec: bool = False) -> str | None:
     """Why the fitted ``est`` is not the head a search says it chose, or None.
 
     A family of :data:`HEAD_FAMILIES` (``spec=False``): ``est`` must be what
@@ -559,7 +560,7 @@ def _params_mismatch(step: Any, want: dict[str, Any]) -> str | None:
 _MISSING = object()
 
 
-def _steps(est: Any) -> list[Any]:
+def _steps(est: Estimator) -> list[Any]:
     from sklearn.pipeline import Pipeline
 
     return [step for _, step in est.steps] if isinstance(est, Pipeline) else [est]
