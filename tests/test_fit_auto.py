@@ -70,6 +70,14 @@ def auto_bundle(layered, tmp_path_factory) -> tuple[Path, featbank.FitResult]:
     return out, featbank.fit(cache, auto=True, cv=3, budget="60s", out=out)
 
 
+def test_a_family_the_loader_cannot_check_is_searched_but_not_saved(layered, tmp_path) -> None:
+    _, cache = layered
+    rec = Recording(HEAD_FAMILIES["linear"])
+    with pytest.raises(ConfigError, match=r"\['linear'\] are not those of featbank.heads.HEAD_FAMILIES"):
+        featbank.fit(cache, auto=True, cv=3, budget="60s", out=tmp_path / "m", families={"linear": rec})
+    assert not (tmp_path / "m").exists() and not rec.seen  # refused before any work
+
+
 def _board(result) -> list[dict]:
     return [{k: v for k, v in row.items() if k != "seconds"} for row in result.search["leaderboard"]]
 

@@ -249,6 +249,19 @@ def _route(spec: HeadSpec, settings: SearchSettings, families: Mapping[str, Any]
     return _Route({spec.head: fam}, [spec.head], [spec_preprocess(spec)], spec)
 
 
+def _check_savable(route: _Route) -> None:
+    """A bundle's loader checks its head against the family it names (``featbank.heads.family_mismatch``):
+    only a family of ``featbank.heads.HEAD_FAMILIES`` (or the one ``--head`` of ``--cv``) can be saved."""
+    from .. import heads
+    from ._spec_family import SpecFamily
+
+    known = getattr(heads, "HEAD_FAMILIES", {})
+    odd = [n for n in route.heads if not isinstance(route.families[n], SpecFamily) and route.families[n] is not known.get(n)]
+    if odd:
+        raise ConfigError(f"The head families {odd} are not those of featbank.heads.HEAD_FAMILIES: a bundle of them "
+                          "could not be checked when it is loaded. Search them with save=False, or use the registry's.")
+
+
 def _within_memory(cache: FeatureCache, cands: list[Candidate], route: _Route, settings: SearchSettings,
                    n_images: int) -> tuple[list[Candidate], dict[str, str]]:
     """The candidates that fit the memory bound, and the families left out (for exports or for memory)."""
@@ -327,6 +340,8 @@ def fit_search(cache: FeatureCache, spec: HeadSpec, settings: SearchSettings, *,
     t0 = time.perf_counter()
     budget_s = parse_budget(settings.budget)
     route = _route(spec, settings, families)
+    if save:
+        _check_savable(route)
     with opened_cache(cache) as (c, cache_path), search_threads() as n_threads:
         train, val, test, _ = split_rows(c, 0.2, settings.seed)
         pool = np.sort(np.concatenate([train, val]))
