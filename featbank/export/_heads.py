@@ -22,15 +22,6 @@ __all__ = ["head_proba_module", "sklearn_head_onnx"]
 # --------------------------------------------------------------------------------------------
 
 
-def _split_pipeline(est: Estimator) -> tuple[list[Any], Any]:
-    from sklearn.pipeline import Pipeline
-
-    if isinstance(est, Pipeline):
-        steps = [s for _, s in est.steps]
-        return steps[:-1], steps[-1]
-    return [], est
-
-
 def _class_columns(est: Estimator, n_classes: int) -> np.ndarray | None:
     """Indices into the bundle's classes of the estimator's columns; None when they are 0..C-1."""
     cols = np.asarray(getattr(est, "classes_", np.arange(n_classes)))
@@ -206,9 +197,9 @@ def sklearn_head_onnx(est: Estimator, embed_dim: int, n_classes: int, opset: int
     """A graph embeddings (N, D) float -> probabilities (N, C) float32, label (N,) int64, via skl2onnx."""
     from onnx import TensorProto, helper
 
-    from ..heads import affine_prefix, has_predict_proba
+    from ..heads import affine_prefix, has_predict_proba, pipeline_steps
 
-    steps, clf = _split_pipeline(est)
+    *steps, clf = pipeline_steps(est)
     if not has_predict_proba(clf):
         raise _unsupported(clf, _no_proba_reason(clf))
     prefix = affine_prefix(steps)

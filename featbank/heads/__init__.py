@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._estimator import Estimator
+from ._estimator import Estimator, pipeline_steps
 from ._features import Features
 from ._sklearn import (
     affine_prefix,
@@ -92,6 +92,7 @@ __all__ = [
     "head_to_torch",
     "head_state",
     "Estimator",
+    "pipeline_steps",
     "HeadSpec",
     "HeadKind",
     "HEAD_KINDS",

@@ -6,7 +6,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Estimator"]
+__all__ = ["Estimator", "pipeline_steps"]
 
 
 @runtime_checkable
@@ -20,3 +20,10 @@ class Estimator(Protocol):
     def get_params(self, deep: bool = True) -> dict[str, Any]: ...
 
     def set_params(self, **params: Any) -> Any: ...
+
+
+def pipeline_steps(est: Estimator) -> list[Any]:
+    """A scikit-learn ``Pipeline``'s steps in order (preprocessing, then the classifier); ``[est]`` for any other head."""
+    from sklearn.pipeline import Pipeline
+
+    return [step for _, step in est.steps] if isinstance(est, Pipeline) else [est]

@@ -24,7 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from ..errors import ConfigError
-from ._estimator import Estimator
+from ._estimator import Estimator, pipeline_steps
 from ._features import Features
 from ._gram import FoldGram, FoldKernels, fold_gram, fold_rows
 from ._kernel_svc import KernelSVC, gamma_of, rbf_from_gram
@@ -506,7 +506,6 @@ def get_head_family(name: str) -> HeadFamily:
         ) from None
 
 
-
 #: Parameters a family's ``build`` sets that do not change what the head computes once fitted.
 _FREE_PARAMS = frozenset({"random_state", "device", "verbose", "n_jobs", "copy"})
 
@@ -521,12 +520,12 @@ def family_mismatch(est: Estimator, family: str, params: dict[str, Any], preproc
     must be of that head (its kind's name or its class's) and have every one of ``params``.
     """
     if spec:
-        return _spec_mismatch(_steps(est)[-1], family, params)
+        return _spec_mismatch(pipeline_steps(est)[-1], family, params)
     try:
         built = get_head_family(family).build(dict(params), preprocess=preprocess)
     except (ConfigError, ValueError, TypeError, KeyError) as e:
         return f"family {family!r} builds no head from parameters {params!r} and preprocessing {preprocess!r} ({e})"
-    want, have = _steps(built), _steps(est)
+    want, have = pipeline_steps(built), pipeline_steps(est)
     if [type(w) for w in want] != [type(h) for h in have]:
         return (f"family {family!r} with preprocessing {preprocess!r} builds "
                 f"{[type(w).__name__ for w in want]}, but the head is {[type(h).__name__ for h in have]}")
@@ -558,12 +557,6 @@ def _params_mismatch(step: Any, want: dict[str, Any]) -> str | None:
 
 
 _MISSING = object()
-
-
-def _steps(est: Estimator) -> list[Any]:
-    from sklearn.pipeline import Pipeline
-
-    return [step for _, step in est.steps] if isinstance(est, Pipeline) else [est]
 
 
 def _same(a: Any, b: Any) -> bool:

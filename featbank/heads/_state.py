@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._estimator import pipeline_steps
 from ._kernel_svc import KernelSVC, kernel_svc_to_torch
 from ._neighbors import knn_to_torch
 from ._sklearn import has_predict_proba
@@ -67,11 +68,10 @@ def head_to_torch(estimator: Estimator) -> nn.Module | None:
     anything else (export then uses skl2onnx).
     """
     from sklearn.neighbors import KNeighborsClassifier
-    from sklearn.pipeline import Pipeline
 
     if isinstance(estimator, TorchHead):
         return Probabilities(estimator.to_torch()).eval()
-    steps = [s for _, s in estimator.steps] if isinstance(estimator, Pipeline) else [estimator]
+    steps = pipeline_steps(estimator)
     if isinstance(steps[-1], KernelSVC):
         return kernel_svc_to_torch(steps[:-1], steps[-1])
     if isinstance(steps[-1], KNeighborsClassifier):
