@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._files import open_regular_file
 from ..errors import BundleError
 from ..features import FeatureSpec, FeatureSpecError
 from ._fields import FieldReader, check_file_name
@@ -230,7 +231,7 @@ def read_manifest(path: Path) -> Manifest:
     if mf.is_symlink() or not mf.is_file():
         raise BundleError(f"{str(Path(path))!r} has no {MANIFEST}; it is not a featbank model bundle.")
     try:
-        with open(mf, "rb") as fh:
+        with open_regular_file(mf) as fh:  # a FIFO swapped in after the check above is refused, not waited on
             data = fh.read(MAX_MANIFEST_BYTES + 1)
     except OSError as e:
         raise BundleError(f"Cannot read {str(mf)!r}: {e}. Check the bundle folder's permissions.") from None
