@@ -262,7 +262,7 @@ ft.finetune(sys.argv[1], sys.argv[2], backbone="test_tiny", epochs=3, batch_size
 
 
 @pytest.mark.slow
-def test_kill_then_resume_equals_uninterrupted(image_folder: Path, tmp_path: Path) -> None:
+def test_kill_then_resume_equals_uninterrupted(image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     settings = dict(backbone="test_tiny", epochs=3, batch_size=8, lr=0.05, patience=0, strategy="full",
                     num_workers=0, progress=False)
     whole = ft.finetune(image_folder, tmp_path / "whole", **settings)
@@ -285,8 +285,12 @@ def test_kill_then_resume_equals_uninterrupted(image_folder: Path, tmp_path: Pat
     with pytest.raises(ConfigError, match="--resume"):
         ft.finetune(image_folder, out, **settings)
 
-    resumed = ft.finetune(image_folder, out, resume=True, **settings)
+    capsys.readouterr()
+    resumed = ft.finetune(image_folder, out, resume=True, **{**settings, "progress": True})
     assert resumed.resumed_from == 1 and resumed.epochs_run == 3 and not ckpt.exists()
+    # Said at once, and in the summary.
+    assert f"Resuming after epoch 1 of 3 (checkpoint {str(ckpt)!r})" in capsys.readouterr().err
+    assert "s/epoch; resumed after epoch 1), best epoch" in resumed.summary()
     a, b = _state(whole.path), _state(resumed.path)
     assert a.keys() == b.keys()
     for k in a:

@@ -108,8 +108,9 @@ class FinetuneReport:
         m = self.test or self.val
         which = "test" if self.test else "val"
         cached = f", frozen groups cached in {self.cache_seconds:.1f} s" if self.cache_seconds else ""
+        resumed = f"; resumed after epoch {self.resumed_from}" if self.resumed_from else ""
         return (
-            f"Fine-tuned {self.epochs_run} epoch(s) on {self.device} ({self.seconds_per_epoch:.1f} s/epoch{cached}), "
+            f"Fine-tuned {self.epochs_run} epoch(s) on {self.device} ({self.seconds_per_epoch:.1f} s/epoch{cached}{resumed}), "
             f"best epoch {self.best_epoch}"
             f"{' (the starting probe: no epoch beat it on validation)' if self.best_epoch == 0 else ''}"
             f": {which} accuracy {m['accuracy']:.4f}, balanced accuracy "
@@ -214,6 +215,9 @@ def finetune(
     cfg = settings
     run = _set_up(data, out, cfg, device, num_workers, resume, overwrite)
     state = _resume_or_start(run, resume, overwrite)
+    if progress and state.start_epoch:
+        print(f"Resuming after epoch {state.start_epoch} of {cfg.epochs} (checkpoint {str(run.ckpt_path)!r}).",
+              file=sys.stderr, flush=True)
     if run.cache_frozen is not None:
         inputs = CacheFrozenInputs(run.model, run.eval_set, run.split, run.cfg.batch_size, run.workers, run.bb.preprocess,
                              run.pin, run.dev, run.amp)
