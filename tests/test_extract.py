@@ -462,6 +462,29 @@ def test_rows_an_earlier_run_finished_start_the_bar_and_do_not_count_as_speed() 
     assert (fmt["n"] - fmt["initial"]) / fmt["elapsed"] < 1000  # 10 rows in >= 0.05 s, not 70
 
 
+def test_progress_rate_starts_after_the_model_is_loaded() -> None:
+    """The bar says the model is loading (a backbone's first run exports its ONNX graph), and its
+    clock starts after: the load's seconds are not counted in the rate."""
+    from types import SimpleNamespace as NS
+
+    from featbank.extraction.job import _Progress
+
+    p = _Progress(NS(jobs=[NS(rows=range(100))]), NS(config=NS(progress=True), on_progress=None))
+    seen = []
+    p.while_loading(lambda: (seen.append(p.bar.format_dict["prefix"]), time.sleep(0.3)))
+    p(10)
+    fmt = p.bar.format_dict
+    p.close()
+    assert seen == ["extract (loading the model)"] and fmt["prefix"] == "extract" and fmt["n"] == 10
+    assert fmt["elapsed"] < 0.3
+
+
+def test_extract_loads_the_model_before_the_bar_counts(image_folder: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    rep = featbank.extract(image_folder, tmp_path / "c.h5", **{**TINY, "progress": True})
+    assert rep.n_embedded > 0 and "extract (loading the model)" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_overwrite_resume_after_folder_change_with_nothing_to_fold(image_folder: Path, tmp_path: Path) -> None:
     """An interrupted --overwrite run whose finished rows all changed must not fall back on the old key."""

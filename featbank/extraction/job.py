@@ -272,6 +272,17 @@ class _Progress:
         if self.on_progress is not None:
             self.on_progress(self.done, self.total)
 
+    def while_loading(self, load: Callable[[], object]) -> None:
+        """Run ``load`` (the model: a backbone's first run exports its ONNX graph, ~20 s) with the bar
+        saying so, then restart the bar's clock, so that its rate is the embedding's alone."""
+        if self.bar is None:
+            load()
+            return
+        self.bar.set_description_str("extract (loading the model)", refresh=True)
+        load()
+        self.bar.set_description_str("extract", refresh=False)
+        self.bar.reset(total=self.total)
+
     def done_before(self, n: int) -> None:
         """``n`` rows an earlier run finished (resumed, or copied from old parts): counted, but as the bar's
         starting point, so its rate and ETA are this run's embedding alone."""
@@ -402,6 +413,10 @@ def _launch(job: ExtractJob, prep: Prepared) -> ShardedReport:
         _check_space(prep, job.index_path, c.dtype)
     progress = _Progress(prep, job) if lead else None
     try:
+        if progress is not None and job.launcher == "local" and c.procs == 1 and progress.total:
+            from .units import engine_for
+
+            progress.while_loading(lambda: engine_for(job.engine_spec))
         return get_launcher(job.launcher).run(prep, c, progress)
     except KeyboardInterrupt:
         raise Interrupted(
