@@ -479,10 +479,22 @@ def test_progress_rate_starts_after_the_model_is_loaded() -> None:
     assert fmt["elapsed"] < 0.3
 
 
-def test_extract_loads_the_model_before_the_bar_counts(image_folder: Path, tmp_path: Path,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    rep = featbank.extract(image_folder, tmp_path / "c.h5", **{**TINY, "progress": True})
-    assert rep.n_embedded > 0 and "extract (loading the model)" in capsys.readouterr().err
+def test_extract_loads_the_model_only_when_it_has_rows_to_embed(image_folder: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    from featbank.extraction import units
+
+    data = tmp_path / "copy"
+    shutil.copytree(image_folder, data)
+    rep = featbank.extract(data, tmp_path / "c.h5", **{**TINY, "progress": True})
+    assert rep.n_embedded > 0 and capsys.readouterr().err.count("extract (loading the model)") == 1
+    assert len(units._ENGINES) == 1
+    # A deleted image: every other row is copied from the old parts, nothing is embedded, no model loaded.
+    next(p for p in sorted(data.rglob("*")) if p.is_file()).unlink()
+    rep = featbank.extract(data, tmp_path / "c.h5", **{**TINY, "progress": True})
+    assert rep.n_embedded == 0 and rep.n_removed == 1 and not units._ENGINES
+    assert "loading the model" not in capsys.readouterr().err
 
 
 @pytest.mark.slow

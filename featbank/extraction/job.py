@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import h5py
 import numpy as np
@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from .units import Prepared
 
 __all__ = ["ExtractJob", "resolve_job", "run_extract", "read_source", "schema_version_of"]
+
+T = TypeVar("T")
 
 
 def resolve_job(config: ExtractConfig, on_progress: Callable[[int, int], None] | None = None) -> ExtractJob:
@@ -272,16 +274,17 @@ class _Progress:
         if self.on_progress is not None:
             self.on_progress(self.done, self.total)
 
-    def while_loading(self, load: Callable[[], object]) -> None:
-        """Run ``load`` (the model: a backbone's first run exports its ONNX graph, ~20 s) with the bar
-        saying so, then restart the bar's clock, so that its rate is the embedding's alone."""
+    def while_loading(self, load: Callable[[], T]) -> T:
+        """``load()`` (the model, when a shard first has rows to embed: a backbone's first run exports its
+        ONNX graph, ~20 s) with the bar saying so; the bar's clock then skips the load, so that its rate
+        is the embedding's alone. Called in this process only (``--procs 1``)."""
         if self.bar is None:
-            load()
-            return
+            return load()
         self.bar.set_description_str("extract (loading the model)", refresh=True)
-        load()
+        out = load()
         self.bar.set_description_str("extract", refresh=False)
-        self.bar.reset(total=self.total)
+        self.bar.unpause()  # tqdm: the clock restarts from the last print, here before the load
+        return out
 
     def done_before(self, n: int) -> None:
         """``n`` rows an earlier run finished (resumed, or copied from old parts): counted, but as the bar's
@@ -413,10 +416,6 @@ def _launch(job: ExtractJob, prep: Prepared) -> ShardedReport:
         _check_space(prep, job.index_path, c.dtype)
     progress = _Progress(prep, job) if lead else None
     try:
-        if progress is not None and job.launcher == "local" and c.procs == 1 and progress.total:
-            from .units import engine_for
-
-            progress.while_loading(lambda: engine_for(job.engine_spec))
         return get_launcher(job.launcher).run(prep, c, progress)
     except KeyboardInterrupt:
         raise Interrupted(

@@ -246,8 +246,13 @@ def engine_for(spec: EngineSpec) -> Engine:
     return _ENGINES[spec]
 
 
-def _engine(settings: WorkerSettings) -> Engine:
-    return engine_for(settings.spec)
+def _engine(settings: WorkerSettings, on_rows: Callable[[int], None] | None = None) -> Engine:
+    """The process's engine for ``settings``; built under ``on_rows.while_loading`` (the progress bar's,
+    in this process) the first time, so the bar says so and its rate leaves the load out."""
+    loading = getattr(on_rows, "while_loading", None)
+    if loading is None or settings.spec in _ENGINES:
+        return engine_for(settings.spec)
+    return loading(lambda: engine_for(settings.spec))
 
 
 def reset_engines() -> None:
@@ -492,7 +497,7 @@ def _embed_rows(writer: PartWriter, job: ShardJob, skipped: dict[int, str],
         dataset: Any = TarImages(Path(job.root), writer.paths, job.members, pending, cfg)
     else:
         dataset = ImageRowsDataset(Path(job.root), writer.paths, pending, cfg)
-    eng = _engine(s)
+    eng = _engine(s, on_rows)
     if s.decode == "gpu" and s.features is None and job.layout != "webdataset":
         from ._decode import embed_jpeg_rows
 

@@ -108,9 +108,9 @@ class FinetuneReport:
         m = self.test or self.val
         which = "test" if self.test else "val"
         cached = f", frozen groups cached in {self.cache_seconds:.1f} s" if self.cache_seconds else ""
-        resumed = f"; resumed after epoch {self.resumed_from}" if self.resumed_from else ""
+        resumed = f" (resumed after epoch {self.resumed_from})" if self.resumed_from else ""
         return (
-            f"Fine-tuned {self.epochs_run} epoch(s) on {self.device} ({self.seconds_per_epoch:.1f} s/epoch{cached}{resumed}), "
+            f"Fine-tuned {self.epochs_run} epoch(s){resumed} on {self.device} ({self.seconds_per_epoch:.1f} s/epoch{cached}), "
             f"best epoch {self.best_epoch}"
             f"{' (the starting probe: no epoch beat it on validation)' if self.best_epoch == 0 else ''}"
             f": {which} accuracy {m['accuracy']:.4f}, balanced accuracy "
@@ -215,9 +215,6 @@ def finetune(
     cfg = settings
     run = _set_up(data, out, cfg, device, num_workers, resume, overwrite)
     state = _resume_or_start(run, resume, overwrite)
-    if progress and state.start_epoch:
-        print(f"Resuming after epoch {state.start_epoch} of {cfg.epochs} (checkpoint {str(run.ckpt_path)!r}).",
-              file=sys.stderr, flush=True)
     if run.cache_frozen is not None:
         inputs = CacheFrozenInputs(run.model, run.eval_set, run.split, run.cfg.batch_size, run.workers, run.bb.preprocess,
                              run.pin, run.dev, run.amp)
@@ -466,7 +463,7 @@ def _train(run: _Run, state: _State, progress: bool,
         for epoch in range(state.start_epoch + 1, cfg.epochs + 1):
             if state.stopped:
                 break
-            row = train_one_epoch(run, epoch, progress)
+            row = train_one_epoch(run, epoch, progress, resumed=state.start_epoch > 0 and epoch == state.start_epoch + 1)
             state.history.append(row)
             metric, vloss = row[f"val_{cfg.metric}"], row["val_loss"]
             best = state.best
@@ -539,15 +536,18 @@ def _set_train_mode(run: _Run) -> None:
         run.model.features.eval()
 
 
-def train_one_epoch(run: _Run, epoch: int, progress: bool) -> dict[str, Any]:
-    """One pass over the training rows, then validation; returns the epoch's history row."""
+def train_one_epoch(run: _Run, epoch: int, progress: bool, resumed: bool = False) -> dict[str, Any]:
+    """One pass over the training rows, then validation; returns the epoch's history row.
+
+    ``resumed``: the first epoch after a checkpoint (``--resume``), which the bar says."""
     from tqdm.auto import tqdm
 
     cfg, net, dev = run.cfg, run.net, run.dev
     _set_train_mode(run)
     t0 = time.perf_counter()
     seen, loss_sum, correct, n_ok = 0, 0.0, 0, 0
-    bar = tqdm(total=len(run.split.train), unit="img", desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress,
+    desc = f"epoch {epoch}/{cfg.epochs}" + (" (resumed)" if resumed else "")
+    bar = tqdm(total=len(run.split.train), unit="img", desc=desc, disable=not progress,
                mininterval=0.1 if sys.stderr.isatty() else 10.0, leave=True, dynamic_ncols=True, file=sys.stderr)
     params = [p for p in run.model.parameters() if p.requires_grad]
     module = run.model if run.cache_frozen is None else run.cache_frozen.model
