@@ -197,17 +197,47 @@ def test_a_finished_unit_is_never_embedded_again(many_images, reference, tmp_pat
     prep = _prepare(many_images, out)
     schedule = plan_work(prep.jobs, 2, N_IMAGES)
     first = next(j for j in schedule.work if j.unit is not None)
-    assert run_unit(first) == first.unit[1] - first.unit[0]
+    n = first.unit[1] - first.unit[0]
+    assert run_unit(first) == (n, 0)  # all its rows, none from an earlier run
     unit_file = next(parts_dir(out).glob("*.unit"))
     with h5py.File(unit_file, "r") as f:
         assert bool(f.attrs["unit_done"]) and int(f["status"][...].sum()) == first.unit[1] - first.unit[0] - (
             1 if first.unit[0] <= 50 < first.unit[1] else 0)
     mtime = unit_file.stat().st_mtime_ns
-    assert run_unit(first) == first.unit[1] - first.unit[0] and unit_file.stat().st_mtime_ns == mtime
+    assert run_unit(first) == (n, n) and unit_file.stat().st_mtime_ns == mtime  # done before: not this run's speed
     report = featbank.extract(many_images, out, progress=False, procs=2, shard_size=1000, **TINY)
     assert report.n_resumed == first.unit[1] - first.unit[0] - 1  # its rows but the unreadable one
     assert report.n_embedded + report.n_resumed == N_IMAGES - 1
     np.testing.assert_array_equal(_read(out)["emb"], reference["emb"])
+
+
+def test_a_units_earlier_rows_are_progress_not_speed():
+    """The parent books a finished unit's rows that an earlier run finished as the bar's starting point
+    (``done_before``), the rest as this run's; a whole shard's rows as this run's."""
+    from types import SimpleNamespace as NS
+
+    from featbank.extraction.launchers import _report_done
+    from featbank.extraction.units import UnitDone
+
+    class Bar:
+        def __init__(self):
+            self.calls = []
+
+        def __call__(self, n):
+            self.calls.append(("now", n))
+
+        def done_before(self, n):
+            self.calls.append(("before", n))
+
+    bar = Bar()
+    _report_done(bar, NS(unit=(0, 10)), UnitDone(10, 4))
+    _report_done(bar, NS(unit=(10, 20)), tuple(UnitDone(10)))  # as it comes back through a pipe or Ray
+    _report_done(bar, NS(unit=None), NS(n_rows=7, n_skipped=1))
+    _report_done(None, NS(unit=(0, 10)), UnitDone(10, 10))
+    assert bar.calls == [("before", 4), ("now", 6), ("now", 10), ("now", 8)]
+    plain = []
+    _report_done(plain.append, NS(unit=(0, 10)), UnitDone(10, 10))  # a callback without done_before: all rows
+    assert sum(plain) == 10
 
 
 @pytest.mark.slow

@@ -47,7 +47,7 @@ from ..cache import PartInfo
 from ..errors import CacheError, ConfigError, FeatbankError
 from ._jobs import EngineSpec, ShardJob
 from ._schedule import Schedule, plan_work, start_worker_server, static_share, worker_context
-from .units import Prepared, engine_for, final_part, finalize, run_job, run_shard
+from .units import Prepared, UnitDone, engine_for, final_part, finalize, run_job, run_shard
 
 if TYPE_CHECKING:
     from .config import ExtractConfig
@@ -243,11 +243,18 @@ class _Dispatch:
         return None
 
 
-def _done_rows(job: ShardJob, payload: Any) -> int:
-    """Rows to report as progress when ``job`` is done (a merge's rows were reported by its units)."""
-    if job.unit is not None:
-        return int(payload)
-    return 0 if payload is None else payload.n_rows + payload.n_skipped
+def _report_done(on_rows: Callable[[int], None] | None, job: ShardJob, payload: Any) -> None:
+    """Progress when ``job`` is done (a merge's rows were reported by its units). A unit's rows that an
+    earlier run finished go to ``on_rows.done_before`` where it has one: progress, not this run's speed."""
+    if on_rows is None:
+        return
+    if job.unit is None:
+        on_rows(0 if payload is None else payload.n_rows + payload.n_skipped)
+        return
+    done = UnitDone(*payload)
+    if done.earlier:
+        getattr(on_rows, "done_before", on_rows)(done.earlier)
+    on_rows(done.rows - done.earlier)
 
 
 def _start_workers(ctx: Any, n_procs: int, n_gpu: int) -> dict[int, list[Any]]:
@@ -455,8 +462,7 @@ class _Crew:
             elif kind == "done":
                 if current.unit is None:
                     self.done.append(payload)
-                if self.on_rows is not None:
-                    self.on_rows(_done_rows(current, payload))
+                _report_done(self.on_rows, current, payload)
 
     def _hand_out(self, slot: int) -> None:
         conn, proc, _ = self.workers[slot]
@@ -682,8 +688,7 @@ def run_ray(jobs: Sequence[ShardJob], *, num_cpus: int = 2, num_gpus: float = 0.
         elif error is None:
             if job.unit is None:
                 parts.append(result)
-            if on_rows is not None:
-                on_rows(_done_rows(job, result))
+            _report_done(on_rows, job, result)
         while (nxt := dispatch.next()) is not None:  # a merge released by this unit
             refs[task.remote(nxt)] = nxt
     if failures:

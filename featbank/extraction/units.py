@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import h5py
 import numpy as np
@@ -52,7 +52,8 @@ if TYPE_CHECKING:
     from ._engines import Engine
 
 __all__ = ["RowSource", "engine_for", "Prepared", "prepare",
-           "run_shard", "run_unit", "run_job", "finalize", "final_part", "migrate_v1", "reset_engines", "UNIT_ATTR", "unit_path"]
+           "run_shard", "run_unit", "run_job", "UnitDone", "finalize", "final_part", "migrate_v1", "reset_engines",
+           "UNIT_ATTR", "unit_path"]
 
 #: Attribute of a work unit's ``.partial``: the name of the part its rows are for.
 UNIT_ATTR = "unit_of"
@@ -404,12 +405,21 @@ def _copy_matching(writer: PartWriter, f: h5py.File, want: dict[str, int]) -> in
     return len(new_rows)
 
 
-def run_unit(job: ShardJob, on_rows: Callable[[int], None] | None = None) -> int:
+class UnitDone(NamedTuple):
+    """What a finished work unit reports for progress: its rows, and how many of them an earlier run
+    had finished (resumed or copied: progress, but not this run's speed)."""
+
+    rows: int
+    earlier: int = 0
+
+
+def run_unit(job: ShardJob, on_rows: Callable[[int], None] | None = None) -> UnitDone:
     """Embed a work unit (rows ``job.unit`` of a shard) into its own ``.partial``; publish nothing.
 
     The shard's merge (:func:`run_shard` on the whole shard) gathers the units' rows into the part.
-    Resumes the unit's ``.partial`` left by a killed worker. Returns the unit's row count (0 when the
-    shard's part is already published).
+    Resumes the unit's ``.partial`` left by a killed worker. Returns the unit's rows and how many of
+    them an earlier run finished (both 0 when the shard's part is already published; all of them when
+    the unit had finished).
     """
     on_rows = on_rows or (lambda n: None)
     before = getattr(on_rows, "done_before", on_rows)  # rows an earlier run finished: progress, not this run's speed
@@ -418,12 +428,12 @@ def run_unit(job: ShardJob, on_rows: Callable[[int], None] | None = None) -> int
     whole_digest = rows_digest(job.rows, job.classes)
     whole = part_name(job.shard_id, whole_digest)
     if (folder / whole).exists():
-        return 0
+        return UnitDone(0)
     unit = _unit_job(job)
     done = unit_path(folder, job.shard_id, rows_digest(unit.rows, unit.classes))
     if done.exists():
-        return len(unit.rows)
-    writer = _open_unit(unit, whole, on_rows)
+        return UnitDone(len(unit.rows), len(unit.rows))
+    writer = _open_unit(unit, whole, before)
     try:
         # Finished rows of an interrupted run: the shard's whole .partial, units cut otherwise (.unit).
         earlier = [PartWriter.partial_path(folder, job.shard_id, whole_digest).name,
@@ -439,10 +449,11 @@ def run_unit(job: ShardJob, on_rows: Callable[[int], None] | None = None) -> int
         writer.file.attrs["unit_skipped"] = json.dumps({writer.paths[r]: why for r, why in skipped.items()})
         writer.file.attrs["unit_done"] = True
         writer.file.flush()
+        earlier_rows = int(writer.file.attrs.get("n_resumed", 0))
     finally:
         writer.close()
     os.replace(writer.path, done)  # finished: nothing writes it again, and only now may others read it
-    return len(unit.rows)
+    return UnitDone(len(unit.rows), earlier_rows)
 
 
 def unit_path(folder: Path, shard_id: int, digest: str) -> Path:
@@ -460,7 +471,7 @@ def _unit_job(job: ShardJob) -> ShardJob:
     return replace(job, rows=sub, members=job.members[lo:hi] if job.members else [], unit=None, reuse=[])
 
 
-def _open_unit(unit: ShardJob, whole: str, on_rows: Callable[[int], None]) -> PartWriter:
+def _open_unit(unit: ShardJob, whole: str, done_before: Callable[[int], None]) -> PartWriter:
     folder, s = Path(unit.folder), unit.settings
     digest = rows_digest(unit.rows, unit.classes)
     writer = PartWriter.open_if_valid(folder, unit.shard_id, unit.key, digest)
@@ -470,11 +481,11 @@ def _open_unit(unit: ShardJob, whole: str, on_rows: Callable[[int], None]) -> Pa
                                  extra=s.features.datasets() if s.features is not None else None)
     writer.file.attrs["n_resumed"] = int(writer.done_mask().sum())
     writer.file.attrs["unit_done"] = False
-    on_rows(int(writer.file.attrs["n_resumed"]))
+    done_before(int(writer.file.attrs["n_resumed"]))
     return writer
 
 
-def run_job(job: ShardJob, on_rows: Callable[[int], None] | None = None) -> PartInfo | int:
+def run_job(job: ShardJob, on_rows: Callable[[int], None] | None = None) -> PartInfo | UnitDone:
     """What a worker runs for any job of a schedule: a work unit, or a whole shard (or a merge)."""
     return run_unit(job, on_rows) if job.unit is not None else run_shard(job, on_rows)
 
