@@ -269,13 +269,13 @@ class Bundle:
         info = self.head_info
         if "family" not in info:
             return
-        from ..heads import HEAD_FAMILIES, family_mismatch
+        from ..heads import family_mismatch, searched_as_spec
 
         chosen, pre, fit = info.get("chosen"), info.get("preprocess"), self.info.raw.get("fit_config") or {}
         if not (isinstance(chosen, dict) and isinstance(pre, str) and isinstance(fit, dict)):
             why = f"head.chosen is {shown(chosen)}, head.preprocess {shown(pre)} and fit_config {shown(fit)}"
-        else:  # fit --cv of a --head with --param values, or not a family, searched that head alone
-            spec = not fit.get("auto") and (bool(fit.get("params")) or info["family"] not in HEAD_FAMILIES)
+        else:
+            spec = searched_as_spec(info["family"], bool(fit.get("params")), auto=bool(fit.get("auto")))
             why = family_mismatch(est, info["family"], chosen, pre, spec=spec)
         if why is not None:
             raise BundleError(f"Bundle {str(self.path)!r}: its manifest says the head is family {shown(info['family'])} "

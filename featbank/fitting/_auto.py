@@ -242,7 +242,9 @@ def _route(spec: HeadSpec, settings: SearchSettings, families: Mapping[str, Any]
         heads = [n for n, f in families.items() if getattr(f, "exportable", True)]
         excluded = {n: getattr(f, "reason", "") for n, f in families.items() if n not in heads}
         return _Route(families, heads, list(PREPROCESSING), spec, excluded)
-    if spec.head in families and not spec.params:
+    from ..heads import searched_as_spec
+
+    if not searched_as_spec(spec.head, bool(spec.params), families=families):
         pre = family_preprocess(spec.head, spec.standardize, spec.l2_normalize, families[spec.head])
         return _Route(families, [spec.head], [pre], spec)
     fam = SpecFamily(spec, settings.seed)

@@ -54,7 +54,7 @@ from .kinds import (
 )
 
 if TYPE_CHECKING:
-    from ._families import HEAD_FAMILIES, Folds, HeadFamily, family_mismatch, get_head_family
+    from ._families import HEAD_FAMILIES, Folds, HeadFamily, family_mismatch, get_head_family, searched_as_spec
     from ._gram import Block, FoldGram, FoldKernels
     from ._kernel_svc import KernelSVC
     from ._linear_head import LinearHead
@@ -69,7 +69,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "LinearHead": "._linear_head", "MLPHead": "._mlp_head", "head_to_torch": "._state", "KernelSVC": "._kernel_svc",
     "HeadFamily": "._families", "HEAD_FAMILIES": "._families", "Folds": "._families",
-    "get_head_family": "._families", "family_mismatch": "._families",
+    "get_head_family": "._families", "family_mismatch": "._families", "searched_as_spec": "._families",
     "FoldKernels": "._gram", "FoldGram": "._gram", "Block": "._gram",
     "PREPROCESSES": "._preprocess", "SignedSqrt": "._preprocess",
 }
@@ -121,6 +121,7 @@ __all__ = [
     "Folds",
     "get_head_family",
     "family_mismatch",
+    "searched_as_spec",
     "FoldKernels",
     "FoldGram",
     "Block",

@@ -33,7 +33,7 @@ from ._mlp_head import MLPHead
 from ._preprocess import PREPROCESSES, prep_steps
 
 __all__ = ["Folds", "HeadFamily", "HEAD_FAMILIES", "PREPROCESSES", "get_head_family", "LinearFamily", "SVMFamily", "KNNFamily",
-           "MLPFamily", "family_mismatch"]
+           "MLPFamily", "family_mismatch", "searched_as_spec"]
 
 #: ``(fit_rows, held_out_rows)`` per fold: integer index arrays into ``X``.
 Folds = Sequence[tuple[np.ndarray, np.ndarray]]
@@ -508,6 +508,14 @@ def get_head_family(name: str) -> HeadFamily:
 
 #: Parameters a family's ``build`` sets that do not change what the head computes once fitted.
 _FREE_PARAMS = frozenset({"random_state", "device", "verbose", "n_jobs", "copy"})
+
+
+def searched_as_spec(head: str, has_params: bool, *, auto: bool = False, families: Any = None) -> bool:
+    """Whether a search runs ``head`` as one spec (``fit --cv`` of a ``--head`` given ``--param`` values, or of
+    a head that is not a family of ``families``, :data:`HEAD_FAMILIES` by default) rather than as its family's
+    grid. ``--auto`` searches families. The one rule for the search (``fitting``) and the bundle's check of
+    the head it saved (:func:`family_mismatch`'s ``spec``)."""
+    return not auto and (has_params or head not in (HEAD_FAMILIES if families is None else families))
 
 
 def family_mismatch(est: Estimator, family: str, params: dict[str, Any], preprocess: str, *, spec: bool = False) -> str | None:
