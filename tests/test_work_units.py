@@ -211,12 +211,14 @@ def test_a_finished_unit_is_never_embedded_again(many_images, reference, tmp_pat
     np.testing.assert_array_equal(_read(out)["emb"], reference["emb"])
 
 
-def test_a_units_earlier_rows_are_progress_not_speed():
-    """The parent books a finished unit's rows that an earlier run finished as the bar's starting point
-    (``done_before``), the rest as this run's; a whole shard's rows as this run's."""
+def test_progress_books_each_row_once():
+    """A finished unit's rows that an earlier run finished are the bar's starting point (``done_before``),
+    the rest this run's; a whole shard's rows are this run's; a merge adds only the rows its units did
+    not report (a failed unit's, which the merge embeds), never the shard's again."""
     from types import SimpleNamespace as NS
 
-    from featbank.extraction.launchers import _report_done
+    from featbank.extraction._schedule import Schedule
+    from featbank.extraction.launchers import _Dispatch
     from featbank.extraction.units import UnitDone
 
     class Bar:
@@ -230,14 +232,30 @@ def test_a_units_earlier_rows_are_progress_not_speed():
             self.calls.append(("before", n))
 
     bar = Bar()
-    _report_done(bar, NS(unit=(0, 10)), UnitDone(10, 4))
-    _report_done(bar, NS(unit=(10, 20)), tuple(UnitDone(10)))  # as it comes back through a pipe or Ray
-    _report_done(bar, NS(unit=None), NS(n_rows=7, n_skipped=1))
-    _report_done(None, NS(unit=(0, 10)), UnitDone(10, 10))
-    assert bar.calls == [("before", 4), ("now", 6), ("now", 10), ("now", 8)]
+    merge = NS(shard_id=0, unit=None)
+    d = _Dispatch(Schedule([], [], {0: merge}, {0: 3}, 10, 1))
+    d.report(NS(shard_id=0, unit=(0, 10)), UnitDone(10, 4), bar)
+    d.report(NS(shard_id=0, unit=(10, 20)), tuple(UnitDone(10)), bar)  # as it comes back through a pipe or Ray
+    d.report(merge, NS(n_rows=29, n_skipped=1), bar)  # the third unit failed: the merge embedded its 10 rows
+    d.report(NS(shard_id=1, unit=None), NS(n_rows=7, n_skipped=1), bar)  # a whole shard
+    d.report(NS(shard_id=0, unit=(0, 10)), UnitDone(10, 10), None)
+    assert bar.calls == [("before", 4), ("now", 6), ("now", 10), ("now", 10), ("now", 8)]
     plain = []
-    _report_done(plain.append, NS(unit=(0, 10)), UnitDone(10, 10))  # a callback without done_before: all rows
+    d.report(NS(shard_id=2, unit=(0, 10)), UnitDone(10, 10), plain.append)  # no done_before: all rows
     assert sum(plain) == 10
+
+
+def test_a_split_shard_is_counted_once(tmp_path):
+    """Two workers, one shard cut into units: the progress ends at the number of images, not twice it."""
+    rng = np.random.default_rng(0)
+    for c in "ab":
+        (tmp_path / "d" / c).mkdir(parents=True)
+        for i in range(250):
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "d" / c / f"{i}.png")
+    marks = []
+    featbank.extract(tmp_path / "d", tmp_path / "c.h5", procs=2, shard_size=1000, progress=False,
+                     on_progress=lambda done, total: marks.append((done, total)), **TINY)
+    assert len(marks) >= 2 and marks[-1] == (500, 500) and max(d for d, _ in marks) == 500
 
 
 @pytest.mark.slow

@@ -219,6 +219,22 @@ class _Dispatch:
         self.merges = dict(schedule.merges)
         self.left = dict(schedule.n_units)
         self.unit_errors: dict[int, list[str]] = {}
+        self.unit_rows: dict[int, int] = {}  # per split shard: the rows its finished units reported
+
+    def report(self, job: ShardJob, payload: Any, on_rows: Callable[[int], None] | None) -> None:
+        """Progress for a finished ``job``. A unit: its rows, those an earlier run finished through
+        ``on_rows.done_before`` where it has one (progress, not this run's speed). A whole shard: its
+        rows. A merge: those of its rows its units did not report (a failed unit's, which it embedded)."""
+        if on_rows is None:
+            return
+        if job.unit is not None:
+            done = UnitDone(*payload)
+            self.unit_rows[job.shard_id] = self.unit_rows.get(job.shard_id, 0) + done.rows
+            if done.earlier:
+                getattr(on_rows, "done_before", on_rows)(done.earlier)
+            on_rows(done.rows - done.earlier)
+        elif payload is not None:
+            on_rows(max(0, payload.n_rows + payload.n_skipped - self.unit_rows.pop(job.shard_id, 0)))
 
     def next(self) -> ShardJob | None:
         return self.pending.popleft() if self.pending else None
@@ -243,18 +259,6 @@ class _Dispatch:
         return None
 
 
-def _report_done(on_rows: Callable[[int], None] | None, job: ShardJob, payload: Any) -> None:
-    """Progress when ``job`` is done (a merge's rows were reported by its units). A unit's rows that an
-    earlier run finished go to ``on_rows.done_before`` where it has one: progress, not this run's speed."""
-    if on_rows is None:
-        return
-    if job.unit is None:
-        on_rows(0 if payload is None else payload.n_rows + payload.n_skipped)
-        return
-    done = UnitDone(*payload)
-    if done.earlier:
-        getattr(on_rows, "done_before", on_rows)(done.earlier)
-    on_rows(done.rows - done.earlier)
 
 
 def _start_workers(ctx: Any, n_procs: int, n_gpu: int) -> dict[int, list[Any]]:
@@ -462,7 +466,7 @@ class _Crew:
             elif kind == "done":
                 if current.unit is None:
                     self.done.append(payload)
-                _report_done(self.on_rows, current, payload)
+                self.dispatch.report(current, payload, self.on_rows)
 
     def _hand_out(self, slot: int) -> None:
         conn, proc, _ = self.workers[slot]
@@ -688,7 +692,7 @@ def run_ray(jobs: Sequence[ShardJob], *, num_cpus: int = 2, num_gpus: float = 0.
         elif error is None:
             if job.unit is None:
                 parts.append(result)
-            _report_done(on_rows, job, result)
+            dispatch.report(job, result, on_rows)
         while (nxt := dispatch.next()) is not None:  # a merge released by this unit
             refs[task.remote(nxt)] = nxt
     if failures:
