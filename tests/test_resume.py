@@ -221,6 +221,35 @@ def test_a_decode_worker_is_quiet_when_its_consumer_leaves(mode: str) -> None:
 
 
 @pytest.mark.slow
+def test_ctrl_c_with_procs_exits_130_without_a_traceback_per_worker_and_resumes(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    for c in ("a", "b"):
+        (data / c).mkdir(parents=True)
+        for i in range(200):
+            Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(data / c / f"{i:03d}.png")
+    out = tmp_path / "c.h5"
+    exe = Path(sys.executable).with_name("featbank")
+    cmd = [str(exe), "extract", str(data), "--out", str(out), "--backbone", "test_sleep", "--weights", "0.2",
+           "--engine", "torch", "--procs", "2", "--batch-size", "8", "--shard-size", "1000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not partials(out) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(1.0)
+    assert proc.poll() is None, "finished before Ctrl-C: make the wait per batch longer"
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to the whole foreground group: the workers too
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Run the same command again to resume" in stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    assert partials(out) and not out.exists()
+
+    report = featbank.extract(data, out, backbone="test_sleep", weights="0.2", engine="torch", procs=2, batch_size=8,
+                              shard_size=1000, progress=False)
+    assert report.n_resumed > 0 and report.n_resumed + report.n_embedded == 400 and not partials(out)
+
+
+@pytest.mark.slow
 def test_ctrl_c_with_decode_workers_exits_130_and_resumes(tmp_path: Path) -> None:
     # Large smooth JPEGs take tens of ms each to decode: time to press Ctrl-C mid-run.
     data = tmp_path / "data"

@@ -187,6 +187,10 @@ def _local_worker(conn: Any, slot: int, n_gpu: int, threads: int) -> None:
         _serve(conn, slot, n_gpu)
     except (EOFError, OSError):  # BrokenPipeError, ConnectionResetError
         return  # the parent is gone (e.g. it stopped on an error while this worker started): nobody to report to
+    except KeyboardInterrupt:
+        # Ctrl-C reaches the terminal's whole process group: the parent says it was interrupted and what is
+        # kept (this worker's rows so far are in its .partial, which a rerun resumes); no traceback per worker.
+        return
 
 
 def _serve(conn: Any, slot: int, n_gpu: int) -> None:
