@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .options import backbone_options, device_option
+from .options import backbone_options, device_option, feature_options
 
 __all__ = ["doctor"]
 
@@ -22,18 +22,20 @@ __all__ = ["doctor"]
               help="How many images to read and decode, spread over DATA.")
 @click.option("--out", type=click.Path(path_type=str), default=None,
               help="Where the cache would go (its folder's disk is timed); default: a temp folder.")
+@feature_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def doctor(data: str, as_json: bool, **options: object) -> None:
     """Measure what each stage of extracting DATA costs here; name the bottleneck; suggest options.
 
     Times, on a sample of DATA: reading the files, decoding, resizing, the model alone (the engine
-    extract would build) and writing the cache; then predicts extract's images per second with
-    these options and says which stage limits it.
+    extract would build; once per view with --views) and writing the cache; then predicts extract's
+    images per second with these options and says which stage limits it.
 
     \b
     Examples:
       featbank doctor data/elpv
       featbank doctor data/photos --device cuda --batch-size 128 --json
+      featbank doctor data/elpv -b efficientnet_lite0@300 --layers all --views 7 --augment dihedral
     """
     import json
 

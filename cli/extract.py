@@ -6,7 +6,7 @@ import os
 
 import click
 
-from .options import backbone_options, device_option, quiet_option, window_option
+from .options import backbone_options, device_option, feature_options, quiet_option, window_option
 
 __all__ = ["extract"]
 
@@ -50,19 +50,7 @@ __all__ = ["extract"]
 @click.option("--split-column", default="split", show_default=True, help="Manifest column of splits (optional).")
 @click.option("--label-from", type=click.Choice(["cls", "txt", "json", "none"]), default="cls", show_default=True,
               help="WebDataset member that holds the label.")
-@click.option("--layers", default=None, metavar="SPEC",
-              help="Intermediate layers to store besides the embedding: 'stage3,stage5,final', 'stage3-final' or 'all' "
-              "(names: 'featbank backbones --groups NAME', plus final). Default: final (the embedding alone).")
-@click.option("--pooling", type=click.Choice(["gap+2x2", "gap"]), default="gap+2x2", show_default=True,
-              help="How a layer's feature map is pooled: global average + 2x2 average (5C values; GAP alone above "
-              "4096), or global average (C).")
-@click.option("--views", type=click.IntRange(min=0), default=0, show_default=True,
-              help="K augmented views per image (at most 64), stored beside the plain view (needs --augment).")
-@click.option("--augment", type=click.Choice(["hflip", "dihedral", "crops"]), default=None,
-              help="How the views are made: hflip (K=1), dihedral (flips and quarter turns, K<=7), crops (K seeded "
-              "random resized crops).")
-@click.option("--view-seed", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Seed of the crops views (with the image path and view index).")
+@feature_options
 @click.option("--decode", type=click.Choice(["pillow", "gpu", "auto"]), default="pillow", show_default=True,
               help="Who decodes and resizes: pillow (in the workers), gpu (JPEGs in batches by torchvision on the "
               "device, nvJPEG on CUDA; other files via Pillow; keyed in the cache), auto (gpu on CUDA, else pillow). "

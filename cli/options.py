@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-__all__ = ["backbone_options", "device_option", "quiet_option", "window_option"]
+__all__ = ["backbone_options", "device_option", "feature_options", "quiet_option", "window_option"]
 
 F = Callable[..., Any]
 
@@ -45,6 +45,35 @@ def device_option(f: F) -> F:
         show_default=True,
         help="Where to run the network; auto picks CUDA when a GPU is visible.",
     )(f)
+
+
+def feature_options(f: F) -> F:
+    """What extract stores besides the embedding (and doctor times): --layers, --pooling, --views, --augment,
+    --view-seed."""
+    f = click.option(
+        "--view-seed", type=click.IntRange(min=0), default=0, show_default=True,
+        help="Seed of the crops views (with the image path and view index).",
+    )(f)
+    f = click.option(
+        "--augment", type=click.Choice(["hflip", "dihedral", "crops"]), default=None,
+        help="How the views are made: hflip (K=1), dihedral (flips and quarter turns, K<=7), crops (K seeded "
+        "random resized crops).",
+    )(f)
+    f = click.option(
+        "--views", type=click.IntRange(min=0), default=0, show_default=True,
+        help="K augmented views per image (at most 64), stored beside the plain view (needs --augment).",
+    )(f)
+    f = click.option(
+        "--pooling", type=click.Choice(["gap+2x2", "gap"]), default="gap+2x2", show_default=True,
+        help="How a layer's feature map is pooled: global average + 2x2 average (5C values; GAP alone above "
+        "4096), or global average (C).",
+    )(f)
+    f = click.option(
+        "--layers", default=None, metavar="SPEC",
+        help="Intermediate layers to store besides the embedding: 'stage3,stage5,final', 'stage3-final' or 'all' "
+        "(names: 'featbank backbones --groups NAME', plus final). Default: final (the embedding alone).",
+    )(f)
+    return f
 
 
 def quiet_option(f: F) -> F:

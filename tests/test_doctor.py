@@ -55,6 +55,33 @@ def test_doctor_cli_json_and_bad_input(tmp_path):
     assert res.exit_code == 2 and "Error:" in res.output and "Traceback" not in res.output
 
 
+def test_layers_and_views_are_timed_as_extract_would_run_them(tmp_path, monkeypatch):
+    """With --layers and --views the model runs once per view and its taps are what is written: the model
+    stage is the plain one times 1 + K (the same engine's per-view time), and the real extract of the
+    sample stores them (it is given the options)."""
+    from featbank.extraction import _doctor
+
+    data = make_image_folder(tmp_path / "data")
+    per_view = []
+    real = _doctor._time_model
+    monkeypatch.setattr(_doctor, "_time_model", lambda *a: per_view.append(real(*a)) or per_view[-1])
+    seen = []
+    run = _doctor._time_pipeline
+    monkeypatch.setattr(_doctor, "_time_pipeline", lambda paths, options, b: seen.append(options) or run(paths, options, b))
+    d = diagnose(data, backbone="test_tiny", engine="torch", device="cpu", sample=8, layers="stage1,final", views=3,
+                 augment="dihedral")
+    (sec, dim), = per_view
+    assert dim == 80 + 32 and d.stages["model"] == pytest.approx(4 * sec)  # stage1 pooled gap+2x2, final 32
+    assert d.settings["passes"] == 4 and d.settings["features"] == "--layers stage1,final --views 3 --augment dihedral"
+    assert seen[0]["layers"] == "stage1,final" and seen[0]["views"] == 3 and seen[0]["augment"] == "dihedral"
+    assert d.measured is not None and "the model runs 4 times per image" in d.summary()
+    with pytest.raises(ConfigError, match="views"):
+        diagnose(data, backbone="test_tiny", engine="torch", views=9, augment="dihedral")
+    res = CliRunner().invoke(cli, ["doctor", str(data), "--backbone", "test_tiny", "--engine", "torch", "--sample", "8",
+                                   "--layers", "nope"])
+    assert res.exit_code == 2 and "nope" in res.output and "Traceback" not in res.output
+
+
 def test_diagnose_refuses_what_it_cannot_measure(tmp_path):
     data = tmp_path / "bad"
     for c in "ab":

@@ -99,8 +99,10 @@ class Diagnosis:
         how = (f"for its {self.n_images} images: {self.measured:.1f} img/s after {self.startup:.1f} s of start-up, "
                f"measured through a real extract of the sample; the stages alone say {modelled:.1f}"
                if self.measured is not None and self.startup is not None else "from the stages alone")
+        feats = f" {s['features']}" if s.get("features") else ""
+        passes = f"; the model runs {s['passes']} times per image" if s.get("passes", 1) > 1 else ""
         lines.append(f"extract with --device {s['device']} --engine {s['engine']} --batch-size {s['batch_size']} "
-                     f"--num-workers {s['num_workers']} ({s['cores']} cores): about {self.predicted:.1f} img/s "
+                     f"--num-workers {s['num_workers']}{feats} ({s['cores']} cores{passes}): about {self.predicted:.1f} img/s "
                      f"({how}); bottleneck: {self.bottleneck}")
         for sug in self.suggestions:
             lines.append(f"try: {sug['options']}  -> about {sug['predicted']:.1f} img/s ({sug['why']})")
@@ -156,12 +158,13 @@ def _time_images(paths: list[Path], cfg: Any) -> tuple[dict[str, float], int, fl
 
 
 def _time_model(engine: Engine, input_size: tuple[int, int], batch_size: int) -> tuple[float, int]:
-    """Seconds per image of the engine on ready uint8 batches, and the embedding width."""
+    """Seconds per image of the engine on ready uint8 batches, and the width it stores (the taps' summed)."""
     import torch
 
     h, w = input_size
     batch = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (batch_size, h, w, 3), dtype=np.uint8))
-    dim = int(np.asarray(engine(batch)).shape[1])  # warm-up: graph optimisation, allocations
+    out = engine(batch)  # warm-up: graph optimisation, allocations
+    dim = sum(int(a.shape[1]) for a in out) if isinstance(out, list) else int(np.asarray(out).shape[1])  # taps: a list
     windows = []
     for _ in range(MODEL_WINDOWS):
         n, t0 = 0, time.perf_counter()
@@ -290,7 +293,10 @@ def _suggest(stages: dict[str, float], settings: dict[str, Any], bottleneck: str
 
 
 #: The options of ``extract`` a diagnosis is for (:class:`~featbank.extraction.ExtractConfig`'s fields).
-DIAGNOSED_OPTIONS = ("backbone", "weights", "weights_file", "device", "engine", "batch_size", "num_workers", "out")
+DIAGNOSED_OPTIONS = ("backbone", "weights", "weights_file", "device", "engine", "batch_size", "num_workers", "out",
+                     "layers", "pooling", "views", "augment", "view_seed")
+#: The layer and view options, passed on to the pipeline run as given.
+_FEATURE_OPTIONS = ("layers", "pooling", "views", "augment", "view_seed")
 
 
 def diagnose(data: str | os.PathLike, *, sample: int = 64, **options: Any) -> Diagnosis:
@@ -301,8 +307,10 @@ def diagnose(data: str | os.PathLike, *, sample: int = 64, **options: Any) -> Di
         sample: how many images to read and decode (spread over the data set).
         options: the ``extract`` run to predict, as :class:`~featbank.extraction.ExtractConfig`
             takes them (checked by it): ``backbone``, ``weights``, ``weights_file``, ``device``,
-            ``engine``, ``batch_size``, ``num_workers``, and ``out``, where the cache would be
-            written (its folder's disk is timed; default: a temporary folder).
+            ``engine``, ``batch_size``, ``num_workers``, ``out``, where the cache would be
+            written (its folder's disk is timed; default: a temporary folder), and the layers and
+            views to store (``layers``, ``pooling``, ``views``, ``augment``, ``view_seed``): the
+            model then runs once per view, and its taps are what is written.
 
     Returns:
         A :class:`Diagnosis`.
@@ -313,7 +321,8 @@ def diagnose(data: str | os.PathLike, *, sample: int = 64, **options: Any) -> Di
     """
     from .._device import default_num_workers, precision_name, resolve_device
     from ..backbones import load_backbone
-    from ._engines import build_engine
+    from ._engines import build_engine, build_tap_engine
+    from ._spec import resolve_features
     from .config import ExtractConfig
 
     if not isinstance(sample, int) or not 1 <= sample <= 10_000:
@@ -328,21 +337,26 @@ def diagnose(data: str | os.PathLike, *, sample: int = 64, **options: Any) -> Di
     device, engine, num_workers = c.device, c.engine, c.num_workers
     dev = resolve_device(device).type
     paths, n_images = _sample_paths(str(data), sample)
+    feats = resolve_features(backbone, weights, weights_file, **{k: getattr(c, k) for k in _FEATURE_OPTIONS})
     bb = load_backbone(backbone, weights, str(weights_file) if weights_file is not None else None)
     stages, bad, jpeg_share = _time_images(paths, bb.preprocess)
     eng_name = engine if engine != "auto" else ("onnxruntime" if dev == "cpu" else "torch")
-    eng = build_engine(eng_name, bb, dev, precision_name(dev))
-    stages["model"], dim = _time_model(eng, bb.preprocess.input_size, batch_size)
-    stages["write"] = _time_write(Path(out).parent if out is not None else Path(tempfile.gettempdir()), dim)
+    eng = (build_engine(eng_name, bb, dev, precision_name(dev)) if feats.is_default
+           else build_tap_engine(eng_name, bb, dev, precision_name(dev), feats.layers, feats.pooling))
+    per_view, dim = _time_model(eng, bb.preprocess.input_size, batch_size)
+    passes = 1 + feats.n_views  # the plain image and each view go through the model, and are written
+    stages["model"] = per_view * passes
+    stages["write"] = _time_write(Path(out).parent if out is not None else Path(tempfile.gettempdir()), dim * passes)
     workers = num_workers if num_workers is not None else default_num_workers(dev)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     settings = {"device": dev, "engine": getattr(eng, "name", eng_name), "batch_size": batch_size,
-                "num_workers": workers, "cores": cores, "n_gpu": _gpu_count(dev), "jpeg_share": jpeg_share}
+                "num_workers": workers, "cores": cores, "n_gpu": _gpu_count(dev), "jpeg_share": jpeg_share,
+                "features": _feature_flags(c), "passes": passes}
     rates = _limits(stages, workers, cores, dev == "cpu")
     bottleneck = min(rates, key=rates.get)
     options = {"backbone": backbone, "weights": weights,
                "weights_file": None if weights_file is None else os.fspath(weights_file), "device": dev,
-               "engine": eng_name, "num_workers": workers}
+               "engine": eng_name, "num_workers": workers, **{k: getattr(c, k) for k in _FEATURE_OPTIONS}}
     timed = _time_pipeline(paths, options, batch_size)
     suggestions = _suggest(stages, settings, bottleneck)
     if timed is None:
@@ -355,6 +369,14 @@ def diagnose(data: str | os.PathLike, *, sample: int = 64, **options: Any) -> Di
     predicted = n_images / (startup + n_images / measured)
     return Diagnosis(len(paths), bad, stages, rates, predicted, bottleneck, settings, suggestions, measured, startup,
                      n_images)
+
+
+def _feature_flags(c: Any) -> str:
+    """The layer and view options of ``c`` as extract's flags ("" for a plain run), for the summary."""
+    flags = [f"--layers {c.layers}" if c.layers not in (None, "final") else "",
+             f"--pooling {c.pooling}" if c.layers not in (None, "final") and c.pooling != "gap+2x2" else "",
+             f"--views {c.views}" if c.views else "", f"--augment {c.augment}" if c.augment else ""]
+    return " ".join(f for f in flags if f)
 
 
 def _gpu_count(dev: str) -> int:
