@@ -228,7 +228,14 @@ def _export_graph(bundle: Bundle, out_path: Path, checked: tuple[list[Path], str
         stamp(graph, meta)
         onnx.save(graph, str(tmp))
         parity = _check(bundle, tmp, out_path, ref_fn, images, source, bb.preprocess, cfg.atol) if cfg.check else None
-        quant, final = _quantize_and_wrap((tmp, tmp2), bundle, bb.preprocess, meta, parity, plan, (images, out_path), cfg)
+        quant = _quantize(tmp, tmp2, plan, bb.preprocess, meta, out_path, bundle, cfg.max_drop) if plan is not None else None
+        final = None
+        if cfg.input_kind == "raw":
+            final = _put_raw_preprocessing_in_front(tmp, tmp2, bb.preprocess, meta, parity, images, out_path)
+        elif quant is not None:
+            final = _restamp(tmp, meta)
+        if parity is not None and quant is not None:
+            parity["quantization"] = quant
         publish(tmp, out_path, parity_path, parity)
     except OSError as e:
         raise file_error(e, out_path) from None
@@ -238,34 +245,38 @@ def _export_graph(bundle: Bundle, out_path: Path, checked: tuple[list[Path], str
     return ExportReport(out_path, parity_path, parity, route, opset_of(final or graph), meta, 0.0, cfg.input_kind, quant)
 
 
-def _quantize_and_wrap(tmps: tuple[Path, Path], bundle: Bundle, prep: Any, meta: dict[str, str], parity: dict | None,
-                       plan: CalibrationPlan | None, check: tuple[list[Path], Path],
-                       cfg: ExportConfig) -> tuple[dict | None, Any]:
-    """Quantize the checked graph at ``tmp`` and put the preprocessing in front of it, as asked, in place;
-    ``parity`` gets their checks (on ``check``: the check images and the output path named in messages).
-    Returns (the quantization's report, the graph as published when it changed)."""
+def _quantize(tmp: Path, tmp2: Path, plan: CalibrationPlan, prep: Any, meta: dict[str, str], out_path: Path,
+              bundle: Bundle, max_drop: float) -> dict[str, Any]:
+    """Quantize the checked graph at ``tmp`` in place (``tmp2`` is scratch); its report goes into ``meta``."""
+    quant = quantize_model(tmp, tmp2, plan, prep, max_drop, out_path, list(bundle.classes))
+    meta["quantization"] = json.dumps(quant, sort_keys=True)
+    os.replace(tmp2, tmp)
+    return quant
+
+
+def _put_raw_preprocessing_in_front(tmp: Path, tmp2: Path, prep: Any, meta: dict[str, str], parity: dict | None,
+                                    images: list[Path], out_path: Path) -> Any:
+    """The graph at ``tmp``, in place, with the resize and crop of raw images in front (``--input raw``);
+    ``parity`` (when checked) gets the raw graph's check on ``images``. Returns the new graph."""
     import onnx
 
-    (tmp, tmp2), (images, out_path) = tmps, check
-    quant, final = None, None
-    if plan is not None:
-        quant = quantize_model(tmp, tmp2, plan, prep, cfg.max_drop, out_path, list(bundle.classes))
-        meta["quantization"] = json.dumps(quant, sort_keys=True)
-        os.replace(tmp2, tmp)
-    if cfg.input_kind == "raw":
-        final = compose_raw(onnx.load(str(tmp)), prep, INPUT_NAME)
-        stamp(final, meta)
-        onnx.save(final, str(tmp2))
-        if parity is not None:
-            parity["raw"] = _check_raw(tmp2, tmp, prep, images, out_path)
-        os.replace(tmp2, tmp)
-    elif quant is not None:
-        final = onnx.load(str(tmp))
-        stamp(final, meta)
-        onnx.save(final, str(tmp))
-    if parity is not None and quant is not None:
-        parity["quantization"] = quant
-    return quant, final
+    final = compose_raw(onnx.load(str(tmp)), prep, INPUT_NAME)
+    stamp(final, meta)
+    onnx.save(final, str(tmp2))
+    if parity is not None:
+        parity["raw"] = _check_raw(tmp2, tmp, prep, images, out_path)
+    os.replace(tmp2, tmp)
+    return final
+
+
+def _restamp(tmp: Path, meta: dict[str, str]) -> Any:
+    """The graph at ``tmp`` with ``meta`` stamped again (after quantization rewrote it), in place."""
+    import onnx
+
+    final = onnx.load(str(tmp))
+    stamp(final, meta)
+    onnx.save(final, str(tmp))
+    return final
 
 
 def _check_raw(raw_path: Path, inner_path: Path, cfg: Any, images: list[Path], out_path: Path) -> dict[str, Any]:
