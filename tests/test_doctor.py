@@ -68,12 +68,12 @@ def test_layers_and_views_are_timed_as_extract_would_run_them(tmp_path, monkeypa
     seen = []
     run = _doctor._time_pipeline
     monkeypatch.setattr(_doctor, "_time_pipeline", lambda paths, options, b: seen.append(options) or run(paths, options, b))
-    d = diagnose(data, backbone="test_tiny", engine="torch", device="cpu", sample=8, layers="stage1,final", views=3,
+    d = diagnose(data, backbone="test_tiny", engine="torch", device="cpu", sample=8, layers=["stage1", "final"], views=3,
                  augment="dihedral")
     (sec, dim), = per_view
     assert dim == 80 + 32 and d.stages["model"] == pytest.approx(4 * sec)  # stage1 pooled gap+2x2, final 32
     assert d.settings["passes"] == 4 and d.settings["features"] == "--layers stage1,final --views 3 --augment dihedral"
-    assert seen[0]["layers"] == "stage1,final" and seen[0]["views"] == 3 and seen[0]["augment"] == "dihedral"
+    assert seen[0]["layers"] == ("stage1", "final") and seen[0]["views"] == 3 and seen[0]["augment"] == "dihedral"
     assert d.measured is not None and "the model runs 4 times per image" in d.summary()
     with pytest.raises(ConfigError, match="views"):
         diagnose(data, backbone="test_tiny", engine="torch", views=9, augment="dihedral")

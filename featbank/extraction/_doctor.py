@@ -373,8 +373,9 @@ def diagnose(data: str | os.PathLike, *, sample: int = 64, **options: Any) -> Di
 
 def _feature_flags(c: Any) -> str:
     """The layer and view options of ``c`` as extract's flags ("" for a plain run), for the summary."""
-    flags = [f"--layers {c.layers}" if c.layers not in (None, "final") else "",
-             f"--pooling {c.pooling}" if c.layers not in (None, "final") and c.pooling != "gap+2x2" else "",
+    layers = c.layers if c.layers is None or isinstance(c.layers, str) else ",".join(c.layers)  # a tuple of names
+    flags = [f"--layers {layers}" if layers not in (None, "final") else "",
+             f"--pooling {c.pooling}" if layers not in (None, "final") and c.pooling != "gap+2x2" else "",
              f"--views {c.views}" if c.views else "", f"--augment {c.augment}" if c.augment else ""]
     return " ".join(f for f in flags if f)
 

@@ -263,8 +263,6 @@ class _Dispatch:
         return None
 
 
-
-
 def _start_workers(ctx: Any, n_procs: int, n_gpu: int) -> dict[int, list[Any]]:
     threads = max(1, (os.cpu_count() or 1) // n_procs)
     workers = {}
