@@ -31,6 +31,7 @@ equal work units, each shard's merge after its units), runs the same
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 import traceback
@@ -177,20 +178,21 @@ def _warm(spec: EngineSpec, slot: int, n_gpu: int) -> None:
 def _local_worker(conn: Any, slot: int, n_gpu: int, threads: int) -> None:
     """Loop of one local worker: ask for a job, run it, report; ``None`` means stop, an
     :class:`EngineSpec` means build that engine now (no reply)."""
-    import torch
-
-    # N workers with torch's default (every core each) would oversubscribe the CPU N times over.
-    torch.set_num_threads(threads)
-    if n_gpu:
-        torch.cuda.set_device(slot % n_gpu)
     try:
+        import torch
+
+        # N workers with torch's default (every core each) would oversubscribe the CPU N times over.
+        torch.set_num_threads(threads)
+        if n_gpu:
+            torch.cuda.set_device(slot % n_gpu)
         _serve(conn, slot, n_gpu)
     except (EOFError, OSError):  # BrokenPipeError, ConnectionResetError
         return  # the parent is gone (e.g. it stopped on an error while this worker started): nobody to report to
     except KeyboardInterrupt:
-        # Ctrl-C reaches the terminal's whole process group: the parent says it was interrupted and what is
-        # kept (this worker's rows so far are in its .partial, which a rerun resumes); no traceback per worker.
-        return
+        # Ctrl-C reaches the terminal's whole process group, starting workers too: the parent says it was
+        # interrupted and what is kept (this worker's rows so far are in its .partial, which a rerun resumes);
+        # no traceback per worker. Exit 130, as a process stopped by SIGINT, should the parent report it.
+        sys.exit(130)
 
 
 def _serve(conn: Any, slot: int, n_gpu: int) -> None:
