@@ -220,6 +220,24 @@ def test_a_decode_worker_is_quiet_when_its_consumer_leaves(mode: str) -> None:
     assert ("Traceback" in proc.stderr) == (mode == "default"), proc.stderr
 
 
+def _ctrl_c_mid_run(cmd: list[str], out: Path, after: float) -> str:
+    """Run ``cmd``, press Ctrl-C ``after`` seconds past its first ``.partial``; check it stopped as it should
+    (exit 130, what is kept said, no traceback, the partials kept, no index) and return its stderr."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not partials(out) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(after)
+    assert proc.poll() is None, "finished before Ctrl-C: give it more work"
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to the whole foreground group
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Run the same command again to resume" in stderr
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert partials(out) and not out.exists()
+    return stderr
+
+
 @pytest.mark.slow
 def test_ctrl_c_with_procs_exits_130_without_a_traceback_per_worker_and_resumes(tmp_path: Path) -> None:
     data = tmp_path / "data"
@@ -231,18 +249,8 @@ def test_ctrl_c_with_procs_exits_130_without_a_traceback_per_worker_and_resumes(
     exe = Path(sys.executable).with_name("featbank")
     cmd = [str(exe), "extract", str(data), "--out", str(out), "--backbone", "test_sleep", "--weights", "0.2",
            "--engine", "torch", "--procs", "2", "--batch-size", "8", "--shard-size", "1000"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not partials(out) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(1.0)
-    assert proc.poll() is None, "finished before Ctrl-C: make the wait per batch longer"
-    os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to the whole foreground group: the workers too
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr[-3000:]
-    assert "Run the same command again to resume" in stderr
-    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
-    assert partials(out) and not out.exists()
+    stderr = _ctrl_c_mid_run(cmd, out, after=1.0)  # the workers get it too
+    assert "KeyboardInterrupt" not in stderr, stderr[-3000:]
 
     report = featbank.extract(data, out, backbone="test_sleep", weights="0.2", engine="torch", procs=2, batch_size=8,
                               shard_size=1000, progress=False)
@@ -265,18 +273,7 @@ def test_ctrl_c_with_decode_workers_exits_130_and_resumes(tmp_path: Path) -> Non
     exe = Path(sys.executable).with_name("featbank")
     cmd = [str(exe), "extract", str(data), "--out", str(out), "--backbone", "test_tiny", "--engine", "torch",
            "--num-workers", "2", "--batch-size", "4"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not partials(out) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.7)
-    assert proc.poll() is None, "finished before Ctrl-C: make the images larger"
-    os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to the whole foreground group
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr[-3000:]
-    assert "Run the same command again to resume" in stderr
-    assert "Traceback" not in stderr, stderr[-3000:]
-    assert partials(out) and not out.exists()
+    _ctrl_c_mid_run(cmd, out, after=0.7)
 
     proc = subprocess.run(cmd + ["--quiet"], capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
