@@ -48,7 +48,7 @@ from ..cache import PartInfo
 from ..errors import CacheError, ConfigError, FeatbankError
 from ._jobs import EngineSpec, ShardJob
 from ._schedule import Schedule, plan_work, start_worker_server, static_share, worker_context
-from .units import Prepared, UnitDone, engine_for, final_part, finalize, run_job, run_shard
+from .units import Prepared, UnitDone, done_before_of, engine_for, final_part, finalize, run_job, run_shard
 
 if TYPE_CHECKING:
     from .config import ExtractConfig
@@ -237,7 +237,7 @@ class _Dispatch:
             done = UnitDone(*payload)
             self.unit_rows[job.shard_id] = self.unit_rows.get(job.shard_id, 0) + done.rows
             if done.earlier:
-                getattr(on_rows, "done_before", on_rows)(done.earlier)
+                done_before_of(on_rows)(done.earlier)
             on_rows(done.rows - done.earlier)
         elif payload is not None:
             on_rows(max(0, payload.n_rows + payload.n_skipped - self.unit_rows.pop(job.shard_id, 0)))

@@ -52,8 +52,8 @@ if TYPE_CHECKING:
     from ._engines import Engine
 
 __all__ = ["RowSource", "engine_for", "Prepared", "prepare",
-           "run_shard", "run_unit", "run_job", "UnitDone", "finalize", "final_part", "migrate_v1", "reset_engines",
-           "UNIT_ATTR", "unit_path"]
+           "run_shard", "run_unit", "run_job", "UnitDone", "done_before_of", "finalize", "final_part", "migrate_v1",
+           "reset_engines", "UNIT_ATTR", "unit_path"]
 
 #: Attribute of a work unit's ``.partial``: the name of the part its rows are for.
 UNIT_ATTR = "unit_of"
@@ -247,6 +247,12 @@ def engine_for(spec: EngineSpec) -> Engine:
     return _ENGINES[spec]
 
 
+def done_before_of(on_rows: Callable[[int], None]) -> Callable[[int], None]:
+    """Where rows an earlier run finished (resumed, copied, a finished unit's) are reported: the progress's
+    ``done_before`` (its starting point, not this run's speed) where it has one, else ``on_rows`` itself."""
+    return getattr(on_rows, "done_before", on_rows)
+
+
 def _engine(settings: WorkerSettings, on_rows: Callable[[int], None] | None = None) -> Engine:
     """The process's engine for ``settings``; built under ``on_rows.while_loading`` (the progress bar's,
     in this process) the first time, so the bar says so and its rate leaves the load out."""
@@ -285,7 +291,7 @@ def run_shard(job: ShardJob, on_rows: Callable[[int], None] | None = None, *, em
     finalize step must not embed).
     """
     on_rows = on_rows or (lambda n: None)
-    before = getattr(on_rows, "done_before", on_rows)  # rows an earlier run finished: progress, not this run's speed
+    before = done_before_of(on_rows)
     folder = Path(job.folder)
     folder.mkdir(parents=True, exist_ok=True)
     digest = rows_digest(job.rows, job.classes)
@@ -422,7 +428,7 @@ def run_unit(job: ShardJob, on_rows: Callable[[int], None] | None = None) -> Uni
     the unit had finished).
     """
     on_rows = on_rows or (lambda n: None)
-    before = getattr(on_rows, "done_before", on_rows)  # rows an earlier run finished: progress, not this run's speed
+    before = done_before_of(on_rows)
     folder = Path(job.folder)
     folder.mkdir(parents=True, exist_ok=True)
     whole_digest = rows_digest(job.rows, job.classes)
