@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .options import device_option, quiet_option
+from .options import device_option, engine_option, quiet_option
 
 __all__ = ["compare"]
 
@@ -30,8 +30,7 @@ Examples:
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="As for extract.")
 @click.option("--num-workers", type=click.IntRange(min=0), default=None, help="As for extract.")
 @device_option
-@click.option("--engine", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True,
-              help="As for extract. Throughput depends on it.")
+@engine_option("As for extract. Throughput depends on it.")
 @click.option("--overwrite", is_flag=True, help="Replace a default cache that was made with other settings.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON (a list of objects).")
 @quiet_option

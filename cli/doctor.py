@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .options import backbone_options, device_option, feature_options
+from .options import backbone_options, device_option, engine_option, feature_options
 
 __all__ = ["doctor"]
 
@@ -13,8 +13,7 @@ __all__ = ["doctor"]
 @click.argument("data", type=str)
 @backbone_options
 @device_option
-@click.option("--engine", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True,
-              help="The engine extract would use (auto: onnxruntime on CPU, torch on CUDA).")
+@engine_option("The engine extract would use (auto: onnxruntime on CPU, torch on CUDA).")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True)
 @click.option("--num-workers", type=click.IntRange(0, 64), default=None,
               help="Decoding processes extract would use (default: extract's).")

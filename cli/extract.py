@@ -6,7 +6,7 @@ import os
 
 import click
 
-from .options import backbone_options, device_option, feature_options, quiet_option, window_option
+from .options import backbone_options, device_option, engine_option, feature_options, quiet_option, window_option
 
 __all__ = ["extract"]
 
@@ -21,8 +21,7 @@ __all__ = ["extract"]
 @click.option("--num-workers", type=click.IntRange(min=0), default=None,
               help="Image-decoding processes. Default: CPU count - 1 (at most 8).")
 @device_option
-@click.option("--engine", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True,
-              help="auto: onnxruntime on CPU (faster there), torch on CUDA.")
+@engine_option()
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="Stored dtype of the embeddings.")
 @click.option("--overwrite", is_flag=True, help="Replace a cache that was made with other settings.")

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-__all__ = ["backbone_options", "device_option", "feature_options", "quiet_option", "window_option"]
+__all__ = ["backbone_options", "device_option", "engine_option", "feature_options", "quiet_option", "window_option"]
 
 F = Callable[..., Any]
 
@@ -45,6 +45,13 @@ def device_option(f: F) -> F:
         show_default=True,
         help="Where to run the network; auto picks CUDA when a GPU is visible.",
     )(f)
+
+
+def engine_option(help: str = "auto: onnxruntime on CPU (faster there), torch on CUDA.") -> Callable[[F], F]:
+    """``--engine auto|torch|onnxruntime`` (``featbank.extraction.ENGINES``, spelled out here so that the command
+    line starts without importing it); ``help`` says what it changes for the command."""
+    return click.option("--engine", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto",
+                        show_default=True, help=help)
 
 
 def feature_options(f: F) -> F:

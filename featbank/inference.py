@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -221,7 +221,7 @@ class Probabilities:
 
 
 def predict_proba(model: str | Path, images: Sequence[str | Path], *, device: str = "auto", batch_size: int = 32,
-                  weights_file: str | Path | None = None) -> Probabilities:
+                  weights_file: str | Path | None = None, engine: str = "auto") -> Probabilities:
     """Class probabilities of images under a bundle (runs its backbone) or an exported ``.onnx`` model.
 
     Folders are searched recursively for images. An image that cannot be used gets a NaN row and
@@ -233,6 +233,8 @@ def predict_proba(model: str | Path, images: Sequence[str | Path], *, device: st
         device: ``auto``, ``cpu`` or ``cuda`` (bundles; ONNX models run on onnxruntime's CPU provider).
         batch_size: images per forward pass.
         weights_file: the backbone weights file, for bundles fitted with ``--weights-file``.
+        engine: what runs a bundle's network, as for ``extract``: ``auto`` (onnxruntime over the cached ONNX
+            graph on CPU, torch on CUDA), ``torch`` or ``onnxruntime``.
 
     Raises:
         BundleError: a bad bundle; ExportError: a bad ``.onnx`` file; ConfigError: missing paths.
@@ -249,11 +251,11 @@ def predict_proba(model: str | Path, images: Sequence[str | Path], *, device: st
 
         clf = OnnxClassifier(model)
         return _collect(paths, clf.proba_or_error(paths, batch_size), clf.classes)
-    return _bundle_image_probas(model, paths, device, batch_size, weights_file)
+    return _bundle_image_probas(model, paths, device, batch_size, weights_file, engine)
 
 
 def predict(model: str | Path, images: Sequence[str | Path], *, top_k: int = 1, device: str = "auto",
-            batch_size: int = 32, weights_file: str | Path | None = None) -> list[Prediction]:
+            batch_size: int = 32, weights_file: str | Path | None = None, engine: str = "auto") -> list[Prediction]:
     """Classify new images with a bundle (runs its backbone) or an exported ``.onnx`` model.
 
     The top ``top_k`` classes of :func:`predict_proba`. Unreadable images get a ``Prediction``
@@ -264,7 +266,8 @@ def predict(model: str | Path, images: Sequence[str | Path], *, top_k: int = 1, 
     """
     if top_k < 1:
         raise ConfigError(f"--top-k must be >= 1; got {top_k}.")
-    return predict_proba(model, images, device=device, batch_size=batch_size, weights_file=weights_file).top_k(top_k)
+    return predict_proba(model, images, device=device, batch_size=batch_size, weights_file=weights_file,
+                         engine=engine).top_k(top_k)
 
 
 def _collect(paths: list[Path], results: Sequence[np.ndarray | str], classes: list[str]) -> Probabilities:
@@ -281,32 +284,61 @@ def _collect(paths: list[Path], results: Sequence[np.ndarray | str], classes: li
 
 
 def _bundle_image_probas(model: str | Path, paths: list[Path], device: str, batch_size: int,
-                         weights_file: str | Path | None) -> Probabilities:
-    """A bundle on image files: its backbone, the layers and views its head reads, TTA as it was fitted."""
-    import torch
+                         weights_file: str | Path | None, engine: str = "auto") -> Probabilities:
+    """A bundle on image files: its backbone, the layers and views its head reads, TTA as it was fitted.
 
+    The network runs on extract's engine (:func:`featbank.extraction.build_engine`; ``auto``: onnxruntime
+    over the cached ONNX graph on CPU, torch on CUDA), so an image's features are computed as its cache
+    row was; views are pooled by :func:`featbank.fitting.pool_views`, as ``fit`` and ``evaluate`` pool them.
+    """
     from ._device import resolve_device
     from .bundles import load_bundle
-    from .bundles.network import feature_module, tta_views
     from .images import ImageReadError, load_and_preprocess
 
     bundle = load_bundle(model)
     bundle.load_head()
     bb = bundle.load_backbone(weights_file)
-    dev = resolve_device(device)
-    net = feature_module(bundle, bb).to(dev)  # the embedder, or the bundle's layers concatenated
-    views = tta_views(bundle, bb)  # TTA (hflip / dihedral), as evaluate and the exported graph do
+    features_of = _bundle_features(bundle, bb, str(resolve_device(device)), engine)
 
     def proba_of(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            t = torch.from_numpy(x).to(dev)
-            probs = [bundle.predict_proba(net(v(t).contiguous() if v else t).float().cpu().numpy())
-                     for v in [None, *views]]
-        return np.mean(probs, axis=0)
+        return np.mean([bundle.predict_proba(f) for f in features_of(x)], axis=0)
 
     results = _in_batches(paths, lambda p: load_and_preprocess(p, bb.preprocess), proba_of, ImageReadError,
                           batch_size)
     return _collect(paths, results, bundle.classes)
+
+
+def _bundle_features(bundle: Bundle, bb: Any, device: str, engine: str) -> Callable[[np.ndarray], list[np.ndarray]]:
+    """``uint8 NHWC -> [features]`` as the bundle's head reads them: one array, or one per TTA view
+    (the plain image first). Pooled views give one array, ``[mean | max]`` over the plain image and its views."""
+    import torch
+
+    from .bundles.network import bundle_views
+    from .extraction import build_tap_engine
+    from .fitting import pool_views
+
+    feats = bundle.features if bundle.info.features is not None else None
+    layers = feats.layers if feats is not None else ("final",)
+    eng = build_tap_engine(engine, bb, device, "float32", layers, feats.pooling if feats is not None else "gap+2x2")
+    if tuple(eng.layers) != tuple(layers):
+        raise BundleError(f"Bundle {str(bundle.path)!r} reads layers {list(layers)}, but backbone {bb.name!r} gives "
+                          f"them in the order {list(eng.layers)}; re-fit the bundle.")
+    pooled = feats is not None and bool(feats.view_pool)
+    views = bundle_views(bundle, bb) if feats is not None and (pooled or feats.tta) else []
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return np.concatenate(eng(np.ascontiguousarray(x)), axis=1).astype(np.float32, copy=False)
+
+    def each_view(x: np.ndarray) -> Iterator[np.ndarray]:
+        t = torch.from_numpy(x)
+        yield run(x)
+        for v in views:
+            yield run(v(t).contiguous().numpy())
+
+    def features_of(x: np.ndarray) -> list[np.ndarray]:
+        return [pool_views(each_view(x))] if pooled else list(each_view(x))
+
+    return features_of
 
 
 def _top_k(p: np.ndarray, classes: list[str], top_k: int, path: Path) -> Prediction:

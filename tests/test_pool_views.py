@@ -83,6 +83,37 @@ def test_pooled_bundle_records_the_pool_and_evaluate_reproduces_fit(pooled) -> N
     assert "pooled (mean+max" in featbank.fit(pooled["cache"], "linear", pool_views=True, save=False).summary()
 
 
+def test_predict_runs_extracts_engine_on_the_views(pooled, tmp_path, monkeypatch) -> None:
+    """predict embeds an image and its views with extract's engine (auto: onnxruntime over the cached ONNX
+    graph on CPU; torch when asked), then pools them as fit did: both give the cache rows' probabilities."""
+    from featbank.inference import predict_proba
+
+    monkeypatch.setenv("FEATBANK_CACHE_DIR", str(tmp_path / "fc"))
+    bundle = featbank.load_bundle(pooled["bundle"])
+    with featbank.open_cache(pooled["cache"]) as c:
+        rows = np.flatnonzero(c.split_mask("test"))
+        layers = bundle.features.layers
+        X = pool_views([c.load_features(rows, layers)] + [c.load_features(rows, layers, view=k) for k in range(2)])
+        images = [c.abspath(c.paths[r]) for r in rows]
+    from_cache = bundle.predict_proba(X)
+    graphs = lambda: sorted((tmp_path / "fc").rglob("*.onnx"))  # noqa: E731
+    on_torch = predict_proba(pooled["bundle"], images, device="cpu", engine="torch", batch_size=5)
+    assert graphs() == []  # torch builds no graph
+    on_auto = predict_proba(pooled["bundle"], images, device="cpu")
+    assert len(graphs()) == 1  # auto on CPU: the taps' graph, exported once and cached as extract caches it
+    on_ort = predict_proba(pooled["bundle"], images, device="cpu", engine="onnxruntime")
+    assert len(graphs()) == 1
+    np.testing.assert_array_equal(on_ort.proba, on_auto.proba)
+    for got in (on_torch, on_auto):
+        assert got.ok.all() and got.classes == list(CLASSES)
+        np.testing.assert_allclose(got.proba, from_cache, atol=1e-4)
+    r = CliRunner().invoke(cli, ["predict", str(pooled["bundle"]), *map(str, images), "--engine", "onnxruntime"])
+    assert r.exit_code == 0, r.output
+    assert [line.split("\t")[1] for line in r.output.splitlines()] == [CLASSES[i] for i in on_ort.proba.argmax(1)]
+    r = CliRunner().invoke(cli, ["predict", str(pooled["bundle"]), str(images[0]), "--engine", "tensorrt"])
+    assert r.exit_code == 2 and "'tensorrt' is not one of 'auto', 'torch', 'onnxruntime'" in r.output
+
+
 @pytest.mark.slow
 def test_predict_makes_the_views_of_new_images_and_export_keeps_parity(pooled, tmp_path, monkeypatch) -> None:
     """predict and the ONNX graph turn and flip a new image themselves: they agree with the cache's views."""

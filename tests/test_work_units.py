@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import h5py
@@ -340,7 +341,7 @@ def test_test_sleep_waits_per_batch_without_cpu_and_needs_the_torch_engine(tmp_p
 
     from featbank.backbones import load_backbone
     from featbank.backbones._tiny import SLEEP_TRACE_ENV, read_sleep_trace
-    from featbank.extraction import build_engine
+    from featbank.extraction import build_engine, build_tap_engine
 
     bb = load_backbone("test_sleep", "0.2")
     assert bb.preprocess.input_size == (8, 8)  # inputs that cost next to nothing to decode
@@ -359,6 +360,12 @@ def test_test_sleep_waits_per_batch_without_cpu_and_needs_the_torch_engine(tmp_p
     assert build_engine("auto", bb, "cpu", "fp32").name == "torch"
     with pytest.raises(featbank.errors.ConfigError, match="--engine torch"):
         build_engine("onnxruntime", bb, "cpu", "fp32")
+    # The engine over taps and views (extract --layers/--views, predict) follows the same rule, with no warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert build_tap_engine("auto", bb, "cpu", "fp32", ("final",), "gap").name == "torch"
+    with pytest.raises(featbank.errors.ConfigError, match="--engine torch"):
+        build_tap_engine("onnxruntime", bb, "cpu", "fp32", ("final",), "gap")
     with pytest.raises(featbank.errors.ConfigError, match="seconds per batch"):
         load_backbone("test_sleep", "forever")
 

@@ -31,7 +31,7 @@ from ..features import FeatureSpecError, view_transforms
 if TYPE_CHECKING:
     from .bundle import Bundle
 
-__all__ = ["feature_module", "tta_views", "tta_classifier"]
+__all__ = ["bundle_views", "feature_module", "tta_views", "tta_classifier"]
 
 View = Callable[[torch.Tensor], torch.Tensor]
 
@@ -64,7 +64,7 @@ def feature_module(bundle: Bundle, backbone: Backbone) -> nn.Module:
     inner = _layer_module(bundle, backbone)
     if bundle.info.features is None or not bundle.features.view_pool:
         return inner
-    views = _views(bundle, backbone)
+    views = bundle_views(bundle, backbone)
 
     class PooledViews(nn.Module):
         """The features of the plain image and of each view, pooled: ``[mean | max]`` (as ``fit --pool-views``)."""
@@ -82,11 +82,12 @@ def feature_module(bundle: Bundle, backbone: Backbone) -> nn.Module:
 
 def tta_views(bundle: Bundle, backbone: Backbone) -> list[View]:
     """The augmented views a bundle's TTA averages over, as functions of a uint8 NHWC batch ([] without TTA)."""
-    return _views(bundle, backbone) if bundle.features.tta else []
+    return bundle_views(bundle, backbone) if bundle.features.tta else []
 
 
-def _views(bundle: Bundle, backbone: Backbone) -> list[View]:
-    """The bundle's fixed views (:func:`featbank.features.view_transforms`), naming the bundle when they cannot be made.
+def bundle_views(bundle: Bundle, backbone: Backbone) -> list[View]:
+    """The bundle's fixed views (:func:`featbank.features.view_transforms`), the ones it pools or averages over (TTA),
+    naming the bundle when they cannot be made.
 
     Raises:
         BundleError: quarter turns of a non-square input (extraction never makes them: a manifest that asks

@@ -251,23 +251,13 @@ class OrtTapEngine(OrtEngine):
         return list(self.session.run(None, {self.input_name: np.ascontiguousarray(arr)}))
 
 
-def build_tap_engine(engine: str, backbone: Backbone, device: str, precision: str, layers: Sequence[str],
-                     pooling: str) -> Engine:
-    """The engine of a run with layers or views: what :func:`build_engine` picks, over the taps."""
-    if engine == "onnxruntime" and device != "cpu":
-        raise ConfigError("--engine onnxruntime runs on the CPU here; use --device cpu or --engine torch.")
-    if engine == "torch" or (engine == "auto" and device != "cpu"):
-        return TapEngine(backbone, device, precision, layers, pooling)
-    try:
-        return OrtTapEngine(backbone, layers, pooling)
-    except Exception as e:  # noqa: BLE001 - auto falls back, explicit choice reports
-        if engine == "onnxruntime":
-            raise ConfigError(f"The onnxruntime engine could not be built for {backbone.name!r}: {e}") from None
-        warnings.warn(f"onnxruntime engine unavailable ({e}); using torch.", RuntimeWarning, stacklevel=3)
-        return TapEngine(backbone, device, precision, layers, pooling)
+def _chosen(engine: str, backbone: Backbone, device: str) -> str:
+    """``torch`` or ``onnxruntime``: what ``engine`` (``auto``: onnxruntime on CPU, torch on CUDA) means for
+    ``backbone`` on ``device``; a backbone whose forward is not an ONNX graph (``torch_only``) runs on torch.
 
-
-def build_engine(engine: str, backbone: Backbone, device: str, precision: str) -> Engine:
+    Raises:
+        ConfigError: an unknown engine, onnxruntime asked for off the CPU or for a torch-only backbone.
+    """
     if engine not in ENGINES:
         raise ConfigError(f"The 'engine' parameter must be one of {ENGINES}. Got {engine!r} instead.")
     if engine == "onnxruntime" and device != "cpu":
@@ -275,12 +265,36 @@ def build_engine(engine: str, backbone: Backbone, device: str, precision: str) -
     torch_only = bool(getattr(backbone, "extra", {}).get("torch_only"))
     if engine == "onnxruntime" and torch_only:
         raise ConfigError(f"{backbone.name!r} runs only with --engine torch (its forward is not an ONNX graph).")
-    if engine == "torch" or (engine == "auto" and device != "cpu") or torch_only:
-        return TorchEngine(backbone, device, precision)
+    return "torch" if engine == "torch" or (engine == "auto" and device != "cpu") or torch_only else "onnxruntime"
+
+
+def _with_fallback(engine: str, backbone: Backbone, make_ort: Any, make_torch: Any) -> Engine:
+    """``make_ort()``; when that fails, an explicit ``--engine onnxruntime`` reports, ``auto`` warns and uses torch."""
     try:
-        return OrtEngine(backbone)
+        return make_ort()
     except Exception as e:  # noqa: BLE001 - auto falls back, explicit choice reports
         if engine == "onnxruntime":
             raise ConfigError(f"The onnxruntime engine could not be built for {backbone.name!r}: {e}") from None
-        warnings.warn(f"onnxruntime engine unavailable ({e}); using torch.", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"onnxruntime engine unavailable ({e}); using torch.", RuntimeWarning, stacklevel=4)
+        return make_torch()
+
+
+def build_tap_engine(engine: str, backbone: Backbone, device: str, precision: str, layers: Sequence[str],
+                     pooling: str) -> Engine:
+    """The engine of a run with layers or views: what :func:`build_engine` picks, over the taps."""
+    def make_torch() -> Engine:
+        return TapEngine(backbone, device, precision, layers, pooling)
+
+    if _chosen(engine, backbone, device) == "torch":
+        return make_torch()
+    return _with_fallback(engine, backbone, lambda: OrtTapEngine(backbone, layers, pooling), make_torch)
+
+
+def build_engine(engine: str, backbone: Backbone, device: str, precision: str) -> Engine:
+    """The engine that embeds a batch with ``backbone`` (its final embedding): see :func:`_chosen`."""
+    def make_torch() -> Engine:
         return TorchEngine(backbone, device, precision)
+
+    if _chosen(engine, backbone, device) == "torch":
+        return make_torch()
+    return _with_fallback(engine, backbone, lambda: OrtEngine(backbone), make_torch)
