@@ -258,6 +258,36 @@ def test_ctrl_c_with_procs_exits_130_without_a_traceback_per_worker_and_resumes(
 
 
 @pytest.mark.slow
+def test_stopping_from_on_progress_with_procs_stops_every_worker_and_resumes(tmp_path: Path) -> None:
+    """The API's way to stop a run (on_progress raises KeyboardInterrupt) leaves no worker running behind the
+    caller that caught it, and loses no finished part."""
+    import multiprocessing
+
+    data = tmp_path / "data"
+    for c in ("a", "b"):
+        (data / c).mkdir(parents=True)
+        for i in range(200):
+            Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(data / c / f"{i:03d}.png")
+    out = tmp_path / "c.h5"
+    opts = dict(backbone="test_sleep", weights="0.2", engine="torch", procs=2, batch_size=8, shard_size=100,
+                progress=False)
+    seen = []
+
+    def stop(done: int, total: int) -> None:
+        seen.append(done)
+        raise KeyboardInterrupt
+
+    with pytest.raises(featbank.errors.Interrupted, match="Run the same command again to resume"):
+        featbank.extract(data, out, on_progress=stop, **opts)
+    assert len(seen) == 1 and 0 < seen[0] < 400
+    assert multiprocessing.active_children() == []  # none outlives the call
+    assert not out.exists()
+    report = featbank.extract(data, out, **opts)
+    kept = report.n_reused + report.n_resumed  # finished parts, and rows of unfinished ones
+    assert kept >= seen[0] and kept + report.n_embedded == 400 and not partials(out)
+
+
+@pytest.mark.slow
 def test_ctrl_c_with_decode_workers_exits_130_and_resumes(tmp_path: Path) -> None:
     # Large smooth JPEGs take tens of ms each to decode: time to press Ctrl-C mid-run.
     data = tmp_path / "data"

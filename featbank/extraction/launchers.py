@@ -409,7 +409,11 @@ def _run_workers(schedule: Schedule, procs: int, on_rows: Callable[[int], None] 
     if workers is None:  # else: started while the parent planned; more than the work needs stop at once
         workers = _start_workers(worker_context(__name__), min(procs, len(schedule.work)), n_gpu)
     crew = _Crew(workers, dispatch, on_rows)
-    crew.run()
+    try:
+        crew.run()
+    except BaseException:  # on_rows raised (the API's on_progress: KeyboardInterrupt stops a run), or Ctrl-C
+        crew.stop()
+        raise
     left = len(dispatch.pending) + len(dispatch.merges)
     if crew.failures or left:
         raise CacheError(
@@ -448,6 +452,19 @@ class _Crew:
                     self._hand_out(self.idle.pop())
             if not self.workers and self.idle:
                 break
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop every worker when the run stops early: closing its pipe ends an idle one (EOF); one busy with a
+        job gets ``grace`` seconds, then SIGTERM. Its rows so far are in its ``.partial``, which a rerun resumes;
+        none outlives the call (an API caller that caught the error would otherwise keep them running)."""
+        workers = [w for _, w in sorted(self.workers.items())]
+        self.workers.clear()
+        for conn, _, _ in workers:
+            conn.close()
+        deadline = time.monotonic() + grace
+        for _, proc, _ in workers:
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
+        _terminate_workers({slot: w for slot, w in enumerate(workers) if w[1].is_alive()})
 
     def _take(self, slot: int, handle: Any) -> None:
         """What woke ``slot``: a message (ready, done, error) or its death."""
