@@ -220,6 +220,15 @@ def test_a_decode_worker_is_quiet_when_its_consumer_leaves(mode: str) -> None:
     assert ("Traceback" in proc.stderr) == (mode == "default"), proc.stderr
 
 
+def _flat_images(data: Path) -> Path:
+    """400 flat 8x8 images in two class folders: next to nothing to decode, for runs timed by test_sleep."""
+    for c in ("a", "b"):
+        (data / c).mkdir(parents=True)
+        for i in range(200):
+            Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(data / c / f"{i:03d}.png")
+    return data
+
+
 def _ctrl_c_mid_run(cmd: list[str], out: Path, after: float) -> str:
     """Run ``cmd``, press Ctrl-C ``after`` seconds past its first ``.partial``; check it stopped as it should
     (exit 130, what is kept said, no traceback, the partials kept, no index) and return its stderr."""
@@ -240,11 +249,7 @@ def _ctrl_c_mid_run(cmd: list[str], out: Path, after: float) -> str:
 
 @pytest.mark.slow
 def test_ctrl_c_with_procs_exits_130_without_a_traceback_per_worker_and_resumes(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    for c in ("a", "b"):
-        (data / c).mkdir(parents=True)
-        for i in range(200):
-            Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(data / c / f"{i:03d}.png")
+    data = _flat_images(tmp_path / "data")
     out = tmp_path / "c.h5"
     exe = Path(sys.executable).with_name("featbank")
     cmd = [str(exe), "extract", str(data), "--out", str(out), "--backbone", "test_sleep", "--weights", "0.2",
@@ -263,11 +268,7 @@ def test_stopping_from_on_progress_with_procs_stops_every_worker_and_resumes(tmp
     caller that caught it, and loses no finished part."""
     import multiprocessing
 
-    data = tmp_path / "data"
-    for c in ("a", "b"):
-        (data / c).mkdir(parents=True)
-        for i in range(200):
-            Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(data / c / f"{i:03d}.png")
+    data = _flat_images(tmp_path / "data")
     out = tmp_path / "c.h5"
     opts = dict(backbone="test_sleep", weights="0.2", engine="torch", procs=2, batch_size=8, shard_size=100,
                 progress=False)
