@@ -41,6 +41,16 @@ def test_diagnose_measures_every_stage_and_names_the_smallest_limit(tmp_path):
     assert not list(tmp_path.glob(".featbank-doctor-*"))  # the write probe leaves nothing behind
 
 
+def test_auto_times_a_torch_only_backbone_on_torch_as_extract_runs_it(tmp_path):
+    """--engine auto means what extract makes of it: a backbone whose forward is not an ONNX graph runs on
+    torch (the stages and the real extract of the sample alike), and onnxruntime is refused for it."""
+    data = make_image_folder(tmp_path / "data")
+    d = diagnose(data, backbone="test_sleep", weights="0.01", device="cpu", sample=8)
+    assert d.settings["engine"] == "torch" and d.measured is not None and "--engine torch" in d.summary()
+    with pytest.raises(ConfigError, match="runs only with --engine torch"):
+        diagnose(data, backbone="test_sleep", weights="0.01", engine="onnxruntime", device="cpu", sample=8)
+
+
 def test_doctor_cli_json_and_bad_input(tmp_path):
     data = make_image_folder(tmp_path / "data")
     res = CliRunner().invoke(cli, ["doctor", str(data), "--backbone", "test_tiny", "--engine", "torch", "--sample", "8",
@@ -72,6 +82,10 @@ def test_layers_and_views_are_timed_as_extract_would_run_them(tmp_path, monkeypa
                  augment="dihedral")
     (sec, dim), = per_view
     assert dim == 80 + 32 and d.stages["model"] == pytest.approx(4 * sec)  # stage1 pooled gap+2x2, final 32
+    # the decoding workers make the 3 views of each image too: a stage of its own, in the CPU's budget
+    assert list(d.stages) == ["read", "decode", "resize", "views", "model", "write"] and d.stages["views"] > 0
+    cpu = sum(d.stages[k] for k in ("read", "decode", "resize", "views"))
+    assert d.rates["cpu"] == pytest.approx(d.settings["cores"] / (cpu + d.settings["cores"] * d.stages["model"]))
     assert d.settings["passes"] == 4 and d.settings["features"] == "--layers stage1,final --views 3 --augment dihedral"
     assert seen[0]["layers"] == ("stage1", "final") and seen[0]["views"] == 3 and seen[0]["augment"] == "dihedral"
     assert d.measured is not None and "the model runs 4 times per image" in d.summary()

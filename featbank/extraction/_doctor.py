@@ -1,14 +1,14 @@
 """``featbank doctor``: what each stage of an extraction costs on this machine, and what to change.
 
 Measured on a sample of the data, each stage alone: reading the files, decoding them, resizing and
-cropping, the model (the very engine ``extract`` would build, on ready uint8 batches) and writing
+cropping, making the augmented views (with ``--views``), the model (the very engine ``extract`` would build, on ready uint8 batches) and writing
 the cache. From these it predicts ``extract``'s throughput and names the bottleneck:
 
-- decoding runs in ``num_workers`` processes: at most ``num_workers / (read + decode + resize)``
+- decoding runs in ``num_workers`` processes: at most ``num_workers / (read + decode + resize + views)``
   images per second;
 - the model runs at its measured rate;
 - on the CPU the decoders and the model share the cores: at most
-  ``cores / (read + decode + resize + cores / model rate)`` (all cores busy, perfect overlap);
+  ``cores / (read + decode + resize + views + cores / model rate)`` (all cores busy, perfect overlap);
 - the write runs at its measured rate.
 
 The smallest of these names the bottleneck. The stages alone are optimistic (measured on ELPV on
@@ -61,7 +61,8 @@ class Diagnosis:
     """What ``featbank doctor`` measured and what it suggests.
 
     Attributes:
-        stages: seconds per image of ``read``, ``decode``, ``resize``, ``model``, ``write``.
+        stages: seconds per image of ``read``, ``decode``, ``resize``, ``views`` (with ``views``: making them
+            in the decoding workers), ``model`` (every view's pass), ``write``.
         rates: images per second each limit allows (``decoders``, ``model``, ``cpu``, ``write``).
         predicted: the images per second ``extract`` should reach with ``settings``: ``measured``
             when the pipeline run gave a rate, else the smallest of ``rates``.
@@ -122,14 +123,16 @@ def _sample_paths(data: str, n: int) -> tuple[list[Path], int]:
     return [Path(source.root) / source.keys[i] for i in pick], len(source.keys)
 
 
-def _time_images(paths: list[Path], cfg: Any) -> tuple[dict[str, float], int, float]:
-    """Seconds per image of reading the bytes, decoding them and resizing (readable images only), the
-    unreadable count, and the share of JPEGs among the readable ones."""
+def _time_images(paths: list[Path], cfg: Any, features: Any = None) -> tuple[dict[str, float], int, float]:
+    """Seconds per image of reading the bytes, decoding them, resizing and (when ``features`` has views) making
+    its augmented views, as the decoding workers of extract do (readable images only), the unreadable count,
+    and the share of JPEGs among the readable ones."""
     import io
 
+    from ..features import make_views
     from ..images import ImageReadError, decode_image, preprocess_image
 
-    t = {"read": 0.0, "decode": 0.0, "resize": 0.0}
+    t = {"read": 0.0, "decode": 0.0, "resize": 0.0, **({"views": 0.0} if features is not None and features.n_views else {})}
     ok = bad = jpeg = 0
     for p in paths:
         t0 = time.perf_counter()
@@ -142,11 +145,14 @@ def _time_images(paths: list[Path], cfg: Any) -> tuple[dict[str, float], int, fl
         try:
             img = decode_image(io.BytesIO(raw), 178_956_970, keep_grey=True)
             t2 = time.perf_counter()
-            preprocess_image(img, cfg)
+            arr = preprocess_image(img, cfg)
         except (ImageReadError, OSError, ValueError, SyntaxError):
             bad += 1
             continue
         t3 = time.perf_counter()
+        if "views" in t:
+            make_views(arr, p.name, features, cfg.interpolation)
+            t["views"] += time.perf_counter() - t3
         jpeg += raw[:3] == b"\xff\xd8\xff"
         t["read"] += t1 - t0
         t["decode"] += t2 - t1
@@ -256,7 +262,7 @@ def _pipeline_main(config_path: str) -> None:
 
 
 def _limits(stages: dict[str, float], workers: int, cores: int, on_cpu: bool) -> dict[str, float]:
-    cpu_per_image = stages["read"] + stages["decode"] + stages["resize"]
+    cpu_per_image = stages["read"] + stages["decode"] + stages["resize"] + stages.get("views", 0.0)
     rates = {"decoders": max(workers, 1) / cpu_per_image, "model": 1 / stages["model"], "write": 1 / stages["write"]}
     if on_cpu:  # the model's threads and the decoders share the cores
         rates["cpu"] = cores / (cpu_per_image + cores * stages["model"])
@@ -339,17 +345,17 @@ def diagnose(data: str | os.PathLike, *, sample: int = 64, **options: Any) -> Di
     paths, n_images = _sample_paths(str(data), sample)
     feats = resolve_features(backbone, weights, weights_file, **{k: getattr(c, k) for k in _FEATURE_OPTIONS})
     bb = load_backbone(backbone, weights, str(weights_file) if weights_file is not None else None)
-    stages, bad, jpeg_share = _time_images(paths, bb.preprocess)
-    eng_name = engine if engine != "auto" else ("onnxruntime" if dev == "cpu" else "torch")
-    eng = (build_engine(eng_name, bb, dev, precision_name(dev)) if feats.is_default
-           else build_tap_engine(eng_name, bb, dev, precision_name(dev), feats.layers, feats.pooling))
+    stages, bad, jpeg_share = _time_images(paths, bb.preprocess, feats)
+    eng = (build_engine(engine, bb, dev, precision_name(dev)) if feats.is_default
+           else build_tap_engine(engine, bb, dev, precision_name(dev), feats.layers, feats.pooling))
+    eng_name = eng.name  # what auto chose here (a torch-only backbone: torch), passed on to the pipeline run
     per_view, dim = _time_model(eng, bb.preprocess.input_size, batch_size)
     passes = 1 + feats.n_views  # the plain image and each view go through the model, and are written
     stages["model"] = per_view * passes
     stages["write"] = _time_write(Path(out).parent if out is not None else Path(tempfile.gettempdir()), dim * passes)
     workers = num_workers if num_workers is not None else default_num_workers(dev)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    settings = {"device": dev, "engine": getattr(eng, "name", eng_name), "batch_size": batch_size,
+    settings = {"device": dev, "engine": eng_name, "batch_size": batch_size,
                 "num_workers": workers, "cores": cores, "n_gpu": _gpu_count(dev), "jpeg_share": jpeg_share,
                 "features": _feature_flags(c), "passes": passes}
     rates = _limits(stages, workers, cores, dev == "cpu")
