@@ -13,10 +13,20 @@ from PIL import Image
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cache_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Every test writes default caches and ONNX files under its own folder, never ~/.cache."""
+def _isolated_cache_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch,
+                        request: pytest.FixtureRequest) -> Path:
+    """Every test writes default caches under its own folder, never ~/.cache.
+
+    The backbones' ONNX graphs (``onnx/``, keyed by identity and checked by sha256; extract and
+    predict build them, seconds each) are shared by the session's tests, unless a test is marked
+    ``own_onnx_cache``: one that breaks a cached graph, or checks which graphs a run built.
+    """
     d = tmp_path_factory.mktemp("featbank-cache")
     monkeypatch.setenv("FEATBANK_CACHE_DIR", str(d))
+    if request.node.get_closest_marker("own_onnx_cache") is None:
+        shared = request.getfixturevalue("onnx_cache_dir") / "onnx"  # where FEATBANK_CACHE_DIR=onnx_cache_dir has them
+        shared.mkdir(exist_ok=True)
+        (d / "onnx").symlink_to(shared, target_is_directory=True)
     return d
 
 

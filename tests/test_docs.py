@@ -212,8 +212,6 @@ def test_python_block_runs(code: str, page: str, request: pytest.FixtureRequest,
     if "featbank.extract(" in code or "featbank.compare(" in code:  # the block writes caches itself, as a reader would
         for name in ("elpv.h5", "elpv.h5.lock"):
             (work / "runs" / name).unlink(missing_ok=True)
-        # The backbone's ONNX export (a minute for Lite0) is shared with the other tests, as in test_extract.
-        (_isolated_cache_dir / "onnx").symlink_to(request.getfixturevalue("onnx_cache_dir"), target_is_directory=True)
     monkeypatch.chdir(work)
     exec(compile(code, page, "exec"), {"__name__": "__docs__"})
     out = capsys.readouterr().out

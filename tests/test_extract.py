@@ -66,13 +66,6 @@ def assert_same_cache(a: Path, b: Path, atol: float = 1e-5) -> None:
         assert ca.cache_key == cb.cache_key
 
 
-@pytest.fixture
-def shared_onnx(_isolated_cache_dir: Path, onnx_cache_dir: Path) -> Path:
-    """ONNX exports are keyed by backbone identity; share them across tests (export is slow)."""
-    (_isolated_cache_dir / "onnx").symlink_to(onnx_cache_dir, target_is_directory=True)
-    return onnx_cache_dir
-
-
 def test_imagefolder_schema_is_plain_hdf5(image_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "c.h5"
     report = featbank.extract(image_folder, out, **TINY)
@@ -366,7 +359,7 @@ def test_decode_workers_give_the_same_cache(image_folder: Path, tmp_path: Path) 
 
 
 @pytest.mark.slow
-def test_torch_and_onnxruntime_agree_on_test_tiny(image_folder: Path, tmp_path: Path, shared_onnx: Path) -> None:
+def test_torch_and_onnxruntime_agree_on_test_tiny(image_folder: Path, tmp_path: Path) -> None:
     a = featbank.extract(image_folder, tmp_path / "t.h5", **TINY)
     b = featbank.extract(image_folder, tmp_path / "o.h5", **{**TINY, "engine": "onnxruntime"})
     assert (a.engine, b.engine) == ("torch", "onnxruntime")
@@ -378,7 +371,7 @@ def test_torch_and_onnxruntime_agree_on_test_tiny(image_folder: Path, tmp_path: 
 
 
 @pytest.mark.slow
-def test_lite0_end_to_end_engines_and_fast_rerun(tmp_path: Path, shared_onnx: Path) -> None:
+def test_lite0_end_to_end_engines_and_fast_rerun(tmp_path: Path) -> None:
     """The real default weights: torch and onnxruntime agree, and an unchanged rerun is quick."""
     data = make_image_folder(tmp_path / "data", classes=("a", "b"), n_per_class=5, size=(64, 80))
     lite = dict(num_workers=0, progress=False)

@@ -224,6 +224,7 @@ def _embeddings(cache_path: Path) -> np.ndarray:
 
 
 @pytest.mark.slow  # real processes and ONNX exports: ~10-20 s on a free CPU
+@pytest.mark.own_onnx_cache  # it breaks the cached graph
 def test_broken_embedder_onnx_is_rebuilt_by_extract_and_export(tmp_path: Path) -> None:
     """FEATBANK_CACHE_DIR is this test's own (conftest): the graph is built here from nothing."""
     from featbank.errors import OnnxCacheRebuiltWarning
@@ -263,6 +264,7 @@ def test_broken_embedder_onnx_is_rebuilt_by_extract_and_export(tmp_path: Path) -
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.own_onnx_cache  # it checks that no graph was built
 def test_export_refuses_unusable_outputs_before_the_work(corpus: dict[str, Path], tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("my notes")
     old = tmp_path / "old.onnx"

@@ -83,6 +83,7 @@ def test_layers_and_views_are_stored_and_equal_the_tap_model(image_folder, tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.own_onnx_cache  # it checks which graphs the run built
 def test_onnxruntime_engine_gives_the_torch_numbers_for_layers_and_views(image_folder, tmp_path) -> None:
     a, b = tmp_path / "ort.h5", tmp_path / "torch.h5"
     kw = dict(TINY, layers="all", views=2, augment="crops", view_seed=3)
