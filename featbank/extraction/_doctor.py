@@ -1,8 +1,9 @@
 """``featbank doctor``: what each stage of an extraction costs on this machine, and what to change.
 
 Measured on a sample of the data, each stage alone: reading the files, decoding them, resizing and
-cropping, making the augmented views (with ``--views``), the model (the very engine ``extract`` would build, on ready uint8 batches) and writing
-the cache. From these it predicts ``extract``'s throughput and names the bottleneck:
+cropping, making the augmented views (with ``--views``), the model (the very engine ``extract``
+would build, on ready uint8 batches) and writing the cache. From these it predicts ``extract``'s
+throughput and names the bottleneck:
 
 - decoding runs in ``num_workers`` processes: at most ``num_workers / (read + decode + resize + views)``
   images per second;
