@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -326,6 +327,51 @@ def test_ray_task_killed_mid_shard_is_retried(tmp_path):
     a, b = _read(out), _read(ref)
     assert a["paths"] == b["paths"] and len(set(a["paths"])) == 90
     np.testing.assert_allclose(a["emb"], b["emb"], atol=1e-5)
+
+
+_STOP_ON_RAY = textwrap.dedent(
+    """
+    import json, sys, time
+    from pathlib import Path
+    import featbank
+
+    if __name__ == "__main__":
+        data, out = Path(sys.argv[1]), Path(sys.argv[2])
+        opts = dict(backbone="test_sleep", weights="0.2", engine="torch", launcher="ray", shard_size=50, batch_size=5,
+                    num_workers=0, progress=False)
+
+        def stop(done, total):
+            raise KeyboardInterrupt
+
+        try:
+            featbank.extract(data, out, on_progress=stop, **opts)
+        except featbank.errors.Interrupted:
+            pass
+        parts = Path(str(out) + ".parts")
+        state = lambda: {p.name: p.stat().st_mtime_ns for p in parts.iterdir()}
+        before = state()
+        time.sleep(4)  # a task still running would write (its .partial, a finished part) meanwhile
+        print(json.dumps({"unchanged": state() == before, "files": len(before)}), flush=True)
+        report = featbank.extract(data, out, **opts)
+        print(json.dumps({"rows": report.n_images, "kept": report.n_reused + report.n_resumed}), flush=True)
+    """
+)
+
+
+@pytest.mark.slow
+def test_stopping_a_ray_run_from_on_progress_cancels_its_tasks(tmp_path):
+    """The API's way to stop a run (on_progress raises KeyboardInterrupt) cancels the Ray tasks in flight:
+    nothing writes behind the caller that caught it, and the rerun keeps what was finished."""
+    pytest.importorskip("ray")
+    data = make_image_folder(tmp_path / "data", n_per_class=100, size=(8, 8))
+    driver = tmp_path / "stop.py"
+    driver.write_text(_STOP_ON_RAY)
+    res = subprocess.run([sys.executable, str(driver), str(data), str(tmp_path / "c.h5")], capture_output=True,
+                         text=True, env=_env(), timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    stopped, rerun = (json.loads(line) for line in res.stdout.splitlines()[-2:])
+    assert stopped["unchanged"] and stopped["files"] >= 1, stopped
+    assert rerun["rows"] == 300 and rerun["kept"] >= 50, rerun
 
 
 def test_a_v1_cache_migrates_in_place_and_the_next_run_has_nothing_to_do(image_folder, tiny_cache):

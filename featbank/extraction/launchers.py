@@ -36,8 +36,8 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
@@ -698,30 +698,48 @@ def run_ray(jobs: Sequence[ShardJob], *, num_cpus: int = 2, num_gpus: float = 0.
     while (job := dispatch.next()) is not None:
         refs[task.remote(job)] = job
     parts, failures = [], []
-    while refs:
-        ready, _ = ray.wait(list(refs), num_returns=1)
-        job = refs.pop(ready[0])
-        try:
-            result, error = ray.get(ready[0]), None
-        except Exception as e:  # noqa: BLE001 - RayTaskError wraps the worker's exception
-            cause = getattr(e, "cause", None) or e
-            first = str(cause).splitlines()[0] if str(cause) else ""
-            result, error = None, f"shard {job.shard_id}: {type(cause).__name__}: {first}"
-        failure = dispatch.finished(job, error)
-        if failure is not None:
-            failures.append(failure)
-        elif error is None:
-            if job.unit is None:
-                parts.append(result)
-            dispatch.report(job, result, on_rows)
-        while (nxt := dispatch.next()) is not None:  # a merge released by this unit
-            refs[task.remote(nxt)] = nxt
+    try:
+        while refs:
+            ready, _ = ray.wait(list(refs), num_returns=1)
+            job = refs.pop(ready[0])
+            try:
+                result, error = ray.get(ready[0]), None
+            except Exception as e:  # noqa: BLE001 - RayTaskError wraps the worker's exception
+                cause = getattr(e, "cause", None) or e
+                first = str(cause).splitlines()[0] if str(cause) else ""
+                result, error = None, f"shard {job.shard_id}: {type(cause).__name__}: {first}"
+            failure = dispatch.finished(job, error)
+            if failure is not None:
+                failures.append(failure)
+            elif error is None:
+                if job.unit is None:
+                    parts.append(result)
+                dispatch.report(job, result, on_rows)
+            while (nxt := dispatch.next()) is not None:  # a merge released by this unit
+                refs[task.remote(nxt)] = nxt
+    except BaseException:  # on_rows raised (the API's on_progress: KeyboardInterrupt stops a run), or Ctrl-C
+        _cancel(refs)
+        raise
     if failures:
         raise CacheError(
             f"{len(failures)} shard(s) failed on Ray:\n  " + "\n  ".join(failures[:10])
             + "\nFinished parts are kept; run the same command again to resume."
         )
     return parts
+
+
+def _cancel(refs: Iterable[Any], wait: float = 30.0) -> None:
+    """Cancel the tasks of a run that stops early (Ray does not retry a cancelled task) and wait up to ``wait``
+    seconds for them to end, so that none goes on writing behind a caller that caught the error; a task's rows
+    so far stay in its ``.partial``."""
+    import ray
+
+    refs = list(refs)
+    for ref in refs:
+        with suppress(Exception):  # finished meanwhile, or the cluster is gone
+            ray.cancel(ref, force=True)
+    with suppress(Exception):
+        ray.wait(refs, num_returns=len(refs), timeout=wait)
 
 
 def _published(prepared: Prepared, n_written: int) -> ShardedReport:
