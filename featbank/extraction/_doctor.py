@@ -38,6 +38,7 @@ import numpy as np
 from ..errors import ConfigError, DatasetError
 
 if TYPE_CHECKING:
+    from ..features import FeatureSpec
     from ._engines import Engine
 
 __all__ = ["Diagnosis", "diagnose"]
@@ -124,7 +125,7 @@ def _sample_paths(data: str, n: int) -> tuple[list[Path], int]:
     return [Path(source.root) / source.keys[i] for i in pick], len(source.keys)
 
 
-def _time_images(paths: list[Path], cfg: Any, features: Any = None) -> tuple[dict[str, float], int, float]:
+def _time_images(paths: list[Path], cfg: Any, features: FeatureSpec | None = None) -> tuple[dict[str, float], int, float]:
     """Seconds per image of reading the bytes, decoding them, resizing and (when ``features`` has views) making
     its augmented views, as the decoding workers of extract do (readable images only), the unreadable count,
     and the share of JPEGs among the readable ones."""
