@@ -315,16 +315,16 @@ def _bundle_features(bundle: Bundle, bb: Any, device: str, engine: str) -> Calla
 
     from .bundles.network import bundle_views
     from .extraction import build_tap_engine
+    from .features import FeatureSpec
     from .fitting import pool_views
 
-    feats = bundle.features if bundle.info.features is not None else None
-    layers = feats.layers if feats is not None else ("final",)
-    eng = build_tap_engine(engine, bb, device, "float32", layers, feats.pooling if feats is not None else "gap+2x2")
-    if tuple(eng.layers) != tuple(layers):
-        raise BundleError(f"Bundle {str(bundle.path)!r} reads layers {list(layers)}, but backbone {bb.name!r} gives "
-                          f"them in the order {list(eng.layers)}; re-fit the bundle.")
-    pooled = feats is not None and bool(feats.view_pool)
-    views = bundle_views(bundle, bb) if feats is not None and (pooled or feats.tta) else []
+    feats = bundle.features if bundle.info.features is not None else FeatureSpec()  # no section: the embedding alone
+    eng = build_tap_engine(engine, bb, device, "float32", feats.layers, feats.pooling)
+    if tuple(eng.layers) != tuple(feats.layers):
+        raise BundleError(f"Bundle {str(bundle.path)!r} reads layers {list(feats.layers)}, but backbone {bb.name!r} "
+                          f"gives them in the order {list(eng.layers)}; re-fit the bundle.")
+    pooled = bool(feats.view_pool)
+    views = bundle_views(bundle, bb) if pooled or feats.tta else []
 
     def run(x: np.ndarray) -> np.ndarray:
         return np.concatenate(eng(np.ascontiguousarray(x)), axis=1).astype(np.float32, copy=False)
