@@ -7,6 +7,8 @@ from typing import Any
 
 import click
 
+from featbank.features import DEFAULT_POOLING, POOLINGS
+
 __all__ = ["backbone_options", "device_option", "engine_option", "feature_options", "quiet_option", "window_option"]
 
 F = Callable[..., Any]
@@ -71,9 +73,10 @@ def feature_options(f: F) -> F:
         help="K augmented views per image (at most 64), stored beside the plain view (needs --augment).",
     )(f)
     f = click.option(
-        "--pooling", type=click.Choice(["gap+2x2", "gap"]), default="gap+2x2", show_default=True,
+        "--pooling", type=click.Choice(list(POOLINGS)), default=DEFAULT_POOLING, show_default=True,
         help="How a layer's feature map is pooled: global average + 2x2 average (5C values; GAP alone above "
-        "4096), or global average (C).",
+        "4096); gap+2x2+max adds the same cells' maxima (10C; GAP + global max above 4096), for small "
+        "local patterns; or global average (C).",
     )(f)
     f = click.option(
         "--layers", default=None, metavar="SPEC",

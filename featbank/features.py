@@ -48,8 +48,9 @@ DIHEDRAL_ORDER = ((0, True), (2, True), (2, False), (1, False), (3, False), (1, 
 FIXED_VIEWS = {"hflip": 1, "dihedral": len(DIHEDRAL_ORDER)}
 #: The most augmented views one run may store per image (each is a row's worth of every stored layer).
 MAX_VIEWS = 64
-#: How a tap's feature map is pooled: global average, or global average + 2x2 average.
-POOLINGS = ("gap+2x2", "gap")
+#: How a tap's feature map is pooled: global average + 2x2 average; the same plus their maxima; or
+#: the global average alone (:mod:`featbank.backbones._taps` has the columns).
+POOLINGS = ("gap+2x2", "gap+2x2+max", "gap")
 DEFAULT_POOLING = "gap+2x2"
 #: A head with pooled views reads ``[mean | max]`` of the features over the plain image and its views.
 VIEW_POOL = "mean+max"

@@ -313,16 +313,13 @@ def _bundle_features(bundle: Bundle, bb: Any, device: str, engine: str) -> Calla
     (the plain image first). Pooled views give one array, ``[mean | max]`` over the plain image and its views."""
     import torch
 
-    from .bundles.network import bundle_views
+    from .bundles.network import bundle_views, check_layer_order
     from .extraction import build_tap_engine
-    from .features import FeatureSpec
     from .fitting import pool_views
 
-    feats = bundle.features if bundle.info.features is not None else FeatureSpec()  # no section: the embedding alone
+    feats = bundle.features  # no section: the embedding alone
     eng = build_tap_engine(engine, bb, device, "float32", feats.layers, feats.pooling)
-    if tuple(eng.layers) != tuple(feats.layers):
-        raise BundleError(f"Bundle {str(bundle.path)!r} reads layers {list(feats.layers)}, but backbone {bb.name!r} "
-                          f"gives them in the order {list(eng.layers)}; re-fit the bundle.")
+    check_layer_order(bundle, bb.name, tuple(eng.layers))
     pooled = bool(feats.view_pool)
     views = bundle_views(bundle, bb) if pooled or feats.tta else []
 

@@ -8,6 +8,14 @@ images (the folds of ``fit --auto``), with the paired difference against ``stand
     python scripts/bench_preprocess.py --cache elpv4=/work/data/caches/elpv4.h5 --views pooled
 
 Prints one line per (feature set, preprocessing) and, with ``--json``, writes the rows.
+
+With two or more ``--cache`` of the same images (the same paths, labels and splits, so the same
+folds) extracted differently, e.g. ``--pooling gap+2x2`` against ``gap+2x2+max``, each cache is
+studied in turn and every row of the later caches is then compared, fold by fold, with the first
+cache's row of the same feature set and preprocessing:
+
+    python scripts/bench_preprocess.py --views pooled --cache avg=/work/data/caches/elpv4.h5 \
+        --cache max=/work/data/caches/elpv4-max.h5
 """
 
 from __future__ import annotations
@@ -21,6 +29,23 @@ import numpy as np
 from featbank.cache import open_cache
 from featbank.fitting import feature_matrices, make_folds, spans, split_rows
 from featbank.heads import PREPROCESSES, FoldKernels, get_head_family
+
+
+def same_images(paths: list[str]) -> None:
+    """Refuse caches that do not hold the same images in the same rows (their folds would differ)."""
+    first = open_cache(paths[0])
+    try:
+        for other in paths[1:]:
+            c = open_cache(other)
+            try:
+                if (c.paths != first.paths or not np.array_equal(c.labels, first.labels)
+                        or not np.array_equal(c.splits, first.splits)):
+                    raise SystemExit(f"{other} and {paths[0]} do not hold the same images, labels and splits in the "
+                                     "same rows; a fold-by-fold comparison needs them to.")
+            finally:
+                c.close()
+    finally:
+        first.close()
 
 
 def study(path: str, views: str, cv: int, repeats: int, seed: int) -> list[dict]:
@@ -49,7 +74,8 @@ def study(path: str, views: str, cv: int, repeats: int, seed: int) -> list[dict]
             rows.append({"features": name, "preprocess": pre, "cv_mean": float(per_fold.mean()),
                          "cv_std": float(per_fold.std()), "params": grid[best], "n_folds": len(folds),
                          "vs_standardize": float(diff.mean()), "folds_better": int((diff > 0).sum()),
-                         "folds_worse": int((diff < 0).sum()), "seconds": round(time.perf_counter() - t0, 1)})
+                         "folds_worse": int((diff < 0).sum()), "seconds": round(time.perf_counter() - t0, 1),
+                         "fold_scores": [float(v) for v in per_fold]})
             r = rows[-1]
             print(f"{name:6} {pre:12} cv {r['cv_mean']:.4f} +- {r['cv_std']:.4f} ({len(folds)} folds) "
                   f"vs standardize {100 * r['vs_standardize']:+.2f} pt (folds better/worse "
@@ -57,22 +83,52 @@ def study(path: str, views: str, cv: int, repeats: int, seed: int) -> list[dict]
     return rows
 
 
+def compare(studies: dict[str, list[dict]]) -> list[dict]:
+    """Each later cache's rows against the first cache's, fold by fold (the same folds)."""
+    names = list(studies)
+    ref = {(r["features"], r["preprocess"]): r for r in studies[names[0]]}
+    out = []
+    for name in names[1:]:
+        for r in studies[name]:
+            base = ref[(r["features"], r["preprocess"])]
+            d = np.array(r["fold_scores"]) - np.array(base["fold_scores"])
+            out.append({"dataset": name, "against": names[0], "features": r["features"], "preprocess": r["preprocess"],
+                        "cv_mean": r["cv_mean"], "against_cv_mean": base["cv_mean"], "diff": float(d.mean()),
+                        "diff_se": float(d.std(ddof=1) / np.sqrt(len(d))), "folds_better": int((d > 0).sum()),
+                        "folds_worse": int((d < 0).sum())})
+            c = out[-1]
+            print(f"{name} vs {names[0]}: {c['features']:6} {c['preprocess']:12} {c['cv_mean']:.4f} vs "
+                  f"{c['against_cv_mean']:.4f}: {100 * c['diff']:+.2f} pt (standard error {100 * c['diff_se']:.2f}; "
+                  f"folds better/worse {c['folds_better']}/{c['folds_worse']})", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cache", required=True, help="NAME=PATH of a cache with a train/test split")
+    ap.add_argument("--cache", required=True, action="append",
+                    help="NAME=PATH of a cache with a train/test split; repeat it to compare caches of the same images")
     ap.add_argument("--views", choices=("plain", "pooled"), default="plain")
     ap.add_argument("--cv", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the rows here")
     a = ap.parse_args()
-    if "=" not in a.cache:
-        ap.error(f"--cache must be NAME=PATH (a name for the report, then the cache file); got {a.cache!r}")
-    name, path = a.cache.split("=", 1)
-    rows = study(path, a.views, a.cv, a.repeats, a.seed)
+    for c in a.cache:
+        if "=" not in c:
+            ap.error(f"--cache must be NAME=PATH (a name for the report, then the cache file); got {c!r}")
+    caches = dict(c.split("=", 1) for c in a.cache)
+    if len(caches) != len(a.cache):
+        ap.error("each --cache needs its own NAME")
+    if len(caches) > 1:
+        same_images(list(caches.values()))
+    studies = {}
+    for name, path in caches.items():
+        print(f"# {name}: {path}", flush=True)
+        studies[name] = study(path, a.views, a.cv, a.repeats, a.seed)
+    paired = compare(studies) if len(studies) > 1 else []
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"dataset": name, "views": a.views, "rows": rows}, f, indent=1)
+            json.dump({"views": a.views, "studies": studies, "paired": paired}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -84,6 +84,30 @@ def test_2x2_pooling_matches_adaptive_avg_pool_on_odd_sizes(shape) -> None:
     torch.testing.assert_close(out[:, shape[1]:], torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1))
 
 
+@pytest.mark.parametrize("shape", [(2, 5, 7, 9), (1, 3, 1, 1), (2, 4, 2, 3)])
+def test_max_pooling_appends_the_same_cells_maxima(shape) -> None:
+    """gap+2x2+max: the default's 5C columns unchanged, then the global max and the 2x2 maxima."""
+    x = torch.randn(*shape)
+    c = shape[1]
+    out = pool_tap(x, "gap+2x2+max")
+    assert out.shape == (shape[0], 10 * c)
+    torch.testing.assert_close(out[:, : 5 * c], pool_tap(x, "gap+2x2"))
+    torch.testing.assert_close(out[:, 5 * c: 6 * c], x.amax((2, 3)))
+    torch.testing.assert_close(out[:, 6 * c:], torch.nn.functional.adaptive_max_pool2d(x, 2).flatten(1))
+
+
+def test_max_pooling_keeps_global_average_and_max_when_too_wide() -> None:
+    c = MAX_TAP_DIM // 10 + 1  # 10C over the cap, 2C under it
+    x = torch.randn(2, c, 4, 4)
+    out = pool_tap(x, "gap+2x2+max")
+    torch.testing.assert_close(out, torch.cat([x.mean((2, 3)), x.amax((2, 3))], 1))
+    assert pool_tap(torch.randn(1, MAX_TAP_DIM // 2 + 1, 2, 2), "gap+2x2+max").shape == (1, MAX_TAP_DIM // 2 + 1)
+
+
+def test_tiny_layer_dims_with_max_pooling(tiny) -> None:
+    assert layer_dims(tiny, "all", pooling="gap+2x2+max") == {"stem": 80, "stage1": 160, "stage2": 320, "final": 32}
+
+
 def test_pooling_is_capped() -> None:
     wide = torch.randn(1, MAX_TAP_DIM // 5 + 1, 4, 4)
     assert pool_tap(wide).shape == (1, wide.shape[1])
@@ -130,7 +154,7 @@ def test_tap_model_exports_to_onnx_with_the_same_numbers(tiny, tmp_path) -> None
 
     import onnxruntime as ort
 
-    model = TapModel(tiny, "all").eval()
+    model = TapModel(tiny, "all", pooling="gap+2x2+max").eval()
     path = tmp_path / "taps.onnx"
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
@@ -142,6 +166,6 @@ def test_tap_model_exports_to_onnx_with_the_same_numbers(tiny, tmp_path) -> None
     with torch.inference_mode():
         want = model(torch.from_numpy(x))
     model.remove_hooks()
-    assert [g.shape for g in got] == [(3, 40), (3, 80), (3, 160), (3, 32)]
+    assert [g.shape for g in got] == [(3, 80), (3, 160), (3, 320), (3, 32)]  # max pooling's maxima export too
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w.numpy(), atol=1e-5, rtol=1e-5)

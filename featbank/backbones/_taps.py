@@ -13,6 +13,11 @@ Pooling (Head2Toe style, so that every layer contributes at most a few thousand 
   followed by a 2x2 adaptive average pool flattened channel-major (``4C`` values: channel 0's
   four quadrants, then channel 1's, ...) = ``5C`` values. A layer whose ``5C`` would exceed
   :data:`MAX_TAP_DIM` (4096) keeps the global average alone (``C`` values).
+- ``gap+2x2+max``: the ``gap+2x2`` columns followed by the same cells' maxima (the global maximum,
+  ``C`` values, then the 2x2 maxima, ``4C``, channel-major) = ``10C`` values, so its first ``5C``
+  columns are exactly ``gap+2x2``'s. Max pooling keeps a small local pattern (a crack, a defect)
+  that an average over the map dilutes. A layer whose ``10C`` would exceed :data:`MAX_TAP_DIM` keeps
+  the global average and maximum (``2C``), or the global average alone when ``2C`` is too wide.
 - ``gap``: the global average alone.
 
 Token outputs ``(B, N, C)`` are averaged over the tokens; ``(B, C)`` outputs are kept. ``final``
@@ -168,11 +173,28 @@ def parse_layers(spec: str | Sequence[str] | None, backbone: Backbone | nn.Modul
     return tuple(n for n in known if n in chosen)
 
 
+#: The parts of each pooling, widest first: (part names, width in channels). The first that fits in
+#: :data:`MAX_TAP_DIM` is used; ``gap`` always fits.
+_POOL_PARTS = {
+    "gap+2x2": ((("avg", "avg2x2"), 5), (("avg",), 1)),
+    "gap+2x2+max": ((("avg", "avg2x2", "max", "max2x2"), 10), (("avg", "max"), 2), (("avg",), 1)),
+    "gap": ((("avg",), 1),),
+}
+
+
+def _pool_parts(channels: int, pooling: str) -> tuple[str, ...]:
+    """Which pooled parts a ``channels``-wide feature map gets (see the module docstring)."""
+    for parts, width in _POOL_PARTS[pooling]:
+        if width * channels <= MAX_TAP_DIM or width == 1:
+            return parts
+    raise AssertionError("unreachable: every pooling ends with the global average")
+
+
 def _pooled_dim(shape: Sequence[int], pooling: str) -> int:
     if len(shape) != 4:
         return int(shape[-1])
     c = int(shape[1])
-    return 5 * c if pooling == "gap+2x2" and 5 * c <= MAX_TAP_DIM else c
+    return c * sum(4 if p.endswith("2x2") else 1 for p in _pool_parts(c, pooling))
 
 
 def _check_pooling(pooling: str) -> None:
@@ -180,17 +202,26 @@ def _check_pooling(pooling: str) -> None:
         raise ConfigError(f"The 'pooling' parameter must be one of {POOLINGS}. Got {pooling!r} instead.")
 
 
-def _avg_2x2(x: torch.Tensor) -> torch.Tensor:
-    # adaptive_avg_pool2d(x, 2) written with static slices: the same bins (floor/ceil edges, which
-    # overlap on odd sizes), and it exports to ONNX for any H, W (the ONNX op needs divisible ones).
+def _cells_2x2(x: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
+    # adaptive_{avg,max}_pool2d(x, 2) written with static slices: the same bins (floor/ceil edges,
+    # which overlap on odd sizes), and it exports to ONNX for any H, W (the ONNX op needs divisible ones).
     h, w = int(x.shape[2]), int(x.shape[3])
     cells = []
     for i in range(2):
         h0, h1 = (i * h) // 2, -((-(i + 1) * h) // 2)
         for j in range(2):
             w0, w1 = (j * w) // 2, -((-(j + 1) * w) // 2)
-            cells.append(x[:, :, h0:h1, w0:w1].mean(dim=(2, 3)))
+            cell = x[:, :, h0:h1, w0:w1]
+            cells.append(cell.mean(dim=(2, 3)) if reduce == "mean" else cell.amax(dim=(2, 3)))
     return torch.stack(cells, dim=2).flatten(1)  # channel-major: c0q0 c0q1 c0q2 c0q3 c1q0 ...
+
+
+_POOL_OPS = {
+    "avg": lambda x: x.mean(dim=(2, 3)),
+    "avg2x2": lambda x: _cells_2x2(x, "mean"),
+    "max": lambda x: x.amax(dim=(2, 3)),
+    "max2x2": lambda x: _cells_2x2(x, "max"),
+}
 
 
 def pool_tap(x: torch.Tensor, pooling: str = DEFAULT_POOLING) -> torch.Tensor:
@@ -199,10 +230,9 @@ def pool_tap(x: torch.Tensor, pooling: str = DEFAULT_POOLING) -> torch.Tensor:
         x = x[0]
     x = x.float()
     if x.ndim == 4:
-        gap = x.mean(dim=(2, 3))
-        if pooling == "gap+2x2" and 5 * int(x.shape[1]) <= MAX_TAP_DIM:
-            return torch.cat([gap, _avg_2x2(x)], dim=1)
-        return gap
+        parts = _pool_parts(int(x.shape[1]), pooling)
+        pooled = [_POOL_OPS[p](x) for p in parts]
+        return pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1)
     if x.ndim == 3:
         return x.mean(dim=1)
     return x.flatten(1)

@@ -31,9 +31,17 @@ from ..features import FeatureSpecError, view_transforms
 if TYPE_CHECKING:
     from .bundle import Bundle
 
-__all__ = ["bundle_views", "feature_module", "tta_views", "tta_classifier"]
+__all__ = ["bundle_views", "check_layer_order", "feature_module", "tta_views", "tta_classifier"]
 
 View = Callable[[torch.Tensor], torch.Tensor]
+
+
+def check_layer_order(bundle: Bundle, backbone_name: str, got: tuple[str, ...]) -> None:
+    """Refuse a bundle whose layers the backbone's taps give in another order (its head reads columns)."""
+    want = tuple(bundle.features.layers)
+    if tuple(got) != want:
+        raise BundleError(f"Bundle {str(bundle.path)!r} reads layers {list(want)}, but backbone {backbone_name!r} "
+                          f"gives them in the order {list(got)}; re-fit the bundle.")
 
 
 def _layer_module(bundle: Bundle, backbone: Backbone) -> nn.Module:
@@ -44,9 +52,7 @@ def _layer_module(bundle: Bundle, backbone: Backbone) -> nn.Module:
     from ..backbones import TapModel
 
     taps = TapModel(backbone, feats.layers, feats.pooling).eval()
-    if taps.layers != tuple(feats.layers):
-        raise BundleError(f"Bundle {str(bundle.path)!r} reads layers {list(feats.layers)}, but backbone "
-                          f"{backbone.name!r} gives them in the order {list(taps.layers)}; re-fit the bundle.")
+    check_layer_order(bundle, backbone.name, taps.layers)
 
     class Concat(nn.Module):
         def __init__(self, inner: nn.Module):

@@ -109,7 +109,7 @@ class ExtractConfig:
         label_from: WebDataset label member: ``cls``, ``txt``, ``json`` or ``none``.
         layers: intermediate layers to store besides the embedding (``"stage3,stage5,final"``,
             ``"all"``; see :func:`featbank.backbones.parse_layers`); default ``final`` alone.
-        pooling: how a layer's feature map is pooled: ``gap+2x2`` (default) or ``gap``.
+        pooling: how a layer's feature map is pooled: ``gap+2x2`` (default), ``gap+2x2+max`` or ``gap``.
         views, augment, view_seed: K augmented views per image (``hflip``, ``dihedral`` or
             ``crops``), stored beside the plain view; ``crops`` are seeded by path, view and
             ``view_seed``.
