@@ -82,6 +82,35 @@ def test_layers_and_views_are_stored_and_equal_the_tap_model(image_folder, tmp_p
     assert not np.allclose(mirror, plain[:, [*range(32, 112), *range(32)]], atol=1e-3)  # the views differ
 
 
+def test_max_pooled_layers_from_the_cli_hold_the_maxima_with_either_engine(image_folder, tmp_path) -> None:
+    """extract --pooling gap+2x2+max: recorded, keyed apart from gap+2x2, and each layer's columns are
+    its gap+2x2 columns then the stage's global and 2x2 maxima, the same from onnxruntime and torch."""
+    caches = {}
+    for engine in ("onnxruntime", "torch"):
+        out = tmp_path / f"{engine}.h5"
+        res = CliRunner().invoke(cli, ["extract", str(image_folder), "--out", str(out), "--backbone", "test_tiny",
+                                       "--layers", "stage1", "--pooling", "gap+2x2+max", "--engine", engine,
+                                       "--num-workers", "0", "--quiet"])
+        assert res.exit_code == 0, res.output
+        caches[engine] = out
+    _assert_same(caches["onnxruntime"], caches["torch"])  # within 1e-5
+    bb = load_backbone("test_tiny")
+    with featbank.open_cache(caches["torch"]) as c:
+        assert c.pooling == "gap+2x2+max" and c.layer_dims == {"stage1": 160, "final": 32}
+        got = c.load_features(layers="stage1")
+        imgs = np.stack([load_and_preprocess(c.abspath(p), bb.preprocess) for p in c.paths])
+        key = c.cache_key
+    with torch.inference_mode():
+        feat = bb.features.stage1(bb.features.stem(bb.embedder().prepare(torch.from_numpy(imgs))))
+    want = torch.cat([feat.mean((2, 3)), torch.nn.functional.adaptive_avg_pool2d(feat, 2).flatten(1),
+                      feat.amax((2, 3)), torch.nn.functional.adaptive_max_pool2d(feat, 2).flatten(1)], 1)
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
+    featbank.extract(image_folder, tmp_path / "avg.h5", layers="stage1", **TINY)
+    with featbank.open_cache(tmp_path / "avg.h5") as avg:
+        assert avg.cache_key != key  # another pooling is another cache
+        np.testing.assert_allclose(got[:, :80], avg.load_features(layers="stage1"), atol=1e-6)
+
+
 @pytest.mark.slow
 @pytest.mark.own_onnx_cache  # it checks which graphs the run built
 def test_onnxruntime_engine_gives_the_torch_numbers_for_layers_and_views(image_folder, tmp_path) -> None:
