@@ -74,9 +74,9 @@ def feature_options(f: F) -> F:
     )(f)
     f = click.option(
         "--pooling", type=click.Choice(list(POOLINGS)), default=DEFAULT_POOLING, show_default=True,
-        help="How a layer's feature map is pooled: global average + 2x2 average (5C values; GAP alone above "
-        "4096); gap+2x2+max adds the same cells' maxima (10C; GAP + global max above 4096), for small "
-        "local patterns; or global average (C).",
+        help="How a layer's feature map is pooled: global average + 2x2 average (5C values; the global average "
+        "alone above 4096); gap+2x2+max: the same followed by the same cells' maxima (10C; a wider layer drops the "
+        "2x2 maxima, then the global maximum, to fit 4096), for small local patterns; gap: global average (C).",
     )(f)
     f = click.option(
         "--layers", default=None, metavar="SPEC",

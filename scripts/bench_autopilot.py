@@ -21,7 +21,7 @@ Examples:
     python scripts/bench_autopilot.py --cache elpv4=runs/elpv4-lite0@300-all-dihedral7.h5 \\
         --cache elpv2=runs/elpv4-lite0@300-all-dihedral7.h5 --cache digits=runs/digits.h5 --json out.json
     python scripts/bench_autopilot.py --cache lfw=runs/lfw.h5 --routes final,layers,views,pooled
-    python scripts/bench_autopilot.py --cache elpv4=runs/elpv4-lite0@300-all-max-dihedral7.h5 \
+    python scripts/bench_autopilot.py --cache elpv4=runs/elpv4-lite0@300-all-max-dihedral7.h5 \\
         --routes final,pooled,pooled-svm   # extracted with --pooling gap+2x2+max
 """
 

@@ -14,7 +14,7 @@ folds) extracted differently, e.g. ``--pooling gap+2x2`` against ``gap+2x2+max``
 studied in turn and every row of the later caches is then compared, fold by fold, with the first
 cache's row of the same feature set and preprocessing:
 
-    python scripts/bench_preprocess.py --views pooled --cache avg=/work/data/caches/elpv4.h5 \
+    python scripts/bench_preprocess.py --views pooled --cache avg=/work/data/caches/elpv4.h5 \\
         --cache max=/work/data/caches/elpv4-max.h5
 """
 

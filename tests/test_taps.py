@@ -96,12 +96,39 @@ def test_max_pooling_appends_the_same_cells_maxima(shape) -> None:
     torch.testing.assert_close(out[:, 6 * c:], torch.nn.functional.adaptive_max_pool2d(x, 2).flatten(1))
 
 
-def test_max_pooling_keeps_global_average_and_max_when_too_wide() -> None:
-    c = MAX_TAP_DIM // 10 + 1  # 10C over the cap, 2C under it
-    x = torch.randn(2, c, 4, 4)
+@pytest.mark.parametrize(("channels", "parts"), [
+    (MAX_TAP_DIM // 10, "avg avg2x2 max max2x2"),  # 409: 10C = 4090 fits
+    (MAX_TAP_DIM // 10 + 1, "avg avg2x2 max"),  # 410: 6C fits
+    (MAX_TAP_DIM // 6 + 1, "avg avg2x2"),  # 683: 5C, exactly gap+2x2
+    (MAX_TAP_DIM // 5 + 1, "avg max"),  # 820: too wide for gap+2x2, 2C fits
+    (MAX_TAP_DIM // 2, "avg max"),  # 2048: 2C = 4096 fits
+    (MAX_TAP_DIM // 2 + 1, "avg"),  # 2049: the average alone
+])
+def test_a_wide_layer_drops_max_pooling_parts_from_the_end(channels, parts) -> None:
+    """gap+2x2+max keeps a layer's gap+2x2 columns first at every width and never exceeds the cap."""
+    x = torch.randn(2, channels, 3, 3)
+    ops = {"avg": x.mean((2, 3)), "avg2x2": torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1),
+           "max": x.amax((2, 3)), "max2x2": torch.nn.functional.adaptive_max_pool2d(x, 2).flatten(1)}
     out = pool_tap(x, "gap+2x2+max")
-    torch.testing.assert_close(out, torch.cat([x.mean((2, 3)), x.amax((2, 3))], 1))
-    assert pool_tap(torch.randn(1, MAX_TAP_DIM // 2 + 1, 2, 2), "gap+2x2+max").shape == (1, MAX_TAP_DIM // 2 + 1)
+    torch.testing.assert_close(out, torch.cat([ops[p] for p in parts.split()], 1))
+    assert out.shape[1] <= MAX_TAP_DIM
+    avg = pool_tap(x, "gap+2x2")
+    torch.testing.assert_close(out[:, : avg.shape[1]], avg)
+
+
+@pytest.mark.parametrize("pooling", ["gap+2x2", "gap+2x2+max", "gap"])
+@pytest.mark.parametrize("channels", [1, 3, 409, 410, 682, 683, 819, 820, 2048, 2049, 5000])
+def test_layer_widths_are_the_pooled_widths(pooling, channels) -> None:
+    """The width layer_dims records (_pooled_dim) is what pool_tap returns, for every pooling and width."""
+    from featbank.backbones._taps import _pooled_dim
+
+    x = torch.randn(1, channels, 3, 3)
+    assert _pooled_dim(tuple(x.shape), pooling) == pool_tap(x, pooling).shape[1]
+
+
+def test_pool_tap_refuses_an_unknown_pooling() -> None:
+    with pytest.raises(ConfigError, match="'pooling' parameter must be one of"):
+        pool_tap(torch.randn(1, 2, 3, 3), "max")
 
 
 def test_tiny_layer_dims_with_max_pooling(tiny) -> None:

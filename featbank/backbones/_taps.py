@@ -14,10 +14,12 @@ Pooling (Head2Toe style, so that every layer contributes at most a few thousand 
   four quadrants, then channel 1's, ...) = ``5C`` values. A layer whose ``5C`` would exceed
   :data:`MAX_TAP_DIM` (4096) keeps the global average alone (``C`` values).
 - ``gap+2x2+max``: the ``gap+2x2`` columns followed by the same cells' maxima (the global maximum,
-  ``C`` values, then the 2x2 maxima, ``4C``, channel-major) = ``10C`` values, so its first ``5C``
-  columns are exactly ``gap+2x2``'s. Max pooling keeps a small local pattern (a crack, a defect)
-  that an average over the map dilutes. A layer whose ``10C`` would exceed :data:`MAX_TAP_DIM` keeps
-  the global average and maximum (``2C``), or the global average alone when ``2C`` is too wide.
+  ``C`` values, then the 2x2 maxima, ``4C``, channel-major) = ``10C`` values. Max pooling keeps a
+  small local pattern (a crack, a defect) that an average over the map dilutes. A wider layer drops
+  parts from the end until it fits :data:`MAX_TAP_DIM`: the 2x2 maxima (``6C``), then the global
+  maximum (``5C``, exactly ``gap+2x2``); a layer too wide for ``gap+2x2`` keeps the global average
+  and maximum (``2C``), or the average alone. So a layer's first columns are always exactly its
+  ``gap+2x2`` columns, whatever its width.
 - ``gap``: the global average alone.
 
 Token outputs ``(B, N, C)`` are averaged over the tokens; ``(B, C)`` outputs are kept. ``final``
@@ -52,7 +54,7 @@ __all__ = [
 
 #: The tap that is today's embedding (the backbone's pooled output).
 FINAL = "final"
-#: A tap pooled to more values than this keeps its global average alone.
+#: The most values a pooled tap may have: a wider pooling drops parts (see the module docstring).
 MAX_TAP_DIM = 4096
 
 _MEMO: dict[str, list[str]] = {}
@@ -177,7 +179,8 @@ def parse_layers(spec: str | Sequence[str] | None, backbone: Backbone | nn.Modul
 #: :data:`MAX_TAP_DIM` is used; ``gap`` always fits.
 _POOL_PARTS = {
     "gap+2x2": ((("avg", "avg2x2"), 5), (("avg",), 1)),
-    "gap+2x2+max": ((("avg", "avg2x2", "max", "max2x2"), 10), (("avg", "max"), 2), (("avg",), 1)),
+    "gap+2x2+max": ((("avg", "avg2x2", "max", "max2x2"), 10), (("avg", "avg2x2", "max"), 6), (("avg", "avg2x2"), 5),
+                    (("avg", "max"), 2), (("avg",), 1)),
     "gap": ((("avg",), 1),),
 }
 
@@ -229,6 +232,7 @@ def pool_tap(x: torch.Tensor, pooling: str = DEFAULT_POOLING) -> torch.Tensor:
     if isinstance(x, (tuple, list)):
         x = x[0]
     x = x.float()
+    _check_pooling(pooling)
     if x.ndim == 4:
         parts = _pool_parts(int(x.shape[1]), pooling)
         pooled = [_POOL_OPS[p](x) for p in parts]
