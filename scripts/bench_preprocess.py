@@ -16,6 +16,9 @@ cache's row of the same feature set and preprocessing:
 
     python scripts/bench_preprocess.py --views pooled --cache avg=/work/data/caches/elpv4.h5 \\
         --cache max=/work/data/caches/elpv4-max.h5
+
+A NAME of ``elpv2`` or ``elpv2:<anything>`` (``elpv2:avg``, ``elpv2:max``) reads an ELPV 4-class cache
+relabelled defective (p >= 0.5) or not, as ``bench_autopilot.py``'s ``elpv2`` does.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
+from bench_autopilot import open_dataset  # scripts/ is on the path when a script runs; elpv2 relabels elpv4
 
 from featbank.cache import open_cache
 from featbank.fitting import feature_matrices, make_folds, spans, split_rows
@@ -48,8 +53,8 @@ def same_images(paths: list[str]) -> None:
         first.close()
 
 
-def study(path: str, views: str, cv: int, repeats: int, seed: int) -> list[dict]:
-    cache = open_cache(path)
+def study(name: str, path: str, views: str, cv: int, repeats: int, seed: int) -> list[dict]:
+    cache = open_dataset(name.split(":")[0], Path(path))
     train, val, _test, _ = split_rows(cache, 0.2, seed)
     pool = np.sort(np.concatenate([train, val]))  # train+val only: the test rows are never loaded
     held = tuple(cache.layers)
@@ -124,7 +129,7 @@ def main() -> None:
     studies = {}
     for name, path in caches.items():
         print(f"# {name}: {path}", flush=True)
-        studies[name] = study(path, a.views, a.cv, a.repeats, a.seed)
+        studies[name] = study(name, path, a.views, a.cv, a.repeats, a.seed)
     paired = compare(studies) if len(studies) > 1 else []
     if a.json:
         with open(a.json, "w") as f:
