@@ -53,8 +53,8 @@ def same_images(paths: list[str]) -> None:
         first.close()
 
 
-def study(name: str, path: str, views: str, cv: int, repeats: int, seed: int) -> list[dict]:
-    cache = open_dataset(name.split(":")[0], Path(path))
+def study(dataset: str, path: str, views: str, cv: int, repeats: int, seed: int) -> list[dict]:
+    cache = open_dataset(dataset.split(":")[0], Path(path))
     train, val, _test, _ = split_rows(cache, 0.2, seed)
     pool = np.sort(np.concatenate([train, val]))  # train+val only: the test rows are never loaded
     held = tuple(cache.layers)

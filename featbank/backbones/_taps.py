@@ -175,29 +175,32 @@ def parse_layers(spec: str | Sequence[str] | None, backbone: Backbone | nn.Modul
     return tuple(n for n in known if n in chosen)
 
 
-#: The parts of each pooling, widest first: (part names, width in channels). The first that fits in
-#: :data:`MAX_TAP_DIM` is used; ``gap`` always fits.
+#: The parts of each pooling, widest first. The first that fits in :data:`MAX_TAP_DIM` is used; the
+#: last, the global average alone, is used whatever the width.
 _POOL_PARTS = {
-    "gap+2x2": ((("avg", "avg2x2"), 5), (("avg",), 1)),
-    "gap+2x2+max": ((("avg", "avg2x2", "max", "max2x2"), 10), (("avg", "avg2x2", "max"), 6), (("avg", "avg2x2"), 5),
-                    (("avg", "max"), 2), (("avg",), 1)),
-    "gap": ((("avg",), 1),),
+    "gap+2x2": (("avg", "avg2x2"), ("avg",)),
+    "gap+2x2+max": (("avg", "avg2x2", "max", "max2x2"), ("avg", "avg2x2", "max"), ("avg", "avg2x2"), ("avg", "max"),
+                    ("avg",)),
+    "gap": (("avg",),),
 }
+
+
+def _width(parts: Sequence[str]) -> int:
+    """Values per channel: 1 for a global part, 4 for a 2x2 one."""
+    return sum(4 if p.endswith("2x2") else 1 for p in parts)
 
 
 def _pool_parts(channels: int, pooling: str) -> tuple[str, ...]:
     """Which pooled parts a ``channels``-wide feature map gets (see the module docstring)."""
-    for parts, width in _POOL_PARTS[pooling]:
-        if width * channels <= MAX_TAP_DIM or width == 1:
-            return parts
-    raise AssertionError("unreachable: every pooling ends with the global average")
+    choices = _POOL_PARTS[pooling]
+    return next((parts for parts in choices if _width(parts) * channels <= MAX_TAP_DIM), choices[-1])
 
 
 def _pooled_dim(shape: Sequence[int], pooling: str) -> int:
     if len(shape) != 4:
         return int(shape[-1])
     c = int(shape[1])
-    return c * sum(4 if p.endswith("2x2") else 1 for p in _pool_parts(c, pooling))
+    return c * _width(_pool_parts(c, pooling))
 
 
 def _check_pooling(pooling: str) -> None:
@@ -229,10 +232,10 @@ _POOL_OPS = {
 
 def pool_tap(x: torch.Tensor, pooling: str = DEFAULT_POOLING) -> torch.Tensor:
     """One tap's output pooled to ``(B, D)`` float32 (see the module docstring for the rule)."""
+    _check_pooling(pooling)
     if isinstance(x, (tuple, list)):
         x = x[0]
     x = x.float()
-    _check_pooling(pooling)
     if x.ndim == 4:
         parts = _pool_parts(int(x.shape[1]), pooling)
         pooled = [_POOL_OPS[p](x) for p in parts]
